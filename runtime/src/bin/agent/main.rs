@@ -1,0 +1,65 @@
+//! `agent`: the Stack Runtime command line.
+//!
+//! Thin glue over the `stack_runtime` library: argument parsing, printing,
+//! exit codes. Subcommands live in their own modules.
+
+mod tool_cmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Stack Runtime: sandboxed tool execution for local models.
+#[derive(Debug, Parser)]
+#[command(name = "agent", version, about, long_about = None)]
+struct Cli {
+    /// Extra folders of tool schema files (repeatable).
+    #[arg(long = "tools", value_name = "DIR", global = true)]
+    tool_dirs: Vec<PathBuf>,
+
+    /// Do not load the tool folders that ship with the runtime.
+    #[arg(long, global = true)]
+    no_default_tools: bool,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List, inspect and run tools by hand.
+    #[command(subcommand)]
+    Tool(tool_cmd::ToolCommand),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AGENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let tool_dirs = tool_cmd::ToolDirs {
+        extra: cli.tool_dirs,
+        include_default: !cli.no_default_tools,
+    };
+    let result = match cli.command {
+        Some(Command::Tool(command)) => tool_cmd::run(command, &tool_dirs),
+        None => {
+            eprintln!(
+                "the interactive REPL is not part of this build yet; use `agent tool list` and `agent tool run`"
+            );
+            Ok(ExitCode::from(2))
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! `agent tool list | schema | run`: the stable tool CLI contract.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Subcommand, ValueEnum};
+use serde::Serialize;
+use stack_runtime::dispatch::{self, SandboxKind, ToolContext};
+use stack_runtime::message::ToolCall;
+use stack_runtime::outcome::{Status, ToolOutcome};
+use stack_runtime::tools::Registry;
+use stack_runtime::workspace::Workspace;
+
+#[derive(Debug, Subcommand)]
+pub enum ToolCommand {
+    /// List the registered tools.
+    List {
+        /// Print the tools as an OpenAI `tools` JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one tool's definition in the OpenAI function format.
+    Schema {
+        /// The tool's name.
+        name: String,
+    },
+    /// Validate and run one tool call; prints exactly one JSON result object.
+    Run {
+        /// The tool's name.
+        name: String,
+        /// The arguments, as a JSON object.
+        #[arg(long, default_value = "{}")]
+        args: String,
+        /// Policy file to obey.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// Session workspace (defaults to the current directory).
+        #[arg(long, value_name = "DIR")]
+        workspace: Option<PathBuf>,
+        /// Sandbox for code.
+        #[arg(long, value_enum)]
+        sandbox: Option<SandboxArg>,
+        /// Approve any call the policy would ask about.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SandboxArg {
+    Wasi,
+    Process,
+}
+
+/// Which tool folders to load.
+pub struct ToolDirs {
+    pub extra: Vec<PathBuf>,
+    pub include_default: bool,
+}
+
+/// The tool folder shipped with the runtime, when it exists on this machine:
+/// `$STACK_RUNTIME_TOOLS`, else the repository's `tools/`.
+fn default_tool_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("STACK_RUNTIME_TOOLS") {
+        return Some(PathBuf::from(dir));
+    }
+    let repo_tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools");
+    repo_tools.is_dir().then_some(repo_tools)
+}
+
+fn build_registry(dirs: &ToolDirs) -> Registry {
+    let mut registry = Registry::with_builtins();
+    let defaults = dirs.include_default.then(default_tool_dir).flatten();
+    for dir in defaults.iter().chain(dirs.extra.iter()) {
+        for diagnostic in registry.load_dir(dir) {
+            eprintln!("warning: {diagnostic}");
+        }
+    }
+    registry
+}
+
+pub fn run(command: ToolCommand, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
+    let registry = build_registry(dirs);
+    match command {
+        ToolCommand::List { json } => list(&registry, json),
+        ToolCommand::Schema { name } => schema(&registry, &name),
+        ToolCommand::Run {
+            name,
+            args,
+            policy,
+            workspace,
+            sandbox,
+            yes: _,
+        } => {
+            let sandbox = sandbox.map(|s| match s {
+                SandboxArg::Wasi => SandboxKind::Wasi,
+                SandboxArg::Process => SandboxKind::Process,
+            });
+            let report = run_tool(&registry, &name, args, policy, workspace, sandbox);
+            let mut stdout = std::io::stdout().lock();
+            serde_json::to_writer(&mut stdout, &report).context("writing the result")?;
+            writeln!(stdout).context("writing the result")?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn list(registry: &Registry, json: bool) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &registry.openai_tools())?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let width = registry
+        .tools()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    writeln!(out, "{:width$}  {:8}  DESCRIPTION", "NAME", "EXECUTOR")?;
+    for tool in registry.tools() {
+        let description = tool.description.lines().next().unwrap_or("");
+        writeln!(
+            out,
+            "{:width$}  {:8}  {description}",
+            tool.name,
+            tool.executor.kind()
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn schema(registry: &Registry, name: &str) -> anyhow::Result<ExitCode> {
+    let Some(tool) = registry.get(name) else {
+        let call = ToolCall::function("schema", name, "{}");
+        let message = registry
+            .validate(&call)
+            .err()
+            .map_or_else(|| format!("unknown tool `{name}`"), |e| e.to_string());
+        eprintln!("error: {message}");
+        return Ok(ExitCode::FAILURE);
+    };
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, &tool.spec().to_openai())?;
+    writeln!(out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The one JSON object `agent tool run` prints.
+#[derive(Serialize)]
+struct RunReport {
+    tool: String,
+    #[serde(flatten)]
+    outcome: ToolOutcome,
+}
+
+fn run_tool(
+    registry: &Registry,
+    name: &str,
+    args: String,
+    policy: Option<PathBuf>,
+    workspace: Option<PathBuf>,
+    sandbox: Option<SandboxKind>,
+) -> RunReport {
+    let report = |outcome| RunReport {
+        tool: name.to_string(),
+        outcome,
+    };
+    let call = ToolCall::function("cli", name, args);
+    let validated = match registry.validate(&call) {
+        Ok(validated) => validated,
+        Err(err) => return report(ToolOutcome::invalid(err.to_string())),
+    };
+    if let Some(policy) = policy {
+        // Never run under a weaker policy than asked for: refuse instead.
+        return report(ToolOutcome::denied(format!(
+            "policy files are not supported by this build yet, so `{}` cannot be enforced; refusing to run without it",
+            policy.display()
+        )));
+    }
+    let root = match workspace {
+        Some(dir) => dir,
+        None => match std::env::current_dir() {
+            Ok(dir) => dir,
+            Err(err) => {
+                return report(ToolOutcome::internal_error(format!(
+                    "no current directory: {err}"
+                )))
+            }
+        },
+    };
+    let workspace = match Workspace::open(&root) {
+        Ok(workspace) => workspace,
+        Err(err) => return report(ToolOutcome::internal_error(err.to_string())),
+    };
+    let mut ctx = ToolContext::new(workspace);
+    ctx.sandbox = sandbox;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            return report(ToolOutcome::internal_error(format!(
+                "cannot start the async runtime: {err}"
+            )))
+        }
+    };
+    let outcome = runtime.block_on(dispatch::execute(&validated, &ctx));
+    debug_assert!(outcome.status != Status::Invalid);
+    report(outcome)
+}

@@ -1,0 +1,133 @@
+//! Running a validated call: the single path from a tool call to whatever
+//! executes it.
+//!
+//! [`execute`] takes a [`ValidatedCall`], which only
+//! [`Registry::validate`](crate::tools::Registry::validate) can make, so
+//! nothing runs unless it passed validation (invariant 1 in ARCHITECTURE.md).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::outcome::ToolOutcome;
+use crate::tools::builtin::{run_file_tool, ExecuteCodeArgs};
+use crate::tools::{Builtin, Executor, ValidatedCall};
+use crate::workspace::Workspace;
+
+/// Default cap on a tool's output (each of stdout and stderr): 1 MiB.
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1024 * 1024;
+
+/// Which sandbox runs code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxKind {
+    /// wasmtime with WASI preview 1.
+    Wasi,
+    /// A subprocess under landlock, seccomp, namespaces and rlimits.
+    Process,
+}
+
+impl SandboxKind {
+    /// `wasi` or `process`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxKind::Wasi => "wasi",
+            SandboxKind::Process => "process",
+        }
+    }
+}
+
+/// What a tool may use while it runs.
+#[derive(Debug, Clone)]
+pub struct ToolContext {
+    /// The session workspace; file tools cannot reach past it.
+    pub workspace: Arc<Workspace>,
+    /// Cap on the result text (and on each of stdout and stderr).
+    pub max_output_bytes: usize,
+    /// The sandbox to prefer for code, when the caller chose one.
+    pub sandbox: Option<SandboxKind>,
+}
+
+impl ToolContext {
+    /// A context over `workspace` with default limits and no sandbox preference.
+    pub fn new(workspace: Workspace) -> Self {
+        ToolContext {
+            workspace: Arc::new(workspace),
+            max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+            sandbox: None,
+        }
+    }
+}
+
+/// Runs a validated call and reports how it went. Never panics on what the
+/// call contains; every failure becomes a [`ToolOutcome`].
+pub async fn execute(call: &ValidatedCall, ctx: &ToolContext) -> ToolOutcome {
+    let started = Instant::now();
+    let mut outcome = match &call.tool().executor {
+        Executor::Builtin(Builtin::ExecuteCode) => execute_code(call, ctx),
+        Executor::Builtin(builtin) => {
+            let (builtin, arguments, ctx) = (*builtin, call.arguments().clone(), ctx.clone());
+            blocking(move || run_file_tool(builtin, &arguments, &ctx)).await
+        }
+        Executor::Host(handler) => {
+            let (handler, arguments, ctx) = (Arc::clone(handler), call.arguments().clone(), ctx.clone());
+            blocking(move || match handler.call(&arguments, &ctx) {
+                Ok(text) => {
+                    let truncated = text.len() > ctx.max_output_bytes;
+                    ToolOutcome::ok_text(cut_to(text, ctx.max_output_bytes), truncated)
+                }
+                Err(message) => ToolOutcome::failed(message),
+            })
+            .await
+        }
+        Executor::Wasi(_) => ToolOutcome::internal_error(format!(
+            "tool `{}` runs in the WASI sandbox, which this build of stack-runtime does not provide yet",
+            call.tool().name
+        )),
+        Executor::Command(_) => ToolOutcome::internal_error(format!(
+            "tool `{}` runs in the process sandbox, which this build of stack-runtime does not provide yet",
+            call.tool().name
+        )),
+        Executor::Unbound => ToolOutcome::internal_error(format!(
+            "tool `{}` is declared but nothing is bound to run it; give its schema file an \"executor\" or register a host handler for it",
+            call.tool().name
+        )),
+    };
+    outcome.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    outcome
+}
+
+fn execute_code(call: &ValidatedCall, ctx: &ToolContext) -> ToolOutcome {
+    let args: ExecuteCodeArgs = match serde_json::from_value(call.arguments().clone()) {
+        Ok(args) => args,
+        Err(err) => {
+            return ToolOutcome::internal_error(format!(
+                "validated arguments did not fit execute_code: {err}"
+            ))
+        }
+    };
+    let sandbox = ctx
+        .sandbox
+        .map_or(String::new(), |s| format!(" in the {} sandbox", s.as_str()));
+    ToolOutcome::internal_error(format!(
+        "execute_code cannot run `{}`{sandbox}: this build of stack-runtime has no sandbox backend for it yet",
+        args.language.name()
+    ))
+}
+
+async fn blocking(work: impl FnOnce() -> ToolOutcome + Send + 'static) -> ToolOutcome {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(outcome) => outcome,
+        Err(err) => ToolOutcome::internal_error(format!("tool handler crashed: {err}")),
+    }
+}
+
+fn cut_to(mut text: String, limit: usize) -> String {
+    if text.len() > limit {
+        let mut end = limit;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}

@@ -1,0 +1,137 @@
+//! The result of one tool call, whatever ran it (or refused to).
+
+use serde::{Deserialize, Serialize};
+
+/// How a tool call ended. These are the `status` values of `agent tool run`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Ran and succeeded (exit 0).
+    Ok,
+    /// Ran and failed (nonzero exit, or a tool-level error such as a missing file).
+    Failed,
+    /// Stopped by the wall-clock timeout.
+    Timeout,
+    /// Stopped by a resource limit (memory, CPU, processes, file size).
+    Killed,
+    /// Refused by policy.
+    Denied,
+    /// Failed validation; nothing ran.
+    Invalid,
+    /// An internal error of the runtime, or a backend that cannot run here.
+    Error,
+}
+
+impl Status {
+    /// The wire name (`ok`, `failed`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Failed => "failed",
+            Status::Timeout => "timeout",
+            Status::Killed => "killed",
+            Status::Denied => "denied",
+            Status::Invalid => "invalid",
+            Status::Error => "error",
+        }
+    }
+}
+
+/// What a tool call produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolOutcome {
+    /// How it ended.
+    pub status: Status,
+    /// The process exit code, when a process ran to its end; `null` for
+    /// in-process tools and for calls that never ran.
+    pub exit_code: Option<i32>,
+    /// Standard output (for in-process tools: the result text).
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+    /// Whether stdout or stderr was cut at its cap.
+    pub truncated: bool,
+    /// Wall time of the call in milliseconds.
+    pub duration_ms: u64,
+    /// Why it did not succeed, in words for the model and the user.
+    pub error: Option<String>,
+}
+
+impl ToolOutcome {
+    fn empty(status: Status) -> Self {
+        ToolOutcome {
+            status,
+            exit_code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            truncated: false,
+            duration_ms: 0,
+            error: None,
+        }
+    }
+
+    /// An in-process tool succeeded with `text`.
+    pub fn ok_text(text: String, truncated: bool) -> Self {
+        ToolOutcome {
+            stdout: text,
+            truncated,
+            ..Self::empty(Status::Ok)
+        }
+    }
+
+    /// The tool ran and failed for a reason the model can act on.
+    pub fn failed(message: impl Into<String>) -> Self {
+        ToolOutcome {
+            error: Some(message.into()),
+            ..Self::empty(Status::Failed)
+        }
+    }
+
+    /// The call failed validation; nothing ran.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ToolOutcome {
+            error: Some(message.into()),
+            ..Self::empty(Status::Invalid)
+        }
+    }
+
+    /// Policy refused the call; nothing ran.
+    pub fn denied(message: impl Into<String>) -> Self {
+        ToolOutcome {
+            error: Some(message.into()),
+            ..Self::empty(Status::Denied)
+        }
+    }
+
+    /// The runtime could not run the call.
+    pub fn internal_error(message: impl Into<String>) -> Self {
+        ToolOutcome {
+            error: Some(message.into()),
+            ..Self::empty(Status::Error)
+        }
+    }
+
+    /// The text fed back to the model as the `tool` message.
+    pub fn to_model_text(&self) -> String {
+        if self.status == Status::Ok && self.stderr.is_empty() && !self.truncated {
+            return self.stdout.clone();
+        }
+        let mut text = format!("status: {}", self.status.as_str());
+        if let Some(code) = self.exit_code {
+            text.push_str(&format!("\nexit_code: {code}"));
+        }
+        if let Some(error) = &self.error {
+            text.push_str(&format!("\nerror: {error}"));
+        }
+        if !self.stdout.is_empty() {
+            text.push_str(&format!("\nstdout:\n{}", self.stdout));
+        }
+        if !self.stderr.is_empty() {
+            text.push_str(&format!("\nstderr:\n{}", self.stderr));
+        }
+        if self.truncated {
+            text.push_str("\n[output truncated]");
+        }
+        text
+    }
+}

@@ -1,0 +1,261 @@
+//! The `agent tool` CLI contract, run against the real binary and real files.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn agent(args: &[&str], workspace: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(args)
+        .current_dir(workspace)
+        .env_remove("STACK_RUNTIME_TOOLS")
+        .output()
+        .expect("run agent")
+}
+
+/// Runs `agent tool run`, checks the one-object contract, returns the object.
+fn tool_run(workspace: &Path, name: &str, args: &str, extra: &[&str]) -> Value {
+    let mut argv = vec!["tool", "run", name, "--args", args];
+    argv.extend_from_slice(extra);
+    let output = agent(&argv, workspace);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).expect("utf8");
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "exactly one line of JSON: {stdout}"
+    );
+    let report: Value = serde_json::from_str(&stdout).expect("one JSON object");
+    let mut keys: Vec<&str> = report
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "duration_ms",
+            "error",
+            "exit_code",
+            "status",
+            "stderr",
+            "stdout",
+            "tool",
+            "truncated"
+        ]
+    );
+    assert_eq!(report["tool"], name);
+    assert!(report["duration_ms"].is_u64());
+    report
+}
+
+#[test]
+fn tool_list_shows_every_builtin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = agent(&["tool", "list"], dir.path());
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    for name in [
+        "execute_code",
+        "read_file",
+        "write_file",
+        "list_dir",
+        "search_files",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(name) && l.contains("builtin")),
+            "{name} in {text}"
+        );
+    }
+    let output = agent(&["tool", "list", "--json"], dir.path());
+    let tools: Value = serde_json::from_slice(&output.stdout).expect("json");
+    let tools = tools.as_array().expect("array");
+    assert!(tools.len() >= 5);
+    assert!(tools
+        .iter()
+        .all(|t| t["type"] == "function" && t["function"]["parameters"]["type"] == "object"));
+}
+
+#[test]
+fn tool_schema_prints_the_openai_definition() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = agent(&["tool", "schema", "execute_code"], dir.path());
+    assert!(output.status.success());
+    let schema: Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(schema["function"]["name"], "execute_code");
+    assert_eq!(
+        schema["function"]["parameters"]["properties"]["language"]["enum"],
+        serde_json::json!(["python", "javascript", "bash"])
+    );
+    let output = agent(&["tool", "schema", "reed_file"], dir.path());
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("Did you mean `read_file`?"));
+}
+
+#[test]
+fn read_and_write_files_in_the_workspace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("notes.txt"), "one\ntwo\nthree\n").expect("write");
+    let report = tool_run(dir.path(), "read_file", r#"{"path": "notes.txt"}"#, &[]);
+    assert_eq!(report["status"], "ok");
+    assert_eq!(report["stdout"], "one\ntwo\nthree\n");
+    assert_eq!(report["exit_code"], Value::Null);
+    assert_eq!(report["error"], Value::Null);
+    assert_eq!(report["truncated"], false);
+
+    let report = tool_run(
+        dir.path(),
+        "read_file",
+        r#"{"path": "notes.txt", "start_line": 2, "line_count": 1}"#,
+        &[],
+    );
+    assert_eq!(report["stdout"], "two\n");
+
+    let other = tempfile::tempdir().expect("tempdir");
+    let workspace = other.path().to_str().expect("utf8");
+    let report = tool_run(
+        dir.path(),
+        "write_file",
+        r#"{"path": "sub/out.txt", "content": "hello"}"#,
+        &["--workspace", workspace],
+    );
+    assert_eq!(report["status"], "ok", "{report}");
+    assert_eq!(
+        std::fs::read_to_string(other.path().join("sub/out.txt")).expect("written"),
+        "hello"
+    );
+
+    let report = tool_run(other.path(), "search_files", r#"{"pattern": "h.l+o"}"#, &[]);
+    assert_eq!(report["stdout"], "sub/out.txt:1: hello\n");
+    let report = tool_run(other.path(), "list_dir", "{}", &[]);
+    assert_eq!(report["stdout"], "sub/\n");
+}
+
+#[test]
+fn invalid_calls_report_invalid_and_run_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        (
+            "write_file",
+            r#"{"path": "x.txt"}"#,
+            "required property `content`",
+        ),
+        (
+            "write_file",
+            r#"{"path": "x.txt", "content": 5}"#,
+            "`/content`",
+        ),
+        (
+            "write_file",
+            r#"{"path": "x.txt", "content": "a""#,
+            "not valid JSON",
+        ),
+        (
+            "wipe_disk",
+            r#"{"path": "x.txt"}"#,
+            "unknown tool `wipe_disk`",
+        ),
+    ];
+    for (tool, args, message) in cases {
+        let report = tool_run(dir.path(), tool, args, &[]);
+        assert_eq!(report["status"], "invalid", "{report}");
+        assert!(
+            report["error"].as_str().unwrap_or("").contains(message),
+            "{report}"
+        );
+    }
+    assert!(
+        !dir.path().join("x.txt").exists(),
+        "an invalid call wrote a file"
+    );
+}
+
+#[test]
+fn paths_outside_the_workspace_fail_without_leaking() {
+    let outside = tempfile::tempdir().expect("tempdir");
+    std::fs::write(outside.path().join("secret"), "hunter2").expect("write");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("link"))
+        .expect("symlink");
+    let secret = outside.path().join("secret");
+    let secret = secret.to_str().expect("utf8");
+    for path in [
+        secret,
+        "link",
+        "../../../../../../etc/shadow",
+        "/etc/shadow",
+    ] {
+        let args = serde_json::json!({ "path": path }).to_string();
+        let report = tool_run(dir.path(), "read_file", &args, &[]);
+        assert_eq!(report["status"], "failed", "{path}: {report}");
+        assert!(!report.to_string().contains("hunter2"));
+    }
+    let args = serde_json::json!({ "path": "link", "content": "pwned" }).to_string();
+    assert_eq!(
+        tool_run(dir.path(), "write_file", &args, &[])["status"],
+        "failed"
+    );
+    assert_eq!(
+        std::fs::read_to_string(outside.path().join("secret")).expect("read"),
+        "hunter2"
+    );
+}
+
+#[test]
+fn a_policy_that_cannot_be_enforced_refuses_the_call() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report = tool_run(dir.path(), "list_dir", "{}", &["--policy", "policy.toml"]);
+    assert_eq!(report["status"], "denied");
+}
+
+#[test]
+fn extra_tool_folders_load_and_broken_files_warn_with_file_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mixed = common::fixture("tools/mixed");
+    let output = agent(
+        &["--tools", mixed.to_str().expect("utf8"), "tool", "list"],
+        dir.path(),
+    );
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("get_weather") && stdout.contains("to_upper"),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("bad_syntax.json:5:1: trailing comma"),
+        "{stderr}"
+    );
+    let report = tool_run(
+        dir.path(),
+        "get_weather",
+        r#"{"city": "Oslo", "unit": "kelvin"}"#,
+        &["--tools", mixed.to_str().expect("utf8")],
+    );
+    assert_eq!(report["status"], "invalid");
+}
+
+#[test]
+fn usage_errors_exit_nonzero_without_a_result() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = agent(&["tool", "run"], dir.path());
+    assert_eq!(output.status.code(), Some(2));
+    assert!(output.stdout.is_empty());
+    let output = agent(
+        &["tool", "run", "list_dir", "--sandbox", "docker"],
+        dir.path(),
+    );
+    assert_eq!(output.status.code(), Some(2));
+}
