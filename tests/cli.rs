@@ -213,6 +213,52 @@ fn paths_outside_the_workspace_fail_without_leaking() {
 }
 
 #[test]
+fn execute_code_runs_in_the_process_sandbox() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report = tool_run(
+        dir.path(),
+        "execute_code",
+        r#"{"code": "import os\nprint(6 * 7, os.getuid() != 0)", "language": "python"}"#,
+        &[],
+    );
+    assert_eq!(
+        (report["status"].as_str(), report["stdout"].as_str()),
+        (Some("ok"), Some("42 True\n")),
+        "{report}"
+    );
+    assert_eq!(report["exit_code"], 0);
+    let report = tool_run(
+        dir.path(),
+        "execute_code",
+        r#"{"code": "echo out; echo err >&2; exit 3", "language": "bash"}"#,
+        &["--sandbox", "process"],
+    );
+    assert_eq!(report["status"], "failed");
+    assert_eq!(report["exit_code"], 3);
+    assert_eq!(
+        (report["stdout"].as_str(), report["stderr"].as_str()),
+        (Some("out\n"), Some("err\n"))
+    );
+}
+
+#[test]
+fn agent_doctor_reports_the_kernel_guarantees() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = agent(&["doctor", "--json"], dir.path());
+    let report: Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(
+        report["probe"]["landlock_abi"].as_i64().map(|abi| abi >= 1),
+        Some(true),
+        "{report}"
+    );
+    assert_eq!(report["process_sandbox_ready"], output.status.success());
+    let guarantees = report["guarantees"].as_array().expect("guarantees");
+    assert!(guarantees
+        .iter()
+        .any(|g| g["name"].as_str().is_some_and(|n| n.contains("seccomp"))));
+}
+
+#[test]
 fn a_policy_that_cannot_be_enforced_refuses_the_call() {
     let dir = tempfile::tempdir().expect("tempdir");
     let report = tool_run(dir.path(), "list_dir", "{}", &["--policy", "policy.toml"]);

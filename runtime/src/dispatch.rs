@@ -9,12 +9,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::outcome::ToolOutcome;
+use crate::sandbox::process::{ProcessPolicy, ProcessSandbox};
 use crate::tools::builtin::{run_file_tool, ExecuteCodeArgs};
-use crate::tools::{Builtin, Executor, ValidatedCall};
+use crate::tools::{Builtin, Executor, Language, ValidatedCall};
 use crate::workspace::Workspace;
-
-/// Default cap on a tool's output (each of stdout and stderr): 1 MiB.
-pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1024 * 1024;
 
 /// Which sandbox runs code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -45,15 +43,22 @@ pub struct ToolContext {
     pub max_output_bytes: usize,
     /// The sandbox to prefer for code, when the caller chose one.
     pub sandbox: Option<SandboxKind>,
+    /// The process sandbox, when its helper was found.
+    pub process: Option<Arc<ProcessSandbox>>,
+    /// What the process sandbox allows.
+    pub process_policy: ProcessPolicy,
 }
 
 impl ToolContext {
     /// A context over `workspace` with default limits and no sandbox preference.
     pub fn new(workspace: Workspace) -> Self {
+        let process_policy = ProcessPolicy::default();
         ToolContext {
             workspace: Arc::new(workspace),
-            max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+            max_output_bytes: process_policy.limits.output_bytes,
             sandbox: None,
+            process: ProcessSandbox::locate().ok().map(Arc::new),
+            process_policy,
         }
     }
 }
@@ -63,7 +68,7 @@ impl ToolContext {
 pub async fn execute(call: &ValidatedCall, ctx: &ToolContext) -> ToolOutcome {
     let started = Instant::now();
     let mut outcome = match &call.tool().executor {
-        Executor::Builtin(Builtin::ExecuteCode) => execute_code(call, ctx),
+        Executor::Builtin(Builtin::ExecuteCode) => execute_code(call, ctx).await,
         Executor::Builtin(builtin) => {
             let (builtin, arguments, ctx) = (*builtin, call.arguments().clone(), ctx.clone());
             blocking(move || run_file_tool(builtin, &arguments, &ctx)).await
@@ -83,10 +88,15 @@ pub async fn execute(call: &ValidatedCall, ctx: &ToolContext) -> ToolOutcome {
             "tool `{}` runs in the WASI sandbox, which this build of stack-runtime does not provide yet",
             call.tool().name
         )),
-        Executor::Command(_) => ToolOutcome::internal_error(format!(
-            "tool `{}` runs in the process sandbox, which this build of stack-runtime does not provide yet",
-            call.tool().name
-        )),
+        Executor::Command(command) => match process_sandbox(ctx) {
+            Ok(sandbox) => {
+                let stdin = call.arguments().to_string().into_bytes();
+                sandbox
+                    .run(&command.argv, Some(stdin), ctx.workspace.root(), &ctx.process_policy)
+                    .await
+            }
+            Err(outcome) => *outcome,
+        },
         Executor::Unbound => ToolOutcome::internal_error(format!(
             "tool `{}` is declared but nothing is bound to run it; give its schema file an \"executor\" or register a host handler for it",
             call.tool().name
@@ -96,7 +106,7 @@ pub async fn execute(call: &ValidatedCall, ctx: &ToolContext) -> ToolOutcome {
     outcome
 }
 
-fn execute_code(call: &ValidatedCall, ctx: &ToolContext) -> ToolOutcome {
+async fn execute_code(call: &ValidatedCall, ctx: &ToolContext) -> ToolOutcome {
     let args: ExecuteCodeArgs = match serde_json::from_value(call.arguments().clone()) {
         Ok(args) => args,
         Err(err) => {
@@ -105,13 +115,38 @@ fn execute_code(call: &ValidatedCall, ctx: &ToolContext) -> ToolOutcome {
             ))
         }
     };
-    let sandbox = ctx
-        .sandbox
-        .map_or(String::new(), |s| format!(" in the {} sandbox", s.as_str()));
-    ToolOutcome::internal_error(format!(
-        "execute_code cannot run `{}`{sandbox}: this build of stack-runtime has no sandbox backend for it yet",
-        args.language.name()
-    ))
+    let wasi_only = args.language == Language::Javascript || ctx.sandbox == Some(SandboxKind::Wasi);
+    if wasi_only {
+        return ToolOutcome::internal_error(format!(
+            "execute_code cannot run `{}` in the WASI sandbox: this build of stack-runtime does not provide it yet",
+            args.language.name()
+        ));
+    }
+    match process_sandbox(ctx) {
+        Ok(sandbox) => {
+            sandbox
+                .run_code(
+                    args.language,
+                    &args.code,
+                    ctx.workspace.root(),
+                    &ctx.process_policy,
+                )
+                .await
+        }
+        Err(outcome) => *outcome,
+    }
+}
+
+fn process_sandbox(ctx: &ToolContext) -> Result<&ProcessSandbox, Box<ToolOutcome>> {
+    match &ctx.process {
+        Some(sandbox) => Ok(sandbox),
+        None => Err(Box::new(ToolOutcome::internal_error(
+            ProcessSandbox::locate().err().map_or_else(
+                || "the process sandbox is not configured".to_string(),
+                |e| e.to_string(),
+            ),
+        ))),
+    }
 }
 
 async fn blocking(work: impl FnOnce() -> ToolOutcome + Send + 'static) -> ToolOutcome {

@@ -30,5 +30,6 @@ pub mod assets;
 pub mod dispatch;
 pub mod message;
 pub mod outcome;
+pub mod sandbox;
 pub mod tools;
 pub mod workspace;

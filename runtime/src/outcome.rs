@@ -55,6 +55,13 @@ pub struct ToolOutcome {
     pub duration_ms: u64,
     /// Why it did not succeed, in words for the model and the user.
     pub error: Option<String>,
+    /// The signal that ended the process, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// The limit that stopped the call: `wall_time`, `cpu`, `memory`,
+    /// `processes` or `file_size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
 }
 
 impl ToolOutcome {
@@ -67,6 +74,8 @@ impl ToolOutcome {
             truncated: false,
             duration_ms: 0,
             error: None,
+            signal: None,
+            limit: None,
         }
     }
 

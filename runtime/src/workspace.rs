@@ -92,6 +92,10 @@ pub enum WorkspaceError {
 pub struct Workspace {
     root: PathBuf,
     root_fd: OwnedFd,
+    /// When the runtime is root and the workspace belongs to someone else,
+    /// files the runtime creates are given to that owner, so sandboxed code
+    /// (which never runs as root) can still change them.
+    owner: Option<(u32, u32)>,
 }
 
 /// How to resolve a path beneath the workspace.
@@ -130,9 +134,13 @@ impl Workspace {
                 source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
             });
         }
+        use std::os::unix::fs::MetadataExt;
+        let owner =
+            (nix::unistd::geteuid().is_root() && meta.uid() != 0).then(|| (meta.uid(), meta.gid()));
         Ok(Workspace {
             root,
             root_fd: dir.into(),
+            owner,
         })
     }
 
@@ -225,6 +233,10 @@ impl Workspace {
             Follow::Never,
         )
         .map_err(|errno| map_errno(errno, path))?;
+        if let Some((uid, gid)) = self.owner {
+            nix::unistd::fchown(&fd, Some(uid.into()), Some(gid.into()))
+                .map_err(|errno| map_errno(errno, path))?;
+        }
         let mut file = File::from(fd);
         std::io::Write::write_all(&mut file, content).map_err(|source| WorkspaceError::Io {
             path: path.to_string(),
@@ -243,7 +255,19 @@ impl Workspace {
             }
             let (dir_fd, name) = self.parent_fd_and_name(&so_far, original)?;
             match nix::sys::stat::mkdirat(&dir_fd, name, Mode::from_bits_truncate(0o755)) {
-                Ok(()) | Err(Errno::EEXIST) => {}
+                Ok(()) => {
+                    if let Some((uid, gid)) = self.owner {
+                        nix::unistd::fchownat(
+                            &dir_fd,
+                            name,
+                            Some(uid.into()),
+                            Some(gid.into()),
+                            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                        )
+                        .map_err(|errno| map_errno(errno, original))?;
+                    }
+                }
+                Err(Errno::EEXIST) => {}
                 Err(errno) => return Err(map_errno(errno, original)),
             }
         }
@@ -512,6 +536,22 @@ mod tests {
             std::fs::read_to_string(inside.path().join("a/b/c.txt")).expect("read"),
             "onetwo"
         );
+    }
+
+    #[test]
+    fn a_root_runtime_gives_new_files_to_the_workspace_owner() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            return; // Only a root runtime changes ownership; CI runs as root.
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::chown(dir.path(), Some(4242), Some(4243)).expect("chown");
+        let ws = Workspace::open(dir.path()).expect("open");
+        ws.write("sub/file.txt", b"x", false).expect("write");
+        for path in ["sub", "sub/file.txt"] {
+            let meta = std::fs::metadata(dir.path().join(path)).expect("metadata");
+            assert_eq!((meta.uid(), meta.gid()), (4242, 4243), "{path}");
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Thin glue over the `stack_runtime` library: argument parsing, printing,
 //! exit codes. Subcommands live in their own modules.
 
+mod doctor;
 mod tool_cmd;
 
 use std::path::PathBuf;
@@ -31,6 +32,12 @@ enum Command {
     /// List, inspect and run tools by hand.
     #[command(subcommand)]
     Tool(tool_cmd::ToolCommand),
+    /// Show what the kernel offers the sandbox and which guarantees hold.
+    Doctor {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,6 +55,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::Tool(command)) => tool_cmd::run(command, &tool_dirs),
+        Some(Command::Doctor { json }) => doctor::run(json),
         None => {
             eprintln!(
                 "the interactive REPL is not part of this build yet; use `agent tool list` and `agent tool run`"

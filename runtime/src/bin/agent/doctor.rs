@@ -1,0 +1,88 @@
+//! `agent doctor`: what this machine offers the runtime, and which
+//! guarantees hold.
+
+use std::process::ExitCode;
+
+use stack_runtime::assets::Asset;
+use stack_runtime::sandbox::process::{KernelProbe, ProcessPolicy, ProcessSandbox};
+
+pub fn run(json: bool) -> anyhow::Result<ExitCode> {
+    let probe = KernelProbe::get();
+    let guarantees = probe.guarantees();
+    let helper = ProcessSandbox::locate();
+    let missing = probe.missing_requirements(ProcessPolicy::default().min_landlock_abi);
+    if json {
+        let report = serde_json::json!({
+            "probe": probe,
+            "guarantees": guarantees,
+            "sandbox_helper": helper.as_ref().map(|h| h.helper().display().to_string()).map_err(|e| e.to_string()),
+            "process_sandbox_ready": missing.is_none() && helper.is_ok(),
+            "assets": Asset::ALL.iter().map(|a| (a.file_name(), a.locate().map(|p| p.display().to_string()).map_err(|e| e.to_string()))).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("kernel        {}", probe.kernel);
+        println!(
+            "landlock      {}",
+            probe
+                .landlock_abi
+                .map_or("not available".to_string(), |abi| format!("ABI {abi}"))
+        );
+        println!(
+            "user ns       {}",
+            if probe.user_namespaces {
+                "available"
+            } else {
+                "disabled"
+            }
+        );
+        println!(
+            "seccomp       {}",
+            if probe.seccomp_filter {
+                "available"
+            } else {
+                "not available"
+            }
+        );
+        println!(
+            "cgroup        {}",
+            probe
+                .cgroup
+                .as_ref()
+                .map_or("none writable".to_string(), |c| c.describe())
+        );
+        match &helper {
+            Ok(sandbox) => println!("helper        {}", sandbox.helper().display()),
+            Err(err) => println!("helper        {err}"),
+        }
+        println!();
+        println!("process sandbox guarantees (default policy):");
+        for guarantee in &guarantees {
+            println!(
+                "  [{}] {} — {}",
+                if guarantee.holds { "x" } else { " " },
+                guarantee.name,
+                guarantee.detail
+            );
+        }
+        println!();
+        println!("assets:");
+        for asset in Asset::ALL {
+            match asset.locate() {
+                Ok(path) => println!("  [x] {}", path.display()),
+                Err(err) => println!("  [ ] {err}"),
+            }
+        }
+        println!();
+        match (&missing, &helper) {
+            (None, Ok(_)) => println!("the process sandbox is ready"),
+            (Some(missing), _) => println!("the process sandbox will refuse calls: {missing}"),
+            (None, Err(err)) => println!("the process sandbox will refuse calls: {err}"),
+        }
+    }
+    Ok(if missing.is_none() && helper.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,187 @@
+//! The seccomp filters installed just before `execve`.
+//!
+//! Two filters, both defaulting to *allow* (a denylist: the sandbox must run
+//! arbitrary interpreters):
+//!
+//! * `clone3` fails with `ENOSYS`, so libc falls back to `clone`, whose flags
+//!   a filter can inspect (`clone3` passes them in memory);
+//! * everything below fails with `EPERM`.
+//!
+//! Denied: debugging and cross-process memory access (`ptrace`,
+//! `process_vm_readv/writev`), kernel attack surface (`io_uring_*`, `bpf`,
+//! `perf_event_open`, `userfaultfd`, keyrings), system administration
+//! (`mount` family and the new mount API, `pivot_root`, `chroot`, `swapon`,
+//! `reboot`, `kexec_*`, module loading, `acct`, `quotactl`, clock setting,
+//! `syslog`, `iopl`/`ioperm`), namespace escapes (`unshare`, `setns`, and
+//! `clone` with any `CLONE_NEW*` flag), file-handle tricks
+//! (`open_by_handle_at`), terminal injection (`ioctl(TIOCSTI)`) and, when
+//! the network is `none`, `socket` for any family but `AF_UNIX`.
+
+use std::collections::BTreeMap;
+
+use nix::libc;
+use seccompiler::{
+    apply_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
+};
+
+use super::spec::NetworkMode;
+
+/// Syscalls denied outright.
+pub(crate) const DENIED_SYSCALLS: &[(&str, i64)] = &[
+    ("ptrace", libc::SYS_ptrace),
+    ("process_vm_readv", libc::SYS_process_vm_readv),
+    ("process_vm_writev", libc::SYS_process_vm_writev),
+    ("io_uring_setup", libc::SYS_io_uring_setup),
+    ("io_uring_enter", libc::SYS_io_uring_enter),
+    ("io_uring_register", libc::SYS_io_uring_register),
+    ("bpf", libc::SYS_bpf),
+    ("perf_event_open", libc::SYS_perf_event_open),
+    ("userfaultfd", libc::SYS_userfaultfd),
+    ("keyctl", libc::SYS_keyctl),
+    ("add_key", libc::SYS_add_key),
+    ("request_key", libc::SYS_request_key),
+    ("mount", libc::SYS_mount),
+    ("umount2", libc::SYS_umount2),
+    ("pivot_root", libc::SYS_pivot_root),
+    ("chroot", libc::SYS_chroot),
+    ("move_mount", libc::SYS_move_mount),
+    ("open_tree", libc::SYS_open_tree),
+    ("fsopen", libc::SYS_fsopen),
+    ("fsconfig", libc::SYS_fsconfig),
+    ("fsmount", libc::SYS_fsmount),
+    ("fspick", libc::SYS_fspick),
+    ("mount_setattr", libc::SYS_mount_setattr),
+    ("swapon", libc::SYS_swapon),
+    ("swapoff", libc::SYS_swapoff),
+    ("reboot", libc::SYS_reboot),
+    ("kexec_load", libc::SYS_kexec_load),
+    ("kexec_file_load", libc::SYS_kexec_file_load),
+    ("init_module", libc::SYS_init_module),
+    ("finit_module", libc::SYS_finit_module),
+    ("delete_module", libc::SYS_delete_module),
+    ("acct", libc::SYS_acct),
+    ("quotactl", libc::SYS_quotactl),
+    ("syslog", libc::SYS_syslog),
+    ("settimeofday", libc::SYS_settimeofday),
+    ("clock_settime", libc::SYS_clock_settime),
+    ("clock_adjtime", libc::SYS_clock_adjtime),
+    ("adjtimex", libc::SYS_adjtimex),
+    ("iopl", libc::SYS_iopl),
+    ("ioperm", libc::SYS_ioperm),
+    ("unshare", libc::SYS_unshare),
+    ("setns", libc::SYS_setns),
+    ("open_by_handle_at", libc::SYS_open_by_handle_at),
+    ("name_to_handle_at", libc::SYS_name_to_handle_at),
+    ("fanotify_init", libc::SYS_fanotify_init),
+    ("vhangup", libc::SYS_vhangup),
+];
+
+const NAMESPACE_FLAGS: [u64; 7] = [
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWNET as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWCGROUP as u64,
+];
+
+fn arch() -> Result<TargetArch, String> {
+    TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|e| format!("unsupported architecture: {e}"))
+}
+
+fn condition(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, String> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value).map_err(|e| e.to_string())
+}
+
+fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, String> {
+    SeccompRule::new(conditions).map_err(|e| e.to_string())
+}
+
+/// Builds the `EPERM` denylist filter.
+pub(crate) fn denylist(network: NetworkMode) -> Result<BpfProgram, String> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for (_, number) in DENIED_SYSCALLS {
+        rules.insert(*number, Vec::new());
+    }
+    let clone_rules = NAMESPACE_FLAGS
+        .iter()
+        .map(|flag| rule(vec![condition(0, SeccompCmpOp::MaskedEq(*flag), *flag)?]))
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_clone, clone_rules);
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![rule(vec![condition(
+            1,
+            SeccompCmpOp::MaskedEq(0xffff_ffff),
+            libc::TIOCSTI,
+        )?])?],
+    );
+    if network == NetworkMode::None {
+        rules.insert(
+            libc::SYS_socket,
+            vec![rule(vec![condition(
+                0,
+                SeccompCmpOp::Ne,
+                libc::AF_UNIX as u64,
+            )?])?],
+        );
+        rules.insert(
+            libc::SYS_socketpair,
+            vec![rule(vec![condition(
+                0,
+                SeccompCmpOp::Ne,
+                libc::AF_UNIX as u64,
+            )?])?],
+        );
+    }
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch()?,
+    )
+    .map_err(|e| e.to_string())?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())
+}
+
+/// Builds the filter that makes `clone3` look unimplemented.
+pub(crate) fn clone3_enosys() -> Result<BpfProgram, String> {
+    let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch()?,
+    )
+    .map_err(|e| e.to_string())?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())
+}
+
+/// Installs both filters on the calling thread. `no_new_privs` must be set.
+pub(crate) fn install(network: NetworkMode) -> Result<(), String> {
+    let clone3 = clone3_enosys()?;
+    let deny = denylist(network)?;
+    apply_filter(&clone3).map_err(|e| e.to_string())?;
+    apply_filter(&deny).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_compile_for_every_network_mode() {
+        for mode in [NetworkMode::None, NetworkMode::Loopback, NetworkMode::Full] {
+            assert!(!denylist(mode).expect("denylist").is_empty());
+        }
+        assert!(!clone3_enosys().expect("clone3").is_empty());
+    }
+}

@@ -1,0 +1,611 @@
+//! Escape attempts against the real process sandbox: real landlock, seccomp,
+//! namespaces, rlimits and cgroups on this kernel, real python3 and bash.
+//!
+//! Every case is an attack that must fail, in both languages, and every case
+//! is followed by a health check: the same runtime must still run code.
+//! Cases run one at a time (they share the sandbox uid's process count).
+
+mod common;
+
+use std::net::{TcpListener, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use stack_runtime::outcome::{Status, ToolOutcome};
+use stack_runtime::sandbox::process::{NetworkMode, ProcessPolicy, ProcessSandbox, ResourceLimits};
+use stack_runtime::tools::Language;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const SECRET: &str = "TOPSECRET-4c1d";
+
+struct Fixture {
+    sandbox: ProcessSandbox,
+    workspace: tempfile::TempDir,
+    outside: tempfile::TempDir,
+    other_workspace: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let outside = tempfile::tempdir().expect("tempdir");
+        // World-readable and world-writable on purpose: DAC would allow every
+        // attack below, so only the sandbox can stop them.
+        std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        let secret = outside.path().join("secret.txt");
+        std::fs::write(&secret, SECRET).expect("write secret");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        let other_workspace = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(
+            other_workspace.path(),
+            std::fs::Permissions::from_mode(0o777),
+        )
+        .expect("chmod");
+        std::fs::write(other_workspace.path().join("notes.txt"), SECRET).expect("write");
+        std::fs::set_permissions(
+            other_workspace.path().join("notes.txt"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .expect("chmod");
+        let workspace = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink(&secret, workspace.path().join("link_to_secret"))
+            .expect("symlink");
+        std::os::unix::fs::symlink(outside.path(), workspace.path().join("link_to_outside"))
+            .expect("symlink");
+        Fixture {
+            sandbox: ProcessSandbox::with_helper(env!("CARGO_BIN_EXE_stack-sandbox-exec")),
+            workspace,
+            outside,
+            other_workspace,
+        }
+    }
+
+    fn expand(&self, code: &str, port: u16) -> String {
+        code.replace(
+            "{secret}",
+            &self.outside.path().join("secret.txt").display().to_string(),
+        )
+        .replace("{outside}", &self.outside.path().display().to_string())
+        .replace(
+            "{other}",
+            &self.other_workspace.path().display().to_string(),
+        )
+        .replace("{pid}", &std::process::id().to_string())
+        .replace("{port}", &port.to_string())
+    }
+
+    async fn run(&self, language: Language, code: &str, policy: &ProcessPolicy) -> ToolOutcome {
+        self.sandbox
+            .run_code(language, code, self.workspace.path(), policy)
+            .await
+    }
+
+    /// The runtime must still work after an attack.
+    async fn assert_healthy(&self, after: &str) {
+        let outcome = self
+            .run(Language::Python, "print(6 * 7)", &ProcessPolicy::default())
+            .await;
+        assert_eq!(
+            outcome.status,
+            Status::Ok,
+            "{after}: health check failed: {outcome:?}"
+        );
+        assert_eq!(outcome.stdout, "42\n", "{after}");
+        assert_eq!(
+            processes_of(65534),
+            Vec::<String>::new(),
+            "{after}: sandboxed processes outlived their call"
+        );
+    }
+}
+
+/// Processes owned by `uid`, as "pid name state" lines.
+fn processes_of(uid: u32) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let status = entry.path().join("status");
+        let Ok(text) = std::fs::read_to_string(status) else {
+            continue;
+        };
+        let field = |key: &str| {
+            text.lines()
+                .find(|l| l.starts_with(key))
+                .map(|l| l[key.len()..].trim().to_string())
+                .unwrap_or_default()
+        };
+        let owner = field("Uid:")
+            .split_whitespace()
+            .next()
+            .and_then(|u| u.parse::<u32>().ok());
+        if owner == Some(uid) {
+            found.push(format!(
+                "{} {} {}",
+                entry.file_name().to_string_lossy(),
+                field("Name:"),
+                field("State:")
+            ));
+        }
+    }
+    found
+}
+
+fn tight_policy() -> ProcessPolicy {
+    ProcessPolicy {
+        limits: ResourceLimits {
+            wall_ms: 3000,
+            cpu_seconds: 5,
+            memory_bytes: 256 << 20,
+            file_size_bytes: 8 << 20,
+            output_bytes: 64 * 1024,
+            ..ResourceLimits::default()
+        },
+        ..ProcessPolicy::default()
+    }
+}
+
+fn assert_no_leak(case: &str, outcome: &ToolOutcome) {
+    let all = format!("{}{}", outcome.stdout, outcome.stderr);
+    assert!(!all.contains(SECRET), "{case}: secret leaked: {outcome:?}");
+    assert!(
+        !all.contains("LEAK"),
+        "{case}: attack reported success: {outcome:?}"
+    );
+}
+
+/// (name, language, code) — code prints `LEAK` if the attack worked.
+const READ_ATTACKS: &[(&str, Language, &str)] = &[
+    ("read secret by absolute path", Language::Python, "try:\n    print('LEAK', open('{secret}').read())\nexcept Exception as e:\n    print('blocked', e)"),
+    ("read secret through workspace symlink", Language::Python, "try:\n    print('LEAK', open('link_to_secret').read())\nexcept Exception as e:\n    print('blocked', e)"),
+    ("list outside through symlinked dir", Language::Python, "import os\ntry:\n    print('LEAK', os.listdir('link_to_outside'))\nexcept Exception as e:\n    print('blocked', e)"),
+    ("read another session's workspace", Language::Python, "try:\n    print('LEAK', open('{other}/notes.txt').read())\nexcept Exception as e:\n    print('blocked', e)"),
+    ("read the runtime's environ via /proc", Language::Python, "for p in ['/proc/{pid}/environ', '/proc/1/environ', '/proc/self/environ', '/proc/{pid}/cmdline']:\n    try:\n        print('LEAK', open(p, 'rb').read()[:40])\n    except Exception as e:\n        print('blocked', p, e)"),
+    ("read /etc/shadow and /root", Language::Python, "import os\nfor f in [lambda: open('/etc/shadow').read(), lambda: os.listdir('/root'), lambda: os.listdir('/home')]:\n    try:\n        print('LEAK', f())\n    except Exception as e:\n        print('blocked', e)"),
+    ("read secret by absolute path", Language::Bash, "cat '{secret}' && echo LEAK"),
+    ("read secret through workspace symlink", Language::Bash, "cat link_to_secret && echo LEAK"),
+    ("list outside through symlinked dir", Language::Bash, "ls link_to_outside/ && echo LEAK"),
+    ("read another session's workspace", Language::Bash, "cat '{other}/notes.txt' && echo LEAK"),
+    ("read the runtime's environ via /proc", Language::Bash, "cat /proc/{pid}/environ && echo LEAK; cat /proc/1/environ && echo LEAK; cat /proc/$PPID/environ && echo LEAK"),
+    ("read /etc/shadow and /root", Language::Bash, "cat /etc/shadow && echo LEAK; ls /root && echo LEAK; ls /home && echo LEAK"),
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_outside_the_workspace_cannot_be_read() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    for (name, language, code) in READ_ATTACKS {
+        let outcome = fx
+            .run(*language, &fx.expand(code, 0), &tight_policy())
+            .await;
+        assert_no_leak(name, &outcome);
+        assert!(
+            outcome.stdout.contains("blocked")
+                || outcome.stderr.contains("ermission denied")
+                || outcome.stderr.contains("No such file"),
+            "{name}: {outcome:?}"
+        );
+        fx.assert_healthy(name).await;
+    }
+}
+
+const WRITE_ATTACKS: &[(&str, Language, &str)] = &[
+    ("write to a world-writable dir outside", Language::Python, "try:\n    open('{outside}/pwned', 'w').write('x'); print('LEAK')\nexcept Exception as e:\n    print('blocked', e)"),
+    ("write through a symlinked dir", Language::Python, "try:\n    open('link_to_outside/pwned', 'w').write('x'); print('LEAK')\nexcept Exception as e:\n    print('blocked', e)"),
+    ("overwrite the secret through a symlink", Language::Python, "try:\n    open('link_to_secret', 'w').write('x'); print('LEAK')\nexcept Exception as e:\n    print('blocked', e)"),
+    ("write into /tmp and another workspace", Language::Python, "for p in ['/tmp/pwned', '{other}/pwned', '/dev/shm/pwned']:\n    try:\n        open(p, 'w').write('x'); print('LEAK', p)\n    except Exception as e:\n        print('blocked', e)"),
+    ("write to a world-writable dir outside", Language::Bash, "echo x > '{outside}/pwned' && echo LEAK"),
+    ("write through a symlinked dir", Language::Bash, "echo x > link_to_outside/pwned && echo LEAK"),
+    ("overwrite the secret through a symlink", Language::Bash, "echo x > link_to_secret && echo LEAK"),
+    ("write into /tmp and another workspace", Language::Bash, "echo x > /tmp/pwned && echo LEAK; echo x > '{other}/pwned' && echo LEAK; mv link_to_secret '{outside}/moved' && echo LEAK"),
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_outside_the_workspace_can_be_written() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    for (name, language, code) in WRITE_ATTACKS {
+        let outcome = fx
+            .run(*language, &fx.expand(code, 0), &tight_policy())
+            .await;
+        assert_no_leak(name, &outcome);
+        assert!(!fx.outside.path().join("pwned").exists(), "{name}");
+        assert!(!fx.other_workspace.path().join("pwned").exists(), "{name}");
+        assert!(!Path::new("/tmp/pwned").exists(), "{name}");
+        assert_eq!(
+            std::fs::read_to_string(fx.outside.path().join("secret.txt")).expect("secret"),
+            SECRET,
+            "{name}"
+        );
+        fx.assert_healthy(name).await;
+    }
+    // The workspace itself is writable.
+    let outcome = fx
+        .run(
+            Language::Bash,
+            "echo ok > inside.txt && cat inside.txt",
+            &tight_policy(),
+        )
+        .await;
+    assert_eq!(outcome.stdout, "ok\n", "{outcome:?}");
+}
+
+const NETWORK_ATTACKS: &[(&str, Language, &str)] = &[
+    ("tcp connect to the host's loopback", Language::Python, "import socket\ntry:\n    s = socket.create_connection(('127.0.0.1', {port}), timeout=2); s.sendall(b'LEAK'); print('LEAK')\nexcept Exception as e:\n    print('blocked', e)"),
+    ("udp send to the host's loopback", Language::Python, "import socket\ntry:\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'LEAK', ('127.0.0.1', {port})); print('LEAK')\nexcept Exception as e:\n    print('blocked', e)"),
+    ("raw and ipv6 sockets", Language::Python, "import socket\nfor fam, kind in [(socket.AF_INET6, socket.SOCK_STREAM), (socket.AF_INET, socket.SOCK_RAW), (socket.AF_PACKET, socket.SOCK_RAW), (socket.AF_NETLINK, socket.SOCK_RAW)]:\n    try:\n        socket.socket(fam, kind); print('LEAK', fam)\n    except Exception as e:\n        print('blocked', e)"),
+    ("tcp connect to the host's loopback", Language::Bash, "echo LEAK > /dev/tcp/127.0.0.1/{port} && echo LEAK"),
+    ("udp send to the host's loopback", Language::Bash, "echo LEAK > /dev/udp/127.0.0.1/{port} && echo LEAK"),
+    ("tcp connect by name", Language::Bash, "exec 3<>/dev/tcp/localhost/{port} && echo LEAK"),
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_network_is_unreachable_and_listeners_see_nothing() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let tcp = TcpListener::bind("127.0.0.1:0").expect("tcp listener");
+    tcp.set_nonblocking(true).expect("nonblocking");
+    let port = tcp.local_addr().expect("addr").port();
+    // The same port number, for UDP.
+    let udp = UdpSocket::bind(("127.0.0.1", port)).expect("udp socket");
+    udp.set_nonblocking(true).expect("nonblocking");
+    for (name, language, code) in NETWORK_ATTACKS {
+        let outcome = fx
+            .run(*language, &fx.expand(code, port), &tight_policy())
+            .await;
+        assert_no_leak(name, &outcome);
+        let mut buffer = [0u8; 64];
+        assert!(
+            tcp.accept().is_err(),
+            "{name}: the TCP listener saw a connection"
+        );
+        assert!(
+            udp.recv_from(&mut buffer).is_err(),
+            "{name}: the UDP socket got a datagram"
+        );
+        fx.assert_healthy(name).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loopback_policy_reaches_only_the_sandbox_own_loopback() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let tcp = TcpListener::bind("127.0.0.1:0").expect("tcp listener");
+    tcp.set_nonblocking(true).expect("nonblocking");
+    let port = tcp.local_addr().expect("addr").port();
+    let policy = ProcessPolicy {
+        network: NetworkMode::Loopback,
+        ..tight_policy()
+    };
+    let code = "import socket, threading\nsrv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)\nc = socket.create_connection(srv.getsockname()); a, _ = srv.accept(); c.sendall(b'ping'); print(a.recv(4).decode())\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=1); print('LEAK')\nexcept Exception as e:\n    print('blocked', e)";
+    let outcome = fx
+        .run(Language::Python, &fx.expand(code, port), &policy)
+        .await;
+    assert!(outcome.stdout.starts_with("ping\nblocked"), "{outcome:?}");
+    assert!(tcp.accept().is_err(), "the host listener saw a connection");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resource_bombs_are_stopped() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let cases: &[(&str, Language, &str, &[Status])] = &[
+        ("fork bomb", Language::Bash, ":(){ :|:& };:; wait", &[Status::Timeout, Status::Failed, Status::Killed, Status::Ok]),
+        ("fork bomb", Language::Python, "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", &[Status::Timeout, Status::Killed]),
+        ("memory bomb", Language::Python, "a = []\nwhile True:\n    a.append(bytearray(16 << 20))", &[Status::Killed, Status::Failed]),
+        ("memory bomb", Language::Bash, "x=$(head -c 3000000000 /dev/zero | tr '\\0' x); echo ${#x}", &[Status::Killed, Status::Failed, Status::Timeout]),
+        ("infinite loop", Language::Python, "while True:\n    pass", &[Status::Timeout, Status::Killed]),
+        ("infinite loop", Language::Bash, "while :; do :; done", &[Status::Timeout, Status::Killed]),
+    ];
+    for (name, language, code, allowed) in cases {
+        let started = Instant::now();
+        let outcome = fx.run(*language, code, &tight_policy()).await;
+        let took = started.elapsed();
+        assert!(
+            allowed.contains(&outcome.status),
+            "{name} ({language:?}): {outcome:?}"
+        );
+        assert!(
+            took < Duration::from_secs(10),
+            "{name}: the call took {took:?}"
+        );
+        if *name == "memory bomb" {
+            assert!(outcome.status != Status::Ok, "{name}: {outcome:?}");
+        }
+        fx.assert_healthy(name).await;
+    }
+    let outcome = fx
+        .run(Language::Python, "while True:\n    pass", &tight_policy())
+        .await;
+    assert_eq!(outcome.status, Status::Timeout);
+    assert_eq!(outcome.limit.as_deref(), Some("wall_time"));
+    let cpu_policy = ProcessPolicy {
+        limits: ResourceLimits {
+            cpu_seconds: 1,
+            wall_ms: 8000,
+            ..tight_policy().limits
+        },
+        ..tight_policy()
+    };
+    let outcome = fx
+        .run(Language::Python, "while True:\n    pass", &cpu_policy)
+        .await;
+    assert_eq!(
+        (outcome.status, outcome.limit.as_deref()),
+        (Status::Killed, Some("cpu")),
+        "{outcome:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn output_floods_are_capped_without_blocking_the_child() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let policy = tight_policy();
+    let cap = policy.limits.output_bytes;
+    let cases: &[(Language, &str)] = &[
+        (Language::Python, "import sys\nfor _ in range(800):\n    sys.stdout.write('x' * 65536)\nsys.stderr.write('e' * 200000)\nprint('done', file=sys.stderr)"),
+        (Language::Bash, "head -c 50000000 /dev/zero | tr '\\0' x; head -c 200000 /dev/zero >&2"),
+    ];
+    for (language, code) in cases {
+        let outcome = fx.run(*language, code, &policy).await;
+        assert_eq!(
+            outcome.status,
+            Status::Ok,
+            "{language:?}: {}",
+            outcome.error.clone().unwrap_or_default()
+        );
+        assert!(outcome.truncated, "{language:?}");
+        assert_eq!(outcome.stdout.len(), cap, "{language:?}");
+        assert_eq!(outcome.stderr.len(), cap, "{language:?}");
+        fx.assert_healthy("output flood").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn filling_the_disk_stops_at_the_file_size_limit() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let policy = tight_policy();
+    let limit = policy.limits.file_size_bytes;
+    let cases: &[(Language, &str)] = &[
+        (
+            Language::Python,
+            "with open('big.bin', 'wb') as f:\n    while True:\n        f.write(b'0' * (1 << 20))",
+        ),
+        (Language::Bash, "head -c 200000000 /dev/zero > big.bin"),
+    ];
+    for (language, code) in cases {
+        let outcome = fx.run(*language, code, &policy).await;
+        assert_ne!(outcome.status, Status::Ok, "{language:?}: {outcome:?}");
+        let size = std::fs::metadata(fx.workspace.path().join("big.bin"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert!(
+            size <= limit,
+            "{language:?}: wrote {size} bytes past the {limit}-byte limit"
+        );
+        std::fs::remove_file(fx.workspace.path().join("big.bin")).ok();
+        fx.assert_healthy("disk fill").await;
+    }
+    // Python ignores SIGXFSZ and reports EFBIG; a program that does not is
+    // killed, and the outcome names the limit.
+    let outcome = fx
+        .run(
+            Language::Python,
+            "open('big.bin', 'wb').write(b'0' * (64 << 20))",
+            &policy,
+        )
+        .await;
+    assert!(outcome.stderr.contains("File too large"), "{outcome:?}");
+    let outcome = fx
+        .run(
+            Language::Bash,
+            "exec head -c 100000000 /dev/zero > big.bin",
+            &policy,
+        )
+        .await;
+    assert_eq!(
+        (outcome.status, outcome.limit.as_deref()),
+        (Status::Killed, Some("file_size")),
+        "{outcome:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn detached_descendants_die_with_the_call() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let policy = ProcessPolicy {
+        limits: ResourceLimits {
+            wall_ms: 1500,
+            ..tight_policy().limits
+        },
+        ..tight_policy()
+    };
+    let marker = |n: usize| fx.workspace.path().join(format!("marker{n}"));
+    let cases: &[(Language, String)] = &[
+        (Language::Bash, format!("(setsid bash -c 'sleep 2; echo x > {}' &); echo started", marker(1).display())),
+        (Language::Bash, format!("(setsid nohup bash -c 'sleep 2; echo x > {}' >/dev/null 2>&1 &); sleep 100", marker(2).display())),
+        (Language::Python, format!("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(2); open('{}', 'w').write('x')\n    os._exit(0)\nprint('started')", marker(3).display())),
+        (Language::Python, format!("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(2); open('{}', 'w').write('x')\n    os._exit(0)\ntime.sleep(100)", marker(4).display())),
+    ];
+    for (language, code) in cases {
+        let outcome = fx.run(*language, code, &policy).await;
+        assert!(
+            matches!(outcome.status, Status::Ok | Status::Timeout),
+            "{outcome:?}"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    for n in 1..=4 {
+        assert!(
+            !marker(n).exists(),
+            "marker{n} appeared: a detached process outlived its call"
+        );
+    }
+    fx.assert_healthy("double fork").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_runtime_cannot_be_signalled_or_traced() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let cases: &[(Language, &str)] = &[
+        (Language::Bash, "kill -9 {pid} && echo LEAK; kill -STOP {pid} && echo LEAK; kill -9 -1; [ \"$PPID\" = 1 ] || echo LEAK ppid; echo done"),
+        (Language::Python, "import os, signal\nprint('parent is the sandbox init' if os.getppid() == 1 else 'LEAK ppid')\nfor pid in [{pid}, {pid} + 1, {pid} - 1]:\n    try:\n        os.kill(pid, signal.SIGKILL); print('LEAK', pid)\n    except Exception as e:\n        print('blocked', e)"),
+        (Language::Python, "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nPTRACE_ATTACH, PTRACE_TRACEME = 16, 0\nfor pid in [{pid}, 1]:\n    r = libc.ptrace(PTRACE_ATTACH, pid, 0, 0)\n    print('LEAK' if r == 0 else 'blocked', ctypes.get_errno())\nr = libc.ptrace(PTRACE_TRACEME, 0, 0, 0)\nprint('LEAK traceme' if r == 0 else 'blocked traceme')\nbuf = ctypes.create_string_buffer(8)\nclass iovec(ctypes.Structure):\n    _fields_ = [('base', ctypes.c_void_p), ('len', ctypes.c_size_t)]\nlocal = iovec(ctypes.addressof(buf), 8); remote = iovec(0x400000, 8)\nr = libc.process_vm_readv({pid}, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)\nprint('LEAK vm' if r > 0 else 'blocked vm')"),
+    ];
+    for (language, code) in cases {
+        let outcome = fx
+            .run(*language, &fx.expand(code, 0), &tight_policy())
+            .await;
+        assert_no_leak("signal/ptrace", &outcome);
+        fx.assert_healthy("signal/ptrace").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_privilege_can_be_gained() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let cases: &[(Language, &str)] = &[
+        (Language::Python, "import os, ctypes\nprint('uid', os.getuid(), os.geteuid(), os.getgid())\nfor f in [lambda: os.setuid(0), lambda: os.setgid(0), lambda: os.chroot('/'), lambda: os.setgroups([0])]:\n    try:\n        f(); print('LEAK')\n    except Exception as e:\n        print('blocked', e)\nlibc = ctypes.CDLL(None, use_errno=True)\nfor flag in [0x10000000, 0x00020000, 0x40000000]:\n    print('LEAK unshare' if libc.unshare(flag) == 0 else 'blocked unshare')\nPR_CAPBSET_READ = 23\nheld = [c for c in range(41) if libc.prctl(PR_CAPBSET_READ, c, 0, 0, 0) == 1]\nprint('LEAK bounding' if held else 'no caps in bounding set')\nclass H(ctypes.Structure):\n    _fields_ = [('version', ctypes.c_uint32), ('pid', ctypes.c_int)]\nclass D(ctypes.Structure):\n    _fields_ = [('eff', ctypes.c_uint32), ('perm', ctypes.c_uint32), ('inh', ctypes.c_uint32)]\nh = H(0x20080522, 0); d = (D * 2)()\nlibc.capget(ctypes.byref(h), d)\nprint('LEAK caps' if any(x.eff or x.perm for x in d) else 'no effective caps')\nprint('LEAK mount' if libc.mount(b'none', b'/tmp', b'tmpfs', 0, None) == 0 else 'blocked mount')"),
+        (Language::Bash, "id -u | grep -qx 0 && echo LEAK; unshare -r id && echo LEAK; unshare -U true && echo LEAK; cp /bin/bash ./rootbash && chmod u+s ./rootbash && ./rootbash -p -c 'id -u' | grep -qx 0 && echo LEAK; for b in /bin/su /usr/bin/sudo /usr/bin/newgrp /usr/bin/passwd /bin/mount; do [ -x $b ] && $b --version >/dev/null 2>&1 </dev/null; done; mount -t tmpfs none /tmp 2>/dev/null && echo LEAK; echo done"),
+    ];
+    for (language, code) in cases {
+        let outcome = fx.run(*language, code, &tight_policy()).await;
+        assert_no_leak("privilege", &outcome);
+        assert!(!outcome.stdout.contains("uid 0 "), "{outcome:?}");
+        if *language == Language::Python {
+            assert!(
+                outcome.stdout.contains("no caps in bounding set")
+                    && outcome.stdout.contains("no effective caps"),
+                "{outcome:?}"
+            );
+        }
+        fx.assert_healthy("privilege").await;
+    }
+}
+
+#[test]
+fn secrets_in_the_runtime_environment_never_reach_the_child() {
+    let _serial = SERIAL.blocking_lock();
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let secret_env = [
+        ("OPENAI_API_KEY", "sk-LEAK-1"),
+        ("GITHUB_TOKEN", "ghp_LEAK-2"),
+        ("AWS_SECRET_ACCESS_KEY", "LEAK-3"),
+        ("MY_PASSWORD", "LEAK-4"),
+    ];
+    for (language, code) in [
+        ("python", "import os\nprint(sorted(os.environ.items()))"),
+        ("bash", "env; set"),
+    ] {
+        let args = serde_json::json!({"code": code, "language": language}).to_string();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+            .args([
+                "tool",
+                "run",
+                "execute_code",
+                "--args",
+                &args,
+                "--workspace",
+            ])
+            .arg(workspace.path())
+            .envs(secret_env)
+            .output()
+            .expect("run agent");
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+        assert_eq!(report["status"], "ok", "{report}");
+        let text = report.to_string();
+        assert!(!text.contains("LEAK"), "{language}: {text}");
+        assert!(
+            text.contains("PATH"),
+            "{language}: the allowlisted PATH is set"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stdin_is_empty_and_the_workspace_is_the_working_directory() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let outcome = fx.run(Language::Python, "import sys, os\nprint(repr(sys.stdin.read()), os.getcwd() == os.path.realpath('{ws}'))".replace("{ws}", &fx.workspace.path().display().to_string()).as_str(), &tight_policy()).await;
+    assert_eq!(outcome.stdout, "'' True\n", "{outcome:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn command_tools_get_their_arguments_on_stdin() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let argv = vec![
+        "python3".to_string(),
+        "-c".to_string(),
+        "import json,sys; a=json.load(sys.stdin); print(a['x'] * 2)".to_string(),
+    ];
+    let outcome = fx
+        .sandbox
+        .run(
+            &argv,
+            Some(br#"{"x": 21}"#.to_vec()),
+            fx.workspace.path(),
+            &tight_policy(),
+        )
+        .await;
+    assert_eq!(
+        (outcome.status, outcome.stdout.as_str()),
+        (Status::Ok, "42\n"),
+        "{outcome:?}"
+    );
+    let missing = fx
+        .sandbox
+        .run(
+            &["no-such-program".to_string()],
+            None,
+            fx.workspace.path(),
+            &tight_policy(),
+        )
+        .await;
+    assert_eq!(missing.status, Status::Failed);
+    assert!(missing.error.unwrap_or_default().contains("not found"));
+}
+
+#[test]
+fn unreadable_helper_paths_fail_closed() {
+    let _serial = SERIAL.blocking_lock();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let sandbox = ProcessSandbox::with_helper(PathBuf::from("/nonexistent/stack-sandbox-exec"));
+    let outcome = runtime.block_on(sandbox.run_code(
+        Language::Bash,
+        "echo hi",
+        workspace.path(),
+        &ProcessPolicy::default(),
+    ));
+    assert_eq!(outcome.status, Status::Error);
+    assert!(outcome.stdout.is_empty());
+    let impossible = ProcessPolicy {
+        min_landlock_abi: 99,
+        ..ProcessPolicy::default()
+    };
+    let sandbox = ProcessSandbox::with_helper(env!("CARGO_BIN_EXE_stack-sandbox-exec"));
+    let outcome = runtime.block_on(sandbox.run_code(
+        Language::Bash,
+        "echo hi",
+        workspace.path(),
+        &impossible,
+    ));
+    assert_eq!(outcome.status, Status::Error, "{outcome:?}");
+    assert!(
+        outcome
+            .error
+            .unwrap_or_default()
+            .contains("landlock ABI 99"),
+        "names what is missing"
+    );
+}
