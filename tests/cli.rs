@@ -259,10 +259,23 @@ fn agent_doctor_reports_the_kernel_guarantees() {
 }
 
 #[test]
-fn a_policy_that_cannot_be_enforced_refuses_the_call() {
+fn a_policy_that_cannot_be_loaded_runs_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let report = tool_run(dir.path(), "list_dir", "{}", &["--policy", "policy.toml"]);
-    assert_eq!(report["status"], "denied");
+    let report = tool_run(
+        dir.path(),
+        "write_file",
+        r#"{"path": "x", "content": "y"}"#,
+        &["--policy", "no-such-policy.toml"],
+    );
+    assert_eq!(report["status"], "error");
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no-such-policy.toml"),
+        "{report}"
+    );
+    assert!(!dir.path().join("x").exists());
 }
 
 #[test]

@@ -1,17 +1,20 @@
-//! Running a validated call: the single path from a tool call to whatever
+//! Running an authorized call: the single path from a tool call to whatever
 //! executes it.
 //!
-//! [`execute`] takes a [`ValidatedCall`], which only
-//! [`Registry::validate`](crate::tools::Registry::validate) can make, so
-//! nothing runs unless it passed validation (invariant 1 in ARCHITECTURE.md).
+//! [`execute`] takes an [`AuthorizedCall`], which only
+//! [`Policy::authorize`](crate::policy::Policy::authorize) makes, from a
+//! [`ValidatedCall`](crate::tools::ValidatedCall) that only
+//! [`Registry::validate`](crate::tools::Registry::validate) makes: nothing
+//! runs unless it was validated and decided (invariant 1 in ARCHITECTURE.md).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::outcome::ToolOutcome;
-use crate::sandbox::process::{ProcessPolicy, ProcessSandbox};
+use crate::policy::{process_policy, AuthorizedCall, Backend};
+use crate::sandbox::process::ProcessSandbox;
 use crate::tools::builtin::{run_file_tool, ExecuteCodeArgs};
-use crate::tools::{Builtin, Executor, Language, ValidatedCall};
+use crate::tools::{Builtin, Executor, Language};
 use crate::workspace::Workspace;
 
 /// Which sandbox runs code.
@@ -41,34 +44,31 @@ pub struct ToolContext {
     pub workspace: Arc<Workspace>,
     /// Cap on the result text (and on each of stdout and stderr).
     pub max_output_bytes: usize,
-    /// The sandbox to prefer for code, when the caller chose one.
+    /// The sandbox for code when the caller chose one (overrides the policy's backend).
     pub sandbox: Option<SandboxKind>,
     /// The process sandbox, when its helper was found.
     pub process: Option<Arc<ProcessSandbox>>,
-    /// What the process sandbox allows.
-    pub process_policy: ProcessPolicy,
 }
 
 impl ToolContext {
     /// A context over `workspace` with default limits and no sandbox preference.
     pub fn new(workspace: Workspace) -> Self {
-        let process_policy = ProcessPolicy::default();
         ToolContext {
             workspace: Arc::new(workspace),
-            max_output_bytes: process_policy.limits.output_bytes,
+            max_output_bytes: crate::sandbox::process::ResourceLimits::default().output_bytes,
             sandbox: None,
             process: ProcessSandbox::locate().ok().map(Arc::new),
-            process_policy,
         }
     }
 }
 
 /// Runs a validated call and reports how it went. Never panics on what the
 /// call contains; every failure becomes a [`ToolOutcome`].
-pub async fn execute(call: &ValidatedCall, ctx: &ToolContext) -> ToolOutcome {
+pub async fn execute(authorized: &AuthorizedCall, ctx: &ToolContext) -> ToolOutcome {
     let started = Instant::now();
+    let call = authorized.call();
     let mut outcome = match &call.tool().executor {
-        Executor::Builtin(Builtin::ExecuteCode) => execute_code(call, ctx).await,
+        Executor::Builtin(Builtin::ExecuteCode) => execute_code(authorized, ctx).await,
         Executor::Builtin(builtin) => {
             let (builtin, arguments, ctx) = (*builtin, call.arguments().clone(), ctx.clone());
             blocking(move || run_file_tool(builtin, &arguments, &ctx)).await
@@ -88,11 +88,18 @@ pub async fn execute(call: &ValidatedCall, ctx: &ToolContext) -> ToolOutcome {
             "tool `{}` runs in the WASI sandbox, which this build of stack-runtime does not provide yet",
             call.tool().name
         )),
+        Executor::Command(_) if backend(authorized, ctx) == SandboxKind::Wasi => {
+            ToolOutcome::denied(format!(
+                "tool `{}` runs in the process sandbox, and the policy allows only the WASI sandbox",
+                call.tool().name
+            ))
+        }
         Executor::Command(command) => match process_sandbox(ctx) {
             Ok(sandbox) => {
                 let stdin = call.arguments().to_string().into_bytes();
+                let policy = process_policy(authorized.sandbox());
                 sandbox
-                    .run(&command.argv, Some(stdin), ctx.workspace.root(), &ctx.process_policy)
+                    .run(&command.argv, Some(stdin), ctx.workspace.root(), &policy)
                     .await
             }
             Err(outcome) => *outcome,
@@ -106,8 +113,9 @@ pub async fn execute(call: &ValidatedCall, ctx: &ToolContext) -> ToolOutcome {
     outcome
 }
 
-async fn execute_code(call: &ValidatedCall, ctx: &ToolContext) -> ToolOutcome {
-    let args: ExecuteCodeArgs = match serde_json::from_value(call.arguments().clone()) {
+async fn execute_code(authorized: &AuthorizedCall, ctx: &ToolContext) -> ToolOutcome {
+    let args: ExecuteCodeArgs = match serde_json::from_value(authorized.call().arguments().clone())
+    {
         Ok(args) => args,
         Err(err) => {
             return ToolOutcome::internal_error(format!(
@@ -115,26 +123,39 @@ async fn execute_code(call: &ValidatedCall, ctx: &ToolContext) -> ToolOutcome {
             ))
         }
     };
-    let wasi_only = args.language == Language::Javascript || ctx.sandbox == Some(SandboxKind::Wasi);
-    if wasi_only {
-        return ToolOutcome::internal_error(format!(
+    let backend = if args.language == Language::Javascript {
+        SandboxKind::Wasi
+    } else {
+        backend(authorized, ctx)
+    };
+    match (backend, args.language) {
+        (SandboxKind::Wasi, language) => ToolOutcome::internal_error(format!(
             "execute_code cannot run `{}` in the WASI sandbox: this build of stack-runtime does not provide it yet",
-            args.language.name()
-        ));
+            language.name()
+        )),
+        (SandboxKind::Process, language) => match process_sandbox(ctx) {
+            Ok(sandbox) => {
+                sandbox
+                    .run_code(
+                        language,
+                        &args.code,
+                        ctx.workspace.root(),
+                        &process_policy(authorized.sandbox()),
+                    )
+                    .await
+            }
+            Err(outcome) => *outcome,
+        },
     }
-    match process_sandbox(ctx) {
-        Ok(sandbox) => {
-            sandbox
-                .run_code(
-                    args.language,
-                    &args.code,
-                    ctx.workspace.root(),
-                    &ctx.process_policy,
-                )
-                .await
-        }
-        Err(outcome) => *outcome,
-    }
+}
+
+/// The sandbox a call runs in: the caller's choice, else the policy's,
+/// else the process sandbox.
+fn backend(authorized: &AuthorizedCall, ctx: &ToolContext) -> SandboxKind {
+    ctx.sandbox.unwrap_or(match authorized.sandbox().backend {
+        Some(Backend::Wasi) => SandboxKind::Wasi,
+        Some(Backend::Process) | None => SandboxKind::Process,
+    })
 }
 
 fn process_sandbox(ctx: &ToolContext) -> Result<&ProcessSandbox, Box<ToolOutcome>> {

@@ -2,22 +2,27 @@
 //!
 //! A sandboxed tool-execution runtime for agents driven by local GGUF models.
 //!
-//! The model proposes tool calls in the OpenAI format ([`message`]); the
-//! [`tools::Registry`] checks each one against its tool's JSON Schema and
-//! yields a [`tools::ValidatedCall`]; [`dispatch::execute`] runs only such
-//! calls and reports a [`outcome::ToolOutcome`].
+//! The model proposes tool calls in the OpenAI format ([`message`]). The
+//! [`gate::Gate`] takes each one through the [`tools::Registry`] (JSON Schema
+//! validation, yielding a [`tools::ValidatedCall`]), the session budgets and
+//! the [`policy::Policy`] (allow / ask / deny, approvals, yielding a
+//! [`policy::AuthorizedCall`]), then [`dispatch::execute`] runs it in-process
+//! or in a sandbox ([`sandbox`]), and the [`outcome::ToolOutcome`] is
+//! redacted and audited.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use stack_runtime::{dispatch, message::ToolCall, tools::Registry, workspace::Workspace};
+//! use std::sync::Arc;
+//! use stack_runtime::{dispatch::ToolContext, gate::Gate, message::ToolCall};
+//! use stack_runtime::{policy::Policy, tools::Registry, workspace::Workspace};
 //!
-//! let registry = Registry::with_builtins();
-//! let ctx = dispatch::ToolContext::new(Workspace::open(".")?);
+//! let registry = Arc::new(Registry::with_builtins());
+//! let policy = Arc::new(Policy::preset("default")?);
+//! let mut gate = Gate::new(registry, policy, "session-1");
+//! let ctx = ToolContext::new(Workspace::open(".")?);
 //! let call = ToolCall::function("call_1", "list_dir", r#"{"path": "."}"#);
-//! match registry.validate(&call) {
-//!     Ok(valid) => println!("{}", dispatch::execute(&valid, &ctx).await.stdout),
-//!     Err(why) => println!("rejected: {why}"),
-//! }
+//! let outcome = gate.call(&call, &ctx).await;
+//! println!("{}: {}", outcome.status.as_str(), gate.text_for_model(&outcome));
 //! # Ok(()) }
 //! ```
 //!
@@ -28,8 +33,10 @@
 
 pub mod assets;
 pub mod dispatch;
+pub mod gate;
 pub mod message;
 pub mod outcome;
+pub mod policy;
 pub mod sandbox;
 pub mod tools;
 pub mod workspace;

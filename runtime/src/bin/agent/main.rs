@@ -4,6 +4,7 @@
 //! exit codes. Subcommands live in their own modules.
 
 mod doctor;
+mod policy_cmd;
 mod tool_cmd;
 
 use std::path::PathBuf;
@@ -32,6 +33,9 @@ enum Command {
     /// List, inspect and run tools by hand.
     #[command(subcommand)]
     Tool(tool_cmd::ToolCommand),
+    /// Check policy files and explain their decisions.
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
     /// Show what the kernel offers the sandbox and which guarantees hold.
     Doctor {
         /// Print the report as JSON.
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Tool(command)) => tool_cmd::run(command, &tool_dirs),
         Some(Command::Doctor { json }) => doctor::run(json),
+        Some(Command::Policy(command)) => policy_cmd::run(command, &tool_dirs),
         None => {
             eprintln!(
                 "the interactive REPL is not part of this build yet; use `agent tool list` and `agent tool run`"

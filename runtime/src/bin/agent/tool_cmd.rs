@@ -3,13 +3,16 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
 use serde::Serialize;
-use stack_runtime::dispatch::{self, SandboxKind, ToolContext};
+use stack_runtime::dispatch::{SandboxKind, ToolContext};
+use stack_runtime::gate::Gate;
 use stack_runtime::message::ToolCall;
-use stack_runtime::outcome::{Status, ToolOutcome};
+use stack_runtime::outcome::ToolOutcome;
+use stack_runtime::policy::{ApprovalAnswer, ApprovalRequest, AuditLog, Policy};
 use stack_runtime::tools::Registry;
 use stack_runtime::workspace::Workspace;
 
@@ -33,9 +36,14 @@ pub enum ToolCommand {
         /// The arguments, as a JSON object.
         #[arg(long, default_value = "{}")]
         args: String,
-        /// Policy file to obey.
+        /// Policy to obey: a file, or a preset (default, strict, trusted).
+        /// Without it the `default` preset applies and, since a person typed
+        /// the command, its `ask` decisions count as approved.
         #[arg(long, value_name = "FILE")]
-        policy: Option<PathBuf>,
+        policy: Option<String>,
+        /// Append audit records (JSONL) to this file.
+        #[arg(long, value_name = "FILE")]
+        audit_log: Option<PathBuf>,
         /// Session workspace (defaults to the current directory).
         #[arg(long, value_name = "DIR")]
         workspace: Option<PathBuf>,
@@ -70,7 +78,7 @@ fn default_tool_dir() -> Option<PathBuf> {
     repo_tools.is_dir().then_some(repo_tools)
 }
 
-fn build_registry(dirs: &ToolDirs) -> Registry {
+pub fn build_registry(dirs: &ToolDirs) -> Registry {
     let mut registry = Registry::with_builtins();
     let defaults = dirs.include_default.then(default_tool_dir).flatten();
     for dir in defaults.iter().chain(dirs.extra.iter()) {
@@ -90,15 +98,23 @@ pub fn run(command: ToolCommand, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
             name,
             args,
             policy,
+            audit_log,
             workspace,
             sandbox,
-            yes: _,
+            yes,
         } => {
             let sandbox = sandbox.map(|s| match s {
                 SandboxArg::Wasi => SandboxKind::Wasi,
                 SandboxArg::Process => SandboxKind::Process,
             });
-            let report = run_tool(&registry, &name, args, policy, workspace, sandbox);
+            let options = RunOptions {
+                policy,
+                audit_log,
+                workspace,
+                sandbox,
+                yes,
+            };
+            let report = run_tool(registry, &name, args, options);
             let mut stdout = std::io::stdout().lock();
             serde_json::to_writer(&mut stdout, &report).context("writing the result")?;
             writeln!(stdout).context("writing the result")?;
@@ -157,31 +173,49 @@ struct RunReport {
     outcome: ToolOutcome,
 }
 
-fn run_tool(
-    registry: &Registry,
-    name: &str,
-    args: String,
-    policy: Option<PathBuf>,
+struct RunOptions {
+    policy: Option<String>,
+    audit_log: Option<PathBuf>,
     workspace: Option<PathBuf>,
     sandbox: Option<SandboxKind>,
-) -> RunReport {
+    yes: bool,
+}
+
+fn approve_all(_: &ApprovalRequest) -> ApprovalAnswer {
+    ApprovalAnswer::Yes
+}
+
+fn run_tool(registry: Registry, name: &str, args: String, options: RunOptions) -> RunReport {
     let report = |outcome| RunReport {
         tool: name.to_string(),
         outcome,
     };
-    let call = ToolCall::function("cli", name, args);
-    let validated = match registry.validate(&call) {
-        Ok(validated) => validated,
-        Err(err) => return report(ToolOutcome::invalid(err.to_string())),
+    // With an explicit policy, `ask` is a denial unless --yes; without one,
+    // the default preset applies and the person at the terminal approves.
+    let (policy, approve) = match &options.policy {
+        Some(policy) => (Policy::load_named(policy), options.yes),
+        None => (Policy::preset("default"), true),
     };
-    if let Some(policy) = policy {
-        // Never run under a weaker policy than asked for: refuse instead.
-        return report(ToolOutcome::denied(format!(
-            "policy files are not supported by this build yet, so `{}` cannot be enforced; refusing to run without it",
-            policy.display()
-        )));
+    let policy = match policy {
+        Ok(policy) => policy,
+        Err(err) => return report(ToolOutcome::internal_error(format!("policy: {err}"))),
+    };
+    let mut gate = Gate::new(Arc::new(registry), Arc::new(policy), "cli");
+    if approve {
+        gate = gate.with_approver(Arc::new(approve_all));
     }
-    let root = match workspace {
+    if let Some(path) = &options.audit_log {
+        match AuditLog::open(path) {
+            Ok(log) => gate = gate.with_audit_log(Arc::new(log)),
+            Err(err) => {
+                return report(ToolOutcome::internal_error(format!(
+                    "audit log {}: {err}",
+                    path.display()
+                )))
+            }
+        }
+    }
+    let root = match options.workspace {
         Some(dir) => dir,
         None => match std::env::current_dir() {
             Ok(dir) => dir,
@@ -197,7 +231,7 @@ fn run_tool(
         Err(err) => return report(ToolOutcome::internal_error(err.to_string())),
     };
     let mut ctx = ToolContext::new(workspace);
-    ctx.sandbox = sandbox;
+    ctx.sandbox = options.sandbox;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -209,7 +243,6 @@ fn run_tool(
             )))
         }
     };
-    let outcome = runtime.block_on(dispatch::execute(&validated, &ctx));
-    debug_assert!(outcome.status != Status::Invalid);
-    report(outcome)
+    let call = ToolCall::function("cli", name, args);
+    report(runtime.block_on(gate.call(&call, &ctx)))
 }

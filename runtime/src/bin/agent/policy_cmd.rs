@@ -1,0 +1,97 @@
+//! `agent policy check | explain`.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use stack_runtime::message::ToolCall;
+use stack_runtime::policy::{process_policy, Grants, Policy};
+
+use crate::tool_cmd::{build_registry, ToolDirs};
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Check a policy file (and what it extends); report file:line on errors.
+    Check {
+        /// A policy file or a preset name.
+        file: String,
+    },
+    /// Show how a policy decides one call, and the sandbox settings it gets.
+    Explain {
+        /// A policy file or a preset name.
+        file: String,
+        /// The tool.
+        #[arg(long)]
+        tool: String,
+        /// The arguments, as a JSON object.
+        #[arg(long, default_value = "{}")]
+        args: String,
+    },
+}
+
+pub fn run(command: PolicyCommand, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
+    match command {
+        PolicyCommand::Check { file } => match Policy::load_named(&file) {
+            Ok(policy) => {
+                let chain: Vec<String> = policy
+                    .sources
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                println!("ok: {}", chain.join(" <- "));
+                if let Some(description) = &policy.description {
+                    println!("{description}");
+                }
+                println!("{} argument rule(s)", policy.rules().len());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        PolicyCommand::Explain { file, tool, args } => {
+            let policy = match Policy::load_named(&file) {
+                Ok(policy) => policy,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let registry = build_registry(dirs);
+            let validated = match registry.validate(&ToolCall::function("explain", &tool, &args)) {
+                Ok(validated) => validated,
+                Err(err) => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({
+                            "tool": tool,
+                            "decision": "invalid",
+                            "error": err.to_string(),
+                        }))?
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+            };
+            let decision = policy.decide(&tool, validated.arguments(), &Grants::default());
+            let language = validated
+                .arguments()
+                .get("language")
+                .and_then(|l| l.as_str());
+            let sandbox = policy.sandbox_for(&tool, language);
+            let process = process_policy(&sandbox);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "tool": tool,
+                    "decision": decision.verdict,
+                    "rule": decision.rule,
+                    "reason": decision.reason,
+                    "sandbox": sandbox,
+                    "process_limits": process.limits,
+                    "network": process.network,
+                }))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

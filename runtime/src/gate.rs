@@ -1,0 +1,208 @@
+//! The gate: the one place a model's tool call goes through, in order —
+//! validate, budget, policy (and approval), execute, redact, account, audit.
+//!
+//! The agent loop and `agent tool run` both call [`Gate::call`]; nothing
+//! else reaches a sandbox.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::dispatch::{self, ToolContext};
+use crate::message::ToolCall;
+use crate::outcome::ToolOutcome;
+use crate::policy::{ApprovalHandler, AuditLog, AuditRecord, BudgetTracker, Grants, Policy};
+use crate::tools::Registry;
+
+/// Everything a session needs to turn tool calls into outcomes.
+pub struct Gate {
+    registry: Arc<Registry>,
+    policy: Arc<Policy>,
+    grants: Grants,
+    approver: Option<Arc<dyn ApprovalHandler>>,
+    audit: Option<Arc<AuditLog>>,
+    session: String,
+    budget: BudgetTracker,
+}
+
+impl Gate {
+    /// A gate with no approver (so `ask` means deny) and no audit log.
+    pub fn new(registry: Arc<Registry>, policy: Arc<Policy>, session: impl Into<String>) -> Gate {
+        let budget = policy.budget_tracker();
+        Gate {
+            registry,
+            policy,
+            grants: Grants::default(),
+            approver: None,
+            audit: None,
+            session: session.into(),
+            budget,
+        }
+    }
+
+    /// Sets who answers `ask` decisions.
+    pub fn with_approver(mut self, approver: Arc<dyn ApprovalHandler>) -> Gate {
+        self.approver = Some(approver);
+        self
+    }
+
+    /// Writes an audit record for every decision and result.
+    pub fn with_audit_log(mut self, audit: Arc<AuditLog>) -> Gate {
+        self.audit = Some(audit);
+        self
+    }
+
+    /// The session's grants (list and revoke them here).
+    pub fn grants(&self) -> &Grants {
+        &self.grants
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The registry in use.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The session's budget tracker.
+    pub fn budget(&mut self) -> &mut BudgetTracker {
+        &mut self.budget
+    }
+
+    /// Runs one tool call through every check. Never panics on what the
+    /// call contains; every refusal is an outcome the model can read.
+    pub async fn call(&mut self, call: &ToolCall, ctx: &ToolContext) -> ToolOutcome {
+        let tool = call.function.name.clone();
+        let validated = match self.registry.validate(call) {
+            Ok(validated) => validated,
+            Err(err) => {
+                let outcome = ToolOutcome::invalid(err.to_string());
+                self.record_result(&call.id, &tool, &outcome);
+                return outcome;
+            }
+        };
+        if let Err(exceeded) = self.budget.admit_call() {
+            let outcome = ToolOutcome::denied(exceeded.to_string());
+            self.record_decision(
+                &call.id,
+                &tool,
+                validated.arguments(),
+                "budgets",
+                "deny",
+                None,
+                Some(exceeded.to_string()),
+            );
+            self.record_result(&call.id, &tool, &outcome);
+            return outcome;
+        }
+        let arguments = validated.arguments().clone();
+        let authorized =
+            match self
+                .policy
+                .authorize(validated, self.approver.as_deref(), &self.grants)
+            {
+                Ok(authorized) => authorized,
+                Err(refusal) => {
+                    let approval = refusal.approval.map(|a| format!("{a:?}").to_lowercase());
+                    self.record_decision(
+                        &call.id,
+                        &tool,
+                        &arguments,
+                        &refusal.decision.rule,
+                        refusal.decision.verdict.as_str(),
+                        approval,
+                        refusal.decision.reason.clone(),
+                    );
+                    let outcome = ToolOutcome::denied(refusal.to_string());
+                    self.record_result(&call.id, &tool, &outcome);
+                    return outcome;
+                }
+            };
+        let decision = authorized.decision().clone();
+        let approval = authorized
+            .approval()
+            .map(|a| format!("{a:?}").to_lowercase());
+        self.record_decision(
+            &call.id,
+            &tool,
+            &arguments,
+            &decision.rule,
+            decision.verdict.as_str(),
+            approval,
+            decision.reason.clone(),
+        );
+        let mut outcome = {
+            let _span = tracing::info_span!("tool_call", session = %self.session, call_id = %call.id, tool = %tool).entered();
+            dispatch::execute(&authorized, ctx)
+        }
+        .await;
+        self.policy.redactor().redact_outcome(&mut outcome);
+        if outcome.exit_code.is_some() || outcome.signal.is_some() || outcome.limit.is_some() {
+            // CPU time of sandboxed processes is charged at its upper bound,
+            // the wall time of the call.
+            self.budget
+                .charge_sandbox(outcome.duration_ms, outcome.duration_ms);
+        }
+        self.record_result(&call.id, &tool, &outcome);
+        outcome
+    }
+
+    /// The text of an outcome as the model will see it: redacted already,
+    /// and cut to the session's output budget with a visible marker.
+    pub fn text_for_model(&mut self, outcome: &ToolOutcome) -> String {
+        self.budget.feed_to_model(&outcome.to_model_text())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_decision(
+        &self,
+        call_id: &str,
+        tool: &str,
+        arguments: &Value,
+        rule: &str,
+        decision: &str,
+        approval: Option<String>,
+        reason: Option<String>,
+    ) {
+        let Some(audit) = &self.audit else { return };
+        let redacted = self.policy.redactor().redact(&arguments.to_string());
+        let arguments = serde_json::from_str(&redacted).unwrap_or(Value::String(redacted));
+        let record = AuditRecord::Decision {
+            time_ms: crate::policy::audit::now_ms(),
+            session: self.session.clone(),
+            call_id: call_id.to_string(),
+            tool: tool.to_string(),
+            arguments,
+            rule: rule.to_string(),
+            decision: decision.to_string(),
+            approval,
+            reason,
+        };
+        if let Err(err) = audit.append(&record) {
+            tracing::error!(%err, path = %audit.path().display(), "could not write the audit log");
+        }
+    }
+
+    fn record_result(&self, call_id: &str, tool: &str, outcome: &ToolOutcome) {
+        let Some(audit) = &self.audit else { return };
+        let record = AuditRecord::Result {
+            time_ms: crate::policy::audit::now_ms(),
+            session: self.session.clone(),
+            call_id: call_id.to_string(),
+            tool: tool.to_string(),
+            status: outcome.status.as_str().to_string(),
+            duration_ms: outcome.duration_ms,
+            limit: outcome.limit.clone(),
+            error: outcome
+                .error
+                .as_deref()
+                .map(|e| self.policy.redactor().redact(e)),
+        };
+        if let Err(err) = audit.append(&record) {
+            tracing::error!(%err, path = %audit.path().display(), "could not write the audit log");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The audit log: one JSON line per decision and per result, appended and
+//! flushed as it goes, and mirrored as `tracing` events.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// One audit record.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum AuditRecord {
+    /// The policy decided about a call (before anything ran).
+    Decision {
+        /// Unix time in milliseconds.
+        time_ms: u64,
+        /// The session.
+        session: String,
+        /// The call id.
+        call_id: String,
+        /// The tool.
+        tool: String,
+        /// The arguments (redacted).
+        arguments: Value,
+        /// The rule that decided.
+        rule: String,
+        /// allow, ask or deny.
+        decision: String,
+        /// The approval answer, when asked.
+        approval: Option<String>,
+        /// The reason, when there is one.
+        reason: Option<String>,
+    },
+    /// A call finished (or was refused).
+    Result {
+        /// Unix time in milliseconds.
+        time_ms: u64,
+        /// The session.
+        session: String,
+        /// The call id.
+        call_id: String,
+        /// The tool.
+        tool: String,
+        /// The outcome status.
+        status: String,
+        /// Wall time.
+        duration_ms: u64,
+        /// The limit that stopped it, if any.
+        limit: Option<String>,
+        /// The error, if any (redacted).
+        error: Option<String>,
+    },
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// An append-only JSONL audit log.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl AuditLog {
+    /// Opens (creating, 0600) `path` for appending.
+    pub fn open(path: &Path) -> std::io::Result<AuditLog> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
+        Ok(AuditLog {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+        })
+    }
+
+    /// The log's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one record and flushes it to the file.
+    pub fn append(&self, record: &AuditRecord) -> std::io::Result<()> {
+        match record {
+            AuditRecord::Decision {
+                tool,
+                rule,
+                decision,
+                approval,
+                call_id,
+                ..
+            } => {
+                tracing::info!(target: "stack_runtime::audit", call_id, tool, rule, decision, approval = approval.as_deref(), "policy decision");
+            }
+            AuditRecord::Result {
+                tool,
+                status,
+                duration_ms,
+                limit,
+                call_id,
+                ..
+            } => {
+                tracing::info!(target: "stack_runtime::audit", call_id, tool, status, duration_ms, limit = limit.as_deref(), "tool result");
+            }
+        }
+        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        file.write_all(&line)?;
+        file.flush()?;
+        file.sync_data()
+    }
+}
