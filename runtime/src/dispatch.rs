@@ -48,6 +48,12 @@ pub struct ToolContext {
     pub sandbox: Option<SandboxKind>,
     /// The process sandbox, when its helper was found.
     pub process: Option<Arc<ProcessSandbox>>,
+    /// The WASI sandbox (engine and compiled interpreters, shared).
+    #[cfg(feature = "wasi")]
+    pub wasi: Option<crate::sandbox::wasi::WasiSandbox>,
+    /// The session's live Python interpreter, for stateful WASI calls.
+    #[cfg(feature = "wasi")]
+    pub python_session: Arc<tokio::sync::Mutex<Option<crate::sandbox::wasi::PythonSession>>>,
 }
 
 impl ToolContext {
@@ -58,6 +64,12 @@ impl ToolContext {
             max_output_bytes: crate::sandbox::process::ResourceLimits::default().output_bytes,
             sandbox: None,
             process: ProcessSandbox::locate().ok().map(Arc::new),
+            #[cfg(feature = "wasi")]
+            wasi: crate::sandbox::wasi::WasiSandbox::with_defaults()
+                .map_err(|err| tracing::warn!(%err, "the WASI sandbox is unavailable"))
+                .ok(),
+            #[cfg(feature = "wasi")]
+            python_session: Arc::default(),
         }
     }
 }
@@ -84,10 +96,7 @@ pub async fn execute(authorized: &AuthorizedCall, ctx: &ToolContext) -> ToolOutc
             })
             .await
         }
-        Executor::Wasi(_) => ToolOutcome::internal_error(format!(
-            "tool `{}` runs in the WASI sandbox, which this build of stack-runtime does not provide yet",
-            call.tool().name
-        )),
+        Executor::Wasi(wasi) => run_wasi_tool(wasi, authorized, ctx).await,
         Executor::Command(_) if backend(authorized, ctx) == SandboxKind::Wasi => {
             ToolOutcome::denied(format!(
                 "tool `{}` runs in the process sandbox, and the policy allows only the WASI sandbox",
@@ -129,10 +138,9 @@ async fn execute_code(authorized: &AuthorizedCall, ctx: &ToolContext) -> ToolOut
         backend(authorized, ctx)
     };
     match (backend, args.language) {
-        (SandboxKind::Wasi, language) => ToolOutcome::internal_error(format!(
-            "execute_code cannot run `{}` in the WASI sandbox: this build of stack-runtime does not provide it yet",
-            language.name()
-        )),
+        (SandboxKind::Wasi, language) => {
+            run_code_in_wasi(language, &args.code, authorized, ctx).await
+        }
         (SandboxKind::Process, language) => match process_sandbox(ctx) {
             Ok(sandbox) => {
                 sandbox
@@ -147,6 +155,95 @@ async fn execute_code(authorized: &AuthorizedCall, ctx: &ToolContext) -> ToolOut
             Err(outcome) => *outcome,
         },
     }
+}
+
+#[cfg(feature = "wasi")]
+fn wasi_sandbox(ctx: &ToolContext) -> Result<&crate::sandbox::wasi::WasiSandbox, Box<ToolOutcome>> {
+    ctx.wasi.as_ref().ok_or_else(|| {
+        Box::new(ToolOutcome::internal_error(
+            "the WASI sandbox could not be started (see the log for why)",
+        ))
+    })
+}
+
+#[cfg(feature = "wasi")]
+async fn run_code_in_wasi(
+    language: Language,
+    code: &str,
+    authorized: &AuthorizedCall,
+    ctx: &ToolContext,
+) -> ToolOutcome {
+    use crate::sandbox::wasi::PythonSession;
+    let sandbox = match wasi_sandbox(ctx) {
+        Ok(sandbox) => sandbox,
+        Err(outcome) => return *outcome,
+    };
+    let policy = crate::policy::wasi_policy(authorized.sandbox());
+    let root = ctx.workspace.root();
+    match language {
+        Language::Javascript => sandbox.run_javascript(code, root, &policy).await,
+        Language::Python if authorized.sandbox().stateful.unwrap_or(false) => {
+            let mut slot = ctx.python_session.lock().await;
+            let session = slot
+                .get_or_insert_with(|| PythonSession::new(sandbox.clone(), root, policy.clone()));
+            session.run(code).await
+        }
+        Language::Python => sandbox.run_python(code, root, &policy).await,
+        Language::Bash => ToolOutcome::denied(
+            "bash runs only in the process sandbox, and this call is set to use the WASI sandbox",
+        ),
+    }
+}
+
+#[cfg(not(feature = "wasi"))]
+async fn run_code_in_wasi(
+    language: Language,
+    _: &str,
+    _: &AuthorizedCall,
+    _: &ToolContext,
+) -> ToolOutcome {
+    ToolOutcome::internal_error(format!(
+        "execute_code cannot run `{}`: this build of stack-runtime has no WASI sandbox (feature `wasi`)",
+        language.name()
+    ))
+}
+
+#[cfg(feature = "wasi")]
+async fn run_wasi_tool(
+    wasi: &crate::tools::WasiExecutor,
+    authorized: &AuthorizedCall,
+    ctx: &ToolContext,
+) -> ToolOutcome {
+    use crate::tools::WasiExecutor;
+    let sandbox = match wasi_sandbox(ctx) {
+        Ok(sandbox) => sandbox,
+        Err(outcome) => return *outcome,
+    };
+    let policy = crate::policy::wasi_policy(authorized.sandbox());
+    let stdin = authorized.call().arguments().to_string().into_bytes();
+    let root = ctx.workspace.root();
+    match wasi {
+        WasiExecutor::Script { runtime, script } => {
+            sandbox
+                .run_script(*runtime, script, stdin, root, &policy)
+                .await
+        }
+        WasiExecutor::Module { module, args } => {
+            sandbox.run_module(module, args, stdin, root, &policy).await
+        }
+    }
+}
+
+#[cfg(not(feature = "wasi"))]
+async fn run_wasi_tool(
+    _: &crate::tools::WasiExecutor,
+    authorized: &AuthorizedCall,
+    _: &ToolContext,
+) -> ToolOutcome {
+    ToolOutcome::internal_error(format!(
+        "tool `{}` runs in the WASI sandbox, and this build of stack-runtime has none (feature `wasi`)",
+        authorized.call().tool().name
+    ))
 }
 
 /// The sandbox a call runs in: the caller's choice, else the policy's,

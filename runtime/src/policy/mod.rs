@@ -411,6 +411,27 @@ pub fn process_policy(settings: &SandboxSettings) -> ProcessPolicy {
     }
 }
 
+/// The WASI sandbox policy for these settings (unset ones take the WASI
+/// defaults; read-only paths are mounted at the same path in the guest).
+#[cfg(feature = "wasi")]
+pub fn wasi_policy(settings: &SandboxSettings) -> crate::sandbox::wasi::WasiPolicy {
+    let base = crate::sandbox::wasi::WasiPolicy::default();
+    crate::sandbox::wasi::WasiPolicy {
+        wall_ms: settings.timeout_ms.unwrap_or(base.wall_ms),
+        memory_bytes: settings.memory_mb.map_or(base.memory_bytes, |mb| {
+            usize::try_from(mb << 20).unwrap_or(usize::MAX)
+        }),
+        fuel: base.fuel,
+        output_bytes: settings.output_bytes.unwrap_or(base.output_bytes),
+        read_only: settings
+            .read_only_paths
+            .iter()
+            .flatten()
+            .map(|path| (path.clone(), path.display().to_string()))
+            .collect(),
+    }
+}
+
 fn layer_tool(base: &ToolSettings, over: &ToolSettings) -> ToolSettings {
     ToolSettings {
         decision: over.decision.or(base.decision),

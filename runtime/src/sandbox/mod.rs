@@ -2,5 +2,8 @@
 //!
 //! * [`process`]: a subprocess under landlock, seccomp, namespaces, rlimits
 //!   and (where writable) a cgroup.
+//! * `wasi` (feature `wasi`): CPython and QuickJS in wasmtime.
 
 pub mod process;
+#[cfg(feature = "wasi")]
+pub mod wasi;

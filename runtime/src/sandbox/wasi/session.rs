@@ -1,0 +1,272 @@
+//! Stateful Python: one live interpreter per session, as in a notebook.
+//!
+//! The guest runs a small driver (`driver.py`) that reads code frames from
+//! stdin and runs each in one persistent globals dict, then marks the end of
+//! the frame on stdout with a per-session nonce. The instance runs on its
+//! own thread. A deadline, memory or crash trap ends the instance; the
+//! result says the state was lost, and the next call starts a fresh one.
+//!
+//! The nonce only delimits frames: code that finds it can at worst confuse
+//! the boundaries of its own session's output, never reach anything else.
+
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use wasmtime_wasi::cli::AsyncStdinStream;
+use wasmtime_wasi::WasiCtxBuilder;
+
+use super::output::CappedOutput;
+use super::{classify, grant_mounts, WasiPolicy, WasiSandbox, GUEST_ENV};
+use crate::assets::Asset;
+use crate::outcome::{Status, ToolOutcome};
+
+const DRIVER: &str = include_str!("driver.py");
+
+/// What the outcome says when an instance had to be reset.
+pub const STATE_LOST: &str =
+    "the Python session was reset: variables and imports from earlier calls are gone";
+
+struct Live {
+    stdin: tokio::io::DuplexStream,
+    stdout: CappedOutput,
+    stderr: CappedOutput,
+    deadline: Arc<Mutex<Option<Instant>>>,
+    finished: Arc<AtomicBool>,
+    memory_hit: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<wasmtime::Result<()>>,
+}
+
+/// A live Python interpreter that keeps its state between calls.
+pub struct PythonSession {
+    sandbox: WasiSandbox,
+    workspace: PathBuf,
+    policy: WasiPolicy,
+    live: Option<Live>,
+    resets: u64,
+}
+
+impl std::fmt::Debug for PythonSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PythonSession")
+            .field("workspace", &self.workspace)
+            .field("live", &self.live.is_some())
+            .field("resets", &self.resets)
+            .finish()
+    }
+}
+
+impl PythonSession {
+    /// A session over `workspace`; the interpreter starts on the first call.
+    pub fn new(sandbox: WasiSandbox, workspace: &Path, policy: WasiPolicy) -> Self {
+        PythonSession {
+            sandbox,
+            workspace: workspace.to_path_buf(),
+            policy,
+            live: None,
+            resets: 0,
+        }
+    }
+
+    /// Whether an interpreter is running.
+    pub fn is_live(&self) -> bool {
+        self.live
+            .as_ref()
+            .is_some_and(|live| !live.finished.load(Ordering::SeqCst))
+    }
+
+    /// How many times the interpreter was reset by a trap or exit.
+    pub fn resets(&self) -> u64 {
+        self.resets
+    }
+
+    /// Starts the interpreter now (so the first call is warm).
+    pub async fn start(&mut self) -> Result<(), String> {
+        if !self.is_live() {
+            let sandbox = self.sandbox.clone();
+            let (workspace, policy) = (self.workspace.clone(), self.policy.clone());
+            let live =
+                tokio::task::spawn_blocking(move || start_instance(&sandbox, &workspace, &policy))
+                    .await
+                    .map_err(|e| e.to_string())??;
+            self.live = Some(live);
+        }
+        Ok(())
+    }
+
+    /// Runs `code` in the live interpreter (starting one if needed).
+    pub async fn run(&mut self, code: &str) -> ToolOutcome {
+        let started = Instant::now();
+        let mut outcome = self.run_frame(code).await;
+        outcome.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        outcome
+    }
+
+    async fn run_frame(&mut self, code: &str) -> ToolOutcome {
+        if let Err(err) = self.start().await {
+            return ToolOutcome::internal_error(format!("starting the Python session: {err}"));
+        }
+        let Some(live) = self.live.as_mut() else {
+            return ToolOutcome::internal_error("the Python session did not start");
+        };
+        let wall = Duration::from_millis(self.policy.wall_ms);
+        *live.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wall);
+        let frame = format!("{}\n{code}", code.len());
+        let wrote = live
+            .stdin
+            .write_all(frame.as_bytes())
+            .await
+            .and(live.stdin.flush().await);
+        let (sink, finished) = (live.stdout.clone(), Arc::clone(&live.finished));
+        let got_marker = if wrote.is_ok() {
+            tokio::task::spawn_blocking(move || {
+                sink.wait_for_marker(wall + Duration::from_secs(2), &|| {
+                    finished.load(Ordering::SeqCst)
+                })
+            })
+            .await
+            .unwrap_or(false)
+        } else {
+            false
+        };
+        *live.deadline.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let out = live.stdout.take();
+        let err = live.stderr.take();
+        let mut outcome = ToolOutcome {
+            status: Status::Ok,
+            exit_code: Some(0),
+            stdout: String::from_utf8_lossy(&out.bytes).into_owned(),
+            stderr: String::from_utf8_lossy(&err.bytes).into_owned(),
+            truncated: out.truncated || err.truncated,
+            duration_ms: 0,
+            error: None,
+            signal: None,
+            limit: None,
+        };
+        if got_marker {
+            let code: i32 = out
+                .marker
+                .as_deref()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1);
+            outcome.exit_code = Some(code);
+            if code != 0 {
+                outcome.status = Status::Failed;
+                outcome.error = Some(format!("exited with code {code}"));
+            }
+            return outcome;
+        }
+        // The instance ended (trap, exit or crash): report why and reset.
+        let Some(live) = self.live.take() else {
+            return outcome;
+        };
+        *live.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        drop(live.stdin);
+        let memory_hit = live.memory_hit.load(Ordering::SeqCst);
+        let result = tokio::task::spawn_blocking(move || live.thread.join())
+            .await
+            .map_err(|e| wasmtime::Error::msg(e.to_string()))
+            .and_then(|joined| {
+                joined.unwrap_or_else(|_| Err(wasmtime::Error::msg("the session thread panicked")))
+            });
+        let result = match result {
+            // A clean return without a marker means the driver stopped.
+            Ok(()) => Err(wasmtime::Error::msg(
+                "the interpreter stopped without finishing the call",
+            )),
+            other => other,
+        };
+        classify(&mut outcome, result, memory_hit, &self.policy);
+        if outcome.status == Status::Ok {
+            outcome.status = Status::Failed;
+        }
+        self.resets += 1;
+        let reason = outcome
+            .error
+            .take()
+            .unwrap_or_else(|| "the interpreter exited".to_string());
+        outcome.error = Some(format!("{reason}; {STATE_LOST}"));
+        outcome
+    }
+}
+
+impl Drop for PythonSession {
+    fn drop(&mut self) {
+        if let Some(live) = self.live.take() {
+            // Interrupt any running code and close stdin: the driver sees EOF
+            // and returns, and the thread ends on its own.
+            *live.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            drop(live.stdin);
+        }
+    }
+}
+
+fn nonce() -> String {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id()));
+    let a = hasher.finish();
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(a);
+    format!("{a:016x}{:016x}", hasher.finish())
+}
+
+fn start_instance(
+    sandbox: &WasiSandbox,
+    workspace: &Path,
+    policy: &WasiPolicy,
+) -> Result<Live, String> {
+    let python = Asset::PythonWasm.locate().map_err(|e| e.to_string())?;
+    let prepared = sandbox.prepare(&python).map_err(|e| e.to_string())?;
+    let nonce = nonce();
+    let stdout =
+        CappedOutput::with_marker(policy.output_bytes, Some(format!("{nonce}:").into_bytes()));
+    let stderr = CappedOutput::new(policy.output_bytes);
+    let (host_side, guest_side) = tokio::io::duplex(1 << 16);
+    // The stdin adapter spawns a reader task. Create it outside any caller's
+    // runtime so it lands on wasmtime-wasi's own process-wide runtime, and a
+    // caller dropping its runtime cannot pull stdin out from under the guest.
+    let guest_stdin = std::thread::spawn(move || {
+        wasmtime_wasi::runtime::with_ambient_tokio_runtime(|| AsyncStdinStream::new(guest_side))
+    })
+    .join()
+    .map_err(|_| "creating the session's stdin failed".to_string())?;
+    let mut builder = WasiCtxBuilder::new();
+    builder
+        .args(&["python", "-I", "-c", DRIVER])
+        .envs(GUEST_ENV)
+        .env("STACK_FRAME_NONCE", &nonce)
+        .stdin(guest_stdin)
+        .stdout(stdout.clone())
+        .stderr(stderr.clone());
+    grant_mounts(&mut builder, workspace, policy)?;
+    let mut store = sandbox.new_store(builder.build_p1(), policy, None)?;
+    let deadline = Arc::clone(&store.data().deadline);
+    let memory_hit = Arc::clone(&store.data().limiter.hit);
+    let finished = Arc::new(AtomicBool::new(false));
+    let (done, wake) = (Arc::clone(&finished), stdout.clone());
+    let thread = std::thread::Builder::new()
+        .name("stack-python-session".into())
+        .spawn(move || {
+            let result = prepared
+                .pre
+                .instantiate(&mut store)
+                .and_then(|instance| instance.get_typed_func::<(), ()>(&mut store, "_start"))
+                .and_then(|start| start.call(&mut store, ()));
+            done.store(true, Ordering::SeqCst);
+            wake.notify();
+            result
+        })
+        .map_err(|e| format!("starting the session thread: {e}"))?;
+    Ok(Live {
+        stdin: host_side,
+        stdout,
+        stderr,
+        deadline,
+        finished,
+        memory_hit,
+        thread,
+    })
+}

@@ -1,0 +1,377 @@
+//! The WASI sandbox with the real `python.wasm` and `quickjs.wasm` in real
+//! wasmtime: isolation, deadlines, memory, output caps, stateful sessions,
+//! trap isolation, script tools and the compiled-module cache.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+
+use std::sync::{Arc, OnceLock};
+
+use stack_runtime::outcome::Status;
+use stack_runtime::sandbox::wasi::{
+    ModuleSource, PythonSession, WasiEngine, WasiPolicy, WasiSandbox,
+};
+use stack_runtime::tools::ScriptRuntime;
+
+/// One sandbox for the whole file: compiling python.wasm takes seconds.
+fn sandbox() -> WasiSandbox {
+    static SANDBOX: OnceLock<WasiSandbox> = OnceLock::new();
+    SANDBOX
+        .get_or_init(|| {
+            let sandbox = WasiSandbox::with_defaults().expect("engine");
+            sandbox
+                .warm_up()
+                .expect("run scripts/setup first: the interpreters are missing");
+            sandbox
+        })
+        .clone()
+}
+
+fn quick() -> WasiPolicy {
+    WasiPolicy {
+        wall_ms: 3000,
+        memory_bytes: 128 << 20,
+        output_bytes: 64 * 1024,
+        ..WasiPolicy::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_and_javascript_run_against_the_workspace() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    std::fs::write(workspace.path().join("data.txt"), "from the host").expect("write");
+    let outcome = sandbox()
+        .run_python("print(open('data.txt').read()); open('/workspace/out.txt', 'w').write('from the guest')", workspace.path(), &quick())
+        .await;
+    assert_eq!(
+        (outcome.status, outcome.stdout.as_str()),
+        (Status::Ok, "from the host\n"),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(workspace.path().join("out.txt")).expect("written"),
+        "from the guest"
+    );
+    let js = sandbox()
+        .run_javascript("const f = std.open('data.txt', 'r'); console.log(f.readAsString().toUpperCase()); f.close()", workspace.path(), &quick())
+        .await;
+    assert_eq!(
+        (js.status, js.stdout.as_str()),
+        (Status::Ok, "FROM THE HOST\n"),
+        "{js:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_outside_the_preopen_can_be_reached() {
+    let outside = tempfile::tempdir().expect("tempdir");
+    let secret = outside.path().join("secret.txt");
+    std::fs::write(&secret, "TOPSECRET").expect("write");
+    let workspace = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(&secret, workspace.path().join("link")).expect("symlink");
+    let secret = secret.display().to_string();
+    let python_attacks = [
+        format!("print(open('{secret}').read())"),
+        "print(open('/etc/passwd').read())".to_string(),
+        "print(open('../' * 20 + 'etc/passwd').read())".to_string(),
+        "print(open('link').read())".to_string(),
+        "import os; print(os.listdir('/proc'))".to_string(),
+        "import socket; s = socket.socket(); s.connect(('127.0.0.1', 22)); print('LEAK')"
+            .to_string(),
+        "import os; print(sorted(os.environ))".to_string(),
+    ];
+    for code in &python_attacks {
+        let outcome = sandbox().run_python(code, workspace.path(), &quick()).await;
+        let all = format!("{}{}", outcome.stdout, outcome.stderr);
+        assert!(
+            !all.contains("TOPSECRET") && !all.contains("root:") && !all.contains("LEAK"),
+            "{code}: {outcome:?}"
+        );
+        if code.contains("environ") {
+            assert_eq!(outcome.status, Status::Ok);
+            assert!(
+                !all.contains("PATH")
+                    && !all.contains("CARGO")
+                    && !all.contains("HOME', 'LC_ALL', 'PATH"),
+                "{all}"
+            );
+        } else {
+            assert_eq!(outcome.status, Status::Failed, "{code}: {outcome:?}");
+        }
+    }
+    let js = sandbox().run_javascript(&format!("const f = std.open('{secret}', 'r'); console.log(f ? 'LEAK ' + f.readAsString() : 'blocked')"), workspace.path(), &quick()).await;
+    assert!(!js.stdout.contains("LEAK"), "{js:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn infinite_loops_hit_the_deadline() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let policy = WasiPolicy {
+        wall_ms: 500,
+        ..quick()
+    };
+    let started = std::time::Instant::now();
+    let python = sandbox()
+        .run_python("while True:\n    pass", workspace.path(), &policy)
+        .await;
+    assert_eq!(
+        (python.status, python.limit.as_deref()),
+        (Status::Timeout, Some("wall_time")),
+        "{python:?}"
+    );
+    let js = sandbox()
+        .run_javascript("for (;;) {}", workspace.path(), &policy)
+        .await;
+    assert_eq!(js.status, Status::Timeout, "{js:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_bombs_are_stopped_at_the_cap() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let python = sandbox()
+        .run_python(
+            "a = []\nwhile True:\n    a.append(bytearray(8 << 20))",
+            workspace.path(),
+            &quick(),
+        )
+        .await;
+    assert_eq!(
+        (python.status, python.limit.as_deref()),
+        (Status::Killed, Some("memory")),
+        "{python:?}"
+    );
+    let js = sandbox()
+        .run_javascript(
+            "const a = []; for (;;) a.push(new ArrayBuffer(8 << 20));",
+            workspace.path(),
+            &quick(),
+        )
+        .await;
+    assert_eq!(
+        (js.status, js.limit.as_deref()),
+        (Status::Killed, Some("memory")),
+        "{js:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn output_floods_are_capped_and_the_guest_keeps_running() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let policy = WasiPolicy {
+        output_bytes: 1 << 20,
+        ..quick()
+    };
+    // Write exactly the cap, then past it; the guest must not see an I/O error.
+    let code = "import sys\nsys.stdout.write('x' * (1 << 20)); sys.stdout.flush()\nfor _ in range(64):\n    sys.stdout.write('y' * 65536)\nsys.stdout.flush()\nsys.stderr.write('finished')";
+    let outcome = sandbox().run_python(code, workspace.path(), &policy).await;
+    assert_eq!(outcome.status, Status::Ok, "{:?}", outcome.error);
+    assert!(outcome.truncated);
+    assert_eq!(outcome.stdout.len(), 1 << 20);
+    assert!(outcome.stdout.bytes().all(|b| b == b'x'));
+    assert_eq!(outcome.stderr, "finished");
+    let js = sandbox()
+        .run_javascript(
+            "for (let i = 0; i < 40000; i++) console.log('z'.repeat(100)); std.err.puts('done')",
+            workspace.path(),
+            &policy,
+        )
+        .await;
+    assert_eq!(
+        (js.status, js.truncated, js.stdout.len(), js.stderr.as_str()),
+        (Status::Ok, true, 1 << 20, "done")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_state_persists_and_a_trap_resets_only_that_session() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let policy = WasiPolicy {
+        wall_ms: 1000,
+        ..quick()
+    };
+    let mut first = PythonSession::new(sandbox(), workspace.path(), policy.clone());
+    let mut second = PythonSession::new(sandbox(), workspace.path(), policy.clone());
+    assert_eq!(first.run("x = 41").await.status, Status::Ok);
+    assert_eq!(second.run("y = 'other'").await.status, Status::Ok);
+    let answer = first.run("print(x + 1)").await;
+    assert_eq!(
+        (answer.status, answer.stdout.as_str()),
+        (Status::Ok, "42\n"),
+        "{answer:?}"
+    );
+    // Errors keep the state; input() cannot read the protocol stream.
+    let failed = first.run("x += 1\nraise ValueError('boom')").await;
+    assert_eq!(failed.status, Status::Failed);
+    assert!(
+        failed.stderr.contains("ValueError: boom") && !failed.stderr.contains("_serve"),
+        "{failed:?}"
+    );
+    assert_eq!(first.run("print(x)").await.stdout, "42\n");
+    assert_eq!(first.run("input()").await.status, Status::Failed);
+    assert_eq!(first.run("print(x)").await.stdout, "42\n");
+    // A deadline trap resets the first session and says so.
+    let trapped = first.run("while True:\n    pass").await;
+    assert_eq!(trapped.status, Status::Timeout);
+    assert!(trapped
+        .error
+        .unwrap_or_default()
+        .contains("session was reset"));
+    assert_eq!(first.resets(), 1);
+    let gone = first.run("print(x)").await;
+    assert!(gone.stderr.contains("NameError"), "{gone:?}");
+    // The other session never noticed.
+    let other = second.run("print(y)").await;
+    assert_eq!(
+        (other.status, other.stdout.as_str()),
+        (Status::Ok, "other\n")
+    );
+    // A memory trap also resets.
+    let bomb = second
+        .run("a = []\nwhile True:\n    a.append(bytearray(8 << 20))")
+        .await;
+    assert!(
+        matches!(bomb.status, Status::Killed | Status::Failed),
+        "{bomb:?}"
+    );
+    assert_eq!(second.run("print('alive')").await.stdout, "alive\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn script_tools_get_their_arguments_on_stdin() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let tools = common::repo_root().join("tools/scripts");
+    let csv = sandbox()
+        .run_script(
+            ScriptRuntime::Python,
+            &tools.join("csv_json.py"),
+            br#"{"data": "a,b\n1,2\n", "direction": "csv_to_json"}"#.to_vec(),
+            workspace.path(),
+            &quick(),
+        )
+        .await;
+    assert_eq!(
+        (csv.status, csv.stdout.as_str()),
+        (Status::Ok, "[{\"a\": \"1\", \"b\": \"2\"}]\n"),
+        "{csv:?}"
+    );
+    let back = sandbox()
+        .run_script(
+            ScriptRuntime::Python,
+            &tools.join("csv_json.py"),
+            br#"{"data": "[{\"a\": 1}, {\"b\": 2}]", "direction": "json_to_csv"}"#.to_vec(),
+            workspace.path(),
+            &quick(),
+        )
+        .await;
+    assert_eq!(back.stdout, "a,b\n1,\n,2\n");
+    let units = sandbox()
+        .run_script(
+            ScriptRuntime::Javascript,
+            &tools.join("unit_convert.js"),
+            br#"{"value": 1, "from": "mi", "to": "km"}"#.to_vec(),
+            workspace.path(),
+            &quick(),
+        )
+        .await;
+    assert_eq!(
+        (units.status, units.stdout.as_str()),
+        (Status::Ok, "{\"value\":1.609344,\"unit\":\"km\"}\n"),
+        "{units:?}"
+    );
+    // Through the CLI, validated against the schema file, as users call it.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args([
+            "tool",
+            "run",
+            "unit_convert",
+            "--args",
+            r#"{"value": 100, "from": "C", "to": "F"}"#,
+        ])
+        .current_dir(workspace.path())
+        .output()
+        .expect("agent");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(
+        report["stdout"], "{\"value\":212,\"unit\":\"F\"}\n",
+        "{report}"
+    );
+    let invalid = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args([
+            "tool",
+            "run",
+            "unit_convert",
+            "--args",
+            r#"{"value": 1, "from": "C", "to": "parsec"}"#,
+        ])
+        .current_dir(workspace.path())
+        .output()
+        .expect("agent");
+    let report: serde_json::Value = serde_json::from_slice(&invalid.stdout).expect("json");
+    assert_eq!(report["status"], "invalid");
+}
+
+#[test]
+fn the_module_cache_refuses_files_it_did_not_write() {
+    let cache = tempfile::tempdir().expect("tempdir");
+    let quickjs = stack_runtime::assets::Asset::QuickjsWasm
+        .locate()
+        .expect("quickjs.wasm");
+    let load = || {
+        let engine = WasiEngine::new(cache.path().join("wasm"), false).expect("engine");
+        engine
+            .load(&quickjs)
+            .map(|(_, source)| source)
+            .expect("load")
+    };
+    assert_eq!(load(), ModuleSource::Compiled, "first load compiles");
+    assert_eq!(load(), ModuleSource::Cache, "second load uses the cache");
+    let dir = cache.path().join("wasm");
+    let mode = std::fs::metadata(&dir).expect("dir").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    let cwasm = std::fs::read_dir(&dir)
+        .expect("read")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .expect("a cache file");
+    // Replaced by someone else (a different file at the same path): refused.
+    let bytes = std::fs::read(&cwasm).expect("read");
+    std::fs::remove_file(&cwasm).expect("remove");
+    std::fs::write(&cwasm, &bytes).expect("write");
+    assert_eq!(
+        load(),
+        ModuleSource::Compiled,
+        "a file the runtime did not write is recompiled"
+    );
+    // Made writable by others: refused.
+    std::fs::set_permissions(&cwasm, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    assert_eq!(load(), ModuleSource::Compiled);
+    assert_eq!(load(), ModuleSource::Cache);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fuel_gives_a_deterministic_instruction_budget() {
+    let cache = tempfile::tempdir().expect("tempdir");
+    let engine = WasiEngine::new(cache.path().to_path_buf(), true).expect("engine");
+    let sandbox = WasiSandbox::new(Arc::clone(&engine));
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let policy = WasiPolicy {
+        fuel: Some(50_000_000),
+        wall_ms: 20_000,
+        ..quick()
+    };
+    let outcome = sandbox
+        .run_javascript("for (;;) {}", workspace.path(), &policy)
+        .await;
+    assert_eq!(
+        (outcome.status, outcome.limit.as_deref()),
+        (Status::Killed, Some("fuel")),
+        "{outcome:?}"
+    );
+    let fine = sandbox
+        .run_javascript("console.log(1 + 1)", workspace.path(), &policy)
+        .await;
+    assert_eq!(fine.stdout, "2\n");
+}
