@@ -35,6 +35,7 @@ pub mod assets;
 pub mod dispatch;
 pub mod gate;
 pub mod message;
+pub mod model;
 pub mod outcome;
 pub mod policy;
 pub mod sandbox;

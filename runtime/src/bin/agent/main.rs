@@ -4,6 +4,7 @@
 //! exit codes. Subcommands live in their own modules.
 
 mod doctor;
+mod model_cmd;
 mod policy_cmd;
 mod tool_cmd;
 
@@ -33,6 +34,14 @@ enum Command {
     /// List, inspect and run tools by hand.
     #[command(subcommand)]
     Tool(tool_cmd::ToolCommand),
+    /// Load a model and show its metadata.
+    Model {
+        #[command(flatten)]
+        model: model_cmd::ModelArgs,
+        /// Print the metadata as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check policy files and explain their decisions.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
@@ -60,6 +69,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Tool(command)) => tool_cmd::run(command, &tool_dirs),
         Some(Command::Doctor { json }) => doctor::run(json),
+        Some(Command::Model { model, json }) => model_cmd::info(&model, json),
         Some(Command::Policy(command)) => policy_cmd::run(command, &tool_dirs),
         None => {
             eprintln!(

@@ -1,0 +1,209 @@
+//! Model throughput through the runtime, as a ratio over a bare
+//! `llama-cpp-2` decode loop on the same model in the same run, and time to
+//! first token at turn 10 of a growing conversation with and without
+//! KV-cache reuse.
+//!
+//! ```sh
+//! cargo bench --bench model                  # the default SmolLM2 model
+//! STACK_BENCH_MODEL=path.gguf cargo bench --bench model
+//! ```
+
+use std::num::NonZeroU32;
+use std::time::Instant;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::sampling::LlamaSampler;
+use stack_runtime::message::Message;
+use stack_runtime::model::llama::{backend, Model, ModelOptions, SamplingOptions};
+use stack_runtime::model::ToolChoice;
+
+const CONTEXT: u32 = 4096;
+const BATCH: u32 = 512;
+
+fn main() {
+    let threads: i32 = std::env::var("BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let model = Model::load(ModelOptions {
+        path: std::env::var_os("STACK_BENCH_MODEL").map(Into::into),
+        context_size: CONTEXT,
+        batch_size: BATCH,
+        threads: Some(threads),
+        ..ModelOptions::default()
+    })
+    .expect("model (run scripts/setup first)");
+    println!(
+        "model: {} ({} parameters, {} GPU layers), {threads} threads",
+        model.info().name,
+        model.info().parameters,
+        model.info().gpu_layers
+    );
+
+    let background = "The lighthouse stood on a rock at the edge of the grey northern sea, and its keeper had tended the lamp for thirty winters. ".repeat(24);
+    let conversation = vec![
+        Message::system(format!("You are a helpful assistant. Background: {background}")),
+        Message::user("Write a long story about a lighthouse keeper who finds a message in a bottle. Use at least five paragraphs."),
+    ];
+    let prompt = model.renderer().render(&conversation, &[]).expect("render");
+    let greedy = SamplingOptions {
+        temperature: 0.0,
+        repeat_penalty: 1.0,
+        max_tokens: 128,
+        ..SamplingOptions::default()
+    };
+
+    let mut session = model.session().expect("session");
+    let raw = model.raw();
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(CONTEXT))
+        .with_n_batch(BATCH)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut ctx = raw
+        .new_context(backend().expect("backend"), params)
+        .expect("context");
+    let rounds: usize = std::env::var("BENCH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let (mut runtime_pp, mut runtime_tg, mut bare_pp, mut bare_tg) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut generated = 0;
+    let mut tokens = Vec::new();
+    // Alternate the two, after one warm-up round of each (round 0 is not kept).
+    for round in 0..=rounds {
+        // Through the runtime (fresh cache each run, so the prompt is evaluated).
+        session.clear_cache();
+        let generation = session
+            .generate(&prompt, None, &greedy, &mut |_| true)
+            .expect("generate");
+        if round > 0 {
+            runtime_pp.push(
+                generation.counters.prompt_evaluated as f64 / (generation.prompt_ms / 1000.0),
+            );
+            runtime_tg
+                .push(generation.counters.generated as f64 / (generation.generation_ms / 1000.0));
+        }
+        generated = generation.counters.generated;
+
+        // A bare llama-cpp-2 loop over the same text (tokenizing included, as
+        // the runtime's prompt time includes it).
+        ctx.clear_kv_cache();
+        let started = Instant::now();
+        tokens = raw
+            .vocab()
+            .tokenize(prompt.as_bytes(), raw.vocab().should_add_bos(), true);
+        let mut batch = LlamaBatch::new(BATCH as usize, 1);
+        for (chunk_index, chunk) in tokens.chunks(BATCH as usize).enumerate() {
+            batch.clear();
+            let last = (chunk_index + 1) * BATCH as usize >= tokens.len();
+            for (i, token) in chunk.iter().enumerate() {
+                let position = (chunk_index * BATCH as usize + i) as i32;
+                batch
+                    .add(*token, position, &[0], last && i + 1 == chunk.len())
+                    .expect("batch");
+            }
+            ctx.decode(&mut batch).expect("decode");
+        }
+        let prompt_time = started.elapsed();
+        let started = Instant::now();
+        let mut sampler = LlamaSampler::greedy();
+        let mut single = LlamaBatch::new(1, 1);
+        for position in (tokens.len() as i32..).take(generated as usize) {
+            let token = sampler.sample(&ctx, -1);
+            let _piece = raw.vocab().token_to_piece(token, true, None);
+            single.clear();
+            single.add(token, position, &[0], true).expect("batch");
+            ctx.decode(&mut single).expect("decode");
+        }
+        if round > 0 {
+            bare_pp.push(tokens.len() as f64 / prompt_time.as_secs_f64());
+            bare_tg.push(generated as f64 / started.elapsed().as_secs_f64());
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (rpp, rtg, bpp, btg) = (
+        median(runtime_pp),
+        median(runtime_tg),
+        median(bare_pp),
+        median(bare_tg),
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>8}",
+        "throughput (tokens/s)", "runtime", "bare loop", "ratio"
+    );
+    println!(
+        "{:<34} {:>12.1} {:>12.1} {:>7.3}x",
+        format!("prompt processing ({} tokens)", tokens.len()),
+        rpp,
+        bpp,
+        rpp / bpp
+    );
+    println!(
+        "{:<34} {:>12.1} {:>12.1} {:>7.3}x",
+        format!("generation ({generated} tokens)"),
+        rtg,
+        btg,
+        rtg / btg
+    );
+
+    // Time to first token at turn 10, with and without KV reuse.
+    let mut growing = vec![Message::system(
+        "You are a helpful assistant. Answer in one sentence.",
+    )];
+    let short = SamplingOptions {
+        temperature: 0.0,
+        max_tokens: 24,
+        ..SamplingOptions::default()
+    };
+    let mut reuse = model.session().expect("session");
+    let ttft = |session: &mut stack_runtime::model::llama::ModelSession,
+                messages: &[Message],
+                clear: bool| {
+        if clear {
+            session.clear_cache();
+        }
+        let started = Instant::now();
+        let mut first = None;
+        let mut ids = || "id".to_string();
+        let generation = session
+            .complete(
+                messages,
+                &[],
+                &ToolChoice::None,
+                &short,
+                &mut |_| {
+                    first.get_or_insert_with(|| started.elapsed());
+                    true
+                },
+                &mut ids,
+            )
+            .expect("turn");
+        (first.unwrap_or_else(|| started.elapsed()), generation)
+    };
+    for turn in 1..=9 {
+        growing.push(Message::user(format!(
+            "Tell me fact number {turn} about the sea."
+        )));
+        let (_, generation) = ttft(&mut reuse, &growing, false);
+        growing.push(Message::assistant(generation.text.trim().to_string()));
+    }
+    growing.push(Message::user("Tell me fact number 10 about the sea."));
+    let mut cold = model.session().expect("session");
+    let (with_reuse, turn10) = ttft(&mut reuse, &growing, false);
+    let (without_reuse, _) = ttft(&mut cold, &growing, true);
+    println!(
+        "time to first token, turn 10 ({} prompt tokens): {:.1} ms with KV reuse ({} evaluated, {} reused), {:.1} ms without ({:.2}x faster)",
+        turn10.counters.prompt_evaluated + turn10.counters.prompt_reused,
+        with_reuse.as_secs_f64() * 1000.0,
+        turn10.counters.prompt_evaluated,
+        turn10.counters.prompt_reused,
+        without_reuse.as_secs_f64() * 1000.0,
+        without_reuse.as_secs_f64() / with_reuse.as_secs_f64(),
+    );
+}

@@ -1,0 +1,120 @@
+//! Grammars that make malformed tool calls impossible.
+//!
+//! The registered tools' schemas become one JSON Schema: a `oneOf` of
+//! `{"name": const NAME, "arguments": PARAMETERS}` objects, one per tool.
+//! llama.cpp's `json_schema_to_grammar` turns it into GBNF, wrapped in the
+//! Hermes `<tool_call>` block. With `tool_choice: auto` it is applied lazily,
+//! from the moment the model writes `<tool_call>`; with `required` (or a
+//! named tool) it applies from the first token.
+
+use serde_json::{json, Value};
+
+/// Which tools the model may (or must) call.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolChoice {
+    /// The model decides; a call, once started, must be valid.
+    #[default]
+    Auto,
+    /// No tools: they are not shown and no call is parsed.
+    None,
+    /// The model must call one of the tools.
+    Required,
+    /// The model must call this tool.
+    #[serde(untagged)]
+    Named(String),
+}
+
+/// The text that opens a tool call, and the lazy grammar's trigger.
+pub const TOOL_CALL_OPEN: &str = "<tool_call>";
+
+/// Longest string the grammar lets the model write in one argument, so a
+/// constrained call always closes within the token budget.
+const GRAMMAR_MAX_STRING: u64 = 2048;
+
+/// The JSON Schema of one tool call, over the given `(name, parameters)`.
+pub fn call_schema<'a>(tools: impl IntoIterator<Item = (&'a str, &'a Value)>) -> Value {
+    let variants: Vec<Value> = tools
+        .into_iter()
+        .map(|(name, parameters)| {
+            let mut parameters = parameters.clone();
+            shape_for_grammar(&mut parameters);
+            json!({
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": false
+            })
+        })
+        .collect();
+    match variants.len() {
+        1 => variants.into_iter().next().unwrap_or(Value::Null),
+        _ => json!({ "oneOf": variants }),
+    }
+}
+
+/// Drops annotations the grammar converter does not need and bounds
+/// strings, so a constrained call always terminates.
+fn shape_for_grammar(schema: &mut Value) {
+    match schema {
+        Value::Object(object) => {
+            object.remove("$schema");
+            object.remove("description");
+            object.remove("title");
+            object.remove("default");
+            let is_string = object.get("type") == Some(&Value::String("string".into()));
+            if is_string
+                && !object.contains_key("enum")
+                && !object.contains_key("const")
+                && !object.contains_key("maxLength")
+            {
+                object.insert("maxLength".into(), GRAMMAR_MAX_STRING.into());
+            }
+            object.values_mut().for_each(shape_for_grammar);
+        }
+        Value::Array(items) => items.iter_mut().for_each(shape_for_grammar),
+        _ => {}
+    }
+}
+
+/// Wraps the converted call grammar (whose start rule is `root`) in the
+/// `<tool_call>` block.
+pub fn wrap_in_tool_call(converted: &str) -> String {
+    let renamed: Vec<String> = converted
+        .lines()
+        .map(|line| match line.strip_prefix("root ::=") {
+            Some(rest) => format!("tool-call-json ::={rest}"),
+            None => line.to_string(),
+        })
+        .collect();
+    format!(
+        "root ::= \"{TOOL_CALL_OPEN}\\n\" tool-call-json \"\\n</tool_call>\"\n{}\n",
+        renamed.join("\n")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_union_keys_each_tool_on_a_const_name() {
+        let read = json!({"type": "object", "properties": {"path": {"type": "string", "description": "x"}}, "required": ["path"], "$schema": "s"});
+        let list = json!({"type": "object", "properties": {}});
+        let schema = call_schema([("read_file", &read), ("list_dir", &list)]);
+        assert_eq!(
+            schema["oneOf"][0]["properties"]["name"]["const"],
+            "read_file"
+        );
+        assert_eq!(
+            schema["oneOf"][0]["properties"]["arguments"]["properties"]["path"]["maxLength"],
+            2048
+        );
+        assert!(schema["oneOf"][0]["properties"]["arguments"]
+            .get("$schema")
+            .is_none());
+        let wrapped = wrap_in_tool_call("root ::= object\nobject ::= \"{\" \"}\"");
+        assert!(wrapped.starts_with("root ::= \"<tool_call>\\n\" tool-call-json"));
+        assert!(wrapped.contains("tool-call-json ::= object"));
+    }
+}

@@ -1,0 +1,403 @@
+//! The model backend: prompt fixtures (rendered independently by Python's
+//! jinja2, see scripts/gen_prompt_fixtures.py), and the real SmolLM2 model
+//! through llama.cpp: loading, stopping, grammar-constrained tool calls,
+//! KV-cache reuse and corrupt files.
+
+mod common;
+
+use std::sync::{Arc, OnceLock};
+
+use serde_json::Value;
+use stack_runtime::message::Message;
+use stack_runtime::model::llama::{Model, ModelError, ModelOptions, SamplingOptions, StopReason};
+use stack_runtime::model::{PromptRenderer, ToolChoice};
+use stack_runtime::tools::Registry;
+
+fn fixture_text(name: &str) -> String {
+    std::fs::read_to_string(common::fixture(name)).expect(name)
+}
+
+fn conversation() -> Value {
+    serde_json::from_str(&fixture_text("prompts/conversation.json")).expect("json")
+}
+
+fn messages(key: &str) -> Vec<Message> {
+    serde_json::from_value(conversation()[key].clone()).expect("messages")
+}
+
+/// (template, default system, conversation, with tools, expected prompt)
+const PROMPT_CASES: &[(&str, &str, &str, bool, &str)] = &[
+    (
+        "templates/smollm2.jinja",
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+        "plain",
+        false,
+        "prompts/smollm2_plain.txt",
+    ),
+    (
+        "templates/smollm2.jinja",
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+        "with_tools",
+        true,
+        "prompts/smollm2_tools.txt",
+    ),
+    (
+        "templates/qwen2.5.jinja",
+        "unused",
+        "plain",
+        false,
+        "prompts/qwen25_plain.txt",
+    ),
+    (
+        "templates/qwen2.5.jinja",
+        "unused",
+        "with_tools",
+        true,
+        "prompts/qwen25_tools.txt",
+    ),
+];
+
+#[test]
+fn prompts_render_exactly_like_the_reference_fixtures() {
+    let tools: Vec<Value> = conversation()["tools"].as_array().expect("tools").clone();
+    for (template, default_system, key, with_tools, expected) in PROMPT_CASES {
+        let renderer =
+            PromptRenderer::new(&fixture_text(template), default_system).expect("template");
+        let offered: &[Value] = if *with_tools { &tools } else { &[] };
+        let prompt = renderer.render(&messages(key), offered).expect("render");
+        assert_eq!(prompt, fixture_text(expected), "{template} / {key}");
+    }
+    let smol =
+        PromptRenderer::new(&fixture_text("templates/smollm2.jinja"), "x").expect("template");
+    assert!(
+        !smol.own_template_supports_tools(),
+        "SmolLM2's template has no tool support: the fallback renders tools"
+    );
+}
+
+#[test]
+fn template_errors_are_reported() {
+    assert!(PromptRenderer::new("{% for %}", "x").is_err());
+    let raising =
+        PromptRenderer::new("{{ raise_exception('roles must alternate') }}", "x").expect("parses");
+    let err = raising.render(&messages("plain"), &[]).expect_err("raises");
+    assert!(err.to_string().contains("roles must alternate"), "{err}");
+}
+
+fn model() -> Arc<Model> {
+    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            Model::load(ModelOptions {
+                context_size: 4096,
+                threads: Some(2),
+                ..ModelOptions::default()
+            })
+            .expect("the default model loads (run scripts/setup first)")
+        })
+        .clone()
+}
+
+fn greedy(max_tokens: u32) -> SamplingOptions {
+    SamplingOptions {
+        temperature: 0.0,
+        max_tokens,
+        ..SamplingOptions::default()
+    }
+}
+
+fn ids() -> impl FnMut() -> String {
+    let mut n = 0;
+    move || {
+        n += 1;
+        format!("call_{n}")
+    }
+}
+
+#[test]
+fn the_default_model_loads_generates_and_stops_at_end_of_turn() {
+    let model = model();
+    assert!(
+        model.info().name.to_lowercase().contains("smollm2"),
+        "{:?}",
+        model.info()
+    );
+    assert_eq!(model.info().architecture, "llama");
+    let mut session = model.session().expect("session");
+    let mut streamed = String::new();
+    let conversation = vec![Message::user("Say hello in one short sentence.")];
+    let generation = session
+        .complete(
+            &conversation,
+            &[],
+            &ToolChoice::None,
+            &greedy(128),
+            &mut |piece| {
+                streamed.push_str(piece);
+                true
+            },
+            &mut ids(),
+        )
+        .expect("generate");
+    assert_eq!(
+        generation.stop,
+        StopReason::EndOfTurn,
+        "{:?}",
+        generation.text
+    );
+    assert!(!generation.text.trim().is_empty());
+    assert_eq!(streamed, generation.text, "every token was streamed");
+    assert!(!generation.text.contains("<|im_end|>"));
+    // Cancelling from the token callback stops generation.
+    let mut count = 0;
+    let cancelled = session
+        .complete(
+            &conversation,
+            &[],
+            &ToolChoice::None,
+            &greedy(128),
+            &mut |_| {
+                count += 1;
+                count < 3
+            },
+            &mut ids(),
+        )
+        .expect("generate");
+    assert_eq!(cancelled.stop, StopReason::Cancelled);
+}
+
+/// Prompts per built-in tool; each must yield a call that passes validation.
+const TOOL_PROMPTS: &[(&str, &str)] = &[
+    ("read_file", "Show me what is in notes.txt"),
+    ("read_file", "Open the README and read the first ten lines."),
+    ("read_file", "What does config/settings.toml contain?"),
+    ("read_file", "Print src/main.rs for me"),
+    ("write_file", "Save the text 'hello world' to greeting.txt"),
+    (
+        "write_file",
+        "Create a file todo.md with a list of three chores.",
+    ),
+    ("write_file", "Append 'done' to log.txt"),
+    (
+        "write_file",
+        "Write a Python script that prints the date to date.py",
+    ),
+    ("list_dir", "What files are in this folder?"),
+    ("list_dir", "List the contents of the src directory."),
+    ("list_dir", "Show me everything under tests/"),
+    ("list_dir", "Is there a docs folder? List the root."),
+    ("search_files", "Find every TODO comment in the project."),
+    ("search_files", "Where is the function parse_args defined?"),
+    (
+        "search_files",
+        "Search for the word password in the config files.",
+    ),
+    ("search_files", "Which files mention 'tokio'?"),
+    ("execute_code", "Compute 17 * 23 with Python."),
+    (
+        "execute_code",
+        "Run a bash command that prints the current directory.",
+    ),
+    (
+        "execute_code",
+        "Use JavaScript to reverse the string 'stack'.",
+    ),
+    (
+        "execute_code",
+        "Calculate the first 10 Fibonacci numbers in Python.",
+    ),
+    ("*", "Read notes.txt please."),
+    ("*", "What is 2 to the power of 20? Use code."),
+];
+
+#[test]
+fn required_tool_calls_always_pass_schema_validation() {
+    let model = model();
+    let registry = Registry::with_builtins();
+    let tools = registry.openai_tools();
+    let mut session = model.session().expect("session");
+    let mut next_id = ids();
+    let mut failures = Vec::new();
+    for (tool, prompt) in TOOL_PROMPTS {
+        let choice = if *tool == "*" {
+            ToolChoice::Required
+        } else {
+            ToolChoice::Named(tool.to_string())
+        };
+        let conversation = vec![Message::user(*prompt)];
+        let sampling = SamplingOptions {
+            max_tokens: 400,
+            ..SamplingOptions::default()
+        };
+        let generation = session
+            .complete(
+                &conversation,
+                &tools,
+                &choice,
+                &sampling,
+                &mut |_| true,
+                &mut next_id,
+            )
+            .expect("generate");
+        let calls = &generation.turn.tool_calls;
+        if calls.len() != 1 {
+            failures.push(format!(
+                "{prompt}: expected one call, got {:?}",
+                generation.text
+            ));
+            continue;
+        }
+        if *tool != "*" && calls[0].function.name != *tool {
+            failures.push(format!(
+                "{prompt}: called {} instead of {tool}",
+                calls[0].function.name
+            ));
+        }
+        if let Err(err) = registry.validate(&calls[0]) {
+            failures.push(format!("{prompt}: {err}\n  {:?}", generation.text));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} prompts failed:\n{}",
+        failures.len(),
+        TOOL_PROMPTS.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn a_second_turn_evaluates_only_the_new_tokens() {
+    let model = model();
+    let mut session = model.session().expect("session");
+    let mut conversation = vec![
+        Message::system("You are terse."),
+        Message::user("Name a colour."),
+    ];
+    let first = session
+        .complete(
+            &conversation,
+            &[],
+            &ToolChoice::None,
+            &greedy(16),
+            &mut |_| true,
+            &mut ids(),
+        )
+        .expect("turn 1");
+    assert_eq!(first.counters.prompt_reused, 0);
+    let first_prompt = first.counters.prompt_evaluated;
+    conversation.push(Message::assistant(first.text.clone()));
+    conversation.push(Message::user("Another one."));
+    let second = session
+        .complete(
+            &conversation,
+            &[],
+            &ToolChoice::None,
+            &greedy(16),
+            &mut |_| true,
+            &mut ids(),
+        )
+        .expect("turn 2");
+    let renderer_prompt = model.renderer().render(&conversation, &[]).expect("render");
+    let total = model
+        .raw()
+        .vocab()
+        .tokenize(
+            renderer_prompt.as_bytes(),
+            model.raw().vocab().should_add_bos(),
+            true,
+        )
+        .len() as u64;
+    assert_eq!(
+        second.counters.prompt_reused + second.counters.prompt_evaluated,
+        total
+    );
+    assert!(
+        second.counters.prompt_reused >= first_prompt,
+        "reused {} of the first turn's {first_prompt} prompt tokens",
+        second.counters.prompt_reused
+    );
+    assert!(
+        second.counters.prompt_evaluated < 20,
+        "evaluated {} tokens; only the new turn should be",
+        second.counters.prompt_evaluated
+    );
+    // After clearing, everything is evaluated again.
+    session.clear_cache();
+    let third = session
+        .complete(
+            &conversation,
+            &[],
+            &ToolChoice::None,
+            &greedy(4),
+            &mut |_| true,
+            &mut ids(),
+        )
+        .expect("turn 3");
+    assert_eq!(
+        (
+            third.counters.prompt_reused,
+            third.counters.prompt_evaluated
+        ),
+        (0, total)
+    );
+}
+
+#[test]
+fn missing_corrupt_and_foreign_files_are_rejected_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let load = |path: std::path::PathBuf| {
+        Model::load(ModelOptions {
+            path: Some(path),
+            ..ModelOptions::default()
+        })
+    };
+    assert!(matches!(
+        load(dir.path().join("nope.gguf")),
+        Err(ModelError::NotFound(_))
+    ));
+    let empty = dir.path().join("empty.gguf");
+    std::fs::write(&empty, b"").expect("write");
+    assert!(matches!(load(empty), Err(ModelError::NotGguf { .. })));
+    let text = dir.path().join("notes.gguf");
+    std::fs::write(&text, b"these are not the weights you are looking for").expect("write");
+    let err = load(text).expect_err("not gguf");
+    assert!(err.to_string().contains("is not a GGUF model"), "{err}");
+    let truncated = dir.path().join("truncated.gguf");
+    let real = std::fs::read(
+        stack_runtime::assets::Asset::DefaultModel
+            .locate()
+            .expect("model"),
+    )
+    .expect("read");
+    std::fs::write(&truncated, &real[..1 << 20]).expect("write");
+    let err = load(truncated).expect_err("truncated");
+    assert!(matches!(err, ModelError::Load { .. }), "{err}");
+    assert!(err.to_string().contains("truncated or corrupt"), "{err}");
+}
+
+#[test]
+fn agent_model_shows_metadata_and_rejects_bad_files() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["model", "--json"])
+        .output()
+        .expect("agent");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let info: Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(info["architecture"], "llama");
+    assert_eq!(info["template_supports_tools"], false);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, "not a model").expect("write");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["model", "--model"])
+        .arg(&bad)
+        .output()
+        .expect("agent");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("is not a GGUF model"));
+}
