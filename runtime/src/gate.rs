@@ -46,6 +46,11 @@ impl Gate {
         self
     }
 
+    /// Replaces who answers `ask` decisions.
+    pub fn set_approver(&mut self, approver: Option<Arc<dyn ApprovalHandler>>) {
+        self.approver = approver;
+    }
+
     /// Writes an audit record for every decision and result.
     pub fn with_audit_log(mut self, audit: Arc<AuditLog>) -> Gate {
         self.audit = Some(audit);

@@ -31,6 +31,8 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "llama")]
+pub mod agent;
 pub mod assets;
 pub mod dispatch;
 pub mod gate;

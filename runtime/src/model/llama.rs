@@ -220,6 +220,7 @@ pub struct Model {
     context_size: u32,
     batch_size: u32,
     threads: Option<i32>,
+    turn: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Model {
@@ -281,7 +282,14 @@ impl Model {
             context_size: options.context_size,
             batch_size: options.batch_size.max(1),
             threads: options.threads,
+            turn: std::sync::Mutex::new(()),
         }))
+    }
+
+    /// Held while a session generates, so sessions sharing the model (and
+    /// the machine's cores) are served in turn.
+    pub fn turn_lock(&self) -> &std::sync::Mutex<()> {
+        &self.turn
     }
 
     /// What the model says about itself.

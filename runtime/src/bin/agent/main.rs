@@ -3,6 +3,7 @@
 //! Thin glue over the `stack_runtime` library: argument parsing, printing,
 //! exit codes. Subcommands live in their own modules.
 
+mod chat;
 mod doctor;
 mod model_cmd;
 mod policy_cmd;
@@ -25,8 +26,17 @@ struct Cli {
     #[arg(long, global = true)]
     no_default_tools: bool,
 
+    #[command(flatten)]
+    chat: chat::ChatArgs,
+
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    /// ChatML messages with OpenAI tool_calls, one JSON object per line.
+    Chatml,
 }
 
 #[derive(Debug, Subcommand)]
@@ -34,6 +44,29 @@ enum Command {
     /// List, inspect and run tools by hand.
     #[command(subcommand)]
     Tool(tool_cmd::ToolCommand),
+    /// Send one prompt and print the turn (or `--json` events); reads the
+    /// prompt from stdin without `-p`.
+    Run {
+        /// The prompt.
+        #[arg(short, long)]
+        prompt: Option<String>,
+        /// Stream the events as JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// Approve every call the policy would ask about.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// List saved sessions.
+    Sessions,
+    /// Write a saved session as a training example.
+    Export {
+        /// The session id.
+        id: String,
+        /// Output format.
+        #[arg(long, default_value = "chatml")]
+        format: ExportFormat,
+    },
     /// Load a model and show its metadata.
     Model {
         #[command(flatten)]
@@ -71,12 +104,15 @@ fn main() -> ExitCode {
         Some(Command::Doctor { json }) => doctor::run(json),
         Some(Command::Model { model, json }) => model_cmd::info(&model, json),
         Some(Command::Policy(command)) => policy_cmd::run(command, &tool_dirs),
-        None => {
-            eprintln!(
-                "the interactive REPL is not part of this build yet; use `agent tool list` and `agent tool run`"
-            );
-            Ok(ExitCode::from(2))
+        Some(Command::Run { prompt, json, yes }) => {
+            chat::run(&cli.chat, prompt, json, yes, &tool_dirs)
         }
+        Some(Command::Sessions) => chat::sessions(&cli.chat.policy),
+        Some(Command::Export {
+            id,
+            format: ExportFormat::Chatml,
+        }) => chat::export(&id, &cli.chat.policy),
+        None => chat::repl(&cli.chat, &tool_dirs),
     };
     match result {
         Ok(code) => code,

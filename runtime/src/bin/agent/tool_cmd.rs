@@ -70,7 +70,7 @@ pub struct ToolDirs {
 
 /// The tool folder shipped with the runtime, when it exists on this machine:
 /// `$STACK_RUNTIME_TOOLS`, else the repository's `tools/`.
-fn default_tool_dir() -> Option<PathBuf> {
+pub fn default_tool_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("STACK_RUNTIME_TOOLS") {
         return Some(PathBuf::from(dir));
     }

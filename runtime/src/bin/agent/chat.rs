@@ -1,0 +1,495 @@
+//! The conversational commands: the `agent` REPL, `agent run`, `agent
+//! sessions` and `agent export`.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use stack_runtime::agent::{export_chatml, list_sessions, Event, Runtime, Session, SessionConfig};
+use stack_runtime::model::llama::SamplingOptions;
+use stack_runtime::model::ToolChoice;
+use stack_runtime::outcome::Status;
+use stack_runtime::policy::{ApprovalAnswer, ApprovalHandler, ApprovalRequest, Policy};
+
+use crate::model_cmd::{self, ModelArgs};
+use crate::tool_cmd::{default_tool_dir, ToolDirs};
+
+/// Flags shared by the REPL and `agent run`.
+#[derive(Debug, Clone, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Policy: a file or a preset (default, strict, trusted).
+    #[arg(long, default_value = "default")]
+    pub policy: String,
+    /// Session workspace (default: the current folder).
+    #[arg(long, value_name = "DIR")]
+    pub workspace: Option<PathBuf>,
+    /// Resume a saved session.
+    #[arg(long, value_name = "ID")]
+    pub resume: Option<String>,
+    /// Tool choice for the first step of each turn: auto, none, required or a tool name.
+    #[arg(long, default_value = "auto")]
+    pub tool_choice: String,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u32,
+    /// Most tokens per model step.
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: u32,
+    /// Most model steps per turn.
+    #[arg(long, default_value_t = 8)]
+    pub max_steps: u32,
+}
+
+fn tool_choice(text: &str) -> ToolChoice {
+    match text {
+        "auto" => ToolChoice::Auto,
+        "none" => ToolChoice::None,
+        "required" => ToolChoice::Required,
+        name => ToolChoice::Named(name.to_string()),
+    }
+}
+
+fn build(
+    args: &ChatArgs,
+    dirs: &ToolDirs,
+    approver: Option<Arc<dyn ApprovalHandler>>,
+    quiet: bool,
+) -> anyhow::Result<(Runtime, Session)> {
+    let policy = Policy::load_named(&args.policy).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
+    let model = model_cmd::load(&args.model, quiet)?;
+    let workspace = match &args.workspace {
+        Some(dir) => dir.clone(),
+        None => std::env::current_dir().context("no current folder")?,
+    };
+    let mut builder = Runtime::builder()
+        .model(model)
+        .policy(policy)
+        .workspace(workspace);
+    for dir in dirs
+        .include_default
+        .then(default_tool_dir)
+        .flatten()
+        .iter()
+        .chain(dirs.extra.iter())
+    {
+        builder = builder.tool_dir(dir);
+    }
+    if let Some(approver) = approver {
+        builder = builder.approval_handler(approver);
+    }
+    let runtime = builder.build()?;
+    for diagnostic in runtime.diagnostics() {
+        eprintln!("warning: {diagnostic}");
+    }
+    let config = SessionConfig {
+        tool_choice: tool_choice(&args.tool_choice),
+        sampling: SamplingOptions {
+            temperature: args.temperature,
+            seed: args.seed,
+            max_tokens: args.max_tokens,
+            ..SamplingOptions::default()
+        },
+        max_steps: args.max_steps,
+        resume: args.resume.clone(),
+        ..SessionConfig::default()
+    };
+    let session = runtime.session(config)?;
+    Ok((runtime, session))
+}
+
+fn approve_all(_: &ApprovalRequest) -> ApprovalAnswer {
+    ApprovalAnswer::Yes
+}
+
+/// `agent run`: one prompt, no terminal needed; events as text or JSONL.
+pub fn run(
+    args: &ChatArgs,
+    prompt: Option<String>,
+    json: bool,
+    yes: bool,
+    dirs: &ToolDirs,
+) -> anyhow::Result<ExitCode> {
+    let prompt = match prompt {
+        Some(prompt) => prompt,
+        None => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading the prompt from stdin")?;
+            text
+        }
+    };
+    if prompt.trim().is_empty() {
+        anyhow::bail!("no prompt: give -p TEXT or pipe one on stdin");
+    }
+    let approver: Option<Arc<dyn ApprovalHandler>> = if yes {
+        Some(Arc::new(approve_all))
+    } else {
+        None
+    };
+    let (_runtime, mut session) = build(args, dirs, approver, json)?;
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    tokio.block_on(async {
+        let cancel = session.cancel_token();
+        let (mut events, turn) = session.send(&prompt);
+        let printer = async {
+            let mut printer = Printer::new(json);
+            while let Some(event) = events.next().await {
+                printer.show(&event);
+            }
+        };
+        let interrupt = async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                cancel.store(true, Ordering::SeqCst);
+            }
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            (result, ()) = async { tokio::join!(turn, printer) } => result,
+            () = interrupt => Ok(()),
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints events for a person (colour, truncation) or as JSON lines.
+struct Printer {
+    json: bool,
+    color: bool,
+    in_text: bool,
+}
+
+impl Printer {
+    fn new(json: bool) -> Self {
+        Printer {
+            json,
+            color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+            in_text: false,
+        }
+    }
+
+    fn paint(&self, code: &str, text: &str) -> String {
+        if self.color {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    }
+
+    fn show(&mut self, event: &Event) {
+        let mut out = std::io::stdout().lock();
+        if self.json {
+            let _ = writeln!(out, "{}", serde_json::to_string(event).unwrap_or_default());
+            let _ = out.flush();
+            return;
+        }
+        match event {
+            Event::Token { text } => {
+                let _ = write!(out, "{}", self.paint("32", text));
+                self.in_text = true;
+            }
+            Event::AssistantMessage { .. } => {
+                if self.in_text {
+                    let _ = writeln!(out);
+                    self.in_text = false;
+                }
+            }
+            Event::ToolCallProposed { call } => {
+                let pretty = serde_json::from_str::<serde_json::Value>(&call.function.arguments)
+                    .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default())
+                    .unwrap_or_else(|_| call.function.arguments.clone());
+                let _ = writeln!(
+                    out,
+                    "{} {}",
+                    self.paint("1;36", &format!("⚙ {}", call.function.name)),
+                    truncate(&pretty, 600)
+                );
+            }
+            Event::ApprovalNeeded { .. } | Event::ToolStarted { .. } => {}
+            Event::ToolFinished { name, outcome, .. } => {
+                let status = outcome.status.as_str();
+                let colour = if outcome.status == Status::Ok {
+                    "32"
+                } else {
+                    "31"
+                };
+                let _ = writeln!(
+                    out,
+                    "  {} {} ({} ms)",
+                    self.paint(colour, &format!("→ {status}")),
+                    name,
+                    outcome.duration_ms
+                );
+                let body = if outcome.status == Status::Ok {
+                    outcome.stdout.clone()
+                } else {
+                    outcome.to_model_text()
+                };
+                for line in truncate(&body, 800).lines().take(12) {
+                    let _ = writeln!(out, "    {}", self.paint("2", line));
+                }
+            }
+            Event::TurnFinished {
+                reason,
+                steps,
+                counters,
+            } => {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    self.paint("2", &format!("[{reason}; {steps} step(s); {} prompt tokens evaluated, {} reused, {} generated]", counters.prompt_evaluated, counters.prompt_reused, counters.generated))
+                );
+            }
+            Event::Error { message } => {
+                let _ = writeln!(out, "{}", self.paint("31", &format!("error: {message}")));
+            }
+        }
+        let _ = out.flush();
+    }
+}
+
+fn truncate(text: &str, limit: usize) -> String {
+    if text.len() <= limit {
+        return text.to_string();
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes)", &text[..end], text.len() - end)
+}
+
+/// Asks the person at the terminal: yes, no, or always for this session.
+struct TerminalApprover;
+
+impl ApprovalHandler for TerminalApprover {
+    fn approve(&self, request: &ApprovalRequest) -> ApprovalAnswer {
+        let args = truncate(&request.arguments.to_string(), 300);
+        let reason = request.reason.as_deref().unwrap_or("the policy asks");
+        eprint!(
+            "\x07allow {}({args})? {reason} [y]es / [n]o / [a]lways: ",
+            request.tool
+        );
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        if std::io::stdin().read_line(&mut answer).is_err() {
+            return ApprovalAnswer::No;
+        }
+        match answer.trim().to_lowercase().as_str() {
+            "y" | "yes" => ApprovalAnswer::Yes,
+            "a" | "always" => ApprovalAnswer::Always,
+            _ => ApprovalAnswer::No,
+        }
+    }
+}
+
+const HELP: &str = "/help  this text
+/tools  the tools the model can call
+/policy  the policy in force
+/approvals [revoke ID]  session grants from 'always' answers
+/reset  forget the conversation
+/save  where this session is saved
+/sessions  saved sessions
+/resume ID  switch to a saved session
+/exit  leave (Ctrl-D works too)";
+
+/// The interactive REPL.
+pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
+    if !std::io::stdin().is_terminal() {
+        // Piped input: one prompt, like `agent run`.
+        return run(args, None, false, false, dirs);
+    }
+    let approver: Arc<dyn ApprovalHandler> = Arc::new(TerminalApprover);
+    let (runtime, mut session) = build(args, dirs, Some(Arc::clone(&approver)), false)?;
+    let info = runtime.model().info();
+    println!(
+        "Stack Runtime — {} ({:.0}M parameters, {} GPU layers)",
+        info.name,
+        info.parameters as f64 / 1e6,
+        info.gpu_layers
+    );
+    println!(
+        "policy     {}",
+        runtime
+            .policy()
+            .description
+            .clone()
+            .unwrap_or_else(|| args.policy.clone())
+    );
+    println!(
+        "workspace  {}",
+        session.tool_context().workspace.root().display()
+    );
+    match runtime.transcript_dir() {
+        Some(dir) => println!("saving to  {}/{}.jsonl", dir.display(), session.id()),
+        None => println!("saving to  nowhere (the policy keeps no transcripts)"),
+    }
+    println!("type /help for commands");
+    let mut editor = rustyline::DefaultEditor::new()?;
+    let history = stack_runtime::agent::expand_home("~/.local/share/stack-runtime/history");
+    if let Some(parent) = history.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let _ = editor.load_history(&history);
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    loop {
+        let line = match editor.readline("› ") {
+            Ok(line) => line,
+            Err(rustyline::error::ReadlineError::Interrupted) => continue,
+            Err(_) => break,
+        };
+        let line = line.trim().to_string();
+        if line.is_empty() {
+            continue;
+        }
+        let _ = editor.add_history_entry(&line);
+        let _ = editor.save_history(&history);
+        if let Some(command) = line.strip_prefix('/') {
+            let mut words = command.split_whitespace();
+            match (words.next(), words.next(), words.next()) {
+                (Some("exit" | "quit"), _, _) => break,
+                (Some("help"), _, _) => println!("{HELP}"),
+                (Some("tools"), _, _) => {
+                    for tool in runtime.registry().tools() {
+                        println!("{:14} {}", tool.name, tool.description);
+                    }
+                }
+                (Some("policy"), _, _) => {
+                    let chain: Vec<String> = runtime
+                        .policy()
+                        .sources
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect();
+                    println!("{}", chain.join(" <- "));
+                    if let Some(description) = &runtime.policy().description {
+                        println!("{description}");
+                    }
+                }
+                (Some("approvals"), Some("revoke"), Some(id)) => {
+                    let revoked = id
+                        .parse()
+                        .is_ok_and(|id| session.gate().grants().revoke(id));
+                    println!(
+                        "{}",
+                        if revoked {
+                            "revoked"
+                        } else {
+                            "no grant with that id"
+                        }
+                    );
+                }
+                (Some("approvals"), _, _) => {
+                    let grants = session.gate().grants().list();
+                    if grants.is_empty() {
+                        println!("no grants in this session");
+                    }
+                    for grant in grants {
+                        println!("{}  {} ({})", grant.id, grant.tool, grant.rule);
+                    }
+                }
+                (Some("reset"), _, _) => {
+                    session.reset();
+                    println!("conversation cleared");
+                }
+                (Some("save"), _, _) => match runtime.transcript_dir() {
+                    Some(dir) => {
+                        println!("saved as you go: {}/{}.jsonl", dir.display(), session.id())
+                    }
+                    None => println!("the policy keeps no transcripts"),
+                },
+                (Some("sessions"), _, _) => {
+                    for id in runtime
+                        .transcript_dir()
+                        .map(list_sessions)
+                        .unwrap_or_default()
+                        .iter()
+                        .take(20)
+                    {
+                        println!("{id}");
+                    }
+                }
+                (Some("resume"), Some(id), _) => {
+                    let config = SessionConfig {
+                        resume: Some(id.to_string()),
+                        ..SessionConfig::default()
+                    };
+                    match runtime.session(config) {
+                        Ok(resumed) => {
+                            session = resumed;
+                            println!("resumed {id} ({} messages)", session.messages().len());
+                        }
+                        Err(err) => println!("error: {err}"),
+                    }
+                }
+                _ => println!("unknown command; /help lists them"),
+            }
+            continue;
+        }
+        tokio
+            .block_on(async {
+                let cancel = session.cancel_token();
+                let (mut events, turn) = session.send(&line);
+                let printer = async {
+                    let mut printer = Printer::new(false);
+                    while let Some(event) = events.next().await {
+                        printer.show(&event);
+                    }
+                };
+                let interrupt = async {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        cancel.store(true, Ordering::SeqCst);
+                        eprintln!("\n(cancelling)");
+                    }
+                    std::future::pending::<()>().await
+                };
+                let turn_and_print = async { tokio::join!(turn, printer).0 };
+                tokio::pin!(turn_and_print);
+                tokio::select! {
+                    result = &mut turn_and_print => result,
+                    () = interrupt => turn_and_print.await,
+                }
+            })
+            .unwrap_or_else(|err| println!("error: {err}"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `agent sessions`.
+pub fn sessions(policy: &str) -> anyhow::Result<ExitCode> {
+    let dir = transcript_dir(policy)?;
+    for id in list_sessions(&dir) {
+        println!("{id}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `agent export ID --format chatml`.
+pub fn export(id: &str, policy: &str) -> anyhow::Result<ExitCode> {
+    let dir = transcript_dir(policy)?;
+    println!("{}", export_chatml(&dir, id)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn transcript_dir(policy: &str) -> anyhow::Result<PathBuf> {
+    let policy = Policy::load_named(policy).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
+    policy
+        .privacy
+        .transcript_dir
+        .as_deref()
+        .map(stack_runtime::agent::expand_home)
+        .ok_or_else(|| anyhow::anyhow!("the policy names no transcript folder"))
+}

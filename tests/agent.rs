@@ -1,0 +1,235 @@
+//! The agent loop end to end with the real SmolLM2 model, real sandboxes and
+//! real files: a prompt leads to a validated, executed tool call whose result
+//! goes back to the model; transcripts, resume and export.
+
+mod common;
+
+use std::sync::{Arc, OnceLock};
+
+use stack_runtime::agent::{export_chatml, read_transcript, Event, Runtime, SessionConfig};
+use stack_runtime::message::Role;
+use stack_runtime::model::llama::{Model, ModelOptions, SamplingOptions};
+use stack_runtime::model::ToolChoice;
+use stack_runtime::policy::{ApprovalAnswer, ApprovalRequest, Policy};
+
+fn model() -> Arc<Model> {
+    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            Model::load(ModelOptions {
+                threads: Some(2),
+                ..ModelOptions::default()
+            })
+            .expect("model")
+        })
+        .clone()
+}
+
+async fn collect(session: &mut stack_runtime::agent::Session, text: &str) -> Vec<Event> {
+    let (mut stream, turn) = session.send(text);
+    let gather = async {
+        let mut events = Vec::new();
+        while let Some(event) = stream.next().await {
+            events.push(event);
+        }
+        events
+    };
+    let (result, events) = tokio::join!(turn, gather);
+    result.expect("turn");
+    events
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prompt_leads_to_a_validated_executed_call_whose_result_reaches_the_model() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    std::fs::write(workspace.path().join("notes.txt"), "buy milk").expect("write");
+    let transcripts = tempfile::tempdir().expect("tempdir");
+    let asked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let asked_in = Arc::clone(&asked);
+    let approver = move |request: &ApprovalRequest| {
+        asked_in.lock().expect("lock").push(request.tool.clone());
+        ApprovalAnswer::Yes
+    };
+    let runtime = Runtime::builder()
+        .model(model())
+        .policy(Policy::preset("default").expect("policy"))
+        .approval_handler(Arc::new(approver))
+        .workspace(workspace.path())
+        .transcripts(Some(transcripts.path().to_path_buf()))
+        .build()
+        .expect("runtime");
+    let config = SessionConfig {
+        tool_choice: ToolChoice::Named("read_file".into()),
+        sampling: SamplingOptions {
+            temperature: 0.0,
+            max_tokens: 128,
+            ..SamplingOptions::default()
+        },
+        max_steps: 2,
+        ..SessionConfig::default()
+    };
+    let mut session = runtime.session(config).expect("session");
+    let events = collect(
+        &mut session,
+        "Read the file notes.txt and tell me what it says.",
+    )
+    .await;
+
+    let proposed: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ToolCallProposed { call } => Some(call.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !proposed.is_empty(),
+        "the model proposed a call: {events:?}"
+    );
+    assert_eq!(proposed[0].function.name, "read_file");
+    assert!(
+        runtime.registry().validate(&proposed[0]).is_ok(),
+        "the proposed call is valid"
+    );
+    let finished: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ToolFinished { outcome, .. } => Some(outcome.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(finished.len(), proposed.len(), "every proposed call ran");
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Token { .. })),
+        "tokens streamed"
+    );
+    let Some(Event::TurnFinished {
+        steps, counters, ..
+    }) = events.last()
+    else {
+        panic!("the turn finished last: {events:?}")
+    };
+    assert!(*steps >= 1 && counters.generated > 0);
+    // The result went back to the model as a tool message answering the call.
+    let messages = session.messages();
+    let tool_message = messages
+        .iter()
+        .find(|m| m.role == Role::Tool)
+        .expect("a tool message");
+    assert_eq!(
+        tool_message.tool_call_id.as_deref(),
+        Some(proposed[0].id.as_str())
+    );
+    if finished[0].status == stack_runtime::outcome::Status::Ok {
+        assert!(tool_message.text().contains("buy milk"));
+    }
+    // read_file is allowed by the default policy: nobody was asked.
+    assert!(asked.lock().expect("lock").is_empty());
+    // The transcript has every message, in order, and exports as one example.
+    let saved = read_transcript(transcripts.path(), session.id()).expect("transcript");
+    assert_eq!(saved, messages);
+    let exported: serde_json::Value =
+        serde_json::from_str(&export_chatml(transcripts.path(), session.id()).expect("export"))
+            .expect("json");
+    assert_eq!(
+        exported["messages"].as_array().map(Vec::len),
+        Some(messages.len())
+    );
+    assert_eq!(exported["messages"][0]["role"], "system");
+    assert!(exported["messages"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .any(|m| m["tool_calls"][0]["type"] == "function"));
+
+    // Resume: the same messages, and the next turn reuses the KV cache of the
+    // rebuilt prompt after its first evaluation.
+    let resumed_config = SessionConfig {
+        resume: Some(session.id().to_string()),
+        tool_choice: ToolChoice::None,
+        sampling: SamplingOptions {
+            temperature: 0.0,
+            max_tokens: 16,
+            ..SamplingOptions::default()
+        },
+        ..SessionConfig::default()
+    };
+    let mut resumed = runtime.session(resumed_config.clone()).expect("resume");
+    assert_eq!(resumed.messages(), session.messages());
+    collect(&mut resumed, "Thanks.").await;
+    let events = collect(&mut resumed, "One more thing.").await;
+    let Some(Event::TurnFinished { counters, .. }) = events.last() else {
+        panic!("finished")
+    };
+    assert!(
+        counters.prompt_reused > counters.prompt_evaluated,
+        "the resumed session reuses its cache: {counters:?}"
+    );
+    assert!(runtime
+        .session(SessionConfig {
+            resume: Some("no-such-session".into()),
+            ..resumed_config
+        })
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn denials_and_failures_go_back_to_the_model_and_repeats_stop_the_turn() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    // No approver: `ask` means deny. write_file asks under the default policy.
+    let runtime = Runtime::builder()
+        .model(model())
+        .policy(Policy::preset("default").expect("policy"))
+        .workspace(workspace.path())
+        .transcripts(None)
+        .build()
+        .expect("runtime");
+    let config = SessionConfig {
+        tool_choice: ToolChoice::Named("write_file".into()),
+        sampling: SamplingOptions {
+            temperature: 0.0,
+            max_tokens: 96,
+            ..SamplingOptions::default()
+        },
+        max_steps: 1,
+        ..SessionConfig::default()
+    };
+    let mut session = runtime.session(config).expect("session");
+    let events = collect(&mut session, "Write hello to hello.txt").await;
+    let outcome = events
+        .iter()
+        .find_map(|e| match e {
+            Event::ToolFinished { outcome, .. } => Some(outcome.clone()),
+            _ => None,
+        })
+        .expect("a result");
+    assert_eq!(
+        outcome.status,
+        stack_runtime::outcome::Status::Denied,
+        "{outcome:?}"
+    );
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::ApprovalNeeded { .. })));
+    let tool_message = session
+        .messages()
+        .iter()
+        .rev()
+        .find(|m| m.role == Role::Tool)
+        .expect("tool message");
+    assert!(
+        tool_message.text().contains("denied"),
+        "the denial reached the model: {}",
+        tool_message.text()
+    );
+    assert!(
+        std::fs::read_dir(workspace.path())
+            .expect("dir")
+            .next()
+            .is_none(),
+        "nothing was written"
+    );
+    assert!(
+        matches!(events.last(), Some(Event::TurnFinished { reason, .. }) if reason == "step_limit")
+    );
+}

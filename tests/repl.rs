@@ -1,0 +1,116 @@
+//! The `agent` REPL in a real terminal (tmux): start it, send a prompt,
+//! approve a tool call, see the result, `/exit`.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn tmux(args: &[&str]) -> String {
+    let output = Command::new("tmux")
+        .args(args)
+        .output()
+        .expect("tmux (installed by scripts/setup)");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn screen(session: &str) -> String {
+    tmux(&["capture-pane", "-p", "-J", "-S", "-200", "-t", session])
+}
+
+fn wait_for(session: &str, needle: &str, timeout: Duration) -> String {
+    let started = Instant::now();
+    loop {
+        let text = screen(session);
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "`{needle}` did not appear within {timeout:?}; screen:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_repl_runs_a_turn_with_an_approval_and_exits() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let assets = stack_runtime::assets::asset_dir().expect("asset folder");
+    let session = format!("stack-repl-{}", std::process::id());
+    let command = format!(
+        "cd {} && HOME={} STACK_RUNTIME_ASSETS={} NO_COLOR=1 {} --tool-choice write_file --max-steps 1 --temperature 0; echo REPL-EXITED; sleep 30",
+        workspace.path().display(),
+        home.path().display(),
+        assets.display(),
+        env!("CARGO_BIN_EXE_agent"),
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "220",
+        "-y",
+        "50",
+        &command,
+    ]);
+    let cleanup = scopeguard(session.clone());
+    let banner = wait_for(&session, "type /help", Duration::from_secs(60));
+    assert!(
+        banner.contains("Stack Runtime")
+            && banner.contains("workspace")
+            && banner.contains("saving to"),
+        "{banner}"
+    );
+    tmux(&[
+        "send-keys",
+        "-t",
+        &session,
+        "Write the word hello to hello.txt",
+        "Enter",
+    ]);
+    wait_for(&session, "[y]es / [n]o / [a]lways", Duration::from_secs(60));
+    tmux(&["send-keys", "-t", &session, "y", "Enter"]);
+    let after = wait_for(&session, "step(s)", Duration::from_secs(60));
+    // The approved call ran and its result is shown (whether the small
+    // model picked a path inside the workspace is up to the model).
+    assert!(after.contains("⚙ write_file"), "{after}");
+    assert!(
+        after.contains("→ ok write_file") || after.contains("→ failed write_file"),
+        "{after}"
+    );
+    assert!(
+        !after.contains("→ denied"),
+        "the approval was honoured: {after}"
+    );
+    tmux(&["send-keys", "-t", &session, "/approvals", "Enter"]);
+    wait_for(
+        &session,
+        "no grants in this session",
+        Duration::from_secs(10),
+    );
+    tmux(&["send-keys", "-t", &session, "/exit", "Enter"]);
+    wait_for(&session, "REPL-EXITED", Duration::from_secs(10));
+    let saved = std::fs::read_dir(home.path().join(".local/share/stack-runtime/sessions"))
+        .expect("transcripts")
+        .count();
+    assert_eq!(saved, 1, "the session was saved as it went");
+    drop(cleanup);
+}
+
+struct Guard(String);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .output();
+    }
+}
+
+fn scopeguard(session: String) -> Guard {
+    Guard(session)
+}
