@@ -142,8 +142,8 @@ async fn a_prompt_leads_to_a_validated_executed_call_whose_result_reaches_the_mo
         .iter()
         .any(|m| m["tool_calls"][0]["type"] == "function"));
 
-    // Resume: the same messages, and the next turn reuses the KV cache of the
-    // rebuilt prompt after its first evaluation.
+    // Resume: the same messages, and the first turn after resuming reuses
+    // the KV cache saved with the transcript.
     let resumed_config = SessionConfig {
         resume: Some(session.id().to_string()),
         tool_choice: ToolChoice::None,
@@ -154,6 +154,7 @@ async fn a_prompt_leads_to_a_validated_executed_call_whose_result_reaches_the_mo
         },
         ..SessionConfig::default()
     };
+    session.save_state().expect("save the KV cache");
     let mut resumed = runtime.session(resumed_config.clone()).expect("resume");
     assert_eq!(resumed.messages(), session.messages());
     collect(&mut resumed, "Thanks.").await;

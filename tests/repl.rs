@@ -94,10 +94,19 @@ fn the_repl_runs_a_turn_with_an_approval_and_exits() {
     );
     tmux(&["send-keys", "-t", &session, "/exit", "Enter"]);
     wait_for(&session, "REPL-EXITED", Duration::from_secs(10));
-    let saved = std::fs::read_dir(home.path().join(".local/share/stack-runtime/sessions"))
-        .expect("transcripts")
-        .count();
-    assert_eq!(saved, 1, "the session was saved as it went");
+    let saved: Vec<String> =
+        std::fs::read_dir(home.path().join(".local/share/stack-runtime/sessions"))
+            .expect("transcripts")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+    let count = |suffix: &str| saved.iter().filter(|n| n.ends_with(suffix)).count();
+    assert_eq!(
+        count(".jsonl"),
+        1,
+        "the session was saved as it went: {saved:?}"
+    );
+    assert_eq!(count(".kv"), 1, "and its KV cache on exit: {saved:?}");
     drop(cleanup);
 }
 

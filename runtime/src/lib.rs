@@ -2,6 +2,33 @@
 //!
 //! A sandboxed tool-execution runtime for agents driven by local GGUF models.
 //!
+//! Most hosts start at [`agent::Runtime::builder`] (feature `llama`): give it
+//! a model, tool folders or typed Rust tools, a policy and an approval
+//! handler, open a session and `send` user text; each turn streams
+//! [`agent::Event`]s while the model's tool calls are validated, decided,
+//! run in a sandbox and fed back.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use stack_runtime::agent::{Runtime, SessionConfig};
+//! use stack_runtime::model::llama::{Model, ModelOptions};
+//! use stack_runtime::policy::Policy;
+//!
+//! let runtime = Runtime::builder()
+//!     .model(Model::load(ModelOptions::default())?)
+//!     .policy(Policy::preset("default")?)
+//!     .workspace("/tmp/ws")
+//!     .build()?;
+//! let mut session = runtime.session(SessionConfig::default())?;
+//! let (mut events, turn) = session.send("What files are here?");
+//! let print = async { while let Some(event) = events.next().await { println!("{event:?}") } };
+//! let (result, ()) = tokio::join!(turn, print);
+//! result?;
+//! # Ok(()) }
+//! ```
+//!
+//! Underneath, the pieces can be used alone:
+//!
 //! The model proposes tool calls in the OpenAI format ([`message`]). The
 //! [`gate::Gate`] takes each one through the [`tools::Registry`] (JSON Schema
 //! validation, yielding a [`tools::ValidatedCall`]), the session budgets and

@@ -312,6 +312,12 @@ impl Runtime {
             Some(dir) => Some(transcript::Writer::open(dir, &id)?),
             None => None,
         };
+        let state_path = self
+            .transcripts
+            .as_ref()
+            .map(|dir| dir.join(format!("{id}.kv")));
+        let pending_restore =
+            config.resume.is_some() && state_path.as_ref().is_some_and(|p| p.exists());
         let relay = Arc::new(ApprovalRelay {
             inner: self.approver.clone(),
             events: Default::default(),
@@ -331,6 +337,8 @@ impl Runtime {
             worker,
             config,
             transcript,
+            state_path,
+            pending_restore,
             cancel: Arc::new(AtomicBool::new(false)),
         };
         if messages.is_empty() {
@@ -362,7 +370,19 @@ pub struct Session {
     worker: ModelWorker,
     config: SessionConfig,
     transcript: Option<transcript::Writer>,
+    /// Where the KV cache is saved after each turn, and restored from on resume.
+    state_path: Option<PathBuf>,
+    /// A saved KV cache still to be restored before the next turn.
+    pending_restore: bool,
     cancel: Arc<AtomicBool>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Err(err) = self.save_state() {
+            tracing::warn!(%err, "the KV cache was not saved; a resumed session will evaluate its prompt again");
+        }
+    }
 }
 
 /// Forwards approval requests to the host's handler, emitting an event first.
@@ -433,6 +453,15 @@ impl Session {
         self.worker.totals().await
     }
 
+    /// Saves the KV cache next to the transcript, so that a resumed session
+    /// reuses it on its next turn. Also done when the session is dropped.
+    pub fn save_state(&self) -> Result<(), AgentError> {
+        match &self.state_path {
+            Some(path) => Ok(self.worker.save_blocking(path.clone())?),
+            None => Ok(()),
+        }
+    }
+
     /// Forgets the conversation (the system prompt stays).
     pub fn reset(&mut self) {
         self.messages
@@ -447,6 +476,13 @@ impl Session {
         events: &tokio::sync::mpsc::UnboundedSender<Event>,
     ) -> Result<(), AgentError> {
         self.cancel.store(false, Ordering::SeqCst);
+        if std::mem::take(&mut self.pending_restore) {
+            if let Some(path) = self.state_path.clone() {
+                if let Err(err) = self.worker.load(path).await {
+                    tracing::warn!(%err, "the saved KV cache could not be restored; this turn evaluates the whole prompt");
+                }
+            }
+        }
         self.record(Message::user(text))?;
         self.gate.budget().start_turn();
         *self.relay.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(events.clone());

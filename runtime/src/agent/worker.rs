@@ -25,6 +25,14 @@ struct Job {
 enum Request {
     Complete(Box<Job>),
     Clear,
+    Save(
+        std::path::PathBuf,
+        std::sync::mpsc::Sender<Result<(), ModelError>>,
+    ),
+    Load(
+        std::path::PathBuf,
+        tokio::sync::oneshot::Sender<Result<usize, ModelError>>,
+    ),
     Totals(tokio::sync::oneshot::Sender<Counters>),
 }
 
@@ -80,6 +88,12 @@ impl ModelWorker {
                             let _ = job.reply.send(result);
                         }
                         Request::Clear => session.clear_cache(),
+                        Request::Save(path, reply) => {
+                            let _ = reply.send(session.save_state(&path));
+                        }
+                        Request::Load(path, reply) => {
+                            let _ = reply.send(session.load_state(&path));
+                        }
                         Request::Totals(reply) => {
                             let _ = reply.send(session.totals());
                         }
@@ -115,6 +129,28 @@ impl ModelWorker {
         };
         self.requests
             .send(Request::Complete(Box::new(job)))
+            .map_err(|_| ModelError::Backend("the model thread is gone".into()))?;
+        answer
+            .await
+            .map_err(|_| ModelError::Backend("the model thread is gone".into()))?
+    }
+
+    /// Saves the KV cache to `path` and waits (at most 30 s) until it is written.
+    pub(crate) fn save_blocking(&self, path: std::path::PathBuf) -> Result<(), ModelError> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.requests
+            .send(Request::Save(path, reply))
+            .map_err(|_| ModelError::Backend("the model thread is gone".into()))?;
+        answer
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .map_err(|_| ModelError::Backend("saving the KV cache timed out".into()))?
+    }
+
+    /// Restores a saved KV cache; returns the number of cached tokens.
+    pub(crate) async fn load(&self, path: std::path::PathBuf) -> Result<usize, ModelError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.requests
+            .send(Request::Load(path, reply))
             .map_err(|_| ModelError::Backend("the model thread is gone".into()))?;
         answer
             .await

@@ -381,6 +381,32 @@ impl ModelSession {
         self.cached.len()
     }
 
+    /// Saves the KV cache and the tokens it holds to `path`, so a resumed
+    /// session reuses it on its next turn.
+    pub fn save_state(&self, path: &Path) -> Result<(), ModelError> {
+        self.ctx
+            .state_save_file(path, &self.cached)
+            .map_err(|e| ModelError::Backend(format!("saving the session state: {e}")))
+    }
+
+    /// Restores a KV cache saved by [`save_state`](Self::save_state);
+    /// returns how many tokens it holds.
+    pub fn load_state(&mut self, path: &Path) -> Result<usize, ModelError> {
+        let capacity = self.ctx.n_ctx() as usize;
+        match self.ctx.state_load_file(path, capacity) {
+            Ok(tokens) => {
+                self.cached = tokens;
+                Ok(self.cached.len())
+            }
+            Err(err) => {
+                self.clear_cache();
+                Err(ModelError::Backend(format!(
+                    "loading the session state: {err}"
+                )))
+            }
+        }
+    }
+
     /// Forgets the KV cache (the next turn evaluates its whole prompt).
     pub fn clear_cache(&mut self) {
         self.ctx.clear_kv_cache();
