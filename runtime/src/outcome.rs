@@ -88,6 +88,18 @@ impl ToolOutcome {
         }
     }
 
+    /// A process (or guest) ran to its end: its captured output, status `ok`
+    /// and exit code 0 until the caller classifies how it really ended.
+    pub fn from_output(stdout: &[u8], stderr: &[u8], truncated: bool) -> Self {
+        ToolOutcome {
+            exit_code: Some(0),
+            stdout: String::from_utf8_lossy(stdout).into_owned(),
+            stderr: String::from_utf8_lossy(stderr).into_owned(),
+            truncated,
+            ..Self::empty(Status::Ok)
+        }
+    }
+
     /// The tool ran and failed for a reason the model can act on.
     pub fn failed(message: impl Into<String>) -> Self {
         ToolOutcome {

@@ -420,17 +420,8 @@ impl ProcessSandbox {
                 String::from_utf8_lossy(&setup_error).into_owned(),
             ));
         }
-        let mut outcome = ToolOutcome {
-            status: Status::Ok,
-            exit_code: None,
-            stdout: String::from_utf8_lossy(&stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&stderr).into_owned(),
-            truncated: out_cut || err_cut,
-            duration_ms: 0,
-            error: None,
-            signal: None,
-            limit: None,
-        };
+        let mut outcome = ToolOutcome::from_output(&stdout, &stderr, out_cut || err_cut);
+        outcome.exit_code = None;
         classify(&mut outcome, status, timed_out, oom, &spec.limits);
         Ok(outcome)
     }

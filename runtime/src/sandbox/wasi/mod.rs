@@ -372,17 +372,8 @@ impl WasiSandbox {
             .and_then(|start| start.call(&mut store, ()));
         let out = stdout.take();
         let err = stderr.take();
-        let mut outcome = ToolOutcome {
-            status: Status::Ok,
-            exit_code: Some(0),
-            stdout: String::from_utf8_lossy(&out.bytes).into_owned(),
-            stderr: String::from_utf8_lossy(&err.bytes).into_owned(),
-            truncated: out.truncated || err.truncated,
-            duration_ms: 0,
-            error: None,
-            signal: None,
-            limit: None,
-        };
+        let mut outcome =
+            ToolOutcome::from_output(&out.bytes, &err.bytes, out.truncated || err.truncated);
         classify(
             &mut outcome,
             result,

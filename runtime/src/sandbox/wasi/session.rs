@@ -135,17 +135,8 @@ impl PythonSession {
         *live.deadline.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let out = live.stdout.take();
         let err = live.stderr.take();
-        let mut outcome = ToolOutcome {
-            status: Status::Ok,
-            exit_code: Some(0),
-            stdout: String::from_utf8_lossy(&out.bytes).into_owned(),
-            stderr: String::from_utf8_lossy(&err.bytes).into_owned(),
-            truncated: out.truncated || err.truncated,
-            duration_ms: 0,
-            error: None,
-            signal: None,
-            limit: None,
-        };
+        let mut outcome =
+            ToolOutcome::from_output(&out.bytes, &err.bytes, out.truncated || err.truncated);
         if got_marker {
             let code: i32 = out
                 .marker
