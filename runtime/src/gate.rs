@@ -7,12 +7,26 @@
 use std::sync::Arc;
 
 use serde_json::Value;
+use tracing::Instrument;
 
 use crate::dispatch::{self, ToolContext};
 use crate::message::ToolCall;
 use crate::outcome::ToolOutcome;
-use crate::policy::{ApprovalHandler, AuditLog, AuditRecord, BudgetTracker, Grants, Policy};
+use crate::policy::{
+    ApprovalHandler, AuditLog, AuditRecord, AuthorizedCall, BudgetTracker, Grants, Policy,
+};
 use crate::tools::Registry;
+
+/// What [`Gate::admit`] decided before anything ran.
+#[derive(Debug)]
+pub enum Admission {
+    /// Validated and authorized: run it with [`dispatch::execute`], then
+    /// pass the outcome to [`Gate::finish`].
+    Run(Box<AuthorizedCall>),
+    /// Refused (invalid, over budget, denied or not approved); the outcome
+    /// is final and already audited.
+    Refused(ToolOutcome),
+}
 
 /// Everything a session needs to turn tool calls into outcomes.
 pub struct Gate {
@@ -80,13 +94,29 @@ impl Gate {
     /// Runs one tool call through every check. Never panics on what the
     /// call contains; every refusal is an outcome the model can read.
     pub async fn call(&mut self, call: &ToolCall, ctx: &ToolContext) -> ToolOutcome {
+        match self.admit(call) {
+            Admission::Refused(outcome) => outcome,
+            Admission::Run(authorized) => {
+                let outcome = dispatch::execute(&authorized, ctx)
+                    .instrument(self.span(call))
+                    .await;
+                self.finish(call, outcome)
+            }
+        }
+    }
+
+    /// Everything before execution, in order: validation, budgets, the
+    /// policy and its approval; records the decision (and, for a refusal,
+    /// the result) in the audit log. Approval prompts happen here, one call
+    /// at a time; the calls it lets through may then run concurrently.
+    pub fn admit(&mut self, call: &ToolCall) -> Admission {
         let tool = call.function.name.clone();
         let validated = match self.registry.validate(call) {
             Ok(validated) => validated,
             Err(err) => {
                 let outcome = ToolOutcome::invalid(err.to_string());
                 self.record_result(&call.id, &tool, &outcome);
-                return outcome;
+                return Admission::Refused(outcome);
             }
         };
         if let Err(exceeded) = self.budget.admit_call() {
@@ -101,49 +131,50 @@ impl Gate {
                 Some(exceeded.to_string()),
             );
             self.record_result(&call.id, &tool, &outcome);
-            return outcome;
+            return Admission::Refused(outcome);
         }
         let arguments = validated.arguments().clone();
-        let authorized =
-            match self
-                .policy
-                .authorize(validated, self.approver.as_deref(), &self.grants)
-            {
-                Ok(authorized) => authorized,
-                Err(refusal) => {
-                    let approval = refusal.approval.map(|a| format!("{a:?}").to_lowercase());
-                    self.record_decision(
-                        &call.id,
-                        &tool,
-                        &arguments,
-                        &refusal.decision.rule,
-                        refusal.decision.verdict.as_str(),
-                        approval,
-                        refusal.decision.reason.clone(),
-                    );
-                    let outcome = ToolOutcome::denied(refusal.to_string());
-                    self.record_result(&call.id, &tool, &outcome);
-                    return outcome;
-                }
-            };
-        let decision = authorized.decision().clone();
-        let approval = authorized
-            .approval()
-            .map(|a| format!("{a:?}").to_lowercase());
-        self.record_decision(
-            &call.id,
-            &tool,
-            &arguments,
-            &decision.rule,
-            decision.verdict.as_str(),
-            approval,
-            decision.reason.clone(),
-        );
-        let mut outcome = {
-            let _span = tracing::info_span!("tool_call", session = %self.session, call_id = %call.id, tool = %tool).entered();
-            dispatch::execute(&authorized, ctx)
+        match self
+            .policy
+            .authorize(validated, self.approver.as_deref(), &self.grants)
+        {
+            Ok(authorized) => {
+                let decision = authorized.decision().clone();
+                let approval = authorized
+                    .approval()
+                    .map(|a| format!("{a:?}").to_lowercase());
+                self.record_decision(
+                    &call.id,
+                    &tool,
+                    &arguments,
+                    &decision.rule,
+                    decision.verdict.as_str(),
+                    approval,
+                    decision.reason.clone(),
+                );
+                Admission::Run(Box::new(authorized))
+            }
+            Err(refusal) => {
+                let approval = refusal.approval.map(|a| format!("{a:?}").to_lowercase());
+                self.record_decision(
+                    &call.id,
+                    &tool,
+                    &arguments,
+                    &refusal.decision.rule,
+                    refusal.decision.verdict.as_str(),
+                    approval,
+                    refusal.decision.reason.clone(),
+                );
+                let outcome = ToolOutcome::denied(refusal.to_string());
+                self.record_result(&call.id, &tool, &outcome);
+                Admission::Refused(outcome)
+            }
         }
-        .await;
+    }
+
+    /// Everything after execution: redaction, budget accounting, the audit
+    /// record of the result. Returns the outcome as the model may see it.
+    pub fn finish(&mut self, call: &ToolCall, mut outcome: ToolOutcome) -> ToolOutcome {
         self.policy.redactor().redact_outcome(&mut outcome);
         if outcome.exit_code.is_some() || outcome.signal.is_some() || outcome.limit.is_some() {
             // CPU time of sandboxed processes is charged at its upper bound,
@@ -151,8 +182,13 @@ impl Gate {
             self.budget
                 .charge_sandbox(outcome.duration_ms, outcome.duration_ms);
         }
-        self.record_result(&call.id, &tool, &outcome);
+        self.record_result(&call.id, &call.function.name, &outcome);
         outcome
+    }
+
+    /// The `tracing` span a call's execution runs in.
+    pub fn span(&self, call: &ToolCall) -> tracing::Span {
+        tracing::info_span!("tool_call", session = %self.session, call_id = %call.id, tool = %call.function.name)
     }
 
     /// The text of an outcome as the model will see it: redacted already,

@@ -22,8 +22,9 @@ use serde::Serialize;
 
 pub use transcript::{export_chatml, list_sessions, read_transcript, TranscriptError};
 
+use crate::dispatch;
 use crate::dispatch::ToolContext;
-use crate::gate::Gate;
+use crate::gate::{Admission, Gate};
 use crate::message::{Message, ToolCall};
 use crate::model::llama::{Counters, Model, ModelError, SamplingOptions};
 use crate::model::ToolChoice;
@@ -31,6 +32,7 @@ use crate::outcome::{Status, ToolOutcome};
 use crate::policy::{ApprovalAnswer, ApprovalHandler, ApprovalRequest, Policy, PolicyError};
 use crate::tools::{LoadDiagnostic, RegisterError, Registry};
 use crate::workspace::{Workspace, WorkspaceError};
+use tracing::Instrument;
 use worker::ModelWorker;
 
 /// Why the runtime or a session could not be set up.
@@ -578,45 +580,95 @@ impl Session {
                 finish("answered", steps, counters);
                 return Ok(());
             }
-            for call in &calls {
+            // Decide every call first, in order (approval prompts come one
+            // at a time), then run the admitted ones concurrently.
+            let mut outcomes: Vec<Option<ToolOutcome>> = vec![None; calls.len()];
+            let mut running = tokio::task::JoinSet::new();
+            for (index, call) in calls.iter().enumerate() {
                 let _ = events.send(Event::ToolCallProposed { call: call.clone() });
-                let _ = events.send(Event::ToolStarted {
-                    id: call.id.clone(),
-                    name: call.function.name.clone(),
+                match self.gate.admit(call) {
+                    Admission::Refused(outcome) => {
+                        let _ = events.send(Event::ToolFinished {
+                            id: call.id.clone(),
+                            name: call.function.name.clone(),
+                            outcome: outcome.clone(),
+                        });
+                        outcomes[index] = Some(outcome);
+                    }
+                    Admission::Run(authorized) => {
+                        let _ = events.send(Event::ToolStarted {
+                            id: call.id.clone(),
+                            name: call.function.name.clone(),
+                        });
+                        let ctx = self.ctx.clone();
+                        let span = self.gate.span(call);
+                        running.spawn(async move {
+                            (
+                                index,
+                                dispatch::execute(&authorized, &ctx).instrument(span).await,
+                            )
+                        });
+                    }
+                }
+            }
+            while !running.is_empty() {
+                tokio::select! {
+                    joined = running.join_next() => {
+                        let Some(Ok((index, outcome))) = joined else { continue };
+                        if let Some(call) = calls.get(index) {
+                            let outcome = self.gate.finish(call, outcome);
+                            let _ = events.send(Event::ToolFinished { id: call.id.clone(), name: call.function.name.clone(), outcome: outcome.clone() });
+                            outcomes[index] = Some(outcome);
+                        }
+                    }
+                    () = tokio::time::sleep(std::time::Duration::from_millis(50)) => {
+                        if self.cancel.load(Ordering::SeqCst) {
+                            // Dropping the tasks kills their sandboxed processes.
+                            running.abort_all();
+                        }
+                    }
+                }
+            }
+            let mut over_budget = false;
+            for (call, outcome) in calls.iter().zip(outcomes) {
+                let outcome = outcome.unwrap_or_else(|| {
+                    self.gate.finish(
+                        call,
+                        ToolOutcome::internal_error("the call was cancelled before it finished"),
+                    )
                 });
-                let outcome = self.gate.call(call, &self.ctx).await;
                 let text = self.gate.text_for_model(&outcome);
-                let _ = events.send(Event::ToolFinished {
-                    id: call.id.clone(),
-                    name: call.function.name.clone(),
-                    outcome: outcome.clone(),
-                });
                 self.record(Message::tool_result(call.id.clone(), text))?;
                 if outcome.status != Status::Ok {
                     failures.push((call.function.name.clone(), call.function.arguments.clone()));
-                    let key = failures.last().cloned().unwrap_or_default();
-                    let repeats = failures.iter().filter(|f| **f == key).count() as u32;
-                    if repeats >= self.config.max_repeated_failures {
-                        let _ = events.send(Event::Error {
-                            message: format!("`{}` failed {repeats} times with the same arguments; stopping this turn", key.0),
-                        });
-                        finish("repeated_failures", steps, counters);
-                        return Ok(());
-                    }
-                    if outcome.status == Status::Denied
+                    over_budget |= outcome.status == Status::Denied
                         && outcome
                             .error
                             .as_deref()
-                            .is_some_and(|e| e.contains("budget"))
-                    {
-                        finish("budget", steps, counters);
-                        return Ok(());
-                    }
+                            .is_some_and(|e| e.contains("budget"));
                 }
-                if self.cancel.load(Ordering::SeqCst) {
-                    finish("cancelled", steps, counters);
+            }
+            let repeated = failures
+                .iter()
+                .map(|key| (key, failures.iter().filter(|f| *f == key).count() as u32))
+                .find(|(_, repeats)| *repeats >= self.config.max_repeated_failures)
+                .map(|(key, repeats)| (key.clone(), repeats));
+            if let Some((key, repeats)) = repeated {
+                {
+                    let _ = events.send(Event::Error {
+                        message: format!("`{}` failed {repeats} times with the same arguments; stopping this turn", key.0),
+                    });
+                    finish("repeated_failures", steps, counters);
                     return Ok(());
                 }
+            }
+            if over_budget {
+                finish("budget", steps, counters);
+                return Ok(());
+            }
+            if self.cancel.load(Ordering::SeqCst) {
+                finish("cancelled", steps, counters);
+                return Ok(());
             }
         }
         let _ = events.send(Event::Error {

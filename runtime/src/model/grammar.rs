@@ -77,8 +77,8 @@ fn shape_for_grammar(schema: &mut Value) {
     }
 }
 
-/// Wraps the converted call grammar (whose start rule is `root`) in the
-/// `<tool_call>` block.
+/// Wraps the converted call grammar (whose start rule is `root`) in
+/// `<tool_call>` blocks: one or more calls, one block each.
 pub fn wrap_in_tool_call(converted: &str) -> String {
     let renamed: Vec<String> = converted
         .lines()
@@ -88,7 +88,7 @@ pub fn wrap_in_tool_call(converted: &str) -> String {
         })
         .collect();
     format!(
-        "root ::= \"{TOOL_CALL_OPEN}\\n\" tool-call-json \"\\n</tool_call>\"\n{}\n",
+        "root ::= tool-call (\"\\n\" tool-call)*\ntool-call ::= \"{TOOL_CALL_OPEN}\\n\" tool-call-json \"\\n</tool_call>\"\n{}\n",
         renamed.join("\n")
     )
 }
@@ -114,7 +114,7 @@ mod tests {
             .get("$schema")
             .is_none());
         let wrapped = wrap_in_tool_call("root ::= object\nobject ::= \"{\" \"}\"");
-        assert!(wrapped.starts_with("root ::= \"<tool_call>\\n\" tool-call-json"));
+        assert!(wrapped.starts_with("root ::= tool-call (\"\\n\" tool-call)*\ntool-call ::= \"<tool_call>\\n\" tool-call-json"));
         assert!(wrapped.contains("tool-call-json ::= object"));
     }
 }
