@@ -6,7 +6,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use stack_runtime::outcome::Status;
 use stack_runtime::sandbox::wasi::{
@@ -14,18 +14,14 @@ use stack_runtime::sandbox::wasi::{
 };
 use stack_runtime::tools::ScriptRuntime;
 
-/// One sandbox for the whole file: compiling python.wasm takes seconds.
+/// The process-wide sandbox: compiling python.wasm takes seconds, so every
+/// test shares one engine and its compiled interpreters.
 fn sandbox() -> WasiSandbox {
-    static SANDBOX: OnceLock<WasiSandbox> = OnceLock::new();
-    SANDBOX
-        .get_or_init(|| {
-            let sandbox = WasiSandbox::with_defaults().expect("engine");
-            sandbox
-                .warm_up()
-                .expect("run scripts/setup first: the interpreters are missing");
-            sandbox
-        })
-        .clone()
+    let sandbox = WasiSandbox::shared().expect("engine");
+    sandbox
+        .warm_up()
+        .expect("run scripts/setup first: the interpreters are missing");
+    sandbox
 }
 
 fn quick() -> WasiPolicy {

@@ -65,7 +65,7 @@ impl ToolContext {
             sandbox: None,
             process: ProcessSandbox::locate().ok().map(Arc::new),
             #[cfg(feature = "wasi")]
-            wasi: crate::sandbox::wasi::WasiSandbox::with_defaults()
+            wasi: crate::sandbox::wasi::WasiSandbox::shared()
                 .map_err(|err| tracing::warn!(%err, "the WASI sandbox is unavailable"))
                 .ok(),
             #[cfg(feature = "wasi")]

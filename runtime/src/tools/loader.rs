@@ -30,6 +30,7 @@ use serde_json::Value;
 
 use super::builtin::Builtin;
 use super::spec::{CommandExecutor, Executor, ScriptRuntime, ToolOrigin, ToolSpec, WasiExecutor};
+use super::strict_json::strip_position;
 
 /// A problem with one schema file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -322,13 +323,6 @@ fn existing_file(folder: &Path, relative: &str, what: &str) -> Result<PathBuf, S
             "{what} `{relative}` not found (looked for {})",
             path.display()
         ))
-    }
-}
-
-fn strip_position(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(index) => message[..index].to_string(),
-        None => message.to_string(),
     }
 }
 

@@ -15,7 +15,7 @@ use super::builtin::Builtin;
 use super::host::{typed_handler, ToolContext};
 use super::loader::{self, LoadDiagnostic};
 use super::spec::{Executor, ToolOrigin, ToolSpec};
-use super::strict_json;
+use super::strict_json::{self, strip_position};
 use super::validate::{closest_name, violation_from, ValidationError};
 use crate::message::ToolCall;
 
@@ -309,14 +309,6 @@ impl Registry {
             tool: Arc::clone(tool),
             arguments,
         })
-    }
-}
-
-/// serde_json appends " at line L column C"; the error carries those apart.
-fn strip_position(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(index) => message[..index].to_string(),
-        None => message.to_string(),
     }
 }
 

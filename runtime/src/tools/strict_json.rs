@@ -85,6 +85,15 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
 }
 
+/// A serde_json error message without its " at line L column C" suffix
+/// (callers report the position separately).
+pub(crate) fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(index) => message[..index].to_string(),
+        None => message.to_string(),
+    }
+}
+
 /// Parses `text` as one JSON value, refusing duplicate keys.
 pub(crate) fn parse(text: &str) -> Result<Value, serde_json::Error> {
     serde_json::from_str::<StrictValue>(text).map(|StrictValue(v)| v)

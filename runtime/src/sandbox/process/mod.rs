@@ -240,9 +240,7 @@ impl ProcessSandbox {
         let started = std::time::Instant::now();
         let mut outcome = match self.run_inner(request, workspace, policy).await {
             Ok(outcome) => outcome,
-            Err(SandboxError::ProgramNotFound(p)) => {
-                ToolOutcome::failed(SandboxError::ProgramNotFound(p).to_string())
-            }
+            Err(err @ SandboxError::ProgramNotFound(_)) => ToolOutcome::failed(err.to_string()),
             Err(err) => ToolOutcome::internal_error(err.to_string()),
         };
         outcome.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -162,6 +162,16 @@ impl WasiSandbox {
         )?))
     }
 
+    /// The process-wide default sandbox: one engine, one set of compiled
+    /// interpreters, shared by every session (cheap clones of one value).
+    pub fn shared() -> Result<Self, String> {
+        static SHARED: std::sync::OnceLock<Result<WasiSandbox, String>> =
+            std::sync::OnceLock::new();
+        SHARED
+            .get_or_init(|| Self::with_defaults().map_err(|e| e.to_string()))
+            .clone()
+    }
+
     /// The engine.
     pub fn engine(&self) -> &Arc<WasiEngine> {
         &self.engine
