@@ -1,6 +1,12 @@
 //! Process sandbox start-up cost, as ratios over the same bare spawn measured
 //! in the same run (and over bubblewrap with comparable isolation, where
-//! `bwrap` is installed).
+//! `bwrap` is installed). All three run the command with the environment the
+//! sandbox gives (`sandbox_environment`), so the ratios measure isolation,
+//! not a different locale.
+//!
+//! The sandboxed figure is a session's steady state: the workspace's zygote
+//! is already running (see `sandbox::process`). What the first call of a
+//! workspace pays to start it is printed separately.
 //!
 //! ```sh
 //! cargo bench --bench process_sandbox            # BENCH_ITERS=50 for more samples
@@ -11,37 +17,43 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use stack_runtime::outcome::Status;
-use stack_runtime::sandbox::process::{NetworkMode, ProcessPolicy, ProcessSandbox};
+use stack_runtime::sandbox::process::{
+    sandbox_environment, NetworkMode, ProcessPolicy, ProcessSandbox,
+};
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
 }
 
-fn time_n(iterations: usize, mut run: impl FnMut()) -> Duration {
-    for _ in 0..3 {
-        run();
+/// Times each runner `iterations` times, interleaved (one round runs each
+/// once) so that drift on a busy machine hits every runner alike; returns
+/// each runner's median. Three warm-up rounds are not counted.
+fn time_interleaved(iterations: usize, runners: &mut [&mut dyn FnMut()]) -> Vec<Duration> {
+    let mut samples = vec![Vec::with_capacity(iterations); runners.len()];
+    for round in 0..iterations + 3 {
+        for (runner, samples) in runners.iter_mut().zip(&mut samples) {
+            let started = Instant::now();
+            runner();
+            if round >= 3 {
+                samples.push(started.elapsed());
+            }
+        }
     }
-    median(
-        (0..iterations)
-            .map(|_| {
-                let started = Instant::now();
-                run();
-                started.elapsed()
-            })
-            .collect(),
-    )
+    samples.into_iter().map(median).collect()
 }
 
-fn bare(argv: &[&str]) {
+fn bare(argv: &[&str], env: &[(String, String)]) {
     let output = Command::new(argv[0])
         .args(&argv[1..])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .expect("bare spawn");
     assert!(output.status.success());
 }
 
-fn bwrap(argv: &[&str], workspace: &Path) {
+fn bwrap(argv: &[&str], workspace: &Path, env: &[(String, String)]) {
     let ws = workspace.to_str().expect("utf8");
     let mut command = Command::new("bwrap");
     command.args([
@@ -75,11 +87,11 @@ fn bwrap(argv: &[&str], workspace: &Path) {
         "--chdir",
         ws,
         "--clearenv",
-        "--setenv",
-        "PATH",
-        "/usr/bin:/bin",
-        "--",
     ]);
+    for (key, value) in env {
+        command.args(["--setenv", key, value]);
+    }
+    command.arg("--");
     let output = command.args(argv).output().expect("bwrap");
     assert!(
         output.status.success(),
@@ -103,6 +115,8 @@ fn main() {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
+    let home = tempfile::tempdir().expect("tempdir");
+    let env = sandbox_environment(home.path());
     let default_policy = ProcessPolicy::default();
     let full_network = ProcessPolicy {
         network: NetworkMode::Full,
@@ -119,16 +133,22 @@ fn main() {
         &["/bin/bash", "-c", "true"][..],
     ] {
         let owned: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
-        let bare_time = time_n(iterations, || bare(argv));
         let sandboxed = |policy: &ProcessPolicy| {
-            time_n(iterations, || {
-                let outcome = runtime.block_on(sandbox.run(&owned, None, workspace.path(), policy));
-                assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
-            })
+            let outcome = runtime.block_on(sandbox.run(&owned, None, workspace.path(), policy));
+            assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
         };
-        let sandbox_time = sandboxed(&default_policy);
-        let sandbox_net_time = sandboxed(&full_network);
-        let bwrap_time = has_bwrap.then(|| time_n(iterations, || bwrap(argv, workspace.path())));
+        let mut run_bare = || bare(argv, &env);
+        let mut run_sandboxed = || sandboxed(&default_policy);
+        let mut run_sandboxed_net = || sandboxed(&full_network);
+        let mut run_bwrap = || bwrap(argv, workspace.path(), &env);
+        let mut runners: Vec<&mut dyn FnMut()> =
+            vec![&mut run_bare, &mut run_sandboxed, &mut run_sandboxed_net];
+        if has_bwrap {
+            runners.push(&mut run_bwrap);
+        }
+        let medians = time_interleaved(iterations, &mut runners);
+        let (bare_time, sandbox_time, sandbox_net_time) = (medians[0], medians[1], medians[2]);
+        let bwrap_time = medians.get(3).copied();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         println!(
             "{:<24} {:>10.2} {:>10.2} {:>7.2}x {:>16.2} {:>10} {:>8}",
@@ -144,5 +164,22 @@ fn main() {
             )),
         );
     }
+    // A workspace's first call also starts its zygote (user and network
+    // namespaces, cgroup); a fresh sandbox has none yet.
+    let cold = (0..iterations.clamp(3, 10))
+        .map(|_| {
+            let fresh = ProcessSandbox::with_helper(env!("CARGO_BIN_EXE_stack-sandbox-exec"));
+            let argv = ["/bin/bash".to_string(), "-c".into(), "true".into()];
+            let started = Instant::now();
+            let outcome =
+                runtime.block_on(fresh.run(&argv, None, workspace.path(), &default_policy));
+            assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+            started.elapsed()
+        })
+        .collect();
+    println!(
+        "first call of a workspace (starts its zygote), bash -c true: {:.2} ms",
+        median(cold).as_secs_f64() * 1000.0
+    );
     println!("(sandbox = default policy, network none; sandbox+net = the same without a network namespace)");
 }

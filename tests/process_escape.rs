@@ -93,18 +93,35 @@ impl Fixture {
             "{after}: health check failed: {outcome:?}"
         );
         assert_eq!(outcome.stdout, "42\n", "{after}");
+        // A finished call's init may still be on its way out (the kernel is
+        // killing what is left of its namespace); give it a moment.
+        let mut left = processes_of(65534);
+        for _ in 0..100 {
+            if left.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            left = processes_of(65534);
+        }
         assert_eq!(
-            processes_of(65534),
+            left,
             Vec::<String>::new(),
             "{after}: sandboxed processes outlived their call"
         );
     }
 }
 
-/// Processes owned by `uid`, as "pid name state" lines.
+/// Live processes owned by `uid`, as "pid name state" lines, leaving out the
+/// sandbox's own zygote and its waiting spares (processes running the helper
+/// binary: a process cannot change what `/proc/<pid>/exe` names without an
+/// exec, so sandboxed code cannot pass for one).
 fn processes_of(uid: u32) -> Vec<String> {
+    let helper = std::fs::canonicalize(env!("CARGO_BIN_EXE_stack-sandbox-exec")).expect("helper");
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if std::fs::read_link(entry.path().join("exe")).is_ok_and(|exe| exe == helper) {
+            continue;
+        }
         let status = entry.path().join("status");
         let Ok(text) = std::fs::read_to_string(status) else {
             continue;
@@ -120,6 +137,11 @@ fn processes_of(uid: u32) -> Vec<String> {
             .next()
             .and_then(|u| u.parse::<u32>().ok());
         if owner == Some(uid) {
+            // A zombie has exited and runs nothing; zygotes of earlier test
+            // binaries may linger as zombies until the machine's init reaps them.
+            if field("State:").starts_with('Z') {
+                continue;
+            }
             found.push(format!(
                 "{} {} {}",
                 entry.file_name().to_string_lossy(),
@@ -608,4 +630,95 @@ fn unreadable_helper_paths_fail_closed() {
             .contains("landlock ABI 99"),
         "names what is missing"
     );
+}
+
+/// Calls of one workspace share a zygote, but not their SysV IPC: each call
+/// has its own IPC namespace.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_of_one_zygote_share_no_sysv_ipc() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let create = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nprint('created', libc.shmget(0x5717, 4096, 0o1666))";
+    let created = fx.run(Language::Python, create, &tight_policy()).await;
+    assert_eq!(created.status, Status::Ok, "{created:?}");
+    assert!(!created.stdout.contains("created -1"), "{created:?}");
+    let find = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nfound = libc.shmget(0x5717, 4096, 0o666)\nprint('LEAK' if found >= 0 else 'blocked', found)";
+    let found = fx.run(Language::Python, find, &tight_policy()).await;
+    assert_no_leak("SysV shared memory of an earlier call", &found);
+    assert!(found.stdout.contains("blocked"), "{found:?}");
+    let bash = fx
+        .run(
+            Language::Bash,
+            "ipcs -m 2>&1 | grep -q 0x00005717 && echo LEAK || echo blocked",
+            &tight_policy(),
+        )
+        .await;
+    assert_no_leak("SysV shared memory seen from bash", &bash);
+    assert_eq!(fx.sandbox.zygote_count(), 1, "one zygote served all calls");
+    fx.assert_healthy("SysV IPC").await;
+}
+
+/// A call cannot see or signal another call running at the same time in
+/// the same zygote: each has its own PID namespace and landlock domain.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_calls_cannot_kill_each_other() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let policy = tight_policy();
+    let victim = fx.run(Language::Bash, "sleep 1.5; echo survived", &policy);
+    let attacker = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        fx.run(
+            Language::Bash,
+            "kill -9 -1 2>&1; kill -9 1 2>&1; echo attacked",
+            &policy,
+        )
+        .await
+    };
+    let python_attacker = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        fx.run(
+            Language::Python,
+            "import os, signal\nfor pid in range(1, 200):\n    if pid != os.getpid():\n        try:\n            os.kill(pid, signal.SIGKILL)\n        except Exception:\n            pass\nprint('attacked')",
+            &policy,
+        )
+        .await
+    };
+    let (victim, attacker, python_attacker) = tokio::join!(victim, attacker, python_attacker);
+    assert_eq!(victim.status, Status::Ok, "{victim:?}");
+    assert_eq!(victim.stdout, "survived\n", "{victim:?}");
+    assert!(attacker.stdout.contains("attacked"), "{attacker:?}");
+    assert!(
+        python_attacker.stdout.contains("attacked") || python_attacker.status == Status::Killed,
+        "{python_attacker:?}"
+    );
+    fx.assert_healthy("killing a concurrent call").await;
+}
+
+/// A zygote killed from outside takes its calls with it, and the next call
+/// starts a new one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_zygote_is_replaced() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    fx.assert_healthy("first call").await;
+    let helper = std::fs::canonicalize(env!("CARGO_BIN_EXE_stack-sandbox-exec")).expect("helper");
+    let ours = std::process::id().to_string();
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let is_helper = std::fs::read_link(entry.path().join("exe")).is_ok_and(|exe| exe == helper);
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        let child_of_ours = status
+            .lines()
+            .any(|l| l.starts_with("PPid:") && l[5..].trim() == ours);
+        if is_helper && child_of_ours {
+            let pid: i32 = entry.file_name().to_string_lossy().parse().expect("pid");
+            // SAFETY: SIGKILL to our own child process.
+            unsafe { nix::libc::kill(pid, nix::libc::SIGKILL) };
+            killed += 1;
+        }
+    }
+    assert!(killed >= 1, "found the zygote");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    fx.assert_healthy("after the zygote was killed").await;
 }

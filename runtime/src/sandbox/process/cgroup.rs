@@ -1,12 +1,15 @@
-//! Per-call cgroups for memory and process-count limits, where a writable
-//! hierarchy exists (v1 `memory` and `pids` controllers, or v2).
+//! cgroups for memory and process-count limits, where a writable hierarchy
+//! exists (v1 `memory` and `pids` controllers, or v2). Each zygote gets one,
+//! joined once; every call it forks is born inside it, so the limits bound
+//! the calls of one workspace and policy together (moving a process between
+//! v1 cgroups costs milliseconds, more than a whole `bash -c true`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
-/// Where per-call cgroups are created.
+/// Where sandbox cgroups are created.
 #[derive(Debug, Clone, Serialize)]
 pub enum CgroupLayout {
     /// cgroup v1: separate `memory` and `pids` hierarchies.
@@ -24,7 +27,7 @@ pub enum CgroupLayout {
 }
 
 impl CgroupLayout {
-    /// Finds a writable place for per-call cgroups, from `/proc/self/cgroup`.
+    /// Finds a writable place for sandbox cgroups, from `/proc/self/cgroup`.
     pub fn detect() -> Option<CgroupLayout> {
         let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
         let mut memory = None;
@@ -71,20 +74,20 @@ fn writable(dir: &Path) -> bool {
     dir.is_dir() && nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok()
 }
 
-/// The cgroup(s) of one sandboxed call. Killed and removed on drop.
+/// The cgroup(s) of one zygote and its calls. Killed and removed on drop.
 #[derive(Debug)]
-pub(crate) struct CallCgroup {
+pub(crate) struct SandboxCgroup {
     dirs: Vec<PathBuf>,
     memory_events: PathBuf,
 }
 
-impl CallCgroup {
-    /// Creates the call's cgroup with memory and pids limits.
+impl SandboxCgroup {
+    /// Creates a cgroup with memory and pids limits.
     pub(crate) fn create(
         layout: &CgroupLayout,
         memory_bytes: u64,
         processes: u64,
-    ) -> std::io::Result<CallCgroup> {
+    ) -> std::io::Result<SandboxCgroup> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let name = format!(
             "stack-runtime-{}-{}",
@@ -94,7 +97,7 @@ impl CallCgroup {
         match layout {
             CgroupLayout::V1 { memory, pids } => {
                 let (memory, pids) = (memory.join(&name), pids.join(&name));
-                let group = CallCgroup {
+                let group = SandboxCgroup {
                     dirs: vec![memory.clone(), pids.clone()],
                     memory_events: memory.join("memory.oom_control"),
                 };
@@ -114,7 +117,7 @@ impl CallCgroup {
             }
             CgroupLayout::V2 { parent } => {
                 let dir = parent.join(&name);
-                let group = CallCgroup {
+                let group = SandboxCgroup {
                     dirs: vec![dir.clone()],
                     memory_events: dir.join("memory.events"),
                 };
@@ -127,18 +130,19 @@ impl CallCgroup {
         }
     }
 
-    /// The `cgroup.procs` files the helper writes itself into.
+    /// The `cgroup.procs` files the zygote writes itself into.
     pub(crate) fn procs_files(&self) -> Vec<PathBuf> {
         self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
     }
 
-    /// Whether the memory controller killed a process of this call.
-    pub(crate) fn oom_killed(&self) -> bool {
+    /// How many processes the memory controller has killed here so far.
+    pub(crate) fn oom_kills(&self) -> u64 {
         let text = std::fs::read_to_string(&self.memory_events).unwrap_or_default();
         // v1 `memory.oom_control` and v2 `memory.events` both count "oom_kill N".
         text.lines()
             .filter_map(|l| l.strip_prefix("oom_kill "))
-            .any(|n| n.trim().parse::<u64>().is_ok_and(|n| n > 0))
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .sum()
     }
 
     /// Sends SIGKILL to every process still in the cgroup.
@@ -155,7 +159,7 @@ impl CallCgroup {
     }
 }
 
-impl Drop for CallCgroup {
+impl Drop for SandboxCgroup {
     fn drop(&mut self) {
         for _ in 0..50 {
             self.kill_all();

@@ -1,76 +1,85 @@
-//! The sandbox helper: runs in the fresh `stack-sandbox-exec` process,
-//! restricts itself, then executes the target.
+//! The sandbox helper, `stack-sandbox-exec`: started once per workspace and
+//! policy as a *zygote* that confines itself, then forks a fresh, already
+//! isolated process for every call (see [`super::zygote`]).
 //!
 //! Order matters, and each step fails closed (the helper reports the failure
-//! on [`STATUS_FD`] and exits 125 without running the target):
+//! on the control socket and exits 125 without running anything):
 //!
+//! Once, in the zygote:
 //! 1. `setsid`: a new session and process group.
-//! 2. Join the call's cgroups while still privileged.
+//! 2. Join the zygote's cgroups while still privileged; every call forked
+//!    from here on is born inside them.
 //! 3. If root: drop to the unprivileged uid/gid from the spec (all
 //!    capabilities go with it) and check that no id is 0 any more.
-//! 4. `unshare` user, PID, IPC, UTS and (unless the network is `full`)
-//!    network namespaces; map only our own uid/gid; bring `lo` up for
-//!    `loopback`.
-//! 5. `fork` twice: a minimal init becomes PID 1 of the new PID namespace
-//!    and the target PID 2. When the target exits the init exits too, and
-//!    the kernel kills every process left in the namespace; the init also
-//!    dies with the outer process (`PR_SET_PDEATHSIG`). The outer process
-//!    only waits and exits exactly as the target did.
-//! 6. rlimits; `chdir` to the workspace.
-//! 7. landlock (filesystem, TCP, signal and abstract-socket scopes), which
-//!    also sets `no_new_privs`; the capability bounding set is emptied;
-//!    signal dispositions are reset to their defaults.
-//! 8. seccomp filters; every fd above 2 is marked close-on-exec.
-//! 9. `execve` with the prepared environment.
+//! 4. `unshare` user, IPC, UTS and (unless the network is `full`) network
+//!    namespaces; map only our own uid/gid; bring `lo` up for `loopback`.
+//!
+//! Per call, in [`super::zygote`]: a new PID and IPC namespace whose PID 1
+//! is a minimal init and whose PID 2 becomes the target. Before its call
+//! arrives, the target (see [`prepare_target`]):
+//! 5. sets `no_new_privs`, empties its capability bounding set and resets
+//!    signal dispositions to their defaults;
+//! 6. installs the seccomp filters (compiled once, in the zygote);
+//! 7. creates its landlock ruleset (filesystem, TCP, signal and
+//!    abstract-socket scopes) with the zygote's read-only rules.
+//!
+//! When the call arrives (see [`confine_and_exec`]):
+//! 8. it takes its stdin, stdout and stderr from the request; rlimits;
+//!    `chdir` to the workspace;
+//! 9. adds the call's rules (workspace, private tmp, interpreter prefix,
+//!    policy extras) and enforces the ruleset; every fd above 2 is marked
+//!    close-on-exec;
+//! 10. `execve` with the prepared environment.
 
 use std::convert::Infallible;
 use std::ffi::CString;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 
 use landlock::{
     path_beneath_rules, Access, AccessFs, AccessNet, CompatLevel, Compatible, Ruleset, RulesetAttr,
-    RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+    RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 use nix::libc;
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::{signal, SigHandler, Signal};
-use nix::unistd::{
-    fork, getgid, getpid, getuid, setgroups, setresgid, setresuid, setsid, ForkResult, Gid, Uid,
-};
+use nix::unistd::{getgid, getpid, getuid, setgroups, setresgid, setresuid, setsid, Gid, Uid};
 
+use super::packet;
 use super::probe::landlock_abi;
-use super::seccomp;
-use super::spec::{HelperSpec, NetworkMode, SPEC_ENV, STATUS_FD};
+use super::seccomp::Filters;
+use super::spec::{CallSpec, FromZygote, NetworkMode, ZygoteSpec, CONTROL_FD, ZYGOTE_ENV};
+use super::zygote;
 
-/// Exit code of the helper when the sandbox could not be set up.
+/// Exit code of the helper (or a call's target) when setting up failed.
 pub(crate) const SETUP_FAILED_EXIT: i32 = 125;
 
 /// Entry point of the `stack-sandbox-exec` binary. Never returns.
 pub fn helper_main() -> ! {
-    let error = match run() {
-        Ok(never) => match never {},
-        Err(message) => message,
-    };
-    report_and_exit(&error)
+    // SAFETY: the runtime passes the control socket as CONTROL_FD; if it is
+    // not open every send below fails and the helper just exits.
+    let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
+    match setup_zygote() {
+        Ok((spec, filters)) => {
+            if packet::send(control.as_fd(), &FromZygote::Ready, &[]).is_err() {
+                std::process::exit(SETUP_FAILED_EXIT);
+            }
+            zygote::serve(control, &spec, &filters)
+        }
+        Err(message) => {
+            let _ = packet::send(control.as_fd(), &FromZygote::SetupFailed { message }, &[]);
+            std::process::exit(SETUP_FAILED_EXIT)
+        }
+    }
 }
 
-fn report_and_exit(message: &str) -> ! {
-    // SAFETY: STATUS_FD was set up by the runtime for this purpose; if it is
-    // not open the write fails harmlessly.
-    let status = unsafe { OwnedFd::from_raw_fd(STATUS_FD) };
-    let _ = nix::unistd::write(&status, message.as_bytes());
-    drop(status);
-    std::process::exit(SETUP_FAILED_EXIT)
-}
-
-fn run() -> Result<Infallible, String> {
-    let raw = std::env::var(SPEC_ENV)
-        .map_err(|_| format!("{SPEC_ENV} is not set; this program is started by stack-runtime"))?;
-    let spec: HelperSpec =
+fn setup_zygote() -> Result<(ZygoteSpec, Filters), String> {
+    let raw = std::env::var(ZYGOTE_ENV).map_err(|_| {
+        format!("{ZYGOTE_ENV} is not set; this program is started by stack-runtime")
+    })?;
+    let spec: ZygoteSpec =
         serde_json::from_str(&raw).map_err(|err| format!("bad sandbox spec: {err}"))?;
-
     setsid().map_err(|e| format!("setsid: {e}"))?;
     for procs in &spec.cgroup_procs {
         std::fs::write(procs, getpid().to_string())
@@ -78,28 +87,68 @@ fn run() -> Result<Infallible, String> {
     }
     drop_identity(&spec)?;
     enter_namespaces(&spec)?;
-    become_pid_one()?;
-    apply_rlimits(&spec)?;
-    std::env::set_current_dir(&spec.cwd)
-        .map_err(|e| format!("chdir {}: {e}", spec.cwd.display()))?;
-    let argv = cstrings(&spec.argv)?;
+    let filters = Filters::build(spec.network).map_err(|e| format!("seccomp: {e}"))?;
+    Ok((spec, filters))
+}
+
+/// What a waiting target has already done to itself before its call is
+/// known: everything that does not depend on the call.
+pub(crate) struct Prepared {
+    ruleset: RulesetCreated,
+    abi: ABI,
+    version: i32,
+}
+
+/// Run by a spare's target while it waits: `no_new_privs`, an empty
+/// capability bounding set, default signal dispositions, the seccomp filters,
+/// and a landlock ruleset holding the zygote's read-only rules (not yet
+/// enforced).
+pub(crate) fn prepare_target(spec: &ZygoteSpec, filters: &Filters) -> Result<Prepared, String> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
+    }
+    drop_bounding_set();
+    reset_signals();
+    filters.install().map_err(|e| format!("seccomp: {e}"))?;
+    base_ruleset(spec)
+}
+
+/// Confines the calling process (a call's PID 2) for `call` and executes
+/// its target. Returns only on failure.
+pub(crate) fn confine_and_exec(
+    call: &CallSpec,
+    stdio: Vec<OwnedFd>,
+    prepared: Prepared,
+) -> Result<Infallible, String> {
+    if stdio.len() != 3 {
+        return Err(format!("expected 3 stdio descriptors, got {}", stdio.len()));
+    }
+    for (target, fd) in stdio.iter().enumerate() {
+        // SAFETY: dup2 onto 0, 1, 2 of this single-threaded process.
+        if unsafe { libc::dup2(fd.as_raw_fd(), target as libc::c_int) } < 0 {
+            return Err(format!("dup2: {}", std::io::Error::last_os_error()));
+        }
+    }
+    drop(stdio);
+    apply_rlimits(call)?;
+    std::env::set_current_dir(&call.cwd)
+        .map_err(|e| format!("chdir {}: {e}", call.cwd.display()))?;
+    let argv = cstrings(&call.argv)?;
     let env = cstrings(
-        &spec
+        &call
             .env
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>(),
     )?;
-    apply_landlock(&spec)?;
-    drop_bounding_set();
-    reset_signals();
+    enforce_landlock(call, prepared)?;
     mark_fds_cloexec();
-    seccomp::install(spec.network).map_err(|e| format!("seccomp: {e}"))?;
     let program = argv.first().ok_or("empty argv")?;
     let err = nix::unistd::execve(program, &argv, &env).err();
     Err(format!(
         "cannot execute {}: {}",
-        spec.argv[0],
+        call.argv[0],
         err.map_or("unknown error".into(), |e| e.desc().to_string())
     ))
 }
@@ -111,7 +160,7 @@ fn cstrings(items: &[String]) -> Result<Vec<CString>, String> {
         .collect()
 }
 
-fn drop_identity(spec: &HelperSpec) -> Result<(), String> {
+fn drop_identity(spec: &ZygoteSpec) -> Result<(), String> {
     if spec.uid == 0 || spec.gid == 0 {
         return Err("refusing to run sandboxed code as uid or gid 0".into());
     }
@@ -140,17 +189,14 @@ fn drop_identity(spec: &HelperSpec) -> Result<(), String> {
     Ok(())
 }
 
-fn enter_namespaces(spec: &HelperSpec) -> Result<(), String> {
+fn enter_namespaces(spec: &ZygoteSpec) -> Result<(), String> {
     let (uid, gid) = (getuid(), getgid());
-    let mut flags = CloneFlags::CLONE_NEWUSER
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWUTS;
+    let mut flags = CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
     if spec.network != NetworkMode::Full {
         flags |= CloneFlags::CLONE_NEWNET;
     }
     unshare(flags).map_err(|e| {
-        format!("cannot create user/PID/network namespaces ({e}); the kernel must allow unprivileged user namespaces (user.max_user_namespaces > 0)")
+        format!("cannot create user/network namespaces ({e}); the kernel must allow unprivileged user namespaces (user.max_user_namespaces > 0)")
     })?;
     write_proc("/proc/self/setgroups", "deny")?;
     write_proc("/proc/self/uid_map", &format!("{uid} {uid} 1"))?;
@@ -177,7 +223,6 @@ fn loopback_up() -> Result<(), String> {
         for (dst, src) in request.ifr_name.iter_mut().zip(b"lo\0") {
             *dst = *src as libc::c_char;
         }
-        use std::os::fd::AsRawFd;
         if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) < 0 {
             return Err(format!(
                 "reading lo flags: {}",
@@ -195,134 +240,7 @@ fn loopback_up() -> Result<(), String> {
     Ok(())
 }
 
-/// Splits into three processes: the outer helper (in the runtime's PID
-/// namespace), a minimal init (PID 1 of the new namespace, which reaps
-/// orphans) and the target (PID 2), which returns from here to exec.
-///
-/// The target is not PID 1 on purpose: the kernel drops default-action
-/// signals sent to an init, which would make SIGXFSZ, SIGXCPU or a plain
-/// `kill` behave differently inside the sandbox.
-fn become_pid_one() -> Result<(), String> {
-    let (status_read, status_write) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    // SAFETY: this process is single-threaded (a fresh helper), so fork is safe.
-    match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
-        ForkResult::Parent { child } => {
-            drop(status_write);
-            mirror_init(child, status_read)
-        }
-        ForkResult::Child => {
-            drop(status_read);
-            // (Should the outer process die before this prctl, the call's
-            // cgroup is still killed by the runtime.)
-            // SAFETY: prctl with constant arguments.
-            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
-            // SAFETY: still single-threaded.
-            match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
-                ForkResult::Parent { child } => run_init(child, status_write),
-                ForkResult::Child => {
-                    drop(status_write);
-                    Ok(())
-                }
-            }
-        }
-    }
-}
-
-/// PID 1: reap every child; when the target exits, pass its raw wait status
-/// to the outer helper and exit, which makes the kernel kill whatever is
-/// left in the namespace.
-fn run_init(target: nix::unistd::Pid, status_write: OwnedFd) -> ! {
-    use std::os::fd::AsRawFd;
-    let keep = status_write.as_raw_fd();
-    // SAFETY: closing our own fds, all but the status pipe.
-    unsafe {
-        libc::syscall(libc::SYS_close_range, 0u32, (keep - 1).max(0) as u32, 0u32);
-        libc::syscall(libc::SYS_close_range, (keep + 1) as u32, u32::MAX, 0u32);
-    }
-    if keep == 0 {
-        // close_range(0, 0) above closed the pipe itself; nothing to report to.
-        std::process::exit(SETUP_FAILED_EXIT);
-    }
-    loop {
-        let mut raw: libc::c_int = 0;
-        // SAFETY: waitpid on any child with a valid status pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut raw, 0) };
-        if pid == target.as_raw() {
-            let _ = nix::unistd::write(&status_write, &raw.to_ne_bytes());
-            std::process::exit(0);
-        }
-        if pid < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            std::process::exit(SETUP_FAILED_EXIT);
-        }
-    }
-}
-
-/// The namespace's init, for the outer helper's signal handler.
-static INIT_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
-
-extern "C" fn kill_init(_: libc::c_int) {
-    let pid = INIT_PID.load(std::sync::atomic::Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill is async-signal-safe.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-}
-
-/// The outer helper: holds nothing open but the status pipe, waits for the
-/// init, and exits exactly as the target did.
-///
-/// The runtime stops a call by sending this process SIGTERM: it kills the
-/// init (the kernel then kills the rest of the namespace) and still reaps
-/// it, so nothing is left behind as an orphaned zombie.
-fn mirror_init(init: nix::unistd::Pid, status_read: OwnedFd) -> ! {
-    use std::os::fd::AsRawFd;
-    INIT_PID.store(init.as_raw(), std::sync::atomic::Ordering::SeqCst);
-    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        // SAFETY: the handler only calls kill(2) on a stored pid.
-        let _ = unsafe { signal(sig, SigHandler::Handler(kill_init)) };
-    }
-    let keep = status_read.as_raw_fd();
-    // SAFETY: closing our own fds, all but the status pipe.
-    unsafe {
-        if keep > 0 {
-            libc::syscall(libc::SYS_close_range, 0u32, (keep - 1) as u32, 0u32);
-        }
-        libc::syscall(libc::SYS_close_range, (keep + 1) as u32, u32::MAX, 0u32);
-    }
-    let init_status = loop {
-        let mut raw: libc::c_int = 0;
-        // SAFETY: waitpid on our child with a valid status pointer.
-        let pid = unsafe { libc::waitpid(init.as_raw(), &mut raw, 0) };
-        if pid == init.as_raw() {
-            break raw;
-        }
-        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            std::process::exit(SETUP_FAILED_EXIT);
-        }
-    };
-    let mut bytes = [0u8; 4];
-    let target_status = match nix::unistd::read(&status_read, &mut bytes) {
-        Ok(4) => i32::from_ne_bytes(bytes),
-        _ => init_status,
-    };
-    if libc::WIFSIGNALED(target_status) {
-        let sig = libc::WTERMSIG(target_status);
-        // SAFETY: restoring the default disposition, then dying of the same signal.
-        unsafe {
-            libc::signal(sig, libc::SIG_DFL);
-            libc::kill(libc::getpid(), sig);
-        }
-        std::process::exit(128 + sig);
-    }
-    std::process::exit(if libc::WIFEXITED(target_status) {
-        libc::WEXITSTATUS(target_status)
-    } else {
-        SETUP_FAILED_EXIT
-    })
-}
-
-fn apply_rlimits(spec: &HelperSpec) -> Result<(), String> {
+fn apply_rlimits(spec: &CallSpec) -> Result<(), String> {
     let l = &spec.limits;
     let limits = [
         (Resource::RLIMIT_CPU, l.cpu_seconds, l.cpu_seconds + 1),
@@ -354,14 +272,12 @@ fn abi_from(version: i32) -> ABI {
     }
 }
 
-fn apply_landlock(spec: &HelperSpec) -> Result<(), String> {
+fn existing(paths: &[PathBuf]) -> Vec<PathBuf> {
+    paths.iter().filter(|p| p.exists()).cloned().collect()
+}
+
+fn base_ruleset(spec: &ZygoteSpec) -> Result<Prepared, String> {
     let version = landlock_abi().ok_or("landlock is not available in this kernel (needs Linux 5.13+ with landlock in the LSM list)")?;
-    if version < spec.min_landlock_abi {
-        return Err(format!(
-            "landlock ABI {version} is older than the ABI {} this policy needs",
-            spec.min_landlock_abi
-        ));
-    }
     let abi = abi_from(version);
     let err = |e: landlock::RulesetError| format!("landlock: {e}");
     let mut ruleset = Ruleset::default()
@@ -376,14 +292,7 @@ fn apply_landlock(spec: &HelperSpec) -> Result<(), String> {
     if version >= 6 {
         ruleset = ruleset.scope(Scope::from_all(abi)).map_err(err)?;
     }
-    let existing = |paths: &[PathBuf]| {
-        paths
-            .iter()
-            .filter(|p| p.exists())
-            .cloned()
-            .collect::<Vec<_>>()
-    };
-    let status = ruleset
+    let ruleset = ruleset
         .create()
         .map_err(err)?
         .add_rules(path_beneath_rules(
@@ -397,13 +306,39 @@ fn apply_landlock(spec: &HelperSpec) -> Result<(), String> {
         ))
         .map_err(err)?
         .add_rules(path_beneath_rules(
-            existing(&spec.read_write),
-            AccessFs::from_all(abi),
+            existing(&spec.read_write_files),
+            AccessFs::from_read(abi) | AccessFs::WriteFile,
+        ))
+        .map_err(err)?;
+    Ok(Prepared {
+        ruleset,
+        abi,
+        version,
+    })
+}
+
+fn enforce_landlock(call: &CallSpec, prepared: Prepared) -> Result<(), String> {
+    let Prepared {
+        ruleset,
+        abi,
+        version,
+    } = prepared;
+    if version < call.min_landlock_abi {
+        return Err(format!(
+            "landlock ABI {version} is older than the ABI {} this policy needs",
+            call.min_landlock_abi
+        ));
+    }
+    let err = |e: landlock::RulesetError| format!("landlock: {e}");
+    let status = ruleset
+        .add_rules(path_beneath_rules(
+            existing(&call.read_only),
+            AccessFs::from_read(abi),
         ))
         .map_err(err)?
         .add_rules(path_beneath_rules(
-            existing(&spec.read_write_files),
-            AccessFs::from_read(abi) | AccessFs::WriteFile,
+            existing(&call.read_write),
+            AccessFs::from_all(abi),
         ))
         .map_err(err)?
         .restrict_self()

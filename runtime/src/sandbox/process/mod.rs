@@ -30,34 +30,50 @@
 //!    workspace owner (or `nobody`) before anything else; the child then
 //!    lives in its own user namespace, mapping only that uid, and `execve`
 //!    leaves it with zero capabilities and an empty bounding set.
-//! 6. **Lifetime** — a PID namespace whose PID 1 is the target: when it
-//!    exits or the runtime kills the call, every descendant dies, detached
-//!    ones included. The call's cgroup and process group are killed too.
+//! 6. **Lifetime** — each call has its own PID namespace, whose PID 1 is a
+//!    minimal init and PID 2 the target: when the target exits or the
+//!    runtime kills the call, every descendant dies, detached ones included,
+//!    and the call is reported over only after that. Each call also has its
+//!    own IPC namespace, so calls share no SysV IPC.
 //! 7. **Environment** — built from a fixed allowlist; nothing of the
 //!    runtime's environment passes. stdin is `/dev/null` (or the tool's
 //!    JSON arguments for command tools).
-//! 8. **Limits** — rlimits (CPU, address space, processes, file size, open
-//!    files, no core dumps), a memory and pids cgroup where writable, a
-//!    wall-clock timeout, and stdout/stderr capped in memory while still
-//!    drained so the child never blocks.
+//! 8. **Limits** — rlimits per call (CPU, address space, processes, file
+//!    size, open files, no core dumps), a memory and pids cgroup where
+//!    writable (one per zygote, see below), a wall-clock timeout, and
+//!    stdout/stderr capped in memory while still drained so the child never
+//!    blocks.
 //! 9. **Fail closed** — if the kernel lacks landlock (at the ABI the policy
 //!    needs), user namespaces or seccomp, the call is refused with a message
 //!    naming what is missing; it never runs weaker.
+//!
+//! # Zygotes
+//!
+//! Namespaces and cgroup membership are set up once per workspace, identity,
+//! network mode and cgroup limits, in a long-lived helper process (the
+//! *zygote*, see [`zygote`]); each call is a fresh process forked from it
+//! into its own PID and IPC namespace, which then applies the per-call
+//! rlimits, landlock and seccomp. What calls of one zygote share is what
+//! they could already reach through their common workspace, plus the user
+//! and network namespace (empty, or loopback only) and the cgroup limits.
 
 mod capture;
 mod cgroup;
 mod helper;
+mod packet;
+mod pool;
 mod probe;
 mod seccomp;
 mod spec;
+mod zygote;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use nix::libc;
@@ -70,8 +86,8 @@ pub use spec::{NetworkMode, ResourceLimits};
 
 use crate::outcome::{Status, ToolOutcome};
 use crate::tools::Language;
-use cgroup::CallCgroup;
-use spec::{HelperSpec, SPEC_ENV, STATUS_FD};
+use pool::{Zygote, ZygoteKey, ZygotePool};
+use spec::CallSpec;
 
 /// File name of the helper binary.
 pub const HELPER_NAME: &str = "stack-sandbox-exec";
@@ -153,18 +169,26 @@ impl Default for ProcessPolicy {
     }
 }
 
-/// Runs programs in the process sandbox.
+/// Runs programs in the process sandbox. Clones share their zygotes.
 #[derive(Debug, Clone)]
 pub struct ProcessSandbox {
     helper: PathBuf,
+    zygotes: Arc<ZygotePool>,
 }
 
 impl ProcessSandbox {
     /// Uses the helper at `helper`.
     pub fn with_helper(helper: impl Into<PathBuf>) -> Self {
+        let helper = helper.into();
         ProcessSandbox {
-            helper: helper.into(),
+            zygotes: Arc::new(ZygotePool::new(helper.clone())),
+            helper,
         }
+    }
+
+    /// How many zygotes (long-lived helper processes) are running.
+    pub fn zygote_count(&self) -> usize {
+        self.zygotes.len()
     }
 
     /// Finds the helper: `$STACK_RUNTIME_SANDBOX_HELPER`, else next to the
@@ -277,156 +301,226 @@ impl ProcessSandbox {
             argv.push(path.display().to_string());
         }
 
-        let mut read_only: Vec<PathBuf> = SYSTEM_READ_ONLY.iter().map(PathBuf::from).collect();
-        read_only.extend(python_etc_dirs());
-        if policy.network != NetworkMode::None {
-            read_only.extend(NETWORK_READ_ONLY.iter().map(PathBuf::from));
-        }
-        read_only.extend(probe::prefix_of(&program));
+        let mut read_only: Vec<PathBuf> = probe::prefix_of(&program).into_iter().collect();
         read_only.extend(policy.extra_read_only.iter().cloned());
 
-        let cgroup = match &probe.cgroup {
-            Some(layout) => match CallCgroup::create(
-                layout,
-                policy.limits.memory_bytes,
-                policy.limits.processes,
-            ) {
-                Ok(group) => Some(group),
-                Err(err) => {
-                    tracing::warn!(%err, "no cgroup for this call; rlimits still apply");
-                    None
-                }
-            },
-            None => None,
-        };
-        let home = private.path.display().to_string();
-        let spec = HelperSpec {
+        let spec = CallSpec {
             argv,
-            env: vec![
-                ("PATH".into(), SANDBOX_PATH.into()),
-                ("HOME".into(), home.clone()),
-                ("TMPDIR".into(), home),
-                ("LANG".into(), "C.UTF-8".into()),
-                ("LC_ALL".into(), "C.UTF-8".into()),
-                ("TERM".into(), "dumb".into()),
-                ("PYTHONDONTWRITEBYTECODE".into(), "1".into()),
-                ("PYTHONIOENCODING".into(), "utf-8".into()),
-            ],
+            env: sandbox_environment(&private.path),
             cwd: workspace.clone(),
             read_write: vec![workspace.clone(), private.path.clone()],
             read_only,
-            read_only_files: ["/dev/urandom", "/dev/random", "/dev/zero"]
-                .iter()
-                .map(PathBuf::from)
-                .collect(),
-            read_write_files: vec![PathBuf::from("/dev/null")],
-            network: policy.network,
             limits: policy.limits,
-            uid,
-            gid,
-            cgroup_procs: cgroup
-                .as_ref()
-                .map(CallCgroup::procs_files)
-                .unwrap_or_default(),
             min_landlock_abi: policy.min_landlock_abi,
         };
-        let result = self
-            .spawn_and_wait(&spec, request.stdin, cgroup.as_ref())
-            .await;
-        drop(cgroup);
+        let key = ZygoteKey {
+            workspace,
+            uid,
+            gid,
+            network: policy.network,
+            memory_bytes: policy.limits.memory_bytes,
+            processes: policy.limits.processes,
+        };
+        let (zygote, spare) = self.acquire(&key, probe.cgroup.as_ref()).await?;
+        let result = run_call(&zygote, spare, spec, request.stdin).await;
         drop(private);
         result
     }
 
-    async fn spawn_and_wait(
+    /// A spare of the zygote for `key`; a zygote found dead (killed from
+    /// outside, say) is replaced once.
+    async fn acquire(
         &self,
-        spec: &HelperSpec,
-        stdin: Option<Vec<u8>>,
-        cgroup: Option<&CallCgroup>,
-    ) -> Result<ToolOutcome, SandboxError> {
-        let spec_json =
-            serde_json::to_string(spec).map_err(|e| SandboxError::Prepare(e.to_string()))?;
-        let (status_read, status_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| SandboxError::Prepare(format!("pipe: {e}")))?;
-        let mut command = tokio::process::Command::new(&self.helper);
-        command
-            .env_clear()
-            .env(SPEC_ENV, spec_json)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let status_raw = status_write.as_raw_fd();
-        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                if status_raw == STATUS_FD {
-                    if libc::fcntl(STATUS_FD, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(status_raw, STATUS_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        key: &ZygoteKey,
+        cgroups: Option<&CgroupLayout>,
+    ) -> Result<(Arc<Zygote>, pool::Spare), SandboxError> {
+        let zygote = self.zygotes.get(key, cgroups).await?;
+        match zygote.take_spare().await {
+            Ok(spare) => Ok((zygote, spare)),
+            Err(_) if !zygote.is_alive() => {
+                tracing::warn!("the sandbox zygote died; starting a new one");
+                let zygote = self.zygotes.get(key, cgroups).await?;
+                let spare = zygote.take_spare().await?;
+                Ok((zygote, spare))
+            }
+            Err(err) => Err(err),
         }
-        let mut child = command.spawn().map_err(|e| {
-            SandboxError::Prepare(format!("starting {}: {e}", self.helper.display()))
-        })?;
-        drop(status_write);
-        let pid = child.id().map(|p| p as i32);
-
-        let cap = spec.limits.output_bytes;
-        let stdout = child
-            .stdout
-            .take()
-            .map(|s| tokio::spawn(capture::read_capped(s, cap)));
-        let stderr = child
-            .stderr
-            .take()
-            .map(|s| tokio::spawn(capture::read_capped(s, cap)));
-        let status_task = tokio::task::spawn_blocking(move || read_all(status_read));
-        if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            tokio::spawn(async move {
-                // The child may exit without reading; a broken pipe is fine.
-                let _ = pipe.write_all(&bytes).await;
-            });
-        }
-
-        let wall = Duration::from_millis(spec.limits.wall_ms);
-        let (status, timed_out) = match tokio::time::timeout(wall, child.wait()).await {
-            Ok(status) => (status.ok(), false),
-            Err(_) => (stop(&mut child, pid, cgroup).await, true),
-        };
-        // Whatever is left in the cgroup (it should be nothing: the PID
-        // namespace died with its PID 1).
-        if let Some(group) = cgroup {
-            group.kill_all();
-        }
-        let oom = cgroup.is_some_and(CallCgroup::oom_killed);
-
-        let setup_error = status_task.await.unwrap_or_default();
-        let drain = Duration::from_secs(2);
-        let (stdout, out_cut) = join_capture(stdout, drain).await;
-        let (stderr, err_cut) = join_capture(stderr, drain).await;
-        if !setup_error.is_empty() {
-            return Err(SandboxError::Setup(
-                String::from_utf8_lossy(&setup_error).into_owned(),
-            ));
-        }
-        let mut outcome = ToolOutcome::from_output(&stdout, &stderr, out_cut || err_cut);
-        outcome.exit_code = None;
-        classify(&mut outcome, status, timed_out, oom, &spec.limits);
-        Ok(outcome)
     }
 
     /// The helper binary in use.
     pub fn helper(&self) -> &Path {
         &self.helper
+    }
+}
+
+/// How a call's wait for its report ended.
+enum Ended {
+    /// The init reported the target's exit.
+    Exited {
+        status: i32,
+        cpu_ms: u64,
+        setup_error: Option<String>,
+    },
+    /// The call's socket closed without a report: its init is gone.
+    Lost { setup_error: Option<String> },
+    /// The wall-clock limit passed; the call was killed.
+    TimedOut,
+}
+
+/// Extra time the output pipes get after the wall-clock limit.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs one call on a spare of `zygote`: sends it the call, then reads the
+/// output and the init's report in this task until the call is over (or the
+/// wall-clock limit kills it).
+async fn run_call(
+    zygote: &Zygote,
+    spare: pool::Spare,
+    spec: CallSpec,
+    stdin: Option<Vec<u8>>,
+) -> Result<ToolOutcome, SandboxError> {
+    use nix::fcntl::OFlag;
+    use std::os::fd::{AsFd, AsRawFd};
+    use tokio::net::unix::pipe;
+    let limits = spec.limits;
+    let prepare = |what: &str, e: std::io::Error| SandboxError::Prepare(format!("{what}: {e}"));
+    let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(std::io::Error::from);
+    let (out_read, out_write) = pipe().map_err(|e| prepare("pipe", e))?;
+    let (err_read, err_write) = pipe().map_err(|e| prepare("pipe", e))?;
+    let (stdin_child, stdin_feed): (OwnedFd, _) = match stdin {
+        Some(bytes) => {
+            let (read, write) = pipe().map_err(|e| prepare("pipe", e))?;
+            (read, Some((write, bytes)))
+        }
+        None => (
+            std::fs::File::open("/dev/null")
+                .map_err(|e| prepare("/dev/null", e))?
+                .into(),
+            None,
+        ),
+    };
+    let stdio = [
+        stdin_child.as_raw_fd(),
+        out_write.as_raw_fd(),
+        err_write.as_raw_fd(),
+    ];
+    let oom_before = zygote.oom_kills();
+    // A spare that died while queued fails the send; try the next one.
+    let mut spare = spare;
+    let mut attempts = 0;
+    while let Err(err) = packet::send(spare.channel.as_fd(), &spec, &stdio) {
+        attempts += 1;
+        if attempts > 2 {
+            return Err(SandboxError::Setup(format!(
+                "handing the call to its sandboxed process: {err}"
+            )));
+        }
+        spare = zygote.take_spare().await?;
+    }
+    drop((stdin_child, out_write, err_write));
+
+    let receiver = |fd: OwnedFd| pipe::Receiver::from_owned_fd(fd);
+    let stdout = receiver(out_read).map_err(|e| prepare("stdout", e))?;
+    let stderr = receiver(err_read).map_err(|e| prepare("stderr", e))?;
+    if let Some((write, bytes)) = stdin_feed {
+        let mut sender = pipe::Sender::from_owned_fd(write).map_err(|e| prepare("stdin", e))?;
+        tokio::spawn(async move {
+            // The child may exit without reading; a broken pipe is fine.
+            let _ = sender.write_all(&bytes).await;
+        });
+    }
+    let pool::Spare { channel, pidfd } = spare;
+    let report = watch(channel).map_err(|e| prepare("report", e))?;
+    let wall = Duration::from_millis(limits.wall_ms);
+    let cap = limits.output_bytes;
+    let (ended, stdout, stderr) = tokio::join!(
+        async {
+            let ended = wait_report(&report, wall).await;
+            if matches!(ended, Ended::TimedOut) {
+                kill_and_wait(zygote, pidfd).await;
+            }
+            ended
+        },
+        tokio::time::timeout(wall + DRAIN_GRACE, capture::read_capped(stdout, cap)),
+        tokio::time::timeout(wall + DRAIN_GRACE, capture::read_capped(stderr, cap)),
+    );
+    let oom = zygote.oom_kills() > oom_before;
+    let (stdout, out_cut) = stdout.unwrap_or((Vec::new(), true));
+    let (stderr, err_cut) = stderr.unwrap_or((Vec::new(), true));
+    let (status, cpu_ms, timed_out) = match ended {
+        Ended::Exited {
+            setup_error: Some(message),
+            ..
+        }
+        | Ended::Lost {
+            setup_error: Some(message),
+        } => return Err(SandboxError::Setup(message)),
+        Ended::Exited { status, cpu_ms, .. } => (
+            Some(std::process::ExitStatus::from_raw(status)),
+            Some(cpu_ms),
+            false,
+        ),
+        Ended::Lost { .. } => (None, None, false),
+        Ended::TimedOut => (None, None, true),
+    };
+    let mut outcome = ToolOutcome::from_output(&stdout, &stderr, out_cut || err_cut);
+    outcome.exit_code = None;
+    classify(&mut outcome, status, cpu_ms, timed_out, oom, &limits);
+    Ok(outcome)
+}
+
+/// Registers `fd` with tokio for readability.
+fn watch(fd: OwnedFd) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd keeps its one descriptor open, unchanged, for as
+    // long as the AsyncFd owns it.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(std::io::Error::from)
+}
+
+/// Reads the call's socket until the init reports the target's exit, the
+/// socket closes, or `wall` passes.
+async fn wait_report(report: &tokio::io::unix::AsyncFd<OwnedFd>, wall: Duration) -> Ended {
+    use std::os::fd::AsFd;
+    let deadline = tokio::time::Instant::now() + wall;
+    let mut setup_error = None;
+    loop {
+        let mut ready = match tokio::time::timeout_at(deadline, report.readable()).await {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(_)) => return Ended::Lost { setup_error },
+            Err(_) => return Ended::TimedOut,
+        };
+        match packet::recv(report.get_ref().as_fd(), true) {
+            Ok(Some(packet)) => match packet.decode::<spec::CallReport>() {
+                Ok(spec::CallReport::Exited { status, cpu_ms }) => {
+                    return Ended::Exited {
+                        status,
+                        cpu_ms,
+                        setup_error,
+                    }
+                }
+                Ok(spec::CallReport::SetupFailed { message }) => setup_error = Some(message),
+                Err(_) => {}
+            },
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => ready.clear_ready(),
+            Ok(None) | Err(_) => return Ended::Lost { setup_error },
+        }
+    }
+}
+
+/// Kills a call's init (the kernel then kills its whole PID namespace) and
+/// waits until it is gone; if that takes over two seconds, kills the zygote
+/// and with it everything it made.
+async fn kill_and_wait(zygote: &Zygote, pidfd: OwnedFd) {
+    let spare_pidfd = pool::kill_init(&pidfd);
+    let gone = match watch(pidfd) {
+        Ok(pidfd) => tokio::time::timeout(Duration::from_secs(2), pidfd.readable())
+            .await
+            .is_ok_and(|ready| ready.is_ok()),
+        Err(_) => false,
+    };
+    if !gone || spare_pidfd.is_err() {
+        tracing::warn!("a timed-out call did not end when killed; killing its zygote");
+        zygote.terminate();
     }
 }
 
@@ -436,9 +530,12 @@ struct Request {
     stdin: Option<Vec<u8>>,
 }
 
+/// Fills in how the call ended. `cpu_ms` is the CPU time the target used
+/// (it tells the kernel's `RLIMIT_CPU` SIGKILL from any other).
 fn classify(
     outcome: &mut ToolOutcome,
     status: Option<std::process::ExitStatus>,
+    cpu_ms: Option<u64>,
     timed_out: bool,
     oom: bool,
     limits: &ResourceLimits,
@@ -510,7 +607,7 @@ fn classify(
                 limits.memory_bytes >> 20
             ),
         ),
-        libc::SIGKILL => limit_hit(
+        libc::SIGKILL if cpu_ms.is_some_and(|ms| ms >= limits.cpu_seconds * 1000) => limit_hit(
             outcome,
             "cpu",
             format!(
@@ -523,60 +620,6 @@ fn classify(
             outcome.error = Some(format!("terminated by {name}"));
         }
     }
-}
-
-/// Stops a running call: SIGTERM asks the outer helper to kill PID 1 of the
-/// namespace (and with it every descendant) and reap it; if the helper does
-/// not exit within a second, the process group, the cgroup and the helper
-/// are killed outright.
-async fn stop(
-    child: &mut tokio::process::Child,
-    pid: Option<i32>,
-    cgroup: Option<&CallCgroup>,
-) -> Option<std::process::ExitStatus> {
-    use nix::sys::signal::{kill, killpg, Signal};
-    if let Some(pid) = pid {
-        let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM);
-    }
-    if let Ok(status) = tokio::time::timeout(Duration::from_secs(1), child.wait()).await {
-        return status.ok();
-    }
-    if let Some(pid) = pid {
-        // The helper called setsid, so its pid is the process group id, and
-        // it is not reaped yet, so the id cannot have been reused.
-        let _ = killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-    }
-    if let Some(group) = cgroup {
-        group.kill_all();
-    }
-    let _ = child.start_kill();
-    child.wait().await.ok()
-}
-
-async fn join_capture(
-    task: Option<tokio::task::JoinHandle<(Vec<u8>, bool)>>,
-    limit: Duration,
-) -> (Vec<u8>, bool) {
-    let Some(task) = task else {
-        return (Vec::new(), false);
-    };
-    let abort = task.abort_handle();
-    match tokio::time::timeout(limit, task).await {
-        Ok(Ok(result)) => result,
-        _ => {
-            abort.abort();
-            (Vec::new(), true)
-        }
-    }
-}
-
-fn read_all(fd: OwnedFd) -> Vec<u8> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    let _ = std::fs::File::from(fd)
-        .take(64 * 1024)
-        .read_to_end(&mut bytes);
-    bytes
 }
 
 /// Finds `name` on the sandbox PATH, or checks an explicit path.
@@ -596,17 +639,52 @@ fn resolve_program(name: &str) -> Result<PathBuf, SandboxError> {
         .ok_or_else(|| SandboxError::ProgramNotFound(name.to_string()))
 }
 
+/// The complete environment of sandboxed code whose home (and tmp) is
+/// `home`: nothing of the runtime's own environment passes.
+pub fn sandbox_environment(home: &Path) -> Vec<(String, String)> {
+    let home = home.display().to_string();
+    vec![
+        ("PATH".into(), SANDBOX_PATH.into()),
+        ("HOME".into(), home.clone()),
+        ("TMPDIR".into(), home),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("LC_ALL".into(), "C.UTF-8".into()),
+        ("TERM".into(), "dumb".into()),
+        ("PYTHONDONTWRITEBYTECODE".into(), "1".into()),
+        ("PYTHONIOENCODING".into(), "utf-8".into()),
+    ]
+}
+
+/// The read-only paths every call of a zygote with `network` gets.
+fn base_read_only(network: NetworkMode) -> Vec<PathBuf> {
+    let mut read_only: Vec<PathBuf> = SYSTEM_READ_ONLY.iter().map(PathBuf::from).collect();
+    read_only.extend(python_etc_dirs().iter().cloned());
+    if network != NetworkMode::None {
+        read_only.extend(NETWORK_READ_ONLY.iter().map(PathBuf::from));
+    }
+    read_only
+}
+
+/// Device files every call may read.
+const READ_ONLY_DEVICES: &[&str] = &["/dev/urandom", "/dev/random", "/dev/zero"];
+
+/// Device files every call may write.
+const READ_WRITE_DEVICES: &[&str] = &["/dev/null"];
+
 /// Debian keeps Python's `sitecustomize` under `/etc/python3.*`.
-fn python_etc_dirs() -> Vec<PathBuf> {
-    std::fs::read_dir("/etc")
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter(|e| e.file_name().as_bytes().starts_with(b"python3"))
-                .map(|e| e.path())
-                .collect()
-        })
-        .unwrap_or_default()
+fn python_etc_dirs() -> &'static [PathBuf] {
+    static DIRS: OnceLock<Vec<PathBuf>> = OnceLock::new();
+    DIRS.get_or_init(|| {
+        std::fs::read_dir("/etc")
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_name().as_bytes().starts_with(b"python3"))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
 }
 
 /// The uid/gid sandboxed code runs as. Never 0: a root runtime uses the

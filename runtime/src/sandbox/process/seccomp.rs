@@ -164,13 +164,28 @@ pub(crate) fn clone3_enosys() -> Result<BpfProgram, String> {
         .map_err(|e: seccompiler::BackendError| e.to_string())
 }
 
-/// Installs both filters on the calling thread. `no_new_privs` must be set.
-pub(crate) fn install(network: NetworkMode) -> Result<(), String> {
-    let clone3 = clone3_enosys()?;
-    let deny = denylist(network)?;
-    apply_filter(&clone3).map_err(|e| e.to_string())?;
-    apply_filter(&deny).map_err(|e| e.to_string())?;
-    Ok(())
+/// Both filters, compiled once (in the zygote) and installed per call.
+#[derive(Debug, Clone)]
+pub(crate) struct Filters {
+    clone3: BpfProgram,
+    deny: BpfProgram,
+}
+
+impl Filters {
+    /// Compiles the filters for `network`.
+    pub(crate) fn build(network: NetworkMode) -> Result<Filters, String> {
+        Ok(Filters {
+            clone3: clone3_enosys()?,
+            deny: denylist(network)?,
+        })
+    }
+
+    /// Installs both filters on the calling thread. `no_new_privs` must be set.
+    pub(crate) fn install(&self) -> Result<(), String> {
+        apply_filter(&self.clone3).map_err(|e| e.to_string())?;
+        apply_filter(&self.deny).map_err(|e| e.to_string())?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

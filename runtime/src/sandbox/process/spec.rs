@@ -1,19 +1,27 @@
-//! The instructions the runtime hands to the sandbox helper.
+//! What the runtime and the sandbox helper say to each other.
 //!
 //! The runtime (multi-threaded, possibly root) never restricts itself. It
-//! spawns the small `stack-sandbox-exec` helper with a [`HelperSpec`] in its
-//! environment; the fresh, single-threaded helper applies every restriction
-//! to itself in a fixed order and then `execve`s the target.
+//! starts the small `stack-sandbox-exec` helper as a *zygote* with a
+//! [`ZygoteSpec`] in its environment and one end of a `SOCK_SEQPACKET`
+//! socket pair on fd [`CONTROL_FD`]. Over that socket it asks for spares
+//! ([`ToZygote`]) and receives them ([`FromZygote`]): each spare is a socket
+//! to a process that waits for one call, plus a pidfd for the call's init.
+//! A call is one [`CallSpec`] packet to the spare (carrying stdin, stdout
+//! and stderr as `SCM_RIGHTS`) and one [`CallReport`] back; the zygote is
+//! not on a call's path at all.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// Name of the environment variable that carries the JSON spec.
-pub(crate) const SPEC_ENV: &str = "STACK_SANDBOX_SPEC";
+/// Name of the environment variable that carries the zygote's JSON spec.
+pub(crate) const ZYGOTE_ENV: &str = "STACK_SANDBOX_ZYGOTE";
 
-/// File descriptor on which the helper reports a setup failure before exec.
-pub(crate) const STATUS_FD: i32 = 3;
+/// The helper's end of the control socket.
+pub(crate) const CONTROL_FD: i32 = 3;
+
+/// Largest packet either side sends (a call's spec is a few KiB).
+pub(crate) const MAX_PACKET: usize = 256 * 1024;
 
 /// Network reach of the sandboxed process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -65,9 +73,30 @@ impl Default for ResourceLimits {
     }
 }
 
-/// Everything the helper needs; serialized as JSON into [`SPEC_ENV`].
+/// What a zygote is set up with once: identity, namespaces, cgroup.
+/// Serialized as JSON into [`ZYGOTE_ENV`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct HelperSpec {
+pub(crate) struct ZygoteSpec {
+    /// Uid and gid to run as, outside the user namespace (never 0).
+    pub uid: u32,
+    /// See `uid`.
+    pub gid: u32,
+    /// Network reach; fixed for the zygote's namespace.
+    pub network: NetworkMode,
+    /// `cgroup.procs` files the zygote joins before dropping privileges;
+    /// every call it forks inherits them.
+    pub cgroup_procs: Vec<PathBuf>,
+    /// Read-only paths every call gets (system dirs and files).
+    pub read_only: Vec<PathBuf>,
+    /// Read-only device files (`/dev/urandom`).
+    pub read_only_files: Vec<PathBuf>,
+    /// Read-write device files (`/dev/null`).
+    pub read_write_files: Vec<PathBuf>,
+}
+
+/// Everything one call needs; sent to the zygote with the call's stdio.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct CallSpec {
     /// Program (absolute path) and its arguments.
     pub argv: Vec<String>,
     /// The complete environment of the target.
@@ -76,22 +105,59 @@ pub(crate) struct HelperSpec {
     pub cwd: PathBuf,
     /// Read-write paths (workspace, private tmp).
     pub read_write: Vec<PathBuf>,
-    /// Read-only paths (system dirs, interpreter prefix, policy extras).
+    /// Read-only paths of this call, on top of the zygote's (the
+    /// interpreter's prefix, policy extras).
     pub read_only: Vec<PathBuf>,
-    /// Read-only device files (`/dev/urandom`).
-    pub read_only_files: Vec<PathBuf>,
-    /// Read-write device files (`/dev/null`).
-    pub read_write_files: Vec<PathBuf>,
-    /// Network reach.
-    pub network: NetworkMode,
     /// Limits.
     pub limits: ResourceLimits,
-    /// Uid and gid to run as, outside the user namespace (never 0).
-    pub uid: u32,
-    /// See `uid`.
-    pub gid: u32,
-    /// `cgroup.procs` files the helper joins before dropping privileges.
-    pub cgroup_procs: Vec<PathBuf>,
     /// Landlock ABI the policy needs at least (fail closed below it).
     pub min_landlock_abi: i32,
+}
+
+/// Runtime → zygote.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ToZygote {
+    /// Make one more spare and hand it over. `urgent` when a call is
+    /// waiting for it; otherwise the zygote first lets running calls start.
+    Spawn {
+        /// Skip the short delay before forking.
+        urgent: bool,
+    },
+}
+
+/// Zygote → runtime.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum FromZygote {
+    /// The zygote is confined and waiting for requests.
+    Ready,
+    /// The zygote could not confine itself; it exits after this.
+    SetupFailed {
+        /// What failed.
+        message: String,
+    },
+    /// A spare, ready for one call: the packet carries the socket its target
+    /// waits on and a pidfd for its init.
+    Spare,
+    /// A spare could not be made.
+    SpawnFailed {
+        /// What failed.
+        message: String,
+    },
+}
+
+/// A call's init or target → runtime, on the spare's socket.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum CallReport {
+    /// The target exited; its raw wait status.
+    Exited {
+        /// As `waitpid` gave it.
+        status: i32,
+        /// CPU time (user + system) the target used, in milliseconds.
+        cpu_ms: u64,
+    },
+    /// The target could not confine itself and did not run.
+    SetupFailed {
+        /// What failed.
+        message: String,
+    },
 }

@@ -1,0 +1,433 @@
+//! The runtime's side of the zygotes: one per workspace, identity, network
+//! mode and cgroup limits, started on first use and kept while the sandbox
+//! lives.
+//!
+//! A [`Zygote`] owns the helper process, its control socket, the cgroup its
+//! calls share, a queue of [`Spare`]s (processes waiting for one call each)
+//! and a reader thread that fills the queue. A call takes a spare, talks to
+//! it directly and asks for its successor. A zygote that dies is noticed
+//! (its reader sees end of stream), every call waiting on it fails with a
+//! clear error, and the next call starts a new one.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::libc;
+use tokio::sync::Notify;
+
+use super::cgroup::{CgroupLayout, SandboxCgroup};
+use super::packet;
+use super::spec::{FromZygote, NetworkMode, ToZygote, ZygoteSpec, CONTROL_FD, ZYGOTE_ENV};
+use super::SandboxError;
+
+/// Zygotes kept at most; past this, idle ones are shut down, oldest first.
+const MAX_ZYGOTES: usize = 16;
+
+/// How long a new zygote may take to confine itself.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What makes two calls share a zygote: everything the zygote fixes once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ZygoteKey {
+    pub workspace: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    pub network: NetworkMode,
+    pub memory_bytes: u64,
+    pub processes: u64,
+}
+
+/// A process waiting for one call: the socket its target listens on (and
+/// its init reports on) and a pidfd for its init.
+pub(crate) struct Spare {
+    pub channel: OwnedFd,
+    pub pidfd: OwnedFd,
+}
+
+impl Spare {
+    /// Whether its init still runs.
+    fn is_alive(&self) -> bool {
+        let mut entry = libc::pollfd {
+            fd: self.pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no waiting.
+        let ready = unsafe { libc::poll(&mut entry, 1, 0) };
+        ready == 0
+    }
+}
+
+/// Kills a call's init through its pidfd (no pid can be reused under it),
+/// and with it every process of the call.
+pub(crate) fn kill_init(pidfd: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: pidfd_send_signal on a pidfd we own; no siginfo.
+    let sent = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    if sent == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    // ESRCH: it has exited already, which is what we wanted.
+    if err.raw_os_error() == Some(libc::ESRCH) {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
+/// What the reader thread shares with callers.
+struct Shared {
+    spares: Mutex<VecDeque<Spare>>,
+    failure: Mutex<Option<String>>,
+    /// Spawn requests not answered yet.
+    pending: AtomicUsize,
+    changed: Notify,
+    alive: AtomicBool,
+}
+
+/// The zygotes of one [`super::ProcessSandbox`].
+pub(crate) struct ZygotePool {
+    helper: PathBuf,
+    zygotes: Mutex<HashMap<ZygoteKey, Arc<Zygote>>>,
+    uses: AtomicU64,
+}
+
+impl std::fmt::Debug for ZygotePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let count = self.zygotes.lock().map_or(0, |z| z.len());
+        f.debug_struct("ZygotePool")
+            .field("helper", &self.helper)
+            .field("zygotes", &count)
+            .finish()
+    }
+}
+
+impl ZygotePool {
+    pub(crate) fn new(helper: PathBuf) -> Self {
+        ZygotePool {
+            helper,
+            zygotes: Mutex::new(HashMap::new()),
+            uses: AtomicU64::new(0),
+        }
+    }
+
+    /// The live zygote for `key`, started if there is none.
+    pub(crate) async fn get(
+        &self,
+        key: &ZygoteKey,
+        cgroups: Option<&CgroupLayout>,
+    ) -> Result<Arc<Zygote>, SandboxError> {
+        let stamp = self.uses.fetch_add(1, Ordering::Relaxed);
+        if let Some(zygote) = self.lookup(key) {
+            zygote.last_used.store(stamp, Ordering::Relaxed);
+            return Ok(zygote);
+        }
+        let helper = self.helper.clone();
+        let owned_key = key.clone();
+        let layout = cgroups.cloned();
+        let zygote = tokio::task::spawn_blocking(move || {
+            Zygote::start(&helper, &owned_key, layout.as_ref())
+        })
+        .await
+        .map_err(|e| SandboxError::Setup(format!("starting the sandbox zygote: {e}")))??;
+        zygote.last_used.store(stamp, Ordering::Relaxed);
+        let zygote = Arc::new(zygote);
+        let mut zygotes = self.zygotes.lock().unwrap_or_else(|e| e.into_inner());
+        zygotes.retain(|_, z| z.is_alive());
+        if let Some(existing) = zygotes.get(key) {
+            // Another call started one meanwhile; use it, drop ours.
+            return Ok(existing.clone());
+        }
+        while zygotes.len() >= MAX_ZYGOTES {
+            let idle = zygotes
+                .iter()
+                // Held by the pool alone: no call is using it.
+                .filter(|(_, z)| Arc::strong_count(z) == 1)
+                .min_by_key(|(_, z)| z.last_used.load(Ordering::Relaxed))
+                .map(|(k, _)| k.clone());
+            match idle {
+                Some(k) => zygotes.remove(&k),
+                None => break,
+            };
+        }
+        zygotes.insert(key.clone(), zygote.clone());
+        Ok(zygote)
+    }
+
+    fn lookup(&self, key: &ZygoteKey) -> Option<Arc<Zygote>> {
+        let zygotes = self.zygotes.lock().unwrap_or_else(|e| e.into_inner());
+        zygotes.get(key).filter(|z| z.is_alive()).cloned()
+    }
+
+    /// How many zygotes are running.
+    pub(crate) fn len(&self) -> usize {
+        let zygotes = self.zygotes.lock().unwrap_or_else(|e| e.into_inner());
+        zygotes.values().filter(|z| z.is_alive()).count()
+    }
+}
+
+/// One running zygote.
+pub(crate) struct Zygote {
+    control: Arc<OwnedFd>,
+    send_lock: Mutex<()>,
+    shared: Arc<Shared>,
+    last_used: AtomicU64,
+    process: Option<Child>,
+    cgroup: Option<SandboxCgroup>,
+}
+
+impl Zygote {
+    /// Starts the helper as a zygote and waits until it is confined.
+    /// Blocking.
+    fn start(
+        helper: &Path,
+        key: &ZygoteKey,
+        cgroups: Option<&CgroupLayout>,
+    ) -> Result<Zygote, SandboxError> {
+        let cgroup = match cgroups {
+            Some(layout) => match SandboxCgroup::create(layout, key.memory_bytes, key.processes) {
+                Ok(group) => Some(group),
+                Err(err) => {
+                    tracing::warn!(%err, "no cgroup for this sandbox; rlimits still apply");
+                    None
+                }
+            },
+            None => None,
+        };
+        let spec = ZygoteSpec {
+            uid: key.uid,
+            gid: key.gid,
+            network: key.network,
+            cgroup_procs: cgroup
+                .as_ref()
+                .map(SandboxCgroup::procs_files)
+                .unwrap_or_default(),
+            read_only: super::base_read_only(key.network),
+            read_only_files: super::READ_ONLY_DEVICES.iter().map(PathBuf::from).collect(),
+            read_write_files: super::READ_WRITE_DEVICES
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
+        };
+        let spec_json =
+            serde_json::to_string(&spec).map_err(|e| SandboxError::Prepare(e.to_string()))?;
+        let (ours, theirs) =
+            packet::pair().map_err(|e| SandboxError::Prepare(format!("socketpair: {e}")))?;
+        let mut command = Command::new(helper);
+        command
+            .env_clear()
+            .env(ZYGOTE_ENV, spec_json)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let theirs_raw = theirs.as_raw_fd();
+        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                if theirs_raw == CONTROL_FD {
+                    if libc::fcntl(CONTROL_FD, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(theirs_raw, CONTROL_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut process = command
+            .spawn()
+            .map_err(|e| SandboxError::Prepare(format!("starting {}: {e}", helper.display())))?;
+        drop(theirs);
+        let control = Arc::new(ours);
+        let first = wait_readable(control.as_fd(), START_TIMEOUT)
+            .and_then(|()| packet::recv(control.as_fd(), false));
+        let setup = match first.map(|p| p.map(|p| p.decode::<FromZygote>())) {
+            Ok(Some(Ok(FromZygote::Ready))) => Ok(()),
+            Ok(Some(Ok(FromZygote::SetupFailed { message }))) => Err(message),
+            Ok(Some(Ok(other))) => Err(format!("unexpected first message {other:?}")),
+            Ok(Some(Err(err))) => Err(format!("unreadable first message: {err}")),
+            Ok(None) => Err("the helper exited before it was ready".into()),
+            Err(err) => Err(format!("waiting for the helper: {err}")),
+        };
+        if let Err(message) = setup {
+            let _ = process.kill();
+            let _ = process.wait();
+            return Err(SandboxError::Setup(message));
+        }
+        let shared = Arc::new(Shared {
+            spares: Mutex::new(VecDeque::new()),
+            failure: Mutex::new(None),
+            pending: AtomicUsize::new(0),
+            changed: Notify::new(),
+            alive: AtomicBool::new(true),
+        });
+        let (reader_control, reader_shared) = (control.clone(), shared.clone());
+        std::thread::Builder::new()
+            .name("sandbox-zygote".into())
+            .spawn(move || read_replies(&reader_control, &reader_shared))
+            .map_err(|e| SandboxError::Prepare(format!("reader thread: {e}")))?;
+        let zygote = Zygote {
+            control,
+            send_lock: Mutex::new(()),
+            shared,
+            last_used: AtomicU64::new(0),
+            process: Some(process),
+            cgroup,
+        };
+        // The first call should find a spare waiting.
+        zygote.request_spare(true);
+        Ok(zygote)
+    }
+
+    /// Whether the zygote process is still there.
+    pub(crate) fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::SeqCst)
+    }
+
+    fn request_spare(&self, urgent: bool) {
+        self.shared.pending.fetch_add(1, Ordering::SeqCst);
+        let _guard = self.send_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if packet::send(self.control.as_fd(), &ToZygote::Spawn { urgent }, &[]).is_err() {
+            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn pop_live_spare(&self) -> Option<Spare> {
+        let mut spares = self.shared.spares.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(spare) = spares.pop_front() {
+            if spare.is_alive() {
+                return Some(spare);
+            }
+        }
+        None
+    }
+
+    /// Takes a waiting process for one call (and asks for its successor).
+    pub(crate) async fn take_spare(&self) -> Result<Spare, SandboxError> {
+        loop {
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(spare) = self.pop_live_spare() {
+                self.request_spare(false);
+                return Ok(spare);
+            }
+            if !self.is_alive() {
+                return Err(SandboxError::Setup("the sandbox zygote has exited".into()));
+            }
+            let failure = self
+                .shared
+                .failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(message) = failure {
+                return Err(SandboxError::Setup(message));
+            }
+            if self.shared.pending.load(Ordering::SeqCst) == 0 {
+                self.request_spare(true);
+            }
+            if tokio::time::timeout(START_TIMEOUT, changed).await.is_err() {
+                return Err(SandboxError::Setup(
+                    "no sandboxed process became ready within 10 s".into(),
+                ));
+            }
+        }
+    }
+
+    /// Kills the zygote itself, and with it every call it made.
+    pub(crate) fn terminate(&self) {
+        if let Some(process) = &self.process {
+            // SAFETY: our own child, not reaped before drop.
+            unsafe { libc::kill(process.id() as libc::pid_t, libc::SIGKILL) };
+        }
+        self.shared.alive.store(false, Ordering::SeqCst);
+    }
+
+    /// How many processes the memory controller has killed in this zygote's
+    /// cgroup so far.
+    pub(crate) fn oom_kills(&self) -> u64 {
+        self.cgroup.as_ref().map_or(0, SandboxCgroup::oom_kills)
+    }
+}
+
+impl Drop for Zygote {
+    fn drop(&mut self) {
+        self.shared.alive.store(false, Ordering::SeqCst);
+        // End of stream tells the zygote to kill what it made and exit.
+        let _ =
+            nix::sys::socket::shutdown(self.control.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        let process = self.process.take();
+        let cgroup = self.cgroup.take();
+        // Reaping and removing the cgroup may wait; never on the caller.
+        let _ = std::thread::Builder::new()
+            .name("sandbox-zygote-exit".into())
+            .spawn(move || {
+                if let Some(mut process) = process {
+                    let _ = process.wait();
+                }
+                drop(cgroup);
+            });
+    }
+}
+
+fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, limit: Duration) -> std::io::Result<()> {
+    let mut entry = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = libc::c_int::try_from(limit.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd.
+    let ready = unsafe { libc::poll(&mut entry, 1, millis) };
+    match ready {
+        0 => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no answer within 10 s",
+        )),
+        n if n < 0 => Err(std::io::Error::last_os_error()),
+        _ => Ok(()),
+    }
+}
+
+/// The reader thread: queues each spare the zygote sends; at end of stream
+/// marks the zygote dead. Every change wakes the callers waiting for one.
+fn read_replies(control: &OwnedFd, shared: &Shared) {
+    while let Ok(Some(reply)) = packet::recv(control.as_fd(), false) {
+        match reply.decode::<FromZygote>() {
+            Ok(FromZygote::Spare) => {
+                let mut fds = reply.fds.into_iter();
+                if let (Some(channel), Some(pidfd)) = (fds.next(), fds.next()) {
+                    shared
+                        .spares
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push_back(Spare { channel, pidfd });
+                }
+            }
+            Ok(FromZygote::SpawnFailed { message }) => {
+                *shared.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+            }
+            _ => continue,
+        }
+        let _ = shared
+            .pending
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        shared.changed.notify_waiters();
+    }
+    shared.alive.store(false, Ordering::SeqCst);
+    shared.changed.notify_waiters();
+}
