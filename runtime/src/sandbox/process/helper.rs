@@ -13,13 +13,16 @@
 //!    capabilities go with it) and check that no id is 0 any more.
 //! 4. `unshare` user, IPC, UTS and (unless the network is `full`) network
 //!    namespaces; map only our own uid/gid; bring `lo` up for `loopback`.
+//! 5. `no_new_privs`, an empty capability bounding set, default signal
+//!    dispositions, the seccomp denylist (all but the namespace rules, which
+//!    the zygote itself must break for every spare); open the system paths
+//!    every call may read.
 //!
 //! Per call, in [`super::zygote`]: a new PID and IPC namespace whose PID 1
 //! is a minimal init and whose PID 2 becomes the target. Before its call
 //! arrives, the target (see [`prepare_target`]):
-//! 5. sets `no_new_privs`, empties its capability bounding set and resets
-//!    signal dispositions to their defaults;
-//! 6. installs the seccomp filters (compiled once, in the zygote);
+//! 6. installs the per-call seccomp filters (no `CLONE_NEW*`, `unshare`,
+//!    `setns`; `clone3` looks unimplemented);
 //! 7. creates its landlock ruleset (filesystem, TCP, signal and
 //!    abstract-socket scopes) with the zygote's read-only rules.
 //!
@@ -33,12 +36,12 @@
 
 use std::convert::Infallible;
 use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
 use landlock::{
-    path_beneath_rules, Access, AccessFs, AccessNet, CompatLevel, Compatible, Ruleset, RulesetAttr,
-    RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+    path_beneath_rules, Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd,
+    Ruleset, RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 use nix::libc;
 use nix::sched::{unshare, CloneFlags};
@@ -61,11 +64,11 @@ pub fn helper_main() -> ! {
     // not open every send below fails and the helper just exits.
     let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
     match setup_zygote() {
-        Ok((spec, filters)) => {
+        Ok((spec, filters, base)) => {
             if packet::send(control.as_fd(), &FromZygote::Ready, &[]).is_err() {
                 std::process::exit(SETUP_FAILED_EXIT);
             }
-            zygote::serve(control, &spec, &filters)
+            zygote::serve(control, &spec, &filters, &base)
         }
         Err(message) => {
             let _ = packet::send(control.as_fd(), &FromZygote::SetupFailed { message }, &[]);
@@ -74,7 +77,7 @@ pub fn helper_main() -> ! {
     }
 }
 
-fn setup_zygote() -> Result<(ZygoteSpec, Filters), String> {
+fn setup_zygote() -> Result<(ZygoteSpec, Filters, BaseRules), String> {
     let raw = std::env::var(ZYGOTE_ENV).map_err(|_| {
         format!("{ZYGOTE_ENV} is not set; this program is started by stack-runtime")
     })?;
@@ -88,7 +91,68 @@ fn setup_zygote() -> Result<(ZygoteSpec, Filters), String> {
     drop_identity(&spec)?;
     enter_namespaces(&spec)?;
     let filters = Filters::build(spec.network).map_err(|e| format!("seccomp: {e}"))?;
-    Ok((spec, filters))
+    // Everything below holds for every call, so it is done once, here, and
+    // inherited: no_new_privs, an empty bounding set (the zygote never
+    // execs, so it keeps the capabilities it needs in its user namespace),
+    // default signal dispositions, the shared seccomp denylist, and the
+    // system paths every call may read, opened once.
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
+    }
+    drop_bounding_set();
+    reset_signals();
+    filters
+        .install_shared()
+        .map_err(|e| format!("seccomp: {e}"))?;
+    let base = BaseRules::open(&spec);
+    Ok((spec, filters, base))
+}
+
+/// The zygote's fixed rules (system paths every call may read, the device
+/// files), as `O_PATH` descriptors opened once and inherited by every spare,
+/// which builds its landlock ruleset from them without a path lookup.
+pub(crate) struct BaseRules {
+    entries: Vec<BaseEntry>,
+}
+
+struct BaseEntry {
+    fd: PathFd,
+    directory: bool,
+    writable: bool,
+}
+
+impl BaseRules {
+    fn open(spec: &ZygoteSpec) -> BaseRules {
+        let read_only = spec
+            .read_only
+            .iter()
+            .chain(&spec.read_only_files)
+            .map(|p| (p, false));
+        let writable = spec.read_write_files.iter().map(|p| (p, true));
+        let entries = read_only
+            .chain(writable)
+            .filter_map(|(path, writable)| {
+                // A path this system lacks grants nothing and is left out.
+                let fd = PathFd::new(path).ok()?;
+                let directory = std::fs::metadata(path).ok()?.is_dir();
+                Some(BaseEntry {
+                    fd,
+                    directory,
+                    writable,
+                })
+            })
+            .collect();
+        BaseRules { entries }
+    }
+
+    /// The descriptors a spare's init must keep open for its target.
+    pub(crate) fn fds(&self) -> Vec<RawFd> {
+        self.entries
+            .iter()
+            .map(|entry| entry.fd.as_fd().as_raw_fd())
+            .collect()
+    }
 }
 
 /// What a waiting target has already done to itself before its call is
@@ -99,19 +163,18 @@ pub(crate) struct Prepared {
     version: i32,
 }
 
-/// Run by a spare's target while it waits: `no_new_privs`, an empty
-/// capability bounding set, default signal dispositions, the seccomp filters,
-/// and a landlock ruleset holding the zygote's read-only rules (not yet
-/// enforced).
-pub(crate) fn prepare_target(spec: &ZygoteSpec, filters: &Filters) -> Result<Prepared, String> {
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
-    }
-    drop_bounding_set();
-    reset_signals();
-    filters.install().map_err(|e| format!("seccomp: {e}"))?;
-    base_ruleset(spec)
+/// Run by a spare's target while it waits: the per-call seccomp filters
+/// (no namespaces, no `clone3`) and a landlock ruleset holding the zygote's
+/// read-only rules (not yet enforced).
+pub(crate) fn prepare_target(
+    spec: &ZygoteSpec,
+    filters: &Filters,
+    base: &BaseRules,
+) -> Result<Prepared, String> {
+    filters
+        .install_per_call()
+        .map_err(|e| format!("seccomp: {e}"))?;
+    base_ruleset(spec, base)
 }
 
 /// Confines the calling process (a call's PID 2) for `call` and executes
@@ -276,7 +339,7 @@ fn existing(paths: &[PathBuf]) -> Vec<PathBuf> {
     paths.iter().filter(|p| p.exists()).cloned().collect()
 }
 
-fn base_ruleset(spec: &ZygoteSpec) -> Result<Prepared, String> {
+fn base_ruleset(spec: &ZygoteSpec, base: &BaseRules) -> Result<Prepared, String> {
     let version = landlock_abi().ok_or("landlock is not available in this kernel (needs Linux 5.13+ with landlock in the LSM list)")?;
     let abi = abi_from(version);
     let err = |e: landlock::RulesetError| format!("landlock: {e}");
@@ -292,23 +355,21 @@ fn base_ruleset(spec: &ZygoteSpec) -> Result<Prepared, String> {
     if version >= 6 {
         ruleset = ruleset.scope(Scope::from_all(abi)).map_err(err)?;
     }
+    // Directories take every read right; files only those that apply to files.
+    let rules = base.entries.iter().map(|entry| {
+        let mut access = AccessFs::from_read(abi);
+        if entry.writable {
+            access |= AccessFs::WriteFile;
+        }
+        if !entry.directory {
+            access &= AccessFs::from_file(abi);
+        }
+        PathBeneath::new(&entry.fd, access)
+    });
     let ruleset = ruleset
         .create()
         .map_err(err)?
-        .add_rules(path_beneath_rules(
-            existing(&spec.read_only),
-            AccessFs::from_read(abi),
-        ))
-        .map_err(err)?
-        .add_rules(path_beneath_rules(
-            existing(&spec.read_only_files),
-            AccessFs::from_read(abi),
-        ))
-        .map_err(err)?
-        .add_rules(path_beneath_rules(
-            existing(&spec.read_write_files),
-            AccessFs::from_read(abi) | AccessFs::WriteFile,
-        ))
+        .add_rules(rules.map(Ok::<_, landlock::RulesetError>))
         .map_err(err)?;
     Ok(Prepared {
         ruleset,

@@ -404,7 +404,6 @@ async fn run_call(
         out_write.as_raw_fd(),
         err_write.as_raw_fd(),
     ];
-    let oom_before = zygote.oom_kills();
     // A spare that died while queued fails the send; try the next one.
     let mut spare = spare;
     let mut attempts = 0;
@@ -444,7 +443,12 @@ async fn run_call(
         tokio::time::timeout(wall + DRAIN_GRACE, capture::read_capped(stdout, cap)),
         tokio::time::timeout(wall + DRAIN_GRACE, capture::read_capped(stderr, cap)),
     );
-    let oom = zygote.oom_kills() > oom_before;
+    let ended_badly = match &ended {
+        Ended::Exited { status, .. } => *status != 0,
+        Ended::Lost { .. } => true,
+        Ended::TimedOut => false,
+    };
+    let oom = ended_badly && zygote.new_oom_kills();
     let (stdout, out_cut) = stdout.unwrap_or((Vec::new(), true));
     let (stderr, err_cut) = stderr.unwrap_or((Vec::new(), true));
     let (status, cpu_ms, timed_out) = match ended {

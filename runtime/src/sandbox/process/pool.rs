@@ -185,6 +185,8 @@ pub(crate) struct Zygote {
     send_lock: Mutex<()>,
     shared: Arc<Shared>,
     last_used: AtomicU64,
+    /// The cgroup's OOM kill count when last read.
+    oom_seen: AtomicU64,
     process: Option<Child>,
     cgroup: Option<SandboxCgroup>,
 }
@@ -284,6 +286,7 @@ impl Zygote {
             send_lock: Mutex::new(()),
             shared,
             last_used: AtomicU64::new(0),
+            oom_seen: AtomicU64::new(0),
             process: Some(process),
             cgroup,
         };
@@ -357,10 +360,15 @@ impl Zygote {
         self.shared.alive.store(false, Ordering::SeqCst);
     }
 
-    /// How many processes the memory controller has killed in this zygote's
-    /// cgroup so far.
-    pub(crate) fn oom_kills(&self) -> u64 {
-        self.cgroup.as_ref().map_or(0, SandboxCgroup::oom_kills)
+    /// Whether the memory controller has killed a process in this zygote's
+    /// cgroup since the last time anyone asked (calls that share the cgroup
+    /// share the count; a call only asks when it ended badly).
+    pub(crate) fn new_oom_kills(&self) -> bool {
+        let Some(cgroup) = &self.cgroup else {
+            return false;
+        };
+        let now = cgroup.oom_kills();
+        self.oom_seen.swap(now, Ordering::SeqCst) < now
     }
 }
 

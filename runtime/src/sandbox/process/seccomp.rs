@@ -1,11 +1,16 @@
-//! The seccomp filters installed just before `execve`.
+//! The seccomp filters every sandboxed call runs under.
 //!
-//! Two filters, both defaulting to *allow* (a denylist: the sandbox must run
-//! arbitrary interpreters):
+//! Three filters, all defaulting to *allow* (a denylist: the sandbox must
+//! run arbitrary interpreters), compiled once in the zygote:
 //!
+//! * the main denylist (`EPERM`), installed by the zygote on itself, so that
+//!   every call inherits it;
+//! * the namespace denylist (`EPERM`: `unshare`, `setns`, `clone` with any
+//!   `CLONE_NEW*` flag), installed by each call's target, because the zygote
+//!   itself must create a PID namespace for every call;
 //! * `clone3` fails with `ENOSYS`, so libc falls back to `clone`, whose flags
-//!   a filter can inspect (`clone3` passes them in memory);
-//! * everything below fails with `EPERM`.
+//!   a filter can inspect (`clone3` passes them in memory); installed by each
+//!   call's target too.
 //!
 //! Denied: debugging and cross-process memory access (`ptrace`,
 //! `process_vm_readv/writev`), kernel attack surface (`io_uring_*`, `bpf`,
@@ -69,8 +74,6 @@ pub(crate) const DENIED_SYSCALLS: &[(&str, i64)] = &[
     ("adjtimex", libc::SYS_adjtimex),
     ("iopl", libc::SYS_iopl),
     ("ioperm", libc::SYS_ioperm),
-    ("unshare", libc::SYS_unshare),
-    ("setns", libc::SYS_setns),
     ("open_by_handle_at", libc::SYS_open_by_handle_at),
     ("name_to_handle_at", libc::SYS_name_to_handle_at),
     ("fanotify_init", libc::SYS_fanotify_init),
@@ -100,10 +103,30 @@ fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, String> {
     SeccompRule::new(conditions).map_err(|e| e.to_string())
 }
 
-/// Builds the `EPERM` denylist filter.
-pub(crate) fn denylist(network: NetworkMode) -> Result<BpfProgram, String> {
+/// Syscalls that enter or create namespaces, denied outright (besides
+/// `clone` with a `CLONE_NEW*` flag).
+pub(crate) const NAMESPACE_SYSCALLS: &[(&str, i64)] =
+    &[("unshare", libc::SYS_unshare), ("setns", libc::SYS_setns)];
+
+fn errno_filter(rules: BTreeMap<i64, Vec<SeccompRule>>, errno: i32) -> Result<BpfProgram, String> {
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(errno as u32),
+        arch()?,
+    )
+    .map_err(|e| e.to_string())?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())
+}
+
+/// Builds the filter that denies creating or entering namespaces. The
+/// zygote needs `clone(CLONE_NEWPID)` for every spare, so this one is
+/// installed by each call's target.
+pub(crate) fn namespace_denylist() -> Result<BpfProgram, String> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for (_, number) in DENIED_SYSCALLS {
+    for (_, number) in NAMESPACE_SYSCALLS {
         rules.insert(*number, Vec::new());
     }
     let clone_rules = NAMESPACE_FLAGS
@@ -111,6 +134,16 @@ pub(crate) fn denylist(network: NetworkMode) -> Result<BpfProgram, String> {
         .map(|flag| rule(vec![condition(0, SeccompCmpOp::MaskedEq(*flag), *flag)?]))
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_clone, clone_rules);
+    errno_filter(rules, libc::EPERM)
+}
+
+/// Builds the `EPERM` denylist filter (everything but namespaces). The
+/// zygote installs it on itself once; every call inherits it.
+pub(crate) fn denylist(network: NetworkMode) -> Result<BpfProgram, String> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for (_, number) in DENIED_SYSCALLS {
+        rules.insert(*number, Vec::new());
+    }
     rules.insert(
         libc::SYS_ioctl,
         vec![rule(vec![condition(
@@ -137,54 +170,45 @@ pub(crate) fn denylist(network: NetworkMode) -> Result<BpfProgram, String> {
             )?])?],
         );
     }
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch()?,
-    )
-    .map_err(|e| e.to_string())?;
-    filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| e.to_string())
+    errno_filter(rules, libc::EPERM)
 }
 
 /// Builds the filter that makes `clone3` look unimplemented.
 pub(crate) fn clone3_enosys() -> Result<BpfProgram, String> {
     let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch()?,
-    )
-    .map_err(|e| e.to_string())?;
-    filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| e.to_string())
+    errno_filter(rules, libc::ENOSYS)
 }
 
-/// Both filters, compiled once (in the zygote) and installed per call.
+/// The filters, compiled once in the zygote. The large denylist is
+/// installed by the zygote on itself (every call inherits it); the two small
+/// ones, which the zygote could not live with, by each call's target.
 #[derive(Debug, Clone)]
 pub(crate) struct Filters {
-    clone3: BpfProgram,
     deny: BpfProgram,
+    clone3: BpfProgram,
+    namespaces: BpfProgram,
 }
 
 impl Filters {
     /// Compiles the filters for `network`.
     pub(crate) fn build(network: NetworkMode) -> Result<Filters, String> {
         Ok(Filters {
-            clone3: clone3_enosys()?,
             deny: denylist(network)?,
+            clone3: clone3_enosys()?,
+            namespaces: namespace_denylist()?,
         })
     }
 
-    /// Installs both filters on the calling thread. `no_new_privs` must be set.
-    pub(crate) fn install(&self) -> Result<(), String> {
+    /// Installs the shared denylist on the calling (zygote) thread.
+    /// `no_new_privs` must be set.
+    pub(crate) fn install_shared(&self) -> Result<(), String> {
+        apply_filter(&self.deny).map_err(|e| e.to_string())
+    }
+
+    /// Installs the per-call filters on the calling (target) thread.
+    pub(crate) fn install_per_call(&self) -> Result<(), String> {
         apply_filter(&self.clone3).map_err(|e| e.to_string())?;
-        apply_filter(&self.deny).map_err(|e| e.to_string())?;
-        Ok(())
+        apply_filter(&self.namespaces).map_err(|e| e.to_string())
     }
 }
 
@@ -198,5 +222,6 @@ mod tests {
             assert!(!denylist(mode).expect("denylist").is_empty());
         }
         assert!(!clone3_enosys().expect("clone3").is_empty());
+        assert!(!namespace_denylist().expect("namespaces").is_empty());
     }
 }

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use nix::libc;
 
-use super::helper::{confine_and_exec, prepare_target, SETUP_FAILED_EXIT};
+use super::helper::{confine_and_exec, prepare_target, BaseRules, SETUP_FAILED_EXIT};
 use super::packet;
 use super::seccomp::Filters;
 use super::spec::{CallReport, CallSpec, FromZygote, ToZygote, ZygoteSpec};
@@ -69,7 +69,7 @@ impl Init {
 
 /// Serves spawn requests until the runtime closes the control socket.
 /// Never returns.
-pub(crate) fn serve(control: OwnedFd, spec: &ZygoteSpec, filters: &Filters) -> ! {
+pub(crate) fn serve(control: OwnedFd, spec: &ZygoteSpec, filters: &Filters, base: &BaseRules) -> ! {
     let mut inits: Vec<Init> = Vec::new();
     let mut wanted = 0usize;
     let mut urgent = false;
@@ -81,7 +81,7 @@ pub(crate) fn serve(control: OwnedFd, spec: &ZygoteSpec, filters: &Filters) -> !
             if urgent || waited >= SPARE_DELAY {
                 wanted -= 1;
                 urgent = urgent && wanted > 0;
-                hand_over_spare(&control, spec, filters, &mut inits);
+                hand_over_spare(&control, spec, filters, base, &mut inits);
                 continue;
             }
             timeout = Some(SPARE_DELAY - waited);
@@ -146,8 +146,14 @@ fn wait(polled: &mut [libc::pollfd], timeout: Option<Duration>) -> bool {
 }
 
 /// Makes a spare and sends it to the runtime (or says why it could not).
-fn hand_over_spare(control: &OwnedFd, spec: &ZygoteSpec, filters: &Filters, inits: &mut Vec<Init>) {
-    let sent = match spawn_spare(spec, filters) {
+fn hand_over_spare(
+    control: &OwnedFd,
+    spec: &ZygoteSpec,
+    filters: &Filters,
+    base: &BaseRules,
+    inits: &mut Vec<Init>,
+) {
+    let sent = match spawn_spare(spec, filters, base) {
         Ok((init, channel)) => {
             let fds = [channel.as_raw_fd(), init.pidfd.as_raw_fd()];
             let sent = packet::send(control.as_fd(), &FromZygote::Spare, &fds);
@@ -182,7 +188,11 @@ fn shutdown(inits: &[Init]) -> ! {
 
 /// Makes a spare: a new PID and IPC namespace with its init (PID 1) and the
 /// future target (PID 2) waiting for a call.
-fn spawn_spare(spec: &ZygoteSpec, filters: &Filters) -> std::io::Result<(Init, OwnedFd)> {
+fn spawn_spare(
+    spec: &ZygoteSpec,
+    filters: &Filters,
+    base: &BaseRules,
+) -> std::io::Result<(Init, OwnedFd)> {
     let (ours, theirs) = packet::pair()?;
     let flags = (libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::SIGCHLD) as libc::c_ulong;
     // SAFETY: clone without CLONE_VM and with a null stack behaves as fork;
@@ -193,7 +203,7 @@ fn spawn_spare(spec: &ZygoteSpec, filters: &Filters) -> std::io::Result<(Init, O
     }
     if pid == 0 {
         drop(ours);
-        run_init(theirs, spec, filters);
+        run_init(theirs, spec, filters, base);
     }
     drop(theirs);
     let init = pid as libc::pid_t;
@@ -216,6 +226,23 @@ fn spawn_spare(spec: &ZygoteSpec, filters: &Filters) -> std::io::Result<(Init, O
     Ok((init, ours))
 }
 
+/// Closes every descriptor above stdio but those in `keep`: what a spare
+/// inherits from the zygote (the control socket, other spares' sockets and
+/// pidfds) is none of its business.
+fn close_all_but(mut keep: Vec<RawFd>) {
+    keep.sort_unstable();
+    let mut next: u32 = 3;
+    for fd in keep.into_iter().filter_map(|fd| u32::try_from(fd).ok()) {
+        if fd > next {
+            // SAFETY: closing descriptors this process owns and does not use.
+            unsafe { libc::syscall(libc::SYS_close_range, next, fd - 1, 0u32) };
+        }
+        next = next.max(fd + 1);
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, next, u32::MAX, 0u32) };
+}
+
 /// PID 1 of a call's namespace: forks the target, reaps every child, and
 /// when the target exits reports its wait status to the runtime and exits,
 /// which makes the kernel kill whatever is left in the namespace.
@@ -223,18 +250,12 @@ fn spawn_spare(spec: &ZygoteSpec, filters: &Filters) -> std::io::Result<(Init, O
 /// The target is not PID 1 on purpose: the kernel drops default-action
 /// signals sent to an init, which would make SIGXFSZ, SIGXCPU or a plain
 /// `kill` behave differently inside the sandbox.
-fn run_init(channel: OwnedFd, spec: &ZygoteSpec, filters: &Filters) -> ! {
+fn run_init(channel: OwnedFd, spec: &ZygoteSpec, filters: &Filters, base: &BaseRules) -> ! {
     // SAFETY: prctl with constant arguments; the parent is the zygote.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
-    let keep = channel.as_raw_fd();
-    // SAFETY: closing inherited descriptors of the zygote (control socket,
-    // other calls' sockets and pidfds): all but stdio and our channel.
-    unsafe {
-        if keep > 3 {
-            libc::syscall(libc::SYS_close_range, 3u32, (keep - 1) as u32, 0u32);
-        }
-        libc::syscall(libc::SYS_close_range, (keep + 1) as u32, u32::MAX, 0u32);
-    }
+    let mut keep = base.fds();
+    keep.push(channel.as_raw_fd());
+    close_all_but(keep);
     let _ = nix::unistd::setsid();
     // SAFETY: this process is single-threaded (a fork of the zygote).
     let target = unsafe { libc::fork() };
@@ -242,7 +263,7 @@ fn run_init(channel: OwnedFd, spec: &ZygoteSpec, filters: &Filters) -> ! {
         std::process::exit(SETUP_FAILED_EXIT);
     }
     if target == 0 {
-        run_target(channel, spec, filters);
+        run_target(channel, spec, filters, base);
     }
     loop {
         let mut raw: libc::c_int = 0;
@@ -267,8 +288,8 @@ fn run_init(channel: OwnedFd, spec: &ZygoteSpec, filters: &Filters) -> ! {
 
 /// PID 2: confines itself as far as it can without its call, waits for the
 /// call, then finishes confining itself and executes it.
-fn run_target(channel: OwnedFd, spec: &ZygoteSpec, filters: &Filters) -> ! {
-    let prepared = prepare_target(spec, filters);
+fn run_target(channel: OwnedFd, spec: &ZygoteSpec, filters: &Filters, base: &BaseRules) -> ! {
+    let prepared = prepare_target(spec, filters, base);
     let request = match packet::recv(channel.as_fd(), false) {
         Ok(Some(request)) => request,
         // The zygote dropped this spare (or is gone): nothing to run.
