@@ -757,3 +757,132 @@ impl Drop for PrivateTmp {
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signalled(signal: i32) -> Option<std::process::ExitStatus> {
+        Some(std::process::ExitStatus::from_raw(signal))
+    }
+
+    fn exited(code: i32) -> Option<std::process::ExitStatus> {
+        Some(std::process::ExitStatus::from_raw(code << 8))
+    }
+
+    /// (case, status, cpu_ms, timed_out, oom) → (status, limit)
+    #[test]
+    fn endings_are_classified_by_what_caused_them() {
+        let limits = ResourceLimits::default();
+        let cpu_limit_ms = limits.cpu_seconds * 1000;
+        type Case = (
+            &'static str,
+            Option<std::process::ExitStatus>,
+            Option<u64>,
+            bool,
+            bool,
+            Status,
+            Option<&'static str>,
+        );
+        let cases: &[Case] = &[
+            (
+                "clean exit",
+                exited(0),
+                Some(5),
+                false,
+                false,
+                Status::Ok,
+                None,
+            ),
+            (
+                "failing exit",
+                exited(3),
+                Some(5),
+                false,
+                false,
+                Status::Failed,
+                None,
+            ),
+            (
+                "exit after an OOM kill",
+                exited(137),
+                Some(5),
+                false,
+                true,
+                Status::Killed,
+                Some("memory"),
+            ),
+            (
+                "wall clock",
+                None,
+                None,
+                true,
+                false,
+                Status::Timeout,
+                Some("wall_time"),
+            ),
+            (
+                "SIGXCPU",
+                signalled(libc::SIGXCPU),
+                Some(cpu_limit_ms),
+                false,
+                false,
+                Status::Killed,
+                Some("cpu"),
+            ),
+            (
+                "SIGXFSZ",
+                signalled(libc::SIGXFSZ),
+                Some(5),
+                false,
+                false,
+                Status::Killed,
+                Some("file_size"),
+            ),
+            (
+                "SIGKILL by the memory controller",
+                signalled(libc::SIGKILL),
+                Some(5),
+                false,
+                true,
+                Status::Killed,
+                Some("memory"),
+            ),
+            (
+                "SIGKILL at the CPU hard limit",
+                signalled(libc::SIGKILL),
+                Some(cpu_limit_ms + 1000),
+                false,
+                false,
+                Status::Killed,
+                Some("cpu"),
+            ),
+            (
+                "SIGKILL from the code itself",
+                signalled(libc::SIGKILL),
+                Some(3),
+                false,
+                false,
+                Status::Failed,
+                None,
+            ),
+            (
+                "SIGSEGV",
+                signalled(libc::SIGSEGV),
+                Some(3),
+                false,
+                false,
+                Status::Failed,
+                None,
+            ),
+            ("lost", None, None, false, false, Status::Error, None),
+        ];
+        for (case, status, cpu_ms, timed_out, oom, want_status, want_limit) in cases {
+            let mut outcome = ToolOutcome::from_output(b"", b"", false);
+            outcome.exit_code = None;
+            classify(&mut outcome, *status, *cpu_ms, *timed_out, *oom, &limits);
+            assert_eq!(outcome.status, *want_status, "{case}: {outcome:?}");
+            assert_eq!(outcome.limit.as_deref(), *want_limit, "{case}: {outcome:?}");
+        }
+    }
+}
