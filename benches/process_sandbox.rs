@@ -53,6 +53,22 @@ fn bare(argv: &[&str], env: &[(String, String)]) {
     assert!(output.status.success());
 }
 
+/// The same spawn through tokio, as an async runtime without a sandbox
+/// would make it.
+fn bare_tokio(runtime: &tokio::runtime::Runtime, argv: &[&str], env: &[(String, String)]) {
+    let output = runtime
+        .block_on(async {
+            tokio::process::Command::new(argv[0])
+                .args(&argv[1..])
+                .env_clear()
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .output()
+                .await
+        })
+        .expect("bare tokio spawn");
+    assert!(output.status.success());
+}
+
 fn bwrap(argv: &[&str], workspace: &Path, env: &[(String, String)]) {
     let ws = workspace.to_str().expect("utf8");
     let mut command = Command::new("bwrap");
@@ -125,8 +141,16 @@ fn main() {
 
     println!("process sandbox start-up, median of {iterations} runs (ratios against the bare spawn in this run)");
     println!(
-        "{:<24} {:>10} {:>10} {:>8} {:>16} {:>10} {:>8}",
-        "command", "bare ms", "sandbox ms", "ratio", "sandbox+net ms", "bwrap ms", "vs bwrap"
+        "{:<24} {:>8} {:>10} {:>8} {:>10} {:>9} {:>15} {:>9} {:>9}",
+        "command",
+        "bare ms",
+        "sandbox ms",
+        "ratio",
+        "tokio ms",
+        "vs tokio",
+        "sandbox+net ms",
+        "bwrap ms",
+        "vs bwrap"
     );
     for argv in [
         &["/usr/bin/python3", "-c", "print(1)"][..],
@@ -138,24 +162,32 @@ fn main() {
             assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
         };
         let mut run_bare = || bare(argv, &env);
+        let mut run_bare_tokio = || bare_tokio(&runtime, argv, &env);
         let mut run_sandboxed = || sandboxed(&default_policy);
         let mut run_sandboxed_net = || sandboxed(&full_network);
         let mut run_bwrap = || bwrap(argv, workspace.path(), &env);
-        let mut runners: Vec<&mut dyn FnMut()> =
-            vec![&mut run_bare, &mut run_sandboxed, &mut run_sandboxed_net];
+        let mut runners: Vec<&mut dyn FnMut()> = vec![
+            &mut run_bare,
+            &mut run_sandboxed,
+            &mut run_bare_tokio,
+            &mut run_sandboxed_net,
+        ];
         if has_bwrap {
             runners.push(&mut run_bwrap);
         }
         let medians = time_interleaved(iterations, &mut runners);
-        let (bare_time, sandbox_time, sandbox_net_time) = (medians[0], medians[1], medians[2]);
-        let bwrap_time = medians.get(3).copied();
+        let (bare_time, sandbox_time, tokio_time, sandbox_net_time) =
+            (medians[0], medians[1], medians[2], medians[3]);
+        let bwrap_time = medians.get(4).copied();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         println!(
-            "{:<24} {:>10.2} {:>10.2} {:>7.2}x {:>16.2} {:>10} {:>8}",
+            "{:<24} {:>8.2} {:>10.2} {:>7.2}x {:>10.2} {:>8.2}x {:>15.2} {:>9} {:>9}",
             argv.join(" "),
             ms(bare_time),
             ms(sandbox_time),
             ms(sandbox_time) / ms(bare_time),
+            ms(tokio_time),
+            ms(sandbox_time) / ms(tokio_time),
             ms(sandbox_net_time),
             bwrap_time.map_or("-".to_string(), |b| format!("{:.2}", ms(b))),
             bwrap_time.map_or("-".to_string(), |b| format!(
@@ -181,5 +213,6 @@ fn main() {
         "first call of a workspace (starts its zygote), bash -c true: {:.2} ms",
         median(cold).as_secs_f64() * 1000.0
     );
-    println!("(sandbox = default policy, network none; sandbox+net = the same without a network namespace)");
+    println!("(ratio = sandbox over a bare std::process spawn; tokio = the same bare spawn through tokio::process;");
+    println!(" sandbox = default policy, network none; sandbox+net = the same without a network namespace)");
 }
