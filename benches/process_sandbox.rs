@@ -1,8 +1,10 @@
 //! Process sandbox start-up cost, as ratios over the same bare spawn measured
 //! in the same run (and over bubblewrap with comparable isolation, where
-//! `bwrap` is installed). All three run the command with the environment the
-//! sandbox gives (`sandbox_environment`), so the ratios measure isolation,
-//! not a different locale.
+//! `bwrap` is installed). All of them run the command with the environment
+//! the sandbox gives (`sandbox_environment`), so the ratios measure
+//! isolation, not a different locale. The bare spawns (std and tokio) and the
+//! sandboxed runs are interleaved, one of each per round, so that drift on a
+//! busy machine hits them alike.
 //!
 //! The sandboxed figure is a session's steady state: the workspace's zygote
 //! is already running (see `sandbox::process`). What the first call of a
@@ -172,13 +174,13 @@ fn main() {
             &mut run_bare_tokio,
             &mut run_sandboxed_net,
         ];
-        if has_bwrap {
-            runners.push(&mut run_bwrap);
-        }
         let medians = time_interleaved(iterations, &mut runners);
         let (bare_time, sandbox_time, tokio_time, sandbox_net_time) =
             (medians[0], medians[1], medians[2], medians[3]);
-        let bwrap_time = medians.get(4).copied();
+        // bwrap runs on its own: each run creates and destroys a network
+        // namespace, whose teardown (expedited RCU grace periods, IPIs to
+        // every CPU) would otherwise land in the other runners' timings.
+        let bwrap_time = has_bwrap.then(|| time_interleaved(iterations, &mut [&mut run_bwrap])[0]);
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         println!(
             "{:<24} {:>8.2} {:>10.2} {:>7.2}x {:>10.2} {:>8.2}x {:>15.2} {:>9} {:>9}",
