@@ -37,11 +37,11 @@
 use std::convert::Infallible;
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
+use std::path::Path;
 
 use landlock::{
-    path_beneath_rules, Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd,
-    Ruleset, RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
+    RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 use nix::libc;
 use nix::sched::{unshare, CloneFlags};
@@ -105,7 +105,7 @@ fn setup_zygote() -> Result<(ZygoteSpec, Filters, BaseRules), String> {
     filters
         .install_shared()
         .map_err(|e| format!("seccomp: {e}"))?;
-    let base = BaseRules::open(&spec);
+    let base = BaseRules::open(&spec)?;
     Ok((spec, filters, base))
 }
 
@@ -123,27 +123,24 @@ struct BaseEntry {
 }
 
 impl BaseRules {
-    fn open(spec: &ZygoteSpec) -> BaseRules {
+    fn open(spec: &ZygoteSpec) -> Result<BaseRules, String> {
         let read_only = spec
             .read_only
             .iter()
             .chain(&spec.read_only_files)
             .map(|p| (p, false));
         let writable = spec.read_write_files.iter().map(|p| (p, true));
-        let entries = read_only
-            .chain(writable)
-            .filter_map(|(path, writable)| {
-                // A path this system lacks grants nothing and is left out.
-                let fd = PathFd::new(path).ok()?;
-                let directory = std::fs::metadata(path).ok()?.is_dir();
-                Some(BaseEntry {
+        let mut entries = Vec::new();
+        for (path, writable) in read_only.chain(writable) {
+            if let Some((fd, directory)) = rule_target(path)? {
+                entries.push(BaseEntry {
                     fd,
                     directory,
                     writable,
-                })
-            })
-            .collect();
-        BaseRules { entries }
+                });
+            }
+        }
+        Ok(BaseRules { entries })
     }
 
     /// The descriptors a spare's init must keep open for its target.
@@ -335,8 +332,30 @@ fn abi_from(version: i32) -> ABI {
     }
 }
 
-fn existing(paths: &[PathBuf]) -> Vec<PathBuf> {
-    paths.iter().filter(|p| p.exists()).cloned().collect()
+/// Opens `path` (`O_PATH`) for a landlock rule and says whether it is a
+/// directory; `None` when it does not exist (it grants nothing then). Any
+/// other failure is an error: a rule the policy asked for is never dropped.
+fn rule_target(path: &Path) -> Result<Option<(PathFd, bool)>, String> {
+    match PathFd::new(path) {
+        Ok(fd) => {
+            let stat = nix::sys::stat::fstat(fd.as_fd())
+                .map_err(|e| format!("landlock: stat {}: {e}", path.display()))?;
+            let directory = stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
+            Ok(Some((fd, directory)))
+        }
+        Err(_) if !path.exists() => Ok(None),
+        Err(err) => Err(format!("landlock: {err}")),
+    }
+}
+
+/// `access` as a rule on a directory allows it, or on a file, the part of
+/// it that applies to files.
+fn rule_access(abi: ABI, access: BitFlags<AccessFs>, directory: bool) -> BitFlags<AccessFs> {
+    if directory {
+        access
+    } else {
+        access & AccessFs::from_file(abi)
+    }
 }
 
 fn base_ruleset(spec: &ZygoteSpec, base: &BaseRules) -> Result<Prepared, String> {
@@ -355,16 +374,12 @@ fn base_ruleset(spec: &ZygoteSpec, base: &BaseRules) -> Result<Prepared, String>
     if version >= 6 {
         ruleset = ruleset.scope(Scope::from_all(abi)).map_err(err)?;
     }
-    // Directories take every read right; files only those that apply to files.
     let rules = base.entries.iter().map(|entry| {
         let mut access = AccessFs::from_read(abi);
         if entry.writable {
             access |= AccessFs::WriteFile;
         }
-        if !entry.directory {
-            access &= AccessFs::from_file(abi);
-        }
-        PathBeneath::new(&entry.fd, access)
+        PathBeneath::new(&entry.fd, rule_access(abi, access, entry.directory))
     });
     let ruleset = ruleset
         .create()
@@ -391,16 +406,23 @@ fn enforce_landlock(call: &CallSpec, prepared: Prepared) -> Result<(), String> {
         ));
     }
     let err = |e: landlock::RulesetError| format!("landlock: {e}");
+    let requested = call
+        .read_only
+        .iter()
+        .map(|path| (path, AccessFs::from_read(abi)))
+        .chain(
+            call.read_write
+                .iter()
+                .map(|path| (path, AccessFs::from_all(abi))),
+        );
+    let mut rules = Vec::new();
+    for (path, access) in requested {
+        if let Some((fd, directory)) = rule_target(path)? {
+            rules.push(PathBeneath::new(fd, rule_access(abi, access, directory)));
+        }
+    }
     let status = ruleset
-        .add_rules(path_beneath_rules(
-            existing(&call.read_only),
-            AccessFs::from_read(abi),
-        ))
-        .map_err(err)?
-        .add_rules(path_beneath_rules(
-            existing(&call.read_write),
-            AccessFs::from_all(abi),
-        ))
+        .add_rules(rules.into_iter().map(Ok::<_, landlock::RulesetError>))
         .map_err(err)?
         .restrict_self()
         .map_err(err)?;

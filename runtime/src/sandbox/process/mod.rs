@@ -281,11 +281,6 @@ impl ProcessSandbox {
         if let Some(missing) = probe.missing_requirements(policy.min_landlock_abi) {
             return Err(SandboxError::KernelLacks(missing));
         }
-        if !self.helper.is_file() {
-            return Err(SandboxError::HelperMissing(
-                self.helper.display().to_string(),
-            ));
-        }
         let prepare = |e: std::io::Error| SandboxError::Prepare(e.to_string());
         let workspace = std::fs::canonicalize(workspace).map_err(prepare)?;
         let (uid, gid) = sandbox_identity(&workspace).map_err(prepare)?;
@@ -515,14 +510,14 @@ async fn wait_report(report: &tokio::io::unix::AsyncFd<OwnedFd>, wall: Duration)
 /// waits until it is gone; if that takes over two seconds, kills the zygote
 /// and with it everything it made.
 async fn kill_and_wait(zygote: &Zygote, pidfd: OwnedFd) {
-    let spare_pidfd = pool::kill_init(&pidfd);
+    let killed = pool::kill_init(&pidfd);
     let gone = match watch(pidfd) {
         Ok(pidfd) => tokio::time::timeout(Duration::from_secs(2), pidfd.readable())
             .await
             .is_ok_and(|ready| ready.is_ok()),
         Err(_) => false,
     };
-    if !gone || spare_pidfd.is_err() {
+    if !gone || killed.is_err() {
         tracing::warn!("a timed-out call did not end when killed; killing its zygote");
         zygote.terminate();
     }

@@ -50,16 +50,12 @@ pub(crate) struct Spare {
 }
 
 impl Spare {
-    /// Whether its init still runs.
+    /// Whether its init still runs (its pidfd turns readable at exit).
     fn is_alive(&self) -> bool {
-        let mut entry = libc::pollfd {
-            fd: self.pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, no waiting.
-        let ready = unsafe { libc::poll(&mut entry, 1, 0) };
-        ready == 0
+        matches!(
+            readable_within(self.pidfd.as_fd(), Duration::ZERO),
+            Ok(false)
+        )
     }
 }
 
@@ -134,6 +130,11 @@ impl ZygotePool {
         if let Some(zygote) = self.lookup(key) {
             zygote.last_used.store(stamp, Ordering::Relaxed);
             return Ok(zygote);
+        }
+        if !self.helper.is_file() {
+            return Err(SandboxError::HelperMissing(
+                self.helper.display().to_string(),
+            ));
         }
         let helper = self.helper.clone();
         let owned_key = key.clone();
@@ -254,8 +255,14 @@ impl Zygote {
             .map_err(|e| SandboxError::Prepare(format!("starting {}: {e}", helper.display())))?;
         drop(theirs);
         let control = Arc::new(ours);
-        let first = wait_readable(control.as_fd(), START_TIMEOUT)
-            .and_then(|()| packet::recv(control.as_fd(), false));
+        let first = match readable_within(control.as_fd(), START_TIMEOUT) {
+            Ok(true) => packet::recv(control.as_fd(), false),
+            Ok(false) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer within 10 s",
+            )),
+            Err(err) => Err(err),
+        };
         let setup = match first.map(|p| p.map(|p| p.decode::<FromZygote>())) {
             Ok(Some(Ok(FromZygote::Ready))) => Ok(()),
             Ok(Some(Ok(FromZygote::SetupFailed { message }))) => Err(message),
@@ -392,7 +399,8 @@ impl Drop for Zygote {
     }
 }
 
-fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, limit: Duration) -> std::io::Result<()> {
+/// Whether `fd` turns readable within `limit` (zero: right now).
+fn readable_within(fd: std::os::fd::BorrowedFd<'_>, limit: Duration) -> std::io::Result<bool> {
     let mut entry = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
@@ -400,14 +408,9 @@ fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, limit: Duration) -> std::io::R
     };
     let millis = libc::c_int::try_from(limit.as_millis()).unwrap_or(libc::c_int::MAX);
     // SAFETY: one valid pollfd.
-    let ready = unsafe { libc::poll(&mut entry, 1, millis) };
-    match ready {
-        0 => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "no answer within 10 s",
-        )),
+    match unsafe { libc::poll(&mut entry, 1, millis) } {
         n if n < 0 => Err(std::io::Error::last_os_error()),
-        _ => Ok(()),
+        n => Ok(n > 0),
     }
 }
 
