@@ -3,12 +3,18 @@
 //! `bwrap` is installed). All of them run the command with the environment
 //! the sandbox gives (`sandbox_environment`), so the ratios measure
 //! isolation, not a different locale. The bare spawns (std and tokio) and the
-//! sandboxed runs are interleaved, one of each per round, so that drift on a
-//! busy machine hits them alike.
+//! sandboxed runs are interleaved, one of each per round in an order that
+//! rotates every round, so that drift on a busy machine hits them alike and
+//! no runner always follows the same one.
 //!
 //! The sandboxed figure is a session's steady state: the workspace's zygote
-//! is already running (see `sandbox::process`). What the first call of a
-//! workspace pays to start it is printed separately.
+//! is already running and has a spare waiting (see `sandbox::process`), as
+//! it has between the calls of an agent session. Each timed run starts after
+//! a short pause in which what the previous run left behind settles (the
+//! sandbox cleans up after a call once the call has returned), so that no
+//! runner pays for another. What that clean-up costs shows in the second
+//! table: calls made back to back, with no pause, sandboxed and bare. What
+//! the first call of a workspace pays to start its zygote is printed last.
 //!
 //! ```sh
 //! cargo bench --bench process_sandbox            # BENCH_ITERS=50 for more samples
@@ -29,21 +35,41 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 }
 
 /// Times each runner `iterations` times, interleaved (one round runs each
-/// once) so that drift on a busy machine hits every runner alike; returns
-/// each runner's median. Three warm-up rounds are not counted.
+/// once) so that drift on a busy machine hits every runner alike, and with
+/// the order rotated every round so that no runner always follows the same
+/// one; returns each runner's median. Three warm-up rounds are not counted.
 fn time_interleaved(iterations: usize, runners: &mut [&mut dyn FnMut()]) -> Vec<Duration> {
-    let mut samples = vec![Vec::with_capacity(iterations); runners.len()];
+    let count = runners.len();
+    let mut samples = vec![Vec::with_capacity(iterations); count];
     for round in 0..iterations + 3 {
-        for (runner, samples) in runners.iter_mut().zip(&mut samples) {
+        for offset in 0..count {
+            let index = (round + offset) % count;
+            settle();
             let started = Instant::now();
-            runner();
+            runners[index]();
             if round >= 3 {
-                samples.push(started.elapsed());
+                samples[index].push(started.elapsed());
             }
         }
     }
     samples.into_iter().map(median).collect()
 }
+
+/// What a run leaves behind (the kernel tearing down a call's namespaces,
+/// the zygote making the next spare, a bare child's reaping) must not land
+/// in the next runner's timing: every timed run starts after this pause.
+/// It spins rather than sleeps so that the CPU is not idle (and slow to
+/// wake) when the run starts, which would favour none of the runners.
+fn settle() {
+    let started = Instant::now();
+    while started.elapsed() < SETTLE {
+        std::hint::spin_loop();
+    }
+}
+
+/// See [`settle`]: well over the zygote's clean-up delay (1 ms) plus what
+/// making a spare takes (≈ 0.5 ms here).
+const SETTLE: Duration = Duration::from_millis(5);
 
 fn bare(argv: &[&str], env: &[(String, String)]) {
     let output = Command::new(argv[0])
@@ -196,6 +222,35 @@ fn main() {
                 "{:.2}x",
                 ms(sandbox_time) / ms(b)
             )),
+        );
+    }
+    // Back to back: every call's clean-up (and its successor's making) now
+    // competes with the next call.
+    println!("back to back, {iterations} calls with no pause (mean per call):");
+    for argv in [
+        &["/usr/bin/python3", "-c", "print(1)"][..],
+        &["/bin/bash", "-c", "true"][..],
+    ] {
+        let owned: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        let started = Instant::now();
+        for _ in 0..iterations {
+            bare(argv, &env);
+        }
+        let bare_time = started.elapsed() / iterations as u32;
+        let started = Instant::now();
+        for _ in 0..iterations {
+            let outcome =
+                runtime.block_on(sandbox.run(&owned, None, workspace.path(), &default_policy));
+            assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+        }
+        let sandbox_time = started.elapsed() / iterations as u32;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        println!(
+            "{:<24} bare {:>6.2} ms  sandbox {:>6.2} ms  ratio {:.2}x",
+            argv.join(" "),
+            ms(bare_time),
+            ms(sandbox_time),
+            ms(sandbox_time) / ms(bare_time)
         );
     }
     // A workspace's first call also starts its zygote (user and network

@@ -93,18 +93,10 @@ impl Fixture {
             "{after}: health check failed: {outcome:?}"
         );
         assert_eq!(outcome.stdout, "42\n", "{after}");
-        // A finished call's init may still be on its way out (the kernel is
-        // killing what is left of its namespace); give it a moment.
-        let mut left = processes_of(65534);
-        for _ in 0..100 {
-            if left.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            left = processes_of(65534);
-        }
+        // A call is reported over only when every process it started is
+        // gone: no waiting here.
         assert_eq!(
-            left,
+            processes_of(65534),
             Vec::<String>::new(),
             "{after}: sandboxed processes outlived their call"
         );
@@ -112,15 +104,25 @@ impl Fixture {
 }
 
 /// Live processes owned by `uid`, as "pid name state" lines, leaving out the
-/// sandbox's own zygote and its waiting spares (processes running the helper
-/// binary: a process cannot change what `/proc/<pid>/exe` names without an
-/// exec, so sandboxed code cannot pass for one).
+/// sandbox's own zygote, its waiting spares and the inits of finished calls
+/// (processes running the helper binary: a process cannot change what
+/// `/proc/<pid>/exe` names without an exec, so sandboxed code cannot pass
+/// for one; an init on its way out has already dropped its memory, and with
+/// it that link, so a helper-named process without one is let pass too: it
+/// runs no code any more).
 fn processes_of(uid: u32) -> Vec<String> {
     let helper = std::fs::canonicalize(env!("CARGO_BIN_EXE_stack-sandbox-exec")).expect("helper");
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        if std::fs::read_link(entry.path().join("exe")).is_ok_and(|exe| exe == helper) {
-            continue;
+        match std::fs::read_link(entry.path().join("exe")) {
+            Ok(exe) if exe == helper => continue,
+            Err(_)
+                if std::fs::read_to_string(entry.path().join("comm"))
+                    .is_ok_and(|comm| comm.trim() == "stack-sandbox-e") =>
+            {
+                continue
+            }
+            _ => {}
         }
         let status = entry.path().join("status");
         let Ok(text) = std::fs::read_to_string(status) else {
@@ -459,6 +461,45 @@ async fn detached_descendants_die_with_the_call() {
             matches!(outcome.status, Status::Ok | Status::Timeout),
             "{outcome:?}"
         );
+        // Already gone when the call is reported over, not a moment later.
+        assert_eq!(
+            processes_of(65534),
+            Vec::<String>::new(),
+            "{code}: a detached process was still alive when the call returned"
+        );
+    }
+    // A detached loop that keeps writing a file: once the call is reported
+    // over, nothing may write it again.
+    let busy = fx.workspace.path().join("busy");
+    let writers: &[(Language, String)] = &[
+        (Language::Bash, format!("(setsid bash -c 'while :; do echo x > {}; done' >/dev/null 2>&1 &); sleep 0.2", busy.display())),
+        (Language::Python, format!("import os, time\nif os.fork() == 0:\n    os.setsid()\n    while True: open('{}', 'w').write('x')\ntime.sleep(0.2)", busy.display())),
+    ];
+    // Many detached processes take the kernel a while to kill: the call is
+    // still reported over only when all of them are gone.
+    let many: &[(Language, String)] = &[
+        (Language::Bash, "for i in $(seq 40); do (setsid sleep 100 >/dev/null 2>&1 &); done; echo started".into()),
+        (Language::Python, "import os, time\nfor _ in range(40):\n    if os.fork() == 0:\n        os.setsid(); os.close(1); os.close(2); time.sleep(100)\nprint('started')".into()),
+    ];
+    for (language, code) in many {
+        let outcome = fx.run(*language, code, &policy).await;
+        assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+        assert_eq!(
+            processes_of(65534),
+            Vec::<String>::new(),
+            "{code}: detached processes were still alive when the call returned"
+        );
+    }
+    for (language, code) in writers {
+        let outcome = fx.run(*language, code, &policy).await;
+        assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+        assert!(busy.exists(), "the writer never ran: {outcome:?}");
+        std::fs::remove_file(&busy).expect("remove");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !busy.exists(),
+            "{code}: a detached process wrote after its call was reported over"
+        );
     }
     std::thread::sleep(Duration::from_secs(3));
     for n in 1..=4 {
@@ -721,4 +762,135 @@ async fn a_killed_zygote_is_replaced() {
     assert!(killed >= 1, "found the zygote");
     tokio::time::sleep(Duration::from_millis(100)).await;
     fx.assert_healthy("after the zygote was killed").await;
+}
+
+/// Each call's private tmp dir is its own: another call of the same zygote
+/// cannot list or reach it (nor the folder the zygote keeps them in), and it
+/// is removed once its call has ended, whatever the call did to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn private_tmp_dirs_are_private_and_removed() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    for (language, code) in [
+        (
+            Language::Bash,
+            "mkdir -p \"$TMPDIR/locked\" && echo x > \"$TMPDIR/locked/f\" && chmod 000 \"$TMPDIR/locked\" && chmod 500 \"$TMPDIR\"; echo \"$TMPDIR\"",
+        ),
+        (
+            Language::Python,
+            "import os\nd = os.path.join(os.environ['TMPDIR'], 'locked')\nos.mkdir(d)\nopen(os.path.join(d, 'f'), 'w').write('x')\nos.chmod(d, 0)\nprint(os.environ['TMPDIR'])",
+        ),
+    ] {
+        let outcome = fx.run(language, code, &tight_policy()).await;
+        assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+        let tmp = PathBuf::from(outcome.stdout.trim());
+        assert!(tmp.is_absolute(), "{outcome:?}");
+        let root = tmp.parent().expect("tmp root");
+        let peek = format!(
+            "ls {root} 2>&1; ls {tmp} 2>&1; cat {tmp}/locked/f 2>&1; echo done",
+            root = root.display(),
+            tmp = tmp.display()
+        );
+        let peeked = fx.run(Language::Bash, &peek, &tight_policy()).await;
+        assert!(peeked.stdout.contains("done"), "{peeked:?}");
+        assert!(
+            !peeked.stdout.lines().any(|l| l.starts_with("call-") || l == "x"),
+            "another call's tmp dir was visible: {peeked:?}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while tmp.exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!tmp.exists(), "{} outlived its call", tmp.display());
+    }
+    fx.assert_healthy("private tmp").await;
+}
+
+/// A root runtime shares a root-owned workspace with `nobody` through POSIX
+/// ACLs instead of giving it away: the code can write it, every owner stays
+/// root, and a symlink in it grants nothing where it points.
+#[tokio::test(flavor = "multi_thread")]
+async fn root_owned_workspace_is_shared_not_given_away() {
+    use std::os::unix::fs::MetadataExt;
+    let _serial = SERIAL.lock().await;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this suite runs as root (as CI does): the sandbox must still never run code as root"
+    );
+    let fx = Fixture::new();
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let ws = workspace.path();
+    std::fs::create_dir_all(ws.join("src")).expect("mkdir");
+    std::fs::create_dir_all(ws.join(".git")).expect("mkdir");
+    std::fs::write(ws.join("src/main.txt"), "x\n").expect("write");
+    std::fs::write(ws.join(".git/config"), "[core]\n").expect("write");
+    let private = fx.outside.path().join("root-only.txt");
+    std::fs::write(&private, SECRET).expect("write");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::os::unix::fs::symlink(&private, ws.join("link")).expect("symlink");
+    std::os::unix::fs::symlink(fx.outside.path(), ws.join("linkdir")).expect("symlink");
+
+    let code = "echo new > new.txt && echo more >> src/main.txt && mkdir -p made/deeper && echo y > made/deeper/f && echo ok; cat link linkdir/root-only.txt 2>&1; echo done";
+    for round in 0..2 {
+        let outcome = fx
+            .sandbox
+            .run_code(Language::Bash, code, ws, &tight_policy())
+            .await;
+        assert_eq!(outcome.status, Status::Ok, "round {round}: {outcome:?}");
+        assert!(
+            outcome.stdout.starts_with("ok\n"),
+            "round {round}: {outcome:?}"
+        );
+        assert_no_leak("a root-only file through a link in the workspace", &outcome);
+    }
+    for path in [
+        ws,
+        &ws.join("src"),
+        &ws.join("src/main.txt"),
+        &ws.join(".git"),
+        &ws.join(".git/config"),
+    ] {
+        let meta = std::fs::metadata(path).expect("stat");
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (0, 0),
+            "{} changed owner",
+            path.display()
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(ws.join("src/main.txt")).expect("read"),
+        "x\nmore\nmore\n"
+    );
+    assert_eq!(
+        std::fs::metadata(ws.join("new.txt")).expect("stat").uid(),
+        65534
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join("made/deeper/f")).expect("read"),
+        "y\n"
+    );
+    // Nothing outside got an ACL (or lost its mode) through the links.
+    for outside in [private.as_path(), fx.outside.path()] {
+        let path = std::ffi::CString::new(outside.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: getxattr with a null buffer only asks for the size.
+        let size = unsafe {
+            nix::libc::getxattr(
+                path.as_ptr(),
+                c"system.posix_acl_access".as_ptr(),
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        assert!(
+            size < 0,
+            "{} was given an ACL through a link",
+            outside.display()
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(&private).expect("stat").mode() & 0o777,
+        0o600
+    );
+    fx.assert_healthy("root-owned workspace").await;
 }

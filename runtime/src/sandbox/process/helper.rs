@@ -24,14 +24,14 @@
 //! 6. installs the per-call seccomp filters (no `CLONE_NEW*`, `unshare`,
 //!    `setns`; `clone3` looks unimplemented);
 //! 7. creates its landlock ruleset (filesystem, TCP, signal and
-//!    abstract-socket scopes) with the zygote's read-only rules.
+//!    abstract-socket scopes) with the zygote's read-only rules and the
+//!    read-write rules for the workspace and its private tmp dir.
 //!
 //! When the call arrives (see [`confine_and_exec`]):
 //! 8. it takes its stdin, stdout and stderr from the request; rlimits;
 //!    `chdir` to the workspace;
-//! 9. adds the call's rules (workspace, private tmp, interpreter prefix,
-//!    policy extras) and enforces the ruleset; every fd above 2 is marked
-//!    close-on-exec;
+//! 9. adds the call's read-only rules (interpreter prefix, policy extras)
+//!    and enforces the ruleset; every fd above 2 is marked close-on-exec;
 //! 10. `execve` with the prepared environment.
 
 use std::convert::Infallible;
@@ -161,17 +161,23 @@ pub(crate) struct Prepared {
 }
 
 /// Run by a spare's target while it waits: the per-call seccomp filters
-/// (no namespaces, no `clone3`) and a landlock ruleset holding the zygote's
-/// read-only rules (not yet enforced).
+/// (no namespaces, no `clone3`) and a landlock ruleset (not yet enforced)
+/// holding the zygote's read-only rules and read-write rules for the
+/// workspace and `tmp`, the call's private tmp dir.
 pub(crate) fn prepare_target(
     spec: &ZygoteSpec,
     filters: &Filters,
     base: &BaseRules,
+    tmp: &Path,
 ) -> Result<Prepared, String> {
     filters
         .install_per_call()
         .map_err(|e| format!("seccomp: {e}"))?;
-    base_ruleset(spec, base)
+    let mut prepared = base_ruleset(spec, base)?;
+    let read_write =
+        [spec.workspace.as_path(), tmp].map(|path| (path, AccessFs::from_all(prepared.abi)));
+    prepared.ruleset = add_path_rules(prepared.ruleset, prepared.abi, read_write)?;
+    Ok(prepared)
 }
 
 /// Confines the calling process (a call's PID 2) for `call` and executes
@@ -211,6 +217,11 @@ pub(crate) fn confine_and_exec(
         call.argv[0],
         err.map_or("unknown error".into(), |e| e.desc().to_string())
     ))
+}
+
+pub(crate) fn warm_strings(call: &CallSpec) -> usize {
+    let env: Vec<String> = call.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    cstrings(&call.argv).map_or(0, |v| v.len()) + cstrings(&env).map_or(0, |v| v.len())
 }
 
 fn cstrings(items: &[String]) -> Result<Vec<CString>, String> {
@@ -393,6 +404,24 @@ fn base_ruleset(spec: &ZygoteSpec, base: &BaseRules) -> Result<Prepared, String>
     })
 }
 
+/// Adds a rule granting `access` beneath each path (a missing path grants
+/// nothing; see [`rule_target`]).
+fn add_path_rules<'a>(
+    ruleset: RulesetCreated,
+    abi: ABI,
+    requested: impl IntoIterator<Item = (&'a Path, BitFlags<AccessFs>)>,
+) -> Result<RulesetCreated, String> {
+    let mut rules = Vec::new();
+    for (path, access) in requested {
+        if let Some((fd, directory)) = rule_target(path)? {
+            rules.push(PathBeneath::new(fd, rule_access(abi, access, directory)));
+        }
+    }
+    ruleset
+        .add_rules(rules.into_iter().map(Ok::<_, landlock::RulesetError>))
+        .map_err(|e| format!("landlock: {e}"))
+}
+
 fn enforce_landlock(call: &CallSpec, prepared: Prepared) -> Result<(), String> {
     let Prepared {
         ruleset,
@@ -406,24 +435,11 @@ fn enforce_landlock(call: &CallSpec, prepared: Prepared) -> Result<(), String> {
         ));
     }
     let err = |e: landlock::RulesetError| format!("landlock: {e}");
-    let requested = call
+    let read_only = call
         .read_only
         .iter()
-        .map(|path| (path, AccessFs::from_read(abi)))
-        .chain(
-            call.read_write
-                .iter()
-                .map(|path| (path, AccessFs::from_all(abi))),
-        );
-    let mut rules = Vec::new();
-    for (path, access) in requested {
-        if let Some((fd, directory)) = rule_target(path)? {
-            rules.push(PathBeneath::new(fd, rule_access(abi, access, directory)));
-        }
-    }
-    let status = ruleset
-        .add_rules(rules.into_iter().map(Ok::<_, landlock::RulesetError>))
-        .map_err(err)?
+        .map(|path| (path.as_path(), AccessFs::from_read(abi)));
+    let status = add_path_rules(ruleset, abi, read_only)?
         .restrict_self()
         .map_err(err)?;
     if status.ruleset != RulesetStatus::FullyEnforced || !status.no_new_privs {

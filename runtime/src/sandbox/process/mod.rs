@@ -56,9 +56,14 @@
 //! rlimits, landlock and seccomp. What calls of one zygote share is what
 //! they could already reach through their common workspace, plus the user
 //! and network namespace (empty, or loopback only) and the cgroup limits.
+//! Each call's private tmp dir is made by the zygote with its process, ahead
+//! of the call, and removed by it after. Everything a call leaves behind
+//! (reaping, removing its tmp dir, making its successor) waits until the
+//! runtime has finished the call, so that it never competes with it.
 
 mod capture;
 mod cgroup;
+mod grant;
 mod helper;
 mod packet;
 mod pool;
@@ -67,12 +72,11 @@ mod seccomp;
 mod spec;
 mod zygote;
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -284,30 +288,7 @@ impl ProcessSandbox {
         let prepare = |e: std::io::Error| SandboxError::Prepare(e.to_string());
         let workspace = std::fs::canonicalize(workspace).map_err(prepare)?;
         let (uid, gid) = sandbox_identity(&workspace).map_err(prepare)?;
-        let private = PrivateTmp::create(uid, gid).map_err(prepare)?;
-
-        let mut argv = request.argv;
-        let program = resolve_program(&argv[0])?;
-        argv[0] = program.display().to_string();
-        if let Some((name, code)) = &request.code {
-            let path = private.path.join(name);
-            std::fs::write(&path, code).map_err(prepare)?;
-            std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(prepare)?;
-            argv.push(path.display().to_string());
-        }
-
-        let mut read_only: Vec<PathBuf> = probe::prefix_of(&program).into_iter().collect();
-        read_only.extend(policy.extra_read_only.iter().cloned());
-
-        let spec = CallSpec {
-            argv,
-            env: sandbox_environment(&private.path),
-            cwd: workspace.clone(),
-            read_write: vec![workspace.clone(), private.path.clone()],
-            read_only,
-            limits: policy.limits,
-            min_landlock_abi: policy.min_landlock_abi,
-        };
+        let program = resolve_program(&request.argv[0])?;
         let key = ZygoteKey {
             workspace,
             uid,
@@ -316,10 +297,52 @@ impl ProcessSandbox {
             memory_bytes: policy.limits.memory_bytes,
             processes: policy.limits.processes,
         };
-        let (zygote, spare) = self.acquire(&key, probe.cgroup.as_ref()).await?;
-        let result = run_call(&zygote, spare, spec, request.stdin).await;
-        drop(private);
-        result
+        let (zygote, mut spare) = self.acquire(&key, probe.cgroup.as_ref()).await?;
+        // The spare has slept, maybe on a CPU that has gone idle, which
+        // takes a while to wake: wake it now, and it waits for its call
+        // awake while the rest is prepared here.
+        let _ = packet::send_bytes(spare.channel.as_fd(), spec::WAKE_UP, &[]);
+        let mut read_only: Vec<PathBuf> = probe::prefix_of(&program)
+            .filter(|prefix| !covered_by_base(prefix))
+            .into_iter()
+            .collect();
+        read_only.extend(policy.extra_read_only.iter().cloned());
+        // Everything the wait needs is set up before the call is sent, so
+        // that nothing here competes with the target once it has its call.
+        let stdio = CallStdio::open(request.stdin)?;
+        // A spare that died while queued fails the send; try the next one.
+        let mut attempts = 0;
+        let (channel, pidfd) = loop {
+            let mut argv = request.argv.clone();
+            argv[0] = program.display().to_string();
+            if let Some((name, code)) = &request.code {
+                argv.push(write_code(&spare.tmp, name, code, uid, gid)?);
+            }
+            let spec = CallSpec {
+                argv,
+                env: sandbox_environment(&spare.tmp),
+                cwd: key.workspace.clone(),
+                read_only: read_only.clone(),
+                limits: policy.limits,
+                min_landlock_abi: policy.min_landlock_abi,
+            };
+            let pool::Spare { channel, pidfd, .. } = spare;
+            let channel =
+                watch(channel).map_err(|e| SandboxError::Prepare(format!("report: {e}")))?;
+            match packet::send(channel.get_ref().as_fd(), &spec, &stdio.child_fds()) {
+                Ok(()) => break (channel, pidfd),
+                Err(err) if attempts >= 2 => {
+                    return Err(SandboxError::Setup(format!(
+                        "handing the call to its sandboxed process: {err}"
+                    )))
+                }
+                Err(_) => {
+                    attempts += 1;
+                    spare = zygote.take_spare().await?;
+                }
+            }
+        };
+        run_call(&zygote, channel, pidfd, policy.limits, stdio).await
     }
 
     /// A spare of the zygote for `key`; a zygote found dead (killed from
@@ -354,6 +377,8 @@ enum Ended {
     Exited {
         status: i32,
         cpu_ms: u64,
+        /// Other processes of the call were alive at the target's exit.
+        others_left: bool,
         setup_error: Option<String>,
     },
     /// The call's socket closed without a report: its init is gone.
@@ -365,73 +390,111 @@ enum Ended {
 /// Extra time the output pipes get after the wall-clock limit.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
-/// Runs one call on a spare of `zygote`: sends it the call, then reads the
-/// output and the init's report in this task until the call is over (or the
-/// wall-clock limit kills it).
+/// The pipes of one call: the target's ends (stdin is `/dev/null`, or a
+/// pipe fed with the request's bytes) and the runtime's, already
+/// registered with tokio.
+struct CallStdio {
+    /// The ends the target gets, in stdin, stdout, stderr order.
+    child: [OwnedFd; 3],
+    stdout: tokio::net::unix::pipe::Receiver,
+    stderr: tokio::net::unix::pipe::Receiver,
+    /// The write end of stdin and what to feed it, if any.
+    stdin_feed: Option<(tokio::net::unix::pipe::Sender, Vec<u8>)>,
+}
+
+impl CallStdio {
+    fn open(stdin: Option<Vec<u8>>) -> Result<CallStdio, SandboxError> {
+        use nix::fcntl::OFlag;
+        use tokio::net::unix::pipe;
+        let prepare = |what: &str, e: std::io::Error| SandboxError::Prepare(format!("{what}: {e}"));
+        let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| prepare("pipe", e.into()));
+        let (stdout, out_write) = pipe()?;
+        let (stderr, err_write) = pipe()?;
+        let (stdin_child, stdin_feed): (OwnedFd, _) = match stdin {
+            Some(bytes) => {
+                let (read, write) = pipe()?;
+                let sender = pipe::Sender::from_owned_fd(write).map_err(|e| prepare("stdin", e))?;
+                (read, Some((sender, bytes)))
+            }
+            None => (
+                std::fs::File::open("/dev/null")
+                    .map_err(|e| prepare("/dev/null", e))?
+                    .into(),
+                None,
+            ),
+        };
+        Ok(CallStdio {
+            child: [stdin_child, out_write, err_write],
+            stdout: pipe::Receiver::from_owned_fd(stdout).map_err(|e| prepare("stdout", e))?,
+            stderr: pipe::Receiver::from_owned_fd(stderr).map_err(|e| prepare("stderr", e))?,
+            stdin_feed,
+        })
+    }
+
+    fn child_fds(&self) -> [std::os::fd::RawFd; 3] {
+        use std::os::fd::AsRawFd;
+        self.child.each_ref().map(|fd| fd.as_raw_fd())
+    }
+}
+
+/// Writes a call's code as `name` into its private tmp dir (a new file,
+/// owned by the sandbox's uid); returns the path.
+fn write_code(
+    tmp: &Path,
+    name: &str,
+    code: &[u8],
+    uid: u32,
+    gid: u32,
+) -> Result<String, SandboxError> {
+    use std::io::Write;
+    let prepare = |e: std::io::Error| SandboxError::Prepare(format!("writing the code: {e}"));
+    let path = tmp.join(name);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(prepare)?;
+    file.write_all(code).map_err(prepare)?;
+    std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(prepare)?;
+    Ok(path.display().to_string())
+}
+
+/// Waits for a call that has been handed to a spare (`report`: its socket;
+/// `pidfd`: its init): reads the output and the init's report in this task
+/// until the call is over (or the wall-clock limit kills it).
 async fn run_call(
     zygote: &Zygote,
-    spare: pool::Spare,
-    spec: CallSpec,
-    stdin: Option<Vec<u8>>,
+    report: tokio::io::unix::AsyncFd<OwnedFd>,
+    pidfd: OwnedFd,
+    limits: ResourceLimits,
+    stdio: CallStdio,
 ) -> Result<ToolOutcome, SandboxError> {
-    use nix::fcntl::OFlag;
-    use std::os::fd::{AsFd, AsRawFd};
-    use tokio::net::unix::pipe;
-    let limits = spec.limits;
-    let prepare = |what: &str, e: std::io::Error| SandboxError::Prepare(format!("{what}: {e}"));
-    let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(std::io::Error::from);
-    let (out_read, out_write) = pipe().map_err(|e| prepare("pipe", e))?;
-    let (err_read, err_write) = pipe().map_err(|e| prepare("pipe", e))?;
-    let (stdin_child, stdin_feed): (OwnedFd, _) = match stdin {
-        Some(bytes) => {
-            let (read, write) = pipe().map_err(|e| prepare("pipe", e))?;
-            (read, Some((write, bytes)))
-        }
-        None => (
-            std::fs::File::open("/dev/null")
-                .map_err(|e| prepare("/dev/null", e))?
-                .into(),
-            None,
-        ),
-    };
-    let stdio = [
-        stdin_child.as_raw_fd(),
-        out_write.as_raw_fd(),
-        err_write.as_raw_fd(),
-    ];
-    // A spare that died while queued fails the send; try the next one.
-    let mut spare = spare;
-    let mut attempts = 0;
-    while let Err(err) = packet::send(spare.channel.as_fd(), &spec, &stdio) {
-        attempts += 1;
-        if attempts > 2 {
-            return Err(SandboxError::Setup(format!(
-                "handing the call to its sandboxed process: {err}"
-            )));
-        }
-        spare = zygote.take_spare().await?;
-    }
-    drop((stdin_child, out_write, err_write));
-
-    let receiver = |fd: OwnedFd| pipe::Receiver::from_owned_fd(fd);
-    let stdout = receiver(out_read).map_err(|e| prepare("stdout", e))?;
-    let stderr = receiver(err_read).map_err(|e| prepare("stderr", e))?;
-    if let Some((write, bytes)) = stdin_feed {
-        let mut sender = pipe::Sender::from_owned_fd(write).map_err(|e| prepare("stdin", e))?;
+    let CallStdio {
+        child,
+        stdout,
+        stderr,
+        stdin_feed,
+    } = stdio;
+    drop(child);
+    if let Some((mut sender, bytes)) = stdin_feed {
         tokio::spawn(async move {
             // The child may exit without reading; a broken pipe is fine.
             let _ = sender.write_all(&bytes).await;
         });
     }
-    let pool::Spare { channel, pidfd } = spare;
-    let report = watch(channel).map_err(|e| prepare("report", e))?;
     let wall = Duration::from_millis(limits.wall_ms);
     let cap = limits.output_bytes;
     let (ended, stdout, stderr) = tokio::join!(
         async {
             let ended = wait_report(&report, wall).await;
-            if matches!(ended, Ended::TimedOut) {
-                kill_and_wait(zygote, pidfd).await;
+            match ended {
+                Ended::TimedOut => end_call(zygote, pidfd, true).await,
+                // The init kills them as it exits; the call is over when it
+                // has.
+                Ended::Exited {
+                    others_left: true, ..
+                } => end_call(zygote, pidfd, false).await,
+                _ => {}
             }
             ended
         },
@@ -490,10 +553,15 @@ async fn wait_report(report: &tokio::io::unix::AsyncFd<OwnedFd>, wall: Duration)
         };
         match packet::recv(report.get_ref().as_fd(), true) {
             Ok(Some(packet)) => match packet.decode::<spec::CallReport>() {
-                Ok(spec::CallReport::Exited { status, cpu_ms }) => {
+                Ok(spec::CallReport::Exited {
+                    status,
+                    cpu_ms,
+                    others_left,
+                }) => {
                     return Ended::Exited {
                         status,
                         cpu_ms,
+                        others_left,
                         setup_error,
                     }
                 }
@@ -506,11 +574,16 @@ async fn wait_report(report: &tokio::io::unix::AsyncFd<OwnedFd>, wall: Duration)
     }
 }
 
-/// Kills a call's init (the kernel then kills its whole PID namespace) and
-/// waits until it is gone; if that takes over two seconds, kills the zygote
-/// and with it everything it made.
-async fn kill_and_wait(zygote: &Zygote, pidfd: OwnedFd) {
-    let killed = pool::kill_init(&pidfd);
+/// Waits until a call's init is gone, and with it (the kernel kills what is
+/// left of its PID namespace as it exits) every process of the call; with
+/// `kill`, kills the init first. If that takes over two seconds, kills the
+/// zygote and with it everything it made.
+async fn end_call(zygote: &Zygote, pidfd: OwnedFd, kill: bool) {
+    let killed = if kill {
+        pool::kill_init(&pidfd)
+    } else {
+        Ok(())
+    };
     let gone = match watch(pidfd) {
         Ok(pidfd) => tokio::time::timeout(Duration::from_secs(2), pidfd.readable())
             .await
@@ -518,7 +591,7 @@ async fn kill_and_wait(zygote: &Zygote, pidfd: OwnedFd) {
         Err(_) => false,
     };
     if !gone || killed.is_err() {
-        tracing::warn!("a timed-out call did not end when killed; killing its zygote");
+        tracing::warn!("a call's processes did not end; killing its zygote");
         zygote.terminate();
     }
 }
@@ -654,6 +727,13 @@ pub fn sandbox_environment(home: &Path) -> Vec<(String, String)> {
     ]
 }
 
+/// Whether `path` (canonical) lies in a system folder every call may read
+/// already (an interpreter's prefix usually does: `/usr`), so that it needs
+/// no rule of its own.
+fn covered_by_base(path: &Path) -> bool {
+    SYSTEM_READ_ONLY.iter().any(|base| path.starts_with(base))
+}
+
 /// The read-only paths every call of a zygote with `network` gets.
 fn base_read_only(network: NetworkMode) -> Vec<PathBuf> {
     let mut read_only: Vec<PathBuf> = SYSTEM_READ_ONLY.iter().map(PathBuf::from).collect();
@@ -701,56 +781,11 @@ fn sandbox_identity(workspace: &Path) -> std::io::Result<(u32, u32)> {
             if meta.gid() == 0 { NOBODY } else { meta.gid() },
         ));
     }
-    tracing::info!(workspace = %workspace.display(), "handing the root-owned workspace to uid {NOBODY} so sandboxed code can write it without root");
-    hand_over(workspace, NOBODY, NOBODY)?;
+    if !grant::is_granted(workspace, NOBODY) {
+        tracing::info!(workspace = %workspace.display(), "sharing the root-owned workspace with uid {NOBODY} (POSIX ACLs; owners stay as they are) so sandboxed code can write it without root");
+        grant::grant_tree(workspace, NOBODY)?;
+    }
     Ok((NOBODY, NOBODY))
-}
-
-fn hand_over(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
-    if std::fs::symlink_metadata(dir)?.is_dir() {
-        for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
-            if entry.file_type()?.is_dir() {
-                hand_over(&entry.path(), uid, gid)?;
-            } else {
-                std::os::unix::fs::lchown(entry.path(), Some(uid), Some(gid))?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A private tmp folder for one call, removed afterwards.
-struct PrivateTmp {
-    path: PathBuf,
-}
-
-impl PrivateTmp {
-    fn create(uid: u32, gid: u32) -> std::io::Result<Self> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let base = std::env::temp_dir().join(format!("stack-runtime-{}", nix::unistd::geteuid()));
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o711)
-            .create(&base)?;
-        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o711))?;
-        let path = base.join(format!(
-            "call-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
-        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
-        Ok(PrivateTmp { path })
-    }
-}
-
-impl Drop for PrivateTmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
 }
 
 #[cfg(test)]

@@ -4,8 +4,11 @@
 //!
 //! A [`Zygote`] owns the helper process, its control socket, the cgroup its
 //! calls share, a queue of [`Spare`]s (processes waiting for one call each)
-//! and a reader thread that fills the queue. A call takes a spare, talks to
-//! it directly and asks for its successor. A zygote that dies is noticed
+//! and a reader thread that fills the queue. A call takes a spare and talks
+//! to it directly; the zygote makes its successor when the call has ended
+//! (so that making it never competes with the call, and the runtime sends
+//! nothing for it), and a call that finds no spare asks for one. A zygote
+//! that dies is noticed
 //! (its reader sees end of stream), every call waiting on it fails with a
 //! clear error, and the next call starts a new one.
 
@@ -28,6 +31,15 @@ use super::SandboxError;
 /// Zygotes kept at most; past this, idle ones are shut down, oldest first.
 const MAX_ZYGOTES: usize = 16;
 
+/// Spares a zygote keeps ready: two, so that a call made right after
+/// another (before the zygote has cleaned up after that one and made its
+/// successor) still finds one waiting.
+const SPARES_READY: usize = 2;
+
+/// Spares kept waiting at most; more are left after a burst of concurrent
+/// calls, since each call is replaced when it ends.
+const MAX_IDLE_SPARES: usize = SPARES_READY;
+
 /// How long a new zygote may take to confine itself.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -47,6 +59,8 @@ pub(crate) struct ZygoteKey {
 pub(crate) struct Spare {
     pub channel: OwnedFd,
     pub pidfd: OwnedFd,
+    /// The call's private tmp dir, made (and later removed) by the zygote.
+    pub tmp: PathBuf,
 }
 
 impl Spare {
@@ -190,6 +204,7 @@ pub(crate) struct Zygote {
     oom_seen: AtomicU64,
     process: Option<Child>,
     cgroup: Option<SandboxCgroup>,
+    tmp_root: Option<TmpRoot>,
 }
 
 impl Zygote {
@@ -210,10 +225,14 @@ impl Zygote {
             },
             None => None,
         };
+        let tmp_root = TmpRoot::create(key.uid, key.gid)
+            .map_err(|e| SandboxError::Prepare(format!("private tmp folder: {e}")))?;
         let spec = ZygoteSpec {
             uid: key.uid,
             gid: key.gid,
             network: key.network,
+            workspace: key.workspace.clone(),
+            tmp_root: tmp_root.path.clone(),
             cgroup_procs: cgroup
                 .as_ref()
                 .map(SandboxCgroup::procs_files)
@@ -296,9 +315,12 @@ impl Zygote {
             oom_seen: AtomicU64::new(0),
             process: Some(process),
             cgroup,
+            tmp_root: Some(tmp_root),
         };
-        // The first call should find a spare waiting.
-        zygote.request_spare(true);
+        // The first calls should find spares waiting.
+        for _ in 0..SPARES_READY {
+            zygote.request_spare();
+        }
         Ok(zygote)
     }
 
@@ -307,16 +329,23 @@ impl Zygote {
         self.shared.alive.load(Ordering::SeqCst)
     }
 
-    fn request_spare(&self, urgent: bool) {
+    fn request_spare(&self) {
         self.shared.pending.fetch_add(1, Ordering::SeqCst);
         let _guard = self.send_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if packet::send(self.control.as_fd(), &ToZygote::Spawn { urgent }, &[]).is_err() {
+        if packet::send(self.control.as_fd(), &ToZygote::Spawn, &[]).is_err() {
             self.shared.pending.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
+    /// The first live spare in the queue. Spares beyond
+    /// [`MAX_IDLE_SPARES`] (left from a burst of concurrent calls, each of
+    /// which was replaced when it ended) are dropped: their inits exit
+    /// unheard, and the zygote does not replace them.
     fn pop_live_spare(&self) -> Option<Spare> {
         let mut spares = self.shared.spares.lock().unwrap_or_else(|e| e.into_inner());
+        while spares.len() > MAX_IDLE_SPARES + 1 {
+            spares.pop_back();
+        }
         while let Some(spare) = spares.pop_front() {
             if spare.is_alive() {
                 return Some(spare);
@@ -325,14 +354,15 @@ impl Zygote {
         None
     }
 
-    /// Takes a waiting process for one call (and asks for its successor).
+    /// Takes a waiting process for one call; if none is waiting, asks for
+    /// one and waits for it. (The zygote makes each call's successor itself
+    /// when the call has ended.)
     pub(crate) async fn take_spare(&self) -> Result<Spare, SandboxError> {
         loop {
             let changed = self.shared.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             if let Some(spare) = self.pop_live_spare() {
-                self.request_spare(false);
                 return Ok(spare);
             }
             if !self.is_alive() {
@@ -348,7 +378,7 @@ impl Zygote {
                 return Err(SandboxError::Setup(message));
             }
             if self.shared.pending.load(Ordering::SeqCst) == 0 {
-                self.request_spare(true);
+                self.request_spare();
             }
             if tokio::time::timeout(START_TIMEOUT, changed).await.is_err() {
                 return Err(SandboxError::Setup(
@@ -387,7 +417,9 @@ impl Drop for Zygote {
             nix::sys::socket::shutdown(self.control.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         let process = self.process.take();
         let cgroup = self.cgroup.take();
-        // Reaping and removing the cgroup may wait; never on the caller.
+        let tmp_root = self.tmp_root.take();
+        // Reaping, removing the cgroup and the calls' tmp dirs may wait;
+        // never on the caller.
         let _ = std::thread::Builder::new()
             .name("sandbox-zygote-exit".into())
             .spawn(move || {
@@ -395,6 +427,7 @@ impl Drop for Zygote {
                     let _ = process.wait();
                 }
                 drop(cgroup);
+                drop(tmp_root);
             });
     }
 }
@@ -419,14 +452,18 @@ fn readable_within(fd: std::os::fd::BorrowedFd<'_>, limit: Duration) -> std::io:
 fn read_replies(control: &OwnedFd, shared: &Shared) {
     while let Ok(Some(reply)) = packet::recv(control.as_fd(), false) {
         match reply.decode::<FromZygote>() {
-            Ok(FromZygote::Spare) => {
+            Ok(FromZygote::Spare { tmp }) => {
                 let mut fds = reply.fds.into_iter();
                 if let (Some(channel), Some(pidfd)) = (fds.next(), fds.next()) {
                     shared
                         .spares
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .push_back(Spare { channel, pidfd });
+                        .push_back(Spare {
+                            channel,
+                            pidfd,
+                            tmp,
+                        });
                 }
             }
             Ok(FromZygote::SpawnFailed { message }) => {
@@ -441,4 +478,75 @@ fn read_replies(control: &OwnedFd, shared: &Shared) {
     }
     shared.alive.store(false, Ordering::SeqCst);
     shared.changed.notify_waiters();
+}
+
+/// The folder a zygote makes its calls' private tmp dirs in: owned by the
+/// sandbox's uid, mode 0700, named `zygote-<runtime pid>-<n>` under
+/// `$TMPDIR/stack-runtime-<euid>/`. Removed, with whatever a call left in
+/// it, once the zygote has exited; folders that a runtime which is gone
+/// (killed, say) left behind are removed by the next one.
+struct TmpRoot {
+    path: PathBuf,
+}
+
+impl TmpRoot {
+    fn create(uid: u32, gid: u32) -> std::io::Result<TmpRoot> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        let base = std::env::temp_dir().join(format!("stack-runtime-{}", nix::unistd::geteuid()));
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&base)?;
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o711))?;
+        SWEPT.call_once(|| sweep_abandoned(&base));
+        let path = loop {
+            let path = base.join(format!(
+                "zygote-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => break path,
+                // Left by an earlier runtime with this pid: take the next name.
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(err) => return Err(err),
+            }
+        };
+        let root = TmpRoot { path };
+        std::os::unix::fs::lchown(&root.path, Some(uid), Some(gid))?;
+        Ok(root)
+    }
+}
+
+/// Removes the tmp folders under `base` whose runtime (the pid in their
+/// name) no longer runs. A folder whose pid now belongs to another process
+/// is left alone: never anything of a live runtime.
+fn sweep_abandoned(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let owner = name
+            .to_str()
+            .and_then(|n| {
+                n.strip_prefix("zygote-")
+                    .or_else(|| n.strip_prefix("call-"))
+            })
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = owner {
+            if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+impl Drop for TmpRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }

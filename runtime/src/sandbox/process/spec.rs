@@ -83,6 +83,12 @@ pub(crate) struct ZygoteSpec {
     pub gid: u32,
     /// Network reach; fixed for the zygote's namespace.
     pub network: NetworkMode,
+    /// The workspace (canonical): read-write for every call of the zygote.
+    pub workspace: PathBuf,
+    /// A folder owned by the sandbox's uid, for the zygote alone, in which
+    /// it makes each spare's private tmp dir (and removes it when the call
+    /// has ended). Calls never get a rule for it, only for their own.
+    pub tmp_root: PathBuf,
     /// `cgroup.procs` files the zygote joins before dropping privileges;
     /// every call it forks inherits them.
     pub cgroup_procs: Vec<PathBuf>,
@@ -103,8 +109,6 @@ pub(crate) struct CallSpec {
     pub env: Vec<(String, String)>,
     /// Working directory (the workspace).
     pub cwd: PathBuf,
-    /// Read-write paths (workspace, private tmp).
-    pub read_write: Vec<PathBuf>,
     /// Read-only paths of this call, on top of the zygote's (the
     /// interpreter's prefix, policy extras).
     pub read_only: Vec<PathBuf>,
@@ -114,15 +118,15 @@ pub(crate) struct CallSpec {
     pub min_landlock_abi: i32,
 }
 
+/// Runtime → spare, before its [`CallSpec`]: a call is coming; wait for it
+/// awake (see `zygote::run_target`).
+pub(crate) const WAKE_UP: &[u8] = b"wake";
+
 /// Runtime → zygote.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum ToZygote {
-    /// Make one more spare and hand it over. `urgent` when a call is
-    /// waiting for it; otherwise the zygote first lets running calls start.
-    Spawn {
-        /// Skip the short delay before forking.
-        urgent: bool,
-    },
+    /// Make one more spare and hand it over.
+    Spawn,
 }
 
 /// Zygote → runtime.
@@ -137,7 +141,12 @@ pub(crate) enum FromZygote {
     },
     /// A spare, ready for one call: the packet carries the socket its target
     /// waits on and a pidfd for its init.
-    Spare,
+    Spare {
+        /// The call's private tmp dir (its `HOME` and `TMPDIR`), already
+        /// read-write in the target's landlock ruleset; removed by the
+        /// zygote when the call's init has exited.
+        tmp: PathBuf,
+    },
     /// A spare could not be made.
     SpawnFailed {
         /// What failed.
@@ -154,6 +163,10 @@ pub(crate) enum CallReport {
         status: i32,
         /// CPU time (user + system) the target used, in milliseconds.
         cpu_ms: u64,
+        /// Other processes of the call were still alive; they die when the
+        /// init exits, right after this report, and the runtime waits for
+        /// that before it reports the call over.
+        others_left: bool,
     },
     /// The target could not confine itself and did not run.
     SetupFailed {
