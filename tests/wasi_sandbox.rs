@@ -234,6 +234,61 @@ async fn session_state_persists_and_a_trap_resets_only_that_session() {
     assert_eq!(second.run("print('alive')").await.stdout, "alive\n");
 }
 
+/// A session runs each call under the policy in force for that call: a
+/// shorter wall-clock limit applies at once (state kept); a different
+/// memory cap needs a new interpreter, and the outcome says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn session_calls_run_under_their_own_policy() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let roomy = WasiPolicy {
+        wall_ms: 20_000,
+        ..quick()
+    };
+    let mut session = PythonSession::new(sandbox(), workspace.path(), roomy.clone());
+    assert_eq!(session.run("x = 41").await.status, Status::Ok);
+    let tight = WasiPolicy {
+        wall_ms: 300,
+        ..roomy.clone()
+    };
+    session.set_policy(&tight);
+    let slow = session.run("while True:\n    pass").await;
+    assert_eq!(
+        slow.status,
+        Status::Timeout,
+        "the call's own limit: {slow:?}"
+    );
+    assert!(slow.duration_ms < 4000, "{slow:?}");
+    session.set_policy(&roomy);
+    assert_eq!(session.run("x = 41").await.status, Status::Ok);
+    session.set_policy(&roomy);
+    assert_eq!(
+        session.run("print(x + 1)").await.stdout,
+        "42\n",
+        "same policy keeps state"
+    );
+    let smaller = WasiPolicy {
+        memory_bytes: roomy.memory_bytes / 2,
+        ..roomy.clone()
+    };
+    session.set_policy(&smaller);
+    let after = session.run("print(x + 1)").await;
+    assert!(after.stderr.contains("NameError"), "{after:?}");
+    assert!(
+        after
+            .error
+            .unwrap_or_default()
+            .contains("sandbox policy for this call differs"),
+        "says why the state is gone"
+    );
+    let bomb = session
+        .run("a = []\nwhile True:\n    a.append(bytearray(8 << 20))")
+        .await;
+    assert!(
+        matches!(bomb.status, Status::Killed | Status::Failed),
+        "{bomb:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn script_tools_get_their_arguments_on_stdin() {
     let workspace = tempfile::tempdir().expect("tempdir");

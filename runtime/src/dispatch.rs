@@ -186,6 +186,9 @@ async fn run_code_in_wasi(
             let mut slot = ctx.python_session.lock().await;
             let session = slot
                 .get_or_insert_with(|| PythonSession::new(sandbox.clone(), root, policy.clone()));
+            // Each call runs under the limits in force for it, not the first
+            // call's.
+            session.set_policy(&policy);
             session.run(code).await
         }
         Language::Python => sandbox.run_python(code, root, &policy).await,

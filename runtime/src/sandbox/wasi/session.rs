@@ -47,6 +47,8 @@ pub struct PythonSession {
     policy: WasiPolicy,
     live: Option<Live>,
     resets: u64,
+    /// Why the last instance was ended between calls, for the next outcome.
+    restarted: Option<String>,
 }
 
 impl std::fmt::Debug for PythonSession {
@@ -68,7 +70,32 @@ impl PythonSession {
             policy,
             live: None,
             resets: 0,
+            restarted: None,
         }
+    }
+
+    /// Makes `policy` the one the next calls run under. The wall-clock limit
+    /// applies from the next call on; a different memory cap, fuel budget,
+    /// output cap or set of mounts can only be given to a new interpreter,
+    /// so a live one is ended and the next call's outcome says the state was
+    /// lost and why. A session never runs a call under limits other than
+    /// the ones in force for that call.
+    pub fn set_policy(&mut self, policy: &WasiPolicy) {
+        if *policy == self.policy {
+            return;
+        }
+        let instance_level =
+            |p: &WasiPolicy| (p.memory_bytes, p.fuel, p.output_bytes, p.read_only.clone());
+        if instance_level(policy) != instance_level(&self.policy) {
+            if let Some(live) = self.live.take() {
+                end_instance(live);
+                self.resets += 1;
+                self.restarted = Some(format!(
+                    "the sandbox policy for this call differs from the one the Python session started under (memory, fuel, output or mounts), so it was restarted; {STATE_LOST}"
+                ));
+            }
+        }
+        self.policy = policy.clone();
     }
 
     /// Whether an interpreter is running.
@@ -101,6 +128,12 @@ impl PythonSession {
     pub async fn run(&mut self, code: &str) -> ToolOutcome {
         let started = Instant::now();
         let mut outcome = self.run_frame(code).await;
+        if let Some(note) = self.restarted.take() {
+            outcome.error = Some(match outcome.error.take() {
+                Some(error) => format!("{error}; {note}"),
+                None => note,
+            });
+        }
         outcome.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         outcome
     }
@@ -187,12 +220,16 @@ impl PythonSession {
 impl Drop for PythonSession {
     fn drop(&mut self) {
         if let Some(live) = self.live.take() {
-            // Interrupt any running code and close stdin: the driver sees EOF
-            // and returns, and the thread ends on its own.
-            *live.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-            drop(live.stdin);
+            end_instance(live);
         }
     }
+}
+
+/// Interrupts any running code and closes stdin: the driver sees end of
+/// input and returns, and the instance's thread ends on its own.
+fn end_instance(live: Live) {
+    *live.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    drop(live.stdin);
 }
 
 fn nonce() -> String {
