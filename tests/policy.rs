@@ -312,6 +312,15 @@ fn budgets_limit_calls_and_cut_output_with_a_marker() {
         "{fed}"
     );
     assert_eq!(budget.feed_to_model("short"), "short");
+    // A cut never splits a character: 31 ASCII bytes, then a 2-byte 'é'
+    // across the 32-byte limit.
+    let mut fresh = user.budget_tracker();
+    let text = format!("{}é{}", "x".repeat(31), "y".repeat(10));
+    let fed = fresh.feed_to_model(&text);
+    assert!(
+        fed.starts_with(&format!("{}\n[...", "x".repeat(31))) && fed.contains("12 more bytes cut"),
+        "{fed}"
+    );
 }
 
 #[test]

@@ -96,10 +96,7 @@ impl BudgetTracker {
         let fed = if text.len() <= allowed {
             text.to_string()
         } else {
-            let mut end = allowed;
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
+            let end = text.floor_char_boundary(allowed);
             format!(
                 "{}\n[... {} more bytes cut by the session's output budget ...]",
                 &text[..end],

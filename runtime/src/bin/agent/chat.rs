@@ -263,10 +263,7 @@ fn truncate(text: &str, limit: usize) -> String {
     if text.len() <= limit {
         return text.to_string();
     }
-    let mut end = limit;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = text.floor_char_boundary(limit);
     format!("{}… ({} more bytes)", &text[..end], text.len() - end)
 }
 
