@@ -426,3 +426,50 @@ async fn fuel_gives_a_deterministic_instruction_budget() {
         .await;
     assert_eq!(fine.stdout, "2\n");
 }
+
+/// A guest asleep in a host call runs no code for the epoch to interrupt:
+/// its sleep still ends at the call's deadline, as a wall-time limit, and a
+/// short sleep still sleeps.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sleeping_guest_is_stopped_at_the_deadline() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let policy = WasiPolicy {
+        wall_ms: 500,
+        ..quick()
+    };
+    for code in [
+        "import time\ntime.sleep(30)\nprint('woke')",
+        "import time\nwhile True:\n    time.sleep(0.05)",
+        "import select\nselect.select([], [], [], 30)\nprint('woke')",
+    ] {
+        let slept = sandbox().run_python(code, workspace.path(), &policy).await;
+        assert_eq!(slept.status, Status::Timeout, "{code}: {slept:?}");
+        assert_eq!(slept.limit.as_deref(), Some("wall_time"), "{slept:?}");
+        assert!(
+            slept.duration_ms < 3000,
+            "{code}: slept past the deadline: {slept:?}"
+        );
+    }
+    let short = sandbox()
+        .run_python(
+            "import time\nt = time.monotonic()\ntime.sleep(0.2)\nprint(time.monotonic() - t >= 0.19)",
+            workspace.path(),
+            &WasiPolicy {
+                wall_ms: 3000,
+                ..quick()
+            },
+        )
+        .await;
+    assert_eq!(
+        (short.status, short.stdout.as_str()),
+        (Status::Ok, "True\n"),
+        "{short:?}"
+    );
+    // The same in a stateful session, which then starts afresh.
+    let mut session = PythonSession::new(sandbox(), workspace.path(), policy.clone());
+    assert_eq!(session.run("x = 1").await.status, Status::Ok);
+    let slept = session.run("import time\ntime.sleep(30)").await;
+    assert_eq!(slept.status, Status::Timeout, "{slept:?}");
+    assert!(slept.duration_ms < 3000, "{slept:?}");
+    assert_eq!(session.run("print('alive')").await.stdout, "alive\n");
+}

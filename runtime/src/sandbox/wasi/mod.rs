@@ -14,8 +14,10 @@
 //!    fixed by the runtime.
 //! 3. **Memory** — each instance is capped by a resource limiter (256 MiB by
 //!    default); a denied growth is reported as the memory limit.
-//! 4. **CPU** — an epoch deadline interrupts the guest at the wall-clock
-//!    timeout; optional fuel gives a deterministic instruction budget.
+//! 4. **CPU and time** — an epoch deadline interrupts the guest at the
+//!    wall-clock timeout, and a guest asleep in `poll_oneoff` is woken and
+//!    stopped at it too (see [`sleep`]); optional fuel gives a
+//!    deterministic instruction budget.
 //! 5. **Output** — stdout and stderr are captured in memory with caps; past
 //!    the cap the guest keeps running and the excess is dropped.
 //! 6. **Isolation between calls and sessions** — every call or session has
@@ -26,6 +28,7 @@
 mod engine;
 mod output;
 mod session;
+mod sleep;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -79,6 +82,11 @@ pub(crate) struct StoreState {
     wasi: WasiP1Ctx,
     limiter: MemoryLimiter,
     deadline: Arc<Mutex<Option<Instant>>>,
+    /// What the guest's monotonic clock counts from (see [`sleep`]).
+    clock_epoch: Instant,
+    /// wasmtime-wasi's own `poll_oneoff`, callable from the host (see
+    /// [`sleep`]); made on first use.
+    poll_oneoff: Option<sleep::Poll>,
 }
 
 /// Caps linear memory and remembers whether the cap was hit.
@@ -189,6 +197,7 @@ impl WasiSandbox {
             &mut state.wasi
         })
         .map_err(|e| WasiError::Engine(e.to_string()))?;
+        sleep::bound_sleeps(&mut linker).map_err(|e| WasiError::Engine(e.to_string()))?;
         let pre = linker
             .instantiate_pre(&module)
             .map_err(|e| WasiError::Module {
@@ -367,7 +376,7 @@ impl WasiSandbox {
             return ToolOutcome::internal_error(err);
         }
         let mut store = match self.new_store(
-            builder.build_p1(),
+            &mut builder,
             policy,
             Some(Instant::now() + std::time::Duration::from_millis(policy.wall_ms)),
         ) {
@@ -393,15 +402,20 @@ impl WasiSandbox {
         outcome
     }
 
+    /// A store for one instance, with the WASI context `builder` makes, the
+    /// policy's memory cap and fuel, and `deadline`.
     pub(crate) fn new_store(
         &self,
-        wasi: WasiP1Ctx,
+        builder: &mut WasiCtxBuilder,
         policy: &WasiPolicy,
         deadline: Option<Instant>,
     ) -> Result<Store<StoreState>, String> {
+        let clock_epoch = sleep::install_clock(builder);
         let deadline = Arc::new(Mutex::new(deadline));
         let state = StoreState {
-            wasi,
+            wasi: builder.build_p1(),
+            clock_epoch,
+            poll_oneoff: None,
             limiter: MemoryLimiter {
                 max: policy.memory_bytes,
                 hit: Arc::default(),

@@ -270,7 +270,7 @@ fn start_instance(
         .stdout(stdout.clone())
         .stderr(stderr.clone());
     grant_mounts(&mut builder, workspace, policy)?;
-    let mut store = sandbox.new_store(builder.build_p1(), policy, None)?;
+    let mut store = sandbox.new_store(&mut builder, policy, None)?;
     let deadline = Arc::clone(&store.data().deadline);
     let memory_hit = Arc::clone(&store.data().limiter.hit);
     let finished = Arc::new(AtomicBool::new(false));
