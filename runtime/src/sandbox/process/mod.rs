@@ -27,7 +27,9 @@
 //!    Unix sockets of, processes outside the sandbox.
 //! 4. **Syscalls** — a seccomp denylist (see [`seccomp`]); `no_new_privs`.
 //! 5. **Identity** — never root: a root runtime drops the child to the
-//!    workspace owner (or `nobody`) before anything else; the child then
+//!    workspace owner (or `nobody`, with which a root-owned workspace is
+//!    then shared through ACLs, never given away: see [`grant`]) before
+//!    anything else; the child then
 //!    lives in its own user namespace, mapping only that uid, and `execve`
 //!    leaves it with zero capabilities and an empty bounding set.
 //! 6. **Lifetime** — each call has its own PID namespace, whose PID 1 is a
