@@ -103,56 +103,73 @@ impl Fixture {
     }
 }
 
+/// One process as `/proc` shows it.
+struct Proc {
+    pid: i32,
+    /// What `/proc/<pid>/exe` names; `None` once the process has dropped its
+    /// memory (exiting) or for a zombie.
+    exe: Option<PathBuf>,
+    comm: String,
+    status: String,
+}
+
+impl Proc {
+    /// A field of `/proc/<pid>/status` ("Uid:", "PPid:", ...), trimmed.
+    fn field(&self, key: &str) -> &str {
+        self.status
+            .lines()
+            .find_map(|line| line.strip_prefix(key))
+            .map_or("", str::trim)
+    }
+
+    fn runs_helper(&self) -> bool {
+        let helper =
+            std::fs::canonicalize(env!("CARGO_BIN_EXE_stack-sandbox-exec")).expect("helper");
+        self.exe.as_ref().is_some_and(|exe| *exe == helper)
+    }
+}
+
+/// Every process `/proc` lists now (those that vanish while it is read are
+/// left out).
+fn processes() -> Vec<Proc> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            let path = entry.path();
+            Some(Proc {
+                pid,
+                exe: std::fs::read_link(path.join("exe")).ok(),
+                comm: std::fs::read_to_string(path.join("comm"))
+                    .ok()?
+                    .trim()
+                    .to_string(),
+                status: std::fs::read_to_string(path.join("status")).ok()?,
+            })
+        })
+        .collect()
+}
+
 /// Live processes owned by `uid`, as "pid name state" lines, leaving out the
 /// sandbox's own zygote, its waiting spares and the inits of finished calls
 /// (processes running the helper binary: a process cannot change what
 /// `/proc/<pid>/exe` names without an exec, so sandboxed code cannot pass
 /// for one; an init on its way out has already dropped its memory, and with
 /// it that link, so a helper-named process without one is let pass too: it
-/// runs no code any more).
+/// runs no code any more). Zombies have exited and run nothing; zygotes of
+/// earlier test binaries may linger as zombies until the machine's init
+/// reaps them.
 fn processes_of(uid: u32) -> Vec<String> {
-    let helper = std::fs::canonicalize(env!("CARGO_BIN_EXE_stack-sandbox-exec")).expect("helper");
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        match std::fs::read_link(entry.path().join("exe")) {
-            Ok(exe) if exe == helper => continue,
-            Err(_)
-                if std::fs::read_to_string(entry.path().join("comm"))
-                    .is_ok_and(|comm| comm.trim() == "stack-sandbox-e") =>
-            {
-                continue
-            }
-            _ => {}
-        }
-        let status = entry.path().join("status");
-        let Ok(text) = std::fs::read_to_string(status) else {
-            continue;
-        };
-        let field = |key: &str| {
-            text.lines()
-                .find(|l| l.starts_with(key))
-                .map(|l| l[key.len()..].trim().to_string())
-                .unwrap_or_default()
-        };
-        let owner = field("Uid:")
-            .split_whitespace()
-            .next()
-            .and_then(|u| u.parse::<u32>().ok());
-        if owner == Some(uid) {
-            // A zombie has exited and runs nothing; zygotes of earlier test
-            // binaries may linger as zombies until the machine's init reaps them.
-            if field("State:").starts_with('Z') {
-                continue;
-            }
-            found.push(format!(
-                "{} {} {}",
-                entry.file_name().to_string_lossy(),
-                field("Name:"),
-                field("State:")
-            ));
-        }
-    }
-    found
+    processes()
+        .into_iter()
+        .filter(|p| !p.runs_helper())
+        .filter(|p| !(p.exe.is_none() && p.comm == "stack-sandbox-e"))
+        .filter(|p| p.field("Uid:").split_whitespace().next() == Some(&uid.to_string()))
+        .filter(|p| !p.field("State:").starts_with('Z'))
+        .map(|p| format!("{} {} {}", p.pid, p.field("Name:"), p.field("State:")))
+        .collect()
 }
 
 fn tight_policy() -> ProcessPolicy {
@@ -743,21 +760,15 @@ async fn a_killed_zygote_is_replaced() {
     let _serial = SERIAL.lock().await;
     let fx = Fixture::new();
     fx.assert_healthy("first call").await;
-    let helper = std::fs::canonicalize(env!("CARGO_BIN_EXE_stack-sandbox-exec")).expect("helper");
     let ours = std::process::id().to_string();
     let mut killed = 0;
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let is_helper = std::fs::read_link(entry.path().join("exe")).is_ok_and(|exe| exe == helper);
-        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
-        let child_of_ours = status
-            .lines()
-            .any(|l| l.starts_with("PPid:") && l[5..].trim() == ours);
-        if is_helper && child_of_ours {
-            let pid: i32 = entry.file_name().to_string_lossy().parse().expect("pid");
-            // SAFETY: SIGKILL to our own child process.
-            unsafe { nix::libc::kill(pid, nix::libc::SIGKILL) };
-            killed += 1;
-        }
+    for zygote in processes()
+        .into_iter()
+        .filter(|p| p.runs_helper() && p.field("PPid:") == ours)
+    {
+        // SAFETY: SIGKILL to our own child process.
+        unsafe { nix::libc::kill(zygote.pid, nix::libc::SIGKILL) };
+        killed += 1;
     }
     assert!(killed >= 1, "found the zygote");
     tokio::time::sleep(Duration::from_millis(100)).await;
