@@ -101,11 +101,7 @@ pub(crate) fn grant_tree(root: &Path, uid: u32) -> std::io::Result<()> {
             if name == c"." || name == c".." {
                 continue;
             }
-            let Ok(stat) = nix::sys::stat::fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)
-            else {
-                continue;
-            };
-            match kind(&stat) {
+            match entry_kind(dir.as_fd(), &entry) {
                 Kind::Directory => {
                     if let Ok(child) = open_dir_at(Some(dir.as_fd()), name) {
                         pending.push(child);
@@ -135,6 +131,20 @@ enum Kind {
     Directory,
     File,
     Other,
+}
+
+/// What a directory entry is: from the listing when the filesystem says,
+/// else from an `fstatat` that does not follow links. Either way it only
+/// decides how to open it: the descriptor opened is checked again.
+fn entry_kind(dir: BorrowedFd<'_>, entry: &nix::dir::Entry) -> Kind {
+    use nix::dir::Type;
+    match entry.file_type() {
+        Some(Type::Directory) => Kind::Directory,
+        Some(Type::File) => Kind::File,
+        Some(_) => Kind::Other,
+        None => nix::sys::stat::fstatat(dir, entry.file_name(), AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_or(Kind::Other, |stat| kind(&stat)),
+    }
 }
 
 fn kind(stat: &FileStat) -> Kind {

@@ -182,9 +182,10 @@ pub(crate) fn prepare_target(
 }
 
 /// Confines the calling process (a call's PID 2) for `call` and executes
-/// its target. Returns only on failure.
+/// its target in `workspace`. Returns only on failure.
 pub(crate) fn confine_and_exec(
     call: &CallSpec,
+    workspace: &Path,
     stdio: Vec<OwnedFd>,
     prepared: Prepared,
 ) -> Result<Infallible, String> {
@@ -199,16 +200,9 @@ pub(crate) fn confine_and_exec(
     }
     drop(stdio);
     apply_rlimits(call)?;
-    std::env::set_current_dir(&call.cwd)
-        .map_err(|e| format!("chdir {}: {e}", call.cwd.display()))?;
-    let argv = cstrings(&call.argv)?;
-    let env = cstrings(
-        &call
-            .env
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>(),
-    )?;
+    std::env::set_current_dir(workspace)
+        .map_err(|e| format!("chdir {}: {e}", workspace.display()))?;
+    let (argv, env) = exec_strings(call)?;
     enforce_landlock(call, prepared)?;
     mark_fds_cloexec();
     keep_init_near();
@@ -221,9 +215,10 @@ pub(crate) fn confine_and_exec(
     ))
 }
 
-pub(crate) fn warm_strings(call: &CallSpec) -> usize {
+/// `call`'s argv and environment as `execve` takes them.
+pub(crate) fn exec_strings(call: &CallSpec) -> Result<(Vec<CString>, Vec<CString>), String> {
     let env: Vec<String> = call.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    cstrings(&call.argv).map_or(0, |v| v.len()) + cstrings(&env).map_or(0, |v| v.len())
+    Ok((cstrings(&call.argv)?, cstrings(&env)?))
 }
 
 fn cstrings(items: &[String]) -> Result<Vec<CString>, String> {

@@ -323,7 +323,6 @@ impl ProcessSandbox {
             let spec = CallSpec {
                 argv,
                 env: sandbox_environment(&spare.tmp),
-                cwd: key.workspace.clone(),
                 read_only: read_only.clone(),
                 limits: policy.limits,
                 min_landlock_abi: policy.min_landlock_abi,
@@ -409,12 +408,13 @@ impl CallStdio {
         use nix::fcntl::OFlag;
         use tokio::net::unix::pipe;
         let prepare = |what: &str, e: std::io::Error| SandboxError::Prepare(format!("{what}: {e}"));
-        let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| prepare("pipe", e.into()));
-        let (stdout, out_write) = pipe()?;
-        let (stderr, err_write) = pipe()?;
+        let new_pipe =
+            || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| prepare("pipe", e.into()));
+        let (stdout, out_write) = new_pipe()?;
+        let (stderr, err_write) = new_pipe()?;
         let (stdin_child, stdin_feed): (OwnedFd, _) = match stdin {
             Some(bytes) => {
-                let (read, write) = pipe()?;
+                let (read, write) = new_pipe()?;
                 let sender = pipe::Sender::from_owned_fd(write).map_err(|e| prepare("stdin", e))?;
                 (read, Some((sender, bytes)))
             }

@@ -107,8 +107,6 @@ pub(crate) struct CallSpec {
     pub argv: Vec<String>,
     /// The complete environment of the target.
     pub env: Vec<(String, String)>,
-    /// Working directory (the workspace).
-    pub cwd: PathBuf,
     /// Read-only paths of this call, on top of the zygote's (the
     /// interpreter's prefix, policy extras).
     pub read_only: Vec<PathBuf>,

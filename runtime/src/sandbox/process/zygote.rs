@@ -130,14 +130,12 @@ pub(crate) fn serve(control: OwnedFd, spec: &ZygoteSpec, filters: &Filters, base
         if !wait(&mut polled, timeout) {
             shutdown(&inits, &ended);
         }
-        let exited: Vec<bool> = polled[1..].iter().map(|p| p.revents != 0).collect();
-        let mut index = 0;
-        let (gone, running): (Vec<Init>, Vec<Init>) =
-            std::mem::take(&mut inits).into_iter().partition(|_| {
-                index += 1;
-                exited[index - 1]
-            });
-        inits = running;
+        let (gone, running): (Vec<_>, Vec<_>) = std::mem::take(&mut inits)
+            .into_iter()
+            .zip(&polled[1..])
+            .partition(|(_, poll)| poll.revents != 0);
+        inits = running.into_iter().map(|(init, _)| init).collect();
+        let gone: Vec<Init> = gone.into_iter().map(|(init, _)| init).collect();
         if !gone.is_empty() {
             ended.extend(gone);
             cleanup_due.get_or_insert_with(|| Instant::now() + CLEANUP_DELAY);
@@ -394,17 +392,19 @@ fn run_target(
     tmp: &Path,
 ) -> ! {
     let prepared = prepare_target(spec, filters, base, tmp);
-    warm_up(spec, tmp);
+    warm_up(tmp);
     let request = match receive_call(channel.as_fd()) {
         Some(request) => request,
         // The zygote dropped this spare (or is gone): nothing to run.
         None => exit_now(0),
     };
     let message = match (prepared, request.decode::<CallSpec>()) {
-        (Ok(prepared), Ok(call)) => match confine_and_exec(&call, request.fds, prepared) {
-            Ok(never) => match never {},
-            Err(message) => message,
-        },
+        (Ok(prepared), Ok(call)) => {
+            match confine_and_exec(&call, &spec.workspace, request.fds, prepared) {
+                Ok(never) => match never {},
+                Err(message) => message,
+            }
+        }
         (Err(message), _) => message,
         (_, Err(err)) => format!("bad call spec: {err}"),
     };
@@ -443,19 +443,18 @@ fn receive_call(channel: std::os::fd::BorrowedFd<'_>) -> Option<packet::Packet> 
 /// Runs, while the spare waits, the code its call will run first (decoding
 /// a call spec like a real one, building C strings), so that the page faults
 /// of a freshly forked process are taken now rather than on the call's path.
-fn warm_up(spec: &ZygoteSpec, tmp: &Path) {
+fn warm_up(tmp: &Path) {
     let env = super::sandbox_environment(tmp);
     let sample = CallSpec {
         argv: vec!["/usr/bin/python3".into(), "-c".into(), "print(1)".into()],
         env,
-        cwd: spec.workspace.clone(),
         read_only: vec![PathBuf::from("/usr")],
         limits: super::ResourceLimits::default(),
         min_landlock_abi: 6,
     };
     if let Ok(bytes) = serde_json::to_vec(&sample) {
         if let Ok(decoded) = serde_json::from_slice::<CallSpec>(&bytes) {
-            std::hint::black_box(super::helper::warm_strings(&decoded));
+            let _ = std::hint::black_box(super::helper::exec_strings(&decoded));
         }
     }
 }

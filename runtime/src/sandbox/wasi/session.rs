@@ -88,7 +88,7 @@ impl PythonSession {
             |p: &WasiPolicy| (p.memory_bytes, p.fuel, p.output_bytes, p.read_only.clone());
         if instance_level(policy) != instance_level(&self.policy) {
             if let Some(live) = self.live.take() {
-                end_instance(live);
+                let _ = end_instance(live);
                 self.resets += 1;
                 self.restarted = Some(format!(
                     "the sandbox policy for this call differs from the one the Python session started under (memory, fuel, output or mounts), so it was restarted; {STATE_LOST}"
@@ -187,10 +187,9 @@ impl PythonSession {
         let Some(live) = self.live.take() else {
             return outcome;
         };
-        *live.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        drop(live.stdin);
-        let memory_hit = live.memory_hit.load(Ordering::SeqCst);
-        let result = tokio::task::spawn_blocking(move || live.thread.join())
+        let (memory_hit, thread) = end_instance(live);
+        let memory_hit = memory_hit.load(Ordering::SeqCst);
+        let result = tokio::task::spawn_blocking(move || thread.join())
             .await
             .map_err(|e| wasmtime::Error::msg(e.to_string()))
             .and_then(|joined| {
@@ -220,16 +219,24 @@ impl PythonSession {
 impl Drop for PythonSession {
     fn drop(&mut self) {
         if let Some(live) = self.live.take() {
-            end_instance(live);
+            let _ = end_instance(live);
         }
     }
 }
 
 /// Interrupts any running code and closes stdin: the driver sees end of
-/// input and returns, and the instance's thread ends on its own.
-fn end_instance(live: Live) {
+/// input and returns, and the instance's thread ends on its own. Returns
+/// what is left to learn how it ended: whether it hit the memory cap, and
+/// its thread.
+fn end_instance(
+    live: Live,
+) -> (
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<wasmtime::Result<()>>,
+) {
     *live.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     drop(live.stdin);
+    (live.memory_hit, live.thread)
 }
 
 fn nonce() -> String {
