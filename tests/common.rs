@@ -16,3 +16,20 @@ pub fn repo_root() -> PathBuf {
 pub fn fixture(relative: &str) -> PathBuf {
     repo_root().join("tests/fixtures").join(relative)
 }
+
+/// The local account the multi-user attack tests run as (made with
+/// `useradd` the first time; needs root): its uid and gid.
+pub fn attacker() -> (u32, u32) {
+    const NAME: &str = "stackrt-attacker";
+    if nix::unistd::User::from_name(NAME).ok().flatten().is_none() {
+        let made = std::process::Command::new("useradd")
+            .args(["--system", "--no-create-home", "--shell", "/bin/sh", NAME])
+            .status()
+            .expect("useradd");
+        assert!(made.success(), "useradd {NAME} failed");
+    }
+    let user = nix::unistd::User::from_name(NAME)
+        .expect("getpwnam")
+        .expect("the attacker account exists");
+    (user.uid.as_raw(), user.gid.as_raw())
+}

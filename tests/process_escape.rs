@@ -18,6 +18,23 @@ use stack_runtime::tools::Language;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The sandbox helper: the one cargo built, or a copy named by
+/// `STACK_RUNTIME_SANDBOX_HELPER` (`scripts/test-as-user` runs this suite as
+/// an unprivileged user from copies, since root's build folder is closed to
+/// other users).
+fn helper_binary() -> PathBuf {
+    std::env::var_os("STACK_RUNTIME_SANDBOX_HELPER").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_stack-sandbox-exec")),
+        PathBuf::from,
+    )
+}
+
+/// The `agent` binary (or a copy named by `STACK_RUNTIME_AGENT_BIN`).
+fn agent_binary() -> PathBuf {
+    std::env::var_os("STACK_RUNTIME_AGENT_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_agent")), PathBuf::from)
+}
+
 const SECRET: &str = "TOPSECRET-4c1d";
 
 struct Fixture {
@@ -55,7 +72,7 @@ impl Fixture {
         std::os::unix::fs::symlink(outside.path(), workspace.path().join("link_to_outside"))
             .expect("symlink");
         Fixture {
-            sandbox: ProcessSandbox::with_helper(env!("CARGO_BIN_EXE_stack-sandbox-exec")),
+            sandbox: ProcessSandbox::with_helper(helper_binary()),
             workspace,
             outside,
             other_workspace,
@@ -96,7 +113,7 @@ impl Fixture {
         // A call is reported over only when every process it started is
         // gone: no waiting here.
         assert_eq!(
-            processes_of(65534),
+            sandboxed_processes(),
             Vec::<String>::new(),
             "{after}: sandboxed processes outlived their call"
         );
@@ -123,8 +140,7 @@ impl Proc {
     }
 
     fn runs_helper(&self) -> bool {
-        let helper =
-            std::fs::canonicalize(env!("CARGO_BIN_EXE_stack-sandbox-exec")).expect("helper");
+        let helper = std::fs::canonicalize(helper_binary()).expect("helper");
         self.exe.as_ref().is_some_and(|exe| *exe == helper)
     }
 }
@@ -152,21 +168,40 @@ fn processes() -> Vec<Proc> {
         .collect()
 }
 
-/// Live processes owned by `uid`, as "pid name state" lines, leaving out the
-/// sandbox's own zygote, its waiting spares and the inits of finished calls
-/// (processes running the helper binary: a process cannot change what
-/// `/proc/<pid>/exe` names without an exec, so sandboxed code cannot pass
-/// for one; an init on its way out has already dropped its memory, and with
-/// it that link, so a helper-named process without one is let pass too: it
-/// runs no code any more). Zombies have exited and run nothing; zygotes of
-/// earlier test binaries may linger as zombies until the machine's init
-/// reaps them.
-fn processes_of(uid: u32) -> Vec<String> {
+/// Sandbox machinery is left out of [`sandboxed_processes`]: the zygote,
+/// its waiting spares and the inits of finished calls. Zombies have exited
+/// and run nothing; zygotes of earlier test binaries may linger as zombies
+/// until the machine's init reaps them.
+/// A zygote, a spare or an init: it runs the helper,
+/// or (not dumpable, or on its way out, so its `exe` cannot be read) the
+/// kernel still knows it by the helper's name. Sandboxed code has exec'd
+/// something else, which its readable `exe` shows.
+fn is_sandbox_machinery(p: &Proc) -> bool {
+    p.runs_helper() || (p.exe.is_none() && p.comm == "stack-sandbox-e")
+}
+
+/// How many PID namespace levels deep `p` is, counted from the host's
+/// (`NSpid:` lists one pid per level).
+fn pid_depth(p: &Proc) -> usize {
+    p.field("NSpid:").split_whitespace().count()
+}
+
+/// Live processes that run sandboxed code, whatever their uid: everything
+/// in a PID namespace below ours that is not the sandbox's own machinery
+/// (an init is PID 1 there and runs the helper; a target has exec'd).
+fn sandboxed_processes() -> Vec<String> {
+    let own_depth = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .map(|v| v.split_whitespace().count())
+        })
+        .unwrap_or(1);
     processes()
         .into_iter()
-        .filter(|p| !p.runs_helper())
-        .filter(|p| !(p.exe.is_none() && p.comm == "stack-sandbox-e"))
-        .filter(|p| p.field("Uid:").split_whitespace().next() == Some(&uid.to_string()))
+        .filter(|p| pid_depth(p) > own_depth)
+        .filter(|p| !is_sandbox_machinery(p))
         .filter(|p| !p.field("State:").starts_with('Z'))
         .map(|p| format!("{} {} {}", p.pid, p.field("Name:"), p.field("State:")))
         .collect()
@@ -480,7 +515,7 @@ async fn detached_descendants_die_with_the_call() {
         );
         // Already gone when the call is reported over, not a moment later.
         assert_eq!(
-            processes_of(65534),
+            sandboxed_processes(),
             Vec::<String>::new(),
             "{code}: a detached process was still alive when the call returned"
         );
@@ -502,7 +537,7 @@ async fn detached_descendants_die_with_the_call() {
         let outcome = fx.run(*language, code, &policy).await;
         assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
         assert_eq!(
-            processes_of(65534),
+            sandboxed_processes(),
             Vec::<String>::new(),
             "{code}: detached processes were still alive when the call returned"
         );
@@ -584,7 +619,7 @@ fn secrets_in_the_runtime_environment_never_reach_the_child() {
         ("bash", "env; set"),
     ] {
         let args = serde_json::json!({"code": code, "language": language}).to_string();
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+        let output = std::process::Command::new(agent_binary())
             .args([
                 "tool",
                 "run",
@@ -673,7 +708,7 @@ fn unreadable_helper_paths_fail_closed() {
         min_landlock_abi: 99,
         ..ProcessPolicy::default()
     };
-    let sandbox = ProcessSandbox::with_helper(env!("CARGO_BIN_EXE_stack-sandbox-exec"));
+    let sandbox = ProcessSandbox::with_helper(helper_binary());
     let outcome = runtime.block_on(sandbox.run_code(
         Language::Bash,
         "echo hi",
@@ -762,9 +797,11 @@ async fn a_killed_zygote_is_replaced() {
     fx.assert_healthy("first call").await;
     let ours = std::process::id().to_string();
     let mut killed = 0;
+    // A child of ours known by the helper's name (an unprivileged test
+    // cannot read the `exe` of a zygote, which is not dumpable).
     for zygote in processes()
         .into_iter()
-        .filter(|p| p.runs_helper() && p.field("PPid:") == ours)
+        .filter(|p| (p.runs_helper() || p.comm == "stack-sandbox-e") && p.field("PPid:") == ours)
     {
         // SAFETY: SIGKILL to our own child process.
         unsafe { nix::libc::kill(zygote.pid, nix::libc::SIGKILL) };
@@ -817,17 +854,14 @@ async fn private_tmp_dirs_are_private_and_removed() {
     fx.assert_healthy("private tmp").await;
 }
 
-/// A root runtime shares a root-owned workspace with `nobody` through POSIX
-/// ACLs instead of giving it away: the code can write it, every owner stays
+/// A root runtime shares a root-owned workspace with the dedicated sandbox
+/// uid through POSIX ACLs instead of giving it away: the code can write it, every owner stays
 /// root, and a symlink in it grants nothing where it points.
 #[tokio::test(flavor = "multi_thread")]
-async fn root_owned_workspace_is_shared_not_given_away() {
+async fn as_root_a_root_owned_workspace_is_shared_not_given_away() {
     use std::os::unix::fs::MetadataExt;
     let _serial = SERIAL.lock().await;
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this suite runs as root (as CI does): the sandbox must still never run code as root"
-    );
+    require_root();
     let fx = Fixture::new();
     let workspace = tempfile::tempdir().expect("tempdir");
     let ws = workspace.path();
@@ -875,7 +909,7 @@ async fn root_owned_workspace_is_shared_not_given_away() {
     );
     assert_eq!(
         std::fs::metadata(ws.join("new.txt")).expect("stat").uid(),
-        65534
+        stack_runtime::sandbox::process::sandbox_id()
     );
     assert_eq!(
         std::fs::read_to_string(ws.join("made/deeper/f")).expect("read"),
@@ -904,4 +938,393 @@ async fn root_owned_workspace_is_shared_not_given_away() {
         0o600
     );
     fx.assert_healthy("root-owned workspace").await;
+}
+
+// ---------------------------------------------------------------------------
+// The sandbox boundary (red-team report 2026-12: H1, H2, H3, host unix
+// sockets, M1). Tests named `as_root_…` need a root runtime (and a second
+// local user for the attacker); `.ci/run` runs the suite as root, then again
+// as an unprivileged user with `--skip as_root_`, so none of them passes
+// vacuously.
+// ---------------------------------------------------------------------------
+
+/// Fails (rather than passing vacuously) when not run as root.
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "an `as_root_` test: run it as root (CI does), or skip it with `--skip as_root_`"
+    );
+}
+
+use common::attacker;
+
+/// Runs `program args…` as `uid`/`gid` (no supplementary groups, no
+/// capabilities) through `setpriv`, and returns its stdout and stderr.
+fn run_as(uid: u32, gid: u32, program: &str, args: &[&str]) -> String {
+    let output = std::process::Command::new("setpriv")
+        .args([
+            format!("--reuid={uid}"),
+            format!("--regid={gid}"),
+            "--clear-groups".into(),
+            "--inh-caps=-all".into(),
+        ])
+        .arg(program)
+        .args(args)
+        .output()
+        .expect("setpriv");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A pathname unix socket listening outside the workspace, world-writable
+/// like one in `/tmp` or `/run/user`: a datagram socket and a stream
+/// listener. Landlock ABI ≤ 7 does not mediate `connect()` to them; only
+/// the private mount namespace, where the path does not exist, stops it.
+#[tokio::test(flavor = "multi_thread")]
+async fn host_unix_sockets_outside_the_workspace_are_unreachable() {
+    use std::os::unix::net::{UnixDatagram, UnixListener};
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let stream_path = fx.outside.path().join("agent.sock");
+    let dgram_path = fx.outside.path().join("bus.sock");
+    let listener = UnixListener::bind(&stream_path).expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let datagrams = UnixDatagram::bind(&dgram_path).expect("bind");
+    datagrams.set_nonblocking(true).expect("nonblocking");
+    for path in [&stream_path, &dgram_path] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    }
+    let python = format!(
+        "import socket\nfor kind, path in [(socket.SOCK_STREAM, '{s}'), (socket.SOCK_DGRAM, '{d}')]:\n    c = socket.socket(socket.AF_UNIX, kind)\n    try:\n        if kind == socket.SOCK_DGRAM:\n            c.sendto(b'LEAK', path)\n        else:\n            c.connect(path); c.sendall(b'LEAK')\n        print('LEAK', path)\n    except Exception as e:\n        print('blocked', e)",
+        s = stream_path.display(),
+        d = dgram_path.display()
+    );
+    let bash = format!(
+        "python3 -c \"import socket; socket.socket(socket.AF_UNIX).connect('{s}')\" 2>/dev/null && echo LEAK; ls -l {o} && echo LEAK; stat {s} && echo LEAK; echo done",
+        s = stream_path.display(),
+        o = fx.outside.path().display()
+    );
+    for (language, code) in [(Language::Python, python), (Language::Bash, bash)] {
+        let outcome = fx.run(language, &code, &tight_policy()).await;
+        assert_no_leak("host unix socket", &outcome);
+        assert!(
+            outcome.stdout.contains("blocked") || outcome.stdout.contains("done"),
+            "{outcome:?}"
+        );
+        assert!(
+            listener.accept().is_err(),
+            "the host listener saw a connection"
+        );
+        let mut buffer = [0u8; 16];
+        assert!(
+            datagrams.recv(&mut buffer).is_err(),
+            "the host socket got a datagram"
+        );
+        fx.assert_healthy("host unix socket").await;
+    }
+    // Sockets the code makes itself still work: a socketpair, and a
+    // listener in its own workspace and in its private tmp.
+    let own = "import socket, os\na, b = socket.socketpair(); a.sendall(b'pair'); print(b.recv(4).decode())\nfor d in ['.', os.environ['TMPDIR']]:\n    p = os.path.join(d, 'own.sock')\n    s = socket.socket(socket.AF_UNIX); s.bind(p); s.listen(1)\n    c = socket.socket(socket.AF_UNIX); c.connect(p); c.sendall(b'own'); x, _ = s.accept(); print(x.recv(3).decode())\n    os.unlink(p)";
+    let outcome = fx.run(Language::Python, own, &tight_policy()).await;
+    assert_eq!(outcome.stdout, "pair\nown\nown\n", "{outcome:?}");
+}
+
+/// H3: code must not plant what host tools run later (git hooks and
+/// config, `.envrc`), nor read hidden secrets (`.env`, `.ssh`); a protected
+/// path the code creates is removed and the call fails saying so.
+#[tokio::test(flavor = "multi_thread")]
+async fn protected_workspace_paths_cannot_be_planted_or_read() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let ws = fx.workspace.path();
+    let git = std::process::Command::new("git")
+        .args(["init", "-q"])
+        .arg(ws)
+        .status()
+        .expect("git init");
+    assert!(git.success());
+    let config_before = std::fs::read_to_string(ws.join(".git/config")).expect("config");
+    std::fs::write(ws.join(".env"), format!("TOKEN={SECRET}\n")).expect("write .env");
+    std::fs::create_dir(ws.join(".ssh")).expect("mkdir .ssh");
+    std::fs::write(ws.join(".ssh/id_ed25519"), SECRET).expect("write key");
+    let attacks: &[(&str, Language, &str)] = &[
+        ("git config core.fsmonitor", Language::Bash, "git config core.fsmonitor 'id > /tmp/pwned; false' && echo LEAK; echo done"),
+        ("a pre-commit hook", Language::Bash, "printf '#!/bin/sh\\nid > /tmp/pwned\\n' > .git/hooks/pre-commit && chmod +x .git/hooks/pre-commit && echo LEAK; echo done"),
+        ("replace .git", Language::Bash, "mv .git .git-old && mkdir .git && echo LEAK; rm -rf .git/hooks && echo LEAK; echo done"),
+        ("read hidden secrets", Language::Bash, "cat .env .ssh/id_ed25519; ls -a .ssh; ln -s .env envlink && cat envlink; echo done"),
+        ("git config core.fsmonitor", Language::Python, "try:\n    open('.git/config', 'a').write('[core]\\n\\tfsmonitor = id > /tmp/pwned; false\\n'); print('LEAK')\nexcept Exception as e:\n    print('blocked', e)"),
+        ("read hidden secrets", Language::Python, "for p in ['.env', '.ssh/id_ed25519']:\n    try:\n        print(open(p).read())\n    except Exception as e:\n        print('blocked', e)"),
+    ];
+    for (name, language, code) in attacks {
+        let outcome = fx.run(*language, code, &tight_policy()).await;
+        assert_no_leak(name, &outcome);
+        assert_eq!(
+            std::fs::read_to_string(ws.join(".git/config")).expect("config"),
+            config_before,
+            "{name}: .git/config changed"
+        );
+        assert!(
+            !ws.join(".git/hooks/pre-commit").exists(),
+            "{name}: a hook was planted"
+        );
+        assert!(!ws.join(".git-old").exists(), "{name}: .git was moved");
+        fx.assert_healthy(name).await;
+    }
+    // Read-only means readable.
+    let outcome = fx
+        .run(
+            Language::Bash,
+            "cat .git/HEAD; ls .git/hooks | head -c 0; echo listed",
+            &tight_policy(),
+        )
+        .await;
+    assert!(
+        outcome.stdout.starts_with("ref: refs/heads/"),
+        "{outcome:?}"
+    );
+    assert!(outcome.stdout.ends_with("listed\n"), "{outcome:?}");
+    // A protected path the code creates is gone when the call returns.
+    for (name, code) in [
+        (".envrc", "echo 'id > /tmp/pwned' > .envrc; echo made"),
+        (
+            ".vscode",
+            "mkdir -p .vscode && echo '{}' > .vscode/tasks.json; echo made",
+        ),
+    ] {
+        let outcome = fx.run(Language::Bash, code, &tight_policy()).await;
+        assert_eq!(outcome.status, Status::Failed, "{name}: {outcome:?}");
+        let error = outcome.error.clone().unwrap_or_default();
+        assert!(
+            error.contains(name) && error.contains("removed"),
+            "{name}: {outcome:?}"
+        );
+        assert!(!ws.join(name).exists(), "{name} outlived the call");
+        fx.assert_healthy(name).await;
+    }
+    // Once the user makes one, the next call's sandbox protects it too.
+    std::fs::write(ws.join(".envrc"), "export A=1\n").expect("write .envrc");
+    let outcome = fx
+        .run(
+            Language::Bash,
+            "echo 'id > /tmp/pwned' >> .envrc && echo LEAK; echo done",
+            &tight_policy(),
+        )
+        .await;
+    assert_no_leak(".envrc made by the user", &outcome);
+    assert_eq!(
+        std::fs::read_to_string(ws.join(".envrc")).expect("read"),
+        "export A=1\n"
+    );
+    assert!(!Path::new("/tmp/pwned").exists());
+}
+
+/// H1: nothing of the sandbox lives in the shared tmp folder any more, so
+/// neither a folder nor a plain file that another user put at the old,
+/// predictable name changes anything: the call runs the model's code, in a
+/// tmp dir no host process can see.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shared_tmp_folder_is_never_used() {
+    let _serial = SERIAL.lock().await;
+    let shared_tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(shared_tmp.path(), std::fs::Permissions::from_mode(0o1777))
+        .expect("chmod");
+    let euid = nix::unistd::geteuid();
+    // The variant that denied the sandbox to root: a plain file where the
+    // tmp root used to be made.
+    std::fs::write(
+        shared_tmp.path().join(format!("stack-runtime-{euid}")),
+        "taken",
+    )
+    .expect("plant");
+    let fx = Fixture::new();
+    let saved = std::env::var_os("TMPDIR");
+    std::env::set_var("TMPDIR", shared_tmp.path());
+    let fresh = ProcessSandbox::with_helper(helper_binary());
+    let code = "import os, time\nopen('where.txt', 'w').write(os.path.abspath(__file__))\ntime.sleep(1)\nprint('model code ran')";
+    let policy = tight_policy();
+    let run = fresh.run_code(Language::Python, code, fx.workspace.path(), &policy);
+    let probe = async {
+        // While the call runs: its code file is nowhere on the host.
+        let where_file = fx.workspace.path().join("where.txt");
+        for _ in 0..200 {
+            if let Ok(path) = std::fs::read_to_string(&where_file) {
+                if !path.is_empty() {
+                    return Some(PathBuf::from(path));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    };
+    let (outcome, code_path) = tokio::join!(run, probe);
+    match saved {
+        Some(value) => std::env::set_var("TMPDIR", value),
+        None => std::env::remove_var("TMPDIR"),
+    }
+    assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    assert_eq!(outcome.stdout, "model code ran\n");
+    let code_path = code_path.expect("the call wrote where its code was");
+    assert!(
+        !code_path.exists(),
+        "the call's code file {} is visible on the host",
+        code_path.display()
+    );
+    let left: Vec<_> = std::fs::read_dir(shared_tmp.path())
+        .expect("list")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        left.len(),
+        1,
+        "the sandbox made something in the shared tmp: {left:?}"
+    );
+    fx.assert_healthy("shared tmp").await;
+}
+
+/// H1 with a second user: an attacker who made the old tmp root (and
+/// watches it) sees nothing of root's calls, and the calls run as given.
+#[tokio::test(flavor = "multi_thread")]
+async fn as_root_another_user_cannot_take_over_the_private_tmp() {
+    let _serial = SERIAL.lock().await;
+    require_root();
+    let (uid, gid) = attacker();
+    let tmp_root = std::env::temp_dir().join("stack-runtime-0");
+    let planted = !tmp_root.exists();
+    if planted {
+        run_as(
+            uid,
+            gid,
+            "mkdir",
+            &["-m", "777", &tmp_root.display().to_string()],
+        );
+    }
+    let before: Vec<_> = std::fs::read_dir(&tmp_root)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    let fx = Fixture::new();
+    let secret_ws = fx.workspace.path();
+    std::fs::set_permissions(secret_ws, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    for _ in 0..3 {
+        let outcome = fx
+            .run(
+                Language::Python,
+                "print('model code: hello')",
+                &tight_policy(),
+            )
+            .await;
+        assert_eq!(outcome.stdout, "model code: hello\n", "{outcome:?}");
+    }
+    let after: Vec<_> = std::fs::read_dir(&tmp_root)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    if planted {
+        let _ = std::fs::remove_dir_all(&tmp_root);
+    }
+    assert_eq!(before, after, "root's sandbox used the attacker's folder");
+    fx.assert_healthy("tmp takeover").await;
+}
+
+/// H2: a process running as the sandbox's uid cannot trace the zygote or
+/// take its control socket (`pidfd_getfd`), which would let it forge spares
+/// and results.
+#[tokio::test(flavor = "multi_thread")]
+async fn as_root_the_zygote_cannot_be_traced_or_robbed_by_its_uid() {
+    use std::os::unix::fs::MetadataExt;
+    let _serial = SERIAL.lock().await;
+    require_root();
+    let (uid, gid) = attacker();
+    let fx = Fixture::new();
+    let ws = fx.workspace.path();
+    nix::unistd::chown(ws, Some(uid.into()), Some(gid.into())).expect("chown");
+    let outcome = fx.run(Language::Bash, "id -u", &tight_policy()).await;
+    assert_eq!(outcome.stdout.trim(), uid.to_string(), "{outcome:?}");
+    let me = std::process::id().to_string();
+    let zygotes: Vec<i32> = processes()
+        .into_iter()
+        .filter(|p| p.runs_helper() && p.field("PPid:") == me)
+        .filter(|p| p.field("Uid:").split_whitespace().next() == Some(&uid.to_string()))
+        .map(|p| p.pid)
+        .collect();
+    assert!(!zygotes.is_empty(), "no zygote of the attacker's uid found");
+    let attack = "import ctypes, sys\nlibc = ctypes.CDLL(None, use_errno=True)\npid = int(sys.argv[1])\nSYS_pidfd_open, SYS_pidfd_getfd, PTRACE_SEIZE = 434, 438, 0x4206\npidfd = libc.syscall(SYS_pidfd_open, pid, 0)\nprint('pidfd', pidfd)\nfor fd in range(3, 8):\n    got = libc.syscall(SYS_pidfd_getfd, pidfd, fd, 0)\n    print('LEAK getfd', fd if got >= 0 else 'blocked', ctypes.get_errno()) if got >= 0 else print('blocked getfd', fd, ctypes.get_errno())\nr = libc.ptrace(PTRACE_SEIZE, pid, 0, 0)\nprint('LEAK ptrace' if r == 0 else 'blocked ptrace', ctypes.get_errno())\ntry:\n    open('/proc/%d/environ' % pid).read(); print('LEAK environ')\nexcept Exception as e:\n    print('blocked environ', e)";
+    let script = ws.join("attack.py");
+    std::fs::write(&script, attack).expect("write");
+    for zygote in zygotes {
+        let output = run_as(
+            uid,
+            gid,
+            "/usr/bin/python3",
+            &[&script.display().to_string(), &zygote.to_string()],
+        );
+        assert!(output.contains("blocked ptrace"), "{output}");
+        assert!(!output.contains("LEAK"), "zygote {zygote}: {output}");
+    }
+    std::fs::remove_file(&script).expect("rm");
+    // Root's files in the user's workspace keep their owner.
+    assert_eq!(std::fs::metadata(ws).expect("stat").uid(), uid);
+    fx.assert_healthy("zygote theft").await;
+}
+
+/// M1: a hard link in a root-owned workspace to a root-only file outside
+/// is not granted to the sandbox (or, through a lasting ACL, to anyone);
+/// a system folder or root's home is refused as a workspace.
+#[tokio::test(flavor = "multi_thread")]
+async fn as_root_hard_links_out_of_a_root_workspace_are_not_granted() {
+    let _serial = SERIAL.lock().await;
+    require_root();
+    let fx = Fixture::new();
+    let outside = tempfile::tempdir().expect("tempdir");
+    let private = outside.path().join("root-only");
+    std::fs::write(&private, SECRET).expect("write");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let ws = tempfile::tempdir().expect("tempdir");
+    std::fs::hard_link(&private, ws.path().join("linked")).expect("link");
+    let code = "try:\n    print('LEAK', open('linked').read())\nexcept Exception as e:\n    print('blocked', e)\ntry:\n    open('linked', 'a').write('appended'); print('LEAK append')\nexcept Exception as e:\n    print('blocked', e)";
+    let outcome = fx
+        .sandbox
+        .run_code(Language::Python, code, ws.path(), &tight_policy())
+        .await;
+    assert_no_leak("hard link out", &outcome);
+    assert!(outcome.stdout.contains("blocked"), "{outcome:?}");
+    assert_eq!(std::fs::read_to_string(&private).expect("read"), SECRET);
+    let path = std::ffi::CString::new(private.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: getxattr with a null buffer only asks for the size.
+    let size = unsafe {
+        nix::libc::getxattr(
+            path.as_ptr(),
+            c"system.posix_acl_access".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    assert!(
+        size < 0,
+        "the outside file got an ACL through its hard link"
+    );
+    // Root's home (here: whatever HOME says) is never a workspace.
+    let home = tempfile::tempdir().expect("tempdir");
+    let saved = std::env::var_os("HOME");
+    std::env::set_var("HOME", home.path());
+    let refused = fx
+        .sandbox
+        .run_code(Language::Bash, "echo LEAK", home.path(), &tight_policy())
+        .await;
+    match saved {
+        Some(value) => std::env::set_var("HOME", value),
+        None => std::env::remove_var("HOME"),
+    }
+    assert_eq!(refused.status, Status::Error, "{refused:?}");
+    assert!(
+        refused
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("refusing to share"),
+        "{refused:?}"
+    );
+    fx.assert_healthy("hard link out").await;
 }

@@ -111,6 +111,12 @@ pub struct SandboxSettings {
     pub network: Option<NetworkMode>,
     /// Keep a live interpreter between calls (WASI).
     pub stateful: Option<bool>,
+    /// Workspace paths (relative) that sandboxed code may read but not
+    /// change; replaces the default list (`.git`, `.envrc`, `.vscode`, …).
+    pub read_only_in_workspace: Option<Vec<PathBuf>>,
+    /// Workspace paths (relative) that sandboxed code may not see;
+    /// replaces the default list (`.env`, `.ssh`, …).
+    pub hidden_in_workspace: Option<Vec<PathBuf>>,
 }
 
 impl SandboxSettings {
@@ -130,6 +136,14 @@ impl SandboxSettings {
                 .or_else(|| self.read_only_paths.clone()),
             network: over.network.or(self.network),
             stateful: over.stateful.or(self.stateful),
+            read_only_in_workspace: over
+                .read_only_in_workspace
+                .clone()
+                .or_else(|| self.read_only_in_workspace.clone()),
+            hidden_in_workspace: over
+                .hidden_in_workspace
+                .clone()
+                .or_else(|| self.hidden_in_workspace.clone()),
         }
     }
 }
@@ -161,6 +175,10 @@ pub struct SandboxSection {
     pub network: Option<NetworkMode>,
     /// See [`SandboxSettings::stateful`].
     pub stateful: Option<bool>,
+    /// See [`SandboxSettings::read_only_in_workspace`].
+    pub read_only_in_workspace: Option<Vec<PathBuf>>,
+    /// See [`SandboxSettings::hidden_in_workspace`].
+    pub hidden_in_workspace: Option<Vec<PathBuf>>,
     /// Per language of `execute_code`.
     #[serde(default)]
     pub languages: BTreeMap<String, SandboxSettings>,
@@ -183,6 +201,8 @@ impl SandboxSection {
             read_only_paths: self.read_only_paths.clone(),
             network: self.network,
             stateful: self.stateful,
+            read_only_in_workspace: self.read_only_in_workspace.clone(),
+            hidden_in_workspace: self.hidden_in_workspace.clone(),
         }
     }
 }

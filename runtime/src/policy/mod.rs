@@ -65,9 +65,25 @@ pub struct AuthorizedCall {
     decision: Decision,
     approval: Option<ApprovalAnswer>,
     sandbox: SandboxSettings,
+    /// The policy's `deny` path rules for this tool (`path = true`, pointer
+    /// `/path` or `""`): the file tools check them again against the path
+    /// the kernel resolved, and on every path a walk visits.
+    path_denials: Vec<ArgRule>,
 }
 
 impl AuthorizedCall {
+    /// Why `relative` (a workspace-relative path as the kernel resolved it:
+    /// through symlinks, or one a walk visits) is denied, if a `deny` path
+    /// rule of the policy matches it. A link named `envlink` that leads to
+    /// `.env` is `.env` here.
+    pub fn denied_path(&self, relative: &str) -> Option<String> {
+        let as_argument = serde_json::json!({ "path": relative });
+        self.path_denials
+            .iter()
+            .find(|rule| rule.matches(&as_argument))
+            .map(|rule| format!("denied by policy ({}): {}", rule.name(), rule.spec.reason))
+    }
+
     /// The validated call.
     pub fn call(&self) -> &ValidatedCall {
         &self.call
@@ -352,11 +368,23 @@ impl Policy {
             .and_then(Value::as_str)
             .map(str::to_string);
         let sandbox = self.sandbox_for(&tool, language.as_deref());
+        let path_denials = self
+            .rules
+            .iter()
+            .filter(|rule| {
+                rule.spec.path
+                    && rule.spec.decision == Verdict::Deny
+                    && matches!(rule.spec.pointer.as_str(), "/path" | "")
+                    && rule.applies_to(&tool)
+            })
+            .cloned()
+            .collect();
         Ok(AuthorizedCall {
             call,
             decision,
             approval,
             sandbox,
+            path_denials,
         })
     }
 
@@ -407,8 +435,33 @@ pub fn process_policy(settings: &SandboxSettings) -> ProcessPolicy {
             ..base
         },
         extra_read_only: settings.read_only_paths.clone().unwrap_or_default(),
+        protected: protected_paths(settings),
         ..ProcessPolicy::default()
     }
+}
+
+/// The protected workspace paths of these settings: each list the policy
+/// sets replaces its default.
+pub fn protected_paths(
+    settings: &SandboxSettings,
+) -> Vec<(std::path::PathBuf, crate::sandbox::process::ProtectedMode)> {
+    use crate::sandbox::process::{
+        ProtectedMode, DEFAULT_HIDDEN_IN_WORKSPACE, DEFAULT_READ_ONLY_IN_WORKSPACE,
+    };
+    let list = |set: &Option<Vec<std::path::PathBuf>>, default: &[&str]| {
+        set.clone()
+            .unwrap_or_else(|| default.iter().map(std::path::PathBuf::from).collect())
+    };
+    let read_only = list(
+        &settings.read_only_in_workspace,
+        DEFAULT_READ_ONLY_IN_WORKSPACE,
+    );
+    let hidden = list(&settings.hidden_in_workspace, DEFAULT_HIDDEN_IN_WORKSPACE);
+    read_only
+        .into_iter()
+        .map(|p| (p, ProtectedMode::ReadOnly))
+        .chain(hidden.into_iter().map(|p| (p, ProtectedMode::Hidden)))
+        .collect()
 }
 
 /// The WASI sandbox policy for these settings (unset ones take the WASI

@@ -3,14 +3,14 @@
 //!
 //! A root runtime never runs sandboxed code as root (rule 5 of the threat
 //! model in [`super`]), so code in a workspace that belongs to root runs as
-//! `nobody`, which by itself may not write there. Handing the workspace over
+//! the dedicated sandbox uid, which by itself may not write there. Handing the workspace over
 //! with a recursive `chown` would silently change the owner of every file in
 //! the user's project (git, for one, then refuses the repository as of
 //! "dubious ownership"). Instead every directory and regular file gets a
 //! POSIX ACL entry for the sandbox's uid, and every directory a default entry
 //! too, so that what is created in it later inherits the access; owners,
 //! modes and the ACL entries already there are kept. What sandboxed code
-//! creates belongs to `nobody`.
+//! creates belongs to the sandbox uid.
 //!
 //! # Threat model
 //!
@@ -26,6 +26,18 @@
 //!    `tests/process_escape.rs` (a link to a root-only file outside).
 //! 2. **Only directories and regular files** are touched; devices, FIFOs and
 //!    sockets are left alone (opening them could block or have effects).
+//! 3. **No hard-linked file** (`st_nlink > 1`) is granted: its inode may
+//!    also be a file outside the workspace (a pnpm store, `cp -al`, a local
+//!    clone), and an ACL on the inode would grant that file too. Test:
+//!    `as_root_hard_links_out_of_a_root_workspace_are_not_granted`.
+//! 4. **No system folder** (`/`, `/etc`, `/usr`, …) and no home of root is
+//!    accepted as a root-owned workspace ([`refuse_unsafe_root`]): one
+//!    `execute_code` from an `agent` started there would share the tree.
+//! 5. **The grantee is a dedicated uid** ([`super::sandbox_id`]) that no
+//!    host process runs as, never `nobody`: entries a runtime leaves behind
+//!    (a `kill -9`, or simply the session's end) grant nothing to anything
+//!    but sandboxed code, which landlock and the mount namespace confine to
+//!    its own workspace.
 //!
 //! Fails closed: a filesystem without POSIX ACLs refuses the call, with a
 //! message that says what to do instead.
@@ -111,7 +123,7 @@ pub(crate) fn grant_tree(root: &Path, uid: u32) -> std::io::Result<()> {
                     if let Ok(file) = open_file_at(dir.as_fd(), name) {
                         let stat =
                             nix::sys::stat::fstat(file.as_fd()).map_err(|e| explain(e.into()))?;
-                        if kind(&stat) == Kind::File {
+                        if kind(&stat) == Kind::File && stat.st_nlink == 1 {
                             let execute = stat.st_mode & 0o100 != 0;
                             let perm = if execute { 7 } else { 6 };
                             add_user(file.as_fd(), ACCESS, stat.st_mode, uid, perm)
@@ -122,6 +134,33 @@ pub(crate) fn grant_tree(root: &Path, uid: u32) -> std::io::Result<()> {
                 Kind::Other => {}
             }
         }
+    }
+    Ok(())
+}
+
+/// Refuses a root-owned workspace that is a system folder or root's home
+/// (rule 4): sharing it would share the system.
+pub(crate) fn refuse_unsafe_root(workspace: &Path) -> std::io::Result<()> {
+    const SYSTEM: &[&str] = &[
+        "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media",
+        "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var",
+        "/var/tmp",
+    ];
+    let mut refused: Vec<std::path::PathBuf> = SYSTEM.iter().map(Into::into).collect();
+    if let Some(home) = std::env::var_os("HOME") {
+        refused.push(home.into());
+    }
+    if let Ok(Some(root)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(0)) {
+        refused.push(root.dir);
+    }
+    let refused_here = refused.iter().any(|p| {
+        std::fs::canonicalize(p).is_ok_and(|p| p == workspace) || p.as_path() == workspace
+    });
+    if refused_here {
+        return Err(std::io::Error::other(format!(
+            "refusing to share {} with sandboxed code: a system folder or root's home cannot be a root-owned workspace; run in a project folder",
+            workspace.display()
+        )));
     }
     Ok(())
 }

@@ -11,8 +11,11 @@
 //!    from here on is born inside them.
 //! 3. If root: drop to the unprivileged uid/gid from the spec (all
 //!    capabilities go with it) and check that no id is 0 any more.
-//! 4. `unshare` user, IPC, UTS and (unless the network is `full`) network
-//!    namespaces; map only our own uid/gid; bring `lo` up for `loopback`.
+//! 4. `unshare` user, mount, IPC, UTS and (unless the network is `full`)
+//!    network namespaces; map only our own uid/gid; bring `lo` up for
+//!    `loopback`; build the private root (see [`super::mounts`]) and move
+//!    into it; become non-dumpable, so that no host process of the same uid
+//!    can ptrace the zygote or take its descriptors (`pidfd_getfd`).
 //! 5. `no_new_privs`, an empty capability bounding set, default signal
 //!    dispositions, the seccomp denylist (all but the namespace rules, which
 //!    the zygote itself must break for every spare); open the system paths
@@ -28,12 +31,13 @@
 //!    read-write rules for the workspace and its private tmp dir.
 //!
 //! When the call arrives (see [`confine_and_exec`]):
-//! 8. it takes its stdin, stdout and stderr from the request; rlimits;
+//! 8. it takes its stdin, stdout and stderr from the request, and writes
+//!    the call's code (a sealed memfd) into its private tmp dir; rlimits;
 //!    `chdir` to the workspace;
 //! 9. adds the call's read-only rules (interpreter prefix, policy extras)
 //!    and enforces the ruleset; every fd above 2 is marked close-on-exec;
 //!    the init is moved to this CPU, where it will report the exit;
-//! 10. `execve` with the prepared environment.
+//! 10. `execve` with the fixed environment (see `sandbox_environment`).
 
 use std::convert::Infallible;
 use std::ffi::CString;
@@ -186,12 +190,20 @@ pub(crate) fn prepare_target(
 pub(crate) fn confine_and_exec(
     call: &CallSpec,
     workspace: &Path,
-    stdio: Vec<OwnedFd>,
+    tmp: &Path,
+    mut fds: Vec<OwnedFd>,
     prepared: Prepared,
 ) -> Result<Infallible, String> {
-    if stdio.len() != 3 {
-        return Err(format!("expected 3 stdio descriptors, got {}", stdio.len()));
+    let wanted = if call.code_file.is_some() { 4 } else { 3 };
+    if fds.len() != wanted {
+        return Err(format!("expected {wanted} descriptors, got {}", fds.len()));
     }
+    let mut argv = call.argv.clone();
+    if let Some(name) = &call.code_file {
+        let code = fds.pop().ok_or("no code descriptor")?;
+        argv.push(write_code(tmp, name, code)?);
+    }
+    let stdio = fds;
     for (target, fd) in stdio.iter().enumerate() {
         // SAFETY: dup2 onto 0, 1, 2 of this single-threaded process.
         if unsafe { libc::dup2(fd.as_raw_fd(), target as libc::c_int) } < 0 {
@@ -202,7 +214,7 @@ pub(crate) fn confine_and_exec(
     apply_rlimits(call)?;
     std::env::set_current_dir(workspace)
         .map_err(|e| format!("chdir {}: {e}", workspace.display()))?;
-    let (argv, env) = exec_strings(call)?;
+    let (argv, env) = exec_strings(&argv, tmp)?;
     enforce_landlock(call, prepared)?;
     mark_fds_cloexec();
     keep_init_near();
@@ -215,10 +227,44 @@ pub(crate) fn confine_and_exec(
     ))
 }
 
-/// `call`'s argv and environment as `execve` takes them.
-pub(crate) fn exec_strings(call: &CallSpec) -> Result<(Vec<CString>, Vec<CString>), String> {
-    let env: Vec<String> = call.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    Ok((cstrings(&call.argv)?, cstrings(&env)?))
+/// `argv` and the environment of a call whose private tmp dir is `tmp`, as
+/// `execve` takes them.
+pub(crate) fn exec_strings(
+    argv: &[String],
+    tmp: &Path,
+) -> Result<(Vec<CString>, Vec<CString>), String> {
+    let env: Vec<String> = super::sandbox_environment(tmp)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    Ok((cstrings(argv)?, cstrings(&env)?))
+}
+
+/// Writes the call's code (a memfd the runtime sealed) to `name` in the
+/// call's private tmp dir, which lives in the zygote's own tmpfs: no other
+/// process, and not the runtime, can see or swap it. Returns its path.
+fn write_code(tmp: &Path, name: &str, code: OwnedFd) -> Result<String, String> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    let plain = Path::new(name)
+        .file_name()
+        .is_some_and(|file| file == std::ffi::OsStr::new(name));
+    if !plain {
+        return Err(format!("bad code file name {name:?}"));
+    }
+    let path = tmp.join(name);
+    let err = |e: std::io::Error| format!("writing the code to {}: {e}", path.display());
+    let mut source = std::fs::File::from(code);
+    source.seek(SeekFrom::Start(0)).map_err(err)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(err)?;
+    std::io::copy(&mut source, &mut file).map_err(err)?;
+    Ok(path.display().to_string())
 }
 
 fn cstrings(items: &[String]) -> Result<Vec<CString>, String> {
@@ -259,7 +305,10 @@ fn drop_identity(spec: &ZygoteSpec) -> Result<(), String> {
 
 fn enter_namespaces(spec: &ZygoteSpec) -> Result<(), String> {
     let (uid, gid) = (getuid(), getgid());
-    let mut flags = CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+    let mut flags = CloneFlags::CLONE_NEWUSER
+        | CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS;
     if spec.network != NetworkMode::Full {
         flags |= CloneFlags::CLONE_NEWNET;
     }
@@ -271,6 +320,17 @@ fn enter_namespaces(spec: &ZygoteSpec) -> Result<(), String> {
     write_proc("/proc/self/gid_map", &format!("{gid} {gid} 1"))?;
     if spec.network == NetworkMode::Loopback {
         loopback_up()?;
+    }
+    super::mounts::enter_private_root(spec)?;
+    // From here on no host process may ptrace this zygote (or the spares
+    // it forks, until their exec) or take its descriptors: the mm's user
+    // namespace is the host's, where this uid holds no CAP_SYS_PTRACE.
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "PR_SET_DUMPABLE: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }

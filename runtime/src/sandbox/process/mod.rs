@@ -7,47 +7,78 @@
 //! workspace as its only writable place and tries to: read secrets elsewhere
 //! (home folders, `/root`, `/etc/shadow`, the runtime's environment, other
 //! workspaces, `/proc/<ppid>/…`), write outside the workspace, reach the
-//! network, exhaust memory, processes, CPU, disk or the output pipes, outlive
-//! its call (double fork, `setsid`), attack the runtime (signals, `ptrace`,
-//! abstract sockets), or gain privilege (setuid binaries, capabilities,
-//! namespaces, kernel interfaces). The runtime itself is trusted and may run
-//! as root; the kernel is trusted.
+//! network or host unix sockets, exhaust memory, processes, CPU, disk or the
+//! output pipes, outlive its call (double fork, `setsid`), plant what the
+//! host runs later (git hooks and config, `.envrc`), attack the runtime
+//! (signals, `ptrace`, abstract sockets, forged messages), or gain privilege
+//! (setuid binaries, capabilities, namespaces, kernel interfaces).
+//!
+//! Who is trusted: the runtime (which may run as root) and the kernel. Not
+//! trusted: the code, and everything that runs as the sandbox's uid — the
+//! zygote and its spares included, since they share that uid with the code
+//! and, for a user-owned workspace, with the owner's other processes. So
+//! the runtime never resolves a path inside a folder that uid can write
+//! (it only opens the workspace itself, canonicalized, and protected paths
+//! it checks with `lstat`), hands code over in a sealed memfd rather than a
+//! file, and takes nothing from the zygote but a socket and a pidfd that it
+//! checks is a live child of its own zygote running as that uid.
+//! Other local users are not trusted either: nothing the sandbox uses lives
+//! at a predictable path in a shared folder (there is no host tmp dir at
+//! all). The workspace's owner, when the workspace is not root's, is
+//! trusted with what is theirs: they can already change every file the
+//! call reads, and may signal or trace the code their uid runs.
 //!
 //! Each rule below has at least one attack test in `tests/process_escape.rs`:
 //!
-//! 1. **Filesystem** — landlock: read-only system dirs, the interpreter's
-//!    prefix, a few named `/etc` files and device nodes; read-write only the
-//!    workspace and a private tmp dir. Everything else, reads included, is
-//!    denied; `/proc` is not reachable at all. Landlock checks the resolved
-//!    file, so a symlink in the workspace grants nothing.
+//! 1. **Filesystem** — a private mount namespace whose root holds only the
+//!    read-only system dirs, the interpreter's prefix, a few named `/etc`
+//!    files and device nodes, the workspace and a private `/tmp` tmpfs (see
+//!    [`mounts`]): nothing else exists, so nothing else can be read,
+//!    `stat`ed or connected to. Within that, landlock: read-only for the
+//!    system paths, read-write only the workspace and the call's own tmp
+//!    dir. `/proc` is not there at all. Landlock checks the resolved file,
+//!    so a symlink in the workspace grants nothing.
 //! 2. **Network** — `none` (default): an empty network namespace, landlock
-//!    denies TCP bind/connect, seccomp allows only `AF_UNIX` sockets.
+//!    denies TCP bind/connect, seccomp allows only `AF_UNIX` sockets, and
+//!    the only pathname sockets that can be named are the ones in the
+//!    workspace and the private tmp (host sockets in `/tmp`, `/run`, a
+//!    user's ssh-agent or D-Bus do not exist in the sandbox's root).
 //!    `loopback`: a private namespace with only `lo`. `full`: the host's.
 //! 3. **Scope** — landlock ABI 6 scoping: no signals to, and no abstract
 //!    Unix sockets of, processes outside the sandbox.
 //! 4. **Syscalls** — a seccomp denylist (see [`seccomp`]); `no_new_privs`.
 //! 5. **Identity** — never root: a root runtime drops the child to the
-//!    workspace owner (or `nobody`, with which a root-owned workspace is
-//!    then shared through ACLs, never given away: see [`grant`]) before
-//!    anything else; the child then
-//!    lives in its own user namespace, mapping only that uid, and `execve`
-//!    leaves it with zero capabilities and an empty bounding set.
+//!    workspace owner, or, for a root-owned workspace, to a dedicated uid
+//!    that no host process shares ([`sandbox_id`]; the workspace is then
+//!    shared with it through ACLs, never given away, hard-linked files and
+//!    system folders excepted: see [`grant`]) before anything else; the
+//!    child then lives in its own user namespace, mapping only that uid,
+//!    and `execve` leaves it with zero capabilities and an empty bounding
+//!    set. The zygote is not dumpable: no host process of its uid can
+//!    trace it or take its descriptors.
 //! 6. **Lifetime** — each call has its own PID namespace, whose PID 1 is a
 //!    minimal init and PID 2 the target: when the target exits or the
 //!    runtime kills the call, every descendant dies, detached ones included,
 //!    and the call is reported over only after that. Each call also has its
 //!    own IPC namespace, so calls share no SysV IPC.
-//! 7. **Environment** — built from a fixed allowlist; nothing of the
-//!    runtime's environment passes. stdin is `/dev/null` (or the tool's
-//!    JSON arguments for command tools).
+//! 7. **Environment** — built from a fixed allowlist by the target itself;
+//!    nothing of the runtime's environment passes. stdin is `/dev/null` (or
+//!    the tool's JSON arguments for command tools).
 //! 8. **Limits** — rlimits per call (CPU, address space, processes, file
 //!    size, open files, no core dumps), a memory and pids cgroup where
-//!    writable (one per zygote, see below), a wall-clock timeout, and
+//!    writable (one per zygote, see below; where none is, the address-space
+//!    rlimit is lowered to the memory limit), a wall-clock timeout, and
 //!    stdout/stderr capped in memory while still drained so the child never
 //!    blocks.
 //! 9. **Fail closed** — if the kernel lacks landlock (at the ABI the policy
-//!    needs), user namespaces or seccomp, the call is refused with a message
-//!    naming what is missing; it never runs weaker.
+//!    needs), user or mount namespaces, `mount_setattr` or seccomp, the
+//!    call is refused with a message naming what is missing; it never runs
+//!    weaker.
+//! 10. **Protected paths** — workspace paths that host tools run by
+//!     themselves (`.git`, `.envrc`, `.vscode`, …) are bound read-only, and
+//!     secrets (`.env`, `.ssh`, …) hidden, in the sandbox's mount namespace
+//!     (see [`ProcessPolicy::protected`]); one that a call creates is
+//!     removed when the call ends, and the call fails saying so.
 //!
 //! # Zygotes
 //!
@@ -59,7 +90,8 @@
 //! they could already reach through their common workspace, plus the user
 //! and network namespace (empty, or loopback only) and the cgroup limits.
 //! Each call's private tmp dir is made by the zygote with its process, ahead
-//! of the call, and removed by it after. Everything a call leaves behind
+//! of the call, in the zygote's own tmpfs (which no host process can see),
+//! and removed by it after. Everything a call leaves behind
 //! (reaping, removing its tmp dir, making its successor) waits until the
 //! runtime has finished the call, so that it never competes with it.
 
@@ -67,6 +99,7 @@ mod capture;
 mod cgroup;
 mod grant;
 mod helper;
+mod mounts;
 mod packet;
 mod pool;
 mod probe;
@@ -88,12 +121,12 @@ use tokio::io::AsyncWriteExt;
 pub use cgroup::CgroupLayout;
 pub use helper::helper_main;
 pub use probe::{Guarantee, KernelProbe};
-pub use spec::{NetworkMode, ResourceLimits};
+pub use spec::{NetworkMode, ProtectedMode, ResourceLimits};
 
 use crate::outcome::{Status, ToolOutcome};
 use crate::tools::Language;
 use pool::{Zygote, ZygoteKey, ZygotePool};
-use spec::CallSpec;
+use spec::{CallSpec, ProtectedPath};
 
 /// File name of the helper binary.
 pub const HELPER_NAME: &str = "stack-sandbox-exec";
@@ -101,8 +134,37 @@ pub const HELPER_NAME: &str = "stack-sandbox-exec";
 /// `PATH` inside the sandbox; programs named without a `/` are found here.
 pub const SANDBOX_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
-/// The uid/gid a root runtime uses when the workspace belongs to root.
-const NOBODY: u32 = 65534;
+/// The uid and gid a root runtime runs sandboxed code as when the
+/// workspace belongs to root (or when the owner's group is root's), unless
+/// `STACK_RUNTIME_SANDBOX_UID` names another. It lies in the range
+/// 0x70000000–0x7FFDFFFF that no distribution or systemd assigns, so no
+/// host process shares it: unlike `nobody`, which daemons run as, nothing
+/// outside the sandbox can signal, trace or read what it owns or is
+/// granted.
+pub const DEFAULT_SANDBOX_ID: u32 = 2_000_000_000;
+
+/// The dedicated sandbox uid/gid (see [`DEFAULT_SANDBOX_ID`]).
+pub fn sandbox_id() -> u32 {
+    static ID: OnceLock<u32> = OnceLock::new();
+    *ID.get_or_init(|| {
+        std::env::var("STACK_RUNTIME_SANDBOX_UID")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|id| *id != 0 && *id != u32::MAX)
+            .unwrap_or(DEFAULT_SANDBOX_ID)
+    })
+}
+
+/// Workspace paths sandboxed code may read but never change, by default:
+/// what tools on the host run by themselves (git hooks and config, direnv,
+/// editor tasks) and the runtime's own state. Code that could write them
+/// would run again outside the sandbox, at the user's next `git status`.
+pub const DEFAULT_READ_ONLY_IN_WORKSPACE: &[&str] = &[
+    ".git", ".hg", ".svn", ".stack", ".envrc", ".vscode", ".idea",
+];
+
+/// Workspace paths sandboxed code may not even read, by default: secrets.
+pub const DEFAULT_HIDDEN_IN_WORKSPACE: &[&str] = &[".env", ".ssh", ".gnupg", ".aws", ".netrc"];
 
 /// System locations every sandboxed program may read.
 const SYSTEM_READ_ONLY: &[&str] = &[
@@ -162,6 +224,12 @@ pub struct ProcessPolicy {
     pub extra_read_only: Vec<PathBuf>,
     /// The landlock ABI needed at least; 6 gives signal and socket scoping.
     pub min_landlock_abi: i32,
+    /// Paths relative to the workspace that code may not change (read-only)
+    /// or see (hidden). One that exists is bound over in the sandbox's
+    /// mount namespace; one that a call creates is removed after it and the
+    /// call fails. The default protects [`DEFAULT_READ_ONLY_IN_WORKSPACE`]
+    /// and hides [`DEFAULT_HIDDEN_IN_WORKSPACE`].
+    pub protected: Vec<(PathBuf, ProtectedMode)>,
 }
 
 impl Default for ProcessPolicy {
@@ -171,8 +239,22 @@ impl Default for ProcessPolicy {
             limits: ResourceLimits::default(),
             extra_read_only: Vec::new(),
             min_landlock_abi: 6,
+            protected: default_protected(),
         }
     }
+}
+
+/// The default protected workspace paths (see [`ProcessPolicy::protected`]).
+pub fn default_protected() -> Vec<(PathBuf, ProtectedMode)> {
+    DEFAULT_READ_ONLY_IN_WORKSPACE
+        .iter()
+        .map(|p| (PathBuf::from(p), ProtectedMode::ReadOnly))
+        .chain(
+            DEFAULT_HIDDEN_IN_WORKSPACE
+                .iter()
+                .map(|p| (PathBuf::from(p), ProtectedMode::Hidden)),
+        )
+        .collect()
 }
 
 /// Runs programs in the process sandbox. Clones share their zygotes.
@@ -287,50 +369,82 @@ impl ProcessSandbox {
         if let Some(missing) = probe.missing_requirements(policy.min_landlock_abi) {
             return Err(SandboxError::KernelLacks(missing));
         }
-        let prepare = |e: std::io::Error| SandboxError::Prepare(e.to_string());
-        let workspace = std::fs::canonicalize(workspace).map_err(prepare)?;
-        let (uid, gid) = sandbox_identity(&workspace).map_err(prepare)?;
-        let program = resolve_program(&request.argv[0])?;
+        let program_name = request
+            .argv
+            .first()
+            .ok_or_else(|| SandboxError::Prepare("no program to run (empty argv)".into()))?
+            .clone();
+        // Path lookups, the ACL check and (once) the grant walk touch the
+        // filesystem: on the blocking pool, never on a runtime thread.
+        let workspace = workspace.to_path_buf();
+        let protected_names = policy.protected.clone();
+        let extra_read_only = policy.extra_read_only.clone();
+        let (workspace, uid, gid, program, read_only, protected, absent) =
+            off_the_runtime(move || {
+                let prepare = |e: std::io::Error| SandboxError::Prepare(e.to_string());
+                let workspace = std::fs::canonicalize(&workspace).map_err(prepare)?;
+                let (uid, gid) = sandbox_identity(&workspace).map_err(prepare)?;
+                let program = resolve_program(&program_name)?;
+                let mut read_only: Vec<PathBuf> = probe::prefix_of(&program)
+                    .filter(|prefix| !covered_by_base(prefix))
+                    .into_iter()
+                    .collect();
+                read_only.extend(extra_read_only);
+                let (protected, absent) = protected_paths(&workspace, &protected_names);
+                Ok::<_, SandboxError>((workspace, uid, gid, program, read_only, protected, absent))
+            })
+            .await
+            .map_err(|e| SandboxError::Prepare(format!("preparing the call: {e}")))??;
         let key = ZygoteKey {
-            workspace,
+            workspace: workspace.clone(),
             uid,
             gid,
             network: policy.network,
             memory_bytes: policy.limits.memory_bytes,
             processes: policy.limits.processes,
+            read_only: read_only.clone(),
+            protected,
         };
         let (zygote, mut spare) = self.acquire(&key, probe.cgroup.as_ref()).await?;
         // The spare has slept, maybe on a CPU that has gone idle, which
         // takes a while to wake: wake it now, and it waits for its call
         // awake while the rest is prepared here.
         let _ = packet::send_bytes(spare.channel.as_fd(), spec::WAKE_UP, &[]);
-        let mut read_only: Vec<PathBuf> = probe::prefix_of(&program)
-            .filter(|prefix| !covered_by_base(prefix))
-            .into_iter()
-            .collect();
-        read_only.extend(policy.extra_read_only.iter().cloned());
         // Everything the wait needs is set up before the call is sent, so
         // that nothing here competes with the target once it has its call.
         let stdio = CallStdio::open(request.stdin)?;
+        let code = match &request.code {
+            Some((name, code)) => Some((name.to_string(), sealed_code(code)?)),
+            None => None,
+        };
+        let mut fds = stdio.child_fds().to_vec();
+        if let Some((_, memfd)) = &code {
+            use std::os::fd::AsRawFd;
+            fds.push(memfd.as_raw_fd());
+        }
+        let mut argv = request.argv.clone();
+        argv[0] = program.display().to_string();
+        let mut limits = policy.limits;
+        if !zygote.has_cgroup() {
+            // No memory cgroup to hold the policy's memory limit (an
+            // unprivileged runtime on cgroup v1, say): the address-space
+            // rlimit holds it instead, more strictly, rather than not at all.
+            limits.address_space_bytes = limits.address_space_bytes.min(limits.memory_bytes);
+        }
+        let spec = CallSpec {
+            argv,
+            code_file: code.as_ref().map(|(name, _)| name.clone()),
+            read_only,
+            limits,
+            min_landlock_abi: policy.min_landlock_abi,
+        };
         // A spare that died while queued fails the send; try the next one.
         let mut attempts = 0;
         let (channel, pidfd) = loop {
-            let mut argv = request.argv.clone();
-            argv[0] = program.display().to_string();
-            if let Some((name, code)) = &request.code {
-                argv.push(write_code(&spare.tmp, name, code, uid, gid)?);
-            }
-            let spec = CallSpec {
-                argv,
-                env: sandbox_environment(&spare.tmp),
-                read_only: read_only.clone(),
-                limits: policy.limits,
-                min_landlock_abi: policy.min_landlock_abi,
-            };
-            let pool::Spare { channel, pidfd, .. } = spare;
+            let pool::Spare { channel, pidfd } = spare;
             let channel =
                 watch(channel).map_err(|e| SandboxError::Prepare(format!("report: {e}")))?;
-            match packet::send(channel.get_ref().as_fd(), &spec, &stdio.child_fds()) {
+            match packet::send(channel.get_ref().as_fd(), &spec, &fds) {
                 Ok(()) => break (channel, pidfd),
                 Err(err) if attempts >= 2 => {
                     return Err(SandboxError::Setup(format!(
@@ -343,7 +457,18 @@ impl ProcessSandbox {
                 }
             }
         };
-        run_call(&zygote, channel, pidfd, policy.limits, stdio).await
+        drop(code);
+        let mut outcome = run_call(&zygote, channel, pidfd, policy.limits, stdio).await?;
+        if !absent.is_empty() {
+            let workspace = workspace.clone();
+            let removed = off_the_runtime(move || remove_created_protected(&workspace, &absent))
+                .await
+                .unwrap_or_default();
+            if !removed.is_empty() {
+                report_removed_protected(&mut outcome, &removed);
+            }
+        }
+        Ok(outcome)
     }
 
     /// A spare of the zygote for `key`; a zygote found dead (killed from
@@ -369,6 +494,25 @@ impl ProcessSandbox {
     /// The helper binary in use.
     pub fn helper(&self) -> &Path {
         &self.helper
+    }
+}
+
+/// Runs blocking filesystem work (a few `stat`s and `open`s, once a grant
+/// walk) without holding up the async runtime's other tasks: on a
+/// multi-threaded runtime in place, after telling the scheduler to move
+/// this worker's other tasks elsewhere (`block_in_place`: no thread hop,
+/// which on a small machine costs more than the work); elsewhere on the
+/// blocking pool.
+async fn off_the_runtime<R: Send + 'static>(
+    work: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, tokio::task::JoinError> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let multi_threaded = Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == RuntimeFlavor::MultiThread);
+    if multi_threaded {
+        Ok(tokio::task::block_in_place(work))
+    } else {
+        tokio::task::spawn_blocking(work).await
     }
 }
 
@@ -439,26 +583,116 @@ impl CallStdio {
     }
 }
 
-/// Writes a call's code as `name` into its private tmp dir (a new file,
-/// owned by the sandbox's uid); returns the path.
-fn write_code(
-    tmp: &Path,
-    name: &str,
-    code: &[u8],
-    uid: u32,
-    gid: u32,
-) -> Result<String, SandboxError> {
-    use std::io::Write;
-    let prepare = |e: std::io::Error| SandboxError::Prepare(format!("writing the code: {e}"));
-    let path = tmp.join(name);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(prepare)?;
-    file.write_all(code).map_err(prepare)?;
-    std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(prepare)?;
-    Ok(path.display().to_string())
+/// A call's code in a sealed memfd: the target copies it into its private
+/// tmp dir itself, so the runtime never writes (or names) a file in a
+/// folder the sandbox's uid controls, and nothing can change the code
+/// between here and there.
+fn sealed_code(code: &[u8]) -> Result<OwnedFd, SandboxError> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let prepare = |e: nix::Error| SandboxError::Prepare(format!("passing the code: {e}"));
+    let fd = memfd_create(
+        c"stack-call-code",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .map_err(prepare)?;
+    let mut written = 0;
+    while written < code.len() {
+        written += nix::unistd::write(&fd, &code[written..]).map_err(prepare)?;
+    }
+    let seals = SealFlag::F_SEAL_SEAL
+        | SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_WRITE;
+    fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).map_err(prepare)?;
+    Ok(fd)
+}
+
+/// Splits the policy's protected paths into those that exist in
+/// `workspace` (resolved, kept only inside it) and those that do not.
+fn protected_paths(
+    workspace: &Path,
+    names: &[(PathBuf, ProtectedMode)],
+) -> (Vec<ProtectedPath>, Vec<PathBuf>) {
+    let mut present = Vec::new();
+    let mut absent = Vec::new();
+    for (name, mode) in names {
+        if name.is_absolute()
+            || name
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            continue;
+        }
+        let path = workspace.join(name);
+        match std::fs::symlink_metadata(&path) {
+            Err(_) => absent.push(name.clone()),
+            Ok(_) => {
+                // A link to a path inside the workspace protects that path;
+                // one that leads out is the landlock rules' business.
+                if let Ok(real) = std::fs::canonicalize(&path) {
+                    if real.starts_with(workspace) && real != workspace {
+                        present.push(ProtectedPath {
+                            path: real,
+                            mode: *mode,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    present.sort_by(|a, b| a.path.cmp(&b.path));
+    present.dedup();
+    (present, absent)
+}
+
+/// Removes each of `names` (relative to `workspace`) that exists now: a call
+/// created a protected path that did not exist when it started. Symlinks
+/// are removed, never followed (`remove_dir_all` does not follow them
+/// either). Returns what was removed.
+fn remove_created_protected(workspace: &Path, names: &[PathBuf]) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for name in names {
+        let path = workspace.join(name);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let gone = if meta.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match gone {
+            Ok(()) => removed.push(name.clone()),
+            Err(err) => {
+                tracing::error!(path = %path.display(), %err, "could not remove a protected path the sandbox created");
+                removed.push(name.clone());
+            }
+        }
+    }
+    removed
+}
+
+/// Turns a call that created protected paths into a failure that says so.
+fn report_removed_protected(outcome: &mut ToolOutcome, removed: &[PathBuf]) {
+    let names: Vec<String> = removed
+        .iter()
+        .map(|p| format!("`{}`", p.display()))
+        .collect();
+    let message = format!(
+        "the call created {}, which sandboxed code may not create or change (host tools such as git run what is in them); removed",
+        names.join(", ")
+    );
+    if matches!(outcome.status, Status::Ok | Status::Failed) {
+        outcome.status = Status::Failed;
+        outcome.error = Some(match outcome.error.take() {
+            Some(earlier) => format!("{earlier}; {message}"),
+            None => message,
+        });
+    } else if let Some(error) = &mut outcome.error {
+        error.push_str("; ");
+        error.push_str(&message);
+    }
 }
 
 /// Waits for a call that has been handed to a spare (`report`: its socket;
@@ -768,26 +1002,29 @@ fn python_etc_dirs() -> &'static [PathBuf] {
     })
 }
 
-/// The uid/gid sandboxed code runs as. Never 0: a root runtime uses the
-/// workspace owner, or hands a root-owned workspace to `nobody`.
-fn sandbox_identity(workspace: &Path) -> std::io::Result<(u32, u32)> {
+/// The uid/gid sandboxed code runs as (in both sandboxes; `workspace` is
+/// canonical). Never 0: a root runtime uses the workspace owner, or shares
+/// a root-owned workspace with the dedicated sandbox uid. Blocking (the
+/// first call for a root-owned workspace walks it).
+pub(crate) fn sandbox_identity(workspace: &Path) -> std::io::Result<(u32, u32)> {
     let euid = nix::unistd::geteuid().as_raw();
+    let id = sandbox_id();
     if euid != 0 {
         let egid = nix::unistd::getegid().as_raw();
-        return Ok((euid, if egid == 0 { NOBODY } else { egid }));
+        return Ok((euid, if egid == 0 { id } else { egid }));
     }
     let meta = std::fs::metadata(workspace)?;
     if meta.uid() != 0 {
-        return Ok((
-            meta.uid(),
-            if meta.gid() == 0 { NOBODY } else { meta.gid() },
-        ));
+        return Ok((meta.uid(), if meta.gid() == 0 { id } else { meta.gid() }));
     }
-    if !grant::is_granted(workspace, NOBODY) {
-        tracing::info!(workspace = %workspace.display(), "sharing the root-owned workspace with uid {NOBODY} (POSIX ACLs; owners stay as they are) so sandboxed code can write it without root");
-        grant::grant_tree(workspace, NOBODY)?;
+    if !grant::is_granted(workspace, id) {
+        // Checked before the one walk that shares it (it reads the user
+        // database, so not on every call).
+        grant::refuse_unsafe_root(workspace)?;
+        tracing::info!(workspace = %workspace.display(), "sharing the root-owned workspace with the sandbox uid {id} (POSIX ACLs; owners stay as they are; hard-linked files are left out) so sandboxed code can write it without root");
+        grant::grant_tree(workspace, id)?;
     }
-    Ok((NOBODY, NOBODY))
+    Ok((id, id))
 }
 
 #[cfg(test)]

@@ -17,8 +17,8 @@ use serde::Serialize;
 
 use super::spec::MAX_PACKET;
 
-/// Most descriptors one packet carries (stdin, stdout, stderr).
-const MAX_FDS: usize = 3;
+/// Most descriptors one packet carries (stdin, stdout, stderr, code).
+const MAX_FDS: usize = 4;
 
 /// A connected, close-on-exec `SOCK_SEQPACKET` pair.
 pub(crate) fn pair() -> std::io::Result<(OwnedFd, OwnedFd)> {

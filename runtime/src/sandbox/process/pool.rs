@@ -25,7 +25,9 @@ use tokio::sync::Notify;
 
 use super::cgroup::{CgroupLayout, SandboxCgroup};
 use super::packet;
-use super::spec::{FromZygote, NetworkMode, ToZygote, ZygoteSpec, CONTROL_FD, ZYGOTE_ENV};
+use super::spec::{
+    FromZygote, NetworkMode, ProtectedPath, ToZygote, ZygoteSpec, CONTROL_FD, ZYGOTE_ENV,
+};
 use super::SandboxError;
 
 /// Zygotes kept at most; past this, idle ones are shut down, oldest first.
@@ -52,6 +54,12 @@ pub(crate) struct ZygoteKey {
     pub network: NetworkMode,
     pub memory_bytes: u64,
     pub processes: u64,
+    /// Read-only paths beyond the system ones (bound into the zygote's
+    /// root): the interpreter's prefix where it is elsewhere, policy extras.
+    pub read_only: Vec<PathBuf>,
+    /// The protected workspace paths that exist (a path that appears later
+    /// makes a new zygote, which protects it too).
+    pub protected: Vec<ProtectedPath>,
 }
 
 /// A process waiting for one call: the socket its target listens on (and
@@ -59,8 +67,6 @@ pub(crate) struct ZygoteKey {
 pub(crate) struct Spare {
     pub channel: OwnedFd,
     pub pidfd: OwnedFd,
-    /// The call's private tmp dir, made (and later removed) by the zygote.
-    pub tmp: PathBuf,
 }
 
 impl Spare {
@@ -204,7 +210,6 @@ pub(crate) struct Zygote {
     oom_seen: AtomicU64,
     process: Option<Child>,
     cgroup: Option<SandboxCgroup>,
-    tmp_root: Option<TmpRoot>,
 }
 
 impl Zygote {
@@ -225,19 +230,20 @@ impl Zygote {
             },
             None => None,
         };
-        let tmp_root = TmpRoot::create(key.uid, key.gid)
-            .map_err(|e| SandboxError::Prepare(format!("private tmp folder: {e}")))?;
+        let mut read_only = super::base_read_only(key.network);
+        read_only.extend(key.read_only.iter().cloned());
         let spec = ZygoteSpec {
             uid: key.uid,
             gid: key.gid,
             network: key.network,
             workspace: key.workspace.clone(),
-            tmp_root: tmp_root.path.clone(),
+            protected: key.protected.clone(),
+            tmp_bytes: key.memory_bytes,
             cgroup_procs: cgroup
                 .as_ref()
                 .map(SandboxCgroup::procs_files)
                 .unwrap_or_default(),
-            read_only: super::base_read_only(key.network),
+            read_only,
             read_only_files: super::READ_ONLY_DEVICES.iter().map(PathBuf::from).collect(),
             read_write_files: super::READ_WRITE_DEVICES
                 .iter()
@@ -303,9 +309,13 @@ impl Zygote {
             alive: AtomicBool::new(true),
         });
         let (reader_control, reader_shared) = (control.clone(), shared.clone());
+        let expected = SpareOwner {
+            zygote_pid: process.id(),
+            uid: key.uid,
+        };
         std::thread::Builder::new()
             .name("sandbox-zygote".into())
-            .spawn(move || read_replies(&reader_control, &reader_shared))
+            .spawn(move || read_replies(&reader_control, &reader_shared, expected))
             .map_err(|e| SandboxError::Prepare(format!("reader thread: {e}")))?;
         let zygote = Zygote {
             control,
@@ -315,7 +325,6 @@ impl Zygote {
             oom_seen: AtomicU64::new(0),
             process: Some(process),
             cgroup,
-            tmp_root: Some(tmp_root),
         };
         // The first calls should find spares waiting.
         for _ in 0..SPARES_READY {
@@ -397,6 +406,11 @@ impl Zygote {
         self.shared.alive.store(false, Ordering::SeqCst);
     }
 
+    /// Whether this zygote's calls run in a memory and pids cgroup.
+    pub(crate) fn has_cgroup(&self) -> bool {
+        self.cgroup.is_some()
+    }
+
     /// Whether the memory controller has killed a process in this zygote's
     /// cgroup since the last time anyone asked (calls that share the cgroup
     /// share the count; a call only asks when it ended badly).
@@ -417,9 +431,9 @@ impl Drop for Zygote {
             nix::sys::socket::shutdown(self.control.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         let process = self.process.take();
         let cgroup = self.cgroup.take();
-        let tmp_root = self.tmp_root.take();
-        // Reaping, removing the cgroup and the calls' tmp dirs may wait;
-        // never on the caller.
+        // Reaping and removing the cgroup may wait; never on the caller.
+        // (The calls' tmp dirs live in the zygote's own tmpfs and go with
+        // its mount namespace.)
         let _ = std::thread::Builder::new()
             .name("sandbox-zygote-exit".into())
             .spawn(move || {
@@ -427,7 +441,6 @@ impl Drop for Zygote {
                     let _ = process.wait();
                 }
                 drop(cgroup);
-                drop(tmp_root);
             });
     }
 }
@@ -449,21 +462,25 @@ fn readable_within(fd: std::os::fd::BorrowedFd<'_>, limit: Duration) -> std::io:
 
 /// The reader thread: queues each spare the zygote sends; at end of stream
 /// marks the zygote dead. Every change wakes the callers waiting for one.
-fn read_replies(control: &OwnedFd, shared: &Shared) {
+fn read_replies(control: &OwnedFd, shared: &Shared, expected: SpareOwner) {
     while let Ok(Some(reply)) = packet::recv(control.as_fd(), false) {
         match reply.decode::<FromZygote>() {
-            Ok(FromZygote::Spare { tmp }) => {
+            Ok(FromZygote::Spare) => {
                 let mut fds = reply.fds.into_iter();
-                if let (Some(channel), Some(pidfd)) = (fds.next(), fds.next()) {
-                    shared
-                        .spares
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push_back(Spare {
-                            channel,
-                            pidfd,
-                            tmp,
-                        });
+                if let (Some(channel), Some(pidfd), None) = (fds.next(), fds.next(), fds.next()) {
+                    match expected.check(&pidfd) {
+                        Ok(()) => shared
+                            .spares
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push_back(Spare { channel, pidfd }),
+                        Err(why) => {
+                            tracing::error!(%why, "the sandbox zygote sent a spare that is not its own; stopping it");
+                            *shared.failure.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(format!("the sandbox zygote sent a bad spare: {why}"));
+                            break;
+                        }
+                    }
                 }
             }
             Ok(FromZygote::SpawnFailed { message }) => {
@@ -480,73 +497,49 @@ fn read_replies(control: &OwnedFd, shared: &Shared) {
     shared.changed.notify_waiters();
 }
 
-/// The folder a zygote makes its calls' private tmp dirs in: owned by the
-/// sandbox's uid, mode 0700, named `zygote-<runtime pid>-<n>` under
-/// `$TMPDIR/stack-runtime-<euid>/`. Removed, with whatever a call left in
-/// it, once the zygote has exited; folders that a runtime which is gone
-/// (killed, say) left behind are removed by the next one.
-struct TmpRoot {
-    path: PathBuf,
+/// What a spare's init must be: a child of the zygote this runtime started,
+/// running as the sandbox's uid. The zygote runs as that uid, so what it
+/// sends is untrusted input: a pidfd that named any other process would let
+/// whoever speaks for the zygote make the runtime kill that process when a
+/// call times out.
+#[derive(Debug, Clone, Copy)]
+struct SpareOwner {
+    zygote_pid: u32,
+    uid: u32,
 }
 
-impl TmpRoot {
-    fn create(uid: u32, gid: u32) -> std::io::Result<TmpRoot> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        static SWEPT: std::sync::Once = std::sync::Once::new();
-        let base = std::env::temp_dir().join(format!("stack-runtime-{}", nix::unistd::geteuid()));
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o711)
-            .create(&base)?;
-        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o711))?;
-        SWEPT.call_once(|| sweep_abandoned(&base));
-        let path = loop {
-            let path = base.join(format!(
-                "zygote-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
-            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
-                Ok(()) => break path,
-                // Left by an earlier runtime with this pid: take the next name.
-                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(err) => return Err(err),
-            }
-        };
-        let root = TmpRoot { path };
-        std::os::unix::fs::lchown(&root.path, Some(uid), Some(gid))?;
-        Ok(root)
-    }
-}
-
-/// Removes the tmp folders under `base` whose runtime (the pid in their
-/// name) no longer runs. A folder whose pid now belongs to another process
-/// is left alone: never anything of a live runtime.
-fn sweep_abandoned(base: &Path) {
-    let Ok(entries) = std::fs::read_dir(base) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let owner = name
-            .to_str()
-            .and_then(|n| {
-                n.strip_prefix("zygote-")
-                    .or_else(|| n.strip_prefix("call-"))
-            })
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok());
-        if let Some(pid) = owner {
-            if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
+impl SpareOwner {
+    /// Checks `pidfd` against this owner: its pid from `fdinfo`, then that
+    /// pid's parent and uids, then that the pidfd's process is still alive
+    /// (so the pid was not reused in between).
+    fn check(&self, pidfd: &OwnedFd) -> Result<(), String> {
+        let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))
+            .map_err(|e| format!("fdinfo: {e}"))?;
+        let pid = field(&fdinfo, "Pid:")
+            .and_then(|v| v.parse::<i64>().ok())
+            .ok_or("the descriptor is not a pidfd")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_err(|e| format!("status of {pid}: {e}"))?;
+        let parent = field(&status, "PPid:").and_then(|v| v.parse::<u32>().ok());
+        if parent != Some(self.zygote_pid) {
+            return Err(format!("process {pid} is not a child of the zygote"));
+        }
+        let uid = self.uid.to_string();
+        let uids_match =
+            field(&status, "Uid:").is_some_and(|v| v.split_whitespace().all(|id| id == uid));
+        if !uids_match {
+            return Err(format!("process {pid} does not run as uid {}", self.uid));
+        }
+        match readable_within(pidfd.as_fd(), Duration::ZERO) {
+            Ok(false) => Ok(()),
+            _ => Err(format!("process {pid} has exited")),
         }
     }
 }
 
-impl Drop for TmpRoot {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
+/// The value of `key` (`"PPid:"`) in a `/proc` status-style text.
+fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(key))
+        .map(str::trim)
 }

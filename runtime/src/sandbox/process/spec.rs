@@ -85,10 +85,14 @@ pub(crate) struct ZygoteSpec {
     pub network: NetworkMode,
     /// The workspace (canonical): read-write for every call of the zygote.
     pub workspace: PathBuf,
-    /// A folder owned by the sandbox's uid, for the zygote alone, in which
-    /// it makes each spare's private tmp dir (and removes it when the call
-    /// has ended). Calls never get a rule for it, only for their own.
-    pub tmp_root: PathBuf,
+    /// Paths inside the workspace (canonical, existing when the zygote was
+    /// started) that calls may not change: bound read-only, or hidden, over
+    /// the workspace's own in the zygote's mount namespace.
+    pub protected: Vec<ProtectedPath>,
+    /// Size of the zygote's private `/tmp` (a tmpfs in its own mount
+    /// namespace, where each call's tmp dir is made); its pages are charged
+    /// to the memory cgroup of whoever writes them.
+    pub tmp_bytes: u64,
     /// `cgroup.procs` files the zygote joins before dropping privileges;
     /// every call it forks inherits them.
     pub cgroup_procs: Vec<PathBuf>,
@@ -100,13 +104,37 @@ pub(crate) struct ZygoteSpec {
     pub read_write_files: Vec<PathBuf>,
 }
 
-/// Everything one call needs; sent to the zygote with the call's stdio.
+/// How a protected workspace path looks to sandboxed code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProtectedMode {
+    /// Readable, not writable (`.git`: tools may read history, code may
+    /// not plant hooks or config).
+    ReadOnly,
+    /// Neither readable nor writable (`.env`, `.ssh`: secrets).
+    Hidden,
+}
+
+/// One protected path of a zygote.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub(crate) struct ProtectedPath {
+    /// Absolute and canonical, inside the workspace.
+    pub path: PathBuf,
+    /// Read-only or hidden.
+    pub mode: ProtectedMode,
+}
+
+/// Everything one call needs; sent to the spare with the call's stdio (and
+/// its code, as a sealed memfd). The target builds its environment itself
+/// (see `sandbox_environment`): nothing of it comes from outside.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct CallSpec {
     /// Program (absolute path) and its arguments.
     pub argv: Vec<String>,
-    /// The complete environment of the target.
-    pub env: Vec<(String, String)>,
+    /// The name of the file (in the call's private tmp dir) the target
+    /// writes the code it was sent to, and appends to `argv`; the code
+    /// comes as a fourth descriptor. A plain file name, never a path.
+    pub code_file: Option<String>,
     /// Read-only paths of this call, on top of the zygote's (the
     /// interpreter's prefix, policy extras).
     pub read_only: Vec<PathBuf>,
@@ -138,13 +166,10 @@ pub(crate) enum FromZygote {
         message: String,
     },
     /// A spare, ready for one call: the packet carries the socket its target
-    /// waits on and a pidfd for its init.
-    Spare {
-        /// The call's private tmp dir (its `HOME` and `TMPDIR`), already
-        /// read-write in the target's landlock ruleset; removed by the
-        /// zygote when the call's init has exited.
-        tmp: PathBuf,
-    },
+    /// waits on and a pidfd for its init. Nothing else: the runtime acts on
+    /// no path or claim of the zygote's (which runs as the sandbox's uid),
+    /// and checks that the pidfd names a child of its own zygote.
+    Spare,
     /// A spare could not be made.
     SpawnFailed {
         /// What failed.

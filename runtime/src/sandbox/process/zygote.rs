@@ -53,6 +53,10 @@ use super::spec::{CallReport, CallSpec, FromZygote, ToZygote, ZygoteSpec, WAKE_U
 /// making calls back to back rarely finds no spare waiting.
 const CLEANUP_DELAY: Duration = Duration::from_millis(1);
 
+/// The zygote's own tmpfs (see [`super::mounts`]), where each spare's
+/// private tmp dir is made.
+const PRIVATE_TMP: &str = "/tmp";
+
 /// An init this zygote made and has not reaped yet.
 struct Init {
     pid: libc::pid_t,
@@ -108,7 +112,7 @@ pub(crate) fn serve(control: OwnedFd, spec: &ZygoteSpec, filters: &Filters, base
             // A call is waiting for this one: make it now.
             wanted -= 1;
             made += 1;
-            let tmp = spec.tmp_root.join(format!("call-{made}"));
+            let tmp = Path::new(PRIVATE_TMP).join(format!("call-{made}"));
             hand_over_spare(&control, spec, filters, base, tmp, &mut inits, &ended);
             continue;
         }
@@ -197,10 +201,7 @@ fn hand_over_spare(
     let sent = match spawn_spare(spec, filters, base, tmp) {
         Ok((init, channel)) => {
             let fds = [channel.as_raw_fd(), init.pidfd.as_raw_fd()];
-            let spare = FromZygote::Spare {
-                tmp: init.tmp.clone(),
-            };
-            let sent = packet::send(control.as_fd(), &spare, &fds);
+            let sent = packet::send(control.as_fd(), &FromZygote::Spare, &fds);
             if sent.is_err() {
                 init.kill();
             }
@@ -237,11 +238,28 @@ fn spawn_spare(
     spec: &ZygoteSpec,
     filters: &Filters,
     base: &BaseRules,
-    tmp: PathBuf,
+    mut tmp: PathBuf,
 ) -> std::io::Result<(Init, OwnedFd)> {
     {
         use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new().mode(0o700).create(&tmp)?;
+        // A workspace bound under /tmp may hold this name already; the
+        // zygote then takes the next one.
+        let mut tmp_name = tmp.clone();
+        let mut attempt = 0;
+        loop {
+            match std::fs::DirBuilder::new().mode(0o700).create(&tmp_name) {
+                Ok(()) => break,
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => {
+                    attempt += 1;
+                    tmp_name.set_file_name(format!(
+                        "{}-{attempt}",
+                        tmp.file_name().and_then(|n| n.to_str()).unwrap_or("call")
+                    ));
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        tmp = tmp_name;
     }
     let spawned = fork_spare(spec, filters, base, &tmp);
     match spawned {
@@ -400,7 +418,7 @@ fn run_target(
     };
     let message = match (prepared, request.decode::<CallSpec>()) {
         (Ok(prepared), Ok(call)) => {
-            match confine_and_exec(&call, &spec.workspace, request.fds, prepared) {
+            match confine_and_exec(&call, &spec.workspace, tmp, request.fds, prepared) {
                 Ok(never) => match never {},
                 Err(message) => message,
             }
@@ -444,17 +462,16 @@ fn receive_call(channel: std::os::fd::BorrowedFd<'_>) -> Option<packet::Packet> 
 /// a call spec like a real one, building C strings), so that the page faults
 /// of a freshly forked process are taken now rather than on the call's path.
 fn warm_up(tmp: &Path) {
-    let env = super::sandbox_environment(tmp);
     let sample = CallSpec {
         argv: vec!["/usr/bin/python3".into(), "-c".into(), "print(1)".into()],
-        env,
+        code_file: None,
         read_only: vec![PathBuf::from("/usr")],
         limits: super::ResourceLimits::default(),
         min_landlock_abi: 6,
     };
     if let Ok(bytes) = serde_json::to_vec(&sample) {
         if let Ok(decoded) = serde_json::from_slice::<CallSpec>(&bytes) {
-            let _ = std::hint::black_box(super::helper::exec_strings(&decoded));
+            let _ = std::hint::black_box(super::helper::exec_strings(&decoded.argv, tmp));
         }
     }
 }
