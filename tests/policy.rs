@@ -666,3 +666,74 @@ fn tool_run_obeys_a_policy_fully() {
     ]);
     assert_eq!(strict["status"], "denied", "{strict}");
 }
+
+/// Red-team finding M5: under `default`, `.env`, `.git` and `.ssh` are off
+/// limits to the file tools by the path they resolve to, not only by the
+/// name the model gave: a symlink to them is refused, `search_files` skips
+/// them, and listing a link to `.ssh` is refused. Ordinary files still work.
+#[test]
+fn off_limits_paths_stay_off_limits_through_links_and_searches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ws = dir.path();
+    std::fs::create_dir_all(ws.join(".git")).expect("mkdir");
+    std::fs::create_dir_all(ws.join(".ssh")).expect("mkdir");
+    std::fs::create_dir_all(ws.join("src")).expect("mkdir");
+    std::fs::write(ws.join(".env"), "DB_PASSWORD_IS=hunter2-prod\n").expect("write");
+    std::fs::write(
+        ws.join(".git/config"),
+        "[remote \"origin\"]\n  url = https://user:ghp_NOTREAL@example.invalid/x\n",
+    )
+    .expect("write");
+    std::fs::write(ws.join(".ssh/id_ed25519"), "FAKE-PRIVATE-KEY-MATERIAL\n").expect("write");
+    std::fs::write(ws.join("src/app.py"), "def main(): pass\n").expect("write");
+    std::os::unix::fs::symlink(".env", ws.join("envlink")).expect("symlink");
+    std::os::unix::fs::symlink(".ssh", ws.join("s")).expect("symlink");
+    std::os::unix::fs::symlink("src/app.py", ws.join("applink")).expect("symlink");
+    let policy = Arc::new(Policy::preset("default").expect("default"));
+    let mut gate = Gate::new(Arc::new(Registry::with_builtins()), policy, "s");
+    let ctx = ToolContext::new(Workspace::open(ws).expect("workspace"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut call = |tool: &str, args: &str| {
+        runtime.block_on(gate.call(&ToolCall::function("c", tool, args), &ctx))
+    };
+    let leaks = ["hunter2", "ghp_NOTREAL", "FAKE-PRIVATE-KEY"];
+    for (tool, args) in [
+        ("read_file", r#"{"path": "envlink"}"#),
+        ("read_file", r#"{"path": "s/id_ed25519"}"#),
+        ("list_dir", r#"{"path": "s"}"#),
+        ("read_file", r#"{"path": ".env"}"#),
+    ] {
+        let outcome = call(tool, args);
+        assert_ne!(outcome.status, Status::Ok, "{tool} {args}: {outcome:?}");
+        let text = format!(
+            "{}{}",
+            outcome.stdout,
+            outcome.error.clone().unwrap_or_default()
+        );
+        assert!(
+            !leaks.iter().any(|l| text.contains(l)),
+            "{tool} {args}: {outcome:?}"
+        );
+        assert!(
+            text.contains("denied by policy"),
+            "{tool} {args}: {outcome:?}"
+        );
+    }
+    let search = call("search_files", r#"{"pattern": "."}"#);
+    assert_eq!(search.status, Status::Ok, "{search:?}");
+    assert!(
+        !leaks.iter().any(|l| search.stdout.contains(l)),
+        "{search:?}"
+    );
+    assert!(
+        search.stdout.contains("src/app.py:1: def main(): pass"),
+        "{search:?}"
+    );
+    // Health: a link to an ordinary file reads as before.
+    let linked = call("read_file", r#"{"path": "applink"}"#);
+    assert_eq!(linked.status, Status::Ok, "{linked:?}");
+    assert_eq!(linked.stdout, "def main(): pass\n");
+}

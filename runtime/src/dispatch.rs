@@ -82,8 +82,13 @@ pub async fn execute(authorized: &AuthorizedCall, ctx: &ToolContext) -> ToolOutc
     let mut outcome = match &call.tool().executor {
         Executor::Builtin(Builtin::ExecuteCode) => execute_code(authorized, ctx).await,
         Executor::Builtin(builtin) => {
-            let (builtin, arguments, ctx) = (*builtin, call.arguments().clone(), ctx.clone());
-            blocking(move || run_file_tool(builtin, &arguments, &ctx)).await
+            let (builtin, ctx) = (*builtin, ctx.clone());
+            let authorized = authorized.clone();
+            blocking(move || {
+                let denied = |relative: &str| authorized.denied_path(relative);
+                run_file_tool(builtin, authorized.call().arguments(), &ctx, &denied)
+            })
+            .await
         }
         Executor::Host(handler) => {
             let (handler, arguments, ctx) = (Arc::clone(handler), call.arguments().clone(), ctx.clone());

@@ -74,6 +74,25 @@ pub enum WorkspaceError {
         "path is empty; give a path relative to the workspace root, or `.` for the root itself"
     )]
     EmptyPath,
+    /// The file has other names (hard links), perhaps outside the workspace:
+    /// writing it would write them too.
+    #[error(
+        "`{0}` has other hard links (perhaps outside the workspace); refusing to write through it"
+    )]
+    HardLinked(String),
+    /// A FIFO, socket or device where a regular file was expected.
+    #[error("`{0}` is not a regular file (a FIFO, socket or device); refusing to use it")]
+    NotRegular(String),
+    /// The path, as resolved, is one the policy keeps off limits.
+    #[error("`{path}` is `{resolved}` once links are resolved: {reason}")]
+    Denied {
+        /// The path as given.
+        path: String,
+        /// Where it leads, relative to the workspace root.
+        resolved: String,
+        /// The policy's words.
+        reason: String,
+    },
     /// The kernel lacks `openat2(2)`; refusing rather than resolving paths unsafely.
     #[error("this kernel lacks openat2(2) (Linux 5.6+), which the workspace needs to confine paths safely")]
     Openat2Unsupported,
@@ -187,15 +206,63 @@ impl Workspace {
     ///
     /// Returns the text and whether it was cut short.
     pub fn read_text(&self, path: &str, max_bytes: u64) -> Result<(String, bool), WorkspaceError> {
+        self.read_text_checked(path, max_bytes, &|_| None)
+    }
+
+    /// Where the opened `fd` is, relative to the root, as the kernel
+    /// resolved it (symlinks followed); refused when `denied` says so.
+    /// Checked on the descriptor that is then used, so a link swapped in
+    /// meanwhile changes nothing.
+    fn check_resolved(
+        &self,
+        fd: &OwnedFd,
+        path: &str,
+        denied: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), WorkspaceError> {
+        use std::os::fd::AsRawFd;
+        let real =
+            std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|source| {
+                WorkspaceError::Io {
+                    path: path.to_string(),
+                    source,
+                }
+            })?;
+        let relative = match real.strip_prefix(&self.root) {
+            Ok(rest) if rest.as_os_str().is_empty() => ".".to_string(),
+            Ok(rest) => rest.display().to_string(),
+            Err(_) => return Err(WorkspaceError::EscapesWorkspace(path.to_string())),
+        };
+        match denied(&relative) {
+            Some(reason) => Err(WorkspaceError::Denied {
+                path: path.to_string(),
+                resolved: relative,
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Workspace::read_text`], refused when the file the path resolves to
+    /// is one `denied` names. FIFOs, sockets and devices are refused too: a
+    /// FIFO would block the read for good.
+    pub fn read_text_checked(
+        &self,
+        path: &str,
+        max_bytes: u64,
+        denied: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(String, bool), WorkspaceError> {
         let fd = self.open_beneath(
             path,
-            OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK,
             Mode::empty(),
             Follow::InsideOnly,
         )?;
+        self.check_resolved(&fd, path, denied)?;
         let stat = fstat(&fd).map_err(|errno| map_errno(errno, path))?;
-        if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
-            return Err(WorkspaceError::IsDirectory(path.to_string()));
+        match SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT {
+            SFlag::S_IFDIR => return Err(WorkspaceError::IsDirectory(path.to_string())),
+            SFlag::S_IFREG => {}
+            _ => return Err(WorkspaceError::NotRegular(path.to_string())),
         }
         let mut bytes = Vec::new();
         File::from(fd)
@@ -219,24 +286,54 @@ impl Workspace {
         if let Some(parent) = relative.parent() {
             self.create_dirs(parent, path)?;
         }
-        let mut flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_CLOEXEC | OFlag::O_NOCTTY;
-        flags |= if append {
-            OFlag::O_APPEND
-        } else {
-            OFlag::O_TRUNC
+        // Never truncate before the checks below; never block on a FIFO.
+        let mut flags = OFlag::O_WRONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK;
+        if append {
+            flags |= OFlag::O_APPEND;
+        }
+        let open = |flags: OFlag| {
+            // openat2 takes a mode only together with O_CREAT.
+            let mode = if flags.contains(OFlag::O_CREAT) {
+                Mode::from_bits_truncate(0o644)
+            } else {
+                Mode::empty()
+            };
+            open_beneath_fd(&self.root_fd, &relative, flags, mode, Follow::Never)
         };
-        let fd = open_beneath_fd(
-            &self.root_fd,
-            &relative,
-            flags,
-            Mode::from_bits_truncate(0o644),
-            Follow::Never,
+        // Only a file this call creates is handed to the workspace owner:
+        // chowning an existing one could give away a file that is also
+        // linked from elsewhere.
+        let (fd, created) = match open(flags | OFlag::O_CREAT | OFlag::O_EXCL) {
+            Ok(fd) => (fd, true),
+            Err(Errno::EEXIST) => (open(flags).map_err(|errno| map_errno(errno, path))?, false),
+            Err(errno) => return Err(map_errno(errno, path)),
+        };
+        let stat = nix::sys::stat::fstat(&fd).map_err(|errno| map_errno(errno, path))?;
+        if stat.st_mode & nix::libc::S_IFMT != nix::libc::S_IFREG {
+            return Err(WorkspaceError::NotRegular(path.to_string()));
+        }
+        if stat.st_nlink > 1 {
+            return Err(WorkspaceError::HardLinked(path.to_string()));
+        }
+        if created {
+            if let Some((uid, gid)) = self.owner {
+                nix::unistd::fchown(&fd, Some(uid.into()), Some(gid.into()))
+                    .map_err(|errno| map_errno(errno, path))?;
+            }
+        }
+        if !append {
+            nix::unistd::ftruncate(&fd, 0).map_err(|errno| map_errno(errno, path))?;
+        }
+        // Writes block again (the file is regular).
+        nix::fcntl::fcntl(
+            &fd,
+            nix::fcntl::FcntlArg::F_SETFL(if append {
+                OFlag::O_APPEND
+            } else {
+                OFlag::empty()
+            }),
         )
         .map_err(|errno| map_errno(errno, path))?;
-        if let Some((uid, gid)) = self.owner {
-            nix::unistd::fchown(&fd, Some(uid.into()), Some(gid.into()))
-                .map_err(|errno| map_errno(errno, path))?;
-        }
         let mut file = File::from(fd);
         std::io::Write::write_all(&mut file, content).map_err(|source| WorkspaceError::Io {
             path: path.to_string(),
@@ -299,12 +396,23 @@ impl Workspace {
 
     /// Lists a directory, sorted by name. Symlinks are reported, not followed.
     pub fn list_dir(&self, path: &str) -> Result<Vec<DirEntry>, WorkspaceError> {
+        self.list_dir_checked(path, &|_| None)
+    }
+
+    /// [`Workspace::list_dir`], refused when the folder the path resolves
+    /// to is one `denied` names.
+    pub fn list_dir_checked(
+        &self,
+        path: &str,
+        denied: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Vec<DirEntry>, WorkspaceError> {
         let fd = self.open_beneath(
             path,
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             Mode::empty(),
             Follow::InsideOnly,
         )?;
+        self.check_resolved(&fd, path, denied)?;
         read_entries(fd, path)
     }
 
@@ -316,6 +424,18 @@ impl Workspace {
         path: &str,
         visit: &mut dyn FnMut(&Path, File) -> bool,
     ) -> Result<(), WorkspaceError> {
+        self.walk_files_checked(path, &|_| None, visit)
+    }
+
+    /// [`Workspace::walk_files`], skipping every file and folder (with all
+    /// below it) whose path `denied` names. The walk follows no link, so
+    /// the path it checks is the path it opens.
+    pub fn walk_files_checked(
+        &self,
+        path: &str,
+        denied: &dyn Fn(&str) -> Option<String>,
+        visit: &mut dyn FnMut(&Path, File) -> bool,
+    ) -> Result<(), WorkspaceError> {
         let start = self.relative(path)?;
         let fd = open_beneath_fd(
             &self.root_fd,
@@ -325,6 +445,7 @@ impl Workspace {
             Follow::Never,
         )
         .map_err(|errno| map_errno(errno, path))?;
+        self.check_resolved(&fd, path, denied)?;
         let mut stack = vec![(start, fd)];
         while let Some((dir_path, dir_fd)) = stack.pop() {
             let display = dir_path.display().to_string();
@@ -339,6 +460,9 @@ impl Workspace {
             .rev()
             {
                 let child = dir_path.join(&entry.name);
+                if denied(&normalize(&child).display().to_string()).is_some() {
+                    continue;
+                }
                 let flags = match entry.kind {
                     "dir" => OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
                     "file" => OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
@@ -496,6 +620,43 @@ mod tests {
                 Err(err) => assert!(!err.to_string().contains("TOP SECRET"), "{what}"),
             }
         }
+    }
+
+    #[test]
+    fn writes_never_go_through_hard_links_or_fifos() {
+        let (outside, inside, ws) = fixture();
+        let secret = outside.path().join("secret.txt");
+        std::fs::hard_link(&secret, inside.path().join("linked")).expect("link");
+        assert!(matches!(
+            ws.write("linked", b"pwned", false),
+            Err(WorkspaceError::HardLinked(_))
+        ));
+        assert!(matches!(
+            ws.write("linked", b"pwned", true),
+            Err(WorkspaceError::HardLinked(_))
+        ));
+        assert_eq!(
+            std::fs::read_to_string(&secret).expect("read"),
+            "TOP SECRET"
+        );
+        nix::unistd::mkfifo(&inside.path().join("fifo"), Mode::from_bits_truncate(0o666))
+            .expect("mkfifo");
+        // No reader: a blocking open would hang for good.
+        let started = std::time::Instant::now();
+        assert!(ws.write("fifo", b"x", false).is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // Health: ordinary writes and appends still work.
+        ws.write("fresh.txt", b"a", false).expect("write");
+        ws.write("fresh.txt", b"b", true).expect("append");
+        ws.write("hello.txt", b"new", false).expect("overwrite");
+        assert_eq!(
+            std::fs::read_to_string(inside.path().join("fresh.txt")).expect("read"),
+            "ab"
+        );
+        assert_eq!(
+            std::fs::read_to_string(inside.path().join("hello.txt")).expect("read"),
+            "new"
+        );
     }
 
     #[test]

@@ -65,13 +65,24 @@ pub struct SearchFilesArgs {
 /// Files larger than this are skipped by `search_files`.
 const SEARCH_MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
 
-/// Runs a file tool on already validated arguments.
-pub(crate) fn run(builtin: Builtin, arguments: &Value, ctx: &ToolContext) -> ToolOutcome {
+/// Says why a workspace-relative path (as the kernel resolved it) is off
+/// limits, if the policy denies it.
+pub(crate) type Denied<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Runs a file tool on already validated arguments. The policy's `deny`
+/// path rules (`denied`) apply again to the path each tool actually opens,
+/// symlinks resolved, and to every path a search visits.
+pub(crate) fn run(
+    builtin: Builtin,
+    arguments: &Value,
+    ctx: &ToolContext,
+    denied: Denied<'_>,
+) -> ToolOutcome {
     let result = match builtin {
-        Builtin::ReadFile => parse(arguments).and_then(|args| read_file(args, ctx)),
+        Builtin::ReadFile => parse(arguments).and_then(|args| read_file(args, ctx, denied)),
         Builtin::WriteFile => parse(arguments).and_then(|args| write_file(args, ctx)),
-        Builtin::ListDir => parse(arguments).and_then(|args| list_dir(args, ctx)),
-        Builtin::SearchFiles => parse(arguments).and_then(|args| search_files(args, ctx)),
+        Builtin::ListDir => parse(arguments).and_then(|args| list_dir(args, ctx, denied)),
+        Builtin::SearchFiles => parse(arguments).and_then(|args| search_files(args, ctx, denied)),
         Builtin::ExecuteCode => Err(Failure::Internal(
             "execute_code is not a file tool".to_string(),
         )),
@@ -106,16 +117,16 @@ fn parse<T: serde::de::DeserializeOwned>(arguments: &Value) -> Result<T, Failure
     })
 }
 
-fn read_file(args: ReadFileArgs, ctx: &ToolContext) -> Output {
+fn read_file(args: ReadFileArgs, ctx: &ToolContext, denied: Denied<'_>) -> Output {
     let limit = ctx.max_output_bytes as u64;
     let whole_file = args.start_line.is_none() && args.line_count.is_none();
     if whole_file {
-        return Ok(ctx.workspace.read_text(&args.path, limit)?);
+        return Ok(ctx.workspace.read_text_checked(&args.path, limit, denied)?);
     }
     // Line ranges read the file in full (up to a generous bound) and slice it.
-    let (text, cut) = ctx
-        .workspace
-        .read_text(&args.path, limit.saturating_mul(16))?;
+    let (text, cut) =
+        ctx.workspace
+            .read_text_checked(&args.path, limit.saturating_mul(16), denied)?;
     let start = args.start_line.unwrap_or(1).saturating_sub(1) as usize;
     let count = args.line_count.map_or(usize::MAX, |n| n as usize);
     let mut selected = String::new();
@@ -139,9 +150,9 @@ fn write_file(args: WriteFileArgs, ctx: &ToolContext) -> Output {
     Ok((format!("{verb} {written} bytes to {}", args.path), false))
 }
 
-fn list_dir(args: ListDirArgs, ctx: &ToolContext) -> Output {
+fn list_dir(args: ListDirArgs, ctx: &ToolContext, denied: Denied<'_>) -> Output {
     let path = args.path.unwrap_or_else(|| ".".to_string());
-    let entries = ctx.workspace.list_dir(&path)?;
+    let entries = ctx.workspace.list_dir_checked(&path, denied)?;
     let mut text = String::new();
     for entry in &entries {
         let line = match (entry.kind, entry.size) {
@@ -161,7 +172,7 @@ fn list_dir(args: ListDirArgs, ctx: &ToolContext) -> Output {
     Ok((text, false))
 }
 
-fn search_files(args: SearchFilesArgs, ctx: &ToolContext) -> Output {
+fn search_files(args: SearchFilesArgs, ctx: &ToolContext, denied: Denied<'_>) -> Output {
     let regex = regex::RegexBuilder::new(&args.pattern)
         .size_limit(1 << 20)
         .build()
@@ -175,41 +186,42 @@ fn search_files(args: SearchFilesArgs, ctx: &ToolContext) -> Output {
     let mut text = String::new();
     let mut matches = 0usize;
     let mut truncated = false;
-    ctx.workspace.walk_files(&path, &mut |relative, file| {
-        let too_big = file
-            .metadata()
-            .map_or(true, |m| m.len() > SEARCH_MAX_FILE_BYTES);
-        if too_big {
-            return true;
-        }
-        let reader = BufReader::new(file.take(SEARCH_MAX_FILE_BYTES));
-        for (index, line) in reader.split(b'\n').enumerate() {
-            let Ok(line) = line else { return true };
-            if line.contains(&0) {
-                return true; // binary file
+    ctx.workspace
+        .walk_files_checked(&path, denied, &mut |relative, file| {
+            let too_big = file
+                .metadata()
+                .map_or(true, |m| m.len() > SEARCH_MAX_FILE_BYTES);
+            if too_big {
+                return true;
             }
-            let line = String::from_utf8_lossy(&line);
-            if regex.is_match(&line) {
-                if matches == max_results {
-                    truncated = true;
-                    return false;
+            let reader = BufReader::new(file.take(SEARCH_MAX_FILE_BYTES));
+            for (index, line) in reader.split(b'\n').enumerate() {
+                let Ok(line) = line else { return true };
+                if line.contains(&0) {
+                    return true; // binary file
                 }
-                let entry = format!(
-                    "{}:{}: {}\n",
-                    relative.display(),
-                    index + 1,
-                    line.trim_end()
-                );
-                if text.len() + entry.len() > ctx.max_output_bytes {
-                    truncated = true;
-                    return false;
+                let line = String::from_utf8_lossy(&line);
+                if regex.is_match(&line) {
+                    if matches == max_results {
+                        truncated = true;
+                        return false;
+                    }
+                    let entry = format!(
+                        "{}:{}: {}\n",
+                        relative.display(),
+                        index + 1,
+                        line.trim_end()
+                    );
+                    if text.len() + entry.len() > ctx.max_output_bytes {
+                        truncated = true;
+                        return false;
+                    }
+                    text.push_str(&entry);
+                    matches += 1;
                 }
-                text.push_str(&entry);
-                matches += 1;
             }
-        }
-        true
-    })?;
+            true
+        })?;
     if matches == 0 {
         text.push_str("no matches\n");
     }
