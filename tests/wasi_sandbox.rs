@@ -473,3 +473,53 @@ async fn a_sleeping_guest_is_stopped_at_the_deadline() {
     assert!(slept.duration_ms < 3000, "{slept:?}");
     assert_eq!(session.run("print('alive')").await.stdout, "alive\n");
 }
+
+/// Red-team finding L3: a root runtime's WASI guest acts as the process
+/// sandbox's code would, never as root. In a user's workspace it cannot
+/// read a root-only file, and what it creates belongs to that user; the
+/// process sandbox sees the same. (Root-only: run as root, as CI does; the
+/// unprivileged run skips `as_root_` tests rather than pass them vacuously.)
+#[tokio::test(flavor = "multi_thread")]
+async fn as_root_a_guest_acts_as_the_workspace_owner_not_root() {
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "an `as_root_` test: run it as root, or skip it with `--skip as_root_`"
+    );
+    let (uid, gid) = common::attacker();
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let ws = workspace.path();
+    nix::unistd::chown(ws, Some(uid.into()), Some(gid.into())).expect("chown");
+    std::fs::write(ws.join("rootonly.txt"), "ROOT-0600-IN-USER-WS").expect("write");
+    std::fs::set_permissions(
+        ws.join("rootonly.txt"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
+    std::fs::write(ws.join("shared.txt"), "readable").expect("write");
+    let code = "try:\n    print('LEAK', open('rootonly.txt').read())\nexcept Exception as e:\n    print('blocked', type(e).__name__)\nprint(open('shared.txt').read())\nimport os\nos.mkdir('made_by_wasi')\nopen('made_by_wasi/f.txt', 'w').write('x')";
+    let outcome = sandbox().run_python(code, ws, &quick()).await;
+    assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    assert!(!outcome.stdout.contains("LEAK"), "{outcome:?}");
+    assert!(outcome.stdout.starts_with("blocked"), "{outcome:?}");
+    assert!(outcome.stdout.contains("readable"), "{outcome:?}");
+    for made in ["made_by_wasi", "made_by_wasi/f.txt"] {
+        let meta = std::fs::metadata(ws.join(made)).expect("made");
+        assert_eq!((meta.uid(), meta.gid()), (uid, gid), "{made}");
+    }
+    // The runtime's own threads are root again afterwards: a root-only file
+    // elsewhere is still readable by the runtime itself.
+    assert_eq!(
+        std::fs::read_to_string(ws.join("rootonly.txt")).expect("root reads"),
+        "ROOT-0600-IN-USER-WS"
+    );
+    // A stateful session's guest thread acts the same way.
+    let mut session = PythonSession::new(sandbox(), ws, quick());
+    let again = session
+        .run("try:\n    print('LEAK', open('rootonly.txt').read())\nexcept Exception as e:\n    print('blocked', type(e).__name__)")
+        .await;
+    assert!(again.stdout.starts_with("blocked"), "{again:?}");
+    // Health: an ordinary call still works.
+    let healthy = sandbox().run_python("print(6 * 7)", ws, &quick()).await;
+    assert_eq!(healthy.stdout, "42\n", "{healthy:?}");
+}

@@ -22,10 +22,17 @@
 //!    the cap the guest keeps running and the excess is dropped.
 //! 6. **Isolation between calls and sessions** — every call or session has
 //!    its own store; a trap ends that instance only and never the runtime.
+//! 7. **Identity** — a root runtime never lets a guest act as root: the
+//!    thread that runs the guest, on which every filesystem call of the
+//!    guest is made, takes the process sandbox's identity for the workspace
+//!    (its owner, or the dedicated sandbox uid) as its filesystem uid, gid
+//!    and groups (see [`identity`]), so the kernel checks the guest's opens
+//!    as that user's and what it creates belongs to them.
 //!
 //! Each rule has tests in `tests/wasi_sandbox.rs`.
 
 mod engine;
+mod identity;
 mod output;
 mod session;
 mod sleep;
@@ -384,11 +391,16 @@ impl WasiSandbox {
             Err(err) => return ToolOutcome::internal_error(err),
         };
         let memory_hit = Arc::clone(&store.data().limiter.hit);
+        let acting = match identity::ActAs::sandbox_of(workspace) {
+            Ok(acting) => acting,
+            Err(err) => return ToolOutcome::internal_error(err),
+        };
         let result = prepared
             .pre
             .instantiate(&mut store)
             .and_then(|instance| instance.get_typed_func::<(), ()>(&mut store, "_start"))
             .and_then(|start| start.call(&mut store, ()));
+        drop(acting);
         let out = stdout.take();
         let err = stderr.take();
         let mut outcome =
@@ -452,6 +464,9 @@ pub(crate) fn grant_mounts(
     workspace: &Path,
     policy: &WasiPolicy,
 ) -> Result<(), String> {
+    // Every filesystem call runs on the guest's own thread, which carries
+    // the sandbox's identity (see `identity`), never on a shared pool.
+    builder.allow_blocking_current_thread(true);
     builder
         .preopened_dir(workspace, GUEST_WORKSPACE, FsPerms::ReadWrite)
         .and_then(|b| b.preopened_dir(workspace, ".", FsPerms::ReadWrite))

@@ -282,9 +282,19 @@ fn start_instance(
     let memory_hit = Arc::clone(&store.data().limiter.hit);
     let finished = Arc::new(AtomicBool::new(false));
     let (done, wake) = (Arc::clone(&finished), stdout.clone());
+    let guest_workspace = workspace.to_path_buf();
     let thread = std::thread::Builder::new()
         .name("stack-python-session".into())
         .spawn(move || {
+            // This thread is the guest's alone: it keeps the identity.
+            let _acting = match super::identity::ActAs::sandbox_of(&guest_workspace) {
+                Ok(acting) => acting,
+                Err(err) => {
+                    done.store(true, Ordering::SeqCst);
+                    wake.notify();
+                    return Err(wasmtime::Error::msg(err));
+                }
+            };
             let result = prepared
                 .pre
                 .instantiate(&mut store)
