@@ -523,3 +523,79 @@ async fn as_root_a_guest_acts_as_the_workspace_owner_not_root() {
     let healthy = sandbox().run_python("print(6 * 7)", ws, &quick()).await;
     assert_eq!(healthy.stdout, "42\n", "{healthy:?}");
 }
+
+/// Red-team finding H3 in the WASI sandbox: a root runtime's guest cannot
+/// plant git hooks or config, nor read hidden secrets, in a workspace whose
+/// protected paths exist (its thread has a mount namespace of its own).
+#[tokio::test(flavor = "multi_thread")]
+async fn as_root_protected_workspace_paths_hold_in_wasi_too() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "an `as_root_` test: run it as root, or skip it with `--skip as_root_`"
+    );
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let ws = workspace.path();
+    std::fs::create_dir_all(ws.join(".git/hooks")).expect("mkdir");
+    std::fs::write(ws.join(".git/config"), "[core]\n").expect("write");
+    std::fs::write(ws.join(".env"), "TOKEN=LEAK-in-env\n").expect("write");
+    let code = "for what, f in [('config', lambda: open('.git/config', 'a').write('[core]\\n\\tfsmonitor = id\\n')), ('hook', lambda: open('.git/hooks/pre-commit', 'w').write('#!/bin/sh\\nid\\n')), ('env', lambda: open('.env', 'a').write('x'))]:\n    try:\n        f(); print('LEAK', what)\n    except Exception as e:\n        print('blocked', what, type(e).__name__)\nprint(open('.git/config').read().strip())\ntry:\n    print('env holds', repr(open('.env').read()))\nexcept Exception as e:\n    print('env hidden', type(e).__name__)";
+    let outcome = sandbox().run_python(code, ws, &quick()).await;
+    assert!(!outcome.stdout.contains("LEAK"), "{outcome:?}");
+    assert!(outcome.stdout.contains("blocked hook"), "{outcome:?}");
+    assert!(
+        outcome.stdout.contains("\n[core]\n"),
+        "read-only stays readable: {outcome:?}"
+    );
+    assert!(
+        !outcome.stdout.contains("TOKEN"),
+        "the hidden .env was read: {outcome:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join(".git/config")).expect("read"),
+        "[core]\n"
+    );
+    assert!(!ws.join(".git/hooks/pre-commit").exists());
+    // The runtime's own threads still see everything as before.
+    assert_eq!(
+        std::fs::read_to_string(ws.join(".env")).expect("read"),
+        "TOKEN=LEAK-in-env\n"
+    );
+    let healthy = sandbox()
+        .run_python(
+            "open('notes.txt', 'w').write('ok'); print(open('notes.txt').read())",
+            ws,
+            &quick(),
+        )
+        .await;
+    assert_eq!(healthy.stdout, "ok\n", "{healthy:?}");
+}
+
+/// A protected path that a guest creates (`.envrc`, which direnv would run)
+/// is gone when the call returns, and the call fails saying so: for a
+/// fresh interpreter and for a stateful session alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_protected_path_a_guest_creates_is_removed() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let ws = workspace.path();
+    let outcome = sandbox()
+        .run_python(
+            "open('.envrc', 'w').write('id > /tmp/pwned\\n'); print('made')",
+            ws,
+            &quick(),
+        )
+        .await;
+    assert_eq!(outcome.status, Status::Failed, "{outcome:?}");
+    assert!(
+        outcome.error.clone().unwrap_or_default().contains(".envrc"),
+        "{outcome:?}"
+    );
+    assert!(!ws.join(".envrc").exists(), ".envrc outlived the call");
+    let mut session = PythonSession::new(sandbox(), ws, quick());
+    let made = session
+        .run("import os\nos.makedirs('.vscode', exist_ok=True)\nopen('.vscode/tasks.json', 'w').write('{}')")
+        .await;
+    assert_eq!(made.status, Status::Failed, "{made:?}");
+    assert!(!ws.join(".vscode").exists(), ".vscode outlived the call");
+    let healthy = session.run("print(6 * 7)").await;
+    assert_eq!(healthy.stdout, "42\n", "{healthy:?}");
+}

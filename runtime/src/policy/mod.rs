@@ -482,6 +482,7 @@ pub fn wasi_policy(settings: &SandboxSettings) -> crate::sandbox::wasi::WasiPoli
             .flatten()
             .map(|path| (path.clone(), path.display().to_string()))
             .collect(),
+        protected: protected_paths(settings),
     }
 }
 

@@ -99,7 +99,7 @@ mod capture;
 mod cgroup;
 mod grant;
 mod helper;
-mod mounts;
+pub(crate) mod mounts;
 mod packet;
 mod pool;
 mod probe;
@@ -126,7 +126,8 @@ pub use spec::{NetworkMode, ProtectedMode, ResourceLimits};
 use crate::outcome::{Status, ToolOutcome};
 use crate::tools::Language;
 use pool::{Zygote, ZygoteKey, ZygotePool};
-use spec::{CallSpec, ProtectedPath};
+use spec::CallSpec;
+pub(crate) use spec::ProtectedPath;
 
 /// File name of the helper binary.
 pub const HELPER_NAME: &str = "stack-sandbox-exec";
@@ -610,7 +611,7 @@ fn sealed_code(code: &[u8]) -> Result<OwnedFd, SandboxError> {
 
 /// Splits the policy's protected paths into those that exist in
 /// `workspace` (resolved, kept only inside it) and those that do not.
-fn protected_paths(
+pub(crate) fn protected_paths(
     workspace: &Path,
     names: &[(PathBuf, ProtectedMode)],
 ) -> (Vec<ProtectedPath>, Vec<PathBuf>) {
@@ -650,7 +651,7 @@ fn protected_paths(
 /// created a protected path that did not exist when it started. Symlinks
 /// are removed, never followed (`remove_dir_all` does not follow them
 /// either). Returns what was removed.
-fn remove_created_protected(workspace: &Path, names: &[PathBuf]) -> Vec<PathBuf> {
+pub(crate) fn remove_created_protected(workspace: &Path, names: &[PathBuf]) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     for name in names {
         let path = workspace.join(name);
@@ -674,7 +675,7 @@ fn remove_created_protected(workspace: &Path, names: &[PathBuf]) -> Vec<PathBuf>
 }
 
 /// Turns a call that created protected paths into a failure that says so.
-fn report_removed_protected(outcome: &mut ToolOutcome, removed: &[PathBuf]) {
+pub(crate) fn report_removed_protected(outcome: &mut ToolOutcome, removed: &[PathBuf]) {
     let names: Vec<String> = removed
         .iter()
         .map(|p| format!("`{}`", p.display()))

@@ -56,9 +56,9 @@ const NEW_ROOT: &str = "/newroot";
 const EMPTY_FILE: &str = "/empty";
 
 /// `mount_setattr` attribute bits (linux/mount.h).
-const MOUNT_ATTR_RDONLY: u64 = 0x1;
-const MOUNT_ATTR_NOSUID: u64 = 0x2;
-const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub(crate) const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub(crate) const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub(crate) const MOUNT_ATTR_NODEV: u64 = 0x4;
 /// `AT_RECURSIVE` (linux/fcntl.h).
 const AT_RECURSIVE: libc::c_int = 0x8000;
 
@@ -368,7 +368,7 @@ fn place(planned: &Planned, tmp_bytes: u64) -> Result<(), String> {
 /// Sets mount attributes on the mount at `path` (and, with `recursive`,
 /// every mount below it); only adds, so the flags the kernel locked on a
 /// bind of a host mount stay as they are.
-fn set_attributes(path: &Path, attributes: u64, recursive: bool) -> Result<(), String> {
+pub(crate) fn set_attributes(path: &Path, attributes: u64, recursive: bool) -> Result<(), String> {
     let c_path = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| format!("private root: NUL in {}", path.display()))?;
     let attr = MountAttr {

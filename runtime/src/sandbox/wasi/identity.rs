@@ -1,100 +1,227 @@
-//! The identity a WASI guest's filesystem calls are made with.
+//! Who a WASI guest acts as, and what of the workspace it may change.
 //!
 //! # Threat model
 //!
 //! wasmtime runs in the runtime's own process. When that is root, every
 //! `openat` the guest causes would be checked as root's: a guest could read
 //! a root-only file in a user's workspace and create root-owned files there
-//! (red-team finding L3). The guest must act as the process sandbox's code
-//! would: as the workspace owner, or the dedicated sandbox uid for a
-//! root-owned workspace (see `sandbox_identity` in the process sandbox).
+//! (red-team finding L3). And the guest's preopen is the whole workspace,
+//! `.git` included, so it could plant a hook that the user's next
+//! `git status` runs outside any sandbox (H3). The guest must act as the
+//! process sandbox's code would: as the workspace owner (or the dedicated
+//! sandbox uid for a root-owned workspace), with the same protected paths.
 //!
-//! Linux keeps credentials per thread, and the raw `setfsuid`, `setfsgid`
-//! and `setgroups` system calls (unlike glibc's wrappers, which change
-//! every thread) change only the calling one. Moving the filesystem uid
-//! away from 0 also drops the filesystem capabilities (`CAP_DAC_OVERRIDE`,
-//! `CAP_FOWNER`, …) from that thread's effective set. The guest runs on one
-//! thread, and its filesystem calls run on that same thread
-//! (`allow_blocking_current_thread`), so [`ActAs`] puts that thread under
-//! the sandbox's identity for as long as the guest runs, and restores it
-//! after, on drop, panics included. A runtime that is not root needs
-//! nothing: its guests already act as its own user.
+//! Linux keeps credentials, the filesystem context and the mount namespace
+//! per thread. A guest runs on a thread of its own, and its filesystem
+//! calls run on that same thread (`allow_blocking_current_thread`), so for a
+//! root runtime [`GuestThread::enter`], on that thread and before the
+//! workspace is preopened:
+//!
+//! 1. unshares the thread's filesystem context and mount namespace (no
+//!    propagation back to the host), and binds the workspace's existing
+//!    protected paths read-only, or hides them (an empty read-only tmpfs,
+//!    or an empty mode-000 file from a tmpfs of the thread's own, over
+//!    them);
+//! 2. takes the sandbox's identity with the raw per-thread `setgroups`,
+//!    `setfsgid` and `setfsuid` system calls (glibc's wrappers would change
+//!    every thread); moving the filesystem uid off 0 also drops the
+//!    filesystem capabilities (`CAP_DAC_OVERRIDE`, `CAP_FOWNER`, …).
+//!
+//! The thread is never reused: its namespace goes with it, and the
+//! identity is restored on drop all the same. A protected path that a call
+//! creates is removed after it in every case (see the process sandbox's
+//! `remove_created_protected`).
+//!
+//! Not covered: a runtime that is not root. Its guests already act as its
+//! own user, but it cannot make a mount namespace for one thread (that
+//! needs `CAP_SYS_ADMIN`; a user namespace cannot be entered by one thread
+//! of a multi-threaded process), so existing protected paths stay writable
+//! to WASI guests there; use the process sandbox for untrusted code in a
+//! repository you will run git in.
 
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 use nix::libc;
+use nix::mount::{mount, MsFlags};
 
-/// While alive, this thread's filesystem identity is the sandbox's.
+use crate::sandbox::process::mounts::{
+    set_attributes, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY,
+};
+use crate::sandbox::process::{protected_paths, ProtectedMode};
+
+/// While alive, the calling thread is a confined guest thread.
 #[derive(Debug)]
-pub(crate) struct ActAs {
-    restore: Option<Saved>,
+pub(crate) struct GuestThread {
+    restore: Option<Vec<libc::gid_t>>,
 }
 
-#[derive(Debug)]
-struct Saved {
-    groups: Vec<libc::gid_t>,
-}
-
-impl ActAs {
-    /// Takes the identity sandboxed code has in `workspace` (blocking: the
-    /// first call for a root-owned workspace shares it through ACLs).
-    pub(crate) fn sandbox_of(workspace: &Path) -> Result<ActAs, String> {
+impl GuestThread {
+    /// Confines the calling thread for a guest in `workspace` (see the
+    /// module docs). Call it on a thread of the guest's own, before the
+    /// workspace is preopened. Blocking.
+    pub(crate) fn enter(
+        workspace: &Path,
+        protected: &[(PathBuf, ProtectedMode)],
+    ) -> Result<GuestThread, String> {
         if !nix::unistd::geteuid().is_root() {
-            return Ok(ActAs { restore: None });
+            return Ok(GuestThread { restore: None });
         }
         let canonical = std::fs::canonicalize(workspace)
             .map_err(|e| format!("workspace {}: {e}", workspace.display()))?;
         let (uid, gid) = crate::sandbox::process::sandbox_identity(&canonical)
             .map_err(|e| format!("the WASI sandbox's identity: {e}"))?;
-        Self::become_(uid, gid)
-    }
-
-    fn become_(uid: u32, gid: u32) -> Result<ActAs, String> {
-        let groups = nix::unistd::getgroups()
-            .map_err(|e| format!("getgroups: {e}"))?
-            .into_iter()
-            .map(|g| g.as_raw())
-            .collect();
-        let acting = ActAs {
-            restore: Some(Saved { groups }),
-        };
-        let one = [gid];
-        // SAFETY: raw per-thread setgroups with a valid one-element array,
-        // which the kernel copies before returning.
-        if unsafe { libc::syscall(libc::SYS_setgroups, 1usize, one.as_ptr()) } != 0 {
-            return Err(format!("setgroups: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: per-thread setfsgid/setfsuid with plain integers.
-        unsafe {
-            libc::syscall(libc::SYS_setfsgid, gid);
-            libc::syscall(libc::SYS_setfsuid, uid);
-        }
-        // setfsuid reports the previous value, never an error: read back.
-        // SAFETY: setfsuid(-1) changes nothing and returns the current one.
-        let now = unsafe { libc::syscall(libc::SYS_setfsuid, u32::MAX) };
-        if now != i64::from(uid) {
-            return Err(format!(
-                "could not take uid {uid} for the guest's file access"
-            ));
-        }
-        Ok(acting)
+        protect(&canonical, protected)?;
+        act_as(uid, gid)
     }
 }
 
-impl Drop for ActAs {
+/// Binds the existing protected paths of `workspace` read-only (or hides
+/// them) in a mount namespace of this thread's own.
+fn protect(workspace: &Path, protected: &[(PathBuf, ProtectedMode)]) -> Result<(), String> {
+    let (present, _) = protected_paths(workspace, protected);
+    if present.is_empty() {
+        return Ok(());
+    }
+    let err = |what: &str, e: nix::Error| format!("protecting the workspace for WASI: {what}: {e}");
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS | nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| err("unshare", e))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .map_err(|e| err("no propagation", e))?;
+    for entry in present {
+        let path = entry.path.as_path();
+        let directory = path.is_dir();
+        match (entry.mode, directory) {
+            (ProtectedMode::ReadOnly, _) => {
+                mount(
+                    Some(path),
+                    path,
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None::<&str>,
+                )
+                .map_err(|e| err("bind", e))?;
+                set_attributes(
+                    path,
+                    MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+                    true,
+                )?;
+            }
+            (ProtectedMode::Hidden, true) => mount(
+                Some("tmpfs"),
+                path,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY,
+                Some("mode=000,size=4k,nr_inodes=1"),
+            )
+            .map_err(|e| err("hide", e))?,
+            (ProtectedMode::Hidden, false) => {
+                let stand_in = empty_file(workspace)?;
+                mount(
+                    Some(stand_in.as_path()),
+                    path,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(|e| err("hide", e))?;
+                set_attributes(
+                    path,
+                    MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+                    false,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An empty, mode-000 file for hidden files to be bound to: in a small
+/// tmpfs this thread mounts (its namespace is its own) on a folder that
+/// holds nothing the guest uses (not the workspace nor above it); it goes
+/// with the thread's namespace. Made once per thread.
+fn empty_file(workspace: &Path) -> Result<PathBuf, String> {
+    const SPOTS: &[&str] = &["/run", "/mnt", "/media", "/srv", "/opt"];
+    thread_local! {
+        static MADE: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+    }
+    if let Some(made) = MADE.with(|m| m.borrow().clone()) {
+        return Ok(made);
+    }
+    let spot = SPOTS
+        .iter()
+        .map(Path::new)
+        .find(|spot| spot.is_dir() && !workspace.starts_with(spot))
+        .ok_or("no folder to hold an empty stand-in for a hidden file")?;
+    let err = |what: &str, e: nix::Error| format!("hiding a file from WASI: {what}: {e}");
+    mount(
+        Some("tmpfs"),
+        spot,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=000,size=4k,nr_inodes=4"),
+    )
+    .map_err(|e| err("tmpfs", e))?;
+    let file = spot.join("hidden");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o000)
+        .open(&file)
+        .map_err(|e| format!("hiding a file from WASI: {e}"))?;
+    MADE.with(|m| *m.borrow_mut() = Some(file.clone()));
+    Ok(file)
+}
+
+/// Takes `uid`/`gid` (and only `gid` as a group) for this thread's file
+/// access.
+fn act_as(uid: u32, gid: u32) -> Result<GuestThread, String> {
+    let groups = nix::unistd::getgroups()
+        .map_err(|e| format!("getgroups: {e}"))?
+        .into_iter()
+        .map(|g| g.as_raw())
+        .collect();
+    let acting = GuestThread {
+        restore: Some(groups),
+    };
+    let one = [gid];
+    // SAFETY: raw per-thread setgroups with a valid one-element array,
+    // which the kernel copies before returning.
+    if unsafe { libc::syscall(libc::SYS_setgroups, 1usize, one.as_ptr()) } != 0 {
+        return Err(format!("setgroups: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: per-thread setfsgid/setfsuid with plain integers.
+    unsafe {
+        libc::syscall(libc::SYS_setfsgid, gid);
+        libc::syscall(libc::SYS_setfsuid, uid);
+    }
+    // setfsuid reports the previous value, never an error: read back.
+    // SAFETY: setfsuid(-1) changes nothing and returns the current one.
+    let now = unsafe { libc::syscall(libc::SYS_setfsuid, u32::MAX) };
+    if now != i64::from(uid) {
+        return Err(format!(
+            "could not take uid {uid} for the guest's file access"
+        ));
+    }
+    Ok(acting)
+}
+
+impl Drop for GuestThread {
     fn drop(&mut self) {
-        let Some(saved) = self.restore.take() else {
+        let Some(groups) = self.restore.take() else {
             return;
         };
-        // SAFETY: as in `become_`; back to root's own credentials.
+        // SAFETY: as in `act_as`; back to root's own credentials.
         unsafe {
             libc::syscall(libc::SYS_setfsuid, 0u32);
             libc::syscall(libc::SYS_setfsgid, 0u32);
-            libc::syscall(
-                libc::SYS_setgroups,
-                saved.groups.len(),
-                saved.groups.as_ptr(),
-            );
+            libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr());
         }
     }
 }

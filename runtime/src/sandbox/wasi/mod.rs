@@ -28,6 +28,11 @@
 //!    (its owner, or the dedicated sandbox uid) as its filesystem uid, gid
 //!    and groups (see [`identity`]), so the kernel checks the guest's opens
 //!    as that user's and what it creates belongs to them.
+//! 8. **Protected paths** — as in the process sandbox, `.git`, `.envrc`, …
+//!    are read-only and `.env`, `.ssh`, … hidden, through a mount namespace
+//!    of the guest thread's own (root runtimes; see [`identity`] for what a
+//!    runtime that is not root cannot do), and one a call creates is
+//!    removed after it, the call failing.
 //!
 //! Each rule has tests in `tests/wasi_sandbox.rs`.
 
@@ -70,6 +75,11 @@ pub struct WasiPolicy {
     pub output_bytes: usize,
     /// Extra read-only mounts: host path, guest path.
     pub read_only: Vec<(PathBuf, String)>,
+    /// Workspace paths (relative) the guest may not change or see, as in
+    /// the process sandbox (see `ProcessPolicy::protected`); enforced by a
+    /// root runtime (see [`identity`]), and a created one is removed after
+    /// the call in every case.
+    pub protected: Vec<(PathBuf, crate::sandbox::process::ProtectedMode)>,
 }
 
 impl Default for WasiPolicy {
@@ -80,6 +90,7 @@ impl Default for WasiPolicy {
             fuel: None,
             output_bytes: 1 << 20,
             read_only: Vec::new(),
+            protected: crate::sandbox::process::default_protected(),
         }
     }
 }
@@ -367,6 +378,56 @@ impl WasiSandbox {
             Ok(prepared) => prepared,
             Err(err) => return ToolOutcome::internal_error(err.to_string()),
         };
+        let canonical = match std::fs::canonicalize(workspace) {
+            Ok(canonical) => canonical,
+            Err(err) => {
+                return ToolOutcome::internal_error(format!(
+                    "workspace {}: {err}",
+                    workspace.display()
+                ))
+            }
+        };
+        let (_, absent) = crate::sandbox::process::protected_paths(&canonical, &policy.protected);
+        let run = move || self.run_guest(&prepared, argv, stdin, &canonical, policy);
+        let mut outcome = if nix::unistd::geteuid().is_root() {
+            // A root runtime confines the guest's thread (its identity and
+            // mount namespace, see `identity`): never a pool thread, which
+            // would keep them.
+            std::thread::scope(|scope| {
+                std::thread::Builder::new()
+                    .name("stack-wasi-guest".into())
+                    .spawn_scoped(scope, run)
+                    .map_err(|e| e.to_string())
+                    .and_then(|guest| guest.join().map_err(|_| "it panicked".to_string()))
+            })
+            .unwrap_or_else(|err| {
+                ToolOutcome::internal_error(format!("the WASI guest thread failed: {err}"))
+            })
+        } else {
+            run()
+        };
+        if !absent.is_empty() {
+            let removed = crate::sandbox::process::remove_created_protected(workspace, &absent);
+            if !removed.is_empty() {
+                crate::sandbox::process::report_removed_protected(&mut outcome, &removed);
+            }
+        }
+        outcome
+    }
+
+    /// Runs one guest on the calling thread, which it confines first.
+    fn run_guest(
+        &self,
+        prepared: &Prepared,
+        argv: &[String],
+        stdin: Option<Vec<u8>>,
+        workspace: &Path,
+        policy: &WasiPolicy,
+    ) -> ToolOutcome {
+        let _guest = match identity::GuestThread::enter(workspace, &policy.protected) {
+            Ok(guest) => guest,
+            Err(err) => return ToolOutcome::internal_error(err),
+        };
         let stdout = CappedOutput::new(policy.output_bytes);
         let stderr = CappedOutput::new(policy.output_bytes);
         let mut builder = WasiCtxBuilder::new();
@@ -391,16 +452,11 @@ impl WasiSandbox {
             Err(err) => return ToolOutcome::internal_error(err),
         };
         let memory_hit = Arc::clone(&store.data().limiter.hit);
-        let acting = match identity::ActAs::sandbox_of(workspace) {
-            Ok(acting) => acting,
-            Err(err) => return ToolOutcome::internal_error(err),
-        };
         let result = prepared
             .pre
             .instantiate(&mut store)
             .and_then(|instance| instance.get_typed_func::<(), ()>(&mut store, "_start"))
             .and_then(|start| start.call(&mut store, ()));
-        drop(acting);
         let out = stdout.take();
         let err = stderr.take();
         let mut outcome =

@@ -84,8 +84,15 @@ impl PythonSession {
         if *policy == self.policy {
             return;
         }
-        let instance_level =
-            |p: &WasiPolicy| (p.memory_bytes, p.fuel, p.output_bytes, p.read_only.clone());
+        let instance_level = |p: &WasiPolicy| {
+            (
+                p.memory_bytes,
+                p.fuel,
+                p.output_bytes,
+                p.read_only.clone(),
+                p.protected.clone(),
+            )
+        };
         if instance_level(policy) != instance_level(&self.policy) {
             if let Some(live) = self.live.take() {
                 let _ = end_instance(live);
@@ -127,7 +134,26 @@ impl PythonSession {
     /// Runs `code` in the live interpreter (starting one if needed).
     pub async fn run(&mut self, code: &str) -> ToolOutcome {
         let started = Instant::now();
+        let (workspace, protected) = (self.workspace.clone(), self.policy.protected.clone());
+        let absent = tokio::task::spawn_blocking(move || {
+            std::fs::canonicalize(&workspace)
+                .map(|ws| crate::sandbox::process::protected_paths(&ws, &protected).1)
+                .unwrap_or_default()
+        })
+        .await
+        .unwrap_or_default();
         let mut outcome = self.run_frame(code).await;
+        if !absent.is_empty() {
+            let workspace = self.workspace.clone();
+            let removed = tokio::task::spawn_blocking(move || {
+                crate::sandbox::process::remove_created_protected(&workspace, &absent)
+            })
+            .await
+            .unwrap_or_default();
+            if !removed.is_empty() {
+                crate::sandbox::process::report_removed_protected(&mut outcome, &removed);
+            }
+        }
         if let Some(note) = self.restarted.take() {
             outcome.error = Some(match outcome.error.take() {
                 Some(error) => format!("{error}; {note}"),
@@ -268,33 +294,42 @@ fn start_instance(
     })
     .join()
     .map_err(|_| "creating the session's stdin failed".to_string())?;
-    let mut builder = WasiCtxBuilder::new();
-    builder
-        .args(&["python", "-I", "-c", DRIVER])
-        .envs(GUEST_ENV)
-        .env("STACK_FRAME_NONCE", &nonce)
-        .stdin(guest_stdin)
-        .stdout(stdout.clone())
-        .stderr(stderr.clone());
-    grant_mounts(&mut builder, workspace, policy)?;
-    let mut store = sandbox.new_store(&mut builder, policy, None)?;
-    let deadline = Arc::clone(&store.data().deadline);
-    let memory_hit = Arc::clone(&store.data().limiter.hit);
     let finished = Arc::new(AtomicBool::new(false));
     let (done, wake) = (Arc::clone(&finished), stdout.clone());
-    let guest_workspace = workspace.to_path_buf();
+    let (guest_stdout, guest_stderr) = (stdout.clone(), stderr.clone());
+    let (sandbox, workspace, policy) = (sandbox.clone(), workspace.to_path_buf(), policy.clone());
+    // The instance is made on its own thread, which is confined first (see
+    // `identity`): the workspace must be preopened from there.
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
         .name("stack-python-session".into())
         .spawn(move || {
-            // This thread is the guest's alone: it keeps the identity.
-            let _acting = match super::identity::ActAs::sandbox_of(&guest_workspace) {
-                Ok(acting) => acting,
+            let made = (|| {
+                let guest = super::identity::GuestThread::enter(&workspace, &policy.protected)?;
+                let mut builder = WasiCtxBuilder::new();
+                builder
+                    .args(&["python", "-I", "-c", DRIVER])
+                    .envs(GUEST_ENV)
+                    .env("STACK_FRAME_NONCE", &nonce)
+                    .stdin(guest_stdin)
+                    .stdout(guest_stdout)
+                    .stderr(guest_stderr);
+                grant_mounts(&mut builder, &workspace, &policy)?;
+                let store = sandbox.new_store(&mut builder, &policy, None)?;
+                Ok::<_, String>((guest, store))
+            })();
+            let (_guest, mut store) = match made {
+                Ok(made) => made,
                 Err(err) => {
                     done.store(true, Ordering::SeqCst);
-                    wake.notify();
+                    let _ = ready_tx.send(Err(err.clone()));
                     return Err(wasmtime::Error::msg(err));
                 }
             };
+            let _ = ready_tx.send(Ok((
+                Arc::clone(&store.data().deadline),
+                Arc::clone(&store.data().limiter.hit),
+            )));
             let result = prepared
                 .pre
                 .instantiate(&mut store)
@@ -305,6 +340,9 @@ fn start_instance(
             result
         })
         .map_err(|e| format!("starting the session thread: {e}"))?;
+    let (deadline, memory_hit) = ready_rx
+        .recv()
+        .map_err(|_| "the session thread ended before its interpreter was made".to_string())??;
     Ok(Live {
         stdin: host_side,
         stdout,
