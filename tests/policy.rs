@@ -689,6 +689,12 @@ fn off_limits_paths_stay_off_limits_through_links_and_searches() {
     std::os::unix::fs::symlink(".env", ws.join("envlink")).expect("symlink");
     std::os::unix::fs::symlink(".ssh", ws.join("s")).expect("symlink");
     std::os::unix::fs::symlink("src/app.py", ws.join("applink")).expect("symlink");
+    std::fs::hard_link(ws.join(".env"), ws.join("hardenv")).expect("hard link");
+    std::fs::write(
+        ws.join(".netrc"),
+        "machine x login y password hunter2-netrc\n",
+    )
+    .expect("write");
     let policy = Arc::new(Policy::preset("default").expect("default"));
     let mut gate = Gate::new(Arc::new(Registry::with_builtins()), policy, "s");
     let ctx = ToolContext::new(Workspace::open(ws).expect("workspace"));
@@ -705,6 +711,8 @@ fn off_limits_paths_stay_off_limits_through_links_and_searches() {
         ("read_file", r#"{"path": "s/id_ed25519"}"#),
         ("list_dir", r#"{"path": "s"}"#),
         ("read_file", r#"{"path": ".env"}"#),
+        ("read_file", r#"{"path": "hardenv"}"#),
+        ("read_file", r#"{"path": ".netrc"}"#),
     ] {
         let outcome = call(tool, args);
         assert_ne!(outcome.status, Status::Ok, "{tool} {args}: {outcome:?}");
@@ -718,7 +726,7 @@ fn off_limits_paths_stay_off_limits_through_links_and_searches() {
             "{tool} {args}: {outcome:?}"
         );
         assert!(
-            text.contains("denied by policy"),
+            text.contains("denied by policy") || text.contains("other hard links"),
             "{tool} {args}: {outcome:?}"
         );
     }

@@ -1098,7 +1098,7 @@ async fn protected_workspace_paths_cannot_be_planted_or_read() {
         assert_eq!(outcome.status, Status::Failed, "{name}: {outcome:?}");
         let error = outcome.error.clone().unwrap_or_default();
         assert!(
-            error.contains(name) && error.contains("removed"),
+            error.contains(name) && error.contains("moved aside"),
             "{name}: {outcome:?}"
         );
         assert!(!ws.join(name).exists(), "{name} outlived the call");
@@ -1327,4 +1327,90 @@ async fn as_root_hard_links_out_of_a_root_workspace_are_not_granted() {
         "{refused:?}"
     );
     fx.assert_healthy("hard link out").await;
+}
+
+/// Red-team follow-ups on protected paths: what a call creates or replaces
+/// among them is moved aside (never deleted: a 600-deep tree moved into
+/// a new `.git` must not crash or outlast the clean-up), a submodule's
+/// `.git` file is read-only too, a protected symlink that the code replaces
+/// is undone, and a `.env` the user replaced after the zygote started is
+/// still hidden from the next call.
+#[tokio::test(flavor = "multi_thread")]
+async fn protected_paths_hold_against_deep_trees_replacements_and_submodules() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let ws = fx.workspace.path();
+    let deep = "import os\nos.mkdir('deep')\nfor _ in range(600):\n    os.mkdir('top'); os.rename('deep', 'top/a'); os.rename('top', 'deep')\nopen('deep/config', 'w').write('[core]\\n\\tfsmonitor = id > /tmp/pwned\\n')\nos.rename('deep', '.git')\nprint('planted')";
+    let outcome = fx.run(Language::Python, deep, &tight_policy()).await;
+    assert_eq!(outcome.status, Status::Failed, "{outcome:?}");
+    assert!(
+        outcome
+            .error
+            .clone()
+            .unwrap_or_default()
+            .contains("moved aside"),
+        "{outcome:?}"
+    );
+    assert!(
+        !ws.join(".git").exists(),
+        "the planted .git outlived the call"
+    );
+    fx.assert_healthy("deep .git").await;
+
+    // A submodule's `.git` file, and a protected symlink.
+    let git = std::process::Command::new("git")
+        .args(["init", "-q"])
+        .arg(ws)
+        .status()
+        .expect("git");
+    assert!(git.success());
+    std::fs::create_dir_all(ws.join("lib")).expect("mkdir");
+    std::fs::write(
+        ws.join(".gitmodules"),
+        "[submodule \"lib\"]\n\tpath = lib\n\turl = ./x\n",
+    )
+    .expect("write");
+    std::fs::write(ws.join("lib/.git"), "gitdir: ../.git/modules/lib\n").expect("write");
+    std::fs::write(ws.join("real_envrc"), "export A=1\n").expect("write");
+    std::os::unix::fs::symlink("real_envrc", ws.join(".envrc")).expect("symlink");
+    let attacks: &[(&str, &str)] = &[
+        ("redirect a submodule", "echo 'gitdir: ../evil' > lib/.git && echo LEAK; echo '[core]' >> .gitmodules && echo LEAK; echo done"),
+        ("replace a protected symlink", "echo export A=1 >> real_envrc && echo LEAK; rm -f .envrc && echo 'id > /tmp/pwned' > .envrc; echo done"),
+    ];
+    for (name, code) in attacks {
+        let outcome = fx.run(Language::Bash, code, &tight_policy()).await;
+        assert_no_leak(name, &outcome);
+        assert_eq!(
+            std::fs::read_to_string(ws.join("lib/.git")).expect("read"),
+            "gitdir: ../.git/modules/lib\n",
+            "{name}"
+        );
+        fx.assert_healthy(name).await;
+    }
+    match std::fs::read_link(ws.join(".envrc")) {
+        Ok(target) => assert_eq!(target, PathBuf::from("real_envrc")),
+        Err(_) => assert!(
+            ws.join(".envrc").symlink_metadata().is_err(),
+            "the replaced .envrc was left in place"
+        ),
+    }
+    assert_eq!(
+        std::fs::read_to_string(ws.join("real_envrc")).expect("read"),
+        "export A=1\n"
+    );
+
+    // The user saves `.env` the way editors do (write, rename over) after
+    // the zygote started: the next call still cannot read it.
+    std::fs::write(ws.join(".env"), "OLD=1\n").expect("write");
+    let first = fx
+        .run(Language::Bash, "cat .env; echo done", &tight_policy())
+        .await;
+    assert!(!first.stdout.contains("OLD"), "{first:?}");
+    std::fs::write(ws.join(".env.tmp"), format!("NEW={SECRET}\n")).expect("write");
+    std::fs::rename(ws.join(".env.tmp"), ws.join(".env")).expect("rename");
+    let second = fx
+        .run(Language::Bash, "cat .env; echo done", &tight_policy())
+        .await;
+    assert_no_leak("a .env replaced by the user", &second);
+    assert!(!Path::new("/tmp/pwned").exists());
 }

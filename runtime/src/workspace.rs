@@ -264,6 +264,12 @@ impl Workspace {
             SFlag::S_IFREG => {}
             _ => return Err(WorkspaceError::NotRegular(path.to_string())),
         }
+        // Another name of the same file may be one the policy denies (a
+        // hard link to `.env`), or lie outside: such files are not read
+        // through this name.
+        if stat.st_nlink > 1 {
+            return Err(WorkspaceError::HardLinked(path.to_string()));
+        }
         let mut bytes = Vec::new();
         File::from(fd)
             .take(max_bytes.saturating_add(1))
@@ -479,7 +485,15 @@ impl Workspace {
                 };
                 if entry.kind == "dir" {
                     stack.push((child, child_fd));
-                } else if !visit(normalize(&child), File::from(child_fd)) {
+                    continue;
+                }
+                // As in `read_text_checked`: a file with other names may be
+                // a denied one under another name (and a thousand names of
+                // one big file would cost a thousand reads): skipped.
+                if fstat(&child_fd).map_or(true, |st| st.st_nlink > 1) {
+                    continue;
+                }
+                if !visit(normalize(&child), File::from(child_fd)) {
                     return Ok(());
                 }
             }

@@ -75,10 +75,12 @@
 //!    call is refused with a message naming what is missing; it never runs
 //!    weaker.
 //! 10. **Protected paths** — workspace paths that host tools run by
-//!     themselves (`.git`, `.envrc`, `.vscode`, …) are bound read-only, and
-//!     secrets (`.env`, `.ssh`, …) hidden, in the sandbox's mount namespace
-//!     (see [`ProcessPolicy::protected`]); one that a call creates is
-//!     removed when the call ends, and the call fails saying so.
+//!     themselves (`.git` and its submodules' and hooks folder, `.envrc`,
+//!     `.vscode`, …) are bound read-only, and secrets (`.env`, `.ssh`, …)
+//!     hidden, in the sandbox's mount namespace (see
+//!     [`ProcessPolicy::protected`]); one that a call creates or replaces
+//!     is moved aside when the call ends, and the call fails saying so
+//!     (see [`protect`]).
 //!
 //! # Zygotes
 //!
@@ -103,6 +105,7 @@ pub(crate) mod mounts;
 mod packet;
 mod pool;
 mod probe;
+pub(crate) mod protect;
 mod seccomp;
 mod spec;
 mod zygote;
@@ -127,7 +130,6 @@ use crate::outcome::{Status, ToolOutcome};
 use crate::tools::Language;
 use pool::{Zygote, ZygoteKey, ZygotePool};
 use spec::CallSpec;
-pub(crate) use spec::ProtectedPath;
 
 /// File name of the helper binary.
 pub const HELPER_NAME: &str = "stack-sandbox-exec";
@@ -380,7 +382,7 @@ impl ProcessSandbox {
         let workspace = workspace.to_path_buf();
         let protected_names = policy.protected.clone();
         let extra_read_only = policy.extra_read_only.clone();
-        let (workspace, uid, gid, program, read_only, protected, absent) =
+        let (workspace, uid, gid, program, read_only, protected, snapshot) =
             off_the_runtime(move || {
                 let prepare = |e: std::io::Error| SandboxError::Prepare(e.to_string());
                 let workspace = std::fs::canonicalize(&workspace).map_err(prepare)?;
@@ -391,8 +393,10 @@ impl ProcessSandbox {
                     .into_iter()
                     .collect();
                 read_only.extend(extra_read_only);
-                let (protected, absent) = protected_paths(&workspace, &protected_names);
-                Ok::<_, SandboxError>((workspace, uid, gid, program, read_only, protected, absent))
+                let (protected, snapshot) = protect::survey(&workspace, &protected_names);
+                Ok::<_, SandboxError>((
+                    workspace, uid, gid, program, read_only, protected, snapshot,
+                ))
             })
             .await
             .map_err(|e| SandboxError::Prepare(format!("preparing the call: {e}")))??;
@@ -460,13 +464,13 @@ impl ProcessSandbox {
         };
         drop(code);
         let mut outcome = run_call(&zygote, channel, pidfd, policy.limits, stdio).await?;
-        if !absent.is_empty() {
+        if !snapshot.is_empty() {
             let workspace = workspace.clone();
-            let removed = off_the_runtime(move || remove_created_protected(&workspace, &absent))
+            let undone = off_the_runtime(move || snapshot.undo_changes(&workspace))
                 .await
                 .unwrap_or_default();
-            if !removed.is_empty() {
-                report_removed_protected(&mut outcome, &removed);
+            if !undone.is_empty() {
+                protect::report(&mut outcome, &undone);
             }
         }
         Ok(outcome)
@@ -607,93 +611,6 @@ fn sealed_code(code: &[u8]) -> Result<OwnedFd, SandboxError> {
         | SealFlag::F_SEAL_WRITE;
     fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).map_err(prepare)?;
     Ok(fd)
-}
-
-/// Splits the policy's protected paths into those that exist in
-/// `workspace` (resolved, kept only inside it) and those that do not.
-pub(crate) fn protected_paths(
-    workspace: &Path,
-    names: &[(PathBuf, ProtectedMode)],
-) -> (Vec<ProtectedPath>, Vec<PathBuf>) {
-    let mut present = Vec::new();
-    let mut absent = Vec::new();
-    for (name, mode) in names {
-        if name.is_absolute()
-            || name
-                .components()
-                .any(|c| !matches!(c, std::path::Component::Normal(_)))
-        {
-            continue;
-        }
-        let path = workspace.join(name);
-        match std::fs::symlink_metadata(&path) {
-            Err(_) => absent.push(name.clone()),
-            Ok(_) => {
-                // A link to a path inside the workspace protects that path;
-                // one that leads out is the landlock rules' business.
-                if let Ok(real) = std::fs::canonicalize(&path) {
-                    if real.starts_with(workspace) && real != workspace {
-                        present.push(ProtectedPath {
-                            path: real,
-                            mode: *mode,
-                        });
-                    }
-                }
-            }
-        }
-    }
-    present.sort_by(|a, b| a.path.cmp(&b.path));
-    present.dedup();
-    (present, absent)
-}
-
-/// Removes each of `names` (relative to `workspace`) that exists now: a call
-/// created a protected path that did not exist when it started. Symlinks
-/// are removed, never followed (`remove_dir_all` does not follow them
-/// either). Returns what was removed.
-pub(crate) fn remove_created_protected(workspace: &Path, names: &[PathBuf]) -> Vec<PathBuf> {
-    let mut removed = Vec::new();
-    for name in names {
-        let path = workspace.join(name);
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        let gone = if meta.is_dir() {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
-        match gone {
-            Ok(()) => removed.push(name.clone()),
-            Err(err) => {
-                tracing::error!(path = %path.display(), %err, "could not remove a protected path the sandbox created");
-                removed.push(name.clone());
-            }
-        }
-    }
-    removed
-}
-
-/// Turns a call that created protected paths into a failure that says so.
-pub(crate) fn report_removed_protected(outcome: &mut ToolOutcome, removed: &[PathBuf]) {
-    let names: Vec<String> = removed
-        .iter()
-        .map(|p| format!("`{}`", p.display()))
-        .collect();
-    let message = format!(
-        "the call created {}, which sandboxed code may not create or change (host tools such as git run what is in them); removed",
-        names.join(", ")
-    );
-    if matches!(outcome.status, Status::Ok | Status::Failed) {
-        outcome.status = Status::Failed;
-        outcome.error = Some(match outcome.error.take() {
-            Some(earlier) => format!("{earlier}; {message}"),
-            None => message,
-        });
-    } else if let Some(error) = &mut outcome.error {
-        error.push_str("; ");
-        error.push_str(&message);
-    }
 }
 
 /// Waits for a call that has been handed to a spare (`report`: its socket;

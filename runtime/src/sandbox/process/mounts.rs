@@ -80,6 +80,10 @@ enum Entry {
         source: PathBuf,
         writable: bool,
         device: bool,
+        /// For a protected path: the object (device, inode) the runtime
+        /// saw; it is bound from a descriptor that is checked to be that
+        /// object, never by a path a concurrent call could swap.
+        verify: Option<(u64, u64)>,
     },
     /// A symlink with this target text (for `/lib -> usr/lib` and the like,
     /// where what it points to is bound too).
@@ -209,6 +213,7 @@ fn plan(spec: &ZygoteSpec) -> Result<Vec<Planned>, String> {
                 source,
                 writable,
                 device,
+                verify: None,
             }
         };
         planned.push(Planned { inside, entry });
@@ -223,6 +228,7 @@ fn plan(spec: &ZygoteSpec) -> Result<Vec<Planned>, String> {
             source: spec.workspace.clone(),
             writable: true,
             device: false,
+            verify: None,
         },
     });
     for protected in &spec.protected {
@@ -244,6 +250,7 @@ fn plan(spec: &ZygoteSpec) -> Result<Vec<Planned>, String> {
                 source: protected.path.clone(),
                 writable: false,
                 device: false,
+                verify: Some(protected.object),
             },
             ProtectedMode::Hidden => Entry::Hidden {
                 directory: meta.is_dir(),
@@ -327,6 +334,7 @@ fn place(planned: &Planned, tmp_bytes: u64) -> Result<(), String> {
             source,
             writable,
             device,
+            verify,
         } => {
             let source_meta = std::fs::metadata(under(OLD_ROOT, source))
                 .map_err(|e| format!("private root: {}: {e}", source.display()))?;
@@ -345,14 +353,29 @@ fn place(planned: &Planned, tmp_bytes: u64) -> Result<(), String> {
                         .map_err(|e| format!("private root: {}: {e}", dest.display()))?;
                 }
             }
+            // A protected path is bound from a descriptor opened without
+            // following a link and checked to be the object the runtime
+            // saw (through /proc's magic link to it).
+            let checked = match verify {
+                Some(object) => Some(open_verified(&under(OLD_ROOT, source), *object)?),
+                None => None,
+            };
+            let from = match &checked {
+                Some(fd) => {
+                    use std::os::fd::AsRawFd;
+                    PathBuf::from(format!("{OLD_ROOT}/proc/self/fd/{}", fd.as_raw_fd()))
+                }
+                None => under(OLD_ROOT, source),
+            };
             mount(
-                Some(&under(OLD_ROOT, source)),
+                Some(&from),
                 &dest,
                 None::<&str>,
                 MsFlags::MS_BIND | MsFlags::MS_REC,
                 None::<&str>,
             )
             .map_err(|e| err("binding", e))?;
+            drop(checked);
             let mut attributes = MOUNT_ATTR_NOSUID;
             if !writable {
                 attributes |= MOUNT_ATTR_RDONLY;
@@ -363,6 +386,28 @@ fn place(planned: &Planned, tmp_bytes: u64) -> Result<(), String> {
             set_attributes(&dest, attributes, true)
         }
     }
+}
+
+/// Opens `path` (`O_PATH`, not following a final symlink) and checks that
+/// it is the object `(device, inode)`: a protected path swapped for a link
+/// or for another folder since the runtime looked is refused.
+fn open_verified(path: &Path, object: (u64, u64)) -> Result<std::os::fd::OwnedFd, String> {
+    let fd = nix::fcntl::open(
+        path,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| format!("private root: {}: {e}", path.display()))?;
+    let stat =
+        nix::sys::stat::fstat(&fd).map_err(|e| format!("private root: {}: {e}", path.display()))?;
+    let kind = stat.st_mode & libc::S_IFMT;
+    if (kind != libc::S_IFDIR && kind != libc::S_IFREG) || (stat.st_dev, stat.st_ino) != object {
+        return Err(format!(
+            "private root: protected path {} changed while the sandbox was being made",
+            path.display()
+        ));
+    }
+    Ok(fd)
 }
 
 /// Sets mount attributes on the mount at `path` (and, with `recursive`,

@@ -543,3 +543,89 @@ fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|line| line.strip_prefix(key))
         .map(str::trim)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pidfd_of(pid: u32) -> OwnedFd {
+        // SAFETY: pidfd_open with a plain pid; the result is checked.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+        // SAFETY: pidfd_open returned a new descriptor that we now own.
+        unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
+    }
+
+    /// What a zygote sends is untrusted: a pidfd for any process but a live
+    /// child of the runtime's own zygote, running as the sandbox's uid, is
+    /// refused (else a timeout would make the runtime kill that process).
+    #[test]
+    fn spares_that_are_not_the_zygotes_own_children_are_refused() {
+        let me = std::process::id();
+        let uid = nix::unistd::geteuid().as_raw();
+        let mut child = Command::new("sleep").arg("5").spawn().expect("spawn");
+        let child_fd = pidfd_of(child.id());
+        let cases = [
+            (
+                "our child, as if we were the zygote",
+                SpareOwner {
+                    zygote_pid: me,
+                    uid,
+                },
+                &child_fd,
+                true,
+            ),
+            (
+                "a child of another zygote",
+                SpareOwner {
+                    zygote_pid: me + 1,
+                    uid,
+                },
+                &child_fd,
+                false,
+            ),
+            (
+                "a process of another uid",
+                SpareOwner {
+                    zygote_pid: me,
+                    uid: uid.wrapping_add(1),
+                },
+                &child_fd,
+                false,
+            ),
+        ];
+        for (case, owner, fd, accepted) in cases {
+            assert_eq!(
+                owner.check(fd).is_ok(),
+                accepted,
+                "{case}: {:?}",
+                owner.check(fd)
+            );
+        }
+        // Not a child of anyone here: this very process.
+        let own = pidfd_of(me);
+        assert!(SpareOwner {
+            zygote_pid: me,
+            uid
+        }
+        .check(&own)
+        .is_err());
+        // An exited child, even at the right parent and uid.
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(SpareOwner {
+            zygote_pid: me,
+            uid
+        }
+        .check(&child_fd)
+        .is_err());
+        // A descriptor that is no pidfd at all.
+        let file: OwnedFd = std::fs::File::open("/dev/null").expect("open").into();
+        assert!(SpareOwner {
+            zygote_pid: me,
+            uid
+        }
+        .check(&file)
+        .is_err());
+    }
+}

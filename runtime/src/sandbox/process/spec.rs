@@ -122,6 +122,10 @@ pub(crate) struct ProtectedPath {
     pub path: PathBuf,
     /// Read-only or hidden.
     pub mode: ProtectedMode,
+    /// Its device and inode when the runtime looked: the zygote binds it
+    /// only if it is still that object, and a replaced one gets a new
+    /// zygote (the pair is part of the zygote's key).
+    pub object: (u64, u64),
 }
 
 /// Everything one call needs; sent to the spare with the call's stdio (and

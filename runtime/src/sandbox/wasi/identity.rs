@@ -29,8 +29,8 @@
 //!
 //! The thread is never reused: its namespace goes with it, and the
 //! identity is restored on drop all the same. A protected path that a call
-//! creates is removed after it in every case (see the process sandbox's
-//! `remove_created_protected`).
+//! creates or replaces is moved aside after it in every case (see the
+//! process sandbox's `protect`).
 //!
 //! Not covered: a runtime that is not root. Its guests already act as its
 //! own user, but it cannot make a mount namespace for one thread (that
@@ -48,7 +48,8 @@ use nix::mount::{mount, MsFlags};
 use crate::sandbox::process::mounts::{
     set_attributes, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY,
 };
-use crate::sandbox::process::{protected_paths, ProtectedMode};
+use crate::sandbox::process::protect::survey;
+use crate::sandbox::process::ProtectedMode;
 
 /// While alive, the calling thread is a confined guest thread.
 #[derive(Debug)]
@@ -79,7 +80,7 @@ impl GuestThread {
 /// Binds the existing protected paths of `workspace` read-only (or hides
 /// them) in a mount namespace of this thread's own.
 fn protect(workspace: &Path, protected: &[(PathBuf, ProtectedMode)]) -> Result<(), String> {
-    let (present, _) = protected_paths(workspace, protected);
+    let (present, _) = survey(workspace, protected);
     if present.is_empty() {
         return Ok(());
     }

@@ -387,7 +387,7 @@ impl WasiSandbox {
                 ))
             }
         };
-        let (_, absent) = crate::sandbox::process::protected_paths(&canonical, &policy.protected);
+        let (_, snapshot) = crate::sandbox::process::protect::survey(&canonical, &policy.protected);
         let run = move || self.run_guest(&prepared, argv, stdin, &canonical, policy);
         let mut outcome = if nix::unistd::geteuid().is_root() {
             // A root runtime confines the guest's thread (its identity and
@@ -406,11 +406,9 @@ impl WasiSandbox {
         } else {
             run()
         };
-        if !absent.is_empty() {
-            let removed = crate::sandbox::process::remove_created_protected(workspace, &absent);
-            if !removed.is_empty() {
-                crate::sandbox::process::report_removed_protected(&mut outcome, &removed);
-            }
+        let undone = snapshot.undo_changes(workspace);
+        if !undone.is_empty() {
+            crate::sandbox::process::protect::report(&mut outcome, &undone);
         }
         outcome
     }

@@ -135,23 +135,21 @@ impl PythonSession {
     pub async fn run(&mut self, code: &str) -> ToolOutcome {
         let started = Instant::now();
         let (workspace, protected) = (self.workspace.clone(), self.policy.protected.clone());
-        let absent = tokio::task::spawn_blocking(move || {
+        let snapshot = tokio::task::spawn_blocking(move || {
             std::fs::canonicalize(&workspace)
-                .map(|ws| crate::sandbox::process::protected_paths(&ws, &protected).1)
+                .map(|ws| crate::sandbox::process::protect::survey(&ws, &protected).1)
                 .unwrap_or_default()
         })
         .await
         .unwrap_or_default();
         let mut outcome = self.run_frame(code).await;
-        if !absent.is_empty() {
+        if !snapshot.is_empty() {
             let workspace = self.workspace.clone();
-            let removed = tokio::task::spawn_blocking(move || {
-                crate::sandbox::process::remove_created_protected(&workspace, &absent)
-            })
-            .await
-            .unwrap_or_default();
-            if !removed.is_empty() {
-                crate::sandbox::process::report_removed_protected(&mut outcome, &removed);
+            let undone = tokio::task::spawn_blocking(move || snapshot.undo_changes(&workspace))
+                .await
+                .unwrap_or_default();
+            if !undone.is_empty() {
+                crate::sandbox::process::protect::report(&mut outcome, &undone);
             }
         }
         if let Some(note) = self.restarted.take() {
