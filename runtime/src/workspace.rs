@@ -8,7 +8,8 @@
 //! hostile: absolute paths, `..` chains, symlinks planted in the workspace
 //! that point at `/etc/shadow`, symlinks swapped in between a check and a use.
 //!
-//! Rules, each with a test in this module or `tests/workspace_confinement.rs`:
+//! Rules, each with a test in this module (or, for rule 8, in
+//! `tests/policy.rs`, `off_limits_paths_stay_off_limits_through_links_and_searches`):
 //!
 //! 1. **Every path is resolved by the kernel beneath the workspace fd.** All
 //!    opens go through `openat2(2)` with `RESOLVE_BENEATH` on a directory fd
@@ -24,6 +25,13 @@
 //!    report them as links and never follow them).
 //! 6. **Fail closed:** a kernel without `openat2` (before 5.6) gets an error,
 //!    never a weaker fallback.
+//! 7. **Only regular files with one name are written or read** (the
+//!    `_checked` reads): a hard link may be a file outside the workspace or
+//!    an off-limits one under another name, and a FIFO would block for good
+//!    (every open is `O_NONBLOCK`); a write chowns only a file it created.
+//! 8. **The policy's path rules hold for what is opened** (`_checked`
+//!    variants): the kernel-resolved path of the opened descriptor is
+//!    checked, and walks skip denied paths, so a link to `.env` is `.env`.
 //!
 //! Out of scope: a hostile process *also* writing into the workspace at the
 //! same time can change which file inside the workspace is read, but it can

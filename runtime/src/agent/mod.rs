@@ -584,6 +584,8 @@ impl Session {
             // at a time), then run the admitted ones concurrently.
             let mut outcomes: Vec<Option<ToolOutcome>> = vec![None; calls.len()];
             let mut running = tokio::task::JoinSet::new();
+            let mut task_calls: std::collections::HashMap<tokio::task::Id, usize> =
+                std::collections::HashMap::new();
             for (index, call) in calls.iter().enumerate() {
                 let _ = events.send(Event::ToolCallProposed { call: call.clone() });
                 match self.gate.admit(call) {
@@ -602,19 +604,33 @@ impl Session {
                         });
                         let ctx = self.ctx.clone();
                         let span = self.gate.span(call);
-                        running.spawn(async move {
+                        let task = running.spawn(async move {
                             (
                                 index,
                                 dispatch::execute(&authorized, &ctx).instrument(span).await,
                             )
                         });
+                        task_calls.insert(task.id(), index);
                     }
                 }
             }
             while !running.is_empty() {
                 tokio::select! {
-                    joined = running.join_next() => {
-                        let Some(Ok((index, outcome))) = joined else { continue };
+                    joined = running.join_next_with_id() => {
+                        let (index, outcome) = match joined {
+                            Some(Ok((_, done))) => done,
+                            // A tool that panicked is a runtime bug, not a
+                            // cancellation: say so (a cancelled one stays
+                            // unanswered and is reported as cancelled below).
+                            Some(Err(failed)) if failed.is_panic() => {
+                                let Some(&index) = task_calls.get(&failed.id()) else { continue };
+                                (index, ToolOutcome::internal_error(format!(
+                                    "the tool crashed (a bug in the runtime or a host tool): {}",
+                                    panic_text(failed.into_panic())
+                                )))
+                            }
+                            _ => continue,
+                        };
                         if let Some(call) = calls.get(index) {
                             let outcome = self.gate.finish(call, outcome);
                             let _ = events.send(Event::ToolFinished { id: call.id.clone(), name: call.function.name.clone(), outcome: outcome.clone() });
@@ -688,4 +704,13 @@ impl Session {
         self.messages.push(message);
         Ok(())
     }
+}
+
+/// The message a panic carried, when it is text.
+fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_string())
 }
