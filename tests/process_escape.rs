@@ -1414,3 +1414,65 @@ async fn protected_paths_hold_against_deep_trees_replacements_and_submodules() {
     assert_no_leak("a .env replaced by the user", &second);
     assert!(!Path::new("/tmp/pwned").exists());
 }
+
+/// Red-team L1: the cgroups a runtime that is gone left behind (a CLI run
+/// exits before its clean-up thread has run) are removed the next time a
+/// zygote's cgroup is made; those of live processes stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn as_root_cgroups_of_runtimes_that_are_gone_are_swept() {
+    use stack_runtime::sandbox::process::{CgroupLayout, KernelProbe};
+    let _serial = SERIAL.lock().await;
+    require_root();
+    let Some(layout) = KernelProbe::get().cgroup.clone() else {
+        panic!("no writable cgroup here: this root-only test needs one");
+    };
+    let parents = match &layout {
+        CgroupLayout::V1 { memory, pids } => vec![memory.clone(), pids.clone()],
+        CgroupLayout::V2 { parent } => vec![parent.clone()],
+    };
+    // A pid that surely has gone: a child that ran and was reaped.
+    let mut child = std::process::Command::new("true").spawn().expect("spawn");
+    let dead = child.id();
+    child.wait().expect("wait");
+    let live = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("spawn");
+    let stale: Vec<PathBuf> = parents
+        .iter()
+        .map(|p| p.join(format!("stack-runtime-{dead}-0")))
+        .collect();
+    let kept: Vec<PathBuf> = parents
+        .iter()
+        .map(|p| p.join(format!("stack-runtime-{}-0", live.id())))
+        .collect();
+    for dir in stale.iter().chain(&kept) {
+        std::fs::create_dir(dir).expect("mkdir cgroup");
+    }
+    let fx = Fixture::new();
+    let policy = ProcessPolicy {
+        // A new zygote (its own cgroup) for this test alone.
+        limits: ResourceLimits {
+            processes: 63,
+            ..tight_policy().limits
+        },
+        ..tight_policy()
+    };
+    let outcome = fx.run(Language::Bash, "echo ok", &policy).await;
+    assert_eq!(outcome.stdout, "ok\n", "{outcome:?}");
+    for dir in &stale {
+        assert!(!dir.exists(), "{} was not swept", dir.display());
+    }
+    for dir in &kept {
+        assert!(
+            dir.exists(),
+            "{} of a live process was removed",
+            dir.display()
+        );
+        let _ = std::fs::remove_dir(dir);
+    }
+    let mut live = live;
+    let _ = live.kill();
+    let _ = live.wait();
+    fx.assert_healthy("cgroup sweep").await;
+}

@@ -89,6 +89,7 @@ impl SandboxCgroup {
         processes: u64,
     ) -> std::io::Result<SandboxCgroup> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
+        sweep_abandoned(layout);
         let name = format!(
             "stack-runtime-{}-{}",
             std::process::id(),
@@ -154,6 +155,42 @@ impl SandboxCgroup {
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
                 );
+            }
+        }
+    }
+}
+
+/// Removes the cgroups that runtimes which are gone left behind (a CLI run
+/// exits before its zygote's clean-up thread has removed them; a runtime
+/// may be killed): `stack-runtime-<pid>-<n>` whose pid no longer runs and
+/// which hold no process. A cgroup whose pid now belongs to another process
+/// is left alone: never anything of a live runtime. cgroup v1 memory
+/// cgroups are a limited resource (65,535 ids), so this runs each time a
+/// zygote's cgroup is made (rarely: once per workspace and policy).
+fn sweep_abandoned(layout: &CgroupLayout) {
+    let parents: Vec<&Path> = match layout {
+        CgroupLayout::V1 { memory, pids } => vec![memory.as_path(), pids.as_path()],
+        CgroupLayout::V2 { parent } => vec![parent.as_path()],
+    };
+    for parent in parents {
+        let Ok(entries) = std::fs::read_dir(parent) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let owner = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("stack-runtime-"))
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok());
+            let Some(pid) = owner else { continue };
+            if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+                continue;
+            }
+            let empty = std::fs::read_to_string(entry.path().join("cgroup.procs"))
+                .is_ok_and(|procs| procs.trim().is_empty());
+            if empty {
+                let _ = std::fs::remove_dir(entry.path());
             }
         }
     }
