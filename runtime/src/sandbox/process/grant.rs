@@ -141,28 +141,42 @@ pub(crate) fn grant_tree(root: &Path, uid: u32) -> std::io::Result<()> {
 /// Refuses a root-owned workspace that is a system folder or root's home
 /// (rule 4): sharing it would share the system.
 pub(crate) fn refuse_unsafe_root(workspace: &Path) -> std::io::Result<()> {
-    const SYSTEM: &[&str] = &[
-        "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media",
-        "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var",
-        "/var/tmp",
-    ];
-    let mut refused: Vec<std::path::PathBuf> = SYSTEM.iter().map(Into::into).collect();
-    if let Some(home) = std::env::var_os("HOME") {
-        refused.push(home.into());
-    }
-    if let Ok(Some(root)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(0)) {
-        refused.push(root.dir);
-    }
-    let refused_here = refused.iter().any(|p| {
-        std::fs::canonicalize(p).is_ok_and(|p| p == workspace) || p.as_path() == workspace
-    });
-    if refused_here {
+    if is_unsafe_root(workspace) {
         return Err(std::io::Error::other(format!(
-            "refusing to share {} with sandboxed code: a system folder or root's home cannot be a root-owned workspace; run in a project folder",
+            "refusing to share {} with sandboxed code: a system folder (or one inside /etc, /usr, /boot, …) or root's home cannot be a root-owned workspace; run in a project folder",
             workspace.display()
         )));
     }
     Ok(())
+}
+
+/// Whether `workspace` (canonical) is a folder no root-owned workspace may
+/// be: one of the top-level system folders, root's home or `$HOME`, or any
+/// folder inside the system's own trees (`/etc/ssh`, `/usr/local`, …).
+fn is_unsafe_root(workspace: &Path) -> bool {
+    /// Refused themselves (their subfolders may hold projects).
+    const SYSTEM: &[&str] = &[
+        "/", "/home", "/media", "/mnt", "/opt", "/root", "/srv", "/tmp", "/var", "/var/tmp",
+    ];
+    /// Refused with everything inside them.
+    const SYSTEM_TREES: &[&str] = &[
+        "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/run", "/sbin",
+        "/sys", "/usr", "/var/lib", "/var/log",
+    ];
+    let same = |p: &Path| std::fs::canonicalize(p).is_ok_and(|p| p == workspace) || p == workspace;
+    let inside = |p: &Path| {
+        workspace.starts_with(p) || std::fs::canonicalize(p).is_ok_and(|p| workspace.starts_with(p))
+    };
+    let mut homes: Vec<std::path::PathBuf> = Vec::new();
+    if let Some(home) = std::env::var_os("HOME") {
+        homes.push(home.into());
+    }
+    if let Ok(Some(root)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(0)) {
+        homes.push(root.dir);
+    }
+    SYSTEM.iter().map(Path::new).any(same)
+        || SYSTEM_TREES.iter().map(Path::new).any(inside)
+        || homes.iter().any(|h| same(h))
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -374,6 +388,35 @@ fn with_user(entries: Vec<Entry>, uid: u32, perm: u16) -> Vec<Entry> {
 
 #[cfg(test)]
 mod tests {
+    use super::is_unsafe_root;
+
+    /// System folders, anything inside the system's own trees and root's
+    /// home are refused as root-owned workspaces; project folders are not.
+    #[test]
+    fn system_folders_and_homes_are_not_workspaces() {
+        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+        for refused in [
+            "/",
+            "/etc",
+            "/etc/ssh",
+            "/usr/local/lib",
+            "/var/lib/docker",
+            "/tmp",
+            "/root",
+            &home,
+        ] {
+            assert!(is_unsafe_root(std::path::Path::new(refused)), "{refused}");
+        }
+        for allowed in [
+            "/tmp/project",
+            "/srv/app",
+            "/opt/stack/ws",
+            "/var/tmp/build",
+        ] {
+            assert!(!is_unsafe_root(std::path::Path::new(allowed)), "{allowed}");
+        }
+    }
+
     use super::*;
 
     /// An entry as (tag, id, perm).
