@@ -445,23 +445,10 @@ pub fn process_policy(settings: &SandboxSettings) -> ProcessPolicy {
 pub fn protected_paths(
     settings: &SandboxSettings,
 ) -> Vec<(std::path::PathBuf, crate::sandbox::process::ProtectedMode)> {
-    use crate::sandbox::process::{
-        ProtectedMode, DEFAULT_HIDDEN_IN_WORKSPACE, DEFAULT_READ_ONLY_IN_WORKSPACE,
-    };
-    let list = |set: &Option<Vec<std::path::PathBuf>>, default: &[&str]| {
-        set.clone()
-            .unwrap_or_else(|| default.iter().map(std::path::PathBuf::from).collect())
-    };
-    let read_only = list(
-        &settings.read_only_in_workspace,
-        DEFAULT_READ_ONLY_IN_WORKSPACE,
-    );
-    let hidden = list(&settings.hidden_in_workspace, DEFAULT_HIDDEN_IN_WORKSPACE);
-    read_only
-        .into_iter()
-        .map(|p| (p, ProtectedMode::ReadOnly))
-        .chain(hidden.into_iter().map(|p| (p, ProtectedMode::Hidden)))
-        .collect()
+    crate::sandbox::process::protected_list(
+        settings.read_only_in_workspace.as_deref(),
+        settings.hidden_in_workspace.as_deref(),
+    )
 }
 
 /// The WASI sandbox policy for these settings (unset ones take the WASI

@@ -18,8 +18,8 @@
 //! zygote and its spares included, since they share that uid with the code
 //! and, for a user-owned workspace, with the owner's other processes. So
 //! the runtime never resolves a path inside a folder that uid can write
-//! (it only opens the workspace itself, canonicalized, and protected paths
-//! it checks with `lstat`), hands code over in a sealed memfd rather than a
+//! (it only opens the workspace itself, canonicalized, and reaches
+//! protected paths from its descriptor, following no link), hands code over in a sealed memfd rather than a
 //! file, and takes nothing from the zygote but a socket and a pidfd that it
 //! checks is a live child of its own zygote running as that uid.
 //! Other local users are not trusted either: nothing the sandbox uses lives
@@ -229,8 +229,8 @@ pub struct ProcessPolicy {
     pub min_landlock_abi: i32,
     /// Paths relative to the workspace that code may not change (read-only)
     /// or see (hidden). One that exists is bound over in the sandbox's
-    /// mount namespace; one that a call creates is removed after it and the
-    /// call fails. The default protects [`DEFAULT_READ_ONLY_IN_WORKSPACE`]
+    /// mount namespace; one that a call creates or replaces is moved aside
+    /// after it and the call fails (see [`protect`]). The default protects [`DEFAULT_READ_ONLY_IN_WORKSPACE`]
     /// and hides [`DEFAULT_HIDDEN_IN_WORKSPACE`].
     pub protected: Vec<(PathBuf, ProtectedMode)>,
 }
@@ -249,13 +249,29 @@ impl Default for ProcessPolicy {
 
 /// The default protected workspace paths (see [`ProcessPolicy::protected`]).
 pub fn default_protected() -> Vec<(PathBuf, ProtectedMode)> {
-    DEFAULT_READ_ONLY_IN_WORKSPACE
-        .iter()
-        .map(|p| (PathBuf::from(p), ProtectedMode::ReadOnly))
+    protected_list(None, None)
+}
+
+/// The protected workspace paths: `read_only` and `hidden`, each
+/// [`DEFAULT_READ_ONLY_IN_WORKSPACE`] or [`DEFAULT_HIDDEN_IN_WORKSPACE`]
+/// where not given.
+pub fn protected_list(
+    read_only: Option<&[PathBuf]>,
+    hidden: Option<&[PathBuf]>,
+) -> Vec<(PathBuf, ProtectedMode)> {
+    let list = |given: Option<&[PathBuf]>, default: &[&str]| -> Vec<PathBuf> {
+        given.map_or_else(
+            || default.iter().map(PathBuf::from).collect(),
+            <[_]>::to_vec,
+        )
+    };
+    list(read_only, DEFAULT_READ_ONLY_IN_WORKSPACE)
+        .into_iter()
+        .map(|p| (p, ProtectedMode::ReadOnly))
         .chain(
-            DEFAULT_HIDDEN_IN_WORKSPACE
-                .iter()
-                .map(|p| (PathBuf::from(p), ProtectedMode::Hidden)),
+            list(hidden, DEFAULT_HIDDEN_IN_WORKSPACE)
+                .into_iter()
+                .map(|p| (p, ProtectedMode::Hidden)),
         )
         .collect()
 }

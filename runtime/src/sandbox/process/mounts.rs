@@ -353,29 +353,17 @@ fn place(planned: &Planned, tmp_bytes: u64) -> Result<(), String> {
                         .map_err(|e| format!("private root: {}: {e}", dest.display()))?;
                 }
             }
-            // A protected path is bound from a descriptor opened without
-            // following a link and checked to be the object the runtime
-            // saw (through /proc's magic link to it).
-            let checked = match verify {
-                Some(object) => Some(open_verified(&under(OLD_ROOT, source), *object)?),
-                None => None,
-            };
-            let from = match &checked {
-                Some(fd) => {
-                    use std::os::fd::AsRawFd;
-                    PathBuf::from(format!("{OLD_ROOT}/proc/self/fd/{}", fd.as_raw_fd()))
-                }
-                None => under(OLD_ROOT, source),
-            };
-            mount(
-                Some(&from),
-                &dest,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REC,
-                None::<&str>,
-            )
-            .map_err(|e| err("binding", e))?;
-            drop(checked);
+            match verify {
+                Some(object) => bind_verified(&under(OLD_ROOT, source), *object, &dest, OLD_ROOT)?,
+                None => mount(
+                    Some(&under(OLD_ROOT, source)),
+                    &dest,
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None::<&str>,
+                )
+                .map_err(|e| err("binding", e))?,
+            }
             let mut attributes = MOUNT_ATTR_NOSUID;
             if !writable {
                 attributes |= MOUNT_ATTR_RDONLY;
@@ -386,6 +374,30 @@ fn place(planned: &Planned, tmp_bytes: u64) -> Result<(), String> {
             set_attributes(&dest, attributes, true)
         }
     }
+}
+
+/// Binds the protected path `source` (recursively) at `dest`, from a
+/// descriptor opened without following a link and checked to be the object
+/// `(device, inode)` the runtime saw, through `/proc`'s magic link to it
+/// (`/proc` as mounted under `root`: `""` for the current root). Never by a
+/// path that a concurrent call could have swapped for a link.
+pub(crate) fn bind_verified(
+    source: &Path,
+    object: (u64, u64),
+    dest: &Path,
+    root: &str,
+) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let fd = open_verified(source, object)?;
+    let from = format!("{root}/proc/self/fd/{}", fd.as_raw_fd());
+    mount(
+        Some(from.as_str()),
+        dest,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("private root: binding {}: {e}", dest.display()))
 }
 
 /// Opens `path` (`O_PATH`, not following a final symlink) and checks that

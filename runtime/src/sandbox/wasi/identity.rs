@@ -46,7 +46,7 @@ use nix::libc;
 use nix::mount::{mount, MsFlags};
 
 use crate::sandbox::process::mounts::{
-    set_attributes, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY,
+    bind_verified, set_attributes, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY,
 };
 use crate::sandbox::process::protect::survey;
 use crate::sandbox::process::ProtectedMode;
@@ -100,14 +100,7 @@ fn protect(workspace: &Path, protected: &[(PathBuf, ProtectedMode)]) -> Result<(
         let directory = path.is_dir();
         match (entry.mode, directory) {
             (ProtectedMode::ReadOnly, _) => {
-                mount(
-                    Some(path),
-                    path,
-                    None::<&str>,
-                    MsFlags::MS_BIND | MsFlags::MS_REC,
-                    None::<&str>,
-                )
-                .map_err(|e| err("bind", e))?;
+                bind_verified(path, entry.object, path, "")?;
                 set_attributes(
                     path,
                     MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
