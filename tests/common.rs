@@ -33,3 +33,10 @@ pub fn attacker() -> (u32, u32) {
         .expect("the attacker account exists");
     (user.uid.as_raw(), user.gid.as_raw())
 }
+
+/// The `agent` binary (or a copy named by `STACK_RUNTIME_AGENT_BIN`, as
+/// `scripts/test-as-user` passes one an ordinary user can run).
+pub fn agent_binary() -> PathBuf {
+    std::env::var_os("STACK_RUNTIME_AGENT_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_agent")), PathBuf::from)
+}

@@ -29,12 +29,6 @@ fn helper_binary() -> PathBuf {
     )
 }
 
-/// The `agent` binary (or a copy named by `STACK_RUNTIME_AGENT_BIN`).
-fn agent_binary() -> PathBuf {
-    std::env::var_os("STACK_RUNTIME_AGENT_BIN")
-        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_agent")), PathBuf::from)
-}
-
 const SECRET: &str = "TOPSECRET-4c1d";
 
 struct Fixture {
@@ -956,7 +950,7 @@ fn require_root() {
     );
 }
 
-use common::attacker;
+use common::{agent_binary, attacker};
 
 /// Runs `program args…` as `uid`/`gid` (no supplementary groups, no
 /// capabilities) through `setpriv`, and returns its stdout and stderr.

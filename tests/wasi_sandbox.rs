@@ -332,7 +332,7 @@ async fn script_tools_get_their_arguments_on_stdin() {
         "{units:?}"
     );
     // Through the CLI, validated against the schema file, as users call it.
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+    let output = std::process::Command::new(common::agent_binary())
         .args([
             "tool",
             "run",
@@ -348,7 +348,7 @@ async fn script_tools_get_their_arguments_on_stdin() {
         report["stdout"], "{\"value\":212,\"unit\":\"F\"}\n",
         "{report}"
     );
-    let invalid = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+    let invalid = std::process::Command::new(common::agent_binary())
         .args([
             "tool",
             "run",
@@ -598,4 +598,83 @@ async fn a_protected_path_a_guest_creates_is_removed() {
     assert!(!ws.join(".vscode").exists(), ".vscode outlived the call");
     let healthy = session.run("print(6 * 7)").await;
     assert_eq!(healthy.stdout, "42\n", "{healthy:?}");
+}
+
+/// H3 for every runtime, root or not: Python, JavaScript and a stateful
+/// session may read `.git` but not change it, and cannot see `.env`. A root
+/// runtime binds them in a mount namespace of the guest's thread; any
+/// other runs the guest in the WASI helper (`scripts/test-as-user` runs
+/// this test as an ordinary user). Then a `.git` that appears while a
+/// session lives restarts the session, which keeps it protected too.
+#[tokio::test(flavor = "multi_thread")]
+async fn protected_paths_hold_for_python_javascript_and_sessions_as_any_user() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let ws = workspace.path();
+    std::fs::create_dir_all(ws.join(".git/hooks")).expect("mkdir");
+    std::fs::write(ws.join(".git/config"), "[core]\n").expect("write");
+    std::fs::write(ws.join(".env"), "TOKEN=LEAK-in-env\n").expect("write");
+    let python = "for what, f in [('config', lambda: open('.git/config', 'a').write('[core]\\n\\tfsmonitor = id\\n')), ('hook', lambda: open('.git/hooks/pre-commit', 'w').write('#!/bin/sh\\nid\\n')), ('env', lambda: open('.env', 'a').write('x'))]:\n    try:\n        f(); print('LEAK', what)\n    except Exception as e:\n        print('blocked', what, type(e).__name__)\nprint(open('.git/config').read().strip())\ntry:\n    print('env holds', repr(open('.env').read()))\nexcept Exception as e:\n    print('env hidden', type(e).__name__)";
+    let outcome = sandbox().run_python(python, ws, &quick()).await;
+    assert!(outcome.stdout.contains("blocked config"), "{outcome:?}");
+    assert!(outcome.stdout.contains("blocked hook"), "{outcome:?}");
+    assert!(outcome.stdout.contains("[core]"), "{outcome:?}");
+    assert!(!outcome.stdout.contains("LEAK"), "{outcome:?}");
+    assert!(!outcome.stdout.contains("TOKEN"), "{outcome:?}");
+    let javascript = "for (const [what, name, mode] of [['config', '.git/config', 'a'], ['hook', '.git/hooks/post-checkout', 'w'], ['env', '.env', 'r']]) { const f = std.open(name, mode); if (f) { if (mode === 'r') console.log('LEAK', what, f.readAsString()); else { f.puts('id\\n'); f.close(); console.log('LEAK', what); } } else console.log('blocked', what); }";
+    let js = sandbox().run_javascript(javascript, ws, &quick()).await;
+    for what in ["config", "hook", "env"] {
+        assert!(js.stdout.contains(&format!("blocked {what}")), "{js:?}");
+    }
+    let mut session = PythonSession::new(sandbox(), ws, quick());
+    let first = session.run("x = 41\nprint('started')").await;
+    assert_eq!(first.stdout, "started\n", "{first:?}");
+    let stateful = session.run(python).await;
+    assert!(stateful.stdout.contains("blocked config"), "{stateful:?}");
+    assert!(!stateful.stdout.contains("LEAK"), "{stateful:?}");
+    assert!(!stateful.stdout.contains("TOKEN"), "{stateful:?}");
+    let kept = session.run("print(x + 1)").await;
+    assert_eq!(kept.stdout, "42\n", "state is kept: {kept:?}");
+    assert_eq!(
+        std::fs::read_to_string(ws.join(".git/config")).expect("read"),
+        "[core]\n"
+    );
+    assert!(!ws.join(".git/hooks/pre-commit").exists());
+    assert!(!ws.join(".git/hooks/post-checkout").exists());
+    assert_eq!(
+        std::fs::read_to_string(ws.join(".env")).expect("read"),
+        "TOKEN=LEAK-in-env\n"
+    );
+    // The user makes `.hg` while the session lives: the next call restarts
+    // the interpreter (saying so) rather than leave `.hg` writable to it.
+    std::fs::create_dir(ws.join(".hg")).expect("mkdir");
+    std::fs::write(ws.join(".hg/hgrc"), "[ui]\n").expect("write");
+    let after = session
+        .run("try:\n    open('.hg/hgrc', 'a').write('[hooks]\\nupdate = id\\n'); print('LEAK')\nexcept Exception as e:\n    print('blocked', type(e).__name__)")
+        .await;
+    assert!(after.stdout.starts_with("blocked"), "{after:?}");
+    assert!(
+        after
+            .error
+            .clone()
+            .unwrap_or_default()
+            .contains("restarted"),
+        "{after:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join(".hg/hgrc")).expect("read"),
+        "[ui]\n"
+    );
+    // Health: ordinary work in the same workspace, in both interpreters.
+    let healthy = session
+        .run("open('notes.txt', 'w').write('ok'); print(open('notes.txt').read())")
+        .await;
+    assert_eq!(healthy.stdout, "ok\n", "{healthy:?}");
+    let js_healthy = sandbox()
+        .run_javascript(
+            "const f = std.open('notes.txt', 'r'); console.log(f.readAsString())",
+            ws,
+            &quick(),
+        )
+        .await;
+    assert_eq!(js_healthy.stdout, "ok\n", "{js_healthy:?}");
 }

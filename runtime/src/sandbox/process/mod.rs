@@ -124,6 +124,7 @@ use tokio::io::AsyncWriteExt;
 pub use cgroup::CgroupLayout;
 pub use helper::helper_main;
 pub use probe::{Guarantee, KernelProbe};
+pub(crate) use spec::ProtectedPath;
 pub use spec::{NetworkMode, ProtectedMode, ResourceLimits};
 
 use crate::outcome::{Status, ToolOutcome};
@@ -194,6 +195,25 @@ const NETWORK_READ_ONLY: &[&str] = &[
     "/etc/ssl",
     "/etc/ca-certificates",
 ];
+
+/// The helper binary: `$STACK_RUNTIME_SANDBOX_HELPER`, else next to the
+/// running executable (or one folder up, for test binaries).
+pub fn locate_helper() -> Result<PathBuf, SandboxError> {
+    if let Some(path) = std::env::var_os("STACK_RUNTIME_SANDBOX_HELPER") {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(SandboxError::HelperMissing(path.display().to_string()))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| SandboxError::HelperMissing(e.to_string()))?;
+    let dir = exe.parent().unwrap_or(Path::new("/"));
+    [dir.join(HELPER_NAME), dir.join("..").join(HELPER_NAME)]
+        .into_iter()
+        .find(|c| c.is_file())
+        .ok_or_else(|| SandboxError::HelperMissing(dir.display().to_string()))
+}
 
 /// Why a sandboxed call could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -301,23 +321,7 @@ impl ProcessSandbox {
     /// Finds the helper: `$STACK_RUNTIME_SANDBOX_HELPER`, else next to the
     /// running executable (or one folder up, for test binaries).
     pub fn locate() -> Result<Self, SandboxError> {
-        if let Some(path) = std::env::var_os("STACK_RUNTIME_SANDBOX_HELPER") {
-            let path = PathBuf::from(path);
-            return if path.is_file() {
-                Ok(Self::with_helper(path))
-            } else {
-                Err(SandboxError::HelperMissing(path.display().to_string()))
-            };
-        }
-        let exe =
-            std::env::current_exe().map_err(|e| SandboxError::HelperMissing(e.to_string()))?;
-        let dir = exe.parent().unwrap_or(Path::new("/"));
-        let candidates = [dir.join(HELPER_NAME), dir.join("..").join(HELPER_NAME)];
-        candidates
-            .iter()
-            .find(|c| c.is_file())
-            .map(|c| Self::with_helper(c.clone()))
-            .ok_or_else(|| SandboxError::HelperMissing(dir.display().to_string()))
+        locate_helper().map(Self::with_helper)
     }
 
     /// Runs `code` in `language` (python or bash) with `workspace` as the

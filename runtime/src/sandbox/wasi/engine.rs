@@ -130,8 +130,23 @@ impl WasiEngine {
         base.join("stack-runtime/wasm")
     }
 
+    /// The folder compiled modules are cached in.
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
+    }
+
     /// Loads `path` from the cache, or compiles and caches it.
     pub fn load(&self, path: &Path) -> Result<(Module, ModuleSource), WasiError> {
+        self.load_keyed(path)
+            .map(|(module, source, _)| (module, source))
+    }
+
+    /// As [`WasiEngine::load`], plus the module's cache key (for
+    /// [`WasiEngine::load_key`] in another process).
+    pub(crate) fn load_keyed(
+        &self,
+        path: &Path,
+    ) -> Result<(Module, ModuleSource, String), WasiError> {
         let module_err = |reason: String| WasiError::Module {
             path: path.to_path_buf(),
             reason,
@@ -142,7 +157,7 @@ impl WasiEngine {
         let cached = self.cache_dir.join(format!("{key}.cwasm"));
         let sidecar = self.cache_dir.join(format!("{key}.sha256"));
         if let Some(module) = self.load_cached(&cached, &sidecar) {
-            return Ok((module, ModuleSource::Cache));
+            return Ok((module, ModuleSource::Cache, key));
         }
         let compiled = self
             .engine
@@ -156,7 +171,20 @@ impl WasiEngine {
         // SAFETY: `compiled` was produced by this engine a moment ago.
         let module = unsafe { Module::deserialize(&self.engine, &compiled) }
             .map_err(|e| module_err(e.to_string()))?;
-        Ok((module, ModuleSource::Compiled))
+        Ok((module, ModuleSource::Compiled, key))
+    }
+
+    /// The module cached under `key`, if the cache holds it and it passes
+    /// every check [`WasiEngine::load`] makes; without reading or hashing
+    /// the module itself (the WASI helper, which the runtime tells the key).
+    pub(crate) fn load_key(&self, key: &str) -> Option<Module> {
+        let plain = key.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+        if !plain || key.is_empty() || self.ensure_cache_dir().is_err() {
+            return None;
+        }
+        let cached = self.cache_dir.join(format!("{key}.cwasm"));
+        let sidecar = self.cache_dir.join(format!("{key}.sha256"));
+        self.load_cached(&cached, &sidecar)
     }
 
     fn cache_key(&self, module_bytes: &[u8]) -> String {

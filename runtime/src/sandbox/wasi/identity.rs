@@ -32,12 +32,14 @@
 //! creates or replaces is moved aside after it in every case (see the
 //! process sandbox's `protect`).
 //!
-//! Not covered: a runtime that is not root. Its guests already act as its
-//! own user, but it cannot make a mount namespace for one thread (that
-//! needs `CAP_SYS_ADMIN`; a user namespace cannot be entered by one thread
-//! of a multi-threaded process), so existing protected paths stay writable
-//! to WASI guests there; use the process sandbox for untrusted code in a
-//! repository you will run git in.
+//! A runtime that is not root cannot make a mount namespace for one thread
+//! (that needs `CAP_SYS_ADMIN`; a user namespace cannot be entered by one
+//! thread of a multi-threaded process). Its guests already act as its own
+//! user; where the workspace holds protected paths they run in the WASI
+//! helper (see [`super::helper`]), a process that made a user namespace of
+//! its own while single-threaded, and whose guest threads then bind the
+//! protected paths exactly as above (step 1), and, instead of step 2, drop
+//! every capability of the thread (the namespace's, which binding needed).
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -65,11 +67,22 @@ impl GuestThread {
         workspace: &Path,
         protected: &[(PathBuf, ProtectedMode)],
     ) -> Result<GuestThread, String> {
-        if !nix::unistd::geteuid().is_root() {
+        let root = nix::unistd::geteuid().is_root();
+        if !root && !super::helper::in_helper() {
+            // Protected paths present: `helper::needed` sent the guest to
+            // the helper. None: there is nothing to bind.
             return Ok(GuestThread { restore: None });
         }
         let canonical = std::fs::canonicalize(workspace)
             .map_err(|e| format!("workspace {}: {e}", workspace.display()))?;
+        if !root {
+            // The WASI helper: it already acts as the runtime's user, and
+            // holds the capabilities of a user namespace of its own, which
+            // binding needs and the guest must not keep.
+            protect(&canonical, protected)?;
+            drop_thread_capabilities()?;
+            return Ok(GuestThread { restore: None });
+        }
         let (uid, gid) = crate::sandbox::process::sandbox_identity(&canonical)
             .map_err(|e| format!("the WASI sandbox's identity: {e}"))?;
         protect(&canonical, protected)?;
@@ -171,6 +184,46 @@ fn empty_file(workspace: &Path) -> Result<PathBuf, String> {
         .map_err(|e| format!("hiding a file from WASI: {e}"))?;
     MADE.with(|m| *m.borrow_mut() = Some(file.clone()));
     Ok(file)
+}
+
+/// Drops every capability of the calling thread, and only of it (`capset`
+/// acts on its caller). In the WASI helper the user namespace's
+/// capabilities bound the protected paths; the guest's file calls must then
+/// be checked as the plain user's, without `CAP_DAC_OVERRIDE` over what
+/// the namespace owns (such as a hidden file's mode-000 stand-in).
+fn drop_thread_capabilities() -> Result<(), String> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let none = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset with a version-3 header for the calling thread and the
+    // two data words version 3 requires; the kernel only reads them.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, std::ptr::from_ref(&header), none.as_ptr()) };
+    if rc != 0 {
+        return Err(format!(
+            "dropping the guest thread's capabilities: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 /// Takes `uid`/`gid` (and only `gid` as a group) for this thread's file

@@ -30,13 +30,17 @@
 //!    as that user's and what it creates belongs to them.
 //! 8. **Protected paths** — as in the process sandbox, `.git`, `.envrc`, …
 //!    are read-only and `.env`, `.ssh`, … hidden, through a mount namespace
-//!    of the guest thread's own (root runtimes; see [`identity`] for what a
-//!    runtime that is not root cannot do), and one a call creates is
-//!    removed after it, the call failing.
+//!    of the guest thread's own (see [`identity`]). A root runtime makes it
+//!    in process; a runtime that is not root cannot, so where the
+//!    workspace holds protected paths its guests run in the WASI helper, a
+//!    process with a user namespace of its own (see [`helper`]), and if the
+//!    kernel refuses that namespace the call is refused. A protected path a
+//!    call creates is moved aside after it, the call failing.
 //!
 //! Each rule has tests in `tests/wasi_sandbox.rs`.
 
 mod engine;
+mod helper;
 mod identity;
 mod output;
 mod session;
@@ -53,6 +57,7 @@ use wasmtime_wasi::p2::pipe::{ClosedInputStream, MemoryInputPipe};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 pub use engine::{ModuleSource, WasiEngine, WasiError};
+pub use helper::{guest_helper_main, GUEST_HELPER_ARG};
 pub use session::PythonSession;
 
 use crate::assets::Asset;
@@ -63,7 +68,7 @@ use output::CappedOutput;
 pub const GUEST_WORKSPACE: &str = "/workspace";
 
 /// What a WASI call may use.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WasiPolicy {
     /// Wall-clock timeout in milliseconds.
     pub wall_ms: u64,
@@ -77,8 +82,8 @@ pub struct WasiPolicy {
     pub read_only: Vec<(PathBuf, String)>,
     /// Workspace paths (relative) the guest may not change or see, as in
     /// the process sandbox (see `ProcessPolicy::protected`); enforced by a
-    /// root runtime (see [`identity`]), and a created one is removed after
-    /// the call in every case.
+    /// mount namespace (see [`identity`] and [`helper`]), and a created one
+    /// is removed after the call in every case.
     pub protected: Vec<(PathBuf, crate::sandbox::process::ProtectedMode)>,
 }
 
@@ -143,6 +148,8 @@ pub(crate) struct Prepared {
     pre: InstancePre<StoreState>,
     /// Whether it came from the cache.
     pub source: ModuleSource,
+    /// Its key in the engine's module cache.
+    key: String,
 }
 
 /// Runs guests in wasmtime. Cheap to clone; clones share the engine and the
@@ -205,11 +212,37 @@ impl WasiSandbox {
 
     /// Compiles (or loads from cache) and links a module, once per sandbox.
     pub(crate) fn prepare(&self, path: &Path) -> Result<Prepared, WasiError> {
-        let mut prepared = self.prepared.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ready) = prepared.get(path) {
+        self.prepare_with(path, None)
+    }
+
+    /// As [`WasiSandbox::prepare`], trying the cache entry `key` first
+    /// (the WASI helper, told the key by the runtime, then never reads or
+    /// hashes the module file).
+    pub(crate) fn prepare_with(
+        &self,
+        path: &Path,
+        key: Option<&str>,
+    ) -> Result<Prepared, WasiError> {
+        if let Some(ready) = self
+            .prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(path)
+        {
             return Ok(ready.clone());
         }
-        let (module, source) = self.engine.load(path)?;
+        // Compiling python.wasm takes seconds: never under the map's lock,
+        // which every other call takes. Two first calls may both compile;
+        // the cache makes the second cheap and either result is the same.
+        let cached = key.and_then(|key| {
+            self.engine
+                .load_key(key)
+                .map(|module| (module, ModuleSource::Cache, key.to_string()))
+        });
+        let (module, source, key) = match cached {
+            Some(found) => found,
+            None => self.engine.load_keyed(path)?,
+        };
         let mut linker: Linker<StoreState> = Linker::new(self.engine.engine());
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |state: &mut StoreState| {
             &mut state.wasi
@@ -222,9 +255,14 @@ impl WasiSandbox {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
             })?;
-        let ready = Prepared { pre, source };
-        prepared.insert(path.to_path_buf(), ready.clone());
-        Ok(ready)
+        let ready = Prepared { pre, source, key };
+        Ok(self
+            .prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(path.to_path_buf())
+            .or_insert(ready)
+            .clone())
     }
 
     /// Prepares the embedded interpreters ahead of time; returns how each was
@@ -387,9 +425,14 @@ impl WasiSandbox {
                 ))
             }
         };
-        let (_, snapshot) = crate::sandbox::process::protect::survey(&canonical, &policy.protected);
-        let run = move || self.run_guest(&prepared, argv, stdin, &canonical, policy);
-        let mut outcome = if nix::unistd::geteuid().is_root() {
+        let (present, snapshot) =
+            crate::sandbox::process::protect::survey(&canonical, &policy.protected);
+        let mut outcome = if helper::needed(&present) {
+            // Not root, and there are protected paths to keep: only a
+            // process of its own can have the mount namespace for that.
+            helper::run_call(self, &prepared, module, argv, stdin, &canonical, policy)
+        } else if nix::unistd::geteuid().is_root() {
+            let run = move || self.run_guest(&prepared, argv, stdin, &canonical, policy);
             // A root runtime confines the guest's thread (its identity and
             // mount namespace, see `identity`): never a pool thread, which
             // would keep them.
@@ -404,7 +447,7 @@ impl WasiSandbox {
                 ToolOutcome::internal_error(format!("the WASI guest thread failed: {err}"))
             })
         } else {
-            run()
+            self.run_guest(&prepared, argv, stdin, &canonical, policy)
         };
         let undone = snapshot.undo_changes(workspace);
         if !undone.is_empty() {

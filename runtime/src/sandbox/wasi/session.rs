@@ -8,6 +8,13 @@
 //!
 //! The nonce only delimits frames: code that finds it can at worst confuse
 //! the boundaries of its own session's output, never reach anything else.
+//!
+//! Where a runtime that is not root must keep protected paths out of the
+//! guest's reach, the interpreter lives in a WASI helper process instead
+//! (see [`super::helper`]), which runs this same code and answers frame by
+//! frame. Either way an instance is ended, and the next call says the
+//! state was lost, when the workspace's protected paths change under it:
+//! its mount namespace was made for the ones there were.
 
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
@@ -40,12 +47,25 @@ struct Live {
     thread: std::thread::JoinHandle<wasmtime::Result<()>>,
 }
 
+/// Where a session's interpreter lives.
+enum Instance {
+    /// On a thread of this process.
+    InProcess(Live),
+    /// In a WASI helper process.
+    Helper(Box<super::helper::HelperSession>),
+}
+
 /// A live Python interpreter that keeps its state between calls.
 pub struct PythonSession {
     sandbox: WasiSandbox,
     workspace: PathBuf,
     policy: WasiPolicy,
-    live: Option<Live>,
+    live: Option<Instance>,
+    /// The protected paths the workspace held when the instance started.
+    protected_at_start: Vec<PathBuf>,
+    /// `python.wasm`, where it is not the embedded asset's usual place (the
+    /// WASI helper is told it).
+    pub(super) python: Option<PathBuf>,
     resets: u64,
     /// Why the last instance was ended between calls, for the next outcome.
     restarted: Option<String>,
@@ -69,6 +89,8 @@ impl PythonSession {
             workspace: workspace.to_path_buf(),
             policy,
             live: None,
+            protected_at_start: Vec::new(),
+            python: None,
             resets: 0,
             restarted: None,
         }
@@ -94,8 +116,8 @@ impl PythonSession {
             )
         };
         if instance_level(policy) != instance_level(&self.policy) {
-            if let Some(live) = self.live.take() {
-                let _ = end_instance(live);
+            if let Some(instance) = self.live.take() {
+                end(instance);
                 self.resets += 1;
                 self.restarted = Some(format!(
                     "the sandbox policy for this call differs from the one the Python session started under (memory, fuel, output or mounts), so it was restarted; {STATE_LOST}"
@@ -106,10 +128,12 @@ impl PythonSession {
     }
 
     /// Whether an interpreter is running.
-    pub fn is_live(&self) -> bool {
-        self.live
-            .as_ref()
-            .is_some_and(|live| !live.finished.load(Ordering::SeqCst))
+    pub fn is_live(&mut self) -> bool {
+        match self.live.as_mut() {
+            Some(Instance::InProcess(live)) => !live.finished.load(Ordering::SeqCst),
+            Some(Instance::Helper(helper)) => helper.is_live(),
+            None => false,
+        }
     }
 
     /// How many times the interpreter was reset by a trap or exit.
@@ -119,15 +143,56 @@ impl PythonSession {
 
     /// Starts the interpreter now (so the first call is warm).
     pub async fn start(&mut self) -> Result<(), String> {
-        if !self.is_live() {
-            let sandbox = self.sandbox.clone();
-            let (workspace, policy) = (self.workspace.clone(), self.policy.clone());
-            let live =
-                tokio::task::spawn_blocking(move || start_instance(&sandbox, &workspace, &policy))
-                    .await
-                    .map_err(|e| e.to_string())??;
-            self.live = Some(live);
+        if self.is_live() {
+            return Ok(());
         }
+        if let Some(instance) = self.live.take() {
+            end(instance);
+        }
+        let sandbox = self.sandbox.clone();
+        let (workspace, policy) = (self.workspace.clone(), self.policy.clone());
+        let python = self.python.clone();
+        let looked = tokio::task::spawn_blocking(move || {
+            let canonical = std::fs::canonicalize(&workspace)
+                .map_err(|e| format!("workspace {}: {e}", workspace.display()))?;
+            let (present, _) =
+                crate::sandbox::process::protect::survey(&canonical, &policy.protected);
+            let python = match python {
+                Some(python) => python,
+                None => Asset::PythonWasm.locate().map_err(|e| e.to_string())?,
+            };
+            let prepared = sandbox.prepare(&python).map_err(|e| e.to_string())?;
+            let in_helper = super::helper::needed(&present);
+            let names = present.into_iter().map(|p| p.path).collect::<Vec<_>>();
+            Ok::<_, String>((canonical, names, python, prepared, in_helper))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let (canonical, names, python, prepared, in_helper) = looked;
+        self.protected_at_start = names;
+        let instance = if in_helper {
+            Instance::Helper(Box::new(
+                super::helper::HelperSession::start(
+                    &self.sandbox,
+                    &prepared,
+                    &python,
+                    &canonical,
+                    &self.policy,
+                )
+                .await?,
+            ))
+        } else {
+            let sandbox = self.sandbox.clone();
+            let policy = self.policy.clone();
+            Instance::InProcess(
+                tokio::task::spawn_blocking(move || {
+                    start_instance(&sandbox, &prepared, &canonical, &policy)
+                })
+                .await
+                .map_err(|e| e.to_string())??,
+            )
+        };
+        self.live = Some(instance);
         Ok(())
     }
 
@@ -135,13 +200,32 @@ impl PythonSession {
     pub async fn run(&mut self, code: &str) -> ToolOutcome {
         let started = Instant::now();
         let (workspace, protected) = (self.workspace.clone(), self.policy.protected.clone());
-        let snapshot = tokio::task::spawn_blocking(move || {
+        let (present, snapshot) = tokio::task::spawn_blocking(move || {
             std::fs::canonicalize(&workspace)
-                .map(|ws| crate::sandbox::process::protect::survey(&ws, &protected).1)
+                .map(|ws| {
+                    let (present, snapshot) =
+                        crate::sandbox::process::protect::survey(&ws, &protected);
+                    (
+                        present
+                            .into_iter()
+                            .map(|p| p.path)
+                            .collect::<Vec<PathBuf>>(),
+                        snapshot,
+                    )
+                })
                 .unwrap_or_default()
         })
         .await
         .unwrap_or_default();
+        if present != self.protected_at_start {
+            if let Some(instance) = self.live.take() {
+                end(instance);
+                self.resets += 1;
+                self.restarted = Some(format!(
+                    "the workspace's protected paths (.git, .env, …) changed since the Python session started, so it was restarted to keep them protected; {STATE_LOST}"
+                ));
+            }
+        }
         let mut outcome = self.run_frame(code).await;
         if !snapshot.is_empty() {
             let workspace = self.workspace.clone();
@@ -166,8 +250,24 @@ impl PythonSession {
         if let Err(err) = self.start().await {
             return ToolOutcome::internal_error(format!("starting the Python session: {err}"));
         }
-        let Some(live) = self.live.as_mut() else {
-            return ToolOutcome::internal_error("the Python session did not start");
+        let live = match self.live.as_mut() {
+            Some(Instance::InProcess(live)) => live,
+            Some(Instance::Helper(helper)) => {
+                return match helper.run(code, self.policy.wall_ms).await {
+                    Ok((outcome, resets)) => {
+                        self.resets += resets;
+                        outcome
+                    }
+                    Err(mut outcome) => {
+                        self.live = None;
+                        self.resets += 1;
+                        let reason = outcome.error.take().unwrap_or_default();
+                        outcome.error = Some(format!("{reason}; {STATE_LOST}"));
+                        outcome
+                    }
+                }
+            }
+            None => return ToolOutcome::internal_error("the Python session did not start"),
         };
         let wall = Duration::from_millis(self.policy.wall_ms);
         *live.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wall);
@@ -208,7 +308,7 @@ impl PythonSession {
             return outcome;
         }
         // The instance ended (trap, exit or crash): report why and reset.
-        let Some(live) = self.live.take() else {
+        let Some(Instance::InProcess(live)) = self.live.take() else {
             return outcome;
         };
         let (memory_hit, thread) = end_instance(live);
@@ -242,9 +342,18 @@ impl PythonSession {
 
 impl Drop for PythonSession {
     fn drop(&mut self) {
-        if let Some(live) = self.live.take() {
-            let _ = end_instance(live);
+        if let Some(instance) = self.live.take() {
+            end(instance);
         }
+    }
+}
+
+/// Ends an instance without waiting for it: an in-process one is
+/// interrupted and its thread ends on its own; a helper is killed.
+fn end(instance: Instance) {
+    match instance {
+        Instance::InProcess(live) => drop(end_instance(live)),
+        Instance::Helper(helper) => drop(helper),
     }
 }
 
@@ -274,11 +383,11 @@ fn nonce() -> String {
 
 fn start_instance(
     sandbox: &WasiSandbox,
+    prepared: &super::Prepared,
     workspace: &Path,
     policy: &WasiPolicy,
 ) -> Result<Live, String> {
-    let python = Asset::PythonWasm.locate().map_err(|e| e.to_string())?;
-    let prepared = sandbox.prepare(&python).map_err(|e| e.to_string())?;
+    let prepared = prepared.clone();
     let nonce = nonce();
     let stdout =
         CappedOutput::with_marker(policy.output_bytes, Some(format!("{nonce}:").into_bytes()));
