@@ -14,9 +14,9 @@ use std::time::Instant;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::sampling::LlamaSampler;
-use stack_runtime::message::Message;
-use stack_runtime::model::llama::{backend, Model, ModelOptions, SamplingOptions};
-use stack_runtime::model::ToolChoice;
+use stack_model::llama::{backend, Model, ModelOptions, SamplingOptions};
+use stack_model::ToolChoice;
+use stack_types::message::Message;
 
 const CONTEXT: u32 = 4096;
 const BATCH: u32 = 512;
@@ -162,30 +162,29 @@ fn main() {
         ..SamplingOptions::default()
     };
     let mut reuse = model.session().expect("session");
-    let ttft = |session: &mut stack_runtime::model::llama::ModelSession,
-                messages: &[Message],
-                clear: bool| {
-        if clear {
-            session.clear_cache();
-        }
-        let started = Instant::now();
-        let mut first = None;
-        let mut ids = || "id".to_string();
-        let generation = session
-            .complete(
-                messages,
-                &[],
-                &ToolChoice::None,
-                &short,
-                &mut |_| {
-                    first.get_or_insert_with(|| started.elapsed());
-                    true
-                },
-                &mut ids,
-            )
-            .expect("turn");
-        (first.unwrap_or_else(|| started.elapsed()), generation)
-    };
+    let ttft =
+        |session: &mut stack_model::llama::ModelSession, messages: &[Message], clear: bool| {
+            if clear {
+                session.clear_cache();
+            }
+            let started = Instant::now();
+            let mut first = None;
+            let mut ids = || "id".to_string();
+            let generation = session
+                .complete(
+                    messages,
+                    &[],
+                    &ToolChoice::None,
+                    &short,
+                    &mut |_| {
+                        first.get_or_insert_with(|| started.elapsed());
+                        true
+                    },
+                    &mut ids,
+                )
+                .expect("turn");
+            (first.unwrap_or_else(|| started.elapsed()), generation)
+        };
     for turn in 1..=9 {
         growing.push(Message::user(format!(
             "Tell me fact number {turn} about the sea."

@@ -24,10 +24,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use stack_runtime::outcome::Status;
-use stack_runtime::sandbox::process::{
-    sandbox_environment, NetworkMode, ProcessPolicy, ProcessSandbox,
-};
+use stack_sandbox::process::{sandbox_environment, NetworkMode, ProcessPolicy, ProcessSandbox};
+use stack_types::outcome::Status;
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();

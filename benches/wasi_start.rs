@@ -8,9 +8,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use stack_runtime::assets::Asset;
-use stack_runtime::outcome::Status;
-use stack_runtime::sandbox::wasi::{PythonSession, WasiEngine, WasiPolicy, WasiSandbox};
+use stack_assets::Asset;
+use stack_sandbox::wasi::{PythonSession, WasiEngine, WasiPolicy, WasiSandbox};
+use stack_types::outcome::Status;
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();

@@ -318,3 +318,81 @@ fn usage_errors_exit_nonzero_without_a_result() {
     );
     assert_eq!(output.status.code(), Some(2));
 }
+
+/// Moved from the sandbox crate's escape suite: the runtime's own
+/// environment (API keys, tokens) never reaches sandboxed code, through the
+/// CLI as users run it.
+#[test]
+fn secrets_in_the_runtime_environment_never_reach_the_child() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let secret_env = [
+        ("OPENAI_API_KEY", "sk-LEAK-1"),
+        ("GITHUB_TOKEN", "ghp_LEAK-2"),
+        ("AWS_SECRET_ACCESS_KEY", "LEAK-3"),
+        ("MY_PASSWORD", "LEAK-4"),
+    ];
+    for (language, code) in [
+        ("python", "import os\nprint(sorted(os.environ.items()))"),
+        ("bash", "env; set"),
+    ] {
+        let args = serde_json::json!({"code": code, "language": language}).to_string();
+        let output = std::process::Command::new(common::agent_binary())
+            .args([
+                "tool",
+                "run",
+                "execute_code",
+                "--args",
+                &args,
+                "--workspace",
+            ])
+            .arg(workspace.path())
+            .envs(secret_env)
+            .output()
+            .expect("run agent");
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+        assert_eq!(report["status"], "ok", "{report}");
+        let text = report.to_string();
+        assert!(!text.contains("LEAK"), "{language}: {text}");
+        assert!(
+            text.contains("PATH"),
+            "{language}: the allowlisted PATH is set"
+        );
+    }
+}
+
+/// Script tools run through the CLI, validated against their schema file,
+/// as users call them (the sandbox crate tests the WASI side alone).
+#[test]
+fn script_tools_run_through_the_cli_validated_against_their_schema() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    // Through the CLI, validated against the schema file, as users call it.
+    let output = std::process::Command::new(common::agent_binary())
+        .args([
+            "tool",
+            "run",
+            "unit_convert",
+            "--args",
+            r#"{"value": 100, "from": "C", "to": "F"}"#,
+        ])
+        .current_dir(workspace.path())
+        .output()
+        .expect("agent");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(
+        report["stdout"], "{\"value\":212,\"unit\":\"F\"}\n",
+        "{report}"
+    );
+    let invalid = std::process::Command::new(common::agent_binary())
+        .args([
+            "tool",
+            "run",
+            "unit_convert",
+            "--args",
+            r#"{"value": 1, "from": "C", "to": "parsec"}"#,
+        ])
+        .current_dir(workspace.path())
+        .output()
+        .expect("agent");
+    let report: serde_json::Value = serde_json::from_slice(&invalid.stdout).expect("json");
+    assert_eq!(report["status"], "invalid");
+}

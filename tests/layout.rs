@@ -41,3 +41,67 @@ fn the_top_level_layout_is_intact() {
         assert!(common::repo_root().join(path).exists(), "{path} is missing");
     }
 }
+
+/// The crate graph in `ARCHITECTURE.md` is the one the manifests declare:
+/// every `stack-*` dependency of a crate is one its row allows, and every
+/// crate of the workspace has a row.
+#[test]
+fn the_crate_graph_is_the_documented_one() {
+    let doc = std::fs::read_to_string(common::repo_root().join("ARCHITECTURE.md"))
+        .expect("ARCHITECTURE.md");
+    let section = doc
+        .split("## Crates")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("a Crates section");
+    let mut rows = 0;
+    for row in section.lines().filter(|l| l.starts_with("| `stack-")) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let (name, folder, allowed) = (
+            cells[1].trim_matches('`'),
+            cells[2].trim_matches('`'),
+            cells[4],
+        );
+        rows += 1;
+        if allowed == "all of the above" {
+            continue;
+        }
+        let allowed: Vec<String> = allowed
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty() && *a != "—")
+            .map(|a| format!("stack-{a}"))
+            .collect();
+        let manifest = std::fs::read_to_string(common::repo_root().join(folder).join("Cargo.toml"))
+            .unwrap_or_else(|e| panic!("{folder}/Cargo.toml: {e}"));
+        let dependencies = manifest
+            .split("[dependencies]")
+            .nth(1)
+            .and_then(|rest| rest.split("\n[").next())
+            .unwrap_or("");
+        for line in dependencies.lines() {
+            let Some(dep) = line.split(['=', '.', ' ']).next() else {
+                continue;
+            };
+            if dep.starts_with("stack-") {
+                assert!(
+                    allowed.iter().any(|a| a == dep),
+                    "{name} depends on {dep}, which ARCHITECTURE.md does not allow it"
+                );
+            }
+        }
+    }
+    let workspace =
+        std::fs::read_to_string(common::repo_root().join("Cargo.toml")).expect("Cargo.toml");
+    let members = workspace
+        .split("members = [")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .expect("a members list")
+        .matches("\"runtime")
+        .count();
+    assert_eq!(
+        rows, members,
+        "every workspace member has a row in ARCHITECTURE.md"
+    );
+}

@@ -53,20 +53,22 @@
 //! # Ok(()) }
 //! ```
 //!
+//! The runtime is a workspace of crates along that data flow (see
+//! `ARCHITECTURE.md`): `stack-types` (messages, outcomes), `stack-assets`,
+//! `stack-sandbox` (usable alone, without llama.cpp), `stack-core` (tools,
+//! policy, gate, dispatch), `stack-model` (templates, parsing, llama.cpp) and
+//! `stack-agent` (the loop). This crate re-exports each under the module
+//! names above, so `use stack_runtime::…` reaches all of them.
+//!
 //! Cargo features: `llama` (the llama.cpp model backend, default), `wasi`
 //! (the wasmtime sandbox, default) and `cuda` (GPU offload for `llama`).
 
 #![warn(missing_docs)]
 
 #[cfg(feature = "llama")]
-pub mod agent;
-pub mod assets;
-pub mod dispatch;
-pub mod gate;
-pub mod message;
-pub mod model;
-pub mod outcome;
-pub mod policy;
-pub mod sandbox;
-pub mod tools;
-pub mod workspace;
+pub use stack_agent as agent;
+pub use stack_assets as assets;
+pub use stack_core::{dispatch, gate, policy, tools, workspace};
+pub use stack_model as model;
+pub use stack_sandbox as sandbox;
+pub use stack_types::{message, outcome};

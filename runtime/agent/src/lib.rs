@@ -1,0 +1,718 @@
+//! The agent loop and the embedding API.
+//!
+//! [`Runtime::builder`] takes the model, tool folders, Rust tools, the
+//! policy, an approval handler and the workspace; [`Runtime::session`] opens
+//! a [`Session`], and [`Session::send`] runs one user turn and streams
+//! [`Event`]s. Each turn: the model generates → tool calls are parsed →
+//! each goes through the [`Gate`] (validation, budgets, policy and approval,
+//! sandboxed execution, redaction, audit) → results go back as `tool`
+//! messages → repeat until the model answers without tools, or a step,
+//! budget or repeat limit ends the turn with a visible reason.
+
+#![warn(missing_docs)]
+
+mod transcript;
+mod worker;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use transcript::{export_chatml, list_sessions, read_transcript, TranscriptError};
+
+use stack_core::dispatch;
+use stack_core::dispatch::ToolContext;
+use stack_core::gate::{Admission, Gate};
+use stack_core::policy::{ApprovalAnswer, ApprovalHandler, ApprovalRequest, Policy, PolicyError};
+use stack_core::tools::{LoadDiagnostic, RegisterError, Registry};
+use stack_core::workspace::{Workspace, WorkspaceError};
+use stack_model::llama::{Counters, Model, ModelError, SamplingOptions};
+use stack_model::ToolChoice;
+use stack_types::message::{Message, ToolCall};
+use stack_types::outcome::{Status, ToolOutcome};
+use tracing::Instrument;
+use worker::ModelWorker;
+
+/// Why the runtime or a session could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The policy failed to load.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// A Rust tool could not be registered.
+    #[error(transparent)]
+    Register(#[from] RegisterError),
+    /// The workspace is unusable.
+    #[error(transparent)]
+    Workspace(#[from] WorkspaceError),
+    /// Transcripts could not be written or read.
+    #[error(transparent)]
+    Transcript(#[from] TranscriptError),
+    /// No model was given.
+    #[error("no model: give RuntimeBuilder::model or ::model_options")]
+    NoModel,
+}
+
+/// What happens during a turn, in order.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A piece of generated text.
+    Token {
+        /// The text.
+        text: String,
+    },
+    /// The model finished a message (possibly with tool calls).
+    AssistantMessage {
+        /// The message.
+        message: Message,
+    },
+    /// The model proposed a call.
+    ToolCallProposed {
+        /// The call.
+        call: ToolCall,
+    },
+    /// The policy asked for approval.
+    ApprovalNeeded {
+        /// What is asked.
+        request: ApprovalRequest,
+    },
+    /// A call started running (it passed validation and the policy, or not:
+    /// its result says).
+    ToolStarted {
+        /// The call id.
+        id: String,
+        /// The tool.
+        name: String,
+    },
+    /// A call finished.
+    ToolFinished {
+        /// The call id.
+        id: String,
+        /// The tool.
+        name: String,
+        /// Its outcome (redacted).
+        outcome: ToolOutcome,
+    },
+    /// The turn ended.
+    TurnFinished {
+        /// Why: `answered`, `step_limit`, `repeated_failures`, `budget`,
+        /// `cancelled` or `error`.
+        reason: String,
+        /// Model steps taken.
+        steps: u32,
+        /// Token counters for this turn.
+        counters: Counters,
+    },
+    /// Something failed; the session is still usable.
+    Error {
+        /// What.
+        message: String,
+    },
+}
+
+/// How a session runs.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// The system prompt.
+    pub system_prompt: Option<String>,
+    /// Tool choice for the first step of each turn; later steps use `auto`.
+    pub tool_choice: ToolChoice,
+    /// Sampling.
+    pub sampling: SamplingOptions,
+    /// Most model steps in one turn.
+    pub max_steps: u32,
+    /// Identical failing calls allowed before the turn stops.
+    pub max_repeated_failures: u32,
+    /// Resume this saved session instead of starting a new one.
+    pub resume: Option<String>,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            system_prompt: Some("You are a helpful assistant. You can call tools to read and write files in the workspace and to run code.".into()),
+            tool_choice: ToolChoice::Auto,
+            sampling: SamplingOptions::default(),
+            max_steps: 8,
+            max_repeated_failures: 3,
+            resume: None,
+        }
+    }
+}
+
+/// Builds a [`Runtime`]. Nothing is granted unless given: no tools beyond
+/// the built-ins, the `default` policy, no approver (so `ask` means deny).
+pub struct RuntimeBuilder {
+    model: Option<Arc<Model>>,
+    registry: Registry,
+    diagnostics: Vec<LoadDiagnostic>,
+    policy: Option<Policy>,
+    approver: Option<Arc<dyn ApprovalHandler>>,
+    workspace: PathBuf,
+    transcripts: Option<PathBuf>,
+}
+
+impl RuntimeBuilder {
+    /// Uses an already loaded model (sessions share it).
+    pub fn model(mut self, model: Arc<Model>) -> Self {
+        self.model = Some(model);
+        self
+    }
+
+    /// Loads tools from a folder of schema files; broken files are kept as
+    /// diagnostics (see [`Runtime::diagnostics`]).
+    pub fn tool_dir(mut self, dir: &Path) -> Self {
+        let found = self.registry.load_dir(dir);
+        self.diagnostics.extend(found);
+        self
+    }
+
+    /// Registers a Rust tool with a typed argument struct.
+    pub fn rust_tool<A, F>(
+        mut self,
+        name: &str,
+        description: &str,
+        handler: F,
+    ) -> Result<Self, AgentError>
+    where
+        A: JsonSchema + DeserializeOwned + 'static,
+        F: Fn(A, &ToolContext) -> Result<String, String> + Send + Sync + 'static,
+    {
+        self.registry
+            .register_host_tool(name, description, handler)?;
+        Ok(self)
+    }
+
+    /// The policy every session runs under.
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// Who answers `ask` decisions.
+    pub fn approval_handler(mut self, approver: Arc<dyn ApprovalHandler>) -> Self {
+        self.approver = Some(approver);
+        self
+    }
+
+    /// The workspace root (default: the current folder).
+    pub fn workspace(mut self, root: impl Into<PathBuf>) -> Self {
+        self.workspace = root.into();
+        self
+    }
+
+    /// Where transcripts go, when the policy keeps them (default: the
+    /// policy's `transcript_dir`). `None` keeps none, whatever the policy says.
+    pub fn transcripts(mut self, dir: Option<PathBuf>) -> Self {
+        self.transcripts = dir;
+        self
+    }
+
+    /// Builds the runtime.
+    pub fn build(self) -> Result<Runtime, AgentError> {
+        let policy = match self.policy {
+            Some(policy) => policy,
+            None => Policy::preset("default")?,
+        };
+        let keep = policy.privacy.keep_transcripts.unwrap_or(false);
+        let transcripts = match (keep, self.transcripts) {
+            (false, _) => None,
+            (true, Some(dir)) => Some(dir),
+            (true, None) => policy.privacy.transcript_dir.as_deref().map(expand_home),
+        };
+        Ok(Runtime {
+            model: self.model.ok_or(AgentError::NoModel)?,
+            registry: Arc::new(self.registry),
+            diagnostics: self.diagnostics,
+            policy: Arc::new(policy),
+            approver: self.approver,
+            workspace: self.workspace,
+            transcripts,
+        })
+    }
+}
+
+/// Expands a leading `~/` to the home folder.
+pub fn expand_home(path: &str) -> PathBuf {
+    match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => PathBuf::from(path),
+    }
+}
+
+/// The loaded model, tools and policy, shared by sessions.
+pub struct Runtime {
+    model: Arc<Model>,
+    registry: Arc<Registry>,
+    diagnostics: Vec<LoadDiagnostic>,
+    policy: Arc<Policy>,
+    approver: Option<Arc<dyn ApprovalHandler>>,
+    workspace: PathBuf,
+    transcripts: Option<PathBuf>,
+}
+
+impl Runtime {
+    /// Starts building a runtime.
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder {
+            model: None,
+            registry: Registry::with_builtins(),
+            diagnostics: Vec::new(),
+            policy: None,
+            approver: None,
+            workspace: PathBuf::from("."),
+            transcripts: None,
+        }
+    }
+
+    /// Problems found while loading tool folders.
+    pub fn diagnostics(&self) -> &[LoadDiagnostic] {
+        &self.diagnostics
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The tools.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Where transcripts are saved, if anywhere.
+    pub fn transcript_dir(&self) -> Option<&Path> {
+        self.transcripts.as_deref()
+    }
+
+    /// Opens a session (or resumes a saved one).
+    pub fn session(&self, config: SessionConfig) -> Result<Session, AgentError> {
+        let worker = ModelWorker::spawn(Arc::clone(&self.model))?;
+        let ctx = ToolContext::new(Workspace::open(&self.workspace)?);
+        let (id, mut messages) = match &config.resume {
+            Some(id) => {
+                let dir = self
+                    .transcripts
+                    .as_deref()
+                    .ok_or(TranscriptError::Disabled)?;
+                (id.clone(), read_transcript(dir, id)?)
+            }
+            None => (new_session_id(), Vec::new()),
+        };
+        let transcript = match &self.transcripts {
+            Some(dir) => Some(transcript::Writer::open(dir, &id)?),
+            None => None,
+        };
+        let state_path = self
+            .transcripts
+            .as_ref()
+            .map(|dir| dir.join(format!("{id}.kv")));
+        let pending_restore =
+            config.resume.is_some() && state_path.as_ref().is_some_and(|p| p.exists());
+        let relay = Arc::new(ApprovalRelay {
+            inner: self.approver.clone(),
+            events: Default::default(),
+        });
+        let gate = Gate::new(
+            Arc::clone(&self.registry),
+            Arc::clone(&self.policy),
+            id.clone(),
+        )
+        .with_approver(Arc::clone(&relay) as Arc<dyn ApprovalHandler>);
+        let mut session = Session {
+            id: id.clone(),
+            messages: Vec::new(),
+            gate,
+            relay,
+            ctx,
+            worker,
+            config,
+            transcript,
+            state_path,
+            pending_restore,
+            cancel: Arc::new(AtomicBool::new(false)),
+        };
+        if messages.is_empty() {
+            if let Some(system) = session.config.system_prompt.clone() {
+                session.record(Message::system(system))?;
+            }
+        } else {
+            session.messages.append(&mut messages);
+        }
+        Ok(session)
+    }
+}
+
+fn new_session_id() -> String {
+    format!(
+        "{:x}-{:x}",
+        stack_core::policy::audit::now_ms(),
+        std::process::id()
+    )
+}
+
+/// One conversation.
+pub struct Session {
+    id: String,
+    messages: Vec<Message>,
+    gate: Gate,
+    relay: Arc<ApprovalRelay>,
+    ctx: ToolContext,
+    worker: ModelWorker,
+    config: SessionConfig,
+    transcript: Option<transcript::Writer>,
+    /// Where the KV cache is saved after each turn, and restored from on resume.
+    state_path: Option<PathBuf>,
+    /// A saved KV cache still to be restored before the next turn.
+    pending_restore: bool,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Err(err) = self.save_state() {
+            tracing::warn!(%err, "the KV cache was not saved; a resumed session will evaluate its prompt again");
+        }
+    }
+}
+
+/// Forwards approval requests to the host's handler, emitting an event first.
+struct ApprovalRelay {
+    inner: Option<Arc<dyn ApprovalHandler>>,
+    events: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Event>>>,
+}
+
+impl ApprovalHandler for ApprovalRelay {
+    fn approve(&self, request: &ApprovalRequest) -> ApprovalAnswer {
+        if let Some(events) = self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = events.send(Event::ApprovalNeeded {
+                request: request.clone(),
+            });
+        }
+        match &self.inner {
+            Some(handler) => handler.approve(request),
+            None => ApprovalAnswer::No,
+        }
+    }
+}
+
+/// A turn's events; `next().await` yields them until the turn ends.
+pub struct EventStream {
+    receiver: tokio::sync::mpsc::UnboundedReceiver<Event>,
+}
+
+impl EventStream {
+    /// The next event, or `None` after the turn ended.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.receiver.recv().await
+    }
+}
+
+impl Session {
+    /// The session id (also the transcript's name).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The conversation so far.
+    pub fn messages(&self) -> &[Message] {
+        &self.messages
+    }
+
+    /// The gate (grants, budgets, policy) of this session.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// The session's tool context (workspace, sandboxes).
+    pub fn tool_context(&self) -> &ToolContext {
+        &self.ctx
+    }
+
+    /// A flag that, once set, stops the current generation or turn.
+    pub fn cancel_token(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.cancel)
+    }
+
+    /// Token counters over the session.
+    pub async fn totals(&self) -> Counters {
+        self.worker.totals().await
+    }
+
+    /// Saves the KV cache next to the transcript, so that a resumed session
+    /// reuses it on its next turn. Also done when the session is dropped.
+    pub fn save_state(&self) -> Result<(), AgentError> {
+        match &self.state_path {
+            Some(path) => Ok(self.worker.save_blocking(path.clone())?),
+            None => Ok(()),
+        }
+    }
+
+    /// Forgets the conversation (the system prompt stays).
+    pub fn reset(&mut self) {
+        self.messages
+            .retain(|m| m.role == stack_types::message::Role::System);
+        self.worker.clear();
+    }
+
+    /// Runs one user turn, sending events to `events` as they happen.
+    pub async fn send_with(
+        &mut self,
+        text: &str,
+        events: &tokio::sync::mpsc::UnboundedSender<Event>,
+    ) -> Result<(), AgentError> {
+        self.cancel.store(false, Ordering::SeqCst);
+        if std::mem::take(&mut self.pending_restore) {
+            if let Some(path) = self.state_path.clone() {
+                if let Err(err) = self.worker.load(path).await {
+                    tracing::warn!(%err, "the saved KV cache could not be restored; this turn evaluates the whole prompt");
+                }
+            }
+        }
+        self.record(Message::user(text))?;
+        self.gate.budget().start_turn();
+        *self.relay.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(events.clone());
+        let result = self.run_turn(events).await;
+        *self.relay.events.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        result
+    }
+
+    /// Runs one user turn and returns its events as a stream.
+    pub fn send<'a>(
+        &'a mut self,
+        text: &'a str,
+    ) -> (
+        EventStream,
+        impl std::future::Future<Output = Result<(), AgentError>> + 'a,
+    ) {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let turn = async move { self.send_with(text, &sender).await };
+        (EventStream { receiver }, turn)
+    }
+
+    async fn run_turn(
+        &mut self,
+        events: &tokio::sync::mpsc::UnboundedSender<Event>,
+    ) -> Result<(), AgentError> {
+        let tools = self.gate.registry().openai_tools();
+        let mut counters = Counters::default();
+        let mut failures: Vec<(String, String)> = Vec::new();
+        let mut steps = 0;
+        let finish = |reason: &str, steps: u32, counters: Counters| {
+            let _ = events.send(Event::TurnFinished {
+                reason: reason.to_string(),
+                steps,
+                counters,
+            });
+        };
+        while steps < self.config.max_steps {
+            steps += 1;
+            let choice = if steps == 1 {
+                self.config.tool_choice.clone()
+            } else if self.config.tool_choice == ToolChoice::None {
+                ToolChoice::None
+            } else {
+                ToolChoice::Auto
+            };
+            let (token_tx, mut token_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+            let forward = {
+                let events = events.clone();
+                tokio::spawn(async move {
+                    while let Some(text) = token_rx.recv().await {
+                        let _ = events.send(Event::Token { text });
+                    }
+                })
+            };
+            let generation = self
+                .worker
+                .complete(
+                    self.messages.clone(),
+                    tools.clone(),
+                    choice,
+                    self.config.sampling.clone(),
+                    token_tx,
+                    Arc::clone(&self.cancel),
+                )
+                .await;
+            let _ = forward.await;
+            let generation = match generation {
+                Ok(generation) => generation,
+                Err(err) => {
+                    let _ = events.send(Event::Error {
+                        message: err.to_string(),
+                    });
+                    finish("error", steps, counters);
+                    return Ok(());
+                }
+            };
+            counters.prompt_evaluated += generation.counters.prompt_evaluated;
+            counters.prompt_reused += generation.counters.prompt_reused;
+            counters.generated += generation.counters.generated;
+            let calls = generation.turn.tool_calls.clone();
+            let message = if calls.is_empty() {
+                Message::assistant(generation.turn.content.clone().unwrap_or_default())
+            } else {
+                Message::assistant_tool_calls(generation.turn.content.clone(), calls.clone())
+            };
+            self.record(message.clone())?;
+            let _ = events.send(Event::AssistantMessage { message });
+            if self.cancel.load(Ordering::SeqCst) {
+                finish("cancelled", steps, counters);
+                return Ok(());
+            }
+            if calls.is_empty() {
+                finish("answered", steps, counters);
+                return Ok(());
+            }
+            // Decide every call first, in order (approval prompts come one
+            // at a time), then run the admitted ones concurrently.
+            let mut outcomes: Vec<Option<ToolOutcome>> = vec![None; calls.len()];
+            let mut running = tokio::task::JoinSet::new();
+            let mut task_calls: std::collections::HashMap<tokio::task::Id, usize> =
+                std::collections::HashMap::new();
+            for (index, call) in calls.iter().enumerate() {
+                let _ = events.send(Event::ToolCallProposed { call: call.clone() });
+                match self.gate.admit(call) {
+                    Admission::Refused(outcome) => {
+                        let _ = events.send(Event::ToolFinished {
+                            id: call.id.clone(),
+                            name: call.function.name.clone(),
+                            outcome: outcome.clone(),
+                        });
+                        outcomes[index] = Some(outcome);
+                    }
+                    Admission::Run(authorized) => {
+                        let _ = events.send(Event::ToolStarted {
+                            id: call.id.clone(),
+                            name: call.function.name.clone(),
+                        });
+                        let ctx = self.ctx.clone();
+                        let span = self.gate.span(call);
+                        let task = running.spawn(async move {
+                            (
+                                index,
+                                dispatch::execute(&authorized, &ctx).instrument(span).await,
+                            )
+                        });
+                        task_calls.insert(task.id(), index);
+                    }
+                }
+            }
+            while !running.is_empty() {
+                tokio::select! {
+                    joined = running.join_next_with_id() => {
+                        let (index, outcome) = match joined {
+                            Some(Ok((_, done))) => done,
+                            // A tool that panicked is a runtime bug, not a
+                            // cancellation: say so (a cancelled one stays
+                            // unanswered and is reported as cancelled below).
+                            Some(Err(failed)) if failed.is_panic() => {
+                                let Some(&index) = task_calls.get(&failed.id()) else { continue };
+                                (index, ToolOutcome::internal_error(format!(
+                                    "the tool crashed (a bug in the runtime or a host tool): {}",
+                                    panic_text(failed.into_panic())
+                                )))
+                            }
+                            _ => continue,
+                        };
+                        if let Some(call) = calls.get(index) {
+                            let outcome = self.gate.finish(call, outcome);
+                            let _ = events.send(Event::ToolFinished { id: call.id.clone(), name: call.function.name.clone(), outcome: outcome.clone() });
+                            outcomes[index] = Some(outcome);
+                        }
+                    }
+                    () = tokio::time::sleep(std::time::Duration::from_millis(50)) => {
+                        if self.cancel.load(Ordering::SeqCst) {
+                            // Dropping the tasks kills their sandboxed processes.
+                            running.abort_all();
+                        }
+                    }
+                }
+            }
+            let mut over_budget = false;
+            for (call, outcome) in calls.iter().zip(outcomes) {
+                let outcome = outcome.unwrap_or_else(|| {
+                    self.gate.finish(
+                        call,
+                        ToolOutcome::internal_error("the call was cancelled before it finished"),
+                    )
+                });
+                let text = self.gate.text_for_model(&outcome);
+                self.record(Message::tool_result(call.id.clone(), text))?;
+                if outcome.status != Status::Ok {
+                    failures.push((call.function.name.clone(), call.function.arguments.clone()));
+                    over_budget |= outcome.status == Status::Denied
+                        && outcome
+                            .error
+                            .as_deref()
+                            .is_some_and(|e| e.contains("budget"));
+                }
+            }
+            let repeated = failures
+                .iter()
+                .map(|key| (key, failures.iter().filter(|f| *f == key).count() as u32))
+                .find(|(_, repeats)| *repeats >= self.config.max_repeated_failures)
+                .map(|(key, repeats)| (key.clone(), repeats));
+            if let Some((key, repeats)) = repeated {
+                {
+                    let _ = events.send(Event::Error {
+                        message: format!("`{}` failed {repeats} times with the same arguments; stopping this turn", key.0),
+                    });
+                    finish("repeated_failures", steps, counters);
+                    return Ok(());
+                }
+            }
+            if over_budget {
+                finish("budget", steps, counters);
+                return Ok(());
+            }
+            if self.cancel.load(Ordering::SeqCst) {
+                finish("cancelled", steps, counters);
+                return Ok(());
+            }
+        }
+        let _ = events.send(Event::Error {
+            message: format!(
+                "the turn reached its limit of {} model steps",
+                self.config.max_steps
+            ),
+        });
+        finish("step_limit", steps, counters);
+        Ok(())
+    }
+
+    fn record(&mut self, message: Message) -> Result<(), AgentError> {
+        if let Some(writer) = &mut self.transcript {
+            writer.append(&message)?;
+        }
+        self.messages.push(message);
+        Ok(())
+    }
+}
+
+/// The message a panic carried, when it is text.
+fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_string())
+}

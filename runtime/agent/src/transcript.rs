@@ -1,0 +1,139 @@
+//! Session transcripts: one JSON line per message, appended and flushed as
+//! the conversation goes, so a crash loses nothing already said.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use stack_types::message::Message;
+
+/// Why a transcript could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TranscriptError {
+    /// Transcripts are off for this runtime.
+    #[error("transcripts are not kept under this policy, so there is nothing to resume")]
+    Disabled,
+    /// No transcript has that id.
+    #[error("no saved session `{0}`")]
+    NotFound(String),
+    /// The id is not a plain name.
+    #[error("`{0}` is not a session id")]
+    BadId(String),
+    /// I/O.
+    #[error("transcript {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A line is not a message.
+    #[error("transcript {path}:{line}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The line.
+        line: usize,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn path_of(dir: &Path, id: &str) -> Result<PathBuf, TranscriptError> {
+    let plain = !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !plain {
+        return Err(TranscriptError::BadId(id.to_string()));
+    }
+    Ok(dir.join(format!("{id}.jsonl")))
+}
+
+pub(crate) struct Writer {
+    path: PathBuf,
+    file: File,
+}
+
+impl Writer {
+    pub(crate) fn open(dir: &Path, id: &str) -> Result<Writer, TranscriptError> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let path = path_of(dir, id)?;
+        let io = |source| TranscriptError::Io {
+            path: path.clone(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        Ok(Writer { path, file })
+    }
+
+    pub(crate) fn append(&mut self, message: &Message) -> Result<(), TranscriptError> {
+        let io = |source| TranscriptError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut line = serde_json::to_vec(message).map_err(|e| io(std::io::Error::other(e)))?;
+        line.push(b'\n');
+        self.file.write_all(&line).map_err(io)?;
+        self.file.flush().map_err(io)
+    }
+}
+
+/// The messages of a saved session.
+pub fn read_transcript(dir: &Path, id: &str) -> Result<Vec<Message>, TranscriptError> {
+    let path = path_of(dir, id)?;
+    let file = File::open(&path).map_err(|_| TranscriptError::NotFound(id.to_string()))?;
+    let mut messages = Vec::new();
+    for (index, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|source| TranscriptError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let message = serde_json::from_str(&line).map_err(|e| TranscriptError::Corrupt {
+            path: path.clone(),
+            line: index + 1,
+            reason: e.to_string(),
+        })?;
+        messages.push(message);
+    }
+    Ok(messages)
+}
+
+/// Saved session ids, newest first.
+pub fn list_sessions(dir: &Path) -> Vec<String> {
+    let mut found: Vec<(std::time::SystemTime, String)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e
+                .file_name()
+                .to_string_lossy()
+                .strip_suffix(".jsonl")?
+                .to_string();
+            Some((e.metadata().and_then(|m| m.modified()).ok()?, name))
+        })
+        .collect();
+    found.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
+    found.into_iter().map(|(_, name)| name).collect()
+}
+
+/// A saved session as one Stack 2.9 training example:
+/// `{"messages": [...]}` with ChatML roles and OpenAI `tool_calls`.
+pub fn export_chatml(dir: &Path, id: &str) -> Result<String, TranscriptError> {
+    let messages = read_transcript(dir, id)?;
+    Ok(serde_json::json!({ "messages": messages }).to_string())
+}

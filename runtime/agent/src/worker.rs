@@ -1,0 +1,171 @@
+//! The model worker: a llama.cpp context is tied to one thread, so each
+//! agent session owns a thread holding its `ModelSession`, and the async loop
+//! talks to it over channels. Generations across sessions take turns on a
+//! lock shared per model, so many sessions can share one loaded model.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use stack_model::llama::{Counters, Generation, Model, ModelError, SamplingOptions};
+use stack_model::ToolChoice;
+use stack_types::message::Message;
+
+struct Job {
+    messages: Vec<Message>,
+    tools: Vec<Value>,
+    tool_choice: ToolChoice,
+    sampling: SamplingOptions,
+    tokens: tokio::sync::mpsc::UnboundedSender<String>,
+    cancel: Arc<AtomicBool>,
+    reply: tokio::sync::oneshot::Sender<Result<Generation, ModelError>>,
+}
+
+enum Request {
+    Complete(Box<Job>),
+    Clear,
+    Save(
+        std::path::PathBuf,
+        std::sync::mpsc::Sender<Result<(), ModelError>>,
+    ),
+    Load(
+        std::path::PathBuf,
+        tokio::sync::oneshot::Sender<Result<usize, ModelError>>,
+    ),
+    Totals(tokio::sync::oneshot::Sender<Counters>),
+}
+
+/// A handle to a session's model thread.
+#[derive(Debug)]
+pub(crate) struct ModelWorker {
+    requests: std::sync::mpsc::Sender<Request>,
+}
+
+impl ModelWorker {
+    /// Starts a thread with a fresh context on `model`.
+    pub(crate) fn spawn(model: Arc<Model>) -> Result<ModelWorker, ModelError> {
+        let (requests, inbox) = std::sync::mpsc::channel::<Request>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("stack-model-session".into())
+            .spawn(move || {
+                let mut session = match model.session() {
+                    Ok(session) => {
+                        let _ = ready_tx.send(Ok(()));
+                        session
+                    }
+                    Err(err) => {
+                        let _ = ready_tx.send(Err(err));
+                        return;
+                    }
+                };
+                for request in inbox {
+                    match request {
+                        Request::Complete(job) => {
+                            // Sessions sharing the model are served in turn.
+                            let _turn = model.turn_lock().lock().unwrap_or_else(|p| p.into_inner());
+                            let mut ids = {
+                                let mut n = 0u32;
+                                let salt = stack_core::policy::audit::now_ms();
+                                move || {
+                                    n += 1;
+                                    format!("call_{salt:x}_{n}")
+                                }
+                            };
+                            let (tokens, cancel) = (job.tokens, job.cancel);
+                            let result = session.complete(
+                                &job.messages,
+                                &job.tools,
+                                &job.tool_choice,
+                                &job.sampling,
+                                &mut |piece| {
+                                    let _ = tokens.send(piece.to_string());
+                                    !cancel.load(Ordering::SeqCst)
+                                },
+                                &mut ids,
+                            );
+                            let _ = job.reply.send(result);
+                        }
+                        Request::Clear => session.clear_cache(),
+                        Request::Save(path, reply) => {
+                            let _ = reply.send(session.save_state(&path));
+                        }
+                        Request::Load(path, reply) => {
+                            let _ = reply.send(session.load_state(&path));
+                        }
+                        Request::Totals(reply) => {
+                            let _ = reply.send(session.totals());
+                        }
+                    }
+                }
+            })
+            .map_err(|e| ModelError::Backend(format!("starting the model thread: {e}")))?;
+        ready_rx
+            .recv()
+            .map_err(|_| ModelError::Backend("the model thread died".into()))??;
+        Ok(ModelWorker { requests })
+    }
+
+    /// Generates the next assistant turn; pieces of text go to `tokens`.
+    pub(crate) async fn complete(
+        &self,
+        messages: Vec<Message>,
+        tools: Vec<Value>,
+        tool_choice: ToolChoice,
+        sampling: SamplingOptions,
+        tokens: tokio::sync::mpsc::UnboundedSender<String>,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<Generation, ModelError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Job {
+            messages,
+            tools,
+            tool_choice,
+            sampling,
+            tokens,
+            cancel,
+            reply,
+        };
+        self.requests
+            .send(Request::Complete(Box::new(job)))
+            .map_err(|_| ModelError::Backend("the model thread is gone".into()))?;
+        answer
+            .await
+            .map_err(|_| ModelError::Backend("the model thread is gone".into()))?
+    }
+
+    /// Saves the KV cache to `path` and waits (at most 30 s) until it is written.
+    pub(crate) fn save_blocking(&self, path: std::path::PathBuf) -> Result<(), ModelError> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.requests
+            .send(Request::Save(path, reply))
+            .map_err(|_| ModelError::Backend("the model thread is gone".into()))?;
+        answer
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .map_err(|_| ModelError::Backend("saving the KV cache timed out".into()))?
+    }
+
+    /// Restores a saved KV cache; returns the number of cached tokens.
+    pub(crate) async fn load(&self, path: std::path::PathBuf) -> Result<usize, ModelError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.requests
+            .send(Request::Load(path, reply))
+            .map_err(|_| ModelError::Backend("the model thread is gone".into()))?;
+        answer
+            .await
+            .map_err(|_| ModelError::Backend("the model thread is gone".into()))?
+    }
+
+    /// Forgets the KV cache.
+    pub(crate) fn clear(&self) {
+        let _ = self.requests.send(Request::Clear);
+    }
+
+    /// The session's token counters.
+    pub(crate) async fn totals(&self) -> Counters {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let _ = self.requests.send(Request::Totals(reply));
+        answer.await.unwrap_or_default()
+    }
+}

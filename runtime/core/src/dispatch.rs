@@ -1,0 +1,288 @@
+//! Running an authorized call: the single path from a tool call to whatever
+//! executes it.
+//!
+//! [`execute`] takes an [`AuthorizedCall`], which only
+//! [`Policy::authorize`](crate::policy::Policy::authorize) makes, from a
+//! [`ValidatedCall`](crate::tools::ValidatedCall) that only
+//! [`Registry::validate`](crate::tools::Registry::validate) makes: nothing
+//! runs unless it was validated and decided (invariant 1 in ARCHITECTURE.md).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::policy::{process_policy, AuthorizedCall, Backend};
+use crate::tools::builtin::{run_file_tool, ExecuteCodeArgs};
+use crate::tools::{Builtin, Executor, Language};
+use crate::workspace::Workspace;
+use stack_sandbox::process::ProcessSandbox;
+use stack_types::outcome::ToolOutcome;
+
+/// Which sandbox runs code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxKind {
+    /// wasmtime with WASI preview 1.
+    Wasi,
+    /// A subprocess under landlock, seccomp, namespaces and rlimits.
+    Process,
+}
+
+impl SandboxKind {
+    /// `wasi` or `process`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxKind::Wasi => "wasi",
+            SandboxKind::Process => "process",
+        }
+    }
+}
+
+/// What a tool may use while it runs.
+#[derive(Debug, Clone)]
+pub struct ToolContext {
+    /// The session workspace; file tools cannot reach past it.
+    pub workspace: Arc<Workspace>,
+    /// Cap on the result text (and on each of stdout and stderr).
+    pub max_output_bytes: usize,
+    /// The sandbox for code when the caller chose one (overrides the policy's backend).
+    pub sandbox: Option<SandboxKind>,
+    /// The process sandbox, when its helper was found.
+    pub process: Option<Arc<ProcessSandbox>>,
+    /// The WASI sandbox (engine and compiled interpreters, shared).
+    #[cfg(feature = "wasi")]
+    pub wasi: Option<stack_sandbox::wasi::WasiSandbox>,
+    /// The session's live Python interpreter, for stateful WASI calls.
+    #[cfg(feature = "wasi")]
+    pub python_session: Arc<tokio::sync::Mutex<Option<stack_sandbox::wasi::PythonSession>>>,
+}
+
+impl ToolContext {
+    /// A context over `workspace` with default limits and no sandbox preference.
+    pub fn new(workspace: Workspace) -> Self {
+        ToolContext {
+            workspace: Arc::new(workspace),
+            max_output_bytes: stack_sandbox::process::ResourceLimits::default().output_bytes,
+            sandbox: None,
+            process: ProcessSandbox::locate().ok().map(Arc::new),
+            #[cfg(feature = "wasi")]
+            wasi: stack_sandbox::wasi::WasiSandbox::shared()
+                .map_err(|err| tracing::warn!(%err, "the WASI sandbox is unavailable"))
+                .ok(),
+            #[cfg(feature = "wasi")]
+            python_session: Arc::default(),
+        }
+    }
+}
+
+/// Runs a validated call and reports how it went. Never panics on what the
+/// call contains; every failure becomes a [`ToolOutcome`].
+pub async fn execute(authorized: &AuthorizedCall, ctx: &ToolContext) -> ToolOutcome {
+    let started = Instant::now();
+    let call = authorized.call();
+    let mut outcome = match &call.tool().executor {
+        Executor::Builtin(Builtin::ExecuteCode) => execute_code(authorized, ctx).await,
+        Executor::Builtin(builtin) => {
+            let (builtin, ctx) = (*builtin, ctx.clone());
+            let authorized = authorized.clone();
+            blocking(move || {
+                let denied = |relative: &str| authorized.denied_path(relative);
+                run_file_tool(builtin, authorized.call().arguments(), &ctx, &denied)
+            })
+            .await
+        }
+        Executor::Host(handler) => {
+            let (handler, arguments, ctx) = (Arc::clone(handler), call.arguments().clone(), ctx.clone());
+            blocking(move || match handler.call(&arguments, &ctx) {
+                Ok(text) => {
+                    let truncated = text.len() > ctx.max_output_bytes;
+                    ToolOutcome::ok_text(cut_to(text, ctx.max_output_bytes), truncated)
+                }
+                Err(message) => ToolOutcome::failed(message),
+            })
+            .await
+        }
+        Executor::Wasi(wasi) => run_wasi_tool(wasi, authorized, ctx).await,
+        Executor::Command(_) if backend(authorized, ctx) == SandboxKind::Wasi => {
+            ToolOutcome::denied(format!(
+                "tool `{}` runs in the process sandbox, and the policy allows only the WASI sandbox",
+                call.tool().name
+            ))
+        }
+        Executor::Command(command) => match process_sandbox(ctx) {
+            Ok(sandbox) => {
+                let stdin = call.arguments().to_string().into_bytes();
+                let policy = process_policy(authorized.sandbox());
+                sandbox
+                    .run(&command.argv, Some(stdin), ctx.workspace.root(), &policy)
+                    .await
+            }
+            Err(outcome) => *outcome,
+        },
+        Executor::Unbound => ToolOutcome::internal_error(format!(
+            "tool `{}` is declared but nothing is bound to run it; give its schema file an \"executor\" or register a host handler for it",
+            call.tool().name
+        )),
+    };
+    outcome.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    outcome
+}
+
+async fn execute_code(authorized: &AuthorizedCall, ctx: &ToolContext) -> ToolOutcome {
+    let args: ExecuteCodeArgs = match serde_json::from_value(authorized.call().arguments().clone())
+    {
+        Ok(args) => args,
+        Err(err) => {
+            return ToolOutcome::internal_error(format!(
+                "validated arguments did not fit execute_code: {err}"
+            ))
+        }
+    };
+    let backend = if args.language == Language::Javascript {
+        SandboxKind::Wasi
+    } else {
+        backend(authorized, ctx)
+    };
+    match (backend, args.language) {
+        (SandboxKind::Wasi, language) => {
+            run_code_in_wasi(language, &args.code, authorized, ctx).await
+        }
+        (SandboxKind::Process, language) => match process_sandbox(ctx) {
+            Ok(sandbox) => {
+                sandbox
+                    .run_code(
+                        language,
+                        &args.code,
+                        ctx.workspace.root(),
+                        &process_policy(authorized.sandbox()),
+                    )
+                    .await
+            }
+            Err(outcome) => *outcome,
+        },
+    }
+}
+
+#[cfg(feature = "wasi")]
+fn wasi_sandbox(ctx: &ToolContext) -> Result<&stack_sandbox::wasi::WasiSandbox, Box<ToolOutcome>> {
+    ctx.wasi.as_ref().ok_or_else(|| {
+        Box::new(ToolOutcome::internal_error(
+            "the WASI sandbox could not be started (see the log for why)",
+        ))
+    })
+}
+
+#[cfg(feature = "wasi")]
+async fn run_code_in_wasi(
+    language: Language,
+    code: &str,
+    authorized: &AuthorizedCall,
+    ctx: &ToolContext,
+) -> ToolOutcome {
+    use stack_sandbox::wasi::PythonSession;
+    let sandbox = match wasi_sandbox(ctx) {
+        Ok(sandbox) => sandbox,
+        Err(outcome) => return *outcome,
+    };
+    let policy = crate::policy::wasi_policy(authorized.sandbox());
+    let root = ctx.workspace.root();
+    match language {
+        Language::Javascript => sandbox.run_javascript(code, root, &policy).await,
+        Language::Python if authorized.sandbox().stateful.unwrap_or(false) => {
+            let mut slot = ctx.python_session.lock().await;
+            let session = slot
+                .get_or_insert_with(|| PythonSession::new(sandbox.clone(), root, policy.clone()));
+            // Each call runs under the limits in force for it, not the first
+            // call's.
+            session.set_policy(&policy);
+            session.run(code).await
+        }
+        Language::Python => sandbox.run_python(code, root, &policy).await,
+        Language::Bash => ToolOutcome::denied(
+            "bash runs only in the process sandbox, and this call is set to use the WASI sandbox",
+        ),
+    }
+}
+
+#[cfg(not(feature = "wasi"))]
+async fn run_code_in_wasi(
+    language: Language,
+    _: &str,
+    _: &AuthorizedCall,
+    _: &ToolContext,
+) -> ToolOutcome {
+    ToolOutcome::internal_error(format!(
+        "execute_code cannot run `{}`: this build of stack-runtime has no WASI sandbox (feature `wasi`)",
+        language.name()
+    ))
+}
+
+#[cfg(feature = "wasi")]
+async fn run_wasi_tool(
+    wasi: &crate::tools::WasiExecutor,
+    authorized: &AuthorizedCall,
+    ctx: &ToolContext,
+) -> ToolOutcome {
+    use crate::tools::WasiExecutor;
+    let sandbox = match wasi_sandbox(ctx) {
+        Ok(sandbox) => sandbox,
+        Err(outcome) => return *outcome,
+    };
+    let policy = crate::policy::wasi_policy(authorized.sandbox());
+    let stdin = authorized.call().arguments().to_string().into_bytes();
+    let root = ctx.workspace.root();
+    match wasi {
+        WasiExecutor::Script { runtime, script } => {
+            sandbox
+                .run_script(*runtime, script, stdin, root, &policy)
+                .await
+        }
+        WasiExecutor::Module { module, args } => {
+            sandbox.run_module(module, args, stdin, root, &policy).await
+        }
+    }
+}
+
+#[cfg(not(feature = "wasi"))]
+async fn run_wasi_tool(
+    _: &crate::tools::WasiExecutor,
+    authorized: &AuthorizedCall,
+    _: &ToolContext,
+) -> ToolOutcome {
+    ToolOutcome::internal_error(format!(
+        "tool `{}` runs in the WASI sandbox, and this build of stack-runtime has none (feature `wasi`)",
+        authorized.call().tool().name
+    ))
+}
+
+/// The sandbox a call runs in: the caller's choice, else the policy's,
+/// else the process sandbox.
+fn backend(authorized: &AuthorizedCall, ctx: &ToolContext) -> SandboxKind {
+    ctx.sandbox.unwrap_or(match authorized.sandbox().backend {
+        Some(Backend::Wasi) => SandboxKind::Wasi,
+        Some(Backend::Process) | None => SandboxKind::Process,
+    })
+}
+
+fn process_sandbox(ctx: &ToolContext) -> Result<&ProcessSandbox, Box<ToolOutcome>> {
+    match &ctx.process {
+        Some(sandbox) => Ok(sandbox),
+        None => Err(Box::new(ToolOutcome::internal_error(
+            ProcessSandbox::locate().err().map_or_else(
+                || "the process sandbox is not configured".to_string(),
+                |e| e.to_string(),
+            ),
+        ))),
+    }
+}
+
+async fn blocking(work: impl FnOnce() -> ToolOutcome + Send + 'static) -> ToolOutcome {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(outcome) => outcome,
+        Err(err) => ToolOutcome::internal_error(format!("tool handler crashed: {err}")),
+    }
+}
+
+fn cut_to(mut text: String, limit: usize) -> String {
+    text.truncate(text.floor_char_boundary(limit));
+    text
+}

@@ -1,0 +1,374 @@
+//! Policy files: parsing (unknown keys rejected with file:line) and layering.
+//!
+//! A file is parsed into a [`PolicyFile`], where every setting is optional.
+//! `extends = "NAME"` names a preset (`default`, `strict`, `trusted`) or a
+//! path relative to the file; the chain is resolved base first, then each
+//! file's settings replace the base's, tables merging key by key, and
+//! argument rules and redaction patterns adding to the base's.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::rules::RuleSpec;
+
+/// A decision for a tool call.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Run it.
+    Allow,
+    /// Ask the approval handler first.
+    Ask,
+    /// Refuse.
+    Deny,
+}
+
+impl Verdict {
+    /// `allow`, `ask` or `deny`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Ask => "ask",
+            Verdict::Deny => "deny",
+        }
+    }
+}
+
+/// One policy file as written: every setting optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// The preset or file this one layers over.
+    pub extends: Option<String>,
+    /// A short description shown by `/policy` and `agent policy check`.
+    pub description: Option<String>,
+    /// Settings for tools not named under `[tools]`.
+    pub defaults: Option<ToolSettings>,
+    /// Per-tool settings.
+    #[serde(default)]
+    pub tools: BTreeMap<String, ToolSettings>,
+    /// Argument rules.
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+    /// Sandbox settings: defaults, then per language, then per tool.
+    pub sandbox: Option<SandboxSection>,
+    /// Session budgets.
+    pub budgets: Option<BudgetSettings>,
+    /// Secret masking.
+    pub redaction: Option<RedactionSettings>,
+    /// Transcript keeping.
+    pub privacy: Option<PrivacySettings>,
+}
+
+/// Decision settings for a tool (or the default for all tools).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ToolSettings {
+    /// allow, ask or deny.
+    pub decision: Option<Verdict>,
+    /// Why, shown to the model and the user when it denies or asks.
+    pub reason: Option<String>,
+}
+
+/// Which sandbox runs code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// wasmtime.
+    Wasi,
+    /// The process sandbox.
+    Process,
+}
+
+/// Network reach, as written in a policy.
+pub use stack_sandbox::process::NetworkMode;
+
+/// Sandbox settings; every field optional so layers can merge.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSettings {
+    /// `wasi` or `process`.
+    pub backend: Option<Backend>,
+    /// Wall-clock timeout in milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Memory in MiB (cgroup for processes, `StoreLimits` for WASI).
+    pub memory_mb: Option<u64>,
+    /// CPU seconds.
+    pub cpu_seconds: Option<u64>,
+    /// Process count.
+    pub processes: Option<u64>,
+    /// Cap on stdout and on stderr, each, in bytes.
+    pub output_bytes: Option<usize>,
+    /// Largest file a call may write, in MiB.
+    pub file_size_mb: Option<u64>,
+    /// Extra read-only paths.
+    pub read_only_paths: Option<Vec<PathBuf>>,
+    /// `none`, `loopback` or `full`.
+    pub network: Option<NetworkMode>,
+    /// Keep a live interpreter between calls (WASI).
+    pub stateful: Option<bool>,
+    /// Workspace paths (relative) that sandboxed code may read but not
+    /// change; replaces the default list (`.git`, `.envrc`, `.vscode`, …).
+    pub read_only_in_workspace: Option<Vec<PathBuf>>,
+    /// Workspace paths (relative) that sandboxed code may not see;
+    /// replaces the default list (`.env`, `.ssh`, …).
+    pub hidden_in_workspace: Option<Vec<PathBuf>>,
+}
+
+impl SandboxSettings {
+    /// `over`'s fields replace `self`'s where set.
+    pub fn layered(&self, over: &SandboxSettings) -> SandboxSettings {
+        SandboxSettings {
+            backend: over.backend.or(self.backend),
+            timeout_ms: over.timeout_ms.or(self.timeout_ms),
+            memory_mb: over.memory_mb.or(self.memory_mb),
+            cpu_seconds: over.cpu_seconds.or(self.cpu_seconds),
+            processes: over.processes.or(self.processes),
+            output_bytes: over.output_bytes.or(self.output_bytes),
+            file_size_mb: over.file_size_mb.or(self.file_size_mb),
+            read_only_paths: over
+                .read_only_paths
+                .clone()
+                .or_else(|| self.read_only_paths.clone()),
+            network: over.network.or(self.network),
+            stateful: over.stateful.or(self.stateful),
+            read_only_in_workspace: over
+                .read_only_in_workspace
+                .clone()
+                .or_else(|| self.read_only_in_workspace.clone()),
+            hidden_in_workspace: over
+                .hidden_in_workspace
+                .clone()
+                .or_else(|| self.hidden_in_workspace.clone()),
+        }
+    }
+}
+
+/// `[sandbox]`: defaults, `[sandbox.languages.python]`, `[sandbox.tools.NAME]`.
+///
+/// The default fields are spelled out (not flattened) so that unknown keys
+/// are still rejected.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSection {
+    /// See [`SandboxSettings::backend`].
+    pub backend: Option<Backend>,
+    /// See [`SandboxSettings::timeout_ms`].
+    pub timeout_ms: Option<u64>,
+    /// See [`SandboxSettings::memory_mb`].
+    pub memory_mb: Option<u64>,
+    /// See [`SandboxSettings::cpu_seconds`].
+    pub cpu_seconds: Option<u64>,
+    /// See [`SandboxSettings::processes`].
+    pub processes: Option<u64>,
+    /// See [`SandboxSettings::output_bytes`].
+    pub output_bytes: Option<usize>,
+    /// See [`SandboxSettings::file_size_mb`].
+    pub file_size_mb: Option<u64>,
+    /// See [`SandboxSettings::read_only_paths`].
+    pub read_only_paths: Option<Vec<PathBuf>>,
+    /// See [`SandboxSettings::network`].
+    pub network: Option<NetworkMode>,
+    /// See [`SandboxSettings::stateful`].
+    pub stateful: Option<bool>,
+    /// See [`SandboxSettings::read_only_in_workspace`].
+    pub read_only_in_workspace: Option<Vec<PathBuf>>,
+    /// See [`SandboxSettings::hidden_in_workspace`].
+    pub hidden_in_workspace: Option<Vec<PathBuf>>,
+    /// Per language of `execute_code`.
+    #[serde(default)]
+    pub languages: BTreeMap<String, SandboxSettings>,
+    /// Per tool.
+    #[serde(default)]
+    pub tools: BTreeMap<String, SandboxSettings>,
+}
+
+impl SandboxSection {
+    /// The section's own defaults.
+    pub fn defaults(&self) -> SandboxSettings {
+        SandboxSettings {
+            backend: self.backend,
+            timeout_ms: self.timeout_ms,
+            memory_mb: self.memory_mb,
+            cpu_seconds: self.cpu_seconds,
+            processes: self.processes,
+            output_bytes: self.output_bytes,
+            file_size_mb: self.file_size_mb,
+            read_only_paths: self.read_only_paths.clone(),
+            network: self.network,
+            stateful: self.stateful,
+            read_only_in_workspace: self.read_only_in_workspace.clone(),
+            hidden_in_workspace: self.hidden_in_workspace.clone(),
+        }
+    }
+}
+
+/// `[budgets]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSettings {
+    /// Tool calls in one turn.
+    pub calls_per_turn: Option<u64>,
+    /// Tool calls in the session.
+    pub calls_per_session: Option<u64>,
+    /// Sandbox CPU seconds in the session.
+    pub sandbox_cpu_seconds: Option<u64>,
+    /// Sandbox wall-clock seconds in the session.
+    pub sandbox_wall_seconds: Option<u64>,
+    /// Bytes of one tool result fed back to the model.
+    pub result_bytes_to_model: Option<usize>,
+    /// Bytes of tool output fed back to the model in the session.
+    pub output_bytes_to_model: Option<u64>,
+}
+
+/// `[redaction]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedactionSettings {
+    /// Whether the built-in secret patterns apply.
+    pub builtin: Option<bool>,
+    /// Extra patterns.
+    #[serde(default)]
+    pub patterns: Vec<PatternSpec>,
+}
+
+/// One redaction pattern.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PatternSpec {
+    /// Name shown in the mask: `[REDACTED:name]`.
+    pub name: String,
+    /// Regular expression.
+    pub regex: String,
+}
+
+/// `[privacy]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySettings {
+    /// Whether transcripts are written to disk.
+    pub keep_transcripts: Option<bool>,
+    /// Where (`~` is the home folder).
+    pub transcript_dir: Option<String>,
+    /// Whether the audit log is written.
+    pub audit_log: Option<bool>,
+}
+
+/// A broken policy file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct PolicyError {
+    /// The file (or `preset:NAME`).
+    pub path: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The presets shipped in `policies/`, compiled in.
+pub const PRESETS: &[(&str, &str)] = &[
+    ("default", include_str!("../../../../policies/default.toml")),
+    ("strict", include_str!("../../../../policies/strict.toml")),
+    ("trusted", include_str!("../../../../policies/trusted.toml")),
+];
+
+/// Parses one policy file's text.
+pub fn parse(text: &str, path: &Path) -> Result<PolicyFile, PolicyError> {
+    toml::from_str(text).map_err(|err: toml::de::Error| PolicyError {
+        path: path.to_path_buf(),
+        line: err
+            .span()
+            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1),
+        message: err.message().to_string(),
+    })
+}
+
+/// One file of an `extends` chain, with its text (for line numbers later).
+#[derive(Debug, Clone)]
+pub struct LoadedFile {
+    /// Where it came from (`preset:NAME` for presets).
+    pub path: PathBuf,
+    /// Its text.
+    pub text: String,
+    /// What it says.
+    pub file: PolicyFile,
+}
+
+/// Loads `path` and every file it extends, base first.
+pub fn load_chain(path: &Path) -> Result<Vec<LoadedFile>, PolicyError> {
+    let text = std::fs::read_to_string(path).map_err(|err| PolicyError {
+        path: path.to_path_buf(),
+        line: None,
+        message: format!("cannot read: {err}"),
+    })?;
+    chain_from_text(&text, path)
+}
+
+/// Parses `text` (named `origin`) and loads what it extends.
+pub fn chain_from_text(text: &str, origin: &Path) -> Result<Vec<LoadedFile>, PolicyError> {
+    let file = parse(text, origin)?;
+    let mut chain = match &file.extends {
+        None => Vec::new(),
+        Some(base) => resolve_base(base, origin.parent().unwrap_or(Path::new(".")), origin, 0)?,
+    };
+    chain.push(LoadedFile {
+        path: origin.to_path_buf(),
+        text: text.to_string(),
+        file,
+    });
+    Ok(chain)
+}
+
+/// Loads a preset by name, with what it extends.
+pub fn load_preset(name: &str) -> Result<Vec<LoadedFile>, PolicyError> {
+    resolve_base(name, Path::new("."), Path::new("<preset>"), 0)
+}
+
+fn resolve_base(
+    base: &str,
+    folder: &Path,
+    from: &Path,
+    depth: usize,
+) -> Result<Vec<LoadedFile>, PolicyError> {
+    let fail = |message: String| PolicyError {
+        path: from.to_path_buf(),
+        line: None,
+        message,
+    };
+    if depth > 8 {
+        return Err(fail(format!(
+            "`extends` chain is too deep (a cycle through `{base}`?)"
+        )));
+    }
+    let (text, path) =
+        if let Some((_, text)) = PRESETS.iter().find(|(name, _)| *name == base) {
+            (text.to_string(), PathBuf::from(format!("preset:{base}")))
+        } else {
+            let path = folder.join(base);
+            let text =
+                std::fs::read_to_string(&path).map_err(|err| {
+                    fail(format!(
+                "`extends = \"{base}\"` is neither a preset ({}) nor a readable file: {err}",
+                PRESETS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+            ))
+                })?;
+            (text, path)
+        };
+    let file = parse(&text, &path)?;
+    let mut chain = match &file.extends {
+        None => Vec::new(),
+        Some(next) => resolve_base(
+            next,
+            path.parent().unwrap_or(Path::new(".")),
+            &path,
+            depth + 1,
+        )?,
+    };
+    chain.push(LoadedFile { path, text, file });
+    Ok(chain)
+}

@@ -1,0 +1,506 @@
+//! Safety policies: what a session may run, where, and within what budget.
+//!
+//! A [`Policy`] is resolved from policy files (see [`file`]) and decides each
+//! validated call: per-tool `allow` / `ask` / `deny`, overridden by matching
+//! argument rules (deny beats ask beats allow among them), with `ask` going
+//! to an [`ApprovalHandler`] (none means deny) and `always` answers kept as
+//! session [`Grants`]. [`Policy::authorize`] is the only way to obtain an
+//! [`AuthorizedCall`], and only an `AuthorizedCall` runs.
+//!
+//! # Threat model
+//!
+//! The model is untrusted and may craft arguments to slip past rules; the
+//! policy author and the host are trusted. Rules therefore match the parsed
+//! arguments (never the raw JSON text, so escapes and key order do not
+//! matter; duplicate keys never get this far), can normalize paths, and can
+//! scan every string in the arguments. A call the policy cannot decide
+//! (no handler for `ask`) is denied. Tool output is redacted before it is
+//! stored or shown.
+
+pub mod approval;
+pub mod audit;
+pub mod budget;
+pub mod file;
+pub mod redact;
+pub mod rules;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::Value;
+
+pub use approval::{
+    ApprovalAnswer, ApprovalHandler, ApprovalRequest, ChannelApprover, Grant, Grants,
+};
+pub use audit::{AuditLog, AuditRecord};
+pub use budget::{BudgetExceeded, BudgetTracker};
+pub use file::{
+    Backend, BudgetSettings, PolicyError, PrivacySettings, SandboxSettings, ToolSettings, Verdict,
+};
+pub use redact::Redactor;
+pub use rules::ArgRule;
+
+use crate::tools::ValidatedCall;
+use file::LoadedFile;
+use stack_sandbox::process::{NetworkMode, ProcessPolicy, ResourceLimits};
+
+/// What the policy decided about one call, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// allow, ask or deny.
+    pub verdict: Verdict,
+    /// The rule that decided: `rules[N]`, `tools.NAME`, `defaults`, or one of
+    /// those followed by ` (granted)` when a session grant turned ask into allow.
+    pub rule: String,
+    /// The rule's reason, when it has one.
+    pub reason: Option<String>,
+}
+
+/// A call that passed validation and the policy (and approval, if asked).
+/// Only [`Policy::authorize`] makes one.
+#[derive(Debug, Clone)]
+pub struct AuthorizedCall {
+    call: ValidatedCall,
+    decision: Decision,
+    approval: Option<ApprovalAnswer>,
+    sandbox: SandboxSettings,
+    /// The policy's `deny` path rules for this tool (`path = true`, pointer
+    /// `/path` or `""`): the file tools check them again against the path
+    /// the kernel resolved, and on every path a walk visits.
+    path_denials: Vec<ArgRule>,
+}
+
+impl AuthorizedCall {
+    /// Why `relative` (a workspace-relative path as the kernel resolved it:
+    /// through symlinks, or one a walk visits) is denied, if a `deny` path
+    /// rule of the policy matches it. A link named `envlink` that leads to
+    /// `.env` is `.env` here.
+    pub fn denied_path(&self, relative: &str) -> Option<String> {
+        let as_argument = serde_json::json!({ "path": relative });
+        self.path_denials
+            .iter()
+            .find(|rule| rule.matches(&as_argument))
+            .map(|rule| format!("denied by policy ({}): {}", rule.name(), rule.spec.reason))
+    }
+
+    /// The validated call.
+    pub fn call(&self) -> &ValidatedCall {
+        &self.call
+    }
+
+    /// The decision that let it through.
+    pub fn decision(&self) -> &Decision {
+        &self.decision
+    }
+
+    /// The approval answer, when the policy asked.
+    pub fn approval(&self) -> Option<ApprovalAnswer> {
+        self.approval
+    }
+
+    /// The effective sandbox settings for this call.
+    pub fn sandbox(&self) -> &SandboxSettings {
+        &self.sandbox
+    }
+}
+
+/// Why [`Policy::authorize`] refused a call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("denied by policy ({}): {}", decision.rule, message)]
+pub struct Refusal {
+    /// The decision (`deny`, or `ask` that was not approved).
+    pub decision: Decision,
+    /// The approval answer, when one was given.
+    pub approval: Option<ApprovalAnswer>,
+    /// Words for the model and the user.
+    pub message: String,
+}
+
+/// A resolved policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The files it was built from, base first.
+    pub sources: Vec<PathBuf>,
+    /// The description of the most specific file that has one.
+    pub description: Option<String>,
+    defaults: ToolSettings,
+    tools: BTreeMap<String, ToolSettings>,
+    rules: Vec<ArgRule>,
+    sandbox_defaults: SandboxSettings,
+    sandbox_languages: BTreeMap<String, SandboxSettings>,
+    sandbox_tools: BTreeMap<String, SandboxSettings>,
+    /// Session budgets.
+    pub budgets: BudgetSettings,
+    /// Transcript settings.
+    pub privacy: PrivacySettings,
+    redactor: Redactor,
+}
+
+impl Policy {
+    /// Loads a policy file and what it extends.
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        Self::resolve(file::load_chain(path)?)
+    }
+
+    /// A shipped preset: `default`, `strict` or `trusted`.
+    pub fn preset(name: &str) -> Result<Policy, PolicyError> {
+        Self::resolve(file::load_preset(name)?)
+    }
+
+    /// A policy from TOML text; `origin` names it in errors, and a relative
+    /// `extends` path is resolved against `origin`'s folder.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Policy, PolicyError> {
+        Self::resolve(file::chain_from_text(text, origin)?)
+    }
+
+    /// A preset name or a path.
+    pub fn load_named(name_or_path: &str) -> Result<Policy, PolicyError> {
+        if file::PRESETS.iter().any(|(name, _)| *name == name_or_path) {
+            Self::preset(name_or_path)
+        } else {
+            Self::load(Path::new(name_or_path))
+        }
+    }
+
+    fn resolve(chain: Vec<LoadedFile>) -> Result<Policy, PolicyError> {
+        let mut policy = Policy {
+            sources: Vec::new(),
+            description: None,
+            defaults: ToolSettings {
+                decision: Some(Verdict::Ask),
+                reason: None,
+            },
+            tools: BTreeMap::new(),
+            rules: Vec::new(),
+            sandbox_defaults: SandboxSettings::default(),
+            sandbox_languages: BTreeMap::new(),
+            sandbox_tools: BTreeMap::new(),
+            budgets: BudgetSettings::default(),
+            privacy: PrivacySettings::default(),
+            redactor: Redactor::default(),
+        };
+        let mut builtin_redaction = true;
+        let mut patterns = Vec::new();
+        for loaded in chain {
+            let LoadedFile { path, text, file } = loaded;
+            let fail = |line: Option<usize>, message: String| PolicyError {
+                path: path.clone(),
+                line,
+                message,
+            };
+            policy.sources.push(path.clone());
+            policy.description = file.description.or(policy.description);
+            if let Some(defaults) = file.defaults {
+                policy.defaults = layer_tool(&policy.defaults, &defaults);
+            }
+            for (name, settings) in file.tools {
+                let merged = layer_tool(
+                    policy.tools.get(&name).unwrap_or(&ToolSettings::default()),
+                    &settings,
+                );
+                policy.tools.insert(name, merged);
+            }
+            for (nth, spec) in file.rules.into_iter().enumerate() {
+                let index = policy.rules.len();
+                let rule = ArgRule::compile(spec, index).map_err(|message| {
+                    fail(
+                        nth_header_line(&text, "[[rules]]", nth),
+                        format!("rule {}: {message}", nth + 1),
+                    )
+                })?;
+                policy.rules.push(rule);
+            }
+            if let Some(sandbox) = file.sandbox {
+                policy.sandbox_defaults = policy.sandbox_defaults.layered(&sandbox.defaults());
+                for (language, settings) in sandbox.languages {
+                    if !["python", "javascript", "bash"].contains(&language.as_str()) {
+                        return Err(fail(find_line(&text, &language), format!("unknown language `{language}` under [sandbox.languages]; use python, javascript or bash")));
+                    }
+                    let merged = policy
+                        .sandbox_languages
+                        .get(&language)
+                        .cloned()
+                        .unwrap_or_default()
+                        .layered(&settings);
+                    policy.sandbox_languages.insert(language, merged);
+                }
+                for (tool, settings) in sandbox.tools {
+                    let merged = policy
+                        .sandbox_tools
+                        .get(&tool)
+                        .cloned()
+                        .unwrap_or_default()
+                        .layered(&settings);
+                    policy.sandbox_tools.insert(tool, merged);
+                }
+            }
+            if let Some(budgets) = file.budgets {
+                policy.budgets = layer_budgets(&policy.budgets, &budgets);
+            }
+            if let Some(privacy) = file.privacy {
+                policy.privacy = PrivacySettings {
+                    keep_transcripts: privacy.keep_transcripts.or(policy.privacy.keep_transcripts),
+                    transcript_dir: privacy
+                        .transcript_dir
+                        .or(policy.privacy.transcript_dir.clone()),
+                    audit_log: privacy.audit_log.or(policy.privacy.audit_log),
+                };
+            }
+            if let Some(redaction) = file.redaction {
+                builtin_redaction = redaction.builtin.unwrap_or(builtin_redaction);
+                for pattern in redaction.patterns {
+                    if let Err(message) =
+                        Redactor::new(false, &[(pattern.name.clone(), pattern.regex.clone())])
+                    {
+                        return Err(fail(find_line(&text, &pattern.name), message));
+                    }
+                    patterns.push((pattern.name, pattern.regex));
+                }
+            }
+        }
+        policy.redactor =
+            Redactor::new(builtin_redaction, &patterns).map_err(|message| PolicyError {
+                path: policy.sources.last().cloned().unwrap_or_default(),
+                line: None,
+                message,
+            })?;
+        Ok(policy)
+    }
+
+    /// Decides a call by its tool and parsed arguments.
+    pub fn decide(&self, tool: &str, arguments: &Value, grants: &Grants) -> Decision {
+        let strongest = self
+            .rules
+            .iter()
+            .filter(|rule| rule.applies_to(tool) && rule.matches(arguments))
+            .max_by(|a, b| {
+                a.spec
+                    .decision
+                    .cmp(&b.spec.decision)
+                    .then(b.index.cmp(&a.index))
+            });
+        let mut decision = match strongest {
+            Some(rule) => Decision {
+                verdict: rule.spec.decision,
+                rule: rule.name(),
+                reason: Some(rule.spec.reason.clone()),
+            },
+            None => match self.tools.get(tool).filter(|t| t.decision.is_some()) {
+                Some(settings) => Decision {
+                    verdict: settings.decision.unwrap_or(Verdict::Ask),
+                    rule: format!("tools.{tool}"),
+                    reason: settings.reason.clone(),
+                },
+                None => Decision {
+                    verdict: self.defaults.decision.unwrap_or(Verdict::Ask),
+                    rule: "defaults".to_string(),
+                    reason: self.defaults.reason.clone(),
+                },
+            },
+        };
+        if decision.verdict == Verdict::Ask && grants.covers(tool, &decision.rule) {
+            decision.verdict = Verdict::Allow;
+            decision.rule.push_str(" (granted)");
+        }
+        decision
+    }
+
+    /// Decides a validated call, asking `approver` when the policy says
+    /// `ask` (no approver means deny). An `always` answer adds a grant.
+    pub fn authorize(
+        &self,
+        call: ValidatedCall,
+        approver: Option<&dyn ApprovalHandler>,
+        grants: &Grants,
+    ) -> Result<AuthorizedCall, Refusal> {
+        let tool = call.tool().name.clone();
+        let decision = self.decide(&tool, call.arguments(), grants);
+        let reason = decision
+            .reason
+            .clone()
+            .unwrap_or_else(|| "no reason given".to_string());
+        let approval = match decision.verdict {
+            Verdict::Allow => None,
+            Verdict::Deny => {
+                return Err(Refusal {
+                    message: reason,
+                    decision,
+                    approval: None,
+                });
+            }
+            Verdict::Ask => {
+                let Some(approver) = approver else {
+                    return Err(Refusal {
+                        message: format!(
+                            "this call needs approval and no one can approve it here ({reason})"
+                        ),
+                        decision,
+                        approval: None,
+                    });
+                };
+                let request = ApprovalRequest {
+                    tool: tool.clone(),
+                    arguments: call.arguments().clone(),
+                    rule: decision.rule.clone(),
+                    reason: decision.reason.clone(),
+                };
+                let answer = approver.approve(&request);
+                match answer {
+                    ApprovalAnswer::No => {
+                        return Err(Refusal {
+                            message: "the user declined this call".to_string(),
+                            decision,
+                            approval: Some(answer),
+                        });
+                    }
+                    ApprovalAnswer::Always => {
+                        grants.add(&tool, &decision.rule);
+                    }
+                    ApprovalAnswer::Yes => {}
+                }
+                Some(answer)
+            }
+        };
+        let language = call
+            .arguments()
+            .get("language")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let sandbox = self.sandbox_for(&tool, language.as_deref());
+        let path_denials = self
+            .rules
+            .iter()
+            .filter(|rule| {
+                rule.spec.path
+                    && rule.spec.decision == Verdict::Deny
+                    && matches!(rule.spec.pointer.as_str(), "/path" | "")
+                    && rule.applies_to(&tool)
+            })
+            .cloned()
+            .collect();
+        Ok(AuthorizedCall {
+            call,
+            decision,
+            approval,
+            sandbox,
+            path_denials,
+        })
+    }
+
+    /// The effective sandbox settings for a tool (and language, for code):
+    /// defaults, then the language's, then the tool's.
+    pub fn sandbox_for(&self, tool: &str, language: Option<&str>) -> SandboxSettings {
+        let mut settings = self.sandbox_defaults.clone();
+        if let Some(language_settings) = language.and_then(|l| self.sandbox_languages.get(l)) {
+            settings = settings.layered(language_settings);
+        }
+        if let Some(tool_settings) = self.sandbox_tools.get(tool) {
+            settings = settings.layered(tool_settings);
+        }
+        settings
+    }
+
+    /// The redactor for tool output.
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+
+    /// A fresh budget tracker for a session under this policy.
+    pub fn budget_tracker(&self) -> BudgetTracker {
+        BudgetTracker::new(self.budgets.clone())
+    }
+
+    /// The argument rules, in order.
+    pub fn rules(&self) -> &[ArgRule] {
+        &self.rules
+    }
+}
+
+/// The process sandbox policy for these settings (unset ones take the
+/// sandbox's defaults).
+pub fn process_policy(settings: &SandboxSettings) -> ProcessPolicy {
+    let base = ResourceLimits::default();
+    ProcessPolicy {
+        network: settings.network.unwrap_or(NetworkMode::None),
+        limits: ResourceLimits {
+            wall_ms: settings.timeout_ms.unwrap_or(base.wall_ms),
+            cpu_seconds: settings.cpu_seconds.unwrap_or(base.cpu_seconds),
+            memory_bytes: settings.memory_mb.map_or(base.memory_bytes, |mb| mb << 20),
+            processes: settings.processes.unwrap_or(base.processes),
+            file_size_bytes: settings
+                .file_size_mb
+                .map_or(base.file_size_bytes, |mb| mb << 20),
+            output_bytes: settings.output_bytes.unwrap_or(base.output_bytes),
+            ..base
+        },
+        extra_read_only: settings.read_only_paths.clone().unwrap_or_default(),
+        protected: protected_paths(settings),
+        ..ProcessPolicy::default()
+    }
+}
+
+/// The protected workspace paths of these settings: each list the policy
+/// sets replaces its default.
+pub fn protected_paths(
+    settings: &SandboxSettings,
+) -> Vec<(std::path::PathBuf, stack_sandbox::process::ProtectedMode)> {
+    stack_sandbox::process::protected_list(
+        settings.read_only_in_workspace.as_deref(),
+        settings.hidden_in_workspace.as_deref(),
+    )
+}
+
+/// The WASI sandbox policy for these settings (unset ones take the WASI
+/// defaults; read-only paths are mounted at the same path in the guest).
+#[cfg(feature = "wasi")]
+pub fn wasi_policy(settings: &SandboxSettings) -> stack_sandbox::wasi::WasiPolicy {
+    let base = stack_sandbox::wasi::WasiPolicy::default();
+    stack_sandbox::wasi::WasiPolicy {
+        wall_ms: settings.timeout_ms.unwrap_or(base.wall_ms),
+        memory_bytes: settings.memory_mb.map_or(base.memory_bytes, |mb| {
+            usize::try_from(mb << 20).unwrap_or(usize::MAX)
+        }),
+        fuel: base.fuel,
+        output_bytes: settings.output_bytes.unwrap_or(base.output_bytes),
+        read_only: settings
+            .read_only_paths
+            .iter()
+            .flatten()
+            .map(|path| (path.clone(), path.display().to_string()))
+            .collect(),
+        protected: protected_paths(settings),
+    }
+}
+
+fn layer_tool(base: &ToolSettings, over: &ToolSettings) -> ToolSettings {
+    ToolSettings {
+        decision: over.decision.or(base.decision),
+        reason: over.reason.clone().or_else(|| base.reason.clone()),
+    }
+}
+
+fn layer_budgets(base: &BudgetSettings, over: &BudgetSettings) -> BudgetSettings {
+    BudgetSettings {
+        calls_per_turn: over.calls_per_turn.or(base.calls_per_turn),
+        calls_per_session: over.calls_per_session.or(base.calls_per_session),
+        sandbox_cpu_seconds: over.sandbox_cpu_seconds.or(base.sandbox_cpu_seconds),
+        sandbox_wall_seconds: over.sandbox_wall_seconds.or(base.sandbox_wall_seconds),
+        result_bytes_to_model: over.result_bytes_to_model.or(base.result_bytes_to_model),
+        output_bytes_to_model: over.output_bytes_to_model.or(base.output_bytes_to_model),
+    }
+}
+
+fn nth_header_line(text: &str, header: &str, nth: usize) -> Option<usize> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| line.trim() == header)
+        .nth(nth)
+        .map(|(index, _)| index + 1)
+}
+
+fn find_line(text: &str, needle: &str) -> Option<usize> {
+    text.lines()
+        .position(|line| line.contains(needle))
+        .map(|index| index + 1)
+}

@@ -1,0 +1,656 @@
+//! The llama.cpp backend (through `llama-cpp-2`): loading GGUF models,
+//! sessions that keep their KV cache between turns, sampling, and
+//! grammar-constrained tool calls.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use serde_json::Value;
+
+use super::grammar::{call_schema, wrap_in_tool_call, ToolChoice, TOOL_CALL_OPEN};
+use super::template::{PromptRenderer, TemplateError};
+use super::toolcall::{parse_tool_calls, ParsedTurn};
+use stack_types::message::Message;
+
+/// Why the model could not load or generate.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The model file does not exist.
+    #[error("model file {0} does not exist (run scripts/setup for the default model)")]
+    NotFound(PathBuf),
+    /// The file is not a GGUF model.
+    #[error("{path} is not a GGUF model (it starts with {magic:?}, not \"GGUF\")")]
+    NotGguf {
+        /// The file.
+        path: PathBuf,
+        /// Its first bytes.
+        magic: String,
+    },
+    /// llama.cpp refused the file.
+    #[error("llama.cpp could not load {path}: {reason} (is the file truncated or corrupt?)")]
+    Load {
+        /// The file.
+        path: PathBuf,
+        /// What llama.cpp said.
+        reason: String,
+    },
+    /// The backend or a context could not be created.
+    #[error("llama.cpp: {0}")]
+    Backend(String),
+    /// The prompt could not be rendered.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// The prompt does not fit in the context.
+    #[error("the prompt is {needed} tokens, more than the context of {context} tokens; start a new session or raise the context size")]
+    ContextFull {
+        /// Tokens needed.
+        needed: usize,
+        /// The context size.
+        context: u32,
+    },
+    /// Decoding failed.
+    #[error("decoding failed: {0}")]
+    Decode(String),
+    /// The tool grammar could not be built.
+    #[error("building the tool-call grammar failed: {0}")]
+    Grammar(String),
+}
+
+/// How to load a model.
+pub struct ModelOptions {
+    /// The GGUF file; `None` means the embedded default (SmolLM2-135M).
+    pub path: Option<PathBuf>,
+    /// Context size in tokens.
+    pub context_size: u32,
+    /// CPU threads; `None` lets llama.cpp choose.
+    pub threads: Option<i32>,
+    /// Batch size for prompt processing.
+    pub batch_size: u32,
+    /// Layers to offload to the GPU; `None` means all when built with
+    /// `cuda`, none otherwise.
+    pub gpu_layers: Option<u32>,
+    /// Called with load progress from 0 to 1.
+    pub progress: Option<Box<dyn FnMut(f32) + Send>>,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            path: None,
+            context_size: 4096,
+            threads: None,
+            batch_size: 512,
+            gpu_layers: None,
+            progress: None,
+        }
+    }
+}
+
+/// How to pick tokens.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SamplingOptions {
+    /// Temperature; 0 means greedy.
+    pub temperature: f32,
+    /// Nucleus sampling.
+    pub top_p: f32,
+    /// Top-k sampling (0 = off).
+    pub top_k: i32,
+    /// Min-p sampling.
+    pub min_p: f32,
+    /// Repetition penalty (1 = off).
+    pub repeat_penalty: f32,
+    /// Random seed.
+    pub seed: u32,
+    /// Most tokens to generate in one turn.
+    pub max_tokens: u32,
+}
+
+impl Default for SamplingOptions {
+    fn default() -> Self {
+        SamplingOptions {
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k: 40,
+            min_p: 0.05,
+            repeat_penalty: 1.1,
+            seed: 42,
+            max_tokens: 512,
+        }
+    }
+}
+
+/// What the model file says about itself.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    /// The file.
+    pub path: PathBuf,
+    /// `general.name`.
+    pub name: String,
+    /// `general.architecture`.
+    pub architecture: String,
+    /// Parameter count.
+    pub parameters: u64,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Context length it was trained with.
+    pub trained_context: u32,
+    /// Whether its own chat template renders tools.
+    pub template_supports_tools: bool,
+    /// Layers offloaded to a GPU.
+    pub gpu_layers: u32,
+}
+
+/// Token counters, for tests and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Counters {
+    /// Prompt tokens run through the model.
+    pub prompt_evaluated: u64,
+    /// Prompt tokens reused from the KV cache.
+    pub prompt_reused: u64,
+    /// Tokens generated.
+    pub generated: u64,
+}
+
+impl Counters {
+    fn add(&mut self, other: Counters) {
+        self.prompt_evaluated += other.prompt_evaluated;
+        self.prompt_reused += other.prompt_reused;
+        self.generated += other.generated;
+    }
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model ended its turn.
+    EndOfTurn,
+    /// The token budget ran out.
+    MaxTokens,
+    /// The caller stopped it.
+    Cancelled,
+}
+
+/// One generated turn.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The raw text.
+    pub text: String,
+    /// Content and tool calls parsed from it.
+    pub turn: ParsedTurn,
+    /// Why it stopped.
+    pub stop: StopReason,
+    /// This turn's counters.
+    pub counters: Counters,
+    /// Milliseconds spent on the prompt.
+    pub prompt_ms: f64,
+    /// Milliseconds spent generating.
+    pub generation_ms: f64,
+}
+
+/// The process-wide llama.cpp backend (initialized once; its logs go to `tracing`).
+pub fn backend() -> Result<&'static LlamaBackend, ModelError> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| ModelError::Backend(e.clone()))
+}
+
+/// A loaded model, shared by any number of sessions.
+pub struct Model {
+    // Loaded models live until the process ends, so sessions can borrow
+    // them for 'static.
+    model: &'static LlamaModel,
+    renderer: PromptRenderer,
+    info: ModelInfo,
+    context_size: u32,
+    batch_size: u32,
+    threads: Option<i32>,
+    turn: std::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("info", &self.info).finish()
+    }
+}
+
+impl Model {
+    /// Loads a GGUF model.
+    pub fn load(mut options: ModelOptions) -> Result<Arc<Model>, ModelError> {
+        let path = match options.path.take() {
+            Some(path) => path,
+            None => stack_assets::Asset::DefaultModel
+                .locate()
+                .map_err(|e| ModelError::Backend(e.to_string()))?,
+        };
+        check_gguf(&path)?;
+        let backend = backend()?;
+        let gpu_layers =
+            options
+                .gpu_layers
+                .unwrap_or(if cfg!(feature = "cuda") { u32::MAX } else { 0 });
+        let mut params = LlamaModelParams::default().with_n_gpu_layers(gpu_layers);
+        if let Some(mut progress) = options.progress.take() {
+            params = params.with_progress_callback(move |fraction| {
+                progress(fraction);
+                true
+            });
+        }
+        let model =
+            LlamaModel::load_from_file(backend, &path, &params).map_err(|e| ModelError::Load {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        let model: &'static LlamaModel = Box::leak(Box::new(model));
+        let template = model
+            .meta_val_str("tokenizer.chat_template")
+            .unwrap_or_else(|_| CHATML.to_string());
+        let meta = |key: &str| model.meta_val_str(key).unwrap_or_default();
+        let renderer = PromptRenderer::new(
+            &template,
+            "You are a helpful assistant that can call tools.",
+        )?;
+        let info = ModelInfo {
+            path: path.clone(),
+            name: meta("general.name"),
+            architecture: meta("general.architecture"),
+            parameters: model.n_params(),
+            size_bytes: model.size(),
+            trained_context: model.n_ctx_train(),
+            template_supports_tools: renderer.own_template_supports_tools(),
+            gpu_layers: gpu_layers.min(model.n_layer()),
+        };
+        Ok(Arc::new(Model {
+            model,
+            renderer,
+            info,
+            context_size: options.context_size,
+            batch_size: options.batch_size.max(1),
+            threads: options.threads,
+            turn: std::sync::Mutex::new(()),
+        }))
+    }
+
+    /// Held while a session generates, so sessions sharing the model (and
+    /// the machine's cores) are served in turn.
+    pub fn turn_lock(&self) -> &std::sync::Mutex<()> {
+        &self.turn
+    }
+
+    /// What the model says about itself.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The prompt renderer (the model's template, or the ChatML fallback).
+    pub fn renderer(&self) -> &PromptRenderer {
+        &self.renderer
+    }
+
+    /// The llama.cpp model, for benchmarks that drive it directly.
+    pub fn raw(&self) -> &'static LlamaModel {
+        self.model
+    }
+
+    /// A new session with its own context (KV cache).
+    pub fn session(self: &Arc<Self>) -> Result<ModelSession, ModelError> {
+        let mut params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(self.context_size))
+            .with_n_batch(self.batch_size);
+        if let Some(threads) = self.threads {
+            params = params.with_n_threads(threads).with_n_threads_batch(threads);
+        }
+        let ctx = self
+            .model
+            .new_context(backend()?, params)
+            .map_err(|e| ModelError::Backend(e.to_string()))?;
+        Ok(ModelSession {
+            model: Arc::clone(self),
+            ctx,
+            cached: Vec::new(),
+            totals: Counters::default(),
+        })
+    }
+
+    fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
+        let vocab = self.model.vocab();
+        vocab.tokenize(text.as_bytes(), vocab.should_add_bos(), true)
+    }
+}
+
+/// The template used when a GGUF carries none.
+const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+fn check_gguf(path: &Path) -> Result<(), ModelError> {
+    use std::io::Read;
+    let mut file =
+        std::fs::File::open(path).map_err(|_| ModelError::NotFound(path.to_path_buf()))?;
+    let mut magic = [0u8; 4];
+    let read = file.read(&mut magic).unwrap_or(0);
+    if read < 4 || &magic != b"GGUF" {
+        return Err(ModelError::NotGguf {
+            path: path.to_path_buf(),
+            magic: String::from_utf8_lossy(&magic[..read]).into_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// One conversation's context: the KV cache holds the tokens of the last
+/// prompt and reply, and each turn evaluates only what comes after the
+/// longest common prefix.
+pub struct ModelSession {
+    model: Arc<Model>,
+    ctx: LlamaContext<'static>,
+    cached: Vec<LlamaToken>,
+    totals: Counters,
+}
+
+impl std::fmt::Debug for ModelSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelSession")
+            .field("cached_tokens", &self.cached.len())
+            .field("totals", &self.totals)
+            .finish()
+    }
+}
+
+impl ModelSession {
+    /// Counters over the session's life.
+    pub fn totals(&self) -> Counters {
+        self.totals
+    }
+
+    /// Tokens currently in the KV cache.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached.len()
+    }
+
+    /// Saves the KV cache and the tokens it holds to `path`, so a resumed
+    /// session reuses it on its next turn.
+    pub fn save_state(&self, path: &Path) -> Result<(), ModelError> {
+        self.ctx
+            .state_save_file(path, &self.cached)
+            .map_err(|e| ModelError::Backend(format!("saving the session state: {e}")))
+    }
+
+    /// Restores a KV cache saved by [`save_state`](Self::save_state);
+    /// returns how many tokens it holds.
+    pub fn load_state(&mut self, path: &Path) -> Result<usize, ModelError> {
+        let capacity = self.ctx.n_ctx() as usize;
+        match self.ctx.state_load_file(path, capacity) {
+            Ok(tokens) => {
+                self.cached = tokens;
+                Ok(self.cached.len())
+            }
+            Err(err) => {
+                self.clear_cache();
+                Err(ModelError::Backend(format!(
+                    "loading the session state: {err}"
+                )))
+            }
+        }
+    }
+
+    /// Forgets the KV cache (the next turn evaluates its whole prompt).
+    pub fn clear_cache(&mut self) {
+        self.ctx.clear_kv_cache();
+        self.cached.clear();
+    }
+
+    /// Generates the assistant's next turn for `messages`, offering `tools`
+    /// (OpenAI tool objects) under `tool_choice`, and parses its tool calls.
+    /// `on_token` gets each piece of text as it is produced and returns
+    /// `false` to stop.
+    pub fn complete(
+        &mut self,
+        messages: &[Message],
+        tools: &[Value],
+        tool_choice: &ToolChoice,
+        sampling: &SamplingOptions,
+        on_token: &mut dyn FnMut(&str) -> bool,
+        next_id: &mut dyn FnMut() -> String,
+    ) -> Result<Generation, ModelError> {
+        let offered: Vec<Value> = match tool_choice {
+            ToolChoice::None => Vec::new(),
+            ToolChoice::Named(name) => tools
+                .iter()
+                .filter(|t| tool_name(t) == Some(name.as_str()))
+                .cloned()
+                .collect(),
+            _ => tools.to_vec(),
+        };
+        let prompt = self.model.renderer.render(messages, &offered)?;
+        let grammar = match tool_choice {
+            ToolChoice::None => None,
+            _ if offered.is_empty() => None,
+            ToolChoice::Auto => Some((tool_grammar(&offered)?, true)),
+            ToolChoice::Required | ToolChoice::Named(_) => Some((tool_grammar(&offered)?, false)),
+        };
+        let mut generation = self.generate(
+            &prompt,
+            grammar.as_ref().map(|(g, lazy)| (g.as_str(), *lazy)),
+            sampling,
+            on_token,
+        )?;
+        if *tool_choice != ToolChoice::None {
+            let names: Vec<&str> = offered.iter().filter_map(tool_name).collect();
+            generation.turn =
+                parse_tool_calls(&generation.text, &|name| names.contains(&name), next_id);
+        }
+        Ok(generation)
+    }
+
+    /// Generates from a raw prompt, optionally under a grammar (lazy: applied
+    /// from `<tool_call>` on).
+    pub fn generate(
+        &mut self,
+        prompt: &str,
+        grammar: Option<(&str, bool)>,
+        sampling: &SamplingOptions,
+        on_token: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, ModelError> {
+        let started = Instant::now();
+        let tokens = self.model.tokenize(prompt);
+        let context = self.ctx.n_ctx();
+        if tokens.len() + 1 > context as usize {
+            return Err(ModelError::ContextFull {
+                needed: tokens.len(),
+                context,
+            });
+        }
+        let counters = self.prefill(&tokens)?;
+        let prompt_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let generating = Instant::now();
+        let mut sampler = self.sampler(grammar, sampling)?;
+        let vocab = self.model.model.vocab();
+        let mut text = String::new();
+        let mut pending = Vec::new();
+        let mut generated = 0u64;
+        let mut stop = StopReason::MaxTokens;
+        let mut batch = LlamaBatch::new(1, 1);
+        while generated < u64::from(sampling.max_tokens) {
+            if self.cached.len() + 1 >= context as usize {
+                break;
+            }
+            let token = sampler.sample(&self.ctx, -1);
+            if vocab.is_eog(token) {
+                stop = StopReason::EndOfTurn;
+                break;
+            }
+            generated += 1;
+            pending.extend(vocab.token_to_piece(token, true, None));
+            let piece = take_utf8(&mut pending);
+            text.push_str(&piece);
+            batch.clear();
+            batch
+                .add(token, self.cached.len() as i32, &[0], true)
+                .map_err(|e| ModelError::Decode(e.to_string()))?;
+            self.ctx
+                .decode(&mut batch)
+                .map_err(|e| ModelError::Decode(e.to_string()))?;
+            self.cached.push(token);
+            if !piece.is_empty() && !on_token(&piece) {
+                stop = StopReason::Cancelled;
+                break;
+            }
+        }
+        let turn_counters = Counters {
+            generated,
+            ..counters
+        };
+        self.totals.add(turn_counters);
+        Ok(Generation {
+            turn: ParsedTurn {
+                content: Some(text.clone()),
+                tool_calls: Vec::new(),
+            },
+            text,
+            stop,
+            counters: turn_counters,
+            prompt_ms,
+            generation_ms: generating.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    /// Brings the KV cache to `tokens`, evaluating only what follows the
+    /// longest common prefix with what is cached.
+    fn prefill(&mut self, tokens: &[LlamaToken]) -> Result<Counters, ModelError> {
+        let common = self
+            .cached
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // At least one token must be evaluated to have logits to sample from.
+        let reuse = common.min(tokens.len().saturating_sub(1));
+        if reuse < self.cached.len() {
+            let removed = self.ctx.kv_cache_seq_rm(0, Some(reuse as u32), None);
+            if removed.is_err() {
+                self.ctx.clear_kv_cache();
+                self.cached.clear();
+                return self.prefill(tokens);
+            }
+            self.cached.truncate(reuse);
+        }
+        let fresh = &tokens[reuse..];
+        let batch_size = self.model.batch_size as usize;
+        let mut batch = LlamaBatch::new(batch_size, 1);
+        for (chunk_index, chunk) in fresh.chunks(batch_size).enumerate() {
+            batch.clear();
+            let last_chunk = (chunk_index + 1) * batch_size >= fresh.len();
+            for (i, token) in chunk.iter().enumerate() {
+                let position = (self.cached.len() + i) as i32;
+                let wants_logits = last_chunk && i + 1 == chunk.len();
+                batch
+                    .add(*token, position, &[0], wants_logits)
+                    .map_err(|e| ModelError::Decode(e.to_string()))?;
+            }
+            self.ctx
+                .decode(&mut batch)
+                .map_err(|e| ModelError::Decode(e.to_string()))?;
+            self.cached.extend_from_slice(chunk);
+        }
+        Ok(Counters {
+            prompt_evaluated: fresh.len() as u64,
+            prompt_reused: reuse as u64,
+            generated: 0,
+        })
+    }
+
+    fn sampler(
+        &self,
+        grammar: Option<(&str, bool)>,
+        options: &SamplingOptions,
+    ) -> Result<LlamaSampler, ModelError> {
+        let mut chain = Vec::new();
+        if let Some((grammar, lazy)) = grammar {
+            let constrained = if lazy {
+                LlamaSampler::grammar_lazy(self.model.model, grammar, "root", [TOOL_CALL_OPEN], &[])
+            } else {
+                LlamaSampler::grammar(self.model.model, grammar, "root")
+            };
+            chain.push(constrained.map_err(|e| ModelError::Grammar(e.to_string()))?);
+        }
+        if (options.repeat_penalty - 1.0).abs() > f32::EPSILON {
+            chain.push(LlamaSampler::penalties(
+                self.model.model.n_vocab(),
+                64,
+                options.repeat_penalty,
+                0.0,
+                0.0,
+            ));
+        }
+        if options.temperature <= 0.0 {
+            chain.push(LlamaSampler::greedy());
+        } else {
+            if options.top_k > 0 {
+                chain.push(LlamaSampler::top_k(options.top_k));
+            }
+            chain.push(LlamaSampler::top_p(options.top_p, 1));
+            chain.push(LlamaSampler::min_p(options.min_p, 1));
+            chain.push(LlamaSampler::temp(options.temperature));
+            chain.push(LlamaSampler::dist(options.seed));
+        }
+        Ok(LlamaSampler::chain_simple(chain))
+    }
+}
+
+fn tool_name(tool: &Value) -> Option<&str> {
+    tool.pointer("/function/name").and_then(Value::as_str)
+}
+
+/// The GBNF grammar for one call to any of `tools`.
+pub fn tool_grammar(tools: &[Value]) -> Result<String, ModelError> {
+    let empty = Value::Object(Default::default());
+    let pairs: Vec<(&str, &Value)> = tools
+        .iter()
+        .filter_map(|t| {
+            Some((
+                tool_name(t)?,
+                t.pointer("/function/parameters").unwrap_or(&empty),
+            ))
+        })
+        .collect();
+    let schema = call_schema(pairs);
+    let converted = llama_cpp_2::json_schema_to_grammar(&schema.to_string())
+        .map_err(|e| ModelError::Grammar(e.to_string()))?;
+    Ok(wrap_in_tool_call(&converted))
+}
+
+/// Takes the longest valid UTF-8 prefix out of `pending`.
+fn take_utf8(pending: &mut Vec<u8>) -> String {
+    match std::str::from_utf8(pending) {
+        Ok(text) => {
+            let text = text.to_string();
+            pending.clear();
+            text
+        }
+        Err(error) => {
+            let valid = error.valid_up_to();
+            let invalid_for_good = error.error_len().is_some();
+            let text = String::from_utf8_lossy(&pending[..valid]).into_owned();
+            pending.drain(..valid);
+            if invalid_for_good {
+                pending.clear();
+                return text + "\u{fffd}";
+            }
+            text
+        }
+    }
+}

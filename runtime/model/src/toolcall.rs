@@ -1,0 +1,250 @@
+//! Turning generated text into OpenAI-style tool calls.
+//!
+//! Understood forms, in the order they are tried:
+//!
+//! * Hermes/Qwen: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
+//!   any number per turn;
+//! * Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`;
+//! * Llama 3: a JSON object `{"name": ..., "parameters": {...}}` (or
+//!   `"arguments"`), optionally after `<|python_tag|>`;
+//! * a bare JSON object (or array of them) that names a registered tool.
+//!
+//! Text around the calls is kept as the message content. A block that looks
+//! like a call but does not parse is kept as text, so the model (and the
+//! user) can see it; validation then reports what is wrong with calls that
+//! do parse.
+
+use serde_json::Value;
+
+use stack_types::message::ToolCall;
+
+/// The calls found in one assistant turn, and the text around them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedTurn {
+    /// Text outside the calls, trimmed; `None` when there is none.
+    pub content: Option<String>,
+    /// The calls, in order.
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// Parses `text`. `is_tool` says whether a name is a registered tool (used
+/// for bare JSON objects); `next_id` makes call ids.
+pub fn parse_tool_calls(
+    text: &str,
+    is_tool: &dyn Fn(&str) -> bool,
+    next_id: &mut dyn FnMut() -> String,
+) -> ParsedTurn {
+    if let Some(turn) = parse_hermes(text, next_id) {
+        return turn;
+    }
+    if let Some(turn) = parse_mistral(text, next_id) {
+        return turn;
+    }
+    let trimmed = text.trim();
+    let body = trimmed
+        .strip_prefix("<|python_tag|>")
+        .unwrap_or(trimmed)
+        .trim();
+    if body.starts_with('{') || body.starts_with('[') {
+        if let Ok(value) = serde_json::from_str::<Value>(body) {
+            let objects: Vec<&Value> = match &value {
+                Value::Array(items) => items.iter().collect(),
+                object => vec![object],
+            };
+            let calls: Option<Vec<ToolCall>> = objects
+                .iter()
+                .map(|object| {
+                    call_from_object(object, next_id).filter(|call| is_tool(&call.function.name))
+                })
+                .collect();
+            if let Some(calls) = calls.filter(|calls| !calls.is_empty()) {
+                return ParsedTurn {
+                    content: None,
+                    tool_calls: calls,
+                };
+            }
+        }
+    }
+    ParsedTurn {
+        content: non_empty(text),
+        tool_calls: Vec::new(),
+    }
+}
+
+fn parse_hermes(text: &str, next_id: &mut dyn FnMut() -> String) -> Option<ParsedTurn> {
+    const OPEN: &str = "<tool_call>";
+    const CLOSE: &str = "</tool_call>";
+    if !text.contains(OPEN) {
+        return None;
+    }
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(OPEN) {
+        content.push_str(&rest[..start]);
+        let after = &rest[start + OPEN.len()..];
+        let (body, next) = match after.find(CLOSE) {
+            Some(end) => (&after[..end], &after[end + CLOSE.len()..]),
+            // An unclosed block at the end of the turn (stopped early).
+            None => (after, ""),
+        };
+        match serde_json::from_str::<Value>(body.trim())
+            .ok()
+            .and_then(|v| call_from_object(&v, next_id))
+        {
+            Some(call) => calls.push(call),
+            None => {
+                content.push_str(OPEN);
+                content.push_str(body);
+                if !next.is_empty() || after.contains(CLOSE) {
+                    content.push_str(CLOSE);
+                }
+            }
+        }
+        rest = next;
+    }
+    content.push_str(rest);
+    Some(ParsedTurn {
+        content: non_empty(&content),
+        tool_calls: calls,
+    })
+}
+
+fn parse_mistral(text: &str, next_id: &mut dyn FnMut() -> String) -> Option<ParsedTurn> {
+    const MARK: &str = "[TOOL_CALLS]";
+    let start = text.find(MARK)?;
+    let after = text[start + MARK.len()..].trim_start();
+    let mut stream = serde_json::Deserializer::from_str(after).into_iter::<Value>();
+    let value = stream.next()?.ok()?;
+    let consumed = stream.byte_offset();
+    let objects: Vec<Value> = match value {
+        Value::Array(items) => items,
+        object => vec![object],
+    };
+    let calls: Option<Vec<ToolCall>> = objects
+        .iter()
+        .map(|o| call_from_object(o, next_id))
+        .collect();
+    let calls = calls?;
+    let content = format!("{}{}", &text[..start], &after[consumed..]);
+    Some(ParsedTurn {
+        content: non_empty(&content),
+        tool_calls: calls,
+    })
+}
+
+/// `{"name": ..., "arguments"|"parameters": {...}|"..."}` as a call.
+fn call_from_object(value: &Value, next_id: &mut dyn FnMut() -> String) -> Option<ToolCall> {
+    let object = value.as_object()?;
+    let (name, arguments) = match object.get("function") {
+        // Already in OpenAI shape.
+        Some(Value::Object(function)) => (function.get("name")?, function.get("arguments")),
+        _ => (
+            object.get("name")?,
+            object.get("arguments").or_else(|| object.get("parameters")),
+        ),
+    };
+    let name = name.as_str()?.to_string();
+    let arguments = match arguments {
+        None => "{}".to_string(),
+        Some(Value::String(raw)) => raw.clone(),
+        Some(other) => other.to_string(),
+    };
+    let id = object
+        .get("id")
+        .and_then(Value::as_str)
+        .map_or_else(&mut *next_id, str::to_string);
+    Some(ToolCall::function(id, name, arguments))
+}
+
+fn non_empty(text: &str) -> Option<String> {
+    let trimmed = text.trim();
+    (!trimmed.is_empty()).then(|| trimmed.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> ParsedTurn {
+        let mut n = 0;
+        let mut next_id = || {
+            n += 1;
+            format!("call_{n}")
+        };
+        parse_tool_calls(
+            text,
+            &|name| ["read_file", "list_dir"].contains(&name),
+            &mut next_id,
+        )
+    }
+
+    fn calls(turn: &ParsedTurn) -> Vec<(&str, &str, &str)> {
+        turn.tool_calls
+            .iter()
+            .map(|c| {
+                (
+                    c.id.as_str(),
+                    c.function.name.as_str(),
+                    c.function.arguments.as_str(),
+                )
+            })
+            .collect()
+    }
+
+    /// An expected call: (id, name, arguments).
+    type Call = (&'static str, &'static str, &'static str);
+
+    /// (input, expected content, expected calls).
+    const CASES: &[(&str, Option<&str>, &[Call])] = &[
+        ("Hello there.", Some("Hello there."), &[]),
+        (
+            "Let me look.\n<tool_call>\n{\"name\": \"read_file\", \"arguments\": {\"path\": \"a.txt\"}}\n</tool_call>",
+            Some("Let me look."),
+            &[("call_1", "read_file", "{\"path\":\"a.txt\"}")],
+        ),
+        (
+            "<tool_call>{\"name\": \"read_file\", \"arguments\": {\"path\": \"a\"}}</tool_call>\n<tool_call>{\"name\": \"list_dir\", \"arguments\": {}}</tool_call> done",
+            Some("done"),
+            &[("call_1", "read_file", "{\"path\":\"a\"}"), ("call_2", "list_dir", "{}")],
+        ),
+        (
+            "<tool_call>{\"name\": \"read_file\", \"arguments\": \"{\\\"path\\\": \\\"a\\\"}\"}</tool_call>",
+            None,
+            &[("call_1", "read_file", "{\"path\": \"a\"}")],
+        ),
+        ("<tool_call>{not json}</tool_call>", Some("<tool_call>{not json}</tool_call>"), &[]),
+        (
+            "<tool_call>\n{\"name\": \"read_file\", \"arguments\": {\"path\": \"a\"}}",
+            None,
+            &[("call_1", "read_file", "{\"path\":\"a\"}")],
+        ),
+        (
+            "[TOOL_CALLS][{\"name\": \"read_file\", \"arguments\": {\"path\": \"b\"}, \"id\": \"abc123xyz\"}]",
+            None,
+            &[("abc123xyz", "read_file", "{\"path\":\"b\"}")],
+        ),
+        ("{\"name\": \"list_dir\", \"parameters\": {\"path\": \".\"}}", None, &[("call_1", "list_dir", "{\"path\":\".\"}")]),
+        ("<|python_tag|>{\"name\": \"list_dir\", \"parameters\": {}}", None, &[("call_1", "list_dir", "{}")]),
+        ("{\"name\": \"Alice\", \"age\": 3}", Some("{\"name\": \"Alice\", \"age\": 3}"), &[]),
+        (
+            "[{\"name\": \"read_file\", \"arguments\": {\"path\": \"x\"}}, {\"name\": \"list_dir\"}]",
+            None,
+            &[("call_1", "read_file", "{\"path\":\"x\"}"), ("call_2", "list_dir", "{}")],
+        ),
+        (
+            "{\"type\": \"function\", \"function\": {\"name\": \"read_file\", \"arguments\": \"{}\"}}",
+            None,
+            &[("call_1", "read_file", "{}")],
+        ),
+    ];
+
+    #[test]
+    fn every_supported_form_parses() {
+        for (input, content, expected) in CASES {
+            let turn = parse(input);
+            assert_eq!(turn.content.as_deref(), *content, "{input}");
+            assert_eq!(calls(&turn), expected.to_vec(), "{input}");
+        }
+    }
+}

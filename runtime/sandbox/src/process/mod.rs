@@ -1,0 +1,1138 @@
+//! The process sandbox: untrusted code in a subprocess under landlock,
+//! seccomp, namespaces, rlimits and a cgroup.
+//!
+//! # Threat model
+//!
+//! The code is hostile and knows it is sandboxed. It runs with the session's
+//! workspace as its only writable place and tries to: read secrets elsewhere
+//! (home folders, `/root`, `/etc/shadow`, the runtime's environment, other
+//! workspaces, `/proc/<ppid>/…`), write outside the workspace, reach the
+//! network or host unix sockets, exhaust memory, processes, CPU, disk or the
+//! output pipes, outlive its call (double fork, `setsid`), plant what the
+//! host runs later (git hooks and config, `.envrc`), attack the runtime
+//! (signals, `ptrace`, abstract sockets, forged messages), or gain privilege
+//! (setuid binaries, capabilities, namespaces, kernel interfaces).
+//!
+//! Who is trusted: the runtime (which may run as root) and the kernel. Not
+//! trusted: the code, and everything that runs as the sandbox's uid — the
+//! zygote and its spares included, since they share that uid with the code
+//! and, for a user-owned workspace, with the owner's other processes. So
+//! the runtime never resolves a path inside a folder that uid can write
+//! (it only opens the workspace itself, canonicalized, and reaches
+//! protected paths from its descriptor, following no link), hands code over in a sealed memfd rather than a
+//! file, and takes nothing from the zygote but a socket and a pidfd that it
+//! checks is a live child of its own zygote running as that uid.
+//! Other local users are not trusted either: nothing the sandbox uses lives
+//! at a predictable path in a shared folder (there is no host tmp dir at
+//! all). The workspace's owner, when the workspace is not root's, is
+//! trusted with what is theirs: they can already change every file the
+//! call reads, and may signal or trace the code their uid runs.
+//!
+//! Each rule below has at least one attack test in `tests/process_escape.rs`:
+//!
+//! 1. **Filesystem** — a private mount namespace whose root holds only the
+//!    read-only system dirs, the interpreter's prefix, a few named `/etc`
+//!    files and device nodes, the workspace and a private `/tmp` tmpfs (see
+//!    [`mounts`]): nothing else exists, so nothing else can be read,
+//!    `stat`ed or connected to. Within that, landlock: read-only for the
+//!    system paths, read-write only the workspace and the call's own tmp
+//!    dir. `/proc` is not there at all. Landlock checks the resolved file,
+//!    so a symlink in the workspace grants nothing.
+//! 2. **Network** — `none` (default): an empty network namespace, landlock
+//!    denies TCP bind/connect, seccomp allows only `AF_UNIX` sockets, and
+//!    the only pathname sockets that can be named are the ones in the
+//!    workspace and the private tmp (host sockets in `/tmp`, `/run`, a
+//!    user's ssh-agent or D-Bus do not exist in the sandbox's root).
+//!    `loopback`: a private namespace with only `lo`. `full`: the host's.
+//! 3. **Scope** — landlock ABI 6 scoping: no signals to, and no abstract
+//!    Unix sockets of, processes outside the sandbox.
+//! 4. **Syscalls** — a seccomp denylist (see [`seccomp`]); `no_new_privs`.
+//! 5. **Identity** — never root: a root runtime drops the child to the
+//!    workspace owner, or, for a root-owned workspace, to a dedicated uid
+//!    that no host process shares ([`sandbox_id`]; the workspace is then
+//!    shared with it through ACLs, never given away, hard-linked files and
+//!    system folders excepted: see [`grant`]) before anything else; the
+//!    child then lives in its own user namespace, mapping only that uid,
+//!    and `execve` leaves it with zero capabilities and an empty bounding
+//!    set. The zygote is not dumpable: no host process of its uid can
+//!    trace it or take its descriptors.
+//! 6. **Lifetime** — each call has its own PID namespace, whose PID 1 is a
+//!    minimal init and PID 2 the target: when the target exits or the
+//!    runtime kills the call, every descendant dies, detached ones included,
+//!    and the call is reported over only after that. Each call also has its
+//!    own IPC namespace, so calls share no SysV IPC.
+//! 7. **Environment** — built from a fixed allowlist by the target itself;
+//!    nothing of the runtime's environment passes. stdin is `/dev/null` (or
+//!    the tool's JSON arguments for command tools).
+//! 8. **Limits** — rlimits per call (CPU, address space, processes, file
+//!    size, open files, no core dumps), a memory and pids cgroup where
+//!    writable (one per zygote, see below; where none is, the address-space
+//!    rlimit is lowered to the memory limit), a wall-clock timeout, and
+//!    stdout/stderr capped in memory while still drained so the child never
+//!    blocks.
+//! 9. **Fail closed** — if the kernel lacks landlock (at the ABI the policy
+//!    needs), user or mount namespaces, `mount_setattr` or seccomp, the
+//!    call is refused with a message naming what is missing; it never runs
+//!    weaker.
+//! 10. **Protected paths** — workspace paths that host tools run by
+//!     themselves (`.git` and its submodules' and hooks folder, `.envrc`,
+//!     `.vscode`, …) are bound read-only, and secrets (`.env`, `.ssh`, …)
+//!     hidden, in the sandbox's mount namespace (see
+//!     [`ProcessPolicy::protected`]); one that a call creates or replaces
+//!     is moved aside when the call ends, and the call fails saying so
+//!     (see [`protect`]).
+//!
+//! # Zygotes
+//!
+//! Namespaces and cgroup membership are set up once per workspace, identity,
+//! network mode and cgroup limits, in a long-lived helper process (the
+//! *zygote*, see [`zygote`]); each call is a fresh process forked from it
+//! into its own PID and IPC namespace, which then applies the per-call
+//! rlimits, landlock and seccomp. What calls of one zygote share is what
+//! they could already reach through their common workspace, plus the user
+//! and network namespace (empty, or loopback only) and the cgroup limits.
+//! Each call's private tmp dir is made by the zygote with its process, ahead
+//! of the call, in the zygote's own tmpfs (which no host process can see),
+//! and removed by it after. Everything a call leaves behind
+//! (reaping, removing its tmp dir, making its successor) waits until the
+//! runtime has finished the call, so that it never competes with it.
+
+mod capture;
+mod cgroup;
+mod grant;
+mod helper;
+pub(crate) mod mounts;
+mod packet;
+mod pool;
+mod probe;
+pub(crate) mod protect;
+mod seccomp;
+mod spec;
+mod zygote;
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use nix::libc;
+use tokio::io::AsyncWriteExt;
+
+pub use cgroup::CgroupLayout;
+pub use helper::helper_main;
+pub use probe::{Guarantee, KernelProbe};
+pub(crate) use spec::ProtectedPath;
+pub use spec::{NetworkMode, ProtectedMode, ResourceLimits};
+
+use pool::{Zygote, ZygoteKey, ZygotePool};
+use spec::CallSpec;
+use stack_types::outcome::{Status, ToolOutcome};
+use stack_types::Language;
+
+/// File name of the helper binary.
+pub const HELPER_NAME: &str = "stack-sandbox-exec";
+
+/// `PATH` inside the sandbox; programs named without a `/` are found here.
+pub const SANDBOX_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The uid and gid a root runtime runs sandboxed code as when the
+/// workspace belongs to root (or when the owner's group is root's), unless
+/// `STACK_RUNTIME_SANDBOX_UID` names another. It lies in the range
+/// 0x70000000–0x7FFDFFFF that no distribution or systemd assigns, so no
+/// host process shares it: unlike `nobody`, which daemons run as, nothing
+/// outside the sandbox can signal, trace or read what it owns or is
+/// granted.
+pub const DEFAULT_SANDBOX_ID: u32 = 2_000_000_000;
+
+/// The dedicated sandbox uid/gid (see [`DEFAULT_SANDBOX_ID`]).
+pub fn sandbox_id() -> u32 {
+    static ID: OnceLock<u32> = OnceLock::new();
+    *ID.get_or_init(|| {
+        std::env::var("STACK_RUNTIME_SANDBOX_UID")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|id| *id != 0 && *id != u32::MAX)
+            .unwrap_or(DEFAULT_SANDBOX_ID)
+    })
+}
+
+/// Workspace paths sandboxed code may read but never change, by default:
+/// what tools on the host run by themselves (git hooks and config, direnv,
+/// editor tasks) and the runtime's own state. Code that could write them
+/// would run again outside the sandbox, at the user's next `git status`.
+pub const DEFAULT_READ_ONLY_IN_WORKSPACE: &[&str] = &[
+    ".git", ".hg", ".svn", ".stack", ".envrc", ".vscode", ".idea",
+];
+
+/// Workspace paths sandboxed code may not even read, by default: secrets.
+pub const DEFAULT_HIDDEN_IN_WORKSPACE: &[&str] = &[".env", ".ssh", ".gnupg", ".aws", ".netrc"];
+
+/// System locations every sandboxed program may read.
+const SYSTEM_READ_ONLY: &[&str] = &[
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/lib32",
+    "/bin",
+    "/sbin",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/alternatives",
+];
+
+/// Extra `/etc` files that name resolution and TLS need, for `loopback`/`full`.
+const NETWORK_READ_ONLY: &[&str] = &[
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/nsswitch.conf",
+    "/etc/gai.conf",
+    "/etc/host.conf",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+];
+
+/// The helper binary: `$STACK_RUNTIME_SANDBOX_HELPER`, else next to the
+/// running executable (or one folder up, for test binaries).
+pub fn locate_helper() -> Result<PathBuf, SandboxError> {
+    if let Some(path) = std::env::var_os("STACK_RUNTIME_SANDBOX_HELPER") {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(SandboxError::HelperMissing(path.display().to_string()))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| SandboxError::HelperMissing(e.to_string()))?;
+    let dir = exe.parent().unwrap_or(Path::new("/"));
+    [dir.join(HELPER_NAME), dir.join("..").join(HELPER_NAME)]
+        .into_iter()
+        .find(|c| c.is_file())
+        .ok_or_else(|| SandboxError::HelperMissing(dir.display().to_string()))
+}
+
+/// Why a sandboxed call could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The helper binary is not where it was looked for.
+    #[error("the sandbox helper `{HELPER_NAME}` was not found (looked in {0}); build it with the runtime or set STACK_RUNTIME_SANDBOX_HELPER")]
+    HelperMissing(String),
+    /// The kernel cannot give a guarantee the policy needs.
+    #[error("sandbox refused: {0}")]
+    KernelLacks(String),
+    /// The program to run does not exist.
+    #[error("program `{0}` not found on the sandbox PATH ({SANDBOX_PATH})")]
+    ProgramNotFound(String),
+    /// Preparing the call failed.
+    #[error("preparing the sandbox: {0}")]
+    Prepare(String),
+    /// The helper could not set up the sandbox.
+    #[error("sandbox setup failed: {0}")]
+    Setup(String),
+}
+
+/// What the sandbox allows one call. The default denies everything it can:
+/// no network, default limits, no extra paths, landlock ABI 6 required.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessPolicy {
+    /// Network reach.
+    pub network: NetworkMode,
+    /// Resource limits.
+    pub limits: ResourceLimits,
+    /// Extra read-only paths.
+    pub extra_read_only: Vec<PathBuf>,
+    /// The landlock ABI needed at least; 6 gives signal and socket scoping.
+    pub min_landlock_abi: i32,
+    /// Paths relative to the workspace that code may not change (read-only)
+    /// or see (hidden). One that exists is bound over in the sandbox's
+    /// mount namespace; one that a call creates or replaces is moved aside
+    /// after it and the call fails (see [`protect`]). The default protects [`DEFAULT_READ_ONLY_IN_WORKSPACE`]
+    /// and hides [`DEFAULT_HIDDEN_IN_WORKSPACE`].
+    pub protected: Vec<(PathBuf, ProtectedMode)>,
+}
+
+impl Default for ProcessPolicy {
+    fn default() -> Self {
+        ProcessPolicy {
+            network: NetworkMode::None,
+            limits: ResourceLimits::default(),
+            extra_read_only: Vec::new(),
+            min_landlock_abi: 6,
+            protected: default_protected(),
+        }
+    }
+}
+
+/// The default protected workspace paths (see [`ProcessPolicy::protected`]).
+pub fn default_protected() -> Vec<(PathBuf, ProtectedMode)> {
+    protected_list(None, None)
+}
+
+/// The protected workspace paths: `read_only` and `hidden`, each
+/// [`DEFAULT_READ_ONLY_IN_WORKSPACE`] or [`DEFAULT_HIDDEN_IN_WORKSPACE`]
+/// where not given, then the runtime's own folders (see
+/// [`runtime_state_folders`]), which a policy cannot leave out.
+pub fn protected_list(
+    read_only: Option<&[PathBuf]>,
+    hidden: Option<&[PathBuf]>,
+) -> Vec<(PathBuf, ProtectedMode)> {
+    let list = |given: Option<&[PathBuf]>, default: &[&str]| -> Vec<PathBuf> {
+        given.map_or_else(
+            || default.iter().map(PathBuf::from).collect(),
+            <[_]>::to_vec,
+        )
+    };
+    list(read_only, DEFAULT_READ_ONLY_IN_WORKSPACE)
+        .into_iter()
+        .map(|p| (p, ProtectedMode::ReadOnly))
+        .chain(
+            list(hidden, DEFAULT_HIDDEN_IN_WORKSPACE)
+                .into_iter()
+                .map(|p| (p, ProtectedMode::Hidden)),
+        )
+        .chain(runtime_state_folders())
+        .collect()
+}
+
+/// The runtime's own folders, as absolute protected paths (they count only
+/// where a workspace contains them, as when it is the user's home folder):
+/// `stack-runtime` under the cache folder (the compiled WASI modules, which
+/// the runtime maps as native code, and the assets) and under the
+/// configuration folder, read-only; under the data folder (sessions,
+/// transcripts, the audit log, history), hidden. `$XDG_CACHE_HOME`,
+/// `$XDG_CONFIG_HOME` and `$XDG_DATA_HOME`, else their places in `$HOME`;
+/// and `$STACK_RUNTIME_ASSETS`, read-only. Code that could write the module
+/// cache could plant native code the runtime runs next; code that could
+/// write the sessions could forge the audit log.
+pub fn runtime_state_folders() -> Vec<(PathBuf, ProtectedMode)> {
+    let env_dir = |var: &str, fallback: &str| {
+        std::env::var_os(var)
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(fallback)))
+    };
+    let mut folders: Vec<(PathBuf, ProtectedMode)> = [
+        (env_dir("XDG_CACHE_HOME", ".cache"), ProtectedMode::ReadOnly),
+        (
+            env_dir("XDG_CONFIG_HOME", ".config"),
+            ProtectedMode::ReadOnly,
+        ),
+        (
+            env_dir("XDG_DATA_HOME", ".local/share"),
+            ProtectedMode::Hidden,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(base, mode)| Some((base?.join("stack-runtime"), mode)))
+    .filter(|(folder, _)| folder.is_absolute())
+    .collect();
+    if let Some(assets) = std::env::var_os("STACK_RUNTIME_ASSETS").filter(|d| !d.is_empty()) {
+        let assets = PathBuf::from(assets);
+        if assets.is_absolute() {
+            folders.push((assets, ProtectedMode::ReadOnly));
+        }
+    }
+    folders
+}
+
+/// Runs programs in the process sandbox. Clones share their zygotes.
+#[derive(Debug, Clone)]
+pub struct ProcessSandbox {
+    helper: PathBuf,
+    zygotes: Arc<ZygotePool>,
+}
+
+impl ProcessSandbox {
+    /// Uses the helper at `helper`.
+    pub fn with_helper(helper: impl Into<PathBuf>) -> Self {
+        let helper = helper.into();
+        ProcessSandbox {
+            zygotes: Arc::new(ZygotePool::new(helper.clone())),
+            helper,
+        }
+    }
+
+    /// How many zygotes (long-lived helper processes) are running.
+    pub fn zygote_count(&self) -> usize {
+        self.zygotes.len()
+    }
+
+    /// Finds the helper: `$STACK_RUNTIME_SANDBOX_HELPER`, else next to the
+    /// running executable (or one folder up, for test binaries).
+    pub fn locate() -> Result<Self, SandboxError> {
+        locate_helper().map(Self::with_helper)
+    }
+
+    /// Runs `code` in `language` (python or bash) with `workspace` as the
+    /// working directory.
+    pub async fn run_code(
+        &self,
+        language: Language,
+        code: &str,
+        workspace: &Path,
+        policy: &ProcessPolicy,
+    ) -> ToolOutcome {
+        let (program, file) = match language {
+            Language::Python => ("python3", "main.py"),
+            Language::Bash => ("bash", "main.sh"),
+            Language::Javascript => {
+                return ToolOutcome::internal_error(
+                    "javascript runs in the WASI sandbox, not the process sandbox",
+                )
+            }
+        };
+        let request = Request {
+            argv: vec![program.to_string()],
+            code: Some((file, code.as_bytes().to_vec())),
+            stdin: None,
+        };
+        self.run_request(request, workspace, policy).await
+    }
+
+    /// Runs `argv` (program first) with optional bytes on stdin.
+    pub async fn run(
+        &self,
+        argv: &[String],
+        stdin: Option<Vec<u8>>,
+        workspace: &Path,
+        policy: &ProcessPolicy,
+    ) -> ToolOutcome {
+        let request = Request {
+            argv: argv.to_vec(),
+            code: None,
+            stdin,
+        };
+        self.run_request(request, workspace, policy).await
+    }
+
+    async fn run_request(
+        &self,
+        request: Request,
+        workspace: &Path,
+        policy: &ProcessPolicy,
+    ) -> ToolOutcome {
+        let started = std::time::Instant::now();
+        let mut outcome = match self.run_inner(request, workspace, policy).await {
+            Ok(outcome) => outcome,
+            Err(err @ SandboxError::ProgramNotFound(_)) => ToolOutcome::failed(err.to_string()),
+            Err(err) => ToolOutcome::internal_error(err.to_string()),
+        };
+        outcome.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        outcome
+    }
+
+    async fn run_inner(
+        &self,
+        request: Request,
+        workspace: &Path,
+        policy: &ProcessPolicy,
+    ) -> Result<ToolOutcome, SandboxError> {
+        let probe = KernelProbe::get();
+        if let Some(missing) = probe.missing_requirements(policy.min_landlock_abi) {
+            return Err(SandboxError::KernelLacks(missing));
+        }
+        let program_name = request
+            .argv
+            .first()
+            .ok_or_else(|| SandboxError::Prepare("no program to run (empty argv)".into()))?
+            .clone();
+        // Path lookups, the ACL check and (once) the grant walk touch the
+        // filesystem: on the blocking pool, never on a runtime thread.
+        let workspace = workspace.to_path_buf();
+        let protected_names = policy.protected.clone();
+        let extra_read_only = policy.extra_read_only.clone();
+        let (workspace, uid, gid, program, read_only, protected, snapshot) =
+            off_the_runtime(move || {
+                let prepare = |e: std::io::Error| SandboxError::Prepare(e.to_string());
+                let workspace = std::fs::canonicalize(&workspace).map_err(prepare)?;
+                let (uid, gid) = sandbox_identity(&workspace).map_err(prepare)?;
+                let program = resolve_program(&program_name)?;
+                let mut read_only: Vec<PathBuf> = probe::prefix_of(&program)
+                    .filter(|prefix| !covered_by_base(prefix))
+                    .into_iter()
+                    .collect();
+                read_only.extend(extra_read_only);
+                let (protected, snapshot) = protect::survey(&workspace, &protected_names);
+                Ok::<_, SandboxError>((
+                    workspace, uid, gid, program, read_only, protected, snapshot,
+                ))
+            })
+            .await
+            .map_err(|e| SandboxError::Prepare(format!("preparing the call: {e}")))??;
+        let key = ZygoteKey {
+            workspace: workspace.clone(),
+            uid,
+            gid,
+            network: policy.network,
+            memory_bytes: policy.limits.memory_bytes,
+            processes: policy.limits.processes,
+            read_only: read_only.clone(),
+            protected,
+        };
+        let (zygote, mut spare) = self.acquire(&key, probe.cgroup.as_ref()).await?;
+        // The spare has slept, maybe on a CPU that has gone idle, which
+        // takes a while to wake: wake it now, and it waits for its call
+        // awake while the rest is prepared here.
+        let _ = packet::send_bytes(spare.channel.as_fd(), spec::WAKE_UP, &[]);
+        // Everything the wait needs is set up before the call is sent, so
+        // that nothing here competes with the target once it has its call.
+        let stdio = CallStdio::open(request.stdin)?;
+        let code = match &request.code {
+            Some((name, code)) => Some((name.to_string(), sealed_code(code)?)),
+            None => None,
+        };
+        let mut fds = stdio.child_fds().to_vec();
+        if let Some((_, memfd)) = &code {
+            use std::os::fd::AsRawFd;
+            fds.push(memfd.as_raw_fd());
+        }
+        let mut argv = request.argv.clone();
+        argv[0] = program.display().to_string();
+        let mut limits = policy.limits;
+        if !zygote.has_cgroup() {
+            // No memory cgroup to hold the policy's memory limit (an
+            // unprivileged runtime on cgroup v1, say): the address-space
+            // rlimit holds it instead, more strictly, rather than not at all.
+            limits.address_space_bytes = limits.address_space_bytes.min(limits.memory_bytes);
+        }
+        let spec = CallSpec {
+            argv,
+            code_file: code.as_ref().map(|(name, _)| name.clone()),
+            read_only,
+            limits,
+            min_landlock_abi: policy.min_landlock_abi,
+        };
+        // A spare that died while queued fails the send; try the next one.
+        let mut attempts = 0;
+        let (channel, pidfd) = loop {
+            let pool::Spare { channel, pidfd } = spare;
+            let channel =
+                watch(channel).map_err(|e| SandboxError::Prepare(format!("report: {e}")))?;
+            match packet::send(channel.get_ref().as_fd(), &spec, &fds) {
+                Ok(()) => break (channel, pidfd),
+                Err(err) if attempts >= 2 => {
+                    return Err(SandboxError::Setup(format!(
+                        "handing the call to its sandboxed process: {err}"
+                    )))
+                }
+                Err(_) => {
+                    attempts += 1;
+                    spare = zygote.take_spare().await?;
+                }
+            }
+        };
+        drop(code);
+        let mut outcome = run_call(&zygote, channel, pidfd, policy.limits, stdio).await?;
+        if !snapshot.is_empty() {
+            let workspace = workspace.clone();
+            let undone = off_the_runtime(move || snapshot.undo_changes(&workspace))
+                .await
+                .unwrap_or_default();
+            if !undone.is_empty() {
+                protect::report(&mut outcome, &undone);
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// A spare of the zygote for `key`; a zygote found dead (killed from
+    /// outside, say) is replaced once.
+    async fn acquire(
+        &self,
+        key: &ZygoteKey,
+        cgroups: Option<&CgroupLayout>,
+    ) -> Result<(Arc<Zygote>, pool::Spare), SandboxError> {
+        let zygote = self.zygotes.get(key, cgroups).await?;
+        match zygote.take_spare().await {
+            Ok(spare) => Ok((zygote, spare)),
+            Err(_) if !zygote.is_alive() => {
+                tracing::warn!("the sandbox zygote died; starting a new one");
+                let zygote = self.zygotes.get(key, cgroups).await?;
+                let spare = zygote.take_spare().await?;
+                Ok((zygote, spare))
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The helper binary in use.
+    pub fn helper(&self) -> &Path {
+        &self.helper
+    }
+}
+
+/// Runs blocking filesystem work (a few `stat`s and `open`s, once a grant
+/// walk) without holding up the async runtime's other tasks: on a
+/// multi-threaded runtime in place, after telling the scheduler to move
+/// this worker's other tasks elsewhere (`block_in_place`: no thread hop,
+/// which on a small machine costs more than the work); elsewhere on the
+/// blocking pool.
+async fn off_the_runtime<R: Send + 'static>(
+    work: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, tokio::task::JoinError> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let multi_threaded = Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == RuntimeFlavor::MultiThread);
+    if multi_threaded {
+        Ok(tokio::task::block_in_place(work))
+    } else {
+        tokio::task::spawn_blocking(work).await
+    }
+}
+
+/// How a call's wait for its report ended.
+enum Ended {
+    /// The init reported the target's exit.
+    Exited {
+        status: i32,
+        cpu_ms: u64,
+        /// Other processes of the call were alive at the target's exit.
+        others_left: bool,
+        setup_error: Option<String>,
+    },
+    /// The call's socket closed without a report: its init is gone.
+    Lost { setup_error: Option<String> },
+    /// The wall-clock limit passed; the call was killed.
+    TimedOut,
+}
+
+/// Extra time the output pipes get after the wall-clock limit.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// The pipes of one call: the target's ends (stdin is `/dev/null`, or a
+/// pipe fed with the request's bytes) and the runtime's, already
+/// registered with tokio.
+struct CallStdio {
+    /// The ends the target gets, in stdin, stdout, stderr order.
+    child: [OwnedFd; 3],
+    stdout: tokio::net::unix::pipe::Receiver,
+    stderr: tokio::net::unix::pipe::Receiver,
+    /// The write end of stdin and what to feed it, if any.
+    stdin_feed: Option<(tokio::net::unix::pipe::Sender, Vec<u8>)>,
+}
+
+impl CallStdio {
+    fn open(stdin: Option<Vec<u8>>) -> Result<CallStdio, SandboxError> {
+        use nix::fcntl::OFlag;
+        use tokio::net::unix::pipe;
+        let prepare = |what: &str, e: std::io::Error| SandboxError::Prepare(format!("{what}: {e}"));
+        let new_pipe =
+            || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| prepare("pipe", e.into()));
+        let (stdout, out_write) = new_pipe()?;
+        let (stderr, err_write) = new_pipe()?;
+        let (stdin_child, stdin_feed): (OwnedFd, _) = match stdin {
+            Some(bytes) => {
+                let (read, write) = new_pipe()?;
+                let sender = pipe::Sender::from_owned_fd(write).map_err(|e| prepare("stdin", e))?;
+                (read, Some((sender, bytes)))
+            }
+            None => (
+                std::fs::File::open("/dev/null")
+                    .map_err(|e| prepare("/dev/null", e))?
+                    .into(),
+                None,
+            ),
+        };
+        Ok(CallStdio {
+            child: [stdin_child, out_write, err_write],
+            stdout: pipe::Receiver::from_owned_fd(stdout).map_err(|e| prepare("stdout", e))?,
+            stderr: pipe::Receiver::from_owned_fd(stderr).map_err(|e| prepare("stderr", e))?,
+            stdin_feed,
+        })
+    }
+
+    fn child_fds(&self) -> [std::os::fd::RawFd; 3] {
+        use std::os::fd::AsRawFd;
+        self.child.each_ref().map(|fd| fd.as_raw_fd())
+    }
+}
+
+/// A call's code in a sealed memfd: the target copies it into its private
+/// tmp dir itself, so the runtime never writes (or names) a file in a
+/// folder the sandbox's uid controls, and nothing can change the code
+/// between here and there.
+fn sealed_code(code: &[u8]) -> Result<OwnedFd, SandboxError> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let prepare = |e: nix::Error| SandboxError::Prepare(format!("passing the code: {e}"));
+    let fd = memfd_create(
+        c"stack-call-code",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .map_err(prepare)?;
+    let mut written = 0;
+    while written < code.len() {
+        written += nix::unistd::write(&fd, &code[written..]).map_err(prepare)?;
+    }
+    let seals = SealFlag::F_SEAL_SEAL
+        | SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_WRITE;
+    fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).map_err(prepare)?;
+    Ok(fd)
+}
+
+/// Waits for a call that has been handed to a spare (`report`: its socket;
+/// `pidfd`: its init): reads the output and the init's report in this task
+/// until the call is over (or the wall-clock limit kills it).
+async fn run_call(
+    zygote: &Zygote,
+    report: tokio::io::unix::AsyncFd<OwnedFd>,
+    pidfd: OwnedFd,
+    limits: ResourceLimits,
+    stdio: CallStdio,
+) -> Result<ToolOutcome, SandboxError> {
+    let CallStdio {
+        child,
+        stdout,
+        stderr,
+        stdin_feed,
+    } = stdio;
+    drop(child);
+    if let Some((mut sender, bytes)) = stdin_feed {
+        tokio::spawn(async move {
+            // The child may exit without reading; a broken pipe is fine.
+            let _ = sender.write_all(&bytes).await;
+        });
+    }
+    let wall = Duration::from_millis(limits.wall_ms);
+    let cap = limits.output_bytes;
+    let (ended, stdout, stderr) = tokio::join!(
+        async {
+            let ended = wait_report(&report, wall).await;
+            match ended {
+                Ended::TimedOut => end_call(zygote, pidfd, true).await,
+                // The init kills them as it exits; the call is over when it
+                // has.
+                Ended::Exited {
+                    others_left: true, ..
+                } => end_call(zygote, pidfd, false).await,
+                _ => {}
+            }
+            ended
+        },
+        tokio::time::timeout(wall + DRAIN_GRACE, capture::read_capped(stdout, cap)),
+        tokio::time::timeout(wall + DRAIN_GRACE, capture::read_capped(stderr, cap)),
+    );
+    let ended_badly = match &ended {
+        Ended::Exited { status, .. } => *status != 0,
+        Ended::Lost { .. } => true,
+        Ended::TimedOut => false,
+    };
+    let oom = ended_badly && zygote.new_oom_kills();
+    let (stdout, out_cut) = stdout.unwrap_or((Vec::new(), true));
+    let (stderr, err_cut) = stderr.unwrap_or((Vec::new(), true));
+    let (status, cpu_ms, timed_out) = match ended {
+        Ended::Exited {
+            setup_error: Some(message),
+            ..
+        }
+        | Ended::Lost {
+            setup_error: Some(message),
+        } => return Err(SandboxError::Setup(message)),
+        Ended::Exited { status, cpu_ms, .. } => (
+            Some(std::process::ExitStatus::from_raw(status)),
+            Some(cpu_ms),
+            false,
+        ),
+        Ended::Lost { .. } => (None, None, false),
+        Ended::TimedOut => (None, None, true),
+    };
+    let mut outcome = ToolOutcome::from_output(&stdout, &stderr, out_cut || err_cut);
+    outcome.exit_code = None;
+    classify(&mut outcome, status, cpu_ms, timed_out, oom, &limits);
+    Ok(outcome)
+}
+
+/// Registers `fd` with tokio for readability.
+fn watch(fd: OwnedFd) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd keeps its one descriptor open, unchanged, for as
+    // long as the AsyncFd owns it.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(std::io::Error::from)
+}
+
+/// Reads the call's socket until the init reports the target's exit, the
+/// socket closes, or `wall` passes.
+async fn wait_report(report: &tokio::io::unix::AsyncFd<OwnedFd>, wall: Duration) -> Ended {
+    use std::os::fd::AsFd;
+    let deadline = tokio::time::Instant::now() + wall;
+    let mut setup_error = None;
+    loop {
+        let mut ready = match tokio::time::timeout_at(deadline, report.readable()).await {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(_)) => return Ended::Lost { setup_error },
+            Err(_) => return Ended::TimedOut,
+        };
+        match packet::recv(report.get_ref().as_fd(), true) {
+            Ok(Some(packet)) => match packet.decode::<spec::CallReport>() {
+                Ok(spec::CallReport::Exited {
+                    status,
+                    cpu_ms,
+                    others_left,
+                }) => {
+                    return Ended::Exited {
+                        status,
+                        cpu_ms,
+                        others_left,
+                        setup_error,
+                    }
+                }
+                Ok(spec::CallReport::SetupFailed { message }) => setup_error = Some(message),
+                Err(_) => {}
+            },
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => ready.clear_ready(),
+            Ok(None) | Err(_) => return Ended::Lost { setup_error },
+        }
+    }
+}
+
+/// Waits until a call's init is gone, and with it (the kernel kills what is
+/// left of its PID namespace as it exits) every process of the call; with
+/// `kill`, kills the init first. If that takes over two seconds, kills the
+/// zygote and with it everything it made.
+async fn end_call(zygote: &Zygote, pidfd: OwnedFd, kill: bool) {
+    let killed = if kill {
+        pool::kill_init(&pidfd)
+    } else {
+        Ok(())
+    };
+    let gone = match watch(pidfd) {
+        Ok(pidfd) => tokio::time::timeout(Duration::from_secs(2), pidfd.readable())
+            .await
+            .is_ok_and(|ready| ready.is_ok()),
+        Err(_) => false,
+    };
+    if !gone || killed.is_err() {
+        tracing::warn!("a call's processes did not end; killing its zygote");
+        zygote.terminate();
+    }
+}
+
+struct Request {
+    argv: Vec<String>,
+    code: Option<(&'static str, Vec<u8>)>,
+    stdin: Option<Vec<u8>>,
+}
+
+/// Fills in how the call ended. `cpu_ms` is the CPU time the target used
+/// (it tells the kernel's `RLIMIT_CPU` SIGKILL from any other).
+fn classify(
+    outcome: &mut ToolOutcome,
+    status: Option<std::process::ExitStatus>,
+    cpu_ms: Option<u64>,
+    timed_out: bool,
+    oom: bool,
+    limits: &ResourceLimits,
+) {
+    let limit_hit = |outcome: &mut ToolOutcome, limit: &str, message: String| {
+        outcome.status = Status::Killed;
+        outcome.limit = Some(limit.to_string());
+        outcome.error = Some(message);
+    };
+    if timed_out {
+        outcome.status = Status::Timeout;
+        outcome.limit = Some("wall_time".into());
+        outcome.error = Some(format!(
+            "timed out after {} ms; the whole process tree was killed",
+            limits.wall_ms
+        ));
+        return;
+    }
+    let Some(status) = status else {
+        outcome.status = Status::Error;
+        outcome.error = Some("lost track of the sandboxed process".into());
+        return;
+    };
+    if let Some(code) = status.code() {
+        outcome.exit_code = Some(code);
+        if code == 0 {
+            outcome.status = Status::Ok;
+        } else if oom {
+            limit_hit(
+                outcome,
+                "memory",
+                format!(
+                    "a process ran out of its {} MiB memory limit and was killed; exit code {code}",
+                    limits.memory_bytes >> 20
+                ),
+            );
+        } else {
+            outcome.status = Status::Failed;
+            outcome.error = Some(format!("exited with code {code}"));
+        }
+        return;
+    }
+    let signal = status.signal().unwrap_or(0);
+    outcome.signal = Some(signal);
+    let name = nix::sys::signal::Signal::try_from(signal)
+        .map_or_else(|_| format!("signal {signal}"), |s| s.as_str().to_string());
+    match signal {
+        libc::SIGXCPU => limit_hit(
+            outcome,
+            "cpu",
+            format!(
+                "killed by {name}: CPU time limit of {} s reached",
+                limits.cpu_seconds
+            ),
+        ),
+        libc::SIGXFSZ => limit_hit(
+            outcome,
+            "file_size",
+            format!(
+                "killed by {name}: file size limit of {} MiB reached",
+                limits.file_size_bytes >> 20
+            ),
+        ),
+        libc::SIGKILL if oom => limit_hit(
+            outcome,
+            "memory",
+            format!(
+                "killed by {name}: memory limit of {} MiB reached",
+                limits.memory_bytes >> 20
+            ),
+        ),
+        libc::SIGKILL if cpu_ms.is_some_and(|ms| ms >= limits.cpu_seconds * 1000) => limit_hit(
+            outcome,
+            "cpu",
+            format!(
+                "killed by {name}: CPU time hard limit of {} s reached",
+                limits.cpu_seconds + 1
+            ),
+        ),
+        _ => {
+            outcome.status = Status::Failed;
+            outcome.error = Some(format!("terminated by {name}"));
+        }
+    }
+}
+
+/// Finds `name` on the sandbox PATH, or checks an explicit path.
+fn resolve_program(name: &str) -> Result<PathBuf, SandboxError> {
+    if name.contains('/') {
+        let path = PathBuf::from(name);
+        return if path.is_absolute() && path.is_file() {
+            Ok(path)
+        } else {
+            Err(SandboxError::ProgramNotFound(name.to_string()))
+        };
+    }
+    SANDBOX_PATH
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| SandboxError::ProgramNotFound(name.to_string()))
+}
+
+/// The complete environment of sandboxed code whose home (and tmp) is
+/// `home`: nothing of the runtime's own environment passes.
+pub fn sandbox_environment(home: &Path) -> Vec<(String, String)> {
+    let home = home.display().to_string();
+    vec![
+        ("PATH".into(), SANDBOX_PATH.into()),
+        ("HOME".into(), home.clone()),
+        ("TMPDIR".into(), home),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("LC_ALL".into(), "C.UTF-8".into()),
+        ("TERM".into(), "dumb".into()),
+        ("PYTHONDONTWRITEBYTECODE".into(), "1".into()),
+        ("PYTHONIOENCODING".into(), "utf-8".into()),
+    ]
+}
+
+/// Whether `path` (canonical) lies in a system folder every call may read
+/// already (an interpreter's prefix usually does: `/usr`), so that it needs
+/// no rule of its own.
+fn covered_by_base(path: &Path) -> bool {
+    SYSTEM_READ_ONLY.iter().any(|base| path.starts_with(base))
+}
+
+/// The read-only paths every call of a zygote with `network` gets.
+fn base_read_only(network: NetworkMode) -> Vec<PathBuf> {
+    let mut read_only: Vec<PathBuf> = SYSTEM_READ_ONLY.iter().map(PathBuf::from).collect();
+    read_only.extend(python_etc_dirs().iter().cloned());
+    if network != NetworkMode::None {
+        read_only.extend(NETWORK_READ_ONLY.iter().map(PathBuf::from));
+    }
+    read_only
+}
+
+/// Device files every call may read.
+const READ_ONLY_DEVICES: &[&str] = &["/dev/urandom", "/dev/random", "/dev/zero"];
+
+/// Device files every call may write.
+const READ_WRITE_DEVICES: &[&str] = &["/dev/null"];
+
+/// Debian keeps Python's `sitecustomize` under `/etc/python3.*`.
+fn python_etc_dirs() -> &'static [PathBuf] {
+    static DIRS: OnceLock<Vec<PathBuf>> = OnceLock::new();
+    DIRS.get_or_init(|| {
+        std::fs::read_dir("/etc")
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_name().as_bytes().starts_with(b"python3"))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// The uid/gid sandboxed code runs as (in both sandboxes; `workspace` is
+/// canonical). Never 0: a root runtime uses the workspace owner, or shares
+/// a root-owned workspace with the dedicated sandbox uid. Blocking (the
+/// first call for a root-owned workspace walks it).
+pub(crate) fn sandbox_identity(workspace: &Path) -> std::io::Result<(u32, u32)> {
+    let euid = nix::unistd::geteuid().as_raw();
+    let id = sandbox_id();
+    if euid != 0 {
+        let egid = nix::unistd::getegid().as_raw();
+        return Ok((euid, if egid == 0 { id } else { egid }));
+    }
+    let meta = std::fs::metadata(workspace)?;
+    if meta.uid() != 0 {
+        return Ok((meta.uid(), if meta.gid() == 0 { id } else { meta.gid() }));
+    }
+    if !grant::is_granted(workspace, id) {
+        // Checked before the one walk that shares it (it reads the user
+        // database, so not on every call).
+        grant::refuse_unsafe_root(workspace)?;
+        tracing::info!(workspace = %workspace.display(), "sharing the root-owned workspace with the sandbox uid {id} (POSIX ACLs; owners stay as they are; hard-linked files are left out) so sandboxed code can write it without root");
+        grant::grant_tree(workspace, id)?;
+    }
+    Ok((id, id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signalled(signal: i32) -> Option<std::process::ExitStatus> {
+        Some(std::process::ExitStatus::from_raw(signal))
+    }
+
+    fn exited(code: i32) -> Option<std::process::ExitStatus> {
+        Some(std::process::ExitStatus::from_raw(code << 8))
+    }
+
+    /// (case, status, cpu_ms, timed_out, oom) → (status, limit)
+    #[test]
+    fn endings_are_classified_by_what_caused_them() {
+        let limits = ResourceLimits::default();
+        let cpu_limit_ms = limits.cpu_seconds * 1000;
+        type Case = (
+            &'static str,
+            Option<std::process::ExitStatus>,
+            Option<u64>,
+            bool,
+            bool,
+            Status,
+            Option<&'static str>,
+        );
+        let cases: &[Case] = &[
+            (
+                "clean exit",
+                exited(0),
+                Some(5),
+                false,
+                false,
+                Status::Ok,
+                None,
+            ),
+            (
+                "failing exit",
+                exited(3),
+                Some(5),
+                false,
+                false,
+                Status::Failed,
+                None,
+            ),
+            (
+                "exit after an OOM kill",
+                exited(137),
+                Some(5),
+                false,
+                true,
+                Status::Killed,
+                Some("memory"),
+            ),
+            (
+                "wall clock",
+                None,
+                None,
+                true,
+                false,
+                Status::Timeout,
+                Some("wall_time"),
+            ),
+            (
+                "SIGXCPU",
+                signalled(libc::SIGXCPU),
+                Some(cpu_limit_ms),
+                false,
+                false,
+                Status::Killed,
+                Some("cpu"),
+            ),
+            (
+                "SIGXFSZ",
+                signalled(libc::SIGXFSZ),
+                Some(5),
+                false,
+                false,
+                Status::Killed,
+                Some("file_size"),
+            ),
+            (
+                "SIGKILL by the memory controller",
+                signalled(libc::SIGKILL),
+                Some(5),
+                false,
+                true,
+                Status::Killed,
+                Some("memory"),
+            ),
+            (
+                "SIGKILL at the CPU hard limit",
+                signalled(libc::SIGKILL),
+                Some(cpu_limit_ms + 1000),
+                false,
+                false,
+                Status::Killed,
+                Some("cpu"),
+            ),
+            (
+                "SIGKILL from the code itself",
+                signalled(libc::SIGKILL),
+                Some(3),
+                false,
+                false,
+                Status::Failed,
+                None,
+            ),
+            (
+                "SIGSEGV",
+                signalled(libc::SIGSEGV),
+                Some(3),
+                false,
+                false,
+                Status::Failed,
+                None,
+            ),
+            ("lost", None, None, false, false, Status::Error, None),
+        ];
+        for (case, status, cpu_ms, timed_out, oom, want_status, want_limit) in cases {
+            let mut outcome = ToolOutcome::from_output(b"", b"", false);
+            outcome.exit_code = None;
+            classify(&mut outcome, *status, *cpu_ms, *timed_out, *oom, &limits);
+            assert_eq!(outcome.status, *want_status, "{case}: {outcome:?}");
+            assert_eq!(outcome.limit.as_deref(), *want_limit, "{case}: {outcome:?}");
+        }
+    }
+}

@@ -1,9 +1,0 @@
-//! Sandboxes that run untrusted code.
-//!
-//! * [`process`]: a subprocess under landlock, seccomp, namespaces, rlimits
-//!   and (where writable) a cgroup.
-//! * `wasi` (feature `wasi`): CPython and QuickJS in wasmtime.
-
-pub mod process;
-#[cfg(feature = "wasi")]
-pub mod wasi;

@@ -1,0 +1,13 @@
+//! The types every Stack Runtime crate shares: chat messages and tool calls,
+//! a tool call's outcome and status, and the languages code runs in. No
+//! crate of the runtime is below this one; it depends on serde alone.
+
+#![warn(missing_docs)]
+
+mod language;
+pub mod message;
+pub mod outcome;
+
+pub use language::{Language, ScriptRuntime};
+pub use message::{Message, Role, ToolCall};
+pub use outcome::{Status, ToolOutcome};
