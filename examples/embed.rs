@@ -5,6 +5,7 @@
 //! cargo run --release --example embed
 //! ```
 
+use futures::StreamExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -71,29 +72,25 @@ async fn main() -> anyhow::Result<()> {
         max_steps: 2,
         ..SessionConfig::default()
     };
-    let mut session = runtime.session(config)?;
-    let (mut events, turn) = session.send("How many units of SKU-1 do we have?");
-    let show = async {
-        while let Some(event) = events.next().await {
-            match event {
-                Event::ToolCallProposed { call } => println!(
-                    "[tool call] {}({})",
-                    call.function.name, call.function.arguments
-                ),
-                Event::ToolFinished { name, outcome, .. } => println!(
-                    "[tool result] {name}: {} {}",
-                    outcome.status.as_str(),
-                    outcome.to_model_text().trim()
-                ),
-                Event::TurnFinished { reason, steps, .. } => {
-                    println!("[turn finished] {reason} after {steps} step(s)")
-                }
-                Event::Error { message } => println!("[error] {message}"),
-                _ => {}
+    let session = runtime.session(config).await?;
+    let mut turn = session.send("How many units of SKU-1 do we have?");
+    while let Some(event) = turn.next().await {
+        match event {
+            Event::ToolCallProposed { call } => println!(
+                "[tool call] {}({})",
+                call.function.name, call.function.arguments
+            ),
+            Event::ToolFinished { name, outcome, .. } => println!(
+                "[tool result] {name}: {} {}",
+                outcome.status.as_str(),
+                outcome.to_model_text().trim()
+            ),
+            Event::TurnFinished { reason, steps, .. } => {
+                println!("[turn finished] {reason} after {steps} step(s)")
             }
+            Event::Error { message } => println!("[error] {message}"),
+            _ => {}
         }
-    };
-    let (result, ()) = tokio::join!(turn, show);
-    result?;
+    }
     Ok(())
 }

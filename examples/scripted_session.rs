@@ -5,6 +5,7 @@
 //! cargo run --release --example scripted_session
 //! ```
 
+use futures::StreamExt;
 use stack_runtime::agent::{Runtime, SessionConfig};
 use stack_runtime::model::llama::{Model, ModelOptions, SamplingOptions};
 use stack_runtime::model::ToolChoice;
@@ -42,17 +43,13 @@ async fn main() -> anyhow::Result<()> {
             max_steps: 2,
             ..SessionConfig::default()
         };
-        let mut session = runtime.session(config)?;
-        let (mut events, turn) = session.send(prompt);
-        let print = async {
-            while let Some(event) = events.next().await {
-                if !matches!(event, stack_runtime::agent::Event::Token { .. }) {
-                    println!("{}", serde_json::to_string(&event).unwrap_or_default());
-                }
+        let session = runtime.session(config).await?;
+        let mut turn = session.send(prompt);
+        while let Some(event) = turn.next().await {
+            if !matches!(event, stack_runtime::agent::Event::Token { .. }) {
+                println!("{}", serde_json::to_string(&event).unwrap_or_default());
             }
-        };
-        let (result, ()) = tokio::join!(turn, print);
-        result?;
+        }
     }
     Ok(())
 }

@@ -6,7 +6,9 @@ mod common;
 
 use std::sync::{Arc, OnceLock};
 
-use stack_runtime::agent::{export_chatml, read_transcript, Event, Runtime, SessionConfig};
+use stack_runtime::agent::{
+    export_chatml, read_transcript, Event, Runtime, SessionConfig, TurnEnd,
+};
 use stack_runtime::message::Role;
 use stack_runtime::model::llama::{Model, ModelOptions, SamplingOptions};
 use stack_runtime::model::ToolChoice;
@@ -26,17 +28,8 @@ fn model() -> Arc<Model> {
 }
 
 async fn collect(session: &mut stack_runtime::agent::Session, text: &str) -> Vec<Event> {
-    let (mut stream, turn) = session.send(text);
-    let gather = async {
-        let mut events = Vec::new();
-        while let Some(event) = stream.next().await {
-            events.push(event);
-        }
-        events
-    };
-    let (result, events) = tokio::join!(turn, gather);
-    result.expect("turn");
-    events
+    use futures::StreamExt;
+    session.send(text).collect().await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -68,7 +61,7 @@ async fn a_prompt_leads_to_a_validated_executed_call_whose_result_reaches_the_mo
         max_steps: 2,
         ..SessionConfig::default()
     };
-    let mut session = runtime.session(config).expect("session");
+    let mut session = runtime.session(config).await.expect("session");
     let events = collect(
         &mut session,
         "Read the file notes.txt and tell me what it says.",
@@ -111,7 +104,7 @@ async fn a_prompt_leads_to_a_validated_executed_call_whose_result_reaches_the_mo
     };
     assert!(*steps >= 1 && counters.generated > 0);
     // The result went back to the model as a tool message answering the call.
-    let messages = session.messages();
+    let messages = session.messages().await;
     let tool_message = messages
         .iter()
         .find(|m| m.role == Role::Tool)
@@ -154,9 +147,12 @@ async fn a_prompt_leads_to_a_validated_executed_call_whose_result_reaches_the_mo
         },
         ..SessionConfig::default()
     };
-    session.save_state().expect("save the KV cache");
-    let mut resumed = runtime.session(resumed_config.clone()).expect("resume");
-    assert_eq!(resumed.messages(), session.messages());
+    session.save_state().await.expect("save the KV cache");
+    let mut resumed = runtime
+        .session(resumed_config.clone())
+        .await
+        .expect("resume");
+    assert_eq!(resumed.messages().await, session.messages().await);
     collect(&mut resumed, "Thanks.").await;
     let events = collect(&mut resumed, "One more thing.").await;
     let Some(Event::TurnFinished { counters, .. }) = events.last() else {
@@ -171,6 +167,7 @@ async fn a_prompt_leads_to_a_validated_executed_call_whose_result_reaches_the_mo
             resume: Some("no-such-session".into()),
             ..resumed_config
         })
+        .await
         .is_err());
 }
 
@@ -195,7 +192,7 @@ async fn denials_and_failures_go_back_to_the_model_and_repeats_stop_the_turn() {
         max_steps: 1,
         ..SessionConfig::default()
     };
-    let mut session = runtime.session(config).expect("session");
+    let mut session = runtime.session(config).await.expect("session");
     let events = collect(&mut session, "Write hello to hello.txt").await;
     let outcome = events
         .iter()
@@ -214,7 +211,8 @@ async fn denials_and_failures_go_back_to_the_model_and_repeats_stop_the_turn() {
         .any(|e| matches!(e, Event::ApprovalNeeded { .. })));
     let tool_message = session
         .messages()
-        .iter()
+        .await
+        .into_iter()
         .rev()
         .find(|m| m.role == Role::Tool)
         .expect("tool message");
@@ -231,6 +229,73 @@ async fn denials_and_failures_go_back_to_the_model_and_repeats_stop_the_turn() {
         "nothing was written"
     );
     assert!(
-        matches!(events.last(), Some(Event::TurnFinished { reason, .. }) if reason == "step_limit")
+        matches!(events.last(), Some(Event::TurnFinished { reason, .. }) if *reason == TurnEnd::StepLimit)
+    );
+}
+
+/// The turn is a stream that drives itself: cancelling its token stops it
+/// with a `cancelled` end, dropping the stream stops it too, and the
+/// session then runs the next turn as usual.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_turn_stops_when_cancelled_or_dropped_and_the_session_goes_on() {
+    use futures::StreamExt;
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let runtime = Runtime::builder()
+        .model(model())
+        .policy(Policy::preset("default").expect("policy"))
+        .workspace(workspace.path())
+        .transcripts(None)
+        .build()
+        .expect("runtime");
+    let config = SessionConfig {
+        tool_choice: ToolChoice::None,
+        sampling: SamplingOptions {
+            temperature: 0.0,
+            max_tokens: 1500,
+            ..SamplingOptions::default()
+        },
+        max_steps: 1,
+        ..SessionConfig::default()
+    };
+    let session = runtime.session(config).await.expect("session");
+    let long = "Count from 1 to 1000, one number per line.";
+    // Cancel after the first token: the turn still ends with its own event.
+    let mut turn = session.send(long);
+    let mut events = Vec::new();
+    while let Some(event) = turn.next().await {
+        if matches!(event, Event::Token { .. }) && !turn.cancellation().is_cancelled() {
+            turn.cancellation().cancel();
+        }
+        events.push(event);
+    }
+    let Some(Event::TurnFinished {
+        reason, counters, ..
+    }) = events.last()
+    else {
+        panic!("the last event is turn_finished: {events:?}")
+    };
+    assert_eq!(*reason, TurnEnd::Cancelled, "{events:?}");
+    assert!(counters.generated < 200, "generation stopped early: {counters:?}");
+    // Drop the stream after the first token: the session's totals show the
+    // generation stopped there too.
+    let before = session.totals().await.generated;
+    let mut dropped = session.send(long);
+    while let Some(event) = dropped.next().await {
+        if matches!(event, Event::Token { .. }) {
+            break;
+        }
+    }
+    drop(dropped);
+    let after = session.totals().await.generated;
+    assert!(after - before < 200, "a dropped turn stops: {before} → {after}");
+    // The session goes on.
+    let events: Vec<Event> = session.send("Say hi.").collect().await;
+    assert!(
+        matches!(events.last(), Some(Event::TurnFinished { .. })),
+        "{events:?}"
+    );
+    assert!(
+        !session.messages().await.is_empty(),
+        "the conversation is kept"
     );
 }

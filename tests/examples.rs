@@ -87,3 +87,17 @@ fn validate_and_run_shows_validation_policy_and_redaction() {
     assert!(out.contains("the secrets folder is off limits"), "{out}");
     assert!(out.contains("Did you mean `read_file`?"), "{out}");
 }
+
+/// The async API on the real model: the turn is consumed as a `Stream`, the
+/// approval is answered from another task, and the approved call ran.
+#[test]
+fn stream_and_approve_answers_from_another_task() {
+    let (ok, out) = example("stream_and_approve");
+    assert!(ok, "{out}");
+    assert!(out.contains("[approval needed] write_file"), "{out}");
+    assert!(out.contains("[approval asked] write_file("), "{out}");
+    assert!(out.contains("[tool result] write_file: ok"), "{out}");
+    assert!(out.contains("[approvals answered] 1"), "{out}");
+    assert!(out.contains("[turn finished]"), "{out}");
+    assert!(!out.contains("[workspace] \n"), "a file was written: {out}");
+}

@@ -467,28 +467,41 @@ fn approval_paths_yes_no_always_and_none() {
     assert!(dir.path().join("granted.txt").exists() && !dir.path().join("revoked.txt").exists());
 }
 
-#[test]
-fn a_channel_approver_waits_for_the_host() {
+/// Approvals are asynchronous: the host answers from a task of its own
+/// while the gate awaits, and no runtime thread is held meanwhile (this
+/// runs on a current-thread runtime, where a blocking wait would hang).
+#[tokio::test(flavor = "current_thread")]
+async fn a_channel_approver_is_answered_from_another_task() {
     let policy = Policy::preset("default").expect("default");
     let registry = Registry::with_builtins();
-    let (approver, requests) = ChannelApprover::new();
-    let host = std::thread::spawn(move || {
-        let (request, reply) = requests.recv().expect("a request");
-        assert_eq!(request.tool, "write_file");
-        reply.send(ApprovalAnswer::Yes).expect("reply");
+    let (approver, mut requests) = ChannelApprover::new();
+    let host = tokio::spawn(async move {
+        let pending = requests.recv().await.expect("a request");
+        assert_eq!(pending.request.tool, "write_file");
+        pending.answer(ApprovalAnswer::Yes);
+        // A request dropped unanswered is a no.
+        let dropped = requests.recv().await.expect("a second request");
+        drop(dropped);
     });
-    let call = registry
-        .validate(&ToolCall::function(
-            "c",
-            "write_file",
-            r#"{"path": "a", "content": "b"}"#,
-        ))
-        .expect("valid");
+    let validate = || {
+        registry
+            .validate(&ToolCall::function(
+                "c",
+                "write_file",
+                r#"{"path": "a", "content": "b"}"#,
+            ))
+            .expect("valid")
+    };
     let authorized = policy
-        .authorize(call, Some(&approver), &Grants::default())
+        .authorize(validate(), Some(&approver), &Grants::default())
+        .await
         .expect("approved over the channel");
     assert_eq!(authorized.approval(), Some(ApprovalAnswer::Yes));
-    host.join().expect("host thread");
+    let refused = policy
+        .authorize(validate(), Some(&approver), &Grants::default())
+        .await;
+    assert!(refused.is_err(), "an unanswered request is refused");
+    host.await.expect("host task");
 }
 
 #[test]

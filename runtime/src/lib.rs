@@ -10,6 +10,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use futures::StreamExt;
 //! use stack_runtime::agent::{Runtime, SessionConfig};
 //! use stack_runtime::model::llama::{Model, ModelOptions};
 //! use stack_runtime::policy::Policy;
@@ -19,11 +20,11 @@
 //!     .policy(Policy::preset("default")?)
 //!     .workspace("/tmp/ws")
 //!     .build()?;
-//! let mut session = runtime.session(SessionConfig::default())?;
-//! let (mut events, turn) = session.send("What files are here?");
-//! let print = async { while let Some(event) = events.next().await { println!("{event:?}") } };
-//! let (result, ()) = tokio::join!(turn, print);
-//! result?;
+//! let session = runtime.session(SessionConfig::default()).await?;
+//! let mut turn = session.send("What files are here?");
+//! while let Some(event) = turn.next().await {
+//!     println!("{event:?}");
+//! }
 //! # Ok(()) }
 //! ```
 //!

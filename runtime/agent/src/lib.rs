@@ -27,13 +27,16 @@ pub use transcript::{export_chatml, list_sessions, read_transcript, TranscriptEr
 use stack_core::dispatch;
 use stack_core::dispatch::ToolContext;
 use stack_core::gate::{Admission, Gate};
-use stack_core::policy::{ApprovalAnswer, ApprovalHandler, ApprovalRequest, Policy, PolicyError};
+use stack_core::policy::{
+    ApprovalAnswer, ApprovalHandler, ApprovalRequest, Grants, Policy, PolicyError,
+};
 use stack_core::tools::{LoadDiagnostic, RegisterError, Registry};
 use stack_core::workspace::{Workspace, WorkspaceError};
 use stack_model::llama::{Counters, Model, ModelError, SamplingOptions};
 use stack_model::ToolChoice;
 use stack_types::message::{Message, ToolCall};
 use stack_types::outcome::{Status, ToolOutcome};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use worker::ModelWorker;
 
@@ -101,11 +104,10 @@ pub enum Event {
         /// Its outcome (redacted).
         outcome: ToolOutcome,
     },
-    /// The turn ended.
+    /// The turn ended: always the last event of a turn.
     TurnFinished {
-        /// Why: `answered`, `step_limit`, `repeated_failures`, `budget`,
-        /// `cancelled` or `error`.
-        reason: String,
+        /// Why.
+        reason: TurnEnd,
         /// Model steps taken.
         steps: u32,
         /// Token counters for this turn.
@@ -116,6 +118,46 @@ pub enum Event {
         /// What.
         message: String,
     },
+}
+
+/// Why a turn ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum TurnEnd {
+    /// The model answered without calling a tool.
+    Answered,
+    /// The turn used its `max_steps` model steps.
+    StepLimit,
+    /// The same call failed `max_repeated_failures` times.
+    RepeatedFailures,
+    /// A session budget ran out.
+    Budget,
+    /// The host cancelled it (the token, or dropping the stream).
+    Cancelled,
+    /// Something failed; an [`Event::Error`] said what. The session is
+    /// still usable.
+    Error,
+}
+
+impl TurnEnd {
+    /// Its name, as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TurnEnd::Answered => "answered",
+            TurnEnd::StepLimit => "step_limit",
+            TurnEnd::RepeatedFailures => "repeated_failures",
+            TurnEnd::Budget => "budget",
+            TurnEnd::Cancelled => "cancelled",
+            TurnEnd::Error => "error",
+        }
+    }
+}
+
+impl std::fmt::Display for TurnEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// How a session runs.
@@ -298,9 +340,11 @@ impl Runtime {
         self.transcripts.as_deref()
     }
 
-    /// Opens a session (or resumes a saved one).
-    pub fn session(&self, config: SessionConfig) -> Result<Session, AgentError> {
-        let worker = ModelWorker::spawn(Arc::clone(&self.model))?;
+    /// Opens a session (or resumes a saved one). The model context is made
+    /// on the session's own model thread; this waits for it without
+    /// blocking the caller's thread.
+    pub async fn session(&self, config: SessionConfig) -> Result<Session, AgentError> {
+        let worker = ModelWorker::spawn(Arc::clone(&self.model)).await?;
         let ctx = ToolContext::new(Workspace::open(&self.workspace)?);
         let (id, mut messages) = match &config.resume {
             Some(id) => {
@@ -332,27 +376,34 @@ impl Runtime {
             id.clone(),
         )
         .with_approver(Arc::clone(&relay) as Arc<dyn ApprovalHandler>);
-        let mut session = Session {
-            id: id.clone(),
+        let cancel = Arc::new(AtomicBool::new(false));
+        let grants = gate.grants().clone();
+        let mut state = SessionState {
             messages: Vec::new(),
             gate,
             relay,
-            ctx,
+            ctx: ctx.clone(),
             worker,
             config,
             transcript,
             state_path,
             pending_restore,
-            cancel: Arc::new(AtomicBool::new(false)),
+            cancel: Arc::clone(&cancel),
         };
         if messages.is_empty() {
-            if let Some(system) = session.config.system_prompt.clone() {
-                session.record(Message::system(system))?;
+            if let Some(system) = state.config.system_prompt.clone() {
+                state.record(Message::system(system))?;
             }
         } else {
-            session.messages.append(&mut messages);
+            state.messages.append(&mut messages);
         }
-        Ok(session)
+        Ok(Session {
+            id,
+            state: Arc::new(tokio::sync::Mutex::new(state)),
+            cancel,
+            grants,
+            ctx,
+        })
     }
 }
 
@@ -364,9 +415,19 @@ fn new_session_id() -> String {
     )
 }
 
-/// One conversation.
+/// One conversation. Cheap to share between tasks: its state lives behind
+/// an async lock that a running turn holds, so turns sent while one runs
+/// wait their turn, and the accessors below wait for a running turn.
 pub struct Session {
     id: String,
+    state: Arc<tokio::sync::Mutex<SessionState>>,
+    cancel: Arc<AtomicBool>,
+    grants: Grants,
+    ctx: ToolContext,
+}
+
+/// What a session owns; a turn's task holds it while the turn runs.
+struct SessionState {
     messages: Vec<Message>,
     gate: Gate,
     relay: Arc<ApprovalRelay>,
@@ -381,10 +442,13 @@ pub struct Session {
     cancel: Arc<AtomicBool>,
 }
 
-impl Drop for Session {
+impl Drop for SessionState {
+    /// Saves the KV cache for a later resume without waiting: the model
+    /// thread writes it after its last job and then ends (best effort; see
+    /// `ModelWorker::save_detached`). Never blocks the dropping thread.
     fn drop(&mut self) {
-        if let Err(err) = self.save_state() {
-            tracing::warn!(%err, "the KV cache was not saved; a resumed session will evaluate its prompt again");
+        if let Some(path) = self.state_path.clone() {
+            self.worker.save_detached(path);
         }
     }
 }
@@ -392,37 +456,77 @@ impl Drop for Session {
 /// Forwards approval requests to the host's handler, emitting an event first.
 struct ApprovalRelay {
     inner: Option<Arc<dyn ApprovalHandler>>,
-    events: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Event>>>,
+    events: std::sync::Mutex<Option<EventSink>>,
 }
 
 impl ApprovalHandler for ApprovalRelay {
-    fn approve(&self, request: &ApprovalRequest) -> ApprovalAnswer {
-        if let Some(events) = self
-            .events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            let _ = events.send(Event::ApprovalNeeded {
-                request: request.clone(),
-            });
-        }
-        match &self.inner {
-            Some(handler) => handler.approve(request),
-            None => ApprovalAnswer::No,
-        }
+    fn approve<'a>(
+        &'a self,
+        request: &'a ApprovalRequest,
+    ) -> futures::future::BoxFuture<'a, ApprovalAnswer> {
+        Box::pin(async move {
+            let events = self
+                .events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(events) = events {
+                events
+                    .emit(Event::ApprovalNeeded {
+                        request: request.clone(),
+                    })
+                    .await;
+            }
+            match &self.inner {
+                Some(handler) => handler.approve(request).await,
+                None => ApprovalAnswer::No,
+            }
+        })
     }
 }
 
-/// A turn's events; `next().await` yields them until the turn ends.
-pub struct EventStream {
-    receiver: tokio::sync::mpsc::UnboundedReceiver<Event>,
+/// Where a turn's events go: a bounded channel, so a host that reads
+/// slowly slows the turn down (backpressure) instead of queueing without
+/// end. A host that stopped reading (dropped the stream) loses the rest.
+#[derive(Clone)]
+struct EventSink(tokio::sync::mpsc::Sender<Event>);
+
+impl EventSink {
+    async fn emit(&self, event: Event) {
+        let _ = self.0.send(event).await;
+    }
 }
 
-impl EventStream {
-    /// The next event, or `None` after the turn ended.
-    pub async fn next(&mut self) -> Option<Event> {
-        self.receiver.recv().await
+/// How many events a turn may have sent ahead of its reader.
+const EVENT_BUFFER: usize = 256;
+
+/// One turn: a [`Stream`](futures::Stream) of its [`Event`]s, ending with
+/// [`Event::TurnFinished`]. The turn runs in a task of its own, whether or
+/// not the stream is polled (up to [`EVENT_BUFFER`] events ahead).
+/// Dropping the stream, or cancelling [`Turn::cancellation`], cancels the
+/// turn: generation stops, running tools are killed, and the session stays
+/// usable for the next turn.
+pub struct Turn {
+    events: tokio::sync::mpsc::Receiver<Event>,
+    cancel: CancellationToken,
+    _cancel_on_drop: tokio_util::sync::DropGuard,
+}
+
+impl Turn {
+    /// A token that cancels this turn.
+    pub fn cancellation(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+}
+
+impl futures::Stream for Turn {
+    type Item = Event;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Event>> {
+        self.events.poll_recv(cx)
     }
 }
 
@@ -432,14 +536,14 @@ impl Session {
         &self.id
     }
 
-    /// The conversation so far.
-    pub fn messages(&self) -> &[Message] {
-        &self.messages
+    /// The conversation so far (waits for a running turn).
+    pub async fn messages(&self) -> Vec<Message> {
+        self.state.lock().await.messages.clone()
     }
 
-    /// The gate (grants, budgets, policy) of this session.
-    pub fn gate(&self) -> &Gate {
-        &self.gate
+    /// The session's `always` grants (shared with its gate).
+    pub fn grants(&self) -> &Grants {
+        &self.grants
     }
 
     /// The session's tool context (workspace, sandboxes).
@@ -447,39 +551,109 @@ impl Session {
         &self.ctx
     }
 
-    /// A flag that, once set, stops the current generation or turn.
+    /// A flag that, once set, stops the current generation or turn (as
+    /// cancelling its [`Turn::cancellation`] does).
     pub fn cancel_token(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.cancel)
     }
 
-    /// Token counters over the session.
+    /// Token counters over the session (waits for a running turn).
     pub async fn totals(&self) -> Counters {
-        self.worker.totals().await
+        self.state.lock().await.worker.totals().await
     }
 
     /// Saves the KV cache next to the transcript, so that a resumed session
-    /// reuses it on its next turn. Also done when the session is dropped.
-    pub fn save_state(&self) -> Result<(), AgentError> {
-        match &self.state_path {
-            Some(path) => Ok(self.worker.save_blocking(path.clone())?),
+    /// reuses it on its next turn, and waits until it is written. Dropping
+    /// the session also saves it, without waiting.
+    pub async fn save_state(&self) -> Result<(), AgentError> {
+        let state = self.state.lock().await;
+        match &state.state_path {
+            Some(path) => Ok(state.worker.save(path.clone()).await?),
             None => Ok(()),
         }
     }
 
     /// Forgets the conversation (the system prompt stays).
-    pub fn reset(&mut self) {
-        self.messages
+    pub async fn reset(&self) {
+        let mut state = self.state.lock().await;
+        state
+            .messages
             .retain(|m| m.role == stack_types::message::Role::System);
-        self.worker.clear();
+        state.worker.clear();
     }
 
-    /// Runs one user turn, sending events to `events` as they happen.
-    pub async fn send_with(
+    /// Runs one user turn in a task of its own and returns its events as a
+    /// [`Turn`] stream. Needs a Tokio runtime; outside one the stream says
+    /// so and ends.
+    pub fn send(&self, text: impl Into<String>) -> Turn {
+        let (sender, receiver) = tokio::sync::mpsc::channel(EVENT_BUFFER);
+        let cancel = CancellationToken::new();
+        let turn = Turn {
+            events: receiver,
+            cancel: cancel.clone(),
+            _cancel_on_drop: cancel.clone().drop_guard(),
+        };
+        let events = EventSink(sender);
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            let _ = events.0.try_send(Event::Error {
+                message: "Session::send needs a Tokio runtime".into(),
+            });
+            let _ = events.0.try_send(Event::TurnFinished {
+                reason: TurnEnd::Error,
+                steps: 0,
+                counters: Counters::default(),
+            });
+            return turn;
+        };
+        let (state, flag, text) = (
+            Arc::clone(&self.state),
+            Arc::clone(&self.cancel),
+            text.into(),
+        );
+        handle.spawn(async move {
+            let mut state = state.lock_owned().await;
+            // The token and the session's flag both stop the turn; a flag
+            // left set by an earlier cancellation does not stop this one.
+            flag.store(false, Ordering::SeqCst);
+            let watcher = tokio::spawn({
+                let (cancel, flag) = (cancel.clone(), Arc::clone(&flag));
+                async move {
+                    cancel.cancelled().await;
+                    flag.store(true, Ordering::SeqCst);
+                }
+            });
+            let ended = state.run(&text, &events).await;
+            watcher.abort();
+            let (reason, steps, counters) = match ended {
+                Ok(ended) => ended,
+                Err(err) => {
+                    events
+                        .emit(Event::Error {
+                            message: err.to_string(),
+                        })
+                        .await;
+                    (TurnEnd::Error, 0, Counters::default())
+                }
+            };
+            events
+                .emit(Event::TurnFinished {
+                    reason,
+                    steps,
+                    counters,
+                })
+                .await;
+        });
+        turn
+    }
+}
+
+impl SessionState {
+    /// Runs one user turn, sending events as they happen.
+    async fn run(
         &mut self,
         text: &str,
-        events: &tokio::sync::mpsc::UnboundedSender<Event>,
-    ) -> Result<(), AgentError> {
-        self.cancel.store(false, Ordering::SeqCst);
+        events: &EventSink,
+    ) -> Result<(TurnEnd, u32, Counters), AgentError> {
         if std::mem::take(&mut self.pending_restore) {
             if let Some(path) = self.state_path.clone() {
                 if let Err(err) = self.worker.load(path).await {
@@ -495,34 +669,14 @@ impl Session {
         result
     }
 
-    /// Runs one user turn and returns its events as a stream.
-    pub fn send<'a>(
-        &'a mut self,
-        text: &'a str,
-    ) -> (
-        EventStream,
-        impl std::future::Future<Output = Result<(), AgentError>> + 'a,
-    ) {
-        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
-        let turn = async move { self.send_with(text, &sender).await };
-        (EventStream { receiver }, turn)
-    }
-
     async fn run_turn(
         &mut self,
-        events: &tokio::sync::mpsc::UnboundedSender<Event>,
-    ) -> Result<(), AgentError> {
+        events: &EventSink,
+    ) -> Result<(TurnEnd, u32, Counters), AgentError> {
         let tools = self.gate.registry().openai_tools();
         let mut counters = Counters::default();
         let mut failures: Vec<(String, String)> = Vec::new();
         let mut steps = 0;
-        let finish = |reason: &str, steps: u32, counters: Counters| {
-            let _ = events.send(Event::TurnFinished {
-                reason: reason.to_string(),
-                steps,
-                counters,
-            });
-        };
         while steps < self.config.max_steps {
             steps += 1;
             let choice = if steps == 1 {
@@ -537,7 +691,7 @@ impl Session {
                 let events = events.clone();
                 tokio::spawn(async move {
                     while let Some(text) = token_rx.recv().await {
-                        let _ = events.send(Event::Token { text });
+                        events.emit(Event::Token { text }).await;
                     }
                 })
             };
@@ -556,11 +710,12 @@ impl Session {
             let generation = match generation {
                 Ok(generation) => generation,
                 Err(err) => {
-                    let _ = events.send(Event::Error {
-                        message: err.to_string(),
-                    });
-                    finish("error", steps, counters);
-                    return Ok(());
+                    events
+                        .emit(Event::Error {
+                            message: err.to_string(),
+                        })
+                        .await;
+                    return Ok((TurnEnd::Error, steps, counters));
                 }
             };
             counters.prompt_evaluated += generation.counters.prompt_evaluated;
@@ -573,14 +728,12 @@ impl Session {
                 Message::assistant_tool_calls(generation.turn.content.clone(), calls.clone())
             };
             self.record(message.clone())?;
-            let _ = events.send(Event::AssistantMessage { message });
+            events.emit(Event::AssistantMessage { message }).await;
             if self.cancel.load(Ordering::SeqCst) {
-                finish("cancelled", steps, counters);
-                return Ok(());
+                return Ok((TurnEnd::Cancelled, steps, counters));
             }
             if calls.is_empty() {
-                finish("answered", steps, counters);
-                return Ok(());
+                return Ok((TurnEnd::Answered, steps, counters));
             }
             // Decide every call first, in order (approval prompts come one
             // at a time), then run the admitted ones concurrently.
@@ -589,21 +742,27 @@ impl Session {
             let mut task_calls: std::collections::HashMap<tokio::task::Id, usize> =
                 std::collections::HashMap::new();
             for (index, call) in calls.iter().enumerate() {
-                let _ = events.send(Event::ToolCallProposed { call: call.clone() });
-                match self.gate.admit(call) {
+                events
+                    .emit(Event::ToolCallProposed { call: call.clone() })
+                    .await;
+                match self.gate.admit(call).await {
                     Admission::Refused(outcome) => {
-                        let _ = events.send(Event::ToolFinished {
-                            id: call.id.clone(),
-                            name: call.function.name.clone(),
-                            outcome: outcome.clone(),
-                        });
+                        events
+                            .emit(Event::ToolFinished {
+                                id: call.id.clone(),
+                                name: call.function.name.clone(),
+                                outcome: outcome.clone(),
+                            })
+                            .await;
                         outcomes[index] = Some(outcome);
                     }
                     Admission::Run(authorized) => {
-                        let _ = events.send(Event::ToolStarted {
-                            id: call.id.clone(),
-                            name: call.function.name.clone(),
-                        });
+                        events
+                            .emit(Event::ToolStarted {
+                                id: call.id.clone(),
+                                name: call.function.name.clone(),
+                            })
+                            .await;
                         let ctx = self.ctx.clone();
                         let span = self.gate.span(call);
                         let task = running.spawn(async move {
@@ -635,7 +794,7 @@ impl Session {
                         };
                         if let Some(call) = calls.get(index) {
                             let outcome = self.gate.finish(call, outcome);
-                            let _ = events.send(Event::ToolFinished { id: call.id.clone(), name: call.function.name.clone(), outcome: outcome.clone() });
+                            events.emit(Event::ToolFinished { id: call.id.clone(), name: call.function.name.clone(), outcome: outcome.clone() }).await;
                             outcomes[index] = Some(outcome);
                         }
                     }
@@ -673,30 +832,28 @@ impl Session {
                 .map(|(key, repeats)| (key.clone(), repeats));
             if let Some((key, repeats)) = repeated {
                 {
-                    let _ = events.send(Event::Error {
+                    events.emit(Event::Error {
                         message: format!("`{}` failed {repeats} times with the same arguments; stopping this turn", key.0),
-                    });
-                    finish("repeated_failures", steps, counters);
-                    return Ok(());
+                    }).await;
+                    return Ok((TurnEnd::RepeatedFailures, steps, counters));
                 }
             }
             if over_budget {
-                finish("budget", steps, counters);
-                return Ok(());
+                return Ok((TurnEnd::Budget, steps, counters));
             }
             if self.cancel.load(Ordering::SeqCst) {
-                finish("cancelled", steps, counters);
-                return Ok(());
+                return Ok((TurnEnd::Cancelled, steps, counters));
             }
         }
-        let _ = events.send(Event::Error {
-            message: format!(
-                "the turn reached its limit of {} model steps",
-                self.config.max_steps
-            ),
-        });
-        finish("step_limit", steps, counters);
-        Ok(())
+        events
+            .emit(Event::Error {
+                message: format!(
+                    "the turn reached its limit of {} model steps",
+                    self.config.max_steps
+                ),
+            })
+            .await;
+        Ok((TurnEnd::StepLimit, steps, counters))
     }
 
     fn record(&mut self, message: Message) -> Result<(), AgentError> {

@@ -27,7 +27,7 @@ enum Request {
     Clear,
     Save(
         std::path::PathBuf,
-        std::sync::mpsc::Sender<Result<(), ModelError>>,
+        tokio::sync::oneshot::Sender<Result<(), ModelError>>,
     ),
     Load(
         std::path::PathBuf,
@@ -43,10 +43,11 @@ pub(crate) struct ModelWorker {
 }
 
 impl ModelWorker {
-    /// Starts a thread with a fresh context on `model`.
-    pub(crate) fn spawn(model: Arc<Model>) -> Result<ModelWorker, ModelError> {
+    /// Starts a thread with a fresh context on `model`, and waits (without
+    /// blocking the caller's thread) until the context is made.
+    pub(crate) async fn spawn(model: Arc<Model>) -> Result<ModelWorker, ModelError> {
         let (requests, inbox) = std::sync::mpsc::channel::<Request>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("stack-model-session".into())
             .spawn(move || {
@@ -102,7 +103,7 @@ impl ModelWorker {
             })
             .map_err(|e| ModelError::Backend(format!("starting the model thread: {e}")))?;
         ready_rx
-            .recv()
+            .await
             .map_err(|_| ModelError::Backend("the model thread died".into()))??;
         Ok(ModelWorker { requests })
     }
@@ -135,15 +136,24 @@ impl ModelWorker {
             .map_err(|_| ModelError::Backend("the model thread is gone".into()))?
     }
 
-    /// Saves the KV cache to `path` and waits (at most 30 s) until it is written.
-    pub(crate) fn save_blocking(&self, path: std::path::PathBuf) -> Result<(), ModelError> {
-        let (reply, answer) = std::sync::mpsc::channel();
+    /// Saves the KV cache to `path` and waits until it is written.
+    pub(crate) async fn save(&self, path: std::path::PathBuf) -> Result<(), ModelError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
         self.requests
             .send(Request::Save(path, reply))
             .map_err(|_| ModelError::Backend("the model thread is gone".into()))?;
         answer
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .map_err(|_| ModelError::Backend("saving the KV cache timed out".into()))?
+            .await
+            .map_err(|_| ModelError::Backend("the model thread is gone".into()))?
+    }
+
+    /// Asks the model thread to save the KV cache to `path` and returns at
+    /// once: the thread writes it after any job before it, then (once the
+    /// session is gone) ends. Best effort: a process that exits first
+    /// loses it, and a resumed session then evaluates its prompt again.
+    pub(crate) fn save_detached(&self, path: std::path::PathBuf) {
+        let (reply, _) = tokio::sync::oneshot::channel();
+        let _ = self.requests.send(Request::Save(path, reply));
     }
 
     /// Restores a saved KV cache; returns the number of cached tokens.

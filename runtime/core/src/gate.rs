@@ -94,7 +94,7 @@ impl Gate {
     /// Runs one tool call through every check. Never panics on what the
     /// call contains; every refusal is an outcome the model can read.
     pub async fn call(&mut self, call: &ToolCall, ctx: &ToolContext) -> ToolOutcome {
-        match self.admit(call) {
+        match self.admit(call).await {
             Admission::Refused(outcome) => outcome,
             Admission::Run(authorized) => {
                 let outcome = dispatch::execute(&authorized, ctx)
@@ -109,7 +109,7 @@ impl Gate {
     /// policy and its approval; records the decision (and, for a refusal,
     /// the result) in the audit log. Approval prompts happen here, one call
     /// at a time; the calls it lets through may then run concurrently.
-    pub fn admit(&mut self, call: &ToolCall) -> Admission {
+    pub async fn admit(&mut self, call: &ToolCall) -> Admission {
         let tool = call.function.name.clone();
         let validated = match self.registry.validate(call) {
             Ok(validated) => validated,
@@ -137,6 +137,7 @@ impl Gate {
         match self
             .policy
             .authorize(validated, self.approver.as_deref(), &self.grants)
+            .await
         {
             Ok(authorized) => {
                 let decision = authorized.decision().clone();

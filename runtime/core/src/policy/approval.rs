@@ -2,6 +2,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use futures::future::BoxFuture;
+
 use serde::Serialize;
 use serde_json::Value;
 
@@ -31,44 +33,71 @@ pub enum ApprovalAnswer {
     Always,
 }
 
-/// Decides `ask` calls: the host's callback, a channel to a UI, the REPL prompt.
+/// Decides `ask` calls: the host's callback, a UI in another task, the
+/// REPL prompt, an MCP elicitation. Asynchronous: the gate awaits the
+/// answer, so a handler waits for a person without holding a runtime
+/// thread. A handler that must block (a terminal read) does so on a
+/// blocking thread of its own (`tokio::task::spawn_blocking`).
 pub trait ApprovalHandler: Send + Sync {
     /// Answers one request.
-    fn approve(&self, request: &ApprovalRequest) -> ApprovalAnswer;
+    fn approve<'a>(&'a self, request: &'a ApprovalRequest) -> BoxFuture<'a, ApprovalAnswer>;
 }
 
+/// A plain function answers at once (it must not block: it runs on the
+/// gate's task).
 impl<F: Fn(&ApprovalRequest) -> ApprovalAnswer + Send + Sync> ApprovalHandler for F {
-    fn approve(&self, request: &ApprovalRequest) -> ApprovalAnswer {
-        self(request)
+    fn approve<'a>(&'a self, request: &'a ApprovalRequest) -> BoxFuture<'a, ApprovalAnswer> {
+        Box::pin(std::future::ready(self(request)))
     }
 }
 
-/// An approval handler that forwards requests over a channel and waits for
-/// the answer, for hosts whose UI runs elsewhere. A dropped receiver or
-/// reply sender counts as `No`.
+/// One request waiting for its answer, as a [`ChannelApprover`] hands it to
+/// the host. Dropping it unanswered answers `No`.
+#[derive(Debug)]
+pub struct PendingApproval {
+    /// What is asked.
+    pub request: ApprovalRequest,
+    reply: tokio::sync::oneshot::Sender<ApprovalAnswer>,
+}
+
+impl PendingApproval {
+    /// Answers the request.
+    pub fn answer(self, answer: ApprovalAnswer) {
+        let _ = self.reply.send(answer);
+    }
+}
+
+/// An approval handler for hosts whose UI runs in another task or thread:
+/// each request arrives on the receiver as a [`PendingApproval`], which any
+/// task answers. A dropped receiver, or a request dropped unanswered,
+/// counts as `No`.
+#[derive(Debug, Clone)]
 pub struct ChannelApprover {
-    sender: std::sync::mpsc::Sender<(ApprovalRequest, std::sync::mpsc::Sender<ApprovalAnswer>)>,
+    sender: tokio::sync::mpsc::Sender<PendingApproval>,
 }
 
 impl ChannelApprover {
-    /// A handler and the receiver the host answers from.
-    #[allow(clippy::type_complexity)]
-    pub fn new() -> (
-        Self,
-        std::sync::mpsc::Receiver<(ApprovalRequest, std::sync::mpsc::Sender<ApprovalAnswer>)>,
-    ) {
-        let (sender, receiver) = std::sync::mpsc::channel();
+    /// A handler and the receiver the host answers from (`recv().await`
+    /// from async code, `blocking_recv()` from a thread of its own).
+    pub fn new() -> (Self, tokio::sync::mpsc::Receiver<PendingApproval>) {
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
         (ChannelApprover { sender }, receiver)
     }
 }
 
 impl ApprovalHandler for ChannelApprover {
-    fn approve(&self, request: &ApprovalRequest) -> ApprovalAnswer {
-        let (reply, answer) = std::sync::mpsc::channel();
-        if self.sender.send((request.clone(), reply)).is_err() {
-            return ApprovalAnswer::No;
-        }
-        answer.recv().unwrap_or(ApprovalAnswer::No)
+    fn approve<'a>(&'a self, request: &'a ApprovalRequest) -> BoxFuture<'a, ApprovalAnswer> {
+        Box::pin(async move {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let pending = PendingApproval {
+                request: request.clone(),
+                reply,
+            };
+            if self.sender.send(pending).await.is_err() {
+                return ApprovalAnswer::No;
+            }
+            answer.await.unwrap_or(ApprovalAnswer::No)
+        })
     }
 }
 

@@ -32,6 +32,7 @@ use serde_json::Value;
 
 pub use approval::{
     ApprovalAnswer, ApprovalHandler, ApprovalRequest, ChannelApprover, Grant, Grants,
+    PendingApproval,
 };
 pub use audit::{AuditLog, AuditRecord};
 pub use budget::{BudgetExceeded, BudgetTracker};
@@ -308,7 +309,7 @@ impl Policy {
 
     /// Decides a validated call, asking `approver` when the policy says
     /// `ask` (no approver means deny). An `always` answer adds a grant.
-    pub fn authorize(
+    pub async fn authorize(
         &self,
         call: ValidatedCall,
         approver: Option<&dyn ApprovalHandler>,
@@ -345,7 +346,7 @@ impl Policy {
                     rule: decision.rule.clone(),
                     reason: decision.reason.clone(),
                 };
-                let answer = approver.approve(&request);
+                let answer = approver.approve(&request).await;
                 match answer {
                     ApprovalAnswer::No => {
                         return Err(Refusal {

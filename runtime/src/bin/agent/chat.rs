@@ -1,15 +1,17 @@
 //! The conversational commands: the `agent` REPL, `agent run`, `agent
 //! sessions` and `agent export`.
 
+use futures::StreamExt;
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use stack_runtime::agent::{export_chatml, list_sessions, Event, Runtime, Session, SessionConfig};
+use stack_runtime::agent::{
+    export_chatml, list_sessions, Event, Runtime, Session, SessionConfig, TurnEnd,
+};
 use stack_runtime::model::llama::SamplingOptions;
 use stack_runtime::model::ToolChoice;
 use stack_runtime::outcome::Status;
@@ -63,7 +65,8 @@ fn build(
     dirs: &ToolDirs,
     approver: Option<Arc<dyn ApprovalHandler>>,
     quiet: bool,
-) -> anyhow::Result<(Runtime, Session)> {
+    tokio: &tokio::runtime::Runtime,
+) -> anyhow::Result<(Runtime, Session, SessionConfig)> {
     let policy = Policy::load_named(&args.policy).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
     let model = model_cmd::load(&args.model, quiet)?;
     let workspace = match &args.workspace {
@@ -102,8 +105,8 @@ fn build(
         resume: args.resume.clone(),
         ..SessionConfig::default()
     };
-    let session = runtime.session(config)?;
-    Ok((runtime, session))
+    let session = tokio.block_on(runtime.session(config.clone()))?;
+    Ok((runtime, session, config))
 }
 
 fn approve_all(_: &ApprovalRequest) -> ApprovalAnswer {
@@ -136,31 +139,48 @@ pub fn run(
     } else {
         None
     };
-    let (_runtime, mut session) = build(args, dirs, approver, json)?;
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    tokio.block_on(async {
-        let cancel = session.cancel_token();
-        let (mut events, turn) = session.send(&prompt);
-        let printer = async {
-            let mut printer = Printer::new(json);
-            while let Some(event) = events.next().await {
-                printer.show(&event);
+    let (_runtime, session, _) = build(args, dirs, approver, json, &tokio)?;
+    let ended = tokio.block_on(show_turn(&session, prompt, json));
+    Ok(if ended == Some(TurnEnd::Error) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Runs one turn, printing its events; Ctrl-C cancels it (the turn still
+/// ends with its `turn_finished` event). Returns why it ended.
+async fn show_turn(session: &Session, text: String, json: bool) -> Option<TurnEnd> {
+    let mut turn = session.send(text);
+    let cancel = turn.cancellation();
+    let printer = async {
+        let mut printer = Printer::new(json);
+        let mut ended = None;
+        while let Some(event) = turn.next().await {
+            if let Event::TurnFinished { reason, .. } = &event {
+                ended = Some(*reason);
             }
-        };
-        let interrupt = async {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                cancel.store(true, Ordering::SeqCst);
-            }
-            std::future::pending::<()>().await
-        };
-        tokio::select! {
-            (result, ()) = async { tokio::join!(turn, printer) } => result,
-            () = interrupt => Ok(()),
+            printer.show(&event);
         }
-    })?;
-    Ok(ExitCode::SUCCESS)
+        ended
+    };
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            cancel.cancel();
+            if !json {
+                eprintln!("\n(cancelling)");
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::pin!(printer);
+    tokio::select! {
+        ended = &mut printer => ended,
+        () = interrupt => printer.await,
+    }
 }
 
 /// Prints events for a person (colour, truncation) or as JSON lines.
@@ -271,23 +291,37 @@ fn truncate(text: &str, limit: usize) -> String {
 struct TerminalApprover;
 
 impl ApprovalHandler for TerminalApprover {
-    fn approve(&self, request: &ApprovalRequest) -> ApprovalAnswer {
-        let args = truncate(&request.arguments.to_string(), 300);
-        let reason = request.reason.as_deref().unwrap_or("the policy asks");
-        eprint!(
-            "\x07allow {}({args})? {reason} [y]es / [n]o / [a]lways: ",
-            request.tool
-        );
-        let _ = std::io::stderr().flush();
-        let mut answer = String::new();
-        if std::io::stdin().read_line(&mut answer).is_err() {
-            return ApprovalAnswer::No;
-        }
-        match answer.trim().to_lowercase().as_str() {
-            "y" | "yes" => ApprovalAnswer::Yes,
-            "a" | "always" => ApprovalAnswer::Always,
-            _ => ApprovalAnswer::No,
-        }
+    fn approve<'a>(
+        &'a self,
+        request: &'a ApprovalRequest,
+    ) -> futures::future::BoxFuture<'a, ApprovalAnswer> {
+        // Reading the terminal blocks: on a blocking thread, never on the
+        // turn's task.
+        let request = request.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || ask_terminal(&request))
+                .await
+                .unwrap_or(ApprovalAnswer::No)
+        })
+    }
+}
+
+fn ask_terminal(request: &ApprovalRequest) -> ApprovalAnswer {
+    let args = truncate(&request.arguments.to_string(), 300);
+    let reason = request.reason.as_deref().unwrap_or("the policy asks");
+    eprint!(
+        "\x07allow {}({args})? {reason} [y]es / [n]o / [a]lways: ",
+        request.tool
+    );
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    if std::io::stdin().read_line(&mut answer).is_err() {
+        return ApprovalAnswer::No;
+    }
+    match answer.trim().to_lowercase().as_str() {
+        "y" | "yes" => ApprovalAnswer::Yes,
+        "a" | "always" => ApprovalAnswer::Always,
+        _ => ApprovalAnswer::No,
     }
 }
 
@@ -308,7 +342,11 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
         return run(args, None, false, false, dirs);
     }
     let approver: Arc<dyn ApprovalHandler> = Arc::new(TerminalApprover);
-    let (runtime, mut session) = build(args, dirs, Some(Arc::clone(&approver)), false)?;
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (runtime, mut session, config) =
+        build(args, dirs, Some(Arc::clone(&approver)), false, &tokio)?;
     let info = runtime.model().info();
     println!(
         "Stack Runtime — {} ({:.0}M parameters, {} GPU layers)",
@@ -339,9 +377,6 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
         let _ = std::fs::create_dir_all(parent);
     }
     let _ = editor.load_history(&history);
-    let tokio = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     loop {
         let line = match editor.readline("› ") {
             Ok(line) => line,
@@ -377,9 +412,7 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
                     }
                 }
                 (Some("approvals"), Some("revoke"), Some(id)) => {
-                    let revoked = id
-                        .parse()
-                        .is_ok_and(|id| session.gate().grants().revoke(id));
+                    let revoked = id.parse().is_ok_and(|id| session.grants().revoke(id));
                     println!(
                         "{}",
                         if revoked {
@@ -390,7 +423,7 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
                     );
                 }
                 (Some("approvals"), _, _) => {
-                    let grants = session.gate().grants().list();
+                    let grants = session.grants().list();
                     if grants.is_empty() {
                         println!("no grants in this session");
                     }
@@ -399,7 +432,7 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
                     }
                 }
                 (Some("reset"), _, _) => {
-                    session.reset();
+                    tokio.block_on(session.reset());
                     println!("conversation cleared");
                 }
                 (Some("save"), _, _) => match runtime.transcript_dir() {
@@ -420,14 +453,17 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
                     }
                 }
                 (Some("resume"), Some(id), _) => {
+                    // The same flags (sampling, tool choice, steps) as the
+                    // session this one replaces.
                     let config = SessionConfig {
                         resume: Some(id.to_string()),
-                        ..SessionConfig::default()
+                        ..config.clone()
                     };
-                    match runtime.session(config) {
+                    match tokio.block_on(runtime.session(config)) {
                         Ok(resumed) => {
                             session = resumed;
-                            println!("resumed {id} ({} messages)", session.messages().len());
+                            let count = tokio.block_on(session.messages()).len();
+                            println!("resumed {id} ({count} messages)");
                         }
                         Err(err) => println!("error: {err}"),
                     }
@@ -436,31 +472,7 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
             }
             continue;
         }
-        tokio
-            .block_on(async {
-                let cancel = session.cancel_token();
-                let (mut events, turn) = session.send(&line);
-                let printer = async {
-                    let mut printer = Printer::new(false);
-                    while let Some(event) = events.next().await {
-                        printer.show(&event);
-                    }
-                };
-                let interrupt = async {
-                    if tokio::signal::ctrl_c().await.is_ok() {
-                        cancel.store(true, Ordering::SeqCst);
-                        eprintln!("\n(cancelling)");
-                    }
-                    std::future::pending::<()>().await
-                };
-                let turn_and_print = async { tokio::join!(turn, printer).0 };
-                tokio::pin!(turn_and_print);
-                tokio::select! {
-                    result = &mut turn_and_print => result,
-                    () = interrupt => turn_and_print.await,
-                }
-            })
-            .unwrap_or_else(|err| println!("error: {err}"));
+        tokio.block_on(show_turn(&session, line, false));
     }
     Ok(ExitCode::SUCCESS)
 }
