@@ -275,7 +275,10 @@ async fn a_turn_stops_when_cancelled_or_dropped_and_the_session_goes_on() {
         panic!("the last event is turn_finished: {events:?}")
     };
     assert_eq!(*reason, TurnEnd::Cancelled, "{events:?}");
-    assert!(counters.generated < 200, "generation stopped early: {counters:?}");
+    assert!(
+        counters.generated < 200,
+        "generation stopped early: {counters:?}"
+    );
     // Drop the stream after the first token: the session's totals show the
     // generation stopped there too.
     let before = session.totals().await.generated;
@@ -287,7 +290,10 @@ async fn a_turn_stops_when_cancelled_or_dropped_and_the_session_goes_on() {
     }
     drop(dropped);
     let after = session.totals().await.generated;
-    assert!(after - before < 200, "a dropped turn stops: {before} → {after}");
+    assert!(
+        after - before < 200,
+        "a dropped turn stops: {before} → {after}"
+    );
     // The session goes on.
     let events: Vec<Event> = session.send("Say hi.").collect().await;
     assert!(

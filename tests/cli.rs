@@ -396,3 +396,87 @@ fn script_tools_run_through_the_cli_validated_against_their_schema() {
     let report: serde_json::Value = serde_json::from_slice(&invalid.stdout).expect("json");
     assert_eq!(report["status"], "invalid");
 }
+
+/// `kill -9` of the runtime right after a call finished: the call's
+/// transcript message and its audit records (decision and result) are on
+/// file, because both are written before the host is told it finished.
+#[test]
+fn a_finished_calls_records_survive_kill_9_of_the_runtime() {
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+    let home = tempfile::tempdir().expect("tempdir");
+    let workspace = tempfile::tempdir().expect("tempdir");
+    std::fs::write(workspace.path().join("notes.txt"), "buy milk").expect("write");
+    let assets = stack_runtime::assets::asset_dir().expect("asset folder");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args([
+            "--tool-choice",
+            "list_dir",
+            "--temperature",
+            "0",
+            "--max-steps",
+            "3",
+            "--max-tokens",
+            "96",
+        ])
+        .args([
+            "run",
+            "--json",
+            "--yes",
+            "-p",
+            "Call list_dir with path \".\".",
+        ])
+        .current_dir(workspace.path())
+        .env("HOME", home.path())
+        .env("STACK_RUNTIME_ASSETS", &assets)
+        .env_remove("XDG_DATA_HOME")
+        .env_remove("XDG_CACHE_HOME")
+        .env_remove("STACK_RUNTIME_TOOLS")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("agent");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut finished = None;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        let Ok(event) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if event["event"] == "tool_finished" {
+            // At once, as a crash would.
+            child.kill().expect("kill -9");
+            finished = event["id"].as_str().map(str::to_string);
+            break;
+        }
+    }
+    let status = child.wait().expect("wait");
+    let id = finished.expect("a call finished before the kill");
+    assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
+    let sessions = home.path().join(".local/share/stack-runtime/sessions");
+    let transcripts: Vec<String> = std::fs::read_dir(&sessions)
+        .expect("sessions folder")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl") && !p.ends_with("audit.jsonl"))
+        .map(|p| std::fs::read_to_string(p).expect("read"))
+        .collect();
+    assert_eq!(transcripts.len(), 1, "one session transcript");
+    let tool_message = transcripts[0]
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|m| m["role"] == "tool" && m["tool_call_id"] == id.as_str());
+    assert!(
+        tool_message.is_some(),
+        "the tool message of {id} is in the transcript: {}",
+        transcripts[0]
+    );
+    let audit = std::fs::read_to_string(sessions.join("audit.jsonl")).expect("audit log");
+    let records: Vec<Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|r: &Value| r["call_id"] == id.as_str())
+        .collect();
+    let kinds: Vec<&str> = records.iter().filter_map(|r| r["event"].as_str()).collect();
+    assert_eq!(kinds, ["decision", "result"], "{audit}");
+}

@@ -403,3 +403,38 @@ fn agent_model_shows_metadata_and_rejects_bad_files() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("is not a GGUF model"));
 }
+
+/// A model is freed when its last user goes (it used to be leaked for the
+/// life of the process): the GGUF file's mappings come and go with it, and
+/// a session keeps its model alive until the session ends.
+#[test]
+fn a_dropped_model_is_freed_once_its_sessions_are_gone() {
+    let _shared = model();
+    let path = stack_runtime::assets::Asset::DefaultModel
+        .locate()
+        .expect("default model");
+    let path = path.canonicalize().expect("canonical");
+    let mappings = || {
+        std::fs::read_to_string("/proc/self/maps")
+            .expect("maps")
+            .lines()
+            .filter(|l| l.ends_with(path.to_str().expect("utf8")))
+            .count()
+    };
+    let before = mappings();
+    let loaded = Model::load(ModelOptions {
+        threads: Some(1),
+        ..ModelOptions::default()
+    })
+    .expect("load");
+    let with_model = mappings();
+    assert!(
+        with_model > before,
+        "the model maps its file ({before} → {with_model})"
+    );
+    let session = loaded.session().expect("session");
+    drop(loaded);
+    assert_eq!(mappings(), with_model, "a live session keeps its model");
+    drop(session);
+    assert_eq!(mappings(), before, "the model went with its last session");
+}

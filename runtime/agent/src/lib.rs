@@ -28,7 +28,7 @@ use stack_core::dispatch;
 use stack_core::dispatch::ToolContext;
 use stack_core::gate::{Admission, Gate};
 use stack_core::policy::{
-    ApprovalAnswer, ApprovalHandler, ApprovalRequest, Grants, Policy, PolicyError,
+    ApprovalAnswer, ApprovalHandler, ApprovalRequest, AuditLog, Grants, Policy, PolicyError,
 };
 use stack_core::tools::{LoadDiagnostic, RegisterError, Registry};
 use stack_core::workspace::{Workspace, WorkspaceError};
@@ -61,6 +61,14 @@ pub enum AgentError {
     /// No model was given.
     #[error("no model: give RuntimeBuilder::model or ::model_options")]
     NoModel,
+    /// The audit log could not be opened.
+    #[error("audit log {path}: {source}")]
+    AuditLog {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// What happens during a turn, in order.
@@ -200,6 +208,7 @@ pub struct RuntimeBuilder {
     approver: Option<Arc<dyn ApprovalHandler>>,
     workspace: PathBuf,
     transcripts: Option<PathBuf>,
+    audit_log: Option<Option<PathBuf>>,
 }
 
 impl RuntimeBuilder {
@@ -258,6 +267,15 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Where every session's audit log goes: one JSON line per decision and
+    /// per result (default: `audit.jsonl` in the transcript folder, when the
+    /// policy's `audit_log` is on and transcripts are kept). `None` keeps
+    /// none.
+    pub fn audit_log(mut self, path: Option<PathBuf>) -> Self {
+        self.audit_log = Some(path);
+        self
+    }
+
     /// Builds the runtime.
     pub fn build(self) -> Result<Runtime, AgentError> {
         let policy = match self.policy {
@@ -270,7 +288,21 @@ impl RuntimeBuilder {
             (true, Some(dir)) => Some(dir),
             (true, None) => policy.privacy.transcript_dir.as_deref().map(expand_home),
         };
+        let audit_path = match self.audit_log {
+            Some(path) => path,
+            None if policy.privacy.audit_log.unwrap_or(false) => {
+                transcripts.as_ref().map(|dir| dir.join("audit.jsonl"))
+            }
+            None => None,
+        };
+        let audit = match audit_path {
+            Some(path) => Some(Arc::new(
+                AuditLog::open(&path).map_err(|source| AgentError::AuditLog { path, source })?,
+            )),
+            None => None,
+        };
         Ok(Runtime {
+            audit,
             model: self.model.ok_or(AgentError::NoModel)?,
             registry: Arc::new(self.registry),
             diagnostics: self.diagnostics,
@@ -299,6 +331,7 @@ pub struct Runtime {
     approver: Option<Arc<dyn ApprovalHandler>>,
     workspace: PathBuf,
     transcripts: Option<PathBuf>,
+    audit: Option<Arc<AuditLog>>,
 }
 
 impl Runtime {
@@ -312,6 +345,7 @@ impl Runtime {
             approver: None,
             workspace: PathBuf::from("."),
             transcripts: None,
+            audit_log: None,
         }
     }
 
@@ -376,6 +410,10 @@ impl Runtime {
             id.clone(),
         )
         .with_approver(Arc::clone(&relay) as Arc<dyn ApprovalHandler>);
+        let gate = match &self.audit {
+            Some(audit) => gate.with_audit_log(Arc::clone(audit)),
+            None => gate,
+        };
         let cancel = Arc::new(AtomicBool::new(false));
         let grants = gate.grants().clone();
         let mut state = SessionState {
@@ -737,7 +775,11 @@ impl SessionState {
             }
             // Decide every call first, in order (approval prompts come one
             // at a time), then run the admitted ones concurrently.
+            // A call's result is written to the transcript (in the order the
+            // model wrote the calls) before its `ToolFinished` event, so that
+            // what a host saw finish is on record (see `record_finished`).
             let mut outcomes: Vec<Option<ToolOutcome>> = vec![None; calls.len()];
+            let mut recorded = 0;
             let mut running = tokio::task::JoinSet::new();
             let mut task_calls: std::collections::HashMap<tokio::task::Id, usize> =
                 std::collections::HashMap::new();
@@ -747,14 +789,9 @@ impl SessionState {
                     .await;
                 match self.gate.admit(call).await {
                     Admission::Refused(outcome) => {
-                        events
-                            .emit(Event::ToolFinished {
-                                id: call.id.clone(),
-                                name: call.function.name.clone(),
-                                outcome: outcome.clone(),
-                            })
-                            .await;
                         outcomes[index] = Some(outcome);
+                        self.record_finished(&calls, &outcomes, &mut recorded, events)
+                            .await?;
                     }
                     Admission::Run(authorized) => {
                         events
@@ -793,9 +830,8 @@ impl SessionState {
                             _ => continue,
                         };
                         if let Some(call) = calls.get(index) {
-                            let outcome = self.gate.finish(call, outcome);
-                            events.emit(Event::ToolFinished { id: call.id.clone(), name: call.function.name.clone(), outcome: outcome.clone() }).await;
-                            outcomes[index] = Some(outcome);
+                            outcomes[index] = Some(self.gate.finish(call, outcome));
+                            self.record_finished(&calls, &outcomes, &mut recorded, events).await?;
                         }
                     }
                     () = tokio::time::sleep(std::time::Duration::from_millis(50)) => {
@@ -806,16 +842,18 @@ impl SessionState {
                     }
                 }
             }
-            let mut over_budget = false;
-            for (call, outcome) in calls.iter().zip(outcomes) {
-                let outcome = outcome.unwrap_or_else(|| {
-                    self.gate.finish(
+            for (call, outcome) in calls.iter().zip(outcomes.iter_mut()) {
+                if outcome.is_none() {
+                    *outcome = Some(self.gate.finish(
                         call,
                         ToolOutcome::internal_error("the call was cancelled before it finished"),
-                    )
-                });
-                let text = self.gate.text_for_model(&outcome);
-                self.record(Message::tool_result(call.id.clone(), text))?;
+                    ));
+                }
+            }
+            self.record_finished(&calls, &outcomes, &mut recorded, events)
+                .await?;
+            let mut over_budget = false;
+            for (call, outcome) in calls.iter().zip(outcomes.into_iter().flatten()) {
                 if outcome.status != Status::Ok {
                     failures.push((call.function.name.clone(), call.function.arguments.clone()));
                     over_budget |= outcome.status == Status::Denied
@@ -854,6 +892,35 @@ impl SessionState {
             })
             .await;
         Ok((TurnEnd::StepLimit, steps, counters))
+    }
+
+    /// Records the results of the calls after the first `recorded` whose
+    /// outcomes are in (a prefix, in the model's order) as `tool` messages,
+    /// then emits their `ToolFinished` events: a call a host saw finish is
+    /// in the transcript (and, by `Gate::finish`, the audit log), so both
+    /// survive the runtime being killed right after.
+    async fn record_finished(
+        &mut self,
+        calls: &[ToolCall],
+        outcomes: &[Option<ToolOutcome>],
+        recorded: &mut usize,
+        events: &EventSink,
+    ) -> Result<(), AgentError> {
+        while let (Some(call), Some(Some(outcome))) =
+            (calls.get(*recorded), outcomes.get(*recorded))
+        {
+            let text = self.gate.text_for_model(outcome);
+            self.record(Message::tool_result(call.id.clone(), text))?;
+            events
+                .emit(Event::ToolFinished {
+                    id: call.id.clone(),
+                    name: call.function.name.clone(),
+                    outcome: outcome.clone(),
+                })
+                .await;
+            *recorded += 1;
+        }
+        Ok(())
     }
 
     fn record(&mut self, message: Message) -> Result<(), AgentError> {

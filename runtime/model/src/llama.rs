@@ -212,9 +212,10 @@ pub fn backend() -> Result<&'static LlamaBackend, ModelError> {
 
 /// A loaded model, shared by any number of sessions.
 pub struct Model {
-    // Loaded models live until the process ends, so sessions can borrow
-    // them for 'static.
-    model: &'static LlamaModel,
+    // Boxed, never moved out or replaced while the Model exists: sessions'
+    // contexts borrow it (see `Model::session`), and it is freed when the
+    // last `Arc<Model>` (each session holds one) goes.
+    model: Box<LlamaModel>,
     renderer: PromptRenderer,
     info: ModelInfo,
     context_size: u32,
@@ -256,7 +257,7 @@ impl Model {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
-        let model: &'static LlamaModel = Box::leak(Box::new(model));
+        let model = Box::new(model);
         let template = model
             .meta_val_str("tokenizer.chat_template")
             .unwrap_or_else(|_| CHATML.to_string());
@@ -303,8 +304,8 @@ impl Model {
     }
 
     /// The llama.cpp model, for benchmarks that drive it directly.
-    pub fn raw(&self) -> &'static LlamaModel {
-        self.model
+    pub fn raw(&self) -> &LlamaModel {
+        &self.model
     }
 
     /// A new session with its own context (KV cache).
@@ -315,13 +316,18 @@ impl Model {
         if let Some(threads) = self.threads {
             params = params.with_n_threads(threads).with_n_threads_batch(threads);
         }
-        let ctx = self
-            .model
+        // SAFETY: the context borrows the boxed model, which stays at its
+        // address for as long as this `Model` lives. The session holding
+        // the context also holds an `Arc` of this `Model`, in a field
+        // declared after the context, so the context is dropped first and
+        // the model outlives every borrow made here.
+        let model: &'static LlamaModel = unsafe { &*std::ptr::from_ref::<LlamaModel>(&self.model) };
+        let ctx = model
             .new_context(backend()?, params)
             .map_err(|e| ModelError::Backend(e.to_string()))?;
         Ok(ModelSession {
-            model: Arc::clone(self),
             ctx,
+            model: Arc::clone(self),
             cached: Vec::new(),
             totals: Counters::default(),
         })
@@ -355,8 +361,10 @@ fn check_gguf(path: &Path) -> Result<(), ModelError> {
 /// prompt and reply, and each turn evaluates only what comes after the
 /// longest common prefix.
 pub struct ModelSession {
-    model: Arc<Model>,
+    // Dropped before `model` (fields drop in order): it borrows the model
+    // (see `Model::session`).
     ctx: LlamaContext<'static>,
+    model: Arc<Model>,
     cached: Vec<LlamaToken>,
     totals: Counters,
 }
@@ -581,9 +589,15 @@ impl ModelSession {
         let mut chain = Vec::new();
         if let Some((grammar, lazy)) = grammar {
             let constrained = if lazy {
-                LlamaSampler::grammar_lazy(self.model.model, grammar, "root", [TOOL_CALL_OPEN], &[])
+                LlamaSampler::grammar_lazy(
+                    &self.model.model,
+                    grammar,
+                    "root",
+                    [TOOL_CALL_OPEN],
+                    &[],
+                )
             } else {
-                LlamaSampler::grammar(self.model.model, grammar, "root")
+                LlamaSampler::grammar(&self.model.model, grammar, "root")
             };
             chain.push(constrained.map_err(|e| ModelError::Grammar(e.to_string()))?);
         }
