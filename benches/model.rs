@@ -4,8 +4,8 @@
 //! KV-cache reuse.
 //!
 //! ```sh
-//! cargo bench --bench model                  # the default SmolLM2 model
-//! STACK_BENCH_MODEL=path.gguf cargo bench --bench model
+//! cargo bench -p stack-model --bench model     # the default SmolLM2 model
+//! STACK_BENCH_MODEL=path.gguf cargo bench -p stack-model --bench model
 //! ```
 
 use std::num::NonZeroU32;

@@ -17,7 +17,7 @@
 //! the first call of a workspace pays to start its zygote is printed last.
 //!
 //! ```sh
-//! cargo bench --bench process_sandbox            # BENCH_ITERS=50 for more samples
+//! cargo bench -p stack-sandbox --bench process_sandbox   # BENCH_ITERS=50 for more samples
 //! ```
 
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! spawn measured in the same run.
 //!
 //! ```sh
-//! cargo bench --bench wasi_start            # BENCH_ITERS=50 for more samples
+//! cargo bench -p stack-sandbox --bench wasi_start   # BENCH_ITERS=50 for more samples
 //! ```
 
 use std::process::Command;

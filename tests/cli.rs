@@ -458,7 +458,7 @@ fn a_finished_calls_records_survive_kill_9_of_the_runtime() {
         .expect("sessions folder")
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl") && !p.ends_with("audit.jsonl"))
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
         .map(|p| std::fs::read_to_string(p).expect("read"))
         .collect();
     assert_eq!(transcripts.len(), 1, "one session transcript");
@@ -471,7 +471,7 @@ fn a_finished_calls_records_survive_kill_9_of_the_runtime() {
         "the tool message of {id} is in the transcript: {}",
         transcripts[0]
     );
-    let audit = std::fs::read_to_string(sessions.join("audit.jsonl")).expect("audit log");
+    let audit = std::fs::read_to_string(sessions.join("audit/audit.jsonl")).expect("audit log");
     let records: Vec<Value> = audit
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())

@@ -66,7 +66,6 @@
 
 #![warn(missing_docs)]
 
-#[cfg(feature = "llama")]
 pub use stack_agent as agent;
 pub use stack_assets as assets;
 pub use stack_core::{dispatch, gate, policy, tools, workspace};

@@ -12,7 +12,6 @@
 #![warn(missing_docs)]
 
 mod transcript;
-mod worker;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,13 +31,16 @@ use stack_core::policy::{
 };
 use stack_core::tools::{LoadDiagnostic, RegisterError, Registry};
 use stack_core::workspace::{Workspace, WorkspaceError};
-use stack_model::llama::{Counters, Model, ModelError, SamplingOptions};
+#[cfg(feature = "llama")]
+use stack_model::llama::Model;
 use stack_model::ToolChoice;
+use stack_model::{
+    BackendSession, CompletionRequest, Counters, ModelBackend, ModelError, SamplingOptions,
+};
 use stack_types::message::{Message, ToolCall};
 use stack_types::outcome::{Status, ToolOutcome};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use worker::ModelWorker;
 
 /// Why the runtime or a session could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +61,7 @@ pub enum AgentError {
     #[error(transparent)]
     Transcript(#[from] TranscriptError),
     /// No model was given.
-    #[error("no model: give RuntimeBuilder::model or ::model_options")]
+    #[error("no model: give RuntimeBuilder::model or ::backend")]
     NoModel,
     /// The audit log could not be opened.
     #[error("audit log {path}: {source}")]
@@ -201,7 +203,7 @@ impl Default for SessionConfig {
 /// Builds a [`Runtime`]. Nothing is granted unless given: no tools beyond
 /// the built-ins, the `default` policy, no approver (so `ask` means deny).
 pub struct RuntimeBuilder {
-    model: Option<Arc<Model>>,
+    backend: Option<Arc<dyn ModelBackend>>,
     registry: Registry,
     diagnostics: Vec<LoadDiagnostic>,
     policy: Option<Policy>,
@@ -213,8 +215,17 @@ pub struct RuntimeBuilder {
 
 impl RuntimeBuilder {
     /// Uses an already loaded model (sessions share it).
+    #[cfg(feature = "llama")]
     pub fn model(mut self, model: Arc<Model>) -> Self {
-        self.model = Some(model);
+        self.backend = Some(model);
+        self
+    }
+
+    /// Uses any model backend (sessions share it): the in-process llama.cpp
+    /// [`Model`](stack_model::llama::Model), a served model, or a scripted
+    /// one in tests.
+    pub fn backend(mut self, backend: Arc<dyn ModelBackend>) -> Self {
+        self.backend = Some(backend);
         self
     }
 
@@ -268,7 +279,7 @@ impl RuntimeBuilder {
     }
 
     /// Where every session's audit log goes: one JSON line per decision and
-    /// per result (default: `audit.jsonl` in the transcript folder, when the
+    /// per result (default: `audit/audit.jsonl` in the transcript folder, when the
     /// policy's `audit_log` is on and transcripts are kept). `None` keeps
     /// none.
     pub fn audit_log(mut self, path: Option<PathBuf>) -> Self {
@@ -290,9 +301,9 @@ impl RuntimeBuilder {
         };
         let audit_path = match self.audit_log {
             Some(path) => path,
-            None if policy.privacy.audit_log.unwrap_or(false) => {
-                transcripts.as_ref().map(|dir| dir.join("audit.jsonl"))
-            }
+            None if policy.privacy.audit_log.unwrap_or(false) => transcripts
+                .as_ref()
+                .map(|dir| dir.join("audit/audit.jsonl")),
             None => None,
         };
         let audit = match audit_path {
@@ -303,7 +314,7 @@ impl RuntimeBuilder {
         };
         Ok(Runtime {
             audit,
-            model: self.model.ok_or(AgentError::NoModel)?,
+            backend: self.backend.ok_or(AgentError::NoModel)?,
             registry: Arc::new(self.registry),
             diagnostics: self.diagnostics,
             policy: Arc::new(policy),
@@ -324,7 +335,7 @@ pub fn expand_home(path: &str) -> PathBuf {
 
 /// The loaded model, tools and policy, shared by sessions.
 pub struct Runtime {
-    model: Arc<Model>,
+    backend: Arc<dyn ModelBackend>,
     registry: Arc<Registry>,
     diagnostics: Vec<LoadDiagnostic>,
     policy: Arc<Policy>,
@@ -338,7 +349,7 @@ impl Runtime {
     /// Starts building a runtime.
     pub fn builder() -> RuntimeBuilder {
         RuntimeBuilder {
-            model: None,
+            backend: None,
             registry: Registry::with_builtins(),
             diagnostics: Vec::new(),
             policy: None,
@@ -355,8 +366,8 @@ impl Runtime {
     }
 
     /// The model.
-    pub fn model(&self) -> &Arc<Model> {
-        &self.model
+    pub fn backend(&self) -> &Arc<dyn ModelBackend> {
+        &self.backend
     }
 
     /// The policy.
@@ -378,7 +389,7 @@ impl Runtime {
     /// on the session's own model thread; this waits for it without
     /// blocking the caller's thread.
     pub async fn session(&self, config: SessionConfig) -> Result<Session, AgentError> {
-        let worker = ModelWorker::spawn(Arc::clone(&self.model)).await?;
+        let model = Arc::clone(&self.backend).open_session().await?;
         let ctx = ToolContext::new(Workspace::open(&self.workspace)?);
         let (id, mut messages) = match &config.resume {
             Some(id) => {
@@ -421,7 +432,7 @@ impl Runtime {
             gate,
             relay,
             ctx: ctx.clone(),
-            worker,
+            model,
             config,
             transcript,
             state_path,
@@ -470,7 +481,7 @@ struct SessionState {
     gate: Gate,
     relay: Arc<ApprovalRelay>,
     ctx: ToolContext,
-    worker: ModelWorker,
+    model: Box<dyn BackendSession>,
     config: SessionConfig,
     transcript: Option<transcript::Writer>,
     /// Where the KV cache is saved after each turn, and restored from on resume.
@@ -486,7 +497,7 @@ impl Drop for SessionState {
     /// `ModelWorker::save_detached`). Never blocks the dropping thread.
     fn drop(&mut self) {
         if let Some(path) = self.state_path.clone() {
-            self.worker.save_detached(path);
+            self.model.save_state_detached(path);
         }
     }
 }
@@ -597,16 +608,16 @@ impl Session {
 
     /// Token counters over the session (waits for a running turn).
     pub async fn totals(&self) -> Counters {
-        self.state.lock().await.worker.totals().await
+        self.state.lock().await.model.totals().await
     }
 
     /// Saves the KV cache next to the transcript, so that a resumed session
     /// reuses it on its next turn, and waits until it is written. Dropping
     /// the session also saves it, without waiting.
     pub async fn save_state(&self) -> Result<(), AgentError> {
-        let state = self.state.lock().await;
-        match &state.state_path {
-            Some(path) => Ok(state.worker.save(path.clone()).await?),
+        let mut state = self.state.lock().await;
+        match state.state_path.clone() {
+            Some(path) => Ok(state.model.save_state(path).await?),
             None => Ok(()),
         }
     }
@@ -617,7 +628,7 @@ impl Session {
         state
             .messages
             .retain(|m| m.role == stack_types::message::Role::System);
-        state.worker.clear();
+        state.model.clear();
     }
 
     /// Runs one user turn in a task of its own and returns its events as a
@@ -694,7 +705,7 @@ impl SessionState {
     ) -> Result<(TurnEnd, u32, Counters), AgentError> {
         if std::mem::take(&mut self.pending_restore) {
             if let Some(path) = self.state_path.clone() {
-                if let Err(err) = self.worker.load(path).await {
+                if let Err(err) = self.model.load_state(path).await {
                     tracing::warn!(%err, "the saved KV cache could not be restored; this turn evaluates the whole prompt");
                 }
             }
@@ -733,16 +744,15 @@ impl SessionState {
                     }
                 })
             };
+            let request = CompletionRequest {
+                messages: self.messages.clone(),
+                tools: tools.clone(),
+                tool_choice: choice,
+                sampling: self.config.sampling.clone(),
+            };
             let generation = self
-                .worker
-                .complete(
-                    self.messages.clone(),
-                    tools.clone(),
-                    choice,
-                    self.config.sampling.clone(),
-                    token_tx,
-                    Arc::clone(&self.cancel),
-                )
+                .model
+                .complete(request, token_tx, Arc::clone(&self.cancel))
                 .await;
             let _ = forward.await;
             let generation = match generation {
@@ -856,11 +866,7 @@ impl SessionState {
             for (call, outcome) in calls.iter().zip(outcomes.into_iter().flatten()) {
                 if outcome.status != Status::Ok {
                     failures.push((call.function.name.clone(), call.function.arguments.clone()));
-                    over_budget |= outcome.status == Status::Denied
-                        && outcome
-                            .error
-                            .as_deref()
-                            .is_some_and(|e| e.contains("budget"));
+                    over_budget |= outcome.limit == Some(stack_types::Limit::Budget);
                 }
             }
             let repeated = failures

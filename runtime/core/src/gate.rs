@@ -120,7 +120,8 @@ impl Gate {
             }
         };
         if let Err(exceeded) = self.budget.admit_call() {
-            let outcome = ToolOutcome::denied(exceeded.to_string());
+            let mut outcome = ToolOutcome::denied(exceeded.to_string());
+            outcome.limit = Some(stack_types::Limit::Budget);
             self.record_decision(
                 &call.id,
                 &tool,
@@ -237,7 +238,7 @@ impl Gate {
             tool: tool.to_string(),
             status: outcome.status.as_str().to_string(),
             duration_ms: outcome.duration_ms,
-            limit: outcome.limit.clone(),
+            limit: outcome.limit,
             error: outcome
                 .error
                 .as_deref()

@@ -1,15 +1,23 @@
-//! The model side: prompt rendering with the GGUF's own chat template,
-//! tool-call parsing, tool grammars, and (feature `llama`) the llama.cpp
-//! backend with KV-cache reuse.
+//! The model side: the model-backend seam ([`ModelBackend`]), prompt
+//! rendering with the GGUF's own chat template, tool-call parsing, tool
+//! grammars, and (feature `llama`) the llama.cpp backend with KV-cache
+//! reuse. No sandbox and no wasmtime here.
 
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod grammar;
 #[cfg(feature = "llama")]
 pub mod llama;
 pub mod template;
 pub mod toolcall;
+#[cfg(feature = "llama")]
+mod worker;
 
+pub use backend::{
+    BackendInfo, BackendSession, Capabilities, CompletionRequest, Counters, Generation,
+    ModelBackend, ModelError, SamplingOptions, StopReason,
+};
 pub use grammar::ToolChoice;
 pub use template::{ChatTemplate, PromptRenderer, TemplateError};
 pub use toolcall::{parse_tool_calls, ParsedTurn};

@@ -17,54 +17,11 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use serde_json::Value;
 
+pub use super::backend::{Counters, Generation, ModelError, SamplingOptions, StopReason};
 use super::grammar::{call_schema, wrap_in_tool_call, ToolChoice, TOOL_CALL_OPEN};
-use super::template::{PromptRenderer, TemplateError};
+use super::template::PromptRenderer;
 use super::toolcall::{parse_tool_calls, ParsedTurn};
 use stack_types::message::Message;
-
-/// Why the model could not load or generate.
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    /// The model file does not exist.
-    #[error("model file {0} does not exist (run scripts/setup for the default model)")]
-    NotFound(PathBuf),
-    /// The file is not a GGUF model.
-    #[error("{path} is not a GGUF model (it starts with {magic:?}, not \"GGUF\")")]
-    NotGguf {
-        /// The file.
-        path: PathBuf,
-        /// Its first bytes.
-        magic: String,
-    },
-    /// llama.cpp refused the file.
-    #[error("llama.cpp could not load {path}: {reason} (is the file truncated or corrupt?)")]
-    Load {
-        /// The file.
-        path: PathBuf,
-        /// What llama.cpp said.
-        reason: String,
-    },
-    /// The backend or a context could not be created.
-    #[error("llama.cpp: {0}")]
-    Backend(String),
-    /// The prompt could not be rendered.
-    #[error(transparent)]
-    Template(#[from] TemplateError),
-    /// The prompt does not fit in the context.
-    #[error("the prompt is {needed} tokens, more than the context of {context} tokens; start a new session or raise the context size")]
-    ContextFull {
-        /// Tokens needed.
-        needed: usize,
-        /// The context size.
-        context: u32,
-    },
-    /// Decoding failed.
-    #[error("decoding failed: {0}")]
-    Decode(String),
-    /// The tool grammar could not be built.
-    #[error("building the tool-call grammar failed: {0}")]
-    Grammar(String),
-}
 
 /// How to load a model.
 pub struct ModelOptions {
@@ -96,39 +53,6 @@ impl Default for ModelOptions {
     }
 }
 
-/// How to pick tokens.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct SamplingOptions {
-    /// Temperature; 0 means greedy.
-    pub temperature: f32,
-    /// Nucleus sampling.
-    pub top_p: f32,
-    /// Top-k sampling (0 = off).
-    pub top_k: i32,
-    /// Min-p sampling.
-    pub min_p: f32,
-    /// Repetition penalty (1 = off).
-    pub repeat_penalty: f32,
-    /// Random seed.
-    pub seed: u32,
-    /// Most tokens to generate in one turn.
-    pub max_tokens: u32,
-}
-
-impl Default for SamplingOptions {
-    fn default() -> Self {
-        SamplingOptions {
-            temperature: 0.7,
-            top_p: 0.9,
-            top_k: 40,
-            min_p: 0.05,
-            repeat_penalty: 1.1,
-            seed: 42,
-            max_tokens: 512,
-        }
-    }
-}
-
 /// What the model file says about itself.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelInfo {
@@ -148,54 +72,6 @@ pub struct ModelInfo {
     pub template_supports_tools: bool,
     /// Layers offloaded to a GPU.
     pub gpu_layers: u32,
-}
-
-/// Token counters, for tests and benchmarks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Counters {
-    /// Prompt tokens run through the model.
-    pub prompt_evaluated: u64,
-    /// Prompt tokens reused from the KV cache.
-    pub prompt_reused: u64,
-    /// Tokens generated.
-    pub generated: u64,
-}
-
-impl Counters {
-    fn add(&mut self, other: Counters) {
-        self.prompt_evaluated += other.prompt_evaluated;
-        self.prompt_reused += other.prompt_reused;
-        self.generated += other.generated;
-    }
-}
-
-/// Why generation stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StopReason {
-    /// The model ended its turn.
-    EndOfTurn,
-    /// The token budget ran out.
-    MaxTokens,
-    /// The caller stopped it.
-    Cancelled,
-}
-
-/// One generated turn.
-#[derive(Debug, Clone)]
-pub struct Generation {
-    /// The raw text.
-    pub text: String,
-    /// Content and tool calls parsed from it.
-    pub turn: ParsedTurn,
-    /// Why it stopped.
-    pub stop: StopReason,
-    /// This turn's counters.
-    pub counters: Counters,
-    /// Milliseconds spent on the prompt.
-    pub prompt_ms: f64,
-    /// Milliseconds spent generating.
-    pub generation_ms: f64,
 }
 
 /// The process-wide llama.cpp backend (initialized once; its logs go to `tracing`).
@@ -291,6 +167,11 @@ impl Model {
     /// the machine's cores) are served in turn.
     pub fn turn_lock(&self) -> &std::sync::Mutex<()> {
         &self.turn
+    }
+
+    /// The context size sessions are made with, in tokens.
+    pub fn context_size(&self) -> u32 {
+        self.context_size
     }
 
     /// What the model says about itself.

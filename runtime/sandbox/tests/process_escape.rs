@@ -391,7 +391,10 @@ async fn resource_bombs_are_stopped() {
         .run(Language::Python, "while True:\n    pass", &tight_policy())
         .await;
     assert_eq!(outcome.status, Status::Timeout);
-    assert_eq!(outcome.limit.as_deref(), Some("wall_time"));
+    assert_eq!(
+        outcome.limit.map(stack_types::Limit::as_str),
+        Some("wall_time")
+    );
     let cpu_policy = ProcessPolicy {
         limits: ResourceLimits {
             cpu_seconds: 1,
@@ -404,7 +407,10 @@ async fn resource_bombs_are_stopped() {
         .run(Language::Python, "while True:\n    pass", &cpu_policy)
         .await;
     assert_eq!(
-        (outcome.status, outcome.limit.as_deref()),
+        (
+            outcome.status,
+            outcome.limit.map(stack_types::Limit::as_str)
+        ),
         (Status::Killed, Some("cpu")),
         "{outcome:?}"
     );
@@ -479,7 +485,10 @@ async fn filling_the_disk_stops_at_the_file_size_limit() {
         )
         .await;
     assert_eq!(
-        (outcome.status, outcome.limit.as_deref()),
+        (
+            outcome.status,
+            outcome.limit.map(stack_types::Limit::as_str)
+        ),
         (Status::Killed, Some("file_size")),
         "{outcome:?}"
     );

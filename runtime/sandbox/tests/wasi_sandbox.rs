@@ -111,7 +111,7 @@ async fn infinite_loops_hit_the_deadline() {
         .run_python("while True:\n    pass", workspace.path(), &policy)
         .await;
     assert_eq!(
-        (python.status, python.limit.as_deref()),
+        (python.status, python.limit.map(stack_types::Limit::as_str)),
         (Status::Timeout, Some("wall_time")),
         "{python:?}"
     );
@@ -133,7 +133,7 @@ async fn memory_bombs_are_stopped_at_the_cap() {
         )
         .await;
     assert_eq!(
-        (python.status, python.limit.as_deref()),
+        (python.status, python.limit.map(stack_types::Limit::as_str)),
         (Status::Killed, Some("memory")),
         "{python:?}"
     );
@@ -145,7 +145,7 @@ async fn memory_bombs_are_stopped_at_the_cap() {
         )
         .await;
     assert_eq!(
-        (js.status, js.limit.as_deref()),
+        (js.status, js.limit.map(stack_types::Limit::as_str)),
         (Status::Killed, Some("memory")),
         "{js:?}"
     );
@@ -386,7 +386,10 @@ async fn fuel_gives_a_deterministic_instruction_budget() {
         .run_javascript("for (;;) {}", workspace.path(), &policy)
         .await;
     assert_eq!(
-        (outcome.status, outcome.limit.as_deref()),
+        (
+            outcome.status,
+            outcome.limit.map(stack_types::Limit::as_str)
+        ),
         (Status::Killed, Some("fuel")),
         "{outcome:?}"
     );
@@ -413,7 +416,11 @@ async fn a_sleeping_guest_is_stopped_at_the_deadline() {
     ] {
         let slept = sandbox().run_python(code, workspace.path(), &policy).await;
         assert_eq!(slept.status, Status::Timeout, "{code}: {slept:?}");
-        assert_eq!(slept.limit.as_deref(), Some("wall_time"), "{slept:?}");
+        assert_eq!(
+            slept.limit.map(stack_types::Limit::as_str),
+            Some("wall_time"),
+            "{slept:?}"
+        );
         assert!(
             slept.duration_ms < 3000,
             "{code}: slept past the deadline: {slept:?}"

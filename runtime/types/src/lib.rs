@@ -10,4 +10,4 @@ pub mod outcome;
 
 pub use language::{Language, ScriptRuntime};
 pub use message::{Message, Role, ToolCall};
-pub use outcome::{Status, ToolOutcome};
+pub use outcome::{Limit, Status, ToolOutcome};

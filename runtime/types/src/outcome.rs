@@ -37,6 +37,49 @@ impl Status {
     }
 }
 
+/// A limit that stopped a call (serialized in snake_case: `wall_time`,
+/// `cpu`, `memory`, `processes`, `file_size`, `fuel`, `budget`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Limit {
+    /// The wall-clock timeout.
+    WallTime,
+    /// CPU time.
+    Cpu,
+    /// Memory.
+    Memory,
+    /// The number of processes.
+    Processes,
+    /// The size of one file.
+    FileSize,
+    /// A WASI guest's instruction budget.
+    Fuel,
+    /// A session budget (calls, CPU, output) refused the call.
+    Budget,
+}
+
+impl Limit {
+    /// Its name, as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::WallTime => "wall_time",
+            Limit::Cpu => "cpu",
+            Limit::Memory => "memory",
+            Limit::Processes => "processes",
+            Limit::FileSize => "file_size",
+            Limit::Fuel => "fuel",
+            Limit::Budget => "budget",
+        }
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What a tool call produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ToolOutcome {
@@ -58,10 +101,9 @@ pub struct ToolOutcome {
     /// The signal that ended the process, if one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
-    /// The limit that stopped the call: `wall_time`, `cpu`, `memory`,
-    /// `processes` or `file_size`.
+    /// The limit that stopped the call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub limit: Option<String>,
+    pub limit: Option<Limit>,
 }
 
 impl ToolOutcome {

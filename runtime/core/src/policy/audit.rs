@@ -58,7 +58,7 @@ pub enum AuditRecord {
         /// Wall time.
         duration_ms: u64,
         /// The limit that stopped it, if any.
-        limit: Option<String>,
+        limit: Option<stack_types::Limit>,
         /// The error, if any (redacted).
         error: Option<String>,
     },
@@ -138,7 +138,7 @@ impl AuditLog {
                 call_id,
                 ..
             } => {
-                tracing::info!(target: "stack_runtime::audit", call_id, tool, status, duration_ms, limit = limit.as_deref(), "tool result");
+                tracing::info!(target: "stack_runtime::audit", call_id, tool, status, duration_ms, limit = limit.map(stack_types::Limit::as_str), "tool result");
             }
         }
         let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;

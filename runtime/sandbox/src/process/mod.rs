@@ -124,6 +124,7 @@ use tokio::io::AsyncWriteExt;
 pub use cgroup::CgroupLayout;
 pub use helper::helper_main;
 pub use probe::{Guarantee, KernelProbe};
+#[cfg(feature = "wasi")]
 pub(crate) use spec::ProtectedPath;
 pub use spec::{NetworkMode, ProtectedMode, ResourceLimits};
 
@@ -829,14 +830,14 @@ fn classify(
     oom: bool,
     limits: &ResourceLimits,
 ) {
-    let limit_hit = |outcome: &mut ToolOutcome, limit: &str, message: String| {
+    let limit_hit = |outcome: &mut ToolOutcome, limit: stack_types::Limit, message: String| {
         outcome.status = Status::Killed;
-        outcome.limit = Some(limit.to_string());
+        outcome.limit = Some(limit);
         outcome.error = Some(message);
     };
     if timed_out {
         outcome.status = Status::Timeout;
-        outcome.limit = Some("wall_time".into());
+        outcome.limit = Some(stack_types::Limit::WallTime);
         outcome.error = Some(format!(
             "timed out after {} ms; the whole process tree was killed",
             limits.wall_ms
@@ -855,7 +856,7 @@ fn classify(
         } else if oom {
             limit_hit(
                 outcome,
-                "memory",
+                stack_types::Limit::Memory,
                 format!(
                     "a process ran out of its {} MiB memory limit and was killed; exit code {code}",
                     limits.memory_bytes >> 20
@@ -874,7 +875,7 @@ fn classify(
     match signal {
         libc::SIGXCPU => limit_hit(
             outcome,
-            "cpu",
+            stack_types::Limit::Cpu,
             format!(
                 "killed by {name}: CPU time limit of {} s reached",
                 limits.cpu_seconds
@@ -882,7 +883,7 @@ fn classify(
         ),
         libc::SIGXFSZ => limit_hit(
             outcome,
-            "file_size",
+            stack_types::Limit::FileSize,
             format!(
                 "killed by {name}: file size limit of {} MiB reached",
                 limits.file_size_bytes >> 20
@@ -890,7 +891,7 @@ fn classify(
         ),
         libc::SIGKILL if oom => limit_hit(
             outcome,
-            "memory",
+            stack_types::Limit::Memory,
             format!(
                 "killed by {name}: memory limit of {} MiB reached",
                 limits.memory_bytes >> 20
@@ -898,7 +899,7 @@ fn classify(
         ),
         libc::SIGKILL if cpu_ms.is_some_and(|ms| ms >= limits.cpu_seconds * 1000) => limit_hit(
             outcome,
-            "cpu",
+            stack_types::Limit::Cpu,
             format!(
                 "killed by {name}: CPU time hard limit of {} s reached",
                 limits.cpu_seconds + 1
@@ -1132,7 +1133,11 @@ mod tests {
             outcome.exit_code = None;
             classify(&mut outcome, *status, *cpu_ms, *timed_out, *oom, &limits);
             assert_eq!(outcome.status, *want_status, "{case}: {outcome:?}");
-            assert_eq!(outcome.limit.as_deref(), *want_limit, "{case}: {outcome:?}");
+            assert_eq!(
+                outcome.limit.map(stack_types::Limit::as_str),
+                *want_limit,
+                "{case}: {outcome:?}"
+            );
         }
     }
 }

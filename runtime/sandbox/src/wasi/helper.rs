@@ -249,7 +249,7 @@ pub(super) fn run_call(
             limit.as_millis()
         ));
         outcome.status = Status::Timeout;
-        outcome.limit = Some("wall_time".into());
+        outcome.limit = Some(stack_types::Limit::WallTime);
         return outcome;
     };
     let mut replies = replies.into_iter();
@@ -354,7 +354,7 @@ impl HelperSession {
                 let mut outcome = ToolOutcome::internal_error(unexpected(other, ""));
                 if wrote.is_ok() && self.child.try_wait().ok().flatten().is_none() {
                     outcome.status = Status::Timeout;
-                    outcome.limit = Some("wall_time".into());
+                    outcome.limit = Some(stack_types::Limit::WallTime);
                     outcome.error = Some(format!(
                         "the WASI helper did not answer within {} ms and was killed",
                         limit.as_millis()

@@ -607,7 +607,7 @@ pub(crate) fn classify(
         if exit.0 != 0 {
             if memory_hit {
                 outcome.status = Status::Killed;
-                outcome.limit = Some("memory".into());
+                outcome.limit = Some(stack_types::Limit::Memory);
                 outcome.error = Some(memory_message());
             } else {
                 outcome.status = Status::Failed;
@@ -620,7 +620,7 @@ pub(crate) fn classify(
     match error.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => {
             outcome.status = Status::Timeout;
-            outcome.limit = Some("wall_time".into());
+            outcome.limit = Some(stack_types::Limit::WallTime);
             outcome.error = Some(format!(
                 "timed out after {} ms; the guest was interrupted",
                 policy.wall_ms
@@ -628,12 +628,12 @@ pub(crate) fn classify(
         }
         Some(Trap::OutOfFuel) => {
             outcome.status = Status::Killed;
-            outcome.limit = Some("fuel".into());
+            outcome.limit = Some(stack_types::Limit::Fuel);
             outcome.error = Some("the guest used up its instruction budget (fuel)".into());
         }
         _ if memory_hit => {
             outcome.status = Status::Killed;
-            outcome.limit = Some("memory".into());
+            outcome.limit = Some(stack_types::Limit::Memory);
             outcome.error = Some(memory_message());
         }
         Some(trap) => {

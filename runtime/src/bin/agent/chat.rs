@@ -143,12 +143,24 @@ pub fn run(
         .enable_all()
         .build()?;
     let (_runtime, session, _) = build(args, dirs, approver, json, &tokio)?;
-    let ended = tokio.block_on(show_turn(&session, prompt, json));
+    let ended = tokio.block_on(async {
+        let ended = show_turn(&session, prompt, json).await;
+        save_before_exit(&session).await;
+        ended
+    });
     Ok(if ended == Some(TurnEnd::Error) {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Saves the KV cache (for a later `--resume`) and waits for it: dropping
+/// the session only starts the save, which the process would not wait for.
+async fn save_before_exit(session: &Session) {
+    if let Err(err) = session.save_state().await {
+        eprintln!("warning: the KV cache was not saved ({err}); a resumed session evaluates its prompt again");
+    }
 }
 
 /// Runs one turn, printing its events; Ctrl-C cancels it (the turn still
@@ -347,13 +359,8 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
         .build()?;
     let (runtime, mut session, config) =
         build(args, dirs, Some(Arc::clone(&approver)), false, &tokio)?;
-    let info = runtime.model().info();
-    println!(
-        "Stack Runtime — {} ({:.0}M parameters, {} GPU layers)",
-        info.name,
-        info.parameters as f64 / 1e6,
-        info.gpu_layers
-    );
+    let info = runtime.backend().info();
+    println!("Stack Runtime — {} ({})", info.name, info.detail);
     println!(
         "policy     {}",
         runtime
@@ -474,6 +481,7 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
         }
         tokio.block_on(show_turn(&session, line, false));
     }
+    tokio.block_on(save_before_exit(&session));
     Ok(ExitCode::SUCCESS)
 }
 

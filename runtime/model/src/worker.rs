@@ -1,15 +1,22 @@
-//! The model worker: a llama.cpp context is tied to one thread, so each
-//! agent session owns a thread holding its `ModelSession`, and the async loop
-//! talks to it over channels. Generations across sessions take turns on a
-//! lock shared per model, so many sessions can share one loaded model.
+//! The llama.cpp backend's sessions: a llama.cpp context is tied to one
+//! thread, so each session owns a thread holding its `ModelSession`, and
+//! the async side talks to it over channels, never blocking a runtime
+//! thread. Generations across sessions take turns on a lock shared per
+//! model, so many sessions can share one loaded model.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde_json::Value;
 
-use stack_model::llama::{Counters, Generation, Model, ModelError, SamplingOptions};
-use stack_model::ToolChoice;
+use futures::future::BoxFuture;
+
+use crate::backend::{
+    BackendInfo, BackendSession, Capabilities, CompletionRequest, Counters, Generation,
+    ModelBackend, ModelError, SamplingOptions,
+};
+use crate::llama::Model;
+use crate::ToolChoice;
 use stack_types::message::Message;
 
 struct Job {
@@ -42,6 +49,75 @@ pub(crate) struct ModelWorker {
     requests: std::sync::mpsc::Sender<Request>,
 }
 
+impl ModelBackend for Model {
+    fn info(&self) -> BackendInfo {
+        let info = self.info();
+        BackendInfo {
+            name: info.name.clone(),
+            detail: format!(
+                "{:.0}M parameters, {} GPU layers, in process (llama.cpp)",
+                info.parameters as f64 / 1e6,
+                info.gpu_layers
+            ),
+            context_length: Some(self.context_size()),
+            capabilities: Capabilities {
+                constrained_decoding: true,
+                kv_prefix_reuse: true,
+                native_tool_calls: false,
+                saved_state: true,
+            },
+        }
+    }
+
+    fn open_session(
+        self: Arc<Self>,
+    ) -> BoxFuture<'static, Result<Box<dyn BackendSession>, ModelError>> {
+        Box::pin(async move {
+            let worker = ModelWorker::spawn(self).await?;
+            Ok(Box::new(worker) as Box<dyn BackendSession>)
+        })
+    }
+}
+
+impl BackendSession for ModelWorker {
+    fn complete(
+        &mut self,
+        request: CompletionRequest,
+        deltas: tokio::sync::mpsc::UnboundedSender<String>,
+        cancel: Arc<AtomicBool>,
+    ) -> BoxFuture<'_, Result<Generation, ModelError>> {
+        Box::pin(ModelWorker::complete(
+            self,
+            request.messages,
+            request.tools,
+            request.tool_choice,
+            request.sampling,
+            deltas,
+            cancel,
+        ))
+    }
+
+    fn totals(&mut self) -> BoxFuture<'_, Counters> {
+        Box::pin(ModelWorker::totals(self))
+    }
+
+    fn clear(&mut self) {
+        ModelWorker::clear(self);
+    }
+
+    fn save_state(&mut self, path: std::path::PathBuf) -> BoxFuture<'_, Result<(), ModelError>> {
+        Box::pin(self.save(path))
+    }
+
+    fn save_state_detached(&mut self, path: std::path::PathBuf) {
+        self.save_detached(path);
+    }
+
+    fn load_state(&mut self, path: std::path::PathBuf) -> BoxFuture<'_, Result<usize, ModelError>> {
+        Box::pin(self.load(path))
+    }
+}
+
 impl ModelWorker {
     /// Starts a thread with a fresh context on `model`, and waits (without
     /// blocking the caller's thread) until the context is made.
@@ -68,7 +144,9 @@ impl ModelWorker {
                             let _turn = model.turn_lock().lock().unwrap_or_else(|p| p.into_inner());
                             let mut ids = {
                                 let mut n = 0u32;
-                                let salt = stack_core::policy::audit::now_ms();
+                                let salt = std::time::SystemTime::now()
+                                    .duration_since(std::time::UNIX_EPOCH)
+                                    .map_or(0, |d| d.as_millis());
                                 move || {
                                     n += 1;
                                     format!("call_{salt:x}_{n}")

@@ -1,0 +1,239 @@
+//! The model-backend seam: what the agent loop needs from a model, and
+//! nothing about how it runs. The in-process llama.cpp backend ([`Model`]
+//! with feature `llama`) is one implementation; a served model behind an
+//! OpenAI-compatible API is another; tests may script one.
+//!
+//! A backend opens sessions. A session renders the conversation and
+//! generates the next assistant turn, streaming text deltas as they come,
+//! and keeps whatever state makes the next turn cheaper (a KV cache). The
+//! loop parses tool calls out of the turn (or takes the backend's native
+//! ones) and never learns which backend it talks to.
+//!
+//! [`Model`]: crate::llama::Model
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+
+use crate::grammar::ToolChoice;
+use crate::template::TemplateError;
+use crate::toolcall::ParsedTurn;
+use stack_types::message::Message;
+
+/// Why the model could not load or generate.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The model file does not exist.
+    #[error("model file {0} does not exist (run scripts/setup for the default model)")]
+    NotFound(PathBuf),
+    /// The file is not a GGUF model.
+    #[error("{path} is not a GGUF model (it starts with {magic:?}, not \"GGUF\")")]
+    NotGguf {
+        /// The file.
+        path: PathBuf,
+        /// Its first bytes.
+        magic: String,
+    },
+    /// llama.cpp refused the file.
+    #[error("llama.cpp could not load {path}: {reason} (is the file truncated or corrupt?)")]
+    Load {
+        /// The file.
+        path: PathBuf,
+        /// What llama.cpp said.
+        reason: String,
+    },
+    /// The backend or a context could not be created.
+    #[error("llama.cpp: {0}")]
+    Backend(String),
+    /// The prompt could not be rendered.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// The prompt does not fit in the context.
+    #[error("the prompt is {needed} tokens, more than the context of {context} tokens; start a new session or raise the context size")]
+    ContextFull {
+        /// Tokens needed.
+        needed: usize,
+        /// The context size.
+        context: u32,
+    },
+    /// Decoding failed.
+    #[error("decoding failed: {0}")]
+    Decode(String),
+    /// The tool grammar could not be built.
+    #[error("building the tool-call grammar failed: {0}")]
+    Grammar(String),
+}
+
+/// How to pick tokens.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SamplingOptions {
+    /// Temperature; 0 means greedy.
+    pub temperature: f32,
+    /// Nucleus sampling.
+    pub top_p: f32,
+    /// Top-k sampling (0 = off).
+    pub top_k: i32,
+    /// Min-p sampling.
+    pub min_p: f32,
+    /// Repetition penalty (1 = off).
+    pub repeat_penalty: f32,
+    /// Random seed.
+    pub seed: u32,
+    /// Most tokens to generate in one turn.
+    pub max_tokens: u32,
+}
+
+impl Default for SamplingOptions {
+    fn default() -> Self {
+        SamplingOptions {
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k: 40,
+            min_p: 0.05,
+            repeat_penalty: 1.1,
+            seed: 42,
+            max_tokens: 512,
+        }
+    }
+}
+
+/// Token counters, for tests and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Counters {
+    /// Prompt tokens run through the model.
+    pub prompt_evaluated: u64,
+    /// Prompt tokens reused from the KV cache.
+    pub prompt_reused: u64,
+    /// Tokens generated.
+    pub generated: u64,
+}
+
+impl Counters {
+    /// Adds `other` to these counters.
+    pub fn add(&mut self, other: Counters) {
+        self.prompt_evaluated += other.prompt_evaluated;
+        self.prompt_reused += other.prompt_reused;
+        self.generated += other.generated;
+    }
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model ended its turn.
+    EndOfTurn,
+    /// The token budget ran out.
+    MaxTokens,
+    /// The caller stopped it.
+    Cancelled,
+}
+
+/// One generated turn.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The raw text.
+    pub text: String,
+    /// Content and tool calls parsed from it.
+    pub turn: ParsedTurn,
+    /// Why it stopped.
+    pub stop: StopReason,
+    /// This turn's counters.
+    pub counters: Counters,
+    /// Milliseconds spent on the prompt.
+    pub prompt_ms: f64,
+    /// Milliseconds spent generating.
+    pub generation_ms: f64,
+}
+
+/// What a backend can do beyond generating text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Capabilities {
+    /// Tool calls are grammar-constrained, so a parsed call always matches
+    /// the tools' schemas.
+    pub constrained_decoding: bool,
+    /// A session reuses the evaluated prefix of its previous prompt.
+    pub kv_prefix_reuse: bool,
+    /// The backend returns tool calls as structured data (OpenAI
+    /// `tool_calls`) rather than text the runtime parses.
+    pub native_tool_calls: bool,
+    /// A session's state can be saved and restored (resume).
+    pub saved_state: bool,
+}
+
+/// What a backend says about itself, for banners, `agent model` and
+/// `agent doctor`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendInfo {
+    /// The model's name.
+    pub name: String,
+    /// One line on where and how it runs (size, GPU layers, server).
+    pub detail: String,
+    /// Its context length in tokens, when known.
+    pub context_length: Option<u32>,
+    /// What it can do.
+    pub capabilities: Capabilities,
+}
+
+/// One request for the next assistant turn.
+#[derive(Debug, Clone)]
+pub struct CompletionRequest {
+    /// The conversation so far.
+    pub messages: Vec<Message>,
+    /// The tools offered, as OpenAI function definitions.
+    pub tools: Vec<Value>,
+    /// Whether (and which) tool must be called.
+    pub tool_choice: ToolChoice,
+    /// How to pick tokens.
+    pub sampling: SamplingOptions,
+}
+
+/// A model the agent loop can drive.
+pub trait ModelBackend: Send + Sync {
+    /// What it is.
+    fn info(&self) -> BackendInfo;
+
+    /// Opens a session (a conversation with state of its own), without
+    /// blocking the caller's thread.
+    fn open_session(
+        self: Arc<Self>,
+    ) -> BoxFuture<'static, Result<Box<dyn BackendSession>, ModelError>>;
+}
+
+/// One conversation on a backend.
+pub trait BackendSession: Send {
+    /// Generates the next assistant turn for `request`, sending text
+    /// deltas to `deltas` as they come; stops early (with
+    /// [`StopReason::Cancelled`]) once `cancel` is set.
+    fn complete(
+        &mut self,
+        request: CompletionRequest,
+        deltas: tokio::sync::mpsc::UnboundedSender<String>,
+        cancel: Arc<AtomicBool>,
+    ) -> BoxFuture<'_, Result<Generation, ModelError>>;
+
+    /// Token counters over the session's life.
+    fn totals(&mut self) -> BoxFuture<'_, Counters>;
+
+    /// Forgets any state kept between turns.
+    fn clear(&mut self);
+
+    /// Saves the session's state to `path` and waits until it is written
+    /// (nothing to do for a backend without [`Capabilities::saved_state`]).
+    fn save_state(&mut self, _path: PathBuf) -> BoxFuture<'_, Result<(), ModelError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Starts saving the session's state to `path` and returns at once
+    /// (best effort; used when a session is dropped).
+    fn save_state_detached(&mut self, _path: PathBuf) {}
+
+    /// Restores a saved state; returns how many tokens it holds (0 for a
+    /// backend without [`Capabilities::saved_state`]).
+    fn load_state(&mut self, _path: PathBuf) -> BoxFuture<'_, Result<usize, ModelError>> {
+        Box::pin(std::future::ready(Ok(0)))
+    }
+}
