@@ -63,6 +63,9 @@ pub enum AgentError {
     /// No model was given.
     #[error("no model: give RuntimeBuilder::model or ::backend")]
     NoModel,
+    /// A task of the runtime itself failed (a bug).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The audit log could not be opened.
     #[error("audit log {path}: {source}")]
     AuditLog {
@@ -390,27 +393,34 @@ impl Runtime {
     /// blocking the caller's thread.
     pub async fn session(&self, config: SessionConfig) -> Result<Session, AgentError> {
         let model = Arc::clone(&self.backend).open_session().await?;
-        let ctx = ToolContext::new(Workspace::open(&self.workspace)?);
-        let (id, mut messages) = match &config.resume {
-            Some(id) => {
-                let dir = self
-                    .transcripts
-                    .as_deref()
-                    .ok_or(TranscriptError::Disabled)?;
-                (id.clone(), read_transcript(dir, id)?)
-            }
-            None => (new_session_id(), Vec::new()),
-        };
-        let transcript = match &self.transcripts {
-            Some(dir) => Some(transcript::Writer::open(dir, &id)?),
-            None => None,
-        };
-        let state_path = self
-            .transcripts
-            .as_ref()
-            .map(|dir| dir.join(format!("{id}.kv")));
-        let pending_restore =
-            config.resume.is_some() && state_path.as_ref().is_some_and(|p| p.exists());
+        // Opening the workspace (canonicalize), reading a transcript and
+        // creating one are file work: on a blocking thread, not the caller's.
+        let (root, transcripts, resume) = (
+            self.workspace.clone(),
+            self.transcripts.clone(),
+            config.resume.clone(),
+        );
+        let opened = tokio::task::spawn_blocking(move || {
+            let ctx = ToolContext::new(Workspace::open(&root)?);
+            let (id, messages) = match &resume {
+                Some(id) => {
+                    let dir = transcripts.as_deref().ok_or(TranscriptError::Disabled)?;
+                    (id.clone(), read_transcript(dir, id)?)
+                }
+                None => (new_session_id(), Vec::new()),
+            };
+            let transcript = match &transcripts {
+                Some(dir) => Some(transcript::Writer::open(dir, &id)?),
+                None => None,
+            };
+            let state_path = transcripts.as_ref().map(|dir| dir.join(format!("{id}.kv")));
+            let pending_restore =
+                resume.is_some() && state_path.as_ref().is_some_and(|p| p.exists());
+            Ok::<_, AgentError>((ctx, id, messages, transcript, state_path, pending_restore))
+        })
+        .await
+        .map_err(|e| AgentError::Internal(format!("opening the session: {e}")))??;
+        let (ctx, id, mut messages, transcript, state_path, pending_restore) = opened;
         let relay = Arc::new(ApprovalRelay {
             inner: self.approver.clone(),
             events: Default::default(),

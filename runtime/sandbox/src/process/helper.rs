@@ -101,10 +101,7 @@ fn setup_zygote() -> Result<(ZygoteSpec, Filters, BaseRules), String> {
     // execs, so it keeps the capabilities it needs in its user namespace),
     // default signal dispositions, the shared seccomp denylist, and the
     // system paths every call may read, opened once.
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
-    }
+    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
     drop_bounding_set();
     reset_signals();
     filters
@@ -286,8 +283,7 @@ fn drop_identity(spec: &ZygoteSpec) -> Result<(), String> {
         setresuid(uid, uid, uid).map_err(|e| format!("setresuid: {e}"))?;
         // Changing credentials cleared the dumpable flag, which leaves
         // /proc/self owned by root; the namespace setup must write there.
-        // SAFETY: prctl with integer arguments.
-        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+        let _ = nix::sys::prctl::set_dumpable(true);
     }
     let uids = nix::unistd::getresuid().map_err(|e| e.to_string())?;
     let gids = nix::unistd::getresgid().map_err(|e| e.to_string())?;
@@ -325,13 +321,7 @@ fn enter_namespaces(spec: &ZygoteSpec) -> Result<(), String> {
     // From here on no host process may ptrace this zygote (or the spares
     // it forks, until their exec) or take its descriptors: the mm's user
     // namespace is the host's, where this uid holds no CAP_SYS_PTRACE.
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        return Err(format!(
-            "PR_SET_DUMPABLE: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
+    nix::sys::prctl::set_dumpable(false).map_err(|e| format!("PR_SET_DUMPABLE: {e}"))?;
     Ok(())
 }
 

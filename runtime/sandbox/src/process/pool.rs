@@ -400,8 +400,13 @@ impl Zygote {
     /// Kills the zygote itself, and with it every call it made.
     pub(crate) fn terminate(&self) {
         if let Some(process) = &self.process {
-            // SAFETY: our own child, not reaped before drop.
-            unsafe { libc::kill(process.id() as libc::pid_t, libc::SIGKILL) };
+            // Our own child, not reaped before drop, so the pid is its own.
+            if let Ok(pid) = i32::try_from(process.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
         self.shared.alive.store(false, Ordering::SeqCst);
     }
@@ -447,17 +452,13 @@ impl Drop for Zygote {
 
 /// Whether `fd` turns readable within `limit` (zero: right now).
 fn readable_within(fd: std::os::fd::BorrowedFd<'_>, limit: Duration) -> std::io::Result<bool> {
-    let mut entry = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let millis = libc::c_int::try_from(limit.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd.
-    match unsafe { libc::poll(&mut entry, 1, millis) } {
-        n if n < 0 => Err(std::io::Error::last_os_error()),
-        n => Ok(n > 0),
-    }
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let millis = i32::try_from(limit.as_millis()).unwrap_or(i32::MAX);
+    let timeout = PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX);
+    let mut entries = [PollFd::new(fd, PollFlags::POLLIN)];
+    poll(&mut entries, timeout)
+        .map(|ready| ready > 0)
+        .map_err(std::io::Error::from)
 }
 
 /// The reader thread: queues each spare the zygote sends; at end of stream

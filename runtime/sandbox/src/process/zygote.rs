@@ -67,23 +67,24 @@ struct Init {
 
 impl Init {
     fn kill(&self) {
-        // SAFETY: `pid` is our unreaped child, so the pid is still its own.
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        // `pid` is our unreaped child, so the pid is still its own.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 
     /// Waits for the init (whose exit ends every process of its call) and
     /// removes the call's tmp dir. True when the init ran a call (it
     /// reported, or was killed), so that a spare should take its place.
     fn reap(&self) -> bool {
-        let mut status: libc::c_int = 0;
+        use nix::sys::wait::{waitpid, WaitStatus};
         let ran_a_call = loop {
-            // SAFETY: waitpid on our own child with a valid status pointer.
-            let pid = unsafe { libc::waitpid(self.pid, &mut status, 0) };
-            if pid == self.pid {
-                break !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) == 0;
-            }
-            if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                break false;
+            match waitpid(nix::unistd::Pid::from_raw(self.pid), None) {
+                Ok(WaitStatus::Exited(_, code)) => break code == 0,
+                Ok(_) => break true,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => break false,
             }
         };
         let _ = std::fs::remove_dir_all(&self.tmp);
