@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod context;
 pub mod dispatch;
 pub mod gate;
 pub mod policy;

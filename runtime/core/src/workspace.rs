@@ -319,7 +319,13 @@ impl Workspace {
         // linked from elsewhere.
         let (fd, created) = match open(flags | OFlag::O_CREAT | OFlag::O_EXCL) {
             Ok(fd) => (fd, true),
-            Err(Errno::EEXIST) => (open(flags).map_err(|errno| map_errno(errno, path))?, false),
+            // ENXIO: a FIFO with no reader refuses a non-blocking writer;
+            // it is no regular file either way.
+            Err(Errno::EEXIST) => match open(flags) {
+                Ok(fd) => (fd, false),
+                Err(Errno::ENXIO) => return Err(WorkspaceError::NotRegular(path.to_string())),
+                Err(errno) => return Err(map_errno(errno, path)),
+            },
             Err(errno) => return Err(map_errno(errno, path)),
         };
         let stat = nix::sys::stat::fstat(&fd).map_err(|errno| map_errno(errno, path))?;
@@ -664,9 +670,26 @@ mod tests {
         nix::unistd::mkfifo(&inside.path().join("fifo"), Mode::from_bits_truncate(0o666))
             .expect("mkfifo");
         // No reader: a blocking open would hang for good.
-        let started = std::time::Instant::now();
-        assert!(ws.write("fifo", b"x", false).is_err());
-        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // It is refused for what it is, with or without a reader waiting.
+        assert!(matches!(
+            ws.write("fifo", b"x", false),
+            Err(WorkspaceError::NotRegular(_))
+        ));
+        let fifo = inside.path().join("fifo");
+        let reader = std::thread::spawn(move || {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(fifo)
+                .expect("reader")
+        });
+        let held = reader.join().expect("reader thread");
+        assert!(matches!(
+            ws.write("fifo", b"x", true),
+            Err(WorkspaceError::NotRegular(_))
+        ));
+        drop(held);
         // Health: ordinary writes and appends still work.
         ws.write("fresh.txt", b"a", false).expect("write");
         ws.write("fresh.txt", b"b", true).expect("append");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-pub use crate::dispatch::ToolContext;
+pub use crate::context::ToolContext;
 
 /// A handler for a host-registered tool. It receives arguments that already
 /// passed validation against the tool's schema.

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::Builtin;
-use crate::dispatch::ToolContext;
+use crate::context::ToolContext;
 use stack_types::outcome::ToolOutcome;
 
 /// Arguments of `read_file`.
