@@ -4,8 +4,8 @@
 mod common;
 
 use serde_json::{json, Value};
-use stack_runtime::message::{Message, ToolCall};
-use stack_runtime::tools::{Builtin, Executor, Registry, ValidationError};
+use stack_core::tools::{Builtin, Executor, Registry, ValidationError};
+use stack_types::message::{Message, ToolCall};
 
 #[test]
 fn builtin_schema_files_equal_the_generated_schemas() {
@@ -145,7 +145,7 @@ fn both_file_shapes_yield_the_same_kind_of_tool() {
     );
     let upper = registry.get("to_upper").expect("native TOML tool");
     match &upper.spec().executor {
-        Executor::Wasi(stack_runtime::tools::WasiExecutor::Script { script, .. }) => {
+        Executor::Wasi(stack_core::tools::WasiExecutor::Script { script, .. }) => {
             assert!(script.is_absolute() && script.ends_with("to_upper.py"));
         }
         other => panic!("unexpected executor {}", other.kind()),
