@@ -12,9 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use stack_sandbox::process::{
-    NetworkMode, ProcessPolicy, ProcessSandbox, ProtectedMode, ResourceLimits,
-};
+use stack_sandbox::process::{NetworkMode, ProcessPolicy, ProcessSandbox, ResourceLimits};
 use stack_types::outcome::{Status, ToolOutcome};
 use stack_types::Language;
 
@@ -1453,17 +1451,9 @@ async fn the_runtimes_own_folders_inside_a_workspace_are_protected() {
     let _serial = SERIAL.lock().await;
     let fx = Fixture::new();
     let ws = fx.workspace.path().canonicalize().expect("canonical");
-    let cache = ws.join(".cache/stack-runtime");
-    let data = ws.join(".local/share/stack-runtime");
-    std::fs::create_dir_all(cache.join("wasm")).expect("mkdir");
-    std::fs::create_dir_all(data.join("sessions")).expect("mkdir");
-    std::fs::write(cache.join("wasm/module.cwasm"), "COMPILED").expect("write");
-    std::fs::write(data.join("sessions/s1.jsonl"), "SECRET-TRANSCRIPT\n").expect("write");
+    let state = common::RuntimeState::in_workspace(&ws);
     let mut policy = tight_policy();
-    policy
-        .protected
-        .push((cache.clone(), ProtectedMode::ReadOnly));
-    policy.protected.push((data.clone(), ProtectedMode::Hidden));
+    policy.protected.extend(state.protected.iter().cloned());
     let cases: &[(Language, &str)] = &[
         (Language::Python, "for f in ['.cache/stack-runtime/wasm/module.cwasm', '.cache/stack-runtime/wasm/evil.cwasm', '.local/share/stack-runtime/sessions/s1.jsonl']:\n    try:\n        open(f, 'a').write('NATIVE'); print('LEAK write', f)\n    except Exception as e:\n        print('blocked', type(e).__name__)\ntry:\n    print('LEAK read', open('.local/share/stack-runtime/sessions/s1.jsonl').read())\nexcept Exception as e:\n    print('hidden', type(e).__name__)"),
         (Language::Bash, "echo NATIVE >> .cache/stack-runtime/wasm/module.cwasm && echo LEAK; echo x > .cache/stack-runtime/wasm/evil.cwasm && echo LEAK; mv .cache/stack-runtime .cache/moved && echo LEAK; cat .local/share/stack-runtime/sessions/s1.jsonl; echo done"),
@@ -1474,13 +1464,5 @@ async fn the_runtimes_own_folders_inside_a_workspace_are_protected() {
         assert!(!outcome.stdout.contains("SECRET"), "{outcome:?}");
         fx.assert_healthy("runtime folders").await;
     }
-    assert_eq!(
-        std::fs::read_to_string(cache.join("wasm/module.cwasm")).expect("read"),
-        "COMPILED"
-    );
-    assert!(!cache.join("wasm/evil.cwasm").exists());
-    assert_eq!(
-        std::fs::read_to_string(data.join("sessions/s1.jsonl")).expect("read"),
-        "SECRET-TRANSCRIPT\n"
-    );
+    state.assert_untouched();
 }

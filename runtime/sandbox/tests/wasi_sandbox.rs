@@ -8,7 +8,6 @@ use std::os::unix::fs::PermissionsExt;
 
 use std::sync::Arc;
 
-use stack_sandbox::process::ProtectedMode;
 use stack_sandbox::wasi::{ModuleSource, PythonSession, WasiEngine, WasiPolicy, WasiSandbox};
 use stack_types::outcome::Status;
 use stack_types::ScriptRuntime;
@@ -683,17 +682,9 @@ async fn protected_paths_hold_for_python_javascript_and_sessions_as_any_user() {
 async fn the_runtimes_own_folders_inside_a_workspace_are_protected() {
     let workspace = tempfile::tempdir().expect("tempdir");
     let ws = workspace.path().canonicalize().expect("canonical");
-    let cache = ws.join(".cache/stack-runtime");
-    let data = ws.join(".local/share/stack-runtime");
-    std::fs::create_dir_all(cache.join("wasm")).expect("mkdir");
-    std::fs::create_dir_all(data.join("sessions")).expect("mkdir");
-    std::fs::write(cache.join("wasm/module.cwasm"), "COMPILED").expect("write");
-    std::fs::write(data.join("sessions/s1.jsonl"), "SECRET-TRANSCRIPT\n").expect("write");
+    let state = common::RuntimeState::in_workspace(&ws);
     let mut policy = quick();
-    policy
-        .protected
-        .push((cache.clone(), ProtectedMode::ReadOnly));
-    policy.protected.push((data.clone(), ProtectedMode::Hidden));
+    policy.protected.extend(state.protected.iter().cloned());
     let python = "for f in ['.cache/stack-runtime/wasm/module.cwasm', '.cache/stack-runtime/wasm/evil.cwasm', '.local/share/stack-runtime/sessions/s1.jsonl']:\n    try:\n        open(f, 'a').write('NATIVE'); print('LEAK write', f)\n    except Exception as e:\n        print('blocked', type(e).__name__)\ntry:\n    print('LEAK read', open('.local/share/stack-runtime/sessions/s1.jsonl').read())\nexcept Exception as e:\n    print('hidden', type(e).__name__)\nprint('done')";
     let outcome = sandbox().run_python(python, &ws, &policy).await;
     assert!(outcome.stdout.ends_with("done\n"), "{outcome:?}");
@@ -702,15 +693,7 @@ async fn the_runtimes_own_folders_inside_a_workspace_are_protected() {
     let js = sandbox().run_javascript(javascript, &ws, &policy).await;
     assert!(js.stdout.contains("hidden"), "{js:?}");
     assert!(!js.stdout.contains("LEAK"), "{js:?}");
-    assert_eq!(
-        std::fs::read_to_string(cache.join("wasm/module.cwasm")).expect("read"),
-        "COMPILED"
-    );
-    assert!(!cache.join("wasm/evil.cwasm").exists());
-    assert_eq!(
-        std::fs::read_to_string(data.join("sessions/s1.jsonl")).expect("read"),
-        "SECRET-TRANSCRIPT\n"
-    );
+    state.assert_untouched();
     // Health: the rest of the workspace is the guest's to write.
     let healthy = sandbox()
         .run_python(

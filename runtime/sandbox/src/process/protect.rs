@@ -155,7 +155,12 @@ fn absolute_entries(
     let root = nix::unistd::geteuid().is_root();
     let mut found: Vec<(PathBuf, ProtectedMode)> = Vec::new();
     for (folder, mode) in names.iter().filter(|(p, _)| p.is_absolute()) {
-        if !folder.starts_with(workspace) {
+        // Inside or not is decided on the resolved path (a home folder is
+        // often reached through a symlink), never on the spelling.
+        let Some(resolved) = resolve_existing_prefix(folder) else {
+            continue;
+        };
+        if !resolved.starts_with(workspace) {
             continue;
         }
         if !root && !folder.exists() {
@@ -177,6 +182,19 @@ fn absolute_entries(
         }
     }
     found
+}
+
+/// `path` with its longest existing prefix resolved (symlinks followed)
+/// and the rest appended as written.
+fn resolve_existing_prefix(path: &Path) -> Option<PathBuf> {
+    let mut rest = Vec::new();
+    for ancestor in path.ancestors() {
+        if let Ok(real) = std::fs::canonicalize(ancestor) {
+            return Some(rest.iter().rev().fold(real, |p, c| p.join(c)));
+        }
+        rest.push(ancestor.file_name()?);
+    }
+    None
 }
 
 impl Snapshot {

@@ -34,3 +34,58 @@ pub fn attacker() -> (u32, u32) {
         .expect("the attacker account exists");
     (user.uid.as_raw(), user.gid.as_raw())
 }
+
+/// The runtime's own folders inside a workspace, as a home-folder
+/// workspace holds them: a compiled module in the cache (read-only to
+/// sandboxed code) and a transcript in the data folder (hidden). The data
+/// folder is named through a symlink to the workspace, as a home folder
+/// reached through a symlinked `/home` is, so that only the path the kernel
+/// resolves places it inside.
+pub struct RuntimeState {
+    pub cache: PathBuf,
+    pub data: PathBuf,
+    /// The entries to add to a policy's protected list.
+    pub protected: Vec<(PathBuf, stack_sandbox::process::ProtectedMode)>,
+    _alias: tempfile::TempDir,
+}
+
+impl RuntimeState {
+    /// Makes the folders in the canonical workspace `ws`.
+    pub fn in_workspace(ws: &std::path::Path) -> RuntimeState {
+        use stack_sandbox::process::ProtectedMode;
+        let cache = ws.join(".cache/stack-runtime");
+        let data = ws.join(".local/share/stack-runtime");
+        std::fs::create_dir_all(cache.join("wasm")).expect("mkdir");
+        std::fs::create_dir_all(data.join("sessions")).expect("mkdir");
+        std::fs::write(cache.join("wasm/module.cwasm"), "COMPILED").expect("write");
+        std::fs::write(data.join("sessions/s1.jsonl"), "SECRET-TRANSCRIPT\n").expect("write");
+        let alias = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink(ws, alias.path().join("home")).expect("symlink");
+        let protected = vec![
+            (cache.clone(), ProtectedMode::ReadOnly),
+            (
+                alias.path().join("home/.local/share/stack-runtime"),
+                ProtectedMode::Hidden,
+            ),
+        ];
+        RuntimeState {
+            cache,
+            data,
+            protected,
+            _alias: alias,
+        }
+    }
+
+    /// Sandboxed code changed nothing of them.
+    pub fn assert_untouched(&self) {
+        assert_eq!(
+            std::fs::read_to_string(self.cache.join("wasm/module.cwasm")).expect("read"),
+            "COMPILED"
+        );
+        assert!(!self.cache.join("wasm/evil.cwasm").exists());
+        assert_eq!(
+            std::fs::read_to_string(self.data.join("sessions/s1.jsonl")).expect("read"),
+            "SECRET-TRANSCRIPT\n"
+        );
+    }
+}
