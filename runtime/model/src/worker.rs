@@ -7,23 +7,16 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use serde_json::Value;
-
 use futures::future::BoxFuture;
 
 use crate::backend::{
     BackendInfo, BackendSession, Capabilities, CompletionRequest, Counters, Generation,
-    ModelBackend, ModelError, SamplingOptions,
+    ModelBackend, ModelError,
 };
 use crate::llama::Model;
-use crate::ToolChoice;
-use stack_types::message::Message;
 
 struct Job {
-    messages: Vec<Message>,
-    tools: Vec<Value>,
-    tool_choice: ToolChoice,
-    sampling: SamplingOptions,
+    request: CompletionRequest,
     tokens: tokio::sync::mpsc::UnboundedSender<String>,
     cancel: Arc<AtomicBool>,
     reply: tokio::sync::oneshot::Sender<Result<Generation, ModelError>>,
@@ -80,41 +73,51 @@ impl ModelBackend for Model {
 }
 
 impl BackendSession for ModelWorker {
+    /// Generates on the model thread; pieces of text go to `deltas`.
     fn complete(
         &mut self,
         request: CompletionRequest,
         deltas: tokio::sync::mpsc::UnboundedSender<String>,
         cancel: Arc<AtomicBool>,
     ) -> BoxFuture<'_, Result<Generation, ModelError>> {
-        Box::pin(ModelWorker::complete(
-            self,
-            request.messages,
-            request.tools,
-            request.tool_choice,
-            request.sampling,
-            deltas,
-            cancel,
-        ))
+        Box::pin(async move {
+            self.ask(|reply| {
+                Request::Complete(Box::new(Job {
+                    request,
+                    tokens: deltas,
+                    cancel,
+                    reply,
+                }))
+            })
+            .await?
+        })
     }
 
     fn totals(&mut self) -> BoxFuture<'_, Counters> {
-        Box::pin(ModelWorker::totals(self))
+        Box::pin(async move { self.ask(Request::Totals).await.unwrap_or_default() })
     }
 
     fn clear(&mut self) {
-        ModelWorker::clear(self);
+        let _ = self.requests.send(Request::Clear);
     }
 
+    /// Saves the KV cache to `path` and waits until it is written.
     fn save_state(&mut self, path: std::path::PathBuf) -> BoxFuture<'_, Result<(), ModelError>> {
-        Box::pin(self.save(path))
+        Box::pin(async move { self.ask(|reply| Request::Save(path, reply)).await? })
     }
 
+    /// Asks the model thread to save the KV cache to `path` and returns at
+    /// once: the thread writes it after any job before it, then (once the
+    /// session is gone) ends. Best effort: a process that exits first
+    /// loses it, and a resumed session then evaluates its prompt again.
     fn save_state_detached(&mut self, path: std::path::PathBuf) {
-        self.save_detached(path);
+        let (reply, _) = tokio::sync::oneshot::channel();
+        let _ = self.requests.send(Request::Save(path, reply));
     }
 
+    /// Restores a saved KV cache; returns the number of cached tokens.
     fn load_state(&mut self, path: std::path::PathBuf) -> BoxFuture<'_, Result<usize, ModelError>> {
-        Box::pin(self.load(path))
+        Box::pin(async move { self.ask(|reply| Request::Load(path, reply)).await? })
     }
 }
 
@@ -154,10 +157,10 @@ impl ModelWorker {
                             };
                             let (tokens, cancel) = (job.tokens, job.cancel);
                             let result = session.complete(
-                                &job.messages,
-                                &job.tools,
-                                &job.tool_choice,
-                                &job.sampling,
+                                &job.request.messages,
+                                &job.request.tools,
+                                &job.request.tool_choice,
+                                &job.request.sampling,
                                 &mut |piece| {
                                     let _ = tokens.send(piece.to_string());
                                     !cancel.load(Ordering::SeqCst)
@@ -186,74 +189,15 @@ impl ModelWorker {
         Ok(ModelWorker { requests })
     }
 
-    /// Generates the next assistant turn; pieces of text go to `tokens`.
-    pub(crate) async fn complete(
+    /// Sends the model thread the request `make` builds around a reply
+    /// channel, and awaits the reply.
+    async fn ask<T>(
         &self,
-        messages: Vec<Message>,
-        tools: Vec<Value>,
-        tool_choice: ToolChoice,
-        sampling: SamplingOptions,
-        tokens: tokio::sync::mpsc::UnboundedSender<String>,
-        cancel: Arc<AtomicBool>,
-    ) -> Result<Generation, ModelError> {
+        make: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Request,
+    ) -> Result<T, ModelError> {
+        let gone = || ModelError::Backend("the model thread is gone".into());
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = Job {
-            messages,
-            tools,
-            tool_choice,
-            sampling,
-            tokens,
-            cancel,
-            reply,
-        };
-        self.requests
-            .send(Request::Complete(Box::new(job)))
-            .map_err(|_| ModelError::Backend("the model thread is gone".into()))?;
-        answer
-            .await
-            .map_err(|_| ModelError::Backend("the model thread is gone".into()))?
-    }
-
-    /// Saves the KV cache to `path` and waits until it is written.
-    pub(crate) async fn save(&self, path: std::path::PathBuf) -> Result<(), ModelError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.requests
-            .send(Request::Save(path, reply))
-            .map_err(|_| ModelError::Backend("the model thread is gone".into()))?;
-        answer
-            .await
-            .map_err(|_| ModelError::Backend("the model thread is gone".into()))?
-    }
-
-    /// Asks the model thread to save the KV cache to `path` and returns at
-    /// once: the thread writes it after any job before it, then (once the
-    /// session is gone) ends. Best effort: a process that exits first
-    /// loses it, and a resumed session then evaluates its prompt again.
-    pub(crate) fn save_detached(&self, path: std::path::PathBuf) {
-        let (reply, _) = tokio::sync::oneshot::channel();
-        let _ = self.requests.send(Request::Save(path, reply));
-    }
-
-    /// Restores a saved KV cache; returns the number of cached tokens.
-    pub(crate) async fn load(&self, path: std::path::PathBuf) -> Result<usize, ModelError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.requests
-            .send(Request::Load(path, reply))
-            .map_err(|_| ModelError::Backend("the model thread is gone".into()))?;
-        answer
-            .await
-            .map_err(|_| ModelError::Backend("the model thread is gone".into()))?
-    }
-
-    /// Forgets the KV cache.
-    pub(crate) fn clear(&self) {
-        let _ = self.requests.send(Request::Clear);
-    }
-
-    /// The session's token counters.
-    pub(crate) async fn totals(&self) -> Counters {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let _ = self.requests.send(Request::Totals(reply));
-        answer.await.unwrap_or_default()
+        self.requests.send(make(reply)).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())
     }
 }

@@ -154,8 +154,7 @@ impl WasiEngine {
         let bytes = std::fs::read(path).map_err(|e| module_err(e.to_string()))?;
         let key = self.cache_key(&bytes);
         self.ensure_cache_dir()?;
-        let cached = self.cache_dir.join(format!("{key}.cwasm"));
-        let sidecar = self.cache_dir.join(format!("{key}.sha256"));
+        let (cached, sidecar) = self.cache_files(&key);
         if let Some(module) = self.load_cached(&cached, &sidecar) {
             return Ok((module, ModuleSource::Cache, key));
         }
@@ -182,9 +181,17 @@ impl WasiEngine {
         if !plain || key.is_empty() || self.ensure_cache_dir().is_err() {
             return None;
         }
-        let cached = self.cache_dir.join(format!("{key}.cwasm"));
-        let sidecar = self.cache_dir.join(format!("{key}.sha256"));
+        let (cached, sidecar) = self.cache_files(key);
         self.load_cached(&cached, &sidecar)
+    }
+
+    /// The compiled module cached under `key`, and the stamp the runtime
+    /// wrote beside it.
+    fn cache_files(&self, key: &str) -> (PathBuf, PathBuf) {
+        (
+            self.cache_dir.join(format!("{key}.cwasm")),
+            self.cache_dir.join(format!("{key}.sha256")),
+        )
     }
 
     fn cache_key(&self, module_bytes: &[u8]) -> String {

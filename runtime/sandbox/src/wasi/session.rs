@@ -145,6 +145,12 @@ impl PythonSession {
 
     /// Starts the interpreter now (so the first call is warm).
     pub async fn start(&mut self) -> Result<(), String> {
+        self.start_surveyed(None).await
+    }
+
+    /// [`PythonSession::start`], with the workspace's protected paths when
+    /// the caller has just surveyed them.
+    async fn start_surveyed(&mut self, present: Option<Vec<ProtectedPath>>) -> Result<(), String> {
         if self.is_live() {
             return Ok(());
         }
@@ -163,7 +169,9 @@ impl PythonSession {
         let looked = tokio::task::spawn_blocking(move || {
             let canonical = std::fs::canonicalize(&workspace)
                 .map_err(|e| format!("workspace {}: {e}", workspace.display()))?;
-            let (present, _) = crate::process::protect::survey(&canonical, &policy.protected);
+            let present = present.unwrap_or_else(|| {
+                crate::process::protect::survey(&canonical, &policy.protected).0
+            });
             let python = match python {
                 Some(python) => python,
                 None => Asset::PythonWasm.locate().map_err(|e| e.to_string())?,
@@ -222,7 +230,7 @@ impl PythonSession {
                 ));
             }
         }
-        let mut outcome = self.run_frame(code).await;
+        let mut outcome = self.run_frame(code, present).await;
         if !snapshot.is_empty() {
             let workspace = self.workspace.clone();
             let undone = tokio::task::spawn_blocking(move || snapshot.undo_changes(&workspace))
@@ -242,8 +250,8 @@ impl PythonSession {
         outcome
     }
 
-    async fn run_frame(&mut self, code: &str) -> ToolOutcome {
-        if let Err(err) = self.start().await {
+    async fn run_frame(&mut self, code: &str, present: Vec<ProtectedPath>) -> ToolOutcome {
+        if let Err(err) = self.start_surveyed(Some(present)).await {
             return ToolOutcome::internal_error(format!("starting the Python session: {err}"));
         }
         let live = match self.live.as_mut() {
