@@ -142,6 +142,79 @@ fn read_and_write_files_in_the_workspace() {
     assert_eq!(report["stdout"], "sub/\n");
 }
 
+/// Red-team M2, M3, L4 and L6: hostile files that sandboxed code can make
+/// in the workspace. A FIFO is refused by name instead of hanging the
+/// file tools; thousands of hard links and folders cost `search_files` a
+/// bounded walk that holds few descriptors (here under `ulimit -n 256`);
+/// and names with control characters cannot forge result lines.
+#[test]
+fn hostile_workspace_files_neither_hang_nor_forge_the_file_tools() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ws = dir.path();
+    nix::unistd::mkfifo(
+        &ws.join("notes.txt"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .expect("mkfifo");
+    for (tool, args) in [
+        ("read_file", r#"{"path": "notes.txt"}"#),
+        ("read_file", r#"{"path": "notes.txt", "start_line": 1}"#),
+        ("write_file", r#"{"path": "notes.txt", "content": "x"}"#),
+    ] {
+        let report = tool_run(ws, tool, args, &[]);
+        assert_eq!(report["status"], "failed", "{tool}: {report}");
+        assert!(
+            report["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("not a regular file"),
+            "{tool}: {report}"
+        );
+    }
+    std::fs::remove_file(ws.join("notes.txt")).expect("rm fifo");
+
+    std::fs::write(ws.join("evil\nname.txt"), "needle \x1b]0;pwned\x07\n").expect("write");
+    let listed = tool_run(ws, "list_dir", "{}", &[]);
+    assert_eq!(
+        listed["stdout"], "evil\\nname.txt  (18 bytes)\n",
+        "{listed}"
+    );
+    let found = tool_run(ws, "search_files", r#"{"pattern": "needle"}"#, &[]);
+    assert_eq!(
+        found["stdout"], "evil\\nname.txt:1: needle \\x1b]0;pwned\\x07\n",
+        "{found}"
+    );
+    std::fs::remove_file(ws.join("evil\nname.txt")).expect("rm");
+
+    // 10,000 names of one file and 5,000 folders, searched with few fds.
+    std::fs::write(ws.join("big.txt"), "needle\n".repeat(100_000)).expect("write");
+    std::fs::create_dir(ws.join("links")).expect("mkdir");
+    for i in 0..10_000 {
+        std::fs::hard_link(ws.join("big.txt"), ws.join(format!("links/{i}.txt"))).expect("link");
+    }
+    for i in 0..5_000 {
+        std::fs::create_dir_all(ws.join(format!("wide/d{i}"))).expect("mkdir");
+    }
+    std::fs::write(ws.join("wide/d4999/last.txt"), "needle at the end\n").expect("write");
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(
+            r#"ulimit -n 256 && exec "$0" tool run search_files --args '{"pattern": "needle at"}'"#,
+        )
+        .arg(env!("CARGO_BIN_EXE_agent"))
+        .current_dir(ws)
+        .env_remove("STACK_RUNTIME_TOOLS")
+        .output()
+        .expect("run agent");
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stderr)));
+    assert_eq!(report["status"], "ok", "{report}");
+    assert_eq!(
+        report["stdout"], "wide/d4999/last.txt:1: needle at the end\n",
+        "{report}"
+    );
+}
+
 #[test]
 fn invalid_calls_report_invalid_and_run_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -239,6 +312,52 @@ fn execute_code_runs_in_the_process_sandbox() {
         (report["stdout"].as_str(), report["stderr"].as_str()),
         (Some("out\n"), Some("err\n"))
     );
+}
+
+/// Red-team L1: every CLI call used to leave its memory and pids cgroups
+/// behind (their clean-up ran on a thread the exiting process never waited
+/// for). After 100 calls, none of those processes' cgroups is left.
+#[test]
+fn as_root_no_cgroup_outlives_the_cli_calls_that_made_it() {
+    use stack_runtime::sandbox::process::CgroupLayout;
+    let layout = CgroupLayout::detect().expect("as root, a writable cgroup hierarchy is there");
+    let parents = match &layout {
+        CgroupLayout::V1 { memory, pids } => vec![memory.clone(), pids.clone()],
+        CgroupLayout::V2 { parent } => vec![parent.clone()],
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut pids = Vec::new();
+    for _ in 0..100 {
+        let child = Command::new(env!("CARGO_BIN_EXE_agent"))
+            .args([
+                "tool",
+                "run",
+                "execute_code",
+                "--sandbox",
+                "process",
+                "--args",
+            ])
+            .arg(r#"{"code": "true", "language": "bash"}"#)
+            .current_dir(dir.path())
+            .env_remove("STACK_RUNTIME_TOOLS")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run agent");
+        pids.push(child.id());
+        let output = child.wait_with_output().expect("agent ran");
+        let report: Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
+        assert_eq!(report["status"], "ok", "{report}");
+    }
+    let left: Vec<String> = parents
+        .iter()
+        .flat_map(|parent| std::fs::read_dir(parent).expect("cgroup parent").flatten())
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .filter(|name| {
+            pids.iter()
+                .any(|pid| name.starts_with(&format!("stack-runtime-{pid}-")))
+        })
+        .collect();
+    assert!(left.is_empty(), "cgroups left behind: {left:?}");
 }
 
 #[test]

@@ -466,8 +466,23 @@ impl Workspace {
         )
         .map_err(|errno| map_errno(errno, path))?;
         self.check_resolved(&fd, path, denied)?;
-        let mut stack = vec![(start, fd)];
-        while let Some((dir_path, dir_fd)) = stack.pop() {
+        // Folders wait on the stack by name and are opened when their turn
+        // comes, so a walk holds two descriptors however wide the tree is.
+        let mut stack = vec![(start, Some(fd))];
+        while let Some((dir_path, opened)) = stack.pop() {
+            let dir_fd = match opened {
+                Some(fd) => fd,
+                None => match open_beneath_fd(
+                    &self.root_fd,
+                    &dir_path,
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                    Follow::Never,
+                ) {
+                    Ok(fd) => fd,
+                    Err(_) => continue,
+                },
+            };
             let display = dir_path.display().to_string();
             for entry in read_entries(
                 dir_fd.try_clone().map_err(|source| WorkspaceError::Io {
@@ -483,24 +498,23 @@ impl Workspace {
                 if denied(&normalize(&child).display().to_string()).is_some() {
                     continue;
                 }
-                let flags = match entry.kind {
-                    "dir" => OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-                    "file" => OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+                match entry.kind {
+                    "dir" => {
+                        stack.push((child, None));
+                        continue;
+                    }
+                    "file" => {}
                     _ => continue,
-                };
+                }
                 let Ok(child_fd) = open_beneath_fd(
                     &dir_fd,
                     Path::new(&entry.name),
-                    flags,
+                    OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
                     Mode::empty(),
                     Follow::Never,
                 ) else {
                     continue;
                 };
-                if entry.kind == "dir" {
-                    stack.push((child, child_fd));
-                    continue;
-                }
                 // As in `read_text_checked`: a file with other names may be
                 // a denied one under another name (and a thousand names of
                 // one big file would cost a thousand reads): skipped.

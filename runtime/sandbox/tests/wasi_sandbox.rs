@@ -121,6 +121,107 @@ async fn infinite_loops_hit_the_deadline() {
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
 
+/// Red-team M4: every file a guest opens is a descriptor of the runtime's
+/// own process. A guest that opens files in a loop is stopped at the
+/// policy's cap, in a fresh interpreter and in a stateful session, so it
+/// never holds more than that many of the runtime's descriptors.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_cannot_use_up_the_runtimes_descriptors() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    std::fs::write(workspace.path().join("in.txt"), "inside\n").expect("write");
+    let policy = WasiPolicy {
+        open_files: 200,
+        ..quick()
+    };
+    let hoard = "import os\nfs = []\nwhile len(fs) < 5000:\n    fs.append(os.open('in.txt', os.O_RDONLY))\nprint('held', len(fs))";
+    let fresh = sandbox().run_python(hoard, workspace.path(), &policy).await;
+    assert_eq!(
+        (fresh.status, fresh.limit.map(stack_types::Limit::as_str)),
+        (Status::Killed, Some("open_files")),
+        "{fresh:?}"
+    );
+    assert!(fresh.error.unwrap_or_default().contains("200 files"));
+    let mut session = PythonSession::new(sandbox(), workspace.path(), policy.clone());
+    let stateful = session.run(hoard).await;
+    assert_eq!(
+        stateful.limit,
+        Some(stack_types::Limit::OpenFiles),
+        "{stateful:?}"
+    );
+    assert!(!stateful.stdout.contains("held"), "{stateful:?}");
+    // Health: files can still be opened under the cap, by a fresh guest
+    // and by the session that was reset.
+    let healthy = "fs = [open('in.txt') for _ in range(150)]\nprint(fs[-1].read().strip())";
+    let ok = sandbox()
+        .run_python(healthy, workspace.path(), &policy)
+        .await;
+    assert_eq!(
+        (ok.status, ok.stdout.as_str()),
+        (Status::Ok, "inside\n"),
+        "{ok:?}"
+    );
+    assert_eq!(session.run(healthy).await.stdout, "inside\n");
+}
+
+/// Red-team M2: a FIFO in the workspace (which code in the process sandbox
+/// can make) blocked a WASI guest's `open` inside the host, out of the
+/// epoch deadline's reach, for ever. The deadline now holds for Python,
+/// JavaScript and a stateful session, and each then works again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fifo_in_the_workspace_cannot_outlast_the_deadline() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let fifo = workspace.path().join("notes.txt");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).expect("mkfifo");
+    // Whoever the guest runs as may read and write it (umask aside).
+    std::fs::set_permissions(&fifo, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .expect("chmod");
+    let policy = WasiPolicy {
+        wall_ms: 1000,
+        ..quick()
+    };
+    let started = std::time::Instant::now();
+    let python = sandbox()
+        .run_python("print(open('notes.txt').read())", workspace.path(), &policy)
+        .await;
+    assert_eq!(python.status, Status::Timeout, "{python:?}");
+    let writer = sandbox()
+        .run_python(
+            "open('notes.txt', 'w').write('x')",
+            workspace.path(),
+            &policy,
+        )
+        .await;
+    assert_eq!(writer.status, Status::Timeout, "{writer:?}");
+    let js = sandbox()
+        .run_javascript(
+            "let f = std.open('notes.txt', 'r'); print(f.readAsString());",
+            workspace.path(),
+            &policy,
+        )
+        .await;
+    // QuickJS may open without blocking and read nothing; either way the
+    // call ends by its deadline.
+    assert!(
+        js.status == Status::Timeout || js.duration_ms < policy.wall_ms,
+        "{js:?}"
+    );
+    let mut session = PythonSession::new(sandbox(), workspace.path(), policy.clone());
+    assert_eq!(session.run("x = 1").await.status, Status::Ok);
+    let stuck = session.run("open('notes.txt').read()").await;
+    assert_eq!(stuck.status, Status::Timeout, "{stuck:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "four calls of 1 s each took {:?}",
+        started.elapsed()
+    );
+    // Health: the same sandbox and session run code again.
+    assert_eq!(session.run("print('alive')").await.stdout, "alive\n");
+    let ok = sandbox()
+        .run_python("print(6 * 7)", workspace.path(), &policy)
+        .await;
+    assert_eq!(ok.stdout, "42\n");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn memory_bombs_are_stopped_at_the_cap() {
     let workspace = tempfile::tempdir().expect("tempdir");
@@ -230,6 +331,71 @@ async fn session_state_persists_and_a_trap_resets_only_that_session() {
         "{bomb:?}"
     );
     assert_eq!(second.run("print('alive')").await.stdout, "alive\n");
+}
+
+/// Red-team M6: the guest can read the driver's nonce and print a forged
+/// end-of-frame marker. The frame must not end there: the exception raised
+/// afterwards is reported, and code that keeps running after its forged
+/// marker is stopped by the deadline, not left running with none.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_end_of_frame_marker_ends_nothing() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let policy = WasiPolicy {
+        wall_ms: 1500,
+        ..quick()
+    };
+    let mut session = PythonSession::new(sandbox(), workspace.path(), policy);
+    let forge = |then: &str| {
+        format!(
+            "import sys\nnonce = sys._getframe(1).f_locals['nonce']\nprint('before', flush=True)\nsys.stdout.write('\\0' + nonce + ':0\\0'); sys.stdout.flush()\n{then}"
+        )
+    };
+    // The attack: a forged "ok", then work and a failure.
+    let raised = session
+        .run(&forge(
+            "open('after-marker.txt', 'w').write('ran')\nraise RuntimeError('reported after all')",
+        ))
+        .await;
+    assert_eq!(raised.status, Status::Failed, "{raised:?}");
+    assert!(
+        raised.stderr.contains("RuntimeError: reported after all"),
+        "{raised:?}"
+    );
+    assert!(workspace.path().join("after-marker.txt").exists());
+    // A forged marker followed by a loop: the deadline still holds.
+    let looped = session.run(&forge("while True:\n    pass")).await;
+    assert_eq!(looped.status, Status::Timeout, "{looped:?}");
+    // Polling stdin (which finds it empty) is not waiting for a frame.
+    for poll in ["0", "5"] {
+        let polled = session
+            .run(&forge(&format!(
+                "import select\nselect.select([0], [], [], {poll})\nwhile True:\n    pass"
+            )))
+            .await;
+        assert_eq!(
+            polled.status,
+            Status::Timeout,
+            "select timeout {poll}: {polled:?}"
+        );
+    }
+    // Health: the session starts afresh and works.
+    let healthy = session.run("print(6 * 7)").await;
+    assert_eq!(
+        (healthy.status, healthy.stdout.as_str()),
+        (Status::Ok, "42\n"),
+        "{healthy:?}"
+    );
+    // Code that reads the session's own input ends its frame with a clear
+    // error, and the session is reset rather than left in the cell's hands.
+    let stolen = session
+        .run("import sys\nsys.__stdin__.buffer.readline()")
+        .await;
+    assert_eq!(stolen.status, Status::Failed, "{stolen:?}");
+    assert!(
+        stolen.error.unwrap_or_default().contains("own input"),
+        "the error names the cause"
+    );
+    assert_eq!(session.run("print('alive')").await.stdout, "alive\n");
 }
 
 /// A session runs each call under the policy in force for that call: a

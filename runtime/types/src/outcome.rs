@@ -38,7 +38,8 @@ impl Status {
 }
 
 /// A limit that stopped a call (serialized in snake_case: `wall_time`,
-/// `cpu`, `memory`, `processes`, `file_size`, `fuel`, `budget`).
+/// `cpu`, `memory`, `processes`, `file_size`, `fuel`, `budget`,
+/// `open_files`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -57,6 +58,8 @@ pub enum Limit {
     Fuel,
     /// A session budget (calls, CPU, output) refused the call.
     Budget,
+    /// The number of files a WASI guest may hold open at once.
+    OpenFiles,
 }
 
 impl Limit {
@@ -70,6 +73,7 @@ impl Limit {
             Limit::FileSize => "file_size",
             Limit::Fuel => "fuel",
             Limit::Budget => "budget",
+            Limit::OpenFiles => "open_files",
         }
     }
 }

@@ -471,6 +471,7 @@ pub fn wasi_policy(settings: &SandboxSettings) -> stack_sandbox::wasi::WasiPolic
             .map(|path| (path.clone(), path.display().to_string()))
             .collect(),
         protected: protected_paths(settings),
+        open_files: base.open_files,
     }
 }
 

@@ -123,6 +123,7 @@ use tokio::io::AsyncWriteExt;
 
 pub use cgroup::CgroupLayout;
 pub use helper::helper_main;
+pub use pool::wait_for_cleanup;
 pub use probe::{Guarantee, KernelProbe};
 #[cfg(feature = "wasi")]
 pub(crate) use spec::ProtectedPath;

@@ -220,14 +220,19 @@ impl Zygote {
         key: &ZygoteKey,
         cgroups: Option<&CgroupLayout>,
     ) -> Result<Zygote, SandboxError> {
+        // Where a cgroup hierarchy is there to use, the limits live in it
+        // and a cgroup that cannot be made refuses the call (fail closed).
+        // Where none is (an unprivileged runtime on cgroup v1), the caller
+        // holds memory with the address-space rlimit instead.
         let cgroup = match cgroups {
-            Some(layout) => match SandboxCgroup::create(layout, key.memory_bytes, key.processes) {
-                Ok(group) => Some(group),
-                Err(err) => {
-                    tracing::warn!(%err, "no cgroup for this sandbox; rlimits still apply");
-                    None
-                }
-            },
+            Some(layout) => Some(
+                SandboxCgroup::create(layout, key.memory_bytes, key.processes).map_err(|err| {
+                    SandboxError::KernelLacks(format!(
+                        "the policy's memory and process limits need a cgroup, and none could be made in {}: {err}",
+                        layout.describe()
+                    ))
+                })?,
+            ),
             None => None,
         };
         let mut read_only = super::base_read_only(key.network);
@@ -438,8 +443,9 @@ impl Drop for Zygote {
         let cgroup = self.cgroup.take();
         // Reaping and removing the cgroup may wait; never on the caller.
         // (The calls' tmp dirs live in the zygote's own tmpfs and go with
-        // its mount namespace.)
-        let _ = std::thread::Builder::new()
+        // its mount namespace.) A process about to exit waits for these
+        // threads in [`wait_for_cleanup`], so its cgroups go with it.
+        let spawned = std::thread::Builder::new()
             .name("sandbox-zygote-exit".into())
             .spawn(move || {
                 if let Some(mut process) = process {
@@ -447,6 +453,42 @@ impl Drop for Zygote {
                 }
                 drop(cgroup);
             });
+        if let Ok(handle) = spawned {
+            let mut pending = CLEANUPS.lock().unwrap_or_else(|p| p.into_inner());
+            pending.retain(|h| !h.is_finished());
+            pending.push(handle);
+        }
+    }
+}
+
+/// Clean-up threads of zygotes that were dropped (see [`wait_for_cleanup`]).
+static CLEANUPS: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// Waits, up to `limit`, until every dropped zygote has exited and its
+/// cgroup is removed. A program that exits right after its last call (the
+/// `agent` CLI) calls this after dropping its sandboxes; otherwise its
+/// cgroups would outlive it until another runtime sweeps them. Returns
+/// whether everything was cleaned up in time. Blocking.
+pub fn wait_for_cleanup(limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let mut pending = CLEANUPS.lock().unwrap_or_else(|p| p.into_inner());
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut *pending)
+            .into_iter()
+            .partition(|h| h.is_finished());
+        *pending = waiting;
+        let empty = pending.is_empty();
+        drop(pending);
+        for handle in done {
+            let _ = handle.join();
+        }
+        if empty {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -1,7 +1,8 @@
 # The stateful-session driver, run as `python -I -c <this file>`.
 # Protocol: each frame on stdin is "<byte length>\n<utf-8 code>"; after
 # running it in one persistent globals dict, the driver flushes and writes
-# "\0<nonce>:<exit status>\0" to stdout, which the host strips.
+# "\0<nonce>:<exit status>\0" to stdout, which the host strips. The host
+# takes the frame as over only when the driver then waits on stdin again.
 def _serve():
     import io, os, sys, traceback
     nonce = os.environ.pop("STACK_FRAME_NONCE", "")

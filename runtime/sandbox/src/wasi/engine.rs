@@ -102,6 +102,21 @@ impl WasiEngine {
                 }
             })
             .map_err(|e| WasiError::Engine(format!("starting the epoch ticker: {e}")))?;
+        // Here, not on first use: a thread takes its credentials and mount
+        // namespace from the thread that spawns it, and first use is on a
+        // guest's confined thread.
+        super::watchdog::start()
+            .map_err(|e| WasiError::Engine(format!("starting the watchdog: {e}")))?;
+        // Every file a guest opens is one of this process's descriptors:
+        // take the whole hard limit, so guests under their `open_files` cap
+        // never push the runtime itself to EMFILE (the usual soft limit is
+        // 1024).
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+            if soft < hard {
+                let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+            }
+        }
         Ok(Arc::new(WasiEngine {
             engine,
             cache_dir,

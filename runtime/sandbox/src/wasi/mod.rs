@@ -40,11 +40,13 @@
 //! Each rule has tests in `tests/wasi_sandbox.rs`.
 
 mod engine;
+mod feed;
 mod helper;
 mod identity;
 mod output;
 mod session;
 mod sleep;
+mod watchdog;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,7 +56,7 @@ use std::time::Instant;
 use wasmtime::{InstancePre, Linker, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{ClosedInputStream, MemoryInputPipe};
-use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder, WasiView};
 
 pub use engine::{ModuleSource, WasiEngine, WasiError};
 pub use helper::{guest_helper_main, GUEST_HELPER_ARG};
@@ -85,7 +87,17 @@ pub struct WasiPolicy {
     /// mount namespace (see [`identity`] and [`helper`]), and a created one
     /// is removed after the call in every case.
     pub protected: Vec<(PathBuf, crate::process::ProtectedMode)>,
+    /// How many files and directories the guest may hold open at once.
+    /// Each is a descriptor of the runtime's own process, so this keeps one
+    /// guest from using up the runtime's descriptor table (red-team M4);
+    /// past it the guest is stopped with `limit = "open_files"`.
+    pub open_files: usize,
 }
+
+/// Table entries a store needs besides the guest's open files and its
+/// read-only mounts: stdio, the workspace preopens and the streams a call
+/// makes for a moment.
+const TABLE_RESERVE: usize = 32;
 
 impl Default for WasiPolicy {
     fn default() -> Self {
@@ -96,6 +108,7 @@ impl Default for WasiPolicy {
             output_bytes: 1 << 20,
             read_only: Vec::new(),
             protected: crate::process::default_protected(),
+            open_files: 256,
         }
     }
 }
@@ -105,11 +118,17 @@ pub(crate) struct StoreState {
     wasi: WasiP1Ctx,
     limiter: MemoryLimiter,
     deadline: Arc<Mutex<Option<Instant>>>,
+    /// Set while a stateful session waits for its next frame: the guest is
+    /// then blocked reading stdin, and any WebAssembly it ran would be
+    /// interrupted at once.
+    between_frames: Arc<std::sync::atomic::AtomicBool>,
     /// What the guest's monotonic clock counts from (see [`sleep`]).
     clock_epoch: Instant,
     /// wasmtime-wasi's own `poll_oneoff`, callable from the host (see
     /// [`sleep`]); made on first use.
     poll_oneoff: Option<sleep::Poll>,
+    /// The deadline's watch over host calls the guest is blocked in.
+    watch: watchdog::Watch,
 }
 
 /// Caps linear memory and remembers whether the cap was hit.
@@ -493,15 +512,13 @@ impl WasiSandbox {
         if let Err(err) = grant_mounts(&mut builder, workspace, policy) {
             return ToolOutcome::internal_error(err);
         }
-        let mut store = match self.new_store(
-            &mut builder,
-            policy,
-            Some(Instant::now() + std::time::Duration::from_millis(policy.wall_ms)),
-        ) {
+        let deadline = Instant::now() + std::time::Duration::from_millis(policy.wall_ms);
+        let mut store = match self.new_store(&mut builder, policy, Some(deadline)) {
             Ok(store) => store,
             Err(err) => return ToolOutcome::internal_error(err),
         };
         let memory_hit = Arc::clone(&store.data().limiter.hit);
+        let fired = store.data().watch.fired();
         let result = prepared
             .pre
             .instantiate(&mut store)
@@ -517,11 +534,18 @@ impl WasiSandbox {
             memory_hit.load(std::sync::atomic::Ordering::SeqCst),
             policy,
         );
+        mark_overdue(
+            &mut outcome,
+            fired.load(std::sync::atomic::Ordering::SeqCst),
+            policy,
+        );
         outcome
     }
 
     /// A store for one instance, with the WASI context `builder` makes, the
-    /// policy's memory cap and fuel, and `deadline`.
+    /// policy's memory cap and fuel, and `deadline`, which also holds for
+    /// host calls the guest blocks in (see [`watchdog`]). Make it on the
+    /// thread that will run the instance.
     pub(crate) fn new_store(
         &self,
         builder: &mut WasiCtxBuilder,
@@ -534,12 +558,21 @@ impl WasiSandbox {
             wasi: builder.build_p1(),
             clock_epoch,
             poll_oneoff: None,
+            between_frames: Arc::default(),
             limiter: MemoryLimiter {
                 max: policy.memory_bytes,
                 hit: Arc::default(),
             },
+            watch: watchdog::watch_store(&deadline),
             deadline: Arc::clone(&deadline),
         };
+        let mut state = state;
+        state.wasi.ctx().table.set_max_capacity(
+            policy
+                .open_files
+                .saturating_add(TABLE_RESERVE)
+                .saturating_add(2 * policy.read_only.len()),
+        );
         let mut store = Store::new(self.engine.engine(), state);
         store.limiter(|state| &mut state.limiter);
         if self.engine.fuel() {
@@ -549,6 +582,13 @@ impl WasiSandbox {
         }
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |ctx| {
+            if ctx
+                .data()
+                .between_frames
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Ok(UpdateDeadline::Interrupt);
+            }
             let deadline = *ctx
                 .data()
                 .deadline
@@ -586,6 +626,20 @@ pub(crate) fn grant_mounts(
 }
 
 /// Maps how a guest run ended onto the tool statuses.
+/// A call that the watchdog had to interrupt in a blocked host call (see
+/// [`watchdog`]) timed out, however it ended.
+pub(crate) fn mark_overdue(outcome: &mut ToolOutcome, interrupted: bool, policy: &WasiPolicy) {
+    if outcome.status != Status::Timeout && interrupted {
+        outcome.status = Status::Timeout;
+        outcome.limit = Some(stack_types::Limit::WallTime);
+        outcome.exit_code = None;
+        outcome.error = Some(format!(
+            "timed out after {} ms while blocked in a host call (opening a FIFO, say); the guest was interrupted and stopped",
+            policy.wall_ms
+        ));
+    }
+}
+
 pub(crate) fn classify(
     outcome: &mut ToolOutcome,
     result: wasmtime::Result<()>,
@@ -635,6 +689,20 @@ pub(crate) fn classify(
             outcome.status = Status::Killed;
             outcome.limit = Some(stack_types::Limit::Memory);
             outcome.error = Some(memory_message());
+        }
+        _ if error.chain().any(|cause| {
+            matches!(
+                cause.downcast_ref::<wasmtime::component::ResourceTableError>(),
+                Some(wasmtime::component::ResourceTableError::Full)
+            )
+        }) =>
+        {
+            outcome.status = Status::Killed;
+            outcome.limit = Some(stack_types::Limit::OpenFiles);
+            outcome.error = Some(format!(
+                "the guest tried to hold more than {} files open at once and was stopped",
+                policy.open_files
+            ));
         }
         Some(trap) => {
             outcome.status = Status::Failed;

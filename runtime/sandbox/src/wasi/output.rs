@@ -115,45 +115,6 @@ impl CappedOutput {
         taken.tail = Vec::new();
         taken
     }
-
-    /// Waits until a marker arrives, `done()` turns true, or `timeout`
-    /// passes; returns whether a marker is there.
-    pub(crate) fn wait_for_marker(
-        &self,
-        timeout: std::time::Duration,
-        done: &dyn Fn() -> bool,
-    ) -> bool {
-        let deadline = std::time::Instant::now() + timeout;
-        let mut collected = self
-            .shared
-            .collected
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        loop {
-            if collected.marker.is_some() {
-                return true;
-            }
-            if done() {
-                return false;
-            }
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            let wait = (deadline - now).min(std::time::Duration::from_millis(20));
-            collected = self
-                .shared
-                .changed
-                .wait_timeout(collected, wait)
-                .map(|(guard, _)| guard)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
-    }
-
-    /// Wakes anyone in [`wait_for_marker`](Self::wait_for_marker).
-    pub(crate) fn notify(&self) {
-        self.shared.changed.notify_all();
-    }
 }
 
 fn keep(collected: &mut Collected, data: &[u8], cap: usize) {

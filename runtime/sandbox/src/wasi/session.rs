@@ -1,13 +1,17 @@
 //! Stateful Python: one live interpreter per session, as in a notebook.
 //!
 //! The guest runs a small driver (`driver.py`) that reads code frames from
-//! stdin and runs each in one persistent globals dict, then marks the end of
-//! the frame on stdout with a per-session nonce. The instance runs on its
-//! own thread. A deadline, memory or crash trap ends the instance; the
-//! result says the state was lost, and the next call starts a fresh one.
+//! stdin and runs each in one persistent globals dict, then writes the
+//! frame's exit status to stdout behind a per-session nonce. The instance
+//! runs on its own thread. A deadline, memory or crash trap ends the
+//! instance; the result says the state was lost, and the next call starts a
+//! fresh one.
 //!
-//! The nonce only delimits frames: code that finds it can at worst confuse
-//! the boundaries of its own session's output, never reach anything else.
+//! A frame ends when the guest waits on an empty stdin, which the host
+//! sees for itself (see [`super::feed`]), never on anything the guest
+//! prints; the deadline holds until then. The nonce only separates the
+//! status from the output: code that finds it can at worst misstate its own
+//! frame's status, never end a frame early or outrun the deadline.
 //!
 //! Where a runtime that is not root must keep protected paths out of the
 //! guest's reach, the interpreter lives in a WASI helper process instead
@@ -22,10 +26,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
-use wasmtime_wasi::cli::AsyncStdinStream;
 use wasmtime_wasi::WasiCtxBuilder;
 
+use super::feed::{frame_feed, FrameEnd, FrameFeed};
 use super::output::CappedOutput;
 use super::{classify, grant_mounts, WasiPolicy, WasiSandbox, GUEST_ENV};
 use crate::process::ProtectedPath;
@@ -39,10 +42,14 @@ pub const STATE_LOST: &str =
     "the Python session was reset: variables and imports from earlier calls are gone";
 
 struct Live {
-    stdin: tokio::io::DuplexStream,
+    stdin: FrameFeed,
     stdout: CappedOutput,
     stderr: CappedOutput,
     deadline: Arc<Mutex<Option<Instant>>>,
+    /// Set between frames (see `StoreState::between_frames`).
+    between_frames: Arc<AtomicBool>,
+    /// Set when the watchdog interrupted the guest in a blocked host call.
+    interrupted: Arc<AtomicBool>,
     finished: Arc<AtomicBool>,
     memory_hit: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<wasmtime::Result<()>>,
@@ -115,6 +122,7 @@ impl PythonSession {
                 p.output_bytes,
                 p.read_only.clone(),
                 p.protected.clone(),
+                p.open_files,
             )
         };
         if instance_level(policy) != instance_level(&self.policy) {
@@ -122,7 +130,7 @@ impl PythonSession {
                 end(instance);
                 self.resets += 1;
                 self.restarted = Some(format!(
-                    "the sandbox policy for this call differs from the one the Python session started under (memory, fuel, output or mounts), so it was restarted; {STATE_LOST}"
+                    "the sandbox policy for this call differs from the one the Python session started under (memory, fuel, output, open files or mounts), so it was restarted; {STATE_LOST}"
                 ));
             }
         }
@@ -274,47 +282,57 @@ impl PythonSession {
             None => return ToolOutcome::internal_error("the Python session did not start"),
         };
         let wall = Duration::from_millis(self.policy.wall_ms);
-        *live.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wall);
-        let frame = format!("{}\n{code}", code.len());
-        let wrote = live
-            .stdin
-            .write_all(frame.as_bytes())
-            .await
-            .and(live.stdin.flush().await);
-        let (sink, finished) = (live.stdout.clone(), Arc::clone(&live.finished));
-        let got_marker = if wrote.is_ok() {
-            tokio::task::spawn_blocking(move || {
-                sink.wait_for_marker(wall + Duration::from_secs(2), &|| {
-                    finished.load(Ordering::SeqCst)
-                })
-            })
-            .await
-            .unwrap_or(false)
-        } else {
-            false
-        };
-        *live.deadline.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // The deadline holds until the guest is seen waiting for the next
+        // frame: a marker it prints ends nothing.
+        let deadline = Instant::now() + wall;
+        *live.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(deadline);
+        live.between_frames.store(false, Ordering::SeqCst);
+        live.stdin
+            .push(format!("{}\n{code}", code.len()).as_bytes());
+        let waiter = live.stdin.waiter();
+        let ended =
+            tokio::task::spawn_blocking(move || waiter.wait_idle(wall + Duration::from_secs(2)))
+                .await
+                .unwrap_or(FrameEnd::TimedOut);
         let out = live.stdout.take();
         let err = live.stderr.take();
         let mut outcome =
             ToolOutcome::from_output(&out.bytes, &err.bytes, out.truncated || err.truncated);
-        if got_marker {
-            let code: i32 = out
-                .marker
-                .as_deref()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(1);
-            outcome.exit_code = Some(code);
-            if code != 0 {
-                outcome.status = Status::Failed;
-                outcome.error = Some(format!("exited with code {code}"));
+        match (ended, out.marker.as_deref()) {
+            (FrameEnd::Idle, Some(status)) => {
+                // Blocked reading stdin until the next frame: the
+                // wall-clock deadline is lifted, and any code run before
+                // then is interrupted at once.
+                live.between_frames.store(true, Ordering::SeqCst);
+                *live.deadline.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                let code: i32 = status.parse().unwrap_or(1);
+                outcome.exit_code = Some(code);
+                if code != 0 {
+                    outcome.status = Status::Failed;
+                    outcome.error = Some(format!("exited with code {code}"));
+                }
+                return outcome;
             }
-            return outcome;
+            (FrameEnd::Idle, None) => {
+                // The cell itself read the session's stdin and now waits on
+                // it: the driver never got control back.
+                outcome.status = Status::Failed;
+                outcome.error = Some(format!(
+                    "the code read the Python session's own input, which it cannot use, so the session was reset; {STATE_LOST}"
+                ));
+                if let Some(instance) = self.live.take() {
+                    end(instance);
+                }
+                self.resets += 1;
+                return outcome;
+            }
+            (FrameEnd::Gone | FrameEnd::TimedOut, _) => {}
         }
         // The instance ended (trap, exit or crash): report why and reset.
         let Some(Instance::InProcess(live)) = self.live.take() else {
             return outcome;
         };
+        let interrupted = live.interrupted.load(Ordering::SeqCst);
         let (memory_hit, thread) = end_instance(live);
         let memory_hit = memory_hit.load(Ordering::SeqCst);
         let result = tokio::task::spawn_blocking(move || thread.join())
@@ -331,6 +349,7 @@ impl PythonSession {
             other => other,
         };
         classify(&mut outcome, result, memory_hit, &self.policy);
+        super::mark_overdue(&mut outcome, interrupted, &self.policy);
         if outcome.status == Status::Ok {
             outcome.status = Status::Failed;
         }
@@ -396,17 +415,12 @@ fn start_instance(
     let stdout =
         CappedOutput::with_marker(policy.output_bytes, Some(format!("{nonce}:").into_bytes()));
     let stderr = CappedOutput::new(policy.output_bytes);
-    let (host_side, guest_side) = tokio::io::duplex(1 << 16);
-    // The stdin adapter spawns a reader task. Create it outside any caller's
-    // runtime so it lands on wasmtime-wasi's own process-wide runtime, and a
-    // caller dropping its runtime cannot pull stdin out from under the guest.
-    let guest_stdin = std::thread::spawn(move || {
-        wasmtime_wasi::runtime::with_ambient_tokio_runtime(|| AsyncStdinStream::new(guest_side))
-    })
-    .join()
-    .map_err(|_| "creating the session's stdin failed".to_string())?;
+    // Reads are answered on whatever runtime the guest's host call runs on;
+    // no reader task is spawned, so no caller's runtime is involved.
+    let (host_side, guest_stdin) = frame_feed();
+    let gone = guest_stdin.clone();
     let finished = Arc::new(AtomicBool::new(false));
-    let (done, wake) = (Arc::clone(&finished), stdout.clone());
+    let done = Arc::clone(&finished);
     let (guest_stdout, guest_stderr) = (stdout.clone(), stderr.clone());
     let (sandbox, workspace, policy) = (sandbox.clone(), workspace.to_path_buf(), policy.clone());
     // The instance is made on its own thread, which is confined first (see
@@ -440,6 +454,8 @@ fn start_instance(
             let _ = ready_tx.send(Ok((
                 Arc::clone(&store.data().deadline),
                 Arc::clone(&store.data().limiter.hit),
+                Arc::clone(&store.data().between_frames),
+                store.data().watch.fired(),
             )));
             let result = prepared
                 .pre
@@ -447,11 +463,11 @@ fn start_instance(
                 .and_then(|instance| instance.get_typed_func::<(), ()>(&mut store, "_start"))
                 .and_then(|start| start.call(&mut store, ()));
             done.store(true, Ordering::SeqCst);
-            wake.notify();
+            gone.guest_gone();
             result
         })
         .map_err(|e| format!("starting the session thread: {e}"))?;
-    let (deadline, memory_hit) = ready_rx
+    let (deadline, memory_hit, between_frames, interrupted) = ready_rx
         .recv()
         .map_err(|_| "the session thread ended before its interpreter was made".to_string())??;
     Ok(Live {
@@ -459,6 +475,8 @@ fn start_instance(
         stdout,
         stderr,
         deadline,
+        between_frames,
+        interrupted,
         finished,
         memory_hit,
         thread,

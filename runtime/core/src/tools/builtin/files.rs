@@ -11,6 +11,7 @@ use serde_json::Value;
 use super::Builtin;
 use crate::context::ToolContext;
 use stack_types::outcome::ToolOutcome;
+use stack_types::text::one_line;
 
 /// Arguments of `read_file`.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -64,6 +65,11 @@ pub struct SearchFilesArgs {
 
 /// Files larger than this are skipped by `search_files`.
 const SEARCH_MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
+/// What one search may read in all, and for how long it may run: a
+/// workspace that sandboxed code filled (red-team M3) costs the runtime a
+/// bounded amount of work, and the result says where it stopped.
+const SEARCH_MAX_TOTAL_BYTES: u64 = 256 * 1024 * 1024;
+const SEARCH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Says why a workspace-relative path (as the kernel resolved it) is off
 /// limits, if the policy denies it.
@@ -155,11 +161,13 @@ fn list_dir(args: ListDirArgs, ctx: &ToolContext, denied: Denied<'_>) -> Output 
     let entries = ctx.workspace.list_dir_checked(&path, denied)?;
     let mut text = String::new();
     for entry in &entries {
+        // A name is one line, whatever it holds (red-team L6).
+        let name = one_line(&entry.name);
         let line = match (entry.kind, entry.size) {
-            ("dir", _) => format!("{}/\n", entry.name),
-            ("file", Some(size)) => format!("{}  ({size} bytes)\n", entry.name),
-            ("symlink", _) => format!("{}  (symlink)\n", entry.name),
-            _ => format!("{}  ({})\n", entry.name, entry.kind),
+            ("dir", _) => format!("{name}/\n"),
+            ("file", Some(size)) => format!("{name}  ({size} bytes)\n"),
+            ("symlink", _) => format!("{name}  (symlink)\n"),
+            _ => format!("{name}  ({})\n", entry.kind),
         };
         if text.len() + line.len() > ctx.max_output_bytes {
             return Ok((text, true));
@@ -186,15 +194,31 @@ fn search_files(args: SearchFilesArgs, ctx: &ToolContext, denied: Denied<'_>) ->
     let mut text = String::new();
     let mut matches = 0usize;
     let mut truncated = false;
+    let started = std::time::Instant::now();
+    let mut budget = SEARCH_MAX_TOTAL_BYTES;
+    let mut stopped: Option<String> = None;
     ctx.workspace
         .walk_files_checked(&path, denied, &mut |relative, file| {
-            let too_big = file
-                .metadata()
-                .map_or(true, |m| m.len() > SEARCH_MAX_FILE_BYTES);
-            if too_big {
+            if started.elapsed() > SEARCH_DEADLINE {
+                stopped = Some(format!(
+                    "the search stopped after {} s, its time limit; narrow `path` or `pattern`",
+                    SEARCH_DEADLINE.as_secs()
+                ));
+                return false;
+            }
+            let size = file.metadata().map_or(u64::MAX, |m| m.len());
+            if size > SEARCH_MAX_FILE_BYTES {
                 return true;
             }
-            let reader = BufReader::new(file.take(SEARCH_MAX_FILE_BYTES));
+            if size > budget {
+                stopped = Some(format!(
+                    "the search stopped after reading {} MiB, its limit; narrow `path` or `pattern`",
+                    SEARCH_MAX_TOTAL_BYTES >> 20
+                ));
+                return false;
+            }
+            budget -= size;
+            let reader = BufReader::new(file.take(size));
             for (index, line) in reader.split(b'\n').enumerate() {
                 let Ok(line) = line else { return true };
                 if line.contains(&0) {
@@ -208,9 +232,9 @@ fn search_files(args: SearchFilesArgs, ctx: &ToolContext, denied: Denied<'_>) ->
                     }
                     let entry = format!(
                         "{}:{}: {}\n",
-                        relative.display(),
+                        one_line(&relative.display().to_string()),
                         index + 1,
-                        line.trim_end()
+                        one_line(line.trim_end())
                     );
                     if text.len() + entry.len() > ctx.max_output_bytes {
                         truncated = true;
@@ -224,6 +248,10 @@ fn search_files(args: SearchFilesArgs, ctx: &ToolContext, denied: Denied<'_>) ->
         })?;
     if matches == 0 {
         text.push_str("no matches\n");
+    }
+    if let Some(note) = stopped {
+        text.push_str(&format!("({note})\n"));
+        truncated = true;
     }
     Ok((text, truncated))
 }
