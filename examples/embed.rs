@@ -76,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
     let mut turn = session.send("How many units of SKU-1 do we have?");
     while let Some(event) = turn.next().await {
         match event {
-            Event::ToolCallProposed { call } => println!(
+            Event::ToolCallProposed { call, .. } => println!(
                 "[tool call] {}({})",
                 call.function.name, call.function.arguments
             ),

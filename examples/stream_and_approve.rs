@@ -59,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
     let mut ended = None;
     while let Some(event) = turn.next().await {
         match event {
-            Event::ToolCallProposed { call } => println!(
+            Event::ToolCallProposed { call, .. } => println!(
                 "[tool call] {}({})",
                 call.function.name, call.function.arguments
             ),

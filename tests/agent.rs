@@ -71,7 +71,7 @@ async fn a_prompt_leads_to_a_validated_executed_call_whose_result_reaches_the_mo
     let proposed: Vec<_> = events
         .iter()
         .filter_map(|e| match e {
-            Event::ToolCallProposed { call } => Some(call.clone()),
+            Event::ToolCallProposed { call, .. } => Some(call.clone()),
             _ => None,
         })
         .collect();

@@ -40,3 +40,36 @@ pub fn agent_binary() -> PathBuf {
     std::env::var_os("STACK_RUNTIME_AGENT_BIN")
         .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_agent")), PathBuf::from)
 }
+
+/// A peer binary (`llama-server`, `llama-bench`) that `scripts/setup
+/// --peers` built, or one named by `STACK_RUNTIME_<NAME>` (upper case,
+/// dashes as underscores). Panics, naming the fix, when it is missing: a
+/// test that needs a peer never passes without one.
+pub fn peer_binary(name: &str) -> PathBuf {
+    let var = format!("STACK_RUNTIME_{}", name.to_uppercase().replace('-', "_"));
+    if let Some(path) = std::env::var_os(&var) {
+        return PathBuf::from(path);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .expect("HOME is set");
+    let path = std::env::var_os("STACK_RUNTIME_PEERS")
+        .map_or_else(|| cache.join("stack-runtime/peers"), PathBuf::from)
+        .join("llama.cpp-0.3.36/bin")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `scripts/setup --peers` (or set {var})",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}

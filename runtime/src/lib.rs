@@ -61,14 +61,19 @@
 //! `stack-agent` (the loop). This crate re-exports each under the module
 //! names above, so `use stack_runtime::…` reaches all of them.
 //!
-//! Cargo features: `llama` (the llama.cpp model backend, default), `wasi`
-//! (the wasmtime sandbox, default) and `cuda` (GPU offload for `llama`).
+//! Cargo features: `llama` (the llama.cpp model backend, default), `remote`
+//! (served models over an OpenAI-compatible API, and the user's config
+//! file of model profiles; default), `wasi` (the wasmtime sandbox, default)
+//! and `cuda` (GPU offload for `llama`).
 
 #![warn(missing_docs)]
+
+#[cfg(feature = "remote")]
+pub mod config;
 
 pub use stack_agent as agent;
 pub use stack_assets as assets;
 pub use stack_core::{dispatch, gate, policy, tools, workspace};
 pub use stack_model as model;
 pub use stack_sandbox as sandbox;
-pub use stack_types::{message, outcome};
+pub use stack_types::{message, outcome, text};

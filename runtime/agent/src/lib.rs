@@ -35,7 +35,8 @@ use stack_core::workspace::{Workspace, WorkspaceError};
 use stack_model::llama::Model;
 use stack_model::ToolChoice;
 use stack_model::{
-    BackendSession, CompletionRequest, Counters, ModelBackend, ModelError, SamplingOptions,
+    BackendSession, CallPath, CompletionRequest, Counters, ModelBackend, ModelError,
+    SamplingOptions,
 };
 use stack_types::message::{Message, ToolCall};
 use stack_types::outcome::{Status, ToolOutcome};
@@ -94,6 +95,9 @@ pub enum Event {
     ToolCallProposed {
         /// The call.
         call: ToolCall,
+        /// How the call came to be: under the runtime's grammar, a
+        /// server's native (or strict) call, or recovered from text.
+        via: Option<CallPath>,
     },
     /// The policy asked for approval.
     ApprovalNeeded {
@@ -447,6 +451,7 @@ impl Runtime {
             transcript,
             state_path,
             pending_restore,
+            turn_start: 0,
             cancel: Arc::clone(&cancel),
         };
         if messages.is_empty() {
@@ -498,6 +503,8 @@ struct SessionState {
     state_path: Option<PathBuf>,
     /// A saved KV cache still to be restored before the next turn.
     pending_restore: bool,
+    /// How many messages there were before the running turn's user message.
+    turn_start: usize,
     cancel: Arc<AtomicBool>,
 }
 
@@ -720,6 +727,7 @@ impl SessionState {
                 }
             }
         }
+        self.turn_start = self.messages.len();
         self.record(Message::user(text))?;
         self.gate.budget().start_turn();
         *self.relay.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(events.clone());
@@ -768,11 +776,17 @@ impl SessionState {
             let generation = match generation {
                 Ok(generation) => generation,
                 Err(err) => {
-                    events
-                        .emit(Event::Error {
-                            message: err.to_string(),
-                        })
-                        .await;
+                    let mut message = err.to_string();
+                    if err.is_context_overflow() && self.turn_start < self.messages.len() {
+                        // What this turn added no longer fits: the turn is
+                        // taken back out of the conversation (the
+                        // transcript still records it), so the session can
+                        // go on with a shorter message.
+                        self.messages.truncate(self.turn_start);
+                        message
+                            .push_str("; this turn's messages were not added to the conversation");
+                    }
+                    events.emit(Event::Error { message }).await;
                     return Ok((TurnEnd::Error, steps, counters));
                 }
             };
@@ -805,7 +819,10 @@ impl SessionState {
                 std::collections::HashMap::new();
             for (index, call) in calls.iter().enumerate() {
                 events
-                    .emit(Event::ToolCallProposed { call: call.clone() })
+                    .emit(Event::ToolCallProposed {
+                        call: call.clone(),
+                        via: generation.call_path,
+                    })
                     .await;
                 match self.gate.admit(call).await {
                     Admission::Refused(outcome) => {

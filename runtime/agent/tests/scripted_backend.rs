@@ -81,6 +81,8 @@ impl BackendSession for ScriptedSession {
                 counters,
                 prompt_ms: 0.0,
                 generation_ms: 0.0,
+                call_path: None,
+                server_ms: None,
             })
         })
     }

@@ -65,6 +65,23 @@ pub enum ModelError {
     /// The tool grammar could not be built.
     #[error("building the tool-call grammar failed: {0}")]
     Grammar(String),
+    /// A served model failed (see [`crate::remote`]).
+    #[cfg(feature = "remote")]
+    #[error(transparent)]
+    Remote(crate::remote::RemoteError),
+}
+
+impl ModelError {
+    /// Whether the conversation no longer fits the model's context (in
+    /// process or on a server): the last message cannot be answered.
+    pub fn is_context_overflow(&self) -> bool {
+        match self {
+            ModelError::ContextFull { .. } => true,
+            #[cfg(feature = "remote")]
+            ModelError::Remote(crate::remote::RemoteError::ContextExceeded { .. }) => true,
+            _ => false,
+        }
+    }
 }
 
 /// How to pick tokens.
@@ -132,6 +149,22 @@ pub enum StopReason {
     Cancelled,
 }
 
+/// How a turn's tool calls came to be, for the event stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallPath {
+    /// Generated under the runtime's tool-call grammar: valid by
+    /// construction (in process, or llama-server on the prompted path).
+    Grammar,
+    /// Returned by the server as native `tool_calls` under OpenAI `strict`
+    /// schemas.
+    Strict,
+    /// Returned by the server as native `tool_calls`, then validated.
+    Native,
+    /// Recovered from the text by the runtime's parsers, then validated.
+    Parsed,
+}
+
 /// One generated turn.
 #[derive(Debug, Clone)]
 pub struct Generation {
@@ -147,6 +180,13 @@ pub struct Generation {
     pub prompt_ms: f64,
     /// Milliseconds spent generating.
     pub generation_ms: f64,
+    /// How the tool calls came to be (`None` when there are none).
+    pub call_path: Option<CallPath>,
+    /// Milliseconds a server reports spending on this turn (prompt and
+    /// generation; llama-server's `timings`), so a caller can tell the
+    /// server's time from the network's and the runtime's. `None` in
+    /// process or when the server does not say.
+    pub server_ms: Option<f64>,
 }
 
 /// What a backend can do beyond generating text.

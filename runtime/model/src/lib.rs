@@ -1,7 +1,8 @@
 //! The model side: the model-backend seam ([`ModelBackend`]), prompt
 //! rendering with the GGUF's own chat template, tool-call parsing, tool
-//! grammars, and (feature `llama`) the llama.cpp backend with KV-cache
-//! reuse. No sandbox and no wasmtime here.
+//! grammars, (feature `llama`) the llama.cpp backend with KV-cache reuse,
+//! and (feature `remote`) a served model behind an OpenAI-compatible API.
+//! No sandbox and no wasmtime here.
 
 #![warn(missing_docs)]
 
@@ -9,13 +10,15 @@ pub mod backend;
 pub mod grammar;
 #[cfg(feature = "llama")]
 pub mod llama;
+#[cfg(feature = "remote")]
+pub mod remote;
 pub mod template;
 pub mod toolcall;
 #[cfg(feature = "llama")]
 mod worker;
 
 pub use backend::{
-    BackendInfo, BackendSession, Capabilities, CompletionRequest, Counters, Generation,
+    BackendInfo, BackendSession, CallPath, Capabilities, CompletionRequest, Counters, Generation,
     ModelBackend, ModelError, SamplingOptions, StopReason,
 };
 pub use grammar::ToolChoice;

@@ -17,6 +17,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use serde_json::Value;
 
+use super::backend::CallPath;
 pub use super::backend::{Counters, Generation, ModelError, SamplingOptions, StopReason};
 use super::grammar::{call_schema, wrap_in_tool_call, ToolChoice, TOOL_CALL_OPEN};
 use super::template::PromptRenderer;
@@ -341,6 +342,13 @@ impl ModelSession {
             let names: Vec<&str> = offered.iter().filter_map(tool_name).collect();
             generation.turn =
                 parse_tool_calls(&generation.text, &|name| names.contains(&name), next_id);
+            if !generation.turn.tool_calls.is_empty() {
+                generation.call_path = Some(if grammar.is_some() {
+                    CallPath::Grammar
+                } else {
+                    CallPath::Parsed
+                });
+            }
         }
         Ok(generation)
     }
@@ -414,6 +422,8 @@ impl ModelSession {
             counters: turn_counters,
             prompt_ms,
             generation_ms: generating.elapsed().as_secs_f64() * 1000.0,
+            call_path: None,
+            server_ms: None,
         })
     }
 

@@ -16,6 +16,7 @@ use stack_runtime::model::llama::SamplingOptions;
 use stack_runtime::model::ToolChoice;
 use stack_runtime::outcome::Status;
 use stack_runtime::policy::{ApprovalAnswer, ApprovalHandler, ApprovalRequest, Policy};
+use stack_runtime::text::{for_terminal, one_line};
 
 use crate::model_cmd::{self, ModelArgs};
 use crate::tool_cmd::{default_tool_dir, ToolDirs};
@@ -68,13 +69,13 @@ fn build(
     tokio: &tokio::runtime::Runtime,
 ) -> anyhow::Result<(Runtime, Session, SessionConfig)> {
     let policy = Policy::load_named(&args.policy).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
-    let model = model_cmd::load(&args.model, quiet)?;
+    let backend = model_cmd::backend(&args.model, quiet, tokio)?;
     let workspace = match &args.workspace {
         Some(dir) => dir.clone(),
         None => std::env::current_dir().context("no current folder")?,
     };
     let mut builder = Runtime::builder()
-        .model(model)
+        .backend(backend)
         .policy(policy)
         .workspace(workspace);
     for dir in dirs
@@ -228,7 +229,7 @@ impl Printer {
         }
         match event {
             Event::Token { text } => {
-                let _ = write!(out, "{}", self.paint("32", text));
+                let _ = write!(out, "{}", self.paint("32", &for_terminal(text)));
                 self.in_text = true;
             }
             Event::AssistantMessage { .. } => {
@@ -237,15 +238,15 @@ impl Printer {
                     self.in_text = false;
                 }
             }
-            Event::ToolCallProposed { call } => {
+            Event::ToolCallProposed { call, .. } => {
                 let pretty = serde_json::from_str::<serde_json::Value>(&call.function.arguments)
                     .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default())
                     .unwrap_or_else(|_| call.function.arguments.clone());
                 let _ = writeln!(
                     out,
                     "{} {}",
-                    self.paint("1;36", &format!("⚙ {}", call.function.name)),
-                    truncate(&pretty, 600)
+                    self.paint("1;36", &format!("⚙ {}", one_line(&call.function.name))),
+                    for_terminal(&truncate(&pretty, 600))
                 );
             }
             Event::ApprovalNeeded { .. } | Event::ToolStarted { .. } => {}
@@ -260,7 +261,7 @@ impl Printer {
                     out,
                     "  {} {} ({} ms)",
                     self.paint(colour, &format!("→ {status}")),
-                    name,
+                    one_line(name),
                     outcome.duration_ms
                 );
                 let body = if outcome.status == Status::Ok {
@@ -269,7 +270,7 @@ impl Printer {
                     outcome.to_model_text()
                 };
                 for line in truncate(&body, 800).lines().take(12) {
-                    let _ = writeln!(out, "    {}", self.paint("2", line));
+                    let _ = writeln!(out, "    {}", self.paint("2", &for_terminal(line)));
                 }
             }
             Event::TurnFinished {
@@ -284,7 +285,11 @@ impl Printer {
                 );
             }
             Event::Error { message } => {
-                let _ = writeln!(out, "{}", self.paint("31", &format!("error: {message}")));
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    self.paint("31", &format!("error: {}", for_terminal(message)))
+                );
             }
         }
         let _ = out.flush();
@@ -318,14 +323,80 @@ impl ApprovalHandler for TerminalApprover {
     }
 }
 
+/// Lines of a call shown at once before the approval prompt pages.
+const APPROVAL_PAGE_LINES: usize = 30;
+
+/// The whole call, as a person should read it before allowing it: each
+/// argument on its own, multi-line strings (code) as the lines they are,
+/// every control character escaped.
+fn describe_call(request: &ApprovalRequest) -> Vec<String> {
+    let mut lines = vec![format!("{} wants to run:", one_line(&request.tool))];
+    let arguments = match &request.arguments {
+        serde_json::Value::Object(map) => map.iter().collect::<Vec<_>>(),
+        _ => Vec::new(),
+    };
+    if arguments.is_empty() {
+        lines.push(format!(
+            "  {}",
+            for_terminal(&request.arguments.to_string())
+        ));
+    }
+    for (key, value) in arguments {
+        match value {
+            serde_json::Value::String(text) if text.contains('\n') => {
+                lines.push(format!("  {}:", one_line(key)));
+                lines.extend(
+                    text.lines()
+                        .map(|line| format!("  │ {}", for_terminal(line))),
+                );
+            }
+            serde_json::Value::String(text) => {
+                lines.push(format!("  {}: {}", one_line(key), one_line(text)));
+            }
+            other => lines.push(format!(
+                "  {}: {}",
+                one_line(key),
+                one_line(&other.to_string())
+            )),
+        }
+    }
+    lines
+}
+
 fn ask_terminal(request: &ApprovalRequest) -> ApprovalAnswer {
-    let args = truncate(&request.arguments.to_string(), 300);
     let reason = request.reason.as_deref().unwrap_or("the policy asks");
-    eprint!(
-        "\x07allow {}({args})? {reason} [y]es / [n]o / [a]lways: ",
-        request.tool
+    let lines = describe_call(request);
+    let mut stderr = std::io::stderr();
+    // The whole call is shown, a page at a time: what is approved is what
+    // was read, never a prefix of it.
+    for (index, page) in lines.chunks(APPROVAL_PAGE_LINES).enumerate() {
+        for line in page {
+            let _ = writeln!(stderr, "{line}");
+        }
+        let shown = (index + 1) * APPROVAL_PAGE_LINES;
+        if shown < lines.len() {
+            let _ = write!(
+                stderr,
+                "-- {shown} of {} lines; Enter for more --",
+                lines.len()
+            );
+            let _ = stderr.flush();
+            let mut more = String::new();
+            if std::io::stdin()
+                .read_line(&mut more)
+                .map_or(true, |n| n == 0)
+            {
+                return ApprovalAnswer::No;
+            }
+        }
+    }
+    let _ = write!(
+        stderr,
+        "\x07allow {}? {} [y]es / [n]o / [a]lways: ",
+        one_line(&request.tool),
+        for_terminal(reason)
     );
-    let _ = std::io::stderr().flush();
+    let _ = stderr.flush();
     let mut answer = String::new();
     if std::io::stdin().read_line(&mut answer).is_err() {
         return ApprovalAnswer::No;
@@ -361,6 +432,16 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
         build(args, dirs, Some(Arc::clone(&approver)), false, &tokio)?;
     let info = runtime.backend().info();
     println!("Stack Runtime — {} ({})", info.name, info.detail);
+    let facts = model_cmd::describe(&info);
+    println!(
+        "model      {}",
+        facts
+            .iter()
+            .skip(2)
+            .map(|(key, value)| format!("{key}: {value}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
     println!(
         "policy     {}",
         runtime

@@ -114,6 +114,9 @@ fn main() -> ExitCode {
         }) => chat::export(&id, &cli.chat.policy),
         None => chat::repl(&cli.chat, &tool_dirs),
     };
+    // Every runtime is dropped by now: let the sandboxes' zygotes exit and
+    // their cgroups go before this process does.
+    stack_runtime::sandbox::process::wait_for_cleanup(std::time::Duration::from_secs(5));
     match result {
         Ok(code) => code,
         Err(err) => {

@@ -1,12 +1,17 @@
-//! `agent model info`: load a GGUF model (with a progress bar) and show what
-//! it says about itself. Also the shared model flags.
+//! `agent model`: load a GGUF model (with a progress bar), or connect to a
+//! served one, and show what it says about itself. Also the shared model
+//! flags, config-file profiles included, and picking the backend from them.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use anyhow::Context;
 use clap::Args;
+use stack_runtime::config::{ModelProfile, UserConfig};
 use stack_runtime::model::llama::{Model, ModelOptions};
+use stack_runtime::model::remote::{ApiKey, RemoteConfig, RemoteModel, ToolPath};
+use stack_runtime::model::{BackendInfo, ModelBackend};
 
 /// Flags that choose and configure the model.
 #[derive(Debug, Clone, Args)]
@@ -14,9 +19,9 @@ pub struct ModelArgs {
     /// GGUF model file (default: the embedded SmolLM2-135M-Instruct).
     #[arg(long, value_name = "GGUF")]
     pub model: Option<PathBuf>,
-    /// Context size in tokens.
-    #[arg(long, default_value_t = 4096)]
-    pub ctx_size: u32,
+    /// Context size in tokens (default 4096).
+    #[arg(long, value_name = "TOKENS")]
+    pub ctx_size: Option<u32>,
     /// CPU threads (default: llama.cpp's choice).
     #[arg(long)]
     pub threads: Option<i32>,
@@ -26,6 +31,155 @@ pub struct ModelArgs {
     /// Layers to offload to the GPU (default: all with the `cuda` feature, else 0).
     #[arg(long)]
     pub gpu_layers: Option<u32>,
+    /// A served model's OpenAI-compatible API, e.g. http://127.0.0.1:8080/v1
+    /// (vLLM, SGLang, llama-server, Ollama), instead of a local GGUF.
+    #[arg(long, value_name = "URL", conflicts_with = "model")]
+    pub model_url: Option<String>,
+    /// The served model's name (default: the server's first model).
+    #[arg(long, value_name = "NAME")]
+    pub model_name: Option<String>,
+    /// The environment variable holding the served model's API key.
+    #[arg(long, value_name = "VAR")]
+    pub api_key_env: Option<String>,
+    /// A file whose first line is the served model's API key.
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// How a served model's tool calls travel: auto, native or prompted.
+    #[arg(long, value_name = "PATH")]
+    pub tool_path: Option<String>,
+    /// Ask a served model for OpenAI `strict` function schemas.
+    #[arg(long)]
+    pub strict: bool,
+    /// A model profile from the config file.
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+    /// The config file (default: ~/.config/stack-runtime/config.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// These flags over the chosen profile: a flag wins over the profile.
+    fn resolved(&self) -> anyhow::Result<ModelArgs> {
+        let (path, missing_ok) = match &self.config {
+            Some(path) => (Some(path.clone()), false),
+            None => (stack_runtime::config::default_path(), true),
+        };
+        let config = match path {
+            Some(path) => UserConfig::load(&path, missing_ok)?,
+            None => UserConfig::default(),
+        };
+        let Some(profile) = config
+            .profile(self.profile.as_deref())
+            .map_err(anyhow::Error::msg)?
+        else {
+            return Ok(self.clone());
+        };
+        let flags_name_a_model = self.model.is_some() || self.model_url.is_some();
+        if flags_name_a_model && self.profile.is_none() {
+            // A model named on the command line replaces the default
+            // profile whole: its server, name and key never reach another.
+            return Ok(self.clone());
+        }
+        let ModelProfile {
+            model,
+            gpu_layers,
+            ctx_size,
+            url,
+            model_name,
+            api_key_env,
+            api_key_file,
+            tool_path,
+            strict,
+        } = profile.clone();
+        let mut args = self.clone();
+        args.gpu_layers = args.gpu_layers.or(gpu_layers);
+        args.ctx_size = args.ctx_size.or(ctx_size);
+        if flags_name_a_model {
+            return Ok(args);
+        }
+        args.model = model;
+        args.model_url = url;
+        args.model_name = args.model_name.or(model_name);
+        // The key's source is one setting: a flag replaces the profile's.
+        if args.api_key_env.is_none() && args.api_key_file.is_none() {
+            args.api_key_env = api_key_env;
+            args.api_key_file = api_key_file;
+        }
+        args.tool_path = args.tool_path.or_else(|| {
+            tool_path.map(|path| match path {
+                ToolPath::Auto => "auto".to_string(),
+                ToolPath::Native => "native".to_string(),
+                ToolPath::Prompted => "prompted".to_string(),
+            })
+        });
+        args.strict = args.strict || strict.unwrap_or(false);
+        Ok(args)
+    }
+}
+
+/// The `--ctx-size` default (a profile's own applies when the flag is unset).
+const DEFAULT_CTX_SIZE: u32 = 4096;
+
+/// A `~/` at the start of a path, as the user's home.
+fn expand_home(path: &std::path::Path) -> PathBuf {
+    match (path.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// The backend these flags choose: a served model when a URL is given (by
+/// flag or profile), else the local GGUF. Connecting runs on `tokio`.
+pub fn backend(
+    args: &ModelArgs,
+    quiet: bool,
+    tokio: &tokio::runtime::Runtime,
+) -> anyhow::Result<Arc<dyn ModelBackend>> {
+    let args = args.resolved()?;
+    let Some(url) = &args.model_url else {
+        return Ok(load(&args, quiet)?);
+    };
+    let mut config = RemoteConfig::new(url.clone());
+    config.model = args.model_name.clone();
+    config.strict = args.strict;
+    config.api_key = match (&args.api_key_env, &args.api_key_file) {
+        (Some(var), _) => Some(ApiKey::from_env(var)?),
+        (None, Some(file)) => Some(ApiKey::from_file(file)?),
+        (None, None) => None,
+    };
+    config.tool_path = match args.tool_path.as_deref() {
+        None | Some("auto") => ToolPath::Auto,
+        Some("native") => ToolPath::Native,
+        Some("prompted") => ToolPath::Prompted,
+        Some(other) => anyhow::bail!("--tool-path must be auto, native or prompted (got {other})"),
+    };
+    let model = tokio
+        .block_on(RemoteModel::connect(config))
+        .with_context(|| format!("connecting to the model server at {url}"))?;
+    Ok(model)
+}
+
+/// What `agent model` and `agent doctor` say about a backend.
+pub fn describe(info: &BackendInfo) -> Vec<(&'static str, String)> {
+    let caps = info.capabilities;
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    vec![
+        ("model", info.name.clone()),
+        ("backend", info.detail.clone()),
+        (
+            "context",
+            info.context_length
+                .map_or_else(|| "not reported".to_string(), |n| format!("{n} tokens")),
+        ),
+        (
+            "constrained calls",
+            yes_no(caps.constrained_decoding).into(),
+        ),
+        ("native calls", yes_no(caps.native_tool_calls).into()),
+        ("prefix reuse", yes_no(caps.kv_prefix_reuse).into()),
+        ("saved state", yes_no(caps.saved_state).into()),
+    ]
 }
 
 /// Loads the model with a progress bar on stderr.
@@ -42,8 +196,8 @@ pub fn load(args: &ModelArgs, quiet: bool) -> anyhow::Result<Arc<Model>> {
     };
     let progress_bar = bar.clone();
     let model = Model::load(ModelOptions {
-        path: args.model.clone(),
-        context_size: args.ctx_size,
+        path: args.model.as_deref().map(expand_home),
+        context_size: args.ctx_size.unwrap_or(DEFAULT_CTX_SIZE),
         threads: args.threads,
         batch_size: args.batch_size,
         gpu_layers: args.gpu_layers,
@@ -56,6 +210,22 @@ pub fn load(args: &ModelArgs, quiet: bool) -> anyhow::Result<Arc<Model>> {
 }
 
 pub fn info(args: &ModelArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let args = &args.resolved()?;
+    if args.model_url.is_some() {
+        let tokio = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let backend = backend(args, json, &tokio)?;
+        let info = backend.info();
+        if json {
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        } else {
+            for (key, value) in describe(&info) {
+                println!("{key:17} {value}");
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let model = load(args, json)?;
     let info = model.info();
     if json {

@@ -1,0 +1,1106 @@
+//! A served model behind an OpenAI-compatible API (vLLM, SGLang,
+//! llama-server, Ollama, any `/v1/chat/completions`), as a [`ModelBackend`]:
+//! the agent loop drives it exactly as it drives the in-process model, so
+//! every call still goes through validation, policy, the sandbox, redaction,
+//! audit and transcripts.
+//!
+//! # Two paths for tool calls
+//!
+//! * **Native** (the default): streaming chat completions with `tools` and
+//!   `tool_choice`; the server's own tool parser returns `tool_calls`,
+//!   assembled here from their deltas. Calls a server leaves in the text
+//!   (Qwen printing `{"name": …}` as chat, Hermes `<tool_call>` left in the
+//!   content) are recovered by the runtime's own parsers. With `strict`,
+//!   function definitions ask OpenAI-style servers for schema-exact calls.
+//! * **Prompted**, for llama-server serving a model whose template cannot
+//!   show tools (llama-server would ignore them): the runtime renders the
+//!   prompt with the model's own template (from `/props`) or its ChatML
+//!   tools fallback, exactly as the in-process backend does, and sends it
+//!   to llama-server's `/completion` with the same lazy tool-call grammar,
+//!   so every call is valid by construction, remotely too.
+//!
+//! # Robustness
+//!
+//! Separate connect, first-token and idle timeouts; retries with backoff
+//! on connect errors, 429 and 5xx, only before anything has streamed;
+//! cancellation drops the HTTP stream (closing the connection, which stops
+//! generation on llama-server and vLLM); and every failure is a specific
+//! [`RemoteError`] that leaves the session usable for the next turn.
+//!
+//! # Secrets
+//!
+//! The API key comes from an environment variable or a file, is held in an
+//! [`ApiKey`] whose `Debug` shows nothing, and is only ever written into the
+//! `Authorization` header: never into logs, errors, transcripts or events.
+
+mod sse;
+mod wire;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::backend::{
+    BackendInfo, BackendSession, CallPath, Capabilities, CompletionRequest, Counters, Generation,
+    ModelBackend, ModelError, StopReason,
+};
+use crate::grammar::ToolChoice;
+use crate::template::PromptRenderer;
+use crate::toolcall::{parse_tool_calls, ParsedTurn};
+use sse::SseDecoder;
+use wire::{Assembler, Finish, StreamProblem};
+
+/// What kind of server answers, as far as its `/models` listing tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerKind {
+    /// llama.cpp's `llama-server`.
+    LlamaServer,
+    /// vLLM.
+    Vllm,
+    /// SGLang.
+    Sglang,
+    /// Ollama.
+    Ollama,
+    /// Any other OpenAI-compatible server.
+    Generic,
+}
+
+impl ServerKind {
+    fn from_owner(owned_by: &str) -> ServerKind {
+        match owned_by {
+            "llamacpp" => ServerKind::LlamaServer,
+            "vllm" => ServerKind::Vllm,
+            "sglang" => ServerKind::Sglang,
+            "library" | "ollama" => ServerKind::Ollama,
+            _ => ServerKind::Generic,
+        }
+    }
+
+    /// Its name, for banners.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerKind::LlamaServer => "llama-server",
+            ServerKind::Vllm => "vLLM",
+            ServerKind::Sglang => "SGLang",
+            ServerKind::Ollama => "Ollama",
+            ServerKind::Generic => "OpenAI-compatible server",
+        }
+    }
+}
+
+/// How tool calls travel (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolPath {
+    /// Prompted where the server is llama-server and the model's template
+    /// cannot show tools; native otherwise.
+    #[default]
+    Auto,
+    /// `tools` in a chat-completions request; the server parses calls.
+    Native,
+    /// The runtime renders the prompt and constrains calls (llama-server).
+    Prompted,
+}
+
+/// An API key. Its `Debug` and `Display` show nothing of it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// A key given directly (from a config the caller read).
+    pub fn new(key: impl Into<String>) -> Self {
+        ApiKey(key.into().trim().to_string())
+    }
+
+    /// The key in environment variable `var`.
+    pub fn from_env(var: &str) -> Result<ApiKey, RemoteError> {
+        match std::env::var(var) {
+            Ok(key) if !key.trim().is_empty() => Ok(ApiKey::new(key)),
+            _ => Err(RemoteError::Config(format!(
+                "the API key variable {var} is not set (or empty)"
+            ))),
+        }
+    }
+
+    /// The key in file `path` (its first line).
+    pub fn from_file(path: &std::path::Path) -> Result<ApiKey, RemoteError> {
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            RemoteError::Config(format!(
+                "reading the API key file {}: {err}",
+                path.display()
+            ))
+        })?;
+        match text.lines().next().map(str::trim) {
+            Some(key) if !key.is_empty() => Ok(ApiKey::new(key)),
+            _ => Err(RemoteError::Config(format!(
+                "the API key file {} is empty",
+                path.display()
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// Timeouts, each for one phase of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Establishing the connection.
+    pub connect: Duration,
+    /// From sending the request to the first streamed token (prompt
+    /// processing on the server, queueing included).
+    pub first_token: Duration,
+    /// Between two streamed chunks.
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(10),
+            first_token: Duration::from_secs(300),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where the model is served and how to talk to it.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// The API base, for example `http://127.0.0.1:8080/v1`.
+    pub base_url: String,
+    /// The model to ask for; the server's first model when `None`.
+    pub model: Option<String>,
+    /// The API key, if the server wants one.
+    pub api_key: Option<ApiKey>,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Attempts after the first, on connect errors, 429 and 5xx, before
+    /// anything has streamed.
+    pub retries: u32,
+    /// How tool calls travel.
+    pub tool_path: ToolPath,
+    /// Send OpenAI `strict` function schemas (servers that support them
+    /// then return only schema-valid calls).
+    pub strict: bool,
+}
+
+impl RemoteConfig {
+    /// A config for the server at `base_url`, with defaults for the rest.
+    pub fn new(base_url: impl Into<String>) -> Self {
+        RemoteConfig {
+            base_url: base_url.into(),
+            model: None,
+            api_key: None,
+            timeouts: Timeouts::default(),
+            retries: 3,
+            tool_path: ToolPath::Auto,
+            strict: false,
+        }
+    }
+}
+
+/// Which phase of a request timed out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Connecting.
+    Connect,
+    /// Waiting for the first token.
+    FirstToken,
+    /// Waiting for the next chunk.
+    Idle,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Connect => "connecting",
+            Phase::FirstToken => "waiting for the first token",
+            Phase::Idle => "waiting for the next token",
+        })
+    }
+}
+
+/// Why a served model could not answer. Each leaves the session usable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RemoteError {
+    /// The server could not be reached.
+    #[error("could not reach the model server at {url}: {reason} (is it running?)")]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The server refused the credentials.
+    #[error("the model server refused the request (HTTP {status}): wrong or missing API key ({message})")]
+    Unauthorized {
+        /// 401 or 403.
+        status: u16,
+        /// What the server said.
+        message: String,
+    },
+    /// The server does not serve the model asked for.
+    #[error("the model server has no model `{model}`; it serves: {}", available.join(", "))]
+    UnknownModel {
+        /// The name asked for.
+        model: String,
+        /// The names it serves.
+        available: Vec<String>,
+    },
+    /// The conversation no longer fits the served context.
+    #[error("the conversation is longer than the served model's context ({message}); start a new session (/reset) or use a model with a longer context")]
+    ContextExceeded {
+        /// What the server said.
+        message: String,
+    },
+    /// Any other HTTP error.
+    #[error("the model server answered HTTP {status}: {message}")]
+    Http {
+        /// The status.
+        status: u16,
+        /// What it said.
+        message: String,
+    },
+    /// The connection ended before the turn did.
+    #[error("the model server closed the stream in the middle of the answer ({reason}); the partial answer was dropped")]
+    Disconnected {
+        /// What happened.
+        reason: String,
+    },
+    /// The stream was not a chat-completions stream.
+    #[error("the model server sent a malformed stream: {0}")]
+    MalformedStream(String),
+    /// A phase took too long.
+    #[error("the model server timed out {phase} (after {} s)", after.as_secs_f32())]
+    Timeout {
+        /// Which phase.
+        phase: Phase,
+        /// How long it waited.
+        after: Duration,
+    },
+    /// The configuration cannot work.
+    #[error("remote model: {0}")]
+    Config(String),
+}
+
+/// A served model.
+pub struct RemoteModel {
+    client: reqwest::Client,
+    config: RemoteConfig,
+    /// The API base without a trailing slash.
+    base: String,
+    /// The server root (the base without `/v1`), for llama-server's own
+    /// endpoints.
+    root: String,
+    model: String,
+    kind: ServerKind,
+    context_length: Option<u32>,
+    /// Set when calls take the prompted path.
+    renderer: Option<PromptRenderer>,
+}
+
+impl std::fmt::Debug for RemoteModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteModel")
+            .field("base", &self.base)
+            .field("model", &self.model)
+            .field("kind", &self.kind)
+            .field("prompted", &self.renderer.is_some())
+            .finish()
+    }
+}
+
+/// The system prompt the tools fallback uses (as in process).
+const DEFAULT_SYSTEM: &str = "You are a helpful assistant that can call tools.";
+
+impl RemoteModel {
+    /// Connects to the server: lists its models, checks the one asked for,
+    /// and learns what it can (context length; for llama-server, the chat
+    /// template and whether it shows tools).
+    pub async fn connect(config: RemoteConfig) -> Result<Arc<RemoteModel>, ModelError> {
+        let base = config.base_url.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(RemoteError::Config(format!(
+                "the model URL must start with http:// or https:// (got {base})"
+            ))
+            .into());
+        }
+        let root = base
+            .strip_suffix("/v1")
+            .unwrap_or(base.as_str())
+            .to_string();
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.timeouts.connect)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|err| RemoteError::Config(format!("making the HTTP client: {err}")))?;
+        let mut model = RemoteModel {
+            client,
+            base,
+            root,
+            model: String::new(),
+            kind: ServerKind::Generic,
+            context_length: None,
+            renderer: None,
+            config,
+        };
+        let listing = model.get_json(&format!("{}/models", model.base)).await?;
+        let entries: Vec<&Value> = listing
+            .get("data")
+            .and_then(Value::as_array)
+            .map(|d| d.iter().collect())
+            .unwrap_or_default();
+        let ids: Vec<String> = entries
+            .iter()
+            .filter_map(|e| e.get("id").and_then(Value::as_str).map(str::to_string))
+            .collect();
+        let chosen = match &model.config.model {
+            Some(name) => entries
+                .iter()
+                .find(|e| {
+                    e.get("id").and_then(Value::as_str) == Some(name.as_str())
+                        || e.get("aliases")
+                            .and_then(Value::as_array)
+                            .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(name.as_str())))
+                })
+                .copied()
+                .ok_or_else(|| RemoteError::UnknownModel {
+                    model: name.clone(),
+                    available: ids.clone(),
+                })?,
+            None => entries.first().copied().ok_or_else(|| {
+                RemoteError::Config("the server lists no models at /models".into())
+            })?,
+        };
+        model.model = match &model.config.model {
+            Some(name) => name.clone(),
+            None => chosen
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+        };
+        model.kind = ServerKind::from_owner(
+            chosen
+                .get("owned_by")
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
+        );
+        let number = |v: Option<&Value>| {
+            v.and_then(Value::as_u64)
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| *n > 0)
+        };
+        model.context_length = number(chosen.pointer("/meta/n_ctx"))
+            .or_else(|| number(chosen.get("max_model_len")))
+            .or_else(|| number(chosen.get("context_length")));
+        if model.kind == ServerKind::LlamaServer {
+            if let Ok(props) = model.get_json(&format!("{}/props", model.root)).await {
+                model.context_length = number(props.pointer("/default_generation_settings/n_ctx"))
+                    .or(model.context_length);
+                let template = props
+                    .get("chat_template")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let shows_tools = props
+                    .pointer("/chat_template_caps/supports_tools")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true);
+                let prompted = match model.config.tool_path {
+                    ToolPath::Prompted => true,
+                    ToolPath::Native => false,
+                    ToolPath::Auto => !shows_tools,
+                };
+                if prompted && !template.is_empty() {
+                    model.renderer = Some(PromptRenderer::new(template, DEFAULT_SYSTEM)?);
+                }
+            }
+        }
+        if model.config.tool_path == ToolPath::Prompted && model.renderer.is_none() {
+            return Err(RemoteError::Config(
+                "the prompted tool path needs llama-server (its /props and /completion endpoints)"
+                    .into(),
+            )
+            .into());
+        }
+        Ok(Arc::new(model))
+    }
+
+    /// The model's name as the server knows it.
+    pub fn model_name(&self) -> &str {
+        &self.model
+    }
+
+    /// The kind of server.
+    pub fn server_kind(&self) -> ServerKind {
+        self.kind
+    }
+
+    /// Whether calls take the prompted path (see the module docs).
+    pub fn prompted(&self) -> bool {
+        self.renderer.is_some()
+    }
+
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.config.api_key {
+            Some(ApiKey(key)) => request.bearer_auth(key),
+            None => request,
+        }
+    }
+
+    async fn get_json(&self, url: &str) -> Result<Value, RemoteError> {
+        let response = self
+            .authorized(self.client.get(url))
+            .timeout(self.config.timeouts.connect + self.config.timeouts.idle)
+            .send()
+            .await
+            .map_err(|err| connect_error(url, &err))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            return Err(http_error(status.as_u16(), &body, &self.model));
+        }
+        response
+            .json::<Value>()
+            .await
+            .map_err(|err| RemoteError::MalformedStream(format!("{url}: {err}")))
+    }
+
+    /// Sends `body` to `url` and returns the streaming response, retrying
+    /// connect errors, 429 and 5xx with backoff (nothing has streamed yet).
+    /// `None` when `cancel` was set first (llama-server sends its headers
+    /// only with the first token, so this can take a whole prompt).
+    async fn post_stream(
+        &self,
+        url: &str,
+        body: &Value,
+        cancel: &AtomicBool,
+    ) -> Result<Option<reqwest::Response>, RemoteError> {
+        let mut attempt = 0;
+        loop {
+            let send = tokio::time::timeout(
+                self.config.timeouts.connect + self.config.timeouts.first_token,
+                self.authorized(self.client.post(url)).json(body).send(),
+            );
+            let Some(sent) = until_cancelled(send, cancel).await else {
+                return Ok(None);
+            };
+            let retry_after = match sent {
+                Err(_) => {
+                    return Err(RemoteError::Timeout {
+                        phase: Phase::FirstToken,
+                        after: self.config.timeouts.connect + self.config.timeouts.first_token,
+                    })
+                }
+                Ok(Err(err)) if err.is_connect() || err.is_timeout() => {
+                    if attempt >= self.config.retries {
+                        return Err(connect_error(url, &err));
+                    }
+                    None
+                }
+                Ok(Err(err)) => return Err(connect_error(url, &err)),
+                Ok(Ok(response)) => {
+                    let status = response.status().as_u16();
+                    if response.status().is_success() {
+                        return Ok(Some(response));
+                    }
+                    let retryable = status == 429 || (500..600).contains(&status);
+                    let wait = response
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(|s| Duration::from_secs(s.min(30)));
+                    let text = tokio::time::timeout(self.config.timeouts.idle, response.text())
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .unwrap_or_default();
+                    let error = http_error(status, &text, &self.model);
+                    if !retryable
+                        || attempt >= self.config.retries
+                        || matches!(error, RemoteError::ContextExceeded { .. })
+                    {
+                        return Err(error);
+                    }
+                    wait
+                }
+            };
+            let backoff = Duration::from_millis(250u64 << attempt.min(6));
+            let pause = tokio::time::sleep(retry_after.unwrap_or(backoff));
+            if until_cancelled(pause, cancel).await.is_none() {
+                return Ok(None);
+            }
+            attempt += 1;
+        }
+    }
+}
+
+/// Runs `future` until it ends, or returns `None` once `cancel` is set.
+async fn until_cancelled<F: std::future::Future>(
+    future: F,
+    cancel: &AtomicBool,
+) -> Option<F::Output> {
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    tokio::pin!(future);
+    loop {
+        tokio::select! {
+            output = &mut future => return Some(output),
+            _ = poll.tick() => {
+                if cancel.load(Ordering::SeqCst) {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+fn connect_error(url: &str, err: &reqwest::Error) -> RemoteError {
+    // reqwest's own text names the URL; the chain says why.
+    let mut reason = String::new();
+    let mut source: Option<&dyn std::error::Error> = Some(err);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !reason.contains(&text) {
+            if !reason.is_empty() {
+                reason.push_str(": ");
+            }
+            reason.push_str(&text);
+        }
+        source = cause.source();
+    }
+    if err.is_timeout() {
+        reason.push_str(" (timed out)");
+    }
+    RemoteError::Connect {
+        url: url.to_string(),
+        reason,
+    }
+}
+
+/// The error for a non-2xx answer with `body`.
+fn http_error(status: u16, body: &str, model: &str) -> RemoteError {
+    let parsed: Option<Value> = serde_json::from_str(body).ok();
+    let message = parsed
+        .as_ref()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .or_else(|| v.get("message"))
+                .or_else(|| v.get("error").filter(|e| e.is_string()))
+                .or_else(|| v.get("detail"))
+        })
+        .map(|m| m.as_str().map_or_else(|| m.to_string(), str::to_string))
+        .unwrap_or_else(|| wire::preview(body.trim()));
+    let kind = parsed
+        .as_ref()
+        .and_then(|v| v.pointer("/error/type").or_else(|| v.get("type")))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let lower = format!("{kind} {}", message.to_lowercase());
+    match status {
+        401 | 403 => RemoteError::Unauthorized { status, message },
+        _ if is_context_message(&lower) => RemoteError::ContextExceeded { message },
+        404 if lower.contains("model") => RemoteError::UnknownModel {
+            model: model.to_string(),
+            available: Vec::new(),
+        },
+        _ => RemoteError::Http { status, message },
+    }
+}
+
+fn is_context_message(lower: &str) -> bool {
+    lower.contains("exceed_context_size")
+        || (lower.contains("context")
+            && (lower.contains("exceed")
+                || lower.contains("larger than")
+                || lower.contains("too long")
+                || lower.contains("longer than")
+                || (lower.contains("maximum context length") && !lower.contains("max_tokens"))))
+}
+
+impl From<RemoteError> for ModelError {
+    fn from(err: RemoteError) -> Self {
+        ModelError::Remote(err)
+    }
+}
+
+impl ModelBackend for RemoteModel {
+    fn info(&self) -> BackendInfo {
+        let path = if self.prompted() {
+            "prompted tool calls under the runtime's grammar"
+        } else {
+            "native tool_calls"
+        };
+        BackendInfo {
+            name: self.model.clone(),
+            detail: format!("served by {} at {} ({path})", self.kind.as_str(), self.base),
+            context_length: self.context_length,
+            capabilities: Capabilities {
+                constrained_decoding: (self.prompted() && cfg!(feature = "llama"))
+                    || self.config.strict,
+                kv_prefix_reuse: matches!(
+                    self.kind,
+                    ServerKind::LlamaServer | ServerKind::Vllm | ServerKind::Sglang
+                ),
+                native_tool_calls: !self.prompted(),
+                saved_state: false,
+            },
+        }
+    }
+
+    fn open_session(
+        self: Arc<Self>,
+    ) -> BoxFuture<'static, Result<Box<dyn BackendSession>, ModelError>> {
+        Box::pin(async move {
+            Ok(Box::new(RemoteSession {
+                model: self,
+                totals: Counters::default(),
+                calls_made: 0,
+            }) as Box<dyn BackendSession>)
+        })
+    }
+}
+
+/// One conversation with a served model. The server keeps no state for it
+/// beyond its prefix cache; each turn sends the whole conversation.
+pub struct RemoteSession {
+    model: Arc<RemoteModel>,
+    totals: Counters,
+    calls_made: u64,
+}
+
+/// How a turn ended on the wire.
+enum Ending {
+    Finished(Finish),
+    Cancelled,
+}
+
+impl RemoteSession {
+    async fn run(
+        &mut self,
+        request: CompletionRequest,
+        deltas: tokio::sync::mpsc::UnboundedSender<String>,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<Generation, ModelError> {
+        let model = Arc::clone(&self.model);
+        let offered = offered_tools(&request);
+        let (url, body) = match &model.renderer {
+            Some(renderer) => {
+                let prompt = renderer.render(&request.messages, &offered)?;
+                (
+                    format!("{}/completion", model.root),
+                    prompt_body(&prompt, &request, &offered)?,
+                )
+            }
+            None => (
+                format!("{}/chat/completions", model.base),
+                wire::chat_body(&model.model, &request, model.kind, model.config.strict),
+            ),
+        };
+        let started = Instant::now();
+        let Some(response) = model.post_stream(&url, &body, &cancel).await? else {
+            return Ok(Generation {
+                text: String::new(),
+                turn: ParsedTurn {
+                    content: None,
+                    tool_calls: Vec::new(),
+                },
+                stop: StopReason::Cancelled,
+                counters: Counters::default(),
+                prompt_ms: started.elapsed().as_secs_f64() * 1e3,
+                generation_ms: 0.0,
+                call_path: None,
+                server_ms: None,
+            });
+        };
+        let mut stream = response.bytes_stream();
+        let mut last_data = Instant::now();
+        let mut decoder = SseDecoder::default();
+        let mut turn = Assembler::default();
+        let mut first_token: Option<Instant> = None;
+        let mut raw = RawCompletion::default();
+        let mut poll = tokio::time::interval(Duration::from_millis(20));
+        let ending = 'stream: loop {
+            let limit = if turn.started || raw.started {
+                model.config.timeouts.idle
+            } else {
+                model.config.timeouts.first_token
+            };
+            // Counted from the last event with data: keep-alive comments
+            // (llama-server sends one every 30 s) do not keep a stuck
+            // server alive.
+            let left = limit.saturating_sub(last_data.elapsed());
+            let next = tokio::time::timeout(left, async {
+                loop {
+                    tokio::select! {
+                        chunk = stream.next() => return Some(chunk),
+                        _ = poll.tick() => {
+                            if cancel.load(Ordering::SeqCst) {
+                                return None;
+                            }
+                        }
+                    }
+                }
+            })
+            .await;
+            let chunk = match next {
+                // The turn had finished; only the closing lines are late.
+                Err(_) if turn.finish.or(raw.finish).is_some() => {
+                    break 'stream Ending::Finished(
+                        turn.finish.or(raw.finish).unwrap_or(Finish::Stop),
+                    )
+                }
+                Err(_) => {
+                    return Err(RemoteError::Timeout {
+                        phase: if turn.started || raw.started {
+                            Phase::Idle
+                        } else {
+                            Phase::FirstToken
+                        },
+                        after: limit,
+                    }
+                    .into())
+                }
+                // Cancelled: dropping the stream closes the connection.
+                Ok(None) => break 'stream Ending::Cancelled,
+                Ok(Some(None)) => {
+                    // End of body: a turn that never said it finished was cut.
+                    if let Some(data) = decoder.finish() {
+                        self.take_event(&model, &data, &mut turn, &mut raw, &deltas)?;
+                    }
+                    if let Some(finish) = turn.finish.or(raw.finish) {
+                        break 'stream Ending::Finished(finish);
+                    }
+                    return Err(RemoteError::Disconnected {
+                        reason: "the response ended without a finish reason".into(),
+                    }
+                    .into());
+                }
+                Ok(Some(Some(Err(err)))) => {
+                    let reason = match connect_error(&url, &err) {
+                        RemoteError::Connect { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    return Err(RemoteError::Disconnected { reason }.into());
+                }
+                Ok(Some(Some(Ok(bytes)))) => bytes,
+            };
+            let events = decoder
+                .push(&chunk)
+                .map_err(|err| RemoteError::MalformedStream(err.0))?;
+            for data in events {
+                last_data = Instant::now();
+                self.take_event(&model, &data, &mut turn, &mut raw, &deltas)?;
+                if first_token.is_none() && (turn.started || raw.started) {
+                    first_token = Some(Instant::now());
+                }
+                if raw.finish.is_some() || turn.done {
+                    break 'stream Ending::Finished(
+                        turn.finish.or(raw.finish).unwrap_or(Finish::Stop),
+                    );
+                }
+            }
+        };
+        drop(stream);
+        let finished = Instant::now();
+        let first = first_token.unwrap_or(finished);
+        let counters = turn.usage.or(raw.usage).unwrap_or_default();
+        self.totals.add(counters);
+        let stop = match ending {
+            Ending::Cancelled => StopReason::Cancelled,
+            Ending::Finished(Finish::Length) => StopReason::MaxTokens,
+            Ending::Finished(Finish::Stop) => StopReason::EndOfTurn,
+        };
+        let calls_made = &mut self.calls_made;
+        let mut next_id = || {
+            *calls_made += 1;
+            format!("call_{}", *calls_made)
+        };
+        let names: Vec<&str> = offered.iter().filter_map(tool_name).collect();
+        let server_ms = turn.server_ms.or(raw.server_ms);
+        let (text, parsed, path) = if model.renderer.is_some() {
+            let parsed = parse_tool_calls(&raw.text, &|n| names.contains(&n), &mut next_id);
+            let path = if cfg!(feature = "llama") && !names.is_empty() {
+                CallPath::Grammar
+            } else {
+                CallPath::Parsed
+            };
+            (raw.text, parsed, path)
+        } else {
+            let mut native = turn.calls(&mut next_id);
+            match stop {
+                // A cancelled turn proposes nothing; one cut by the token
+                // budget keeps only calls whose arguments are whole JSON.
+                StopReason::Cancelled => native.clear(),
+                StopReason::MaxTokens => native
+                    .retain(|call| serde_json::from_str::<Value>(&call.function.arguments).is_ok()),
+                StopReason::EndOfTurn => {}
+            }
+            if native.is_empty() && !names.is_empty() && stop != StopReason::Cancelled {
+                // The server left the call in the text: recover it.
+                let parsed = parse_tool_calls(&turn.content, &|n| names.contains(&n), &mut next_id);
+                (turn.content, parsed, CallPath::Parsed)
+            } else {
+                let content = turn.content.trim();
+                let parsed = ParsedTurn {
+                    content: (!content.is_empty()).then(|| content.to_string()),
+                    tool_calls: native,
+                };
+                let path = if model.config.strict {
+                    CallPath::Strict
+                } else {
+                    CallPath::Native
+                };
+                (turn.content, parsed, path)
+            }
+        };
+        let call_path = (!parsed.tool_calls.is_empty()).then_some(path);
+        Ok(Generation {
+            text,
+            turn: parsed,
+            stop,
+            counters,
+            prompt_ms: (first - started).as_secs_f64() * 1e3,
+            generation_ms: (finished - first).as_secs_f64() * 1e3,
+            call_path,
+            server_ms,
+        })
+    }
+
+    fn take_event(
+        &self,
+        model: &RemoteModel,
+        data: &str,
+        turn: &mut Assembler,
+        raw: &mut RawCompletion,
+        deltas: &tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Result<(), RemoteError> {
+        let delta = if model.renderer.is_some() {
+            raw.take(data)
+        } else {
+            turn.take(data)
+        };
+        match delta {
+            Ok(Some(text)) => {
+                let _ = deltas.send(text);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(StreamProblem::Malformed(detail)) => Err(RemoteError::MalformedStream(detail)),
+            Err(StreamProblem::ServerError(message)) => {
+                if is_context_message(&message.to_lowercase()) {
+                    Err(RemoteError::ContextExceeded { message })
+                } else {
+                    Err(RemoteError::Http {
+                        status: 200,
+                        message,
+                    })
+                }
+            }
+        }
+    }
+}
+
+impl BackendSession for RemoteSession {
+    fn complete(
+        &mut self,
+        request: CompletionRequest,
+        deltas: tokio::sync::mpsc::UnboundedSender<String>,
+        cancel: Arc<AtomicBool>,
+    ) -> BoxFuture<'_, Result<Generation, ModelError>> {
+        Box::pin(self.run(request, deltas, cancel))
+    }
+
+    fn totals(&mut self) -> BoxFuture<'_, Counters> {
+        let totals = self.totals;
+        Box::pin(std::future::ready(totals))
+    }
+
+    fn clear(&mut self) {}
+
+    fn save_state(&mut self, _path: PathBuf) -> BoxFuture<'_, Result<(), ModelError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+fn tool_name(tool: &Value) -> Option<&str> {
+    tool.pointer("/function/name").and_then(Value::as_str)
+}
+
+/// The tools a request offers under its tool choice.
+fn offered_tools(request: &CompletionRequest) -> Vec<Value> {
+    match &request.tool_choice {
+        ToolChoice::None => Vec::new(),
+        ToolChoice::Named(name) => request
+            .tools
+            .iter()
+            .filter(|t| tool_name(t) == Some(name.as_str()))
+            .cloned()
+            .collect(),
+        _ => request.tools.clone(),
+    }
+}
+
+/// The body of a streaming llama-server `/completion` for a prompt the
+/// runtime rendered, with the tool-call grammar (lazy under `auto`).
+fn prompt_body(
+    prompt: &str,
+    request: &CompletionRequest,
+    offered: &[Value],
+) -> Result<Value, ModelError> {
+    let s = &request.sampling;
+    let mut body = json!({
+        "prompt": prompt,
+        "stream": true,
+        "cache_prompt": true,
+        "n_predict": s.max_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k,
+        "min_p": s.min_p,
+        "repeat_penalty": s.repeat_penalty,
+        "seed": s.seed,
+    });
+    #[cfg(feature = "llama")]
+    if !offered.is_empty() && request.tool_choice != ToolChoice::None {
+        let grammar = crate::llama::tool_grammar(offered)?;
+        body["grammar"] = grammar.into();
+        if request.tool_choice == ToolChoice::Auto {
+            body["grammar_lazy"] = true.into();
+            // llama-server's trigger types are numbers: 1 is a word. A
+            // trigger that is one token must also be a preserved token.
+            body["grammar_triggers"] =
+                json!([{"type": 1, "value": crate::grammar::TOOL_CALL_OPEN}]);
+            body["preserved_tokens"] = json!([crate::grammar::TOOL_CALL_OPEN, "</tool_call>"]);
+        }
+    }
+    #[cfg(not(feature = "llama"))]
+    let _ = offered;
+    Ok(body)
+}
+
+/// A llama-server `/completion` stream being read.
+#[derive(Debug, Default)]
+struct RawCompletion {
+    server_ms: Option<f64>,
+    text: String,
+    finish: Option<Finish>,
+    usage: Option<Counters>,
+    started: bool,
+}
+
+impl RawCompletion {
+    fn take(&mut self, data: &str) -> Result<Option<String>, StreamProblem> {
+        let chunk: Value = serde_json::from_str(data)
+            .map_err(|err| StreamProblem::Malformed(format!("{err} in {}", wire::preview(data))))?;
+        if let Some(error) = chunk.get("error") {
+            let message = error
+                .get("message")
+                .and_then(Value::as_str)
+                .map_or_else(|| error.to_string(), str::to_string);
+            return Err(StreamProblem::ServerError(message));
+        }
+        if chunk.get("stop").and_then(Value::as_bool) == Some(true) {
+            self.finish = Some(
+                if chunk.get("stop_type").and_then(Value::as_str) == Some("limit") {
+                    Finish::Length
+                } else {
+                    Finish::Stop
+                },
+            );
+            let usage = json!({
+                "prompt_tokens": chunk.get("tokens_evaluated"),
+                "completion_tokens": chunk.get("tokens_predicted"),
+            });
+            self.usage = Some(wire::counters(&usage, chunk.get("timings")));
+            self.server_ms = wire::server_ms(chunk.get("timings"));
+        }
+        match chunk.get("content").and_then(Value::as_str) {
+            Some(text) if !text.is_empty() => {
+                self.started = true;
+                self.text.push_str(text);
+                Ok(Some(text.to_string()))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_errors_are_told_apart() {
+        let llama_ctx = r#"{"error":{"code":400,"message":"the request exceeds the available context size, try increasing it","type":"exceed_context_size_error"}}"#;
+        assert!(matches!(
+            http_error(400, llama_ctx, "m"),
+            RemoteError::ContextExceeded { .. }
+        ));
+        let vllm_ctx = r#"{"object":"error","message":"This model's maximum context length is 2048 tokens. However, you requested 5000 tokens.","type":"BadRequestError","code":400}"#;
+        assert!(matches!(
+            http_error(400, vllm_ctx, "m"),
+            RemoteError::ContextExceeded { .. }
+        ));
+        let auth =
+            r#"{"error":{"code":401,"message":"Invalid API Key","type":"authentication_error"}}"#;
+        assert!(matches!(
+            http_error(401, auth, "m"),
+            RemoteError::Unauthorized { status: 401, .. }
+        ));
+        let missing = r#"{"object":"error","message":"The model `x` does not exist.","code":404}"#;
+        assert!(matches!(
+            http_error(404, missing, "x"),
+            RemoteError::UnknownModel { .. }
+        ));
+        assert!(matches!(
+            http_error(502, "<html>bad gateway</html>", "m"),
+            RemoteError::Http { status: 502, .. }
+        ));
+    }
+
+    #[test]
+    fn an_api_key_never_shows_in_debug_output() {
+        let key = ApiKey::new("sk-very-secret");
+        let config = RemoteConfig {
+            api_key: Some(key.clone()),
+            ..RemoteConfig::new("http://127.0.0.1:1/v1")
+        };
+        let shown = format!("{key:?} {config:?}");
+        assert!(!shown.contains("very-secret"), "{shown}");
+    }
+
+    #[test]
+    fn raw_completion_chunks_give_text_stop_and_counters() {
+        let mut raw = RawCompletion::default();
+        assert_eq!(
+            raw.take(r#"{"content":"<tool","stop":false}"#)
+                .ok()
+                .flatten()
+                .as_deref(),
+            Some("<tool")
+        );
+        raw.take(r#"{"content":"","stop":true,"stop_type":"eos","tokens_evaluated":50,"tokens_predicted":7,"timings":{"cache_n":40}}"#)
+            .expect("final chunk");
+        assert_eq!(raw.finish, Some(Finish::Stop));
+        assert_eq!(
+            raw.usage,
+            Some(Counters {
+                prompt_evaluated: 10,
+                prompt_reused: 40,
+                generated: 7
+            })
+        );
+    }
+}

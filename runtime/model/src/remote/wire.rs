@@ -1,0 +1,347 @@
+//! The OpenAI chat-completions wire: the request body, and a turn put back
+//! together from its streamed chunks (text deltas, `tool_calls` deltas by
+//! index, the finish reason and usage).
+
+use serde_json::{json, Map, Value};
+
+use super::ServerKind;
+use crate::backend::{CompletionRequest, Counters};
+use crate::grammar::ToolChoice;
+use stack_types::message::ToolCall;
+
+/// The body of a streaming `POST /chat/completions`.
+///
+/// The messages are serialized the same way every turn, so a conversation's
+/// request is a byte-for-byte extension of the previous one and a server's
+/// prefix cache (llama-server `cache_prompt`, vLLM automatic prefix
+/// caching) reuses everything before the new messages.
+pub(crate) fn chat_body(
+    model: &str,
+    request: &CompletionRequest,
+    kind: ServerKind,
+    strict: bool,
+) -> Value {
+    let mut body = Map::new();
+    body.insert("model".into(), model.into());
+    body.insert("messages".into(), json!(request.messages));
+    body.insert("stream".into(), true.into());
+    body.insert("stream_options".into(), json!({"include_usage": true}));
+    let sampling = &request.sampling;
+    body.insert("temperature".into(), json!(sampling.temperature));
+    body.insert("top_p".into(), json!(sampling.top_p));
+    body.insert("seed".into(), json!(sampling.seed));
+    body.insert("max_tokens".into(), json!(sampling.max_tokens));
+    // Sampling settings outside OpenAI's set, only for servers that take them.
+    match kind {
+        ServerKind::LlamaServer => {
+            body.insert("top_k".into(), json!(sampling.top_k));
+            body.insert("min_p".into(), json!(sampling.min_p));
+            body.insert("repeat_penalty".into(), json!(sampling.repeat_penalty));
+            body.insert("cache_prompt".into(), true.into());
+        }
+        ServerKind::Vllm | ServerKind::Sglang => {
+            body.insert("top_k".into(), json!(sampling.top_k));
+            body.insert("min_p".into(), json!(sampling.min_p));
+            body.insert("repetition_penalty".into(), json!(sampling.repeat_penalty));
+        }
+        ServerKind::Ollama | ServerKind::Generic => {}
+    }
+    if !request.tools.is_empty() && request.tool_choice != ToolChoice::None {
+        // llama-server reads `tool_choice` as a string only (an object falls
+        // back to "auto"): a named tool becomes "required" over that tool.
+        let named_as_required = kind == ServerKind::LlamaServer;
+        let tools: Vec<Value> = request
+            .tools
+            .iter()
+            .filter(|tool| match &request.tool_choice {
+                ToolChoice::Named(name) if named_as_required => {
+                    tool.pointer("/function/name").and_then(Value::as_str) == Some(name.as_str())
+                }
+                _ => true,
+            })
+            .map(|tool| {
+                let mut tool = tool.clone();
+                if strict {
+                    if let Some(function) = tool.get_mut("function").and_then(Value::as_object_mut)
+                    {
+                        function.insert("strict".into(), true.into());
+                    }
+                }
+                tool
+            })
+            .collect();
+        body.insert("tools".into(), tools.into());
+        let choice = match &request.tool_choice {
+            ToolChoice::Auto => json!("auto"),
+            ToolChoice::None => json!("none"),
+            ToolChoice::Required => json!("required"),
+            ToolChoice::Named(_) if named_as_required => json!("required"),
+            ToolChoice::Named(name) => json!({"type": "function", "function": {"name": name}}),
+        };
+        body.insert("tool_choice".into(), choice);
+    }
+    Value::Object(body)
+}
+
+/// Why the server says it stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Finish {
+    /// `stop` or `tool_calls`: the turn ended.
+    Stop,
+    /// `length`: the token budget ran out.
+    Length,
+}
+
+/// A turn being put back together from its chunks.
+#[derive(Debug, Default)]
+pub(crate) struct Assembler {
+    pub(crate) content: String,
+    calls: Vec<PartialCall>,
+    pub(crate) finish: Option<Finish>,
+    pub(crate) usage: Option<Counters>,
+    /// Whether the `[DONE]` sentinel arrived.
+    pub(crate) done: bool,
+    /// Whether any token arrived (text or a call).
+    pub(crate) started: bool,
+    /// The server's own time for the turn, when it reports one.
+    pub(crate) server_ms: Option<f64>,
+}
+
+#[derive(Debug, Default)]
+struct PartialCall {
+    id: Option<String>,
+    name: String,
+    arguments: String,
+}
+
+/// An event the stream carried that is not part of a turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StreamProblem {
+    /// Data that is not the JSON of a chunk.
+    Malformed(String),
+    /// The server reported an error inside the stream.
+    ServerError(String),
+}
+
+impl Assembler {
+    /// Takes one event's data; returns the text delta it carried.
+    pub(crate) fn take(&mut self, data: &str) -> Result<Option<String>, StreamProblem> {
+        if data.trim() == "[DONE]" {
+            self.done = true;
+            return Ok(None);
+        }
+        let chunk: Value = serde_json::from_str(data)
+            .map_err(|err| StreamProblem::Malformed(format!("{err} in {}", preview(data))))?;
+        if let Some(error) = chunk.get("error") {
+            let message = error
+                .get("message")
+                .and_then(Value::as_str)
+                .map_or_else(|| error.to_string(), str::to_string);
+            return Err(StreamProblem::ServerError(message));
+        }
+        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+            self.usage = Some(counters(usage, chunk.get("timings")));
+        }
+        if let Some(ms) = server_ms(chunk.get("timings")) {
+            self.server_ms = Some(ms);
+        }
+        let Some(choice) = chunk.pointer("/choices/0") else {
+            return Ok(None);
+        };
+        match choice.get("finish_reason").and_then(Value::as_str) {
+            Some("length") => self.finish = Some(Finish::Length),
+            Some(_) => self.finish = Some(Finish::Stop),
+            None => {}
+        }
+        let Some(delta) = choice.get("delta") else {
+            return Ok(None);
+        };
+        for call in delta
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            self.started = true;
+            let index = call
+                .get("index")
+                .and_then(Value::as_u64)
+                .and_then(|i| usize::try_from(i).ok())
+                .unwrap_or(self.calls.len().saturating_sub(1));
+            if index > 1024 {
+                return Err(StreamProblem::Malformed(format!(
+                    "a tool call index of {index}"
+                )));
+            }
+            while self.calls.len() <= index {
+                self.calls.push(PartialCall::default());
+            }
+            let partial = &mut self.calls[index];
+            if let Some(id) = call.get("id").and_then(Value::as_str) {
+                partial.id = Some(id.to_string());
+            }
+            if let Some(name) = call.pointer("/function/name").and_then(Value::as_str) {
+                partial.name.push_str(name);
+            }
+            if let Some(arguments) = call.pointer("/function/arguments").and_then(Value::as_str) {
+                partial.arguments.push_str(arguments);
+            }
+        }
+        match delta.get("content").and_then(Value::as_str) {
+            Some(text) if !text.is_empty() => {
+                self.started = true;
+                self.content.push_str(text);
+                Ok(Some(text.to_string()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The native calls, with ids (made up where the server gave none).
+    pub(crate) fn calls(&self, next_id: &mut dyn FnMut() -> String) -> Vec<ToolCall> {
+        self.calls
+            .iter()
+            .filter(|call| !call.name.is_empty())
+            .map(|call| {
+                ToolCall::function(
+                    call.id.clone().unwrap_or_else(&mut *next_id),
+                    call.name.clone(),
+                    if call.arguments.trim().is_empty() {
+                        "{}".to_string()
+                    } else {
+                        call.arguments.clone()
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+/// Token counters from an OpenAI `usage` object, with llama-server's
+/// `timings` where the usage lacks cached tokens.
+pub(crate) fn counters(usage: &Value, timings: Option<&Value>) -> Counters {
+    let number = |v: Option<&Value>| v.and_then(Value::as_u64);
+    let prompt = number(usage.get("prompt_tokens")).unwrap_or(0);
+    let cached = number(usage.pointer("/prompt_tokens_details/cached_tokens"))
+        .or_else(|| number(timings.and_then(|t| t.get("cache_n"))))
+        .unwrap_or(0)
+        .min(prompt);
+    Counters {
+        prompt_evaluated: prompt - cached,
+        prompt_reused: cached,
+        generated: number(usage.get("completion_tokens")).unwrap_or(0),
+    }
+}
+
+/// Prompt plus generation milliseconds from llama-server's `timings`.
+pub(crate) fn server_ms(timings: Option<&Value>) -> Option<f64> {
+    let timings = timings?;
+    let prompt = timings.get("prompt_ms").and_then(Value::as_f64)?;
+    let predicted = timings
+        .get("predicted_ms")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    Some(prompt + predicted)
+}
+
+/// The start of `text`, for an error message.
+pub(crate) fn preview(text: &str) -> String {
+    let end = text.floor_char_boundary(200);
+    if end < text.len() {
+        format!("{:?}…", &text[..end])
+    } else {
+        format!("{text:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_assembled_across_chunks_and_indexes() {
+        let mut turn = Assembler::default();
+        let chunks = [
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":"Let me look."}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_a","type":"function","function":{"name":"read_file","arguments":""}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"path\": "}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"id":"call_b","function":{"name":"list_dir","arguments":"{}"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"a.txt\"}"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":120,"completion_tokens":30,"prompt_tokens_details":{"cached_tokens":100}}}"#,
+            "[DONE]",
+        ];
+        let mut text = String::new();
+        for chunk in chunks {
+            if let Some(delta) = turn.take(chunk).expect("valid chunk") {
+                text.push_str(&delta);
+            }
+        }
+        assert_eq!(text, "Let me look.");
+        assert!(turn.done && turn.started);
+        assert_eq!(turn.finish, Some(Finish::Stop));
+        let calls = turn.calls(&mut || "unused".into());
+        assert_eq!(calls.len(), 2);
+        assert_eq!(
+            (
+                calls[0].id.as_str(),
+                calls[0].function.name.as_str(),
+                calls[0].function.arguments.as_str()
+            ),
+            ("call_a", "read_file", "{\"path\": \"a.txt\"}")
+        );
+        assert_eq!(calls[1].function.name, "list_dir");
+        assert_eq!(
+            turn.usage,
+            Some(Counters {
+                prompt_evaluated: 20,
+                prompt_reused: 100,
+                generated: 30
+            })
+        );
+    }
+
+    #[test]
+    fn errors_and_garbage_in_the_stream_are_named() {
+        let mut turn = Assembler::default();
+        assert!(matches!(
+            turn.take(r#"{"error":{"message":"the request exceeds the available context size"}}"#),
+            Err(StreamProblem::ServerError(m)) if m.contains("context")
+        ));
+        assert!(matches!(
+            turn.take("{not json"),
+            Err(StreamProblem::Malformed(_))
+        ));
+        assert!(turn
+            .take(r#"{"choices":[{"delta":{"tool_calls":[{"index":99999}]}}]}"#)
+            .is_err());
+    }
+
+    #[test]
+    fn the_body_extends_byte_for_byte_from_turn_to_turn() {
+        use stack_types::message::Message;
+        let mut request = CompletionRequest {
+            messages: vec![Message::system("s"), Message::user("one")],
+            tools: vec![
+                json!({"type": "function", "function": {"name": "list_dir", "parameters": {"type": "object"}}}),
+            ],
+            tool_choice: ToolChoice::Auto,
+            sampling: Default::default(),
+        };
+        let first = chat_body("m", &request, ServerKind::LlamaServer, false).to_string();
+        request.messages.push(Message::assistant("two"));
+        request.messages.push(Message::user("three"));
+        let second = chat_body("m", &request, ServerKind::LlamaServer, false).to_string();
+        let cut = first.find("\"messages\"").expect("messages")
+            + first[first.find("\"messages\"").expect("m")..]
+                .find("]")
+                .expect("end");
+        assert_eq!(&second[..cut - 1], &first[..cut - 1]);
+        assert!(
+            second.contains("\"cache_prompt\":true") && second.contains("\"tool_choice\":\"auto\"")
+        );
+        let strict = chat_body("m", &request, ServerKind::Generic, true);
+        assert_eq!(strict["tools"][0]["function"]["strict"], true);
+        assert!(strict.get("top_k").is_none());
+    }
+}

@@ -1,0 +1,191 @@
+//! The user's config file: named model profiles.
+//!
+//! `~/.config/stack-runtime/config.toml` (or `$XDG_CONFIG_HOME/…`, or a file
+//! given with `--config`) holds profiles, each a local GGUF or a served
+//! model. `agent --profile NAME` picks one; `default_profile` names the one
+//! used without the flag. Unknown keys are refused with the file and line,
+//! as policy files are.
+//!
+//! ```toml
+//! default_profile = "stack"
+//!
+//! [profiles.local]
+//! model = "~/models/qwen2.5-coder-7b-instruct-q4_k_m.gguf"
+//! gpu_layers = 99
+//! ctx_size = 16384
+//!
+//! [profiles.stack]
+//! url = "http://gpu-box:8000/v1"
+//! model_name = "stack-2.9-32b"
+//! api_key_env = "STACK_API_KEY"
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// The profile used when none is named.
+    pub default_profile: Option<String>,
+    /// Named model profiles.
+    #[serde(default)]
+    pub profiles: BTreeMap<String, ModelProfile>,
+}
+
+/// One model: a local GGUF (`model`) or a served one (`url`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelProfile {
+    /// A local GGUF file.
+    pub model: Option<PathBuf>,
+    /// Layers to offload to the GPU (local).
+    pub gpu_layers: Option<u32>,
+    /// Context size in tokens (local).
+    pub ctx_size: Option<u32>,
+    /// The API base of a served model, for example `http://host:8000/v1`.
+    pub url: Option<String>,
+    /// The served model's name (the server's first model when unset).
+    pub model_name: Option<String>,
+    /// The environment variable that holds the API key.
+    pub api_key_env: Option<String>,
+    /// A file whose first line is the API key.
+    pub api_key_file: Option<PathBuf>,
+    /// How tool calls travel: `auto`, `native` or `prompted`.
+    pub tool_path: Option<stack_model::remote::ToolPath>,
+    /// Ask for OpenAI `strict` function schemas.
+    pub strict: Option<bool>,
+}
+
+/// A config file that cannot be used, with where.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The file.
+    pub path: PathBuf,
+    /// The line, when the problem has one.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Where the user's config file is looked for.
+pub fn default_path() -> Option<PathBuf> {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".config")))
+        .map(|dir| dir.join("stack-runtime").join("config.toml"))
+}
+
+impl UserConfig {
+    /// Parses `text` (from `path`, for errors).
+    pub fn parse(text: &str, path: &Path) -> Result<UserConfig, ConfigError> {
+        let config: UserConfig =
+            toml::from_str(text).map_err(|err: toml::de::Error| ConfigError {
+                path: path.to_path_buf(),
+                line: err
+                    .span()
+                    .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1),
+                message: err.message().to_string(),
+            })?;
+        for (name, profile) in &config.profiles {
+            if profile.model.is_some() && profile.url.is_some() {
+                return Err(ConfigError {
+                    path: path.to_path_buf(),
+                    line: line_of(text, &format!("[profiles.{name}]")),
+                    message: format!(
+                        "profile `{name}` sets both `model` (a local GGUF) and `url` (a served model); pick one"
+                    ),
+                });
+            }
+        }
+        if let Some(default) = &config.default_profile {
+            if !config.profiles.contains_key(default) {
+                return Err(ConfigError {
+                    path: path.to_path_buf(),
+                    line: line_of(text, "default_profile"),
+                    message: format!("default_profile names `{default}`, which is not a profile"),
+                });
+            }
+        }
+        Ok(config)
+    }
+
+    /// Loads `path`; a missing file is an empty config only when
+    /// `missing_ok` (the default location), an error otherwise.
+    pub fn load(path: &Path, missing_ok: bool) -> Result<UserConfig, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => UserConfig::parse(&text, path),
+            Err(err) if missing_ok && err.kind() == std::io::ErrorKind::NotFound => {
+                Ok(UserConfig::default())
+            }
+            Err(err) => Err(ConfigError {
+                path: path.to_path_buf(),
+                line: None,
+                message: format!("cannot read: {err}"),
+            }),
+        }
+    }
+
+    /// The profile called `name`, or the default one when `name` is `None`.
+    pub fn profile(&self, name: Option<&str>) -> Result<Option<&ModelProfile>, String> {
+        match name.or(self.default_profile.as_deref()) {
+            None => Ok(None),
+            Some(name) => self.profiles.get(name).map(Some).ok_or_else(|| {
+                let known: Vec<&str> = self.profiles.keys().map(String::as_str).collect();
+                format!(
+                    "no profile `{name}` in the config file (profiles: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                )
+            }),
+        }
+    }
+}
+
+fn line_of(text: &str, needle: &str) -> Option<usize> {
+    text.lines()
+        .position(|line| line.trim_start().starts_with(needle))
+        .map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_parse_and_mistakes_name_their_line() {
+        let text = "default_profile = \"stack\"\n\n[profiles.stack]\nurl = \"http://h:8000/v1\"\nmodel_name = \"m\"\napi_key_env = \"K\"\ntool_path = \"native\"\n";
+        let config = UserConfig::parse(text, Path::new("c.toml")).expect("valid");
+        let stack = config.profile(None).expect("known").expect("default");
+        assert_eq!(stack.url.as_deref(), Some("http://h:8000/v1"));
+        assert_eq!(stack.tool_path, Some(stack_model::remote::ToolPath::Native));
+        let typo = "[profiles.x]\nurl = \"http://h/v1\"\nmodle_name = \"m\"\n";
+        let err = UserConfig::parse(typo, Path::new("c.toml")).expect_err("unknown key");
+        assert_eq!(err.line, Some(3), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("c.toml:3: unknown field `modle_name`"),
+            "{err}"
+        );
+        let both = "[profiles.x]\nurl = \"http://h/v1\"\nmodel = \"a.gguf\"\n";
+        assert_eq!(
+            UserConfig::parse(both, Path::new("c.toml"))
+                .expect_err("both")
+                .line,
+            Some(1)
+        );
+        let config =
+            UserConfig::parse("[profiles.a]\nmodel = \"a.gguf\"\n", Path::new("c")).expect("valid");
+        assert!(config
+            .profile(Some("b"))
+            .expect_err("unknown")
+            .contains("profiles: a"));
+    }
+}

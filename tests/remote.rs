@@ -1,0 +1,359 @@
+//! The remote backend against a real llama-server (built by `scripts/setup
+//! --peers` from the llama.cpp tree of the pinned llama-cpp-python sdist)
+//! serving the default SmolLM2 GGUF: a prompt leads to a tool call that runs
+//! in the sandbox, its result goes back to the served model, tokens stream
+//! as events; and each fault (server killed mid-stream, wrong key, unknown
+//! model, a prompt over the context) gives a clear error after which the
+//! same session still works.
+//!
+//! Generation on two cores must not overlap, so the tests take turns.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use stack_runtime::agent::{Event, Runtime, Session, SessionConfig, TurnEnd};
+use stack_runtime::assets::Asset;
+use stack_runtime::model::remote::{ApiKey, RemoteConfig, RemoteError, RemoteModel};
+use stack_runtime::model::{CallPath, ModelBackend, ModelError, SamplingOptions, ToolChoice};
+use stack_runtime::outcome::Status;
+use stack_runtime::policy::{ApprovalAnswer, ApprovalRequest, Policy};
+
+/// One test at a time: each runs a server that generates.
+async fn turn() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    TURN.lock().await
+}
+
+/// A llama-server child, killed on drop.
+struct LlamaServer {
+    child: Child,
+    port: u16,
+}
+
+impl LlamaServer {
+    fn start(port: u16, extra: &[&str]) -> LlamaServer {
+        let model = Asset::DefaultModel
+            .locate()
+            .expect("run scripts/setup: the default model");
+        let mut command = Command::new(common::peer_binary("llama-server"));
+        command
+            .arg("-m")
+            .arg(&model)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["-c", "2048", "-t", "2", "-np", "1", "--jinja", "--no-webui"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = command.spawn().expect("start llama-server");
+        let server = LlamaServer { child, port };
+        server.wait_healthy();
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let healthy = std::net::TcpStream::connect(("127.0.0.1", self.port))
+                .and_then(|mut stream| {
+                    use std::io::{Read, Write};
+                    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    stream.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+                    let mut reply = String::new();
+                    stream.read_to_string(&mut reply)?;
+                    Ok(reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"))
+                })
+                .unwrap_or(false);
+            if healthy {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("llama-server on port {} did not become healthy", self.port);
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn yes(_: &ApprovalRequest) -> ApprovalAnswer {
+    ApprovalAnswer::Yes
+}
+
+async fn connect(config: RemoteConfig) -> Arc<RemoteModel> {
+    RemoteModel::connect(config).await.expect("connect")
+}
+
+fn runtime_over(backend: Arc<dyn ModelBackend>, workspace: &Path) -> Runtime {
+    Runtime::builder()
+        .backend(backend)
+        .policy(Policy::preset("default").expect("policy"))
+        .approval_handler(Arc::new(yes))
+        .workspace(workspace)
+        .transcripts(None)
+        .build()
+        .expect("runtime")
+}
+
+fn greedy(max_tokens: u32) -> SamplingOptions {
+    SamplingOptions {
+        temperature: 0.0,
+        max_tokens,
+        ..SamplingOptions::default()
+    }
+}
+
+async fn collect(session: &Session, text: &str) -> Vec<Event> {
+    session.send(text).collect().await
+}
+
+fn finished(events: &[Event]) -> Option<TurnEnd> {
+    events.iter().rev().find_map(|e| match e {
+        Event::TurnFinished { reason, .. } => Some(*reason),
+        _ => None,
+    })
+}
+
+fn errors(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Error { message } => Some(message.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The whole loop on the path llama-server takes for SmolLM2 (whose own
+/// template cannot show tools, so the runtime renders the prompt and
+/// constrains the call): a prompt leads to a call, the call runs in the
+/// sandbox, its result goes back to the served model, the turn finishes,
+/// and tokens stream as events.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_served_model_drives_the_sandboxed_loop() {
+    let _turn = turn().await;
+    let server = LlamaServer::start(common::free_port(), &[]);
+    let model = connect(RemoteConfig::new(server.url())).await;
+    assert!(model.prompted(), "{model:?}");
+    let info = model.info();
+    assert_eq!(info.context_length, Some(2048), "{info:?}");
+    assert!(info.capabilities.constrained_decoding, "{info:?}");
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let runtime = runtime_over(model, workspace.path());
+    let config = SessionConfig {
+        tool_choice: ToolChoice::Named("execute_code".into()),
+        sampling: greedy(96),
+        max_steps: 2,
+        ..SessionConfig::default()
+    };
+    let session = runtime.session(config).await.expect("session");
+    let events = collect(&session, "Use Python to print the sum of 2 and 3.").await;
+    let via: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ToolCallProposed { call, via } if call.function.name == "execute_code" => {
+                Some(*via)
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(!via.is_empty(), "a call was proposed: {events:?}");
+    assert!(
+        via.iter().all(|v| *v == Some(CallPath::Grammar)),
+        "the events say the calls came under the grammar: {via:?}"
+    );
+    let ran = events.iter().find_map(|e| match e {
+        Event::ToolFinished { outcome, .. } => Some(outcome.clone()),
+        _ => None,
+    });
+    let ran = ran.unwrap_or_else(|| panic!("the call ran: {events:?}"));
+    assert!(
+        ran.exit_code.is_some() || ran.status == Status::Timeout,
+        "the code ran in the sandbox: {ran:?}"
+    );
+    let tokens = events
+        .iter()
+        .filter(|e| matches!(e, Event::Token { .. }))
+        .count();
+    assert!(tokens > 1, "tokens streamed as events: {events:?}");
+    // The result went back: the second step is a model step after the
+    // tool message, and the turn ends.
+    let steps = events.iter().rev().find_map(|e| match e {
+        Event::TurnFinished { steps, .. } => Some(*steps),
+        _ => None,
+    });
+    assert_eq!(steps, Some(2), "{events:?}");
+    assert!(finished(&events).is_some());
+    assert!(errors(&events).is_empty(), "{events:?}");
+    let history = session.messages().await;
+    assert!(
+        history.iter().any(|m| m.tool_call_id.is_some()),
+        "the tool result is in the conversation"
+    );
+}
+
+/// The native path against the same server given a Qwen2.5 template
+/// (Hermes `<tool_call>`, which llama-server parses into `tool_calls`):
+/// `tools` and `tool_choice` go over the wire, the answer streams and the
+/// turn ends cleanly. (SmolLM2-135M writes prose here rather than a call:
+/// llama-server's parser lets text come before a call even under
+/// `required`. The assembly of `tool_calls` deltas is covered by
+/// `remote::wire`'s tests on chunks shaped like llama-server's.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_native_path_streams_a_turn_with_tools_offered() {
+    let _turn = turn().await;
+    let template = common::fixture("templates/qwen2.5.jinja");
+    let template = template.to_str().expect("utf8").to_string();
+    let server = LlamaServer::start(common::free_port(), &["--chat-template-file", &template]);
+    let model = connect(RemoteConfig::new(server.url())).await;
+    assert!(!model.prompted(), "a template that shows tools: {model:?}");
+    assert!(model.info().capabilities.native_tool_calls);
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let runtime = runtime_over(model, workspace.path());
+    let session = runtime
+        .session(SessionConfig {
+            tool_choice: ToolChoice::Auto,
+            sampling: greedy(48),
+            max_steps: 2,
+            ..SessionConfig::default()
+        })
+        .await
+        .expect("session");
+    let events = collect(&session, "List the files in this folder.").await;
+    assert!(errors(&events).is_empty(), "{events:?}");
+    assert!(finished(&events).is_some(), "{events:?}");
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Token { .. })),
+        "{events:?}"
+    );
+    for event in &events {
+        if let Event::ToolCallProposed { via, .. } = event {
+            assert!(
+                matches!(via, Some(CallPath::Native | CallPath::Parsed)),
+                "{via:?}"
+            );
+        }
+    }
+}
+
+/// The server dies in the middle of an answer: the turn ends with a clear
+/// error, and once a server is back the same session answers again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_killed_mid_stream_is_a_clear_error_and_the_session_goes_on() {
+    let _turn = turn().await;
+    let port = common::free_port();
+    let mut server = LlamaServer::start(port, &[]);
+    let mut config = RemoteConfig::new(server.url());
+    config.retries = 0;
+    let model = connect(config).await;
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let runtime = runtime_over(model, workspace.path());
+    let session = runtime
+        .session(SessionConfig {
+            tool_choice: ToolChoice::None,
+            sampling: SamplingOptions {
+                temperature: 1.0,
+                max_tokens: 2000,
+                ..SamplingOptions::default()
+            },
+            max_steps: 1,
+            ..SessionConfig::default()
+        })
+        .await
+        .expect("session");
+    let mut turn_events = session.send("Write a very long story about a lighthouse keeper.");
+    let mut events = Vec::new();
+    while let Some(event) = turn_events.next().await {
+        let first_token = matches!(event, Event::Token { .. })
+            && !events.iter().any(|e| matches!(e, Event::Token { .. }));
+        events.push(event);
+        if first_token {
+            server.kill();
+        }
+    }
+    drop(turn_events);
+    let errors = errors(&events);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("closed the stream") || e.contains("could not reach")),
+        "a clear error: {events:?}"
+    );
+    drop(server);
+    let _server = LlamaServer::start(port, &[]);
+    let again = collect(&session, "Say hello.").await;
+    assert!(self::errors(&again).is_empty(), "{again:?}");
+    assert!(
+        again.iter().any(|e| matches!(e, Event::Token { .. })),
+        "{again:?}"
+    );
+}
+
+/// Wrong key, unknown model, and a prompt over the context: each a
+/// specific error; the session that hit the context limit goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_models_and_context_faults_are_specific_errors() {
+    let _turn = turn().await;
+    let server = LlamaServer::start(common::free_port(), &["--api-key", "right-key"]);
+    let mut wrong = RemoteConfig::new(server.url());
+    wrong.api_key = Some(ApiKey::new("wrong-key"));
+    match RemoteModel::connect(wrong).await {
+        Err(ModelError::Remote(RemoteError::Unauthorized { status: 401, .. })) => {}
+        other => panic!("a wrong key: {other:?}"),
+    }
+    let mut unknown = RemoteConfig::new(server.url());
+    unknown.api_key = Some(ApiKey::new("right-key"));
+    unknown.model = Some("no-such-model".into());
+    match RemoteModel::connect(unknown).await {
+        Err(err @ ModelError::Remote(RemoteError::UnknownModel { .. })) => {
+            assert!(
+                err.to_string().contains("SmolLM2") || err.to_string().contains("gguf"),
+                "{err}"
+            );
+        }
+        other => panic!("an unknown model: {other:?}"),
+    }
+    let mut right = RemoteConfig::new(server.url());
+    right.api_key = Some(ApiKey::new("right-key"));
+    let model = connect(right).await;
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let runtime = runtime_over(model, workspace.path());
+    let session = runtime
+        .session(SessionConfig {
+            tool_choice: ToolChoice::None,
+            sampling: greedy(16),
+            max_steps: 1,
+            ..SessionConfig::default()
+        })
+        .await
+        .expect("session");
+    let huge = "lighthouse ".repeat(3000);
+    let events = collect(&session, &huge).await;
+    let errors = errors(&events);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("longer than the served model's context")),
+        "{events:?}"
+    );
+    // The over-long message was not kept, so the same session goes on.
+    assert!(errors.iter().any(|e| e.contains("not added")), "{events:?}");
+    let again = collect(&session, "Say hello.").await;
+    assert!(self::errors(&again).is_empty(), "{again:?}");
+}
