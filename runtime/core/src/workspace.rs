@@ -456,6 +456,20 @@ impl Workspace {
         denied: &dyn Fn(&str) -> Option<String>,
         visit: &mut dyn FnMut(&Path, File) -> bool,
     ) -> Result<(), WorkspaceError> {
+        self.walk_files_until(path, denied, &|| false, visit)
+    }
+
+    /// [`Workspace::walk_files_checked`] that also ends as soon as `stop()`
+    /// says so, checked at every entry (folders, links and skipped files
+    /// included), so a tree of empty folders or hard links costs a bounded
+    /// walk too.
+    pub fn walk_files_until(
+        &self,
+        path: &str,
+        denied: &dyn Fn(&str) -> Option<String>,
+        stop: &dyn Fn() -> bool,
+        visit: &mut dyn FnMut(&Path, File) -> bool,
+    ) -> Result<(), WorkspaceError> {
         let start = self.relative(path)?;
         let fd = open_beneath_fd(
             &self.root_fd,
@@ -494,6 +508,9 @@ impl Workspace {
             .into_iter()
             .rev()
             {
+                if stop() {
+                    return Ok(());
+                }
                 let child = dir_path.join(&entry.name);
                 if denied(&normalize(&child).display().to_string()).is_some() {
                     continue;

@@ -14,14 +14,28 @@
 use std::borrow::Cow;
 use std::fmt::Write;
 
-/// Whether `c` must be escaped; `keep_lines` keeps `\n` and `\t`.
+/// Whether `c` must be escaped; `keep_lines` keeps `\n` and `\t` (and a
+/// backslash, which only needs escaping where escapes must be unambiguous).
 fn needs_escape(c: char, keep_lines: bool) -> bool {
     match c {
-        '\n' | '\t' => !keep_lines,
+        '\n' | '\t' | '\\' => !keep_lines,
         // C0 controls, DEL and C1 controls.
         c if c.is_control() => true,
-        // Bidirectional embeddings, overrides and isolates, and the marks.
-        '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => true,
+        // Bidirectional marks, embeddings, overrides and isolates.
+        '\u{061c}'
+        | '\u{200e}'
+        | '\u{200f}'
+        | '\u{202a}'..='\u{202e}'
+        | '\u{2066}'..='\u{2069}' => true,
+        // Line and paragraph separators.
+        '\u{2028}' | '\u{2029}' => true,
+        // Invisible characters that can hide text from a person (zero
+        // widths, word joiner, BOM, soft hyphen, tag characters).
+        '\u{00ad}'
+        | '\u{200b}'..='\u{200d}'
+        | '\u{2060}'
+        | '\u{feff}'
+        | '\u{e0000}'..='\u{e007f}' => true,
         _ => false,
     }
 }
@@ -40,6 +54,7 @@ fn escape(text: &str, keep_lines: bool) -> Cow<'_, str> {
             '\n' => out.write_str("\\n"),
             '\t' => out.write_str("\\t"),
             '\r' => out.write_str("\\r"),
+            '\\' => out.write_str("\\\\"),
             c if (c as u32) < 0x100 => write!(out, "\\x{:02x}", c as u32),
             c => write!(out, "\\u{{{:x}}}", c as u32),
         };
@@ -78,6 +93,13 @@ mod tests {
             ("c1\u{9b}31m", "c1\\x9b31m", "c1\\x9b31m"),
             ("txt.\u{202e}exe", "txt.\\u{202e}exe", "txt.\\u{202e}exe"),
             ("ünïcödé ✓", "ünïcödé ✓", "ünïcödé ✓"),
+            ("a\\nb", "a\\\\nb", "a\\nb"),
+            (
+                "hid\u{200b}den\u{e0041}",
+                "hid\\u{200b}den\\u{e0041}",
+                "hid\\u{200b}den\\u{e0041}",
+            ),
+            ("line\u{2028}sep", "line\\u{2028}sep", "line\\u{2028}sep"),
         ];
         for (input, line, terminal) in cases {
             assert_eq!(one_line(input), line, "{input:?}");

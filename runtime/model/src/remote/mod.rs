@@ -467,8 +467,17 @@ impl RemoteModel {
             .await
             .map_err(|err| connect_error(url, &err))?;
         let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(RemoteError::Config(format!(
+                "{url} does not exist (HTTP 404): is the model URL the API base, such as http://host:port/v1?"
+            )));
+        }
         if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
+            let body = tokio::time::timeout(self.config.timeouts.idle, response.text())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
             return Err(http_error(status.as_u16(), &body, &self.model));
         }
         response

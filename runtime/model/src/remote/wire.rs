@@ -156,6 +156,14 @@ impl Assembler {
         let Some(delta) = choice.get("delta") else {
             return Ok(None);
         };
+        // Reasoning is not shown, but it is the model answering.
+        if delta
+            .get("reasoning_content")
+            .and_then(Value::as_str)
+            .is_some_and(|r| !r.is_empty())
+        {
+            self.started = true;
+        }
         for call in delta
             .get("tool_calls")
             .and_then(Value::as_array)
@@ -163,11 +171,23 @@ impl Assembler {
             .flatten()
         {
             self.started = true;
+            // Servers that leave out `index` send each call whole: a new id,
+            // or a name where the last call has one, starts the next call.
+            let starts_new = self.calls.last().is_none_or(|last| {
+                call.get("id")
+                    .and_then(Value::as_str)
+                    .is_some_and(|id| last.id.as_deref() != Some(id))
+                    || (call.pointer("/function/name").is_some() && !last.name.is_empty())
+            });
             let index = call
                 .get("index")
                 .and_then(Value::as_u64)
                 .and_then(|i| usize::try_from(i).ok())
-                .unwrap_or(self.calls.len().saturating_sub(1));
+                .unwrap_or(if starts_new {
+                    self.calls.len()
+                } else {
+                    self.calls.len() - 1
+                });
             if index > 1024 {
                 return Err(StreamProblem::Malformed(format!(
                     "a tool call index of {index}"
@@ -315,6 +335,19 @@ mod tests {
         assert!(turn
             .take(r#"{"choices":[{"delta":{"tool_calls":[{"index":99999}]}}]}"#)
             .is_err());
+        // Whole calls without an index (some Ollama versions) stay apart.
+        let mut whole = Assembler::default();
+        whole
+            .take(r#"{"choices":[{"delta":{"tool_calls":[{"id":"a","function":{"name":"list_dir","arguments":"{}"}},{"id":"b","function":{"name":"read_file","arguments":"{\"path\":\"x\"}"}}]}}]}"#)
+            .expect("valid");
+        let calls = whole.calls(&mut || "unused".into());
+        assert_eq!(
+            calls
+                .iter()
+                .map(|c| c.function.name.as_str())
+                .collect::<Vec<_>>(),
+            ["list_dir", "read_file"]
+        );
     }
 
     #[test]

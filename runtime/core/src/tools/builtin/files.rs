@@ -197,8 +197,9 @@ fn search_files(args: SearchFilesArgs, ctx: &ToolContext, denied: Denied<'_>) ->
     let started = std::time::Instant::now();
     let mut budget = SEARCH_MAX_TOTAL_BYTES;
     let mut stopped: Option<String> = None;
+    let out_of_time = || started.elapsed() > SEARCH_DEADLINE;
     ctx.workspace
-        .walk_files_checked(&path, denied, &mut |relative, file| {
+        .walk_files_until(&path, denied, &out_of_time, &mut |relative, file| {
             if started.elapsed() > SEARCH_DEADLINE {
                 stopped = Some(format!(
                     "the search stopped after {} s, its time limit; narrow `path` or `pattern`",
@@ -248,6 +249,12 @@ fn search_files(args: SearchFilesArgs, ctx: &ToolContext, denied: Denied<'_>) ->
         })?;
     if matches == 0 {
         text.push_str("no matches\n");
+    }
+    if stopped.is_none() && out_of_time() {
+        stopped = Some(format!(
+            "the search stopped after {} s, its time limit; narrow `path` or `pattern`",
+            SEARCH_DEADLINE.as_secs()
+        ));
     }
     if let Some(note) = stopped {
         text.push_str(&format!("({note})\n"));
