@@ -13,3 +13,6 @@ pub mod gate;
 pub mod policy;
 pub mod tools;
 pub mod workspace;
+
+#[cfg(test)]
+mod fuzz;

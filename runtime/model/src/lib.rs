@@ -24,3 +24,6 @@ pub use backend::{
 pub use grammar::ToolChoice;
 pub use template::{ChatTemplate, PromptRenderer, TemplateError};
 pub use toolcall::{parse_tool_calls, ParsedTurn};
+
+#[cfg(test)]
+mod fuzz;

@@ -177,15 +177,30 @@ pub(crate) fn load_file(path: &Path) -> Result<(ToolSpec, Option<usize>), LoadDi
     };
     let text = std::fs::read_to_string(path)
         .map_err(|err| fail(None, None, format!("cannot read: {err}")))?;
+    load_text(&text, path)
+}
+
+/// [`load_file`] for a file's `text` (the path says its format, its
+/// folder where executors are looked for, and where diagnostics point).
+pub(crate) fn load_text(
+    text: &str,
+    path: &Path,
+) -> Result<(ToolSpec, Option<usize>), LoadDiagnostic> {
+    let fail = |line: Option<usize>, column: Option<usize>, message: String| LoadDiagnostic {
+        path: path.to_path_buf(),
+        line,
+        column,
+        message,
+    };
     let is_toml = path.extension().and_then(|e| e.to_str()) == Some("toml");
     let raw = if is_toml {
-        parse_toml(&text).map_err(|(line, column, message)| fail(line, column, message))?
+        parse_toml(text).map_err(|(line, column, message)| fail(line, column, message))?
     } else {
-        parse_json(&text).map_err(|(line, column, message)| fail(line, column, message))?
+        parse_json(text).map_err(|(line, column, message)| fail(line, column, message))?
     };
-    let parameters_line = find_key_line(&text, "parameters", is_toml);
+    let parameters_line = find_key_line(text, "parameters", is_toml);
     let folder = path.parent().unwrap_or(Path::new("."));
-    let executor_line = find_key_line(&text, "executor", is_toml);
+    let executor_line = find_key_line(text, "executor", is_toml);
     let executor = match raw.executor {
         None => Executor::Unbound,
         Some(file) => resolve_executor(file, &raw.name, folder)

@@ -3,10 +3,10 @@
 
 pub mod builtin;
 mod host;
-mod loader;
+pub(crate) mod loader;
 mod registry;
 mod spec;
-mod strict_json;
+pub(crate) mod strict_json;
 mod validate;
 
 pub use builtin::{Builtin, Language};

@@ -1,0 +1,62 @@
+//! The tool-call parsers, fuzzed (bolero): every syntax
+//! `parse_tool_calls` understands, from real model output (the prompt and
+//! message fixtures) mutated by byte flips, inserts, deletes, splices and
+//! truncations. Hostile model output must give text and calls, never a
+//! panic, and every call it yields has arguments that are JSON.
+//!
+//! Runs for `STACK_FUZZ_SECONDS` (default 10 s) under `cargo test`.
+
+use bolero::check;
+
+#[path = "../../fuzz_support.rs"]
+mod support;
+use support::{budget, mutate, repo, seeds, Mutation};
+
+#[test]
+fn fuzz_tool_call_parsers() {
+    let mut seeds = seeds(
+        &[
+            repo().join("tests/fixtures/prompts"),
+            repo().join("tests/fixtures/messages"),
+        ],
+        &["txt", "json", "jsonl"],
+    );
+    // Each syntax at least once, as a model writes it.
+    for sample in [
+        "<tool_call>\n{\"name\": \"read_file\", \"arguments\": {\"path\": \"a.txt\"}}\n</tool_call>",
+        "[TOOL_CALLS][{\"name\": \"list_dir\", \"arguments\": {}}]",
+        "<|python_tag|>{\"name\": \"search_files\", \"parameters\": {\"pattern\": \"x\"}}",
+        "[{\"name\": \"read_file\", \"arguments\": {\"path\": \"b\"}}, {\"name\": \"list_dir\", \"arguments\": {}}]",
+    ] {
+        seeds.push(sample.as_bytes().to_vec());
+    }
+    let tools = [
+        "read_file",
+        "list_dir",
+        "search_files",
+        "write_file",
+        "execute_code",
+    ];
+    check!()
+        .with_type::<(u8, Vec<Mutation>)>()
+        .with_test_time(budget())
+        .for_each(|(pick, edits)| {
+            let data = mutate(&seeds, *pick, edits);
+            let text = String::from_utf8_lossy(&data);
+            let mut n = 0;
+            let turn = crate::toolcall::parse_tool_calls(
+                &text,
+                &|name| tools.contains(&name),
+                &mut || {
+                    n += 1;
+                    format!("call_{n}")
+                },
+            );
+            for call in &turn.tool_calls {
+                assert!(
+                    serde_json::from_str::<serde_json::Value>(&call.function.arguments).is_ok(),
+                    "{call:?}"
+                );
+            }
+        });
+}
