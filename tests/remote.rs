@@ -224,6 +224,26 @@ async fn the_native_path_streams_a_turn_with_tools_offered() {
     let model = connect(RemoteConfig::new(server.url())).await;
     assert!(!model.prompted(), "a template that shows tools: {model:?}");
     assert!(model.info().capabilities.native_tool_calls);
+    // `agent doctor` and `agent model` describe the served model.
+    let url = server.url();
+    let shown = tokio::task::spawn_blocking(move || {
+        ["doctor", "model"].map(|command| {
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+                .args([command, "--model-url", &url])
+                .env("XDG_CONFIG_HOME", "/nonexistent-config")
+                .output()
+                .expect("run agent");
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        })
+    })
+    .await
+    .expect("agent ran");
+    for text in shown {
+        assert!(
+            text.contains("2048 tokens") && text.contains("native calls      yes"),
+            "{text}"
+        );
+    }
     let workspace = tempfile::tempdir().expect("tempdir");
     let runtime = runtime_over(model, workspace.path());
     let session = runtime

@@ -247,4 +247,19 @@ mod tests {
             assert_eq!(calls(&turn), expected.to_vec(), "{input}");
         }
     }
+
+    /// Found by the fuzzer: arguments written as a JSON string (as on the
+    /// OpenAI wire) whose text is not JSON are passed on as they are, so
+    /// that validation names what is wrong and the model can fix it; the
+    /// parser neither drops the call nor fails.
+    #[test]
+    fn string_arguments_that_are_not_json_go_on_to_validation() {
+        let turn = parse(
+            "<tool_call>\n{\"name\": \"read_file\", \"arguments\": \"{\\\"path\\\": \\\"tes.txt\"}\n</tool_call>",
+        );
+        assert_eq!(
+            calls(&turn),
+            vec![("call_1", "read_file", "{\"path\": \"tes.txt")]
+        );
+    }
 }

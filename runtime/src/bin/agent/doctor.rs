@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use stack_runtime::assets::Asset;
 use stack_runtime::sandbox::process::{KernelProbe, ProcessPolicy, ProcessSandbox};
 
-pub fn run(json: bool) -> anyhow::Result<ExitCode> {
+pub fn run(json: bool, model: &crate::model_cmd::ModelArgs) -> anyhow::Result<ExitCode> {
+    let served = crate::model_cmd::served(model);
     let probe = KernelProbe::get();
     let guarantees = probe.guarantees();
     let helper = ProcessSandbox::locate();
@@ -18,6 +19,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
             "sandbox_helper": helper.as_ref().map(|h| h.helper().display().to_string()).map_err(|e| e.to_string()),
             "process_sandbox_ready": missing.is_none() && helper.is_ok(),
             "assets": Asset::ALL.iter().map(|a| (a.file_name(), a.locate().map(|p| p.display().to_string()).map_err(|e| e.to_string()))).collect::<Vec<_>>(),
+            "served_model": served.as_ref().map(|s| s.as_ref().map_err(|e| format!("{e:#}"))),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -73,6 +75,18 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
                 Err(err) => println!("  [ ] {err}"),
             }
         }
+        if let Some(served) = &served {
+            println!();
+            match served {
+                Ok(info) => {
+                    println!("served model:");
+                    for (key, value) in crate::model_cmd::describe(info) {
+                        println!("  {key:17} {value}");
+                    }
+                }
+                Err(err) => println!("served model: {err:#}"),
+            }
+        }
         println!();
         match (&missing, &helper) {
             (None, Ok(_)) => println!("the process sandbox is ready"),
@@ -80,7 +94,8 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
             (None, Err(err)) => println!("the process sandbox will refuse calls: {err}"),
         }
     }
-    Ok(if missing.is_none() && helper.is_ok() {
+    let served_ok = served.as_ref().is_none_or(|s| s.is_ok());
+    Ok(if missing.is_none() && helper.is_ok() && served_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -83,6 +83,9 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// A served model to check too (`--model-url`, or a profile).
+        #[command(flatten)]
+        model: model_cmd::ModelArgs,
     },
 }
 
@@ -101,7 +104,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::Tool(command)) => tool_cmd::run(command, &tool_dirs),
-        Some(Command::Doctor { json }) => doctor::run(json),
+        Some(Command::Doctor { json, model }) => doctor::run(json, &model),
         Some(Command::Model { model, json }) => model_cmd::info(&model, json),
         Some(Command::Policy(command)) => policy_cmd::run(command, &tool_dirs),
         Some(Command::Run { prompt, json, yes }) => {

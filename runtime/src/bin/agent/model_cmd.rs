@@ -160,6 +160,24 @@ pub fn backend(
     Ok(model)
 }
 
+/// For `agent doctor`: the served model these flags (or the default
+/// profile) name, connected to and described; `None` for a local GGUF,
+/// which doctor does not load.
+pub fn served(args: &ModelArgs) -> Option<anyhow::Result<BackendInfo>> {
+    let args = match args.resolved() {
+        Ok(args) => args,
+        Err(err) => return Some(Err(err)),
+    };
+    args.model_url.as_ref()?;
+    let described = (|| {
+        let tokio = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        Ok(backend(&args, true, &tokio)?.info())
+    })();
+    Some(described)
+}
+
 /// What `agent model` and `agent doctor` say about a backend.
 pub fn describe(info: &BackendInfo) -> Vec<(&'static str, String)> {
     let caps = info.capabilities;
