@@ -87,13 +87,17 @@ fn yes(_: &ApprovalRequest) -> ApprovalAnswer {
 fn sampling() -> SamplingOptions {
     SamplingOptions {
         temperature: 0.0,
-        max_tokens: 48,
+        // Room for a whole constrained call, so both backends do the same
+        // work each turn (a call, its result, an answer).
+        max_tokens: 128,
         ..SamplingOptions::default()
     }
 }
 
-/// TTFT per turn (ms), generated tokens and total turn time.
+/// TTFT per turn (ms), generated tokens and total turn time; prints what
+/// each backend did, so the two can be seen to do the same work.
 async fn session_figures(backend: Arc<dyn ModelBackend>) -> (Vec<f64>, u64, f64) {
+    let name = backend.info().detail;
     let workspace = tempfile::tempdir().expect("tempdir");
     std::fs::write(workspace.path().join("notes.txt"), "buy milk\n").expect("write");
     let runtime = Runtime::builder()
@@ -114,6 +118,7 @@ async fn session_figures(backend: Arc<dyn ModelBackend>) -> (Vec<f64>, u64, f64)
         .await
         .expect("session");
     let (mut ttft, mut generated, mut total) = (Vec::new(), 0, 0.0);
+    let (mut steps_all, mut evaluated, mut reused) = (0, 0, 0);
     for turn in 0..TURNS {
         let started = Instant::now();
         let mut first = None;
@@ -123,7 +128,14 @@ async fn session_figures(backend: Arc<dyn ModelBackend>) -> (Vec<f64>, u64, f64)
                 Event::Token { .. } if first.is_none() => {
                     first = Some(started.elapsed().as_secs_f64() * 1e3)
                 }
-                Event::TurnFinished { counters, .. } => generated += counters.generated,
+                Event::TurnFinished {
+                    counters, steps, ..
+                } => {
+                    generated += counters.generated;
+                    evaluated += counters.prompt_evaluated;
+                    reused += counters.prompt_reused;
+                    steps_all += steps;
+                }
                 Event::Error { message } => panic!("turn {turn}: {message}"),
                 _ => {}
             }
@@ -131,6 +143,9 @@ async fn session_figures(backend: Arc<dyn ModelBackend>) -> (Vec<f64>, u64, f64)
         total += started.elapsed().as_secs_f64();
         ttft.push(first.unwrap_or(f64::NAN));
     }
+    println!(
+        "{name}: {steps_all} model steps, {evaluated} prompt tokens evaluated, {reused} reused, {generated} generated"
+    );
     (ttft, generated, total)
 }
 

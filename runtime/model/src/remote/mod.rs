@@ -512,7 +512,11 @@ impl RemoteModel {
                         after: self.config.timeouts.connect + self.config.timeouts.first_token,
                     })
                 }
-                Ok(Err(err)) if err.is_connect() || err.is_timeout() => {
+                // Nothing came back, so nothing has streamed: a refused
+                // connection, or a kept-alive one the server had closed
+                // ("connection closed before message completed"), is tried
+                // again. Only a request that could not be built is not.
+                Ok(Err(err)) if !err.is_builder() => {
                     if attempt >= self.config.retries {
                         return Err(connect_error(url, &err));
                     }
