@@ -6,7 +6,12 @@ use std::path::PathBuf;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    // Where cargo runs the test from, before where it was compiled: a test
+    // binary cargo considers fresh may have been built from another
+    // checkout of the same sources.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .parent()
         .expect("runtime/ has a parent")
         .to_path_buf()
