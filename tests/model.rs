@@ -345,6 +345,53 @@ fn a_second_turn_evaluates_only_the_new_tokens() {
     );
 }
 
+/// A session whose first step names a tool and whose next step offers them
+/// all (the agent loop under `--tool-choice NAME`) keeps its KV prefix: the
+/// prompt lists every tool either way, and only the grammar narrows.
+#[test]
+fn a_named_step_and_an_open_step_share_the_prompt_prefix() {
+    let model = model();
+    let tools = Registry::with_builtins().openai_tools();
+    let mut session = model.session().expect("session");
+    let mut conversation = vec![Message::user("What files are in this folder?")];
+    let first = session
+        .complete(
+            &conversation,
+            &tools,
+            &ToolChoice::Named("list_dir".into()),
+            &greedy(64),
+            &mut |_| true,
+            &mut ids(),
+        )
+        .expect("named step");
+    let call = first
+        .turn
+        .tool_calls
+        .first()
+        .cloned()
+        .expect("a list_dir call");
+    assert_eq!(call.function.name, "list_dir");
+    let call_id = call.id.clone();
+    conversation.push(Message::assistant_tool_calls(None, vec![call]));
+    conversation.push(Message::tool_result(call_id, "notes.txt"));
+    let second = session
+        .complete(
+            &conversation,
+            &tools,
+            &ToolChoice::Auto,
+            &greedy(8),
+            &mut |_| true,
+            &mut ids(),
+        )
+        .expect("open step");
+    assert!(
+        second.counters.prompt_reused >= first.counters.prompt_evaluated,
+        "the open step reused {} tokens; the named step's prompt alone was {}",
+        second.counters.prompt_reused,
+        first.counters.prompt_evaluated
+    );
+}
+
 #[test]
 fn missing_corrupt_and_foreign_files_are_rejected_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");

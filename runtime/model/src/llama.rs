@@ -316,6 +316,15 @@ impl ModelSession {
         on_token: &mut dyn FnMut(&str) -> bool,
         next_id: &mut dyn FnMut() -> String,
     ) -> Result<Generation, ModelError> {
+        // The prompt lists every tool whatever the choice, as llama-server
+        // does: the tool list sits at the very start of the prompt, so a
+        // step that names one tool and the next that offers all share
+        // their whole prefix in the KV cache. A named choice narrows the
+        // grammar, not the prompt.
+        let rendered: &[Value] = match tool_choice {
+            ToolChoice::None => &[],
+            _ => tools,
+        };
         let offered: Vec<Value> = match tool_choice {
             ToolChoice::None => Vec::new(),
             ToolChoice::Named(name) => tools
@@ -325,7 +334,7 @@ impl ModelSession {
                 .collect(),
             _ => tools.to_vec(),
         };
-        let prompt = self.model.renderer.render(messages, &offered)?;
+        let prompt = self.model.renderer.render(messages, rendered)?;
         let grammar = match tool_choice {
             ToolChoice::None => None,
             _ if offered.is_empty() => None,
