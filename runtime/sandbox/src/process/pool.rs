@@ -517,7 +517,13 @@ fn read_replies(control: &OwnedFd, shared: &Shared, expected: SpareOwner) {
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .push_back(Spare { channel, pidfd }),
-                        Err(why) => {
+                        // Its init died before it arrived (the zygote shuts
+                        // down as the runtime exits, or the init was
+                        // killed): nothing to use and nothing amiss.
+                        Err(SpareRejection::Gone) => {
+                            tracing::debug!("a spare's init exited before it was handed over");
+                        }
+                        Err(SpareRejection::Foreign(why)) => {
                             tracing::error!(%why, "the sandbox zygote sent a spare that is not its own; stopping it");
                             *shared.failure.lock().unwrap_or_else(|e| e.into_inner()) =
                                 Some(format!("the sandbox zygote sent a bad spare: {why}"));
@@ -555,29 +561,52 @@ impl SpareOwner {
     /// Checks `pidfd` against this owner: its pid from `fdinfo`, then that
     /// pid's parent and uids, then that the pidfd's process is still alive
     /// (so the pid was not reused in between).
-    fn check(&self, pidfd: &OwnedFd) -> Result<(), String> {
+    fn check(&self, pidfd: &OwnedFd) -> Result<(), SpareRejection> {
+        let foreign = SpareRejection::Foreign;
         let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))
-            .map_err(|e| format!("fdinfo: {e}"))?;
+            .map_err(|e| foreign(format!("fdinfo: {e}")))?;
         let pid = field(&fdinfo, "Pid:")
             .and_then(|v| v.parse::<i64>().ok())
-            .ok_or("the descriptor is not a pidfd")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .map_err(|e| format!("status of {pid}: {e}"))?;
+            .ok_or_else(|| foreign("the descriptor is not a pidfd".into()))?;
+        if pid <= 0 {
+            // The kernel shows -1 for a pidfd whose process has been reaped.
+            return Err(SpareRejection::Gone);
+        }
+        let status = match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            Ok(status) => status,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(SpareRejection::Gone),
+            Err(e) => return Err(foreign(format!("status of {pid}: {e}"))),
+        };
         let parent = field(&status, "PPid:").and_then(|v| v.parse::<u32>().ok());
         if parent != Some(self.zygote_pid) {
-            return Err(format!("process {pid} is not a child of the zygote"));
+            return Err(foreign(format!(
+                "process {pid} is not a child of the zygote"
+            )));
         }
         let uid = self.uid.to_string();
         let uids_match =
             field(&status, "Uid:").is_some_and(|v| v.split_whitespace().all(|id| id == uid));
         if !uids_match {
-            return Err(format!("process {pid} does not run as uid {}", self.uid));
+            return Err(foreign(format!(
+                "process {pid} does not run as uid {}",
+                self.uid
+            )));
         }
         match readable_within(pidfd.as_fd(), Duration::ZERO) {
             Ok(false) => Ok(()),
-            _ => Err(format!("process {pid} has exited")),
+            _ => Err(SpareRejection::Gone),
         }
     }
+}
+
+/// Why a spare the zygote sent is not used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SpareRejection {
+    /// Its init has exited already: dropped, and the zygote goes on.
+    Gone,
+    /// It is not a live child of the zygote running as the sandbox uid:
+    /// the zygote is not trusted any further.
+    Foreign(String),
 }
 
 /// The value of `key` (`"PPid:"`) in a `/proc` status-style text.
@@ -638,12 +667,15 @@ mod tests {
             ),
         ];
         for (case, owner, fd, accepted) in cases {
-            assert_eq!(
-                owner.check(fd).is_ok(),
-                accepted,
-                "{case}: {:?}",
-                owner.check(fd)
-            );
+            let verdict = owner.check(fd);
+            if accepted {
+                assert_eq!(verdict, Ok(()), "{case}");
+            } else {
+                assert!(
+                    matches!(verdict, Err(SpareRejection::Foreign(_))),
+                    "{case}: {verdict:?}"
+                );
+            }
         }
         // Not a child of anyone here: this very process.
         let own = pidfd_of(me);
@@ -652,16 +684,30 @@ mod tests {
             uid
         }
         .check(&own)
-        .is_err());
-        // An exited child, even at the right parent and uid.
-        let _ = child.kill();
-        let _ = child.wait();
-        assert!(SpareOwner {
+        .is_err_and(|why| matches!(why, SpareRejection::Foreign(_))));
+        // An exited child, even at the right parent and uid, is not used,
+        // but it is no sign of a foreign zygote either: the zygote kills
+        // its inits as the runtime exits. Both before and after the reap
+        // (fdinfo then says `Pid: -1`).
+        let owner = SpareOwner {
             zygote_pid: me,
-            uid
+            uid,
+        };
+        let _ = child.kill();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !readable_within(child_fd.as_fd(), Duration::from_millis(50)).unwrap_or(false) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child never exited"
+            );
         }
-        .check(&child_fd)
-        .is_err());
+        assert_eq!(
+            owner.check(&child_fd),
+            Err(SpareRejection::Gone),
+            "a zombie"
+        );
+        let _ = child.wait();
+        assert_eq!(owner.check(&child_fd), Err(SpareRejection::Gone), "reaped");
         // A descriptor that is no pidfd at all.
         let file: OwnedFd = std::fs::File::open("/dev/null").expect("open").into();
         assert!(SpareOwner {
