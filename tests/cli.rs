@@ -599,3 +599,113 @@ fn a_finished_calls_records_survive_kill_9_of_the_runtime() {
     let kinds: Vec<&str> = records.iter().filter_map(|r| r["event"].as_str()).collect();
     assert_eq!(kinds, ["decision", "result"], "{audit}");
 }
+
+/// A policy file under `tests/fixtures/policies`.
+fn policy_fixture(name: &str) -> std::path::PathBuf {
+    common::fixture(&format!("policies/{name}"))
+}
+
+#[test]
+fn agent_policy_check_and_explain() {
+    let bin = env!("CARGO_BIN_EXE_agent");
+    let ok = std::process::Command::new(bin)
+        .args(["policy", "check"])
+        .arg(policy_fixture("over_user.toml"))
+        .output()
+        .expect("run");
+    assert!(ok.status.success());
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("preset:default"));
+    let bad = std::process::Command::new(bin)
+        .args(["policy", "check"])
+        .arg(policy_fixture("bad_unknown_key.toml"))
+        .output()
+        .expect("run");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr)
+        .contains("bad_unknown_key.toml:4: unknown field `decison`"));
+    let explain = std::process::Command::new(bin)
+        .args(["policy", "explain"])
+        .arg(policy_fixture("user.toml"))
+        .args([
+            "--tool",
+            "execute_code",
+            "--args",
+            r#"{"code": "print(1)", "language": "python"}"#,
+        ])
+        .output()
+        .expect("run");
+    let report: Value = serde_json::from_slice(&explain.stdout).expect("json");
+    assert_eq!(report["decision"], "ask");
+    assert_eq!(report["rule"], "tools.execute_code");
+    assert_eq!(report["sandbox"]["memory_mb"], 256);
+    assert_eq!(report["process_limits"]["memory_bytes"], 256u64 << 20);
+    assert_eq!(report["network"], "loopback");
+}
+
+#[test]
+fn tool_run_obeys_a_policy_fully() {
+    let bin = env!("CARGO_BIN_EXE_agent");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |args: &[&str]| -> Value {
+        let output = std::process::Command::new(bin)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("run");
+        serde_json::from_slice(&output.stdout).expect("json")
+    };
+    let write = r#"{"path": "a.txt", "content": "x"}"#;
+    assert_eq!(
+        run(&[
+            "tool",
+            "run",
+            "write_file",
+            "--args",
+            write,
+            "--policy",
+            "default"
+        ])["status"],
+        "denied",
+        "ask without --yes"
+    );
+    assert_eq!(
+        run(&[
+            "tool",
+            "run",
+            "write_file",
+            "--args",
+            write,
+            "--policy",
+            "default",
+            "--yes"
+        ])["status"],
+        "ok"
+    );
+    let git = r#"{"path": ".git/x", "content": "x"}"#;
+    assert_eq!(
+        run(&[
+            "tool",
+            "run",
+            "write_file",
+            "--args",
+            git,
+            "--policy",
+            "default",
+            "--yes"
+        ])["status"],
+        "denied",
+        "--yes never overrides deny"
+    );
+    let code = r#"{"code": "echo hi", "language": "bash"}"#;
+    let strict = run(&[
+        "tool",
+        "run",
+        "execute_code",
+        "--args",
+        code,
+        "--policy",
+        "strict",
+        "--yes",
+    ]);
+    assert_eq!(strict["status"], "denied", "{strict}");
+}

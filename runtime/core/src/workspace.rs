@@ -9,7 +9,7 @@
 //! that point at `/etc/shadow`, symlinks swapped in between a check and a use.
 //!
 //! Rules, each with a test in this module (or, for rule 8, in
-//! `tests/policy.rs`, `off_limits_paths_stay_off_limits_through_links_and_searches`):
+//! `runtime/core/tests/policy.rs`, `off_limits_paths_stay_off_limits_through_links_and_searches`):
 //!
 //! 1. **Every path is resolved by the kernel beneath the workspace fd.** All
 //!    opens go through `openat2(2)` with `RESOLVE_BENEATH` on a directory fd
