@@ -2,7 +2,7 @@
 //! `#[path]`): how long a target runs, and structured mutations of seed
 //! files that bolero drives.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bolero::TypeGenerator;
@@ -124,5 +124,9 @@ pub(crate) fn mutate(seeds: &[Vec<u8>], pick: u8, edits: &[Mutation]) -> Vec<u8>
 
 /// The repository root.
 pub(crate) fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    // Where cargo runs the test from, before where it was compiled.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("../..")
 }

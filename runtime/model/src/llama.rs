@@ -316,15 +316,6 @@ impl ModelSession {
         on_token: &mut dyn FnMut(&str) -> bool,
         next_id: &mut dyn FnMut() -> String,
     ) -> Result<Generation, ModelError> {
-        // The prompt lists every tool whatever the choice, as llama-server
-        // does: the tool list sits at the very start of the prompt, so a
-        // step that names one tool and the next that offers all share
-        // their whole prefix in the KV cache. A named choice narrows the
-        // grammar, not the prompt.
-        let rendered: &[Value] = match tool_choice {
-            ToolChoice::None => &[],
-            _ => tools,
-        };
         let offered: Vec<Value> = match tool_choice {
             ToolChoice::None => Vec::new(),
             ToolChoice::Named(name) => tools
@@ -334,6 +325,12 @@ impl ModelSession {
                 .collect(),
             _ => tools.to_vec(),
         };
+        // Whenever any tool is offered the prompt lists them all: the tool
+        // list sits at the very start of the prompt, so a step that names
+        // one tool and the next that offers all share their whole prefix in
+        // the KV cache. A named choice narrows the grammar, not the prompt.
+        // A name that matches no tool offers none, and shows none.
+        let rendered: &[Value] = if offered.is_empty() { &[] } else { tools };
         let prompt = self.model.renderer.render(messages, rendered)?;
         let grammar = match tool_choice {
             ToolChoice::None => None,
@@ -347,7 +344,7 @@ impl ModelSession {
             sampling,
             on_token,
         )?;
-        if *tool_choice != ToolChoice::None {
+        if !offered.is_empty() {
             let names: Vec<&str> = offered.iter().filter_map(tool_name).collect();
             generation.turn =
                 parse_tool_calls(&generation.text, &|name| names.contains(&name), next_id);

@@ -487,7 +487,8 @@ impl RemoteModel {
     }
 
     /// Sends `body` to `url` and returns the streaming response, retrying
-    /// connect errors, 429 and 5xx with backoff (nothing has streamed yet).
+    /// connect, timeout and on-the-wire request errors, 429 and 5xx with
+    /// backoff (nothing has streamed yet).
     /// `None` when `cancel` was set first (llama-server sends its headers
     /// only with the first token, so this can take a whole prompt).
     async fn post_stream(
@@ -513,10 +514,11 @@ impl RemoteModel {
                     })
                 }
                 // Nothing came back, so nothing has streamed: a refused
-                // connection, or a kept-alive one the server had closed
-                // ("connection closed before message completed"), is tried
-                // again. Only a request that could not be built is not.
-                Ok(Err(err)) if !err.is_builder() => {
+                // connection, a timeout, or a request that failed on the
+                // wire (a kept-alive connection the server had closed:
+                // "connection closed before message completed") is tried
+                // again. A redirect or body error would fail the same way.
+                Ok(Err(err)) if err.is_connect() || err.is_timeout() || err.is_request() => {
                     if attempt >= self.config.retries {
                         return Err(connect_error(url, &err));
                     }
@@ -710,7 +712,15 @@ impl RemoteSession {
         let offered = offered_tools(&request);
         let (url, body) = match &model.renderer {
             Some(renderer) => {
-                let prompt = renderer.render(&request.messages, &offered)?;
+                // As in process: the prompt lists every tool whenever any
+                // is offered (a stable prefix for the server's prompt
+                // cache); the grammar narrows to what is offered.
+                let rendered: &[Value] = if offered.is_empty() {
+                    &[]
+                } else {
+                    &request.tools
+                };
+                let prompt = renderer.render(&request.messages, rendered)?;
                 (
                     format!("{}/completion", model.root),
                     prompt_body(&prompt, &request, &offered)?,

@@ -45,6 +45,10 @@ const MAX_IDLE_SPARES: usize = SPARES_READY;
 /// How long a new zygote may take to confine itself.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How many spares in a row may arrive with their init already exited
+/// before the zygote is given up on.
+const MAX_GONE_IN_A_ROW: u32 = 16;
+
 /// What makes two calls share a zygote: everything the zygote fixes once.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct ZygoteKey {
@@ -379,9 +383,7 @@ impl Zygote {
             if let Some(spare) = self.pop_live_spare() {
                 return Ok(spare);
             }
-            if !self.is_alive() {
-                return Err(SandboxError::Setup("the sandbox zygote has exited".into()));
-            }
+            // A named failure first: a zygote given up on is also not alive.
             let failure = self
                 .shared
                 .failure
@@ -390,6 +392,9 @@ impl Zygote {
                 .take();
             if let Some(message) = failure {
                 return Err(SandboxError::Setup(message));
+            }
+            if !self.is_alive() {
+                return Err(SandboxError::Setup("the sandbox zygote has exited".into()));
             }
             if self.shared.pending.load(Ordering::SeqCst) == 0 {
                 self.request_spare();
@@ -506,21 +511,35 @@ fn readable_within(fd: std::os::fd::BorrowedFd<'_>, limit: Duration) -> std::io:
 /// The reader thread: queues each spare the zygote sends; at end of stream
 /// marks the zygote dead. Every change wakes the callers waiting for one.
 fn read_replies(control: &OwnedFd, shared: &Shared, expected: SpareOwner) {
+    // Spares that arrive dead, in a row: a few happen as the zygote shuts
+    // down; an endless run would keep callers waiting for ever.
+    let mut gone_in_a_row = 0u32;
     while let Ok(Some(reply)) = packet::recv(control.as_fd(), false) {
         match reply.decode::<FromZygote>() {
             Ok(FromZygote::Spare) => {
                 let mut fds = reply.fds.into_iter();
                 if let (Some(channel), Some(pidfd), None) = (fds.next(), fds.next(), fds.next()) {
                     match expected.check(&pidfd) {
-                        Ok(()) => shared
-                            .spares
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push_back(Spare { channel, pidfd }),
+                        Ok(()) => {
+                            gone_in_a_row = 0;
+                            shared
+                                .spares
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push_back(Spare { channel, pidfd })
+                        }
+                        Err(SpareRejection::Gone) if gone_in_a_row >= MAX_GONE_IN_A_ROW => {
+                            *shared.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(
+                                "the sandbox zygote keeps sending processes that have exited"
+                                    .into(),
+                            );
+                            break;
+                        }
                         // Its init died before it arrived (the zygote shuts
                         // down as the runtime exits, or the init was
                         // killed): nothing to use and nothing amiss.
                         Err(SpareRejection::Gone) => {
+                            gone_in_a_row += 1;
                             tracing::debug!("a spare's init exited before it was handed over");
                         }
                         Err(SpareRejection::Foreign(why)) => {
@@ -574,7 +593,14 @@ impl SpareOwner {
         }
         let status = match std::fs::read_to_string(format!("/proc/{pid}/status")) {
             Ok(status) => status,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(SpareRejection::Gone),
+            // Gone between the two reads: the directory is missing, or
+            // the read finds the process dead (ESRCH).
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ESRCH) =>
+            {
+                return Err(SpareRejection::Gone)
+            }
             Err(e) => return Err(foreign(format!("status of {pid}: {e}"))),
         };
         let parent = field(&status, "PPid:").and_then(|v| v.parse::<u32>().ok());
@@ -594,7 +620,8 @@ impl SpareOwner {
         }
         match readable_within(pidfd.as_fd(), Duration::ZERO) {
             Ok(false) => Ok(()),
-            _ => Err(SpareRejection::Gone),
+            Ok(true) => Err(SpareRejection::Gone),
+            Err(e) => Err(foreign(format!("polling the pidfd of {pid}: {e}"))),
         }
     }
 }
