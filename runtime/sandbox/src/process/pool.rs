@@ -744,4 +744,48 @@ mod tests {
         .check(&file)
         .is_err());
     }
+
+    /// A hostile zygote could answer every spawn request with a spare whose
+    /// process has already exited, keeping a caller waiting for ever: past
+    /// a run of them it is given up on, with a named failure. A few (as at
+    /// shutdown) are dropped quietly.
+    #[test]
+    fn a_zygote_that_keeps_sending_dead_spares_is_given_up_on() {
+        let uid = nix::unistd::geteuid().as_raw();
+        let mut child = Command::new("true").spawn().expect("spawn");
+        let dead = pidfd_of(child.id());
+        let _ = child.wait();
+        for (sent, given_up) in [(3, false), (MAX_GONE_IN_A_ROW as usize + 4, true)] {
+            let (ours, theirs) = packet::pair().expect("socketpair");
+            for _ in 0..sent {
+                packet::send(
+                    theirs.as_fd(),
+                    &FromZygote::Spare,
+                    &[dead.as_raw_fd(), dead.as_raw_fd()],
+                )
+                .expect("send");
+            }
+            drop(theirs);
+            let shared = Shared {
+                spares: Mutex::new(VecDeque::new()),
+                failure: Mutex::new(None),
+                pending: AtomicUsize::new(sent),
+                changed: Notify::new(),
+                alive: AtomicBool::new(true),
+            };
+            let owner = SpareOwner {
+                zygote_pid: std::process::id(),
+                uid,
+            };
+            read_replies(&ours, &shared, owner);
+            let failure = shared.failure.lock().expect("lock").clone();
+            assert_eq!(
+                failure.is_some_and(|f| f.contains("keeps sending processes that have exited")),
+                given_up,
+                "{sent} dead spares"
+            );
+            assert!(shared.spares.lock().expect("lock").is_empty());
+            assert!(!shared.alive.load(Ordering::SeqCst));
+        }
+    }
 }
