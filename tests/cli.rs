@@ -644,68 +644,25 @@ fn agent_policy_check_and_explain() {
 
 #[test]
 fn tool_run_obeys_a_policy_fully() {
-    let bin = env!("CARGO_BIN_EXE_agent");
     let dir = tempfile::tempdir().expect("tempdir");
-    let run = |args: &[&str]| -> Value {
-        let output = std::process::Command::new(bin)
-            .args(args)
-            .current_dir(dir.path())
-            .output()
-            .expect("run");
-        serde_json::from_slice(&output.stdout).expect("json")
-    };
+    let ws = dir.path();
     let write = r#"{"path": "a.txt", "content": "x"}"#;
     assert_eq!(
-        run(&[
-            "tool",
-            "run",
-            "write_file",
-            "--args",
-            write,
-            "--policy",
-            "default"
-        ])["status"],
+        tool_run(ws, "write_file", write, &["--policy", "default"])["status"],
         "denied",
         "ask without --yes"
     );
     assert_eq!(
-        run(&[
-            "tool",
-            "run",
-            "write_file",
-            "--args",
-            write,
-            "--policy",
-            "default",
-            "--yes"
-        ])["status"],
+        tool_run(ws, "write_file", write, &["--policy", "default", "--yes"])["status"],
         "ok"
     );
     let git = r#"{"path": ".git/x", "content": "x"}"#;
     assert_eq!(
-        run(&[
-            "tool",
-            "run",
-            "write_file",
-            "--args",
-            git,
-            "--policy",
-            "default",
-            "--yes"
-        ])["status"],
+        tool_run(ws, "write_file", git, &["--policy", "default", "--yes"])["status"],
         "denied",
         "--yes never overrides deny"
     );
     let code = r#"{"code": "echo hi", "language": "bash"}"#;
-    let strict = run(&[
-        "tool",
-        "run",
-        "execute_code",
-        "--args",
-        code,
-        "--policy",
-        "strict",
-        "--yes",
-    ]);
+    let strict = tool_run(ws, "execute_code", code, &["--policy", "strict", "--yes"]);
     assert_eq!(strict["status"], "denied", "{strict}");
 }

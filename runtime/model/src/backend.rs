@@ -277,3 +277,35 @@ pub trait BackendSession: Send {
         Box::pin(std::future::ready(Ok(0)))
     }
 }
+
+/// The `function.name` of an OpenAI tool object.
+#[cfg(any(feature = "llama", feature = "remote"))]
+pub(crate) fn tool_name(tool: &Value) -> Option<&str> {
+    tool.pointer("/function/name").and_then(Value::as_str)
+}
+
+/// The tools `choice` offers out of `tools`: none, the named one, or all.
+#[cfg(any(feature = "llama", feature = "remote"))]
+pub(crate) fn offered_tools(tools: &[Value], choice: &ToolChoice) -> Vec<Value> {
+    match choice {
+        ToolChoice::None => Vec::new(),
+        ToolChoice::Named(name) => tools
+            .iter()
+            .filter(|t| tool_name(t) == Some(name.as_str()))
+            .cloned()
+            .collect(),
+        _ => tools.to_vec(),
+    }
+}
+
+/// The tools a prompt lists: every tool whenever any is offered, so that
+/// the steps of a turn share their prompt prefix (a named choice narrows
+/// the grammar, not the prompt); none when none is offered.
+#[cfg(any(feature = "llama", feature = "remote"))]
+pub(crate) fn prompt_tools<'a>(tools: &'a [Value], offered: &[Value]) -> &'a [Value] {
+    if offered.is_empty() {
+        &[]
+    } else {
+        tools
+    }
+}

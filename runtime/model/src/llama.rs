@@ -17,7 +17,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use serde_json::Value;
 
-use super::backend::CallPath;
+use super::backend::{offered_tools, prompt_tools, tool_name, CallPath};
 pub use super::backend::{Counters, Generation, ModelError, SamplingOptions, StopReason};
 use super::grammar::{call_schema, wrap_in_tool_call, ToolChoice, TOOL_CALL_OPEN};
 use super::template::PromptRenderer;
@@ -316,21 +316,10 @@ impl ModelSession {
         on_token: &mut dyn FnMut(&str) -> bool,
         next_id: &mut dyn FnMut() -> String,
     ) -> Result<Generation, ModelError> {
-        let offered: Vec<Value> = match tool_choice {
-            ToolChoice::None => Vec::new(),
-            ToolChoice::Named(name) => tools
-                .iter()
-                .filter(|t| tool_name(t) == Some(name.as_str()))
-                .cloned()
-                .collect(),
-            _ => tools.to_vec(),
-        };
-        // Whenever any tool is offered the prompt lists them all: the tool
-        // list sits at the very start of the prompt, so a step that names
-        // one tool and the next that offers all share their whole prefix in
-        // the KV cache. A named choice narrows the grammar, not the prompt.
-        // A name that matches no tool offers none, and shows none.
-        let rendered: &[Value] = if offered.is_empty() { &[] } else { tools };
+        // The prompt lists every tool whenever any is offered; a name that
+        // matches no tool offers none, and shows none.
+        let offered = offered_tools(tools, tool_choice);
+        let rendered = prompt_tools(tools, &offered);
         let prompt = self.model.renderer.render(messages, rendered)?;
         let grammar = match tool_choice {
             ToolChoice::None => None,
@@ -520,10 +509,6 @@ impl ModelSession {
         }
         Ok(LlamaSampler::chain_simple(chain))
     }
-}
-
-fn tool_name(tool: &Value) -> Option<&str> {
-    tool.pointer("/function/name").and_then(Value::as_str)
 }
 
 /// The GBNF grammar for one call to any of `tools`.

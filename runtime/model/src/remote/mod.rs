@@ -46,8 +46,8 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::backend::{
-    BackendInfo, BackendSession, CallPath, Capabilities, CompletionRequest, Counters, Generation,
-    ModelBackend, ModelError, StopReason,
+    offered_tools, prompt_tools, tool_name, BackendInfo, BackendSession, CallPath, Capabilities,
+    CompletionRequest, Counters, Generation, ModelBackend, ModelError, StopReason,
 };
 use crate::grammar::ToolChoice;
 use crate::template::PromptRenderer;
@@ -709,17 +709,11 @@ impl RemoteSession {
         cancel: Arc<AtomicBool>,
     ) -> Result<Generation, ModelError> {
         let model = Arc::clone(&self.model);
-        let offered = offered_tools(&request);
+        let offered = offered_tools(&request.tools, &request.tool_choice);
         let (url, body) = match &model.renderer {
             Some(renderer) => {
-                // As in process: the prompt lists every tool whenever any
-                // is offered (a stable prefix for the server's prompt
-                // cache); the grammar narrows to what is offered.
-                let rendered: &[Value] = if offered.is_empty() {
-                    &[]
-                } else {
-                    &request.tools
-                };
+                // As in process: every tool whenever any is offered.
+                let rendered = prompt_tools(&request.tools, &offered);
                 let prompt = renderer.render(&request.messages, rendered)?;
                 (
                     format!("{}/completion", model.root),
@@ -954,24 +948,6 @@ impl BackendSession for RemoteSession {
 
     fn save_state(&mut self, _path: PathBuf) -> BoxFuture<'_, Result<(), ModelError>> {
         Box::pin(std::future::ready(Ok(())))
-    }
-}
-
-fn tool_name(tool: &Value) -> Option<&str> {
-    tool.pointer("/function/name").and_then(Value::as_str)
-}
-
-/// The tools a request offers under its tool choice.
-fn offered_tools(request: &CompletionRequest) -> Vec<Value> {
-    match &request.tool_choice {
-        ToolChoice::None => Vec::new(),
-        ToolChoice::Named(name) => request
-            .tools
-            .iter()
-            .filter(|t| tool_name(t) == Some(name.as_str()))
-            .cloned()
-            .collect(),
-        _ => request.tools.clone(),
     }
 }
 
