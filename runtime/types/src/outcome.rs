@@ -178,9 +178,16 @@ impl ToolOutcome {
         }
     }
 
-    /// The text fed back to the model as the `tool` message.
+    /// The text fed back to the model as the `tool` message: the plain
+    /// output for a clean success; otherwise every field that says more
+    /// (a success can carry a note, such as a Python session that was
+    /// restarted and lost its state).
     pub fn to_model_text(&self) -> String {
-        if self.status == Status::Ok && self.stderr.is_empty() && !self.truncated {
+        if self.status == Status::Ok
+            && self.stderr.is_empty()
+            && !self.truncated
+            && self.error.is_none()
+        {
             return self.stdout.clone();
         }
         let mut text = format!("status: {}", self.status.as_str());

@@ -703,16 +703,23 @@ async fn run_call(
     }
     let wall = Duration::from_millis(limits.wall_ms);
     let cap = limits.output_bytes;
+    // Until the call is over, dropping this future (a cancelled turn, an
+    // MCP client's `notifications/cancelled`) kills the call's init, and
+    // with it every process of the call.
+    let mut init = KillOnDrop(Some(pidfd));
     let (ended, stdout, stderr) = tokio::join!(
         async {
             let ended = wait_report(&report, wall).await;
-            match ended {
-                Ended::TimedOut => end_call(zygote, pidfd, true).await,
+            match (&ended, init.disarm()) {
+                (Ended::TimedOut, Some(pidfd)) => end_call(zygote, pidfd, true).await,
                 // The init kills them as it exits; the call is over when it
                 // has.
-                Ended::Exited {
-                    others_left: true, ..
-                } => end_call(zygote, pidfd, false).await,
+                (
+                    Ended::Exited {
+                        others_left: true, ..
+                    },
+                    Some(pidfd),
+                ) => end_call(zygote, pidfd, false).await,
                 _ => {}
             }
             ended
@@ -748,6 +755,26 @@ async fn run_call(
     outcome.exit_code = None;
     classify(&mut outcome, status, cpu_ms, timed_out, oom, &limits);
     Ok(outcome)
+}
+
+/// A call's init (its pidfd), killed if dropped before [`KillOnDrop::disarm`].
+struct KillOnDrop(Option<OwnedFd>);
+
+impl KillOnDrop {
+    /// The pidfd, no longer killed on drop.
+    fn disarm(&mut self) -> Option<OwnedFd> {
+        self.0.take()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pidfd) = self.0.take() {
+            if let Err(err) = pool::kill_init(&pidfd) {
+                tracing::warn!(%err, "could not kill an abandoned call's processes");
+            }
+        }
+    }
 }
 
 /// Registers `fd` with tokio for readability.

@@ -425,8 +425,14 @@ pub fn guest_helper_main() -> ! {
     say(&FromHelper::Ready);
     match request.job {
         Job::Call { argv, stdin } => {
-            let outcome =
-                sandbox.run_guest(&prepared, &argv, stdin, &request.workspace, &request.policy);
+            let outcome = sandbox.run_guest(
+                &prepared,
+                &argv,
+                stdin,
+                &request.workspace,
+                &request.policy,
+                Default::default(),
+            );
             say(&FromHelper::Outcome { outcome, resets: 0 });
         }
         Job::Session => serve_session(sandbox, &request, input),

@@ -113,6 +113,36 @@ impl Default for WasiPolicy {
     }
 }
 
+/// A store's deadline, shared with whoever may move it.
+pub(crate) type Deadline = Arc<Mutex<Option<Instant>>>;
+
+/// Moves a guest's deadline to now when dropped: the guest of an abandoned
+/// call ends at the next epoch tick (or, blocked in a host call, when the
+/// watchdog interrupts it). Harmless once the guest has ended.
+pub(crate) struct EndOnDrop(Option<Deadline>);
+
+impl EndOnDrop {
+    /// Guards `deadline`.
+    pub(crate) fn new(deadline: Deadline) -> EndOnDrop {
+        EndOnDrop(Some(deadline))
+    }
+
+    /// Leaves the deadline alone when dropped.
+    pub(crate) fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        if let Some(deadline) = self.0.take() {
+            let mut slot = deadline.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            *slot = Some(slot.map_or(now, |deadline| deadline.min(now)));
+        }
+    }
+}
+
 /// Per-store state: the WASI context, the memory limiter and the deadline.
 pub(crate) struct StoreState {
     wasi: WasiP1Ctx,
@@ -421,8 +451,13 @@ impl WasiSandbox {
         let started = Instant::now();
         let sandbox = self.clone();
         let (workspace, policy) = (workspace.to_path_buf(), policy.clone());
+        // The guest runs on a thread of its own, which dropping this future
+        // cannot stop: the guard moves its deadline to now instead, and the
+        // epoch check (or, in a host call, the watchdog) ends it.
+        let deadline = Arc::new(Mutex::new(None));
+        let _end_on_drop = EndOnDrop::new(Arc::clone(&deadline));
         let mut outcome = match tokio::task::spawn_blocking(move || {
-            sandbox.run_blocking(&module, &argv, stdin, &workspace, &policy)
+            sandbox.run_blocking(&module, &argv, stdin, &workspace, &policy, deadline)
         })
         .await
         {
@@ -440,6 +475,7 @@ impl WasiSandbox {
         stdin: Option<Vec<u8>>,
         workspace: &Path,
         policy: &WasiPolicy,
+        deadline: Deadline,
     ) -> ToolOutcome {
         let prepared = match self.prepare(module) {
             Ok(prepared) => prepared,
@@ -460,7 +496,7 @@ impl WasiSandbox {
             // process of its own can have the mount namespace for that.
             helper::run_call(self, &prepared, module, argv, stdin, &canonical, policy)
         } else if nix::unistd::geteuid().is_root() {
-            let run = move || self.run_guest(&prepared, argv, stdin, &canonical, policy);
+            let run = move || self.run_guest(&prepared, argv, stdin, &canonical, policy, deadline);
             // A root runtime confines the guest's thread (its identity and
             // mount namespace, see `identity`): never a pool thread, which
             // would keep them.
@@ -475,7 +511,7 @@ impl WasiSandbox {
                 ToolOutcome::internal_error(format!("the WASI guest thread failed: {err}"))
             })
         } else {
-            self.run_guest(&prepared, argv, stdin, &canonical, policy)
+            self.run_guest(&prepared, argv, stdin, &canonical, policy, deadline)
         };
         let undone = snapshot.undo_changes(workspace);
         if !undone.is_empty() {
@@ -492,6 +528,7 @@ impl WasiSandbox {
         stdin: Option<Vec<u8>>,
         workspace: &Path,
         policy: &WasiPolicy,
+        deadline: Deadline,
     ) -> ToolOutcome {
         let _guest = match identity::GuestThread::enter(workspace, &policy.protected) {
             Ok(guest) => guest,
@@ -512,8 +549,14 @@ impl WasiSandbox {
         if let Err(err) = grant_mounts(&mut builder, workspace, policy) {
             return ToolOutcome::internal_error(err);
         }
-        let deadline = Instant::now() + std::time::Duration::from_millis(policy.wall_ms);
-        let mut store = match self.new_store(&mut builder, policy, Some(deadline)) {
+        {
+            // A call cancelled before its guest started has a deadline
+            // already, in the past; it stays.
+            let wall = Instant::now() + std::time::Duration::from_millis(policy.wall_ms);
+            let mut slot = deadline.lock().unwrap_or_else(|p| p.into_inner());
+            *slot = Some(slot.map_or(wall, |earlier| earlier.min(wall)));
+        }
+        let mut store = match self.store_with_deadline(&mut builder, policy, deadline) {
             Ok(store) => store,
             Err(err) => return ToolOutcome::internal_error(err),
         };
@@ -552,8 +595,18 @@ impl WasiSandbox {
         policy: &WasiPolicy,
         deadline: Option<Instant>,
     ) -> Result<Store<StoreState>, String> {
+        self.store_with_deadline(builder, policy, Arc::new(Mutex::new(deadline)))
+    }
+
+    /// [`WasiSandbox::new_store`] with a deadline that someone else may
+    /// move (to cancel the call).
+    fn store_with_deadline(
+        &self,
+        builder: &mut WasiCtxBuilder,
+        policy: &WasiPolicy,
+        deadline: Deadline,
+    ) -> Result<Store<StoreState>, String> {
         let clock_epoch = sleep::install_clock(builder);
-        let deadline = Arc::new(Mutex::new(deadline));
         let state = StoreState {
             wasi: builder.build_p1(),
             clock_epoch,

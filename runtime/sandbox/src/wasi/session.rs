@@ -78,6 +78,9 @@ pub struct PythonSession {
     resets: u64,
     /// Why the last instance was ended between calls, for the next outcome.
     restarted: Option<String>,
+    /// Set while a call runs; still set at the next call if the last one
+    /// was abandoned (its future dropped) before it finished.
+    in_call: bool,
 }
 
 impl std::fmt::Debug for PythonSession {
@@ -102,6 +105,7 @@ impl PythonSession {
             python: None,
             resets: 0,
             restarted: None,
+            in_call: false,
         }
     }
 
@@ -238,7 +242,20 @@ impl PythonSession {
                 ));
             }
         }
+        if self.in_call {
+            // The last call was cancelled mid-frame: its code was stopped
+            // wherever it was, so the interpreter's state is not trusted.
+            if let Some(instance) = self.live.take() {
+                end(instance);
+                self.resets += 1;
+                self.restarted = Some(format!(
+                    "the previous call was cancelled while it ran, so the Python session was restarted; {STATE_LOST}"
+                ));
+            }
+        }
+        self.in_call = true;
         let mut outcome = self.run_frame(code, present).await;
+        self.in_call = false;
         if !snapshot.is_empty() {
             let workspace = self.workspace.clone();
             let undone = tokio::task::spawn_blocking(move || snapshot.undo_changes(&workspace))
@@ -290,10 +307,13 @@ impl PythonSession {
         live.stdin
             .push(format!("{}\n{code}", code.len()).as_bytes());
         let waiter = live.stdin.waiter();
+        // Dropped mid-frame (the call was cancelled), this stops the code.
+        let mut stop_if_abandoned = super::EndOnDrop::new(Arc::clone(&live.deadline));
         let ended =
             tokio::task::spawn_blocking(move || waiter.wait_idle(wall + Duration::from_secs(2)))
                 .await
                 .unwrap_or(FrameEnd::TimedOut);
+        stop_if_abandoned.disarm();
         let out = live.stdout.take();
         let err = live.stderr.take();
         let mut outcome =
