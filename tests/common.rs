@@ -78,3 +78,22 @@ pub fn free_port() -> u16 {
         .expect("a free port")
         .port()
 }
+
+/// The Python of the virtual environment that `scripts/setup --peers` fills
+/// with the official clients (`tests/clients/requirements.txt`), or under
+/// `STACK_RUNTIME_CLIENTS`. Panics, naming the fix, when it is missing.
+pub fn client_python() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .expect("HOME is set");
+    let python = std::env::var_os("STACK_RUNTIME_CLIENTS")
+        .map_or_else(|| cache.join("stack-runtime/clients"), PathBuf::from)
+        .join("venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run `scripts/setup --peers` (or set STACK_RUNTIME_CLIENTS)",
+        python.display()
+    );
+    python
+}

@@ -63,4 +63,14 @@ impl ToolContext {
             python_session: Arc::default(),
         }
     }
+
+    /// A context for another session: the same workspace, limits and
+    /// sandboxes, and its own (not yet started) Python interpreter.
+    pub fn for_new_session(&self) -> ToolContext {
+        ToolContext {
+            #[cfg(feature = "wasi")]
+            python_session: Arc::default(),
+            ..self.clone()
+        }
+    }
 }

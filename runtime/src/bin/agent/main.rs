@@ -5,6 +5,7 @@
 
 mod chat;
 mod doctor;
+mod mcp_cmd;
 mod model_cmd;
 mod policy_cmd;
 mod tool_cmd;
@@ -75,6 +76,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the sandboxed tools to MCP clients (stdio, or --http).
+    Mcp(mcp_cmd::McpArgs),
     /// Check policy files and explain their decisions.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
         Some(Command::Tool(command)) => tool_cmd::run(command, &tool_dirs),
         Some(Command::Doctor { json, model }) => doctor::run(json, &model),
         Some(Command::Model { model, json }) => model_cmd::info(&model, json),
+        Some(Command::Mcp(args)) => mcp_cmd::run(args, &tool_dirs),
         Some(Command::Policy(command)) => policy_cmd::run(command, &tool_dirs),
         Some(Command::Run { prompt, json, yes }) => {
             chat::run(&cli.chat, prompt, json, yes, &tool_dirs)

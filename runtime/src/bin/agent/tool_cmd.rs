@@ -62,6 +62,15 @@ pub enum SandboxArg {
     Process,
 }
 
+impl SandboxArg {
+    pub fn kind(self) -> SandboxKind {
+        match self {
+            SandboxArg::Wasi => SandboxKind::Wasi,
+            SandboxArg::Process => SandboxKind::Process,
+        }
+    }
+}
+
 /// Which tool folders to load.
 pub struct ToolDirs {
     pub extra: Vec<PathBuf>,
@@ -103,10 +112,7 @@ pub fn run(command: ToolCommand, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
             sandbox,
             yes,
         } => {
-            let sandbox = sandbox.map(|s| match s {
-                SandboxArg::Wasi => SandboxKind::Wasi,
-                SandboxArg::Process => SandboxKind::Process,
-            });
+            let sandbox = sandbox.map(SandboxArg::kind);
             let options = RunOptions {
                 policy,
                 audit_log,

@@ -1,0 +1,213 @@
+//! Streamable HTTP: `agent mcp --http ADDR`.
+//!
+//! # Threat model
+//!
+//! The server runs sandboxed code for whoever reaches it, so who may reach
+//! it is the boundary:
+//!
+//! - **Remote hosts.** Without a bearer token the server binds loopback
+//!   addresses only; [`McpHttpServer::bind`] refuses any other address
+//!   ([`HttpError::PublicWithoutToken`]).
+//! - **Other local users and processes.** With a token configured, every
+//!   request must carry `Authorization: Bearer <token>`; anything else gets
+//!   `401` before it reaches MCP. The token is compared in constant time and
+//!   comes from an environment variable, never the command line (which
+//!   every local user can read in `/proc`).
+//! - **Web pages in the user's browser (DNS rebinding, cross-origin
+//!   posts).** rmcp checks `Host` against the allowed hosts (loopback names
+//!   by default, plus any named with `--allow-host`) and refuses a request
+//!   whose `Origin` is not a loopback origin.
+//! - **Oversized bodies.** rmcp caps a request body (413 past it).
+//!
+//! Not covered: TLS (put a reverse proxy in front for non-loopback use) and
+//! a peer that holds the token (it has the rights the policy grants).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use tokio_util::sync::CancellationToken;
+
+use crate::server::ToolService;
+
+/// Where MCP is served on the HTTP listener.
+pub const MCP_PATH: &str = "/mcp";
+
+/// How to serve MCP over HTTP.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// The address to listen on (port 0 picks a free one).
+    pub addr: SocketAddr,
+    /// The bearer token every request must carry; required for an address
+    /// that is not loopback.
+    pub bearer_token: Option<String>,
+    /// Host names (or `host:port`) accepted in `Host` besides the loopback
+    /// names, for a server reached by name.
+    pub allowed_hosts: Vec<String>,
+}
+
+/// Why the HTTP server did not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// A non-loopback address without a token.
+    #[error("refusing to serve MCP on {0}: it is not a loopback address and no bearer token is configured (give one with --token-env VAR)")]
+    PublicWithoutToken(SocketAddr),
+    /// An empty token.
+    #[error("the bearer token is empty")]
+    EmptyToken,
+    /// The listener could not be opened.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The server failed while running.
+    #[error("the MCP HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A bound, not yet running, MCP HTTP server.
+pub struct McpHttpServer {
+    listener: tokio::net::TcpListener,
+    router: Router,
+    local_addr: SocketAddr,
+}
+
+impl McpHttpServer {
+    /// Checks the options and binds the listener.
+    pub async fn bind(
+        service: ToolService,
+        options: HttpOptions,
+        shutdown: CancellationToken,
+    ) -> Result<McpHttpServer, HttpError> {
+        if options.bearer_token.as_deref() == Some("") {
+            return Err(HttpError::EmptyToken);
+        }
+        if options.bearer_token.is_none() && !options.addr.ip().is_loopback() {
+            return Err(HttpError::PublicWithoutToken(options.addr));
+        }
+        let listener = tokio::net::TcpListener::bind(options.addr)
+            .await
+            .map_err(|source| HttpError::Bind {
+                addr: options.addr,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| HttpError::Bind {
+            addr: options.addr,
+            source,
+        })?;
+        let router = router(service, &options, local_addr, shutdown);
+        Ok(McpHttpServer {
+            listener,
+            router,
+            local_addr,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` (given to [`McpHttpServer::bind`]) is
+    /// cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), HttpError> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .map_err(HttpError::Serve)
+    }
+}
+
+fn router(
+    service: ToolService,
+    options: &HttpOptions,
+    local_addr: SocketAddr,
+    shutdown: CancellationToken,
+) -> Router {
+    let mut allowed_hosts: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    if !local_addr.ip().is_loopback() && !local_addr.ip().is_unspecified() {
+        allowed_hosts.push(local_addr.ip().to_string());
+    }
+    allowed_hosts.extend(options.allowed_hosts.iter().cloned());
+    let config = StreamableHttpServerConfig::default()
+        .with_allowed_hosts(allowed_hosts)
+        .with_allowed_origins(["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"])
+        .with_cancellation_token(shutdown.child_token());
+    let mcp = StreamableHttpService::new(
+        move || Ok(service.session()),
+        Arc::new(LocalSessionManager::default()),
+        config,
+    );
+    let router = Router::new().nest_service(MCP_PATH, mcp);
+    match &options.bearer_token {
+        Some(token) => router.layer(middleware::from_fn_with_state(
+            Arc::new(token.clone()),
+            require_bearer,
+        )),
+        None => router,
+    }
+}
+
+/// Refuses a request without the bearer token.
+async fn require_bearer(
+    State(token): State<Arc<String>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    match presented {
+        Some(presented) if same_secret(presented.as_bytes(), token.as_bytes()) => {
+            next.run(request).await
+        }
+        _ => {
+            let mut response = (
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (Authorization: Bearer <token>)\n",
+            )
+                .into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"stack-runtime\""),
+            );
+            response
+        }
+    }
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+fn same_secret(presented: &[u8], expected: &[u8]) -> bool {
+    if presented.len() != expected.len() {
+        return false;
+    }
+    presented
+        .iter()
+        .zip(expected)
+        .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+        == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn secrets_compare_by_every_byte() {
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        assert!(!same_secret(b"s3cres", b"s3cret"));
+        assert!(!same_secret(b"s3cre", b"s3cret"));
+        assert!(!same_secret(b"", b"s3cret"));
+    }
+}

@@ -1,0 +1,341 @@
+//! The MCP server: the registry's tools, each call through the gate.
+//!
+//! A [`ToolService`] holds what every MCP session shares (the registry, the
+//! policy, the audit log, the sandboxes and the workspace).
+//! [`ToolService::session`] makes one [`McpSession`] per MCP session: over
+//! stdio there is one, over Streamable HTTP one per `Mcp-Session-Id`. Each
+//! session has its own [`Gate`] (budgets, and the grants an `always`
+//! approval makes) and its own stateful Python interpreter, so one client's
+//! state never reaches another's.
+//!
+//! Every `tools/call` goes through [`Gate::admit`] (validation, budgets,
+//! policy and approval), [`dispatch::execute`] (the sandbox) and
+//! [`Gate::finish`] (redaction, accounting, audit), exactly as a model's
+//! call in the agent loop does. The result carries the text the model
+//! would see, the whole [`ToolOutcome`] as structured content, and
+//! `isError` for every status but `ok`.
+//!
+//! A policy `ask` becomes a form elicitation when the client declared the
+//! capability; otherwise the [`UnansweredAsk`] fallback decides it (deny,
+//! or approve for `--yes`). A client's `notifications/cancelled` stops the
+//! call: the future that runs it is dropped, which kills its sandboxed
+//! process.
+//!
+//! The server offers the handshake-era protocol versions (2024-11-05 to
+//! 2025-11-25), where a connection is a session: the per-session state above
+//! has nowhere to live in the sessionless 2026-07-28 revision. Clients that
+//! probe `server/discover` (the Python SDK's `auto` mode) fall back to the
+//! `initialize` handshake.
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
+    JsonObject, ListToolsResult, PaginatedRequestParams, ProtocolVersion, ServerCapabilities,
+    ServerConfig, Tool,
+};
+use rmcp::service::{ElicitationError, ElicitationMode, Peer, RequestContext, RoleServer};
+use rmcp::{ErrorData as McpError, ServerHandler};
+use serde_json::Value;
+use tracing::Instrument;
+
+use stack_core::dispatch::{self, ToolContext};
+use stack_core::gate::{Admission, Gate};
+use stack_core::policy::{ApprovalAnswer, ApprovalHandler, ApprovalRequest, AuditLog, Policy};
+use stack_core::tools::Registry;
+use stack_types::message::ToolCall;
+use stack_types::outcome::{Status, ToolOutcome};
+
+/// The newest protocol revision served (see the module docs for why not
+/// 2026-07-28).
+const NEWEST_PROTOCOL: ProtocolVersion = ProtocolVersion::V_2025_11_25;
+
+/// What decides a policy `ask` when the client cannot be asked (it did not
+/// declare the elicitation capability).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnansweredAsk {
+    /// Refuse the call (the default).
+    Deny,
+    /// Run it, as `--yes` does.
+    Approve,
+}
+
+/// What an MCP server serves.
+pub struct ServerOptions {
+    /// The tools.
+    pub registry: Arc<Registry>,
+    /// The policy every call obeys.
+    pub policy: Arc<Policy>,
+    /// Sandboxes, limits and the workspace, shared by the sessions (each
+    /// session gets its own Python interpreter).
+    pub context: ToolContext,
+    /// Who decides an `ask` the client cannot answer.
+    pub unanswered_ask: UnansweredAsk,
+    /// Where decisions and results are recorded, if anywhere.
+    pub audit: Option<Arc<AuditLog>>,
+}
+
+/// What every MCP session shares; cheap to clone.
+#[derive(Clone)]
+pub struct ToolService {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    registry: Arc<Registry>,
+    policy: Arc<Policy>,
+    context: ToolContext,
+    unanswered_ask: UnansweredAsk,
+    audit: Option<Arc<AuditLog>>,
+    tools: Vec<Tool>,
+    sessions: AtomicU64,
+}
+
+impl ToolService {
+    /// A service over `options`.
+    pub fn new(options: ServerOptions) -> ToolService {
+        let tools = options.registry.tools().map(mcp_tool).collect();
+        ToolService {
+            shared: Arc::new(Shared {
+                registry: options.registry,
+                policy: options.policy,
+                context: options.context,
+                unanswered_ask: options.unanswered_ask,
+                audit: options.audit,
+                tools,
+                sessions: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// A new session: its own gate and Python interpreter.
+    pub fn session(&self) -> McpSession {
+        let number = self.shared.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        let name = format!("mcp-{}-{number}", std::process::id());
+        let mut gate = Gate::new(
+            Arc::clone(&self.shared.registry),
+            Arc::clone(&self.shared.policy),
+            name.clone(),
+        );
+        if let Some(audit) = &self.shared.audit {
+            gate = gate.with_audit_log(Arc::clone(audit));
+        }
+        let context = self.shared.context.for_new_session();
+        McpSession {
+            shared: Arc::clone(&self.shared),
+            gate: Arc::new(tokio::sync::Mutex::new(gate)),
+            context,
+            name,
+        }
+    }
+
+    /// The tools as MCP lists them.
+    pub fn tools(&self) -> &[Tool] {
+        &self.shared.tools
+    }
+}
+
+/// One MCP session: the rmcp [`ServerHandler`].
+#[derive(Clone)]
+pub struct McpSession {
+    shared: Arc<Shared>,
+    gate: Arc<tokio::sync::Mutex<Gate>>,
+    context: ToolContext,
+    name: String,
+}
+
+impl McpSession {
+    /// The session's name in the audit log and the traces.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs one call through the gate.
+    async fn run(&self, call: &ToolCall, peer: &Peer<RoleServer>) -> ToolOutcome {
+        let approver: Option<Arc<dyn ApprovalHandler>> = if peer
+            .supported_elicitation_modes()
+            .contains(&ElicitationMode::Form)
+        {
+            Some(Arc::new(ElicitingApprover { peer: peer.clone() }))
+        } else {
+            match self.shared.unanswered_ask {
+                UnansweredAsk::Approve => Some(Arc::new(approve_all)),
+                // No approver: the refusal says that no one could approve.
+                UnansweredAsk::Deny => None,
+            }
+        };
+        let admission = {
+            let mut gate = self.gate.lock().await;
+            gate.set_approver(approver);
+            let admission = gate.admit(call).await;
+            gate.set_approver(None);
+            admission
+        };
+        match admission {
+            Admission::Refused(outcome) => outcome,
+            Admission::Run(authorized) => {
+                let span = self.gate.lock().await.span(call);
+                let outcome = dispatch::execute(&authorized, &self.context)
+                    .instrument(span)
+                    .await;
+                self.gate.lock().await.finish(call, outcome)
+            }
+        }
+    }
+}
+
+impl ServerHandler for McpSession {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new(
+                "stack-runtime",
+                env!("CARGO_PKG_VERSION"),
+            ))
+            .with_protocol_version(NEWEST_PROTOCOL)
+            .with_instructions(
+                "Stack Runtime's tools. Code runs in a sandbox (landlock, seccomp, namespaces, \
+                 rlimits; or WASI) under the server's policy; file tools reach only the \
+                 workspace. A refused or failed call comes back with isError and says why.",
+            )
+    }
+
+    fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
+        Cow::Borrowed(ProtocolVersion::known_up_to(&NEWEST_PROTOCOL))
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
+        Ok(ListToolsResult::with_all_items(self.shared.tools.clone()))
+    }
+
+    fn get_tool(&self, name: &str) -> Option<Tool> {
+        self.shared.tools.iter().find(|t| t.name == name).cloned()
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let arguments = Value::Object(request.arguments.unwrap_or_default());
+        let call = ToolCall::function(
+            format!("mcp-{}", request_id_text(&context)),
+            request.name.to_string(),
+            arguments.to_string(),
+        );
+        let outcome = tokio::select! {
+            outcome = self.run(&call, &context.peer) => outcome,
+            () = context.ct.cancelled() => {
+                // Dropping `run` dropped the sandboxed process with it.
+                let outcome = ToolOutcome::internal_error(
+                    "cancelled by the client (notifications/cancelled); the call was stopped",
+                );
+                self.gate.lock().await.finish(&call, outcome)
+            }
+        };
+        let text = self.gate.lock().await.text_for_model(&outcome);
+        Ok(CallToolResponse::Complete(call_result(&outcome, text)))
+    }
+}
+
+fn request_id_text(context: &RequestContext<RoleServer>) -> String {
+    match serde_json::to_value(&context.id) {
+        Ok(Value::String(text)) => text,
+        Ok(other) => other.to_string(),
+        Err(_) => "call".to_string(),
+    }
+}
+
+/// The MCP result of an outcome: the model's text, the outcome itself as
+/// structured content, and `isError` unless it succeeded.
+pub fn call_result(outcome: &ToolOutcome, text: String) -> CallToolResult {
+    let mut result = if outcome.status == Status::Ok {
+        CallToolResult::success(vec![ContentBlock::text(text)])
+    } else {
+        CallToolResult::error(vec![ContentBlock::text(text)])
+    };
+    result.structured_content = serde_json::to_value(outcome).ok();
+    result
+}
+
+/// A registry tool as MCP lists it.
+fn mcp_tool(spec: &stack_core::tools::ToolSpec) -> Tool {
+    let schema: JsonObject = match &spec.parameters {
+        Value::Object(object) => object.clone(),
+        // The registry only admits object schemas; an empty object schema is
+        // the safe reading of anything else.
+        _ => serde_json::Map::from_iter([("type".to_string(), Value::from("object"))]),
+    };
+    Tool::new(
+        spec.name.clone(),
+        spec.description.clone(),
+        Arc::new(schema),
+    )
+}
+
+/// The form a client fills in to answer an `ask`.
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+struct ApprovalForm {
+    /// Run this call?
+    approve: bool,
+    /// Also allow what asked (this tool, or this rule) for the rest of the
+    /// session without asking again.
+    #[serde(default)]
+    remember: bool,
+}
+
+rmcp::elicit_safe!(ApprovalForm);
+
+fn approve_all(_: &ApprovalRequest) -> ApprovalAnswer {
+    ApprovalAnswer::Yes
+}
+
+/// Answers `ask` decisions with an MCP form elicitation to the client.
+struct ElicitingApprover {
+    peer: Peer<RoleServer>,
+}
+
+impl ApprovalHandler for ElicitingApprover {
+    fn approve<'a>(&'a self, request: &'a ApprovalRequest) -> BoxFuture<'a, ApprovalAnswer> {
+        Box::pin(async move {
+            let message = approval_message(request);
+            match self.peer.elicit::<ApprovalForm>(message).await {
+                Ok(Some(ApprovalForm {
+                    approve: true,
+                    remember: true,
+                })) => ApprovalAnswer::Always,
+                Ok(Some(ApprovalForm { approve: true, .. })) => ApprovalAnswer::Yes,
+                Ok(Some(_) | None)
+                | Err(ElicitationError::UserDeclined | ElicitationError::UserCancelled) => {
+                    ApprovalAnswer::No
+                }
+                Err(err) => {
+                    tracing::warn!(%err, tool = %request.tool, "the approval elicitation failed; the call is refused");
+                    ApprovalAnswer::No
+                }
+            }
+        })
+    }
+}
+
+fn approval_message(request: &ApprovalRequest) -> String {
+    let mut arguments = request.arguments.to_string();
+    if arguments.len() > 2000 {
+        arguments.truncate(arguments.floor_char_boundary(2000));
+        arguments.push('…');
+    }
+    let reason = request
+        .reason
+        .as_deref()
+        .map_or_else(String::new, |r| format!(" ({r})"));
+    format!(
+        "The policy asks before running `{}`{reason}; rule {}. Arguments: {arguments}",
+        request.tool, request.rule
+    )
+}

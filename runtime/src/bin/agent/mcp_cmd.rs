@@ -1,0 +1,135 @@
+//! `agent mcp`: the sandboxed tools as an MCP server, over stdio or
+//! Streamable HTTP (see the `stack-mcp` crate).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use stack_runtime::dispatch::ToolContext;
+use stack_runtime::mcp::http::{HttpOptions, McpHttpServer, MCP_PATH};
+use stack_runtime::mcp::{ServerOptions, ToolService, UnansweredAsk};
+use stack_runtime::policy::{AuditLog, Policy};
+use stack_runtime::workspace::Workspace;
+use tokio_util::sync::CancellationToken;
+
+use crate::tool_cmd::{build_registry, SandboxArg, ToolDirs};
+
+#[derive(Debug, clap::Args)]
+pub struct McpArgs {
+    /// Serve Streamable HTTP at http://ADDR/mcp instead of stdio. Loopback
+    /// addresses only, unless a bearer token is configured.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
+    /// The environment variable that holds the bearer token every HTTP
+    /// request must carry (`Authorization: Bearer <token>`).
+    #[arg(long, value_name = "VAR", requires = "http")]
+    token_env: Option<String>,
+    /// A host name (or host:port) clients may use in `Host` besides the
+    /// loopback names (repeatable; HTTP only).
+    #[arg(long = "allow-host", value_name = "HOST", requires = "http")]
+    allow_hosts: Vec<String>,
+    /// Policy every call obeys: a file, or a preset (default, strict,
+    /// trusted). Defaults to `default`.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<String>,
+    /// Append audit records (JSONL) to this file.
+    #[arg(long, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
+    /// The workspace the tools work in (defaults to the current directory).
+    #[arg(long, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+    /// Sandbox for code (overrides the policy's backend).
+    #[arg(long, value_enum)]
+    sandbox: Option<SandboxArg>,
+    /// Approve a call the policy asks about when the client cannot be asked
+    /// (it did not declare elicitation). Without it such calls are refused.
+    #[arg(long)]
+    yes: bool,
+}
+
+pub fn run(args: McpArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
+    let registry = build_registry(dirs);
+    let policy = Policy::load_named(args.policy.as_deref().unwrap_or("default"))
+        .context("loading the policy")?;
+    let audit = match &args.audit_log {
+        Some(path) => Some(Arc::new(
+            AuditLog::open(path).with_context(|| format!("audit log {}", path.display()))?,
+        )),
+        None => None,
+    };
+    let root = match &args.workspace {
+        Some(dir) => dir.clone(),
+        None => std::env::current_dir().context("no current directory")?,
+    };
+    let workspace =
+        Workspace::open(&root).with_context(|| format!("workspace {}", root.display()))?;
+    // Built here, before the async runtime: it finds the process sandbox's
+    // helper and compiles (or loads) the WASI interpreters.
+    let mut context = ToolContext::new(workspace);
+    context.sandbox = args.sandbox.map(SandboxArg::kind);
+    let service = ToolService::new(ServerOptions {
+        registry: Arc::new(registry),
+        policy: Arc::new(policy),
+        context,
+        unanswered_ask: if args.yes {
+            UnansweredAsk::Approve
+        } else {
+            UnansweredAsk::Deny
+        },
+        audit,
+    });
+    let bearer_token = match &args.token_env {
+        Some(var) => Some(
+            std::env::var(var)
+                .with_context(|| format!("--token-env {var}: the variable is not set"))?,
+        ),
+        None => None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        match args.http {
+            None => stack_runtime::mcp::serve_stdio(&service)
+                .await
+                .context("serving MCP over stdio")?,
+            Some(addr) => {
+                let shutdown = CancellationToken::new();
+                let options = HttpOptions {
+                    addr,
+                    bearer_token,
+                    allowed_hosts: args.allow_hosts,
+                };
+                let server = McpHttpServer::bind(service, options, shutdown.clone()).await?;
+                eprintln!(
+                    "agent mcp: serving MCP at http://{}{MCP_PATH}",
+                    server.local_addr()
+                );
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_stop_signal().await;
+                    stop.cancel();
+                });
+                server.run(shutdown).await?;
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C or SIGTERM.
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

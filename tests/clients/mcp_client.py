@@ -1,0 +1,191 @@
+"""Drives `agent mcp` with the official MCP Python SDK (`mcp` on PyPI).
+
+Called by tests/mcp.rs, one scenario per run:
+
+    mcp_client.py SCENARIO stdio AGENT_BINARY ARG...
+    mcp_client.py SCENARIO http URL [TOKEN]
+
+It prints one JSON object of what it observed; the Rust test asserts on it.
+The script itself asserts nothing, so a failure shows the observation.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import anyio
+import httpx2
+import mcp_types as types
+from mcp.client.client import Client
+from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+
+
+def result(r: types.CallToolResult) -> dict:
+    return {
+        "is_error": bool(r.is_error),
+        "text": "".join(c.text for c in r.content if isinstance(c, types.TextContent)),
+        "structured": r.structured_content,
+    }
+
+
+class Approver:
+    """An elicitation callback that answers from a script and counts."""
+
+    def __init__(self, answers: list[dict]):
+        self.answers = answers
+        self.asked: list[str] = []
+
+    async def __call__(self, context, params):
+        self.asked.append(params.message)
+        answer = self.answers[min(len(self.asked), len(self.answers)) - 1]
+        return types.ElicitResult(**answer)
+
+
+ACCEPT = {"action": "accept", "content": {"approve": True, "remember": False}}
+ACCEPT_ALWAYS = {"action": "accept", "content": {"approve": True, "remember": True}}
+DECLINE = {"action": "decline"}
+
+
+def server(transport: str, rest: list[str]):
+    if transport == "stdio":
+        return StdioServerParameters(command=rest[0], args=rest[1:])
+    url = rest[0]
+    headers = {"Authorization": f"Bearer {rest[1]}"} if len(rest) > 1 else None
+    return streamable_http_client(url, http_client=create_mcp_http_client(headers=headers))
+
+
+async def basics(target) -> dict:
+    approver = Approver([ACCEPT])
+    async with Client(target, elicitation_callback=approver) as client:
+        tools = await client.list_tools()
+        read = await client.call_tool("read_file", {"path": "notes.txt"})
+        code = await client.call_tool(
+            "execute_code", {"language": "python", "code": "print(6 * 7)"}
+        )
+        secret = await client.call_tool("read_file", {"path": ".env"})
+        unknown = await client.call_tool("no_such_tool", {})
+        bad = await client.call_tool("read_file", {"path": 7})
+        write = await client.call_tool(
+            "write_file", {"path": "../outside.txt", "content": "x"}
+        )
+        return {
+            "tools": sorted(t.name for t in tools.tools),
+            "schemas": {t.name: t.input_schema for t in tools.tools},
+            "read": result(read),
+            "code": result(code),
+            "secret": result(secret),
+            "unknown": result(unknown),
+            "bad_arguments": result(bad),
+            "write_outside": result(write),
+            "asked": approver.asked,
+        }
+
+
+async def elicit(target) -> dict:
+    approver = Approver([DECLINE, ACCEPT_ALWAYS, DECLINE])
+    async with Client(target, elicitation_callback=approver) as client:
+        run = lambda: client.call_tool(  # noqa: E731
+            "execute_code", {"language": "bash", "code": "echo ran"}
+        )
+        declined = await run()
+        remembered = await run()
+        after = await run()
+        return {
+            "declined": result(declined),
+            "remembered": result(remembered),
+            "after": result(after),
+            "asked": len(approver.asked),
+            "message": approver.asked[0] if approver.asked else None,
+        }
+
+
+async def no_elicitation(target) -> dict:
+    async with Client(target) as client:
+        code = await client.call_tool("execute_code", {"language": "bash", "code": "echo ran"})
+        return {"code": result(code)}
+
+
+LATE_WRITERS = {
+    "bash": "sleep 4; echo late > late.txt; echo done",
+    "python": "import time\ntime.sleep(4)\nopen('late.txt', 'w').write('late')\nprint('done')",
+}
+
+
+async def cancel(target, language: str = "bash") -> dict:
+    """Abandons a call that would write late.txt after 4 s."""
+    approver = Approver([ACCEPT_ALWAYS])
+    async with Client(target, elicitation_callback=approver) as client:
+        started = time.monotonic()
+        finished = None
+        with anyio.move_on_after(1.5):
+            finished = await client.call_tool(
+                "execute_code", {"language": language, "code": LATE_WRITERS[language]}
+            )
+        cancelled_after = time.monotonic() - started
+        # Wait past the sleep: a process that survived would write late.txt.
+        await anyio.sleep(4)
+        late = await client.call_tool("read_file", {"path": "late.txt"})
+        again = await client.call_tool(
+            "execute_code",
+            {"language": language, "code": {"bash": "echo still here"}.get(language, "print('still here')")},
+        )
+        return {
+            "finished": result(finished) if finished else None,
+            "cancelled_after_s": cancelled_after,
+            "late": result(late),
+            "again": result(again),
+        }
+
+
+async def http_refusals(url: str, token: str) -> dict:
+    """Raw HTTP: what the listener answers to requests it must refuse."""
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "probe", "version": "0"},
+        },
+    }
+    base = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    port = url.split(":")[2].split("/")[0]
+    cases = {
+        "no_token": base,
+        "wrong_token": base | {"Authorization": "Bearer not-the-token"},
+        "rebound_host": base | {"Authorization": f"Bearer {token}", "Host": f"attacker.example:{port}"},
+        "foreign_origin": base | {"Authorization": f"Bearer {token}", "Origin": "https://attacker.example"},
+        "good": base | {"Authorization": f"Bearer {token}"},
+    }
+    statuses = {}
+    async with httpx2.AsyncClient() as http:
+        for name, headers in cases.items():
+            response = await http.post(url, json=init, headers=headers)
+            statuses[name] = response.status_code
+    return {"statuses": statuses}
+
+
+SCENARIOS = {
+    "basics": basics,
+    "elicit": elicit,
+    "no-elicitation": no_elicitation,
+    "cancel": cancel,
+    "cancel-python": lambda target: cancel(target, "python"),
+}
+
+
+async def main() -> None:
+    scenario, transport, *rest = sys.argv[1:]
+    if scenario == "http-refusals":
+        observed = await http_refusals(rest[0], rest[1])
+    else:
+        observed = await SCENARIOS[scenario](server(transport, rest))
+    print(json.dumps(observed))
+
+
+anyio.run(main)

@@ -1,0 +1,337 @@
+//! `agent mcp`, driven by the official MCP Python SDK (`mcp` on PyPI) as a
+//! real client, over stdio and over Streamable HTTP, against real files and
+//! the real sandboxes. `tests/clients/mcp_client.py` runs one scenario per
+//! call and prints what it saw; the assertions are here.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
+
+/// A workspace with a note and a secret the default policy keeps out.
+fn workspace() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("notes.txt"), "hello notes\n").expect("write");
+    std::fs::write(dir.path().join(".env"), "API_KEY=do-not-leak\n").expect("write");
+    dir
+}
+
+fn client_script() -> PathBuf {
+    common::repo_root().join("tests/clients/mcp_client.py")
+}
+
+/// Runs a scenario against `agent mcp ARGS` over stdio.
+fn over_stdio(scenario: &str, workspace: &Path, args: &[&str]) -> Value {
+    let agent = common::agent_binary();
+    let mut argv: Vec<String> = vec![
+        scenario.into(),
+        "stdio".into(),
+        agent.display().to_string(),
+        "--no-default-tools".into(),
+        "mcp".into(),
+        "--workspace".into(),
+        workspace.display().to_string(),
+    ];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    run_client(&argv)
+}
+
+fn run_client(argv: &[String]) -> Value {
+    let output = Command::new(common::client_python())
+        .arg(client_script())
+        .args(argv)
+        .output()
+        .expect("run the MCP client");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the MCP client failed ({argv:?}):\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|err| {
+        panic!(
+            "the MCP client printed no JSON ({err}):\n{stdout}\nstderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+fn status(result: &Value) -> &str {
+    result["structured"]["status"].as_str().unwrap_or("<none>")
+}
+
+fn text(result: &Value) -> &str {
+    result["text"].as_str().unwrap_or("")
+}
+
+/// What `basics` saw, over either transport.
+fn check_basics(seen: &Value) {
+    let tools: Vec<&str> = seen["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for tool in [
+        "execute_code",
+        "read_file",
+        "write_file",
+        "list_dir",
+        "search_files",
+    ] {
+        assert!(tools.contains(&tool), "{tool} is not listed: {tools:?}");
+    }
+    assert_eq!(
+        seen["schemas"]["read_file"]["required"],
+        serde_json::json!(["path"])
+    );
+
+    let read = &seen["read"];
+    assert_eq!(read["is_error"], false, "{read}");
+    assert_eq!(text(read), "hello notes\n");
+    assert_eq!(status(read), "ok");
+
+    // The default policy asks before running code: the client was asked
+    // (and accepted), and the code ran in the sandbox.
+    let code = &seen["code"];
+    assert_eq!(code["is_error"], false, "{code}");
+    assert_eq!(text(code).trim(), "42");
+    let asked: Vec<&str> = seen["asked"]
+        .as_array()
+        .expect("asked")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(asked[0].contains("`execute_code`"), "{asked:?}");
+
+    let secret = &seen["secret"];
+    assert_eq!(secret["is_error"], true);
+    assert_eq!(status(secret), "denied", "{secret}");
+    assert!(!text(secret).contains("do-not-leak"), "{secret}");
+
+    let unknown = &seen["unknown"];
+    assert_eq!(status(unknown), "invalid", "{unknown}");
+    assert!(
+        text(unknown).contains("unknown tool `no_such_tool`"),
+        "{unknown}"
+    );
+
+    let bad = &seen["bad_arguments"];
+    assert_eq!(status(bad), "invalid", "{bad}");
+    assert_eq!(bad["is_error"], true);
+
+    // Approved (the policy asks before any write), and still refused: the
+    // path leaves the workspace.
+    assert!(asked[1].contains("`write_file`"), "{asked:?}");
+    assert_eq!(asked.len(), 2, "{asked:?}");
+    let outside = &seen["write_outside"];
+    assert_eq!(outside["is_error"], true, "{outside}");
+    assert!(text(outside).contains("outside"), "{outside}");
+}
+
+#[test]
+fn a_stdio_client_lists_the_tools_and_every_call_goes_through_the_gate() {
+    let ws = workspace();
+    let seen = over_stdio("basics", ws.path(), &[]);
+    check_basics(&seen);
+    assert!(
+        !ws.path()
+            .parent()
+            .expect("parent")
+            .join("outside.txt")
+            .exists(),
+        "write_file reached outside the workspace"
+    );
+}
+
+#[test]
+fn an_ask_becomes_an_elicitation_and_remember_stops_the_asking() {
+    let ws = workspace();
+    let seen = over_stdio("elicit", ws.path(), &[]);
+    // First answer: decline.
+    assert_eq!(status(&seen["declined"]), "denied", "{seen}");
+    assert!(text(&seen["declined"]).contains("declined"), "{seen}");
+    // Second: approve and remember; third: not asked again, and it runs
+    // even though this client would now decline.
+    assert_eq!(text(&seen["remembered"]), "ran\n", "{seen}");
+    assert_eq!(text(&seen["after"]), "ran\n", "{seen}");
+    assert_eq!(seen["asked"], 2, "{seen}");
+    let message = seen["message"].as_str().expect("message");
+    assert!(
+        message.contains("execute_code") && message.contains("echo ran"),
+        "{message}"
+    );
+}
+
+#[test]
+fn without_elicitation_an_ask_is_refused_unless_yes() {
+    let ws = workspace();
+    let refused = over_stdio("no-elicitation", ws.path(), &[]);
+    assert_eq!(status(&refused["code"]), "denied", "{refused}");
+    assert!(
+        text(&refused["code"]).contains("no one can approve it"),
+        "{refused}"
+    );
+    let approved = over_stdio("no-elicitation", ws.path(), &["--yes"]);
+    assert_eq!(text(&approved["code"]), "ran\n", "{approved}");
+}
+
+#[test]
+fn a_policy_file_decides_mcp_calls() {
+    let ws = workspace();
+    let policy = ws.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[defaults]\ndecision = \"allow\"\n\n[tools.read_file]\ndecision = \"deny\"\nreason = \"no reading here\"\n",
+    )
+    .expect("policy");
+    let seen = over_stdio(
+        "no-elicitation",
+        ws.path(),
+        &["--policy", policy.to_str().expect("utf8")],
+    );
+    // execute_code is allowed outright by this policy: no approval needed.
+    assert_eq!(text(&seen["code"]), "ran\n", "{seen}");
+}
+
+#[test]
+fn cancelling_a_call_kills_its_sandboxed_process() {
+    let ws = workspace();
+    let audit = ws.path().join("audit.jsonl");
+    let seen = over_stdio(
+        "cancel",
+        ws.path(),
+        &["--audit-log", audit.to_str().expect("utf8")],
+    );
+    assert_eq!(seen["finished"], Value::Null, "the call finished: {seen}");
+    // The code would have written late.txt 4 s in; the client looked 5.5 s in.
+    assert_eq!(status(&seen["late"]), "failed", "late.txt exists: {seen}");
+    assert!(!ws.path().join("late.txt").exists());
+    assert_eq!(text(&seen["again"]), "still here\n", "{seen}");
+    let log = std::fs::read_to_string(&audit).expect("audit log");
+    assert!(log.contains("cancelled by the client"), "{log}");
+}
+
+#[test]
+fn cancelling_a_stateful_python_call_stops_the_guest_and_restarts_the_session() {
+    let ws = workspace();
+    let seen = over_stdio("cancel-python", ws.path(), &["--sandbox", "wasi"]);
+    assert_eq!(seen["finished"], Value::Null, "the call finished: {seen}");
+    assert_eq!(status(&seen["late"]), "failed", "late.txt exists: {seen}");
+    assert!(!ws.path().join("late.txt").exists());
+    let again = &seen["again"];
+    assert_eq!(again["structured"]["stdout"], "still here\n", "{seen}");
+    assert!(
+        text(again).contains("the previous call was cancelled"),
+        "{again}"
+    );
+}
+
+/// `agent mcp --http` on a free loopback port, killed when dropped.
+struct HttpServer {
+    child: Child,
+    url: String,
+}
+
+impl HttpServer {
+    fn start(workspace: &Path, token: &str) -> HttpServer {
+        let mut child = Command::new(common::agent_binary())
+            .args(["--no-default-tools", "mcp", "--http", "127.0.0.1:0"])
+            .args(["--token-env", "MCP_TEST_TOKEN", "--workspace"])
+            .arg(workspace)
+            .env("MCP_TEST_TOKEN", token)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start agent mcp --http");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("agent mcp --http exited before it listened")
+                .expect("read stderr");
+            if let Some(url) = line.strip_prefix("agent mcp: serving MCP at ") {
+                break url.to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on it.
+        std::thread::spawn(move || lines.for_each(drop));
+        HttpServer { child, url }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn http_serves_the_same_gate_and_refuses_requests_without_the_token() {
+    let ws = workspace();
+    let token = "correct-horse-battery";
+    let server = HttpServer::start(ws.path(), token);
+    let seen = run_client(&[
+        "basics".into(),
+        "http".into(),
+        server.url.clone(),
+        token.into(),
+    ]);
+    check_basics(&seen);
+    let refusals = run_client(&[
+        "http-refusals".into(),
+        "http".into(),
+        server.url.clone(),
+        token.into(),
+    ]);
+    let statuses = &refusals["statuses"];
+    assert_eq!(statuses["no_token"], 401, "{refusals}");
+    assert_eq!(statuses["wrong_token"], 401, "{refusals}");
+    // DNS rebinding: a page on attacker.example that resolves to 127.0.0.1.
+    assert_eq!(statuses["rebound_host"], 403, "{refusals}");
+    assert_eq!(statuses["foreign_origin"], 403, "{refusals}");
+    // The same request with the token and a loopback Host goes through (so
+    // the refusals above are the checks, not a broken request).
+    assert_eq!(statuses["good"], 200, "{refusals}");
+}
+
+#[test]
+fn http_cancellation_kills_the_call_too() {
+    let ws = workspace();
+    let server = HttpServer::start(ws.path(), "t0ken");
+    let seen = run_client(&[
+        "cancel".into(),
+        "http".into(),
+        server.url.clone(),
+        "t0ken".into(),
+    ]);
+    assert_eq!(seen["finished"], Value::Null, "{seen}");
+    assert!(!ws.path().join("late.txt").exists(), "{seen}");
+    assert_eq!(text(&seen["again"]), "still here\n", "{seen}");
+}
+
+#[test]
+fn http_refuses_a_public_address_without_a_token() {
+    let ws = workspace();
+    let output = Command::new(common::agent_binary())
+        .args([
+            "--no-default-tools",
+            "mcp",
+            "--http",
+            "0.0.0.0:0",
+            "--workspace",
+        ])
+        .arg(ws.path())
+        .output()
+        .expect("run agent mcp");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("not a loopback address and no bearer token"),
+        "{stderr}"
+    );
+}
