@@ -193,8 +193,39 @@ fn a_policy_file_decides_mcp_calls() {
         ws.path(),
         &["--policy", policy.to_str().expect("utf8")],
     );
-    // execute_code is allowed outright by this policy: no approval needed.
+    // execute_code is allowed outright by this policy: no approval needed;
+    // read_file, allowed by the default preset, is denied by this one.
     assert_eq!(text(&seen["code"]), "ran\n", "{seen}");
+    assert_eq!(status(&seen["read"]), "denied", "{seen}");
+    assert!(text(&seen["read"]).contains("no reading here"), "{seen}");
+}
+
+#[test]
+fn a_session_is_not_cut_off_by_the_per_turn_call_limit() {
+    let ws = workspace();
+    let seen = over_stdio("many", ws.path(), &[]);
+    let statuses = seen["statuses"].as_array().expect("statuses");
+    assert_eq!(statuses.len(), 24);
+    assert!(statuses.iter().all(|s| s == "ok"), "{seen}");
+}
+
+#[test]
+fn a_protected_name_planted_by_a_cancelled_call_is_moved_aside() {
+    let ws = workspace();
+    let seen = over_stdio("cancel-plant", ws.path(), &[]);
+    assert!(
+        !ws.path().join(".envrc").exists(),
+        "the planted .envrc survived the cancellation: {seen}"
+    );
+    let quarantined = std::fs::read_dir(ws.path())
+        .expect("list")
+        .flatten()
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".envrc.stack-quarantine-")
+        });
+    assert!(quarantined, "{seen}");
 }
 
 #[test]
@@ -212,7 +243,7 @@ fn cancelling_a_call_kills_its_sandboxed_process() {
     assert!(!ws.path().join("late.txt").exists());
     assert_eq!(text(&seen["again"]), "still here\n", "{seen}");
     let log = std::fs::read_to_string(&audit).expect("audit log");
-    assert!(log.contains("cancelled by the client"), "{log}");
+    assert!(log.contains("cancelled by the caller"), "{log}");
 }
 
 #[test]
@@ -237,10 +268,17 @@ struct HttpServer {
 }
 
 impl HttpServer {
+    /// With `token`, or with `--no-auth` when it is empty.
     fn start(workspace: &Path, token: &str) -> HttpServer {
-        let mut child = Command::new(common::agent_binary())
-            .args(["--no-default-tools", "mcp", "--http", "127.0.0.1:0"])
-            .args(["--token-env", "MCP_TEST_TOKEN", "--workspace"])
+        let mut command = Command::new(common::agent_binary());
+        command.args(["--no-default-tools", "mcp", "--http", "127.0.0.1:0"]);
+        if token.is_empty() {
+            command.arg("--no-auth");
+        } else {
+            command.args(["--token-env", "MCP_TEST_TOKEN"]);
+        }
+        let mut child = command
+            .arg("--workspace")
             .arg(workspace)
             .env("MCP_TEST_TOKEN", token)
             .stderr(Stdio::piped())
@@ -297,6 +335,60 @@ fn http_serves_the_same_gate_and_refuses_requests_without_the_token() {
     // The same request with the token and a loopback Host goes through (so
     // the refusals above are the checks, not a broken request).
     assert_eq!(statuses["good"], 200, "{refusals}");
+    // A request outside any session is refused, not given a fresh one.
+    assert_eq!(statuses["sessionless"], 400, "{refusals}");
+    assert_eq!(refusals["sessionless_error"]["code"], -32022, "{refusals}");
+}
+
+#[test]
+fn without_a_token_host_and_origin_still_hold() {
+    let ws = workspace();
+    let server = HttpServer::start(ws.path(), "");
+    let refusals = run_client(&["http-refusals".into(), "http".into(), server.url.clone()]);
+    let statuses = &refusals["statuses"];
+    assert_eq!(statuses["rebound_host"], 403, "{refusals}");
+    assert_eq!(statuses["foreign_origin"], 403, "{refusals}");
+    assert_eq!(statuses["good"], 200, "{refusals}");
+    assert_eq!(statuses["sessionless"], 400, "{refusals}");
+}
+
+#[test]
+fn http_without_a_token_given_makes_one() {
+    let ws = workspace();
+    let mut child = Command::new(common::agent_binary())
+        .args([
+            "--no-default-tools",
+            "mcp",
+            "--http",
+            "127.0.0.1:0",
+            "--workspace",
+        ])
+        .arg(ws.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start agent mcp --http");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
+    let url = lines
+        .find_map(|l| {
+            l.strip_prefix("agent mcp: serving MCP at ")
+                .map(str::to_string)
+        })
+        .expect("the URL line");
+    let token_line = lines.next().expect("the token line");
+    let token = token_line
+        .split("Bearer ")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .expect("a token")
+        .to_string();
+    assert_eq!(token.len(), 64, "{token_line}");
+    std::thread::spawn(move || lines.for_each(drop));
+    let refusals = run_client(&["http-refusals".into(), "http".into(), url, token]);
+    assert_eq!(refusals["statuses"]["no_token"], 401, "{refusals}");
+    assert_eq!(refusals["statuses"]["good"], 200, "{refusals}");
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[test]

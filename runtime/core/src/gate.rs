@@ -188,6 +188,24 @@ impl Gate {
         outcome
     }
 
+    /// Finishes a call its caller abandoned while it ran (a cancelled turn,
+    /// an MCP client's `notifications/cancelled`): charged for the wall time
+    /// it ran (its CPU time at that bound too), then redacted, accounted and
+    /// audited like any other.
+    pub fn finish_abandoned(
+        &mut self,
+        call: &ToolCall,
+        ran_for: std::time::Duration,
+    ) -> ToolOutcome {
+        let ran_ms = u64::try_from(ran_for.as_millis()).unwrap_or(u64::MAX);
+        let mut outcome = ToolOutcome::internal_error(format!(
+            "cancelled by the caller after {ran_ms} ms; the call was stopped"
+        ));
+        outcome.duration_ms = ran_ms;
+        self.budget.charge_sandbox(ran_ms, ran_ms);
+        self.finish(call, outcome)
+    }
+
     /// The `tracing` span a call's execution runs in.
     pub fn span(&self, call: &ToolCall) -> tracing::Span {
         tracing::info_span!("tool_call", session = %self.session, call_id = %call.id, tool = %call.function.name)

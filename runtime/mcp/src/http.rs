@@ -8,16 +8,28 @@
 //! - **Remote hosts.** Without a bearer token the server binds loopback
 //!   addresses only; [`McpHttpServer::bind`] refuses any other address
 //!   ([`HttpError::PublicWithoutToken`]).
-//! - **Other local users and processes.** With a token configured, every
-//!   request must carry `Authorization: Bearer <token>`; anything else gets
-//!   `401` before it reaches MCP. The token is compared in constant time and
-//!   comes from an environment variable, never the command line (which
-//!   every local user can read in `/proc`).
+//! - **Other local users and processes, sandboxed code included.** A
+//!   sandboxed call with `network = "full"` reaches the host's loopback; a
+//!   tokenless server would let it call tools and answer its own approval
+//!   elicitations. So `agent mcp --http` always has a token unless told
+//!   `--no-auth`: the one given with `--token-env VAR` (an environment
+//!   variable, never the command line, which every local user can read in
+//!   `/proc`), or a random 256-bit one made for the run and printed to the
+//!   user's terminal. Every request must carry `Authorization: Bearer
+//!   <token>`; anything else gets `401` before it reaches MCP. The token is
+//!   compared in constant time.
 //! - **Web pages in the user's browser (DNS rebinding, cross-origin
 //!   posts).** rmcp checks `Host` against the allowed hosts (loopback names
 //!   by default, plus any named with `--allow-host`) and refuses a request
 //!   whose `Origin` is not a loopback origin.
-//! - **Oversized bodies.** rmcp caps a request body (413 past it).
+//! - **Sessionless requests.** Every request but `initialize` must name its
+//!   session (`Mcp-Session-Id`), so budgets, grants and the Python
+//!   interpreter always belong to one session; a sessionless request (the
+//!   2026-07-28 revision's stateless style, or a `server/discover` probe)
+//!   is answered with JSON-RPC error -32022 listing the versions served,
+//!   and clients fall back to `initialize`.
+//! - **Oversized bodies.** rmcp caps a request body (413 past it); a
+//!   sessionless one is read only up to [`MAX_SESSIONLESS_BODY`].
 //!
 //! Not covered: TLS (put a reverse proxy in front for non-loopback use) and
 //! a peer that holds the token (it has the rights the policy grants).
@@ -26,12 +38,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::ToolService;
@@ -147,7 +160,9 @@ fn router(
         Arc::new(LocalSessionManager::default()),
         config,
     );
-    let router = Router::new().nest_service(MCP_PATH, mcp);
+    let router = Router::new()
+        .nest_service(MCP_PATH, mcp)
+        .layer(middleware::from_fn(sessions_only));
     match &options.bearer_token {
         Some(token) => router.layer(middleware::from_fn_with_state(
             Arc::new(token.clone()),
@@ -155,6 +170,46 @@ fn router(
         )),
         None => router,
     }
+}
+
+/// The most of a sessionless request's body that is read (to see whether
+/// it is an `initialize`).
+pub const MAX_SESSIONLESS_BODY: usize = 1 << 20;
+
+/// Lets through only requests of a session, and the `initialize` that
+/// starts one (see the module docs).
+async fn sessions_only(request: Request, next: Next) -> Response {
+    if request.method() != Method::POST || request.headers().contains_key("mcp-session-id") {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_SESSIONLESS_BODY).await else {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "a request without Mcp-Session-Id must be a JSON-RPC initialize of at most 1 MiB\n",
+        )
+            .into_response();
+    };
+    let message: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if message.get("method").and_then(Value::as_str) == Some("initialize") {
+        return next
+            .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+            .await;
+    }
+    let supported = ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
+    let error = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": message.get("id").cloned().unwrap_or(Value::Null),
+        "error": {
+            "code": -32022,
+            "message": "this server serves MCP sessions only: start one with initialize (protocol 2024-11-05 to 2025-11-25), then send Mcp-Session-Id with every request",
+            "data": {
+                "supported": supported,
+                "requested": message.pointer("/params/_meta/io.modelcontextprotocol~1protocolVersion").cloned().unwrap_or(Value::Null),
+            },
+        },
+    });
+    (StatusCode::BAD_REQUEST, axum::Json(error)).into_response()
 }
 
 /// Refuses a request without the bearer token.

@@ -8,6 +8,13 @@
 //! approval makes) and its own stateful Python interpreter, so one client's
 //! state never reaches another's.
 //!
+//! Budgets are per session: each `tools/call` is a turn of its own (the
+//! client runs the model's loop), so `calls_per_turn` counts one call and
+//! the session-wide limits (`calls_per_session`, sandbox time) count all of
+//! a session's calls. They bound a runaway client loop, not a hostile
+//! client, which can open another session; the policy's per-call limits and
+//! decisions hold for every session alike.
+//!
 //! Every `tools/call` goes through [`Gate::admit`] (validation, budgets,
 //! policy and approval), [`dispatch::execute`] (the sandbox) and
 //! [`Gate::finish`] (redaction, accounting, audit), exactly as a model's
@@ -31,7 +38,6 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
     JsonObject, ListToolsResult, PaginatedRequestParams, ProtocolVersion, ServerCapabilities,
@@ -44,7 +50,9 @@ use tracing::Instrument;
 
 use stack_core::dispatch::{self, ToolContext};
 use stack_core::gate::{Admission, Gate};
-use stack_core::policy::{ApprovalAnswer, ApprovalHandler, ApprovalRequest, AuditLog, Policy};
+use stack_core::policy::{
+    ApprovalAnswer, ApprovalHandler, ApprovalRequest, AuditLog, Policy, Verdict,
+};
 use stack_core::tools::Registry;
 use stack_types::message::ToolCall;
 use stack_types::outcome::{Status, ToolOutcome};
@@ -153,22 +161,23 @@ impl McpSession {
         &self.name
     }
 
-    /// Runs one call through the gate.
+    /// Runs one call through the gate. An approval the policy asks for is
+    /// obtained first, without holding the gate, so that one pending
+    /// elicitation never holds up this session's other calls; the gate then
+    /// decides the call again and, if it asks, gets that answer.
     async fn run(&self, call: &ToolCall, peer: &Peer<RoleServer>) -> ToolOutcome {
-        let approver: Option<Arc<dyn ApprovalHandler>> = if peer
-            .supported_elicitation_modes()
-            .contains(&ElicitationMode::Form)
-        {
-            Some(Arc::new(ElicitingApprover { peer: peer.clone() }))
-        } else {
-            match self.shared.unanswered_ask {
-                UnansweredAsk::Approve => Some(Arc::new(approve_all)),
-                // No approver: the refusal says that no one could approve.
-                UnansweredAsk::Deny => None,
-            }
+        let request = approval_request(&*self.gate.lock().await, call);
+        let approver: Option<Arc<dyn ApprovalHandler>> = match request {
+            None => None,
+            Some(request) => self.ask(&request, peer).await.map(|answer| {
+                Arc::new(move |_: &ApprovalRequest| answer) as Arc<dyn ApprovalHandler>
+            }),
         };
         let admission = {
             let mut gate = self.gate.lock().await;
+            // Each MCP call is a turn of its own (the client runs the loop):
+            // per-turn limits count one call, session limits all of them.
+            gate.budget().start_turn();
             gate.set_approver(approver);
             let admission = gate.admit(call).await;
             gate.set_approver(None);
@@ -177,7 +186,7 @@ impl McpSession {
         match admission {
             Admission::Refused(outcome) => outcome,
             Admission::Run(authorized) => {
-                let span = self.gate.lock().await.span(call);
+                let span = tracing::info_span!("tool_call", session = %self.name, call_id = %call.id, tool = %call.function.name);
                 let outcome = dispatch::execute(&authorized, &self.context)
                     .instrument(span)
                     .await;
@@ -185,6 +194,43 @@ impl McpSession {
             }
         }
     }
+
+    /// The answer to an `ask`: the client's, through a form elicitation
+    /// when it supports one; otherwise the `--yes` fallback, or `None` (no
+    /// one can approve, and the refusal says so).
+    async fn ask(
+        &self,
+        request: &ApprovalRequest,
+        peer: &Peer<RoleServer>,
+    ) -> Option<ApprovalAnswer> {
+        if peer
+            .supported_elicitation_modes()
+            .contains(&ElicitationMode::Form)
+        {
+            return Some(elicit_approval(peer, request).await);
+        }
+        match self.shared.unanswered_ask {
+            UnansweredAsk::Approve => Some(ApprovalAnswer::Yes),
+            UnansweredAsk::Deny => None,
+        }
+    }
+}
+
+/// What the policy would ask about `call`, if it would ask (validation,
+/// grants and all); `None` when it would not, or the call is invalid (the
+/// gate then refuses it itself).
+fn approval_request(gate: &Gate, call: &ToolCall) -> Option<ApprovalRequest> {
+    let validated = gate.registry().validate(call).ok()?;
+    let tool = validated.tool().name.clone();
+    let decision = gate
+        .policy()
+        .decide(&tool, validated.arguments(), gate.grants());
+    (decision.verdict == Verdict::Ask).then(|| ApprovalRequest {
+        tool,
+        arguments: validated.arguments().clone(),
+        rule: decision.rule,
+        reason: decision.reason,
+    })
 }
 
 impl ServerHandler for McpSession {
@@ -229,14 +275,12 @@ impl ServerHandler for McpSession {
             request.name.to_string(),
             arguments.to_string(),
         );
+        let started = std::time::Instant::now();
         let outcome = tokio::select! {
             outcome = self.run(&call, &context.peer) => outcome,
             () = context.ct.cancelled() => {
-                // Dropping `run` dropped the sandboxed process with it.
-                let outcome = ToolOutcome::internal_error(
-                    "cancelled by the client (notifications/cancelled); the call was stopped",
-                );
-                self.gate.lock().await.finish(&call, outcome)
+                // Dropping `run` stopped the call (see invariant 19).
+                self.gate.lock().await.finish_abandoned(&call, started.elapsed())
             }
         };
         let text = self.gate.lock().await.text_for_model(&outcome);
@@ -292,35 +336,29 @@ struct ApprovalForm {
 
 rmcp::elicit_safe!(ApprovalForm);
 
-fn approve_all(_: &ApprovalRequest) -> ApprovalAnswer {
-    ApprovalAnswer::Yes
-}
+/// How long a client has to answer an approval before it counts as no.
+const APPROVAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Answers `ask` decisions with an MCP form elicitation to the client.
-struct ElicitingApprover {
-    peer: Peer<RoleServer>,
-}
-
-impl ApprovalHandler for ElicitingApprover {
-    fn approve<'a>(&'a self, request: &'a ApprovalRequest) -> BoxFuture<'a, ApprovalAnswer> {
-        Box::pin(async move {
-            let message = approval_message(request);
-            match self.peer.elicit::<ApprovalForm>(message).await {
-                Ok(Some(ApprovalForm {
-                    approve: true,
-                    remember: true,
-                })) => ApprovalAnswer::Always,
-                Ok(Some(ApprovalForm { approve: true, .. })) => ApprovalAnswer::Yes,
-                Ok(Some(_) | None)
-                | Err(ElicitationError::UserDeclined | ElicitationError::UserCancelled) => {
-                    ApprovalAnswer::No
-                }
-                Err(err) => {
-                    tracing::warn!(%err, tool = %request.tool, "the approval elicitation failed; the call is refused");
-                    ApprovalAnswer::No
-                }
-            }
-        })
+/// Asks the client, with a form elicitation, whether to run a call.
+async fn elicit_approval(peer: &Peer<RoleServer>, request: &ApprovalRequest) -> ApprovalAnswer {
+    let message = approval_message(request);
+    match peer
+        .elicit_with_timeout::<ApprovalForm>(message, Some(APPROVAL_TIMEOUT))
+        .await
+    {
+        Ok(Some(ApprovalForm {
+            approve: true,
+            remember: true,
+        })) => ApprovalAnswer::Always,
+        Ok(Some(ApprovalForm { approve: true, .. })) => ApprovalAnswer::Yes,
+        Ok(Some(_) | None)
+        | Err(ElicitationError::UserDeclined | ElicitationError::UserCancelled) => {
+            ApprovalAnswer::No
+        }
+        Err(err) => {
+            tracing::warn!(%err, tool = %request.tool, "the approval elicitation failed; the call is refused");
+            ApprovalAnswer::No
+        }
     }
 }
 

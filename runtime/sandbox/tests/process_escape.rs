@@ -1466,3 +1466,149 @@ async fn the_runtimes_own_folders_inside_a_workspace_are_protected() {
     }
     state.assert_untouched();
 }
+
+/// Polls until no sandboxed process is left, or `within` passes.
+async fn sandboxed_processes_after(within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = sandboxed_processes();
+        if left.is_empty() || Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether `path` is still being rewritten: removed, then looked for again.
+async fn still_written(path: &Path) -> bool {
+    let _ = std::fs::remove_file(path);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    path.exists()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abandoned_call_is_killed_with_everything_it_made() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let policy = ProcessPolicy {
+        limits: ResourceLimits {
+            wall_ms: 60_000,
+            ..tight_policy().limits
+        },
+        ..tight_policy()
+    };
+    let busy = fx.workspace.path().join("busy");
+    let code = format!(
+        "(setsid bash -c 'while :; do echo x > {}; sleep 0.02; done' >/dev/null 2>&1 &); sleep 100",
+        busy.display()
+    );
+    // The host gives up on the call (a cancelled turn, an MCP client's
+    // cancellation): its future is dropped mid-run.
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(800),
+        fx.run(Language::Bash, &code, &policy),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the call finished: {abandoned:?}");
+    assert_eq!(
+        sandboxed_processes_after(Duration::from_secs(3)).await,
+        Vec::<String>::new(),
+        "the abandoned call's processes live on"
+    );
+    assert!(
+        !still_written(&busy).await,
+        "a detached writer of the abandoned call still runs"
+    );
+    fx.assert_healthy("abandoned call").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_talks_over_its_pipes_and_dies_when_dropped() {
+    use stack_sandbox::process::ServiceEnd;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let policy = tight_policy();
+    let argv = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    // An echo service answers line by line, for longer than a call's
+    // wall-clock limit (3 s here): a service has none.
+    let mut echo = fx
+        .sandbox
+        .spawn_service(&argv(&["cat"]), fx.workspace.path(), &policy)
+        .await
+        .expect("spawn cat");
+    let mut lines = tokio::io::BufReader::new(&mut echo.stdout).lines();
+    for round in 0..3 {
+        echo.stdin
+            .write_all(format!("ping {round}\n").as_bytes())
+            .await
+            .expect("write");
+        let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        assert_eq!(line.as_deref(), Some(format!("ping {round}").as_str()));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    drop(lines);
+    drop(echo);
+
+    // A service that detaches a writer: dropping it kills the writer too.
+    let busy = fx.workspace.path().join("busy");
+    let script = format!(
+        "(setsid bash -c 'while :; do echo x > {}; sleep 0.02; done' >/dev/null 2>&1 &); cat",
+        busy.display()
+    );
+    let service = fx
+        .sandbox
+        .spawn_service(
+            &argv(&["bash", "-c", &script]),
+            fx.workspace.path(),
+            &policy,
+        )
+        .await
+        .expect("spawn bash");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(busy.exists(), "the service's writer never ran");
+    drop(service);
+    assert_eq!(
+        sandboxed_processes_after(Duration::from_secs(3)).await,
+        Vec::<String>::new(),
+        "a dropped service's processes live on"
+    );
+    assert!(
+        !still_written(&busy).await,
+        "the service's writer still runs"
+    );
+
+    // A service is confined like a call: it cannot read outside its
+    // workspace, and how it ended is reported.
+    let secret = fx.outside.path().join("secret.txt");
+    let reader = fx
+        .sandbox
+        .spawn_service(
+            &argv(&["cat", &secret.display().to_string()]),
+            fx.workspace.path(),
+            &policy,
+        )
+        .await
+        .expect("spawn cat secret");
+    let mut out = String::new();
+    let mut stdout = reader.stdout;
+    tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut out)
+        .await
+        .expect("read");
+    assert!(!out.contains(SECRET), "the service read the secret: {out}");
+    let end = tokio::time::timeout(Duration::from_secs(5), reader.ended)
+        .await
+        .expect("ended in time")
+        .expect("an end");
+    match end {
+        ServiceEnd::Exited { status, .. } => {
+            assert_ne!(status, 0, "cat of the secret succeeded")
+        }
+        other => panic!("{other}"),
+    }
+    fx.assert_healthy("services").await;
+}

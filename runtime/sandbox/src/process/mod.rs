@@ -433,6 +433,75 @@ impl ProcessSandbox {
         workspace: &Path,
         policy: &ProcessPolicy,
     ) -> Result<ToolOutcome, SandboxError> {
+        let handed = self.hand_over(request, workspace, policy).await?;
+        let HandedOver {
+            zygote,
+            channel,
+            pidfd,
+            stdio,
+            workspace,
+            snapshot,
+        } = handed;
+        // Abandoned, the call is killed (in `run_call`) and then, once its
+        // processes are gone, what it did to protected paths is undone.
+        let watch_init = pidfd.try_clone().ok().map(protect::AbandonedCall::Init);
+        let mut undo = protect::UndoIfAbandoned::new(snapshot, workspace.clone(), watch_init);
+        let mut outcome = run_call(&zygote, channel, pidfd, policy.limits, stdio).await?;
+        let snapshot = undo.take().unwrap_or_default();
+        if !snapshot.is_empty() {
+            let undone = off_the_runtime(move || snapshot.undo_changes(&workspace))
+                .await
+                .unwrap_or_default();
+            if !undone.is_empty() {
+                protect::report(&mut outcome, &undone);
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Starts a long-lived program in the sandbox with its stdin, stdout
+    /// and stderr connected to the runtime (an MCP server, say): the same
+    /// boundary as a call (identity, namespaces, landlock, seccomp, rlimits,
+    /// cgroup, network), and no wall-clock limit; it lives until it exits
+    /// or the [`SandboxedService`] is dropped, which kills it and every
+    /// process it made. `policy.limits.cpu_seconds` counts over its whole
+    /// life.
+    pub async fn spawn_service(
+        &self,
+        argv: &[String],
+        workspace: &Path,
+        policy: &ProcessPolicy,
+    ) -> Result<SandboxedService, SandboxError> {
+        let request = Request {
+            argv: argv.to_vec(),
+            code: None,
+            stdin: None,
+        };
+        let handed = self
+            .hand_over_with(request, workspace, policy, StdinMode::Interactive)
+            .await?;
+        SandboxedService::start(handed)
+    }
+
+    async fn hand_over(
+        &self,
+        request: Request,
+        workspace: &Path,
+        policy: &ProcessPolicy,
+    ) -> Result<HandedOver, SandboxError> {
+        self.hand_over_with(request, workspace, policy, StdinMode::Bytes)
+            .await
+    }
+
+    /// Everything up to the moment a spare has the call: the checks, the
+    /// zygote, the pipes, the spec.
+    async fn hand_over_with(
+        &self,
+        request: Request,
+        workspace: &Path,
+        policy: &ProcessPolicy,
+        stdin_mode: StdinMode,
+    ) -> Result<HandedOver, SandboxError> {
         let probe = KernelProbe::get();
         if let Some(missing) = probe.missing_requirements(policy.min_landlock_abi) {
             return Err(SandboxError::KernelLacks(missing));
@@ -482,7 +551,10 @@ impl ProcessSandbox {
         let _ = packet::send_bytes(spare.channel.as_fd(), spec::WAKE_UP, &[]);
         // Everything the wait needs is set up before the call is sent, so
         // that nothing here competes with the target once it has its call.
-        let stdio = CallStdio::open(request.stdin)?;
+        let stdio = match stdin_mode {
+            StdinMode::Bytes => CallStdio::open(request.stdin)?,
+            StdinMode::Interactive => CallStdio::open_interactive()?,
+        };
         let code = match &request.code {
             Some((name, code)) => Some((name.to_string(), sealed_code(code)?)),
             None => None,
@@ -528,17 +600,14 @@ impl ProcessSandbox {
             }
         };
         drop(code);
-        let mut outcome = run_call(&zygote, channel, pidfd, policy.limits, stdio).await?;
-        if !snapshot.is_empty() {
-            let workspace = workspace.clone();
-            let undone = off_the_runtime(move || snapshot.undo_changes(&workspace))
-                .await
-                .unwrap_or_default();
-            if !undone.is_empty() {
-                protect::report(&mut outcome, &undone);
-            }
-        }
-        Ok(outcome)
+        Ok(HandedOver {
+            zygote,
+            channel,
+            pidfd,
+            stdio,
+            workspace,
+            snapshot,
+        })
     }
 
     /// A spare of the zygote for `key`; a zygote found dead (killed from
@@ -605,6 +674,173 @@ enum Ended {
 /// Extra time the output pipes get after the wall-clock limit.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
+/// A call its spare has: what waiting for it needs. Dropped as it is, the
+/// call is killed (its `pidfd` is wrapped at once by whoever takes it).
+struct HandedOver {
+    zygote: Arc<Zygote>,
+    channel: tokio::io::unix::AsyncFd<OwnedFd>,
+    pidfd: OwnedFd,
+    stdio: CallStdio,
+    workspace: PathBuf,
+    snapshot: protect::Snapshot,
+}
+
+/// A service has no wall-clock limit: this stands for "for ever" (136
+/// years) where a deadline is needed.
+const SERVICE_LIFETIME: Duration = Duration::from_secs(u32::MAX as u64);
+
+/// What the target's stdin is.
+#[derive(Clone, Copy)]
+enum StdinMode {
+    /// `/dev/null`, or a pipe fed the request's bytes and closed.
+    Bytes,
+    /// A pipe the runtime keeps writing to.
+    Interactive,
+}
+
+/// A long-lived sandboxed program (see [`ProcessSandbox::spawn_service`]):
+/// its stdio, and how it ended. Dropping it kills the program and every
+/// process it made.
+pub struct SandboxedService {
+    /// Its standard input.
+    pub stdin: tokio::net::unix::pipe::Sender,
+    /// Its standard output.
+    pub stdout: tokio::net::unix::pipe::Receiver,
+    /// Its standard error.
+    pub stderr: tokio::net::unix::pipe::Receiver,
+    /// Resolves when it has ended (and its protected paths are checked).
+    pub ended: tokio::sync::oneshot::Receiver<ServiceEnd>,
+    /// Kills it on drop, through the waiter task's cancellation.
+    _kill: tokio_util_free::AbortOnDrop,
+}
+
+/// How a sandboxed service ended.
+#[derive(Debug, Clone)]
+pub enum ServiceEnd {
+    /// It exited with this wait status (an exit code, or the signal that
+    /// killed it: an rlimit, the memory cgroup).
+    Exited {
+        /// The raw wait status.
+        status: i32,
+        /// The CPU time it used, in milliseconds.
+        cpu_ms: u64,
+    },
+    /// Its sandbox reported a setup failure, or its report channel broke.
+    Failed(String),
+}
+
+impl std::fmt::Display for ServiceEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServiceEnd::Exited { status, .. } => {
+                let status = std::process::ExitStatus::from_raw(*status);
+                match (status.code(), status.signal()) {
+                    (Some(code), _) => write!(f, "exited with code {code}"),
+                    (None, Some(signal)) => match nix::sys::signal::Signal::try_from(signal) {
+                        Ok(name) => write!(f, "killed by {}", name.as_str()),
+                        Err(_) => write!(f, "killed by signal {signal}"),
+                    },
+                    _ => write!(f, "ended ({status})"),
+                }
+            }
+            ServiceEnd::Failed(why) => write!(f, "failed: {why}"),
+        }
+    }
+}
+
+impl SandboxedService {
+    fn start(handed: HandedOver) -> Result<SandboxedService, SandboxError> {
+        let HandedOver {
+            zygote,
+            channel,
+            pidfd,
+            stdio,
+            workspace,
+            snapshot,
+        } = handed;
+        // From here on, dropping `init` (this function failing, or the
+        // waiter task being aborted) kills the service.
+        let mut init = KillOnDrop(Some(pidfd));
+        let CallStdio {
+            child,
+            stdout,
+            stderr,
+            stdin_feed,
+        } = stdio;
+        drop(child);
+        let Some((stdin, _)) = stdin_feed else {
+            return Err(SandboxError::Prepare(
+                "a service needs a stdin pipe".to_string(),
+            ));
+        };
+        let (tell, ended) = tokio::sync::oneshot::channel();
+        let watch_init = init
+            .0
+            .as_ref()
+            .and_then(|pidfd| pidfd.try_clone().ok())
+            .map(protect::AbandonedCall::Init);
+        // Aborted (the service dropped), the waiter still undoes what the
+        // service did to protected paths, once it is gone.
+        let mut undo = protect::UndoIfAbandoned::new(snapshot, workspace.clone(), watch_init);
+        let waiter = tokio::spawn(async move {
+            let end = match wait_report(&channel, SERVICE_LIFETIME).await {
+                Ended::Exited {
+                    setup_error: Some(message),
+                    ..
+                }
+                | Ended::Lost {
+                    setup_error: Some(message),
+                } => ServiceEnd::Failed(message),
+                Ended::Exited {
+                    status,
+                    cpu_ms,
+                    others_left,
+                    ..
+                } => {
+                    if let Some(pidfd) = init.disarm() {
+                        end_call(&zygote, pidfd, others_left).await;
+                    }
+                    ServiceEnd::Exited { status, cpu_ms }
+                }
+                Ended::Lost { .. } => {
+                    ServiceEnd::Failed("its sandbox's report channel closed".into())
+                }
+                Ended::TimedOut => ServiceEnd::Failed("timed out".into()),
+            };
+            drop(init);
+            let snapshot = undo.take().unwrap_or_default();
+            if !snapshot.is_empty() {
+                let undone = off_the_runtime(move || snapshot.undo_changes(&workspace))
+                    .await
+                    .unwrap_or_default();
+                if !undone.is_empty() {
+                    tracing::warn!(?undone, "a sandboxed service changed protected workspace paths; they were moved aside");
+                }
+            }
+            let _ = tell.send(end);
+        });
+        Ok(SandboxedService {
+            stdin,
+            stdout,
+            stderr,
+            ended,
+            _kill: tokio_util_free::AbortOnDrop(waiter),
+        })
+    }
+}
+
+/// A tokio task aborted when this is dropped (no tokio-util here).
+mod tokio_util_free {
+    /// Aborts the task on drop.
+    pub(super) struct AbortOnDrop(pub(super) tokio::task::JoinHandle<()>);
+
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+}
+
 /// The pipes of one call: the target's ends (stdin is `/dev/null`, or a
 /// pipe fed with the request's bytes) and the runtime's, already
 /// registered with tokio.
@@ -645,6 +881,21 @@ impl CallStdio {
             stderr: pipe::Receiver::from_owned_fd(stderr).map_err(|e| prepare("stderr", e))?,
             stdin_feed,
         })
+    }
+
+    /// Pipes for a long-lived program: the runtime keeps stdin's write end
+    /// (returned as the feed, with nothing queued).
+    fn open_interactive() -> Result<CallStdio, SandboxError> {
+        use nix::fcntl::OFlag;
+        use tokio::net::unix::pipe;
+        let prepare = |what: &str, e: std::io::Error| SandboxError::Prepare(format!("{what}: {e}"));
+        let (read, write) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| prepare("pipe", e.into()))?;
+        let sender = pipe::Sender::from_owned_fd(write).map_err(|e| prepare("stdin", e))?;
+        let mut stdio = CallStdio::open(None)?;
+        stdio.child[0] = read;
+        stdio.stdin_feed = Some((sender, Vec::new()));
+        Ok(stdio)
     }
 
     fn child_fds(&self) -> [std::os::fd::RawFd; 3] {

@@ -239,6 +239,90 @@ impl Snapshot {
 
 /// Turns a call that changed protected paths into a failure that says what
 /// was moved where.
+/// What to wait for before undoing an abandoned call's changes: its
+/// processes' end.
+pub(crate) enum AbandonedCall {
+    /// The call's init, killed already: its pidfd turns readable once it
+    /// (and with it the call's PID namespace) is gone.
+    Init(OwnedFd),
+    /// A guest whose deadline was moved to now: it stops within this.
+    Guest(std::time::Duration),
+}
+
+/// Undoes a call's changes to protected paths even when the call is
+/// abandoned (its future dropped: a cancelled turn, an MCP client's
+/// cancellation), where the code after the call that would undo them never
+/// runs. Without it, code that plants a protected name (`.envrc`) and then
+/// waits to be cancelled would keep it. Take the snapshot back with
+/// [`UndoIfAbandoned::take`] when the call ends normally.
+pub(crate) struct UndoIfAbandoned(Option<(Snapshot, PathBuf, Option<AbandonedCall>)>);
+
+impl UndoIfAbandoned {
+    /// Guards `snapshot` of the call over `workspace`.
+    pub(crate) fn new(
+        snapshot: Snapshot,
+        workspace: PathBuf,
+        wait: Option<AbandonedCall>,
+    ) -> UndoIfAbandoned {
+        UndoIfAbandoned(Some((snapshot, workspace, wait)))
+    }
+
+    /// The snapshot, for the caller to undo and report itself.
+    pub(crate) fn take(&mut self) -> Option<Snapshot> {
+        self.0.take().map(|(snapshot, _, _)| snapshot)
+    }
+}
+
+impl Drop for UndoIfAbandoned {
+    fn drop(&mut self) {
+        let Some((snapshot, workspace, wait)) = self.0.take() else {
+            return;
+        };
+        if snapshot.is_empty() {
+            return;
+        }
+        let undo = move || {
+            let undone = snapshot.undo_changes(&workspace);
+            if !undone.is_empty() {
+                tracing::warn!(
+                    workspace = %workspace.display(),
+                    moved = ?undone,
+                    "an abandoned call had changed protected workspace paths; they were moved aside"
+                );
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    match wait {
+                        Some(AbandonedCall::Init(pidfd)) => {
+                            // SAFETY: the OwnedFd stays open, unchanged, for
+                            // as long as the AsyncFd owns it.
+                            if let Ok(pidfd) = unsafe {
+                                tokio::io::unix::AsyncFd::register_with_interest(
+                                    pidfd,
+                                    tokio::io::Interest::READABLE,
+                                )
+                            } {
+                                let _ = tokio::time::timeout(
+                                    std::time::Duration::from_secs(2),
+                                    pidfd.readable(),
+                                )
+                                .await;
+                            }
+                        }
+                        Some(AbandonedCall::Guest(within)) => tokio::time::sleep(within).await,
+                        None => {}
+                    }
+                    let _ = tokio::task::spawn_blocking(undo).await;
+                });
+            }
+            // No runtime to wait on: undo now, on this thread.
+            Err(_) => undo(),
+        }
+    }
+}
+
 pub(crate) fn report(outcome: &mut ToolOutcome, undone: &[Undone]) {
     let parts: Vec<String> = undone
         .iter()

@@ -174,6 +174,7 @@ fn unexpected(reply: Option<FromHelper>, stderr: &str) -> String {
 }
 
 /// Runs one guest in a fresh helper. Blocking.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn run_call(
     sandbox: &WasiSandbox,
     prepared: &Prepared,
@@ -182,6 +183,7 @@ pub(super) fn run_call(
     stdin: Option<Vec<u8>>,
     workspace: &Path,
     policy: &WasiPolicy,
+    deadline: &super::Deadline,
 ) -> ToolOutcome {
     let job = Job::Call {
         argv: argv.to_vec(),
@@ -238,11 +240,31 @@ pub(super) fn run_call(
         return ToolOutcome::internal_error(format!("reading the WASI helper: {err}"));
     }
     let limit = Duration::from_millis(policy.wall_ms) + HELPER_GRACE;
-    let answer = rx.recv_timeout(limit);
+    let give_up = std::time::Instant::now() + limit;
+    // Waits in short steps: an abandoned call (its deadline moved to now,
+    // see `EndOnDrop`) has its helper killed at once.
+    let answer = loop {
+        let now = std::time::Instant::now();
+        let cancelled = deadline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|deadline| deadline <= now);
+        if cancelled || now >= give_up {
+            break Err(cancelled);
+        }
+        match rx.recv_timeout(CANCEL_POLL.min(give_up - now)) {
+            Ok(answer) => break Ok(answer),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break Err(false),
+        }
+    };
     if answer.is_err() {
         let _ = child.kill();
     }
     let _ = child.wait();
+    if matches!(answer, Err(true)) {
+        return ToolOutcome::internal_error("the call was cancelled; its WASI helper was killed");
+    }
     let Ok((replies, said)) = answer else {
         let mut outcome = ToolOutcome::internal_error(format!(
             "the WASI helper did not finish within {} ms and was killed",
@@ -257,6 +279,29 @@ pub(super) fn run_call(
         (Some(FromHelper::Ready), Some(FromHelper::Outcome { outcome, .. })) => outcome,
         (Some(FromHelper::Ready), other) => ToolOutcome::internal_error(unexpected(other, &said)),
         (first, _) => ToolOutcome::internal_error(unexpected(first, &said)),
+    }
+}
+
+/// How often a one-shot helper call checks whether it was abandoned.
+const CANCEL_POLL: Duration = Duration::from_millis(50);
+
+/// Kills a helper (by pid) if dropped armed: a frame abandoned mid-run.
+/// The helper is a child the runtime has not reaped, so its pid cannot
+/// have been reused.
+pub(super) struct KillHelperOnDrop(Option<nix::unistd::Pid>);
+
+impl KillHelperOnDrop {
+    /// Leaves the helper alone when dropped.
+    pub(super) fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillHelperOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.take() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
     }
 }
 
@@ -325,6 +370,16 @@ impl HelperSession {
     /// Runs `code` under `wall_ms`; returns the outcome and how many more
     /// times the interpreter was reset. An `Err` means the helper is gone
     /// (or was killed for overrunning), and its state with it.
+    /// A guard that kills this helper if dropped before it is disarmed.
+    pub(super) fn kill_on_drop(&self) -> KillHelperOnDrop {
+        KillHelperOnDrop(
+            self.child
+                .id()
+                .and_then(|id| i32::try_from(id).ok())
+                .map(nix::unistd::Pid::from_raw),
+        )
+    }
+
     pub(super) async fn run(
         &mut self,
         code: &str,

@@ -254,8 +254,18 @@ impl PythonSession {
             }
         }
         self.in_call = true;
+        // Abandoned mid-frame, the code is stopped (see `run_frame`) and
+        // what it did to protected paths is undone once it has stopped.
+        let mut undo = crate::process::protect::UndoIfAbandoned::new(
+            snapshot,
+            self.workspace.clone(),
+            Some(crate::process::protect::AbandonedCall::Guest(
+                ABANDONED_GUEST_STOPS_WITHIN,
+            )),
+        );
         let mut outcome = self.run_frame(code, present).await;
         self.in_call = false;
+        let snapshot = undo.take().unwrap_or_default();
         if !snapshot.is_empty() {
             let workspace = self.workspace.clone();
             let undone = tokio::task::spawn_blocking(move || snapshot.undo_changes(&workspace))
@@ -282,7 +292,12 @@ impl PythonSession {
         let live = match self.live.as_mut() {
             Some(Instance::InProcess(live)) => live,
             Some(Instance::Helper(helper)) => {
-                return match helper.run(code, self.policy.wall_ms).await {
+                // Dropped mid-frame (the call was cancelled), this kills the
+                // helper, and with it the code.
+                let mut kill_if_abandoned = helper.kill_on_drop();
+                let reply = helper.run(code, self.policy.wall_ms).await;
+                kill_if_abandoned.disarm();
+                return match reply {
                     Ok((outcome, resets)) => {
                         self.resets += resets;
                         outcome
@@ -294,7 +309,7 @@ impl PythonSession {
                         outcome.error = Some(format!("{reason}; {STATE_LOST}"));
                         outcome
                     }
-                }
+                };
             }
             None => return ToolOutcome::internal_error("the Python session did not start"),
         };
@@ -399,6 +414,11 @@ fn end(instance: Instance) {
         Instance::Helper(helper) => drop(helper),
     }
 }
+
+/// How long an abandoned frame's code may take to stop once its deadline
+/// has moved to now (an epoch tick; a host call interrupted by the
+/// watchdog within its grace) or its helper was killed.
+const ABANDONED_GUEST_STOPS_WITHIN: Duration = Duration::from_millis(750);
 
 /// Interrupts any running code and closes stdin: the driver sees end of
 /// input and returns, and the instance's thread ends on its own. Returns

@@ -23,9 +23,20 @@ pub struct McpArgs {
     #[arg(long, value_name = "ADDR")]
     http: Option<SocketAddr>,
     /// The environment variable that holds the bearer token every HTTP
-    /// request must carry (`Authorization: Bearer <token>`).
-    #[arg(long, value_name = "VAR", requires = "http")]
+    /// request must carry (`Authorization: Bearer <token>`). Without it
+    /// (and without --no-auth) a random token is made and printed.
+    #[arg(
+        long,
+        value_name = "VAR",
+        requires = "http",
+        conflicts_with = "no_auth"
+    )]
     token_env: Option<String>,
+    /// Serve HTTP without a bearer token: loopback addresses only, and any
+    /// local process (sandboxed code with full network access included)
+    /// can then call the tools and answer their approvals.
+    #[arg(long, requires = "http")]
+    no_auth: bool,
     /// A host name (or host:port) clients may use in `Host` besides the
     /// loopback names (repeatable; HTTP only).
     #[arg(long = "allow-host", value_name = "HOST", requires = "http")]
@@ -80,12 +91,19 @@ pub fn run(args: McpArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
         },
         audit,
     });
-    let bearer_token = match &args.token_env {
-        Some(var) => Some(
-            std::env::var(var)
-                .with_context(|| format!("--token-env {var}: the variable is not set"))?,
+    let (bearer_token, made_token) = match (&args.token_env, args.no_auth) {
+        (Some(var), _) => (
+            Some(
+                std::env::var(var)
+                    .with_context(|| format!("--token-env {var}: the variable is not set"))?,
+            ),
+            false,
         ),
-        None => None,
+        (None, true) => (None, false),
+        // A token made for this run serves loopback only: a server meant
+        // for other hosts gets the token its clients are given.
+        (None, false) if args.http.is_some_and(|addr| !addr.ip().is_loopback()) => (None, false),
+        (None, false) => (Some(random_token()?), true),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -100,7 +118,7 @@ pub fn run(args: McpArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
                 let shutdown = CancellationToken::new();
                 let options = HttpOptions {
                     addr,
-                    bearer_token,
+                    bearer_token: bearer_token.clone(),
                     allowed_hosts: args.allow_hosts,
                 };
                 let server = McpHttpServer::bind(service, options, shutdown.clone()).await?;
@@ -108,6 +126,15 @@ pub fn run(args: McpArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
                     "agent mcp: serving MCP at http://{}{MCP_PATH}",
                     server.local_addr()
                 );
+                match (&bearer_token, made_token) {
+                    (Some(token), true) => eprintln!(
+                        "agent mcp: clients must send `Authorization: Bearer {token}` (a token made for this run; give your own with --token-env VAR)"
+                    ),
+                    (Some(_), false) => {}
+                    (None, _) => eprintln!(
+                        "agent mcp: no bearer token (--no-auth): any local process can call these tools"
+                    ),
+                }
                 let stop = shutdown.clone();
                 tokio::spawn(async move {
                     wait_for_stop_signal().await;
@@ -132,4 +159,14 @@ async fn wait_for_stop_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// A fresh 256-bit token, hex-encoded, from the kernel's random source.
+fn random_token() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut bytes))
+        .context("reading /dev/urandom for a bearer token")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
