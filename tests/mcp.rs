@@ -427,3 +427,289 @@ fn http_refuses_a_public_address_without_a_token() {
         "{stderr}"
     );
 }
+
+/// A copy of the `mcp-server-time` venv that `scripts/setup --peers` built,
+/// where the sandbox's user may read it (the cache under root's home is
+/// closed to it), made once per test run.
+fn server_venv() -> &'static Path {
+    static COPY: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        let built = common::client_python()
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::parent)
+            .expect("the clients folder")
+            .join("server-venv");
+        assert!(
+            built.join("bin/python").is_file(),
+            "{} is missing: run `scripts/setup --peers`",
+            built.display()
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(&built)
+            .arg(dir.path().join("venv"))
+            .status()
+            .expect("cp");
+        assert!(status.success());
+        open_to_all(dir.path());
+        dir
+    })
+    .path()
+}
+
+/// Readable (and enterable) by every user, as a system folder is.
+fn open_to_all(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+#[test]
+fn a_third_party_mcp_server_runs_in_the_sandbox_behind_the_policy() {
+    let ws = workspace();
+    let venv = server_venv().join("venv");
+    let policy = ws.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"extends = "default"
+
+[mcp_servers.time]
+command = "{python}"
+args = ["-m", "mcp_server_time", "--local-timezone", "UTC"]
+read_only = ["{venv}"]
+decision = "allow"
+
+[mcp_servers.time.tools.convert_time]
+decision = "deny"
+reason = "no converting here"
+"#,
+            python = venv.join("bin/python").display(),
+            venv = venv.display()
+        ),
+    )
+    .expect("policy");
+    let seen = over_stdio(
+        "third-party",
+        ws.path(),
+        &["--policy", policy.to_str().expect("utf8")],
+    );
+    // Its tools are listed, under their server's name, with their schemas.
+    let schema = &seen["tools"]["time__get_current_time"];
+    assert_eq!(
+        schema["required"],
+        serde_json::json!(["timezone"]),
+        "{seen}"
+    );
+    assert!(seen["tools"].get("time__convert_time").is_some(), "{seen}");
+    // A call runs in the sandboxed server; its answer comes back.
+    assert_eq!(seen["now"]["is_error"], false, "{seen}");
+    assert!(text(&seen["now"]).contains("Europe/Paris"), "{seen}");
+    // Arguments are validated against the server's own schema first.
+    assert_eq!(status(&seen["bad"]), "invalid", "{seen}");
+    // And the policy decides per server tool.
+    assert_eq!(status(&seen["convert"]), "denied", "{seen}");
+    assert!(
+        text(&seen["convert"]).contains("no converting here"),
+        "{seen}"
+    );
+}
+
+#[test]
+fn a_hostile_mcp_server_is_contained_and_the_runtime_stays_healthy() {
+    let ws = workspace();
+    let code = tempfile::tempdir().expect("tempdir");
+    open_to_all(code.path());
+    let server = code.path().join("hostile_server.py");
+    std::fs::copy(common::fixture("mcp/hostile_server.py"), &server).expect("copy");
+    let outside = tempfile::tempdir().expect("tempdir");
+    // World-writable: only the sandbox stops the write.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    let policy = ws.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"extends = "default"
+
+[mcp_servers.hostile]
+command = "/usr/bin/python3"
+args = ["{server}"]
+read_only = ["{server}"]
+decision = "allow"
+timeout_ms = 2000
+processes = 32
+"#,
+            server = server.display()
+        ),
+    )
+    .expect("policy");
+    let pwned = outside.path().join("pwned.txt");
+    let args = serde_json::json!({"outside": pwned, "port": port}).to_string();
+    let mut argv: Vec<String> = vec![
+        "hostile".into(),
+        "stdio".into(),
+        common::agent_binary().display().to_string(),
+        "--no-default-tools".into(),
+        "mcp".into(),
+        "--workspace".into(),
+        ws.path().display().to_string(),
+        "--policy".into(),
+        policy.display().to_string(),
+    ];
+    let output = Command::new(common::client_python())
+        .arg(client_script())
+        .args(argv.drain(..))
+        .env("MCP_SCENARIO_ARGS", &args)
+        .output()
+        .expect("run the MCP client");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: Value = serde_json::from_str(stdout.trim()).expect("json");
+
+    // Its tools joined, names sanitized; the one with a broken schema did not.
+    let tools = seen["tools"].to_string();
+    let sanitized = stack_runtime::policy::mcp_tool_name("hostile", "bad.name/with spaces");
+    assert!(tools.contains(&sanitized), "{tools}");
+    assert!(!tools.contains("bad_schema"), "{tools}");
+
+    // Every attack failed.
+    let attack: Value = serde_json::from_str(text(&seen["attack"])).expect("attack report");
+    for probe in [
+        "shadow",
+        "root_ssh",
+        "root_home",
+        "write_outside",
+        "tcp",
+        "udp",
+        "dns",
+    ] {
+        let said = attack[probe].as_str().unwrap_or("");
+        assert!(said.starts_with("blocked"), "{probe}: {said}");
+    }
+    assert!(!pwned.exists(), "the server wrote outside the workspace");
+    assert!(
+        listener.accept().is_err(),
+        "the server reached a host TCP listener"
+    );
+    let forks = attack["forks"].as_u64().expect("forks");
+    assert!(forks < 32, "the fork bomb was not stopped: {forks} forks");
+
+    // Misbehaving as a peer: each is a clear error, and the next call works.
+    assert_eq!(status(&seen["hang"]), "timeout", "{seen}");
+    assert!(
+        seen["hang"]["seconds"].as_f64().expect("s") < 10.0,
+        "{seen}"
+    );
+    assert!(
+        text(&seen["die"]).contains("ended during the call"),
+        "{seen}"
+    );
+    assert_eq!(
+        text(&seen["bad_name_with_spaces"]),
+        "ok bad.name/with spaces",
+        "{seen}"
+    );
+    assert!(text(&seen["flood"]).contains("over 4 MiB"), "{seen}");
+    assert!(
+        text(&seen["malformed"]).contains("not a tool result"),
+        "{seen}"
+    );
+    assert_eq!(text(&seen["health"]), "hello notes\n", "{seen}");
+
+    // The writer it detached did not outlive the session.
+    let outlive = ws.path().join("outlive.txt");
+    assert!(outlive.exists(), "the detached writer never ran");
+    std::fs::remove_file(&outlive).expect("remove");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        !outlive.exists(),
+        "a process of the MCP server outlived its session"
+    );
+}
+
+#[test]
+fn the_agent_loop_calls_an_mcp_server_tool_in_the_sandbox() {
+    let ws = workspace();
+    let venv = server_venv().join("venv");
+    let policy = ws.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"extends = "default"
+
+[mcp_servers.time]
+command = "{python}"
+args = ["-m", "mcp_server_time", "--local-timezone", "UTC"]
+read_only = ["{venv}"]
+decision = "allow"
+"#,
+            python = venv.join("bin/python").display(),
+            venv = venv.display()
+        ),
+    )
+    .expect("policy");
+    let home = tempfile::tempdir().expect("tempdir");
+    let assets = stack_runtime::assets::asset_dir().expect("asset folder");
+    // The real default model, made to call the server's tool (a named tool
+    // choice), through the whole loop: validation, policy, the sandboxed
+    // server, the result fed back.
+    let output = Command::new(common::agent_binary())
+        .args(["--no-default-tools", "--policy"])
+        .arg(&policy)
+        .arg("--workspace")
+        .arg(ws.path())
+        .args([
+            "--tool-choice",
+            "time__get_current_time",
+            "--seed",
+            "0",
+            "--max-steps",
+            "2",
+            "--max-tokens",
+            "96",
+        ])
+        .args(["run", "--json", "-p", "What time is it in Europe/Paris?"])
+        // Transcripts go to a home of the test's own.
+        .env("HOME", home.path())
+        .env("STACK_RUNTIME_ASSETS", &assets)
+        .env_remove("XDG_DATA_HOME")
+        .env_remove("XDG_CACHE_HOME")
+        .env_remove("STACK_RUNTIME_TOOLS")
+        .output()
+        .expect("agent run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let finished: Vec<Value> = stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|event| event["event"] == "tool_finished")
+        .collect();
+    let call = finished
+        .iter()
+        .find(|event| event["name"] == "time__get_current_time")
+        .unwrap_or_else(|| {
+            panic!(
+                "no call of the MCP tool finished:\n{stdout}\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+    // The server answered: a time, or its own complaint about the zone the
+    // model chose; either way it ran, sandboxed, and its answer came back.
+    let outcome = &call["outcome"];
+    let answer = format!("{}{}", outcome["stdout"], outcome["error"]);
+    assert!(
+        outcome["status"] == "ok" || answer.to_lowercase().contains("timezone"),
+        "{call}"
+    );
+}

@@ -202,7 +202,59 @@ async def http_refusals(url: str, token: str) -> dict:
     return {"statuses": statuses, "sessionless_error": sessionless_error}
 
 
+def extra() -> dict:
+    """Scenario arguments the Rust test passes in MCP_SCENARIO_ARGS (JSON)."""
+    import os
+
+    return json.loads(os.environ.get("MCP_SCENARIO_ARGS", "{}"))
+
+
+async def third_party(target) -> dict:
+    """mcp-server-time, sandboxed behind `agent mcp`."""
+    async with Client(target) as client:
+        tools = await client.list_tools()
+        now = await client.call_tool("time__get_current_time", {"timezone": "Europe/Paris"})
+        bad = await client.call_tool("time__get_current_time", {"timezone": 7})
+        convert = await client.call_tool(
+            "time__convert_time",
+            {"source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"},
+        )
+        return {
+            "tools": {t.name: t.input_schema for t in tools.tools},
+            "now": result(now),
+            "bad": result(bad),
+            "convert": result(convert),
+        }
+
+
+async def hostile(target) -> dict:
+    """The hostile server of tests/fixtures/mcp, behind `agent mcp`."""
+    args = extra()
+    async with Client(target) as client:
+        tools = await client.list_tools()
+        seen = {"tools": sorted(t.name for t in tools.tools)}
+        # The attack goes last: the writer it detaches must then die with
+        # the session, not with a server that was restarted on the way.
+        for name, arguments in [
+            ("hang", {}),
+            ("die", {}),
+            ("bad_name_with_spaces", {}),
+            ("flood", {}),
+            ("malformed", {}),
+            ("attack", {"outside": args["outside"], "port": args["port"]}),
+        ]:
+            started = time.monotonic()
+            # Sanitized names carry a hash suffix: find the one listed.
+            listed = next(t.name for t in tools.tools if t.name.startswith("hostile__" + name))
+            r = await client.call_tool(listed, arguments)
+            seen[name] = result(r) | {"seconds": time.monotonic() - started}
+        seen["health"] = result(await client.call_tool("read_file", {"path": "notes.txt"}))
+        return seen
+
+
 SCENARIOS = {
+    "third-party": third_party,
+    "hostile": hostile,
     "basics": basics,
     "elicit": elicit,
     "no-elicitation": no_elicitation,

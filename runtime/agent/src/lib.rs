@@ -260,6 +260,12 @@ impl RuntimeBuilder {
         Ok(self)
     }
 
+    /// Registers a tool the host built itself (an MCP server's, say).
+    pub fn tool(mut self, spec: stack_core::tools::ToolSpec) -> Result<Self, AgentError> {
+        self.registry.register(spec)?;
+        Ok(self)
+    }
+
     /// The policy every session runs under.
     pub fn policy(mut self, policy: Policy) -> Self {
         self.policy = Some(policy);

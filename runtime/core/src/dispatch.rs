@@ -62,6 +62,16 @@ pub async fn execute(authorized: &AuthorizedCall, ctx: &ToolContext) -> ToolOutc
             }
             Err(outcome) => *outcome,
         },
+        Executor::External(tool) => {
+            let mut outcome = tool.call(call.arguments(), ctx).await;
+            for stream in [&mut outcome.stdout, &mut outcome.stderr] {
+                if stream.len() > ctx.max_output_bytes {
+                    *stream = cut_to(std::mem::take(stream), ctx.max_output_bytes);
+                    outcome.truncated = true;
+                }
+            }
+            outcome
+        }
         Executor::Unbound => ToolOutcome::internal_error(format!(
             "tool `{}` is declared but nothing is bound to run it; give its schema file an \"executor\" or register a host handler for it",
             call.tool().name

@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use stack_core::dispatch::ToolContext;
 use stack_core::gate::Gate;
 use stack_core::policy::{
-    process_policy, ApprovalAnswer, ApprovalRequest, AuditLog, Backend, ChannelApprover, Grants,
-    Policy, Verdict,
+    mcp_tool_name, process_policy, ApprovalAnswer, ApprovalRequest, AuditLog, Backend,
+    ChannelApprover, Grants, Policy, Verdict,
 };
 use stack_core::tools::Registry;
 use stack_core::workspace::Workspace;
@@ -653,4 +653,89 @@ fn off_limits_paths_stay_off_limits_through_links_and_searches() {
     let linked = call("read_file", r#"{"path": "applink"}"#);
     assert_eq!(linked.status, Status::Ok, "{linked:?}");
     assert_eq!(linked.stdout, "def main(): pass\n");
+}
+
+#[test]
+fn mcp_server_sections_decide_their_tools_and_are_checked() {
+    let text = r#"
+[defaults]
+decision = "ask"
+
+[mcp_servers.time]
+command = "/usr/bin/python3"
+args = ["-m", "mcp_server_time"]
+decision = "allow"
+network = "none"
+
+[mcp_servers.time.tools.convert_time]
+decision = "deny"
+reason = "no converting"
+
+[mcp_servers.fs]
+command = "npx"
+"#;
+    let policy = Policy::from_toml(text, Path::new("mcp.toml")).expect("policy");
+    // A per-tool entry, then the server's default, then the policy's.
+    assert_eq!(
+        decide_any(&policy, "time__convert_time", "{}"),
+        (Verdict::Deny, "mcp_servers.time.tools.convert_time".into())
+    );
+    assert_eq!(
+        decide_any(&policy, "time__get_current_time", "{}"),
+        (Verdict::Allow, "mcp_servers.time".into())
+    );
+    assert_eq!(
+        decide_any(&policy, "fs__read", "{}"),
+        (Verdict::Ask, "defaults".into())
+    );
+    // A tool of no configured server gets nothing from the sections.
+    assert_eq!(
+        decide_any(&policy, "other__x", "{}"),
+        (Verdict::Ask, "defaults".into())
+    );
+    // Names that had to be cut or sanitized stay apart, and so do their
+    // policy entries.
+    let long = "x".repeat(70);
+    let (a, b) = (format!("{long}_delete"), format!("{long}_delete_all"));
+    let (name_a, name_b) = (mcp_tool_name("srv", &a), mcp_tool_name("srv", &b));
+    assert_ne!(name_a, name_b);
+    assert!(name_a.len() <= 64 && name_b.len() <= 64);
+    assert_ne!(mcp_tool_name("srv", "a b"), mcp_tool_name("srv", "a_b"));
+    assert_eq!(mcp_tool_name("srv", "a_b"), "srv__a_b");
+    let cut = Policy::from_toml(
+        &format!(
+            "[mcp_servers.srv]\ncommand = \"x\"\n[mcp_servers.srv.tools.{a}]\ndecision = \"allow\"\n[mcp_servers.srv.tools.{b}]\ndecision = \"deny\"\n"
+        ),
+        Path::new("cut.toml"),
+    )
+    .expect("policy");
+    assert_eq!(decide_any(&cut, &name_a, "{}").0, Verdict::Allow);
+    assert_eq!(decide_any(&cut, &name_b, "{}").0, Verdict::Deny);
+    // Its sandbox: no network unless granted, CPU counted over its life.
+    let sandbox = policy.mcp_server_sandbox(&policy.mcp_servers()["time"]);
+    assert_eq!(sandbox.network, NetworkModeAlias::None);
+    assert_eq!(sandbox.limits.cpu_seconds, 600);
+
+    for (bad, says) in [
+        ("[mcp_servers.\"a__b\"]\ncommand = \"x\"\n", "server name"),
+        ("[mcp_servers.\"a b\"]\ncommand = \"x\"\n", "server name"),
+        ("[mcp_servers.x]\nargs = []\n", "command"),
+        ("[mcp_servers.x]\ncommand = \"\"\n", "`command` is empty"),
+        (
+            "[mcp_servers.x]\ncommand = \"y\"\nurl = \"http://h\"\n",
+            "unknown field",
+        ),
+    ] {
+        let err = Policy::from_toml(bad, Path::new("bad.toml"))
+            .expect_err(bad)
+            .to_string();
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+}
+
+/// A decision for any tool name (MCP tools are not in a plain registry).
+fn decide_any(policy: &Policy, tool: &str, arguments: &str) -> (Verdict, String) {
+    let arguments: Value = serde_json::from_str(arguments).expect("json");
+    let decision = policy.decide(tool, &arguments, &Grants::default());
+    (decision.verdict, decision.rule)
 }

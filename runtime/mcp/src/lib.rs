@@ -7,12 +7,18 @@
 //! validation, budgets, policy and approval (as an MCP elicitation), the
 //! sandbox, redaction and the audit log. See [`server`] for the sessions
 //! and [`http`] for who may reach the HTTP server.
+//!
+//! The other way round, [`client`] runs the MCP servers a policy names
+//! inside the process sandbox and adds their tools to the registry, where
+//! the same gate decides every call.
 
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod http;
 pub mod server;
 
+pub use client::{AttachError, McpServers};
 pub use server::{McpSession, ServerOptions, ToolService, UnansweredAsk};
 
 use rmcp::ServiceExt;

@@ -1535,7 +1535,7 @@ async fn a_service_talks_over_its_pipes_and_dies_when_dropped() {
     // wall-clock limit (3 s here): a service has none.
     let mut echo = fx
         .sandbox
-        .spawn_service(&argv(&["cat"]), fx.workspace.path(), &policy)
+        .spawn_service(&argv(&["cat"]), &[], fx.workspace.path(), &policy)
         .await
         .expect("spawn cat");
     let mut lines = tokio::io::BufReader::new(&mut echo.stdout).lines();
@@ -1564,6 +1564,7 @@ async fn a_service_talks_over_its_pipes_and_dies_when_dropped() {
         .sandbox
         .spawn_service(
             &argv(&["bash", "-c", &script]),
+            &[],
             fx.workspace.path(),
             &policy,
         )
@@ -1589,6 +1590,7 @@ async fn a_service_talks_over_its_pipes_and_dies_when_dropped() {
         .sandbox
         .spawn_service(
             &argv(&["cat", &secret.display().to_string()]),
+            &[],
             fx.workspace.path(),
             &policy,
         )

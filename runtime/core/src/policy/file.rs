@@ -62,6 +62,51 @@ pub struct PolicyFile {
     pub redaction: Option<RedactionSettings>,
     /// Transcript keeping.
     pub privacy: Option<PrivacySettings>,
+    /// MCP servers whose tools join the registry as `NAME__tool`, each run
+    /// in the process sandbox. A file's server replaces a same-named one of
+    /// the file it extends.
+    #[serde(default)]
+    pub mcp_servers: BTreeMap<String, McpServerSpec>,
+}
+
+/// `[mcp_servers.NAME]`: an MCP server run over stdio inside the process
+/// sandbox, and the decisions for its tools.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct McpServerSpec {
+    /// The program (a path, or a name looked up on `PATH`).
+    pub command: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Names of the runtime's environment variables passed through; no
+    /// other variable reaches the server.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Paths the server may read besides the system folders and the
+    /// workspace: its own install (a virtual environment, `node_modules`).
+    #[serde(default)]
+    pub read_only: Vec<PathBuf>,
+    /// Network reach (default `none`).
+    pub network: Option<NetworkMode>,
+    /// The decision for its tools not named under `tools` (default: the
+    /// policy's `[defaults]`).
+    pub decision: Option<Verdict>,
+    /// Why, for that decision.
+    pub reason: Option<String>,
+    /// Per-tool decisions, by the server's own tool name.
+    #[serde(default)]
+    pub tools: BTreeMap<String, ToolSettings>,
+    /// Per-call timeout in milliseconds (default 60000); past it the call
+    /// is cancelled (`notifications/cancelled`) and reported as timed out.
+    pub timeout_ms: Option<u64>,
+    /// Memory for the server and its children, in MiB (default: the
+    /// policy's `[sandbox]`).
+    pub memory_mb: Option<u64>,
+    /// CPU seconds over the server's whole life (default 600).
+    pub cpu_seconds: Option<u64>,
+    /// Processes (default: the policy's `[sandbox]`).
+    pub processes: Option<u64>,
 }
 
 /// Decision settings for a tool (or the default for all tools).

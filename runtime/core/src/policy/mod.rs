@@ -37,7 +37,8 @@ pub use approval::{
 pub use audit::{AuditLog, AuditRecord};
 pub use budget::{BudgetExceeded, BudgetTracker};
 pub use file::{
-    Backend, BudgetSettings, PolicyError, PrivacySettings, SandboxSettings, ToolSettings, Verdict,
+    Backend, BudgetSettings, McpServerSpec, PolicyError, PrivacySettings, SandboxSettings,
+    ToolSettings, Verdict,
 };
 pub use redact::Redactor;
 pub use rules::ArgRule;
@@ -136,6 +137,7 @@ pub struct Policy {
     /// Transcript settings.
     pub privacy: PrivacySettings,
     redactor: Redactor,
+    mcp_servers: BTreeMap<String, McpServerSpec>,
 }
 
 impl Policy {
@@ -180,6 +182,7 @@ impl Policy {
             budgets: BudgetSettings::default(),
             privacy: PrivacySettings::default(),
             redactor: Redactor::default(),
+            mcp_servers: BTreeMap::new(),
         };
         let mut builtin_redaction = true;
         let mut patterns = Vec::new();
@@ -236,6 +239,18 @@ impl Policy {
                     policy.sandbox_tools.insert(tool, merged);
                 }
             }
+            for (name, server) in file.mcp_servers {
+                if let Err(message) = check_mcp_server_name(&name) {
+                    return Err(fail(find_line(&text, &name), message));
+                }
+                if server.command.trim().is_empty() {
+                    return Err(fail(
+                        find_line(&text, &name),
+                        format!("[mcp_servers.{name}]: `command` is empty"),
+                    ));
+                }
+                policy.mcp_servers.insert(name, server);
+            }
             if let Some(budgets) = file.budgets {
                 policy.budgets = layer_budgets(&policy.budgets, &budgets);
             }
@@ -269,6 +284,49 @@ impl Policy {
         Ok(policy)
     }
 
+    /// The MCP servers the policy names.
+    pub fn mcp_servers(&self) -> &BTreeMap<String, McpServerSpec> {
+        &self.mcp_servers
+    }
+
+    /// The decision an `[mcp_servers.NAME]` section makes for `tool`
+    /// (`NAME__tool`): its per-tool entry, else its own default; `None`
+    /// for a tool of no configured server, or a server without a decision.
+    fn mcp_decision(&self, tool: &str) -> Option<Decision> {
+        let (server_name, _) = tool.split_once(MCP_TOOL_SEPARATOR)?;
+        let server = self.mcp_servers.get(server_name)?;
+        let per_tool = server.tools.iter().find(|(name, settings)| {
+            settings.decision.is_some() && mcp_tool_name(server_name, name) == tool
+        });
+        match per_tool {
+            Some((name, settings)) => Some(Decision {
+                verdict: settings.decision.unwrap_or(Verdict::Ask),
+                rule: format!("mcp_servers.{server_name}.tools.{name}"),
+                reason: settings.reason.clone(),
+            }),
+            None => server.decision.map(|verdict| Decision {
+                verdict,
+                rule: format!("mcp_servers.{server_name}"),
+                reason: server.reason.clone(),
+            }),
+        }
+    }
+
+    /// The process sandbox an MCP server runs in: the policy's `[sandbox]`
+    /// settings, then the server's own (network `none` unless it says
+    /// otherwise; its `read_only` paths added; CPU seconds over its life).
+    pub fn mcp_server_sandbox(&self, server: &McpServerSpec) -> ProcessPolicy {
+        let mut settings = self.sandbox_defaults.clone();
+        settings.network = Some(server.network.unwrap_or(NetworkMode::None));
+        settings.memory_mb = server.memory_mb.or(settings.memory_mb);
+        settings.processes = server.processes.or(settings.processes);
+        settings.cpu_seconds = Some(server.cpu_seconds.unwrap_or(600));
+        let mut read_only = settings.read_only_paths.take().unwrap_or_default();
+        read_only.extend(server.read_only.iter().cloned());
+        settings.read_only_paths = Some(read_only);
+        process_policy(&settings)
+    }
+
     /// Decides a call by its tool and parsed arguments.
     pub fn decide(&self, tool: &str, arguments: &Value, grants: &Grants) -> Decision {
         let strongest = self
@@ -293,11 +351,11 @@ impl Policy {
                     rule: format!("tools.{tool}"),
                     reason: settings.reason.clone(),
                 },
-                None => Decision {
+                None => self.mcp_decision(tool).unwrap_or_else(|| Decision {
                     verdict: self.defaults.decision.unwrap_or(Verdict::Ask),
                     rule: "defaults".to_string(),
                     reason: self.defaults.reason.clone(),
-                },
+                }),
             },
         };
         if decision.verdict == Verdict::Ask && grants.covers(tool, &decision.rule) {
@@ -438,6 +496,58 @@ pub fn process_policy(settings: &SandboxSettings) -> ProcessPolicy {
         extra_read_only: settings.read_only_paths.clone().unwrap_or_default(),
         protected: protected_paths(settings),
         ..ProcessPolicy::default()
+    }
+}
+
+/// Between a server's name and its tool's in the registry: `time__now`.
+pub const MCP_TOOL_SEPARATOR: &str = "__";
+
+/// The registry name of an MCP server's tool: `SERVER__tool`. A name that
+/// had to change to fit a tool name (a character other than letters,
+/// digits, `_` and `-` replaced by `_`, or cut to the 64 characters OpenAI
+/// allows) also gets `_` and 8 hex digits of a hash of the server's own
+/// name, so that two tools never share a name (nor a policy entry) because
+/// they were cut or sanitized alike.
+pub fn mcp_tool_name(server: &str, tool: &str) -> String {
+    const LIMIT: usize = 64;
+    let sanitized: String = tool
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let name = format!("{server}{MCP_TOOL_SEPARATOR}{sanitized}");
+    if sanitized == tool && name.len() <= LIMIT {
+        return name;
+    }
+    // FNV-1a: stable across runs and builds, which the policy relies on.
+    let hash = tool.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let suffix = format!("_{:08x}", hash as u32);
+    let mut name = name;
+    name.truncate(LIMIT - suffix.len());
+    name + &suffix
+}
+
+/// A server name: letters, digits, `-` and single `_`, so `NAME__tool`
+/// splits back into its server unambiguously.
+fn check_mcp_server_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && !name.contains(MCP_TOOL_SEPARATOR)
+        && !name.ends_with('_');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("[mcp_servers.{name}]: a server name is 1-32 letters, digits, `-` or single `_` (not ending in `_`), so that `NAME__tool` names its tools unambiguously"))
     }
 }
 

@@ -15,5 +15,7 @@ pub use loader::LoadDiagnostic;
 pub use registry::{
     RegisterError, RegisteredTool, Registry, ValidatedCall, DEFAULT_MAX_ARGUMENT_BYTES,
 };
-pub use spec::{CommandExecutor, Executor, ScriptRuntime, ToolOrigin, ToolSpec, WasiExecutor};
+pub use spec::{
+    CommandExecutor, Executor, ExternalTool, ScriptRuntime, ToolOrigin, ToolSpec, WasiExecutor,
+};
 pub use validate::{ValidationError, Violation};

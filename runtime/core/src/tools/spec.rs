@@ -56,6 +56,11 @@ pub enum ToolOrigin {
     File(PathBuf),
     /// Registered by the embedding host in Rust.
     Host,
+    /// A tool of an MCP server the policy names.
+    Mcp {
+        /// The server's name in the policy.
+        server: String,
+    },
 }
 
 impl std::fmt::Display for ToolOrigin {
@@ -64,6 +69,7 @@ impl std::fmt::Display for ToolOrigin {
             ToolOrigin::Builtin => f.write_str("built-in"),
             ToolOrigin::File(path) => write!(f, "{}", path.display()),
             ToolOrigin::Host => f.write_str("host"),
+            ToolOrigin::Mcp { server } => write!(f, "MCP server `{server}`"),
         }
     }
 }
@@ -81,19 +87,38 @@ pub enum Executor {
     /// A command run in the process sandbox; arguments arrive as JSON on
     /// stdin, stdout is the result.
     Command(CommandExecutor),
+    /// Run elsewhere, asynchronously: a tool of an MCP server.
+    External(Arc<dyn ExternalTool>),
     /// Declared (for example, pasted in the OpenAI function format) but with
     /// nothing bound to run it. Calls validate, then fail with a clear error.
     Unbound,
 }
 
+/// A tool that something outside the registry runs (an MCP server's tool,
+/// through `stack-mcp`). Dispatch reaches it only with a validated,
+/// authorized call, like every other executor.
+pub trait ExternalTool: Send + Sync {
+    /// Runs one call with its validated arguments. Dropping the future
+    /// abandons the call, and the implementation must then stop it (for
+    /// MCP: `notifications/cancelled`). Never panics on what the call or
+    /// the far side contains; every failure is an outcome.
+    fn call<'a>(
+        &'a self,
+        arguments: &'a Value,
+        ctx: &'a crate::context::ToolContext,
+    ) -> futures::future::BoxFuture<'a, stack_types::outcome::ToolOutcome>;
+}
+
 impl Executor {
-    /// A short name for listings: `builtin`, `host`, `wasi`, `command`, `unbound`.
+    /// A short name for listings: `builtin`, `host`, `wasi`, `command`,
+    /// `mcp`, `unbound`.
     pub fn kind(&self) -> &'static str {
         match self {
             Executor::Builtin(_) => "builtin",
             Executor::Host(_) => "host",
             Executor::Wasi(_) => "wasi",
             Executor::Command(_) => "command",
+            Executor::External(_) => "mcp",
             Executor::Unbound => "unbound",
         }
     }

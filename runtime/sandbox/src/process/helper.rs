@@ -211,7 +211,12 @@ pub(crate) fn confine_and_exec(
     apply_rlimits(call)?;
     std::env::set_current_dir(workspace)
         .map_err(|e| format!("chdir {}: {e}", workspace.display()))?;
-    let (argv, env) = exec_strings(&argv, tmp)?;
+    let (argv, mut env) = exec_strings(&argv, tmp)?;
+    for (name, value) in &call.env {
+        // The runtime refused names of the fixed environment; the target
+        // gets the first of any duplicate, so a fixed one always wins.
+        env.push(CString::new(format!("{name}={value}")).map_err(|e| e.to_string())?);
+    }
     enforce_landlock(call, prepared)?;
     mark_fds_cloexec();
     keep_init_near();

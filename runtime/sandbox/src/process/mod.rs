@@ -391,6 +391,7 @@ impl ProcessSandbox {
             argv: vec![program.to_string()],
             code: Some((file, code.as_bytes().to_vec())),
             stdin: None,
+            env: Vec::new(),
         };
         self.run_request(request, workspace, policy).await
     }
@@ -407,6 +408,7 @@ impl ProcessSandbox {
             argv: argv.to_vec(),
             code: None,
             stdin,
+            env: Vec::new(),
         };
         self.run_request(request, workspace, policy).await
     }
@@ -466,16 +468,38 @@ impl ProcessSandbox {
     /// or the [`SandboxedService`] is dropped, which kills it and every
     /// process it made. `policy.limits.cpu_seconds` counts over its whole
     /// life.
+    ///
+    /// `env` is added to the sandbox's fixed environment (`PATH`, `HOME`,
+    /// `TMPDIR`, the locale…), which it cannot replace; a name that is one
+    /// of those, or is not a plain name, is refused.
     pub async fn spawn_service(
         &self,
         argv: &[String],
+        env: &[(String, String)],
         workspace: &Path,
         policy: &ProcessPolicy,
     ) -> Result<SandboxedService, SandboxError> {
+        let fixed = sandbox_environment(Path::new("/"));
+        for (name, value) in env {
+            let plain = !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with(|c: char| c.is_ascii_digit());
+            if !plain || value.contains('\0') {
+                return Err(SandboxError::Prepare(format!(
+                    "environment variable `{name}`: not a plain name, or its value holds a NUL"
+                )));
+            }
+            if fixed.iter().any(|(fixed, _)| fixed == name) {
+                return Err(SandboxError::Prepare(format!(
+                    "environment variable `{name}` is set by the sandbox itself and cannot be passed in"
+                )));
+            }
+        }
         let request = Request {
             argv: argv.to_vec(),
             code: None,
             stdin: None,
+            env: env.to_vec(),
         };
         let handed = self
             .hand_over_with(request, workspace, policy, StdinMode::Interactive)
@@ -522,8 +546,14 @@ impl ProcessSandbox {
                 let workspace = std::fs::canonicalize(&workspace).map_err(prepare)?;
                 let (uid, gid) = sandbox_identity(&workspace).map_err(prepare)?;
                 let program = resolve_program(&program_name)?;
+                // A call's interpreter brings its install folder; a service
+                // (an MCP server, named in a policy) gets only what its
+                // policy lists. Never `/` or a home folder, whatever the
+                // program's path: that would open `.ssh` and the like.
                 let mut read_only: Vec<PathBuf> = probe::prefix_of(&program)
                     .filter(|prefix| !covered_by_base(prefix))
+                    .filter(|prefix| !too_broad_to_grant(prefix))
+                    .filter(|_| matches!(stdin_mode, StdinMode::Bytes))
                     .into_iter()
                     .collect();
                 read_only.extend(extra_read_only);
@@ -579,6 +609,7 @@ impl ProcessSandbox {
             read_only,
             limits,
             min_landlock_abi: policy.min_landlock_abi,
+            env: request.env.clone(),
         };
         // A spare that died while queued fails the send; try the next one.
         let mut attempts = 0;
@@ -748,7 +779,34 @@ impl std::fmt::Display for ServiceEnd {
     }
 }
 
+/// What is left of a [`SandboxedService`] once its pipes are taken
+/// ([`SandboxedService::into_parts`]): how it ended, and the program's
+/// life. Dropping it kills the program and every process it made.
+pub struct ServiceHandle {
+    /// Resolves when it has ended.
+    pub ended: tokio::sync::oneshot::Receiver<ServiceEnd>,
+    _kill: tokio_util_free::AbortOnDrop,
+}
+
+/// A service's pipes: its stdin, stdout and stderr.
+pub type ServicePipes = (
+    tokio::net::unix::pipe::Sender,
+    tokio::net::unix::pipe::Receiver,
+    tokio::net::unix::pipe::Receiver,
+);
+
 impl SandboxedService {
+    /// Its pipes, and the handle that keeps it alive.
+    pub fn into_parts(self) -> (ServicePipes, ServiceHandle) {
+        (
+            (self.stdin, self.stdout, self.stderr),
+            ServiceHandle {
+                ended: self.ended,
+                _kill: self._kill,
+            },
+        )
+    }
+
     fn start(handed: HandedOver) -> Result<SandboxedService, SandboxError> {
         let HandedOver {
             zygote,
@@ -1097,6 +1155,8 @@ struct Request {
     argv: Vec<String>,
     code: Option<(&'static str, Vec<u8>)>,
     stdin: Option<Vec<u8>>,
+    /// Added to the sandbox's fixed environment (services only).
+    env: Vec<(String, String)>,
 }
 
 /// Fills in how the call ended. `cpu_ms` is the CPU time the target used
@@ -1224,6 +1284,17 @@ pub fn sandbox_environment(home: &Path) -> Vec<(String, String)> {
     ]
 }
 
+/// Whether granting `path` (a program's install folder) would open far
+/// more than an install: `/`, or a home folder (the runtime's, root's, or
+/// any under `/home`).
+fn too_broad_to_grant(path: &Path) -> bool {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    path.parent().is_none()
+        || path == Path::new("/root")
+        || path.parent() == Some(Path::new("/home"))
+        || home.is_some_and(|home| path == home)
+}
+
 /// Whether `path` (canonical) lies in a system folder every call may read
 /// already (an interpreter's prefix usually does: `/usr`), so that it needs
 /// no rule of its own.
@@ -1290,6 +1361,21 @@ pub(crate) fn sandbox_identity(workspace: &Path) -> std::io::Result<(u32, u32)> 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_install_folder_that_is_root_or_a_home_is_never_granted() {
+        use super::too_broad_to_grant;
+        use std::path::Path;
+        for broad in ["/", "/root", "/home/alice"] {
+            assert!(too_broad_to_grant(Path::new(broad)), "{broad}");
+        }
+        if let Some(home) = std::env::var_os("HOME") {
+            assert!(too_broad_to_grant(Path::new(&home)));
+        }
+        for install in ["/opt/venv", "/home/alice/venvs/mcp", "/usr/local/lib/node"] {
+            assert!(!too_broad_to_grant(Path::new(install)), "{install}");
+        }
+    }
+
     use super::*;
 
     fn signalled(signal: i32) -> Option<std::process::ExitStatus> {

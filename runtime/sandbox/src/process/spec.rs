@@ -146,6 +146,10 @@ pub(crate) struct CallSpec {
     pub limits: ResourceLimits,
     /// Landlock ABI the policy needs at least (fail closed below it).
     pub min_landlock_abi: i32,
+    /// Variables added to the fixed environment (a service's allow-listed
+    /// ones; the runtime checked that none replaces a fixed one).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
 }
 
 /// Runtime → spare, before its [`CallSpec`]: a call is coming; wait for it

@@ -469,6 +469,7 @@ fn warm_up(tmp: &Path) {
         read_only: vec![PathBuf::from("/usr")],
         limits: super::ResourceLimits::default(),
         min_landlock_abi: 6,
+        env: Vec::new(),
     };
     if let Ok(bytes) = serde_json::to_vec(&sample) {
         if let Ok(decoded) = serde_json::from_slice::<CallSpec>(&bytes) {

@@ -76,8 +76,7 @@ fn build(
     };
     let mut builder = Runtime::builder()
         .backend(backend)
-        .policy(policy)
-        .workspace(workspace);
+        .workspace(workspace.clone());
     for dir in dirs
         .include_default
         .then(default_tool_dir)
@@ -87,6 +86,22 @@ fn build(
     {
         builder = builder.tool_dir(dir);
     }
+    // The policy's MCP servers, started in the sandbox; their tools live
+    // (and the servers with them) as long as the runtime's registry.
+    let mut mcp_tools = stack_runtime::tools::Registry::new();
+    let _servers = tokio.block_on(crate::mcp_cmd::attach_mcp_servers(
+        &mut mcp_tools,
+        &policy,
+        &workspace,
+        stack_runtime::sandbox::process::ProcessSandbox::locate()
+            .ok()
+            .map(Arc::new),
+        None,
+    ))?;
+    for spec in mcp_tools.tools() {
+        builder = builder.tool(spec.clone())?;
+    }
+    let mut builder = builder.policy(policy);
     if let Some(approver) = approver {
         builder = builder.approval_handler(approver);
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use stack_runtime::dispatch::ToolContext;
 use stack_runtime::mcp::http::{HttpOptions, McpHttpServer, MCP_PATH};
-use stack_runtime::mcp::{ServerOptions, ToolService, UnansweredAsk};
+use stack_runtime::mcp::{McpServers, ServerOptions, ToolService, UnansweredAsk};
 use stack_runtime::policy::{AuditLog, Policy};
 use stack_runtime::workspace::Workspace;
 use tokio_util::sync::CancellationToken;
@@ -61,7 +61,7 @@ pub struct McpArgs {
 }
 
 pub fn run(args: McpArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
-    let registry = build_registry(dirs);
+    let mut registry = build_registry(dirs);
     let policy = Policy::load_named(args.policy.as_deref().unwrap_or("default"))
         .context("loading the policy")?;
     let audit = match &args.audit_log {
@@ -80,17 +80,6 @@ pub fn run(args: McpArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
     // helper and compiles (or loads) the WASI interpreters.
     let mut context = ToolContext::new(workspace);
     context.sandbox = args.sandbox.map(SandboxArg::kind);
-    let service = ToolService::new(ServerOptions {
-        registry: Arc::new(registry),
-        policy: Arc::new(policy),
-        context,
-        unanswered_ask: if args.yes {
-            UnansweredAsk::Approve
-        } else {
-            UnansweredAsk::Deny
-        },
-        audit,
-    });
     let (bearer_token, made_token) = match (&args.token_env, args.no_auth) {
         (Some(var), _) => (
             Some(
@@ -109,6 +98,26 @@ pub fn run(args: McpArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    // The policy's MCP servers run in the sandbox; their tools are served
+    // too, so a client gets them sandboxed and behind this policy.
+    let servers = runtime.block_on(attach_mcp_servers(
+        &mut registry,
+        &policy,
+        context.workspace.root(),
+        context.process.clone(),
+        None,
+    ))?;
+    let service = ToolService::new(ServerOptions {
+        registry: Arc::new(registry),
+        policy: Arc::new(policy),
+        context,
+        unanswered_ask: if args.yes {
+            UnansweredAsk::Approve
+        } else {
+            UnansweredAsk::Deny
+        },
+        audit,
+    });
     runtime.block_on(async move {
         match args.http {
             None => stack_runtime::mcp::serve_stdio(&service)
@@ -143,6 +152,8 @@ pub fn run(args: McpArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
                 server.run(shutdown).await?;
             }
         }
+        // The servers stop inside the runtime they run on.
+        drop(servers);
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
@@ -169,4 +180,33 @@ fn random_token() -> anyhow::Result<String> {
         .and_then(|mut random| random.read_exact(&mut bytes))
         .context("reading /dev/urandom for a bearer token")?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Starts the MCP servers `policy` names, in the process sandbox, and adds
+/// their tools to `registry`; a server that fails is reported and left out.
+pub async fn attach_mcp_servers(
+    registry: &mut stack_runtime::tools::Registry,
+    policy: &Policy,
+    workspace: &std::path::Path,
+    sandbox: Option<Arc<stack_runtime::sandbox::process::ProcessSandbox>>,
+    only: Option<&str>,
+) -> anyhow::Result<McpServers> {
+    if policy.mcp_servers().is_empty() {
+        return Ok(McpServers::default());
+    }
+    let sandbox = match sandbox {
+        Some(sandbox) => sandbox,
+        None => anyhow::bail!(
+            "the policy names MCP servers, and they run only in the process sandbox, which is not available here ({})",
+            stack_runtime::sandbox::process::ProcessSandbox::locate()
+                .err()
+                .map_or_else(|| "not configured".to_string(), |e| e.to_string())
+        ),
+    };
+    let (servers, errors) =
+        McpServers::attach_only(registry, policy, workspace, sandbox, only).await;
+    for error in errors {
+        eprintln!("warning: {error}");
+    }
+    Ok(servers)
 }

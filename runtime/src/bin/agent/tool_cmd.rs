@@ -191,7 +191,7 @@ fn approve_all(_: &ApprovalRequest) -> ApprovalAnswer {
     ApprovalAnswer::Yes
 }
 
-fn run_tool(registry: Registry, name: &str, args: String, options: RunOptions) -> RunReport {
+fn run_tool(mut registry: Registry, name: &str, args: String, options: RunOptions) -> RunReport {
     let report = |outcome| RunReport {
         tool: name.to_string(),
         outcome,
@@ -205,6 +205,41 @@ fn run_tool(registry: Registry, name: &str, args: String, options: RunOptions) -
     let policy = match policy {
         Ok(policy) => policy,
         Err(err) => return report(ToolOutcome::internal_error(format!("policy: {err}"))),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            return report(ToolOutcome::internal_error(format!(
+                "cannot start the async runtime: {err}"
+            )))
+        }
+    };
+    // The policy's MCP servers are started only when the tool is theirs.
+    let servers = if name.contains(stack_runtime::policy::MCP_TOOL_SEPARATOR) {
+        let root = options
+            .workspace
+            .clone()
+            .or_else(|| std::env::current_dir().ok())
+            .unwrap_or_default();
+        let sandbox = stack_runtime::sandbox::process::ProcessSandbox::locate()
+            .ok()
+            .map(Arc::new);
+        let server = name.split(stack_runtime::policy::MCP_TOOL_SEPARATOR).next();
+        match runtime.block_on(crate::mcp_cmd::attach_mcp_servers(
+            &mut registry,
+            &policy,
+            &root,
+            sandbox,
+            server,
+        )) {
+            Ok(servers) => Some(servers),
+            Err(err) => return report(ToolOutcome::internal_error(format!("{err:#}"))),
+        }
+    } else {
+        None
     };
     let mut gate = Gate::new(Arc::new(registry), Arc::new(policy), "cli");
     if approve {
@@ -238,17 +273,9 @@ fn run_tool(registry: Registry, name: &str, args: String, options: RunOptions) -
     };
     let mut ctx = ToolContext::new(workspace);
     ctx.sandbox = options.sandbox;
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            return report(ToolOutcome::internal_error(format!(
-                "cannot start the async runtime: {err}"
-            )))
-        }
-    };
     let call = ToolCall::function("cli", name, args);
-    report(runtime.block_on(gate.call(&call, &ctx)))
+    let outcome = runtime.block_on(gate.call(&call, &ctx));
+    // The servers stop inside the runtime they run on.
+    runtime.block_on(async move { drop(servers) });
+    report(outcome)
 }

@@ -1,0 +1,603 @@
+//! MCP servers as tool sources: the servers a policy names under
+//! `[mcp_servers.NAME]` run inside the process sandbox, and their tools join
+//! the registry as `NAME__tool`, behind the same gate as every other tool.
+//!
+//! # Threat model
+//!
+//! An MCP server is third-party code the user chose to run; it may be
+//! buggy, compromised or hostile, and so may everything it says.
+//!
+//! - **What it can reach.** It runs as a long-lived process in the process
+//!   sandbox ([`ProcessSandbox::spawn_service`]): never root, landlock (the
+//!   system folders, the workspace, and the `read_only` paths its section
+//!   names for its own install), seccomp, its own PID, IPC, mount and
+//!   network namespaces (no network unless its section grants it), rlimits
+//!   and the cgroup. Of the runtime's environment it gets only the variables
+//!   its section lists. Dropping the [`McpServers`] (or the registry that
+//!   holds its tools) kills it and every process it made; it cannot outlive
+//!   its session.
+//! - **What it says.** Tool names are sanitized to `NAME__tool` (a name that
+//!   collides is skipped), each `inputSchema` is compiled by the registry
+//!   (one it rejects skips that tool), descriptions are capped. Arguments
+//!   are validated against that schema and decided by the policy before the
+//!   server sees them. A result is cut to the call's output cap; a response
+//!   the SDK cannot parse, one longer than [`MAX_MESSAGE_BYTES`], or any
+//!   protocol error becomes a failed call with a clear error.
+//! - **Time.** Each call has a timeout (`timeout_ms`, default 60 s); past
+//!   it, or when the caller abandons the call, the server is sent
+//!   `notifications/cancelled` and the call ends. A server that dies is
+//!   reported and started again on the next call; a handshake or listing
+//!   that hangs fails after [`START_TIMEOUT`].
+//!
+//! Not covered: what the server does inside its grants (its workspace
+//! writes, and its network if the policy gives it one), and HTTP servers
+//! (only stdio servers are run; `url` is not a setting yet).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, PaginatedRequestParams};
+use rmcp::service::{RoleClient, RunningService, ServiceError};
+use rmcp::transport::async_rw::AsyncRwTransport;
+use rmcp::ServiceExt;
+use serde_json::Value;
+
+use stack_core::context::ToolContext;
+use stack_core::policy::{mcp_tool_name, McpServerSpec, Policy};
+use stack_core::tools::{Executor, ExternalTool, Registry, ToolOrigin, ToolSpec};
+use stack_sandbox::process::{ProcessPolicy, ProcessSandbox, ServiceHandle};
+use stack_types::outcome::{Status, ToolOutcome};
+
+/// How long a server has to start, answer `initialize` and list its tools.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest line (one JSON-RPC message) read from a server.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+/// The most tools one server may list.
+const MAX_TOOLS: usize = 512;
+
+/// The most pages of `tools/list` read from one server.
+const MAX_LIST_PAGES: usize = 16;
+
+/// The largest `inputSchema` (as JSON) a tool may have.
+const MAX_SCHEMA_BYTES: usize = 64 << 10;
+
+/// The longest tool description kept.
+const MAX_DESCRIPTION_BYTES: usize = 4096;
+
+/// The default per-call timeout.
+const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a server's tools did not join the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The server could not be started in the sandbox.
+    #[error("MCP server `{server}`: cannot start it in the sandbox: {message}")]
+    Start {
+        /// The server.
+        server: String,
+        /// Why.
+        message: String,
+    },
+    /// It started, but did not complete the handshake or the listing.
+    #[error("MCP server `{server}`: {message}")]
+    Handshake {
+        /// The server.
+        server: String,
+        /// Why.
+        message: String,
+    },
+    /// One of its tools was left out.
+    #[error("MCP server `{server}`: tool `{tool}` left out: {message}")]
+    Tool {
+        /// The server.
+        server: String,
+        /// The tool, as the server named it.
+        tool: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// The MCP servers of a policy, running; their tools are in the registry
+/// [`McpServers::attach`] was given. Dropping this (and the registry) stops
+/// them.
+#[derive(Default)]
+pub struct McpServers {
+    servers: Vec<Arc<ServerSource>>,
+}
+
+impl McpServers {
+    /// Starts every server `policy` names, lists its tools and registers
+    /// them in `registry` as `NAME__tool`. A server that fails is reported
+    /// and left out; the others still join.
+    pub async fn attach(
+        registry: &mut Registry,
+        policy: &Policy,
+        workspace: &Path,
+        sandbox: Arc<ProcessSandbox>,
+    ) -> (McpServers, Vec<AttachError>) {
+        Self::attach_only(registry, policy, workspace, sandbox, None).await
+    }
+
+    /// [`McpServers::attach`], for the server named `only` alone when it is
+    /// given (one tool run starts no other server).
+    pub async fn attach_only(
+        registry: &mut Registry,
+        policy: &Policy,
+        workspace: &Path,
+        sandbox: Arc<ProcessSandbox>,
+        only: Option<&str>,
+    ) -> (McpServers, Vec<AttachError>) {
+        let mut servers = Vec::new();
+        let mut errors = Vec::new();
+        let chosen = policy
+            .mcp_servers()
+            .iter()
+            .filter(|(name, _)| only.is_none_or(|only| only == name.as_str()));
+        for (name, spec) in chosen {
+            let source = Arc::new(ServerSource {
+                name: name.clone(),
+                spec: spec.clone(),
+                sandbox_policy: policy.mcp_server_sandbox(spec),
+                sandbox: Arc::clone(&sandbox),
+                workspace: workspace.to_path_buf(),
+                live: tokio::sync::Mutex::new(None),
+                starts: std::sync::atomic::AtomicU64::new(0),
+            });
+            let tools = match source.list_tools().await {
+                Ok(tools) => tools,
+                Err(err) => {
+                    errors.push(err);
+                    continue;
+                }
+            };
+            let mut taken = BTreeSet::new();
+            for tool in tools {
+                let original = tool.name.to_string();
+                let registered = mcp_tool_name(name, &original);
+                let refuse = |message: String| AttachError::Tool {
+                    server: name.clone(),
+                    tool: original.clone(),
+                    message,
+                };
+                if !taken.insert(registered.clone()) || registry.get(&registered).is_some() {
+                    errors.push(refuse(format!(
+                        "its registry name `{registered}` is taken already"
+                    )));
+                    continue;
+                }
+                let schema = Value::Object((*tool.input_schema).clone());
+                let schema_bytes = schema.to_string().len();
+                if schema_bytes > MAX_SCHEMA_BYTES {
+                    errors.push(refuse(format!(
+                        "its inputSchema is {schema_bytes} bytes, over the {MAX_SCHEMA_BYTES} allowed"
+                    )));
+                    continue;
+                }
+                let mut description = tool.description.as_deref().unwrap_or("").to_string();
+                if description.len() > MAX_DESCRIPTION_BYTES {
+                    description.truncate(description.floor_char_boundary(MAX_DESCRIPTION_BYTES));
+                }
+                let spec = ToolSpec {
+                    name: registered.clone(),
+                    description,
+                    parameters: schema,
+                    executor: Executor::External(Arc::new(McpTool {
+                        source: Arc::clone(&source),
+                        name: original.clone(),
+                    })),
+                    origin: ToolOrigin::Mcp {
+                        server: name.clone(),
+                    },
+                };
+                if let Err(err) = registry.register(spec) {
+                    errors.push(refuse(err.to_string()));
+                }
+            }
+            servers.push(source);
+        }
+        (McpServers { servers }, errors)
+    }
+
+    /// The servers' names.
+    pub fn names(&self) -> Vec<&str> {
+        self.servers.iter().map(|s| s.name.as_str()).collect()
+    }
+}
+
+/// One configured server, started on first use and again after it died.
+struct ServerSource {
+    name: String,
+    spec: McpServerSpec,
+    sandbox_policy: ProcessPolicy,
+    sandbox: Arc<ProcessSandbox>,
+    workspace: PathBuf,
+    live: tokio::sync::Mutex<Option<Live>>,
+    starts: std::sync::atomic::AtomicU64,
+}
+
+/// A running server: the MCP client over its pipes, and the sandboxed
+/// process (killed when this is dropped).
+struct Live {
+    client: RunningService<RoleClient, ()>,
+    service: ServiceHandle,
+    /// Set when the server sent a line over [`MAX_MESSAGE_BYTES`].
+    oversized: Arc<AtomicBool>,
+    /// Which start of the server this is: a call that failed on an earlier
+    /// one never ends a later one.
+    generation: u64,
+    /// Calls in a row that timed out; at [`TIMEOUTS_BEFORE_RESTART`] the
+    /// server is started again.
+    timeouts: u32,
+}
+
+impl Live {
+    /// Whether the server (or the connection to it) has ended.
+    fn ended(&mut self) -> bool {
+        self.client.is_closed()
+            || self.client.peer().is_transport_closed()
+            || self.oversized.load(Ordering::SeqCst)
+            || !matches!(
+                self.service.ended.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+            )
+    }
+}
+
+/// Timed-out calls in a row after which a server is taken for hung and
+/// started again.
+const TIMEOUTS_BEFORE_RESTART: u32 = 3;
+
+impl ServerSource {
+    /// The server's tools (starting it if needed).
+    async fn list_tools(&self) -> Result<Vec<rmcp::model::Tool>, AttachError> {
+        let mut live = self.live.lock().await;
+        let client = self.running(&mut live).await?;
+        let listing = async {
+            let mut tools = Vec::new();
+            let mut cursor = None;
+            for _ in 0..MAX_LIST_PAGES {
+                let params = cursor.take().map(|cursor| {
+                    let mut params = PaginatedRequestParams::default();
+                    params.cursor = Some(cursor);
+                    params
+                });
+                let page = client.list_tools(params).await?;
+                tools.extend(page.tools);
+                if tools.len() > MAX_TOOLS {
+                    return Ok::<_, ServiceError>(Err(format!(
+                        "it lists more than {MAX_TOOLS} tools"
+                    )));
+                }
+                match page.next_cursor {
+                    Some(next) => cursor = Some(next),
+                    None => return Ok(Ok(tools)),
+                }
+            }
+            Ok(Err(format!(
+                "it lists its tools in more than {MAX_LIST_PAGES} pages"
+            )))
+        };
+        match tokio::time::timeout(START_TIMEOUT, listing).await {
+            Ok(Ok(Ok(tools))) => Ok(tools),
+            Ok(Ok(Err(message))) => Err(self.handshake_error(message)),
+            Ok(Err(err)) => Err(self.handshake_error(format!("listing its tools failed: {err}"))),
+            Err(_) => Err(self.handshake_error(format!(
+                "it did not list its tools within {} s",
+                START_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    fn handshake_error(&self, message: String) -> AttachError {
+        AttachError::Handshake {
+            server: self.name.clone(),
+            message,
+        }
+    }
+
+    /// The live client, started (again) if there is none or it has ended.
+    async fn running<'a>(
+        &self,
+        live: &'a mut Option<Live>,
+    ) -> Result<&'a RunningService<RoleClient, ()>, AttachError> {
+        let ended = live.as_mut().is_none_or(Live::ended);
+        if ended {
+            if live.take().is_some() {
+                tracing::warn!(server = %self.name, "the MCP server had ended; starting it again");
+            }
+            *live = Some(self.start().await?);
+        }
+        match live.as_ref() {
+            Some(current) => Ok(&current.client),
+            None => Err(self.handshake_error("it is not running".into())),
+        }
+    }
+
+    async fn start(&self) -> Result<Live, AttachError> {
+        let start_error = |message: String| AttachError::Start {
+            server: self.name.clone(),
+            message,
+        };
+        let mut argv = vec![self.spec.command.clone()];
+        argv.extend(self.spec.args.iter().cloned());
+        // Only the variables the section names, and only those set here.
+        let env: Vec<(String, String)> = self
+            .spec
+            .env
+            .iter()
+            .filter_map(|name| std::env::var(name).ok().map(|value| (name.clone(), value)))
+            .collect();
+        let service = self
+            .sandbox
+            .spawn_service(&argv, &env, &self.workspace, &self.sandbox_policy)
+            .await
+            .map_err(|err| start_error(err.to_string()))?;
+        let ((stdin, stdout, stderr), service) = service.into_parts();
+        forward_stderr(self.name.clone(), stderr);
+        let oversized = Arc::new(AtomicBool::new(false));
+        let reader = LineCap {
+            inner: stdout,
+            since_newline: 0,
+            oversized: Arc::clone(&oversized),
+        };
+        let transport = AsyncRwTransport::new_client(reader, stdin);
+        let client = match tokio::time::timeout(START_TIMEOUT, ().serve(transport)).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(err)) => {
+                return Err(self.handshake_error(format!("the MCP handshake failed: {err}")))
+            }
+            Err(_) => {
+                return Err(self.handshake_error(format!(
+                    "it did not complete the MCP handshake within {} s",
+                    START_TIMEOUT.as_secs()
+                )))
+            }
+        };
+        Ok(Live {
+            client,
+            service,
+            oversized,
+            generation: self.starts.fetch_add(1, Ordering::SeqCst) + 1,
+            timeouts: 0,
+        })
+    }
+
+    /// Runs one call of `tool` (the server's own name for it).
+    async fn call(&self, tool: &str, arguments: &Value, cap: usize) -> ToolOutcome {
+        let timeout = self
+            .spec
+            .timeout_ms
+            .map_or(DEFAULT_CALL_TIMEOUT, Duration::from_millis);
+        let (peer, generation, oversized) = {
+            let mut live = self.live.lock().await;
+            if let Err(err) = self.running(&mut live).await {
+                return ToolOutcome::failed(err.to_string());
+            }
+            match live.as_ref() {
+                Some(l) => (
+                    l.client.peer().clone(),
+                    l.generation,
+                    Arc::clone(&l.oversized),
+                ),
+                None => {
+                    return ToolOutcome::failed(format!(
+                        "MCP server `{}` is not running",
+                        self.name
+                    ))
+                }
+            }
+        };
+        let mut params = CallToolRequestParams::new(tool.to_string());
+        if let Value::Object(arguments) = arguments {
+            params = params.with_arguments(arguments.clone());
+        }
+        // On timeout (or when this future is dropped) the SDK sends
+        // `notifications/cancelled` for the request.
+        match tokio::time::timeout(timeout, peer.call_tool(params)).await {
+            Ok(Ok(result)) => {
+                if let Some(l) = self.live.lock().await.as_mut() {
+                    if l.generation == generation {
+                        l.timeouts = 0;
+                    }
+                }
+                outcome_of(result, cap)
+            }
+            Ok(Err(err)) => {
+                let mut live = self.live.lock().await;
+                let oversized = oversized.load(Ordering::SeqCst);
+                let same = live.as_ref().is_some_and(|l| l.generation == generation);
+                let closed = matches!(err, ServiceError::TransportClosed)
+                    || oversized
+                    || (same && live.as_mut().is_some_and(Live::ended));
+                if closed && same {
+                    // Whatever is left of it is stopped now; the next call
+                    // starts it again. (A later start is left alone.)
+                    *live = None;
+                }
+                let name = &self.name;
+                ToolOutcome::failed(match err {
+                    _ if oversized => format!(
+                        "MCP server `{name}` sent a message over {} MiB, so the connection to it was closed; it will be started again on the next call",
+                        MAX_MESSAGE_BYTES >> 20
+                    ),
+                    _ if closed => format!(
+                        "MCP server `{name}` ended during the call; it will be started again on the next call"
+                    ),
+                    ServiceError::McpError(error) => format!(
+                        "MCP server `{name}` refused the call: {} (code {})",
+                        stack_types::text::one_line(&error.message),
+                        error.code.0
+                    ),
+                    ServiceError::UnexpectedResponse => format!(
+                        "MCP server `{name}` answered with something that is not a tool result"
+                    ),
+                    other => format!("MCP server `{name}`: {other}"),
+                })
+            }
+            Err(_) => {
+                let mut live = self.live.lock().await;
+                let hung = match live.as_mut() {
+                    Some(l) if l.generation == generation => {
+                        l.timeouts += 1;
+                        l.timeouts >= TIMEOUTS_BEFORE_RESTART
+                    }
+                    _ => false,
+                };
+                if hung {
+                    *live = None;
+                }
+                let mut outcome = ToolOutcome::failed(format!(
+                    "MCP server `{}` did not answer within {} ms; the call was cancelled{}",
+                    self.name,
+                    timeout.as_millis(),
+                    if hung {
+                        format!(" (after {TIMEOUTS_BEFORE_RESTART} such calls in a row it is taken for hung, and started again on the next call)")
+                    } else {
+                        String::new()
+                    }
+                ));
+                outcome.status = Status::Timeout;
+                outcome.limit = Some(stack_types::Limit::WallTime);
+                outcome
+            }
+        }
+    }
+}
+
+/// A server's stdout that ends (with an error) at the first line longer
+/// than [`MAX_MESSAGE_BYTES`]: the connection closes, the call fails and
+/// says why, and no runtime memory goes to a message that size.
+struct LineCap<R> {
+    inner: R,
+    since_newline: usize,
+    oversized: Arc<AtomicBool>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for LineCap<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &polled {
+            let mut since = self.since_newline;
+            for &byte in &buf.filled()[before..] {
+                since = if byte == b'\n' { 0 } else { since + 1 };
+                if since > MAX_MESSAGE_BYTES {
+                    self.oversized.store(true, Ordering::SeqCst);
+                    return std::task::Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("a message over {MAX_MESSAGE_BYTES} bytes"),
+                    )));
+                }
+            }
+            self.since_newline = since;
+        }
+        polled
+    }
+}
+
+/// The server's stderr into the log, a line at a time: each line cut at
+/// 2000 bytes (the rest of it read and dropped, never buffered), bytes
+/// that are not UTF-8 shown as such; read to the end, so that the server
+/// never blocks on, or is killed by, a full or closed pipe.
+fn forward_stderr(server: String, mut stderr: tokio::net::unix::pipe::Receiver) {
+    use tokio::io::AsyncReadExt;
+    const LINE: usize = 2000;
+    tokio::spawn(async move {
+        let mut line: Vec<u8> = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let say = |line: &[u8]| {
+            let text = String::from_utf8_lossy(line);
+            tracing::info!(target: "stack_mcp::server_stderr", server = %server, "{}", stack_types::text::one_line(&text));
+        };
+        loop {
+            let read = match stderr.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => read,
+            };
+            for &byte in &chunk[..read] {
+                if byte == b'\n' {
+                    say(&line);
+                    line.clear();
+                } else if line.len() < LINE {
+                    line.push(byte);
+                }
+            }
+        }
+        if !line.is_empty() {
+            say(&line);
+        }
+    });
+}
+
+/// A tool call's result as an outcome: its text content (other content
+/// named), or its structured content; `isError` makes it a failure.
+fn outcome_of(result: CallToolResult, cap: usize) -> ToolOutcome {
+    let mut text = String::new();
+    for block in &result.content {
+        match block {
+            ContentBlock::Text(t) => text.push_str(&t.text),
+            ContentBlock::Image(image) => {
+                text.push_str(&format!("[image: {}]", image.mime_type));
+            }
+            ContentBlock::Audio(audio) => {
+                text.push_str(&format!("[audio: {}]", audio.mime_type));
+            }
+            ContentBlock::Resource(_) => text.push_str("[embedded resource]"),
+            ContentBlock::ResourceLink(link) => {
+                text.push_str(&format!("[resource: {}]", link.uri));
+            }
+            _ => text.push_str("[content of a kind this runtime does not show]"),
+        }
+    }
+    if text.is_empty() {
+        if let Some(structured) = &result.structured_content {
+            text = structured.to_string();
+        }
+    }
+    let truncated = text.len() > cap;
+    if truncated {
+        text.truncate(text.floor_char_boundary(cap));
+    }
+    if result.is_error == Some(true) {
+        let mut outcome = ToolOutcome::failed(if text.is_empty() {
+            "the MCP tool reported an error".to_string()
+        } else {
+            text.clone()
+        });
+        outcome.stdout = text;
+        outcome.truncated = truncated;
+        outcome
+    } else {
+        ToolOutcome::ok_text(text, truncated)
+    }
+}
+
+/// One MCP tool as the registry's executor.
+struct McpTool {
+    source: Arc<ServerSource>,
+    name: String,
+}
+
+impl ExternalTool for McpTool {
+    fn call<'a>(
+        &'a self,
+        arguments: &'a Value,
+        ctx: &'a ToolContext,
+    ) -> BoxFuture<'a, ToolOutcome> {
+        Box::pin(
+            self.source
+                .call(&self.name, arguments, ctx.max_output_bytes),
+        )
+    }
+}
