@@ -514,6 +514,39 @@ reason = "no converting here"
         text(&seen["convert"]).contains("no converting here"),
         "{seen}"
     );
+
+    // `agent tool list --policy` shows them, as tools of an MCP server.
+    let listed = Command::new(common::agent_binary())
+        .args(["--no-default-tools", "tool", "list", "--policy"])
+        .arg(&policy)
+        .arg("--workspace")
+        .arg(ws.path())
+        .output()
+        .expect("agent tool list");
+    let listing = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{listing}");
+    let line = listing
+        .lines()
+        .find(|l| l.starts_with("time__get_current_time "))
+        .unwrap_or_else(|| panic!("{listing}"));
+    assert!(line.contains(" mcp "), "{line}");
+
+    // `agent policy explain` decides a server's tool as a call would.
+    let explained = Command::new(common::agent_binary())
+        .args(["--no-default-tools", "policy", "explain"])
+        .arg(&policy)
+        .args(["--tool", "time__convert_time", "--args"])
+        .arg(r#"{"source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"}"#)
+        .current_dir(ws.path())
+        .output()
+        .expect("agent policy explain");
+    let explained: Value = serde_json::from_slice(&explained.stdout).expect("json");
+    assert_eq!(explained["decision"], "deny", "{explained}");
+    assert_eq!(
+        explained["rule"], "mcp_servers.time.tools.convert_time",
+        "{explained}"
+    );
+    assert_eq!(explained["sandbox"]["mcp_server"], "time", "{explained}");
 }
 
 #[test]

@@ -57,8 +57,36 @@ pub fn run(command: PolicyCommand, dirs: &ToolDirs) -> anyhow::Result<ExitCode> 
                     return Ok(ExitCode::FAILURE);
                 }
             };
-            let registry = build_registry(dirs);
-            let validated = match registry.validate(&ToolCall::function("explain", &tool, &args)) {
+            let mut registry = build_registry(dirs);
+            // An MCP server's tool: that server is started (in the sandbox)
+            // to learn its schema.
+            let server = tool
+                .split_once(stack_runtime::policy::MCP_TOOL_SEPARATOR)
+                .and_then(|(server, _)| {
+                    policy.mcp_servers().get(server).map(|spec| (server, spec))
+                });
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let servers = match server {
+                Some((name, _)) => Some(
+                    runtime.block_on(crate::mcp_cmd::attach_mcp_servers(
+                        &mut registry,
+                        &policy,
+                        &std::env::current_dir()?,
+                        stack_runtime::sandbox::process::ProcessSandbox::locate()
+                            .ok()
+                            .map(std::sync::Arc::new),
+                        Some(name),
+                    ))?,
+                ),
+                None => None,
+            };
+            let validated = registry.validate(&ToolCall::function("explain", &tool, &args));
+            runtime.block_on(async move {
+                drop(servers);
+            });
+            let validated = match validated {
                 Ok(validated) => validated,
                 Err(err) => {
                     println!(
@@ -78,7 +106,11 @@ pub fn run(command: PolicyCommand, dirs: &ToolDirs) -> anyhow::Result<ExitCode> 
                 .get("language")
                 .and_then(|l| l.as_str());
             let sandbox = policy.sandbox_for(&tool, language);
-            let process = process_policy(&sandbox);
+            // An MCP tool runs in its server's sandbox, not a call's.
+            let process = match server {
+                Some((_, spec)) => policy.mcp_server_sandbox(spec),
+                None => process_policy(&sandbox),
+            };
             println!(
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({
@@ -86,7 +118,15 @@ pub fn run(command: PolicyCommand, dirs: &ToolDirs) -> anyhow::Result<ExitCode> 
                     "decision": decision.verdict,
                     "rule": decision.rule,
                     "reason": decision.reason,
-                    "sandbox": sandbox,
+                                        "sandbox": match server {
+                        // Its server's own sandbox, for the server's life.
+                        Some((name, spec)) => serde_json::json!({
+                            "mcp_server": name,
+                            "read_only_paths": process.extra_read_only,
+                            "call_timeout_ms": spec.timeout_ms.unwrap_or(60_000),
+                        }),
+                        None => serde_json::to_value(&sandbox)?,
+                    },
                     "process_limits": process.limits,
                     "network": process.network,
                 }))?

@@ -23,6 +23,14 @@ pub enum ToolCommand {
         /// Print the tools as an OpenAI `tools` JSON array.
         #[arg(long)]
         json: bool,
+        /// Also list the tools of the MCP servers this policy names (a file
+        /// or a preset); they are started, in the sandbox, to ask them.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<String>,
+        /// The workspace those servers get (defaults to the current
+        /// directory).
+        #[arg(long, value_name = "DIR")]
+        workspace: Option<PathBuf>,
     },
     /// Print one tool's definition in the OpenAI function format.
     Schema {
@@ -101,7 +109,42 @@ pub fn build_registry(dirs: &ToolDirs) -> Registry {
 pub fn run(command: ToolCommand, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
     let registry = build_registry(dirs);
     match command {
-        ToolCommand::List { json } => list(&registry, json),
+        ToolCommand::List {
+            json,
+            policy,
+            workspace,
+        } => {
+            let Some(policy) = policy else {
+                return list(&registry, json);
+            };
+            let policy = Policy::load_named(&policy).context("loading the policy")?;
+            let root = match workspace {
+                Some(dir) => dir,
+                None => std::env::current_dir().context("no current directory")?,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let mut registry = registry;
+            let sandbox = stack_runtime::sandbox::process::ProcessSandbox::locate()
+                .ok()
+                .map(Arc::new);
+            let servers = runtime.block_on(crate::mcp_cmd::attach_mcp_servers(
+                &mut registry,
+                &policy,
+                &root,
+                sandbox,
+                None,
+            ))?;
+            let listed = list(&registry, json);
+            // The servers (held by their tools) stop inside their runtime.
+            runtime.block_on(async move {
+                drop(servers);
+                drop(registry);
+            });
+            listed
+        }
         ToolCommand::Schema { name } => schema(&registry, &name),
         ToolCommand::Run {
             name,
