@@ -52,7 +52,12 @@ DECLINE = {"action": "decline"}
 
 def server(transport: str, rest: list[str]):
     if transport == "stdio":
-        return StdioServerParameters(command=rest[0], args=rest[1:])
+        # The SDK passes a server only a default environment: hand on the
+        # runtime's own settings (asset folder, sandbox helper) too.
+        import os
+
+        env = {k: v for k, v in os.environ.items() if k.startswith("STACK_RUNTIME_")}
+        return StdioServerParameters(command=rest[0], args=rest[1:], env=env or None)
     url = rest[0]
     headers = {"Authorization": f"Bearer {rest[1]}"} if len(rest) > 1 else None
     return streamable_http_client(url, http_client=create_mcp_http_client(headers=headers))
