@@ -55,10 +55,7 @@ pub fn peer_binary(name: &str) -> PathBuf {
     if let Some(path) = std::env::var_os(&var) {
         return PathBuf::from(path);
     }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .expect("HOME is set");
+    let cache = cache_home();
     let path = std::env::var_os("STACK_RUNTIME_PEERS")
         .map_or_else(|| cache.join("stack-runtime/peers"), PathBuf::from)
         .join("llama.cpp-0.3.36/bin")
@@ -83,10 +80,7 @@ pub fn free_port() -> u16 {
 /// with the official clients (`tests/clients/requirements.txt`), or under
 /// `STACK_RUNTIME_CLIENTS`. Panics, naming the fix, when it is missing.
 pub fn client_python() -> PathBuf {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .expect("HOME is set");
+    let cache = cache_home();
     let python = std::env::var_os("STACK_RUNTIME_CLIENTS")
         .map_or_else(|| cache.join("stack-runtime/clients"), PathBuf::from)
         .join("venv/bin/python");
@@ -96,4 +90,12 @@ pub fn client_python() -> PathBuf {
         python.display()
     );
     python
+}
+
+/// `$XDG_CACHE_HOME`, else `~/.cache`: where `scripts/setup` caches.
+fn cache_home() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .expect("HOME is set")
 }

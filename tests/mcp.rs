@@ -465,11 +465,11 @@ fn open_to_all(path: &Path) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
 }
 
-#[test]
-fn a_third_party_mcp_server_runs_in_the_sandbox_behind_the_policy() {
-    let ws = workspace();
+/// A policy over `default` that runs `mcp-server-time` (from
+/// [`server_venv`]) as the server `time`, its tools allowed, then `more`.
+fn time_server_policy(workspace: &Path, more: &str) -> PathBuf {
     let venv = server_venv().join("venv");
-    let policy = ws.path().join("policy.toml");
+    let policy = workspace.join("policy.toml");
     std::fs::write(
         &policy,
         format!(
@@ -481,15 +481,22 @@ args = ["-m", "mcp_server_time", "--local-timezone", "UTC"]
 read_only = ["{venv}"]
 decision = "allow"
 
-[mcp_servers.time.tools.convert_time]
-decision = "deny"
-reason = "no converting here"
-"#,
+{more}"#,
             python = venv.join("bin/python").display(),
             venv = venv.display()
         ),
     )
     .expect("policy");
+    policy
+}
+
+#[test]
+fn a_third_party_mcp_server_runs_in_the_sandbox_behind_the_policy() {
+    let ws = workspace();
+    let policy = time_server_policy(
+        ws.path(),
+        "[mcp_servers.time.tools.convert_time]\ndecision = \"deny\"\nreason = \"no converting here\"\n",
+    );
     let seen = over_stdio(
         "third-party",
         ws.path(),
@@ -675,24 +682,7 @@ processes = 32
 #[test]
 fn the_agent_loop_calls_an_mcp_server_tool_in_the_sandbox() {
     let ws = workspace();
-    let venv = server_venv().join("venv");
-    let policy = ws.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        format!(
-            r#"extends = "default"
-
-[mcp_servers.time]
-command = "{python}"
-args = ["-m", "mcp_server_time", "--local-timezone", "UTC"]
-read_only = ["{venv}"]
-decision = "allow"
-"#,
-            python = venv.join("bin/python").display(),
-            venv = venv.display()
-        ),
-    )
-    .expect("policy");
+    let policy = time_server_policy(ws.path(), "");
     let home = tempfile::tempdir().expect("tempdir");
     let assets = stack_runtime::assets::asset_dir().expect("asset folder");
     // The real default model, made to call the server's tool (a named tool

@@ -260,22 +260,32 @@ fn run_tool(mut registry: Registry, name: &str, args: String, options: RunOption
             )))
         }
     };
-    // The policy's MCP servers are started only when the tool is theirs.
+    let root = match options.workspace {
+        Some(dir) => dir,
+        None => match std::env::current_dir() {
+            Ok(dir) => dir,
+            Err(err) => {
+                return report(ToolOutcome::internal_error(format!(
+                    "no current directory: {err}"
+                )))
+            }
+        },
+    };
+    let workspace = match Workspace::open(&root) {
+        Ok(workspace) => workspace,
+        Err(err) => return report(ToolOutcome::internal_error(err.to_string())),
+    };
+    let mut ctx = ToolContext::new(workspace);
+    ctx.sandbox = options.sandbox;
+    // The policy's MCP servers are started only when the tool is theirs,
+    // in the sandbox and workspace the call gets.
     let servers = if name.contains(stack_runtime::policy::MCP_TOOL_SEPARATOR) {
-        let root = options
-            .workspace
-            .clone()
-            .or_else(|| std::env::current_dir().ok())
-            .unwrap_or_default();
-        let sandbox = stack_runtime::sandbox::process::ProcessSandbox::locate()
-            .ok()
-            .map(Arc::new);
         let server = name.split(stack_runtime::policy::MCP_TOOL_SEPARATOR).next();
         match runtime.block_on(crate::mcp_cmd::attach_mcp_servers(
             &mut registry,
             &policy,
-            &root,
-            sandbox,
+            ctx.workspace.root(),
+            ctx.process.clone(),
             server,
         )) {
             Ok(servers) => Some(servers),
@@ -299,23 +309,6 @@ fn run_tool(mut registry: Registry, name: &str, args: String, options: RunOption
             }
         }
     }
-    let root = match options.workspace {
-        Some(dir) => dir,
-        None => match std::env::current_dir() {
-            Ok(dir) => dir,
-            Err(err) => {
-                return report(ToolOutcome::internal_error(format!(
-                    "no current directory: {err}"
-                )))
-            }
-        },
-    };
-    let workspace = match Workspace::open(&root) {
-        Ok(workspace) => workspace,
-        Err(err) => return report(ToolOutcome::internal_error(err.to_string())),
-    };
-    let mut ctx = ToolContext::new(workspace);
-    ctx.sandbox = options.sandbox;
     let call = ToolCall::function("cli", name, args);
     let outcome = runtime.block_on(gate.call(&call, &ctx));
     // The servers stop inside the runtime they run on.
