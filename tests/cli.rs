@@ -425,6 +425,116 @@ fn extra_tool_folders_load_and_broken_files_warn_with_file_and_line() {
     assert_eq!(report["status"], "invalid");
 }
 
+/// Regression (#15): `--no-default-tools` still offered the five built-ins.
+/// Now it offers only the tools the user brings.
+#[test]
+fn no_default_tools_offers_only_your_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mixed = common::fixture("tools/mixed");
+    let mixed = mixed.to_str().expect("utf8");
+    let names = |args: &[&str]| -> Vec<String> {
+        let output = agent(args, dir.path());
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.split_whitespace().next().map(str::to_string))
+            .collect()
+    };
+    let everything = names(&["tool", "list"]);
+    assert!(
+        everything.iter().any(|n| n == "read_file"),
+        "{everything:?}"
+    );
+    assert!(
+        everything.iter().any(|n| n == "unit_convert"),
+        "{everything:?}"
+    );
+    assert_eq!(
+        names(&["--no-default-tools", "tool", "list"]),
+        Vec::<String>::new()
+    );
+    let own = names(&["--no-default-tools", "--tools", mixed, "tool", "list"]);
+    assert!(own.iter().any(|n| n == "get_weather"), "{own:?}");
+    for builtin in [
+        "read_file",
+        "write_file",
+        "list_dir",
+        "search_files",
+        "execute_code",
+    ] {
+        assert!(
+            !own.iter().any(|n| n == builtin),
+            "{builtin} offered: {own:?}"
+        );
+    }
+    assert!(!own.iter().any(|n| n == "unit_convert"), "{own:?}");
+    let report = tool_run(
+        dir.path(),
+        "read_file",
+        r#"{"path": "x"}"#,
+        &["--no-default-tools"],
+    );
+    assert_eq!(report["status"], "invalid", "{report}");
+}
+
+/// Regression (#15): log lines carried colour codes into files and pipes.
+/// `agent run` with the default model, logs on, stderr not a terminal; also
+/// `--system` and `--no-default-tools` shrink the prompt to the user's own.
+#[test]
+fn logs_to_a_pipe_are_plain_and_the_system_prompt_is_the_users() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |args: &[&str]| -> (Value, String) {
+        let output = Command::new(env!("CARGO_BIN_EXE_agent"))
+            .args(args)
+            .args([
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "4",
+                "--policy",
+                "strict",
+                "run",
+                "-p",
+                "Hi.",
+                "--json",
+            ])
+            .current_dir(dir.path())
+            .env("AGENT_LOG", "info")
+            .env_remove("NO_COLOR")
+            .output()
+            .expect("agent run");
+        assert!(output.status.success(), "{output:?}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let finished = stdout
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .find(|event| event["event"] == "turn_finished")
+            .unwrap_or_else(|| panic!("no turn_finished: {stdout}"));
+        (
+            finished,
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (default, stderr) = run(&[]);
+    assert!(stderr.contains("llama"), "the log was on: {stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "escape codes on a pipe: {stderr:?}"
+    );
+    let (own, _) = run(&["--no-default-tools", "--system", "Answer in one word."]);
+    let prompt = |finished: &Value| {
+        finished["counters"]["prompt_evaluated"]
+            .as_u64()
+            .expect("counters")
+    };
+    assert!(prompt(&own) < 40, "{own}");
+    assert!(
+        prompt(&default) > 500,
+        "the built-ins' schemas are in the default prompt: {default}"
+    );
+}
+
 #[test]
 fn usage_errors_exit_nonzero_without_a_result() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -30,7 +30,6 @@ fn over_stdio(scenario: &str, workspace: &Path, args: &[&str]) -> Value {
         scenario.into(),
         "stdio".into(),
         agent.display().to_string(),
-        "--no-default-tools".into(),
         "mcp".into(),
         "--workspace".into(),
         workspace.display().to_string(),
@@ -271,7 +270,7 @@ impl HttpServer {
     /// With `token`, or with `--no-auth` when it is empty.
     fn start(workspace: &Path, token: &str) -> HttpServer {
         let mut command = Command::new(common::agent_binary());
-        command.args(["--no-default-tools", "mcp", "--http", "127.0.0.1:0"]);
+        command.args(["mcp", "--http", "127.0.0.1:0"]);
         if token.is_empty() {
             command.arg("--no-auth");
         } else {
@@ -357,7 +356,6 @@ fn http_without_a_token_given_makes_one() {
     let ws = workspace();
     let mut child = Command::new(common::agent_binary())
         .args([
-            "--no-default-tools",
             "mcp",
             "--http",
             "127.0.0.1:0",
@@ -411,7 +409,6 @@ fn http_refuses_a_public_address_without_a_token() {
     let ws = workspace();
     let output = Command::new(common::agent_binary())
         .args([
-            "--no-default-tools",
             "mcp",
             "--http",
             "0.0.0.0:0",
@@ -524,7 +521,7 @@ fn a_third_party_mcp_server_runs_in_the_sandbox_behind_the_policy() {
 
     // `agent tool list --policy` shows them, as tools of an MCP server.
     let listed = Command::new(common::agent_binary())
-        .args(["--no-default-tools", "tool", "list", "--policy"])
+        .args(["tool", "list", "--policy"])
         .arg(&policy)
         .arg("--workspace")
         .arg(ws.path())
@@ -540,7 +537,7 @@ fn a_third_party_mcp_server_runs_in_the_sandbox_behind_the_policy() {
 
     // `agent policy explain` decides a server's tool as a call would.
     let explained = Command::new(common::agent_binary())
-        .args(["--no-default-tools", "policy", "explain"])
+        .args(["policy", "explain"])
         .arg(&policy)
         .args(["--tool", "time__convert_time", "--args"])
         .arg(r#"{"source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"}"#)
@@ -597,7 +594,6 @@ processes = 32
         "hostile".into(),
         "stdio".into(),
         common::agent_binary().display().to_string(),
-        "--no-default-tools".into(),
         "mcp".into(),
         "--workspace".into(),
         ws.path().display().to_string(),
@@ -689,7 +685,7 @@ fn the_agent_loop_calls_an_mcp_server_tool_in_the_sandbox() {
     // choice), through the whole loop: validation, policy, the sandboxed
     // server, the result fed back.
     let output = Command::new(common::agent_binary())
-        .args(["--no-default-tools", "--policy"])
+        .args(["--policy"])
         .arg(&policy)
         .arg("--workspace")
         .arg(ws.path())

@@ -392,6 +392,129 @@ fn a_named_step_and_an_open_step_share_the_prompt_prefix() {
     );
 }
 
+/// A BFCL-style tool, as OpenAI tool objects.
+fn one_tool(name: &str, description: &str, parameters: Value) -> Vec<Value> {
+    vec![serde_json::json!({
+        "type": "function",
+        "function": {"name": name, "description": description, "parameters": parameters}
+    })]
+}
+
+/// Regression (#15): when the default model writes `<tool_call` inside its
+/// prose (reported for a sunset question with only a sunrise tool), the
+/// token that completed the lazy grammar's trigger could go on with text
+/// the grammar refuses (`>.`). llama.cpp's exception crossed into Rust: the model thread died,
+/// or the process aborted. Now such a token is ruled out and the turn ends
+/// normally, as text or as a valid call.
+#[test]
+fn a_tool_call_opened_inside_prose_never_kills_the_session() {
+    let model = model();
+    let tools = one_tool(
+        "calculate_sunrise",
+        "Calculate the time of sunrise for a specific date and location.",
+        serde_json::json!({
+            "type": "object",
+            "properties": {
+                "location": {"type": "string", "description": "The location for which sunrise time needs to be calculated."},
+                "date": {"type": "string", "description": "The date for which sunrise time needs to be calculated in YYYY-MM-DD format. If not provided, current date is considered. Default: today"}
+            },
+            "required": ["location"]
+        }),
+    );
+    let mut session = model.session().expect("session");
+    let mut triggered = 0;
+    for prompt in [
+        // The report's prompt.
+        "When will be sunset in Beijing today?",
+        // Aborted the process before the fix: `<tool_call` then `>.`.
+        "Is <tool_call>. a valid tag?",
+        "Print <tool_call>) please",
+    ] {
+        let conversation = vec![Message::user(prompt)];
+        let generation = session
+            .complete(
+                &conversation,
+                &tools,
+                &ToolChoice::Auto,
+                &greedy(128),
+                &mut |_| true,
+                &mut ids(),
+            )
+            .unwrap_or_else(|err| panic!("the turn failed: {err}"));
+        triggered += usize::from(generation.text.contains("<tool_call"));
+        for call in &generation.turn.tool_calls {
+            assert_eq!(
+                call.function.name, "calculate_sunrise",
+                "{:?}",
+                generation.text
+            );
+            let arguments: Value =
+                serde_json::from_str(&call.function.arguments).expect("valid JSON arguments");
+            assert!(arguments["location"].is_string(), "{arguments}");
+        }
+    }
+    assert!(
+        triggered > 0,
+        "the model no longer writes the trigger here: pick another prompt"
+    );
+    // The session still works afterwards.
+    let after = session
+        .complete(
+            &[Message::user("Say hi.")],
+            &[],
+            &ToolChoice::None,
+            &greedy(16),
+            &mut |_| true,
+            &mut ids(),
+        )
+        .expect("the session keeps working");
+    assert!(!after.text.is_empty());
+}
+
+/// Regression (#15): a parameter named `title` (or `description`, or
+/// `default`) was stripped from the grammar as if it were the keyword, so
+/// a constrained call could never carry it and always failed validation.
+#[test]
+fn parameters_named_title_description_and_default_are_generated() {
+    let model = model();
+    let tools = one_tool(
+        "get_movie",
+        "Look a film up by its title.",
+        serde_json::json!({
+            "type": "object",
+            "properties": {
+                "title": {"type": "string", "description": "The film's title."},
+                "description": {"type": "string", "description": "What to say about it."},
+                "default": {"type": "integer", "description": "How many results."}
+            },
+            "required": ["title", "description", "default"],
+            "additionalProperties": false
+        }),
+    );
+    let mut session = model.session().expect("session");
+    let generation = session
+        .complete(
+            &[Message::user(
+                "Find the movie Alien and describe it briefly, one result.",
+            )],
+            &tools,
+            &ToolChoice::Named("get_movie".into()),
+            &greedy(96),
+            &mut |_| true,
+            &mut ids(),
+        )
+        .expect("generate");
+    let call = generation
+        .turn
+        .tool_calls
+        .first()
+        .unwrap_or_else(|| panic!("no call: {:?}", generation.text));
+    let arguments: Value = serde_json::from_str(&call.function.arguments).expect("json");
+    assert!(arguments["title"].is_string(), "{arguments}");
+    assert!(arguments["description"].is_string(), "{arguments}");
+    assert!(arguments["default"].is_i64(), "{arguments}");
+}
+
 #[test]
 fn missing_corrupt_and_foreign_files_are_rejected_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");

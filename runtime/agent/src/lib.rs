@@ -244,6 +244,16 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Whether the built-in tools (files, search, `execute_code`) are
+    /// offered; they are unless this says otherwise. Call it before adding
+    /// tool folders: a folder may document a built-in, which brings it back.
+    pub fn builtin_tools(mut self, offer: bool) -> Self {
+        if !offer {
+            self.registry.remove_builtins();
+        }
+        self
+    }
+
     /// Registers a Rust tool with a typed argument struct.
     pub fn rust_tool<A, F>(
         mut self,

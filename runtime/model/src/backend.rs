@@ -147,6 +147,9 @@ pub enum StopReason {
     MaxTokens,
     /// The caller stopped it.
     Cancelled,
+    /// The tool-call grammar allowed no token the model could continue
+    /// with (every candidate after a trigger broke it).
+    GrammarDeadEnd,
 }
 
 /// How a turn's tool calls came to be, for the event stream.

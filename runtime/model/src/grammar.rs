@@ -55,25 +55,56 @@ pub fn call_schema<'a>(tools: impl IntoIterator<Item = (&'a str, &'a Value)>) ->
 
 /// Drops annotations the grammar converter does not need and bounds
 /// strings, so a constrained call always terminates.
+///
+/// Only keywords are touched: the keys of `properties` (and of the other
+/// name-to-schema maps) are parameter names, so a parameter called
+/// `title`, `description` or `default` keeps its place, and `enum`,
+/// `const`, `default` and `examples` hold values, not schemas.
 fn shape_for_grammar(schema: &mut Value) {
-    match schema {
-        Value::Object(object) => {
-            object.remove("$schema");
-            object.remove("description");
-            object.remove("title");
-            object.remove("default");
-            let is_string = object.get("type") == Some(&Value::String("string".into()));
-            if is_string
-                && !object.contains_key("enum")
-                && !object.contains_key("const")
-                && !object.contains_key("maxLength")
-            {
-                object.insert("maxLength".into(), GRAMMAR_MAX_STRING.into());
+    let Value::Object(object) = schema else {
+        return;
+    };
+    for annotation in ["$schema", "description", "title", "default", "examples"] {
+        object.remove(annotation);
+    }
+    let is_string = object.get("type") == Some(&Value::String("string".into()));
+    if is_string
+        && !object.contains_key("enum")
+        && !object.contains_key("const")
+        && !object.contains_key("maxLength")
+    {
+        object.insert("maxLength".into(), GRAMMAR_MAX_STRING.into());
+    }
+    for (keyword, value) in object.iter_mut() {
+        match keyword.as_str() {
+            // Maps from a name to a schema.
+            "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas" => {
+                if let Value::Object(named) = value {
+                    named.values_mut().for_each(shape_for_grammar);
+                }
             }
-            object.values_mut().for_each(shape_for_grammar);
+            // Lists of schemas.
+            "anyOf" | "oneOf" | "allOf" | "prefixItems" => {
+                if let Value::Array(schemas) = value {
+                    schemas.iter_mut().for_each(shape_for_grammar);
+                }
+            }
+            // One schema (`items` may also be a list in older drafts).
+            "items"
+            | "additionalProperties"
+            | "not"
+            | "if"
+            | "then"
+            | "else"
+            | "contains"
+            | "propertyNames"
+            | "additionalItems" => match value {
+                Value::Array(schemas) => schemas.iter_mut().for_each(shape_for_grammar),
+                other => shape_for_grammar(other),
+            },
+            // Values (`enum`, `const`, `required`, ...) are left as they are.
+            _ => {}
         }
-        Value::Array(items) => items.iter_mut().for_each(shape_for_grammar),
-        _ => {}
     }
 }
 
@@ -116,5 +147,42 @@ mod tests {
         let wrapped = wrap_in_tool_call("root ::= object\nobject ::= \"{\" \"}\"");
         assert!(wrapped.starts_with("root ::= tool-call (\"\\n\" tool-call)*\ntool-call ::= \"<tool_call>\\n\" tool-call-json"));
         assert!(wrapped.contains("tool-call-json ::= object"));
+    }
+
+    /// Parameters named like schema keywords keep their schemas, and
+    /// values under `enum`/`const` are not mistaken for schemas.
+    #[test]
+    fn parameters_named_like_keywords_survive() {
+        let movie = json!({
+            "type": "object",
+            "title": "get_movie arguments",
+            "properties": {
+                "title": {"type": "string", "description": "The film's title."},
+                "description": {"type": "string"},
+                "default": {"type": "integer", "default": 3},
+                "tags": {"type": "array", "items": {"type": "string", "title": "tag"}},
+                "mode": {"enum": [{"title": "kept"}]}
+            },
+            "required": ["title", "description", "default"]
+        });
+        let schema = call_schema([("get_movie", &movie)]);
+        let arguments = &schema["properties"]["arguments"];
+        assert!(arguments.get("title").is_none(), "{arguments}");
+        let properties = &arguments["properties"];
+        assert_eq!(
+            properties["title"],
+            json!({"type": "string", "maxLength": 2048})
+        );
+        assert_eq!(properties["description"]["type"], "string");
+        assert_eq!(properties["default"], json!({"type": "integer"}));
+        assert_eq!(
+            properties["tags"]["items"],
+            json!({"type": "string", "maxLength": 2048})
+        );
+        assert_eq!(properties["mode"]["enum"], json!([{"title": "kept"}]));
+        assert_eq!(
+            arguments["required"],
+            json!(["title", "description", "default"])
+        );
     }
 }

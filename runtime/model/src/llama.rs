@@ -14,6 +14,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use serde_json::Value;
 
@@ -376,11 +377,25 @@ impl ModelSession {
         let mut generated = 0u64;
         let mut stop = StopReason::MaxTokens;
         let mut batch = LlamaBatch::new(1, 1);
+        let lazy = matches!(grammar, Some((_, true)));
         while generated < u64::from(sampling.max_tokens) {
             if self.cached.len() + 1 >= context as usize {
                 break;
             }
-            let token = sampler.sample(&self.ctx, -1);
+            // Until the lazy grammar has triggered, a token may complete
+            // its trigger.
+            let awaiting_trigger = lazy && !text.contains(TOOL_CALL_OPEN);
+            let token =
+                match self.sample_next(&mut sampler, awaiting_trigger.then_some(text.as_str())) {
+                    Ok(token) => token,
+                    Err(SampleFailure::NothingAllowed) => {
+                        stop = StopReason::GrammarDeadEnd;
+                        break;
+                    }
+                    Err(SampleFailure::Rejected(reason)) => {
+                        return Err(ModelError::Grammar(reason));
+                    }
+                };
             if vocab.is_eog(token) {
                 stop = StopReason::EndOfTurn;
                 break;
@@ -467,6 +482,68 @@ impl ModelSession {
         })
     }
 
+    /// Picks the next token and has the sampler accept it.
+    ///
+    /// The token is chosen by applying the sampler chain to the logits
+    /// and accepted separately through the `common` shim, which catches
+    /// llama.cpp's C++ exceptions: `llama_sampler_sample` would let the
+    /// grammar's "empty grammar stack" exception unwind into Rust, and that
+    /// aborts the process. The exception happens when a token completes a
+    /// lazy grammar's trigger and goes on with text the grammar rejects
+    /// (`…within <tool_call` then `>.`): the sampler is then restored from
+    /// a copy made before the token, the token is ruled out, and the next
+    /// best is tried.
+    fn sample_next(
+        &self,
+        sampler: &mut LlamaSampler,
+        awaiting_trigger: Option<&str>,
+    ) -> Result<LlamaToken, SampleFailure> {
+        let vocab = self.model.model.vocab();
+        let mut ruled_out: Vec<LlamaToken> = Vec::new();
+        loop {
+            let mut candidates = LlamaTokenDataArray::from_iter(self.ctx.candidates_ith(-1), false);
+            for token in &ruled_out {
+                if let Some(data) = usize::try_from(token.0)
+                    .ok()
+                    .and_then(|i| candidates.data.get_mut(i))
+                {
+                    data.set_logit(f32::NEG_INFINITY);
+                }
+            }
+            sampler.apply(&mut candidates);
+            let token = candidates
+                .selected_token()
+                .filter(|token| !ruled_out.contains(token))
+                .ok_or(SampleFailure::NothingAllowed)?;
+            // Only the token that completes the trigger can be refused
+            // while the grammar waits: keep a copy to go back to.
+            let completes_trigger = awaiting_trigger.is_some_and(|text| {
+                let piece =
+                    String::from_utf8_lossy(&vocab.token_to_piece(token, true, None)).into_owned();
+                let tail_start = text
+                    .char_indices()
+                    .rev()
+                    .nth(TOOL_CALL_OPEN.len())
+                    .map_or(0, |(i, _)| i);
+                format!("{}{piece}", &text[tail_start..]).contains(TOOL_CALL_OPEN)
+            });
+            let before = completes_trigger.then(|| sampler.clone());
+            match (sampler.try_accept(token), before) {
+                (Ok(()), _) => return Ok(token),
+                (Err(_), Some(before)) if ruled_out.len() < MAX_RULED_OUT => {
+                    *sampler = before;
+                    ruled_out.push(token);
+                }
+                (Err(_), Some(_)) => return Err(SampleFailure::NothingAllowed),
+                (Err(err), None) => {
+                    return Err(SampleFailure::Rejected(format!(
+                        "the grammar refused a token it had allowed ({err})"
+                    )))
+                }
+            }
+        }
+    }
+
     fn sampler(
         &self,
         grammar: Option<(&str, bool)>,
@@ -509,6 +586,18 @@ impl ModelSession {
         }
         Ok(LlamaSampler::chain_simple(chain))
     }
+}
+
+/// How many tokens that break the lazy grammar's trigger are ruled out in
+/// one step before generation stops.
+const MAX_RULED_OUT: usize = 32;
+
+/// Why no next token was accepted.
+enum SampleFailure {
+    /// Nothing the grammar allows is left (the turn ends where it is).
+    NothingAllowed,
+    /// The sampler refused a token outside the trigger (a llama.cpp fault).
+    Rejected(String),
 }
 
 /// The GBNF grammar for one call to any of `tools`.

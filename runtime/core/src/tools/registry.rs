@@ -136,6 +136,12 @@ impl Registry {
         registry
     }
 
+    /// Removes the built-in tools, leaving the others.
+    pub fn remove_builtins(&mut self) {
+        self.tools
+            .retain(|_, tool| !matches!(tool.spec.executor, Executor::Builtin(_)));
+    }
+
     /// Sets the size limit on the raw `arguments` string of one call.
     pub fn set_max_argument_bytes(&mut self, limit: usize) {
         self.max_argument_bytes = limit;

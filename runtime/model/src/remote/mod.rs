@@ -862,7 +862,7 @@ impl RemoteSession {
                 StopReason::Cancelled => native.clear(),
                 StopReason::MaxTokens => native
                     .retain(|call| serde_json::from_str::<Value>(&call.function.arguments).is_ok()),
-                StopReason::EndOfTurn => {}
+                StopReason::EndOfTurn | StopReason::GrammarDeadEnd => {}
             }
             if native.is_empty() && !names.is_empty() && stop != StopReason::Cancelled {
                 // The server left the call in the text: recover it.

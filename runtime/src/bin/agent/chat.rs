@@ -50,6 +50,26 @@ pub struct ChatArgs {
     /// Most model steps per turn.
     #[arg(long, default_value_t = 8)]
     pub max_steps: u32,
+    /// The system prompt (default: one that says tools can read and write
+    /// files and run code; an empty one sends none).
+    #[arg(long, value_name = "TEXT", conflicts_with = "system_file")]
+    pub system: Option<String>,
+    /// Read the system prompt from a file.
+    #[arg(long, value_name = "FILE")]
+    pub system_file: Option<PathBuf>,
+}
+
+impl ChatArgs {
+    /// The system prompt the flags ask for; `None` inside means none at all.
+    pub fn system_prompt(&self) -> anyhow::Result<Option<Option<String>>> {
+        let text = match (&self.system, &self.system_file) {
+            (Some(text), _) => text.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading the system prompt from {}", path.display()))?,
+            (None, None) => return Ok(None),
+        };
+        Ok(Some((!text.trim().is_empty()).then_some(text)))
+    }
 }
 
 fn tool_choice(text: &str) -> ToolChoice {
@@ -74,8 +94,10 @@ fn build(
         Some(dir) => dir.clone(),
         None => std::env::current_dir().context("no current folder")?,
     };
+    let system_prompt = args.system_prompt()?;
     let mut builder = Runtime::builder()
         .backend(backend)
+        .builtin_tools(dirs.include_default)
         .workspace(workspace.clone());
     for dir in dirs
         .include_default
@@ -120,6 +142,13 @@ fn build(
         max_steps: args.max_steps,
         resume: args.resume.clone(),
         ..SessionConfig::default()
+    };
+    let config = match system_prompt {
+        Some(system_prompt) => SessionConfig {
+            system_prompt,
+            ..config
+        },
+        None => config,
     };
     let session = tokio.block_on(runtime.session(config.clone()))?;
     Ok((runtime, session, config))

@@ -23,7 +23,9 @@ struct Cli {
     #[arg(long = "tools", value_name = "DIR", global = true)]
     tool_dirs: Vec<PathBuf>,
 
-    /// Do not load the tool folders that ship with the runtime.
+    /// Offer only your own tools: neither the built-in tools nor the tool
+    /// folder that ships with the runtime (`--tools` folders, the policy's
+    /// MCP servers and host tools still load).
     #[arg(long, global = true)]
     no_default_tools: bool,
 
@@ -92,6 +94,12 @@ enum Command {
     },
 }
 
+/// Colours only for a terminal, and never under `NO_COLOR`.
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -99,6 +107,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(colour_on_stderr())
         .init();
     let cli = Cli::parse();
     let tool_dirs = tool_cmd::ToolDirs {

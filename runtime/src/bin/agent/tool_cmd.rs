@@ -79,9 +79,12 @@ impl SandboxArg {
     }
 }
 
-/// Which tool folders to load.
+/// Which tools to load besides the policy's MCP servers.
 pub struct ToolDirs {
+    /// `--tools` folders.
     pub extra: Vec<PathBuf>,
+    /// The built-in tools and the shipped tool folder (off with
+    /// `--no-default-tools`).
     pub include_default: bool,
 }
 
@@ -96,7 +99,11 @@ pub fn default_tool_dir() -> Option<PathBuf> {
 }
 
 pub fn build_registry(dirs: &ToolDirs) -> Registry {
-    let mut registry = Registry::with_builtins();
+    let mut registry = if dirs.include_default {
+        Registry::with_builtins()
+    } else {
+        Registry::new()
+    };
     let defaults = dirs.include_default.then(default_tool_dir).flatten();
     for dir in defaults.iter().chain(dirs.extra.iter()) {
         for diagnostic in registry.load_dir(dir) {
