@@ -355,12 +355,7 @@ fn without_a_token_host_and_origin_still_hold() {
 fn http_without_a_token_given_makes_one() {
     let ws = workspace();
     let mut child = Command::new(common::agent_binary())
-        .args([
-            "mcp",
-            "--http",
-            "127.0.0.1:0",
-            "--workspace",
-        ])
+        .args(["mcp", "--http", "127.0.0.1:0", "--workspace"])
         .arg(ws.path())
         .stderr(Stdio::piped())
         .spawn()
@@ -408,12 +403,7 @@ fn http_cancellation_kills_the_call_too() {
 fn http_refuses_a_public_address_without_a_token() {
     let ws = workspace();
     let output = Command::new(common::agent_binary())
-        .args([
-            "mcp",
-            "--http",
-            "0.0.0.0:0",
-            "--workspace",
-        ])
+        .args(["mcp", "--http", "0.0.0.0:0", "--workspace"])
         .arg(ws.path())
         .output()
         .expect("run agent mcp");

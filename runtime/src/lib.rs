@@ -74,6 +74,7 @@ pub mod config;
 pub use stack_agent as agent;
 pub use stack_assets as assets;
 pub use stack_core::{dispatch, gate, policy, tools, workspace};
+pub use stack_eval as eval;
 pub use stack_mcp as mcp;
 pub use stack_model as model;
 pub use stack_sandbox as sandbox;

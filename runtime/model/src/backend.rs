@@ -101,6 +101,27 @@ pub struct SamplingOptions {
     pub seed: u32,
     /// Most tokens to generate in one turn.
     pub max_tokens: u32,
+    /// How the model decides, under `tool_choice: auto`, whether to call a
+    /// tool and which.
+    #[serde(default)]
+    pub routing: Routing,
+}
+
+/// How the decision to call a tool is made under `tool_choice: auto`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Routing {
+    /// The model writes a call when it chooses to (the lazy grammar makes
+    /// it valid once started).
+    #[default]
+    Free,
+    /// A constrained step decides first, on a user's message: for each
+    /// tool, the model is asked whether that tool should be used, and the
+    /// logits of `yes` and `no` score it. The best tool with `yes` ahead
+    /// is called, its arguments generated under its schema; when `no`
+    /// leads for every tool, the step goes on as under `Free`. In process
+    /// only; a served model decides as under `Free`.
+    Constrained,
 }
 
 impl Default for SamplingOptions {
@@ -113,6 +134,7 @@ impl Default for SamplingOptions {
             repeat_penalty: 1.1,
             seed: 42,
             max_tokens: 512,
+            routing: Routing::Free,
         }
     }
 }

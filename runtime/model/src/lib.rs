@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod formats;
 pub mod grammar;
 #[cfg(feature = "llama")]
 pub mod llama;
@@ -19,11 +20,12 @@ mod worker;
 
 pub use backend::{
     BackendInfo, BackendSession, CallPath, Capabilities, CompletionRequest, Counters, Generation,
-    ModelBackend, ModelError, SamplingOptions, StopReason,
+    ModelBackend, ModelError, Routing, SamplingOptions, StopReason,
 };
+pub use formats::ToolFormat;
 pub use grammar::ToolChoice;
 pub use template::{ChatTemplate, PromptRenderer, TemplateError};
-pub use toolcall::{parse_tool_calls, ParsedTurn};
+pub use toolcall::{parse_tool_calls, parse_tool_calls_for, ParsedTurn};
 
 #[cfg(test)]
 mod fuzz;

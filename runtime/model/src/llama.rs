@@ -19,11 +19,12 @@ use llama_cpp_2::token::LlamaToken;
 use serde_json::Value;
 
 use super::backend::{offered_tools, prompt_tools, tool_name, CallPath};
-pub use super::backend::{Counters, Generation, ModelError, SamplingOptions, StopReason};
+pub use super::backend::{Counters, Generation, ModelError, Routing, SamplingOptions, StopReason};
+use super::formats::ToolFormat;
 use super::grammar::{call_schema, wrap_in_tool_call, ToolChoice, TOOL_CALL_OPEN};
 use super::template::PromptRenderer;
-use super::toolcall::{parse_tool_calls, ParsedTurn};
-use stack_types::message::Message;
+use super::toolcall::{parse_tool_calls_for, ParsedTurn};
+use stack_types::message::{Message, Role};
 
 /// How to load a model.
 pub struct ModelOptions {
@@ -72,6 +73,9 @@ pub struct ModelInfo {
     pub trained_context: u32,
     /// Whether its own chat template renders tools.
     pub template_supports_tools: bool,
+    /// The tool-call syntax the model is shown (and parsed first): its
+    /// template's, or Hermes through the ChatML fallback.
+    pub tool_format: ToolFormat,
     /// Layers offloaded to a GPU.
     pub gpu_layers: u32,
 }
@@ -152,6 +156,11 @@ impl Model {
             size_bytes: model.size(),
             trained_context: model.n_ctx_train(),
             template_supports_tools: renderer.own_template_supports_tools(),
+            tool_format: if renderer.own_template_supports_tools() {
+                ToolFormat::detect(&template).unwrap_or(ToolFormat::Hermes)
+            } else {
+                ToolFormat::Hermes
+            },
             gpu_layers: gpu_layers.min(model.n_layer()),
         };
         Ok(Arc::new(Model {
@@ -319,12 +328,36 @@ impl ModelSession {
     ) -> Result<Generation, ModelError> {
         // The prompt lists every tool whenever any is offered; a name that
         // matches no tool offers none, and shows none.
-        let offered = offered_tools(tools, tool_choice);
+        let mut offered = offered_tools(tools, tool_choice);
         let rendered = prompt_tools(tools, &offered);
+        let mut routing = None;
+        let routed;
+        let tool_choice = match tool_choice {
+            ToolChoice::Auto
+                if sampling.routing == Routing::Constrained
+                    && !offered.is_empty()
+                    && messages.last().is_some_and(|m| m.role == Role::User) =>
+            {
+                let (choice, generation) = self.route(messages, rendered, &offered)?;
+                routing = Some(generation);
+                match choice {
+                    Some(name) => {
+                        routed = ToolChoice::Named(name);
+                        offered = offered_tools(tools, &routed);
+                        &routed
+                    }
+                    None => tool_choice,
+                }
+            }
+            other => other,
+        };
         let prompt = self.model.renderer.render(messages, rendered)?;
         let grammar = match tool_choice {
             ToolChoice::None => None,
             _ if offered.is_empty() => None,
+            // The lazy grammar is Hermes-shaped: a model that writes
+            // another syntax is left free under `auto`, and parsed.
+            ToolChoice::Auto if self.model.info.tool_format != ToolFormat::Hermes => None,
             ToolChoice::Auto => Some((tool_grammar(&offered)?, true)),
             ToolChoice::Required | ToolChoice::Named(_) => Some((tool_grammar(&offered)?, false)),
         };
@@ -334,10 +367,12 @@ impl ModelSession {
             sampling,
             on_token,
         )?;
+        if let Some(routing) = routing {
+            generation.counters.add(routing.counters);
+            generation.prompt_ms += routing.prompt_ms + routing.generation_ms;
+        }
         if !offered.is_empty() {
-            let names: Vec<&str> = offered.iter().filter_map(tool_name).collect();
-            generation.turn =
-                parse_tool_calls(&generation.text, &|name| names.contains(&name), next_id);
+            generation.turn = parse_tool_calls_for(&generation.text, &offered, next_id);
             if !generation.turn.tool_calls.is_empty() {
                 generation.call_path = Some(if grammar.is_some() {
                     CallPath::Grammar
@@ -347,6 +382,168 @@ impl ModelSession {
             }
         }
         Ok(generation)
+    }
+
+    /// The constrained routing step (see [`Routing::Constrained`]). First
+    /// the user asks whether one of the tools can do what was asked; the
+    /// logits of `yes` and `no` decide. Then each tool is scored by how
+    /// likely the model finds a call to it, opened the way the prompt
+    /// shows calls (`<tool_call>` then `{"name": "NAME"`): the sum of the
+    /// name's token log-probabilities. The prompts share the conversation
+    /// with each other and with the step that follows, so each evaluates
+    /// only what is its own.
+    fn route(
+        &mut self,
+        messages: &[Message],
+        listed: &[Value],
+        offered: &[Value],
+    ) -> Result<(Option<String>, Generation), ModelError> {
+        let mut asked = messages.to_vec();
+        asked.push(Message::user(
+            "Can one of the tools do what I asked? Answer yes or no.",
+        ));
+        let (margin, mut spent) = self.yes_margin(&asked, listed)?;
+        tracing::debug!(margin, "routing step: yes over no");
+        let names: Vec<&str> = offered.iter().filter_map(tool_name).collect();
+        if margin <= 0.0 || names.is_empty() {
+            return Ok((None, spent));
+        }
+        if let [only] = names.as_slice() {
+            return Ok((Some(only.to_string()), spent));
+        }
+        let opening = format!(
+            "{}{TOOL_CALL_OPEN}\n{{\"name\": \"",
+            self.model.renderer.render(messages, listed)?
+        );
+        let mut best: Option<(f64, &str)> = None;
+        for name in names {
+            let tokens = self.model.tokenize(&format!("{opening}{name}\""));
+            let shared = self.model.tokenize(&opening);
+            let from = tokens
+                .iter()
+                .zip(&shared)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let (score, counters) = self.score_continuation(&tokens, from)?;
+            spent.counters.add(counters);
+            tracing::debug!(name, score, "routing step: name log-likelihood");
+            if best.is_none_or(|(top, _)| score > top) {
+                best = Some((score, name));
+            }
+        }
+        Ok((best.map(|(_, name)| name.to_string()), spent))
+    }
+
+    /// The log-probability the model gives `tokens[from..]` after
+    /// `tokens[..from]`. The KV cache is left holding `tokens`.
+    fn score_continuation(
+        &mut self,
+        tokens: &[LlamaToken],
+        from: usize,
+    ) -> Result<(f64, Counters), ModelError> {
+        let from = from.clamp(1, tokens.len());
+        if tokens.len() + 1 > self.ctx.n_ctx() as usize {
+            return Err(ModelError::ContextFull {
+                needed: tokens.len(),
+                context: self.ctx.n_ctx(),
+            });
+        }
+        let counters = self.prefill(&tokens[..from])?;
+        self.totals.add(counters);
+        let log_softmax = |logits: &[f32], token: LlamaToken| -> f64 {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f64 = logits.iter().map(|l| f64::from(l - max).exp()).sum();
+            let logit = usize::try_from(token.0)
+                .ok()
+                .and_then(|i| logits.get(i).copied())
+                .unwrap_or(f32::NEG_INFINITY);
+            f64::from(logit - max) - sum.ln()
+        };
+        let rest = &tokens[from..];
+        let Some((first, _)) = rest.split_first() else {
+            return Ok((0.0, counters));
+        };
+        let mut score = log_softmax(self.ctx.get_logits_ith(-1), *first);
+        let scored = &rest[..rest.len() - 1];
+        if !scored.is_empty() {
+            let mut batch = LlamaBatch::new(scored.len(), 1);
+            for (i, token) in scored.iter().enumerate() {
+                batch
+                    .add(*token, (self.cached.len() + i) as i32, &[0], true)
+                    .map_err(|e| ModelError::Decode(e.to_string()))?;
+            }
+            self.ctx
+                .decode(&mut batch)
+                .map_err(|e| ModelError::Decode(e.to_string()))?;
+            self.cached.extend_from_slice(scored);
+            for (i, next) in rest[1..].iter().enumerate() {
+                score += log_softmax(self.ctx.get_logits_ith(i as i32), *next);
+            }
+        }
+        let evaluated = Counters {
+            prompt_evaluated: scored.len() as u64,
+            ..Counters::default()
+        };
+        self.totals.add(evaluated);
+        Ok((
+            score,
+            Counters {
+                prompt_evaluated: counters.prompt_evaluated + evaluated.prompt_evaluated,
+                ..counters
+            },
+        ))
+    }
+
+    /// Renders `messages` and returns how much likelier the model finds
+    /// `yes` than `no` as its answer: the difference of their first
+    /// tokens' logits.
+    fn yes_margin(
+        &mut self,
+        messages: &[Message],
+        listed: &[Value],
+    ) -> Result<(f32, Generation), ModelError> {
+        let started = Instant::now();
+        let prompt = self.model.renderer.render(messages, listed)?;
+        let tokens = self.model.tokenize(&prompt);
+        if tokens.len() + 1 > self.ctx.n_ctx() as usize {
+            return Err(ModelError::ContextFull {
+                needed: tokens.len(),
+                context: self.ctx.n_ctx(),
+            });
+        }
+        let counters = self.prefill(&tokens)?;
+        self.totals.add(counters);
+        let vocab = self.model.model.vocab();
+        let first = |word: &str| {
+            vocab
+                .tokenize(word.as_bytes(), false, false)
+                .first()
+                .copied()
+        };
+        let logits = self.ctx.get_logits_ith(-1);
+        let logit = |token: Option<LlamaToken>| {
+            token
+                .and_then(|t| usize::try_from(t.0).ok())
+                .and_then(|i| logits.get(i).copied())
+                .unwrap_or(f32::NEG_INFINITY)
+        };
+        let margin = logit(first("yes")) - logit(first("no"));
+        Ok((
+            margin,
+            Generation {
+                turn: ParsedTurn {
+                    content: None,
+                    tool_calls: Vec::new(),
+                },
+                text: String::new(),
+                stop: StopReason::EndOfTurn,
+                counters,
+                prompt_ms: started.elapsed().as_secs_f64() * 1000.0,
+                generation_ms: 0.0,
+                call_path: None,
+                server_ms: None,
+            },
+        ))
     }
 
     /// Generates from a raw prompt, optionally under a grammar (lazy: applied

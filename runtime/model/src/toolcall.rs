@@ -7,7 +7,9 @@
 //! * Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`;
 //! * Llama 3: a JSON object `{"name": ..., "parameters": {...}}` (or
 //!   `"arguments"`), optionally after `<|python_tag|>`;
-//! * a bare JSON object (or array of them) that names a registered tool.
+//! * a bare JSON object (or array of them) that names a registered tool;
+//! * and, first, the native syntaxes of `formats.rs`: Qwen3-Coder XML,
+//!   DeepSeek, Command R7B, FunctionGemma, Functionary v3.2, pythonic.
 //!
 //! Text around the calls is kept as the message content. A block that looks
 //! like a call but does not parse is kept as text, so the model (and the
@@ -16,6 +18,7 @@
 
 use serde_json::Value;
 
+use crate::formats::{self, ToolLookup};
 use stack_types::message::ToolCall;
 
 /// The calls found in one assistant turn, and the text around them.
@@ -28,12 +31,61 @@ pub struct ParsedTurn {
 }
 
 /// Parses `text`. `is_tool` says whether a name is a registered tool (used
-/// for bare JSON objects); `next_id` makes call ids.
+/// for bare JSON objects, pythonic and Functionary calls); `next_id` makes
+/// call ids. Text arguments (XML, FunctionGemma) are read as JSON where
+/// they parse; [`parse_tool_calls_for`] types them by the tools' schemas.
 pub fn parse_tool_calls(
     text: &str,
     is_tool: &dyn Fn(&str) -> bool,
     next_id: &mut dyn FnMut() -> String,
 ) -> ParsedTurn {
+    let lookup = ToolLookup {
+        is_tool,
+        param_type: &|_, _| None,
+    };
+    parse_with(text, &lookup, next_id)
+}
+
+/// Parses `text` for calls to `tools` (OpenAI tool objects), typing text
+/// arguments by each parameter's declared type.
+pub fn parse_tool_calls_for(
+    text: &str,
+    tools: &[Value],
+    next_id: &mut dyn FnMut() -> String,
+) -> ParsedTurn {
+    let find = |name: &str| {
+        tools
+            .iter()
+            .find(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(name))
+    };
+    let is_tool = |name: &str| find(name).is_some();
+    let param_type = |tool: &str, param: &str| {
+        find(tool)?
+            .pointer("/function/parameters/properties")?
+            .get(param)?
+            .get("type")?
+            .as_str()
+            .map(str::to_string)
+    };
+    let lookup = ToolLookup {
+        is_tool: &is_tool,
+        param_type: &param_type,
+    };
+    parse_with(text, &lookup, next_id)
+}
+
+fn parse_with(
+    text: &str,
+    lookup: &ToolLookup<'_>,
+    next_id: &mut dyn FnMut() -> String,
+) -> ParsedTurn {
+    let is_tool = lookup.is_tool;
+    if let Some((content, calls)) = formats::parse_native(text, lookup) {
+        return ParsedTurn {
+            content: non_empty(&content),
+            tool_calls: formats::to_tool_calls(calls, next_id),
+        };
+    }
     if let Some(turn) = parse_hermes(text, next_id) {
         return turn;
     }

@@ -51,7 +51,7 @@ use crate::backend::{
 };
 use crate::grammar::ToolChoice;
 use crate::template::PromptRenderer;
-use crate::toolcall::{parse_tool_calls, ParsedTurn};
+use crate::toolcall::{parse_tool_calls_for, ParsedTurn};
 use sse::SseDecoder;
 use wire::{Assembler, Finish, StreamProblem};
 
@@ -847,7 +847,7 @@ impl RemoteSession {
         let names: Vec<&str> = offered.iter().filter_map(tool_name).collect();
         let server_ms = turn.server_ms.or(raw.server_ms);
         let (text, parsed, path) = if model.renderer.is_some() {
-            let parsed = parse_tool_calls(&raw.text, &|n| names.contains(&n), &mut next_id);
+            let parsed = parse_tool_calls_for(&raw.text, &offered, &mut next_id);
             let path = if cfg!(feature = "llama") && !names.is_empty() {
                 CallPath::Grammar
             } else {
@@ -866,7 +866,7 @@ impl RemoteSession {
             }
             if native.is_empty() && !names.is_empty() && stop != StopReason::Cancelled {
                 // The server left the call in the text: recover it.
-                let parsed = parse_tool_calls(&turn.content, &|n| names.contains(&n), &mut next_id);
+                let parsed = parse_tool_calls_for(&turn.content, &offered, &mut next_id);
                 (turn.content, parsed, CallPath::Parsed)
             } else {
                 let content = turn.content.trim();

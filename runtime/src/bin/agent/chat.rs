@@ -13,7 +13,7 @@ use stack_runtime::agent::{
     export_chatml, list_sessions, Event, Runtime, Session, SessionConfig, TurnEnd,
 };
 use stack_runtime::model::llama::SamplingOptions;
-use stack_runtime::model::ToolChoice;
+use stack_runtime::model::{Routing, ToolChoice};
 use stack_runtime::outcome::Status;
 use stack_runtime::policy::{ApprovalAnswer, ApprovalHandler, ApprovalRequest, Policy};
 use stack_runtime::text::{for_terminal, one_line};
@@ -57,6 +57,29 @@ pub struct ChatArgs {
     /// Read the system prompt from a file.
     #[arg(long, value_name = "FILE")]
     pub system_file: Option<PathBuf>,
+    /// How the model decides to call a tool under `--tool-choice auto`:
+    /// `free` (it writes a call when it chooses), or `constrained` (a
+    /// grammar-constrained step picks a tool name or `none` first).
+    #[arg(long, value_enum, default_value_t = RoutingArg::Free)]
+    pub routing: RoutingArg,
+}
+
+/// `--routing`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum RoutingArg {
+    /// The model writes a call when it chooses to.
+    Free,
+    /// A constrained step picks a tool name or `none` first (in process).
+    Constrained,
+}
+
+impl From<RoutingArg> for Routing {
+    fn from(arg: RoutingArg) -> Self {
+        match arg {
+            RoutingArg::Free => Routing::Free,
+            RoutingArg::Constrained => Routing::Constrained,
+        }
+    }
 }
 
 impl ChatArgs {
@@ -137,6 +160,7 @@ fn build(
             temperature: args.temperature,
             seed: args.seed,
             max_tokens: args.max_tokens,
+            routing: args.routing.into(),
             ..SamplingOptions::default()
         },
         max_steps: args.max_steps,

@@ -5,6 +5,7 @@
 
 mod chat;
 mod doctor;
+mod eval_cmd;
 mod mcp_cmd;
 mod model_cmd;
 mod policy_cmd;
@@ -78,6 +79,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure tool calling: BFCL-format data (--bfcl DIR) and executable
+    /// tasks (--tasks FILE), per category, with a per-case log.
+    Eval(Box<eval_cmd::EvalArgs>),
     /// Serve the sandboxed tools to MCP clients (stdio, or --http).
     Mcp(mcp_cmd::McpArgs),
     /// Check policy files and explain their decisions.
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
         Some(Command::Doctor { json, model }) => doctor::run(json, &model),
         Some(Command::Model { model, json }) => model_cmd::info(&model, json),
         Some(Command::Mcp(args)) => mcp_cmd::run(args, &tool_dirs),
+        Some(Command::Eval(args)) => eval_cmd::run(*args, &tool_dirs),
         Some(Command::Policy(command)) => policy_cmd::run(command, &tool_dirs),
         Some(Command::Run { prompt, json, yes }) => {
             chat::run(&cli.chat, prompt, json, yes, &tool_dirs)

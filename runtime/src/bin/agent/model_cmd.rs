@@ -267,6 +267,7 @@ pub fn info(args: &ModelArgs, json: bool) -> anyhow::Result<ExitCode> {
                 "the model's own; tools use the ChatML <tools> fallback"
             }
         );
+        println!("tool calls    {}", info.tool_format.as_str());
     }
     Ok(ExitCode::SUCCESS)
 }

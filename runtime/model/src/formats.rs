@@ -1,0 +1,763 @@
+//! The tool-call syntaxes current open models emit, beyond Hermes JSON:
+//! which one a model speaks (from its chat template, the way llama.cpp's
+//! `common/chat.cpp` tells them apart), and a parser for each.
+//!
+//! | format | looks like | models |
+//! |---|---|---|
+//! | Qwen3-Coder XML | `<tool_call>\n<function=NAME>\n<parameter=K>\nV\n</parameter>\n</function>\n</tool_call>` | Qwen3-Coder, GLM-4.5 style, Nemotron Nano 3 |
+//! | pythonic | `[get_weather(city="Paris")]`, optionally in `<\|tool_call_start\|>…<\|tool_call_end\|>` | Llama 3.2 (pythonic prompt), LFM2 |
+//! | FunctionGemma | `<start_function_call>call:NAME{k:<escape>v<escape>}<end_function_call>` | FunctionGemma |
+//! | DeepSeek V3/R1 | `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME` + a JSON block | DeepSeek V3, R1 (V3.1: `NAME<｜tool▁sep｜>{…}`) |
+//! | Functionary v3.2 | `>>>NAME\n{…}` (and `>>>all\ntext`) | Functionary v3.2 |
+//! | Command R7B | `<\|START_ACTION\|>[{"tool_call_id": …, "tool_name": …, "parameters": …}]<\|END_ACTION\|>` | Command R7B |
+//! | Hermes, Mistral, Llama 3 JSON | see `toolcall.rs` | Qwen2.5, Hermes, Mistral Nemo, Llama 3.1 |
+//!
+//! Arguments written as text (XML parameters, FunctionGemma values) are
+//! typed by the tool's schema when it is known: a parameter declared
+//! `string` stays a string (`"007"` is not the number 7); others are read
+//! as JSON where they parse. Pythonic arguments are Python literals.
+//! Nothing here trusts the text: a block that does not parse is left as
+//! text, and calls go on to validation like any other.
+
+use serde_json::{Map, Value};
+
+use stack_types::message::ToolCall;
+
+/// A tool-call syntax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolFormat {
+    /// Hermes / Qwen2.5 `<tool_call>{json}</tool_call>`; also what the
+    /// runtime's ChatML fallback shows a model whose template has no tools.
+    Hermes,
+    /// Qwen3-Coder / GLM-4.5 style XML inside `<tool_call>`.
+    Qwen3CoderXml,
+    /// Python call syntax in a list.
+    Pythonic,
+    /// FunctionGemma's control tokens.
+    FunctionGemma,
+    /// DeepSeek V3 / R1 call blocks.
+    DeepSeek,
+    /// Functionary v3.2 `>>>recipient`.
+    FunctionaryV32,
+    /// Command R7B actions.
+    CommandR7b,
+    /// Mistral `[TOOL_CALLS]`.
+    Mistral,
+    /// Llama 3.x JSON (`{"name": …, "parameters": …}`).
+    Llama3Json,
+}
+
+impl ToolFormat {
+    /// The format a chat template's source shows its model, by the
+    /// markers each template family uses; `None` for a template that
+    /// renders no tools (the runtime's ChatML fallback, Hermes, is used).
+    pub fn detect(template: &str) -> Option<ToolFormat> {
+        let has = |marker: &str| template.contains(marker);
+        if !has("tools") && !has("tool_call") && !has("function") {
+            return None;
+        }
+        let format = if has("<｜tool▁calls▁begin｜>") || has("tool▁call▁begin") {
+            ToolFormat::DeepSeek
+        } else if has("<|START_ACTION|>") {
+            ToolFormat::CommandR7b
+        } else if has(">>>all") {
+            ToolFormat::FunctionaryV32
+        } else if has("<start_function_call>") {
+            ToolFormat::FunctionGemma
+        } else if has("<function=") && has("<parameter=") {
+            ToolFormat::Qwen3CoderXml
+        } else if has("<|tool_call_start|>") || has("[func_name1(") || has("[func_name(") {
+            ToolFormat::Pythonic
+        } else if has("[TOOL_CALLS]") {
+            ToolFormat::Mistral
+        } else if has("<tool_call>") {
+            ToolFormat::Hermes
+        } else if has("<|start_header_id|>") && (has("ipython") || has("\"parameters\"")) {
+            ToolFormat::Llama3Json
+        } else if has("tools") {
+            // A template that renders tools in a way no family above
+            // uses: its model's output is parsed by every parser.
+            ToolFormat::Hermes
+        } else {
+            return None;
+        };
+        Some(format)
+    }
+
+    /// Its name, as `agent model` prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ToolFormat::Hermes => "hermes",
+            ToolFormat::Qwen3CoderXml => "qwen3_coder_xml",
+            ToolFormat::Pythonic => "pythonic",
+            ToolFormat::FunctionGemma => "function_gemma",
+            ToolFormat::DeepSeek => "deepseek",
+            ToolFormat::FunctionaryV32 => "functionary_v3_2",
+            ToolFormat::CommandR7b => "command_r7b",
+            ToolFormat::Mistral => "mistral",
+            ToolFormat::Llama3Json => "llama3_json",
+        }
+    }
+
+    /// The text that opens a call in this format: where a lazy grammar
+    /// would start, and what the parsers look for.
+    pub fn opening(self) -> &'static str {
+        match self {
+            ToolFormat::Hermes | ToolFormat::Qwen3CoderXml => "<tool_call>",
+            ToolFormat::Pythonic => "[",
+            ToolFormat::FunctionGemma => "<start_function_call>",
+            ToolFormat::DeepSeek => "<｜tool▁calls▁begin｜>",
+            ToolFormat::FunctionaryV32 => ">>>",
+            ToolFormat::CommandR7b => "<|START_ACTION|>",
+            ToolFormat::Mistral => "[TOOL_CALLS]",
+            ToolFormat::Llama3Json => "{\"name\"",
+        }
+    }
+}
+
+/// What the parsers know about the offered tools.
+pub struct ToolLookup<'a> {
+    /// Whether a name is an offered tool.
+    pub is_tool: &'a dyn Fn(&str) -> bool,
+    /// The declared JSON type of a tool's parameter, when known.
+    pub param_type: &'a dyn Fn(&str, &str) -> Option<String>,
+}
+
+/// A call parsed from native syntax: name and arguments object.
+pub(crate) type NativeCall = (String, Map<String, Value>);
+
+/// Whether `name` could be a tool's name.
+fn is_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// A text value typed by the parameter's declared type.
+fn typed(tools: &ToolLookup<'_>, tool: &str, param: &str, raw: &str) -> Value {
+    let declared = (tools.param_type)(tool, param);
+    if declared.as_deref() == Some("string") {
+        return Value::String(raw.to_string());
+    }
+    match serde_json::from_str::<Value>(raw.trim()) {
+        Ok(value) => value,
+        Err(_) => Value::String(raw.to_string()),
+    }
+}
+
+/// The calls of the native formats found in `text`, with the text around
+/// them; `None` when no native format matches.
+pub(crate) fn parse_native(
+    text: &str,
+    tools: &ToolLookup<'_>,
+) -> Option<(String, Vec<NativeCall>)> {
+    parse_qwen3_xml(text, tools)
+        .or_else(|| parse_deepseek(text, tools))
+        .or_else(|| parse_command_r7b(text))
+        .or_else(|| parse_function_gemma(text, tools))
+        .or_else(|| parse_functionary(text, tools))
+        .or_else(|| parse_pythonic(text, tools))
+}
+
+/// `<tool_call>\n<function=NAME>\n<parameter=K>\nV\n</parameter>\n</function>\n</tool_call>`.
+fn parse_qwen3_xml(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<NativeCall>)> {
+    // Qwen3-Coder always wraps the function in `<tool_call>`; prose that
+    // mentions `<function=` is not a call.
+    if !text.contains("<tool_call>") || !text.contains("<function=") {
+        return None;
+    }
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("<function=") {
+        let before = &rest[..start];
+        content.push_str(
+            before
+                .trim_end()
+                .strip_suffix("<tool_call>")
+                .unwrap_or(before),
+        );
+        let after = &rest[start + "<function=".len()..];
+        let name_end = after.find('>')?;
+        let name = after[..name_end].trim().to_string();
+        if !is_identifier(&name) {
+            return None;
+        }
+        let body_and_rest = &after[name_end + 1..];
+        let (body, next) = match body_and_rest.find("</function>") {
+            Some(end) => (
+                &body_and_rest[..end],
+                &body_and_rest[end + "</function>".len()..],
+            ),
+            None => (body_and_rest, ""),
+        };
+        let mut arguments = Map::new();
+        let mut params = body;
+        while let Some(p) = params.find("<parameter=") {
+            let after_p = &params[p + "<parameter=".len()..];
+            let key_end = after_p.find('>')?;
+            let key = after_p[..key_end].trim().to_string();
+            let value_and_rest = &after_p[key_end + 1..];
+            let (value, next_p) = match value_and_rest.find("</parameter>") {
+                Some(end) => (
+                    &value_and_rest[..end],
+                    &value_and_rest[end + "</parameter>".len()..],
+                ),
+                None => (value_and_rest, ""),
+            };
+            let value = value.strip_prefix('\n').unwrap_or(value);
+            let value = value.strip_suffix('\n').unwrap_or(value);
+            arguments.insert(key.clone(), typed(tools, &name, &key, value));
+            params = next_p;
+        }
+        calls.push((name, arguments));
+        let next = next.trim_start();
+        rest = next.strip_prefix("</tool_call>").unwrap_or(next);
+    }
+    content.push_str(rest);
+    (!calls.is_empty()).then_some((content, calls))
+}
+
+/// DeepSeek V3/R1 (`function<｜tool▁sep｜>NAME` and a fenced JSON block) and
+/// V3.1 (`NAME<｜tool▁sep｜>{json}`).
+fn parse_deepseek(text: &str, _tools: &ToolLookup<'_>) -> Option<(String, Vec<NativeCall>)> {
+    const BEGIN: &str = "<｜tool▁call▁begin｜>";
+    const SEP: &str = "<｜tool▁sep｜>";
+    const END: &str = "<｜tool▁call▁end｜>";
+    let first = text.find(BEGIN)?;
+    let content_end = text
+        .find("<｜tool▁calls▁begin｜>")
+        .unwrap_or(first)
+        .min(first);
+    let mut calls = Vec::new();
+    let mut rest = &text[first..];
+    while let Some(start) = rest.find(BEGIN) {
+        let after = &rest[start + BEGIN.len()..];
+        let (block, next) = match after.find(END) {
+            Some(end) => (&after[..end], &after[end + END.len()..]),
+            None => (after, ""),
+        };
+        let (head, tail) = block.split_once(SEP)?;
+        let (name, json) = if head.trim() == "function" {
+            // V3/R1: NAME\n```json\n{...}\n```
+            let (name, body) = tail.split_once('\n')?;
+            let body = body.trim();
+            let body = body
+                .strip_prefix("```json")
+                .or_else(|| body.strip_prefix("```"))
+                .unwrap_or(body);
+            let body = body.trim().strip_suffix("```").unwrap_or(body).trim();
+            (name.trim(), body)
+        } else {
+            (head.trim(), tail.trim())
+        };
+        let Ok(Value::Object(arguments)) = serde_json::from_str::<Value>(json) else {
+            return None;
+        };
+        calls.push((name.to_string(), arguments));
+        rest = next;
+    }
+    let trailing = rest.replace("<｜tool▁calls▁end｜>", "");
+    let content = format!("{}{}", &text[..content_end], trailing.trim());
+    (!calls.is_empty()).then_some((content, calls))
+}
+
+/// `<|START_ACTION|>[{"tool_call_id": "0", "tool_name": …, "parameters": …}]<|END_ACTION|>`,
+/// with the reply in `<|START_RESPONSE|>…<|END_RESPONSE|>` and thinking in
+/// `<|START_THINKING|>…<|END_THINKING|>` (dropped).
+fn parse_command_r7b(text: &str) -> Option<(String, Vec<NativeCall>)> {
+    const START: &str = "<|START_ACTION|>";
+    const END: &str = "<|END_ACTION|>";
+    let start = text.find(START)?;
+    let after = &text[start + START.len()..];
+    let body = after.find(END).map_or(after, |end| &after[..end]);
+    let Ok(Value::Array(items)) = serde_json::from_str::<Value>(body.trim()) else {
+        return None;
+    };
+    let calls: Option<Vec<NativeCall>> = items
+        .iter()
+        .map(|item| {
+            let name = item["tool_name"].as_str()?.to_string();
+            let arguments = item
+                .get("parameters")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            Some((name, arguments))
+        })
+        .collect();
+    let mut content = text[..start].to_string();
+    if let (Some(a), Some(b)) = (
+        content.find("<|START_THINKING|>"),
+        content.find("<|END_THINKING|>"),
+    ) {
+        if a < b {
+            content.replace_range(a..b + "<|END_THINKING|>".len(), "");
+        }
+    }
+    let content = content
+        .replace("<|START_RESPONSE|>", "")
+        .replace("<|END_RESPONSE|>", "");
+    calls
+        .filter(|c| !c.is_empty())
+        .map(|calls| (content, calls))
+}
+
+/// `<start_function_call>call:NAME{key:<escape>text<escape>,n:3}<end_function_call>`.
+fn parse_function_gemma(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<NativeCall>)> {
+    const START: &str = "<start_function_call>";
+    const END: &str = "<end_function_call>";
+    const ESCAPE: &str = "<escape>";
+    if !text.contains(START) {
+        return None;
+    }
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(START) {
+        content.push_str(&rest[..start]);
+        let after = &rest[start + START.len()..];
+        let (block, next) = match after.find(END) {
+            Some(end) => (&after[..end], &after[end + END.len()..]),
+            None => (after, ""),
+        };
+        let block = block.trim().strip_prefix("call:")?;
+        let open = block.find('{')?;
+        let name = block[..open].trim().to_string();
+        let body = block[open + 1..].trim_end().strip_suffix('}')?;
+        let mut arguments = Map::new();
+        let mut remaining = body.trim();
+        while !remaining.is_empty() {
+            let colon = remaining.find(':')?;
+            let key = remaining[..colon].trim().to_string();
+            let value_text = &remaining[colon + 1..];
+            let (value, after_value) = if let Some(escaped) = value_text.strip_prefix(ESCAPE) {
+                let end = escaped.find(ESCAPE)?;
+                (
+                    Value::String(escaped[..end].to_string()),
+                    &escaped[end + ESCAPE.len()..],
+                )
+            } else {
+                let end = value_text.find(',').unwrap_or(value_text.len());
+                (
+                    typed(tools, &name, &key, value_text[..end].trim()),
+                    &value_text[end..],
+                )
+            };
+            arguments.insert(key, value);
+            remaining = after_value
+                .trim_start()
+                .strip_prefix(',')
+                .unwrap_or(after_value)
+                .trim();
+        }
+        calls.push((name, arguments));
+        rest = next;
+    }
+    content.push_str(rest);
+    (!calls.is_empty()).then_some((content, calls))
+}
+
+/// Functionary v3.2: `>>>NAME\n{json}` per call; `>>>all\ntext` is the
+/// reply.
+fn parse_functionary(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<NativeCall>)> {
+    if !text.trim_start().starts_with(">>>") && !text.contains("\n>>>") {
+        return None;
+    }
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    let start = text.find(">>>")?;
+    content.push_str(&text[..start]);
+    for section in text[start..].split(">>>").filter(|s| !s.is_empty()) {
+        let (recipient, body) = section.split_once('\n').unwrap_or((section, ""));
+        let recipient = recipient.trim();
+        if recipient == "all" {
+            content.push_str(body);
+            continue;
+        }
+        if !(tools.is_tool)(recipient) {
+            return None;
+        }
+        let mut stream = serde_json::Deserializer::from_str(body.trim()).into_iter::<Value>();
+        let Some(Ok(Value::Object(arguments))) = stream.next() else {
+            return None;
+        };
+        calls.push((recipient.to_string(), arguments));
+    }
+    (!calls.is_empty()).then_some((content, calls))
+}
+
+/// `[name(a=1, b="x"), other()]`, alone or in
+/// `<|tool_call_start|>…<|tool_call_end|>`; every name must be a tool.
+fn parse_pythonic(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<NativeCall>)> {
+    let (before, body, after) = match text.find("<|tool_call_start|>") {
+        Some(start) => {
+            let inner = &text[start + "<|tool_call_start|>".len()..];
+            let end = inner.find("<|tool_call_end|>").unwrap_or(inner.len());
+            let rest = inner.get(end + "<|tool_call_end|>".len()..).unwrap_or("");
+            (&text[..start], inner[..end].trim(), rest)
+        }
+        None => {
+            let trimmed = text.trim();
+            if !trimmed.starts_with('[') || !trimmed.ends_with(']') {
+                return None;
+            }
+            ("", trimmed, "")
+        }
+    };
+    let mut parser = PyParser { text: body, at: 0 };
+    let calls = parser.call_list()?;
+    if calls.is_empty() || !calls.iter().all(|(name, _)| (tools.is_tool)(name)) {
+        return None;
+    }
+    Some((format!("{before}{after}"), calls))
+}
+
+/// A small parser for Python call lists and literals.
+struct PyParser<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> PyParser<'a> {
+    fn rest(&self) -> &'a str {
+        &self.text[self.at..]
+    }
+
+    fn skip_space(&mut self) {
+        let trimmed = self.rest().trim_start();
+        self.at = self.text.len() - trimmed.len();
+    }
+
+    fn eat(&mut self, token: &str) -> bool {
+        self.skip_space();
+        if self.rest().starts_with(token) {
+            self.at += token.len();
+            true
+        } else {
+            false
+        }
+    }
+
+    fn identifier(&mut self) -> Option<String> {
+        self.skip_space();
+        let end = self
+            .rest()
+            .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.' || c == '-'))
+            .unwrap_or(self.rest().len());
+        (end > 0).then(|| {
+            let name = self.rest()[..end].to_string();
+            self.at += end;
+            name
+        })
+    }
+
+    fn call_list(&mut self) -> Option<Vec<NativeCall>> {
+        if !self.eat("[") {
+            return None;
+        }
+        let mut calls = Vec::new();
+        loop {
+            if self.eat("]") {
+                break;
+            }
+            let name = self.identifier()?;
+            if !self.eat("(") {
+                return None;
+            }
+            let mut arguments = Map::new();
+            loop {
+                if self.eat(")") {
+                    break;
+                }
+                let key = self.identifier()?;
+                if !self.eat("=") {
+                    return None;
+                }
+                arguments.insert(key, self.literal()?);
+                if !self.eat(",") {
+                    if self.eat(")") {
+                        break;
+                    }
+                    return None;
+                }
+            }
+            calls.push((name, arguments));
+            if !self.eat(",") {
+                if self.eat("]") {
+                    break;
+                }
+                return None;
+            }
+        }
+        self.skip_space();
+        self.rest().is_empty().then_some(calls)
+    }
+
+    fn literal(&mut self) -> Option<Value> {
+        self.skip_space();
+        let rest = self.rest();
+        if rest.starts_with('"') || rest.starts_with('\'') {
+            return self.string().map(Value::String);
+        }
+        if self.eat("[") || self.eat("(") {
+            let close = if self.text[..self.at].ends_with('[') {
+                "]"
+            } else {
+                ")"
+            };
+            let mut items = Vec::new();
+            loop {
+                if self.eat(close) {
+                    return Some(Value::Array(items));
+                }
+                items.push(self.literal()?);
+                if !self.eat(",") {
+                    return self.eat(close).then_some(Value::Array(items));
+                }
+            }
+        }
+        if self.eat("{") {
+            let mut object = Map::new();
+            loop {
+                if self.eat("}") {
+                    return Some(Value::Object(object));
+                }
+                let key = match self.literal()? {
+                    Value::String(key) => key,
+                    other => other.to_string(),
+                };
+                if !self.eat(":") {
+                    return None;
+                }
+                object.insert(key, self.literal()?);
+                if !self.eat(",") {
+                    return self.eat("}").then_some(Value::Object(object));
+                }
+            }
+        }
+        for (word, value) in [
+            ("True", Value::Bool(true)),
+            ("False", Value::Bool(false)),
+            ("None", Value::Null),
+        ] {
+            if rest.starts_with(word) {
+                self.at += word.len();
+                return Some(value);
+            }
+        }
+        let end = rest
+            .find(|c: char| !(c.is_ascii_digit() || matches!(c, '-' | '+' | '.' | 'e' | 'E')))
+            .unwrap_or(rest.len());
+        let number: Value = serde_json::from_str(&rest[..end]).ok()?;
+        number.is_number().then(|| {
+            self.at += end;
+            number
+        })
+    }
+
+    fn string(&mut self) -> Option<String> {
+        let quote = self.rest().chars().next()?;
+        self.at += 1;
+        let mut out = String::new();
+        let mut chars = self.rest().char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    let (_, escaped) = chars.next()?;
+                    out.push(match escaped {
+                        'n' => '\n',
+                        't' => '\t',
+                        'r' => '\r',
+                        other => other,
+                    });
+                }
+                c if c == quote => {
+                    self.at += i + 1;
+                    return Some(out);
+                }
+                c => out.push(c),
+            }
+        }
+        None
+    }
+}
+
+/// Native calls as OpenAI calls.
+pub(crate) fn to_tool_calls(
+    calls: Vec<NativeCall>,
+    next_id: &mut dyn FnMut() -> String,
+) -> Vec<ToolCall> {
+    calls
+        .into_iter()
+        .map(|(name, arguments)| {
+            ToolCall::function(next_id(), name, Value::Object(arguments).to_string())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::toolcall::parse_tool_calls_for;
+    use serde_json::json;
+
+    fn tools() -> Vec<Value> {
+        let tool = |name: &str, properties: Value| json!({"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": properties}}});
+        vec![
+            tool(
+                "get_weather",
+                json!({"city": {"type": "string"}, "days": {"type": "integer"}}),
+            ),
+            tool("lookup_zip", json!({"zip": {"type": "string"}})),
+        ]
+    }
+
+    /// (format, a template marker, model output in that format, the
+    /// expected content, the expected calls as (name, arguments)).
+    type Row = (
+        ToolFormat,
+        &'static str,
+        &'static str,
+        Option<&'static str>,
+        &'static [(&'static str, &'static str)],
+    );
+
+    const ROWS: &[Row] = &[
+        (
+            ToolFormat::Qwen3CoderXml,
+            "{{- '<tool_call>\\n<function=' + tool_call.name + '>\\n' }}{{- '<parameter=' + args_name + '>\\n' }}",
+            "I'll check.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>",
+            Some("I'll check."),
+            &[("get_weather", r#"{"city":"Paris","days":3}"#)],
+        ),
+        (
+            ToolFormat::Qwen3CoderXml,
+            "<function=x><parameter=y>",
+            "<tool_call>\n<function=lookup_zip>\n<parameter=zip>\n007\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call>",
+            None,
+            &[("lookup_zip", r#"{"zip":"007"}"#), ("get_weather", r#"{"city":"Oslo"}"#)],
+        ),
+        (
+            ToolFormat::Pythonic,
+            "{{- '<|tool_call_start|>' }} tools",
+            "<|tool_call_start|>[get_weather(city=\"Paris\", days=2), lookup_zip(zip='10115')]<|tool_call_end|>Checking both.",
+            Some("Checking both."),
+            &[("get_weather", r#"{"city":"Paris","days":2}"#), ("lookup_zip", r#"{"zip":"10115"}"#)],
+        ),
+        (
+            ToolFormat::Pythonic,
+            "respond in the format [func_name1(params_name1=params_value1, params_name2=params_value2...), func_name2(params)] tools",
+            "[get_weather(city='San Francisco', days=None)]",
+            None,
+            &[("get_weather", r#"{"city":"San Francisco","days":null}"#)],
+        ),
+        (
+            ToolFormat::FunctionGemma,
+            "{{- '<start_function_call>call:' + function.name }} tools",
+            "<start_function_call>call:get_weather{city:<escape>London, UK<escape>,days:5}<end_function_call>",
+            None,
+            &[("get_weather", r#"{"city":"London, UK","days":5}"#)],
+        ),
+        (
+            ToolFormat::DeepSeek,
+            "{{'<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name']}} tools",
+            "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Tokyo\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+            None,
+            &[("get_weather", r#"{"city":"Tokyo"}"#)],
+        ),
+        (
+            ToolFormat::DeepSeek,
+            "<｜tool▁calls▁begin｜> tools",
+            "Let me look.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>lookup_zip<｜tool▁sep｜>{\"zip\": \"75001\"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+            Some("Let me look."),
+            &[("lookup_zip", r#"{"zip":"75001"}"#)],
+        ),
+        (
+            ToolFormat::FunctionaryV32,
+            "{{ '>>>all\\n' + message['content'] }}{{ '>>>' + tool_call.function.name }} tools",
+            ">>>all\nOne moment.>>>get_weather\n{\"city\": \"Rome\"}",
+            Some("One moment."),
+            &[("get_weather", r#"{"city":"Rome"}"#)],
+        ),
+        (
+            ToolFormat::CommandR7b,
+            "<|START_THINKING|><|START_ACTION|> tools",
+            "<|START_THINKING|>I need the weather.<|END_THINKING|><|START_ACTION|>[\n    {\"tool_call_id\": \"0\", \"tool_name\": \"get_weather\", \"parameters\": {\"city\": \"Lima\", \"days\": 1}}\n]<|END_ACTION|>",
+            None,
+            &[("get_weather", r#"{"city":"Lima","days":1}"#)],
+        ),
+        (
+            ToolFormat::Hermes,
+            "{%- if tools %}<tool_call>",
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Bern\"}}\n</tool_call>",
+            None,
+            &[("get_weather", r#"{"city":"Bern"}"#)],
+        ),
+        (
+            ToolFormat::Mistral,
+            "[AVAILABLE_TOOLS] tools [TOOL_CALLS]",
+            "[TOOL_CALLS][{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Nice\"}}]",
+            None,
+            &[("get_weather", r#"{"city":"Nice"}"#)],
+        ),
+        (
+            ToolFormat::Llama3Json,
+            "<|start_header_id|>ipython<|end_header_id|> tools \"parameters\"",
+            "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Cork\"}}",
+            None,
+            &[("get_weather", r#"{"city":"Cork"}"#)],
+        ),
+    ];
+
+    #[test]
+    fn every_format_is_detected_and_parsed() {
+        let tools = tools();
+        for (format, marker, output, content, expected) in ROWS {
+            assert_eq!(ToolFormat::detect(marker), Some(*format), "{marker}");
+            let mut n = 0;
+            let mut next_id = || {
+                n += 1;
+                format!("call_{n}")
+            };
+            let turn = parse_tool_calls_for(output, &tools, &mut next_id);
+            let calls: Vec<(&str, Value)> = turn
+                .tool_calls
+                .iter()
+                .map(|c| {
+                    (
+                        c.function.name.as_str(),
+                        serde_json::from_str(&c.function.arguments).unwrap_or(Value::Null),
+                    )
+                })
+                .collect();
+            let want: Vec<(&str, Value)> = expected
+                .iter()
+                .map(|(name, args)| (*name, serde_json::from_str(args).unwrap_or(Value::Null)))
+                .collect();
+            assert_eq!(calls, want, "{format:?}: {output}");
+            assert_eq!(turn.content.as_deref(), *content, "{format:?}: {output}");
+        }
+    }
+
+    /// Text that only looks like a native call stays text.
+    #[test]
+    fn lookalikes_stay_text() {
+        let tools = tools();
+        for text in [
+            "[see the docs(here)]",
+            "[unknown_tool(a=1)]",
+            ">>> print('hi')",
+            "Use <function=...> tags like this.",
+            "<start_function_call>call:get_weather{broken<end_function_call>",
+            "<|START_ACTION|>not json<|END_ACTION|>",
+        ] {
+            let mut next_id = || "x".to_string();
+            let turn = parse_tool_calls_for(text, &tools, &mut next_id);
+            assert!(turn.tool_calls.is_empty(), "{text}: {:?}", turn.tool_calls);
+        }
+        assert_eq!(ToolFormat::detect("{{ messages }}"), None);
+    }
+}
