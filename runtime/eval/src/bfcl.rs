@@ -467,7 +467,7 @@ fn check_arguments(
             return Err(bad(format!("unexpected parameter `{name}`")));
         };
         let kind = param["type"].as_str().unwrap_or("any");
-        if !has_type(value, kind, param) {
+        if !has_type(value, kind, param, true) {
             return Err(bad(format!(
                 "`{name}` should be of type {kind}, got {value}"
             )));
@@ -492,18 +492,20 @@ fn check_arguments(
 }
 
 /// BFCL's type check (Python's `type(value) == expected`, so a boolean is
-/// not an integer), with its one coercion: an integer passes for a float.
-fn has_type(value: &Value, kind: &str, param: &Value) -> bool {
+/// not an integer), with its one coercion: an integer passes for a float
+/// at the top level only (items of a list are checked as they are).
+fn has_type(value: &Value, kind: &str, param: &Value, top_level: bool) -> bool {
     match kind {
         "integer" => value.is_i64() || value.is_u64(),
-        "float" | "number" => value.is_number(),
+        "float" | "number" if top_level => value.is_number(),
+        "float" | "number" => value.is_f64(),
         "string" => value.is_string(),
         "boolean" => value.is_boolean(),
         "dict" | "object" => value.is_object(),
         "array" | "tuple" => match (value.as_array(), param["items"]["type"].as_str()) {
             (Some(items), Some(inner)) => items
                 .iter()
-                .all(|item| has_type(item, inner, &param["items"])),
+                .all(|item| has_type(item, inner, &param["items"], false)),
             (Some(_), None) => true,
             (None, _) => false,
         },
@@ -531,6 +533,19 @@ fn is_acceptable(value: &Value, acceptable: &[Value]) -> bool {
                         .is_some_and(|values| values.iter().any(|v| v == ""))
             })
         }),
+        // A list of dicts: each element against the answer's element in
+        // order, as BFCL's list-of-dict checker does.
+        Value::Array(items) if items.iter().any(Value::is_object) => {
+            acceptable.iter().any(|option| {
+                option.as_array().is_some_and(|options| {
+                    options.len() == items.len()
+                        && items
+                            .iter()
+                            .zip(options)
+                            .all(|(item, option)| is_acceptable(item, std::slice::from_ref(option)))
+                })
+            })
+        }
         _ => {
             let given = normalized(value);
             acceptable.iter().any(|option| normalized(option) == given)
@@ -610,7 +625,9 @@ mod tests {
                 "size": {"type": "float"},
                 "units": {"type": "string", "optional": true},
                 "sides": {"type": "array", "items": {"type": "integer"}},
-                "exact": {"type": "boolean"}
+                "exact": {"type": "boolean"},
+                "points": {"type": "array", "items": {"type": "dict", "properties": {"x": {"type": "integer"}}}},
+                "weights": {"type": "array", "items": {"type": "float"}}
             }, "required": ["shape", "size"]}
         }, {
             "name": "geometry.volume",
@@ -622,7 +639,8 @@ mod tests {
     fn area_answer() -> Value {
         json!([{"geometry.area": {
             "shape": ["Square"], "size": [4.0], "units": ["", "cm"],
-            "sides": ["", [4, 4]], "exact": ["", true]
+            "sides": ["", [4, 4]], "exact": ["", true],
+            "points": ["", [{"x": [1]}, {"x": [2]}]], "weights": ["", [1.0, 2.5]]
         }}])
     }
 

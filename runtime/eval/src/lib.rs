@@ -25,7 +25,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use serde_json::Value;
 
-use stack_agent::{Event, Runtime, SessionConfig};
+use stack_agent::{Event, Runtime, SessionConfig, TurnEnd};
 use stack_core::policy::{ApprovalAnswer, ApprovalRequest, Policy};
 use stack_model::{CompletionRequest, ModelBackend, SamplingOptions, ToolChoice};
 use stack_types::message::{Message, Role, ToolCall};
@@ -66,12 +66,6 @@ pub enum EvalError {
     /// The model backend failed to open a session.
     #[error("the model: {0}")]
     Model(#[from] stack_model::ModelError),
-    /// The runtime for executable tasks could not be built.
-    #[error("the runtime: {0}")]
-    Runtime(#[from] stack_agent::AgentError),
-    /// A task's workspace could not be made.
-    #[error("a task workspace: {0}")]
-    Workspace(std::io::Error),
 }
 
 /// How to run an evaluation.
@@ -216,101 +210,130 @@ pub async fn run_tasks(
     tool_dirs: &[PathBuf],
     options: &EvalOptions,
     on_case: &mut (dyn FnMut(&CaseRecord) + Send),
-) -> Result<Report, EvalError> {
+) -> Report {
     let mut records = Vec::new();
     for loaded in tasks {
-        let task = &loaded.task;
-        let started = Instant::now();
-        let workspace = tempfile::tempdir().map_err(EvalError::Workspace)?;
-        tasks::prepare(task, workspace.path()).map_err(EvalError::Workspace)?;
-        let mut builder = Runtime::builder()
-            .backend(Arc::clone(&backend))
-            .builtin_tools(options.builtin_tools)
-            .workspace(workspace.path())
-            .policy(policy.clone())
-            .approval_handler(Arc::new(approve_all))
-            .transcripts(None)
-            .audit_log(None);
-        for dir in tool_dirs {
-            builder = builder.tool_dir(dir);
-        }
-        let runtime = builder.build()?;
-        let tools = runtime.registry().openai_tools();
-        let mut config = SessionConfig {
-            tool_choice: ToolChoice::Auto,
-            sampling: options.sampling.clone(),
-            max_steps: options.max_steps,
-            ..SessionConfig::default()
-        };
-        if let Some(system) = &options.system_prompt {
-            config.system_prompt = Some(system.clone());
-        }
-        let record = match runtime.session(config).await {
-            Err(err) => {
-                CaseRecord::error(Suite::Tasks, &task.id, &task.category, err.to_string(), 0.0)
-            }
-            Ok(session) => {
-                let mut turn = session.send(task.prompt.clone());
-                let mut record = tasks::TurnRecord::default();
-                let mut calls = Vec::new();
-                let mut error = None;
-                while let Some(event) = turn.next().await {
-                    match event {
-                        Event::AssistantMessage { message } => {
-                            if let Some(proposed) = &message.tool_calls {
-                                calls.extend(proposed.iter().cloned());
-                            }
-                            record.answer = message.text();
-                        }
-                        Event::ToolFinished { name, outcome, .. } => {
-                            record.results.push((
-                                name,
-                                outcome.status == Status::Ok,
-                                outcome.stdout,
-                            ));
-                        }
-                        Event::Error { message } => error = Some(message),
-                        _ => {}
-                    }
-                }
-                drop(turn);
-                drop(session);
-                let seconds = started.elapsed().as_secs_f64();
-                let right_tool = Some(calls.iter().any(|c| c.function.name == task.tool));
-                let failure = match (&error, calls.is_empty()) {
-                    (Some(message), _) => Some(Failure {
-                        kind: FailureKind::TurnError,
-                        detail: message.clone(),
-                    }),
-                    _ => loaded
-                        .first_failed_check(workspace.path(), &record)
-                        .map(|detail| Failure {
-                            kind: if calls.is_empty() {
-                                FailureKind::NoCall
-                            } else if right_tool == Some(false) {
-                                FailureKind::WrongFunction
-                            } else {
-                                FailureKind::CheckFailed
-                            },
-                            detail,
-                        }),
-                };
-                CaseRecord {
-                    suite: Suite::Tasks,
-                    id: task.id.clone(),
-                    category: task.category.clone(),
-                    passed: failure.is_none(),
-                    failure,
-                    right_tool,
-                    schema_valid_calls: schema_valid(&tools, &calls),
-                    calls,
-                    text: record.answer,
-                    seconds,
-                }
-            }
-        };
+        let record = run_task(&backend, loaded, policy, tool_dirs, options).await;
         on_case(&record);
         records.push(record);
     }
-    Ok(Report::from_records(Suite::Tasks, records))
+    Report::from_records(Suite::Tasks, records)
+}
+
+/// One executable task; whatever fails (its workspace, the runtime, the
+/// turn) is that task's result, and the run goes on.
+async fn run_task(
+    backend: &Arc<dyn ModelBackend>,
+    loaded: &LoadedTask,
+    policy: &Policy,
+    tool_dirs: &[PathBuf],
+    options: &EvalOptions,
+) -> CaseRecord {
+    let task = &loaded.task;
+    let started = Instant::now();
+    let failed = |message: String| {
+        CaseRecord::error(
+            Suite::Tasks,
+            &task.id,
+            &task.category,
+            message,
+            started.elapsed().as_secs_f64(),
+        )
+    };
+    let workspace = match tempfile::tempdir() {
+        Ok(dir) => dir,
+        Err(err) => return failed(format!("making the task's workspace: {err}")),
+    };
+    if let Err(err) = tasks::prepare(task, workspace.path()) {
+        return failed(format!("writing the task's files: {err}"));
+    }
+    let mut builder = Runtime::builder()
+        .backend(Arc::clone(backend))
+        .builtin_tools(options.builtin_tools)
+        .workspace(workspace.path())
+        .policy(policy.clone())
+        .approval_handler(Arc::new(approve_all))
+        .transcripts(None)
+        .audit_log(None);
+    for dir in tool_dirs {
+        builder = builder.tool_dir(dir);
+    }
+    let runtime = match builder.build() {
+        Ok(runtime) => runtime,
+        Err(err) => return failed(format!("building the runtime: {err}")),
+    };
+    let tools = runtime.registry().openai_tools();
+    let mut config = SessionConfig {
+        tool_choice: ToolChoice::Auto,
+        sampling: options.sampling.clone(),
+        max_steps: options.max_steps,
+        ..SessionConfig::default()
+    };
+    if let Some(system) = &options.system_prompt {
+        config.system_prompt = Some(system.clone());
+    }
+    let session = match runtime.session(config).await {
+        Ok(session) => session,
+        Err(err) => return failed(format!("opening the session: {err}")),
+    };
+    let mut turn = session.send(task.prompt.clone());
+    let mut record = tasks::TurnRecord::default();
+    let mut calls = Vec::new();
+    let mut last_error = None;
+    let mut ended = None;
+    while let Some(event) = turn.next().await {
+        match event {
+            Event::AssistantMessage { message } => {
+                if let Some(proposed) = &message.tool_calls {
+                    calls.extend(proposed.iter().cloned());
+                }
+                record.answer = message.text();
+            }
+            Event::ToolFinished { name, outcome, .. } => {
+                record
+                    .results
+                    .push((name, outcome.status == Status::Ok, outcome.stdout));
+            }
+            Event::Error { message } => last_error = Some(message),
+            Event::TurnFinished { reason, .. } => ended = Some(reason),
+            _ => {}
+        }
+    }
+    drop(turn);
+    drop(session);
+    let seconds = started.elapsed().as_secs_f64();
+    let right_tool = Some(calls.iter().any(|c| c.function.name == task.tool));
+    // A turn that ended at its step limit or on repeated failures still
+    // did what it did: the checks decide. Only a failed turn is an error.
+    let failure = if ended == Some(TurnEnd::Error) || ended.is_none() {
+        Some(Failure {
+            kind: FailureKind::TurnError,
+            detail: last_error.unwrap_or_else(|| "the turn ended without finishing".into()),
+        })
+    } else {
+        loaded
+            .first_failed_check(workspace.path(), &record)
+            .map(|detail| Failure {
+                kind: if calls.is_empty() {
+                    FailureKind::NoCall
+                } else if right_tool == Some(false) {
+                    FailureKind::WrongFunction
+                } else {
+                    FailureKind::CheckFailed
+                },
+                detail,
+            })
+    };
+    CaseRecord {
+        suite: Suite::Tasks,
+        id: task.id.clone(),
+        category: task.category.clone(),
+        passed: failure.is_none(),
+        failure,
+        right_tool,
+        schema_valid_calls: schema_valid(&tools, &calls),
+        calls,
+        text: record.answer,
+        seconds,
+    }
 }

@@ -214,6 +214,25 @@ pub struct Generation {
     pub server_ms: Option<f64>,
 }
 
+impl Generation {
+    /// A generation that produced nothing (a step that was skipped).
+    pub fn empty() -> Self {
+        Generation {
+            turn: ParsedTurn {
+                content: None,
+                tool_calls: Vec::new(),
+            },
+            text: String::new(),
+            stop: StopReason::EndOfTurn,
+            counters: Counters::default(),
+            prompt_ms: 0.0,
+            generation_ms: 0.0,
+            call_path: None,
+            server_ms: None,
+        }
+    }
+}
+
 /// What a backend can do beyond generating text.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Capabilities {

@@ -172,17 +172,14 @@ fn parse_qwen3_xml(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<Na
     let mut calls = Vec::new();
     let mut rest = text;
     while let Some(start) = rest.find("<function=") {
-        let before = &rest[..start];
-        content.push_str(
-            before
-                .trim_end()
-                .strip_suffix("<tool_call>")
-                .unwrap_or(before),
-        );
+        // Only directly inside `<tool_call>`: a Hermes call whose JSON
+        // mentions `<function=` is not an XML call.
+        let before = rest[..start].trim_end().strip_suffix("<tool_call>")?;
+        content.push_str(before);
         let after = &rest[start + "<function=".len()..];
         let name_end = after.find('>')?;
         let name = after[..name_end].trim().to_string();
-        if !is_identifier(&name) {
+        if !is_identifier(&name) || !(tools.is_tool)(&name) {
             return None;
         }
         let body_and_rest = &after[name_end + 1..];
@@ -340,7 +337,7 @@ fn parse_function_gemma(text: &str, tools: &ToolLookup<'_>) -> Option<(String, V
                     &escaped[end + ESCAPE.len()..],
                 )
             } else {
-                let end = value_text.find(',').unwrap_or(value_text.len());
+                let end = top_level_comma(value_text).unwrap_or(value_text.len());
                 (
                     typed(tools, &name, &key, value_text[..end].trim()),
                     &value_text[end..],
@@ -358,6 +355,22 @@ fn parse_function_gemma(text: &str, tools: &ToolLookup<'_>) -> Option<(String, V
     }
     content.push_str(rest);
     (!calls.is_empty()).then_some((content, calls))
+}
+
+/// Where the first comma outside brackets and quotes is.
+fn top_level_comma(text: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut quoted = false;
+    for (i, c) in text.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            '[' | '{' if !quoted => depth += 1,
+            ']' | '}' if !quoted => depth = depth.saturating_sub(1),
+            ',' if !quoted && depth == 0 => return Some(i),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Functionary v3.2: `>>>NAME\n{json}` per call; `>>>all\ntext` is the
@@ -407,7 +420,11 @@ fn parse_pythonic(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<Nat
             ("", trimmed, "")
         }
     };
-    let mut parser = PyParser { text: body, at: 0 };
+    let mut parser = PyParser {
+        text: body,
+        at: 0,
+        depth: 0,
+    };
     let calls = parser.call_list()?;
     if calls.is_empty() || !calls.iter().all(|(name, _)| (tools.is_tool)(name)) {
         return None;
@@ -419,7 +436,11 @@ fn parse_pythonic(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<Nat
 struct PyParser<'a> {
     text: &'a str,
     at: usize,
+    depth: usize,
 }
+
+/// How deeply Python literals may nest before the text is not a call.
+const MAX_LITERAL_DEPTH: usize = 32;
 
 impl<'a> PyParser<'a> {
     fn rest(&self) -> &'a str {
@@ -497,6 +518,16 @@ impl<'a> PyParser<'a> {
     }
 
     fn literal(&mut self) -> Option<Value> {
+        if self.depth >= MAX_LITERAL_DEPTH {
+            return None;
+        }
+        self.depth += 1;
+        let value = self.literal_inner();
+        self.depth -= 1;
+        value
+    }
+
+    fn literal_inner(&mut self) -> Option<Value> {
         self.skip_space();
         let rest = self.rest();
         if rest.starts_with('"') || rest.starts_with('\'') {
@@ -753,11 +784,40 @@ mod tests {
             "Use <function=...> tags like this.",
             "<start_function_call>call:get_weather{broken<end_function_call>",
             "<|START_ACTION|>not json<|END_ACTION|>",
+            "<tool_call>\n<function=rm_rf>\n<parameter=path>\n/\n</parameter>\n</function>\n</tool_call>",
         ] {
             let mut next_id = || "x".to_string();
             let turn = parse_tool_calls_for(text, &tools, &mut next_id);
             assert!(turn.tool_calls.is_empty(), "{text}: {:?}", turn.tool_calls);
         }
         assert_eq!(ToolFormat::detect("{{ messages }}"), None);
+        // A Hermes call whose argument mentions `<function=` stays one call.
+        let mut next_id = || "x".to_string();
+        let turn = parse_tool_calls_for(
+            "<tool_call>\n{\"name\": \"lookup_zip\", \"arguments\": {\"zip\": \"<function=get_weather>\"}}\n</tool_call>",
+            &tools,
+            &mut next_id,
+        );
+        assert_eq!(turn.tool_calls.len(), 1);
+        assert_eq!(turn.tool_calls[0].function.name, "lookup_zip");
+        // Deep nesting is refused, not recursed into.
+        let deep = format!(
+            "[get_weather(city={}1{})]",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        assert!(parse_tool_calls_for(&deep, &tools, &mut next_id)
+            .tool_calls
+            .is_empty());
+        // FunctionGemma values with lists keep their commas.
+        let turn = parse_tool_calls_for(
+            "<start_function_call>call:get_weather{city:<escape>Oslo<escape>,days:[1,2]}<end_function_call>",
+            &tools,
+            &mut next_id,
+        );
+        assert_eq!(
+            turn.tool_calls[0].function.arguments,
+            r#"{"city":"Oslo","days":[1,2]}"#
+        );
     }
 }

@@ -67,7 +67,13 @@ fn shape_for_grammar(schema: &mut Value) {
     for annotation in ["$schema", "description", "title", "default", "examples"] {
         object.remove(annotation);
     }
-    let is_string = object.get("type") == Some(&Value::String("string".into()));
+    let is_string = match object.get("type") {
+        Some(Value::String(kind)) => kind == "string",
+        // `["string", "null"]`: the converter keeps `maxLength` for the
+        // string branch.
+        Some(Value::Array(kinds)) => kinds.iter().any(|k| k == "string"),
+        _ => false,
+    };
     if is_string
         && !object.contains_key("enum")
         && !object.contains_key("const")
@@ -161,6 +167,7 @@ mod tests {
                 "description": {"type": "string"},
                 "default": {"type": "integer", "default": 3},
                 "tags": {"type": "array", "items": {"type": "string", "title": "tag"}},
+                "note": {"type": ["string", "null"]},
                 "mode": {"enum": [{"title": "kept"}]}
             },
             "required": ["title", "description", "default"]
@@ -180,6 +187,7 @@ mod tests {
             json!({"type": "string", "maxLength": 2048})
         );
         assert_eq!(properties["mode"]["enum"], json!([{"title": "kept"}]));
+        assert_eq!(properties["note"]["maxLength"], 2048);
         assert_eq!(
             arguments["required"],
             json!(["title", "description", "default"])

@@ -338,7 +338,16 @@ impl ModelSession {
                     && !offered.is_empty()
                     && messages.last().is_some_and(|m| m.role == Role::User) =>
             {
-                let (choice, generation) = self.route(messages, rendered, &offered)?;
+                // A template that refuses the routing questions (strict
+                // role alternation), or a prompt they would overflow,
+                // leaves the step to the model, as under `Free`.
+                let (choice, generation) = match self.route(messages, rendered, &offered) {
+                    Ok(routed) => routed,
+                    Err(err) => {
+                        tracing::warn!(%err, "the routing step failed; the model decides freely");
+                        (None, Generation::empty())
+                    }
+                };
                 routing = Some(generation);
                 match choice {
                     Some(name) => {
@@ -465,9 +474,10 @@ impl ModelSession {
         };
         let mut score = log_softmax(self.ctx.get_logits_ith(-1), *first);
         let scored = &rest[..rest.len() - 1];
-        if !scored.is_empty() {
-            let mut batch = LlamaBatch::new(scored.len(), 1);
-            for (i, token) in scored.iter().enumerate() {
+        let batch_size = self.model.batch_size as usize;
+        for (chunk_index, chunk) in scored.chunks(batch_size).enumerate() {
+            let mut batch = LlamaBatch::new(chunk.len(), 1);
+            for (i, token) in chunk.iter().enumerate() {
                 batch
                     .add(*token, (self.cached.len() + i) as i32, &[0], true)
                     .map_err(|e| ModelError::Decode(e.to_string()))?;
@@ -475,8 +485,9 @@ impl ModelSession {
             self.ctx
                 .decode(&mut batch)
                 .map_err(|e| ModelError::Decode(e.to_string()))?;
-            self.cached.extend_from_slice(scored);
-            for (i, next) in rest[1..].iter().enumerate() {
+            self.cached.extend_from_slice(chunk);
+            let next_tokens = &rest[1 + chunk_index * batch_size..];
+            for (i, next) in next_tokens.iter().take(chunk.len()).enumerate() {
                 score += log_softmax(self.ctx.get_logits_ith(i as i32), *next);
             }
         }
@@ -709,9 +720,16 @@ impl ModelSession {
             }
             sampler.apply(&mut candidates);
             let token = candidates
-                .selected_token()
-                .filter(|token| !ruled_out.contains(token))
+                .selected
+                .and_then(|i| candidates.data.get(i))
+                .filter(|data| data.logit().is_finite() && !ruled_out.contains(&data.id()))
+                .map(|data| data.id())
                 .ok_or(SampleFailure::NothingAllowed)?;
+            // Generation ends at an end-of-generation token: accepting it
+            // would only let an unfinished grammar abort the process.
+            if vocab.is_eog(token) {
+                return Ok(token);
+            }
             // Only the token that completes the trigger can be refused
             // while the grammar waits: keep a copy to go back to.
             let completes_trigger = awaiting_trigger.is_some_and(|text| {
@@ -749,11 +767,15 @@ impl ModelSession {
         let mut chain = Vec::new();
         if let Some((grammar, lazy)) = grammar {
             let constrained = if lazy {
-                LlamaSampler::grammar_lazy(
+                // A plain pattern, searched for: llama.cpp wraps trigger
+                // *words* in `[\s\S]*?(…)[\s\S]*`, which libstdc++'s
+                // regex matches recursively over the whole output, so a
+                // long reply could overflow the stack (llama.cpp #17902).
+                LlamaSampler::grammar_lazy_patterns(
                     &self.model.model,
                     grammar,
                     "root",
-                    [TOOL_CALL_OPEN],
+                    &[TOOL_CALL_OPEN.to_string()],
                     &[],
                 )
             } else {
@@ -817,22 +839,31 @@ pub fn tool_grammar(tools: &[Value]) -> Result<String, ModelError> {
 
 /// Takes the longest valid UTF-8 prefix out of `pending`.
 fn take_utf8(pending: &mut Vec<u8>) -> String {
-    match std::str::from_utf8(pending) {
-        Ok(text) => {
-            let text = text.to_string();
-            pending.clear();
-            text
-        }
-        Err(error) => {
-            let valid = error.valid_up_to();
-            let invalid_for_good = error.error_len().is_some();
-            let text = String::from_utf8_lossy(&pending[..valid]).into_owned();
-            pending.drain(..valid);
-            if invalid_for_good {
+    let mut text = String::new();
+    loop {
+        match std::str::from_utf8(pending) {
+            Ok(valid) => {
+                text.push_str(valid);
                 pending.clear();
-                return text + "\u{fffd}";
+                return text;
             }
-            text
+            Err(error) => {
+                let valid = error.valid_up_to();
+                text.push_str(&String::from_utf8_lossy(&pending[..valid]));
+                match error.error_len() {
+                    // Bytes that can never be UTF-8: one replacement
+                    // character, and the rest is decoded on.
+                    Some(bad) => {
+                        pending.drain(..valid + bad);
+                        text.push('\u{fffd}');
+                    }
+                    // An incomplete character: wait for the next piece.
+                    None => {
+                        pending.drain(..valid);
+                        return text;
+                    }
+                }
+            }
         }
     }
 }

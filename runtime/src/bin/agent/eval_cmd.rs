@@ -128,7 +128,8 @@ pub fn run(args: EvalArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
         if let Some(out) = jsonl.as_mut() {
             let written = serde_json::to_string(record)
                 .map_err(std::io::Error::other)
-                .and_then(|line| writeln!(out, "{line}"));
+                .and_then(|line| writeln!(out, "{line}"))
+                .and_then(|()| out.flush());
             if let Err(err) = written {
                 log_error.get_or_insert(err);
             }
@@ -151,7 +152,7 @@ pub fn run(args: EvalArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
             &tool_dirs,
             &options,
             &mut on_case,
-        ))?);
+        )));
     }
     if let Some(mut out) = jsonl {
         out.flush().context("writing the per-case records")?;
@@ -182,17 +183,18 @@ fn limit<T, K: PartialEq>(items: Vec<T>, limit: Option<usize>, key: impl Fn(&T) 
         .into_iter()
         .filter(|item| {
             let k = key(item);
-            match seen.iter_mut().find(|(s, _)| *s == k) {
-                Some((_, count)) if *count >= limit => false,
-                Some((_, count)) => {
-                    *count += 1;
-                    true
-                }
+            let count = match seen.iter_mut().find(|(s, _)| *s == k) {
+                Some((_, count)) => count,
                 None => {
-                    seen.push((k, 1));
-                    true
+                    seen.push((k, 0));
+                    match seen.last_mut() {
+                        Some((_, count)) => count,
+                        None => return false,
+                    }
                 }
-            }
+            };
+            *count += 1;
+            *count <= limit
         })
         .collect()
 }
