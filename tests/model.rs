@@ -562,6 +562,21 @@ fn agent_model_shows_metadata_and_rejects_bad_files() {
     let info: Value = serde_json::from_slice(&output.stdout).expect("json");
     assert_eq!(info["architecture"], "llama");
     assert_eq!(info["template_supports_tools"], false);
+    // The tool-call syntax the model is shown (SmolLM2's template has no
+    // tools: the ChatML fallback's Hermes), and the CPU kernels in use.
+    assert_eq!(info["tool_format"], "hermes");
+    let kernels: Vec<&str> = info["cpu_kernels"]
+        .as_array()
+        .expect("cpu_kernels")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        kernels
+            .iter()
+            .any(|k| k.starts_with("SSE") || k.starts_with("AVX") || k.starts_with("NEON")),
+        "{kernels:?}"
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let bad = dir.path().join("bad.gguf");
     std::fs::write(&bad, "not a model").expect("write");

@@ -78,6 +78,8 @@ pub struct ModelInfo {
     pub tool_format: ToolFormat,
     /// Layers offloaded to a GPU.
     pub gpu_layers: u32,
+    /// The CPU features ggml's kernels use (see [`cpu_kernels`]).
+    pub cpu_kernels: Vec<String>,
 }
 
 /// The process-wide llama.cpp backend (initialized once; its logs go to `tracing`).
@@ -90,6 +92,33 @@ pub fn backend() -> Result<&'static LlamaBackend, ModelError> {
         })
         .as_ref()
         .map_err(|e| ModelError::Backend(e.clone()))
+}
+
+/// The CPU features ggml's kernels use in this build, as llama.cpp reports
+/// them (`AVX2`, `FMA`, `F16C`, ...; those reported `= 1`).
+pub fn cpu_kernels() -> Result<Vec<String>, ModelError> {
+    backend()?;
+    // SAFETY: `llama_print_system_info` takes no arguments and returns a
+    // pointer to a NUL-terminated string in a static buffer of llama.cpp's,
+    // valid until the next call; it is copied before anything else runs
+    // and checked for null first.
+    let text = unsafe {
+        let pointer = llama_cpp_sys_2::llama_print_system_info();
+        if pointer.is_null() {
+            return Ok(Vec::new());
+        }
+        std::ffi::CStr::from_ptr(pointer)
+            .to_string_lossy()
+            .into_owned()
+    };
+    Ok(text
+        .split('|')
+        .filter_map(|field| {
+            let (name, value) = field.split_once('=')?;
+            let name = name.trim().rsplit(':').next()?.trim();
+            (value.trim() == "1").then(|| name.to_string())
+        })
+        .collect())
 }
 
 /// A loaded model, shared by any number of sessions.
@@ -162,6 +191,7 @@ impl Model {
                 ToolFormat::Hermes
             },
             gpu_layers: gpu_layers.min(model.n_layer()),
+            cpu_kernels: cpu_kernels().unwrap_or_default(),
         };
         Ok(Arc::new(Model {
             model,

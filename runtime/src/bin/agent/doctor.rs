@@ -20,6 +20,7 @@ pub fn run(json: bool, model: &crate::model_cmd::ModelArgs) -> anyhow::Result<Ex
             "process_sandbox_ready": missing.is_none() && helper.is_ok(),
             "assets": Asset::ALL.iter().map(|a| (a.file_name(), a.locate().map(|p| p.display().to_string()).map_err(|e| e.to_string()))).collect::<Vec<_>>(),
             "served_model": served.as_ref().map(|s| s.as_ref().map_err(|e| format!("{e:#}"))),
+            "cpu_kernels": stack_runtime::model::llama::cpu_kernels().map_err(|e| e.to_string()),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -74,6 +75,14 @@ pub fn run(json: bool, model: &crate::model_cmd::ModelArgs) -> anyhow::Result<Ex
                 Ok(path) => println!("  [x] {}", path.display()),
                 Err(err) => println!("  [ ] {err}"),
             }
+        }
+        println!();
+        match stack_runtime::model::llama::cpu_kernels() {
+            Ok(kernels) => println!(
+                "cpu kernels   {} (llama.cpp, in process)",
+                kernels.join(" ")
+            ),
+            Err(err) => println!("cpu kernels   {err}"),
         }
         if let Some(served) = &served {
             println!();

@@ -268,6 +268,7 @@ pub fn info(args: &ModelArgs, json: bool) -> anyhow::Result<ExitCode> {
             }
         );
         println!("tool calls    {}", info.tool_format.as_str());
+        println!("cpu kernels   {}", info.cpu_kernels.join(" "));
     }
     Ok(ExitCode::SUCCESS)
 }
