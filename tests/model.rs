@@ -623,3 +623,27 @@ fn a_dropped_model_is_freed_once_its_sessions_are_gone() {
     drop(session);
     assert_eq!(mappings(), before, "the model went with its last session");
 }
+
+/// With every CPU kept busy by other processes, a session opened without a
+/// thread count takes one thread: OpenMP threads that spin at every barrier
+/// against a busy machine made generation 3–4x slower than alone (`cargo
+/// bench --workspace --bench contention`).
+#[test]
+fn sessions_take_fewer_threads_on_a_busy_machine() {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let mut busy: Vec<std::process::Child> = (0..cpus)
+        .map(|_| {
+            std::process::Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .expect("a busy loop")
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let threads = stack_runtime::model::llama::automatic_threads();
+    for child in &mut busy {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert_eq!(threads, 1, "{cpus} CPUs, all busy");
+}

@@ -32,7 +32,9 @@ pub struct ModelOptions {
     pub path: Option<PathBuf>,
     /// Context size in tokens.
     pub context_size: u32,
-    /// CPU threads; `None` lets llama.cpp choose.
+    /// CPU threads; `None` picks them per session: the CPUs this process
+    /// may use, less those other processes keep busy as the session opens
+    /// (see [`automatic_threads`]).
     pub threads: Option<i32>,
     /// Batch size for prompt processing.
     pub batch_size: u32,
@@ -119,6 +121,58 @@ pub fn cpu_kernels() -> Result<Vec<String>, ModelError> {
             (value.trim() == "1").then(|| name.to_string())
         })
         .collect())
+}
+
+/// Threads for a session when none were asked for: the CPUs this process
+/// may use (its affinity and cgroup quota), less the CPUs other processes
+/// keep busy now, sampled from `/proc/stat` over 50 ms; at least one.
+///
+/// llama.cpp's own default is 4 threads whatever the machine, and its
+/// OpenMP threads spin at every barrier: on 2 cores with one CPU-bound
+/// process beside it, 2 threads generated 3.4–3.9x slower than alone, and
+/// 1 thread no slower (`cargo bench --workspace --bench contention`).
+/// Blocks for the sample: call it off any async runtime (sessions open on
+/// their own thread).
+pub fn automatic_threads() -> i32 {
+    let available = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let busy_elsewhere = cpus_busy(std::time::Duration::from_millis(50)).unwrap_or(0.0);
+    let free = (available as f64 - busy_elsewhere).round();
+    (free.max(1.0) as i32).min(i32::try_from(available).unwrap_or(i32::MAX))
+}
+
+/// How many CPUs' worth of time the machine spent busy over `window`.
+fn cpus_busy(window: std::time::Duration) -> Option<f64> {
+    fn sample() -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let fields: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let total: u64 = fields.iter().take(8).sum();
+        let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+        Some((total, idle))
+    }
+    let (total_before, idle_before) = sample()?;
+    std::thread::sleep(window);
+    let (total_after, idle_after) = sample()?;
+    let total = total_after.checked_sub(total_before)?;
+    let idle = idle_after.checked_sub(idle_before)?;
+    if total == 0 {
+        return None;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) as f64;
+    let all_cpus = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+                .count()
+        })
+        .filter(|n| *n > 0)
+        .map_or(cpus, |n| n as f64);
+    Some(all_cpus * (total - idle) as f64 / total as f64)
 }
 
 /// A loaded model, shared by any number of sessions.
@@ -235,9 +289,8 @@ impl Model {
         let mut params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(self.context_size))
             .with_n_batch(self.batch_size);
-        if let Some(threads) = self.threads {
-            params = params.with_n_threads(threads).with_n_threads_batch(threads);
-        }
+        let threads = self.threads.unwrap_or_else(automatic_threads);
+        params = params.with_n_threads(threads).with_n_threads_batch(threads);
         // SAFETY: the context borrows the boxed model, which stays at its
         // address for as long as this `Model` lives. The session holding
         // the context also holds an `Arc` of this `Model`, in a field
