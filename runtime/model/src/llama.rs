@@ -142,7 +142,8 @@ pub fn automatic_threads() -> i32 {
 
 /// How many CPUs' worth of time the machine spent busy over `window`.
 fn cpus_busy(window: std::time::Duration) -> Option<f64> {
-    fn sample() -> Option<(u64, u64)> {
+    /// The aggregate line's total and idle jiffies, and the machine's CPUs.
+    fn sample() -> Option<(u64, u64, usize)> {
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
         let line = stat.lines().find(|l| l.starts_with("cpu "))?;
         let fields: Vec<u64> = line
@@ -152,27 +153,21 @@ fn cpus_busy(window: std::time::Duration) -> Option<f64> {
             .collect();
         let total: u64 = fields.iter().take(8).sum();
         let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
-        Some((total, idle))
+        let cpus = stat
+            .lines()
+            .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+            .count();
+        Some((total, idle, cpus.max(1)))
     }
-    let (total_before, idle_before) = sample()?;
+    let (total_before, idle_before, _) = sample()?;
     std::thread::sleep(window);
-    let (total_after, idle_after) = sample()?;
+    let (total_after, idle_after, cpus) = sample()?;
     let total = total_after.checked_sub(total_before)?;
     let idle = idle_after.checked_sub(idle_before)?;
     if total == 0 {
         return None;
     }
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) as f64;
-    let all_cpus = std::fs::read_to_string("/proc/stat")
-        .ok()
-        .map(|s| {
-            s.lines()
-                .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
-                .count()
-        })
-        .filter(|n| *n > 0)
-        .map_or(cpus, |n| n as f64);
-    Some(all_cpus * (total - idle) as f64 / total as f64)
+    Some(cpus as f64 * (total - idle) as f64 / total as f64)
 }
 
 /// A loaded model, shared by any number of sessions.
@@ -413,6 +408,8 @@ impl ModelSession {
         // matches no tool offers none, and shows none.
         let mut offered = offered_tools(tools, tool_choice);
         let rendered = prompt_tools(tools, &offered);
+        // Routing narrows the grammar, never the prompt: one render serves both.
+        let prompt = self.model.renderer.render(messages, rendered)?;
         let mut routing = None;
         let routed;
         let tool_choice = match tool_choice {
@@ -424,7 +421,7 @@ impl ModelSession {
                 // A template that refuses the routing questions (strict
                 // role alternation), or a prompt they would overflow,
                 // leaves the step to the model, as under `Free`.
-                let (choice, generation) = match self.route(messages, rendered, &offered) {
+                let (choice, generation) = match self.route(messages, &prompt, rendered, &offered) {
                     Ok(routed) => routed,
                     Err(err) => {
                         tracing::warn!(%err, "the routing step failed; the model decides freely");
@@ -443,7 +440,6 @@ impl ModelSession {
             }
             other => other,
         };
-        let prompt = self.model.renderer.render(messages, rendered)?;
         let grammar = match tool_choice {
             ToolChoice::None => None,
             _ if offered.is_empty() => None,
@@ -487,6 +483,7 @@ impl ModelSession {
     fn route(
         &mut self,
         messages: &[Message],
+        prompt: &str,
         listed: &[Value],
         offered: &[Value],
     ) -> Result<(Option<String>, Generation), ModelError> {
@@ -503,14 +500,11 @@ impl ModelSession {
         if let [only] = names.as_slice() {
             return Ok((Some(only.to_string()), spent));
         }
-        let opening = format!(
-            "{}{TOOL_CALL_OPEN}\n{{\"name\": \"",
-            self.model.renderer.render(messages, listed)?
-        );
+        let opening = format!("{prompt}{TOOL_CALL_OPEN}\n{{\"name\": \"");
+        let shared = self.model.tokenize(&opening);
         let mut best: Option<(f64, &str)> = None;
         for name in names {
             let tokens = self.model.tokenize(&format!("{opening}{name}\""));
-            let shared = self.model.tokenize(&opening);
             let from = tokens
                 .iter()
                 .zip(&shared)
@@ -625,17 +619,9 @@ impl ModelSession {
         Ok((
             margin,
             Generation {
-                turn: ParsedTurn {
-                    content: None,
-                    tool_calls: Vec::new(),
-                },
-                text: String::new(),
-                stop: StopReason::EndOfTurn,
                 counters,
                 prompt_ms: started.elapsed().as_secs_f64() * 1000.0,
-                generation_ms: 0.0,
-                call_path: None,
-                server_ms: None,
+                ..Generation::empty()
             },
         ))
     }
