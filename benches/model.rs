@@ -176,6 +176,7 @@ fn main() {
                     &[],
                     &ToolChoice::None,
                     &short,
+                    None,
                     &mut |_| {
                         first.get_or_insert_with(|| started.elapsed());
                         true

@@ -159,6 +159,7 @@ async fn overhead(url: &str, model: Arc<RemoteModel>) -> (f64, f64) {
         tools: Vec::new(),
         tool_choice: ToolChoice::None,
         sampling: sampling(),
+        response_format: None,
     };
     let mut session = Arc::clone(&model).open_session().await.expect("session");
     let client = reqwest::Client::new();

@@ -132,6 +132,7 @@ fn the_default_model_loads_generates_and_stops_at_end_of_turn() {
             &[],
             &ToolChoice::None,
             &greedy(128),
+            None,
             &mut |piece| {
                 streamed.push_str(piece);
                 true
@@ -156,6 +157,7 @@ fn the_default_model_loads_generates_and_stops_at_end_of_turn() {
             &[],
             &ToolChoice::None,
             &greedy(128),
+            None,
             &mut |_| {
                 count += 1;
                 count < 3
@@ -235,6 +237,7 @@ fn required_tool_calls_always_pass_schema_validation() {
                 &tools,
                 &choice,
                 &sampling,
+                None,
                 &mut |_| true,
                 &mut next_id,
             )
@@ -282,6 +285,7 @@ fn a_second_turn_evaluates_only_the_new_tokens() {
             &[],
             &ToolChoice::None,
             &greedy(16),
+            None,
             &mut |_| true,
             &mut ids(),
         )
@@ -296,6 +300,7 @@ fn a_second_turn_evaluates_only_the_new_tokens() {
             &[],
             &ToolChoice::None,
             &greedy(16),
+            None,
             &mut |_| true,
             &mut ids(),
         )
@@ -332,6 +337,7 @@ fn a_second_turn_evaluates_only_the_new_tokens() {
             &[],
             &ToolChoice::None,
             &greedy(4),
+            None,
             &mut |_| true,
             &mut ids(),
         )
@@ -360,6 +366,7 @@ fn a_named_step_and_an_open_step_share_the_prompt_prefix() {
             &tools,
             &ToolChoice::Named("list_dir".into()),
             &greedy(64),
+            None,
             &mut |_| true,
             &mut ids(),
         )
@@ -380,6 +387,7 @@ fn a_named_step_and_an_open_step_share_the_prompt_prefix() {
             &tools,
             &ToolChoice::Auto,
             &greedy(8),
+            None,
             &mut |_| true,
             &mut ids(),
         )
@@ -437,6 +445,7 @@ fn a_tool_call_opened_inside_prose_never_kills_the_session() {
                 &tools,
                 &ToolChoice::Auto,
                 &greedy(128),
+                None,
                 &mut |_| true,
                 &mut ids(),
             )
@@ -464,6 +473,7 @@ fn a_tool_call_opened_inside_prose_never_kills_the_session() {
             &[],
             &ToolChoice::None,
             &greedy(16),
+            None,
             &mut |_| true,
             &mut ids(),
         )
@@ -500,6 +510,7 @@ fn parameters_named_title_description_and_default_are_generated() {
             &tools,
             &ToolChoice::Named("get_movie".into()),
             &greedy(96),
+            None,
             &mut |_| true,
             &mut ids(),
         )
@@ -646,4 +657,109 @@ fn sessions_take_fewer_threads_on_a_busy_machine() {
         let _ = child.wait();
     }
     assert_eq!(threads, 1, "{cpus} CPUs, all busy");
+}
+
+/// Continuous batching: four sessions generating at once on one context
+/// are decoded together (a step carries several sequences), each keeps its
+/// own KV prefix between turns, and a conversation that outgrows its slot
+/// gets a clear error naming the slot's size.
+#[test]
+fn batched_sessions_decode_together_and_keep_their_own_prefixes() {
+    let batched = Model::load(ModelOptions {
+        context_size: 1024,
+        threads: Some(2),
+        parallel: 4,
+        ..ModelOptions::default()
+    })
+    .expect("load");
+    assert!(batched.batched());
+    let topics = ["the sea", "a mountain", "a city", "the moon"];
+    let threads: Vec<_> = topics
+        .iter()
+        .map(|topic| {
+            let model = Arc::clone(&batched);
+            let topic = topic.to_string();
+            std::thread::spawn(move || {
+                let mut session = model.session().expect("session");
+                let mut conversation =
+                    vec![Message::user(format!("Write two sentences about {topic}."))];
+                let first = session
+                    .complete(
+                        &conversation,
+                        &[],
+                        &ToolChoice::None,
+                        &greedy(48),
+                        None,
+                        &mut |_| true,
+                        &mut ids(),
+                    )
+                    .expect("first turn");
+                conversation.push(Message::assistant(first.text.clone()));
+                conversation.push(Message::user("And one more."));
+                let second = session
+                    .complete(
+                        &conversation,
+                        &[],
+                        &ToolChoice::None,
+                        &greedy(16),
+                        None,
+                        &mut |_| true,
+                        &mut ids(),
+                    )
+                    .expect("second turn");
+                (first, second)
+            })
+        })
+        .collect();
+    for thread in threads {
+        let (first, second) = thread.join().expect("joined");
+        assert!(!first.text.trim().is_empty());
+        assert!(first.counters.generated > 0);
+        assert!(
+            second.counters.prompt_reused > first.counters.prompt_evaluated / 2,
+            "the second turn reuses the session's prefix: {:?}",
+            second.counters
+        );
+    }
+    let engine = batched.engine().expect("the engine runs");
+    let (steps, tokens) = engine.steps();
+    assert!(steps > 0);
+    // Generation alone is at least 4 × 48 tokens; had the sessions taken
+    // turns, every generated token would have had a step of its own.
+    let generated_steps_if_serial = 4 * 48;
+    assert!(
+        tokens > steps && steps < generated_steps_if_serial + 40,
+        "{steps} steps carried {tokens} tokens"
+    );
+    // A slot holds 1024 tokens: a longer prompt is refused, clearly.
+    let mut session = batched.session().expect("session");
+    let long = vec![Message::user("word ".repeat(1500))];
+    let err = session
+        .complete(
+            &long,
+            &[],
+            &ToolChoice::None,
+            &greedy(8),
+            None,
+            &mut |_| true,
+            &mut ids(),
+        )
+        .expect_err("too long for the slot");
+    assert!(
+        matches!(err, ModelError::ContextFull { context: 1024, .. }),
+        "{err}"
+    );
+    // The session still works after the error.
+    let short = vec![Message::user("Hi")];
+    session
+        .complete(
+            &short,
+            &[],
+            &ToolChoice::None,
+            &greedy(4),
+            None,
+            &mut |_| true,
+            &mut ids(),
+        )
+        .expect("a short prompt still works");
 }

@@ -58,7 +58,9 @@
 //! `ARCHITECTURE.md`): `stack-types` (messages, outcomes), `stack-assets`,
 //! `stack-sandbox` (usable alone, without llama.cpp), `stack-core` (tools,
 //! policy, gate, dispatch), `stack-model` (templates, parsing, llama.cpp) and
-//! `stack-agent` (the loop). This crate re-exports each under the module
+//! `stack-agent` (the loop), with `stack-mcp` (MCP both ways),
+//! `stack-serve` (the HTTP service of `agent serve`) and `stack-eval`
+//! (`agent eval`) at the edges. This crate re-exports each under the module
 //! names above, so `use stack_runtime::…` reaches all of them.
 //!
 //! Cargo features: `llama` (the llama.cpp model backend, default), `remote`
@@ -78,4 +80,5 @@ pub use stack_eval as eval;
 pub use stack_mcp as mcp;
 pub use stack_model as model;
 pub use stack_sandbox as sandbox;
+pub use stack_serve as serve;
 pub use stack_types::{message, outcome, text};

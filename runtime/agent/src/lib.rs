@@ -412,11 +412,29 @@ impl Runtime {
     /// on the session's own model thread; this waits for it without
     /// blocking the caller's thread.
     pub async fn session(&self, config: SessionConfig) -> Result<Session, AgentError> {
+        self.session_in(config, SessionScope::default()).await
+    }
+
+    /// Opens a session (or resumes a saved one) with its own workspace,
+    /// policy or approver instead of the runtime's (`agent serve` gives
+    /// each client session its own). The scope's policy is narrowed to
+    /// the runtime's ([`Policy::within`]): it can take rights away, never
+    /// add them.
+    pub async fn session_in(
+        &self,
+        config: SessionConfig,
+        scope: SessionScope,
+    ) -> Result<Session, AgentError> {
         let model = Arc::clone(&self.backend).open_session().await?;
+        let policy = match scope.policy {
+            Some(policy) => Arc::new(policy.within(Arc::clone(&self.policy))),
+            None => Arc::clone(&self.policy),
+        };
+        let approver = scope.approver.or_else(|| self.approver.clone());
         // Opening the workspace (canonicalize), reading a transcript and
         // creating one are file work: on a blocking thread, not the caller's.
         let (root, transcripts, resume) = (
-            self.workspace.clone(),
+            scope.workspace.unwrap_or_else(|| self.workspace.clone()),
             self.transcripts.clone(),
             config.resume.clone(),
         );
@@ -442,15 +460,11 @@ impl Runtime {
         .map_err(|e| AgentError::Internal(format!("opening the session: {e}")))??;
         let (ctx, id, mut messages, transcript, state_path, pending_restore) = opened;
         let relay = Arc::new(ApprovalRelay {
-            inner: self.approver.clone(),
+            inner: approver,
             events: Default::default(),
         });
-        let gate = Gate::new(
-            Arc::clone(&self.registry),
-            Arc::clone(&self.policy),
-            id.clone(),
-        )
-        .with_approver(Arc::clone(&relay) as Arc<dyn ApprovalHandler>);
+        let gate = Gate::new(Arc::clone(&self.registry), policy, id.clone())
+            .with_approver(Arc::clone(&relay) as Arc<dyn ApprovalHandler>);
         let gate = match &self.audit {
             Some(audit) => gate.with_audit_log(Arc::clone(audit)),
             None => gate,
@@ -487,12 +501,47 @@ impl Runtime {
     }
 }
 
+/// A session id unique on this machine: the time, the process, and a
+/// count of the sessions this process opened (two may open in the same
+/// millisecond).
 fn new_session_id() -> String {
+    static OPENED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     format!(
-        "{:x}-{:x}",
+        "{:x}-{:x}-{}",
         stack_core::policy::audit::now_ms(),
-        std::process::id()
+        std::process::id(),
+        OPENED.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// What one session may have of its own instead of the runtime's (see
+/// [`Runtime::session_in`]). Empty by default: the runtime's workspace,
+/// policy and approver.
+#[derive(Default)]
+pub struct SessionScope {
+    workspace: Option<PathBuf>,
+    policy: Option<Policy>,
+    approver: Option<Arc<dyn ApprovalHandler>>,
+}
+
+impl SessionScope {
+    /// The session's workspace root.
+    pub fn workspace(mut self, root: impl Into<PathBuf>) -> Self {
+        self.workspace = Some(root.into());
+        self
+    }
+
+    /// A policy for this session, narrowed to the runtime's.
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// Who answers this session's `ask` decisions.
+    pub fn approval_handler(mut self, approver: Arc<dyn ApprovalHandler>) -> Self {
+        self.approver = Some(approver);
+        self
+    }
 }
 
 /// One conversation. Cheap to share between tasks: its state lives behind
@@ -783,6 +832,7 @@ impl SessionState {
                 tools: tools.clone(),
                 tool_choice: choice,
                 sampling: self.config.sampling.clone(),
+                response_format: None,
             };
             let generation = self
                 .model

@@ -739,3 +739,94 @@ fn decide_any(policy: &Policy, tool: &str, arguments: &str) -> (Verdict, String)
     let decision = policy.decide(tool, &arguments, &Grants::default());
     (decision.verdict, decision.rule)
 }
+
+/// A client's policy for one session (`agent serve`) can only take rights
+/// away from the host's: an attempt to loosen each kind of setting stays
+/// at the host's level, and what the client tightens is tightened.
+#[test]
+fn a_policy_within_another_never_loosens_it() {
+    let host = Arc::new(Policy::preset("default").expect("default"));
+    let loosening = Policy::from_toml(
+        r#"
+[defaults]
+decision = "allow"
+[tools.execute_code]
+decision = "allow"
+[tools.list_dir]
+decision = "deny"
+reason = "this client never lists"
+[sandbox]
+network = "full"
+memory_mb = 100000
+timeout_ms = 2000
+hidden_in_workspace = []
+read_only_paths = ["/etc"]
+[budgets]
+calls_per_session = 100000
+calls_per_turn = 2
+"#,
+        Path::new("client.toml"),
+    )
+    .expect("client policy parses")
+    .within(Arc::clone(&host));
+    // The host asks before running code; the client's allow does not win.
+    let host_code = decide(
+        &host,
+        "execute_code",
+        r#"{"language": "python", "code": "1"}"#,
+    );
+    let narrowed_code = decide(
+        &loosening,
+        "execute_code",
+        r#"{"language": "python", "code": "1"}"#,
+    );
+    assert_eq!(host_code.0, Verdict::Ask);
+    assert_eq!(narrowed_code, host_code);
+    // The client's deny wins over the host's allow.
+    assert_eq!(
+        decide(&host, "list_dir", r#"{"path": "."}"#).0,
+        Verdict::Allow
+    );
+    assert_eq!(
+        decide(&loosening, "list_dir", r#"{"path": "."}"#),
+        (Verdict::Deny, "tools.list_dir".to_string())
+    );
+    // The host's `.env` rule still applies.
+    assert_eq!(
+        decide(&loosening, "read_file", r#"{"path": ".env"}"#).0,
+        Verdict::Deny
+    );
+    let host_box = host.sandbox_for("execute_code", Some("python"));
+    let narrowed = loosening.sandbox_for("execute_code", Some("python"));
+    assert_eq!(
+        narrowed.network, host_box.network,
+        "network stays the host's"
+    );
+    assert_eq!(narrowed.read_only_paths, host_box.read_only_paths);
+    let (host_limits, narrowed_limits) = (
+        process_policy(&host_box).limits,
+        process_policy(&narrowed).limits,
+    );
+    assert_eq!(narrowed_limits.memory_bytes, host_limits.memory_bytes);
+    assert_eq!(narrowed_limits.wall_ms, 2000, "a tighter timeout applies");
+    // Emptying the hidden list does not un-hide the host's secrets.
+    let hidden = narrowed.hidden_in_workspace.clone().unwrap_or_default();
+    assert!(hidden.contains(&PathBuf::from(".env")), "{hidden:?}");
+    assert_eq!(
+        process_policy(&narrowed).protected,
+        process_policy(&host_box).protected
+    );
+    assert_eq!(loosening.budgets.calls_per_turn, Some(2));
+    assert_eq!(
+        loosening.budgets.calls_per_session,
+        host.budgets
+            .calls_per_session
+            .or(Some(100000))
+            .map(|n| n.min(100000))
+    );
+    assert_eq!(
+        loosening.privacy.keep_transcripts,
+        host.privacy.keep_transcripts
+    );
+    assert!(loosening.outer().is_some());
+}

@@ -122,6 +122,7 @@ pub async fn run_bfcl(
             tools: case.tools.clone(),
             tool_choice: ToolChoice::Auto,
             sampling: options.sampling.clone(),
+            response_format: None,
         };
         let generation = session
             .complete(request, deltas, Arc::new(AtomicBool::new(false)))

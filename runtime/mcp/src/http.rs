@@ -224,7 +224,9 @@ async fn require_bearer(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "));
     match presented {
-        Some(presented) if same_secret(presented.as_bytes(), token.as_bytes()) => {
+        Some(presented)
+            if stack_types::secret::same_secret(presented.as_bytes(), token.as_bytes()) =>
+        {
             next.run(request).await
         }
         _ => {
@@ -239,30 +241,5 @@ async fn require_bearer(
             );
             response
         }
-    }
-}
-
-/// Compares two secrets in time that depends only on their lengths.
-fn same_secret(presented: &[u8], expected: &[u8]) -> bool {
-    if presented.len() != expected.len() {
-        return false;
-    }
-    presented
-        .iter()
-        .zip(expected)
-        .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-        == 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::same_secret;
-
-    #[test]
-    fn secrets_compare_by_every_byte() {
-        assert!(same_secret(b"s3cret", b"s3cret"));
-        assert!(!same_secret(b"s3cres", b"s3cret"));
-        assert!(!same_secret(b"s3cre", b"s3cret"));
-        assert!(!same_secret(b"", b"s3cret"));
     }
 }

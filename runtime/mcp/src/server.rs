@@ -226,6 +226,7 @@ fn approval_request(gate: &Gate, call: &ToolCall) -> Option<ApprovalRequest> {
         .policy()
         .decide(&tool, validated.arguments(), gate.grants());
     (decision.verdict == Verdict::Ask).then(|| ApprovalRequest {
+        call_id: call.id.clone(),
         tool,
         arguments: validated.arguments().clone(),
         rule: decision.rule,

@@ -273,6 +273,12 @@ pub struct CompletionRequest {
     pub tool_choice: ToolChoice,
     /// How to pick tokens.
     pub sampling: SamplingOptions,
+    /// A JSON Schema the answer must follow (OpenAI `response_format`);
+    /// generation is constrained to it where the backend can (in process,
+    /// llama-server), and asked for elsewhere. Applies to a step with no
+    /// tool grammar in force: under `tool_choice: auto` with tools
+    /// offered, the caller chooses one or the other.
+    pub response_format: Option<Value>,
 }
 
 /// A model the agent loop can drive.

@@ -7,6 +7,8 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+#[cfg(feature = "llama")]
+pub mod batch;
 pub mod formats;
 pub mod grammar;
 #[cfg(feature = "llama")]

@@ -14,12 +14,14 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use serde_json::Value;
 
 use super::backend::{offered_tools, prompt_tools, tool_name, CallPath};
 pub use super::backend::{Counters, Generation, ModelError, Routing, SamplingOptions, StopReason};
+use super::batch::{Engine, Lease, Want, PROMPT_CHUNK};
 use super::formats::ToolFormat;
 use super::grammar::{call_schema, wrap_in_tool_call, ToolChoice, TOOL_CALL_OPEN};
 use super::template::PromptRenderer;
@@ -43,6 +45,12 @@ pub struct ModelOptions {
     pub gpu_layers: Option<u32>,
     /// Called with load progress from 0 to 1.
     pub progress: Option<Box<dyn FnMut(f32) + Send>>,
+    /// Sequences decoded together (continuous batching, see
+    /// [`crate::batch`]): above 1, every session shares one context with
+    /// this many slots of `context_size` tokens each, and sessions that
+    /// generate at once are decoded in one batch. 1 gives each session a
+    /// context of its own, and sessions generate in turn.
+    pub parallel: u32,
 }
 
 impl Default for ModelOptions {
@@ -54,6 +62,7 @@ impl Default for ModelOptions {
             batch_size: 512,
             gpu_layers: None,
             progress: None,
+            parallel: 1,
         }
     }
 }
@@ -175,13 +184,16 @@ pub struct Model {
     // Boxed, never moved out or replaced while the Model exists: sessions'
     // contexts borrow it (see `Model::session`), and it is freed when the
     // last `Arc<Model>` (each session holds one) goes.
-    model: Box<LlamaModel>,
+    model: Arc<LlamaModel>,
     renderer: PromptRenderer,
     info: ModelInfo,
     context_size: u32,
     batch_size: u32,
     threads: Option<i32>,
     turn: std::sync::Mutex<()>,
+    parallel: u32,
+    /// The shared context's engine, made with the first session.
+    engine: OnceLock<Arc<Engine>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -217,7 +229,7 @@ impl Model {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
-        let model = Box::new(model);
+        let model = Arc::new(model);
         let template = model
             .meta_val_str("tokenizer.chat_template")
             .unwrap_or_else(|_| CHATML.to_string());
@@ -250,6 +262,8 @@ impl Model {
             batch_size: options.batch_size.max(1),
             threads: options.threads,
             turn: std::sync::Mutex::new(()),
+            parallel: options.parallel.max(1),
+            engine: OnceLock::new(),
         }))
     }
 
@@ -279,28 +293,76 @@ impl Model {
         &self.model
     }
 
-    /// A new session with its own context (KV cache).
+    /// Whether sessions share one batched context ([`ModelOptions::parallel`]).
+    pub fn batched(&self) -> bool {
+        self.parallel > 1
+    }
+
+    /// Sessions decoded together ([`ModelOptions::parallel`]).
+    pub fn parallel(&self) -> u32 {
+        self.parallel
+    }
+
+    /// The batching engine's slots and their size, once it runs.
+    pub fn engine(&self) -> Option<&Arc<Engine>> {
+        self.engine.get()
+    }
+
+    /// A new session: with a context of its own (KV cache), or, for a
+    /// batched model, a claim on the shared context's slots.
     pub fn session(self: &Arc<Self>) -> Result<ModelSession, ModelError> {
-        let mut params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(self.context_size))
-            .with_n_batch(self.batch_size);
-        let threads = self.threads.unwrap_or_else(automatic_threads);
-        params = params.with_n_threads(threads).with_n_threads_batch(threads);
-        // SAFETY: the context borrows the boxed model, which stays at its
-        // address for as long as this `Model` lives. The session holding
-        // the context also holds an `Arc` of this `Model`, in a field
-        // declared after the context, so the context is dropped first and
-        // the model outlives every borrow made here.
-        let model: &'static LlamaModel = unsafe { &*std::ptr::from_ref::<LlamaModel>(&self.model) };
-        let ctx = model
-            .new_context(backend()?, params)
-            .map_err(|e| ModelError::Backend(e.to_string()))?;
+        static OWNERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let kv = if self.batched() {
+            let engine = match self.engine.get() {
+                Some(engine) => Arc::clone(engine),
+                None => {
+                    let made = self.start_engine()?;
+                    // Two sessions may race to start it: the first one set wins.
+                    Arc::clone(self.engine.get_or_init(|| made))
+                }
+            };
+            Kv::Shared {
+                engine,
+                lease: None,
+                owner: OWNERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            }
+        } else {
+            Kv::Own(self.new_context(self.context_size, 1)?)
+        };
         Ok(ModelSession {
-            ctx,
+            kv,
             model: Arc::clone(self),
             cached: Vec::new(),
             totals: Counters::default(),
+            last_logits: Vec::new(),
         })
+    }
+
+    /// A context of `sequences` × `size` tokens on this model.
+    fn new_context(&self, size: u32, sequences: u32) -> Result<LlamaContext<'static>, ModelError> {
+        let mut params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(size.saturating_mul(sequences)))
+            .with_n_batch(self.batch_size.max(sequences * PROMPT_CHUNK as u32))
+            .with_n_seq_max(sequences)
+            .with_kv_unified(false);
+        let threads = self.threads.unwrap_or_else(automatic_threads);
+        params = params.with_n_threads(threads).with_n_threads_batch(threads);
+        // SAFETY: the context borrows the model, which stays at its
+        // address (in its `Arc`) for as long as any `Arc` of it lives. A
+        // session holding a context also holds an `Arc` of this `Model`
+        // (which holds the model's `Arc`) in a field declared after the
+        // context, so the context is dropped first; the batching thread
+        // holds the model's `Arc` itself until its context is dropped.
+        let model: &'static LlamaModel = unsafe { &*Arc::as_ptr(&self.model) };
+        model
+            .new_context(backend()?, params)
+            .map_err(|e| ModelError::Backend(e.to_string()))
+    }
+
+    fn start_engine(&self) -> Result<Arc<Engine>, ModelError> {
+        let ctx = self.new_context(self.context_size, self.parallel)?;
+        let keep_alive: Arc<dyn std::any::Any + Send + Sync> = Arc::clone(&self.model) as _;
+        Engine::start(ctx, self.parallel, self.context_size, keep_alive)
     }
 
     fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
@@ -331,12 +393,35 @@ fn check_gguf(path: &Path) -> Result<(), ModelError> {
 /// prompt and reply, and each turn evaluates only what comes after the
 /// longest common prefix.
 pub struct ModelSession {
-    // Dropped before `model` (fields drop in order): it borrows the model
-    // (see `Model::session`).
-    ctx: LlamaContext<'static>,
+    // Dropped before `model` (fields drop in order): a context of its own
+    // borrows the model (see `Model::new_context`).
+    kv: Kv,
     model: Arc<Model>,
     cached: Vec<LlamaToken>,
     totals: Counters,
+    /// The logits after the last evaluated token.
+    last_logits: Vec<f32>,
+}
+
+/// Where a session's KV cache lives.
+enum Kv {
+    /// A context of its own (sequence 0).
+    Own(LlamaContext<'static>),
+    /// A slot of the model's shared context, lent per generation.
+    Shared {
+        engine: Arc<Engine>,
+        lease: Option<Lease>,
+        owner: u64,
+    },
+}
+
+impl Drop for ModelSession {
+    fn drop(&mut self) {
+        self.end_generation();
+        if let Kv::Shared { engine, owner, .. } = &self.kv {
+            engine.disown(*owner);
+        }
+    }
 }
 
 impl std::fmt::Debug for ModelSession {
@@ -361,17 +446,47 @@ impl ModelSession {
 
     /// Saves the KV cache and the tokens it holds to `path`, so a resumed
     /// session reuses it on its next turn.
-    pub fn save_state(&self, path: &Path) -> Result<(), ModelError> {
-        self.ctx
-            .state_save_file(path, &self.cached)
-            .map_err(|e| ModelError::Backend(format!("saving the session state: {e}")))
+    pub fn save_state(&mut self, path: &Path) -> Result<(), ModelError> {
+        match &self.kv {
+            Kv::Own(ctx) => ctx
+                .state_save_file(path, &self.cached)
+                .map(|_| ())
+                .map_err(|e| ModelError::Backend(format!("saving the session state: {e}"))),
+            Kv::Shared { engine, owner, .. } => {
+                // Only a slot that still holds this session's tokens has
+                // anything to save.
+                let (engine, owner) = (Arc::clone(engine), *owner);
+                if engine.cached_for(owner).is_none() {
+                    return Ok(());
+                }
+                let lease = engine.acquire(owner, &[]);
+                let saved = if lease.cached.is_empty() {
+                    Ok(())
+                } else {
+                    engine.save(lease.seq, path.to_path_buf(), lease.cached.clone())
+                };
+                engine.release(lease);
+                saved
+            }
+        }
     }
 
     /// Restores a KV cache saved by [`save_state`](Self::save_state);
     /// returns how many tokens it holds.
     pub fn load_state(&mut self, path: &Path) -> Result<usize, ModelError> {
-        let capacity = self.ctx.n_ctx() as usize;
-        match self.ctx.state_load_file(path, capacity) {
+        let ctx = match &mut self.kv {
+            Kv::Own(ctx) => ctx,
+            Kv::Shared { engine, owner, .. } => {
+                let engine = Arc::clone(engine);
+                let mut lease = engine.acquire(*owner, &[]);
+                let loaded = engine.load(lease.seq, path.to_path_buf());
+                lease.cached = loaded.as_ref().map(Vec::clone).unwrap_or_default();
+                engine.release(lease);
+                return loaded.map(|tokens| tokens.len());
+            }
+        };
+        let capacity = ctx.n_ctx() as usize;
+        match ctx.state_load_file(path, capacity) {
             Ok(tokens) => {
                 self.cached = tokens;
                 Ok(self.cached.len())
@@ -387,20 +502,153 @@ impl ModelSession {
 
     /// Forgets the KV cache (the next turn evaluates its whole prompt).
     pub fn clear_cache(&mut self) {
-        self.ctx.clear_kv_cache();
+        match &mut self.kv {
+            Kv::Own(ctx) => ctx.clear_kv_cache(),
+            Kv::Shared {
+                engine,
+                lease,
+                owner,
+            } => match lease {
+                Some(lease) => {
+                    engine.truncate(lease.seq, 0);
+                }
+                None => engine.disown(*owner),
+            },
+        }
         self.cached.clear();
+    }
+
+    /// The context size this session's conversation must fit in.
+    fn n_ctx(&self) -> u32 {
+        match &self.kv {
+            Kv::Own(ctx) => ctx.n_ctx(),
+            Kv::Shared { engine, .. } => engine.slot_size(),
+        }
+    }
+
+    /// Takes a slot of the shared context for one generation (waiting for
+    /// one when all are busy); its cached tokens become this session's.
+    fn begin_generation(&mut self) {
+        if let Kv::Shared {
+            engine,
+            lease,
+            owner,
+        } = &mut self.kv
+        {
+            if lease.is_none() {
+                let mut taken = engine.acquire(*owner, &[]);
+                self.cached = std::mem::take(&mut taken.cached);
+                *lease = Some(taken);
+            }
+        }
+    }
+
+    /// Gives the slot back with what its cache holds.
+    fn end_generation(&mut self) {
+        if let Kv::Shared { engine, lease, .. } = &mut self.kv {
+            if let Some(mut taken) = lease.take() {
+                taken.cached = std::mem::take(&mut self.cached);
+                engine.release(taken);
+            }
+        }
+    }
+
+    /// Evaluates `tokens` after what is cached and returns the logits
+    /// `want` asks for (the last ones are also kept for sampling).
+    fn eval(&mut self, tokens: &[LlamaToken], want: Want) -> Result<Vec<Vec<f32>>, ModelError> {
+        let start = self.cached.len();
+        let rows = match &mut self.kv {
+            Kv::Own(ctx) => {
+                let mut batch = LlamaBatch::new(tokens.len().max(1), 1);
+                for (i, token) in tokens.iter().enumerate() {
+                    let logits = match want {
+                        Want::Nothing => false,
+                        Want::Last => i + 1 == tokens.len(),
+                        Want::All => true,
+                    };
+                    batch
+                        .add(*token, (start + i) as i32, &[0], logits)
+                        .map_err(|e| ModelError::Decode(e.to_string()))?;
+                }
+                ctx.decode(&mut batch)
+                    .map_err(|e| ModelError::Decode(e.to_string()))?;
+                match want {
+                    Want::Nothing => Vec::new(),
+                    Want::Last => vec![ctx.get_logits_ith(tokens.len() as i32 - 1).to_vec()],
+                    Want::All => (0..tokens.len() as i32)
+                        .map(|i| ctx.get_logits_ith(i).to_vec())
+                        .collect(),
+                }
+            }
+            Kv::Shared { engine, lease, .. } => {
+                let seq = lease.as_ref().map(|l| l.seq).ok_or_else(|| {
+                    ModelError::Backend("no slot taken for this generation".into())
+                })?;
+                engine.eval(seq, tokens, start, want)?
+            }
+        };
+        self.cached.extend_from_slice(tokens);
+        if let Some(last) = rows.last() {
+            self.last_logits.clone_from(last);
+        }
+        Ok(rows)
+    }
+
+    /// Keeps the first `keep` cached tokens and drops the rest.
+    fn truncate_cache(&mut self, keep: usize) {
+        let removed = match &mut self.kv {
+            Kv::Own(ctx) => ctx.kv_cache_seq_rm(0, Some(keep as u32), None).is_ok(),
+            Kv::Shared {
+                engine,
+                lease: Some(lease),
+                ..
+            } => engine.truncate(lease.seq, keep),
+            Kv::Shared { lease: None, .. } => false,
+        };
+        if removed {
+            self.cached.truncate(keep);
+        } else {
+            self.clear_cache();
+        }
     }
 
     /// Generates the assistant's next turn for `messages`, offering `tools`
     /// (OpenAI tool objects) under `tool_choice`, and parses its tool calls.
     /// `on_token` gets each piece of text as it is produced and returns
     /// `false` to stop.
+    #[allow(clippy::too_many_arguments)]
     pub fn complete(
         &mut self,
         messages: &[Message],
         tools: &[Value],
         tool_choice: &ToolChoice,
         sampling: &SamplingOptions,
+        response_format: Option<&Value>,
+        on_token: &mut dyn FnMut(&str) -> bool,
+        next_id: &mut dyn FnMut() -> String,
+    ) -> Result<Generation, ModelError> {
+        self.begin_generation();
+        let generated = self.complete_in_slot(
+            messages,
+            tools,
+            tool_choice,
+            sampling,
+            response_format,
+            on_token,
+            next_id,
+        );
+        self.end_generation();
+        generated
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn complete_in_slot(
+        &mut self,
+        messages: &[Message],
+        tools: &[Value],
+        tool_choice: &ToolChoice,
+        sampling: &SamplingOptions,
+        response_format: Option<&Value>,
         on_token: &mut dyn FnMut(&str) -> bool,
         next_id: &mut dyn FnMut() -> String,
     ) -> Result<Generation, ModelError> {
@@ -441,6 +689,13 @@ impl ModelSession {
             other => other,
         };
         let grammar = match tool_choice {
+            ToolChoice::Auto | ToolChoice::None if response_format.is_some() => {
+                let schema = response_format.map(Value::to_string).unwrap_or_default();
+                let grammar = llama_cpp_2::json_schema_to_grammar(&schema)
+                    .map_err(|e| ModelError::Grammar(format!("response_format: {e}")))?;
+                offered.clear();
+                Some((grammar, false))
+            }
             ToolChoice::None => None,
             _ if offered.is_empty() => None,
             // The lazy grammar is Hermes-shaped: a model that writes
@@ -449,7 +704,7 @@ impl ModelSession {
             ToolChoice::Auto => Some((tool_grammar(&offered)?, true)),
             ToolChoice::Required | ToolChoice::Named(_) => Some((tool_grammar(&offered)?, false)),
         };
-        let mut generation = self.generate(
+        let mut generation = self.generate_in_slot(
             &prompt,
             grammar.as_ref().map(|(g, lazy)| (g.as_str(), *lazy)),
             sampling,
@@ -528,10 +783,10 @@ impl ModelSession {
         from: usize,
     ) -> Result<(f64, Counters), ModelError> {
         let from = from.clamp(1, tokens.len());
-        if tokens.len() + 1 > self.ctx.n_ctx() as usize {
+        if tokens.len() + 1 > self.n_ctx() as usize {
             return Err(ModelError::ContextFull {
                 needed: tokens.len(),
-                context: self.ctx.n_ctx(),
+                context: self.n_ctx(),
             });
         }
         let counters = self.prefill(&tokens[..from])?;
@@ -549,23 +804,14 @@ impl ModelSession {
         let Some((first, _)) = rest.split_first() else {
             return Ok((0.0, counters));
         };
-        let mut score = log_softmax(self.ctx.get_logits_ith(-1), *first);
+        let mut score = log_softmax(&self.last_logits, *first);
         let scored = &rest[..rest.len() - 1];
-        let batch_size = self.model.batch_size as usize;
+        let batch_size = self.chunk_size();
         for (chunk_index, chunk) in scored.chunks(batch_size).enumerate() {
-            let mut batch = LlamaBatch::new(chunk.len(), 1);
-            for (i, token) in chunk.iter().enumerate() {
-                batch
-                    .add(*token, (self.cached.len() + i) as i32, &[0], true)
-                    .map_err(|e| ModelError::Decode(e.to_string()))?;
-            }
-            self.ctx
-                .decode(&mut batch)
-                .map_err(|e| ModelError::Decode(e.to_string()))?;
-            self.cached.extend_from_slice(chunk);
+            let rows = self.eval(chunk, Want::All)?;
             let next_tokens = &rest[1 + chunk_index * batch_size..];
-            for (i, next) in next_tokens.iter().take(chunk.len()).enumerate() {
-                score += log_softmax(self.ctx.get_logits_ith(i as i32), *next);
+            for (row, next) in rows.iter().zip(next_tokens) {
+                score += log_softmax(row, *next);
             }
         }
         let evaluated = Counters {
@@ -593,10 +839,10 @@ impl ModelSession {
         let started = Instant::now();
         let prompt = self.model.renderer.render(messages, listed)?;
         let tokens = self.model.tokenize(&prompt);
-        if tokens.len() + 1 > self.ctx.n_ctx() as usize {
+        if tokens.len() + 1 > self.n_ctx() as usize {
             return Err(ModelError::ContextFull {
                 needed: tokens.len(),
-                context: self.ctx.n_ctx(),
+                context: self.n_ctx(),
             });
         }
         let counters = self.prefill(&tokens)?;
@@ -608,7 +854,7 @@ impl ModelSession {
                 .first()
                 .copied()
         };
-        let logits = self.ctx.get_logits_ith(-1);
+        let logits = &self.last_logits;
         let logit = |token: Option<LlamaToken>| {
             token
                 .and_then(|t| usize::try_from(t.0).ok())
@@ -635,9 +881,22 @@ impl ModelSession {
         sampling: &SamplingOptions,
         on_token: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, ModelError> {
+        self.begin_generation();
+        let generated = self.generate_in_slot(prompt, grammar, sampling, on_token);
+        self.end_generation();
+        generated
+    }
+
+    fn generate_in_slot(
+        &mut self,
+        prompt: &str,
+        grammar: Option<(&str, bool)>,
+        sampling: &SamplingOptions,
+        on_token: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, ModelError> {
         let started = Instant::now();
         let tokens = self.model.tokenize(prompt);
-        let context = self.ctx.n_ctx();
+        let context = self.n_ctx();
         if tokens.len() + 1 > context as usize {
             return Err(ModelError::ContextFull {
                 needed: tokens.len(),
@@ -648,12 +907,12 @@ impl ModelSession {
         let prompt_ms = started.elapsed().as_secs_f64() * 1000.0;
         let generating = Instant::now();
         let mut sampler = self.sampler(grammar, sampling)?;
-        let vocab = self.model.model.vocab();
+        let model = Arc::clone(&self.model);
+        let vocab = model.model.vocab();
         let mut text = String::new();
         let mut pending = Vec::new();
         let mut generated = 0u64;
         let mut stop = StopReason::MaxTokens;
-        let mut batch = LlamaBatch::new(1, 1);
         let lazy = matches!(grammar, Some((_, true)));
         while generated < u64::from(sampling.max_tokens) {
             if self.cached.len() + 1 >= context as usize {
@@ -681,14 +940,7 @@ impl ModelSession {
             pending.extend(vocab.token_to_piece(token, true, None));
             let piece = take_utf8(&mut pending);
             text.push_str(&piece);
-            batch.clear();
-            batch
-                .add(token, self.cached.len() as i32, &[0], true)
-                .map_err(|e| ModelError::Decode(e.to_string()))?;
-            self.ctx
-                .decode(&mut batch)
-                .map_err(|e| ModelError::Decode(e.to_string()))?;
-            self.cached.push(token);
+            self.eval(&[token], Want::Last)?;
             if !piece.is_empty() && !on_token(&piece) {
                 stop = StopReason::Cancelled;
                 break;
@@ -726,37 +978,37 @@ impl ModelSession {
         // At least one token must be evaluated to have logits to sample from.
         let reuse = common.min(tokens.len().saturating_sub(1));
         if reuse < self.cached.len() {
-            let removed = self.ctx.kv_cache_seq_rm(0, Some(reuse as u32), None);
-            if removed.is_err() {
-                self.ctx.clear_kv_cache();
-                self.cached.clear();
-                return self.prefill(tokens);
-            }
-            self.cached.truncate(reuse);
+            self.truncate_cache(reuse);
         }
+        let reuse = self.cached.len();
         let fresh = &tokens[reuse..];
-        let batch_size = self.model.batch_size as usize;
-        let mut batch = LlamaBatch::new(batch_size, 1);
+        let batch_size = self.chunk_size();
         for (chunk_index, chunk) in fresh.chunks(batch_size).enumerate() {
-            batch.clear();
             let last_chunk = (chunk_index + 1) * batch_size >= fresh.len();
-            for (i, token) in chunk.iter().enumerate() {
-                let position = (self.cached.len() + i) as i32;
-                let wants_logits = last_chunk && i + 1 == chunk.len();
-                batch
-                    .add(*token, position, &[0], wants_logits)
-                    .map_err(|e| ModelError::Decode(e.to_string()))?;
-            }
-            self.ctx
-                .decode(&mut batch)
-                .map_err(|e| ModelError::Decode(e.to_string()))?;
-            self.cached.extend_from_slice(chunk);
+            self.eval(
+                chunk,
+                if last_chunk {
+                    Want::Last
+                } else {
+                    Want::Nothing
+                },
+            )?;
         }
         Ok(Counters {
             prompt_evaluated: fresh.len() as u64,
             prompt_reused: reuse as u64,
             generated: 0,
         })
+    }
+
+    /// The most prompt tokens evaluated in one call: the batch size for a
+    /// context of its own, [`PROMPT_CHUNK`] on a shared one (so prompts
+    /// interleave with the other sessions' generation).
+    fn chunk_size(&self) -> usize {
+        match &self.kv {
+            Kv::Own(_) => self.model.batch_size as usize,
+            Kv::Shared { .. } => PROMPT_CHUNK,
+        }
     }
 
     /// Picks the next token and has the sampler accept it.
@@ -778,7 +1030,12 @@ impl ModelSession {
         let vocab = self.model.model.vocab();
         let mut ruled_out: Vec<LlamaToken> = Vec::new();
         loop {
-            let mut candidates = LlamaTokenDataArray::from_iter(self.ctx.candidates_ith(-1), false);
+            let mut candidates = LlamaTokenDataArray::from_iter(
+                (0_i32..)
+                    .zip(&self.last_logits)
+                    .map(|(id, logit)| LlamaTokenData::new(LlamaToken::new(id), *logit, 0.0)),
+                false,
+            );
             for token in &ruled_out {
                 if let Some(data) = usize::try_from(token.0)
                     .ok()

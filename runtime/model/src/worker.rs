@@ -48,9 +48,18 @@ impl ModelBackend for Model {
         BackendInfo {
             name: info.name.clone(),
             detail: format!(
-                "{:.0}M parameters, {} GPU layers, in process (llama.cpp)",
+                "{:.0}M parameters, {} GPU layers, in process (llama.cpp){}",
                 info.parameters as f64 / 1e6,
-                info.gpu_layers
+                info.gpu_layers,
+                if self.batched() {
+                    format!(
+                        ", {} slots of {} tokens batched on one context",
+                        self.parallel(),
+                        self.context_size()
+                    )
+                } else {
+                    String::new()
+                }
             ),
             context_length: Some(self.context_size()),
             capabilities: Capabilities {
@@ -143,8 +152,11 @@ impl ModelWorker {
                 for request in inbox {
                     match request {
                         Request::Complete(job) => {
-                            // Sessions sharing the model are served in turn.
-                            let _turn = model.turn_lock().lock().unwrap_or_else(|p| p.into_inner());
+                            // Sessions with contexts of their own are served
+                            // in turn; a batched model decodes them together.
+                            let _turn = (!model.batched()).then(|| {
+                                model.turn_lock().lock().unwrap_or_else(|p| p.into_inner())
+                            });
                             let mut ids = {
                                 let mut n = 0u32;
                                 let salt = std::time::SystemTime::now()
@@ -161,6 +173,7 @@ impl ModelWorker {
                                 &job.request.tools,
                                 &job.request.tool_choice,
                                 &job.request.sampling,
+                                job.request.response_format.as_ref(),
                                 &mut |piece| {
                                     let _ = tokens.send(piece.to_string());
                                     !cancel.load(Ordering::SeqCst)

@@ -7,6 +7,7 @@
 mod language;
 pub mod message;
 pub mod outcome;
+pub mod secret;
 pub mod text;
 
 pub use language::{Language, ScriptRuntime};

@@ -10,6 +10,9 @@ use serde_json::Value;
 /// What an approval handler is asked.
 #[derive(Debug, Clone, Serialize)]
 pub struct ApprovalRequest {
+    /// The call's id (as the model gave it), which an approval over HTTP
+    /// names.
+    pub call_id: String,
     /// The tool.
     pub tool: String,
     /// The parsed arguments.

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::rules::RuleSpec;
+use stack_sandbox::process::ProtectedMode;
 
 /// A decision for a tool call.
 #[derive(
@@ -189,6 +190,78 @@ impl SandboxSettings {
                 .hidden_in_workspace
                 .clone()
                 .or_else(|| self.hidden_in_workspace.clone()),
+        }
+    }
+}
+
+impl SandboxSettings {
+    /// These settings, no looser than `outer` (see
+    /// [`Policy::within`](super::Policy::within)): each limit the smaller
+    /// of the two (an unset one counts as the process sandbox's default,
+    /// so setting a limit above the default never loosens an unset one),
+    /// the narrower network, the union of the protected workspace paths,
+    /// and `outer`'s backend and extra read-only paths.
+    pub fn within(&self, outer: &SandboxSettings) -> SandboxSettings {
+        let defaults = stack_sandbox::process::ResourceLimits::default();
+        fn tight<T: Ord + Copy>(a: Option<T>, b: Option<T>, default: T) -> Option<T> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (Some(one), None) | (None, Some(one)) => Some(one.min(default)),
+                (None, None) => None,
+            }
+        }
+        let network_rank = |mode: NetworkMode| match mode {
+            NetworkMode::None => 0,
+            NetworkMode::Loopback => 1,
+            NetworkMode::Full => 2,
+        };
+        let network = match (self.network, outer.network) {
+            (Some(a), Some(b)) => Some(if network_rank(a) <= network_rank(b) {
+                a
+            } else {
+                b
+            }),
+            // Unset means none.
+            _ => None,
+        };
+        let protected = |mode: ProtectedMode| -> Vec<PathBuf> {
+            let mut union: Vec<PathBuf> = Vec::new();
+            for settings in [self, outer] {
+                for (path, found) in stack_sandbox::process::protected_list(
+                    settings.read_only_in_workspace.as_deref(),
+                    settings.hidden_in_workspace.as_deref(),
+                ) {
+                    // The runtime's own state folders (absolute) are
+                    // always protected; the lists hold workspace paths.
+                    if found == mode && path.is_relative() && !union.contains(&path) {
+                        union.push(path);
+                    }
+                }
+            }
+            union
+        };
+        let hidden = protected(ProtectedMode::Hidden);
+        let read_only = protected(ProtectedMode::ReadOnly)
+            .into_iter()
+            .filter(|path| !hidden.contains(path))
+            .collect();
+        SandboxSettings {
+            backend: outer.backend.or(self.backend),
+            timeout_ms: tight(self.timeout_ms, outer.timeout_ms, defaults.wall_ms),
+            memory_mb: tight(self.memory_mb, outer.memory_mb, defaults.memory_bytes >> 20),
+            cpu_seconds: tight(self.cpu_seconds, outer.cpu_seconds, defaults.cpu_seconds),
+            processes: tight(self.processes, outer.processes, defaults.processes),
+            output_bytes: tight(self.output_bytes, outer.output_bytes, defaults.output_bytes),
+            file_size_mb: tight(
+                self.file_size_mb,
+                outer.file_size_mb,
+                defaults.file_size_bytes >> 20,
+            ),
+            read_only_paths: outer.read_only_paths.clone(),
+            network,
+            stateful: self.stateful.or(outer.stateful),
+            read_only_in_workspace: Some(read_only),
+            hidden_in_workspace: Some(hidden),
         }
     }
 }

@@ -138,6 +138,9 @@ pub struct Policy {
     pub privacy: PrivacySettings,
     redactor: Redactor,
     mcp_servers: BTreeMap<String, McpServerSpec>,
+    /// The policy this one was narrowed from ([`Policy::within`]): every
+    /// call must pass it too.
+    outer: Option<std::sync::Arc<Policy>>,
 }
 
 impl Policy {
@@ -183,6 +186,7 @@ impl Policy {
             privacy: PrivacySettings::default(),
             redactor: Redactor::default(),
             mcp_servers: BTreeMap::new(),
+            outer: None,
         };
         let mut builtin_redaction = true;
         let mut patterns = Vec::new();
@@ -327,8 +331,26 @@ impl Policy {
         process_policy(&settings)
     }
 
-    /// Decides a call by its tool and parsed arguments.
+    /// Decides a call by its tool and parsed arguments. A policy narrowed
+    /// with [`Policy::within`] takes the stricter of its own decision and
+    /// the outer policy's (deny beats ask beats allow; on a tie, the outer
+    /// one's rule is named).
     pub fn decide(&self, tool: &str, arguments: &Value, grants: &Grants) -> Decision {
+        let own = self.decide_own(tool, arguments, grants);
+        match &self.outer {
+            Some(outer) => {
+                let theirs = outer.decide(tool, arguments, grants);
+                if own.verdict > theirs.verdict {
+                    own
+                } else {
+                    theirs
+                }
+            }
+            None => own,
+        }
+    }
+
+    fn decide_own(&self, tool: &str, arguments: &Value, grants: &Grants) -> Decision {
         let strongest = self
             .rules
             .iter()
@@ -399,6 +421,7 @@ impl Policy {
                     });
                 };
                 let request = ApprovalRequest {
+                    call_id: call.id().to_string(),
                     tool: tool.clone(),
                     arguments: call.arguments().clone(),
                     rule: decision.rule.clone(),
@@ -428,8 +451,9 @@ impl Policy {
             .map(str::to_string);
         let sandbox = self.sandbox_for(&tool, language.as_deref());
         let path_denials = self
-            .rules
+            .rules()
             .iter()
+            .chain(self.outer.iter().flat_map(|outer| outer.rules().iter()))
             .filter(|rule| {
                 rule.spec.path
                     && rule.spec.decision == Verdict::Deny
@@ -457,7 +481,34 @@ impl Policy {
         if let Some(tool_settings) = self.sandbox_tools.get(tool) {
             settings = settings.layered(tool_settings);
         }
-        settings
+        match &self.outer {
+            Some(outer) => settings.within(&outer.sandbox_for(tool, language)),
+            None => settings,
+        }
+    }
+
+    /// This policy, narrowed to what `outer` allows: a host (`agent serve`)
+    /// lets a client bring its own policy for a session, and the client's
+    /// policy can only take rights away. Each call must pass both
+    /// ([`Policy::decide`] takes the stricter verdict), each sandbox limit
+    /// is the smaller of the two, the network the narrower, the protected
+    /// workspace paths the union; budgets take the smaller of each; output
+    /// is redacted by both sets of patterns. What only the host decides
+    /// comes from `outer` alone: transcripts and the audit log
+    /// (`[privacy]`), MCP servers, and extra read-only host paths.
+    pub fn within(mut self, outer: std::sync::Arc<Policy>) -> Policy {
+        self.budgets = tighter_budgets(&self.budgets, &outer.budgets);
+        self.privacy = outer.privacy.clone();
+        self.mcp_servers = outer.mcp_servers.clone();
+        self.redactor = outer.redactor.merged(&self.redactor);
+        self.sources.splice(0..0, outer.sources.iter().cloned());
+        self.outer = Some(outer);
+        self
+    }
+
+    /// Whether this policy was narrowed from another ([`Policy::within`]).
+    pub fn outer(&self) -> Option<&Policy> {
+        self.outer.as_deref()
     }
 
     /// The redactor for tool output.
@@ -600,6 +651,24 @@ fn layer_budgets(base: &BudgetSettings, over: &BudgetSettings) -> BudgetSettings
         sandbox_wall_seconds: over.sandbox_wall_seconds.or(base.sandbox_wall_seconds),
         result_bytes_to_model: over.result_bytes_to_model.or(base.result_bytes_to_model),
         output_bytes_to_model: over.output_bytes_to_model.or(base.output_bytes_to_model),
+    }
+}
+
+/// The smaller of each budget, where either sets it.
+fn tighter_budgets(a: &BudgetSettings, b: &BudgetSettings) -> BudgetSettings {
+    fn min<T: Ord + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+    BudgetSettings {
+        calls_per_turn: min(a.calls_per_turn, b.calls_per_turn),
+        calls_per_session: min(a.calls_per_session, b.calls_per_session),
+        sandbox_cpu_seconds: min(a.sandbox_cpu_seconds, b.sandbox_cpu_seconds),
+        sandbox_wall_seconds: min(a.sandbox_wall_seconds, b.sandbox_wall_seconds),
+        result_bytes_to_model: min(a.result_bytes_to_model, b.result_bytes_to_model),
+        output_bytes_to_model: min(a.output_bytes_to_model, b.output_bytes_to_model),
     }
 }
 

@@ -61,6 +61,17 @@ impl Redactor {
         Ok(Redactor { patterns })
     }
 
+    /// These patterns, then `other`'s that have other names.
+    pub fn merged(&self, other: &Redactor) -> Redactor {
+        let mut patterns = self.patterns.clone();
+        for (name, regex) in &other.patterns {
+            if !patterns.iter().any(|(known, _)| known == name) {
+                patterns.push((name.clone(), regex.clone()));
+            }
+        }
+        Redactor { patterns }
+    }
+
     /// `text` with every match replaced by `[REDACTED:name]`.
     pub fn redact(&self, text: &str) -> String {
         let mut text = text.to_string();

@@ -986,6 +986,11 @@ fn prompt_body(
     }
     #[cfg(not(feature = "llama"))]
     let _ = offered;
+    if let Some(schema) = &request.response_format {
+        if body.get("grammar").is_none() {
+            body["json_schema"] = schema.clone();
+        }
+    }
     Ok(body)
 }
 

@@ -80,6 +80,12 @@ pub(crate) fn chat_body(
         };
         body.insert("tool_choice".into(), choice);
     }
+    if let Some(schema) = &request.response_format {
+        body.insert(
+            "response_format".into(),
+            json!({"type": "json_schema", "json_schema": {"name": "response", "schema": schema}}),
+        );
+    }
     Value::Object(body)
 }
 
@@ -360,6 +366,7 @@ mod tests {
             ],
             tool_choice: ToolChoice::Auto,
             sampling: Default::default(),
+            response_format: None,
         };
         let first = chat_body("m", &request, ServerKind::LlamaServer, false).to_string();
         request.messages.push(Message::assistant("two"));

@@ -111,6 +111,20 @@ fn build(
     quiet: bool,
     tokio: &tokio::runtime::Runtime,
 ) -> anyhow::Result<(Runtime, Session, SessionConfig)> {
+    let (runtime, config) = build_runtime(args, dirs, approver, quiet, tokio)?;
+    let session = tokio.block_on(runtime.session(config.clone()))?;
+    Ok((runtime, session, config))
+}
+
+/// The runtime the flags describe (model, tools, the policy's MCP servers,
+/// policy, workspace), and the session settings they ask for.
+pub fn build_runtime(
+    args: &ChatArgs,
+    dirs: &ToolDirs,
+    approver: Option<Arc<dyn ApprovalHandler>>,
+    quiet: bool,
+    tokio: &tokio::runtime::Runtime,
+) -> anyhow::Result<(Runtime, SessionConfig)> {
     let policy = Policy::load_named(&args.policy).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
     let backend = model_cmd::backend(&args.model, quiet, tokio)?;
     let workspace = match &args.workspace {
@@ -174,8 +188,7 @@ fn build(
         },
         None => config,
     };
-    let session = tokio.block_on(runtime.session(config.clone()))?;
-    Ok((runtime, session, config))
+    Ok((runtime, config))
 }
 
 fn approve_all(_: &ApprovalRequest) -> ApprovalAnswer {

@@ -9,6 +9,7 @@ mod eval_cmd;
 mod mcp_cmd;
 mod model_cmd;
 mod policy_cmd;
+mod serve_cmd;
 mod tool_cmd;
 
 use std::path::PathBuf;
@@ -84,6 +85,9 @@ enum Command {
     Eval(Box<eval_cmd::EvalArgs>),
     /// Serve the sandboxed tools to MCP clients (stdio, or --http).
     Mcp(mcp_cmd::McpArgs),
+    /// Serve the runtime over HTTP: OpenAI-compatible chat completions and
+    /// agent sessions, for host apps in any language.
+    Serve(Box<serve_cmd::ServeArgs>),
     /// Check policy files and explain their decisions.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
@@ -123,6 +127,7 @@ fn main() -> ExitCode {
         Some(Command::Doctor { json, model }) => doctor::run(json, &model),
         Some(Command::Model { model, json }) => model_cmd::info(&model, json),
         Some(Command::Mcp(args)) => mcp_cmd::run(args, &tool_dirs),
+        Some(Command::Serve(args)) => serve_cmd::run(*args, &tool_dirs),
         Some(Command::Eval(args)) => eval_cmd::run(*args, &tool_dirs),
         Some(Command::Policy(command)) => policy_cmd::run(command, &tool_dirs),
         Some(Command::Run { prompt, json, yes }) => {

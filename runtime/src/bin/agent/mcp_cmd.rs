@@ -160,7 +160,7 @@ pub fn run(args: McpArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
 }
 
 /// Ctrl-C or SIGTERM.
-async fn wait_for_stop_signal() {
+pub async fn wait_for_stop_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut term) = signal(SignalKind::terminate()) else {
         let _ = tokio::signal::ctrl_c().await;
@@ -173,7 +173,7 @@ async fn wait_for_stop_signal() {
 }
 
 /// A fresh 256-bit token, hex-encoded, from the kernel's random source.
-fn random_token() -> anyhow::Result<String> {
+pub fn random_token() -> anyhow::Result<String> {
     use std::io::Read;
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")

@@ -31,6 +31,11 @@ pub struct ModelArgs {
     /// Layers to offload to the GPU (default: all with the `cuda` feature, else 0).
     #[arg(long)]
     pub gpu_layers: Option<u32>,
+    /// Sessions decoded together on one context (continuous batching),
+    /// each with a slot of --ctx-size tokens (default 1, a context per
+    /// session; `agent serve` defaults to --max-running).
+    #[arg(long, value_name = "N")]
+    pub parallel: Option<u32>,
     /// A served model's OpenAI-compatible API, e.g. http://127.0.0.1:8080/v1
     /// (vLLM, SGLang, llama-server, Ollama), instead of a local GGUF.
     #[arg(long, value_name = "URL", conflicts_with = "model")]
@@ -219,6 +224,7 @@ pub fn load(args: &ModelArgs, quiet: bool) -> anyhow::Result<Arc<Model>> {
         threads: args.threads,
         batch_size: args.batch_size,
         gpu_layers: args.gpu_layers,
+        parallel: args.parallel.unwrap_or(1),
         progress: Some(Box::new(move |fraction| {
             progress_bar.set_position((fraction * 100.0) as u64)
         })),

@@ -1,0 +1,263 @@
+//! Sessions batched on one model, against serving them one after another
+//! and against llama-server's own continuous batching, in the same run on
+//! the same GGUF:
+//!
+//! * **batched**: one `Model` with `parallel = N` (one context, N slots;
+//!   `model/src/batch.rs`), N sessions generating at once;
+//! * **serial**: one `Model` with `parallel = 1` (a context per session),
+//!   the same N sessions, which take turns (the runtime's behaviour before
+//!   batching);
+//! * **llama-server -np N** (built by `scripts/setup --peers` from the
+//!   llama.cpp tree in the `llama-cpp-python` sdist), N concurrent
+//!   streaming chat completions.
+//!
+//! At 1, 4 and 8 concurrent sessions: aggregate generation tokens per
+//! second (all tokens generated over the wall time from the first request
+//! to the last token) and p50/p95 time to first token. Each session asks
+//! for a different story, greedy, up to [`MAX_TOKENS`] tokens.
+//!
+//! `cargo bench --workspace --bench serve`. Figures are printed, never
+//! asserted. The configurations run one after the other (two cores).
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use stack_runtime::assets::Asset;
+use stack_runtime::message::Message;
+use stack_runtime::model::llama::{Model, ModelOptions};
+use stack_runtime::model::{CompletionRequest, ModelBackend, SamplingOptions, ToolChoice};
+
+const MAX_TOKENS: u32 = 96;
+const SLOT: u32 = 1024;
+const TOPICS: [&str; 8] = [
+    "a lighthouse keeper",
+    "a lost cat",
+    "a desert caravan",
+    "a clockmaker",
+    "a mountain village",
+    "a river pilot",
+    "a night market",
+    "an old library",
+];
+
+fn prompt(n: usize) -> String {
+    format!(
+        "Write a long story about {}. Make it at least ten sentences.",
+        TOPICS[n % TOPICS.len()]
+    )
+}
+
+/// What one configuration did at one concurrency.
+struct Figures {
+    tokens: u64,
+    wall: f64,
+    ttft_ms: Vec<f64>,
+}
+
+impl Figures {
+    fn throughput(&self) -> f64 {
+        self.tokens as f64 / self.wall
+    }
+
+    fn ttft(&self, quantile: f64) -> f64 {
+        let mut sorted = self.ttft_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        let index = ((sorted.len() as f64 - 1.0) * quantile).round() as usize;
+        sorted.get(index).copied().unwrap_or(f64::NAN)
+    }
+}
+
+/// N sessions of `backend` generating at once.
+async fn in_process(backend: Arc<dyn ModelBackend>, sessions: usize) -> Figures {
+    let mut opened = Vec::new();
+    for _ in 0..sessions {
+        opened.push(
+            Arc::clone(&backend)
+                .open_session()
+                .await
+                .expect("open a session"),
+        );
+    }
+    let started = Instant::now();
+    let runs = opened.into_iter().enumerate().map(|(n, mut session)| async move {
+        let request = CompletionRequest {
+            messages: vec![Message::user(prompt(n))],
+            tools: Vec::new(),
+            tool_choice: ToolChoice::None,
+            sampling: SamplingOptions {
+                temperature: 0.0,
+                max_tokens: MAX_TOKENS,
+                ..SamplingOptions::default()
+            },
+            response_format: None,
+        };
+        let (deltas, mut pieces) = tokio::sync::mpsc::unbounded_channel();
+        let first = tokio::spawn(async move {
+            let got = pieces.recv().await.map(|_| started.elapsed());
+            while pieces.recv().await.is_some() {}
+            got
+        });
+        let generation = session
+            .complete(request, deltas, Arc::new(AtomicBool::new(false)))
+            .await
+            .expect("generate");
+        let ttft = first.await.expect("joined").unwrap_or_default();
+        (generation.counters.generated, ttft, started.elapsed())
+    });
+    let done = futures::future::join_all(runs).await;
+    Figures {
+        tokens: done.iter().map(|(t, _, _)| t).sum(),
+        wall: done
+            .iter()
+            .map(|(_, _, end)| end.as_secs_f64())
+            .fold(0.0, f64::max),
+        ttft_ms: done
+            .iter()
+            .map(|(_, ttft, _)| ttft.as_secs_f64() * 1e3)
+            .collect(),
+    }
+}
+
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn llama_server(slots: usize, port: u16) -> Server {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
+        .expect("HOME");
+    let binary = cache.join("stack-runtime/peers/llama.cpp-0.3.36/bin/llama-server");
+    assert!(binary.is_file(), "run scripts/setup --peers first");
+    let model = Asset::DefaultModel.locate().expect("run scripts/setup");
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let child = std::process::Command::new(binary)
+        .arg("-m")
+        .arg(model)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["-c", &(SLOT as usize * slots).to_string()])
+        .args(["-np", &slots.to_string(), "-t", &threads.to_string()])
+        .args(["--jinja", "--no-webui", "--cont-batching"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("llama-server");
+    let server = Server(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            std::thread::sleep(Duration::from_millis(500));
+            return server;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("llama-server did not start");
+}
+
+/// N concurrent streaming chat completions against llama-server.
+async fn against_llama_server(port: u16, sessions: usize) -> Figures {
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let started = Instant::now();
+    let runs = (0..sessions).map(|n| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let body = serde_json::json!({
+                "messages": [{"role": "user", "content": prompt(n)}],
+                "max_tokens": MAX_TOKENS, "temperature": 0, "stream": true,
+                "stream_options": {"include_usage": true}, "cache_prompt": false,
+            });
+            let response = http.post(&url).json(&body).send().await.expect("request");
+            let mut stream = response.bytes_stream();
+            let (mut first, mut tokens, mut buffer) = (None, 0u64, String::new());
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.expect("chunk");
+                buffer.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buffer.find("\n\n") {
+                    let event: String = buffer.drain(..end + 2).collect();
+                    let Some(data) = event.trim().strip_prefix("data: ") else {
+                        continue;
+                    };
+                    let Ok(value) = serde_json::from_str::<serde_json::Value>(data) else {
+                        continue;
+                    };
+                    if value.pointer("/choices/0/delta/content").is_some() && first.is_none() {
+                        first = Some(started.elapsed());
+                    }
+                    if let Some(n) = value.pointer("/usage/completion_tokens").and_then(|v| v.as_u64()) {
+                        tokens = n;
+                    }
+                }
+            }
+            (tokens, first.unwrap_or_default(), started.elapsed())
+        }
+    });
+    let done = futures::future::join_all(runs).await;
+    Figures {
+        tokens: done.iter().map(|(t, _, _)| t).sum(),
+        wall: done
+            .iter()
+            .map(|(_, _, end)| end.as_secs_f64())
+            .fold(0.0, f64::max),
+        ttft_ms: done
+            .iter()
+            .map(|(_, ttft, _)| ttft.as_secs_f64() * 1e3)
+            .collect(),
+    }
+}
+
+fn line(name: &str, sessions: usize, figures: &Figures) {
+    println!(
+        "  {name:<22} {sessions} sessions: {:>7.1} tok/s aggregate ({} tokens in {:.2} s), TTFT p50 {:>7.1} ms, p95 {:>7.1} ms",
+        figures.throughput(),
+        figures.tokens,
+        figures.wall,
+        figures.ttft(0.5),
+        figures.ttft(0.95)
+    );
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
+    println!("sessions batched on one model (SmolLM2-135M Q4_1, greedy, up to {MAX_TOKENS} tokens each)");
+    for sessions in [1usize, 4, 8] {
+        let batched: Arc<dyn ModelBackend> = Model::load(ModelOptions {
+            context_size: SLOT,
+            parallel: sessions.max(2) as u32,
+            ..ModelOptions::default()
+        })
+        .expect("load");
+        let batched_figures = runtime.block_on(in_process(batched, sessions));
+        let serial: Arc<dyn ModelBackend> = Model::load(ModelOptions {
+            context_size: SLOT,
+            ..ModelOptions::default()
+        })
+        .expect("load");
+        let serial_figures = runtime.block_on(in_process(serial, sessions));
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+            listener.local_addr().expect("addr").port()
+        };
+        let server = llama_server(sessions, port);
+        let peer_figures = runtime.block_on(against_llama_server(port, sessions));
+        drop(server);
+        line("batched (runtime)", sessions, &batched_figures);
+        line("serial (one by one)", sessions, &serial_figures);
+        line("llama-server -np N", sessions, &peer_figures);
+        println!(
+            "  → batched/serial {:.2}x, batched/llama-server {:.2}x",
+            batched_figures.throughput() / serial_figures.throughput(),
+            batched_figures.throughput() / peer_figures.throughput()
+        );
+    }
+}

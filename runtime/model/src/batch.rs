@@ -1,0 +1,522 @@
+//! Continuous batching: many sessions on one llama.cpp context.
+//!
+//! A model loaded with [`ModelOptions::parallel`](crate::llama::ModelOptions)
+//! above 1 gets one [`Engine`]: a thread that owns one context with that
+//! many sequences ("slots"), each with its own bounded KV cache of
+//! `context_size` tokens. Sessions keep their own threads, samplers and
+//! grammars; what they evaluate (a prompt chunk, or the one token just
+//! sampled) goes to the engine as a request, and the engine decodes the
+//! requests of every session that is generating in one batch, then hands
+//! each its logits. So eight sessions generating at once cost about one
+//! decode step per token, not eight, and a session's prompt (sent in
+//! chunks of [`PROMPT_CHUNK`] tokens) interleaves with the others' tokens.
+//!
+//! Slots are lent per generation, the way llama-server's are: a session
+//! takes a slot when it starts generating and gives it back when done.
+//! It gets its own previous slot back when that still holds its tokens
+//! (the KV prefix is reused), else the free slot whose cached tokens share
+//! the longest prefix with its prompt (the same system prompt and tools,
+//! say), else the least recently used one. With every slot busy, a session
+//! waits for one, in order of arrival, so none starves. Requests are
+//! served first come, first served within each step, and the engine waits
+//! up to [`GATHER`] for every busy slot's request before it decodes, so a
+//! step carries all of them.
+//!
+//! A session whose conversation outgrows its slot gets
+//! [`ModelError::ContextFull`] naming the slot's size, as a session with
+//! its own context would.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::token::LlamaToken;
+
+use crate::backend::ModelError;
+
+/// The most prompt tokens one session evaluates in one step, so prompt
+/// processing interleaves with the other sessions' generation.
+pub const PROMPT_CHUNK: usize = 128;
+
+/// How long the engine waits for the other busy slots' requests before it
+/// decodes what it has.
+const GATHER: Duration = Duration::from_millis(3);
+
+/// Which logits an evaluation returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Want {
+    /// None (a prompt chunk before the last).
+    Nothing,
+    /// The last token's.
+    Last,
+    /// Every token's.
+    All,
+}
+
+/// One slot: a sequence of the shared context, and the tokens its KV
+/// cache holds.
+#[derive(Debug)]
+struct Slot {
+    cached: Vec<LlamaToken>,
+    /// The session that last used it.
+    owner: Option<u64>,
+    busy: bool,
+    last_used: Instant,
+}
+
+/// What the slots look like, behind one lock.
+#[derive(Debug)]
+struct Slots {
+    slots: Vec<Slot>,
+    /// Tickets of sessions waiting for a slot, oldest first.
+    waiting: VecDeque<u64>,
+    next_ticket: u64,
+}
+
+enum Request {
+    Eval {
+        seq: i32,
+        tokens: Vec<LlamaToken>,
+        start: usize,
+        want: Want,
+        reply: std::sync::mpsc::Sender<Result<Vec<Vec<f32>>, ModelError>>,
+    },
+    Truncate {
+        seq: i32,
+        keep: usize,
+        reply: std::sync::mpsc::Sender<bool>,
+    },
+    Save {
+        seq: i32,
+        path: PathBuf,
+        tokens: Vec<LlamaToken>,
+        reply: std::sync::mpsc::Sender<Result<(), ModelError>>,
+    },
+    Load {
+        seq: i32,
+        path: PathBuf,
+        capacity: usize,
+        reply: std::sync::mpsc::Sender<Result<Vec<LlamaToken>, ModelError>>,
+    },
+}
+
+/// The shared context's thread and its slots.
+pub struct Engine {
+    requests: Mutex<std::sync::mpsc::Sender<Request>>,
+    slots: Mutex<Slots>,
+    freed: Condvar,
+    slot_size: u32,
+    steps: std::sync::atomic::AtomicU64,
+    decoded: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("slots", &self.slot_count())
+            .field("slot_size", &self.slot_size)
+            .finish()
+    }
+}
+
+/// A slot lent to one session for one generation.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    pub(crate) seq: i32,
+    pub(crate) cached: Vec<LlamaToken>,
+}
+
+impl Engine {
+    /// Starts the engine thread on `ctx`, a context made with `slots`
+    /// sequences of `slot_size` tokens each.
+    pub(crate) fn start(
+        ctx: LlamaContext<'static>,
+        slots: u32,
+        slot_size: u32,
+        keep_alive: Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Arc<Engine>, ModelError> {
+        let (sender, inbox) = std::sync::mpsc::channel::<Request>();
+        let engine = Arc::new(Engine {
+            requests: Mutex::new(sender),
+            slots: Mutex::new(Slots {
+                slots: (0..slots)
+                    .map(|_| Slot {
+                        cached: Vec::new(),
+                        owner: None,
+                        busy: false,
+                        last_used: Instant::now(),
+                    })
+                    .collect(),
+                waiting: VecDeque::new(),
+                next_ticket: 0,
+            }),
+            freed: Condvar::new(),
+            slot_size,
+            steps: Default::default(),
+            decoded: Default::default(),
+        });
+        let weak = Arc::downgrade(&engine);
+        std::thread::Builder::new()
+            .name("stack-model-batch".into())
+            .spawn(move || {
+                // The model the context borrows lives as long as this thread.
+                let _keep_alive = keep_alive;
+                run(ctx, inbox, &weak);
+            })
+            .map_err(|e| ModelError::Backend(format!("starting the batching thread: {e}")))?;
+        Ok(engine)
+    }
+
+    /// How many slots.
+    pub fn slot_count(&self) -> usize {
+        self.lock().slots.len()
+    }
+
+    /// Tokens each slot holds.
+    pub fn slot_size(&self) -> u32 {
+        self.slot_size
+    }
+
+    /// Decode steps run, and the tokens they carried: tokens over steps is
+    /// how many sequences a step served on average (more than 1 when
+    /// sessions generate together).
+    pub fn steps(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.steps.load(Relaxed), self.decoded.load(Relaxed))
+    }
+
+    /// Slots lent out now.
+    pub fn busy_slots(&self) -> usize {
+        self.lock().slots.iter().filter(|s| s.busy).count()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for a slot for session `owner`, whose next prompt is `prompt`
+    /// (see the module docs for which slot it gets).
+    pub(crate) fn acquire(&self, owner: u64, prompt: &[LlamaToken]) -> Lease {
+        let mut state = self.lock();
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.waiting.push_back(ticket);
+        loop {
+            let first_in_line = state.waiting.front() == Some(&ticket);
+            if first_in_line {
+                let free = state.slots.iter().enumerate().filter(|(_, s)| !s.busy);
+                let shared = |slot: &Slot| {
+                    slot.cached
+                        .iter()
+                        .zip(prompt)
+                        .take_while(|(a, b)| a == b)
+                        .count()
+                };
+                let chosen = free
+                    .max_by_key(|(_, slot)| {
+                        (
+                            slot.owner == Some(owner) && !slot.cached.is_empty(),
+                            shared(slot),
+                            std::cmp::Reverse(slot.last_used),
+                        )
+                    })
+                    .map(|(index, _)| index);
+                if let Some(index) = chosen {
+                    state.waiting.pop_front();
+                    let slot = &mut state.slots[index];
+                    slot.busy = true;
+                    slot.owner = Some(owner);
+                    let lease = Lease {
+                        seq: index as i32,
+                        cached: std::mem::take(&mut slot.cached),
+                    };
+                    // The next in line may find a slot too.
+                    self.freed.notify_all();
+                    return lease;
+                }
+            }
+            state = self.freed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Gives a slot back with the tokens its KV cache now holds.
+    pub(crate) fn release(&self, lease: Lease) {
+        let mut state = self.lock();
+        if let Some(slot) = usize::try_from(lease.seq)
+            .ok()
+            .and_then(|i| state.slots.get_mut(i))
+        {
+            slot.cached = lease.cached;
+            slot.busy = false;
+            slot.last_used = Instant::now();
+        }
+        drop(state);
+        self.freed.notify_all();
+    }
+
+    /// The tokens a session's previous slot still holds for it, if any
+    /// (for saving its state between generations).
+    pub(crate) fn cached_for(&self, owner: u64) -> Option<(i32, Vec<LlamaToken>)> {
+        let state = self.lock();
+        state
+            .slots
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.owner == Some(owner) && !s.busy && !s.cached.is_empty())
+            .map(|(i, s)| (i as i32, s.cached.clone()))
+    }
+
+    /// Forgets a session's claim on its previous slot.
+    pub(crate) fn disown(&self, owner: u64) {
+        let mut state = self.lock();
+        for slot in state.slots.iter_mut().filter(|s| s.owner == Some(owner)) {
+            slot.owner = None;
+        }
+    }
+
+    fn send(&self, request: Request) -> Result<(), ModelError> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(request)
+            .map_err(|_| ModelError::Backend("the batching thread is gone".into()))
+    }
+
+    /// Evaluates `tokens` at positions from `start` in sequence `seq`;
+    /// returns the logits `want` asks for.
+    pub(crate) fn eval(
+        &self,
+        seq: i32,
+        tokens: &[LlamaToken],
+        start: usize,
+        want: Want,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        if start + tokens.len() > self.slot_size as usize {
+            return Err(ModelError::ContextFull {
+                needed: start + tokens.len(),
+                context: self.slot_size,
+            });
+        }
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.send(Request::Eval {
+            seq,
+            tokens: tokens.to_vec(),
+            start,
+            want,
+            reply,
+        })?;
+        answer
+            .recv()
+            .map_err(|_| ModelError::Backend("the batching thread is gone".into()))?
+    }
+
+    /// Drops sequence `seq`'s cache from position `keep` on; `false` when
+    /// llama.cpp could not (the caller then clears the sequence).
+    pub(crate) fn truncate(&self, seq: i32, keep: usize) -> bool {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.send(Request::Truncate { seq, keep, reply }).is_ok() && answer.recv().unwrap_or(false)
+    }
+
+    /// Saves sequence `seq`'s state (holding `tokens`) to `path`.
+    pub(crate) fn save(
+        &self,
+        seq: i32,
+        path: PathBuf,
+        tokens: Vec<LlamaToken>,
+    ) -> Result<(), ModelError> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.send(Request::Save {
+            seq,
+            path,
+            tokens,
+            reply,
+        })?;
+        answer
+            .recv()
+            .map_err(|_| ModelError::Backend("the batching thread is gone".into()))?
+    }
+
+    /// Loads a saved state into sequence `seq`; returns its tokens.
+    pub(crate) fn load(&self, seq: i32, path: PathBuf) -> Result<Vec<LlamaToken>, ModelError> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.send(Request::Load {
+            seq,
+            path,
+            capacity: self.slot_size as usize,
+            reply,
+        })?;
+        answer
+            .recv()
+            .map_err(|_| ModelError::Backend("the batching thread is gone".into()))?
+    }
+}
+
+/// The engine thread: gathers requests, decodes them in one batch, replies.
+fn run(
+    mut ctx: LlamaContext<'static>,
+    inbox: std::sync::mpsc::Receiver<Request>,
+    engine: &std::sync::Weak<Engine>,
+) {
+    let batch_capacity = ctx.n_batch() as usize;
+    let mut batch = LlamaBatch::new(batch_capacity.max(1), 1);
+    let mut queue: VecDeque<Request> = VecDeque::new();
+    loop {
+        if queue.is_empty() {
+            match inbox.recv() {
+                Ok(request) => queue.push_back(request),
+                Err(_) => return,
+            }
+        }
+        // Wait a little for every busy slot to send its request, so one
+        // step carries them all.
+        let busy = engine.upgrade().map_or(1, |e| e.busy_slots());
+        let deadline = Instant::now() + GATHER;
+        loop {
+            let evals = queue
+                .iter()
+                .filter(|r| matches!(r, Request::Eval { .. }))
+                .count();
+            if evals >= busy {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match inbox.recv_timeout(left) {
+                Ok(request) => queue.push_back(request),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        while let Ok(request) = inbox.try_recv() {
+            queue.push_back(request);
+        }
+        // Cache operations first, in order; then one batch of evaluations,
+        // as many as fit, first come first served.
+        let mut evals = Vec::new();
+        let mut taken = 0usize;
+        let mut rest = VecDeque::new();
+        while let Some(request) = queue.pop_front() {
+            match request {
+                Request::Truncate { seq, keep, reply } => {
+                    let done = ctx
+                        .clear_kv_cache_seq(Some(seq as u32), Some(keep as u32), None)
+                        .unwrap_or(false);
+                    let _ = reply.send(done);
+                }
+                Request::Save {
+                    seq,
+                    path,
+                    tokens,
+                    reply,
+                } => {
+                    let saved = ctx
+                        .state_seq_save_file(&path, seq, &tokens)
+                        .map(|_| ())
+                        .map_err(|e| ModelError::Backend(format!("saving the session state: {e}")));
+                    let _ = reply.send(saved);
+                }
+                Request::Load {
+                    seq,
+                    path,
+                    capacity,
+                    reply,
+                } => {
+                    let loaded = ctx
+                        .state_seq_load_file(&path, seq, capacity)
+                        .map(|(tokens, _)| tokens)
+                        .map_err(|e| {
+                            ModelError::Backend(format!("loading the session state: {e}"))
+                        });
+                    if loaded.is_err() {
+                        let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+                    }
+                    let _ = reply.send(loaded);
+                }
+                eval @ Request::Eval { .. } => {
+                    let Request::Eval { ref tokens, .. } = eval else {
+                        continue;
+                    };
+                    let fits = taken + tokens.len() <= batch_capacity;
+                    let seq_taken = evals.iter().any(|e| same_seq(e, &eval));
+                    if fits && !seq_taken {
+                        taken += tokens.len();
+                        evals.push(eval);
+                    } else {
+                        rest.push_back(eval);
+                    }
+                }
+            }
+        }
+        queue = rest;
+        if evals.is_empty() {
+            continue;
+        }
+        batch.clear();
+        let mut failed = None;
+        for eval in &evals {
+            let Request::Eval {
+                seq,
+                tokens,
+                start,
+                want,
+                ..
+            } = eval
+            else {
+                continue;
+            };
+            for (i, token) in tokens.iter().enumerate() {
+                let logits = match want {
+                    Want::Nothing => false,
+                    Want::Last => i + 1 == tokens.len(),
+                    Want::All => true,
+                };
+                if let Err(err) = batch.add(*token, (start + i) as i32, &[*seq], logits) {
+                    failed = Some(err.to_string());
+                }
+            }
+        }
+        let decoded = match failed {
+            Some(err) => Err(err),
+            None => ctx.decode(&mut batch).map_err(|e| e.to_string()),
+        };
+        if let Some(engine) = engine.upgrade() {
+            use std::sync::atomic::Ordering::Relaxed;
+            engine.steps.fetch_add(1, Relaxed);
+            engine.decoded.fetch_add(taken as u64, Relaxed);
+        }
+        let mut index = 0i32;
+        for eval in evals {
+            let Request::Eval {
+                tokens,
+                want,
+                reply,
+                ..
+            } = eval
+            else {
+                continue;
+            };
+            let first = index;
+            index += tokens.len() as i32;
+            let answer = match &decoded {
+                Err(err) => Err(ModelError::Decode(err.clone())),
+                Ok(()) => Ok(match want {
+                    Want::Nothing => Vec::new(),
+                    Want::Last => vec![ctx.get_logits_ith(index - 1).to_vec()],
+                    Want::All => (first..index)
+                        .map(|i| ctx.get_logits_ith(i).to_vec())
+                        .collect(),
+                }),
+            };
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+fn same_seq(a: &Request, b: &Request) -> bool {
+    matches!((a, b), (Request::Eval { seq: x, .. }, Request::Eval { seq: y, .. }) if x == y)
+}

@@ -1,0 +1,865 @@
+//! OpenAI-compatible model serving: `GET /v1/models` and `POST
+//! /v1/chat/completions`.
+//!
+//! A request is checked whole before it waits for the model: messages
+//! (OpenAI wire format; `developer` is read as `system`; content parts
+//! other than text are refused), tools (function objects whose
+//! `parameters` is a JSON Schema), `tool_choice` (`auto`, `none`,
+//! `required` or a named function that must be among the tools),
+//! `response_format` (`text`, `json_object` or `json_schema`), sampling
+//! and `stop`. Unknown fields are refused by name, so a typo is never
+//! silently ignored; `n` other than 1 and `logprobs` are refused as not
+//! supported.
+//!
+//! Generation runs on a context from a pool ([`Slots`]) so that a client
+//! that sends the same conversation again reuses its prefix; it waits for
+//! a place in [`crate::Admission`] first. Tool calls are made under the
+//! runtime's grammar (lazily under `auto`), so their arguments follow the
+//! tools' schemas; `parallel_tool_calls: false` keeps the first.
+//!
+//! Streaming sends `chat.completion.chunk`s: the role first, text as it
+//! is generated (when no tools are offered; with tools the text is sent
+//! once the turn is parsed, since what looks like text may turn out to be
+//! a call), then each tool call whole, the finish reason, the usage when
+//! `stream_options.include_usage` asks, and `[DONE]`. A client that goes
+//! away stops the generation.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use stack_model::{
+    BackendSession, CompletionRequest, Generation, ModelBackend, ModelError, SamplingOptions,
+    StopReason, ToolChoice,
+};
+use stack_types::message::{Message, Role, ToolCall};
+
+use crate::error::JsonBody;
+use crate::{ApiError, AppState};
+
+/// Idle model sessions for chat completions, reused so that a repeated
+/// conversation prefix is not evaluated again.
+pub(crate) struct Slots {
+    backend: Arc<dyn ModelBackend>,
+    idle: Mutex<Vec<Box<dyn BackendSession>>>,
+}
+
+/// Most idle sessions kept for reuse.
+const MAX_IDLE: usize = 8;
+
+impl Slots {
+    pub(crate) fn new(backend: Arc<dyn ModelBackend>) -> Slots {
+        Slots {
+            backend,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    async fn take(&self) -> Result<Box<dyn BackendSession>, ModelError> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match idle {
+            Some(session) => Ok(session),
+            None => Arc::clone(&self.backend).open_session().await,
+        }
+    }
+
+    fn give_back(&self, session: Box<dyn BackendSession>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(session);
+        }
+    }
+}
+
+/// `GET /v1/models`: the one model this server runs.
+pub(crate) async fn models(State(state): State<Arc<AppState>>) -> Response {
+    let info = state.runtime.backend().info();
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": info.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "stack-runtime",
+            "meta": {
+                "detail": info.detail,
+                "context_length": info.context_length,
+                "capabilities": info.capabilities,
+            },
+        }],
+    }))
+    .into_response()
+}
+
+/// The body of `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    /// Any name: the server runs one model (echoed back as its own name).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The conversation, in the OpenAI wire format.
+    pub messages: Vec<Value>,
+    /// Function tools.
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+    /// `auto`, `none`, `required`, or `{"type": "function", "function": {"name": ...}}`.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    /// Whether more than one call may come back (default true).
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// `{"type": "text" | "json_object" | "json_schema", ...}`.
+    #[serde(default)]
+    pub response_format: Option<Value>,
+    /// Stream chunks as server-sent events.
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// `{"include_usage": bool}`.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// Sampling temperature (0 is greedy).
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling.
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// Top-k sampling (an extension, as in llama-server and vLLM).
+    #[serde(default)]
+    pub top_k: Option<i32>,
+    /// Min-p sampling (an extension).
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    /// Repetition penalty (an extension).
+    #[serde(default)]
+    pub repeat_penalty: Option<f32>,
+    /// Most tokens to generate (older name).
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Most tokens to generate.
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    /// Random seed.
+    #[serde(default)]
+    pub seed: Option<i64>,
+    /// Choices to generate: only 1.
+    #[serde(default)]
+    pub n: Option<u32>,
+    /// Up to 4 strings that end the answer.
+    #[serde(default)]
+    pub stop: Option<Value>,
+    /// Accepted and ignored: penalties of 0 only.
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    /// Accepted and ignored: penalties of 0 only.
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    /// Not supported when true.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// Not supported.
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
+    /// Accepted and ignored (an end-user id).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Accepted and ignored.
+    #[serde(default)]
+    pub metadata: Option<Value>,
+    /// Accepted and ignored: nothing is stored.
+    #[serde(default)]
+    pub store: Option<bool>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    /// Send a last chunk with the usage.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// A checked request, ready for the model.
+struct Prepared {
+    request: CompletionRequest,
+    stream: bool,
+    include_usage: bool,
+    parallel_tool_calls: bool,
+    stop: Vec<String>,
+    streams_text: bool,
+}
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError::BadRequest(message.into())
+}
+
+/// Checks a request and turns it into a [`CompletionRequest`].
+fn prepare(request: ChatRequest, context: Option<u32>) -> Result<Prepared, ApiError> {
+    if request.n.is_some_and(|n| n != 1) {
+        return Err(bad("`n` must be 1: this server generates one choice"));
+    }
+    if request.logprobs == Some(true) || request.top_logprobs.is_some() {
+        return Err(bad("`logprobs` is not supported by this server"));
+    }
+    for (name, value) in [
+        ("presence_penalty", request.presence_penalty),
+        ("frequency_penalty", request.frequency_penalty),
+    ] {
+        if value.is_some_and(|v| v != 0.0) {
+            return Err(bad(format!(
+                "`{name}` is not supported (use `repeat_penalty`); send 0 or leave it out"
+            )));
+        }
+    }
+    if request.messages.is_empty() {
+        return Err(bad("`messages` is empty: send at least one message"));
+    }
+    let messages = request
+        .messages
+        .into_iter()
+        .enumerate()
+        .map(|(index, message)| parse_message(index, message))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tools = request.tools.unwrap_or_default();
+    let names = tools
+        .iter()
+        .enumerate()
+        .map(|(index, tool)| check_tool(index, tool))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tool_choice = match request.tool_choice {
+        None => ToolChoice::Auto,
+        Some(choice) => parse_tool_choice(&choice, &names)?,
+    };
+    if tools.is_empty() && matches!(tool_choice, ToolChoice::Required | ToolChoice::Named(_)) {
+        return Err(bad(
+            "`tool_choice` asks for a tool call but no `tools` are given",
+        ));
+    }
+    let response_format = match request.response_format {
+        None => None,
+        Some(format) => parse_response_format(&format)?,
+    };
+    if response_format.is_some() && !tools.is_empty() && tool_choice == ToolChoice::Auto {
+        return Err(bad("`response_format` together with `tools` under `tool_choice: auto` is not supported: send `tool_choice: none` for a JSON answer, or `required` for a call"));
+    }
+    let defaults = SamplingOptions::default();
+    let max_tokens = request
+        .max_completion_tokens
+        .or(request.max_tokens)
+        .unwrap_or(defaults.max_tokens);
+    if max_tokens == 0 {
+        return Err(bad("`max_tokens` must be at least 1"));
+    }
+    if let Some(context) = context {
+        if max_tokens > context {
+            return Err(bad(format!(
+                "`max_tokens` is {max_tokens}, more than the model's context of {context} tokens"
+            )));
+        }
+    }
+    let temperature = request.temperature.unwrap_or(defaults.temperature);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(bad("`temperature` must be between 0 and 2"));
+    }
+    let top_p = request.top_p.unwrap_or(defaults.top_p);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(bad("`top_p` must be in (0, 1]"));
+    }
+    let stop = match request.stop {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(one)) => vec![one],
+        Some(Value::Array(many)) => many
+            .into_iter()
+            .map(|s| match s {
+                Value::String(s) => Ok(s),
+                _ => Err(bad("`stop` must be a string or an array of strings")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad("`stop` must be a string or an array of strings")),
+    };
+    if stop.len() > 4 || stop.iter().any(String::is_empty) {
+        return Err(bad("`stop` takes at most 4 non-empty strings"));
+    }
+    let sampling = SamplingOptions {
+        temperature,
+        top_p,
+        top_k: request.top_k.unwrap_or(defaults.top_k),
+        min_p: request.min_p.unwrap_or(defaults.min_p),
+        repeat_penalty: request.repeat_penalty.unwrap_or(defaults.repeat_penalty),
+        // A seed is any integer on the wire; the model takes 32 bits.
+        seed: request.seed.map_or(defaults.seed, |seed| seed as u32),
+        max_tokens,
+        ..defaults
+    };
+    let streams_text = tools.is_empty() || tool_choice == ToolChoice::None;
+    let stream = request.stream.unwrap_or(false);
+    if !stream && request.stream_options.is_some() {
+        return Err(bad("`stream_options` is only for `stream: true`"));
+    }
+    Ok(Prepared {
+        include_usage: request.stream_options.is_some_and(|o| o.include_usage),
+        stream,
+        parallel_tool_calls: request.parallel_tool_calls.unwrap_or(true),
+        stop,
+        streams_text,
+        request: CompletionRequest {
+            messages,
+            tools,
+            tool_choice,
+            sampling,
+            response_format,
+        },
+    })
+}
+
+/// One message of the request, with its index in errors.
+fn parse_message(index: usize, mut message: Value) -> Result<Message, ApiError> {
+    if let Some(role) = message.get_mut("role") {
+        if role == "developer" {
+            *role = json!("system");
+        }
+    }
+    let parsed: Message =
+        serde_json::from_value(message).map_err(|e| bad(format!("messages[{index}]: {e}")))?;
+    if let Some(stack_types::message::Content::Parts(parts)) = &parsed.content {
+        for part in parts {
+            if let stack_types::message::ContentPart::Other(other) = part {
+                let kind = other
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown");
+                return Err(bad(format!(
+                    "messages[{index}]: content of type `{kind}` is not supported (text only)"
+                )));
+            }
+        }
+    }
+    match parsed.role {
+        Role::Tool if parsed.tool_call_id.is_none() => Err(bad(format!(
+            "messages[{index}]: a `tool` message needs `tool_call_id`"
+        ))),
+        Role::User | Role::System if parsed.content.is_none() => Err(bad(format!(
+            "messages[{index}]: a `{}` message needs `content`",
+            if parsed.role == Role::User {
+                "user"
+            } else {
+                "system"
+            }
+        ))),
+        _ => Ok(parsed),
+    }
+}
+
+/// A tool's name, once the tool is a function object with a valid name
+/// and a JSON Schema for its parameters.
+fn check_tool(index: usize, tool: &Value) -> Result<String, ApiError> {
+    let at = |what: &str| bad(format!("tools[{index}]: {what}"));
+    if tool.get("type").and_then(Value::as_str) != Some("function") {
+        return Err(at("only `\"type\": \"function\"` tools are supported"));
+    }
+    let function = tool
+        .get("function")
+        .and_then(Value::as_object)
+        .ok_or_else(|| at("`function` must be an object"))?;
+    let name = function
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| at("`function.name` must be a string"))?;
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !valid {
+        return Err(at(
+            "`function.name` must be 1-64 letters, digits, `_` or `-`",
+        ));
+    }
+    match function.get("parameters") {
+        None | Some(Value::Object(_)) => Ok(name.to_string()),
+        Some(_) => Err(at("`function.parameters` must be a JSON Schema object")),
+    }
+}
+
+fn parse_tool_choice(choice: &Value, names: &[String]) -> Result<ToolChoice, ApiError> {
+    let named = |name: &str| {
+        if names.iter().any(|n| n == name) {
+            Ok(ToolChoice::Named(name.to_string()))
+        } else {
+            Err(bad(format!(
+                "`tool_choice` names `{name}`, which is not among the `tools`"
+            )))
+        }
+    };
+    match choice {
+        Value::String(s) => match s.as_str() {
+            "auto" => Ok(ToolChoice::Auto),
+            "none" => Ok(ToolChoice::None),
+            "required" => Ok(ToolChoice::Required),
+            other => Err(bad(format!(
+                "`tool_choice` is `{other}`; expected auto, none, required or a function object"
+            ))),
+        },
+        Value::Object(object) => {
+            match object
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+            {
+                Some(name) => named(name),
+                None => Err(bad(
+                    "`tool_choice` as an object is {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                )),
+            }
+        }
+        _ => Err(bad("`tool_choice` must be a string or an object")),
+    }
+}
+
+/// The JSON Schema an answer must follow, if any.
+fn parse_response_format(format: &Value) -> Result<Option<Value>, ApiError> {
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(json!({"type": "object"}))),
+        Some("json_schema") => match format.pointer("/json_schema/schema") {
+            Some(schema @ Value::Object(_)) => Ok(Some(schema.clone())),
+            _ => Err(bad(
+                "`response_format.json_schema.schema` must be a JSON Schema object",
+            )),
+        },
+        _ => Err(bad(
+            "`response_format.type` must be text, json_object or json_schema",
+        )),
+    }
+}
+
+/// Watches generated text for stop strings; holds back the end of the text
+/// that could be the start of one, so that no stop string is ever sent.
+struct StopWatch {
+    stops: Vec<String>,
+    text: String,
+    sent: usize,
+    stopped_at: Option<usize>,
+}
+
+impl StopWatch {
+    fn new(stops: Vec<String>) -> StopWatch {
+        StopWatch {
+            stops,
+            text: String::new(),
+            sent: 0,
+            stopped_at: None,
+        }
+    }
+
+    /// Adds a piece; returns the text now safe to send.
+    fn push(&mut self, piece: &str) -> String {
+        if self.stopped_at.is_some() {
+            return String::new();
+        }
+        self.text.push_str(piece);
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|stop| self.text.find(stop.as_str()))
+            .min()
+        {
+            self.stopped_at = Some(at);
+            return self.release(at);
+        }
+        // Hold back a tail that may yet become a stop string.
+        let hold = self
+            .stops
+            .iter()
+            .map(|stop| {
+                (1..stop.len())
+                    .rev()
+                    .find(|&n| stop.is_char_boundary(n) && self.text.ends_with(&stop[..n]))
+                    .unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0);
+        let upto = self.text.len() - hold;
+        self.release(upto)
+    }
+
+    fn release(&mut self, upto: usize) -> String {
+        let upto = upto.max(self.sent);
+        let out = self
+            .text
+            .get(self.sent..upto)
+            .unwrap_or_default()
+            .to_string();
+        self.sent = upto;
+        out
+    }
+
+    /// The rest of the text, once generation ended.
+    fn finish(&mut self) -> String {
+        let end = self.stopped_at.unwrap_or(self.text.len());
+        self.release(end)
+    }
+
+    fn stopped(&self) -> bool {
+        self.stopped_at.is_some()
+    }
+}
+
+/// Sets the flag when dropped: a client that goes away (its request
+/// dropped) stops the generation it started.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// What generation produced, as the response needs it.
+struct Finished {
+    content: Option<String>,
+    tool_calls: Vec<ToolCall>,
+    finish_reason: &'static str,
+    usage: Value,
+}
+
+static COMPLETIONS: AtomicU64 = AtomicU64::new(0);
+
+/// `POST /v1/chat/completions`.
+pub(crate) async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    JsonBody(body): JsonBody<ChatRequest>,
+) -> Result<Response, ApiError> {
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let info = state.runtime.backend().info();
+    let prepared = prepare(body, info.context_length)?;
+    let place = state.admission.enter().await?;
+    let mut session = state
+        .slots
+        .take()
+        .await
+        .map_err(|e| ApiError::Internal(format!("opening a model context: {e}")))?;
+    let id = format!(
+        "chatcmpl-{:x}{:04x}",
+        stack_core::policy::audit::now_ms(),
+        COMPLETIONS.fetch_add(1, Ordering::Relaxed) & 0xffff
+    );
+    let created = stack_core::policy::audit::now_ms() / 1000;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (deltas, mut pieces) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    // The generation runs in a task of its own that owns the context and
+    // the place: whatever becomes of the client, the context goes back to
+    // the pool and the place is freed when generation ends.
+    {
+        let (state, cancel, request) = (
+            Arc::clone(&state),
+            Arc::clone(&cancel),
+            prepared.request.clone(),
+        );
+        let shutdown = state.shutdown.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let stopper = {
+                let cancel = Arc::clone(&cancel);
+                tokio::spawn(async move {
+                    shutdown.cancelled().await;
+                    cancel.store(true, Ordering::SeqCst);
+                })
+            };
+            let result = session.complete(request, deltas, cancel).await;
+            stopper.abort();
+            if let Ok(generation) = &result {
+                state
+                    .metrics
+                    .count_generation(generation.counters, started.elapsed().as_secs_f64());
+            }
+            state.slots.give_back(session);
+            state.metrics.count_completion();
+            drop(place);
+            let _ = done_tx.send(result);
+        });
+    }
+    let guard = CancelOnDrop(Arc::clone(&cancel));
+    let mut watch = StopWatch::new(prepared.stop.clone());
+    let model = info.name;
+    if !prepared.stream {
+        while let Some(piece) = pieces.recv().await {
+            watch.push(&piece);
+            if watch.stopped() {
+                cancel.store(true, Ordering::SeqCst);
+            }
+        }
+        let generation = done
+            .await
+            .map_err(|_| ApiError::Internal("the generation task failed".into()))?
+            .map_err(model_error)?;
+        drop(guard);
+        let finished = finish(&generation, &mut watch, &prepared);
+        let mut message = json!({"role": "assistant", "content": finished.content});
+        if !finished.tool_calls.is_empty() {
+            message["tool_calls"] = json!(finished.tool_calls);
+        }
+        return Ok(axum::Json(json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": finished.finish_reason}],
+            "usage": finished.usage,
+        }))
+        .into_response());
+    }
+    let (events, receiver) = tokio::sync::mpsc::channel::<SseEvent>(64);
+    tokio::spawn(async move {
+        let _guard = guard;
+        let chunk = |delta: Value, finish: Option<&str>| {
+            SseEvent::default().data(
+                json!({
+                    "id": id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                })
+                .to_string(),
+            )
+        };
+        // A send that fails means the client went away: the guard then
+        // stops the generation.
+        if events
+            .send(chunk(json!({"role": "assistant", "content": ""}), None))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        while let Some(piece) = pieces.recv().await {
+            let text = watch.push(&piece);
+            if watch.stopped() {
+                cancel.store(true, Ordering::SeqCst);
+            }
+            if prepared.streams_text
+                && !text.is_empty()
+                && events
+                    .send(chunk(json!({"content": text}), None))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+        let generation = match done.await {
+            Ok(Ok(generation)) => generation,
+            Ok(Err(err)) => {
+                let _ = events
+                    .send(SseEvent::default().data(model_error(err).body().to_string()))
+                    .await;
+                return;
+            }
+            Err(_) => return,
+        };
+        let finished = finish(&generation, &mut watch, &prepared);
+        if let Some(content) = finished.content.filter(|c| !c.is_empty()) {
+            if !prepared.streams_text {
+                let _ = events.send(chunk(json!({"content": content}), None)).await;
+            }
+        }
+        for (index, call) in finished.tool_calls.iter().enumerate() {
+            let delta = json!({"tool_calls": [{
+                "index": index,
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.function.name, "arguments": call.function.arguments},
+            }]});
+            let _ = events.send(chunk(delta, None)).await;
+        }
+        let _ = events
+            .send(chunk(json!({}), Some(finished.finish_reason)))
+            .await;
+        if prepared.include_usage {
+            let _ = events
+                .send(
+                    SseEvent::default().data(
+                        json!({
+                            "id": id,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": model,
+                            "choices": [],
+                            "usage": finished.usage,
+                        })
+                        .to_string(),
+                    ),
+                )
+                .await;
+        }
+        let _ = events.send(SseEvent::default().data("[DONE]")).await;
+    });
+    let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver
+            .recv()
+            .await
+            .map(|event| (Ok::<_, Infallible>(event), receiver))
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// The response's content, calls, finish reason and usage.
+fn finish(generation: &Generation, watch: &mut StopWatch, prepared: &Prepared) -> Finished {
+    let rest = watch.finish();
+    let stopped = watch.stopped();
+    let counters = generation.counters;
+    let prompt_tokens = counters.prompt_evaluated + counters.prompt_reused;
+    let usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": counters.generated,
+        "total_tokens": prompt_tokens + counters.generated,
+        "prompt_tokens_details": {"cached_tokens": counters.prompt_reused},
+    });
+    // A stop string ends the answer where it starts; what came before it
+    // is the answer's text, whatever a parser would have made of the rest.
+    if stopped {
+        let content = watch.text.get(..watch.sent).unwrap_or_default().to_string();
+        let _ = rest;
+        return Finished {
+            content: Some(content),
+            tool_calls: Vec::new(),
+            finish_reason: "stop",
+            usage,
+        };
+    }
+    let mut tool_calls = generation.turn.tool_calls.clone();
+    if !prepared.parallel_tool_calls {
+        tool_calls.truncate(1);
+    }
+    let content = if prepared.streams_text {
+        Some(generation.text.clone())
+    } else {
+        generation.turn.content.clone()
+    };
+    let finish_reason = if !tool_calls.is_empty() {
+        "tool_calls"
+    } else if generation.stop == StopReason::MaxTokens {
+        "length"
+    } else {
+        "stop"
+    };
+    Finished {
+        content: if tool_calls.is_empty() {
+            Some(content.unwrap_or_default())
+        } else {
+            content.filter(|c| !c.trim().is_empty())
+        },
+        tool_calls,
+        finish_reason,
+        usage,
+    }
+}
+
+/// A model failure as the client sees it: its own fault (the prompt does
+/// not fit, a schema the grammar cannot take) is a `400`.
+pub(crate) fn model_error(err: ModelError) -> ApiError {
+    match &err {
+        ModelError::ContextFull { .. } | ModelError::Grammar(_) | ModelError::Template(_) => {
+            ApiError::BadRequest(err.to_string())
+        }
+        _ if err.is_context_overflow() => ApiError::BadRequest(err.to_string()),
+        _ => ApiError::Internal(err.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_are_never_sent_even_split_across_pieces() {
+        let mut watch = StopWatch::new(vec!["END".into()]);
+        let mut sent = String::new();
+        for piece in ["Hello E", "N", "D and more"] {
+            sent.push_str(&watch.push(piece));
+        }
+        sent.push_str(&watch.finish());
+        assert_eq!(sent, "Hello ");
+        assert!(watch.stopped());
+        let mut watch = StopWatch::new(vec!["END".into()]);
+        let mut sent = watch.push("Hello E");
+        sent.push_str(&watch.push("ntry"));
+        sent.push_str(&watch.finish());
+        assert_eq!(sent, "Hello Entry");
+        assert!(!watch.stopped());
+    }
+
+    #[test]
+    fn requests_are_checked_before_they_reach_the_model() {
+        let parse = |body: Value| {
+            let request: ChatRequest = serde_json::from_value(body).map_err(|e| e.to_string())?;
+            prepare(request, Some(2048))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let user = json!([{"role": "user", "content": "hi"}]);
+        assert!(parse(json!({"messages": user})).is_ok());
+        let cases = [
+            (
+                json!({"messages": user, "temprature": 0}),
+                "unknown field `temprature`",
+            ),
+            (json!({"messages": []}), "`messages` is empty"),
+            (
+                json!({"messages": [{"role": "wizard", "content": "x"}]}),
+                "messages[0]",
+            ),
+            (
+                json!({"messages": [{"role": "tool", "content": "x"}]}),
+                "tool_call_id",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+                "`image_url` is not supported",
+            ),
+            (json!({"messages": user, "n": 2}), "`n` must be 1"),
+            (
+                json!({"messages": user, "tools": [{"type": "function", "function": {"name": "bad name"}}]}),
+                "tools[0]",
+            ),
+            (
+                json!({"messages": user, "tools": [{"type": "function", "function": {"name": "a"}}], "tool_choice": {"type": "function", "function": {"name": "b"}}}),
+                "not among the `tools`",
+            ),
+            (
+                json!({"messages": user, "tool_choice": "required"}),
+                "no `tools` are given",
+            ),
+            (
+                json!({"messages": user, "response_format": {"type": "yaml"}}),
+                "response_format.type",
+            ),
+            (
+                json!({"messages": user, "max_tokens": 100000}),
+                "more than the model's context",
+            ),
+            (json!({"messages": user, "stop": ["", "x"]}), "non-empty"),
+            (
+                json!({"messages": user, "temperature": 9}),
+                "between 0 and 2",
+            ),
+        ];
+        for (body, expected) in cases {
+            let err = parse(body.clone()).expect_err(&body.to_string());
+            assert!(err.contains(expected), "{body}: {err}");
+        }
+    }
+}

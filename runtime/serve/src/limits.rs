@@ -1,0 +1,104 @@
+//! Admission to the model: at most `max_running` generations (chat
+//! completions and session turns) at once, at most `max_queue` waiting for
+//! a place, and `429` past that, so a burst of clients gets a clear answer
+//! instead of an unbounded wait.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::ApiError;
+
+/// The running and waiting places.
+#[derive(Debug)]
+pub struct Admission {
+    running: Arc<Semaphore>,
+    capacity: usize,
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+}
+
+/// A place among the running; dropping it lets the next one in.
+#[derive(Debug)]
+pub struct Place {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Counts one waiter for as long as it waits (also when its request is
+/// dropped while waiting).
+struct Waiting(Arc<AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Admission {
+    /// Places for `running` at once and `waiting` in line.
+    pub fn new(running: usize, waiting: usize) -> Admission {
+        let running = running.max(1);
+        Admission {
+            running: Arc::new(Semaphore::new(running)),
+            capacity: running,
+            waiting: Arc::new(AtomicUsize::new(0)),
+            max_waiting: waiting,
+        }
+    }
+
+    /// Waits for a place, or refuses at once when the line is full.
+    pub async fn enter(&self) -> Result<Place, ApiError> {
+        if let Ok(permit) = Arc::clone(&self.running).try_acquire_owned() {
+            return Ok(Place { _permit: permit });
+        }
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::TooMany(format!(
+                "the server is busy: {} generations running and {} waiting (its limits); retry later",
+                self.capacity, self.max_waiting
+            )));
+        }
+        let _waiting = Waiting(Arc::clone(&self.waiting));
+        let permit = Arc::clone(&self.running)
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::ShuttingDown)?;
+        Ok(Place { _permit: permit })
+    }
+
+    /// Generations running now.
+    pub fn running(&self) -> usize {
+        self.capacity - self.running.available_permits()
+    }
+
+    /// Requests waiting for a place.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn past_the_line_requests_are_refused_and_places_come_back() {
+        let admission = Arc::new(Admission::new(1, 1));
+        let first = admission.enter().await.expect("a free place");
+        assert_eq!(admission.running(), 1);
+        let second = tokio::spawn({
+            let admission = Arc::clone(&admission);
+            async move { admission.enter().await.map(|_| ()) }
+        });
+        while admission.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let third = admission.enter().await;
+        assert!(matches!(third, Err(ApiError::TooMany(_))), "{third:?}");
+        drop(first);
+        second.await.expect("joined").expect("the waiter got in");
+        assert_eq!(admission.waiting(), 0);
+        assert_eq!(admission.running(), 0);
+    }
+}

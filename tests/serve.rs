@@ -1,0 +1,715 @@
+//! `agent serve`, end to end: the real binary on the real model, driven by
+//! the official `openai` Python package (model API) and httpx2 (session
+//! API) in `tests/clients/serve_client.py`, plus raw HTTP for the auth,
+//! limit and bad-input cases, a load test (8 sessions × 5 turns), a crash
+//! test (`kill -9` mid-turn, restart, resume) and a graceful shutdown.
+//!
+//! Tests that generate hold `GENERATING`, so no two run llama.cpp at once.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+static GENERATING: Mutex<()> = Mutex::new(());
+
+const TOKEN: &str = "serve-test-token-0123456789";
+
+fn generating() -> std::sync::MutexGuard<'static, ()> {
+    GENERATING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running `agent serve` with its own HOME (transcripts, audit log).
+struct Served {
+    child: Child,
+    base: String,
+    home: PathBuf,
+}
+
+impl Served {
+    fn start(home: &Path, root: &Path, extra: &[&str]) -> Served {
+        let assets = stack_runtime::assets::asset_dir().expect("asset folder");
+        let mut child = Command::new(common::agent_binary())
+            .args(["serve", "--port", "0", "--workspace-root"])
+            .arg(root)
+            .args(extra)
+            .env("HOME", home)
+            .env("STACK_RUNTIME_ASSETS", assets)
+            .env("STACK_RUNTIME_TOKEN", TOKEN)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start agent serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let base = loop {
+            let line = lines
+                .next()
+                .expect("agent serve exited before it listened")
+                .expect("read stderr");
+            if let Some(rest) = line.strip_prefix("agent serve: listening on ") {
+                break rest.split(' ').next().expect("an address").to_string();
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Served {
+            child,
+            base,
+            home: home.to_path_buf(),
+        }
+    }
+
+    fn transcripts(&self) -> PathBuf {
+        self.home.join(".local/share/stack-runtime/sessions")
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client(scenario: &str, served: &Served, args: &[&str]) -> Value {
+    let output = Command::new(common::client_python())
+        .arg(common::repo_root().join("tests/clients/serve_client.py"))
+        .args([scenario, &served.base, TOKEN])
+        .args(args)
+        .output()
+        .expect("run the Python client");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the client failed:\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap_or_else(|err| panic!("no JSON ({err}): {stdout}"))
+}
+
+fn tokio() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio")
+}
+
+/// A request with the token; returns the status and the JSON body.
+async fn call(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
+    let http = reqwest::Client::new();
+    let mut request = http
+        .request(method.parse().expect("method"), url)
+        .bearer_auth(TOKEN);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// The events of one turn over SSE (token events counted, not kept).
+async fn turn(base: &str, id: &str, message: &str) -> Vec<Value> {
+    let response = reqwest::Client::new()
+        .post(format!("{base}/v1/sessions/{id}/turns"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"message": message}))
+        .send()
+        .await
+        .expect("turn");
+    assert_eq!(response.status().as_u16(), 200);
+    let text = response.text().await.expect("stream");
+    text.lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .filter_map(|data| serde_json::from_str::<Value>(data.trim()).ok())
+        .filter(|event| event["event"] != "token")
+        .collect()
+}
+
+fn message(body: &Value) -> String {
+    body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn the_openai_client_gets_schema_valid_tool_calls_streaming_and_not() {
+    let _generating = generating();
+    let (home, root) = (tempdir(), tempdir());
+    let served = Served::start(home.path(), root.path(), &[]);
+    let seen = client("openai", &served, &[]);
+    assert_eq!(seen["models"].as_array().map(Vec::len), Some(1), "{seen}");
+    for key in ["plain", "streamed"] {
+        let answer = &seen[key];
+        assert!(
+            !answer["content"].as_str().unwrap_or_default().is_empty(),
+            "{key}: {answer}"
+        );
+        assert!(
+            answer["usage"]["completion_tokens"].as_u64().unwrap_or(0) > 0,
+            "{key}: {answer}"
+        );
+    }
+    assert!(
+        seen["streamed"]["pieces"].as_u64().unwrap_or(0) > 1,
+        "streamed in pieces: {seen}"
+    );
+    assert_eq!(
+        seen["plain"]["content"], seen["streamed"]["content"],
+        "same seed, same text"
+    );
+    let mut calls = Vec::new();
+    for case in seen["tool_calls"].as_array().expect("tool call cases") {
+        assert_eq!(case["finish_reason"], "tool_calls", "{case}");
+        calls.extend(case["calls"].as_array().cloned().unwrap_or_default());
+    }
+    assert_eq!(
+        seen["tool_calls"][1]["calls"][0]["name"], "get_time",
+        "the named tool"
+    );
+    assert_eq!(seen["streamed_tool_calls"]["finish_reason"], "tool_calls");
+    calls.extend(
+        seen["streamed_tool_calls"]["calls"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+    );
+    assert!(calls.len() >= 3, "{seen}");
+    for call in &calls {
+        assert_eq!(call["valid"], true, "every call passes its schema: {call}");
+    }
+    assert_eq!(seen["followed"]["tool_calls"], Value::Null, "{seen}");
+    assert_eq!(seen["json_schema_valid"], true, "{seen}");
+    let errors = &seen["errors"];
+    for (case, status, needle) in [
+        ("unknown_field", 400, "unknown field `temprature`"),
+        ("bad_tool_choice", 400, "not among the `tools`"),
+        ("empty_messages", 400, "`messages` is empty"),
+        ("two_choices", 400, "`n` must be 1"),
+        ("wrong_token", 401, "wrong bearer token"),
+    ] {
+        assert_eq!(errors[case]["status"], status, "{case}: {errors}");
+        assert!(
+            errors[case]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(needle),
+            "{case}: {errors}"
+        );
+    }
+}
+
+#[test]
+fn sessions_stream_turns_answer_approvals_resume_export_and_delete() {
+    let _generating = generating();
+    let (home, root) = (tempdir(), tempdir());
+    let served = Served::start(home.path(), root.path(), &[]);
+    let workspace = root.path().canonicalize().expect("root");
+    let seen = client("sessions", &served, &[workspace.to_str().expect("utf-8")]);
+    assert_eq!(seen["created"]["status"], 201, "{seen}");
+    let id = seen["created"]["body"]["id"]
+        .as_str()
+        .expect("an id")
+        .to_string();
+    let events = seen["turn"].as_array().expect("events");
+    let names: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    let order = [
+        "assistant_message",
+        "tool_call_proposed",
+        "approval_needed",
+        "answered",
+        "tool_started",
+        "tool_finished",
+        "turn_finished",
+    ];
+    let mut at = 0;
+    for name in &names {
+        if order.get(at) == Some(name) {
+            at += 1;
+        }
+    }
+    assert_eq!(at, order.len(), "events in order: {names:?}");
+    let answered = events
+        .iter()
+        .find(|e| e["event"] == "answered")
+        .expect("answered");
+    assert_eq!(answered["status"], 200);
+    let finished = events
+        .iter()
+        .find(|e| e["event"] == "tool_finished")
+        .expect("finished");
+    assert_ne!(
+        finished["outcome"]["status"], "denied",
+        "approved calls run: {finished}"
+    );
+    // The declined call is refused, not run.
+    let declined = seen["declined_turn"].as_array().expect("events");
+    let refused = declined
+        .iter()
+        .find(|e| e["event"] == "tool_finished")
+        .expect("a result for the declined call");
+    assert_eq!(refused["outcome"]["status"], "denied", "{refused}");
+    assert!(
+        !declined.iter().any(|e| e["event"] == "tool_started"),
+        "{declined:?}"
+    );
+    // Show, export, delete, resume.
+    let shown = &seen["shown"]["body"];
+    assert_eq!(shown["busy"], false);
+    assert_eq!(
+        shown["messages"].as_array().map(Vec::len),
+        Some(4),
+        "{shown}"
+    );
+    assert_eq!(seen["export"]["status"], 200);
+    assert_eq!(
+        seen["export"]["lines"].as_array().map(Vec::len),
+        Some(1),
+        "{seen}"
+    );
+    assert_eq!(seen["deleted"]["status"], 200);
+    assert_eq!(seen["after_delete"]["status"], 404);
+    assert_eq!(seen["resumed"]["status"], 201, "{seen}");
+    assert_eq!(seen["resumed"]["body"]["id"], id.as_str());
+    assert_eq!(seen["resumed"]["body"]["resumed_messages"], 4);
+    let resumed_turn = seen["resumed_turn"].as_array().expect("events");
+    assert_eq!(
+        resumed_turn.iter().rev().nth(1).map(|e| e["event"].clone()),
+        Some(json!("turn_finished")),
+        "{resumed_turn:?}"
+    );
+    let transcript = std::fs::read_to_string(served.transcripts().join(format!("{id}.jsonl")))
+        .expect("the transcript");
+    assert_eq!(transcript.lines().count(), 6, "{transcript}");
+    let metrics = seen["metrics"]["text"].as_str().unwrap_or_default();
+    for needle in [
+        "stack_sessions_active",
+        "stack_queue_depth 0",
+        "stack_sandbox_calls_total{status=\"denied\"} 1",
+        "stack_turns_total{end=\"answered\"}",
+        "stack_tokens_per_second",
+        "stack_approvals_pending 0",
+    ] {
+        assert!(metrics.contains(needle), "{needle} in\n{metrics}");
+    }
+    // The audit log has the decisions, as in the REPL.
+    let audit = std::fs::read_to_string(served.transcripts().join("audit/audit.jsonl"))
+        .expect("the audit log");
+    assert!(audit.contains("\"write_file\""), "{audit}");
+}
+
+#[test]
+fn bad_requests_and_limits_get_clear_errors_and_sessions_stay_usable() {
+    let (home, root) = (tempdir(), tempdir());
+    let outside = tempdir();
+    std::os::unix::fs::symlink(outside.path(), root.path().join("escape")).expect("symlink");
+    std::fs::create_dir(root.path().join("inner")).expect("inner");
+    let served = Served::start(
+        home.path(),
+        root.path(),
+        &["--max-sessions", "2", "--max-body-bytes", "65536"],
+    );
+    let base = served.base.clone();
+    tokio().block_on(async move {
+        let http = reqwest::Client::new();
+        // Health needs no token; everything else does.
+        let health = http
+            .get(format!("{base}/health"))
+            .send()
+            .await
+            .expect("health");
+        assert_eq!(health.status().as_u16(), 200);
+        for (route, method) in [
+            ("/v1/models", "GET"),
+            ("/v1/sessions", "POST"),
+            ("/metrics", "GET"),
+        ] {
+            let bare = http
+                .request(method.parse().expect("method"), format!("{base}{route}"))
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(bare.status().as_u16(), 401, "{route}");
+            assert!(bare.headers().contains_key("www-authenticate"));
+            let wrong = http
+                .request(method.parse().expect("method"), format!("{base}{route}"))
+                .bearer_auth("serve-test-token-0123456780")
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(wrong.status().as_u16(), 401, "{route}");
+        }
+        // No CORS: a preflight gets no allow-origin.
+        let preflight = http
+            .request(reqwest::Method::OPTIONS, format!("{base}/v1/models"))
+            .header("Origin", "http://evil.example")
+            .header("Access-Control-Request-Method", "GET")
+            .send()
+            .await
+            .expect("preflight");
+        assert!(!preflight
+            .headers()
+            .contains_key("access-control-allow-origin"));
+        // Bad bodies.
+        let sessions = format!("{base}/v1/sessions");
+        let malformed = http
+            .post(&sessions)
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body("{\"workspace\": ")
+            .send()
+            .await
+            .expect("malformed");
+        assert_eq!(malformed.status().as_u16(), 400);
+        let body: Value = malformed.json().await.expect("a JSON error");
+        assert!(message(&body).contains("EOF"), "{body}");
+        let huge = "x".repeat(100_000);
+        let (status, body) = call("POST", &sessions, Some(json!({"system_prompt": huge}))).await;
+        assert_eq!(status, 413, "{body}");
+        let (status, body) = call("POST", &sessions, Some(json!({"workspace": "/etc"}))).await;
+        assert_eq!(status, 403, "{body}");
+        assert!(message(&body).contains("outside the folders"), "{body}");
+        let escape = root.path().join("escape");
+        let (status, body) = call("POST", &sessions, Some(json!({"workspace": escape}))).await;
+        assert_eq!(status, 403, "a link out of the root is outside: {body}");
+        let (status, body) = call("POST", &sessions, Some(json!({"workspace": "inner"}))).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(message(&body).contains("absolute"), "{body}");
+        let (status, body) = call(
+            "POST",
+            &sessions,
+            Some(json!({"policy_toml": "extends = \"/etc/passwd\""})),
+        )
+        .await;
+        assert_eq!(status, 403, "{body}");
+        let (status, body) = call(
+            "POST",
+            &sessions,
+            Some(json!({"policy_toml": "[mcp_servers.x]\ncommand = [\"sh\"]"})),
+        )
+        .await;
+        assert_eq!(status, 403, "{body}");
+        let (status, body) = call("POST", &sessions, Some(json!({"policy": "lenient"}))).await;
+        assert_eq!(status, 400, "{body}");
+        let (status, body) = call(
+            "POST",
+            &sessions,
+            Some(json!({"resume": "../../etc/passwd"})),
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        let (status, body) =
+            call("POST", &sessions, Some(json!({"resume": "nosuchsession"}))).await;
+        assert_eq!(status, 404, "{body}");
+        // Unknown sessions and routes.
+        for (method, route) in [
+            ("GET", "/v1/sessions/nosuch"),
+            ("DELETE", "/v1/sessions/nosuch"),
+            ("GET", "/v1/nothing"),
+        ] {
+            let (status, body) = call(method, &format!("{base}{route}"), None).await;
+            assert_eq!(status, 404, "{route}: {body}");
+        }
+        // Sessions up to the limit, then 429; deleting one frees a place.
+        let inner = root.path().join("inner").canonicalize().expect("inner");
+        let (status, first) = call("POST", &sessions, Some(json!({"workspace": inner}))).await;
+        assert_eq!(status, 201, "{first}");
+        assert_eq!(first["workspace"], json!(inner));
+        let (status, second) = call("POST", &sessions, Some(json!({}))).await;
+        assert_eq!(status, 201, "{second}");
+        let (status, body) = call("POST", &sessions, Some(json!({}))).await;
+        assert_eq!(status, 429, "{body}");
+        let id = first["id"].as_str().expect("id");
+        let (status, body) = call(
+            "POST",
+            &format!("{base}/v1/sessions/{id}/approvals/call_nope"),
+            Some(json!({"answer": "yes"})),
+        )
+        .await;
+        assert_eq!(status, 404, "{body}");
+        let (status, body) = call(
+            "POST",
+            &format!("{base}/v1/sessions/{id}/approvals/call_nope"),
+            Some(json!({"answer": "perhaps"})),
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        let (status, body) = call(
+            "POST",
+            &format!("{base}/v1/sessions/{id}/turns"),
+            Some(json!({"message": " "})),
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        let (status, _) = call("DELETE", &format!("{base}/v1/sessions/{id}"), None).await;
+        assert_eq!(status, 200);
+        let (status, body) = call("POST", &sessions, Some(json!({}))).await;
+        assert_eq!(status, 201, "{body}");
+        // The server is still healthy.
+        let (status, body) = call("GET", &format!("{base}/v1/sessions"), None).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["data"].as_array().map(Vec::len), Some(2), "{body}");
+    });
+}
+
+#[test]
+fn a_full_queue_gets_429_and_the_server_refuses_a_public_address_without_a_token() {
+    let _generating = generating();
+    let (home, root) = (tempdir(), tempdir());
+    let served = Served::start(
+        home.path(),
+        root.path(),
+        &["--max-running", "1", "--max-queue", "0"],
+    );
+    let base = served.base.clone();
+    tokio().block_on(async move {
+        let url = format!("{base}/v1/chat/completions");
+        let long = json!({
+            "messages": [{"role": "user", "content": "Tell a long story about a lighthouse."}],
+            "max_tokens": 200, "temperature": 0, "stream": true,
+        });
+        let first = reqwest::Client::new()
+            .post(&url)
+            .bearer_auth(TOKEN)
+            .json(&long)
+            .send()
+            .await
+            .expect("first");
+        assert_eq!(first.status().as_u16(), 200);
+        let (status, body) = call("POST", &url, Some(long.clone())).await;
+        assert_eq!(status, 429, "{body}");
+        assert!(message(&body).contains("busy"), "{body}");
+        drop(first);
+        // Dropping the stream stops that generation and frees the place.
+        let mut freed = false;
+        for _ in 0..100 {
+            let (status, _) = call(
+                "POST",
+                &url,
+                Some(json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})),
+            )
+            .await;
+            if status == 200 {
+                freed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(freed, "the place came back");
+    });
+    let output = Command::new(common::agent_binary())
+        .args(["serve", "--host", "0.0.0.0", "--port", "0"])
+        .env_remove("STACK_RUNTIME_TOKEN")
+        .env(
+            "STACK_RUNTIME_ASSETS",
+            stack_runtime::assets::asset_dir().expect("assets"),
+        )
+        .output()
+        .expect("agent serve");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not a loopback address"), "{stderr}");
+}
+
+/// 8 sessions × 5 turns at once, each in its own workspace with its own
+/// marker file: every turn finishes, every transcript is complete, and no
+/// session sees another's files.
+#[test]
+fn eight_sessions_of_five_turns_run_at_once_and_stay_apart() {
+    let _generating = generating();
+    let (home, root) = (tempdir(), tempdir());
+    let mut workspaces = Vec::new();
+    for n in 0..8 {
+        let dir = root.path().join(format!("ws{n}"));
+        std::fs::create_dir(&dir).expect("workspace");
+        std::fs::write(dir.join(format!("marker-{n}.txt")), format!("session {n}"))
+            .expect("marker");
+        workspaces.push(dir.canonicalize().expect("workspace"));
+    }
+    let tools = common::fixture("tools/serve");
+    let served = Served::start(
+        home.path(),
+        root.path(),
+        &[
+            "--max-running",
+            "8",
+            "--max-sessions",
+            "8",
+            "--tools",
+            tools.to_str().expect("utf-8"),
+        ],
+    );
+    let list = serde_json::to_string(&workspaces).expect("json");
+    let seen = client("load", &served, &[&list, "5"]);
+    let sessions = seen["sessions"].as_object().expect("sessions");
+    assert_eq!(sessions.len(), 8);
+    let mut listings = 0;
+    for (n, workspace) in workspaces.iter().enumerate() {
+        let record = &sessions[workspace.to_str().expect("utf-8")];
+        assert_eq!(record["status"], 201, "{record}");
+        let turns = record["turns"].as_array().expect("turns");
+        assert_eq!(turns.len(), 5, "{record}");
+        for events in turns {
+            let events = events.as_array().expect("events");
+            let finished = events
+                .iter()
+                .find(|e| e["event"] == "turn_finished")
+                .unwrap_or_else(|| panic!("every turn finishes: {events:?}"));
+            assert_ne!(finished["reason"], "error", "{events:?}");
+            for event in events.iter().filter(|e| e["event"] == "tool_finished") {
+                let stdout = event["outcome"]["stdout"].as_str().unwrap_or_default();
+                for other in (0..8).filter(|&o| o != n) {
+                    assert!(
+                        !stdout.contains(&format!("marker-{other}.txt")),
+                        "session {n} saw session {other}'s files: {stdout}"
+                    );
+                }
+                if stdout.contains(&format!("marker-{n}.txt")) {
+                    listings += 1;
+                }
+            }
+        }
+        // The transcript holds every turn: 1 system message, then per turn
+        // the user's message and what followed.
+        let messages = record["messages"].as_array().expect("messages");
+        let users = messages.iter().filter(|m| m["role"] == "user").count();
+        assert_eq!(users, 5, "{messages:?}");
+        assert_eq!(record["export_lines"], 1);
+        let id = record["created"]["id"].as_str().expect("id");
+        let on_disk = std::fs::read_to_string(served.transcripts().join(format!("{id}.jsonl")))
+            .expect("transcript");
+        assert_eq!(on_disk.lines().count(), messages.len(), "{id}");
+    }
+    assert_eq!(listings, 40, "every turn listed its own workspace");
+}
+
+/// `kill -9` mid-turn, restart on the same state, resume: the session's
+/// transcript brings back what was said, and the session goes on.
+#[test]
+fn a_killed_server_resumes_its_sessions_from_their_transcripts() {
+    let _generating = generating();
+    let (home, root) = (tempdir(), tempdir());
+    let mut served = Served::start(home.path(), root.path(), &[]);
+    let base = served.base.clone();
+    let id = tokio().block_on(async {
+        let (status, created) = call(
+            "POST",
+            &format!("{base}/v1/sessions"),
+            Some(json!({"tool_choice": "none", "temperature": 0, "max_tokens": 400})),
+        )
+        .await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["id"].as_str().expect("id").to_string();
+        let events = turn(&base, &id, "Say hello.").await;
+        assert_eq!(
+            events.last().map(|e| e["event"].clone()),
+            Some(json!("turn_finished"))
+        );
+        // The second turn is killed while it generates.
+        let mut response = reqwest::Client::new()
+            .post(format!("{base}/v1/sessions/{id}/turns"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"message": "Tell a long story about a lighthouse keeper."}))
+            .send()
+            .await
+            .expect("turn");
+        let mut seen = String::new();
+        while !seen.contains("event: token") {
+            let chunk = response.chunk().await.expect("chunk").expect("more");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        id
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(served.child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9");
+    let _ = served.child.wait();
+    let transcript = served.transcripts().join(format!("{id}.jsonl"));
+    let before = std::fs::read_to_string(&transcript).expect("transcript");
+    assert!(
+        before.contains("lighthouse keeper"),
+        "the killed turn's message is on record"
+    );
+    drop(served);
+    let served = Served::start(home.path(), root.path(), &[]);
+    let base = served.base.clone();
+    tokio().block_on(async {
+        let (status, resumed) = call(
+            "POST",
+            &format!("{base}/v1/sessions"),
+            Some(json!({"resume": id, "tool_choice": "none", "max_tokens": 24})),
+        )
+        .await;
+        assert_eq!(status, 201, "{resumed}");
+        assert_eq!(
+            resumed["resumed_messages"], 4,
+            "system, hello, answer, the killed message"
+        );
+        let events = turn(&base, &id, "Go on.").await;
+        let last = events.last().expect("events");
+        assert_eq!(last["event"], "turn_finished", "{events:?}");
+        assert_eq!(last["reason"], "answered", "{events:?}");
+    });
+}
+
+/// SIGTERM mid-turn: the turn is finished (or cancelled) and streamed to
+/// its end, the transcript holds it, and the process exits cleanly.
+#[test]
+fn a_stopped_server_ends_running_turns_and_exits_cleanly() {
+    let _generating = generating();
+    let (home, root) = (tempdir(), tempdir());
+    let mut served = Served::start(home.path(), root.path(), &[]);
+    let base = served.base.clone();
+    let pid = nix::unistd::Pid::from_raw(served.child.id() as i32);
+    let (id, events) = tokio().block_on(async {
+        let (status, created) = call(
+            "POST",
+            &format!("{base}/v1/sessions"),
+            Some(json!({"tool_choice": "none", "temperature": 0, "max_tokens": 64})),
+        )
+        .await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["id"].as_str().expect("id").to_string();
+        let mut response = reqwest::Client::new()
+            .post(format!("{base}/v1/sessions/{id}/turns"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"message": "Tell a story."}))
+            .send()
+            .await
+            .expect("turn");
+        let mut seen = String::new();
+        while !seen.contains("event: token") {
+            let chunk = response.chunk().await.expect("chunk").expect("more");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        while let Some(chunk) = response.chunk().await.expect("chunk") {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        (id, seen)
+    });
+    assert!(events.contains("event: turn_finished"), "{events}");
+    let status = served.child.wait().expect("exit");
+    assert!(status.success(), "{status:?}");
+    let transcript = std::fs::read_to_string(served.transcripts().join(format!("{id}.jsonl")))
+        .expect("transcript");
+    assert!(
+        transcript.lines().any(|l| l.contains("\"assistant\"")),
+        "the turn's answer is on record: {transcript}"
+    );
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
