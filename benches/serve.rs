@@ -81,31 +81,34 @@ async fn in_process(backend: Arc<dyn ModelBackend>, sessions: usize) -> Figures 
         );
     }
     let started = Instant::now();
-    let runs = opened.into_iter().enumerate().map(|(n, mut session)| async move {
-        let request = CompletionRequest {
-            messages: vec![Message::user(prompt(n))],
-            tools: Vec::new(),
-            tool_choice: ToolChoice::None,
-            sampling: SamplingOptions {
-                temperature: 0.0,
-                max_tokens: MAX_TOKENS,
-                ..SamplingOptions::default()
-            },
-            response_format: None,
-        };
-        let (deltas, mut pieces) = tokio::sync::mpsc::unbounded_channel();
-        let first = tokio::spawn(async move {
-            let got = pieces.recv().await.map(|_| started.elapsed());
-            while pieces.recv().await.is_some() {}
-            got
+    let runs = opened
+        .into_iter()
+        .enumerate()
+        .map(|(n, mut session)| async move {
+            let request = CompletionRequest {
+                messages: vec![Message::user(prompt(n))],
+                tools: Vec::new(),
+                tool_choice: ToolChoice::None,
+                sampling: SamplingOptions {
+                    temperature: 0.0,
+                    max_tokens: MAX_TOKENS,
+                    ..SamplingOptions::default()
+                },
+                response_format: None,
+            };
+            let (deltas, mut pieces) = tokio::sync::mpsc::unbounded_channel();
+            let first = tokio::spawn(async move {
+                let got = pieces.recv().await.map(|_| started.elapsed());
+                while pieces.recv().await.is_some() {}
+                got
+            });
+            let generation = session
+                .complete(request, deltas, Arc::new(AtomicBool::new(false)))
+                .await
+                .expect("generate");
+            let ttft = first.await.expect("joined").unwrap_or_default();
+            (generation.counters.generated, ttft, started.elapsed())
         });
-        let generation = session
-            .complete(request, deltas, Arc::new(AtomicBool::new(false)))
-            .await
-            .expect("generate");
-        let ttft = first.await.expect("joined").unwrap_or_default();
-        (generation.counters.generated, ttft, started.elapsed())
-    });
     let done = futures::future::join_all(runs).await;
     Figures {
         tokens: done.iter().map(|(t, _, _)| t).sum(),
@@ -191,7 +194,10 @@ async fn against_llama_server(port: u16, sessions: usize) -> Figures {
                     if value.pointer("/choices/0/delta/content").is_some() && first.is_none() {
                         first = Some(started.elapsed());
                     }
-                    if let Some(n) = value.pointer("/usage/completion_tokens").and_then(|v| v.as_u64()) {
+                    if let Some(n) = value
+                        .pointer("/usage/completion_tokens")
+                        .and_then(|v| v.as_u64())
+                    {
                         tokens = n;
                     }
                 }
@@ -229,15 +235,22 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio");
-    println!("sessions batched on one model (SmolLM2-135M Q4_1, greedy, up to {MAX_TOKENS} tokens each)");
+    println!(
+        "sessions batched on one model (SmolLM2-135M Q4_1, greedy, up to {MAX_TOKENS} tokens each)"
+    );
     for sessions in [1usize, 4, 8] {
-        let batched: Arc<dyn ModelBackend> = Model::load(ModelOptions {
+        let batched = Model::load(ModelOptions {
             context_size: SLOT,
             parallel: sessions.max(2) as u32,
             ..ModelOptions::default()
         })
         .expect("load");
-        let batched_figures = runtime.block_on(in_process(batched, sessions));
+        let batched_figures = runtime.block_on(in_process(
+            Arc::clone(&batched) as Arc<dyn ModelBackend>,
+            sessions,
+        ));
+        let (steps, carried) = batched.engine().map_or((0, 0), |e| e.steps());
+        let decode_seconds = batched.engine().map_or(0.0, |e| e.decode_seconds());
         let serial: Arc<dyn ModelBackend> = Model::load(ModelOptions {
             context_size: SLOT,
             ..ModelOptions::default()
@@ -252,6 +265,12 @@ fn main() {
         let peer_figures = runtime.block_on(against_llama_server(port, sessions));
         drop(server);
         line("batched (runtime)", sessions, &batched_figures);
+        println!(
+            "  {:<22} {steps} decode steps carried {carried} tokens ({:.2} per step), {:.2} s of it in llama.cpp's decode",
+            "",
+            carried as f64 / steps.max(1) as f64,
+            decode_seconds
+        );
         line("serial (one by one)", sessions, &serial_figures);
         line("llama-server -np N", sessions, &peer_figures);
         println!(

@@ -2,8 +2,10 @@
 //!
 //! A model loaded with [`ModelOptions::parallel`](crate::llama::ModelOptions)
 //! above 1 gets one [`Engine`]: a thread that owns one context with that
-//! many sequences ("slots"), each with its own bounded KV cache of
-//! `context_size` tokens. Sessions keep their own threads, samplers and
+//! many sequences ("slots"), each bounded by the engine to `context_size`
+//! tokens, over a KV cache of `parallel × context_size` cells (one unified
+//! pool while that is small, a stream per slot above it; see
+//! `UNIFIED_KV_CELLS` in `llama.rs`). Sessions keep their own threads, samplers and
 //! grammars; what they evaluate (a prompt chunk, or the one token just
 //! sampled) goes to the engine as a request, and the engine decodes the
 //! requests of every session that is generating in one batch, then hands
@@ -111,6 +113,7 @@ pub struct Engine {
     slot_size: u32,
     steps: std::sync::atomic::AtomicU64,
     decoded: std::sync::atomic::AtomicU64,
+    decode_micros: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -157,6 +160,7 @@ impl Engine {
             slot_size,
             steps: Default::default(),
             decoded: Default::default(),
+            decode_micros: Default::default(),
         });
         let weak = Arc::downgrade(&engine);
         std::thread::Builder::new()
@@ -186,6 +190,13 @@ impl Engine {
     pub fn steps(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (self.steps.load(Relaxed), self.decoded.load(Relaxed))
+    }
+
+    /// Seconds spent inside llama.cpp's decode, over the engine's life.
+    pub fn decode_seconds(&self) -> f64 {
+        self.decode_micros
+            .load(std::sync::atomic::Ordering::Relaxed) as f64
+            / 1e6
     }
 
     /// Slots lent out now.
@@ -480,6 +491,7 @@ fn run(
                 }
             }
         }
+        let decoding = Instant::now();
         let decoded = match failed {
             Some(err) => Err(err),
             None => ctx.decode(&mut batch).map_err(|e| e.to_string()),
@@ -488,6 +500,9 @@ fn run(
             use std::sync::atomic::Ordering::Relaxed;
             engine.steps.fetch_add(1, Relaxed);
             engine.decoded.fetch_add(taken as u64, Relaxed);
+            engine
+                .decode_micros
+                .fetch_add(decoding.elapsed().as_micros() as u64, Relaxed);
         }
         let mut index = 0i32;
         for eval in evals {
