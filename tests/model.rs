@@ -711,8 +711,10 @@ fn batched_sessions_decode_together_and_keep_their_own_prefixes() {
             })
         })
         .collect();
+    let mut generated = 0;
     for thread in threads {
         let (first, second) = thread.join().expect("joined");
+        generated += first.counters.generated + second.counters.generated;
         assert!(!first.text.trim().is_empty());
         assert!(first.counters.generated > 0);
         assert!(
@@ -724,12 +726,11 @@ fn batched_sessions_decode_together_and_keep_their_own_prefixes() {
     let engine = batched.engine().expect("the engine runs");
     let (steps, tokens) = engine.steps();
     assert!(steps > 0);
-    // Generation alone is at least 4 × 48 tokens; had the sessions taken
-    // turns, every generated token would have had a step of its own.
-    let generated_steps_if_serial = 4 * 48;
+    // Had the sessions taken turns, every generated token would have had
+    // a decode step of its own (and each prompt chunk another).
     assert!(
-        tokens > steps && steps < generated_steps_if_serial + 40,
-        "{steps} steps carried {tokens} tokens"
+        steps < generated,
+        "{steps} steps for {generated} generated tokens ({tokens} carried)"
     );
     // A slot holds 1024 tokens: a longer prompt is refused, clearly.
     let mut session = batched.session().expect("session");

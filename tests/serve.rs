@@ -64,7 +64,7 @@ impl Served {
     }
 
     fn transcripts(&self) -> PathBuf {
-        self.home.join(".local/share/stack-runtime/sessions")
+        self.home.join(".local/share/stack-runtime/sessions/serve")
     }
 }
 
@@ -313,10 +313,20 @@ fn bad_requests_and_limits_get_clear_errors_and_sessions_stay_usable() {
     let outside = tempdir();
     std::os::unix::fs::symlink(outside.path(), root.path().join("escape")).expect("symlink");
     std::fs::create_dir(root.path().join("inner")).expect("inner");
+    let state = home.path().join(".cache/stack-runtime/wasm");
+    std::fs::create_dir_all(&state).expect("a state folder");
+    let home_root = home.path().to_str().expect("utf-8").to_string();
     let served = Served::start(
         home.path(),
         root.path(),
-        &["--max-sessions", "2", "--max-body-bytes", "65536"],
+        &[
+            "--max-sessions",
+            "2",
+            "--max-body-bytes",
+            "65536",
+            "--workspace-root",
+            &home_root,
+        ],
     );
     let base = served.base.clone();
     tokio().block_on(async move {
@@ -378,6 +388,11 @@ fn bad_requests_and_limits_get_clear_errors_and_sessions_stay_usable() {
         let (status, body) = call("POST", &sessions, Some(json!({"workspace": "/etc"}))).await;
         assert_eq!(status, 403, "{body}");
         assert!(message(&body).contains("outside the folders"), "{body}");
+        // Even inside an allowed root, the runtime's own state is no
+        // workspace (compiled modules, config, transcripts).
+        let (status, body) = call("POST", &sessions, Some(json!({"workspace": state}))).await;
+        assert_eq!(status, 403, "{body}");
+        assert!(message(&body).contains("runtime's own state"), "{body}");
         let escape = root.path().join("escape");
         let (status, body) = call("POST", &sessions, Some(json!({"workspace": escape}))).await;
         assert_eq!(status, 403, "a link out of the root is outside: {body}");
@@ -627,6 +642,14 @@ fn a_killed_server_resumes_its_sessions_from_their_transcripts() {
             let chunk = response.chunk().await.expect("chunk").expect("more");
             seen.push_str(&String::from_utf8_lossy(&chunk));
         }
+        // One turn at a time per session.
+        let (status, body) = call(
+            "POST",
+            &format!("{base}/v1/sessions/{id}/turns"),
+            Some(json!({"message": "And another."})),
+        )
+        .await;
+        assert_eq!(status, 409, "{body}");
         id
     });
     nix::sys::signal::kill(
@@ -660,6 +683,62 @@ fn a_killed_server_resumes_its_sessions_from_their_transcripts() {
         let last = events.last().expect("events");
         assert_eq!(last["event"], "turn_finished", "{events:?}");
         assert_eq!(last["reason"], "answered", "{events:?}");
+    });
+}
+
+/// A turn waiting for an approval nobody gives ends when its session is
+/// deleted: the approval is refused, the stream ends with `turn_finished`,
+/// nothing is left pending, and the server stays healthy.
+#[test]
+fn deleting_a_session_ends_a_turn_waiting_for_approval() {
+    let _generating = generating();
+    let (home, root) = (tempdir(), tempdir());
+    let served = Served::start(home.path(), root.path(), &[]);
+    let base = served.base.clone();
+    tokio().block_on(async move {
+        let (status, created) = call(
+            "POST",
+            &format!("{base}/v1/sessions"),
+            Some(json!({"tool_choice": "write_file", "max_steps": 1, "temperature": 0, "max_tokens": 64})),
+        )
+        .await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["id"].as_str().expect("id").to_string();
+        let mut response = reqwest::Client::new()
+            .post(format!("{base}/v1/sessions/{id}/turns"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"message": "Write hello to a.txt"}))
+            .send()
+            .await
+            .expect("turn");
+        let mut seen = String::new();
+        while !seen.contains("event: approval_needed") {
+            let chunk = response.chunk().await.expect("chunk").expect("more");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        let (status, shown) = call("GET", &format!("{base}/v1/sessions/{id}"), None).await;
+        assert_eq!(status, 200);
+        assert_eq!(shown["pending_approvals"].as_array().map(Vec::len), Some(1), "{shown}");
+        let deleting = tokio::spawn({
+            let base = base.clone();
+            let id = id.clone();
+            async move { call("DELETE", &format!("{base}/v1/sessions/{id}"), None).await }
+        });
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), response.chunk())
+            .await
+            .expect("the stream ends within a minute")
+            .expect("chunk")
+        {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        assert!(seen.contains("event: turn_finished"), "{seen}");
+        let (status, body) = deleting.await.expect("joined");
+        assert_eq!(status, 200, "{body}");
+        let (status, metrics) = call("GET", &format!("{base}/metrics"), None).await;
+        assert_eq!(status, 200);
+        let text = metrics.as_str().unwrap_or_default();
+        assert!(text.contains("stack_approvals_pending 0"), "{text}");
+        assert!(!text.contains("stack_sandbox_calls_total{status=\"ok\"}"), "nothing ran: {text}");
     });
 }
 

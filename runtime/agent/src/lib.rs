@@ -890,7 +890,28 @@ impl SessionState {
                         via: generation.call_path,
                     })
                     .await;
-                match self.gate.admit(call).await {
+                // A cancelled turn does not wait for an approval that may
+                // never come: the admission (and its pending request) is
+                // dropped, and the call is reported as not run.
+                let admitted = {
+                    let cancel = Arc::clone(&self.cancel);
+                    tokio::select! {
+                        admitted = self.gate.admit(call) => Some(admitted),
+                        () = cancelled(&cancel) => None,
+                    }
+                };
+                let Some(admitted) = admitted else {
+                    outcomes[index] = Some(self.gate.finish(
+                        call,
+                        ToolOutcome::internal_error(
+                            "the turn was cancelled before this call was decided",
+                        ),
+                    ));
+                    self.record_finished(&calls, &outcomes, &mut recorded, events)
+                        .await?;
+                    continue;
+                };
+                match admitted {
                     Admission::Refused(outcome) => {
                         outcomes[index] = Some(outcome);
                         self.record_finished(&calls, &outcomes, &mut recorded, events)
@@ -1028,6 +1049,14 @@ impl SessionState {
         }
         self.messages.push(message);
         Ok(())
+    }
+}
+
+/// Resolves once `flag` is set (polled: the flag is the session's plain
+/// cancellation flag, shared with the model thread).
+async fn cancelled(flag: &AtomicBool) {
+    while !flag.load(Ordering::SeqCst) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 

@@ -789,7 +789,7 @@ calls_per_turn = 2
     );
     assert_eq!(
         decide(&loosening, "list_dir", r#"{"path": "."}"#),
-        (Verdict::Deny, "tools.list_dir".to_string())
+        (Verdict::Deny, "session:tools.list_dir".to_string())
     );
     // The host's `.env` rule still applies.
     assert_eq!(
@@ -829,4 +829,77 @@ calls_per_turn = 2
         host.privacy.keep_transcripts
     );
     assert!(loosening.outer().is_some());
+
+    // A live interpreter, the backend, memory over a WASI host's default,
+    // and the host's absolute protected paths stay the host's.
+    let strict = Arc::new(
+        Policy::from_toml(
+            "extends = \"strict\"\n[sandbox.languages.python]\nstateful = false\n",
+            Path::new("host.toml"),
+        )
+        .expect("parses"),
+    );
+    let client = Policy::from_toml(
+        r#"
+[sandbox]
+backend = "process"
+stateful = true
+memory_mb = 512
+"#,
+        Path::new("client.toml"),
+    )
+    .expect("parses")
+    .within(Arc::clone(&strict));
+    let python = client.sandbox_for("execute_code", Some("python"));
+    let host_python = strict.sandbox_for("execute_code", Some("python"));
+    assert_eq!(python.backend, host_python.backend);
+    assert_eq!(python.stateful, Some(false), "{python:?}");
+    assert!(
+        python.memory_mb <= host_python.memory_mb.or(Some(256)),
+        "{python:?}"
+    );
+    let host_with_path = Arc::new(
+        Policy::from_toml(
+            r#"[sandbox]
+hidden_in_workspace = ["/srv/ws/secret", ".env"]
+"#,
+            Path::new("host.toml"),
+        )
+        .expect("parses"),
+    );
+    let narrowed = Policy::from_toml("", Path::new("client.toml"))
+        .expect("parses")
+        .within(host_with_path);
+    let hidden = narrowed
+        .sandbox_for("read_file", None)
+        .hidden_in_workspace
+        .unwrap_or_default();
+    assert!(
+        hidden.contains(&PathBuf::from("/srv/ws/secret")),
+        "{hidden:?}"
+    );
+
+    // A grant for the client's own rule never covers the host's rule of
+    // the same name.
+    let asking = Policy::from_toml(
+        "[tools.execute_code]
+decision = \"ask\"
+",
+        Path::new("client.toml"),
+    )
+    .expect("parses")
+    .within(Arc::clone(&host));
+    let grants = Grants::default();
+    grants.add("execute_code", "session:tools.execute_code");
+    let registry = Registry::with_builtins();
+    let call = registry
+        .validate(&ToolCall::function(
+            "c",
+            "execute_code",
+            r#"{"language": "python", "code": "1"}"#,
+        ))
+        .expect("valid");
+    let decided = asking.decide("execute_code", call.arguments(), &grants);
+    assert_eq!(decided.verdict, Verdict::Ask, "{decided:?}");
+    assert_eq!(decided.rule, "tools.execute_code");
 }

@@ -16,10 +16,10 @@
 //! Slots are lent per generation, the way llama-server's are: a session
 //! takes a slot when it starts generating and gives it back when done.
 //! It gets its own previous slot back when that still holds its tokens
-//! (the KV prefix is reused), else the free slot whose cached tokens share
-//! the longest prefix with its prompt (the same system prompt and tools,
-//! say), else the least recently used one. With every slot busy, a session
-//! waits for one, in order of arrival, so none starves. Requests are
+//! (the KV prefix is reused), else the least recently used free one (whose
+//! cached tokens it reuses as far as they match its prompt). With every
+//! slot busy, a session waits for one, in order of arrival, so none
+//! starves. Requests are
 //! served first come, first served within each step, and the engine waits
 //! up to [`GATHER`] for every busy slot's request before it decodes, so a
 //! step carries all of them.
@@ -208,9 +208,9 @@ impl Engine {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits for a slot for session `owner`, whose next prompt is `prompt`
-    /// (see the module docs for which slot it gets).
-    pub(crate) fn acquire(&self, owner: u64, prompt: &[LlamaToken]) -> Lease {
+    /// Waits for a slot for session `owner` (see the module docs for which
+    /// slot it gets).
+    pub(crate) fn acquire(&self, owner: u64) -> Lease {
         let mut state = self.lock();
         let ticket = state.next_ticket;
         state.next_ticket += 1;
@@ -218,19 +218,14 @@ impl Engine {
         loop {
             let first_in_line = state.waiting.front() == Some(&ticket);
             if first_in_line {
-                let free = state.slots.iter().enumerate().filter(|(_, s)| !s.busy);
-                let shared = |slot: &Slot| {
-                    slot.cached
-                        .iter()
-                        .zip(prompt)
-                        .take_while(|(a, b)| a == b)
-                        .count()
-                };
-                let chosen = free
+                let chosen = state
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| !s.busy)
                     .max_by_key(|(_, slot)| {
                         (
                             slot.owner == Some(owner) && !slot.cached.is_empty(),
-                            shared(slot),
                             std::cmp::Reverse(slot.last_used),
                         )
                     })
@@ -268,16 +263,21 @@ impl Engine {
         self.freed.notify_all();
     }
 
-    /// The tokens a session's previous slot still holds for it, if any
-    /// (for saving its state between generations).
-    pub(crate) fn cached_for(&self, owner: u64) -> Option<(i32, Vec<LlamaToken>)> {
-        let state = self.lock();
-        state
+    /// Takes the slot that still holds session `owner`'s tokens, if one
+    /// does and it is free (to save its state between generations); never
+    /// waits, and never lends another session's slot.
+    pub(crate) fn acquire_own(&self, owner: u64) -> Option<Lease> {
+        let mut state = self.lock();
+        let (index, slot) = state
             .slots
-            .iter()
+            .iter_mut()
             .enumerate()
-            .find(|(_, s)| s.owner == Some(owner) && !s.busy && !s.cached.is_empty())
-            .map(|(i, s)| (i as i32, s.cached.clone()))
+            .find(|(_, s)| s.owner == Some(owner) && !s.busy && !s.cached.is_empty())?;
+        slot.busy = true;
+        Some(Lease {
+            seq: index as i32,
+            cached: std::mem::take(&mut slot.cached),
+        })
     }
 
     /// Forgets a session's claim on its previous slot.
@@ -503,6 +503,15 @@ fn run(
             engine
                 .decode_micros
                 .fetch_add(decoding.elapsed().as_micros() as u64, Relaxed);
+        }
+        if decoded.is_err() {
+            // What llama.cpp may have stored of a failed step is dropped, so
+            // each slot holds exactly the tokens its session has on record.
+            for eval in &evals {
+                if let Request::Eval { seq, start, .. } = eval {
+                    let _ = ctx.clear_kv_cache_seq(Some(*seq as u32), Some(*start as u32), None);
+                }
+            }
         }
         let mut index = 0i32;
         for eval in evals {

@@ -194,6 +194,7 @@ pub struct Model {
     parallel: u32,
     /// The shared context's engine, made with the first session.
     engine: OnceLock<Arc<Engine>>,
+    engine_start: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Model {
@@ -264,6 +265,7 @@ impl Model {
             turn: std::sync::Mutex::new(()),
             parallel: options.parallel.max(1),
             engine: OnceLock::new(),
+            engine_start: std::sync::Mutex::new(()),
         }))
     }
 
@@ -316,9 +318,15 @@ impl Model {
             let engine = match self.engine.get() {
                 Some(engine) => Arc::clone(engine),
                 None => {
-                    let made = self.start_engine()?;
-                    // Two sessions may race to start it: the first one set wins.
-                    Arc::clone(self.engine.get_or_init(|| made))
+                    // One context only, however many sessions open at once.
+                    let _starting = self.engine_start.lock().unwrap_or_else(|p| p.into_inner());
+                    match self.engine.get() {
+                        Some(engine) => Arc::clone(engine),
+                        None => {
+                            let made = self.start_engine()?;
+                            Arc::clone(self.engine.get_or_init(|| made))
+                        }
+                    }
                 }
             };
             Kv::Shared {
@@ -476,16 +484,10 @@ impl ModelSession {
             Kv::Shared { engine, owner, .. } => {
                 // Only a slot that still holds this session's tokens has
                 // anything to save.
-                let (engine, owner) = (Arc::clone(engine), *owner);
-                if engine.cached_for(owner).is_none() {
+                let Some(lease) = engine.acquire_own(*owner) else {
                     return Ok(());
-                }
-                let lease = engine.acquire(owner, &[]);
-                let saved = if lease.cached.is_empty() {
-                    Ok(())
-                } else {
-                    engine.save(lease.seq, path.to_path_buf(), lease.cached.clone())
                 };
+                let saved = engine.save(lease.seq, path.to_path_buf(), lease.cached.clone());
                 engine.release(lease);
                 saved
             }
@@ -499,7 +501,7 @@ impl ModelSession {
             Kv::Own(ctx) => ctx,
             Kv::Shared { engine, owner, .. } => {
                 let engine = Arc::clone(engine);
-                let mut lease = engine.acquire(*owner, &[]);
+                let mut lease = engine.acquire(*owner);
                 let loaded = engine.load(lease.seq, path.to_path_buf());
                 lease.cached = loaded.as_ref().map(Vec::clone).unwrap_or_default();
                 engine.release(lease);
@@ -557,7 +559,7 @@ impl ModelSession {
         } = &mut self.kv
         {
             if lease.is_none() {
-                let mut taken = engine.acquire(*owner, &[]);
+                let mut taken = engine.acquire(*owner);
                 self.cached = std::mem::take(&mut taken.cached);
                 *lease = Some(taken);
             }
@@ -591,8 +593,11 @@ impl ModelSession {
                         .add(*token, (start + i) as i32, &[0], logits)
                         .map_err(|e| ModelError::Decode(e.to_string()))?;
                 }
-                ctx.decode(&mut batch)
-                    .map_err(|e| ModelError::Decode(e.to_string()))?;
+                if let Err(err) = ctx.decode(&mut batch) {
+                    // Nothing of a failed decode stays in the cache.
+                    let _ = ctx.kv_cache_seq_rm(0, Some(start as u32), None);
+                    return Err(ModelError::Decode(err.to_string()));
+                }
                 match want {
                     Want::Nothing => Vec::new(),
                     Want::Last => vec![ctx.get_logits_ith(tokens.len() as i32 - 1).to_vec()],

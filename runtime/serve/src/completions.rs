@@ -272,6 +272,18 @@ fn prepare(request: ChatRequest, context: Option<u32>) -> Result<Prepared, ApiEr
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(bad("`top_p` must be in (0, 1]"));
     }
+    if request.top_k.is_some_and(|k| k < 0) {
+        return Err(bad("`top_k` must be 0 (off) or more"));
+    }
+    if request.min_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+        return Err(bad("`min_p` must be between 0 and 1"));
+    }
+    if request
+        .repeat_penalty
+        .is_some_and(|p| !(p > 0.0 && p <= 2.0))
+    {
+        return Err(bad("`repeat_penalty` must be in (0, 2]"));
+    }
     let stop = match request.stop {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(one)) => vec![one],
@@ -383,7 +395,11 @@ fn check_tool(index: usize, tool: &Value) -> Result<String, ApiError> {
         ));
     }
     match function.get("parameters") {
-        None | Some(Value::Object(_)) => Ok(name.to_string()),
+        None => Ok(name.to_string()),
+        Some(schema @ Value::Object(_)) => {
+            check_bounds(schema).map_err(|e| at(&format!("`function.parameters`: {e}")))?;
+            Ok(name.to_string())
+        }
         Some(_) => Err(at("`function.parameters` must be a JSON Schema object")),
     }
 }
@@ -423,13 +439,55 @@ fn parse_tool_choice(choice: &Value, names: &[String]) -> Result<ToolChoice, Api
     }
 }
 
+/// The largest repetition bound a client's schema may set: the grammar a
+/// schema becomes spells bounded repetitions out, so a bound of millions
+/// would cost the server memory and minutes to build.
+const MAX_SCHEMA_BOUND: u64 = 4096;
+
+/// Refuses a schema whose length or count bounds exceed
+/// [`MAX_SCHEMA_BOUND`], or that nests deeper than 32 levels.
+fn check_bounds(schema: &Value) -> Result<(), String> {
+    fn walk(value: &Value, depth: usize) -> Result<(), String> {
+        if depth > 32 {
+            return Err("the schema nests deeper than 32 levels".into());
+        }
+        match value {
+            Value::Object(map) => {
+                for (key, inner) in map {
+                    let bound = matches!(
+                        key.as_str(),
+                        "minLength"
+                            | "maxLength"
+                            | "minItems"
+                            | "maxItems"
+                            | "minProperties"
+                            | "maxProperties"
+                    );
+                    if bound && inner.as_u64().is_some_and(|n| n > MAX_SCHEMA_BOUND) {
+                        return Err(format!("`{key}` above {MAX_SCHEMA_BOUND} is not supported"));
+                    }
+                    walk(inner, depth + 1)?;
+                }
+                Ok(())
+            }
+            Value::Array(items) => items.iter().try_for_each(|item| walk(item, depth + 1)),
+            _ => Ok(()),
+        }
+    }
+    walk(schema, 0)
+}
+
 /// The JSON Schema an answer must follow, if any.
 fn parse_response_format(format: &Value) -> Result<Option<Value>, ApiError> {
     match format.get("type").and_then(Value::as_str) {
         Some("text") => Ok(None),
         Some("json_object") => Ok(Some(json!({"type": "object"}))),
         Some("json_schema") => match format.pointer("/json_schema/schema") {
-            Some(schema @ Value::Object(_)) => Ok(Some(schema.clone())),
+            Some(schema @ Value::Object(_)) => {
+                check_bounds(schema)
+                    .map_err(|e| bad(format!("`response_format.json_schema.schema`: {e}")))?;
+                Ok(Some(schema.clone()))
+            }
             _ => Err(bad(
                 "`response_format.json_schema.schema` must be a JSON Schema object",
             )),
@@ -537,7 +595,7 @@ pub(crate) async fn chat_completions(
     State(state): State<Arc<AppState>>,
     JsonBody(body): JsonBody<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    if state.shutdown.is_cancelled() {
+    if state.draining.is_cancelled() {
         return Err(ApiError::ShuttingDown);
     }
     let info = state.runtime.backend().info();
@@ -590,7 +648,13 @@ pub(crate) async fn chat_completions(
         });
     }
     let guard = CancelOnDrop(Arc::clone(&cancel));
-    let mut watch = StopWatch::new(prepared.stop.clone());
+    // Stop strings end an answer; with tools offered the text may be a
+    // call, which a stop string must not cut.
+    let mut watch = StopWatch::new(if prepared.streams_text {
+        prepared.stop.clone()
+    } else {
+        Vec::new()
+    });
     let model = info.name;
     if !prepared.stream {
         while let Some(piece) = pieces.recv().await {
@@ -668,6 +732,11 @@ pub(crate) async fn chat_completions(
             }
             Err(_) => return,
         };
+        // The end held back in case it began a stop string.
+        let tail = watch.finish();
+        if prepared.streams_text && !tail.is_empty() {
+            let _ = events.send(chunk(json!({"content": tail}), None)).await;
+        }
         let finished = finish(&generation, &mut watch, &prepared);
         if let Some(content) = finished.content.filter(|c| !c.is_empty()) {
             if !prepared.streams_text {
@@ -855,6 +924,14 @@ mod tests {
             (
                 json!({"messages": user, "temperature": 9}),
                 "between 0 and 2",
+            ),
+            (
+                json!({"messages": user, "repeat_penalty": 0}),
+                "repeat_penalty",
+            ),
+            (
+                json!({"messages": user, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "minItems": 100000000}}}}),
+                "`minItems` above",
             ),
         ];
         for (body, expected) in cases {

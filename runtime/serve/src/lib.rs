@@ -171,7 +171,11 @@ pub(crate) struct AppState {
     pub(crate) metrics: metrics::Metrics,
     pub(crate) slots: completions::Slots,
     pub(crate) sessions: sessions::SessionTable,
-    /// Cancelled when the server starts shutting down.
+    /// Cancelled when the server starts shutting down: no new sessions,
+    /// turns or completions from then on.
+    pub(crate) draining: CancellationToken,
+    /// Cancelled when the grace period is over: what still runs is
+    /// cancelled.
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -221,6 +225,7 @@ impl Server {
             slots: completions::Slots::new(Arc::clone(runtime.backend())),
             metrics: metrics::Metrics::default(),
             sessions: sessions::SessionTable::default(),
+            draining: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             runtime,
             options,
@@ -247,6 +252,7 @@ impl Server {
             let (state, shutdown) = (Arc::clone(&state), shutdown.clone());
             async move {
                 shutdown.cancelled().await;
+                state.draining.cancel();
                 tracing::info!("shutting down: finishing running turns");
                 let grace = state.options.shutdown_grace;
                 let deadline = tokio::time::Instant::now() + grace;
@@ -302,7 +308,7 @@ fn router(state: Arc<AppState>) -> Router {
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
     axum::Json(serde_json::json!({
-        "status": if state.shutdown.is_cancelled() { "stopping" } else { "ok" },
+        "status": if state.draining.is_cancelled() { "stopping" } else { "ok" },
         "model": state.runtime.backend().info().name,
     }))
     .into_response()

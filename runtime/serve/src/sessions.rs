@@ -54,6 +54,24 @@ pub(crate) struct Served {
     busy: AtomicBool,
     turns: AtomicU64,
     created_ms: u64,
+    /// The running turn's cancellation, while one runs.
+    running: Mutex<Option<tokio_util::sync::CancellationToken>>,
+}
+
+impl Served {
+    /// Cancels the running turn, if any, and refuses the approvals it waits
+    /// for (so it ends instead of waiting for an answer).
+    fn cancel_turn(&self) {
+        if let Some(turn) = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            turn.cancel();
+        }
+        self.approvals.clear();
+    }
 }
 
 /// A session's approval requests, waiting for `POST
@@ -119,6 +137,19 @@ impl HttpApprover {
     }
 }
 
+/// Takes a request out of the waiting list when the gate stops waiting
+/// for it (answered, or the turn dropped), so none lingers.
+struct Withdraw<'a> {
+    approver: &'a HttpApprover,
+    call_id: String,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        self.approver.lock().remove(&self.call_id);
+    }
+}
+
 impl ApprovalHandler for HttpApprover {
     fn approve<'a>(
         &'a self,
@@ -128,7 +159,14 @@ impl ApprovalHandler for HttpApprover {
         self.lock()
             .insert(request.call_id.clone(), (request.clone(), reply));
         self.arrived.notify_waiters();
-        Box::pin(async move { answer.await.unwrap_or(ApprovalAnswer::No) })
+        let withdraw = Withdraw {
+            approver: self,
+            call_id: request.call_id.clone(),
+        };
+        Box::pin(async move {
+            let _withdraw = withdraw;
+            answer.await.unwrap_or(ApprovalAnswer::No)
+        })
     }
 }
 
@@ -347,6 +385,21 @@ async fn check_workspace(state: &AppState, asked: Option<&Path>) -> Result<PathB
             asked.display()
         )));
     }
+    // The runtime's own state (its caches of compiled modules, its
+    // configuration, transcripts and the audit log) is never a workspace,
+    // nor inside one a client may pick.
+    let mut state_folders: Vec<PathBuf> = stack_sandbox_state_folders();
+    state_folders.extend(state.runtime.transcript_dir().map(Path::to_path_buf));
+    for folder in state_folders {
+        let folder = tokio::fs::canonicalize(&folder).await.unwrap_or(folder);
+        if resolved.starts_with(&folder) {
+            return Err(ApiError::Forbidden(format!(
+                "`workspace` {} is inside the runtime's own state ({})",
+                asked.display(),
+                folder.display()
+            )));
+        }
+    }
     if !roots.iter().any(|root| resolved.starts_with(root)) {
         return Err(ApiError::Forbidden(format!(
             "`workspace` {} is outside the folders this server allows ({})",
@@ -359,6 +412,14 @@ async fn check_workspace(state: &AppState, asked: Option<&Path>) -> Result<PathB
         )));
     }
     Ok(resolved)
+}
+
+/// The runtime's state folders (cache, configuration, data, assets).
+fn stack_sandbox_state_folders() -> Vec<PathBuf> {
+    stack_sandbox::process::runtime_state_folders()
+        .into_iter()
+        .map(|(folder, _)| folder)
+        .collect()
 }
 
 fn session_config(
@@ -427,7 +488,7 @@ pub(crate) async fn create(
     State(state): State<Arc<AppState>>,
     JsonBody(request): JsonBody<CreateSession>,
 ) -> Result<Response, ApiError> {
-    if state.shutdown.is_cancelled() {
+    if state.draining.is_cancelled() {
         return Err(ApiError::ShuttingDown);
     }
     let table = &state.sessions;
@@ -475,6 +536,7 @@ pub(crate) async fn create(
         busy: AtomicBool::new(false),
         turns: AtomicU64::new(0),
         created_ms: stack_core::policy::audit::now_ms(),
+        running: Mutex::new(None),
     });
     {
         let mut open = table.lock();
@@ -560,14 +622,24 @@ pub(crate) async fn delete(
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
-    let served = state
-        .sessions
-        .lock()
-        .remove(&id)
-        .ok_or_else(|| ApiError::NotFound(format!("no open session `{id}`")))?;
-    state.sessions.taken.fetch_sub(1, Ordering::SeqCst);
-    served.session.cancel_token().store(true, Ordering::SeqCst);
-    served.approvals.clear();
+    let served = state.sessions.get(&id)?;
+    // The running turn ends first (cancelled, its approvals refused), and
+    // the session stays in the table until it has: a resume of the same id
+    // meanwhile is refused as already open, so no two sessions ever write
+    // one transcript.
+    served.cancel_turn();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while served.busy.load(Ordering::SeqCst) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if served.busy.load(Ordering::SeqCst) {
+        return Err(ApiError::Conflict(format!(
+            "session `{id}`'s turn did not stop within 30 s; try again"
+        )));
+    }
+    if state.sessions.lock().remove(&id).is_some() {
+        state.sessions.taken.fetch_sub(1, Ordering::SeqCst);
+    }
     if let Err(err) = served.session.save_state().await {
         tracing::warn!(%err, id, "saving the session's state failed");
     }
@@ -636,7 +708,7 @@ pub(crate) async fn turn(
     JsonBody(body): JsonBody<TurnRequest>,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
-    if state.shutdown.is_cancelled() {
+    if state.draining.is_cancelled() {
         return Err(ApiError::ShuttingDown);
     }
     if body.message.trim().is_empty() {
@@ -656,10 +728,10 @@ pub(crate) async fn turn(
     let place = state.admission.enter().await?;
     served.turns.fetch_add(1, Ordering::SeqCst);
     let mut turn = served.session.send(body.message);
-    let cancel = turn.cancellation();
+    *served.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(turn.cancellation());
     let (events, receiver) = tokio::sync::mpsc::channel::<SseEvent>(64);
     tokio::spawn(async move {
-        let (_busy, _place) = (busy, place);
+        let (busy, _place) = (busy, place);
         let started = std::time::Instant::now();
         let deadline = tokio::time::sleep(state.options.turn_timeout);
         tokio::pin!(deadline);
@@ -669,7 +741,7 @@ pub(crate) async fn turn(
                 event = turn.next() => event,
                 () = &mut deadline, if !cancelled => {
                     cancelled = true;
-                    cancel.cancel();
+                    busy.0.cancel_turn();
                     Some(Event::Error { message: format!(
                         "the turn ran past this server's limit of {} s and was cancelled",
                         state.options.turn_timeout.as_secs()
@@ -677,7 +749,7 @@ pub(crate) async fn turn(
                 }
                 () = state.shutdown.cancelled(), if !cancelled => {
                     cancelled = true;
-                    cancel.cancel();
+                    busy.0.cancel_turn();
                     Some(Event::Error { message: "the server is shutting down; the turn was cancelled".into() })
                 }
             };
@@ -711,13 +783,16 @@ pub(crate) async fn turn(
                 .send(SseEvent::default().event(name).data(data.to_string()))
                 .await
                 .is_err()
+                && !cancelled
             {
-                cancel.cancel();
+                cancelled = true;
+                busy.0.cancel_turn();
             }
             if last {
                 break;
             }
         }
+        *busy.0.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
     });
     let stream = futures::stream::unfold(receiver, |mut receiver| async move {
         receiver

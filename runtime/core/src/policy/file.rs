@@ -197,12 +197,22 @@ impl SandboxSettings {
 impl SandboxSettings {
     /// These settings, no looser than `outer` (see
     /// [`Policy::within`](super::Policy::within)): each limit the smaller
-    /// of the two (an unset one counts as the process sandbox's default,
-    /// so setting a limit above the default never loosens an unset one),
-    /// the narrower network, the union of the protected workspace paths,
-    /// and `outer`'s backend and extra read-only paths.
+    /// of the two (an unset one counts as the smaller of the sandboxes'
+    /// defaults, so setting a limit above the default never loosens an
+    /// unset one), the narrower network, the union of the protected
+    /// workspace paths, a live interpreter only when both allow one, and
+    /// `outer`'s backend and extra read-only paths.
     pub fn within(&self, outer: &SandboxSettings) -> SandboxSettings {
         let defaults = stack_sandbox::process::ResourceLimits::default();
+        #[cfg(feature = "wasi")]
+        let memory_default = (defaults.memory_bytes >> 20)
+            .min((stack_sandbox::wasi::WasiPolicy::default().memory_bytes >> 20) as u64);
+        #[cfg(not(feature = "wasi"))]
+        let memory_default = defaults.memory_bytes >> 20;
+        let state_folders: Vec<PathBuf> = stack_sandbox::process::runtime_state_folders()
+            .into_iter()
+            .map(|(folder, _)| folder)
+            .collect();
         fn tight<T: Ord + Copy>(a: Option<T>, b: Option<T>, default: T) -> Option<T> {
             match (a, b) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -231,9 +241,9 @@ impl SandboxSettings {
                     settings.read_only_in_workspace.as_deref(),
                     settings.hidden_in_workspace.as_deref(),
                 ) {
-                    // The runtime's own state folders (absolute) are
-                    // always protected; the lists hold workspace paths.
-                    if found == mode && path.is_relative() && !union.contains(&path) {
+                    // The runtime's own state folders are always
+                    // protected (the list adds them itself).
+                    if found == mode && !state_folders.contains(&path) && !union.contains(&path) {
                         union.push(path);
                     }
                 }
@@ -246,9 +256,9 @@ impl SandboxSettings {
             .filter(|path| !hidden.contains(path))
             .collect();
         SandboxSettings {
-            backend: outer.backend.or(self.backend),
+            backend: outer.backend,
             timeout_ms: tight(self.timeout_ms, outer.timeout_ms, defaults.wall_ms),
-            memory_mb: tight(self.memory_mb, outer.memory_mb, defaults.memory_bytes >> 20),
+            memory_mb: tight(self.memory_mb, outer.memory_mb, memory_default),
             cpu_seconds: tight(self.cpu_seconds, outer.cpu_seconds, defaults.cpu_seconds),
             processes: tight(self.processes, outer.processes, defaults.processes),
             output_bytes: tight(self.output_bytes, outer.output_bytes, defaults.output_bytes),
@@ -259,7 +269,11 @@ impl SandboxSettings {
             ),
             read_only_paths: outer.read_only_paths.clone(),
             network,
-            stateful: self.stateful.or(outer.stateful),
+            stateful: match (self.stateful, outer.stateful) {
+                (Some(false), _) | (_, Some(false)) => Some(false),
+                (Some(true), Some(true)) => Some(true),
+                _ => None,
+            },
             read_only_in_workspace: Some(read_only),
             hidden_in_workspace: Some(hidden),
         }

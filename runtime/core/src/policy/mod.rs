@@ -336,7 +336,11 @@ impl Policy {
     /// the outer policy's (deny beats ask beats allow; on a tie, the outer
     /// one's rule is named).
     pub fn decide(&self, tool: &str, arguments: &Value, grants: &Grants) -> Decision {
-        let own = self.decide_own(tool, arguments, grants);
+        // A narrowed policy's rule names carry `session:`, so that a grant
+        // made for one of its rules never covers the outer policy's rule of
+        // the same name (both count `rules[N]` from 0).
+        let layer = if self.outer.is_some() { "session:" } else { "" };
+        let own = self.decide_own(tool, arguments, grants, layer);
         match &self.outer {
             Some(outer) => {
                 let theirs = outer.decide(tool, arguments, grants);
@@ -350,7 +354,7 @@ impl Policy {
         }
     }
 
-    fn decide_own(&self, tool: &str, arguments: &Value, grants: &Grants) -> Decision {
+    fn decide_own(&self, tool: &str, arguments: &Value, grants: &Grants, layer: &str) -> Decision {
         let strongest = self
             .rules
             .iter()
@@ -380,6 +384,7 @@ impl Policy {
                 }),
             },
         };
+        decision.rule.insert_str(0, layer);
         if decision.verdict == Verdict::Ask && grants.covers(tool, &decision.rule) {
             decision.verdict = Verdict::Allow;
             decision.rule.push_str(" (granted)");

@@ -111,18 +111,22 @@ fn build(
     quiet: bool,
     tokio: &tokio::runtime::Runtime,
 ) -> anyhow::Result<(Runtime, Session, SessionConfig)> {
-    let (runtime, config) = build_runtime(args, dirs, approver, quiet, tokio)?;
+    let (runtime, config) = build_runtime(args, dirs, approver, quiet, None, tokio)?;
     let session = tokio.block_on(runtime.session(config.clone()))?;
     Ok((runtime, session, config))
 }
 
 /// The runtime the flags describe (model, tools, the policy's MCP servers,
-/// policy, workspace), and the session settings they ask for.
+/// policy, workspace), and the session settings they ask for. With
+/// `transcript_subfolder`, transcripts (and the audit log) go to that
+/// subfolder of the policy's transcript folder: `agent serve` keeps its
+/// clients' sessions apart from the REPL's.
 pub fn build_runtime(
     args: &ChatArgs,
     dirs: &ToolDirs,
     approver: Option<Arc<dyn ApprovalHandler>>,
     quiet: bool,
+    transcript_subfolder: Option<&str>,
     tokio: &tokio::runtime::Runtime,
 ) -> anyhow::Result<(Runtime, SessionConfig)> {
     let policy = Policy::load_named(&args.policy).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
@@ -159,6 +163,12 @@ pub fn build_runtime(
     ))?;
     for spec in mcp_tools.tools() {
         builder = builder.tool(spec.clone())?;
+    }
+    if let (Some(folder), Some(dir)) = (
+        transcript_subfolder,
+        policy.privacy.transcript_dir.as_deref(),
+    ) {
+        builder = builder.transcripts(Some(stack_runtime::agent::expand_home(dir).join(folder)));
     }
     let mut builder = builder.policy(policy);
     if let Some(approver) = approver {

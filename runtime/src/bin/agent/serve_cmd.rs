@@ -80,7 +80,8 @@ pub fn run(mut args: ServeArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let (runtime, session_defaults) = build_runtime(&args.chat, dirs, None, false, &tokio)?;
+    let (runtime, session_defaults) =
+        build_runtime(&args.chat, dirs, None, false, Some("serve"), &tokio)?;
     let roots = if args.workspace_roots.is_empty() {
         vec![match &args.chat.workspace {
             Some(dir) => dir.clone(),
