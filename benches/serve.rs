@@ -57,6 +57,22 @@ struct Figures {
 }
 
 impl Figures {
+    /// The figures of sessions that each reported (tokens generated, time
+    /// to first token, time to their end) from the same start.
+    fn of(done: &[(u64, Duration, Duration)]) -> Figures {
+        Figures {
+            tokens: done.iter().map(|(t, _, _)| t).sum(),
+            wall: done
+                .iter()
+                .map(|(_, _, end)| end.as_secs_f64())
+                .fold(0.0, f64::max),
+            ttft_ms: done
+                .iter()
+                .map(|(_, ttft, _)| ttft.as_secs_f64() * 1e3)
+                .collect(),
+        }
+    }
+
     fn throughput(&self) -> f64 {
         self.tokens as f64 / self.wall
     }
@@ -109,18 +125,7 @@ async fn in_process(backend: Arc<dyn ModelBackend>, sessions: usize) -> Figures 
             let ttft = first.await.expect("joined").unwrap_or_default();
             (generation.counters.generated, ttft, started.elapsed())
         });
-    let done = futures::future::join_all(runs).await;
-    Figures {
-        tokens: done.iter().map(|(t, _, _)| t).sum(),
-        wall: done
-            .iter()
-            .map(|(_, _, end)| end.as_secs_f64())
-            .fold(0.0, f64::max),
-        ttft_ms: done
-            .iter()
-            .map(|(_, ttft, _)| ttft.as_secs_f64() * 1e3)
-            .collect(),
-    }
+    Figures::of(&futures::future::join_all(runs).await)
 }
 
 struct Server(std::process::Child);
@@ -205,18 +210,7 @@ async fn against_llama_server(port: u16, sessions: usize) -> Figures {
             (tokens, first.unwrap_or_default(), started.elapsed())
         }
     });
-    let done = futures::future::join_all(runs).await;
-    Figures {
-        tokens: done.iter().map(|(t, _, _)| t).sum(),
-        wall: done
-            .iter()
-            .map(|(_, _, end)| end.as_secs_f64())
-            .fold(0.0, f64::max),
-        ttft_ms: done
-            .iter()
-            .map(|(_, ttft, _)| ttft.as_secs_f64() * 1e3)
-            .collect(),
-    }
+    Figures::of(&futures::future::join_all(runs).await)
 }
 
 fn line(name: &str, sessions: usize, figures: &Figures) {

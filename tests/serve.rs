@@ -134,6 +134,29 @@ async fn turn(base: &str, id: &str, message: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Starts a turn and reads its event stream until `needle` has appeared;
+/// returns the still open response and what was read.
+async fn turn_until(
+    base: &str,
+    id: &str,
+    message: &str,
+    needle: &str,
+) -> (reqwest::Response, String) {
+    let mut response = reqwest::Client::new()
+        .post(format!("{base}/v1/sessions/{id}/turns"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"message": message}))
+        .send()
+        .await
+        .expect("turn");
+    let mut seen = String::new();
+    while !seen.contains(needle) {
+        let chunk = response.chunk().await.expect("chunk").expect("more");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    (response, seen)
+}
+
 fn message(body: &Value) -> String {
     body["error"]["message"]
         .as_str()
@@ -630,18 +653,13 @@ fn a_killed_server_resumes_its_sessions_from_their_transcripts() {
             Some(json!("turn_finished"))
         );
         // The second turn is killed while it generates.
-        let mut response = reqwest::Client::new()
-            .post(format!("{base}/v1/sessions/{id}/turns"))
-            .bearer_auth(TOKEN)
-            .json(&json!({"message": "Tell a long story about a lighthouse keeper."}))
-            .send()
-            .await
-            .expect("turn");
-        let mut seen = String::new();
-        while !seen.contains("event: token") {
-            let chunk = response.chunk().await.expect("chunk").expect("more");
-            seen.push_str(&String::from_utf8_lossy(&chunk));
-        }
+        let (_open_turn, _) = turn_until(
+            &base,
+            &id,
+            "Tell a long story about a lighthouse keeper.",
+            "event: token",
+        )
+        .await;
         // One turn at a time per session.
         let (status, body) = call(
             "POST",
@@ -704,18 +722,7 @@ fn deleting_a_session_ends_a_turn_waiting_for_approval() {
         .await;
         assert_eq!(status, 201, "{created}");
         let id = created["id"].as_str().expect("id").to_string();
-        let mut response = reqwest::Client::new()
-            .post(format!("{base}/v1/sessions/{id}/turns"))
-            .bearer_auth(TOKEN)
-            .json(&json!({"message": "Write hello to a.txt"}))
-            .send()
-            .await
-            .expect("turn");
-        let mut seen = String::new();
-        while !seen.contains("event: approval_needed") {
-            let chunk = response.chunk().await.expect("chunk").expect("more");
-            seen.push_str(&String::from_utf8_lossy(&chunk));
-        }
+        let (mut response, mut seen) = turn_until(&base, &id, "Write hello to a.txt", "event: approval_needed").await;
         let (status, shown) = call("GET", &format!("{base}/v1/sessions/{id}"), None).await;
         assert_eq!(status, 200);
         assert_eq!(shown["pending_approvals"].as_array().map(Vec::len), Some(1), "{shown}");
@@ -760,18 +767,8 @@ fn a_stopped_server_ends_running_turns_and_exits_cleanly() {
         .await;
         assert_eq!(status, 201, "{created}");
         let id = created["id"].as_str().expect("id").to_string();
-        let mut response = reqwest::Client::new()
-            .post(format!("{base}/v1/sessions/{id}/turns"))
-            .bearer_auth(TOKEN)
-            .json(&json!({"message": "Tell a story."}))
-            .send()
-            .await
-            .expect("turn");
-        let mut seen = String::new();
-        while !seen.contains("event: token") {
-            let chunk = response.chunk().await.expect("chunk").expect("more");
-            seen.push_str(&String::from_utf8_lossy(&chunk));
-        }
+        let (mut response, mut seen) =
+            turn_until(&base, &id, "Tell a story.", "event: token").await;
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
         while let Some(chunk) = response.chunk().await.expect("chunk") {
             seen.push_str(&String::from_utf8_lossy(&chunk));

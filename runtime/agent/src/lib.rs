@@ -21,7 +21,9 @@ use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use transcript::{export_chatml, list_sessions, read_transcript, TranscriptError};
+pub use transcript::{
+    check_session_id, export_chatml, list_sessions, read_transcript, TranscriptError,
+};
 
 use stack_core::dispatch;
 use stack_core::dispatch::ToolContext;

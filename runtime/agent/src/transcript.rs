@@ -39,14 +39,23 @@ pub enum TranscriptError {
     },
 }
 
-fn path_of(dir: &Path, id: &str) -> Result<PathBuf, TranscriptError> {
+/// Checks that `id` is a plain session id (1 to 128 letters, digits, `-`
+/// and `_`), so it can name a file and nothing else.
+pub fn check_session_id(id: &str) -> Result<(), TranscriptError> {
     let plain = !id.is_empty()
+        && id.len() <= 128
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if !plain {
-        return Err(TranscriptError::BadId(id.to_string()));
+    if plain {
+        Ok(())
+    } else {
+        Err(TranscriptError::BadId(id.to_string()))
     }
+}
+
+fn path_of(dir: &Path, id: &str) -> Result<PathBuf, TranscriptError> {
+    check_session_id(id)?;
     Ok(dir.join(format!("{id}.jsonl")))
 }
 

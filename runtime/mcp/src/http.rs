@@ -218,17 +218,12 @@ async fn require_bearer(
     request: Request,
     next: Next,
 ) -> Response {
-    let presented = request
+    let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
-    match presented {
-        Some(presented)
-            if stack_types::secret::same_secret(presented.as_bytes(), token.as_bytes()) =>
-        {
-            next.run(request).await
-        }
+        .and_then(|value| value.to_str().ok());
+    match stack_types::secret::check_bearer(authorization, &token) {
+        stack_types::secret::Bearer::Matches => next.run(request).await,
         _ => {
             let mut response = (
                 StatusCode::UNAUTHORIZED,

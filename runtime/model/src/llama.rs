@@ -549,6 +549,15 @@ impl ModelSession {
         }
     }
 
+    /// Runs `work` holding a slot of the shared context (nothing to take
+    /// with a context of its own).
+    fn in_slot<T>(&mut self, work: impl FnOnce(&mut Self) -> T) -> T {
+        self.begin_generation();
+        let done = work(self);
+        self.end_generation();
+        done
+    }
+
     /// Takes a slot of the shared context for one generation (waiting for
     /// one when all are busy); its cached tokens become this session's.
     fn begin_generation(&mut self) {
@@ -653,18 +662,17 @@ impl ModelSession {
         on_token: &mut dyn FnMut(&str) -> bool,
         next_id: &mut dyn FnMut() -> String,
     ) -> Result<Generation, ModelError> {
-        self.begin_generation();
-        let generated = self.complete_in_slot(
-            messages,
-            tools,
-            tool_choice,
-            sampling,
-            response_format,
-            on_token,
-            next_id,
-        );
-        self.end_generation();
-        generated
+        self.in_slot(|session| {
+            session.complete_in_slot(
+                messages,
+                tools,
+                tool_choice,
+                sampling,
+                response_format,
+                on_token,
+                next_id,
+            )
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -907,10 +915,7 @@ impl ModelSession {
         sampling: &SamplingOptions,
         on_token: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, ModelError> {
-        self.begin_generation();
-        let generated = self.generate_in_slot(prompt, grammar, sampling, on_token);
-        self.end_generation();
-        generated
+        self.in_slot(|session| session.generate_in_slot(prompt, grammar, sampling, on_token))
     }
 
     fn generate_in_slot(

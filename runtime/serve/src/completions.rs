@@ -24,13 +24,12 @@
 //! `stream_options.include_usage` asks, and `[DONE]`. A client that goes
 //! away stops the generation.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::State;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -568,6 +567,11 @@ impl StopWatch {
     fn stopped(&self) -> bool {
         self.stopped_at.is_some()
     }
+
+    /// The answer once a stop string matched: the text before it.
+    fn before_stop(&self) -> Option<&str> {
+        self.stopped_at.and_then(|at| self.text.get(..at))
+    }
 }
 
 /// Sets the flag when dropped: a client that goes away (its request
@@ -668,7 +672,7 @@ pub(crate) async fn chat_completions(
             .map_err(|_| ApiError::Internal("the generation task failed".into()))?
             .map_err(model_error)?;
         drop(guard);
-        let finished = finish(&generation, &mut watch, &prepared);
+        let finished = finish(&generation, &watch, &prepared);
         let mut message = json!({"role": "assistant", "content": finished.content});
         if !finished.tool_calls.is_empty() {
             message["tool_calls"] = json!(finished.tool_calls);
@@ -737,7 +741,7 @@ pub(crate) async fn chat_completions(
         if prepared.streams_text && !tail.is_empty() {
             let _ = events.send(chunk(json!({"content": tail}), None)).await;
         }
-        let finished = finish(&generation, &mut watch, &prepared);
+        let finished = finish(&generation, &watch, &prepared);
         if let Some(content) = finished.content.filter(|c| !c.is_empty()) {
             if !prepared.streams_text {
                 let _ = events.send(chunk(json!({"content": content}), None)).await;
@@ -774,21 +778,11 @@ pub(crate) async fn chat_completions(
         }
         let _ = events.send(SseEvent::default().data("[DONE]")).await;
     });
-    let stream = futures::stream::unfold(receiver, |mut receiver| async move {
-        receiver
-            .recv()
-            .await
-            .map(|event| (Ok::<_, Infallible>(event), receiver))
-    });
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    Ok(crate::sse_response(receiver))
 }
 
 /// The response's content, calls, finish reason and usage.
-fn finish(generation: &Generation, watch: &mut StopWatch, prepared: &Prepared) -> Finished {
-    let rest = watch.finish();
-    let stopped = watch.stopped();
+fn finish(generation: &Generation, watch: &StopWatch, prepared: &Prepared) -> Finished {
     let counters = generation.counters;
     let prompt_tokens = counters.prompt_evaluated + counters.prompt_reused;
     let usage = json!({
@@ -799,11 +793,9 @@ fn finish(generation: &Generation, watch: &mut StopWatch, prepared: &Prepared) -
     });
     // A stop string ends the answer where it starts; what came before it
     // is the answer's text, whatever a parser would have made of the rest.
-    if stopped {
-        let content = watch.text.get(..watch.sent).unwrap_or_default().to_string();
-        let _ = rest;
+    if let Some(content) = watch.before_stop() {
         return Finished {
-            content: Some(content),
+            content: Some(content.to_string()),
             tool_calls: Vec::new(),
             finish_reason: "stop",
             usage,

@@ -323,28 +323,38 @@ async fn not_found(request: Request) -> Response {
     .into_response()
 }
 
+/// A server-sent event stream of what a task sends on `receiver`, ending
+/// when the task drops its sender; a client that goes away drops the
+/// receiver, so the task's next send fails.
+pub(crate) fn sse_response(
+    receiver: tokio::sync::mpsc::Receiver<axum::response::sse::Event>,
+) -> Response {
+    let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver
+            .recv()
+            .await
+            .map(|event| (Ok::<_, std::convert::Infallible>(event), receiver))
+    });
+    axum::response::sse::Sse::new(stream)
+        .keep_alive(axum::response::sse::KeepAlive::default())
+        .into_response()
+}
+
 /// Refuses a request without the bearer token (`401`, with a JSON error).
 async fn require_bearer(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let presented = request
+    use stack_types::secret::{check_bearer, Bearer};
+    let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
-    match presented {
-        Some(presented)
-            if stack_types::secret::same_secret(
-                presented.as_bytes(),
-                state.options.token.as_bytes(),
-            ) =>
-        {
-            next.run(request).await
-        }
-        Some(_) => ApiError::Unauthorized("wrong bearer token").into_response(),
-        None => ApiError::Unauthorized(
+        .and_then(|value| value.to_str().ok());
+    match check_bearer(authorization, &state.options.token) {
+        Bearer::Matches => next.run(request).await,
+        Bearer::Wrong => ApiError::Unauthorized("wrong bearer token").into_response(),
+        Bearer::Missing => ApiError::Unauthorized(
             "this server needs a bearer token: send Authorization: Bearer <token>",
         )
         .into_response(),

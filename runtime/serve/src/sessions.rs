@@ -19,14 +19,13 @@
 //!   /v1/sessions/{id}/export` returns its transcript as ChatML JSON lines.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::Deserialize;
@@ -301,22 +300,15 @@ pub enum AnswerWord {
     Always,
 }
 
-/// Whether `id` is a plain session id (letters, digits, `-`, `_`; at most
-/// 128), checked before it names a file or a map entry.
+/// Whether `id` is a plain session id (the transcripts' rule), checked
+/// before it names a file or a map entry.
 fn check_id(id: &str) -> Result<(), ApiError> {
-    let plain = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if plain {
-        Ok(())
-    } else {
-        Err(ApiError::BadRequest(format!(
+    stack_agent::check_session_id(id).map_err(|_| {
+        ApiError::BadRequest(format!(
             "`{}` is not a session id (letters, digits, `-` and `_`)",
             id.escape_debug()
-        )))
-    }
+        ))
+    })
 }
 
 /// The policy a client asks for, narrowed later to the server's.
@@ -388,7 +380,10 @@ async fn check_workspace(state: &AppState, asked: Option<&Path>) -> Result<PathB
     // The runtime's own state (its caches of compiled modules, its
     // configuration, transcripts and the audit log) is never a workspace,
     // nor inside one a client may pick.
-    let mut state_folders: Vec<PathBuf> = stack_sandbox_state_folders();
+    let mut state_folders: Vec<PathBuf> = stack_sandbox::process::runtime_state_folders()
+        .into_iter()
+        .map(|(folder, _)| folder)
+        .collect();
     state_folders.extend(state.runtime.transcript_dir().map(Path::to_path_buf));
     for folder in state_folders {
         let folder = tokio::fs::canonicalize(&folder).await.unwrap_or(folder);
@@ -412,14 +407,6 @@ async fn check_workspace(state: &AppState, asked: Option<&Path>) -> Result<PathB
         )));
     }
     Ok(resolved)
-}
-
-/// The runtime's state folders (cache, configuration, data, assets).
-fn stack_sandbox_state_folders() -> Vec<PathBuf> {
-    stack_sandbox::process::runtime_state_folders()
-        .into_iter()
-        .map(|(folder, _)| folder)
-        .collect()
 }
 
 fn session_config(
@@ -794,13 +781,5 @@ pub(crate) async fn turn(
         }
         *busy.0.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
     });
-    let stream = futures::stream::unfold(receiver, |mut receiver| async move {
-        receiver
-            .recv()
-            .await
-            .map(|event| (Ok::<_, Infallible>(event), receiver))
-    });
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    Ok(crate::sse_response(receiver))
 }

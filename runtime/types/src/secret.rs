@@ -13,9 +13,46 @@ pub fn same_secret(presented: &[u8], expected: &[u8]) -> bool {
         == 0
 }
 
+/// What an HTTP `Authorization` header presents against a bearer token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bearer {
+    /// No header, or not `Bearer <token>`.
+    Missing,
+    /// A token that is not the one expected.
+    Wrong,
+    /// The expected token.
+    Matches,
+}
+
+/// Checks the value of an `Authorization` header (`None` when absent or
+/// not text) against `expected`, in constant time.
+pub fn check_bearer(authorization: Option<&str>, expected: &str) -> Bearer {
+    match authorization.and_then(|value| value.strip_prefix("Bearer ")) {
+        None => Bearer::Missing,
+        Some(presented) if same_secret(presented.as_bytes(), expected.as_bytes()) => {
+            Bearer::Matches
+        }
+        Some(_) => Bearer::Wrong,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::same_secret;
+    use super::{check_bearer, same_secret, Bearer};
+
+    #[test]
+    fn bearer_headers_are_told_apart() {
+        assert_eq!(
+            check_bearer(Some("Bearer s3cret"), "s3cret"),
+            Bearer::Matches
+        );
+        assert_eq!(check_bearer(Some("Bearer s3cres"), "s3cret"), Bearer::Wrong);
+        assert_eq!(
+            check_bearer(Some("Basic s3cret"), "s3cret"),
+            Bearer::Missing
+        );
+        assert_eq!(check_bearer(None, "s3cret"), Bearer::Missing);
+    }
 
     #[test]
     fn secrets_compare_by_every_byte() {
