@@ -24,7 +24,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use stack_sandbox::process::{sandbox_environment, NetworkMode, ProcessPolicy, ProcessSandbox};
+use stack_sandbox::process::{sandbox_environment, Network, ProcessPolicy, ProcessSandbox};
 use stack_types::outcome::Status;
 
 fn median(mut samples: Vec<Duration>) -> Duration {
@@ -161,7 +161,7 @@ fn main() {
     let env = sandbox_environment(home.path());
     let default_policy = ProcessPolicy::default();
     let full_network = ProcessPolicy {
-        network: NetworkMode::Full,
+        network: Network::Full,
         ..ProcessPolicy::default()
     };
 

@@ -776,3 +776,129 @@ fn tool_run_obeys_a_policy_fully() {
     let strict = tool_run(ws, "execute_code", code, &["--policy", "strict", "--yes"]);
     assert_eq!(strict["status"], "denied", "{strict}");
 }
+
+/// A one-request-at-a-time HTTP server on `address` for the egress test:
+/// answers `hello from NAME`, and counts requests.
+fn test_site(
+    address: &str,
+    name: &'static str,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind((address, 0)).expect("bind a test site");
+    let port = listener.local_addr().expect("addr").port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body = format!("hello from {name}\n");
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (port, hits)
+}
+
+/// A policy's network allowlist through the CLI: `agent tool run` reaches
+/// the allowed host through the egress proxy and is refused the denied
+/// one, the result and the audit log say which rule decided, and `agent
+/// policy explain --host` gives the same decisions.
+#[test]
+fn network_allowlists_are_enforced_audited_and_explained_by_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (allowed_port, allowed_hits) = test_site("127.0.0.2", "allowed");
+    let (denied_port, denied_hits) = test_site("127.0.0.3", "denied");
+    let policy = dir.path().join("egress.toml");
+    std::fs::write(
+        &policy,
+        r#"extends = "default"
+[sandbox]
+network = { allow = ["allowed.test", "127.0.0.2", "127.0.0.3"], deny = ["denied.test"], hosts = { "allowed.test" = "127.0.0.2", "denied.test" = "127.0.0.3" } }
+"#,
+    )
+    .expect("write policy");
+    let audit = dir.path().join("audit.jsonl");
+    let code = format!(
+        "curl -sSf http://allowed.test:{allowed_port}/; curl -sSf http://denied.test:{denied_port}/; true"
+    );
+    let args = serde_json::json!({"language": "bash", "code": code}).to_string();
+    let output = agent(
+        &[
+            "tool",
+            "run",
+            "execute_code",
+            "--args",
+            &args,
+            "--policy",
+            policy.to_str().expect("utf8"),
+            "--yes",
+            "--audit-log",
+            audit.to_str().expect("utf8"),
+        ],
+        dir.path(),
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
+    assert_eq!(report["status"], "ok", "{report}");
+    assert_eq!(report["stdout"], "hello from allowed\n", "{report}");
+    let egress = report["egress"].as_array().expect("egress records");
+    let decided: Vec<(&str, &str, &str)> = egress
+        .iter()
+        .map(|r| {
+            (
+                r["host"].as_str().unwrap_or(""),
+                r["decision"].as_str().unwrap_or(""),
+                r["rule"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        decided,
+        [
+            ("allowed.test", "allowed", "allow allowed.test"),
+            ("denied.test", "refused", "deny denied.test"),
+        ]
+    );
+    assert_eq!(allowed_hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(denied_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // The audit log has both, with host, address, rule and bytes.
+    let records: Vec<Value> = std::fs::read_to_string(&audit)
+        .expect("audit log")
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|r: &Value| r["event"] == "egress")
+        .collect();
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records[0]["address"], "127.0.0.2");
+    assert!(records[0]["bytes_in"].as_u64().unwrap_or(0) > 0);
+    assert_eq!(records[1]["rule"], "deny denied.test");
+    assert_eq!(records[1]["decision"], "refused");
+    // `policy explain --host` decides the same way.
+    for (host, decision, rule) in [
+        ("denied.test", "refused", "deny denied.test"),
+        ("allowed.test:80", "allowed", "allow allowed.test"),
+        ("elsewhere.test", "refused", "not on the allow list"),
+    ] {
+        let explain = agent(
+            &[
+                "policy",
+                "explain",
+                policy.to_str().expect("utf8"),
+                "--host",
+                host,
+            ],
+            dir.path(),
+        );
+        let report: Value = serde_json::from_slice(&explain.stdout).expect("json");
+        assert_eq!(report["decision"], decision, "{host}: {report}");
+        assert_eq!(report["rule"], rule, "{host}: {report}");
+    }
+}

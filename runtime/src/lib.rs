@@ -59,7 +59,8 @@
 //! `stack-sandbox` (usable alone, without llama.cpp), `stack-core` (tools,
 //! policy, gate, dispatch), `stack-model` (templates, parsing, llama.cpp) and
 //! `stack-agent` (the loop), with `stack-mcp` (MCP both ways),
-//! `stack-serve` (the HTTP service of `agent serve`) and `stack-eval`
+//! `stack-serve` (the HTTP service of `agent serve`), `stack-egress`
+//! (network allowlists and the egress proxy) and `stack-eval`
 //! (`agent eval`) at the edges. This crate re-exports each under the module
 //! names above, so `use stack_runtime::…` reaches all of them.
 //!
@@ -76,9 +77,11 @@ pub mod config;
 pub use stack_agent as agent;
 pub use stack_assets as assets;
 pub use stack_core::{dispatch, gate, policy, tools, workspace};
+pub use stack_egress as egress;
 pub use stack_eval as eval;
 pub use stack_mcp as mcp;
 pub use stack_model as model;
 pub use stack_sandbox as sandbox;
 pub use stack_serve as serve;
 pub use stack_types::{message, outcome, text};
+pub use stack_types::{EgressDecision, EgressProtocol, EgressRecord};

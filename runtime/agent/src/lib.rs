@@ -114,6 +114,17 @@ pub enum Event {
         /// The tool.
         name: String,
     },
+    /// A connection a call's code asked the egress proxy for (a policy
+    /// network allowlist), allowed or refused; sent before the call's
+    /// [`Event::ToolFinished`], in order.
+    Egress {
+        /// The call id.
+        id: String,
+        /// The tool.
+        name: String,
+        /// What was asked, decided and sent.
+        record: stack_types::EgressRecord,
+    },
     /// A call finished.
     ToolFinished {
         /// The call id.
@@ -1033,6 +1044,15 @@ impl SessionState {
         {
             let text = self.gate.text_for_model(outcome);
             self.record(Message::tool_result(call.id.clone(), text))?;
+            for record in &outcome.egress {
+                events
+                    .emit(Event::Egress {
+                        id: call.id.clone(),
+                        name: call.function.name.clone(),
+                        record: record.clone(),
+                    })
+                    .await;
+            }
             events
                 .emit(Event::ToolFinished {
                     id: call.id.clone(),

@@ -201,3 +201,64 @@ async fn a_backend_that_repeats_a_failing_call_is_stopped() {
     let again: Vec<Event> = session.send("Try again").collect().await;
     assert!(matches!(again.last(), Some(Event::TurnFinished { .. })));
 }
+
+/// A call's connections through the egress proxy reach the session's
+/// stream as `egress` events, before the call's `tool_finished`, and the
+/// refusal reaches the model in the tool result.
+#[tokio::test(flavor = "multi_thread")]
+async fn egress_decisions_are_events_and_refusals_reach_the_model() {
+    use stack_types::EgressDecision;
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let site = std::net::TcpListener::bind("127.0.0.2:0").expect("bind");
+    let port = site.local_addr().expect("addr").port();
+    let policy = Policy::from_toml(
+        r#"
+[defaults]
+decision = "allow"
+[tools.execute_code]
+decision = "allow"
+[sandbox]
+backend = "process"
+network = { allow = ["site.test", "127.0.0.2"], deny = ["denied.test"], hosts = { "site.test" = "127.0.0.2", "denied.test" = "127.0.0.2" } }
+"#,
+        std::path::Path::new("egress.toml"),
+    )
+    .expect("policy");
+    let code = format!("curl -sS -o /dev/null --max-time 5 http://denied.test:{port}/; echo done");
+    let arguments = serde_json::json!({"language": "bash", "code": code}).to_string();
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let backend = Arc::new(Scripted {
+        turns: vec![call("c1", "execute_code", &arguments), answer("Refused.")],
+        asked: Arc::clone(&asked),
+    });
+    let runtime = Runtime::builder()
+        .backend(backend)
+        .policy(policy)
+        .workspace(workspace.path())
+        .transcripts(None)
+        .build()
+        .expect("runtime");
+    let session = runtime
+        .session(SessionConfig::default())
+        .await
+        .expect("session");
+    let events: Vec<Event> = session.send("Fetch it.").collect().await;
+    let egress_at = events
+        .iter()
+        .position(|e| matches!(e, Event::Egress { record, .. } if record.decision == EgressDecision::Refused && record.rule == "deny denied.test"))
+        .unwrap_or_else(|| panic!("no egress event: {events:?}"));
+    let finished_at = events
+        .iter()
+        .position(|e| matches!(e, Event::ToolFinished { .. }))
+        .expect("the call finished");
+    assert!(egress_at < finished_at);
+    let asked = asked.lock().expect("lock");
+    let tool = asked
+        .last()
+        .and_then(|request| request.messages.iter().find(|m| m.role == Role::Tool))
+        .expect("a tool message");
+    assert!(
+        tool.text().contains("refused denied.test") && tool.text().contains("deny denied.test"),
+        "{tool:?}"
+    );
+}

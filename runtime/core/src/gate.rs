@@ -265,5 +265,17 @@ impl Gate {
         if let Err(err) = audit.append(&record) {
             tracing::error!(%err, path = %audit.path().display(), "could not write the audit log");
         }
+        for connection in &outcome.egress {
+            let record = AuditRecord::Egress {
+                time_ms: crate::policy::audit::now_ms(),
+                session: self.session.clone(),
+                call_id: call_id.to_string(),
+                tool: tool.to_string(),
+                record: connection.clone(),
+            };
+            if let Err(err) = audit.append(&record) {
+                tracing::error!(%err, path = %audit.path().display(), "could not write the audit log");
+            }
+        }
     }
 }

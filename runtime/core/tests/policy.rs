@@ -17,7 +17,7 @@ use stack_core::policy::{
 };
 use stack_core::tools::Registry;
 use stack_core::workspace::Workspace;
-use stack_sandbox::process::NetworkMode as NetworkModeAlias;
+use stack_sandbox::process::Network;
 use stack_types::message::ToolCall;
 use stack_types::outcome::Status;
 
@@ -72,7 +72,7 @@ fn presets_load_and_say_who_they_are_for() {
     );
     assert_eq!(
         process_policy(&trusted.sandbox_for("execute_code", Some("python"))).network,
-        NetworkModeAlias::Loopback
+        Network::Loopback
     );
 }
 
@@ -89,7 +89,8 @@ const BROKEN: &[(&str, Option<usize>, &str)] = &[
     ("bad_verdict.toml", Some(2), "unknown variant `maybe`"),
     ("bad_cycle_a.toml", None, "too deep"),
     ("bad_language.toml", Some(1), "unknown language `cobol`"),
-    ("bad_network.toml", Some(2), "unknown variant `internet`"),
+    ("bad_network.toml", Some(2), "invalid value: string \"internet\", expected \"none\", \"loopback\", \"full\", or an allowlist table"),
+    ("bad_network_entry.toml", Some(2), "network entry `*`: a bare `*` would allow every host"),
     (
         "bad_pointer.toml",
         Some(1),
@@ -145,7 +146,7 @@ fn layering_merges_tools_rules_and_sandbox_settings() {
     assert_eq!(python.timeout_ms, Some(1000), "user's default timeout");
     assert_eq!(
         python.network,
-        Some(NetworkModeAlias::Loopback),
+        Some(Network::Loopback),
         "user's per-tool network"
     );
     assert_eq!(python.cpu_seconds, Some(30), "the preset's cpu");
@@ -153,7 +154,7 @@ fn layering_merges_tools_rules_and_sandbox_settings() {
     assert_eq!(bash.memory_mb, Some(512));
     assert_eq!(
         user.sandbox_for("read_file", None).network,
-        Some(NetworkModeAlias::None)
+        Some(Network::None)
     );
 }
 
@@ -713,7 +714,7 @@ command = "npx"
     assert_eq!(decide_any(&cut, &name_b, "{}").0, Verdict::Deny);
     // Its sandbox: no network unless granted, CPU counted over its life.
     let sandbox = policy.mcp_server_sandbox(&policy.mcp_servers()["time"]);
-    assert_eq!(sandbox.network, NetworkModeAlias::None);
+    assert_eq!(sandbox.network, Network::None);
     assert_eq!(sandbox.limits.cpu_seconds, 600);
 
     for (bad, says) in [
@@ -902,4 +903,87 @@ decision = \"ask\"
     let decided = asking.decide("execute_code", call.arguments(), &grants);
     assert_eq!(decided.verdict, Verdict::Ask, "{decided:?}");
     assert_eq!(decided.rule, "tools.execute_code");
+}
+
+/// A network allowlist: per-tool and per-language tables narrow the
+/// default one (a host must pass both), a mode string replaces it, and a
+/// client's session policy can only narrow a host's.
+#[test]
+fn network_allowlists_narrow_per_section_and_within_a_host() {
+    use stack_sandbox::egress::Host;
+    let policy = Policy::from_toml(
+        r#"
+[sandbox]
+backend = "process"
+network = { allow = ["pypi.org", "*.github.com"], deny = ["gist.github.com"] }
+[sandbox.tools.shell]
+network = { allow = ["api.github.com", "pypi.org"] }
+[sandbox.languages.bash]
+network = "none"
+"#,
+        Path::new("egress.toml"),
+    )
+    .expect("policy");
+    let allows = |network: &Option<Network>, host: &str| -> bool {
+        let list = network
+            .as_ref()
+            .and_then(|n| n.allowlist())
+            .expect("an allowlist");
+        list.decide(&Host::parse(host).expect("host"), 443).is_ok()
+    };
+    let defaults = policy.sandbox_for("execute_code", Some("python"));
+    assert!(allows(&defaults.network, "raw.github.com"));
+    assert!(allows(&defaults.network, "pypi.org"));
+    assert!(!allows(&defaults.network, "gist.github.com"));
+    let shell = policy.sandbox_for("shell", None);
+    assert!(allows(&shell.network, "api.github.com"));
+    assert!(allows(&shell.network, "pypi.org"));
+    assert!(
+        !allows(&shell.network, "raw.github.com"),
+        "narrowed by the tool"
+    );
+    assert_eq!(
+        policy.sandbox_for("execute_code", Some("bash")).network,
+        Some(Network::None)
+    );
+    // Within a host: the client's allowlist inside the host's narrows it;
+    // `full` asked by a client stays the host's allowlist; an allowlist
+    // inside `loopback` is nothing.
+    let host = Arc::new(policy);
+    let client = Policy::from_toml(
+        "[sandbox]\nnetwork = { allow = [\"pypi.org\", \"evil.test\"] }\n",
+        Path::new("client.toml"),
+    )
+    .expect("client")
+    .within(Arc::clone(&host));
+    let narrowed = client.sandbox_for("execute_code", Some("python"));
+    assert!(allows(&narrowed.network, "pypi.org"));
+    assert!(!allows(&narrowed.network, "evil.test"), "not the host's");
+    assert!(
+        !allows(&narrowed.network, "api.github.com"),
+        "not the client's"
+    );
+    let full = Policy::from_toml("[sandbox]\nnetwork = \"full\"\n", Path::new("c.toml"))
+        .expect("client")
+        .within(Arc::clone(&host));
+    assert_eq!(
+        full.sandbox_for("execute_code", Some("python")).network,
+        host.sandbox_for("execute_code", Some("python")).network
+    );
+    let loopback_host = Arc::new(
+        Policy::from_toml("[sandbox]\nnetwork = \"loopback\"\n", Path::new("h.toml"))
+            .expect("host"),
+    );
+    let inside = Policy::from_toml(
+        "[sandbox]\nnetwork = { allow = [\"pypi.org\"] }\n",
+        Path::new("c.toml"),
+    )
+    .expect("client")
+    .within(loopback_host);
+    assert_eq!(
+        process_policy(&inside.sandbox_for("execute_code", Some("python"))).network,
+        Network::None
+    );
+    // The process policy carries the allowlist to the sandbox.
+    assert!(process_policy(&shell).network.allowlist().is_some());
 }

@@ -9,3 +9,6 @@
 pub mod process;
 #[cfg(feature = "wasi")]
 pub mod wasi;
+
+/// Network allowlists and the egress proxy (the `stack-egress` crate).
+pub use stack_egress as egress;

@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use stack_sandbox::process::{NetworkMode, ProcessPolicy, ProcessSandbox, ResourceLimits};
+use stack_sandbox::process::{Network, ProcessPolicy, ProcessSandbox, ResourceLimits};
 use stack_types::outcome::{Status, ToolOutcome};
 use stack_types::Language;
 
@@ -345,7 +345,7 @@ async fn loopback_policy_reaches_only_the_sandbox_own_loopback() {
     tcp.set_nonblocking(true).expect("nonblocking");
     let port = tcp.local_addr().expect("addr").port();
     let policy = ProcessPolicy {
-        network: NetworkMode::Loopback,
+        network: Network::Loopback,
         ..tight_policy()
     };
     let code = "import socket, threading\nsrv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)\nc = socket.create_connection(srv.getsockname()); a, _ = srv.accept(); c.sendall(b'ping'); print(a.recv(4).decode())\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=1); print('LEAK')\nexcept Exception as e:\n    print('blocked', e)";

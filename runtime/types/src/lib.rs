@@ -4,12 +4,14 @@
 
 #![warn(missing_docs)]
 
+pub mod egress;
 mod language;
 pub mod message;
 pub mod outcome;
 pub mod secret;
 pub mod text;
 
+pub use egress::{EgressDecision, EgressProtocol, EgressRecord};
 pub use language::{Language, ScriptRuntime};
 pub use message::{Message, Role, ToolCall};
 pub use outcome::{Limit, Status, ToolOutcome};

@@ -108,6 +108,10 @@ pub struct ToolOutcome {
     /// The limit that stopped the call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<Limit>,
+    /// The connections the call asked the egress proxy for (a policy
+    /// network allowlist), allowed and refused, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<crate::EgressRecord>,
 }
 
 impl ToolOutcome {
@@ -122,6 +126,7 @@ impl ToolOutcome {
             error: None,
             signal: None,
             limit: None,
+            egress: Vec::new(),
         }
     }
 
@@ -187,6 +192,7 @@ impl ToolOutcome {
             && self.stderr.is_empty()
             && !self.truncated
             && self.error.is_none()
+            && !self.egress_refused()
         {
             return self.stdout.clone();
         }
@@ -206,6 +212,25 @@ impl ToolOutcome {
         if self.truncated {
             text.push_str("\n[output truncated]");
         }
+        // Refused connections, so that the model can say why its code
+        // could not reach a host (allowed ones are in the audit log).
+        let refused: Vec<String> = self
+            .egress
+            .iter()
+            .filter(|record| record.decision == crate::EgressDecision::Refused)
+            .map(|record| format!("\n  {}", record.summary()))
+            .collect();
+        if !refused.is_empty() {
+            text.push_str("\nnetwork (the policy's egress allowlist):");
+            text.extend(refused);
+        }
         text
+    }
+
+    /// Whether the egress proxy refused any connection of the call.
+    pub fn egress_refused(&self) -> bool {
+        self.egress
+            .iter()
+            .any(|record| record.decision == crate::EgressDecision::Refused)
     }
 }

@@ -62,6 +62,22 @@ pub enum AuditRecord {
         /// The error, if any (redacted).
         error: Option<String>,
     },
+    /// A connection a call's code asked the egress proxy for (a network
+    /// allowlist), allowed or refused.
+    Egress {
+        /// Unix time in milliseconds (when the call's result was recorded).
+        time_ms: u64,
+        /// The session.
+        session: String,
+        /// The call id.
+        call_id: String,
+        /// The tool.
+        tool: String,
+        /// The host, port, resolved address, protocol, decision, rule and
+        /// bytes each way.
+        #[serde(flatten)]
+        record: stack_types::EgressRecord,
+    },
 }
 
 /// Milliseconds since the Unix epoch.
@@ -139,6 +155,14 @@ impl AuditLog {
                 ..
             } => {
                 tracing::info!(target: "stack_runtime::audit", call_id, tool, status, duration_ms, limit = limit.map(stack_types::Limit::as_str), "tool result");
+            }
+            AuditRecord::Egress {
+                call_id,
+                tool,
+                record,
+                ..
+            } => {
+                tracing::info!(target: "stack_runtime::audit", call_id, tool, host = %record.host, port = record.port, decision = ?record.decision, rule = %record.rule, "egress");
             }
         }
         let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;

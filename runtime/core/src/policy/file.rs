@@ -89,7 +89,7 @@ pub struct McpServerSpec {
     #[serde(default)]
     pub read_only: Vec<PathBuf>,
     /// Network reach (default `none`).
-    pub network: Option<NetworkMode>,
+    pub network: Option<Network>,
     /// The decision for its tools not named under `tools` (default: the
     /// policy's `[defaults]`).
     pub decision: Option<Verdict>,
@@ -130,8 +130,9 @@ pub enum Backend {
     Process,
 }
 
-/// Network reach, as written in a policy.
-pub use stack_sandbox::process::NetworkMode;
+/// Network reach, as written in a policy: `"none"`, `"loopback"`,
+/// `"full"`, or an allowlist table.
+pub use stack_sandbox::process::Network;
 
 /// Sandbox settings; every field optional so layers can merge.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
@@ -153,8 +154,9 @@ pub struct SandboxSettings {
     pub file_size_mb: Option<u64>,
     /// Extra read-only paths.
     pub read_only_paths: Option<Vec<PathBuf>>,
-    /// `none`, `loopback` or `full`.
-    pub network: Option<NetworkMode>,
+    /// `none`, `loopback`, `full`, or `{ allow = [...], deny = [...] }`
+    /// (egress by name through the runtime's proxy).
+    pub network: Option<Network>,
     /// Keep a live interpreter between calls (WASI).
     pub stateful: Option<bool>,
     /// Workspace paths (relative) that sandboxed code may read but not
@@ -180,7 +182,12 @@ impl SandboxSettings {
                 .read_only_paths
                 .clone()
                 .or_else(|| self.read_only_paths.clone()),
-            network: over.network.or(self.network),
+            // An allowlist over an allowlist narrows it; anything else
+            // replaces.
+            network: match (&self.network, &over.network) {
+                (Some(base), Some(over)) => Some(base.layered(over)),
+                (base, over) => over.clone().or_else(|| base.clone()),
+            },
             stateful: over.stateful.or(self.stateful),
             read_only_in_workspace: over
                 .read_only_in_workspace
@@ -220,17 +227,8 @@ impl SandboxSettings {
                 (None, None) => None,
             }
         }
-        let network_rank = |mode: NetworkMode| match mode {
-            NetworkMode::None => 0,
-            NetworkMode::Loopback => 1,
-            NetworkMode::Full => 2,
-        };
-        let network = match (self.network, outer.network) {
-            (Some(a), Some(b)) => Some(if network_rank(a) <= network_rank(b) {
-                a
-            } else {
-                b
-            }),
+        let network = match (&self.network, &outer.network) {
+            (Some(inner), Some(outer)) => Some(inner.within(outer)),
             // Unset means none.
             _ => None,
         };
@@ -304,7 +302,7 @@ pub struct SandboxSection {
     /// See [`SandboxSettings::read_only_paths`].
     pub read_only_paths: Option<Vec<PathBuf>>,
     /// See [`SandboxSettings::network`].
-    pub network: Option<NetworkMode>,
+    pub network: Option<Network>,
     /// See [`SandboxSettings::stateful`].
     pub stateful: Option<bool>,
     /// See [`SandboxSettings::read_only_in_workspace`].
@@ -331,7 +329,7 @@ impl SandboxSection {
             output_bytes: self.output_bytes,
             file_size_mb: self.file_size_mb,
             read_only_paths: self.read_only_paths.clone(),
-            network: self.network,
+            network: self.network.clone(),
             stateful: self.stateful,
             read_only_in_workspace: self.read_only_in_workspace.clone(),
             hidden_in_workspace: self.hidden_in_workspace.clone(),

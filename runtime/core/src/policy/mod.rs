@@ -45,7 +45,7 @@ pub use rules::ArgRule;
 
 use crate::tools::ValidatedCall;
 use file::LoadedFile;
-use stack_sandbox::process::{NetworkMode, ProcessPolicy, ResourceLimits};
+use stack_sandbox::process::{Network, ProcessPolicy, ResourceLimits};
 
 /// What the policy decided about one call, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -321,7 +321,7 @@ impl Policy {
     /// otherwise; its `read_only` paths added; CPU seconds over its life).
     pub fn mcp_server_sandbox(&self, server: &McpServerSpec) -> ProcessPolicy {
         let mut settings = self.sandbox_defaults.clone();
-        settings.network = Some(server.network.unwrap_or(NetworkMode::None));
+        settings.network = Some(server.network.clone().unwrap_or(Network::None));
         settings.memory_mb = server.memory_mb.or(settings.memory_mb);
         settings.processes = server.processes.or(settings.processes);
         settings.cpu_seconds = Some(server.cpu_seconds.unwrap_or(600));
@@ -537,7 +537,7 @@ impl Policy {
 pub fn process_policy(settings: &SandboxSettings) -> ProcessPolicy {
     let base = ResourceLimits::default();
     ProcessPolicy {
-        network: settings.network.unwrap_or(NetworkMode::None),
+        network: settings.network.clone().unwrap_or_default(),
         limits: ResourceLimits {
             wall_ms: settings.timeout_ms.unwrap_or(base.wall_ms),
             cpu_seconds: settings.cpu_seconds.unwrap_or(base.cpu_seconds),

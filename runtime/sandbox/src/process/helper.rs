@@ -34,6 +34,12 @@
 //! 8. it takes its stdin, stdout and stderr from the request, and writes
 //!    the call's code (a sealed memfd) into its private tmp dir; rlimits;
 //!    `chdir` to the workspace;
+//! 9. with a network allowlist ([`NetworkMode::Proxied`]), binds a
+//!    listening socket on `127.0.0.1` in the zygote's network namespace,
+//!    hands it to the runtime (whose egress proxy serves it), keeps no
+//!    copy, and adds a landlock rule allowing TCP connects to that port
+//!    only (binds and every other port stay refused); `HTTP_PROXY`,
+//!    `HTTPS_PROXY` and `ALL_PROXY` name it;
 //! 9. adds the call's read-only rules (interpreter prefix, policy extras)
 //!    and enforces the ruleset; every fd above 2 is marked close-on-exec;
 //!    the init is moved to this CPU, where it will report the exit;
@@ -41,12 +47,12 @@
 
 use std::convert::Infallible;
 use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use landlock::{
-    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
-    RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, PathFd,
+    Ruleset, RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 use nix::libc;
 use nix::sched::{unshare, CloneFlags};
@@ -57,7 +63,9 @@ use nix::unistd::{getgid, getpid, getuid, setgroups, setresgid, setresuid, setsi
 use super::packet;
 use super::probe::landlock_abi;
 use super::seccomp::Filters;
-use super::spec::{CallSpec, FromZygote, NetworkMode, ZygoteSpec, CONTROL_FD, ZYGOTE_ENV};
+use super::spec::{
+    CallReport, CallSpec, FromZygote, NetworkMode, ZygoteSpec, CONTROL_FD, ZYGOTE_ENV,
+};
 use super::zygote;
 
 /// Exit code of the helper (or a call's target) when setting up failed.
@@ -160,6 +168,7 @@ pub(crate) struct Prepared {
     ruleset: RulesetCreated,
     abi: ABI,
     version: i32,
+    network: NetworkMode,
 }
 
 /// Run by a spare's target while it waits: the per-call seccomp filters
@@ -189,7 +198,8 @@ pub(crate) fn confine_and_exec(
     workspace: &Path,
     tmp: &Path,
     mut fds: Vec<OwnedFd>,
-    prepared: Prepared,
+    mut prepared: Prepared,
+    channel: BorrowedFd<'_>,
 ) -> Result<Infallible, String> {
     let wanted = if call.code_file.is_some() { 4 } else { 3 };
     if fds.len() != wanted {
@@ -212,6 +222,27 @@ pub(crate) fn confine_and_exec(
     std::env::set_current_dir(workspace)
         .map_err(|e| format!("chdir {}: {e}", workspace.display()))?;
     let (argv, mut env) = exec_strings(&argv, tmp)?;
+    if prepared.network == NetworkMode::Proxied {
+        let port = hand_over_egress_listener(channel)?;
+        prepared.ruleset = prepared
+            .ruleset
+            .add_rule(NetPort::new(port, AccessNet::ConnectTcp))
+            .map_err(|e| format!("landlock: {e}"))?;
+        let http = format!("http://127.0.0.1:{port}");
+        let socks = format!("socks5h://127.0.0.1:{port}");
+        for (name, value) in [
+            ("HTTP_PROXY", &http),
+            ("http_proxy", &http),
+            ("HTTPS_PROXY", &http),
+            ("https_proxy", &http),
+            ("ALL_PROXY", &socks),
+            ("all_proxy", &socks),
+            ("NO_PROXY", &String::new()),
+            ("no_proxy", &String::new()),
+        ] {
+            env.push(CString::new(format!("{name}={value}")).map_err(|e| e.to_string())?);
+        }
+    }
     for (name, value) in &call.env {
         // The runtime refused names of the fixed environment; the target
         // gets the first of any duplicate, so a fixed one always wins.
@@ -227,6 +258,26 @@ pub(crate) fn confine_and_exec(
         call.argv[0],
         err.map_or("unknown error".into(), |e| e.desc().to_string())
     ))
+}
+
+/// Binds the call's egress listener on `127.0.0.1` (an ephemeral port, in
+/// the call's network namespace), hands it to the runtime on `channel`,
+/// and keeps no copy: the sandboxed process can connect to it, never
+/// accept on it. Returns its port.
+fn hand_over_egress_listener(channel: BorrowedFd<'_>) -> Result<u16, String> {
+    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .map_err(|e| format!("binding the egress proxy's socket: {e}"))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| format!("egress proxy socket: {e}"))?
+        .port();
+    packet::send(
+        channel,
+        &CallReport::EgressListening { port },
+        &[listener.as_raw_fd()],
+    )
+    .map_err(|e| format!("handing the egress proxy's socket over: {e}"))?;
+    Ok(port)
 }
 
 /// `argv` and the environment of a call whose private tmp dir is `tmp`, as
@@ -319,7 +370,7 @@ fn enter_namespaces(spec: &ZygoteSpec) -> Result<(), String> {
     write_proc("/proc/self/setgroups", "deny")?;
     write_proc("/proc/self/uid_map", &format!("{uid} {uid} 1"))?;
     write_proc("/proc/self/gid_map", &format!("{gid} {gid} 1"))?;
-    if spec.network == NetworkMode::Loopback {
+    if matches!(spec.network, NetworkMode::Loopback | NetworkMode::Proxied) {
         loopback_up()?;
     }
     super::mounts::enter_private_root(spec)?;
@@ -429,7 +480,10 @@ fn base_ruleset(spec: &ZygoteSpec, base: &BaseRules) -> Result<Prepared, String>
         .set_compatibility(CompatLevel::HardRequirement)
         .handle_access(AccessFs::from_all(abi))
         .map_err(err)?;
-    if version >= 4 && spec.network == NetworkMode::None {
+    if spec.network == NetworkMode::Proxied && version < 4 {
+        return Err(format!("a network allowlist needs landlock ABI 4 (TCP port rules); this kernel has ABI {version}"));
+    }
+    if version >= 4 && matches!(spec.network, NetworkMode::None | NetworkMode::Proxied) {
         ruleset = ruleset
             .handle_access(AccessNet::from_all(abi))
             .map_err(err)?;
@@ -453,6 +507,7 @@ fn base_ruleset(spec: &ZygoteSpec, base: &BaseRules) -> Result<Prepared, String>
         ruleset,
         abi,
         version,
+        network: spec.network,
     })
 }
 
@@ -479,6 +534,7 @@ fn enforce_landlock(call: &CallSpec, prepared: Prepared) -> Result<(), String> {
         ruleset,
         abi,
         version,
+        network: _,
     } = prepared;
     if version < call.min_landlock_abi {
         return Err(format!(

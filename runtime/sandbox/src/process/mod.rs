@@ -102,6 +102,7 @@ mod cgroup;
 mod grant;
 mod helper;
 pub(crate) mod mounts;
+mod network;
 mod packet;
 mod pool;
 mod probe;
@@ -123,11 +124,13 @@ use tokio::io::AsyncWriteExt;
 
 pub use cgroup::CgroupLayout;
 pub use helper::helper_main;
+pub use network::Network;
 pub use pool::wait_for_cleanup;
 pub use probe::{Guarantee, KernelProbe};
 #[cfg(feature = "wasi")]
 pub(crate) use spec::ProtectedPath;
 pub use spec::{NetworkMode, ProtectedMode, ResourceLimits};
+pub use stack_egress::{Allowlist, EgressRules};
 
 use pool::{Zygote, ZygoteKey, ZygotePool};
 use spec::CallSpec;
@@ -242,7 +245,7 @@ pub enum SandboxError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessPolicy {
     /// Network reach.
-    pub network: NetworkMode,
+    pub network: Network,
     /// Resource limits.
     pub limits: ResourceLimits,
     /// Extra read-only paths.
@@ -260,7 +263,7 @@ pub struct ProcessPolicy {
 impl Default for ProcessPolicy {
     fn default() -> Self {
         ProcessPolicy {
-            network: NetworkMode::None,
+            network: Network::None,
             limits: ResourceLimits::default(),
             extra_read_only: Vec::new(),
             min_landlock_abi: 6,
@@ -443,12 +446,24 @@ impl ProcessSandbox {
             stdio,
             workspace,
             snapshot,
+            egress,
         } = handed;
         // Abandoned, the call is killed (in `run_call`) and then, once its
         // processes are gone, what it did to protected paths is undone.
         let watch_init = pidfd.try_clone().ok().map(protect::AbandonedCall::Init);
         let mut undo = protect::UndoIfAbandoned::new(snapshot, workspace.clone(), watch_init);
         let mut outcome = run_call(&zygote, channel, pidfd, policy.limits, stdio).await?;
+        if let Some(proxy) = egress {
+            // The call's processes are gone: its connections end now.
+            let report = proxy.finish().await;
+            outcome.egress = report.records;
+            if report.dropped > 0 {
+                outcome.stderr.push_str(&format!(
+                    "\n[egress proxy: {} more connections decided but not recorded]",
+                    report.dropped
+                ));
+            }
+        }
         let snapshot = undo.take().unwrap_or_default();
         if !snapshot.is_empty() {
             let undone = off_the_runtime(move || snapshot.undo_changes(&workspace))
@@ -530,6 +545,11 @@ impl ProcessSandbox {
         if let Some(missing) = probe.missing_requirements(policy.min_landlock_abi) {
             return Err(SandboxError::KernelLacks(missing));
         }
+        if policy.network.allowlist().is_some() {
+            if let Some(missing) = probe.egress_filtering_missing() {
+                return Err(SandboxError::KernelLacks(missing));
+            }
+        }
         let program_name = request
             .argv
             .first()
@@ -568,7 +588,7 @@ impl ProcessSandbox {
             workspace: workspace.clone(),
             uid,
             gid,
-            network: policy.network,
+            network: policy.network.mode(),
             memory_bytes: policy.limits.memory_bytes,
             processes: policy.limits.processes,
             read_only: read_only.clone(),
@@ -631,6 +651,16 @@ impl ProcessSandbox {
             }
         };
         drop(code);
+        let egress = match policy.network.allowlist() {
+            Some(allowlist) => {
+                let wall = Duration::from_millis(policy.limits.wall_ms);
+                let listener = egress_listener(&channel, wall).await?;
+                let proxy = stack_egress::EgressProxy::start(listener, allowlist.clone())
+                    .map_err(|e| SandboxError::Setup(format!("starting the egress proxy: {e}")))?;
+                Some(proxy)
+            }
+            None => None,
+        };
         Ok(HandedOver {
             zygote,
             channel,
@@ -638,6 +668,7 @@ impl ProcessSandbox {
             stdio,
             workspace,
             snapshot,
+            egress,
         })
     }
 
@@ -714,6 +745,8 @@ struct HandedOver {
     stdio: CallStdio,
     workspace: PathBuf,
     snapshot: protect::Snapshot,
+    /// The call's egress proxy, serving its listener (a network allowlist).
+    egress: Option<stack_egress::EgressProxy>,
 }
 
 /// A service has no wall-clock limit: this stands for "for ever" (136
@@ -815,6 +848,7 @@ impl SandboxedService {
             stdio,
             workspace,
             snapshot,
+            egress,
         } = handed;
         // From here on, dropping `init` (this function failing, or the
         // waiter task being aborted) kills the service.
@@ -866,6 +900,10 @@ impl SandboxedService {
                 Ended::TimedOut => ServiceEnd::Failed("timed out".into()),
             };
             drop(init);
+            // Its connections were logged (`tracing`) as they were decided.
+            if let Some(proxy) = egress {
+                proxy.finish().await;
+            }
             let snapshot = undo.take().unwrap_or_default();
             if !snapshot.is_empty() {
                 let undone = off_the_runtime(move || snapshot.undo_changes(&workspace))
@@ -1086,6 +1124,53 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The listening socket a [`NetworkMode::Proxied`] call's target binds in
+/// its network namespace and sends before it confines itself (see
+/// `helper::hand_over_egress_listener`): the first packet on the call's
+/// socket. A setup failure instead is the call's error.
+async fn egress_listener(
+    report: &tokio::io::unix::AsyncFd<OwnedFd>,
+    wall: Duration,
+) -> Result<std::net::TcpListener, SandboxError> {
+    use std::os::fd::AsFd;
+    let setup = |why: String| SandboxError::Setup(format!("egress proxy: {why}"));
+    let deadline = tokio::time::Instant::now() + wall;
+    loop {
+        let mut ready = match tokio::time::timeout_at(deadline, report.readable()).await {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(err)) => return Err(setup(err.to_string())),
+            Err(_) => return Err(setup("the sandbox did not hand over its socket".into())),
+        };
+        match packet::recv(report.get_ref().as_fd(), true) {
+            Ok(Some(mut packet)) => match packet.decode::<spec::CallReport>() {
+                Ok(spec::CallReport::EgressListening { .. }) if packet.fds.len() == 1 => {
+                    let fd = packet.fds.remove(0);
+                    // A TCP socket that listens, or nothing is served.
+                    let listening =
+                        nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn)
+                            .unwrap_or(false);
+                    let listener = std::net::TcpListener::from(fd);
+                    let loopback = listener
+                        .local_addr()
+                        .is_ok_and(|address| address.ip().is_loopback());
+                    if !listening || !loopback {
+                        return Err(setup("the sandbox sent something other than a TCP socket listening on loopback".into()));
+                    }
+                    return Ok(listener);
+                }
+                Ok(spec::CallReport::SetupFailed { message }) => {
+                    return Err(SandboxError::Setup(message))
+                }
+                Ok(other) => return Err(setup(format!("unexpected report {other:?}"))),
+                Err(err) => return Err(setup(err.to_string())),
+            },
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => ready.clear_ready(),
+            Ok(None) => return Err(setup("the sandbox closed its report channel".into())),
+            Err(err) => return Err(setup(err.to_string())),
+        }
+    }
+}
+
 /// Registers `fd` with tokio for readability.
 fn watch(fd: OwnedFd) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     // SAFETY: an OwnedFd keeps its one descriptor open, unchanged, for as
@@ -1121,6 +1206,8 @@ async fn wait_report(report: &tokio::io::unix::AsyncFd<OwnedFd>, wall: Duration)
                     }
                 }
                 Ok(spec::CallReport::SetupFailed { message }) => setup_error = Some(message),
+                // Read by `egress_listener` before the wait; never twice.
+                Ok(spec::CallReport::EgressListening { .. }) => {}
                 Err(_) => {}
             },
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => ready.clear_ready(),

@@ -140,6 +140,31 @@ impl KernelProbe {
         }
         (!missing.is_empty()).then(|| format!("the process sandbox needs {}", missing.join(", ")))
     }
+
+    /// Why a network allowlist (egress by name through the runtime's
+    /// proxy) cannot be enforced here, if it cannot: it needs landlock's
+    /// TCP port rules (ABI 4, Linux 6.7) to keep sandboxed code off every
+    /// port but the proxy's, and a network namespace of its own (which the
+    /// user namespace gives).
+    pub fn egress_filtering_missing(&self) -> Option<String> {
+        let mut missing = Vec::new();
+        match self.landlock_abi {
+            Some(abi) if abi >= 4 => {}
+            Some(abi) => missing.push(format!(
+                "landlock ABI 4 for TCP port rules (kernel has {abi}; Linux 6.7+)"
+            )),
+            None => missing.push("landlock ABI 4 for TCP port rules (no landlock)".to_string()),
+        }
+        if !self.user_namespaces {
+            missing.push("unprivileged user and network namespaces".to_string());
+        }
+        (!missing.is_empty()).then(|| {
+            format!(
+                "a network allowlist needs {}; without them the egress proxy could be bypassed, so the call is refused",
+                missing.join(", ")
+            )
+        })
+    }
 }
 
 /// The landlock ABI version of the running kernel.

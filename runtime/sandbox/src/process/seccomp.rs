@@ -20,7 +20,8 @@
 //! `syslog`, `iopl`/`ioperm`), namespace escapes (`unshare`, `setns`, and
 //! `clone` with any `CLONE_NEW*` flag), file-handle tricks
 //! (`open_by_handle_at`), terminal injection (`ioctl(TIOCSTI)`) and, when
-//! the network is `none`, `socket` for any family but `AF_UNIX`.
+//! the network is `none`, `socket` for any family but `AF_UNIX` (with a
+//! network allowlist, any but `AF_UNIX`, `AF_INET` and `AF_INET6`).
 
 use std::collections::BTreeMap;
 
@@ -170,6 +171,27 @@ pub(crate) fn denylist(network: NetworkMode) -> Result<BpfProgram, String> {
             )?])?],
         );
     }
+    if network == NetworkMode::Proxied {
+        // A network allowlist: IPv4 and IPv6 sockets, to reach the egress
+        // proxy on loopback (landlock allows its one port), and unix ones;
+        // no netlink, packet or other family.
+        let other_family = || {
+            rule(vec![
+                condition(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?,
+                condition(0, SeccompCmpOp::Ne, libc::AF_INET as u64)?,
+                condition(0, SeccompCmpOp::Ne, libc::AF_INET6 as u64)?,
+            ])
+        };
+        rules.insert(libc::SYS_socket, vec![other_family()?]);
+        rules.insert(
+            libc::SYS_socketpair,
+            vec![rule(vec![condition(
+                0,
+                SeccompCmpOp::Ne,
+                libc::AF_UNIX as u64,
+            )?])?],
+        );
+    }
     errno_filter(rules, libc::EPERM)
 }
 
@@ -218,7 +240,12 @@ mod tests {
 
     #[test]
     fn filters_compile_for_every_network_mode() {
-        for mode in [NetworkMode::None, NetworkMode::Loopback, NetworkMode::Full] {
+        for mode in [
+            NetworkMode::None,
+            NetworkMode::Loopback,
+            NetworkMode::Full,
+            NetworkMode::Proxied,
+        ] {
             assert!(!denylist(mode).expect("denylist").is_empty());
         }
         assert!(!clone3_enosys().expect("clone3").is_empty());

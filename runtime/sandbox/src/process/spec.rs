@@ -35,6 +35,11 @@ pub enum NetworkMode {
     Loopback,
     /// The host's network.
     Full,
+    /// A private network namespace with only a loopback interface, where
+    /// each call binds a listening socket for its egress proxy and may
+    /// connect to that one port (a policy's network allowlist; see
+    /// [`Network::Allowlist`](super::Network::Allowlist)).
+    Proxied,
 }
 
 /// Resource limits for one sandboxed call.
@@ -188,6 +193,14 @@ pub(crate) enum FromZygote {
 /// A call's init or target → runtime, on the spare's socket.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum CallReport {
+    /// A [`NetworkMode::Proxied`] call's target, before it confines itself:
+    /// the packet carries a TCP socket listening on `127.0.0.1:port` in the
+    /// call's network namespace, for the runtime's egress proxy to serve.
+    /// The target closed its own copy; `HTTP_PROXY` and the rest name it.
+    EgressListening {
+        /// The port (landlock's one allowed TCP connect port).
+        port: u16,
+    },
     /// The target exited; its raw wait status.
     Exited {
         /// As `waitpid` gave it.

@@ -419,7 +419,14 @@ fn run_target(
     };
     let message = match (prepared, request.decode::<CallSpec>()) {
         (Ok(prepared), Ok(call)) => {
-            match confine_and_exec(&call, &spec.workspace, tmp, request.fds, prepared) {
+            match confine_and_exec(
+                &call,
+                &spec.workspace,
+                tmp,
+                request.fds,
+                prepared,
+                channel.as_fd(),
+            ) {
                 Ok(never) => match never {},
                 Err(message) => message,
             }

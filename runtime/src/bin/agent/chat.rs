@@ -341,6 +341,18 @@ impl Printer {
                 );
             }
             Event::ApprovalNeeded { .. } | Event::ToolStarted { .. } => {}
+            Event::Egress { record, .. } => {
+                let colour = if record.decision == stack_runtime::EgressDecision::Allowed {
+                    "2"
+                } else {
+                    "33"
+                };
+                let _ = writeln!(
+                    out,
+                    "  {}",
+                    self.paint(colour, &format!("⇄ {}", for_terminal(&record.summary())))
+                );
+            }
             Event::ToolFinished { name, outcome, .. } => {
                 let status = outcome.status.as_str();
                 let colour = if outcome.status == Status::Ok {

@@ -18,6 +18,10 @@ pub fn run(json: bool, model: &crate::model_cmd::ModelArgs) -> anyhow::Result<Ex
             "guarantees": guarantees,
             "sandbox_helper": helper.as_ref().map(|h| h.helper().display().to_string()).map_err(|e| e.to_string()),
             "process_sandbox_ready": missing.is_none() && helper.is_ok(),
+            "egress_filtering": match probe.egress_filtering_missing() {
+                None => serde_json::json!({"available": true}),
+                Some(why) => serde_json::json!({"available": false, "missing": why}),
+            },
             "assets": Asset::ALL.iter().map(|a| (a.file_name(), a.locate().map(|p| p.display().to_string()).map_err(|e| e.to_string()))).collect::<Vec<_>>(),
             "served_model": served.as_ref().map(|s| s.as_ref().map_err(|e| format!("{e:#}"))),
             "cpu_kernels": stack_runtime::model::llama::cpu_kernels().map_err(|e| e.to_string()),
@@ -57,6 +61,12 @@ pub fn run(json: bool, model: &crate::model_cmd::ModelArgs) -> anyhow::Result<Ex
         match &helper {
             Ok(sandbox) => println!("helper        {}", sandbox.helper().display()),
             Err(err) => println!("helper        {err}"),
+        }
+        match probe.egress_filtering_missing() {
+            None => println!(
+                "egress        available: network allowlists (network = {{ allow = [...] }}) go through the runtime's proxy; landlock TCP rules keep code off every other port"
+            ),
+            Some(why) => println!("egress        not available: {why}"),
         }
         println!();
         println!("process sandbox guarantees (default policy):");

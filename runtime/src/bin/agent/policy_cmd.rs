@@ -15,16 +15,26 @@ pub enum PolicyCommand {
         /// A policy file or a preset name.
         file: String,
     },
-    /// Show how a policy decides one call, and the sandbox settings it gets.
+    /// Show how a policy decides one call, and the sandbox settings it
+    /// gets; with `--host`, whether sandboxed code may reach that host.
     Explain {
         /// A policy file or a preset name.
         file: String,
-        /// The tool.
-        #[arg(long)]
-        tool: String,
+        /// The tool (with `--host`: whose sandbox section applies; the
+        /// defaults when left out).
+        #[arg(long, required_unless_present = "host")]
+        tool: Option<String>,
         /// The arguments, as a JSON object.
         #[arg(long, default_value = "{}")]
         args: String,
+        /// A host (`pypi.org`, `pypi.org:443`, `10.0.0.7`): the network
+        /// decision sandboxed code gets for it, names resolved as the
+        /// egress proxy would (port 443 unless given).
+        #[arg(long)]
+        host: Option<String>,
+        /// With `--host`: the language whose sandbox section applies.
+        #[arg(long)]
+        language: Option<String>,
     },
 }
 
@@ -49,13 +59,25 @@ pub fn run(command: PolicyCommand, dirs: &ToolDirs) -> anyhow::Result<ExitCode> 
                 Ok(ExitCode::FAILURE)
             }
         },
-        PolicyCommand::Explain { file, tool, args } => {
+        PolicyCommand::Explain {
+            file,
+            tool,
+            args,
+            host,
+            language,
+        } => {
             let policy = match Policy::load_named(&file) {
                 Ok(policy) => policy,
                 Err(err) => {
                     eprintln!("error: {err}");
                     return Ok(ExitCode::FAILURE);
                 }
+            };
+            if let Some(host) = host {
+                return explain_host(&policy, tool.as_deref(), language.as_deref(), &host);
+            }
+            let Some(tool) = tool else {
+                anyhow::bail!("--tool is required without --host");
             };
             let mut registry = build_registry(dirs);
             // An MCP server's tool: that server is started (in the sandbox)
@@ -133,5 +155,91 @@ pub fn run(command: PolicyCommand, dirs: &ToolDirs) -> anyhow::Result<ExitCode> 
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `agent policy explain FILE --host HOST[:PORT]`: the egress decision for
+/// one host under the sandbox section that applies.
+fn explain_host(
+    policy: &Policy,
+    tool: Option<&str>,
+    language: Option<&str>,
+    host: &str,
+) -> anyhow::Result<ExitCode> {
+    use stack_runtime::sandbox::process::Network;
+    let (name, port) = split_host(host)?;
+    let sandbox = policy.sandbox_for(tool.unwrap_or(""), language);
+    let network = sandbox.network.clone().unwrap_or_default();
+    let section = match (tool, language) {
+        (Some(tool), _) => format!("[sandbox.tools.{tool}]"),
+        (None, Some(language)) => format!("[sandbox.languages.{language}]"),
+        (None, None) => "[sandbox]".to_string(),
+    };
+    let wasi = sandbox.backend == Some(stack_runtime::policy::Backend::Wasi);
+    let report = match &network {
+        _ if wasi => serde_json::json!({
+            "decision": "refused",
+            "rule": "this section runs code in WASI, whose guests have no network at all",
+        }),
+        Network::Allowlist(list) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            match runtime.block_on(stack_runtime::egress::vet(list, &name, port)) {
+                Ok(vetted) => serde_json::json!({
+                    "decision": "allowed",
+                    "rule": vetted.rule,
+                    "resolved": vetted.resolved,
+                    "connects_to": vetted.usable,
+                }),
+                Err(refused) => serde_json::json!({
+                    "decision": refused.decision,
+                    "rule": refused.refusal.rule,
+                    "resolved": refused.resolved,
+                }),
+            }
+        }
+        Network::Full => serde_json::json!({
+            "decision": "allowed",
+            "rule": "network = \"full\": every host, no proxy",
+        }),
+        Network::Loopback => serde_json::json!({
+            "decision": "refused",
+            "rule": "network = \"loopback\": the sandbox's own loopback only",
+        }),
+        Network::None => serde_json::json!({
+            "decision": "refused",
+            "rule": "network = \"none\"",
+        }),
+    };
+    let mut report = report;
+    report["host"] = serde_json::json!(name);
+    report["port"] = serde_json::json!(port);
+    report["section"] = serde_json::json!(section);
+    report["network"] = serde_json::json!(network.describe());
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `host`, `host:port`, `[v6]:port` or a bare v6 address; port 443 unless
+/// given.
+fn split_host(text: &str) -> anyhow::Result<(String, u16)> {
+    let bad_port = |p: &str| anyhow::anyhow!("`{p}` is not a port (1-65535)");
+    if let Some(rest) = text.strip_prefix('[') {
+        let (address, after) = rest
+            .split_once(']')
+            .ok_or_else(|| anyhow::anyhow!("`{text}`: an opening `[` without its `]`"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| bad_port(p))?,
+            None => 443,
+        };
+        return Ok((address.to_string(), port));
+    }
+    if text.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Ok((text.to_string(), 443));
+    }
+    match text.rsplit_once(':') {
+        Some((host, p)) => Ok((host.to_string(), p.parse().map_err(|_| bad_port(p))?)),
+        None => Ok((text.to_string(), 443)),
     }
 }
