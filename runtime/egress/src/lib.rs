@@ -37,16 +37,32 @@
 //!   URL is refused; each request on a kept-alive connection is decided on
 //!   its own, so a redirect to a denied host is refused when followed.
 //! - **Parsing is hyper's.** HTTP on both sides goes through hyper; SOCKS5
-//!   is three fixed-size messages, each read whole under a deadline.
-//! - **Bounded.** Lookups, connects and a client's opening bytes have
-//!   deadlines; records per call are capped ([`EgressReport::dropped`]);
-//!   everything the proxy holds for a call ends with the call.
+//!   is three fixed-size messages, each read whole under a deadline. A
+//!   plain request must carry one `Host` naming its URL's host, and the
+//!   upstream gets exactly that one.
+//! - **Bounded.** A proxy serves at most 64 connections at once (more wait
+//!   in the listener's backlog, not in the runtime) and runs at most 8 name
+//!   lookups; a request head is capped at 64 KiB and must arrive within
+//!   10 s; deciding and opening a connection has a 15 s deadline. Refusals
+//!   kept per call are capped (the rest are counted,
+//!   [`EgressReport::dropped`]) and cannot push allowed connections out of
+//!   the record. Everything the proxy holds for a call ends with the call.
+//! - **Calls do not share a way out.** Landlock's TCP rules do not cover
+//!   MPTCP or SMC sockets, so the sandbox's seccomp filter refuses them,
+//!   and calls under different allowlists never share a network namespace
+//!   (the allowlist is part of the zygote's key).
+//! - **Pins cannot widen.** Only the first table's `hosts` (the policy's
+//!   own, or the host's over a client's session policy) pin names; address
+//!   deny entries hold for resolved addresses too.
 //!
 //! Not in scope: what an allowed host does with what it gets (allowing a
 //! host that echoes data back to anyone, a paste site say, allows
-//! exfiltration through it), TLS inspection (`CONNECT` is opaque; the
-//! proxy decides by the name the client asked for, not the SNI), and WASI
-//! guests, which have no network at all.
+//! exfiltration through it, and a CDN that routes by SNI or `Host` inside
+//! a tunnel allows its other customers: domain fronting), TLS inspection
+//! (`CONNECT` is opaque; the proxy decides by the name the client asked
+//! for, not the SNI), and WASI guests, which have no network at all. An
+//! exact loopback entry (`127.0.0.1`) names the runtime host's loopback,
+//! not the sandbox's.
 
 pub mod proxy;
 pub mod resolve;

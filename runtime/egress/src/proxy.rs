@@ -48,9 +48,30 @@ const OPENING_DEADLINE: Duration = Duration::from_secs(10);
 /// sandboxed processes are gone.
 const DRAIN_GRACE: Duration = Duration::from_millis(200);
 
-/// Records kept per proxy; past it, connections are still decided (and
-/// logged through `tracing`) but only counted.
-const MAX_RECORDS: usize = 512;
+/// Refusals kept per proxy; past it, refusals are still decided (and
+/// logged through `tracing`) but only counted, so that a flood of them
+/// costs bounded memory. Allowed connections are kept up to
+/// [`MAX_ALLOWED_RECORDS`], so that junk refusals cannot push a real
+/// connection out of the record.
+const MAX_REFUSED_RECORDS: usize = 512;
+
+/// Allowed connections kept per proxy (each one held a connection slot).
+const MAX_ALLOWED_RECORDS: usize = 8192;
+
+/// Connections one proxy serves at once; more wait to be accepted. Each
+/// holds a runtime descriptor (and an outbound one once allowed).
+const MAX_CONNECTIONS: usize = 64;
+
+/// Name lookups one proxy runs at once (each holds a thread of the
+/// blocking pool for as long as `getaddrinfo` takes).
+const MAX_LOOKUPS: usize = 8;
+
+/// How long deciding and opening one connection may take in all (lookup
+/// and every address tried).
+const OPEN_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Largest request head hyper buffers per connection.
+const MAX_HEAD_BYTES: usize = 64 << 10;
 
 /// Hop-by-hop headers a proxy must not forward (RFC 9110 §7.6.1), and the
 /// proxy's own.
@@ -78,6 +99,8 @@ struct Counters {
 #[derive(Default)]
 struct Log {
     records: Mutex<Vec<(EgressRecord, Arc<Counters>)>>,
+    refused: AtomicU64,
+    allowed: AtomicU64,
     dropped: AtomicU64,
 }
 
@@ -93,8 +116,14 @@ impl Log {
             "egress"
         );
         let counters = Arc::new(Counters::default());
-        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        if records.len() < MAX_RECORDS {
+        let (count, cap) = match record.decision {
+            EgressDecision::Allowed => (&self.allowed, MAX_ALLOWED_RECORDS),
+            EgressDecision::Refused | EgressDecision::Unreachable => {
+                (&self.refused, MAX_REFUSED_RECORDS)
+            }
+        };
+        if count.fetch_add(1, Ordering::Relaxed) < cap as u64 {
+            let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
             records.push((record, counters.clone()));
         } else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -119,6 +148,8 @@ impl Log {
 struct Shared {
     rules: Allowlist,
     log: Log,
+    /// Name lookups in flight (see [`MAX_LOOKUPS`]).
+    lookups: tokio::sync::Semaphore,
     tasks: TaskTracker,
     /// Ends every connection at once.
     abort: CancellationToken,
@@ -166,14 +197,23 @@ impl EgressProxy {
         let shared = Arc::new(Shared {
             rules,
             log: Log::default(),
+            lookups: tokio::sync::Semaphore::new(MAX_LOOKUPS),
             tasks: TaskTracker::new(),
             abort: CancellationToken::new(),
         });
         let stop = CancellationToken::new();
         let accepting = shared.clone();
         let stopped = stop.clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         shared.spawn(async move {
             loop {
+                // A slot first: past MAX_CONNECTIONS, clients wait in the
+                // listener's backlog, not in the runtime.
+                let slot = tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    slot = Arc::clone(&slots).acquire_owned() => slot,
+                };
+                let Ok(slot) = slot else { return };
                 let accepted = tokio::select! {
                     _ = stopped.cancelled() => return,
                     accepted = listener.accept() => accepted,
@@ -181,7 +221,10 @@ impl EgressProxy {
                 match accepted {
                     Ok((stream, _)) => {
                         let shared = accepting.clone();
-                        accepting.spawn(serve_connection(stream, shared));
+                        accepting.spawn(async move {
+                            serve_connection(stream, shared).await;
+                            drop(slot);
+                        });
                     }
                     Err(err) => {
                         // Out of descriptors, say: wait rather than spin.
@@ -282,8 +325,13 @@ async fn open(
     port: u16,
     protocol: EgressProtocol,
 ) -> Result<Counted, Refusal> {
+    // The host as the proxy understood it (lower-cased, no trailing dot),
+    // or, for what is not a host, the text escaped: a record never carries
+    // control characters into a log.
+    let shown = Host::parse(host_text)
+        .map_or_else(|_| host_text.escape_debug().to_string(), |h| h.to_string());
     let record = |decision, address, rule: String| EgressRecord {
-        host: host_text.to_string(),
+        host: shown.clone(),
         port,
         address,
         protocol,
@@ -292,7 +340,20 @@ async fn open(
         bytes_out: 0,
         bytes_in: 0,
     };
-    match connect_checked(shared, host_text, port).await {
+    let opened = tokio::time::timeout(OPEN_DEADLINE, connect_checked(shared, host_text, port))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Refused {
+                refusal: Refusal::new(
+                    RefusalKind::Unreachable,
+                    format!("no connection within {} s", OPEN_DEADLINE.as_secs()),
+                ),
+                decision: EgressDecision::Unreachable,
+                address: None,
+                resolved: Vec::new(),
+            })
+        });
+    match opened {
         Ok((stream, address, rule)) => {
             let counters = shared
                 .log
@@ -393,11 +454,15 @@ async fn connect_checked(
     host_text: &str,
     port: u16,
 ) -> Result<(TcpStream, IpAddr, String), Refused> {
+    let vetted = {
+        let _lookup = shared.lookups.acquire().await;
+        vet(&shared.rules, host_text, port).await
+    };
     let Vetted {
         rule,
         usable: checked,
         resolved,
-    } = vet(&shared.rules, host_text, port).await?;
+    } = vetted?;
     let mut last_error = String::new();
     for address in &checked {
         let target = SocketAddr::new(*address, port);
@@ -442,6 +507,9 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
         });
         let _ = hyper::server::conn::http1::Builder::new()
             .title_case_headers(true)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(OPENING_DEADLINE)
+            .max_buf_size(MAX_HEAD_BYTES)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades()
             .await;
@@ -541,31 +609,44 @@ async fn forward(mut request: Request<Incoming>, shared: Arc<Shared>) -> Respons
     }
     let host = authority.host().to_string();
     let port = authority.port_u16().unwrap_or(80);
-    if let Some(value) = request.headers().get(HOST) {
-        let same = host_header(value).is_some_and(|(named, named_port)| {
+    let hosts: Vec<&HeaderValue> = request.headers().get_all(HOST).iter().collect();
+    let same = match hosts.as_slice() {
+        [] => true,
+        [value] => host_header(value).is_some_and(|(named, named_port)| {
             named_port.unwrap_or(80) == port
                 && matches!((Host::parse(&named), Host::parse(&host)), (Ok(a), Ok(b)) if a == b)
+        }),
+        _ => false,
+    };
+    if !same {
+        let named: Vec<String> = hosts
+            .iter()
+            .map(|v| {
+                v.to_str()
+                    .unwrap_or("(not text)")
+                    .escape_debug()
+                    .to_string()
+            })
+            .collect();
+        let refusal = Refusal::new(
+            RefusalKind::HostMismatch,
+            format!(
+                "the Host header names `{}`, not the URL's host {host}:{port}",
+                named.join("`, `")
+            ),
+        );
+        shared.log.push(EgressRecord {
+            host: Host::parse(&host)
+                .map_or_else(|_| host.escape_debug().to_string(), |h| h.to_string()),
+            port,
+            address: None,
+            protocol: EgressProtocol::Http,
+            decision: EgressDecision::Refused,
+            rule: refusal.rule.clone(),
+            bytes_out: 0,
+            bytes_in: 0,
         });
-        if !same {
-            let refusal = Refusal::new(
-                RefusalKind::HostMismatch,
-                format!(
-                    "the Host header names `{}`, not the URL's host {host}:{port}",
-                    value.to_str().unwrap_or("(not text)")
-                ),
-            );
-            shared.log.push(EgressRecord {
-                host: host.clone(),
-                port,
-                address: None,
-                protocol: EgressProtocol::Http,
-                decision: EgressDecision::Refused,
-                rule: refusal.rule.clone(),
-                bytes_out: 0,
-                bytes_in: 0,
-            });
-            return refusal_response(&host, port, &refusal);
-        }
+        return refusal_response(&host, port, &refusal);
     }
     let upstream = match open(&shared, &host, port, EgressProtocol::Http).await {
         Ok(upstream) => upstream,
@@ -596,9 +677,19 @@ async fn forward(mut request: Request<Incoming>, shared: Arc<Shared>) -> Respons
     for name in HOP_BY_HOP {
         headers.remove(*name);
     }
-    if !headers.contains_key(HOST) {
-        if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
+    // The one Host the upstream sees: the URL's host and port, never a
+    // user-info part or a second header.
+    let named = if authority.port_u16().is_some() {
+        format!("{}:{port}", authority.host())
+    } else {
+        authority.host().to_string()
+    };
+    match HeaderValue::from_str(&named) {
+        Ok(value) => {
             headers.insert(HOST, value);
+        }
+        Err(_) => {
+            headers.remove(HOST);
         }
     }
     match sender.send_request(request).await {

@@ -18,15 +18,21 @@ pub async fn resolve(rules: &Allowlist, name: &str, port: u16) -> Result<Vec<IpA
         return Ok(vec![address]);
     }
     let unresolvable = |why: String| Refusal::new(RefusalKind::Unresolvable, why);
-    let found = tokio::time::timeout(LOOKUP_DEADLINE, tokio::net::lookup_host((name, port)))
-        .await
-        .map_err(|_| {
-            unresolvable(format!(
-                "looking up {name} took over {} s",
-                LOOKUP_DEADLINE.as_secs()
-            ))
-        })?
-        .map_err(|err| unresolvable(format!("{name} did not resolve: {err}")))?;
+    // Fully qualified (a trailing dot), so that no search domain of the
+    // resolver's configuration is tried first.
+    let qualified = format!("{name}.");
+    let found = tokio::time::timeout(
+        LOOKUP_DEADLINE,
+        tokio::net::lookup_host((qualified.as_str(), port)),
+    )
+    .await
+    .map_err(|_| {
+        unresolvable(format!(
+            "looking up {name} took over {} s",
+            LOOKUP_DEADLINE.as_secs()
+        ))
+    })?
+    .map_err(|err| unresolvable(format!("{name} did not resolve: {err}")))?;
     let mut addresses: Vec<IpAddr> = Vec::new();
     for address in found.map(|socket| canonical(socket.ip())) {
         if !addresses.contains(&address) {

@@ -73,7 +73,11 @@ impl Entry {
         }
         let (host, port) = split_port(&text).map_err(|problem| bad(&problem))?;
         let pattern = if let Ok(address) = host.parse::<IpAddr>() {
-            Pattern::Address(canonical(address))
+            let address = canonical(address);
+            if address.is_unspecified() || address.is_multicast() {
+                return Err(bad("an unspecified or multicast address names no one host"));
+            }
+            Pattern::Address(address)
         } else if let Some(domain) = host.strip_prefix("*.") {
             check_name(domain).map_err(|problem| bad(&problem))?;
             Pattern::Subdomains(domain.to_string())
@@ -259,8 +263,14 @@ fn special_v6(v6: Ipv6Addr) -> bool {
         // fc00::/7 unique local, fe80::/10 link-local
         || (segments[0] & 0xfe00) == 0xfc00
         || (segments[0] & 0xffc0) == 0xfe80
-        // 2001:db8::/32 documentation, 100::/64 discard
+        // fec0::/10 site-local (deprecated, still routed inside sites)
+        || (segments[0] & 0xffc0) == 0xfec0
+        // 2001::/23 IETF protocol assignments (Teredo, ORCHID…), which
+        // covers 2001:db8::/32 documentation too; 100::/64 discard
+        || (segments[0] == 0x2001 && segments[1] < 0x0200)
         || (segments[0] == 0x2001 && segments[1] == 0x0db8)
+        // 64:ff9b:1::/48 local-use NAT64
+        || (segments[0..3] == [0x64, 0xff9b, 1])
         || (segments[0] == 0x0100 && segments[1..4] == [0, 0, 0])
         // 64:ff9b::/96 NAT64 and 2002::/16 6to4 carry an IPv4 address
         || (segments[0..6] == [0x64, 0xff9b, 0, 0, 0, 0]
@@ -282,7 +292,7 @@ struct WrittenTable {
 }
 
 /// One table of rules: allow and deny entries, and pinned names.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "WrittenTable", into = "WrittenTable")]
 pub struct EgressRules {
     allow: Vec<Entry>,
@@ -438,7 +448,7 @@ impl Refusal {
 
 /// The rules a connection must pass: one table, or several when narrower
 /// sections added theirs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(from = "EgressRules", into = "Vec<EgressRules>")]
 pub struct Allowlist {
     tables: Vec<EgressRules>,
@@ -499,18 +509,26 @@ impl Allowlist {
     /// special one that every table names exactly.
     pub fn address_allowed(&self, address: IpAddr, port: u16) -> bool {
         let address = canonical(address);
-        !is_special_address(address)
-            || self
-                .tables
-                .iter()
-                .all(|table| table.allow.iter().any(|e| e.names_address(address, port)))
+        let denied = self
+            .tables
+            .iter()
+            .any(|table| table.deny.iter().any(|e| e.names_address(address, port)));
+        !denied
+            && (!is_special_address(address)
+                || self
+                    .tables
+                    .iter()
+                    .all(|table| table.allow.iter().any(|e| e.names_address(address, port))))
     }
 
-    /// The address a name is pinned to, if a table pins it.
+    /// The address a name is pinned to, if the first table (the policy's
+    /// own, or the host's for a client's session policy) pins it. A
+    /// narrower table's `hosts` is not used: pinning a name to an address
+    /// the wider table never saw would widen it.
     pub fn pinned(&self, name: &str) -> Option<IpAddr> {
         self.tables
-            .iter()
-            .find_map(|table| table.hosts.get(name).copied())
+            .first()
+            .and_then(|table| table.hosts.get(name).copied())
     }
 }
 
@@ -568,6 +586,9 @@ mod tests {
             "::ffff:127.0.0.1",
             "64:ff9b::a00:1",
             "2002:7f00:1::",
+            "fec0::1",
+            "2001::1",
+            "64:ff9b:1::a00:1",
         ] {
             let address: IpAddr = special.parse().expect("address");
             assert!(is_special_address(address), "{special}");
@@ -576,6 +597,21 @@ mod tests {
         assert!(rules.address_allowed("10.0.0.7".parse().expect("ip"), 443));
         assert!(rules.address_allowed("151.101.0.223".parse().expect("ip"), 443));
         assert!(rules.address_allowed("2a04:4e42::223".parse().expect("ip"), 443));
+    }
+
+    #[test]
+    fn address_deny_entries_hold_for_resolved_addresses_and_only_the_first_table_pins() {
+        let rules = list(&["pypi.org"], &["151.101.0.223"]);
+        assert!(!rules.address_allowed("151.101.0.223".parse().expect("ip"), 443));
+        assert!(rules.address_allowed("151.101.64.223".parse().expect("ip"), 443));
+        let host = Allowlist::from(EgressRules::new(&["pypi.org"], &[]).expect("rules"));
+        let client = Allowlist::from(
+            EgressRules::new(&["pypi.org"], &[])
+                .expect("rules")
+                .pin("pypi.org", "45.33.32.156".parse().expect("ip"))
+                .expect("pin"),
+        );
+        assert_eq!(host.narrowed(&client).pinned("pypi.org"), None);
     }
 
     #[test]

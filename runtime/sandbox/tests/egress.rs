@@ -344,11 +344,31 @@ async fn ways_around_the_proxy_get_nowhere() {
             format!("curl -sSf -H 'Host: gist.forge.test:{g}' http://allowed.test:{a}/"),
             "403",
         ),
+        // Two Host headers, the second another host (a CDN edge may route
+        // by the last one).
+        (
+            "two Host headers",
+            format!("python3 -c \"import os, socket; p = int(os.environ['HTTP_PROXY'].rsplit(':', 1)[1]); s = socket.create_connection(('127.0.0.1', p)); s.sendall(b'GET http://allowed.test:{a}/ HTTP/1.1\\r\\nHost: allowed.test:{a}\\r\\nHost: gist.forge.test:{g}\\r\\nConnection: close\\r\\n\\r\\n'); r = s.recv(100).decode(); print(r, file=__import__('sys').stderr); exit(0 if ' 200 ' in r else 1)\""),
+            "403 Forbidden",
+        ),
         // A redirect to a denied host is refused when followed.
         (
             "redirect to a denied host",
             format!("curl -sSfL http://allowed.test:{a}/redirect"),
             "403",
+        ),
+        // MPTCP (and SMC) sockets, which landlock's TCP rules do not
+        // cover: refused outright, so no other port of the namespace is
+        // reachable.
+        (
+            "mptcp socket",
+            format!("python3 -c \"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262); s.settimeout(5); s.connect(('127.0.0.1', {a}))\""),
+            "Operation not permitted",
+        ),
+        (
+            "smc socket",
+            "python3 -c \"import socket; socket.socket(socket.AF_INET, socket.SOCK_STREAM, 256)\"".into(),
+            "Operation not permitted",
         ),
         // Netlink and packet sockets are not there to build a route with.
         (

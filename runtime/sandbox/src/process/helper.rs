@@ -372,6 +372,10 @@ fn enter_namespaces(spec: &ZygoteSpec) -> Result<(), String> {
     write_proc("/proc/self/gid_map", &format!("{gid} {gid} 1"))?;
     if matches!(spec.network, NetworkMode::Loopback | NetworkMode::Proxied) {
         loopback_up()?;
+        // MPTCP off in this namespace, behind the seccomp rule that already
+        // refuses its sockets (see `seccomp`); a kernel without MPTCP has
+        // no such file.
+        let _ = std::fs::write("/proc/sys/net/mptcp/enabled", "0");
     }
     super::mounts::enter_private_root(spec)?;
     // From here on no host process may ptrace this zygote (or the spares

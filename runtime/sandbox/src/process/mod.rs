@@ -589,6 +589,12 @@ impl ProcessSandbox {
             uid,
             gid,
             network: policy.network.mode(),
+            egress: policy.network.allowlist().map(|list| {
+                use std::hash::{Hash, Hasher};
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                list.hash(&mut hasher);
+                hasher.finish()
+            }),
             memory_bytes: policy.limits.memory_bytes,
             processes: policy.limits.processes,
             read_only: read_only.clone(),

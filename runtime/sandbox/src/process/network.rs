@@ -2,7 +2,7 @@
 //! `"full"`, or an allowlist table (`{ allow = [...], deny = [...] }`)
 //! served by an egress proxy (see the `stack-egress` crate).
 
-use serde::de::{self, MapAccess, Visitor};
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use stack_egress::{Allowlist, EgressRules};
 
@@ -128,6 +128,21 @@ impl<'de> Deserialize<'de> for Network {
                     "full" => Ok(Network::Full),
                     other => Err(E::invalid_value(de::Unexpected::Str(other), &self)),
                 }
+            }
+
+            /// Several tables (as a narrowed allowlist serializes): a
+            /// connection must pass each.
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Network, A::Error> {
+                let mut list: Option<Allowlist> = None;
+                while let Some(rules) = seq.next_element::<EgressRules>()? {
+                    let table = Allowlist::from(rules);
+                    list = Some(match list {
+                        Some(list) => list.narrowed(&table),
+                        None => table,
+                    });
+                }
+                list.map(Network::Allowlist)
+                    .ok_or_else(|| de::Error::invalid_length(0, &self))
             }
 
             fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<Network, M::Error> {

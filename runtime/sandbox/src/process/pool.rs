@@ -56,6 +56,10 @@ pub(crate) struct ZygoteKey {
     pub uid: u32,
     pub gid: u32,
     pub network: NetworkMode,
+    /// With a network allowlist, a hash of it: calls under different
+    /// allowlists never share a network namespace (where a call that got
+    /// past landlock could use another call's proxy).
+    pub egress: Option<u64>,
     pub memory_bytes: u64,
     pub processes: u64,
     /// Read-only paths beyond the system ones (bound into the zygote's

@@ -21,7 +21,9 @@
 //! `clone` with any `CLONE_NEW*` flag), file-handle tricks
 //! (`open_by_handle_at`), terminal injection (`ioctl(TIOCSTI)`) and, when
 //! the network is `none`, `socket` for any family but `AF_UNIX` (with a
-//! network allowlist, any but `AF_UNIX`, `AF_INET` and `AF_INET6`).
+//! network allowlist, any but `AF_UNIX`, `AF_INET` and `AF_INET6`, and those
+//! two only with TCP, UDP or their default protocol: no MPTCP or SMC, which
+//! landlock's TCP rules do not cover).
 
 use std::collections::BTreeMap;
 
@@ -100,6 +102,11 @@ fn condition(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, 
     SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value).map_err(|e| e.to_string())
 }
 
+/// A condition on the low 32 bits of an argument (an `int`).
+fn dword(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, String> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).map_err(|e| e.to_string())
+}
+
 fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, String> {
     SeccompRule::new(conditions).map_err(|e| e.to_string())
 }
@@ -175,14 +182,32 @@ pub(crate) fn denylist(network: NetworkMode) -> Result<BpfProgram, String> {
         // A network allowlist: IPv4 and IPv6 sockets, to reach the egress
         // proxy on loopback (landlock allows its one port), and unix ones;
         // no netlink, packet or other family.
-        let other_family = || {
+        let other_family = rule(vec![
+            condition(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?,
+            condition(0, SeccompCmpOp::Ne, libc::AF_INET as u64)?,
+            condition(0, SeccompCmpOp::Ne, libc::AF_INET6 as u64)?,
+        ])?;
+        // IPv4 and IPv6 with their default protocol, TCP or UDP only:
+        // landlock's TCP rules do not cover MPTCP or SMC sockets (landlock
+        // erratum 1), which would connect to any loopback port. Compared
+        // on the low 32 bits, as the kernel reads these `int` arguments,
+        // so that high bits cannot make an `Eq` miss.
+        let other_protocol = |family: i32| -> Result<SeccompRule, String> {
             rule(vec![
-                condition(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?,
-                condition(0, SeccompCmpOp::Ne, libc::AF_INET as u64)?,
-                condition(0, SeccompCmpOp::Ne, libc::AF_INET6 as u64)?,
+                dword(0, SeccompCmpOp::Eq, family as u64)?,
+                dword(2, SeccompCmpOp::Ne, 0)?,
+                dword(2, SeccompCmpOp::Ne, libc::IPPROTO_TCP as u64)?,
+                dword(2, SeccompCmpOp::Ne, libc::IPPROTO_UDP as u64)?,
             ])
         };
-        rules.insert(libc::SYS_socket, vec![other_family()?]);
+        rules.insert(
+            libc::SYS_socket,
+            vec![
+                other_family,
+                other_protocol(libc::AF_INET)?,
+                other_protocol(libc::AF_INET6)?,
+            ],
+        );
         rules.insert(
             libc::SYS_socketpair,
             vec![rule(vec![condition(
