@@ -902,3 +902,73 @@ network = { allow = ["allowed.test", "127.0.0.2", "127.0.0.3"], deny = ["denied.
         assert_eq!(report["rule"], rule, "{host}: {report}");
     }
 }
+
+/// `agent sessions` list, training consent, delete and purge, and `agent
+/// export` refusing a session whose owner did not allow training use, on
+/// real files under a scratch home folder.
+#[test]
+fn sessions_are_listed_consented_deleted_and_purged_by_the_cli() {
+    let home = tempfile::tempdir().expect("home");
+    let sessions = home.path().join(".local/share/stack-runtime/sessions");
+    std::fs::create_dir_all(sessions.join("history")).expect("mkdir");
+    for id in ["s-old", "s-new"] {
+        std::fs::write(
+            sessions.join(format!("{id}.jsonl")),
+            format!("{{\"role\":\"user\",\"content\":\"PROMPT-{id}\"}}\n"),
+        )
+        .expect("transcript");
+        std::fs::write(sessions.join("history").join(id), format!("PROMPT-{id}\n")).expect("h");
+    }
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(10 * 86_400);
+    for file in [sessions.join("s-old.jsonl"), sessions.join("history/s-old")] {
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .and_then(|f| f.set_modified(old))
+            .expect("mtime");
+    }
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_agent"))
+            .args(args)
+            .env("HOME", home.path())
+            .env_remove("XDG_DATA_HOME")
+            .output()
+            .expect("agent")
+    };
+    let listed = String::from_utf8(run(&["sessions"]).stdout).expect("utf8");
+    assert!(
+        listed.contains("s-old") && listed.contains("s-new"),
+        "{listed}"
+    );
+    assert!(listed.contains("training not allowed"), "{listed}");
+    // Export waits for consent.
+    let refused = run(&["export", "s-new"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr)
+        .contains("has not allowed its use as training data"));
+    assert!(run(&["sessions", "training", "s-new", "allow"])
+        .status
+        .success());
+    let exported = run(&["export", "s-new"]);
+    assert!(exported.status.success());
+    assert!(String::from_utf8_lossy(&exported.stdout).contains("PROMPT-s-new"));
+    // Purge by age takes only the old one.
+    let purged = run(&["sessions", "purge", "--older-than", "7"]);
+    assert!(purged.status.success());
+    assert!(String::from_utf8_lossy(&purged.stdout).contains("purged 1 session(s)"));
+    assert!(!sessions.join("s-old.jsonl").exists());
+    assert!(!sessions.join("history/s-old").exists());
+    assert!(sessions.join("s-new.jsonl").exists());
+    // Delete takes the rest of a session; the audit log says so.
+    let deleted = run(&["sessions", "delete", "s-new"]);
+    assert!(deleted.status.success(), "{deleted:?}");
+    assert!(!sessions.join("s-new.jsonl").exists());
+    assert!(!sessions.join("s-new.consent.json").exists());
+    assert!(!sessions.join("history/s-new").exists());
+    let audit = std::fs::read_to_string(sessions.join("audit/audit.jsonl")).expect("audit");
+    assert!(audit.contains("\"removal\":\"delete\""), "{audit}");
+    assert!(!audit.contains("PROMPT"), "{audit}");
+    let missing = run(&["sessions", "delete", "s-new"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no saved session `s-new`"));
+}

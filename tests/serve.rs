@@ -293,6 +293,12 @@ fn sessions_stream_turns_answer_approvals_resume_export_and_delete() {
         Some(4),
         "{shown}"
     );
+    // Export is refused until the session's owner allows training use.
+    assert_eq!(seen["export_without_consent"]["status"], 403, "{seen}");
+    assert!(seen["export_without_consent"]["body"]["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("has not allowed its use as training data")));
+    assert_eq!(seen["training"]["status"], 200, "{seen}");
     assert_eq!(seen["export"]["status"], 200);
     assert_eq!(
         seen["export"]["lines"].as_array().map(Vec::len),
@@ -301,6 +307,20 @@ fn sessions_stream_turns_answer_approvals_resume_export_and_delete() {
     );
     assert_eq!(seen["deleted"]["status"], 200);
     assert_eq!(seen["after_delete"]["status"], 404);
+    // `DELETE …?erase=true` leaves nothing of that session on disk.
+    assert_eq!(seen["erased"]["status"], 200, "{seen}");
+    assert_eq!(seen["erased"]["body"]["erased"], true, "{seen}");
+    let erased_id = seen["erased"]["id"].as_str().expect("id");
+    assert!(!served
+        .transcripts()
+        .join(format!("{erased_id}.jsonl"))
+        .exists());
+    let audit =
+        std::fs::read_to_string(served.transcripts().join("audit/audit.jsonl")).expect("audit log");
+    assert!(
+        !audit.contains(&format!("\"session\":\"{erased_id}\",\"call_id")),
+        "{audit}"
+    );
     assert_eq!(seen["resumed"]["status"], 201, "{seen}");
     assert_eq!(seen["resumed"]["body"]["id"], id.as_str());
     assert_eq!(seen["resumed"]["body"]["resumed_messages"], 4);

@@ -29,6 +29,11 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
+    /// Whether the REPL keeps transcripts (and with them KV state, history
+    /// and the audit log): the answer to the question the first
+    /// interactive start asks ([`record_transcript_consent`]). Unset: not
+    /// asked yet. `agent run` and hosts follow the policy.
+    pub keep_transcripts: Option<bool>,
     /// The profile used when none is named.
     pub default_profile: Option<String>,
     /// Named model profiles.
@@ -78,6 +83,72 @@ pub fn default_path() -> Option<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".config")))
         .map(|dir| dir.join("stack-runtime").join("config.toml"))
+}
+
+/// Records the answer to "keep transcripts?" in the config file at `path`:
+/// a `keep_transcripts` line put first (a top-level key must come before
+/// any table), the rest of the file kept as it was. The file and its
+/// folder are created private (0600, 0700) when missing.
+pub fn record_transcript_consent(path: &Path, keep: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    // Through a symlink (a dotfiles checkout) to the file it names, which
+    // keeps its mode.
+    let path = &std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mode = std::fs::metadata(path).map_or(0o600, |m| m.permissions().mode() & 0o777);
+    if let Some(parent) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)?;
+    }
+    let existing = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(err) => return Err(err),
+    };
+    let text = format!(
+        "# Asked once by the first interactive start: keep REPL transcripts (with KV state,\n# history and the audit log) on this machine. Change it here at any time.\nkeep_transcripts = {keep}\n{existing}"
+    );
+    let temporary = path.with_extension("toml.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&temporary)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)
+}
+
+#[cfg(test)]
+mod consent_tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_consent_reads_back_with_the_profiles_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "default_profile = \"local\"\n[profiles.local]\nmodel = \"/m.gguf\"\n",
+        )
+        .expect("write");
+        record_transcript_consent(&path, false).expect("record");
+        let config = UserConfig::load(&path, false).expect("parses");
+        assert_eq!(config.keep_transcripts, Some(false));
+        assert_eq!(config.default_profile.as_deref(), Some("local"));
+        // A missing file is made, private.
+        let fresh = dir.path().join("new/config.toml");
+        record_transcript_consent(&fresh, true).expect("record");
+        assert_eq!(
+            UserConfig::load(&fresh, false)
+                .expect("parses")
+                .keep_transcripts,
+            Some(true)
+        );
+    }
 }
 
 impl UserConfig {

@@ -274,6 +274,10 @@ def scenario_sessions(base: str, token: str, workspace: str) -> dict:
     seen["turn"] = api.turn(sid, "Write the word hello to the file hello.txt", approve="yes")
     shown = api.http.get(f"/v1/sessions/{sid}")
     seen["shown"] = {"status": shown.status_code, "body": shown.json()}
+    refused = api.http.get(f"/v1/sessions/{sid}/export")
+    seen["export_without_consent"] = {"status": refused.status_code, "body": refused.json()}
+    consent = api.http.post(f"/v1/sessions/{sid}/training", json={"allowed": True})
+    seen["training"] = {"status": consent.status_code, "body": consent.json()}
     exported = api.http.get(f"/v1/sessions/{sid}/export")
     seen["export"] = {"status": exported.status_code, "lines": exported.text.splitlines()}
     seen["busy_second_turn"] = None
@@ -291,7 +295,8 @@ def scenario_sessions(base: str, token: str, workspace: str) -> dict:
     seen["declined_turn"] = api.turn(other["id"], "Write the word bye to the file bye.txt", approve="no")
     listed = api.http.get("/v1/sessions")
     seen["listed"] = {"status": listed.status_code, "body": listed.json()}
-    api.http.delete(f"/v1/sessions/{other['id']}")
+    erased = api.http.delete(f"/v1/sessions/{other['id']}", params={"erase": "true"})
+    seen["erased"] = {"status": erased.status_code, "body": erased.json(), "id": other["id"]}
     metrics = api.http.get("/metrics")
     seen["metrics"] = {"status": metrics.status_code, "text": metrics.text}
     return seen
@@ -319,6 +324,7 @@ def scenario_load(base: str, token: str, workspaces_json: str, turns: str) -> di
             record["turns"].append(events)
         shown = api.http.get(f"/v1/sessions/{sid}").json()
         record["messages"] = shown.get("messages")
+        api.http.post(f"/v1/sessions/{sid}/training", json={"allowed": True})
         exported = api.http.get(f"/v1/sessions/{sid}/export")
         record["export_lines"] = len(exported.text.splitlines())
         api.http.delete(f"/v1/sessions/{sid}")

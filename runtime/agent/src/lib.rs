@@ -11,6 +11,7 @@
 
 #![warn(missing_docs)]
 
+pub mod store;
 mod transcript;
 
 use std::path::{Path, PathBuf};
@@ -229,7 +230,7 @@ pub struct RuntimeBuilder {
     policy: Option<Policy>,
     approver: Option<Arc<dyn ApprovalHandler>>,
     workspace: PathBuf,
-    transcripts: Option<PathBuf>,
+    transcripts: Option<Option<PathBuf>>,
     audit_log: Option<Option<PathBuf>>,
 }
 
@@ -310,7 +311,7 @@ impl RuntimeBuilder {
     /// Where transcripts go, when the policy keeps them (default: the
     /// policy's `transcript_dir`). `None` keeps none, whatever the policy says.
     pub fn transcripts(mut self, dir: Option<PathBuf>) -> Self {
-        self.transcripts = dir;
+        self.transcripts = Some(dir);
         self
     }
 
@@ -331,8 +332,8 @@ impl RuntimeBuilder {
         };
         let keep = policy.privacy.keep_transcripts.unwrap_or(false);
         let transcripts = match (keep, self.transcripts) {
-            (false, _) => None,
-            (true, Some(dir)) => Some(dir),
+            (false, _) | (true, Some(None)) => None,
+            (true, Some(Some(dir))) => Some(dir),
             (true, None) => policy.privacy.transcript_dir.as_deref().map(expand_home),
         };
         let audit_path = match self.audit_log {
@@ -414,6 +415,37 @@ impl Runtime {
     /// The tools.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The sessions kept on disk (transcripts, KV state, consent, history),
+    /// when the policy keeps transcripts.
+    pub fn store(&self) -> Option<store::SessionStore> {
+        self.transcripts.clone().map(store::SessionStore::new)
+    }
+
+    /// Purges what is older than the policy's `[privacy] max_age_days`
+    /// (sessions, and audit records), on the blocking pool. `None` when
+    /// the policy sets no retention or keeps no transcripts.
+    pub async fn purge_expired(&self) -> Result<Option<store::Removed>, AgentError> {
+        // The policy's folder even when this runtime keeps nothing now:
+        // what was kept before still expires.
+        let folder = self.transcripts.clone().or_else(|| {
+            self.policy
+                .privacy
+                .transcript_dir
+                .as_deref()
+                .map(expand_home)
+        });
+        let (Some(folder), Some(days)) = (folder, self.policy.privacy.max_age_days) else {
+            return Ok(None);
+        };
+        let store = store::SessionStore::new(folder);
+        let age = std::time::Duration::from_secs(days.saturating_mul(86_400));
+        tokio::task::spawn_blocking(move || store.purge(Some(age)))
+            .await
+            .map_err(|e| AgentError::Internal(format!("purging expired sessions: {e}")))?
+            .map(Some)
+            .map_err(AgentError::from)
     }
 
     /// Where transcripts are saved, if anywhere.
@@ -510,6 +542,7 @@ impl Runtime {
             cancel,
             grants,
             ctx,
+            store: self.store(),
         })
     }
 }
@@ -566,6 +599,8 @@ pub struct Session {
     cancel: Arc<AtomicBool>,
     grants: Grants,
     ctx: ToolContext,
+    /// Where its files are, when the policy keeps transcripts.
+    store: Option<store::SessionStore>,
 }
 
 /// What a session owns; a turn's task holds it while the turn runs.
@@ -678,6 +713,40 @@ impl Session {
     /// The session id (also the transcript's name).
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Records whether this session's owner allows its use as training
+    /// data (`agent export` refuses it otherwise; not allowed until set).
+    /// Fails when the policy keeps no transcripts (there is nothing to
+    /// export then).
+    pub async fn set_training_use(&self, allowed: bool) -> Result<(), AgentError> {
+        let store = self.store.clone().ok_or(TranscriptError::Disabled)?;
+        let id = self.id.clone();
+        tokio::task::spawn_blocking(move || store.set_training_use(&id, allowed))
+            .await
+            .map_err(|e| AgentError::Internal(format!("recording consent: {e}")))?
+            .map_err(AgentError::from)
+    }
+
+    /// Stops this session from writing anything more to disk: no more
+    /// transcript lines, and no KV state saved when it closes. Called
+    /// before its stored data is erased while it is still open, so that
+    /// nothing comes back after the erase.
+    pub async fn discard_storage(&self) {
+        let mut state = self.state.lock().await;
+        state.transcript = None;
+        state.state_path = None;
+    }
+
+    /// Whether this session's owner allowed its use as training data.
+    pub async fn training_use(&self) -> bool {
+        let Some(store) = self.store.clone() else {
+            return false;
+        };
+        let id = self.id.clone();
+        tokio::task::spawn_blocking(move || store.training_use(&id).unwrap_or(false))
+            .await
+            .unwrap_or(false)
     }
 
     /// The conversation so far (waits for a running turn).
@@ -1067,7 +1136,9 @@ impl SessionState {
 
     fn record(&mut self, message: Message) -> Result<(), AgentError> {
         if let Some(writer) = &mut self.transcript {
-            writer.append(&message)?;
+            // What reaches the disk is redacted like what reaches the
+            // model: the user's prompt and the model's words too.
+            writer.append_redacted(&message, self.gate.policy().redactor())?;
         }
         self.messages.push(message);
         Ok(())

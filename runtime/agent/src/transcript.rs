@@ -27,6 +27,14 @@ pub enum TranscriptError {
         /// The error.
         source: std::io::Error,
     },
+    /// The session is open in a running agent (its transcript is locked):
+    /// deleting it now would leave what it writes next.
+    #[error("session `{0}` is open in a running agent (REPL or server); close it, then delete it")]
+    InUse(String),
+    /// `agent export` of a session whose owner did not allow its use as
+    /// training data.
+    #[error("session `{0}` is not exported: its owner has not allowed its use as training data (in its REPL: /training allow; or `agent sessions training {0} allow`)")]
+    NoConsent(String),
     /// A line is not a message.
     #[error("transcript {path}:{line}: {reason}")]
     Corrupt {
@@ -83,18 +91,52 @@ impl Writer {
             .mode(0o600)
             .open(&path)
             .map_err(io)?;
+        // Held while the session is open: `agent sessions delete` in another
+        // process sees it and refuses rather than leave what it writes next.
+        file.lock_shared().map_err(io)?;
         Ok(Writer { path, file })
     }
 
-    pub(crate) fn append(&mut self, message: &Message) -> Result<(), TranscriptError> {
+    /// Appends `message` with the policy's secret patterns masked (in every
+    /// string of it, the arguments of its tool calls included).
+    pub(crate) fn append_redacted(
+        &mut self,
+        message: &Message,
+        redactor: &stack_core::policy::Redactor,
+    ) -> Result<(), TranscriptError> {
         let io = |source| TranscriptError::Io {
             path: self.path.clone(),
             source,
         };
-        let mut line = serde_json::to_vec(message).map_err(|e| io(std::io::Error::other(e)))?;
+        let mut value = serde_json::to_value(message).map_err(|e| io(std::io::Error::other(e)))?;
+        redact_strings(&mut value, redactor);
+        let mut line = serde_json::to_vec(&value).map_err(|e| io(std::io::Error::other(e)))?;
         line.push(b'\n');
         self.file.write_all(&line).map_err(io)?;
         self.file.flush().map_err(io)
+    }
+}
+
+/// Masks secrets in every string of `value` but its structural fields
+/// (role, ids, names, types), which a pattern must never rewrite: a call and
+/// its result are paired by id on resume.
+fn redact_strings(value: &mut serde_json::Value, redactor: &stack_core::policy::Redactor) {
+    const STRUCTURAL: &[&str] = &["role", "id", "tool_call_id", "name", "type"];
+    match value {
+        serde_json::Value::String(text) => *text = redactor.redact(text),
+        serde_json::Value::Array(items) => {
+            for item in items {
+                redact_strings(item, redactor);
+            }
+        }
+        serde_json::Value::Object(fields) => {
+            for (key, field) in fields.iter_mut() {
+                if !(STRUCTURAL.contains(&key.as_str()) && field.is_string()) {
+                    redact_strings(field, redactor);
+                }
+            }
+        }
+        _ => {}
     }
 }
 
@@ -141,8 +183,15 @@ pub fn list_sessions(dir: &Path) -> Vec<String> {
 }
 
 /// A saved session as one Stack 2.9 training example:
-/// `{"messages": [...]}` with ChatML roles and OpenAI `tool_calls`.
+/// `{"messages": [...]}` with ChatML roles and OpenAI `tool_calls`; refused
+/// ([`TranscriptError::NoConsent`]) unless the session's owner allowed its
+/// use as training data.
 pub fn export_chatml(dir: &Path, id: &str) -> Result<String, TranscriptError> {
+    if !crate::store::SessionStore::new(dir).training_use(id)? {
+        // Said only of a session that exists.
+        read_transcript(dir, id)?;
+        return Err(TranscriptError::NoConsent(id.to_string()));
+    }
     let messages = read_transcript(dir, id)?;
     Ok(serde_json::json!({ "messages": messages }).to_string())
 }

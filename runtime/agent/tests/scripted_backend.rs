@@ -262,3 +262,46 @@ network = { allow = ["site.test", "127.0.0.2"], deny = ["denied.test"], hosts = 
         "{tool:?}"
     );
 }
+
+/// What reaches the disk is redacted like what reaches the model: a secret
+/// in the user's prompt and in a file a tool read is in neither the
+/// transcript nor the audit log.
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_are_redacted_before_anything_is_stored() {
+    const SECRET: &str = "AKIAABCDEFGHIJKLMNOP";
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("data");
+    std::fs::write(workspace.path().join("notes.txt"), format!("key {SECRET}")).expect("write");
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let backend = Arc::new(Scripted {
+        turns: vec![
+            call("c1", "read_file", r#"{"path": "notes.txt"}"#),
+            answer("Done."),
+        ],
+        asked: Arc::clone(&asked),
+    });
+    let runtime = Runtime::builder()
+        .backend(backend)
+        .policy(Policy::preset("default").expect("policy"))
+        .workspace(workspace.path())
+        .transcripts(Some(data.path().to_path_buf()))
+        .build()
+        .expect("runtime");
+    let session = runtime
+        .session(SessionConfig::default())
+        .await
+        .expect("session");
+    let _: Vec<Event> = session
+        .send(format!("My key is {SECRET}; read notes.txt"))
+        .collect()
+        .await;
+    let transcript = std::fs::read_to_string(data.path().join(format!("{}.jsonl", session.id())))
+        .expect("transcript");
+    assert!(!transcript.contains(SECRET), "{transcript}");
+    assert!(
+        transcript.contains("[REDACTED:aws-access-key-id]"),
+        "{transcript}"
+    );
+    let audit = std::fs::read_to_string(data.path().join("audit/audit.jsonl")).expect("audit");
+    assert!(!audit.contains(SECRET), "{audit}");
+}

@@ -264,10 +264,34 @@ impl Server {
                 state.shutdown.cancel();
             }
         };
+        // `[privacy] max_age_days`: a running server purges what has
+        // expired once a day (the CLI purged once at start).
+        let purging = {
+            let state = Arc::clone(&state);
+            tokio::spawn(async move {
+                let mut daily = tokio::time::interval(Duration::from_secs(86_400));
+                daily.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = state.shutdown.cancelled() => return,
+                        _ = daily.tick() => {}
+                    }
+                    match state.runtime.purge_expired().await {
+                        Ok(Some(removed)) if !removed.sessions.is_empty() => tracing::info!(
+                            sessions = removed.sessions.len(),
+                            "purged sessions past the policy's max_age_days"
+                        ),
+                        Ok(_) => {}
+                        Err(err) => tracing::warn!(%err, "purging expired sessions failed"),
+                    }
+                }
+            })
+        };
         let served = axum::serve(self.listener, router)
             .with_graceful_shutdown(stopping)
             .await
             .map_err(ServeError::Serve);
+        purging.abort();
         state.sessions.close_all().await;
         served
     }
@@ -289,6 +313,7 @@ fn router(state: Arc<AppState>) -> Router {
             post(sessions::approve),
         )
         .route("/v1/sessions/{id}/export", get(sessions::export))
+        .route("/v1/sessions/{id}/training", post(sessions::training))
         .route("/metrics", get(metrics::render))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),

@@ -16,7 +16,9 @@
 //! - `GET /v1/sessions` lists open and saved sessions; `GET
 //!   /v1/sessions/{id}` shows one; `DELETE /v1/sessions/{id}` closes it
 //!   (its transcript stays, for resume and export); `GET
-//!   /v1/sessions/{id}/export` returns its transcript as ChatML JSON lines.
+//!   /v1/sessions/{id}/export` returns its transcript as ChatML JSON lines,
+//!   once its owner allowed that (`POST /v1/sessions/{id}/training` with
+//!   `{"allowed": true}`; refused with 403 until then).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -277,6 +279,14 @@ pub struct CreateSession {
 pub struct TurnRequest {
     /// The user's message.
     pub message: String,
+}
+
+/// The body of `POST /v1/sessions/{id}/training`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingBody {
+    /// Whether the session's owner allows its use as training data.
+    pub allowed: bool,
 }
 
 /// The body of `POST /v1/sessions/{id}/approvals/{call_id}`.
@@ -602,14 +612,31 @@ pub(crate) async fn show(
     .into_response())
 }
 
+/// The query of `DELETE /v1/sessions/{id}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteQuery {
+    /// Also erase everything stored of the session (transcript, KV state,
+    /// consent, history, audit records), as `agent sessions delete` does.
+    #[serde(default)]
+    pub erase: bool,
+}
+
 /// `DELETE /v1/sessions/{id}`: cancels a running turn, saves the state and
-/// closes the session; its transcript stays for resume and export.
+/// closes the session; its transcript stays for resume and export, unless
+/// `?erase=true` erases everything stored of it.
 pub(crate) async fn delete(
     State(state): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
+    axum::extract::Query(query): axum::extract::Query<DeleteQuery>,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
-    let served = state.sessions.get(&id)?;
+    let served = match state.sessions.get(&id) {
+        Ok(served) => served,
+        // A closed session's stored data can be erased too.
+        Err(ApiError::NotFound(_)) if query.erase => return erase(&state, &id).await,
+        Err(err) => return Err(err),
+    };
     // The running turn ends first (cancelled, its approvals refused), and
     // the session stays in the table until it has: a resume of the same id
     // meanwhile is refused as already open, so no two sessions ever write
@@ -627,10 +654,44 @@ pub(crate) async fn delete(
     if state.sessions.lock().remove(&id).is_some() {
         state.sessions.taken.fetch_sub(1, Ordering::SeqCst);
     }
+    if query.erase {
+        // Nothing more reaches the disk (no KV state saved as it closes),
+        // then everything stored goes.
+        served.session.discard_storage().await;
+        drop(served);
+        return erase(&state, &id).await;
+    }
     if let Err(err) = served.session.save_state().await {
         tracing::warn!(%err, id, "saving the session's state failed");
     }
     Ok(axum::Json(json!({"id": id, "object": "session", "deleted": true})).into_response())
+}
+
+/// Erases everything stored of session `id` (see `SessionStore::delete`).
+async fn erase(state: &AppState, id: &str) -> Result<Response, ApiError> {
+    let Some(store) = state.runtime.store() else {
+        return Err(ApiError::BadRequest(
+            "this server keeps no transcripts; there is nothing to erase".into(),
+        ));
+    };
+    let erasing = id.to_string();
+    let removed = tokio::task::spawn_blocking(move || store.delete(&erasing))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|err| match err {
+            TranscriptError::NotFound(id) => ApiError::NotFound(format!("no saved session `{id}`")),
+            in_use @ TranscriptError::InUse(_) => ApiError::Conflict(in_use.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        })?;
+    Ok(axum::Json(json!({
+        "id": id,
+        "object": "session",
+        "deleted": true,
+        "erased": true,
+        "files": removed.files,
+        "audit_records": removed.audit_records,
+    }))
+    .into_response())
 }
 
 /// `POST /v1/sessions/{id}/approvals/{call_id}`.
@@ -658,6 +719,23 @@ pub(crate) async fn approve(
     Ok(axum::Json(json!({"id": id, "call_id": call_id, "answer": answer})).into_response())
 }
 
+/// `POST /v1/sessions/{id}/training`: whether the session's owner allows
+/// its use as training data (export refuses it until then).
+pub(crate) async fn training(
+    State(state): State<Arc<AppState>>,
+    UrlPath(id): UrlPath<String>,
+    JsonBody(body): JsonBody<TrainingBody>,
+) -> Result<Response, ApiError> {
+    check_id(&id)?;
+    let served = state.sessions.get(&id)?;
+    served
+        .session
+        .set_training_use(body.allowed)
+        .await
+        .map_err(|err| ApiError::BadRequest(err.to_string()))?;
+    Ok(axum::Json(json!({"id": id, "training_use": body.allowed})).into_response())
+}
+
 /// `GET /v1/sessions/{id}/export`: the saved transcript as ChatML lines.
 pub(crate) async fn export(
     State(state): State<Arc<AppState>>,
@@ -674,6 +752,7 @@ pub(crate) async fn export(
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|err| match err {
             TranscriptError::NotFound(id) => ApiError::NotFound(format!("no saved session `{id}`")),
+            refused @ TranscriptError::NoConsent(_) => ApiError::Forbidden(refused.to_string()),
             other => ApiError::Internal(other.to_string()),
         })?;
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], exported).into_response())

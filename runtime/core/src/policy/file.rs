@@ -386,6 +386,10 @@ pub struct PrivacySettings {
     pub transcript_dir: Option<String>,
     /// Whether the audit log is written.
     pub audit_log: Option<bool>,
+    /// Days a session's transcript, KV state, consent record and history,
+    /// and an audit record, are kept; older ones are purged when a runtime
+    /// starts and once a day while one runs. Unset: kept until deleted.
+    pub max_age_days: Option<u64>,
 }
 
 /// A broken policy file.

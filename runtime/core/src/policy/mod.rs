@@ -265,6 +265,7 @@ impl Policy {
                         .transcript_dir
                         .or(policy.privacy.transcript_dir.clone()),
                     audit_log: privacy.audit_log.or(policy.privacy.audit_log),
+                    max_age_days: privacy.max_age_days.or(policy.privacy.max_age_days),
                 };
             }
             if let Some(redaction) = file.redaction {

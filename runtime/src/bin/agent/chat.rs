@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
+use stack_runtime::agent::store::SessionStore;
 use stack_runtime::agent::{
     export_chatml, list_sessions, Event, Runtime, Session, SessionConfig, TurnEnd,
 };
@@ -26,6 +27,10 @@ use crate::tool_cmd::{default_tool_dir, ToolDirs};
 pub struct ChatArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Keep no transcript, KV state, history or audit log, whatever the
+    /// policy says (the REPL's user said no when asked).
+    #[arg(skip)]
+    pub keep_nothing: bool,
     /// Policy: a file or a preset (default, strict, trusted).
     #[arg(long, default_value = "default")]
     pub policy: String,
@@ -170,6 +175,9 @@ pub fn build_runtime(
     ) {
         builder = builder.transcripts(Some(stack_runtime::agent::expand_home(dir).join(folder)));
     }
+    if args.keep_nothing {
+        builder = builder.transcripts(None).audit_log(None);
+    }
     let mut builder = builder.policy(policy);
     if let Some(approver) = approver {
         builder = builder.approval_handler(approver);
@@ -177,6 +185,16 @@ pub fn build_runtime(
     let runtime = builder.build()?;
     for diagnostic in runtime.diagnostics() {
         eprintln!("warning: {diagnostic}");
+    }
+    // `[privacy] max_age_days`: what has expired goes before anything new
+    // is kept.
+    match tokio.block_on(runtime.purge_expired()) {
+        Ok(Some(removed)) if !removed.sessions.is_empty() && !quiet => eprintln!(
+            "purged {} session(s) older than the policy's max_age_days",
+            removed.sessions.len()
+        ),
+        Ok(_) => {}
+        Err(err) => eprintln!("warning: purging expired sessions: {err}"),
     }
     let config = SessionConfig {
         tool_choice: tool_choice(&args.tool_choice),
@@ -519,7 +537,96 @@ const HELP: &str = "/help  this text
 /save  where this session is saved
 /sessions  saved sessions
 /resume ID  switch to a saved session
+/training allow|deny  whether this session may be exported as training data
 /exit  leave (Ctrl-D works too)";
+
+/// The REPL's consent to keep transcripts: the user config's
+/// `keep_transcripts`, asked once and recorded there when unset (the
+/// REPL runs only on a terminal). `true` lets the policy decide.
+fn transcript_consent(config: Option<&std::path::Path>) -> anyhow::Result<bool> {
+    let path = match config {
+        Some(path) => Some(path.to_path_buf()),
+        None => stack_runtime::config::default_path(),
+    };
+    let Some(path) = path else {
+        return Ok(true);
+    };
+    let user = stack_runtime::config::UserConfig::load(&path, config.is_none())?;
+    if let Some(keep) = user.keep_transcripts {
+        return Ok(keep);
+    }
+    print!(
+        "Keep transcripts of your sessions (your prompts, tool output, the model's state) on this machine, so that you can resume them? Nothing leaves the machine. [y/N] "
+    );
+    let _ = std::io::stdout().flush();
+    let mut answer = String::new();
+    if std::io::stdin().read_line(&mut answer)? == 0 {
+        // End of input is no answer: keep nothing now, ask again next time.
+        println!();
+        return Ok(false);
+    }
+    let keep = matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes");
+    if let Err(err) = stack_runtime::config::record_transcript_consent(&path, keep) {
+        eprintln!(
+            "warning: could not record the answer in {} ({err}); it holds for this run only",
+            path.display()
+        );
+        return Ok(keep);
+    }
+    // The history file of earlier versions held every line ever typed,
+    // unredacted and of no one session: it goes.
+    let legacy = stack_runtime::agent::expand_home("~/.local/share/stack-runtime/history");
+    if legacy.is_file() && std::fs::remove_file(&legacy).is_ok() {
+        println!("removed the old shared REPL history {}", legacy.display());
+    }
+    println!(
+        "{} (recorded in {}; change keep_transcripts there)",
+        if keep {
+            "transcripts will be kept"
+        } else {
+            "nothing will be kept"
+        },
+        path.display()
+    );
+    Ok(keep)
+}
+
+/// What this session keeps on disk, where, for how long, and whether it is
+/// encrypted (the banner's line).
+fn storage_line(runtime: &Runtime, id: &str) -> String {
+    match runtime.transcript_dir() {
+        Some(dir) => {
+            let kept = match runtime.policy().privacy.max_age_days {
+                Some(days) => format!("for {days} day(s)"),
+                None => "until deleted (agent sessions delete ID)".to_string(),
+            };
+            format!(
+                "saving to  {}/{id}.jsonl, with its KV state, REPL history and audit records; kept {kept}; not encrypted; training use not allowed unless you say /training allow",
+                dir.display()
+            )
+        }
+        None => "saving to  nowhere (the policy keeps no transcripts)".to_string(),
+    }
+}
+
+/// Appends one typed line to a session's history file (0600).
+fn append_history(path: &std::path::Path, line: &str) {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent);
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path);
+    if let Ok(mut file) = file {
+        let _ = writeln!(file, "{}", line.replace('\n', " "));
+    }
+}
 
 /// The interactive REPL.
 pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
@@ -531,6 +638,11 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let mut args = args.clone();
+    if !transcript_consent(args.model.config.as_deref())? {
+        args.keep_nothing = true;
+    }
+    let args = &args;
     let (runtime, mut session, config) =
         build(args, dirs, Some(Arc::clone(&approver)), false, &tokio)?;
     let info = runtime.backend().info();
@@ -557,17 +669,22 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
         "workspace  {}",
         session.tool_context().workspace.root().display()
     );
-    match runtime.transcript_dir() {
-        Some(dir) => println!("saving to  {}/{}.jsonl", dir.display(), session.id()),
-        None => println!("saving to  nowhere (the policy keeps no transcripts)"),
-    }
+    println!("{}", storage_line(&runtime, session.id()));
     println!("type /help for commands");
     let mut editor = rustyline::DefaultEditor::new()?;
-    let history = stack_runtime::agent::expand_home("~/.local/share/stack-runtime/history");
-    if let Some(parent) = history.parent() {
-        let _ = std::fs::create_dir_all(parent);
+    // Up-arrow history: the lines typed in the newest sessions, each kept
+    // with its session (deleting a session deletes its lines); nothing is
+    // kept when the policy keeps no transcripts.
+    let store = runtime.store();
+    if let Some(store) = &store {
+        let mut recent: Vec<_> = store.list().into_iter().take(10).collect();
+        recent.reverse();
+        for stored in recent {
+            if let Ok(path) = store.history_file(&stored.id) {
+                let _ = editor.load_history(&path);
+            }
+        }
     }
-    let _ = editor.load_history(&history);
     loop {
         let line = match editor.readline("› ") {
             Ok(line) => line,
@@ -579,7 +696,12 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
             continue;
         }
         let _ = editor.add_history_entry(&line);
-        let _ = editor.save_history(&history);
+        if let Some(path) = store
+            .as_ref()
+            .and_then(|s| s.history_file(session.id()).ok())
+        {
+            append_history(&path, &runtime.policy().redactor().redact(&line));
+        }
         if let Some(command) = line.strip_prefix('/') {
             let mut words = command.split_whitespace();
             match (words.next(), words.next(), words.next()) {
@@ -643,6 +765,16 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
                         println!("{id}");
                     }
                 }
+                (Some("training"), Some(answer @ ("allow" | "deny")), _) => {
+                    let allowed = answer == "allow";
+                    match tokio.block_on(session.set_training_use(allowed)) {
+                        Ok(()) => println!(
+                            "this session's use as training data: {}",
+                            if allowed { "allowed" } else { "not allowed" }
+                        ),
+                        Err(err) => println!("error: {err}"),
+                    }
+                }
                 (Some("resume"), Some(id), _) => {
                     // The same flags (sampling, tool choice, steps) as the
                     // session this one replaces.
@@ -669,11 +801,110 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `agent sessions`.
-pub fn sessions(policy: &str) -> anyhow::Result<ExitCode> {
-    let dir = transcript_dir(policy)?;
-    for id in list_sessions(&dir) {
-        println!("{id}");
+/// `agent sessions …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum SessionsCommand {
+    /// List saved sessions, newest first: id, last change, size, whether
+    /// its owner allowed training use.
+    List,
+    /// Delete one session: its transcript, KV state, consent record, REPL
+    /// history and audit records (the audit log keeps a record of the
+    /// deletion that names no content).
+    Delete {
+        /// The session id.
+        id: String,
+    },
+    /// Delete every session older than DAYS (and audit records older than
+    /// that), or every session with --all.
+    Purge {
+        /// Age in days of the newest file of a session to delete.
+        #[arg(
+            long,
+            value_name = "DAYS",
+            conflicts_with = "all",
+            required_unless_present = "all"
+        )]
+        older_than: Option<u64>,
+        /// Every session, and the whole audit log.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Allow or refuse a session's use as training data (`agent export`
+    /// refuses it until allowed).
+    Training {
+        /// The session id.
+        id: String,
+        /// allow or deny.
+        answer: TrainingAnswer,
+    },
+}
+
+/// A consent answer.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum TrainingAnswer {
+    /// Its use as training data is allowed.
+    Allow,
+    /// It is not.
+    Deny,
+}
+
+/// `agent sessions …`.
+pub fn sessions(policy: &str, action: Option<SessionsCommand>) -> anyhow::Result<ExitCode> {
+    let store = SessionStore::new(transcript_dir(policy)?);
+    match action.unwrap_or(SessionsCommand::List) {
+        SessionsCommand::List => {
+            for session in store.list() {
+                let age = session
+                    .modified
+                    .elapsed()
+                    .map_or(0, |age| age.as_secs() / 3600);
+                println!(
+                    "{}  {}h ago  {} bytes  training {}",
+                    session.id,
+                    age,
+                    session.bytes,
+                    if session.training_use {
+                        "allowed"
+                    } else {
+                        "not allowed"
+                    }
+                );
+            }
+        }
+        SessionsCommand::Delete { id } => {
+            let removed = store.delete(&id)?;
+            println!(
+                "deleted {id}: {} file(s), {} audit record(s)",
+                removed.files, removed.audit_records
+            );
+        }
+        SessionsCommand::Purge { older_than, all } => {
+            let age = match (older_than, all) {
+                (_, true) => None,
+                (Some(days), false) => {
+                    Some(std::time::Duration::from_secs(days.saturating_mul(86_400)))
+                }
+                (None, false) => anyhow::bail!("say --older-than DAYS or --all"),
+            };
+            let removed = store.purge(age)?;
+            println!(
+                "purged {} session(s): {} file(s), {} audit record(s)",
+                removed.sessions.len(),
+                removed.files,
+                removed.audit_records
+            );
+            for id in &removed.sessions {
+                println!("  {id}");
+            }
+        }
+        SessionsCommand::Training { id, answer } => {
+            let allowed = matches!(answer, TrainingAnswer::Allow);
+            store.set_training_use(&id, allowed)?;
+            println!(
+                "{id}: training use {}",
+                if allowed { "allowed" } else { "not allowed" }
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -4,9 +4,35 @@
 use std::process::ExitCode;
 
 use stack_runtime::assets::Asset;
+use stack_runtime::policy::Policy;
 use stack_runtime::sandbox::process::{KernelProbe, ProcessPolicy, ProcessSandbox};
 
-pub fn run(json: bool, model: &crate::model_cmd::ModelArgs) -> anyhow::Result<ExitCode> {
+/// What the policy keeps on disk, where, for how long, and whether it is
+/// encrypted.
+fn stored_data(policy: &Policy) -> String {
+    let privacy = &policy.privacy;
+    if !privacy.keep_transcripts.unwrap_or(false) {
+        return "nothing: the policy keeps no transcripts, KV state, history or audit log".into();
+    }
+    let dir = privacy.transcript_dir.as_deref().unwrap_or("(no folder)");
+    let kept = privacy
+        .max_age_days
+        .map_or("until deleted".to_string(), |days| {
+            format!("for {days} day(s)")
+        });
+    let audit = if privacy.audit_log.unwrap_or(false) {
+        ", the audit log"
+    } else {
+        ""
+    };
+    format!("transcripts, KV state, REPL history{audit} in {dir}; kept {kept}; not encrypted; exported as training data only where a session's owner allowed it")
+}
+
+pub fn run(
+    json: bool,
+    model: &crate::model_cmd::ModelArgs,
+    policy_name: &str,
+) -> anyhow::Result<ExitCode> {
     let served = crate::model_cmd::served(model);
     let probe = KernelProbe::get();
     let guarantees = probe.guarantees();
@@ -18,6 +44,7 @@ pub fn run(json: bool, model: &crate::model_cmd::ModelArgs) -> anyhow::Result<Ex
             "guarantees": guarantees,
             "sandbox_helper": helper.as_ref().map(|h| h.helper().display().to_string()).map_err(|e| e.to_string()),
             "process_sandbox_ready": missing.is_none() && helper.is_ok(),
+            "stored_data": Policy::load_named(policy_name).map(|p| stored_data(&p)).map_err(|e| e.to_string()),
             "egress_filtering": match probe.egress_filtering_missing() {
                 None => serde_json::json!({"available": true}),
                 Some(why) => serde_json::json!({"available": false, "missing": why}),
@@ -61,6 +88,10 @@ pub fn run(json: bool, model: &crate::model_cmd::ModelArgs) -> anyhow::Result<Ex
         match &helper {
             Ok(sandbox) => println!("helper        {}", sandbox.helper().display()),
             Err(err) => println!("helper        {err}"),
+        }
+        match Policy::load_named(policy_name) {
+            Ok(policy) => println!("stored data  {}", stored_data(&policy)),
+            Err(err) => println!("stored data  policy {policy_name}: {err}"),
         }
         match probe.egress_filtering_missing() {
             None => println!(

@@ -62,8 +62,11 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
-    /// List saved sessions.
-    Sessions,
+    /// Saved sessions: list (the default), delete, purge, training consent.
+    Sessions {
+        #[command(subcommand)]
+        action: Option<chat::SessionsCommand>,
+    },
     /// Write a saved session as a training example.
     Export {
         /// The session id.
@@ -124,7 +127,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::Tool(command)) => tool_cmd::run(command, &tool_dirs),
-        Some(Command::Doctor { json, model }) => doctor::run(json, &model),
+        Some(Command::Doctor { json, model }) => doctor::run(json, &model, &cli.chat.policy),
         Some(Command::Model { model, json }) => model_cmd::info(&model, json),
         Some(Command::Mcp(args)) => mcp_cmd::run(args, &tool_dirs),
         Some(Command::Serve(args)) => serve_cmd::run(*args, &tool_dirs),
@@ -133,7 +136,7 @@ fn main() -> ExitCode {
         Some(Command::Run { prompt, json, yes }) => {
             chat::run(&cli.chat, prompt, json, yes, &tool_dirs)
         }
-        Some(Command::Sessions) => chat::sessions(&cli.chat.policy),
+        Some(Command::Sessions { action }) => chat::sessions(&cli.chat.policy, action),
         Some(Command::Export {
             id,
             format: ExportFormat::Chatml,
