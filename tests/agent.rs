@@ -121,6 +121,9 @@ async fn a_prompt_leads_to_a_validated_executed_call_whose_result_reaches_the_mo
     // The transcript has every message, in order, and exports as one example.
     let saved = read_transcript(transcripts.path(), session.id()).expect("transcript");
     assert_eq!(saved, messages);
+    // Export waits for the owner's consent to training use.
+    assert!(export_chatml(transcripts.path(), session.id()).is_err());
+    session.set_training_use(true).await.expect("consent");
     let exported: serde_json::Value =
         serde_json::from_str(&export_chatml(transcripts.path(), session.id()).expect("export"))
             .expect("json");
