@@ -58,7 +58,14 @@ fn the_repl_runs_a_turn_with_an_approval_and_exits() {
         &command,
     ]);
     let cleanup = scopeguard(session.clone());
+    // The first interactive start asks once whether to keep transcripts,
+    // and records the answer in the user config.
+    wait_for(&session, "[y/N]", Duration::from_secs(60));
+    tmux(&["send-keys", "-t", &session, "y", "Enter"]);
     let banner = wait_for(&session, "type /help", Duration::from_secs(60));
+    let config = std::fs::read_to_string(home.path().join(".config/stack-runtime/config.toml"))
+        .expect("the answer is recorded");
+    assert!(config.contains("keep_transcripts = true"), "{config}");
     assert!(
         banner.contains("Stack Runtime")
             && banner.contains("workspace")
@@ -107,6 +114,16 @@ fn the_repl_runs_a_turn_with_an_approval_and_exits() {
         "the session was saved as it went: {saved:?}"
     );
     assert_eq!(count(".kv"), 1, "and its KV cache on exit: {saved:?}");
+    // The line typed is in the session's own history file.
+    let history = std::fs::read_dir(
+        home.path()
+            .join(".local/share/stack-runtime/sessions/history"),
+    )
+    .expect("history folder")
+    .filter_map(Result::ok)
+    .map(|e| std::fs::read_to_string(e.path()).expect("read"))
+    .collect::<String>();
+    assert!(history.contains("Write the word hello"), "{history}");
     drop(cleanup);
 }
 
