@@ -317,6 +317,31 @@ impl AsyncWrite for Counted {
     }
 }
 
+/// A record of a decision about `host_text:port`, with no bytes yet. Its
+/// host is the host as the proxy understood it (lower-cased, no trailing
+/// dot), or, for what is not a host, the text escaped: a record never
+/// carries control characters into a log.
+fn new_record(
+    host_text: &str,
+    port: u16,
+    protocol: EgressProtocol,
+    decision: EgressDecision,
+    address: Option<IpAddr>,
+    rule: String,
+) -> EgressRecord {
+    EgressRecord {
+        host: Host::parse(host_text)
+            .map_or_else(|_| host_text.escape_debug().to_string(), |h| h.to_string()),
+        port,
+        address,
+        protocol,
+        decision,
+        rule,
+        bytes_out: 0,
+        bytes_in: 0,
+    }
+}
+
 /// Decides `host:port` and, if allowed, connects to an address that passed
 /// the checks. Records the decision either way.
 async fn open(
@@ -325,20 +350,8 @@ async fn open(
     port: u16,
     protocol: EgressProtocol,
 ) -> Result<Counted, Refusal> {
-    // The host as the proxy understood it (lower-cased, no trailing dot),
-    // or, for what is not a host, the text escaped: a record never carries
-    // control characters into a log.
-    let shown = Host::parse(host_text)
-        .map_or_else(|_| host_text.escape_debug().to_string(), |h| h.to_string());
-    let record = |decision, address, rule: String| EgressRecord {
-        host: shown.clone(),
-        port,
-        address,
-        protocol,
-        decision,
-        rule,
-        bytes_out: 0,
-        bytes_in: 0,
+    let record = |decision, address, rule: String| {
+        new_record(host_text, port, protocol, decision, address, rule)
     };
     let opened = tokio::time::timeout(OPEN_DEADLINE, connect_checked(shared, host_text, port))
         .await
@@ -635,17 +648,14 @@ async fn forward(mut request: Request<Incoming>, shared: Arc<Shared>) -> Respons
                 named.join("`, `")
             ),
         );
-        shared.log.push(EgressRecord {
-            host: Host::parse(&host)
-                .map_or_else(|_| host.escape_debug().to_string(), |h| h.to_string()),
+        shared.log.push(new_record(
+            &host,
             port,
-            address: None,
-            protocol: EgressProtocol::Http,
-            decision: EgressDecision::Refused,
-            rule: refusal.rule.clone(),
-            bytes_out: 0,
-            bytes_in: 0,
-        });
+            EgressProtocol::Http,
+            EgressDecision::Refused,
+            None,
+            refusal.rule.clone(),
+        ));
         return refusal_response(&host, port, &refusal);
     }
     let upstream = match open(&shared, &host, port, EgressProtocol::Http).await {
@@ -719,18 +729,16 @@ async fn serve_socks5(mut stream: TcpStream, shared: Arc<Shared>) {
         Ok(Ok(Ok((host, port, 1)))) => (host, port),
         Ok(Ok(Ok((host, port, command)))) => {
             // BIND or UDP ASSOCIATE: UDP has no way out of the sandbox.
-            shared.log.push(EgressRecord {
-                host,
+            shared.log.push(new_record(
+                &host,
                 port,
-                address: None,
-                protocol: EgressProtocol::Socks5,
-                decision: EgressDecision::Refused,
-                rule: format!(
+                EgressProtocol::Socks5,
+                EgressDecision::Refused,
+                None,
+                format!(
                     "SOCKS5 command {command} (BIND, UDP ASSOCIATE) is not supported; only CONNECT"
                 ),
-                bytes_out: 0,
-                bytes_in: 0,
-            });
+            ));
             let _ = stream
                 .write_all(&socks5_reply(socks_reply::COMMAND_NOT_SUPPORTED))
                 .await;

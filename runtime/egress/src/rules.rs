@@ -71,7 +71,7 @@ impl Entry {
                 "a bare `*` would allow every host; write network = \"full\" for that",
             ));
         }
-        let (host, port) = split_port(&text).map_err(|problem| bad(&problem))?;
+        let (host, port) = split_host_port(&text).map_err(|problem| bad(&problem))?;
         let pattern = if let Ok(address) = host.parse::<IpAddr>() {
             let address = canonical(address);
             if address.is_unspecified() || address.is_multicast() {
@@ -116,8 +116,9 @@ impl Entry {
     }
 }
 
-/// `host` or `host:port`, `[v6]` or `[v6]:port`, or a bare v6 address.
-fn split_port(text: &str) -> Result<(&str, Option<u16>), String> {
+/// `host` or `host:port`, `[v6]` or `[v6]:port`, or a bare v6 address: the
+/// host and the port, if one is given (1-65535).
+pub fn split_host_port(text: &str) -> Result<(&str, Option<u16>), String> {
     let port = |p: &str| {
         p.parse::<u16>()
             .ok()

@@ -160,28 +160,15 @@ pub(crate) fn denylist(network: NetworkMode) -> Result<BpfProgram, String> {
             libc::TIOCSTI,
         )?])?],
     );
+    // Any family but unix refused outright without a network; with an
+    // allowlist, IPv4 and IPv6 sockets, to reach the egress proxy on
+    // loopback (landlock allows its one port), and unix ones; no netlink,
+    // packet or other family. No socket pairs but unix ones in either.
+    let not_unix = || rule(vec![condition(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?]);
     if network == NetworkMode::None {
-        rules.insert(
-            libc::SYS_socket,
-            vec![rule(vec![condition(
-                0,
-                SeccompCmpOp::Ne,
-                libc::AF_UNIX as u64,
-            )?])?],
-        );
-        rules.insert(
-            libc::SYS_socketpair,
-            vec![rule(vec![condition(
-                0,
-                SeccompCmpOp::Ne,
-                libc::AF_UNIX as u64,
-            )?])?],
-        );
+        rules.insert(libc::SYS_socket, vec![not_unix()?]);
     }
     if network == NetworkMode::Proxied {
-        // A network allowlist: IPv4 and IPv6 sockets, to reach the egress
-        // proxy on loopback (landlock allows its one port), and unix ones;
-        // no netlink, packet or other family.
         let other_family = rule(vec![
             condition(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?,
             condition(0, SeccompCmpOp::Ne, libc::AF_INET as u64)?,
@@ -208,14 +195,9 @@ pub(crate) fn denylist(network: NetworkMode) -> Result<BpfProgram, String> {
                 other_protocol(libc::AF_INET6)?,
             ],
         );
-        rules.insert(
-            libc::SYS_socketpair,
-            vec![rule(vec![condition(
-                0,
-                SeccompCmpOp::Ne,
-                libc::AF_UNIX as u64,
-            )?])?],
-        );
+    }
+    if matches!(network, NetworkMode::None | NetworkMode::Proxied) {
+        rules.insert(libc::SYS_socketpair, vec![not_unix()?]);
     }
     errno_filter(rules, libc::EPERM)
 }

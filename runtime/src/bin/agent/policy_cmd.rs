@@ -167,7 +167,9 @@ fn explain_host(
     host: &str,
 ) -> anyhow::Result<ExitCode> {
     use stack_runtime::sandbox::process::Network;
-    let (name, port) = split_host(host)?;
+    let (name, port) =
+        stack_runtime::egress::rules::split_host_port(host).map_err(anyhow::Error::msg)?;
+    let port = port.unwrap_or(443);
     let sandbox = policy.sandbox_for(tool.unwrap_or(""), language);
     let network = sandbox.network.clone().unwrap_or_default();
     let section = match (tool, language) {
@@ -185,7 +187,7 @@ fn explain_host(
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            match runtime.block_on(stack_runtime::egress::vet(list, &name, port)) {
+            match runtime.block_on(stack_runtime::egress::vet(list, name, port)) {
                 Ok(vetted) => serde_json::json!({
                     "decision": "allowed",
                     "rule": vetted.rule,
@@ -219,27 +221,4 @@ fn explain_host(
     report["network"] = serde_json::json!(network.describe());
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(ExitCode::SUCCESS)
-}
-
-/// `host`, `host:port`, `[v6]:port` or a bare v6 address; port 443 unless
-/// given.
-fn split_host(text: &str) -> anyhow::Result<(String, u16)> {
-    let bad_port = |p: &str| anyhow::anyhow!("`{p}` is not a port (1-65535)");
-    if let Some(rest) = text.strip_prefix('[') {
-        let (address, after) = rest
-            .split_once(']')
-            .ok_or_else(|| anyhow::anyhow!("`{text}`: an opening `[` without its `]`"))?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().map_err(|_| bad_port(p))?,
-            None => 443,
-        };
-        return Ok((address.to_string(), port));
-    }
-    if text.parse::<std::net::Ipv6Addr>().is_ok() {
-        return Ok((text.to_string(), 443));
-    }
-    match text.rsplit_once(':') {
-        Some((host, p)) => Ok((host.to_string(), p.parse().map_err(|_| bad_port(p))?)),
-        None => Ok((text.to_string(), 443)),
-    }
 }
