@@ -119,14 +119,16 @@ async fn a_prompt_leads_to_a_validated_executed_call_whose_result_reaches_the_mo
     // read_file is allowed by the default policy: nobody was asked.
     assert!(asked.lock().expect("lock").is_empty());
     // The transcript has every message, in order, and exports as one example.
-    let saved = read_transcript(transcripts.path(), session.id()).expect("transcript");
+    let saved =
+        read_transcript(transcripts.path(), session.id(), runtime.vault()).expect("transcript");
     assert_eq!(saved, messages);
     // Export waits for the owner's consent to training use.
-    assert!(export_chatml(transcripts.path(), session.id()).is_err());
+    assert!(export_chatml(transcripts.path(), session.id(), runtime.vault()).is_err());
     session.set_training_use(true).await.expect("consent");
-    let exported: serde_json::Value =
-        serde_json::from_str(&export_chatml(transcripts.path(), session.id()).expect("export"))
-            .expect("json");
+    let exported: serde_json::Value = serde_json::from_str(
+        &export_chatml(transcripts.path(), session.id(), runtime.vault()).expect("export"),
+    )
+    .expect("json");
     assert_eq!(
         exported["messages"].as_array().map(Vec::len),
         Some(messages.len())
@@ -306,5 +308,75 @@ async fn a_turn_stops_when_cancelled_or_dropped_and_the_session_goes_on() {
     assert!(
         !session.messages().await.is_empty(),
         "the conversation is kept"
+    );
+}
+
+/// Encryption at rest with the real model: the saved KV cache (which holds
+/// the whole conversation) and the transcript are sealed, hold none of the
+/// prompt, and a resumed session still reuses the cache, read back through
+/// memory.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_encrypted_session_seals_its_kv_cache_and_still_reuses_it() {
+    const PLANTED: &str = "zebra-violet-4417";
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut policy = Policy::preset("default").expect("policy");
+    policy.privacy.keep_transcripts = Some(true);
+    policy.privacy.encrypt = Some(true);
+    let vault = Arc::new(stack_runtime::seal::Vault::sealing(
+        stack_runtime::seal::Key::generate(),
+        stack_runtime::seal::key::KeySource::Given,
+    ));
+    let runtime = Runtime::builder()
+        .model(model())
+        .policy(policy)
+        .workspace(workspace.path())
+        .transcripts(Some(data.path().to_path_buf()))
+        .vault(Arc::clone(&vault))
+        .build()
+        .expect("runtime");
+    let config = SessionConfig {
+        tool_choice: ToolChoice::None,
+        sampling: SamplingOptions {
+            temperature: 0.0,
+            max_tokens: 8,
+            ..SamplingOptions::default()
+        },
+        ..SessionConfig::default()
+    };
+    let mut session = runtime.session(config.clone()).await.expect("session");
+    collect(&mut session, &format!("The password is {PLANTED}. Say ok.")).await;
+    session.save_state().await.expect("save the KV cache");
+    let id = session.id().to_string();
+    drop(session);
+    let kv = std::fs::read(data.path().join(format!("{id}.kv"))).expect("kv");
+    let transcript = std::fs::read(data.path().join(format!("{id}.jsonl"))).expect("transcript");
+    for (name, bytes) in [("kv", &kv), ("transcript", &transcript)] {
+        assert!(
+            bytes.starts_with(stack_runtime::seal::record::MAGIC),
+            "{name} sealed"
+        );
+        assert!(
+            !bytes
+                .windows(PLANTED.len())
+                .any(|w| w == PLANTED.as_bytes()),
+            "{name} holds the prompt"
+        );
+    }
+    assert!(kv.len() > 10_000, "a real KV cache: {} bytes", kv.len());
+    let mut resumed = runtime
+        .session(SessionConfig {
+            resume: Some(id),
+            ..config
+        })
+        .await
+        .expect("resume");
+    let events = collect(&mut resumed, "Again.").await;
+    let Some(Event::TurnFinished { counters, .. }) = events.last() else {
+        panic!("finished: {events:?}")
+    };
+    assert!(
+        counters.prompt_reused > counters.prompt_evaluated,
+        "the resumed session reuses its sealed cache: {counters:?}"
     );
 }

@@ -972,3 +972,119 @@ fn sessions_are_listed_consented_deleted_and_purged_by_the_cli() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no saved session `s-new`"));
 }
+
+/// `agent keys show` and `agent keys rotate` on real sealed files under a
+/// scratch home: the key file is made 0600, a rotation is refused while a
+/// runtime holds the key, re-encrypts every sealed file (and seals the
+/// plaintext ones), removes the old key, and `agent export` and `agent
+/// sessions` read the files transparently after.
+#[test]
+fn keys_are_shown_and_rotated_and_sealed_sessions_read_through_the_cli() {
+    use stack_runtime::seal::keys::KeyStore;
+    use stack_runtime::seal::record::{read_records, sealed_with, Appender, Hold};
+    let home = tempfile::tempdir().expect("home");
+    let config = home.path().join(".config");
+    let sessions = home.path().join("data");
+    std::fs::create_dir_all(sessions.join("history")).expect("mkdir");
+    let policy = home.path().join("sealed.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "extends = \"default\"\n[privacy]\nkeep_transcripts = true\ntranscript_dir = \"{}\"\naudit_log = true\nencrypt = true\n",
+            sessions.display()
+        ),
+    )
+    .expect("policy");
+    let keys = KeyStore::at(config.join("stack-runtime/keys"));
+    let vault = keys.vault(true).expect("key");
+    let old = vault.sealing_key().expect("key").id();
+    let mut transcript = Appender::open(
+        &sessions.join("s1.jsonl"),
+        "transcript:s1",
+        &vault,
+        Hold::Nothing,
+    )
+    .expect("transcript");
+    transcript
+        .append(br#"{"role":"user","content":"PROMPT-s1"}"#)
+        .expect("append");
+    drop(transcript);
+    // Written before encryption was on: plaintext.
+    std::fs::write(sessions.join("history/s1"), "PROMPT-s1\n").expect("history");
+    let run = |args: &[&str]| {
+        let mut argv = vec!["--policy", policy.to_str().expect("utf8")];
+        argv.extend_from_slice(args);
+        Command::new(env!("CARGO_BIN_EXE_agent"))
+            .args(&argv)
+            .env("HOME", home.path())
+            .env("XDG_CONFIG_HOME", &config)
+            .env_remove("STACK_RUNTIME_KEY")
+            .output()
+            .expect("agent")
+    };
+    let shown = String::from_utf8(run(&["keys", "show"]).stdout).expect("utf8");
+    assert!(
+        shown.contains(&format!("sealed      1 file(s) with key {old}")),
+        "{shown}"
+    );
+    assert!(shown.contains("plaintext   1 file(s)"), "{shown}");
+    let doctor = String::from_utf8(run(&["doctor"]).stdout).expect("utf8");
+    assert!(
+        doctor.contains(&format!("encrypted (XChaCha20-Poly1305; {old}")),
+        "{doctor}"
+    );
+
+    // A runtime holds the key: no rotation under it.
+    let lease = keys.lease().expect("lease");
+    let refused = run(&["keys", "rotate"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("a running agent"),
+        "{refused:?}"
+    );
+    drop(lease);
+    let rotated = run(&["keys", "rotate"]);
+    let said = String::from_utf8_lossy(&rotated.stdout).to_string();
+    assert!(rotated.status.success(), "{rotated:?}");
+    assert!(
+        said.contains(&format!("rotated: key {old} → "))
+            && said.contains("1 file(s) re-encrypted, 1 plaintext file(s) encrypted"),
+        "{said}"
+    );
+    let after = keys.vault(true).expect("new key");
+    let new = after.sealing_key().expect("key").id();
+    assert_ne!(new, old);
+    assert!(after.key(old).is_none(), "the old key is gone");
+    for file in [sessions.join("s1.jsonl"), sessions.join("history/s1")] {
+        assert_eq!(
+            sealed_with(&file).expect("header").map(|h| h.key),
+            Some(new)
+        );
+        let bytes = std::fs::read(&file).expect("read");
+        assert!(
+            !bytes.windows(9).any(|w| w == b"PROMPT-s1"),
+            "{}",
+            file.display()
+        );
+    }
+    assert!(read_records(&sessions.join("s1.jsonl"), None, &vault).is_err());
+    // Read transparently: list, consent, export.
+    let listed = String::from_utf8(run(&["sessions"]).stdout).expect("utf8");
+    assert!(listed.contains("s1"), "{listed}");
+    assert!(run(&["sessions", "training", "s1", "allow"])
+        .status
+        .success());
+    let exported = run(&["export", "s1"]);
+    assert!(exported.status.success(), "{exported:?}");
+    assert!(String::from_utf8_lossy(&exported.stdout).contains("PROMPT-s1"));
+    // Without the key: a clear error, and the file is still there.
+    std::fs::remove_file(keys.current_path()).expect("lose the key");
+    let lost = run(&["export", "s1"]);
+    assert!(!lost.status.success());
+    let said = String::from_utf8_lossy(&lost.stderr).to_string();
+    assert!(
+        said.contains("has no key") || said.contains("not this runtime's"),
+        "{said}"
+    );
+    assert!(sessions.join("s1.jsonl").exists());
+}

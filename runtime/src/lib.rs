@@ -82,6 +82,7 @@ pub use stack_eval as eval;
 pub use stack_mcp as mcp;
 pub use stack_model as model;
 pub use stack_sandbox as sandbox;
+pub use stack_seal as seal;
 pub use stack_serve as serve;
 pub use stack_types::{message, outcome, text};
 pub use stack_types::{EgressDecision, EgressProtocol, EgressRecord};

@@ -41,6 +41,7 @@ use stack_model::{
     BackendSession, CallPath, CompletionRequest, Counters, ModelBackend, ModelError,
     SamplingOptions,
 };
+use stack_seal::{StateFile, Vault};
 use stack_types::message::{Message, ToolCall};
 use stack_types::outcome::{Status, ToolOutcome};
 use tokio_util::sync::CancellationToken;
@@ -78,6 +79,14 @@ pub enum AgentError {
         /// Why.
         source: std::io::Error,
     },
+    /// `[privacy] encrypt = true` and no key could be had (or a key file
+    /// that must not be trusted).
+    #[error("encryption at rest: {0}")]
+    Keys(#[from] stack_seal::keys::KeyError),
+    /// The policy asks for encryption at rest and the vault the host gave
+    /// seals nothing: refused rather than write plaintext.
+    #[error("the policy says `[privacy] encrypt = true`, but the vault given to the runtime has no key to seal with")]
+    NotSealing,
 }
 
 /// What happens during a turn, in order.
@@ -232,6 +241,7 @@ pub struct RuntimeBuilder {
     workspace: PathBuf,
     transcripts: Option<Option<PathBuf>>,
     audit_log: Option<Option<PathBuf>>,
+    vault: Option<Arc<Vault>>,
 }
 
 impl RuntimeBuilder {
@@ -324,6 +334,15 @@ impl RuntimeBuilder {
         self
     }
 
+    /// The keys that seal and open what sessions keep (default: with
+    /// `[privacy] encrypt = true`, the user's key file or
+    /// `STACK_RUNTIME_KEY`, see [`stack_seal::keys`]; without, plaintext,
+    /// opening what those keys sealed before).
+    pub fn vault(mut self, vault: Arc<Vault>) -> Self {
+        self.vault = Some(vault);
+        self
+    }
+
     /// Builds the runtime.
     pub fn build(self) -> Result<Runtime, AgentError> {
         let policy = match self.policy {
@@ -343,9 +362,37 @@ impl RuntimeBuilder {
                 .map(|dir| dir.join("audit/audit.jsonl")),
             None => None,
         };
+        let encrypt = policy.privacy.encrypt.unwrap_or(false);
+        let (vault, lease) = match self.vault {
+            Some(vault) => (vault, None),
+            None => {
+                let keys = stack_seal::keys::KeyStore::for_user();
+                match (encrypt, keys) {
+                    (true, keys) => {
+                        let keys = keys?;
+                        (Arc::new(keys.vault(true)?), Some(keys.lease()?))
+                    }
+                    // Off: plaintext, but files sealed before still open
+                    // with the keys at hand.
+                    (false, Ok(keys)) => match keys.vault(false) {
+                        Ok(vault) if vault.has_keys() => (Arc::new(vault), keys.lease().ok()),
+                        Ok(vault) => (Arc::new(vault), None),
+                        Err(err) => {
+                            tracing::warn!(%err, "keys for files sealed before are not at hand");
+                            (Arc::new(Vault::plaintext()), None)
+                        }
+                    },
+                    (false, Err(_)) => (Arc::new(Vault::plaintext()), None),
+                }
+            }
+        };
+        if encrypt && !vault.seals() {
+            return Err(AgentError::NotSealing);
+        }
         let audit = match audit_path {
             Some(path) => Some(Arc::new(
-                AuditLog::open(&path).map_err(|source| AgentError::AuditLog { path, source })?,
+                AuditLog::open_with(&path, Arc::clone(&vault))
+                    .map_err(|source| AgentError::AuditLog { path, source })?,
             )),
             None => None,
         };
@@ -358,6 +405,8 @@ impl RuntimeBuilder {
             approver: self.approver,
             workspace: self.workspace,
             transcripts,
+            vault,
+            _lease: lease,
         })
     }
 }
@@ -380,6 +429,10 @@ pub struct Runtime {
     workspace: PathBuf,
     transcripts: Option<PathBuf>,
     audit: Option<Arc<AuditLog>>,
+    vault: Arc<Vault>,
+    /// Held while the runtime may seal with the key (`agent keys rotate`
+    /// waits for no runtime).
+    _lease: Option<stack_seal::keys::KeyLease>,
 }
 
 impl Runtime {
@@ -394,7 +447,13 @@ impl Runtime {
             workspace: PathBuf::from("."),
             transcripts: None,
             audit_log: None,
+            vault: None,
         }
+    }
+
+    /// The keys that seal and open what its sessions keep.
+    pub fn vault(&self) -> &Arc<Vault> {
+        &self.vault
     }
 
     /// Problems found while loading tool folders.
@@ -420,7 +479,9 @@ impl Runtime {
     /// The sessions kept on disk (transcripts, KV state, consent, history),
     /// when the policy keeps transcripts.
     pub fn store(&self) -> Option<store::SessionStore> {
-        self.transcripts.clone().map(store::SessionStore::new)
+        self.transcripts
+            .clone()
+            .map(|dir| store::SessionStore::new(dir).with_vault(Arc::clone(&self.vault)))
     }
 
     /// Purges what is older than the policy's `[privacy] max_age_days`
@@ -439,7 +500,7 @@ impl Runtime {
         let (Some(folder), Some(days)) = (folder, self.policy.privacy.max_age_days) else {
             return Ok(None);
         };
-        let store = store::SessionStore::new(folder);
+        let store = store::SessionStore::new(folder).with_vault(Arc::clone(&self.vault));
         let age = std::time::Duration::from_secs(days.saturating_mul(86_400));
         tokio::task::spawn_blocking(move || store.purge(Some(age)))
             .await
@@ -478,27 +539,30 @@ impl Runtime {
         let approver = scope.approver.or_else(|| self.approver.clone());
         // Opening the workspace (canonicalize), reading a transcript and
         // creating one are file work: on a blocking thread, not the caller's.
-        let (root, transcripts, resume) = (
+        let (root, transcripts, resume, vault) = (
             scope.workspace.unwrap_or_else(|| self.workspace.clone()),
             self.transcripts.clone(),
             config.resume.clone(),
+            Arc::clone(&self.vault),
         );
         let opened = tokio::task::spawn_blocking(move || {
             let ctx = ToolContext::new(Workspace::open(&root)?);
             let (id, messages) = match &resume {
                 Some(id) => {
                     let dir = transcripts.as_deref().ok_or(TranscriptError::Disabled)?;
-                    (id.clone(), read_transcript(dir, id)?)
+                    (id.clone(), read_transcript(dir, id, &vault)?)
                 }
                 None => (new_session_id(), Vec::new()),
             };
             let transcript = match &transcripts {
-                Some(dir) => Some(transcript::Writer::open(dir, &id)?),
+                Some(dir) => Some(transcript::Writer::open(dir, &id, &vault)?),
                 None => None,
             };
-            let state_path = transcripts.as_ref().map(|dir| dir.join(format!("{id}.kv")));
+            let state_path = transcripts
+                .as_ref()
+                .map(|dir| StateFile::new(dir.join(format!("{id}.kv")), format!("kv:{id}"), vault));
             let pending_restore =
-                resume.is_some() && state_path.as_ref().is_some_and(|p| p.exists());
+                resume.is_some() && state_path.as_ref().is_some_and(StateFile::exists);
             Ok::<_, AgentError>((ctx, id, messages, transcript, state_path, pending_restore))
         })
         .await
@@ -613,7 +677,7 @@ struct SessionState {
     config: SessionConfig,
     transcript: Option<transcript::Writer>,
     /// Where the KV cache is saved after each turn, and restored from on resume.
-    state_path: Option<PathBuf>,
+    state_path: Option<StateFile>,
     /// A saved KV cache still to be restored before the next turn.
     pending_restore: bool,
     /// How many messages there were before the running turn's user message.

@@ -13,6 +13,10 @@
 //!
 //! and its records in the shared audit log, `audit/audit.jsonl`.
 //!
+//! With `[privacy] encrypt = true` the transcript, KV state, history and
+//! audit log are sealed ([`stack_seal`]); the store reads and rewrites
+//! them with its vault ([`SessionStore::with_vault`]).
+//!
 //! Deleting a session removes all of these, its audit records included
 //! (the log is rewritten without them, see
 //! [`stack_core::policy::audit::rewrite`]), and leaves one `deleted` audit
@@ -22,7 +26,11 @@
 //! work: async callers run it on the blocking pool.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use stack_seal::record::{read_records, Appender, Hold};
+use stack_seal::Vault;
 
 use stack_core::policy::audit::{self, AuditRecord, Removal};
 
@@ -67,12 +75,84 @@ pub struct Removed {
 #[derive(Debug, Clone)]
 pub struct SessionStore {
     dir: PathBuf,
+    vault: Arc<Vault>,
 }
 
 impl SessionStore {
-    /// The store of `dir` (a policy's `transcript_dir`).
+    /// The store of `dir` (a policy's `transcript_dir`), writing
+    /// plaintext and opening no sealed file.
     pub fn new(dir: impl Into<PathBuf>) -> SessionStore {
-        SessionStore { dir: dir.into() }
+        SessionStore {
+            dir: dir.into(),
+            vault: Arc::new(Vault::plaintext()),
+        }
+    }
+
+    /// With the keys that seal and open its files.
+    pub fn with_vault(mut self, vault: Arc<Vault>) -> SessionStore {
+        self.vault = vault;
+        self
+    }
+
+    /// The keys it seals and opens files with.
+    pub fn vault(&self) -> &Arc<Vault> {
+        &self.vault
+    }
+
+    /// The messages of session `id`.
+    pub fn read_transcript(
+        &self,
+        id: &str,
+    ) -> Result<Vec<stack_types::message::Message>, TranscriptError> {
+        let folder = self
+            .find(id)?
+            .map_or_else(|| self.dir.clone(), |s| s.folder);
+        crate::transcript::read_transcript(&folder, id, &self.vault)
+    }
+
+    /// Session `id` as a training example (see
+    /// [`export_chatml`](crate::transcript::export_chatml)).
+    pub fn export_chatml(&self, id: &str) -> Result<String, TranscriptError> {
+        let folder = self
+            .find(id)?
+            .map_or_else(|| self.dir.clone(), |s| s.folder);
+        crate::transcript::export_chatml(&folder, id, &self.vault)
+    }
+
+    /// The lines typed in session `id`'s REPL, oldest first (none when it
+    /// has no history).
+    pub fn history(&self, id: &str) -> Result<Vec<String>, TranscriptError> {
+        let path = self.history_file(id)?;
+        if !path.exists() {
+            return Ok(Vec::new());
+        }
+        let records = read_records(&path, Some(&format!("history:{id}")), &self.vault)
+            .map_err(|err| TranscriptError::sealing(id, err))?;
+        Ok(records
+            .items
+            .into_iter()
+            .map(|line| String::from_utf8_lossy(&line).into_owned())
+            .collect())
+    }
+
+    /// Opens session `id`'s history for appending typed lines (sealed
+    /// when the vault seals).
+    pub fn open_history(&self, id: &str) -> Result<History, TranscriptError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = self.history_file(id)?;
+        if let Some(parent) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|source| TranscriptError::Io {
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
+        }
+        let file = Appender::open(&path, &format!("history:{id}"), &self.vault, Hold::Nothing)
+            .map_err(|err| TranscriptError::sealing(id, err))?;
+        Ok(History { file })
     }
 
     /// The transcript folder.
@@ -294,7 +374,24 @@ impl SessionStore {
 
     fn remove_files(&self, session: &StoredSession) -> Result<usize, TranscriptError> {
         let mut removed = 0;
-        for file in self.files_of(&session.folder, &session.id) {
+        // Temporary files a seal or rewrite cut short left (`ID.jsonl.seal-…`).
+        let leftovers = std::fs::read_dir(&session.folder)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| {
+                path.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix(&format!("{}.", session.id)))
+                    .is_some_and(|rest| rest.contains(".seal-") && rest.ends_with(".tmp"))
+            });
+        let files: Vec<PathBuf> = self
+            .files_of(&session.folder, &session.id)
+            .into_iter()
+            .chain(leftovers)
+            .collect();
+        for file in files {
             match std::fs::remove_file(&file) {
                 Ok(()) => removed += 1,
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
@@ -335,7 +432,7 @@ impl SessionStore {
             // A `deleted` record when anything went (from this log, or
             // files); a purge that found nothing leaves the log alone.
             let session = session.to_string();
-            removed += audit::rewrite(&path, drop, |audit_records| {
+            removed += audit::rewrite(&path, &self.vault, drop, |audit_records| {
                 (audit_records > 0 || files > 0).then(|| AuditRecord::Deleted {
                     time_ms: audit::now_ms(),
                     session,
@@ -347,6 +444,23 @@ impl SessionStore {
             .map_err(|source| TranscriptError::Io { path, source })?;
         }
         Ok(removed)
+    }
+}
+
+/// A session's REPL history, open for appending.
+#[derive(Debug)]
+pub struct History {
+    file: Appender,
+}
+
+impl History {
+    /// Appends one typed line (a newline in it becomes a space).
+    pub fn append(&mut self, line: &str) -> Result<(), TranscriptError> {
+        let line = line.replace('\n', " ");
+        self.file.append(line.as_bytes()).map_err(|err| match err {
+            stack_seal::SealError::Io { path, source } => TranscriptError::Io { path, source },
+            other => TranscriptError::Sealed(other),
+        })
     }
 }
 

@@ -1,9 +1,12 @@
-//! Session transcripts: one JSON line per message, appended and flushed as
-//! the conversation goes, so a crash loses nothing already said.
+//! Session transcripts: one JSON record per message, appended and flushed
+//! as the conversation goes, so a crash loses nothing already said (but
+//! the message being written, which readers drop). Sealed when the
+//! runtime's vault seals ([`stack_seal`]); read either way.
 
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+
+use stack_seal::record::{read_records, Appender, Hold};
+use stack_seal::{SealError, Vault};
 
 use stack_types::message::Message;
 
@@ -35,6 +38,10 @@ pub enum TranscriptError {
     /// training data.
     #[error("session `{0}` is not exported: its owner has not allowed its use as training data (in its REPL: /training allow; or `agent sessions training {0} allow`)")]
     NoConsent(String),
+    /// The transcript is sealed and cannot be opened (no key, another
+    /// key, a changed byte): nothing is changed.
+    #[error(transparent)]
+    Sealed(SealError),
     /// A line is not a message.
     #[error("transcript {path}:{line}: {reason}")]
     Corrupt {
@@ -67,14 +74,33 @@ fn path_of(dir: &Path, id: &str) -> Result<PathBuf, TranscriptError> {
     Ok(dir.join(format!("{id}.jsonl")))
 }
 
+/// The context a session's transcript is sealed for.
+fn context_of(id: &str) -> String {
+    format!("transcript:{id}")
+}
+
+impl TranscriptError {
+    /// A sealing error of session `id`'s file, as a transcript error (a
+    /// file another process holds is [`TranscriptError::InUse`]).
+    pub(crate) fn sealing(id: &str, err: SealError) -> TranscriptError {
+        match err {
+            SealError::Io { source, .. } if source.kind() == std::io::ErrorKind::WouldBlock => {
+                TranscriptError::InUse(id.to_string())
+            }
+            SealError::Io { path, source } => TranscriptError::Io { path, source },
+            other => TranscriptError::Sealed(other),
+        }
+    }
+}
+
 pub(crate) struct Writer {
     path: PathBuf,
-    file: File,
+    file: Appender,
 }
 
 impl Writer {
-    pub(crate) fn open(dir: &Path, id: &str) -> Result<Writer, TranscriptError> {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    pub(crate) fn open(dir: &Path, id: &str, vault: &Vault) -> Result<Writer, TranscriptError> {
+        use std::os::unix::fs::DirBuilderExt;
         let path = path_of(dir, id)?;
         let io = |source| TranscriptError::Io {
             path: path.clone(),
@@ -85,15 +111,11 @@ impl Writer {
             .mode(0o700)
             .create(dir)
             .map_err(io)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io)?;
-        // Held while the session is open: `agent sessions delete` in another
-        // process sees it and refuses rather than leave what it writes next.
-        file.lock_shared().map_err(io)?;
+        // A shared lock, held while the session is open: `agent sessions
+        // delete` in another process sees it and refuses rather than leave
+        // what it writes next.
+        let file = Appender::open(&path, &context_of(id), vault, Hold::Shared)
+            .map_err(|err| TranscriptError::sealing(id, err))?;
         Ok(Writer { path, file })
     }
 
@@ -110,10 +132,11 @@ impl Writer {
         };
         let mut value = serde_json::to_value(message).map_err(|e| io(std::io::Error::other(e)))?;
         redact_strings(&mut value, redactor);
-        let mut line = serde_json::to_vec(&value).map_err(|e| io(std::io::Error::other(e)))?;
-        line.push(b'\n');
-        self.file.write_all(&line).map_err(io)?;
-        self.file.flush().map_err(io)
+        let line = serde_json::to_vec(&value).map_err(|e| io(std::io::Error::other(e)))?;
+        self.file.append(&line).map_err(|err| match err {
+            SealError::Io { source, .. } => io(source),
+            other => TranscriptError::Sealed(other),
+        })
     }
 }
 
@@ -140,20 +163,28 @@ fn redact_strings(value: &mut serde_json::Value, redactor: &stack_core::policy::
     }
 }
 
-/// The messages of a saved session.
-pub fn read_transcript(dir: &Path, id: &str) -> Result<Vec<Message>, TranscriptError> {
+/// The messages of a saved session (sealed or plaintext; a message torn
+/// by a crash while it was written is left out).
+pub fn read_transcript(
+    dir: &Path,
+    id: &str,
+    vault: &Vault,
+) -> Result<Vec<Message>, TranscriptError> {
     let path = path_of(dir, id)?;
-    let file = File::open(&path).map_err(|_| TranscriptError::NotFound(id.to_string()))?;
-    let mut messages = Vec::new();
-    for (index, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|source| TranscriptError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        if line.trim().is_empty() {
+    if !path.exists() {
+        return Err(TranscriptError::NotFound(id.to_string()));
+    }
+    let records = read_records(&path, Some(&context_of(id)), vault)
+        .map_err(|err| TranscriptError::sealing(id, err))?;
+    if records.torn_bytes > 0 {
+        tracing::warn!(path = %path.display(), bytes = records.torn_bytes, "the transcript's last message was cut short (a crash while it was written); it is left out");
+    }
+    let mut messages = Vec::with_capacity(records.items.len());
+    for (index, record) in records.items.iter().enumerate() {
+        if record.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let message = serde_json::from_str(&line).map_err(|e| TranscriptError::Corrupt {
+        let message = serde_json::from_slice(record).map_err(|e| TranscriptError::Corrupt {
             path: path.clone(),
             line: index + 1,
             reason: e.to_string(),
@@ -186,12 +217,12 @@ pub fn list_sessions(dir: &Path) -> Vec<String> {
 /// `{"messages": [...]}` with ChatML roles and OpenAI `tool_calls`; refused
 /// ([`TranscriptError::NoConsent`]) unless the session's owner allowed its
 /// use as training data.
-pub fn export_chatml(dir: &Path, id: &str) -> Result<String, TranscriptError> {
+pub fn export_chatml(dir: &Path, id: &str, vault: &Vault) -> Result<String, TranscriptError> {
     if !crate::store::SessionStore::new(dir).training_use(id)? {
         // Said only of a session that exists.
-        read_transcript(dir, id)?;
+        read_transcript(dir, id, vault)?;
         return Err(TranscriptError::NoConsent(id.to_string()));
     }
-    let messages = read_transcript(dir, id)?;
+    let messages = read_transcript(dir, id, vault)?;
     Ok(serde_json::json!({ "messages": messages }).to_string())
 }

@@ -16,6 +16,7 @@ use stack_model::{
     BackendInfo, BackendSession, Capabilities, CompletionRequest, Counters, Generation,
     ModelBackend, ModelError, StopReason,
 };
+use stack_seal::StateFile;
 use stack_types::message::{Role, ToolCall};
 
 /// Answers each request with the next scripted turn (the last one again
@@ -30,6 +31,15 @@ struct ScriptedSession {
     next: usize,
     asked: Arc<Mutex<Vec<CompletionRequest>>>,
     totals: Counters,
+}
+
+/// What a scripted session saves as its state: the text of the last
+/// request, as a real KV cache holds the conversation.
+fn state_of(asked: &[CompletionRequest]) -> String {
+    asked
+        .last()
+        .map(|request| serde_json::to_string(&request.messages).unwrap_or_default())
+        .unwrap_or_default()
 }
 
 impl ModelBackend for Scripted {
@@ -93,6 +103,22 @@ impl BackendSession for ScriptedSession {
     }
 
     fn clear(&mut self) {}
+
+    fn save_state(&mut self, file: StateFile) -> BoxFuture<'_, Result<(), ModelError>> {
+        let state = state_of(&self.asked.lock().expect("lock"));
+        let saved = file
+            .save_with(|path| std::fs::write(path, state.as_bytes()))
+            .map_err(|e| ModelError::Backend(e.to_string()));
+        Box::pin(std::future::ready(saved))
+    }
+
+    fn load_state(&mut self, file: StateFile) -> BoxFuture<'_, Result<usize, ModelError>> {
+        let loaded = file
+            .load_with(|path| std::fs::read(path))
+            .map(|bytes| bytes.len())
+            .map_err(|e| ModelError::Backend(e.to_string()));
+        Box::pin(std::future::ready(loaded))
+    }
 }
 
 fn call(id: &str, name: &str, arguments: &str) -> ParsedTurn {
@@ -304,4 +330,350 @@ async fn secrets_are_redacted_before_anything_is_stored() {
     );
     let audit = std::fs::read_to_string(data.path().join("audit/audit.jsonl")).expect("audit");
     assert!(!audit.contains(SECRET), "{audit}");
+}
+
+// Encryption at rest, on real files: with `[privacy] encrypt = true` the
+// transcript, KV state, REPL history and audit log hold none of a planted
+// prompt or secret, and still resume and export; a transcript cut short
+// mid-record (what `kill -9` during a write leaves) resumes minus that
+// record; a flipped byte is reported and the file left as it was.
+
+const PLANTED: &str = "zebra-violet-4417";
+
+fn encrypted_policy() -> Policy {
+    let mut policy = Policy::preset("default").expect("preset");
+    policy.privacy.keep_transcripts = Some(true);
+    policy.privacy.audit_log = Some(true);
+    policy.privacy.encrypt = Some(true);
+    policy
+}
+
+fn sealed_runtime(
+    turns: Vec<ParsedTurn>,
+    workspace: &std::path::Path,
+    data: &std::path::Path,
+    vault: &stack_seal::Vault,
+) -> Runtime {
+    Runtime::builder()
+        .backend(Arc::new(Scripted {
+            turns,
+            asked: Arc::default(),
+        }))
+        .policy(encrypted_policy())
+        .workspace(workspace)
+        .transcripts(Some(data.to_path_buf()))
+        .vault(Arc::new(vault.clone()))
+        .build()
+        .expect("runtime")
+}
+
+/// Every file under `dir`, with its bytes.
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        for entry in std::fs::read_dir(&folder).expect("read_dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                let bytes = std::fs::read(&path).expect("read");
+                found.push((path, bytes));
+            }
+        }
+    }
+    found
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_encrypted_session_stores_no_plaintext_and_resumes_and_exports() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("data");
+    std::fs::write(
+        workspace.path().join("notes.txt"),
+        format!("the code is {PLANTED}"),
+    )
+    .expect("write");
+    let key = stack_seal::Key::generate();
+    let vault = stack_seal::Vault::sealing(key.clone(), stack_seal::key::KeySource::Given);
+    let turns = vec![
+        call("c1", "read_file", r#"{"path": "notes.txt"}"#),
+        answer("Noted."),
+    ];
+    let runtime = sealed_runtime(turns.clone(), workspace.path(), data.path(), &vault);
+    let session = runtime
+        .session(SessionConfig::default())
+        .await
+        .expect("session");
+    let id = session.id().to_string();
+    let _: Vec<Event> = session
+        .send(format!("Remember {PLANTED} and read notes.txt"))
+        .collect()
+        .await;
+    session.save_state().await.expect("save state");
+    let store = runtime.store().expect("store");
+    store
+        .open_history(&id)
+        .expect("history")
+        .append(&format!("Remember {PLANTED}"))
+        .expect("append");
+    session.set_training_use(true).await.expect("consent");
+    drop(session);
+
+    // Every kind of stored file is there, sealed, and none holds the prompt.
+    let files = files_under(data.path());
+    for suffix in [
+        format!("{id}.jsonl"),
+        format!("{id}.kv"),
+        "audit.jsonl".into(),
+        format!("history/{id}"),
+    ] {
+        let (path, bytes) = files
+            .iter()
+            .find(|(path, _)| path.ends_with(&suffix))
+            .unwrap_or_else(|| panic!("no {suffix} in {files:?}"));
+        assert!(
+            bytes.starts_with(stack_seal::record::MAGIC),
+            "{} is not sealed",
+            path.display()
+        );
+    }
+    for (path, bytes) in &files {
+        assert!(
+            !contains(bytes, PLANTED),
+            "{} holds the prompt",
+            path.display()
+        );
+        assert!(
+            !contains(bytes, "notes.txt"),
+            "{} holds a tool argument",
+            path.display()
+        );
+    }
+
+    // A runtime with the key resumes it (its KV state too) and exports it.
+    let again = sealed_runtime(
+        vec![answer("Still here.")],
+        workspace.path(),
+        data.path(),
+        &vault,
+    );
+    let resumed = again
+        .session(SessionConfig {
+            resume: Some(id.clone()),
+            ..SessionConfig::default()
+        })
+        .await
+        .expect("resume");
+    let messages = resumed.messages().await;
+    assert!(
+        messages.iter().any(|m| m.text().contains(PLANTED)),
+        "{messages:?}"
+    );
+    let _: Vec<Event> = resumed.send("And now?").collect().await;
+    drop(resumed);
+    let store = again.store().expect("store");
+    let exported = store.export_chatml(&id).expect("export");
+    assert!(exported.contains(PLANTED));
+    assert_eq!(
+        store.history(&id).expect("history"),
+        vec![format!("Remember {PLANTED}")]
+    );
+    let audit =
+        stack_seal::record::read_records(&store.audit_log(), Some("audit"), &vault).expect("audit");
+    assert!(audit.items.len() >= 2, "decision and result records");
+
+    // Another key, or none: a clear error, and nothing changed on disk.
+    let before = files_under(data.path());
+    let stranger = stack_seal::Vault::sealing(
+        stack_seal::Key::generate(),
+        stack_seal::key::KeySource::Given,
+    );
+    let refused = Runtime::builder()
+        .backend(Arc::new(Scripted {
+            turns: vec![answer("?")],
+            asked: Arc::default(),
+        }))
+        .policy(encrypted_policy())
+        .transcripts(Some(data.path().to_path_buf()))
+        .vault(Arc::new(stranger.clone()))
+        .build()
+        .err()
+        .expect("the sealed audit log is refused");
+    assert!(
+        refused.to_string().contains("not this runtime's"),
+        "{refused}"
+    );
+    let other = Runtime::builder()
+        .backend(Arc::new(Scripted {
+            turns: vec![answer("?")],
+            asked: Arc::default(),
+        }))
+        .policy(encrypted_policy())
+        .workspace(workspace.path())
+        .transcripts(Some(data.path().to_path_buf()))
+        .audit_log(None)
+        .vault(Arc::new(stranger))
+        .build()
+        .expect("runtime without the log");
+    let refused = other
+        .session(SessionConfig {
+            resume: Some(id.clone()),
+            ..SessionConfig::default()
+        })
+        .await
+        .err()
+        .expect("refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains(&key.id().to_string()) && message.contains("not this runtime's"),
+        "{message}"
+    );
+    let plaintext = stack_agent::store::SessionStore::new(data.path());
+    let message = plaintext
+        .export_chatml(&id)
+        .expect_err("no key")
+        .to_string();
+    assert!(message.contains("has no key"), "{message}");
+    drop(other);
+    let after = files_under(data.path());
+    for (path, bytes) in &before {
+        let now = after.iter().find(|(p, _)| p == path).map(|(_, b)| b);
+        assert_eq!(now, Some(bytes), "{} changed", path.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transcript_cut_mid_record_resumes_minus_that_record_and_a_flipped_byte_is_reported() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("data");
+    let vault = stack_seal::Vault::sealing(
+        stack_seal::Key::generate(),
+        stack_seal::key::KeySource::Given,
+    );
+    let runtime = sealed_runtime(
+        vec![answer("One."), answer("Two.")],
+        workspace.path(),
+        data.path(),
+        &vault,
+    );
+    let session = runtime
+        .session(SessionConfig::default())
+        .await
+        .expect("session");
+    let id = session.id().to_string();
+    let _: Vec<Event> = session.send("first").collect().await;
+    let _: Vec<Event> = session.send("second").collect().await;
+    let messages = session.messages().await;
+    drop(session);
+    let transcript = data.path().join(format!("{id}.jsonl"));
+
+    // Torn: the last record loses its tail, as when the writer is killed
+    // in the middle of its write.
+    let whole = std::fs::read(&transcript).expect("read");
+    std::fs::write(&transcript, &whole[..whole.len() - 7]).expect("tear");
+    let resumed = runtime
+        .session(SessionConfig {
+            resume: Some(id.clone()),
+            ..SessionConfig::default()
+        })
+        .await
+        .expect("resumes");
+    assert_eq!(
+        resumed.messages().await,
+        messages[..messages.len() - 1].to_vec()
+    );
+    // It goes on: the torn bytes are cut off before the next record.
+    let _: Vec<Event> = resumed.send("third").collect().await;
+    let after = resumed.messages().await;
+    drop(resumed);
+    let read = stack_agent::read_transcript(data.path(), &id, &vault).expect("reads whole");
+    assert_eq!(read, after);
+
+    // A flipped byte in a record before the last: reported by record and
+    // offset, by resume and export alike, and the file left as it was.
+    let mut bytes = std::fs::read(&transcript).expect("read");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&transcript, &bytes).expect("flip");
+    let refused = runtime
+        .session(SessionConfig {
+            resume: Some(id.clone()),
+            ..SessionConfig::default()
+        })
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        refused.to_string().contains("fails authentication"),
+        "{refused}"
+    );
+    let store = runtime.store().expect("store");
+    store.set_training_use(&id, true).expect("consent");
+    assert!(matches!(
+        store.export_chatml(&id),
+        Err(stack_agent::TranscriptError::Sealed(
+            stack_seal::SealError::Tampered { .. }
+        ))
+    ));
+    assert_eq!(std::fs::read(&transcript).expect("read"), bytes);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_an_encrypted_session_keeps_the_log_sealed_and_on_record() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("data");
+    std::fs::write(workspace.path().join("notes.txt"), "x").expect("write");
+    let vault = stack_seal::Vault::sealing(
+        stack_seal::Key::generate(),
+        stack_seal::key::KeySource::Given,
+    );
+    let turns = vec![
+        call("c1", "read_file", r#"{"path": "notes.txt"}"#),
+        answer("Done."),
+    ];
+    let runtime = sealed_runtime(turns, workspace.path(), data.path(), &vault);
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let session = runtime
+            .session(SessionConfig::default())
+            .await
+            .expect("session");
+        let _: Vec<Event> = session
+            .send(format!("{PLANTED} read notes.txt"))
+            .collect()
+            .await;
+        ids.push(session.id().to_string());
+    }
+    let store = runtime.store().expect("store");
+    let removed = store.delete(&ids[0]).expect("delete");
+    assert!(
+        removed.files >= 1 && removed.audit_records >= 2,
+        "{removed:?}"
+    );
+    let log = store.audit_log();
+    assert!(std::fs::read(&log)
+        .expect("log")
+        .starts_with(stack_seal::record::MAGIC));
+    let records: Vec<serde_json::Value> =
+        stack_seal::record::read_records(&log, Some("audit"), &vault)
+            .expect("audit")
+            .items
+            .iter()
+            .map(|r| serde_json::from_slice(r).expect("json"))
+            .collect();
+    assert!(records
+        .iter()
+        .all(|r| r["session"] != ids[0].as_str() || r["event"] == "deleted"));
+    assert!(records.iter().any(|r| r["session"] == ids[1].as_str()));
+    assert!(records
+        .iter()
+        .any(|r| r["event"] == "deleted" && r["session"] == ids[0].as_str()));
+    assert!(store.read_transcript(&ids[1]).is_ok());
 }

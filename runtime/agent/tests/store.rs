@@ -174,14 +174,15 @@ fn export_needs_the_owners_consent() {
     plant(data.path(), ".", "mine", &audit);
     assert!(!store.training_use("mine").expect("consent"));
     assert!(matches!(
-        export_chatml(data.path(), "mine"),
+        export_chatml(data.path(), "mine", &stack_seal::Vault::plaintext()),
         Err(TranscriptError::NoConsent(_))
     ));
     store.set_training_use("mine", true).expect("allow");
-    let exported = export_chatml(data.path(), "mine").expect("export");
+    let exported =
+        export_chatml(data.path(), "mine", &stack_seal::Vault::plaintext()).expect("export");
     assert!(exported.contains("PROMPT-mine"));
     store.set_training_use("mine", false).expect("withdraw");
-    assert!(export_chatml(data.path(), "mine").is_err());
+    assert!(export_chatml(data.path(), "mine", &stack_seal::Vault::plaintext()).is_err());
     assert!(matches!(
         store.set_training_use("nobody", true),
         Err(TranscriptError::NotFound(_))

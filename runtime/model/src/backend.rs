@@ -11,6 +11,7 @@
 //!
 //! [`Model`]: crate::llama::Model
 
+use stack_seal::StateFile;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -311,19 +312,20 @@ pub trait BackendSession: Send {
     /// Forgets any state kept between turns.
     fn clear(&mut self);
 
-    /// Saves the session's state to `path` and waits until it is written
-    /// (nothing to do for a backend without [`Capabilities::saved_state`]).
-    fn save_state(&mut self, _path: PathBuf) -> BoxFuture<'_, Result<(), ModelError>> {
+    /// Saves the session's state to `file` (sealed when its vault seals)
+    /// and waits until it is written (nothing to do for a backend without
+    /// [`Capabilities::saved_state`]).
+    fn save_state(&mut self, _file: StateFile) -> BoxFuture<'_, Result<(), ModelError>> {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    /// Starts saving the session's state to `path` and returns at once
+    /// Starts saving the session's state to `file` and returns at once
     /// (best effort; used when a session is dropped).
-    fn save_state_detached(&mut self, _path: PathBuf) {}
+    fn save_state_detached(&mut self, _file: StateFile) {}
 
     /// Restores a saved state; returns how many tokens it holds (0 for a
     /// backend without [`Capabilities::saved_state`]).
-    fn load_state(&mut self, _path: PathBuf) -> BoxFuture<'_, Result<usize, ModelError>> {
+    fn load_state(&mut self, _file: StateFile) -> BoxFuture<'_, Result<usize, ModelError>> {
         Box::pin(std::future::ready(Ok(0)))
     }
 }

@@ -29,7 +29,6 @@
 //! its own context would.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -93,13 +92,13 @@ enum Request {
     },
     Save {
         seq: i32,
-        path: PathBuf,
+        path: stack_seal::StateFile,
         tokens: Vec<LlamaToken>,
         reply: std::sync::mpsc::Sender<Result<(), ModelError>>,
     },
     Load {
         seq: i32,
-        path: PathBuf,
+        path: stack_seal::StateFile,
         capacity: usize,
         reply: std::sync::mpsc::Sender<Result<Vec<LlamaToken>, ModelError>>,
     },
@@ -335,7 +334,7 @@ impl Engine {
     pub(crate) fn save(
         &self,
         seq: i32,
-        path: PathBuf,
+        path: stack_seal::StateFile,
         tokens: Vec<LlamaToken>,
     ) -> Result<(), ModelError> {
         let (reply, answer) = std::sync::mpsc::channel();
@@ -351,7 +350,11 @@ impl Engine {
     }
 
     /// Loads a saved state into sequence `seq`; returns its tokens.
-    pub(crate) fn load(&self, seq: i32, path: PathBuf) -> Result<Vec<LlamaToken>, ModelError> {
+    pub(crate) fn load(
+        &self,
+        seq: i32,
+        path: stack_seal::StateFile,
+    ) -> Result<Vec<LlamaToken>, ModelError> {
         let (reply, answer) = std::sync::mpsc::channel();
         self.send(Request::Load {
             seq,
@@ -425,9 +428,8 @@ fn run(
                     tokens,
                     reply,
                 } => {
-                    let saved = ctx
-                        .state_seq_save_file(&path, seq, &tokens)
-                        .map(|_| ())
+                    let saved = path
+                        .save_with(|named| ctx.state_seq_save_file(named, seq, &tokens).map(|_| ()))
                         .map_err(|e| ModelError::Backend(format!("saving the session state: {e}")));
                     let _ = reply.send(saved);
                 }
@@ -437,8 +439,8 @@ fn run(
                     capacity,
                     reply,
                 } => {
-                    let loaded = ctx
-                        .state_seq_load_file(&path, seq, capacity)
+                    let loaded = path
+                        .load_with(|named| ctx.state_seq_load_file(named, seq, capacity))
                         .map(|(tokens, _)| tokens)
                         .map_err(|e| {
                             ModelError::Backend(format!("loading the session state: {e}"))

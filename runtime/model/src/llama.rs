@@ -5,6 +5,8 @@
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+
+use stack_seal::StateFile;
 use std::time::Instant;
 
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -475,11 +477,10 @@ impl ModelSession {
 
     /// Saves the KV cache and the tokens it holds to `path`, so a resumed
     /// session reuses it on its next turn.
-    pub fn save_state(&mut self, path: &Path) -> Result<(), ModelError> {
+    pub fn save_state(&mut self, path: &StateFile) -> Result<(), ModelError> {
         match &self.kv {
-            Kv::Own(ctx) => ctx
-                .state_save_file(path, &self.cached)
-                .map(|_| ())
+            Kv::Own(ctx) => path
+                .save_with(|named| ctx.state_save_file(named, &self.cached).map(|_| ()))
                 .map_err(|e| ModelError::Backend(format!("saving the session state: {e}"))),
             Kv::Shared { engine, owner, .. } => {
                 // Only a slot that still holds this session's tokens has
@@ -487,7 +488,7 @@ impl ModelSession {
                 let Some(lease) = engine.acquire_own(*owner) else {
                     return Ok(());
                 };
-                let saved = engine.save(lease.seq, path.to_path_buf(), lease.cached.clone());
+                let saved = engine.save(lease.seq, path.clone(), lease.cached.clone());
                 engine.release(lease);
                 saved
             }
@@ -496,20 +497,20 @@ impl ModelSession {
 
     /// Restores a KV cache saved by [`save_state`](Self::save_state);
     /// returns how many tokens it holds.
-    pub fn load_state(&mut self, path: &Path) -> Result<usize, ModelError> {
+    pub fn load_state(&mut self, path: &StateFile) -> Result<usize, ModelError> {
         let ctx = match &mut self.kv {
             Kv::Own(ctx) => ctx,
             Kv::Shared { engine, owner, .. } => {
                 let engine = Arc::clone(engine);
                 let mut lease = engine.acquire(*owner);
-                let loaded = engine.load(lease.seq, path.to_path_buf());
+                let loaded = engine.load(lease.seq, path.clone());
                 lease.cached = loaded.as_ref().map(Vec::clone).unwrap_or_default();
                 engine.release(lease);
                 return loaded.map(|tokens| tokens.len());
             }
         };
         let capacity = ctx.n_ctx() as usize;
-        match ctx.state_load_file(path, capacity) {
+        match path.load_with(|named| ctx.state_load_file(named, capacity)) {
             Ok(tokens) => {
                 self.cached = tokens;
                 Ok(self.cached.len())

@@ -26,11 +26,11 @@ enum Request {
     Complete(Box<Job>),
     Clear,
     Save(
-        std::path::PathBuf,
+        stack_seal::StateFile,
         tokio::sync::oneshot::Sender<Result<(), ModelError>>,
     ),
     Load(
-        std::path::PathBuf,
+        stack_seal::StateFile,
         tokio::sync::oneshot::Sender<Result<usize, ModelError>>,
     ),
     Totals(tokio::sync::oneshot::Sender<Counters>),
@@ -110,8 +110,8 @@ impl BackendSession for ModelWorker {
         let _ = self.requests.send(Request::Clear);
     }
 
-    /// Saves the KV cache to `path` and waits until it is written.
-    fn save_state(&mut self, path: std::path::PathBuf) -> BoxFuture<'_, Result<(), ModelError>> {
+    /// Saves the KV cache to `file` and waits until it is written.
+    fn save_state(&mut self, path: stack_seal::StateFile) -> BoxFuture<'_, Result<(), ModelError>> {
         Box::pin(async move { self.ask(|reply| Request::Save(path, reply)).await? })
     }
 
@@ -119,13 +119,16 @@ impl BackendSession for ModelWorker {
     /// once: the thread writes it after any job before it, then (once the
     /// session is gone) ends. Best effort: a process that exits first
     /// loses it, and a resumed session then evaluates its prompt again.
-    fn save_state_detached(&mut self, path: std::path::PathBuf) {
+    fn save_state_detached(&mut self, path: stack_seal::StateFile) {
         let (reply, _) = tokio::sync::oneshot::channel();
         let _ = self.requests.send(Request::Save(path, reply));
     }
 
     /// Restores a saved KV cache; returns the number of cached tokens.
-    fn load_state(&mut self, path: std::path::PathBuf) -> BoxFuture<'_, Result<usize, ModelError>> {
+    fn load_state(
+        &mut self,
+        path: stack_seal::StateFile,
+    ) -> BoxFuture<'_, Result<usize, ModelError>> {
         Box::pin(async move { self.ask(|reply| Request::Load(path, reply)).await? })
     }
 }

@@ -747,14 +747,18 @@ pub(crate) async fn export(
         .transcript_dir()
         .map(Path::to_path_buf)
         .ok_or_else(|| ApiError::BadRequest("this server keeps no transcripts".into()))?;
-    let exported = tokio::task::spawn_blocking(move || stack_agent::export_chatml(&dir, &id))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|err| match err {
-            TranscriptError::NotFound(id) => ApiError::NotFound(format!("no saved session `{id}`")),
-            refused @ TranscriptError::NoConsent(_) => ApiError::Forbidden(refused.to_string()),
-            other => ApiError::Internal(other.to_string()),
-        })?;
+    let vault = Arc::clone(state.runtime.vault());
+    let exported =
+        tokio::task::spawn_blocking(move || stack_agent::export_chatml(&dir, &id, &vault))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|err| match err {
+                TranscriptError::NotFound(id) => {
+                    ApiError::NotFound(format!("no saved session `{id}`"))
+                }
+                refused @ TranscriptError::NoConsent(_) => ApiError::Forbidden(refused.to_string()),
+                other => ApiError::Internal(other.to_string()),
+            })?;
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], exported).into_response())
 }
 

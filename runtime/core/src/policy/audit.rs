@@ -17,10 +17,12 @@
 //! reopening it if not, so that no record another process appends while a
 //! rewrite runs is lost.
 
-use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use stack_seal::record::{read_records, same_file, Appender, Hold, RecordWriter};
+use stack_seal::Vault;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -122,24 +124,44 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// An append-only JSONL audit log.
+/// The context the audit log is sealed for.
+const CONTEXT: &str = "audit";
+
+/// An append-only JSONL audit log (sealed when its vault seals: see
+/// [`stack_seal`]).
 #[derive(Debug)]
 pub struct AuditLog {
     path: PathBuf,
-    file: std::sync::Arc<Mutex<File>>,
+    vault: Arc<Vault>,
+    file: Arc<Mutex<Appender>>,
     /// Wakes the syncer thread (a full channel means a sync is pending).
     sync: std::sync::mpsc::SyncSender<()>,
 }
 
+fn sealing_error(err: stack_seal::SealError) -> std::io::Error {
+    match err {
+        stack_seal::SealError::Io { source, .. } => source,
+        other => std::io::Error::other(other),
+    }
+}
+
 impl AuditLog {
-    /// Opens (creating, 0600) `path` for appending.
+    /// Opens (creating, 0600) `path` for appending, in plaintext (a log
+    /// sealed before is still appended to sealed, if its key is at hand:
+    /// see [`open_with`](Self::open_with)).
     pub fn open(path: &Path) -> std::io::Result<AuditLog> {
+        AuditLog::open_with(path, Arc::new(Vault::plaintext()))
+    }
+
+    /// Opens (creating, 0600) `path` for appending, sealed with the
+    /// vault's key when it seals.
+    pub fn open_with(path: &Path, vault: Arc<Vault>) -> std::io::Result<AuditLog> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let file = open_for_append(path)?;
-        let file = std::sync::Arc::new(Mutex::new(file));
-        let syncing = std::sync::Arc::clone(&file);
+        let file = Appender::open(path, CONTEXT, &vault, Hold::Nothing).map_err(sealing_error)?;
+        let file = Arc::new(Mutex::new(file));
+        let syncing = Arc::clone(&file);
         let (sync, wake) = std::sync::mpsc::sync_channel::<()>(1);
         std::thread::Builder::new()
             .name("stack-audit-sync".into())
@@ -150,6 +172,7 @@ impl AuditLog {
                     syncing
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
+                        .file()
                         .try_clone()
                 };
                 while wake.recv().is_ok() {
@@ -161,6 +184,7 @@ impl AuditLog {
             })?;
         Ok(AuditLog {
             path: path.to_path_buf(),
+            vault,
             file,
             sync,
         })
@@ -169,6 +193,11 @@ impl AuditLog {
     /// The log's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether it is sealed.
+    pub fn sealed(&self) -> bool {
+        self.file.lock().unwrap_or_else(|p| p.into_inner()).seals()
     }
 
     /// Appends one record to the file; the syncer thread then puts it on
@@ -214,125 +243,73 @@ impl AuditLog {
         }
         let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
         line.push(b'\n');
+        let line = line.strip_suffix(b"\n").unwrap_or(&line);
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         // Shared lock: a rewrite (exclusive) is not in progress; and the
         // descriptor must still be the file at the path (a rewrite that
         // finished replaced it).
-        let _shared = loop {
-            let locked = FileLock::take(&file, nix::libc::LOCK_SH)?;
-            if same_file(&file, &self.path) {
-                break locked;
+        loop {
+            file.file().lock_shared()?;
+            if same_file(file.file(), &self.path) {
+                break;
             }
-            drop(locked);
-            *file = open_for_append(&self.path)?;
-        };
-        (&*file).write_all(&line)?;
+            let _ = file.file().unlock();
+            *file = Appender::open(&self.path, CONTEXT, &self.vault, Hold::Nothing)
+                .map_err(sealing_error)?;
+        }
+        let encoded = file.encode(line);
+        let written = file.file().write_all(&encoded);
+        // The shared lock taken above.
+        let _ = file.file().unlock();
+        written?;
         // Full: a sync is already due and will cover this line.
         let _ = self.sync.try_send(());
         Ok(())
     }
 }
 
-fn open_for_append(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-}
-
-/// Whether `file` is the file now at `path`.
-fn same_file(file: &File, path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (file.metadata(), std::fs::metadata(path)) {
-        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
-        _ => false,
-    }
-}
-
-/// A `flock` held until dropped.
-struct FileLock<'a>(&'a File);
-
-impl<'a> FileLock<'a> {
-    fn take(file: &'a File, how: nix::libc::c_int) -> std::io::Result<FileLock<'a>> {
-        use std::os::fd::AsRawFd;
-        loop {
-            // SAFETY: flock on a descriptor `file` keeps open.
-            if unsafe { nix::libc::flock(file.as_raw_fd(), how) } == 0 {
-                return Ok(FileLock(file));
-            }
-            let err = std::io::Error::last_os_error();
-            if err.kind() != std::io::ErrorKind::Interrupted {
-                return Err(err);
-            }
-        }
-    }
-}
-
-impl Drop for FileLock<'_> {
-    fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: unlocking a descriptor the borrowed file keeps open.
-        unsafe { nix::libc::flock(self.0.as_raw_fd(), nix::libc::LOCK_UN) };
-    }
-}
-
 /// Rewrites the audit log at `path` without the records `drop` picks (each
-/// record as parsed JSON; lines that are not JSON are kept), then appends
-/// the record `last` makes of how many went (none: nothing appended, and
-/// the file is left alone when nothing went either); returns that count. The new file replaces the
-/// old by `rename` while an exclusive `flock` on the old one holds every
-/// appender off (see the module docs); it is synced before the rename, so
-/// a crash leaves the old log or the new one, never neither. Blocking file
-/// work: call it off async threads.
+/// record as parsed JSON; records that are not JSON are kept), then
+/// appends the record `last` makes of how many went (none: nothing
+/// appended, and the file is left alone when nothing went either); returns
+/// that count. The log stays sealed when it was (with the vault's sealing
+/// key, or its own), and is sealed when the vault seals. The new file
+/// replaces the old by `rename` while an exclusive `flock` on the old one
+/// holds every appender off (see the module docs); it is synced before the
+/// rename, so a crash leaves the old log or the new one, never neither. A
+/// record that fails authentication stops the rewrite, and the log is left
+/// as it was. Blocking file work: call it off async threads.
 pub fn rewrite(
     path: &Path,
+    vault: &Vault,
     drop: impl Fn(&Value) -> bool,
     last: impl FnOnce(usize) -> Option<AuditRecord>,
 ) -> std::io::Result<usize> {
-    use std::io::{BufRead, BufReader};
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let old = open_for_append(path)?;
-    let exclusive = FileLock::take(&old, nix::libc::LOCK_EX)?;
-    if !same_file(&old, path) {
+    let (old, last) = loop {
+        let old = Appender::open(path, CONTEXT, vault, Hold::Nothing).map_err(sealing_error)?;
+        old.file().lock()?;
+        if same_file(old.file(), path) {
+            break (old, last);
+        }
         // Another rewrite replaced it meanwhile: lock the new one.
-        std::mem::drop(exclusive);
-        return rewrite(path, drop, last);
-    }
-    let reader = BufReader::new(File::open(path)?);
-    let temporary = path.with_extension(format!("rewrite-{}", std::process::id()));
-    // A rewrite that fails half-way leaves no copy of the log behind.
-    struct RemoveOnError<'a>(&'a Path, bool);
-    impl Drop for RemoveOnError<'_> {
-        fn drop(&mut self) {
-            if !self.1 {
-                let _ = std::fs::remove_file(self.0);
-            }
-        }
-    }
-    let mut guard = RemoveOnError(&temporary, false);
-    let mut new = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)?;
+    };
+    let records = read_records(path, Some(CONTEXT), vault).map_err(sealing_error)?;
+    let key = match (vault.sealing_key(), &records.header) {
+        (Some(key), _) => Some(key),
+        (None, Some(header)) => vault.key(header.key),
+        (None, None) => None,
+    };
+    let mut new = RecordWriter::create(path, CONTEXT, key).map_err(sealing_error)?;
     let mut removed = 0;
-    for line in reader.split(b'\n') {
-        let line = line?;
-        if line.is_empty() {
-            continue;
-        }
-        let dropped = serde_json::from_slice::<Value>(&line).is_ok_and(|record| drop(&record));
+    for record in &records.items {
+        let dropped = serde_json::from_slice::<Value>(record).is_ok_and(|record| drop(&record));
         if dropped {
             removed += 1;
         } else {
-            new.write_all(&line)?;
-            new.write_all(b"\n")?;
+            new.write(record).map_err(sealing_error)?;
         }
     }
     let last = last(removed);
@@ -340,18 +317,10 @@ pub fn rewrite(
         return Ok(0);
     }
     if let Some(last) = last {
-        let mut closing = serde_json::to_vec(&last).map_err(std::io::Error::other)?;
-        closing.push(b'\n');
-        new.write_all(&closing)?;
+        let closing = serde_json::to_vec(&last).map_err(std::io::Error::other)?;
+        new.write(&closing).map_err(sealing_error)?;
     }
-    new.sync_all()?;
-    std::fs::rename(&temporary, path)?;
-    guard.1 = true;
-    if let Some(parent) = path.parent() {
-        if let Ok(folder) = File::open(parent) {
-            let _ = folder.sync_all();
-        }
-    }
-    std::mem::drop(exclusive);
+    new.finish().map_err(sealing_error)?;
+    let _ = old.file().unlock();
     Ok(removed)
 }

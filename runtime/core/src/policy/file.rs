@@ -390,6 +390,11 @@ pub struct PrivacySettings {
     /// and an audit record, are kept; older ones are purged when a runtime
     /// starts and once a day while one runs. Unset: kept until deleted.
     pub max_age_days: Option<u64>,
+    /// Whether transcripts, KV state, REPL history and the audit log are
+    /// encrypted at rest (XChaCha20-Poly1305, see `stack_seal`), with the
+    /// key from the key file (`~/.config/stack-runtime/keys/current`,
+    /// made 0600 on first use) or `STACK_RUNTIME_KEY`.
+    pub encrypt: Option<bool>,
 }
 
 /// A broken policy file.

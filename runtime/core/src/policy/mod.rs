@@ -266,6 +266,7 @@ impl Policy {
                         .or(policy.privacy.transcript_dir.clone()),
                     audit_log: privacy.audit_log.or(policy.privacy.audit_log),
                     max_age_days: privacy.max_age_days.or(policy.privacy.max_age_days),
+                    encrypt: privacy.encrypt.or(policy.privacy.encrypt),
                 };
             }
             if let Some(redaction) = file.redaction {

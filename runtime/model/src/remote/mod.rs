@@ -36,7 +36,6 @@
 mod sse;
 mod wire;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -946,7 +945,10 @@ impl BackendSession for RemoteSession {
 
     fn clear(&mut self) {}
 
-    fn save_state(&mut self, _path: PathBuf) -> BoxFuture<'_, Result<(), ModelError>> {
+    fn save_state(
+        &mut self,
+        _file: stack_seal::StateFile,
+    ) -> BoxFuture<'_, Result<(), ModelError>> {
         Box::pin(std::future::ready(Ok(())))
     }
 }

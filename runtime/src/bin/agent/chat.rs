@@ -10,9 +10,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use stack_runtime::agent::store::SessionStore;
-use stack_runtime::agent::{
-    export_chatml, list_sessions, Event, Runtime, Session, SessionConfig, TurnEnd,
-};
+use stack_runtime::agent::{list_sessions, Event, Runtime, Session, SessionConfig, TurnEnd};
 use stack_runtime::model::llama::SamplingOptions;
 use stack_runtime::model::{Routing, ToolChoice};
 use stack_runtime::outcome::Status;
@@ -601,30 +599,26 @@ fn storage_line(runtime: &Runtime, id: &str) -> String {
                 None => "until deleted (agent sessions delete ID)".to_string(),
             };
             format!(
-                "saving to  {}/{id}.jsonl, with its KV state, REPL history and audit records; kept {kept}; not encrypted; training use not allowed unless you say /training allow",
-                dir.display()
+                "saving to  {}/{id}.jsonl, with its KV state, REPL history and audit records; kept {kept}; {}; training use not allowed unless you say /training allow",
+                dir.display(),
+                encryption_words(runtime.vault())
             )
         }
         None => "saving to  nowhere (the policy keeps no transcripts)".to_string(),
     }
 }
 
-/// Appends one typed line to a session's history file (0600).
-fn append_history(path: &std::path::Path, line: &str) {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    if let Some(parent) = path.parent() {
-        let _ = std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent);
-    }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path);
-    if let Ok(mut file) = file {
-        let _ = writeln!(file, "{}", line.replace('\n', " "));
+/// Whether stored files are encrypted, and with which key (for the
+/// banner and `agent doctor`).
+pub fn encryption_words(vault: &stack_seal::Vault) -> String {
+    match (vault.sealing_key(), vault.sealing_source()) {
+        (Some(key), Some(source)) => {
+            format!(
+                "encrypted (XChaCha20-Poly1305, key {} from {source})",
+                key.id()
+            )
+        }
+        _ => "not encrypted ([privacy] encrypt = true turns it on)".to_string(),
     }
 }
 
@@ -680,11 +674,17 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
         let mut recent: Vec<_> = store.list().into_iter().take(10).collect();
         recent.reverse();
         for stored in recent {
-            if let Ok(path) = store.history_file(&stored.id) {
-                let _ = editor.load_history(&path);
+            for line in store.history(&stored.id).unwrap_or_default() {
+                let _ = editor.add_history_entry(line);
             }
         }
     }
+    let mut history = store.as_ref().and_then(|store| {
+        store
+            .open_history(session.id())
+            .map_err(|err| eprintln!("REPL history is not kept: {err}"))
+            .ok()
+    });
     loop {
         let line = match editor.readline("› ") {
             Ok(line) => line,
@@ -696,11 +696,10 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
             continue;
         }
         let _ = editor.add_history_entry(&line);
-        if let Some(path) = store
-            .as_ref()
-            .and_then(|s| s.history_file(session.id()).ok())
-        {
-            append_history(&path, &runtime.policy().redactor().redact(&line));
+        if let Some(history) = &mut history {
+            if let Err(err) = history.append(&runtime.policy().redactor().redact(&line)) {
+                eprintln!("REPL history: {err}");
+            }
         }
         if let Some(command) = line.strip_prefix('/') {
             let mut words = command.split_whitespace();
@@ -785,6 +784,12 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
                     match tokio.block_on(runtime.session(config)) {
                         Ok(resumed) => {
                             session = resumed;
+                            history = store.as_ref().and_then(|store| {
+                                store
+                                    .open_history(session.id())
+                                    .map_err(|err| eprintln!("REPL history is not kept: {err}"))
+                                    .ok()
+                            });
                             let count = tokio.block_on(session.messages()).len();
                             println!("resumed {id} ({count} messages)");
                         }
@@ -850,7 +855,7 @@ pub enum TrainingAnswer {
 
 /// `agent sessions …`.
 pub fn sessions(policy: &str, action: Option<SessionsCommand>) -> anyhow::Result<ExitCode> {
-    let store = SessionStore::new(transcript_dir(policy)?);
+    let (store, _lease) = stored_sessions(policy)?;
     match action.unwrap_or(SessionsCommand::List) {
         SessionsCommand::List => {
             for session in store.list() {
@@ -911,17 +916,45 @@ pub fn sessions(policy: &str, action: Option<SessionsCommand>) -> anyhow::Result
 
 /// `agent export ID --format chatml`.
 pub fn export(id: &str, policy: &str) -> anyhow::Result<ExitCode> {
-    let dir = transcript_dir(policy)?;
-    println!("{}", export_chatml(&dir, id)?);
+    let (store, _lease) = stored_sessions(policy)?;
+    println!("{}", store.export_chatml(id)?);
     Ok(ExitCode::SUCCESS)
 }
 
-fn transcript_dir(policy: &str) -> anyhow::Result<PathBuf> {
+/// The sessions the policy keeps, with the keys that open them (and a
+/// hold on the keys while they are used, so `agent keys rotate` waits).
+pub fn stored_sessions(
+    policy: &str,
+) -> anyhow::Result<(SessionStore, Option<stack_seal::keys::KeyLease>)> {
     let policy = Policy::load_named(policy).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
-    policy
+    let dir = policy
         .privacy
         .transcript_dir
         .as_deref()
         .map(stack_runtime::agent::expand_home)
-        .ok_or_else(|| anyhow::anyhow!("the policy names no transcript folder"))
+        .ok_or_else(|| anyhow::anyhow!("the policy names no transcript folder"))?;
+    let (vault, lease) = policy_vault(&policy)?;
+    Ok((SessionStore::new(dir).with_vault(vault), lease))
+}
+
+/// The keys the policy's stored data is sealed and opened with (see
+/// `[privacy] encrypt`), and a hold on them while they are used.
+pub fn policy_vault(
+    policy: &Policy,
+) -> anyhow::Result<(Arc<stack_seal::Vault>, Option<stack_seal::keys::KeyLease>)> {
+    let encrypt = policy.privacy.encrypt.unwrap_or(false);
+    let (vault, lease) = match stack_seal::keys::KeyStore::for_user() {
+        Ok(keys) => {
+            let vault = keys.vault(encrypt)?;
+            let lease = if vault.has_keys() {
+                Some(keys.lease()?)
+            } else {
+                None
+            };
+            (vault, lease)
+        }
+        Err(err) if encrypt => return Err(err.into()),
+        Err(_) => (stack_seal::Vault::plaintext(), None),
+    };
+    Ok((Arc::new(vault), lease))
 }

@@ -25,7 +25,29 @@ fn stored_data(policy: &Policy) -> String {
     } else {
         ""
     };
-    format!("transcripts, KV state, REPL history{audit} in {dir}; kept {kept}; not encrypted; exported as training data only where a session's owner allowed it")
+    format!("transcripts, KV state, REPL history{audit} in {dir}; kept {kept}; {}; exported as training data only where a session's owner allowed it", encryption(policy))
+}
+
+/// Whether the policy's stored data is encrypted, and with which key (a
+/// key is not made here).
+fn encryption(policy: &Policy) -> String {
+    if !policy.privacy.encrypt.unwrap_or(false) {
+        return "not encrypted ([privacy] encrypt = true turns it on)".into();
+    }
+    let keys = match stack_seal::keys::KeyStore::for_user() {
+        Ok(keys) => keys,
+        Err(err) => return format!("encryption asked for, but no key: {err}"),
+    };
+    match keys.vault(false) {
+        Ok(vault) if vault.has_keys() => {
+            format!("encrypted (XChaCha20-Poly1305; {})", vault.describe_keys())
+        }
+        Ok(_) => format!(
+            "encrypted (XChaCha20-Poly1305; the key file {} is made 0600 on first use)",
+            keys.current_path().display()
+        ),
+        Err(err) => format!("encryption asked for, but the key is not usable: {err}"),
+    }
 }
 
 pub fn run(

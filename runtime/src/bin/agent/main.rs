@@ -6,6 +6,7 @@
 mod chat;
 mod doctor;
 mod eval_cmd;
+mod keys_cmd;
 mod mcp_cmd;
 mod model_cmd;
 mod policy_cmd;
@@ -67,6 +68,9 @@ enum Command {
         #[command(subcommand)]
         action: Option<chat::SessionsCommand>,
     },
+    /// The key stored data is encrypted with: show it, or rotate it.
+    #[command(subcommand)]
+    Keys(keys_cmd::KeysCommand),
     /// Write a saved session as a training example.
     Export {
         /// The session id.
@@ -137,6 +141,7 @@ fn main() -> ExitCode {
             chat::run(&cli.chat, prompt, json, yes, &tool_dirs)
         }
         Some(Command::Sessions { action }) => chat::sessions(&cli.chat.policy, action),
+        Some(Command::Keys(command)) => keys_cmd::run(command, &cli.chat.policy),
         Some(Command::Export {
             id,
             format: ExportFormat::Chatml,

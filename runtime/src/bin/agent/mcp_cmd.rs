@@ -64,9 +64,11 @@ pub fn run(args: McpArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
     let mut registry = build_registry(dirs);
     let policy = Policy::load_named(args.policy.as_deref().unwrap_or("default"))
         .context("loading the policy")?;
+    let (vault, _lease) = crate::chat::policy_vault(&policy)?;
     let audit = match &args.audit_log {
         Some(path) => Some(Arc::new(
-            AuditLog::open(path).with_context(|| format!("audit log {}", path.display()))?,
+            AuditLog::open_with(path, vault)
+                .with_context(|| format!("audit log {}", path.display()))?,
         )),
         None => None,
     };

@@ -301,12 +301,16 @@ fn run_tool(mut registry: Registry, name: &str, args: String, options: RunOption
     } else {
         None
     };
+    let vault = match crate::chat::policy_vault(&policy) {
+        Ok((vault, lease)) => (vault, lease),
+        Err(err) => return report(ToolOutcome::internal_error(format!("{err:#}"))),
+    };
     let mut gate = Gate::new(Arc::new(registry), Arc::new(policy), "cli");
     if approve {
         gate = gate.with_approver(Arc::new(approve_all));
     }
     if let Some(path) = &options.audit_log {
-        match AuditLog::open(path) {
+        match AuditLog::open_with(path, Arc::clone(&vault.0)) {
             Ok(log) => gate = gate.with_audit_log(Arc::new(log)),
             Err(err) => {
                 return report(ToolOutcome::internal_error(format!(

@@ -1,0 +1,361 @@
+//! Keys and the vault that holds them: the key new files are sealed with,
+//! and every key a file at hand may be sealed with.
+
+use chacha20poly1305::aead::{Aead, KeyInit, OsRng, Payload};
+use chacha20poly1305::{AeadCore, XChaCha20Poly1305, XNonce};
+use sha2::Digest;
+use zeroize::Zeroizing;
+
+/// Bytes of a key.
+pub const KEY_LEN: usize = 32;
+/// Bytes of a nonce (XChaCha20: 192 bits, safe to draw at random).
+pub const NONCE_LEN: usize = 24;
+/// Bytes of a tag.
+pub const TAG_LEN: usize = 16;
+
+/// A 256-bit key, wiped from memory when dropped; its `Debug` shows only
+/// its id.
+#[derive(Clone)]
+pub struct Key {
+    bytes: Zeroizing<[u8; KEY_LEN]>,
+    id: KeyId,
+}
+
+/// What names a key in a file's header: the first 8 bytes of
+/// `SHA-256("stack-runtime key id v1" ‖ key)`, shown as 16 hex digits. It
+/// tells keys apart and reveals nothing of them.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyId(pub [u8; 8]);
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyId({self})")
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Key({})", self.id)
+    }
+}
+
+/// A key given as text that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a key is 64 hex digits (32 bytes); this is {0}")]
+pub struct BadKeyText(pub String);
+
+impl Key {
+    /// A fresh random key (from the OS's random source).
+    pub fn generate() -> Key {
+        let generated = XChaCha20Poly1305::generate_key(&mut OsRng);
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        bytes.copy_from_slice(&generated);
+        Key::from_bytes(bytes)
+    }
+
+    fn from_bytes(bytes: Zeroizing<[u8; KEY_LEN]>) -> Key {
+        let mut hash = sha2::Sha256::new();
+        hash.update(b"stack-runtime key id v1");
+        hash.update(&bytes[..]);
+        let digest = hash.finalize();
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&digest[..8]);
+        Key {
+            bytes,
+            id: KeyId(id),
+        }
+    }
+
+    /// Reads 64 hex digits (surrounding whitespace ignored).
+    pub fn from_hex(text: &str) -> Result<Key, BadKeyText> {
+        let text = text.trim();
+        let describe = || {
+            if text.is_empty() {
+                "empty".to_string()
+            } else if text.len() != 2 * KEY_LEN {
+                format!("{} characters long", text.len())
+            } else {
+                "not all hex digits".to_string()
+            }
+        };
+        if text.len() != 2 * KEY_LEN {
+            return Err(BadKeyText(describe()));
+        }
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        for (index, pair) in text.as_bytes().chunks(2).enumerate() {
+            let digit = |c: u8| (c as char).to_digit(16);
+            match (digit(pair[0]), digit(pair[1])) {
+                (Some(high), Some(low)) => bytes[index] = (high * 16 + low) as u8,
+                _ => return Err(BadKeyText(describe())),
+            }
+        }
+        Ok(Key::from_bytes(bytes))
+    }
+
+    /// The key as 64 hex digits (wiped when dropped).
+    pub fn to_hex(&self) -> Zeroizing<String> {
+        let mut text = Zeroizing::new(String::with_capacity(2 * KEY_LEN));
+        for byte in self.bytes.iter() {
+            text.push_str(&format!("{byte:02x}"));
+        }
+        text
+    }
+
+    /// Its id.
+    pub fn id(&self) -> KeyId {
+        self.id
+    }
+
+    fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new((&self.bytes[..]).into())
+    }
+
+    /// Seals `plaintext` under a fresh random nonce, authenticating `aad`
+    /// with it: `nonce ‖ ciphertext ‖ tag`.
+    pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Vec<u8> {
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let mut sealed = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
+        sealed.extend_from_slice(&nonce);
+        // Encryption into a Vec fails only on a length past the cipher's
+        // limit (256 GiB), which no record nears.
+        match self.cipher().encrypt(
+            &nonce,
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        ) {
+            Ok(body) => sealed.extend_from_slice(&body),
+            Err(_) => sealed.clear(),
+        }
+        sealed
+    }
+
+    /// A sealer for many records under this key and `aad` (see
+    /// [`RecordSealer`]).
+    pub fn record_sealer(&self, aad: Vec<u8>) -> RecordSealer {
+        let mut prefix = [0u8; 16];
+        prefix.copy_from_slice(&XChaCha20Poly1305::generate_nonce(&mut OsRng)[..16]);
+        RecordSealer {
+            cipher: self.cipher(),
+            prefix,
+            counter: std::sync::atomic::AtomicU64::new(0),
+            aad,
+        }
+    }
+
+    /// Opens what [`seal`](Self::seal) made; `None` when it fails
+    /// authentication (another key, another `aad`, a changed byte).
+    pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        if sealed.len() < NONCE_LEN + TAG_LEN {
+            return None;
+        }
+        let (nonce, body) = sealed.split_at(NONCE_LEN);
+        self.cipher()
+            .decrypt(XNonce::from_slice(nonce), Payload { msg: body, aad })
+            .ok()
+            .map(Zeroizing::new)
+    }
+}
+
+/// Seals records one after another for the same file: the cipher is set
+/// up once, and each nonce is a random 128-bit prefix drawn when the sealer
+/// is made followed by a 64-bit count, so no two records of any sealer
+/// share a nonce (two sealers share a prefix with odds of 2⁻¹²⁸ per pair)
+/// and no record costs a call into the OS's random source.
+pub struct RecordSealer {
+    cipher: XChaCha20Poly1305,
+    prefix: [u8; 16],
+    counter: std::sync::atomic::AtomicU64,
+    aad: Vec<u8>,
+}
+
+impl std::fmt::Debug for RecordSealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordSealer").finish_non_exhaustive()
+    }
+}
+
+impl RecordSealer {
+    /// `length (u32 LE) ‖ nonce ‖ ciphertext ‖ tag` of `plaintext`, in one
+    /// buffer, encrypted in place.
+    pub fn seal_framed(&self, plaintext: &[u8]) -> Vec<u8> {
+        use chacha20poly1305::aead::AeadInPlace;
+        let count = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce[..16].copy_from_slice(&self.prefix);
+        nonce[16..].copy_from_slice(&count.to_le_bytes());
+        let sealed_len = NONCE_LEN + plaintext.len() + TAG_LEN;
+        let mut framed = Vec::with_capacity(4 + sealed_len);
+        framed.extend_from_slice(&u32::try_from(sealed_len).unwrap_or(u32::MAX).to_le_bytes());
+        framed.extend_from_slice(&nonce);
+        framed.extend_from_slice(plaintext);
+        let body = &mut framed[4 + NONCE_LEN..];
+        // Fails only past the cipher's length limit (256 GiB).
+        match self
+            .cipher
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &self.aad, body)
+        {
+            Ok(tag) => framed.extend_from_slice(&tag),
+            Err(_) => framed.clear(),
+        }
+        framed
+    }
+
+    /// The associated data it seals with (the file's header).
+    pub fn aad(&self) -> &[u8] {
+        &self.aad
+    }
+}
+
+/// Where a key came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// A key file (0600, the owner's alone).
+    File(std::path::PathBuf),
+    /// The `STACK_RUNTIME_KEY` environment variable.
+    Environment,
+    /// Given by the embedding program.
+    Given,
+}
+
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::File(path) => write!(f, "key file {}", path.display()),
+            KeySource::Environment => f.write_str("STACK_RUNTIME_KEY"),
+            KeySource::Given => f.write_str("the embedding program"),
+        }
+    }
+}
+
+/// The keys of a runtime: the one new files are sealed with (none: they
+/// are written in plaintext), and every key that opens files at hand (the
+/// sealing key, a key a rotation is moving to, `STACK_RUNTIME_KEY` beside
+/// a key file).
+#[derive(Debug, Clone, Default)]
+pub struct Vault {
+    sealing: Option<(Key, KeySource)>,
+    opening: Vec<(Key, KeySource)>,
+}
+
+impl Vault {
+    /// Seals nothing and opens nothing.
+    pub fn plaintext() -> Vault {
+        Vault::default()
+    }
+
+    /// Seals new files with `key`.
+    pub fn sealing(key: Key, source: KeySource) -> Vault {
+        Vault {
+            sealing: Some((key.clone(), source.clone())),
+            opening: vec![(key, source)],
+        }
+    }
+
+    /// Writes plaintext, but opens files sealed with `key` (encryption
+    /// turned off after files were sealed).
+    pub fn opening_only(key: Key, source: KeySource) -> Vault {
+        Vault {
+            sealing: None,
+            opening: vec![(key, source)],
+        }
+    }
+
+    /// Also opens files sealed with `key`.
+    pub fn also_opening(mut self, key: Key, source: KeySource) -> Vault {
+        if self.key(key.id()).is_none() {
+            self.opening.push((key, source));
+        }
+        self
+    }
+
+    /// The key new files are sealed with, if any.
+    pub fn sealing_key(&self) -> Option<&Key> {
+        self.sealing.as_ref().map(|(key, _)| key)
+    }
+
+    /// Where the sealing key came from.
+    pub fn sealing_source(&self) -> Option<&KeySource> {
+        self.sealing.as_ref().map(|(_, source)| source)
+    }
+
+    /// The key with id `id`, if at hand.
+    pub fn key(&self, id: KeyId) -> Option<&Key> {
+        self.opening
+            .iter()
+            .find(|(key, _)| key.id() == id)
+            .map(|(key, _)| key)
+    }
+
+    /// The ids of the keys at hand, for messages.
+    pub fn describe_keys(&self) -> String {
+        if self.opening.is_empty() {
+            return "no key".into();
+        }
+        self.opening
+            .iter()
+            .map(|(key, source)| format!("{} from {source}", key.id()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Whether it seals new files.
+    pub fn seals(&self) -> bool {
+        self.sealing.is_some()
+    }
+
+    /// Whether it has any key.
+    pub fn has_keys(&self) -> bool {
+        !self.opening.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_record_opens_only_with_its_key_and_aad() {
+        let key = Key::generate();
+        let sealed = key.seal(b"prompt text", b"ctx");
+        assert!(!sealed.windows(6).any(|w| w == b"prompt"));
+        assert_eq!(
+            key.open(&sealed, b"ctx").as_deref().map(Vec::as_slice),
+            Some(&b"prompt text"[..])
+        );
+        assert!(key.open(&sealed, b"other").is_none());
+        assert!(Key::generate().open(&sealed, b"ctx").is_none());
+        let mut flipped = sealed.clone();
+        flipped[NONCE_LEN + 2] ^= 1;
+        assert!(key.open(&flipped, b"ctx").is_none());
+    }
+
+    #[test]
+    fn hex_round_trips_and_bad_text_says_why() {
+        let key = Key::generate();
+        let again = Key::from_hex(&key.to_hex()).expect("hex");
+        assert_eq!(again.id(), key.id());
+        assert_eq!(Key::from_hex("").expect_err("bad").0, "empty");
+        assert_eq!(
+            Key::from_hex("abc").expect_err("bad").0,
+            "3 characters long"
+        );
+        assert_eq!(
+            Key::from_hex(&"zz".repeat(32)).expect_err("bad").0,
+            "not all hex digits"
+        );
+        assert!(!format!("{key:?}").contains(&key.to_hex()[..8]));
+    }
+}

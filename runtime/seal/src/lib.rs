@@ -1,0 +1,128 @@
+//! Encryption at rest for everything a session keeps: transcripts, the
+//! audit log, REPL history (record files, appended one record at a time)
+//! and saved KV state (blobs, written whole).
+//!
+//! # Threat model
+//!
+//! **Protects against** someone who reads or copies the data folders but
+//! not the key: a stolen disk or backup, another local user who gets a
+//! copy of a file, a cloud sync of `~/.local/share`. With `[privacy]
+//! encrypt = true` every such file is sealed with XChaCha20-Poly1305
+//! (RustCrypto's `chacha20poly1305`), an authenticated cipher: the reader
+//! learns nothing of the content but sizes and timing, and any change to a
+//! sealed byte is detected and reported ([`SealError::Tampered`]), never
+//! silently read.
+//!
+//! **Binds each record to its file.** Every file starts with a header that
+//! names the key (its [`KeyId`], a hash that reveals nothing of it), the
+//! kind of file and its context (`transcript:ID`, `audit`, `kv:ID`,
+//! `history:ID`); every record is authenticated together with that header,
+//! so a record or a whole file moved to another session's name, or a
+//! header edited, fails to open. A blob's chunks also carry their index
+//! and whether they are the last, so a blob cut short or reordered fails.
+//!
+//! **Crash safety.** Records are appended one `write` each, so `kill -9`
+//! can tear at most the record being written: readers drop a torn last
+//! record ([`Records::torn_bytes`]) and appenders cut it off before they
+//! append, so a crash loses that record and never the file. Blobs and
+//! rewrites go to a temporary file, synced, then renamed over.
+//!
+//! **Keys.** A key is 32 random bytes, held in memory that is wiped on
+//! drop. It comes from a 0600 key file the owner alone can read, created
+//! on first use, else from `STACK_RUNTIME_KEY` (see [`keys`]). A wrong or
+//! missing key is a clear error naming the key the file needs; nothing is
+//! ever rewritten or removed because it could not be opened.
+//!
+//! **Does not protect against** an attacker who can run code as the user
+//! while the runtime runs (they can read the key file or the process's
+//! memory), against dropping whole records from the end of an append-only
+//! file (indistinguishable from a crash), or against traffic analysis of
+//! file sizes. Plaintext files written before encryption was turned on are
+//! sealed the next time they are appended to, and by `agent keys rotate`.
+
+pub mod blob;
+pub mod key;
+pub mod keys;
+pub mod record;
+pub mod state;
+
+pub use key::{Key, KeyId, Vault};
+pub use record::{Appender, Records};
+pub use state::StateFile;
+
+use std::path::PathBuf;
+
+/// Why a sealed file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    /// I/O.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is sealed and no key is at hand.
+    #[error("{} is encrypted (key {key}) and this runtime has no key: set `[privacy] encrypt = true`, or restore the key file, or set STACK_RUNTIME_KEY to the key it was written with; the file is left as it is", path.display())]
+    KeyMissing {
+        /// The file.
+        path: PathBuf,
+        /// The key it needs.
+        key: KeyId,
+    },
+    /// The file is sealed with a key the runtime does not have.
+    #[error("{} is encrypted with key {key}, which is not this runtime's ({have}); restore that key (key file or STACK_RUNTIME_KEY); the file is left as it is", path.display())]
+    WrongKey {
+        /// The file.
+        path: PathBuf,
+        /// The key it needs.
+        key: KeyId,
+        /// The keys at hand.
+        have: String,
+    },
+    /// A record or chunk failed authentication: the file was changed (a
+    /// flipped byte, an edit) or moved from another session's name.
+    #[error("{}: record {record} (at byte {offset}) fails authentication: the file was changed or does not belong here; it is left as it is", path.display())]
+    Tampered {
+        /// The file.
+        path: PathBuf,
+        /// The record (from 0).
+        record: usize,
+        /// Its byte offset.
+        offset: u64,
+    },
+    /// The header or the framing is not what a sealed file holds.
+    #[error("{}: not a sealed file this runtime can read: {reason}", path.display())]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A sealed blob ends before its last chunk.
+    #[error("{}: the sealed file ends before its last chunk (cut short)", path.display())]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file belongs to another context (another session's file renamed).
+    #[error("{}: sealed for `{found}`, not `{expected}`", path.display())]
+    WrongContext {
+        /// The file.
+        path: PathBuf,
+        /// The context the caller expected.
+        expected: String,
+        /// The context in the header.
+        found: String,
+    },
+}
+
+impl SealError {
+    pub(crate) fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> SealError + '_ {
+        move |source| SealError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

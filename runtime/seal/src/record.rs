@@ -1,0 +1,755 @@
+//! Record files: a header, then records appended one `write` each.
+//!
+//! A sealed file is
+//! `magic (8) ‖ key id (8) ‖ kind (1) ‖ context length (1) ‖ context`,
+//! then records, each `length (u32 LE) ‖ nonce (24) ‖ ciphertext ‖ tag
+//! (16)`, authenticated with the whole header as associated data. A
+//! plaintext file is one record per line (JSON lines). Readers take both;
+//! appenders keep a file's format, except that a plaintext file is sealed
+//! (rewritten whole) when the vault seals, and a file sealed with an older
+//! key is sealed again with the current one.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::key::{Key, KeyId, RecordSealer, Vault, NONCE_LEN, TAG_LEN};
+use crate::SealError;
+
+/// What a sealed file starts with.
+pub const MAGIC: &[u8; 8] = b"STKSEAL\x01";
+/// Largest record a reader accepts (a length past it is corruption, not
+/// a record).
+pub const MAX_RECORD: usize = 256 << 20;
+
+/// What a sealed file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Records appended one by one.
+    Records = 1,
+    /// One blob in chunks.
+    Blob = 2,
+}
+
+/// A sealed file's header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// The key it is sealed with.
+    pub key: KeyId,
+    /// What it holds.
+    pub kind: Kind,
+    /// What it is for (`transcript:ID`, `audit`, ...).
+    pub context: String,
+}
+
+impl Header {
+    /// Its bytes (also the associated data of every record).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let context = self.context.as_bytes();
+        let mut bytes = Vec::with_capacity(18 + context.len());
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&self.key.0);
+        bytes.push(self.kind as u8);
+        bytes.push(u8::try_from(context.len()).unwrap_or(u8::MAX));
+        bytes.extend_from_slice(&context[..context.len().min(255)]);
+        bytes
+    }
+
+    /// Parses a header at the start of `bytes`; `Ok(None)` when `bytes`
+    /// does not start with the magic (plaintext); also returns its length.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Option<(Header, usize)>, SealError> {
+        if !bytes.starts_with(MAGIC) {
+            return Ok(None);
+        }
+        let malformed = |reason: &str| SealError::Malformed {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        if bytes.len() < 18 {
+            return Err(malformed("the header is cut short"));
+        }
+        let mut key = [0u8; 8];
+        key.copy_from_slice(&bytes[8..16]);
+        let kind = match bytes[16] {
+            1 => Kind::Records,
+            2 => Kind::Blob,
+            other => return Err(malformed(&format!("unknown kind {other}"))),
+        };
+        let length = usize::from(bytes[17]);
+        let context = bytes
+            .get(18..18 + length)
+            .ok_or_else(|| malformed("the header is cut short"))?;
+        let context = std::str::from_utf8(context)
+            .map_err(|_| malformed("the context is not UTF-8"))?
+            .to_string();
+        Ok(Some((
+            Header {
+                key: KeyId(key),
+                kind,
+                context,
+            },
+            18 + length,
+        )))
+    }
+
+    pub(crate) fn check(
+        &self,
+        path: &Path,
+        kind: Kind,
+        context: Option<&str>,
+    ) -> Result<(), SealError> {
+        if self.kind != kind {
+            return Err(SealError::Malformed {
+                path: path.to_path_buf(),
+                reason: format!("holds a {:?}, not {:?}", self.kind, kind),
+            });
+        }
+        match context {
+            Some(expected) if expected != self.context => Err(SealError::WrongContext {
+                path: path.to_path_buf(),
+                expected: expected.to_string(),
+                found: self.context.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The key of `vault` that opens a file sealed with `id`.
+pub(crate) fn key_for<'v>(vault: &'v Vault, path: &Path, id: KeyId) -> Result<&'v Key, SealError> {
+    vault.key(id).ok_or_else(|| {
+        if vault.has_keys() {
+            SealError::WrongKey {
+                path: path.to_path_buf(),
+                key: id,
+                have: vault.describe_keys(),
+            }
+        } else {
+            SealError::KeyMissing {
+                path: path.to_path_buf(),
+                key: id,
+            }
+        }
+    })
+}
+
+/// The records of a file, opened.
+#[derive(Debug, Default)]
+pub struct Records {
+    /// Each record's bytes (a plaintext file's lines, without `\n`; empty
+    /// lines skipped).
+    pub items: Vec<Vec<u8>>,
+    /// Bytes of a record torn at the end (a crash while it was written),
+    /// which are not in `items`.
+    pub torn_bytes: u64,
+    /// The header, when the file is sealed.
+    pub header: Option<Header>,
+}
+
+/// Where the records of a file's bytes lie, without opening them.
+struct Layout {
+    header: Option<(Header, usize)>,
+    /// Each record: where its sealed bytes (or line) start, and end.
+    spans: Vec<(usize, usize)>,
+    /// Where the complete records end.
+    valid_len: usize,
+}
+
+fn layout(path: &Path, bytes: &[u8]) -> Result<Layout, SealError> {
+    let mut spans = Vec::new();
+    match Header::parse(path, bytes)? {
+        None => {
+            let mut start = 0;
+            while let Some(end) = bytes[start..].iter().position(|b| *b == b'\n') {
+                if end > 0 {
+                    spans.push((start, start + end));
+                }
+                start += end + 1;
+            }
+            Ok(Layout {
+                header: None,
+                spans,
+                valid_len: start,
+            })
+        }
+        Some((header, header_len)) => {
+            header.check(path, Kind::Records, None)?;
+            let mut at = header_len;
+            while let Some(length) = bytes.get(at..at + 4) {
+                let mut raw = [0u8; 4];
+                raw.copy_from_slice(length);
+                let length = u32::from_le_bytes(raw) as usize;
+                if !(NONCE_LEN + TAG_LEN..=MAX_RECORD).contains(&length) {
+                    return Err(SealError::Malformed {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "record {} at byte {at} claims {length} bytes",
+                            spans.len()
+                        ),
+                    });
+                }
+                if bytes.len() < at + 4 + length {
+                    break;
+                }
+                spans.push((at + 4, at + 4 + length));
+                at += 4 + length;
+            }
+            Ok(Layout {
+                header: Some((header, header_len)),
+                spans,
+                valid_len: at,
+            })
+        }
+    }
+}
+
+fn read_all(path: &Path) -> Result<Vec<u8>, SealError> {
+    std::fs::read(path).map_err(SealError::io(path))
+}
+
+/// Reads and opens every record of the file at `path` (sealed or
+/// plaintext). A record torn at the end is dropped and counted; a record
+/// that fails authentication is an error ([`SealError::Tampered`]). With
+/// `context`, a sealed file must have been sealed for it.
+pub fn read_records(
+    path: &Path,
+    context: Option<&str>,
+    vault: &Vault,
+) -> Result<Records, SealError> {
+    let bytes = read_all(path)?;
+    open_records(path, &bytes, context, vault)
+}
+
+fn open_records(
+    path: &Path,
+    bytes: &[u8],
+    context: Option<&str>,
+    vault: &Vault,
+) -> Result<Records, SealError> {
+    let layout = layout(path, bytes)?;
+    let torn_bytes = (bytes.len() - layout.valid_len) as u64;
+    let Some((header, header_len)) = layout.header else {
+        return Ok(Records {
+            items: layout
+                .spans
+                .iter()
+                .map(|(start, end)| bytes[*start..*end].to_vec())
+                .collect(),
+            torn_bytes,
+            header: None,
+        });
+    };
+    header.check(path, Kind::Records, context)?;
+    let key = key_for(vault, path, header.key)?;
+    let aad = &bytes[..header_len];
+    let mut items = Vec::with_capacity(layout.spans.len());
+    for (index, (start, end)) in layout.spans.iter().enumerate() {
+        let opened = key
+            .open(&bytes[*start..*end], aad)
+            .ok_or(SealError::Tampered {
+                path: path.to_path_buf(),
+                record: index,
+                offset: (*start - 4) as u64,
+            })?;
+        items.push(opened.to_vec());
+    }
+    Ok(Records {
+        items,
+        torn_bytes,
+        header: Some(header),
+    })
+}
+
+/// How an [`Appender`] holds its file against other processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// A shared `flock` for as long as it is open (a session's own file:
+    /// a deletion, which takes an exclusive one, sees it is in use).
+    Shared,
+    /// No lock between appends (a log many processes append to, each
+    /// append taking a shared lock of its own).
+    Nothing,
+}
+
+/// A record file opened for appending.
+#[derive(Debug)]
+pub struct Appender {
+    path: PathBuf,
+    file: File,
+    sealing: Option<RecordSealer>,
+}
+
+/// A file that another process holds and that would have to be repaired
+/// or sealed before appending.
+#[derive(Debug, thiserror::Error)]
+#[error("{} is in use by another process", path.display())]
+pub struct Busy {
+    /// The file.
+    pub path: PathBuf,
+}
+
+impl Appender {
+    /// Opens (creating, 0600) the record file at `path` for appending,
+    /// after cutting off a record torn by a crash and bringing it to the
+    /// vault's format: a plaintext file is sealed when the vault seals, a
+    /// file sealed with another key the vault has is sealed again with
+    /// the vault's sealing key, a sealed file stays sealed when the vault
+    /// writes plaintext. Takes an exclusive `flock` for that (blocking for
+    /// [`Hold::Nothing`]; for [`Hold::Shared`], a file another process
+    /// holds is used as it is, or refused with [`Busy`] inside
+    /// [`SealError::Io`] when it would need a change).
+    pub fn open(
+        path: &Path,
+        context: &str,
+        vault: &Vault,
+        hold: Hold,
+    ) -> Result<Appender, SealError> {
+        let io = SealError::io(path);
+        loop {
+            let file = OpenOptions::new()
+                .create(true)
+                .read(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(&io)?;
+            let exclusive = match hold {
+                Hold::Nothing => {
+                    file.lock().map_err(&io)?;
+                    true
+                }
+                Hold::Shared => match file.try_lock() {
+                    Ok(()) => true,
+                    Err(std::fs::TryLockError::WouldBlock) => {
+                        file.lock_shared().map_err(&io)?;
+                        false
+                    }
+                    Err(std::fs::TryLockError::Error(err)) => return Err(io(err)),
+                },
+            };
+            if !same_file(&file, path) {
+                // Replaced between the open and the lock: again.
+                continue;
+            }
+            let prepared = prepare(path, &file, context, vault, exclusive)?;
+            match prepared {
+                Prepared::Replaced => continue,
+                Prepared::Ready(sealing) => {
+                    match hold {
+                        Hold::Nothing => file.unlock().map_err(&io)?,
+                        // Shared from here on (a conversion of the lock).
+                        Hold::Shared if exclusive => file.lock_shared().map_err(&io)?,
+                        Hold::Shared => {}
+                    }
+                    return Ok(Appender {
+                        path: path.to_path_buf(),
+                        file,
+                        sealing: sealing.map(|(key, header)| key.record_sealer(header)),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open file (to lock, or to compare with the path).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Whether it seals what it appends.
+    pub fn seals(&self) -> bool {
+        self.sealing.is_some()
+    }
+
+    /// The bytes that append `record` (one line, or one sealed record).
+    pub fn encode(&self, record: &[u8]) -> Vec<u8> {
+        encode(self.sealing.as_ref(), record)
+    }
+
+    /// Appends `record` with one `write` (see the module docs).
+    pub fn append(&mut self, record: &[u8]) -> Result<(), SealError> {
+        let bytes = self.encode(record);
+        (&self.file)
+            .write_all(&bytes)
+            .map_err(SealError::io(&self.path))
+    }
+}
+
+fn encode(sealing: Option<&RecordSealer>, record: &[u8]) -> Vec<u8> {
+    match sealing {
+        Some(sealer) => sealer.seal_framed(record),
+        None => {
+            let mut bytes = Vec::with_capacity(record.len() + 1);
+            bytes.extend_from_slice(record);
+            bytes.push(b'\n');
+            bytes
+        }
+    }
+}
+
+enum Prepared {
+    /// Ready to append (with the key and header to seal with).
+    Ready(Option<(Key, Vec<u8>)>),
+    /// The file at the path was replaced: open it again.
+    Replaced,
+}
+
+fn prepare(
+    path: &Path,
+    file: &File,
+    context: &str,
+    vault: &Vault,
+    exclusive: bool,
+) -> Result<Prepared, SealError> {
+    let io = SealError::io(path);
+    let mut bytes = Vec::new();
+    (&*file).read_to_end(&mut bytes).map_err(&io)?;
+    let busy = || SealError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            Busy {
+                path: path.to_path_buf(),
+            },
+        ),
+    };
+    if bytes.is_empty() {
+        return match vault.sealing_key() {
+            None => Ok(Prepared::Ready(None)),
+            Some(key) if exclusive => {
+                let header = Header {
+                    key: key.id(),
+                    kind: Kind::Records,
+                    context: context.to_string(),
+                }
+                .to_bytes();
+                (&*file).write_all(&header).map_err(&io)?;
+                Ok(Prepared::Ready(Some((key.clone(), header))))
+            }
+            Some(_) => Err(busy()),
+        };
+    }
+    let layout = layout(path, &bytes)?;
+    let wanted = match (&layout.header, vault.sealing_key()) {
+        (None, None) => None,
+        (None, Some(key)) => Some(key),
+        (Some((header, _)), None) => Some(key_for(vault, path, header.key)?),
+        (Some((header, _)), Some(key)) => {
+            key_for(vault, path, header.key)?;
+            Some(key)
+        }
+    };
+    if let Some((header, _)) = &layout.header {
+        header.check(path, Kind::Records, Some(context))?;
+    }
+    let same_format = match (&layout.header, wanted) {
+        (None, None) => true,
+        (Some((header, _)), Some(key)) => header.key == key.id(),
+        _ => false,
+    };
+    if same_format {
+        if layout.valid_len < bytes.len() {
+            if !exclusive {
+                return Err(busy());
+            }
+            // A record torn by a crash: cut it off, or the next would
+            // follow garbage.
+            file.set_len(layout.valid_len as u64).map_err(&io)?;
+        }
+        let sealing = match (layout.header, wanted) {
+            (Some((_, length)), Some(key)) => Some((key.clone(), bytes[..length].to_vec())),
+            _ => None,
+        };
+        return Ok(Prepared::Ready(sealing));
+    }
+    if !exclusive {
+        return Err(busy());
+    }
+    // Another format (plaintext to seal, or an older key): rewrite whole.
+    let records = open_records(path, &bytes, Some(context), vault)?;
+    let mut writer = RecordWriter::create(path, context, wanted)?;
+    for record in &records.items {
+        writer.write(record)?;
+    }
+    writer.finish()?;
+    Ok(Prepared::Replaced)
+}
+
+/// A new record file written beside `path` and put in its place when
+/// finished (synced, then renamed over it): for rewrites.
+#[derive(Debug)]
+pub struct RecordWriter {
+    path: PathBuf,
+    temporary: PathBuf,
+    file: Option<File>,
+    sealing: Option<RecordSealer>,
+    buffer: Vec<u8>,
+}
+
+impl RecordWriter {
+    /// Starts a file for `path`, sealed with `key` (plaintext with none).
+    pub fn create(
+        path: &Path,
+        context: &str,
+        key: Option<&Key>,
+    ) -> Result<RecordWriter, SealError> {
+        let temporary = temporary_beside(path);
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)
+            .map_err(SealError::io(&temporary))?;
+        let sealing = key.map(|key| {
+            let header = Header {
+                key: key.id(),
+                kind: Kind::Records,
+                context: context.to_string(),
+            }
+            .to_bytes();
+            key.record_sealer(header)
+        });
+        let mut writer = RecordWriter {
+            path: path.to_path_buf(),
+            temporary,
+            file: Some(file),
+            buffer: sealing
+                .as_ref()
+                .map(|s| s.aad().to_vec())
+                .unwrap_or_default(),
+            sealing,
+        };
+        writer.flush_if_full()?;
+        Ok(writer)
+    }
+
+    /// Adds a record.
+    pub fn write(&mut self, record: &[u8]) -> Result<(), SealError> {
+        let bytes = encode(self.sealing.as_ref(), record);
+        self.buffer.extend_from_slice(&bytes);
+        self.flush_if_full()
+    }
+
+    fn flush_if_full(&mut self) -> Result<(), SealError> {
+        if self.buffer.len() >= 1 << 20 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), SealError> {
+        if let Some(file) = &mut self.file {
+            file.write_all(&self.buffer)
+                .map_err(SealError::io(&self.temporary))?;
+        }
+        self.buffer.clear();
+        Ok(())
+    }
+
+    /// Syncs the new file and renames it over the old.
+    pub fn finish(mut self) -> Result<(), SealError> {
+        self.flush()?;
+        let file = self.file.take();
+        if let Some(file) = &file {
+            file.sync_all().map_err(SealError::io(&self.temporary))?;
+        }
+        replace(&self.temporary, &self.path)
+    }
+}
+
+impl Drop for RecordWriter {
+    fn drop(&mut self) {
+        // Not finished: leave no copy behind.
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.temporary);
+        }
+    }
+}
+
+/// A temporary name beside `path`, unique to this process and call.
+pub(crate) fn temporary_beside(path: &Path) -> PathBuf {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let count = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".seal-{}-{count}.tmp", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Renames `temporary` over `path`, then syncs the folder, so a crash
+/// leaves the old file or the new one.
+pub(crate) fn replace(temporary: &Path, path: &Path) -> Result<(), SealError> {
+    std::fs::rename(temporary, path).map_err(SealError::io(path))?;
+    if let Some(parent) = path.parent() {
+        if let Ok(folder) = File::open(parent) {
+            let _ = folder.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Whether `file` is the file now at `path`.
+pub fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
+    }
+}
+
+/// The key a file is sealed with, `None` for plaintext (or a missing or
+/// empty file).
+pub fn sealed_with(path: &Path) -> Result<Option<Header>, SealError> {
+    let mut start = [0u8; 18 + 255];
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(SealError::io(path)(err)),
+    };
+    let mut filled = 0;
+    while filled < start.len() {
+        match file.read(&mut start[filled..]) {
+            Ok(0) => break,
+            Ok(read) => filled += read,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(SealError::io(path)(err)),
+        }
+    }
+    Ok(Header::parse(path, &start[..filled])?.map(|(header, _)| header))
+}
+
+/// Seals the file at `path` again with `key` (records or blob, whatever
+/// it holds), opening it with the vault's keys; a plaintext file is left
+/// alone. Returns whether it was rewritten. For `agent keys rotate`; the
+/// caller makes sure nobody appends meanwhile.
+pub fn reseal(path: &Path, vault: &Vault, key: &Key) -> Result<bool, SealError> {
+    let Some(header) = sealed_with(path)? else {
+        return Ok(false);
+    };
+    if header.key == key.id() {
+        return Ok(false);
+    }
+    match header.kind {
+        Kind::Records => {
+            let records = read_records(path, Some(&header.context), vault)?;
+            let mut writer = RecordWriter::create(path, &header.context, Some(key))?;
+            for record in &records.items {
+                writer.write(record)?;
+            }
+            writer.finish()?;
+        }
+        Kind::Blob => {
+            let blob = crate::blob::open_blob(path, &header.context, vault)?;
+            crate::blob::seal_blob(path, &header.context, key, &blob)?;
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::KeySource;
+
+    fn sealing() -> Vault {
+        Vault::sealing(Key::generate(), KeySource::Given)
+    }
+
+    #[test]
+    fn appended_records_read_back_and_hide_their_text() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.jsonl");
+        let vault = sealing();
+        let mut appender =
+            Appender::open(&path, "transcript:a", &vault, Hold::Shared).expect("open");
+        appender
+            .append(b"{\"secret\":\"hunter2\"}")
+            .expect("append");
+        appender.append(b"second").expect("append");
+        drop(appender);
+        let bytes = std::fs::read(&path).expect("read");
+        assert!(!bytes.windows(7).any(|w| w == b"hunter2"));
+        let records = read_records(&path, Some("transcript:a"), &vault).expect("read");
+        assert_eq!(
+            records.items,
+            vec![b"{\"secret\":\"hunter2\"}".to_vec(), b"second".to_vec()]
+        );
+        assert!(matches!(
+            read_records(&path, Some("transcript:b"), &vault),
+            Err(SealError::WrongContext { .. })
+        ));
+        assert!(matches!(
+            read_records(&path, None, &sealing()),
+            Err(SealError::WrongKey { .. })
+        ));
+        assert!(matches!(
+            read_records(&path, None, &Vault::plaintext()),
+            Err(SealError::KeyMissing { .. })
+        ));
+    }
+
+    #[test]
+    fn a_torn_record_is_dropped_then_cut_off_and_a_flipped_byte_is_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.jsonl");
+        let vault = sealing();
+        let mut appender = Appender::open(&path, "c", &vault, Hold::Shared).expect("open");
+        appender.append(b"one").expect("append");
+        appender.append(b"two").expect("append");
+        drop(appender);
+        let full = std::fs::read(&path).expect("read");
+        std::fs::write(&path, &full[..full.len() - 5]).expect("tear");
+        let records = read_records(&path, Some("c"), &vault).expect("read");
+        assert_eq!(records.items, vec![b"one".to_vec()]);
+        assert!(records.torn_bytes > 0);
+        let mut appender = Appender::open(&path, "c", &vault, Hold::Shared).expect("open");
+        appender.append(b"three").expect("append");
+        drop(appender);
+        let records = read_records(&path, Some("c"), &vault).expect("read");
+        assert_eq!(records.items, vec![b"one".to_vec(), b"three".to_vec()]);
+        assert_eq!(records.torn_bytes, 0);
+        let mut bytes = std::fs::read(&path).expect("read");
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x20;
+        std::fs::write(&path, &bytes).expect("flip");
+        assert!(matches!(
+            read_records(&path, Some("c"), &vault),
+            Err(SealError::Tampered { record: 1, .. })
+        ));
+        // An appender (which reads no record) still appends after it, and
+        // leaves it as it is.
+        assert!(Appender::open(&path, "c", &vault, Hold::Shared).is_ok());
+        assert_eq!(std::fs::read(&path).expect("read"), bytes);
+    }
+
+    #[test]
+    fn plaintext_is_sealed_when_the_vault_seals_and_rotation_reseals() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.jsonl");
+        std::fs::write(&path, b"{\"a\":1}\n{\"b\":2}\n{\"torn").expect("write");
+        let plain = read_records(&path, None, &Vault::plaintext()).expect("read");
+        assert_eq!(plain.items.len(), 2);
+        let old = Key::generate();
+        let vault = Vault::sealing(old.clone(), KeySource::Given);
+        let mut appender = Appender::open(&path, "c", &vault, Hold::Nothing).expect("open");
+        appender.append(b"{\"c\":3}").expect("append");
+        drop(appender);
+        assert!(sealed_with(&path).expect("header").is_some());
+        let new = Key::generate();
+        let both = vault.clone().also_opening(new.clone(), KeySource::Given);
+        assert!(reseal(&path, &both, &new).expect("reseal"));
+        let records =
+            read_records(&path, Some("c"), &Vault::sealing(new, KeySource::Given)).expect("read");
+        assert_eq!(records.items.len(), 3);
+        assert!(read_records(&path, None, &vault).is_err());
+    }
+}
