@@ -1051,10 +1051,22 @@ fn keys_are_shown_and_rotated_and_sealed_sessions_read_through_the_cli() {
             && said.contains("1 file(s) re-encrypted, 1 plaintext file(s) encrypted"),
         "{said}"
     );
+    assert!(said.contains("the old key is kept as"), "{said}");
     let after = keys.vault(true).expect("new key");
+    let middle = after.sealing_key().expect("key").id();
+    assert_ne!(middle, old);
+    assert!(after.key(old).is_some(), "retired, it still opens");
+    // Again, forgetting the old keys this time.
+    let rotated = run(&["keys", "rotate", "--forget-old"]);
+    let said = String::from_utf8_lossy(&rotated.stdout).to_string();
+    assert!(rotated.status.success(), "{rotated:?}");
+    assert!(
+        said.contains("2 file(s) re-encrypted") && said.contains("the old key is gone"),
+        "{said}"
+    );
+    let after = keys.vault(true).expect("newest key");
     let new = after.sealing_key().expect("key").id();
-    assert_ne!(new, old);
-    assert!(after.key(old).is_none(), "the old key is gone");
+    assert!(after.key(old).is_none() && after.key(middle).is_none());
     for file in [sessions.join("s1.jsonl"), sessions.join("history/s1")] {
         assert_eq!(
             sealed_with(&file).expect("header").map(|h| h.key),

@@ -368,15 +368,16 @@ impl RuntimeBuilder {
             None => {
                 let keys = stack_seal::keys::KeyStore::for_user();
                 match (encrypt, keys) {
+                    // The lease before the keys are read (a rotation under
+                    // way is waited for; see `KeyStore::open`).
                     (true, keys) => {
-                        let keys = keys?;
-                        (Arc::new(keys.vault(true)?), Some(keys.lease()?))
+                        let (vault, lease) = keys?.open(true)?;
+                        (Arc::new(vault), lease)
                     }
                     // Off: plaintext, but files sealed before still open
                     // with the keys at hand.
-                    (false, Ok(keys)) => match keys.vault(false) {
-                        Ok(vault) if vault.has_keys() => (Arc::new(vault), keys.lease().ok()),
-                        Ok(vault) => (Arc::new(vault), None),
+                    (false, Ok(keys)) => match keys.open(false) {
+                        Ok((vault, lease)) => (Arc::new(vault), lease),
                         Err(err) => {
                             tracing::warn!(%err, "keys for files sealed before are not at hand");
                             (Arc::new(Vault::plaintext()), None)

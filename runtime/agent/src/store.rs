@@ -150,9 +150,14 @@ impl SessionStore {
                     source,
                 })?;
         }
-        let file = Appender::open(&path, &format!("history:{id}"), &self.vault, Hold::Nothing)
+        let context = format!("history:{id}");
+        let file = Appender::open(&path, &context, &self.vault, Hold::Nothing)
             .map_err(|err| TranscriptError::sealing(id, err))?;
-        Ok(History { file })
+        Ok(History {
+            file,
+            context,
+            vault: Arc::clone(&self.vault),
+        })
     }
 
     /// The transcript folder.
@@ -374,18 +379,28 @@ impl SessionStore {
 
     fn remove_files(&self, session: &StoredSession) -> Result<usize, TranscriptError> {
         let mut removed = 0;
-        // Temporary files a seal or rewrite cut short left (`ID.jsonl.seal-…`).
-        let leftovers = std::fs::read_dir(&session.folder)
-            .into_iter()
-            .flatten()
-            .filter_map(Result::ok)
-            .map(|entry| entry.path())
-            .filter(|path| {
-                path.file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.strip_prefix(&format!("{}.", session.id)))
-                    .is_some_and(|rest| rest.contains(".seal-") && rest.ends_with(".tmp"))
-            });
+        // Temporary files a seal or rewrite cut short left
+        // (`ID.jsonl.seal-….tmp`), and torn records kept aside
+        // (`ID.jsonl.torn-…`), beside the transcript and in `history/`.
+        let leftovers = [
+            session.folder.clone(),
+            session.folder.join("history"),
+            self.dir.join("history"),
+        ]
+        .into_iter()
+        .flat_map(|folder| std::fs::read_dir(folder).into_iter().flatten())
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix(&format!("{}.", session.id)))
+                .is_some_and(|rest| {
+                    (rest.contains(".seal-") && rest.ends_with(".tmp"))
+                        || rest.contains("torn-")
+                        || rest.starts_with("seal-")
+                })
+        });
         let files: Vec<PathBuf> = self
             .files_of(&session.folder, &session.id)
             .into_iter()
@@ -451,12 +466,27 @@ impl SessionStore {
 #[derive(Debug)]
 pub struct History {
     file: Appender,
+    context: String,
+    vault: Arc<Vault>,
 }
 
 impl History {
     /// Appends one typed line (a newline in it becomes a space).
     pub fn append(&mut self, line: &str) -> Result<(), TranscriptError> {
         let line = line.replace('\n', " ");
+        // Sealed or rotated meanwhile (the file at the path replaced):
+        // append to the new one, not the unlinked old one.
+        if !stack_seal::record::same_file(self.file.file(), self.file.path()) {
+            let path = self.file.path().to_path_buf();
+            self.file = Appender::open(&path, &self.context, &self.vault, Hold::Nothing).map_err(
+                |err| match err {
+                    stack_seal::SealError::Io { path, source } => {
+                        TranscriptError::Io { path, source }
+                    }
+                    other => TranscriptError::Sealed(other),
+                },
+            )?;
+        }
         self.file.append(line.as_bytes()).map_err(|err| match err {
             stack_seal::SealError::Io { path, source } => TranscriptError::Io { path, source },
             other => TranscriptError::Sealed(other),

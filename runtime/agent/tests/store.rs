@@ -226,6 +226,8 @@ fn records_appended_while_the_log_is_rewritten_are_all_kept() {
     for writer in writers {
         writer.join().expect("writer");
     }
+    // Records a rewrite held off are written by the log's writer thread.
+    assert!(audit.wait_written(Duration::from_secs(30)));
     let log = std::fs::read_to_string(store.audit_log()).expect("audit log");
     let kept = log
         .lines()

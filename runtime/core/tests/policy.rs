@@ -987,3 +987,63 @@ network = "none"
     // The process policy carries the allowlist to the sandbox.
     assert!(process_policy(&shell).network.allowlist().is_some());
 }
+
+/// An append never waits for a rewrite (a deletion or purge holding the
+/// log under an exclusive `flock`): async callers must not block. The
+/// records it held off are written, in order, once the rewrite is done.
+#[test]
+fn an_append_during_a_rewrite_returns_at_once_and_is_written_after_in_order() {
+    use stack_core::policy::audit::{now_ms, AuditRecord};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let audit = Arc::new(AuditLog::open(&path).expect("audit log"));
+    let record = |call: &str| AuditRecord::Result {
+        time_ms: now_ms(),
+        session: "s".into(),
+        call_id: call.into(),
+        tool: "read_file".into(),
+        status: "ok".into(),
+        duration_ms: 1,
+        limit: None,
+        error: None,
+    };
+    audit.append(&record("before")).expect("append");
+    // What a rewrite holds while it runs.
+    let rewrite = std::fs::File::open(&path).expect("open");
+    rewrite.lock().expect("exclusive lock");
+    let (done, finished) = std::sync::mpsc::channel();
+    let appending = Arc::clone(&audit);
+    std::thread::spawn(move || {
+        for call in ["held-1", "held-2"] {
+            appending.append(&record(call)).expect("append");
+        }
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("the appends returned while the rewrite held the log");
+    let calls = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("json")["call_id"].to_string())
+            .collect()
+    };
+    assert_eq!(
+        calls(&std::fs::read_to_string(&path).expect("read")),
+        vec!["\"before\""]
+    );
+    rewrite.unlock().expect("unlock");
+    audit.append(&record("after")).expect("append");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let written = calls(&std::fs::read_to_string(&path).expect("read"));
+        if written.len() == 4 {
+            assert_eq!(
+                written,
+                vec!["\"before\"", "\"held-1\"", "\"held-2\"", "\"after\""]
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "written: {written:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -1443,7 +1443,8 @@ async fn as_root_cgroups_of_runtimes_that_are_gone_are_swept() {
 
 /// The runtime's own folders inside a workspace (a home-folder workspace;
 /// see `runtime_state_folders`): the compiled-module cache is read-only and
-/// the sessions are hidden to sandboxed code, in both languages. As root
+/// the sessions and the key that encrypts them are hidden to sandboxed
+/// code, in both languages. As root
 /// the files are shared with the sandbox uid, and as a user they are the
 /// code's own: without the protection every write and read would succeed.
 #[tokio::test(flavor = "multi_thread")]
@@ -1455,8 +1456,8 @@ async fn the_runtimes_own_folders_inside_a_workspace_are_protected() {
     let mut policy = tight_policy();
     policy.protected.extend(state.protected.iter().cloned());
     let cases: &[(Language, &str)] = &[
-        (Language::Python, "for f in ['.cache/stack-runtime/wasm/module.cwasm', '.cache/stack-runtime/wasm/evil.cwasm', '.local/share/stack-runtime/sessions/s1.jsonl']:\n    try:\n        open(f, 'a').write('NATIVE'); print('LEAK write', f)\n    except Exception as e:\n        print('blocked', type(e).__name__)\ntry:\n    print('LEAK read', open('.local/share/stack-runtime/sessions/s1.jsonl').read())\nexcept Exception as e:\n    print('hidden', type(e).__name__)"),
-        (Language::Bash, "echo NATIVE >> .cache/stack-runtime/wasm/module.cwasm && echo LEAK; echo x > .cache/stack-runtime/wasm/evil.cwasm && echo LEAK; mv .cache/stack-runtime .cache/moved && echo LEAK; cat .local/share/stack-runtime/sessions/s1.jsonl; echo done"),
+        (Language::Python, "for f in ['.cache/stack-runtime/wasm/module.cwasm', '.cache/stack-runtime/wasm/evil.cwasm', '.local/share/stack-runtime/sessions/s1.jsonl']:\n    try:\n        open(f, 'a').write('NATIVE'); print('LEAK write', f)\n    except Exception as e:\n        print('blocked', type(e).__name__)\ntry:\n    print('LEAK read', open('.local/share/stack-runtime/sessions/s1.jsonl').read())\nexcept Exception as e:\n    print('hidden', type(e).__name__)\ntry:\n    print('LEAK key', open('.config/stack-runtime/keys/current').read())\nexcept Exception as e:\n    print('hidden', type(e).__name__)"),
+        (Language::Bash, "echo NATIVE >> .cache/stack-runtime/wasm/module.cwasm && echo LEAK; echo x > .cache/stack-runtime/wasm/evil.cwasm && echo LEAK; mv .cache/stack-runtime .cache/moved && echo LEAK; cat .local/share/stack-runtime/sessions/s1.jsonl; cat .config/stack-runtime/keys/current; echo done"),
     ];
     for (language, code) in cases {
         let outcome = fx.run(*language, code, &policy).await;

@@ -851,7 +851,7 @@ async fn the_runtimes_own_folders_inside_a_workspace_are_protected() {
     let state = common::RuntimeState::in_workspace(&ws);
     let mut policy = quick();
     policy.protected.extend(state.protected.iter().cloned());
-    let python = "for f in ['.cache/stack-runtime/wasm/module.cwasm', '.cache/stack-runtime/wasm/evil.cwasm', '.local/share/stack-runtime/sessions/s1.jsonl']:\n    try:\n        open(f, 'a').write('NATIVE'); print('LEAK write', f)\n    except Exception as e:\n        print('blocked', type(e).__name__)\ntry:\n    print('LEAK read', open('.local/share/stack-runtime/sessions/s1.jsonl').read())\nexcept Exception as e:\n    print('hidden', type(e).__name__)\nprint('done')";
+    let python = "for f in ['.cache/stack-runtime/wasm/module.cwasm', '.cache/stack-runtime/wasm/evil.cwasm', '.local/share/stack-runtime/sessions/s1.jsonl']:\n    try:\n        open(f, 'a').write('NATIVE'); print('LEAK write', f)\n    except Exception as e:\n        print('blocked', type(e).__name__)\ntry:\n    print('LEAK read', open('.local/share/stack-runtime/sessions/s1.jsonl').read())\nexcept Exception as e:\n    print('hidden', type(e).__name__)\ntry:\n    print('LEAK key', open('.config/stack-runtime/keys/current').read())\nexcept Exception as e:\n    print('hidden', type(e).__name__)\nprint('done')";
     let outcome = sandbox().run_python(python, &ws, &policy).await;
     assert!(outcome.stdout.ends_with("done\n"), "{outcome:?}");
     assert!(!outcome.stdout.contains("LEAK"), "{outcome:?}");

@@ -6,6 +6,19 @@ use chacha20poly1305::{AeadCore, XChaCha20Poly1305, XNonce};
 use sha2::Digest;
 use zeroize::Zeroizing;
 
+/// `N` random bytes from the OS's random source.
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    let mut filled = 0;
+    while filled < N {
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let take = (N - filled).min(nonce.len());
+        bytes[filled..filled + take].copy_from_slice(&nonce[..take]);
+        filled += take;
+    }
+    bytes
+}
+
 /// Bytes of a key.
 pub const KEY_LEN: usize = 32;
 /// Bytes of a nonce (XChaCha20: 192 bits, safe to draw at random).
@@ -143,8 +156,7 @@ impl Key {
     /// A sealer for many records under this key and `aad` (see
     /// [`RecordSealer`]).
     pub fn record_sealer(&self, aad: Vec<u8>) -> RecordSealer {
-        let mut prefix = [0u8; 16];
-        prefix.copy_from_slice(&XChaCha20Poly1305::generate_nonce(&mut OsRng)[..16]);
+        let prefix = random_bytes::<16>();
         RecordSealer {
             cipher: self.cipher(),
             prefix,
@@ -197,15 +209,18 @@ impl RecordSealer {
         nonce[..16].copy_from_slice(&self.prefix);
         nonce[16..].copy_from_slice(&count.to_le_bytes());
         let sealed_len = NONCE_LEN + plaintext.len() + TAG_LEN;
+        let length = u32::try_from(sealed_len).unwrap_or(u32::MAX).to_le_bytes();
         let mut framed = Vec::with_capacity(4 + sealed_len);
-        framed.extend_from_slice(&u32::try_from(sealed_len).unwrap_or(u32::MAX).to_le_bytes());
+        framed.extend_from_slice(&length);
         framed.extend_from_slice(&nonce);
         framed.extend_from_slice(plaintext);
+        let aad = crate::record::record_aad(&self.aad, &length);
         let body = &mut framed[4 + NONCE_LEN..];
-        // Fails only past the cipher's length limit (256 GiB).
+        // Fails only past the cipher's length limit (256 GiB); callers
+        // refuse records past `MAX_RECORD` first.
         match self
             .cipher
-            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &self.aad, body)
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, body)
         {
             Ok(tag) => framed.extend_from_slice(&tag),
             Err(_) => framed.clear(),

@@ -10,7 +10,12 @@
 //! before anything is sealed with it and renames it over `current` only
 //! when every file is sealed again, so a rotation cut short leaves every
 //! file openable (with `current` or `next`) and is finished by running it
-//! again. Every runtime that uses the key holds a shared `flock` on the
+//! again. The old key is kept as `retired/<id>` (it still opens files the
+//! rotation could not reach, such as an audit log given on the command
+//! line, and an appender seals those again with the current key) unless
+//! the rotation is told to forget it. Key files are written to a temporary
+//! name, synced and then linked or renamed into place, so a crash never
+//! leaves half a key. Every runtime that uses the key holds a shared `flock` on the
 //! folder's `lock` file ([`KeyLease`]); a rotation takes it exclusively,
 //! so it never runs while a runtime could still append with the old key.
 
@@ -60,7 +65,7 @@ pub enum KeyError {
     #[error("a running agent (REPL or server) uses the key; stop it, then rotate")]
     InUse,
     /// A rotation with no key file to rotate.
-    #[error("there is no key file to rotate ({}){}", path.display(), if *from_environment { "; the key comes from STACK_RUNTIME_KEY, which the host sets: set a new one there" } else { "" })]
+    #[error("there is no key file to rotate ({}){}", path.display(), if *from_environment { "; the key comes from STACK_RUNTIME_KEY: move it into that key file (64 hex digits, mode 0600) and rotate, so that every file is sealed again before the old key goes" } else { "" })]
     NothingToRotate {
         /// The key file.
         path: PathBuf,
@@ -112,6 +117,51 @@ impl KeyStore {
         self.dir.join("next")
     }
 
+    fn retired_dir(&self) -> PathBuf {
+        self.dir.join("retired")
+    }
+
+    /// Keys retired by earlier rotations, each with its file.
+    fn retired(&self) -> Result<Vec<(Key, PathBuf)>, KeyError> {
+        let mut found = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.retired_dir()) else {
+            return Ok(found);
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "tmp") {
+                continue;
+            }
+            if let Some(key) = read_key_file(&path)? {
+                found.push((key, path));
+            }
+        }
+        found.sort_by(|a, b| a.1.cmp(&b.1));
+        Ok(found)
+    }
+
+    /// Whether any key is at hand (a key file, a rotation's, a retired
+    /// one, or `STACK_RUNTIME_KEY`), without reading one.
+    fn any_key(&self) -> bool {
+        std::env::var_os(KEY_VARIABLE).is_some()
+            || self.current_path().exists()
+            || self.next_path().exists()
+            || std::fs::read_dir(self.retired_dir()).is_ok_and(|mut d| d.next().is_some())
+    }
+
+    /// The vault of a runtime (see [`vault`](Self::vault)) with a lease on
+    /// the keys, taken before they are read, so that a rotation running
+    /// meanwhile is waited for and never leaves the runtime with a key it
+    /// then removes. No lease (and no keys folder made) when encryption is
+    /// off and there is no key at all.
+    pub fn open(&self, encrypt: bool) -> Result<(Vault, Option<KeyLease>), KeyError> {
+        if !encrypt && !self.any_key() {
+            return Ok((Vault::plaintext(), None));
+        }
+        let lease = self.lease()?;
+        Ok((self.vault(encrypt)?, Some(lease)))
+    }
+
     fn lock_path(&self) -> PathBuf {
         self.dir.join("lock")
     }
@@ -136,6 +186,9 @@ impl KeyStore {
         if let Some(key) = next {
             keys.push((key, KeySource::File(self.next_path())));
         }
+        for (key, path) in self.retired()? {
+            keys.push((key, KeySource::File(path)));
+        }
         let mut keys = keys.into_iter();
         let Some((first, source)) = keys.next() else {
             return Ok(Vault::plaintext());
@@ -145,6 +198,8 @@ impl KeyStore {
         } else {
             Vault::opening_only(first, source)
         };
+        // (Keys are tried in this order: the key file, the environment's,
+        // a rotation's next key, retired ones.)
         Ok(keys.fold(vault, |vault, (key, source)| {
             vault.also_opening(key, source)
         }))
@@ -272,10 +327,31 @@ impl Rotation {
         &self.old
     }
 
-    /// Makes the new key the current one (the old key is gone after this).
-    pub fn finish(self) -> Result<(), KeyError> {
+    /// Makes the new key the current one. The old key is kept as
+    /// `retired/<id>` (it still opens files the rotation did not reach),
+    /// or, with `forget_old`, removed.
+    pub fn finish(self, forget_old: bool) -> Result<(), KeyError> {
         let current = self.store.current_path();
+        let retired = self.store.retired_dir();
+        if !forget_old {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&retired)
+                .map_err(io(&retired))?;
+            let path = retired.join(self.old.id().to_string());
+            match write_key_file(&path, &self.old) {
+                Ok(()) => {}
+                Err(KeyError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(err) => return Err(err),
+            }
+        }
         std::fs::rename(self.store.next_path(), &current).map_err(io(&current))?;
+        if forget_old {
+            // Every retired key goes too: the user asked for old keys gone.
+            let _ = std::fs::remove_dir_all(&retired);
+        }
         if let Ok(folder) = File::open(self.store.dir()) {
             let _ = folder.sync_all();
         }
@@ -286,18 +362,26 @@ impl Rotation {
 /// The key in `path`, `None` when there is no such file; refused when the
 /// file is a symlink, not this user's, or open to others.
 fn read_key_file(path: &Path) -> Result<Option<Key>, KeyError> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(err) => return Err(io(path)(err)),
-    };
+    use std::io::Read;
     let unsafe_because = |reason: String| KeyError::Unsafe {
         path: path.to_path_buf(),
         reason,
     };
-    if meta.file_type().is_symlink() {
-        return Err(unsafe_because("is a symlink".into()));
-    }
+    // Opened without following a symlink, then checked on the open file
+    // (no gap between the check and the read).
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) if err.raw_os_error() == Some(nix::libc::ELOOP) => {
+            return Err(unsafe_because("is a symlink".into()))
+        }
+        Err(err) => return Err(io(path)(err)),
+    };
+    let meta = file.metadata().map_err(io(path))?;
     if !meta.is_file() {
         return Err(unsafe_because("is not a plain file".into()));
     }
@@ -314,7 +398,11 @@ fn read_key_file(path: &Path) -> Result<Option<Key>, KeyError> {
             meta.mode() & 0o7777
         )));
     }
-    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(io(path))?);
+    let mut text = zeroize::Zeroizing::new(String::with_capacity(128));
+    (&file)
+        .take(256)
+        .read_to_string(&mut text)
+        .map_err(io(path))?;
     Key::from_hex(&text)
         .map(Some)
         .map_err(|reason| KeyError::BadKey {
@@ -323,17 +411,28 @@ fn read_key_file(path: &Path) -> Result<Option<Key>, KeyError> {
         })
 }
 
+/// Writes `key` to `path`, which must not exist: to a temporary file,
+/// synced, then hard-linked into place (so a crash leaves no half key and
+/// a key another process made first is kept: `AlreadyExists`).
 fn write_key_file(path: &Path, key: &Key) -> Result<(), KeyError> {
-    let mut file = OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(path))?;
-    let mut text = key.to_hex();
-    text.push('\n');
-    file.write_all(text.as_bytes()).map_err(io(path))?;
-    file.sync_all().map_err(io(path))?;
+    let mut temporary = path.as_os_str().to_os_string();
+    temporary.push(format!(".{}.tmp", std::process::id()));
+    let temporary = PathBuf::from(temporary);
+    let _ = std::fs::remove_file(&temporary);
+    let written = (|| {
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        let mut text = key.to_hex();
+        text.push('\n');
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::hard_link(&temporary, path)
+    })();
+    let _ = std::fs::remove_file(&temporary);
+    written.map_err(io(path))?;
     if let Some(folder) = path.parent().and_then(|p| File::open(p).ok()) {
         let _ = folder.sync_all();
     }
@@ -395,6 +494,33 @@ mod tests {
         assert!(err.to_string().contains("symlink"), "{err}");
     }
 
+    /// Without `--forget-old`, the old key is kept as retired and still
+    /// opens what it sealed; a key file is never half written.
+    #[test]
+    fn a_retired_key_still_opens_what_it_sealed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = KeyStore::at(dir.path());
+        let old = store
+            .vault(true)
+            .expect("vault")
+            .sealing_key()
+            .expect("key")
+            .id();
+        let rotation = store.begin_rotation().expect("rotate");
+        let new = rotation.new_key().id();
+        rotation.finish(false).expect("finish");
+        let vault = store.vault(true).expect("vault");
+        assert_eq!(vault.sealing_key().map(Key::id), Some(new));
+        assert!(vault.key(old).is_some(), "{}", vault.describe_keys());
+        assert!(dir.path().join("retired").join(old.to_string()).exists());
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
     #[test]
     fn rotation_is_refused_while_a_runtime_holds_a_lease_and_moves_to_the_new_key() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -417,7 +543,8 @@ mod tests {
         assert!(between.key(old).is_some() && between.key(new).is_some());
         let rotation = store.begin_rotation().expect("again");
         assert_eq!(rotation.new_key().id(), new);
-        rotation.finish().expect("finish");
+        rotation.finish(true).expect("finish");
+        assert!(!dir.path().join("retired").exists());
         let after = store.vault(true).expect("vault");
         assert_eq!(after.sealing_key().map(Key::id), Some(new));
         assert!(after.key(old).is_none());

@@ -15,17 +15,24 @@
 //!
 //! **Binds each record to its file.** Every file starts with a header that
 //! names the key (its [`KeyId`], a hash that reveals nothing of it), the
-//! kind of file and its context (`transcript:ID`, `audit`, `kv:ID`,
-//! `history:ID`); every record is authenticated together with that header,
-//! so a record or a whole file moved to another session's name, or a
-//! header edited, fails to open. A blob's chunks also carry their index
-//! and whether they are the last, so a blob cut short or reordered fails.
+//! kind of file, a random file id, and its context (`transcript:ID`,
+//! `audit`, `kv:ID`, `history:ID`); every record is authenticated together
+//! with that header and its own length field, so a record copied in from
+//! another file (even one of the same context), a whole file moved to
+//! another session's name, a changed length or an edited header fails to
+//! open. A blob's chunks also carry their index and whether they are the
+//! last, so a blob cut short or reordered fails.
 //!
 //! **Crash safety.** Records are appended one `write` each, so `kill -9`
 //! can tear at most the record being written: readers drop a torn last
 //! record ([`Records::torn_bytes`]) and appenders cut it off before they
-//! append, so a crash loses that record and never the file. Blobs and
-//! rewrites go to a temporary file, synced, then renamed over.
+//! append (keeping the cut bytes beside the file as `NAME.torn-<ms>`, in
+//! case a damaged length field made good records look torn), so a crash
+//! loses that record and never the file. A zero-filled tail (a power loss)
+//! and a header cut short count as torn too. Blobs, rewrites and key files
+//! go to a temporary file, synced, then renamed (or linked) over. A file
+//! that is neither sealed nor UTF-8 text, or sealed by an unknown version,
+//! is refused and never converted.
 //!
 //! **Keys.** A key is 32 random bytes, held in memory that is wiped on
 //! drop. It comes from a 0600 key file the owner alone can read, created
@@ -34,11 +41,20 @@
 //! ever rewritten or removed because it could not be opened.
 //!
 //! **Does not protect against** an attacker who can run code as the user
-//! while the runtime runs (they can read the key file or the process's
-//! memory), against dropping whole records from the end of an append-only
-//! file (indistinguishable from a crash), or against traffic analysis of
-//! file sizes. Plaintext files written before encryption was turned on are
-//! sealed the next time they are appended to, and by `agent keys rotate`.
+//! outside the sandbox while the runtime runs (they can read the key file
+//! or the process's memory; sandboxed code cannot: the configuration
+//! folder with the key is hidden from it), against dropping, reordering
+//! or duplicating whole records within one file (records carry no
+//! sequence number: several processes append to the audit log), against
+//! someone who can write the data folder replacing a sealed file by a
+//! plaintext one (read, and then sealed, as a file from before encryption
+//! was on), or against traffic analysis of file sizes. Plaintext files
+//! written before encryption was turned on are sealed the next time they
+//! are appended to, and by `agent keys rotate`; the blocks the plaintext
+//! held are freed, not wiped, by the file system. A KV state in a `memfd`
+//! is process memory, and may be swapped like any. The `tracing` mirror of
+//! audit records (tool, call id, rule, decision; no arguments) is not
+//! sealed: it goes wherever the host sends its logs.
 
 pub mod blob;
 pub mod key;

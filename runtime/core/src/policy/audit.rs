@@ -3,7 +3,10 @@
 //!
 //! Durability: [`AuditLog::append`] returns once its line is written to
 //! the file (one `write` to an `O_APPEND` descriptor), so a record survives
-//! the runtime being killed (`kill -9`) right after. Making it survive a
+//! the runtime being killed (`kill -9`) right after; only while a rewrite
+//! holds the log does it hand the record to a writer thread of the log's
+//! own instead of waiting (an async caller must not block), which appends
+//! it, in order, when the rewrite is done. Making it survive a
 //! power loss (`fdatasync`) is the job of a syncer thread of the log's own,
 //! woken by every append and syncing whatever arrived since its last sync,
 //! so that no caller (an async task) waits for the disk; a record reaches
@@ -131,17 +134,101 @@ const CONTEXT: &str = "audit";
 /// [`stack_seal`]).
 #[derive(Debug)]
 pub struct AuditLog {
+    shared: Arc<Shared>,
+    /// Records a rewrite held off, for the writer thread, in order.
+    deferred: std::sync::mpsc::Sender<Vec<u8>>,
+}
+
+/// What the log's callers, its syncer and its writer thread share.
+#[derive(Debug)]
+struct Shared {
     path: PathBuf,
     vault: Arc<Vault>,
+    /// Also the syncer thread's (which holds nothing else, so that it ends
+    /// when the last holder of `sync` does).
     file: Arc<Mutex<Appender>>,
     /// Wakes the syncer thread (a full channel means a sync is pending).
     sync: std::sync::mpsc::SyncSender<()>,
+    /// Records handed to the writer thread and not yet written: while any
+    /// are, later ones queue behind them, so the log keeps their order.
+    pending: std::sync::atomic::AtomicUsize,
+}
+
+/// Whether an append went to the file now.
+enum Appended {
+    /// Written.
+    Now,
+    /// A rewrite holds the log, or replaced it: the writer thread must.
+    Later,
 }
 
 fn sealing_error(err: stack_seal::SealError) -> std::io::Error {
     match err {
         stack_seal::SealError::Io { source, .. } => source,
         other => std::io::Error::other(other),
+    }
+}
+
+impl Shared {
+    /// Appends `line` if that needs no waiting: the file is not held by a
+    /// rewrite (a shared `flock` taken without blocking) and is still the
+    /// one at the path.
+    fn try_append(&self, line: &[u8]) -> std::io::Result<Appended> {
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match file.file().try_lock_shared() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => return Ok(Appended::Later),
+                Err(std::fs::TryLockError::Error(err)) => return Err(err),
+            }
+            if same_file(file.file(), &self.path) {
+                break;
+            }
+            // A rewrite that finished replaced it: the new file, if nobody
+            // holds it now.
+            let _ = file.file().unlock();
+            match Appender::open(&self.path, CONTEXT, &self.vault, Hold::NothingIfFree) {
+                Ok(reopened) => *file = reopened,
+                Err(stack_seal::SealError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::WouldBlock =>
+                {
+                    return Ok(Appended::Later)
+                }
+                Err(err) => return Err(sealing_error(err)),
+            }
+        }
+        let written = file.file().write_all(&file.encode(line));
+        // The shared lock taken above.
+        let _ = file.file().unlock();
+        written?;
+        // Full: a sync is already due and will cover this line.
+        let _ = self.sync.try_send(());
+        Ok(Appended::Now)
+    }
+
+    /// Waits (on the writer thread) until no rewrite holds the log, and
+    /// opens the file now at the path if a rewrite replaced it.
+    fn wait_for_rewrite(&self) -> std::io::Result<()> {
+        if let Ok(probe) = std::fs::File::open(&self.path) {
+            probe.lock_shared()?;
+            let _ = probe.unlock();
+        }
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if !same_file(file.file(), &self.path) {
+            *file = Appender::open(&self.path, CONTEXT, &self.vault, Hold::Nothing)
+                .map_err(sealing_error)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AuditLog {
+    /// Gives the writer thread a moment to write what a rewrite held off
+    /// (a process about to exit would lose it).
+    fn drop(&mut self) {
+        if !self.wait_written(std::time::Duration::from_secs(5)) {
+            tracing::error!(path = %self.shared.path.display(), "audit records held off by a rewrite were not written before the log was closed");
+        }
     }
 }
 
@@ -160,9 +247,15 @@ impl AuditLog {
             std::fs::create_dir_all(parent)?;
         }
         let file = Appender::open(path, CONTEXT, &vault, Hold::Nothing).map_err(sealing_error)?;
-        let file = Arc::new(Mutex::new(file));
-        let syncing = Arc::clone(&file);
         let (sync, wake) = std::sync::mpsc::sync_channel::<()>(1);
+        let shared = Arc::new(Shared {
+            path: path.to_path_buf(),
+            vault,
+            file: Arc::new(Mutex::new(file)),
+            sync,
+            pending: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let syncing = Arc::clone(&shared.file);
         std::thread::Builder::new()
             .name("stack-audit-sync".into())
             .spawn(move || {
@@ -182,27 +275,70 @@ impl AuditLog {
                 }
                 let _ = current().and_then(|file| file.sync_data());
             })?;
-        Ok(AuditLog {
-            path: path.to_path_buf(),
-            vault,
-            file,
-            sync,
-        })
+        let (deferred, queue) = std::sync::mpsc::channel::<Vec<u8>>();
+        let writing = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("stack-audit-write".into())
+            .spawn(move || {
+                use std::sync::atomic::Ordering;
+                // Until the log is dropped and the queue drained.
+                while let Ok(line) = queue.recv() {
+                    loop {
+                        match writing.try_append(&line) {
+                            Ok(Appended::Now) => break,
+                            Ok(Appended::Later) => {
+                                if let Err(err) = writing.wait_for_rewrite() {
+                                    tracing::error!(%err, path = %writing.path.display(), "could not write the audit log");
+                                    break;
+                                }
+                            }
+                            Err(err) => {
+                                tracing::error!(%err, path = %writing.path.display(), "could not write the audit log");
+                                break;
+                            }
+                        }
+                    }
+                    writing.pending.fetch_sub(1, Ordering::SeqCst);
+                }
+            })?;
+        Ok(AuditLog { shared, deferred })
     }
 
     /// The log's path.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.shared.path
+    }
+
+    /// Waits until every record a rewrite held off is written, or
+    /// `within` passes; returns whether they all are. Blocking: call it off
+    /// async threads (dropping the log does, for up to 5 s).
+    pub fn wait_written(&self, within: std::time::Duration) -> bool {
+        use std::sync::atomic::Ordering;
+        let deadline = std::time::Instant::now() + within;
+        while self.shared.pending.load(Ordering::SeqCst) > 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        true
     }
 
     /// Whether it is sealed.
     pub fn sealed(&self) -> bool {
-        self.file.lock().unwrap_or_else(|p| p.into_inner()).seals()
+        self.shared
+            .file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seals()
     }
 
-    /// Appends one record to the file; the syncer thread then puts it on
-    /// disk (see the module docs).
+    /// Appends one record to the file, and never waits to: when a rewrite
+    /// (a deletion, a purge) holds the log, the record goes to the log's
+    /// writer thread, which appends it, in order, once the rewrite is done.
+    /// The syncer thread then puts it on disk (see the module docs).
     pub fn append(&self, record: &AuditRecord) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
         match record {
             AuditRecord::Decision {
                 tool,
@@ -241,30 +377,17 @@ impl AuditLog {
                 tracing::info!(target: "stack_runtime::audit", session, ?removal, files, "stored data removed");
             }
         }
-        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
-        line.push(b'\n');
-        let line = line.strip_suffix(b"\n").unwrap_or(&line);
-        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        // Shared lock: a rewrite (exclusive) is not in progress; and the
-        // descriptor must still be the file at the path (a rewrite that
-        // finished replaced it).
-        loop {
-            file.file().lock_shared()?;
-            if same_file(file.file(), &self.path) {
-                break;
+        let line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        let shared = &self.shared;
+        if shared.pending.load(Ordering::SeqCst) == 0 {
+            if let Appended::Now = shared.try_append(&line)? {
+                return Ok(());
             }
-            let _ = file.file().unlock();
-            *file = Appender::open(&self.path, CONTEXT, &self.vault, Hold::Nothing)
-                .map_err(sealing_error)?;
         }
-        let encoded = file.encode(line);
-        let written = file.file().write_all(&encoded);
-        // The shared lock taken above.
-        let _ = file.file().unlock();
-        written?;
-        // Full: a sync is already due and will cover this line.
-        let _ = self.sync.try_send(());
-        Ok(())
+        shared.pending.fetch_add(1, Ordering::SeqCst);
+        self.deferred
+            .send(line)
+            .map_err(|_| std::io::Error::other("the audit log's writer thread is gone"))
     }
 }
 

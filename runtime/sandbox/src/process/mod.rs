@@ -306,9 +306,10 @@ pub fn protected_list(
 /// The runtime's own folders, as absolute protected paths (they count only
 /// where a workspace contains them, as when it is the user's home folder):
 /// `stack-runtime` under the cache folder (the compiled WASI modules, which
-/// the runtime maps as native code, and the assets) and under the
-/// configuration folder, read-only; under the data folder (sessions,
-/// transcripts, the audit log, history), hidden. `$XDG_CACHE_HOME`,
+/// the runtime maps as native code, and the assets), read-only; under the
+/// configuration folder (the config file, and the key that encrypts stored
+/// data at rest) and under the data folder (sessions, transcripts, the
+/// audit log, history), hidden. `$XDG_CACHE_HOME`,
 /// `$XDG_CONFIG_HOME` and `$XDG_DATA_HOME`, else their places in `$HOME`;
 /// and `$STACK_RUNTIME_ASSETS`, read-only. Code that could write the module
 /// cache could plant native code the runtime runs next; code that could
@@ -322,10 +323,7 @@ pub fn runtime_state_folders() -> Vec<(PathBuf, ProtectedMode)> {
     };
     let mut folders: Vec<(PathBuf, ProtectedMode)> = [
         (env_dir("XDG_CACHE_HOME", ".cache"), ProtectedMode::ReadOnly),
-        (
-            env_dir("XDG_CONFIG_HOME", ".config"),
-            ProtectedMode::ReadOnly,
-        ),
+        (env_dir("XDG_CONFIG_HOME", ".config"), ProtectedMode::Hidden),
         (
             env_dir("XDG_DATA_HOME", ".local/share"),
             ProtectedMode::Hidden,
@@ -1454,6 +1452,30 @@ pub(crate) fn sandbox_identity(workspace: &Path) -> std::io::Result<(u32, u32)> 
 
 #[cfg(test)]
 mod tests {
+    /// The configuration folder holds the key that encrypts stored data:
+    /// sandboxed code in a home-folder workspace must not read it.
+    #[test]
+    fn the_config_folder_with_the_key_is_hidden_and_the_cache_read_only() {
+        let folders = super::runtime_state_folders();
+        let config = std::env::var_os("XDG_CONFIG_HOME")
+            .filter(|d| !d.is_empty())
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config"))
+            })
+            .expect("HOME or XDG_CONFIG_HOME")
+            .join("stack-runtime");
+        assert!(
+            folders.contains(&(config, super::ProtectedMode::Hidden)),
+            "{folders:?}"
+        );
+        assert!(folders
+            .iter()
+            .any(|(p, m)| p.ends_with(".cache/stack-runtime")
+                && *m == super::ProtectedMode::ReadOnly
+                || std::env::var_os("XDG_CACHE_HOME").is_some()));
+    }
+
     #[test]
     fn an_install_folder_that_is_root_or_a_home_is_never_granted() {
         use super::too_broad_to_grant;

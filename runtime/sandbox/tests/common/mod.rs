@@ -49,6 +49,8 @@ pub fn attacker() -> (u32, u32) {
 pub struct RuntimeState {
     pub cache: PathBuf,
     pub data: PathBuf,
+    /// The configuration folder, with the key that encrypts stored data.
+    pub config: PathBuf,
     /// The entries to add to a policy's protected list.
     pub protected: Vec<(PathBuf, stack_sandbox::process::ProtectedMode)>,
     _alias: tempfile::TempDir,
@@ -60,6 +62,9 @@ impl RuntimeState {
         use stack_sandbox::process::ProtectedMode;
         let cache = ws.join(".cache/stack-runtime");
         let data = ws.join(".local/share/stack-runtime");
+        let config = ws.join(".config/stack-runtime");
+        std::fs::create_dir_all(config.join("keys")).expect("mkdir");
+        std::fs::write(config.join("keys/current"), "SECRET-KEY\n").expect("write");
         std::fs::create_dir_all(cache.join("wasm")).expect("mkdir");
         std::fs::create_dir_all(data.join("sessions")).expect("mkdir");
         std::fs::write(cache.join("wasm/module.cwasm"), "COMPILED").expect("write");
@@ -72,10 +77,12 @@ impl RuntimeState {
                 alias.path().join("home/.local/share/stack-runtime"),
                 ProtectedMode::Hidden,
             ),
+            (config.clone(), ProtectedMode::Hidden),
         ];
         RuntimeState {
             cache,
             data,
+            config,
             protected,
             _alias: alias,
         }
@@ -91,6 +98,10 @@ impl RuntimeState {
         assert_eq!(
             std::fs::read_to_string(self.data.join("sessions/s1.jsonl")).expect("read"),
             "SECRET-TRANSCRIPT\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(self.config.join("keys/current")).expect("read"),
+            "SECRET-KEY\n"
         );
     }
 }

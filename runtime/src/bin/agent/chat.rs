@@ -944,15 +944,7 @@ pub fn policy_vault(
 ) -> anyhow::Result<(Arc<stack_seal::Vault>, Option<stack_seal::keys::KeyLease>)> {
     let encrypt = policy.privacy.encrypt.unwrap_or(false);
     let (vault, lease) = match stack_seal::keys::KeyStore::for_user() {
-        Ok(keys) => {
-            let vault = keys.vault(encrypt)?;
-            let lease = if vault.has_keys() {
-                Some(keys.lease()?)
-            } else {
-                None
-            };
-            (vault, lease)
-        }
+        Ok(keys) => keys.open(encrypt)?,
         Err(err) if encrypt => return Err(err.into()),
         Err(_) => (stack_seal::Vault::plaintext(), None),
     };

@@ -16,11 +16,20 @@ pub enum KeysCommand {
     /// Which key seals new files, where it is kept, and how many stored
     /// files are sealed with which key.
     Show,
-    /// Makes a new key and seals every stored file with it (and, with
-    /// `[privacy] encrypt = true`, every file still in plaintext); the old
-    /// key is removed at the end. Refused while an agent runs; a rotation
-    /// cut short is finished by running it again.
-    Rotate,
+    /// Makes a new key and seals every stored file under the policy's
+    /// transcript folder with it (and, with `[privacy] encrypt = true`,
+    /// every file still in plaintext). The old key is kept as
+    /// `keys/retired/ID` for files elsewhere (an `--audit-log` of `agent
+    /// mcp`, another policy's folder), which are sealed again when next
+    /// appended to. Refused while an agent runs; a rotation cut short is
+    /// finished by running it again.
+    Rotate {
+        /// Remove the old key (and every retired one) instead of keeping
+        /// it: files it sealed that the rotation did not reach can no
+        /// longer be read.
+        #[arg(long)]
+        forget_old: bool,
+    },
 }
 
 pub fn run(command: KeysCommand, policy: &str) -> anyhow::Result<ExitCode> {
@@ -62,28 +71,35 @@ pub fn run(command: KeysCommand, policy: &str) -> anyhow::Result<ExitCode> {
                 println!("plaintext   {plain} file(s) in {}", folder.display());
             }
         }
-        KeysCommand::Rotate => {
+        KeysCommand::Rotate { forget_old } => {
             let rotation = keys.begin_rotation()?;
             let new = rotation.new_key().clone();
             let (mut resealed, mut sealed_now) = (0usize, 0usize);
             if let Some(folder) = &folder {
                 for file in stored_files(folder) {
-                    if reseal(&file, rotation.vault(), &new)? {
-                        resealed += 1;
+                    if sealed_with(&file)?.is_some() {
+                        if reseal(&file, rotation.vault(), &new)? {
+                            resealed += 1;
+                        }
                     } else if encrypt && seal_plaintext(folder, &file, &new)? {
                         sealed_now += 1;
                     }
                 }
             }
             let old = rotation.old_key().id();
-            rotation.finish()?;
+            rotation.finish(forget_old)?;
             println!(
-                "rotated: key {old} → {}; {resealed} file(s) re-encrypted{}; the old key is gone",
+                "rotated: key {old} → {}; {resealed} file(s) re-encrypted{}; {}",
                 new.id(),
                 if sealed_now > 0 {
                     format!(", {sealed_now} plaintext file(s) encrypted")
                 } else {
                     String::new()
+                },
+                if forget_old {
+                    "the old key is gone".to_string()
+                } else {
+                    format!("the old key is kept as {}/retired/{old} for files elsewhere (--forget-old removes it)", keys.dir().display())
                 }
             );
         }
@@ -109,7 +125,10 @@ fn stored_files(folder: &Path) -> Vec<PathBuf> {
             let name = entry.file_name().to_string_lossy().to_string();
             if kind.is_dir() && depth < 3 {
                 pending.push((path, depth + 1));
-            } else if kind.is_file() && !name.ends_with(".tmp") && !name.ends_with(".consent.json")
+            } else if kind.is_file()
+                && !name.ends_with(".tmp")
+                && !name.ends_with(".consent.json")
+                && !name.contains(".torn-")
             {
                 found.push(path);
             }
@@ -145,6 +164,10 @@ fn seal_plaintext(folder: &Path, file: &Path, key: &Key) -> anyhow::Result<bool>
         )?;
         Ok(true)
     };
+    // The audit log first: `audit` is also a well-formed session id.
+    if name == "audit.jsonl" && parent == Some("audit") && file.starts_with(folder) {
+        return records("audit".into());
+    }
     if let Some(id) = id_of(".jsonl") {
         return records(format!("transcript:{id}"));
     }
@@ -155,9 +178,6 @@ fn seal_plaintext(folder: &Path, file: &Path, key: &Key) -> anyhow::Result<bool>
     }
     if parent == Some("history") && stack_runtime::agent::check_session_id(name).is_ok() {
         return records(format!("history:{name}"));
-    }
-    if name == "audit.jsonl" && parent == Some("audit") && file.starts_with(folder) {
-        return records("audit".into());
     }
     Ok(false)
 }
