@@ -677,3 +677,100 @@ async fn deleting_an_encrypted_session_keeps_the_log_sealed_and_on_record() {
         .any(|r| r["event"] == "deleted" && r["session"] == ids[0].as_str()));
     assert!(store.read_transcript(&ids[1]).is_ok());
 }
+
+/// The writer of [`a_session_killed_with_sigkill_while_it_writes_resumes`]:
+/// run by that test as a child process (ignored otherwise). It prints its
+/// session id, then runs turns until it is killed.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "the child process of a_session_killed_with_sigkill_while_it_writes_resumes"]
+async fn sealed_writer_child() {
+    use std::io::Write;
+    let (Some(dir), Some(key)) = (
+        std::env::var_os("STACK_TEST_CHILD_DIR"),
+        std::env::var("STACK_TEST_CHILD_KEY").ok(),
+    ) else {
+        panic!("run by its parent test only");
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let vault = stack_seal::Vault::sealing(
+        stack_seal::Key::from_hex(&key).expect("key"),
+        stack_seal::key::KeySource::Given,
+    );
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let turns = vec![call("c1", "list_dir", "{}"), answer(PLANTED)];
+    let runtime = sealed_runtime(turns, workspace.path(), &dir, &vault);
+    let session = runtime
+        .session(SessionConfig::default())
+        .await
+        .expect("session");
+    println!("\nSESSION {}", session.id());
+    std::io::stdout().flush().expect("flush");
+    for n in 0.. {
+        let _: Vec<Event> = session.send(format!("turn {n}: {PLANTED}")).collect().await;
+    }
+}
+
+/// `kill -9` of a process in the middle of writing a sealed session: the
+/// transcript and the audit log still open, the session resumes with what
+/// was written, and it goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_killed_with_sigkill_while_it_writes_resumes() {
+    use std::io::BufRead;
+    let data = tempfile::tempdir().expect("data");
+    let key = stack_seal::Key::generate();
+    let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "sealed_writer_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("STACK_TEST_CHILD_DIR", data.path())
+        .env("STACK_TEST_CHILD_KEY", key.to_hex().as_str())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("child");
+    let stdout = child.stdout.take().expect("stdout");
+    let id = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            line.split_once("SESSION ")
+                .map(|(_, id)| id.trim().to_string())
+        })
+        .expect("the child's session id");
+    let transcript = data.path().join(format!("{id}.jsonl"));
+    // Let it write for a while, then kill it mid-stream.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::metadata(&transcript).map_or(0, |m| m.len()) < 20_000 {
+        assert!(std::time::Instant::now() < deadline, "the child writes");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    let vault = stack_seal::Vault::sealing(key, stack_seal::key::KeySource::Given);
+    let written = stack_agent::read_transcript(data.path(), &id, &vault).expect("transcript opens");
+    assert!(written.len() > 20, "{} messages", written.len());
+    let audit = stack_seal::record::read_records(
+        &data.path().join("audit/audit.jsonl"),
+        Some("audit"),
+        &vault,
+    )
+    .expect("the audit log opens");
+    assert!(!audit.items.is_empty());
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let runtime = sealed_runtime(vec![answer("back")], workspace.path(), data.path(), &vault);
+    let resumed = runtime
+        .session(SessionConfig {
+            resume: Some(id.clone()),
+            ..SessionConfig::default()
+        })
+        .await
+        .expect("resumes");
+    assert_eq!(resumed.messages().await, written);
+    let _: Vec<Event> = resumed.send("after the kill").collect().await;
+    drop(resumed);
+    let after = stack_agent::read_transcript(data.path(), &id, &vault).expect("reads");
+    assert_eq!(after.len(), written.len() + 2);
+}
