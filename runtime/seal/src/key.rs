@@ -157,8 +157,22 @@ impl Key {
     /// [`RecordSealer`]).
     pub fn record_sealer(&self, aad: Vec<u8>) -> RecordSealer {
         let prefix = random_bytes::<16>();
+        // XChaCha20 is ChaCha20 under the HChaCha20 subkey of the nonce's
+        // first 16 bytes, with the last 8 as its nonce: the prefix is fixed
+        // per sealer, so the subkey is derived once here.
+        let mut derived = chacha20::hchacha::<chacha20::cipher::consts::U10>(
+            (&self.bytes[..]).into(),
+            (&prefix).into(),
+        );
+        let mut subkey = Zeroizing::new([0u8; KEY_LEN]);
+        subkey.copy_from_slice(&derived);
+        zeroize::Zeroize::zeroize(derived.as_mut_slice());
+        let cipher = ring::aead::LessSafeKey::new(
+            ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &subkey[..])
+                .expect("ChaCha20-Poly1305 takes a 32-byte key"),
+        );
         RecordSealer {
-            cipher: self.cipher(),
+            cipher,
             prefix,
             counter: std::sync::atomic::AtomicU64::new(0),
             aad,
@@ -185,7 +199,9 @@ impl Key {
 /// share a nonce (two sealers share a prefix with odds of 2⁻¹²⁸ per pair)
 /// and no record costs a call into the OS's random source.
 pub struct RecordSealer {
-    cipher: XChaCha20Poly1305,
+    /// ChaCha20-Poly1305 (ring's, in assembly) under the HChaCha20 subkey
+    /// of the prefix: XChaCha20-Poly1305, byte for byte.
+    cipher: ring::aead::LessSafeKey,
     prefix: [u8; 16],
     counter: std::sync::atomic::AtomicU64,
     aad: Vec<u8>,
@@ -201,7 +217,6 @@ impl RecordSealer {
     /// `length (u32 LE) ‖ nonce ‖ ciphertext ‖ tag` of `plaintext`, in one
     /// buffer, encrypted in place.
     pub fn seal_framed(&self, plaintext: &[u8]) -> Vec<u8> {
-        use chacha20poly1305::aead::AeadInPlace;
         let count = self
             .counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -218,11 +233,14 @@ impl RecordSealer {
         let body = &mut framed[4 + NONCE_LEN..];
         // Fails only past the cipher's length limit (256 GiB); callers
         // refuse records past `MAX_RECORD` first.
-        match self
-            .cipher
-            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, body)
-        {
-            Ok(tag) => framed.extend_from_slice(&tag),
+        let mut inner_nonce = [0u8; 12];
+        inner_nonce[4..].copy_from_slice(&count.to_le_bytes());
+        match self.cipher.seal_in_place_separate_tag(
+            ring::aead::Nonce::assume_unique_for_key(inner_nonce),
+            ring::aead::Aad::from(&aad),
+            body,
+        ) {
+            Ok(tag) => framed.extend_from_slice(tag.as_ref()),
             Err(_) => framed.clear(),
         }
         framed

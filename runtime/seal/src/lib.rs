@@ -8,7 +8,10 @@
 //! not the key: a stolen disk or backup, another local user who gets a
 //! copy of a file, a cloud sync of `~/.local/share`. With `[privacy]
 //! encrypt = true` every such file is sealed with XChaCha20-Poly1305
-//! (RustCrypto's `chacha20poly1305`), an authenticated cipher: the reader
+//! (RustCrypto's `chacha20poly1305` opens and seals blobs; appends use
+//! ring's assembly ChaCha20-Poly1305 under the HChaCha20 subkey of a
+//! per-appender nonce prefix, the same construction byte for byte), an
+//! authenticated cipher: the reader
 //! learns nothing of the content but sizes and timing, and any change to a
 //! sealed byte is detected and reported ([`SealError::Tampered`]), never
 //! silently read.
@@ -35,7 +38,8 @@
 //! is refused and never converted.
 //!
 //! **Keys.** A key is 32 random bytes, held in memory that is wiped on
-//! drop. It comes from a 0600 key file the owner alone can read, created
+//! drop (ring's copy of an appender's subkey is not wiped: it opens only
+//! that appender's records, and lives in the process as the key does). It comes from a 0600 key file the owner alone can read, created
 //! on first use, else from `STACK_RUNTIME_KEY` (see [`keys`]). A wrong or
 //! missing key is a clear error naming the key the file needs; nothing is
 //! ever rewritten or removed because it could not be opened.
