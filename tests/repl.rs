@@ -33,6 +33,22 @@ fn wait_for(session: &str, needle: &str, timeout: Duration) -> String {
     }
 }
 
+/// Waits until `needle` is on the screen `count` times.
+fn wait_for_count(session: &str, needle: &str, count: usize, timeout: Duration) -> String {
+    let started = Instant::now();
+    loop {
+        let text = screen(session);
+        if text.matches(needle).count() >= count {
+            return text;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "`{needle}` did not appear {count} times within {timeout:?}; screen:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn the_repl_runs_a_turn_with_an_approval_and_exits() {
     let home = tempfile::tempdir().expect("tempdir");
@@ -99,6 +115,39 @@ fn the_repl_runs_a_turn_with_an_approval_and_exits() {
         "no grants in this session",
         Duration::from_secs(10),
     );
+    // A spoken command: `/voice FILE` shows what was heard on an editable
+    // line, and what is sent is the line as edited.
+    let said = Command::new("espeak-ng")
+        .args(["-v", "en-us", "-s", "140", "-w"])
+        .arg(workspace.path().join("say.wav"))
+        .arg("Write the word goodbye to bye dot text.")
+        .status()
+        .expect("espeak-ng (installed by scripts/setup)");
+    assert!(said.success());
+    tmux(&["send-keys", "-t", &session, "/voice say.wav", "Enter"]);
+    let heard = wait_for(&session, "send›", Duration::from_secs(120));
+    assert!(heard.contains("🎤 heard"), "{heard}");
+    assert!(heard.to_lowercase().contains("goodbye"), "{heard}");
+    tmux(&["send-keys", "-t", &session, "End"]);
+    tmux(&["send-keys", "-t", &session, "-l", " now"]);
+    tmux(&["send-keys", "-t", &session, "Enter"]);
+    wait_for_count(
+        &session,
+        "[y]es / [n]o / [a]lways",
+        2,
+        Duration::from_secs(60),
+    );
+    tmux(&["send-keys", "-t", &session, "y", "Enter"]);
+    wait_for_count(&session, "step(s)", 2, Duration::from_secs(60));
+    // Bad audio and no microphone: said, and the REPL goes on.
+    tmux(&["send-keys", "-t", &session, "/voice missing.wav", "Enter"]);
+    wait_for(
+        &session,
+        "error: audio missing.wav",
+        Duration::from_secs(10),
+    );
+    tmux(&["send-keys", "-t", &session, "/listen", "Enter"]);
+    wait_for(&session, "use /voice FILE", Duration::from_secs(10));
     tmux(&["send-keys", "-t", &session, "/exit", "Enter"]);
     wait_for(&session, "REPL-EXITED", Duration::from_secs(10));
     let saved: Vec<String> =
@@ -124,6 +173,28 @@ fn the_repl_runs_a_turn_with_an_approval_and_exits() {
     .map(|e| std::fs::read_to_string(e.path()).expect("read"))
     .collect::<String>();
     assert!(history.contains("Write the word hello"), "{history}");
+    // The spoken turn's message is the edited line; the transcript keeps
+    // what was heard, that it was edited, and the audio's hash.
+    let transcript = std::fs::read_dir(home.path().join(".local/share/stack-runtime/sessions"))
+        .expect("transcripts")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .expect("a transcript");
+    let spoken = std::fs::read_to_string(&transcript)
+        .expect("read")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|m| m["role"] == "user" && m.get("voice").is_some())
+        .expect("the spoken turn's message");
+    let content = spoken["content"].as_str().expect("content");
+    assert!(content.ends_with(" now"), "{spoken}");
+    assert_eq!(spoken["voice"]["edited"], true, "{spoken}");
+    let wav = std::fs::read(workspace.path().join("say.wav")).expect("wav");
+    assert_eq!(
+        spoken["voice"]["audio_sha256"],
+        stack_runtime::assets::sha256_hex(&wav)
+    );
     drop(cleanup);
 }
 

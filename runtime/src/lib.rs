@@ -86,3 +86,4 @@ pub use stack_seal as seal;
 pub use stack_serve as serve;
 pub use stack_types::{message, outcome, text};
 pub use stack_types::{EgressDecision, EgressProtocol, EgressRecord};
+pub use stack_voice as voice;

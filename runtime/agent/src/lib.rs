@@ -13,6 +13,7 @@
 
 pub mod store;
 mod transcript;
+pub mod voice;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,6 +72,13 @@ pub enum AgentError {
     /// A task of the runtime itself failed (a bug).
     #[error("internal error: {0}")]
     Internal(String),
+    /// Audio could not be transcribed (bad audio, or the speech model
+    /// failed).
+    #[error(transparent)]
+    Voice(#[from] stack_voice::VoiceError),
+    /// Audio was sent to a runtime built without a speech model.
+    #[error("no speech model: build the runtime with RuntimeBuilder::speech_model (or pass --speech-model)")]
+    NoSpeechModel,
     /// The audit log could not be opened.
     #[error("audit log {path}: {source}")]
     AuditLog {
@@ -93,6 +101,14 @@ pub enum AgentError {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
+    /// A spoken command was transcribed: what was heard (the turn's user
+    /// message, unless the user edited it), with the audio's sha256,
+    /// duration and timings. The first event of a spoken turn.
+    Transcribed {
+        /// What was heard.
+        #[serde(flatten)]
+        transcription: stack_voice::Transcription,
+    },
     /// A piece of generated text.
     Token {
         /// The text.
@@ -242,6 +258,7 @@ pub struct RuntimeBuilder {
     transcripts: Option<Option<PathBuf>>,
     audit_log: Option<Option<PathBuf>>,
     vault: Option<Arc<Vault>>,
+    speech: voice::Speech,
 }
 
 impl RuntimeBuilder {
@@ -343,6 +360,27 @@ impl RuntimeBuilder {
         self
     }
 
+    /// The speech model spoken turns are transcribed with
+    /// ([`Session::send_audio`], [`Runtime::transcribe`]).
+    #[cfg(feature = "voice")]
+    pub fn speech_model(mut self, model: Arc<stack_voice::SpeechModel>) -> Self {
+        self.speech.model = Some(model);
+        self
+    }
+
+    /// How spoken turns are transcribed (default: beam 5, the language
+    /// detected by multilingual models).
+    pub fn transcribe_options(mut self, options: stack_voice::TranscribeOptions) -> Self {
+        self.speech.options = options;
+        self
+    }
+
+    /// How much audio one spoken turn may carry (default: 120 s).
+    pub fn audio_limits(mut self, limits: stack_voice::AudioLimits) -> Self {
+        self.speech.limits = limits;
+        self
+    }
+
     /// Builds the runtime.
     pub fn build(self) -> Result<Runtime, AgentError> {
         let policy = match self.policy {
@@ -408,6 +446,7 @@ impl RuntimeBuilder {
             transcripts,
             vault,
             _lease: lease,
+            speech: Arc::new(self.speech),
         })
     }
 }
@@ -434,6 +473,7 @@ pub struct Runtime {
     /// Held while the runtime may seal with the key (`agent keys rotate`
     /// waits for no runtime).
     _lease: Option<stack_seal::keys::KeyLease>,
+    speech: Arc<voice::Speech>,
 }
 
 impl Runtime {
@@ -449,7 +489,32 @@ impl Runtime {
             transcripts: None,
             audit_log: None,
             vault: None,
+            speech: voice::Speech::default(),
         }
+    }
+
+    /// How much audio a spoken turn may carry.
+    pub fn audio_limits(&self) -> stack_voice::AudioLimits {
+        self.speech.limits
+    }
+
+    /// The speech model, if the runtime has one.
+    #[cfg(feature = "voice")]
+    pub fn speech_model(&self) -> Option<&Arc<stack_voice::SpeechModel>> {
+        self.speech.model.as_ref()
+    }
+
+    /// Transcribes `audio` with the runtime's speech model, on a blocking
+    /// thread (a host that shows the text before sending it, then calls
+    /// [`Session::send_spoken`]).
+    #[cfg(feature = "voice")]
+    pub async fn transcribe(
+        &self,
+        audio: stack_voice::Audio,
+    ) -> Result<stack_voice::Transcription, AgentError> {
+        voice::transcribe(Arc::clone(&self.speech), voice::AudioInput::Decoded(audio))
+            .await
+            .map(|(transcription, _)| transcription)
     }
 
     /// The keys that seal and open what its sessions keep.
@@ -593,6 +658,7 @@ impl Runtime {
             pending_restore,
             turn_start: 0,
             cancel: Arc::clone(&cancel),
+            kept_audio: None,
         };
         if messages.is_empty() {
             if let Some(system) = state.config.system_prompt.clone() {
@@ -601,6 +667,11 @@ impl Runtime {
         } else {
             state.messages.append(&mut messages);
         }
+        let keep_audio = self.policy.privacy.keep_audio.unwrap_or(false);
+        state.kept_audio = match (&self.transcripts, keep_audio) {
+            (Some(dir), true) => Some(voice::AudioFile::new(dir, &id, Arc::clone(&self.vault))),
+            _ => None,
+        };
         Ok(Session {
             id,
             state: Arc::new(tokio::sync::Mutex::new(state)),
@@ -608,6 +679,7 @@ impl Runtime {
             grants,
             ctx,
             store: self.store(),
+            speech: Arc::clone(&self.speech),
         })
     }
 }
@@ -666,6 +738,7 @@ pub struct Session {
     ctx: ToolContext,
     /// Where its files are, when the policy keeps transcripts.
     store: Option<store::SessionStore>,
+    speech: Arc<voice::Speech>,
 }
 
 /// What a session owns; a turn's task holds it while the turn runs.
@@ -684,6 +757,8 @@ struct SessionState {
     /// How many messages there were before the running turn's user message.
     turn_start: usize,
     cancel: Arc<AtomicBool>,
+    /// Where spoken turns' audio is kept (`[privacy] keep_audio`).
+    kept_audio: Option<voice::AudioFile>,
 }
 
 impl Drop for SessionState {
@@ -864,6 +939,48 @@ impl Session {
     /// [`Turn`] stream. Needs a Tokio runtime; outside one the stream says
     /// so and ends.
     pub fn send(&self, text: impl Into<String>) -> Turn {
+        self.start_turn(voice::TurnInput::Text(text.into()))
+    }
+
+    /// Runs one spoken turn: `samples` (mono, in [-1, 1], at `sample_rate`
+    /// Hz) are checked and transcribed on a blocking thread, an
+    /// [`Event::Transcribed`] says what was heard, and the text runs as
+    /// the user's message. Bad audio ends the turn with an [`Event::Error`]
+    /// that names the problem; the session goes on.
+    #[cfg(feature = "voice")]
+    pub fn send_audio(&self, samples: Vec<f32>, sample_rate: u32) -> Turn {
+        self.start_turn(voice::TurnInput::Audio(voice::AudioInput::Samples {
+            samples,
+            sample_rate,
+        }))
+    }
+
+    /// Runs one spoken turn from a WAV file's bytes (see
+    /// [`Session::send_audio`]).
+    #[cfg(feature = "voice")]
+    pub fn send_wav(&self, wav: Vec<u8>) -> Turn {
+        self.start_turn(voice::TurnInput::Audio(voice::AudioInput::Wav(wav)))
+    }
+
+    /// Runs one turn whose message was spoken and transcribed already
+    /// (by [`Runtime::transcribe`], or by the host's own engine): `text`
+    /// is what is sent (the transcript, or the user's edit of it); the
+    /// transcript records both, with the audio's sha256. `audio` is kept
+    /// only under `[privacy] keep_audio`.
+    pub fn send_spoken(
+        &self,
+        transcription: stack_voice::Transcription,
+        text: impl Into<String>,
+        audio: Option<stack_voice::Audio>,
+    ) -> Turn {
+        self.start_turn(voice::TurnInput::Spoken(voice::Spoken {
+            transcription,
+            text: text.into(),
+            audio,
+        }))
+    }
+
+    fn start_turn(&self, input: voice::TurnInput) -> Turn {
         let (sender, receiver) = tokio::sync::mpsc::channel(EVENT_BUFFER);
         let cancel = CancellationToken::new();
         let turn = Turn {
@@ -883,13 +1000,38 @@ impl Session {
             });
             return turn;
         };
-        let (state, flag, text) = (
+        let (state, flag, speech) = (
             Arc::clone(&self.state),
             Arc::clone(&self.cancel),
-            text.into(),
+            Arc::clone(&self.speech),
         );
         handle.spawn(async move {
             let mut state = state.lock_owned().await;
+            let (text, spoken) = match voice::resolve(input, speech).await {
+                Ok(resolved) => resolved,
+                Err(err) => {
+                    events
+                        .emit(Event::Error {
+                            message: err.to_string(),
+                        })
+                        .await;
+                    events
+                        .emit(Event::TurnFinished {
+                            reason: TurnEnd::Error,
+                            steps: 0,
+                            counters: Counters::default(),
+                        })
+                        .await;
+                    return;
+                }
+            };
+            if let Some(spoken) = &spoken {
+                events
+                    .emit(Event::Transcribed {
+                        transcription: spoken.transcription.clone(),
+                    })
+                    .await;
+            }
             // The token and the session's flag both stop the turn; a flag
             // left set by an earlier cancellation does not stop this one.
             flag.store(false, Ordering::SeqCst);
@@ -900,7 +1042,7 @@ impl Session {
                     flag.store(true, Ordering::SeqCst);
                 }
             });
-            let ended = state.run(&text, &events).await;
+            let ended = state.run(&text, spoken, &events).await;
             watcher.abort();
             let (reason, steps, counters) = match ended {
                 Ok(ended) => ended,
@@ -930,6 +1072,7 @@ impl SessionState {
     async fn run(
         &mut self,
         text: &str,
+        spoken: Option<voice::Spoken>,
         events: &EventSink,
     ) -> Result<(TurnEnd, u32, Counters), AgentError> {
         if std::mem::take(&mut self.pending_restore) {
@@ -940,7 +1083,17 @@ impl SessionState {
             }
         }
         self.turn_start = self.messages.len();
-        self.record(Message::user(text))?;
+        match spoken {
+            Some(spoken) => {
+                let kept = match (&self.kept_audio, &spoken.audio) {
+                    (Some(file), Some(audio)) => Some(file.keep(audio).await?),
+                    _ => None,
+                };
+                let note = spoken.transcript_note(kept);
+                self.record_with(Message::user(text), Some(note))?;
+            }
+            None => self.record(Message::user(text))?,
+        }
         self.gate.budget().start_turn();
         *self.relay.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(events.clone());
         let result = self.run_turn(events).await;
@@ -1200,10 +1353,20 @@ impl SessionState {
     }
 
     fn record(&mut self, message: Message) -> Result<(), AgentError> {
+        self.record_with(message, None)
+    }
+
+    /// Records `message`, with `note` (an object of fields the transcript
+    /// keeps beside the message, such as a spoken turn's `voice`).
+    fn record_with(
+        &mut self,
+        message: Message,
+        note: Option<serde_json::Value>,
+    ) -> Result<(), AgentError> {
         if let Some(writer) = &mut self.transcript {
             // What reaches the disk is redacted like what reaches the
             // model: the user's prompt and the model's words too.
-            writer.append_redacted(&message, self.gate.policy().redactor())?;
+            writer.append_redacted(&message, note, self.gate.policy().redactor())?;
         }
         self.messages.push(message);
         Ok(())

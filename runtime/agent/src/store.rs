@@ -37,7 +37,7 @@ use stack_core::policy::audit::{self, AuditRecord, Removal};
 use crate::transcript::{check_session_id, TranscriptError};
 
 /// File suffixes of a session's files in its folder.
-const SESSION_SUFFIXES: &[&str] = &[".jsonl", ".kv", ".consent.json"];
+const SESSION_SUFFIXES: &[&str] = &[".jsonl", ".kv", ".consent.json", ".audio"];
 
 /// Files a session may leave besides those (an interrupted consent write).
 const LEFTOVER_SUFFIXES: &[&str] = &[".consent.json.tmp"];

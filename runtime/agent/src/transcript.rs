@@ -124,6 +124,7 @@ impl Writer {
     pub(crate) fn append_redacted(
         &mut self,
         message: &Message,
+        note: Option<serde_json::Value>,
         redactor: &stack_core::policy::Redactor,
     ) -> Result<(), TranscriptError> {
         let io = |source| TranscriptError::Io {
@@ -131,6 +132,15 @@ impl Writer {
             source,
         };
         let mut value = serde_json::to_value(message).map_err(|e| io(std::io::Error::other(e)))?;
+        // A note's fields go beside the message's; reading the transcript
+        // back as messages ignores them.
+        if let (Some(serde_json::Value::Object(fields)), serde_json::Value::Object(line)) =
+            (note, &mut value)
+        {
+            for (key, field) in fields {
+                line.entry(key).or_insert(field);
+            }
+        }
         redact_strings(&mut value, redactor);
         let line = serde_json::to_vec(&value).map_err(|e| io(std::io::Error::other(e)))?;
         self.file.append(&line).map_err(|err| match err {
@@ -144,7 +154,7 @@ impl Writer {
 /// (role, ids, names, types), which a pattern must never rewrite: a call and
 /// its result are paired by id on resume.
 fn redact_strings(value: &mut serde_json::Value, redactor: &stack_core::policy::Redactor) {
-    const STRUCTURAL: &[&str] = &["role", "id", "tool_call_id", "name", "type"];
+    const STRUCTURAL: &[&str] = &["role", "id", "tool_call_id", "name", "type", "audio_sha256"];
     match value {
         serde_json::Value::String(text) => *text = redactor.redact(text),
         serde_json::Value::Array(items) => {

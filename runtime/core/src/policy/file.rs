@@ -395,6 +395,11 @@ pub struct PrivacySettings {
     /// key from the key file (`~/.config/stack-runtime/keys/current`,
     /// made 0600 on first use) or `STACK_RUNTIME_KEY`.
     pub encrypt: Option<bool>,
+    /// Whether the audio of a spoken command is kept beside its session's
+    /// transcript (`ID.audio`, as the 16 kHz mono PCM the model heard;
+    /// sealed like the rest with `encrypt`). Unset or false: only the
+    /// transcript text and the audio's sha256 are kept.
+    pub keep_audio: Option<bool>,
 }
 
 /// A broken policy file.

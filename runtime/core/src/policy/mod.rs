@@ -267,6 +267,7 @@ impl Policy {
                     audit_log: privacy.audit_log.or(policy.privacy.audit_log),
                     max_age_days: privacy.max_age_days.or(policy.privacy.max_age_days),
                     encrypt: privacy.encrypt.or(policy.privacy.encrypt),
+                    keep_audio: privacy.keep_audio.or(policy.privacy.keep_audio),
                 };
             }
             if let Some(redaction) = file.redaction {

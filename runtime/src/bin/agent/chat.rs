@@ -65,6 +65,31 @@ pub struct ChatArgs {
     /// grammar-constrained step picks a tool name or `none` first).
     #[arg(long, value_enum, default_value_t = RoutingArg::Free)]
     pub routing: RoutingArg,
+    #[command(flatten)]
+    pub voice: crate::voice_cmd::VoiceArgs,
+}
+
+/// What `agent run` sends: typed text (`-p`, or stdin), or speech
+/// (`--audio FILE|-`).
+pub struct Input {
+    prompt: Option<String>,
+    audio: Option<PathBuf>,
+}
+
+impl Input {
+    /// From the flags.
+    pub fn new(prompt: Option<String>, audio: Option<PathBuf>) -> Input {
+        Input { prompt, audio }
+    }
+}
+
+/// A turn's message, ready to send.
+enum Said {
+    Typed(String),
+    Spoken(
+        Box<stack_runtime::voice::Transcription>,
+        stack_runtime::voice::Audio,
+    ),
 }
 
 /// `--routing`.
@@ -224,23 +249,36 @@ fn approve_all(_: &ApprovalRequest) -> ApprovalAnswer {
 /// `agent run`: one prompt, no terminal needed; events as text or JSONL.
 pub fn run(
     args: &ChatArgs,
-    prompt: Option<String>,
+    input: Input,
     json: bool,
     yes: bool,
     dirs: &ToolDirs,
 ) -> anyhow::Result<ExitCode> {
-    let prompt = match prompt {
-        Some(prompt) => prompt,
-        None => {
+    // Speech is checked and transcribed before the model loads: bad audio
+    // fails fast, and the two never compute at once.
+    let message = match (input.prompt, input.audio) {
+        (_, Some(path)) => {
+            let audio = crate::voice_cmd::read_audio(&path, &args.voice.limits())?;
+            let heard = crate::voice_cmd::Ears::default()
+                .transcribe(&args.voice, &audio)
+                .with_context(|| format!("transcribing {}", path.display()))?;
+            Said::Spoken(Box::new(heard), audio)
+        }
+        (Some(prompt), None) => Said::Typed(prompt),
+        (None, None) => {
             let mut text = String::new();
             std::io::stdin()
                 .read_to_string(&mut text)
                 .context("reading the prompt from stdin")?;
-            text
+            Said::Typed(text)
         }
     };
-    if prompt.trim().is_empty() {
-        anyhow::bail!("no prompt: give -p TEXT or pipe one on stdin");
+    if let Said::Typed(prompt) = &message {
+        if prompt.trim().is_empty() {
+            anyhow::bail!(
+                "no prompt: give -p TEXT, pipe one on stdin, or speak one with --audio FILE"
+            );
+        }
     }
     let approver: Option<Arc<dyn ApprovalHandler>> = if yes {
         Some(Arc::new(approve_all))
@@ -252,7 +290,14 @@ pub fn run(
         .build()?;
     let (_runtime, session, _) = build(args, dirs, approver, json, &tokio)?;
     let ended = tokio.block_on(async {
-        let ended = show_turn(&session, prompt, json).await;
+        let turn = match message {
+            Said::Typed(prompt) => session.send(prompt),
+            Said::Spoken(heard, audio) => {
+                let text = heard.text.clone();
+                session.send_spoken(*heard, text, Some(audio))
+            }
+        };
+        let ended = show_turn(turn, json).await;
         save_before_exit(&session).await;
         ended
     });
@@ -273,8 +318,7 @@ async fn save_before_exit(session: &Session) {
 
 /// Runs one turn, printing its events; Ctrl-C cancels it (the turn still
 /// ends with its `turn_finished` event). Returns why it ended.
-async fn show_turn(session: &Session, text: String, json: bool) -> Option<TurnEnd> {
-    let mut turn = session.send(text);
+async fn show_turn(mut turn: stack_runtime::agent::Turn, json: bool) -> Option<TurnEnd> {
     let cancel = turn.cancellation();
     let printer = async {
         let mut printer = Printer::new(json);
@@ -335,6 +379,13 @@ impl Printer {
             return;
         }
         match event {
+            Event::Transcribed { transcription } => {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    self.paint("2", &crate::voice_cmd::describe(transcription))
+                );
+            }
             Event::Token { text } => {
                 let _ = write!(out, "{}", self.paint("32", &for_terminal(text)));
                 self.in_text = true;
@@ -536,6 +587,8 @@ const HELP: &str = "/help  this text
 /sessions  saved sessions
 /resume ID  switch to a saved session
 /training allow|deny  whether this session may be exported as training data
+/voice FILE  speak: transcribe a WAV file, edit the text, send it
+/listen  speak into the microphone (push to talk)
 /exit  leave (Ctrl-D works too)";
 
 /// The REPL's consent to keep transcripts: the user config's
@@ -626,7 +679,7 @@ pub fn encryption_words(vault: &stack_seal::Vault) -> String {
 pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
     if !std::io::stdin().is_terminal() {
         // Piped input: one prompt, like `agent run`.
-        return run(args, None, false, false, dirs);
+        return run(args, Input::new(None, None), false, false, dirs);
     }
     let approver: Arc<dyn ApprovalHandler> = Arc::new(TerminalApprover);
     let tokio = tokio::runtime::Builder::new_multi_thread()
@@ -679,6 +732,7 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    let mut ears = crate::voice_cmd::Ears::default();
     let mut history = store.as_ref().and_then(|store| {
         store
             .open_history(session.id())
@@ -774,6 +828,16 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
                         Err(err) => println!("error: {err}"),
                     }
                 }
+                (Some("voice"), Some(_), _) => {
+                    let path = PathBuf::from(command.trim_start_matches("voice").trim());
+                    let audio = crate::voice_cmd::read_audio(&path, &args.voice.limits());
+                    hear_and_send(audio, &mut ears, args, &mut editor, &session, &tokio);
+                }
+                (Some("voice"), None, _) => println!("usage: /voice FILE (a WAV file)"),
+                (Some("listen"), _, _) => {
+                    let audio = crate::voice_cmd::listen(&args.voice.limits());
+                    hear_and_send(audio, &mut ears, args, &mut editor, &session, &tokio);
+                }
                 (Some("resume"), Some(id), _) => {
                     // The same flags (sampling, tool choice, steps) as the
                     // session this one replaces.
@@ -800,10 +864,42 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
             }
             continue;
         }
-        tokio.block_on(show_turn(&session, line, false));
+        // The turn's task is spawned on `tokio`: the stream is made inside it.
+        tokio.block_on(async { show_turn(session.send(line), false).await });
     }
     tokio.block_on(save_before_exit(&session));
     Ok(ExitCode::SUCCESS)
+}
+
+/// `/voice` and `/listen`: transcribes `audio`, shows what was heard on an
+/// editable line (Enter sends it as it is or as edited; an empty line or
+/// Ctrl-C cancels), and runs the turn.
+fn hear_and_send(
+    audio: anyhow::Result<stack_runtime::voice::Audio>,
+    ears: &mut crate::voice_cmd::Ears,
+    args: &ChatArgs,
+    editor: &mut rustyline::DefaultEditor,
+    session: &Session,
+    tokio: &tokio::runtime::Runtime,
+) {
+    let heard = audio.and_then(|audio| Ok((ears.transcribe(&args.voice, &audio)?, audio)));
+    let (heard, audio) = match heard {
+        Ok(heard) => heard,
+        Err(err) => {
+            println!("error: {err:#}");
+            return;
+        }
+    };
+    println!("{}", crate::voice_cmd::describe(&heard));
+    match editor.readline_with_initial("send› ", (&heard.text, "")) {
+        Ok(text) if !text.trim().is_empty() => {
+            tokio.block_on(async {
+                let turn = session.send_spoken(heard, text.trim(), Some(audio));
+                show_turn(turn, false).await
+            });
+        }
+        _ => println!("(not sent)"),
+    }
 }
 
 /// `agent sessions …`.

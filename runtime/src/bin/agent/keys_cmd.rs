@@ -171,6 +171,9 @@ fn seal_plaintext(folder: &Path, file: &Path, key: &Key) -> anyhow::Result<bool>
     if let Some(id) = id_of(".jsonl") {
         return records(format!("transcript:{id}"));
     }
+    if let Some(id) = id_of(".audio") {
+        return records(stack_runtime::agent::voice::audio_context(id));
+    }
     if let Some(id) = id_of(".kv") {
         let bytes = zeroize::Zeroizing::new(std::fs::read(file)?);
         stack_seal::blob::seal_blob(file, &format!("kv:{id}"), key, &bytes)?;

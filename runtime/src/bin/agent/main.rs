@@ -12,6 +12,7 @@ mod model_cmd;
 mod policy_cmd;
 mod serve_cmd;
 mod tool_cmd;
+mod voice_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,8 +55,12 @@ enum Command {
     /// prompt from stdin without `-p`.
     Run {
         /// The prompt.
-        #[arg(short, long)]
+        #[arg(short, long, conflicts_with = "audio")]
         prompt: Option<String>,
+        /// Speak the prompt instead: a WAV file (`-` for stdin), transcribed
+        /// locally with the speech model (see --speech-model).
+        #[arg(long, value_name = "FILE")]
+        audio: Option<PathBuf>,
         /// Stream the events as JSON lines.
         #[arg(long)]
         json: bool,
@@ -137,9 +142,18 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => serve_cmd::run(*args, &tool_dirs),
         Some(Command::Eval(args)) => eval_cmd::run(*args, &tool_dirs),
         Some(Command::Policy(command)) => policy_cmd::run(command, &tool_dirs),
-        Some(Command::Run { prompt, json, yes }) => {
-            chat::run(&cli.chat, prompt, json, yes, &tool_dirs)
-        }
+        Some(Command::Run {
+            prompt,
+            audio,
+            json,
+            yes,
+        }) => chat::run(
+            &cli.chat,
+            chat::Input::new(prompt, audio),
+            json,
+            yes,
+            &tool_dirs,
+        ),
         Some(Command::Sessions { action }) => chat::sessions(&cli.chat.policy, action),
         Some(Command::Keys(command)) => keys_cmd::run(command, &cli.chat.policy),
         Some(Command::Export {

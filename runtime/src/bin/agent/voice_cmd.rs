@@ -1,0 +1,252 @@
+//! Voice input: `agent run --audio FILE|-` and the REPL's `/voice FILE` and
+//! `/listen`. The speech model is loaded on first use (not at start: a
+//! session that never speaks never pays for it), the audio is checked and
+//! transcribed in this process, and the transcript becomes the user's
+//! message through `Session::send_spoken`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Args;
+use stack_runtime::voice::{Audio, AudioLimits, Compute, TranscribeOptions, Transcription};
+
+/// Flags for spoken input, shared by `agent run --audio` and the REPL.
+#[derive(Debug, Clone, Args)]
+pub struct VoiceArgs {
+    /// A CTranslate2 Whisper model folder (default: Whisper tiny.en from
+    /// the asset cache, fetched by scripts/setup).
+    #[arg(long, value_name = "DIR", global = true)]
+    pub speech_model: Option<PathBuf>,
+    /// The spoken language, as a code (`en`, `de`); default: detected
+    /// (multilingual models only).
+    #[arg(long, value_name = "CODE", global = true)]
+    pub speech_language: Option<String>,
+    /// The longest audio accepted, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120.0, global = true)]
+    pub max_audio_seconds: f64,
+    /// Beam width for transcription (1: greedy).
+    #[arg(long, value_name = "N", default_value_t = 5, global = true)]
+    pub speech_beam: usize,
+    /// Threads for transcription (0: one per core).
+    #[arg(long, value_name = "N", default_value_t = 0, global = true)]
+    pub speech_threads: usize,
+    /// Compute type for the speech model.
+    #[arg(long, value_enum, default_value_t = ComputeArg::Int8, global = true)]
+    pub speech_compute: ComputeArg,
+}
+
+/// `--speech-compute`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ComputeArg {
+    /// 8-bit integer products (fastest on a CPU).
+    Int8,
+    /// 32-bit floats.
+    Float32,
+    /// As the model was converted.
+    Default,
+}
+
+impl From<ComputeArg> for Compute {
+    fn from(arg: ComputeArg) -> Self {
+        match arg {
+            ComputeArg::Int8 => Compute::Int8,
+            ComputeArg::Float32 => Compute::Float32,
+            ComputeArg::Default => Compute::Default,
+        }
+    }
+}
+
+impl VoiceArgs {
+    /// How much audio is accepted.
+    pub fn limits(&self) -> AudioLimits {
+        AudioLimits {
+            max_seconds: self.max_audio_seconds,
+        }
+    }
+
+    /// How clips are transcribed.
+    pub fn options(&self) -> TranscribeOptions {
+        TranscribeOptions {
+            language: self.speech_language.clone(),
+            beam_size: self.speech_beam,
+        }
+    }
+
+    /// The model folder asked for.
+    pub fn model_dir(&self) -> anyhow::Result<PathBuf> {
+        match &self.speech_model {
+            Some(dir) => Ok(dir.clone()),
+            None => Ok(stack_runtime::voice::default_model_dir()?),
+        }
+    }
+}
+
+/// Reads and checks a WAV file (`-`: stdin, read to its end but no further
+/// than the limits allow).
+pub fn read_audio(path: &Path, limits: &AudioLimits) -> anyhow::Result<Audio> {
+    let max = limits.max_bytes();
+    let describe =
+        |err: stack_runtime::voice::VoiceError| anyhow::anyhow!("audio {}: {err}", path.display());
+    let io = |source| {
+        describe(stack_runtime::voice::VoiceError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let mut bytes = Vec::new();
+    if path == Path::new("-") {
+        std::io::stdin()
+            .lock()
+            .take(max + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+    } else {
+        let file = std::fs::File::open(path).map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(describe(stack_runtime::voice::VoiceError::NotWav {
+                reason: "not a regular file".into(),
+            }));
+        }
+        file.take(max + 1).read_to_end(&mut bytes).map_err(io)?;
+    }
+    Audio::from_wav(&bytes, limits).map_err(describe)
+}
+
+/// The speech model, loaded on first use and kept.
+#[derive(Default)]
+pub struct Ears {
+    #[cfg(feature = "voice")]
+    model: Option<Arc<stack_runtime::voice::SpeechModel>>,
+}
+
+impl Ears {
+    /// Transcribes `audio` (loading the model first, if need be).
+    #[cfg(feature = "voice")]
+    pub fn transcribe(&mut self, args: &VoiceArgs, audio: &Audio) -> anyhow::Result<Transcription> {
+        let model = match &self.model {
+            Some(model) => Arc::clone(model),
+            None => {
+                let dir = args.model_dir()?;
+                let model = Arc::new(stack_runtime::voice::SpeechModel::load(
+                    &dir,
+                    stack_runtime::voice::ModelOptions {
+                        threads: args.speech_threads,
+                        compute: args.speech_compute.into(),
+                    },
+                )?);
+                self.model = Some(Arc::clone(&model));
+                model
+            }
+        };
+        Ok(model.transcribe(audio, &args.options())?)
+    }
+
+    /// Without the `voice` feature: says how to get it.
+    #[cfg(not(feature = "voice"))]
+    pub fn transcribe(&mut self, _: &VoiceArgs, _: &Audio) -> anyhow::Result<Transcription> {
+        anyhow::bail!("this agent was built without voice input; rebuild with `--features voice`")
+    }
+}
+
+/// What a person sees of a transcription.
+pub fn describe(heard: &Transcription) -> String {
+    format!(
+        "🎤 heard ({:.1} s, {}, transcribed in {:.2} s): {}",
+        heard.duration_s,
+        heard.language,
+        heard.timings.total_ms / 1000.0,
+        stack_runtime::text::one_line(&heard.text)
+    )
+}
+
+/// `/listen`: push-to-talk from the default audio input device, until
+/// Enter (or the length limit). Any device, rate and channel count cpal
+/// offers; the samples are checked like a file's.
+#[cfg(feature = "listen")]
+pub fn listen(limits: &AudioLimits) -> anyhow::Result<Audio> {
+    use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
+    use std::sync::Mutex;
+
+    let host = cpal::default_host();
+    let no_device = |why: String| {
+        anyhow::anyhow!("no audio input device ({why}); record a WAV file and use /voice FILE")
+    };
+    let device = host
+        .default_input_device()
+        .ok_or_else(|| no_device(format!("{} reports no microphone", host.id().name())))?;
+    let supported = device
+        .default_input_config()
+        .map_err(|e| no_device(format!("the default input cannot record: {e}")))?;
+    let channels = usize::from(supported.channels()).max(1);
+    let rate = supported.sample_rate();
+    let most = (limits.max_seconds.max(0.0) * f64::from(rate)) as usize;
+    let recorded: Arc<Mutex<Vec<f32>>> = Arc::default();
+    let failure: Arc<Mutex<Option<String>>> = Arc::default();
+    let config = supported.config();
+    let stream = match supported.sample_format() {
+        cpal::SampleFormat::F32 => record::<f32>(&device, config, &recorded, &failure, channels, most),
+        cpal::SampleFormat::I16 => record::<i16>(&device, config, &recorded, &failure, channels, most),
+        cpal::SampleFormat::U16 => record::<u16>(&device, config, &recorded, &failure, channels, most),
+        other => anyhow::bail!("the input device records {other} samples, which /listen does not take; use /voice FILE"),
+    }
+    .map_err(|e| no_device(format!("opening it failed: {e}")))?;
+    stream
+        .play()
+        .map_err(|e| no_device(format!("starting it failed: {e}")))?;
+    eprint!("🎙 recording ({rate} Hz); press Enter to stop ");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    drop(stream);
+    if let Some(error) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        anyhow::bail!("recording failed: {error}");
+    }
+    let samples = std::mem::take(&mut *recorded.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(Audio::from_samples(&samples, rate, limits)?)
+}
+
+/// An input stream that mixes each frame down to mono into `sink`, up to
+/// `most` frames.
+#[cfg(feature = "listen")]
+fn record<T>(
+    device: &cpal::Device,
+    config: cpal::StreamConfig,
+    sink: &Arc<std::sync::Mutex<Vec<f32>>>,
+    failure: &Arc<std::sync::Mutex<Option<String>>>,
+    channels: usize,
+    most: usize,
+) -> Result<cpal::Stream, cpal::Error>
+where
+    T: cpal::SizedSample,
+    f32: cpal::FromSample<T>,
+{
+    use cpal::traits::DeviceTrait;
+    use cpal::Sample;
+    let (sink, failure) = (Arc::clone(sink), Arc::clone(failure));
+    device.build_input_stream::<T, _, _>(
+        config,
+        move |data: &[T], _| {
+            let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
+            for frame in data.chunks(channels) {
+                if sink.len() >= most {
+                    break;
+                }
+                let sum: f32 = frame.iter().map(|s| f32::from_sample(*s)).sum();
+                sink.push(sum / channels as f32);
+            }
+        },
+        move |error| {
+            *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+        },
+        None,
+    )
+}
+
+/// `/listen` in a build without the `listen` feature.
+#[cfg(not(feature = "listen"))]
+pub fn listen(_: &AudioLimits) -> anyhow::Result<Audio> {
+    anyhow::bail!(
+        "no microphone input in this build (rebuild with `--features listen`); record a WAV file (e.g. `arecord -f S16_LE -r 16000 cmd.wav`) and use /voice FILE"
+    )
+}
