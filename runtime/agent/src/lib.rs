@@ -1007,9 +1007,26 @@ impl Session {
         );
         handle.spawn(async move {
             let mut state = state.lock_owned().await;
-            let (text, spoken) = match voice::resolve(input, speech).await {
-                Ok(resolved) => resolved,
-                Err(err) => {
+            // Transcription is cancellable too: a turn cancelled while its
+            // audio is transcribed records nothing (the blocking work runs
+            // out on its own and is dropped).
+            let resolved = tokio::select! {
+                resolved = voice::resolve(input, speech) => Some(resolved),
+                () = cancel.cancelled() => None,
+            };
+            let (text, spoken) = match resolved {
+                None => {
+                    events
+                        .emit(Event::TurnFinished {
+                            reason: TurnEnd::Cancelled,
+                            steps: 0,
+                            counters: Counters::default(),
+                        })
+                        .await;
+                    return;
+                }
+                Some(Ok(resolved)) => resolved,
+                Some(Err(err)) => {
                     events
                         .emit(Event::Error {
                             message: err.to_string(),

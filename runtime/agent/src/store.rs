@@ -10,11 +10,13 @@
 //!   (absent: not allowed);
 //! - `history/ID`: the REPL lines typed in it (the REPL's up-arrow
 //!   history);
+//! - `ID.audio`: the audio of its spoken turns, only under `[privacy]
+//!   keep_audio = true` (one JSON record per clip, see `crate::voice`);
 //!
 //! and its records in the shared audit log, `audit/audit.jsonl`.
 //!
-//! With `[privacy] encrypt = true` the transcript, KV state, history and
-//! audit log are sealed ([`stack_seal`]); the store reads and rewrites
+//! With `[privacy] encrypt = true` the transcript, KV state, history, kept
+//! audio and audit log are sealed ([`stack_seal`]); the store reads and rewrites
 //! them with its vault ([`SessionStore::with_vault`]).
 //!
 //! Deleting a session removes all of these, its audit records included

@@ -13,8 +13,10 @@
 //! note (what was heard, whether the user edited it, the language, the
 //! duration and the audio's sha256). The audio itself is kept only under
 //! `[privacy] keep_audio = true`, as the 16 kHz mono 16-bit PCM the model
-//! heard, one record per clip in `ID.audio` beside the transcript (sealed
-//! under `[privacy] encrypt`, removed with the session).
+//! heard, one record per clip in `ID.audio` beside the transcript: a JSON
+//! line (`audio_sha256`, `sample_rate`, `wav_base64`), so that the file is
+//! a record file both plaintext and sealed (sealed under `[privacy]
+//! encrypt`, re-sealed by `agent keys rotate`, removed with the session).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -74,11 +76,12 @@ impl Spoken {
             "duration_s": heard.duration_s,
             "audio_sha256": heard.audio_sha256,
         });
-        if let (Some(path), Some(fields)) = (kept_audio, voice.as_object_mut()) {
-            fields.insert(
-                "audio_kept".into(),
-                serde_json::Value::String(path.display().to_string()),
-            );
+        // The file's name, not its path: where the transcripts live is the
+        // reader's business.
+        let kept =
+            kept_audio.and_then(|path| Some(path.file_name()?.to_string_lossy().into_owned()));
+        if let (Some(name), Some(fields)) = (kept, voice.as_object_mut()) {
+            fields.insert("audio_kept".into(), serde_json::Value::String(name));
         }
         serde_json::json!({ "voice": voice })
     }
@@ -153,15 +156,22 @@ impl AudioFile {
         }
     }
 
-    /// Appends `audio` as a 16 kHz mono 16-bit WAV record (on the blocking
-    /// pool); returns the file.
+    /// Appends `audio` as a record (on the blocking pool): a JSON line
+    /// holding the 16 kHz mono 16-bit WAV in base64; returns the file.
     pub(crate) async fn keep(&self, audio: &Audio) -> Result<PathBuf, AgentError> {
+        use base64::Engine as _;
         let (path, context, vault) = (
             self.path.clone(),
             self.context.clone(),
             Arc::clone(&self.vault),
         );
-        let wav = pcm16_wav(audio.samples());
+        let record = serde_json::json!({
+            "audio_sha256": audio.sha256(),
+            "sample_rate": stack_voice::wav::SAMPLE_RATE,
+            "wav_base64": base64::engine::general_purpose::STANDARD.encode(pcm16_wav(audio.samples())),
+        });
+        let wav = serde_json::to_vec(&record)
+            .map_err(|e| AgentError::Internal(format!("keeping the audio: {e}")))?;
         tokio::task::spawn_blocking(move || {
             let mut file = Appender::open(&path, &context, &vault, Hold::Nothing)?;
             file.append(&wav)?;
@@ -176,6 +186,18 @@ impl AudioFile {
 /// The sealing context of session `id`'s audio file.
 pub fn audio_context(id: &str) -> String {
     format!("audio:{id}")
+}
+
+/// The WAV files of one record of a session's `ID.audio` (as
+/// [`stack_seal::record::read_records`] returns it), and the sha256 of the
+/// audio each came from.
+pub fn kept_clip(record: &[u8]) -> Option<(String, Vec<u8>)> {
+    use base64::Engine as _;
+    let value: serde_json::Value = serde_json::from_slice(record).ok()?;
+    let wav = base64::engine::general_purpose::STANDARD
+        .decode(value["wav_base64"].as_str()?)
+        .ok()?;
+    Some((value["audio_sha256"].as_str()?.to_string(), wav))
 }
 
 /// 16 kHz mono samples as a 16-bit PCM WAV file.

@@ -833,26 +833,29 @@ async fn spoken_turns_are_transcribed_kept_sealed_and_deleted() {
     ));
     assert!(asked.lock().expect("lock").is_empty());
 
+    // A turn cancelled while its audio is transcribed records nothing and
+    // says it was cancelled.
+    let (long, long_rate) = espeak_samples(&"read the notes and list the files. ".repeat(12));
+    let mut turn = session.send_audio(long, long_rate);
+    turn.cancellation().cancel();
+    let mut cancelled = Vec::new();
+    while let Some(event) = turn.next().await {
+        cancelled.push(event);
+    }
+    assert!(
+        matches!(
+            cancelled.as_slice(),
+            [Event::TurnFinished {
+                reason: TurnEnd::Cancelled,
+                ..
+            }]
+        ),
+        "{cancelled:?}"
+    );
+    assert!(asked.lock().expect("lock").is_empty());
+
     // Speech, at espeak-ng's own 22.05 kHz.
-    let wav = std::process::Command::new("espeak-ng")
-        .args([
-            "-v",
-            "en-us",
-            "-s",
-            "140",
-            "--stdout",
-            "show me the python files",
-        ])
-        .output()
-        .expect("espeak-ng (scripts/setup installs it)")
-        .stdout;
-    let reader = hound::WavReader::new(std::io::Cursor::new(&wav)).expect("wav");
-    let rate = reader.spec().sample_rate;
-    let samples: Vec<f32> = reader
-        .into_samples::<i16>()
-        .filter_map(Result::ok)
-        .map(|s| f32::from(s) / 32768.0)
-        .collect();
+    let (samples, rate) = espeak_samples("show me the python files");
     let events: Vec<Event> = session.send_audio(samples.clone(), rate).collect().await;
     let Some(Event::Transcribed { transcription }) = events.first() else {
         panic!("the first event says what was heard: {events:?}");
@@ -891,7 +894,9 @@ async fn spoken_turns_are_transcribed_kept_sealed_and_deleted() {
     )
     .expect("kept audio opens");
     assert_eq!(records.items.len(), 1);
-    let kept = Audio::from_wav(&records.items[0], &AudioLimits::default()).expect("a WAV");
+    let (sha256, wav) = stack_agent::voice::kept_clip(&records.items[0]).expect("a kept clip");
+    assert_eq!(sha256, transcription.audio_sha256);
+    let kept = Audio::from_wav(&wav, &AudioLimits::default()).expect("a WAV");
     let expected = Audio::from_samples(&samples, rate, &AudioLimits::default()).expect("audio");
     assert_eq!(kept.samples().len(), expected.samples().len());
     let messages = stack_agent::read_transcript(data.path(), &id, &vault).expect("transcript");
@@ -905,4 +910,109 @@ async fn spoken_turns_are_transcribed_kept_sealed_and_deleted() {
     let removed = runtime.store().expect("store").delete(&id).expect("delete");
     assert!(removed.files >= 2, "{removed:?}");
     assert!(!audio_file.exists() && !transcript.exists());
+}
+
+/// `text` spoken by espeak-ng: its samples and rate.
+#[cfg(feature = "voice")]
+fn espeak_samples(text: &str) -> (Vec<f32>, u32) {
+    let wav = std::process::Command::new("espeak-ng")
+        .args(["-v", "en-us", "-s", "140", "--stdout", text])
+        .output()
+        .expect("espeak-ng (scripts/setup installs it)")
+        .stdout;
+    let reader = hound::WavReader::new(std::io::Cursor::new(&wav)).expect("wav");
+    let rate = reader.spec().sample_rate;
+    let samples = reader
+        .into_samples::<i16>()
+        .filter_map(Result::ok)
+        .map(|s| f32::from(s) / 32768.0)
+        .collect();
+    (samples, rate)
+}
+
+// Kept audio without encryption: a plaintext record file that takes a
+// second clip, and that sealing (what `agent keys rotate` does to a
+// plaintext file when `encrypt` is turned on) keeps whole.
+#[cfg(feature = "voice")]
+#[tokio::test(flavor = "multi_thread")]
+async fn kept_audio_without_encryption_takes_every_clip_and_seals_later() {
+    use stack_voice::{ModelOptions, SpeechModel};
+
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("data");
+    let model_dir = stack_voice::default_model_dir().expect("assets");
+    let speech = Arc::new(
+        SpeechModel::load(&model_dir, ModelOptions::default())
+            .expect("speech model (scripts/setup)"),
+    );
+    let mut policy = Policy::preset("default").expect("preset");
+    policy.privacy.keep_transcripts = Some(true);
+    policy.privacy.keep_audio = Some(true);
+    let runtime = Runtime::builder()
+        .backend(Arc::new(Scripted {
+            turns: vec![answer("Done.")],
+            asked: Arc::default(),
+        }))
+        .policy(policy)
+        .workspace(workspace.path())
+        .transcripts(Some(data.path().to_path_buf()))
+        .vault(Arc::new(stack_seal::Vault::plaintext()))
+        .speech_model(speech)
+        .build()
+        .expect("runtime");
+    let session = runtime
+        .session(SessionConfig::default())
+        .await
+        .expect("session");
+    let id = session.id().to_string();
+    let mut heard = Vec::new();
+    for text in ["list the files", "read the notes"] {
+        let (samples, rate) = espeak_samples(text);
+        let events: Vec<Event> = session.send_audio(samples, rate).collect().await;
+        let Some(Event::Transcribed { transcription }) = events.first() else {
+            panic!("{events:?}");
+        };
+        heard.push(transcription.audio_sha256.clone());
+        assert!(
+            matches!(
+                events.last(),
+                Some(Event::TurnFinished {
+                    reason: TurnEnd::Answered,
+                    ..
+                })
+            ),
+            "{events:?}"
+        );
+    }
+    drop(session);
+    let audio_file = data.path().join(format!("{id}.audio"));
+    let context = stack_agent::voice::audio_context(&id);
+    let plaintext = stack_seal::Vault::plaintext();
+    let records = stack_seal::record::read_records(&audio_file, Some(&context), &plaintext)
+        .expect("the kept audio reads");
+    let hashes: Vec<String> = records
+        .items
+        .iter()
+        .map(|r| stack_agent::voice::kept_clip(r).expect("a clip").0)
+        .collect();
+    assert_eq!(hashes, heard);
+    // Sealed where it lies, as a key rotation seals a plaintext file.
+    let vault = stack_seal::Vault::sealing(
+        stack_seal::Key::generate(),
+        stack_seal::key::KeySource::Given,
+    );
+    stack_seal::record::Appender::open(
+        &audio_file,
+        &context,
+        &vault,
+        stack_seal::record::Hold::Nothing,
+    )
+    .expect("seals");
+    let sealed = stack_seal::record::read_records(&audio_file, Some(&context), &vault)
+        .expect("the sealed audio reads");
+    assert_eq!(sealed.items, records.items);
+    assert!(!contains(
+        &std::fs::read(&audio_file).expect("read"),
+        "wav_base64"
+    ));
 }

@@ -244,7 +244,14 @@ mod tests {
         assert_eq!(batch.len(), 80 * WINDOW_FRAMES);
         // Values are in Whisper's range, and the padding is zero.
         assert!(batch.iter().all(|v| (-1.0..=2.0).contains(v)));
-        assert!(batch[200..WINDOW_FRAMES].iter().all(|v| *v == 0.0));
+        for mel in 0..80 {
+            let row = &batch[mel * WINDOW_FRAMES..(mel + 1) * WINDOW_FRAMES];
+            assert!(
+                row[100..].iter().all(|v| *v == 0.0),
+                "band {mel} is padded from frame 100"
+            );
+            assert!(row[99] != 0.0, "band {mel} holds the clip up to frame 99");
+        }
         // A 1 kHz tone: its mel band is the loudest in a middle frame.
         let frame = 50;
         let loudest = (0..80)

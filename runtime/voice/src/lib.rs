@@ -43,6 +43,9 @@ pub mod features;
 pub mod model;
 pub mod wav;
 
+#[cfg(test)]
+mod fuzz;
+
 #[cfg(feature = "engine")]
 pub use model::SpeechModel;
 pub use model::{Compute, ModelOptions, Timings, TranscribeOptions, Transcription};
@@ -134,6 +137,12 @@ pub enum VoiceError {
         /// The model folder.
         dir: PathBuf,
         /// The language asked for.
+        language: String,
+    },
+    /// A language code the model has no token for.
+    #[error("`{language}` is not a language this speech model knows (codes such as en, de, fr)")]
+    UnknownLanguage {
+        /// The code asked for.
         language: String,
     },
     /// CTranslate2 failed while transcribing.

@@ -262,8 +262,8 @@ mod engine {
                 batch.len() / (windows * WINDOW_FRAMES),
                 WINDOW_FRAMES,
             ];
+            let language = self.language(&batch, shape[1], options)?;
             let view = StorageView::new(&shape, &mut batch, Device::CPU).map_err(engine)?;
-            let language = self.language(&view, options)?;
             let mut prompt = vec!["<|startoftranscript|>".to_string()];
             if self.multilingual {
                 prompt.push(format!("<|{language}|>"));
@@ -292,7 +292,10 @@ mod engine {
                 // faster-whisper's mean log-probability of a window.
                 let length = ids.len() as f32;
                 let avg_logprob = score * length / (length + 1.0);
-                if result.no_speech_prob > NO_SPEECH_THRESHOLD && avg_logprob < LOG_PROB_THRESHOLD {
+                // Skipped unless the text is confident enough (faster-whisper
+                // keeps it when `avg_logprob > log_prob_threshold`).
+                if result.no_speech_prob > NO_SPEECH_THRESHOLD && avg_logprob <= LOG_PROB_THRESHOLD
+                {
                     continue;
                 }
                 let ids: Vec<u32> = ids
@@ -333,7 +336,8 @@ mod engine {
         /// one asked for, or the one the model detects in the first window.
         fn language(
             &self,
-            view: &StorageView<'_>,
+            batch: &[f32],
+            n_mels: usize,
             options: &TranscribeOptions,
         ) -> Result<String, VoiceError> {
             if !self.multilingual {
@@ -346,11 +350,24 @@ mod engine {
                 };
             }
             if let Some(language) = &options.language {
+                if self
+                    .tokenizer
+                    .token_to_id(&format!("<|{language}|>"))
+                    .is_none()
+                {
+                    return Err(VoiceError::UnknownLanguage {
+                        language: language.clone(),
+                    });
+                }
                 return Ok(language.clone());
             }
+            // The first window only (the encoder runs on what it is given).
+            let mut first = batch[..n_mels * WINDOW_FRAMES].to_vec();
+            let view = StorageView::new(&[1, n_mels, WINDOW_FRAMES], &mut first, Device::CPU)
+                .map_err(|e| VoiceError::Engine(format!("{e:#}")))?;
             let detected = self
                 .engine
-                .detect_language(view)
+                .detect_language(&view)
                 .map_err(|e| VoiceError::Engine(format!("detecting the language: {e:#}")))?;
             let token = detected
                 .first()

@@ -19,6 +19,7 @@ use std::io::Cursor;
 use std::time::Instant;
 
 use rubato::{FftFixedIn, Resampler};
+use sha2::{Digest, Sha256};
 
 use crate::VoiceError;
 
@@ -99,34 +100,40 @@ impl Audio {
                 max_bytes: limits.max_bytes(),
             });
         }
-        let (format, frames) = parse_header(bytes, limits)?;
-        let mut reader = hound::WavReader::new(Cursor::new(bytes)).map_err(header_error)?;
+        let header = parse_header(bytes, limits)?;
+        let (format, frames) = (header.format, header.frames);
+        let mut reader =
+            hound::WavReader::new(Cursor::new(header.bytes.as_ref())).map_err(header_error)?;
         let channels = usize::from(format.channels);
-        let wanted = frames.saturating_mul(channels);
-        let mut interleaved = Vec::with_capacity(wanted);
+        // Channels are averaged as they are read: one `f32` per frame.
+        let mut mono = Vec::with_capacity(frames);
+        let mut mix = Mixer::new(channels);
         if format.float {
-            for sample in reader.samples::<f32>().take(wanted) {
+            for sample in reader
+                .samples::<f32>()
+                .take(frames.saturating_mul(channels))
+            {
                 let sample = sample.map_err(data_error)?;
-                interleaved.push(if sample.is_finite() {
+                let clean = if sample.is_finite() {
                     sample.clamp(-1.0, 1.0)
                 } else {
                     0.0
-                });
+                };
+                if let Some(frame) = mix.push(clean) {
+                    mono.push(frame);
+                }
             }
         } else {
             let scale = 1.0 / (1u64 << (format.bits_per_sample - 1)) as f32;
-            for sample in reader.samples::<i32>().take(wanted) {
-                interleaved.push(sample.map_err(data_error)? as f32 * scale);
+            for sample in reader
+                .samples::<i32>()
+                .take(frames.saturating_mul(channels))
+            {
+                if let Some(frame) = mix.push(sample.map_err(data_error)? as f32 * scale) {
+                    mono.push(frame);
+                }
             }
         }
-        let mono = if channels == 1 {
-            interleaved
-        } else {
-            interleaved
-                .chunks_exact(channels)
-                .map(|frame| frame.iter().sum::<f32>() / channels as f32)
-                .collect()
-        };
         let samples = resample(mono, format.sample_rate)?;
         let mut audio = Audio::checked(samples, Some(format))?;
         audio.sha256 = stack_assets::sha256_hex(bytes);
@@ -159,7 +166,10 @@ impl Audio {
                 max_s: limits.max_seconds,
             });
         }
-        let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let mut hasher = Sha256::new();
+        for sample in samples {
+            hasher.update(sample.to_le_bytes());
+        }
         let clean: Vec<f32> = samples
             .iter()
             .map(|s| {
@@ -171,7 +181,11 @@ impl Audio {
             })
             .collect();
         let mut audio = Audio::checked(resample(clean, sample_rate)?, None)?;
-        audio.sha256 = stack_assets::sha256_hex(&bytes);
+        audio.sha256 = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         audio.decode_ms = started.elapsed().as_secs_f64() * 1000.0;
         Ok(audio)
     }
@@ -228,9 +242,129 @@ impl Audio {
     }
 }
 
+/// Averages interleaved samples into frames.
+struct Mixer {
+    channels: usize,
+    sum: f32,
+    count: usize,
+}
+
+impl Mixer {
+    fn new(channels: usize) -> Mixer {
+        Mixer {
+            channels: channels.max(1),
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    /// Adds a sample; a whole frame gives its mean.
+    fn push(&mut self, sample: f32) -> Option<f32> {
+        self.sum += sample;
+        self.count += 1;
+        if self.count < self.channels {
+            return None;
+        }
+        let mean = self.sum / self.channels as f32;
+        self.sum = 0.0;
+        self.count = 0;
+        Some(mean)
+    }
+}
+
+/// Where a WAV file's format and samples are, from its own chunks (hound
+/// reads the samples, but does not say where they start or how big its
+/// frames are).
+#[derive(Debug, Clone, Copy)]
+struct Chunks {
+    /// Bytes per frame (`nBlockAlign`).
+    block_align: usize,
+    /// Bits per sample's container (`wBitsPerSample`).
+    container_bits: u16,
+    /// Bits that hold the sample (`wValidBitsPerSample`, for
+    /// WAVE_FORMAT_EXTENSIBLE).
+    valid_bits: Option<u16>,
+    /// Frames per second (`nSamplesPerSec`).
+    sample_rate: u32,
+    /// Where the `data` chunk's size field is.
+    data_size_at: usize,
+    /// Where the samples start.
+    data_start: usize,
+    /// The size the `data` chunk announces.
+    data_size: u64,
+}
+
+fn read_u16(bytes: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(
+        bytes.get(at..at.checked_add(2)?)?.try_into().ok()?,
+    ))
+}
+
+fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(
+        bytes.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
+}
+
+/// Walks the RIFF chunks up to `data` (bounds-checked: a size past the end
+/// is a broken file, not a panic).
+fn chunks(bytes: &[u8]) -> Result<Chunks, VoiceError> {
+    let broken = |reason: &str| VoiceError::NotWav {
+        reason: reason.to_string(),
+    };
+    let mut at = 12usize;
+    let mut format: Option<(usize, u16, Option<u16>, u32)> = None;
+    while let (Some(id), Some(size)) = (bytes.get(at..at + 4), read_u32(bytes, at + 4)) {
+        let body = at + 8;
+        if id == b"fmt " {
+            let end = body.checked_add(usize::try_from(size).unwrap_or(usize::MAX));
+            if size < 16 || end.is_none_or(|end| end > bytes.len()) {
+                return Err(broken("its format chunk is cut short"));
+            }
+            let tag = read_u16(bytes, body).unwrap_or_default();
+            let block_align = usize::from(read_u16(bytes, body + 12).unwrap_or_default());
+            let bits = read_u16(bytes, body + 14).unwrap_or_default();
+            let valid = (tag == 0xfffe && size >= 24)
+                .then(|| read_u16(bytes, body + 18))
+                .flatten();
+            let rate = read_u32(bytes, body + 4).unwrap_or_default();
+            format = Some((block_align, bits, valid, rate));
+        } else if id == b"data" {
+            let (block_align, container_bits, valid_bits, sample_rate) =
+                format.ok_or_else(|| broken("its data comes before its format chunk"))?;
+            if block_align == 0 {
+                return Err(broken("its format chunk gives frames of 0 bytes"));
+            }
+            return Ok(Chunks {
+                block_align,
+                container_bits,
+                valid_bits,
+                sample_rate,
+                data_size_at: at + 4,
+                data_start: body,
+                data_size: u64::from(size),
+            });
+        }
+        // Chunks are padded to an even size.
+        let next = (body as u64) + u64::from(size) + u64::from(size & 1);
+        at = usize::try_from(next).map_err(|_| broken("a chunk runs past the end"))?;
+    }
+    Err(broken("it has no data chunk"))
+}
+
+/// What [`parse_header`] found.
+struct Header<'a> {
+    format: SourceFormat,
+    /// Frames to decode.
+    frames: usize,
+    /// The bytes hound reads: the input, or a copy whose unknown data size
+    /// was set to what is present.
+    bytes: std::borrow::Cow<'a, [u8]>,
+}
+
 /// Reads the header and decides how many frames to decode: the format, and
 /// the frames present (checked against the announced size and the limits).
-fn parse_header(bytes: &[u8], limits: &AudioLimits) -> Result<(SourceFormat, usize), VoiceError> {
+fn parse_header<'a>(bytes: &'a [u8], limits: &AudioLimits) -> Result<Header<'a>, VoiceError> {
     if bytes.len() < 12 || &bytes[0..4] != b"RIFF" || &bytes[8..12] != b"WAVE" {
         return Err(VoiceError::NotWav {
             reason: if bytes.is_empty() {
@@ -240,7 +374,41 @@ fn parse_header(bytes: &[u8], limits: &AudioLimits) -> Result<(SourceFormat, usi
             },
         });
     }
-    let reader = hound::WavReader::new(Cursor::new(bytes)).map_err(header_error)?;
+    let layout = chunks(bytes)?;
+    if let Some(valid) = layout.valid_bits {
+        if valid != layout.container_bits {
+            return Err(VoiceError::Unsupported {
+                reason: format!(
+                    "{valid}-bit samples in {}-bit containers",
+                    layout.container_bits
+                ),
+            });
+        }
+    }
+    let present_bytes = (bytes.len() - layout.data_start) as u64;
+    let present_frames = present_bytes / layout.block_align as u64;
+    let announced_frames = layout.data_size / layout.block_align as u64;
+    let (frames, bytes) = if layout.data_size <= present_bytes {
+        (announced_frames, std::borrow::Cow::Borrowed(bytes))
+    } else if layout.data_size >= u64::from(STREAMING_SIZES) {
+        // An unknown length: what is present is the audio. hound gets a
+        // copy whose sizes say so.
+        let mut copy = bytes.to_vec();
+        let data_bytes = present_frames * layout.block_align as u64;
+        let data_bytes = u32::try_from(data_bytes).unwrap_or(u32::MAX);
+        copy[layout.data_size_at..layout.data_size_at + 4]
+            .copy_from_slice(&data_bytes.to_le_bytes());
+        let riff = u32::try_from(copy.len() - 8).unwrap_or(u32::MAX);
+        copy[4..8].copy_from_slice(&riff.to_le_bytes());
+        (present_frames, std::borrow::Cow::Owned(copy))
+    } else {
+        let rate = f64::from(layout.sample_rate.max(1));
+        return Err(VoiceError::Truncated {
+            declared_s: announced_frames as f64 / rate,
+            present_s: present_frames as f64 / rate,
+        });
+    };
+    let reader = hound::WavReader::new(Cursor::new(bytes.as_ref())).map_err(header_error)?;
     let spec = reader.spec();
     let float = match spec.sample_format {
         hound::SampleFormat::Float => {
@@ -276,41 +444,23 @@ fn parse_header(bytes: &[u8], limits: &AudioLimits) -> Result<(SourceFormat, usi
             ),
         });
     }
-    let format = SourceFormat {
-        sample_rate: spec.sample_rate,
-        channels: spec.channels,
-        bits_per_sample: spec.bits_per_sample,
-        float,
-    };
-    let bytes_per_sample = usize::from(spec.bits_per_sample).div_ceil(8);
-    let frame_bytes = bytes_per_sample * usize::from(spec.channels);
-    let data_start = usize::try_from(reader.into_inner().position()).unwrap_or(usize::MAX);
-    let present_frames = bytes.len().saturating_sub(data_start) / frame_bytes;
-    // hound reports the announced size in samples (all channels).
-    let announced_samples = hound::WavReader::new(Cursor::new(bytes))
-        .map_err(header_error)?
-        .len() as usize;
-    let announced_bytes = announced_samples.saturating_mul(bytes_per_sample);
-    let announced_frames = announced_samples / usize::from(spec.channels);
-    let rate = f64::from(spec.sample_rate);
-    let frames = if announced_frames <= present_frames {
-        announced_frames
-    } else if announced_bytes >= STREAMING_SIZES as usize {
-        present_frames
-    } else {
-        return Err(VoiceError::Truncated {
-            declared_s: announced_frames as f64 / rate,
-            present_s: present_frames as f64 / rate,
-        });
-    };
-    let seconds = frames as f64 / rate;
+    let seconds = frames as f64 / f64::from(spec.sample_rate);
     if seconds > limits.max_seconds {
         return Err(VoiceError::TooLong {
             seconds,
             max_s: limits.max_seconds,
         });
     }
-    Ok((format, frames))
+    Ok(Header {
+        format: SourceFormat {
+            sample_rate: spec.sample_rate,
+            channels: spec.channels,
+            bits_per_sample: spec.bits_per_sample,
+            float,
+        },
+        frames: usize::try_from(frames).unwrap_or(usize::MAX),
+        bytes,
+    })
 }
 
 fn header_error(err: hound::Error) -> VoiceError {
@@ -362,17 +512,25 @@ fn resample(mono: Vec<f32>, from: u32) -> Result<Vec<f32>, VoiceError> {
             .map_err(|e| engine(&e))?;
         out.extend_from_slice(&chunk[0]);
     }
-    while out.len() < expected + delay {
+    // Flush with silence until the delayed tail is out. A flush may give
+    // nothing at all (when the resampler's FFT is longer than a chunk, at
+    // rates such as 22051 Hz), so empty output does not end it; a bound
+    // does, generous for any rate accepted.
+    let mut flushes = 0;
+    while out.len() < expected + delay && flushes < 4096 {
         let chunk = resampler
             .process_partial::<&[f32]>(None, None)
             .map_err(|e| engine(&e))?;
-        if chunk[0].is_empty() {
-            break;
-        }
         out.extend_from_slice(&chunk[0]);
+        flushes += 1;
     }
     out.drain(..delay.min(out.len()));
     out.truncate(expected);
+    // Band-limiting overshoots at sharp edges (the fuzzer found peaks past
+    // 1.5 from full-scale noise): the model gets [-1, 1], as promised.
+    for sample in &mut out {
+        *sample = sample.clamp(-1.0, 1.0);
+    }
     Ok(out)
 }
 
@@ -522,6 +680,90 @@ mod tests {
         bytes[4..8].copy_from_slice(&0x7fff_f024u32.to_le_bytes());
         let audio = Audio::from_wav(&bytes, &AudioLimits::default()).expect("audio");
         assert_eq!(audio.samples().len(), 16_000);
+    }
+
+    /// `bytes` with its data size replaced, as a streaming writer leaves it.
+    fn with_data_size(mut bytes: Vec<u8>, size: u32) -> Vec<u8> {
+        let data = bytes
+            .windows(4)
+            .position(|w| w == b"data")
+            .expect("data chunk");
+        bytes[data + 4..data + 8].copy_from_slice(&size.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn streamed_headers_of_any_layout_are_read_to_their_end() {
+        for (channels, bits, size) in [
+            (2, 16, u32::MAX),
+            (1, 24, 0x7fff_f000),
+            (2, 24, u32::MAX),
+            (1, 8, 0x7fff_ffff),
+        ] {
+            let bytes = with_data_size(wav(16_000, channels, bits, false, 0.5), size);
+            let audio = Audio::from_wav(&bytes, &AudioLimits::default())
+                .unwrap_or_else(|e| panic!("x{channels} {bits}-bit, size {size:#x}: {e}"));
+            assert_eq!(audio.samples().len(), 8_000, "x{channels} {bits}-bit");
+        }
+    }
+
+    #[test]
+    fn samples_narrower_than_their_containers_are_refused_by_name() {
+        let spec = hound::WavSpecEx {
+            spec: hound::WavSpec {
+                channels: 1,
+                sample_rate: 16_000,
+                bits_per_sample: 24,
+                sample_format: hound::SampleFormat::Int,
+            },
+            bytes_per_sample: 4,
+        };
+        let mut bytes = Cursor::new(Vec::new());
+        let mut writer = hound::WavWriter::new_with_spec_ex(&mut bytes, spec).expect("writer");
+        for i in 0..8_000 {
+            writer.write_sample((i % 100) * 1000).expect("sample");
+        }
+        writer.finalize().expect("finalize");
+        match Audio::from_wav(&bytes.into_inner(), &AudioLimits::default()) {
+            Err(VoiceError::Unsupported { reason }) => {
+                assert!(reason.contains("24-bit samples in 32-bit"), "{reason}")
+            }
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn odd_rates_keep_the_whole_clip() {
+        // At these rates rubato's FFT is longer than a chunk, and a flush
+        // can give nothing: the tail must still come out.
+        for rate in [22_051, 32_001, 383_999] {
+            let audio = Audio::from_wav(&wav(rate, 1, 16, false, 1.0), &AudioLimits::default())
+                .unwrap_or_else(|e| panic!("{rate} Hz: {e}"));
+            assert_eq!(audio.samples().len(), 16_000, "{rate} Hz");
+            let tail = &audio.samples()[15_000..];
+            assert!(
+                tail.iter().any(|s| s.abs() > 0.3),
+                "{rate} Hz: the last 60 ms are there"
+            );
+        }
+    }
+
+    #[test]
+    fn a_data_chunk_past_the_end_or_no_format_is_a_broken_file() {
+        let limits = AudioLimits::default();
+        let mut no_format =
+            b"RIFF\x24\x00\x00\x00WAVEdata\x04\x00\x00\x00\x00\x00\x00\x00".to_vec();
+        assert!(matches!(
+            Audio::from_wav(&no_format, &limits),
+            Err(VoiceError::NotWav { .. })
+        ));
+        // A chunk whose size runs past the end, before any data chunk.
+        no_format[12..16].copy_from_slice(b"LIST");
+        no_format[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            Audio::from_wav(&no_format, &limits),
+            Err(VoiceError::NotWav { .. })
+        ));
     }
 
     #[test]

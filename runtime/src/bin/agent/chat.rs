@@ -297,7 +297,7 @@ pub fn run(
                 session.send_spoken(*heard, text, Some(audio))
             }
         };
-        let ended = show_turn(turn, json).await;
+        let ended = show_turn(turn, json, true).await;
         save_before_exit(&session).await;
         ended
     });
@@ -318,10 +318,15 @@ async fn save_before_exit(session: &Session) {
 
 /// Runs one turn, printing its events; Ctrl-C cancels it (the turn still
 /// ends with its `turn_finished` event). Returns why it ended.
-async fn show_turn(mut turn: stack_runtime::agent::Turn, json: bool) -> Option<TurnEnd> {
+async fn show_turn(
+    mut turn: stack_runtime::agent::Turn,
+    json: bool,
+    echo_transcribed: bool,
+) -> Option<TurnEnd> {
     let cancel = turn.cancellation();
     let printer = async {
         let mut printer = Printer::new(json);
+        printer.echo_transcribed = echo_transcribed;
         let mut ended = None;
         while let Some(event) = turn.next().await {
             if let Event::TurnFinished { reason, .. } = &event {
@@ -350,6 +355,8 @@ async fn show_turn(mut turn: stack_runtime::agent::Turn, json: bool) -> Option<T
 /// Prints events for a person (colour, truncation) or as JSON lines.
 struct Printer {
     json: bool,
+    /// Whether a `transcribed` event is shown (the REPL showed it already).
+    echo_transcribed: bool,
     color: bool,
     in_text: bool,
 }
@@ -358,6 +365,7 @@ impl Printer {
     fn new(json: bool) -> Self {
         Printer {
             json,
+            echo_transcribed: true,
             color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
             in_text: false,
         }
@@ -379,6 +387,7 @@ impl Printer {
             return;
         }
         match event {
+            Event::Transcribed { .. } if !self.echo_transcribed => {}
             Event::Transcribed { transcription } => {
                 let _ = writeln!(
                     out,
@@ -828,6 +837,9 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
                         Err(err) => println!("error: {err}"),
                     }
                 }
+                (Some("voice"), Some("-"), _) => {
+                    println!("usage: /voice FILE (stdin is this terminal; `agent run --audio -` reads a pipe)")
+                }
                 (Some("voice"), Some(_), _) => {
                     let path = PathBuf::from(command.trim_start_matches("voice").trim());
                     let audio = crate::voice_cmd::read_audio(&path, &args.voice.limits());
@@ -865,7 +877,7 @@ pub fn repl(args: &ChatArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
             continue;
         }
         // The turn's task is spawned on `tokio`: the stream is made inside it.
-        tokio.block_on(async { show_turn(session.send(line), false).await });
+        tokio.block_on(async { show_turn(session.send(line), false, true).await });
     }
     tokio.block_on(save_before_exit(&session));
     Ok(ExitCode::SUCCESS)
@@ -895,7 +907,8 @@ fn hear_and_send(
         Ok(text) if !text.trim().is_empty() => {
             tokio.block_on(async {
                 let turn = session.send_spoken(heard, text.trim(), Some(audio));
-                show_turn(turn, false).await
+                // What was heard is on the screen already.
+                show_turn(turn, false, false).await
             });
         }
         _ => println!("(not sent)"),

@@ -22,8 +22,8 @@ pub struct VoiceArgs {
     /// (multilingual models only).
     #[arg(long, value_name = "CODE", global = true)]
     pub speech_language: Option<String>,
-    /// The longest audio accepted, in seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 120.0, global = true)]
+    /// The longest audio accepted, in seconds (more than 0, at most a day).
+    #[arg(long, value_name = "SECONDS", default_value_t = 120.0, global = true, value_parser = seconds)]
     pub max_audio_seconds: f64,
     /// Beam width for transcription (1: greedy).
     #[arg(long, value_name = "N", default_value_t = 5, global = true)]
@@ -54,6 +54,20 @@ impl From<ComputeArg> for Compute {
             ComputeArg::Float32 => Compute::Float32,
             ComputeArg::Default => Compute::Default,
         }
+    }
+}
+
+/// `--max-audio-seconds`: a finite length above zero, at most a day.
+fn seconds(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if value.is_finite() && value > 0.0 && value <= 86_400.0 {
+        Ok(value)
+    } else {
+        Err(format!(
+            "`{text}`: give more than 0 and at most 86400 seconds"
+        ))
     }
 }
 
@@ -98,7 +112,7 @@ pub fn read_audio(path: &Path, limits: &AudioLimits) -> anyhow::Result<Audio> {
     if path == Path::new("-") {
         std::io::stdin()
             .lock()
-            .take(max + 1)
+            .take(max.saturating_add(1))
             .read_to_end(&mut bytes)
             .map_err(io)?;
     } else {
@@ -109,7 +123,9 @@ pub fn read_audio(path: &Path, limits: &AudioLimits) -> anyhow::Result<Audio> {
                 reason: "not a regular file".into(),
             }));
         }
-        file.take(max + 1).read_to_end(&mut bytes).map_err(io)?;
+        file.take(max.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
     }
     Audio::from_wav(&bytes, limits).map_err(describe)
 }
@@ -189,6 +205,7 @@ pub fn listen(limits: &AudioLimits) -> anyhow::Result<Audio> {
         cpal::SampleFormat::F32 => record::<f32>(&device, config, &recorded, &failure, channels, most),
         cpal::SampleFormat::I16 => record::<i16>(&device, config, &recorded, &failure, channels, most),
         cpal::SampleFormat::U16 => record::<u16>(&device, config, &recorded, &failure, channels, most),
+        cpal::SampleFormat::I32 => record::<i32>(&device, config, &recorded, &failure, channels, most),
         other => anyhow::bail!("the input device records {other} samples, which /listen does not take; use /voice FILE"),
     }
     .map_err(|e| no_device(format!("opening it failed: {e}")))?;
