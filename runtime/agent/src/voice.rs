@@ -168,7 +168,7 @@ impl AudioFile {
         let record = serde_json::json!({
             "audio_sha256": audio.sha256(),
             "sample_rate": stack_voice::wav::SAMPLE_RATE,
-            "wav_base64": base64::engine::general_purpose::STANDARD.encode(pcm16_wav(audio.samples())),
+            "wav_base64": base64::engine::general_purpose::STANDARD.encode(audio.to_wav_pcm16()?),
         });
         let wav = serde_json::to_vec(&record)
             .map_err(|e| AgentError::Internal(format!("keeping the audio: {e}")))?;
@@ -198,49 +198,4 @@ pub fn kept_clip(record: &[u8]) -> Option<(String, Vec<u8>)> {
         .decode(value["wav_base64"].as_str()?)
         .ok()?;
     Some((value["audio_sha256"].as_str()?.to_string(), wav))
-}
-
-/// 16 kHz mono samples as a 16-bit PCM WAV file.
-fn pcm16_wav(samples: &[f32]) -> Vec<u8> {
-    let data_bytes = (samples.len() * 2) as u32;
-    let mut wav = Vec::with_capacity(44 + samples.len() * 2);
-    wav.extend_from_slice(b"RIFF");
-    wav.extend_from_slice(&(36 + data_bytes).to_le_bytes());
-    wav.extend_from_slice(b"WAVEfmt ");
-    wav.extend_from_slice(&16u32.to_le_bytes());
-    wav.extend_from_slice(&1u16.to_le_bytes()); // PCM
-    wav.extend_from_slice(&1u16.to_le_bytes()); // mono
-    wav.extend_from_slice(&stack_voice::wav::SAMPLE_RATE.to_le_bytes());
-    wav.extend_from_slice(&(stack_voice::wav::SAMPLE_RATE * 2).to_le_bytes());
-    wav.extend_from_slice(&2u16.to_le_bytes()); // block align
-    wav.extend_from_slice(&16u16.to_le_bytes()); // bits
-    wav.extend_from_slice(b"data");
-    wav.extend_from_slice(&data_bytes.to_le_bytes());
-    for sample in samples {
-        let value = (sample.clamp(-1.0, 1.0) * f32::from(i16::MAX)) as i16;
-        wav.extend_from_slice(&value.to_le_bytes());
-    }
-    wav
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kept_audio_is_a_wav_the_decoder_reads_back() {
-        let tone: Vec<f32> = (0..16_000)
-            .map(|i| (i as f32 * 300.0 * std::f32::consts::TAU / 16_000.0).sin() * 0.4)
-            .collect();
-        let wav = pcm16_wav(&tone);
-        let back = Audio::from_wav(&wav, &AudioLimits::default()).expect("decodes");
-        assert_eq!(back.samples().len(), tone.len());
-        let worst = back
-            .samples()
-            .iter()
-            .zip(&tone)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(worst < 1e-3, "{worst}");
-    }
 }

@@ -7,8 +7,6 @@
 //!
 //! Runs for `STACK_FUZZ_SECONDS` (default 10 s) under `cargo test`.
 
-use std::io::Cursor;
-
 use bolero::check;
 
 use crate::{Audio, AudioLimits};
@@ -18,37 +16,9 @@ use crate::{Audio, AudioLimits};
 mod support;
 use support::{budget, mutate, Mutation};
 
-/// A short WAV file of a tone.
+/// A short WAV file of a tone (an eighth of a second).
 fn seed(rate: u32, channels: u16, bits: u16, float: bool, container: u16) -> Vec<u8> {
-    let spec = hound::WavSpecEx {
-        spec: hound::WavSpec {
-            channels,
-            sample_rate: rate,
-            bits_per_sample: bits,
-            sample_format: if float {
-                hound::SampleFormat::Float
-            } else {
-                hound::SampleFormat::Int
-            },
-        },
-        bytes_per_sample: container,
-    };
-    let mut bytes = Cursor::new(Vec::new());
-    let mut writer = hound::WavWriter::new_with_spec_ex(&mut bytes, spec).expect("writer");
-    let frames = rate as usize / 8;
-    for i in 0..frames {
-        let value = (i as f64 * 0.1).sin() * 0.5;
-        for _ in 0..channels {
-            if float {
-                writer.write_sample(value as f32).expect("sample");
-            } else {
-                let max = ((1i64 << (bits - 1)) - 1) as f64;
-                writer.write_sample((value * max) as i32).expect("sample");
-            }
-        }
-    }
-    writer.finalize().expect("finalize");
-    bytes.into_inner()
+    crate::wav::tests::wav_in(rate, channels, bits, float, container, 0.125)
 }
 
 #[test]

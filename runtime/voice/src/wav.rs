@@ -181,11 +181,7 @@ impl Audio {
             })
             .collect();
         let mut audio = Audio::checked(resample(clean, sample_rate)?, None)?;
-        audio.sha256 = hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        audio.sha256 = stack_assets::hex(&hasher.finalize());
         audio.decode_ms = started.elapsed().as_secs_f64() * 1000.0;
         Ok(audio)
     }
@@ -234,6 +230,26 @@ impl Audio {
     /// The input's format, for WAV input.
     pub fn source(&self) -> Option<SourceFormat> {
         self.source
+    }
+
+    /// The samples as a 16 kHz mono 16-bit PCM WAV file (what `[privacy]
+    /// keep_audio` keeps).
+    pub fn to_wav_pcm16(&self) -> Result<Vec<u8>, VoiceError> {
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: SAMPLE_RATE,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        let failed = |err: hound::Error| VoiceError::Engine(format!("writing WAV: {err}"));
+        let mut bytes = Cursor::new(Vec::with_capacity(44 + self.samples.len() * 2));
+        let mut writer = hound::WavWriter::new(&mut bytes, spec).map_err(failed)?;
+        for sample in &self.samples {
+            let value = (sample.clamp(-1.0, 1.0) * f32::from(i16::MAX)) as i16;
+            writer.write_sample(value).map_err(failed)?;
+        }
+        writer.finalize().map_err(failed)?;
+        Ok(bytes.into_inner())
     }
 
     /// Milliseconds spent decoding and resampling.
@@ -535,23 +551,39 @@ fn resample(mono: Vec<f32>, from: u32) -> Result<Vec<f32>, VoiceError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// A WAV file in memory: `frames` frames of a 440 Hz tone.
+    /// A WAV file in memory: `seconds` of a 440 Hz tone at half scale.
     fn wav(rate: u32, channels: u16, bits: u16, float: bool, seconds: f64) -> Vec<u8> {
-        let spec = hound::WavSpec {
-            channels,
-            sample_rate: rate,
-            bits_per_sample: bits,
-            sample_format: if float {
-                hound::SampleFormat::Float
-            } else {
-                hound::SampleFormat::Int
+        wav_in(rate, channels, bits, float, bits.div_ceil(8), seconds)
+    }
+
+    /// [`wav`] with `container` bytes per sample (an extensible header
+    /// when they are more than the bits need).
+    pub(crate) fn wav_in(
+        rate: u32,
+        channels: u16,
+        bits: u16,
+        float: bool,
+        container: u16,
+        seconds: f64,
+    ) -> Vec<u8> {
+        let spec = hound::WavSpecEx {
+            spec: hound::WavSpec {
+                channels,
+                sample_rate: rate,
+                bits_per_sample: bits,
+                sample_format: if float {
+                    hound::SampleFormat::Float
+                } else {
+                    hound::SampleFormat::Int
+                },
             },
+            bytes_per_sample: container,
         };
         let mut bytes = Cursor::new(Vec::new());
-        let mut writer = hound::WavWriter::new(&mut bytes, spec).expect("writer");
+        let mut writer = hound::WavWriter::new_with_spec_ex(&mut bytes, spec).expect("writer");
         let frames = (seconds * f64::from(rate)) as usize;
         for i in 0..frames {
             let value = (i as f64 * 440.0 * std::f64::consts::TAU / f64::from(rate)).sin() * 0.5;
@@ -709,22 +741,8 @@ mod tests {
 
     #[test]
     fn samples_narrower_than_their_containers_are_refused_by_name() {
-        let spec = hound::WavSpecEx {
-            spec: hound::WavSpec {
-                channels: 1,
-                sample_rate: 16_000,
-                bits_per_sample: 24,
-                sample_format: hound::SampleFormat::Int,
-            },
-            bytes_per_sample: 4,
-        };
-        let mut bytes = Cursor::new(Vec::new());
-        let mut writer = hound::WavWriter::new_with_spec_ex(&mut bytes, spec).expect("writer");
-        for i in 0..8_000 {
-            writer.write_sample((i % 100) * 1000).expect("sample");
-        }
-        writer.finalize().expect("finalize");
-        match Audio::from_wav(&bytes.into_inner(), &AudioLimits::default()) {
+        let bytes = wav_in(16_000, 1, 24, false, 4, 0.5);
+        match Audio::from_wav(&bytes, &AudioLimits::default()) {
             Err(VoiceError::Unsupported { reason }) => {
                 assert!(reason.contains("24-bit samples in 32-bit"), "{reason}")
             }
@@ -764,6 +782,24 @@ mod tests {
             Audio::from_wav(&no_format, &limits),
             Err(VoiceError::NotWav { .. })
         ));
+    }
+
+    #[test]
+    fn kept_audio_is_a_wav_the_decoder_reads_back() {
+        let tone: Vec<f32> = (0..16_000)
+            .map(|i| (i as f32 * 300.0 * std::f32::consts::TAU / 16_000.0).sin() * 0.4)
+            .collect();
+        let audio = Audio::from_samples(&tone, 16_000, &AudioLimits::default()).expect("audio");
+        let wav = audio.to_wav_pcm16().expect("a WAV");
+        let back = Audio::from_wav(&wav, &AudioLimits::default()).expect("decodes");
+        assert_eq!(back.samples().len(), tone.len());
+        let worst = back
+            .samples()
+            .iter()
+            .zip(&tone)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-3, "{worst}");
     }
 
     #[test]
