@@ -607,6 +607,42 @@ async fn no_privilege_can_be_gained() {
     }
 }
 
+/// No call can leave a setuid or setgid file behind: another host user
+/// could run it as the workspace's owner (as root, in a root-owned
+/// workspace, whose files the sandbox writes as root's). Every way to give
+/// a mode is refused with either bit (chmod, fchmod, fchmodat, open and
+/// creat with O_CREAT, mknod); ordinary modes still work; nothing on disk
+/// carries either bit afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_call_can_make_a_setuid_or_setgid_file() {
+    use std::os::unix::fs::MetadataExt;
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let python = "import os, ctypes, shutil, stat\nshutil.copy('/bin/sh', 'tool')\nlibc = ctypes.CDLL(None, use_errno=True)\nattempts = [\n  ('chmod suid', lambda: os.chmod('tool', 0o4755)),\n  ('chmod sgid', lambda: os.chmod('tool', 0o2755)),\n  ('fchmod', lambda: os.fchmod(os.open('tool', os.O_RDONLY), 0o6755)),\n  ('open create', lambda: os.open('made', os.O_CREAT | os.O_WRONLY, 0o4755)),\n  ('creat', lambda: (_ for _ in ()).throw(OSError(ctypes.get_errno(), 'creat')) if libc.creat(b'made2', 0o2755) < 0 else None),\n  ('mknod', lambda: os.mknod('made3', 0o104755)),\n  ('fchmodat', lambda: (_ for _ in ()).throw(OSError(ctypes.get_errno(), 'fchmodat')) if libc.fchmodat(-100, b'tool', 0o4755, 0) < 0 else None),\n]\nfor what, f in attempts:\n    try:\n        f(); print('LEAK', what)\n    except OSError as e:\n        print('blocked', what, e.errno)\nos.chmod('tool', 0o755); print('plain chmod ok')\nfd = os.open('plain', os.O_CREAT | os.O_WRONLY, 0o640); os.close(fd); print('plain create ok')";
+    let outcome = fx.run(Language::Python, python, &tight_policy()).await;
+    assert_no_leak("setuid", &outcome);
+    assert_eq!(outcome.stdout.matches("blocked").count(), 7, "{outcome:?}");
+    assert!(
+        outcome.stdout.contains("plain chmod ok") && outcome.stdout.contains("plain create ok"),
+        "{outcome:?}"
+    );
+    let bash = "cp /bin/bash ./rootbash2 && chmod u+s ./rootbash2 && echo LEAK suid; chmod g+s ./rootbash2 && echo LEAK sgid; install -m 4755 /bin/true ./t2 && echo LEAK install; echo done";
+    let outcome = fx.run(Language::Bash, bash, &tight_policy()).await;
+    assert_no_leak("setuid from bash", &outcome);
+    assert!(outcome.stdout.contains("done"), "{outcome:?}");
+    for entry in std::fs::read_dir(fx.workspace.path()).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let mode = entry.metadata().expect("stat").mode();
+        assert_eq!(
+            mode & 0o6000,
+            0,
+            "{} has mode {mode:o}",
+            entry.path().display()
+        );
+    }
+    fx.assert_healthy("setuid").await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn stdin_is_empty_and_the_workspace_is_the_working_directory() {
     let _serial = SERIAL.lock().await;
@@ -818,9 +854,11 @@ async fn private_tmp_dirs_are_private_and_removed() {
     fx.assert_healthy("private tmp").await;
 }
 
-/// A root runtime shares a root-owned workspace with the dedicated sandbox
-/// uid through POSIX ACLs instead of giving it away: the code can write it, every owner stays
-/// root, and a symlink in it grants nothing where it points.
+/// M1: a root runtime shares a root-owned workspace with the dedicated
+/// sandbox uid through an idmapped mount, not by giving it away nor by
+/// writing ACLs: the code can write it, every owner stays root (what the
+/// code makes is root's too), nothing on disk gains an ACL, and a symlink
+/// in it grants nothing where it points.
 #[tokio::test(flavor = "multi_thread")]
 async fn as_root_a_root_owned_workspace_is_shared_not_given_away() {
     use std::os::unix::fs::MetadataExt;
@@ -871,10 +909,29 @@ async fn as_root_a_root_owned_workspace_is_shared_not_given_away() {
         std::fs::read_to_string(ws.join("src/main.txt")).expect("read"),
         "x\nmore\nmore\n"
     );
-    assert_eq!(
-        std::fs::metadata(ws.join("new.txt")).expect("stat").uid(),
-        stack_sandbox::process::sandbox_id()
-    );
+    // What the code made is the workspace owner's, as if root had made it.
+    for made in ["new.txt", "made", "made/deeper/f"] {
+        let meta = std::fs::metadata(ws.join(made)).expect("stat");
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "{made}");
+    }
+    // Nothing is left behind on disk: no ACL on anything in the workspace
+    // (the grant was a mount in the sandbox's namespace).
+    for path in [
+        ws,
+        &ws.join("src"),
+        &ws.join("src/main.txt"),
+        &ws.join("made"),
+        &ws.join("new.txt"),
+    ] {
+        for acl in [c"system.posix_acl_access", c"system.posix_acl_default"] {
+            let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+            // SAFETY: getxattr with a null buffer only asks for the size.
+            let size = unsafe {
+                nix::libc::getxattr(c_path.as_ptr(), acl.as_ptr(), std::ptr::null_mut(), 0)
+            };
+            assert!(size < 0, "{} holds {acl:?}", path.display());
+        }
+    }
     assert_eq!(
         std::fs::read_to_string(ws.join("made/deeper/f")).expect("read"),
         "y\n"
@@ -1233,9 +1290,11 @@ async fn as_root_the_zygote_cannot_be_traced_or_robbed_by_its_uid() {
     fx.assert_healthy("zygote theft").await;
 }
 
-/// M1: a hard link in a root-owned workspace to a root-only file outside
-/// is not granted to the sandbox (or, through a lasting ACL, to anyone);
-/// a system folder or root's home is refused as a workspace.
+/// M1: a hard link in a root-owned workspace to a root-only file outside,
+/// at any depth, is not opened to the sandbox by the idmapping (nor,
+/// through a lasting ACL, to anyone): it can be neither read, appended,
+/// unlinked, renamed nor chmod'ed, while the rest of the workspace stays
+/// writable; a system folder or root's home is refused as a workspace.
 #[tokio::test(flavor = "multi_thread")]
 async fn as_root_hard_links_out_of_a_root_workspace_are_not_granted() {
     let _serial = SERIAL.lock().await;
@@ -1247,13 +1306,20 @@ async fn as_root_hard_links_out_of_a_root_workspace_are_not_granted() {
     std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let ws = tempfile::tempdir().expect("tempdir");
     std::fs::hard_link(&private, ws.path().join("linked")).expect("link");
-    let code = "try:\n    print('LEAK', open('linked').read())\nexcept Exception as e:\n    print('blocked', e)\ntry:\n    open('linked', 'a').write('appended'); print('LEAK append')\nexcept Exception as e:\n    print('blocked', e)";
+    std::fs::create_dir(ws.path().join("sub")).expect("mkdir");
+    std::fs::hard_link(&private, ws.path().join("sub/deeper")).expect("link");
+    // A root daemon's private socket in the workspace stays root's.
+    let socket = ws.path().join("sub/daemon.sock");
+    let _daemon = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let code = "import os\nfor name in ['linked', 'sub/deeper']:\n    try:\n        print('LEAK', open(name).read())\n    except Exception as e:\n        print('blocked read', e)\n    try:\n        open(name, 'a').write('appended'); print('LEAK append')\n    except Exception as e:\n        print('blocked append', e)\n    for how in [lambda: os.unlink(name), lambda: os.rename(name, 'moved'), lambda: os.chmod(name, 0o666)]:\n        try:\n            how(); print('LEAK changed', name)\n        except Exception as e:\n            print('blocked change', e)\nimport socket\nfor what, f in [('connect', lambda: socket.socket(socket.AF_UNIX).connect('sub/daemon.sock')), ('chmod socket', lambda: os.chmod('sub/daemon.sock', 0o666))]:\n    try:\n        f(); print('LEAK', what)\n    except Exception as e:\n        print('blocked', what, e)\nopen('mine.txt', 'w').write('ok'); print('wrote')";
     let outcome = fx
         .sandbox
         .run_code(Language::Python, code, ws.path(), &tight_policy())
         .await;
     assert_no_leak("hard link out", &outcome);
-    assert!(outcome.stdout.contains("blocked"), "{outcome:?}");
+    assert_eq!(outcome.stdout.matches("blocked").count(), 12, "{outcome:?}");
+    assert!(outcome.stdout.ends_with("wrote\n"), "{outcome:?}");
     assert_eq!(std::fs::read_to_string(&private).expect("read"), SECRET);
     let path = std::ffi::CString::new(private.as_os_str().as_encoded_bytes()).expect("path");
     // SAFETY: getxattr with a null buffer only asks for the size.

@@ -665,6 +665,69 @@ async fn as_root_a_guest_acts_as_the_workspace_owner_not_root() {
     assert_eq!(healthy.stdout, "42\n", "{healthy:?}");
 }
 
+/// Red-team finding M1 in the WASI sandbox: in a root-owned workspace a
+/// root runtime's guest acts as the dedicated sandbox uid and sees the
+/// workspace through an idmapped mount: it writes there (what it makes is
+/// root's on disk), no ACL is left on anything, and a hard link to a
+/// root-only file outside is neither read nor appended to.
+#[tokio::test(flavor = "multi_thread")]
+async fn as_root_a_root_owned_workspace_is_shared_with_the_guest_through_a_mount() {
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "an `as_root_` test: run it as root, or skip it with `--skip as_root_`"
+    );
+    let outside = tempfile::tempdir().expect("tempdir");
+    let private = outside.path().join("root-only");
+    std::fs::write(&private, "ROOT-ONLY-OUTSIDE").expect("write");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let ws = workspace.path();
+    std::fs::write(ws.join("notes.txt"), "mine\n").expect("write");
+    std::fs::set_permissions(ws.join("notes.txt"), std::fs::Permissions::from_mode(0o600))
+        .expect("chmod");
+    std::fs::hard_link(&private, ws.join("linked")).expect("link");
+    let code = "print(open('notes.txt').read().strip())\nopen('notes.txt', 'a').write('more\\n')\nimport os\nos.mkdir('made')\nopen('made/f.txt', 'w').write('x')\nfor how in ['r', 'a']:\n    try:\n        f = open('linked', how)\n        print('LEAK', how, f.read() if how == 'r' else f.write('x'))\n    except Exception as e:\n        print('blocked', how, type(e).__name__)";
+    let outcome = sandbox().run_python(code, ws, &quick()).await;
+    assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    assert!(!outcome.stdout.contains("LEAK"), "{outcome:?}");
+    assert_eq!(
+        outcome.stdout, "mine\nblocked r PermissionError\nblocked a PermissionError\n",
+        "{outcome:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join("notes.txt")).expect("read"),
+        "mine\nmore\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&private).expect("read"),
+        "ROOT-ONLY-OUTSIDE"
+    );
+    for made in ["made", "made/f.txt"] {
+        let meta = std::fs::metadata(ws.join(made)).expect("made");
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "{made}");
+    }
+    for path in [
+        ws.to_path_buf(),
+        ws.join("notes.txt"),
+        ws.join("made"),
+        private.clone(),
+    ] {
+        for acl in [c"system.posix_acl_access", c"system.posix_acl_default"] {
+            let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+            // SAFETY: getxattr with a null buffer only asks for the size.
+            let size = unsafe {
+                nix::libc::getxattr(c_path.as_ptr(), acl.as_ptr(), std::ptr::null_mut(), 0)
+            };
+            assert!(size < 0, "{} holds {acl:?}", path.display());
+        }
+    }
+    // A stateful session's guest thread sees the same.
+    let mut session = PythonSession::new(sandbox(), ws, quick());
+    let again = session.run("print(open('made/f.txt').read())").await;
+    assert_eq!(again.stdout, "x\n", "{again:?}");
+}
+
 /// Red-team finding H3 in the WASI sandbox: a root runtime's guest cannot
 /// plant git hooks or config, nor read hidden secrets, in a workspace whose
 /// protected paths exist (its thread has a mount namespace of its own).

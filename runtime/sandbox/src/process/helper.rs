@@ -9,8 +9,10 @@
 //! 1. `setsid`: a new session and process group.
 //! 2. Join the zygote's cgroups while still privileged; every call forked
 //!    from here on is born inside them.
-//! 3. If root: drop to the unprivileged uid/gid from the spec (all
-//!    capabilities go with it) and check that no id is 0 any more.
+//! 3. If root: for a root-owned workspace, clone it with root's ids mapped
+//!    to the sandbox's (see [`super::share`]); then drop to the
+//!    unprivileged uid/gid from the spec (all capabilities go with it) and
+//!    check that no id is 0 any more.
 //! 4. `unshare` user, mount, IPC, UTS and (unless the network is `full`)
 //!    network namespaces; map only our own uid/gid; bring `lo` up for
 //!    `loopback`; build the private root (see [`super::mounts`]) and move
@@ -101,8 +103,22 @@ fn setup_zygote() -> Result<(ZygoteSpec, Filters, BaseRules), String> {
         std::fs::write(procs, getpid().to_string())
             .map_err(|e| format!("joining cgroup {}: {e}", procs.display()))?;
     }
+    // A root-owned workspace is cloned and idmapped while still root (see
+    // `share`); the clone is attached in the private root below.
+    let shared = if spec.shares_root_workspace {
+        if !getuid().is_root() {
+            return Err("a root-owned workspace can only be shared by a root runtime".into());
+        }
+        Some(super::share::SharedWorkspace::prepare(
+            &spec.workspace,
+            spec.uid,
+            spec.gid,
+        )?)
+    } else {
+        None
+    };
     drop_identity(&spec)?;
-    enter_namespaces(&spec)?;
+    enter_namespaces(&spec, shared)?;
     let filters = Filters::build(spec.network).map_err(|e| format!("seccomp: {e}"))?;
     // Everything below holds for every call, so it is done once, here, and
     // inherited: no_new_privs, an empty bounding set (the zygote never
@@ -355,7 +371,10 @@ fn drop_identity(spec: &ZygoteSpec) -> Result<(), String> {
     Ok(())
 }
 
-fn enter_namespaces(spec: &ZygoteSpec) -> Result<(), String> {
+fn enter_namespaces(
+    spec: &ZygoteSpec,
+    shared: Option<super::share::SharedWorkspace>,
+) -> Result<(), String> {
     let (uid, gid) = (getuid(), getgid());
     let mut flags = CloneFlags::CLONE_NEWUSER
         | CloneFlags::CLONE_NEWNS
@@ -377,7 +396,7 @@ fn enter_namespaces(spec: &ZygoteSpec) -> Result<(), String> {
         // no such file.
         let _ = std::fs::write("/proc/sys/net/mptcp/enabled", "0");
     }
-    super::mounts::enter_private_root(spec)?;
+    super::mounts::enter_private_root(spec, shared)?;
     // From here on no host process may ptrace this zygote (or the spares
     // it forks, until their exec) or take its descriptors: the mm's user
     // namespace is the host's, where this uid holds no CAP_SYS_PTRACE.

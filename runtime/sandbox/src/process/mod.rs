@@ -49,9 +49,9 @@
 //! 4. **Syscalls** — a seccomp denylist (see [`seccomp`]); `no_new_privs`.
 //! 5. **Identity** — never root: a root runtime drops the child to the
 //!    workspace owner, or, for a root-owned workspace, to a dedicated uid
-//!    that no host process shares ([`sandbox_id`]; the workspace is then
-//!    shared with it through ACLs, never given away, hard-linked files and
-//!    system folders excepted: see [`grant`]) before anything else; the
+//!    that no host process shares ([`sandbox_id`]; the sandbox then sees
+//!    the workspace through an idmapped mount of its own, and nothing on
+//!    disk changes: see [`share`]) before anything else; the
 //!    child then lives in its own user namespace, mapping only that uid,
 //!    and `execve` leaves it with zero capabilities and an empty bounding
 //!    set. The zygote is not dumpable: no host process of its uid can
@@ -99,7 +99,6 @@
 
 mod capture;
 mod cgroup;
-mod grant;
 mod helper;
 pub(crate) mod mounts;
 mod network;
@@ -108,6 +107,7 @@ mod pool;
 mod probe;
 pub(crate) mod protect;
 mod seccomp;
+pub(crate) mod share;
 mod spec;
 mod zygote;
 
@@ -553,16 +553,16 @@ impl ProcessSandbox {
             .first()
             .ok_or_else(|| SandboxError::Prepare("no program to run (empty argv)".into()))?
             .clone();
-        // Path lookups, the ACL check and (once) the grant walk touch the
+        // Path lookups and the protected-path survey touch the
         // filesystem: on the blocking pool, never on a runtime thread.
         let workspace = workspace.to_path_buf();
         let protected_names = policy.protected.clone();
         let extra_read_only = policy.extra_read_only.clone();
-        let (workspace, uid, gid, program, read_only, protected, snapshot) =
+        let (workspace, identity, program, read_only, protected, snapshot) =
             off_the_runtime(move || {
                 let prepare = |e: std::io::Error| SandboxError::Prepare(e.to_string());
                 let workspace = std::fs::canonicalize(&workspace).map_err(prepare)?;
-                let (uid, gid) = sandbox_identity(&workspace).map_err(prepare)?;
+                let identity = sandbox_identity(&workspace).map_err(prepare)?;
                 let program = resolve_program(&program_name)?;
                 // A call's interpreter brings its install folder; a service
                 // (an MCP server, named in a policy) gets only what its
@@ -577,15 +577,16 @@ impl ProcessSandbox {
                 read_only.extend(extra_read_only);
                 let (protected, snapshot) = protect::survey(&workspace, &protected_names);
                 Ok::<_, SandboxError>((
-                    workspace, uid, gid, program, read_only, protected, snapshot,
+                    workspace, identity, program, read_only, protected, snapshot,
                 ))
             })
             .await
             .map_err(|e| SandboxError::Prepare(format!("preparing the call: {e}")))??;
         let key = ZygoteKey {
             workspace: workspace.clone(),
-            uid,
-            gid,
+            uid: identity.uid,
+            gid: identity.gid,
+            shares_root_workspace: identity.shares_root_workspace,
             network: policy.network.mode(),
             egress: policy.network.allowlist().map(|list| {
                 use std::hash::{Hash, Hasher};
@@ -1425,29 +1426,48 @@ fn python_etc_dirs() -> &'static [PathBuf] {
     })
 }
 
-/// The uid/gid sandboxed code runs as (in both sandboxes; `workspace` is
-/// canonical). Never 0: a root runtime uses the workspace owner, or shares
-/// a root-owned workspace with the dedicated sandbox uid. Blocking (the
-/// first call for a root-owned workspace walks it).
-pub(crate) fn sandbox_identity(workspace: &Path) -> std::io::Result<(u32, u32)> {
+/// Who sandboxed code runs as, in both sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SandboxIdentity {
+    /// The uid (never 0).
+    pub uid: u32,
+    /// The gid (never 0).
+    pub gid: u32,
+    /// The workspace is root's, and the sandbox sees it through an
+    /// idmapped mount that makes root's files its own (see [`share`]).
+    pub shares_root_workspace: bool,
+}
+
+/// Who sandboxed code runs as (`workspace` is canonical). Never root: a
+/// root runtime uses the workspace owner, or for a root-owned workspace the
+/// dedicated sandbox uid, which then sees it through an idmapped mount (see
+/// [`share`]; a system folder or root's home is refused). Blocking (a
+/// `stat`).
+pub(crate) fn sandbox_identity(workspace: &Path) -> std::io::Result<SandboxIdentity> {
     let euid = nix::unistd::geteuid().as_raw();
     let id = sandbox_id();
     if euid != 0 {
         let egid = nix::unistd::getegid().as_raw();
-        return Ok((euid, if egid == 0 { id } else { egid }));
+        return Ok(SandboxIdentity {
+            uid: euid,
+            gid: if egid == 0 { id } else { egid },
+            shares_root_workspace: false,
+        });
     }
     let meta = std::fs::metadata(workspace)?;
     if meta.uid() != 0 {
-        return Ok((meta.uid(), if meta.gid() == 0 { id } else { meta.gid() }));
+        return Ok(SandboxIdentity {
+            uid: meta.uid(),
+            gid: if meta.gid() == 0 { id } else { meta.gid() },
+            shares_root_workspace: false,
+        });
     }
-    if !grant::is_granted(workspace, id) {
-        // Checked before the one walk that shares it (it reads the user
-        // database, so not on every call).
-        grant::refuse_unsafe_root(workspace)?;
-        tracing::info!(workspace = %workspace.display(), "sharing the root-owned workspace with the sandbox uid {id} (POSIX ACLs; owners stay as they are; hard-linked files are left out) so sandboxed code can write it without root");
-        grant::grant_tree(workspace, id)?;
-    }
-    Ok((id, id))
+    share::refuse_unsafe_root(workspace)?;
+    Ok(SandboxIdentity {
+        uid: id,
+        gid: id,
+        shares_root_workspace: true,
+    })
 }
 
 #[cfg(test)]

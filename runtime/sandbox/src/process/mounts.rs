@@ -42,6 +42,7 @@ use std::path::{Component, Path, PathBuf};
 use nix::libc;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
+use super::share::SharedWorkspace;
 use super::spec::{ProtectedMode, ZygoteSpec};
 
 /// Where the scratch root is mounted before the first `pivot_root`; any
@@ -64,12 +65,11 @@ const AT_RECURSIVE: libc::c_int = 0x8000;
 
 /// `struct mount_attr` (linux/mount.h); only the kernel reads its fields.
 #[repr(C)]
-#[allow(dead_code)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
+pub(crate) struct MountAttr {
+    pub attr_set: u64,
+    pub attr_clr: u64,
+    pub propagation: u64,
+    pub userns_fd: u64,
 }
 
 /// What one entry of the new root is.
@@ -80,18 +80,25 @@ enum Entry {
         source: PathBuf,
         writable: bool,
         device: bool,
-        /// For a protected path: the object (device, inode) the runtime
-        /// saw; it is bound from a descriptor that is checked to be that
-        /// object, never by a path a concurrent call could swap.
-        verify: Option<(u64, u64)>,
     },
     /// A symlink with this target text (for `/lib -> usr/lib` and the like,
     /// where what it points to is bound too).
     Symlink(PathBuf),
     /// The private tmpfs for the calls' tmp dirs.
     PrivateTmp,
-    /// An empty, read-only stand-in over a hidden path.
-    Hidden { directory: bool },
+    /// A protected workspace path, bound read-only over itself or hidden
+    /// under an empty stand-in. It is found through the workspace as the
+    /// new root holds it (the bind, or a root-owned workspace's idmapped
+    /// clone, whose host path the sandbox's uid may not walk), and `object`
+    /// is the (device, inode) the runtime saw: it is bound from a
+    /// descriptor checked to be that object, never by a path a concurrent
+    /// call could swap.
+    Protected {
+        mode: ProtectedMode,
+        object: (u64, u64),
+    },
+    /// The root-owned workspace's idmapped clone (see [`super::share`]).
+    Shared,
 }
 
 /// One planned entry: where it appears in the new root, and what it is.
@@ -105,7 +112,10 @@ struct Planned {
 /// has entered its user and mount namespaces and before seccomp. Fails
 /// closed: any step that fails is an error, and the zygote then exits
 /// without making a single call.
-pub(crate) fn enter_private_root(spec: &ZygoteSpec) -> Result<(), String> {
+pub(crate) fn enter_private_root(
+    spec: &ZygoteSpec,
+    mut shared: Option<SharedWorkspace>,
+) -> Result<(), String> {
     let plan = plan(spec)?;
     let err = |what: &str, e: nix::Error| format!("private root: {what}: {e}");
     // Nothing we mount propagates to the host, and nothing comes in.
@@ -148,7 +158,7 @@ pub(crate) fn enter_private_root(spec: &ZygoteSpec) -> Result<(), String> {
         .map_err(|e| format!("private root: {EMPTY_FILE}: {e}"))?;
 
     for planned in &plan {
-        place(planned, spec.tmp_bytes)?;
+        place(planned, spec.tmp_bytes, &mut shared)?;
     }
 
     // Into the new root; the scratch root and the host's, stacked under it
@@ -213,7 +223,6 @@ fn plan(spec: &ZygoteSpec) -> Result<Vec<Planned>, String> {
                 source,
                 writable,
                 device,
-                verify: None,
             }
         };
         planned.push(Planned { inside, entry });
@@ -224,41 +233,29 @@ fn plan(spec: &ZygoteSpec) -> Result<Vec<Planned>, String> {
     });
     planned.push(Planned {
         inside: spec.workspace.clone(),
-        entry: Entry::Bind {
-            source: spec.workspace.clone(),
-            writable: true,
-            device: false,
-            verify: None,
+        entry: if spec.shares_root_workspace {
+            Entry::Shared
+        } else {
+            Entry::Bind {
+                source: spec.workspace.clone(),
+                writable: true,
+                device: false,
+            }
         },
     });
     for protected in &spec.protected {
-        let meta = match std::fs::symlink_metadata(&protected.path) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(format!("private root: {}: {e}", protected.path.display())),
-        };
-        if meta.file_type().is_symlink() || !protected.path.starts_with(&spec.workspace) {
-            // The runtime resolves links before it sends protected paths;
-            // a link left here was swapped in since: refuse.
+        if !protected.path.starts_with(&spec.workspace) {
             return Err(format!(
-                "private root: protected path {} is a symlink or outside the workspace",
+                "private root: protected path {} is outside the workspace",
                 protected.path.display()
             ));
         }
-        let entry = match protected.mode {
-            ProtectedMode::ReadOnly => Entry::Bind {
-                source: protected.path.clone(),
-                writable: false,
-                device: false,
-                verify: Some(protected.object),
-            },
-            ProtectedMode::Hidden => Entry::Hidden {
-                directory: meta.is_dir(),
-            },
-        };
         planned.push(Planned {
             inside: protected.path.clone(),
-            entry,
+            entry: Entry::Protected {
+                mode: protected.mode,
+                object: protected.object,
+            },
         });
     }
     // Parents first: `/tmp` before a workspace under it, the workspace
@@ -280,7 +277,11 @@ fn under(root: &str, path: &Path) -> PathBuf {
 }
 
 /// Puts one entry into the new root (which is at [`NEW_ROOT`]).
-fn place(planned: &Planned, tmp_bytes: u64) -> Result<(), String> {
+fn place(
+    planned: &Planned,
+    tmp_bytes: u64,
+    shared: &mut Option<SharedWorkspace>,
+) -> Result<(), String> {
     let dest = under(NEW_ROOT, &planned.inside);
     let err = |what: &str, e: nix::Error| {
         format!("private root: {what} {}: {e}", planned.inside.display())
@@ -303,43 +304,73 @@ fn place(planned: &Planned, tmp_bytes: u64) -> Result<(), String> {
             )
             .map_err(|e| err("tmpfs on", e))
         }
-        Entry::Hidden { directory } => {
-            if *directory {
-                // An empty, read-only, mode-000 tmpfs over the folder.
-                mount(
-                    Some("tmpfs"),
-                    &dest,
-                    Some("tmpfs"),
-                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY,
-                    Some("mode=000,size=4k,nr_inodes=1"),
-                )
-                .map_err(|e| err("hiding", e))
-            } else {
-                mount(
-                    Some(EMPTY_FILE),
-                    &dest,
-                    None::<&str>,
-                    MsFlags::MS_BIND,
-                    None::<&str>,
-                )
-                .map_err(|e| err("hiding", e))?;
-                set_attributes(
-                    &dest,
-                    MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-                    false,
-                )
+        Entry::Protected { mode, object } => {
+            let meta = match std::fs::symlink_metadata(&dest) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(format!("private root: {}: {e}", planned.inside.display())),
+            };
+            if meta.file_type().is_symlink() {
+                // The runtime resolves links before it sends protected
+                // paths; a link here was swapped in since: refuse.
+                return Err(format!(
+                    "private root: protected path {} is a symlink",
+                    planned.inside.display()
+                ));
             }
+            match mode {
+                ProtectedMode::ReadOnly => {
+                    bind_verified(&dest, *object, &dest, OLD_ROOT)?;
+                    set_attributes(
+                        &dest,
+                        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+                        true,
+                    )
+                }
+                ProtectedMode::Hidden if meta.is_dir() => {
+                    // An empty, read-only, mode-000 tmpfs over the folder.
+                    mount(
+                        Some("tmpfs"),
+                        &dest,
+                        Some("tmpfs"),
+                        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY,
+                        Some("mode=000,size=4k,nr_inodes=1"),
+                    )
+                    .map_err(|e| err("hiding", e))
+                }
+                ProtectedMode::Hidden => {
+                    mount(
+                        Some(EMPTY_FILE),
+                        &dest,
+                        None::<&str>,
+                        MsFlags::MS_BIND,
+                        None::<&str>,
+                    )
+                    .map_err(|e| err("hiding", e))?;
+                    set_attributes(
+                        &dest,
+                        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+                        false,
+                    )
+                }
+            }
+        }
+        Entry::Shared => {
+            make_dir_all(&dest)?;
+            shared
+                .take()
+                .ok_or("private root: the shared workspace was not prepared")?
+                .attach(&dest)
         }
         Entry::Bind {
             source,
             writable,
             device,
-            verify,
         } => {
-            let source_meta = std::fs::metadata(under(OLD_ROOT, source))
+            let host = under(OLD_ROOT, source);
+            let source_meta = std::fs::metadata(&host)
                 .map_err(|e| format!("private root: {}: {e}", source.display()))?;
-            // The mount point: made where it is missing (it exists already
-            // for protected paths inside the workspace's bind).
+            // The mount point: made where it is missing.
             if std::fs::symlink_metadata(&dest).is_err() {
                 if source_meta.is_dir() {
                     make_dir_all(&dest)?;
@@ -353,17 +384,14 @@ fn place(planned: &Planned, tmp_bytes: u64) -> Result<(), String> {
                         .map_err(|e| format!("private root: {}: {e}", dest.display()))?;
                 }
             }
-            match verify {
-                Some(object) => bind_verified(&under(OLD_ROOT, source), *object, &dest, OLD_ROOT)?,
-                None => mount(
-                    Some(&under(OLD_ROOT, source)),
-                    &dest,
-                    None::<&str>,
-                    MsFlags::MS_BIND | MsFlags::MS_REC,
-                    None::<&str>,
-                )
-                .map_err(|e| err("binding", e))?,
-            }
+            mount(
+                Some(&host),
+                &dest,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| err("binding", e))?;
             let mut attributes = MOUNT_ATTR_NOSUID;
             if !writable {
                 attributes |= MOUNT_ATTR_RDONLY;

@@ -55,6 +55,8 @@ pub(crate) struct ZygoteKey {
     pub workspace: PathBuf,
     pub uid: u32,
     pub gid: u32,
+    /// A root-owned workspace, seen through an idmapped mount.
+    pub shares_root_workspace: bool,
     pub network: NetworkMode,
     /// With a network allowlist, a hash of it: calls under different
     /// allowlists never share a network namespace (where a call that got
@@ -250,6 +252,7 @@ impl Zygote {
             gid: key.gid,
             network: key.network,
             workspace: key.workspace.clone(),
+            shares_root_workspace: key.shares_root_workspace,
             protected: key.protected.clone(),
             tmp_bytes: key.memory_bytes,
             cgroup_procs: cgroup

@@ -9,15 +9,20 @@
 //!   `CLONE_NEW*` flag), installed by each call's target, because the zygote
 //!   itself must create a PID namespace for every call;
 //! * `clone3` fails with `ENOSYS`, so libc falls back to `clone`, whose flags
-//!   a filter can inspect (`clone3` passes them in memory); installed by each
-//!   call's target too.
+//!   a filter can inspect (`clone3` passes them in memory), and so does
+//!   `openat2` (its mode is in memory too; callers fall back to `openat`);
+//!   installed by each call's target too.
 //!
 //! Denied: debugging and cross-process memory access (`ptrace`,
 //! `process_vm_readv/writev`), kernel attack surface (`io_uring_*`, `bpf`,
 //! `perf_event_open`, `userfaultfd`, keyrings), system administration
 //! (`mount` family and the new mount API, `pivot_root`, `chroot`, `swapon`,
 //! `reboot`, `kexec_*`, module loading, `acct`, `quotactl`, clock setting,
-//! `syslog`, `iopl`/`ioperm`), namespace escapes (`unshare`, `setns`, and
+//! `syslog`, `iopl`/`ioperm`), setuid and setgid files (any mode with
+//! `S_ISUID` or `S_ISGID` given to `chmod`, `fchmod`, `fchmodat(2)`,
+//! `open`, `openat`, `creat` or `mknod(at)`: a file the call makes may be
+//! run by another host user, and in a root-owned workspace it is root's on
+//! disk), namespace escapes (`unshare`, `setns`, and
 //! `clone` with any `CLONE_NEW*` flag), file-handle tricks
 //! (`open_by_handle_at`), terminal injection (`ioctl(TIOCSTI)`) and, when
 //! the network is `none`, `socket` for any family but `AF_UNIX` (with a
@@ -164,6 +169,24 @@ pub(crate) fn denylist(network: NetworkMode) -> Result<BpfProgram, String> {
     // allowlist, IPv4 and IPv6 sockets, to reach the egress proxy on
     // loopback (landlock allows its one port), and unix ones; no netlink,
     // packet or other family. No socket pairs but unix ones in either.
+    // No setuid or setgid file: whatever the call makes may be run by
+    // another host user (a root-owned workspace's files are root's on disk,
+    // see `share`), so a mode with either bit is refused wherever a mode is
+    // given (open/openat/creat take one with O_CREAT or O_TMPFILE, and
+    // `openat2`, whose mode is in memory, fails with ENOSYS instead).
+    for (number, mode_arg) in MODE_SETTING_SYSCALLS {
+        let with_bit = |bit: u32| -> Result<SeccompRule, String> {
+            rule(vec![dword(
+                *mode_arg,
+                SeccompCmpOp::MaskedEq(u64::from(bit)),
+                u64::from(bit),
+            )?])
+        };
+        rules.insert(
+            *number,
+            vec![with_bit(libc::S_ISUID)?, with_bit(libc::S_ISGID)?],
+        );
+    }
     let not_unix = || rule(vec![condition(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?]);
     if network == NetworkMode::None {
         rules.insert(libc::SYS_socket, vec![not_unix()?]);
@@ -203,8 +226,31 @@ pub(crate) fn denylist(network: NetworkMode) -> Result<BpfProgram, String> {
 }
 
 /// Builds the filter that makes `clone3` look unimplemented.
+/// System calls that set a file's mode, with the argument that holds it
+/// (`fchmodat2` is 452 on every architecture, as every system call added
+/// since 5.1).
+const MODE_SETTING_SYSCALLS: &[(i64, u8)] = &[
+    (libc::SYS_fchmod, 1),
+    (libc::SYS_fchmodat, 2),
+    (452, 2),
+    (libc::SYS_openat, 3),
+    (libc::SYS_mknodat, 2),
+    // The older calls, where the architecture still has them.
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_chmod, 1),
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_open, 2),
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_creat, 1),
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_mknod, 1),
+];
+
 pub(crate) fn clone3_enosys() -> Result<BpfProgram, String> {
-    let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    let rules = BTreeMap::from([
+        (libc::SYS_clone3, Vec::new()),
+        (libc::SYS_openat2, Vec::new()),
+    ]);
     errno_filter(rules, libc::ENOSYS)
 }
 

@@ -90,6 +90,10 @@ pub(crate) struct ZygoteSpec {
     pub network: NetworkMode,
     /// The workspace (canonical): read-write for every call of the zygote.
     pub workspace: PathBuf,
+    /// The workspace is root's: the zygote, while still root, clones it
+    /// with root's ids mapped to `uid`/`gid` and attaches the clone in its
+    /// own mount namespace (see `share`), instead of binding it.
+    pub shares_root_workspace: bool,
     /// Paths inside the workspace (canonical, existing when the zygote was
     /// started) that calls may not change: bound read-only, or hidden, over
     /// the workspace's own in the zygote's mount namespace.

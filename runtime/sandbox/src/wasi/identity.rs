@@ -18,7 +18,10 @@
 //! workspace is preopened:
 //!
 //! 1. unshares the thread's filesystem context and mount namespace (no
-//!    propagation back to the host), and binds the workspace's existing
+//!    propagation back to the host); for a root-owned workspace, attaches
+//!    its idmapped clone over it (see `process::share`: root's files are
+//!    the sandbox uid's there, and nothing on disk changes); binds the
+//!    workspace's existing
 //!    protected paths read-only, or hides them (an empty read-only tmpfs,
 //!    or an empty mode-000 file from a tmpfs of the thread's own, over
 //!    them);
@@ -51,6 +54,7 @@ use crate::process::mounts::{
     bind_verified, set_attributes, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY,
 };
 use crate::process::protect::survey;
+use crate::process::share::SharedWorkspace;
 use crate::process::ProtectedMode;
 
 /// While alive, the calling thread is a confined guest thread.
@@ -79,25 +83,29 @@ impl GuestThread {
             // The WASI helper: it already acts as the runtime's user, and
             // holds the capabilities of a user namespace of its own, which
             // binding needs and the guest must not keep.
-            protect(&canonical, protected)?;
+            protect(&canonical, protected, false)?;
             drop_thread_capabilities()?;
             return Ok(GuestThread { restore: None });
         }
-        let (uid, gid) = crate::process::sandbox_identity(&canonical)
+        let identity = crate::process::sandbox_identity(&canonical)
             .map_err(|e| format!("the WASI sandbox's identity: {e}"))?;
-        protect(&canonical, protected)?;
-        act_as(uid, gid)
+        if identity.shares_root_workspace {
+            // Cloned and idmapped as root, then attached over the
+            // workspace in this thread's own namespace (see
+            // `process::share`): nothing on disk changes.
+            let shared = SharedWorkspace::prepare(&canonical, identity.uid, identity.gid)?;
+            private_namespace()?;
+            shared.attach(&canonical)?;
+        }
+        protect(&canonical, protected, identity.shares_root_workspace)?;
+        act_as(identity.uid, identity.gid)
     }
 }
 
-/// Binds the existing protected paths of `workspace` read-only (or hides
-/// them) in a mount namespace of this thread's own.
-fn protect(workspace: &Path, protected: &[(PathBuf, ProtectedMode)]) -> Result<(), String> {
-    let (present, _) = survey(workspace, protected);
-    if present.is_empty() {
-        return Ok(());
-    }
-    let err = |what: &str, e: nix::Error| format!("protecting the workspace for WASI: {what}: {e}");
+/// Gives the calling thread a filesystem context and mount namespace of
+/// its own, into which no mount propagates back to the host.
+fn private_namespace() -> Result<(), String> {
+    let err = |what: &str, e: nix::Error| format!("a private namespace for WASI: {what}: {e}");
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS | nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(|e| err("unshare", e))?;
     mount(
@@ -107,7 +115,25 @@ fn protect(workspace: &Path, protected: &[(PathBuf, ProtectedMode)]) -> Result<(
         MsFlags::MS_REC | MsFlags::MS_SLAVE,
         None::<&str>,
     )
-    .map_err(|e| err("no propagation", e))?;
+    .map_err(|e| err("no propagation", e))
+}
+
+/// Binds the existing protected paths of `workspace` read-only (or hides
+/// them) in a mount namespace of this thread's own (`in_private_namespace`:
+/// the thread has one already).
+fn protect(
+    workspace: &Path,
+    protected: &[(PathBuf, ProtectedMode)],
+    in_private_namespace: bool,
+) -> Result<(), String> {
+    let (present, _) = survey(workspace, protected);
+    if present.is_empty() {
+        return Ok(());
+    }
+    let err = |what: &str, e: nix::Error| format!("protecting the workspace for WASI: {what}: {e}");
+    if !in_private_namespace {
+        private_namespace()?;
+    }
     for entry in present {
         let path = entry.path.as_path();
         let directory = path.is_dir();
