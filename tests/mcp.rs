@@ -722,3 +722,190 @@ fn the_agent_loop_calls_an_mcp_server_tool_in_the_sandbox() {
         "{call}"
     );
 }
+
+/// `tests/clients/http_mcp_server.py` (the official Python SDK's
+/// `MCPServer` over Streamable HTTP) on a free loopback port, refusing
+/// requests without `token`; killed when dropped.
+struct HttpMcpServer {
+    child: Child,
+    port: u16,
+}
+
+impl HttpMcpServer {
+    fn start(token: &str) -> HttpMcpServer {
+        let script = client_script().with_file_name("http_mcp_server.py");
+        let mut child = Command::new(server_venv().join("venv/bin/python"))
+            .arg(script)
+            .env("MCP_TEST_TOKEN", token)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the HTTP MCP server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("its port");
+        let port = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("port: {line:?}"));
+        HttpMcpServer { child, port }
+    }
+}
+
+impl Drop for HttpMcpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// #17: a Streamable HTTP MCP server (the official Python SDK's, with a
+/// bearer token) is a tool source like a stdio one: its tools join as
+/// `NAME__tool` with their schemas, arguments are validated against them,
+/// the policy decides per tool, and the calls run on the server. The token
+/// comes from the variable the policy names: a wrong one, or none, is a
+/// clear error naming the server, and the policy itself refuses plaintext
+/// http:// to another machine and a URL with credentials in it.
+#[test]
+fn an_http_mcp_server_is_a_tool_source_behind_the_same_gate() {
+    let token = "test-token-7f3a";
+    let server = HttpMcpServer::start(token);
+    let ws = workspace();
+    let policy = ws.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"extends = "default"
+
+[mcp_servers.notes]
+url = "http://127.0.0.1:{port}/mcp"
+bearer_token_env = "NOTES_MCP_TOKEN"
+decision = "allow"
+
+[mcp_servers.notes.tools.shout]
+decision = "deny"
+reason = "no shouting here"
+"#,
+            port = server.port
+        ),
+    )
+    .expect("policy");
+    let run = |tool: &str, args: &str, token: Option<&str>| {
+        let mut command = Command::new(common::agent_binary());
+        command
+            .args(["tool", "run", tool, "--args", args, "--policy"])
+            .arg(&policy)
+            .arg("--workspace")
+            .arg(ws.path())
+            .env_remove("NOTES_MCP_TOKEN");
+        if let Some(token) = token {
+            command.env("NOTES_MCP_TOKEN", token);
+        }
+        let output = command.output().expect("agent tool run");
+        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        let outcome: Value = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
+        (outcome, stderr)
+    };
+
+    let (added, stderr) = run("notes__add", r#"{"a": 2, "b": 40}"#, Some(token));
+    assert_eq!(added["status"], "ok", "{added} {stderr}");
+    assert_eq!(
+        added["stdout"].as_str().map(str::trim),
+        Some("42"),
+        "{added}"
+    );
+    let (invalid, stderr) = run("notes__add", r#"{"a": "two", "b": 1}"#, Some(token));
+    assert_eq!(invalid["status"], "invalid", "{invalid} {stderr}");
+    let (denied, stderr) = run("notes__shout", r#"{"text": "hi"}"#, Some(token));
+    assert_eq!(denied["status"], "denied", "{denied} {stderr}");
+    assert!(denied.to_string().contains("no shouting here"), "{denied}");
+
+    // Without the right token the server is left out, and the user is told why.
+    let (_, wrong) = run("notes__add", r#"{"a": 1, "b": 1}"#, Some("not-the-token"));
+    assert!(
+        wrong.contains("MCP server `notes`")
+            && wrong.contains("refused the bearer token in `NOTES_MCP_TOKEN`"),
+        "{wrong}"
+    );
+    let (_, unset) = run("notes__add", r#"{"a": 1, "b": 1}"#, None);
+    assert!(
+        unset.contains("`NOTES_MCP_TOKEN`, which is not set"),
+        "{unset}"
+    );
+    assert!(!unset.contains(token) && !wrong.contains(token));
+
+    // `agent tool list` shows its tools as an MCP server's.
+    let listed = Command::new(common::agent_binary())
+        .args(["tool", "list", "--policy"])
+        .arg(&policy)
+        .arg("--workspace")
+        .arg(ws.path())
+        .env("NOTES_MCP_TOKEN", token)
+        .output()
+        .expect("agent tool list");
+    let listing = String::from_utf8_lossy(&listed.stdout);
+    let line = listing
+        .lines()
+        .find(|l| l.starts_with("notes__add "))
+        .unwrap_or_else(|| panic!("{listing}"));
+    assert!(line.contains(" mcp "), "{line}");
+
+    // The same server named in the user's config file instead joins every
+    // CLI session, under the default policy here.
+    let config_home = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(config_home.path().join("stack-runtime")).expect("mkdir");
+    std::fs::write(
+        config_home.path().join("stack-runtime/config.toml"),
+        format!(
+            "[mcp_servers.notes]\nurl = \"http://127.0.0.1:{}/mcp\"\nbearer_token_env = \"NOTES_MCP_TOKEN\"\ndecision = \"allow\"\n",
+            server.port
+        ),
+    )
+    .expect("config");
+    let output = Command::new(common::agent_binary())
+        .args([
+            "tool",
+            "run",
+            "notes__add",
+            "--args",
+            r#"{"a": 20, "b": 22}"#,
+        ])
+        .arg("--workspace")
+        .arg(ws.path())
+        .env("XDG_CONFIG_HOME", config_home.path())
+        .env("NOTES_MCP_TOKEN", token)
+        .output()
+        .expect("agent tool run");
+    let from_config: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    assert_eq!(
+        (
+            from_config["status"].as_str(),
+            from_config["stdout"].as_str()
+        ),
+        (Some("ok"), Some("42")),
+        "{from_config} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // What the policy refuses when it is loaded.
+    for (url, says) in [
+        ("http://192.0.2.7:8000/mcp", "plaintext"),
+        ("https://user:pw@example.com/mcp", "credentials"),
+        ("ftp://127.0.0.1/mcp", "scheme"),
+    ] {
+        let bad = ws.path().join("bad.toml");
+        std::fs::write(&bad, format!("[mcp_servers.far]\nurl = \"{url}\"\n")).expect("write");
+        let output = Command::new(common::agent_binary())
+            .args(["tool", "list", "--policy"])
+            .arg(&bad)
+            .arg("--workspace")
+            .arg(ws.path())
+            .output()
+            .expect("agent tool list");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{url}: {stderr}");
+        assert!(stderr.contains(says), "{url}: {stderr}");
+    }
+}

@@ -1,10 +1,11 @@
-//! The user's config file: named model profiles.
+//! The user's config file: named model profiles and MCP servers.
 //!
 //! `~/.config/stack-runtime/config.toml` (or `$XDG_CONFIG_HOME/…`, or a file
 //! given with `--config`) holds profiles, each a local GGUF or a served
 //! model. `agent --profile NAME` picks one; `default_profile` names the one
-//! used without the flag. Unknown keys are refused with the file and line,
-//! as policy files are.
+//! used without the flag. `[mcp_servers.NAME]` sections, written as in a
+//! policy, add MCP servers to every session started from the CLI. Unknown
+//! keys are refused with the file and line, as policy files are.
 //!
 //! ```toml
 //! default_profile = "stack"
@@ -18,6 +19,11 @@
 //! url = "http://gpu-box:8000/v1"
 //! model_name = "stack-2.9-32b"
 //! api_key_env = "STACK_API_KEY"
+//!
+//! [mcp_servers.github]
+//! url = "https://api.githubcopilot.com/mcp/"
+//! bearer_token_env = "GITHUB_TOKEN"
+//! decision = "ask"
 //! ```
 
 use std::collections::BTreeMap;
@@ -39,6 +45,12 @@ pub struct UserConfig {
     /// Named model profiles.
     #[serde(default)]
     pub profiles: BTreeMap<String, ModelProfile>,
+    /// MCP servers whose tools join every session this user starts from the
+    /// CLI (the REPL, `run`, `tool` and `mcp`), as the policy's own
+    /// `[mcp_servers.NAME]` would (same settings, same checks); a server the
+    /// policy names keeps the policy's section.
+    #[serde(default)]
+    pub mcp_servers: BTreeMap<String, stack_core::policy::McpServerSpec>,
 }
 
 /// One model: a local GGUF (`model`) or a served one (`url`).
@@ -126,6 +138,26 @@ pub fn record_transcript_consent(path: &Path, keep: bool) -> std::io::Result<()>
 mod consent_tests {
     use super::*;
 
+    /// `[mcp_servers.NAME]` in the config file is checked as a policy's
+    /// section is, and a bad one is refused with its line.
+    #[test]
+    fn mcp_servers_in_the_config_file_are_checked_with_their_line() {
+        let path = Path::new("config.toml");
+        let good = UserConfig::parse(
+            "[mcp_servers.docs]\nurl = \"https://mcp.example.com/mcp\"\nbearer_token_env = \"DOCS_TOKEN\"\n\n[mcp_servers.files]\ncommand = \"mcp-files\"\nargs = [\"--root\", \".\"]\n",
+            path,
+        )
+        .expect("parses");
+        assert_eq!(good.mcp_servers.len(), 2);
+        let bad = UserConfig::parse(
+            "default_profile = \"x\"\n[profiles.x]\nmodel = \"/m.gguf\"\n\n[mcp_servers.far]\nurl = \"http://203.0.113.9/mcp\"\n",
+            path,
+        )
+        .expect_err("plaintext to another machine");
+        assert_eq!(bad.line, Some(5), "{bad}");
+        assert!(bad.message.contains("plaintext"), "{bad}");
+    }
+
     #[test]
     fn a_recorded_consent_reads_back_with_the_profiles_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -170,6 +202,17 @@ impl UserConfig {
                     message: format!(
                         "profile `{name}` sets both `model` (a local GGUF) and `url` (a served model); pick one"
                     ),
+                });
+            }
+        }
+        for (name, server) in &config.mcp_servers {
+            let checked =
+                stack_core::policy::check_mcp_server_name(name).and_then(|()| server.check(name));
+            if let Err(message) = checked {
+                return Err(ConfigError {
+                    path: path.to_path_buf(),
+                    line: line_of(text, &format!("[mcp_servers.{name}]")),
+                    message,
                 });
             }
         }

@@ -720,10 +720,43 @@ command = "npx"
     for (bad, says) in [
         ("[mcp_servers.\"a__b\"]\ncommand = \"x\"\n", "server name"),
         ("[mcp_servers.\"a b\"]\ncommand = \"x\"\n", "server name"),
-        ("[mcp_servers.x]\nargs = []\n", "command"),
-        ("[mcp_servers.x]\ncommand = \"\"\n", "`command` is empty"),
+        ("[mcp_servers.x]\nargs = []\n", "give a `command`"),
+        ("[mcp_servers.x]\ncommand = \"\"\n", "give a `command`"),
         (
-            "[mcp_servers.x]\ncommand = \"y\"\nurl = \"http://h\"\n",
+            "[mcp_servers.x]\ncommand = \"y\"\nurl = \"http://127.0.0.1/mcp\"\n",
+            "not both",
+        ),
+        (
+            "[mcp_servers.x]\nurl = \"https://mcp.example.com/mcp\"\nnetwork = \"full\"\n",
+            "`network` is a setting of a stdio server",
+        ),
+        (
+            "[mcp_servers.x]\nurl = \"http://mcp.example.com/mcp\"\n",
+            "plaintext",
+        ),
+        (
+            "[mcp_servers.x]\nurl = \"http://[::2]:80/mcp\"\n",
+            "plaintext",
+        ),
+        (
+            "[mcp_servers.x]\nurl = \"https://u:p@mcp.example.com/\"\n",
+            "credentials",
+        ),
+        (
+            "[mcp_servers.x]\nurl = \"mcp.example.com\"\n",
+            "not an http",
+        ),
+        ("[mcp_servers.x]\nurl = \"ws://127.0.0.1/\"\n", "scheme"),
+        (
+            "[mcp_servers.x]\ncommand = \"y\"\nbearer_token_env = \"T\"\n",
+            "for a server given by `url`",
+        ),
+        (
+            "[mcp_servers.x]\nurl = \"https://h/mcp\"\nbearer_token_env = \"NOT A NAME\"\n",
+            "not an environment variable name",
+        ),
+        (
+            "[mcp_servers.x]\nurl = \"https://h/mcp\"\nbearer_token = \"abc\"\n",
             "unknown field",
         ),
     ] {
@@ -731,6 +764,28 @@ command = "npx"
             .expect_err(bad)
             .to_string();
         assert!(err.contains(says), "{bad}: {err}");
+    }
+    // HTTP servers: https anywhere, plain http on this machine only.
+    for good in [
+        "https://mcp.example.com/mcp",
+        "http://127.0.0.1:8931/mcp",
+        "http://localhost/mcp",
+        "http://[::1]:9000/",
+    ] {
+        let text = format!(
+            "[mcp_servers.remote]\nurl = \"{good}\"\nbearer_token_env = \"REMOTE_TOKEN\"\ndecision = \"ask\"\n"
+        );
+        let policy = Policy::from_toml(&text, Path::new("good.toml")).expect(good);
+        assert!(
+            matches!(
+                policy.mcp_servers()["remote"].endpoint(),
+                stack_core::policy::McpEndpoint::Http {
+                    bearer_token_env: Some("REMOTE_TOKEN"),
+                    ..
+                }
+            ),
+            "{good}"
+        );
     }
 }
 

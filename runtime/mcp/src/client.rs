@@ -29,9 +29,18 @@
 //!   reported and started again on the next call; a handshake or listing
 //!   that hangs fails after [`START_TIMEOUT`].
 //!
+//! - **HTTP servers** (`url`) run elsewhere, outside any sandbox of ours,
+//!   and the runtime only connects to them (the SDK's Streamable HTTP
+//!   client). The policy is checked when loaded: `https://`, or `http://`
+//!   on a loopback address only, no credentials in the URL; the bearer
+//!   token is read from the variable the section names when the runtime
+//!   connects, and never logged. Redirects stay on the same origin. Each
+//!   JSON response or SSE event is capped at [`MAX_MESSAGE_BYTES`]; tools,
+//!   schemas, results and time are held exactly as for a stdio server.
+//!
 //! Not covered: what the server does inside its grants (its workspace
-//! writes, and its network if the policy gives it one), and HTTP servers
-//! (only stdio servers are run; `url` is not a setting yet).
+//! writes, and its network if the policy gives it one), and what an HTTP
+//! server does on its own machine.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -43,11 +52,13 @@ use futures::future::BoxFuture;
 use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, PaginatedRequestParams};
 use rmcp::service::{RoleClient, RunningService, ServiceError};
 use rmcp::transport::async_rw::AsyncRwTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::ServiceExt;
 use serde_json::Value;
 
 use stack_core::context::ToolContext;
-use stack_core::policy::{mcp_tool_name, McpServerSpec, Policy};
+use stack_core::policy::{mcp_tool_name, McpEndpoint, McpServerSpec, Policy};
 use stack_core::tools::{Executor, ExternalTool, Registry, ToolOrigin, ToolSpec};
 use stack_sandbox::process::{ProcessPolicy, ProcessSandbox, ServiceHandle};
 use stack_types::outcome::{Status, ToolOutcome};
@@ -120,18 +131,19 @@ impl McpServers {
         registry: &mut Registry,
         policy: &Policy,
         workspace: &Path,
-        sandbox: Arc<ProcessSandbox>,
+        sandbox: Option<Arc<ProcessSandbox>>,
     ) -> (McpServers, Vec<AttachError>) {
         Self::attach_only(registry, policy, workspace, sandbox, None).await
     }
 
     /// [`McpServers::attach`], for the server named `only` alone when it is
-    /// given (one tool run starts no other server).
+    /// given (one tool run starts no other server). Without a process
+    /// sandbox, stdio servers are refused (they run only in it).
     pub async fn attach_only(
         registry: &mut Registry,
         policy: &Policy,
         workspace: &Path,
-        sandbox: Arc<ProcessSandbox>,
+        sandbox: Option<Arc<ProcessSandbox>>,
         only: Option<&str>,
     ) -> (McpServers, Vec<AttachError>) {
         let mut servers = Vec::new();
@@ -145,7 +157,7 @@ impl McpServers {
                 name: name.clone(),
                 spec: spec.clone(),
                 sandbox_policy: policy.mcp_server_sandbox(spec),
-                sandbox: Arc::clone(&sandbox),
+                sandbox: sandbox.clone(),
                 workspace: workspace.to_path_buf(),
                 live: tokio::sync::Mutex::new(None),
                 starts: std::sync::atomic::AtomicU64::new(0),
@@ -216,17 +228,19 @@ struct ServerSource {
     name: String,
     spec: McpServerSpec,
     sandbox_policy: ProcessPolicy,
-    sandbox: Arc<ProcessSandbox>,
+    /// Where stdio servers run; `None` where there is no process sandbox.
+    sandbox: Option<Arc<ProcessSandbox>>,
     workspace: PathBuf,
     live: tokio::sync::Mutex<Option<Live>>,
     starts: std::sync::atomic::AtomicU64,
 }
 
-/// A running server: the MCP client over its pipes, and the sandboxed
-/// process (killed when this is dropped).
+/// A running server: the MCP client over its pipes and the sandboxed
+/// process (killed when this is dropped), or over HTTP.
 struct Live {
     client: RunningService<RoleClient, ()>,
-    service: ServiceHandle,
+    /// The sandboxed process of a stdio server.
+    service: Option<ServiceHandle>,
     /// Set when the server sent a line over [`MAX_MESSAGE_BYTES`].
     oversized: Arc<AtomicBool>,
     /// Which start of the server this is: a call that failed on an earlier
@@ -243,10 +257,12 @@ impl Live {
         self.client.is_closed()
             || self.client.peer().is_transport_closed()
             || self.oversized.load(Ordering::SeqCst)
-            || !matches!(
-                self.service.ended.try_recv(),
-                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
-            )
+            || self.service.as_mut().is_some_and(|service| {
+                !matches!(
+                    service.ended.try_recv(),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+                )
+            })
     }
 }
 
@@ -321,12 +337,94 @@ impl ServerSource {
     }
 
     async fn start(&self) -> Result<Live, AttachError> {
+        match self.spec.endpoint() {
+            McpEndpoint::Stdio { command, args } => self.start_stdio(command, args).await,
+            McpEndpoint::Http {
+                url,
+                bearer_token_env,
+            } => self.start_http(url, bearer_token_env).await,
+        }
+    }
+
+    /// Connects to a Streamable HTTP server (see the module docs).
+    async fn start_http(&self, url: &str, token_env: Option<&str>) -> Result<Live, AttachError> {
+        let mut config = StreamableHttpClientTransportConfig::with_uri(url)
+            .max_json_response_size(MAX_MESSAGE_BYTES)
+            .max_sse_event_size(MAX_MESSAGE_BYTES);
+        if let Some(var) = token_env {
+            match std::env::var(var) {
+                Ok(token) if !token.trim().is_empty() => {
+                    config = config.auth_header(token.trim().to_string());
+                }
+                _ => {
+                    return Err(AttachError::Start {
+                        server: self.name.clone(),
+                        message: format!(
+                            "its bearer token is read from the environment variable `{var}`, which is not set"
+                        ),
+                    })
+                }
+            }
+        }
+        // The SDK's reqwest verifies certificates with rustls, through the
+        // process's crypto provider: ring, as for the rest of this graph.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let transport = StreamableHttpClientTransport::from_config(config);
+        let client = self.handshake(().serve(transport)).await?;
+        Ok(Live {
+            client,
+            service: None,
+            oversized: Arc::new(AtomicBool::new(false)),
+            generation: self.starts.fetch_add(1, Ordering::SeqCst) + 1,
+            timeouts: 0,
+        })
+    }
+
+    /// Waits for the MCP handshake, for at most [`START_TIMEOUT`].
+    async fn handshake<E: std::fmt::Display>(
+        &self,
+        serving: impl std::future::Future<Output = Result<RunningService<RoleClient, ()>, E>>,
+    ) -> Result<RunningService<RoleClient, ()>, AttachError> {
+        match tokio::time::timeout(START_TIMEOUT, serving).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(err)) => {
+                let said = err.to_string();
+                // The SDK's transport errors name its worker's type first;
+                // what the server answered is what helps.
+                let said = said
+                    .split_once("unexpected server response: ")
+                    .map_or(said.as_str(), |(_, answer)| answer);
+                let hint = if said.contains("HTTP 401") || said.contains("HTTP 403") {
+                    match self.spec.bearer_token_env.as_deref() {
+                        Some(var) => format!(" (the server refused the bearer token in `{var}`)"),
+                        None => {
+                            " (the server wants a token: name its variable in `bearer_token_env`)"
+                                .to_string()
+                        }
+                    }
+                } else {
+                    String::new()
+                };
+                Err(self.handshake_error(format!(
+                    "the MCP handshake failed: {}{hint}",
+                    stack_types::text::one_line(said)
+                )))
+            }
+            Err(_) => Err(self.handshake_error(format!(
+                "it did not complete the MCP handshake within {} s",
+                START_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// Starts a stdio server in the process sandbox.
+    async fn start_stdio(&self, command: &str, args: &[String]) -> Result<Live, AttachError> {
         let start_error = |message: String| AttachError::Start {
             server: self.name.clone(),
             message,
         };
-        let mut argv = vec![self.spec.command.clone()];
-        argv.extend(self.spec.args.iter().cloned());
+        let mut argv = vec![command.to_string()];
+        argv.extend(args.iter().cloned());
         // Only the variables the section names, and only those set here.
         let env: Vec<(String, String)> = self
             .spec
@@ -334,8 +432,13 @@ impl ServerSource {
             .iter()
             .filter_map(|name| std::env::var(name).ok().map(|value| (name.clone(), value)))
             .collect();
-        let service = self
-            .sandbox
+        let sandbox = self.sandbox.as_ref().ok_or_else(|| {
+            start_error(
+                "a stdio MCP server runs only in the process sandbox, which is not available here"
+                    .into(),
+            )
+        })?;
+        let service = sandbox
             .spawn_service(&argv, &env, &self.workspace, &self.sandbox_policy)
             .await
             .map_err(|err| start_error(err.to_string()))?;
@@ -348,21 +451,10 @@ impl ServerSource {
             oversized: Arc::clone(&oversized),
         };
         let transport = AsyncRwTransport::new_client(reader, stdin);
-        let client = match tokio::time::timeout(START_TIMEOUT, ().serve(transport)).await {
-            Ok(Ok(client)) => client,
-            Ok(Err(err)) => {
-                return Err(self.handshake_error(format!("the MCP handshake failed: {err}")))
-            }
-            Err(_) => {
-                return Err(self.handshake_error(format!(
-                    "it did not complete the MCP handshake within {} s",
-                    START_TIMEOUT.as_secs()
-                )))
-            }
-        };
+        let client = self.handshake(().serve(transport)).await?;
         Ok(Live {
             client,
-            service,
+            service: Some(service),
             oversized,
             generation: self.starts.fetch_add(1, Ordering::SeqCst) + 1,
             timeouts: 0,

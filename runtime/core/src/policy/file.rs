@@ -70,13 +70,24 @@ pub struct PolicyFile {
     pub mcp_servers: BTreeMap<String, McpServerSpec>,
 }
 
-/// `[mcp_servers.NAME]`: an MCP server run over stdio inside the process
-/// sandbox, and the decisions for its tools.
+/// `[mcp_servers.NAME]`: an MCP server, and the decisions for its tools.
+/// Either a `command`, run over stdio inside the process sandbox, or the
+/// `url` of a Streamable HTTP server that runs elsewhere (the runtime only
+/// connects to it; the sandbox settings below are for stdio servers).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct McpServerSpec {
-    /// The program (a path, or a name looked up on `PATH`).
+    /// The program (a path, or a name looked up on `PATH`) of a stdio
+    /// server.
+    #[serde(default)]
     pub command: String,
+    /// The endpoint of a Streamable HTTP server: `https://…`, or `http://`
+    /// on a loopback address only.
+    pub url: Option<String>,
+    /// The environment variable that holds the bearer token sent to an
+    /// HTTP server (`Authorization: Bearer …`); the token itself is never
+    /// written in a policy.
+    pub bearer_token_env: Option<String>,
     /// Its arguments.
     #[serde(default)]
     pub args: Vec<String>,
@@ -108,6 +119,124 @@ pub struct McpServerSpec {
     pub cpu_seconds: Option<u64>,
     /// Processes (default: the policy's `[sandbox]`).
     pub processes: Option<u64>,
+}
+
+/// How the runtime reaches an MCP server (see [`McpServerSpec::endpoint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum McpEndpoint<'a> {
+    /// A program run over stdio in the process sandbox.
+    Stdio {
+        /// The program.
+        command: &'a str,
+        /// Its arguments.
+        args: &'a [String],
+    },
+    /// A Streamable HTTP server.
+    Http {
+        /// Its endpoint.
+        url: &'a str,
+        /// The variable holding its bearer token, if it wants one.
+        bearer_token_env: Option<&'a str>,
+    },
+}
+
+impl McpServerSpec {
+    /// How the runtime reaches the server (a checked policy names exactly
+    /// one of `command` and `url`).
+    pub fn endpoint(&self) -> McpEndpoint<'_> {
+        match &self.url {
+            Some(url) => McpEndpoint::Http {
+                url,
+                bearer_token_env: self.bearer_token_env.as_deref(),
+            },
+            None => McpEndpoint::Stdio {
+                command: &self.command,
+                args: &self.args,
+            },
+        }
+    }
+
+    /// Why this section cannot be used as written, if it cannot: exactly
+    /// one of `command` and `url`; an HTTP server's URL is `https://`, or
+    /// `http://` on this machine only (a token or tool data never crosses
+    /// a network in plaintext), carries no credentials, and takes none of
+    /// the sandbox settings, which are for a stdio server that runs here.
+    pub fn check(&self, name: &str) -> Result<(), String> {
+        let section = format!("[mcp_servers.{name}]");
+        let Some(url) = &self.url else {
+            if self.command.trim().is_empty() {
+                return Err(format!("{section}: give a `command` (a stdio server, run in the sandbox) or a `url` (a Streamable HTTP server)"));
+            }
+            if self.bearer_token_env.is_some() {
+                return Err(format!("{section}: `bearer_token_env` is for a server given by `url`; a stdio server gets variables through `env`"));
+            }
+            return Ok(());
+        };
+        if !self.command.is_empty() {
+            return Err(format!(
+                "{section}: give either `command` (a stdio server) or `url` (an HTTP server), not both"
+            ));
+        }
+        let stdio_only = [
+            ("args", !self.args.is_empty()),
+            ("env", !self.env.is_empty()),
+            ("read_only", !self.read_only.is_empty()),
+            ("network", self.network.is_some()),
+            ("memory_mb", self.memory_mb.is_some()),
+            ("cpu_seconds", self.cpu_seconds.is_some()),
+            ("processes", self.processes.is_some()),
+        ];
+        if let Some((field, _)) = stdio_only.iter().find(|(_, set)| *set) {
+            return Err(format!("{section}: `{field}` is a setting of a stdio server, which runs in the sandbox here; a server given by `url` runs elsewhere"));
+        }
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| format!("{section}: `url` {url:?} is not an http:// or https:// URL"))?;
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if authority.contains('@') {
+            return Err(format!("{section}: `url` carries credentials; name a variable in `bearer_token_env` instead"));
+        }
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default(),
+            None => authority
+                .rsplit_once(':')
+                .map_or(authority, |(host, _)| host),
+        };
+        if host.is_empty() {
+            return Err(format!("{section}: `url` {url:?} names no host"));
+        }
+        match scheme.to_ascii_lowercase().as_str() {
+            "https" => {}
+            "http" if is_loopback_host(host) => {}
+            "http" => {
+                return Err(format!("{section}: `url` is plain http:// to {host}, which is not this machine: tool calls (and a token) would cross the network in plaintext; use https://"))
+            }
+            other => {
+                return Err(format!(
+                    "{section}: `url` has the scheme {other:?}; an MCP server is reached over http:// or https://"
+                ))
+            }
+        }
+        if let Some(var) = &self.bearer_token_env {
+            let valid = !var.is_empty()
+                && !var.starts_with(|c: char| c.is_ascii_digit())
+                && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(format!(
+                    "{section}: `bearer_token_env` {var:?} is not an environment variable name"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `host` (from a URL, without brackets) is this machine.
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Decision settings for a tool (or the default for all tools).

@@ -37,8 +37,8 @@ pub use approval::{
 pub use audit::{AuditLog, AuditRecord};
 pub use budget::{BudgetExceeded, BudgetTracker};
 pub use file::{
-    Backend, BudgetSettings, McpServerSpec, PolicyError, PrivacySettings, SandboxSettings,
-    ToolSettings, Verdict,
+    Backend, BudgetSettings, McpEndpoint, McpServerSpec, PolicyError, PrivacySettings,
+    SandboxSettings, ToolSettings, Verdict,
 };
 pub use redact::Redactor;
 pub use rules::ArgRule;
@@ -247,11 +247,8 @@ impl Policy {
                 if let Err(message) = check_mcp_server_name(&name) {
                     return Err(fail(find_line(&text, &name), message));
                 }
-                if server.command.trim().is_empty() {
-                    return Err(fail(
-                        find_line(&text, &name),
-                        format!("[mcp_servers.{name}]: `command` is empty"),
-                    ));
+                if let Err(message) = server.check(&name) {
+                    return Err(fail(find_line(&text, &name), message));
                 }
                 policy.mcp_servers.insert(name, server);
             }
@@ -294,6 +291,27 @@ impl Policy {
     /// The MCP servers the policy names.
     pub fn mcp_servers(&self) -> &BTreeMap<String, McpServerSpec> {
         &self.mcp_servers
+    }
+
+    /// Adds MCP servers from outside the policy (the user's config file),
+    /// each checked as a policy's would be. A server the policy itself
+    /// names keeps the policy's section: the added one is skipped, and its
+    /// name returned, so the caller can say so.
+    pub fn add_mcp_servers(
+        &mut self,
+        servers: &BTreeMap<String, McpServerSpec>,
+    ) -> Result<Vec<String>, String> {
+        let mut skipped = Vec::new();
+        for (name, server) in servers {
+            check_mcp_server_name(name)?;
+            server.check(name)?;
+            if self.mcp_servers.contains_key(name) {
+                skipped.push(name.clone());
+                continue;
+            }
+            self.mcp_servers.insert(name.clone(), server.clone());
+        }
+        Ok(skipped)
     }
 
     /// The decision an `[mcp_servers.NAME]` section makes for `tool`
@@ -595,7 +613,7 @@ pub fn mcp_tool_name(server: &str, tool: &str) -> String {
 
 /// A server name: letters, digits, `-` and single `_`, so `NAME__tool`
 /// splits back into its server unambiguously.
-fn check_mcp_server_name(name: &str) -> Result<(), String> {
+pub fn check_mcp_server_name(name: &str) -> Result<(), String> {
     let valid = !name.is_empty()
         && name.len() <= 32
         && name

@@ -158,6 +158,7 @@ pub fn build_runtime(
     tokio: &tokio::runtime::Runtime,
 ) -> anyhow::Result<(Runtime, SessionConfig)> {
     let policy = Policy::load_named(&args.policy).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
+    let policy = crate::mcp_cmd::with_config_mcp_servers(policy, args.model.config.as_deref())?;
     let backend = model_cmd::backend(&args.model, quiet, tokio)?;
     let workspace = match &args.workspace {
         Some(dir) => dir.clone(),

@@ -64,6 +64,7 @@ pub fn run(args: McpArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
     let mut registry = build_registry(dirs);
     let policy = Policy::load_named(args.policy.as_deref().unwrap_or("default"))
         .context("loading the policy")?;
+    let policy = with_config_mcp_servers(policy, None)?;
     let (vault, _lease) = crate::chat::policy_vault(&policy)?;
     let audit = match &args.audit_log {
         Some(path) => Some(Arc::new(
@@ -184,7 +185,36 @@ pub fn random_token() -> anyhow::Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Starts the MCP servers `policy` names, in the process sandbox, and adds
+/// `policy` with the MCP servers of the user's config file added (the
+/// file at `config`, else the default one when it exists): sessions
+/// started from the CLI get them, as if the policy named them. A server
+/// the policy names itself keeps the policy's section.
+pub fn with_config_mcp_servers(
+    mut policy: Policy,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<Policy> {
+    let (path, missing_ok) = match config {
+        Some(path) => (path.to_path_buf(), false),
+        None => match stack_runtime::config::default_path() {
+            Some(path) => (path, true),
+            None => return Ok(policy),
+        },
+    };
+    let user = stack_runtime::config::UserConfig::load(&path, missing_ok)?;
+    let skipped = policy
+        .add_mcp_servers(&user.mcp_servers)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    for name in skipped {
+        eprintln!(
+            "note: the policy names an MCP server `{name}` too; the policy's section is used, not the one in {}",
+            path.display()
+        );
+    }
+    Ok(policy)
+}
+
+/// Starts the MCP servers `policy` names (stdio ones in the process
+/// sandbox; HTTP ones are connected to), and adds
 /// their tools to `registry`; a server that fails is reported and left out.
 pub async fn attach_mcp_servers(
     registry: &mut stack_runtime::tools::Registry,
@@ -196,15 +226,21 @@ pub async fn attach_mcp_servers(
     if policy.mcp_servers().is_empty() {
         return Ok(McpServers::default());
     }
-    let sandbox = match sandbox {
-        Some(sandbox) => sandbox,
-        None => anyhow::bail!(
-            "the policy names MCP servers, and they run only in the process sandbox, which is not available here ({})",
+    let stdio = policy.mcp_servers().iter().any(|(name, server)| {
+        only.is_none_or(|only| only == name.as_str())
+            && matches!(
+                server.endpoint(),
+                stack_runtime::policy::McpEndpoint::Stdio { .. }
+            )
+    });
+    if stdio && sandbox.is_none() {
+        anyhow::bail!(
+            "the policy names stdio MCP servers, and they run only in the process sandbox, which is not available here ({})",
             stack_runtime::sandbox::process::ProcessSandbox::locate()
                 .err()
                 .map_or_else(|| "not configured".to_string(), |e| e.to_string())
-        ),
-    };
+        );
+    }
     let (servers, errors) =
         McpServers::attach_only(registry, policy, workspace, sandbox, only).await;
     for error in errors {

@@ -125,6 +125,7 @@ pub fn run(command: ToolCommand, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
                 return list(&registry, json);
             };
             let policy = Policy::load_named(&policy).context("loading the policy")?;
+            let policy = crate::mcp_cmd::with_config_mcp_servers(policy, None)?;
             let root = match workspace {
                 Some(dir) => dir,
                 None => std::env::current_dir().context("no current directory")?,
@@ -255,6 +256,10 @@ fn run_tool(mut registry: Registry, name: &str, args: String, options: RunOption
     let policy = match policy {
         Ok(policy) => policy,
         Err(err) => return report(ToolOutcome::internal_error(format!("policy: {err}"))),
+    };
+    let policy = match crate::mcp_cmd::with_config_mcp_servers(policy, None) {
+        Ok(policy) => policy,
+        Err(err) => return report(ToolOutcome::internal_error(format!("config: {err:#}"))),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

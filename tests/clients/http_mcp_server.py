@@ -1,0 +1,62 @@
+"""A Streamable HTTP MCP server on the official Python SDK (`MCPServer`,
+mcp 2.x), for tests/mcp.rs: the runtime connects to it as an HTTP tool
+source. It prints its port, then serves on 127.0.0.1 until killed. With
+MCP_TEST_TOKEN set, a request without `Authorization: Bearer <token>` is
+refused with 401. Test-only; runs from the server venv that
+`scripts/setup --peers` builds.
+"""
+
+import os
+import socket
+
+import uvicorn
+from mcp.server.mcpserver import MCPServer
+
+server = MCPServer("notes")
+
+
+@server.tool()
+def add(a: int, b: int) -> int:
+    """Adds two integers."""
+    return a + b
+
+
+@server.tool()
+def shout(text: str) -> str:
+    """Upper-cases a text."""
+    return text.upper()
+
+
+TOKEN = os.environ.get("MCP_TEST_TOKEN")
+
+
+class Bearer:
+    """Refuses HTTP requests without the token (lifespan events pass)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and TOKEN is not None:
+            given = dict(scope["headers"]).get(b"authorization")
+            if given != f"Bearer {TOKEN}".encode():
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [(b"content-type", b"text/plain")],
+                    }
+                )
+                await send({"type": "http.response.body", "body": b"bad token"})
+                return
+        await self.app(scope, receive, send)
+
+
+listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+listener.bind(("127.0.0.1", 0))
+listener.listen(16)
+print(listener.getsockname()[1], flush=True)
+config = uvicorn.Config(
+    Bearer(server.streamable_http_app()), log_level="warning", lifespan="on"
+)
+uvicorn.Server(config).run(sockets=[listener])
