@@ -611,21 +611,28 @@ async fn no_privilege_can_be_gained() {
 /// could run it as the workspace's owner (as root, in a root-owned
 /// workspace, whose files the sandbox writes as root's). Every way to give
 /// a mode is refused with either bit (chmod, fchmod, fchmodat, open and
-/// creat with O_CREAT, mknod); ordinary modes still work; nothing on disk
-/// carries either bit afterwards.
+/// creat with O_CREAT, mknod); ordinary modes still work, and so does a
+/// mode passed without O_CREAT (which the kernel ignores); nothing on disk
+/// carries either bit afterwards. x32 system calls, which a filter of
+/// x86-64 numbers would miss, are refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn no_call_can_make_a_setuid_or_setgid_file() {
     use std::os::unix::fs::MetadataExt;
     let _serial = SERIAL.lock().await;
     let fx = Fixture::new();
-    let python = "import os, ctypes, shutil, stat\nshutil.copy('/bin/sh', 'tool')\nlibc = ctypes.CDLL(None, use_errno=True)\nattempts = [\n  ('chmod suid', lambda: os.chmod('tool', 0o4755)),\n  ('chmod sgid', lambda: os.chmod('tool', 0o2755)),\n  ('fchmod', lambda: os.fchmod(os.open('tool', os.O_RDONLY), 0o6755)),\n  ('open create', lambda: os.open('made', os.O_CREAT | os.O_WRONLY, 0o4755)),\n  ('creat', lambda: (_ for _ in ()).throw(OSError(ctypes.get_errno(), 'creat')) if libc.creat(b'made2', 0o2755) < 0 else None),\n  ('mknod', lambda: os.mknod('made3', 0o104755)),\n  ('fchmodat', lambda: (_ for _ in ()).throw(OSError(ctypes.get_errno(), 'fchmodat')) if libc.fchmodat(-100, b'tool', 0o4755, 0) < 0 else None),\n]\nfor what, f in attempts:\n    try:\n        f(); print('LEAK', what)\n    except OSError as e:\n        print('blocked', what, e.errno)\nos.chmod('tool', 0o755); print('plain chmod ok')\nfd = os.open('plain', os.O_CREAT | os.O_WRONLY, 0o640); os.close(fd); print('plain create ok')";
+    let python = "import os, ctypes, shutil, stat\nshutil.copy('/bin/sh', 'tool')\nlibc = ctypes.CDLL(None, use_errno=True)\nattempts = [\n  ('chmod suid', lambda: os.chmod('tool', 0o4755)),\n  ('chmod sgid', lambda: os.chmod('tool', 0o2755)),\n  ('fchmod', lambda: os.fchmod(os.open('tool', os.O_RDONLY), 0o6755)),\n  ('open create', lambda: os.open('made', os.O_CREAT | os.O_WRONLY, 0o4755)),\n  ('creat', lambda: (_ for _ in ()).throw(OSError(ctypes.get_errno(), 'creat')) if libc.creat(b'made2', 0o2755) < 0 else None),\n  ('mknod', lambda: os.mknod('made3', 0o104755)),\n  ('fchmodat', lambda: (_ for _ in ()).throw(OSError(ctypes.get_errno(), 'fchmodat')) if libc.fchmodat(-100, b'tool', 0o4755, 0) < 0 else None),\n]\nfor what, f in attempts:\n    try:\n        f(); print('LEAK', what)\n    except OSError as e:\n        print('blocked', what, e.errno)\nos.chmod('tool', 0o755); print('plain chmod ok')\nfd = os.open('plain', os.O_CREAT | os.O_WRONLY, 0o640); os.close(fd); print('plain create ok')\nos.close(os.open('plain', os.O_RDONLY, 0o4755)); print('a mode without O_CREAT is ignored, as the kernel does')\nprint('x32', 'refused' if libc.syscall(0x40000000 | 39) == -1 and ctypes.get_errno() == 1 else 'LEAK x32 getpid ran or was not filtered')";
     let outcome = fx.run(Language::Python, python, &tight_policy()).await;
     assert_no_leak("setuid", &outcome);
     assert_eq!(outcome.stdout.matches("blocked").count(), 7, "{outcome:?}");
     assert!(
-        outcome.stdout.contains("plain chmod ok") && outcome.stdout.contains("plain create ok"),
+        outcome.stdout.contains("plain chmod ok")
+            && outcome.stdout.contains("plain create ok")
+            && outcome.stdout.contains("without O_CREAT is ignored"),
         "{outcome:?}"
     );
+    // x32 system calls (bit 30) are refused (EPERM) before any other rule:
+    // the denylist's x86-64 numbers would not match them.
+    assert!(outcome.stdout.contains("x32 refused"), "{outcome:?}");
     let bash = "cp /bin/bash ./rootbash2 && chmod u+s ./rootbash2 && echo LEAK suid; chmod g+s ./rootbash2 && echo LEAK sgid; install -m 4755 /bin/true ./t2 && echo LEAK install; echo done";
     let outcome = fx.run(Language::Bash, bash, &tight_policy()).await;
     assert_no_leak("setuid from bash", &outcome);
@@ -1308,17 +1315,29 @@ async fn as_root_hard_links_out_of_a_root_workspace_are_not_granted() {
     std::fs::hard_link(&private, ws.path().join("linked")).expect("link");
     std::fs::create_dir(ws.path().join("sub")).expect("mkdir");
     std::fs::hard_link(&private, ws.path().join("sub/deeper")).expect("link");
+    // Root's setuid binary in the workspace stays root's: through the
+    // mapping the sandbox would own it, and could rewrite it.
+    std::fs::copy("/bin/true", ws.path().join("sub/setuid-tool")).expect("cp");
+    std::fs::set_permissions(
+        ws.path().join("sub/setuid-tool"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .expect("chmod");
     // A root daemon's private socket in the workspace stays root's.
     let socket = ws.path().join("sub/daemon.sock");
     let _daemon = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    let code = "import os\nfor name in ['linked', 'sub/deeper']:\n    try:\n        print('LEAK', open(name).read())\n    except Exception as e:\n        print('blocked read', e)\n    try:\n        open(name, 'a').write('appended'); print('LEAK append')\n    except Exception as e:\n        print('blocked append', e)\n    for how in [lambda: os.unlink(name), lambda: os.rename(name, 'moved'), lambda: os.chmod(name, 0o666)]:\n        try:\n            how(); print('LEAK changed', name)\n        except Exception as e:\n            print('blocked change', e)\nimport socket\nfor what, f in [('connect', lambda: socket.socket(socket.AF_UNIX).connect('sub/daemon.sock')), ('chmod socket', lambda: os.chmod('sub/daemon.sock', 0o666))]:\n    try:\n        f(); print('LEAK', what)\n    except Exception as e:\n        print('blocked', what, e)\nopen('mine.txt', 'w').write('ok'); print('wrote')";
+    let code = "import os\nfor name in ['linked', 'sub/deeper']:\n    try:\n        print('LEAK', open(name).read())\n    except Exception as e:\n        print('blocked read', e)\n    try:\n        open(name, 'a').write('appended'); print('LEAK append')\n    except Exception as e:\n        print('blocked append', e)\n    for how in [lambda: os.unlink(name), lambda: os.rename(name, 'moved'), lambda: os.chmod(name, 0o666)]:\n        try:\n            how(); print('LEAK changed', name)\n        except Exception as e:\n            print('blocked change', e)\nimport socket\nfor what, f in [('connect', lambda: socket.socket(socket.AF_UNIX).connect('sub/daemon.sock')), ('chmod socket', lambda: os.chmod('sub/daemon.sock', 0o666)), ('rewrite setuid', lambda: open('sub/setuid-tool', 'r+b').write(b'#!')), ('acl setuid', lambda: os.setxattr('sub/setuid-tool', 'system.posix_acl_access', bytes.fromhex('02000000010007000000ffffffff04000500ffffffff20000500ffffffff')))]:\n    try:\n        f(); print('LEAK', what)\n    except Exception as e:\n        print('blocked', what, e)\nopen('mine.txt', 'w').write('ok'); print('wrote')";
     let outcome = fx
         .sandbox
         .run_code(Language::Python, code, ws.path(), &tight_policy())
         .await;
     assert_no_leak("hard link out", &outcome);
-    assert_eq!(outcome.stdout.matches("blocked").count(), 12, "{outcome:?}");
+    assert_eq!(outcome.stdout.matches("blocked").count(), 14, "{outcome:?}");
+    assert_eq!(
+        std::fs::read(ws.path().join("sub/setuid-tool")).expect("read"),
+        std::fs::read("/bin/true").expect("read")
+    );
     assert!(outcome.stdout.ends_with("wrote\n"), "{outcome:?}");
     assert_eq!(std::fs::read_to_string(&private).expect("read"), SECRET);
     let path = std::ffi::CString::new(private.as_os_str().as_encoded_bytes()).expect("path");

@@ -100,6 +100,7 @@
 mod capture;
 mod cgroup;
 mod helper;
+pub(crate) mod mount_api;
 pub(crate) mod mounts;
 mod network;
 mod packet;

@@ -18,8 +18,13 @@
 //!   host unix socket that is not inside the workspace cannot be named, and
 //!   a host path that is not granted cannot be `stat`ed.
 //! - **Protected workspace paths** (`.git`, `.envrc`… read-only; `.env`,
-//!   `.ssh`… hidden) are bind mounts over the workspace's own: code can
-//!   neither change them nor, for hidden ones, read them. Whether they
+//!   `.ssh`… hidden) are covered, over the workspace's own, by read-only
+//!   binds of themselves or empty read-only stand-ins: code can neither
+//!   change them nor, for hidden ones, read them. Each is opened beneath
+//!   the workspace without following a link, checked to be the object the
+//!   runtime saw, and covered on that descriptor ([`cover_protected`]), so
+//!   a concurrent call that swaps a component for a link, or moves the path
+//!   away, fails the setup instead of leaving it uncovered. Whether they
 //!   exist is part of the zygote's key, so a path that appears later gets a
 //!   new zygote; one that a call *creates* is removed by the runtime after
 //!   the call (see the process sandbox's rule 10).
@@ -42,6 +47,12 @@ use std::path::{Component, Path, PathBuf};
 use nix::libc;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use super::mount_api::{
+    fresh_tmpfs, move_mount, open_tree, set_attr, AT_RECURSIVE, MOVE_MOUNT_T_EMPTY_PATH,
+    OPEN_TREE_CLONE,
+};
 use super::share::SharedWorkspace;
 use super::spec::{ProtectedMode, ZygoteSpec};
 
@@ -53,15 +64,11 @@ const SCRATCH: &str = "/tmp";
 const OLD_ROOT: &str = "/oldroot";
 /// The new root, inside the scratch root.
 const NEW_ROOT: &str = "/newroot";
-/// An empty, unreadable file in the scratch root, bound over hidden files.
-const EMPTY_FILE: &str = "/empty";
 
 /// `mount_setattr` attribute bits (linux/mount.h).
 pub(crate) const MOUNT_ATTR_RDONLY: u64 = 0x1;
 pub(crate) const MOUNT_ATTR_NOSUID: u64 = 0x2;
 pub(crate) const MOUNT_ATTR_NODEV: u64 = 0x4;
-/// `AT_RECURSIVE` (linux/fcntl.h).
-const AT_RECURSIVE: libc::c_int = 0x8000;
 
 /// `struct mount_attr` (linux/mount.h); only the kernel reads its fields.
 #[repr(C)]
@@ -96,6 +103,8 @@ enum Entry {
     Protected {
         mode: ProtectedMode,
         object: (u64, u64),
+        /// The workspace it is in.
+        workspace: PathBuf,
     },
     /// The root-owned workspace's idmapped clone (see [`super::share`]).
     Shared,
@@ -150,12 +159,6 @@ pub(crate) fn enter_private_root(
     std::env::set_current_dir(scratch).map_err(|e| format!("private root: chdir: {e}"))?;
     nix::unistd::pivot_root(".", &OLD_ROOT[1..]).map_err(|e| err("pivot_root", e))?;
     std::env::set_current_dir("/").map_err(|e| format!("private root: chdir /: {e}"))?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o000)
-        .open(EMPTY_FILE)
-        .map_err(|e| format!("private root: {EMPTY_FILE}: {e}"))?;
 
     for planned in &plan {
         place(planned, spec.tmp_bytes, &mut shared)?;
@@ -255,6 +258,7 @@ fn plan(spec: &ZygoteSpec) -> Result<Vec<Planned>, String> {
             entry: Entry::Protected {
                 mode: protected.mode,
                 object: protected.object,
+                workspace: spec.workspace.clone(),
             },
         });
     }
@@ -304,56 +308,27 @@ fn place(
             )
             .map_err(|e| err("tmpfs on", e))
         }
-        Entry::Protected { mode, object } => {
-            let meta = match std::fs::symlink_metadata(&dest) {
-                Ok(meta) => meta,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(format!("private root: {}: {e}", planned.inside.display())),
-            };
-            if meta.file_type().is_symlink() {
-                // The runtime resolves links before it sends protected
-                // paths; a link here was swapped in since: refuse.
-                return Err(format!(
-                    "private root: protected path {} is a symlink",
+        Entry::Protected {
+            mode,
+            object,
+            workspace,
+        } => {
+            let relative = planned.inside.strip_prefix(workspace).map_err(|_| {
+                format!(
+                    "private root: {} is outside the workspace",
                     planned.inside.display()
-                ));
-            }
-            match mode {
-                ProtectedMode::ReadOnly => {
-                    bind_verified(&dest, *object, &dest, OLD_ROOT)?;
-                    set_attributes(
-                        &dest,
-                        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-                        true,
-                    )
-                }
-                ProtectedMode::Hidden if meta.is_dir() => {
-                    // An empty, read-only, mode-000 tmpfs over the folder.
-                    mount(
-                        Some("tmpfs"),
-                        &dest,
-                        Some("tmpfs"),
-                        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY,
-                        Some("mode=000,size=4k,nr_inodes=1"),
-                    )
-                    .map_err(|e| err("hiding", e))
-                }
-                ProtectedMode::Hidden => {
-                    mount(
-                        Some(EMPTY_FILE),
-                        &dest,
-                        None::<&str>,
-                        MsFlags::MS_BIND,
-                        None::<&str>,
-                    )
-                    .map_err(|e| err("hiding", e))?;
-                    set_attributes(
-                        &dest,
-                        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-                        false,
-                    )
-                }
-            }
+                )
+            })?;
+            let root = nix::fcntl::open(
+                &under(NEW_ROOT, workspace),
+                nix::fcntl::OFlag::O_PATH
+                    | nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(|e| format!("private root: the workspace: {e}"))?;
+            cover_protected(root.as_fd(), relative, *mode, *object)
+                .map_err(|e| format!("private root: {e}"))
         }
         Entry::Shared => {
             make_dir_all(&dest)?;
@@ -404,50 +379,104 @@ fn place(
     }
 }
 
-/// Binds the protected path `source` (recursively) at `dest`, from a
-/// descriptor opened without following a link and checked to be the object
-/// `(device, inode)` the runtime saw, through `/proc`'s magic link to it
-/// (`/proc` as mounted under `root`: `""` for the current root). Never by a
-/// path that a concurrent call could have swapped for a link.
-pub(crate) fn bind_verified(
-    source: &Path,
+/// Covers the protected path `relative` of the workspace (`workspace`: a
+/// descriptor of the workspace as the sandbox will see it) through
+/// descriptors only. It is opened beneath the workspace without following
+/// any link and checked to be `object`, the (device, inode) the runtime
+/// saw; then a read-only bind of itself (`ReadOnly`) or an empty, read-only
+/// stand-in (`Hidden`: a fresh tmpfs over a folder, an empty file of one
+/// over a file) is attached onto that very descriptor. Nothing is resolved
+/// by path twice, so a concurrent call that swaps a component for a link
+/// cannot steer the cover elsewhere; a path missing or changed since the
+/// runtime looked fails (closed), and a new sandbox is made for the next
+/// call.
+pub(crate) fn cover_protected(
+    workspace: BorrowedFd<'_>,
+    relative: &Path,
+    mode: ProtectedMode,
     object: (u64, u64),
-    dest: &Path,
-    root: &str,
 ) -> Result<(), String> {
-    use std::os::fd::AsRawFd;
-    let fd = open_verified(source, object)?;
-    let from = format!("{root}/proc/self/fd/{}", fd.as_raw_fd());
-    mount(
-        Some(from.as_str()),
-        dest,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    let shown = relative.display();
+    let fail = |what: &str, e: &dyn std::fmt::Display| format!("protecting {shown}: {what}: {e}");
+    let target = openat2(
+        workspace,
+        relative,
+        OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(
+                ResolveFlag::RESOLVE_BENEATH
+                    | ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+            ),
     )
-    .map_err(|e| format!("private root: binding {}: {e}", dest.display()))
-}
-
-/// Opens `path` (`O_PATH`, not following a final symlink) and checks that
-/// it is the object `(device, inode)`: a protected path swapped for a link
-/// or for another folder since the runtime looked is refused.
-fn open_verified(path: &Path, object: (u64, u64)) -> Result<std::os::fd::OwnedFd, String> {
-    let fd = nix::fcntl::open(
-        path,
-        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )
-    .map_err(|e| format!("private root: {}: {e}", path.display()))?;
-    let stat =
-        nix::sys::stat::fstat(&fd).map_err(|e| format!("private root: {}: {e}", path.display()))?;
+    .map_err(|e| {
+        if e == nix::errno::Errno::ENOENT {
+            format!("protected path {shown} vanished while the sandbox was being made; try again")
+        } else {
+            fail("open", &e)
+        }
+    })?;
+    let stat = nix::sys::stat::fstat(&target).map_err(|e| fail("stat", &e))?;
     let kind = stat.st_mode & libc::S_IFMT;
     if (kind != libc::S_IFDIR && kind != libc::S_IFREG) || (stat.st_dev, stat.st_ino) != object {
         return Err(format!(
-            "private root: protected path {} changed while the sandbox was being made",
-            path.display()
+            "protected path {shown} changed while the sandbox was being made; try again"
         ));
     }
-    Ok(fd)
+    let read_only = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    let cover = match mode {
+        ProtectedMode::ReadOnly => {
+            let clone = open_tree(
+                target.as_fd(),
+                c"",
+                OPEN_TREE_CLONE
+                    | AT_RECURSIVE
+                    | libc::O_CLOEXEC as libc::c_uint
+                    | libc::AT_EMPTY_PATH as libc::c_uint,
+            )
+            .map_err(|e| fail("cloning", &e))?;
+            set_attr(clone.as_fd(), read_only, None, true).map_err(|e| fail("read-only", &e))?;
+            clone
+        }
+        ProtectedMode::Hidden if kind == libc::S_IFDIR => fresh_tmpfs(
+            &[("mode", "000"), ("size", "4k"), ("nr_inodes", "1")],
+            read_only,
+        )
+        .map_err(|e| fail("an empty tmpfs", &e))?,
+        ProtectedMode::Hidden => {
+            let holder = fresh_tmpfs(
+                &[("mode", "0700"), ("size", "4k"), ("nr_inodes", "2")],
+                MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+            )
+            .map_err(|e| fail("an empty tmpfs", &e))?;
+            drop(
+                nix::fcntl::openat(
+                    &holder,
+                    "hidden",
+                    OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                )
+                .map_err(|e| fail("an empty stand-in", &e))?,
+            );
+            let stand_in = open_tree(
+                holder.as_fd(),
+                c"hidden",
+                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+            )
+            .map_err(|e| fail("an empty stand-in", &e))?;
+            set_attr(stand_in.as_fd(), read_only, None, false)
+                .map_err(|e| fail("read-only", &e))?;
+            stand_in
+        }
+    };
+    move_mount(
+        cover.as_fd(),
+        target.as_raw_fd(),
+        c"",
+        MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(|e| fail("attaching its cover", &e))
 }
 
 /// Sets mount attributes on the mount at `path` (and, with `recursive`,
@@ -462,7 +491,11 @@ pub(crate) fn set_attributes(path: &Path, attributes: u64, recursive: bool) -> R
         propagation: 0,
         userns_fd: 0,
     };
-    let flags = if recursive { AT_RECURSIVE } else { 0 };
+    let flags = if recursive {
+        AT_RECURSIVE as libc::c_int
+    } else {
+        0
+    };
     // SAFETY: mount_setattr with a valid C path and a correctly sized,
     // initialised mount_attr that outlives the call.
     let done = unsafe {

@@ -4,7 +4,9 @@
 //! run arbitrary interpreters), compiled once in the zygote:
 //!
 //! * the main denylist (`EPERM`), installed by the zygote on itself, so that
-//!   every call inherits it;
+//!   every call inherits it, with (on x86-64) a filter before it that
+//!   refuses every x32 system call, whose numbers the denylist's x86-64
+//!   numbers would not match;
 //! * the namespace denylist (`EPERM`: `unshare`, `setns`, `clone` with any
 //!   `CLONE_NEW*` flag), installed by each call's target, because the zygote
 //!   itself must create a PID namespace for every call;
@@ -174,18 +176,28 @@ pub(crate) fn denylist(network: NetworkMode) -> Result<BpfProgram, String> {
     // see `share`), so a mode with either bit is refused wherever a mode is
     // given (open/openat/creat take one with O_CREAT or O_TMPFILE, and
     // `openat2`, whose mode is in memory, fails with ENOSYS instead).
-    for (number, mode_arg) in MODE_SETTING_SYSCALLS {
-        let with_bit = |bit: u32| -> Result<SeccompRule, String> {
-            rule(vec![dword(
+    for (number, mode_arg, flags_arg) in MODE_SETTING_SYSCALLS {
+        let mut with_bits = Vec::new();
+        for bit in [libc::S_ISUID, libc::S_ISGID] {
+            let mode = dword(
                 *mode_arg,
                 SeccompCmpOp::MaskedEq(u64::from(bit)),
                 u64::from(bit),
-            )?])
-        };
-        rules.insert(
-            *number,
-            vec![with_bit(libc::S_ISUID)?, with_bit(libc::S_ISGID)?],
-        );
+            )?;
+            match flags_arg {
+                // The mode counts only when the call creates a file.
+                Some(flags) => {
+                    for creating in [libc::O_CREAT as u64, O_TMPFILE_BIT] {
+                        with_bits.push(rule(vec![
+                            dword(*flags, SeccompCmpOp::MaskedEq(creating), creating)?,
+                            mode.clone(),
+                        ])?);
+                    }
+                }
+                None => with_bits.push(rule(vec![mode])?),
+            }
+        }
+        rules.insert(*number, with_bits);
     }
     let not_unix = || rule(vec![condition(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?]);
     if network == NetworkMode::None {
@@ -226,25 +238,57 @@ pub(crate) fn denylist(network: NetworkMode) -> Result<BpfProgram, String> {
 }
 
 /// Builds the filter that makes `clone3` look unimplemented.
-/// System calls that set a file's mode, with the argument that holds it
-/// (`fchmodat2` is 452 on every architecture, as every system call added
-/// since 5.1).
-const MODE_SETTING_SYSCALLS: &[(i64, u8)] = &[
-    (libc::SYS_fchmod, 1),
-    (libc::SYS_fchmodat, 2),
-    (452, 2),
-    (libc::SYS_openat, 3),
-    (libc::SYS_mknodat, 2),
+/// System calls that set a file's mode: the argument that holds it, and
+/// for the `open` family the argument with the flags (the mode counts only
+/// with `O_CREAT` or `O_TMPFILE`). `fchmodat2` is 452 on every
+/// architecture, as every system call added since 5.1.
+const MODE_SETTING_SYSCALLS: &[(i64, u8, Option<u8>)] = &[
+    (libc::SYS_fchmod, 1, None),
+    (libc::SYS_fchmodat, 2, None),
+    (452, 2, None),
+    (libc::SYS_openat, 3, Some(2)),
+    (libc::SYS_mknodat, 2, None),
     // The older calls, where the architecture still has them.
     #[cfg(target_arch = "x86_64")]
-    (libc::SYS_chmod, 1),
+    (libc::SYS_chmod, 1, None),
     #[cfg(target_arch = "x86_64")]
-    (libc::SYS_open, 2),
+    (libc::SYS_open, 2, Some(1)),
     #[cfg(target_arch = "x86_64")]
-    (libc::SYS_creat, 1),
+    (libc::SYS_creat, 1, None),
     #[cfg(target_arch = "x86_64")]
-    (libc::SYS_mknod, 1),
+    (libc::SYS_mknod, 1, None),
 ];
+
+/// `__O_TMPFILE`, the bit of `O_TMPFILE` that is not `O_DIRECTORY`.
+const O_TMPFILE_BIT: u64 = 0o20_000_000;
+
+/// On x86-64, a filter that refuses every x32 system call (numbers with
+/// bit 30 set), which the filters above, matching x86-64 numbers, would
+/// otherwise let through on a kernel built with the x32 ABI. For any other
+/// architecture value it allows (the main filter refuses a foreign
+/// architecture).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn x32_refused() -> BpfProgram {
+    use seccompiler::sock_filter;
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const JGE_K: u16 = 0x35;
+    const RET_K: u16 = 0x06;
+    const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    const RET_ERRNO: u32 = 0x0005_0000;
+    let op = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    vec![
+        op(LD_W_ABS, 0, 0, 4),
+        op(JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
+        op(RET_K, 0, 0, RET_ALLOW),
+        op(LD_W_ABS, 0, 0, 0),
+        op(JGE_K, 0, 1, X32_SYSCALL_BIT),
+        op(RET_K, 0, 0, RET_ERRNO | libc::EPERM as u32),
+        op(RET_K, 0, 0, RET_ALLOW),
+    ]
+}
 
 pub(crate) fn clone3_enosys() -> Result<BpfProgram, String> {
     let rules = BTreeMap::from([
@@ -259,6 +303,8 @@ pub(crate) fn clone3_enosys() -> Result<BpfProgram, String> {
 /// ones, which the zygote could not live with, by each call's target.
 #[derive(Debug, Clone)]
 pub(crate) struct Filters {
+    /// x32 system calls refused (x86-64 only; empty elsewhere).
+    x32: BpfProgram,
     deny: BpfProgram,
     clone3: BpfProgram,
     namespaces: BpfProgram,
@@ -267,7 +313,12 @@ pub(crate) struct Filters {
 impl Filters {
     /// Compiles the filters for `network`.
     pub(crate) fn build(network: NetworkMode) -> Result<Filters, String> {
+        #[cfg(target_arch = "x86_64")]
+        let x32 = x32_refused();
+        #[cfg(not(target_arch = "x86_64"))]
+        let x32 = BpfProgram::new();
         Ok(Filters {
+            x32,
             deny: denylist(network)?,
             clone3: clone3_enosys()?,
             namespaces: namespace_denylist()?,
@@ -277,6 +328,9 @@ impl Filters {
     /// Installs the shared denylist on the calling (zygote) thread.
     /// `no_new_privs` must be set.
     pub(crate) fn install_shared(&self) -> Result<(), String> {
+        if !self.x32.is_empty() {
+            apply_filter(&self.x32).map_err(|e| e.to_string())?;
+        }
         apply_filter(&self.deny).map_err(|e| e.to_string())
     }
 

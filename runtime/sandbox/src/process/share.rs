@@ -48,11 +48,14 @@
 //!    clone is not recursive: under a filesystem mounted inside the
 //!    workspace, the sandbox sees what that mount hides (which the survey
 //!    walks too).
-//! 4. **Nothing of root's that may also be outside.** Root's regular files
-//!    with more than one link (a pnpm store, `cp -al`, a local git clone),
-//!    or a linked file with an ACL (its entries are mapped too), and root's
-//!    sockets, FIFOs and device nodes (a daemon's socket in the workspace)
-//!    are each covered, in the sandbox's namespace, by a read-only bind of
+//! 4. **Nothing of root's that may also be outside, or that has power of
+//!    its own.** Root's regular files with more than one link (a pnpm
+//!    store, `cp -al`, a local git clone), or a linked file with an ACL
+//!    (its entries are mapped too); root's setuid, setgid and
+//!    file-capability files (through the mapping the sandbox would own
+//!    them, and a shared `mmap` write keeps the bit); and root's sockets,
+//!    FIFOs and device nodes (a daemon's socket in the workspace) are each
+//!    covered, in the sandbox's namespace, by a read-only bind of
 //!    itself taken *without* the mapping: the sandbox sees root's object,
 //!    with only its "other" permission bits, and cannot unlink, rename,
 //!    `chmod` or replace it (it is a mount point there). More than
@@ -75,8 +78,9 @@
 //!    ([`refuse_unsafe_root`]).
 //! 7. **Earlier grants are taken back into the owner's hands.** What the
 //!    sandbox's uid owns on disk (made under the ACLs this runtime used
-//!    before) is given to root by the survey, as what it makes now is; a
-//!    setuid or setgid one is refused. ACL entries an earlier version
+//!    before) is given to root by the survey, as what it makes now is (its
+//!    group too, only where its owner is root's); a setuid or setgid one,
+//!    or one with other names (which the change would reach), is refused. ACL entries an earlier version
 //!    wrote name an id the mapping leaves unmapped, so they grant nothing;
 //!    `setfacl -R -x u:2000000000,g:2000000000 WORKSPACE` removes them.
 //!
@@ -93,20 +97,15 @@ use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::libc;
 use nix::sys::stat::{fstat, fstatat, FileStat};
 
-use super::mounts::{MountAttr, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
+use super::mount_api::{
+    move_mount, open_tree, set_attr, MOUNT_ATTR_IDMAP, MOVE_MOUNT_T_EMPTY_PATH, OPEN_TREE_CLONE,
+};
+use super::mounts::{MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
 
 /// The most root-owned, hard-linked files a shared workspace may hold: each
 /// is a mount in the sandbox's namespace (and a descriptor while it is
 /// set up).
 pub(crate) const MAX_LINKED: usize = 512;
-
-/// `open_tree` flags (linux/mount.h).
-const OPEN_TREE_CLONE: libc::c_uint = 1;
-/// `move_mount` flags (linux/mount.h).
-const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
-const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
-/// `mount_setattr` bit that sets an idmapping (linux/mount.h).
-const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 
 /// A root-owned workspace, cloned and idmapped for the sandbox's uid and
 /// not attached anywhere yet, with the covers for its hard-linked files.
@@ -156,6 +155,7 @@ impl SharedWorkspace {
             tree.as_fd(),
             MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
             Some(mapping.as_fd()),
+            false,
         )
         .map_err(|e| {
             if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) {
@@ -385,16 +385,31 @@ impl Survey {
         stat: &FileStat,
         path: &Path,
     ) -> Result<FileStat, String> {
-        if stat.st_mode & libc::S_IFMT != libc::S_IFDIR
-            && stat.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0
-        {
+        let folder = stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if !folder && stat.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
             return Err(format!(
                 "{} is a setuid or setgid file that sandboxed code made; remove it",
                 path.display()
             ));
         }
+        if !folder && stat.st_nlink > 1 {
+            // Its other names may be outside: changing its owner would
+            // change theirs too.
+            return Err(format!(
+                "{} was made by sandboxed code and has other names (hard links); remove it or its links",
+                path.display()
+            ));
+        }
         let uid = (stat.st_uid == self.sandbox_uid).then_some(nix::unistd::Uid::from_raw(0));
-        let gid = (stat.st_gid == self.sandbox_gid).then_some(nix::unistd::Gid::from_raw(0));
+        // The group only where the owner is (or becomes) root's: another
+        // user's file in group S would otherwise join group 0, which the
+        // mapping gives the sandbox.
+        let owner_is_root = stat.st_uid == self.sandbox_uid || stat.st_uid == 0;
+        let gid = (stat.st_gid == self.sandbox_gid && owner_is_root)
+            .then_some(nix::unistd::Gid::from_raw(0));
+        if uid.is_none() && gid.is_none() {
+            return Ok(*stat);
+        }
         nix::unistd::fchownat(
             dir,
             name,
@@ -441,6 +456,7 @@ impl Survey {
             cover.as_fd(),
             MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
             None,
+            false,
         )
         .map_err(|e| format!("{}: {e}", relative.display()))?;
         self.linked.push(LinkedFile {
@@ -467,45 +483,45 @@ fn list(dir: BorrowedFd<'_>) -> nix::Result<Vec<std::ffi::OsString>> {
 }
 
 /// Whether the mapping would open an entry (not a folder or symlink) to
-/// the sandbox while it may also be something outside the workspace: a
-/// regular file of root's (by owner, group, or an ACL, which is mapped
-/// too) that has other names, or a socket, FIFO or device node of root's
-/// (a root daemon's socket in the workspace must not become the
-/// sandbox's to connect to or `chmod`).
+/// the sandbox while it may also be something outside the workspace, or
+/// carries power of its own:
+/// - a regular file of root's (by owner, group, or an ACL, which is mapped
+///   too) that has other names;
+/// - a setuid or setgid file of root's, or one with file capabilities:
+///   as its owner through the mapping, the sandbox could rewrite it (a
+///   shared `mmap` write keeps the bit) and a host user then run it;
+/// - a socket, FIFO or device node of root's (a root daemon's socket in
+///   the workspace must not become the sandbox's to connect to or `chmod`).
 fn exposed(dir: BorrowedFd<'_>, name: &OsStr, stat: &FileStat) -> bool {
     let roots = stat.st_uid == 0 || stat.st_gid == 0;
     match stat.st_mode & libc::S_IFMT {
-        libc::S_IFREG => stat.st_nlink > 1 && (roots || has_acl(dir, name)),
+        libc::S_IFREG => {
+            (stat.st_nlink > 1 && (roots || has_xattr(dir, name, c"system.posix_acl_access")))
+                || (roots && stat.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0)
+                || (roots && has_xattr(dir, name, c"security.capability"))
+        }
         _ => roots,
     }
 }
 
-/// Whether a regular file has an access ACL (its named entries may name
-/// root, whom the mapping makes the sandbox).
-fn has_acl(dir: BorrowedFd<'_>, name: &OsStr) -> bool {
-    let Ok(file) = nix::fcntl::openat(
-        dir,
-        name,
-        OFlag::O_RDONLY
-            | OFlag::O_NOFOLLOW
-            | OFlag::O_NONBLOCK
-            | OFlag::O_NOCTTY
-            | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    ) else {
-        // Not openable as a regular file now: covered, to be safe.
+/// Whether the entry `name` of `dir` has the extended attribute `which`,
+/// asked without opening it or following a link (through the folder's
+/// descriptor in `/proc`). Unknown counts as yes: it is covered then.
+fn has_xattr(dir: BorrowedFd<'_>, name: &OsStr, which: &std::ffi::CStr) -> bool {
+    let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    path.extend_from_slice(name.as_bytes());
+    let Ok(path) = CString::new(path) else {
         return true;
     };
-    // SAFETY: fgetxattr with a null buffer only asks for the size.
-    let size = unsafe {
-        libc::fgetxattr(
-            file.as_raw_fd(),
-            c"system.posix_acl_access".as_ptr(),
-            std::ptr::null_mut(),
-            0,
-        )
-    };
-    size >= 0
+    // SAFETY: lgetxattr with a null buffer only asks for the size.
+    let size = unsafe { libc::lgetxattr(path.as_ptr(), which.as_ptr(), std::ptr::null_mut(), 0) };
+    if size >= 0 {
+        return true;
+    }
+    !matches!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENODATA | libc::EOPNOTSUPP)
+    )
 }
 
 /// A user namespace whose maps send on-disk uid 0 and gid 0 to `uid` and
@@ -578,75 +594,6 @@ fn mapping_namespace(uid: u32, gid: u32) -> std::io::Result<OwnedFd> {
     let ns = result?;
     made.push(((uid, gid), ns.try_clone()?));
     Ok(ns)
-}
-
-fn open_tree(
-    dir: BorrowedFd<'_>,
-    name: &std::ffi::CStr,
-    flags: libc::c_uint,
-) -> std::io::Result<OwnedFd> {
-    // SAFETY: open_tree with a valid descriptor and C string; it returns a
-    // new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_open_tree, dir.as_raw_fd(), name.as_ptr(), flags) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = libc::c_int::try_from(fd).map_err(std::io::Error::other)?;
-    // SAFETY: the kernel just returned this descriptor to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn move_mount(
-    from: BorrowedFd<'_>,
-    to_dir: libc::c_int,
-    to: &std::ffi::CStr,
-    to_flags: libc::c_uint,
-) -> std::io::Result<()> {
-    // SAFETY: move_mount with valid descriptors and C strings.
-    let done = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            from.as_raw_fd(),
-            c"".as_ptr(),
-            to_dir,
-            to.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH | to_flags,
-        )
-    };
-    if done != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Sets attributes (and, with `userns`, the idmapping) on a detached mount.
-fn set_attr(
-    mount: BorrowedFd<'_>,
-    attributes: u64,
-    userns: Option<BorrowedFd<'_>>,
-) -> std::io::Result<()> {
-    let attr = MountAttr {
-        attr_set: attributes,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: userns.map_or(0, |fd| fd.as_raw_fd() as u64),
-    };
-    // SAFETY: mount_setattr on a descriptor with an empty path and a
-    // correctly sized mount_attr that outlives the call.
-    let done = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            mount.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if done != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Refuses a root-owned workspace that is a system folder or root's home
@@ -750,7 +697,7 @@ mod tests {
     }
 
     /// The survey covers root's files that have other names (in folders
-    /// at any depth) and root's sockets, and nothing else: not a file with
+    /// at any depth), root's sockets and setuid files, and nothing else: not a file with
     /// one name, not a symlink to a linked file, not another owner's linked
     /// file; it gives what the sandbox's uid made before to root; past
     /// [`MAX_LINKED`] it refuses. (Cloning a mount needs root.)
@@ -784,10 +731,17 @@ mod tests {
             Some(2_000_000_000.into()),
         )
         .expect("chown");
+        std::fs::write(ws.join("deep/setuid-tool"), "x").expect("write");
+        std::fs::set_permissions(
+            ws.join("deep/setuid-tool"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o4755),
+        )
+        .expect("chmod");
         let ws = std::fs::canonicalize(ws).expect("canonical");
         let shared = SharedWorkspace::prepare(&ws, 2_000_000_000, 2_000_000_000).expect("shared");
-        // The two linked files of root's and root's socket.
-        assert_eq!(shared.covered(), 3, "{shared:?}");
+        // The two linked files of root's, root's socket and root's setuid
+        // file.
+        assert_eq!(shared.covered(), 4, "{shared:?}");
         // What the sandbox's uid made before is root's now.
         let before = std::fs::metadata(ws.join("made-before")).expect("stat");
         assert_eq!(

@@ -20,11 +20,10 @@
 //! 1. unshares the thread's filesystem context and mount namespace (no
 //!    propagation back to the host); for a root-owned workspace, attaches
 //!    its idmapped clone over it (see `process::share`: root's files are
-//!    the sandbox uid's there, and nothing on disk changes); binds the
-//!    workspace's existing
-//!    protected paths read-only, or hides them (an empty read-only tmpfs,
-//!    or an empty mode-000 file from a tmpfs of the thread's own, over
-//!    them);
+//!    the sandbox uid's there, and nothing on disk changes); covers the
+//!    workspace's existing protected paths with read-only binds of
+//!    themselves, or hides them under empty read-only stand-ins, through
+//!    descriptors only (see `process::mounts::cover_protected`);
 //! 2. takes the sandbox's identity with the raw per-thread `setgroups`,
 //!    `setfsgid` and `setfsuid` system calls (glibc's wrappers would change
 //!    every thread); moving the filesystem uid off 0 also drops the
@@ -44,15 +43,13 @@
 //! protected paths exactly as above (step 1), and, instead of step 2, drop
 //! every capability of the thread (the namespace's, which binding needed).
 
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use nix::libc;
 use nix::mount::{mount, MsFlags};
 
-use crate::process::mounts::{
-    bind_verified, set_attributes, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY,
-};
+use crate::process::mounts::cover_protected;
 use crate::process::protect::survey;
 use crate::process::share::SharedWorkspace;
 use crate::process::ProtectedMode;
@@ -126,90 +123,33 @@ fn protect(
     protected: &[(PathBuf, ProtectedMode)],
     in_private_namespace: bool,
 ) -> Result<(), String> {
-    let (present, _) = survey(workspace, protected);
+    let (mut present, _) = survey(workspace, protected);
     if present.is_empty() {
         return Ok(());
     }
-    let err = |what: &str, e: nix::Error| format!("protecting the workspace for WASI: {what}: {e}");
     if !in_private_namespace {
         private_namespace()?;
     }
+    // Parents first (`.git` before `.git/hooks`), each covered through
+    // descriptors only (see `cover_protected`).
+    present.sort_by_key(|entry| entry.path.components().count());
+    let root = nix::fcntl::open(
+        workspace,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| format!("protecting the workspace for WASI: {e}"))?;
     for entry in present {
-        let path = entry.path.as_path();
-        let directory = path.is_dir();
-        match (entry.mode, directory) {
-            (ProtectedMode::ReadOnly, _) => {
-                bind_verified(path, entry.object, path, "")?;
-                set_attributes(
-                    path,
-                    MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-                    true,
-                )?;
-            }
-            (ProtectedMode::Hidden, true) => mount(
-                Some("tmpfs"),
-                path,
-                Some("tmpfs"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY,
-                Some("mode=000,size=4k,nr_inodes=1"),
+        let relative = entry.path.strip_prefix(workspace).map_err(|_| {
+            format!(
+                "protecting the workspace for WASI: {} is outside it",
+                entry.path.display()
             )
-            .map_err(|e| err("hide", e))?,
-            (ProtectedMode::Hidden, false) => {
-                let stand_in = empty_file(workspace)?;
-                mount(
-                    Some(stand_in.as_path()),
-                    path,
-                    None::<&str>,
-                    MsFlags::MS_BIND,
-                    None::<&str>,
-                )
-                .map_err(|e| err("hide", e))?;
-                set_attributes(
-                    path,
-                    MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-                    false,
-                )?;
-            }
-        }
+        })?;
+        cover_protected(root.as_fd(), relative, entry.mode, entry.object)
+            .map_err(|e| format!("protecting the workspace for WASI: {e}"))?;
     }
     Ok(())
-}
-
-/// An empty, mode-000 file for hidden files to be bound to: in a small
-/// tmpfs this thread mounts (its namespace is its own) on a folder that
-/// holds nothing the guest uses (not the workspace nor above it); it goes
-/// with the thread's namespace. Made once per thread.
-fn empty_file(workspace: &Path) -> Result<PathBuf, String> {
-    const SPOTS: &[&str] = &["/run", "/mnt", "/media", "/srv", "/opt"];
-    thread_local! {
-        static MADE: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
-    }
-    if let Some(made) = MADE.with(|m| m.borrow().clone()) {
-        return Ok(made);
-    }
-    let spot = SPOTS
-        .iter()
-        .map(Path::new)
-        .find(|spot| spot.is_dir() && !workspace.starts_with(spot))
-        .ok_or("no folder to hold an empty stand-in for a hidden file")?;
-    let err = |what: &str, e: nix::Error| format!("hiding a file from WASI: {what}: {e}");
-    mount(
-        Some("tmpfs"),
-        spot,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=000,size=4k,nr_inodes=4"),
-    )
-    .map_err(|e| err("tmpfs", e))?;
-    let file = spot.join("hidden");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o000)
-        .open(&file)
-        .map_err(|e| format!("hiding a file from WASI: {e}"))?;
-    MADE.with(|m| *m.borrow_mut() = Some(file.clone()));
-    Ok(file)
 }
 
 /// Drops every capability of the calling thread, and only of it (`capset`

@@ -1,0 +1,159 @@
+//! The descriptor-based mount API (Linux 5.2+: `open_tree`, `move_mount`,
+//! `mount_setattr`, `fsopen`/`fsconfig`/`fsmount`), for building a
+//! sandbox's mounts without resolving a path twice: what is checked is what
+//! is mounted on, and what is cloned is what is attached.
+//!
+//! Only thin, checked wrappers; the callers ([`super::share`],
+//! [`super::mounts`], the WASI guest thread) state what they rely on.
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use nix::libc;
+
+use super::mounts::MountAttr;
+
+/// `open_tree`: clone the mount (or subtree) rather than open it.
+pub(crate) const OPEN_TREE_CLONE: libc::c_uint = 1;
+/// `move_mount`: the source is the descriptor itself.
+pub(crate) const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+/// `move_mount`: the target is the descriptor itself.
+pub(crate) const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+/// `mount_setattr`: set an idmapping.
+pub(crate) const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+/// `AT_RECURSIVE` (linux/fcntl.h).
+pub(crate) const AT_RECURSIVE: libc::c_uint = 0x8000;
+
+const FSOPEN_CLOEXEC: libc::c_uint = 1;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+
+fn owned(fd: libc::c_long) -> std::io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `open_tree(dir, name, flags)`.
+pub(crate) fn open_tree(
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::CStr,
+    flags: libc::c_uint,
+) -> std::io::Result<OwnedFd> {
+    // SAFETY: open_tree with a valid descriptor and C string; it returns a
+    // new descriptor or -1.
+    owned(unsafe { libc::syscall(libc::SYS_open_tree, dir.as_raw_fd(), name.as_ptr(), flags) })
+}
+
+/// Attaches the detached mount `from` at `to` (relative to `to_dir`; with
+/// [`MOVE_MOUNT_T_EMPTY_PATH`] and an empty `to`, onto `to_dir` itself).
+pub(crate) fn move_mount(
+    from: BorrowedFd<'_>,
+    to_dir: libc::c_int,
+    to: &std::ffi::CStr,
+    to_flags: libc::c_uint,
+) -> std::io::Result<()> {
+    // SAFETY: move_mount with valid descriptors and C strings.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            from.as_raw_fd(),
+            c"".as_ptr(),
+            to_dir,
+            to.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | to_flags,
+        )
+    };
+    if done != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets attributes (and, with `userns`, the idmapping) on the mount
+/// `mount` refers to, and with `recursive` on every mount below it.
+pub(crate) fn set_attr(
+    mount: BorrowedFd<'_>,
+    attributes: u64,
+    userns: Option<BorrowedFd<'_>>,
+    recursive: bool,
+) -> std::io::Result<()> {
+    let attr = MountAttr {
+        attr_set: attributes,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.map_or(0, |fd| fd.as_raw_fd() as u64),
+    };
+    let mut flags = libc::AT_EMPTY_PATH as libc::c_uint;
+    if recursive {
+        flags |= AT_RECURSIVE;
+    }
+    // SAFETY: mount_setattr on a descriptor with an empty path and a
+    // correctly sized mount_attr that outlives the call.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            mount.as_raw_fd(),
+            c"".as_ptr(),
+            flags,
+            &attr as *const super::mounts::MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if done != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A new, detached tmpfs with `options` (`key=value` pairs), mounted with
+/// the `MOUNT_ATTR_*` bits in `attributes`.
+pub(crate) fn fresh_tmpfs(options: &[(&str, &str)], attributes: u64) -> std::io::Result<OwnedFd> {
+    // SAFETY: fsopen with a C string; returns a new descriptor or -1.
+    let context =
+        owned(unsafe { libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), FSOPEN_CLOEXEC) })?;
+    for (key, value) in options {
+        let key = std::ffi::CString::new(*key).map_err(std::io::Error::other)?;
+        let value = std::ffi::CString::new(*value).map_err(std::io::Error::other)?;
+        // SAFETY: fsconfig with a valid context and C strings.
+        let done = unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                context.as_raw_fd(),
+                FSCONFIG_SET_STRING,
+                key.as_ptr(),
+                value.as_ptr(),
+                0,
+            )
+        };
+        if done != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    // SAFETY: fsconfig's create command takes no key or value.
+    let created = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            context.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    };
+    if created != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fsmount with a created context; returns a descriptor or -1.
+    owned(unsafe {
+        libc::syscall(
+            libc::SYS_fsmount,
+            context.as_raw_fd(),
+            FSMOUNT_CLOEXEC,
+            attributes as libc::c_uint,
+        )
+    })
+}
