@@ -769,6 +769,85 @@ fn deleting_a_session_ends_a_turn_waiting_for_approval() {
     });
 }
 
+/// #18: a turn waiting for a person's approval gives its running place up.
+/// With one place and no waiting line, another session's turn runs to its
+/// end meanwhile (before, it got 429: the waiting turn held the place), and
+/// the approved turn then takes a place again, runs its tool and finishes.
+#[test]
+fn a_turn_waiting_for_approval_gives_its_place_to_another_session() {
+    let _generating = generating();
+    let (home, root) = (tempdir(), tempdir());
+    let served = Served::start(
+        home.path(),
+        root.path(),
+        &["--max-running", "1", "--max-queue", "0"],
+    );
+    let base = served.base.clone();
+    tokio().block_on(async move {
+        let sessions = format!("{base}/v1/sessions");
+        let (status, waiting) = call(
+            "POST",
+            &sessions,
+            Some(json!({"tool_choice": "write_file", "max_steps": 1, "temperature": 0, "max_tokens": 200})),
+        )
+        .await;
+        assert_eq!(status, 201, "{waiting}");
+        let waiting = waiting["id"].as_str().expect("id").to_string();
+        let (status, other) = call(
+            "POST",
+            &sessions,
+            Some(json!({"tool_choice": "none", "max_steps": 1, "temperature": 0, "max_tokens": 8})),
+        )
+        .await;
+        assert_eq!(status, 201, "{other}");
+        let other = other["id"].as_str().expect("id").to_string();
+
+        let (mut response, mut seen) =
+            turn_until(&base, &waiting, "Write hello to a.txt", "event: approval_needed").await;
+        // While a person decides, the other session's turn runs (a 429
+        // would fail `turn`'s status check).
+        let events = tokio::time::timeout(Duration::from_secs(120), turn(&base, &other, "Say hi."))
+            .await
+            .expect("the other turn ends while the first waits");
+        assert!(
+            events.iter().any(|e| e["event"] == "turn_finished"),
+            "{events:?}"
+        );
+        // Now the approval: the first turn takes a place again and goes on.
+        while !seen.contains("\n\n") || !seen.contains("call_id") {
+            let chunk = response.chunk().await.expect("chunk").expect("more");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        let request: Value = seen
+            .lines()
+            .filter_map(|line| line.strip_prefix("data:"))
+            .filter_map(|data| serde_json::from_str::<Value>(data.trim()).ok())
+            .find(|event| event["event"] == "approval_needed")
+            .unwrap_or_else(|| panic!("{seen}"));
+        let call_id = request["request"]["call_id"].as_str().expect("call_id").to_string();
+        let (status, answered) = call(
+            "POST",
+            &format!("{base}/v1/sessions/{waiting}/approvals/{call_id}"),
+            Some(json!({"answer": "yes"})),
+        )
+        .await;
+        assert_eq!(status, 200, "{answered}");
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(120), response.chunk())
+            .await
+            .expect("the approved turn ends")
+            .expect("chunk")
+        {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        assert!(seen.contains("event: tool_finished"), "{seen}");
+        assert!(seen.contains("event: turn_finished"), "{seen}");
+        let (status, metrics) = call("GET", &format!("{base}/metrics"), None).await;
+        assert_eq!(status, 200);
+        let text = metrics.as_str().unwrap_or_default();
+        assert!(text.contains("stack_approvals_pending 0"), "{text}");
+    });
+}
+
 /// SIGTERM mid-turn: the turn is finished (or cancelled) and streamed to
 /// its end, the transcript holds it, and the process exits cleanly.
 #[test]

@@ -1,7 +1,9 @@
 //! Admission to the model: at most `max_running` generations (chat
 //! completions and session turns) at once, at most `max_queue` waiting for
 //! a place, and `429` past that, so a burst of clients gets a clear answer
-//! instead of an unbounded wait.
+//! instead of an unbounded wait. A session turn gives its place up while it
+//! waits for a person to answer an approval, and takes one again
+//! ([`Admission::reenter`]) before it goes on.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -10,8 +12,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::ApiError;
 
-/// The running and waiting places.
-#[derive(Debug)]
+/// The running and waiting places (clones share them).
+#[derive(Debug, Clone)]
 pub struct Admission {
     running: Arc<Semaphore>,
     capacity: usize,
@@ -60,6 +62,17 @@ impl Admission {
             )));
         }
         let _waiting = Waiting(Arc::clone(&self.waiting));
+        let permit = Arc::clone(&self.running)
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::ShuttingDown)?;
+        Ok(Place { _permit: permit })
+    }
+
+    /// Waits for a running place for a turn that was admitted already and
+    /// gave its place up while it waited for a person (an approval): it is
+    /// not a new request, so the waiting line's limit does not apply.
+    pub async fn reenter(&self) -> Result<Place, ApiError> {
         let permit = Arc::clone(&self.running)
             .acquire_owned()
             .await

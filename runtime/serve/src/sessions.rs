@@ -37,7 +37,7 @@ use stack_core::policy::{ApprovalAnswer, ApprovalHandler, ApprovalRequest, Polic
 use stack_model::{Routing, ToolChoice};
 
 use crate::error::JsonBody;
-use crate::{ApiError, AppState};
+use crate::{Admission, ApiError, AppState};
 
 /// The open sessions.
 #[derive(Default)]
@@ -81,8 +81,12 @@ impl Served {
 /// `approval_needed` event a moment before the gate got here) waits for it
 /// up to [`APPROVAL_ARRIVAL`]. A request dropped unanswered (the turn
 /// cancelled) counts as `no`.
-#[derive(Default)]
 pub(crate) struct HttpApprover {
+    /// The server's admission: a turn's place is given up while it waits
+    /// here for a person, and taken again before the turn goes on.
+    admission: Admission,
+    /// The place of the turn running now, if it holds one.
+    place: Mutex<Option<crate::limits::Place>>,
     pending: Mutex<
         HashMap<
             String,
@@ -99,6 +103,26 @@ pub(crate) struct HttpApprover {
 const APPROVAL_ARRIVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl HttpApprover {
+    pub(crate) fn new(admission: Admission) -> HttpApprover {
+        HttpApprover {
+            admission,
+            place: Mutex::new(None),
+            pending: Mutex::default(),
+            arrived: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The running turn's place, held until [`HttpApprover::end_turn`] (or
+    /// given up while an approval waits).
+    fn hold(&self, place: crate::limits::Place) {
+        *self.place.lock().unwrap_or_else(|p| p.into_inner()) = Some(place);
+    }
+
+    /// The turn has ended: its place goes back.
+    fn end_turn(&self) {
+        self.place.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
     fn lock(
         &self,
     ) -> std::sync::MutexGuard<
@@ -166,7 +190,23 @@ impl ApprovalHandler for HttpApprover {
         };
         Box::pin(async move {
             let _withdraw = withdraw;
-            answer.await.unwrap_or(ApprovalAnswer::No)
+            // No generation runs while a person decides: the place goes to
+            // another turn or request meanwhile.
+            let gave_up = self
+                .place
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .is_some();
+            let answer = answer.await.unwrap_or(ApprovalAnswer::No);
+            if gave_up {
+                match self.admission.reenter().await {
+                    Ok(place) => self.hold(place),
+                    // Shutting down: the turn is being cancelled.
+                    Err(_) => return ApprovalAnswer::No,
+                }
+            }
+            answer
         })
     }
 }
@@ -508,7 +548,7 @@ pub(crate) async fn create(
     let policy = client_policy(&request)?;
     let workspace = check_workspace(&state, request.workspace.as_deref()).await?;
     let config = session_config(&state.options.session_defaults, &request)?;
-    let approvals = Arc::new(HttpApprover::default());
+    let approvals = Arc::new(HttpApprover::new(state.admission.clone()));
     let mut scope = SessionScope::default()
         .workspace(workspace.clone())
         .approval_handler(Arc::clone(&approvals) as Arc<dyn ApprovalHandler>);
@@ -767,6 +807,7 @@ struct Busy(Arc<Served>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
+        self.0.approvals.end_turn();
         self.0.busy.store(false, Ordering::SeqCst);
     }
 }
@@ -795,13 +836,12 @@ pub(crate) async fn turn(
         )));
     }
     let busy = Busy(Arc::clone(&served));
-    let place = state.admission.enter().await?;
+    served.approvals.hold(state.admission.enter().await?);
     served.turns.fetch_add(1, Ordering::SeqCst);
     let mut turn = served.session.send(body.message);
     *served.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(turn.cancellation());
     let (events, receiver) = tokio::sync::mpsc::channel::<SseEvent>(64);
     tokio::spawn(async move {
-        let (busy, _place) = (busy, place);
         let started = std::time::Instant::now();
         let deadline = tokio::time::sleep(state.options.turn_timeout);
         tokio::pin!(deadline);
