@@ -59,7 +59,7 @@
 //!    itself taken *without* the mapping: the sandbox sees root's object,
 //!    with only its "other" permission bits, and cannot unlink, rename,
 //!    `chmod` or replace it (it is a mount point there). More than
-//!    [`MAX_LINKED`] is refused, not mounted. Test:
+//!    [`MAX_COVERED`] is refused, not mounted. Test:
 //!    `as_root_hard_links_out_of_a_root_workspace_are_not_granted`.
 //! 5. **The survey walks what the sandbox will see, and fails closed.** It
 //!    walks the clone itself (before it is mapped), holding one folder's
@@ -102,24 +102,23 @@ use super::mount_api::{
 };
 use super::mounts::{MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
 
-/// The most root-owned, hard-linked files a shared workspace may hold: each
-/// is a mount in the sandbox's namespace (and a descriptor while it is
-/// set up).
-pub(crate) const MAX_LINKED: usize = 512;
+/// The most covers (see rule 4) a shared workspace may need: each is a
+/// mount in the sandbox's namespace (and a descriptor while it is set up).
+pub(crate) const MAX_COVERED: usize = 512;
 
 /// A root-owned workspace, cloned and idmapped for the sandbox's uid and
-/// not attached anywhere yet, with the covers for its hard-linked files.
+/// not attached anywhere yet, with the covers for what must stay root's.
 #[derive(Debug)]
 pub(crate) struct SharedWorkspace {
     workspace: PathBuf,
     tree: OwnedFd,
-    linked: Vec<LinkedFile>,
+    covers: Vec<Covered>,
 }
 
-/// A root-owned file with other names: where it is, which inode it is, and
-/// a detached read-only bind of it without the idmapping.
+/// An entry that must stay root's (see rule 4): where it is, which inode
+/// it is, and a detached read-only bind of it without the idmapping.
 #[derive(Debug)]
-struct LinkedFile {
+struct Covered {
     relative: PathBuf,
     object: (u64, u64),
     cover: OwnedFd,
@@ -127,7 +126,7 @@ struct LinkedFile {
 
 impl SharedWorkspace {
     /// Clones `workspace` (canonical, owned by root) with root's ids mapped
-    /// to `uid`/`gid`, and covers its hard-linked files. Needs root (in the
+    /// to `uid`/`gid`, and covers what must stay root's. Needs root (in the
     /// host's namespaces); blocking: walks the workspace.
     pub(crate) fn prepare(workspace: &Path, uid: u32, gid: u32) -> Result<Self, String> {
         refuse_unsafe_root(workspace).map_err(|e| e.to_string())?;
@@ -149,7 +148,7 @@ impl SharedWorkspace {
             OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint,
         )
         .map_err(|e| fail("cloning its mount", &e))?;
-        let linked = survey(tree.as_fd(), uid, gid).map_err(|e| fail("survey", &e))?;
+        let covers = survey(tree.as_fd(), uid, gid).map_err(|e| fail("survey", &e))?;
         let mapping = mapping_namespace(uid, gid).map_err(|e| fail("idmapping", &e))?;
         set_attr(
             tree.as_fd(),
@@ -170,14 +169,14 @@ impl SharedWorkspace {
         Ok(SharedWorkspace {
             workspace: workspace.to_path_buf(),
             tree,
-            linked,
+            covers,
         })
     }
 
-    /// How many hard-linked files are covered.
+    /// How many entries are covered.
     #[cfg(test)]
     pub(crate) fn covered(&self) -> usize {
-        self.linked.len()
+        self.covers.len()
     }
 
     /// Attaches the workspace at `dest` (an existing folder in the current
@@ -200,24 +199,24 @@ impl SharedWorkspace {
             nix::sys::stat::Mode::empty(),
         )
         .map_err(|e| fail("opening it attached", &e))?;
-        for file in &self.linked {
-            let at = beneath(top.as_fd(), &file.relative, OFlag::O_PATH)
-                .map_err(|e| fail(&format!("covering {}", file.relative.display()), &e))?;
+        for covered in &self.covers {
+            let at = beneath(top.as_fd(), &covered.relative, OFlag::O_PATH)
+                .map_err(|e| fail(&format!("covering {}", covered.relative.display()), &e))?;
             let stat = fstat(&at).map_err(|e| fail("stat", &e))?;
-            if (stat.st_dev, stat.st_ino) != file.object {
+            if (stat.st_dev, stat.st_ino) != covered.object {
                 return Err(format!(
                     "sharing the root-owned workspace {}: {} changed while the sandbox was being made; try again",
                     self.workspace.display(),
-                    file.relative.display()
+                    covered.relative.display()
                 ));
             }
             move_mount(
-                file.cover.as_fd(),
+                covered.cover.as_fd(),
                 at.as_raw_fd(),
                 c"",
                 MOVE_MOUNT_T_EMPTY_PATH,
             )
-            .map_err(|e| fail(&format!("covering {}", file.relative.display()), &e))?;
+            .map_err(|e| fail(&format!("covering {}", covered.relative.display()), &e))?;
         }
         Ok(())
     }
@@ -251,7 +250,7 @@ const MAX_ENTRIES: usize = 2_000_000;
 struct Survey {
     sandbox_uid: u32,
     sandbox_gid: u32,
-    linked: Vec<LinkedFile>,
+    covers: Vec<Covered>,
     entries: usize,
 }
 
@@ -275,11 +274,11 @@ struct Frame {
 /// the folder expected (the way `fts` walks), so a tree of any shape is
 /// walked and a folder moved during the walk fails it. Fails closed on
 /// anything but an entry that vanished.
-fn survey(tree: BorrowedFd<'_>, uid: u32, gid: u32) -> Result<Vec<LinkedFile>, String> {
+fn survey(tree: BorrowedFd<'_>, uid: u32, gid: u32) -> Result<Vec<Covered>, String> {
     let mut survey = Survey {
         sandbox_uid: uid,
         sandbox_gid: gid,
-        linked: Vec::new(),
+        covers: Vec::new(),
         entries: 0,
     };
     let directory = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
@@ -319,7 +318,7 @@ fn survey(tree: BorrowedFd<'_>, uid: u32, gid: u32) -> Result<Vec<LinkedFile>, S
             });
         }
     }
-    Ok(survey.linked)
+    Ok(survey.covers)
 }
 
 impl Survey {
@@ -431,9 +430,9 @@ impl Survey {
         stat: &FileStat,
         relative: PathBuf,
     ) -> Result<(), String> {
-        if self.linked.len() == MAX_LINKED {
+        if self.covers.len() == MAX_COVERED {
             return Err(format!(
-                "it holds more than {MAX_LINKED} files of root's that may have names outside it (hard links, such as a pnpm store or a `cp -al` copy) or that are sockets or FIFOs, and each would be open to sandboxed code; break the links (copy the files), move them out, or give the workspace to an unprivileged user"
+                "it holds more than {MAX_COVERED} files of root's that must stay root's in the sandbox (hard links, such as a pnpm store or a `cp -al` copy, whose other names may be outside; setuid or setgid files; sockets and FIFOs), and each would need a mount; break the links (copy the files), move the others out, or give the workspace to an unprivileged user"
             ));
         }
         let c_name = CString::new(name.as_bytes()).map_err(|e| e.to_string())?;
@@ -459,7 +458,7 @@ impl Survey {
             false,
         )
         .map_err(|e| format!("{}: {e}", relative.display()))?;
-        self.linked.push(LinkedFile {
+        self.covers.push(Covered {
             relative,
             object: (stat.st_dev, stat.st_ino),
             cover,
@@ -700,7 +699,7 @@ mod tests {
     /// at any depth), root's sockets and setuid files, and nothing else: not a file with
     /// one name, not a symlink to a linked file, not another owner's linked
     /// file; it gives what the sandbox's uid made before to root; past
-    /// [`MAX_LINKED`] it refuses. (Cloning a mount needs root.)
+    /// [`MAX_COVERED`] it refuses. (Cloning a mount needs root.)
     #[test]
     fn as_root_the_survey_covers_roots_files_with_other_names_only() {
         assert!(
@@ -753,13 +752,13 @@ mod tests {
         );
         drop(shared);
         std::fs::remove_file(ws.join("deep/daemon.sock")).expect("rm");
-        for i in 0..MAX_LINKED {
+        for i in 0..MAX_COVERED {
             std::fs::hard_link(ws.join("single"), ws.join(format!("many{i}"))).expect("link");
         }
         let refused = SharedWorkspace::prepare(&ws, 2_000_000_000, 2_000_000_000)
-            .expect_err("too many linked files");
+            .expect_err("too many covered files");
         assert!(
-            refused.contains(&format!("more than {MAX_LINKED}")),
+            refused.contains(&format!("more than {MAX_COVERED}")),
             "{refused}"
         );
     }
