@@ -150,11 +150,33 @@ async fn turn_until(
         .await
         .expect("turn");
     let mut seen = String::new();
+    read_until(&mut response, &mut seen, needle).await;
+    (response, seen)
+}
+
+/// Reads an event stream into `seen` until it holds `needle`.
+async fn read_until(response: &mut reqwest::Response, seen: &mut String, needle: &str) {
     while !seen.contains(needle) {
         let chunk = response.chunk().await.expect("chunk").expect("more");
         seen.push_str(&String::from_utf8_lossy(&chunk));
     }
-    (response, seen)
+}
+
+/// Reads the rest of an event stream into `seen`, which must end within
+/// `limit` (`what` names it in the failure).
+async fn read_to_end(
+    response: &mut reqwest::Response,
+    seen: &mut String,
+    limit: Duration,
+    what: &str,
+) {
+    while let Some(chunk) = tokio::time::timeout(limit, response.chunk())
+        .await
+        .unwrap_or_else(|_| panic!("{what}"))
+        .expect("chunk")
+    {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
 }
 
 fn message(body: &Value) -> String {
@@ -751,13 +773,13 @@ fn deleting_a_session_ends_a_turn_waiting_for_approval() {
             let id = id.clone();
             async move { call("DELETE", &format!("{base}/v1/sessions/{id}"), None).await }
         });
-        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), response.chunk())
-            .await
-            .expect("the stream ends within a minute")
-            .expect("chunk")
-        {
-            seen.push_str(&String::from_utf8_lossy(&chunk));
-        }
+        read_to_end(
+            &mut response,
+            &mut seen,
+            Duration::from_secs(60),
+            "the stream ends within a minute",
+        )
+        .await;
         assert!(seen.contains("event: turn_finished"), "{seen}");
         let (status, body) = deleting.await.expect("joined");
         assert_eq!(status, 200, "{body}");
@@ -814,10 +836,8 @@ fn a_turn_waiting_for_approval_gives_its_place_to_another_session() {
             "{events:?}"
         );
         // Now the approval: the first turn takes a place again and goes on.
-        while !seen.contains("\n\n") || !seen.contains("call_id") {
-            let chunk = response.chunk().await.expect("chunk").expect("more");
-            seen.push_str(&String::from_utf8_lossy(&chunk));
-        }
+        read_until(&mut response, &mut seen, "call_id").await;
+        read_until(&mut response, &mut seen, "\n\n").await;
         let request: Value = seen
             .lines()
             .filter_map(|line| line.strip_prefix("data:"))
@@ -832,13 +852,13 @@ fn a_turn_waiting_for_approval_gives_its_place_to_another_session() {
         )
         .await;
         assert_eq!(status, 200, "{answered}");
-        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(120), response.chunk())
-            .await
-            .expect("the approved turn ends")
-            .expect("chunk")
-        {
-            seen.push_str(&String::from_utf8_lossy(&chunk));
-        }
+        read_to_end(
+            &mut response,
+            &mut seen,
+            Duration::from_secs(120),
+            "the approved turn ends",
+        )
+        .await;
         assert!(seen.contains("event: tool_finished"), "{seen}");
         assert!(seen.contains("event: turn_finished"), "{seen}");
         let (status, metrics) = call("GET", &format!("{base}/metrics"), None).await;

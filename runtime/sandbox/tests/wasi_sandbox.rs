@@ -713,14 +713,8 @@ async fn as_root_a_root_owned_workspace_is_shared_with_the_guest_through_a_mount
         ws.join("made"),
         private.clone(),
     ] {
-        for acl in [c"system.posix_acl_access", c"system.posix_acl_default"] {
-            let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
-            // SAFETY: getxattr with a null buffer only asks for the size.
-            let size = unsafe {
-                nix::libc::getxattr(c_path.as_ptr(), acl.as_ptr(), std::ptr::null_mut(), 0)
-            };
-            assert!(size < 0, "{} holds {acl:?}", path.display());
-        }
+        let held = common::acls_held(&path);
+        assert!(held.is_empty(), "{} holds ACLs: {held:?}", path.display());
     }
     // A stateful session's guest thread sees the same.
     let mut session = PythonSession::new(sandbox(), ws, quick());

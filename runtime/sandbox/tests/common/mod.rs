@@ -105,3 +105,23 @@ impl RuntimeState {
         );
     }
 }
+
+/// The POSIX ACLs (`access`, `default`) that `path` holds: what a grant
+/// written to disk would leave behind.
+pub fn acls_held(path: &std::path::Path) -> Vec<&'static str> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    [
+        (c"system.posix_acl_access", "access"),
+        (c"system.posix_acl_default", "default"),
+    ]
+    .into_iter()
+    .filter(|(attribute, _)| {
+        // SAFETY: getxattr with a null buffer only asks for the size.
+        let size = unsafe {
+            nix::libc::getxattr(c_path.as_ptr(), attribute.as_ptr(), std::ptr::null_mut(), 0)
+        };
+        size >= 0
+    })
+    .map(|(_, name)| name)
+    .collect()
+}
