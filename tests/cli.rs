@@ -34,11 +34,15 @@ fn tool_run(workspace: &Path, name: &str, args: &str, extra: &[&str]) -> Value {
         "exactly one line of JSON: {stdout}"
     );
     let report: Value = serde_json::from_str(&stdout).expect("one JSON object");
+    // Keys that appear only when they say something: the signal and the
+    // limit that ended a call, its egress decisions, its disk use.
+    const OPTIONAL: [&str; 4] = ["disk", "egress", "limit", "signal"];
     let mut keys: Vec<&str> = report
         .as_object()
         .expect("object")
         .keys()
         .map(String::as_str)
+        .filter(|key| !OPTIONAL.contains(key))
         .collect();
     keys.sort();
     assert_eq!(
@@ -312,6 +316,50 @@ fn execute_code_runs_in_the_process_sandbox() {
         (report["stdout"].as_str(), report["stderr"].as_str()),
         (Some("out\n"), Some("err\n"))
     );
+}
+
+/// A policy's disk budget through the CLI: a call that writes past
+/// `disk_mb` is stopped by `ENOSPC`, reports `limit = "disk"` and what it
+/// used, and the workspace keeps no more than the budget.
+#[test]
+fn a_policy_disk_budget_holds_through_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("budget.toml");
+    std::fs::write(
+        &policy,
+        "[sandbox]\nbackend = \"process\"\ndisk_mb = 4\nmax_files = 100\n",
+    )
+    .expect("write policy");
+    let workspace = dir.path().join("ws");
+    std::fs::create_dir(&workspace).expect("mkdir");
+    let policy_arg = policy.display().to_string();
+    let report = tool_run(
+        &workspace,
+        "execute_code",
+        r#"{"code": "head -c 50000000 /dev/zero > big; echo done", "language": "bash"}"#,
+        &["--policy", &policy_arg, "--yes"],
+    );
+    assert_eq!(report["status"], "killed", "{report}");
+    assert_eq!(report["limit"], "disk", "{report}");
+    assert!(
+        report["disk"]["bytes"]
+            .as_u64()
+            .is_some_and(|b| b <= 4 << 20),
+        "{report}"
+    );
+    let size = std::fs::metadata(workspace.join("big"))
+        .expect("stat")
+        .len();
+    assert!(size <= 4 << 20, "the workspace kept {size} bytes");
+    let report = tool_run(
+        &workspace,
+        "execute_code",
+        r#"{"code": "for i in $(seq 1 500); do : > f$i || exit 9; done", "language": "bash"}"#,
+        &["--policy", &policy_arg, "--yes"],
+    );
+    assert_eq!(report["limit"], "disk", "{report}");
+    let names = std::fs::read_dir(&workspace).expect("read_dir").count();
+    assert!(names <= 101, "{names} names in the workspace");
 }
 
 /// Red-team L1: every CLI call used to leave its memory and pids cgroups

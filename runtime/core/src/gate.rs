@@ -184,6 +184,9 @@ impl Gate {
             self.budget
                 .charge_sandbox(outcome.duration_ms, outcome.duration_ms);
         }
+        if let Some(added) = outcome.disk {
+            self.budget.charge_disk(added);
+        }
         self.record_result(&call.id, &call.function.name, &outcome);
         outcome
     }

@@ -14,4 +14,4 @@ pub mod text;
 pub use egress::{EgressDecision, EgressProtocol, EgressRecord};
 pub use language::{Language, ScriptRuntime};
 pub use message::{Message, Role, ToolCall};
-pub use outcome::{Limit, Status, ToolOutcome};
+pub use outcome::{DiskAdded, Limit, Status, ToolOutcome};

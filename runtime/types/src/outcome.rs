@@ -39,7 +39,7 @@ impl Status {
 
 /// A limit that stopped a call (serialized in snake_case: `wall_time`,
 /// `cpu`, `memory`, `processes`, `file_size`, `fuel`, `budget`,
-/// `open_files`).
+/// `open_files`, `disk`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -60,6 +60,9 @@ pub enum Limit {
     Budget,
     /// The number of files a WASI guest may hold open at once.
     OpenFiles,
+    /// What a call may add to the workspace and its tmp (bytes or names):
+    /// writes past it failed with `ENOSPC`.
+    Disk,
 }
 
 impl Limit {
@@ -74,6 +77,7 @@ impl Limit {
             Limit::Fuel => "fuel",
             Limit::Budget => "budget",
             Limit::OpenFiles => "open_files",
+            Limit::Disk => "disk",
         }
     }
 }
@@ -112,6 +116,20 @@ pub struct ToolOutcome {
     /// network allowlist), allowed and refused, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress: Vec<crate::EgressRecord>,
+    /// What the call used of its disk budget (a sandbox with one): the
+    /// bytes and names it added to the workspace and its tmp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskAdded>,
+}
+
+/// What a call added to the workspace and its tmp, as its disk budget
+/// counted it (see [`ToolOutcome::disk`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskAdded {
+    /// Bytes (whole pages per file).
+    pub bytes: u64,
+    /// Names: files, folders, links, and deletions of existing names.
+    pub files: u64,
 }
 
 impl ToolOutcome {
@@ -127,6 +145,7 @@ impl ToolOutcome {
             signal: None,
             limit: None,
             egress: Vec::new(),
+            disk: None,
         }
     }
 

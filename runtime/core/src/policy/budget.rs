@@ -20,6 +20,12 @@ pub enum BudgetExceeded {
     /// Output fed back to the model used up.
     #[error("the budget of tool output for this session is used up ({0} bytes)")]
     OutputBytes(u64),
+    /// What the session's calls may add to the workspace is used up.
+    #[error("the session's disk budget is used up: its calls have added {0} MiB to the workspace and tmp; delete files or start a new session")]
+    DiskMb(u64),
+    /// The names the session's calls may add are used up.
+    #[error("the session's file budget is used up: its calls have added {0} files, folders or links; delete some or start a new session")]
+    Files(u64),
 }
 
 /// What a session has spent, checked against the policy's budgets.
@@ -31,6 +37,8 @@ pub struct BudgetTracker {
     cpu_ms: u64,
     wall_ms: u64,
     output_bytes: u64,
+    disk_bytes: u64,
+    files: u64,
 }
 
 impl BudgetTracker {
@@ -74,6 +82,12 @@ impl BudgetTracker {
         {
             return Err(BudgetExceeded::OutputBytes(max));
         }
+        if let Some(max) = l.disk_mb.filter(|max| self.disk_bytes >= max << 20) {
+            return Err(BudgetExceeded::DiskMb(max));
+        }
+        if let Some(max) = l.files.filter(|max| self.files >= *max) {
+            return Err(BudgetExceeded::Files(max));
+        }
         self.calls_this_turn += 1;
         self.calls += 1;
         Ok(())
@@ -83,6 +97,13 @@ impl BudgetTracker {
     pub fn charge_sandbox(&mut self, wall_ms: u64, cpu_ms: u64) {
         self.wall_ms += wall_ms;
         self.cpu_ms += cpu_ms;
+    }
+
+    /// Records what a finished call added to the workspace and its tmp
+    /// (its disk budget's count).
+    pub fn charge_disk(&mut self, added: stack_types::DiskAdded) {
+        self.disk_bytes = self.disk_bytes.saturating_add(added.bytes);
+        self.files = self.files.saturating_add(added.files);
     }
 
     /// Cuts `text` to what the budgets let the model see, with a visible
@@ -110,5 +131,47 @@ impl BudgetTracker {
     /// Calls made in this session.
     pub fn calls(&self) -> u64 {
         self.calls
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stack_types::DiskAdded;
+
+    #[test]
+    fn a_session_that_added_its_disk_budget_gets_no_more_calls() {
+        for (added, want) in [
+            (
+                DiskAdded {
+                    bytes: 3 << 20,
+                    files: 10,
+                },
+                Ok(()),
+            ),
+            (
+                DiskAdded {
+                    bytes: 4 << 20,
+                    files: 10,
+                },
+                Err(BudgetExceeded::DiskMb(4)),
+            ),
+            (
+                DiskAdded {
+                    bytes: 1 << 20,
+                    files: 50,
+                },
+                Err(BudgetExceeded::Files(50)),
+            ),
+        ] {
+            let mut tracker = BudgetTracker::new(BudgetSettings {
+                disk_mb: Some(4),
+                files: Some(50),
+                ..BudgetSettings::default()
+            });
+            assert_eq!(tracker.admit_call(), Ok(()));
+            tracker.charge_disk(added);
+            assert_eq!(tracker.admit_call(), want, "after {added:?}");
+        }
     }
 }

@@ -281,6 +281,13 @@ pub struct SandboxSettings {
     pub output_bytes: Option<usize>,
     /// Largest file a call may write, in MiB.
     pub file_size_mb: Option<u64>,
+    /// What one call may add to the workspace and its tmp, in MiB (the
+    /// process sandbox's disk budget; `0` turns the budget off and lets
+    /// calls write to the workspace directly, unbounded).
+    pub disk_mb: Option<u64>,
+    /// How many names (files, folders, links) one call may add to the
+    /// workspace and its tmp.
+    pub max_files: Option<u64>,
     /// Extra read-only paths.
     pub read_only_paths: Option<Vec<PathBuf>>,
     /// `none`, `loopback`, `full`, or `{ allow = [...], deny = [...] }`
@@ -307,6 +314,8 @@ impl SandboxSettings {
             processes: over.processes.or(self.processes),
             output_bytes: over.output_bytes.or(self.output_bytes),
             file_size_mb: over.file_size_mb.or(self.file_size_mb),
+            disk_mb: over.disk_mb.or(self.disk_mb),
+            max_files: over.max_files.or(self.max_files),
             read_only_paths: over
                 .read_only_paths
                 .clone()
@@ -349,6 +358,24 @@ impl SandboxSettings {
             .into_iter()
             .map(|(folder, _)| folder)
             .collect();
+        let disk_default = stack_sandbox::process::DiskBudget::default();
+        // A disk budget of 0 is no budget at all: the loosest, not the
+        // tightest. Within a bounded outer one it takes the outer bound.
+        fn tight_budget(a: Option<u64>, b: Option<u64>, default: u64) -> Option<u64> {
+            let bound = |v: Option<u64>| match v {
+                Some(0) => None,
+                Some(v) => Some(v),
+                None => Some(default),
+            };
+            match (a, b) {
+                (None, None) => None,
+                _ => match (bound(a), bound(b)) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (Some(one), None) | (None, Some(one)) => Some(one),
+                    (None, None) => Some(0),
+                },
+            }
+        }
         fn tight<T: Ord + Copy>(a: Option<T>, b: Option<T>, default: T) -> Option<T> {
             match (a, b) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -394,6 +421,8 @@ impl SandboxSettings {
                 outer.file_size_mb,
                 defaults.file_size_bytes >> 20,
             ),
+            disk_mb: tight_budget(self.disk_mb, outer.disk_mb, disk_default.bytes >> 20),
+            max_files: tight_budget(self.max_files, outer.max_files, disk_default.files),
             read_only_paths: outer.read_only_paths.clone(),
             network,
             stateful: match (self.stateful, outer.stateful) {
@@ -428,6 +457,10 @@ pub struct SandboxSection {
     pub output_bytes: Option<usize>,
     /// See [`SandboxSettings::file_size_mb`].
     pub file_size_mb: Option<u64>,
+    /// See [`SandboxSettings::disk_mb`].
+    pub disk_mb: Option<u64>,
+    /// See [`SandboxSettings::max_files`].
+    pub max_files: Option<u64>,
     /// See [`SandboxSettings::read_only_paths`].
     pub read_only_paths: Option<Vec<PathBuf>>,
     /// See [`SandboxSettings::network`].
@@ -457,6 +490,8 @@ impl SandboxSection {
             processes: self.processes,
             output_bytes: self.output_bytes,
             file_size_mb: self.file_size_mb,
+            disk_mb: self.disk_mb,
+            max_files: self.max_files,
             read_only_paths: self.read_only_paths.clone(),
             network: self.network.clone(),
             stateful: self.stateful,
@@ -482,6 +517,14 @@ pub struct BudgetSettings {
     pub result_bytes_to_model: Option<usize>,
     /// Bytes of tool output fed back to the model in the session.
     pub output_bytes_to_model: Option<u64>,
+    /// MiB the session's sandboxed calls may add to the workspace and
+    /// their tmp, together (as each call's disk budget counts them; see
+    /// `[sandbox] disk_mb`). Checked before each call: the last call may
+    /// take the session past it by at most its own budget.
+    pub disk_mb: Option<u64>,
+    /// Names (files, folders, links) the session's sandboxed calls may
+    /// add, together; checked like `disk_mb`.
+    pub files: Option<u64>,
 }
 
 /// `[redaction]`.

@@ -45,7 +45,7 @@ pub use rules::ArgRule;
 
 use crate::tools::ValidatedCall;
 use file::LoadedFile;
-use stack_sandbox::process::{Network, ProcessPolicy, ResourceLimits};
+use stack_sandbox::process::{DiskBudget, Network, ProcessPolicy, ResourceLimits};
 
 /// What the policy decided about one call, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -568,12 +568,26 @@ pub fn process_policy(settings: &SandboxSettings) -> ProcessPolicy {
                 .file_size_mb
                 .map_or(base.file_size_bytes, |mb| mb << 20),
             output_bytes: settings.output_bytes.unwrap_or(base.output_bytes),
+            disk: disk_budget(settings),
             ..base
         },
         extra_read_only: settings.read_only_paths.clone().unwrap_or_default(),
         protected: protected_paths(settings),
         ..ProcessPolicy::default()
     }
+}
+
+/// The process sandbox's disk budget for these settings: the default
+/// budget's bounds where unset, none at all with `disk_mb = 0`.
+pub fn disk_budget(settings: &SandboxSettings) -> Option<DiskBudget> {
+    let default = DiskBudget::default();
+    if settings.disk_mb == Some(0) {
+        return None;
+    }
+    Some(DiskBudget {
+        bytes: settings.disk_mb.map_or(default.bytes, |mb| mb << 20),
+        files: settings.max_files.unwrap_or(default.files).max(1),
+    })
 }
 
 /// Between a server's name and its tool's in the registry: `time__now`.
@@ -677,6 +691,8 @@ fn layer_budgets(base: &BudgetSettings, over: &BudgetSettings) -> BudgetSettings
         sandbox_wall_seconds: over.sandbox_wall_seconds.or(base.sandbox_wall_seconds),
         result_bytes_to_model: over.result_bytes_to_model.or(base.result_bytes_to_model),
         output_bytes_to_model: over.output_bytes_to_model.or(base.output_bytes_to_model),
+        disk_mb: over.disk_mb.or(base.disk_mb),
+        files: over.files.or(base.files),
     }
 }
 
@@ -695,6 +711,8 @@ fn tighter_budgets(a: &BudgetSettings, b: &BudgetSettings) -> BudgetSettings {
         sandbox_wall_seconds: min(a.sandbox_wall_seconds, b.sandbox_wall_seconds),
         result_bytes_to_model: min(a.result_bytes_to_model, b.result_bytes_to_model),
         output_bytes_to_model: min(a.output_bytes_to_model, b.output_bytes_to_model),
+        disk_mb: min(a.disk_mb, b.disk_mb),
+        files: min(a.files, b.files),
     }
 }
 

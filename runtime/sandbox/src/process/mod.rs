@@ -99,6 +99,7 @@
 
 mod capture;
 mod cgroup;
+pub(crate) mod disk;
 mod helper;
 pub(crate) mod mount_api;
 pub(crate) mod mounts;
@@ -130,7 +131,7 @@ pub use pool::wait_for_cleanup;
 pub use probe::{Guarantee, KernelProbe};
 #[cfg(feature = "wasi")]
 pub(crate) use spec::ProtectedPath;
-pub use spec::{NetworkMode, ProtectedMode, ResourceLimits};
+pub use spec::{DiskBudget, DiskUse, NetworkMode, ProtectedMode, ResourceLimits};
 pub use stack_egress::{Allowlist, EgressRules};
 
 use pool::{Zygote, ZygoteKey, ZygotePool};
@@ -597,6 +598,12 @@ impl ProcessSandbox {
             }),
             memory_bytes: policy.limits.memory_bytes,
             processes: policy.limits.processes,
+            // A service (an MCP server) lives on and writes as it goes: its
+            // writes cannot wait for its end to be written back.
+            disk: match stdin_mode {
+                StdinMode::Bytes => policy.limits.disk,
+                StdinMode::Interactive => None,
+            },
             read_only: read_only.clone(),
             protected,
         };
@@ -731,6 +738,8 @@ enum Ended {
         cpu_ms: u64,
         /// Other processes of the call were alive at the target's exit.
         others_left: bool,
+        /// With a disk budget: what the call used, and the write back.
+        disk: Option<spec::DiskUse>,
         setup_error: Option<String>,
     },
     /// The call's socket closed without a report: its init is gone.
@@ -1060,10 +1069,23 @@ async fn run_call(
     // MCP client's `notifications/cancelled`) kills the call's init, and
     // with it every process of the call.
     let mut init = KillOnDrop(Some(pidfd));
+    let mut stopped_disk = None;
     let (ended, stdout, stderr) = tokio::join!(
         async {
             let ended = wait_report(&report, wall).await;
             match (&ended, init.disarm()) {
+                (Ended::TimedOut, Some(pidfd)) if limits.disk.is_some() => {
+                    // Stopped, not killed: the init kills the call and
+                    // writes back what it wrote (see `disk`), then reports.
+                    if pool::signal_init(&pidfd, disk::STOP_SIGNAL).is_ok() {
+                        if let Ended::Exited { disk, .. } =
+                            wait_report(&report, WRITE_BACK_GRACE).await
+                        {
+                            stopped_disk = disk;
+                        }
+                    }
+                    end_call(zygote, pidfd, true).await
+                }
                 (Ended::TimedOut, Some(pidfd)) => end_call(zygote, pidfd, true).await,
                 // The init kills them as it exits; the call is over when it
                 // has.
@@ -1088,6 +1110,10 @@ async fn run_call(
     let oom = ended_badly && zygote.new_oom_kills();
     let (stdout, out_cut) = stdout.unwrap_or((Vec::new(), true));
     let (stderr, err_cut) = stderr.unwrap_or((Vec::new(), true));
+    let disk = match &ended {
+        Ended::Exited { disk, .. } => disk.clone(),
+        _ => stopped_disk,
+    };
     let (status, cpu_ms, timed_out) = match ended {
         Ended::Exited {
             setup_error: Some(message),
@@ -1107,7 +1133,57 @@ async fn run_call(
     let mut outcome = ToolOutcome::from_output(&stdout, &stderr, out_cut || err_cut);
     outcome.exit_code = None;
     classify(&mut outcome, status, cpu_ms, timed_out, oom, &limits);
+    if let Some(disk) = disk {
+        account_disk(&mut outcome, &disk, &limits);
+    }
     Ok(outcome)
+}
+
+/// How long a call stopped at its wall-clock limit has to write its
+/// changes back (see `disk`) before it is killed outright.
+const WRITE_BACK_GRACE: Duration = Duration::from_secs(10);
+
+/// Adds what a call with a disk budget used, and how the write back went,
+/// to its outcome: a budget that ran out is the call's limit (unless
+/// another ended it first), and changes that could not be written back
+/// fail the call, naming each.
+fn account_disk(outcome: &mut ToolOutcome, disk: &spec::DiskUse, limits: &ResourceLimits) {
+    outcome.disk = Some(stack_types::DiskAdded {
+        bytes: disk.bytes,
+        files: disk.files,
+    });
+    let budget = limits.disk.unwrap_or_default();
+    if (disk.bytes_full || disk.files_full) && outcome.limit.is_none() {
+        let which = if disk.bytes_full {
+            format!("{} MiB", budget.bytes >> 20)
+        } else {
+            format!("{} files", budget.files)
+        };
+        outcome.status = Status::Killed;
+        outcome.limit = Some(stack_types::Limit::Disk);
+        let before = outcome.error.take();
+        outcome.error = Some(match before {
+            Some(before) => format!("the call's disk budget ({which} added to the workspace and tmp) ran out: writes past it failed with ENOSPC; {before}"),
+            None => format!("the call's disk budget ({which} added to the workspace and tmp) ran out: writes past it failed with ENOSPC"),
+        });
+    }
+    if !disk.not_written_back.is_empty() {
+        let list = disk.not_written_back.join("\n  ");
+        outcome.stderr.push_str(&format!(
+            "\n[sandbox: changes not written back to the workspace:\n  {list}]"
+        ));
+        if outcome.status == Status::Ok {
+            outcome.status = Status::Failed;
+        }
+        let note = format!(
+            "{} of the call's changes could not be written back to the workspace (see stderr)",
+            disk.not_written_back.len()
+        );
+        outcome.error = Some(match outcome.error.take() {
+            Some(before) => format!("{before}; {note}"),
+            None => note,
+        });
+    }
 }
 
 /// A call's init (its pidfd), killed if dropped before [`KillOnDrop::disarm`].
@@ -1203,11 +1279,13 @@ async fn wait_report(report: &tokio::io::unix::AsyncFd<OwnedFd>, wall: Duration)
                     status,
                     cpu_ms,
                     others_left,
+                    disk,
                 }) => {
                     return Ended::Exited {
                         status,
                         cpu_ms,
                         others_left,
+                        disk,
                         setup_error,
                     }
                 }

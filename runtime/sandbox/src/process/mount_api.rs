@@ -24,8 +24,12 @@ pub(crate) const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 pub(crate) const AT_RECURSIVE: libc::c_uint = 0x8000;
 
 const FSOPEN_CLOEXEC: libc::c_uint = 1;
+const FSCONFIG_SET_FLAG: libc::c_uint = 0;
 const FSCONFIG_SET_STRING: libc::c_uint = 1;
 const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+const FSCONFIG_CMD_RECONFIGURE: libc::c_uint = 7;
+const FSPICK_CLOEXEC: libc::c_uint = 1;
+const FSPICK_EMPTY_PATH: libc::c_uint = 8;
 const FSMOUNT_CLOEXEC: libc::c_uint = 1;
 
 fn owned(fd: libc::c_long) -> std::io::Result<OwnedFd> {
@@ -112,20 +116,39 @@ pub(crate) fn set_attr(
 /// A new, detached tmpfs with `options` (`key=value` pairs), mounted with
 /// the `MOUNT_ATTR_*` bits in `attributes`.
 pub(crate) fn fresh_tmpfs(options: &[(&str, &str)], attributes: u64) -> std::io::Result<OwnedFd> {
+    let options: Vec<(&str, Option<&str>)> = options.iter().map(|(k, v)| (*k, Some(*v))).collect();
+    fresh_mount(c"tmpfs", &options, attributes)
+}
+
+/// A new, detached mount of a new `filesystem` (`tmpfs`, `overlay`) with
+/// `options`: `key=value` pairs, or flags (`userxattr`) where the value is
+/// `None`; mounted with the `MOUNT_ATTR_*` bits in `attributes`.
+pub(crate) fn fresh_mount(
+    filesystem: &std::ffi::CStr,
+    options: &[(&str, Option<&str>)],
+    attributes: u64,
+) -> std::io::Result<OwnedFd> {
     // SAFETY: fsopen with a C string; returns a new descriptor or -1.
     let context =
-        owned(unsafe { libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), FSOPEN_CLOEXEC) })?;
+        owned(unsafe { libc::syscall(libc::SYS_fsopen, filesystem.as_ptr(), FSOPEN_CLOEXEC) })?;
     for (key, value) in options {
         let key = std::ffi::CString::new(*key).map_err(std::io::Error::other)?;
-        let value = std::ffi::CString::new(*value).map_err(std::io::Error::other)?;
-        // SAFETY: fsconfig with a valid context and C strings.
+        let value = value
+            .map(|value| std::ffi::CString::new(value).map_err(std::io::Error::other))
+            .transpose()?;
+        let (command, value_ptr) = match &value {
+            Some(value) => (FSCONFIG_SET_STRING, value.as_ptr()),
+            None => (FSCONFIG_SET_FLAG, std::ptr::null()),
+        };
+        // SAFETY: fsconfig with a valid context and C strings (or a null
+        // value for a flag).
         let done = unsafe {
             libc::syscall(
                 libc::SYS_fsconfig,
                 context.as_raw_fd(),
-                FSCONFIG_SET_STRING,
+                command,
                 key.as_ptr(),
-                value.as_ptr(),
+                value_ptr,
                 0,
             )
         };
@@ -156,4 +179,52 @@ pub(crate) fn fresh_tmpfs(options: &[(&str, &str)], attributes: u64) -> std::io:
             attributes as libc::c_uint,
         )
     })
+}
+
+/// Changes `options` (`key=value` pairs) of the mounted filesystem whose
+/// root is `root` (`fspick`, then a reconfigure).
+pub(crate) fn reconfigure(root: BorrowedFd<'_>, options: &[(&str, &str)]) -> std::io::Result<()> {
+    // SAFETY: fspick on our descriptor with an empty path; returns a new
+    // descriptor or -1.
+    let context = owned(unsafe {
+        libc::syscall(
+            libc::SYS_fspick,
+            root.as_raw_fd(),
+            c"".as_ptr(),
+            FSPICK_CLOEXEC | FSPICK_EMPTY_PATH,
+        )
+    })?;
+    for (key, value) in options {
+        let key = std::ffi::CString::new(*key).map_err(std::io::Error::other)?;
+        let value = std::ffi::CString::new(*value).map_err(std::io::Error::other)?;
+        // SAFETY: fsconfig with a valid context and C strings.
+        let done = unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                context.as_raw_fd(),
+                FSCONFIG_SET_STRING,
+                key.as_ptr(),
+                value.as_ptr(),
+                0,
+            )
+        };
+        if done != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    // SAFETY: fsconfig's reconfigure command takes no key or value.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            context.as_raw_fd(),
+            FSCONFIG_CMD_RECONFIGURE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    };
+    if done != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

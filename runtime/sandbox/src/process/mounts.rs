@@ -328,14 +328,20 @@ fn place(
             )
             .map_err(|e| format!("private root: the workspace: {e}"))?;
             cover_protected(root.as_fd(), relative, *mode, *object)
-                .map_err(|e| format!("private root: {e}"))
+                .map_err(|e| format!("private root: {e}"))?;
+            record_cover(relative);
+            Ok(())
         }
         Entry::Shared => {
             make_dir_all(&dest)?;
-            shared
+            let covered = shared
                 .take()
                 .ok_or("private root: the shared workspace was not prepared")?
-                .attach(&dest)
+                .attach(&dest)?;
+            for relative in covered {
+                record_cover(&relative);
+            }
+            Ok(())
         }
         Entry::Bind {
             source,
@@ -477,6 +483,24 @@ pub(crate) fn cover_protected(
         MOVE_MOUNT_T_EMPTY_PATH,
     )
     .map_err(|e| fail("attaching its cover", &e))
+}
+
+/// The workspace paths (relative) this zygote covered, in the order it
+/// covered them: a call's overlay (see [`super::disk`]) shows the
+/// workspace's own files, not what is mounted over them, so its init
+/// covers them again, with clones of these very covers.
+static COVERS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn record_cover(relative: &Path) {
+    if let Ok(mut covers) = COVERS.lock() {
+        covers.push(relative.to_path_buf());
+    }
+}
+
+/// The workspace paths this zygote covered (see [`COVERS`]); read by a
+/// call's init, a fork of the single-threaded zygote.
+pub(crate) fn covered_paths() -> Vec<PathBuf> {
+    COVERS.lock().map(|c| c.clone()).unwrap_or_default()
 }
 
 /// Sets mount attributes on the mount at `path` (and, with `recursive`,

@@ -26,7 +26,8 @@ use tokio::sync::Notify;
 use super::cgroup::{CgroupLayout, SandboxCgroup};
 use super::packet;
 use super::spec::{
-    FromZygote, NetworkMode, ProtectedPath, ToZygote, ZygoteSpec, CONTROL_FD, ZYGOTE_ENV,
+    DiskBudget, FromZygote, NetworkMode, ProtectedPath, ToZygote, ZygoteSpec, CONTROL_FD,
+    ZYGOTE_ENV,
 };
 use super::SandboxError;
 
@@ -64,6 +65,8 @@ pub(crate) struct ZygoteKey {
     pub egress: Option<u64>,
     pub memory_bytes: u64,
     pub processes: u64,
+    /// Each call's disk budget (see `disk`); `None` for services.
+    pub disk: Option<DiskBudget>,
     /// Read-only paths beyond the system ones (bound into the zygote's
     /// root): the interpreter's prefix where it is elsewhere, policy extras.
     pub read_only: Vec<PathBuf>,
@@ -92,12 +95,18 @@ impl Spare {
 /// Kills a call's init through its pidfd (no pid can be reused under it),
 /// and with it every process of the call.
 pub(crate) fn kill_init(pidfd: &OwnedFd) -> std::io::Result<()> {
+    signal_init(pidfd, libc::SIGKILL)
+}
+
+/// Sends `signal` to a call's init through its pidfd; one that has exited
+/// already is not an error.
+pub(crate) fn signal_init(pidfd: &OwnedFd, signal: libc::c_int) -> std::io::Result<()> {
     // SAFETY: pidfd_send_signal on a pidfd we own; no siginfo.
     let sent = unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
             pidfd.as_raw_fd(),
-            libc::SIGKILL,
+            signal,
             std::ptr::null::<libc::siginfo_t>(),
             0u32,
         )
@@ -236,6 +245,10 @@ impl Zygote {
         // holds memory with the address-space rlimit instead.
         let cgroup = match cgroups {
             Some(layout) => Some(
+                // A disk budget is tmpfs pages, charged to the memory
+                // cgroup of whoever writes them: the memory limit holds
+                // what a call's processes use and what it has written but
+                // not yet written back, together.
                 SandboxCgroup::create(layout, key.memory_bytes, key.processes).map_err(|err| {
                     SandboxError::KernelLacks(format!(
                         "the policy's memory and process limits need a cgroup, and none could be made in {}: {err}",
@@ -255,6 +268,7 @@ impl Zygote {
             shares_root_workspace: key.shares_root_workspace,
             protected: key.protected.clone(),
             tmp_bytes: key.memory_bytes,
+            disk: key.disk,
             cgroup_procs: cgroup
                 .as_ref()
                 .map(SandboxCgroup::procs_files)

@@ -7,9 +7,11 @@
 //!   every call inherits it, with (on x86-64) a filter before it that
 //!   refuses every x32 system call, whose numbers the denylist's x86-64
 //!   numbers would not match;
-//! * the namespace denylist (`EPERM`: `unshare`, `setns`, `clone` with any
-//!   `CLONE_NEW*` flag), installed by each call's target, because the zygote
-//!   itself must create a PID namespace for every call;
+//! * the namespace and mount denylist (`EPERM`: `unshare`, `setns`,
+//!   `clone` with any `CLONE_NEW*` flag, the `mount` family and the new
+//!   mount API), installed by each call's target, because the zygote itself
+//!   must create a PID namespace for every call, and each call's init a
+//!   mount namespace with the call's overlay (see `disk`);
 //! * `clone3` fails with `ENOSYS`, so libc falls back to `clone`, whose flags
 //!   a filter can inspect (`clone3` passes them in memory), and so does
 //!   `openat2` (its mode is in memory too; callers fall back to `openat`);
@@ -56,17 +58,6 @@ pub(crate) const DENIED_SYSCALLS: &[(&str, i64)] = &[
     ("keyctl", libc::SYS_keyctl),
     ("add_key", libc::SYS_add_key),
     ("request_key", libc::SYS_request_key),
-    ("mount", libc::SYS_mount),
-    ("umount2", libc::SYS_umount2),
-    ("pivot_root", libc::SYS_pivot_root),
-    ("chroot", libc::SYS_chroot),
-    ("move_mount", libc::SYS_move_mount),
-    ("open_tree", libc::SYS_open_tree),
-    ("fsopen", libc::SYS_fsopen),
-    ("fsconfig", libc::SYS_fsconfig),
-    ("fsmount", libc::SYS_fsmount),
-    ("fspick", libc::SYS_fspick),
-    ("mount_setattr", libc::SYS_mount_setattr),
     ("swapon", libc::SYS_swapon),
     ("swapoff", libc::SYS_swapoff),
     ("reboot", libc::SYS_reboot),
@@ -123,6 +114,23 @@ fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, String> {
 pub(crate) const NAMESPACE_SYSCALLS: &[(&str, i64)] =
     &[("unshare", libc::SYS_unshare), ("setns", libc::SYS_setns)];
 
+/// The mount family, old API and new: denied to every call's target, by
+/// the per-call filter, because each call's init mounts that call's
+/// overlay and disk budget (see `disk`) before the target starts.
+pub(crate) const MOUNT_SYSCALLS: &[(&str, i64)] = &[
+    ("mount", libc::SYS_mount),
+    ("umount2", libc::SYS_umount2),
+    ("pivot_root", libc::SYS_pivot_root),
+    ("chroot", libc::SYS_chroot),
+    ("move_mount", libc::SYS_move_mount),
+    ("open_tree", libc::SYS_open_tree),
+    ("fsopen", libc::SYS_fsopen),
+    ("fsconfig", libc::SYS_fsconfig),
+    ("fsmount", libc::SYS_fsmount),
+    ("fspick", libc::SYS_fspick),
+    ("mount_setattr", libc::SYS_mount_setattr),
+];
+
 fn errno_filter(rules: BTreeMap<i64, Vec<SeccompRule>>, errno: i32) -> Result<BpfProgram, String> {
     let filter = SeccompFilter::new(
         rules,
@@ -136,12 +144,13 @@ fn errno_filter(rules: BTreeMap<i64, Vec<SeccompRule>>, errno: i32) -> Result<Bp
         .map_err(|e: seccompiler::BackendError| e.to_string())
 }
 
-/// Builds the filter that denies creating or entering namespaces. The
-/// zygote needs `clone(CLONE_NEWPID)` for every spare, so this one is
-/// installed by each call's target.
+/// Builds the filter that denies creating or entering namespaces and
+/// mounting. The zygote needs `clone(CLONE_NEWPID)` for every spare, and
+/// each spare's init mounts its call's overlay, so this one is installed
+/// by each call's target.
 pub(crate) fn namespace_denylist() -> Result<BpfProgram, String> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for (_, number) in NAMESPACE_SYSCALLS {
+    for (_, number) in NAMESPACE_SYSCALLS.iter().chain(MOUNT_SYSCALLS) {
         rules.insert(*number, Vec::new());
     }
     let clone_rules = NAMESPACE_FLAGS

@@ -181,8 +181,8 @@ impl SharedWorkspace {
 
     /// Attaches the workspace at `dest` (an existing folder in the current
     /// mount namespace, which must be the sandbox's own), then each cover
-    /// over its file there.
-    pub(crate) fn attach(self, dest: &Path) -> Result<(), String> {
+    /// over its file there. Returns the covered paths (relative).
+    pub(crate) fn attach(self, dest: &Path) -> Result<Vec<PathBuf>, String> {
         let fail = |what: &str, e: &dyn std::fmt::Display| {
             format!(
                 "sharing the root-owned workspace {} with the sandbox: {what}: {e}",
@@ -218,7 +218,7 @@ impl SharedWorkspace {
             )
             .map_err(|e| fail(&format!("covering {}", covered.relative.display()), &e))?;
         }
-        Ok(())
+        Ok(self.covers.iter().map(|c| c.relative.clone()).collect())
     }
 }
 

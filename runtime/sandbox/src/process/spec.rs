@@ -61,6 +61,51 @@ pub struct ResourceLimits {
     pub open_files: u64,
     /// Cap on captured stdout and on captured stderr, each.
     pub output_bytes: usize,
+    /// What one call may add to the workspace and its private tmp, in
+    /// bytes and in names (see [`DiskBudget`]); `None`: unbounded (the
+    /// call writes to the workspace directly).
+    #[serde(default)]
+    pub disk: Option<DiskBudget>,
+}
+
+/// What one call may add to the workspace and its private tmp together:
+/// its writes land in a tmpfs of this size (an overlay's upper layer over
+/// the workspace, and the tmp dir), written back to the workspace when the
+/// call ends (see `disk`). Past either bound, writes fail with `ENOSPC`
+/// and the call reports [`Limit::Disk`](stack_types::Limit::Disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DiskBudget {
+    /// Bytes of file data (tmpfs pages: each file rounds up to a page).
+    pub bytes: u64,
+    /// Names: files, folders, links (every hard link counts), and the
+    /// marks that record a deleted name until it is written back.
+    pub files: u64,
+}
+
+impl Default for DiskBudget {
+    fn default() -> Self {
+        DiskBudget {
+            bytes: 256 << 20,
+            files: 20_000,
+        }
+    }
+}
+
+/// What a call with a [`DiskBudget`] used of it, and how writing it back
+/// went (its init's report).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskUse {
+    /// Bytes of the budget in use when the call ended.
+    pub bytes: u64,
+    /// Names of the budget in use when the call ended.
+    pub files: u64,
+    /// The byte budget ran out (less than a page was left).
+    pub bytes_full: bool,
+    /// The name budget ran out.
+    pub files_full: bool,
+    /// Changes that could not be written back, one line each (a path
+    /// and why); at most a few dozen are kept.
+    pub not_written_back: Vec<String>,
 }
 
 impl Default for ResourceLimits {
@@ -74,6 +119,7 @@ impl Default for ResourceLimits {
             file_size_bytes: 64 << 20,
             open_files: 256,
             output_bytes: 1 << 20,
+            disk: Some(DiskBudget::default()),
         }
     }
 }
@@ -102,6 +148,12 @@ pub(crate) struct ZygoteSpec {
     /// namespace, where each call's tmp dir is made); its pages are charged
     /// to the memory cgroup of whoever writes them.
     pub tmp_bytes: u64,
+    /// Each call's disk budget: its init mounts a tmpfs of this size as
+    /// the upper layer of an overlay over the workspace, and as its tmp
+    /// dir, and writes it back when the call ends (see `disk`). `None`:
+    /// calls write to the workspace directly.
+    #[serde(default)]
+    pub disk: Option<DiskBudget>,
     /// `cgroup.procs` files the zygote joins before dropping privileges;
     /// every call it forks inherits them.
     pub cgroup_procs: Vec<PathBuf>,
@@ -215,6 +267,10 @@ pub(crate) enum CallReport {
         /// init exits, right after this report, and the runtime waits for
         /// that before it reports the call over.
         others_left: bool,
+        /// With a disk budget: what the call used of it, and how writing
+        /// its changes back went (done before this report).
+        #[serde(default)]
+        disk: Option<DiskUse>,
     },
     /// The target could not confine itself and did not run.
     SetupFailed {

@@ -63,6 +63,9 @@ struct Init {
     pidfd: OwnedFd,
     /// Its call's private tmp dir.
     tmp: PathBuf,
+    /// With a disk budget, the (empty, here) folder its budget was
+    /// mounted on in the call's own mount namespace.
+    budget: Option<PathBuf>,
 }
 
 impl Init {
@@ -88,6 +91,9 @@ impl Init {
             }
         };
         let _ = std::fs::remove_dir_all(&self.tmp);
+        if let Some(budget) = &self.budget {
+            let _ = std::fs::remove_dir(budget);
+        }
         ran_a_call
     }
 }
@@ -262,11 +268,34 @@ fn spawn_spare(
         }
         tmp = tmp_name;
     }
+    let budget = match spec.disk {
+        Some(_) => {
+            use std::os::unix::fs::DirBuilderExt;
+            let folder = super::disk::budget_folder(&tmp);
+            if let Err(err) = std::fs::DirBuilder::new().mode(0o700).create(&folder) {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(err);
+            }
+            Some(folder)
+        }
+        None => None,
+    };
     let spawned = fork_spare(spec, filters, base, &tmp);
     match spawned {
-        Ok((pid, pidfd, channel)) => Ok((Init { pid, pidfd, tmp }, channel)),
+        Ok((pid, pidfd, channel)) => Ok((
+            Init {
+                pid,
+                pidfd,
+                tmp,
+                budget,
+            },
+            channel,
+        )),
         Err(err) => {
             let _ = std::fs::remove_dir_all(&tmp);
+            if let Some(folder) = &budget {
+                let _ = std::fs::remove_dir(folder);
+            }
             Err(err)
         }
     }
@@ -345,15 +374,38 @@ fn run_init(
     keep.push(channel.as_raw_fd());
     close_all_but(keep);
     let _ = nix::unistd::setsid();
+    // With a disk budget, the call's writes go to an overlay of its own
+    // (see `disk`), mounted before the target exists; a failure is the
+    // call's setup error, which the target reports when the call comes.
+    let mut overlay = None;
+    let mut setup_error = None;
+    if let Some(budget) = spec.disk {
+        match super::disk::mount_call_overlay(spec, budget, tmp) {
+            Ok(mounted) => {
+                catch_stop_signal();
+                overlay = Some(mounted);
+            }
+            Err(message) => setup_error = Some(message),
+        }
+    }
     // SAFETY: this process is single-threaded (a fork of the zygote).
     let target = unsafe { libc::fork() };
     if target < 0 {
         exit_now(SETUP_FAILED_EXIT);
     }
     if target == 0 {
-        run_target(channel, spec, filters, base, tmp);
+        drop(overlay);
+        run_target(channel, spec, filters, base, tmp, setup_error);
     }
+    let mut stopping = false;
     loop {
+        if !stopping && STOP_ASKED.load(std::sync::atomic::Ordering::Relaxed) {
+            // The runtime stops the call (its wall-clock limit): every
+            // process of it, the target included, dies now; what it wrote
+            // is written back below, once the target is reaped.
+            stopping = true;
+            kill_all_others();
+        }
         let mut raw: libc::c_int = 0;
         // SAFETY: all-zero is a valid rusage.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -361,10 +413,22 @@ fn run_init(
         let pid = unsafe { libc::wait4(-1, &mut raw, 0, &mut usage) };
         if pid == target {
             let millis = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
+            let cpu_ms = millis(usage.ru_utime) + millis(usage.ru_stime);
+            let (others_left, disk) = match overlay.take() {
+                Some(overlay) => {
+                    // Nothing may write while the changes are written
+                    // back: the rest of the call dies first.
+                    kill_all_others();
+                    reap_all();
+                    (false, Some(overlay.write_back()))
+                }
+                None => (!namespace_is_empty(), None),
+            };
             let report = CallReport::Exited {
                 status: raw,
-                cpu_ms: millis(usage.ru_utime) + millis(usage.ru_stime),
-                others_left: !namespace_is_empty(),
+                cpu_ms,
+                others_left,
+                disk,
             };
             let sent = packet::send(channel.as_fd(), &report, &[]);
             // What is left, tearing down the call's namespaces, runs at the
@@ -377,6 +441,45 @@ fn run_init(
         }
         if pid < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             exit_now(SETUP_FAILED_EXIT);
+        }
+    }
+}
+
+/// Set by [`super::disk::STOP_SIGNAL`]: the runtime stops the call.
+static STOP_ASKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int) {
+    STOP_ASKED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Has [`super::disk::STOP_SIGNAL`] interrupt the init's wait (no
+/// `SA_RESTART`) and set [`STOP_ASKED`]. An init ignores signals it has no
+/// handler for, so only an init with a disk budget can be stopped this way.
+fn catch_stop_signal() {
+    // SAFETY: a handler that only stores to an atomic; a zeroed sigaction
+    // with an empty mask is valid.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_stop as *const () as usize;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(super::disk::STOP_SIGNAL, &action, std::ptr::null_mut());
+    }
+}
+
+/// Kills every other process of the call's namespace (the init is PID 1:
+/// `kill(-1)` reaches all of them, and not itself).
+fn kill_all_others() {
+    // SAFETY: kill with constant arguments.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+}
+
+/// Reaps every child until none is left (all were killed).
+fn reap_all() {
+    loop {
+        // SAFETY: waitpid on any child; no status needed.
+        let pid = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::__WALL) };
+        if pid < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return;
         }
     }
 }
@@ -409,8 +512,12 @@ fn run_target(
     filters: &Filters,
     base: &BaseRules,
     tmp: &Path,
+    setup_error: Option<String>,
 ) -> ! {
-    let prepared = prepare_target(spec, filters, base, tmp);
+    let prepared = match setup_error {
+        Some(message) => Err(message),
+        None => prepare_target(spec, filters, base, tmp),
+    };
     warm_up(tmp);
     let request = match receive_call(channel.as_fd()) {
         Some(request) => request,

@@ -1,0 +1,348 @@
+//! Disk budgets in the real process sandbox (see `process::disk`): what one
+//! call may add to the workspace and its tmp, held by the kernel (a sized
+//! tmpfs under an overlay), and the write back of what it did.
+//!
+//! Each attack is a call that tries to add more than its budget, in one
+//! way: one big file, many files, hard links, empty files, its private
+//! tmp. The workspace must grow by at most the budget (plus a block per
+//! file), the call must report `limit = "disk"`, and the runtime must keep
+//! working. The write back is checked change by change, and against a
+//! call that plants links to steer it outside the workspace.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use stack_sandbox::process::{DiskBudget, ProcessPolicy, ProcessSandbox, ResourceLimits};
+use stack_types::outcome::{Status, ToolOutcome};
+use stack_types::{Language, Limit};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn sandbox() -> ProcessSandbox {
+    let helper = std::env::var_os("STACK_RUNTIME_SANDBOX_HELPER").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_BIN_EXE_stack-sandbox-exec")),
+        std::path::PathBuf::from,
+    );
+    ProcessSandbox::with_helper(helper)
+}
+
+fn budget(bytes: u64, files: u64) -> ProcessPolicy {
+    ProcessPolicy {
+        limits: ResourceLimits {
+            wall_ms: 20_000,
+            cpu_seconds: 20,
+            file_size_bytes: 1 << 30,
+            disk: Some(DiskBudget { bytes, files }),
+            ..ResourceLimits::default()
+        },
+        ..ProcessPolicy::default()
+    }
+}
+
+/// Every name under `root` (relative) with the bytes it takes on disk.
+fn tree(root: &Path) -> BTreeMap<String, u64> {
+    let mut found = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read_dir") {
+            let entry = entry.expect("entry");
+            let meta = std::fs::symlink_metadata(entry.path()).expect("lstat");
+            let name = entry
+                .path()
+                .strip_prefix(root)
+                .expect("under root")
+                .display()
+                .to_string();
+            found.insert(name, meta.blocks() * 512);
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+/// Bytes and names `after` holds beyond `before`.
+fn growth(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> (u64, usize) {
+    let bytes_before: u64 = before.values().sum();
+    let bytes_after: u64 = after.values().sum();
+    let names = after.keys().filter(|k| !before.contains_key(*k)).count();
+    (bytes_after.saturating_sub(bytes_before), names)
+}
+
+fn assert_disk_limit(outcome: &ToolOutcome, what: &str) {
+    assert_eq!(outcome.status, Status::Killed, "{what}: {outcome:?}");
+    assert_eq!(outcome.limit, Some(Limit::Disk), "{what}: {outcome:?}");
+    assert!(
+        outcome
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("disk budget")),
+        "{what}: {outcome:?}"
+    );
+}
+
+async fn healthy(sandbox: &ProcessSandbox, workspace: &Path, what: &str) {
+    let outcome = sandbox
+        .run_code(
+            Language::Python,
+            "print(6 * 7)",
+            workspace,
+            &ProcessPolicy::default(),
+        )
+        .await;
+    assert_eq!(
+        outcome.status,
+        Status::Ok,
+        "{what}: health check: {outcome:?}"
+    );
+    assert_eq!(outcome.stdout, "42\n", "{what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_call_adds_more_than_its_disk_budget() {
+    let _serial = SERIAL.lock().await;
+    let sandbox = sandbox();
+    const BYTES: u64 = 8 << 20;
+    const FILES: u64 = 300;
+    // Each attack, in bash and in Python: what it tries to add is far past
+    // the budget (64 MiB, or 5,000 names).
+    let attacks: &[(&str, Language, &str)] = &[
+        ("one big file", Language::Bash, "head -c 67108864 /dev/zero > big; echo $?"),
+        ("one big file", Language::Python, "open('big', 'wb').write(b'x' * (64 << 20))"),
+        ("many files", Language::Bash, "for i in $(seq 1 5000); do head -c 100000 /dev/zero > f$i || break; done"),
+        ("many empty files", Language::Python, "import os\nfor i in range(5000):\n    open(f'e{i}', 'w').close()"),
+        ("many hard links", Language::Bash, "echo x > one; for i in $(seq 1 5000); do ln one l$i || break; done"),
+        ("many folders and symlinks", Language::Python, "import os\nfor i in range(5000):\n    os.mkdir(f'd{i}'); os.symlink('d0', f's{i}')"),
+        ("the private tmp", Language::Bash, "head -c 67108864 /dev/zero > $TMPDIR/big; for i in $(seq 1 5000); do : > $TMPDIR/e$i || break; done"),
+        ("tmp and workspace together", Language::Bash, "head -c 6000000 /dev/zero > $TMPDIR/half || exit 3; head -c 6000000 /dev/zero > other_half"),
+    ];
+    for (what, language, code) in attacks {
+        let workspace = tempfile::tempdir().expect("tempdir");
+        std::fs::write(workspace.path().join("existing.txt"), "kept\n").expect("write");
+        let before = tree(workspace.path());
+        let outcome = sandbox
+            .run_code(*language, code, workspace.path(), &budget(BYTES, FILES))
+            .await;
+        let after = tree(workspace.path());
+        let (bytes, names) = growth(&before, &after);
+        assert_disk_limit(&outcome, what);
+        // The budget, plus a block per file for the rounding of the
+        // workspace's own file system.
+        assert!(
+            bytes <= BYTES + names as u64 * 4096,
+            "{what}: the workspace grew by {bytes} bytes in {names} names, past the {BYTES}-byte budget"
+        );
+        assert!(
+            names as u64 <= FILES,
+            "{what}: {names} names were added, past the budget of {FILES}"
+        );
+        let disk = outcome.disk.expect("a call with a budget reports its use");
+        assert!(
+            disk.bytes <= BYTES && disk.files <= FILES,
+            "{what}: {disk:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(workspace.path().join("existing.txt")).expect("read"),
+            "kept\n",
+            "{what}"
+        );
+        healthy(&sandbox, workspace.path(), what).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calls_changes_are_written_back_to_the_workspace() {
+    let _serial = SERIAL.lock().await;
+    let sandbox = sandbox();
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let ws = workspace.path();
+    std::fs::write(ws.join("edit.txt"), "one\n").expect("write");
+    std::fs::write(ws.join("delete.txt"), "x").expect("write");
+    std::fs::create_dir_all(ws.join("tree/deep")).expect("mkdir");
+    std::fs::write(ws.join("tree/deep/f"), "x").expect("write");
+    std::fs::create_dir_all(ws.join("replaced/inner")).expect("mkdir");
+    std::fs::write(ws.join("replaced/inner/old"), "x").expect("write");
+    std::fs::write(ws.join("becomes_folder"), "x").expect("write");
+    std::fs::create_dir(ws.join("becomes_file")).expect("mkdir");
+    std::fs::create_dir(ws.join("moved")).expect("mkdir");
+    std::fs::write(ws.join("moved/m"), "m").expect("write");
+    let code = "set -e
+echo two >> edit.txt
+rm delete.txt
+rm -rf tree
+rm -rf replaced && mkdir -p replaced && echo new > replaced/fresh
+rm becomes_folder && mkdir becomes_folder && echo in > becomes_folder/in
+rmdir becomes_file && echo now a file > becomes_file
+mv moved moved_too
+mkdir -p new/nested && echo n > new/nested/n && chmod 640 new/nested/n
+touch -d 2001-02-03T04:05:06 new/nested/n
+ln -s new/nested/n link
+ln new/nested/n hard
+mkfifo pipe
+python3 -c \"import os; os.makedirs('made/by/python'); os.rename('made', 'renamed')\"
+";
+    let outcome = sandbox
+        .run_code(Language::Bash, code, ws, &ProcessPolicy::default())
+        .await;
+    assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    let read = |p: &str| std::fs::read_to_string(ws.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("edit.txt"), "one\ntwo\n");
+    assert!(!ws.join("delete.txt").exists());
+    assert!(!ws.join("tree").exists());
+    assert_eq!(read("replaced/fresh"), "new\n");
+    assert!(
+        !ws.join("replaced/inner").exists(),
+        "an opaque folder replaces the old one's contents"
+    );
+    assert_eq!(read("becomes_folder/in"), "in\n");
+    assert_eq!(read("becomes_file"), "now a file\n");
+    assert!(!ws.join("moved").exists());
+    assert_eq!(read("moved_too/m"), "m");
+    assert_eq!(read("new/nested/n"), "n\n");
+    let meta = std::fs::metadata(ws.join("new/nested/n")).expect("stat");
+    assert_eq!(meta.mode() & 0o777, 0o640);
+    assert_eq!(meta.mtime(), 981_173_106, "times are written back");
+    assert_eq!(
+        std::fs::read_link(ws.join("link")).expect("readlink"),
+        Path::new("new/nested/n")
+    );
+    let hard = std::fs::metadata(ws.join("hard")).expect("stat");
+    assert_eq!(hard.ino(), meta.ino(), "hard links stay links");
+    assert!(std::fs::symlink_metadata(ws.join("pipe"))
+        .expect("stat")
+        .file_type()
+        .is_fifo_like());
+    assert!(ws.join("renamed/by/python").is_dir());
+    let disk = outcome.disk.expect("use reported");
+    assert!(disk.files > 0 && disk.bytes > 0, "{disk:?}");
+}
+
+/// `FileType::is_fifo` through the unix extension, named for the assert.
+trait FifoLike {
+    fn is_fifo_like(&self) -> bool;
+}
+
+impl FifoLike for std::fs::FileType {
+    fn is_fifo_like(&self) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        self.is_fifo()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_stopped_at_its_deadline_keeps_what_it_wrote() {
+    let _serial = SERIAL.lock().await;
+    let sandbox = sandbox();
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let mut policy = ProcessPolicy::default();
+    policy.limits.wall_ms = 1500;
+    let outcome = sandbox
+        .run_code(
+            Language::Bash,
+            "echo written > partial.txt; (sleep 300 &); sleep 300",
+            workspace.path(),
+            &policy,
+        )
+        .await;
+    assert_eq!(outcome.status, Status::Timeout, "{outcome:?}");
+    assert_eq!(outcome.limit, Some(Limit::WallTime));
+    assert_eq!(
+        std::fs::read_to_string(workspace.path().join("partial.txt")).expect("kept"),
+        "written\n"
+    );
+    healthy(&sandbox, workspace.path(), "after a timeout").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_back_follows_no_link_out_of_the_workspace() {
+    let _serial = SERIAL.lock().await;
+    let sandbox = sandbox();
+    let outside = tempfile::tempdir().expect("tempdir");
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let ws = workspace.path();
+    std::os::unix::fs::symlink(outside.path(), ws.join("door")).expect("symlink");
+    std::os::unix::fs::symlink(outside.path().join("target.txt"), ws.join("file_door"))
+        .expect("symlink");
+    std::fs::write(outside.path().join("target.txt"), "untouched\n").expect("write");
+    // The call replaces each link with a folder or a file of its own: the
+    // write back must replace the link, not write through it.
+    let code = "rm door && mkdir door && echo planted > door/planted.txt
+rm file_door && echo planted > file_door
+mkdir -p a/b && ln -s ../.. a/b/up && echo x > a/b/up_x";
+    let outcome = sandbox
+        .run_code(Language::Bash, code, ws, &ProcessPolicy::default())
+        .await;
+    assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    assert!(
+        !outside.path().join("planted.txt").exists(),
+        "written through a link"
+    );
+    assert_eq!(
+        std::fs::read_to_string(outside.path().join("target.txt")).expect("read"),
+        "untouched\n"
+    );
+    assert!(std::fs::symlink_metadata(ws.join("door"))
+        .expect("stat")
+        .is_dir());
+    assert_eq!(
+        std::fs::read_to_string(ws.join("door/planted.txt")).expect("read"),
+        "planted\n"
+    );
+    assert!(std::fs::symlink_metadata(ws.join("file_door"))
+        .expect("stat")
+        .is_file());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_that_cannot_be_written_back_fail_the_call_by_name() {
+    let _serial = SERIAL.lock().await;
+    let sandbox = sandbox();
+    let workspace = tempfile::tempdir().expect("tempdir");
+    // Folders nested deeper than the write back walks.
+    let code = "p=.; for i in $(seq 1 230); do p=$p/d; done; mkdir -p $p && echo deep > $p/f";
+    let outcome = sandbox
+        .run_code(
+            Language::Bash,
+            code,
+            workspace.path(),
+            &ProcessPolicy::default(),
+        )
+        .await;
+    assert_eq!(outcome.status, Status::Failed, "{outcome:?}");
+    assert!(outcome.stderr.contains("nested deeper than"), "{outcome:?}");
+    assert!(
+        outcome
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("could not be written back")),
+        "{outcome:?}"
+    );
+    healthy(&sandbox, workspace.path(), "after a partial write back").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_budget_calls_write_to_the_workspace_directly() {
+    let _serial = SERIAL.lock().await;
+    let sandbox = sandbox();
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let mut policy = ProcessPolicy::default();
+    policy.limits.disk = None;
+    let outcome = sandbox
+        .run_code(
+            Language::Bash,
+            "head -c 10000000 /dev/zero > big && python3 -c \"import os; os.mkdir('a'); os.rename('a', 'b')\"",
+            workspace.path(),
+            &policy,
+        )
+        .await;
+    assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    assert_eq!(outcome.disk, None);
+    assert_eq!(
+        std::fs::metadata(workspace.path().join("big"))
+            .expect("stat")
+            .len(),
+        10_000_000
+    );
+}
