@@ -40,9 +40,11 @@ fn budget(bytes: u64, files: u64) -> ProcessPolicy {
     }
 }
 
-/// Every name under `root` (relative) with the bytes it takes on disk.
+/// Every name under `root` (relative) with the bytes it takes on disk
+/// (a file's bytes under its first name only: links share them).
 fn tree(root: &Path) -> BTreeMap<String, u64> {
     let mut found = BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).expect("read_dir") {
@@ -54,7 +56,12 @@ fn tree(root: &Path) -> BTreeMap<String, u64> {
                 .expect("under root")
                 .display()
                 .to_string();
-            found.insert(name, meta.blocks() * 512);
+            let bytes = if seen.insert((meta.dev(), meta.ino())) {
+                meta.blocks() * 512
+            } else {
+                0
+            };
+            found.insert(name, bytes);
             if meta.is_dir() {
                 stack.push(entry.path());
             }
@@ -344,5 +351,101 @@ async fn without_a_budget_calls_write_to_the_workspace_directly() {
             .expect("stat")
             .len(),
         10_000_000
+    );
+}
+
+/// Red team of the write back: sparse files (tmpfs counts their data, not
+/// their size), more hard-linked files than any table would remember, and
+/// files and folders the call made unreadable or read-only. The workspace
+/// must get what the call made, holes as holes, links as links, and grow
+/// by no more than the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_back_writes_no_more_than_the_budget_counted() {
+    let _serial = SERIAL.lock().await;
+    let sandbox = sandbox();
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let ws = workspace.path();
+    std::fs::create_dir(ws.join("read_only")).expect("mkdir");
+    std::fs::set_permissions(
+        ws.join("read_only"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o555),
+    )
+    .expect("chmod");
+    let before = tree(ws);
+    let code = "import os
+for i in range(50):
+    with open(f'sparse{i}', 'wb') as f:
+        f.truncate(60 << 20)
+        f.write(b'head')
+os.mkdir('links')
+for i in range(400):
+    open(f'links/a{i}', 'w').write(str(i))
+    os.link(f'links/a{i}', f'links/b{i}')
+open('big', 'wb').write(b'x' * (2 << 20))
+for i in range(300):
+    os.link('big', f'big{i}')
+open('secret', 'w').write('mine')
+os.chmod('secret', 0)
+os.chmod('read_only', 0o755)
+open('read_only/inside', 'w').write('in')
+os.chmod('read_only', 0o555)
+os.makedirs('closed/sub')
+open('closed/sub/f', 'w').write('f')
+os.chmod('closed/sub', 0o300)
+";
+    let outcome = sandbox
+        .run_code(Language::Python, code, ws, &budget(8 << 20, 2000))
+        .await;
+    assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    let after = tree(ws);
+    let (bytes, names) = growth(&before, &after);
+    assert!(
+        bytes <= (8 << 20) + names as u64 * 4096,
+        "the workspace grew by {bytes} bytes in {names} names past an 8 MiB budget"
+    );
+    let sparse = std::fs::metadata(ws.join("sparse7")).expect("stat");
+    assert_eq!(sparse.len(), 60 << 20, "a sparse file keeps its size");
+    assert!(
+        sparse.blocks() * 512 <= 64 * 1024,
+        "and its holes: {} blocks",
+        sparse.blocks()
+    );
+    for i in [0, 255, 256, 399] {
+        let a = std::fs::metadata(ws.join(format!("links/a{i}"))).expect("stat");
+        let b = std::fs::metadata(ws.join(format!("links/b{i}"))).expect("stat");
+        assert_eq!(a.ino(), b.ino(), "links/a{i} and links/b{i} stay one file");
+    }
+    let big = std::fs::metadata(ws.join("big")).expect("stat");
+    assert_eq!(big.nlink(), 301, "every link of big is a link");
+    assert_eq!(
+        std::fs::metadata(ws.join("secret")).expect("stat").mode() & 0o777,
+        0
+    );
+    std::fs::set_permissions(
+        ws.join("secret"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    assert_eq!(
+        std::fs::read_to_string(ws.join("secret")).expect("read"),
+        "mine"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join("read_only/inside")).expect("read"),
+        "in"
+    );
+    assert_eq!(
+        std::fs::metadata(ws.join("read_only"))
+            .expect("stat")
+            .mode()
+            & 0o777,
+        0o555
+    );
+    assert_eq!(
+        std::fs::metadata(ws.join("closed/sub"))
+            .expect("stat")
+            .mode()
+            & 0o777,
+        0o300
     );
 }

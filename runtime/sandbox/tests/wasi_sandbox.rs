@@ -927,3 +927,87 @@ async fn the_runtimes_own_folders_inside_a_workspace_are_protected() {
         .await;
     assert_eq!(healthy.stdout, "ok\n", "{healthy:?}");
 }
+
+/// Red team: a WASI guest wrote 11 GB into the workspace in 30 s. Each way
+/// of adding (one big file, a file grown by truncate, many files, folders,
+/// hard links, symlinks) now stops at the call's disk budget, in a fresh
+/// interpreter and in a stateful session (whose budget is per call), and
+/// the workspace grows by no more than the budget.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_cannot_add_more_than_its_disk_budget() {
+    const BYTES: u64 = 4 << 20;
+    const FILES: u64 = 200;
+    let policy = WasiPolicy {
+        disk: Some(stack_sandbox::process::DiskBudget {
+            bytes: BYTES,
+            files: FILES,
+        }),
+        wall_ms: 20_000,
+        ..quick()
+    };
+    let attacks = [
+        ("one big file", "f = open('big', 'wb')\nwhile True:\n    f.write(b'x' * (1 << 20))"),
+        ("a sparse file", "f = open('sparse', 'wb')\nf.truncate(1 << 40)"),
+        ("a write far past the end", "f = open('far', 'wb')\nf.seek(1 << 40)\nf.write(b'x')"),
+        ("many files", "for i in range(5000):\n    open(f'f{i}', 'w').close()"),
+        ("many folders", "import os\nfor i in range(5000):\n    os.mkdir(f'd{i}')"),
+        ("many hard links", "import os\nopen('one', 'w').close()\nfor i in range(5000):\n    os.link('one', f'l{i}')"),
+        ("many symlinks", "import os\nfor i in range(5000):\n    os.symlink('x', f's{i}')"),
+    ];
+    let size = |dir: &std::path::Path| -> (u64, usize) {
+        use std::os::unix::fs::MetadataExt;
+        let mut bytes = 0;
+        let mut names = 0;
+        for entry in std::fs::read_dir(dir).expect("read_dir") {
+            let meta = std::fs::symlink_metadata(entry.expect("entry").path()).expect("lstat");
+            bytes += meta.blocks() * 512;
+            names += 1;
+        }
+        (bytes, names)
+    };
+    for (what, code) in attacks {
+        let workspace = tempfile::tempdir().expect("tempdir");
+        let fresh = sandbox().run_python(code, workspace.path(), &policy).await;
+        assert_eq!(
+            (fresh.status, fresh.limit),
+            (Status::Killed, Some(stack_types::Limit::Disk)),
+            "{what}: {fresh:?}"
+        );
+        let (bytes, names) = size(workspace.path());
+        assert!(
+            bytes <= BYTES + 4096 * names as u64 && names as u64 <= FILES,
+            "{what}: the workspace holds {bytes} bytes in {names} names"
+        );
+        let disk = fresh.disk.expect("use reported");
+        assert!(
+            disk.bytes <= BYTES && disk.files <= FILES,
+            "{what}: {disk:?}"
+        );
+    }
+    // In a session, the budget is each call's: a second call may add as
+    // much again, and a call past it is stopped without losing the session.
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let mut session = PythonSession::new(sandbox(), workspace.path(), policy.clone());
+    for round in 0..2 {
+        let ok = session
+            .run(&format!(
+                "open('part{round}', 'wb').write(b'x' * (3 << 20))\nkept = {round}"
+            ))
+            .await;
+        assert_eq!(ok.status, Status::Ok, "round {round}: {ok:?}");
+    }
+    let over = session
+        .run("try:\n    open('over', 'wb').write(b'x' * (5 << 20))\nexcept OSError as e:\n    print('refused', e.errno)")
+        .await;
+    assert_eq!(over.limit, Some(stack_types::Limit::Disk), "{over:?}");
+    assert!(
+        over.stdout.contains("refused 28") || over.stdout.contains("refused 51"),
+        "{over:?}"
+    );
+    let after = session.run("print(kept)").await;
+    assert_eq!(
+        (after.status, after.stdout.as_str()),
+        (Status::Ok, "1\n"),
+        "{after:?}"
+    );
+}

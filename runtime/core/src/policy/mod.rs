@@ -673,6 +673,7 @@ pub fn wasi_policy(settings: &SandboxSettings) -> stack_sandbox::wasi::WasiPolic
             .collect(),
         protected: protected_paths(settings),
         open_files: base.open_files,
+        disk: disk_budget(settings),
     }
 }
 

@@ -63,9 +63,13 @@
 //!
 //! The upper layer is the call's own work and is treated as hostile: any
 //! name, any kind of file, any link count, folders nested deep. The write
-//! back runs in the init after every process of the call is gone (nothing
-//! can change the upper layer under it), with no capabilities (the
-//! sandbox uid's own rights, nothing more), and reaches the workspace only
+//! back runs in the init after every process of the call is gone, with the
+//! budget's tmpfs made read-only (so nothing, not even a process outside
+//! the call that was handed a descriptor, can change the upper layer under
+//! it), with no capability but reading what the call made unreadable to
+//! itself (the sandbox uid's own rights, nothing more), writing no more
+//! file data than the budget counted (a sparse file's holes stay holes),
+//! and reaches the workspace only
 //! through descriptors opened beneath it without following any link
 //! (`O_NOFOLLOW` at every step): a symlink the call left, or one a
 //! concurrent call swapped in, is replaced, never followed. It never sets
@@ -92,9 +96,11 @@ use super::spec::{DiskBudget, DiskUse, ZygoteSpec};
 
 /// The signal the runtime sends a call's init to stop the call and keep
 /// what it wrote (at its wall-clock limit): the init kills every other
-/// process of the call, writes the upper layer back and reports. The
-/// target cannot send it: landlock's signal scope keeps it from signalling
-/// the init, which is outside its domain.
+/// process of the call (in the handler itself, so no wait can miss it),
+/// writes the upper layer back (stopping early if it was already doing
+/// so) and reports. With landlock's signal scope (ABI 6) the target cannot
+/// send it; on an older kernel it could, and would only end its own call
+/// early.
 pub(crate) const STOP_SIGNAL: libc::c_int = libc::SIGUSR1;
 
 /// Names the tmpfs holds before the call writes anything, at most: its
@@ -288,6 +294,12 @@ fn clone_covers(lower: BorrowedFd<'_>) -> Result<Vec<(PathBuf, OwnedFd)>, String
         };
         // Crossing mounts on purpose: the path leads into its cover.
         let at = beneath(lower, &relative, nix::fcntl::OFlag::O_PATH).map_err(|e| fail(&e))?;
+        // It must be the cover itself: a path whose cover is gone (the host
+        // replaced it) would give a writable bind of the workspace's own
+        // file, past the budget. That fails the call's setup instead.
+        if !is_mount_root(at.as_fd()) {
+            return Err(fail(&"it is no longer covered; try again"));
+        }
         let clone = open_tree(
             at.as_fd(),
             c"",
@@ -300,6 +312,26 @@ fn clone_covers(lower: BorrowedFd<'_>) -> Result<Vec<(PathBuf, OwnedFd)>, String
         clones.push((relative, clone));
     }
     Ok(clones)
+}
+
+/// Whether `fd` is the root of a mount (`statx`'s `STATX_ATTR_MOUNT_ROOT`).
+fn is_mount_root(fd: BorrowedFd<'_>) -> bool {
+    const STATX_ATTR_MOUNT_ROOT: u64 = 0x2000;
+    // SAFETY: all-zero is a valid statx buffer.
+    let mut buffer: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx on our descriptor with an empty path into our buffer.
+    let done = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            0,
+            &mut buffer,
+        )
+    };
+    done == 0
+        && buffer.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT != 0
+        && buffer.stx_attributes & STATX_ATTR_MOUNT_ROOT != 0
 }
 
 /// Opens `relative` beneath `dir` following no link (mounts may be
@@ -337,8 +369,10 @@ fn usage(root: BorrowedFd<'_>) -> Result<(u64, u64, bool, bool), String> {
 impl CallOverlay {
     /// Measures what the call used and writes the upper layer back into
     /// the workspace. Every process of the call must be gone. Drops the
-    /// calling process's capabilities first.
-    pub(crate) fn write_back(self) -> DiskUse {
+    /// calling process's capabilities first. `stop` is polled between
+    /// entries: once it is set (the runtime stops the call), the rest is
+    /// not written back, and the report says so.
+    pub(crate) fn write_back(self, stop: &dyn Fn() -> bool) -> DiskUse {
         let mut report = DiskUse::default();
         match usage(self.budget_root.as_fd()) {
             Ok((bytes, names, bytes_full, files_full)) => {
@@ -349,6 +383,17 @@ impl CallOverlay {
             }
             Err(err) => report.not_written_back.push(err),
         }
+        // Read-only from here on: a process outside the call that holds a
+        // descriptor of the budget open for writing (one passed to it over
+        // a socket) makes this fail, and nothing is written back rather
+        // than something that changes under the walk.
+        if let Err(err) = reconfigure_flag(self.budget_root.as_fd(), "ro") {
+            report.not_written_back.push(io(
+                "the call's files are still held open for writing outside the call; nothing was written back",
+                err,
+            ));
+            return report;
+        }
         if let Err(err) = drop_capabilities() {
             report.not_written_back.push(err);
             return report;
@@ -357,10 +402,7 @@ impl CallOverlay {
         let upper = match nix::fcntl::openat(
             &self.budget_root,
             "upper",
-            nix::fcntl::OFlag::O_RDONLY
-                | nix::fcntl::OFlag::O_DIRECTORY
-                | nix::fcntl::OFlag::O_NOFOLLOW
-                | nix::fcntl::OFlag::O_CLOEXEC,
+            flags_dir(),
             nix::sys::stat::Mode::empty(),
         ) {
             Ok(fd) => fd,
@@ -370,12 +412,25 @@ impl CallOverlay {
             }
         };
         let mut merge = Merge {
+            root: self.lower.as_fd(),
             errors: Vec::new(),
             more_errors: 0,
             links: HashMap::new(),
-            serial: 0,
+            // What tmpfs counted, each file rounded up to a page: the
+            // write back writes no more than that, whatever the files
+            // claim (a sparse file's holes stay holes).
+            bytes_left: report.bytes.saturating_add(PAGE),
+            stop,
+            stopped: false,
         };
         merge.folder(upper.as_fd(), self.lower.as_fd(), Path::new(""), 0);
+        if merge.stopped {
+            merge.errors.insert(
+                0,
+                "the call was stopped while its changes were written back; the rest were not"
+                    .to_string(),
+            );
+        }
         report.not_written_back.extend(merge.errors);
         if merge.more_errors > 0 {
             report
@@ -386,9 +441,23 @@ impl CallOverlay {
     }
 }
 
+/// A tmpfs page: what each file's size rounds up to in the budget.
+const PAGE: u64 = 4096;
+
+/// Sets a flag option (`ro`) of the mounted filesystem whose root is
+/// `root`.
+fn reconfigure_flag(root: BorrowedFd<'_>, flag: &str) -> std::io::Result<()> {
+    super::mount_api::reconfigure_with_flag(root, flag)
+}
+
 /// Drops every capability the process holds (in the zygote's user
-/// namespace): the write back has the sandbox uid's own rights only.
+/// namespace) but `CAP_DAC_READ_SEARCH`: the write back has the sandbox
+/// uid's own rights, plus reading what the call made unreadable to itself
+/// (a mode-000 file, a mode-0300 folder). That grants nothing the call
+/// could not take: the capability covers only files whose owner the
+/// namespace maps, the sandbox uid's own, whose modes it could change.
 fn drop_capabilities() -> Result<(), String> {
+    const CAP_DAC_READ_SEARCH: u32 = 1 << 2;
     #[repr(C)]
     struct Header {
         version: u32,
@@ -405,11 +474,18 @@ fn drop_capabilities() -> Result<(), String> {
         version: 0x2008_0522,
         pid: 0,
     };
-    let data = [Data {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
+    let data = [
+        Data {
+            effective: CAP_DAC_READ_SEARCH,
+            permitted: CAP_DAC_READ_SEARCH,
+            inheritable: 0,
+        },
+        Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        },
+    ];
     // SAFETY: capset with a v3 header and two data structs, as the kernel
     // expects; both outlive the call.
     let done = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
@@ -450,18 +526,21 @@ fn kind_of(stat: &libc::stat) -> Kind {
 }
 
 /// One write back's state.
-struct Merge {
+struct Merge<'a> {
+    /// The workspace's root (under the overlay).
+    root: BorrowedFd<'a>,
     errors: Vec<String>,
     more_errors: usize,
-    /// Files of the upper layer with more than one link, by inode: the
-    /// workspace folder and name the first was written back to.
-    links: HashMap<u64, (OwnedFd, OsString)>,
-    /// Makes temporary names unique.
-    serial: u64,
+    /// Files of the upper layer with more than one link, by inode: where
+    /// (relative to the root) the first was written back.
+    links: HashMap<u64, PathBuf>,
+    /// Bytes of file data the write back may still write.
+    bytes_left: u64,
+    /// Whether the runtime stops the call.
+    stop: &'a dyn Fn() -> bool,
+    /// The walk stopped because of it.
+    stopped: bool,
 }
-
-/// Hard-linked files remembered at most (past it, each is copied).
-const MAX_LINKS: usize = 256;
 
 fn flags_dir() -> nix::fcntl::OFlag {
     use nix::fcntl::OFlag;
@@ -472,22 +551,31 @@ fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> nix::Result<libc::stat> {
     nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
 }
 
-impl Merge {
+/// A temporary name no other write back (of any call, in any PID
+/// namespace) picks: 128 random bits.
+fn temporary_name() -> OsString {
+    let mut bits = [0u8; 16];
+    let mut filled = 0;
+    while filled < bits.len() {
+        // SAFETY: getrandom into the unfilled part of our buffer.
+        let got =
+            unsafe { libc::getrandom(bits[filled..].as_mut_ptr().cast(), bits.len() - filled, 0) };
+        if got <= 0 {
+            break;
+        }
+        filled += got as usize;
+    }
+    let hex: String = bits.iter().map(|b| format!("{b:02x}")).collect();
+    OsString::from(format!(".stack-write-back.{hex}"))
+}
+
+impl Merge<'_> {
     fn fail(&mut self, path: &Path, why: impl std::fmt::Display) {
         if self.errors.len() < MAX_REPORTED {
             self.errors.push(format!("{}: {why}", path.display()));
         } else {
             self.more_errors += 1;
         }
-    }
-
-    fn temporary_name(&mut self) -> OsString {
-        self.serial += 1;
-        OsString::from(format!(
-            ".stack-write-back.{}.{}",
-            std::process::id(),
-            self.serial
-        ))
     }
 
     /// Writes the upper folder `upper` back into the workspace folder
@@ -498,6 +586,10 @@ impl Merge {
             Err(err) => return self.fail(path, format!("reading the call's changes: {err}")),
         };
         for name in names {
+            if self.stopped || (self.stop)() {
+                self.stopped = true;
+                return;
+            }
             let here = path.join(&name);
             let stat = match stat_at(upper, &name) {
                 Ok(stat) => stat,
@@ -559,14 +651,40 @@ impl Merge {
             Ok(fd) => fd,
             Err(err) => return self.fail(here, err),
         };
+        // Writable while it is written to (the call could write in it, in
+        // its overlay); its own mode is set last. Only a folder this uid
+        // owns can be changed, as the call itself could have.
+        let _ = nix::sys::stat::fchmod(
+            &lower_dir,
+            Mode::from_bits_truncate((stat.st_mode & 0o777 | 0o700) as libc::mode_t),
+        );
         self.folder(upper_dir.as_fd(), lower_dir.as_fd(), here, depth + 1);
-        // Its own mode and times last: a read-only folder is written to
-        // first. Never setgid.
+        // Never setgid.
         let mode = (stat.st_mode & 0o1777) as libc::mode_t;
         if let Err(err) = nix::sys::stat::fchmod(&lower_dir, Mode::from_bits_truncate(mode)) {
             self.fail(here, format!("mode: {err}"));
         }
         set_times(lower_dir.as_fd(), stat);
+    }
+
+    /// Links `name` in `lower` to the file first written back at
+    /// `first` (relative to the root), reached without following links.
+    fn link_to(&self, first: &Path, lower: BorrowedFd<'_>, name: &OsStr) -> nix::Result<()> {
+        let (parent, file) = match (first.parent(), first.file_name()) {
+            (Some(parent), Some(file)) => (parent, file),
+            _ => return Err(nix::errno::Errno::EINVAL),
+        };
+        let parent = if parent.as_os_str().is_empty() {
+            nix::unistd::dup(self.root)?
+        } else {
+            beneath(
+                self.root,
+                parent,
+                nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+            )?
+        };
+        make_room(lower, name)?;
+        nix::unistd::linkat(&parent, file, lower, name, nix::fcntl::AtFlags::empty())
     }
 
     fn file(
@@ -578,34 +696,30 @@ impl Merge {
         stat: &libc::stat,
     ) {
         if stat.st_nlink > 1 {
-            if let Some((first_dir, first_name)) = self.links.get(&stat.st_ino) {
-                let linked = (|| {
-                    make_room(lower, name)?;
-                    nix::unistd::linkat(
-                        first_dir,
-                        first_name.as_os_str(),
-                        lower,
-                        name,
-                        nix::fcntl::AtFlags::empty(),
-                    )
-                })();
-                if let Err(err) = linked {
+            if let Some(first) = self.links.get(&stat.st_ino).cloned() {
+                if let Err(err) = self.link_to(&first, lower, name) {
                     self.fail(here, format!("could not link it: {err}"));
                 }
                 return;
             }
         }
-        let temporary = self.temporary_name();
+        let temporary = temporary_name();
+        let mut created = false;
+        let mut budget = self.bytes_left;
         let written = (|| -> Result<(), String> {
             use nix::fcntl::OFlag;
             use nix::sys::stat::Mode;
             let source = nix::fcntl::openat(
                 upper,
                 name,
-                OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
                 Mode::empty(),
             )
             .map_err(|e| e.to_string())?;
+            let opened = nix::sys::stat::fstat(&source).map_err(|e| e.to_string())?;
+            if opened.st_ino != stat.st_ino || opened.st_mode & libc::S_IFMT != libc::S_IFREG {
+                return Err("it changed while it was written back".into());
+            }
             let target = nix::fcntl::openat(
                 lower,
                 temporary.as_os_str(),
@@ -617,9 +731,8 @@ impl Merge {
                 Mode::from_bits_truncate(0o600),
             )
             .map_err(|e| e.to_string())?;
-            let mut source = std::fs::File::from(source);
-            let mut target = std::fs::File::from(target);
-            std::io::copy(&mut source, &mut target).map_err(|e| e.to_string())?;
+            created = true;
+            copy_data(&source, &target, opened.st_size as u64, &mut budget)?;
             let mode = (stat.st_mode & 0o777) as libc::mode_t;
             nix::sys::stat::fchmod(&target, Mode::from_bits_truncate(mode))
                 .map_err(|e| e.to_string())?;
@@ -628,45 +741,51 @@ impl Merge {
             nix::fcntl::renameat(lower, temporary.as_os_str(), lower, name)
                 .map_err(|e| e.to_string())
         })();
+        self.bytes_left = budget;
         match written {
             Ok(()) => {
-                if stat.st_nlink > 1 && self.links.len() < MAX_LINKS {
-                    if let Ok(dir) = nix::unistd::dup(lower) {
-                        self.links.insert(stat.st_ino, (dir, name.to_owned()));
-                    }
+                if stat.st_nlink > 1 {
+                    self.links.insert(stat.st_ino, here.to_path_buf());
                 }
             }
             Err(err) => {
-                let _ = nix::unistd::unlinkat(
-                    lower,
-                    temporary.as_os_str(),
-                    nix::unistd::UnlinkatFlags::NoRemoveDir,
-                );
+                if created {
+                    let _ = nix::unistd::unlinkat(
+                        lower,
+                        temporary.as_os_str(),
+                        nix::unistd::UnlinkatFlags::NoRemoveDir,
+                    );
+                }
                 self.fail(here, format!("could not write it back: {err}"));
             }
         }
     }
 
     fn symlink(&mut self, upper: BorrowedFd<'_>, lower: BorrowedFd<'_>, name: &OsStr, here: &Path) {
-        let temporary = self.temporary_name();
+        let temporary = temporary_name();
+        let mut created = false;
         let made = (|| -> nix::Result<()> {
             let target = nix::fcntl::readlinkat(upper, name)?;
             nix::unistd::symlinkat(target.as_os_str(), lower, temporary.as_os_str())?;
+            created = true;
             make_room(lower, name)?;
             nix::fcntl::renameat(lower, temporary.as_os_str(), lower, name)
         })();
         if let Err(err) = made {
-            let _ = nix::unistd::unlinkat(
-                lower,
-                temporary.as_os_str(),
-                nix::unistd::UnlinkatFlags::NoRemoveDir,
-            );
+            if created {
+                let _ = nix::unistd::unlinkat(
+                    lower,
+                    temporary.as_os_str(),
+                    nix::unistd::UnlinkatFlags::NoRemoveDir,
+                );
+            }
             self.fail(here, format!("could not write the link back: {err}"));
         }
     }
 
     fn fifo(&mut self, lower: BorrowedFd<'_>, name: &OsStr, here: &Path, stat: &libc::stat) {
-        let temporary = self.temporary_name();
+        let temporary = temporary_name();
+        let mut created = false;
         let made = (|| -> nix::Result<()> {
             let mode = nix::sys::stat::Mode::from_bits_truncate((stat.st_mode & 0o777) as _);
             nix::sys::stat::mknodat(
@@ -676,18 +795,68 @@ impl Merge {
                 mode,
                 0,
             )?;
+            created = true;
             make_room(lower, name)?;
             nix::fcntl::renameat(lower, temporary.as_os_str(), lower, name)
         })();
         if let Err(err) = made {
-            let _ = nix::unistd::unlinkat(
-                lower,
-                temporary.as_os_str(),
-                nix::unistd::UnlinkatFlags::NoRemoveDir,
-            );
+            if created {
+                let _ = nix::unistd::unlinkat(
+                    lower,
+                    temporary.as_os_str(),
+                    nix::unistd::UnlinkatFlags::NoRemoveDir,
+                );
+            }
             self.fail(here, format!("could not write the FIFO back: {err}"));
         }
     }
+}
+
+/// Copies the data of `source` (`size` bytes long) into the empty
+/// `target`: only its data, so that holes stay holes, and no more than
+/// `budget` bytes of it (what tmpfs counted), which it lowers.
+fn copy_data(
+    source: &OwnedFd,
+    target: &OwnedFd,
+    size: u64,
+    budget: &mut u64,
+) -> Result<(), String> {
+    use nix::unistd::{lseek, Whence};
+    let mut buffer = vec![0u8; 1 << 16];
+    let mut offset: i64 = 0;
+    let end = i64::try_from(size).map_err(|_| "too large".to_string())?;
+    while offset < end {
+        let data = match lseek(source, offset, Whence::SeekData) {
+            Ok(data) => data,
+            // No data past `offset`: the rest is a hole.
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(err) => return Err(err.to_string()),
+        };
+        let hole = lseek(source, data, Whence::SeekHole)
+            .map_err(|e| e.to_string())?
+            .min(end);
+        let mut at = data;
+        while at < hole {
+            let want = ((hole - at) as usize).min(buffer.len());
+            let read =
+                nix::sys::uio::pread(source, &mut buffer[..want], at).map_err(|e| e.to_string())?;
+            if read == 0 {
+                break;
+            }
+            if read as u64 > *budget {
+                return Err("it holds more data than the call's budget counted".into());
+            }
+            let mut done = 0;
+            while done < read {
+                done += nix::sys::uio::pwrite(target, &buffer[done..read], at + done as i64)
+                    .map_err(|e| e.to_string())?;
+            }
+            *budget -= read as u64;
+            at += read as i64;
+        }
+        offset = hole.max(at);
+    }
+    nix::unistd::ftruncate(target, end).map_err(|e| e.to_string())
 }
 
 /// Makes `name` in `dir` free for a rename of a non-folder onto it: a

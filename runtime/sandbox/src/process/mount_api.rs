@@ -131,31 +131,7 @@ pub(crate) fn fresh_mount(
     // SAFETY: fsopen with a C string; returns a new descriptor or -1.
     let context =
         owned(unsafe { libc::syscall(libc::SYS_fsopen, filesystem.as_ptr(), FSOPEN_CLOEXEC) })?;
-    for (key, value) in options {
-        let key = std::ffi::CString::new(*key).map_err(std::io::Error::other)?;
-        let value = value
-            .map(|value| std::ffi::CString::new(value).map_err(std::io::Error::other))
-            .transpose()?;
-        let (command, value_ptr) = match &value {
-            Some(value) => (FSCONFIG_SET_STRING, value.as_ptr()),
-            None => (FSCONFIG_SET_FLAG, std::ptr::null()),
-        };
-        // SAFETY: fsconfig with a valid context and C strings (or a null
-        // value for a flag).
-        let done = unsafe {
-            libc::syscall(
-                libc::SYS_fsconfig,
-                context.as_raw_fd(),
-                command,
-                key.as_ptr(),
-                value_ptr,
-                0,
-            )
-        };
-        if done != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
+    set_options(&context, options)?;
     // SAFETY: fsconfig's create command takes no key or value.
     let created = unsafe {
         libc::syscall(
@@ -181,9 +157,54 @@ pub(crate) fn fresh_mount(
     })
 }
 
+/// Sets `options` on a filesystem context: strings, or flags where the
+/// value is `None`.
+fn set_options(context: &OwnedFd, options: &[(&str, Option<&str>)]) -> std::io::Result<()> {
+    for (key, value) in options {
+        let key = std::ffi::CString::new(*key).map_err(std::io::Error::other)?;
+        let value = value
+            .map(|value| std::ffi::CString::new(value).map_err(std::io::Error::other))
+            .transpose()?;
+        let (command, value_ptr) = match &value {
+            Some(value) => (FSCONFIG_SET_STRING, value.as_ptr()),
+            None => (FSCONFIG_SET_FLAG, std::ptr::null()),
+        };
+        // SAFETY: fsconfig with a valid context and C strings (or a null
+        // value for a flag).
+        let done = unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                context.as_raw_fd(),
+                command,
+                key.as_ptr(),
+                value_ptr,
+                0,
+            )
+        };
+        if done != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Changes `options` (`key=value` pairs) of the mounted filesystem whose
 /// root is `root` (`fspick`, then a reconfigure).
 pub(crate) fn reconfigure(root: BorrowedFd<'_>, options: &[(&str, &str)]) -> std::io::Result<()> {
+    let options: Vec<(&str, Option<&str>)> = options.iter().map(|(k, v)| (*k, Some(*v))).collect();
+    reconfigure_options(root, &options)
+}
+
+/// Sets the flag option `flag` (`ro`) of the mounted filesystem whose root
+/// is `root`.
+pub(crate) fn reconfigure_with_flag(root: BorrowedFd<'_>, flag: &str) -> std::io::Result<()> {
+    reconfigure_options(root, &[(flag, None)])
+}
+
+fn reconfigure_options(
+    root: BorrowedFd<'_>,
+    options: &[(&str, Option<&str>)],
+) -> std::io::Result<()> {
     // SAFETY: fspick on our descriptor with an empty path; returns a new
     // descriptor or -1.
     let context = owned(unsafe {
@@ -194,24 +215,7 @@ pub(crate) fn reconfigure(root: BorrowedFd<'_>, options: &[(&str, &str)]) -> std
             FSPICK_CLOEXEC | FSPICK_EMPTY_PATH,
         )
     })?;
-    for (key, value) in options {
-        let key = std::ffi::CString::new(*key).map_err(std::io::Error::other)?;
-        let value = std::ffi::CString::new(*value).map_err(std::io::Error::other)?;
-        // SAFETY: fsconfig with a valid context and C strings.
-        let done = unsafe {
-            libc::syscall(
-                libc::SYS_fsconfig,
-                context.as_raw_fd(),
-                FSCONFIG_SET_STRING,
-                key.as_ptr(),
-                value.as_ptr(),
-                0,
-            )
-        };
-        if done != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
+    set_options(&context, options)?;
     // SAFETY: fsconfig's reconfigure command takes no key or value.
     let done = unsafe {
         libc::syscall(

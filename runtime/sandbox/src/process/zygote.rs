@@ -399,7 +399,7 @@ fn run_init(
     }
     let mut stopping = false;
     loop {
-        if !stopping && STOP_ASKED.load(std::sync::atomic::Ordering::Relaxed) {
+        if !stopping && STOPS.load(std::sync::atomic::Ordering::Relaxed) > 0 {
             // The runtime stops the call (its wall-clock limit): every
             // process of it, the target included, dies now; what it wrote
             // is written back below, once the target is reaped.
@@ -420,7 +420,11 @@ fn run_init(
                     // back: the rest of the call dies first.
                     kill_all_others();
                     reap_all();
-                    (false, Some(overlay.write_back()))
+                    // A stop that came before the write back stopped the
+                    // call; one that comes during it stops the write back.
+                    let stops_before = STOPS.load(std::sync::atomic::Ordering::Relaxed);
+                    let stop = || STOPS.load(std::sync::atomic::Ordering::Relaxed) > stops_before;
+                    (false, Some(overlay.write_back(&stop)))
                 }
                 None => (!namespace_is_empty(), None),
             };
@@ -445,15 +449,19 @@ fn run_init(
     }
 }
 
-/// Set by [`super::disk::STOP_SIGNAL`]: the runtime stops the call.
-static STOP_ASKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// How many times [`super::disk::STOP_SIGNAL`] came: the runtime stops the
+/// call (at its deadline), or, when it comes during the write back, stops
+/// that too.
+static STOPS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 extern "C" fn on_stop(_: libc::c_int) {
-    STOP_ASKED.store(true, std::sync::atomic::Ordering::Relaxed);
+    STOPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Async-signal-safe: the call ends now, whatever the init was doing.
+    kill_all_others();
 }
 
 /// Has [`super::disk::STOP_SIGNAL`] interrupt the init's wait (no
-/// `SA_RESTART`) and set [`STOP_ASKED`]. An init ignores signals it has no
+/// `SA_RESTART`), kill the call and count in [`STOPS`]. An init ignores signals it has no
 /// handler for, so only an init with a disk budget can be stopped this way.
 fn catch_stop_signal() {
     // SAFETY: a handler that only stores to an atomic; a zeroed sigaction

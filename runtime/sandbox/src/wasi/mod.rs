@@ -39,6 +39,7 @@
 //!
 //! Each rule has tests in `tests/wasi_sandbox.rs`.
 
+mod budget;
 mod engine;
 mod feed;
 mod helper;
@@ -92,6 +93,12 @@ pub struct WasiPolicy {
     /// guest from using up the runtime's descriptor table (red-team M4);
     /// past it the guest is stopped with `limit = "open_files"`.
     pub open_files: usize,
+    /// What one call may add to the workspace (bytes past files' ends,
+    /// new names), counted on the host (see [`budget`]); past it the write
+    /// fails with `ENOSPC` and the call reports `limit = "disk"`. `None`:
+    /// counted, not bounded.
+    #[serde(default)]
+    pub disk: Option<crate::process::DiskBudget>,
 }
 
 /// Table entries a store needs besides the guest's open files and its
@@ -109,6 +116,7 @@ impl Default for WasiPolicy {
             read_only: Vec::new(),
             protected: crate::process::default_protected(),
             open_files: 256,
+            disk: Some(crate::process::DiskBudget::default()),
         }
     }
 }
@@ -159,6 +167,8 @@ pub(crate) struct StoreState {
     poll_oneoff: Option<sleep::Poll>,
     /// The deadline's watch over host calls the guest is blocked in.
     watch: watchdog::Watch,
+    /// What the current call has added to the workspace (see [`budget`]).
+    disk: Arc<budget::DiskMeter>,
 }
 
 /// Caps linear memory and remembers whether the cap was hit.
@@ -308,6 +318,7 @@ impl WasiSandbox {
         })
         .map_err(|e| WasiError::Engine(e.to_string()))?;
         sleep::bound_sleeps(&mut linker).map_err(|e| WasiError::Engine(e.to_string()))?;
+        budget::count_writes(&mut linker).map_err(|e| WasiError::Engine(e.to_string()))?;
         let pre = linker
             .instantiate_pre(&module)
             .map_err(|e| WasiError::Module {
@@ -563,6 +574,7 @@ impl WasiSandbox {
             Err(err) => return ToolOutcome::internal_error(err),
         };
         let memory_hit = Arc::clone(&store.data().limiter.hit);
+        let disk = Arc::clone(&store.data().disk);
         let fired = store.data().watch.fired();
         let result = prepared
             .pre
@@ -584,6 +596,7 @@ impl WasiSandbox {
             fired.load(std::sync::atomic::Ordering::SeqCst),
             policy,
         );
+        disk.account(&mut outcome);
         outcome
     }
 
@@ -620,6 +633,7 @@ impl WasiSandbox {
             },
             watch: watchdog::watch_store(&deadline),
             deadline: Arc::clone(&deadline),
+            disk: budget::DiskMeter::new(policy.disk),
         };
         let mut state = state;
         state.wasi.ctx().table.set_max_capacity(

@@ -52,6 +52,8 @@ struct Live {
     interrupted: Arc<AtomicBool>,
     finished: Arc<AtomicBool>,
     memory_hit: Arc<AtomicBool>,
+    /// What the current frame has added to the workspace.
+    disk: Arc<super::budget::DiskMeter>,
     thread: std::thread::JoinHandle<wasmtime::Result<()>>,
 }
 
@@ -319,6 +321,7 @@ impl PythonSession {
         let deadline = Instant::now() + wall;
         *live.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(deadline);
         live.between_frames.store(false, Ordering::SeqCst);
+        live.disk.start_call();
         live.stdin
             .push(format!("{}\n{code}", code.len()).as_bytes());
         let waiter = live.stdin.waiter();
@@ -346,6 +349,7 @@ impl PythonSession {
                     outcome.status = Status::Failed;
                     outcome.error = Some(format!("exited with code {code}"));
                 }
+                live.disk.account(&mut outcome);
                 return outcome;
             }
             (FrameEnd::Idle, None) => {
@@ -368,6 +372,7 @@ impl PythonSession {
             return outcome;
         };
         let interrupted = live.interrupted.load(Ordering::SeqCst);
+        let disk = Arc::clone(&live.disk);
         let (memory_hit, thread) = end_instance(live);
         let memory_hit = memory_hit.load(Ordering::SeqCst);
         let result = tokio::task::spawn_blocking(move || thread.join())
@@ -385,6 +390,7 @@ impl PythonSession {
         };
         classify(&mut outcome, result, memory_hit, &self.policy);
         super::mark_overdue(&mut outcome, interrupted, &self.policy);
+        disk.account(&mut outcome);
         if outcome.status == Status::Ok {
             outcome.status = Status::Failed;
         }
@@ -496,6 +502,7 @@ fn start_instance(
                 Arc::clone(&store.data().limiter.hit),
                 Arc::clone(&store.data().between_frames),
                 store.data().watch.fired(),
+                Arc::clone(&store.data().disk),
             )));
             let result = prepared
                 .pre
@@ -507,7 +514,7 @@ fn start_instance(
             result
         })
         .map_err(|e| format!("starting the session thread: {e}"))?;
-    let (deadline, memory_hit, between_frames, interrupted) = ready_rx
+    let (deadline, memory_hit, between_frames, interrupted, disk) = ready_rx
         .recv()
         .map_err(|_| "the session thread ended before its interpreter was made".to_string())??;
     Ok(Live {
@@ -519,6 +526,7 @@ fn start_instance(
         interrupted,
         finished,
         memory_hit,
+        disk,
         thread,
     })
 }
