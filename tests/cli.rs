@@ -425,6 +425,85 @@ fn agent_doctor_reports_the_kernel_guarantees() {
         .any(|g| g["name"].as_str().is_some_and(|n| n.contains("seccomp"))));
 }
 
+/// `agent doctor` at each landlock tier, forced down with
+/// `STACK_RUNTIME_LANDLOCK_ABI`: the tier, what holds each guarantee
+/// (landlock, or the compensating control), and whether calls run; and
+/// `agent tool run` at that tier, which runs or refuses accordingly.
+#[test]
+fn agent_doctor_states_each_tier_and_calls_follow_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let doctor = |abi: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_agent"))
+            .args(["doctor", "--json"])
+            .current_dir(dir.path())
+            .env("STACK_RUNTIME_LANDLOCK_ABI", abi)
+            .output()
+            .expect("agent doctor");
+        let report: Value = serde_json::from_slice(&output.stdout).expect("json");
+        (output.status.success(), report)
+    };
+    let detail = |report: &Value, name: &str| -> String {
+        report["guarantees"]
+            .as_array()
+            .expect("guarantees")
+            .iter()
+            .find(|g| g["name"].as_str().is_some_and(|n| n.contains(name)))
+            .map(|g| format!("{} {}", g["holds"], g["detail"]))
+            .unwrap_or_else(|| panic!("no guarantee {name}: {report}"))
+    };
+    let (ready, report) = doctor("4");
+    assert!(ready, "{report}");
+    assert_eq!(report["probe"]["tier"], "no_scoping", "{report}");
+    assert_eq!(report["probe"]["landlock_abi"], 4);
+    assert!(
+        detail(&report, "TCP").starts_with("true \"landlock ABI 4"),
+        "{report}"
+    );
+    assert!(
+        detail(&report, "scoped").starts_with("true \"compensated"),
+        "{report}"
+    );
+    let (ready, report) = doctor("2");
+    assert!(ready, "{report}");
+    assert_eq!(report["probe"]["tier"], "minimal", "{report}");
+    assert!(
+        detail(&report, "TCP").starts_with("true \"compensated"),
+        "{report}"
+    );
+    assert!(
+        detail(&report, "truncating").starts_with("true \"compensated"),
+        "{report}"
+    );
+    let (ready, report) = doctor("0");
+    assert!(!ready, "{report}");
+    assert_eq!(report["probe"]["tier"], "unsupported", "{report}");
+    assert!(
+        detail(&report, "filesystem").starts_with("false"),
+        "{report}"
+    );
+    // Calls follow the tier: they run at ABI 2, and are refused with the
+    // reason with no landlock at all.
+    for (abi, want) in [("2", "ok"), ("0", "error")] {
+        let output = Command::new(env!("CARGO_BIN_EXE_agent"))
+            .args(["tool", "run", "execute_code", "--yes", "--args"])
+            .arg(r#"{"code": "print(6 * 7)", "language": "python"}"#)
+            .current_dir(dir.path())
+            .env("STACK_RUNTIME_LANDLOCK_ABI", abi)
+            .output()
+            .expect("agent tool run");
+        let report: Value = serde_json::from_slice(&output.stdout).expect("json");
+        assert_eq!(report["status"], want, "ABI {abi}: {report}");
+        if want == "error" {
+            assert!(
+                report["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("landlock")),
+                "{report}"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_policy_that_cannot_be_loaded_runs_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");

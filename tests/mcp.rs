@@ -210,8 +210,28 @@ fn a_session_is_not_cut_off_by_the_per_turn_call_limit() {
 
 #[test]
 fn a_protected_name_planted_by_a_cancelled_call_is_moved_aside() {
+    // With a disk budget (the default policy's), a cancelled call's writes
+    // are never written back: nothing is planted at all.
     let ws = workspace();
     let seen = over_stdio("cancel-plant", ws.path(), &[]);
+    assert!(
+        !ws.path().join(".envrc").exists(),
+        "the planted .envrc survived the cancellation: {seen}"
+    );
+    // Without one, the call writes to the workspace directly, and what it
+    // planted is moved aside once it is gone.
+    let ws = workspace();
+    let policy = ws.path().join("direct.toml");
+    std::fs::write(
+        &policy,
+        "[defaults]\ndecision = \"allow\"\n\n[sandbox]\nbackend = \"process\"\ndisk_mb = 0\n",
+    )
+    .expect("policy");
+    let seen = over_stdio(
+        "cancel-plant",
+        ws.path(),
+        &["--policy", policy.to_str().expect("utf8")],
+    );
     assert!(
         !ws.path().join(".envrc").exists(),
         "the planted .envrc survived the cancellation: {seen}"

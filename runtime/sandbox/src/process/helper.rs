@@ -73,6 +73,36 @@ use super::zygote;
 /// Exit code of the helper (or a call's target) when setting up failed.
 pub(crate) const SETUP_FAILED_EXIT: i32 = 125;
 
+/// The first argument that makes the helper try what the sandbox needs of
+/// user namespaces and exit (see [`probe_main`]).
+pub const PROBE_ARG: &str = "--probe-namespaces";
+
+/// Tries, in this (single-threaded) process, what every zygote does first:
+/// a user, mount and network namespace with only our own ids mapped, and
+/// a tmpfs mounted in it. Exits 0 when all of it works; otherwise prints
+/// the step that failed and exits 1. AppArmor's userns restriction and a
+/// container's seccomp profile fail one of these steps.
+pub fn probe_main() -> ! {
+    let tried = (|| -> Result<(), String> {
+        let (uid, gid) = (getuid(), getgid());
+        unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("unshare of user, mount and network namespaces failed ({e})"))?;
+        write_proc("/proc/self/setgroups", "deny")?;
+        write_proc("/proc/self/uid_map", &format!("{uid} {uid} 1"))?;
+        write_proc("/proc/self/gid_map", &format!("{gid} {gid} 1"))?;
+        super::mount_api::fresh_tmpfs(&[("size", "4k")], 0)
+            .map(drop)
+            .map_err(|e| format!("a tmpfs in a new user namespace could not be made ({e})"))
+    })();
+    match tried {
+        Ok(()) => std::process::exit(0),
+        Err(why) => {
+            println!("{why}");
+            std::process::exit(1)
+        }
+    }
+}
+
 /// Entry point of the `stack-sandbox-exec` binary. Never returns.
 pub fn helper_main() -> ! {
     // SAFETY: the runtime passes the control socket as CONTROL_FD; if it is
@@ -496,7 +526,10 @@ fn rule_access(abi: ABI, access: BitFlags<AccessFs>, directory: bool) -> BitFlag
 }
 
 fn base_ruleset(spec: &ZygoteSpec, base: &BaseRules) -> Result<Prepared, String> {
-    let version = landlock_abi().ok_or("landlock is not available in this kernel (needs Linux 5.13+ with landlock in the LSM list)")?;
+    let version = landlock_abi()
+        .map(|kernel| kernel.min(spec.landlock_abi))
+        .filter(|abi| *abi > 0)
+        .ok_or("landlock is not available in this kernel (needs Linux 5.13+ with landlock in the LSM list)")?;
     let abi = abi_from(version);
     let err = |e: landlock::RulesetError| format!("landlock: {e}");
     let mut ruleset = Ruleset::default()

@@ -125,10 +125,10 @@ use nix::libc;
 use tokio::io::AsyncWriteExt;
 
 pub use cgroup::CgroupLayout;
-pub use helper::helper_main;
+pub use helper::{helper_main, probe_main, PROBE_ARG};
 pub use network::Network;
 pub use pool::wait_for_cleanup;
-pub use probe::{Guarantee, KernelProbe};
+pub use probe::{Guarantee, KernelProbe, Tier, FORCE_LANDLOCK_ABI_ENV};
 #[cfg(feature = "wasi")]
 pub(crate) use spec::ProtectedPath;
 pub use spec::{DiskBudget, DiskUse, NetworkMode, ProtectedMode, ResourceLimits};
@@ -252,8 +252,15 @@ pub struct ProcessPolicy {
     pub limits: ResourceLimits,
     /// Extra read-only paths.
     pub extra_read_only: Vec<PathBuf>,
-    /// The landlock ABI needed at least; 6 gives signal and socket scoping.
+    /// The landlock ABI needed at least. Every tier from 1 up gives every
+    /// guarantee, from landlock or from a compensating control (see
+    /// [`Tier`]); a policy that wants landlock itself to hold a rule asks
+    /// for more (6: signal and socket scoping).
     pub min_landlock_abi: i32,
+    /// Use at most this landlock ABI, whatever the kernel offers: to test
+    /// each [`Tier`] on a new kernel (`agent` takes it from
+    /// [`FORCE_LANDLOCK_ABI_ENV`]). `None`: the kernel's.
+    pub landlock_abi_limit: Option<i32>,
     /// Paths relative to the workspace that code may not change (read-only)
     /// or see (hidden). One that exists is bound over in the sandbox's
     /// mount namespace; one that a call creates or replaces is moved aside
@@ -268,7 +275,8 @@ impl Default for ProcessPolicy {
             network: Network::None,
             limits: ResourceLimits::default(),
             extra_read_only: Vec::new(),
-            min_landlock_abi: 6,
+            min_landlock_abi: 1,
+            landlock_abi_limit: None,
             protected: default_protected(),
         }
     }
@@ -541,9 +549,12 @@ impl ProcessSandbox {
         policy: &ProcessPolicy,
         stdin_mode: StdinMode,
     ) -> Result<HandedOver, SandboxError> {
-        let probe = KernelProbe::get();
+        let probe = KernelProbe::get().limited_to(policy.landlock_abi_limit);
         if let Some(missing) = probe.missing_requirements(policy.min_landlock_abi) {
             return Err(SandboxError::KernelLacks(missing));
+        }
+        if let Some(refused) = probe.network_refused(policy.network.mode()) {
+            return Err(SandboxError::KernelLacks(refused));
         }
         if policy.network.allowlist().is_some() {
             if let Some(missing) = probe.egress_filtering_missing() {
@@ -598,6 +609,7 @@ impl ProcessSandbox {
             }),
             memory_bytes: policy.limits.memory_bytes,
             processes: policy.limits.processes,
+            landlock_abi: probe.landlock_abi.unwrap_or(0),
             // A service (an MCP server) lives on and writes as it goes: its
             // writes cannot wait for its end to be written back.
             disk: match stdin_mode {

@@ -67,6 +67,9 @@ pub(crate) struct ZygoteKey {
     pub processes: u64,
     /// Each call's disk budget (see `disk`); `None` for services.
     pub disk: Option<DiskBudget>,
+    /// The landlock ABI its calls use (the kernel's, or lower: see
+    /// `ProcessPolicy::landlock_abi_limit`).
+    pub landlock_abi: i32,
     /// Read-only paths beyond the system ones (bound into the zygote's
     /// root): the interpreter's prefix where it is elsewhere, policy extras.
     pub read_only: Vec<PathBuf>,
@@ -269,6 +272,7 @@ impl Zygote {
             protected: key.protected.clone(),
             tmp_bytes: key.memory_bytes,
             disk: key.disk,
+            landlock_abi: key.landlock_abi,
             cgroup_procs: cgroup
                 .as_ref()
                 .map(SandboxCgroup::procs_files)
@@ -320,6 +324,13 @@ impl Zygote {
         };
         let setup = match first.map(|p| p.map(|p| p.decode::<FromZygote>())) {
             Ok(Some(Ok(FromZygote::Ready))) => Ok(()),
+            // A namespace the kernel refused: say what to do about it here
+            // (AppArmor, a container's seccomp profile, a namespace limit).
+            Ok(Some(Ok(FromZygote::SetupFailed { message })))
+                if message.starts_with("cannot create user/network namespaces") =>
+            {
+                Err(super::KernelProbe::get().advice(&message))
+            }
             Ok(Some(Ok(FromZygote::SetupFailed { message }))) => Err(message),
             Ok(Some(Ok(other))) => Err(format!("unexpected first message {other:?}")),
             Ok(Some(Err(err))) => Err(format!("unreadable first message: {err}")),

@@ -154,6 +154,9 @@ pub(crate) struct ZygoteSpec {
     /// calls write to the workspace directly.
     #[serde(default)]
     pub disk: Option<DiskBudget>,
+    /// The landlock ABI the calls use at most (the runtime's choice: the
+    /// kernel's, or lower to give a lower tier).
+    pub landlock_abi: i32,
     /// `cgroup.procs` files the zygote joins before dropping privileges;
     /// every call it forks inherits them.
     pub cgroup_procs: Vec<PathBuf>,

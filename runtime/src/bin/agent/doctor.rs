@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use stack_runtime::assets::Asset;
 use stack_runtime::policy::Policy;
-use stack_runtime::sandbox::process::{KernelProbe, ProcessPolicy, ProcessSandbox};
+use stack_runtime::sandbox::process::{
+    KernelProbe, ProcessPolicy, ProcessSandbox, Tier, FORCE_LANDLOCK_ABI_ENV,
+};
 
 /// What the policy keeps on disk, where, for how long, and whether it is
 /// encrypted.
@@ -50,19 +52,37 @@ fn encryption(policy: &Policy) -> String {
     }
 }
 
+/// What a tier means, in a line.
+fn tier_line(tier: Tier) -> String {
+    let what = match tier {
+        Tier::Full => "landlock holds every rule (ABI 6+)",
+        Tier::NoScoping => "landlock ABI 4-5: signals and abstract sockets held by the call's PID and network namespaces; network = \"full\" refused",
+        Tier::Minimal => "landlock ABI 1-3: also TCP held by the network namespace and seccomp, truncation by read-only mounts; network = \"full\" and allowlists refused",
+        Tier::Unsupported => "no landlock: the process sandbox refuses to run",
+    };
+    format!("{} ({what})", tier.as_str())
+}
+
 pub fn run(
     json: bool,
     model: &crate::model_cmd::ModelArgs,
     policy_name: &str,
 ) -> anyhow::Result<ExitCode> {
     let served = crate::model_cmd::served(model);
-    let probe = KernelProbe::get();
-    let guarantees = probe.guarantees();
     let helper = ProcessSandbox::locate();
+    // User namespaces are tried for real (AppArmor and container seccomp
+    // profiles let the sysctl say yes and the syscall fail).
+    let probe = match &helper {
+        Ok(sandbox) => KernelProbe::get()
+            .clone()
+            .with_user_namespaces_tried(sandbox.helper()),
+        Err(_) => KernelProbe::get().clone(),
+    };
+    let guarantees = probe.guarantees();
     let missing = probe.missing_requirements(ProcessPolicy::default().min_landlock_abi);
     if json {
         let report = serde_json::json!({
-            "probe": probe,
+            "probe": &probe,
             "guarantees": guarantees,
             "sandbox_helper": helper.as_ref().map(|h| h.helper().display().to_string()).map_err(|e| e.to_string()),
             "process_sandbox_ready": missing.is_none() && helper.is_ok(),
@@ -78,18 +98,28 @@ pub fn run(
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("kernel        {}", probe.kernel);
+        let forced = probe
+            .landlock_abi_kernel
+            .map(|kernel| {
+                format!(" (forced down from the kernel's ABI {kernel} by {FORCE_LANDLOCK_ABI_ENV})")
+            })
+            .unwrap_or_default();
         println!(
-            "landlock      {}",
+            "landlock      {}{forced}",
             probe
                 .landlock_abi
                 .map_or("not available".to_string(), |abi| format!("ABI {abi}"))
         );
+        println!("sandbox tier  {}", tier_line(probe.tier));
+        if let Some(container) = &probe.container {
+            println!("container     {container}");
+        }
         println!(
             "user ns       {}",
-            if probe.user_namespaces {
-                "available"
-            } else {
-                "disabled"
+            match (&probe.user_namespaces_blocked, probe.user_namespaces) {
+                (Some(why), _) => format!("blocked: {why}"),
+                (None, true) => "available".to_string(),
+                (None, false) => "disabled".to_string(),
             }
         );
         println!(
@@ -122,7 +152,10 @@ pub fn run(
             Some(why) => println!("egress        not available: {why}"),
         }
         println!();
-        println!("process sandbox guarantees (default policy):");
+        println!(
+            "process sandbox guarantees (default policy, tier {}):",
+            probe.tier.as_str()
+        );
         for guarantee in &guarantees {
             println!(
                 "  [{}] {} — {}",
