@@ -164,10 +164,14 @@ fn main() {
         network: Network::Full,
         ..ProcessPolicy::default()
     };
+    // The default policy without its disk budget: calls write to the
+    // workspace directly, with no overlay to mount or write back.
+    let mut no_budget = ProcessPolicy::default();
+    no_budget.limits.disk = None;
 
     println!("process sandbox start-up, median of {iterations} runs (ratios against the bare spawn in this run)");
     println!(
-        "{:<24} {:>8} {:>10} {:>8} {:>10} {:>9} {:>15} {:>9} {:>9}",
+        "{:<24} {:>8} {:>10} {:>8} {:>10} {:>9} {:>15} {:>14} {:>8} {:>9} {:>9}",
         "command",
         "bare ms",
         "sandbox ms",
@@ -175,6 +179,8 @@ fn main() {
         "tokio ms",
         "vs tokio",
         "sandbox+net ms",
+        "no budget ms",
+        "ratio",
         "bwrap ms",
         "vs bwrap"
     );
@@ -191,23 +197,25 @@ fn main() {
         let mut run_bare_tokio = || bare_tokio(&runtime, argv, &env);
         let mut run_sandboxed = || sandboxed(&default_policy);
         let mut run_sandboxed_net = || sandboxed(&full_network);
+        let mut run_no_budget = || sandboxed(&no_budget);
         let mut run_bwrap = || bwrap(argv, workspace.path(), &env);
         let mut runners: Vec<&mut dyn FnMut()> = vec![
             &mut run_bare,
             &mut run_sandboxed,
             &mut run_bare_tokio,
             &mut run_sandboxed_net,
+            &mut run_no_budget,
         ];
         let medians = time_interleaved(iterations, &mut runners);
-        let (bare_time, sandbox_time, tokio_time, sandbox_net_time) =
-            (medians[0], medians[1], medians[2], medians[3]);
+        let (bare_time, sandbox_time, tokio_time, sandbox_net_time, no_budget_time) =
+            (medians[0], medians[1], medians[2], medians[3], medians[4]);
         // bwrap runs on its own: each run creates and destroys a network
         // namespace, whose teardown (expedited RCU grace periods, IPIs to
         // every CPU) would otherwise land in the other runners' timings.
         let bwrap_time = has_bwrap.then(|| time_interleaved(iterations, &mut [&mut run_bwrap])[0]);
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         println!(
-            "{:<24} {:>8.2} {:>10.2} {:>7.2}x {:>10.2} {:>8.2}x {:>15.2} {:>9} {:>9}",
+            "{:<24} {:>8.2} {:>10.2} {:>7.2}x {:>10.2} {:>8.2}x {:>15.2} {:>14.2} {:>7.2}x {:>9} {:>9}",
             argv.join(" "),
             ms(bare_time),
             ms(sandbox_time),
@@ -215,6 +223,8 @@ fn main() {
             ms(tokio_time),
             ms(sandbox_time) / ms(tokio_time),
             ms(sandbox_net_time),
+            ms(no_budget_time),
+            ms(no_budget_time) / ms(bare_time),
             bwrap_time.map_or("-".to_string(), |b| format!("{:.2}", ms(b))),
             bwrap_time.map_or("-".to_string(), |b| format!(
                 "{:.2}x",
@@ -269,5 +279,8 @@ fn main() {
         median(cold).as_secs_f64() * 1000.0
     );
     println!("(ratio = sandbox over a bare std::process spawn; tokio = the same bare spawn through tokio::process;");
-    println!(" sandbox = default policy, network none; sandbox+net = the same without a network namespace)");
+    println!(" sandbox = default policy, network none, its disk budget on; sandbox+net = the same without a network namespace;");
+    println!(
+        " no budget = the default policy with disk_mb = 0: no overlay to mount and write back)"
+    );
 }

@@ -47,7 +47,9 @@ fn tree(root: &Path) -> BTreeMap<String, u64> {
     let mut seen = std::collections::HashSet::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("read_dir") {
+        let listing =
+            std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()));
+        for entry in listing {
             let entry = entry.expect("entry");
             let meta = std::fs::symlink_metadata(entry.path()).expect("lstat");
             let name = entry
@@ -397,6 +399,24 @@ os.chmod('closed/sub', 0o300)
         .run_code(Language::Python, code, ws, &budget(8 << 20, 2000))
         .await;
     assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    // The folder the call closed (0300) stays closed; opened again, the
+    // walk below can read it as any user.
+    assert_eq!(
+        std::fs::metadata(ws.join("closed/sub"))
+            .expect("stat")
+            .mode()
+            & 0o777,
+        0o300
+    );
+    std::fs::set_permissions(
+        ws.join("closed/sub"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .expect("chmod");
+    assert_eq!(
+        std::fs::read_to_string(ws.join("closed/sub/f")).expect("read"),
+        "f"
+    );
     let after = tree(ws);
     let (bytes, names) = growth(&before, &after);
     assert!(
@@ -440,12 +460,5 @@ os.chmod('closed/sub', 0o300)
             .mode()
             & 0o777,
         0o555
-    );
-    assert_eq!(
-        std::fs::metadata(ws.join("closed/sub"))
-            .expect("stat")
-            .mode()
-            & 0o777,
-        0o300
     );
 }

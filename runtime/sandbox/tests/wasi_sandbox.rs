@@ -953,6 +953,9 @@ async fn a_guest_cannot_add_more_than_its_disk_budget() {
         ("many folders", "import os\nfor i in range(5000):\n    os.mkdir(f'd{i}')"),
         ("many hard links", "import os\nopen('one', 'w').close()\nfor i in range(5000):\n    os.link('one', f'l{i}')"),
         ("many symlinks", "import os\nfor i in range(5000):\n    os.symlink('x', f's{i}')"),
+        ("pwrite in append mode", "import os\nfd = os.open('a', os.O_WRONLY | os.O_CREAT | os.O_APPEND)\nwhile True:\n    os.pwrite(fd, b'x' * (1 << 20), 0)"),
+        ("filling a sparse file's holes", "f = open('holes', 'r+b')\nfor i in range(1024):\n    f.seek(i << 20)\n    f.write(b'x' * (1 << 20))\n    f.flush()"),
+        ("names made through a dangling symlink", "import os\nos.symlink('t', 'l')\nfor i in range(5000):\n    open('l', 'w').close()\n    os.rename('t', f't{i}')"),
     ];
     let size = |dir: &std::path::Path| -> (u64, usize) {
         use std::os::unix::fs::MetadataExt;
@@ -967,6 +970,11 @@ async fn a_guest_cannot_add_more_than_its_disk_budget() {
     };
     for (what, code) in attacks {
         let workspace = tempfile::tempdir().expect("tempdir");
+        // A sparse file of 1 GiB that takes no disk (one a process call
+        // could leave behind for free).
+        std::fs::File::create(workspace.path().join("holes"))
+            .and_then(|f| f.set_len(1 << 30))
+            .expect("sparse file");
         let fresh = sandbox().run_python(code, workspace.path(), &policy).await;
         assert_eq!(
             (fresh.status, fresh.limit),
@@ -975,7 +983,7 @@ async fn a_guest_cannot_add_more_than_its_disk_budget() {
         );
         let (bytes, names) = size(workspace.path());
         assert!(
-            bytes <= BYTES + 4096 * names as u64 && names as u64 <= FILES,
+            bytes <= BYTES + 4096 * names as u64 && names as u64 <= FILES + 1,
             "{what}: the workspace holds {bytes} bytes in {names} names"
         );
         let disk = fresh.disk.expect("use reported");

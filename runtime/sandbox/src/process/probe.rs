@@ -204,7 +204,7 @@ impl KernelProbe {
         } else {
             abi.to_string()
         };
-        let netns = self.user_namespaces;
+        let netns = self.user_namespaces && self.user_namespaces_blocked.is_none();
         let landlock_or = |min: i32, compensated: &str| -> (bool, String) {
             if abi >= min {
                 (true, format!("landlock ABI {abi}"))
@@ -235,11 +235,11 @@ impl KernelProbe {
         );
         let (scope, scope_detail) = landlock_or(
             6,
-            "signals cannot reach outside the call's PID namespace, abstract sockets outside its network namespace; `network = \"full\"` is refused",
+            "signals cannot reach outside the call's PID namespace, abstract sockets outside the sandbox's network namespace (which the calls of one workspace and policy share, as they share the workspace); `network = \"full\"` is refused",
         );
         let (truncate, truncate_detail) = landlock_or(
             3,
-            "everything but the workspace and tmp is mounted read-only in the call's mount namespace",
+            "everything but the workspace and tmp is mounted read-only in the call's mount namespace (calls of one workspace and policy without a disk budget can truncate each other's tmp files, as they can the workspace's)",
         );
         vec![
             Guarantee {

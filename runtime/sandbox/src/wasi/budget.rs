@@ -10,14 +10,18 @@
 //! to the workspace are wrapped in the linker, and each is counted against
 //! the call's [`DiskBudget`] *before* it runs:
 //!
-//! - bytes: `fd_write` and `fd_pwrite` to a regular file count what they
-//!   would add past the file's end (wasmtime-wasi writes the first
-//!   non-empty buffer of a call; a write past the end counts its hole, so
-//!   a sparse file costs what it claims); `fd_filestat_set_size` counts
-//!   what it grows;
-//! - names: `path_open` with `O_CREAT`, `path_create_directory`,
-//!   `path_link` and `path_symlink` count one name each when the name did
-//!   not exist.
+//! - bytes: `fd_write` and `fd_pwrite` to a regular file count every byte
+//!   they write (wasmtime-wasi writes the first non-empty buffer of a
+//!   call), overwrites included, since a write inside a file may fill a
+//!   hole that took no disk and the host cannot tell, plus the hole a
+//!   write past the end opens (a sparse file costs what it claims); an
+//!   append-mode descriptor writes at the end whatever offset `fd_pwrite`
+//!   names; `fd_filestat_set_size` counts what it grows. So a WASI budget
+//!   bounds what a call *writes*, which bounds what it adds;
+//! - names: `path_open` with `O_CREAT` (looked up as the call looks it
+//!   up, following a symlink where it would), `path_create_directory`,
+//!   `path_link` and `path_symlink` count one name each unless the name
+//!   exists.
 //!
 //! A call that would go past either bound fails whole with `ENOSPC`, the
 //! guest goes on (it may handle the error), and the call reports
@@ -44,6 +48,18 @@ use super::StoreState;
 use crate::process::DiskBudget;
 
 const MODULE: &str = "wasi_snapshot_preview1";
+
+/// Marks an outcome whose use is unknown (its helper was killed, say)
+/// as having used its whole budget, so that a session's total never misses
+/// a call.
+pub(crate) fn charge_unknown(outcome: &mut stack_types::ToolOutcome, budget: Option<DiskBudget>) {
+    if outcome.disk.is_none() {
+        outcome.disk = budget.map(|budget| stack_types::DiskAdded {
+            bytes: budget.bytes,
+            files: budget.files,
+        });
+    }
+}
 
 /// What one call of a store has added, against its budget.
 #[derive(Debug, Default)]
@@ -145,10 +161,14 @@ fn regular_file(
     Some((size, stat.fs_flags.contains(Fdflags::APPEND)))
 }
 
+/// Buffers looked at at most for a write's length (`IOV_MAX`): past it,
+/// the first is taken, and wasmtime-wasi decides.
+const MAX_BUFFERS: usize = 1024;
+
 /// The length of the first non-empty buffer (what wasmtime-wasi writes).
 fn first_length(memory: &GuestMemory<'_>, iovs: i32, count: i32) -> Option<u64> {
     let array: GuestPtr<[types::Ciovec]> = GuestPtr::new((iovs as u32, count as u32));
-    for element in array.iter() {
+    for element in array.iter().take(MAX_BUFFERS) {
         let buffer = memory.read(element.ok()?).ok()?;
         if buffer.buf_len > 0 {
             return Some(u64::from(buffer.buf_len));
@@ -157,24 +177,25 @@ fn first_length(memory: &GuestMemory<'_>, iovs: i32, count: i32) -> Option<u64> 
     Some(0)
 }
 
-/// Whether `path` (in the guest's memory) names nothing in `dir` yet.
+/// Whether `path` (in the guest's memory), looked up with `lookup` as the
+/// call will look it up, may make a new name in `dir`: anything but an
+/// existing entry counts (an error over-counts, never under-counts).
 fn is_new_name(
     wasi: &mut WasiP1Ctx,
     memory: &mut GuestMemory<'_>,
     dir: i32,
+    lookup: Lookupflags,
     path: i32,
     length: i32,
 ) -> bool {
     let path: GuestPtr<str> = GuestPtr::new((path as u32, length as u32));
-    matches!(
-        in_tokio(wasi.path_filestat_get(
-            memory,
-            types::Fd::from(dir as u32),
-            Lookupflags::empty(),
-            path
-        )),
-        Err(err) if err.downcast_ref() == Some(&Errno::Noent)
-    )
+    in_tokio(wasi.path_filestat_get(memory, types::Fd::from(dir as u32), lookup, path)).is_err()
+}
+
+/// What a write of `length` bytes at `start` to a file of `size` bytes
+/// counts: every byte written, and the hole it opens past the end.
+fn write_cost(start: u64, length: u64, size: u64) -> u64 {
+    length.saturating_add(start.saturating_sub(size))
 }
 
 const NO_SPACE: i32 = Errno::Nospc as i32;
@@ -196,7 +217,7 @@ pub(crate) fn count_writes(linker: &mut Linker<StoreState>) -> wasmtime::Result<
                             .unwrap_or(size)
                     };
                     let length = first_length(memory, iovs, count).unwrap_or(0);
-                    if !meter.take(start.saturating_add(length).saturating_sub(size), 0) {
+                    if !meter.take(write_cost(start, length, size), 0) {
                         return Ok(NO_SPACE);
                     }
                 }
@@ -214,10 +235,14 @@ pub(crate) fn count_writes(linker: &mut Linker<StoreState>) -> wasmtime::Result<
          offset: i64,
          out: i32| {
             with_memory(&mut caller, |wasi, memory, meter| {
-                if let Some((size, _)) = regular_file(wasi, memory, fd) {
+                // A negative offset is wasmtime-wasi's to refuse.
+                if let (Some((size, append)), Ok(offset)) =
+                    (regular_file(wasi, memory, fd), u64::try_from(offset))
+                {
+                    // Append mode writes at the end, whatever the offset.
+                    let start = if append { size } else { offset };
                     let length = first_length(memory, iovs, count).unwrap_or(0);
-                    let end = (offset as u64).saturating_add(length);
-                    if !meter.take(end.saturating_sub(size), 0) {
+                    if !meter.take(write_cost(start, length, size), 0) {
                         return Ok(NO_SPACE);
                     }
                 }
@@ -230,8 +255,10 @@ pub(crate) fn count_writes(linker: &mut Linker<StoreState>) -> wasmtime::Result<
         "fd_filestat_set_size",
         |mut caller: Caller<'_, StoreState>, fd: i32, size: i64| {
             with_memory(&mut caller, |wasi, memory, meter| {
-                if let Some((now, _)) = regular_file(wasi, memory, fd) {
-                    if !meter.take((size as u64).saturating_sub(now), 0) {
+                if let (Some((now, _)), Ok(size)) =
+                    (regular_file(wasi, memory, fd), u64::try_from(size))
+                {
+                    if !meter.take(size.saturating_sub(now), 0) {
                         return Ok(NO_SPACE);
                     }
                 }
@@ -254,7 +281,8 @@ pub(crate) fn count_writes(linker: &mut Linker<StoreState>) -> wasmtime::Result<
          out: i32| {
             with_memory(&mut caller, |wasi, memory, meter| {
                 let creates = (open as u16) & Oflags::CREAT.bits() != 0;
-                let new = creates && is_new_name(wasi, memory, dir, path, length);
+                let follow = Lookupflags::from_bits_truncate(lookup as u32);
+                let new = creates && is_new_name(wasi, memory, dir, follow, path, length);
                 if new && !meter.take(0, 1) {
                     return Ok(NO_SPACE);
                 }
@@ -269,7 +297,9 @@ pub(crate) fn count_writes(linker: &mut Linker<StoreState>) -> wasmtime::Result<
         "path_create_directory",
         |mut caller: Caller<'_, StoreState>, dir: i32, path: i32, length: i32| {
             with_memory(&mut caller, |wasi, memory, meter| {
-                if is_new_name(wasi, memory, dir, path, length) && !meter.take(0, 1) {
+                if is_new_name(wasi, memory, dir, Lookupflags::empty(), path, length)
+                    && !meter.take(0, 1)
+                {
                     return Ok(NO_SPACE);
                 }
                 in_tokio(p1::path_create_directory(wasi, memory, dir, path, length))
@@ -288,7 +318,15 @@ pub(crate) fn count_writes(linker: &mut Linker<StoreState>) -> wasmtime::Result<
          new_path: i32,
          new_length: i32| {
             with_memory(&mut caller, |wasi, memory, meter| {
-                if is_new_name(wasi, memory, new_dir, new_path, new_length) && !meter.take(0, 1) {
+                if is_new_name(
+                    wasi,
+                    memory,
+                    new_dir,
+                    Lookupflags::empty(),
+                    new_path,
+                    new_length,
+                ) && !meter.take(0, 1)
+                {
                     return Ok(NO_SPACE);
                 }
                 in_tokio(p1::path_link(
@@ -308,7 +346,15 @@ pub(crate) fn count_writes(linker: &mut Linker<StoreState>) -> wasmtime::Result<
          new_path: i32,
          new_length: i32| {
             with_memory(&mut caller, |wasi, memory, meter| {
-                if is_new_name(wasi, memory, dir, new_path, new_length) && !meter.take(0, 1) {
+                if is_new_name(
+                    wasi,
+                    memory,
+                    dir,
+                    Lookupflags::empty(),
+                    new_path,
+                    new_length,
+                ) && !meter.take(0, 1)
+                {
                     return Ok(NO_SPACE);
                 }
                 in_tokio(p1::path_symlink(
@@ -319,4 +365,49 @@ pub(crate) fn count_writes(linker: &mut Linker<StoreState>) -> wasmtime::Result<
     )?;
     linker.allow_shadowing(false);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_cost_what_they_write_and_the_holes_they_open() {
+        // (start, length, size) -> cost
+        for (start, length, size, cost) in [
+            (0, 10, 0, 10),
+            (5, 10, 100, 10),
+            (100, 10, 100, 10),
+            (1 << 40, 1, 0, (1 << 40) + 1),
+            (u64::MAX, 10, 0, u64::MAX),
+        ] {
+            assert_eq!(
+                write_cost(start, length, size),
+                cost,
+                "{start} {length} {size}"
+            );
+        }
+        let meter = DiskMeter::new(Some(DiskBudget {
+            bytes: 100,
+            files: 1,
+        }));
+        assert!(meter.take(60, 1));
+        assert!(!meter.take(41, 0), "past the bytes");
+        assert!(!meter.take(0, 1), "past the names");
+        assert!(meter.take(40, 0));
+        let mut outcome = stack_types::ToolOutcome::ok_text(String::new(), false);
+        meter.account(&mut outcome);
+        assert_eq!(outcome.limit, Some(stack_types::Limit::Disk));
+        assert_eq!(
+            outcome.disk,
+            Some(stack_types::DiskAdded {
+                bytes: 100,
+                files: 1
+            })
+        );
+        meter.start_call();
+        let mut outcome = stack_types::ToolOutcome::ok_text(String::new(), false);
+        meter.account(&mut outcome);
+        assert_eq!(outcome.limit, None, "a new call starts afresh");
+    }
 }

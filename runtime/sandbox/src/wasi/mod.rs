@@ -505,9 +505,15 @@ impl WasiSandbox {
         let mut outcome = if helper::needed(&present) {
             // Not root, and there are protected paths to keep: only a
             // process of its own can have the mount namespace for that.
-            helper::run_call(
-                self, &prepared, module, argv, stdin, &canonical, policy, &deadline,
-            )
+            {
+                let mut outcome = helper::run_call(
+                    self, &prepared, module, argv, stdin, &canonical, policy, &deadline,
+                );
+                // Killed or lost, the helper reported nothing: the call
+                // counts as having used its whole budget.
+                budget::charge_unknown(&mut outcome, policy.disk);
+                outcome
+            }
         } else if nix::unistd::geteuid().is_root() {
             let run = move || self.run_guest(&prepared, argv, stdin, &canonical, policy, deadline);
             // A root runtime confines the guest's thread (its identity and

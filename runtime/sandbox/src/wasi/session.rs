@@ -129,6 +129,7 @@ impl PythonSession {
                 p.read_only.clone(),
                 p.protected.clone(),
                 p.open_files,
+                p.disk,
             )
         };
         if instance_level(policy) != instance_level(&self.policy) {
@@ -136,7 +137,7 @@ impl PythonSession {
                 end(instance);
                 self.resets += 1;
                 self.restarted = Some(format!(
-                    "the sandbox policy for this call differs from the one the Python session started under (memory, fuel, output, open files or mounts), so it was restarted; {STATE_LOST}"
+                    "the sandbox policy for this call differs from the one the Python session started under (memory, fuel, output, open files, disk budget or mounts), so it was restarted; {STATE_LOST}"
                 ));
             }
         }
@@ -309,6 +310,7 @@ impl PythonSession {
                         self.resets += 1;
                         let reason = outcome.error.take().unwrap_or_default();
                         outcome.error = Some(format!("{reason}; {STATE_LOST}"));
+                        super::budget::charge_unknown(&mut outcome, self.policy.disk);
                         outcome
                     }
                 };
@@ -359,6 +361,7 @@ impl PythonSession {
                 outcome.error = Some(format!(
                     "the code read the Python session's own input, which it cannot use, so the session was reset; {STATE_LOST}"
                 ));
+                live.disk.account(&mut outcome);
                 if let Some(instance) = self.live.take() {
                     end(instance);
                 }
