@@ -88,7 +88,7 @@ use std::path::{Path, PathBuf};
 use nix::libc;
 
 use super::mount_api::{
-    fresh_mount, fresh_tmpfs, move_mount, open_tree, reconfigure, AT_RECURSIVE,
+    beneath, fresh_mount, fresh_tmpfs, move_mount, open_tree, reconfigure, Mounts, AT_RECURSIVE,
     MOVE_MOUNT_T_EMPTY_PATH, OPEN_TREE_CLONE,
 };
 use super::mounts::{MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID};
@@ -256,7 +256,7 @@ pub(crate) fn mount_call_overlay(
     )
     .map_err(|e| io("the overlay", e))?;
     for (relative, cover) in &covers {
-        let at = beneath(merged.as_fd(), relative, OFlag::O_PATH)
+        let at = beneath(merged.as_fd(), relative, OFlag::O_PATH, Mounts::Cross)
             .map_err(|e| io(&format!("covering {}", relative.display()), e))?;
         move_mount(cover.as_fd(), at.as_raw_fd(), c"", MOVE_MOUNT_T_EMPTY_PATH)
             .map_err(|e| io(&format!("covering {}", relative.display()), e))?;
@@ -293,7 +293,8 @@ fn clone_covers(lower: BorrowedFd<'_>) -> Result<Vec<(PathBuf, OwnedFd)>, String
             io(&format!("cloning the cover of {}", relative.display()), e)
         };
         // Crossing mounts on purpose: the path leads into its cover.
-        let at = beneath(lower, &relative, nix::fcntl::OFlag::O_PATH).map_err(|e| fail(&e))?;
+        let at = beneath(lower, &relative, nix::fcntl::OFlag::O_PATH, Mounts::Cross)
+            .map_err(|e| fail(&e))?;
         // It must be the cover itself: a path whose cover is gone (the host
         // replaced it) would give a writable bind of the workspace's own
         // file, past the budget. That fails the call's setup instead.
@@ -332,23 +333,6 @@ fn is_mount_root(fd: BorrowedFd<'_>) -> bool {
     done == 0
         && buffer.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT != 0
         && buffer.stx_attributes & STATX_ATTR_MOUNT_ROOT != 0
-}
-
-/// Opens `relative` beneath `dir` following no link (mounts may be
-/// crossed).
-fn beneath(dir: BorrowedFd<'_>, relative: &Path, flags: nix::fcntl::OFlag) -> nix::Result<OwnedFd> {
-    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
-    openat2(
-        dir,
-        relative,
-        OpenHow::new()
-            .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
-            .resolve(
-                ResolveFlag::RESOLVE_BENEATH
-                    | ResolveFlag::RESOLVE_NO_SYMLINKS
-                    | ResolveFlag::RESOLVE_NO_MAGICLINKS,
-            ),
-    )
 }
 
 /// Bytes and names in use in the tmpfs at `root`, and whether the bytes
@@ -674,15 +658,12 @@ impl Merge<'_> {
             (Some(parent), Some(file)) => (parent, file),
             _ => return Err(nix::errno::Errno::EINVAL),
         };
-        let parent = if parent.as_os_str().is_empty() {
-            nix::unistd::dup(self.root)?
-        } else {
-            beneath(
-                self.root,
-                parent,
-                nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
-            )?
-        };
+        let parent = beneath(
+            self.root,
+            parent,
+            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+            Mounts::Cross,
+        )?;
         make_room(lower, name)?;
         nix::unistd::linkat(&parent, file, lower, name, nix::fcntl::AtFlags::empty())
     }

@@ -3,7 +3,8 @@
 //! sandbox's mounts without resolving a path twice: what is checked is what
 //! is mounted on, and what is cloned is what is attached.
 //!
-//! Only thin, checked wrappers; the callers ([`super::share`],
+//! Also [`beneath`], the one way the sandbox opens a path inside a tree
+//! an untrusted uid can change. Only thin, checked wrappers; the callers ([`super::share`],
 //! [`super::mounts`], the WASI guest thread) state what they rely on.
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -231,4 +232,45 @@ fn reconfigure_options(
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Whether [`beneath`] may cross into mounts below its starting folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mounts {
+    /// It may: a path that leads into a cover mount reaches the cover.
+    Cross,
+    /// It may not (`RESOLVE_NO_XDEV`): the path must stay on the folder's
+    /// own mount.
+    Stay,
+}
+
+/// Opens `relative` (empty: the folder itself) beneath `dir`: never above
+/// it, following no symlink (magic links included) at any step, the last
+/// one too; close-on-exec. The one way the sandbox opens a path inside a
+/// tree that an untrusted uid can change.
+pub(crate) fn beneath(
+    dir: BorrowedFd<'_>,
+    relative: &std::path::Path,
+    flags: nix::fcntl::OFlag,
+    mounts: Mounts,
+) -> nix::Result<OwnedFd> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    let path: &std::path::Path = if relative.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        relative
+    };
+    let mut resolve = ResolveFlag::RESOLVE_BENEATH
+        | ResolveFlag::RESOLVE_NO_SYMLINKS
+        | ResolveFlag::RESOLVE_NO_MAGICLINKS;
+    if mounts == Mounts::Stay {
+        resolve |= ResolveFlag::RESOLVE_NO_XDEV;
+    }
+    openat2(
+        dir,
+        path,
+        OpenHow::new()
+            .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+            .resolve(resolve),
+    )
 }

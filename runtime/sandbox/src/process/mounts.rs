@@ -50,8 +50,8 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use super::mount_api::{
-    fresh_tmpfs, move_mount, open_tree, set_attr, AT_RECURSIVE, MOVE_MOUNT_T_EMPTY_PATH,
-    OPEN_TREE_CLONE,
+    beneath, fresh_tmpfs, move_mount, open_tree, set_attr, Mounts, AT_RECURSIVE,
+    MOVE_MOUNT_T_EMPTY_PATH, OPEN_TREE_CLONE,
 };
 use super::share::SharedWorkspace;
 use super::spec::{ProtectedMode, ZygoteSpec};
@@ -402,21 +402,12 @@ pub(crate) fn cover_protected(
     mode: ProtectedMode,
     object: (u64, u64),
 ) -> Result<(), String> {
-    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    use nix::fcntl::OFlag;
     let shown = relative.display();
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("protecting {shown}: {what}: {e}");
-    let target = openat2(
-        workspace,
-        relative,
-        OpenHow::new()
-            .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
-            .resolve(
-                ResolveFlag::RESOLVE_BENEATH
-                    | ResolveFlag::RESOLVE_NO_SYMLINKS
-                    | ResolveFlag::RESOLVE_NO_MAGICLINKS,
-            ),
-    )
-    .map_err(|e| {
+    // Crossing mounts: a nested protected path lies inside its parent's
+    // cover.
+    let target = beneath(workspace, relative, OFlag::O_PATH, Mounts::Cross).map_err(|e| {
         if e == nix::errno::Errno::ENOENT {
             format!("protected path {shown} vanished while the sandbox was being made; try again")
         } else {

@@ -359,13 +359,12 @@ fn open_root(workspace: &Path) -> nix::Result<OwnedFd> {
 /// Opens the folder `relative` below `root` without following any symlink
 /// and without leaving `root`.
 fn open_beneath(root: &OwnedFd, relative: &Path) -> nix::Result<OwnedFd> {
-    if relative.as_os_str().is_empty() {
-        return nix::unistd::dup(root);
-    }
-    let how = OpenHow::new()
-        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
-        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
-    openat2(root, relative, how)
+    super::mount_api::beneath(
+        root.as_fd(),
+        relative,
+        OFlag::O_PATH | OFlag::O_DIRECTORY,
+        super::mount_api::Mounts::Cross,
+    )
 }
 
 fn split(name: &Path) -> Option<(&Path, &std::ffi::OsStr)> {

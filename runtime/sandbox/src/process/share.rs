@@ -93,12 +93,13 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+use nix::fcntl::OFlag;
 use nix::libc;
 use nix::sys::stat::{fstat, fstatat, FileStat};
 
 use super::mount_api::{
-    move_mount, open_tree, set_attr, MOUNT_ATTR_IDMAP, MOVE_MOUNT_T_EMPTY_PATH, OPEN_TREE_CLONE,
+    beneath, move_mount, open_tree, set_attr, Mounts, MOUNT_ATTR_IDMAP, MOVE_MOUNT_T_EMPTY_PATH,
+    OPEN_TREE_CLONE,
 };
 use super::mounts::{MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
 
@@ -200,7 +201,7 @@ impl SharedWorkspace {
         )
         .map_err(|e| fail("opening it attached", &e))?;
         for covered in &self.covers {
-            let at = beneath(top.as_fd(), &covered.relative, OFlag::O_PATH)
+            let at = beneath(top.as_fd(), &covered.relative, OFlag::O_PATH, Mounts::Stay)
                 .map_err(|e| fail(&format!("covering {}", covered.relative.display()), &e))?;
             let stat = fstat(&at).map_err(|e| fail("stat", &e))?;
             if (stat.st_dev, stat.st_ino) != covered.object {
@@ -220,27 +221,6 @@ impl SharedWorkspace {
         }
         Ok(self.covers.iter().map(|c| c.relative.clone()).collect())
     }
-}
-
-/// Opens `relative` beneath `dir`, following no symlink and crossing no
-/// mount.
-fn beneath(dir: BorrowedFd<'_>, relative: &Path, flags: OFlag) -> nix::Result<OwnedFd> {
-    let path: &Path = if relative.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        relative
-    };
-    openat2(
-        dir,
-        path,
-        OpenHow::new()
-            .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
-            .resolve(
-                ResolveFlag::RESOLVE_BENEATH
-                    | ResolveFlag::RESOLVE_NO_SYMLINKS
-                    | ResolveFlag::RESOLVE_NO_XDEV,
-            ),
-    )
 }
 
 /// The most entries the survey looks at; a larger tree is refused.
