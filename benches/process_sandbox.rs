@@ -25,7 +25,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use stack_sandbox::process::{sandbox_environment, Network, ProcessPolicy, ProcessSandbox};
-use stack_types::outcome::Status;
+use stack_sandbox::ExecStatus;
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -191,7 +191,7 @@ fn main() {
         let owned: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
         let sandboxed = |policy: &ProcessPolicy| {
             let outcome = runtime.block_on(sandbox.run(&owned, None, workspace.path(), policy));
-            assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+            assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
         };
         let mut run_bare = || bare(argv, &env);
         let mut run_bare_tokio = || bare_tokio(&runtime, argv, &env);
@@ -249,7 +249,7 @@ fn main() {
         for _ in 0..iterations {
             let outcome =
                 runtime.block_on(sandbox.run(&owned, None, workspace.path(), &default_policy));
-            assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+            assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
         }
         let sandbox_time = started.elapsed() / iterations as u32;
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -270,7 +270,7 @@ fn main() {
             let started = Instant::now();
             let outcome =
                 runtime.block_on(fresh.run(&argv, None, workspace.path(), &default_policy));
-            assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+            assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
             started.elapsed()
         })
         .collect();

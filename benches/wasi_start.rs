@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use stack_assets::Asset;
 use stack_sandbox::wasi::{PythonSession, WasiEngine, WasiPolicy, WasiSandbox};
-use stack_types::outcome::Status;
+use stack_sandbox::ExecStatus;
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -95,7 +95,7 @@ fn main() {
         let outcome = runtime.block_on(sandbox.run_python("print(1)", workspace.path(), &policy));
         assert_eq!(
             (outcome.status, outcome.stdout.as_str()),
-            (Status::Ok, "1\n")
+            (ExecStatus::Ok, "1\n")
         );
     });
     let mut session = PythonSession::new(sandbox.clone(), workspace.path(), policy.clone());

@@ -57,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
                 "SKU-1" => Ok("SKU-1: 12 units in stock".to_string()),
                 other => Err(format!("unknown product {other}; known: SKU-1")),
             },
-        )?
+        )
         .policy(Policy::from_toml(POLICY, Path::new("embed-policy.toml"))?)
         .approval_handler(Arc::new(approver))
         .workspace(workspace.path())

@@ -124,9 +124,5 @@ pub(crate) fn mutate(seeds: &[Vec<u8>], pick: u8, edits: &[Mutation]) -> Vec<u8>
 
 /// The repository root.
 pub(crate) fn repo() -> PathBuf {
-    // Where cargo runs the test from, before where it was compiled.
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-        .join("../..")
+    stack_test_support::repo_root()
 }

@@ -1,43 +1,10 @@
 //! Helpers shared by the integration tests (included with `mod common;`).
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::PathBuf;
 
-/// The repository root.
-pub fn repo_root() -> PathBuf {
-    // Where cargo runs the test from, before where it was compiled: a test
-    // binary cargo considers fresh may have been built from another
-    // checkout of the same sources.
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-        .parent()
-        .expect("runtime/ has a parent")
-        .to_path_buf()
-}
-
-/// A file under `tests/fixtures`.
-pub fn fixture(relative: &str) -> PathBuf {
-    repo_root().join("tests/fixtures").join(relative)
-}
-
-/// The local account the multi-user attack tests run as (made with
-/// `useradd` the first time; needs root): its uid and gid.
-pub fn attacker() -> (u32, u32) {
-    const NAME: &str = "stackrt-attacker";
-    if nix::unistd::User::from_name(NAME).ok().flatten().is_none() {
-        let made = std::process::Command::new("useradd")
-            .args(["--system", "--no-create-home", "--shell", "/bin/sh", NAME])
-            .status()
-            .expect("useradd");
-        assert!(made.success(), "useradd {NAME} failed");
-    }
-    let user = nix::unistd::User::from_name(NAME)
-        .expect("getpwnam")
-        .expect("the attacker account exists");
-    (user.uid.as_raw(), user.gid.as_raw())
-}
+pub use stack_test_support::{attacker, fixture, free_port, repo_root};
 
 /// The `agent` binary (or a copy named by `STACK_RUNTIME_AGENT_BIN`, as
 /// `scripts/test-as-user` passes one an ordinary user can run).
@@ -66,14 +33,6 @@ pub fn peer_binary(name: &str) -> PathBuf {
         path.display()
     );
     path
-}
-
-/// A free loopback port (bound and released; good enough for tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// The Python of the virtual environment that `scripts/setup --peers` fills

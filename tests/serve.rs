@@ -908,3 +908,143 @@ fn a_stopped_server_ends_running_turns_and_exits_cleanly() {
 fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
+
+/// `text` spoken by espeak-ng (no recordings are committed), as WAV.
+#[cfg(feature = "voice")]
+fn spoken(text: &str) -> Vec<u8> {
+    let out = Command::new("espeak-ng")
+        .args(["-v", "en-us", "-s", "140", "--stdout", text])
+        .output()
+        .expect("espeak-ng (scripts/setup installs it)");
+    assert!(out.status.success(), "espeak-ng failed");
+    out.stdout
+}
+
+/// Spoken input over HTTP: OpenAI's transcription API through the official
+/// client, and a session turn whose `audio` is a WAV clip: its transcript
+/// is the message, and the turn's tool call runs. Bad audio gets a 400 (or
+/// an error event in a turn) that names the problem, and the session goes
+/// on; a server without a speech model says how to get one.
+#[cfg(feature = "voice")]
+#[test]
+fn spoken_input_is_transcribed_by_the_openai_client_and_in_session_turns() {
+    let _one = generating();
+    let (home, root) = (tempdir(), tempdir());
+    std::fs::write(root.path().join("notes.txt"), "buy milk\n").expect("notes");
+    let clip = home.path().join("command.wav");
+    std::fs::write(&clip, spoken("List the files in this folder.")).expect("clip");
+    let served = Served::start(home.path(), root.path(), &["--voice"]);
+    let seen = client(
+        "speech",
+        &served,
+        &[
+            clip.to_str().expect("utf-8"),
+            root.path().to_str().expect("utf-8"),
+        ],
+    );
+    let words = |text: &str| -> Vec<String> {
+        text.split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_lowercase)
+            .collect()
+    };
+    for format in ["json", "text"] {
+        let heard = words(seen[format].as_str().unwrap_or_default());
+        // tiny.en hears espeak's "files" as "file" or "files".
+        for word in ["list", "file", "folder"] {
+            assert!(
+                heard.iter().any(|w| w.starts_with(word)),
+                "{format}: {seen}"
+            );
+        }
+    }
+    assert_eq!(seen["verbose"]["language"], "en", "{seen}");
+    let duration = seen["verbose"]["duration"].as_f64().unwrap_or_default();
+    assert!((1.0..6.0).contains(&duration), "{seen}");
+    assert_eq!(seen["not_wav"]["status"], 400, "{seen}");
+    assert!(
+        seen["not_wav"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("WAV")),
+        "{seen}"
+    );
+    assert_eq!(seen["prompt"]["status"], 400, "{seen}");
+    assert!(
+        seen["prompt"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("prompt")),
+        "{seen}"
+    );
+
+    // The spoken turn: heard first, then the call runs and the turn ends.
+    assert_eq!(seen["created"], 201, "{seen}");
+    let turn = seen["turn"].as_array().expect("turn events");
+    assert_eq!(turn[0]["event"], "transcribed", "{seen}");
+    let heard = words(turn[0]["text"].as_str().unwrap_or_default());
+    assert!(heard.iter().any(|w| w.starts_with("file")), "{seen}");
+    // The transcript drove a turn: a call was made and ran (what path the
+    // 135M model picks is its own matter), its result went back, and the
+    // turn was answered.
+    let finished = |events: &[Value]| {
+        events.iter().any(|e| e["event"] == "tool_finished")
+            && events
+                .iter()
+                .any(|e| e["event"] == "turn_finished" && e["reason"] == "answered")
+    };
+    assert!(finished(turn), "{seen}");
+    // A truncated clip ends its turn with an error naming it; the next turn
+    // of the same session works.
+    let bad = seen["bad_turn"].as_array().expect("bad turn events");
+    assert!(
+        bad.iter()
+            .any(|e| e["event"] == "error" && e["message"].to_string().contains("WAV")),
+        "{seen}"
+    );
+    assert!(finished(seen["after"].as_array().expect("after")), "{seen}");
+
+    // The transcript keeps what was heard and the clip's hash, not the clip.
+    let kept: String = walk(&served.transcripts())
+        .iter()
+        .map(|path| String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned())
+        .collect();
+    assert!(kept.contains("audio_sha256"), "{kept}");
+    assert!(!kept.contains("RIFF"), "the clip itself was kept");
+    drop(served);
+
+    // Without --voice: a clear refusal, before any session is touched.
+    let plain = Served::start(home.path(), root.path(), &[]);
+    let base = plain.base.clone();
+    tokio().block_on(async move {
+        let (status, body) = call(
+            "POST",
+            &format!("{base}/v1/sessions/nope/turns"),
+            Some(json!({"audio": {"data": "UklGRg==", "format": "wav"}})),
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.to_string().contains("--voice"), "{body}");
+        let (status, body) = call(
+            "POST",
+            &format!("{base}/v1/sessions/nope/turns"),
+            Some(json!({"message": "hi", "audio": {"data": "UklGRg==", "format": "wav"}})),
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.to_string().contains("not both"), "{body}");
+    });
+}
+
+/// Every file under `dir`.
+#[cfg(feature = "voice")]
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}

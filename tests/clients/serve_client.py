@@ -11,6 +11,7 @@ The script itself asserts nothing, so a failure shows the observation.
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import threading
@@ -233,13 +234,18 @@ class Sessions:
         r = self.http.post("/v1/sessions", json=body)
         return r.status_code, r.json()
 
-    def turn(self, sid: str, message: str, approve: str | None = None) -> list[dict]:
-        """Runs a turn, answering each approval with `approve` from another
-        connection while the stream is open; returns the events (tokens
-        folded into one count)."""
+    def turn(
+        self, sid: str, message: str | None, approve: str | None = None, audio: bytes | None = None
+    ) -> list[dict]:
+        """Runs a turn (typed, or spoken: `audio` is a WAV clip), answering
+        each approval with `approve` from another connection while the
+        stream is open; returns the events (tokens folded into one count)."""
         events: list[dict] = []
         tokens = 0
-        with self.http.stream("POST", f"/v1/sessions/{sid}/turns", json={"message": message}) as r:
+        body: dict = {"message": message}
+        if audio is not None:
+            body = {"audio": {"data": base64.b64encode(audio).decode(), "format": "wav"}}
+        with self.http.stream("POST", f"/v1/sessions/{sid}/turns", json=body) as r:
             if r.status_code != 200:
                 r.read()
                 return [{"event": "http_error", "status": r.status_code, "body": r.json()}]
@@ -337,9 +343,56 @@ def scenario_load(base: str, token: str, workspaces_json: str, turns: str) -> di
     return {"sessions": results}
 
 
+def scenario_speech(base: str, token: str, clip: str, workspace: str) -> dict:
+    """Spoken input: OpenAI's transcription API through the official
+    client (json, text and verbose_json; a file that is not WAV), then a
+    session turn whose `audio` is the same clip."""
+    client = openai.OpenAI(base_url=base + "/v1", api_key=token, max_retries=0)
+    seen: dict = {}
+    with open(clip, "rb") as f:
+        seen["json"] = client.audio.transcriptions.create(model="whisper-1", file=f).text
+    with open(clip, "rb") as f:
+        seen["text"] = client.audio.transcriptions.create(
+            model="whisper-1", file=f, response_format="text"
+        )
+    with open(clip, "rb") as f:
+        verbose = client.audio.transcriptions.create(
+            model="whisper-1", file=f, response_format="verbose_json"
+        )
+        seen["verbose"] = {"language": verbose.language, "duration": verbose.duration}
+    try:
+        client.audio.transcriptions.create(
+            model="whisper-1", file=("notes.wav", b"this is not audio", "audio/wav")
+        )
+        seen["not_wav"] = {"status": 200}
+    except openai.APIStatusError as err:
+        seen["not_wav"] = failure(err)
+    try:
+        with open(clip, "rb") as f:
+            client.audio.transcriptions.create(model="whisper-1", file=f, prompt="spell it")
+        seen["prompt"] = {"status": 200}
+    except openai.APIStatusError as err:
+        seen["prompt"] = failure(err)
+
+    api = Sessions(base, token)
+    status, created = api.create(workspace=workspace, tool_choice="list_dir", max_steps=2, temperature=0, max_tokens=96)
+    seen["created"] = status
+    if status == 201:
+        with open(clip, "rb") as f:
+            seen["turn"] = api.turn(created["id"], None, approve="yes", audio=f.read())
+        seen["bad_turn"] = api.turn(created["id"], None, audio=b"RIFF\x10\x00\x00\x00WAVEfmt ")
+        seen["after"] = api.turn(created["id"], "Which files are in the workspace?", approve="yes")
+    return seen
+
+
 def main() -> None:
     scenario, base, token, *rest = sys.argv[1:]
-    run = {"openai": scenario_openai, "sessions": scenario_sessions, "load": scenario_load}[scenario]
+    run = {
+        "openai": scenario_openai,
+        "sessions": scenario_sessions,
+        "load": scenario_load,
+        "speech": scenario_speech,
+    }[scenario]
     print(json.dumps(run(base, token, *rest), default=str))
 
 

@@ -216,7 +216,10 @@ impl std::fmt::Display for TurnEnd {
     }
 }
 
-/// How a session runs.
+/// How a session runs. Default: a short system prompt that mentions file
+/// and code tools, `tool_choice` auto, [`SamplingOptions::default`], at
+/// most 8 model steps a turn, and a turn stopped after 3 identical failing
+/// calls.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// The system prompt.
@@ -246,12 +249,32 @@ impl Default for SessionConfig {
     }
 }
 
-/// Builds a [`Runtime`]. Nothing is granted unless given: no tools beyond
-/// the built-ins, the `default` policy, no approver (so `ask` means deny).
+/// A tool registration put off until [`RuntimeBuilder::build`].
+type AddTool = Box<dyn FnOnce(&mut Registry) -> Result<(), AgentError> + Send>;
+
+/// Builds a [`Runtime`].
+///
+/// What a runtime built with nothing but a model may do, and keep:
+/// * **tools:** the built-ins (`read_file`, `write_file`, `list_dir`,
+///   `search_files`, `execute_code`), over the current folder;
+/// * **policy:** the `default` preset. It allows reads and searches
+///   without asking, asks before writes and code, and sandboxes code with
+///   no network. With no approver (the default here) every `ask` is
+///   denied, so only reads and searches run;
+/// * **on disk:** the `default` preset keeps transcripts and an audit log
+///   under `~/.local/share/stack-runtime/sessions` (turn that off with
+///   [`transcripts(None)`](Self::transcripts) and
+///   [`audit_log(None)`](Self::audit_log), or a policy that keeps none);
+///   `build` reads the user's key store, to open files sealed before.
+///
+/// Every setter only records; tool folders are read, tools registered and
+/// the workspace checked in [`build`](Self::build), which returns the
+/// first error. The order of the calls does not matter.
 pub struct RuntimeBuilder {
     backend: Option<Arc<dyn ModelBackend>>,
-    registry: Registry,
-    diagnostics: Vec<LoadDiagnostic>,
+    builtin_tools: bool,
+    tool_dirs: Vec<PathBuf>,
+    tools: Vec<AddTool>,
     policy: Option<Policy>,
     approver: Option<Arc<dyn ApprovalHandler>>,
     workspace: PathBuf,
@@ -277,44 +300,44 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Loads tools from a folder of schema files; broken files are kept as
-    /// diagnostics (see [`Runtime::diagnostics`]).
+    /// Loads tools from a folder of schema files, at [`build`](Self::build);
+    /// broken files are kept as diagnostics (see [`Runtime::diagnostics`]).
     pub fn tool_dir(mut self, dir: &Path) -> Self {
-        let found = self.registry.load_dir(dir);
-        self.diagnostics.extend(found);
+        self.tool_dirs.push(dir.to_path_buf());
         self
     }
 
     /// Whether the built-in tools (files, search, `execute_code`) are
-    /// offered; they are unless this says otherwise. Call it before adding
-    /// tool folders: a folder may document a built-in, which brings it back.
+    /// offered; they are unless this says otherwise. A tool folder that
+    /// documents a built-in offers it again, whatever the order of calls.
     pub fn builtin_tools(mut self, offer: bool) -> Self {
-        if !offer {
-            self.registry.remove_builtins();
-        }
+        self.builtin_tools = offer;
         self
     }
 
-    /// Registers a Rust tool with a typed argument struct.
-    pub fn rust_tool<A, F>(
-        mut self,
-        name: &str,
-        description: &str,
-        handler: F,
-    ) -> Result<Self, AgentError>
+    /// Registers a Rust tool with a typed argument struct, at
+    /// [`build`](Self::build) (which fails on a bad name or a duplicate).
+    pub fn rust_tool<A, F>(mut self, name: &str, description: &str, handler: F) -> Self
     where
         A: JsonSchema + DeserializeOwned + 'static,
         F: Fn(A, &ToolContext) -> Result<String, String> + Send + Sync + 'static,
     {
-        self.registry
-            .register_host_tool(name, description, handler)?;
-        Ok(self)
+        let (name, description) = (name.to_string(), description.to_string());
+        self.tools.push(Box::new(move |registry: &mut Registry| {
+            registry
+                .register_host_tool(&name, &description, handler)
+                .map_err(AgentError::from)
+        }));
+        self
     }
 
-    /// Registers a tool the host built itself (an MCP server's, say).
-    pub fn tool(mut self, spec: stack_core::tools::ToolSpec) -> Result<Self, AgentError> {
-        self.registry.register(spec)?;
-        Ok(self)
+    /// Registers a tool the host built itself (an MCP server's, say), at
+    /// [`build`](Self::build) (which fails on a duplicate).
+    pub fn tool(mut self, spec: stack_core::tools::ToolSpec) -> Self {
+        self.tools.push(Box::new(move |registry: &mut Registry| {
+            registry.register(spec).map_err(AgentError::from)
+        }));
+        self
     }
 
     /// The policy every session runs under.
@@ -381,8 +404,26 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Builds the runtime.
+    /// Builds the runtime: registers the tools, checks the workspace, and
+    /// opens the audit log and the keys. Any error of the chain is
+    /// returned here.
     pub fn build(self) -> Result<Runtime, AgentError> {
+        let mut registry = if self.builtin_tools {
+            Registry::with_builtins()
+        } else {
+            Registry::new()
+        };
+        let mut diagnostics = Vec::new();
+        for dir in &self.tool_dirs {
+            diagnostics.extend(registry.load_dir(dir));
+        }
+        for add in self.tools {
+            add(&mut registry)?;
+        }
+        let backend = self.backend.ok_or(AgentError::NoModel)?;
+        // Checked here, so that a missing folder is the builder's error
+        // and not the first session's.
+        drop(Workspace::open(&self.workspace)?);
         let policy = match self.policy {
             Some(policy) => policy,
             None => Policy::preset("default")?,
@@ -437,9 +478,9 @@ impl RuntimeBuilder {
         };
         Ok(Runtime {
             audit,
-            backend: self.backend.ok_or(AgentError::NoModel)?,
-            registry: Arc::new(self.registry),
-            diagnostics: self.diagnostics,
+            backend,
+            registry: Arc::new(registry),
+            diagnostics,
             policy: Arc::new(policy),
             approver: self.approver,
             workspace: self.workspace,
@@ -481,8 +522,9 @@ impl Runtime {
     pub fn builder() -> RuntimeBuilder {
         RuntimeBuilder {
             backend: None,
-            registry: Registry::with_builtins(),
-            diagnostics: Vec::new(),
+            builtin_tools: true,
+            tool_dirs: Vec::new(),
+            tools: Vec::new(),
             policy: None,
             approver: None,
             workspace: PathBuf::from("."),
@@ -515,6 +557,29 @@ impl Runtime {
         voice::transcribe(Arc::clone(&self.speech), voice::AudioInput::Decoded(audio))
             .await
             .map(|(transcription, _)| transcription)
+    }
+
+    /// [`transcribe`](Self::transcribe) with other options than the
+    /// runtime's (a request's own language, say).
+    #[cfg(feature = "voice")]
+    pub async fn transcribe_with(
+        &self,
+        audio: stack_voice::Audio,
+        options: stack_voice::TranscribeOptions,
+    ) -> Result<stack_voice::Transcription, AgentError> {
+        let speech = voice::Speech {
+            model: self.speech.model.clone(),
+            options,
+            limits: self.speech.limits,
+        };
+        voice::transcribe(Arc::new(speech), voice::AudioInput::Decoded(audio))
+            .await
+            .map(|(transcription, _)| transcription)
+    }
+
+    /// How spoken turns are transcribed.
+    pub fn transcribe_options(&self) -> &stack_voice::TranscribeOptions {
+        &self.speech.options
     }
 
     /// The keys that seal and open what its sessions keep.

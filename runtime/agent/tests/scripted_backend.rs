@@ -1016,3 +1016,87 @@ async fn kept_audio_without_encryption_takes_every_clip_and_seals_later() {
         "wav_base64"
     ));
 }
+
+/// The builder only records: a missing workspace, a bad tool and a
+/// duplicate surface at `build()`, and the order of the calls does not
+/// change which tools are offered.
+#[test]
+fn builder_errors_surface_at_build_and_the_order_of_calls_does_not_matter() {
+    #[derive(serde::Deserialize, schemars::JsonSchema)]
+    struct Args {
+        #[allow(dead_code)]
+        sku: String,
+    }
+    let backend = || {
+        Arc::new(Scripted {
+            turns: vec![answer("ok")],
+            asked: Arc::default(),
+        })
+    };
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let base = || {
+        Runtime::builder()
+            .backend(backend())
+            .policy(Policy::preset("default").expect("policy"))
+            .transcripts(None)
+    };
+
+    // A workspace that does not exist is the builder's error.
+    let missing = workspace.path().join("no-such-folder");
+    let err = base()
+        .workspace(&missing)
+        .build()
+        .err()
+        .expect("a missing workspace fails the build");
+    assert!(
+        matches!(err, stack_agent::AgentError::Workspace(_)),
+        "{err}"
+    );
+
+    // Two tools of one name: the chain goes on, `build` says no.
+    let tool = |_: Args, _: &stack_core::context::ToolContext| Ok(String::new());
+    let err = base()
+        .workspace(workspace.path())
+        .rust_tool("lookup", "Look a product up.", tool)
+        .rust_tool("lookup", "The same name again.", tool)
+        .build()
+        .err()
+        .expect("a duplicate tool fails the build");
+    assert!(err.to_string().contains("lookup"), "{err}");
+
+    // Built-ins off, before or after a host tool: the same tools.
+    let names = |runtime: &Runtime| {
+        let mut names: Vec<String> = runtime
+            .registry()
+            .tools()
+            .map(|spec| spec.name.clone())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = base()
+        .workspace(workspace.path())
+        .builtin_tools(false)
+        .rust_tool("lookup", "Look a product up.", tool)
+        .build()
+        .expect("runtime");
+    let after = base()
+        .workspace(workspace.path())
+        .rust_tool("lookup", "Look a product up.", tool)
+        .builtin_tools(false)
+        .build()
+        .expect("runtime");
+    assert_eq!(names(&before), vec!["lookup".to_string()]);
+    assert_eq!(names(&before), names(&after));
+    // By default the built-ins are offered.
+    let default = base().workspace(workspace.path()).build().expect("runtime");
+    for builtin in [
+        "read_file",
+        "write_file",
+        "list_dir",
+        "search_files",
+        "execute_code",
+    ] {
+        assert!(names(&default).iter().any(|n| n == builtin), "{builtin}");
+    }
+}

@@ -59,6 +59,7 @@ pub async fn execute(authorized: &AuthorizedCall, ctx: &ToolContext) -> ToolOutc
                 sandbox
                     .run(&command.argv, Some(stdin), ctx.workspace.root(), &policy)
                     .await
+                    .into()
             }
             Err(outcome) => *outcome,
         },
@@ -101,16 +102,15 @@ async fn execute_code(authorized: &AuthorizedCall, ctx: &ToolContext) -> ToolOut
             run_code_in_wasi(language, &args.code, authorized, ctx).await
         }
         (SandboxKind::Process, language) => match process_sandbox(ctx) {
-            Ok(sandbox) => {
-                sandbox
-                    .run_code(
-                        language,
-                        &args.code,
-                        ctx.workspace.root(),
-                        &process_policy(authorized.sandbox()),
-                    )
-                    .await
-            }
+            Ok(sandbox) => sandbox
+                .run_code(
+                    language,
+                    &args.code,
+                    ctx.workspace.root(),
+                    &process_policy(authorized.sandbox()),
+                )
+                .await
+                .into(),
             Err(outcome) => *outcome,
         },
     }
@@ -140,7 +140,7 @@ async fn run_code_in_wasi(
     let policy = crate::policy::wasi_policy(authorized.sandbox());
     let root = ctx.workspace.root();
     match language {
-        Language::Javascript => sandbox.run_javascript(code, root, &policy).await,
+        Language::Javascript => sandbox.run_javascript(code, root, &policy).await.into(),
         Language::Python if authorized.sandbox().stateful.unwrap_or(false) => {
             let mut slot = ctx.python_session.lock().await;
             let session = slot
@@ -148,9 +148,9 @@ async fn run_code_in_wasi(
             // Each call runs under the limits in force for it, not the first
             // call's.
             session.set_policy(&policy);
-            session.run(code).await
+            session.run(code).await.into()
         }
-        Language::Python => sandbox.run_python(code, root, &policy).await,
+        Language::Python => sandbox.run_python(code, root, &policy).await.into(),
         Language::Bash => ToolOutcome::denied(
             "bash runs only in the process sandbox, and this call is set to use the WASI sandbox",
         ),
@@ -185,14 +185,14 @@ async fn run_wasi_tool(
     let stdin = authorized.call().arguments().to_string().into_bytes();
     let root = ctx.workspace.root();
     match wasi {
-        WasiExecutor::Script { runtime, script } => {
-            sandbox
-                .run_script(*runtime, script, stdin, root, &policy)
-                .await
-        }
-        WasiExecutor::Module { module, args } => {
-            sandbox.run_module(module, args, stdin, root, &policy).await
-        }
+        WasiExecutor::Script { runtime, script } => sandbox
+            .run_script(*runtime, script, stdin, root, &policy)
+            .await
+            .into(),
+        WasiExecutor::Module { module, args } => sandbox
+            .run_module(module, args, stdin, root, &policy)
+            .await
+            .into(),
     }
 }
 

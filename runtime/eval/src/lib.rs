@@ -78,7 +78,7 @@ pub struct EvalOptions {
     pub system_prompt: Option<String>,
     /// Most model steps per executable task.
     pub max_steps: u32,
-    /// Whether executable tasks offer the built-in tools.
+    /// Whether executable tasks offer the built-in tools (default: yes).
     pub builtin_tools: bool,
 }
 
@@ -203,7 +203,9 @@ fn approve_all(_: &ApprovalRequest) -> ApprovalAnswer {
 
 /// Runs executable tasks on `backend` through the agent loop, each in a
 /// fresh workspace under `policy`, offering the built-in tools (unless
-/// [`EvalOptions::builtin_tools`] is off) and those of `tool_dirs`.
+/// [`EvalOptions::builtin_tools`] is off) and those of `tool_dirs`. Every
+/// `ask` of the policy is approved (the task's tools must run to be
+/// scored); `deny` rules still hold.
 pub async fn run_tasks(
     backend: Arc<dyn ModelBackend>,
     tasks: &[LoadedTask],

@@ -58,7 +58,10 @@ pub struct HttpOptions {
     /// The address to listen on (port 0 picks a free one).
     pub addr: SocketAddr,
     /// The bearer token every request must carry; required for an address
-    /// that is not loopback.
+    /// that is not loopback. `None` on loopback means no authentication:
+    /// every local user and process (sandboxed code with full network
+    /// too) may call the tools and answer elicitations. Host and Origin
+    /// are checked either way.
     pub bearer_token: Option<String>,
     /// Host names (or `host:port`) accepted in `Host` besides the loopback
     /// names, for a server reached by name.

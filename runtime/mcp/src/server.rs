@@ -63,9 +63,10 @@ const NEWEST_PROTOCOL: ProtocolVersion = ProtocolVersion::V_2025_11_25;
 
 /// What decides a policy `ask` when the client cannot be asked (it did not
 /// declare the elicitation capability).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum UnansweredAsk {
     /// Refuse the call (the default).
+    #[default]
     Deny,
     /// Run it, as `--yes` does.
     Approve,

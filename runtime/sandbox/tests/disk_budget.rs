@@ -14,7 +14,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use stack_sandbox::process::{DiskBudget, ProcessPolicy, ProcessSandbox, ResourceLimits};
-use stack_types::outcome::{Status, ToolOutcome};
+use stack_sandbox::{ExecStatus, Execution};
 use stack_types::{Language, Limit};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -80,8 +80,8 @@ fn growth(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> (u64
     (bytes_after.saturating_sub(bytes_before), names)
 }
 
-fn assert_disk_limit(outcome: &ToolOutcome, what: &str) {
-    assert_eq!(outcome.status, Status::Killed, "{what}: {outcome:?}");
+fn assert_disk_limit(outcome: &Execution, what: &str) {
+    assert_eq!(outcome.status, ExecStatus::Killed, "{what}: {outcome:?}");
     assert_eq!(outcome.limit, Some(Limit::Disk), "{what}: {outcome:?}");
     assert!(
         outcome
@@ -103,7 +103,7 @@ async fn healthy(sandbox: &ProcessSandbox, workspace: &Path, what: &str) {
         .await;
     assert_eq!(
         outcome.status,
-        Status::Ok,
+        ExecStatus::Ok,
         "{what}: health check: {outcome:?}"
     );
     assert_eq!(outcome.stdout, "42\n", "{what}");
@@ -195,7 +195,7 @@ python3 -c \"import os; os.makedirs('made/by/python'); os.rename('made', 'rename
     let outcome = sandbox
         .run_code(Language::Bash, code, ws, &ProcessPolicy::default())
         .await;
-    assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
     let read = |p: &str| std::fs::read_to_string(ws.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
     assert_eq!(read("edit.txt"), "one\ntwo\n");
     assert!(!ws.join("delete.txt").exists());
@@ -255,7 +255,7 @@ async fn a_call_stopped_at_its_deadline_keeps_what_it_wrote() {
             &policy,
         )
         .await;
-    assert_eq!(outcome.status, Status::Timeout, "{outcome:?}");
+    assert_eq!(outcome.status, ExecStatus::Timeout, "{outcome:?}");
     assert_eq!(outcome.limit, Some(Limit::WallTime));
     assert_eq!(
         std::fs::read_to_string(workspace.path().join("partial.txt")).expect("kept"),
@@ -283,7 +283,7 @@ mkdir -p a/b && ln -s ../.. a/b/up && echo x > a/b/up_x";
     let outcome = sandbox
         .run_code(Language::Bash, code, ws, &ProcessPolicy::default())
         .await;
-    assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
     assert!(
         !outside.path().join("planted.txt").exists(),
         "written through a link"
@@ -319,7 +319,7 @@ async fn changes_that_cannot_be_written_back_fail_the_call_by_name() {
             &ProcessPolicy::default(),
         )
         .await;
-    assert_eq!(outcome.status, Status::Failed, "{outcome:?}");
+    assert_eq!(outcome.status, ExecStatus::Failed, "{outcome:?}");
     assert!(outcome.stderr.contains("nested deeper than"), "{outcome:?}");
     assert!(
         outcome
@@ -346,7 +346,7 @@ async fn without_a_budget_calls_write_to_the_workspace_directly() {
             &policy,
         )
         .await;
-    assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
     assert_eq!(outcome.disk, None);
     assert_eq!(
         std::fs::metadata(workspace.path().join("big"))
@@ -398,7 +398,7 @@ os.chmod('closed/sub', 0o300)
     let outcome = sandbox
         .run_code(Language::Python, code, ws, &budget(8 << 20, 2000))
         .await;
-    assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
     // The folder the call closed (0300) stays closed; opened again, the
     // walk below can read it as any user.
     assert_eq!(

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use stack_sandbox::process::{EgressRules, Network, ProcessPolicy, ProcessSandbox, ResourceLimits};
-use stack_types::outcome::{Status, ToolOutcome};
+use stack_sandbox::{ExecStatus, Execution};
 use stack_types::{EgressDecision, EgressProtocol};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -163,14 +163,14 @@ impl World {
         }
     }
 
-    async fn bash(&self, script: &str) -> ToolOutcome {
+    async fn bash(&self, script: &str) -> Execution {
         let argv = ["bash".to_string(), "-c".to_string(), script.to_string()];
         self.sandbox
             .run(&argv, None, self.workspace.path(), &self.policy)
             .await
     }
 
-    async fn python(&self, code: &str) -> ToolOutcome {
+    async fn python(&self, code: &str) -> Execution {
         let argv = ["python3".to_string(), "-c".to_string(), code.to_string()];
         self.sandbox
             .run(&argv, None, self.workspace.path(), &self.policy)
@@ -186,7 +186,7 @@ impl World {
     }
 }
 
-fn refused_with<'a>(outcome: &'a ToolOutcome, host: &str) -> Option<&'a str> {
+fn refused_with<'a>(outcome: &'a Execution, host: &str) -> Option<&'a str> {
     outcome
         .egress
         .iter()
@@ -205,7 +205,7 @@ async fn allowed_hosts_are_reached_through_the_proxy_by_curl_and_python() {
     let outcome = world
         .bash(&format!("curl -sSf http://allowed.test:{a}/"))
         .await;
-    assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
     assert_eq!(outcome.stdout, "hello from allowed\n");
     let record = &outcome.egress[0];
     assert_eq!(
@@ -225,7 +225,7 @@ async fn allowed_hosts_are_reached_through_the_proxy_by_curl_and_python() {
             "curl -sSf --proxytunnel http://api.forge.test:{f}/ && curl -sSf --proxy \"$ALL_PROXY\" http://api.forge.test:{f}/"
         ))
         .await;
-    assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
     assert_eq!(outcome.stdout, "hello from forge\nhello from forge\n");
     let protocols: Vec<_> = outcome.egress.iter().map(|r| r.protocol).collect();
     assert_eq!(
@@ -243,7 +243,7 @@ async fn allowed_hosts_are_reached_through_the_proxy_by_curl_and_python() {
             "import urllib.request\nprint(urllib.request.urlopen('http://allowed.test:{a}/', timeout=10).read().decode(), end='')"
         ))
         .await;
-    assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
     assert_eq!(outcome.stdout, "hello from allowed\n");
     assert_eq!(world.allowed.hits().len(), 2);
     assert_eq!(world.forge.hits().len(), 2);
@@ -281,14 +281,14 @@ async fn denied_unlisted_and_private_hosts_are_refused_with_their_rule() {
             let outcome = world.bash(&script).await;
             assert_eq!(
                 outcome.status,
-                Status::Failed,
+                ExecStatus::Failed,
                 "{host} by {how}: {outcome:?}"
             );
             let got = refused_with(&outcome, host)
                 .unwrap_or_else(|| panic!("{host} by {how}: no refusal recorded: {outcome:?}"));
             assert!(got.contains(rule), "{host} by {how}: rule {got:?}");
             // The model is told.
-            let text = outcome.to_model_text();
+            let text = stack_types::ToolOutcome::from(outcome.clone()).to_model_text();
             assert!(text.contains(&format!("refused {host}:{port}")), "{text}");
         }
     }
@@ -380,7 +380,7 @@ async fn ways_around_the_proxy_get_nowhere() {
     for (name, script, expected) in &cases {
         let started = Instant::now();
         let outcome = world.bash(script).await;
-        assert_ne!(outcome.status, Status::Ok, "{name}: {outcome:?}");
+        assert_ne!(outcome.status, ExecStatus::Ok, "{name}: {outcome:?}");
         assert!(outcome.stderr.contains(expected), "{name}: {outcome:?}");
         // Fails fast, not at the wall-clock limit.
         assert!(
@@ -488,7 +488,7 @@ async fn without_an_allowlist_no_proxy_runs_and_calls_still_work() {
         .run(&argv, None, world.workspace.path(), &policy)
         .await;
     assert_eq!(outcome.stdout, "unset\n", "{outcome:?}");
-    assert_ne!(outcome.status, Status::Ok);
+    assert_ne!(outcome.status, ExecStatus::Ok);
     assert!(outcome.egress.is_empty());
     assert!(world.allowed.hits().is_empty());
 }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use stack_sandbox::process::{Network, ProcessPolicy, ProcessSandbox, ResourceLimits};
-use stack_types::outcome::{Status, ToolOutcome};
+use stack_sandbox::{ExecStatus, Execution};
 use stack_types::Language;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -87,7 +87,7 @@ impl Fixture {
         .replace("{port}", &port.to_string())
     }
 
-    async fn run(&self, language: Language, code: &str, policy: &ProcessPolicy) -> ToolOutcome {
+    async fn run(&self, language: Language, code: &str, policy: &ProcessPolicy) -> Execution {
         self.sandbox
             .run_code(language, code, self.workspace.path(), policy)
             .await
@@ -100,7 +100,7 @@ impl Fixture {
             .await;
         assert_eq!(
             outcome.status,
-            Status::Ok,
+            ExecStatus::Ok,
             "{after}: health check failed: {outcome:?}"
         );
         assert_eq!(outcome.stdout, "42\n", "{after}");
@@ -215,7 +215,7 @@ fn tight_policy() -> ProcessPolicy {
     }
 }
 
-fn assert_no_leak(case: &str, outcome: &ToolOutcome) {
+fn assert_no_leak(case: &str, outcome: &Execution) {
     let all = format!("{}{}", outcome.stdout, outcome.stderr);
     assert!(!all.contains(SECRET), "{case}: secret leaked: {outcome:?}");
     assert!(
@@ -360,13 +360,13 @@ async fn loopback_policy_reaches_only_the_sandbox_own_loopback() {
 async fn resource_bombs_are_stopped() {
     let _serial = SERIAL.lock().await;
     let fx = Fixture::new();
-    let cases: &[(&str, Language, &str, &[Status])] = &[
-        ("fork bomb", Language::Bash, ":(){ :|:& };:; wait", &[Status::Timeout, Status::Failed, Status::Killed, Status::Ok]),
-        ("fork bomb", Language::Python, "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", &[Status::Timeout, Status::Killed]),
-        ("memory bomb", Language::Python, "a = []\nwhile True:\n    a.append(bytearray(16 << 20))", &[Status::Killed, Status::Failed]),
-        ("memory bomb", Language::Bash, "x=$(head -c 3000000000 /dev/zero | tr '\\0' x); echo ${#x}", &[Status::Killed, Status::Failed, Status::Timeout]),
-        ("infinite loop", Language::Python, "while True:\n    pass", &[Status::Timeout, Status::Killed]),
-        ("infinite loop", Language::Bash, "while :; do :; done", &[Status::Timeout, Status::Killed]),
+    let cases: &[(&str, Language, &str, &[ExecStatus])] = &[
+        ("fork bomb", Language::Bash, ":(){ :|:& };:; wait", &[ExecStatus::Timeout, ExecStatus::Failed, ExecStatus::Killed, ExecStatus::Ok]),
+        ("fork bomb", Language::Python, "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", &[ExecStatus::Timeout, ExecStatus::Killed]),
+        ("memory bomb", Language::Python, "a = []\nwhile True:\n    a.append(bytearray(16 << 20))", &[ExecStatus::Killed, ExecStatus::Failed]),
+        ("memory bomb", Language::Bash, "x=$(head -c 3000000000 /dev/zero | tr '\\0' x); echo ${#x}", &[ExecStatus::Killed, ExecStatus::Failed, ExecStatus::Timeout]),
+        ("infinite loop", Language::Python, "while True:\n    pass", &[ExecStatus::Timeout, ExecStatus::Killed]),
+        ("infinite loop", Language::Bash, "while :; do :; done", &[ExecStatus::Timeout, ExecStatus::Killed]),
     ];
     for (name, language, code, allowed) in cases {
         let started = Instant::now();
@@ -381,14 +381,14 @@ async fn resource_bombs_are_stopped() {
             "{name}: the call took {took:?}"
         );
         if *name == "memory bomb" {
-            assert!(outcome.status != Status::Ok, "{name}: {outcome:?}");
+            assert!(outcome.status != ExecStatus::Ok, "{name}: {outcome:?}");
         }
         fx.assert_healthy(name).await;
     }
     let outcome = fx
         .run(Language::Python, "while True:\n    pass", &tight_policy())
         .await;
-    assert_eq!(outcome.status, Status::Timeout);
+    assert_eq!(outcome.status, ExecStatus::Timeout);
     assert_eq!(
         outcome.limit.map(stack_types::Limit::as_str),
         Some("wall_time")
@@ -409,7 +409,7 @@ async fn resource_bombs_are_stopped() {
             outcome.status,
             outcome.limit.map(stack_types::Limit::as_str)
         ),
-        (Status::Killed, Some("cpu")),
+        (ExecStatus::Killed, Some("cpu")),
         "{outcome:?}"
     );
 }
@@ -428,7 +428,7 @@ async fn output_floods_are_capped_without_blocking_the_child() {
         let outcome = fx.run(*language, code, &policy).await;
         assert_eq!(
             outcome.status,
-            Status::Ok,
+            ExecStatus::Ok,
             "{language:?}: {}",
             outcome.error.clone().unwrap_or_default()
         );
@@ -454,7 +454,7 @@ async fn filling_the_disk_stops_at_the_file_size_limit() {
     ];
     for (language, code) in cases {
         let outcome = fx.run(*language, code, &policy).await;
-        assert_ne!(outcome.status, Status::Ok, "{language:?}: {outcome:?}");
+        assert_ne!(outcome.status, ExecStatus::Ok, "{language:?}: {outcome:?}");
         let size = std::fs::metadata(fx.workspace.path().join("big.bin"))
             .map(|m| m.len())
             .unwrap_or(0);
@@ -487,7 +487,7 @@ async fn filling_the_disk_stops_at_the_file_size_limit() {
             outcome.status,
             outcome.limit.map(stack_types::Limit::as_str)
         ),
-        (Status::Killed, Some("file_size")),
+        (ExecStatus::Killed, Some("file_size")),
         "{outcome:?}"
     );
 }
@@ -513,7 +513,7 @@ async fn detached_descendants_die_with_the_call() {
     for (language, code) in cases {
         let outcome = fx.run(*language, code, &policy).await;
         assert!(
-            matches!(outcome.status, Status::Ok | Status::Timeout),
+            matches!(outcome.status, ExecStatus::Ok | ExecStatus::Timeout),
             "{outcome:?}"
         );
         // Already gone when the call is reported over, not a moment later.
@@ -538,7 +538,7 @@ async fn detached_descendants_die_with_the_call() {
     ];
     for (language, code) in many {
         let outcome = fx.run(*language, code, &policy).await;
-        assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+        assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
         assert_eq!(
             sandboxed_processes(),
             Vec::<String>::new(),
@@ -547,7 +547,7 @@ async fn detached_descendants_die_with_the_call() {
     }
     for (language, code) in writers {
         let outcome = fx.run(*language, code, &policy).await;
-        assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+        assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
         assert!(busy.exists(), "the writer never ran: {outcome:?}");
         std::fs::remove_file(&busy).expect("remove");
         std::thread::sleep(Duration::from_millis(100));
@@ -682,7 +682,7 @@ async fn command_tools_get_their_arguments_on_stdin() {
         .await;
     assert_eq!(
         (outcome.status, outcome.stdout.as_str()),
-        (Status::Ok, "42\n"),
+        (ExecStatus::Ok, "42\n"),
         "{outcome:?}"
     );
     let missing = fx
@@ -694,7 +694,7 @@ async fn command_tools_get_their_arguments_on_stdin() {
             &tight_policy(),
         )
         .await;
-    assert_eq!(missing.status, Status::Failed);
+    assert_eq!(missing.status, ExecStatus::Failed);
     assert!(missing.error.unwrap_or_default().contains("not found"));
 }
 
@@ -713,7 +713,7 @@ fn unreadable_helper_paths_fail_closed() {
         workspace.path(),
         &ProcessPolicy::default(),
     ));
-    assert_eq!(outcome.status, Status::Error);
+    assert_eq!(outcome.status, ExecStatus::Error);
     assert!(outcome.stdout.is_empty());
     let impossible = ProcessPolicy {
         min_landlock_abi: 99,
@@ -726,7 +726,7 @@ fn unreadable_helper_paths_fail_closed() {
         workspace.path(),
         &impossible,
     ));
-    assert_eq!(outcome.status, Status::Error, "{outcome:?}");
+    assert_eq!(outcome.status, ExecStatus::Error, "{outcome:?}");
     assert!(
         outcome
             .error
@@ -744,7 +744,7 @@ async fn calls_of_one_zygote_share_no_sysv_ipc() {
     let fx = Fixture::new();
     let create = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nprint('created', libc.shmget(0x5717, 4096, 0o1666))";
     let created = fx.run(Language::Python, create, &tight_policy()).await;
-    assert_eq!(created.status, Status::Ok, "{created:?}");
+    assert_eq!(created.status, ExecStatus::Ok, "{created:?}");
     assert!(!created.stdout.contains("created -1"), "{created:?}");
     let find = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nfound = libc.shmget(0x5717, 4096, 0o666)\nprint('LEAK' if found >= 0 else 'blocked', found)";
     let found = fx.run(Language::Python, find, &tight_policy()).await;
@@ -789,11 +789,11 @@ async fn concurrent_calls_cannot_kill_each_other() {
         .await
     };
     let (victim, attacker, python_attacker) = tokio::join!(victim, attacker, python_attacker);
-    assert_eq!(victim.status, Status::Ok, "{victim:?}");
+    assert_eq!(victim.status, ExecStatus::Ok, "{victim:?}");
     assert_eq!(victim.stdout, "survived\n", "{victim:?}");
     assert!(attacker.stdout.contains("attacked"), "{attacker:?}");
     assert!(
-        python_attacker.stdout.contains("attacked") || python_attacker.status == Status::Killed,
+        python_attacker.stdout.contains("attacked") || python_attacker.status == ExecStatus::Killed,
         "{python_attacker:?}"
     );
     fx.assert_healthy("killing a concurrent call").await;
@@ -841,7 +841,7 @@ async fn private_tmp_dirs_are_private_and_removed() {
         ),
     ] {
         let outcome = fx.run(language, code, &tight_policy()).await;
-        assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+        assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
         let tmp = PathBuf::from(outcome.stdout.trim());
         assert!(tmp.is_absolute(), "{outcome:?}");
         let root = tmp.parent().expect("tmp root");
@@ -894,7 +894,7 @@ async fn as_root_a_root_owned_workspace_is_shared_not_given_away() {
             .sandbox
             .run_code(Language::Bash, code, ws, &tight_policy())
             .await;
-        assert_eq!(outcome.status, Status::Ok, "round {round}: {outcome:?}");
+        assert_eq!(outcome.status, ExecStatus::Ok, "round {round}: {outcome:?}");
         assert!(
             outcome.stdout.starts_with("ok\n"),
             "round {round}: {outcome:?}"
@@ -1112,7 +1112,7 @@ async fn protected_workspace_paths_cannot_be_planted_or_read() {
         ),
     ] {
         let outcome = fx.run(Language::Bash, code, &tight_policy()).await;
-        assert_eq!(outcome.status, Status::Failed, "{name}: {outcome:?}");
+        assert_eq!(outcome.status, ExecStatus::Failed, "{name}: {outcome:?}");
         let error = outcome.error.clone().unwrap_or_default();
         assert!(
             error.contains(name) && error.contains("moved aside"),
@@ -1181,7 +1181,7 @@ async fn the_shared_tmp_folder_is_never_used() {
         Some(value) => std::env::set_var("TMPDIR", value),
         None => std::env::remove_var("TMPDIR"),
     }
-    assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
     assert_eq!(outcome.stdout, "model code ran\n");
     let code_path = code_path.expect("the call wrote where its code was");
     assert!(
@@ -1346,7 +1346,7 @@ async fn as_root_hard_links_out_of_a_root_workspace_are_not_granted() {
         Some(value) => std::env::set_var("HOME", value),
         None => std::env::remove_var("HOME"),
     }
-    assert_eq!(refused.status, Status::Error, "{refused:?}");
+    assert_eq!(refused.status, ExecStatus::Error, "{refused:?}");
     assert!(
         refused
             .error
@@ -1371,7 +1371,7 @@ async fn protected_paths_hold_against_deep_trees_replacements_and_submodules() {
     let ws = fx.workspace.path();
     let deep = "import os\nos.mkdir('deep')\nfor _ in range(600):\n    os.mkdir('top'); os.rename('deep', 'top/a'); os.rename('top', 'deep')\nopen('deep/config', 'w').write('[core]\\n\\tfsmonitor = id > /tmp/pwned\\n')\nos.rename('deep', '.git')\nprint('planted')";
     let outcome = fx.run(Language::Python, deep, &tight_policy()).await;
-    assert_eq!(outcome.status, Status::Failed, "{outcome:?}");
+    assert_eq!(outcome.status, ExecStatus::Failed, "{outcome:?}");
     assert!(
         outcome
             .error
@@ -1731,7 +1731,7 @@ async fn every_landlock_tier_holds_the_boundary() {
             let outcome = fx.run(language, &fx.expand(&code, port), &policy).await;
             let case = format!("ABI {abi}: {name}");
             assert!(
-                !matches!(outcome.status, Status::Error) || outcome.error.is_none(),
+                !matches!(outcome.status, ExecStatus::Error) || outcome.error.is_none(),
                 "{case}: the sandbox did not run: {outcome:?}"
             );
             assert_no_leak(&case, &outcome);
@@ -1757,12 +1757,12 @@ async fn every_landlock_tier_holds_the_boundary() {
         let healthy = fx.run(Language::Python, "print(6 * 7)", &policy).await;
         assert_eq!(
             (healthy.status, healthy.stdout.as_str()),
-            (Status::Ok, "42\n"),
+            (ExecStatus::Ok, "42\n"),
             "ABI {abi}"
         );
     }
-    let refused = |outcome: &ToolOutcome, needs: &str, case: &str| {
-        assert_eq!(outcome.status, Status::Error, "{case}: {outcome:?}");
+    let refused = |outcome: &Execution, needs: &str, case: &str| {
+        assert_eq!(outcome.status, ExecStatus::Error, "{case}: {outcome:?}");
         let error = outcome.error.clone().unwrap_or_default();
         assert!(error.contains(needs), "{case}: {error}");
         assert!(outcome.stdout.is_empty(), "{case}: it ran: {outcome:?}");

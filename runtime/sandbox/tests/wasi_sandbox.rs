@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use stack_sandbox::wasi::{ModuleSource, PythonSession, WasiEngine, WasiPolicy, WasiSandbox};
-use stack_types::outcome::Status;
+use stack_sandbox::ExecStatus;
 use stack_types::ScriptRuntime;
 
 /// The process-wide sandbox: compiling python.wasm takes seconds, so every
@@ -40,7 +40,7 @@ async fn python_and_javascript_run_against_the_workspace() {
         .await;
     assert_eq!(
         (outcome.status, outcome.stdout.as_str()),
-        (Status::Ok, "from the host\n"),
+        (ExecStatus::Ok, "from the host\n"),
         "{outcome:?}"
     );
     assert_eq!(
@@ -52,7 +52,7 @@ async fn python_and_javascript_run_against_the_workspace() {
         .await;
     assert_eq!(
         (js.status, js.stdout.as_str()),
-        (Status::Ok, "FROM THE HOST\n"),
+        (ExecStatus::Ok, "FROM THE HOST\n"),
         "{js:?}"
     );
 }
@@ -83,7 +83,7 @@ async fn nothing_outside_the_preopen_can_be_reached() {
             "{code}: {outcome:?}"
         );
         if code.contains("environ") {
-            assert_eq!(outcome.status, Status::Ok);
+            assert_eq!(outcome.status, ExecStatus::Ok);
             assert!(
                 !all.contains("PATH")
                     && !all.contains("CARGO")
@@ -91,7 +91,7 @@ async fn nothing_outside_the_preopen_can_be_reached() {
                 "{all}"
             );
         } else {
-            assert_eq!(outcome.status, Status::Failed, "{code}: {outcome:?}");
+            assert_eq!(outcome.status, ExecStatus::Failed, "{code}: {outcome:?}");
         }
     }
     let js = sandbox().run_javascript(&format!("const f = std.open('{secret}', 'r'); console.log(f ? 'LEAK ' + f.readAsString() : 'blocked')"), workspace.path(), &quick()).await;
@@ -111,13 +111,13 @@ async fn infinite_loops_hit_the_deadline() {
         .await;
     assert_eq!(
         (python.status, python.limit.map(stack_types::Limit::as_str)),
-        (Status::Timeout, Some("wall_time")),
+        (ExecStatus::Timeout, Some("wall_time")),
         "{python:?}"
     );
     let js = sandbox()
         .run_javascript("for (;;) {}", workspace.path(), &policy)
         .await;
-    assert_eq!(js.status, Status::Timeout, "{js:?}");
+    assert_eq!(js.status, ExecStatus::Timeout, "{js:?}");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
 
@@ -137,7 +137,7 @@ async fn a_guest_cannot_use_up_the_runtimes_descriptors() {
     let fresh = sandbox().run_python(hoard, workspace.path(), &policy).await;
     assert_eq!(
         (fresh.status, fresh.limit.map(stack_types::Limit::as_str)),
-        (Status::Killed, Some("open_files")),
+        (ExecStatus::Killed, Some("open_files")),
         "{fresh:?}"
     );
     assert!(fresh.error.unwrap_or_default().contains("200 files"));
@@ -157,7 +157,7 @@ async fn a_guest_cannot_use_up_the_runtimes_descriptors() {
         .await;
     assert_eq!(
         (ok.status, ok.stdout.as_str()),
-        (Status::Ok, "inside\n"),
+        (ExecStatus::Ok, "inside\n"),
         "{ok:?}"
     );
     assert_eq!(session.run(healthy).await.stdout, "inside\n");
@@ -183,7 +183,7 @@ async fn a_fifo_in_the_workspace_cannot_outlast_the_deadline() {
     let python = sandbox()
         .run_python("print(open('notes.txt').read())", workspace.path(), &policy)
         .await;
-    assert_eq!(python.status, Status::Timeout, "{python:?}");
+    assert_eq!(python.status, ExecStatus::Timeout, "{python:?}");
     let writer = sandbox()
         .run_python(
             "open('notes.txt', 'w').write('x')",
@@ -191,7 +191,7 @@ async fn a_fifo_in_the_workspace_cannot_outlast_the_deadline() {
             &policy,
         )
         .await;
-    assert_eq!(writer.status, Status::Timeout, "{writer:?}");
+    assert_eq!(writer.status, ExecStatus::Timeout, "{writer:?}");
     let js = sandbox()
         .run_javascript(
             "let f = std.open('notes.txt', 'r'); print(f.readAsString());",
@@ -202,13 +202,13 @@ async fn a_fifo_in_the_workspace_cannot_outlast_the_deadline() {
     // QuickJS may open without blocking and read nothing; either way the
     // call ends by its deadline.
     assert!(
-        js.status == Status::Timeout || js.duration_ms < policy.wall_ms,
+        js.status == ExecStatus::Timeout || js.duration_ms < policy.wall_ms,
         "{js:?}"
     );
     let mut session = PythonSession::new(sandbox(), workspace.path(), policy.clone());
-    assert_eq!(session.run("x = 1").await.status, Status::Ok);
+    assert_eq!(session.run("x = 1").await.status, ExecStatus::Ok);
     let stuck = session.run("open('notes.txt').read()").await;
-    assert_eq!(stuck.status, Status::Timeout, "{stuck:?}");
+    assert_eq!(stuck.status, ExecStatus::Timeout, "{stuck:?}");
     assert!(
         started.elapsed() < std::time::Duration::from_secs(20),
         "four calls of 1 s each took {:?}",
@@ -234,7 +234,7 @@ async fn memory_bombs_are_stopped_at_the_cap() {
         .await;
     assert_eq!(
         (python.status, python.limit.map(stack_types::Limit::as_str)),
-        (Status::Killed, Some("memory")),
+        (ExecStatus::Killed, Some("memory")),
         "{python:?}"
     );
     let js = sandbox()
@@ -246,7 +246,7 @@ async fn memory_bombs_are_stopped_at_the_cap() {
         .await;
     assert_eq!(
         (js.status, js.limit.map(stack_types::Limit::as_str)),
-        (Status::Killed, Some("memory")),
+        (ExecStatus::Killed, Some("memory")),
         "{js:?}"
     );
 }
@@ -261,7 +261,7 @@ async fn output_floods_are_capped_and_the_guest_keeps_running() {
     // Write exactly the cap, then past it; the guest must not see an I/O error.
     let code = "import sys\nsys.stdout.write('x' * (1 << 20)); sys.stdout.flush()\nfor _ in range(64):\n    sys.stdout.write('y' * 65536)\nsys.stdout.flush()\nsys.stderr.write('finished')";
     let outcome = sandbox().run_python(code, workspace.path(), &policy).await;
-    assert_eq!(outcome.status, Status::Ok, "{:?}", outcome.error);
+    assert_eq!(outcome.status, ExecStatus::Ok, "{:?}", outcome.error);
     assert!(outcome.truncated);
     assert_eq!(outcome.stdout.len(), 1 << 20);
     assert!(outcome.stdout.bytes().all(|b| b == b'x'));
@@ -275,7 +275,7 @@ async fn output_floods_are_capped_and_the_guest_keeps_running() {
         .await;
     assert_eq!(
         (js.status, js.truncated, js.stdout.len(), js.stderr.as_str()),
-        (Status::Ok, true, 1 << 20, "done")
+        (ExecStatus::Ok, true, 1 << 20, "done")
     );
 }
 
@@ -288,27 +288,27 @@ async fn session_state_persists_and_a_trap_resets_only_that_session() {
     };
     let mut first = PythonSession::new(sandbox(), workspace.path(), policy.clone());
     let mut second = PythonSession::new(sandbox(), workspace.path(), policy.clone());
-    assert_eq!(first.run("x = 41").await.status, Status::Ok);
-    assert_eq!(second.run("y = 'other'").await.status, Status::Ok);
+    assert_eq!(first.run("x = 41").await.status, ExecStatus::Ok);
+    assert_eq!(second.run("y = 'other'").await.status, ExecStatus::Ok);
     let answer = first.run("print(x + 1)").await;
     assert_eq!(
         (answer.status, answer.stdout.as_str()),
-        (Status::Ok, "42\n"),
+        (ExecStatus::Ok, "42\n"),
         "{answer:?}"
     );
     // Errors keep the state; input() cannot read the protocol stream.
     let failed = first.run("x += 1\nraise ValueError('boom')").await;
-    assert_eq!(failed.status, Status::Failed);
+    assert_eq!(failed.status, ExecStatus::Failed);
     assert!(
         failed.stderr.contains("ValueError: boom") && !failed.stderr.contains("_serve"),
         "{failed:?}"
     );
     assert_eq!(first.run("print(x)").await.stdout, "42\n");
-    assert_eq!(first.run("input()").await.status, Status::Failed);
+    assert_eq!(first.run("input()").await.status, ExecStatus::Failed);
     assert_eq!(first.run("print(x)").await.stdout, "42\n");
     // A deadline trap resets the first session and says so.
     let trapped = first.run("while True:\n    pass").await;
-    assert_eq!(trapped.status, Status::Timeout);
+    assert_eq!(trapped.status, ExecStatus::Timeout);
     assert!(trapped
         .error
         .unwrap_or_default()
@@ -320,14 +320,14 @@ async fn session_state_persists_and_a_trap_resets_only_that_session() {
     let other = second.run("print(y)").await;
     assert_eq!(
         (other.status, other.stdout.as_str()),
-        (Status::Ok, "other\n")
+        (ExecStatus::Ok, "other\n")
     );
     // A memory trap also resets.
     let bomb = second
         .run("a = []\nwhile True:\n    a.append(bytearray(8 << 20))")
         .await;
     assert!(
-        matches!(bomb.status, Status::Killed | Status::Failed),
+        matches!(bomb.status, ExecStatus::Killed | ExecStatus::Failed),
         "{bomb:?}"
     );
     assert_eq!(second.run("print('alive')").await.stdout, "alive\n");
@@ -356,7 +356,7 @@ async fn a_forged_end_of_frame_marker_ends_nothing() {
             "open('after-marker.txt', 'w').write('ran')\nraise RuntimeError('reported after all')",
         ))
         .await;
-    assert_eq!(raised.status, Status::Failed, "{raised:?}");
+    assert_eq!(raised.status, ExecStatus::Failed, "{raised:?}");
     assert!(
         raised.stderr.contains("RuntimeError: reported after all"),
         "{raised:?}"
@@ -364,7 +364,7 @@ async fn a_forged_end_of_frame_marker_ends_nothing() {
     assert!(workspace.path().join("after-marker.txt").exists());
     // A forged marker followed by a loop: the deadline still holds.
     let looped = session.run(&forge("while True:\n    pass")).await;
-    assert_eq!(looped.status, Status::Timeout, "{looped:?}");
+    assert_eq!(looped.status, ExecStatus::Timeout, "{looped:?}");
     // Polling stdin (which finds it empty) is not waiting for a frame.
     for poll in ["0", "5"] {
         let polled = session
@@ -374,7 +374,7 @@ async fn a_forged_end_of_frame_marker_ends_nothing() {
             .await;
         assert_eq!(
             polled.status,
-            Status::Timeout,
+            ExecStatus::Timeout,
             "select timeout {poll}: {polled:?}"
         );
     }
@@ -382,7 +382,7 @@ async fn a_forged_end_of_frame_marker_ends_nothing() {
     let healthy = session.run("print(6 * 7)").await;
     assert_eq!(
         (healthy.status, healthy.stdout.as_str()),
-        (Status::Ok, "42\n"),
+        (ExecStatus::Ok, "42\n"),
         "{healthy:?}"
     );
     // Code that reads the session's own input ends its frame with a clear
@@ -390,7 +390,7 @@ async fn a_forged_end_of_frame_marker_ends_nothing() {
     let stolen = session
         .run("import sys\nsys.__stdin__.buffer.readline()")
         .await;
-    assert_eq!(stolen.status, Status::Failed, "{stolen:?}");
+    assert_eq!(stolen.status, ExecStatus::Failed, "{stolen:?}");
     assert!(
         stolen.error.unwrap_or_default().contains("own input"),
         "the error names the cause"
@@ -409,7 +409,7 @@ async fn session_calls_run_under_their_own_policy() {
         ..quick()
     };
     let mut session = PythonSession::new(sandbox(), workspace.path(), roomy.clone());
-    assert_eq!(session.run("x = 41").await.status, Status::Ok);
+    assert_eq!(session.run("x = 41").await.status, ExecStatus::Ok);
     let tight = WasiPolicy {
         wall_ms: 300,
         ..roomy.clone()
@@ -418,12 +418,12 @@ async fn session_calls_run_under_their_own_policy() {
     let slow = session.run("while True:\n    pass").await;
     assert_eq!(
         slow.status,
-        Status::Timeout,
+        ExecStatus::Timeout,
         "the call's own limit: {slow:?}"
     );
     assert!(slow.duration_ms < 4000, "{slow:?}");
     session.set_policy(&roomy);
-    assert_eq!(session.run("x = 41").await.status, Status::Ok);
+    assert_eq!(session.run("x = 41").await.status, ExecStatus::Ok);
     session.set_policy(&roomy);
     assert_eq!(
         session.run("print(x + 1)").await.stdout,
@@ -448,7 +448,7 @@ async fn session_calls_run_under_their_own_policy() {
         .run("a = []\nwhile True:\n    a.append(bytearray(8 << 20))")
         .await;
     assert!(
-        matches!(bomb.status, Status::Killed | Status::Failed),
+        matches!(bomb.status, ExecStatus::Killed | ExecStatus::Failed),
         "{bomb:?}"
     );
 }
@@ -468,7 +468,7 @@ async fn script_tools_get_their_arguments_on_stdin() {
         .await;
     assert_eq!(
         (csv.status, csv.stdout.as_str()),
-        (Status::Ok, "[{\"a\": \"1\", \"b\": \"2\"}]\n"),
+        (ExecStatus::Ok, "[{\"a\": \"1\", \"b\": \"2\"}]\n"),
         "{csv:?}"
     );
     let back = sandbox()
@@ -492,7 +492,7 @@ async fn script_tools_get_their_arguments_on_stdin() {
         .await;
     assert_eq!(
         (units.status, units.stdout.as_str()),
-        (Status::Ok, "{\"value\":1.609344,\"unit\":\"km\"}\n"),
+        (ExecStatus::Ok, "{\"value\":1.609344,\"unit\":\"km\"}\n"),
         "{units:?}"
     );
 }
@@ -555,7 +555,7 @@ async fn fuel_gives_a_deterministic_instruction_budget() {
             outcome.status,
             outcome.limit.map(stack_types::Limit::as_str)
         ),
-        (Status::Killed, Some("fuel")),
+        (ExecStatus::Killed, Some("fuel")),
         "{outcome:?}"
     );
     let fine = sandbox
@@ -580,7 +580,7 @@ async fn a_sleeping_guest_is_stopped_at_the_deadline() {
         "import select\nselect.select([], [], [], 30)\nprint('woke')",
     ] {
         let slept = sandbox().run_python(code, workspace.path(), &policy).await;
-        assert_eq!(slept.status, Status::Timeout, "{code}: {slept:?}");
+        assert_eq!(slept.status, ExecStatus::Timeout, "{code}: {slept:?}");
         assert_eq!(
             slept.limit.map(stack_types::Limit::as_str),
             Some("wall_time"),
@@ -603,14 +603,14 @@ async fn a_sleeping_guest_is_stopped_at_the_deadline() {
         .await;
     assert_eq!(
         (short.status, short.stdout.as_str()),
-        (Status::Ok, "True\n"),
+        (ExecStatus::Ok, "True\n"),
         "{short:?}"
     );
     // The same in a stateful session, which then starts afresh.
     let mut session = PythonSession::new(sandbox(), workspace.path(), policy.clone());
-    assert_eq!(session.run("x = 1").await.status, Status::Ok);
+    assert_eq!(session.run("x = 1").await.status, ExecStatus::Ok);
     let slept = session.run("import time\ntime.sleep(30)").await;
-    assert_eq!(slept.status, Status::Timeout, "{slept:?}");
+    assert_eq!(slept.status, ExecStatus::Timeout, "{slept:?}");
     assert!(slept.duration_ms < 3000, "{slept:?}");
     assert_eq!(session.run("print('alive')").await.stdout, "alive\n");
 }
@@ -640,7 +640,7 @@ async fn as_root_a_guest_acts_as_the_workspace_owner_not_root() {
     std::fs::write(ws.join("shared.txt"), "readable").expect("write");
     let code = "try:\n    print('LEAK', open('rootonly.txt').read())\nexcept Exception as e:\n    print('blocked', type(e).__name__)\nprint(open('shared.txt').read())\nimport os\nos.mkdir('made_by_wasi')\nopen('made_by_wasi/f.txt', 'w').write('x')";
     let outcome = sandbox().run_python(code, ws, &quick()).await;
-    assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
     assert!(!outcome.stdout.contains("LEAK"), "{outcome:?}");
     assert!(outcome.stdout.starts_with("blocked"), "{outcome:?}");
     assert!(outcome.stdout.contains("readable"), "{outcome:?}");
@@ -689,7 +689,7 @@ async fn as_root_a_root_owned_workspace_is_shared_with_the_guest_through_a_mount
     std::fs::hard_link(&private, ws.join("linked")).expect("link");
     let code = "print(open('notes.txt').read().strip())\nopen('notes.txt', 'a').write('more\\n')\nimport os\nos.mkdir('made')\nopen('made/f.txt', 'w').write('x')\nfor how in ['r', 'a']:\n    try:\n        f = open('linked', how)\n        print('LEAK', how, f.read() if how == 'r' else f.write('x'))\n    except Exception as e:\n        print('blocked', how, type(e).__name__)";
     let outcome = sandbox().run_python(code, ws, &quick()).await;
-    assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+    assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
     assert!(!outcome.stdout.contains("LEAK"), "{outcome:?}");
     assert_eq!(
         outcome.stdout, "mine\nblocked r PermissionError\nblocked a PermissionError\n",
@@ -782,7 +782,7 @@ async fn a_protected_path_a_guest_creates_is_removed() {
             &quick(),
         )
         .await;
-    assert_eq!(outcome.status, Status::Failed, "{outcome:?}");
+    assert_eq!(outcome.status, ExecStatus::Failed, "{outcome:?}");
     assert!(
         outcome.error.clone().unwrap_or_default().contains(".envrc"),
         "{outcome:?}"
@@ -792,7 +792,7 @@ async fn a_protected_path_a_guest_creates_is_removed() {
     let made = session
         .run("import os\nos.makedirs('.vscode', exist_ok=True)\nopen('.vscode/tasks.json', 'w').write('{}')")
         .await;
-    assert_eq!(made.status, Status::Failed, "{made:?}");
+    assert_eq!(made.status, ExecStatus::Failed, "{made:?}");
     assert!(!ws.join(".vscode").exists(), ".vscode outlived the call");
     let healthy = session.run("print(6 * 7)").await;
     assert_eq!(healthy.stdout, "42\n", "{healthy:?}");
@@ -978,7 +978,7 @@ async fn a_guest_cannot_add_more_than_its_disk_budget() {
         let fresh = sandbox().run_python(code, workspace.path(), &policy).await;
         assert_eq!(
             (fresh.status, fresh.limit),
-            (Status::Killed, Some(stack_types::Limit::Disk)),
+            (ExecStatus::Killed, Some(stack_types::Limit::Disk)),
             "{what}: {fresh:?}"
         );
         let (bytes, names) = size(workspace.path());
@@ -1002,7 +1002,7 @@ async fn a_guest_cannot_add_more_than_its_disk_budget() {
                 "open('part{round}', 'wb').write(b'x' * (3 << 20))\nkept = {round}"
             ))
             .await;
-        assert_eq!(ok.status, Status::Ok, "round {round}: {ok:?}");
+        assert_eq!(ok.status, ExecStatus::Ok, "round {round}: {ok:?}");
     }
     let over = session
         .run("try:\n    open('over', 'wb').write(b'x' * (5 << 20))\nexcept OSError as e:\n    print('refused', e.errno)")
@@ -1015,7 +1015,7 @@ async fn a_guest_cannot_add_more_than_its_disk_budget() {
     let after = session.run("print(kept)").await;
     assert_eq!(
         (after.status, after.stdout.as_str()),
-        (Status::Ok, "1\n"),
+        (ExecStatus::Ok, "1\n"),
         "{after:?}"
     );
 }

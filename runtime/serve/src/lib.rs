@@ -17,6 +17,10 @@
 //!   /v1/sessions/{id}/export`; resume by `POST /v1/sessions` with
 //!   `resume`. Tools run here, in the sandbox, under the policy, with the
 //!   audit log and transcripts.
+//! - **Spoken input** ([`audio`], with a speech model): OpenAI's
+//!   `POST /v1/audio/transcriptions`, and turns whose `audio` is a WAV
+//!   clip, transcribed locally; each transcription holds a place of the
+//!   admission, as a generation does.
 //! - **Operations**: `GET /health` (no token), `GET /metrics`
 //!   (Prometheus text, [`metrics`]), and a graceful shutdown that gives
 //!   running turns a grace period, cancels the rest and saves every
@@ -59,6 +63,7 @@
 
 #![warn(missing_docs)]
 
+pub mod audio;
 pub mod completions;
 mod error;
 mod limits;
@@ -302,6 +307,7 @@ fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
         .route("/v1/models", get(completions::models))
         .route("/v1/chat/completions", post(completions::chat_completions))
+        .route("/v1/audio/transcriptions", post(audio::transcriptions))
         .route("/v1/sessions", post(sessions::create).get(sessions::list))
         .route(
             "/v1/sessions/{id}",

@@ -28,6 +28,9 @@ pub struct Metrics {
     turns: Mutex<BTreeMap<String, u64>>,
     responses: Mutex<BTreeMap<u16, u64>>,
     completions: AtomicU64,
+    transcriptions: AtomicU64,
+    /// Milliseconds of audio transcribed.
+    audio_millis: AtomicU64,
 }
 
 fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
@@ -48,6 +51,14 @@ impl Metrics {
             .fetch_add(counters.generated, Ordering::Relaxed);
         self.generation_micros
             .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one transcription (`/v1/audio/transcriptions`) of
+    /// `seconds` of audio.
+    pub fn count_transcription(&self, seconds: f64) {
+        self.transcriptions.fetch_add(1, Ordering::Relaxed);
+        self.audio_millis
+            .fetch_add((seconds * 1e3) as u64, Ordering::Relaxed);
     }
 
     /// Counts one finished chat completion.
@@ -112,6 +123,21 @@ pub(crate) async fn render(State(state): State<Arc<AppState>>) -> Response {
             } else {
                 0.0
             }
+        ),
+    );
+    gauge(
+        "stack_transcriptions_total",
+        "Clips transcribed by /v1/audio/transcriptions.",
+        "counter",
+        metrics.transcriptions.load(Ordering::Relaxed).to_string(),
+    );
+    gauge(
+        "stack_audio_seconds_total",
+        "Seconds of audio transcribed by /v1/audio/transcriptions.",
+        "counter",
+        format!(
+            "{:.3}",
+            metrics.audio_millis.load(Ordering::Relaxed) as f64 / 1e3
         ),
     );
     gauge(

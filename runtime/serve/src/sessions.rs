@@ -317,8 +317,13 @@ pub struct CreateSession {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TurnRequest {
-    /// The user's message.
-    pub message: String,
+    /// The user's message, typed.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// Or spoken: a clip the server transcribes (see [`crate::audio`]);
+    /// its transcript is the message. One of the two.
+    #[serde(default)]
+    pub audio: Option<crate::audio::InputAudio>,
 }
 
 /// The body of `POST /v1/sessions/{id}/training`.
@@ -802,6 +807,13 @@ pub(crate) async fn export(
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], exported).into_response())
 }
 
+/// What a turn request carries.
+enum TurnInput {
+    Text(String),
+    #[cfg_attr(not(feature = "voice"), allow(dead_code))]
+    Wav(Vec<u8>),
+}
+
 /// Clears a session's busy flag when its turn's driver ends.
 struct Busy(Arc<Served>);
 
@@ -822,9 +834,26 @@ pub(crate) async fn turn(
     if state.draining.is_cancelled() {
         return Err(ApiError::ShuttingDown);
     }
-    if body.message.trim().is_empty() {
-        return Err(ApiError::BadRequest("`message` is empty".into()));
-    }
+    let input = match (body.message, body.audio) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "give `message` or `audio`, not both".into(),
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::BadRequest(
+                "give the turn's `message` (text) or `audio` (a base64 WAV clip)".into(),
+            ))
+        }
+        (Some(message), None) if message.trim().is_empty() => {
+            return Err(ApiError::BadRequest("`message` is empty".into()));
+        }
+        (Some(message), None) => TurnInput::Text(message),
+        (None, Some(audio)) => {
+            crate::audio::require_speech(&state)?;
+            TurnInput::Wav(audio.decode()?)
+        }
+    };
     let served = state.sessions.get(&id)?;
     if served
         .busy
@@ -838,7 +867,17 @@ pub(crate) async fn turn(
     let busy = Busy(Arc::clone(&served));
     served.approvals.hold(state.admission.enter().await?);
     served.turns.fetch_add(1, Ordering::SeqCst);
-    let mut turn = served.session.send(body.message);
+    let mut turn = match input {
+        TurnInput::Text(message) => served.session.send(message),
+        #[cfg(feature = "voice")]
+        TurnInput::Wav(wav) => served.session.send_wav(wav),
+        #[cfg(not(feature = "voice"))]
+        TurnInput::Wav(_) => {
+            return Err(ApiError::BadRequest(
+                "this server was built without voice input (feature `voice`)".into(),
+            ))
+        }
+    };
     *served.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(turn.cancellation());
     let (events, receiver) = tokio::sync::mpsc::channel::<SseEvent>(64);
     tokio::spawn(async move {

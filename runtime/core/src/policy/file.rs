@@ -501,7 +501,9 @@ impl SandboxSection {
     }
 }
 
-/// `[budgets]`.
+/// `[budgets]`: what all of a session's calls may use together. A field
+/// left out is unlimited, so a policy with no `[budgets]` has no session
+/// budget (each call is still bounded by `[sandbox]`).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetSettings {

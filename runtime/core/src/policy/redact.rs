@@ -36,7 +36,8 @@ pub const BUILTIN_PATTERNS: &[(&str, &str)] = &[
     ),
 ];
 
-/// A compiled set of secret patterns.
+/// A compiled set of secret patterns. The default masks nothing; a
+/// policy's redactor comes from [`Policy::resolve`](crate::policy::Policy).
 #[derive(Debug, Clone, Default)]
 pub struct Redactor {
     patterns: Vec<(String, Regex)>,

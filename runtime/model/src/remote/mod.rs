@@ -151,7 +151,9 @@ impl std::fmt::Debug for ApiKey {
     }
 }
 
-/// Timeouts, each for one phase of a request.
+/// Timeouts, each for one phase of a request. Default: 10 s to connect,
+/// 300 s to the first token, 60 s between chunks; no limit on the whole
+/// request while chunks keep coming.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     /// Establishing the connection.
@@ -180,7 +182,9 @@ pub struct RemoteConfig {
     pub base_url: String,
     /// The model to ask for; the server's first model when `None`.
     pub model: Option<String>,
-    /// The API key, if the server wants one.
+    /// The API key, if the server wants one. It is sent as a bearer token
+    /// on every request: over `http://` to a host that is not loopback it
+    /// crosses the network in plain text, which `connect` warns about.
     pub api_key: Option<ApiKey>,
     /// Timeouts.
     pub timeouts: Timeouts,
@@ -195,7 +199,10 @@ pub struct RemoteConfig {
 }
 
 impl RemoteConfig {
-    /// A config for the server at `base_url`, with defaults for the rest.
+    /// A config for the server at `base_url`, with defaults for the rest:
+    /// the server's first model, no API key, [`Timeouts::default`], 3
+    /// retries, [`ToolPath::Auto`], no `strict` schemas. The HTTP client
+    /// follows the environment's proxy settings (`HTTPS_PROXY`, ...).
     pub fn new(base_url: impl Into<String>) -> Self {
         RemoteConfig {
             base_url: base_url.into(),
@@ -207,6 +214,22 @@ impl RemoteConfig {
             strict: false,
         }
     }
+}
+
+/// Whether a key sent to `base` would cross the network unencrypted:
+/// `http://` to a host that is not loopback.
+fn model_key_in_plain_text(base: &str, has_key: bool) -> bool {
+    let Ok(url) = reqwest::Url::parse(base) else {
+        return false;
+    };
+    let loopback = url.host_str().is_some_and(|host| {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    });
+    has_key && url.scheme() == "http" && !loopback
 }
 
 /// Which phase of a request timed out.
@@ -334,6 +357,12 @@ impl RemoteModel {
                 "the model URL must start with http:// or https:// (got {base})"
             ))
             .into());
+        }
+        if model_key_in_plain_text(&base, config.api_key.is_some()) {
+            tracing::warn!(
+                url = %base,
+                "the API key will cross the network in plain text: use https:// for a model server that is not on this machine"
+            );
         }
         let root = base
             .strip_suffix("/v1")
@@ -1046,6 +1075,25 @@ impl RawCompletion {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_over_plain_http_is_flagged_only_off_this_machine() {
+        for (url, key, flagged) in [
+            ("http://gpu-box:8000/v1", true, true),
+            ("http://10.0.0.7:8000/v1", true, true),
+            ("http://127.0.0.1:8080/v1", true, false),
+            ("http://localhost:8080/v1", true, false),
+            ("http://[::1]:8080/v1", true, false),
+            ("https://gpu-box/v1", true, false),
+            ("http://gpu-box:8000/v1", false, false),
+        ] {
+            assert_eq!(
+                model_key_in_plain_text(url, key),
+                flagged,
+                "{url} key={key}"
+            );
+        }
+    }
 
     #[test]
     fn http_errors_are_told_apart() {

@@ -134,9 +134,9 @@ pub(crate) use spec::ProtectedPath;
 pub use spec::{DiskBudget, DiskUse, NetworkMode, ProtectedMode, ResourceLimits};
 pub use stack_egress::{Allowlist, EgressRules};
 
+use crate::execution::{ExecStatus, Execution};
 use pool::{Zygote, ZygoteKey, ZygotePool};
 use spec::CallSpec;
-use stack_types::outcome::{Status, ToolOutcome};
 use stack_types::Language;
 
 /// File name of the helper binary.
@@ -243,7 +243,10 @@ pub enum SandboxError {
 }
 
 /// What the sandbox allows one call. The default denies everything it can:
-/// no network, default limits, no extra paths, landlock ABI 6 required.
+/// no network, [`ResourceLimits::default`], no extra paths, the default
+/// protected names, and landlock ABI 1 or newer (every
+/// [`Tier`](crate::process::Tier) keeps every guarantee the policy needs, or
+/// the call is refused).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessPolicy {
     /// Network reach.
@@ -388,12 +391,12 @@ impl ProcessSandbox {
         code: &str,
         workspace: &Path,
         policy: &ProcessPolicy,
-    ) -> ToolOutcome {
+    ) -> Execution {
         let (program, file) = match language {
             Language::Python => ("python3", "main.py"),
             Language::Bash => ("bash", "main.sh"),
             Language::Javascript => {
-                return ToolOutcome::internal_error(
+                return Execution::internal_error(
                     "javascript runs in the WASI sandbox, not the process sandbox",
                 )
             }
@@ -414,7 +417,7 @@ impl ProcessSandbox {
         stdin: Option<Vec<u8>>,
         workspace: &Path,
         policy: &ProcessPolicy,
-    ) -> ToolOutcome {
+    ) -> Execution {
         let request = Request {
             argv: argv.to_vec(),
             code: None,
@@ -429,12 +432,12 @@ impl ProcessSandbox {
         request: Request,
         workspace: &Path,
         policy: &ProcessPolicy,
-    ) -> ToolOutcome {
+    ) -> Execution {
         let started = std::time::Instant::now();
         let mut outcome = match self.run_inner(request, workspace, policy).await {
             Ok(outcome) => outcome,
-            Err(err @ SandboxError::ProgramNotFound(_)) => ToolOutcome::failed(err.to_string()),
-            Err(err) => ToolOutcome::internal_error(err.to_string()),
+            Err(err @ SandboxError::ProgramNotFound(_)) => Execution::failed(err.to_string()),
+            Err(err) => Execution::internal_error(err.to_string()),
         };
         outcome.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         outcome
@@ -445,7 +448,7 @@ impl ProcessSandbox {
         request: Request,
         workspace: &Path,
         policy: &ProcessPolicy,
-    ) -> Result<ToolOutcome, SandboxError> {
+    ) -> Result<Execution, SandboxError> {
         let handed = self.hand_over(request, workspace, policy).await?;
         let HandedOver {
             zygote,
@@ -1061,7 +1064,7 @@ async fn run_call(
     pidfd: OwnedFd,
     limits: ResourceLimits,
     stdio: CallStdio,
-) -> Result<ToolOutcome, SandboxError> {
+) -> Result<Execution, SandboxError> {
     let CallStdio {
         child,
         stdout,
@@ -1142,7 +1145,7 @@ async fn run_call(
         Ended::Lost { .. } => (None, None, false),
         Ended::TimedOut => (None, None, true),
     };
-    let mut outcome = ToolOutcome::from_output(&stdout, &stderr, out_cut || err_cut);
+    let mut outcome = Execution::from_output(&stdout, &stderr, out_cut || err_cut);
     outcome.exit_code = None;
     classify(&mut outcome, status, cpu_ms, timed_out, oom, &limits);
     if let Some(disk) = disk {
@@ -1159,7 +1162,7 @@ const WRITE_BACK_GRACE: Duration = Duration::from_secs(10);
 /// to its outcome: a budget that ran out is the call's limit (unless
 /// another ended it first), and changes that could not be written back
 /// fail the call, naming each.
-fn account_disk(outcome: &mut ToolOutcome, disk: &spec::DiskUse, limits: &ResourceLimits) {
+fn account_disk(outcome: &mut Execution, disk: &spec::DiskUse, limits: &ResourceLimits) {
     outcome.disk = Some(stack_types::DiskAdded {
         bytes: disk.bytes,
         files: disk.files,
@@ -1171,7 +1174,7 @@ fn account_disk(outcome: &mut ToolOutcome, disk: &spec::DiskUse, limits: &Resour
         } else {
             format!("{} files", budget.files)
         };
-        outcome.status = Status::Killed;
+        outcome.status = ExecStatus::Killed;
         outcome.limit = Some(stack_types::Limit::Disk);
         let before = outcome.error.take();
         outcome.error = Some(match before {
@@ -1184,8 +1187,8 @@ fn account_disk(outcome: &mut ToolOutcome, disk: &spec::DiskUse, limits: &Resour
         outcome.stderr.push_str(&format!(
             "\n[sandbox: changes not written back to the workspace:\n  {list}]"
         ));
-        if outcome.status == Status::Ok {
-            outcome.status = Status::Failed;
+        if outcome.status == ExecStatus::Ok {
+            outcome.status = ExecStatus::Failed;
         }
         let note = format!(
             "{} of the call's changes could not be written back to the workspace (see stderr)",
@@ -1345,20 +1348,20 @@ struct Request {
 /// Fills in how the call ended. `cpu_ms` is the CPU time the target used
 /// (it tells the kernel's `RLIMIT_CPU` SIGKILL from any other).
 fn classify(
-    outcome: &mut ToolOutcome,
+    outcome: &mut Execution,
     status: Option<std::process::ExitStatus>,
     cpu_ms: Option<u64>,
     timed_out: bool,
     oom: bool,
     limits: &ResourceLimits,
 ) {
-    let limit_hit = |outcome: &mut ToolOutcome, limit: stack_types::Limit, message: String| {
-        outcome.status = Status::Killed;
+    let limit_hit = |outcome: &mut Execution, limit: stack_types::Limit, message: String| {
+        outcome.status = ExecStatus::Killed;
         outcome.limit = Some(limit);
         outcome.error = Some(message);
     };
     if timed_out {
-        outcome.status = Status::Timeout;
+        outcome.status = ExecStatus::Timeout;
         outcome.limit = Some(stack_types::Limit::WallTime);
         outcome.error = Some(format!(
             "timed out after {} ms; the whole process tree was killed",
@@ -1367,14 +1370,14 @@ fn classify(
         return;
     }
     let Some(status) = status else {
-        outcome.status = Status::Error;
+        outcome.status = ExecStatus::Error;
         outcome.error = Some("lost track of the sandboxed process".into());
         return;
     };
     if let Some(code) = status.code() {
         outcome.exit_code = Some(code);
         if code == 0 {
-            outcome.status = Status::Ok;
+            outcome.status = ExecStatus::Ok;
         } else if oom {
             limit_hit(
                 outcome,
@@ -1385,7 +1388,7 @@ fn classify(
                 ),
             );
         } else {
-            outcome.status = Status::Failed;
+            outcome.status = ExecStatus::Failed;
             outcome.error = Some(format!("exited with code {code}"));
         }
         return;
@@ -1428,7 +1431,7 @@ fn classify(
             ),
         ),
         _ => {
-            outcome.status = Status::Failed;
+            outcome.status = ExecStatus::Failed;
             outcome.error = Some(format!("terminated by {name}"));
         }
     }
@@ -1623,7 +1626,7 @@ mod tests {
             Option<u64>,
             bool,
             bool,
-            Status,
+            ExecStatus,
             Option<&'static str>,
         );
         let cases: &[Case] = &[
@@ -1633,7 +1636,7 @@ mod tests {
                 Some(5),
                 false,
                 false,
-                Status::Ok,
+                ExecStatus::Ok,
                 None,
             ),
             (
@@ -1642,7 +1645,7 @@ mod tests {
                 Some(5),
                 false,
                 false,
-                Status::Failed,
+                ExecStatus::Failed,
                 None,
             ),
             (
@@ -1651,7 +1654,7 @@ mod tests {
                 Some(5),
                 false,
                 true,
-                Status::Killed,
+                ExecStatus::Killed,
                 Some("memory"),
             ),
             (
@@ -1660,7 +1663,7 @@ mod tests {
                 None,
                 true,
                 false,
-                Status::Timeout,
+                ExecStatus::Timeout,
                 Some("wall_time"),
             ),
             (
@@ -1669,7 +1672,7 @@ mod tests {
                 Some(cpu_limit_ms),
                 false,
                 false,
-                Status::Killed,
+                ExecStatus::Killed,
                 Some("cpu"),
             ),
             (
@@ -1678,7 +1681,7 @@ mod tests {
                 Some(5),
                 false,
                 false,
-                Status::Killed,
+                ExecStatus::Killed,
                 Some("file_size"),
             ),
             (
@@ -1687,7 +1690,7 @@ mod tests {
                 Some(5),
                 false,
                 true,
-                Status::Killed,
+                ExecStatus::Killed,
                 Some("memory"),
             ),
             (
@@ -1696,7 +1699,7 @@ mod tests {
                 Some(cpu_limit_ms + 1000),
                 false,
                 false,
-                Status::Killed,
+                ExecStatus::Killed,
                 Some("cpu"),
             ),
             (
@@ -1705,7 +1708,7 @@ mod tests {
                 Some(3),
                 false,
                 false,
-                Status::Failed,
+                ExecStatus::Failed,
                 None,
             ),
             (
@@ -1714,13 +1717,13 @@ mod tests {
                 Some(3),
                 false,
                 false,
-                Status::Failed,
+                ExecStatus::Failed,
                 None,
             ),
-            ("lost", None, None, false, false, Status::Error, None),
+            ("lost", None, None, false, false, ExecStatus::Error, None),
         ];
         for (case, status, cpu_ms, timed_out, oom, want_status, want_limit) in cases {
-            let mut outcome = ToolOutcome::from_output(b"", b"", false);
+            let mut outcome = Execution::from_output(b"", b"", false);
             outcome.exit_code = None;
             classify(&mut outcome, *status, *cpu_ms, *timed_out, *oom, &limits);
             assert_eq!(outcome.status, *want_status, "{case}: {outcome:?}");

@@ -54,7 +54,7 @@ use nix::libc;
 use nix::sys::stat::{fstatat, Mode};
 
 use super::spec::{ProtectedMode, ProtectedPath};
-use stack_types::outcome::{Status, ToolOutcome};
+use crate::execution::{ExecStatus, Execution};
 
 /// What a protected name is at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,8 +237,6 @@ impl Snapshot {
     }
 }
 
-/// Turns a call that changed protected paths into a failure that says what
-/// was moved where.
 /// What to wait for before undoing an abandoned call's changes: its
 /// processes' end.
 pub(crate) enum AbandonedCall {
@@ -246,6 +244,7 @@ pub(crate) enum AbandonedCall {
     /// (and with it the call's PID namespace) is gone.
     Init(OwnedFd),
     /// A guest whose deadline was moved to now: it stops within this.
+    #[cfg_attr(not(feature = "wasi"), allow(dead_code))]
     Guest(std::time::Duration),
 }
 
@@ -323,7 +322,9 @@ impl Drop for UndoIfAbandoned {
     }
 }
 
-pub(crate) fn report(outcome: &mut ToolOutcome, undone: &[Undone]) {
+/// Turns a call that changed protected paths into a failure that says what
+/// was moved where.
+pub(crate) fn report(outcome: &mut Execution, undone: &[Undone]) {
     let parts: Vec<String> = undone
         .iter()
         .map(|u| match &u.moved_to {
@@ -335,8 +336,8 @@ pub(crate) fn report(outcome: &mut ToolOutcome, undone: &[Undone]) {
         "the call created or replaced {}, which sandboxed code may not create or change (host tools such as git run what is in them)",
         parts.join(", ")
     );
-    if matches!(outcome.status, Status::Ok | Status::Failed) {
-        outcome.status = Status::Failed;
+    if matches!(outcome.status, ExecStatus::Ok | ExecStatus::Failed) {
+        outcome.status = ExecStatus::Failed;
     }
     outcome.error = Some(match outcome.error.take() {
         Some(earlier) => format!("{earlier}; {message}"),

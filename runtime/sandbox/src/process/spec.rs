@@ -42,7 +42,10 @@ pub enum NetworkMode {
     Proxied,
 }
 
-/// Resource limits for one sandboxed call.
+/// Resource limits for one sandboxed call. Every one is bounded by
+/// default: 10 s wall and 10 s CPU, 512 MiB memory (2 GiB address space),
+/// 64 processes, 64 MiB per file, 256 open files, 1 MiB of stdout and of
+/// stderr, and [`DiskBudget::default`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResourceLimits {
     /// Wall-clock timeout in milliseconds; the whole process tree dies at it.
@@ -73,6 +76,7 @@ pub struct ResourceLimits {
 /// the workspace, and the tmp dir), written back to the workspace when the
 /// call ends (see `disk`). Past either bound, writes fail with `ENOSPC`
 /// and the call reports [`Limit::Disk`](stack_types::Limit::Disk).
+/// Default: 256 MiB and 20,000 names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct DiskBudget {
     /// Bytes of file data (tmpfs pages: each file rounds up to a page).

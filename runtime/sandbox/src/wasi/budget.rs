@@ -52,7 +52,7 @@ const MODULE: &str = "wasi_snapshot_preview1";
 /// Marks an outcome whose use is unknown (its helper was killed, say)
 /// as having used its whole budget, so that a session's total never misses
 /// a call.
-pub(crate) fn charge_unknown(outcome: &mut stack_types::ToolOutcome, budget: Option<DiskBudget>) {
+pub(crate) fn charge_unknown(outcome: &mut crate::Execution, budget: Option<DiskBudget>) {
     if outcome.disk.is_none() {
         outcome.disk = budget.map(|budget| stack_types::DiskAdded {
             bytes: budget.bytes,
@@ -107,14 +107,14 @@ impl DiskMeter {
 
     /// Adds what the call added to `outcome`, and the disk limit when the
     /// budget refused a write and no other limit ended the call.
-    pub(crate) fn account(&self, outcome: &mut stack_types::ToolOutcome) {
+    pub(crate) fn account(&self, outcome: &mut crate::Execution) {
         outcome.disk = Some(stack_types::DiskAdded {
             bytes: self.bytes.load(Ordering::SeqCst),
             files: self.files.load(Ordering::SeqCst),
         });
         if self.refused.load(Ordering::SeqCst) && outcome.limit.is_none() {
             let budget = self.budget.unwrap_or_default();
-            outcome.status = stack_types::Status::Killed;
+            outcome.status = crate::ExecStatus::Killed;
             outcome.limit = Some(stack_types::Limit::Disk);
             let note = format!(
                 "the call's disk budget ({} MiB, {} files added to the workspace) ran out: writes past it failed with ENOSPC",
@@ -395,7 +395,7 @@ mod tests {
         assert!(!meter.take(41, 0), "past the bytes");
         assert!(!meter.take(0, 1), "past the names");
         assert!(meter.take(40, 0));
-        let mut outcome = stack_types::ToolOutcome::ok_text(String::new(), false);
+        let mut outcome = crate::Execution::from_output(b"", b"", false);
         meter.account(&mut outcome);
         assert_eq!(outcome.limit, Some(stack_types::Limit::Disk));
         assert_eq!(
@@ -406,7 +406,7 @@ mod tests {
             })
         );
         meter.start_call();
-        let mut outcome = stack_types::ToolOutcome::ok_text(String::new(), false);
+        let mut outcome = crate::Execution::from_output(b"", b"", false);
         meter.account(&mut outcome);
         assert_eq!(outcome.limit, None, "a new call starts afresh");
     }

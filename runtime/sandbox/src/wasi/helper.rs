@@ -24,7 +24,7 @@
 //! 2. runs the guest exactly as the runtime would, on a thread that makes
 //!    its own mount namespace and binds the protected paths read-only or
 //!    hides them before the workspace is preopened;
-//! 3. answers with the [`ToolOutcome`]; for a stateful Python session it
+//! 3. answers with the [`Execution`]; for a stateful Python session it
 //!    stays alive and answers one frame after another.
 //!
 //! Fail closed: if the helper is missing, or the kernel refuses the user
@@ -44,8 +44,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use super::{Prepared, WasiEngine, WasiPolicy, WasiSandbox};
+use crate::execution::Execution;
 use crate::process::ProtectedPath;
-use stack_types::outcome::{Status, ToolOutcome};
 
 /// Exit code of a helper that could not set up (as the process sandbox's).
 const SETUP_FAILED_EXIT: i32 = 125;
@@ -117,7 +117,7 @@ enum FromHelper {
     SetupFailed { message: String },
     /// A call's or a frame's outcome, and (for a session) how many times
     /// its interpreter has been reset so far.
-    Outcome { outcome: ToolOutcome, resets: u64 },
+    Outcome { outcome: Execution, resets: u64 },
 }
 
 fn request(
@@ -184,21 +184,21 @@ pub(super) fn run_call(
     workspace: &Path,
     policy: &WasiPolicy,
     deadline: &super::Deadline,
-) -> ToolOutcome {
+) -> Execution {
     let job = Job::Call {
         argv: argv.to_vec(),
         stdin,
     };
     let line = match request(sandbox, prepared, module, workspace, policy, job) {
         Ok(line) => line,
-        Err(err) => return ToolOutcome::internal_error(err),
+        Err(err) => return Execution::internal_error(err),
     };
     let mut child = match command().and_then(|mut c| {
         c.spawn()
             .map_err(|e| format!("starting the WASI helper: {e}"))
     }) {
         Ok(child) => child,
-        Err(err) => return ToolOutcome::internal_error(err),
+        Err(err) => return Execution::internal_error(err),
     };
     if let Some(mut input) = child.stdin.take() {
         // A helper that died at once is reported from its stdout below.
@@ -207,7 +207,7 @@ pub(super) fn run_call(
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         let _ = child.kill();
         let _ = child.wait();
-        return ToolOutcome::internal_error("the WASI helper's pipes were not set up");
+        return Execution::internal_error("the WASI helper's pipes were not set up");
     };
     // stderr is drained on a thread of its own, so that a helper that
     // writes much of it never blocks before closing stdout.
@@ -237,7 +237,7 @@ pub(super) fn run_call(
     if let Err(err) = reader {
         let _ = child.kill();
         let _ = child.wait();
-        return ToolOutcome::internal_error(format!("reading the WASI helper: {err}"));
+        return Execution::internal_error(format!("reading the WASI helper: {err}"));
     }
     let limit = Duration::from_millis(policy.wall_ms) + HELPER_GRACE;
     let give_up = std::time::Instant::now() + limit;
@@ -263,22 +263,19 @@ pub(super) fn run_call(
     }
     let _ = child.wait();
     if matches!(answer, Err(true)) {
-        return ToolOutcome::internal_error("the call was cancelled; its WASI helper was killed");
+        return Execution::internal_error("the call was cancelled; its WASI helper was killed");
     }
     let Ok((replies, said)) = answer else {
-        let mut outcome = ToolOutcome::internal_error(format!(
+        return Execution::timed_out(format!(
             "the WASI helper did not finish within {} ms and was killed",
             limit.as_millis()
         ));
-        outcome.status = Status::Timeout;
-        outcome.limit = Some(stack_types::Limit::WallTime);
-        return outcome;
     };
     let mut replies = replies.into_iter();
     match (replies.next(), replies.next()) {
         (Some(FromHelper::Ready), Some(FromHelper::Outcome { outcome, .. })) => outcome,
-        (Some(FromHelper::Ready), other) => ToolOutcome::internal_error(unexpected(other, &said)),
-        (first, _) => ToolOutcome::internal_error(unexpected(first, &said)),
+        (Some(FromHelper::Ready), other) => Execution::internal_error(unexpected(other, &said)),
+        (first, _) => Execution::internal_error(unexpected(first, &said)),
     }
 }
 
@@ -384,13 +381,13 @@ impl HelperSession {
         &mut self,
         code: &str,
         wall_ms: u64,
-    ) -> Result<(ToolOutcome, u64), ToolOutcome> {
+    ) -> Result<(Execution, u64), Execution> {
         let frame = Frame {
             code: code.to_string(),
             wall_ms,
         };
         let line = serde_json::to_string(&frame)
-            .map_err(|e| ToolOutcome::internal_error(format!("encoding a frame: {e}")))?
+            .map_err(|e| Execution::internal_error(format!("encoding a frame: {e}")))?
             + "\n";
         let wrote = self.input.write_all(line.as_bytes()).await;
         let limit = Duration::from_millis(wall_ms) + HELPER_GRACE;
@@ -406,16 +403,13 @@ impl HelperSession {
             }
             other => {
                 let _ = self.child.start_kill();
-                let mut outcome = ToolOutcome::internal_error(unexpected(other, ""));
                 if wrote.is_ok() && self.child.try_wait().ok().flatten().is_none() {
-                    outcome.status = Status::Timeout;
-                    outcome.limit = Some(stack_types::Limit::WallTime);
-                    outcome.error = Some(format!(
+                    return Err(Execution::timed_out(format!(
                         "the WASI helper did not answer within {} ms and was killed",
                         limit.as_millis()
-                    ));
+                    )));
                 }
-                Err(outcome)
+                Err(Execution::internal_error(unexpected(other, "")))
             }
         }
     }
@@ -504,7 +498,7 @@ fn serve_session(sandbox: WasiSandbox, request: &GuestRequest, input: std::io::S
         Ok(runtime) => runtime,
         Err(err) => {
             say(&FromHelper::Outcome {
-                outcome: ToolOutcome::internal_error(format!("the WASI helper's runtime: {err}")),
+                outcome: Execution::internal_error(format!("the WASI helper's runtime: {err}")),
                 resets: 0,
             });
             return;
@@ -519,7 +513,7 @@ fn serve_session(sandbox: WasiSandbox, request: &GuestRequest, input: std::io::S
             Ok(frame) => frame,
             Err(err) => {
                 say(&FromHelper::Outcome {
-                    outcome: ToolOutcome::internal_error(format!("bad frame: {err}")),
+                    outcome: Execution::internal_error(format!("bad frame: {err}")),
                     resets: session.resets(),
                 });
                 continue;

@@ -63,21 +63,26 @@ pub use engine::{ModuleSource, WasiEngine, WasiError};
 pub use helper::{guest_helper_main, GUEST_HELPER_ARG};
 pub use session::PythonSession;
 
+use crate::execution::{ExecStatus, Execution};
 use output::CappedOutput;
 use stack_assets::Asset;
-use stack_types::outcome::{Status, ToolOutcome};
 
 /// Where the workspace appears inside the guest.
 pub const GUEST_WORKSPACE: &str = "/workspace";
 
-/// What a WASI call may use.
+/// What a WASI call may use. The guest always sees the workspace,
+/// read-write, at [`GUEST_WORKSPACE`], and nothing else of the host but
+/// `read_only`. Default: 10 s wall, 256 MiB of linear memory, no fuel
+/// bound, 1 MiB of stdout and of stderr, 256 open files, the default
+/// protected names, and [`DiskBudget::default`](crate::process::DiskBudget).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WasiPolicy {
     /// Wall-clock timeout in milliseconds.
     pub wall_ms: u64,
     /// Linear memory cap per instance, in bytes.
     pub memory_bytes: usize,
-    /// Instruction budget, when the engine meters fuel.
+    /// Instruction budget, when the engine meters fuel. `None`: no
+    /// instruction bound; only the wall-clock deadline stops the guest.
     pub fuel: Option<u64>,
     /// Cap on stdout and on stderr, each.
     pub output_bytes: usize,
@@ -350,12 +355,7 @@ impl WasiSandbox {
     }
 
     /// Runs Python `code` in a fresh interpreter.
-    pub async fn run_python(
-        &self,
-        code: &str,
-        workspace: &Path,
-        policy: &WasiPolicy,
-    ) -> ToolOutcome {
+    pub async fn run_python(&self, code: &str, workspace: &Path, policy: &WasiPolicy) -> Execution {
         let argv = vec![
             "python".to_string(),
             "-I".into(),
@@ -372,7 +372,7 @@ impl WasiSandbox {
         code: &str,
         workspace: &Path,
         policy: &WasiPolicy,
-    ) -> ToolOutcome {
+    ) -> Execution {
         let argv = vec![
             "qjs".to_string(),
             "--std".into(),
@@ -393,11 +393,11 @@ impl WasiSandbox {
         stdin: Vec<u8>,
         workspace: &Path,
         policy: &WasiPolicy,
-    ) -> ToolOutcome {
+    ) -> Execution {
         let (Some(folder), Some(name)) =
             (script.parent(), script.file_name().and_then(|n| n.to_str()))
         else {
-            return ToolOutcome::internal_error(format!("bad script path {}", script.display()));
+            return Execution::internal_error(format!("bad script path {}", script.display()));
         };
         let mut policy = policy.clone();
         policy
@@ -426,7 +426,7 @@ impl WasiSandbox {
         stdin: Vec<u8>,
         workspace: &Path,
         policy: &WasiPolicy,
-    ) -> ToolOutcome {
+    ) -> Execution {
         let mut argv = vec![module
             .file_name()
             .and_then(|n| n.to_str())
@@ -444,10 +444,10 @@ impl WasiSandbox {
         stdin: Option<Vec<u8>>,
         workspace: &Path,
         policy: &WasiPolicy,
-    ) -> ToolOutcome {
+    ) -> Execution {
         match asset.locate() {
             Ok(path) => self.run_path(path, argv, stdin, workspace, policy).await,
-            Err(err) => ToolOutcome::internal_error(err.to_string()),
+            Err(err) => Execution::internal_error(err.to_string()),
         }
     }
 
@@ -458,7 +458,7 @@ impl WasiSandbox {
         stdin: Option<Vec<u8>>,
         workspace: &Path,
         policy: &WasiPolicy,
-    ) -> ToolOutcome {
+    ) -> Execution {
         let started = Instant::now();
         let sandbox = self.clone();
         let (workspace, policy) = (workspace.to_path_buf(), policy.clone());
@@ -473,7 +473,7 @@ impl WasiSandbox {
         .await
         {
             Ok(outcome) => outcome,
-            Err(err) => ToolOutcome::internal_error(format!("WASI runner crashed: {err}")),
+            Err(err) => Execution::internal_error(format!("WASI runner crashed: {err}")),
         };
         outcome.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         outcome
@@ -487,15 +487,15 @@ impl WasiSandbox {
         workspace: &Path,
         policy: &WasiPolicy,
         deadline: Deadline,
-    ) -> ToolOutcome {
+    ) -> Execution {
         let prepared = match self.prepare(module) {
             Ok(prepared) => prepared,
-            Err(err) => return ToolOutcome::internal_error(err.to_string()),
+            Err(err) => return Execution::internal_error(err.to_string()),
         };
         let canonical = match std::fs::canonicalize(workspace) {
             Ok(canonical) => canonical,
             Err(err) => {
-                return ToolOutcome::internal_error(format!(
+                return Execution::internal_error(format!(
                     "workspace {}: {err}",
                     workspace.display()
                 ))
@@ -527,7 +527,7 @@ impl WasiSandbox {
                     .and_then(|guest| guest.join().map_err(|_| "it panicked".to_string()))
             })
             .unwrap_or_else(|err| {
-                ToolOutcome::internal_error(format!("the WASI guest thread failed: {err}"))
+                Execution::internal_error(format!("the WASI guest thread failed: {err}"))
             })
         } else {
             self.run_guest(&prepared, argv, stdin, &canonical, policy, deadline)
@@ -548,10 +548,10 @@ impl WasiSandbox {
         workspace: &Path,
         policy: &WasiPolicy,
         deadline: Deadline,
-    ) -> ToolOutcome {
+    ) -> Execution {
         let _guest = match identity::GuestThread::enter(workspace, &policy.protected) {
             Ok(guest) => guest,
-            Err(err) => return ToolOutcome::internal_error(err),
+            Err(err) => return Execution::internal_error(err),
         };
         let stdout = CappedOutput::new(policy.output_bytes);
         let stderr = CappedOutput::new(policy.output_bytes);
@@ -566,7 +566,7 @@ impl WasiSandbox {
             None => builder.stdin(ClosedInputStream),
         };
         if let Err(err) = grant_mounts(&mut builder, workspace, policy) {
-            return ToolOutcome::internal_error(err);
+            return Execution::internal_error(err);
         }
         {
             // A call cancelled before its guest started has a deadline
@@ -577,7 +577,7 @@ impl WasiSandbox {
         }
         let mut store = match self.store_with_deadline(&mut builder, policy, deadline) {
             Ok(store) => store,
-            Err(err) => return ToolOutcome::internal_error(err),
+            Err(err) => return Execution::internal_error(err),
         };
         let memory_hit = Arc::clone(&store.data().limiter.hit);
         let disk = Arc::clone(&store.data().disk);
@@ -590,7 +590,7 @@ impl WasiSandbox {
         let out = stdout.take();
         let err = stderr.take();
         let mut outcome =
-            ToolOutcome::from_output(&out.bytes, &err.bytes, out.truncated || err.truncated);
+            Execution::from_output(&out.bytes, &err.bytes, out.truncated || err.truncated);
         classify(
             &mut outcome,
             result,
@@ -703,9 +703,9 @@ pub(crate) fn grant_mounts(
 /// Maps how a guest run ended onto the tool statuses.
 /// A call that the watchdog had to interrupt in a blocked host call (see
 /// [`watchdog`]) timed out, however it ended.
-pub(crate) fn mark_overdue(outcome: &mut ToolOutcome, interrupted: bool, policy: &WasiPolicy) {
-    if outcome.status != Status::Timeout && interrupted {
-        outcome.status = Status::Timeout;
+pub(crate) fn mark_overdue(outcome: &mut Execution, interrupted: bool, policy: &WasiPolicy) {
+    if outcome.status != ExecStatus::Timeout && interrupted {
+        outcome.status = ExecStatus::Timeout;
         outcome.limit = Some(stack_types::Limit::WallTime);
         outcome.exit_code = None;
         outcome.error = Some(format!(
@@ -716,7 +716,7 @@ pub(crate) fn mark_overdue(outcome: &mut ToolOutcome, interrupted: bool, policy:
 }
 
 pub(crate) fn classify(
-    outcome: &mut ToolOutcome,
+    outcome: &mut Execution,
     result: wasmtime::Result<()>,
     memory_hit: bool,
     policy: &WasiPolicy,
@@ -735,11 +735,11 @@ pub(crate) fn classify(
         outcome.exit_code = Some(exit.0);
         if exit.0 != 0 {
             if memory_hit {
-                outcome.status = Status::Killed;
+                outcome.status = ExecStatus::Killed;
                 outcome.limit = Some(stack_types::Limit::Memory);
                 outcome.error = Some(memory_message());
             } else {
-                outcome.status = Status::Failed;
+                outcome.status = ExecStatus::Failed;
                 outcome.error = Some(format!("exited with code {}", exit.0));
             }
         }
@@ -748,7 +748,7 @@ pub(crate) fn classify(
     outcome.exit_code = None;
     match error.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => {
-            outcome.status = Status::Timeout;
+            outcome.status = ExecStatus::Timeout;
             outcome.limit = Some(stack_types::Limit::WallTime);
             outcome.error = Some(format!(
                 "timed out after {} ms; the guest was interrupted",
@@ -756,12 +756,12 @@ pub(crate) fn classify(
             ));
         }
         Some(Trap::OutOfFuel) => {
-            outcome.status = Status::Killed;
+            outcome.status = ExecStatus::Killed;
             outcome.limit = Some(stack_types::Limit::Fuel);
             outcome.error = Some("the guest used up its instruction budget (fuel)".into());
         }
         _ if memory_hit => {
-            outcome.status = Status::Killed;
+            outcome.status = ExecStatus::Killed;
             outcome.limit = Some(stack_types::Limit::Memory);
             outcome.error = Some(memory_message());
         }
@@ -772,7 +772,7 @@ pub(crate) fn classify(
             )
         }) =>
         {
-            outcome.status = Status::Killed;
+            outcome.status = ExecStatus::Killed;
             outcome.limit = Some(stack_types::Limit::OpenFiles);
             outcome.error = Some(format!(
                 "the guest tried to hold more than {} files open at once and was stopped",
@@ -780,11 +780,11 @@ pub(crate) fn classify(
             ));
         }
         Some(trap) => {
-            outcome.status = Status::Failed;
+            outcome.status = ExecStatus::Failed;
             outcome.error = Some(format!("the guest crashed: {trap}"));
         }
         None => {
-            outcome.status = Status::Error;
+            outcome.status = ExecStatus::Error;
             outcome.error = Some(format!("running the guest failed: {error:#}"));
         }
     }

@@ -31,9 +31,9 @@ use wasmtime_wasi::WasiCtxBuilder;
 use super::feed::{frame_feed, FrameEnd, FrameFeed};
 use super::output::CappedOutput;
 use super::{classify, grant_mounts, WasiPolicy, WasiSandbox, GUEST_ENV};
+use crate::execution::{ExecStatus, Execution};
 use crate::process::ProtectedPath;
 use stack_assets::Asset;
-use stack_types::outcome::{Status, ToolOutcome};
 
 const DRIVER: &str = include_str!("driver.py");
 
@@ -226,7 +226,7 @@ impl PythonSession {
     }
 
     /// Runs `code` in the live interpreter (starting one if needed).
-    pub async fn run(&mut self, code: &str) -> ToolOutcome {
+    pub async fn run(&mut self, code: &str) -> Execution {
         let started = Instant::now();
         let (workspace, protected) = (self.workspace.clone(), self.policy.protected.clone());
         let (present, snapshot) = tokio::task::spawn_blocking(move || {
@@ -288,9 +288,9 @@ impl PythonSession {
         outcome
     }
 
-    async fn run_frame(&mut self, code: &str, present: Vec<ProtectedPath>) -> ToolOutcome {
+    async fn run_frame(&mut self, code: &str, present: Vec<ProtectedPath>) -> Execution {
         if let Err(err) = self.start_surveyed(Some(present)).await {
-            return ToolOutcome::internal_error(format!("starting the Python session: {err}"));
+            return Execution::internal_error(format!("starting the Python session: {err}"));
         }
         let live = match self.live.as_mut() {
             Some(Instance::InProcess(live)) => live,
@@ -315,7 +315,7 @@ impl PythonSession {
                     }
                 };
             }
-            None => return ToolOutcome::internal_error("the Python session did not start"),
+            None => return Execution::internal_error("the Python session did not start"),
         };
         let wall = Duration::from_millis(self.policy.wall_ms);
         // The deadline holds until the guest is seen waiting for the next
@@ -337,7 +337,7 @@ impl PythonSession {
         let out = live.stdout.take();
         let err = live.stderr.take();
         let mut outcome =
-            ToolOutcome::from_output(&out.bytes, &err.bytes, out.truncated || err.truncated);
+            Execution::from_output(&out.bytes, &err.bytes, out.truncated || err.truncated);
         match (ended, out.marker.as_deref()) {
             (FrameEnd::Idle, Some(status)) => {
                 // Blocked reading stdin until the next frame: the
@@ -348,7 +348,7 @@ impl PythonSession {
                 let code: i32 = status.parse().unwrap_or(1);
                 outcome.exit_code = Some(code);
                 if code != 0 {
-                    outcome.status = Status::Failed;
+                    outcome.status = ExecStatus::Failed;
                     outcome.error = Some(format!("exited with code {code}"));
                 }
                 live.disk.account(&mut outcome);
@@ -357,7 +357,7 @@ impl PythonSession {
             (FrameEnd::Idle, None) => {
                 // The cell itself read the session's stdin and now waits on
                 // it: the driver never got control back.
-                outcome.status = Status::Failed;
+                outcome.status = ExecStatus::Failed;
                 outcome.error = Some(format!(
                     "the code read the Python session's own input, which it cannot use, so the session was reset; {STATE_LOST}"
                 ));
@@ -394,8 +394,8 @@ impl PythonSession {
         classify(&mut outcome, result, memory_hit, &self.policy);
         super::mark_overdue(&mut outcome, interrupted, &self.policy);
         disk.account(&mut outcome);
-        if outcome.status == Status::Ok {
-            outcome.status = Status::Failed;
+        if outcome.status == ExecStatus::Ok {
+            outcome.status = ExecStatus::Failed;
         }
         self.resets += 1;
         let reason = outcome

@@ -139,7 +139,7 @@ fn build(
     quiet: bool,
     tokio: &tokio::runtime::Runtime,
 ) -> anyhow::Result<(Runtime, Session, SessionConfig)> {
-    let (runtime, config) = build_runtime(args, dirs, approver, quiet, None, tokio)?;
+    let (runtime, config) = build_runtime(args, dirs, approver, quiet, None, false, tokio)?;
     let session = tokio.block_on(runtime.session(config.clone()))?;
     Ok((runtime, session, config))
 }
@@ -155,6 +155,7 @@ pub fn build_runtime(
     approver: Option<Arc<dyn ApprovalHandler>>,
     quiet: bool,
     transcript_subfolder: Option<&str>,
+    with_speech: bool,
     tokio: &tokio::runtime::Runtime,
 ) -> anyhow::Result<(Runtime, SessionConfig)> {
     let policy = Policy::load_named(&args.policy).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
@@ -191,7 +192,7 @@ pub fn build_runtime(
         None,
     ))?;
     for spec in mcp_tools.tools() {
-        builder = builder.tool(spec.clone())?;
+        builder = builder.tool(spec.clone());
     }
     if let (Some(folder), Some(dir)) = (
         transcript_subfolder,
@@ -203,6 +204,9 @@ pub fn build_runtime(
         builder = builder.transcripts(None).audit_log(None);
     }
     let mut builder = builder.policy(policy);
+    if with_speech {
+        builder = crate::voice_cmd::with_speech_model(builder, &args.voice)?;
+    }
     if let Some(approver) = approver {
         builder = builder.approval_handler(approver);
     }

@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// Longest a turn may run, in seconds, before it is cancelled.
     #[arg(long, default_value_t = 600)]
     turn_timeout: u64,
+    /// Take spoken input: load the speech model (--speech-model, else the
+    /// default) for `POST /v1/audio/transcriptions` and turns with `audio`.
+    #[arg(long)]
+    voice: bool,
     #[command(flatten)]
     chat: ChatArgs,
 }
@@ -80,8 +84,15 @@ pub fn run(mut args: ServeArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let (runtime, session_defaults) =
-        build_runtime(&args.chat, dirs, None, false, Some("serve"), &tokio)?;
+    let (runtime, session_defaults) = build_runtime(
+        &args.chat,
+        dirs,
+        None,
+        false,
+        Some("serve"),
+        args.voice,
+        &tokio,
+    )?;
     let roots = if args.workspace_roots.is_empty() {
         vec![match &args.chat.workspace {
             Some(dir) => dir.clone(),

@@ -130,6 +130,37 @@ pub fn read_audio(path: &Path, limits: &AudioLimits) -> anyhow::Result<Audio> {
     Audio::from_wav(&bytes, limits).map_err(describe)
 }
 
+/// Loads the speech model `args` name into a runtime being built, with
+/// their options and limits (`agent serve --voice`).
+#[cfg(feature = "voice")]
+pub fn with_speech_model(
+    builder: stack_runtime::agent::RuntimeBuilder,
+    args: &VoiceArgs,
+) -> anyhow::Result<stack_runtime::agent::RuntimeBuilder> {
+    let dir = args.model_dir()?;
+    let model = stack_runtime::voice::SpeechModel::load(
+        &dir,
+        stack_runtime::voice::ModelOptions {
+            threads: args.speech_threads,
+            compute: args.speech_compute.into(),
+        },
+    )
+    .map_err(|err| anyhow::anyhow!("speech model {}: {err}", dir.display()))?;
+    Ok(builder
+        .speech_model(Arc::new(model))
+        .transcribe_options(args.options())
+        .audio_limits(args.limits()))
+}
+
+/// Without the `voice` feature: says how to get it.
+#[cfg(not(feature = "voice"))]
+pub fn with_speech_model(
+    _: stack_runtime::agent::RuntimeBuilder,
+    _: &VoiceArgs,
+) -> anyhow::Result<stack_runtime::agent::RuntimeBuilder> {
+    anyhow::bail!("this agent was built without voice input; rebuild with `--features voice`")
+}
+
 /// The speech model, loaded on first use and kept.
 #[derive(Default)]
 pub struct Ears {
