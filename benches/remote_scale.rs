@@ -2,8 +2,8 @@
 //! independent runtimes (each its own `Runtime`, remote model connection,
 //! workspace and session) run the same multi-turn tool session at once
 //! against one llama-server started with `-np K_max` (continuous batching),
-//! for each K in the list, in one run. K = 1 is the baseline that every
-//! other row is a ratio against.
+//! for each K in the list, in one run. The first K listed (1 by default)
+//! is the baseline that every other row is a ratio against.
 //!
 //! Reported per K: turns finished, aggregate generated tokens per second,
 //! the aggregate ratio against K = 1, and p50/p95 of the time to first token
@@ -157,6 +157,7 @@ async fn instance(url: String, id: usize, turns: usize) -> Figures {
         .approval_handler(Arc::new(yes))
         .workspace(workspace.path())
         .transcripts(None)
+        .audit_log(None)
         .build()
         .expect("runtime");
     let session = runtime
@@ -205,7 +206,10 @@ async fn instance(url: String, id: usize, turns: usize) -> Figures {
     figures
 }
 
-fn percentile(values: &mut [f64], p: f64) -> f64 {
+/// The `p`th percentile of the values that are numbers (a turn that
+/// streamed no token has no TTFT).
+fn percentile(values: &mut Vec<f64>, p: f64) -> f64 {
+    values.retain(|v| !v.is_nan());
     values.sort_by(f64::total_cmp);
     if values.is_empty() {
         return f64::NAN;
@@ -241,7 +245,7 @@ fn main() {
     );
     println!(
         "{:>4} {:>7} {:>12} {:>9} {:>10} {:>10} {:>10} {:>10}",
-        "K", "turns", "agg tok/s", "vs K=1", "TTFT p50", "TTFT p95", "turn p50", "turn p95"
+        "K", "turns", "agg tok/s", "vs first", "TTFT p50", "TTFT p95", "turn p50", "turn p95"
     );
     let mut baseline = None;
     for &k in &sessions {

@@ -969,6 +969,15 @@ fn spoken_input_is_transcribed_by_the_openai_client_and_in_session_turns() {
         "{seen}"
     );
     assert_eq!(seen["prompt"]["status"], 400, "{seen}");
+    // A language is a code (any case); a Whisper control token's name is not.
+    assert_eq!(seen["language"]["status"], 400, "{seen}");
+    assert!(
+        seen["language"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("language code")),
+        "{seen}"
+    );
+    assert_eq!(seen["language_en"], seen["json"], "{seen}");
     assert!(
         seen["prompt"]["message"]
             .as_str()
@@ -1008,7 +1017,17 @@ fn spoken_input_is_transcribed_by_the_openai_client_and_in_session_turns() {
         .map(|path| String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned())
         .collect();
     assert!(kept.contains("audio_sha256"), "{kept}");
-    assert!(!kept.contains("RIFF"), "the clip itself was kept");
+    // Kept audio would be an `ID.audio` file, base64 in `wav_base64`.
+    assert!(
+        !walk(&served.transcripts())
+            .iter()
+            .any(|path| path.extension().is_some_and(|e| e == "audio")),
+        "the clip itself was kept"
+    );
+    assert!(
+        !kept.contains("wav_base64") && !kept.contains("UklGR"),
+        "the clip itself was kept"
+    );
     drop(served);
 
     // Without --voice: a clear refusal, before any session is touched.

@@ -369,6 +369,16 @@ def scenario_speech(base: str, token: str, clip: str, workspace: str) -> dict:
         seen["not_wav"] = failure(err)
     try:
         with open(clip, "rb") as f:
+            client.audio.transcriptions.create(model="whisper-1", file=f, language="transcribe")
+        seen["language"] = {"status": 200}
+    except openai.APIStatusError as err:
+        seen["language"] = failure(err)
+    with open(clip, "rb") as f:
+        seen["language_en"] = client.audio.transcriptions.create(
+            model="whisper-1", file=f, language="EN"
+        ).text
+    try:
+        with open(clip, "rb") as f:
             client.audio.transcriptions.create(model="whisper-1", file=f, prompt="spell it")
         seen["prompt"] = {"status": 200}
     except openai.APIStatusError as err:

@@ -1073,11 +1073,18 @@ impl Session {
         handle.spawn(async move {
             let mut state = state.lock_owned().await;
             // Transcription is cancellable too: a turn cancelled while its
-            // audio is transcribed records nothing (the blocking work runs
-            // out on its own and is dropped).
+            // audio is transcribed records nothing. The blocking work cannot
+            // be stopped midway, so the turn ends when it has: whoever
+            // admitted the turn (a server's `--max-running`) counts it until
+            // its CPU work is over. The audio length limit bounds the wait.
+            let resolve = voice::resolve(input, speech);
+            tokio::pin!(resolve);
             let resolved = tokio::select! {
-                resolved = voice::resolve(input, speech) => Some(resolved),
-                () = cancel.cancelled() => None,
+                resolved = &mut resolve => Some(resolved),
+                () = cancel.cancelled() => {
+                    let _ = resolve.await;
+                    None
+                }
             };
             let (text, spoken) = match resolved {
                 None => {

@@ -13,10 +13,13 @@
 //!   start with `transcribed`.
 //!
 //! Bad audio (not WAV, truncated, empty, silent, over the server's length
-//! limit) gets a 400 that names the problem. A transcription holds a place
-//! of the server's admission (`--max-running`), as a generation does, so
-//! transcribing beside generating never runs more at once than the
-//! operator allowed. Nothing here writes audio to disk; a session's
+//! limit) gets a 400 that names the problem from the transcription API; in
+//! a turn it ends the turn with an `error` event that names it, and the
+//! session goes on. A failure of the engine itself is a 500. A
+//! transcription holds a place of the server's admission
+//! (`--max-running`), as a generation does, until its CPU work is over,
+//! also when the client has gone: so transcribing beside generating never
+//! runs more at once than the operator allowed. Nothing here writes audio to disk; a session's
 //! transcript keeps the clip's sha256, and the clip itself only under the
 //! policy's `[privacy] keep_audio`.
 
@@ -70,9 +73,11 @@ pub(crate) fn require_speech(state: &AppState) -> Result<(), ApiError> {
     if has_speech_model(state) {
         Ok(())
     } else {
-        Err(ApiError::BadRequest(
-            "this server has no speech model: start it with `agent serve --voice` (and `--speech-model DIR` for another model than the default)".into(),
-        ))
+        Err(ApiError::BadRequest(if cfg!(feature = "voice") {
+            "this server has no speech model: start it with `agent serve --voice` (and `--speech-model DIR` for another model than the default)".into()
+        } else {
+            "this server was built without voice input (feature `voice`)".into()
+        }))
     }
 }
 
@@ -114,21 +119,41 @@ fn form_error(err: MultipartError) -> ApiError {
     }
 }
 
+/// A language code as a request may give it (`en`, `EN`, `haw`): two or
+/// three letters, lowercased; anything else (a Whisper control token's
+/// name, say) is refused.
+fn language_code(value: &str) -> Result<Option<String>, ApiError> {
+    let code = value.trim().to_ascii_lowercase();
+    if code.is_empty() {
+        return Ok(None);
+    }
+    if (2..=3).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_lowercase()) {
+        Ok(Some(code))
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "`language` {value:?} is not a language code (ISO 639-1, such as `en`)"
+        )))
+    }
+}
+
 async fn read_form(mut multipart: Multipart) -> Result<Form, ApiError> {
     let mut form = Form::default();
+    let mut seen = std::collections::BTreeSet::new();
     while let Some(field) = multipart.next_field().await.map_err(form_error)? {
         let name = field.name().unwrap_or_default().to_string();
+        if !seen.insert(name.clone()) {
+            return Err(ApiError::BadRequest(format!(
+                "the form has `{name}` more than once"
+            )));
+        }
         if name == "file" {
-            form.file = Some(field.bytes().await.map_err(form_error)?.to_vec());
+            form.file = Some(Vec::from(field.bytes().await.map_err(form_error)?));
             continue;
         }
         let value = field.text().await.map_err(form_error)?;
         match name.as_str() {
             "model" => form.model = Some(value),
-            "language" if !value.trim().is_empty() => {
-                form.language = Some(value.trim().to_string());
-            }
-            "language" => {}
+            "language" => form.language = language_code(&value)?,
             "response_format" => {
                 form.format = Some(match value.as_str() {
                     "json" => ResponseFormat::Json,
@@ -170,6 +195,9 @@ pub(crate) async fn transcriptions(
             rejection.body_text()
         ))
     })?;
+    if state.draining.is_cancelled() {
+        return Err(ApiError::ShuttingDown);
+    }
     require_speech(&state)?;
     let form = read_form(multipart).await?;
     let file = form
@@ -183,9 +211,18 @@ pub(crate) async fn transcriptions(
     if file.is_empty() {
         return Err(ApiError::BadRequest("the `file` field is empty".into()));
     }
-    // A place of the admission, as a generation takes one.
-    let _place = state.admission.enter().await?;
-    let transcription = transcribe(&state, file, form.language).await?;
+    // A place of the admission, as a generation takes one. The work runs
+    // in a task of its own that holds the place, so a client that goes
+    // away does not free the place while the CPU work goes on.
+    let place = state.admission.enter().await?;
+    let worker = Arc::clone(&state);
+    let transcription = tokio::spawn(async move {
+        let transcription = transcribe(&worker, file, form.language).await;
+        drop(place);
+        transcription
+    })
+    .await
+    .map_err(|err| ApiError::Internal(format!("transcribing: {err}")))??;
     state.metrics.count_transcription(transcription.duration_s);
     Ok(match form.format.unwrap_or(ResponseFormat::Json) {
         ResponseFormat::Json => axum::Json(json!({ "text": transcription.text })).into_response(),
@@ -227,10 +264,21 @@ async fn transcribe(
         .transcribe_with(audio, options)
         .await
         .map_err(|err| match err {
-            stack_agent::AgentError::Voice(err) => {
+            stack_agent::AgentError::Voice(err) if err.is_bad_audio() => {
                 ApiError::BadRequest(format!("the audio: {err}"))
             }
-            other => ApiError::Internal(format!("transcribing: {other}")),
+            stack_agent::AgentError::Voice(
+                stack_voice::VoiceError::Language { .. }
+                | stack_voice::VoiceError::UnknownLanguage { .. },
+            ) => ApiError::BadRequest(
+                "`language` is not one this server's speech model knows".into(),
+            ),
+            other => {
+                tracing::error!(error = %other, "transcription failed");
+                ApiError::Internal(
+                    "the speech model failed on this clip (see the server's log)".into(),
+                )
+            }
         })
 }
 
@@ -243,4 +291,35 @@ async fn transcribe(
     Err(ApiError::BadRequest(
         "this server was built without voice input (feature `voice`)".into(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_language_is_a_short_code_in_any_case_and_nothing_else() {
+        for (given, code) in [("en", "en"), ("EN", "en"), (" de ", "de"), ("haw", "haw")] {
+            assert_eq!(
+                language_code(given).ok().flatten().as_deref(),
+                Some(code),
+                "{given}"
+            );
+        }
+        assert!(matches!(language_code(""), Ok(None)));
+        for bad in ["transcribe", "english", "e1", "<|en|>", "e"] {
+            assert!(language_code(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn turn_audio_must_be_base64_of_something() {
+        let audio = |data: &str| InputAudio {
+            data: data.into(),
+            format: AudioFormat::Wav,
+        };
+        assert_eq!(audio("UklGRg==").decode().ok(), Some(b"RIFF".to_vec()));
+        assert!(audio("not base64!").decode().is_err());
+        assert!(audio("").decode().is_err());
+    }
 }

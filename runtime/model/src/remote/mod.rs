@@ -359,8 +359,13 @@ impl RemoteModel {
             .into());
         }
         if model_key_in_plain_text(&base, config.api_key.is_some()) {
+            // The host only: a URL may carry credentials of its own.
+            let host = reqwest::Url::parse(&base)
+                .ok()
+                .and_then(|url| url.host_str().map(str::to_string))
+                .unwrap_or_default();
             tracing::warn!(
-                url = %base,
+                %host,
                 "the API key will cross the network in plain text: use https:// for a model server that is not on this machine"
             );
         }

@@ -51,8 +51,9 @@ pub struct ServeArgs {
     /// Longest a turn may run, in seconds, before it is cancelled.
     #[arg(long, default_value_t = 600)]
     turn_timeout: u64,
-    /// Take spoken input: load the speech model (--speech-model, else the
-    /// default) for `POST /v1/audio/transcriptions` and turns with `audio`.
+    /// Take spoken input: load the speech model (--speech-model, which
+    /// implies this, else the default) for `POST /v1/audio/transcriptions`
+    /// and turns with `audio`.
     #[arg(long)]
     voice: bool,
     #[command(flatten)]
@@ -80,19 +81,14 @@ pub fn run(mut args: ServeArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
         .parallel
         .get_or_insert(args.max_running as u32);
     let (token, token_given) = bearer_token(&args)?;
+    // A speech model named is one asked for.
+    let voice = args.voice || args.chat.voice.speech_model.is_some();
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let (runtime, session_defaults) = build_runtime(
-        &args.chat,
-        dirs,
-        None,
-        false,
-        Some("serve"),
-        args.voice,
-        &tokio,
-    )?;
+    let (runtime, session_defaults) =
+        build_runtime(&args.chat, dirs, None, false, Some("serve"), voice, &tokio)?;
     let roots = if args.workspace_roots.is_empty() {
         vec![match &args.chat.workspace {
             Some(dir) => dir.clone(),
