@@ -35,13 +35,6 @@ fn peer(name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port()
-}
-
 struct Server(std::process::Child);
 
 impl Drop for Server {
@@ -211,7 +204,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio");
-    let port = free_port();
+    let port = stack_test_support::free_port();
     let server = start_server(port);
     let url = format!("http://127.0.0.1:{port}/v1");
     let remote = tokio

@@ -54,13 +54,6 @@ fn server_binary() -> std::path::PathBuf {
     cache.join("stack-runtime/peers/llama.cpp-0.3.36/bin/llama-server")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port()
-}
-
 struct Server(std::process::Child);
 
 impl Drop for Server {
@@ -234,7 +227,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio");
-    let port = free_port();
+    let port = stack_test_support::free_port();
     let server = start_server(port, slots);
     let url = format!("http://127.0.0.1:{port}/v1");
     // One warm-up turn, so model load and first-request costs are not in K = 1.

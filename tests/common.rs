@@ -58,3 +58,15 @@ fn cache_home() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .expect("HOME is set")
 }
+
+/// `text` spoken by espeak-ng, as the WAV it streams to stdout (its header
+/// carries an unknown length, as a pipe's does). No recordings are
+/// committed; the voice tests make their speech with this.
+pub fn spoken(text: &str) -> Vec<u8> {
+    let out = std::process::Command::new("espeak-ng")
+        .args(["-v", "en-us", "-s", "140", "--stdout", text])
+        .output()
+        .expect("espeak-ng (scripts/setup installs it)");
+    assert!(out.status.success(), "espeak-ng failed");
+    out.stdout
+}

@@ -909,17 +909,6 @@ fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
 
-/// `text` spoken by espeak-ng (no recordings are committed), as WAV.
-#[cfg(feature = "voice")]
-fn spoken(text: &str) -> Vec<u8> {
-    let out = Command::new("espeak-ng")
-        .args(["-v", "en-us", "-s", "140", "--stdout", text])
-        .output()
-        .expect("espeak-ng (scripts/setup installs it)");
-    assert!(out.status.success(), "espeak-ng failed");
-    out.stdout
-}
-
 /// Spoken input over HTTP: OpenAI's transcription API through the official
 /// client, and a session turn whose `audio` is a WAV clip: its transcript
 /// is the message, and the turn's tool call runs. Bad audio gets a 400 (or
@@ -932,7 +921,7 @@ fn spoken_input_is_transcribed_by_the_openai_client_and_in_session_turns() {
     let (home, root) = (tempdir(), tempdir());
     std::fs::write(root.path().join("notes.txt"), "buy milk\n").expect("notes");
     let clip = home.path().join("command.wav");
-    std::fs::write(&clip, spoken("List the files in this folder.")).expect("clip");
+    std::fs::write(&clip, common::spoken("List the files in this folder.")).expect("clip");
     let served = Served::start(home.path(), root.path(), &["--voice"]);
     let seen = client(
         "speech",

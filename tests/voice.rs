@@ -10,6 +10,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use common::spoken;
 use serde_json::Value;
 
 /// `agent ARGS` in `workspace`, with a private home (transcripts land
@@ -35,17 +36,6 @@ fn agent(args: &[&str], workspace: &Path, home: &Path, stdin: &[u8]) -> Output {
     let _ = input.write_all(stdin);
     drop(input);
     child.wait_with_output().expect("agent output")
-}
-
-/// `text` spoken by espeak-ng, as the WAV it streams to stdout (its header
-/// carries an unknown length, as a pipe's does).
-fn spoken(text: &str) -> Vec<u8> {
-    let out = Command::new("espeak-ng")
-        .args(["-v", "en-us", "-s", "140", "--stdout", text])
-        .output()
-        .expect("espeak-ng (scripts/setup installs it)");
-    assert!(out.status.success(), "espeak-ng failed");
-    out.stdout
 }
 
 fn events(output: &Output) -> Vec<Value> {
