@@ -153,6 +153,7 @@ async fn overhead(url: &str, model: Arc<RemoteModel>) -> (f64, f64) {
         tool_choice: ToolChoice::None,
         sampling: sampling(),
         response_format: None,
+        argument_values: Default::default(),
     };
     let mut session = Arc::clone(&model).open_session().await.expect("session");
     let client = reqwest::Client::new();

@@ -111,6 +111,7 @@ async fn in_process(backend: Arc<dyn ModelBackend>, sessions: usize) -> Figures 
                     ..SamplingOptions::default()
                 },
                 response_format: None,
+                argument_values: Default::default(),
             };
             let (deltas, mut pieces) = tokio::sync::mpsc::unbounded_channel();
             let first = tokio::spawn(async move {

@@ -7,7 +7,7 @@ mod common;
 use std::sync::{Arc, OnceLock};
 
 use stack_runtime::agent::{
-    export_chatml, read_transcript, Event, Runtime, SessionConfig, TurnEnd,
+    export_chatml, read_transcript, Event, GroundingMode, Runtime, SessionConfig, TurnEnd,
 };
 use stack_runtime::message::Role;
 use stack_runtime::model::llama::{Model, ModelOptions, SamplingOptions};
@@ -174,6 +174,94 @@ async fn a_prompt_leads_to_a_validated_executed_call_whose_result_reaches_the_mo
         })
         .await
         .is_err());
+}
+
+/// Grounded arguments on the real model: asked to read a file, the
+/// default model names one that exists, of several, and the read
+/// succeeds. Without grounding it writes a path of its own making, which
+/// the sandbox refuses (measured: `/Users/michael.doe/Desktop/todo-list.md`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grounded_call_names_a_file_that_exists() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        workspace.path().join("todo.md"),
+        "- buy milk\n- call Anna\n",
+    )
+    .expect("write");
+    std::fs::write(workspace.path().join("notes.txt"), "the meeting moved").expect("write");
+    std::fs::create_dir(workspace.path().join("src")).expect("mkdir");
+    std::fs::write(workspace.path().join("src/main.py"), "print(1)\n").expect("write");
+    let runtime = Runtime::builder()
+        .model(model())
+        .policy(Policy::preset("default").expect("policy"))
+        .workspace(workspace.path())
+        .transcripts(None)
+        .build()
+        .expect("runtime");
+    let config = |grounding| SessionConfig {
+        tool_choice: ToolChoice::Named("read_file".into()),
+        sampling: SamplingOptions {
+            temperature: 0.0,
+            max_tokens: 96,
+            ..SamplingOptions::default()
+        },
+        max_steps: 1,
+        grounding,
+        ..SessionConfig::default()
+    };
+    let first_call = |events: &[Event]| {
+        let call = events
+            .iter()
+            .find_map(|e| match e {
+                Event::ToolCallProposed { call, .. } => Some(call.clone()),
+                _ => None,
+            })
+            .expect("a call");
+        let outcome = events
+            .iter()
+            .find_map(|e| match e {
+                Event::ToolFinished { outcome, .. } => Some(outcome.clone()),
+                _ => None,
+            })
+            .expect("a result");
+        let arguments: serde_json::Value =
+            serde_json::from_str(&call.function.arguments).expect("JSON arguments");
+        (
+            arguments["path"].as_str().unwrap_or_default().to_string(),
+            outcome,
+        )
+    };
+    let prompt = "Read todo.md and tell me the first item.";
+
+    let mut grounded = runtime
+        .session(config(GroundingMode::Workspace))
+        .await
+        .expect("session");
+    let events = collect(&mut grounded, prompt).await;
+    let (path, outcome) = first_call(&events);
+    assert_eq!(path, "todo.md", "{events:?}");
+    assert_eq!(
+        outcome.status,
+        stack_runtime::outcome::Status::Ok,
+        "{outcome:?}"
+    );
+    assert!(outcome.stdout.contains("buy milk"), "{outcome:?}");
+
+    let mut free = runtime
+        .session(config(GroundingMode::Off))
+        .await
+        .expect("session");
+    let events = collect(&mut free, prompt).await;
+    let (path, outcome) = first_call(&events);
+    assert!(
+        !workspace.path().join(&path).is_file(),
+        "the model named a file that exists without grounding ({path}): the test no longer shows what grounding adds"
+    );
+    assert_ne!(
+        outcome.status,
+        stack_runtime::outcome::Status::Ok,
+        "{outcome:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -30,6 +30,7 @@ pub use transcript::{
 use stack_core::dispatch;
 use stack_core::dispatch::ToolContext;
 use stack_core::gate::{Admission, Gate};
+pub use stack_core::grounding::GroundingMode;
 use stack_core::policy::{
     ApprovalAnswer, ApprovalHandler, ApprovalRequest, AuditLog, Grants, Policy, PolicyError,
 };
@@ -39,8 +40,8 @@ use stack_core::workspace::{Workspace, WorkspaceError};
 use stack_model::llama::Model;
 use stack_model::ToolChoice;
 use stack_model::{
-    BackendSession, CallPath, CompletionRequest, Counters, ModelBackend, ModelError,
-    SamplingOptions,
+    ArgumentValues, BackendSession, CallPath, CompletionRequest, Counters, ModelBackend,
+    ModelError, SamplingOptions,
 };
 use stack_seal::{StateFile, Vault};
 use stack_types::message::{Message, ToolCall};
@@ -234,6 +235,10 @@ pub struct SessionConfig {
     pub max_repeated_failures: u32,
     /// Resume this saved session instead of starting a new one.
     pub resume: Option<String>,
+    /// How far the call grammar narrows the built-in tools' parameters:
+    /// by default, the reading tools' paths to the paths that exist in the
+    /// workspace at each step (see [`stack_core::grounding`]).
+    pub grounding: GroundingMode,
 }
 
 impl Default for SessionConfig {
@@ -245,6 +250,7 @@ impl Default for SessionConfig {
             max_steps: 8,
             max_repeated_failures: 3,
             resume: None,
+            grounding: GroundingMode::Workspace,
         }
     }
 }
@@ -1216,12 +1222,33 @@ impl SessionState {
                     }
                 })
             };
+            // The workspace as it is now, surveyed on a blocking thread.
+            let request = self
+                .messages
+                .get(self.turn_start..)
+                .and_then(|turn| {
+                    turn.iter()
+                        .find(|m| m.role == stack_types::message::Role::User)
+                })
+                .map(Message::text)
+                .unwrap_or_default();
+            let grounding = (self.config.grounding != GroundingMode::Off
+                && choice != ToolChoice::None)
+                .then(|| {
+                    self.gate.grounding_job(
+                        Arc::clone(&self.ctx.workspace),
+                        self.config.grounding,
+                        request,
+                    )
+                });
+            let argument_values = argument_values(grounding).await;
             let request = CompletionRequest {
                 messages: self.messages.clone(),
                 tools: tools.clone(),
                 tool_choice: choice,
                 sampling: self.config.sampling.clone(),
                 response_format: None,
+                argument_values,
             };
             let generation = self
                 .model
@@ -1477,4 +1504,24 @@ fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
         .map(|s| (*s).to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "no message".to_string())
+}
+
+/// Runs a grounding job (see [`Gate::grounding_job`]) on a blocking thread
+/// and gathers its values; no job, or one that failed, grounds nothing.
+async fn argument_values(
+    job: Option<impl FnOnce() -> Vec<stack_core::grounding::GroundedParameter> + Send + 'static>,
+) -> ArgumentValues {
+    let mut values = ArgumentValues::none();
+    let Some(job) = job else {
+        return values;
+    };
+    match tokio::task::spawn_blocking(job).await {
+        Ok(grounded) => {
+            for parameter in grounded {
+                values.set(&parameter.tool, parameter.parameter, parameter.values);
+            }
+        }
+        Err(err) => tracing::warn!(%err, "surveying the workspace for grounded arguments failed"),
+    }
+    values
 }

@@ -199,6 +199,111 @@ async fn a_call_runs_and_its_result_goes_back_to_the_backend() {
     assert!(!last.tools.is_empty(), "the tools are offered");
 }
 
+/// Each step's request grounds the reading tools' path parameters in the
+/// workspace as it is at that step: a file written by the first call is
+/// offered to the second step, a denied file never is, a session that
+/// turns grounding off sends none, and `request` grounding copies paths
+/// and search patterns from the turn's request.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_step_grounds_the_path_parameters_in_the_workspace_as_it_is() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    std::fs::write(workspace.path().join("notes.txt"), "buy milk").expect("write");
+    std::fs::write(workspace.path().join(".env"), "TOKEN=1").expect("write");
+    std::fs::create_dir(workspace.path().join("src")).expect("mkdir");
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let grounded = Runtime::builder()
+        .backend(Arc::new(Scripted {
+            turns: vec![
+                call(
+                    "c1",
+                    "write_file",
+                    r#"{"path": "src/new.txt", "content": "x"}"#,
+                ),
+                answer("Done."),
+            ],
+            asked: Arc::clone(&asked),
+        }))
+        // Writes are allowed; `.env` is still denied, as by `default`.
+        .policy(Policy::preset("trusted").expect("policy"))
+        .workspace(workspace.path())
+        .transcripts(None)
+        .build()
+        .expect("runtime");
+    let session = grounded
+        .session(SessionConfig::default())
+        .await
+        .expect("session");
+    let events: Vec<Event> = session.send("Write src/new.txt").collect().await;
+    assert!(
+        matches!(
+            events.last(),
+            Some(Event::TurnFinished {
+                reason: TurnEnd::Answered,
+                ..
+            })
+        ),
+        "{events:?}"
+    );
+    let requests = asked.lock().expect("lock").clone();
+    let [first, second] = requests.as_slice() else {
+        panic!("two steps: {}", requests.len());
+    };
+    let values = |request: &CompletionRequest, tool: &str| {
+        request
+            .argument_values
+            .get(tool, "path")
+            .map(<[String]>::to_vec)
+            .unwrap_or_default()
+    };
+    assert_eq!(values(first, "read_file"), ["notes.txt"]);
+    assert_eq!(values(second, "read_file"), ["notes.txt", "src/new.txt"]);
+    assert_eq!(values(first, "list_dir"), [".", "src"]);
+    assert_eq!(values(first, "search_files"), [".", "src"]);
+    assert!(first.argument_values.get("write_file", "path").is_none());
+
+    let (ungrounded, asked) = runtime(vec![answer("Hello.")], workspace.path());
+    let session = ungrounded
+        .session(SessionConfig {
+            grounding: stack_agent::GroundingMode::Off,
+            ..SessionConfig::default()
+        })
+        .await
+        .expect("session");
+    let _: Vec<Event> = session.send("Hi").collect().await;
+    assert!(asked
+        .lock()
+        .expect("lock")
+        .iter()
+        .all(|r| r.argument_values.is_empty()));
+
+    // `request` grounding copies from this turn's words.
+    let (copying, asked) = runtime(vec![answer("Hello.")], workspace.path());
+    let session = copying
+        .session(SessionConfig {
+            grounding: stack_agent::GroundingMode::Request,
+            ..SessionConfig::default()
+        })
+        .await
+        .expect("session");
+    let _: Vec<Event> = session
+        .send("Search for 'buy milk' and save the lines to found.txt")
+        .collect()
+        .await;
+    let requests = asked.lock().expect("lock");
+    let request = requests.last().expect("asked");
+    let paths = request
+        .argument_values
+        .get("write_file", "path")
+        .expect("write_file grounded");
+    assert_eq!(paths[0], "found.txt", "{paths:?}");
+    assert!(paths.contains(&"notes.txt".to_string()), "{paths:?}");
+    let patterns = request
+        .argument_values
+        .get("search_files", "pattern")
+        .expect("pattern grounded");
+    assert_eq!(patterns[0], "buy milk", "{patterns:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backend_that_repeats_a_failing_call_is_stopped() {
     let workspace = tempfile::tempdir().expect("tempdir");

@@ -54,6 +54,30 @@ impl Gate {
         }
     }
 
+    /// A blocking job that grounds the built-in tools' parameters in
+    /// `workspace` as it is when the job runs (and, in `request` mode, in
+    /// the user's `request`), under this gate's policy and grants (see
+    /// [`crate::grounding`]). Run it on a blocking thread.
+    pub fn grounding_job(
+        &self,
+        workspace: Arc<crate::workspace::Workspace>,
+        mode: crate::grounding::GroundingMode,
+        request: String,
+    ) -> impl FnOnce() -> Vec<crate::grounding::GroundedParameter> + Send + 'static {
+        let (registry, policy, grants) = (
+            Arc::clone(&self.registry),
+            Arc::clone(&self.policy),
+            self.grants.clone(),
+        );
+        move || {
+            let asked = crate::grounding::GroundingRequest {
+                mode,
+                request: &request,
+            };
+            crate::grounding::ground_arguments(&workspace, &registry, &policy, &grants, asked)
+        }
+    }
+
     /// Sets who answers `ask` decisions.
     pub fn with_approver(mut self, approver: Arc<dyn ApprovalHandler>) -> Gate {
         self.approver = Some(approver);

@@ -10,6 +10,7 @@
 pub mod context;
 pub mod dispatch;
 pub mod gate;
+pub mod grounding;
 pub mod policy;
 pub mod tools;
 pub mod workspace;

@@ -25,7 +25,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use serde_json::Value;
 
-use stack_agent::{Event, Runtime, SessionConfig, TurnEnd};
+use stack_agent::{Event, GroundingMode, Runtime, SessionConfig, TurnEnd};
 use stack_core::policy::{ApprovalAnswer, ApprovalRequest, Policy};
 use stack_model::{CompletionRequest, ModelBackend, SamplingOptions, ToolChoice};
 use stack_types::message::{Message, Role, ToolCall};
@@ -80,6 +80,9 @@ pub struct EvalOptions {
     pub max_steps: u32,
     /// Whether executable tasks offer the built-in tools (default: yes).
     pub builtin_tools: bool,
+    /// How executable tasks ground the built-in tools' parameters (see
+    /// `SessionConfig::grounding`).
+    pub grounding: GroundingMode,
 }
 
 impl Default for EvalOptions {
@@ -94,6 +97,7 @@ impl Default for EvalOptions {
             system_prompt: None,
             max_steps: 4,
             builtin_tools: true,
+            grounding: GroundingMode::Workspace,
         }
     }
 }
@@ -123,6 +127,7 @@ pub async fn run_bfcl(
             tool_choice: ToolChoice::Auto,
             sampling: options.sampling.clone(),
             response_format: None,
+            argument_values: Default::default(),
         };
         let generation = session
             .complete(request, deltas, Arc::new(AtomicBool::new(false)))
@@ -270,6 +275,7 @@ async fn run_task(
         tool_choice: ToolChoice::Auto,
         sampling: options.sampling.clone(),
         max_steps: options.max_steps,
+        grounding: options.grounding,
         ..SessionConfig::default()
     };
     if let Some(system) = &options.system_prompt {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use serde_json::Value;
 
-use crate::grammar::ToolChoice;
+use crate::grammar::{ArgumentValues, ToolChoice};
 use crate::template::TemplateError;
 use crate::toolcall::ParsedTurn;
 use stack_types::message::Message;
@@ -280,6 +280,10 @@ pub struct CompletionRequest {
     /// tool grammar in force: under `tool_choice: auto` with tools
     /// offered, the caller chooses one or the other.
     pub response_format: Option<Value>,
+    /// Values string parameters are narrowed to in the tool-call grammar
+    /// (see [`ArgumentValues`]); where no grammar applies (a served
+    /// model's native calls), the calls are validated as usual.
+    pub argument_values: ArgumentValues,
 }
 
 /// A model the agent loop can drive.

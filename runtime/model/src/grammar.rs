@@ -7,6 +7,8 @@
 //! from the moment the model writes `<tool_call>`; with `required` (or a
 //! named tool) it applies from the first token.
 
+use std::collections::BTreeMap;
+
 use serde_json::{json, Value};
 
 /// Which tools the model may (or must) call.
@@ -32,13 +34,106 @@ pub const TOOL_CALL_OPEN: &str = "<tool_call>";
 /// constrained call always closes within the token budget.
 const GRAMMAR_MAX_STRING: u64 = 2048;
 
+/// Most values one parameter's grounding may list; past it the parameter
+/// is left free (a list that long helps a model no more than the schema).
+pub const MAX_GROUNDED_VALUES: usize = 256;
+
+/// Longest value a grounding may list.
+const MAX_GROUNDED_VALUE_BYTES: usize = 512;
+
+/// Values that a tool's string parameter may take in the call grammar,
+/// besides what its schema says: *grounded arguments*.
+///
+/// A caller that knows which values can work gives them here, and the
+/// grammar lets the model write only those. The agent loop grounds the
+/// parameters that must name something that exists (the built-in file
+/// tools' `path`) in the workspace as it is at that step; a small model
+/// then writes `notes.txt`, not `/Users/someone/Desktop/notes.txt`.
+///
+/// Grounding narrows the grammar only, never the prompt (the tool list the
+/// model sees stays byte-stable, so the KV cache is reused) nor validation
+/// (a call is still checked against the tool's own schema). A parameter
+/// that is not a string in the schema, an empty list, or one longer than
+/// [`MAX_GROUNDED_VALUES`] leaves the parameter as its schema has it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ArgumentValues {
+    by_tool: BTreeMap<String, BTreeMap<String, Vec<String>>>,
+}
+
+impl ArgumentValues {
+    /// No grounding: every parameter as its schema has it.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Grounds `tool`'s top-level string parameter `parameter` in `values`
+    /// (replacing what was set before).
+    pub fn set(&mut self, tool: &str, parameter: &str, values: Vec<String>) {
+        self.by_tool
+            .entry(tool.to_string())
+            .or_default()
+            .insert(parameter.to_string(), values);
+    }
+
+    /// The values `tool`'s `parameter` is grounded in, if any.
+    pub fn get(&self, tool: &str, parameter: &str) -> Option<&[String]> {
+        self.by_tool.get(tool)?.get(parameter).map(Vec::as_slice)
+    }
+
+    /// Whether nothing is grounded.
+    pub fn is_empty(&self) -> bool {
+        self.by_tool.values().all(BTreeMap::is_empty)
+    }
+
+    /// Narrows `parameters` (a tool's shaped argument schema) to the
+    /// grounded values of `tool`.
+    fn narrow(&self, tool: &str, parameters: &mut Value) {
+        let Some(grounded) = self.by_tool.get(tool) else {
+            return;
+        };
+        for (name, values) in grounded {
+            let usable = !values.is_empty()
+                && values.len() <= MAX_GROUNDED_VALUES
+                && values.iter().all(|v| v.len() <= MAX_GROUNDED_VALUE_BYTES);
+            let Some(property) = parameters
+                .get_mut("properties")
+                .and_then(|properties| properties.get_mut(name))
+            else {
+                continue;
+            };
+            let is_string = match property.get("type") {
+                Some(Value::String(kind)) => kind == "string",
+                Some(Value::Array(kinds)) => kinds.iter().any(|k| k == "string"),
+                _ => false,
+            };
+            if usable
+                && is_string
+                && property.get("enum").is_none()
+                && property.get("const").is_none()
+            {
+                *property = json!({"type": "string", "enum": values});
+            }
+        }
+    }
+}
+
 /// The JSON Schema of one tool call, over the given `(name, parameters)`.
 pub fn call_schema<'a>(tools: impl IntoIterator<Item = (&'a str, &'a Value)>) -> Value {
+    grounded_call_schema(tools, &ArgumentValues::none())
+}
+
+/// [`call_schema`], with string parameters narrowed to their grounded
+/// values (see [`ArgumentValues`]).
+pub fn grounded_call_schema<'a>(
+    tools: impl IntoIterator<Item = (&'a str, &'a Value)>,
+    grounding: &ArgumentValues,
+) -> Value {
     let variants: Vec<Value> = tools
         .into_iter()
         .map(|(name, parameters)| {
             let mut parameters = parameters.clone();
             shape_for_grammar(&mut parameters);
+            grounding.narrow(name, &mut parameters);
             json!({
                 "type": "object",
                 "properties": {"name": {"const": name}, "arguments": parameters},
@@ -153,6 +248,65 @@ mod tests {
         let wrapped = wrap_in_tool_call("root ::= object\nobject ::= \"{\" \"}\"");
         assert!(wrapped.starts_with("root ::= tool-call (\"\\n\" tool-call)*\ntool-call ::= \"<tool_call>\\n\" tool-call-json"));
         assert!(wrapped.contains("tool-call-json ::= object"));
+    }
+
+    /// Grounding narrows a string parameter to its values, and leaves
+    /// alone what it cannot narrow: a non-string parameter, one with its
+    /// own `enum`, an empty list, one too long, another tool.
+    #[test]
+    fn grounding_narrows_string_parameters_only() {
+        let read = json!({"type": "object", "properties": {
+            "path": {"type": "string", "minLength": 1, "description": "x"},
+            "count": {"type": "integer"},
+            "mode": {"type": "string", "enum": ["a", "b"]},
+            "folder": {"type": ["string", "null"]},
+            "empty": {"type": "string"},
+            "long": {"type": "string"}
+        }});
+        let other = json!({"type": "object", "properties": {"path": {"type": "string"}}});
+        let mut grounding = ArgumentValues::none();
+        assert!(grounding.is_empty());
+        grounding.set(
+            "read_file",
+            "path",
+            vec!["notes.txt".into(), "src/main.rs".into()],
+        );
+        grounding.set("read_file", "count", vec!["1".into()]);
+        grounding.set("read_file", "mode", vec!["c".into()]);
+        grounding.set("read_file", "folder", vec![".".into(), "src".into()]);
+        grounding.set("read_file", "empty", Vec::new());
+        grounding.set(
+            "read_file",
+            "long",
+            (0..=MAX_GROUNDED_VALUES).map(|i| i.to_string()).collect(),
+        );
+        grounding.set("read_file", "missing", vec!["x".into()]);
+        assert_eq!(
+            grounding.get("read_file", "path").map(<[String]>::len),
+            Some(2)
+        );
+        let schema = grounded_call_schema([("read_file", &read), ("list_dir", &other)], &grounding);
+        let properties = &schema["oneOf"][0]["properties"]["arguments"]["properties"];
+        assert_eq!(
+            properties["path"],
+            json!({"type": "string", "enum": ["notes.txt", "src/main.rs"]})
+        );
+        assert_eq!(
+            properties["folder"],
+            json!({"type": "string", "enum": [".", "src"]})
+        );
+        assert_eq!(properties["count"], json!({"type": "integer"}));
+        assert_eq!(properties["mode"]["enum"], json!(["a", "b"]));
+        assert_eq!(properties["empty"]["maxLength"], 2048);
+        assert_eq!(properties["long"]["maxLength"], 2048);
+        assert!(properties.get("missing").is_none());
+        let untouched = &schema["oneOf"][1]["properties"]["arguments"]["properties"]["path"];
+        assert_eq!(untouched["maxLength"], 2048);
+        assert_eq!(
+            call_schema([("read_file", &read)])["properties"]["arguments"]["properties"]["path"]
+                ["maxLength"],
+            2048
+        );
     }
 
     /// Parameters named like schema keywords keep their schemas, and

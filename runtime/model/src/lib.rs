@@ -25,7 +25,7 @@ pub use backend::{
     ModelBackend, ModelError, Routing, SamplingOptions, StopReason,
 };
 pub use formats::ToolFormat;
-pub use grammar::ToolChoice;
+pub use grammar::{ArgumentValues, ToolChoice};
 pub use template::{ChatTemplate, PromptRenderer, TemplateError};
 pub use toolcall::{parse_tool_calls, parse_tool_calls_for, ParsedTurn};
 

@@ -25,7 +25,9 @@ use super::backend::{offered_tools, prompt_tools, tool_name, CallPath};
 pub use super::backend::{Counters, Generation, ModelError, Routing, SamplingOptions, StopReason};
 use super::batch::{Engine, Lease, Want, PROMPT_CHUNK};
 use super::formats::ToolFormat;
-use super::grammar::{call_schema, wrap_in_tool_call, ToolChoice, TOOL_CALL_OPEN};
+use super::grammar::{
+    grounded_call_schema, wrap_in_tool_call, ArgumentValues, ToolChoice, TOOL_CALL_OPEN,
+};
 use super::template::PromptRenderer;
 use super::toolcall::{parse_tool_calls_for, ParsedTurn};
 use stack_types::message::{Message, Role};
@@ -345,6 +347,7 @@ impl Model {
             cached: Vec::new(),
             totals: Counters::default(),
             last_logits: Vec::new(),
+            grounding: ArgumentValues::none(),
         })
     }
 
@@ -432,6 +435,8 @@ pub struct ModelSession {
     totals: Counters,
     /// The logits after the last evaluated token.
     last_logits: Vec<f32>,
+    /// The grounded argument values in force (see [`ArgumentValues`]).
+    grounding: ArgumentValues,
 }
 
 /// Where a session's KV cache lives.
@@ -465,6 +470,12 @@ impl std::fmt::Debug for ModelSession {
 }
 
 impl ModelSession {
+    /// Sets the grounded argument values that the tool-call grammars of
+    /// the next completions use (none by default).
+    pub fn set_argument_values(&mut self, grounding: ArgumentValues) {
+        self.grounding = grounding;
+    }
+
     /// Counters over the session's life.
     pub fn totals(&self) -> Counters {
         self.totals
@@ -736,8 +747,10 @@ impl ModelSession {
             // The lazy grammar is Hermes-shaped: a model that writes
             // another syntax is left free under `auto`, and parsed.
             ToolChoice::Auto if self.model.info.tool_format != ToolFormat::Hermes => None,
-            ToolChoice::Auto => Some((tool_grammar(&offered)?, true)),
-            ToolChoice::Required | ToolChoice::Named(_) => Some((tool_grammar(&offered)?, false)),
+            ToolChoice::Auto => Some((tool_grammar(&offered, &self.grounding)?, true)),
+            ToolChoice::Required | ToolChoice::Named(_) => {
+                Some((tool_grammar(&offered, &self.grounding)?, false))
+            }
         };
         let mut generation = self.generate_in_slot(
             &prompt,
@@ -790,9 +803,28 @@ impl ModelSession {
         if let [only] = names.as_slice() {
             return Ok((Some(only.to_string()), spent));
         }
+        let scores = self.name_scores(prompt, &names, &mut spent)?;
+        let mut best: Option<(f64, &str)> = None;
+        for (name, score) in names.iter().zip(scores) {
+            tracing::debug!(name, score, "routing step: name score");
+            if best.is_none_or(|(top, _)| score > top) {
+                best = Some((score, name));
+            }
+        }
+        Ok((best.map(|(_, name)| name.to_string()), spent))
+    }
+
+    /// The log-likelihood of a call to each of `names`, opened after
+    /// `prompt` the way the prompt shows calls.
+    fn name_scores(
+        &mut self,
+        prompt: &str,
+        names: &[&str],
+        spent: &mut Generation,
+    ) -> Result<Vec<f64>, ModelError> {
         let opening = format!("{prompt}{TOOL_CALL_OPEN}\n{{\"name\": \"");
         let shared = self.model.tokenize(&opening);
-        let mut best: Option<(f64, &str)> = None;
+        let mut scores = Vec::with_capacity(names.len());
         for name in names {
             let tokens = self.model.tokenize(&format!("{opening}{name}\""));
             let from = tokens
@@ -802,12 +834,9 @@ impl ModelSession {
                 .count();
             let (score, counters) = self.score_continuation(&tokens, from)?;
             spent.counters.add(counters);
-            tracing::debug!(name, score, "routing step: name log-likelihood");
-            if best.is_none_or(|(top, _)| score > top) {
-                best = Some((score, name));
-            }
+            scores.push(score);
         }
-        Ok((best.map(|(_, name)| name.to_string()), spent))
+        Ok(scores)
     }
 
     /// The log-probability the model gives `tokens[from..]` after
@@ -1177,8 +1206,9 @@ enum SampleFailure {
     Rejected(String),
 }
 
-/// The GBNF grammar for one call to any of `tools`.
-pub fn tool_grammar(tools: &[Value]) -> Result<String, ModelError> {
+/// The GBNF grammar for one call to any of `tools`, string parameters
+/// narrowed to their grounded values.
+pub fn tool_grammar(tools: &[Value], grounding: &ArgumentValues) -> Result<String, ModelError> {
     let empty = Value::Object(Default::default());
     let pairs: Vec<(&str, &Value)> = tools
         .iter()
@@ -1189,7 +1219,7 @@ pub fn tool_grammar(tools: &[Value]) -> Result<String, ModelError> {
             ))
         })
         .collect();
-    let schema = call_schema(pairs);
+    let schema = grounded_call_schema(pairs, grounding);
     let converted = llama_cpp_2::json_schema_to_grammar(&schema.to_string())
         .map_err(|e| ModelError::Grammar(e.to_string()))?;
     Ok(wrap_in_tool_call(&converted))

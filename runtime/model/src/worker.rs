@@ -171,6 +171,7 @@ impl ModelWorker {
                                 }
                             };
                             let (tokens, cancel) = (job.tokens, job.cancel);
+                            session.set_argument_values(job.request.argument_values.clone());
                             let result = session.complete(
                                 &job.request.messages,
                                 &job.request.tools,

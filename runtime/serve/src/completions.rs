@@ -326,6 +326,7 @@ fn prepare(request: ChatRequest, context: Option<u32>) -> Result<Prepared, ApiEr
             tool_choice,
             sampling,
             response_format,
+            argument_values: Default::default(),
         },
     })
 }

@@ -1009,7 +1009,7 @@ fn prompt_body(
     });
     #[cfg(feature = "llama")]
     if !offered.is_empty() && request.tool_choice != ToolChoice::None {
-        let grammar = crate::llama::tool_grammar(offered)?;
+        let grammar = crate::llama::tool_grammar(offered, &request.argument_values)?;
         body["grammar"] = grammar.into();
         if request.tool_choice == ToolChoice::Auto {
             body["grammar_lazy"] = true.into();

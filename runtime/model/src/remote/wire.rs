@@ -367,6 +367,7 @@ mod tests {
             tool_choice: ToolChoice::Auto,
             sampling: Default::default(),
             response_format: None,
+            argument_values: Default::default(),
         };
         let first = chat_body("m", &request, ServerKind::LlamaServer, false).to_string();
         request.messages.push(Message::assistant("two"));

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use stack_runtime::agent::store::SessionStore;
+use stack_runtime::agent::GroundingMode;
 use stack_runtime::agent::{list_sessions, Event, Runtime, Session, SessionConfig, TurnEnd};
 use stack_runtime::model::llama::SamplingOptions;
 use stack_runtime::model::{Routing, ToolChoice};
@@ -65,6 +66,12 @@ pub struct ChatArgs {
     /// grammar-constrained step picks a tool name or `none` first).
     #[arg(long, value_enum, default_value_t = RoutingArg::Free)]
     pub routing: RoutingArg,
+    /// How far the call grammar grounds the built-in tools' arguments:
+    /// `workspace` (paths that must exist are ones that do), `request`
+    /// (also a new file's path and a search pattern copied from your
+    /// words; for small models), or `off`.
+    #[arg(long, value_enum, default_value_t = GroundingArg::Workspace)]
+    pub grounding: GroundingArg,
     #[command(flatten)]
     pub voice: crate::voice_cmd::VoiceArgs,
 }
@@ -99,6 +106,29 @@ pub enum RoutingArg {
     Free,
     /// A constrained step picks a tool name or `none` first (in process).
     Constrained,
+}
+
+/// `--grounding`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum GroundingArg {
+    /// Every parameter as its schema has it.
+    Off,
+    /// Paths that must exist (read_file, list_dir, search_files) are ones
+    /// that do.
+    Workspace,
+    /// Also write_file's path and search_files' pattern are copied from
+    /// the request (for small models).
+    Request,
+}
+
+impl From<GroundingArg> for GroundingMode {
+    fn from(arg: GroundingArg) -> Self {
+        match arg {
+            GroundingArg::Off => GroundingMode::Off,
+            GroundingArg::Workspace => GroundingMode::Workspace,
+            GroundingArg::Request => GroundingMode::Request,
+        }
+    }
 }
 
 impl From<RoutingArg> for Routing {
@@ -235,6 +265,7 @@ pub fn build_runtime(
         },
         max_steps: args.max_steps,
         resume: args.resume.clone(),
+        grounding: args.grounding.into(),
         ..SessionConfig::default()
     };
     let config = match system_prompt {

@@ -10,7 +10,7 @@ use clap::Args;
 use stack_runtime::eval::{self, bfcl, CaseRecord, Category, EvalOptions, Report};
 use stack_runtime::policy::Policy;
 
-use crate::chat::RoutingArg;
+use crate::chat::{GroundingArg, RoutingArg};
 use crate::model_cmd::{self, ModelArgs};
 use crate::tool_cmd::{default_tool_dir, ToolDirs};
 
@@ -54,6 +54,10 @@ pub struct EvalArgs {
     /// How the model decides to call a tool (see `agent --help`).
     #[arg(long, value_enum, default_value_t = RoutingArg::Free)]
     routing: RoutingArg,
+    /// How far executable tasks ground the built-in tools' arguments (see
+    /// `agent --help`).
+    #[arg(long, value_enum, default_value_t = GroundingArg::Workspace)]
+    grounding: GroundingArg,
     /// Write every case's record here, one JSON object per line.
     #[arg(long, value_name = "FILE")]
     jsonl: Option<PathBuf>,
@@ -95,6 +99,7 @@ pub fn run(args: EvalArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
     options.sampling.seed = args.seed;
     options.sampling.max_tokens = args.max_tokens;
     options.sampling.routing = args.routing.into();
+    options.grounding = args.grounding.into();
     let tool_dirs: Vec<PathBuf> = dirs
         .include_default
         .then(default_tool_dir)

@@ -1,0 +1,579 @@
+//! Grounded arguments: the values that a built-in tool's path parameter
+//! can usefully take, surveyed from the workspace, so the model's call
+//! grammar lets it write only those (the model crate's `ArgumentValues`).
+//!
+//! A small model knows which tool to call before it knows where it is: the
+//! default 135M model asked to read `notes.txt` wrote
+//! `/Users/michael.doe/Desktop/notes.txt`. The sandbox refused it, as it
+//! should, and the task failed. Grounding makes the grammar offer the
+//! paths that exist.
+//!
+//! Only parameters that must name something that already exists are
+//! grounded, so grounding never forbids a call that could have worked:
+//! * `read_file.path`: a file (or a link, which may lead to one);
+//! * `list_dir.path` and `search_files.path`: a folder (or a link), `.`
+//!   for the root.
+//!
+//! `write_file.path` names what may not exist yet and stays free.
+//!
+//! The survey is exact or absent:
+//! * it does not follow links (a link is listed as a file and as a folder;
+//!   the tool resolves it, inside the workspace only, when it runs);
+//! * paths that the policy denies to the tool are left out (the call would
+//!   be refused anyway), and a folder that it denies to every grounded
+//!   tool is neither listed nor entered, as the file tools' own walks skip
+//!   a denied folder with all below it (so `.git` costs nothing);
+//! * a workspace with more than [`MAX_SURVEYED`] files, or folders, gives
+//!   no grounding of that kind at all: a partial list would forbid a path
+//!   that exists. So does a name that is not UTF-8, or one that JSON could
+//!   not carry as is (a control character), which nobody can type either.
+//!
+//! It reads names only, never contents, and it is bounded work: at most
+//! [`MAX_SURVEYED`] entries of each kind plus the folders they sit in. It
+//! blocks (it lists folders), so async callers run it on a blocking thread.
+
+use std::collections::VecDeque;
+
+use serde_json::json;
+
+use crate::policy::{Grants, Policy, Verdict};
+use crate::tools::{Builtin, Executor, Registry};
+use crate::workspace::Workspace;
+
+/// Most files, and most folders, that a survey lists; past it that kind
+/// is not grounded.
+pub const MAX_SURVEYED: usize = 256;
+
+/// What grounds a parameter: what its values are drawn from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroundedBy {
+    /// An existing file.
+    File,
+    /// An existing folder (`.` is the root).
+    Folder,
+    /// In [`GroundingMode::Request`] only: a path that the user's request
+    /// names, or an existing file.
+    RequestedPath,
+    /// In [`GroundingMode::Request`] only: a regular expression matching
+    /// words of the user's request literally.
+    RequestedPattern,
+    /// In [`GroundingMode::Request`] only: text copied from the user's
+    /// request.
+    RequestedText,
+}
+
+/// How far grounding goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroundingMode {
+    /// Every parameter as its schema has it.
+    Off,
+    /// Parameters that must name an existing path (exact: never forbids a
+    /// call that could have worked).
+    #[default]
+    Workspace,
+    /// Also, for small models, parameters copied from the user's request:
+    /// `write_file.path` from the paths it names (or existing files);
+    /// `write_file.content` and `search_files.pattern` (matched literally)
+    /// from its words: runs of up to [`MAX_REQUEST_WORDS`] words, and
+    /// quoted text. Not exact: a model that would write a file's text or
+    /// a regular expression of its own cannot.
+    Request,
+}
+
+/// Longest run of words [`GroundingMode::Request`] offers as a value.
+pub const MAX_REQUEST_WORDS: usize = 3;
+
+/// The workspace's paths, relative to its root, `/`-separated. A kind is
+/// `None` when it could not be listed exactly (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathSurvey {
+    /// Files and links.
+    pub files: Option<Vec<String>>,
+    /// `.`, then folders and links.
+    pub folders: Option<Vec<String>>,
+}
+
+/// One built-in parameter grounded in the values that exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroundedParameter {
+    /// The tool's registered name.
+    pub tool: String,
+    /// The parameter.
+    pub parameter: &'static str,
+    /// The values it may take.
+    pub values: Vec<String>,
+}
+
+impl Builtin {
+    /// This tool's groundable parameters, and what grounds each.
+    pub fn grounded_parameters(self) -> &'static [(&'static str, GroundedBy)] {
+        match self {
+            Builtin::ReadFile => &[("path", GroundedBy::File)],
+            Builtin::ListDir => &[("path", GroundedBy::Folder)],
+            Builtin::SearchFiles => &[
+                ("path", GroundedBy::Folder),
+                ("pattern", GroundedBy::RequestedPattern),
+            ],
+            Builtin::WriteFile => &[
+                ("path", GroundedBy::RequestedPath),
+                ("content", GroundedBy::RequestedText),
+            ],
+            Builtin::ExecuteCode => &[],
+        }
+    }
+}
+
+/// The words of `request`, stripped of the punctuation around them.
+fn request_words(request: &str) -> Vec<&str> {
+    request
+        .split_whitespace()
+        .map(|word| {
+            word.trim_matches(|c: char| {
+                matches!(
+                    c,
+                    '.' | ',' | ';' | ':' | '!' | '?' | '(' | ')' | '"' | '\'' | '`'
+                )
+            })
+        })
+        .filter(|word| !word.is_empty())
+        .collect()
+}
+
+/// The paths `request` names: words with a `.` or `/` inside, no scheme,
+/// not absolute.
+pub fn requested_paths(request: &str) -> Vec<String> {
+    let mut paths: Vec<String> = Vec::new();
+    for word in request_words(request) {
+        let looks_like_path = word.contains(['.', '/'])
+            && !word.starts_with('/')
+            && !word.contains("://")
+            && !word.split('/').any(|part| part == "..");
+        if looks_like_path && !paths.iter().any(|p| p == word) {
+            paths.push(word.to_string());
+        }
+    }
+    paths
+}
+
+/// What `text` quotes: spans between a quote mark (', " or `) that opens
+/// (at the start or after a space or bracket) and the same mark where it
+/// closes (at the end or before a space or punctuation), so the
+/// apostrophe of "don't" quotes nothing.
+fn quoted_spans(text: &str) -> Vec<&str> {
+    let mut spans = Vec::new();
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let (start, quote) = chars[i];
+        let opens = matches!(quote, '\'' | '"' | '`')
+            && (i == 0 || chars[i - 1].1.is_whitespace() || "([{".contains(chars[i - 1].1));
+        if opens {
+            let close = (i + 1..chars.len()).find(|&j| {
+                chars[j].1 == quote
+                    && chars
+                        .get(j + 1)
+                        .is_none_or(|(_, next)| next.is_whitespace() || next.is_ascii_punctuation())
+            });
+            if let Some(j) = close {
+                spans.push(&text[start + quote.len_utf8()..chars[j].0]);
+                i = j + 1;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    spans
+}
+
+/// Text copied from `request`: runs of up to [`MAX_REQUEST_WORDS`] words,
+/// and what it quotes ('…', "…" or `…`) whole.
+pub fn requested_text(request: &str) -> Vec<String> {
+    let mut values: Vec<String> = Vec::new();
+    let mut add = |value: &str| {
+        let value = value.trim();
+        if !value.is_empty() && !values.iter().any(|v| v == value) {
+            values.push(value.to_string());
+        }
+    };
+    for quoted in quoted_spans(request) {
+        add(quoted);
+    }
+    let words = request_words(request);
+    for start in 0..words.len() {
+        for end in start + 1..=(start + MAX_REQUEST_WORDS).min(words.len()) {
+            add(&words[start..end].join(" "));
+        }
+    }
+    values
+}
+
+/// Lists the workspace's files and folders, breadth first, without
+/// following links, and without entering a folder `skip` names (blocking;
+/// see the module docs for the bounds).
+pub fn survey_paths(workspace: &Workspace, skip: &dyn Fn(&str) -> bool) -> PathSurvey {
+    let mut files = Some(Vec::new());
+    let mut folders = Some(vec![".".to_string()]);
+    let mut queue = VecDeque::from([String::new()]);
+    // Folders past the bound are still walked (their files count), but
+    // every folder listed costs one `list_dir`: a tree of empty folders
+    // ends the walk once the bound is passed.
+    let mut listed = 0usize;
+    while let Some(folder) = queue.pop_front() {
+        listed += 1;
+        if listed > MAX_SURVEYED + 1 {
+            // Unlisted folders remain: neither kind is known exactly.
+            return PathSurvey::default();
+        }
+        let at = if folder.is_empty() {
+            "."
+        } else {
+            folder.as_str()
+        };
+        let Ok(entries) = workspace.list_dir(at) else {
+            // A folder that cannot be listed hides what is in it.
+            return PathSurvey::default();
+        };
+        for entry in entries {
+            let path = if folder.is_empty() {
+                entry.name.clone()
+            } else {
+                format!("{folder}/{}", entry.name)
+            };
+            if entry.kind == "dir" && skip(&path) {
+                continue;
+            }
+            let typable = !path.chars().any(char::is_control);
+            let add = |list: &mut Option<Vec<String>>| {
+                if let Some(values) = list {
+                    if !typable || values.len() >= MAX_SURVEYED {
+                        *list = None;
+                    } else {
+                        values.push(path.clone());
+                    }
+                }
+            };
+            match entry.kind {
+                "file" => add(&mut files),
+                "dir" => {
+                    add(&mut folders);
+                    queue.push_back(path.clone());
+                }
+                "symlink" => {
+                    add(&mut files);
+                    add(&mut folders);
+                }
+                // Sockets, fifos, devices: no tool reads them.
+                _ => {}
+            }
+        }
+        if files.is_none() && folders.is_none() {
+            return PathSurvey::default();
+        }
+    }
+    PathSurvey { files, folders }
+}
+
+/// What grounding needs besides the workspace and the policy.
+#[derive(Debug, Clone, Copy)]
+pub struct GroundingRequest<'a> {
+    /// How far grounding goes.
+    pub mode: GroundingMode,
+    /// The user's request this turn answers (for [`GroundingMode::Request`]).
+    pub request: &'a str,
+}
+
+/// The grounded values of every registered built-in parameter that
+/// `asked.mode` grounds, in `workspace`, leaving out paths that `policy`
+/// denies that tool (blocking).
+pub fn ground_arguments(
+    workspace: &Workspace,
+    registry: &Registry,
+    policy: &Policy,
+    grants: &Grants,
+    asked: GroundingRequest<'_>,
+) -> Vec<GroundedParameter> {
+    if asked.mode == GroundingMode::Off {
+        return Vec::new();
+    }
+    let from_request = asked.mode == GroundingMode::Request;
+    let grounded_tools: Vec<(&str, Vec<(&'static str, GroundedBy)>)> = registry
+        .tools()
+        .filter_map(|spec| match &spec.executor {
+            Executor::Builtin(builtin) => {
+                let parameters: Vec<(&'static str, GroundedBy)> = builtin
+                    .grounded_parameters()
+                    .iter()
+                    .copied()
+                    .filter(|(_, kind)| {
+                        from_request || matches!(kind, GroundedBy::File | GroundedBy::Folder)
+                    })
+                    .collect();
+                (!parameters.is_empty()).then_some((spec.name.as_str(), parameters))
+            }
+            _ => None,
+        })
+        .collect();
+    if grounded_tools.is_empty() {
+        return Vec::new();
+    }
+    let denied = |tool: &str, parameter: &str, path: &str| {
+        let arguments = json!({ parameter: path });
+        policy.decide(tool, &arguments, grants).verdict == Verdict::Deny
+    };
+    let skip = |folder: &str| {
+        grounded_tools.iter().all(|(tool, parameters)| {
+            parameters
+                .iter()
+                .filter(|(_, kind)| {
+                    matches!(
+                        kind,
+                        GroundedBy::File | GroundedBy::Folder | GroundedBy::RequestedPath
+                    )
+                })
+                .all(|(parameter, _)| denied(tool, parameter, folder))
+        })
+    };
+    let survey = survey_paths(workspace, &skip);
+    let mut grounded = Vec::new();
+    for (tool, parameters) in grounded_tools {
+        for (parameter, kind) in parameters {
+            let candidates: Vec<String> = match kind {
+                GroundedBy::File => survey.files.clone().unwrap_or_default(),
+                GroundedBy::Folder => survey.folders.clone().unwrap_or_default(),
+                GroundedBy::RequestedPath => {
+                    let mut paths = requested_paths(asked.request);
+                    if paths.is_empty() {
+                        // Nothing named: the model picks its own name.
+                        continue;
+                    }
+                    for file in survey.files.iter().flatten() {
+                        if !paths.contains(file) {
+                            paths.push(file.clone());
+                        }
+                    }
+                    paths
+                }
+                GroundedBy::RequestedPattern => requested_text(asked.request)
+                    .iter()
+                    .map(|text| regex::escape(text))
+                    .collect(),
+                GroundedBy::RequestedText => requested_text(asked.request),
+            };
+            let is_path = matches!(
+                kind,
+                GroundedBy::File | GroundedBy::Folder | GroundedBy::RequestedPath
+            );
+            let values: Vec<String> = candidates
+                .into_iter()
+                .filter(|value| !is_path || !denied(tool, parameter, value))
+                .collect();
+            if !values.is_empty() {
+                grounded.push(GroundedParameter {
+                    tool: tool.to_string(),
+                    parameter,
+                    values,
+                });
+            }
+        }
+    }
+    grounded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workspace_with(files: &[&str]) -> (tempfile::TempDir, Workspace) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for file in files {
+            let path = dir.path().join(file);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&path, "x").expect("write");
+        }
+        let workspace = Workspace::open(dir.path()).expect("open");
+        (dir, workspace)
+    }
+
+    #[test]
+    fn the_survey_lists_files_and_folders_breadth_first() {
+        let (dir, workspace) = workspace_with(&["notes.txt", "src/main.rs", "src/util/mod.rs"]);
+        std::fs::create_dir(dir.path().join("empty")).expect("mkdir");
+        std::os::unix::fs::symlink("notes.txt", dir.path().join("link")).expect("symlink");
+        let survey = survey_paths(&workspace, &|_| false);
+        assert_eq!(
+            survey.files,
+            Some(vec![
+                "link".into(),
+                "notes.txt".into(),
+                "src/main.rs".into(),
+                "src/util/mod.rs".into()
+            ])
+        );
+        assert_eq!(
+            survey.folders,
+            Some(vec![
+                ".".into(),
+                "empty".into(),
+                "link".into(),
+                "src".into(),
+                "src/util".into()
+            ])
+        );
+    }
+
+    /// Past the bound a kind is not grounded at all: a partial list would
+    /// forbid a file that exists.
+    #[test]
+    fn a_workspace_past_the_bound_is_not_grounded() {
+        let names: Vec<String> = (0..=MAX_SURVEYED).map(|i| format!("f{i}.txt")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (_dir, workspace) = workspace_with(&refs);
+        let survey = survey_paths(&workspace, &|_| false);
+        assert_eq!(survey.files, None);
+        assert_eq!(survey.folders, Some(vec![".".to_string()]));
+
+        let folders: Vec<String> = (0..=MAX_SURVEYED).map(|i| format!("d{i}/x")).collect();
+        let refs: Vec<&str> = folders.iter().map(String::as_str).collect();
+        let (_dir, workspace) = workspace_with(&refs);
+        assert_eq!(survey_paths(&workspace, &|_| false), PathSurvey::default());
+    }
+
+    #[test]
+    fn a_name_with_a_control_character_ungrounds_its_kind() {
+        let (_dir, workspace) = workspace_with(&["ok.txt", "bad\u{1b}[31m.txt"]);
+        let survey = survey_paths(&workspace, &|_| false);
+        assert_eq!(survey.files, None);
+        assert_eq!(survey.folders, Some(vec![".".to_string()]));
+    }
+
+    /// Only the path parameters of the file tools that need an existing
+    /// path are grounded, and a path the policy denies is not offered: a
+    /// denied folder is not even entered, so `.git`'s many files do not
+    /// push the workspace past the bound.
+    #[test]
+    fn grounding_covers_the_reading_tools_and_respects_denials() {
+        let git: Vec<String> = (0..=MAX_SURVEYED)
+            .map(|i| format!(".git/objects/{i}"))
+            .collect();
+        let mut files: Vec<&str> = git.iter().map(String::as_str).collect();
+        files.extend(["notes.txt", ".env", "src/main.rs"]);
+        let (_dir, workspace) = workspace_with(&files);
+        let registry = Registry::with_builtins();
+        let policy = Policy::preset("default").expect("preset");
+        let grounded = ground_arguments(
+            &workspace,
+            &registry,
+            &policy,
+            &Grants::default(),
+            GroundingRequest {
+                mode: GroundingMode::Workspace,
+                request: "Write notes.txt and find TODO",
+            },
+        );
+        let find = |tool: &str| {
+            grounded
+                .iter()
+                .find(|g| g.tool == tool)
+                .map(|g| (g.parameter, g.values.clone()))
+        };
+        let (parameter, files) = find("read_file").expect("read_file grounded");
+        assert_eq!(parameter, "path");
+        assert!(files.contains(&"notes.txt".to_string()), "{files:?}");
+        assert!(files.contains(&"src/main.rs".to_string()), "{files:?}");
+        assert!(
+            !files.contains(&".env".to_string()),
+            "the default policy denies .env: {files:?}"
+        );
+        assert_eq!(
+            find("list_dir").map(|(_, v)| v),
+            Some(vec![".".to_string(), "src".to_string()])
+        );
+        assert!(find("search_files").is_some());
+        assert!(
+            grounded
+                .iter()
+                .all(|g| g.parameter == "path" && g.tool != "write_file"),
+            "workspace grounding leaves the request alone: {grounded:?}"
+        );
+        assert!(find("execute_code").is_none());
+    }
+
+    /// `request` grounding copies from the user's words: the paths it
+    /// names (never absolute, a URL or one that climbs out) for
+    /// `write_file.path`, and its words and quotes for `write_file.content`
+    /// and (escaped) `search_files.pattern`.
+    #[test]
+    fn request_grounding_copies_paths_and_words_from_the_request() {
+        assert_eq!(
+            requested_paths(
+                "Save it to out/result.txt, not /etc/passwd, ../up.txt or https://x.io/a."
+            ),
+            ["out/result.txt"]
+        );
+        assert_eq!(requested_paths("Write hello.py (a script)."), ["hello.py"]);
+        assert!(requested_paths("Write a script that prints hello").is_empty());
+        let text = requested_text("Don't skip it: search the code for 'import requests'.");
+        assert_eq!(text[0], "import requests", "{text:?}");
+        assert!(text.contains(&"search the code".to_string()), "{text:?}");
+        assert!(text.contains(&"requests".to_string()), "{text:?}");
+        assert!(!text.iter().any(|t| t.starts_with("t skip")), "{text:?}");
+        assert!(text
+            .iter()
+            .all(|t| t.split(' ').count() <= MAX_REQUEST_WORDS || t == "import requests"));
+
+        let (_dir, workspace) = workspace_with(&["notes.txt", ".env"]);
+        let registry = Registry::with_builtins();
+        let policy = Policy::preset("default").expect("preset");
+        let ground = |request: &str| {
+            ground_arguments(
+                &workspace,
+                &registry,
+                &policy,
+                &Grants::default(),
+                GroundingRequest {
+                    mode: GroundingMode::Request,
+                    request,
+                },
+            )
+        };
+        let values = |grounded: &[GroundedParameter], tool: &str, parameter: &str| {
+            grounded
+                .iter()
+                .find(|g| g.tool == tool && g.parameter == parameter)
+                .map(|g| g.values.clone())
+        };
+        let grounded = ground("Find FIXME and write the list to todo/fixme.md, or to .env");
+        assert_eq!(
+            values(&grounded, "write_file", "path"),
+            Some(vec!["todo/fixme.md".to_string(), "notes.txt".to_string()]),
+            "named paths first, then existing files; .env is denied"
+        );
+        let patterns = values(&grounded, "search_files", "pattern").expect("pattern grounded");
+        assert!(patterns.contains(&"FIXME".to_string()), "{patterns:?}");
+        assert!(
+            patterns.contains(&r"todo/fixme\.md".to_string()),
+            "matched literally: {patterns:?}"
+        );
+        let texts = values(&grounded, "write_file", "content").expect("content grounded");
+        assert!(
+            texts.contains(&"todo/fixme.md".to_string()),
+            "as written: {texts:?}"
+        );
+        // A request that names no path leaves the new file's name free.
+        let grounded = ground("Write a poem");
+        assert_eq!(values(&grounded, "write_file", "path"), None);
+        // Off grounds nothing.
+        let off = ground_arguments(
+            &workspace,
+            &registry,
+            &policy,
+            &Grants::default(),
+            GroundingRequest {
+                mode: GroundingMode::Off,
+                request: "Read notes.txt",
+            },
+        );
+        assert!(off.is_empty());
+    }
+}
