@@ -253,6 +253,7 @@ async fn a_grounded_call_names_a_file_that_exists() {
         .expect("session");
     let events = collect(&mut free, prompt).await;
     let (path, outcome) = first_call(&events);
+    assert!(!path.is_empty(), "the call names a path: {events:?}");
     assert!(
         !workspace.path().join(&path).is_file(),
         "the model named a file that exists without grounding ({path}): the test no longer shows what grounding adds"

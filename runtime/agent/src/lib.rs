@@ -1223,7 +1223,7 @@ impl SessionState {
                 })
             };
             // The workspace as it is now, surveyed on a blocking thread.
-            let request = self
+            let user_request = self
                 .messages
                 .get(self.turn_start..)
                 .and_then(|turn| {
@@ -1238,7 +1238,7 @@ impl SessionState {
                     self.gate.grounding_job(
                         Arc::clone(&self.ctx.workspace),
                         self.config.grounding,
-                        request,
+                        user_request,
                     )
                 });
             let argument_values = argument_values(grounding).await;
@@ -1505,6 +1505,12 @@ fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "no message".to_string())
 }
+
+// Every path a survey may list (and the few a request names) fits in what
+// the grammar narrows to; past it a parameter would silently stay free.
+const _: () = assert!(
+    stack_core::grounding::MAX_SURVEYED + 1 + 64 <= stack_model::grammar::MAX_GROUNDED_VALUES
+);
 
 /// Runs a grounding job (see [`Gate::grounding_job`]) on a blocking thread
 /// and gathers its values; no job, or one that failed, grounds nothing.

@@ -10,29 +10,38 @@
 //!
 //! Only parameters that must name something that already exists are
 //! grounded, so grounding never forbids a call that could have worked:
-//! * `read_file.path`: a file (or a link, which may lead to one);
-//! * `list_dir.path` and `search_files.path`: a folder (or a link), `.`
-//!   for the root.
+//! * `read_file.path`: a file;
+//! * `list_dir.path` and `search_files.path`: a folder, `.` for the root.
 //!
 //! `write_file.path` names what may not exist yet and stays free.
 //!
 //! The survey is exact or absent:
-//! * it does not follow links (a link is listed as a file and as a folder;
-//!   the tool resolves it, inside the workspace only, when it runs);
+//! * a link anywhere in the workspace means no grounding at all: a link
+//!   to a folder opens everything below it to the tools (which follow
+//!   links inside the workspace), and one to `.` makes that endless;
 //! * paths that the policy denies to the tool are left out (the call would
-//!   be refused anyway), and a folder that it denies to every grounded
-//!   tool is neither listed nor entered, as the file tools' own walks skip
-//!   a denied folder with all below it (so `.git` costs nothing);
+//!   be refused anyway); a folder is not entered when, for every grounded
+//!   tool, an explicit `deny` rule matches both the folder and a name
+//!   inside it (the rule for `.git` does), so such a folder costs nothing;
 //! * a workspace with more than [`MAX_SURVEYED`] files, or folders, gives
-//!   no grounding of that kind at all: a partial list would forbid a path
-//!   that exists. So does a name that is not UTF-8, or one that JSON could
-//!   not carry as is (a control character), which nobody can type either.
+//!   no grounding of that kind (more than [`MAX_SURVEYED`] folders: of
+//!   either kind), as a partial list would forbid a path that exists; so
+//!   does a name that is not UTF-8 or holds a control character, which
+//!   nobody can type either, and a survey that takes longer than
+//!   [`SURVEY_DEADLINE`].
 //!
-//! It reads names only, never contents, and it is bounded work: at most
-//! [`MAX_SURVEYED`] entries of each kind plus the folders they sit in. It
-//! blocks (it lists folders), so async callers run it on a blocking thread.
+//! Threat model. The names are the user's, and the model may only write
+//! them, never read them, but a served model's server receives them in the
+//! grammar. So grounding runs only where the policy lets the model list
+//! the workspace without asking (`list_dir` on `.` allowed): it then shows
+//! nothing that a call could not. The survey reads names only, never
+//! contents; it is bounded (at most [`MAX_SURVEYED`] + 1 folders listed,
+//! and the deadline), and it blocks (it lists folders), so async callers
+//! run it on a blocking thread. A workspace that sandboxed code filled
+//! with files costs one bounded survey per step, and grounds nothing.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -40,9 +49,17 @@ use crate::policy::{Grants, Policy, Verdict};
 use crate::tools::{Builtin, Executor, Registry};
 use crate::workspace::Workspace;
 
-/// Most files, and most folders, that a survey lists; past it that kind
-/// is not grounded.
+/// Most files, and most folders besides `.`, that a survey lists; past it
+/// that kind is not grounded.
 pub const MAX_SURVEYED: usize = 256;
+
+/// Longest a survey may take; past it nothing is grounded.
+pub const SURVEY_DEADLINE: Duration = Duration::from_millis(250);
+
+/// Longest request (in bytes) that [`GroundingMode::Request`] copies from:
+/// a longer message is not a short command, and would offer too many
+/// values to narrow anything.
+pub const MAX_REQUEST_BYTES: usize = 2048;
 
 /// What grounds a parameter: what its values are drawn from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +161,9 @@ fn request_words(request: &str) -> Vec<&str> {
 /// not absolute.
 pub fn requested_paths(request: &str) -> Vec<String> {
     let mut paths: Vec<String> = Vec::new();
+    if request.len() > MAX_REQUEST_BYTES {
+        return paths;
+    }
     for word in request_words(request) {
         let looks_like_path = word.contains(['.', '/'])
             && !word.starts_with('/')
@@ -189,10 +209,14 @@ fn quoted_spans(text: &str) -> Vec<&str> {
 /// Text copied from `request`: runs of up to [`MAX_REQUEST_WORDS`] words,
 /// and what it quotes ('…', "…" or `…`) whole.
 pub fn requested_text(request: &str) -> Vec<String> {
+    if request.len() > MAX_REQUEST_BYTES {
+        return Vec::new();
+    }
     let mut values: Vec<String> = Vec::new();
+    let mut seen = HashSet::new();
     let mut add = |value: &str| {
         let value = value.trim();
-        if !value.is_empty() && !values.iter().any(|v| v == value) {
+        if !value.is_empty() && seen.insert(value.to_string()) {
             values.push(value.to_string());
         }
     };
@@ -212,6 +236,7 @@ pub fn requested_text(request: &str) -> Vec<String> {
 /// following links, and without entering a folder `skip` names (blocking;
 /// see the module docs for the bounds).
 pub fn survey_paths(workspace: &Workspace, skip: &dyn Fn(&str) -> bool) -> PathSurvey {
+    let started = Instant::now();
     let mut files = Some(Vec::new());
     let mut folders = Some(vec![".".to_string()]);
     let mut queue = VecDeque::from([String::new()]);
@@ -221,7 +246,7 @@ pub fn survey_paths(workspace: &Workspace, skip: &dyn Fn(&str) -> bool) -> PathS
     let mut listed = 0usize;
     while let Some(folder) = queue.pop_front() {
         listed += 1;
-        if listed > MAX_SURVEYED + 1 {
+        if listed > MAX_SURVEYED + 1 || started.elapsed() > SURVEY_DEADLINE {
             // Unlisted folders remain: neither kind is known exactly.
             return PathSurvey::default();
         }
@@ -240,13 +265,12 @@ pub fn survey_paths(workspace: &Workspace, skip: &dyn Fn(&str) -> bool) -> PathS
             } else {
                 format!("{folder}/{}", entry.name)
             };
-            if entry.kind == "dir" && skip(&path) {
-                continue;
-            }
-            let typable = !path.chars().any(char::is_control);
-            let add = |list: &mut Option<Vec<String>>| {
+            // Names are read lossily: a replacement character may stand
+            // for bytes that are not UTF-8.
+            let typable = !path.chars().any(|c| c.is_control() || c == '\u{fffd}');
+            let add = |list: &mut Option<Vec<String>>, bound: usize| {
                 if let Some(values) = list {
-                    if !typable || values.len() >= MAX_SURVEYED {
+                    if !typable || values.len() >= bound {
                         *list = None;
                     } else {
                         values.push(path.clone());
@@ -254,15 +278,16 @@ pub fn survey_paths(workspace: &Workspace, skip: &dyn Fn(&str) -> bool) -> PathS
                 }
             };
             match entry.kind {
-                "file" => add(&mut files),
+                "file" => add(&mut files, MAX_SURVEYED),
+                "dir" if skip(&path) => {}
+                // A folder that cannot be named cannot be listed either.
+                "dir" if !typable => return PathSurvey::default(),
                 "dir" => {
-                    add(&mut folders);
+                    add(&mut folders, MAX_SURVEYED + 1);
                     queue.push_back(path.clone());
                 }
-                "symlink" => {
-                    add(&mut files);
-                    add(&mut folders);
-                }
+                // A link may open a folder (or the whole tree again).
+                "symlink" => return PathSurvey::default(),
                 // Sockets, fifos, devices: no tool reads them.
                 _ => {}
             }
@@ -272,6 +297,17 @@ pub fn survey_paths(workspace: &Workspace, skip: &dyn Fn(&str) -> bool) -> PathS
         }
     }
     PathSurvey { files, folders }
+}
+
+/// Whether an explicit `deny` rule of `policy` (or of a policy it
+/// narrows) matches `tool` called with `parameter` set to `path`.
+fn denied_by_rule(policy: &Policy, tool: &str, parameter: &str, path: &str) -> bool {
+    let arguments = json!({ parameter: path });
+    std::iter::successors(Some(policy), |p| p.outer()).any(|layer| {
+        layer.rules().iter().any(|rule| {
+            rule.spec.decision == Verdict::Deny && rule.applies_to(tool) && rule.matches(&arguments)
+        })
+    })
 }
 
 /// What grounding needs besides the workspace and the policy.
@@ -317,6 +353,18 @@ pub fn ground_arguments(
     if grounded_tools.is_empty() {
         return Vec::new();
     }
+    // Only where the model may list the workspace without asking (see the
+    // threat model).
+    let may_list = registry
+        .get(Builtin::ListDir.name())
+        .is_some_and(|tool| matches!(tool.spec().executor, Executor::Builtin(Builtin::ListDir)))
+        && policy
+            .decide(Builtin::ListDir.name(), &json!({"path": "."}), grants)
+            .verdict
+            == Verdict::Allow;
+    if !may_list {
+        return Vec::new();
+    }
     let denied = |tool: &str, parameter: &str, path: &str| {
         let arguments = json!({ parameter: path });
         policy.decide(tool, &arguments, grants).verdict == Verdict::Deny
@@ -331,7 +379,10 @@ pub fn ground_arguments(
                         GroundedBy::File | GroundedBy::Folder | GroundedBy::RequestedPath
                     )
                 })
-                .all(|(parameter, _)| denied(tool, parameter, folder))
+                .all(|(parameter, _)| {
+                    denied_by_rule(policy, tool, parameter, folder)
+                        && denied_by_rule(policy, tool, parameter, &format!("{folder}/x"))
+                })
         })
     };
     let survey = survey_paths(workspace, &skip);
@@ -399,12 +450,10 @@ mod tests {
     fn the_survey_lists_files_and_folders_breadth_first() {
         let (dir, workspace) = workspace_with(&["notes.txt", "src/main.rs", "src/util/mod.rs"]);
         std::fs::create_dir(dir.path().join("empty")).expect("mkdir");
-        std::os::unix::fs::symlink("notes.txt", dir.path().join("link")).expect("symlink");
         let survey = survey_paths(&workspace, &|_| false);
         assert_eq!(
             survey.files,
             Some(vec![
-                "link".into(),
                 "notes.txt".into(),
                 "src/main.rs".into(),
                 "src/util/mod.rs".into()
@@ -415,27 +464,48 @@ mod tests {
             Some(vec![
                 ".".into(),
                 "empty".into(),
-                "link".into(),
                 "src".into(),
                 "src/util".into()
             ])
         );
     }
 
-    /// Past the bound a kind is not grounded at all: a partial list would
-    /// forbid a file that exists.
+    /// A link to a folder opens what is below it to the tools (and one to
+    /// `.` the whole tree again), so a link anywhere grounds nothing.
+    #[test]
+    fn a_link_anywhere_ungrounds_everything() {
+        let (dir, workspace) = workspace_with(&["notes.txt", "src/main.rs"]);
+        std::os::unix::fs::symlink("src", dir.path().join("src/again")).expect("symlink");
+        assert_eq!(survey_paths(&workspace, &|_| false), PathSurvey::default());
+        std::fs::remove_file(dir.path().join("src/again")).expect("rm");
+        std::os::unix::fs::symlink("notes.txt", dir.path().join("link")).expect("symlink");
+        assert_eq!(survey_paths(&workspace, &|_| false), PathSurvey::default());
+    }
+
+    /// Up to the bound every path is listed; past it a kind is not
+    /// grounded at all, as a partial list would forbid a file that exists.
     #[test]
     fn a_workspace_past_the_bound_is_not_grounded() {
-        let names: Vec<String> = (0..=MAX_SURVEYED).map(|i| format!("f{i}.txt")).collect();
+        let names: Vec<String> = (0..MAX_SURVEYED).map(|i| format!("f{i}.txt")).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let (_dir, workspace) = workspace_with(&refs);
+        let (dir, workspace) = workspace_with(&refs);
+        let survey = survey_paths(&workspace, &|_| false);
+        assert_eq!(survey.files.map(|f| f.len()), Some(MAX_SURVEYED));
+        std::fs::write(dir.path().join("one-more.txt"), "x").expect("write");
         let survey = survey_paths(&workspace, &|_| false);
         assert_eq!(survey.files, None);
         assert_eq!(survey.folders, Some(vec![".".to_string()]));
 
-        let folders: Vec<String> = (0..=MAX_SURVEYED).map(|i| format!("d{i}/x")).collect();
+        let folders: Vec<String> = (0..MAX_SURVEYED).map(|i| format!("d{i}/x")).collect();
         let refs: Vec<&str> = folders.iter().map(String::as_str).collect();
-        let (_dir, workspace) = workspace_with(&refs);
+        let (dir, workspace) = workspace_with(&refs);
+        let survey = survey_paths(&workspace, &|_| false);
+        assert_eq!(
+            survey.folders.map(|f| f.len()),
+            Some(MAX_SURVEYED + 1),
+            "`.` and every folder"
+        );
+        std::fs::create_dir(dir.path().join("one-more")).expect("mkdir");
         assert_eq!(survey_paths(&workspace, &|_| false), PathSurvey::default());
     }
 
@@ -445,6 +515,9 @@ mod tests {
         let survey = survey_paths(&workspace, &|_| false);
         assert_eq!(survey.files, None);
         assert_eq!(survey.folders, Some(vec![".".to_string()]));
+        // A folder that cannot be named cannot be listed: nothing at all.
+        let (_dir, workspace) = workspace_with(&["ok.txt", "bad\u{7}/x.txt"]);
+        assert_eq!(survey_paths(&workspace, &|_| false), PathSurvey::default());
     }
 
     /// Only the path parameters of the file tools that need an existing
@@ -499,6 +572,86 @@ mod tests {
         assert!(find("execute_code").is_none());
     }
 
+    fn policy(text: &str) -> Policy {
+        Policy::from_toml(text, std::path::Path::new("test.toml")).expect("policy")
+    }
+
+    fn workspace_grounding(workspace: &Workspace, policy: &Policy) -> Vec<GroundedParameter> {
+        ground_arguments(
+            workspace,
+            &Registry::with_builtins(),
+            policy,
+            &Grants::default(),
+            GroundingRequest {
+                mode: GroundingMode::Workspace,
+                request: "",
+            },
+        )
+    }
+
+    /// Only explicit deny rules that match a folder and what is inside it
+    /// keep the survey out of it: an allowlist (deny by default, allow
+    /// under `docs/`) still offers `docs/guide.md`, and a rule that
+    /// denies the name `secrets` alone still offers what is inside.
+    #[test]
+    fn only_a_rule_denying_a_folder_and_its_contents_keeps_the_survey_out() {
+        let (_dir, workspace) = workspace_with(&["notes.txt", "docs/guide.md", "secrets/plan.txt"]);
+        let allowlist = policy(
+            r#"
+[defaults]
+decision = "deny"
+reason = "allowlist"
+
+[tools.list_dir]
+decision = "allow"
+
+[[rules]]
+pointer = "/path"
+prefix = "docs/"
+decision = "allow"
+reason = "docs are readable"
+
+[[rules]]
+pointer = "/path"
+glob = "secrets"
+decision = "deny"
+reason = "the name only"
+
+[[rules]]
+pointer = "/path"
+prefix = "secrets/"
+decision = "allow"
+reason = "what is inside is readable"
+"#,
+        );
+        let grounded = workspace_grounding(&workspace, &allowlist);
+        let read = grounded
+            .iter()
+            .find(|g| g.tool == "read_file")
+            .expect("read_file grounded");
+        assert_eq!(read.values, ["docs/guide.md", "secrets/plan.txt"]);
+    }
+
+    /// Grounding shows the model's server names only where the model may
+    /// list the workspace without asking.
+    #[test]
+    fn no_grounding_where_listing_needs_an_approval() {
+        let (_dir, workspace) = workspace_with(&["notes.txt"]);
+        let strict = Policy::preset("strict").expect("preset");
+        assert_ne!(
+            strict
+                .decide("list_dir", &json!({"path": "."}), &Grants::default())
+                .verdict,
+            Verdict::Allow,
+            "the strict preset asks before listing"
+        );
+        assert!(workspace_grounding(&workspace, &strict).is_empty());
+        let asks = policy("[tools.list_dir]\ndecision = \"ask\"\n");
+        assert!(workspace_grounding(&workspace, &asks).is_empty());
+        let default = Policy::preset("default").expect("preset");
+        assert!(!workspace_grounding(&workspace, &default).is_empty());
+    }
+
     /// `request` grounding copies from the user's words: the paths it
     /// names (never absolute, a URL or one that climbs out) for
     /// `write_file.path`, and its words and quotes for `write_file.content`
@@ -513,6 +666,8 @@ mod tests {
         );
         assert_eq!(requested_paths("Write hello.py (a script)."), ["hello.py"]);
         assert!(requested_paths("Write a script that prints hello").is_empty());
+        let long = format!("Write {} to out.txt", "word ".repeat(MAX_REQUEST_BYTES / 5));
+        assert!(requested_paths(&long).is_empty() && requested_text(&long).is_empty());
         let text = requested_text("Don't skip it: search the code for 'import requests'.");
         assert_eq!(text[0], "import requests", "{text:?}");
         assert!(text.contains(&"search the code".to_string()), "{text:?}");

@@ -36,7 +36,7 @@ const GRAMMAR_MAX_STRING: u64 = 2048;
 
 /// Most values one parameter's grounding may list; past it the parameter
 /// is left free (a list that long helps a model no more than the schema).
-pub const MAX_GROUNDED_VALUES: usize = 256;
+pub const MAX_GROUNDED_VALUES: usize = 512;
 
 /// Longest value a grounding may list.
 const MAX_GROUNDED_VALUE_BYTES: usize = 512;
@@ -101,17 +101,26 @@ impl ArgumentValues {
             else {
                 continue;
             };
-            let is_string = match property.get("type") {
-                Some(Value::String(kind)) => kind == "string",
-                Some(Value::Array(kinds)) => kinds.iter().any(|k| k == "string"),
-                _ => false,
+            let (is_string, nullable) = match property.get("type") {
+                Some(Value::String(kind)) => (kind == "string", false),
+                Some(Value::Array(kinds)) => (
+                    kinds.iter().any(|k| k == "string"),
+                    kinds.iter().any(|k| k == "null"),
+                ),
+                _ => (false, false),
             };
             if usable
                 && is_string
                 && property.get("enum").is_none()
                 && property.get("const").is_none()
             {
-                *property = json!({"type": "string", "enum": values});
+                *property = if nullable {
+                    let mut allowed: Vec<Value> = values.iter().cloned().map(Value::from).collect();
+                    allowed.push(Value::Null);
+                    json!({"type": ["string", "null"], "enum": allowed})
+                } else {
+                    json!({"type": "string", "enum": values})
+                };
             }
         }
     }
@@ -293,7 +302,8 @@ mod tests {
         );
         assert_eq!(
             properties["folder"],
-            json!({"type": "string", "enum": [".", "src"]})
+            json!({"type": ["string", "null"], "enum": [".", "src", null]}),
+            "a nullable parameter stays nullable"
         );
         assert_eq!(properties["count"], json!({"type": "integer"}));
         assert_eq!(properties["mode"]["enum"], json!(["a", "b"]));

@@ -68,8 +68,8 @@ pub struct ChatArgs {
     pub routing: RoutingArg,
     /// How far the call grammar grounds the built-in tools' arguments:
     /// `workspace` (paths that must exist are ones that do), `request`
-    /// (also a new file's path and a search pattern copied from your
-    /// words; for small models), or `off`.
+    /// (also a new file's path and text, and a search pattern, copied from
+    /// your words; for small models), or `off`.
     #[arg(long, value_enum, default_value_t = GroundingArg::Workspace)]
     pub grounding: GroundingArg,
     #[command(flatten)]
@@ -116,8 +116,9 @@ pub enum GroundingArg {
     /// Paths that must exist (read_file, list_dir, search_files) are ones
     /// that do.
     Workspace,
-    /// Also write_file's path and search_files' pattern are copied from
-    /// the request (for small models).
+    /// Also write_file's path and text, and search_files' pattern, are
+    /// copied from the request (for small models: a file's text can then
+    /// only be words of the request).
     Request,
 }
 
