@@ -27,6 +27,37 @@ fn model() -> Arc<Model> {
         .clone()
 }
 
+/// Greedy decoding, at most `max_tokens` a step.
+fn greedy(max_tokens: u32) -> SamplingOptions {
+    SamplingOptions {
+        temperature: 0.0,
+        max_tokens,
+        ..SamplingOptions::default()
+    }
+}
+
+/// The calls the model proposed in `events`, in order.
+fn proposed_calls(events: &[Event]) -> Vec<stack_runtime::message::ToolCall> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ToolCallProposed { call, .. } => Some(call.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The outcomes of the calls that ran in `events`, in order.
+fn outcomes(events: &[Event]) -> Vec<stack_runtime::outcome::ToolOutcome> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ToolFinished { outcome, .. } => Some(outcome.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 async fn collect(session: &mut stack_runtime::agent::Session, text: &str) -> Vec<Event> {
     use futures::StreamExt;
     session.send(text).collect().await
@@ -53,11 +84,7 @@ async fn a_prompt_leads_to_a_validated_executed_call_whose_result_reaches_the_mo
         .expect("runtime");
     let config = SessionConfig {
         tool_choice: ToolChoice::Named("read_file".into()),
-        sampling: SamplingOptions {
-            temperature: 0.0,
-            max_tokens: 128,
-            ..SamplingOptions::default()
-        },
+        sampling: greedy(128),
         max_steps: 2,
         ..SessionConfig::default()
     };
@@ -68,13 +95,7 @@ async fn a_prompt_leads_to_a_validated_executed_call_whose_result_reaches_the_mo
     )
     .await;
 
-    let proposed: Vec<_> = events
-        .iter()
-        .filter_map(|e| match e {
-            Event::ToolCallProposed { call, .. } => Some(call.clone()),
-            _ => None,
-        })
-        .collect();
+    let proposed = proposed_calls(&events);
     assert!(
         !proposed.is_empty(),
         "the model proposed a call: {events:?}"
@@ -84,13 +105,7 @@ async fn a_prompt_leads_to_a_validated_executed_call_whose_result_reaches_the_mo
         runtime.registry().validate(&proposed[0]).is_ok(),
         "the proposed call is valid"
     );
-    let finished: Vec<_> = events
-        .iter()
-        .filter_map(|e| match e {
-            Event::ToolFinished { outcome, .. } => Some(outcome.clone()),
-            _ => None,
-        })
-        .collect();
+    let finished = outcomes(&events);
     assert_eq!(finished.len(), proposed.len(), "every proposed call ran");
     assert!(
         events.iter().any(|e| matches!(e, Event::Token { .. })),
@@ -145,11 +160,7 @@ async fn a_prompt_leads_to_a_validated_executed_call_whose_result_reaches_the_mo
     let resumed_config = SessionConfig {
         resume: Some(session.id().to_string()),
         tool_choice: ToolChoice::None,
-        sampling: SamplingOptions {
-            temperature: 0.0,
-            max_tokens: 16,
-            ..SamplingOptions::default()
-        },
+        sampling: greedy(16),
         ..SessionConfig::default()
     };
     session.save_state().await.expect("save the KV cache");
@@ -200,30 +211,14 @@ async fn a_grounded_call_names_a_file_that_exists() {
         .expect("runtime");
     let config = |grounding| SessionConfig {
         tool_choice: ToolChoice::Named("read_file".into()),
-        sampling: SamplingOptions {
-            temperature: 0.0,
-            max_tokens: 96,
-            ..SamplingOptions::default()
-        },
+        sampling: greedy(96),
         max_steps: 1,
         grounding,
         ..SessionConfig::default()
     };
     let first_call = |events: &[Event]| {
-        let call = events
-            .iter()
-            .find_map(|e| match e {
-                Event::ToolCallProposed { call, .. } => Some(call.clone()),
-                _ => None,
-            })
-            .expect("a call");
-        let outcome = events
-            .iter()
-            .find_map(|e| match e {
-                Event::ToolFinished { outcome, .. } => Some(outcome.clone()),
-                _ => None,
-            })
-            .expect("a result");
+        let call = proposed_calls(events).into_iter().next().expect("a call");
+        let outcome = outcomes(events).into_iter().next().expect("a result");
         let arguments: serde_json::Value =
             serde_json::from_str(&call.function.arguments).expect("JSON arguments");
         (
@@ -278,23 +273,13 @@ async fn denials_and_failures_go_back_to_the_model_and_repeats_stop_the_turn() {
         .expect("runtime");
     let config = SessionConfig {
         tool_choice: ToolChoice::Named("write_file".into()),
-        sampling: SamplingOptions {
-            temperature: 0.0,
-            max_tokens: 96,
-            ..SamplingOptions::default()
-        },
+        sampling: greedy(96),
         max_steps: 1,
         ..SessionConfig::default()
     };
     let mut session = runtime.session(config).await.expect("session");
     let events = collect(&mut session, "Write hello to hello.txt").await;
-    let outcome = events
-        .iter()
-        .find_map(|e| match e {
-            Event::ToolFinished { outcome, .. } => Some(outcome.clone()),
-            _ => None,
-        })
-        .expect("a result");
+    let outcome = outcomes(&events).into_iter().next().expect("a result");
     assert_eq!(
         outcome.status,
         stack_runtime::outcome::Status::Denied,
@@ -343,11 +328,7 @@ async fn a_turn_stops_when_cancelled_or_dropped_and_the_session_goes_on() {
         .expect("runtime");
     let config = SessionConfig {
         tool_choice: ToolChoice::None,
-        sampling: SamplingOptions {
-            temperature: 0.0,
-            max_tokens: 1500,
-            ..SamplingOptions::default()
-        },
+        sampling: greedy(1500),
         max_steps: 1,
         ..SessionConfig::default()
     };
@@ -426,11 +407,7 @@ async fn an_encrypted_session_seals_its_kv_cache_and_still_reuses_it() {
         .expect("runtime");
     let config = SessionConfig {
         tool_choice: ToolChoice::None,
-        sampling: SamplingOptions {
-            temperature: 0.0,
-            max_tokens: 8,
-            ..SamplingOptions::default()
-        },
+        sampling: greedy(8),
         ..SessionConfig::default()
     };
     let mut session = runtime.session(config.clone()).await.expect("session");

@@ -139,6 +139,15 @@ fn runtime(
     turns: Vec<ParsedTurn>,
     workspace: &std::path::Path,
 ) -> (Runtime, Arc<Mutex<Vec<CompletionRequest>>>) {
+    runtime_under(turns, workspace, "default")
+}
+
+/// [`runtime`] under another policy preset.
+fn runtime_under(
+    turns: Vec<ParsedTurn>,
+    workspace: &std::path::Path,
+    preset: &str,
+) -> (Runtime, Arc<Mutex<Vec<CompletionRequest>>>) {
     let asked = Arc::new(Mutex::new(Vec::new()));
     let backend = Arc::new(Scripted {
         turns,
@@ -146,7 +155,7 @@ fn runtime(
     });
     let runtime = Runtime::builder()
         .backend(backend)
-        .policy(Policy::preset("default").expect("policy"))
+        .policy(Policy::preset(preset).expect("policy"))
         .workspace(workspace)
         .transcripts(None)
         .build()
@@ -210,25 +219,19 @@ async fn each_step_grounds_the_path_parameters_in_the_workspace_as_it_is() {
     std::fs::write(workspace.path().join("notes.txt"), "buy milk").expect("write");
     std::fs::write(workspace.path().join(".env"), "TOKEN=1").expect("write");
     std::fs::create_dir(workspace.path().join("src")).expect("mkdir");
-    let asked = Arc::new(Mutex::new(Vec::new()));
-    let grounded = Runtime::builder()
-        .backend(Arc::new(Scripted {
-            turns: vec![
-                call(
-                    "c1",
-                    "write_file",
-                    r#"{"path": "src/new.txt", "content": "x"}"#,
-                ),
-                answer("Done."),
-            ],
-            asked: Arc::clone(&asked),
-        }))
-        // Writes are allowed; `.env` is still denied, as by `default`.
-        .policy(Policy::preset("trusted").expect("policy"))
-        .workspace(workspace.path())
-        .transcripts(None)
-        .build()
-        .expect("runtime");
+    // Writes are allowed; `.env` is still denied, as by `default`.
+    let (grounded, asked) = runtime_under(
+        vec![
+            call(
+                "c1",
+                "write_file",
+                r#"{"path": "src/new.txt", "content": "x"}"#,
+            ),
+            answer("Done."),
+        ],
+        workspace.path(),
+        "trusted",
+    );
     let session = grounded
         .session(SessionConfig::default())
         .await

@@ -532,17 +532,12 @@ mod tests {
         let mut files: Vec<&str> = git.iter().map(String::as_str).collect();
         files.extend(["notes.txt", ".env", "src/main.rs"]);
         let (_dir, workspace) = workspace_with(&files);
-        let registry = Registry::with_builtins();
         let policy = Policy::preset("default").expect("preset");
-        let grounded = ground_arguments(
+        let grounded = ground(
             &workspace,
-            &registry,
             &policy,
-            &Grants::default(),
-            GroundingRequest {
-                mode: GroundingMode::Workspace,
-                request: "Write notes.txt and find TODO",
-            },
+            GroundingMode::Workspace,
+            "Write notes.txt and find TODO",
         );
         let find = |tool: &str| {
             grounded
@@ -576,17 +571,24 @@ mod tests {
         Policy::from_toml(text, std::path::Path::new("test.toml")).expect("policy")
     }
 
-    fn workspace_grounding(workspace: &Workspace, policy: &Policy) -> Vec<GroundedParameter> {
+    /// The built-ins' grounding in `workspace` under `policy`.
+    fn ground(
+        workspace: &Workspace,
+        policy: &Policy,
+        mode: GroundingMode,
+        request: &str,
+    ) -> Vec<GroundedParameter> {
         ground_arguments(
             workspace,
             &Registry::with_builtins(),
             policy,
             &Grants::default(),
-            GroundingRequest {
-                mode: GroundingMode::Workspace,
-                request: "",
-            },
+            GroundingRequest { mode, request },
         )
+    }
+
+    fn workspace_grounding(workspace: &Workspace, policy: &Policy) -> Vec<GroundedParameter> {
+        ground(workspace, policy, GroundingMode::Workspace, "")
     }
 
     /// Only explicit deny rules that match a folder and what is inside it
@@ -678,27 +680,15 @@ reason = "what is inside is readable"
             .all(|t| t.split(' ').count() <= MAX_REQUEST_WORDS || t == "import requests"));
 
         let (_dir, workspace) = workspace_with(&["notes.txt", ".env"]);
-        let registry = Registry::with_builtins();
         let policy = Policy::preset("default").expect("preset");
-        let ground = |request: &str| {
-            ground_arguments(
-                &workspace,
-                &registry,
-                &policy,
-                &Grants::default(),
-                GroundingRequest {
-                    mode: GroundingMode::Request,
-                    request,
-                },
-            )
-        };
+        let copying = |request: &str| ground(&workspace, &policy, GroundingMode::Request, request);
         let values = |grounded: &[GroundedParameter], tool: &str, parameter: &str| {
             grounded
                 .iter()
                 .find(|g| g.tool == tool && g.parameter == parameter)
                 .map(|g| g.values.clone())
         };
-        let grounded = ground("Find FIXME and write the list to todo/fixme.md, or to .env");
+        let grounded = copying("Find FIXME and write the list to todo/fixme.md, or to .env");
         assert_eq!(
             values(&grounded, "write_file", "path"),
             Some(vec!["todo/fixme.md".to_string(), "notes.txt".to_string()]),
@@ -716,19 +706,9 @@ reason = "what is inside is readable"
             "as written: {texts:?}"
         );
         // A request that names no path leaves the new file's name free.
-        let grounded = ground("Write a poem");
+        let grounded = copying("Write a poem");
         assert_eq!(values(&grounded, "write_file", "path"), None);
         // Off grounds nothing.
-        let off = ground_arguments(
-            &workspace,
-            &registry,
-            &policy,
-            &Grants::default(),
-            GroundingRequest {
-                mode: GroundingMode::Off,
-                request: "Read notes.txt",
-            },
-        );
-        assert!(off.is_empty());
+        assert!(ground(&workspace, &policy, GroundingMode::Off, "Read notes.txt").is_empty());
     }
 }

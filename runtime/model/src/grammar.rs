@@ -101,20 +101,12 @@ impl ArgumentValues {
             else {
                 continue;
             };
-            let (is_string, nullable) = match property.get("type") {
-                Some(Value::String(kind)) => (kind == "string", false),
-                Some(Value::Array(kinds)) => (
-                    kinds.iter().any(|k| k == "string"),
-                    kinds.iter().any(|k| k == "null"),
-                ),
-                _ => (false, false),
-            };
             if usable
-                && is_string
+                && declares_type(property.get("type"), "string")
                 && property.get("enum").is_none()
                 && property.get("const").is_none()
             {
-                *property = if nullable {
+                *property = if declares_type(property.get("type"), "null") {
                     let mut allowed: Vec<Value> = values.iter().cloned().map(Value::from).collect();
                     allowed.push(Value::Null);
                     json!({"type": ["string", "null"], "enum": allowed})
@@ -126,14 +118,10 @@ impl ArgumentValues {
     }
 }
 
-/// The JSON Schema of one tool call, over the given `(name, parameters)`.
-pub fn call_schema<'a>(tools: impl IntoIterator<Item = (&'a str, &'a Value)>) -> Value {
-    grounded_call_schema(tools, &ArgumentValues::none())
-}
-
-/// [`call_schema`], with string parameters narrowed to their grounded
-/// values (see [`ArgumentValues`]).
-pub fn grounded_call_schema<'a>(
+/// The JSON Schema of one tool call, over the given `(name, parameters)`,
+/// string parameters narrowed to their grounded values (see
+/// [`ArgumentValues`]).
+pub fn call_schema<'a>(
     tools: impl IntoIterator<Item = (&'a str, &'a Value)>,
     grounding: &ArgumentValues,
 ) -> Value {
@@ -171,14 +159,9 @@ fn shape_for_grammar(schema: &mut Value) {
     for annotation in ["$schema", "description", "title", "default", "examples"] {
         object.remove(annotation);
     }
-    let is_string = match object.get("type") {
-        Some(Value::String(kind)) => kind == "string",
-        // `["string", "null"]`: the converter keeps `maxLength` for the
-        // string branch.
-        Some(Value::Array(kinds)) => kinds.iter().any(|k| k == "string"),
-        _ => false,
-    };
-    if is_string
+    // `["string", "null"]` counts: the converter keeps `maxLength` for the
+    // string branch.
+    if declares_type(object.get("type"), "string")
         && !object.contains_key("enum")
         && !object.contains_key("const")
         && !object.contains_key("maxLength")
@@ -218,6 +201,15 @@ fn shape_for_grammar(schema: &mut Value) {
     }
 }
 
+/// Whether a schema's `type` (`declared`) is `kind`, or a list that holds it.
+fn declares_type(declared: Option<&Value>, kind: &str) -> bool {
+    match declared {
+        Some(Value::String(declared)) => declared == kind,
+        Some(Value::Array(declared)) => declared.iter().any(|k| k == kind),
+        _ => false,
+    }
+}
+
 /// Wraps the converted call grammar (whose start rule is `root`) in
 /// `<tool_call>` blocks: one or more calls, one block each.
 pub fn wrap_in_tool_call(converted: &str) -> String {
@@ -242,7 +234,10 @@ mod tests {
     fn the_union_keys_each_tool_on_a_const_name() {
         let read = json!({"type": "object", "properties": {"path": {"type": "string", "description": "x"}}, "required": ["path"], "$schema": "s"});
         let list = json!({"type": "object", "properties": {}});
-        let schema = call_schema([("read_file", &read), ("list_dir", &list)]);
+        let schema = call_schema(
+            [("read_file", &read), ("list_dir", &list)],
+            &ArgumentValues::none(),
+        );
         assert_eq!(
             schema["oneOf"][0]["properties"]["name"]["const"],
             "read_file"
@@ -294,7 +289,7 @@ mod tests {
             grounding.get("read_file", "path").map(<[String]>::len),
             Some(2)
         );
-        let schema = grounded_call_schema([("read_file", &read), ("list_dir", &other)], &grounding);
+        let schema = call_schema([("read_file", &read), ("list_dir", &other)], &grounding);
         let properties = &schema["oneOf"][0]["properties"]["arguments"]["properties"];
         assert_eq!(
             properties["path"],
@@ -313,8 +308,8 @@ mod tests {
         let untouched = &schema["oneOf"][1]["properties"]["arguments"]["properties"]["path"];
         assert_eq!(untouched["maxLength"], 2048);
         assert_eq!(
-            call_schema([("read_file", &read)])["properties"]["arguments"]["properties"]["path"]
-                ["maxLength"],
+            call_schema([("read_file", &read)], &ArgumentValues::none())["properties"]["arguments"]
+                ["properties"]["path"]["maxLength"],
             2048
         );
     }
@@ -336,7 +331,7 @@ mod tests {
             },
             "required": ["title", "description", "default"]
         });
-        let schema = call_schema([("get_movie", &movie)]);
+        let schema = call_schema([("get_movie", &movie)], &ArgumentValues::none());
         let arguments = &schema["properties"]["arguments"];
         assert!(arguments.get("title").is_none(), "{arguments}");
         let properties = &arguments["properties"];

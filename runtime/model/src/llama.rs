@@ -25,9 +25,7 @@ use super::backend::{offered_tools, prompt_tools, tool_name, CallPath};
 pub use super::backend::{Counters, Generation, ModelError, Routing, SamplingOptions, StopReason};
 use super::batch::{Engine, Lease, Want, PROMPT_CHUNK};
 use super::formats::ToolFormat;
-use super::grammar::{
-    grounded_call_schema, wrap_in_tool_call, ArgumentValues, ToolChoice, TOOL_CALL_OPEN,
-};
+use super::grammar::{call_schema, wrap_in_tool_call, ArgumentValues, ToolChoice, TOOL_CALL_OPEN};
 use super::template::PromptRenderer;
 use super::toolcall::{parse_tool_calls_for, ParsedTurn};
 use stack_types::message::{Message, Role};
@@ -803,28 +801,9 @@ impl ModelSession {
         if let [only] = names.as_slice() {
             return Ok((Some(only.to_string()), spent));
         }
-        let scores = self.name_scores(prompt, &names, &mut spent)?;
-        let mut best: Option<(f64, &str)> = None;
-        for (name, score) in names.iter().zip(scores) {
-            tracing::debug!(name, score, "routing step: name score");
-            if best.is_none_or(|(top, _)| score > top) {
-                best = Some((score, name));
-            }
-        }
-        Ok((best.map(|(_, name)| name.to_string()), spent))
-    }
-
-    /// The log-likelihood of a call to each of `names`, opened after
-    /// `prompt` the way the prompt shows calls.
-    fn name_scores(
-        &mut self,
-        prompt: &str,
-        names: &[&str],
-        spent: &mut Generation,
-    ) -> Result<Vec<f64>, ModelError> {
         let opening = format!("{prompt}{TOOL_CALL_OPEN}\n{{\"name\": \"");
         let shared = self.model.tokenize(&opening);
-        let mut scores = Vec::with_capacity(names.len());
+        let mut best: Option<(f64, &str)> = None;
         for name in names {
             let tokens = self.model.tokenize(&format!("{opening}{name}\""));
             let from = tokens
@@ -834,9 +813,12 @@ impl ModelSession {
                 .count();
             let (score, counters) = self.score_continuation(&tokens, from)?;
             spent.counters.add(counters);
-            scores.push(score);
+            tracing::debug!(name, score, "routing step: name log-likelihood");
+            if best.is_none_or(|(top, _)| score > top) {
+                best = Some((score, name));
+            }
         }
-        Ok(scores)
+        Ok((best.map(|(_, name)| name.to_string()), spent))
     }
 
     /// The log-probability the model gives `tokens[from..]` after
@@ -1219,7 +1201,7 @@ pub fn tool_grammar(tools: &[Value], grounding: &ArgumentValues) -> Result<Strin
             ))
         })
         .collect();
-    let schema = grounded_call_schema(pairs, grounding);
+    let schema = call_schema(pairs, grounding);
     let converted = llama_cpp_2::json_schema_to_grammar(&schema.to_string())
         .map_err(|e| ModelError::Grammar(e.to_string()))?;
     Ok(wrap_in_tool_call(&converted))
