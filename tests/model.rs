@@ -9,7 +9,9 @@ use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 use stack_runtime::message::Message;
-use stack_runtime::model::llama::{Model, ModelError, ModelOptions, SamplingOptions, StopReason};
+use stack_runtime::model::llama::{
+    Model, ModelError, ModelOptions, Routing, SamplingOptions, StopReason,
+};
 use stack_runtime::model::{PromptRenderer, ToolChoice};
 use stack_runtime::tools::Registry;
 
@@ -400,6 +402,108 @@ fn a_named_step_and_an_open_step_share_the_prompt_prefix() {
     );
 }
 
+/// #15: under constrained routing the default model calls where a tool
+/// fits, the tool that fits, and answers without a call where none does
+/// (a small model's own yes/no said yes to everything); the routing
+/// step's prompts run beside the conversation, whose KV cache stays.
+#[test]
+fn constrained_routing_calls_where_a_tool_fits_and_keeps_the_cache() {
+    let model = model();
+    let mut tools = one_tool(
+        "calculate_triangle_area",
+        "Calculate the area of a triangle given its base and height.",
+        serde_json::json!({
+            "type": "object",
+            "properties": {"base": {"type": "integer"}, "height": {"type": "integer"}},
+            "required": ["base", "height"]
+        }),
+    );
+    tools.extend(one_tool(
+        "get_weather",
+        "Get the current weather for a city.",
+        serde_json::json!({
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"]
+        }),
+    ));
+    let routed = SamplingOptions {
+        routing: Routing::Constrained,
+        ..greedy(48)
+    };
+    let mut session = model.session().expect("session");
+    for (prompt, expected) in [
+        (
+            "Find the area of a triangle with a base of 10 units and height of 5 units.",
+            Some("calculate_triangle_area"),
+        ),
+        ("Get the weather for Berlin.", Some("get_weather")),
+        ("What is the common ancestor of lion and zebra?", None),
+        ("Can you recommend a good movie to watch?", None),
+    ] {
+        session.clear_cache();
+        let generation = session
+            .complete(
+                &[Message::user(prompt)],
+                &tools,
+                &ToolChoice::Auto,
+                &routed,
+                None,
+                &mut |_| true,
+                &mut ids(),
+            )
+            .unwrap_or_else(|err| panic!("{prompt}: {err}"));
+        let called: Vec<&str> = generation
+            .turn
+            .tool_calls
+            .iter()
+            .map(|call| call.function.name.as_str())
+            .collect();
+        assert_eq!(
+            called,
+            Vec::from_iter(expected),
+            "{prompt}: {:?}",
+            generation.text
+        );
+    }
+    // The routing step keeps the conversation's cache: a routed turn after
+    // a named one reuses the named turn's whole prompt.
+    session.clear_cache();
+    let mut conversation = vec![Message::user("What's the weather like in Paris right now?")];
+    let named = session
+        .complete(
+            &conversation,
+            &tools,
+            &ToolChoice::Named("get_weather".into()),
+            &routed,
+            None,
+            &mut |_| true,
+            &mut ids(),
+        )
+        .expect("named turn");
+    conversation.push(Message::assistant(named.text.clone()));
+    conversation.push(Message::user(
+        "And the area of a triangle with base 3 and height 4?",
+    ));
+    let routed_turn = session
+        .complete(
+            &conversation,
+            &tools,
+            &ToolChoice::Auto,
+            &routed,
+            None,
+            &mut |_| true,
+            &mut ids(),
+        )
+        .expect("routed turn");
+    assert!(
+        routed_turn.counters.prompt_reused >= named.counters.prompt_evaluated,
+        "the routed turn reused {} tokens; the named turn's prompt alone was {}",
+        routed_turn.counters.prompt_reused,
+        named.counters.prompt_evaluated
+    );
+}
+
 /// A BFCL-style tool, as OpenAI tool objects.
 fn one_tool(name: &str, description: &str, parameters: Value) -> Vec<Value> {
     vec![serde_json::json!({
@@ -444,7 +548,11 @@ fn a_tool_call_opened_inside_prose_never_kills_the_session() {
                 &conversation,
                 &tools,
                 &ToolChoice::Auto,
-                &greedy(128),
+                // The model's own decision: the lazy trigger inside prose.
+                &SamplingOptions {
+                    routing: Routing::Free,
+                    ..greedy(128)
+                },
                 None,
                 &mut |_| true,
                 &mut ids(),

@@ -49,8 +49,12 @@ fn wait_for_count(session: &str, needle: &str, count: usize, timeout: Duration) 
     }
 }
 
+/// The REPL's tests generate; no two run llama.cpp at once.
+static GENERATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn the_repl_runs_a_turn_with_an_approval_and_exits() {
+    let _one_at_a_time = GENERATING.lock().unwrap_or_else(|e| e.into_inner());
     let home = tempfile::tempdir().expect("tempdir");
     let workspace = tempfile::tempdir().expect("tempdir");
     let assets = stack_runtime::assets::asset_dir().expect("asset folder");
@@ -197,6 +201,125 @@ fn the_repl_runs_a_turn_with_an_approval_and_exits() {
     );
     drop(cleanup);
 }
+
+/// #15, as a new user tries it: the REPL on the default model, with no
+/// flags but a fixed seed and temperature 0, answers "What is in
+/// notes.txt? Read it." by reading the file and quoting it, and each
+/// other prompt below by calling its tool, which runs.
+#[test]
+fn the_default_model_reads_a_file_it_is_asked_about_in_the_repl() {
+    let _one_at_a_time = GENERATING.lock().unwrap_or_else(|e| e.into_inner());
+    let home = tempfile::tempdir().expect("tempdir");
+    let workspace = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        workspace.path().join("notes.txt"),
+        "The meeting moved to Thursday at 3pm in room 42.\n",
+    )
+    .expect("notes");
+    std::fs::create_dir(workspace.path().join("src")).expect("src");
+    std::fs::write(workspace.path().join("src/main.py"), "print('hi')\n").expect("main.py");
+    // Transcripts are already decided, so the REPL asks nothing first.
+    let config = home.path().join(".config/stack-runtime");
+    std::fs::create_dir_all(&config).expect("config folder");
+    std::fs::write(config.join("config.toml"), "keep_transcripts = false\n").expect("config");
+    let assets = stack_runtime::assets::asset_dir().expect("asset folder");
+    let session = format!("stack-repl-read-{}", std::process::id());
+    let command = format!(
+        "cd {} && HOME={} STACK_RUNTIME_ASSETS={} NO_COLOR=1 {} --temperature 0; echo REPL-EXITED; sleep 30",
+        workspace.path().display(),
+        home.path().display(),
+        assets.display(),
+        env!("CARGO_BIN_EXE_agent"),
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "220",
+        "-y",
+        "50",
+        &command,
+    ]);
+    let cleanup = scopeguard(session.clone());
+    wait_for(&session, "type /help", Duration::from_secs(60));
+    tmux(&[
+        "send-keys",
+        "-t",
+        &session,
+        "What is in notes.txt? Read it.",
+        "Enter",
+    ]);
+    let read = wait_for(&session, "step(s)", Duration::from_secs(120));
+    assert!(read.contains("⚙ read_file"), "{read}");
+    assert!(read.contains("→ ok read_file"), "{read}");
+    // The answer after the call quotes the file.
+    let answer = &read[read.rfind("→ ok read_file").unwrap_or(0)..];
+    assert!(
+        answer.matches("Thursday").count() >= 2,
+        "the result and the answer: {read}"
+    );
+    let mut approvals = 0;
+    for (turn, (prompt, tool, asks)) in OTHER_TOOLS.iter().enumerate() {
+        tmux(&["send-keys", "-t", &session, "/reset", "Enter"]);
+        // Keys typed before the prompt is back can be flushed with the
+        // terminal mode: wait for it.
+        wait_for_count(
+            &session,
+            "conversation cleared",
+            turn + 1,
+            Duration::from_secs(10),
+        );
+        tmux(&["send-keys", "-t", &session, prompt, "Enter"]);
+        if *asks {
+            // The default policy asks before writes and code.
+            approvals += 1;
+            wait_for_count(
+                &session,
+                "[y]es / [n]o / [a]lways",
+                approvals,
+                Duration::from_secs(120),
+            );
+            tmux(&["send-keys", "-t", &session, "y", "Enter"]);
+        }
+        let screen = wait_for_count(&session, "step(s)", turn + 2, Duration::from_secs(120));
+        let this_turn = &screen[screen.rfind(prompt).unwrap_or(0)..];
+        // The tool was called and ran (whether the small model's
+        // arguments do what was asked is the eval's to measure).
+        assert!(
+            this_turn.contains(&format!("⚙ {tool}"))
+                && (this_turn.contains(&format!("→ ok {tool}"))
+                    || this_turn.contains(&format!("→ failed {tool}"))),
+            "{prompt}: {this_turn}"
+        );
+    }
+    tmux(&["send-keys", "-t", &session, "/exit", "Enter"]);
+    wait_for(&session, "REPL-EXITED", Duration::from_secs(10));
+    drop(cleanup);
+}
+
+/// A prompt for each other built-in tool that the default model, under the
+/// default routing, calls its tool for (and whether the default policy
+/// asks first).
+const OTHER_TOOLS: &[(&str, &str, bool)] = &[
+    ("What files are in this folder?", "list_dir", false),
+    (
+        "Search for the word password in the config files.",
+        "search_files",
+        false,
+    ),
+    (
+        "Save the text 'hello world' to greeting.txt",
+        "write_file",
+        true,
+    ),
+    (
+        "Run Python code that prints 'stack' in upper case.",
+        "execute_code",
+        true,
+    ),
+];
 
 struct Guard(String);
 

@@ -112,18 +112,30 @@ pub struct SamplingOptions {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Routing {
+    /// `Constrained` for an in-process model of fewer than
+    /// [`SMALL_MODEL_PARAMETERS`] parameters, which seldom decides to call
+    /// on its own (SmolLM2-135M: no call in 30 BFCL prompts that need
+    /// one) and whose routing step is cheap; `Free` for a larger one,
+    /// which decides well and whose routing step would cost seconds.
+    #[default]
+    Auto,
     /// The model writes a call when it chooses to (the lazy grammar makes
     /// it valid once started).
-    #[default]
     Free,
-    /// A constrained step decides first, on a user's message: for each
-    /// tool, the model is asked whether that tool should be used, and the
-    /// logits of `yes` and `no` score it. The best tool with `yes` ahead
-    /// is called, its arguments generated under its schema; when `no`
-    /// leads for every tool, the step goes on as under `Free`. In process
-    /// only; a served model decides as under `Free`.
+    /// A constrained step decides first, on a user's message. Whether a
+    /// tool fits: for each tool, how much likelier the model finds the
+    /// message after a system message that tells of that tool than after
+    /// one that tells of none (a noisy-channel score, in nats); with less
+    /// than `ROUTING_EVIDENCE_NATS` for every tool, the step goes on as
+    /// under `Free`. Which: the tool whose name the model finds likeliest
+    /// to open a call; its arguments are generated under its schema. In
+    /// process only; a served model decides as under `Free`.
     Constrained,
 }
+
+/// Below this many parameters an in-process model routes under
+/// [`Routing::Auto`] as under [`Routing::Constrained`].
+pub const SMALL_MODEL_PARAMETERS: u64 = 1_000_000_000;
 
 impl Default for SamplingOptions {
     fn default() -> Self {
@@ -135,7 +147,7 @@ impl Default for SamplingOptions {
             repeat_penalty: 1.1,
             seed: 42,
             max_tokens: 512,
-            routing: Routing::Free,
+            routing: Routing::Auto,
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod grammar;
 pub mod llama;
 #[cfg(feature = "remote")]
 pub mod remote;
+pub mod routing;
 pub mod template;
 pub mod toolcall;
 #[cfg(feature = "llama")]
@@ -22,10 +23,11 @@ mod worker;
 
 pub use backend::{
     BackendInfo, BackendSession, CallPath, Capabilities, CompletionRequest, Counters, Generation,
-    ModelBackend, ModelError, Routing, SamplingOptions, StopReason,
+    ModelBackend, ModelError, Routing, SamplingOptions, StopReason, SMALL_MODEL_PARAMETERS,
 };
 pub use formats::ToolFormat;
 pub use grammar::{ArgumentValues, ToolChoice};
+pub use routing::{RoutingScores, ROUTING_EVIDENCE_NATS};
 pub use template::{ChatTemplate, PromptRenderer, TemplateError};
 pub use toolcall::{parse_tool_calls, parse_tool_calls_for, ParsedTurn};
 

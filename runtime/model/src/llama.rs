@@ -22,10 +22,13 @@ use llama_cpp_2::token::LlamaToken;
 use serde_json::Value;
 
 use super::backend::{offered_tools, prompt_tools, tool_name, CallPath};
-pub use super::backend::{Counters, Generation, ModelError, Routing, SamplingOptions, StopReason};
+pub use super::backend::{
+    Counters, Generation, ModelError, Routing, SamplingOptions, StopReason, SMALL_MODEL_PARAMETERS,
+};
 use super::batch::{Engine, Lease, Want, PROMPT_CHUNK};
 use super::formats::ToolFormat;
 use super::grammar::{call_schema, wrap_in_tool_call, ArgumentValues, ToolChoice, TOOL_CALL_OPEN};
+use super::routing::{clip, describe_tool, name_words_in, RoutingScores, MAX_EVIDENCE_CHARS};
 use super::template::PromptRenderer;
 use super::toolcall::{parse_tool_calls_for, ParsedTurn};
 use stack_types::message::{Message, Role};
@@ -337,7 +340,16 @@ impl Model {
                 owner: OWNERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             }
         } else {
-            Kv::Own(self.new_context(self.context_size, 1)?)
+            // A small model routes under `Routing::Auto`, so it gets a
+            // sequence aside; a larger one scores in its conversation's
+            // sequence when asked to route (and then evaluates its
+            // prompt afresh), rather than hold cells it seldom uses.
+            let small = self.info.parameters < SMALL_MODEL_PARAMETERS;
+            Kv::Own {
+                ctx: self.new_own_context(small)?,
+                size: self.context_size,
+                aside: small.then(Vec::new),
+            }
         };
         Ok(ModelSession {
             kv,
@@ -349,26 +361,22 @@ impl Model {
         })
     }
 
-    /// A context of `sequences` × `size` tokens on this model.
-    fn new_context(&self, size: u32, sequences: u32) -> Result<LlamaContext<'static>, ModelError> {
-        let mut params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(size.saturating_mul(sequences)))
+    /// Context parameters for `cells` KV cells shared by `sequences`.
+    fn context_params(&self, cells: u32, sequences: u32) -> LlamaContextParams {
+        LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(cells))
             .with_n_batch(self.batch_size.max(sequences * PROMPT_CHUNK as u32))
             .with_n_seq_max(sequences)
-            .with_kv_unified(sequences > 1 && size.saturating_mul(sequences) <= UNIFIED_KV_CELLS);
-        let threads = self.threads.unwrap_or_else(|| {
-            if sequences > 1 {
-                // The shared context lives as long as the model and serves
-                // every session: how busy the machine is the moment it
-                // opens says little, so it takes the CPUs the process may
-                // use (a session's own context samples the load instead).
-                std::thread::available_parallelism()
-                    .map_or(1, |n| i32::try_from(n.get()).unwrap_or(i32::MAX))
-            } else {
-                automatic_threads()
-            }
-        });
-        params = params.with_n_threads(threads).with_n_threads_batch(threads);
+    }
+
+    /// Opens a context with `params`, on `threads` unless `--threads` says.
+    fn open_context(
+        &self,
+        params: LlamaContextParams,
+        threads: i32,
+    ) -> Result<LlamaContext<'static>, ModelError> {
+        let threads = self.threads.unwrap_or(threads);
+        let params = params.with_n_threads(threads).with_n_threads_batch(threads);
         // SAFETY: the context borrows the model, which stays at its
         // address (in its `Arc`) for as long as any `Arc` of it lives. A
         // session holding a context also holds an `Arc` of this `Model`
@@ -381,8 +389,33 @@ impl Model {
             .map_err(|e| ModelError::Backend(e.to_string()))
     }
 
+    /// A session's context of its own: the conversation's `context_size`
+    /// cells in sequence 0 and, `with_aside`, [`ASIDE_CELLS`] more in one
+    /// unified pool, for the routing step's prompts in sequence
+    /// [`ASIDE_SEQ`].
+    fn new_own_context(&self, with_aside: bool) -> Result<LlamaContext<'static>, ModelError> {
+        let params = if with_aside {
+            self.context_params(self.context_size.saturating_add(ASIDE_CELLS), 2)
+                .with_kv_unified(true)
+        } else {
+            self.context_params(self.context_size, 1)
+        };
+        self.open_context(params, automatic_threads())
+    }
+
+    /// The shared context of `parallel` slots of `context_size` cells.
     fn start_engine(&self) -> Result<Arc<Engine>, ModelError> {
-        let ctx = self.new_context(self.context_size, self.parallel)?;
+        let cells = self.context_size.saturating_mul(self.parallel);
+        let params = self
+            .context_params(cells, self.parallel)
+            .with_kv_unified(self.parallel > 1 && cells <= UNIFIED_KV_CELLS);
+        // The shared context lives as long as the model and serves every
+        // session: how busy the machine is the moment it opens says
+        // little, so it takes the CPUs the process may use (a session's
+        // own context samples the load instead).
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| i32::try_from(n.get()).unwrap_or(i32::MAX));
+        let ctx = self.open_context(params, threads)?;
         let keep_alive: Arc<dyn std::any::Any + Send + Sync> = Arc::clone(&self.model) as _;
         Engine::start(ctx, self.parallel, self.context_size, keep_alive)
     }
@@ -402,6 +435,32 @@ impl Model {
 /// `agent serve` load test: 1.5x slower). Either way the engine bounds each
 /// slot to its size.
 const UNIFIED_KV_CELLS: u32 = 8192;
+
+/// The sequence of a session's own context that the routing step's
+/// prompts use, so the conversation's KV cache in sequence 0 stays.
+const ASIDE_SEQ: i32 = 1;
+
+/// KV cells a session's own context holds beyond its conversation's size,
+/// for the routing step's prompts (their text is bounded by
+/// [`MAX_EVIDENCE_CHARS`]; a prompt over this many tokens fails the step,
+/// and the model decides as under `Routing::Free`).
+const ASIDE_CELLS: u32 = 512;
+
+/// How many leading items `a` and `b` share.
+fn common_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// The log-probability of `token` under `logits`.
+fn log_softmax(logits: &[f32], token: LlamaToken) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|l| f64::from(l - max).exp()).sum();
+    let logit = usize::try_from(token.0)
+        .ok()
+        .and_then(|i| logits.get(i).copied())
+        .unwrap_or(f32::NEG_INFINITY);
+    f64::from(logit - max) - sum.ln()
+}
 
 /// The template used when a GGUF carries none.
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
@@ -439,8 +498,15 @@ pub struct ModelSession {
 
 /// Where a session's KV cache lives.
 enum Kv {
-    /// A context of its own (sequence 0).
-    Own(LlamaContext<'static>),
+    /// A context of its own: the conversation in sequence 0, bounded to
+    /// `size` tokens, and, where `aside` is some, the routing step's
+    /// prompts in [`ASIDE_SEQ`] (`aside` holds the tokens that sequence
+    /// holds).
+    Own {
+        ctx: LlamaContext<'static>,
+        size: u32,
+        aside: Option<Vec<LlamaToken>>,
+    },
     /// A slot of the model's shared context, lent per generation.
     Shared {
         engine: Arc<Engine>,
@@ -488,7 +554,7 @@ impl ModelSession {
     /// session reuses it on its next turn.
     pub fn save_state(&mut self, path: &StateFile) -> Result<(), ModelError> {
         match &self.kv {
-            Kv::Own(ctx) => path
+            Kv::Own { ctx, .. } => path
                 .save_with(|named| ctx.state_save_file(named, &self.cached).map(|_| ()))
                 .map_err(|e| ModelError::Backend(format!("saving the session state: {e}"))),
             Kv::Shared { engine, owner, .. } => {
@@ -507,8 +573,13 @@ impl ModelSession {
     /// Restores a KV cache saved by [`save_state`](Self::save_state);
     /// returns how many tokens it holds.
     pub fn load_state(&mut self, path: &StateFile) -> Result<usize, ModelError> {
-        let ctx = match &mut self.kv {
-            Kv::Own(ctx) => ctx,
+        let (ctx, capacity) = match &mut self.kv {
+            Kv::Own { ctx, size, aside } => {
+                if let Some(aside) = aside {
+                    aside.clear();
+                }
+                (ctx, *size as usize)
+            }
             Kv::Shared { engine, owner, .. } => {
                 let engine = Arc::clone(engine);
                 let mut lease = engine.acquire(*owner);
@@ -518,7 +589,6 @@ impl ModelSession {
                 return loaded.map(|tokens| tokens.len());
             }
         };
-        let capacity = ctx.n_ctx() as usize;
         match path.load_with(|named| ctx.state_load_file(named, capacity)) {
             Ok(tokens) => {
                 self.cached = tokens;
@@ -536,7 +606,12 @@ impl ModelSession {
     /// Forgets the KV cache (the next turn evaluates its whole prompt).
     pub fn clear_cache(&mut self) {
         match &mut self.kv {
-            Kv::Own(ctx) => ctx.clear_kv_cache(),
+            Kv::Own { ctx, aside, .. } => {
+                ctx.clear_kv_cache();
+                if let Some(aside) = aside {
+                    aside.clear();
+                }
+            }
             Kv::Shared {
                 engine,
                 lease,
@@ -554,7 +629,7 @@ impl ModelSession {
     /// The context size this session's conversation must fit in.
     fn n_ctx(&self) -> u32 {
         match &self.kv {
-            Kv::Own(ctx) => ctx.n_ctx(),
+            Kv::Own { size, .. } => *size,
             Kv::Shared { engine, .. } => engine.slot_size(),
         }
     }
@@ -600,7 +675,7 @@ impl ModelSession {
     fn eval(&mut self, tokens: &[LlamaToken], want: Want) -> Result<Vec<Vec<f32>>, ModelError> {
         let start = self.cached.len();
         let rows = match &mut self.kv {
-            Kv::Own(ctx) => {
+            Kv::Own { ctx, .. } => {
                 let mut batch = LlamaBatch::new(tokens.len().max(1), 1);
                 for (i, token) in tokens.iter().enumerate() {
                     let logits = match want {
@@ -642,7 +717,7 @@ impl ModelSession {
     /// Keeps the first `keep` cached tokens and drops the rest.
     fn truncate_cache(&mut self, keep: usize) {
         let removed = match &mut self.kv {
-            Kv::Own(ctx) => ctx.kv_cache_seq_rm(0, Some(keep as u32), None).is_ok(),
+            Kv::Own { ctx, .. } => ctx.kv_cache_seq_rm(0, Some(keep as u32), None).is_ok(),
             Kv::Shared {
                 engine,
                 lease: Some(lease),
@@ -706,14 +781,14 @@ impl ModelSession {
         let routed;
         let tool_choice = match tool_choice {
             ToolChoice::Auto
-                if sampling.routing == Routing::Constrained
+                if self.constrains(sampling.routing)
                     && !offered.is_empty()
                     && messages.last().is_some_and(|m| m.role == Role::User) =>
             {
                 // A template that refuses the routing questions (strict
                 // role alternation), or a prompt they would overflow,
                 // leaves the step to the model, as under `Free`.
-                let (choice, generation) = match self.route(messages, &prompt, rendered, &offered) {
+                let (choice, generation) = match self.route(messages, &prompt, &offered) {
                     Ok(routed) => routed,
                     Err(err) => {
                         tracing::warn!(%err, "the routing step failed; the model decides freely");
@@ -773,52 +848,221 @@ impl ModelSession {
         Ok(generation)
     }
 
-    /// The constrained routing step (see [`Routing::Constrained`]). First
-    /// the user asks whether one of the tools can do what was asked; the
-    /// logits of `yes` and `no` decide. Then each tool is scored by how
-    /// likely the model finds a call to it, opened the way the prompt
-    /// shows calls (`<tool_call>` then `{"name": "NAME"`): the sum of the
-    /// name's token log-probabilities. The prompts share the conversation
-    /// with each other and with the step that follows, so each evaluates
-    /// only what is its own.
+    /// Whether `routing` takes the constrained step with this model.
+    fn constrains(&self, routing: Routing) -> bool {
+        match routing {
+            Routing::Constrained => true,
+            Routing::Free => false,
+            Routing::Auto => self.model.info.parameters < SMALL_MODEL_PARAMETERS,
+        }
+    }
+
+    /// The constrained routing step (see [`Routing::Constrained`]).
+    ///
+    /// First, whether any tool fits: for each tool, how much likelier the
+    /// model finds the user's message after a system message that tells
+    /// of that tool than after one that tells of none ([`tool_evidence`]).
+    /// Where no tool has [`ROUTING_EVIDENCE_NATS`], no tool is named.
+    /// Then which: each tool is also scored by how likely the model finds
+    /// a call to it, opened the way the prompt shows calls (`<tool_call>`
+    /// then `{"name": "NAME"`), and by the words of its name the message
+    /// holds; [`RoutingScores::choice`] adds the three. The name prompts
+    /// share the conversation with each other and with the step that
+    /// follows, so each evaluates only what is its own; the evidence
+    /// prompts run aside (see [`ASIDE_SEQ`]).
+    ///
+    /// [`ROUTING_EVIDENCE_NATS`]: crate::routing::ROUTING_EVIDENCE_NATS
+    ///
+    /// [`tool_evidence`]: Self::tool_evidence
     fn route(
         &mut self,
         messages: &[Message],
         prompt: &str,
-        listed: &[Value],
         offered: &[Value],
     ) -> Result<(Option<String>, Generation), ModelError> {
-        let mut asked = messages.to_vec();
-        asked.push(Message::user(
-            "Can one of the tools do what I asked? Answer yes or no.",
-        ));
-        let (margin, mut spent) = self.yes_margin(&asked, listed)?;
-        tracing::debug!(margin, "routing step: yes over no");
+        let started = Instant::now();
+        let query = messages.last().map(Message::text).unwrap_or_default();
+        let evidence = self.tool_evidence(&query, offered);
+        self.clear_aside();
+        let (evidence, counters) = evidence?;
+        let mut spent = Generation {
+            counters,
+            ..Generation::empty()
+        };
         let names: Vec<&str> = offered.iter().filter_map(tool_name).collect();
-        if margin <= 0.0 || names.is_empty() {
-            return Ok((None, spent));
+        let mut scores = RoutingScores {
+            evidence,
+            ..RoutingScores::default()
+        };
+        let choice = if !scores.some_tool_fits() || names.is_empty() {
+            None
+        } else if let [only] = names.as_slice() {
+            Some(only.to_string())
+        } else {
+            let opening = format!("{prompt}{TOOL_CALL_OPEN}\n{{\"name\": \"");
+            let shared = self.model.tokenize(&opening);
+            for name in &names {
+                let tokens = self.model.tokenize(&format!("{opening}{name}\""));
+                let from = common_prefix(&tokens, &shared);
+                let (score, counters) = self.score_continuation(&tokens, from)?;
+                spent.counters.add(counters);
+                scores.name.push(score);
+            }
+            scores.words = name_words_in(&query, &names);
+            scores
+                .choice()
+                .and_then(|i| names.get(i))
+                .map(|name| name.to_string())
+        };
+        tracing::debug!(?scores, ?choice, "routing step");
+        spent.prompt_ms = started.elapsed().as_secs_f64() * 1000.0;
+        Ok((choice, spent))
+    }
+
+    /// For each of `offered`, in nats, how much the model's log-likelihood
+    /// of the user's message `query` rises when a system message tells of
+    /// that tool, over a system message that tells of none: a
+    /// noisy-channel score, the log Bayes factor of "this request is for
+    /// this tool". It asks how well the tool explains the request, not
+    /// whether the model would like to call it, which a small model says
+    /// yes to whatever is asked. The message and each description are
+    /// clipped to [`MAX_EVIDENCE_CHARS`].
+    fn tool_evidence(
+        &mut self,
+        query: &str,
+        offered: &[Value],
+    ) -> Result<(Vec<f64>, Counters), ModelError> {
+        let query = clip(query.trim(), MAX_EVIDENCE_CHARS);
+        let mut counters = Counters::default();
+        let (tokens, from) = self.evidence_prompt(None, query)?;
+        let (neutral, spent) = self.score_aside(&tokens, from)?;
+        counters.add(spent);
+        let mut evidence = Vec::with_capacity(offered.len());
+        for tool in offered {
+            let (tokens, from) = self.evidence_prompt(Some(tool), query)?;
+            let (score, spent) = self.score_aside(&tokens, from)?;
+            counters.add(spent);
+            evidence.push(score - neutral);
         }
-        if let [only] = names.as_slice() {
-            return Ok((Some(only.to_string()), spent));
+        Ok((evidence, counters))
+    }
+
+    /// The routing step's prompt: a system message that tells of `tool`
+    /// (or a neutral one), then `query` as the user's message, rendered
+    /// with the model's template. Returns its tokens and where the user's
+    /// words start in them.
+    fn evidence_prompt(
+        &self,
+        tool: Option<&Value>,
+        query: &str,
+    ) -> Result<(Vec<LlamaToken>, usize), ModelError> {
+        let system = match tool {
+            Some(tool) => format!("You can call this tool:\n{}\n", describe_tool(tool)),
+            None => "You are a helpful assistant.".to_string(),
+        };
+        let rendered = self
+            .model
+            .renderer
+            .render(&[Message::system(system), Message::user(query)], &[])?;
+        let at = rendered.rfind(query).ok_or_else(|| {
+            ModelError::Backend(
+                "the routing step: the chat template does not show the message as written".into(),
+            )
+        })?;
+        // The user's words and what closes their turn on that line.
+        let after = at + query.len();
+        let end = rendered[after..]
+            .find('\n')
+            .map_or(rendered.len(), |i| after + i);
+        let head = self.model.tokenize(&rendered[..at]);
+        let tokens = self.model.tokenize(&rendered[..end]);
+        let from = common_prefix(&tokens, &head);
+        Ok((tokens, from))
+    }
+
+    /// The log-probability the model gives `tokens[from..]` after
+    /// `tokens[..from]`, evaluated aside from the conversation: in
+    /// [`ASIDE_SEQ`] of a context of its own, reusing the prefix that
+    /// sequence holds. On a shared context's slot there is no sequence
+    /// aside, nor in a large model's context (see `Model::session`); the
+    /// conversation's own sequence is used, and the next step evaluates
+    /// its prompt afresh.
+    fn score_aside(
+        &mut self,
+        tokens: &[LlamaToken],
+        from: usize,
+    ) -> Result<(f64, Counters), ModelError> {
+        let batch_size = self.chunk_size();
+        let Kv::Own {
+            ctx,
+            aside: Some(aside),
+            ..
+        } = &mut self.kv
+        else {
+            return self.score_continuation(tokens, from);
+        };
+        if tokens.len() > ASIDE_CELLS as usize {
+            return Err(ModelError::ContextFull {
+                needed: tokens.len(),
+                context: ASIDE_CELLS,
+            });
         }
-        let opening = format!("{prompt}{TOOL_CALL_OPEN}\n{{\"name\": \"");
-        let shared = self.model.tokenize(&opening);
-        let mut best: Option<(f64, &str)> = None;
-        for name in names {
-            let tokens = self.model.tokenize(&format!("{opening}{name}\""));
-            let from = tokens
-                .iter()
-                .zip(&shared)
-                .take_while(|(a, b)| a == b)
-                .count();
-            let (score, counters) = self.score_continuation(&tokens, from)?;
-            spent.counters.add(counters);
-            tracing::debug!(name, score, "routing step: name log-likelihood");
-            if best.is_none_or(|(top, _)| score > top) {
-                best = Some((score, name));
+        let from = from.clamp(1, tokens.len().max(1));
+        // The token before the first scored one is evaluated now, for its logits.
+        let mut keep = common_prefix(aside, tokens).min(from - 1);
+        if ctx
+            .kv_cache_seq_rm(ASIDE_SEQ, Some(keep as u32), None)
+            .is_err()
+        {
+            let _ = ctx.kv_cache_seq_rm(ASIDE_SEQ, None, None);
+            keep = 0;
+        }
+        aside.truncate(keep);
+        let mut score = 0.0;
+        // The last token is scored, never evaluated.
+        let fresh = &tokens[keep..tokens.len().saturating_sub(1).max(keep)];
+        for (chunk_index, chunk) in fresh.chunks(batch_size).enumerate() {
+            let first = keep + chunk_index * batch_size;
+            let mut batch = LlamaBatch::new(chunk.len(), 1);
+            for (i, token) in chunk.iter().enumerate() {
+                let position = first + i;
+                batch
+                    .add(*token, position as i32, &[ASIDE_SEQ], position + 1 >= from)
+                    .map_err(|e| ModelError::Decode(e.to_string()))?;
+            }
+            if let Err(err) = ctx.decode(&mut batch) {
+                let _ = ctx.kv_cache_seq_rm(ASIDE_SEQ, Some(first as u32), None);
+                return Err(ModelError::Decode(err.to_string()));
+            }
+            aside.extend_from_slice(chunk);
+            for (i, next) in tokens[first + 1..].iter().take(chunk.len()).enumerate() {
+                if first + i + 1 >= from {
+                    score += log_softmax(ctx.get_logits_ith(i as i32), *next);
+                }
             }
         }
-        Ok((best.map(|(_, name)| name.to_string()), spent))
+        let counters = Counters {
+            prompt_evaluated: fresh.len() as u64,
+            prompt_reused: keep as u64,
+            generated: 0,
+        };
+        self.totals.add(counters);
+        Ok((score, counters))
+    }
+
+    /// Empties the sequence aside (see [`score_aside`](Self::score_aside)).
+    fn clear_aside(&mut self) {
+        if let Kv::Own {
+            ctx,
+            aside: Some(aside),
+            ..
+        } = &mut self.kv
+        {
+            if !aside.is_empty() {
+                let _ = ctx.kv_cache_seq_rm(ASIDE_SEQ, None, None);
+                aside.clear();
+            }
+        }
     }
 
     /// The log-probability the model gives `tokens[from..]` after
@@ -837,15 +1081,6 @@ impl ModelSession {
         }
         let counters = self.prefill(&tokens[..from])?;
         self.totals.add(counters);
-        let log_softmax = |logits: &[f32], token: LlamaToken| -> f64 {
-            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = logits.iter().map(|l| f64::from(l - max).exp()).sum();
-            let logit = usize::try_from(token.0)
-                .ok()
-                .and_then(|i| logits.get(i).copied())
-                .unwrap_or(f32::NEG_INFINITY);
-            f64::from(logit - max) - sum.ln()
-        };
         let rest = &tokens[from..];
         let Some((first, _)) = rest.split_first() else {
             return Ok((0.0, counters));
@@ -870,50 +1105,6 @@ impl ModelSession {
             Counters {
                 prompt_evaluated: counters.prompt_evaluated + evaluated.prompt_evaluated,
                 ..counters
-            },
-        ))
-    }
-
-    /// Renders `messages` and returns how much likelier the model finds
-    /// `yes` than `no` as its answer: the difference of their first
-    /// tokens' logits.
-    fn yes_margin(
-        &mut self,
-        messages: &[Message],
-        listed: &[Value],
-    ) -> Result<(f32, Generation), ModelError> {
-        let started = Instant::now();
-        let prompt = self.model.renderer.render(messages, listed)?;
-        let tokens = self.model.tokenize(&prompt);
-        if tokens.len() + 1 > self.n_ctx() as usize {
-            return Err(ModelError::ContextFull {
-                needed: tokens.len(),
-                context: self.n_ctx(),
-            });
-        }
-        let counters = self.prefill(&tokens)?;
-        self.totals.add(counters);
-        let vocab = self.model.model.vocab();
-        let first = |word: &str| {
-            vocab
-                .tokenize(word.as_bytes(), false, false)
-                .first()
-                .copied()
-        };
-        let logits = &self.last_logits;
-        let logit = |token: Option<LlamaToken>| {
-            token
-                .and_then(|t| usize::try_from(t.0).ok())
-                .and_then(|i| logits.get(i).copied())
-                .unwrap_or(f32::NEG_INFINITY)
-        };
-        let margin = logit(first("yes")) - logit(first("no"));
-        Ok((
-            margin,
-            Generation {
-                counters,
-                prompt_ms: started.elapsed().as_secs_f64() * 1000.0,
-                ..Generation::empty()
             },
         ))
     }
@@ -1049,7 +1240,7 @@ impl ModelSession {
     /// interleave with the other sessions' generation).
     fn chunk_size(&self) -> usize {
         match &self.kv {
-            Kv::Own(_) => self.model.batch_size as usize,
+            Kv::Own { .. } => self.model.batch_size as usize,
             Kv::Shared { .. } => PROMPT_CHUNK,
         }
     }

@@ -62,9 +62,11 @@ pub struct ChatArgs {
     #[arg(long, value_name = "FILE")]
     pub system_file: Option<PathBuf>,
     /// How the model decides to call a tool under `--tool-choice auto`:
-    /// `free` (it writes a call when it chooses), or `constrained` (a
-    /// grammar-constrained step picks a tool name or `none` first).
-    #[arg(long, value_enum, default_value_t = RoutingArg::Free)]
+    /// `free` (it writes a call when it chooses), `constrained` (a step
+    /// first weighs whether any tool fits and picks one), or `auto`
+    /// (`constrained` for an in-process model under 1B parameters, such as
+    /// the default, `free` otherwise).
+    #[arg(long, value_enum, default_value_t = RoutingArg::Auto)]
     pub routing: RoutingArg,
     /// How far the call grammar grounds the built-in tools' arguments:
     /// `workspace` (paths that must exist are ones that do), `request`
@@ -104,8 +106,12 @@ enum Said {
 pub enum RoutingArg {
     /// The model writes a call when it chooses to.
     Free,
-    /// A constrained step picks a tool name or `none` first (in process).
+    /// A step first weighs whether any tool fits, then picks one (in
+    /// process).
     Constrained,
+    /// `constrained` for an in-process model under 1B parameters, `free`
+    /// otherwise.
+    Auto,
 }
 
 /// `--grounding`.
@@ -137,6 +143,7 @@ impl From<RoutingArg> for Routing {
         match arg {
             RoutingArg::Free => Routing::Free,
             RoutingArg::Constrained => Routing::Constrained,
+            RoutingArg::Auto => Routing::Auto,
         }
     }
 }

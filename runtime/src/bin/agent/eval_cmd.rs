@@ -52,7 +52,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 4)]
     max_steps: u32,
     /// How the model decides to call a tool (see `agent --help`).
-    #[arg(long, value_enum, default_value_t = RoutingArg::Free)]
+    #[arg(long, value_enum, default_value_t = RoutingArg::Auto)]
     routing: RoutingArg,
     /// How far executable tasks ground the built-in tools' arguments (see
     /// `agent --help`).
