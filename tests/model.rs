@@ -502,6 +502,75 @@ fn constrained_routing_calls_where_a_tool_fits_and_keeps_the_cache() {
         routed_turn.counters.prompt_reused,
         named.counters.prompt_evaluated
     );
+    // Everything the routed turn evaluated (its routing prompts included)
+    // is less than the conversation's prompt: had the routing step
+    // displaced the conversation's cache, a name prompt would have
+    // evaluated it all again.
+    assert!(
+        routed_turn.counters.prompt_evaluated < named.counters.prompt_evaluated,
+        "the routed turn evaluated {} tokens; the conversation's prompt is {}",
+        routed_turn.counters.prompt_evaluated,
+        named.counters.prompt_evaluated
+    );
+}
+
+/// Under `Routing::Auto` the default model (135M parameters) takes the
+/// routing step in a session of its own, and calls; in a batched session
+/// (`--parallel`, where the step would displace the slot's cache) it
+/// decides as under `Free`, which for this model is no call.
+#[test]
+fn auto_routing_constrains_only_a_small_models_own_session() {
+    let tools = one_tool(
+        "calculate_triangle_area",
+        "Calculate the area of a triangle given its base and height.",
+        serde_json::json!({
+            "type": "object",
+            "properties": {"base": {"type": "integer"}, "height": {"type": "integer"}},
+            "required": ["base", "height"]
+        }),
+    );
+    let prompt = [Message::user(
+        "Find the area of a triangle with a base of 10 units and height of 5 units.",
+    )];
+    let auto = SamplingOptions {
+        routing: Routing::Auto,
+        ..greedy(48)
+    };
+    let own = model()
+        .session()
+        .expect("session")
+        .complete(
+            &prompt,
+            &tools,
+            &ToolChoice::Auto,
+            &auto,
+            None,
+            &mut |_| true,
+            &mut ids(),
+        )
+        .expect("own session");
+    assert_eq!(own.turn.tool_calls.len(), 1, "{:?}", own.text);
+    let batched = Model::load(ModelOptions {
+        context_size: 1024,
+        threads: Some(2),
+        parallel: 2,
+        ..ModelOptions::default()
+    })
+    .expect("a batched model");
+    let shared = batched
+        .session()
+        .expect("session")
+        .complete(
+            &prompt,
+            &tools,
+            &ToolChoice::Auto,
+            &auto,
+            None,
+            &mut |_| true,
+            &mut ids(),
+        )
+        .expect("batched session");
+    assert!(shared.turn.tool_calls.is_empty(), "{:?}", shared.text);
 }
 
 /// A BFCL-style tool, as OpenAI tool objects.

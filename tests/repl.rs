@@ -303,17 +303,12 @@ fn the_default_model_reads_a_file_it_is_asked_about_in_the_repl() {
 /// default routing, calls its tool for (and whether the default policy
 /// asks first).
 const OTHER_TOOLS: &[(&str, &str, bool)] = &[
-    ("What files are in this folder?", "list_dir", false),
-    (
-        "Search for the word password in the config files.",
-        "search_files",
-        false,
-    ),
-    (
-        "Save the text 'hello world' to greeting.txt",
-        "write_file",
-        true,
-    ),
+    // Each choice's margin over the next tool, and the evidence over the
+    // 5-nat gate, measured with `AGENT_LOG=stack_model=debug`: 4.0 and
+    // 3.2; 13.0 and 1.4; 7.2 and 3.0; 6.0 and 0.7 nats.
+    ("List the contents of the src directory.", "list_dir", false),
+    ("Search all files for FIXME.", "search_files", false),
+    ("Write the number 42 to answer.txt.", "write_file", true),
     (
         "Run Python code that prints 'stack' in upper case.",
         "execute_code",

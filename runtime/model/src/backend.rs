@@ -112,11 +112,14 @@ pub struct SamplingOptions {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Routing {
-    /// `Constrained` for an in-process model of fewer than
-    /// [`SMALL_MODEL_PARAMETERS`] parameters, which seldom decides to call
-    /// on its own (SmolLM2-135M: no call in 30 BFCL prompts that need
-    /// one) and whose routing step is cheap; `Free` for a larger one,
-    /// which decides well and whose routing step would cost seconds.
+    /// `Constrained` in a session of its own on an in-process model of
+    /// fewer than [`SMALL_MODEL_PARAMETERS`] parameters, which seldom
+    /// decides to call on its own (SmolLM2-135M: no call in 30 BFCL
+    /// prompts that need one), whose routing step is cheap, and whose
+    /// context holds a KV sequence aside for it; `Free` for a larger
+    /// model (it decides well, and the step would cost seconds), for a
+    /// slot of a batched context (`--parallel`, where the step would
+    /// displace the slot's cache), and for a served model.
     #[default]
     Auto,
     /// The model writes a call when it chooses to (the lazy grammar makes

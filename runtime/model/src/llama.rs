@@ -37,7 +37,8 @@ use stack_types::message::{Message, Role};
 pub struct ModelOptions {
     /// The GGUF file; `None` means the embedded default (SmolLM2-135M).
     pub path: Option<PathBuf>,
-    /// Context size in tokens.
+    /// Context size in tokens; 0 means the size the model was trained
+    /// with.
     pub context_size: u32,
     /// CPU threads; `None` picks them per session: the CPUs this process
     /// may use, less those other processes keep busy as the session opens
@@ -260,11 +261,16 @@ impl Model {
             gpu_layers: gpu_layers.min(model.n_layer()),
             cpu_kernels: cpu_kernels().unwrap_or_default(),
         };
+        let context_size = if options.context_size == 0 {
+            info.trained_context
+        } else {
+            options.context_size
+        };
         Ok(Arc::new(Model {
             model,
             renderer,
             info,
-            context_size: options.context_size,
+            context_size,
             batch_size: options.batch_size.max(1),
             threads: options.threads,
             turn: std::sync::Mutex::new(()),
@@ -832,7 +838,10 @@ impl ModelSession {
             on_token,
         )?;
         if let Some(routing) = routing {
-            generation.counters.add(routing.counters);
+            // What the routing step evaluated is work done for this turn;
+            // what its prompts reused is the same cached prefix counted
+            // again, so it is not added.
+            generation.counters.prompt_evaluated += routing.counters.prompt_evaluated;
             generation.prompt_ms += routing.prompt_ms + routing.generation_ms;
         }
         if !offered.is_empty() {
@@ -848,12 +857,15 @@ impl ModelSession {
         Ok(generation)
     }
 
-    /// Whether `routing` takes the constrained step with this model.
+    /// Whether `routing` takes the constrained step in this session:
+    /// under `Auto`, only where the step's prompts can run aside (a small
+    /// model's context of its own), so it never costs the conversation's
+    /// cache.
     fn constrains(&self, routing: Routing) -> bool {
         match routing {
             Routing::Constrained => true,
             Routing::Free => false,
-            Routing::Auto => self.model.info.parameters < SMALL_MODEL_PARAMETERS,
+            Routing::Auto => matches!(self.kv, Kv::Own { aside: Some(_), .. }),
         }
     }
 
@@ -882,14 +894,16 @@ impl ModelSession {
     ) -> Result<(Option<String>, Generation), ModelError> {
         let started = Instant::now();
         let query = messages.last().map(Message::text).unwrap_or_default();
-        let evidence = self.tool_evidence(&query, offered);
+        // Scores are kept by index: tools without a name take no part.
+        let offered: Vec<&Value> = offered.iter().filter(|t| tool_name(t).is_some()).collect();
+        let evidence = self.tool_evidence(&query, &offered);
         self.clear_aside();
         let (evidence, counters) = evidence?;
         let mut spent = Generation {
             counters,
             ..Generation::empty()
         };
-        let names: Vec<&str> = offered.iter().filter_map(tool_name).collect();
+        let names: Vec<&str> = offered.iter().filter_map(|t| tool_name(t)).collect();
         let mut scores = RoutingScores {
             evidence,
             ..RoutingScores::default()
@@ -930,16 +944,25 @@ impl ModelSession {
     fn tool_evidence(
         &mut self,
         query: &str,
-        offered: &[Value],
+        offered: &[&Value],
     ) -> Result<(Vec<f64>, Counters), ModelError> {
         let query = clip(query.trim(), MAX_EVIDENCE_CHARS);
         let mut counters = Counters::default();
+        if query.is_empty() {
+            // Nothing asked: no tool explains it.
+            return Ok((vec![0.0; offered.len()], counters));
+        }
         let (tokens, from) = self.evidence_prompt(None, query)?;
         let (neutral, spent) = self.score_aside(&tokens, from)?;
         counters.add(spent);
         let mut evidence = Vec::with_capacity(offered.len());
         for tool in offered {
             let (tokens, from) = self.evidence_prompt(Some(tool), query)?;
+            if tokens.len() > ASIDE_CELLS as usize {
+                // A tool told of at such length is not weighed; the others are.
+                evidence.push(f64::NEG_INFINITY);
+                continue;
+            }
             let (score, spent) = self.score_aside(&tokens, from)?;
             counters.add(spent);
             evidence.push(score - neutral);
@@ -960,15 +983,21 @@ impl ModelSession {
             Some(tool) => format!("You can call this tool:\n{}\n", describe_tool(tool)),
             None => "You are a helpful assistant.".to_string(),
         };
-        let rendered = self
-            .model
-            .renderer
-            .render(&[Message::system(system), Message::user(query)], &[])?;
-        let at = rendered.rfind(query).ok_or_else(|| {
-            ModelError::Backend(
+        let render = |text: &str| {
+            self.model
+                .renderer
+                .render(&[Message::system(system.clone()), Message::user(text)], &[])
+        };
+        let rendered = render(query)?;
+        // The user's words start where the rendering of an empty message
+        // parts from this one; a template that does not show them there,
+        // as written, cannot be scored.
+        let at = common_prefix(rendered.as_bytes(), render("")?.as_bytes());
+        if !rendered.is_char_boundary(at) || !rendered[at..].starts_with(query) {
+            return Err(ModelError::Backend(
                 "the routing step: the chat template does not show the message as written".into(),
-            )
-        })?;
+            ));
+        }
         // The user's words and what closes their turn on that line.
         let after = at + query.len();
         let end = rendered[after..]
@@ -1001,7 +1030,8 @@ impl ModelSession {
         else {
             return self.score_continuation(tokens, from);
         };
-        if tokens.len() > ASIDE_CELLS as usize {
+        // The last token is scored, never evaluated.
+        if tokens.len().saturating_sub(1) > ASIDE_CELLS as usize {
             return Err(ModelError::ContextFull {
                 needed: tokens.len(),
                 context: ASIDE_CELLS,
@@ -1019,7 +1049,6 @@ impl ModelSession {
         }
         aside.truncate(keep);
         let mut score = 0.0;
-        // The last token is scored, never evaluated.
         let fresh = &tokens[keep..tokens.len().saturating_sub(1).max(keep)];
         for (chunk_index, chunk) in fresh.chunks(batch_size).enumerate() {
             let first = keep + chunk_index * batch_size;

@@ -109,8 +109,7 @@ pub fn describe_tool(tool: &Value) -> String {
 /// For each of `names`, the words of that name that `message` holds, each
 /// weighted by how rare it is among the names (`ln(names / names holding
 /// it)`): "Read notes.txt" names `read_file`, and a word every name has
-/// says nothing. Words are compared lower-cased, with a plural or `-ing`/
-/// `-ed` ending dropped.
+/// says nothing. Words are compared lower-cased and stemmed (see `stem`).
 pub fn name_words_in(message: &str, names: &[&str]) -> Vec<f64> {
     let said = words(message);
     let named: Vec<Vec<String>> = names.iter().map(|name| words(name)).collect();
@@ -162,8 +161,10 @@ fn words(text: &str) -> Vec<String> {
     words
 }
 
-/// `word` without a plural, `-ing` or `-ed` ending, where 3 letters or
-/// more stay.
+/// `word` without an `-ing`, `-ed`, `-es` or `-s` ending (the first that
+/// fits), where the word has 5 letters or more. Crude, and measured as
+/// it is: `files` becomes `fil` while `file` stays, so the two do not
+/// match.
 fn stem(word: &str) -> String {
     for ending in ["ing", "ed", "es", "s"] {
         if word.len() > 4 {
