@@ -15,6 +15,7 @@ pub mod grammar;
 pub mod llama;
 #[cfg(feature = "remote")]
 pub mod remote;
+#[cfg(feature = "llama")]
 pub mod routing;
 pub mod template;
 pub mod toolcall;
@@ -27,6 +28,7 @@ pub use backend::{
 };
 pub use formats::ToolFormat;
 pub use grammar::{ArgumentValues, ToolChoice};
+#[cfg(feature = "llama")]
 pub use routing::{RoutingScores, ROUTING_EVIDENCE_NATS};
 pub use template::{ChatTemplate, PromptRenderer, TemplateError};
 pub use toolcall::{parse_tool_calls, parse_tool_calls_for, ParsedTurn};
