@@ -57,27 +57,12 @@ fn the_repl_runs_a_turn_with_an_approval_and_exits() {
     let _one_at_a_time = GENERATING.lock().unwrap_or_else(|e| e.into_inner());
     let home = tempfile::tempdir().expect("tempdir");
     let workspace = tempfile::tempdir().expect("tempdir");
-    let assets = stack_runtime::assets::asset_dir().expect("asset folder");
-    let session = format!("stack-repl-{}", std::process::id());
-    let command = format!(
-        "cd {} && HOME={} STACK_RUNTIME_ASSETS={} NO_COLOR=1 {} --tool-choice write_file --max-steps 1 --temperature 0; echo REPL-EXITED; sleep 30",
-        workspace.path().display(),
-        home.path().display(),
-        assets.display(),
-        env!("CARGO_BIN_EXE_agent"),
+    let (session, cleanup) = start_repl(
+        "stack-repl",
+        home.path(),
+        workspace.path(),
+        "--tool-choice write_file --max-steps 1 --temperature 0",
     );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "220",
-        "-y",
-        "50",
-        &command,
-    ]);
-    let cleanup = scopeguard(session.clone());
     // The first interactive start asks once whether to keep transcripts,
     // and records the answer in the user config.
     wait_for(&session, "[y/N]", Duration::from_secs(60));
@@ -222,27 +207,12 @@ fn the_default_model_reads_a_file_it_is_asked_about_in_the_repl() {
     let config = home.path().join(".config/stack-runtime");
     std::fs::create_dir_all(&config).expect("config folder");
     std::fs::write(config.join("config.toml"), "keep_transcripts = false\n").expect("config");
-    let assets = stack_runtime::assets::asset_dir().expect("asset folder");
-    let session = format!("stack-repl-read-{}", std::process::id());
-    let command = format!(
-        "cd {} && HOME={} STACK_RUNTIME_ASSETS={} NO_COLOR=1 {} --temperature 0; echo REPL-EXITED; sleep 30",
-        workspace.path().display(),
-        home.path().display(),
-        assets.display(),
-        env!("CARGO_BIN_EXE_agent"),
+    let (session, cleanup) = start_repl(
+        "stack-repl-read",
+        home.path(),
+        workspace.path(),
+        "--temperature 0",
     );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "220",
-        "-y",
-        "50",
-        &command,
-    ]);
-    let cleanup = scopeguard(session.clone());
     wait_for(&session, "type /help", Duration::from_secs(60));
     tmux(&[
         "send-keys",
@@ -328,4 +298,38 @@ impl Drop for Guard {
 
 fn scopeguard(session: String) -> Guard {
     Guard(session)
+}
+
+/// Starts `agent FLAGS` in a tmux session named after `name` and this
+/// process, with `home` as HOME and `workspace` as its folder, no colour;
+/// the session prints `REPL-EXITED` when the REPL ends. Returns the
+/// session's name and the guard that kills it.
+fn start_repl(
+    name: &str,
+    home: &std::path::Path,
+    workspace: &std::path::Path,
+    flags: &str,
+) -> (String, Guard) {
+    let assets = stack_runtime::assets::asset_dir().expect("asset folder");
+    let session = format!("{name}-{}", std::process::id());
+    let command = format!(
+        "cd {} && HOME={} STACK_RUNTIME_ASSETS={} NO_COLOR=1 {} {flags}; echo REPL-EXITED; sleep 30",
+        workspace.display(),
+        home.display(),
+        assets.display(),
+        env!("CARGO_BIN_EXE_agent"),
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "220",
+        "-y",
+        "50",
+        &command,
+    ]);
+    let guard = scopeguard(session.clone());
+    (session, guard)
 }

@@ -1232,12 +1232,7 @@ impl ModelSession {
     /// Brings the KV cache to `tokens`, evaluating only what follows the
     /// longest common prefix with what is cached.
     fn prefill(&mut self, tokens: &[LlamaToken]) -> Result<Counters, ModelError> {
-        let common = self
-            .cached
-            .iter()
-            .zip(tokens)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let common = common_prefix(&self.cached, tokens);
         // At least one token must be evaluated to have logits to sample from.
         let reuse = common.min(tokens.len().saturating_sub(1));
         if reuse < self.cached.len() {
