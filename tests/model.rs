@@ -9,10 +9,12 @@ use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 use stack_runtime::message::Message;
+use stack_runtime::model::call_grammar::CallCount;
+use stack_runtime::model::llama::format_grammar;
 use stack_runtime::model::llama::{
     Model, ModelError, ModelOptions, Routing, SamplingOptions, StopReason,
 };
-use stack_runtime::model::{PromptRenderer, ToolChoice};
+use stack_runtime::model::{ArgumentValues, PromptRenderer, ToolChoice, ToolFormat};
 use stack_runtime::tools::Registry;
 
 fn fixture_text(name: &str) -> String {
@@ -574,6 +576,190 @@ fn auto_routing_constrains_only_a_small_models_own_session() {
 }
 
 /// A BFCL-style tool, as OpenAI tool objects.
+/// Every call format's grammar, on the real model's tokens: it accepts the
+/// format's fixture output from its trigger on, it refuses a call to a tool
+/// that is not offered, and the model writes calls under it that parse back
+/// into calls to the offered tools with schema-valid arguments.
+#[test]
+fn every_call_format_has_a_grammar_that_accepts_its_output() {
+    let model = model();
+    let fixtures: Value =
+        serde_json::from_str(&fixture_text("formats/outputs.json")).expect("fixture json");
+    let tools = fixtures["tools"].as_array().expect("tools").clone();
+    let mut failures = Vec::new();
+    let mut formats = Vec::new();
+    for case in fixtures["cases"].as_array().expect("cases") {
+        let format: ToolFormat = serde_json::from_value(case["format"].clone()).expect("format");
+        let output = case["output"].as_str().expect("output");
+        let grammar = format_grammar(format, &tools, &ArgumentValues::none(), CallCount::Many)
+            .expect("grammar");
+        let Some(start) = grammar.trigger.find(output) else {
+            failures.push(format!(
+                "{format:?}: the trigger is not found in {output:?}"
+            ));
+            continue;
+        };
+        // The text after the call (the pythonic reply) is not the grammar's.
+        let after = case["content"].as_str().unwrap_or_default();
+        let call = output[start..]
+            .strip_suffix(after)
+            .unwrap_or(&output[start..]);
+        if !model
+            .grammar_accepts(&grammar.gbnf, call)
+            .expect("grammar loads")
+        {
+            failures.push(format!("{format:?}: refused {call:?}"));
+        }
+        let (real, fake) = if call.contains("get_weather") {
+            ("get_weather", "get_wether")
+        } else {
+            ("lookup_zip", "lookup_zap")
+        };
+        let unknown = call.replacen(real, fake, 1);
+        if model
+            .grammar_accepts(&grammar.gbnf, &unknown)
+            .expect("grammar loads")
+        {
+            failures.push(format!("{format:?}: accepted {unknown:?}"));
+        }
+        if !formats.contains(&format) {
+            formats.push(format);
+        }
+    }
+    assert_eq!(formats.len(), 9, "a fixture for every format");
+    // The model writes each syntax under its grammar.
+    let schema = |name: &str| {
+        tools
+            .iter()
+            .find(|t| t["function"]["name"] == name)
+            .map(|t| t["function"]["parameters"].clone())
+    };
+    // The city is grounded, as the agent grounds paths: the 135M model,
+    // free to write any text in a foreign syntax, writes on and on.
+    let mut cities = ArgumentValues::none();
+    cities.set("get_weather", "city", vec!["Paris".into(), "Oslo".into()]);
+    let mut session = model.session().expect("session");
+    for format in formats {
+        let grammar = format_grammar(format, &tools, &cities, CallCount::One).expect("grammar");
+        let prompt = model
+            .renderer()
+            .render(&[Message::user("What is the weather in Paris?")], &tools)
+            .expect("prompt");
+        let generation = session
+            .generate(
+                &prompt,
+                Some((&grammar.gbnf, None)),
+                &greedy(300),
+                &mut |_| true,
+            )
+            .expect("generate");
+        let turn = stack_runtime::model::parse_tool_calls_for(&generation.text, &tools, &mut ids());
+        if turn.tool_calls.is_empty() || generation.stop != StopReason::EndOfTurn {
+            failures.push(format!(
+                "{format:?}: no call parsed ({:?}) from {:?}",
+                generation.stop, generation.text
+            ));
+        }
+        for call in &turn.tool_calls {
+            let arguments: Value =
+                serde_json::from_str(&call.function.arguments).unwrap_or(Value::Null);
+            let valid = schema(&call.function.name).is_some_and(|schema| {
+                jsonschema::validator_for(&schema).is_ok_and(|v| v.is_valid(&arguments))
+            });
+            if !valid {
+                failures.push(format!(
+                    "{format:?}: invalid call {} {arguments} from {:?}",
+                    call.function.name, generation.text
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A chat template given in place of the GGUF's (`--chat-template-file`)
+/// sets the call syntax end to end: with an XML-calling template, the
+/// default model is shown the tools by that template, writes its call in
+/// that XML under the format's grammar, the call parses, and it renders
+/// back through the template into the next prompt as it was written.
+#[test]
+fn a_given_chat_template_sets_the_call_format_end_to_end() {
+    let model = Model::load(ModelOptions {
+        context_size: 2048,
+        threads: Some(2),
+        chat_template: Some(fixture_text("templates/xml_calls.jinja")),
+        ..ModelOptions::default()
+    })
+    .expect("the default model loads with a given template");
+    assert_eq!(model.info().tool_format, ToolFormat::Qwen3CoderXml);
+    assert!(model.info().template_supports_tools);
+    // The city is an enum: free to write any text between the tags, the
+    // 135M model writes on past the token budget.
+    let tools = one_tool(
+        "get_weather",
+        "Get the weather forecast for a city.",
+        serde_json::json!({
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "enum": ["Oslo", "Paris", "Rome"]},
+                "days": {"type": "integer"}
+            },
+            "required": ["city"]
+        }),
+    );
+    let mut session = model.session().expect("session");
+    let mut conversation = vec![Message::user("What is the weather in Oslo?")];
+    let prompt = model
+        .renderer()
+        .render(&conversation, &tools)
+        .expect("prompt");
+    assert!(
+        prompt.contains("- get_weather: Get the weather") && prompt.contains("<function=NAME>"),
+        "the template lists the tools: {prompt}"
+    );
+    let generation = session
+        .complete(
+            &conversation,
+            &tools,
+            &ToolChoice::Named("get_weather".into()),
+            &greedy(200),
+            None,
+            &mut |_| true,
+            &mut ids(),
+        )
+        .expect("generate");
+    assert!(
+        generation
+            .text
+            .starts_with("<tool_call>\n<function=get_weather>\n<parameter=city>\n"),
+        "{:?}",
+        generation.text
+    );
+    assert_eq!(
+        generation.stop,
+        StopReason::EndOfTurn,
+        "{:?}",
+        generation.text
+    );
+    let [call] = generation.turn.tool_calls.as_slice() else {
+        panic!("one call: {:?}", generation.text);
+    };
+    assert_eq!(call.function.name, "get_weather");
+    let arguments: Value = serde_json::from_str(&call.function.arguments).expect("arguments");
+    assert!(arguments["city"].is_string(), "{arguments}");
+    conversation.push(Message::assistant_tool_calls(None, vec![call.clone()]));
+    conversation.push(Message::tool_result(call.id.clone(), "12 C, rain"));
+    let next = model
+        .renderer()
+        .render(&conversation, &tools)
+        .expect("prompt");
+    assert!(
+        next.contains(generation.text.trim()),
+        "the call renders back as written:\n{next}\n---\n{}",
+        generation.text
+    );
+}
+
 fn one_tool(name: &str, description: &str, parameters: Value) -> Vec<Value> {
     vec![serde_json::json!({
         "type": "function",
@@ -775,6 +961,32 @@ fn agent_model_shows_metadata_and_rejects_bad_files() {
         .expect("agent");
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("is not a GGUF model"));
+    // A given chat template sets the call syntax `agent model` reports;
+    // one that cannot be read, or does not parse, is refused by name.
+    let template = common::fixture("templates/xml_calls.jinja");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["model", "--json", "--chat-template-file"])
+        .arg(&template)
+        .output()
+        .expect("agent");
+    let info: Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(info["tool_format"], "qwen3_coder_xml");
+    assert_eq!(info["template_supports_tools"], true);
+    let broken = dir.path().join("broken.jinja");
+    std::fs::write(&broken, "{% for %}").expect("write");
+    for (path, expected) in [
+        (dir.path().join("missing.jinja"), "cannot read it"),
+        (broken, "template"),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+            .args(["model", "--chat-template-file"])
+            .arg(&path)
+            .output()
+            .expect("agent");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{}", path.display());
+        assert!(stderr.contains(expected), "{stderr}");
+    }
 }
 
 /// A model is freed when its last user goes (it used to be leaked for the

@@ -350,7 +350,6 @@ pub trait BackendSession: Send {
 }
 
 /// The `function.name` of an OpenAI tool object.
-#[cfg(any(feature = "llama", feature = "remote"))]
 pub(crate) fn tool_name(tool: &Value) -> Option<&str> {
     tool.pointer("/function/name").and_then(Value::as_str)
 }

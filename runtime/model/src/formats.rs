@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 use stack_types::message::ToolCall;
 
 /// A tool-call syntax.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ToolFormat {
     /// Hermes / Qwen2.5 `<tool_call>{json}</tool_call>`; also what the
@@ -37,8 +37,10 @@ pub enum ToolFormat {
     /// FunctionGemma's control tokens.
     FunctionGemma,
     /// DeepSeek V3 / R1 call blocks.
+    #[serde(rename = "deepseek")]
     DeepSeek,
     /// Functionary v3.2 `>>>recipient`.
+    #[serde(rename = "functionary_v3_2")]
     FunctionaryV32,
     /// Command R7B actions.
     CommandR7b,
@@ -376,7 +378,15 @@ fn top_level_comma(text: &str) -> Option<usize> {
 /// Functionary v3.2: `>>>NAME\n{json}` per call; `>>>all\ntext` is the
 /// reply.
 fn parse_functionary(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<NativeCall>)> {
-    if !text.trim_start().starts_with(">>>") && !text.contains("\n>>>") {
+    // The template's generation prompt ends with the first `>>>`, so the
+    // reply may open with the recipient itself.
+    let trimmed = text.trim_start();
+    if let Some((recipient, _)) = trimmed.split_once('\n') {
+        if !trimmed.starts_with(">>>") && (recipient == "all" || (tools.is_tool)(recipient)) {
+            return parse_functionary(&format!(">>>{trimmed}"), tools);
+        }
+    }
+    if !trimmed.starts_with(">>>") && !text.contains("\n>>>") {
         return None;
     }
     let mut content = String::new();
@@ -635,142 +645,58 @@ mod tests {
     use crate::toolcall::parse_tool_calls_for;
     use serde_json::json;
 
-    fn tools() -> Vec<Value> {
-        let tool = |name: &str, properties: Value| json!({"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": properties}}});
-        vec![
-            tool(
-                "get_weather",
-                json!({"city": {"type": "string"}, "days": {"type": "integer"}}),
-            ),
-            tool("lookup_zip", json!({"zip": {"type": "string"}})),
-        ]
+    /// The format fixtures: model output in each syntax, shared with the
+    /// grammar tests on the real model (`tests/model.rs`).
+    fn fixtures() -> Value {
+        serde_json::from_str(include_str!("../../../tests/fixtures/formats/outputs.json"))
+            .unwrap_or(Value::Null)
     }
 
-    /// (format, a template marker, model output in that format, the
-    /// expected content, the expected calls as (name, arguments)).
-    type Row = (
-        ToolFormat,
-        &'static str,
-        &'static str,
-        Option<&'static str>,
-        &'static [(&'static str, &'static str)],
-    );
-
-    const ROWS: &[Row] = &[
-        (
-            ToolFormat::Qwen3CoderXml,
-            "{{- '<tool_call>\\n<function=' + tool_call.name + '>\\n' }}{{- '<parameter=' + args_name + '>\\n' }}",
-            "I'll check.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>",
-            Some("I'll check."),
-            &[("get_weather", r#"{"city":"Paris","days":3}"#)],
-        ),
-        (
-            ToolFormat::Qwen3CoderXml,
-            "<function=x><parameter=y>",
-            "<tool_call>\n<function=lookup_zip>\n<parameter=zip>\n007\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call>",
-            None,
-            &[("lookup_zip", r#"{"zip":"007"}"#), ("get_weather", r#"{"city":"Oslo"}"#)],
-        ),
-        (
-            ToolFormat::Pythonic,
-            "{{- '<|tool_call_start|>' }} tools",
-            "<|tool_call_start|>[get_weather(city=\"Paris\", days=2), lookup_zip(zip='10115')]<|tool_call_end|>Checking both.",
-            Some("Checking both."),
-            &[("get_weather", r#"{"city":"Paris","days":2}"#), ("lookup_zip", r#"{"zip":"10115"}"#)],
-        ),
-        (
-            ToolFormat::Pythonic,
-            "respond in the format [func_name1(params_name1=params_value1, params_name2=params_value2...), func_name2(params)] tools",
-            "[get_weather(city='San Francisco', days=None)]",
-            None,
-            &[("get_weather", r#"{"city":"San Francisco","days":null}"#)],
-        ),
-        (
-            ToolFormat::FunctionGemma,
-            "{{- '<start_function_call>call:' + function.name }} tools",
-            "<start_function_call>call:get_weather{city:<escape>London, UK<escape>,days:5}<end_function_call>",
-            None,
-            &[("get_weather", r#"{"city":"London, UK","days":5}"#)],
-        ),
-        (
-            ToolFormat::DeepSeek,
-            "{{'<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name']}} tools",
-            "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Tokyo\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
-            None,
-            &[("get_weather", r#"{"city":"Tokyo"}"#)],
-        ),
-        (
-            ToolFormat::DeepSeek,
-            "<｜tool▁calls▁begin｜> tools",
-            "Let me look.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>lookup_zip<｜tool▁sep｜>{\"zip\": \"75001\"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
-            Some("Let me look."),
-            &[("lookup_zip", r#"{"zip":"75001"}"#)],
-        ),
-        (
-            ToolFormat::FunctionaryV32,
-            "{{ '>>>all\\n' + message['content'] }}{{ '>>>' + tool_call.function.name }} tools",
-            ">>>all\nOne moment.>>>get_weather\n{\"city\": \"Rome\"}",
-            Some("One moment."),
-            &[("get_weather", r#"{"city":"Rome"}"#)],
-        ),
-        (
-            ToolFormat::CommandR7b,
-            "<|START_THINKING|><|START_ACTION|> tools",
-            "<|START_THINKING|>I need the weather.<|END_THINKING|><|START_ACTION|>[\n    {\"tool_call_id\": \"0\", \"tool_name\": \"get_weather\", \"parameters\": {\"city\": \"Lima\", \"days\": 1}}\n]<|END_ACTION|>",
-            None,
-            &[("get_weather", r#"{"city":"Lima","days":1}"#)],
-        ),
-        (
-            ToolFormat::Hermes,
-            "{%- if tools %}<tool_call>",
-            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Bern\"}}\n</tool_call>",
-            None,
-            &[("get_weather", r#"{"city":"Bern"}"#)],
-        ),
-        (
-            ToolFormat::Mistral,
-            "[AVAILABLE_TOOLS] tools [TOOL_CALLS]",
-            "[TOOL_CALLS][{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Nice\"}}]",
-            None,
-            &[("get_weather", r#"{"city":"Nice"}"#)],
-        ),
-        (
-            ToolFormat::Llama3Json,
-            "<|start_header_id|>ipython<|end_header_id|> tools \"parameters\"",
-            "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Cork\"}}",
-            None,
-            &[("get_weather", r#"{"city":"Cork"}"#)],
-        ),
-    ];
+    fn tools() -> Vec<Value> {
+        fixtures()["tools"].as_array().cloned().unwrap_or_default()
+    }
 
     #[test]
     fn every_format_is_detected_and_parsed() {
+        let fixtures = fixtures();
         let tools = tools();
-        for (format, marker, output, content, expected) in ROWS {
-            assert_eq!(ToolFormat::detect(marker), Some(*format), "{marker}");
+        let cases = fixtures["cases"].as_array().cloned().unwrap_or_default();
+        let mut seen = std::collections::BTreeSet::new();
+        for case in &cases {
+            let format: ToolFormat = serde_json::from_value(case["format"].clone())
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+            seen.insert(format.as_str());
+            let marker = case["template_marker"].as_str().unwrap_or_default();
+            let output = case["output"].as_str().unwrap_or_default();
+            assert_eq!(ToolFormat::detect(marker), Some(format), "{marker}");
+            assert_eq!(
+                serde_json::to_value(format).ok(),
+                Some(Value::from(format.as_str()))
+            );
             let mut n = 0;
             let mut next_id = || {
                 n += 1;
                 format!("call_{n}")
             };
             let turn = parse_tool_calls_for(output, &tools, &mut next_id);
-            let calls: Vec<(&str, Value)> = turn
+            let calls: Vec<Value> = turn
                 .tool_calls
                 .iter()
                 .map(|c| {
-                    (
-                        c.function.name.as_str(),
-                        serde_json::from_str(&c.function.arguments).unwrap_or(Value::Null),
-                    )
+                    json!([
+                        c.function.name,
+                        serde_json::from_str::<Value>(&c.function.arguments).unwrap_or(Value::Null)
+                    ])
                 })
                 .collect();
-            let want: Vec<(&str, Value)> = expected
-                .iter()
-                .map(|(name, args)| (*name, serde_json::from_str(args).unwrap_or(Value::Null)))
-                .collect();
-            assert_eq!(calls, want, "{format:?}: {output}");
-            assert_eq!(turn.content.as_deref(), *content, "{format:?}: {output}");
+            assert_eq!(Value::from(calls), case["calls"], "{format:?}: {output}");
+            assert_eq!(
+                turn.content.as_deref(),
+                case["content"].as_str(),
+                "{format:?}: {output}"
+            );
         }
+        assert_eq!(seen.len(), 9, "every format has a fixture: {seen:?}");
     }
 
     /// Text that only looks like a native call stays text.

@@ -32,7 +32,7 @@ pub const TOOL_CALL_OPEN: &str = "<tool_call>";
 
 /// Longest string the grammar lets the model write in one argument, so a
 /// constrained call always closes within the token budget.
-const GRAMMAR_MAX_STRING: u64 = 2048;
+pub(crate) const GRAMMAR_MAX_STRING: u64 = 2048;
 
 /// Most values one parameter's grounding may list; past it the parameter
 /// is left free (a list that long helps a model no more than the schema).
@@ -128,9 +128,7 @@ pub fn call_schema<'a>(
     let variants: Vec<Value> = tools
         .into_iter()
         .map(|(name, parameters)| {
-            let mut parameters = parameters.clone();
-            shape_for_grammar(&mut parameters);
-            grounding.narrow(name, &mut parameters);
+            let parameters = argument_schema(name, parameters, grounding);
             json!({
                 "type": "object",
                 "properties": {"name": {"const": name}, "arguments": parameters},
@@ -143,6 +141,16 @@ pub fn call_schema<'a>(
         1 => variants.into_iter().next().unwrap_or(Value::Null),
         _ => json!({ "oneOf": variants }),
     }
+}
+
+/// A tool's argument schema as the call grammars use it: annotations
+/// dropped, strings bounded, string parameters narrowed to their grounded
+/// values (see [`ArgumentValues`]).
+pub(crate) fn argument_schema(name: &str, parameters: &Value, grounding: &ArgumentValues) -> Value {
+    let mut parameters = parameters.clone();
+    shape_for_grammar(&mut parameters);
+    grounding.narrow(name, &mut parameters);
+    parameters
 }
 
 /// Drops annotations the grammar converter does not need and bounds
@@ -202,7 +210,7 @@ fn shape_for_grammar(schema: &mut Value) {
 }
 
 /// Whether a schema's `type` (`declared`) is `kind`, or a list that holds it.
-fn declares_type(declared: Option<&Value>, kind: &str) -> bool {
+pub(crate) fn declares_type(declared: Option<&Value>, kind: &str) -> bool {
     match declared {
         Some(Value::String(declared)) => declared == kind,
         Some(Value::Array(declared)) => declared.iter().any(|k| k == kind),

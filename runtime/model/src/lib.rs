@@ -9,6 +9,7 @@
 pub mod backend;
 #[cfg(feature = "llama")]
 pub mod batch;
+pub mod call_grammar;
 pub mod formats;
 pub mod grammar;
 #[cfg(feature = "llama")]

@@ -26,8 +26,9 @@ pub use super::backend::{
     Counters, Generation, ModelError, Routing, SamplingOptions, StopReason, SMALL_MODEL_PARAMETERS,
 };
 use super::batch::{Engine, Lease, Want, PROMPT_CHUNK};
+use super::call_grammar::{call_grammar, CallCount, CallGrammar, CallTrigger};
 use super::formats::ToolFormat;
-use super::grammar::{call_schema, wrap_in_tool_call, ArgumentValues, ToolChoice, TOOL_CALL_OPEN};
+use super::grammar::{ArgumentValues, ToolChoice, TOOL_CALL_OPEN};
 use super::routing::{clip, describe_tool, name_words_in, RoutingScores, MAX_EVIDENCE_CHARS};
 use super::template::PromptRenderer;
 use super::toolcall::{parse_tool_calls_for, ParsedTurn};
@@ -57,6 +58,10 @@ pub struct ModelOptions {
     /// generate at once are decoded in one batch. 1 gives each session a
     /// context of its own, and sessions generate in turn.
     pub parallel: u32,
+    /// A Jinja chat template to use instead of the GGUF's own (as
+    /// llama-server's `--chat-template-file`): for a GGUF whose template is
+    /// missing or wrong. The tool-call format is detected from it.
+    pub chat_template: Option<String>,
 }
 
 impl Default for ModelOptions {
@@ -69,6 +74,7 @@ impl Default for ModelOptions {
             gpu_layers: None,
             progress: None,
             parallel: 1,
+            chat_template: None,
         }
     }
 }
@@ -237,9 +243,12 @@ impl Model {
                 reason: e.to_string(),
             })?;
         let model = Arc::new(model);
-        let template = model
-            .meta_val_str("tokenizer.chat_template")
-            .unwrap_or_else(|_| CHATML.to_string());
+        let template = match options.chat_template.take() {
+            Some(template) => template,
+            None => model
+                .meta_val_str("tokenizer.chat_template")
+                .unwrap_or_else(|_| CHATML.to_string()),
+        };
         let meta = |key: &str| model.meta_val_str(key).unwrap_or_default();
         let renderer = PromptRenderer::new(
             &template,
@@ -294,6 +303,31 @@ impl Model {
     /// What the model says about itself.
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// Whether `grammar` (GBNF, start rule `root`) accepts `text` whole,
+    /// read token by token as this model would write it: each token
+    /// allowed where it comes, and the end allowed after the last. This is
+    /// how call grammars are checked against real model output.
+    pub fn grammar_accepts(&self, grammar: &str, text: &str) -> Result<bool, ModelError> {
+        let mut sampler = LlamaSampler::grammar(&self.model, grammar, "root")
+            .map_err(|e| ModelError::Grammar(e.to_string()))?;
+        let vocab = self.model.vocab();
+        let allowed = |sampler: &mut LlamaSampler, token: LlamaToken| {
+            let mut candidates =
+                LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, 0.0, 0.0)], false);
+            sampler.apply(&mut candidates);
+            candidates
+                .data
+                .first()
+                .is_some_and(|d| d.logit().is_finite())
+        };
+        for token in vocab.tokenize(text.as_bytes(), false, false) {
+            if !allowed(&mut sampler, token) || sampler.try_accept(token).is_err() {
+                return Ok(false);
+            }
+        }
+        Ok(allowed(&mut sampler, vocab.eos()))
     }
 
     /// The prompt renderer (the model's template, or the ChatML fallback).
@@ -819,21 +853,36 @@ impl ModelSession {
                 let grammar = llama_cpp_2::json_schema_to_grammar(&schema)
                     .map_err(|e| ModelError::Grammar(format!("response_format: {e}")))?;
                 offered.clear();
-                Some((grammar, false))
+                Some((grammar, None))
             }
             ToolChoice::None => None,
             _ if offered.is_empty() => None,
-            // The lazy grammar is Hermes-shaped: a model that writes
-            // another syntax is left free under `auto`, and parsed.
-            ToolChoice::Auto if self.model.info.tool_format != ToolFormat::Hermes => None,
-            ToolChoice::Auto => Some((tool_grammar(&offered, &self.grounding)?, true)),
+            // In the model's own call syntax: lazily under `auto`, from
+            // the first token when a call is required.
+            ToolChoice::Auto => {
+                let CallGrammar { gbnf, trigger } = format_grammar(
+                    self.model.info.tool_format,
+                    &offered,
+                    &self.grounding,
+                    CallCount::Many,
+                )?;
+                Some((gbnf, Some(trigger)))
+            }
             ToolChoice::Required | ToolChoice::Named(_) => {
-                Some((tool_grammar(&offered, &self.grounding)?, false))
+                let grammar = format_grammar(
+                    self.model.info.tool_format,
+                    &offered,
+                    &self.grounding,
+                    CallCount::Many,
+                )?;
+                Some((grammar.gbnf, None))
             }
         };
         let mut generation = self.generate_in_slot(
             &prompt,
-            grammar.as_ref().map(|(g, lazy)| (g.as_str(), *lazy)),
+            grammar
+                .as_ref()
+                .map(|(g, trigger)| (g.as_str(), trigger.as_ref())),
             sampling,
             on_token,
         )?;
@@ -1138,12 +1187,12 @@ impl ModelSession {
         ))
     }
 
-    /// Generates from a raw prompt, optionally under a grammar (lazy: applied
-    /// from `<tool_call>` on).
+    /// Generates from a raw prompt, optionally under a grammar: from the
+    /// first token, or (lazily) from where its trigger opens a call.
     pub fn generate(
         &mut self,
         prompt: &str,
-        grammar: Option<(&str, bool)>,
+        grammar: Option<(&str, Option<&CallTrigger>)>,
         sampling: &SamplingOptions,
         on_token: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, ModelError> {
@@ -1153,7 +1202,7 @@ impl ModelSession {
     fn generate_in_slot(
         &mut self,
         prompt: &str,
-        grammar: Option<(&str, bool)>,
+        grammar: Option<(&str, Option<&CallTrigger>)>,
         sampling: &SamplingOptions,
         on_token: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, ModelError> {
@@ -1176,25 +1225,24 @@ impl ModelSession {
         let mut pending = Vec::new();
         let mut generated = 0u64;
         let mut stop = StopReason::MaxTokens;
-        let lazy = matches!(grammar, Some((_, true)));
+        let trigger = grammar.and_then(|(_, trigger)| trigger);
         while generated < u64::from(sampling.max_tokens) {
             if self.cached.len() + 1 >= context as usize {
                 break;
             }
             // Until the lazy grammar has triggered, a token may complete
             // its trigger.
-            let awaiting_trigger = lazy && !text.contains(TOOL_CALL_OPEN);
-            let token =
-                match self.sample_next(&mut sampler, awaiting_trigger.then_some(text.as_str())) {
-                    Ok(token) => token,
-                    Err(SampleFailure::NothingAllowed) => {
-                        stop = StopReason::GrammarDeadEnd;
-                        break;
-                    }
-                    Err(SampleFailure::Rejected(reason)) => {
-                        return Err(ModelError::Grammar(reason));
-                    }
-                };
+            let awaiting = trigger.filter(|trigger| trigger.find(&text).is_none());
+            let token = match self.sample_next(&mut sampler, awaiting.map(|t| (t, text.as_str()))) {
+                Ok(token) => token,
+                Err(SampleFailure::NothingAllowed) => {
+                    stop = StopReason::GrammarDeadEnd;
+                    break;
+                }
+                Err(SampleFailure::Rejected(reason)) => {
+                    return Err(ModelError::Grammar(reason));
+                }
+            };
             if vocab.is_eog(token) {
                 stop = StopReason::EndOfTurn;
                 break;
@@ -1283,7 +1331,7 @@ impl ModelSession {
     fn sample_next(
         &self,
         sampler: &mut LlamaSampler,
-        awaiting_trigger: Option<&str>,
+        awaiting_trigger: Option<(&CallTrigger, &str)>,
     ) -> Result<LlamaToken, SampleFailure> {
         let vocab = self.model.model.vocab();
         let mut ruled_out: Vec<LlamaToken> = Vec::new();
@@ -1316,15 +1364,10 @@ impl ModelSession {
             }
             // Only the token that completes the trigger can be refused
             // while the grammar waits: keep a copy to go back to.
-            let completes_trigger = awaiting_trigger.is_some_and(|text| {
-                let piece =
-                    String::from_utf8_lossy(&vocab.token_to_piece(token, true, None)).into_owned();
-                let tail_start = text
-                    .char_indices()
-                    .rev()
-                    .nth(TOOL_CALL_OPEN.len())
-                    .map_or(0, |(i, _)| i);
-                format!("{}{piece}", &text[tail_start..]).contains(TOOL_CALL_OPEN)
+            let completes_trigger = awaiting_trigger.is_some_and(|(trigger, text)| {
+                let piece = vocab.token_to_piece(token, true, None);
+                let piece = String::from_utf8_lossy(&piece);
+                trigger.find(&format!("{text}{piece}")).is_some()
             });
             let before = completes_trigger.then(|| sampler.clone());
             match (sampler.try_accept(token), before) {
@@ -1345,25 +1388,21 @@ impl ModelSession {
 
     fn sampler(
         &self,
-        grammar: Option<(&str, bool)>,
+        grammar: Option<(&str, Option<&CallTrigger>)>,
         options: &SamplingOptions,
     ) -> Result<LlamaSampler, ModelError> {
         let mut chain = Vec::new();
-        if let Some((grammar, lazy)) = grammar {
-            let constrained = if lazy {
-                // A plain pattern, searched for: llama.cpp wraps trigger
-                // *words* in `[\s\S]*?(…)[\s\S]*`, which libstdc++'s
-                // regex matches recursively over the whole output, so a
-                // long reply could overflow the stack (llama.cpp #17902).
-                LlamaSampler::grammar_lazy_patterns(
+        if let Some((grammar, trigger)) = grammar {
+            let constrained = match trigger {
+                // Plain patterns, searched for (see `CallTrigger::patterns`).
+                Some(trigger) => LlamaSampler::grammar_lazy_patterns(
                     &self.model.model,
                     grammar,
                     "root",
-                    &[TOOL_CALL_OPEN.to_string()],
+                    &trigger.patterns(),
                     &[],
-                )
-            } else {
-                LlamaSampler::grammar(&self.model.model, grammar, "root")
+                ),
+                None => LlamaSampler::grammar(&self.model.model, grammar, "root"),
             };
             chain.push(constrained.map_err(|e| ModelError::Grammar(e.to_string()))?);
         }
@@ -1403,23 +1442,26 @@ enum SampleFailure {
     Rejected(String),
 }
 
-/// The GBNF grammar for one call to any of `tools`, string parameters
-/// narrowed to their grounded values.
+/// The Hermes GBNF grammar for calls to any of `tools`, string
+/// parameters narrowed to their grounded values.
 pub fn tool_grammar(tools: &[Value], grounding: &ArgumentValues) -> Result<String, ModelError> {
-    let empty = Value::Object(Default::default());
-    let pairs: Vec<(&str, &Value)> = tools
-        .iter()
-        .filter_map(|t| {
-            Some((
-                tool_name(t)?,
-                t.pointer("/function/parameters").unwrap_or(&empty),
-            ))
-        })
-        .collect();
-    let schema = call_schema(pairs, grounding);
-    let converted = llama_cpp_2::json_schema_to_grammar(&schema.to_string())
-        .map_err(|e| ModelError::Grammar(e.to_string()))?;
-    Ok(wrap_in_tool_call(&converted))
+    Ok(format_grammar(ToolFormat::Hermes, tools, grounding, CallCount::Many)?.gbnf)
+}
+
+/// The grammar for `count` calls to any of `tools` in `format`'s syntax,
+/// and its lazy trigger (see [`crate::call_grammar`]).
+pub fn format_grammar(
+    format: ToolFormat,
+    tools: &[Value],
+    grounding: &ArgumentValues,
+    count: CallCount,
+) -> Result<CallGrammar, ModelError> {
+    call_grammar(format, tools, grounding, count, &convert_schema).map_err(ModelError::Grammar)
+}
+
+/// llama.cpp's JSON-Schema-to-GBNF converter.
+fn convert_schema(schema: &Value) -> Result<String, String> {
+    llama_cpp_2::json_schema_to_grammar(&schema.to_string()).map_err(|e| e.to_string())
 }
 
 /// Takes the longest valid UTF-8 prefix out of `pending`.

@@ -36,6 +36,10 @@ pub struct ModelArgs {
     /// session; `agent serve` defaults to --max-running).
     #[arg(long, value_name = "N")]
     pub parallel: Option<u32>,
+    /// A Jinja chat template file to use instead of the GGUF's own (the
+    /// tool-call format is detected from it; see `agent model`).
+    #[arg(long, value_name = "FILE", conflicts_with = "model_url")]
+    pub chat_template_file: Option<PathBuf>,
     /// A served model's OpenAI-compatible API, e.g. http://127.0.0.1:8080/v1
     /// (vLLM, SGLang, llama-server, Ollama), instead of a local GGUF.
     #[arg(long, value_name = "URL", conflicts_with = "model")]
@@ -218,6 +222,15 @@ pub fn load(args: &ModelArgs, quiet: bool) -> anyhow::Result<Arc<Model>> {
         bar
     };
     let progress_bar = bar.clone();
+    let chat_template = match &args.chat_template_file {
+        Some(path) => {
+            let path = expand_home(path);
+            Some(std::fs::read_to_string(&path).with_context(|| {
+                format!("--chat-template-file {}: cannot read it", path.display())
+            })?)
+        }
+        None => None,
+    };
     let model = Model::load(ModelOptions {
         path: args.model.as_deref().map(expand_home),
         context_size: args.ctx_size.unwrap_or(DEFAULT_CTX_SIZE),
@@ -228,6 +241,7 @@ pub fn load(args: &ModelArgs, quiet: bool) -> anyhow::Result<Arc<Model>> {
         progress: Some(Box::new(move |fraction| {
             progress_bar.set_position((fraction * 100.0) as u64)
         })),
+        chat_template,
     })?;
     bar.finish_and_clear();
     Ok(model)
@@ -265,12 +279,16 @@ pub fn info(args: &ModelArgs, json: bool) -> anyhow::Result<ExitCode> {
         );
         println!("trained ctx   {}", info.trained_context);
         println!("gpu layers    {}", info.gpu_layers);
+        let whose = match &args.chat_template_file {
+            Some(path) => format!("{} (--chat-template-file)", path.display()),
+            None => "the model's own".to_string(),
+        };
         println!(
-            "chat template {}",
+            "chat template {whose}{}",
             if info.template_supports_tools {
-                "the model's own (renders tools)"
+                " (renders tools)"
             } else {
-                "the model's own; tools use the ChatML <tools> fallback"
+                "; tools use the ChatML <tools> fallback"
             }
         );
         println!("tool calls    {}", info.tool_format.as_str());
