@@ -575,7 +575,6 @@ fn auto_routing_constrains_only_a_small_models_own_session() {
     assert!(shared.turn.tool_calls.is_empty(), "{:?}", shared.text);
 }
 
-/// A BFCL-style tool, as OpenAI tool objects.
 /// Every call format's grammar, on the real model's tokens: it accepts the
 /// format's fixture output from its trigger on, it refuses a call to a tool
 /// that is not offered, and the model writes calls under it that parse back
@@ -601,14 +600,29 @@ fn every_call_format_has_a_grammar_that_accepts_its_output() {
         };
         // The text after the call (the pythonic reply) is not the grammar's.
         let after = case["content"].as_str().unwrap_or_default();
-        let call = output[start..]
-            .strip_suffix(after)
-            .unwrap_or(&output[start..]);
+        let reply = output.strip_suffix(after).unwrap_or(output);
+        let call = &reply[start..];
         if !model
-            .grammar_accepts(&grammar.gbnf, call)
+            .grammar_accepts(&grammar.gbnf, None, call)
             .expect("grammar loads")
         {
             failures.push(format!("{format:?}: refused {call:?}"));
+        }
+        // Lazily, as under `auto`: llama.cpp finds the call's start by the
+        // trigger's own patterns, in the whole reply.
+        if !model
+            .grammar_accepts(&grammar.gbnf, Some(&grammar.trigger), reply)
+            .expect("grammar loads")
+        {
+            failures.push(format!("{format:?}: refused lazily {reply:?}"));
+        }
+        // ... and it did apply: past the call, prose is refused.
+        let more = format!("{reply} and more");
+        if model
+            .grammar_accepts(&grammar.gbnf, Some(&grammar.trigger), &more)
+            .expect("grammar loads")
+        {
+            failures.push(format!("{format:?}: the lazy grammar never applied"));
         }
         let (real, fake) = if call.contains("get_weather") {
             ("get_weather", "get_wether")
@@ -617,7 +631,7 @@ fn every_call_format_has_a_grammar_that_accepts_its_output() {
         };
         let unknown = call.replacen(real, fake, 1);
         if model
-            .grammar_accepts(&grammar.gbnf, &unknown)
+            .grammar_accepts(&grammar.gbnf, None, &unknown)
             .expect("grammar loads")
         {
             failures.push(format!("{format:?}: accepted {unknown:?}"));
@@ -760,6 +774,7 @@ fn a_given_chat_template_sets_the_call_format_end_to_end() {
     );
 }
 
+/// A BFCL-style tool, as OpenAI tool objects.
 fn one_tool(name: &str, description: &str, parameters: Value) -> Vec<Value> {
     vec![serde_json::json!({
         "type": "function",

@@ -16,7 +16,7 @@
 //! | Functionary v3.2 | `>>>NAME\n{…}` (the first `>>>` may be the prompt's) | `>>>NAME\n`; `NAME\n` at the start |
 //! | Command R7B | `<\|START_ACTION\|>[{"tool_call_id": "0", "tool_name": …, "parameters": {…}}]<\|END_ACTION\|>` | `<\|START_ACTION\|>` |
 //! | Mistral | `[TOOL_CALLS][{"name": …, "arguments": {…}}]` | `[TOOL_CALLS]` |
-//! | Llama 3 JSON | `{"name": …, "parameters": {…}}` | `{` at the start of the reply |
+//! | Llama 3 JSON | `{"name": …, "parameters": {…}}` | `{"name"` (as JSON spaces it) at the start of the reply |
 //!
 //! Where a format writes arguments as JSON, the tool's argument schema goes
 //! through llama.cpp's schema converter as it is. Where it writes one value
@@ -28,8 +28,12 @@
 //! - other types as JSON, or as Python literals for pythonic.
 //!
 //! Required parameters must appear, in the schema's order, and optional
-//! ones may follow, in order. Every string stays bounded, so a call closes
-//! within the token budget.
+//! ones may follow, in order. Text between tags never holds the closing
+//! tag (a rule per prefix of the tag, as llama.cpp's
+//! `gbnf_excluding_grammar` builds it), so what the grammar lets through,
+//! the parser reads back whole. Strings are not bounded: llama.cpp reads a
+//! repetition bound above 2000 as none, and a bound under it would forbid
+//! long file contents; the token budget ends a call that runs on.
 //!
 //! The grammar is built from tool names and schemas that hosts, schema
 //! files and MCP servers supply. Every piece of their text enters the
@@ -43,10 +47,9 @@ use std::fmt::Write as _;
 use serde_json::{json, Map, Value};
 
 use crate::backend::tool_name;
-use crate::formats::ToolFormat;
+use crate::formats::{is_identifier, ToolFormat};
 use crate::grammar::{
-    argument_schema, call_schema, declares_type, wrap_in_tool_call, ArgumentValues,
-    GRAMMAR_MAX_STRING, TOOL_CALL_OPEN,
+    argument_schema, call_schema, declares_type, wrap_in_tool_call, ArgumentValues, TOOL_CALL_OPEN,
 };
 
 /// Converts a JSON Schema into GBNF whose start rule is `root`: llama.cpp's
@@ -92,16 +95,38 @@ impl CallTrigger {
             .iter()
             .filter_map(|word| text.find(word.as_str()))
             .min();
-        let lead = text.len() - text.trim_start_matches(is_regex_space).len();
+        let rest = text.trim_start_matches(is_regex_space);
         let at_start = self
             .at_start
             .iter()
-            .any(|word| text[lead..].starts_with(word.as_str()))
-            .then_some(lead);
+            .any(|word| rest.starts_with(word.as_str()))
+            .then_some(text.len() - rest.len());
         match (anywhere, at_start) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// Whether `piece`, written after `text` (a reply in which no call has
+    /// opened yet), opens one. Only the end of `text` that a word could
+    /// still complete is searched, so a long reply costs no more per token.
+    pub fn completed_by(&self, text: &str, piece: &str) -> bool {
+        let longest = self.anywhere.iter().map(String::len).max().unwrap_or(0);
+        let tail_start = text.len().saturating_sub(longest);
+        let tail_start = (tail_start..=text.len())
+            .find(|at| text.is_char_boundary(*at))
+            .unwrap_or(text.len());
+        let tail = format!("{}{piece}", &text[tail_start..]);
+        if self
+            .anywhere
+            .iter()
+            .any(|word| tail.contains(word.as_str()))
+        {
+            return true;
+        }
+        let reply_start = text.trim_start_matches(is_regex_space).len();
+        let longest_start = self.at_start.iter().map(String::len).max().unwrap_or(0);
+        reply_start <= longest_start && self.find(&format!("{text}{piece}")).is_some()
     }
 
     /// The same rules as llama.cpp's lazy-grammar trigger patterns
@@ -180,7 +205,9 @@ pub fn call_grammar(
     let tools: Vec<Tool> = tools
         .iter()
         .filter_map(|tool| {
-            let name = tool_name(tool)?;
+            // A name the parsers would not read back is never offered in a
+            // grammar (names are identifiers in every format's parser).
+            let name = tool_name(tool).filter(|name| is_identifier(name))?;
             let parameters = tool.pointer("/function/parameters").unwrap_or(&empty);
             Some(Tool {
                 name,
@@ -189,7 +216,7 @@ pub fn call_grammar(
         })
         .collect();
     if tools.is_empty() {
-        return Err("no named tool to call".into());
+        return Err("no tool with a name of letters, digits, `_`, `-` or `.` to call".into());
     }
     let mut rules = Rules::default();
     let anywhere = |word: &str| CallTrigger {
@@ -231,9 +258,13 @@ pub fn call_grammar(
             rules.add("root", call);
             CallTrigger {
                 anywhere: Vec::new(),
-                // `{` opens the reply: whatever spacing follows, the call
-                // is the reply.
-                at_start: vec!["{".into()],
+                // `{"name"` opening the reply, as the converter's JSON
+                // spaces it or as a model does; a JSON answer that is not
+                // a call stays free.
+                at_start: ["", " ", "\n", "\n  ", "\n    ", "\n\t"]
+                    .iter()
+                    .map(|space| format!("{{{space}\"name\""))
+                    .collect(),
             }
         }
         ToolFormat::CommandR7b => {
@@ -494,6 +525,11 @@ impl Rules {
             let mut items = Vec::new();
             if let Some(properties) = tool.arguments.get("properties").and_then(Value::as_object) {
                 for (j, (key, schema)) in properties.iter().enumerate() {
+                    // A key the parser would not read back is left out; a
+                    // call then fails validation if it was required.
+                    if !is_identifier(key) {
+                        continue;
+                    }
                     let value = self.value(syntax, &format!("t{i}-p{j}-"), schema, convert)?;
                     let item = match syntax {
                         ValueSyntax::XmlText => format!(
@@ -560,11 +596,9 @@ impl Rules {
         let declared = schema.get("type");
         let text = declares_type(declared, "string");
         match syntax {
-            ValueSyntax::XmlText if text => Ok(self
-                .share("xml-text", || bounded(&text_without("\n</parameter>")))
-                .to_string()),
+            ValueSyntax::XmlText if text => Ok(self.text_without("xml-text", "</parameter>")),
             ValueSyntax::Escaped if text => {
-                let text = self.share("escaped-text", || bounded(&text_without("<escape>")));
+                let text = self.text_without("escaped-text", "<escape>");
                 Ok(format!("\"<escape>\" {text} \"<escape>\""))
             }
             ValueSyntax::XmlText | ValueSyntax::Escaped => self.convert(convert, prefix, schema),
@@ -599,11 +633,66 @@ impl Rules {
 
     fn python_string(&mut self) -> &'static str {
         self.share("py-string", || {
-            let max = GRAMMAR_MAX_STRING;
-            format!(
-                "\"\\\"\" ( [^\"\\\\\\n] | \"\\\\\" [^\\n] ){{0,{max}}} \"\\\"\" | \"'\" ( [^'\\\\\\n] | \"\\\\\" [^\\n] ){{0,{max}}} \"'\""
-            )
+            r#""\"" ( [^"\\\n] | "\\" [^\n] )* "\"" | "'" ( [^'\\\n] | "\\" [^\n] )* "'""#
+                .to_string()
         })
+    }
+
+    /// A rule for text that never holds `pattern` (llama.cpp's
+    /// `gbnf_excluding_grammar`): one rule per prefix of the pattern
+    /// matched so far, `{name}-K` having matched K characters, moving as
+    /// the pattern's own prefix function says; the pattern whole is the
+    /// one move there is no rule for. Any rule may end, so the text may end
+    /// with a part of the pattern (`…x\n` before `\n</parameter>`).
+    fn text_without(&mut self, name: &'static str, pattern: &str) -> String {
+        let start = format!("{name}-0");
+        if !self.shared.insert(name) {
+            return start;
+        }
+        let chars: Vec<char> = pattern.chars().collect();
+        let mut distinct: Vec<char> = Vec::new();
+        for c in &chars {
+            if !distinct.contains(c) {
+                distinct.push(*c);
+            }
+        }
+        // The prefix function: the longest proper prefix of the first K
+        // characters that is also their suffix.
+        let mut fallback = vec![0usize; chars.len() + 1];
+        for k in 2..=chars.len() {
+            let mut j = fallback[k - 1];
+            while j > 0 && chars[j] != chars[k - 1] {
+                j = fallback[j];
+            }
+            fallback[k] = if chars[j] == chars[k - 1] { j + 1 } else { 0 };
+        }
+        let next = |k: usize, c: char| {
+            let mut k = k;
+            loop {
+                if chars[k] == c {
+                    return k + 1;
+                }
+                if k == 0 {
+                    return 0;
+                }
+                k = fallback[k];
+            }
+        };
+        let others: String = distinct.iter().map(|c| class_char(*c)).collect();
+        for k in 0..chars.len() {
+            let mut moves = vec![format!("[^{others}] {name}-0")];
+            for c in &distinct {
+                let to = next(k, *c);
+                if to < chars.len() {
+                    moves.push(format!("{} {name}-{to}", literal(&c.to_string())));
+                }
+            }
+            self.add(
+                &format!("{name}-{k}"),
+                format!("( {} )?", moves.join(" | ")),
+            );
+        }
+        start
     }
 
     /// Any Python literal: strings, numbers, `True`/`False`/`None`, lists
@@ -634,12 +723,14 @@ impl Rules {
     }
 }
 
+/// An integer as JSON reads it too (no leading zeros).
 fn python_int() -> String {
-    "\"-\"? [0-9]{1,18}".to_string()
+    r#""-"? ( "0" | [1-9] [0-9]{0,17} )"#.to_string()
 }
 
 fn python_number() -> String {
-    "\"-\"? [0-9]{1,18} ( \".\" [0-9]{1,18} )? ( [eE] [-+]? [0-9]{1,3} )?".to_string()
+    r#""-"? ( "0" | [1-9] [0-9]{0,17} ) ( "." [0-9]{1,18} )? ( [eE] [-+]? [0-9]{1,3} )?"#
+        .to_string()
 }
 
 /// `value` written as a Python literal.
@@ -714,30 +805,6 @@ fn sequence(items: &[(String, bool)], separator: &str) -> String {
     expression
 }
 
-/// A bounded run of `unit`.
-fn bounded(unit: &str) -> String {
-    format!("{unit}{{0,{GRAMMAR_MAX_STRING}}}")
-}
-
-/// One step of text that never writes `pattern` (llama.cpp's
-/// `gbnf_excluding_pattern`): any character but the pattern's first, or a
-/// proper prefix of the pattern followed by a character that breaks it.
-fn text_without(pattern: &str) -> String {
-    let chars: Vec<char> = pattern.chars().collect();
-    let alternatives: Vec<String> = (0..chars.len())
-        .map(|i| {
-            let breaks = format!("[^{}]", class_char(chars[i]));
-            if i == 0 {
-                breaks
-            } else {
-                let prefix: String = chars[..i].iter().collect();
-                format!("{} {breaks}", literal(&prefix))
-            }
-        })
-        .collect();
-    format!("( {} )", alternatives.join(" | "))
-}
-
 /// `text` as a GBNF string literal.
 pub(crate) fn literal(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
@@ -765,7 +832,9 @@ fn class_char(c: char) -> String {
         '\n' => "\\n".into(),
         '\r' => "\\r".into(),
         '\t' => "\\t".into(),
-        ']' | '[' | '\\' | '^' | '-' => format!("\\{c}"),
+        ']' | '[' | '\\' | '-' => format!("\\{c}"),
+        // llama.cpp knows no `\^`; a hex escape is read anywhere.
+        '^' => "\\x5E".into(),
         c if c.is_control() => format!("\\x{:02X}", c as u32),
         c => c.to_string(),
     }
@@ -791,6 +860,16 @@ fn prefixed(gbnf: &str, prefix: &str) -> Vec<String> {
             let mut chars = line.chars().peekable();
             while let Some(c) = chars.next() {
                 match c {
+                    // A repetition's bounds are numbers, never rule names.
+                    '{' => {
+                        out.push(c);
+                        for d in chars.by_ref() {
+                            out.push(d);
+                            if d == '}' {
+                                break;
+                            }
+                        }
+                    }
                     '"' | '[' => {
                         let close = if c == '"' { '"' } else { ']' };
                         out.push(c);
@@ -833,15 +912,18 @@ mod tests {
 
     #[test]
     fn renaming_touches_rule_names_only() {
-        let gbnf = "root ::= object space\nobject ::= \"{\" space \"object\" [a-z\\]] char{0,20} \"}\"\nspace ::= \" \"?\nchar ::= [^\"\\\\]\n";
+        // A property named `20` makes a rule `20`: the bound of `{0,20}`
+        // stays a number.
+        let gbnf = "root ::= object space\nobject ::= \"{\" space \"object\" [a-z\\]] char{0,20} 20 \"}\"\nspace ::= \" \"?\nchar ::= [^\"\\\\]\n20 ::= char\n";
         let renamed = prefixed(gbnf, "t0-");
         assert_eq!(
             renamed,
             [
                 "t0-root ::= t0-object t0-space",
-                "t0-object ::= \"{\" t0-space \"object\" [a-z\\]] t0-char{0,20} \"}\"",
+                "t0-object ::= \"{\" t0-space \"object\" [a-z\\]] t0-char{0,20} t0-20 \"}\"",
                 "t0-space ::= \" \"?",
                 "t0-char ::= [^\"\\\\]",
+                "t0-20 ::= t0-char",
             ]
         );
     }
@@ -870,8 +952,85 @@ mod tests {
     fn literals_and_classes_are_escaped() {
         assert_eq!(literal("a\"b\\c\nd"), "\"a\\\"b\\\\c\\nd\"");
         assert_eq!(literal("<｜tool▁sep｜>"), "\"<｜tool▁sep｜>\"");
-        assert_eq!(text_without("<e>"), "( [^<] | \"<\" [^e] | \"<e\" [^>] )");
+        assert_eq!(class_char('^'), "\\x5E");
+        // One rule per prefix matched; `<` from any rule restarts the
+        // match, and the pattern whole is the one move with no rule.
+        let mut rules = Rules::default();
+        assert_eq!(rules.text_without("t", "<e>"), "t-0");
+        assert_eq!(rules.text_without("t", "<e>"), "t-0", "added once");
+        assert_eq!(
+            rules.lines,
+            [
+                "t-0 ::= ( [^<e>] t-0 | \"<\" t-1 | \"e\" t-0 | \">\" t-0 )?",
+                "t-1 ::= ( [^<e>] t-0 | \"<\" t-1 | \"e\" t-2 | \">\" t-0 )?",
+                "t-2 ::= ( [^<e>] t-0 | \"<\" t-1 | \"e\" t-0 )?",
+            ]
+        );
         assert_eq!(class_char(']'), "\\]");
+    }
+
+    const ALL_FORMATS: [ToolFormat; 9] = [
+        ToolFormat::Hermes,
+        ToolFormat::Qwen3CoderXml,
+        ToolFormat::Pythonic,
+        ToolFormat::FunctionGemma,
+        ToolFormat::DeepSeek,
+        ToolFormat::FunctionaryV32,
+        ToolFormat::CommandR7b,
+        ToolFormat::Mistral,
+        ToolFormat::Llama3Json,
+    ];
+
+    /// `One` call leaves no repetition of calls in any format: none in
+    /// the rules, `maxItems: 1` where a JSON list holds the calls (Llama 3
+    /// JSON writes one call in any case).
+    /// Names the parsers could not read back are never offered.
+    #[test]
+    fn one_call_means_one_in_every_format() {
+        let tools = vec![
+            json!({"type": "function", "function": {"name": "get_weather", "parameters": {
+                "type": "object", "properties": {"city": {"type": "string"}, "bad key": {"type": "string"}}}}}),
+            json!({"type": "function", "function": {"name": "rm -rf", "parameters": {}}}),
+        ];
+        for format in ALL_FORMATS {
+            for count in [CallCount::One, CallCount::Many] {
+                let schemas = std::cell::RefCell::new(Vec::new());
+                let convert = |schema: &Value| {
+                    schemas.borrow_mut().push(schema.clone());
+                    Ok("root ::= \"{}\"\n".to_string())
+                };
+                let grammar =
+                    call_grammar(format, &tools, &ArgumentValues::none(), count, &convert)
+                        .unwrap_or_else(|e| panic!("{format:?}: {e}"));
+                let repeats = grammar
+                    .gbnf
+                    .lines()
+                    .filter(|line| line.starts_with("root ::=") || line.starts_with("calls ::="))
+                    .any(|line| line.contains(")*") || line.contains("call+"))
+                    || schemas
+                        .borrow()
+                        .iter()
+                        .any(|s| s.get("minItems").is_some() && s.get("maxItems").is_none());
+                assert_eq!(
+                    repeats,
+                    count == CallCount::Many && format != ToolFormat::Llama3Json,
+                    "{format:?} {count:?}:\n{}",
+                    grammar.gbnf
+                );
+                assert!(!grammar.gbnf.contains("rm -rf"), "{format:?}");
+                assert!(!grammar.gbnf.contains("bad key"), "{format:?}");
+            }
+        }
+        let unnamed = [json!({"type": "function", "function": {"name": "<x>"}})];
+        let convert = |_: &Value| Ok(String::new());
+        assert!(call_grammar(
+            ToolFormat::Hermes,
+            &unnamed,
+            &ArgumentValues::none(),
+            CallCount::Many,
+            &convert
+        )
+        .is_err());
     }
 
     /// The Rust search and the llama.cpp patterns describe one trigger.
@@ -893,6 +1052,13 @@ mod tests {
             ]
         );
         assert_eq!(CallTrigger::hermes().find("a <tool_call>"), Some(2));
+        // Searched per token, the end of the reply is enough.
+        let long = format!("{}<tool_", "x".repeat(10_000));
+        assert!(CallTrigger::hermes().completed_by(&long, "call>"));
+        assert!(!CallTrigger::hermes().completed_by(&long, "calls"));
+        assert!(trigger.completed_by(" ", "[get_weather("));
+        assert!(!trigger.completed_by("Sure. ", "[get_weather("));
+        assert!(trigger.completed_by("é", "<|tool_call_start|>"));
         assert_eq!(regex_escape("{\"name\""), "\\{\"name\"");
     }
 }

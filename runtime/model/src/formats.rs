@@ -122,15 +122,17 @@ impl ToolFormat {
 pub struct ToolLookup<'a> {
     /// Whether a name is an offered tool.
     pub is_tool: &'a dyn Fn(&str) -> bool,
-    /// The declared JSON type of a tool's parameter, when known.
+    /// The declared JSON type of a tool's parameter, when known: `string?`
+    /// for a string that may be null.
     pub param_type: &'a dyn Fn(&str, &str) -> Option<String>,
 }
 
 /// A call parsed from native syntax: name and arguments object.
 pub(crate) type NativeCall = (String, Map<String, Value>);
 
-/// Whether `name` could be a tool's name.
-fn is_identifier(name: &str) -> bool {
+/// Whether `name` could be a tool's name (or a parameter's, in the formats
+/// that write names bare).
+pub(crate) fn is_identifier(name: &str) -> bool {
     !name.is_empty()
         && name
             .chars()
@@ -139,9 +141,12 @@ fn is_identifier(name: &str) -> bool {
 
 /// A text value typed by the parameter's declared type.
 fn typed(tools: &ToolLookup<'_>, tool: &str, param: &str, raw: &str) -> Value {
-    let declared = (tools.param_type)(tool, param);
-    if declared.as_deref() == Some("string") {
-        return Value::String(raw.to_string());
+    match (tools.param_type)(tool, param).as_deref() {
+        Some("string") => return Value::String(raw.to_string()),
+        // A nullable string: `null` is the null, anything else the text.
+        Some("string?") if raw.trim() == "null" => return Value::Null,
+        Some("string?") => return Value::String(raw.to_string()),
+        _ => {}
     }
     match serde_json::from_str::<Value>(raw.trim()) {
         Ok(value) => value,
@@ -184,18 +189,16 @@ fn parse_qwen3_xml(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<Na
         if !is_identifier(&name) || !(tools.is_tool)(&name) {
             return None;
         }
-        let body_and_rest = &after[name_end + 1..];
-        let (body, next) = match body_and_rest.find("</function>") {
-            Some(end) => (
-                &body_and_rest[..end],
-                &body_and_rest[end + "</function>".len()..],
-            ),
-            None => (body_and_rest, ""),
-        };
+        // Parameters one after another, each read up to its own closing
+        // tag (a value may hold `</function>`), then `</function>`.
+        let mut params = &after[name_end + 1..];
         let mut arguments = Map::new();
-        let mut params = body;
-        while let Some(p) = params.find("<parameter=") {
-            let after_p = &params[p + "<parameter=".len()..];
+        loop {
+            let trimmed = params.trim_start();
+            let Some(after_p) = trimmed.strip_prefix("<parameter=") else {
+                params = trimmed;
+                break;
+            };
             let key_end = after_p.find('>')?;
             let key = after_p[..key_end].trim().to_string();
             let value_and_rest = &after_p[key_end + 1..];
@@ -211,6 +214,7 @@ fn parse_qwen3_xml(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<Na
             arguments.insert(key.clone(), typed(tools, &name, &key, value));
             params = next_p;
         }
+        let next = params.strip_prefix("</function>").unwrap_or(params);
         calls.push((name, arguments));
         let next = next.trim_start();
         rest = next.strip_prefix("</tool_call>").unwrap_or(next);

@@ -30,10 +30,6 @@ pub enum ToolChoice {
 /// The text that opens a tool call, and the lazy grammar's trigger.
 pub const TOOL_CALL_OPEN: &str = "<tool_call>";
 
-/// Longest string the grammar lets the model write in one argument, so a
-/// constrained call always closes within the token budget.
-pub(crate) const GRAMMAR_MAX_STRING: u64 = 2048;
-
 /// Most values one parameter's grounding may list; past it the parameter
 /// is left free (a list that long helps a model no more than the schema).
 pub const MAX_GROUNDED_VALUES: usize = 512;
@@ -153,8 +149,9 @@ pub(crate) fn argument_schema(name: &str, parameters: &Value, grounding: &Argume
     parameters
 }
 
-/// Drops annotations the grammar converter does not need and bounds
-/// strings, so a constrained call always terminates.
+/// Drops annotations the grammar converter does not need. Strings are
+/// left unbounded: llama.cpp reads a repetition bound above 2000 as none,
+/// and a lower one would forbid long file contents.
 ///
 /// Only keywords are touched: the keys of `properties` (and of the other
 /// name-to-schema maps) are parameter names, so a parameter called
@@ -166,15 +163,6 @@ fn shape_for_grammar(schema: &mut Value) {
     };
     for annotation in ["$schema", "description", "title", "default", "examples"] {
         object.remove(annotation);
-    }
-    // `["string", "null"]` counts: the converter keeps `maxLength` for the
-    // string branch.
-    if declares_type(object.get("type"), "string")
-        && !object.contains_key("enum")
-        && !object.contains_key("const")
-        && !object.contains_key("maxLength")
-    {
-        object.insert("maxLength".into(), GRAMMAR_MAX_STRING.into());
     }
     for (keyword, value) in object.iter_mut() {
         match keyword.as_str() {
@@ -251,8 +239,8 @@ mod tests {
             "read_file"
         );
         assert_eq!(
-            schema["oneOf"][0]["properties"]["arguments"]["properties"]["path"]["maxLength"],
-            2048
+            schema["oneOf"][0]["properties"]["arguments"]["properties"]["path"],
+            json!({"type": "string"})
         );
         assert!(schema["oneOf"][0]["properties"]["arguments"]
             .get("$schema")
@@ -310,15 +298,15 @@ mod tests {
         );
         assert_eq!(properties["count"], json!({"type": "integer"}));
         assert_eq!(properties["mode"]["enum"], json!(["a", "b"]));
-        assert_eq!(properties["empty"]["maxLength"], 2048);
-        assert_eq!(properties["long"]["maxLength"], 2048);
+        assert_eq!(properties["empty"], json!({"type": "string"}));
+        assert_eq!(properties["long"], json!({"type": "string"}));
         assert!(properties.get("missing").is_none());
         let untouched = &schema["oneOf"][1]["properties"]["arguments"]["properties"]["path"];
-        assert_eq!(untouched["maxLength"], 2048);
+        assert_eq!(untouched, &json!({"type": "string"}));
         assert_eq!(
             call_schema([("read_file", &read)], &ArgumentValues::none())["properties"]["arguments"]
-                ["properties"]["path"]["maxLength"],
-            2048
+                ["properties"]["path"],
+            json!({"type": "string", "minLength": 1})
         );
     }
 
@@ -343,18 +331,12 @@ mod tests {
         let arguments = &schema["properties"]["arguments"];
         assert!(arguments.get("title").is_none(), "{arguments}");
         let properties = &arguments["properties"];
-        assert_eq!(
-            properties["title"],
-            json!({"type": "string", "maxLength": 2048})
-        );
+        assert_eq!(properties["title"], json!({"type": "string"}));
         assert_eq!(properties["description"]["type"], "string");
         assert_eq!(properties["default"], json!({"type": "integer"}));
-        assert_eq!(
-            properties["tags"]["items"],
-            json!({"type": "string", "maxLength": 2048})
-        );
+        assert_eq!(properties["tags"]["items"], json!({"type": "string"}));
         assert_eq!(properties["mode"]["enum"], json!([{"title": "kept"}]));
-        assert_eq!(properties["note"]["maxLength"], 2048);
+        assert_eq!(properties["note"], json!({"type": ["string", "null"]}));
         assert_eq!(
             arguments["required"],
             json!(["title", "description", "default"])

@@ -307,11 +307,27 @@ impl Model {
 
     /// Whether `grammar` (GBNF, start rule `root`) accepts `text` whole,
     /// read token by token as this model would write it: each token
-    /// allowed where it comes, and the end allowed after the last. This is
-    /// how call grammars are checked against real model output.
-    pub fn grammar_accepts(&self, grammar: &str, text: &str) -> Result<bool, ModelError> {
-        let mut sampler = LlamaSampler::grammar(&self.model, grammar, "root")
-            .map_err(|e| ModelError::Grammar(e.to_string()))?;
+    /// allowed where it comes, and the end allowed after the last. With a
+    /// trigger the grammar is lazy, as under `auto`: llama.cpp applies it
+    /// from where the trigger's patterns match. This is how call grammars
+    /// are checked against real model output.
+    pub fn grammar_accepts(
+        &self,
+        grammar: &str,
+        trigger: Option<&CallTrigger>,
+        text: &str,
+    ) -> Result<bool, ModelError> {
+        let mut sampler = match trigger {
+            Some(trigger) => LlamaSampler::grammar_lazy_patterns(
+                &self.model,
+                grammar,
+                "root",
+                &trigger.patterns(),
+                &[],
+            ),
+            None => LlamaSampler::grammar(&self.model, grammar, "root"),
+        }
+        .map_err(|e| ModelError::Grammar(e.to_string()))?;
         let vocab = self.model.vocab();
         let allowed = |sampler: &mut LlamaSampler, token: LlamaToken| {
             let mut candidates =
@@ -1225,14 +1241,14 @@ impl ModelSession {
         let mut pending = Vec::new();
         let mut generated = 0u64;
         let mut stop = StopReason::MaxTokens;
-        let trigger = grammar.and_then(|(_, trigger)| trigger);
+        // The lazy grammar's trigger, until a call has opened.
+        let mut awaiting = grammar.and_then(|(_, trigger)| trigger);
         while generated < u64::from(sampling.max_tokens) {
             if self.cached.len() + 1 >= context as usize {
                 break;
             }
             // Until the lazy grammar has triggered, a token may complete
             // its trigger.
-            let awaiting = trigger.filter(|trigger| trigger.find(&text).is_none());
             let token = match self.sample_next(&mut sampler, awaiting.map(|t| (t, text.as_str()))) {
                 Ok(token) => token,
                 Err(SampleFailure::NothingAllowed) => {
@@ -1250,6 +1266,9 @@ impl ModelSession {
             generated += 1;
             pending.extend(vocab.token_to_piece(token, true, None));
             let piece = take_utf8(&mut pending);
+            if awaiting.is_some_and(|trigger| trigger.completed_by(&text, &piece)) {
+                awaiting = None;
+            }
             text.push_str(&piece);
             self.eval(&[token], Want::Last)?;
             if !piece.is_empty() && !on_token(&piece) {
@@ -1366,8 +1385,7 @@ impl ModelSession {
             // while the grammar waits: keep a copy to go back to.
             let completes_trigger = awaiting_trigger.is_some_and(|(trigger, text)| {
                 let piece = vocab.token_to_piece(token, true, None);
-                let piece = String::from_utf8_lossy(&piece);
-                trigger.find(&format!("{text}{piece}")).is_some()
+                trigger.completed_by(text, &String::from_utf8_lossy(&piece))
             });
             let before = completes_trigger.then(|| sampler.clone());
             match (sampler.try_accept(token), before) {

@@ -60,12 +60,19 @@ pub fn parse_tool_calls_for(
     };
     let is_tool = |name: &str| find(name).is_some();
     let param_type = |tool: &str, param: &str| {
-        find(tool)?
+        let declared = find(tool)?
             .pointer("/function/parameters/properties")?
             .get(param)?
-            .get("type")?
-            .as_str()
-            .map(str::to_string)
+            .get("type")?;
+        match declared {
+            Value::String(kind) => Some(kind.clone()),
+            // `["string", "null"]`: a string that may be null.
+            Value::Array(kinds) => {
+                let has = |kind: &str| kinds.iter().any(|k| k == kind);
+                (has("string") && has("null") && kinds.len() == 2).then(|| "string?".to_string())
+            }
+            _ => None,
+        }
     };
     let lookup = ToolLookup {
         is_tool: &is_tool,
