@@ -8,7 +8,7 @@ mod common;
 use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
-use stack_runtime::message::Message;
+use stack_runtime::message::{Message, ToolCall};
 use stack_runtime::model::call_grammar::CallCount;
 use stack_runtime::model::llama::format_grammar;
 use stack_runtime::model::llama::{
@@ -691,6 +691,88 @@ fn every_call_format_has_a_grammar_that_accepts_its_output() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// The round trip through each format's template: the format is detected
+/// from the template, an assistant turn with calls renders in its syntax,
+/// the rendered calls parse back into the same calls, and the format's
+/// lazy grammar accepts them on the model's tokens.
+#[test]
+fn every_call_format_round_trips_through_its_template() {
+    let model = model();
+    let fixtures: Value =
+        serde_json::from_str(&fixture_text("formats/outputs.json")).expect("fixture json");
+    let tools = fixtures["tools"].as_array().expect("tools").clone();
+    let formats = [
+        ToolFormat::Hermes,
+        ToolFormat::Qwen3CoderXml,
+        ToolFormat::Pythonic,
+        ToolFormat::FunctionGemma,
+        ToolFormat::DeepSeek,
+        ToolFormat::FunctionaryV32,
+        ToolFormat::CommandR7b,
+        ToolFormat::Mistral,
+        ToolFormat::Llama3Json,
+    ];
+    let mut failures = Vec::new();
+    for format in formats {
+        let name = format.as_str();
+        let template = fixture_text(&format!("templates/formats/{name}.jinja"));
+        assert_eq!(ToolFormat::detect(&template), Some(format), "{name}");
+        let renderer = PromptRenderer::new(&template, "unused").expect(name);
+        assert!(renderer.own_template_supports_tools(), "{name}");
+        let mut calls = vec![
+            ToolCall::function("call_1", "get_weather", r#"{"city":"Paris","days":3}"#),
+            ToolCall::function("call_2", "lookup_zip", r#"{"zip":"007"}"#),
+        ];
+        if format == ToolFormat::Llama3Json {
+            // One call per message in Llama 3's JSON.
+            calls.truncate(1);
+        }
+        let asked = vec![Message::user("The weather in Paris, and the zip 007?")];
+        let before = renderer.render(&asked, &tools).expect("render");
+        let mut answered = asked.clone();
+        answered.push(Message::assistant_tool_calls(None, calls.clone()));
+        let after = renderer.render(&answered, &tools).expect("render");
+        let shared = before
+            .char_indices()
+            .zip(after.chars())
+            .find(|((_, a), b)| a != b)
+            .map_or(before.len(), |((at, _), _)| at);
+        let turn = &after[shared..];
+        let turn = ["<|im_end|>", "<|eot_id|>"]
+            .iter()
+            .filter_map(|end| turn.find(end))
+            .min()
+            .map_or(turn, |end| &turn[..end]);
+        let parsed = stack_runtime::model::parse_tool_calls_for(turn, &tools, &mut ids());
+        let read = |calls: &[ToolCall]| -> Vec<(String, Value)> {
+            calls
+                .iter()
+                .map(|c| {
+                    (
+                        c.function.name.clone(),
+                        serde_json::from_str(&c.function.arguments).unwrap_or(Value::Null),
+                    )
+                })
+                .collect()
+        };
+        if read(&parsed.tool_calls) != read(&calls) {
+            failures.push(format!(
+                "{name}: {turn:?} parsed as {:?}",
+                parsed.tool_calls
+            ));
+        }
+        let grammar = format_grammar(format, &tools, &ArgumentValues::none(), CallCount::Many)
+            .expect("grammar");
+        if !model
+            .grammar_accepts(&grammar.gbnf, Some(&grammar.trigger), turn)
+            .expect("grammar loads")
+        {
+            failures.push(format!("{name}: the grammar refused {turn:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// A chat template given in place of the GGUF's (`--chat-template-file`)
 /// sets the call syntax end to end: with an XML-calling template, the
 /// default model is shown the tools by that template, writes its call in
@@ -701,7 +783,7 @@ fn a_given_chat_template_sets_the_call_format_end_to_end() {
     let model = Model::load(ModelOptions {
         context_size: 2048,
         threads: Some(2),
-        chat_template: Some(fixture_text("templates/xml_calls.jinja")),
+        chat_template: Some(fixture_text("templates/formats/qwen3_coder_xml.jinja")),
         ..ModelOptions::default()
     })
     .expect("the default model loads with a given template");
@@ -978,7 +1060,7 @@ fn agent_model_shows_metadata_and_rejects_bad_files() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("is not a GGUF model"));
     // A given chat template sets the call syntax `agent model` reports;
     // one that cannot be read, or does not parse, is refused by name.
-    let template = common::fixture("templates/xml_calls.jinja");
+    let template = common::fixture("templates/formats/qwen3_coder_xml.jinja");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
         .args(["model", "--json", "--chat-template-file"])
         .arg(&template)
