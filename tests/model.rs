@@ -641,6 +641,26 @@ fn every_call_format_has_a_grammar_that_accepts_its_output() {
         }
     }
     assert_eq!(formats.len(), 9, "a fixture for every format");
+    // Text never holds its own closing tag.
+    for (format, call) in [
+        (
+            ToolFormat::Qwen3CoderXml,
+            "<tool_call>\n<function=lookup_zip>\n<parameter=zip>\na</parameter>b\n</parameter>\n</function>\n</tool_call>",
+        ),
+        (
+            ToolFormat::FunctionGemma,
+            "<start_function_call>call:lookup_zip{zip:<escape>a<<escape>b<escape>}<end_function_call>",
+        ),
+    ] {
+        let grammar = format_grammar(format, &tools, &ArgumentValues::none(), CallCount::Many)
+            .expect("grammar");
+        if model
+            .grammar_accepts(&grammar.gbnf, None, call)
+            .expect("grammar loads")
+        {
+            failures.push(format!("{format:?}: accepted {call:?}"));
+        }
+    }
     // The model writes each syntax under its grammar.
     let schema = |name: &str| {
         tools
@@ -768,6 +788,18 @@ fn every_call_format_round_trips_through_its_template() {
             .expect("grammar loads")
         {
             failures.push(format!("{name}: the grammar refused {turn:?}"));
+        }
+        if model
+            .grammar_accepts(
+                &grammar.gbnf,
+                Some(&grammar.trigger),
+                &format!("{turn} and more"),
+            )
+            .expect("grammar loads")
+        {
+            failures.push(format!(
+                "{name}: the lazy grammar never applied to {turn:?}"
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

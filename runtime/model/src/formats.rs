@@ -123,7 +123,8 @@ pub struct ToolLookup<'a> {
     /// Whether a name is an offered tool.
     pub is_tool: &'a dyn Fn(&str) -> bool,
     /// The declared JSON type of a tool's parameter, when known: `string?`
-    /// for a string that may be null.
+    /// for a string that may be null, `string|integer` for a list of
+    /// types with a string among them.
     pub param_type: &'a dyn Fn(&str, &str) -> Option<String>,
 }
 
@@ -146,11 +147,34 @@ fn typed(tools: &ToolLookup<'_>, tool: &str, param: &str, raw: &str) -> Value {
         // A nullable string: `null` is the null, anything else the text.
         Some("string?") if raw.trim() == "null" => return Value::Null,
         Some("string?") => return Value::String(raw.to_string()),
+        // Several types, a string among them (`string|integer`): JSON of
+        // a declared type, else the text.
+        Some(kinds) if kinds.contains('|') => {
+            let declared: Vec<&str> = kinds.split('|').collect();
+            return match serde_json::from_str::<Value>(raw.trim()) {
+                Ok(value) if declared.iter().any(|kind| json_type_is(&value, kind)) => value,
+                _ => Value::String(raw.to_string()),
+            };
+        }
         _ => {}
     }
     match serde_json::from_str::<Value>(raw.trim()) {
         Ok(value) => value,
         Err(_) => Value::String(raw.to_string()),
+    }
+}
+
+/// Whether `value` is of the JSON Schema type `kind`.
+fn json_type_is(value: &Value, kind: &str) -> bool {
+    match kind {
+        "null" => value.is_null(),
+        "boolean" => value.is_boolean(),
+        "integer" => value.is_i64() || value.is_u64(),
+        "number" => value.is_number(),
+        "string" => value.is_string(),
+        "array" => value.is_array(),
+        "object" => value.is_object(),
+        _ => false,
     }
 }
 
@@ -190,31 +214,42 @@ fn parse_qwen3_xml(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<Na
             return None;
         }
         // Parameters one after another, each read up to its own closing
-        // tag (a value may hold `</function>`), then `</function>`.
+        // tag (a value may hold `</function>`); text between them is
+        // skipped; then `</function>`.
         let mut params = &after[name_end + 1..];
         let mut arguments = Map::new();
         loop {
-            let trimmed = params.trim_start();
-            let Some(after_p) = trimmed.strip_prefix("<parameter=") else {
-                params = trimmed;
+            let next_parameter = params.find("<parameter=");
+            let function_end = params.find("</function>");
+            let Some(p) = next_parameter.filter(|p| function_end.is_none_or(|e| *p < e)) else {
                 break;
             };
+            let after_p = &params[p + "<parameter=".len()..];
             let key_end = after_p.find('>')?;
             let key = after_p[..key_end].trim().to_string();
             let value_and_rest = &after_p[key_end + 1..];
+            // An unclosed value ends where the function does.
             let (value, next_p) = match value_and_rest.find("</parameter>") {
                 Some(end) => (
                     &value_and_rest[..end],
                     &value_and_rest[end + "</parameter>".len()..],
                 ),
-                None => (value_and_rest, ""),
+                None => {
+                    let end = value_and_rest
+                        .rfind("</function>")
+                        .unwrap_or(value_and_rest.len());
+                    (&value_and_rest[..end], &value_and_rest[end..])
+                }
             };
             let value = value.strip_prefix('\n').unwrap_or(value);
             let value = value.strip_suffix('\n').unwrap_or(value);
             arguments.insert(key.clone(), typed(tools, &name, &key, value));
             params = next_p;
         }
-        let next = params.strip_prefix("</function>").unwrap_or(params);
+        let next = match params.find("</function>") {
+            Some(end) => &params[end + "</function>".len()..],
+            None => params,
+        };
         calls.push((name, arguments));
         let next = next.trim_start();
         rest = next.strip_prefix("</tool_call>").unwrap_or(next);
@@ -322,7 +357,7 @@ fn parse_function_gemma(text: &str, tools: &ToolLookup<'_>) -> Option<(String, V
     while let Some(start) = rest.find(START) {
         content.push_str(&rest[..start]);
         let after = &rest[start + START.len()..];
-        let (block, next) = match after.find(END) {
+        let (block, next) = match find_outside_escapes(after, END, ESCAPE) {
             Some(end) => (&after[..end], &after[end + END.len()..]),
             None => (after, ""),
         };
@@ -361,6 +396,22 @@ fn parse_function_gemma(text: &str, tools: &ToolLookup<'_>) -> Option<(String, V
     }
     content.push_str(rest);
     (!calls.is_empty()).then_some((content, calls))
+}
+
+/// Where the first `word` outside `escape`-delimited text is: an escaped
+/// value may hold the word itself.
+fn find_outside_escapes(text: &str, word: &str, escape: &str) -> Option<usize> {
+    let mut from = 0;
+    loop {
+        let at = from + text[from..].find(word)?;
+        let escapes = text[..at].matches(escape).count();
+        if escapes.is_multiple_of(2) {
+            return Some(at);
+        }
+        // Inside an escaped value: go on after its closing escape.
+        let close = at + text[at..].find(escape)? + escape.len();
+        from = close;
+    }
 }
 
 /// Where the first comma outside brackets and quotes is.
@@ -701,6 +752,59 @@ mod tests {
             );
         }
         assert_eq!(seen.len(), 9, "every format has a fixture: {seen:?}");
+    }
+
+    /// Text values read back as their declared types, and the XML and
+    /// FunctionGemma readers hold up to text the grammar would not write.
+    #[test]
+    fn text_values_keep_their_declared_types_and_odd_text_parses() {
+        let tools = vec![
+            json!({"type": "function", "function": {"name": "pick", "parameters": {
+            "type": "object", "properties": {
+                "note": {"type": ["string", "null"]},
+                "either": {"type": ["string", "integer"]},
+                "other": {"type": ["string", "integer"]}
+            }}}}),
+        ];
+        let parse = |text: &str| {
+            let mut next_id = || "x".to_string();
+            let turn = parse_tool_calls_for(text, &tools, &mut next_id);
+            turn.tool_calls
+                .first()
+                .and_then(|c| serde_json::from_str::<Value>(&c.function.arguments).ok())
+                .unwrap_or(Value::Null)
+        };
+        let xml =
+            |body: &str| format!("<tool_call>\n<function=pick>\n{body}</function>\n</tool_call>");
+        let param = |k: &str, v: &str| format!("<parameter={k}>\n{v}\n</parameter>\n");
+        assert_eq!(
+            parse(&xml(&format!(
+                "{}{}{}",
+                param("note", "null"),
+                param("either", "true"),
+                param("other", "5")
+            ))),
+            json!({"note": null, "either": "true", "other": 5})
+        );
+        assert_eq!(
+            parse(&xml(&param("note", "Paris"))),
+            json!({"note": "Paris"})
+        );
+        // Text between parameters is skipped; an unclosed value ends
+        // where the function does.
+        assert_eq!(
+            parse(&xml(&format!("a note\n{}", param("note", "x")))),
+            json!({"note": "x"})
+        );
+        assert_eq!(
+            parse("<tool_call>\n<function=pick>\n<parameter=note>\nx\n</function>\n</tool_call>\nDone."),
+            json!({"note": "x"})
+        );
+        // An escaped value may hold the end of the call.
+        assert_eq!(
+            parse("<start_function_call>call:pick{note:<escape>a<end_function_call>b<escape>}<end_function_call>"),
+            json!({"note": "a<end_function_call>b"})
+        );
     }
 
     /// Text that only looks like a native call stays text.

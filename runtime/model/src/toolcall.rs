@@ -66,10 +66,15 @@ pub fn parse_tool_calls_for(
             .get("type")?;
         match declared {
             Value::String(kind) => Some(kind.clone()),
-            // `["string", "null"]`: a string that may be null.
+            // `["string", "null"]`: a string that may be null; other lists
+            // with a string are named whole (`string|integer`).
             Value::Array(kinds) => {
-                let has = |kind: &str| kinds.iter().any(|k| k == kind);
-                (has("string") && has("null") && kinds.len() == 2).then(|| "string?".to_string())
+                let kinds: Vec<&str> = kinds.iter().filter_map(Value::as_str).collect();
+                match kinds.as_slice() {
+                    ["string", "null"] | ["null", "string"] => Some("string?".to_string()),
+                    _ if kinds.contains(&"string") => Some(kinds.join("|")),
+                    _ => None,
+                }
             }
             _ => None,
         }
