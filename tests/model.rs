@@ -763,6 +763,11 @@ fn every_call_format_round_trips_through_its_template() {
             .filter_map(|end| turn.find(end))
             .min()
             .map_or(turn, |end| &turn[..end]);
+        // The routing step scores names in the frame the template writes.
+        let (open, close) = format.name_frame();
+        if !turn.contains(&format!("{open}get_weather{close}")) {
+            failures.push(format!("{name}: no {open:?}NAME{close:?} in {turn:?}"));
+        }
         let parsed = stack_runtime::model::parse_tool_calls_for(turn, &tools, &mut ids());
         let read = |calls: &[ToolCall]| -> Vec<(String, Value)> {
             calls

@@ -102,6 +102,30 @@ impl ToolFormat {
         }
     }
 
+    /// The text a call in this format opens with, up to the tool's name,
+    /// and the text right after the name, as the format's own templates
+    /// write them: the routing step scores each name in this frame
+    /// (`<tool_call>\n{"name": "` NAME `"`).
+    pub fn name_frame(self) -> (&'static str, &'static str) {
+        match self {
+            ToolFormat::Hermes => ("<tool_call>\n{\"name\": \"", "\""),
+            ToolFormat::Qwen3CoderXml => ("<tool_call>\n<function=", ">"),
+            ToolFormat::Pythonic => ("[", "("),
+            ToolFormat::FunctionGemma => ("<start_function_call>call:", "{"),
+            ToolFormat::DeepSeek => (
+                "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>",
+                "\n",
+            ),
+            ToolFormat::FunctionaryV32 => (">>>", "\n"),
+            ToolFormat::CommandR7b => (
+                "<|START_ACTION|>[{\"tool_call_id\": \"0\", \"tool_name\": \"",
+                "\"",
+            ),
+            ToolFormat::Mistral => ("[TOOL_CALLS][{\"name\": \"", "\""),
+            ToolFormat::Llama3Json => ("{\"name\": \"", "\""),
+        }
+    }
+
     /// The text that opens a call in this format: where a lazy grammar
     /// would start, and what the parsers look for.
     pub fn opening(self) -> &'static str {

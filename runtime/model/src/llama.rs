@@ -28,7 +28,7 @@ pub use super::backend::{
 use super::batch::{Engine, Lease, Want, PROMPT_CHUNK};
 use super::call_grammar::{call_grammar, CallCount, CallGrammar, CallTrigger};
 use super::formats::ToolFormat;
-use super::grammar::{ArgumentValues, ToolChoice, TOOL_CALL_OPEN};
+use super::grammar::{ArgumentValues, ToolChoice};
 use super::routing::{clip, describe_tool, name_words_in, RoutingScores, MAX_EVIDENCE_CHARS};
 use super::template::PromptRenderer;
 use super::toolcall::{parse_tool_calls_for, ParsedTurn};
@@ -941,8 +941,9 @@ impl ModelSession {
     /// of that tool than after one that tells of none ([`tool_evidence`]).
     /// Where no tool has [`ROUTING_EVIDENCE_NATS`], no tool is named.
     /// Then which: each tool is also scored by how likely the model finds
-    /// a call to it, opened the way the prompt shows calls (`<tool_call>`
-    /// then `{"name": "NAME"`), and by the words of its name the message
+    /// a call to it, opened the way the model's own syntax opens one
+    /// ([`ToolFormat::name_frame`]: `<tool_call>\n{"name": "NAME"` for
+    /// Hermes), and by the words of its name the message
     /// holds; [`RoutingScores::choice`] adds the three. The name prompts
     /// share the conversation with each other and with the step that
     /// follows, so each evaluates only what is its own; the evidence
@@ -978,10 +979,12 @@ impl ModelSession {
         } else if let [only] = names.as_slice() {
             Some(only.to_string())
         } else {
-            let opening = format!("{prompt}{TOOL_CALL_OPEN}\n{{\"name\": \"");
+            // Each name as the model's own syntax opens a call with it.
+            let (open, close) = self.model.info.tool_format.name_frame();
+            let opening = format!("{prompt}{open}");
             let shared = self.model.tokenize(&opening);
             for name in &names {
-                let tokens = self.model.tokenize(&format!("{opening}{name}\""));
+                let tokens = self.model.tokenize(&format!("{opening}{name}{close}"));
                 let from = common_prefix(&tokens, &shared);
                 let (score, counters) = self.score_continuation(&tokens, from)?;
                 spent.counters.add(counters);
