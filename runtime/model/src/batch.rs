@@ -21,7 +21,7 @@
 //! slot busy, a session waits for one, in order of arrival, so none
 //! starves. Requests are
 //! served first come, first served within each step, and the engine waits
-//! up to [`GATHER`] for every busy slot's request before it decodes, so a
+//! up to `GATHER` for every busy slot's request before it decodes, so a
 //! step carries all of them.
 //!
 //! A session whose conversation outgrows its slot gets
