@@ -12,8 +12,9 @@ use stack_runtime::message::{Message, ToolCall};
 use stack_runtime::model::call_grammar::CallCount;
 use stack_runtime::model::llama::format_grammar;
 use stack_runtime::model::llama::{
-    Model, ModelError, ModelOptions, Routing, SamplingOptions, StopReason,
+    Model, ModelError, ModelOptions, ModelSession, Routing, SamplingOptions, StopReason,
 };
+use stack_runtime::model::Generation;
 use stack_runtime::model::{ArgumentValues, PromptRenderer, ToolChoice, ToolFormat};
 use stack_runtime::tools::Registry;
 
@@ -108,6 +109,26 @@ fn greedy(max_tokens: u32) -> SamplingOptions {
         max_tokens,
         ..SamplingOptions::default()
     }
+}
+
+/// One turn on `session`, with no response format, no streaming and
+/// fresh call ids.
+fn complete(
+    session: &mut ModelSession,
+    messages: &[Message],
+    tools: &[Value],
+    choice: &ToolChoice,
+    sampling: &SamplingOptions,
+) -> Result<Generation, ModelError> {
+    session.complete(
+        messages,
+        tools,
+        choice,
+        sampling,
+        None,
+        &mut |_| true,
+        &mut ids(),
+    )
 }
 
 fn ids() -> impl FnMut() -> String {
@@ -283,32 +304,26 @@ fn a_second_turn_evaluates_only_the_new_tokens() {
         Message::system("You are terse."),
         Message::user("Name a colour."),
     ];
-    let first = session
-        .complete(
-            &conversation,
-            &[],
-            &ToolChoice::None,
-            &greedy(16),
-            None,
-            &mut |_| true,
-            &mut ids(),
-        )
-        .expect("turn 1");
+    let first = complete(
+        &mut session,
+        &conversation,
+        &[],
+        &ToolChoice::None,
+        &greedy(16),
+    )
+    .expect("turn 1");
     assert_eq!(first.counters.prompt_reused, 0);
     let first_prompt = first.counters.prompt_evaluated;
     conversation.push(Message::assistant(first.text.clone()));
     conversation.push(Message::user("Another one."));
-    let second = session
-        .complete(
-            &conversation,
-            &[],
-            &ToolChoice::None,
-            &greedy(16),
-            None,
-            &mut |_| true,
-            &mut ids(),
-        )
-        .expect("turn 2");
+    let second = complete(
+        &mut session,
+        &conversation,
+        &[],
+        &ToolChoice::None,
+        &greedy(16),
+    )
+    .expect("turn 2");
     let renderer_prompt = model.renderer().render(&conversation, &[]).expect("render");
     let total = model
         .raw()
@@ -335,17 +350,14 @@ fn a_second_turn_evaluates_only_the_new_tokens() {
     );
     // After clearing, everything is evaluated again.
     session.clear_cache();
-    let third = session
-        .complete(
-            &conversation,
-            &[],
-            &ToolChoice::None,
-            &greedy(4),
-            None,
-            &mut |_| true,
-            &mut ids(),
-        )
-        .expect("turn 3");
+    let third = complete(
+        &mut session,
+        &conversation,
+        &[],
+        &ToolChoice::None,
+        &greedy(4),
+    )
+    .expect("turn 3");
     assert_eq!(
         (
             third.counters.prompt_reused,
@@ -364,17 +376,14 @@ fn a_named_step_and_an_open_step_share_the_prompt_prefix() {
     let tools = Registry::with_builtins().openai_tools();
     let mut session = model.session().expect("session");
     let mut conversation = vec![Message::user("What files are in this folder?")];
-    let first = session
-        .complete(
-            &conversation,
-            &tools,
-            &ToolChoice::Named("list_dir".into()),
-            &greedy(64),
-            None,
-            &mut |_| true,
-            &mut ids(),
-        )
-        .expect("named step");
+    let first = complete(
+        &mut session,
+        &conversation,
+        &tools,
+        &ToolChoice::Named("list_dir".into()),
+        &greedy(64),
+    )
+    .expect("named step");
     let call = first
         .turn
         .tool_calls
@@ -385,17 +394,14 @@ fn a_named_step_and_an_open_step_share_the_prompt_prefix() {
     let call_id = call.id.clone();
     conversation.push(Message::assistant_tool_calls(None, vec![call]));
     conversation.push(Message::tool_result(call_id, "notes.txt"));
-    let second = session
-        .complete(
-            &conversation,
-            &tools,
-            &ToolChoice::Auto,
-            &greedy(8),
-            None,
-            &mut |_| true,
-            &mut ids(),
-        )
-        .expect("open step");
+    let second = complete(
+        &mut session,
+        &conversation,
+        &tools,
+        &ToolChoice::Auto,
+        &greedy(8),
+    )
+    .expect("open step");
     assert!(
         second.counters.prompt_reused >= first.counters.prompt_evaluated,
         "the open step reused {} tokens; the named step's prompt alone was {}",
@@ -444,17 +450,14 @@ fn constrained_routing_calls_where_a_tool_fits_and_keeps_the_cache() {
         ("Can you recommend a good movie to watch?", None),
     ] {
         session.clear_cache();
-        let generation = session
-            .complete(
-                &[Message::user(prompt)],
-                &tools,
-                &ToolChoice::Auto,
-                &routed,
-                None,
-                &mut |_| true,
-                &mut ids(),
-            )
-            .unwrap_or_else(|err| panic!("{prompt}: {err}"));
+        let generation = complete(
+            &mut session,
+            &[Message::user(prompt)],
+            &tools,
+            &ToolChoice::Auto,
+            &routed,
+        )
+        .unwrap_or_else(|err| panic!("{prompt}: {err}"));
         let called: Vec<&str> = generation
             .turn
             .tool_calls
@@ -472,32 +475,26 @@ fn constrained_routing_calls_where_a_tool_fits_and_keeps_the_cache() {
     // a named one reuses the named turn's whole prompt.
     session.clear_cache();
     let mut conversation = vec![Message::user("What's the weather like in Paris right now?")];
-    let named = session
-        .complete(
-            &conversation,
-            &tools,
-            &ToolChoice::Named("get_weather".into()),
-            &routed,
-            None,
-            &mut |_| true,
-            &mut ids(),
-        )
-        .expect("named turn");
+    let named = complete(
+        &mut session,
+        &conversation,
+        &tools,
+        &ToolChoice::Named("get_weather".into()),
+        &routed,
+    )
+    .expect("named turn");
     conversation.push(Message::assistant(named.text.clone()));
     conversation.push(Message::user(
         "And the area of a triangle with base 3 and height 4?",
     ));
-    let routed_turn = session
-        .complete(
-            &conversation,
-            &tools,
-            &ToolChoice::Auto,
-            &routed,
-            None,
-            &mut |_| true,
-            &mut ids(),
-        )
-        .expect("routed turn");
+    let routed_turn = complete(
+        &mut session,
+        &conversation,
+        &tools,
+        &ToolChoice::Auto,
+        &routed,
+    )
+    .expect("routed turn");
     assert!(
         routed_turn.counters.prompt_reused >= named.counters.prompt_evaluated,
         "the routed turn reused {} tokens; the named turn's prompt alone was {}",
@@ -575,6 +572,11 @@ fn auto_routing_constrains_only_a_small_models_own_session() {
     assert!(shared.turn.tool_calls.is_empty(), "{:?}", shared.text);
 }
 
+/// The call-format fixtures: tools, and model output in each syntax.
+fn format_fixtures() -> Value {
+    serde_json::from_str(&fixture_text("formats/outputs.json")).expect("fixture json")
+}
+
 /// Every call format's grammar, on the real model's tokens: it accepts the
 /// format's fixture output from its trigger on, it refuses a call to a tool
 /// that is not offered, and the model writes calls under it that parse back
@@ -582,8 +584,7 @@ fn auto_routing_constrains_only_a_small_models_own_session() {
 #[test]
 fn every_call_format_has_a_grammar_that_accepts_its_output() {
     let model = model();
-    let fixtures: Value =
-        serde_json::from_str(&fixture_text("formats/outputs.json")).expect("fixture json");
+    let fixtures = format_fixtures();
     let tools = fixtures["tools"].as_array().expect("tools").clone();
     let mut failures = Vec::new();
     let mut formats = Vec::new();
@@ -640,7 +641,11 @@ fn every_call_format_has_a_grammar_that_accepts_its_output() {
             formats.push(format);
         }
     }
-    assert_eq!(formats.len(), 9, "a fixture for every format");
+    assert_eq!(
+        formats.len(),
+        ToolFormat::ALL.len(),
+        "a fixture for every format"
+    );
     // Text never holds its own closing tag.
     for (format, call) in [
         (
@@ -718,22 +723,12 @@ fn every_call_format_has_a_grammar_that_accepts_its_output() {
 #[test]
 fn every_call_format_round_trips_through_its_template() {
     let model = model();
-    let fixtures: Value =
-        serde_json::from_str(&fixture_text("formats/outputs.json")).expect("fixture json");
-    let tools = fixtures["tools"].as_array().expect("tools").clone();
-    let formats = [
-        ToolFormat::Hermes,
-        ToolFormat::Qwen3CoderXml,
-        ToolFormat::Pythonic,
-        ToolFormat::FunctionGemma,
-        ToolFormat::DeepSeek,
-        ToolFormat::FunctionaryV32,
-        ToolFormat::CommandR7b,
-        ToolFormat::Mistral,
-        ToolFormat::Llama3Json,
-    ];
+    let tools = format_fixtures()["tools"]
+        .as_array()
+        .expect("tools")
+        .clone();
     let mut failures = Vec::new();
-    for format in formats {
+    for format in ToolFormat::ALL {
         let name = format.as_str();
         let template = fixture_text(&format!("templates/formats/{name}.jinja"));
         assert_eq!(ToolFormat::detect(&template), Some(format), "{name}");
@@ -850,17 +845,14 @@ fn a_given_chat_template_sets_the_call_format_end_to_end() {
         prompt.contains("- get_weather: Get the weather") && prompt.contains("<function=NAME>"),
         "the template lists the tools: {prompt}"
     );
-    let generation = session
-        .complete(
-            &conversation,
-            &tools,
-            &ToolChoice::Named("get_weather".into()),
-            &greedy(200),
-            None,
-            &mut |_| true,
-            &mut ids(),
-        )
-        .expect("generate");
+    let generation = complete(
+        &mut session,
+        &conversation,
+        &tools,
+        &ToolChoice::Named("get_weather".into()),
+        &greedy(200),
+    )
+    .expect("generate");
     assert!(
         generation
             .text
@@ -964,17 +956,14 @@ fn a_tool_call_opened_inside_prose_never_kills_the_session() {
         "the model no longer writes the trigger here: pick another prompt"
     );
     // The session still works afterwards.
-    let after = session
-        .complete(
-            &[Message::user("Say hi.")],
-            &[],
-            &ToolChoice::None,
-            &greedy(16),
-            None,
-            &mut |_| true,
-            &mut ids(),
-        )
-        .expect("the session keeps working");
+    let after = complete(
+        &mut session,
+        &[Message::user("Say hi.")],
+        &[],
+        &ToolChoice::None,
+        &greedy(16),
+    )
+    .expect("the session keeps working");
     assert!(!after.text.is_empty());
 }
 
@@ -1206,30 +1195,24 @@ fn batched_sessions_decode_together_and_keep_their_own_prefixes() {
                 let mut session = model.session().expect("session");
                 let mut conversation =
                     vec![Message::user(format!("Write two sentences about {topic}."))];
-                let first = session
-                    .complete(
-                        &conversation,
-                        &[],
-                        &ToolChoice::None,
-                        &greedy(48),
-                        None,
-                        &mut |_| true,
-                        &mut ids(),
-                    )
-                    .expect("first turn");
+                let first = complete(
+                    &mut session,
+                    &conversation,
+                    &[],
+                    &ToolChoice::None,
+                    &greedy(48),
+                )
+                .expect("first turn");
                 conversation.push(Message::assistant(first.text.clone()));
                 conversation.push(Message::user("And one more."));
-                let second = session
-                    .complete(
-                        &conversation,
-                        &[],
-                        &ToolChoice::None,
-                        &greedy(16),
-                        None,
-                        &mut |_| true,
-                        &mut ids(),
-                    )
-                    .expect("second turn");
+                let second = complete(
+                    &mut session,
+                    &conversation,
+                    &[],
+                    &ToolChoice::None,
+                    &greedy(16),
+                )
+                .expect("second turn");
                 (first, second)
             })
         })
@@ -1258,16 +1241,7 @@ fn batched_sessions_decode_together_and_keep_their_own_prefixes() {
     // A slot holds 1024 tokens: a longer prompt is refused, clearly.
     let mut session = batched.session().expect("session");
     let long = vec![Message::user("word ".repeat(1500))];
-    let err = session
-        .complete(
-            &long,
-            &[],
-            &ToolChoice::None,
-            &greedy(8),
-            None,
-            &mut |_| true,
-            &mut ids(),
-        )
+    let err = complete(&mut session, &long, &[], &ToolChoice::None, &greedy(8))
         .expect_err("too long for the slot");
     assert!(
         matches!(err, ModelError::ContextFull { context: 1024, .. }),
@@ -1275,15 +1249,6 @@ fn batched_sessions_decode_together_and_keep_their_own_prefixes() {
     );
     // The session still works after the error.
     let short = vec![Message::user("Hi")];
-    session
-        .complete(
-            &short,
-            &[],
-            &ToolChoice::None,
-            &greedy(4),
-            None,
-            &mut |_| true,
-            &mut ids(),
-        )
+    complete(&mut session, &short, &[], &ToolChoice::None, &greedy(4))
         .expect("a short prompt still works");
 }

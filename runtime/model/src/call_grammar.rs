@@ -288,20 +288,9 @@ pub fn call_grammar(
             anywhere("<|START_ACTION|>")
         }
         ToolFormat::DeepSeek => {
-            let mut calls = Vec::new();
-            for (i, tool) in tools.iter().enumerate() {
-                let arguments = rules.convert(convert, &format!("t{i}-"), &tool.arguments)?;
-                let rule = format!("t{i}");
-                rules.add(
-                    &rule,
-                    format!(
-                        "{} {arguments} {}",
-                        literal(&format!("{}\n```json\n", tool.name)),
-                        literal("\n```")
-                    ),
-                );
-                calls.push(rule);
-            }
+            let calls = rules.json_calls(&tools, convert, |name| {
+                (format!("{name}\n```json\n"), "\n```")
+            })?;
             // V3.1 writes `NAME<｜tool▁sep｜>{…}`, with no fence.
             let mut bare = Vec::new();
             for (i, tool) in tools.iter().enumerate() {
@@ -338,16 +327,7 @@ pub fn call_grammar(
             anywhere("<｜tool▁calls▁begin｜>")
         }
         ToolFormat::FunctionaryV32 => {
-            let mut calls = Vec::new();
-            for (i, tool) in tools.iter().enumerate() {
-                let arguments = rules.convert(convert, &format!("t{i}-"), &tool.arguments)?;
-                let rule = format!("t{i}");
-                rules.add(
-                    &rule,
-                    format!("{} {arguments}", literal(&format!("{}\n", tool.name))),
-                );
-                calls.push(rule);
-            }
+            let calls = rules.json_calls(&tools, convert, |name| (format!("{name}\n"), ""))?;
             rules.add("call", calls.join(" | "));
             // The template's generation prompt may end with the first
             // `>>>` itself.
@@ -504,6 +484,31 @@ impl Rules {
         let converted = convert(schema)?;
         self.lines.extend(prefixed(&converted, prefix));
         Ok(format!("{prefix}root"))
+    }
+
+    /// One rule per tool, `t{i}`: the text `frame` gives before and after
+    /// the tool's JSON arguments (converted as `t{i}-root`) for its name;
+    /// returns the tools' rule names.
+    fn json_calls(
+        &mut self,
+        tools: &[Tool<'_>],
+        convert: SchemaConverter<'_>,
+        frame: impl Fn(&str) -> (String, &'static str),
+    ) -> Result<Vec<String>, String> {
+        let mut names = Vec::new();
+        for (i, tool) in tools.iter().enumerate() {
+            let arguments = self.convert(convert, &format!("t{i}-"), &tool.arguments)?;
+            let (open, close) = frame(tool.name);
+            let rule = format!("t{i}");
+            let close = if close.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", literal(close))
+            };
+            self.add(&rule, format!("{} {arguments}{close}", literal(&open)));
+            names.push(rule);
+        }
+        Ok(names)
     }
 
     /// One rule per tool, each parameter a rule of its own in `syntax`;
@@ -969,18 +974,6 @@ mod tests {
         assert_eq!(class_char(']'), "\\]");
     }
 
-    const ALL_FORMATS: [ToolFormat; 9] = [
-        ToolFormat::Hermes,
-        ToolFormat::Qwen3CoderXml,
-        ToolFormat::Pythonic,
-        ToolFormat::FunctionGemma,
-        ToolFormat::DeepSeek,
-        ToolFormat::FunctionaryV32,
-        ToolFormat::CommandR7b,
-        ToolFormat::Mistral,
-        ToolFormat::Llama3Json,
-    ];
-
     /// `One` call leaves no repetition of calls in any format: none in
     /// the rules, `maxItems: 1` where a JSON list holds the calls (Llama 3
     /// JSON writes one call in any case).
@@ -992,7 +985,7 @@ mod tests {
                 "type": "object", "properties": {"city": {"type": "string"}, "bad key": {"type": "string"}}}}}),
             json!({"type": "function", "function": {"name": "rm -rf", "parameters": {}}}),
         ];
-        for format in ALL_FORMATS {
+        for format in ToolFormat::ALL {
             for count in [CallCount::One, CallCount::Many] {
                 let schemas = std::cell::RefCell::new(Vec::new());
                 let convert = |schema: &Value| {

@@ -51,6 +51,19 @@ pub enum ToolFormat {
 }
 
 impl ToolFormat {
+    /// Every format.
+    pub const ALL: [ToolFormat; 9] = [
+        ToolFormat::Hermes,
+        ToolFormat::Qwen3CoderXml,
+        ToolFormat::Pythonic,
+        ToolFormat::FunctionGemma,
+        ToolFormat::DeepSeek,
+        ToolFormat::FunctionaryV32,
+        ToolFormat::CommandR7b,
+        ToolFormat::Mistral,
+        ToolFormat::Llama3Json,
+    ];
+
     /// The format a chat template's source shows its model, by the
     /// markers each template family uses; `None` for a template that
     /// renders no tools (the runtime's ChatML fallback, Hermes, is used).
@@ -123,21 +136,6 @@ impl ToolFormat {
             ),
             ToolFormat::Mistral => ("[TOOL_CALLS][{\"name\": \"", "\""),
             ToolFormat::Llama3Json => ("{\"name\": \"", "\""),
-        }
-    }
-
-    /// The text that opens a call in this format: where a lazy grammar
-    /// would start, and what the parsers look for.
-    pub fn opening(self) -> &'static str {
-        match self {
-            ToolFormat::Hermes | ToolFormat::Qwen3CoderXml => "<tool_call>",
-            ToolFormat::Pythonic => "[",
-            ToolFormat::FunctionGemma => "<start_function_call>",
-            ToolFormat::DeepSeek => "<｜tool▁calls▁begin｜>",
-            ToolFormat::FunctionaryV32 => ">>>",
-            ToolFormat::CommandR7b => "<|START_ACTION|>",
-            ToolFormat::Mistral => "[TOOL_CALLS]",
-            ToolFormat::Llama3Json => "{\"name\"",
         }
     }
 }
@@ -775,7 +773,11 @@ mod tests {
                 "{format:?}: {output}"
             );
         }
-        assert_eq!(seen.len(), 9, "every format has a fixture: {seen:?}");
+        assert_eq!(
+            seen.len(),
+            ToolFormat::ALL.len(),
+            "every format has a fixture: {seen:?}"
+        );
     }
 
     /// Text values read back as their declared types, and the XML and
