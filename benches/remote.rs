@@ -7,7 +7,9 @@
 //! * the runtime's own overhead per remote request: the wall time of a
 //!   request through `RemoteSession::complete` minus the time llama-server
 //!   reports for it (`timings`), next to the same for a bare streaming HTTP
-//!   request of the same body, sent by a plain client.
+//!   request of the same body (the same rendered prompt to the same
+//!   `/completion` endpoint, the same sampling and token budget), sent by a
+//!   plain client.
 //!
 //! `cargo bench -p stack-runtime --bench remote`. Figures are printed, never
 //! asserted. Backends run one after the other (two cores).
@@ -155,14 +157,44 @@ async fn overhead(url: &str, model: Arc<RemoteModel>) -> (f64, f64) {
         response_format: None,
         argument_values: Default::default(),
     };
+    // The bare client below sends what the prompted path sends.
+    assert!(
+        model.prompted(),
+        "SmolLM2's template takes the prompted path"
+    );
     let mut session = Arc::clone(&model).open_session().await.expect("session");
     let client = reqwest::Client::new();
+    // The body the runtime sends on llama-server's prompted path for a
+    // step with no tools: the prompt rendered with the server's template.
+    let root = url.trim_end_matches("/v1");
+    let props: serde_json::Value = client
+        .get(format!("{root}/props"))
+        .send()
+        .await
+        .expect("props")
+        .json()
+        .await
+        .expect("props json");
+    let template = props["chat_template"].as_str().expect("chat_template");
+    let prompt = stack_runtime::model::PromptRenderer::new(
+        template,
+        "You are a helpful assistant that can call tools.",
+    )
+    .expect("template")
+    .render(&request.messages, &[])
+    .expect("render");
+    let s = &request.sampling;
     let body = serde_json::json!({
-        "model": model.model_name(),
-        "messages": request.messages,
+        "prompt": prompt,
         "stream": true,
-        "stream_options": {"include_usage": true},
-        "temperature": 0.0, "max_tokens": 48, "seed": 42, "cache_prompt": true,
+        "cache_prompt": true,
+        "n_predict": s.max_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k,
+        "min_p": s.min_p,
+        "repeat_penalty": s.repeat_penalty,
+        "seed": s.seed,
     });
     let (mut through, mut bare) = (Vec::new(), Vec::new());
     for _ in 0..TURNS {
@@ -177,7 +209,7 @@ async fn overhead(url: &str, model: Arc<RemoteModel>) -> (f64, f64) {
 
         let started = Instant::now();
         let response = client
-            .post(format!("{url}/chat/completions"))
+            .post(format!("{root}/completion"))
             .json(&body)
             .send()
             .await

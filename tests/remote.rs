@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use stack_runtime::agent::{Event, Runtime, Session, SessionConfig, TurnEnd};
 use stack_runtime::assets::Asset;
-use stack_runtime::model::remote::{ApiKey, RemoteConfig, RemoteError, RemoteModel};
+use stack_runtime::model::remote::{ApiKey, RemoteConfig, RemoteError, RemoteModel, ToolPath};
 use stack_runtime::model::{CallPath, ModelBackend, ModelError, SamplingOptions, ToolChoice};
 use stack_runtime::outcome::Status;
 use stack_runtime::policy::{ApprovalAnswer, ApprovalRequest, Policy};
@@ -208,6 +208,89 @@ async fn a_served_model_drives_the_sandboxed_loop() {
     );
 }
 
+/// The prompted path with a template that shows tools in a syntax other
+/// than Hermes: the runtime renders the prompt with that template, and
+/// llama-server gets the call grammar and its lazy trigger in the
+/// template's own syntax, as the in-process backend builds them. For three
+/// syntaxes, a named call streams back written in that syntax, came under
+/// the grammar, is read back, and runs in the sandbox.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_prompted_path_constrains_calls_in_the_templates_own_syntax() {
+    let _turn = turn().await;
+    for (format, opening) in [
+        ("qwen3_coder_xml", "<function=read_file>"),
+        ("pythonic", "[read_file(path="),
+        ("function_gemma", "<start_function_call>call:read_file{"),
+    ] {
+        let template = common::fixture(&format!("templates/formats/{format}.jinja"));
+        let template = template.to_str().expect("utf8").to_string();
+        let server = LlamaServer::start(common::free_port(), &["--chat-template-file", &template]);
+        let model = connect(RemoteConfig {
+            tool_path: ToolPath::Prompted,
+            ..RemoteConfig::new(server.url())
+        })
+        .await;
+        assert!(model.prompted(), "{format}: {model:?}");
+        let workspace = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            workspace.path().join("notes.txt"),
+            "The launch code is 7341.\n",
+        )
+        .expect("write notes");
+        let runtime = runtime_over(model, workspace.path());
+        let session = runtime
+            .session(SessionConfig {
+                tool_choice: ToolChoice::Named("read_file".into()),
+                sampling: greedy(64),
+                max_steps: 1,
+                ..SessionConfig::default()
+            })
+            .await
+            .expect("session");
+        let events = collect(&session, "What is in notes.txt? Read it.").await;
+        // One step (the call) is all this test asks for.
+        assert!(
+            errors(&events)
+                .iter()
+                .all(|e| e.contains("limit of 1 model steps")),
+            "{format}: {events:?}"
+        );
+        let streamed: String = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Token { text } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            streamed.contains(opening) && !streamed.contains("{\"name\""),
+            "{format}: the call is written in the template's syntax, not Hermes: {streamed:?}"
+        );
+        let proposed: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::ToolCallProposed { call, via } => Some((call.clone(), *via)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(proposed.len(), 1, "{format}: {events:?}");
+        let (call, via) = &proposed[0];
+        assert_eq!(via, &Some(CallPath::Grammar), "{format}");
+        let arguments: serde_json::Value =
+            serde_json::from_str(&call.function.arguments).expect("arguments are JSON");
+        assert_eq!(
+            arguments["path"], "notes.txt",
+            "{format}: grounded to the one file: {arguments}"
+        );
+        let read = events.iter().find_map(|e| match e {
+            Event::ToolFinished { outcome, .. } => Some(outcome.clone()),
+            _ => None,
+        });
+        let read = read.unwrap_or_else(|| panic!("{format}: the call ran: {events:?}"));
+        assert!(read.stdout.contains("7341"), "{format}: {read:?}");
+    }
+}
+
 /// The native path against the same server given a Qwen2.5 template
 /// (Hermes `<tool_call>`, which llama-server parses into `tool_calls`):
 /// `tools` and `tool_choice` go over the wire, the answer streams and the
@@ -352,6 +435,7 @@ async fn keys_models_and_context_faults_are_specific_errors() {
     let mut right = RemoteConfig::new(server.url());
     right.api_key = Some(ApiKey::new("right-key"));
     let model = connect(right).await;
+    let name = model.model_name().to_string();
     let workspace = tempfile::tempdir().expect("tempdir");
     let runtime = runtime_over(model, workspace.path());
     let session = runtime
@@ -376,4 +460,47 @@ async fn keys_models_and_context_faults_are_specific_errors() {
     assert!(errors.iter().any(|e| e.contains("not added")), "{events:?}");
     let again = collect(&session, "Say hello.").await;
     assert!(self::errors(&again).is_empty(), "{again:?}");
+
+    // The same from the command line: `--model-url`, `--model-name` and
+    // `--api-key-env` drive a turn; a wrong key is a clear error that
+    // never shows the key.
+    let url = server.url();
+    let home = tempfile::tempdir().expect("tempdir");
+    let (cwd, home_dir) = (workspace.path().to_path_buf(), home.path().to_path_buf());
+    let [right, wrong] = tokio::task::spawn_blocking(move || {
+        ["right-key", "wrong-key-31337"].map(|key| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+                .args(["--model-url", &url, "--model-name", &name])
+                .args([
+                    "--api-key-env",
+                    "STACK_TEST_MODEL_KEY",
+                    "--no-default-tools",
+                ])
+                .args(["--max-tokens", "16", "run", "-p", "Say hello.", "--json"])
+                .env("STACK_TEST_MODEL_KEY", key)
+                .env("HOME", &home_dir)
+                .env("XDG_CONFIG_HOME", home_dir.join("config"))
+                .current_dir(&cwd)
+                .output()
+                .expect("run agent")
+        })
+    })
+    .await
+    .expect("agent ran");
+    let shown = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    assert!(right.status.success(), "{}", shown(&right));
+    assert!(shown(&right).contains("turn_finished"), "{}", shown(&right));
+    assert!(!wrong.status.success(), "{}", shown(&wrong));
+    assert!(
+        shown(&wrong).contains("wrong or missing API key"),
+        "{}",
+        shown(&wrong)
+    );
+    assert!(!shown(&wrong).contains("31337"), "{}", shown(&wrong));
 }

@@ -75,6 +75,9 @@ pub struct ModelProfile {
     pub tool_path: Option<stack_model::remote::ToolPath>,
     /// Ask for OpenAI `strict` function schemas.
     pub strict: Option<bool>,
+    /// Whether the server constrains calls under `tool_choice: auto`:
+    /// `auto` (vLLM and SGLang), `structural_tag` or `off`.
+    pub call_constraint: Option<stack_model::remote::CallConstraint>,
 }
 
 /// A config file that cannot be used, with where.

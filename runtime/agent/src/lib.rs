@@ -124,8 +124,9 @@ pub enum Event {
     ToolCallProposed {
         /// The call.
         call: ToolCall,
-        /// How the call came to be: under the runtime's grammar, a
-        /// server's native (or strict) call, or recovered from text.
+        /// How the call came to be: under the runtime's grammar, under
+        /// the structural tag sent to the server, a server's native (or
+        /// strict) call, or recovered from text.
         via: Option<CallPath>,
     },
     /// The policy asked for approval.

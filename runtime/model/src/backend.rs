@@ -200,6 +200,12 @@ pub enum CallPath {
     /// Returned by the server as native `tool_calls` under OpenAI `strict`
     /// schemas.
     Strict,
+    /// Returned by the server as native `tool_calls` of a reply generated
+    /// under the structural tag the runtime sent (vLLM, SGLang): a Hermes
+    /// call's arguments held to its tool's schema by the server. (A model
+    /// that writes calls in another syntax never opens the tag; its calls
+    /// are validated like any other.)
+    StructuralTag,
     /// Returned by the server as native `tool_calls`, then validated.
     Native,
     /// Recovered from the text by the runtime's parsers, then validated.

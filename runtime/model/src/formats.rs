@@ -115,6 +115,39 @@ impl ToolFormat {
         }
     }
 
+    /// The marker words of this format's calls, as `common/chat.cpp` lists
+    /// them for llama-server's `preserved_tokens`: where one is a single
+    /// special token of a model's vocabulary, the server must hand it back
+    /// as text for the call to be read.
+    pub fn markers(self) -> &'static [&'static str] {
+        match self {
+            ToolFormat::Hermes => &["<tool_call>", "</tool_call>"],
+            ToolFormat::Qwen3CoderXml => &[
+                "<tool_call>",
+                "</tool_call>",
+                "<function=",
+                "</function>",
+                "<parameter=",
+                "</parameter>",
+            ],
+            ToolFormat::Pythonic => &["<|tool_call_start|>", "<|tool_call_end|>"],
+            ToolFormat::FunctionGemma => {
+                &["<start_function_call>", "<end_function_call>", "<escape>"]
+            }
+            ToolFormat::DeepSeek => &[
+                "<｜tool▁calls▁begin｜>",
+                "<｜tool▁call▁begin｜>",
+                "<｜tool▁sep｜>",
+                "<｜tool▁call▁end｜>",
+                "<｜tool▁calls▁end｜>",
+            ],
+            ToolFormat::FunctionaryV32 => &[">>>"],
+            ToolFormat::CommandR7b => &["<|START_ACTION|>", "<|END_ACTION|>"],
+            ToolFormat::Mistral => &["[TOOL_CALLS]"],
+            ToolFormat::Llama3Json => &["<|python_tag|>"],
+        }
+    }
+
     /// The text a call in this format opens with, up to the tool's name,
     /// and the text right after the name, as the format's own templates
     /// write them: the routing step scores each name in this frame
@@ -224,15 +257,29 @@ fn parse_qwen3_xml(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<Na
     let mut content = String::new();
     let mut calls = Vec::new();
     let mut rest = text;
-    while let Some(start) = rest.find("<function=") {
+    'calls: while let Some(start) = rest.find("<function=") {
         // Only directly inside `<tool_call>`: a Hermes call whose JSON
         // mentions `<function=` is not an XML call.
         let before = rest[..start].trim_end().strip_suffix("<tool_call>")?;
         content.push_str(before);
         let after = &rest[start + "<function=".len()..];
-        let name_end = after.find('>')?;
+        // A later call cut off by the token budget (its name, or a value,
+        // never closed, with nothing after it) is dropped; the calls
+        // before it stand.
+        let cut_off = !calls.is_empty() && !after.contains("</function>");
+        let Some(name_end) = after.find('>') else {
+            if cut_off {
+                rest = "";
+                break 'calls;
+            }
+            return None;
+        };
         let name = after[..name_end].trim().to_string();
         if !is_identifier(&name) || !(tools.is_tool)(&name) {
+            if cut_off {
+                rest = "";
+                break 'calls;
+            }
             return None;
         }
         // Parameters one after another, each read up to its own closing
@@ -247,7 +294,13 @@ fn parse_qwen3_xml(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<Na
                 break;
             };
             let after_p = &params[p + "<parameter=".len()..];
-            let key_end = after_p.find('>')?;
+            let Some(key_end) = after_p.find('>') else {
+                if cut_off {
+                    rest = "";
+                    break 'calls;
+                }
+                return None;
+            };
             let key = after_p[..key_end].trim().to_string();
             let value_and_rest = &after_p[key_end + 1..];
             // An unclosed value ends where the function does.
@@ -256,12 +309,14 @@ fn parse_qwen3_xml(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<Na
                     &value_and_rest[..end],
                     &value_and_rest[end + "</parameter>".len()..],
                 ),
-                None => {
-                    let end = value_and_rest
-                        .rfind("</function>")
-                        .unwrap_or(value_and_rest.len());
-                    (&value_and_rest[..end], &value_and_rest[end..])
-                }
+                None => match value_and_rest.rfind("</function>") {
+                    Some(end) => (&value_and_rest[..end], &value_and_rest[end..]),
+                    None if cut_off => {
+                        rest = "";
+                        break 'calls;
+                    }
+                    None => (value_and_rest, ""),
+                },
             };
             let value = value.strip_prefix('\n').unwrap_or(value);
             let value = value.strip_suffix('\n').unwrap_or(value);
@@ -299,10 +354,25 @@ fn parse_deepseek(text: &str, _tools: &ToolLookup<'_>) -> Option<(String, Vec<Na
             Some(end) => (&after[..end], &after[end + END.len()..]),
             None => (after, ""),
         };
-        let (head, tail) = block.split_once(SEP)?;
+        // A later call cut off by the token budget (no end marker, and
+        // not readable) is dropped; the calls before it stand.
+        let cut_off = !calls.is_empty() && next.is_empty() && !after.contains(END);
+        let Some((head, tail)) = block.split_once(SEP) else {
+            if cut_off {
+                rest = "";
+                break;
+            }
+            return None;
+        };
         let (name, json) = if head.trim() == "function" {
             // V3/R1: NAME\n```json\n{...}\n```
-            let (name, body) = tail.split_once('\n')?;
+            let Some((name, body)) = tail.split_once('\n') else {
+                if cut_off {
+                    rest = "";
+                    break;
+                }
+                return None;
+            };
             let body = body.trim();
             let body = body
                 .strip_prefix("```json")
@@ -314,6 +384,10 @@ fn parse_deepseek(text: &str, _tools: &ToolLookup<'_>) -> Option<(String, Vec<Na
             (head.trim(), tail.trim())
         };
         let Ok(Value::Object(arguments)) = serde_json::from_str::<Value>(json) else {
+            if cut_off {
+                rest = "";
+                break;
+            }
             return None;
         };
         calls.push((name.to_string(), arguments));
@@ -373,16 +447,7 @@ fn parse_function_gemma(text: &str, tools: &ToolLookup<'_>) -> Option<(String, V
     if !text.contains(START) {
         return None;
     }
-    let mut content = String::new();
-    let mut calls = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find(START) {
-        content.push_str(&rest[..start]);
-        let after = &rest[start + START.len()..];
-        let (block, next) = match find_outside_escapes(after, END, ESCAPE) {
-            Some(end) => (&after[..end], &after[end + END.len()..]),
-            None => (after, ""),
-        };
+    let call = |block: &str| -> Option<NativeCall> {
         let block = block.trim().strip_prefix("call:")?;
         let open = block.find('{')?;
         let name = block[..open].trim().to_string();
@@ -413,8 +478,29 @@ fn parse_function_gemma(text: &str, tools: &ToolLookup<'_>) -> Option<(String, V
                 .unwrap_or(after_value)
                 .trim();
         }
-        calls.push((name, arguments));
-        rest = next;
+        Some((name, arguments))
+    };
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(START) {
+        content.push_str(&rest[..start]);
+        let after = &rest[start + START.len()..];
+        match find_outside_escapes(after, END, ESCAPE) {
+            Some(end) => {
+                calls.push(call(&after[..end])?);
+                rest = &after[end + END.len()..];
+            }
+            // The last call, never closed: whole (a model that stops
+            // without the end marker), or cut off by the token budget,
+            // which leaves the calls before it standing.
+            None => {
+                if let Some(last) = call(after) {
+                    calls.push(last);
+                }
+                rest = "";
+            }
+        }
     }
     content.push_str(rest);
     (!calls.is_empty()).then_some((content, calls))
@@ -778,6 +864,46 @@ mod tests {
             ToolFormat::ALL.len(),
             "every format has a fixture: {seen:?}"
         );
+    }
+
+    /// A reply cut off by the token budget in the middle of a later call
+    /// keeps the whole calls before it (a grammar that allows several
+    /// calls lets a small model repeat one until the budget runs out).
+    #[test]
+    fn a_call_cut_off_by_the_token_budget_leaves_the_calls_before_it() {
+        let tools = tools();
+        // What opens the reply once, and a call the model repeats.
+        for (opening, whole) in [
+            ("", "<start_function_call>call:get_weather{city:<escape>Oslo<escape>}<end_function_call>"),
+            ("", "<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call>"),
+            ("", "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>"),
+            (
+                "<｜tool▁calls▁begin｜>",
+                "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Oslo\"}\n```<｜tool▁call▁end｜>",
+            ),
+        ] {
+            for eighths in 1..8 {
+                let mut cut = whole.len() * eighths / 8;
+                while !whole.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                let text = format!("{opening}{whole}\n{}", &whole[..cut]);
+                let mut n = 0;
+                let mut next_id = || {
+                    n += 1;
+                    format!("call_{n}")
+                };
+                let turn = parse_tool_calls_for(&text, &tools, &mut next_id);
+                let first = turn
+                    .tool_calls
+                    .first()
+                    .unwrap_or_else(|| panic!("no call kept from {text:?}"));
+                assert_eq!(first.function.name, "get_weather", "{text:?}");
+                let arguments: Value =
+                    serde_json::from_str(&first.function.arguments).unwrap_or(Value::Null);
+                assert_eq!(arguments["city"], "Oslo", "{text:?}");
+            }
+        }
     }
 
     /// Text values read back as their declared types, and the XML and

@@ -262,11 +262,7 @@ impl Model {
             size_bytes: model.size(),
             trained_context: model.n_ctx_train(),
             template_supports_tools: renderer.own_template_supports_tools(),
-            tool_format: if renderer.own_template_supports_tools() {
-                ToolFormat::detect(&template).unwrap_or(ToolFormat::Hermes)
-            } else {
-                ToolFormat::Hermes
-            },
+            tool_format: renderer.call_format(),
             gpu_layers: gpu_layers.min(model.n_layer()),
             cpu_kernels: cpu_kernels().unwrap_or_default(),
         };

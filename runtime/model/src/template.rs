@@ -18,6 +18,8 @@ use serde_json::Value;
 
 use stack_types::message::Message;
 
+use crate::formats::ToolFormat;
+
 /// The fallback template for models whose template has no tool support.
 pub const CHATML_TOOLS_TEMPLATE: &str = include_str!("templates/chatml_tools.jinja");
 
@@ -201,15 +203,29 @@ impl serde_json::ser::Formatter for PythonFormatter {
 pub struct PromptRenderer {
     own: ChatTemplate,
     fallback: ChatTemplate,
+    call_format: ToolFormat,
 }
 
 impl PromptRenderer {
     /// A renderer over the model's template source.
     pub fn new(source: &str, default_system: &str) -> Result<Self, TemplateError> {
+        let own = ChatTemplate::new(source)?;
+        let call_format = if own.supports_tools() {
+            ToolFormat::detect(source).unwrap_or(ToolFormat::Hermes)
+        } else {
+            ToolFormat::Hermes
+        };
         Ok(PromptRenderer {
-            own: ChatTemplate::new(source)?,
+            own,
             fallback: ChatTemplate::chatml_with_tools(default_system),
+            call_format,
         })
+    }
+
+    /// The syntax the model calls tools in once tools are offered: the
+    /// one its own template shows, or Hermes under the ChatML fallback.
+    pub fn call_format(&self) -> ToolFormat {
+        self.call_format
     }
 
     /// Whether the model's own template is used when tools are offered.

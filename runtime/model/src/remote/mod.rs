@@ -48,6 +48,7 @@ use crate::backend::{
     offered_tools, prompt_tools, tool_name, BackendInfo, BackendSession, CallPath, Capabilities,
     CompletionRequest, Counters, Generation, ModelBackend, ModelError, StopReason,
 };
+use crate::formats::ToolFormat;
 use crate::grammar::ToolChoice;
 use crate::template::PromptRenderer;
 use crate::toolcall::{parse_tool_calls_for, ParsedTurn};
@@ -145,6 +146,19 @@ impl ApiKey {
     }
 }
 
+impl ApiKey {
+    /// `text` with every copy of the key blanked out: a server that echoes
+    /// the `Authorization` header in its error must not put the key in
+    /// the runtime's errors, logs or transcripts.
+    fn scrub(&self, text: &str) -> String {
+        if self.0.is_empty() {
+            text.to_string()
+        } else {
+            text.replace(&self.0, "<redacted>")
+        }
+    }
+}
+
 impl std::fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ApiKey(<redacted>)")
@@ -196,6 +210,26 @@ pub struct RemoteConfig {
     /// Send OpenAI `strict` function schemas (servers that support them
     /// then return only schema-valid calls).
     pub strict: bool,
+    /// Whether to ask the server to constrain calls under `tool_choice:
+    /// auto` with a structural tag.
+    pub call_constraint: CallConstraint,
+}
+
+/// Whether the runtime asks a served model's server to constrain calls
+/// made under `tool_choice: auto` (under `required` or a named tool, vLLM
+/// and SGLang constrain them on their own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallConstraint {
+    /// A structural tag where the server is vLLM or SGLang; nothing
+    /// elsewhere.
+    #[default]
+    Auto,
+    /// A structural tag whatever the server (a proxy in front of vLLM or
+    /// SGLang, say).
+    StructuralTag,
+    /// Never: calls are validated and fed back.
+    Off,
 }
 
 impl RemoteConfig {
@@ -212,6 +246,7 @@ impl RemoteConfig {
             retries: 3,
             tool_path: ToolPath::Auto,
             strict: false,
+            call_constraint: CallConstraint::Auto,
         }
     }
 }
@@ -330,6 +365,10 @@ pub struct RemoteModel {
     context_length: Option<u32>,
     /// Set when calls take the prompted path.
     renderer: Option<PromptRenderer>,
+    /// Set once the server refused a structural tag (an HTTP 400 or 422
+    /// that the same request without it did not get): it is not sent
+    /// again.
+    structural_tag_refused: AtomicBool,
 }
 
 impl std::fmt::Debug for RemoteModel {
@@ -386,6 +425,7 @@ impl RemoteModel {
             kind: ServerKind::Generic,
             context_length: None,
             renderer: None,
+            structural_tag_refused: AtomicBool::new(false),
             config,
         };
         let listing = model.get_json(&format!("{}/models", model.base)).await?;
@@ -480,6 +520,16 @@ impl RemoteModel {
         self.kind
     }
 
+    /// Whether native requests carry a structural tag for the calls.
+    fn sends_structural_tag(&self) -> bool {
+        let wanted = match self.config.call_constraint {
+            CallConstraint::Auto => matches!(self.kind, ServerKind::Vllm | ServerKind::Sglang),
+            CallConstraint::StructuralTag => true,
+            CallConstraint::Off => false,
+        };
+        wanted && !self.structural_tag_refused.load(Ordering::SeqCst)
+    }
+
     /// Whether calls take the prompted path (see the module docs).
     pub fn prompted(&self) -> bool {
         self.renderer.is_some()
@@ -489,6 +539,14 @@ impl RemoteModel {
         match &self.config.api_key {
             Some(ApiKey(key)) => request.bearer_auth(key),
             None => request,
+        }
+    }
+
+    /// `text` from the server, without the API key in it.
+    fn scrubbed(&self, text: &str) -> String {
+        match &self.config.api_key {
+            Some(key) => key.scrub(text),
+            None => text.to_string(),
         }
     }
 
@@ -511,7 +569,11 @@ impl RemoteModel {
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or_default();
-            return Err(http_error(status.as_u16(), &body, &self.model));
+            return Err(http_error(
+                status.as_u16(),
+                &self.scrubbed(&body),
+                &self.model,
+            ));
         }
         response
             .json::<Value>()
@@ -575,7 +637,7 @@ impl RemoteModel {
                         .ok()
                         .and_then(Result::ok)
                         .unwrap_or_default();
-                    let error = http_error(status, &text, &self.model);
+                    let error = http_error(status, &self.scrubbed(&text), &self.model);
                     if !retryable
                         || attempt >= self.config.retries
                         || matches!(error, RemoteError::ContextExceeded { .. })
@@ -696,7 +758,8 @@ impl ModelBackend for RemoteModel {
             context_length: self.context_length,
             capabilities: Capabilities {
                 constrained_decoding: (self.prompted() && cfg!(feature = "llama"))
-                    || self.config.strict,
+                    || self.config.strict
+                    || (!self.prompted() && self.sends_structural_tag()),
                 kv_prefix_reuse: matches!(
                     self.kind,
                     ServerKind::LlamaServer | ServerKind::Vllm | ServerKind::Sglang
@@ -743,23 +806,54 @@ impl RemoteSession {
     ) -> Result<Generation, ModelError> {
         let model = Arc::clone(&self.model);
         let offered = offered_tools(&request.tools, &request.tool_choice);
-        let (url, body) = match &model.renderer {
+        let (url, mut body) = match &model.renderer {
             Some(renderer) => {
                 // As in process: every tool whenever any is offered.
                 let rendered = prompt_tools(&request.tools, &offered);
                 let prompt = renderer.render(&request.messages, rendered)?;
                 (
                     format!("{}/completion", model.root),
-                    prompt_body(&prompt, &request, &offered)?,
+                    prompt_body(&prompt, renderer.call_format(), &request, &offered)?,
                 )
             }
             None => (
                 format!("{}/chat/completions", model.base),
-                wire::chat_body(&model.model, &request, model.kind, model.config.strict),
+                wire::chat_body(
+                    &model.model,
+                    &request,
+                    model.kind,
+                    model.config.strict,
+                    model.renderer.is_none() && model.sends_structural_tag(),
+                ),
             ),
         };
+        let mut tagged = body
+            .pointer("/response_format/type")
+            .and_then(Value::as_str)
+            == Some("structural_tag");
         let started = Instant::now();
-        let Some(response) = model.post_stream(&url, &body, &cancel).await? else {
+        let sent = match model.post_stream(&url, &body, &cancel).await {
+            // A server that cannot take the tag: the same request without
+            // it, and no tag from then on if that one is taken.
+            Err(RemoteError::Http { status, message }) if tagged && matches!(status, 400 | 422) => {
+                if let Some(fields) = body.as_object_mut() {
+                    fields.remove("response_format");
+                }
+                tagged = false;
+                let sent = model.post_stream(&url, &body, &cancel).await?;
+                if sent.is_some() {
+                    tracing::warn!(
+                        %status,
+                        %message,
+                        "the model server refused the structural tag for tool calls; calls are validated instead"
+                    );
+                    model.structural_tag_refused.store(true, Ordering::SeqCst);
+                }
+                sent
+            }
+            other => other?,
+        };
+        let Some(response) = sent else {
             return Ok(Generation {
                 text: String::new(),
                 turn: ParsedTurn {
@@ -774,6 +868,33 @@ impl RemoteSession {
                 server_ms: None,
             });
         };
+        // A JSON body where an event stream was asked for: an error some
+        // servers and proxies send with status 200, or an answer that did
+        // not stream. Named as such rather than read as an empty stream.
+        let is_json = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("application/json"));
+        if is_json {
+            let text = tokio::time::timeout(model.config.timeouts.idle, response.text())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            let text = model.scrubbed(&text);
+            let has_error = serde_json::from_str::<Value>(&text)
+                .is_ok_and(|v| v.get("error").is_some_and(|e| !e.is_null()));
+            return Err(if has_error {
+                http_error(200, &text, &model.model)
+            } else {
+                RemoteError::MalformedStream(format!(
+                    "a JSON body instead of an event stream: {}",
+                    wire::preview(&text)
+                ))
+            }
+            .into());
+        }
         let mut stream = response.bytes_stream();
         let mut last_data = Instant::now();
         let mut decoder = SseDecoder::default();
@@ -907,7 +1028,9 @@ impl RemoteSession {
                     content: (!content.is_empty()).then(|| content.to_string()),
                     tool_calls: native,
                 };
-                let path = if model.config.strict {
+                let path = if tagged {
+                    CallPath::StructuralTag
+                } else if model.config.strict {
                     CallPath::Strict
                 } else {
                     CallPath::Native
@@ -936,6 +1059,16 @@ impl RemoteSession {
         raw: &mut RawCompletion,
         deltas: &tokio::sync::mpsc::UnboundedSender<String>,
     ) -> Result<(), RemoteError> {
+        // Whatever the server sends, the key is blanked out of it before it
+        // can reach an error, a log or the conversation.
+        let scrubbed;
+        let data = match &model.config.api_key {
+            Some(key) if data.contains(key.0.as_str()) => {
+                scrubbed = key.scrub(data);
+                scrubbed.as_str()
+            }
+            _ => data,
+        };
         let delta = if model.renderer.is_some() {
             raw.take(data)
         } else {
@@ -991,6 +1124,7 @@ impl BackendSession for RemoteSession {
 /// runtime rendered, with the tool-call grammar (lazy under `auto`).
 fn prompt_body(
     prompt: &str,
+    format: ToolFormat,
     request: &CompletionRequest,
     offered: &[Value],
 ) -> Result<Value, ModelError> {
@@ -1009,19 +1143,31 @@ fn prompt_body(
     });
     #[cfg(feature = "llama")]
     if !offered.is_empty() && request.tool_choice != ToolChoice::None {
-        let grammar = crate::llama::tool_grammar(offered, &request.argument_values)?;
-        body["grammar"] = grammar.into();
+        // In the syntax of the template the prompt was rendered with, as
+        // in process.
+        let crate::call_grammar::CallGrammar { gbnf, trigger } = crate::llama::format_grammar(
+            format,
+            offered,
+            &request.argument_values,
+            crate::call_grammar::CallCount::Many,
+        )?;
+        body["grammar"] = gbnf.into();
+        // The format's marker words, where one is a single token, come
+        // back as text (llama-server leaves other special tokens out).
+        body["preserved_tokens"] = json!(format.markers());
         if request.tool_choice == ToolChoice::Auto {
             body["grammar_lazy"] = true.into();
-            // llama-server's trigger types are numbers: 1 is a word. A
-            // trigger that is one token must also be a preserved token.
-            body["grammar_triggers"] =
-                json!([{"type": 1, "value": crate::grammar::TOOL_CALL_OPEN}]);
-            body["preserved_tokens"] = json!([crate::grammar::TOOL_CALL_OPEN, "</tool_call>"]);
+            // llama-server's trigger types are numbers: 2 is a pattern,
+            // searched for the way the in-process sampler searches it.
+            body["grammar_triggers"] = trigger
+                .patterns()
+                .into_iter()
+                .map(|pattern| json!({"type": 2, "value": pattern}))
+                .collect();
         }
     }
     #[cfg(not(feature = "llama"))]
-    let _ = offered;
+    let _ = (offered, format);
     if let Some(schema) = &request.response_format {
         if body.get("grammar").is_none() {
             body["json_schema"] = schema.clone();
@@ -1080,6 +1226,81 @@ impl RawCompletion {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The prompted path's `/completion` body carries the grammar of the
+    /// template's own call syntax, its lazy trigger as llama-server
+    /// pattern triggers, and the format's markers as preserved tokens.
+    #[cfg(feature = "llama")]
+    #[test]
+    fn the_prompted_body_speaks_the_templates_call_syntax() {
+        let tool = json!({"type": "function", "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+        }});
+        let offered = vec![tool.clone()];
+        for format in [
+            ToolFormat::Pythonic,
+            ToolFormat::Qwen3CoderXml,
+            ToolFormat::FunctionGemma,
+            ToolFormat::Hermes,
+        ] {
+            let mut request = CompletionRequest {
+                messages: Vec::new(),
+                tools: offered.clone(),
+                tool_choice: ToolChoice::Auto,
+                sampling: Default::default(),
+                response_format: None,
+                argument_values: Default::default(),
+            };
+            let body = prompt_body("PROMPT", format, &request, &offered).expect("body");
+            let expected = crate::llama::format_grammar(
+                format,
+                &offered,
+                &request.argument_values,
+                crate::call_grammar::CallCount::Many,
+            )
+            .expect("grammar");
+            assert_eq!(body["grammar"], expected.gbnf, "{format:?}");
+            assert_eq!(body["grammar_lazy"], true, "{format:?}");
+            let triggers = body["grammar_triggers"].as_array().expect("triggers");
+            assert!(!triggers.is_empty(), "{format:?}");
+            for trigger in triggers {
+                assert_eq!(trigger["type"], 2, "a pattern trigger: {trigger}");
+            }
+            // The patterns are the ones the in-process sampler searches for.
+            let patterns: Vec<&str> = triggers
+                .iter()
+                .filter_map(|t| t["value"].as_str())
+                .collect();
+            assert_eq!(patterns, expected.trigger.patterns(), "{format:?}");
+            assert_eq!(
+                body["preserved_tokens"],
+                json!(format.markers()),
+                "{format:?}"
+            );
+            // A call that must be made is constrained from the first token.
+            request.tool_choice = ToolChoice::Required;
+            let body = prompt_body("PROMPT", format, &request, &offered).expect("body");
+            assert_eq!(body["grammar"], expected.gbnf);
+            assert!(body.get("grammar_lazy").is_none() && body.get("grammar_triggers").is_none());
+        }
+        // Pythonic calls open the grammar only at the start of the reply.
+        let pythonic = crate::llama::format_grammar(
+            ToolFormat::Pythonic,
+            &offered,
+            &crate::grammar::ArgumentValues::none(),
+            crate::call_grammar::CallCount::Many,
+        )
+        .expect("grammar");
+        assert_eq!(
+            pythonic.trigger.find("  [get_weather(city=\"Paris\")]"),
+            Some(2)
+        );
+        assert_eq!(
+            pythonic.trigger.find("Try [get_weather(city=\"Paris\")]"),
+            None
+        );
+    }
 
     #[test]
     fn a_key_over_plain_http_is_flagged_only_off_this_machine() {

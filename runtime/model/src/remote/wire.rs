@@ -20,6 +20,7 @@ pub(crate) fn chat_body(
     request: &CompletionRequest,
     kind: ServerKind,
     strict: bool,
+    structural_tag: bool,
 ) -> Value {
     let mut body = Map::new();
     body.insert("model".into(), model.into());
@@ -85,8 +86,49 @@ pub(crate) fn chat_body(
             "response_format".into(),
             json!({"type": "json_schema", "json_schema": {"name": "response", "schema": schema}}),
         );
+    } else if structural_tag && request.tool_choice == ToolChoice::Auto {
+        if let Some(tag) = hermes_structural_tag(&request.tools) {
+            body.insert("response_format".into(), tag);
+        }
     }
     Value::Object(body)
+}
+
+/// A structural tag (vLLM and SGLang, xgrammar's form with `structures`
+/// and `triggers`) that leaves the reply free until a Hermes call opens
+/// (`<tool_call>\n{"name": `, as Qwen2.5's template writes it), and from
+/// there holds the call to its tool's argument schema:
+/// what the runtime's lazy grammar does in process, done by the server.
+/// `None` when no tool has a name. Only `tool_choice: auto` needs it: under
+/// `required` or a named tool, vLLM and SGLang constrain the call
+/// themselves.
+pub(crate) fn hermes_structural_tag(tools: &[Value]) -> Option<Value> {
+    let structures: Vec<Value> = tools
+        .iter()
+        .filter_map(|tool| {
+            let name = tool.pointer("/function/name")?.as_str()?;
+            let schema = tool
+                .pointer("/function/parameters")
+                .cloned()
+                .unwrap_or_else(|| json!({"type": "object"}));
+            // As Qwen2.5's template writes a call: `{"name": "N", "arguments": {…}}`.
+            Some(json!({
+                "begin": format!("<tool_call>\n{{\"name\": {}, \"arguments\": ", Value::from(name)),
+                "schema": schema,
+                "end": "}\n</tool_call>",
+            }))
+        })
+        .collect();
+    (!structures.is_empty()).then(|| {
+        json!({
+            "type": "structural_tag",
+            "structures": structures,
+            // The opening every structure shares: a model that writes
+            // another syntax after `<tool_call>` (Qwen3-Coder's XML) never
+            // completes it, and stays free.
+            "triggers": ["<tool_call>\n{\"name\": "],
+        })
+    })
 }
 
 /// Why the server says it stopped.
@@ -369,10 +411,10 @@ mod tests {
             response_format: None,
             argument_values: Default::default(),
         };
-        let first = chat_body("m", &request, ServerKind::LlamaServer, false).to_string();
+        let first = chat_body("m", &request, ServerKind::LlamaServer, false, false).to_string();
         request.messages.push(Message::assistant("two"));
         request.messages.push(Message::user("three"));
-        let second = chat_body("m", &request, ServerKind::LlamaServer, false).to_string();
+        let second = chat_body("m", &request, ServerKind::LlamaServer, false, false).to_string();
         let cut = first.find("\"messages\"").expect("messages")
             + first[first.find("\"messages\"").expect("m")..]
                 .find("]")
@@ -381,7 +423,7 @@ mod tests {
         assert!(
             second.contains("\"cache_prompt\":true") && second.contains("\"tool_choice\":\"auto\"")
         );
-        let strict = chat_body("m", &request, ServerKind::Generic, true);
+        let strict = chat_body("m", &request, ServerKind::Generic, true, false);
         assert_eq!(strict["tools"][0]["function"]["strict"], true);
         assert!(strict.get("top_k").is_none());
     }

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use stack_runtime::config::{ModelProfile, UserConfig};
 use stack_runtime::model::llama::{Model, ModelOptions};
-use stack_runtime::model::remote::{ApiKey, RemoteConfig, RemoteModel, ToolPath};
+use stack_runtime::model::remote::{ApiKey, CallConstraint, RemoteConfig, RemoteModel, ToolPath};
 use stack_runtime::model::{BackendInfo, ModelBackend};
 
 /// Flags that choose and configure the model.
@@ -59,6 +59,11 @@ pub struct ModelArgs {
     /// Ask a served model for OpenAI `strict` function schemas.
     #[arg(long)]
     pub strict: bool,
+    /// Whether a served model's server constrains calls under
+    /// `tool_choice: auto` with a structural tag: auto (vLLM and SGLang),
+    /// structural-tag (any server) or off.
+    #[arg(long, value_name = "HOW")]
+    pub call_constraint: Option<String>,
     /// A model profile from the config file.
     #[arg(long, value_name = "NAME")]
     pub profile: Option<String>,
@@ -100,6 +105,7 @@ impl ModelArgs {
             api_key_file,
             tool_path,
             strict,
+            call_constraint,
         } = profile.clone();
         let mut args = self.clone();
         args.gpu_layers = args.gpu_layers.or(gpu_layers);
@@ -123,6 +129,13 @@ impl ModelArgs {
             })
         });
         args.strict = args.strict || strict.unwrap_or(false);
+        args.call_constraint = args.call_constraint.or_else(|| {
+            call_constraint.map(|how| match how {
+                CallConstraint::Auto => "auto".to_string(),
+                CallConstraint::StructuralTag => "structural-tag".to_string(),
+                CallConstraint::Off => "off".to_string(),
+            })
+        });
         Ok(args)
     }
 }
@@ -162,6 +175,14 @@ pub fn backend(
         Some("native") => ToolPath::Native,
         Some("prompted") => ToolPath::Prompted,
         Some(other) => anyhow::bail!("--tool-path must be auto, native or prompted (got {other})"),
+    };
+    config.call_constraint = match args.call_constraint.as_deref() {
+        None | Some("auto") => CallConstraint::Auto,
+        Some("structural-tag") => CallConstraint::StructuralTag,
+        Some("off") => CallConstraint::Off,
+        Some(other) => {
+            anyhow::bail!("--call-constraint must be auto, structural-tag or off (got {other})")
+        }
     };
     let model = tokio
         .block_on(RemoteModel::connect(config))

@@ -1,0 +1,884 @@
+//! The remote backend against scripted OpenAI-compatible servers on
+//! loopback: real sockets, real HTTP, with each server answering as a
+//! misbehaving one would. These are the faults a real llama-server cannot
+//! be made to show on demand (a 503 or a 429 before the stream, a stall
+//! before the first token or in the middle, garbage in the stream, a
+//! server that echoes the key), and what vLLM's model listing looks like.
+//! Each fault must give its own specific error, retries must happen only
+//! before anything has streamed, cancellation must close the connection,
+//! and the same session must answer the next request.
+//!
+//! The real-server tests are in the repository's `tests/remote.rs`.
+
+#![cfg(feature = "remote")]
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use stack_model::remote::{
+    ApiKey, CallConstraint, Phase, RemoteConfig, RemoteError, RemoteModel, Timeouts,
+};
+use stack_model::{
+    ArgumentValues, BackendSession, CallPath, CompletionRequest, Generation, ModelBackend,
+    ModelError, SamplingOptions, StopReason, ToolChoice,
+};
+use stack_types::message::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// How a scripted server answers one POST.
+#[derive(Debug, Clone)]
+enum Reply {
+    /// A whole response with this status, extra headers and JSON body.
+    Status {
+        code: u16,
+        headers: Vec<(&'static str, &'static str)>,
+        body: String,
+    },
+    /// A `text/event-stream`: each event's data after `pause`, then `end`.
+    Stream {
+        events: Vec<String>,
+        pause: Duration,
+        end: End,
+    },
+}
+
+/// How a scripted stream ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The server closes the connection.
+    Close,
+    /// The server sends nothing more and waits for the client to go.
+    Stall,
+}
+
+/// What the server saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    authorization: Option<String>,
+    body: Value,
+}
+
+/// A scripted server: its `/v1/models` listing, and the replies to POSTs
+/// in order.
+struct Script {
+    models: Value,
+    replies: Mutex<VecDeque<Reply>>,
+    seen: Mutex<Vec<Seen>>,
+    /// Set when a client closed a stream the server was stalling on.
+    client_closed: AtomicBool,
+}
+
+impl Script {
+    fn posts(&self) -> Vec<Seen> {
+        self.seen
+            .lock()
+            .expect("seen")
+            .iter()
+            .filter(|s| s.method == "POST")
+            .cloned()
+            .collect()
+    }
+}
+
+/// A server on a free loopback port; the URL of its API base.
+async fn scripted(models: Value, replies: Vec<Reply>) -> (Arc<Script>, String) {
+    let script = Arc::new(Script {
+        models,
+        replies: Mutex::new(replies.into()),
+        seen: Mutex::new(Vec::new()),
+        client_closed: AtomicBool::new(false),
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/v1", listener.local_addr().expect("addr"));
+    let serving = Arc::clone(&script);
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(answer(socket, Arc::clone(&serving)));
+        }
+    });
+    (script, url)
+}
+
+fn generic_listing() -> Value {
+    json!({"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "someone"}]})
+}
+
+/// Reads one request off `socket`: its head and its `Content-Length` body.
+async fn read_request(socket: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Seen> {
+    let head_end = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let read = socket.read(&mut chunk).await.ok()?;
+        if read == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+    let mut lines = head.lines();
+    let mut first = lines.next()?.split_whitespace();
+    let method = first.next()?.to_string();
+    let path = first.next()?.to_string();
+    let header = |name: &str| {
+        head.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_string())
+        })
+    };
+    let length: usize = header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while buffer.len() < head_end + length {
+        let mut chunk = [0u8; 4096];
+        let read = socket.read(&mut chunk).await.ok()?;
+        if read == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+    }
+    let body = serde_json::from_slice(&buffer[head_end..head_end + length]).unwrap_or(Value::Null);
+    buffer.drain(..head_end + length);
+    Some(Seen {
+        method,
+        path,
+        authorization: header("authorization"),
+        body,
+    })
+}
+
+async fn answer(mut socket: TcpStream, script: Arc<Script>) {
+    let mut buffer = Vec::new();
+    while let Some(seen) = read_request(&mut socket, &mut buffer).await {
+        script.seen.lock().expect("seen").push(seen.clone());
+        let reply = if seen.method == "GET" && seen.path.ends_with("/models") {
+            Reply::Status {
+                code: 200,
+                headers: Vec::new(),
+                body: script.models.to_string(),
+            }
+        } else if seen.method == "GET" {
+            Reply::Status {
+                code: 404,
+                headers: Vec::new(),
+                body: json!({"error": "no such endpoint"}).to_string(),
+            }
+        } else {
+            let next = script.replies.lock().expect("replies").pop_front();
+            next.unwrap_or_else(|| Reply::Status {
+                code: 500,
+                headers: Vec::new(),
+                body: json!({"error": {"message": "the script ran out of replies"}}).to_string(),
+            })
+        };
+        match reply {
+            Reply::Status {
+                code,
+                headers,
+                body,
+            } => {
+                let mut response = format!(
+                    "HTTP/1.1 {code} Scripted\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+                    body.len()
+                );
+                for (name, value) in headers {
+                    response.push_str(&format!("{name}: {value}\r\n"));
+                }
+                response.push_str("\r\n");
+                response.push_str(&body);
+                if socket.write_all(response.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            Reply::Stream { events, pause, end } => {
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
+                if socket.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for event in events {
+                    tokio::time::sleep(pause).await;
+                    let frame = format!("data: {event}\n\n");
+                    if socket.write_all(frame.as_bytes()).await.is_err() {
+                        // The client closed the connection mid-stream.
+                        script.client_closed.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                }
+                if end == End::Stall {
+                    // Nothing more is sent; a read of 0 bytes (or an
+                    // error) is the client closing the connection.
+                    let mut chunk = [0u8; 64];
+                    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+                        loop {
+                            match socket.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(_) => {}
+                            }
+                        }
+                    })
+                    .await;
+                    if closed.is_ok() {
+                        script.client_closed.store(true, Ordering::SeqCst);
+                    }
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// A chat-completions chunk carrying `content`.
+fn content(text: &str) -> String {
+    json!({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]})
+        .to_string()
+}
+
+/// The closing chunks of a chat-completions stream.
+fn finished() -> Vec<String> {
+    vec![
+        json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+               "usage": {"prompt_tokens": 12, "completion_tokens": 2}})
+        .to_string(),
+        "[DONE]".to_string(),
+    ]
+}
+
+/// A whole answer that says `text`.
+fn answer_saying(text: &str) -> Reply {
+    let mut events = vec![content(text)];
+    events.extend(finished());
+    Reply::Stream {
+        events,
+        pause: Duration::ZERO,
+        end: End::Close,
+    }
+}
+
+fn status(code: u16, body: Value) -> Reply {
+    Reply::Status {
+        code,
+        headers: Vec::new(),
+        body: body.to_string(),
+    }
+}
+
+fn quick(url: &str) -> RemoteConfig {
+    RemoteConfig {
+        timeouts: Timeouts {
+            connect: Duration::from_secs(2),
+            first_token: Duration::from_millis(600),
+            idle: Duration::from_millis(600),
+        },
+        ..RemoteConfig::new(url)
+    }
+}
+
+async fn open(config: RemoteConfig) -> (Arc<RemoteModel>, Box<dyn BackendSession>) {
+    let model = RemoteModel::connect(config).await.expect("connect");
+    let session = Arc::clone(&model).open_session().await.expect("session");
+    (model, session)
+}
+
+fn request(tools: Vec<Value>) -> CompletionRequest {
+    CompletionRequest {
+        messages: vec![Message::user("Say hello.")],
+        tools,
+        tool_choice: ToolChoice::Auto,
+        sampling: SamplingOptions::default(),
+        response_format: None,
+        argument_values: ArgumentValues::default(),
+    }
+}
+
+async fn complete(
+    session: &mut dyn BackendSession,
+    request: CompletionRequest,
+    cancel: Arc<AtomicBool>,
+) -> (Result<Generation, ModelError>, Vec<String>) {
+    let (deltas, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let result = session.complete(request, deltas, cancel).await;
+    let mut texts = Vec::new();
+    while let Ok(text) = received.try_recv() {
+        texts.push(text);
+    }
+    (result, texts)
+}
+
+fn remote_error(result: Result<Generation, ModelError>) -> RemoteError {
+    match result {
+        Err(ModelError::Remote(err)) => err,
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_503_and_a_429_are_retried_before_anything_streams() {
+    let (script, url) = scripted(
+        generic_listing(),
+        vec![
+            status(503, json!({"error": {"message": "loading the model"}})),
+            Reply::Status {
+                code: 429,
+                headers: vec![("Retry-After", "0")],
+                body: json!({"error": {"message": "slow down"}}).to_string(),
+            },
+            answer_saying("hello"),
+        ],
+    )
+    .await;
+    let (_model, mut session) = open(quick(&url)).await;
+    let (result, _) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+    let generation = result.expect("the third attempt answers");
+    assert_eq!(generation.text, "hello");
+    assert_eq!(generation.stop, StopReason::EndOfTurn);
+    assert_eq!(script.posts().len(), 3, "two retries");
+}
+
+#[tokio::test]
+async fn retries_stop_at_the_limit_and_a_4xx_is_never_retried() {
+    let (script, url) = scripted(
+        generic_listing(),
+        vec![
+            status(502, json!({"error": {"message": "bad gateway one"}})),
+            status(502, json!({"error": {"message": "bad gateway two"}})),
+            status(
+                400,
+                json!({"error": {"message": "temperature must be positive"}}),
+            ),
+            answer_saying("still here"),
+        ],
+    )
+    .await;
+    let config = RemoteConfig {
+        retries: 1,
+        ..quick(&url)
+    };
+    let (_model, mut session) = open(config).await;
+    let (result, _) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+    match remote_error(result) {
+        RemoteError::Http { status, message } => {
+            assert_eq!(status, 502);
+            assert!(message.contains("bad gateway two"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(script.posts().len(), 2, "one retry, as configured");
+    let (result, _) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+    match remote_error(result) {
+        RemoteError::Http { status, message } => {
+            assert_eq!(status, 400);
+            assert!(message.contains("temperature"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(script.posts().len(), 3, "a 400 is not retried");
+    // The session goes on.
+    let (result, _) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+    assert_eq!(result.expect("answers").text, "still here");
+}
+
+#[tokio::test]
+async fn a_stream_cut_after_it_started_is_not_retried_and_the_session_goes_on() {
+    let (script, url) = scripted(
+        generic_listing(),
+        vec![
+            Reply::Stream {
+                events: vec![content("hel")],
+                pause: Duration::ZERO,
+                end: End::Close,
+            },
+            answer_saying("hello again"),
+        ],
+    )
+    .await;
+    let (_model, mut session) = open(quick(&url)).await;
+    let (result, texts) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+    assert_eq!(texts, vec!["hel".to_string()], "the token streamed");
+    match remote_error(result) {
+        RemoteError::Disconnected { reason } => {
+            assert!(reason.contains("without a finish reason"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        script.posts().len(),
+        1,
+        "nothing is retried once tokens streamed"
+    );
+    let (result, _) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+    assert_eq!(
+        result.expect("the next request answers").text,
+        "hello again"
+    );
+}
+
+#[tokio::test]
+async fn a_server_silent_before_the_first_token_times_out_as_such() {
+    let (script, url) = scripted(
+        generic_listing(),
+        vec![Reply::Stream {
+            events: Vec::new(),
+            pause: Duration::ZERO,
+            end: End::Stall,
+        }],
+    )
+    .await;
+    let (_model, mut session) = open(quick(&url)).await;
+    let (result, _) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+    match remote_error(result) {
+        RemoteError::Timeout { phase, after } => {
+            assert_eq!(phase, Phase::FirstToken);
+            assert_eq!(after, Duration::from_millis(600));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        wait_for(|| script.client_closed.load(Ordering::SeqCst)).await,
+        "the runtime closed the connection it gave up on"
+    );
+}
+
+#[tokio::test]
+async fn a_stall_in_the_middle_times_out_as_idle() {
+    let (script, url) = scripted(
+        generic_listing(),
+        vec![Reply::Stream {
+            events: vec![content("hel")],
+            pause: Duration::ZERO,
+            end: End::Stall,
+        }],
+    )
+    .await;
+    let (_model, mut session) = open(quick(&url)).await;
+    let (result, _) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+    match remote_error(result) {
+        RemoteError::Timeout { phase, .. } => assert_eq!(phase, Phase::Idle),
+        other => panic!("{other:?}"),
+    }
+    assert!(wait_for(|| script.client_closed.load(Ordering::SeqCst)).await);
+    assert_eq!(script.posts().len(), 1, "not retried");
+}
+
+#[tokio::test]
+async fn garbage_in_the_stream_is_a_malformed_stream_error() {
+    let (_script, url) = scripted(
+        generic_listing(),
+        vec![
+            Reply::Stream {
+                events: vec![content("ok "), "{\"choices\": [ not json".to_string()],
+                pause: Duration::ZERO,
+                end: End::Close,
+            },
+            status(
+                200,
+                json!({"error": {"message": "quota exhausted for this project"}}),
+            ),
+            Reply::Stream {
+                events: vec![json!({"error": {"message": "the slot crashed"}}).to_string()],
+                pause: Duration::ZERO,
+                end: End::Close,
+            },
+            answer_saying("recovered"),
+        ],
+    )
+    .await;
+    let (_model, mut session) = open(quick(&url)).await;
+    let (result, _) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+    match remote_error(result) {
+        RemoteError::MalformedStream(detail) => assert!(detail.contains("not json"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    // A JSON error body with status 200 where a stream was due.
+    let (result, _) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+    match remote_error(result) {
+        RemoteError::Http { status, message } => {
+            assert_eq!(status, 200);
+            assert_eq!(message, "quota exhausted for this project");
+        }
+        other => panic!("{other:?}"),
+    }
+    // An error event inside the stream names what the server said.
+    let (result, _) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+    let err = remote_error(result);
+    assert!(err.to_string().contains("the slot crashed"), "{err}");
+    let (result, _) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+    assert_eq!(result.expect("answers").text, "recovered");
+}
+
+#[tokio::test]
+async fn cancelling_closes_the_connection() {
+    let events: Vec<String> = (0..50).map(|i| content(&format!("w{i} "))).collect();
+    let (script, url) = scripted(
+        generic_listing(),
+        vec![Reply::Stream {
+            events,
+            pause: Duration::from_millis(100),
+            end: End::Stall,
+        }],
+    )
+    .await;
+    let (_model, mut session) = open(quick(&url)).await;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (deltas, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let stopper = {
+        let cancel = Arc::clone(&cancel);
+        tokio::spawn(async move {
+            // Cancel once two tokens have arrived.
+            let mut seen = 0;
+            while received.recv().await.is_some() {
+                seen += 1;
+                if seen == 2 {
+                    cancel.store(true, Ordering::SeqCst);
+                }
+            }
+            seen
+        })
+    };
+    let generation = session
+        .complete(request(Vec::new()), deltas, cancel)
+        .await
+        .expect("a cancelled turn is not an error");
+    assert_eq!(generation.stop, StopReason::Cancelled);
+    let seen = stopper.await.expect("stopper");
+    assert!(
+        seen < 10,
+        "the stream stopped soon after the cancel: {seen}"
+    );
+    assert!(
+        wait_for(|| script.client_closed.load(Ordering::SeqCst)).await,
+        "cancellation closed the HTTP connection"
+    );
+}
+
+#[tokio::test]
+async fn a_call_left_in_the_text_is_recovered_by_the_runtimes_parsers() {
+    let call = "<tool_call>\n{\"name\": \"read_file\", \"arguments\": {\"path\": \"notes.txt\"}}\n</tool_call>";
+    let mut events = vec![content(&call[..20]), content(&call[20..])];
+    events.extend(finished());
+    let (script, url) = scripted(
+        generic_listing(),
+        vec![Reply::Stream {
+            events,
+            pause: Duration::ZERO,
+            end: End::Close,
+        }],
+    )
+    .await;
+    let (_model, mut session) = open(quick(&url)).await;
+    let (result, _) = complete(
+        session.as_mut(),
+        request(vec![read_file_tool()]),
+        Arc::default(),
+    )
+    .await;
+    let generation = result.expect("answers");
+    assert_eq!(generation.turn.tool_calls.len(), 1, "{generation:?}");
+    let recovered = &generation.turn.tool_calls[0];
+    assert_eq!(recovered.function.name, "read_file");
+    let arguments: Value = serde_json::from_str(&recovered.function.arguments).expect("json");
+    assert_eq!(arguments, json!({"path": "notes.txt"}));
+    assert_eq!(generation.call_path, Some(CallPath::Parsed));
+    // The tools went over the wire natively.
+    let body = &script.posts()[0].body;
+    assert_eq!(body["tools"][0]["function"]["name"], "read_file", "{body}");
+    assert_eq!(body["tool_choice"], "auto", "{body}");
+    assert_eq!(body["stream"], true, "{body}");
+}
+
+#[tokio::test]
+async fn a_key_the_server_echoes_never_reaches_an_error() {
+    let key = "sk-scripted-55817";
+    let (script, url) = scripted(
+        generic_listing(),
+        vec![
+            status(
+                401,
+                json!({"error": {"message": format!("invalid token: Bearer {key}"), "type": "authentication_error"}}),
+            ),
+            Reply::Stream {
+                events: vec![json!({"error": {"message": format!("{key} is over quota")}}).to_string()],
+                pause: Duration::ZERO,
+                end: End::Close,
+            },
+            Reply::Stream {
+                events: vec![format!("{{\"echo\": \"{key}\", broken")],
+                pause: Duration::ZERO,
+                end: End::Close,
+            },
+            answer_saying("fine now"),
+        ],
+    )
+    .await;
+    let config = RemoteConfig {
+        api_key: Some(ApiKey::new(key)),
+        ..quick(&url)
+    };
+    let (_model, mut session) = open(config).await;
+    let (result, _) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+    let err = remote_error(result);
+    assert!(
+        matches!(err, RemoteError::Unauthorized { status: 401, .. }),
+        "{err:?}"
+    );
+    for shown in [err.to_string(), format!("{err:?}")] {
+        assert!(!shown.contains(key), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
+    for _ in 0..2 {
+        let (result, _) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+        let err = remote_error(result);
+        for shown in [err.to_string(), format!("{err:?}")] {
+            assert!(!shown.contains(key), "{shown}");
+        }
+    }
+    // The key was sent, as a bearer token, on every request.
+    let posts = script.posts();
+    assert!(posts
+        .iter()
+        .all(|p| p.authorization.as_deref() == Some(&format!("Bearer {key}") as &str)));
+    let (result, _) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+    assert_eq!(result.expect("answers").text, "fine now");
+}
+
+#[tokio::test]
+async fn a_vllm_listing_names_the_server_its_model_and_context() {
+    let listing = json!({"object": "list", "data": [
+        {"id": "Qwen/Qwen2.5-Coder-32B-Instruct", "object": "model", "owned_by": "vllm",
+         "root": "Qwen/Qwen2.5-Coder-32B-Instruct", "max_model_len": 32768},
+        {"id": "other", "object": "model", "owned_by": "vllm", "max_model_len": 4096}
+    ]});
+    let (script, url) = scripted(listing.clone(), vec![answer_saying("hi")]).await;
+    let (model, mut session) = open(quick(&url)).await;
+    let info = model.info();
+    assert_eq!(info.name, "Qwen/Qwen2.5-Coder-32B-Instruct");
+    assert!(info.detail.contains("vLLM"), "{info:?}");
+    assert_eq!(info.context_length, Some(32768));
+    assert!(info.capabilities.native_tool_calls);
+    assert!(info.capabilities.kv_prefix_reuse);
+    let (result, _) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+    assert_eq!(result.expect("answers").text, "hi");
+    let posts = script.posts();
+    assert_eq!(posts[0].path, "/v1/chat/completions");
+    assert_eq!(posts[0].body["model"], "Qwen/Qwen2.5-Coder-32B-Instruct");
+    // Asking for a model it does not serve names the ones it does.
+    let (_script, url) = scripted(listing, Vec::new()).await;
+    let config = RemoteConfig {
+        model: Some("Qwen/Qwen2.5-Coder-7B".into()),
+        ..quick(&url)
+    };
+    match RemoteModel::connect(config).await.map(|_| ()) {
+        Err(ModelError::Remote(RemoteError::UnknownModel { model, available })) => {
+            assert_eq!(model, "Qwen/Qwen2.5-Coder-7B");
+            assert_eq!(available, vec!["Qwen/Qwen2.5-Coder-32B-Instruct", "other"]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+fn read_file_tool() -> Value {
+    json!({"type": "function", "function": {
+        "name": "read_file",
+        "description": "Reads a file.",
+        "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}
+    }})
+}
+
+fn vllm_listing() -> Value {
+    json!({"object": "list", "data": [{"id": "stack-2.9", "object": "model", "owned_by": "vllm", "max_model_len": 32768}]})
+}
+
+/// A stream of one native call, in deltas as vLLM sends them.
+fn native_call() -> Reply {
+    Reply::Stream {
+        events: vec![
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [
+                {"index": 0, "id": "chatcmpl-tool-1", "type": "function",
+                 "function": {"name": "read_file", "arguments": ""}}]}}]})
+            .to_string(),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "function": {"arguments": "{\"path\": \"notes.txt\"}"}}]}}]})
+            .to_string(),
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+                .to_string(),
+            "[DONE]".to_string(),
+        ],
+        pause: Duration::ZERO,
+        end: End::Close,
+    }
+}
+
+/// vLLM and SGLang get a structural tag that holds each Hermes call to its
+/// tool's schema once `<tool_call>` opens (the runtime's lazy grammar, run
+/// by the server), and the calls that come back say so. A server that
+/// refuses the tag gets the same request without it, and no tag after.
+#[tokio::test]
+async fn vllm_gets_a_structural_tag_for_calls_and_a_refusal_falls_back() {
+    let (script, url) = scripted(
+        vllm_listing(),
+        vec![
+            native_call(),
+            status(
+                400,
+                json!({"object": "error", "message": "Unknown response_format type: structural_tag",
+                       "type": "BadRequestError", "code": 400}),
+            ),
+            answer_saying("untagged"),
+            answer_saying("still untagged"),
+        ],
+    )
+    .await;
+    let (model, mut session) = open(quick(&url)).await;
+    assert!(model.info().capabilities.constrained_decoding);
+    let (result, _) = complete(
+        session.as_mut(),
+        request(vec![read_file_tool()]),
+        Arc::default(),
+    )
+    .await;
+    let generation = result.expect("answers");
+    assert_eq!(generation.turn.tool_calls.len(), 1, "{generation:?}");
+    assert_eq!(generation.call_path, Some(CallPath::StructuralTag));
+    let posts = script.posts();
+    let tag = &posts[0].body["response_format"];
+    assert_eq!(
+        tag,
+        &json!({
+            "type": "structural_tag",
+            "structures": [{
+                "begin": "<tool_call>\n{\"name\": \"read_file\", \"arguments\": ",
+                "schema": read_file_tool()["function"]["parameters"],
+                "end": "}\n</tool_call>",
+            }],
+            "triggers": ["<tool_call>\n{\"name\": "],
+        }),
+        "{tag}"
+    );
+    assert_eq!(posts[0].body["tool_choice"], "auto");
+
+    // Refused: the same request again without the tag, and no tag after.
+    let (result, _) = complete(
+        session.as_mut(),
+        request(vec![read_file_tool()]),
+        Arc::default(),
+    )
+    .await;
+    assert_eq!(result.expect("answers").text, "untagged");
+    let (result, _) = complete(
+        session.as_mut(),
+        request(vec![read_file_tool()]),
+        Arc::default(),
+    )
+    .await;
+    assert_eq!(result.expect("answers").text, "still untagged");
+    let posts = script.posts();
+    assert_eq!(posts.len(), 4, "one retry without the tag");
+    assert!(posts[1].body.get("response_format").is_some());
+    for later in &posts[2..] {
+        assert!(
+            later.body.get("response_format").is_none(),
+            "{}",
+            later.body
+        );
+        assert_eq!(later.body["tools"][0]["function"]["name"], "read_file");
+    }
+    assert!(!model.info().capabilities.constrained_decoding);
+}
+
+/// No tag where the server constrains calls itself (`required`, a named
+/// tool), where a response format is asked for, where configuration turns
+/// it off, or where the server is not vLLM or SGLang.
+#[tokio::test]
+async fn the_structural_tag_goes_only_where_it_is_needed() {
+    let (script, url) = scripted(
+        vllm_listing(),
+        vec![answer_saying("a"), answer_saying("b"), answer_saying("c")],
+    )
+    .await;
+    let (_model, mut session) = open(quick(&url)).await;
+    let mut required = request(vec![read_file_tool()]);
+    required.tool_choice = ToolChoice::Required;
+    complete(session.as_mut(), required, Arc::default())
+        .await
+        .0
+        .expect("answers");
+    let mut answer_format = request(vec![read_file_tool()]);
+    answer_format.response_format = Some(json!({"type": "object"}));
+    complete(session.as_mut(), answer_format, Arc::default())
+        .await
+        .0
+        .expect("answers");
+    let posts = script.posts();
+    assert!(
+        posts[0].body.get("response_format").is_none(),
+        "{}",
+        posts[0].body
+    );
+    assert_eq!(posts[1].body["response_format"]["type"], "json_schema");
+    let config = RemoteConfig {
+        call_constraint: CallConstraint::Off,
+        ..quick(&url)
+    };
+    let (_model, mut session) = open(config).await;
+    complete(
+        session.as_mut(),
+        request(vec![read_file_tool()]),
+        Arc::default(),
+    )
+    .await
+    .0
+    .expect("answers");
+    assert!(script.posts()[2].body.get("response_format").is_none());
+
+    let (script, url) = scripted(
+        generic_listing(),
+        vec![answer_saying("d"), answer_saying("e")],
+    )
+    .await;
+    let (_model, mut session) = open(quick(&url)).await;
+    complete(
+        session.as_mut(),
+        request(vec![read_file_tool()]),
+        Arc::default(),
+    )
+    .await
+    .0
+    .expect("answers");
+    assert!(script.posts()[0].body.get("response_format").is_none());
+    // Asked for by configuration, a generic server gets it too.
+    let config = RemoteConfig {
+        call_constraint: CallConstraint::StructuralTag,
+        ..quick(&url)
+    };
+    let (_model, mut session) = open(config).await;
+    complete(
+        session.as_mut(),
+        request(vec![read_file_tool()]),
+        Arc::default(),
+    )
+    .await
+    .0
+    .expect("answers");
+    assert_eq!(
+        script.posts()[1].body["response_format"]["type"],
+        "structural_tag"
+    );
+}
+
+/// Polls `done` for up to 5 s.
+async fn wait_for(done: impl Fn() -> bool) -> bool {
+    for _ in 0..250 {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    done()
+}
