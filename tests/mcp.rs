@@ -74,12 +74,15 @@ fn check_basics(seen: &Value) {
         .iter()
         .filter_map(Value::as_str)
         .collect();
+    // The built-ins, and the schema-file tools of the shipped `tools/`.
     for tool in [
         "execute_code",
         "read_file",
         "write_file",
         "list_dir",
         "search_files",
+        "unit_convert",
+        "csv_json",
     ] {
         assert!(tools.contains(&tool), "{tool} is not listed: {tools:?}");
     }
@@ -289,8 +292,13 @@ struct HttpServer {
 impl HttpServer {
     /// With `token`, or with `--no-auth` when it is empty.
     fn start(workspace: &Path, token: &str) -> HttpServer {
+        Self::start_with(workspace, token, &[])
+    }
+
+    /// The same, with `extra` arguments for `agent mcp`.
+    fn start_with(workspace: &Path, token: &str, extra: &[&str]) -> HttpServer {
         let mut command = Command::new(common::agent_binary());
-        command.args(["mcp", "--http", "127.0.0.1:0"]);
+        command.args(["mcp", "--http", "127.0.0.1:0"]).args(extra);
         if token.is_empty() {
             command.arg("--no-auth");
         } else {
@@ -357,6 +365,31 @@ fn http_serves_the_same_gate_and_refuses_requests_without_the_token() {
     // A request outside any session is refused, not given a fresh one.
     assert_eq!(statuses["sessionless"], 400, "{refusals}");
     assert_eq!(refusals["sessionless_error"]["code"], -32022, "{refusals}");
+}
+
+/// Two MCP sessions on one HTTP server at once: each has its own Python
+/// interpreter, and an approval remembered in one still asks in the other.
+#[test]
+fn http_sessions_keep_their_interpreters_and_approvals_apart() {
+    let ws = workspace();
+    let token = "separate-sessions-token";
+    // Python in WASI keeps an interpreter per session.
+    let server = HttpServer::start_with(ws.path(), token, &["--sandbox", "wasi"]);
+    let seen = run_client(&[
+        "isolation".into(),
+        "http".into(),
+        server.url.clone(),
+        token.into(),
+    ]);
+    assert_eq!(text(&seen["a_set"]).trim(), "set", "{seen}");
+    let b_read = &seen["b_read"];
+    assert!(
+        b_read.to_string().contains("NameError"),
+        "session B saw session A's variable: {b_read}"
+    );
+    assert_eq!(text(&seen["a_read"]).trim(), "42", "{seen}");
+    assert_eq!(seen["a_asked"], 1, "A's remembered approval held: {seen}");
+    assert_eq!(seen["b_asked"], 1, "B was asked for itself: {seen}");
 }
 
 #[test]
@@ -599,7 +632,30 @@ processes = 32
     )
     .expect("policy");
     let pwned = outside.path().join("pwned.txt");
-    let args = serde_json::json!({"outside": pwned, "port": port}).to_string();
+    // Secrets that ordinary file modes leave readable to anyone: a key in
+    // a home's `.ssh`, and a file beside it.
+    let home = outside.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).expect("mkdir .ssh");
+    std::fs::write(home.join(".ssh/id_rsa"), "PRIVATE KEY 4471").expect("key");
+    let readable = outside.path().join("readable.txt");
+    std::fs::write(&readable, "SECRET 4471").expect("secret");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for folder in [home.clone(), home.join(".ssh")] {
+            std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
+        for file in [home.join(".ssh/id_rsa"), readable.clone()] {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+    }
+    let args = serde_json::json!({
+        "outside": pwned,
+        "port": port,
+        "home": home,
+        "readable": readable,
+    })
+    .to_string();
     let mut argv: Vec<String> = vec![
         "hostile".into(),
         "stdio".into(),
@@ -636,6 +692,10 @@ processes = 32
         "shadow",
         "root_ssh",
         "root_home",
+        "ssh_key",
+        "ssh_dir",
+        "readable_outside",
+        "home_ssh",
         "write_outside",
         "tcp",
         "udp",
@@ -658,9 +718,23 @@ processes = 32
         seen["hang"]["seconds"].as_f64().expect("s") < 10.0,
         "{seen}"
     );
+    // The timeout cancelled the call on the wire: the server got
+    // `notifications/cancelled` for it.
+    let cancelled = std::fs::read_to_string(ws.path().join("cancelled.txt")).unwrap_or_default();
+    assert!(
+        cancelled.contains("requestId"),
+        "the server was never told the hung call was cancelled: {cancelled:?}"
+    );
     assert!(
         text(&seen["die"]).contains("ended during the call"),
         "{seen}"
+    );
+    // Its stderr went to the log (`agent mcp`'s stderr, which the client
+    // passes on).
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("hostile: started"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(
         text(&seen["bad_name_with_spaces"]),
@@ -682,6 +756,102 @@ processes = 32
     assert!(
         !outlive.exists(),
         "a process of the MCP server outlived its session"
+    );
+}
+
+/// An MCP server's tool passes the same gate as a native tool: the
+/// server gets only the environment variables its entry lists, an argument
+/// rule on its tool denies, secrets in its answers are redacted, and the
+/// session's call budget stops it.
+#[test]
+fn an_mcp_servers_tool_passes_the_whole_gate() {
+    let ws = workspace();
+    let code = tempfile::tempdir().expect("tempdir");
+    open_to_all(code.path());
+    let server = code.path().join("hostile_server.py");
+    std::fs::copy(common::fixture("mcp/hostile_server.py"), &server).expect("copy");
+    let policy = ws.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"extends = "default"
+
+[budgets]
+calls_per_session = 3
+
+[mcp_servers.hostile]
+command = "/usr/bin/python3"
+args = ["{server}"]
+read_only = ["{server}"]
+env = ["STACK_RUNTIME_TEST_PASSED"]
+decision = "allow"
+
+[[rules]]
+tool = "hostile__echo"
+pointer = "/text"
+regex = "forbidden"
+decision = "deny"
+reason = "no forbidden words"
+"#,
+            server = server.display()
+        ),
+    )
+    .expect("policy");
+    let output = Command::new(common::client_python())
+        .arg(client_script())
+        .args(["gate", "stdio"])
+        .arg(common::agent_binary())
+        .arg("mcp")
+        .arg("--workspace")
+        .arg(ws.path())
+        .arg("--policy")
+        .arg(&policy)
+        .env("STACK_RUNTIME_TEST_PASSED", "given")
+        .env("STACK_RUNTIME_TEST_WITHHELD", "kept back")
+        .output()
+        .expect("run the MCP client");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}
+{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: Value = serde_json::from_str(stdout.trim()).expect("json");
+    let calls = seen["calls"].as_array().expect("calls");
+
+    // The clean call: only the listed variable, and the secret masked.
+    let first = &calls[0];
+    assert_eq!(first["is_error"], false, "{first}");
+    let said: Value = serde_json::from_str(text(first)).expect("echo json");
+    assert_eq!(said["text"], "hello");
+    assert_eq!(
+        said["env"],
+        serde_json::json!({"STACK_RUNTIME_TEST_PASSED": "given"}),
+        "{said}"
+    );
+    assert!(!text(first).contains("AKIAIOSFODNN7EXAMPLE"), "{first}");
+    assert_ne!(said["secret"], "", "{said}");
+
+    // The argument rule.
+    let denied = &calls[1];
+    assert_eq!(denied["is_error"], true, "{denied}");
+    assert_eq!(status(denied), "denied", "{denied}");
+    assert!(text(denied).contains("no forbidden words"), "{denied}");
+
+    // The budget: three calls, then every further one refused.
+    let refused: Vec<&Value> = calls
+        .iter()
+        .skip(2)
+        .filter(|c| text(c).contains("budget for this session is used up"))
+        .collect();
+    let ran = calls.iter().filter(|c| c["is_error"] == false).count();
+    assert!(ran <= 3, "{calls:?}");
+    assert!(!refused.is_empty(), "the budget stopped nothing: {calls:?}");
+    let last = calls.last().expect("calls");
+    assert!(
+        text(last).contains("budget for this session is used up"),
+        "{last}"
     );
 }
 

@@ -246,7 +246,7 @@ async def hostile(target) -> dict:
             ("bad_name_with_spaces", {}),
             ("flood", {}),
             ("malformed", {}),
-            ("attack", {"outside": args["outside"], "port": args["port"]}),
+            ("attack", {k: args[k] for k in ("outside", "port", "home", "readable")}),
         ]:
             started = time.monotonic()
             # Sanitized names carry a hash suffix: find the one listed.
@@ -257,7 +257,41 @@ async def hostile(target) -> dict:
         return seen
 
 
+async def isolation(make_target) -> dict:
+    """Two sessions at once: stateful Python and remembered approvals are
+    each session's own."""
+    a_approver, b_approver = Approver([ACCEPT_ALWAYS]), Approver([ACCEPT])
+    async with Client(make_target(), elicitation_callback=a_approver) as a, Client(
+        make_target(), elicitation_callback=b_approver
+    ) as b:
+        run = lambda client, code: client.call_tool(  # noqa: E731
+            "execute_code", {"language": "python", "code": code}
+        )
+        a_set = await run(a, "kept_in_a = 41\nprint('set')")
+        b_read = await run(b, "print(kept_in_a)")
+        a_read = await run(a, "print(kept_in_a + 1)")
+        return {
+            "a_set": result(a_set),
+            "b_read": result(b_read),
+            "a_read": result(a_read),
+            "a_asked": len(a_approver.asked),
+            "b_asked": len(b_approver.asked),
+        }
+
+
+async def gate(target) -> dict:
+    """The hostile server's `echo` behind the gate: a clean call, one an
+    argument rule denies, then calls until the session's budget stops them."""
+    async with Client(target) as client:
+        seen = {"calls": []}
+        for text in ["hello", "a forbidden word"] + ["again"] * 4:
+            r = await client.call_tool("hostile__echo", {"text": text})
+            seen["calls"].append(result(r) | {"sent": text})
+        return seen
+
+
 SCENARIOS = {
+    "gate": gate,
     "third-party": third_party,
     "hostile": hostile,
     "basics": basics,
@@ -274,6 +308,8 @@ async def main() -> None:
     scenario, transport, *rest = sys.argv[1:]
     if scenario == "http-refusals":
         observed = await http_refusals(rest[0], rest[1] if len(rest) > 1 else "")
+    elif scenario == "isolation":
+        observed = await isolation(lambda: server(transport, rest))
     else:
         observed = await SCENARIOS[scenario](server(transport, rest))
     print(json.dumps(observed))

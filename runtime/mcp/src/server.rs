@@ -379,3 +379,59 @@ fn approval_message(request: &ApprovalRequest) -> String {
         request.tool, request.rule
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stack_core::workspace::Workspace;
+
+    /// A host tool's arguments.
+    #[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+    struct Greeting {
+        /// Who to greet.
+        name: String,
+    }
+
+    /// Every kind of tool the registry holds is served, each with its own
+    /// schema: the built-ins, schema-file tools and a host's Rust tools.
+    #[test]
+    fn built_in_schema_file_and_host_tools_are_all_listed_with_their_schemas() {
+        let mut registry = Registry::with_builtins();
+        registry
+            .register_host_tool::<Greeting, _>("greet", "Greets someone.", |args, _| {
+                Ok(format!("hello {}", args.name))
+            })
+            .expect("host tool");
+        let tools_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools");
+        assert!(
+            registry.load_dir(&tools_dir).is_empty(),
+            "the shipped tools load"
+        );
+        let workspace = tempfile::tempdir().expect("tempdir");
+        let service = ToolService::new(ServerOptions {
+            registry: Arc::new(registry),
+            policy: Arc::new(Policy::preset("default").expect("policy")),
+            context: ToolContext::new(Workspace::open(workspace.path()).expect("workspace")),
+            unanswered_ask: UnansweredAsk::Deny,
+            audit: None,
+        });
+        let schema_of = |name: &str| {
+            let tool = service
+                .tools()
+                .iter()
+                .find(|t| t.name == name)
+                .unwrap_or_else(|| panic!("{name} is not listed"));
+            Value::Object((*tool.input_schema).clone())
+        };
+        assert_eq!(schema_of("greet")["properties"]["name"]["type"], "string");
+        assert_eq!(schema_of("greet")["required"], serde_json::json!(["name"]));
+        assert_eq!(
+            schema_of("unit_convert")["required"],
+            serde_json::json!(["value", "from", "to"])
+        );
+        assert_eq!(
+            schema_of("read_file")["required"],
+            serde_json::json!(["path"])
+        );
+    }
+}

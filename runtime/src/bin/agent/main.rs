@@ -120,16 +120,27 @@ fn colour_on_stderr() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
+/// The log filter when `AGENT_LOG` is not set: warnings, and for the
+/// services (`agent mcp`, `agent serve`), whose stderr is their client's or
+/// operator's log, the stderr of the MCP servers they run.
+fn default_log_filter(command: Option<&Command>) -> &'static str {
+    match command {
+        Some(Command::Mcp(_) | Command::Serve(_)) => "warn,stack_mcp::server_stderr=info",
+        _ => "warn",
+    }
+}
+
 fn main() -> ExitCode {
+    let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AGENT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("AGENT_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(default_log_filter(cli.command.as_ref()))
+            }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(colour_on_stderr())
         .init();
-    let cli = Cli::parse();
     let tool_dirs = tool_cmd::ToolDirs {
         extra: cli.tool_dirs,
         include_default: !cli.no_default_tools,
