@@ -146,6 +146,10 @@ async def cancel(target, language: str = "bash") -> dict:
     """Abandons a call that would write late.txt after 4 s."""
     approver = Approver([ACCEPT_ALWAYS])
     async with Client(target, elicitation_callback=approver) as client:
+        if language == "python":
+            # The interpreter starts first (seconds on a loaded machine), so
+            # the cancel below lands in the sleep, not in the start.
+            await client.call_tool("execute_code", {"language": "python", "code": "print('ready')"})
         started = time.monotonic()
         finished = None
         with anyio.move_on_after(1.5):
