@@ -195,10 +195,16 @@ async fn a_served_model_drives_the_sandboxed_loop() {
     // The result went back: the second step is a model step after the
     // tool message, and the turn ends.
     let steps = events.iter().rev().find_map(|e| match e {
-        Event::TurnFinished { steps, .. } => Some(*steps),
+        Event::TurnFinished {
+            steps, counters, ..
+        } => Some((*steps, *counters)),
         _ => None,
     });
-    assert_eq!(steps, Some(2), "{events:?}");
+    let (steps, counters) = steps.unwrap_or_else(|| panic!("the turn finished: {events:?}"));
+    assert_eq!(steps, 2, "{events:?}");
+    // The second request extends the first byte for byte: llama-server
+    // reused the cached prefix rather than evaluating it again.
+    assert!(counters.prompt_reused > 0, "{counters:?}");
     assert!(finished(&events).is_some());
     assert!(errors(&events).is_empty(), "{events:?}");
     let history = session.messages().await;
@@ -289,6 +295,65 @@ async fn the_prompted_path_constrains_calls_in_the_templates_own_syntax() {
         let read = read.unwrap_or_else(|| panic!("{format}: the call ran: {events:?}"));
         assert!(read.stdout.contains("7341"), "{format}: {read:?}");
     }
+}
+
+/// The README's multi-host recipe on one machine: a ggml RPC worker holds
+/// the model's layers (`-ngl 99` onto the RPC device, over TCP on
+/// loopback), llama-server schedules, and the runtime drives the same
+/// sandboxed loop through it.
+#[tokio::test(flavor = "multi_thread")]
+async fn llama_server_with_an_rpc_worker_drives_the_same_loop() {
+    let _turn = turn().await;
+    let worker_port = common::free_port();
+    // Line-buffered, so what it printed survives its kill.
+    let mut worker = Command::new("stdbuf")
+        .arg("-oL")
+        .arg(common::peer_binary("ggml-rpc-server"))
+        .args(["-H", "127.0.0.1", "-p", &worker_port.to_string(), "-t", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ggml-rpc-server");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", worker_port)).is_err() {
+        assert!(Instant::now() < deadline, "the RPC worker never listened");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rpc = format!("127.0.0.1:{worker_port}");
+    let server = LlamaServer::start(common::free_port(), &["--rpc", &rpc, "-ngl", "99"]);
+    let model = connect(RemoteConfig::new(server.url())).await;
+    let workspace = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        workspace.path().join("notes.txt"),
+        "The launch code is 7341.\n",
+    )
+    .expect("write notes");
+    let runtime = runtime_over(model, workspace.path());
+    let session = runtime
+        .session(SessionConfig {
+            tool_choice: ToolChoice::Named("read_file".into()),
+            sampling: greedy(48),
+            max_steps: 1,
+            ..SessionConfig::default()
+        })
+        .await
+        .expect("session");
+    let events = collect(&session, "What is in notes.txt? Read it.").await;
+    let read = events.iter().find_map(|e| match e {
+        Event::ToolFinished { outcome, .. } => Some(outcome.clone()),
+        _ => None,
+    });
+    let read = read.unwrap_or_else(|| panic!("the call ran: {events:?}"));
+    assert!(read.stdout.contains("7341"), "{read:?}");
+    // The layers were on the worker: llama-server loaded them through it.
+    drop(server);
+    let _ = worker.kill();
+    let output = worker.wait_with_output().expect("worker output");
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        said.contains("Accepted client connection"),
+        "llama-server never used the RPC worker: {said}"
+    );
 }
 
 /// The native path against the same server given a Qwen2.5 template
@@ -503,4 +568,36 @@ async fn keys_models_and_context_faults_are_specific_errors() {
         shown(&wrong)
     );
     assert!(!shown(&wrong).contains("31337"), "{}", shown(&wrong));
+
+    // And from a profile in a config file (`--config`, `--profile`).
+    let config = home.path().join("models.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[profiles.served]\nurl = \"{}\"\napi_key_env = \"STACK_TEST_MODEL_KEY\"\ntool_path = \"prompted\"\n",
+            server.url()
+        ),
+    )
+    .expect("config");
+    let (cwd, home_dir) = (workspace.path().to_path_buf(), home.path().to_path_buf());
+    let profiled = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+            .arg("model")
+            .arg("--config")
+            .arg(&config)
+            .args(["--profile", "served"])
+            .env("STACK_TEST_MODEL_KEY", "right-key")
+            .env("HOME", &home_dir)
+            .current_dir(&cwd)
+            .output()
+            .expect("run agent")
+    })
+    .await
+    .expect("agent ran");
+    assert!(profiled.status.success(), "{}", shown(&profiled));
+    assert!(
+        shown(&profiled).contains("prompted tool calls"),
+        "{}",
+        shown(&profiled)
+    );
 }
