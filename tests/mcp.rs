@@ -626,6 +626,7 @@ read_only = ["{server}"]
 decision = "allow"
 timeout_ms = 2000
 processes = 32
+memory_mb = 256
 "#,
             server = server.display()
         ),
@@ -727,6 +728,13 @@ processes = 32
     );
     assert!(
         text(&seen["die"]).contains("ended during the call"),
+        "{seen}"
+    );
+    // 2 GiB against a 256 MiB limit: refused, or the server is killed and
+    // started again; never filled.
+    let hog = text(&seen["hog"]);
+    assert!(
+        hog.starts_with("blocked: MemoryError") || hog.contains("ended during the call"),
         "{seen}"
     );
     // Its stderr went to the log (`agent mcp`'s stderr, which the client

@@ -247,6 +247,7 @@ async def hostile(target) -> dict:
         for name, arguments in [
             ("hang", {}),
             ("die", {}),
+            ("hog", {}),
             ("bad_name_with_spaces", {}),
             ("flood", {}),
             ("malformed", {}),
