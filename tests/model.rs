@@ -89,6 +89,16 @@ fn template_errors_are_reported() {
     assert!(err.to_string().contains("roles must alternate"), "{err}");
 }
 
+/// Held by each test that loads a model of its own: one of them counts
+/// the default model's file mappings in this process, which another
+/// test's load or drop would change under it.
+fn own_model_lock() -> std::sync::MutexGuard<'static, ()> {
+    static OWN_MODEL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    OWN_MODEL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn model() -> Arc<Model> {
     static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
     MODEL
@@ -519,6 +529,7 @@ fn constrained_routing_calls_where_a_tool_fits_and_keeps_the_cache() {
 /// decides as under `Free`, which for this model is no call.
 #[test]
 fn auto_routing_constrains_only_a_small_models_own_session() {
+    let _own = own_model_lock();
     let tools = one_tool(
         "calculate_triangle_area",
         "Calculate the area of a triangle given its base and height.",
@@ -812,6 +823,7 @@ fn every_call_format_round_trips_through_its_template() {
 /// back through the template into the next prompt as it was written.
 #[test]
 fn a_given_chat_template_sets_the_call_format_end_to_end() {
+    let _own = own_model_lock();
     let model = Model::load(ModelOptions {
         context_size: 2048,
         threads: Some(2),
@@ -1014,6 +1026,7 @@ fn parameters_named_title_description_and_default_are_generated() {
 
 #[test]
 fn missing_corrupt_and_foreign_files_are_rejected_cleanly() {
+    let _own = own_model_lock();
     let dir = tempfile::tempdir().expect("tempdir");
     let load = |path: std::path::PathBuf| {
         Model::load(ModelOptions {
@@ -1117,6 +1130,7 @@ fn agent_model_shows_metadata_and_rejects_bad_files() {
 /// a session keeps its model alive until the session ends.
 #[test]
 fn a_dropped_model_is_freed_once_its_sessions_are_gone() {
+    let _own = own_model_lock();
     let _shared = model();
     let path = stack_runtime::assets::Asset::DefaultModel
         .locate()
@@ -1177,6 +1191,7 @@ fn sessions_take_fewer_threads_on_a_busy_machine() {
 /// gets a clear error naming the slot's size.
 #[test]
 fn batched_sessions_decode_together_and_keep_their_own_prefixes() {
+    let _own = own_model_lock();
     let batched = Model::load(ModelOptions {
         context_size: 1024,
         threads: Some(2),
