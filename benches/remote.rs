@@ -183,19 +183,7 @@ async fn overhead(url: &str, model: Arc<RemoteModel>) -> (f64, f64) {
     .expect("template")
     .render(&request.messages, &[])
     .expect("render");
-    let s = &request.sampling;
-    let body = serde_json::json!({
-        "prompt": prompt,
-        "stream": true,
-        "cache_prompt": true,
-        "n_predict": s.max_tokens,
-        "temperature": s.temperature,
-        "top_p": s.top_p,
-        "top_k": s.top_k,
-        "min_p": s.min_p,
-        "repeat_penalty": s.repeat_penalty,
-        "seed": s.seed,
-    });
+    let body = stack_runtime::model::remote::completion_body(&prompt, &request.sampling);
     let (mut through, mut bare) = (Vec::new(), Vec::new());
     for _ in 0..TURNS {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();

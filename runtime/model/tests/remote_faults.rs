@@ -312,6 +312,14 @@ async fn complete(
     (result, texts)
 }
 
+/// `request`'s answer, which must come.
+async fn answered(session: &mut dyn BackendSession, request: CompletionRequest) -> Generation {
+    complete(session, request, Arc::default())
+        .await
+        .0
+        .expect("answers")
+}
+
 fn remote_error(result: Result<Generation, ModelError>) -> RemoteError {
     match result {
         Err(ModelError::Remote(err)) => err,
@@ -805,16 +813,10 @@ async fn the_structural_tag_goes_only_where_it_is_needed() {
     let (_model, mut session) = open(quick(&url)).await;
     let mut required = request(vec![read_file_tool()]);
     required.tool_choice = ToolChoice::Required;
-    complete(session.as_mut(), required, Arc::default())
-        .await
-        .0
-        .expect("answers");
+    answered(session.as_mut(), required).await;
     let mut answer_format = request(vec![read_file_tool()]);
     answer_format.response_format = Some(json!({"type": "object"}));
-    complete(session.as_mut(), answer_format, Arc::default())
-        .await
-        .0
-        .expect("answers");
+    answered(session.as_mut(), answer_format).await;
     let posts = script.posts();
     assert!(
         posts[0].body.get("response_format").is_none(),
@@ -827,14 +829,7 @@ async fn the_structural_tag_goes_only_where_it_is_needed() {
         ..quick(&url)
     };
     let (_model, mut session) = open(config).await;
-    complete(
-        session.as_mut(),
-        request(vec![read_file_tool()]),
-        Arc::default(),
-    )
-    .await
-    .0
-    .expect("answers");
+    answered(session.as_mut(), request(vec![read_file_tool()])).await;
     assert!(script.posts()[2].body.get("response_format").is_none());
 
     let (script, url) = scripted(
@@ -843,14 +838,7 @@ async fn the_structural_tag_goes_only_where_it_is_needed() {
     )
     .await;
     let (_model, mut session) = open(quick(&url)).await;
-    complete(
-        session.as_mut(),
-        request(vec![read_file_tool()]),
-        Arc::default(),
-    )
-    .await
-    .0
-    .expect("answers");
+    answered(session.as_mut(), request(vec![read_file_tool()])).await;
     assert!(script.posts()[0].body.get("response_format").is_none());
     // Asked for by configuration, a generic server gets it too.
     let config = RemoteConfig {
@@ -858,14 +846,7 @@ async fn the_structural_tag_goes_only_where_it_is_needed() {
         ..quick(&url)
     };
     let (_model, mut session) = open(config).await;
-    complete(
-        session.as_mut(),
-        request(vec![read_file_tool()]),
-        Arc::default(),
-    )
-    .await
-    .0
-    .expect("answers");
+    answered(session.as_mut(), request(vec![read_file_tool()])).await;
     assert_eq!(
         script.posts()[1].body["response_format"]["type"],
         "structural_tag"

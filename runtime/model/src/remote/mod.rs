@@ -1120,6 +1120,24 @@ impl BackendSession for RemoteSession {
     }
 }
 
+/// The body of a streaming llama-server `/completion` for `prompt` under
+/// `sampling`, before any grammar: what the prompted path sends for a
+/// step with no tools (the remote benchmark's bare client sends it too).
+pub fn completion_body(prompt: &str, sampling: &crate::backend::SamplingOptions) -> Value {
+    json!({
+        "prompt": prompt,
+        "stream": true,
+        "cache_prompt": true,
+        "n_predict": sampling.max_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+        "min_p": sampling.min_p,
+        "repeat_penalty": sampling.repeat_penalty,
+        "seed": sampling.seed,
+    })
+}
+
 /// The body of a streaming llama-server `/completion` for a prompt the
 /// runtime rendered, with the tool-call grammar (lazy under `auto`).
 fn prompt_body(
@@ -1128,19 +1146,7 @@ fn prompt_body(
     request: &CompletionRequest,
     offered: &[Value],
 ) -> Result<Value, ModelError> {
-    let s = &request.sampling;
-    let mut body = json!({
-        "prompt": prompt,
-        "stream": true,
-        "cache_prompt": true,
-        "n_predict": s.max_tokens,
-        "temperature": s.temperature,
-        "top_p": s.top_p,
-        "top_k": s.top_k,
-        "min_p": s.min_p,
-        "repeat_penalty": s.repeat_penalty,
-        "seed": s.seed,
-    });
+    let mut body = completion_body(prompt, &request.sampling);
     #[cfg(feature = "llama")]
     if !offered.is_empty() && request.tool_choice != ToolChoice::None {
         // In the syntax of the template the prompt was rendered with, as
