@@ -3,6 +3,10 @@
 #![allow(dead_code, unused_imports)]
 
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stack_runtime::assets::Asset;
 
 pub use stack_test_support::{attacker, fixture, free_port, repo_root};
 
@@ -69,4 +73,73 @@ pub fn spoken(text: &str) -> Vec<u8> {
         .expect("espeak-ng (scripts/setup installs it)");
     assert!(out.status.success(), "espeak-ng failed");
     out.stdout
+}
+
+/// A llama-server child, killed on drop.
+pub struct LlamaServer {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl LlamaServer {
+    /// Starts llama-server on the default model (2048-token context, two
+    /// threads, one slot, `--jinja`) with `extra` flags, and waits until it
+    /// is healthy.
+    pub fn start(port: u16, extra: &[&str]) -> LlamaServer {
+        let model = Asset::DefaultModel
+            .locate()
+            .expect("run scripts/setup: the default model");
+        let mut command = Command::new(peer_binary("llama-server"));
+        command
+            .arg("-m")
+            .arg(&model)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["-c", "2048", "-t", "2", "-np", "1", "--jinja", "--no-webui"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = command.spawn().expect("start llama-server");
+        let server = LlamaServer { child, port };
+        server.wait_healthy();
+        server
+    }
+
+    /// Its OpenAI-compatible base URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let healthy = std::net::TcpStream::connect(("127.0.0.1", self.port))
+                .and_then(|mut stream| {
+                    use std::io::{Read, Write};
+                    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    stream.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+                    let mut reply = String::new();
+                    stream.read_to_string(&mut reply)?;
+                    Ok(reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"))
+                })
+                .unwrap_or(false);
+            if healthy {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("llama-server on port {} did not become healthy", self.port);
+    }
+
+    /// Kills it and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

@@ -11,13 +11,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use stack_runtime::agent::{Event, Runtime, Session, SessionConfig, TurnEnd};
-use stack_runtime::assets::Asset;
 use stack_runtime::model::remote::{ApiKey, RemoteConfig, RemoteError, RemoteModel, ToolPath};
 use stack_runtime::model::{CallPath, ModelBackend, ModelError, SamplingOptions, ToolChoice};
 use stack_runtime::outcome::Status;
@@ -27,69 +26,6 @@ use stack_runtime::policy::{ApprovalAnswer, ApprovalRequest, Policy};
 async fn turn() -> tokio::sync::MutexGuard<'static, ()> {
     static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     TURN.lock().await
-}
-
-/// A llama-server child, killed on drop.
-struct LlamaServer {
-    child: Child,
-    port: u16,
-}
-
-impl LlamaServer {
-    fn start(port: u16, extra: &[&str]) -> LlamaServer {
-        let model = Asset::DefaultModel
-            .locate()
-            .expect("run scripts/setup: the default model");
-        let mut command = Command::new(common::peer_binary("llama-server"));
-        command
-            .arg("-m")
-            .arg(&model)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["-c", "2048", "-t", "2", "-np", "1", "--jinja", "--no-webui"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = command.spawn().expect("start llama-server");
-        let server = LlamaServer { child, port };
-        server.wait_healthy();
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/v1", self.port)
-    }
-
-    fn wait_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            let healthy = std::net::TcpStream::connect(("127.0.0.1", self.port))
-                .and_then(|mut stream| {
-                    use std::io::{Read, Write};
-                    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    stream.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-                    let mut reply = String::new();
-                    stream.read_to_string(&mut reply)?;
-                    Ok(reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"))
-                })
-                .unwrap_or(false);
-            if healthy {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("llama-server on port {} did not become healthy", self.port);
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for LlamaServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 fn yes(_: &ApprovalRequest) -> ApprovalAnswer {
@@ -148,7 +84,7 @@ fn errors(events: &[Event]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_served_model_drives_the_sandboxed_loop() {
     let _turn = turn().await;
-    let server = LlamaServer::start(common::free_port(), &[]);
+    let server = common::LlamaServer::start(common::free_port(), &[]);
     let model = connect(RemoteConfig::new(server.url())).await;
     assert!(model.prompted(), "{model:?}");
     let info = model.info();
@@ -230,7 +166,8 @@ async fn the_prompted_path_constrains_calls_in_the_templates_own_syntax() {
     ] {
         let template = common::fixture(&format!("templates/formats/{format}.jinja"));
         let template = template.to_str().expect("utf8").to_string();
-        let server = LlamaServer::start(common::free_port(), &["--chat-template-file", &template]);
+        let server =
+            common::LlamaServer::start(common::free_port(), &["--chat-template-file", &template]);
         let model = connect(RemoteConfig {
             tool_path: ToolPath::Prompted,
             ..RemoteConfig::new(server.url())
@@ -320,7 +257,7 @@ async fn llama_server_with_an_rpc_worker_drives_the_same_loop() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let rpc = format!("127.0.0.1:{worker_port}");
-    let server = LlamaServer::start(common::free_port(), &["--rpc", &rpc, "-ngl", "99"]);
+    let server = common::LlamaServer::start(common::free_port(), &["--rpc", &rpc, "-ngl", "99"]);
     let model = connect(RemoteConfig::new(server.url())).await;
     let workspace = tempfile::tempdir().expect("tempdir");
     std::fs::write(
@@ -368,7 +305,8 @@ async fn the_native_path_streams_a_turn_with_tools_offered() {
     let _turn = turn().await;
     let template = common::fixture("templates/qwen2.5.jinja");
     let template = template.to_str().expect("utf8").to_string();
-    let server = LlamaServer::start(common::free_port(), &["--chat-template-file", &template]);
+    let server =
+        common::LlamaServer::start(common::free_port(), &["--chat-template-file", &template]);
     let model = connect(RemoteConfig::new(server.url())).await;
     assert!(!model.prompted(), "a template that shows tools: {model:?}");
     assert!(model.info().capabilities.native_tool_calls);
@@ -426,7 +364,7 @@ async fn the_native_path_streams_a_turn_with_tools_offered() {
 async fn a_server_killed_mid_stream_is_a_clear_error_and_the_session_goes_on() {
     let _turn = turn().await;
     let port = common::free_port();
-    let mut server = LlamaServer::start(port, &[]);
+    let mut server = common::LlamaServer::start(port, &[]);
     let mut config = RemoteConfig::new(server.url());
     config.retries = 0;
     let model = connect(config).await;
@@ -464,7 +402,7 @@ async fn a_server_killed_mid_stream_is_a_clear_error_and_the_session_goes_on() {
         "a clear error: {events:?}"
     );
     drop(server);
-    let _server = LlamaServer::start(port, &[]);
+    let _server = common::LlamaServer::start(port, &[]);
     let again = collect(&session, "Say hello.").await;
     assert!(self::errors(&again).is_empty(), "{again:?}");
     assert!(
@@ -478,7 +416,7 @@ async fn a_server_killed_mid_stream_is_a_clear_error_and_the_session_goes_on() {
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_models_and_context_faults_are_specific_errors() {
     let _turn = turn().await;
-    let server = LlamaServer::start(common::free_port(), &["--api-key", "right-key"]);
+    let server = common::LlamaServer::start(common::free_port(), &["--api-key", "right-key"]);
     let mut wrong = RemoteConfig::new(server.url());
     wrong.api_key = Some(ApiKey::new("wrong-key"));
     match RemoteModel::connect(wrong).await {

@@ -269,6 +269,96 @@ fn the_default_model_reads_a_file_it_is_asked_about_in_the_repl() {
     drop(cleanup);
 }
 
+/// #16: the REPL on a served model. llama-server serves the default GGUF;
+/// the banner names the server's model, its context and what was
+/// detected, and a turn runs through it: the call is made by the served
+/// model and runs here, in the sandbox.
+#[test]
+fn the_repl_drives_a_served_model_and_its_banner_says_so() {
+    let _one_at_a_time = GENERATING.lock().unwrap_or_else(|e| e.into_inner());
+    let server = common::LlamaServer::start(common::free_port(), &[]);
+    let home = tempfile::tempdir().expect("tempdir");
+    let workspace = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        workspace.path().join("notes.txt"),
+        "The meeting moved to Thursday at 3pm in room 42.\n",
+    )
+    .expect("notes");
+    let config = home.path().join(".config/stack-runtime");
+    std::fs::create_dir_all(&config).expect("config folder");
+    std::fs::write(config.join("config.toml"), "keep_transcripts = false\n").expect("config");
+    let (session, cleanup) = start_repl(
+        "stack-repl-remote",
+        home.path(),
+        workspace.path(),
+        &format!(
+            "--model-url {} --tool-choice read_file --max-steps 1 --temperature 0",
+            server.url()
+        ),
+    );
+    let banner = wait_for(&session, "type /help", Duration::from_secs(60));
+    let model_line = banner
+        .lines()
+        .find(|l| l.starts_with("model "))
+        .unwrap_or_default();
+    assert!(
+        banner.contains(&server.url()) || banner.contains(&format!("127.0.0.1:{}", server.port)),
+        "the banner names the server: {banner}"
+    );
+    assert!(
+        model_line.contains("context: 2048 tokens")
+            && model_line.contains("constrained calls: yes")
+            && model_line.contains("saved state: no"),
+        "the served model's context and capabilities: {banner}"
+    );
+    assert!(
+        !banner.to_lowercase().contains("loading model"),
+        "no local model was loaded: {banner}"
+    );
+    tmux(&[
+        "send-keys",
+        "-t",
+        &session,
+        "What is in notes.txt? Read it.",
+        "Enter",
+    ]);
+    let turn = wait_for(&session, "step(s)", Duration::from_secs(120));
+    assert!(turn.contains("⚙ read_file"), "{turn}");
+    assert!(
+        turn.contains("→ ok read_file") || turn.contains("→ failed read_file"),
+        "the call ran: {turn}"
+    );
+    // One step was allowed: the turn ends at the limit, after the call,
+    // not on a model or transport error.
+    assert!(turn.contains("[step_limit; 1 step(s)"), "{turn}");
+    // Stop the server: the next turn is a clear error, and the REPL goes on.
+    let errors_before = screen(&session).matches("error").count();
+    drop(server);
+    tmux(&[
+        "send-keys",
+        "-t",
+        &session,
+        "Read notes.txt again.",
+        "Enter",
+    ]);
+    let gone = wait_for_count(
+        &session,
+        "error",
+        errors_before + 1,
+        Duration::from_secs(60),
+    );
+    let gone = &gone[gone.rfind("Read notes.txt again.").unwrap_or(0)..];
+    assert!(
+        gone.contains("127.0.0.1") || gone.to_lowercase().contains("connect"),
+        "the error names what failed: {gone}"
+    );
+    tmux(&["send-keys", "-t", &session, "/tools", "Enter"]);
+    wait_for(&session, "read_file ", Duration::from_secs(10));
+    tmux(&["send-keys", "-t", &session, "/exit", "Enter"]);
+    wait_for(&session, "REPL-EXITED", Duration::from_secs(10));
+    drop(cleanup);
+}
+
 /// A prompt for each other built-in tool that the default model, under the
 /// default routing, calls its tool for (and whether the default policy
 /// asks first).
