@@ -40,6 +40,8 @@
 #![warn(missing_docs)]
 
 pub mod features;
+#[cfg(feature = "listen")]
+pub mod listen;
 pub mod model;
 pub mod wav;
 

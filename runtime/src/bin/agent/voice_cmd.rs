@@ -209,86 +209,17 @@ pub fn describe(heard: &Transcription) -> String {
 }
 
 /// `/listen`: push-to-talk from the default audio input device, until
-/// Enter (or the length limit). Any device, rate and channel count cpal
-/// offers; the samples are checked like a file's.
+/// Enter (or the length limit); see `stack_voice::listen`.
 #[cfg(feature = "listen")]
 pub fn listen(limits: &AudioLimits) -> anyhow::Result<Audio> {
-    use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
-    use std::sync::Mutex;
-
-    let host = cpal::default_host();
-    let no_device = |why: String| {
-        anyhow::anyhow!("no audio input device ({why}); record a WAV file and use /voice FILE")
-    };
-    let device = host
-        .default_input_device()
-        .ok_or_else(|| no_device(format!("{} reports no microphone", host.id().name())))?;
-    let supported = device
-        .default_input_config()
-        .map_err(|e| no_device(format!("the default input cannot record: {e}")))?;
-    let channels = usize::from(supported.channels()).max(1);
-    let rate = supported.sample_rate();
-    let most = (limits.max_seconds.max(0.0) * f64::from(rate)) as usize;
-    let recorded: Arc<Mutex<Vec<f32>>> = Arc::default();
-    let failure: Arc<Mutex<Option<String>>> = Arc::default();
-    let config = supported.config();
-    let stream = match supported.sample_format() {
-        cpal::SampleFormat::F32 => record::<f32>(&device, config, &recorded, &failure, channels, most),
-        cpal::SampleFormat::I16 => record::<i16>(&device, config, &recorded, &failure, channels, most),
-        cpal::SampleFormat::U16 => record::<u16>(&device, config, &recorded, &failure, channels, most),
-        cpal::SampleFormat::I32 => record::<i32>(&device, config, &recorded, &failure, channels, most),
-        other => anyhow::bail!("the input device records {other} samples, which /listen does not take; use /voice FILE"),
-    }
-    .map_err(|e| no_device(format!("opening it failed: {e}")))?;
-    stream
-        .play()
-        .map_err(|e| no_device(format!("starting it failed: {e}")))?;
-    eprint!("🎙 recording ({rate} Hz); press Enter to stop ");
-    let mut line = String::new();
-    let _ = std::io::stdin().read_line(&mut line);
-    drop(stream);
-    if let Some(error) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        anyhow::bail!("recording failed: {error}");
-    }
-    let samples = std::mem::take(&mut *recorded.lock().unwrap_or_else(|p| p.into_inner()));
-    Ok(Audio::from_samples(&samples, rate, limits)?)
-}
-
-/// An input stream that mixes each frame down to mono into `sink`, up to
-/// `most` frames.
-#[cfg(feature = "listen")]
-fn record<T>(
-    device: &cpal::Device,
-    config: cpal::StreamConfig,
-    sink: &Arc<std::sync::Mutex<Vec<f32>>>,
-    failure: &Arc<std::sync::Mutex<Option<String>>>,
-    channels: usize,
-    most: usize,
-) -> Result<cpal::Stream, cpal::Error>
-where
-    T: cpal::SizedSample,
-    f32: cpal::FromSample<T>,
-{
-    use cpal::traits::DeviceTrait;
-    use cpal::Sample;
-    let (sink, failure) = (Arc::clone(sink), Arc::clone(failure));
-    device.build_input_stream::<T, _, _>(
-        config,
-        move |data: &[T], _| {
-            let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
-            for frame in data.chunks(channels) {
-                if sink.len() >= most {
-                    break;
-                }
-                let sum: f32 = frame.iter().map(|s| f32::from_sample(*s)).sum();
-                sink.push(sum / channels as f32);
-            }
-        },
-        move |error| {
-            *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
-        },
-        None,
-    )
+    Ok(stack_runtime::voice::listen::record(limits, |recording| {
+        eprint!(
+            "🎙 recording from {} ({} Hz); press Enter to stop ",
+            recording.device, recording.sample_rate
+        );
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    })?)
 }
 
 /// `/listen` in a build without the `listen` feature.
