@@ -1100,6 +1100,336 @@ fn sessions_are_listed_consented_deleted_and_purged_by_the_cli() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no saved session `s-new`"));
 }
 
+/// A private session bus with a real Secret Service on it
+/// (gnome-keyring-daemon, its login keyring made and unlocked under
+/// `home`), killed on drop.
+struct SessionKeyring {
+    address: String,
+    bus: std::process::Child,
+    keyring: Option<std::process::Child>,
+}
+
+impl SessionKeyring {
+    fn start(home: &Path) -> SessionKeyring {
+        use std::io::{BufRead, Write};
+        let run = home.join("run");
+        std::fs::create_dir_all(&run).expect("runtime dir");
+        std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .expect("chmod");
+        let mut bus = Command::new("dbus-daemon")
+            .args(["--session", "--nofork", "--print-address=1"])
+            .arg(format!("--address=unix:path={}", run.join("bus").display()))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dbus-daemon (scripts/setup installs dbus)");
+        let stdout = bus.stdout.take().expect("stdout");
+        // The guard from here on: a failed start leaves no daemon behind.
+        let mut session = SessionKeyring {
+            address: String::new(),
+            bus,
+            keyring: None,
+        };
+        std::io::BufReader::new(stdout)
+            .read_line(&mut session.address)
+            .expect("the bus address");
+        session.address = session.address.trim().to_string();
+        assert!(session.address.starts_with("unix:"), "{}", session.address);
+        let keyring = session.keyring.insert(
+            Command::new("gnome-keyring-daemon")
+                .args(["--foreground", "--unlock", "--components=secrets"])
+                .env("DBUS_SESSION_BUS_ADDRESS", &session.address)
+                .env("HOME", home)
+                .env("XDG_DATA_HOME", home.join("share"))
+                .env("XDG_RUNTIME_DIR", &run)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("gnome-keyring-daemon (scripts/setup installs gnome-keyring)"),
+        );
+        // The login keyring's password; closing stdin lets it go on.
+        let mut password = keyring.stdin.take().expect("stdin");
+        password
+            .write_all(b"test-login-password")
+            .expect("password");
+        drop(password);
+        // Wait until it owns the Secret Service's name (a call before that
+        // would start another daemon, one with no unlocked keyring), then
+        // until its login collection takes a secret and gives it back.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let owned = Command::new("dbus-send")
+                .args([
+                    "--session",
+                    "--print-reply",
+                    "--dest=org.freedesktop.DBus",
+                    "/org/freedesktop/DBus",
+                    "org.freedesktop.DBus.NameHasOwner",
+                    "string:org.freedesktop.secrets",
+                ])
+                .env("DBUS_SESSION_BUS_ADDRESS", &session.address)
+                .output()
+                .expect("dbus-send");
+            if String::from_utf8_lossy(&owned.stdout).contains("boolean true")
+                && session.store("probe", "ready")
+                && session.lookup_in("probe", "probe").as_deref() == Some("ready")
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the Secret Service never came up on {}",
+                session.address
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        session
+    }
+
+    /// Stores `secret` as service `probe`, user `user` (secret-tool, the
+    /// Secret Service's own client).
+    fn store(&self, user: &str, secret: &str) -> bool {
+        use std::io::Write;
+        let mut store = Command::new("secret-tool")
+            .args([
+                "store",
+                "--label=probe",
+                "service",
+                "probe",
+                "username",
+                user,
+            ])
+            .env("DBUS_SESSION_BUS_ADDRESS", &self.address)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("secret-tool (scripts/setup installs libsecret-tools)");
+        let mut input = store.stdin.take().expect("stdin");
+        let _ = input.write_all(secret.as_bytes());
+        drop(input);
+        store.wait().is_ok_and(|status| status.success())
+    }
+
+    /// What the keyring holds for `service` and `user`, if anything.
+    fn lookup_in(&self, service: &str, user: &str) -> Option<String> {
+        let output = Command::new("secret-tool")
+            .args(["lookup", "service", service, "username", user])
+            .env("DBUS_SESSION_BUS_ADDRESS", &self.address)
+            .output()
+            .expect("secret-tool (scripts/setup installs libsecret-tools)");
+        let text = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        (output.status.success() && !text.is_empty()).then_some(text)
+    }
+
+    /// What the keyring holds for the runtime's entry `user`, if anything.
+    fn lookup(&self, user: &str) -> Option<String> {
+        self.lookup_in("stack-runtime", user)
+    }
+}
+
+impl Drop for SessionKeyring {
+    fn drop(&mut self) {
+        for child in self.keyring.iter_mut().chain([&mut self.bus]) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// #21, "the key comes from the OS keyring where one exists": with a real
+/// Secret Service on the session bus, the first encrypted session's key is
+/// made in the keyring, not in a file (the folder keeps only a marker);
+/// files are sealed with it and read back through it; `agent keys rotate`
+/// moves to a new key in the keyring and keeps the old one there; and
+/// without the keyring (no session bus) the CLI says where the keys are
+/// and changes nothing, making no key file beside them.
+#[test]
+fn keys_live_in_the_os_keyring_where_one_answers() {
+    use stack_runtime::seal::record::sealed_with;
+    use stack_runtime::seal::Key;
+    let home = tempfile::tempdir().expect("home");
+    let config = home.path().join(".config");
+    let sessions = home.path().join("data");
+    let keys = config.join("stack-runtime/keys");
+    let policy = home.path().join("sealed.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "extends = \"default\"\n[privacy]\nkeep_transcripts = true\ntranscript_dir = \"{}\"\nencrypt = true\n",
+            sessions.display()
+        ),
+    )
+    .expect("policy");
+    let keyring = SessionKeyring::start(home.path());
+    let assets = stack_runtime::assets::asset_dir().expect("asset folder");
+    let agent = |args: &[&str], bus: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_agent"));
+        command
+            .args(["--policy", policy.to_str().expect("utf8")])
+            .args(args)
+            .current_dir(home.path())
+            .env("HOME", home.path())
+            .env("XDG_CONFIG_HOME", &config)
+            .env("STACK_RUNTIME_ASSETS", &assets)
+            .env_remove("STACK_RUNTIME_KEY")
+            .env_remove("STACK_RUNTIME_KEYRING")
+            .env_remove("DBUS_SESSION_BUS_ADDRESS");
+        if let Some(address) = bus {
+            command.env("DBUS_SESSION_BUS_ADDRESS", address);
+        }
+        command.output().expect("agent")
+    };
+    let bus = Some(keyring.address.as_str());
+    let ran = agent(
+        &[
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "4",
+            "run",
+            "-p",
+            "Say PROMPT-keyring.",
+        ],
+        bus,
+    );
+    assert!(ran.status.success(), "{ran:?}");
+    // The key is in the keyring; the folder holds the marker, no key.
+    let current_user = format!("current@{}", keys.display());
+    let first = Key::from_hex(&keyring.lookup(&current_user).expect("a key in the keyring"))
+        .expect("64 hex digits");
+    assert!(keys.join("in-keyring").is_file());
+    assert!(!keys.join("current").exists(), "no key file");
+    let transcript = std::fs::read_dir(&sessions)
+        .expect("sessions")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .expect("a transcript");
+    let id = transcript
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .expect("id")
+        .to_string();
+    assert_eq!(
+        sealed_with(&transcript).expect("header").map(|h| h.key),
+        Some(first.id())
+    );
+    let bytes = std::fs::read(&transcript).expect("read");
+    assert!(!bytes.windows(14).any(|w| w == b"PROMPT-keyring"));
+    let shown = String::from_utf8(agent(&["keys", "show"], bus).stdout).expect("utf8");
+    assert!(
+        shown.contains("kept in     the OS keyring")
+            && shown.contains(&format!("{} from the OS keyring", first.id())),
+        "{shown}"
+    );
+    // Read back through the keyring's key.
+    assert!(agent(&["sessions", "training", &id, "allow"], bus)
+        .status
+        .success());
+    let exported = agent(&["export", &id], bus);
+    assert!(exported.status.success(), "{exported:?}");
+    assert!(String::from_utf8_lossy(&exported.stdout).contains("PROMPT-keyring"));
+    // Rotation: a new key in the keyring, the old one retired there, the
+    // transcript sealed again and still read.
+    let rotated = agent(&["keys", "rotate"], bus);
+    let said = String::from_utf8_lossy(&rotated.stdout).to_string();
+    assert!(rotated.status.success(), "{rotated:?}");
+    assert!(
+        said.contains(" file(s) re-encrypted")
+            && !said.contains("; 0 file(s) re-encrypted")
+            && said.contains("kept in the OS keyring's entry retired@"),
+        "{said}"
+    );
+    let second =
+        Key::from_hex(&keyring.lookup(&current_user).expect("the new key")).expect("64 hex digits");
+    assert_ne!(second.id(), first.id());
+    let retired = keyring
+        .lookup(&format!("retired@{}", keys.display()))
+        .expect("the retired key");
+    assert_eq!(Key::from_hex(&retired).expect("hex").id(), first.id());
+    assert!(keyring
+        .lookup(&format!("next@{}", keys.display()))
+        .is_none());
+    assert_eq!(
+        sealed_with(&transcript).expect("header").map(|h| h.key),
+        Some(second.id())
+    );
+    assert!(!keys.join("current").exists() && !keys.join("next").exists());
+    let exported = agent(&["export", &id], bus);
+    assert!(exported.status.success(), "{exported:?}");
+    // No keyring on this session: a clear error naming it; nothing made,
+    // nothing changed.
+    let before = std::fs::read(&transcript).expect("read");
+    let lost = agent(&["export", &id], None);
+    assert_eq!(
+        keyring.lookup(&current_user).as_deref(),
+        Some(second.to_hex().as_str()),
+        "the keyring's key is untouched"
+    );
+    assert!(!lost.status.success());
+    let said = String::from_utf8_lossy(&lost.stderr).to_string();
+    assert!(said.contains("kept in the OS keyring"), "{said}");
+    assert!(
+        !keys.join("current").exists(),
+        "no key file made beside them"
+    );
+    assert_eq!(std::fs::read(&transcript).expect("read"), before);
+    // STACK_RUNTIME_KEY still opens it, for hosts without a keyring.
+    let by_variable = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["--policy", policy.to_str().expect("utf8"), "export", &id])
+        .env("HOME", home.path())
+        .env("XDG_CONFIG_HOME", &config)
+        .env("STACK_RUNTIME_KEY", second.to_hex().as_str())
+        .env_remove("DBUS_SESSION_BUS_ADDRESS")
+        .output()
+        .expect("agent");
+    assert!(by_variable.status.success(), "{by_variable:?}");
+    assert!(String::from_utf8_lossy(&by_variable.stdout).contains("PROMPT-keyring"));
+    assert!(!keys.join("current").exists());
+    // The keyring answers but its entry is gone (a keyring reset): an
+    // error that says so, and no new key made beside the old one.
+    let cleared = Command::new("secret-tool")
+        .args([
+            "clear",
+            "service",
+            "stack-runtime",
+            "username",
+            &current_user,
+        ])
+        .env("DBUS_SESSION_BUS_ADDRESS", &keyring.address)
+        .status()
+        .expect("secret-tool");
+    assert!(cleared.success());
+    let missing = agent(&["export", &id], bus);
+    assert!(!missing.status.success());
+    let said = String::from_utf8_lossy(&missing.stderr).to_string();
+    assert!(said.contains("is missing"), "{said}");
+    assert!(keyring.lookup(&current_user).is_none(), "no new key");
+    assert!(!keys.join("current").exists());
+    assert_eq!(std::fs::read(&transcript).expect("read"), before);
+    // STACK_RUNTIME_KEYRING=off: a new key goes to a key file, even with
+    // the keyring there.
+    let other = home.path().join("other-config");
+    let off = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["--policy", policy.to_str().expect("utf8"), "sessions"])
+        .env("HOME", home.path())
+        .env("XDG_CONFIG_HOME", &other)
+        .env("DBUS_SESSION_BUS_ADDRESS", &keyring.address)
+        .env("STACK_RUNTIME_KEYRING", "off")
+        .env_remove("STACK_RUNTIME_KEY")
+        .output()
+        .expect("agent");
+    assert!(off.status.success(), "{off:?}");
+    let other_keys = other.join("stack-runtime/keys");
+    assert!(other_keys.join("current").is_file(), "{off:?}");
+    assert!(!other_keys.join("in-keyring").exists());
+    assert!(keyring
+        .lookup(&format!("current@{}", other_keys.display()))
+        .is_none());
+}
+
 /// `agent keys show` and `agent keys rotate` on real sealed files under a
 /// scratch home: the key file is made 0600, a rotation is refused while a
 /// runtime holds the key, re-encrypts every sealed file (and seals the
@@ -1145,6 +1475,7 @@ fn keys_are_shown_and_rotated_and_sealed_sessions_read_through_the_cli() {
             .args(&argv)
             .env("HOME", home.path())
             .env("XDG_CONFIG_HOME", &config)
+            .env("STACK_RUNTIME_KEYRING", "off")
             .env_remove("STACK_RUNTIME_KEY")
             .output()
             .expect("agent")

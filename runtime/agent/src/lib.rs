@@ -413,7 +413,10 @@ impl RuntimeBuilder {
 
     /// Builds the runtime: registers the tools, checks the workspace, and
     /// opens the audit log and the keys. Any error of the chain is
-    /// returned here.
+    /// returned here. It blocks: file I/O, and, when the keys are in the OS
+    /// keyring, D-Bus calls (each at most `stack_seal::keyring::TIMEOUT`);
+    /// async hosts call it from a blocking thread (`spawn_blocking`) or
+    /// before their runtime starts, as the `agent` binary does.
     pub fn build(self) -> Result<Runtime, AgentError> {
         let mut registry = if self.builtin_tools {
             Registry::with_builtins()

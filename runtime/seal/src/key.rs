@@ -259,6 +259,8 @@ pub enum KeySource {
     File(std::path::PathBuf),
     /// The `STACK_RUNTIME_KEY` environment variable.
     Environment,
+    /// The OS keyring's entry (its user attribute; see [`crate::keyring`]).
+    Keyring(String),
     /// Given by the embedding program.
     Given,
 }
@@ -268,6 +270,7 @@ impl std::fmt::Display for KeySource {
         match self {
             KeySource::File(path) => write!(f, "key file {}", path.display()),
             KeySource::Environment => f.write_str("STACK_RUNTIME_KEY"),
+            KeySource::Keyring(account) => write!(f, "the OS keyring ({account})"),
             KeySource::Given => f.write_str("the embedding program"),
         }
     }

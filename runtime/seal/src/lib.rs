@@ -39,8 +39,10 @@
 //!
 //! **Keys.** A key is 32 random bytes, held in memory that is wiped on
 //! drop (ring's copy of an appender's subkey is not wiped: it opens only
-//! that appender's records, and lives in the process as the key does). It comes from a 0600 key file the owner alone can read, created
-//! on first use, else from `STACK_RUNTIME_KEY` (see [`keys`]). A wrong or
+//! that appender's records, and lives in the process as the key does). It
+//! comes from the OS keyring where one answers (see [`keyring`]), else
+//! from a 0600 key file the owner alone can read, created on first use,
+//! else from `STACK_RUNTIME_KEY` (see [`keys`]). A wrong or
 //! missing key is a clear error naming the key the file needs; nothing is
 //! ever rewritten or removed because it could not be opened.
 //!
@@ -62,6 +64,7 @@
 
 pub mod blob;
 pub mod key;
+pub mod keyring;
 pub mod keys;
 pub mod record;
 pub mod state;
@@ -84,7 +87,7 @@ pub enum SealError {
         source: std::io::Error,
     },
     /// The file is sealed and no key is at hand.
-    #[error("{} is encrypted (key {key}) and this runtime has no key: set `[privacy] encrypt = true`, or restore the key file, or set STACK_RUNTIME_KEY to the key it was written with; the file is left as it is", path.display())]
+    #[error("{} is encrypted (key {key}) and this runtime has no key: set `[privacy] encrypt = true`, or restore the key file (or the OS keyring's entry), or set STACK_RUNTIME_KEY to the key it was written with; the file is left as it is", path.display())]
     KeyMissing {
         /// The file.
         path: PathBuf,
@@ -92,7 +95,7 @@ pub enum SealError {
         key: KeyId,
     },
     /// The file is sealed with a key the runtime does not have.
-    #[error("{} is encrypted with key {key}, which is not this runtime's ({have}); restore that key (key file or STACK_RUNTIME_KEY); the file is left as it is", path.display())]
+    #[error("{} is encrypted with key {key}, which is not this runtime's ({have}); restore that key (key file, OS keyring entry or STACK_RUNTIME_KEY); the file is left as it is", path.display())]
     WrongKey {
         /// The file.
         path: PathBuf,

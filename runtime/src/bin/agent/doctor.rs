@@ -45,8 +45,8 @@ fn encryption(policy: &Policy) -> String {
             format!("encrypted (XChaCha20-Poly1305; {})", vault.describe_keys())
         }
         Ok(_) => format!(
-            "encrypted (XChaCha20-Poly1305; the key file {} is made 0600 on first use)",
-            keys.current_path().display()
+            "encrypted (XChaCha20-Poly1305; key: {})",
+            keys.describe_home()
         ),
         Err(err) => format!("encryption asked for, but the key is not usable: {err}"),
     }

@@ -19,7 +19,8 @@ pub enum KeysCommand {
     /// Makes a new key and seals every stored file under the policy's
     /// transcript folder with it (and, with `[privacy] encrypt = true`,
     /// every file still in plaintext). The old key is kept as
-    /// `keys/retired/ID` for files elsewhere (an `--audit-log` of `agent
+    /// `keys/retired/ID` (or in the OS keyring's `retired@` entry, where
+    /// the keys are kept there) for files elsewhere (an `--audit-log` of `agent
     /// mcp`, another policy's folder), which are sealed again when next
     /// appended to. Refused while an agent runs; a rotation cut short is
     /// finished by running it again.
@@ -52,7 +53,7 @@ pub fn run(command: KeysCommand, policy: &str) -> anyhow::Result<ExitCode> {
                     "off"
                 }
             );
-            println!("key file    {}", keys.current_path().display());
+            println!("kept in     {}", keys.describe_home());
             println!("keys        {}", vault.describe_keys());
             if let Some(folder) = &folder {
                 let (mut sealed, mut plain) = (std::collections::BTreeMap::new(), 0usize);
@@ -87,6 +88,7 @@ pub fn run(command: KeysCommand, policy: &str) -> anyhow::Result<ExitCode> {
                 }
             }
             let old = rotation.old_key().id();
+            let kept = rotation.old_key_kept();
             rotation.finish(forget_old)?;
             println!(
                 "rotated: key {old} → {}; {resealed} file(s) re-encrypted{}; {}",
@@ -99,7 +101,9 @@ pub fn run(command: KeysCommand, policy: &str) -> anyhow::Result<ExitCode> {
                 if forget_old {
                     "the old key is gone".to_string()
                 } else {
-                    format!("the old key is kept as {}/retired/{old} for files elsewhere (--forget-old removes it)", keys.dir().display())
+                    format!(
+                        "the old key is kept {kept} for files elsewhere (--forget-old removes it)"
+                    )
                 }
             );
         }
