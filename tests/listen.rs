@@ -88,7 +88,9 @@ fn push_to_talk_records_speech_from_the_default_input_device() {
     let mut shown = None;
     let audio = record(&limits, |recording| {
         shown = Some(recording.clone());
-        std::thread::sleep(Duration::from_millis(500));
+        // (Unpaced, the device fills the limit in milliseconds; the
+        // wait leaves room for a loaded machine.)
+        std::thread::sleep(Duration::from_secs(2));
     })
     .expect("recorded");
     let shown = shown.expect("told what it records");
@@ -115,7 +117,9 @@ fn push_to_talk_records_speech_from_the_default_input_device() {
     );
 
     // A default input that cannot be opened: a clear error that names the
-    // way round, and nothing recorded.
+    // way round, and nothing recorded. (alsa-lib reads the changed file
+    // again: cpal frees ALSA's global configuration when its last context
+    // goes, which it did with the stream above.)
     std::fs::write(
         &config,
         "pcm.!default { type hw card 99 device 0 }\nctl.!default { type hw card 99 }\n",
