@@ -196,17 +196,10 @@ fn the_default_model_reads_a_file_it_is_asked_about_in_the_repl() {
     let _one_at_a_time = GENERATING.lock().unwrap_or_else(|e| e.into_inner());
     let home = tempfile::tempdir().expect("tempdir");
     let workspace = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        workspace.path().join("notes.txt"),
-        "The meeting moved to Thursday at 3pm in room 42.\n",
-    )
-    .expect("notes");
+    write_notes(workspace.path());
     std::fs::create_dir(workspace.path().join("src")).expect("src");
     std::fs::write(workspace.path().join("src/main.py"), "print('hi')\n").expect("main.py");
-    // Transcripts are already decided, so the REPL asks nothing first.
-    let config = home.path().join(".config/stack-runtime");
-    std::fs::create_dir_all(&config).expect("config folder");
-    std::fs::write(config.join("config.toml"), "keep_transcripts = false\n").expect("config");
+    transcripts_decided(home.path());
     let (session, cleanup) = start_repl(
         "stack-repl-read",
         home.path(),
@@ -280,14 +273,8 @@ fn the_repl_drives_a_served_model_and_its_banner_says_so() {
     let port = server.port;
     let home = tempfile::tempdir().expect("tempdir");
     let workspace = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        workspace.path().join("notes.txt"),
-        "The meeting moved to Thursday at 3pm in room 42.\n",
-    )
-    .expect("notes");
-    let config = home.path().join(".config/stack-runtime");
-    std::fs::create_dir_all(&config).expect("config folder");
-    std::fs::write(config.join("config.toml"), "keep_transcripts = false\n").expect("config");
+    write_notes(workspace.path());
+    transcripts_decided(home.path());
     let (session, cleanup) = start_repl(
         "stack-repl-remote",
         home.path(),
@@ -373,6 +360,22 @@ const OTHER_TOOLS: &[(&str, &str, bool)] = &[
         true,
     ),
 ];
+
+/// The notes file the read prompts ask about.
+fn write_notes(workspace: &std::path::Path) {
+    std::fs::write(
+        workspace.join("notes.txt"),
+        "The meeting moved to Thursday at 3pm in room 42.\n",
+    )
+    .expect("notes");
+}
+
+/// Transcripts already decided (not kept), so the REPL asks nothing first.
+fn transcripts_decided(home: &std::path::Path) {
+    let config = home.join(".config/stack-runtime");
+    std::fs::create_dir_all(&config).expect("config folder");
+    std::fs::write(config.join("config.toml"), "keep_transcripts = false\n").expect("config");
+}
 
 struct Guard(String);
 

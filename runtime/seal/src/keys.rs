@@ -359,10 +359,7 @@ impl KeyStore {
                     .collect(),
             }),
             KeyHome::Keyring(keyring) => {
-                let unreachable = |reason| KeyError::Keyring {
-                    dir: self.dir.clone(),
-                    reason,
-                };
+                let unreachable = self.keyring_error();
                 let read = |slot| -> Result<Vec<(Key, KeySource)>, KeyError> {
                     let account = keyring.account(slot);
                     let Some(text) = keyring.read(slot).map_err(unreachable)? else {
@@ -410,19 +407,8 @@ impl KeyStore {
     /// again. When the marker says the keys are in the keyring and its
     /// entry is empty, no key is made ([`KeyError::KeyringEntryMissing`]).
     fn create_current(&self) -> Result<(Key, KeySource), KeyError> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(io(&self.dir))?;
         let lock_path = self.dir.join("create.lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(io(&lock_path))?;
+        let lock = self.open_lock_file(&lock_path)?;
         lock.lock().map_err(io(&lock_path))?;
         if let KeyHome::Keyring(keyring) = self.home() {
             return match self.held()?.current {
@@ -469,10 +455,7 @@ impl KeyStore {
     /// in the keyring and no marker; the next start takes that key up
     /// again the same way.
     fn create_in_keyring(&self, keyring: &OsKeyring) -> Result<(Key, KeySource), KeyError> {
-        let failed = |reason| KeyError::Keyring {
-            dir: self.dir.clone(),
-            reason,
-        };
+        let failed = self.keyring_error();
         let account = keyring.account(Slot::Current);
         let key = match keyring.read(Slot::Current).map_err(failed)? {
             Some(text) => Key::from_hex(&text).map_err(|reason| KeyError::BadKeyringKey {
@@ -506,6 +489,12 @@ impl KeyStore {
     }
 
     fn open_lock(&self) -> Result<File, KeyError> {
+        self.open_lock_file(&self.lock_path())
+    }
+
+    /// Opens (making the folder and the file if need be) a lock file of
+    /// the folder: `lock` (leases and rotations) or `create.lock`.
+    fn open_lock_file(&self, path: &Path) -> Result<File, KeyError> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -516,8 +505,16 @@ impl KeyStore {
             .truncate(false)
             .write(true)
             .mode(0o600)
-            .open(self.lock_path())
-            .map_err(io(&self.lock_path()))
+            .open(path)
+            .map_err(io(path))
+    }
+
+    /// The error of a keyring call for this folder's keys.
+    fn keyring_error(&self) -> impl Fn(KeyringError) -> KeyError + Copy + '_ {
+        move |reason| KeyError::Keyring {
+            dir: self.dir.clone(),
+            reason,
+        }
     }
 
     /// Starts (or takes up again) a rotation: refuses while a runtime
@@ -560,10 +557,7 @@ impl KeyStore {
                 let key = Key::generate();
                 keyring
                     .write(Slot::Next, &key.to_hex())
-                    .map_err(|reason| KeyError::Keyring {
-                        dir: self.dir.clone(),
-                        reason,
-                    })?;
+                    .map_err(self.keyring_error())?;
                 (key, KeySource::Keyring(keyring.account(Slot::Next)))
             }
         };
@@ -644,10 +638,7 @@ impl Rotation {
     /// or, with `forget_old`, removed.
     pub fn finish(self, forget_old: bool) -> Result<(), KeyError> {
         if let KeyHome::Keyring(keyring) = &self.home {
-            let failed = |reason| KeyError::Keyring {
-                dir: self.store.dir.clone(),
-                reason,
-            };
+            let failed = self.store.keyring_error();
             if forget_old {
                 keyring
                     .write(Slot::Current, &self.new.to_hex())
