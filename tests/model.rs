@@ -524,13 +524,15 @@ fn constrained_routing_calls_where_a_tool_fits_and_keeps_the_cache() {
 }
 
 /// Under `Routing::Auto` the default model (135M parameters) takes the
-/// routing step in a session of its own, and calls; in a batched session
-/// (`--parallel`, where the step would displace the slot's cache) it
-/// decides as under `Free`, which for this model is no call.
+/// routing step in a session of its own, and calls; in a slot of a batched
+/// context (`--parallel`, as `agent serve` runs) too, its prompts in the
+/// engine's sequence aside: two sessions routing at once both call (the
+/// aside is lent to one at a time), and the slot's cache stays (a routed
+/// turn after a named one reuses the named turn's whole prompt).
 #[test]
-fn auto_routing_constrains_only_a_small_models_own_session() {
+fn auto_routing_constrains_a_small_models_sessions_own_or_batched() {
     let _own = own_model_lock();
-    let tools = one_tool(
+    let mut tools = one_tool(
         "calculate_triangle_area",
         "Calculate the area of a triangle given its base and height.",
         serde_json::json!({
@@ -539,12 +541,29 @@ fn auto_routing_constrains_only_a_small_models_own_session() {
             "required": ["base", "height"]
         }),
     );
+    tools.extend(one_tool(
+        "get_weather",
+        "Get the current weather for a city.",
+        serde_json::json!({
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"]
+        }),
+    ));
     let prompt = [Message::user(
         "Find the area of a triangle with a base of 10 units and height of 5 units.",
     )];
     let auto = SamplingOptions {
         routing: Routing::Auto,
         ..greedy(48)
+    };
+    let called = |generation: &Generation| -> Vec<String> {
+        generation
+            .turn
+            .tool_calls
+            .iter()
+            .map(|call| call.function.name.clone())
+            .collect()
     };
     let own = model()
         .session()
@@ -559,7 +578,7 @@ fn auto_routing_constrains_only_a_small_models_own_session() {
             &mut ids(),
         )
         .expect("own session");
-    assert_eq!(own.turn.tool_calls.len(), 1, "{:?}", own.text);
+    assert_eq!(called(&own), ["calculate_triangle_area"], "{:?}", own.text);
     let batched = Model::load(ModelOptions {
         context_size: 1024,
         threads: Some(2),
@@ -567,11 +586,71 @@ fn auto_routing_constrains_only_a_small_models_own_session() {
         ..ModelOptions::default()
     })
     .expect("a batched model");
-    let shared = batched
-        .session()
-        .expect("session")
+    // Both sessions route at once (the barrier lines them up), so one
+    // waits for the sequence aside while the other holds it.
+    let start = std::sync::Barrier::new(2);
+    let together: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = [
+            "Find the area of a triangle with a base of 10 units and height of 5 units.",
+            "Get the weather for Berlin.",
+        ]
+        .into_iter()
+        .map(|text| {
+            let batched = &batched;
+            let tools = &tools;
+            let auto = &auto;
+            let start = &start;
+            scope.spawn(move || {
+                let mut session = batched.session().expect("session");
+                start.wait();
+                let generation = session
+                    .complete(
+                        &[Message::user(text)],
+                        tools,
+                        &ToolChoice::Auto,
+                        auto,
+                        None,
+                        &mut |_| true,
+                        &mut ids(),
+                    )
+                    .unwrap_or_else(|err| panic!("{text}: {err}"));
+                (text, generation)
+            })
+        })
+        .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("a session thread"))
+            .collect()
+    });
+    assert_eq!(
+        called(&together[0].1),
+        ["calculate_triangle_area"],
+        "{:?}",
+        together[0]
+    );
+    assert_eq!(called(&together[1].1), ["get_weather"], "{:?}", together[1]);
+    // The step keeps the slot's cache.
+    let mut session = batched.session().expect("session");
+    let mut conversation = vec![Message::user("What's the weather like in Paris right now?")];
+    let named = session
         .complete(
-            &prompt,
+            &conversation,
+            &tools,
+            &ToolChoice::Named("get_weather".into()),
+            &auto,
+            None,
+            &mut |_| true,
+            &mut ids(),
+        )
+        .expect("named turn");
+    conversation.push(Message::assistant(named.text.clone()));
+    conversation.push(Message::user(
+        "And the area of a triangle with base 3 and height 4?",
+    ));
+    let routed = session
+        .complete(
+            &conversation,
             &tools,
             &ToolChoice::Auto,
             &auto,
@@ -579,8 +658,28 @@ fn auto_routing_constrains_only_a_small_models_own_session() {
             &mut |_| true,
             &mut ids(),
         )
-        .expect("batched session");
-    assert!(shared.turn.tool_calls.is_empty(), "{:?}", shared.text);
+        .expect("routed turn");
+    assert_eq!(
+        called(&routed),
+        ["calculate_triangle_area"],
+        "{:?}",
+        routed.text
+    );
+    // The named turn's whole prompt (part of it may have been in the slot
+    // it was lent) is reused, and everything the routed turn evaluated,
+    // its evidence prompts included, is less than that prompt: had they
+    // run in the slot, the name prompts would have evaluated it again.
+    let named_prompt = named.counters.prompt_evaluated + named.counters.prompt_reused;
+    assert!(
+        routed.counters.prompt_reused >= named_prompt,
+        "the routed turn reused {} tokens; the named turn's prompt was {named_prompt}",
+        routed.counters.prompt_reused,
+    );
+    assert!(
+        routed.counters.prompt_evaluated < named_prompt,
+        "the routed turn evaluated {} tokens; the named turn's prompt was {named_prompt}",
+        routed.counters.prompt_evaluated,
+    );
 }
 
 /// The call-format fixtures: tools, and model output in each syntax.

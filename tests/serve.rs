@@ -221,6 +221,13 @@ fn the_openai_client_gets_schema_valid_tool_calls_streaming_and_not() {
         seen["tool_calls"][1]["calls"][0]["name"], "get_time",
         "the named tool"
     );
+    // Under `auto` the default model calls too (on its own it never
+    // decides to): the routing step runs in a batched slot, its prompts in
+    // the engine's sequence aside.
+    assert_eq!(
+        seen["tool_calls"][2]["calls"][0]["name"], "get_weather",
+        "auto: {seen}"
+    );
     assert_eq!(seen["streamed_tool_calls"]["finish_reason"], "tool_calls");
     calls.extend(
         seen["streamed_tool_calls"]["calls"]

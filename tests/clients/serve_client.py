@@ -117,7 +117,9 @@ def scenario_openai(base: str, token: str) -> dict:
     seen["streamed"] = {"pieces": len(pieces), "content": "".join(pieces), "finish_reason": finish, "usage": usage}
 
     calls = []
-    for choice in ["required", {"type": "function", "function": {"name": "get_time"}}]:
+    # "auto" last: the routing step (see `--routing`) names get_weather,
+    # in a batched slot of the server's context.
+    for choice in ["required", {"type": "function", "function": {"name": "get_time"}}, "auto"]:
         answer = client.chat.completions.create(
             model=model, messages=user, tools=TOOLS, tool_choice=choice, temperature=0
         )

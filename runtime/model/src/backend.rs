@@ -112,14 +112,13 @@ pub struct SamplingOptions {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Routing {
-    /// `Constrained` in a session of its own on an in-process model of
-    /// fewer than [`SMALL_MODEL_PARAMETERS`] parameters, which seldom
-    /// decides to call on its own (SmolLM2-135M: no call in 30 BFCL
-    /// prompts that need one), whose routing step is cheap, and whose
-    /// context holds a KV sequence aside for it; `Free` for a larger
-    /// model (it decides well, and the step would cost seconds), for a
-    /// slot of a batched context (`--parallel`, where the step would
-    /// displace the slot's cache), and for a served model.
+    /// `Constrained` on an in-process model of fewer than
+    /// [`SMALL_MODEL_PARAMETERS`] parameters, which seldom decides to call
+    /// on its own (SmolLM2-135M: no call in 30 BFCL prompts that need
+    /// one), whose routing step is cheap, and whose context (its own, or
+    /// the batched engine's with `--parallel`) holds a KV sequence aside
+    /// for it; `Free` for a larger model (it decides well, and the step
+    /// would cost seconds) and for a served model.
     #[default]
     Auto,
     /// The model writes a call when it chooses to (the lazy grammar makes
@@ -131,8 +130,10 @@ pub enum Routing {
     /// one that tells of none (a noisy-channel score, in nats); with less
     /// than `ROUTING_EVIDENCE_NATS` for every tool, the step goes on as
     /// under `Free`. Which: the tool whose name the model finds likeliest
-    /// to open a call; its arguments are generated under its schema. In
-    /// process only; a served model decides as under `Free`.
+    /// to open a call, weighed with that evidence and with the words and
+    /// enumerated values of the tool that the message names; its
+    /// arguments are generated under its schema. In process only; a
+    /// served model decides as under `Free`.
     Constrained,
 }
 

@@ -5,7 +5,8 @@
 //! many sequences ("slots"), each bounded by the engine to `context_size`
 //! tokens, over a KV cache of `parallel × context_size` cells (one unified
 //! pool while that is small, a stream per slot above it; see
-//! `UNIFIED_KV_CELLS` in `llama.rs`). Sessions keep their own threads, samplers and
+//! `UNIFIED_KV_CELLS` in `llama.rs`), and, for a small model, one sequence
+//! more (below). Sessions keep their own threads, samplers and
 //! grammars; what they evaluate (a prompt chunk, or the one token just
 //! sampled) goes to the engine as a request, and the engine decodes the
 //! requests of every session that is generating in one batch, then hands
@@ -23,6 +24,11 @@
 //! served first come, first served within each step, and the engine waits
 //! up to `GATHER` for every busy slot's request before it decodes, so a
 //! step carries all of them.
+//!
+//! An engine for a small model also has a sequence *aside* (see
+//! [`Engine::acquire_aside`]): the constrained routing step's prompts run
+//! there, lent to one session at a time, so the step costs no slot's KV
+//! prefix, as it costs a session with a context of its own nothing.
 //!
 //! A session whose conversation outgrows its slot gets
 //! [`ModelError::ContextFull`] naming the slot's size, as a session with
@@ -104,11 +110,32 @@ enum Request {
     },
 }
 
+/// The sequence aside: its id, whether a session holds it, and the tokens
+/// its KV cache holds while none does.
+#[derive(Debug)]
+struct Aside {
+    seq: i32,
+    busy: bool,
+    cached: Vec<LlamaToken>,
+}
+
+/// The sequence aside, lent to one session (see [`Engine::acquire_aside`]).
+#[derive(Debug)]
+pub(crate) struct AsideLease {
+    pub(crate) seq: i32,
+    pub(crate) cached: Vec<LlamaToken>,
+}
+
 /// The shared context's thread and its slots.
 pub struct Engine {
     requests: Mutex<std::sync::mpsc::Sender<Request>>,
     slots: Mutex<Slots>,
     freed: Condvar,
+    aside: Mutex<Option<Aside>>,
+    aside_freed: Condvar,
+    /// Sessions waiting for the sequence aside: each holds a busy slot
+    /// that sends nothing meanwhile, so a step does not wait for it.
+    aside_waiting: std::sync::atomic::AtomicUsize,
     slot_size: u32,
     steps: std::sync::atomic::AtomicU64,
     decoded: std::sync::atomic::AtomicU64,
@@ -133,11 +160,13 @@ pub(crate) struct Lease {
 
 impl Engine {
     /// Starts the engine thread on `ctx`, a context made with `slots`
-    /// sequences of `slot_size` tokens each.
+    /// sequences of `slot_size` tokens each and, `with_aside`, one more
+    /// (sequence `slots`) for the routing step's prompts.
     pub(crate) fn start(
         ctx: LlamaContext<'static>,
         slots: u32,
         slot_size: u32,
+        with_aside: bool,
         keep_alive: Arc<dyn std::any::Any + Send + Sync>,
     ) -> Result<Arc<Engine>, ModelError> {
         let (sender, inbox) = std::sync::mpsc::channel::<Request>();
@@ -156,6 +185,13 @@ impl Engine {
                 next_ticket: 0,
             }),
             freed: Condvar::new(),
+            aside: Mutex::new(with_aside.then(|| Aside {
+                seq: i32::try_from(slots).unwrap_or(i32::MAX),
+                busy: false,
+                cached: Vec::new(),
+            })),
+            aside_freed: Condvar::new(),
+            aside_waiting: Default::default(),
             slot_size,
             steps: Default::default(),
             decoded: Default::default(),
@@ -245,6 +281,53 @@ impl Engine {
             }
             state = self.freed.wait(state).unwrap_or_else(|p| p.into_inner());
         }
+    }
+
+    /// Whether the engine has a sequence aside.
+    pub(crate) fn has_aside(&self) -> bool {
+        self.lock_aside().is_some()
+    }
+
+    fn lock_aside(&self) -> std::sync::MutexGuard<'_, Option<Aside>> {
+        self.aside.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lends the sequence aside to one session, waiting while another
+    /// holds it (a routing step is a few short prompts); `None` where the
+    /// engine has none. Its cached tokens become the holder's to keep
+    /// true, as a slot's do.
+    pub(crate) fn acquire_aside(&self) -> Option<AsideLease> {
+        let mut state = self.lock_aside();
+        loop {
+            match state.as_mut() {
+                None => return None,
+                Some(aside) if !aside.busy => {
+                    aside.busy = true;
+                    return Some(AsideLease {
+                        seq: aside.seq,
+                        cached: std::mem::take(&mut aside.cached),
+                    });
+                }
+                Some(_) => {
+                    use std::sync::atomic::Ordering::SeqCst;
+                    self.aside_waiting.fetch_add(1, SeqCst);
+                    state = self
+                        .aside_freed
+                        .wait(state)
+                        .unwrap_or_else(|p| p.into_inner());
+                    self.aside_waiting.fetch_sub(1, SeqCst);
+                }
+            }
+        }
+    }
+
+    /// Gives the sequence aside back with the tokens its cache now holds.
+    pub(crate) fn release_aside(&self, lease: AsideLease) {
+        if let Some(aside) = self.lock_aside().as_mut() {
+            aside.cached = lease.cached;
+            aside.busy = false;
+        }
+        self.aside_freed.notify_one();
     }
 
     /// Gives a slot back with the tokens its KV cache now holds.
@@ -385,8 +468,12 @@ fn run(
             }
         }
         // Wait a little for every busy slot to send its request, so one
-        // step carries them all.
-        let busy = engine.upgrade().map_or(1, |e| e.busy_slots());
+        // step carries them all (but for slots whose sessions wait for the
+        // sequence aside: they send nothing until they have it).
+        let busy = engine.upgrade().map_or(1, |e| {
+            e.busy_slots()
+                .saturating_sub(e.aside_waiting.load(std::sync::atomic::Ordering::SeqCst))
+        });
         let deadline = Instant::now() + GATHER;
         loop {
             let evals = queue

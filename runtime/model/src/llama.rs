@@ -25,11 +25,13 @@ use super::backend::{offered_tools, prompt_tools, tool_name, CallPath};
 pub use super::backend::{
     Counters, Generation, ModelError, Routing, SamplingOptions, StopReason, SMALL_MODEL_PARAMETERS,
 };
-use super::batch::{Engine, Lease, Want, PROMPT_CHUNK};
+use super::batch::{AsideLease, Engine, Lease, Want, PROMPT_CHUNK};
 use super::call_grammar::{call_grammar, CallCount, CallGrammar, CallTrigger};
 use super::formats::ToolFormat;
 use super::grammar::{ArgumentValues, ToolChoice};
-use super::routing::{clip, describe_tool, name_words_in, RoutingScores, MAX_EVIDENCE_CHARS};
+use super::routing::{
+    clip, describe_tool, name_words_in, named_choices_in, RoutingScores, MAX_EVIDENCE_CHARS,
+};
 use super::template::PromptRenderer;
 use super::toolcall::{parse_tool_calls_for, ParsedTurn};
 use stack_types::message::{Message, Role};
@@ -389,6 +391,7 @@ impl Model {
             Kv::Shared {
                 engine,
                 lease: None,
+                aside: None,
                 owner: OWNERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             }
         } else {
@@ -455,12 +458,25 @@ impl Model {
         self.open_context(params, automatic_threads())
     }
 
-    /// The shared context of `parallel` slots of `context_size` cells.
+    /// The shared context of `parallel` slots of `context_size` cells
+    /// and, for a small model (which routes under `Routing::Auto`), a
+    /// sequence aside for the routing step's prompts: [`ASIDE_CELLS`] more
+    /// in a unified pool, a stream of the slots' size otherwise (llama.cpp
+    /// gives every stream the same share).
     fn start_engine(&self) -> Result<Arc<Engine>, ModelError> {
-        let cells = self.context_size.saturating_mul(self.parallel);
+        let with_aside =
+            self.info.parameters < SMALL_MODEL_PARAMETERS && self.parallel < LLAMA_MAX_SEQUENCES;
+        let slot_cells = self.context_size.saturating_mul(self.parallel);
+        let unified = self.parallel > 1 && slot_cells <= UNIFIED_KV_CELLS;
+        let sequences = self.parallel.saturating_add(u32::from(with_aside));
+        let cells = match (with_aside, unified) {
+            (false, _) => slot_cells,
+            (true, true) => slot_cells.saturating_add(ASIDE_CELLS),
+            (true, false) => self.context_size.saturating_mul(sequences),
+        };
         let params = self
-            .context_params(cells, self.parallel)
-            .with_kv_unified(self.parallel > 1 && cells <= UNIFIED_KV_CELLS);
+            .context_params(cells, sequences)
+            .with_kv_unified(unified);
         // The shared context lives as long as the model and serves every
         // session: how busy the machine is the moment it opens says
         // little, so it takes the CPUs the process may use (a session's
@@ -469,7 +485,13 @@ impl Model {
             .map_or(1, |n| i32::try_from(n.get()).unwrap_or(i32::MAX));
         let ctx = self.open_context(params, threads)?;
         let keep_alive: Arc<dyn std::any::Any + Send + Sync> = Arc::clone(&self.model) as _;
-        Engine::start(ctx, self.parallel, self.context_size, keep_alive)
+        Engine::start(
+            ctx,
+            self.parallel,
+            self.context_size,
+            with_aside,
+            keep_alive,
+        )
     }
 
     fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
@@ -488,6 +510,10 @@ impl Model {
 /// slot to its size.
 const UNIFIED_KV_CELLS: u32 = 8192;
 
+/// The most sequences a llama.cpp context holds (`LLAMA_MAX_SEQ`): an
+/// engine of this many slots has no sequence aside.
+const LLAMA_MAX_SEQUENCES: u32 = 256;
+
 /// The sequence of a session's own context that the routing step's
 /// prompts use, so the conversation's KV cache in sequence 0 stays.
 const ASIDE_SEQ: i32 = 1;
@@ -497,6 +523,69 @@ const ASIDE_SEQ: i32 = 1;
 /// [`MAX_EVIDENCE_CHARS`]; a prompt over this many tokens fails the step,
 /// and the model decides as under `Routing::Free`).
 const ASIDE_CELLS: u32 = 512;
+
+/// [`ModelSession::score_aside`] in a shared context's sequence aside:
+/// the log-probability of `tokens[from..]` after `tokens[..from]`, the
+/// prefix the sequence holds reused, the rest sent to the engine in chunks
+/// of `chunk` tokens (logits asked for only where they score).
+fn score_in_engine_aside(
+    engine: &Engine,
+    aside: &mut AsideLease,
+    tokens: &[LlamaToken],
+    from: usize,
+    chunk: usize,
+) -> Result<(f64, Counters), ModelError> {
+    let room = engine_aside_room(engine);
+    // The last token is scored, never evaluated.
+    if tokens.len().saturating_sub(1) > room as usize {
+        return Err(ModelError::ContextFull {
+            needed: tokens.len(),
+            context: room,
+        });
+    }
+    let from = from.clamp(1, tokens.len().max(1));
+    // The token before the first scored one is evaluated now, for its logits.
+    let scored_from = from - 1;
+    let mut keep = common_prefix(&aside.cached, tokens).min(scored_from);
+    if !engine.truncate(aside.seq, keep) {
+        engine.truncate(aside.seq, 0);
+        keep = 0;
+    }
+    aside.cached.truncate(keep);
+    let end = tokens.len().saturating_sub(1).max(keep);
+    let chunk = chunk.max(1);
+    let mut score = 0.0;
+    let mut at = keep;
+    while at < end {
+        let (stop, want) = if at < scored_from {
+            ((at + chunk).min(scored_from).min(end), Want::Nothing)
+        } else {
+            ((at + chunk).min(end), Want::All)
+        };
+        let part = &tokens[at..stop];
+        // A failed step leaves nothing of `part` in the sequence.
+        let rows = engine.eval(aside.seq, part, at, want)?;
+        aside.cached.extend_from_slice(part);
+        for (row, next) in rows.iter().zip(&tokens[at + 1..]) {
+            score += log_softmax(row, *next);
+        }
+        at = stop;
+    }
+    Ok((
+        score,
+        Counters {
+            prompt_evaluated: (end - keep) as u64,
+            prompt_reused: keep as u64,
+            generated: 0,
+        },
+    ))
+}
+
+/// The tokens an engine's sequence aside holds: [`ASIDE_CELLS`], and no
+/// more than a slot.
+fn engine_aside_room(engine: &Engine) -> u32 {
+    ASIDE_CELLS.min(engine.slot_size())
+}
 
 /// How many leading items `a` and `b` share.
 fn common_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
@@ -559,16 +648,19 @@ enum Kv {
         size: u32,
         aside: Option<Vec<LlamaToken>>,
     },
-    /// A slot of the model's shared context, lent per generation.
+    /// A slot of the model's shared context, lent per generation, and
+    /// the engine's sequence aside while the routing step holds it.
     Shared {
         engine: Arc<Engine>,
         lease: Option<Lease>,
+        aside: Option<AsideLease>,
         owner: u64,
     },
 }
 
 impl Drop for ModelSession {
     fn drop(&mut self) {
+        self.clear_aside();
         self.end_generation();
         if let Kv::Shared { engine, owner, .. } = &self.kv {
             engine.disown(*owner);
@@ -668,6 +760,7 @@ impl ModelSession {
                 engine,
                 lease,
                 owner,
+                ..
             } => match lease {
                 Some(lease) => {
                     engine.truncate(lease.seq, 0);
@@ -702,6 +795,7 @@ impl ModelSession {
             engine,
             lease,
             owner,
+            ..
         } = &mut self.kv
         {
             if lease.is_none() {
@@ -920,13 +1014,16 @@ impl ModelSession {
 
     /// Whether `routing` takes the constrained step in this session:
     /// under `Auto`, only where the step's prompts can run aside (a small
-    /// model's context of its own), so it never costs the conversation's
-    /// cache.
+    /// model's context of its own, or its shared context's sequence
+    /// aside), so it never costs the conversation's cache.
     fn constrains(&self, routing: Routing) -> bool {
         match routing {
             Routing::Constrained => true,
             Routing::Free => false,
-            Routing::Auto => matches!(self.kv, Kv::Own { aside: Some(_), .. }),
+            Routing::Auto => match &self.kv {
+                Kv::Own { aside, .. } => aside.is_some(),
+                Kv::Shared { engine, .. } => engine.has_aside(),
+            },
         }
     }
 
@@ -939,13 +1036,16 @@ impl ModelSession {
     /// Then which: each tool is also scored by how likely the model finds
     /// a call to it, opened the way the model's own syntax opens one
     /// ([`ToolFormat::name_frame`]: `<tool_call>\n{"name": "NAME"` for
-    /// Hermes), and by the words of its name the message
-    /// holds; [`RoutingScores::choice`] adds the three. The name prompts
+    /// Hermes), by the words of its name the message holds, and by
+    /// [`NAMED_CHOICE_NATS`] where the message names one of its
+    /// enumerated values ("with Python"); [`RoutingScores::choice`] adds
+    /// them. The name prompts
     /// share the conversation with each other and with the step that
     /// follows, so each evaluates only what is its own; the evidence
     /// prompts run aside (see [`ASIDE_SEQ`]).
     ///
     /// [`ROUTING_EVIDENCE_NATS`]: crate::routing::ROUTING_EVIDENCE_NATS
+    /// [`NAMED_CHOICE_NATS`]: crate::routing::NAMED_CHOICE_NATS
     ///
     /// [`tool_evidence`]: Self::tool_evidence
     fn route(
@@ -956,9 +1056,12 @@ impl ModelSession {
     ) -> Result<(Option<String>, Generation), ModelError> {
         let started = Instant::now();
         let query = messages.last().map(Message::text).unwrap_or_default();
+        // Read as far as the evidence prompts read it.
+        let query = clip(query.trim(), MAX_EVIDENCE_CHARS);
         // Scores are kept by index: tools without a name take no part.
         let offered: Vec<&Value> = offered.iter().filter(|t| tool_name(t).is_some()).collect();
-        let evidence = self.tool_evidence(&query, &offered);
+        self.take_aside();
+        let evidence = self.tool_evidence(query, &offered);
         self.clear_aside();
         let (evidence, counters) = evidence?;
         let mut spent = Generation {
@@ -967,6 +1070,7 @@ impl ModelSession {
         };
         let names: Vec<&str> = offered.iter().filter_map(|t| tool_name(t)).collect();
         let mut scores = RoutingScores {
+            named: named_choices_in(query, &offered),
             evidence,
             ..RoutingScores::default()
         };
@@ -986,7 +1090,7 @@ impl ModelSession {
                 spent.counters.add(counters);
                 scores.name.push(score);
             }
-            scores.words = name_words_in(&query, &names);
+            scores.words = name_words_in(query, &names);
             scores
                 .choice()
                 .and_then(|i| names.get(i))
@@ -1022,7 +1126,7 @@ impl ModelSession {
         let mut evidence = Vec::with_capacity(offered.len());
         for tool in offered {
             let (tokens, from) = self.evidence_prompt(Some(tool), query)?;
-            if tokens.len() > ASIDE_CELLS as usize {
+            if tokens.len().saturating_sub(1) > self.aside_room() as usize {
                 // A tool told of at such length is not weighed; the others are.
                 evidence.push(f64::NEG_INFINITY);
                 continue;
@@ -1075,17 +1179,30 @@ impl ModelSession {
 
     /// The log-probability the model gives `tokens[from..]` after
     /// `tokens[..from]`, evaluated aside from the conversation: in
-    /// [`ASIDE_SEQ`] of a context of its own, reusing the prefix that
-    /// sequence holds. On a shared context's slot there is no sequence
-    /// aside, nor in a large model's context (see `Model::session`); the
-    /// conversation's own sequence is used, and the next step evaluates
-    /// its prompt afresh.
+    /// [`ASIDE_SEQ`] of a context of its own, or in the sequence aside of
+    /// a shared context (taken by [`take_aside`](Self::take_aside)),
+    /// reusing the prefix that sequence holds. A large model's context has
+    /// no sequence aside (see `Model::session`), nor its shared context;
+    /// the conversation's own sequence is used, and the next step
+    /// evaluates its prompt afresh.
     fn score_aside(
         &mut self,
         tokens: &[LlamaToken],
         from: usize,
     ) -> Result<(f64, Counters), ModelError> {
         let batch_size = self.chunk_size();
+        if let Kv::Shared {
+            engine,
+            aside: Some(aside),
+            ..
+        } = &mut self.kv
+        {
+            let counters = score_in_engine_aside(engine, aside, tokens, from, batch_size);
+            if let Ok((_, counters)) = &counters {
+                self.totals.add(*counters);
+            }
+            return counters;
+        }
         let Kv::Own {
             ctx,
             aside: Some(aside),
@@ -1143,8 +1260,36 @@ impl ModelSession {
         Ok((score, counters))
     }
 
-    /// Empties the sequence aside (see [`score_aside`](Self::score_aside)).
+    /// The most tokens a routing prompt may have, but the last (which is
+    /// scored, never evaluated).
+    fn aside_room(&self) -> u32 {
+        match &self.kv {
+            Kv::Own { .. } => ASIDE_CELLS,
+            Kv::Shared { engine, .. } => engine_aside_room(engine),
+        }
+    }
+
+    /// Takes the shared context's sequence aside for the routing step,
+    /// where it has one (waiting while another session's step holds it).
+    fn take_aside(&mut self) {
+        if let Kv::Shared { engine, aside, .. } = &mut self.kv {
+            if aside.is_none() {
+                *aside = engine.acquire_aside();
+            }
+        }
+    }
+
+    /// Empties the sequence aside of a context of its own (see
+    /// [`score_aside`](Self::score_aside)), and gives a shared context's
+    /// back as it is (its cells are its own, and the next step reuses the
+    /// template's head).
     fn clear_aside(&mut self) {
+        if let Kv::Shared { engine, aside, .. } = &mut self.kv {
+            if let Some(lease) = aside.take() {
+                engine.release_aside(lease);
+            }
+            return;
+        }
         if let Kv::Own {
             ctx,
             aside: Some(aside),

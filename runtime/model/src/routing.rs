@@ -5,6 +5,8 @@
 //!
 //! [`Routing::Constrained`]: crate::Routing::Constrained
 
+use std::collections::HashSet;
+
 use serde_json::Value;
 
 use crate::backend::tool_name;
@@ -20,6 +22,27 @@ pub const ROUTING_EVIDENCE_NATS: f64 = 5.0;
 /// The weight, in nats, of a word of a tool's name that the user's message
 /// holds (scaled by how few of the offered names hold it).
 pub const NAME_WORD_NATS: f64 = 2.0;
+
+/// The weight, in nats, that a message naming one of a tool's enumerated
+/// parameter values adds to that tool in the choice among tools, once the
+/// gate has passed ("Run the bash command date." names `bash` of
+/// `execute_code`'s `language`; the model leaned to `list_dir`). Not at
+/// the gate: whether a tool is wanted at all stays the model's evidence,
+/// since naming a value is not asking for its tool ("Should I learn Python
+/// or JavaScript first?"), and the model cannot tell the two apart here
+/// ("What is Python?" gives `execute_code` more evidence than "Compute 17
+/// * 23 with Python.").
+pub const NAMED_CHOICE_NATS: f64 = 5.0;
+
+/// The fewest letters an enumerated value needs to count as named: `in`,
+/// `C` or `m` (units) are words of any message.
+const MIN_NAMED_CHOICE_LETTERS: usize = 3;
+
+/// Enumerated values too common in any message to name a tool.
+const UNNAMING_VALUES: &[&str] = &[
+    "the", "and", "or", "not", "all", "any", "none", "null", "true", "false", "yes", "no",
+    "default", "auto", "other", "both", "some", "each", "every", "new",
+];
 
 /// The most characters of the user's message, and of a tool's
 /// description, that the routing step's prompts hold.
@@ -45,6 +68,9 @@ pub struct RoutingScores {
     /// Words of the tool's name in the user's message (see
     /// [`name_words_in`]).
     pub words: Vec<f64>,
+    /// Whether the user's message names one of the tool's enumerated
+    /// parameter values: 1 or 0 (see [`named_choices_in`]).
+    pub named: Vec<f64>,
 }
 
 impl RoutingScores {
@@ -54,13 +80,14 @@ impl RoutingScores {
     }
 
     /// The index of the tool to call: the best sum of the name's
-    /// likelihood, the evidence and the named words. `None` when nothing
-    /// was scored.
+    /// likelihood, the evidence, the named words and the named values.
+    /// `None` when nothing was scored.
     pub fn choice(&self) -> Option<usize> {
         let total = |i: usize| {
             self.name.get(i).copied().unwrap_or(f64::NEG_INFINITY)
                 + self.evidence.get(i).copied().unwrap_or(0.0)
                 + NAME_WORD_NATS * self.words.get(i).copied().unwrap_or(0.0)
+                + NAMED_CHOICE_NATS * self.named.get(i).copied().unwrap_or(0.0)
         };
         (0..self.name.len()).max_by(|a, b| total(*a).total_cmp(&total(*b)))
     }
@@ -125,6 +152,98 @@ pub fn name_words_in(message: &str, names: &[&str]) -> Vec<f64> {
                     (count / holding.max(1) as f64).ln()
                 })
                 .sum()
+        })
+        .collect()
+}
+
+/// For each of `tools`, 1 if `message` names one of the values its
+/// parameters enumerate, else 0. A value is named when every one of its
+/// parts is a part of the message: runs of ASCII letters or digits,
+/// lower-cased and stemmed, not split at case changes ("JavaScript" is
+/// `javascript`). A value with a part of one letter ("Plan B", "a_to_z"),
+/// of fewer than [`MIN_NAMED_CHOICE_LETTERS`] letters in all, or among
+/// [`UNNAMING_VALUES`], names nothing. The message is read up to
+/// [`MAX_EVIDENCE_CHARS`], as the routing step's prompts read it.
+pub fn named_choices_in(message: &str, tools: &[&Value]) -> Vec<f64> {
+    let said: HashSet<String> = value_parts(clip(message, MAX_EVIDENCE_CHARS))
+        .into_iter()
+        .collect();
+    tools
+        .iter()
+        .map(|tool| {
+            let function = tool.get("function").unwrap_or(tool);
+            let mut values = Vec::new();
+            if let Some(parameters) = function.get("parameters") {
+                enumerated_values(parameters, &mut values, 0);
+            }
+            let named = values.iter().any(|value| {
+                let parts = value_parts(value);
+                let letters: usize = value.chars().filter(char::is_ascii_alphabetic).count();
+                letters >= MIN_NAMED_CHOICE_LETTERS
+                    && !parts.is_empty()
+                    && !UNNAMING_VALUES.contains(&value.to_ascii_lowercase().as_str())
+                    && !parts.iter().any(|part| {
+                        part.len() == 1 && part.chars().all(|c| c.is_ascii_alphabetic())
+                    })
+                    && parts.iter().all(|part| said.contains(part))
+            });
+            if named {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// How deep [`enumerated_values`] looks into nested schemas.
+const MAX_SCHEMA_DEPTH: usize = 8;
+
+/// The string values `schema` and the schemas inside it enumerate: its
+/// own `enum`, and those of its properties, items and alternatives (a
+/// property *named* `enum` is a property, not a keyword).
+fn enumerated_values<'a>(schema: &'a Value, values: &mut Vec<&'a str>, depth: usize) {
+    if depth > MAX_SCHEMA_DEPTH {
+        return;
+    }
+    if let Some(choices) = schema.get("enum").and_then(Value::as_array) {
+        values.extend(choices.iter().filter_map(Value::as_str));
+    }
+    if let Some(constant) = schema.get("const").and_then(Value::as_str) {
+        values.push(constant);
+    }
+    if let Some(properties) = schema.get("properties").and_then(Value::as_object) {
+        for property in properties.values() {
+            enumerated_values(property, values, depth + 1);
+        }
+    }
+    if let Some(items) = schema.get("items") {
+        enumerated_values(items, values, depth + 1);
+    }
+    for alternatives in ["anyOf", "oneOf", "allOf"] {
+        for alternative in schema
+            .get(alternatives)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            enumerated_values(alternative, values, depth + 1);
+        }
+    }
+}
+
+/// The parts of `text` for [`named_choices_in`]: runs of ASCII letters or
+/// digits, lower-cased, stemmed where all letters (see `stem`).
+fn value_parts(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            let lower = part.to_ascii_lowercase();
+            if lower.chars().all(|c| c.is_ascii_alphabetic()) {
+                stem(&lower)
+            } else {
+                lower
+            }
         })
         .collect()
 }
@@ -298,6 +417,7 @@ mod tests {
             evidence: vec![9.53, 8.35],
             name: vec![-9.72, -10.05],
             words: vec![0.0, 7f64.ln()],
+            named: vec![0.0, 0.0],
         };
         assert!(scores.some_tool_fits());
         assert_eq!(scores.choice(), Some(1));
@@ -307,6 +427,108 @@ mod tests {
         };
         assert!(!weak.some_tool_fits());
         assert_eq!(RoutingScores::default().choice(), None);
+    }
+
+    #[test]
+    fn a_named_value_weighs_in_the_choice_and_never_opens_the_gate() {
+        // Measured for "Run the bash command date." (`execute_code`,
+        // `list_dir`): the model leans to `list_dir`; the message names
+        // `execute_code`'s `bash`.
+        let code = RoutingScores {
+            evidence: vec![7.96, 9.90],
+            name: vec![-9.0, -8.5],
+            words: vec![0.0, 0.0],
+            named: vec![1.0, 0.0],
+        };
+        assert!(code.some_tool_fits());
+        assert_eq!(code.choice(), Some(0));
+        assert_eq!(
+            RoutingScores {
+                named: vec![0.0, 0.0],
+                ..code.clone()
+            }
+            .choice(),
+            Some(1)
+        );
+        // "Should I learn Python or JavaScript first?": named, yet no tool
+        // has the evidence, so no call.
+        let talk = RoutingScores {
+            evidence: vec![1.09, 1.22],
+            ..code
+        };
+        assert!(!talk.some_tool_fits());
+    }
+
+    /// (message, the tools that count as named among `shipped()`)
+    const NAMED_CHOICES: &[(&str, &[&str])] = &[
+        ("Compute 17 * 23 with Python.", &["execute_code"]),
+        ("Use bash to echo the word banana.", &["execute_code"]),
+        ("With JavaScript, print the length", &["execute_code"]),
+        ("Convert this CSV to JSON please", &["csv_json"]),
+        // Units of two letters or one are words of any message.
+        ("Put it in the box, 5 m from here", &[]),
+        // A value with a one-letter part, or a common word, names nothing.
+        ("What type of tree is a maple? Plan a trip", &[]),
+        ("Is it true that all of them are new?", &[]),
+        ("What is the weather in Paris?", &[]),
+        // Every word of a value, not one.
+        ("Turn this CSV into a table", &[]),
+        // A property named `enum` is not a keyword.
+        ("an enum of python", &["execute_code"]),
+    ];
+
+    fn shipped() -> Vec<Value> {
+        let mut odd = tool(
+            "odd",
+            "A property named enum.",
+            serde_json::json!({"enum": {"type": "string", "description": "an enum"}}),
+        );
+        odd["function"]["parameters"]["properties"]["nested"] =
+            serde_json::json!({"type": "array", "items": {"anyOf": [{"const": "zz"}]}});
+        vec![
+            tool(
+                "execute_code",
+                "Run code.",
+                serde_json::json!({
+                    "code": {"type": "string"},
+                    "language": {"type": "string", "enum": ["python", "javascript", "bash"]}
+                }),
+            ),
+            tool(
+                "unit_convert",
+                "Convert units.",
+                serde_json::json!({"from": {"enum": ["mm", "m", "in", "C", "Type A", "Plan B", "true", "all", "new"]}}),
+            ),
+            tool(
+                "csv_json",
+                "Convert between CSV and JSON.",
+                serde_json::json!({"direction": {"enum": ["csv_to_json", "json_to_csv"]}}),
+            ),
+            odd,
+        ]
+    }
+
+    #[test]
+    fn a_message_names_a_tools_value_by_all_its_words() {
+        let tools = shipped();
+        let offered: Vec<&Value> = tools.iter().collect();
+        let names: Vec<&str> = tools.iter().filter_map(|t| tool_name(t)).collect();
+        for (message, expected) in NAMED_CHOICES {
+            let named = named_choices_in(message, &offered);
+            let got: Vec<&str> = names
+                .iter()
+                .zip(&named)
+                .filter(|(_, n)| **n > 0.0)
+                .map(|(name, _)| *name)
+                .collect();
+            assert_eq!(got, expected.to_vec(), "{message}: {named:?}");
+        }
+        // `const` and nested schemas count; values too short do not.
+        let mut long = tools[3].clone();
+        long["function"]["parameters"]["properties"]["nested"]["items"]["anyOf"][0]["const"] =
+            serde_json::json!("zebra");
+        assert_eq!(named_choices_in("a zebra", &[&long]), [1.0]);
+        assert_eq!(named_choices_in("zz top", &[&tools[3]]), [0.0]);
     }
 
     #[test]
