@@ -587,7 +587,7 @@ fn auto_routing_constrains_a_small_models_sessions_own_or_batched() {
     })
     .expect("a batched model");
     // Both sessions route at once (the barrier lines them up), so one
-    // waits for the sequence aside while the other holds it.
+    // is likely to wait for the sequence aside while the other holds it.
     let start = std::sync::Barrier::new(2);
     let together: Vec<_> = std::thread::scope(|scope| {
         let handles: Vec<_> = [

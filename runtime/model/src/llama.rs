@@ -519,9 +519,11 @@ const LLAMA_MAX_SEQUENCES: u32 = 256;
 const ASIDE_SEQ: i32 = 1;
 
 /// KV cells a session's own context holds beyond its conversation's size,
-/// for the routing step's prompts (their text is bounded by
-/// [`MAX_EVIDENCE_CHARS`]; a prompt over this many tokens fails the step,
-/// and the model decides as under `Routing::Free`).
+/// for the routing step's prompts, and the most a batched engine's
+/// sequence aside holds (no more than a slot; their text is bounded by
+/// [`MAX_EVIDENCE_CHARS`]). A tool's prompt over this many tokens is not
+/// weighed; a neutral prompt over it fails the step, and the model
+/// decides as under `Routing::Free`.
 const ASIDE_CELLS: u32 = 512;
 
 /// [`ModelSession::score_aside`] in a shared context's sequence aside:
@@ -1042,7 +1044,8 @@ impl ModelSession {
     /// them. The name prompts
     /// share the conversation with each other and with the step that
     /// follows, so each evaluates only what is its own; the evidence
-    /// prompts run aside (see [`ASIDE_SEQ`]).
+    /// prompts run aside (see [`ASIDE_SEQ`], and a batched engine's
+    /// sequence aside).
     ///
     /// [`ROUTING_EVIDENCE_NATS`]: crate::routing::ROUTING_EVIDENCE_NATS
     /// [`NAMED_CHOICE_NATS`]: crate::routing::NAMED_CHOICE_NATS

@@ -159,7 +159,7 @@ pub fn name_words_in(message: &str, names: &[&str]) -> Vec<f64> {
 /// For each of `tools`, 1 if `message` names one of the values its
 /// parameters enumerate, else 0. A value is named when every one of its
 /// parts is a part of the message: runs of ASCII letters or digits,
-/// lower-cased and stemmed, not split at case changes ("JavaScript" is
+/// lower-cased, stemmed where all letters, not split at case changes ("JavaScript" is
 /// `javascript`). A value with a part of one letter ("Plan B", "a_to_z"),
 /// of fewer than [`MIN_NAMED_CHOICE_LETTERS`] letters in all, or among
 /// [`UNNAMING_VALUES`], names nothing. The message is read up to
