@@ -427,24 +427,7 @@ fn a_named_step_and_an_open_step_share_the_prompt_prefix() {
 #[test]
 fn constrained_routing_calls_where_a_tool_fits_and_keeps_the_cache() {
     let model = model();
-    let mut tools = one_tool(
-        "calculate_triangle_area",
-        "Calculate the area of a triangle given its base and height.",
-        serde_json::json!({
-            "type": "object",
-            "properties": {"base": {"type": "integer"}, "height": {"type": "integer"}},
-            "required": ["base", "height"]
-        }),
-    );
-    tools.extend(one_tool(
-        "get_weather",
-        "Get the current weather for a city.",
-        serde_json::json!({
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"]
-        }),
-    ));
+    let tools = triangle_and_weather_tools();
     let routed = SamplingOptions {
         routing: Routing::Constrained,
         ..greedy(48)
@@ -532,24 +515,7 @@ fn constrained_routing_calls_where_a_tool_fits_and_keeps_the_cache() {
 #[test]
 fn auto_routing_constrains_a_small_models_sessions_own_or_batched() {
     let _own = own_model_lock();
-    let mut tools = one_tool(
-        "calculate_triangle_area",
-        "Calculate the area of a triangle given its base and height.",
-        serde_json::json!({
-            "type": "object",
-            "properties": {"base": {"type": "integer"}, "height": {"type": "integer"}},
-            "required": ["base", "height"]
-        }),
-    );
-    tools.extend(one_tool(
-        "get_weather",
-        "Get the current weather for a city.",
-        serde_json::json!({
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"]
-        }),
-    ));
+    let tools = triangle_and_weather_tools();
     let prompt = [Message::user(
         "Find the area of a triangle with a base of 10 units and height of 5 units.",
     )];
@@ -565,19 +531,14 @@ fn auto_routing_constrains_a_small_models_sessions_own_or_batched() {
             .map(|call| call.function.name.clone())
             .collect()
     };
-    let own = model()
-        .session()
-        .expect("session")
-        .complete(
-            &prompt,
-            &tools,
-            &ToolChoice::Auto,
-            &auto,
-            None,
-            &mut |_| true,
-            &mut ids(),
-        )
-        .expect("own session");
+    let own = complete(
+        &mut model().session().expect("session"),
+        &prompt,
+        &tools,
+        &ToolChoice::Auto,
+        &auto,
+    )
+    .expect("own session");
     assert_eq!(called(&own), ["calculate_triangle_area"], "{:?}", own.text);
     let batched = Model::load(ModelOptions {
         context_size: 1024,
@@ -603,17 +564,14 @@ fn auto_routing_constrains_a_small_models_sessions_own_or_batched() {
             scope.spawn(move || {
                 let mut session = batched.session().expect("session");
                 start.wait();
-                let generation = session
-                    .complete(
-                        &[Message::user(text)],
-                        tools,
-                        &ToolChoice::Auto,
-                        auto,
-                        None,
-                        &mut |_| true,
-                        &mut ids(),
-                    )
-                    .unwrap_or_else(|err| panic!("{text}: {err}"));
+                let generation = complete(
+                    &mut session,
+                    &[Message::user(text)],
+                    tools,
+                    &ToolChoice::Auto,
+                    auto,
+                )
+                .unwrap_or_else(|err| panic!("{text}: {err}"));
                 (text, generation)
             })
         })
@@ -633,32 +591,26 @@ fn auto_routing_constrains_a_small_models_sessions_own_or_batched() {
     // The step keeps the slot's cache.
     let mut session = batched.session().expect("session");
     let mut conversation = vec![Message::user("What's the weather like in Paris right now?")];
-    let named = session
-        .complete(
-            &conversation,
-            &tools,
-            &ToolChoice::Named("get_weather".into()),
-            &auto,
-            None,
-            &mut |_| true,
-            &mut ids(),
-        )
-        .expect("named turn");
+    let named = complete(
+        &mut session,
+        &conversation,
+        &tools,
+        &ToolChoice::Named("get_weather".into()),
+        &auto,
+    )
+    .expect("named turn");
     conversation.push(Message::assistant(named.text.clone()));
     conversation.push(Message::user(
         "And the area of a triangle with base 3 and height 4?",
     ));
-    let routed = session
-        .complete(
-            &conversation,
-            &tools,
-            &ToolChoice::Auto,
-            &auto,
-            None,
-            &mut |_| true,
-            &mut ids(),
-        )
-        .expect("routed turn");
+    let routed = complete(
+        &mut session,
+        &conversation,
+        &tools,
+        &ToolChoice::Auto,
+        &auto,
+    )
+    .expect("routed turn");
     assert_eq!(
         called(&routed),
         ["calculate_triangle_area"],
@@ -997,6 +949,30 @@ fn a_given_chat_template_sets_the_call_format_end_to_end() {
 }
 
 /// A BFCL-style tool, as OpenAI tool objects.
+/// The two tools the routing tests offer: one for triangles, one for
+/// the weather.
+fn triangle_and_weather_tools() -> Vec<Value> {
+    let mut tools = one_tool(
+        "calculate_triangle_area",
+        "Calculate the area of a triangle given its base and height.",
+        serde_json::json!({
+            "type": "object",
+            "properties": {"base": {"type": "integer"}, "height": {"type": "integer"}},
+            "required": ["base", "height"]
+        }),
+    );
+    tools.extend(one_tool(
+        "get_weather",
+        "Get the current weather for a city.",
+        serde_json::json!({
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"]
+        }),
+    ));
+    tools
+}
+
 fn one_tool(name: &str, description: &str, parameters: Value) -> Vec<Value> {
     vec![serde_json::json!({
         "type": "function",
