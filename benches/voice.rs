@@ -11,7 +11,8 @@
 //! machine hits both alike; medians are printed, with the ratio of ours
 //! over faster-whisper's (the goal: at most 1.1×) and our RTF (the goal:
 //! under 0.3 on two cores). Both time the same thing: WAV file in, text
-//! out.
+//! out. A second pass times both again with one core kept busy by a
+//! spinning thread, to show how each degrades under load.
 //!
 //! ```sh
 //! scripts/setup --peers                    # faster-whisper, pinned
@@ -21,6 +22,8 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use stack_voice::{Audio, AudioLimits, Compute, ModelOptions, SpeechModel, TranscribeOptions};
@@ -180,25 +183,52 @@ fn main() {
         "voice: Whisper tiny.en ({}), beam 5, {threads} threads, {rounds} rounds",
         compute.as_str()
     );
-    for seconds in [5, 30] {
-        let wav = clip(dir.path(), seconds);
-        let (_, our_text) = ours(&model, &wav);
-        let (_, peer_text) = peer.transcribe(&wav);
-        let (mut our_times, mut peer_times) = (Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            our_times.push(ours(&model, &wav).0);
-            peer_times.push(peer.transcribe(&wav).0);
-        }
-        let (our, theirs) = (median(our_times), median(peer_times));
-        println!(
-            "{seconds:>2} s clip: ours {:.3} s (RTF {:.3}), faster-whisper {:.3} s (RTF {:.3}): {:.2}x",
-            our,
-            our / f64::from(seconds),
-            theirs,
-            theirs / f64::from(seconds),
-            our / theirs
-        );
+    let clips: Vec<(u32, PathBuf)> = [5, 30]
+        .into_iter()
+        .map(|seconds| (seconds, clip(dir.path(), seconds)))
+        .collect();
+    for (seconds, wav) in &clips {
+        let (_, our_text) = ours(&model, wav);
+        let (_, peer_text) = peer.transcribe(wav);
+        compare(&model, &mut peer, *seconds, wav, rounds);
         println!("    ours:           {our_text}");
         println!("    faster-whisper: {peer_text}");
     }
+    // The same again with one core taken by a busy loop, as when the model
+    // or a build runs beside a transcription: an engine whose idle threads
+    // spin (ruy's did, for 2 ms after every product) loses most here.
+    println!("with one core busy (a spinning thread in this process):");
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+    };
+    for (seconds, wav) in &clips {
+        compare(&model, &mut peer, *seconds, wav, rounds);
+    }
+    stop.store(true, Ordering::Relaxed);
+    busy.join().expect("busy thread");
+}
+
+/// Times both sides on `wav`, interleaved round by round, and prints the
+/// medians and their ratio.
+fn compare(model: &SpeechModel, peer: &mut Peer, seconds: u32, wav: &Path, rounds: usize) {
+    let (mut our_times, mut peer_times) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        our_times.push(ours(model, wav).0);
+        peer_times.push(peer.transcribe(wav).0);
+    }
+    let (our, theirs) = (median(our_times), median(peer_times));
+    println!(
+        "{seconds:>2} s clip: ours {:.3} s (RTF {:.3}), faster-whisper {:.3} s (RTF {:.3}): {:.2}x",
+        our,
+        our / f64::from(seconds),
+        theirs,
+        theirs / f64::from(seconds),
+        our / theirs
+    );
 }

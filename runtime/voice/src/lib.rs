@@ -49,7 +49,7 @@ pub mod wav;
 mod fuzz;
 
 #[cfg(feature = "engine")]
-pub use model::SpeechModel;
+pub use model::{reused_buffers, spin_free_waits, SpeechModel};
 pub use model::{Compute, ModelOptions, Timings, TranscribeOptions, Transcription};
 pub use wav::{Audio, AudioLimits};
 

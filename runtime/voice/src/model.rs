@@ -18,7 +18,7 @@
 //! blocking thread.
 
 #[cfg(feature = "engine")]
-pub use engine::SpeechModel;
+pub use engine::{reused_buffers, spin_free_waits, SpeechModel};
 use serde::{Deserialize, Serialize};
 
 /// How the weights are computed with.
@@ -127,6 +127,51 @@ impl Transcription {
 
 #[cfg(feature = "engine")]
 mod engine {
+    extern "C" {
+        /// The calls to `cpp/ruy_wait.cc`'s `ruy::Wait` so far.
+        fn stack_voice_ruy_waits() -> u64;
+        /// The buffers `cpp/cpu_allocator.cc` has handed out again so far.
+        fn stack_voice_reused_buffers() -> u64;
+        /// Frees every buffer `cpp/cpu_allocator.cc` keeps for reuse.
+        fn stack_voice_release_cached_buffers();
+    }
+
+    /// How many times CTranslate2's ruy threads have waited through this
+    /// crate's spin-free `ruy::Wait` (`cpp/ruy_wait.cc`) in this process.
+    ///
+    /// Non-zero after a transcription exactly when the build linked it in
+    /// place of ruy's own, spinning one: the speech tests assert that.
+    pub fn spin_free_waits() -> u64 {
+        // SAFETY: the function takes nothing and only loads an atomic
+        // counter; build.rs compiles and links it with this crate.
+        unsafe { stack_voice_ruy_waits() }
+    }
+
+    /// How many tensor buffers CTranslate2 has been handed again from this
+    /// crate's allocator (`cpp/cpu_allocator.cc`) instead of the system's,
+    /// in this process.
+    ///
+    /// Non-zero after a second transcription exactly when the build linked
+    /// it in place of CTranslate2's own: the speech tests assert that.
+    pub fn reused_buffers() -> u64 {
+        // SAFETY: the function takes nothing and only loads an atomic
+        // counter; build.rs compiles and links it with this crate.
+        unsafe { stack_voice_reused_buffers() }
+    }
+
+    /// Dropped after a model's engine (it is the struct's last field):
+    /// hands the buffers the allocator kept, the weights' among them, back
+    /// to the system.
+    struct ReleaseKeptBuffers;
+
+    impl Drop for ReleaseKeptBuffers {
+        fn drop(&mut self) {
+            // SAFETY: takes nothing; frees only buffers the allocator holds
+            // unused, under its own lock.
+            unsafe { stack_voice_release_cached_buffers() }
+        }
+    }
+
     use std::path::{Path, PathBuf};
     use std::time::Instant;
 
@@ -160,6 +205,8 @@ mod engine {
         front_end: LogMel,
         multilingual: bool,
         options: ModelOptions,
+        /// Last, so it drops after `engine` has freed its weights.
+        _release: ReleaseKeptBuffers,
     }
 
     impl std::fmt::Debug for SpeechModel {
@@ -227,6 +274,7 @@ mod engine {
                 front_end,
                 multilingual,
                 options: ModelOptions { threads, ..options },
+                _release: ReleaseKeptBuffers,
             })
         }
 

@@ -115,6 +115,51 @@ fn spoken_commands_at_16_khz_mono_are_transcribed() {
     assert!(wer < 0.25, "WER {:.1}%", wer * 100.0);
 }
 
+/// The build's two replacements in CTranslate2 (runtime/voice/cpp) are the
+/// code that runs: ruy's spin-free wait, and the allocator that keeps
+/// large buffers (a second transcription reuses the first one's).
+#[test]
+fn ctranslate2_runs_the_spin_free_wait_and_the_keeping_allocator() {
+    // Two threads, so ruy has a worker to park; the spinning `ruy::Wait`
+    // would leave its counter at zero.
+    let model = SpeechModel::load(
+        &stack_voice::default_model_dir().expect("assets"),
+        ModelOptions {
+            threads: 2,
+            ..ModelOptions::default()
+        },
+    )
+    .expect("the default speech model (run scripts/setup)");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wav = speak(
+        "List the Python files in this folder.",
+        dir.path(),
+        "one",
+        16_000,
+        1,
+    );
+    let bytes = std::fs::read(&wav).expect("wav");
+    let audio = Audio::from_wav(&bytes, &AudioLimits::default()).expect("decodes");
+    let (waits, reused) = (
+        stack_voice::spin_free_waits(),
+        stack_voice::reused_buffers(),
+    );
+    for _ in 0..2 {
+        let heard = model
+            .transcribe(&audio, &TranscribeOptions::default())
+            .expect("transcribes");
+        assert!(heard.text.to_lowercase().contains("python"), "{heard:?}");
+    }
+    assert!(
+        stack_voice::spin_free_waits() > waits,
+        "ruy waited through its own spinning Wait, not cpp/ruy_wait.cc's"
+    );
+    assert!(
+        stack_voice::reused_buffers() > reused,
+        "no tensor buffer was reused: CTranslate2 allocated through its own allocator"
+    );
+}
+
 #[test]
 fn spoken_commands_at_44_1_khz_stereo_are_transcribed() {
     let wer = word_error_rate(&model(), 44_100, 2);
