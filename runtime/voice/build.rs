@@ -11,8 +11,11 @@
 //! linker reaches ct2rs's `libruy_wait.a` and `libctranslate2.a`, whose
 //! objects for them (which define nothing else) are then never pulled in.
 //! Were the order ever reversed, the link would fail on a duplicate symbol
-//! rather than silently keep the upstream code; the speech tests check at
-//! run time that both replacements are the ones called.
+//! rather than silently keep the upstream code. That holds for the static
+//! archives ct2rs builds by default; with its `system` feature (a shared
+//! `libctranslate2`) or on Windows (where ct2rs links with
+//! `/FORCE:MULTIPLE`) a replacement could be skipped without an error, so
+//! the speech tests also check at run time that both are the ones called.
 
 fn main() {
     println!("cargo:rerun-if-changed=cpp/ruy_wait.cc");

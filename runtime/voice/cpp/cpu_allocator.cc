@@ -15,13 +15,18 @@
 // What.
 // - Requests under 1 MiB go to `posix_memalign` and `free`, as upstream's:
 //   glibc's arenas already reuse those without faults.
-// - Larger ones are rounded up to a size class (at most 1/8 more than
-//   asked) and, once freed, kept on that class's list for the next request
-//   of the class, up to 256 MiB held unused in all; past that a freed
-//   buffer goes back to the system.
+// - Requests of 1 MiB or more are rounded up to a size class (at most 1/8
+//   more than asked) and, once freed, kept on that class's list for the
+//   next request of the class, up to 256 MiB held unused in all; past that
+//   a freed buffer goes back to the system.
 // - `clear_cache()` (and `stack_voice_release_cached_buffers`, which the
-//   Rust side calls when a model is dropped) hands every kept buffer back.
+//   Rust side calls when a transcription ends and when a model is dropped)
+//   hands every kept buffer back: between transcriptions the process holds
+//   no more than upstream's allocator would.
 // - Thread-safe: one mutex, held only for the list and map operations.
+//   Nothing here lets an exception out (a failed bookkeeping allocation
+//   frees the buffer instead of keeping it), since `free` is called from
+//   destructors and the `extern "C"` functions from Rust.
 //
 // The declarations below must match CTranslate2's `ctranslate2/allocator.h`
 // and `ctranslate2/devices.h` (the version ct2rs vendors), or the linker
@@ -48,6 +53,9 @@ class Allocator {
   virtual void* allocate(std::size_t size, int device_index) = 0;
   virtual void free(void* ptr, int device_index) = 0;
   virtual void clear_cache() {}
+
+  void* allocate(std::size_t size) { return allocate(size, -1); }
+  void free(void* ptr) { free(ptr, -1); }
 };
 
 template <Device D>
@@ -64,13 +72,17 @@ constexpr std::size_t kMostKept = std::size_t{256} << 20;
 std::atomic<std::uint64_t> reused{0};
 
 // `size` rounded up to the next multiple of an eighth of its highest power
-// of two: 1 MiB, 1.125 MiB, …, 2 MiB, 2.25 MiB, …
+// of two: 1 MiB, 1.125 MiB, …, 2 MiB, 2.25 MiB, …; 0 where that would not
+// fit a `size_t` (such a request is passed through, untracked).
 std::size_t size_class(std::size_t size) {
   std::size_t top = kSmallestKept;
   while (top <= size / 2) {
     top *= 2;
   }
   const std::size_t step = top / 8;
+  if (size > SIZE_MAX - step) {
+    return 0;
+  }
   return (size + step - 1) / step * step;
 }
 
@@ -85,15 +97,18 @@ void* aligned(std::size_t size) {
 class KeepingAllocator final : public ctranslate2::Allocator {
  public:
   void* allocate(std::size_t size, int) override {
-    if (size < kSmallestKept) {
+    const std::size_t cls = size < kSmallestKept ? 0 : size_class(size);
+    if (cls == 0) {
       return aligned(size);
     }
-    const std::size_t cls = size_class(size);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto kept = kept_.find(cls);
       if (kept != kept_.end() && !kept->second.empty()) {
         void* ptr = kept->second.back();
+        // Reserved first, so that lending it cannot fail once it is off
+        // the list.
+        lent_.reserve(lent_.size() + 1);
         kept->second.pop_back();
         kept_bytes_ -= cls;
         lent_.emplace(ptr, cls);
@@ -102,8 +117,13 @@ class KeepingAllocator final : public ctranslate2::Allocator {
       }
     }
     void* ptr = aligned(cls);
-    std::lock_guard<std::mutex> lock(mutex_);
-    lent_.emplace(ptr, cls);
+    try {
+      std::lock_guard<std::mutex> lock(mutex_);
+      lent_.emplace(ptr, cls);
+    } catch (...) {
+      std::free(ptr);
+      throw;
+    }
     return ptr;
   }
 
@@ -118,27 +138,30 @@ class KeepingAllocator final : public ctranslate2::Allocator {
         const std::size_t cls = lent->second;
         lent_.erase(lent);
         if (kept_bytes_ + cls <= kMostKept) {
-          kept_[cls].push_back(ptr);
-          kept_bytes_ += cls;
-          return;
+          try {
+            kept_[cls].push_back(ptr);
+            kept_bytes_ += cls;
+            return;
+          } catch (...) {
+            // No room to note it: give it back instead.
+          }
         }
       }
     }
     std::free(ptr);
   }
 
-  void clear_cache() override {
-    std::vector<void*> released;
+  void clear_cache() noexcept override {
+    std::unordered_map<std::size_t, std::vector<void*>> released;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      for (auto& entry : kept_) {
-        released.insert(released.end(), entry.second.begin(), entry.second.end());
-      }
-      kept_.clear();
+      released.swap(kept_);
       kept_bytes_ = 0;
     }
-    for (void* ptr : released) {
-      std::free(ptr);
+    for (auto& entry : released) {
+      for (void* ptr : entry.second) {
+        std::free(ptr);
+      }
     }
   }
 
@@ -167,10 +190,10 @@ Allocator& get_allocator<Device::CPU>() {
 
 }  // namespace ctranslate2
 
-extern "C" std::uint64_t stack_voice_reused_buffers() {
+extern "C" std::uint64_t stack_voice_reused_buffers() noexcept {
   return reused.load(std::memory_order_relaxed);
 }
 
-extern "C" void stack_voice_release_cached_buffers() {
+extern "C" void stack_voice_release_cached_buffers() noexcept {
   keeping_allocator().clear_cache();
 }

@@ -1,20 +1,26 @@
-// ruy's `Wait`, without its busy-wait: linked in place of CTranslate2's
-// vendored `third_party/ruy/ruy/wait.cc` (see runtime/voice/build.rs).
+// ruy's `Wait`, without its busy-wait where it would take a core from
+// another thread: linked in place of CTranslate2's vendored
+// `third_party/ruy/ruy/wait.cc` (see runtime/voice/build.rs).
 //
 // Why. CTranslate2 runs its matrix products on ruy's thread pool and every
-// other kernel on OpenMP's. Both pools hold one worker per intra-op thread,
-// so a 2-thread model runs three busy threads on two cores. ruy's workers
-// spin for 2 ms after each product (`ThreadPool::spin_duration_`) before
-// they sleep; a Whisper decoding step is a few hundred microseconds of
-// products with OpenMP kernels between them, so the ruy worker never
-// sleeps and takes a core from the OpenMP worker, and the two wait on each
-// other through the scheduler. `perf` put 40% of the process's samples in
-// ruy's spin (`clock_gettime` from `ruy::Wait`) before this.
+// other kernel on OpenMP's. Both pools hold one worker per intra-op thread
+// but one, so a model with as many threads as cores runs more busy threads
+// than there are cores. ruy's workers spin for 2 ms after each product
+// (`ThreadPool::spin_duration_`) before they sleep; a Whisper decoding step
+// is a few hundred microseconds of products with OpenMP kernels between
+// them, so on two cores the ruy worker never slept, took a core from the
+// OpenMP worker, and the two waited on each other through the scheduler.
+// `perf` put 40% of the process's samples in ruy's spin (`clock_gettime`
+// from `ruy::Wait`) before this, and with one core busy elsewhere a 30 s
+// clip took 10 s instead of 3.
 //
-// What. The same contract as ruy's own `Wait` (return once `condition()`
-// holds, waiting on `condvar` under `mutex`, whose notifier changes the
-// condition under the mutex), with the spin phase left out: a waiter
-// checks once and then sleeps on the condition variable.
+// What. ruy's own `Wait` with the spin phase kept only where the Rust side
+// allowed it (`stack_voice_ruy_spin`: a model whose threads leave a core
+// for every worker of both pools); otherwise the waiter checks once and
+// sleeps on the condition variable, as ruy does with a zero spin duration
+// ("Setting it to zero disables the spin-waiting entirely", ruy/wait.h).
+// No wakeup is lost: ruy's notifiers store the new state, then lock
+// `mutex` around `notify_all`, and the waiter checks under that lock.
 //
 // The signature must match ruy's declaration in `ruy/wait.h` exactly, or
 // the linker keeps ruy's own object; `stack_voice_ruy_waits` counts the
@@ -29,7 +35,8 @@
 
 namespace {
 std::atomic<std::uint64_t> waits{0};
-}
+std::atomic<bool> spin_allowed{false};
+}  // namespace
 
 namespace ruy {
 
@@ -37,10 +44,17 @@ using Duration = std::chrono::steady_clock::duration;
 
 void Wait(const std::function<bool()>& condition, const Duration& spin_duration,
           std::condition_variable* condvar, std::mutex* mutex) {
-  (void)spin_duration;
   waits.fetch_add(1, std::memory_order_relaxed);
   if (condition()) {
     return;
+  }
+  if (spin_allowed.load(std::memory_order_relaxed) && spin_duration.count() > 0) {
+    const auto started = std::chrono::steady_clock::now();
+    while (std::chrono::steady_clock::now() - started < spin_duration) {
+      if (condition()) {
+        return;
+      }
+    }
   }
   std::unique_lock<std::mutex> lock(*mutex);
   condvar->wait(lock, condition);
@@ -48,6 +62,10 @@ void Wait(const std::function<bool()>& condition, const Duration& spin_duration,
 
 }  // namespace ruy
 
-extern "C" std::uint64_t stack_voice_ruy_waits() {
+extern "C" std::uint64_t stack_voice_ruy_waits() noexcept {
   return waits.load(std::memory_order_relaxed);
+}
+
+extern "C" void stack_voice_ruy_spin(bool allowed) noexcept {
+  spin_allowed.store(allowed, std::memory_order_relaxed);
 }

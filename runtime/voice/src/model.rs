@@ -134,13 +134,17 @@ mod engine {
         fn stack_voice_reused_buffers() -> u64;
         /// Frees every buffer `cpp/cpu_allocator.cc` keeps for reuse.
         fn stack_voice_release_cached_buffers();
+        /// Lets ruy's workers spin before they sleep (`cpp/ruy_wait.cc`).
+        fn stack_voice_ruy_spin(allowed: bool);
     }
 
     /// How many times CTranslate2's ruy threads have waited through this
     /// crate's spin-free `ruy::Wait` (`cpp/ruy_wait.cc`) in this process.
     ///
-    /// Non-zero after a transcription exactly when the build linked it in
-    /// place of ruy's own, spinning one: the speech tests assert that.
+    /// With two threads or more, non-zero after a transcription exactly
+    /// when the build linked it in place of ruy's own, spinning one: the
+    /// speech tests assert that. (With one thread ruy has no worker and
+    /// never waits.)
     pub fn spin_free_waits() -> u64 {
         // SAFETY: the function takes nothing and only loads an atomic
         // counter; build.rs compiles and links it with this crate.
@@ -159,9 +163,13 @@ mod engine {
         unsafe { stack_voice_reused_buffers() }
     }
 
-    /// Dropped after a model's engine (it is the struct's last field):
-    /// hands the buffers the allocator kept, the weights' among them, back
-    /// to the system.
+    /// Hands the buffers the allocator keeps back to the system when it
+    /// drops: at the end of each transcription (the reuse that matters is
+    /// between one decoding step and the next), and after a model's engine
+    /// (as the struct's last field, and made before the engine in `load`,
+    /// so the weights freed by a load that fails are handed back too).
+    /// Only buffers nobody holds are freed, so a transcription running on
+    /// another thread meanwhile loses nothing but their reuse.
     struct ReleaseKeptBuffers;
 
     impl Drop for ReleaseKeptBuffers {
@@ -251,17 +259,26 @@ mod engine {
                 dir: dir.to_path_buf(),
                 reason,
             };
+            let cores = std::thread::available_parallelism().map_or(1, usize::from);
             let threads = if options.threads == 0 {
-                std::thread::available_parallelism().map_or(1, usize::from)
+                cores
             } else {
                 options.threads
             };
+            // ruy's workers spin only where a core is left for every worker
+            // of both pools (ruy's and OpenMP's, `threads - 1` each, beside
+            // the calling thread); otherwise spinning takes cores from the
+            // other pool (see cpp/ruy_wait.cc). Process-wide: the model
+            // loaded last decides.
+            // SAFETY: takes a bool and stores it in an atomic.
+            unsafe { stack_voice_ruy_spin(threads.saturating_mul(2) - 1 <= cores) };
             let config = Config {
                 device: Device::CPU,
                 compute_type: compute_type(options.compute),
                 num_threads_per_replica: threads,
                 ..Config::default()
             };
+            let release = ReleaseKeptBuffers;
             let engine = Whisper::new(dir, config).map_err(|e| load(format!("{e:#}")))?;
             let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
                 .map_err(|e| load(format!("tokenizer.json: {e}")))?;
@@ -274,7 +291,7 @@ mod engine {
                 front_end,
                 multilingual,
                 options: ModelOptions { threads, ..options },
-                _release: ReleaseKeptBuffers,
+                _release: release,
             })
         }
 
@@ -300,6 +317,7 @@ mod engine {
             options: &TranscribeOptions,
         ) -> Result<Transcription, VoiceError> {
             let started = Instant::now();
+            let _release = ReleaseKeptBuffers;
             let features = self.front_end.compute(audio.samples());
             let (mut batch, windows) = features.windows();
             let features_ms = started.elapsed().as_secs_f64() * 1000.0;
