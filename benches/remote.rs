@@ -152,10 +152,10 @@ async fn session_figures(backend: Arc<dyn ModelBackend>) -> (Vec<f64>, u64, f64)
 /// one run, time llama-server leaves out of its timings, which would
 /// otherwise be charged to whichever side went first. Returns each side's
 /// median and mean.
-async fn overhead(url: &str, model: Arc<RemoteModel>) -> (Spread, Spread) {
+async fn overhead(url: &str, model: Arc<RemoteModel>) -> (Spread, Spread, u64) {
     let request = CompletionRequest {
         messages: vec![stack_runtime::message::Message::user(
-            "Say hello in five words.",
+            "Tell me a long story about a robot who learns to paint.",
         )],
         tools: Vec::new(),
         tool_choice: ToolChoice::None,
@@ -190,7 +190,7 @@ async fn overhead(url: &str, model: Arc<RemoteModel>) -> (Spread, Spread) {
     .render(&request.messages, &[])
     .expect("render");
     let body = stack_runtime::model::remote::completion_body(&prompt, &request.sampling);
-    let (mut through, mut bare) = (Vec::new(), Vec::new());
+    let (mut through, mut bare, mut generated) = (Vec::new(), Vec::new(), 0);
     for turn in 0..=TURNS {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let started = Instant::now();
@@ -223,9 +223,14 @@ async fn overhead(url: &str, model: Arc<RemoteModel>) -> (Spread, Spread) {
         if turn > 0 {
             through.push(through_ms);
             bare.push(wall - server);
+            generated += generation.counters.generated;
         }
     }
-    (Spread::of(through), Spread::of(bare))
+    (
+        Spread::of(through),
+        Spread::of(bare),
+        generated / TURNS as u64,
+    )
 }
 
 /// The median and mean of some milliseconds.
@@ -257,7 +262,7 @@ fn main() {
         .block_on(RemoteModel::connect(RemoteConfig::new(url.clone())))
         .expect("connect");
     let (remote_ttft, remote_tokens, remote_time) = tokio.block_on(session_figures(remote.clone()));
-    let (through, bare) = tokio.block_on(overhead(&url, remote));
+    let (through, bare, generated) = tokio.block_on(overhead(&url, remote));
     drop(server);
     let local = Model::load(ModelOptions {
         threads: Some(2),
@@ -285,7 +290,7 @@ fn main() {
         remote_tokens as f64 / remote_time,
     );
     println!(
-        "overhead per remote request (wall − server time, ms; median / mean of {TURNS} after one untimed each): through the runtime {:.2} / {:.2}, bare client {:.2} / {:.2}, runtime's own {:.2} / {:.2}",
+        "overhead per remote request (wall − server time, ms; median / mean of {TURNS} after one untimed each; no tools, {generated} tokens each): through the runtime {:.2} / {:.2}, bare client {:.2} / {:.2}, runtime's own {:.2} / {:.2}",
         through.median,
         through.mean,
         bare.median,

@@ -20,13 +20,16 @@
 //   next request of the class, up to 256 MiB held unused in all; past that
 //   a freed buffer goes back to the system.
 // - `clear_cache()` (and `stack_voice_release_cached_buffers`, which the
-//   Rust side calls when a transcription ends and when a model is dropped)
-//   hands every kept buffer back: between transcriptions the process holds
-//   no more than upstream's allocator would.
+//   Rust side calls when a model has loaded, when a transcription ends and
+//   when a model is dropped) hands every kept buffer back: between
+//   transcriptions the process holds no more than upstream's allocator
+//   would.
 // - Thread-safe: one mutex, held only for the list and map operations.
-//   Nothing here lets an exception out (a failed bookkeeping allocation
-//   frees the buffer instead of keeping it), since `free` is called from
-//   destructors and the `extern "C"` functions from Rust.
+//   `free`, `clear_cache` and the `extern "C"` functions let no exception
+//   out (`free` runs in destructors, the others are called from Rust): a
+//   failed bookkeeping allocation in `free` gives the buffer back instead
+//   of keeping it. `allocate` throws, as upstream's does, when memory runs
+//   out, and then holds on to nothing.
 //
 // The declarations below must match CTranslate2's `ctranslate2/allocator.h`
 // and `ctranslate2/devices.h` (the version ct2rs vendors), or the linker
@@ -106,12 +109,11 @@ class KeepingAllocator final : public ctranslate2::Allocator {
       auto kept = kept_.find(cls);
       if (kept != kept_.end() && !kept->second.empty()) {
         void* ptr = kept->second.back();
-        // Reserved first, so that lending it cannot fail once it is off
-        // the list.
-        lent_.reserve(lent_.size() + 1);
+        // Noted as lent before it leaves the list: if noting it throws,
+        // it is still kept.
+        lent_.emplace(ptr, cls);
         kept->second.pop_back();
         kept_bytes_ -= cls;
-        lent_.emplace(ptr, cls);
         reused.fetch_add(1, std::memory_order_relaxed);
         return ptr;
       }

@@ -1,26 +1,26 @@
-// ruy's `Wait`, without its busy-wait where it would take a core from
-// another thread: linked in place of CTranslate2's vendored
-// `third_party/ruy/ruy/wait.cc` (see runtime/voice/build.rs).
+// ruy's `Wait`, without its busy-wait: linked in place of CTranslate2's
+// vendored `third_party/ruy/ruy/wait.cc` (see runtime/voice/build.rs).
 //
 // Why. CTranslate2 runs its matrix products on ruy's thread pool and every
-// other kernel on OpenMP's. Both pools hold one worker per intra-op thread
-// but one, so a model with as many threads as cores runs more busy threads
-// than there are cores. ruy's workers spin for 2 ms after each product
-// (`ThreadPool::spin_duration_`) before they sleep; a Whisper decoding step
-// is a few hundred microseconds of products with OpenMP kernels between
-// them, so on two cores the ruy worker never slept, took a core from the
-// OpenMP worker, and the two waited on each other through the scheduler.
-// `perf` put 40% of the process's samples in ruy's spin (`clock_gettime`
-// from `ruy::Wait`) before this, and with one core busy elsewhere a 30 s
-// clip took 10 s instead of 3.
+// other kernel on OpenMP's. Both pools have `threads - 1` workers beside
+// the calling thread, so a model with as many threads as cores runs more
+// busy threads than there are cores. ruy's workers spin for 2 ms after each
+// product (`ThreadPool::spin_duration_`) before they sleep; a Whisper
+// decoding step is a few hundred microseconds of products with OpenMP
+// kernels between them, so on two cores the ruy worker never slept, took a
+// core from the OpenMP worker, and the two waited on each other through the
+// scheduler. `perf` put 40% of the process's samples in ruy's spin
+// (`clock_gettime` from `ruy::Wait`) before this, and with one core busy
+// elsewhere a 30 s clip took 10 s instead of 3.
 //
-// What. ruy's own `Wait` with the spin phase kept only where the Rust side
-// allowed it (`stack_voice_ruy_spin`: a model whose threads leave a core
-// for every worker of both pools); otherwise the waiter checks once and
-// sleeps on the condition variable, as ruy does with a zero spin duration
-// ("Setting it to zero disables the spin-waiting entirely", ruy/wait.h).
-// No wakeup is lost: ruy's notifiers store the new state, then lock
-// `mutex` around `notify_all`, and the waiter checks under that lock.
+// What. ruy's own `Wait` as it runs with a zero spin duration ("Setting it
+// to zero disables the spin-waiting entirely", ruy/wait.h): the waiter
+// checks once and then sleeps on the condition variable. No wakeup is
+// lost: ruy's notifiers store the new state, then lock `mutex` around
+// `notify_all`, and the waiter checks under that lock. The cost, where
+// cores sit idle, is a futex wake per product instead of a spinning
+// worker's immediate start (measured only on this 2-core machine, where
+// sleeping is faster with or without other load).
 //
 // The signature must match ruy's declaration in `ruy/wait.h` exactly, or
 // the linker keeps ruy's own object; `stack_voice_ruy_waits` counts the
@@ -35,7 +35,6 @@
 
 namespace {
 std::atomic<std::uint64_t> waits{0};
-std::atomic<bool> spin_allowed{false};
 }  // namespace
 
 namespace ruy {
@@ -44,17 +43,10 @@ using Duration = std::chrono::steady_clock::duration;
 
 void Wait(const std::function<bool()>& condition, const Duration& spin_duration,
           std::condition_variable* condvar, std::mutex* mutex) {
+  (void)spin_duration;
   waits.fetch_add(1, std::memory_order_relaxed);
   if (condition()) {
     return;
-  }
-  if (spin_allowed.load(std::memory_order_relaxed) && spin_duration.count() > 0) {
-    const auto started = std::chrono::steady_clock::now();
-    while (std::chrono::steady_clock::now() - started < spin_duration) {
-      if (condition()) {
-        return;
-      }
-    }
   }
   std::unique_lock<std::mutex> lock(*mutex);
   condvar->wait(lock, condition);
@@ -64,8 +56,4 @@ void Wait(const std::function<bool()>& condition, const Duration& spin_duration,
 
 extern "C" std::uint64_t stack_voice_ruy_waits() noexcept {
   return waits.load(std::memory_order_relaxed);
-}
-
-extern "C" void stack_voice_ruy_spin(bool allowed) noexcept {
-  spin_allowed.store(allowed, std::memory_order_relaxed);
 }

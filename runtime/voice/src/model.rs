@@ -134,12 +134,11 @@ mod engine {
         fn stack_voice_reused_buffers() -> u64;
         /// Frees every buffer `cpp/cpu_allocator.cc` keeps for reuse.
         fn stack_voice_release_cached_buffers();
-        /// Lets ruy's workers spin before they sleep (`cpp/ruy_wait.cc`).
-        fn stack_voice_ruy_spin(allowed: bool);
     }
 
     /// How many times CTranslate2's ruy threads have waited through this
-    /// crate's spin-free `ruy::Wait` (`cpp/ruy_wait.cc`) in this process.
+    /// crate's `ruy::Wait` (`cpp/ruy_wait.cc`, which never spins) in this
+    /// process.
     ///
     /// With two threads or more, non-zero after a transcription exactly
     /// when the build linked it in place of ruy's own, spinning one: the
@@ -155,28 +154,36 @@ mod engine {
     /// crate's allocator (`cpp/cpu_allocator.cc`) instead of the system's,
     /// in this process.
     ///
-    /// Non-zero after a second transcription exactly when the build linked
-    /// it in place of CTranslate2's own: the speech tests assert that.
+    /// Non-zero after a transcription exactly when the build linked it in
+    /// place of CTranslate2's own (buffers come back within one: each
+    /// decoding step reuses the last one's): the speech tests assert that.
     pub fn reused_buffers() -> u64 {
         // SAFETY: the function takes nothing and only loads an atomic
         // counter; build.rs compiles and links it with this crate.
         unsafe { stack_voice_reused_buffers() }
     }
 
-    /// Hands the buffers the allocator keeps back to the system when it
-    /// drops: at the end of each transcription (the reuse that matters is
-    /// between one decoding step and the next), and after a model's engine
-    /// (as the struct's last field, and made before the engine in `load`,
-    /// so the weights freed by a load that fails are handed back too).
-    /// Only buffers nobody holds are freed, so a transcription running on
-    /// another thread meanwhile loses nothing but their reuse.
+    /// Hands the buffers the allocator keeps back to the system: those
+    /// freed while a model loads (CTranslate2 converts the weights), and
+    /// those left when a transcription ends (the reuse that matters is
+    /// between one decoding step and the next). Only buffers nobody holds
+    /// are freed, so a transcription running on another thread meanwhile
+    /// loses nothing but their reuse.
+    fn release_kept_buffers() {
+        // SAFETY: takes nothing; takes the buffers nobody holds off the
+        // allocator's lists under its lock, then frees them.
+        unsafe { stack_voice_release_cached_buffers() }
+    }
+
+    /// Calls [`release_kept_buffers`] when it drops: at the end of each
+    /// transcription, and after a model's engine (as the struct's last
+    /// field, and made before the engine in `load`, so the weights freed
+    /// by a load that fails are handed back too).
     struct ReleaseKeptBuffers;
 
     impl Drop for ReleaseKeptBuffers {
         fn drop(&mut self) {
-            // SAFETY: takes nothing; frees only buffers the allocator holds
-            // unused, under its own lock.
-            unsafe { stack_voice_release_cached_buffers() }
+            release_kept_buffers();
         }
     }
 
@@ -259,19 +266,11 @@ mod engine {
                 dir: dir.to_path_buf(),
                 reason,
             };
-            let cores = std::thread::available_parallelism().map_or(1, usize::from);
             let threads = if options.threads == 0 {
-                cores
+                std::thread::available_parallelism().map_or(1, usize::from)
             } else {
                 options.threads
             };
-            // ruy's workers spin only where a core is left for every worker
-            // of both pools (ruy's and OpenMP's, `threads - 1` each, beside
-            // the calling thread); otherwise spinning takes cores from the
-            // other pool (see cpp/ruy_wait.cc). Process-wide: the model
-            // loaded last decides.
-            // SAFETY: takes a bool and stores it in an atomic.
-            unsafe { stack_voice_ruy_spin(threads.saturating_mul(2) - 1 <= cores) };
             let config = Config {
                 device: Device::CPU,
                 compute_type: compute_type(options.compute),
@@ -280,6 +279,7 @@ mod engine {
             };
             let release = ReleaseKeptBuffers;
             let engine = Whisper::new(dir, config).map_err(|e| load(format!("{e:#}")))?;
+            release_kept_buffers();
             let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
                 .map_err(|e| load(format!("tokenizer.json: {e}")))?;
             let front_end = LogMel::new(engine.n_mels());
