@@ -464,46 +464,11 @@ fn constrained_routing_calls_where_a_tool_fits_and_keeps_the_cache() {
             generation.text
         );
     }
-    // The routing step keeps the conversation's cache: a routed turn after
-    // a named one reuses the named turn's whole prompt.
+    // The routing step keeps the conversation's cache (which starts empty
+    // here, so the named turn's prompt is all evaluated).
     session.clear_cache();
-    let mut conversation = vec![Message::user("What's the weather like in Paris right now?")];
-    let named = complete(
-        &mut session,
-        &conversation,
-        &tools,
-        &ToolChoice::Named("get_weather".into()),
-        &routed,
-    )
-    .expect("named turn");
-    conversation.push(Message::assistant(named.text.clone()));
-    conversation.push(Message::user(
-        "And the area of a triangle with base 3 and height 4?",
-    ));
-    let routed_turn = complete(
-        &mut session,
-        &conversation,
-        &tools,
-        &ToolChoice::Auto,
-        &routed,
-    )
-    .expect("routed turn");
-    assert!(
-        routed_turn.counters.prompt_reused >= named.counters.prompt_evaluated,
-        "the routed turn reused {} tokens; the named turn's prompt alone was {}",
-        routed_turn.counters.prompt_reused,
-        named.counters.prompt_evaluated
-    );
-    // Everything the routed turn evaluated (its routing prompts included)
-    // is less than the conversation's prompt: had the routing step
-    // displaced the conversation's cache, a name prompt would have
-    // evaluated it all again.
-    assert!(
-        routed_turn.counters.prompt_evaluated < named.counters.prompt_evaluated,
-        "the routed turn evaluated {} tokens; the conversation's prompt is {}",
-        routed_turn.counters.prompt_evaluated,
-        named.counters.prompt_evaluated
-    );
+    let (named, _) = routed_turn_keeping_the_cache(&mut session, &tools, &routed);
+    assert_eq!(named.counters.prompt_reused, 0, "{:?}", named.counters);
 }
 
 /// Under `Routing::Auto` the default model (135M parameters) takes the
@@ -590,47 +555,12 @@ fn auto_routing_constrains_a_small_models_sessions_own_or_batched() {
     assert_eq!(called(&together[1].1), ["get_weather"], "{:?}", together[1]);
     // The step keeps the slot's cache.
     let mut session = batched.session().expect("session");
-    let mut conversation = vec![Message::user("What's the weather like in Paris right now?")];
-    let named = complete(
-        &mut session,
-        &conversation,
-        &tools,
-        &ToolChoice::Named("get_weather".into()),
-        &auto,
-    )
-    .expect("named turn");
-    conversation.push(Message::assistant(named.text.clone()));
-    conversation.push(Message::user(
-        "And the area of a triangle with base 3 and height 4?",
-    ));
-    let routed = complete(
-        &mut session,
-        &conversation,
-        &tools,
-        &ToolChoice::Auto,
-        &auto,
-    )
-    .expect("routed turn");
+    let (_, routed) = routed_turn_keeping_the_cache(&mut session, &tools, &auto);
     assert_eq!(
         called(&routed),
         ["calculate_triangle_area"],
         "{:?}",
         routed.text
-    );
-    // The named turn's whole prompt (part of it may have been in the slot
-    // it was lent) is reused, and everything the routed turn evaluated,
-    // its evidence prompts included, is less than that prompt: had they
-    // run in the slot, the name prompts would have evaluated it again.
-    let named_prompt = named.counters.prompt_evaluated + named.counters.prompt_reused;
-    assert!(
-        routed.counters.prompt_reused >= named_prompt,
-        "the routed turn reused {} tokens; the named turn's prompt was {named_prompt}",
-        routed.counters.prompt_reused,
-    );
-    assert!(
-        routed.counters.prompt_evaluated < named_prompt,
-        "the routed turn evaluated {} tokens; the named turn's prompt was {named_prompt}",
-        routed.counters.prompt_evaluated,
     );
 }
 
@@ -946,6 +876,48 @@ fn a_given_chat_template_sets_the_call_format_end_to_end() {
         "the call renders back as written:\n{next}\n---\n{}",
         generation.text
     );
+}
+
+/// A turn named to `get_weather`, then one under `ToolChoice::Auto` (the
+/// routing step) asking for a triangle's area, in `session`; asserts that
+/// the step kept the conversation's cache, and returns both turns.
+/// The named turn's whole prompt (part of it may have been in a batched
+/// slot it was lent) is reused, and everything the routed turn evaluated,
+/// its evidence prompts included, is less than that prompt: had the step
+/// displaced the conversation's cache, a name prompt would have evaluated
+/// it all again.
+fn routed_turn_keeping_the_cache(
+    session: &mut ModelSession,
+    tools: &[Value],
+    sampling: &SamplingOptions,
+) -> (Generation, Generation) {
+    let mut conversation = vec![Message::user("What's the weather like in Paris right now?")];
+    let named = complete(
+        session,
+        &conversation,
+        tools,
+        &ToolChoice::Named("get_weather".into()),
+        sampling,
+    )
+    .expect("named turn");
+    conversation.push(Message::assistant(named.text.clone()));
+    conversation.push(Message::user(
+        "And the area of a triangle with base 3 and height 4?",
+    ));
+    let routed =
+        complete(session, &conversation, tools, &ToolChoice::Auto, sampling).expect("routed turn");
+    let named_prompt = named.counters.prompt_evaluated + named.counters.prompt_reused;
+    assert!(
+        routed.counters.prompt_reused >= named_prompt,
+        "the routed turn reused {} tokens; the named turn's prompt was {named_prompt}",
+        routed.counters.prompt_reused,
+    );
+    assert!(
+        routed.counters.prompt_evaluated < named_prompt,
+        "the routed turn evaluated {} tokens; the named turn's prompt was {named_prompt}",
+        routed.counters.prompt_evaluated,
+    );
+    (named, routed)
 }
 
 /// A BFCL-style tool, as OpenAI tool objects.
