@@ -19,7 +19,7 @@
 //   more than asked) and, once freed, kept on that class's list for the
 //   next request of the class, up to 256 MiB held unused in all; past that
 //   a freed buffer goes back to the system.
-// - `clear_cache()` (and `stack_voice_release_cached_buffers`, which the
+// - `clear_cache()` (and `stack_voice_release_kept_buffers`, which the
 //   Rust side calls when a model has loaded, when a transcription ends and
 //   when a model is dropped) hands every kept buffer back: between
 //   transcriptions the process holds no more than upstream's allocator
@@ -196,6 +196,6 @@ extern "C" std::uint64_t stack_voice_reused_buffers() noexcept {
   return reused.load(std::memory_order_relaxed);
 }
 
-extern "C" void stack_voice_release_cached_buffers() noexcept {
+extern "C" void stack_voice_release_kept_buffers() noexcept {
   keeping_allocator().clear_cache();
 }

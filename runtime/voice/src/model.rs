@@ -133,7 +133,7 @@ mod engine {
         /// The buffers `cpp/cpu_allocator.cc` has handed out again so far.
         fn stack_voice_reused_buffers() -> u64;
         /// Frees every buffer `cpp/cpu_allocator.cc` keeps for reuse.
-        fn stack_voice_release_cached_buffers();
+        fn stack_voice_release_kept_buffers();
     }
 
     /// How many times CTranslate2's ruy threads have waited through this
@@ -172,7 +172,7 @@ mod engine {
     fn release_kept_buffers() {
         // SAFETY: takes nothing; takes the buffers nobody holds off the
         // allocator's lists under its lock, then frees them.
-        unsafe { stack_voice_release_cached_buffers() }
+        unsafe { stack_voice_release_kept_buffers() }
     }
 
     /// Calls [`release_kept_buffers`] when it drops: at the end of each
