@@ -419,7 +419,7 @@ async fn an_encrypted_session_seals_its_kv_cache_and_still_reuses_it() {
     let transcript = std::fs::read(data.path().join(format!("{id}.jsonl"))).expect("transcript");
     for (name, bytes) in [("kv", &kv), ("transcript", &transcript)] {
         assert!(
-            bytes.starts_with(stack_runtime::seal::record::MAGIC),
+            bytes.starts_with(stack_runtime::seal::record::MAGIC_FAMILY),
             "{name} sealed"
         );
         assert!(

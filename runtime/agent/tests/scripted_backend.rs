@@ -545,7 +545,7 @@ async fn an_encrypted_session_stores_no_plaintext_and_resumes_and_exports() {
             .find(|(path, _)| path.ends_with(&suffix))
             .unwrap_or_else(|| panic!("no {suffix} in {files:?}"));
         assert!(
-            bytes.starts_with(stack_seal::record::MAGIC),
+            bytes.starts_with(stack_seal::record::MAGIC_FAMILY),
             "{} is not sealed",
             path.display()
         );
@@ -766,7 +766,7 @@ async fn deleting_an_encrypted_session_keeps_the_log_sealed_and_on_record() {
     let log = store.audit_log();
     assert!(std::fs::read(&log)
         .expect("log")
-        .starts_with(stack_seal::record::MAGIC));
+        .starts_with(stack_seal::record::MAGIC_FAMILY));
     let records: Vec<serde_json::Value> =
         stack_seal::record::read_records(&log, Some("audit"), &vault)
             .expect("audit")

@@ -26,7 +26,7 @@ fn chunk_aad(header: &[u8], index: u64, last: bool) -> Vec<u8> {
 /// Writes `blob` to `path` sealed with `key`: to a temporary file, synced,
 /// then renamed over `path`.
 pub fn seal_blob(path: &Path, context: &str, key: &Key, blob: &[u8]) -> Result<(), SealError> {
-    let header = Header::new(key, Kind::Blob, context).to_bytes();
+    let header = Header::blob(key, context).to_bytes();
     let temporary = temporary_beside(path);
     let io = SealError::io(&temporary);
     let written = (|| {

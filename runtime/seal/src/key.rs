@@ -153,30 +153,53 @@ impl Key {
         sealed
     }
 
-    /// A sealer for many records under this key and `aad` (see
+    /// A sealer for many records under this key, `cipher` and `aad` (see
     /// [`RecordSealer`]).
-    pub fn record_sealer(&self, aad: Vec<u8>) -> RecordSealer {
+    pub fn record_sealer(&self, cipher: RecordCipher, aad: Vec<u8>) -> RecordSealer {
         let prefix = random_bytes::<16>();
-        // XChaCha20 is ChaCha20 under the HChaCha20 subkey of the nonce's
-        // first 16 bytes, with the last 8 as its nonce: the prefix is fixed
-        // per sealer, so the subkey is derived once here.
-        let mut derived = chacha20::hchacha::<chacha20::cipher::consts::U10>(
-            (&self.bytes[..]).into(),
-            (&prefix).into(),
-        );
-        let mut subkey = Zeroizing::new([0u8; KEY_LEN]);
-        subkey.copy_from_slice(&derived);
-        zeroize::Zeroize::zeroize(derived.as_mut_slice());
-        let cipher = ring::aead::LessSafeKey::new(
-            ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &subkey[..])
-                .expect("ChaCha20-Poly1305 takes a 32-byte key"),
-        );
         RecordSealer {
-            cipher,
+            cipher: self.record_key(cipher, &prefix),
             prefix,
             counter: std::sync::atomic::AtomicU64::new(0),
             aad,
         }
+    }
+
+    /// The ring key that seals and opens the records of a sealer whose
+    /// nonce prefix is `prefix`.
+    fn record_key(&self, cipher: RecordCipher, prefix: &[u8; 16]) -> ring::aead::LessSafeKey {
+        let unbound = match cipher {
+            RecordCipher::XChaCha20Poly1305 => {
+                // XChaCha20 is ChaCha20 under the HChaCha20 subkey of the
+                // nonce's first 16 bytes, with the last 8 as its nonce:
+                // the prefix is fixed per sealer, so the subkey is
+                // derived once.
+                let mut derived = chacha20::hchacha::<chacha20::cipher::consts::U10>(
+                    (&self.bytes[..]).into(),
+                    prefix.into(),
+                );
+                let mut subkey = Zeroizing::new([0u8; KEY_LEN]);
+                subkey.copy_from_slice(&derived);
+                zeroize::Zeroize::zeroize(derived.as_mut_slice());
+                ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &subkey[..])
+                    .expect("ChaCha20-Poly1305 takes a 32-byte key")
+            }
+            RecordCipher::Aes256Gcm => {
+                // HKDF-SHA256 of the key (a uniformly random secret, so
+                // extract with no salt), expanded with a label and the
+                // prefix: a fresh AES-256 key per sealer, so each key
+                // seals at most 2^64 records under distinct counter
+                // nonces, far inside AES-GCM's bounds.
+                let pseudorandom =
+                    ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&self.bytes[..]);
+                let info = [AES_256_GCM_LABEL, &prefix[..]];
+                let okm = pseudorandom
+                    .expand(&info, &ring::aead::AES_256_GCM)
+                    .expect("HKDF-SHA256 gives 32 bytes");
+                ring::aead::UnboundKey::from(okm)
+            }
+        };
+        ring::aead::LessSafeKey::new(unbound)
     }
 
     /// Opens what [`seal`](Self::seal) made; `None` when it fails
@@ -199,8 +222,9 @@ impl Key {
 /// share a nonce (two sealers share a prefix with odds of 2⁻¹²⁸ per pair)
 /// and no record costs a call into the OS's random source.
 pub struct RecordSealer {
-    /// ChaCha20-Poly1305 (ring's, in assembly) under the HChaCha20 subkey
-    /// of the prefix: XChaCha20-Poly1305, byte for byte.
+    /// ring's (in assembly) under the prefix's subkey: ChaCha20-Poly1305
+    /// under the HChaCha20 subkey (XChaCha20-Poly1305, byte for byte), or
+    /// AES-256-GCM under the HKDF subkey (see [`RecordCipher`]).
     cipher: ring::aead::LessSafeKey,
     prefix: [u8; 16],
     counter: std::sync::atomic::AtomicU64,
@@ -229,17 +253,19 @@ impl RecordSealer {
         framed.extend_from_slice(&length);
         framed.extend_from_slice(&nonce);
         framed.extend_from_slice(plaintext);
-        let aad = crate::record::record_aad(&self.aad, &length);
         let body = &mut framed[4 + NONCE_LEN..];
         // Fails only past the cipher's length limit (256 GiB); callers
         // refuse records past `MAX_RECORD` first.
         let mut inner_nonce = [0u8; 12];
         inner_nonce[4..].copy_from_slice(&count.to_le_bytes());
-        match self.cipher.seal_in_place_separate_tag(
-            ring::aead::Nonce::assume_unique_for_key(inner_nonce),
-            ring::aead::Aad::from(&aad),
-            body,
-        ) {
+        let sealed = crate::record::with_record_aad(&self.aad, &length, |aad| {
+            self.cipher.seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key(inner_nonce),
+                ring::aead::Aad::from(aad),
+                body,
+            )
+        });
+        match sealed {
             Ok(tag) => framed.extend_from_slice(tag.as_ref()),
             Err(_) => framed.clear(),
         }
@@ -249,6 +275,128 @@ impl RecordSealer {
     /// The associated data it seals with (the file's header).
     pub fn aad(&self) -> &[u8] {
         &self.aad
+    }
+}
+
+/// The label of the HKDF expansion that makes an AES-256-GCM sealer's
+/// subkey (followed by its 16-byte prefix).
+const AES_256_GCM_LABEL: &[u8] = b"stack-seal records AES-256-GCM v2";
+
+/// The cipher of a record file's records, named by the version byte of
+/// its magic (see [`crate::record`]). Both are authenticated ciphers from
+/// well-kept crates (ring, RustCrypto) and both nonces are a random
+/// 128-bit prefix per appender followed by a count; they differ in speed
+/// by CPU. Blobs are always XChaCha20-Poly1305.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordCipher {
+    /// XChaCha20-Poly1305 (format 1): the record's 24-byte nonce is the
+    /// XChaCha20 nonce. Constant-time in software on any CPU.
+    XChaCha20Poly1305,
+    /// AES-256-GCM (format 2) under `HKDF-SHA256(key, label ‖ prefix)`,
+    /// the prefix being the nonce's first 16 bytes, with the nonce's last
+    /// 8 (the count) as its 96-bit nonce (zero-padded). About half
+    /// XChaCha20-Poly1305's time per record where the CPU has AES and
+    /// carry-less multiply instructions, so new files use it there.
+    Aes256Gcm,
+}
+
+impl RecordCipher {
+    /// AES-256-GCM where the CPU has AES and carry-less multiply
+    /// instructions (ring then uses them; without them AES is slower than
+    /// ChaCha20 in constant-time software), else XChaCha20-Poly1305.
+    pub fn for_this_cpu() -> RecordCipher {
+        #[cfg(target_arch = "x86_64")]
+        let hardware = std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq");
+        #[cfg(target_arch = "aarch64")]
+        let hardware = std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull");
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        let hardware = false;
+        if hardware {
+            RecordCipher::Aes256Gcm
+        } else {
+            RecordCipher::XChaCha20Poly1305
+        }
+    }
+
+    /// Its name, as people write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordCipher::XChaCha20Poly1305 => "XChaCha20-Poly1305",
+            RecordCipher::Aes256Gcm => "AES-256-GCM",
+        }
+    }
+
+    /// What files it and the blob cipher seal, for the banner and
+    /// `agent doctor`: `AES-256-GCM records, XChaCha20-Poly1305 KV state`.
+    pub fn describe(self) -> String {
+        match self {
+            RecordCipher::XChaCha20Poly1305 => "XChaCha20-Poly1305".to_string(),
+            RecordCipher::Aes256Gcm => {
+                "AES-256-GCM records, XChaCha20-Poly1305 KV state".to_string()
+            }
+        }
+    }
+}
+
+impl Default for RecordCipher {
+    fn default() -> RecordCipher {
+        RecordCipher::for_this_cpu()
+    }
+}
+
+/// Opens the records of one file: XChaCha20-Poly1305 records with
+/// RustCrypto's, AES-256-GCM records with ring's under each prefix's
+/// subkey, derived once per run of records that share it (one per
+/// appender that wrote them).
+pub(crate) struct RecordOpener<'k> {
+    key: &'k Key,
+    cipher: RecordCipher,
+    last: Option<([u8; 16], ring::aead::LessSafeKey)>,
+}
+
+impl<'k> RecordOpener<'k> {
+    pub(crate) fn new(key: &'k Key, cipher: RecordCipher) -> RecordOpener<'k> {
+        RecordOpener {
+            key,
+            cipher,
+            last: None,
+        }
+    }
+
+    /// Opens `nonce ‖ ciphertext ‖ tag`; `None` when it fails
+    /// authentication.
+    pub(crate) fn open(&mut self, sealed: &[u8], aad: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        if self.cipher == RecordCipher::XChaCha20Poly1305 {
+            return self.key.open(sealed, aad);
+        }
+        if sealed.len() < NONCE_LEN + TAG_LEN {
+            return None;
+        }
+        let (nonce, body) = sealed.split_at(NONCE_LEN);
+        let mut prefix = [0u8; 16];
+        prefix.copy_from_slice(&nonce[..16]);
+        let cipher = match &mut self.last {
+            Some((last, cipher)) if *last == prefix => cipher,
+            slot => {
+                let cipher = self.key.record_key(self.cipher, &prefix);
+                &slot.insert((prefix, cipher)).1
+            }
+        };
+        let mut inner_nonce = [0u8; 12];
+        inner_nonce[4..].copy_from_slice(&nonce[16..]);
+        let mut opened = Zeroizing::new(body.to_vec());
+        let length = cipher
+            .open_in_place(
+                ring::aead::Nonce::assume_unique_for_key(inner_nonce),
+                ring::aead::Aad::from(aad),
+                &mut opened[..],
+            )
+            .ok()?
+            .len();
+        opened.truncate(length);
+        Some(opened)
     }
 }
 
@@ -284,6 +432,7 @@ impl std::fmt::Display for KeySource {
 pub struct Vault {
     sealing: Option<(Key, KeySource)>,
     opening: Vec<(Key, KeySource)>,
+    record_cipher: RecordCipher,
 }
 
 impl Vault {
@@ -297,6 +446,7 @@ impl Vault {
         Vault {
             sealing: Some((key.clone(), source.clone())),
             opening: vec![(key, source)],
+            record_cipher: RecordCipher::for_this_cpu(),
         }
     }
 
@@ -306,6 +456,7 @@ impl Vault {
         Vault {
             sealing: None,
             opening: vec![(key, source)],
+            record_cipher: RecordCipher::for_this_cpu(),
         }
     }
 
@@ -315,6 +466,19 @@ impl Vault {
             self.opening.push((key, source));
         }
         self
+    }
+
+    /// Seals the records of new files (and of files it seals again) with
+    /// `cipher` rather than [`RecordCipher::for_this_cpu`]'s; files it
+    /// appends to keep their own.
+    pub fn with_record_cipher(mut self, cipher: RecordCipher) -> Vault {
+        self.record_cipher = cipher;
+        self
+    }
+
+    /// The cipher of the records of new files.
+    pub fn record_cipher(&self) -> RecordCipher {
+        self.record_cipher
     }
 
     /// The key new files are sealed with, if any.

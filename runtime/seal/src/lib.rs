@@ -7,14 +7,20 @@
 //! **Protects against** someone who reads or copies the data folders but
 //! not the key: a stolen disk or backup, another local user who gets a
 //! copy of a file, a cloud sync of `~/.local/share`. With `[privacy]
-//! encrypt = true` every such file is sealed with XChaCha20-Poly1305
-//! (RustCrypto's `chacha20poly1305` opens and seals blobs; appends use
-//! ring's assembly ChaCha20-Poly1305 under the HChaCha20 subkey of a
-//! per-appender nonce prefix, the same construction byte for byte), an
-//! authenticated cipher: the reader
-//! learns nothing of the content but sizes and timing, and any change to a
-//! sealed byte is detected and reported ([`SealError::Tampered`]), never
-//! silently read.
+//! encrypt = true` every such file is sealed with an authenticated cipher
+//! (see [`RecordCipher`]): the records of new record files with
+//! AES-256-GCM where the CPU has AES and carry-less multiply instructions
+//! (ring's, under an HKDF-SHA256 subkey of the key and a random per-appender
+//! prefix), else with XChaCha20-Poly1305 (ring's assembly ChaCha20-Poly1305
+//! under the HChaCha20 subkey of that prefix, XChaCha20-Poly1305 byte for
+//! byte), and blobs with XChaCha20-Poly1305 (RustCrypto's
+//! `chacha20poly1305`). The file's header names its cipher, so files of
+//! either kind open on any CPU. The reader learns nothing of the content
+//! but sizes and timing, and any change to a sealed byte is detected and
+//! reported ([`SealError::Tampered`]), never silently read. Nonces never
+//! repeat under a key: each appender draws a 128-bit random prefix and
+//! counts its records after it (for AES-256-GCM, the prefix also makes a
+//! key of its own, so 96-bit nonces are a count under a fresh key).
 //!
 //! **Binds each record to its file.** Every file starts with a header that
 //! names the key (its [`KeyId`], a hash that reveals nothing of it), the
@@ -69,7 +75,7 @@ pub mod keys;
 pub mod record;
 pub mod state;
 
-pub use key::{Key, KeyId, Vault};
+pub use key::{Key, KeyId, RecordCipher, Vault};
 pub use record::{Appender, Records};
 pub use state::StateFile;
 

@@ -6,10 +6,13 @@
 //! ‖ ciphertext ‖ tag (16)`, authenticated with the whole header and the
 //! record's length as associated data (so a record cannot be moved to
 //! another file, even one with the same context, and a changed length is
-//! caught). A plaintext file is one record per line (JSON lines, UTF-8).
-//! Readers take both; appenders keep a file's format, except that a
-//! plaintext file is sealed (rewritten whole) when the vault seals, and a
-//! file sealed with an older key is sealed again with the current one.
+//! caught). The magic's last byte is the format, which names the records'
+//! cipher ([`RecordCipher`]): 1, XChaCha20-Poly1305 (also every blob); 2,
+//! AES-256-GCM under a per-appender subkey. A plaintext file is one record
+//! per line (JSON lines, UTF-8). Readers take all three; appenders keep a
+//! file's format, except that a plaintext file is sealed (rewritten whole,
+//! in the vault's record cipher) when the vault seals, and a file sealed
+//! with an older key is sealed again with the current one (and cipher).
 //!
 //! Nothing is thrown away: bytes an appender must cut off (a record torn by
 //! a crash, a header cut short) are first kept beside the file as
@@ -21,13 +24,16 @@ use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::key::{Key, KeyId, RecordSealer, Vault, NONCE_LEN, TAG_LEN};
+use crate::key::{Key, KeyId, RecordCipher, RecordOpener, RecordSealer, Vault, NONCE_LEN, TAG_LEN};
 use crate::SealError;
 
-/// What a sealed file starts with.
-pub const MAGIC: &[u8; 8] = b"STKSEAL\x01";
-/// The part of the magic every version shares.
-const MAGIC_FAMILY: &[u8; 7] = b"STKSEAL";
+/// What a sealed file of format 1 (XChaCha20-Poly1305) starts with.
+pub const MAGIC_XCHACHA20_POLY1305: &[u8; 8] = b"STKSEAL\x01";
+/// What a sealed record file of format 2 (AES-256-GCM) starts with.
+pub const MAGIC_AES_256_GCM: &[u8; 8] = b"STKSEAL\x02";
+/// The part of the magic every format shares: what every sealed file
+/// starts with.
+pub const MAGIC_FAMILY: &[u8; 7] = b"STKSEAL";
 /// Bytes of a header before its context.
 const HEADER_FIXED: usize = 8 + 8 + 1 + 16 + 1;
 /// Largest record a reader accepts (a length past it is corruption, not
@@ -48,6 +54,9 @@ pub enum Kind {
 pub struct Header {
     /// The key it is sealed with.
     pub key: KeyId,
+    /// The cipher of its records (its format); a blob's is always
+    /// XChaCha20-Poly1305.
+    pub cipher: RecordCipher,
     /// What it holds.
     pub kind: Kind,
     /// Random, drawn when the file is made: binds its records to it.
@@ -57,10 +66,20 @@ pub struct Header {
 }
 
 impl Header {
-    /// A header for a new file.
-    pub fn new(key: &Key, kind: Kind, context: &str) -> Header {
+    /// A header for a new record file whose records `cipher` seals.
+    pub fn records(key: &Key, cipher: RecordCipher, context: &str) -> Header {
+        Header::new(key, cipher, Kind::Records, context)
+    }
+
+    /// A header for a new blob.
+    pub fn blob(key: &Key, context: &str) -> Header {
+        Header::new(key, RecordCipher::XChaCha20Poly1305, Kind::Blob, context)
+    }
+
+    fn new(key: &Key, cipher: RecordCipher, kind: Kind, context: &str) -> Header {
         Header {
             key: key.id(),
+            cipher,
             kind,
             file: crate::key::random_bytes(),
             context: context.to_string(),
@@ -71,7 +90,10 @@ impl Header {
     pub fn to_bytes(&self) -> Vec<u8> {
         let context = self.context.as_bytes();
         let mut bytes = Vec::with_capacity(HEADER_FIXED + context.len());
-        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(match self.cipher {
+            RecordCipher::XChaCha20Poly1305 => MAGIC_XCHACHA20_POLY1305,
+            RecordCipher::Aes256Gcm => MAGIC_AES_256_GCM,
+        });
         bytes.extend_from_slice(&self.key.0);
         bytes.push(self.kind as u8);
         bytes.extend_from_slice(&self.file);
@@ -87,14 +109,17 @@ impl Header {
             path: path.to_path_buf(),
             reason: reason.to_string(),
         };
-        if !bytes.starts_with(MAGIC) {
-            if bytes.starts_with(MAGIC_FAMILY) {
-                return Err(malformed(
-                    "sealed by another version of the runtime (unknown format)",
-                ));
-            }
+        if !bytes.starts_with(MAGIC_FAMILY) {
             return Ok(None);
         }
+        let Some(cipher) = bytes
+            .get(MAGIC_FAMILY.len())
+            .and_then(|v| format_cipher(*v))
+        else {
+            return Err(malformed(
+                "sealed by another version of the runtime (unknown format)",
+            ));
+        };
         if bytes.len() < HEADER_FIXED {
             return Err(malformed("the header is cut short"));
         }
@@ -105,6 +130,12 @@ impl Header {
             2 => Kind::Blob,
             other => return Err(malformed(&format!("unknown kind {other}"))),
         };
+        if kind == Kind::Blob && cipher != RecordCipher::XChaCha20Poly1305 {
+            return Err(malformed(&format!(
+                "a blob in the format of {} records, which no blob is written in",
+                cipher.name()
+            )));
+        }
         let mut file = [0u8; 16];
         file.copy_from_slice(&bytes[17..33]);
         let length = usize::from(bytes[33]);
@@ -117,6 +148,7 @@ impl Header {
         Ok(Some((
             Header {
                 key: KeyId(key),
+                cipher,
                 kind,
                 file,
                 context,
@@ -189,20 +221,42 @@ struct Layout {
     valid_len: usize,
 }
 
-/// The associated data of a record: the header and its length field.
-pub(crate) fn record_aad(header: &[u8], length: &[u8]) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(header.len() + length.len());
-    aad.extend_from_slice(header);
-    aad.extend_from_slice(length);
-    aad
+/// Calls `with` on the associated data of a record: the header and its
+/// length field, side by side on the stack for any header this code
+/// writes (no allocation per record), on the heap past that.
+pub(crate) fn with_record_aad<R>(header: &[u8], length: &[u8], with: impl FnOnce(&[u8]) -> R) -> R {
+    let mut joined = [0u8; HEADER_FIXED + 255 + 4];
+    let size = header.len() + length.len();
+    match joined.get_mut(..size) {
+        Some(aad) => {
+            aad[..header.len()].copy_from_slice(header);
+            aad[header.len()..].copy_from_slice(length);
+            with(aad)
+        }
+        None => with(&[header, length].concat()),
+    }
 }
 
-/// Whether `bytes` is a sealed header cut short by a crash (the magic, or
-/// the start of it, and nothing past the header's fixed part).
+/// The record cipher a magic's format byte names, if one this code knows.
+fn format_cipher(format: u8) -> Option<RecordCipher> {
+    match format {
+        1 => Some(RecordCipher::XChaCha20Poly1305),
+        2 => Some(RecordCipher::Aes256Gcm),
+        _ => None,
+    }
+}
+
+/// Whether `bytes` is a sealed header cut short by a crash (the magic of
+/// a format this code knows, or the start of it, and nothing past the
+/// header's fixed part).
 fn torn_header(bytes: &[u8]) -> bool {
+    let family = MAGIC_FAMILY.len();
     !bytes.is_empty()
         && bytes.len() < HEADER_FIXED
-        && MAGIC.starts_with(&bytes[..bytes.len().min(MAGIC.len())])
+        && MAGIC_FAMILY.starts_with(&bytes[..bytes.len().min(family)])
+        && bytes
+            .get(family)
+            .is_none_or(|v| format_cipher(*v).is_some())
 }
 
 fn layout(path: &Path, bytes: &[u8]) -> Result<Layout, SealError> {
@@ -310,17 +364,18 @@ fn open_records(
     };
     header.check(path, Kind::Records, context)?;
     let key = key_for(vault, path, header.key)?;
+    let mut opener = RecordOpener::new(key, header.cipher);
     let header_bytes = &bytes[..header_len];
     let mut items = Vec::with_capacity(layout.spans.len());
     for (index, (at, start, end)) in layout.spans.iter().enumerate() {
-        let aad = record_aad(header_bytes, &bytes[*at..*start]);
-        let opened = key
-            .open(&bytes[*start..*end], &aad)
-            .ok_or(SealError::Tampered {
-                path: path.to_path_buf(),
-                record: index,
-                offset: *at as u64,
-            })?;
+        let opened = with_record_aad(header_bytes, &bytes[*at..*start], |aad| {
+            opener.open(&bytes[*start..*end], aad)
+        })
+        .ok_or(SealError::Tampered {
+            path: path.to_path_buf(),
+            record: index,
+            offset: *at as u64,
+        })?;
         items.push(opened.to_vec());
     }
     Ok(Records {
@@ -430,7 +485,8 @@ impl Appender {
                     return Ok(Appender {
                         path: path.to_path_buf(),
                         file,
-                        sealing: sealing.map(|(key, header)| key.record_sealer(header)),
+                        sealing: sealing
+                            .map(|(key, cipher, header)| key.record_sealer(cipher, header)),
                     });
                 }
             }
@@ -495,8 +551,8 @@ fn encode(sealing: Option<&RecordSealer>, record: &[u8]) -> Vec<u8> {
 }
 
 enum Prepared {
-    /// Ready to append (with the key and header to seal with).
-    Ready(Option<(Key, Vec<u8>)>),
+    /// Ready to append (with the key, cipher and header to seal with).
+    Ready(Option<(Key, RecordCipher, Vec<u8>)>),
     /// The file at the path was replaced: open it again.
     Replaced,
 }
@@ -532,9 +588,10 @@ fn prepare(
         return match vault.sealing_key() {
             None => Ok(Prepared::Ready(None)),
             Some(key) if exclusive => {
-                let header = Header::new(key, Kind::Records, context).to_bytes();
+                let cipher = vault.record_cipher();
+                let header = Header::records(key, cipher, context).to_bytes();
                 (&*file).write_all(&header).map_err(&io)?;
-                Ok(Prepared::Ready(Some((key.clone(), header))))
+                Ok(Prepared::Ready(Some((key.clone(), cipher, header))))
             }
             Some(_) => Err(busy()),
         };
@@ -568,7 +625,9 @@ fn prepare(
             file.set_len(layout.valid_len as u64).map_err(&io)?;
         }
         let sealing = match (layout.header, wanted) {
-            (Some((_, length)), Some(key)) => Some((key.clone(), bytes[..length].to_vec())),
+            (Some((header, length)), Some(key)) => {
+                Some((key.clone(), header.cipher, bytes[..length].to_vec()))
+            }
             _ => None,
         };
         return Ok(Prepared::Ready(sealing));
@@ -578,7 +637,8 @@ fn prepare(
     }
     // Another format (plaintext to seal, or an older key): rewrite whole.
     let records = open_records(path, &bytes, Some(context), vault)?;
-    let mut writer = RecordWriter::create(path, context, wanted)?;
+    let sealing = wanted.map(|key| (key, vault.record_cipher()));
+    let mut writer = RecordWriter::create(path, context, sealing)?;
     for record in &records.items {
         writer.write(record)?;
     }
@@ -598,11 +658,12 @@ pub struct RecordWriter {
 }
 
 impl RecordWriter {
-    /// Starts a file for `path`, sealed with `key` (plaintext with none).
+    /// Starts a file for `path`, its records sealed with `key` and
+    /// `cipher` (plaintext with none).
     pub fn create(
         path: &Path,
         context: &str,
-        key: Option<&Key>,
+        sealing: Option<(&Key, RecordCipher)>,
     ) -> Result<RecordWriter, SealError> {
         let temporary = temporary_beside(path);
         let file = OpenOptions::new()
@@ -612,9 +673,9 @@ impl RecordWriter {
             .mode(0o600)
             .open(&temporary)
             .map_err(SealError::io(&temporary))?;
-        let sealing = key.map(|key| {
-            let header = Header::new(key, Kind::Records, context).to_bytes();
-            key.record_sealer(header)
+        let sealing = sealing.map(|(key, cipher)| {
+            let header = Header::records(key, cipher, context).to_bytes();
+            key.record_sealer(cipher, header)
         });
         let mut writer = RecordWriter {
             path: path.to_path_buf(),
@@ -756,9 +817,10 @@ pub fn sealed_with(path: &Path) -> Result<Option<Header>, SealError> {
 }
 
 /// Seals the file at `path` again with `key` (records or blob, whatever
-/// it holds), opening it with the vault's keys; a plaintext file is left
-/// alone. Returns whether it was rewritten. For `agent keys rotate`; the
-/// caller makes sure nobody appends meanwhile.
+/// it holds; records in the vault's record cipher), opening it with the
+/// vault's keys; a plaintext file is left alone. Returns whether it was
+/// rewritten. For `agent keys rotate`; the caller makes sure nobody
+/// appends meanwhile.
 pub fn reseal(path: &Path, vault: &Vault, key: &Key) -> Result<bool, SealError> {
     let Some(header) = sealed_with(path)? else {
         return Ok(false);
@@ -769,7 +831,8 @@ pub fn reseal(path: &Path, vault: &Vault, key: &Key) -> Result<bool, SealError> 
     match header.kind {
         Kind::Records => {
             let records = read_records(path, Some(&header.context), vault)?;
-            let mut writer = RecordWriter::create(path, &header.context, Some(key))?;
+            let mut writer =
+                RecordWriter::create(path, &header.context, Some((key, vault.record_cipher())))?;
             for record in &records.items {
                 writer.write(record)?;
             }
@@ -788,75 +851,82 @@ mod tests {
     use super::*;
     use crate::key::KeySource;
 
-    fn sealing() -> Vault {
-        Vault::sealing(Key::generate(), KeySource::Given)
+    /// Every record cipher: each test runs once for each.
+    const CIPHERS: [RecordCipher; 2] = [RecordCipher::Aes256Gcm, RecordCipher::XChaCha20Poly1305];
+
+    fn sealing(cipher: RecordCipher) -> Vault {
+        Vault::sealing(Key::generate(), KeySource::Given).with_record_cipher(cipher)
     }
 
     #[test]
     fn appended_records_read_back_and_hide_their_text() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("t.jsonl");
-        let vault = sealing();
-        let mut appender =
-            Appender::open(&path, "transcript:a", &vault, Hold::Shared).expect("open");
-        appender
-            .append(b"{\"secret\":\"hunter2\"}")
-            .expect("append");
-        appender.append(b"second").expect("append");
-        drop(appender);
-        let bytes = std::fs::read(&path).expect("read");
-        assert!(!bytes.windows(7).any(|w| w == b"hunter2"));
-        let records = read_records(&path, Some("transcript:a"), &vault).expect("read");
-        assert_eq!(
-            records.items,
-            vec![b"{\"secret\":\"hunter2\"}".to_vec(), b"second".to_vec()]
-        );
-        assert!(matches!(
-            read_records(&path, Some("transcript:b"), &vault),
-            Err(SealError::WrongContext { .. })
-        ));
-        assert!(matches!(
-            read_records(&path, None, &sealing()),
-            Err(SealError::WrongKey { .. })
-        ));
-        assert!(matches!(
-            read_records(&path, None, &Vault::plaintext()),
-            Err(SealError::KeyMissing { .. })
-        ));
+        for cipher in CIPHERS {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("t.jsonl");
+            let vault = sealing(cipher);
+            let mut appender =
+                Appender::open(&path, "transcript:a", &vault, Hold::Shared).expect("open");
+            appender
+                .append(b"{\"secret\":\"hunter2\"}")
+                .expect("append");
+            appender.append(b"second").expect("append");
+            drop(appender);
+            let bytes = std::fs::read(&path).expect("read");
+            assert!(!bytes.windows(7).any(|w| w == b"hunter2"));
+            let records = read_records(&path, Some("transcript:a"), &vault).expect("read");
+            assert_eq!(
+                records.items,
+                vec![b"{\"secret\":\"hunter2\"}".to_vec(), b"second".to_vec()]
+            );
+            assert!(matches!(
+                read_records(&path, Some("transcript:b"), &vault),
+                Err(SealError::WrongContext { .. })
+            ));
+            assert!(matches!(
+                read_records(&path, None, &sealing(cipher)),
+                Err(SealError::WrongKey { .. })
+            ));
+            assert!(matches!(
+                read_records(&path, None, &Vault::plaintext()),
+                Err(SealError::KeyMissing { .. })
+            ));
+        }
     }
 
     #[test]
     fn a_torn_record_is_dropped_then_cut_off_and_a_flipped_byte_is_reported() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("t.jsonl");
-        let vault = sealing();
-        let mut appender = Appender::open(&path, "c", &vault, Hold::Shared).expect("open");
-        appender.append(b"one").expect("append");
-        appender.append(b"two").expect("append");
-        drop(appender);
-        let full = std::fs::read(&path).expect("read");
-        std::fs::write(&path, &full[..full.len() - 5]).expect("tear");
-        let records = read_records(&path, Some("c"), &vault).expect("read");
-        assert_eq!(records.items, vec![b"one".to_vec()]);
-        assert!(records.torn_bytes > 0);
-        let mut appender = Appender::open(&path, "c", &vault, Hold::Shared).expect("open");
-        appender.append(b"three").expect("append");
-        drop(appender);
-        let records = read_records(&path, Some("c"), &vault).expect("read");
-        assert_eq!(records.items, vec![b"one".to_vec(), b"three".to_vec()]);
-        assert_eq!(records.torn_bytes, 0);
-        let mut bytes = std::fs::read(&path).expect("read");
-        let last = bytes.len() - 3;
-        bytes[last] ^= 0x20;
-        std::fs::write(&path, &bytes).expect("flip");
-        assert!(matches!(
-            read_records(&path, Some("c"), &vault),
-            Err(SealError::Tampered { record: 1, .. })
-        ));
-        // An appender (which reads no record) still appends after it, and
-        // leaves it as it is.
-        assert!(Appender::open(&path, "c", &vault, Hold::Shared).is_ok());
-        assert_eq!(std::fs::read(&path).expect("read"), bytes);
+        for cipher in CIPHERS {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("t.jsonl");
+            let vault = sealing(cipher);
+            let mut appender = Appender::open(&path, "c", &vault, Hold::Shared).expect("open");
+            appender.append(b"one").expect("append");
+            appender.append(b"two").expect("append");
+            drop(appender);
+            let full = std::fs::read(&path).expect("read");
+            std::fs::write(&path, &full[..full.len() - 5]).expect("tear");
+            let records = read_records(&path, Some("c"), &vault).expect("read");
+            assert_eq!(records.items, vec![b"one".to_vec()]);
+            assert!(records.torn_bytes > 0);
+            let mut appender = Appender::open(&path, "c", &vault, Hold::Shared).expect("open");
+            appender.append(b"three").expect("append");
+            drop(appender);
+            let records = read_records(&path, Some("c"), &vault).expect("read");
+            assert_eq!(records.items, vec![b"one".to_vec(), b"three".to_vec()]);
+            assert_eq!(records.torn_bytes, 0);
+            let mut bytes = std::fs::read(&path).expect("read");
+            let last = bytes.len() - 3;
+            bytes[last] ^= 0x20;
+            std::fs::write(&path, &bytes).expect("flip");
+            assert!(matches!(
+                read_records(&path, Some("c"), &vault),
+                Err(SealError::Tampered { record: 1, .. })
+            ));
+            // An appender (which reads no record) still appends after it, and
+            // leaves it as it is.
+            assert!(Appender::open(&path, "c", &vault, Hold::Shared).is_ok());
+            assert_eq!(std::fs::read(&path).expect("read"), bytes);
+        }
     }
 
     /// What an appender must cut off is kept beside the file, and what is
@@ -864,116 +934,125 @@ mod tests {
     /// and left as it is.
     #[test]
     fn nothing_is_thrown_away_and_unknown_files_are_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("t.jsonl");
-        let vault = sealing();
-        let mut appender = Appender::open(&path, "c", &vault, Hold::Nothing).expect("open");
-        for record in [&b"one"[..], b"two", b"three"] {
-            appender.append(record).expect("append");
-        }
-        drop(appender);
-        let whole = std::fs::read(&path).expect("read");
-        // A damaged length field of record 1 that points past the end:
-        // records 1 and 2 look torn; an appender keeps them aside.
-        let header_len = HEADER_FIXED + 1;
-        let record_len = 4 + NONCE_LEN + 3 + TAG_LEN;
-        let mut damaged = whole.clone();
-        damaged[header_len + record_len..header_len + record_len + 4]
-            .copy_from_slice(&10_000u32.to_le_bytes());
-        std::fs::write(&path, &damaged).expect("damage");
-        let records = read_records(&path, Some("c"), &vault).expect("read");
-        assert_eq!(records.items, vec![b"one".to_vec()]);
-        drop(Appender::open(&path, "c", &vault, Hold::Nothing).expect("open"));
-        let kept: Vec<_> = std::fs::read_dir(dir.path())
-            .expect("dir")
-            .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().starts_with("t.jsonl.torn-"))
-            .collect();
-        assert_eq!(kept.len(), 1);
-        assert_eq!(
-            std::fs::read(kept[0].path()).expect("kept"),
-            damaged[header_len + record_len..].to_vec()
-        );
-        // A zero-filled tail (a power loss) is torn, not malformed.
-        let mut zeros = whole.clone();
-        zeros.extend_from_slice(&[0u8; 64]);
-        std::fs::write(&path, &zeros).expect("zeros");
-        assert_eq!(
-            read_records(&path, Some("c"), &vault)
+        for cipher in CIPHERS {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("t.jsonl");
+            let vault = sealing(cipher);
+            let mut appender = Appender::open(&path, "c", &vault, Hold::Nothing).expect("open");
+            for record in [&b"one"[..], b"two", b"three"] {
+                appender.append(record).expect("append");
+            }
+            drop(appender);
+            let whole = std::fs::read(&path).expect("read");
+            // A damaged length field of record 1 that points past the end:
+            // records 1 and 2 look torn; an appender keeps them aside.
+            let header_len = HEADER_FIXED + 1;
+            let record_len = 4 + NONCE_LEN + 3 + TAG_LEN;
+            let mut damaged = whole.clone();
+            damaged[header_len + record_len..header_len + record_len + 4]
+                .copy_from_slice(&10_000u32.to_le_bytes());
+            std::fs::write(&path, &damaged).expect("damage");
+            let records = read_records(&path, Some("c"), &vault).expect("read");
+            assert_eq!(records.items, vec![b"one".to_vec()]);
+            drop(Appender::open(&path, "c", &vault, Hold::Nothing).expect("open"));
+            let kept: Vec<_> = std::fs::read_dir(dir.path())
+                .expect("dir")
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("t.jsonl.torn-"))
+                .collect();
+            assert_eq!(kept.len(), 1);
+            assert_eq!(
+                std::fs::read(kept[0].path()).expect("kept"),
+                damaged[header_len + record_len..].to_vec()
+            );
+            // A zero-filled tail (a power loss) is torn, not malformed.
+            let mut zeros = whole.clone();
+            zeros.extend_from_slice(&[0u8; 64]);
+            std::fs::write(&path, &zeros).expect("zeros");
+            assert_eq!(
+                read_records(&path, Some("c"), &vault)
+                    .expect("read")
+                    .items
+                    .len(),
+                3
+            );
+            // A length field changed so that the record still looks whole
+            // (one byte shorter) fails authentication: the length is bound.
+            let mut bumped = whole.clone();
+            let last = whole.len() - (4 + NONCE_LEN + 5 + TAG_LEN);
+            bumped[last..last + 4]
+                .copy_from_slice(&((NONCE_LEN + 4 + TAG_LEN) as u32).to_le_bytes());
+            bumped.pop();
+            std::fs::write(&path, &bumped).expect("bump");
+            assert!(matches!(
+                read_records(&path, Some("c"), &vault),
+                Err(SealError::Tampered { record: 2, .. })
+            ));
+            // Neither sealed nor text; another version's magic.
+            for (name, bytes) in [
+                ("garbage", vec![0xffu8, 0xfe, b'\n', 0x80, b'\n']),
+                ("future", b"STKSEAL\x03 later".to_vec()),
+            ] {
+                let other = dir.path().join(name);
+                std::fs::write(&other, &bytes).expect("write");
+                assert!(matches!(
+                    Appender::open(&other, "c", &vault, Hold::Nothing),
+                    Err(SealError::Malformed { .. })
+                ));
+                assert_eq!(std::fs::read(&other).expect("read"), bytes);
+            }
+            // A header cut short by a crash: no records, and appending starts
+            // the file again (the bytes kept aside).
+            let torn = dir.path().join("h");
+            std::fs::write(&torn, &MAGIC_FAMILY[..5]).expect("write");
+            assert!(read_records(&torn, None, &vault)
                 .expect("read")
                 .items
-                .len(),
-            3
-        );
-        // A length field changed so that the record still looks whole
-        // (one byte shorter) fails authentication: the length is bound.
-        let mut bumped = whole.clone();
-        let last = whole.len() - (4 + NONCE_LEN + 5 + TAG_LEN);
-        bumped[last..last + 4].copy_from_slice(&((NONCE_LEN + 4 + TAG_LEN) as u32).to_le_bytes());
-        bumped.pop();
-        std::fs::write(&path, &bumped).expect("bump");
-        assert!(matches!(
-            read_records(&path, Some("c"), &vault),
-            Err(SealError::Tampered { record: 2, .. })
-        ));
-        // Neither sealed nor text; another version's magic.
-        for (name, bytes) in [
-            ("garbage", vec![0xffu8, 0xfe, b'\n', 0x80, b'\n']),
-            ("future", b"STKSEAL\x02 later".to_vec()),
-        ] {
-            let other = dir.path().join(name);
-            std::fs::write(&other, &bytes).expect("write");
-            assert!(matches!(
-                Appender::open(&other, "c", &vault, Hold::Nothing),
-                Err(SealError::Malformed { .. })
-            ));
-            assert_eq!(std::fs::read(&other).expect("read"), bytes);
+                .is_empty());
+            let mut appender = Appender::open(&torn, "c", &vault, Hold::Nothing).expect("open");
+            appender.append(b"again").expect("append");
+            assert_eq!(
+                read_records(&torn, Some("c"), &vault).expect("read").items,
+                vec![b"again".to_vec()]
+            );
         }
-        // A header cut short by a crash: no records, and appending starts
-        // the file again (the bytes kept aside).
-        let torn = dir.path().join("h");
-        std::fs::write(&torn, &MAGIC[..5]).expect("write");
-        assert!(read_records(&torn, None, &vault)
-            .expect("read")
-            .items
-            .is_empty());
-        let mut appender = Appender::open(&torn, "c", &vault, Hold::Nothing).expect("open");
-        appender.append(b"again").expect("append");
-        assert_eq!(
-            read_records(&torn, Some("c"), &vault).expect("read").items,
-            vec![b"again".to_vec()]
-        );
     }
 
     /// Two files of the same context: a record copied from one into the
     /// other fails (each file has its own random id in its header).
     #[test]
     fn a_record_spliced_from_another_file_is_caught() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let vault = sealing();
-        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        for path in [&a, &b] {
-            let mut appender = Appender::open(path, "audit", &vault, Hold::Nothing).expect("open");
-            appender.append(b"record").expect("append");
+        for cipher in CIPHERS {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let vault = sealing(cipher);
+            let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+            for path in [&a, &b] {
+                let mut appender =
+                    Appender::open(path, "audit", &vault, Hold::Nothing).expect("open");
+                appender.append(b"record").expect("append");
+            }
+            let from_a = std::fs::read(&a).expect("a");
+            let mut b_bytes = std::fs::read(&b).expect("b");
+            let record = &from_a[HEADER_FIXED + 5..];
+            b_bytes.extend_from_slice(record);
+            std::fs::write(&b, &b_bytes).expect("splice");
+            assert!(matches!(
+                read_records(&b, Some("audit"), &vault),
+                Err(SealError::Tampered { record: 1, .. })
+            ));
         }
-        let from_a = std::fs::read(&a).expect("a");
-        let mut b_bytes = std::fs::read(&b).expect("b");
-        let record = &from_a[HEADER_FIXED + 5..];
-        b_bytes.extend_from_slice(record);
-        std::fs::write(&b, &b_bytes).expect("splice");
-        assert!(matches!(
-            read_records(&b, Some("audit"), &vault),
-            Err(SealError::Tampered { record: 1, .. })
-        ));
     }
 
     #[test]
     fn a_record_too_large_to_read_back_is_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("t");
-        let mut appender = Appender::open(&path, "c", &sealing(), Hold::Nothing).expect("open");
-        assert!(appender.append(&vec![b'x'; MAX_RECORD]).is_err());
-        assert!(appender.append(b"small").is_ok());
+        for cipher in CIPHERS {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("t");
+            let mut appender =
+                Appender::open(&path, "c", &sealing(cipher), Hold::Nothing).expect("open");
+            assert!(appender.append(&vec![b'x'; MAX_RECORD]).is_err());
+            assert!(appender.append(b"small").is_ok());
+        }
     }
 
     #[test]
@@ -996,5 +1075,136 @@ mod tests {
             read_records(&path, Some("c"), &Vault::sealing(new, KeySource::Given)).expect("read");
         assert_eq!(records.items.len(), 3);
         assert!(read_records(&path, None, &vault).is_err());
+    }
+
+    /// Files as this code wrote them when each format was made (key
+    /// `5e` × 32, two appenders of one record each): readers must open
+    /// them for as long as such files may exist.
+    #[test]
+    fn files_sealed_in_each_format_still_open() {
+        const XCHACHA20_POLY1305: &str = "53544b5345414c0185b6677836dda61b01048c04ddbc0e48d5ede4e51673bd6c88127472616e7363726970743a66697874757265490000008c33ea46019c25b40f56c11ed4cb972400000000000000008f45face22ea7196b834c990e19a364c0aad255a0ddfe2871204a1b106cd7406cabef916a4d55aee9804d8d91f9d46727e2f000000a62bbe909a18b864cd2446c33295b3d9000000000000000056d6e8615787555c3397e0c9e5df834dca222c7a8f3703";
+        const AES_256_GCM: &str = "53544b5345414c0285b6677836dda61b018a34a0aa88c56379816b77a22dc8550b127472616e7363726970743a6669787475726549000000263965c419a8d7b60464e457aa8bd967000000000000000080acc7a1384279cd9a982cafce0c19a94856651ef39982629c0860a0e834546550c91411c19e051346f4f74d45cfd34d502f000000f2af6e2cfc768bd4ccba660baba483f30000000000000000876d3aaf61b8b036fc902dc471b96ac771109b157069b0";
+        let key = Key::from_hex(&"5e".repeat(32)).expect("key");
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (hex, cipher) in [
+            (XCHACHA20_POLY1305, RecordCipher::XChaCha20Poly1305),
+            (AES_256_GCM, RecordCipher::Aes256Gcm),
+        ] {
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|at| u8::from_str_radix(&hex[at..at + 2], 16).expect("hex"))
+                .collect();
+            let path = dir.path().join(cipher.name());
+            std::fs::write(&path, &bytes).expect("write");
+            for vault_cipher in CIPHERS {
+                let vault =
+                    Vault::sealing(key.clone(), KeySource::Given).with_record_cipher(vault_cipher);
+                let records = read_records(&path, Some("transcript:fixture"), &vault)
+                    .expect("a file of a known format opens");
+                assert_eq!(records.header.expect("sealed").cipher, cipher);
+                assert_eq!(
+                    records.items,
+                    vec![
+                        br#"{"role":"user","content":"hello"}"#.to_vec(),
+                        br#"{"n":2}"#.to_vec()
+                    ]
+                );
+            }
+        }
+    }
+
+    /// Appending keeps a file's cipher whatever the vault's (no rewrite of
+    /// a file another process may be appending to); sealing it again with
+    /// a new key moves it to the vault's.
+    #[test]
+    fn a_file_keeps_its_cipher_until_it_is_sealed_again() {
+        for (from, to) in [
+            (RecordCipher::XChaCha20Poly1305, RecordCipher::Aes256Gcm),
+            (RecordCipher::Aes256Gcm, RecordCipher::XChaCha20Poly1305),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("t.jsonl");
+            let key = Key::generate();
+            let old = Vault::sealing(key.clone(), KeySource::Given).with_record_cipher(from);
+            let mut appender = Appender::open(&path, "c", &old, Hold::Shared).expect("open");
+            appender.append(b"one").expect("append");
+            drop(appender);
+            let new = Vault::sealing(key, KeySource::Given).with_record_cipher(to);
+            let mut appender = Appender::open(&path, "c", &new, Hold::Shared).expect("open");
+            appender.append(b"two").expect("append");
+            drop(appender);
+            let header = sealed_with(&path).expect("header").expect("sealed");
+            assert_eq!(header.cipher, from);
+            let records = read_records(&path, Some("c"), &new).expect("read");
+            assert_eq!(records.items, vec![b"one".to_vec(), b"two".to_vec()]);
+            let rotated = Key::generate();
+            let both = new.clone().also_opening(rotated.clone(), KeySource::Given);
+            assert!(reseal(&path, &both, &rotated).expect("reseal"));
+            let header = sealed_with(&path).expect("header").expect("sealed");
+            assert_eq!((header.cipher, header.key), (to, rotated.id()));
+            assert_eq!(
+                read_records(&path, Some("c"), &both).expect("read").items,
+                vec![b"one".to_vec(), b"two".to_vec()]
+            );
+        }
+    }
+
+    /// Several appenders at once (the audit log, appended by every
+    /// process): their records interleave, each under its own prefix (and,
+    /// for AES-256-GCM, its own subkey), and all open in order. A record
+    /// whose prefix is changed fails: another prefix is another key.
+    #[test]
+    fn interleaved_appenders_read_back_and_a_changed_prefix_fails() {
+        for cipher in CIPHERS {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("audit.jsonl");
+            let vault = sealing(cipher);
+            let mut first = Appender::open(&path, "audit", &vault, Hold::Nothing).expect("open");
+            let mut second = Appender::open(&path, "audit", &vault, Hold::Nothing).expect("open");
+            let mut expected = Vec::new();
+            for index in 0..6 {
+                let record = format!("record {index}").into_bytes();
+                let appender = if index % 3 == 0 {
+                    &mut second
+                } else {
+                    &mut first
+                };
+                appender.append(&record).expect("append");
+                expected.push(record);
+            }
+            drop((first, second));
+            assert_eq!(
+                read_records(&path, Some("audit"), &vault)
+                    .expect("read")
+                    .items,
+                expected
+            );
+            let mut bytes = std::fs::read(&path).expect("read");
+            // The first record's nonce: after the header and its length.
+            let prefix = HEADER_FIXED + "audit".len() + 4;
+            bytes[prefix + 3] ^= 0x01;
+            std::fs::write(&path, &bytes).expect("write");
+            assert!(
+                matches!(
+                    read_records(&path, Some("audit"), &vault),
+                    Err(SealError::Tampered { record: 0, .. })
+                ),
+                "{cipher:?}"
+            );
+        }
+    }
+
+    /// Blobs are written only in format 1: a blob header in format 2 is
+    /// a damaged or forged file, refused.
+    #[test]
+    fn a_blob_in_the_aes_format_is_refused() {
+        let key = Key::generate();
+        let mut bytes = Header::blob(&key, "kv:a").to_bytes();
+        assert!(Header::parse(Path::new("kv"), &bytes).is_ok());
+        bytes[..MAGIC_AES_256_GCM.len()].copy_from_slice(MAGIC_AES_256_GCM);
+        assert!(matches!(
+            Header::parse(Path::new("kv"), &bytes),
+            Err(SealError::Malformed { .. })
+        ));
     }
 }

@@ -425,7 +425,8 @@ pub fn rewrite(
         (None, Some(header)) => vault.key(header.key),
         (None, None) => None,
     };
-    let mut new = RecordWriter::create(path, CONTEXT, key).map_err(sealing_error)?;
+    let mut new = RecordWriter::create(path, CONTEXT, key.map(|key| (key, vault.record_cipher())))
+        .map_err(sealing_error)?;
     let mut removed = 0;
     for record in &records.items {
         let dropped = serde_json::from_slice::<Value>(record).is_ok_and(|record| drop(&record));

@@ -565,7 +565,8 @@ pub struct PrivacySettings {
     /// starts and once a day while one runs. Unset: kept until deleted.
     pub max_age_days: Option<u64>,
     /// Whether transcripts, KV state, REPL history and the audit log are
-    /// encrypted at rest (XChaCha20-Poly1305, see `stack_seal`), with the
+    /// encrypted at rest (AES-256-GCM records where the CPU has AES
+    /// instructions, else XChaCha20-Poly1305; see `stack_seal`), with the
     /// key from the key file (`~/.config/stack-runtime/keys/current`,
     /// made 0600 on first use) or `STACK_RUNTIME_KEY`.
     pub encrypt: Option<bool>,

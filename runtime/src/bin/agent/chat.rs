@@ -720,7 +720,8 @@ pub fn encryption_words(vault: &stack_seal::Vault) -> String {
     match (vault.sealing_key(), vault.sealing_source()) {
         (Some(key), Some(source)) => {
             format!(
-                "encrypted (XChaCha20-Poly1305, key {} from {source})",
+                "encrypted ({}, key {} from {source})",
+                vault.record_cipher().describe(),
                 key.id()
             )
         }

@@ -41,11 +41,14 @@ fn encryption(policy: &Policy) -> String {
         Err(err) => return format!("encryption asked for, but no key: {err}"),
     };
     match keys.vault(false) {
-        Ok(vault) if vault.has_keys() => {
-            format!("encrypted (XChaCha20-Poly1305; {})", vault.describe_keys())
-        }
-        Ok(_) => format!(
-            "encrypted (XChaCha20-Poly1305; key: {})",
+        Ok(vault) if vault.has_keys() => format!(
+            "encrypted ({}; {})",
+            vault.record_cipher().describe(),
+            vault.describe_keys()
+        ),
+        Ok(vault) => format!(
+            "encrypted ({}; key: {})",
+            vault.record_cipher().describe(),
             keys.describe_home()
         ),
         Err(err) => format!("encryption asked for, but the key is not usable: {err}"),
