@@ -9,12 +9,13 @@
 //! append costs), where the disk dominates. Printed as microseconds per
 //! record and as the ratio sealed over plaintext (the goal is under 1.2×
 //! for the cipher this CPU gets, named in the output), with the cost of
-//! sealing alone (no I/O) first. Each figure is the median of the rounds
-//! (each round one fresh file per variant), which a stray slow round on a
-//! shared machine does not move.
+//! sealing alone (no I/O) first. Each round appends one fresh file per
+//! variant, in each of the six orders in turn; times are medians over the
+//! rounds and ratios the median of each round's own ratio, which neither a
+//! stray slow round on a shared machine nor slow drift moves.
 //!
 //! ```sh
-//! cargo bench --workspace --bench seal   # BENCH_ROUNDS=10 for more
+//! cargo bench --workspace --bench seal   # BENCH_ROUNDS=36 for more (default 18)
 //! ```
 
 use std::time::{Duration, Instant};
@@ -64,6 +65,22 @@ fn append(
     took
 }
 
+/// Every order of the three variants (plaintext, AES-256-GCM,
+/// XChaCha20-Poly1305); round `r` runs them in `ORDERS[r % 6]`.
+const ORDERS: [[usize; 3]; 6] = [
+    [0, 1, 2],
+    [1, 2, 0],
+    [2, 0, 1],
+    [0, 2, 1],
+    [2, 1, 0],
+    [1, 0, 2],
+];
+
+fn median_ratio(mut ratios: Vec<f64>) -> f64 {
+    ratios.sort_by(f64::total_cmp);
+    ratios[ratios.len() / 2]
+}
+
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
@@ -77,7 +94,7 @@ fn main() {
     let rounds: usize = std::env::var("BENCH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
-        .unwrap_or(15)
+        .unwrap_or(18)
         .max(1);
     let dir =
         tempfile::tempdir_in(std::env::var_os("CARGO_TARGET_TMPDIR").unwrap_or_else(|| ".".into()))
@@ -113,15 +130,15 @@ fn main() {
         })
         .collect();
     let mut encoded: Vec<Vec<Duration>> = vec![Vec::new(); appenders.len()];
-    for _ in 0..=rounds {
-        for ((_, appender), samples) in appenders.iter().zip(&mut encoded) {
+    for round in 0..=rounds {
+        for variant in ORDERS[round % ORDERS.len()] {
             let started = Instant::now();
             let mut total = 0;
             for r in &records {
-                total += appender.encode(r).len();
+                total += appenders[variant].1.encode(r).len();
             }
             std::hint::black_box(total);
-            samples.push(started.elapsed() / RECORDS as u32);
+            encoded[variant].push(started.elapsed() / RECORDS as u32);
         }
     }
     for ((label, _), mut samples) in appenders.iter().zip(encoded) {
@@ -142,33 +159,34 @@ fn main() {
         for vault in &sealed {
             append(dir.path(), vault, count / 10, sync, 0);
         }
-        // Plaintext, then each cipher; each round starts one further
-        // along, so that no variant always runs first or last.
+        // Plaintext and each cipher, in every order in turn, so that no
+        // variant always runs first or after the same other one.
         let variants = [&plain, &sealed[0], &sealed[1]];
         let mut samples = [Vec::new(), Vec::new(), Vec::new()];
         for round in 1..=rounds {
-            for step in 0..variants.len() {
-                let variant = (round + step) % variants.len();
+            for variant in ORDERS[round % ORDERS.len()] {
                 samples[variant].push(append(dir.path(), variants[variant], count, sync, round));
             }
         }
         let [plain_samples, aes_samples, chacha_samples] = samples;
-        let sealed_samples = [aes_samples, chacha_samples];
-        let plain_each = median(plain_samples);
         println!(
-            "{label:28} {:18} {:8.2} µs/record   ({rounds} rounds of {count} records of {} bytes, medians)",
+            "{label:28} {:18} {:8.2} µs/record   ({rounds} rounds of {count} records of {} bytes; medians, and the median of each round's ratio)",
             "plaintext",
-            micros(plain_each),
+            micros(median(plain_samples.clone())),
             record(0).len()
         );
-        for (samples, cipher) in sealed_samples.into_iter().zip(ciphers) {
-            let sealed_each = median(samples);
+        for (samples, cipher) in [aes_samples, chacha_samples].into_iter().zip(ciphers) {
+            let ratios: Vec<f64> = samples
+                .iter()
+                .zip(&plain_samples)
+                .map(|(sealed, plain)| sealed.as_secs_f64() / plain.as_secs_f64())
+                .collect();
             println!(
                 "{:28} {:18} {:8.2} µs/record   sealed/plaintext {:.2}x{}",
                 "",
                 cipher.name(),
-                micros(sealed_each),
-                sealed_each.as_secs_f64() / plain_each.as_secs_f64(),
+                micros(median(samples)),
+                median_ratio(ratios),
                 if cipher == this_cpu {
                     "   (new files on this CPU)"
                 } else {

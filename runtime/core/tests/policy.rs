@@ -1043,6 +1043,45 @@ network = "none"
     assert!(process_policy(&shell).network.allowlist().is_some());
 }
 
+/// A purge rewriting a sealed audit log keeps the cipher the log was made
+/// with, whatever the vault would choose for a new file: a runtime from
+/// before AES-256-GCM records may still be appending to it.
+#[test]
+fn a_rewrite_keeps_a_sealed_logs_cipher() {
+    use stack_seal::key::KeySource;
+    use stack_seal::record::{read_records, sealed_with, Appender, Hold};
+    use stack_seal::{Key, RecordCipher, Vault};
+    for (made_with, vault_cipher) in [
+        (RecordCipher::XChaCha20Poly1305, RecordCipher::Aes256Gcm),
+        (RecordCipher::Aes256Gcm, RecordCipher::XChaCha20Poly1305),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let key = Key::generate();
+        let old = Vault::sealing(key.clone(), KeySource::Given).with_record_cipher(made_with);
+        let mut appender = Appender::open(&path, "audit", &old, Hold::Nothing).expect("open");
+        for session in ["a", "b"] {
+            appender
+                .append(json!({ "session": session }).to_string().as_bytes())
+                .expect("append");
+        }
+        drop(appender);
+        let vault = Vault::sealing(key, KeySource::Given).with_record_cipher(vault_cipher);
+        let removed =
+            stack_core::policy::audit::rewrite(&path, &vault, |r| r["session"] == "a", |_| None)
+                .expect("rewrite");
+        assert_eq!(removed, 1);
+        let header = sealed_with(&path).expect("header").expect("still sealed");
+        assert_eq!(header.cipher, made_with);
+        assert_eq!(
+            read_records(&path, Some("audit"), &vault)
+                .expect("read")
+                .items,
+            vec![br#"{"session":"b"}"#.to_vec()]
+        );
+    }
+}
+
 /// An append never waits for a rewrite (a deletion or purge holding the
 /// log under an exclusive `flock`): async callers must not block. The
 /// records it held off are written, in order, once the rewrite is done.

@@ -21,7 +21,10 @@ pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
 
 /// Bytes of a key.
 pub const KEY_LEN: usize = 32;
-/// Bytes of a nonce (XChaCha20: 192 bits, safe to draw at random).
+/// Bytes of a record's nonce field: a random 128-bit prefix per sealer and
+/// a 64-bit count (XChaCha20's 192-bit nonce; for AES-256-GCM the prefix
+/// makes the subkey and the count the 96-bit nonce). A blob's nonce is
+/// drawn at random whole.
 pub const NONCE_LEN: usize = 24;
 /// Bytes of a tag.
 pub const TAG_LEN: usize = 16;

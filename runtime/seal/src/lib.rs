@@ -44,8 +44,13 @@
 //! is refused and never converted.
 //!
 //! **Keys.** A key is 32 random bytes, held in memory that is wiped on
-//! drop (ring's copy of an appender's subkey is not wiped: it opens only
-//! that appender's records, and lives in the process as the key does). It
+//! drop. Two derived values are not wiped, because ring does not wipe
+//! them: its copy of an appender's subkey (it opens only that appender's
+//! records, and lives in the process as the key does), and the HKDF
+//! pseudorandom key from which AES-256-GCM subkeys are expanded, which is
+//! as strong as the key itself and is left on the stack when a sealer or
+//! reader is made. Reading the process's memory is outside what this
+//! crate protects against (below). It
 //! comes from the OS keyring where one answers (see [`keyring`]), else
 //! from a 0600 key file the owner alone can read, created on first use,
 //! else from `STACK_RUNTIME_KEY` (see [`keys`]). A wrong or

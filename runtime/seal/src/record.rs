@@ -1078,12 +1078,13 @@ mod tests {
     }
 
     /// Files as this code wrote them when each format was made (key
-    /// `5e` × 32, two appenders of one record each): readers must open
-    /// them for as long as such files may exist.
+    /// `5e` × 32; one appender's two records, counts 0 and 1, then another
+    /// appender's one): readers must open them for as long as such files
+    /// may exist.
     #[test]
     fn files_sealed_in_each_format_still_open() {
-        const XCHACHA20_POLY1305: &str = "53544b5345414c0185b6677836dda61b01048c04ddbc0e48d5ede4e51673bd6c88127472616e7363726970743a66697874757265490000008c33ea46019c25b40f56c11ed4cb972400000000000000008f45face22ea7196b834c990e19a364c0aad255a0ddfe2871204a1b106cd7406cabef916a4d55aee9804d8d91f9d46727e2f000000a62bbe909a18b864cd2446c33295b3d9000000000000000056d6e8615787555c3397e0c9e5df834dca222c7a8f3703";
-        const AES_256_GCM: &str = "53544b5345414c0285b6677836dda61b018a34a0aa88c56379816b77a22dc8550b127472616e7363726970743a6669787475726549000000263965c419a8d7b60464e457aa8bd967000000000000000080acc7a1384279cd9a982cafce0c19a94856651ef39982629c0860a0e834546550c91411c19e051346f4f74d45cfd34d502f000000f2af6e2cfc768bd4ccba660baba483f30000000000000000876d3aaf61b8b036fc902dc471b96ac771109b157069b0";
+        const XCHACHA20_POLY1305: &str = "53544b5345414c0185b6677836dda61b0163b02aae6eed067bc4dab0ed67026b44127472616e7363726970743a6669787475726549000000518f5eabb746501bce469a4ef409335e00000000000000002475344821be86e9fd0b7c2214fc6fef2a1dd2c32c38532db605aaf6eee7fda09f128dd490c6c71e80442515bf47fed5fd2f000000518f5eabb746501bce469a4ef409335e0100000000000000a66c531f6f3f117be1b7d33136c309f5ef60b3f6711a632f0000004103726d3812c663d6a21e78226bc67800000000000000005f86ab2c53ed741eeeb1122a400ff2b1d3a8fa5a87bdee";
+        const AES_256_GCM: &str = "53544b5345414c0285b6677836dda61b01b398bdddd5a21c028d939ee1b1e4a1e0127472616e7363726970743a66697874757265490000005bf369416705527af802e865919aabf30000000000000000c842ac3cceb72578330b077a732c4068f675413a2f8e13513bf9a44fdd6f6c2f442fff5b626d07039d3bc0652590b9ac202f0000005bf369416705527af802e865919aabf301000000000000009763853d447d53c743bf45dc7e22f01498a37cbbb0cee32f000000767cac7483b031a847d7dc32a806b4560000000000000000ffbc0fe04eac0009c00e42a38cce7488baf0ff0c6a7b51";
         let key = Key::from_hex(&"5e".repeat(32)).expect("key");
         let dir = tempfile::tempdir().expect("tempdir");
         for (hex, cipher) in [
@@ -1106,7 +1107,8 @@ mod tests {
                     records.items,
                     vec![
                         br#"{"role":"user","content":"hello"}"#.to_vec(),
-                        br#"{"n":2}"#.to_vec()
+                        br#"{"n":2}"#.to_vec(),
+                        br#"{"n":3}"#.to_vec()
                     ]
                 );
             }
@@ -1204,6 +1206,89 @@ mod tests {
         bytes[..MAGIC_AES_256_GCM.len()].copy_from_slice(MAGIC_AES_256_GCM);
         assert!(matches!(
             Header::parse(Path::new("kv"), &bytes),
+            Err(SealError::Malformed { .. })
+        ));
+    }
+
+    /// Each sealer counts its records in their nonces (0, 1, 2, … after
+    /// its prefix), and the count is bound: a changed count fails, as does
+    /// the format byte of a file with records changed to the other format.
+    #[test]
+    fn the_count_and_the_format_are_bound() {
+        for cipher in CIPHERS {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("t.jsonl");
+            let vault = sealing(cipher);
+            let mut appender = Appender::open(&path, "c", &vault, Hold::Shared).expect("open");
+            for record in [&b"zero"[..], b"one", b"two"] {
+                appender.append(record).expect("append");
+            }
+            drop(appender);
+            let bytes = std::fs::read(&path).expect("read");
+            let spans = layout(&path, &bytes).expect("layout").spans;
+            let nonces: Vec<&[u8]> = spans
+                .iter()
+                .map(|(_, start, _)| &bytes[*start..*start + NONCE_LEN])
+                .collect();
+            for (count, nonce) in nonces.iter().enumerate() {
+                assert_eq!(nonce[..16], nonces[0][..16], "one prefix per sealer");
+                assert_eq!(nonce[16..], (count as u64).to_le_bytes(), "{cipher:?}");
+            }
+            let mut recounted = bytes.clone();
+            recounted[spans[1].1 + 16] ^= 0x01;
+            std::fs::write(&path, &recounted).expect("write");
+            assert!(
+                matches!(
+                    read_records(&path, Some("c"), &vault),
+                    Err(SealError::Tampered { record: 1, .. })
+                ),
+                "{cipher:?}"
+            );
+            let mut reformatted = bytes.clone();
+            reformatted[MAGIC_FAMILY.len()] = match cipher {
+                RecordCipher::Aes256Gcm => MAGIC_XCHACHA20_POLY1305[7],
+                RecordCipher::XChaCha20Poly1305 => MAGIC_AES_256_GCM[7],
+            };
+            std::fs::write(&path, &reformatted).expect("write");
+            assert!(
+                matches!(
+                    read_records(&path, Some("c"), &vault),
+                    Err(SealError::Tampered { record: 0, .. })
+                ),
+                "{cipher:?}"
+            );
+        }
+    }
+
+    /// A header cut short at any length of either format's magic is torn
+    /// (no records; appending starts again, the bytes kept aside); one of
+    /// an unknown format is refused.
+    #[test]
+    fn a_header_cut_short_in_either_format_is_torn() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vault = sealing(RecordCipher::Aes256Gcm);
+        let cut: [&[u8]; 4] = [
+            &MAGIC_FAMILY[..],
+            &MAGIC_AES_256_GCM[..],
+            &[&MAGIC_AES_256_GCM[..], &[7, 7, 7]].concat(),
+            &[&MAGIC_XCHACHA20_POLY1305[..], &[7, 7, 7]].concat(),
+        ];
+        for (index, bytes) in cut.iter().enumerate() {
+            let path = dir.path().join(format!("h{index}"));
+            std::fs::write(&path, bytes).expect("write");
+            let records = read_records(&path, None, &vault).expect("torn, not refused");
+            assert!(records.items.is_empty());
+            let mut appender = Appender::open(&path, "c", &vault, Hold::Nothing).expect("open");
+            appender.append(b"again").expect("append");
+            assert_eq!(
+                read_records(&path, Some("c"), &vault).expect("read").items,
+                vec![b"again".to_vec()]
+            );
+        }
+        let unknown = dir.path().join("unknown");
+        std::fs::write(&unknown, b"STKSEAL\x09").expect("write");
+        assert!(matches!(
+            read_records(&unknown, None, &vault),
             Err(SealError::Malformed { .. })
         ));
     }

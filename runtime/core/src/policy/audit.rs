@@ -425,8 +425,14 @@ pub fn rewrite(
         (None, Some(header)) => vault.key(header.key),
         (None, None) => None,
     };
-    let mut new = RecordWriter::create(path, CONTEXT, key.map(|key| (key, vault.record_cipher())))
-        .map_err(sealing_error)?;
+    // A sealed log keeps its cipher (a runtime from before AES-256-GCM
+    // records may still append to it); a plaintext one takes the vault's.
+    let cipher = records
+        .header
+        .as_ref()
+        .map_or(vault.record_cipher(), |header| header.cipher);
+    let mut new =
+        RecordWriter::create(path, CONTEXT, key.map(|key| (key, cipher))).map_err(sealing_error)?;
     let mut removed = 0;
     for record in &records.items {
         let dropped = serde_json::from_slice::<Value>(record).is_ok_and(|record| drop(&record));
