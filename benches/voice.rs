@@ -10,9 +10,13 @@
 //! rounds (default 5), interleaved round by round so that drift on a busy
 //! machine hits both alike; medians are printed, with the ratio of ours
 //! over faster-whisper's (the goal: at most 1.1×) and our RTF (the goal:
-//! under 0.3 on two cores). Both time the same thing: WAV file in, text
-//! out. A second pass times both again with one core kept busy by a
-//! spinning thread, to show how each degrades under load.
+//! under 0.3 on two cores). A third side, timed in the same rounds, is the
+//! same model loaded with `pack_weights_once: false` (ruy packs every
+//! weight matrix at every product, as CTranslate2 has it do), to show what
+//! packing once gains; its transcript must match ours. All three time the same
+//! thing: WAV file in, text out. A second pass times all three again with
+//! one core kept busy by a spinning thread, to show how each degrades
+//! under load.
 //!
 //! ```sh
 //! scripts/setup --peers                    # faster-whisper, pinned
@@ -176,8 +180,23 @@ fn main() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let model_dir = stack_voice::default_model_dir().expect("assets");
-    let model = SpeechModel::load(&model_dir, ModelOptions { threads, compute })
+    let options = ModelOptions {
+        threads,
+        compute,
+        ..ModelOptions::default()
+    };
+    let model = SpeechModel::load(&model_dir, options)
         .expect("the default speech model (run scripts/setup)");
+    // The same model with ruy packing its weights at every product, as
+    // CTranslate2 has it do (before `cpp/ruy_prepacked_weights.cc`).
+    let repacking = SpeechModel::load(
+        &model_dir,
+        ModelOptions {
+            pack_weights_once: false,
+            ..options
+        },
+    )
+    .expect("the default speech model");
     let mut peer = Peer::start(&model_dir, threads, compute);
     println!(
         "voice: Whisper tiny.en ({}), beam 5, {threads} threads, {rounds} rounds",
@@ -189,8 +208,13 @@ fn main() {
         .collect();
     for (seconds, wav) in &clips {
         let (_, our_text) = ours(&model, wav);
+        let (_, repacking_text) = ours(&repacking, wav);
+        assert_eq!(
+            our_text, repacking_text,
+            "packing once changed the transcript"
+        );
         let (_, peer_text) = peer.transcribe(wav);
-        compare(&model, &mut peer, *seconds, wav, rounds);
+        compare(&model, &repacking, &mut peer, *seconds, wav, rounds);
         println!("    ours:           {our_text}");
         println!("    faster-whisper: {peer_text}");
     }
@@ -208,27 +232,42 @@ fn main() {
         })
     };
     for (seconds, wav) in &clips {
-        compare(&model, &mut peer, *seconds, wav, rounds);
+        compare(&model, &repacking, &mut peer, *seconds, wav, rounds);
     }
     stop.store(true, Ordering::Relaxed);
     busy.join().expect("busy thread");
 }
 
-/// Times both sides on `wav`, interleaved round by round, and prints the
-/// medians and their ratio.
-fn compare(model: &SpeechModel, peer: &mut Peer, seconds: u32, wav: &Path, rounds: usize) {
-    let (mut our_times, mut peer_times) = (Vec::new(), Vec::new());
+/// Times ours, ours packing weights at every product, and faster-whisper
+/// on `wav`, interleaved round by round, and prints the medians and the
+/// ratios to faster-whisper's.
+fn compare(
+    model: &SpeechModel,
+    repacking: &SpeechModel,
+    peer: &mut Peer,
+    seconds: u32,
+    wav: &Path,
+    rounds: usize,
+) {
+    let (mut our_times, mut repacking_times, mut peer_times) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         our_times.push(ours(model, wav).0);
+        repacking_times.push(ours(repacking, wav).0);
         peer_times.push(peer.transcribe(wav).0);
     }
-    let (our, theirs) = (median(our_times), median(peer_times));
+    let (our, repacked, theirs) = (
+        median(our_times),
+        median(repacking_times),
+        median(peer_times),
+    );
     println!(
-        "{seconds:>2} s clip: ours {:.3} s (RTF {:.3}), faster-whisper {:.3} s (RTF {:.3}): {:.2}x",
+        "{seconds:>2} s clip: ours {:.3} s (RTF {:.3}), faster-whisper {:.3} s (RTF {:.3}): {:.2}x   (packing weights at every product: {:.3} s, {:.2}x)",
         our,
         our / f64::from(seconds),
         theirs,
         theirs / f64::from(seconds),
-        our / theirs
+        our / theirs,
+        repacked,
+        repacked / theirs
     );
 }

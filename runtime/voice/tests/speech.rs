@@ -115,11 +115,12 @@ fn spoken_commands_at_16_khz_mono_are_transcribed() {
     assert!(wer < 0.25, "WER {:.1}%", wer * 100.0);
 }
 
-/// The build's two replacements in CTranslate2 (runtime/voice/cpp) are the
-/// code that runs: ruy's wait that never spins, and the allocator that
-/// keeps large buffers (each decoding step reuses the last one's).
+/// The build's three replacements in CTranslate2 (runtime/voice/cpp) are
+/// the code that runs: ruy's wait that never spins, the allocator that
+/// keeps large buffers (each decoding step reuses the last one's), and
+/// ruy's packing that takes weights packed earlier.
 #[test]
-fn ctranslate2_runs_the_spin_free_wait_and_the_keeping_allocator() {
+fn ctranslate2_runs_the_three_replacements() {
     // Two threads, so ruy has a worker to park; the spinning `ruy::Wait`
     // would leave its counter at zero.
     let model = SpeechModel::load(
@@ -140,9 +141,10 @@ fn ctranslate2_runs_the_spin_free_wait_and_the_keeping_allocator() {
     );
     let bytes = std::fs::read(&wav).expect("wav");
     let audio = Audio::from_wav(&bytes, &AudioLimits::default()).expect("decodes");
-    let (waits, reused) = (
+    let (waits, reused, prepacked) = (
         stack_voice::spin_free_waits(),
         stack_voice::reused_buffers(),
+        stack_voice::prepacked_weight_uses(),
     );
     let heard = model
         .transcribe(&audio, &TranscribeOptions::default())
@@ -156,6 +158,74 @@ fn ctranslate2_runs_the_spin_free_wait_and_the_keeping_allocator() {
         stack_voice::reused_buffers() > reused,
         "no tensor buffer was reused: CTranslate2 allocated through its own allocator"
     );
+    assert!(
+        stack_voice::prepacked_weight_uses() > prepacked,
+        "no product took a weight packed earlier: ruy's own PreparePackedMatrices ran, or the weights were not registered while the model loaded"
+    );
+}
+
+/// Packing the weights once changes nothing but speed: the same clips give
+/// the same transcripts with and without it (beam search is deterministic),
+/// and after a model packing once is dropped, the next one at the same
+/// addresses is not served the old packing.
+#[test]
+fn packing_weights_once_gives_the_same_transcripts() {
+    let dir = stack_voice::default_model_dir().expect("assets");
+    let load = |pack_weights_once| {
+        SpeechModel::load(
+            &dir,
+            ModelOptions {
+                threads: 2,
+                pack_weights_once,
+                ..ModelOptions::default()
+            },
+        )
+        .expect("the default speech model (run scripts/setup)")
+    };
+    let clips = tempfile::tempdir().expect("tempdir");
+    let audio: Vec<Audio> = SCRIPT[..3]
+        .iter()
+        .enumerate()
+        .map(|(index, text)| {
+            let wav = speak(text, clips.path(), &format!("c{index}"), 16_000, 1);
+            Audio::from_wav(&std::fs::read(wav).expect("wav"), &AudioLimits::default())
+                .expect("decodes")
+        })
+        .collect();
+    let transcribe = |model: &SpeechModel| -> Vec<String> {
+        audio
+            .iter()
+            .map(|clip| {
+                model
+                    .transcribe(clip, &TranscribeOptions::default())
+                    .expect("transcribes")
+                    .text
+            })
+            .collect()
+    };
+    let repacking = transcribe(&load(false));
+    assert!(
+        repacking.iter().all(|text| !text.trim().is_empty()),
+        "{repacking:?}"
+    );
+    for round in 0..2 {
+        let before = stack_voice::prepacked_weight_uses();
+        let model = load(true);
+        let once = transcribe(&model);
+        assert_eq!(once, repacking, "round {round}");
+        assert!(
+            stack_voice::prepacked_weight_uses() > before,
+            "round {round}"
+        );
+        // Dropping it forgets its weights, which clears every context's
+        // packings before its next product.
+        let generation = stack_voice::weights_generation();
+        drop(model);
+        assert!(
+            stack_voice::weights_generation() > generation,
+            "round {round}"
+        );
+    }
 }
 
 #[test]
