@@ -76,18 +76,14 @@ const ORDERS: [[usize; 3]; 6] = [
     [1, 0, 2],
 ];
 
-fn median_ratio(mut ratios: Vec<f64>) -> f64 {
-    ratios.sort_by(f64::total_cmp);
-    ratios[ratios.len() / 2]
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
-
-fn micros(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1e6
+/// The median of `samples`, in microseconds.
+fn median_micros(samples: &[Duration]) -> f64 {
+    median(samples.iter().map(|d| d.as_secs_f64() * 1e6).collect())
 }
 
 fn main() {
@@ -147,7 +143,7 @@ fn main() {
         println!(
             "{:28} {label:18} {:8.2} µs/record, no I/O",
             "encode alone",
-            micros(median(samples))
+            median_micros(&samples)
         );
     }
     for (label, count, sync) in [
@@ -172,7 +168,7 @@ fn main() {
         println!(
             "{label:28} {:18} {:8.2} µs/record   ({rounds} rounds of {count} records of {} bytes; medians, and the median of each round's ratio)",
             "plaintext",
-            micros(median(plain_samples.clone())),
+            median_micros(&plain_samples),
             record(0).len()
         );
         for (samples, cipher) in [aes_samples, chacha_samples].into_iter().zip(ciphers) {
@@ -185,8 +181,8 @@ fn main() {
                 "{:28} {:18} {:8.2} µs/record   sealed/plaintext {:.2}x{}",
                 "",
                 cipher.name(),
-                micros(median(samples)),
-                median_ratio(ratios),
+                median_micros(&samples),
+                median(ratios),
                 if cipher == this_cpu {
                     "   (new files on this CPU)"
                 } else {

@@ -259,11 +259,9 @@ impl RecordSealer {
         let body = &mut framed[4 + NONCE_LEN..];
         // Fails only past the cipher's length limit (256 GiB); callers
         // refuse records past `MAX_RECORD` first.
-        let mut inner_nonce = [0u8; 12];
-        inner_nonce[4..].copy_from_slice(&count.to_le_bytes());
         let sealed = crate::record::with_record_aad(&self.aad, &length, |aad| {
             self.cipher.seal_in_place_separate_tag(
-                ring::aead::Nonce::assume_unique_for_key(inner_nonce),
+                count_nonce(&count.to_le_bytes()),
                 ring::aead::Aad::from(aad),
                 body,
             )
@@ -279,6 +277,15 @@ impl RecordSealer {
     pub fn aad(&self) -> &[u8] {
         &self.aad
     }
+}
+
+/// The 96-bit nonce ring's cipher takes for a record whose nonce field
+/// ends in `count` (its last 8 bytes): zeros, then the count. For
+/// ChaCha20 under the HChaCha20 subkey this is XChaCha20's own nonce.
+fn count_nonce(count: &[u8]) -> ring::aead::Nonce {
+    let mut nonce = [0u8; 12];
+    nonce[4..].copy_from_slice(count);
+    ring::aead::Nonce::assume_unique_for_key(nonce)
 }
 
 /// The label of the HKDF expansion that makes an AES-256-GCM sealer's
@@ -333,12 +340,10 @@ impl RecordCipher {
 
     /// What files it and the blob cipher seal, for the banner and
     /// `agent doctor`: `AES-256-GCM records, XChaCha20-Poly1305 KV state`.
-    pub fn describe(self) -> String {
+    pub fn describe(self) -> &'static str {
         match self {
-            RecordCipher::XChaCha20Poly1305 => "XChaCha20-Poly1305".to_string(),
-            RecordCipher::Aes256Gcm => {
-                "AES-256-GCM records, XChaCha20-Poly1305 KV state".to_string()
-            }
+            RecordCipher::XChaCha20Poly1305 => "XChaCha20-Poly1305",
+            RecordCipher::Aes256Gcm => "AES-256-GCM records, XChaCha20-Poly1305 KV state",
         }
     }
 }
@@ -349,10 +354,10 @@ impl Default for RecordCipher {
     }
 }
 
-/// Opens the records of one file: XChaCha20-Poly1305 records with
-/// RustCrypto's, AES-256-GCM records with ring's under each prefix's
-/// subkey, derived once per run of records that share it (one per
-/// appender that wrote them).
+/// Opens the records of one file with ring's cipher under each prefix's
+/// subkey (the one its sealer used, see [`Key::record_key`]), derived
+/// once per run of records that share it (one per appender that wrote
+/// them).
 pub(crate) struct RecordOpener<'k> {
     key: &'k Key,
     cipher: RecordCipher,
@@ -371,9 +376,6 @@ impl<'k> RecordOpener<'k> {
     /// Opens `nonce ‖ ciphertext ‖ tag`; `None` when it fails
     /// authentication.
     pub(crate) fn open(&mut self, sealed: &[u8], aad: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-        if self.cipher == RecordCipher::XChaCha20Poly1305 {
-            return self.key.open(sealed, aad);
-        }
         if sealed.len() < NONCE_LEN + TAG_LEN {
             return None;
         }
@@ -387,12 +389,10 @@ impl<'k> RecordOpener<'k> {
                 &slot.insert((prefix, cipher)).1
             }
         };
-        let mut inner_nonce = [0u8; 12];
-        inner_nonce[4..].copy_from_slice(&nonce[16..]);
         let mut opened = Zeroizing::new(body.to_vec());
         let length = cipher
             .open_in_place(
-                ring::aead::Nonce::assume_unique_for_key(inner_nonce),
+                count_nonce(&nonce[16..]),
                 ring::aead::Aad::from(aad),
                 &mut opened[..],
             )

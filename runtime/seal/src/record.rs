@@ -858,6 +858,15 @@ mod tests {
         Vault::sealing(Key::generate(), KeySource::Given).with_record_cipher(cipher)
     }
 
+    /// The record reading `path` reports as failing authentication, if
+    /// reading fails that way.
+    fn tampered_record(path: &Path, context: &str, vault: &Vault) -> Option<usize> {
+        match read_records(path, Some(context), vault) {
+            Err(SealError::Tampered { record, .. }) => Some(record),
+            _ => None,
+        }
+    }
+
     #[test]
     fn appended_records_read_back_and_hide_their_text() {
         for cipher in CIPHERS {
@@ -918,10 +927,7 @@ mod tests {
             let last = bytes.len() - 3;
             bytes[last] ^= 0x20;
             std::fs::write(&path, &bytes).expect("flip");
-            assert!(matches!(
-                read_records(&path, Some("c"), &vault),
-                Err(SealError::Tampered { record: 1, .. })
-            ));
+            assert_eq!(tampered_record(&path, "c", &vault), Some(1));
             // An appender (which reads no record) still appends after it, and
             // leaves it as it is.
             assert!(Appender::open(&path, "c", &vault, Hold::Shared).is_ok());
@@ -984,10 +990,7 @@ mod tests {
                 .copy_from_slice(&((NONCE_LEN + 4 + TAG_LEN) as u32).to_le_bytes());
             bumped.pop();
             std::fs::write(&path, &bumped).expect("bump");
-            assert!(matches!(
-                read_records(&path, Some("c"), &vault),
-                Err(SealError::Tampered { record: 2, .. })
-            ));
+            assert_eq!(tampered_record(&path, "c", &vault), Some(2));
             // Neither sealed nor text; another version's magic.
             for (name, bytes) in [
                 ("garbage", vec![0xffu8, 0xfe, b'\n', 0x80, b'\n']),
@@ -1036,10 +1039,7 @@ mod tests {
             let record = &from_a[HEADER_FIXED + 5..];
             b_bytes.extend_from_slice(record);
             std::fs::write(&b, &b_bytes).expect("splice");
-            assert!(matches!(
-                read_records(&b, Some("audit"), &vault),
-                Err(SealError::Tampered { record: 1, .. })
-            ));
+            assert_eq!(tampered_record(&b, "audit", &vault), Some(1));
         }
     }
 
@@ -1186,11 +1186,9 @@ mod tests {
             let prefix = HEADER_FIXED + "audit".len() + 4;
             bytes[prefix + 3] ^= 0x01;
             std::fs::write(&path, &bytes).expect("write");
-            assert!(
-                matches!(
-                    read_records(&path, Some("audit"), &vault),
-                    Err(SealError::Tampered { record: 0, .. })
-                ),
+            assert_eq!(
+                tampered_record(&path, "audit", &vault),
+                Some(0),
                 "{cipher:?}"
             );
         }
@@ -1237,26 +1235,14 @@ mod tests {
             let mut recounted = bytes.clone();
             recounted[spans[1].1 + 16] ^= 0x01;
             std::fs::write(&path, &recounted).expect("write");
-            assert!(
-                matches!(
-                    read_records(&path, Some("c"), &vault),
-                    Err(SealError::Tampered { record: 1, .. })
-                ),
-                "{cipher:?}"
-            );
+            assert_eq!(tampered_record(&path, "c", &vault), Some(1), "{cipher:?}");
             let mut reformatted = bytes.clone();
             reformatted[MAGIC_FAMILY.len()] = match cipher {
                 RecordCipher::Aes256Gcm => MAGIC_XCHACHA20_POLY1305[7],
                 RecordCipher::XChaCha20Poly1305 => MAGIC_AES_256_GCM[7],
             };
             std::fs::write(&path, &reformatted).expect("write");
-            assert!(
-                matches!(
-                    read_records(&path, Some("c"), &vault),
-                    Err(SealError::Tampered { record: 0, .. })
-                ),
-                "{cipher:?}"
-            );
+            assert_eq!(tampered_record(&path, "c", &vault), Some(0), "{cipher:?}");
         }
     }
 
