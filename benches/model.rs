@@ -1,11 +1,21 @@
-//! Model throughput through the runtime, as a ratio over a bare
-//! `llama-cpp-2` decode loop on the same model in the same run, and time to
-//! first token at turn 10 of a growing conversation with and without
-//! KV-cache reuse.
+//! Model throughput through the runtime, as ratios over `llama-bench` and
+//! over a bare `llama-cpp-2` decode loop, on the same model in the same
+//! run, and time to first token at turn 10 of a growing conversation with
+//! and without KV-cache reuse.
+//!
+//! `llama-bench` is the one `scripts/setup --peers` builds natively (`-march=native`)
+//! from the llama.cpp tree in the `llama-cpp-python==0.3.36` sdist; the
+//! runtime runs the CPU variant ggml picks for this CPU (see
+//! `stack_model::cpu_backends`). Each round runs the three in turn, after a
+//! warm-up round of each: the runtime's turn (prompt, then greedy
+//! generation), the bare loop over the same tokens, and `llama-bench` on
+//! the same shapes (`-p N` from an empty cache for the prompt, `-n G -d N`
+//! for generation after the same prompt), with the same threads, batch
+//! size and flash-attention setting (llama.cpp's automatic one).
 //!
 //! ```sh
-//! cargo bench -p stack-model --bench model     # the default SmolLM2 model
-//! STACK_BENCH_MODEL=path.gguf cargo bench -p stack-model --bench model
+//! cargo bench --workspace --bench model     # the default SmolLM2 model
+//! STACK_BENCH_MODEL=path.gguf cargo bench --workspace --bench model
 //! ```
 
 use std::num::NonZeroU32;
@@ -20,6 +30,59 @@ use stack_types::message::Message;
 
 const CONTEXT: u32 = 4096;
 const BATCH: u32 = 512;
+
+/// The `llama-bench` that `scripts/setup --peers` built (or
+/// `STACK_RUNTIME_LLAMA_BENCH`).
+fn llama_bench_binary() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("STACK_RUNTIME_LLAMA_BENCH") {
+        return path.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
+        .expect("HOME");
+    let path = std::env::var_os("STACK_RUNTIME_PEERS")
+        .map_or_else(
+            || cache.join("stack-runtime/peers"),
+            std::path::PathBuf::from,
+        )
+        .join("llama.cpp-0.3.36/bin/llama-bench");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/setup --peers first",
+        path.display()
+    );
+    path
+}
+
+/// One `llama-bench` test (one repetition after its own warm-up): its
+/// tokens per second.
+fn llama_bench(
+    model: &std::path::Path,
+    threads: i32,
+    prompt: usize,
+    generate: usize,
+    depth: usize,
+) -> f64 {
+    let output = std::process::Command::new(llama_bench_binary())
+        .arg("-m")
+        .arg(model)
+        .args(["-t", &threads.to_string()])
+        .args(["-b", &BATCH.to_string(), "-ub", &BATCH.to_string()])
+        .args(["-p", &prompt.to_string(), "-n", &generate.to_string()])
+        .args(["-d", &depth.to_string(), "-r", "1", "-o", "json"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .expect("llama-bench");
+    assert!(output.status.success(), "llama-bench failed: {output:?}");
+    let tests: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("llama-bench json");
+    tests
+        .as_array()
+        .and_then(|tests| tests.first())
+        .and_then(|test| test["avg_ts"].as_f64())
+        .unwrap_or_else(|| panic!("no avg_ts in llama-bench's output: {tests}"))
+}
 
 fn main() {
     let threads: i32 = std::env::var("BENCH_THREADS")
@@ -70,6 +133,8 @@ fn main() {
         .unwrap_or(5);
     let (mut runtime_pp, mut runtime_tg, mut bare_pp, mut bare_tg) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut peer_pp, mut peer_tg) = (Vec::new(), Vec::new());
+    let model_path = model.info().path.clone();
     let mut generated = 0;
     let mut tokens = Vec::new();
     // Alternate the two, after one warm-up round of each (round 0 is not kept).
@@ -122,35 +187,54 @@ fn main() {
             bare_pp.push(tokens.len() as f64 / prompt_time.as_secs_f64());
             bare_tg.push(generated as f64 / started.elapsed().as_secs_f64());
         }
+
+        // llama-bench on the same shapes.
+        let pp = llama_bench(&model_path, threads, tokens.len(), 0, 0);
+        let tg = llama_bench(&model_path, threads, 0, generated as usize, tokens.len());
+        if round > 0 {
+            peer_pp.push(pp);
+            peer_tg.push(tg);
+        }
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (rpp, rtg, bpp, btg) = (
+    let (rpp, rtg, bpp, btg, ppp, ptg) = (
         median(runtime_pp),
         median(runtime_tg),
         median(bare_pp),
         median(bare_tg),
+        median(peer_pp),
+        median(peer_tg),
     );
+    if let Ok(cpu) = stack_model::llama::cpu_backend() {
+        println!("runtime's CPU backend: {}", cpu.summary());
+    }
     println!(
-        "{:<34} {:>12} {:>12} {:>8}",
-        "throughput (tokens/s)", "runtime", "bare loop", "ratio"
+        "{:<34} {:>10} {:>12} {:>10} {:>14} {:>12}",
+        "throughput (tokens/s, medians)",
+        "runtime",
+        "llama-bench",
+        "bare loop",
+        "/llama-bench",
+        "/bare loop"
     );
-    println!(
-        "{:<34} {:>12.1} {:>12.1} {:>7.3}x",
-        format!("prompt processing ({} tokens)", tokens.len()),
-        rpp,
-        bpp,
-        rpp / bpp
-    );
-    println!(
-        "{:<34} {:>12.1} {:>12.1} {:>7.3}x",
-        format!("generation ({generated} tokens)"),
-        rtg,
-        btg,
-        rtg / btg
-    );
+    for (label, runtime, peer, bare) in [
+        (
+            format!("prompt processing ({} tokens)", tokens.len()),
+            rpp,
+            ppp,
+            bpp,
+        ),
+        (format!("generation ({generated} tokens)"), rtg, ptg, btg),
+    ] {
+        println!(
+            "{label:<34} {runtime:>10.1} {peer:>12.1} {bare:>10.1} {:>13.3}x {:>11.3}x",
+            runtime / peer,
+            runtime / bare
+        );
+    }
 
     // Time to first token at turn 10, with and without KV reuse.
     let mut growing = vec![Message::system(

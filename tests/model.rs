@@ -1172,6 +1172,232 @@ fn agent_model_shows_metadata_and_rejects_bad_files() {
     }
 }
 
+/// `agent model --json` run in `cwd` with `env` set: its output.
+fn agent_model_in(cwd: &std::path::Path, env: &[(&str, &std::ffi::OsStr)]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_agent"));
+    command.args(["model", "--json"]).current_dir(cwd);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("agent model")
+}
+
+/// The flags of this machine's CPU, as `/proc/cpuinfo` lists them.
+fn cpu_flags() -> Vec<String> {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .expect("cpuinfo")
+        .lines()
+        .find(|line| line.starts_with("flags") || line.starts_with("Features"))
+        .and_then(|line| line.split_once(':'))
+        .map(|(_, flags)| flags.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// One binary for every CPU: llama.cpp's CPU kernels are one library per
+/// CPU generation, and the best for this CPU is the one that runs. Its
+/// kernels are ones this CPU has (AVX2 and AVX-512 where it has them); the
+/// baseline x86-64 variant, alone in a folder, still loads and generates.
+#[test]
+fn the_best_cpu_variant_runs_and_the_baseline_still_does() {
+    let here = tempfile::tempdir().expect("tempdir");
+    let output = agent_model_in(here.path(), &[]);
+    assert!(output.status.success(), "{output:?}");
+    let info: Value = serde_json::from_slice(&output.stdout).expect("json");
+    let cpu = &info["cpu_backend"];
+    let variants: Vec<&str> = cpu["variants"]
+        .as_array()
+        .expect("variants")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let variant = cpu["variant"].as_str().expect("the variant mapped");
+    assert!(variants.contains(&variant), "{cpu}");
+    assert_eq!(cpu["chosen"], "build", "{cpu}");
+    let kernels: Vec<&str> = info["cpu_kernels"]
+        .as_array()
+        .expect("cpu_kernels")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    if !cfg!(target_arch = "x86_64") {
+        return;
+    }
+    assert!(
+        ["x64", "sse42", "haswell", "skylakex", "icelake", "zen4"]
+            .iter()
+            .all(|v| variants.contains(v)),
+        "every x86-64 generation is built: {variants:?}"
+    );
+    let flags = cpu_flags();
+    let has = |flag: &str| flags.iter().any(|f| f == flag);
+    // The picked kernels are ones this CPU has...
+    for (kernel, flag) in [
+        ("AVX2", "avx2"),
+        ("AVX512", "avx512f"),
+        ("FMA", "fma"),
+        ("F16C", "f16c"),
+    ] {
+        if kernels.contains(&kernel) {
+            assert!(has(flag), "{variant} uses {kernel}, which this CPU lacks");
+        }
+    }
+    // ...and the best it has: AVX2 (Haswell and later), AVX-512 (Skylake-X
+    // and later, Zen 4 and later).
+    if ["avx2", "fma", "f16c", "bmi2"].iter().all(|f| has(f)) {
+        assert!(
+            kernels.contains(&"AVX2"),
+            "{variant}: {kernels:?} on {flags:?}"
+        );
+    }
+    if ["avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"]
+        .iter()
+        .all(|f| has(f))
+    {
+        assert!(
+            kernels.contains(&"AVX512"),
+            "{variant}: {kernels:?} on {flags:?}"
+        );
+    }
+
+    // The baseline alone: it loads on this CPU, with no AVX kernels, and
+    // the model generates on it.
+    let folder = std::path::PathBuf::from(cpu["folder"].as_str().expect("folder"));
+    let baseline = here.path().join("baseline");
+    std::fs::create_dir(&baseline).expect("mkdir");
+    std::fs::copy(
+        folder.join("libggml-cpu-x64.so"),
+        baseline.join("libggml-cpu-x64.so"),
+    )
+    .expect("copy the baseline variant");
+    let env = [("STACK_RUNTIME_GGML_BACKENDS", baseline.as_os_str())];
+    let output = agent_model_in(here.path(), &env);
+    assert!(output.status.success(), "{output:?}");
+    let info: Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(info["cpu_backend"]["variant"], "x64", "{info}");
+    assert_eq!(info["cpu_backend"]["chosen"], "environment", "{info}");
+    let kernels = info["cpu_kernels"].to_string();
+    assert!(!kernels.contains("AVX"), "{kernels}");
+    let _own = own_model_lock();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args([
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+            "--policy",
+            "strict",
+            "--no-default-tools",
+            "--system",
+            "Answer in one word.",
+            "run",
+            "-p",
+            "What colour is the sky?",
+            "--json",
+        ])
+        .current_dir(here.path())
+        .envs(env)
+        .output()
+        .expect("agent run");
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let finished = stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|event| event["event"] == "turn_finished")
+        .unwrap_or_else(|| panic!("no turn_finished: {stdout}"));
+    assert!(
+        finished["counters"]["generated"].as_u64().unwrap_or(0) > 0,
+        "{finished}"
+    );
+}
+
+/// A library named like a CPU backend in the folder the agent works in (a
+/// workspace, a cloned repository, a file the model wrote) is never
+/// loaded: ggml's own search would look in the current directory, the
+/// runtime never lets it. Named in full, the same library is loaded (its
+/// constructor runs), so the check can see a load; it is then refused as
+/// no CPU backend.
+#[test]
+fn a_cpu_backend_planted_in_the_working_directory_is_never_loaded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).expect("mkdir");
+    let source = dir.path().join("planted.c");
+    std::fs::write(
+        &source,
+        r#"#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void planted(void) {
+    const char *marker = getenv("PLANTED_MARKER");
+    FILE *f = marker ? fopen(marker, "w") : NULL;
+    if (f) fclose(f);
+}
+int ggml_backend_score(void) { return 1 << 30; }
+"#,
+    )
+    .expect("write");
+    let status = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(work.join("libggml-cpu-planted.so"))
+        .arg(&source)
+        .status()
+        .expect("cc");
+    assert!(status.success(), "cc failed");
+    let marker = dir.path().join("planted-ran");
+
+    let output = agent_model_in(&work, &[("PLANTED_MARKER", marker.as_os_str())]);
+    assert!(output.status.success(), "{output:?}");
+    let info: Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_ne!(info["cpu_backend"]["variant"], "planted", "{info}");
+    assert!(!marker.exists(), "the planted library ran");
+
+    let output = agent_model_in(
+        &work,
+        &[
+            ("PLANTED_MARKER", marker.as_os_str()),
+            ("STACK_RUNTIME_GGML_BACKENDS", work.as_os_str()),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        marker.exists(),
+        "named in full, the folder's library is loaded"
+    );
+    assert!(
+        stderr.contains("none of the 1 llama.cpp CPU backends in") && stderr.contains("planted"),
+        "{stderr}"
+    );
+}
+
+/// A backends folder without CPU backends, or one named by a relative
+/// path, is refused with the folder's name, before any model runs.
+#[test]
+fn a_folder_without_cpu_backends_is_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).expect("mkdir");
+    std::fs::write(empty.join("libggml-cpu-notes.txt"), "not a library").expect("write");
+    for (folder, expected) in [
+        (
+            empty.clone().into_os_string(),
+            format!("no llama.cpp CPU backend in {}", empty.display()),
+        ),
+        (
+            std::ffi::OsString::from("backends"),
+            "STACK_RUNTIME_GGML_BACKENDS=backends is not an absolute path".to_string(),
+        ),
+    ] {
+        let output = agent_model_in(
+            dir.path(),
+            &[("STACK_RUNTIME_GGML_BACKENDS", folder.as_os_str())],
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(stderr.contains(&expected), "{stderr}");
+    }
+}
+
 /// A model is freed when its last user goes (it used to be leaked for the
 /// life of the process): the GGUF file's mappings come and go with it, and
 /// a session keeps its model alive until the session ends.

@@ -10,6 +10,8 @@ pub mod backend;
 #[cfg(feature = "llama")]
 pub mod batch;
 pub mod call_grammar;
+#[cfg(feature = "llama")]
+pub mod cpu_backends;
 pub mod formats;
 pub mod grammar;
 #[cfg(feature = "llama")]

@@ -27,6 +27,7 @@ pub use super::backend::{
 };
 use super::batch::{AsideLease, Engine, Lease, Want, PROMPT_CHUNK};
 use super::call_grammar::{call_grammar, CallCount, CallGrammar, CallTrigger};
+pub use super::cpu_backends::CpuBackend;
 use super::formats::ToolFormat;
 use super::grammar::{ArgumentValues, ToolChoice};
 use super::routing::{
@@ -105,17 +106,34 @@ pub struct ModelInfo {
     pub gpu_layers: u32,
     /// The CPU features ggml's kernels use (see [`cpu_kernels`]).
     pub cpu_kernels: Vec<String>,
+    /// The CPU backend those kernels are in (see [`cpu_backend`]).
+    pub cpu_backend: Option<CpuBackend>,
 }
 
-/// The process-wide llama.cpp backend (initialized once; its logs go to `tracing`).
+/// The process-wide llama.cpp backend (initialized once, after its CPU
+/// backend is loaded, see [`crate::cpu_backends`]; its logs go to
+/// `tracing`).
 pub fn backend() -> Result<&'static LlamaBackend, ModelError> {
-    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    initialized().map(|(backend, _)| backend)
+}
+
+/// The CPU backend llama.cpp runs in this process: the variant picked for
+/// this CPU, and the folder it came from.
+pub fn cpu_backend() -> Result<&'static CpuBackend, ModelError> {
+    initialized().map(|(_, cpu)| cpu)
+}
+
+fn initialized() -> Result<(&'static LlamaBackend, &'static CpuBackend), ModelError> {
+    static BACKEND: OnceLock<Result<(LlamaBackend, CpuBackend), String>> = OnceLock::new();
     BACKEND
         .get_or_init(|| {
             llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
-            LlamaBackend::init().map_err(|e| e.to_string())
+            let cpu = crate::cpu_backends::load()?;
+            let backend = LlamaBackend::init().map_err(|e| e.to_string())?;
+            Ok((backend, cpu))
         })
         .as_ref()
+        .map(|(backend, cpu)| (backend, cpu))
         .map_err(|e| ModelError::Backend(e.clone()))
 }
 
@@ -267,6 +285,7 @@ impl Model {
             tool_format: renderer.call_format(),
             gpu_layers: gpu_layers.min(model.n_layer()),
             cpu_kernels: cpu_kernels().unwrap_or_default(),
+            cpu_backend: cpu_backend().ok().cloned(),
         };
         let context_size = if options.context_size == 0 {
             info.trained_context

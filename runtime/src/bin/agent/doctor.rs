@@ -97,6 +97,7 @@ pub fn run(
             "assets": Asset::ALL.iter().map(|a| (a.file_name(), a.locate().map(|p| p.display().to_string()).map_err(|e| e.to_string()))).collect::<Vec<_>>(),
             "served_model": served.as_ref().map(|s| s.as_ref().map_err(|e| format!("{e:#}"))),
             "cpu_kernels": stack_runtime::model::llama::cpu_kernels().map_err(|e| e.to_string()),
+            "cpu_backend": stack_runtime::model::llama::cpu_backend().map_err(|e| e.to_string()),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -182,6 +183,9 @@ pub fn run(
                 kernels.join(" ")
             ),
             Err(err) => println!("cpu kernels   {err}"),
+        }
+        if let Ok(cpu) = stack_runtime::model::llama::cpu_backend() {
+            println!("cpu backend   {}", cpu.summary());
         }
         if let Some(served) = &served {
             println!();

@@ -314,6 +314,9 @@ pub fn info(args: &ModelArgs, json: bool) -> anyhow::Result<ExitCode> {
         );
         println!("tool calls    {}", info.tool_format.as_str());
         println!("cpu kernels   {}", info.cpu_kernels.join(" "));
+        if let Some(cpu) = &info.cpu_backend {
+            println!("cpu backend   {}", cpu.summary());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
