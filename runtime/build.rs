@@ -1,17 +1,24 @@
-//! Link settings for this package's binaries, tests, benches and examples.
+//! Link settings for this package's binaries, tests, benches and examples,
+//! and llama.cpp's shared libraries beside them.
 //!
 //! llama.cpp is linked as shared libraries (`libllama.so.0`,
-//! `libggml.so.0`, `libggml-base.so.0`, `libllama-common.so.0`): ggml's
-//! CPU variants are shared libraries loaded at run time (see
-//! `stack_model::cpu_backends`), and they need ggml itself shared. The run
-//! path finds those libraries first beside the binary (`$ORIGIN`, where an
-//! installed `agent` keeps them), then in the folder the llama.cpp build
-//! installed them in (from llama-cpp-sys-2's build metadata), so a built
-//! binary runs as it is, outside cargo too. It is an `RPATH`, not a
-//! `RUNPATH`, so that it also serves `libllama.so.0`'s own dependencies on
-//! ggml, which carry no run path of their own.
+//! `libllama-common.so.0`, `libggml.so.0`, `libggml-base.so.0`): ggml's CPU
+//! variants are shared libraries loaded at run time (see
+//! `stack_model::cpu_backends`), and they need ggml itself shared. This
+//! script copies those libraries, from the folder the llama.cpp build
+//! installed them in (named by llama-cpp-sys-2's build metadata), beside
+//! the binaries: the profile's folder (`target/release`, where `agent` is),
+//! its `deps/` (tests) and `examples/`. The binaries' run path is `$ORIGIN`
+//! alone, so a built `agent` runs outside cargo, and an installed one looks
+//! only beside itself, never in a build folder that may be gone (a `cargo
+//! install` builds in a temporary folder) and made again by someone else.
+//! It is an `RPATH`, not a `RUNPATH`, so that it also serves
+//! `libllama.so.0`'s own dependencies on ggml. (llama-cpp-sys-2 places
+//! links of its own there too, named `lib*.so`, which the binaries do not
+//! ask for.) The test and bench binaries of the other crates run under
+//! cargo, which puts the build's folder on the library path.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -19,15 +26,86 @@ fn main() {
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
         return;
     }
-    let mut run_path = String::from("$ORIGIN");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN");
+    println!("cargo:rustc-link-arg=-Wl,--disable-new-dtags");
     // llama-cpp-sys-2 (`links = "llama"`) names its backends folder; its
-    // shared libraries are in `lib/` beside it.
-    if let Ok(backends) = std::env::var("DEP_LLAMA_BACKENDS_DIR") {
-        if let Some(out) = Path::new(&backends).parent() {
-            run_path.push(':');
-            run_path.push_str(&out.join("lib").display().to_string());
+    // shared libraries are in `lib/` (or `lib64/`) beside it.
+    let Ok(backends) = std::env::var("DEP_LLAMA_BACKENDS_DIR") else {
+        return;
+    };
+    let Some(installed) = Path::new(&backends).parent().and_then(|out| {
+        ["lib", "lib64"]
+            .iter()
+            .map(|name| out.join(name))
+            .find(|folder| folder.is_dir())
+    }) else {
+        panic!("llama.cpp's build installed no lib/ folder beside {backends}");
+    };
+    // OUT_DIR is <target>/<profile>/build/<package>-<hash>/out.
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    let profile = out_dir
+        .ancestors()
+        .nth(3)
+        .expect("OUT_DIR is <target>/<profile>/build/<package>/out")
+        .to_path_buf();
+    let libraries: Vec<PathBuf> = std::fs::read_dir(&installed)
+        .expect("llama.cpp's lib folder")
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .is_some_and(|name| is_soname(&name.to_string_lossy()))
+        })
+        .collect();
+    assert!(
+        !libraries.is_empty(),
+        "no lib*.so.N in llama.cpp's lib folder {}",
+        installed.display()
+    );
+    for folder in [
+        profile.clone(),
+        profile.join("deps"),
+        profile.join("examples"),
+    ] {
+        std::fs::create_dir_all(&folder).expect("a folder beside the binaries");
+        for library in &libraries {
+            println!("cargo:rerun-if-changed={}", library.display());
+            place(library, &folder);
         }
     }
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{run_path}");
-    println!("cargo:rustc-link-arg=-Wl,--disable-new-dtags");
+}
+
+/// Whether `name` is the name a binary asks for (`libllama.so.0`): a
+/// library's soname, not its full version (`libllama.so.0.6.0`) or the
+/// link-time name (`libllama.so`).
+fn is_soname(name: &str) -> bool {
+    name.starts_with("lib")
+        && name.split_once(".so.").is_some_and(|(_, version)| {
+            !version.is_empty() && version.bytes().all(|b| b.is_ascii_digit())
+        })
+}
+
+/// Copies `library` (through its symlink, to the file) into `folder`, by
+/// way of a temporary name and a rename, so that a binary starting at the
+/// same time never maps half a library. Skipped when the copy there is
+/// already the same size and no older.
+fn place(library: &Path, folder: &Path) {
+    let name = library.file_name().expect("a file name");
+    let target = folder.join(name);
+    let source = std::fs::metadata(library).expect("llama.cpp library");
+    if let Ok(present) = std::fs::symlink_metadata(&target) {
+        let fresh = present.is_file()
+            && present.len() == source.len()
+            && present.modified().ok() >= source.modified().ok();
+        if fresh {
+            return;
+        }
+    }
+    let partial = folder.join(format!(
+        ".{}.partial-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::copy(library, &partial).expect("copy a llama.cpp library");
+    std::fs::rename(&partial, &target).expect("place a llama.cpp library");
 }

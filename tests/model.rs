@@ -1175,7 +1175,11 @@ fn agent_model_shows_metadata_and_rejects_bad_files() {
 /// `agent model --json` run in `cwd` with `env` set: its output.
 fn agent_model_in(cwd: &std::path::Path, env: &[(&str, &std::ffi::OsStr)]) -> std::process::Output {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_agent"));
-    command.args(["model", "--json"]).current_dir(cwd);
+    command
+        .args(["model", "--json"])
+        .current_dir(cwd)
+        .env_remove("STACK_RUNTIME_GGML_BACKENDS")
+        .env_remove("GGML_BACKEND_PATH");
     for (key, value) in env {
         command.env(key, value);
     }
@@ -1241,6 +1245,17 @@ fn the_best_cpu_variant_runs_and_the_baseline_still_does() {
             assert!(has(flag), "{variant} uses {kernel}, which this CPU lacks");
         }
     }
+    // The variant named is the one whose kernels these are.
+    let before_avx2 = ["x64", "sse42", "sandybridge", "ivybridge", "piledriver"];
+    if kernels.contains(&"AVX2") {
+        assert!(!before_avx2.contains(&variant), "{variant}: {kernels:?}");
+    }
+    if kernels.contains(&"AVX512") {
+        assert!(
+            !before_avx2.contains(&variant) && !["haswell", "alderlake"].contains(&variant),
+            "{variant}: {kernels:?}"
+        );
+    }
     // ...and the best it has: AVX2 (Haswell and later), AVX-512 (Skylake-X
     // and later, Zen 4 and later).
     if ["avx2", "fma", "f16c", "bmi2"].iter().all(|f| has(f)) {
@@ -1295,6 +1310,7 @@ fn the_best_cpu_variant_runs_and_the_baseline_still_does() {
             "--json",
         ])
         .current_dir(here.path())
+        .env_remove("GGML_BACKEND_PATH")
         .envs(env)
         .output()
         .expect("agent run");
@@ -1370,28 +1386,55 @@ int ggml_backend_score(void) { return 1 << 30; }
     );
 }
 
-/// A backends folder without CPU backends, or one named by a relative
-/// path, is refused with the folder's name, before any model runs.
+/// A backends folder without CPU backends, one named by a relative path,
+/// one others may write (where anyone could swap a backend), and a
+/// relative `GGML_BACKEND_PATH` are each refused by name, before any
+/// model runs.
 #[test]
 fn a_folder_without_cpu_backends_is_refused_by_name() {
+    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).expect("mkdir");
     std::fs::write(empty.join("libggml-cpu-notes.txt"), "not a library").expect("write");
-    for (folder, expected) in [
+    let built = agent_model_in(dir.path(), &[]);
+    let info: Value = serde_json::from_slice(&built.stdout).expect("json");
+    let built = std::path::PathBuf::from(info["cpu_backend"]["folder"].as_str().expect("folder"));
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).expect("mkdir");
+    std::fs::copy(
+        built.join("libggml-cpu-x64.so"),
+        shared.join("libggml-cpu-x64.so"),
+    )
+    .expect("copy a backend");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let backends = |folder: &std::path::Path| {
+        vec![(
+            "STACK_RUNTIME_GGML_BACKENDS",
+            folder.as_os_str().to_os_string(),
+        )]
+    };
+    for (env, expected) in [
         (
-            empty.clone().into_os_string(),
+            backends(&empty),
             format!("no llama.cpp CPU backend in {}", empty.display()),
         ),
         (
-            std::ffi::OsString::from("backends"),
+            backends(std::path::Path::new("backends")),
             "STACK_RUNTIME_GGML_BACKENDS=backends is not an absolute path".to_string(),
         ),
+        (
+            backends(&shared),
+            format!("{} is writable by group or others", shared.display()),
+        ),
+        (
+            vec![("GGML_BACKEND_PATH", "libggml-cpu-x.so".into())],
+            "GGML_BACKEND_PATH=libggml-cpu-x.so is not an absolute path".to_string(),
+        ),
     ] {
-        let output = agent_model_in(
-            dir.path(),
-            &[("STACK_RUNTIME_GGML_BACKENDS", folder.as_os_str())],
-        );
+        let env: Vec<(&str, &std::ffi::OsStr)> =
+            env.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
+        let output = agent_model_in(dir.path(), &env);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{stderr}");
         assert!(stderr.contains(&expected), "{stderr}");

@@ -26,25 +26,46 @@
 //!   in the current directory, is never used: its folder is always given.
 //! - **Never the current directory, never relative.** A relative
 //!   [`BACKENDS_ENV`] is refused rather than resolved against the current
-//!   directory.
+//!   directory, and so is a relative `GGML_BACKEND_PATH` (the one extra
+//!   backend ggml loads from the environment, like `LD_PRELOAD` the user's
+//!   own choice; absolute, it is loaded).
+//! - **Only folders and files no one else can write.** The chosen folder,
+//!   each folder above it, and each backend in it must belong to root or
+//!   to this process's user and must not be writable by group or others
+//!   (a folder above may be, where it is sticky, like `/tmp`). A build
+//!   folder that was deleted (a `cargo install` builds in a temporary one)
+//!   and made again by another user is refused rather than loaded.
+//! - **Sandboxed code cannot write them.** The executable's folder and
+//!   [`BACKENDS_ENV`]'s are among the runtime's own folders that the
+//!   process sandbox keeps read-only where a workspace contains them
+//!   (`stack_sandbox::process::runtime_state_folders`), as is the cache
+//!   folder the build lives in by default.
 //! - **Fail closed.** A folder without CPU backends, or whose backends
-//!   none load on this CPU, is an error that names the folder and what
-//!   was looked for; the model is not run without kernels.
-//!
-//! What this does not cover: `GGML_BACKEND_PATH`, which ggml reads to load
-//! one extra backend, is the user's environment like `LD_PRELOAD`.
+//!   none load on this CPU, is an error that names the folder, what was
+//!   looked for and why each failed to load; the model is not run without
+//!   kernels.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// The environment variable that names the folder of llama.cpp's backend
 /// libraries (an absolute path).
 pub const BACKENDS_ENV: &str = "STACK_RUNTIME_GGML_BACKENDS";
 
-/// The file names of CPU backends: `libggml-cpu-<variant>.so`.
+/// The file names of CPU backends: `libggml-cpu-<variant>.so`, or
+/// `libggml-cpu.so` for a build with one CPU backend (named
+/// [`GENERIC_VARIANT`] here), which ggml loads where no variant fits.
 const CPU_PREFIX: &str = "libggml-cpu-";
+const CPU_GENERIC: &str = "libggml-cpu.so";
 const LIBRARY_SUFFIX: &str = ".so";
+
+/// The name given to a plain `libggml-cpu.so`.
+pub const GENERIC_VARIANT: &str = "generic";
+
+/// The one extra backend ggml loads from the environment.
+const GGML_BACKEND_PATH: &str = "GGML_BACKEND_PATH";
 
 /// Where the backends were loaded from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -105,9 +126,10 @@ pub fn variants_in(folder: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(folder) else {
         return Vec::new();
     };
+    // Symlinks are followed, as ggml's own search follows them.
     let mut variants: Vec<String> = entries
         .filter_map(Result::ok)
-        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_file()))
+        .filter(|entry| std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()))
         .filter_map(|entry| variant_of(&entry.file_name().to_string_lossy()))
         .collect();
     variants.sort();
@@ -116,15 +138,70 @@ pub fn variants_in(folder: &Path) -> Vec<String> {
 
 /// The variant a CPU backend's file name names.
 fn variant_of(file_name: &str) -> Option<String> {
+    if file_name == CPU_GENERIC {
+        return Some(GENERIC_VARIANT.to_string());
+    }
     let variant = file_name
         .strip_prefix(CPU_PREFIX)?
         .strip_suffix(LIBRARY_SUFFIX)?;
     (!variant.is_empty()).then(|| variant.to_string())
 }
 
+/// The file of `variant` in `folder`.
+fn variant_file(folder: &Path, variant: &str) -> PathBuf {
+    if variant == GENERIC_VARIANT {
+        folder.join(CPU_GENERIC)
+    } else {
+        folder.join(format!("{CPU_PREFIX}{variant}{LIBRARY_SUFFIX}"))
+    }
+}
+
+/// Why `path` (a folder to load backends from, or a backend in it) could
+/// be replaced by someone other than root and this process's user: its
+/// owner, or write access for group or others. Folders above it are
+/// checked too; those may be writable by others where they are sticky.
+fn untrusted(path: &Path) -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let user = unsafe { libc::geteuid() };
+    let mut checked = Some(path);
+    while let Some(at) = checked {
+        let metadata = match std::fs::metadata(at) {
+            Ok(metadata) => metadata,
+            Err(err) => return Some(format!("{}: {err}", at.display())),
+        };
+        if metadata.uid() != 0 && metadata.uid() != user {
+            return Some(format!(
+                "{} belongs to uid {}, neither root nor this user",
+                at.display(),
+                metadata.uid()
+            ));
+        }
+        let others_write = metadata.mode() & 0o022 != 0;
+        let sticky = metadata.mode() & 0o1000 != 0;
+        if others_write && (at == path || !sticky) {
+            return Some(format!(
+                "{} is writable by group or others (mode {:o})",
+                at.display(),
+                metadata.mode() & 0o7777
+            ));
+        }
+        checked = at.parent();
+    }
+    None
+}
+
 /// The folder to load backends from (see the module docs for the order).
 fn choose_folder() -> Result<(PathBuf, BackendsFolder), String> {
-    if let Some(value) = std::env::var_os(BACKENDS_ENV) {
+    if let Some(extra) = std::env::var_os(GGML_BACKEND_PATH).filter(|v| !v.is_empty()) {
+        if !Path::new(&extra).is_absolute() {
+            return Err(format!(
+                "{GGML_BACKEND_PATH}={} is not an absolute path; ggml would load it from the \
+                 current directory",
+                Path::new(&extra).display()
+            ));
+        }
+    }
+    if let Some(value) = std::env::var_os(BACKENDS_ENV).filter(|v| !v.is_empty()) {
         let folder = PathBuf::from(value);
         if !folder.is_absolute() {
             return Err(format!(
@@ -151,19 +228,70 @@ fn choose_folder() -> Result<(PathBuf, BackendsFolder), String> {
     }
 }
 
-/// The variant of the CPU backend mapped into this process, from the file
-/// names in `/proc/self/maps` under `folder`.
-fn mapped_variant(folder: &Path) -> Option<String> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    let canonical = folder.canonicalize().ok();
-    maps.lines()
-        .filter_map(|line| line.split_whitespace().nth(5))
-        .map(Path::new)
-        .filter(|path| {
-            path.parent()
-                .is_some_and(|parent| parent == folder || Some(parent) == canonical.as_deref())
+/// The variant of the CPU backend `cpu` (ggml's registration of it): the
+/// file name of the library its entry point lies in.
+fn registered_variant(cpu: llama_cpp_sys_2::ggml_backend_reg_t) -> Option<String> {
+    // SAFETY: `cpu` is a live registration (checked non-null by the
+    // caller; ggml never unregisters a loaded backend); the name is a
+    // static NUL-terminated string; the result is null or a function of
+    // the backend's library.
+    let entry = unsafe {
+        llama_cpp_sys_2::ggml_backend_reg_get_proc_address(
+            cpu,
+            c"ggml_backend_get_features".as_ptr(),
+        )
+    };
+    if entry.is_null() {
+        return None;
+    }
+    let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
+    // SAFETY: `info` is writable and sized for `Dl_info`; dladdr only
+    // reads `entry` as an address. On success `dli_fname` points to the
+    // loader's copy of the file name, valid while the library is loaded
+    // (for the life of the process) and copied at once.
+    let file = unsafe {
+        if libc::dladdr(entry.cast_const(), info.as_mut_ptr()) == 0 {
+            return None;
+        }
+        let info = info.assume_init();
+        if info.dli_fname.is_null() {
+            return None;
+        }
+        CStr::from_ptr(info.dli_fname)
+            .to_string_lossy()
+            .into_owned()
+    };
+    variant_of(&Path::new(&file).file_name()?.to_string_lossy())
+}
+
+/// Why each backend in `folder` that fails to load fails (the loader's own
+/// words, which ggml keeps to itself in a release build).
+fn load_errors(folder: &Path, variants: &[String]) -> Vec<String> {
+    variants
+        .iter()
+        .filter_map(|variant| {
+            let path = CString::new(variant_file(folder, variant).as_os_str().as_bytes()).ok()?;
+            // SAFETY: `path` is NUL-terminated and outlives the calls; a
+            // library that loads is closed again at once (ggml has its own
+            // handle to whatever it keeps); dlerror's text is copied before
+            // the next loader call.
+            unsafe {
+                let handle = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+                if handle.is_null() {
+                    let error = libc::dlerror();
+                    let why = if error.is_null() {
+                        "it did not load".to_string()
+                    } else {
+                        CStr::from_ptr(error).to_string_lossy().into_owned()
+                    };
+                    Some(format!("{variant}: {why}"))
+                } else {
+                    libc::dlclose(handle);
+                    None
+                }
+            }
         })
-        .find_map(|path| variant_of(&path.file_name()?.to_string_lossy()))
+        .collect()
 }
 
 /// Loads llama.cpp's backends (the best CPU variant, and a GPU backend
@@ -180,6 +308,18 @@ pub(crate) fn load() -> Result<CpuBackend, String> {
             chosen.describe()
         ));
     }
+    if chosen != BackendsFolder::BesideExecutable {
+        let suspect = std::iter::once(folder.clone())
+            .chain(variants.iter().map(|v| variant_file(&folder, v)))
+            .find_map(|path| untrusted(&path));
+        if let Some(why) = suspect {
+            return Err(format!(
+                "llama.cpp's CPU backends in {} ({}) are not loaded: {why}",
+                folder.display(),
+                chosen.describe()
+            ));
+        }
+    }
     let path = CString::new(folder.as_os_str().as_bytes())
         .map_err(|_| format!("{} holds a NUL byte", folder.display()))?;
     // SAFETY: `path` is a NUL-terminated string that outlives the call,
@@ -189,15 +329,21 @@ pub(crate) fn load() -> Result<CpuBackend, String> {
     // no backend of that name was registered.
     let cpu = unsafe { llama_cpp_sys_2::ggml_backend_reg_by_name(c"CPU".as_ptr()) };
     if cpu.is_null() {
+        let errors = load_errors(&folder, &variants);
+        let why = if errors.is_empty() {
+            "each loads, but none is a ggml CPU backend that fits this CPU".to_string()
+        } else {
+            errors.join("; ")
+        };
         return Err(format!(
-            "none of the {} llama.cpp CPU backends in {} ({}) loads on this CPU",
+            "none of the {} llama.cpp CPU backends in {} ({}) loads on this CPU: {why}",
             variants.len(),
             folder.display(),
             variants.join(", ")
         ));
     }
     Ok(CpuBackend {
-        variant: mapped_variant(&folder),
+        variant: registered_variant(cpu),
         variants,
         folder,
         chosen,
@@ -214,7 +360,7 @@ mod tests {
             ("libggml-cpu-haswell.so", Some("haswell")),
             ("libggml-cpu-x64.so", Some("x64")),
             ("libggml-cpu-.so", None),
-            ("libggml-cpu.so", None),
+            ("libggml-cpu.so", Some(GENERIC_VARIANT)),
             ("libggml-cuda.so", None),
             ("libggml-cpu-haswell.so.1", None),
             ("libggml-base.so", None),
@@ -226,7 +372,49 @@ mod tests {
             std::fs::write(dir.path().join(name), b"").expect("write");
         }
         std::fs::create_dir(dir.path().join("libggml-cpu-folder.so")).expect("mkdir");
-        assert_eq!(variants_in(dir.path()), ["haswell", "zen4"]);
+        std::os::unix::fs::symlink("libggml-cpu-zen4.so", dir.path().join("libggml-cpu-x64.so"))
+            .expect("symlink");
+        std::os::unix::fs::symlink("missing.so", dir.path().join("libggml-cpu-gone.so"))
+            .expect("symlink");
+        assert_eq!(variants_in(dir.path()), ["haswell", "x64", "zen4"]);
         assert!(variants_in(&dir.path().join("missing")).is_empty());
+    }
+
+    /// A backends folder, or a backend, that someone else could replace is
+    /// refused: writable by others, or below a folder writable by others
+    /// that is not sticky. A sticky folder above (like `/tmp`) is fine.
+    #[test]
+    fn folders_and_backends_others_could_replace_are_untrusted() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let set = |path: &Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
+        };
+        let backends = dir.path().join("backends");
+        std::fs::create_dir(&backends).expect("mkdir");
+        let library = backends.join("libggml-cpu-x64.so");
+        std::fs::write(&library, b"").expect("write");
+        set(dir.path(), 0o755);
+        set(&backends, 0o755);
+        set(&library, 0o644);
+        assert_eq!(untrusted(&backends), None);
+        assert_eq!(untrusted(&library), None);
+        set(&library, 0o666);
+        assert!(untrusted(&library).is_some_and(|why| why.contains("writable")));
+        set(&library, 0o644);
+        set(&backends, 0o777);
+        assert!(untrusted(&backends).is_some());
+        assert!(
+            untrusted(&library).is_some(),
+            "a folder others may write, not sticky"
+        );
+        set(&backends, 0o1777);
+        assert!(
+            untrusted(&backends).is_some(),
+            "the folder itself, sticky or not"
+        );
+        assert_eq!(untrusted(&library), None, "sticky above, like /tmp");
+        set(&backends, 0o755);
+        assert!(untrusted(&dir.path().join("missing")).is_some());
     }
 }

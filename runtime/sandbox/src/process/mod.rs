@@ -324,9 +324,12 @@ pub fn protected_list(
 /// data at rest) and under the data folder (sessions, transcripts, the
 /// audit log, history), hidden. `$XDG_CACHE_HOME`,
 /// `$XDG_CONFIG_HOME` and `$XDG_DATA_HOME`, else their places in `$HOME`;
-/// and `$STACK_RUNTIME_ASSETS`, read-only. Code that could write the module
-/// cache could plant native code the runtime runs next; code that could
-/// write the sessions could forge the audit log.
+/// and `$STACK_RUNTIME_ASSETS`, read-only; the folder of the running
+/// executable and `$STACK_RUNTIME_GGML_BACKENDS`, read-only (llama.cpp's
+/// shared libraries and CPU backends load from there, see
+/// `stack_model::cpu_backends`). Code that could write the module
+/// cache or those folders could plant native code the runtime runs next;
+/// code that could write the sessions could forge the audit log.
 pub fn runtime_state_folders() -> Vec<(PathBuf, ProtectedMode)> {
     let env_dir = |var: &str, fallback: &str| {
         std::env::var_os(var)
@@ -346,11 +349,19 @@ pub fn runtime_state_folders() -> Vec<(PathBuf, ProtectedMode)> {
     .filter_map(|(base, mode)| Some((base?.join("stack-runtime"), mode)))
     .filter(|(folder, _)| folder.is_absolute())
     .collect();
-    if let Some(assets) = std::env::var_os("STACK_RUNTIME_ASSETS").filter(|d| !d.is_empty()) {
-        let assets = PathBuf::from(assets);
-        if assets.is_absolute() {
-            folders.push((assets, ProtectedMode::ReadOnly));
+    for var in ["STACK_RUNTIME_ASSETS", "STACK_RUNTIME_GGML_BACKENDS"] {
+        if let Some(folder) = std::env::var_os(var).filter(|d| !d.is_empty()) {
+            let folder = PathBuf::from(folder);
+            if folder.is_absolute() {
+                folders.push((folder, ProtectedMode::ReadOnly));
+            }
         }
+    }
+    if let Some(beside) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    {
+        folders.push((beside, ProtectedMode::ReadOnly));
     }
     folders
 }
@@ -1588,6 +1599,16 @@ mod tests {
             .any(|(p, m)| p.ends_with(".cache/stack-runtime")
                 && *m == super::ProtectedMode::ReadOnly
                 || std::env::var_os("XDG_CACHE_HOME").is_some()));
+        // The executable's own folder, where llama.cpp's libraries may lie.
+        let beside = std::env::current_exe()
+            .expect("current_exe")
+            .parent()
+            .expect("a folder")
+            .to_path_buf();
+        assert!(
+            folders.contains(&(beside, super::ProtectedMode::ReadOnly)),
+            "{folders:?}"
+        );
     }
 
     #[test]
