@@ -17,6 +17,10 @@
 //! links of its own there too, named `lib*.so`, which the binaries do not
 //! ask for.) The test and bench binaries of the other crates run under
 //! cargo, which puts the build's folder on the library path.
+//!
+//! The profile folder is taken from `OUT_DIR` (`<target>/<profile>/build/
+//! <package>/out`), as llama-cpp-sys-2 does; with cargo's separate
+//! `build.build-dir` the binaries land elsewhere and find no libraries.
 
 use std::path::{Path, PathBuf};
 
@@ -62,6 +66,9 @@ fn main() {
         "no lib*.so.N in llama.cpp's lib folder {}",
         installed.display()
     );
+    for library in &libraries {
+        println!("cargo:rerun-if-changed={}", library.display());
+    }
     for folder in [
         profile.clone(),
         profile.join("deps"),
@@ -69,8 +76,9 @@ fn main() {
     ] {
         std::fs::create_dir_all(&folder).expect("a folder beside the binaries");
         for library in &libraries {
-            println!("cargo:rerun-if-changed={}", library.display());
-            place(library, &folder);
+            let placed = place(library, &folder);
+            // A copy that goes missing is put back at the next build.
+            println!("cargo:rerun-if-changed={}", placed.display());
         }
     }
 }
@@ -87,18 +95,20 @@ fn is_soname(name: &str) -> bool {
 
 /// Copies `library` (through its symlink, to the file) into `folder`, by
 /// way of a temporary name and a rename, so that a binary starting at the
-/// same time never maps half a library. Skipped when the copy there is
-/// already the same size and no older.
-fn place(library: &Path, folder: &Path) {
+/// same time never maps half a library; the copy keeps the library's
+/// modification time. Skipped when the copy there is already the same
+/// size with the same time. Returns where it is.
+fn place(library: &Path, folder: &Path) -> PathBuf {
     let name = library.file_name().expect("a file name");
     let target = folder.join(name);
     let source = std::fs::metadata(library).expect("llama.cpp library");
+    let modified = source.modified().expect("a modification time");
     if let Ok(present) = std::fs::symlink_metadata(&target) {
-        let fresh = present.is_file()
+        if present.is_file()
             && present.len() == source.len()
-            && present.modified().ok() >= source.modified().ok();
-        if fresh {
-            return;
+            && present.modified().ok() == Some(modified)
+        {
+            return target;
         }
     }
     let partial = folder.join(format!(
@@ -106,6 +116,20 @@ fn place(library: &Path, folder: &Path) {
         name.to_string_lossy(),
         std::process::id()
     ));
-    std::fs::copy(library, &partial).expect("copy a llama.cpp library");
-    std::fs::rename(&partial, &target).expect("place a llama.cpp library");
+    let copied = std::fs::copy(library, &partial).and_then(|_| {
+        std::fs::File::options()
+            .write(true)
+            .open(&partial)?
+            .set_modified(modified)?;
+        std::fs::rename(&partial, &target)
+    });
+    if let Err(err) = copied {
+        let _ = std::fs::remove_file(&partial);
+        panic!(
+            "placing {} in {}: {err}",
+            library.display(),
+            folder.display()
+        );
+    }
+    target
 }

@@ -30,9 +30,12 @@
 //!   backend ggml loads from the environment, like `LD_PRELOAD` the user's
 //!   own choice; absolute, it is loaded).
 //! - **Only folders and files no one else can write.** The chosen folder,
-//!   each folder above it, and each backend in it must belong to root or
-//!   to this process's user and must not be writable by group or others
-//!   (a folder above may be, where it is sticky, like `/tmp`). A build
+//!   each folder above it, and each library ggml may load from it
+//!   (`libggml-*.so`), all by their real paths, must belong to root or to
+//!   this process's user and must not be writable by others or by a group
+//!   other than the user's private one (a folder above may be, where it is
+//!   sticky, like `/tmp`). The executable's own folder is held to the same
+//!   rule. A build
 //!   folder that was deleted (a `cargo install` builds in a temporary one)
 //!   and made again by another user is refused rather than loaded.
 //! - **Sandboxed code cannot write them.** The executable's folder and
@@ -94,8 +97,8 @@ impl BackendsFolder {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct CpuBackend {
     /// The variant ggml picked for this CPU (`haswell`, `zen4`, …), from
-    /// the file name of the library it mapped; `None` where that cannot be
-    /// seen (no `/proc`).
+    /// the file name of the library its entry point lies in; `None` where
+    /// the loader cannot say.
     pub variant: Option<String>,
     /// Every variant the folder holds, sorted.
     pub variants: Vec<String>,
@@ -158,25 +161,28 @@ fn variant_file(folder: &Path, variant: &str) -> PathBuf {
 
 /// Why `path` (a folder to load backends from, or a backend in it) could
 /// be replaced by someone other than root and this process's user: its
-/// owner, or write access for group or others. Folders above it are
-/// checked too; those may be writable by others where they are sticky.
+/// owner, or write access for others, or for a group other than the
+/// user's own private group (umask 002 distributions give each user one).
+/// Folders above it are checked too; those may be writable by others where
+/// they are sticky (like `/tmp`). `path` is canonical (no symlink on the
+/// way, so what is checked is what is loaded).
 fn untrusted(path: &Path) -> Option<String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let user = unsafe { libc::geteuid() };
+    let user = nix::unistd::geteuid();
     let mut checked = Some(path);
     while let Some(at) = checked {
-        let metadata = match std::fs::metadata(at) {
+        let metadata = match std::fs::symlink_metadata(at) {
             Ok(metadata) => metadata,
             Err(err) => return Some(format!("{}: {err}", at.display())),
         };
-        if metadata.uid() != 0 && metadata.uid() != user {
+        if metadata.uid() != 0 && metadata.uid() != user.as_raw() {
             return Some(format!(
                 "{} belongs to uid {}, neither root nor this user",
                 at.display(),
                 metadata.uid()
             ));
         }
-        let others_write = metadata.mode() & 0o022 != 0;
+        let others_write = metadata.mode() & 0o002 != 0
+            || (metadata.mode() & 0o020 != 0 && !private_group(metadata.gid()));
         let sticky = metadata.mode() & 0o1000 != 0;
         if others_write && (at == path || !sticky) {
             return Some(format!(
@@ -188,6 +194,38 @@ fn untrusted(path: &Path) -> Option<String> {
         checked = at.parent();
     }
     None
+}
+
+/// Whether `gid` is this user's private group: the user's primary group,
+/// named as the user, with no other members listed.
+fn private_group(gid: u32) -> bool {
+    let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::geteuid()) else {
+        return false;
+    };
+    let Ok(Some(group)) = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid)) else {
+        return false;
+    };
+    user.gid.as_raw() == gid && group.name == user.name && group.mem.iter().all(|m| *m == user.name)
+}
+
+/// Every library ggml may load from `folder`: `libggml-*.so` (the CPU
+/// variants, and the GPU, BLAS and RPC backends it also looks for).
+fn ggml_libraries_in(folder: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return Vec::new();
+    };
+    let mut libraries: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name().is_some_and(|name| {
+                let name = name.to_string_lossy();
+                name.starts_with("libggml-") && name.ends_with(LIBRARY_SUFFIX)
+            })
+        })
+        .collect();
+    libraries.sort();
+    libraries
 }
 
 /// The folder to load backends from (see the module docs for the order).
@@ -308,16 +346,24 @@ pub(crate) fn load() -> Result<CpuBackend, String> {
             chosen.describe()
         ));
     }
-    if chosen != BackendsFolder::BesideExecutable {
-        let suspect = std::iter::once(folder.clone())
-            .chain(variants.iter().map(|v| variant_file(&folder, v)))
-            .find_map(|path| untrusted(&path));
-        if let Some(why) = suspect {
-            return Err(format!(
-                "llama.cpp's CPU backends in {} ({}) are not loaded: {why}",
-                folder.display(),
-                chosen.describe()
-            ));
+    // What is checked is what ggml loads: the folder by its real path, and
+    // each library it may load there (through any symlink, to its file).
+    let refuse = |why: String| {
+        format!(
+            "llama.cpp's backends in {} ({}) are not loaded: {why}",
+            folder.display(),
+            chosen.describe()
+        )
+    };
+    let folder = folder
+        .canonicalize()
+        .map_err(|err| refuse(format!("{}: {err}", folder.display())))?;
+    for path in std::iter::once(folder.clone()).chain(ggml_libraries_in(&folder)) {
+        let real = path
+            .canonicalize()
+            .map_err(|err| refuse(format!("{}: {err}", path.display())))?;
+        if let Some(why) = untrusted(&real) {
+            return Err(refuse(why));
         }
     }
     let path = CString::new(folder.as_os_str().as_bytes())
@@ -331,7 +377,9 @@ pub(crate) fn load() -> Result<CpuBackend, String> {
     if cpu.is_null() {
         let errors = load_errors(&folder, &variants);
         let why = if errors.is_empty() {
-            "each loads, but none is a ggml CPU backend that fits this CPU".to_string()
+            "each loads, but none registered a CPU backend that fits this CPU (or they \
+             were built for another ggml)"
+                .to_string()
         } else {
             errors.join("; ")
         };

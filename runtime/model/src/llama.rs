@@ -128,6 +128,10 @@ fn initialized() -> Result<(&'static LlamaBackend, &'static CpuBackend), ModelEr
     BACKEND
         .get_or_init(|| {
             llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            // First, and on failure never llama.cpp at all: with no backend
+            // registered, `llama_backend_init` (and llama's GPU probes) fall
+            // back to ggml's default search, which looks in the current
+            // directory.
             let cpu = crate::cpu_backends::load()?;
             let backend = LlamaBackend::init().map_err(|e| e.to_string())?;
             Ok((backend, cpu))

@@ -1506,6 +1506,44 @@ async fn as_root_cgroups_of_runtimes_that_are_gone_are_swept() {
     fx.assert_healthy("cgroup sweep").await;
 }
 
+/// A workspace that is one of the runtime's own folders, or inside one
+/// (here the compiled-module cache; the executable's folder, where
+/// llama.cpp's libraries load from, is another), cannot have that folder
+/// kept read-only inside it: the call is refused before anything runs,
+/// and nothing is planted. Without the refusal the write succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workspace_inside_the_runtimes_own_folder_is_refused() {
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new();
+    let ws = fx.workspace.path().canonicalize().expect("canonical");
+    let state = common::RuntimeState::in_workspace(&ws);
+    let mut policy = tight_policy();
+    policy.protected.extend(state.protected.iter().cloned());
+    let plant = "open('evil.cwasm', 'w').write('NATIVE'); print('planted')";
+    for inside in [state.cache.clone(), state.cache.join("wasm")] {
+        let outcome = fx
+            .sandbox
+            .run_code(Language::Python, plant, &inside, &policy)
+            .await;
+        assert_ne!(outcome.status, ExecStatus::Ok, "{outcome:?}");
+        assert!(
+            outcome
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("one of the runtime's own folders")),
+            "{outcome:?}"
+        );
+        assert!(!inside.join("evil.cwasm").exists(), "{}", inside.display());
+    }
+    // The control: the same call in the workspace that holds the folder
+    // runs, and the folder stays read-only inside it.
+    let outcome = fx.run(Language::Python, plant, &policy).await;
+    assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
+    assert!(ws.join("evil.cwasm").exists());
+    fx.assert_healthy("a workspace inside the runtime's folder")
+        .await;
+}
+
 /// The runtime's own folders inside a workspace (a home-folder workspace;
 /// see `runtime_state_folders`): the compiled-module cache is read-only and
 /// the sessions and the key that encrypts them are hidden to sandboxed

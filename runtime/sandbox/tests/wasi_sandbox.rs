@@ -894,6 +894,34 @@ async fn protected_paths_hold_for_python_javascript_and_sessions_as_any_user() {
     assert_eq!(js_healthy.stdout, "ok\n", "{js_healthy:?}");
 }
 
+/// A workspace that is one of the runtime's own folders, or inside one,
+/// is refused before the guest runs: the folder could not be kept
+/// read-only inside it. The workspace that holds it runs the same guest.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workspace_inside_the_runtimes_own_folder_is_refused() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let ws = workspace.path().canonicalize().expect("canonical");
+    let state = common::RuntimeState::in_workspace(&ws);
+    let mut policy = quick();
+    policy.protected.extend(state.protected.iter().cloned());
+    let plant = "open('evil.cwasm', 'w').write('NATIVE'); print('planted')";
+    for inside in [state.cache.clone(), state.cache.join("wasm")] {
+        let outcome = sandbox().run_python(plant, &inside, &policy).await;
+        assert_ne!(outcome.status, ExecStatus::Ok, "{outcome:?}");
+        assert!(
+            outcome
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("one of the runtime's own folders")),
+            "{outcome:?}"
+        );
+        assert!(!inside.join("evil.cwasm").exists(), "{}", inside.display());
+    }
+    let outcome = sandbox().run_python(plant, &ws, &policy).await;
+    assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
+    assert!(ws.join("evil.cwasm").exists());
+}
+
 /// Red-team review of the WASI helper: a workspace that is the user's home
 /// folder holds the runtime's own folders (see `runtime_state_folders`),
 /// which protected lists carry as absolute paths. A guest must not plant

@@ -231,6 +231,10 @@ pub enum SandboxError {
     /// The kernel cannot give a guarantee the policy needs.
     #[error("sandbox refused: {0}")]
     KernelLacks(String),
+    /// The workspace is one of the runtime's own folders, or inside one
+    /// (see `runtime_state_folders`), which sandboxed code may not write.
+    #[error("sandbox refused: {0}")]
+    WorkspaceIsRuntimeState(String),
     /// The program to run does not exist.
     #[error("program `{0}` not found on the sandbox PATH ({SANDBOX_PATH})")]
     ProgramNotFound(String),
@@ -602,6 +606,13 @@ impl ProcessSandbox {
                     .into_iter()
                     .collect();
                 read_only.extend(extra_read_only);
+                if let Some(folder) =
+                    protect::workspace_within_protected(&workspace, &protected_names)
+                {
+                    return Err(SandboxError::WorkspaceIsRuntimeState(
+                        protect::refuse_workspace(&workspace, &folder),
+                    ));
+                }
                 let (protected, snapshot) = protect::survey(&workspace, &protected_names);
                 Ok::<_, SandboxError>((
                     workspace, identity, program, read_only, protected, snapshot,

@@ -184,6 +184,36 @@ fn absolute_entries(
     found
 }
 
+/// The runtime's own folder (an absolute entry of `names`, see
+/// `runtime_state_folders`) that is `workspace` or holds it, if any. Such
+/// a folder cannot be kept read-only or hidden inside the workspace (it
+/// would be the whole workspace), so sandboxed code must not run there at
+/// all: it could plant native code the runtime loads next (a compiled
+/// module, a llama.cpp backend beside the binary). `workspace` is
+/// canonical. Blocking.
+pub(crate) fn workspace_within_protected(
+    workspace: &Path,
+    names: &[(PathBuf, ProtectedMode)],
+) -> Option<PathBuf> {
+    names
+        .iter()
+        .filter(|(folder, _)| folder.is_absolute())
+        .find_map(|(folder, _)| {
+            let resolved = std::fs::canonicalize(folder).ok()?;
+            workspace.starts_with(&resolved).then(|| folder.clone())
+        })
+}
+
+/// The refusal of a call in such a workspace.
+pub(crate) fn refuse_workspace(workspace: &Path, folder: &Path) -> String {
+    format!(
+        "the workspace {} is inside {}, one of the runtime's own folders, which sandboxed code \
+         may not write; choose another workspace",
+        workspace.display(),
+        folder.display()
+    )
+}
+
 /// `path` with its longest existing prefix resolved (symlinks followed)
 /// and the rest appended as written.
 fn resolve_existing_prefix(path: &Path) -> Option<PathBuf> {

@@ -501,6 +501,13 @@ impl WasiSandbox {
                 ))
             }
         };
+        if let Some(folder) =
+            crate::process::protect::workspace_within_protected(&canonical, &policy.protected)
+        {
+            return Execution::internal_error(crate::process::protect::refuse_workspace(
+                &canonical, &folder,
+            ));
+        }
         let (present, snapshot) = crate::process::protect::survey(&canonical, &policy.protected);
         let mut outcome = if helper::needed(&present) {
             // Not root, and there are protected paths to keep: only a
