@@ -1,21 +1,22 @@
 //! The cost of encryption at rest on the append path: records the size of
 //! a transcript message (about 600 bytes of JSON) appended one by one to a
 //! real file, each with its own `write` as the transcript writer does,
-//! plaintext and sealed in both record ciphers (AES-256-GCM, which new
-//! files use where the CPU has AES instructions, and XChaCha20-Poly1305,
-//! used elsewhere and by files from before), in the same run, interleaved
-//! round by round so that drift on a busy machine hits all alike; then the
+//! plaintext and sealed in each record format (AES-256-GCM in format 3,
+//! which new files use where the CPU has AES instructions; in format 2,
+//! the previous release's; and XChaCha20-Poly1305, used elsewhere and by
+//! older files), in the same run, interleaved round by round so that drift
+//! on a busy machine hits all alike; then the
 //! same with an `fdatasync` after every record (what a power-loss-proof
 //! append costs), where the disk dominates. Printed as microseconds per
 //! record and as the ratio sealed over plaintext (the goal is under 1.2×
 //! for the cipher this CPU gets, named in the output), with the cost of
 //! sealing alone (no I/O) first. Each round appends one fresh file per
-//! variant, in each of the six orders in turn; times are medians over the
+//! variant, in each of eight orders in turn; times are medians over the
 //! rounds and ratios the median of each round's own ratio, which neither a
 //! stray slow round on a shared machine nor slow drift moves.
 //!
 //! ```sh
-//! cargo bench --workspace --bench seal   # BENCH_ROUNDS=36 for more (default 18)
+//! cargo bench --workspace --bench seal   # BENCH_ROUNDS=48 for more (default 24)
 //! ```
 
 use std::time::{Duration, Instant};
@@ -65,16 +66,20 @@ fn append(
     took
 }
 
-/// Every order of the three variants (plaintext, AES-256-GCM,
-/// XChaCha20-Poly1305); round `r` runs them in `ORDERS[r % 6]`.
-const ORDERS: [[usize; 3]; 6] = [
-    [0, 1, 2],
-    [1, 2, 0],
-    [2, 0, 1],
-    [0, 2, 1],
-    [2, 1, 0],
-    [1, 0, 2],
-];
+/// The variants: plaintext, then each record cipher.
+const VARIANTS: usize = 4;
+
+/// The order of the variants in round `round`: each rotation, forwards
+/// and backwards in turn, so that no variant always runs first or after
+/// the same other one.
+fn order(round: usize) -> [usize; VARIANTS] {
+    let rotation = (round / 2) % VARIANTS;
+    let mut order: [usize; VARIANTS] = std::array::from_fn(|at| (at + rotation) % VARIANTS);
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -90,7 +95,7 @@ fn main() {
     let rounds: usize = std::env::var("BENCH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
-        .unwrap_or(18)
+        .unwrap_or(24)
         .max(1);
     let dir =
         tempfile::tempdir_in(std::env::var_os("CARGO_TARGET_TMPDIR").unwrap_or_else(|| ".".into()))
@@ -98,7 +103,11 @@ fn main() {
             .expect("tempdir");
     let plain = Vault::plaintext();
     let this_cpu = RecordCipher::for_this_cpu();
-    let ciphers = [RecordCipher::Aes256Gcm, RecordCipher::XChaCha20Poly1305];
+    let ciphers = [
+        RecordCipher::Aes256Gcm,
+        RecordCipher::Aes256GcmV2,
+        RecordCipher::XChaCha20Poly1305,
+    ];
     let key = Key::generate();
     let sealed = ciphers
         .map(|cipher| Vault::sealing(key.clone(), KeySource::Given).with_record_cipher(cipher));
@@ -114,6 +123,7 @@ fn main() {
         ("plaintext", &plain),
         (ciphers[0].name(), &sealed[0]),
         (ciphers[1].name(), &sealed[1]),
+        (ciphers[2].name(), &sealed[2]),
     ];
     let appenders: Vec<(&str, Appender)> = encoders
         .iter()
@@ -127,7 +137,7 @@ fn main() {
         .collect();
     let mut encoded: Vec<Vec<Duration>> = vec![Vec::new(); appenders.len()];
     for round in 0..=rounds {
-        for variant in ORDERS[round % ORDERS.len()] {
+        for variant in order(round) {
             let started = Instant::now();
             let mut total = 0;
             for r in &records {
@@ -141,7 +151,7 @@ fn main() {
         // The first round warms up, not counted.
         samples.remove(0);
         println!(
-            "{:28} {label:18} {:8.2} µs/record, no I/O",
+            "{:28} {label:22} {:8.2} µs/record, no I/O",
             "encode alone",
             median_micros(&samples)
         );
@@ -157,28 +167,28 @@ fn main() {
         }
         // Plaintext and each cipher, in every order in turn, so that no
         // variant always runs first or after the same other one.
-        let variants = [&plain, &sealed[0], &sealed[1]];
-        let mut samples = [Vec::new(), Vec::new(), Vec::new()];
+        let variants = [&plain, &sealed[0], &sealed[1], &sealed[2]];
+        let mut samples: [Vec<Duration>; VARIANTS] = Default::default();
         for round in 1..=rounds {
-            for variant in ORDERS[round % ORDERS.len()] {
+            for variant in order(round) {
                 samples[variant].push(append(dir.path(), variants[variant], count, sync, round));
             }
         }
-        let [plain_samples, aes_samples, chacha_samples] = samples;
+        let [plain_samples, sealed_samples @ ..] = samples;
         println!(
-            "{label:28} {:18} {:8.2} µs/record   ({rounds} rounds of {count} records of {} bytes; medians, and the median of each round's ratio)",
+            "{label:28} {:22} {:8.2} µs/record   ({rounds} rounds of {count} records of {} bytes; medians, and the median of each round's ratio)",
             "plaintext",
             median_micros(&plain_samples),
             record(0).len()
         );
-        for (samples, cipher) in [aes_samples, chacha_samples].into_iter().zip(ciphers) {
+        for (samples, cipher) in sealed_samples.into_iter().zip(ciphers) {
             let ratios: Vec<f64> = samples
                 .iter()
                 .zip(&plain_samples)
                 .map(|(sealed, plain)| sealed.as_secs_f64() / plain.as_secs_f64())
                 .collect();
             println!(
-                "{:28} {:18} {:8.2} µs/record   sealed/plaintext {:.2}x{}",
+                "{:28} {:22} {:8.2} µs/record   sealed/plaintext {:.2}x{}",
                 "",
                 cipher.name(),
                 median_micros(&samples),

@@ -1054,6 +1054,7 @@ fn a_rewrite_keeps_a_sealed_logs_cipher() {
     for (made_with, vault_cipher) in [
         (RecordCipher::XChaCha20Poly1305, RecordCipher::Aes256Gcm),
         (RecordCipher::Aes256Gcm, RecordCipher::XChaCha20Poly1305),
+        (RecordCipher::Aes256GcmV2, RecordCipher::Aes256Gcm),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.jsonl");

@@ -156,21 +156,27 @@ impl Key {
         sealed
     }
 
-    /// A sealer for many records under this key, `cipher` and `aad` (see
-    /// [`RecordSealer`]).
-    pub fn record_sealer(&self, cipher: RecordCipher, aad: Vec<u8>) -> RecordSealer {
+    /// A sealer for many records of the file whose header is `header`,
+    /// under this key and `cipher` (see [`RecordSealer`]).
+    pub fn record_sealer(&self, cipher: RecordCipher, header: Vec<u8>) -> RecordSealer {
         let prefix = random_bytes::<16>();
         RecordSealer {
-            cipher: self.record_key(cipher, &prefix),
+            cipher: self.record_key(cipher, &prefix, &header),
+            record_cipher: cipher,
             prefix,
             counter: std::sync::atomic::AtomicU64::new(0),
-            aad,
+            header,
         }
     }
 
     /// The ring key that seals and opens the records of a sealer whose
-    /// nonce prefix is `prefix`.
-    fn record_key(&self, cipher: RecordCipher, prefix: &[u8; 16]) -> ring::aead::LessSafeKey {
+    /// nonce prefix is `prefix`, in the file whose header is `header`.
+    fn record_key(
+        &self,
+        cipher: RecordCipher,
+        prefix: &[u8; 16],
+        header: &[u8],
+    ) -> ring::aead::LessSafeKey {
         let unbound = match cipher {
             RecordCipher::XChaCha20Poly1305 => {
                 // XChaCha20 is ChaCha20 under the HChaCha20 subkey of the
@@ -187,17 +193,24 @@ impl Key {
                 ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &subkey[..])
                     .expect("ChaCha20-Poly1305 takes a 32-byte key")
             }
-            RecordCipher::Aes256Gcm => {
+            RecordCipher::Aes256Gcm | RecordCipher::Aes256GcmV2 => {
                 // HKDF-SHA256 of the key (a uniformly random secret, so
                 // extract with no salt), expanded with a label and the
-                // prefix: a fresh AES-256 key per sealer, so each key
-                // seals at most 2^64 records under distinct counter
-                // nonces, far inside AES-GCM's bounds.
+                // prefix (and, from format 3 on, the file's header): a
+                // fresh AES-256 key per sealer, so each key seals at most
+                // 2^64 records under distinct counter nonces, far inside
+                // AES-GCM's bounds. The label and the prefix have fixed
+                // lengths, so the header that follows them is unambiguous.
                 let pseudorandom =
                     ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&self.bytes[..]);
-                let info = [AES_256_GCM_LABEL, &prefix[..]];
+                let v3 = [AES_256_GCM_LABEL, &prefix[..], header];
+                let v2 = [AES_256_GCM_V2_LABEL, &prefix[..]];
+                let info: &[&[u8]] = match cipher {
+                    RecordCipher::Aes256GcmV2 => &v2,
+                    _ => &v3,
+                };
                 let okm = pseudorandom
-                    .expand(&info, &ring::aead::AES_256_GCM)
+                    .expand(info, &ring::aead::AES_256_GCM)
                     .expect("HKDF-SHA256 gives 32 bytes");
                 ring::aead::UnboundKey::from(okm)
             }
@@ -229,9 +242,13 @@ pub struct RecordSealer {
     /// under the HChaCha20 subkey (XChaCha20-Poly1305, byte for byte), or
     /// AES-256-GCM under the HKDF subkey (see [`RecordCipher`]).
     cipher: ring::aead::LessSafeKey,
+    /// Which of the formats it writes (padding and associated data).
+    record_cipher: RecordCipher,
     prefix: [u8; 16],
     counter: std::sync::atomic::AtomicU64,
-    aad: Vec<u8>,
+    /// The file's header: the associated data of formats 1 and 2; in
+    /// format 3, part of the subkey instead.
+    header: Vec<u8>,
 }
 
 impl std::fmt::Debug for RecordSealer {
@@ -250,22 +267,27 @@ impl RecordSealer {
         let mut nonce = [0u8; NONCE_LEN];
         nonce[..16].copy_from_slice(&self.prefix);
         nonce[16..].copy_from_slice(&count.to_le_bytes());
-        let sealed_len = NONCE_LEN + plaintext.len() + TAG_LEN;
+        let padding = self.record_cipher.padding(plaintext.len());
+        let sealed_len = NONCE_LEN + plaintext.len() + padding.len() + TAG_LEN;
         let length = u32::try_from(sealed_len).unwrap_or(u32::MAX).to_le_bytes();
         let mut framed = Vec::with_capacity(4 + sealed_len);
         framed.extend_from_slice(&length);
         framed.extend_from_slice(&nonce);
         framed.extend_from_slice(plaintext);
+        framed.extend_from_slice(padding);
         let body = &mut framed[4 + NONCE_LEN..];
+        let nonce = count_nonce(&count.to_le_bytes());
         // Fails only past the cipher's length limit (256 GiB); callers
         // refuse records past `MAX_RECORD` first.
-        let sealed = crate::record::with_record_aad(&self.aad, &length, |aad| {
-            self.cipher.seal_in_place_separate_tag(
-                count_nonce(&count.to_le_bytes()),
-                ring::aead::Aad::from(aad),
-                body,
-            )
-        });
+        let sealed = if self.record_cipher.header_is_aad() {
+            crate::record::with_record_aad(&self.header, &length, |aad| {
+                self.cipher
+                    .seal_in_place_separate_tag(nonce, ring::aead::Aad::from(aad), body)
+            })
+        } else {
+            self.cipher
+                .seal_in_place_separate_tag(nonce, ring::aead::Aad::empty(), body)
+        };
         match sealed {
             Ok(tag) => framed.extend_from_slice(tag.as_ref()),
             Err(_) => framed.clear(),
@@ -273,9 +295,9 @@ impl RecordSealer {
         framed
     }
 
-    /// The associated data it seals with (the file's header).
-    pub fn aad(&self) -> &[u8] {
-        &self.aad
+    /// The header of the file it seals for.
+    pub fn header(&self) -> &[u8] {
+        &self.header
     }
 }
 
@@ -288,25 +310,55 @@ fn count_nonce(count: &[u8]) -> ring::aead::Nonce {
     ring::aead::Nonce::assume_unique_for_key(nonce)
 }
 
-/// The label of the HKDF expansion that makes an AES-256-GCM sealer's
-/// subkey (followed by its 16-byte prefix).
-const AES_256_GCM_LABEL: &[u8] = b"stack-seal records AES-256-GCM v2";
+/// The label of the HKDF expansion that makes a format-2 AES-256-GCM
+/// sealer's subkey (followed by its 16-byte prefix).
+const AES_256_GCM_V2_LABEL: &[u8] = b"stack-seal records AES-256-GCM v2";
+/// The label of the HKDF expansion that makes a format-3 AES-256-GCM
+/// sealer's subkey (followed by its 16-byte prefix and the file's
+/// header). As long as the format-2 label, so neither is a prefix of
+/// the other's expansion input.
+const AES_256_GCM_LABEL: &[u8] = b"stack-seal records AES-256-GCM v3";
+
+/// An AES block: format 3 pads each record to a whole number of them.
+const BLOCK_LEN: usize = 16;
+/// The padding of format 3 (ISO/IEC 7816-4: one `0x80`, then zeros), of
+/// which a record takes its first 1 to 16 bytes.
+const PADDING: [u8; BLOCK_LEN] = {
+    let mut padding = [0u8; BLOCK_LEN];
+    padding[0] = 0x80;
+    padding
+};
+/// The most padding a record takes.
+pub const MAX_PADDING: usize = BLOCK_LEN;
 
 /// The cipher of a record file's records, named by the version byte of
 /// its magic (see [`crate::record`]). Both are authenticated ciphers from
-/// well-kept crates (ring, RustCrypto) and both nonces are a random
+/// well-kept crates (ring, RustCrypto) and every nonce is a random
 /// 128-bit prefix per appender followed by a count; they differ in speed
 /// by CPU. Blobs are always XChaCha20-Poly1305.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordCipher {
     /// XChaCha20-Poly1305 (format 1): the record's 24-byte nonce is the
-    /// XChaCha20 nonce. Constant-time in software on any CPU.
+    /// XChaCha20 nonce, the header and the length field its associated
+    /// data. Constant-time in software on any CPU.
     XChaCha20Poly1305,
-    /// AES-256-GCM (format 2) under `HKDF-SHA256(key, label ‖ prefix)`,
-    /// the prefix being the nonce's first 16 bytes, with the nonce's last
-    /// 8 (the count) as its 96-bit nonce (zero-padded). About half
-    /// XChaCha20-Poly1305's time per record where the CPU has AES and
-    /// carry-less multiply instructions, so new files use it there.
+    /// AES-256-GCM as the previous release wrote it (format 2), under
+    /// `HKDF-SHA256(key, label ‖ prefix)`, the prefix being the nonce's
+    /// first 16 bytes, with the nonce's last 8 (the count) as its 96-bit
+    /// nonce (zero-padded), and the header and the length field as
+    /// associated data. Read, and appended to in its own format; no new
+    /// file is made in it.
+    Aes256GcmV2,
+    /// AES-256-GCM (format 3) under `HKDF-SHA256(key, label ‖ prefix ‖
+    /// header)`: the file's header is bound by the subkey rather than
+    /// authenticated again with every record, and each record is padded
+    /// to whole 16-byte blocks (one `0x80`, then zeros), so its exact
+    /// length is hidden to within 16 bytes and ring never takes its
+    /// slower partial-block path. No associated data: GCM authenticates
+    /// the ciphertext's length, so a changed length field (which frames
+    /// other bytes as the record) fails as any changed byte does. About
+    /// half XChaCha20-Poly1305's time per record where the CPU has AES
+    /// and carry-less multiply instructions, so new files use it there.
     Aes256Gcm,
 }
 
@@ -334,6 +386,7 @@ impl RecordCipher {
     pub fn name(self) -> &'static str {
         match self {
             RecordCipher::XChaCha20Poly1305 => "XChaCha20-Poly1305",
+            RecordCipher::Aes256GcmV2 => "AES-256-GCM (format 2)",
             RecordCipher::Aes256Gcm => "AES-256-GCM",
         }
     }
@@ -343,8 +396,61 @@ impl RecordCipher {
     pub fn describe(self) -> &'static str {
         match self {
             RecordCipher::XChaCha20Poly1305 => "XChaCha20-Poly1305",
-            RecordCipher::Aes256Gcm => "AES-256-GCM records, XChaCha20-Poly1305 KV state",
+            RecordCipher::Aes256Gcm | RecordCipher::Aes256GcmV2 => {
+                "AES-256-GCM records, XChaCha20-Poly1305 KV state"
+            }
         }
+    }
+
+    /// The version byte of the magic of files whose records it seals.
+    pub fn format(self) -> u8 {
+        match self {
+            RecordCipher::XChaCha20Poly1305 => 1,
+            RecordCipher::Aes256GcmV2 => 2,
+            RecordCipher::Aes256Gcm => 3,
+        }
+    }
+
+    /// The cipher of the format whose version byte is `format`, if one
+    /// this code knows.
+    pub fn of_format(format: u8) -> Option<RecordCipher> {
+        [
+            RecordCipher::XChaCha20Poly1305,
+            RecordCipher::Aes256GcmV2,
+            RecordCipher::Aes256Gcm,
+        ]
+        .into_iter()
+        .find(|cipher| cipher.format() == format)
+    }
+
+    /// Whether each record is authenticated with the file's header and
+    /// its length field as associated data (formats 1 and 2; format 3
+    /// binds the header in the subkey).
+    fn header_is_aad(self) -> bool {
+        self != RecordCipher::Aes256Gcm
+    }
+
+    /// The padding a record of `len` bytes takes before it is sealed:
+    /// none before format 3, then 1 to 16 bytes to the next whole block.
+    pub(crate) fn padding(self, len: usize) -> &'static [u8] {
+        match self {
+            RecordCipher::Aes256Gcm => &PADDING[..BLOCK_LEN - len % BLOCK_LEN],
+            _ => &[],
+        }
+    }
+
+    /// `opened` without its padding (see [`RecordCipher::padding`]);
+    /// `None` when it does not end in padding this code writes.
+    fn unpad(self, opened: &mut Zeroizing<Vec<u8>>) -> Option<()> {
+        if self != RecordCipher::Aes256Gcm {
+            return Some(());
+        }
+        let marker = opened.iter().rposition(|byte| *byte != 0)?;
+        if opened[marker] != 0x80 || opened.len() - marker > BLOCK_LEN {
+            return None;
+        }
+        opened.truncate(marker);
+        Some(())
     }
 }
 
@@ -361,21 +467,24 @@ impl Default for RecordCipher {
 pub(crate) struct RecordOpener<'k> {
     key: &'k Key,
     cipher: RecordCipher,
+    header: &'k [u8],
     last: Option<([u8; 16], ring::aead::LessSafeKey)>,
 }
 
 impl<'k> RecordOpener<'k> {
-    pub(crate) fn new(key: &'k Key, cipher: RecordCipher) -> RecordOpener<'k> {
+    /// An opener of the records of the file whose header is `header`.
+    pub(crate) fn new(key: &'k Key, cipher: RecordCipher, header: &'k [u8]) -> RecordOpener<'k> {
         RecordOpener {
             key,
             cipher,
+            header,
             last: None,
         }
     }
 
-    /// Opens `nonce ‖ ciphertext ‖ tag`; `None` when it fails
-    /// authentication.
-    pub(crate) fn open(&mut self, sealed: &[u8], aad: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    /// Opens `nonce ‖ ciphertext ‖ tag`, the record whose length field is
+    /// `length`; `None` when it fails authentication.
+    pub(crate) fn open(&mut self, sealed: &[u8], length: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
         if sealed.len() < NONCE_LEN + TAG_LEN {
             return None;
         }
@@ -385,20 +494,26 @@ impl<'k> RecordOpener<'k> {
         let cipher = match &mut self.last {
             Some((last, cipher)) if *last == prefix => cipher,
             slot => {
-                let cipher = self.key.record_key(self.cipher, &prefix);
+                let cipher = self.key.record_key(self.cipher, &prefix, self.header);
                 &slot.insert((prefix, cipher)).1
             }
         };
         let mut opened = Zeroizing::new(body.to_vec());
-        let length = cipher
-            .open_in_place(
-                count_nonce(&nonce[16..]),
-                ring::aead::Aad::from(aad),
-                &mut opened[..],
-            )
-            .ok()?
-            .len();
-        opened.truncate(length);
+        let nonce = count_nonce(&nonce[16..]);
+        let opened_len = if self.cipher.header_is_aad() {
+            crate::record::with_record_aad(self.header, length, |aad| {
+                cipher
+                    .open_in_place(nonce, ring::aead::Aad::from(aad), &mut opened[..])
+                    .map(|plaintext| plaintext.len())
+            })
+        } else {
+            cipher
+                .open_in_place(nonce, ring::aead::Aad::empty(), &mut opened[..])
+                .map(|plaintext| plaintext.len())
+        }
+        .ok()?;
+        opened.truncate(opened_len);
+        self.cipher.unpad(&mut opened)?;
         Some(opened)
     }
 }
@@ -543,6 +658,40 @@ mod tests {
         let mut flipped = sealed.clone();
         flipped[NONCE_LEN + 2] ^= 1;
         assert!(key.open(&flipped, b"ctx").is_none());
+    }
+
+    /// Format 3's padding: 1 to 16 bytes to a whole block, stripped on
+    /// read; anything else after an authentic open (which only a bug or
+    /// a holder of the key could make) is refused, not guessed at.
+    #[test]
+    fn padding_fills_to_a_block_and_only_padding_is_stripped() {
+        let cipher = RecordCipher::Aes256Gcm;
+        for len in 0..=40 {
+            let padding = cipher.padding(len);
+            assert_eq!((len + padding.len()) % 16, 0);
+            assert!((1..=16).contains(&padding.len()));
+            let mut padded = Zeroizing::new([vec![7u8; len], padding.to_vec()].concat());
+            assert_eq!(cipher.unpad(&mut padded), Some(()));
+            assert_eq!(padded.len(), len);
+        }
+        for (opened, expected) in [
+            (&[][..], None),
+            (&[0u8; 16], None),
+            (&[7, 0x80, 1], None),
+            (&[0x80], Some(&[][..])),
+            (&[1, 0x80, 0, 0], Some(&[1][..])),
+        ] {
+            let mut stripped = Zeroizing::new(opened.to_vec());
+            let stripped = cipher.unpad(&mut stripped).map(|()| stripped.to_vec());
+            assert_eq!(stripped.as_deref(), expected, "{opened:?}");
+        }
+        let mut long = Zeroizing::new([vec![0x80u8], vec![0u8; 16]].concat());
+        assert_eq!(
+            cipher.unpad(&mut long),
+            None,
+            "more than a block of padding"
+        );
+        assert!(RecordCipher::Aes256GcmV2.padding(5).is_empty());
     }
 
     #[test]

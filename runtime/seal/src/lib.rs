@@ -10,8 +10,8 @@
 //! encrypt = true` every such file is sealed with an authenticated cipher
 //! (see [`RecordCipher`]): the records of new record files with
 //! AES-256-GCM where the CPU has AES and carry-less multiply instructions
-//! (ring's, under an HKDF-SHA256 subkey of the key and a random per-appender
-//! prefix), else with XChaCha20-Poly1305 (ring's assembly ChaCha20-Poly1305
+//! (ring's, under an HKDF-SHA256 subkey of the key, a random per-appender
+//! prefix and the file's header; format 3), else with XChaCha20-Poly1305 (ring's assembly ChaCha20-Poly1305
 //! under the HChaCha20 subkey of that prefix, XChaCha20-Poly1305 byte for
 //! byte), and blobs with XChaCha20-Poly1305 (RustCrypto's
 //! `chacha20poly1305`). The file's header names its cipher, so files of
@@ -26,7 +26,10 @@
 //! names the key (its [`KeyId`], a hash that reveals nothing of it), the
 //! kind of file, a random file id, and its context (`transcript:ID`,
 //! `audit`, `kv:ID`, `history:ID`); every record is authenticated together
-//! with that header and its own length field, so a record copied in from
+//! with that header (as associated data, or, in format 3, because the
+//! header is part of the appender's subkey) and its own length field
+//! (as associated data, or through GCM's own authenticated length), so a
+//! record copied in from
 //! another file (even one of the same context), a whole file moved to
 //! another session's name, a changed length or an edited header fails to
 //! open. A blob's chunks also carry their index and whether they are the
@@ -65,7 +68,9 @@
 //! sequence number: several processes append to the audit log), against
 //! someone who can write the data folder replacing a sealed file by a
 //! plaintext one (read, and then sealed, as a file from before encryption
-//! was on), or against traffic analysis of file sizes. Plaintext files
+//! was on), or against traffic analysis of file sizes (format 3 pads each
+//! record to whole 16-byte blocks, so a record's length shows only to
+//! within 16 bytes; formats 1 and 2 show it exactly). Plaintext files
 //! written before encryption was turned on are sealed the next time they
 //! are appended to, and by `agent keys rotate`; the blocks the plaintext
 //! held are freed, not wiped, by the file system. A KV state in a `memfd`

@@ -3,16 +3,19 @@
 //! A sealed file is
 //! `magic (8) ‖ key id (8) ‖ kind (1) ‖ file id (16, random) ‖ context
 //! length (1) ‖ context`, then records, each `length (u32 LE) ‖ nonce (24)
-//! ‖ ciphertext ‖ tag (16)`, authenticated with the whole header and the
-//! record's length as associated data (so a record cannot be moved to
-//! another file, even one with the same context, and a changed length is
-//! caught). The magic's last byte is the format, which names the records'
-//! cipher ([`RecordCipher`]): 1, XChaCha20-Poly1305 (also every blob); 2,
-//! AES-256-GCM under a per-appender subkey. A plaintext file is one record
-//! per line (JSON lines, UTF-8). Readers take all three; appenders keep a
-//! file's format, except that a plaintext file is sealed (rewritten whole,
-//! in the vault's record cipher) when the vault seals, and a file sealed
-//! with an older key is sealed again with the current one (and cipher).
+//! ‖ ciphertext ‖ tag (16)`, each bound to the whole header (so a record
+//! cannot be moved to another file, even one with the same context) and
+//! to its length (so a changed length is caught). The magic's last byte is
+//! the format, which names the records' cipher ([`RecordCipher`]): 1,
+//! XChaCha20-Poly1305 (also every blob), the header and length field as
+//! associated data; 2, AES-256-GCM the same way under a per-appender
+//! subkey (the previous release's); 3, AES-256-GCM under a subkey of the
+//! appender's prefix and the header, records padded to whole blocks. A
+//! plaintext file is one record per line (JSON lines, UTF-8). Readers take
+//! all four; appenders keep a file's format, except that a plaintext file
+//! is sealed (rewritten whole, in the vault's record cipher) when the
+//! vault seals, and a file sealed with an older key is sealed again with
+//! the current one (and cipher).
 //!
 //! Nothing is thrown away: bytes an appender must cut off (a record torn by
 //! a crash, a header cut short) are first kept beside the file as
@@ -29,8 +32,12 @@ use crate::SealError;
 
 /// What a sealed file of format 1 (XChaCha20-Poly1305) starts with.
 pub const MAGIC_XCHACHA20_POLY1305: &[u8; 8] = b"STKSEAL\x01";
-/// What a sealed record file of format 2 (AES-256-GCM) starts with.
-pub const MAGIC_AES_256_GCM: &[u8; 8] = b"STKSEAL\x02";
+/// What a sealed record file of format 2 (AES-256-GCM, the header as
+/// associated data) starts with.
+pub const MAGIC_AES_256_GCM_V2: &[u8; 8] = b"STKSEAL\x02";
+/// What a sealed record file of format 3 (AES-256-GCM, the header in the
+/// subkey, records padded) starts with.
+pub const MAGIC_AES_256_GCM: &[u8; 8] = b"STKSEAL\x03";
 /// The part of the magic every format shares: what every sealed file
 /// starts with.
 pub const MAGIC_FAMILY: &[u8; 7] = b"STKSEAL";
@@ -90,10 +97,8 @@ impl Header {
     pub fn to_bytes(&self) -> Vec<u8> {
         let context = self.context.as_bytes();
         let mut bytes = Vec::with_capacity(HEADER_FIXED + context.len());
-        bytes.extend_from_slice(match self.cipher {
-            RecordCipher::XChaCha20Poly1305 => MAGIC_XCHACHA20_POLY1305,
-            RecordCipher::Aes256Gcm => MAGIC_AES_256_GCM,
-        });
+        bytes.extend_from_slice(MAGIC_FAMILY);
+        bytes.push(self.cipher.format());
         bytes.extend_from_slice(&self.key.0);
         bytes.push(self.kind as u8);
         bytes.extend_from_slice(&self.file);
@@ -114,7 +119,7 @@ impl Header {
         }
         let Some(cipher) = bytes
             .get(MAGIC_FAMILY.len())
-            .and_then(|v| format_cipher(*v))
+            .and_then(|v| RecordCipher::of_format(*v))
         else {
             return Err(malformed(
                 "sealed by another version of the runtime (unknown format)",
@@ -237,15 +242,6 @@ pub(crate) fn with_record_aad<R>(header: &[u8], length: &[u8], with: impl FnOnce
     }
 }
 
-/// The record cipher a magic's format byte names, if one this code knows.
-fn format_cipher(format: u8) -> Option<RecordCipher> {
-    match format {
-        1 => Some(RecordCipher::XChaCha20Poly1305),
-        2 => Some(RecordCipher::Aes256Gcm),
-        _ => None,
-    }
-}
-
 /// Whether `bytes` is a sealed header cut short by a crash (the magic of
 /// a format this code knows, or the start of it, and nothing past the
 /// header's fixed part).
@@ -256,7 +252,7 @@ fn torn_header(bytes: &[u8]) -> bool {
         && MAGIC_FAMILY.starts_with(&bytes[..bytes.len().min(family)])
         && bytes
             .get(family)
-            .is_none_or(|v| format_cipher(*v).is_some())
+            .is_none_or(|v| RecordCipher::of_format(*v).is_some())
 }
 
 fn layout(path: &Path, bytes: &[u8]) -> Result<Layout, SealError> {
@@ -364,18 +360,16 @@ fn open_records(
     };
     header.check(path, Kind::Records, context)?;
     let key = key_for(vault, path, header.key)?;
-    let mut opener = RecordOpener::new(key, header.cipher);
-    let header_bytes = &bytes[..header_len];
+    let mut opener = RecordOpener::new(key, header.cipher, &bytes[..header_len]);
     let mut items = Vec::with_capacity(layout.spans.len());
     for (index, (at, start, end)) in layout.spans.iter().enumerate() {
-        let opened = with_record_aad(header_bytes, &bytes[*at..*start], |aad| {
-            opener.open(&bytes[*start..*end], aad)
-        })
-        .ok_or(SealError::Tampered {
-            path: path.to_path_buf(),
-            record: index,
-            offset: *at as u64,
-        })?;
+        let opened = opener
+            .open(&bytes[*start..*end], &bytes[*at..*start])
+            .ok_or(SealError::Tampered {
+                path: path.to_path_buf(),
+                record: index,
+                offset: *at as u64,
+            })?;
         items.push(opened.to_vec());
     }
     Ok(Records {
@@ -525,7 +519,7 @@ impl Appender {
 
 /// Refuses a record too large to be read back (past [`MAX_RECORD`]).
 pub fn check_size(path: &Path, record: &[u8]) -> Result<(), SealError> {
-    if record.len() + NONCE_LEN + TAG_LEN > MAX_RECORD {
+    if record.len() + crate::key::MAX_PADDING + NONCE_LEN + TAG_LEN > MAX_RECORD {
         return Err(SealError::Malformed {
             path: path.to_path_buf(),
             reason: format!(
@@ -683,7 +677,7 @@ impl RecordWriter {
             file: Some(file),
             buffer: sealing
                 .as_ref()
-                .map(|s| s.aad().to_vec())
+                .map(|s| s.header().to_vec())
                 .unwrap_or_default(),
             sealing,
         };
@@ -852,7 +846,11 @@ mod tests {
     use crate::key::KeySource;
 
     /// Every record cipher: each test runs once for each.
-    const CIPHERS: [RecordCipher; 2] = [RecordCipher::Aes256Gcm, RecordCipher::XChaCha20Poly1305];
+    const CIPHERS: [RecordCipher; 3] = [
+        RecordCipher::Aes256Gcm,
+        RecordCipher::Aes256GcmV2,
+        RecordCipher::XChaCha20Poly1305,
+    ];
 
     fn sealing(cipher: RecordCipher) -> Vault {
         Vault::sealing(Key::generate(), KeySource::Given).with_record_cipher(cipher)
@@ -953,7 +951,8 @@ mod tests {
             // A damaged length field of record 1 that points past the end:
             // records 1 and 2 look torn; an appender keeps them aside.
             let header_len = HEADER_FIXED + 1;
-            let record_len = 4 + NONCE_LEN + 3 + TAG_LEN;
+            let padded = |len: usize| len + cipher.padding(len).len();
+            let record_len = 4 + NONCE_LEN + padded(3) + TAG_LEN;
             let mut damaged = whole.clone();
             damaged[header_len + record_len..header_len + record_len + 4]
                 .copy_from_slice(&10_000u32.to_le_bytes());
@@ -985,16 +984,16 @@ mod tests {
             // A length field changed so that the record still looks whole
             // (one byte shorter) fails authentication: the length is bound.
             let mut bumped = whole.clone();
-            let last = whole.len() - (4 + NONCE_LEN + 5 + TAG_LEN);
+            let last = whole.len() - (4 + NONCE_LEN + padded(5) + TAG_LEN);
             bumped[last..last + 4]
-                .copy_from_slice(&((NONCE_LEN + 4 + TAG_LEN) as u32).to_le_bytes());
+                .copy_from_slice(&((NONCE_LEN + padded(5) - 1 + TAG_LEN) as u32).to_le_bytes());
             bumped.pop();
             std::fs::write(&path, &bumped).expect("bump");
             assert_eq!(tampered_record(&path, "c", &vault), Some(2));
             // Neither sealed nor text; another version's magic.
             for (name, bytes) in [
                 ("garbage", vec![0xffu8, 0xfe, b'\n', 0x80, b'\n']),
-                ("future", b"STKSEAL\x03 later".to_vec()),
+                ("future", b"STKSEAL\x04 later".to_vec()),
             ] {
                 let other = dir.path().join(name);
                 std::fs::write(&other, &bytes).expect("write");
@@ -1084,11 +1083,13 @@ mod tests {
     #[test]
     fn files_sealed_in_each_format_still_open() {
         const XCHACHA20_POLY1305: &str = "53544b5345414c0185b6677836dda61b0163b02aae6eed067bc4dab0ed67026b44127472616e7363726970743a6669787475726549000000518f5eabb746501bce469a4ef409335e00000000000000002475344821be86e9fd0b7c2214fc6fef2a1dd2c32c38532db605aaf6eee7fda09f128dd490c6c71e80442515bf47fed5fd2f000000518f5eabb746501bce469a4ef409335e0100000000000000a66c531f6f3f117be1b7d33136c309f5ef60b3f6711a632f0000004103726d3812c663d6a21e78226bc67800000000000000005f86ab2c53ed741eeeb1122a400ff2b1d3a8fa5a87bdee";
-        const AES_256_GCM: &str = "53544b5345414c0285b6677836dda61b01b398bdddd5a21c028d939ee1b1e4a1e0127472616e7363726970743a66697874757265490000005bf369416705527af802e865919aabf30000000000000000c842ac3cceb72578330b077a732c4068f675413a2f8e13513bf9a44fdd6f6c2f442fff5b626d07039d3bc0652590b9ac202f0000005bf369416705527af802e865919aabf301000000000000009763853d447d53c743bf45dc7e22f01498a37cbbb0cee32f000000767cac7483b031a847d7dc32a806b4560000000000000000ffbc0fe04eac0009c00e42a38cce7488baf0ff0c6a7b51";
+        const AES_256_GCM_V2: &str = "53544b5345414c0285b6677836dda61b01b398bdddd5a21c028d939ee1b1e4a1e0127472616e7363726970743a66697874757265490000005bf369416705527af802e865919aabf30000000000000000c842ac3cceb72578330b077a732c4068f675413a2f8e13513bf9a44fdd6f6c2f442fff5b626d07039d3bc0652590b9ac202f0000005bf369416705527af802e865919aabf301000000000000009763853d447d53c743bf45dc7e22f01498a37cbbb0cee32f000000767cac7483b031a847d7dc32a806b4560000000000000000ffbc0fe04eac0009c00e42a38cce7488baf0ff0c6a7b51";
+        const AES_256_GCM: &str = "53544b5345414c0385b6677836dda61b01aada0763276245bdb67331c7a37d1839127472616e7363726970743a66697874757265580000005c77b2d400a46a3f8071c352d0b6253a0000000000000000cb67dfd6983577bdfe5e31a38737c6f792dbb47a4d4a103446f016ecfed97003b62e5ffb306b67f8c238fa46bc72c8b0248547e54f35f994d1cf45a9da1e96d3380000005c77b2d400a46a3f8071c352d0b6253a010000000000000067d4b84fb6d15aca4c275ee79ed4863e34e201deb515c2eb134314146071542a3800000049ab470aafd597ccf4e6ae228c355fee0000000000000000e460df00f7019fbc4405dcf3f98a867db82dbbde68a6f29084c20e89d05177a7";
         let key = Key::from_hex(&"5e".repeat(32)).expect("key");
         let dir = tempfile::tempdir().expect("tempdir");
         for (hex, cipher) in [
             (XCHACHA20_POLY1305, RecordCipher::XChaCha20Poly1305),
+            (AES_256_GCM_V2, RecordCipher::Aes256GcmV2),
             (AES_256_GCM, RecordCipher::Aes256Gcm),
         ] {
             let bytes: Vec<u8> = (0..hex.len())
@@ -1123,6 +1124,7 @@ mod tests {
         for (from, to) in [
             (RecordCipher::XChaCha20Poly1305, RecordCipher::Aes256Gcm),
             (RecordCipher::Aes256Gcm, RecordCipher::XChaCha20Poly1305),
+            (RecordCipher::Aes256GcmV2, RecordCipher::Aes256Gcm),
         ] {
             let dir = tempfile::tempdir().expect("tempdir");
             let path = dir.path().join("t.jsonl");
@@ -1194,18 +1196,79 @@ mod tests {
         }
     }
 
-    /// Blobs are written only in format 1: a blob header in format 2 is
-    /// a damaged or forged file, refused.
+    /// Blobs are written only in format 1: a blob header in an AES
+    /// format is a damaged or forged file, refused.
     #[test]
     fn a_blob_in_the_aes_format_is_refused() {
         let key = Key::generate();
-        let mut bytes = Header::blob(&key, "kv:a").to_bytes();
-        assert!(Header::parse(Path::new("kv"), &bytes).is_ok());
-        bytes[..MAGIC_AES_256_GCM.len()].copy_from_slice(MAGIC_AES_256_GCM);
-        assert!(matches!(
-            Header::parse(Path::new("kv"), &bytes),
-            Err(SealError::Malformed { .. })
-        ));
+        for magic in [MAGIC_AES_256_GCM, MAGIC_AES_256_GCM_V2] {
+            let mut bytes = Header::blob(&key, "kv:a").to_bytes();
+            assert!(Header::parse(Path::new("kv"), &bytes).is_ok());
+            bytes[..magic.len()].copy_from_slice(magic);
+            assert!(matches!(
+                Header::parse(Path::new("kv"), &bytes),
+                Err(SealError::Malformed { .. })
+            ));
+        }
+    }
+
+    /// Every byte of the header is bound to every record, whether as
+    /// associated data (formats 1 and 2) or in the subkey (format 3): a
+    /// changed file id or key id byte fails the first record.
+    #[test]
+    fn an_edited_header_fails_its_records() {
+        for cipher in CIPHERS {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("t.jsonl");
+            let vault = sealing(cipher);
+            let mut appender = Appender::open(&path, "c", &vault, Hold::Shared).expect("open");
+            appender.append(b"zero").expect("append");
+            drop(appender);
+            let bytes = std::fs::read(&path).expect("read");
+            // The file id (17..33); the key id (8..16) names a key the
+            // vault lacks, which is refused by name before any record.
+            let mut edited = bytes.clone();
+            edited[20] ^= 0x01;
+            std::fs::write(&path, &edited).expect("write");
+            assert_eq!(tampered_record(&path, "c", &vault), Some(0), "{cipher:?}");
+            let mut edited = bytes.clone();
+            edited[9] ^= 0x01;
+            std::fs::write(&path, &edited).expect("write");
+            assert!(
+                matches!(
+                    read_records(&path, Some("c"), &vault),
+                    Err(SealError::WrongKey { .. })
+                ),
+                "{cipher:?}"
+            );
+        }
+    }
+
+    /// Format 3 pads each record to whole 16-byte blocks (so a record's
+    /// exact length is hidden to within 16 bytes) and strips it on read;
+    /// every length reads back as written.
+    #[test]
+    fn format_3_pads_records_to_whole_blocks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.jsonl");
+        let vault = sealing(RecordCipher::Aes256Gcm);
+        let mut appender = Appender::open(&path, "c", &vault, Hold::Shared).expect("open");
+        let records: Vec<Vec<u8>> = (0..=48).map(|len| vec![0u8; len]).collect();
+        for record in &records {
+            appender.append(record).expect("append");
+        }
+        drop(appender);
+        let bytes = std::fs::read(&path).expect("read");
+        let spans = layout(&path, &bytes).expect("layout").spans;
+        for ((_, start, end), record) in spans.iter().zip(&records) {
+            let body = end - start - NONCE_LEN - TAG_LEN;
+            assert_eq!(body % 16, 0, "a record of {} bytes", record.len());
+            assert!(body > record.len() && body <= record.len() + 16);
+        }
+        assert_eq!(
+            read_records(&path, Some("c"), &vault).expect("read").items,
+            records
+        );
     }
 
     /// Each sealer counts its records in their nonces (0, 1, 2, … after
@@ -1236,13 +1299,16 @@ mod tests {
             recounted[spans[1].1 + 16] ^= 0x01;
             std::fs::write(&path, &recounted).expect("write");
             assert_eq!(tampered_record(&path, "c", &vault), Some(1), "{cipher:?}");
-            let mut reformatted = bytes.clone();
-            reformatted[MAGIC_FAMILY.len()] = match cipher {
-                RecordCipher::Aes256Gcm => MAGIC_XCHACHA20_POLY1305[7],
-                RecordCipher::XChaCha20Poly1305 => MAGIC_AES_256_GCM[7],
-            };
-            std::fs::write(&path, &reformatted).expect("write");
-            assert_eq!(tampered_record(&path, "c", &vault), Some(0), "{cipher:?}");
+            for other in CIPHERS.into_iter().filter(|other| *other != cipher) {
+                let mut reformatted = bytes.clone();
+                reformatted[MAGIC_FAMILY.len()] = other.format();
+                std::fs::write(&path, &reformatted).expect("write");
+                assert_eq!(
+                    tampered_record(&path, "c", &vault),
+                    Some(0),
+                    "{cipher:?} as {other:?}"
+                );
+            }
         }
     }
 
@@ -1253,9 +1319,11 @@ mod tests {
     fn a_header_cut_short_in_either_format_is_torn() {
         let dir = tempfile::tempdir().expect("tempdir");
         let vault = sealing(RecordCipher::Aes256Gcm);
-        let cut: [&[u8]; 4] = [
+        let cut: [&[u8]; 6] = [
             &MAGIC_FAMILY[..],
             &MAGIC_AES_256_GCM[..],
+            &MAGIC_AES_256_GCM_V2[..],
+            &[&MAGIC_AES_256_GCM_V2[..], &[7, 7, 7]].concat(),
             &[&MAGIC_AES_256_GCM[..], &[7, 7, 7]].concat(),
             &[&MAGIC_XCHACHA20_POLY1305[..], &[7, 7, 7]].concat(),
         ];
