@@ -632,14 +632,8 @@ fn logs_to_a_pipe_are_plain_and_the_system_prompt_is_the_users() {
             .output()
             .expect("agent run");
         assert!(output.status.success(), "{output:?}");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let finished = stdout
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .find(|event| event["event"] == "turn_finished")
-            .unwrap_or_else(|| panic!("no turn_finished: {stdout}"));
         (
-            finished,
+            common::turn_finished(&String::from_utf8_lossy(&output.stdout)),
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
     };

@@ -10,6 +10,16 @@ use stack_runtime::assets::Asset;
 
 pub use stack_test_support::{attacker, fixture, free_port, repo_root};
 
+/// The `turn_finished` event in the JSON lines `agent run --json` wrote
+/// to `stdout` (a panic naming the output when there is none).
+pub fn turn_finished(stdout: &str) -> serde_json::Value {
+    stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|event| event["event"] == "turn_finished")
+        .unwrap_or_else(|| panic!("no turn_finished: {stdout}"))
+}
+
 /// The `agent` binary (or a copy named by `STACK_RUNTIME_AGENT_BIN`, as
 /// `scripts/test-as-user` passes one an ordinary user can run).
 pub fn agent_binary() -> PathBuf {

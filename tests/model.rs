@@ -1107,10 +1107,8 @@ fn missing_corrupt_and_foreign_files_are_rejected_cleanly() {
 
 #[test]
 fn agent_model_shows_metadata_and_rejects_bad_files() {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
-        .args(["model", "--json"])
-        .output()
-        .expect("agent");
+    let here = tempfile::tempdir().expect("tempdir");
+    let output = agent_model_in(here.path(), &[]);
     assert!(
         output.status.success(),
         "{}",
@@ -1315,12 +1313,7 @@ fn the_best_cpu_variant_runs_and_the_baseline_still_does() {
         .output()
         .expect("agent run");
     assert!(output.status.success(), "{output:?}");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let finished = stdout
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .find(|event| event["event"] == "turn_finished")
-        .unwrap_or_else(|| panic!("no turn_finished: {stdout}"));
+    let finished = common::turn_finished(&String::from_utf8_lossy(&output.stdout));
     assert!(
         finished["counters"]["generated"].as_u64().unwrap_or(0) > 0,
         "{finished}"

@@ -126,14 +126,16 @@ impl CpuBackend {
 /// `libggml-cpu-<variant>.so`, sorted (empty when the folder cannot be
 /// read).
 pub fn variants_in(folder: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(folder) else {
-        return Vec::new();
-    };
+    variants_among(&ggml_libraries_in(folder))
+}
+
+/// The CPU variants among `libraries` (as [`variants_in`] lists them).
+fn variants_among(libraries: &[PathBuf]) -> Vec<String> {
     // Symlinks are followed, as ggml's own search follows them.
-    let mut variants: Vec<String> = entries
-        .filter_map(Result::ok)
-        .filter(|entry| std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()))
-        .filter_map(|entry| variant_of(&entry.file_name().to_string_lossy()))
+    let mut variants: Vec<String> = libraries
+        .iter()
+        .filter(|path| std::fs::metadata(path).is_ok_and(|m| m.is_file()))
+        .filter_map(|path| variant_of(&path.file_name()?.to_string_lossy()))
         .collect();
     variants.sort();
     variants
@@ -337,17 +339,24 @@ fn load_errors(folder: &Path, variants: &[String]) -> Vec<String> {
 /// llama.cpp backend is initialized.
 pub(crate) fn load() -> Result<CpuBackend, String> {
     let (folder, chosen) = choose_folder()?;
-    let variants = variants_in(&folder);
-    if variants.is_empty() {
+    // What is listed, checked and loaded is the folder by its real path,
+    // listed once: what is reported is what is checked.
+    let real_folder = folder.canonicalize().ok();
+    let libraries = real_folder
+        .as_deref()
+        .map(ggml_libraries_in)
+        .unwrap_or_default();
+    let variants = variants_among(&libraries);
+    let Some(real_folder) = real_folder.filter(|_| !variants.is_empty()) else {
         return Err(format!(
             "no llama.cpp CPU backend in {} ({}): expected the libggml-cpu-<variant>.so \
              libraries built with the runtime; set {BACKENDS_ENV} to the folder that holds them",
             folder.display(),
             chosen.describe()
         ));
-    }
-    // What is checked is what ggml loads: the folder by its real path, and
-    // each library it may load there (through any symlink, to its file).
+    };
+    // Each library ggml may load there is checked through any symlink, to
+    // its file.
     let refuse = |why: String| {
         format!(
             "llama.cpp's backends in {} ({}) are not loaded: {why}",
@@ -355,10 +364,8 @@ pub(crate) fn load() -> Result<CpuBackend, String> {
             chosen.describe()
         )
     };
-    let folder = folder
-        .canonicalize()
-        .map_err(|err| refuse(format!("{}: {err}", folder.display())))?;
-    for path in std::iter::once(folder.clone()).chain(ggml_libraries_in(&folder)) {
+    let folder = real_folder;
+    for path in std::iter::once(folder.clone()).chain(libraries) {
         let real = path
             .canonicalize()
             .map_err(|err| refuse(format!("{}: {err}", path.display())))?;

@@ -1519,25 +1519,18 @@ async fn a_workspace_inside_the_runtimes_own_folder_is_refused() {
     let state = common::RuntimeState::in_workspace(&ws);
     let mut policy = tight_policy();
     policy.protected.extend(state.protected.iter().cloned());
-    let plant = "open('evil.cwasm', 'w').write('NATIVE'); print('planted')";
-    for inside in [state.cache.clone(), state.cache.join("wasm")] {
+    for inside in state.workspaces_inside() {
         let outcome = fx
             .sandbox
-            .run_code(Language::Python, plant, &inside, &policy)
+            .run_code(Language::Python, common::PLANT_MODULE, &inside, &policy)
             .await;
-        assert_ne!(outcome.status, ExecStatus::Ok, "{outcome:?}");
-        assert!(
-            outcome
-                .error
-                .as_deref()
-                .is_some_and(|e| e.contains("one of the runtime's own folders")),
-            "{outcome:?}"
-        );
-        assert!(!inside.join("evil.cwasm").exists(), "{}", inside.display());
+        common::assert_refused_inside(&outcome, &inside);
     }
     // The control: the same call in the workspace that holds the folder
     // runs, and the folder stays read-only inside it.
-    let outcome = fx.run(Language::Python, plant, &policy).await;
+    let outcome = fx
+        .run(Language::Python, common::PLANT_MODULE, &policy)
+        .await;
     assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
     assert!(ws.join("evil.cwasm").exists());
     fx.assert_healthy("a workspace inside the runtime's folder")

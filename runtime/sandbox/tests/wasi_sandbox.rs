@@ -904,20 +904,15 @@ async fn a_workspace_inside_the_runtimes_own_folder_is_refused() {
     let state = common::RuntimeState::in_workspace(&ws);
     let mut policy = quick();
     policy.protected.extend(state.protected.iter().cloned());
-    let plant = "open('evil.cwasm', 'w').write('NATIVE'); print('planted')";
-    for inside in [state.cache.clone(), state.cache.join("wasm")] {
-        let outcome = sandbox().run_python(plant, &inside, &policy).await;
-        assert_ne!(outcome.status, ExecStatus::Ok, "{outcome:?}");
-        assert!(
-            outcome
-                .error
-                .as_deref()
-                .is_some_and(|e| e.contains("one of the runtime's own folders")),
-            "{outcome:?}"
-        );
-        assert!(!inside.join("evil.cwasm").exists(), "{}", inside.display());
+    for inside in state.workspaces_inside() {
+        let outcome = sandbox()
+            .run_python(common::PLANT_MODULE, &inside, &policy)
+            .await;
+        common::assert_refused_inside(&outcome, &inside);
     }
-    let outcome = sandbox().run_python(plant, &ws, &policy).await;
+    let outcome = sandbox()
+        .run_python(common::PLANT_MODULE, &ws, &policy)
+        .await;
     assert_eq!(outcome.status, ExecStatus::Ok, "{outcome:?}");
     assert!(ws.join("evil.cwasm").exists());
 }

@@ -54,6 +54,12 @@ impl RuntimeState {
         }
     }
 
+    /// Workspaces inside them that a sandbox must refuse: the cache, and
+    /// a folder in it.
+    pub fn workspaces_inside(&self) -> [PathBuf; 2] {
+        [self.cache.clone(), self.cache.join("wasm")]
+    }
+
     /// Sandboxed code changed nothing of them.
     pub fn assert_untouched(&self) {
         assert_eq!(
@@ -70,6 +76,23 @@ impl RuntimeState {
             "SECRET-KEY\n"
         );
     }
+}
+
+/// Python that plants a native module in its working folder.
+pub const PLANT_MODULE: &str = "open('evil.cwasm', 'w').write('NATIVE'); print('planted')";
+
+/// `outcome` refused a workspace `inside` the runtime's own folders by
+/// name, and nothing was planted there.
+pub fn assert_refused_inside(outcome: &stack_sandbox::Execution, inside: &std::path::Path) {
+    assert_ne!(outcome.status, stack_sandbox::ExecStatus::Ok, "{outcome:?}");
+    assert!(
+        outcome
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("one of the runtime's own folders")),
+        "{outcome:?}"
+    );
+    assert!(!inside.join("evil.cwasm").exists(), "{}", inside.display());
 }
 
 /// The POSIX ACLs (`access`, `default`) that `path` holds: what a grant
