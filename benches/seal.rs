@@ -141,7 +141,7 @@ fn main() {
             let started = Instant::now();
             let mut total = 0;
             for r in &records {
-                total += appenders[variant].1.encode(r).len();
+                total += appenders[variant].1.encode(r).expect("encode").len();
             }
             std::hint::black_box(total);
             encoded[variant].push(started.elapsed() / RECORDS as u32);

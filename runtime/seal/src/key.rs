@@ -171,7 +171,7 @@ impl Key {
 
     /// The ring key that seals and opens the records of a sealer whose
     /// nonce prefix is `prefix`, in the file whose header is `header`.
-    fn record_key(
+    pub(crate) fn record_key(
         &self,
         cipher: RecordCipher,
         prefix: &[u8; 16],
@@ -193,29 +193,26 @@ impl Key {
                 ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &subkey[..])
                     .expect("ChaCha20-Poly1305 takes a 32-byte key")
             }
-            RecordCipher::Aes256Gcm | RecordCipher::Aes256GcmV2 => {
-                // HKDF-SHA256 of the key (a uniformly random secret, so
-                // extract with no salt), expanded with a label and the
-                // prefix (and, from format 3 on, the file's header): a
-                // fresh AES-256 key per sealer, so each key seals at most
-                // 2^64 records under distinct counter nonces, far inside
-                // AES-GCM's bounds. The label and the prefix have fixed
-                // lengths, so the header that follows them is unambiguous.
-                let pseudorandom =
-                    ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&self.bytes[..]);
-                let v3 = [AES_256_GCM_LABEL, &prefix[..], header];
-                let v2 = [AES_256_GCM_V2_LABEL, &prefix[..]];
-                let info: &[&[u8]] = match cipher {
-                    RecordCipher::Aes256GcmV2 => &v2,
-                    _ => &v3,
-                };
-                let okm = pseudorandom
-                    .expand(info, &ring::aead::AES_256_GCM)
-                    .expect("HKDF-SHA256 gives 32 bytes");
-                ring::aead::UnboundKey::from(okm)
-            }
+            RecordCipher::Aes256GcmV2 => self.aes_subkey(&[AES_256_GCM_V2_LABEL, &prefix[..]]),
+            // The label and the prefix have fixed lengths, so the header
+            // that follows them is unambiguous.
+            RecordCipher::Aes256Gcm => self.aes_subkey(&[AES_256_GCM_LABEL, &prefix[..], header]),
         };
         ring::aead::LessSafeKey::new(unbound)
+    }
+
+    /// An AES-256 subkey: HKDF-SHA256 of the key (a uniformly random
+    /// secret, so extracted with no salt), expanded with `info` (a label,
+    /// the sealer's prefix and, in format 3, the file's header): a fresh
+    /// AES-256 key per sealer, so each key seals at most 2^64 records
+    /// under distinct counter nonces, far inside AES-GCM's bounds.
+    fn aes_subkey(&self, info: &[&[u8]]) -> ring::aead::UnboundKey {
+        let pseudorandom =
+            ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&self.bytes[..]);
+        let okm = pseudorandom
+            .expand(info, &ring::aead::AES_256_GCM)
+            .expect("HKDF-SHA256 gives 32 bytes");
+        ring::aead::UnboundKey::from(okm)
     }
 
     /// Opens what [`seal`](Self::seal) made; `None` when it fails
@@ -315,8 +312,9 @@ fn count_nonce(count: &[u8]) -> ring::aead::Nonce {
 const AES_256_GCM_V2_LABEL: &[u8] = b"stack-seal records AES-256-GCM v2";
 /// The label of the HKDF expansion that makes a format-3 AES-256-GCM
 /// sealer's subkey (followed by its 16-byte prefix and the file's
-/// header). As long as the format-2 label, so neither is a prefix of
-/// the other's expansion input.
+/// header). It differs from the format-2 label in its last byte, and
+/// its expansion input is longer (83 bytes at least, against 49), so no
+/// subkey of one format is a subkey of the other.
 const AES_256_GCM_LABEL: &[u8] = b"stack-seal records AES-256-GCM v3";
 
 /// An AES block: format 3 pads each record to a whole number of them.
@@ -332,7 +330,7 @@ const PADDING: [u8; BLOCK_LEN] = {
 pub const MAX_PADDING: usize = BLOCK_LEN;
 
 /// The cipher of a record file's records, named by the version byte of
-/// its magic (see [`crate::record`]). Both are authenticated ciphers from
+/// its magic (see [`crate::record`]). All are authenticated ciphers from
 /// well-kept crates (ring, RustCrypto) and every nonce is a random
 /// 128-bit prefix per appender followed by a count; they differ in speed
 /// by CPU. Blobs are always XChaCha20-Poly1305.
@@ -346,8 +344,8 @@ pub enum RecordCipher {
     /// `HKDF-SHA256(key, label ‖ prefix)`, the prefix being the nonce's
     /// first 16 bytes, with the nonce's last 8 (the count) as its 96-bit
     /// nonce (zero-padded), and the header and the length field as
-    /// associated data. Read, and appended to in its own format; no new
-    /// file is made in it.
+    /// associated data. Read, and appended to in its own format; the
+    /// runtime makes no new file in it.
     Aes256GcmV2,
     /// AES-256-GCM (format 3) under `HKDF-SHA256(key, label ‖ prefix ‖
     /// header)`: the file's header is bound by the subkey rather than
@@ -427,26 +425,43 @@ impl RecordCipher {
     /// its length field as associated data (formats 1 and 2; format 3
     /// binds the header in the subkey).
     fn header_is_aad(self) -> bool {
-        self != RecordCipher::Aes256Gcm
+        match self {
+            RecordCipher::XChaCha20Poly1305 | RecordCipher::Aes256GcmV2 => true,
+            RecordCipher::Aes256Gcm => false,
+        }
+    }
+
+    /// Whether each record is padded to whole 16-byte blocks (format 3).
+    fn pads(self) -> bool {
+        match self {
+            RecordCipher::XChaCha20Poly1305 | RecordCipher::Aes256GcmV2 => false,
+            RecordCipher::Aes256Gcm => true,
+        }
     }
 
     /// The padding a record of `len` bytes takes before it is sealed:
     /// none before format 3, then 1 to 16 bytes to the next whole block.
     pub(crate) fn padding(self, len: usize) -> &'static [u8] {
-        match self {
-            RecordCipher::Aes256Gcm => &PADDING[..BLOCK_LEN - len % BLOCK_LEN],
-            _ => &[],
+        if self.pads() {
+            &PADDING[..BLOCK_LEN - len % BLOCK_LEN]
+        } else {
+            &[]
         }
     }
 
     /// `opened` without its padding (see [`RecordCipher::padding`]);
-    /// `None` when it does not end in padding this code writes.
+    /// `None` unless it is whole blocks whose last holds the padding this
+    /// code writes.
     fn unpad(self, opened: &mut Zeroizing<Vec<u8>>) -> Option<()> {
-        if self != RecordCipher::Aes256Gcm {
+        if !self.pads() {
             return Some(());
         }
-        let marker = opened.iter().rposition(|byte| *byte != 0)?;
-        if opened[marker] != 0x80 || opened.len() - marker > BLOCK_LEN {
+        if opened.is_empty() || !opened.len().is_multiple_of(BLOCK_LEN) {
+            return None;
+        }
+        let last_block = opened.len() - BLOCK_LEN;
+        let marker = last_block + opened[last_block..].iter().rposition(|byte| *byte != 0)?;
+        if opened[marker] != 0x80 {
             return None;
         }
         opened.truncate(marker);
@@ -458,6 +473,17 @@ impl Default for RecordCipher {
     fn default() -> RecordCipher {
         RecordCipher::for_this_cpu()
     }
+}
+
+/// Why a record did not open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpenFailure {
+    /// It failed authentication: changed, or sealed for another file or
+    /// under another key.
+    Authentication,
+    /// It is authentic but not padded as its format pads: only a writer
+    /// that held the key, and was faulty, makes such a record.
+    Padding,
 }
 
 /// Opens the records of one file with ring's cipher under each prefix's
@@ -483,10 +509,14 @@ impl<'k> RecordOpener<'k> {
     }
 
     /// Opens `nonce ‖ ciphertext ‖ tag`, the record whose length field is
-    /// `length`; `None` when it fails authentication.
-    pub(crate) fn open(&mut self, sealed: &[u8], length: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    /// `length`.
+    pub(crate) fn open(
+        &mut self,
+        sealed: &[u8],
+        length: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, OpenFailure> {
         if sealed.len() < NONCE_LEN + TAG_LEN {
-            return None;
+            return Err(OpenFailure::Authentication);
         }
         let (nonce, body) = sealed.split_at(NONCE_LEN);
         let mut prefix = [0u8; 16];
@@ -511,10 +541,10 @@ impl<'k> RecordOpener<'k> {
                 .open_in_place(nonce, ring::aead::Aad::empty(), &mut opened[..])
                 .map(|plaintext| plaintext.len())
         }
-        .ok()?;
+        .map_err(|_| OpenFailure::Authentication)?;
         opened.truncate(opened_len);
-        self.cipher.unpad(&mut opened)?;
-        Some(opened)
+        self.cipher.unpad(&mut opened).ok_or(OpenFailure::Padding)?;
+        Ok(opened)
     }
 }
 
@@ -588,7 +618,9 @@ impl Vault {
 
     /// Seals the records of new files (and of files it seals again) with
     /// `cipher` rather than [`RecordCipher::for_this_cpu`]'s; files it
-    /// appends to keep their own.
+    /// appends to keep their own. The runtime never picks
+    /// [`RecordCipher::Aes256GcmV2`]; tests and benchmarks do, to make
+    /// files as the previous release made them.
     pub fn with_record_cipher(mut self, cipher: RecordCipher) -> Vault {
         self.record_cipher = cipher;
         self
@@ -674,12 +706,18 @@ mod tests {
             assert_eq!(cipher.unpad(&mut padded), Some(()));
             assert_eq!(padded.len(), len);
         }
+        let block = |head: &[u8]| [head, &[0u8; 16][head.len()..]].concat();
+        let marked_early = [block(&[1, 0x80]), vec![0u8; 16]].concat();
         for (opened, expected) in [
             (&[][..], None),
-            (&[0u8; 16], None),
+            (&[0u8; 16][..], None),
             (&[7, 0x80, 1], None),
-            (&[0x80], Some(&[][..])),
-            (&[1, 0x80, 0, 0], Some(&[1][..])),
+            (&[0x80], None),
+            (&[1, 0x80, 0, 0], None),
+            (&block(&[7, 7, 1])[..], None),
+            (&marked_early[..], None),
+            (&block(&[0x80])[..], Some(&[][..])),
+            (&block(&[1, 0x80])[..], Some(&[1][..])),
         ] {
             let mut stripped = Zeroizing::new(opened.to_vec());
             let stripped = cipher.unpad(&mut stripped).map(|()| stripped.to_vec());

@@ -10,12 +10,13 @@
 //! encrypt = true` every such file is sealed with an authenticated cipher
 //! (see [`RecordCipher`]): the records of new record files with
 //! AES-256-GCM where the CPU has AES and carry-less multiply instructions
-//! (ring's, under an HKDF-SHA256 subkey of the key, a random per-appender
-//! prefix and the file's header; format 3), else with XChaCha20-Poly1305 (ring's assembly ChaCha20-Poly1305
+//! (ring's, under an HKDF-SHA256 subkey of the key, a random
+//! per-appender prefix and the file's header; format 3), else with
+//! XChaCha20-Poly1305 (ring's assembly ChaCha20-Poly1305
 //! under the HChaCha20 subkey of that prefix, XChaCha20-Poly1305 byte for
 //! byte), and blobs with XChaCha20-Poly1305 (RustCrypto's
 //! `chacha20poly1305`). The file's header names its cipher, so files of
-//! either kind open on any CPU. The reader learns nothing of the content
+//! every format open on any CPU. The reader learns nothing of the content
 //! but sizes and timing, and any change to a sealed byte is detected and
 //! reported ([`SealError::Tampered`]), never silently read. Nonces never
 //! repeat under a key: each appender draws a 128-bit random prefix and
@@ -27,9 +28,10 @@
 //! kind of file, a random file id, and its context (`transcript:ID`,
 //! `audit`, `kv:ID`, `history:ID`); every record is authenticated together
 //! with that header (as associated data, or, in format 3, because the
-//! header is part of the appender's subkey) and its own length field
-//! (as associated data, or through GCM's own authenticated length), so a
-//! record copied in from
+//! header is part of the appender's subkey) and its own length field (as
+//! associated data, or in format 3 because GCM authenticates the
+//! ciphertext's length, which the length field must match), so a record
+//! copied in from
 //! another file (even one of the same context), a whole file moved to
 //! another session's name, a changed length or an edited header fails to
 //! open. A blob's chunks also carry their index and whether they are the

@@ -27,7 +27,9 @@ use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::key::{Key, KeyId, RecordCipher, RecordOpener, RecordSealer, Vault, NONCE_LEN, TAG_LEN};
+use crate::key::{
+    Key, KeyId, OpenFailure, RecordCipher, RecordOpener, RecordSealer, Vault, NONCE_LEN, TAG_LEN,
+};
 use crate::SealError;
 
 /// What a sealed file of format 1 (XChaCha20-Poly1305) starts with.
@@ -93,7 +95,8 @@ impl Header {
         }
     }
 
-    /// Its bytes (also the associated data of every record).
+    /// Its bytes (the associated data of every record in formats 1 and
+    /// 2; part of every appender's subkey in format 3).
     pub fn to_bytes(&self) -> Vec<u8> {
         let context = self.context.as_bytes();
         let mut bytes = Vec::with_capacity(HEADER_FIXED + context.len());
@@ -365,10 +368,20 @@ fn open_records(
     for (index, (at, start, end)) in layout.spans.iter().enumerate() {
         let opened = opener
             .open(&bytes[*start..*end], &bytes[*at..*start])
-            .ok_or(SealError::Tampered {
-                path: path.to_path_buf(),
-                record: index,
-                offset: *at as u64,
+            .map_err(|failure| match failure {
+                OpenFailure::Authentication => SealError::Tampered {
+                    path: path.to_path_buf(),
+                    record: index,
+                    offset: *at as u64,
+                },
+                OpenFailure::Padding => SealError::Malformed {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "record {index} (at byte {at}) is authentic but not padded as {} \
+                         pads its records: written by a faulty writer that held the key",
+                        header.cipher.name()
+                    ),
+                },
             })?;
         items.push(opened.to_vec());
     }
@@ -502,22 +515,25 @@ impl Appender {
         self.sealing.is_some()
     }
 
-    /// The bytes that append `record` (one line, or one sealed record).
-    pub fn encode(&self, record: &[u8]) -> Vec<u8> {
-        encode(self.sealing.as_ref(), record)
+    /// The bytes that append `record` (one line, or one sealed record);
+    /// refused past what a record may hold (see [`check_size`]).
+    pub fn encode(&self, record: &[u8]) -> Result<Vec<u8>, SealError> {
+        check_size(&self.path, record)?;
+        Ok(encode(self.sealing.as_ref(), record))
     }
 
     /// Appends `record` with one `write` (see the module docs).
     pub fn append(&mut self, record: &[u8]) -> Result<(), SealError> {
-        check_size(&self.path, record)?;
-        let bytes = self.encode(record);
+        let bytes = self.encode(record)?;
         (&self.file)
             .write_all(&bytes)
             .map_err(SealError::io(&self.path))
     }
 }
 
-/// Refuses a record too large to be read back (past [`MAX_RECORD`]).
+/// Refuses a record too large to be read back (past [`MAX_RECORD`]) in
+/// any format: sealed with its nonce, tag and the most padding a format
+/// adds (so a record this accepts can later be sealed again in any).
 pub fn check_size(path: &Path, record: &[u8]) -> Result<(), SealError> {
     if record.len() + crate::key::MAX_PADDING + NONCE_LEN + TAG_LEN > MAX_RECORD {
         return Err(SealError::Malformed {
@@ -1214,34 +1230,100 @@ mod tests {
 
     /// Every byte of the header is bound to every record, whether as
     /// associated data (formats 1 and 2) or in the subkey (format 3): a
-    /// changed file id or key id byte fails the first record.
+    /// change to any byte past the format (the key id, the kind, the file
+    /// id, the context) is refused, read with no expected context, and a
+    /// change to the file id or the context's letters is caught by the
+    /// record itself. A changed context length moves where the records
+    /// start: they then read as a torn tail (kept aside, never opened),
+    /// as a file cut short does, which the threat model leaves open.
     #[test]
     fn an_edited_header_fails_its_records() {
         for cipher in CIPHERS {
             let dir = tempfile::tempdir().expect("tempdir");
             let path = dir.path().join("t.jsonl");
             let vault = sealing(cipher);
-            let mut appender = Appender::open(&path, "c", &vault, Hold::Shared).expect("open");
+            let mut appender = Appender::open(&path, "ctx", &vault, Hold::Shared).expect("open");
             appender.append(b"zero").expect("append");
             drop(appender);
             let bytes = std::fs::read(&path).expect("read");
-            // The file id (17..33); the key id (8..16) names a key the
-            // vault lacks, which is refused by name before any record.
-            let mut edited = bytes.clone();
-            edited[20] ^= 0x01;
-            std::fs::write(&path, &edited).expect("write");
-            assert_eq!(tampered_record(&path, "c", &vault), Some(0), "{cipher:?}");
-            let mut edited = bytes.clone();
-            edited[9] ^= 0x01;
-            std::fs::write(&path, &edited).expect("write");
-            assert!(
-                matches!(
-                    read_records(&path, Some("c"), &vault),
-                    Err(SealError::WrongKey { .. })
-                ),
-                "{cipher:?}"
-            );
+            let header_len = HEADER_FIXED + "ctx".len();
+            for at in MAGIC_FAMILY.len() + 1..header_len {
+                let mut edited = bytes.clone();
+                edited[at] ^= 0x01;
+                std::fs::write(&path, &edited).expect("write");
+                let read = read_records(&path, None, &vault);
+                if at == HEADER_FIXED - 1 {
+                    assert!(
+                        read.as_ref()
+                            .map_or(true, |r| r.items.is_empty() && r.torn_bytes > 0),
+                        "{cipher:?}: {read:?}"
+                    );
+                    continue;
+                }
+                assert!(read.is_err(), "{cipher:?}: byte {at} changed, and read");
+                let record_caught = (17..33).contains(&at) || at >= HEADER_FIXED;
+                if record_caught {
+                    assert!(
+                        matches!(read, Err(SealError::Tampered { record: 0, .. })),
+                        "{cipher:?}: byte {at}: {read:?}"
+                    );
+                }
+            }
         }
+    }
+
+    /// An authentic format-3 record that is not padded (which only a
+    /// faulty writer with the key makes) is reported as malformed, by
+    /// record, and not as a changed file.
+    #[test]
+    fn an_authentic_record_without_padding_is_malformed_not_tampered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.jsonl");
+        let key = Key::generate();
+        let vault = Vault::sealing(key.clone(), KeySource::Given)
+            .with_record_cipher(RecordCipher::Aes256Gcm);
+        let mut appender = Appender::open(&path, "c", &vault, Hold::Shared).expect("open");
+        appender.append(b"padded").expect("append");
+        drop(appender);
+        let mut bytes = std::fs::read(&path).expect("read");
+        let header_len = HEADER_FIXED + 1;
+        let prefix = [9u8; 16];
+        let cipher = key.record_key(RecordCipher::Aes256Gcm, &prefix, &bytes[..header_len]);
+        let mut body = b"not padded".to_vec();
+        let tag = cipher
+            .seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key([0u8; 12]),
+                ring::aead::Aad::empty(),
+                &mut body,
+            )
+            .expect("seal");
+        let sealed_len = (NONCE_LEN + body.len() + TAG_LEN) as u32;
+        bytes.extend_from_slice(&sealed_len.to_le_bytes());
+        bytes.extend_from_slice(&prefix);
+        bytes.extend_from_slice(&[0u8; 8]);
+        bytes.extend_from_slice(&body);
+        bytes.extend_from_slice(tag.as_ref());
+        std::fs::write(&path, &bytes).expect("write");
+        match read_records(&path, Some("c"), &vault) {
+            Err(SealError::Malformed { reason, .. }) => {
+                assert!(reason.contains("record 1"), "{reason}");
+                assert!(reason.contains("authentic but not padded"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The largest record any format can hold is accepted, one byte more
+    /// is refused before anything is written (nonce, tag and the most
+    /// padding included).
+    #[test]
+    fn the_record_size_limit_counts_the_padding() {
+        let path = Path::new("t");
+        let largest = MAX_RECORD - NONCE_LEN - TAG_LEN - crate::key::MAX_PADDING;
+        assert!(check_size(path, &vec![0u8; largest]).is_ok());
+        assert!(check_size(path, &vec![0u8; largest + 1]).is_err());
+        let padded = largest + RecordCipher::Aes256Gcm.padding(largest).len();
+        assert!(NONCE_LEN + padded + TAG_LEN <= MAX_RECORD);
     }
 
     /// Format 3 pads each record to whole 16-byte blocks (so a record's

@@ -197,7 +197,12 @@ impl Shared {
                 Err(err) => return Err(sealing_error(err)),
             }
         }
-        let written = file.file().write_all(&file.encode(line));
+        // A line past what a record may hold is refused before anything is
+        // written, or the log would not read back.
+        let written = file
+            .encode(line)
+            .map_err(sealing_error)
+            .and_then(|bytes| file.file().write_all(&bytes));
         // The shared lock taken above.
         let _ = file.file().unlock();
         written?;
