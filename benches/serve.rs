@@ -16,8 +16,13 @@
 //! to the last token) and p50/p95 time to first token. Each session asks
 //! for a different story, greedy, up to [`MAX_TOKENS`] tokens.
 //!
-//! `cargo bench --workspace --bench serve`. Figures are printed, never
-//! asserted. The configurations run one after the other (two cores).
+//! `cargo bench --workspace --bench serve` (`BENCH_ROUNDS=5` for more
+//! rounds; default 3). Figures are printed, never asserted. The
+//! configurations run one after the other (two cores), in rounds, each
+//! round in another order so that drift on a shared machine hits all
+//! alike; each figure is the median over the rounds, each ratio the
+//! median of the rounds' own ratios. Every round asks for other stories,
+//! so no prompt is served from a cache.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -42,9 +47,11 @@ const TOPICS: [&str; 8] = [
     "an old library",
 ];
 
-fn prompt(n: usize) -> String {
+/// The prompt of session `n` in round `round`: its first words differ
+/// from round to round, so no KV prefix of an earlier round serves it.
+fn prompt(n: usize, round: usize) -> String {
     format!(
-        "Write a long story about {}. Make it at least ten sentences.",
+        "Story {round}.{n}: write a long story about {}. Make it at least ten sentences.",
         TOPICS[n % TOPICS.len()]
     )
 }
@@ -86,7 +93,7 @@ impl Figures {
 }
 
 /// N sessions of `backend` generating at once.
-async fn in_process(backend: Arc<dyn ModelBackend>, sessions: usize) -> Figures {
+async fn in_process(backend: Arc<dyn ModelBackend>, sessions: usize, round: usize) -> Figures {
     let mut opened = Vec::new();
     for _ in 0..sessions {
         opened.push(
@@ -102,7 +109,7 @@ async fn in_process(backend: Arc<dyn ModelBackend>, sessions: usize) -> Figures 
         .enumerate()
         .map(|(n, mut session)| async move {
             let request = CompletionRequest {
-                messages: vec![Message::user(prompt(n))],
+                messages: vec![Message::user(prompt(n, round))],
                 tools: Vec::new(),
                 tool_choice: ToolChoice::None,
                 sampling: SamplingOptions {
@@ -171,7 +178,7 @@ fn llama_server(slots: usize, port: u16) -> Server {
 }
 
 /// N concurrent streaming chat completions against llama-server.
-async fn against_llama_server(port: u16, sessions: usize) -> Figures {
+async fn against_llama_server(port: u16, sessions: usize, round: usize) -> Figures {
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
     let started = Instant::now();
@@ -179,7 +186,7 @@ async fn against_llama_server(port: u16, sessions: usize) -> Figures {
         let (http, url) = (http.clone(), url.clone());
         async move {
             let body = serde_json::json!({
-                "messages": [{"role": "user", "content": prompt(n)}],
+                "messages": [{"role": "user", "content": prompt(n, round)}],
                 "max_tokens": MAX_TOKENS, "temperature": 0, "stream": true,
                 "stream_options": {"include_usage": true}, "cache_prompt": false,
             });
@@ -214,15 +221,32 @@ async fn against_llama_server(port: u16, sessions: usize) -> Figures {
     Figures::of(&futures::future::join_all(runs).await)
 }
 
-fn line(name: &str, sessions: usize, figures: &Figures) {
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The medians over the rounds of one configuration's figures.
+fn line(name: &str, sessions: usize, rounds: &[Figures]) {
+    let of = |figure: &dyn Fn(&Figures) -> f64| median(rounds.iter().map(figure).collect());
     println!(
         "  {name:<22} {sessions} sessions: {:>7.1} tok/s aggregate ({} tokens in {:.2} s), TTFT p50 {:>7.1} ms, p95 {:>7.1} ms",
-        figures.throughput(),
-        figures.tokens,
-        figures.wall,
-        figures.ttft(0.5),
-        figures.ttft(0.95)
+        of(&Figures::throughput),
+        rounds.first().map_or(0, |f| f.tokens),
+        of(&|f| f.wall),
+        of(&|f| f.ttft(0.5)),
+        of(&|f| f.ttft(0.95))
     );
+}
+
+/// The median over the rounds of `a`'s throughput over `b`'s.
+fn ratio(a: &[Figures], b: &[Figures]) -> f64 {
+    median(
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| a.throughput() / b.throughput())
+            .collect(),
+    )
 }
 
 fn main() {
@@ -230,8 +254,14 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio");
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     println!(
-        "sessions batched on one model (SmolLM2-135M Q4_1, greedy, up to {MAX_TOKENS} tokens each)"
+        "sessions batched on one model (SmolLM2-135M Q4_1, greedy, up to {MAX_TOKENS} tokens each; \
+         medians of {rounds} rounds)"
     );
     for sessions in [1usize, 4, 8] {
         let batched = Model::load(ModelOptions {
@@ -240,28 +270,40 @@ fn main() {
             ..ModelOptions::default()
         })
         .expect("load");
-        let batched_figures = runtime.block_on(in_process(
-            Arc::clone(&batched) as Arc<dyn ModelBackend>,
-            sessions,
-        ));
-        let (steps, carried) = batched.engine().map_or((0, 0), |e| e.steps());
-        let decode_seconds = batched.engine().map_or(0.0, |e| e.decode_seconds());
         let serial: Arc<dyn ModelBackend> = Model::load(ModelOptions {
             context_size: SLOT,
             ..ModelOptions::default()
         })
         .expect("load");
-        let serial_figures = runtime.block_on(in_process(serial, sessions));
         let port = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
             listener.local_addr().expect("addr").port()
         };
         let server = llama_server(sessions, port);
-        let peer_figures = runtime.block_on(against_llama_server(port, sessions));
+        // [batched, serial, llama-server], each round in another order.
+        let mut figures: [Vec<Figures>; 3] = Default::default();
+        for round in 0..rounds {
+            for turn in 0..3 {
+                let config = (turn + round) % 3;
+                let done = match config {
+                    0 => runtime.block_on(in_process(
+                        Arc::clone(&batched) as Arc<dyn ModelBackend>,
+                        sessions,
+                        round,
+                    )),
+                    1 => runtime.block_on(in_process(Arc::clone(&serial), sessions, round)),
+                    _ => runtime.block_on(against_llama_server(port, sessions, round)),
+                };
+                figures[config].push(done);
+            }
+        }
         drop(server);
+        let (steps, carried) = batched.engine().map_or((0, 0), |e| e.steps());
+        let decode_seconds = batched.engine().map_or(0.0, |e| e.decode_seconds());
+        let [batched_figures, serial_figures, peer_figures] = figures;
         line("batched (runtime)", sessions, &batched_figures);
         println!(
-            "  {:<22} {steps} decode steps carried {carried} tokens ({:.2} per step), {:.2} s of it in llama.cpp's decode",
+            "  {:<22} {steps} decode steps carried {carried} tokens ({:.2} per step), {:.2} s of it in llama.cpp's decode (all rounds)",
             "",
             carried as f64 / steps.max(1) as f64,
             decode_seconds
@@ -270,8 +312,8 @@ fn main() {
         line("llama-server -np N", sessions, &peer_figures);
         println!(
             "  → batched/serial {:.2}x, batched/llama-server {:.2}x",
-            batched_figures.throughput() / serial_figures.throughput(),
-            batched_figures.throughput() / peer_figures.throughput()
+            ratio(&batched_figures, &serial_figures),
+            ratio(&batched_figures, &peer_figures)
         );
     }
 }

@@ -3,10 +3,9 @@
 //! A model loaded with [`ModelOptions::parallel`](crate::llama::ModelOptions)
 //! above 1 gets one [`Engine`]: a thread that owns one context with that
 //! many sequences ("slots"), each bounded by the engine to `context_size`
-//! tokens, over a KV cache of `parallel × context_size` cells (one unified
-//! pool while that is small, a stream per slot above it; see
-//! `UNIFIED_KV_CELLS` in `llama.rs`), and, for a small model, one sequence
-//! more (below). Sessions keep their own threads, samplers and
+//! tokens, over a KV cache of `parallel × context_size` cells (a stream
+//! per slot; see `start_engine` in `llama.rs`), and, for a small model,
+//! one sequence more (below). Sessions keep their own threads, samplers and
 //! grammars; what they evaluate (a prompt chunk, or the one token just
 //! sampled) goes to the engine as a request, and the engine decodes the
 //! requests of every session that is generating in one batch, then hands
@@ -21,9 +20,10 @@
 //! cached tokens it reuses as far as they match its prompt). With every
 //! slot busy, a session waits for one, in order of arrival, so none
 //! starves. Requests are
-//! served first come, first served within each step, and the engine waits
-//! up to `GATHER` for every busy slot's request before it decodes, so a
-//! step carries all of them.
+//! taken first come, first served into each step (then sent in order of
+//! sequence, so llama.cpp decodes consecutive streams in one pass), and
+//! the engine waits up to `GATHER` for every busy slot's request before
+//! it decodes, so a step carries all of them.
 //!
 //! An engine for a small model also has a sequence *aside* (see
 //! [`Engine::acquire_aside`]): the constrained routing step's prompts run
@@ -556,6 +556,7 @@ fn run(
         if evals.is_empty() {
             continue;
         }
+        in_sequence_order(&mut evals);
         batch.clear();
         let mut failed = None;
         for eval in &evals {
@@ -630,6 +631,51 @@ fn run(
     }
 }
 
+/// Puts a step's evaluations in order of sequence. Where each slot has a
+/// KV stream of its own, llama.cpp puts into one micro-batch only
+/// sequences whose ids rise by one in the batch's order, so any other
+/// order splits a step into several passes over the weights (8 sessions
+/// in arrival order: 0.68x llama-server's tokens/s; in order of sequence,
+/// 1.09x).
+fn in_sequence_order(evals: &mut [Request]) {
+    evals.sort_by_key(|eval| match eval {
+        Request::Eval { seq, .. } => *seq,
+        _ => i32::MAX,
+    });
+}
+
 fn same_seq(a: &Request, b: &Request) -> bool {
     matches!((a, b), (Request::Eval { seq: x, .. }, Request::Eval { seq: y, .. }) if x == y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step's evaluations, gathered in order of arrival, go to llama.cpp
+    /// in order of sequence (and the replies, matched by batch index,
+    /// follow the same order).
+    #[test]
+    fn a_steps_evaluations_go_in_order_of_sequence() {
+        let (reply, _answers) = std::sync::mpsc::channel();
+        let mut evals: Vec<Request> = [5, 0, 7, 2, 1]
+            .into_iter()
+            .map(|seq| Request::Eval {
+                seq,
+                tokens: vec![LlamaToken(seq)],
+                start: 0,
+                want: Want::Last,
+                reply: reply.clone(),
+            })
+            .collect();
+        in_sequence_order(&mut evals);
+        let order: Vec<(i32, i32)> = evals
+            .iter()
+            .filter_map(|eval| match eval {
+                Request::Eval { seq, tokens, .. } => Some((*seq, tokens[0].0)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(order, [(0, 0), (1, 1), (2, 2), (5, 5), (7, 7)]);
+    }
 }

@@ -481,25 +481,27 @@ impl Model {
         self.open_context(params, automatic_threads())
     }
 
-    /// The shared context of `parallel` slots of `context_size` cells
-    /// and, for a small model (which routes under `Routing::Auto`), a
-    /// sequence aside for the routing step's prompts: [`ASIDE_CELLS`] more
-    /// in a unified pool, a stream of the slots' size otherwise (llama.cpp
-    /// gives every stream the same share).
+    /// The shared context of `parallel` slots of `context_size` cells,
+    /// each slot a KV stream of its own (as llama-server's `-np N`), and,
+    /// for a small model (which routes under `Routing::Auto`), a sequence
+    /// aside for the routing step's prompts: one stream more (llama.cpp
+    /// gives every stream the same share), of which it uses
+    /// [`ASIDE_CELLS`].
+    ///
+    /// Streams rather than one unified pool: in a unified pool every token
+    /// attends over the cells of every sequence (masked), which costs more
+    /// the longer the conversations; streams keep each slot's attention to
+    /// its own cells (8 sessions of 96 tokens, `cargo bench --bench serve`:
+    /// 145 tok/s against 126 unified). A step carries its streams in one
+    /// pass only while their sequence ids run without a gap (the engine
+    /// sends them in order of sequence); a busy slot between idle ones
+    /// costs a pass of its own.
     fn start_engine(&self) -> Result<Arc<Engine>, ModelError> {
         let with_aside =
             self.info.parameters < SMALL_MODEL_PARAMETERS && self.parallel < LLAMA_MAX_SEQUENCES;
-        let slot_cells = self.context_size.saturating_mul(self.parallel);
-        let unified = self.parallel > 1 && slot_cells <= UNIFIED_KV_CELLS;
         let sequences = self.parallel.saturating_add(u32::from(with_aside));
-        let cells = match (with_aside, unified) {
-            (false, _) => slot_cells,
-            (true, true) => slot_cells.saturating_add(ASIDE_CELLS),
-            (true, false) => self.context_size.saturating_mul(sequences),
-        };
-        let params = self
-            .context_params(cells, sequences)
-            .with_kv_unified(unified);
+        let cells = self.context_size.saturating_mul(sequences);
+        let params = self.context_params(cells, sequences).with_kv_unified(false);
         // The shared context lives as long as the model and serves every
         // session: how busy the machine is the moment it opens says
         // little, so it takes the CPUs the process may use (a session's
@@ -522,16 +524,6 @@ impl Model {
         vocab.tokenize(text.as_bytes(), vocab.should_add_bos(), true)
     }
 }
-
-/// The largest shared KV cache (slots × slot size, in cells) kept as one
-/// unified pool; above it each slot gets a stream of its own. In a unified
-/// pool a step of many sequences decodes in one pass (8 slots of 1024:
-/// 1.6x the tokens/s of per-slot streams, `cargo bench --bench serve`), but
-/// every token attends over all the cells in use, which costs more than it
-/// saves once the slots hold long conversations (8 slots of 4096 in the
-/// `agent serve` load test: 1.5x slower). Either way the engine bounds each
-/// slot to its size.
-const UNIFIED_KV_CELLS: u32 = 8192;
 
 /// The most sequences a llama.cpp context holds (`LLAMA_MAX_SEQ`): an
 /// engine of this many slots has no sequence aside.
