@@ -2,8 +2,9 @@
 //! and against llama-server's own continuous batching, in the same run on
 //! the same GGUF:
 //!
-//! * **batched**: one `Model` with `parallel = N` (one context, N slots;
-//!   `model/src/batch.rs`), N sessions generating at once;
+//! * **batched**: one `Model` with `parallel = N` (one context, N slots,
+//!   each a KV stream of its own; `model/src/batch.rs`), N sessions
+//!   generating at once;
 //! * **serial**: one `Model` with `parallel = 1` (a context per session),
 //!   the same N sessions, which take turns (the runtime's behaviour before
 //!   batching);
@@ -21,8 +22,10 @@
 //! configurations run one after the other (two cores), in rounds, each
 //! round in another order so that drift on a shared machine hits all
 //! alike; each figure is the median over the rounds, each ratio the
-//! median of the rounds' own ratios. Every round asks for other stories,
-//! so no prompt is served from a cache.
+//! median of the rounds' own ratios (their range printed beside it).
+//! Every session of every round opens with a system message of its own,
+//! so no prompt is served from a cache (the runtime's reused prompt
+//! tokens are printed: the few of the template's opening at most).
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -47,11 +50,18 @@ const TOPICS: [&str; 8] = [
     "an old library",
 ];
 
-/// The prompt of session `n` in round `round`: its first words differ
-/// from round to round, so no KV prefix of an earlier round serves it.
-fn prompt(n: usize, round: usize) -> String {
+/// The system message of session `n` in round `round`: its first words
+/// differ from session to session and round to round, so no KV prefix of
+/// another session or an earlier round serves it (without one, the
+/// model's template opens every prompt with the same default).
+fn system(n: usize, round: usize) -> String {
+    format!("Round {round}, writer {n}. You are a storyteller.")
+}
+
+/// The prompt of session `n`.
+fn prompt(n: usize) -> String {
     format!(
-        "Story {round}.{n}: write a long story about {}. Make it at least ten sentences.",
+        "Write a long story about {}. Make it at least ten sentences.",
         TOPICS[n % TOPICS.len()]
     )
 }
@@ -59,6 +69,8 @@ fn prompt(n: usize, round: usize) -> String {
 /// What one configuration did at one concurrency.
 struct Figures {
     tokens: u64,
+    /// Prompt tokens served from a KV cache (the runtime's only).
+    reused: u64,
     wall: f64,
     ttft_ms: Vec<f64>,
 }
@@ -66,9 +78,10 @@ struct Figures {
 impl Figures {
     /// The figures of sessions that each reported (tokens generated, time
     /// to first token, time to their end) from the same start.
-    fn of(done: &[(u64, Duration, Duration)]) -> Figures {
+    fn of(done: &[(u64, Duration, Duration)], reused: u64) -> Figures {
         Figures {
             tokens: done.iter().map(|(t, _, _)| t).sum(),
+            reused,
             wall: done
                 .iter()
                 .map(|(_, _, end)| end.as_secs_f64())
@@ -109,7 +122,7 @@ async fn in_process(backend: Arc<dyn ModelBackend>, sessions: usize, round: usiz
         .enumerate()
         .map(|(n, mut session)| async move {
             let request = CompletionRequest {
-                messages: vec![Message::user(prompt(n, round))],
+                messages: vec![Message::system(system(n, round)), Message::user(prompt(n))],
                 tools: Vec::new(),
                 tool_choice: ToolChoice::None,
                 sampling: SamplingOptions {
@@ -131,9 +144,15 @@ async fn in_process(backend: Arc<dyn ModelBackend>, sessions: usize, round: usiz
                 .await
                 .expect("generate");
             let ttft = first.await.expect("joined").unwrap_or_default();
-            (generation.counters.generated, ttft, started.elapsed())
+            (
+                (generation.counters.generated, ttft, started.elapsed()),
+                generation.counters.prompt_reused,
+            )
         });
-    Figures::of(&futures::future::join_all(runs).await)
+    let done: Vec<_> = futures::future::join_all(runs).await;
+    let reused = done.iter().map(|(_, reused)| reused).sum();
+    let done: Vec<_> = done.into_iter().map(|(figures, _)| figures).collect();
+    Figures::of(&done, reused)
 }
 
 struct Server(std::process::Child);
@@ -186,7 +205,10 @@ async fn against_llama_server(port: u16, sessions: usize, round: usize) -> Figur
         let (http, url) = (http.clone(), url.clone());
         async move {
             let body = serde_json::json!({
-                "messages": [{"role": "user", "content": prompt(n, round)}],
+                "messages": [
+                    {"role": "system", "content": system(n, round)},
+                    {"role": "user", "content": prompt(n)},
+                ],
                 "max_tokens": MAX_TOKENS, "temperature": 0, "stream": true,
                 "stream_options": {"include_usage": true}, "cache_prompt": false,
             });
@@ -218,35 +240,44 @@ async fn against_llama_server(port: u16, sessions: usize, round: usize) -> Figur
             (tokens, first.unwrap_or_default(), started.elapsed())
         }
     });
-    Figures::of(&futures::future::join_all(runs).await)
+    Figures::of(&futures::future::join_all(runs).await, 0)
 }
 
+/// The median (of an even count, the mean of the two middle values).
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+    let middle = values.len() / 2;
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[middle],
+        _ => (values[middle - 1] + values[middle]) / 2.0,
+    }
 }
 
 /// The medians over the rounds of one configuration's figures.
 fn line(name: &str, sessions: usize, rounds: &[Figures]) {
     let of = |figure: &dyn Fn(&Figures) -> f64| median(rounds.iter().map(figure).collect());
     println!(
-        "  {name:<22} {sessions} sessions: {:>7.1} tok/s aggregate ({} tokens in {:.2} s), TTFT p50 {:>7.1} ms, p95 {:>7.1} ms",
+        "  {name:<22} {sessions} sessions: {:>7.1} tok/s aggregate ({:.0} tokens in {:.2} s), TTFT p50 {:>7.1} ms, p95 {:>7.1} ms",
         of(&Figures::throughput),
-        rounds.first().map_or(0, |f| f.tokens),
+        of(&|f| f.tokens as f64),
         of(&|f| f.wall),
         of(&|f| f.ttft(0.5)),
         of(&|f| f.ttft(0.95))
     );
 }
 
-/// The median over the rounds of `a`'s throughput over `b`'s.
-fn ratio(a: &[Figures], b: &[Figures]) -> f64 {
-    median(
-        a.iter()
-            .zip(b)
-            .map(|(a, b)| a.throughput() / b.throughput())
-            .collect(),
-    )
+/// The median over the rounds of `a`'s throughput over `b`'s, and the
+/// range of the rounds' ratios: `1.02x (0.97-1.08)`.
+fn ratio(a: &[Figures], b: &[Figures]) -> String {
+    let ratios: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .map(|(a, b)| a.throughput() / b.throughput())
+        .collect();
+    let low = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.2}x ({low:.2}-{high:.2})", median(ratios))
 }
 
 fn main() {
@@ -298,20 +329,21 @@ fn main() {
             }
         }
         drop(server);
+        let [batched_figures, serial_figures, peer_figures] = figures;
         let (steps, carried) = batched.engine().map_or((0, 0), |e| e.steps());
         let decode_seconds = batched.engine().map_or(0.0, |e| e.decode_seconds());
-        let [batched_figures, serial_figures, peer_figures] = figures;
         line("batched (runtime)", sessions, &batched_figures);
         println!(
-            "  {:<22} {steps} decode steps carried {carried} tokens ({:.2} per step), {:.2} s of it in llama.cpp's decode (all rounds)",
+            "  {:<22} {steps} decode steps carried {carried} tokens ({:.2} per step), {:.2} s of it in llama.cpp's decode, {} prompt tokens reused (all rounds)",
             "",
             carried as f64 / steps.max(1) as f64,
-            decode_seconds
+            decode_seconds,
+            batched_figures.iter().map(|f| f.reused).sum::<u64>()
         );
         line("serial (one by one)", sessions, &serial_figures);
         line("llama-server -np N", sessions, &peer_figures);
         println!(
-            "  → batched/serial {:.2}x, batched/llama-server {:.2}x",
+            "  → batched/serial {}, batched/llama-server {}",
             ratio(&batched_figures, &serial_figures),
             ratio(&batched_figures, &peer_figures)
         );

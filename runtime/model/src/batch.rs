@@ -3,9 +3,10 @@
 //! A model loaded with [`ModelOptions::parallel`](crate::llama::ModelOptions)
 //! above 1 gets one [`Engine`]: a thread that owns one context with that
 //! many sequences ("slots"), each bounded by the engine to `context_size`
-//! tokens, over a KV cache of `parallel × context_size` cells (a stream
-//! per slot; see `start_engine` in `llama.rs`), and, for a small model,
-//! one sequence more (below). Sessions keep their own threads, samplers and
+//! tokens, each slot a KV stream of its own (see `start_engine` in
+//! `llama.rs`), and, for a small model, one sequence more (below), whose
+//! stream llama.cpp sizes as a slot's: `(parallel + 1) × context_size`
+//! cells in all. Sessions keep their own threads, samplers and
 //! grammars; what they evaluate (a prompt chunk, or the one token just
 //! sampled) goes to the engine as a request, and the engine decodes the
 //! requests of every session that is generating in one batch, then hands
@@ -21,9 +22,9 @@
 //! slot busy, a session waits for one, in order of arrival, so none
 //! starves. Requests are
 //! taken first come, first served into each step (then sent in order of
-//! sequence, so llama.cpp decodes consecutive streams in one pass), and
-//! the engine waits up to `GATHER` for every busy slot's request before
-//! it decodes, so a step carries all of them.
+//! sequence: see [`in_sequence_order`]), and the engine waits up to
+//! `GATHER` for every busy slot's request before it decodes, so a step
+//! carries all of them.
 //!
 //! An engine for a small model also has a sequence *aside* (see
 //! [`Engine::acquire_aside`]): the constrained routing step's prompts run
@@ -632,11 +633,14 @@ fn run(
 }
 
 /// Puts a step's evaluations in order of sequence. Where each slot has a
-/// KV stream of its own, llama.cpp puts into one micro-batch only
-/// sequences whose ids rise by one in the batch's order, so any other
-/// order splits a step into several passes over the weights (8 sessions
-/// in arrival order: 0.68x llama-server's tokens/s; in order of sequence,
-/// 1.09x).
+/// KV stream of its own, llama.cpp (`split_equal`) puts into one
+/// micro-batch only sequences whose ids rise by one in the batch's order,
+/// the same number of tokens of each; so any other order splits a step
+/// into several passes over the weights (see the README's "Sessions
+/// batched on one model" for the cost). What stays beyond this, as in
+/// llama-server: a busy slot between idle ones starts a pass of its own,
+/// and a prompt chunk beside one-token steps is a pass of its own after
+/// the first token.
 fn in_sequence_order(evals: &mut [Request]) {
     evals.sort_by_key(|eval| match eval {
         Request::Eval { seq, .. } => *seq,
@@ -653,8 +657,9 @@ mod tests {
     use super::*;
 
     /// A step's evaluations, gathered in order of arrival, go to llama.cpp
-    /// in order of sequence (and the replies, matched by batch index,
-    /// follow the same order).
+    /// in order of sequence. (The replies follow the same list, so each
+    /// session's logits are its own: `batched_sessions_decode_together_and_
+    /// keep_their_own_prefixes` in `tests/model.rs`.)
     #[test]
     fn a_steps_evaluations_go_in_order_of_sequence() {
         let (reply, _answers) = std::sync::mpsc::channel();
