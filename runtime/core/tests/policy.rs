@@ -1045,7 +1045,8 @@ network = "none"
 
 /// A purge rewriting a sealed audit log keeps the cipher the log was made
 /// with, whatever the vault would choose for a new file: a runtime from
-/// before AES-256-GCM records may still be appending to it.
+/// before AES-256-GCM records, or before format 3, may still be appending
+/// to it.
 #[test]
 fn a_rewrite_keeps_a_sealed_logs_cipher() {
     use stack_seal::key::KeySource;

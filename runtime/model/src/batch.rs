@@ -22,7 +22,7 @@
 //! slot busy, a session waits for one, in order of arrival, so none
 //! starves. Requests are
 //! taken first come, first served into each step (then sent in order of
-//! sequence: see [`in_sequence_order`]), and the engine waits up to
+//! sequence: see `in_sequence_order`), and the engine waits up to
 //! `GATHER` for every busy slot's request before it decodes, so a step
 //! carries all of them.
 //!

@@ -341,19 +341,28 @@ pub(crate) fn load() -> Result<CpuBackend, String> {
     let (folder, chosen) = choose_folder()?;
     // What is listed, checked and loaded is the folder by its real path,
     // listed once: what is reported is what is checked.
-    let real_folder = folder.canonicalize().ok();
+    let real_folder = folder.canonicalize();
     let libraries = real_folder
         .as_deref()
         .map(ggml_libraries_in)
         .unwrap_or_default();
     let variants = variants_among(&libraries);
-    let Some(real_folder) = real_folder.filter(|_| !variants.is_empty()) else {
-        return Err(format!(
-            "no llama.cpp CPU backend in {} ({}): expected the libggml-cpu-<variant>.so \
-             libraries built with the runtime; set {BACKENDS_ENV} to the folder that holds them",
-            folder.display(),
-            chosen.describe()
-        ));
+    let real_folder = match real_folder {
+        Ok(real) if !variants.is_empty() => real,
+        other => {
+            // Why the folder could not be resolved, where it could not.
+            let why = other
+                .err()
+                .map(|err| format!(" ({err})"))
+                .unwrap_or_default();
+            return Err(format!(
+                "no llama.cpp CPU backend in {}{why} ({}): expected the \
+                 libggml-cpu-<variant>.so libraries built with the runtime; set \
+                 {BACKENDS_ENV} to the folder that holds them",
+                folder.display(),
+                chosen.describe()
+            ));
+        }
     };
     // Each library ggml may load there is checked through any symlink, to
     // its file.

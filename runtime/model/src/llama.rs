@@ -491,9 +491,10 @@ impl Model {
     /// Streams rather than one unified pool: in a unified pool every token
     /// attends over the cells of every sequence (masked), which costs more
     /// the longer the conversations; streams keep each slot's attention to
-    /// its own cells (8 sessions, `cargo bench --bench serve`, in the same
-    /// run: 148 tok/s in streams against 137 in one pool of 8 × 1024
-    /// cells, 1.02x and 0.90x llama-server's). A step carries its streams in one pass only while
+    /// its own cells (8 sessions, measured once with the serve bench given
+    /// a second batched configuration: 148 tok/s in streams against 137
+    /// in one pool of 8 × 1024 cells, 1.02x and 0.90x llama-server's; see
+    /// the README). A step carries its streams in one pass only while
     /// their sequence ids run without a gap (see `in_sequence_order` in
     /// `batch.rs`): a busy slot between idle ones costs a pass of its own,
     /// which a unified pool would not. A saved KV state records the number

@@ -344,8 +344,9 @@ pub enum RecordCipher {
     /// `HKDF-SHA256(key, label ‖ prefix)`, the prefix being the nonce's
     /// first 16 bytes, with the nonce's last 8 (the count) as its 96-bit
     /// nonce (zero-padded), and the header and the length field as
-    /// associated data. Read, and appended to in its own format; the
-    /// runtime makes no new file in it.
+    /// associated data. Read, and appended to in its own format (and a
+    /// purge that rewrites such an audit log keeps it); the runtime makes
+    /// no other file in it.
     Aes256GcmV2,
     /// AES-256-GCM (format 3) under `HKDF-SHA256(key, label ‖ prefix ‖
     /// header)`: the file's header is bound by the subkey rather than
@@ -412,13 +413,12 @@ impl RecordCipher {
     /// The cipher of the format whose version byte is `format`, if one
     /// this code knows.
     pub fn of_format(format: u8) -> Option<RecordCipher> {
-        [
-            RecordCipher::XChaCha20Poly1305,
-            RecordCipher::Aes256GcmV2,
-            RecordCipher::Aes256Gcm,
-        ]
-        .into_iter()
-        .find(|cipher| cipher.format() == format)
+        match format {
+            1 => Some(RecordCipher::XChaCha20Poly1305),
+            2 => Some(RecordCipher::Aes256GcmV2),
+            3 => Some(RecordCipher::Aes256Gcm),
+            _ => None,
+        }
     }
 
     /// Whether each record is authenticated with the file's header and
@@ -723,7 +723,7 @@ mod tests {
             let stripped = cipher.unpad(&mut stripped).map(|()| stripped.to_vec());
             assert_eq!(stripped.as_deref(), expected, "{opened:?}");
         }
-        let mut long = Zeroizing::new([vec![0x80u8], vec![0u8; 16]].concat());
+        let mut long = Zeroizing::new([vec![0x80u8], vec![0u8; 31]].concat());
         assert_eq!(
             cipher.unpad(&mut long),
             None,

@@ -430,8 +430,9 @@ pub fn rewrite(
         (None, Some(header)) => vault.key(header.key),
         (None, None) => None,
     };
-    // A sealed log keeps its cipher (a runtime from before AES-256-GCM
-    // records may still append to it); a plaintext one takes the vault's.
+    // A sealed log keeps its cipher and format (a runtime from before
+    // AES-256-GCM records, or before format 3, may still append to it); a
+    // plaintext one takes the vault's.
     let cipher = records
         .header
         .as_ref()
