@@ -276,15 +276,10 @@ impl RecordSealer {
         let nonce = count_nonce(&count.to_le_bytes());
         // Fails only past the cipher's length limit (256 GiB); callers
         // refuse records past `MAX_RECORD` first.
-        let sealed = if self.record_cipher.header_is_aad() {
-            crate::record::with_record_aad(&self.header, &length, |aad| {
-                self.cipher
-                    .seal_in_place_separate_tag(nonce, ring::aead::Aad::from(aad), body)
-            })
-        } else {
+        let sealed = self.record_cipher.with_aad(&self.header, &length, |aad| {
             self.cipher
-                .seal_in_place_separate_tag(nonce, ring::aead::Aad::empty(), body)
-        };
+                .seal_in_place_separate_tag(nonce, ring::aead::Aad::from(aad), body)
+        });
         match sealed {
             Ok(tag) => framed.extend_from_slice(tag.as_ref()),
             Err(_) => framed.clear(),
@@ -431,6 +426,17 @@ impl RecordCipher {
         }
     }
 
+    /// Calls `with` on a record's associated data in this format: the
+    /// file's `header` and the record's `length` field (formats 1 and 2),
+    /// or none (format 3). The sealer and the opener both ask here.
+    fn with_aad<R>(self, header: &[u8], length: &[u8], with: impl FnOnce(&[u8]) -> R) -> R {
+        if self.header_is_aad() {
+            crate::record::with_record_aad(header, length, with)
+        } else {
+            with(&[])
+        }
+    }
+
     /// Whether each record is padded to whole 16-byte blocks (format 3).
     fn pads(self) -> bool {
         match self {
@@ -530,18 +536,14 @@ impl<'k> RecordOpener<'k> {
         };
         let mut opened = Zeroizing::new(body.to_vec());
         let nonce = count_nonce(&nonce[16..]);
-        let opened_len = if self.cipher.header_is_aad() {
-            crate::record::with_record_aad(self.header, length, |aad| {
+        let opened_len = self
+            .cipher
+            .with_aad(self.header, length, |aad| {
                 cipher
                     .open_in_place(nonce, ring::aead::Aad::from(aad), &mut opened[..])
                     .map(|plaintext| plaintext.len())
             })
-        } else {
-            cipher
-                .open_in_place(nonce, ring::aead::Aad::empty(), &mut opened[..])
-                .map(|plaintext| plaintext.len())
-        }
-        .map_err(|_| OpenFailure::Authentication)?;
+            .map_err(|_| OpenFailure::Authentication)?;
         opened.truncate(opened_len);
         self.cipher.unpad(&mut opened).ok_or(OpenFailure::Padding)?;
         Ok(opened)
