@@ -7,16 +7,18 @@
 //!
 //! The clips are synthesized with `espeak-ng` and cut or padded to length
 //! with `sox`. Each side is warmed up once, then timed over `BENCH_ROUNDS`
-//! rounds (default 5), interleaved round by round so that drift on a busy
-//! machine hits both alike; medians are printed, with the ratio of ours
-//! over faster-whisper's (the goal: at most 1.1×) and our RTF (the goal:
-//! under 0.3 on two cores). A third side, timed in the same rounds, is the
-//! same model loaded with `pack_weights_once: false` (ruy packs every
-//! weight matrix at every product, as CTranslate2 has it do), to show what
-//! packing once gains; its transcript must match ours. All three time the same
-//! thing: WAV file in, text out. A second pass times all three again with
-//! one core kept busy by a spinning thread, to show how each degrades
-//! under load.
+//! rounds (default 5), interleaved round by round (which goes first
+//! alternates) so that drift on a busy machine hits both alike; medians
+//! are printed, with the ratio of ours over faster-whisper's (the goal: at
+//! most 1.1×) and the range of the rounds' ratios, and our RTF (the goal:
+//! under 0.3 on two cores). Both time the same thing: WAV file in, text
+//! out. A second pass times both again with one core kept busy by a
+//! spinning thread, to show how each degrades under load.
+//!
+//! Both run CTranslate2; on x86-64 Linux both do its matrix products and
+//! convolutions in oneDNN (ours links the prebuilt oneDNN 3.2 from PyPI,
+//! see runtime/onednn; faster-whisper's wheel has oneDNN built in and
+//! uses it on CPUs other than Intel's, MKL on Intel's).
 //!
 //! ```sh
 //! scripts/setup --peers                    # faster-whisper, pinned
@@ -161,7 +163,12 @@ fn ours(model: &SpeechModel, wav: &Path) -> (f64, String) {
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    let middle = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[middle - 1] + values[middle]) / 2.0
+    } else {
+        values[middle]
+    }
 }
 
 fn main() {
@@ -180,23 +187,9 @@ fn main() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let model_dir = stack_voice::default_model_dir().expect("assets");
-    let options = ModelOptions {
-        threads,
-        compute,
-        ..ModelOptions::default()
-    };
+    let options = ModelOptions { threads, compute };
     let model = SpeechModel::load(&model_dir, options)
         .expect("the default speech model (run scripts/setup)");
-    // The same model with ruy packing its weights at every product, as
-    // CTranslate2 has it do (before `cpp/ruy_prepacked_weights.cc`).
-    let repacking = SpeechModel::load(
-        &model_dir,
-        ModelOptions {
-            pack_weights_once: false,
-            ..options
-        },
-    )
-    .expect("the default speech model");
     let mut peer = Peer::start(&model_dir, threads, compute);
     println!(
         "voice: Whisper tiny.en ({}), beam 5, {threads} threads, {rounds} rounds",
@@ -208,19 +201,14 @@ fn main() {
         .collect();
     for (seconds, wav) in &clips {
         let (_, our_text) = ours(&model, wav);
-        let (_, repacking_text) = ours(&repacking, wav);
-        assert_eq!(
-            our_text, repacking_text,
-            "packing once changed the transcript"
-        );
         let (_, peer_text) = peer.transcribe(wav);
-        compare(&model, &repacking, &mut peer, *seconds, wav, rounds);
+        compare(&model, &mut peer, *seconds, wav, rounds);
         println!("    ours:           {our_text}");
         println!("    faster-whisper: {peer_text}");
     }
     // The same again with one core taken by a busy loop, as when the model
     // or a build runs beside a transcription: an engine whose idle threads
-    // spin (ruy's did, for 2 ms after every product) loses most here.
+    // spin loses most here.
     println!("with one core busy (a spinning thread in this process):");
     let stop = Arc::new(AtomicBool::new(false));
     let busy = {
@@ -232,42 +220,41 @@ fn main() {
         })
     };
     for (seconds, wav) in &clips {
-        compare(&model, &repacking, &mut peer, *seconds, wav, rounds);
+        compare(&model, &mut peer, *seconds, wav, rounds);
     }
     stop.store(true, Ordering::Relaxed);
     busy.join().expect("busy thread");
 }
 
-/// Times ours, ours packing weights at every product, and faster-whisper
-/// on `wav`, interleaved round by round, and prints the medians and the
-/// ratios to faster-whisper's.
-fn compare(
-    model: &SpeechModel,
-    repacking: &SpeechModel,
-    peer: &mut Peer,
-    seconds: u32,
-    wav: &Path,
-    rounds: usize,
-) {
-    let (mut our_times, mut repacking_times, mut peer_times) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        our_times.push(ours(model, wav).0);
-        repacking_times.push(ours(repacking, wav).0);
-        peer_times.push(peer.transcribe(wav).0);
+/// Times ours and faster-whisper on `wav`, interleaved round by round
+/// (each goes first every other round), and prints the medians, the ratio
+/// of ours to faster-whisper's, and the range of the rounds' ratios.
+fn compare(model: &SpeechModel, peer: &mut Peer, seconds: u32, wav: &Path, rounds: usize) {
+    let (mut our_times, mut peer_times, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (our, theirs) = if round % 2 == 0 {
+            let our = ours(model, wav).0;
+            (our, peer.transcribe(wav).0)
+        } else {
+            let theirs = peer.transcribe(wav).0;
+            (ours(model, wav).0, theirs)
+        };
+        our_times.push(our);
+        peer_times.push(theirs);
+        ratios.push(our / theirs);
     }
-    let (our, repacked, theirs) = (
-        median(our_times),
-        median(repacking_times),
-        median(peer_times),
-    );
+    let (lowest, highest) = ratios
+        .iter()
+        .fold((f64::INFINITY, 0.0f64), |(low, high), &ratio| {
+            (low.min(ratio), high.max(ratio))
+        });
+    let (our, theirs) = (median(our_times), median(peer_times));
     println!(
-        "{seconds:>2} s clip: ours {:.3} s (RTF {:.3}), faster-whisper {:.3} s (RTF {:.3}): {:.2}x   (packing weights at every product: {:.3} s, {:.2}x)",
+        "{seconds:>2} s clip: ours {:.3} s (RTF {:.3}), faster-whisper {:.3} s (RTF {:.3}): {:.2}x ({lowest:.2}-{highest:.2})",
         our,
         our / f64::from(seconds),
         theirs,
         theirs / f64::from(seconds),
         our / theirs,
-        repacked,
-        repacked / theirs
     );
 }

@@ -1,5 +1,6 @@
 //! Link settings for this package's binaries, tests, benches and examples,
-//! and llama.cpp's shared libraries beside them.
+//! and the shared libraries they load beside them: llama.cpp's, and
+//! oneDNN's (the speech engine's, on x86-64 Linux; see runtime/onednn).
 //!
 //! llama.cpp is linked as shared libraries (`libllama.so.0`,
 //! `libllama-common.so.0`, `libggml.so.0`, `libggml-base.so.0`): ggml's CPU
@@ -15,8 +16,10 @@
 //! It is an `RPATH`, not a `RUNPATH`, so that it also serves
 //! `libllama.so.0`'s own dependencies on ggml. (llama-cpp-sys-2 places
 //! links of its own there too, named `lib*.so`, which the binaries do not
-//! ask for.) The test and bench binaries of the other crates run under
-//! cargo, which puts the build's folder on the library path.
+//! ask for.) oneDNN's `libdnnl.so.3` is placed the same way, from the
+//! folder runtime/onednn copied it to (its `DEP_DNNL_LIBRARY_PATH`). The
+//! test and bench binaries of the other crates run under cargo, which puts
+//! the build's folders on the library path.
 //!
 //! The profile folder is taken from `OUT_DIR` (`<target>/<profile>/build/
 //! <package>/out`), as llama-cpp-sys-2 does; with cargo's separate
@@ -27,24 +30,17 @@ use std::path::{Path, PathBuf};
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=DEP_LLAMA_BACKENDS_DIR");
+    println!("cargo:rerun-if-env-changed=DEP_DNNL_LIBRARY_PATH");
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
         return;
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN");
     println!("cargo:rustc-link-arg=-Wl,--disable-new-dtags");
-    // llama-cpp-sys-2 (`links = "llama"`) names its backends folder; its
-    // shared libraries are in `lib/` (or `lib64/`) beside it.
-    let Ok(backends) = std::env::var("DEP_LLAMA_BACKENDS_DIR") else {
+    let mut libraries = llama_libraries();
+    libraries.extend(onednn_library());
+    if libraries.is_empty() {
         return;
-    };
-    let Some(installed) = Path::new(&backends).parent().and_then(|out| {
-        ["lib", "lib64"]
-            .iter()
-            .map(|name| out.join(name))
-            .find(|folder| folder.is_dir())
-    }) else {
-        panic!("llama.cpp's build installed no lib/ folder beside {backends}");
-    };
+    }
     // OUT_DIR is <target>/<profile>/build/<package>-<hash>/out.
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let profile = out_dir
@@ -52,20 +48,6 @@ fn main() {
         .nth(3)
         .expect("OUT_DIR is <target>/<profile>/build/<package>/out")
         .to_path_buf();
-    let libraries: Vec<PathBuf> = std::fs::read_dir(&installed)
-        .expect("llama.cpp's lib folder")
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| {
-            path.file_name()
-                .is_some_and(|name| is_soname(&name.to_string_lossy()))
-        })
-        .collect();
-    assert!(
-        !libraries.is_empty(),
-        "no lib*.so.N in llama.cpp's lib folder {}",
-        installed.display()
-    );
     for library in &libraries {
         println!("cargo:rerun-if-changed={}", library.display());
     }
@@ -81,6 +63,51 @@ fn main() {
             println!("cargo:rerun-if-changed={}", placed.display());
         }
     }
+}
+
+/// llama.cpp's shared libraries (by soname), when the `llama` feature
+/// builds it: llama-cpp-sys-2 (`links = "llama"`) names its backends
+/// folder, and the libraries are in `lib/` (or `lib64/`) beside it.
+fn llama_libraries() -> Vec<PathBuf> {
+    let Ok(backends) = std::env::var("DEP_LLAMA_BACKENDS_DIR") else {
+        return Vec::new();
+    };
+    let Some(installed) = Path::new(&backends).parent().and_then(|out| {
+        ["lib", "lib64"]
+            .iter()
+            .map(|name| out.join(name))
+            .find(|folder| folder.is_dir())
+    }) else {
+        panic!("llama.cpp's build installed no lib/ folder beside {backends}");
+    };
+    let libraries: Vec<PathBuf> = std::fs::read_dir(&installed)
+        .expect("llama.cpp's lib folder")
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .is_some_and(|name| is_soname(&name.to_string_lossy()))
+        })
+        .collect();
+    assert!(
+        !libraries.is_empty(),
+        "no lib*.so.N in llama.cpp's lib folder {}",
+        installed.display()
+    );
+    libraries
+}
+
+/// oneDNN's shared library, when the `voice` feature links it (x86-64
+/// Linux): runtime/onednn (`links = "dnnl"`) names the folder it placed
+/// `libdnnl.so.3` in.
+fn onednn_library() -> Option<PathBuf> {
+    let folder = std::env::var("DEP_DNNL_LIBRARY_PATH").ok()?;
+    let library = Path::new(&folder).join("libdnnl.so.3");
+    assert!(
+        library.is_file(),
+        "runtime/onednn named {folder}, which holds no libdnnl.so.3"
+    );
+    Some(library)
 }
 
 /// Whether `name` is the name a binary asks for (`libllama.so.0`): a
@@ -101,7 +128,7 @@ fn is_soname(name: &str) -> bool {
 fn place(library: &Path, folder: &Path) -> PathBuf {
     let name = library.file_name().expect("a file name");
     let target = folder.join(name);
-    let source = std::fs::metadata(library).expect("llama.cpp library");
+    let source = std::fs::metadata(library).expect("a library to place");
     let modified = source.modified().expect("a modification time");
     if let Ok(present) = std::fs::symlink_metadata(&target) {
         if present.is_file()

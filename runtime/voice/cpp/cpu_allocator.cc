@@ -1,6 +1,6 @@
 // CTranslate2's CPU allocator, with freed large buffers kept for reuse:
 // linked in place of CTranslate2's `src/cpu/allocator.cc` (see
-// runtime/voice/build.rs, which also links ruy_wait.cc the same way).
+// runtime/voice/build.rs).
 //
 // Why. Without MKL, CTranslate2 allocates every tensor with
 // `posix_memalign` and frees it with `free`. Buffers over glibc's mmap
@@ -31,12 +31,6 @@
 //   of keeping it. `allocate` throws, as upstream's does, when memory runs
 //   out, and then holds on to nothing.
 //
-// It also keeps the register of a model's weights that
-// ruy_prepacked_weights.cc packs once: every buffer allocated on a thread
-// that is loading a model with `pack_weights_once`
-// (`stack_voice_loading_weights`), for as long as it is not freed; freeing
-// one changes the weights' generation, which clears ruy's caches.
-//
 // The declarations below must match CTranslate2's `ctranslate2/allocator.h`
 // and `ctranslate2/devices.h` (the version ct2rs vendors), or the linker
 // keeps the upstream object. `stack_voice_reused_buffers` counts the
@@ -48,7 +42,6 @@
 #include <cstdlib>
 #include <mutex>
 #include <new>
-#include <shared_mutex>
 #include <stdexcept>
 #include <unordered_map>
 #include <vector>
@@ -81,87 +74,6 @@ constexpr std::size_t kMostKept = std::size_t{256} << 20;
 
 std::atomic<std::uint64_t> reused{0};
 
-// Whether this thread is loading a model whose weights are packed once.
-thread_local bool loading_weights = false;
-
-// The most bytes of registered weights (all models packing once in the
-// process, and all a load allocated and kept) for which they are packed
-// once: half of ruy's prepacked cache (256 MiB per context,
-// `PrepackedCache::kDefaultMaxBuffersBytes`), so that the packed copies
-// (the weights, plus sums and padding) fit with room to spare. Weights
-// that did not all fit would be evicted and packed again at every step,
-// more slowly than not caching (ruy_prepacked_weights.cc also stops
-// caching in a context that evicts).
-constexpr std::size_t kMostPackedWeights = std::size_t{128} << 20;
-
-// The buffers that hold weights (see the file's docs). Lookups (two per
-// product, one per free) share the lock; only registering and forgetting
-// a weight take it alone; nothing is locked while none are registered.
-class Weights {
- public:
-  // Registers `ptr`; on failure it is simply not registered (and so
-  // packed at every product, as upstream does).
-  void add(void* ptr, std::size_t size) noexcept {
-    try {
-      std::unique_lock<std::shared_mutex> lock(mutex_);
-      if (buffers_.emplace(ptr, size).second) {
-        bytes_ += size;
-        count_.fetch_add(1, std::memory_order_release);
-      }
-    } catch (...) {
-    }
-  }
-
-  // Forgets `ptr` if it is registered, changing the generation.
-  void forget(void* ptr) noexcept {
-    if (count_.load(std::memory_order_acquire) == 0) {
-      return;
-    }
-    {
-      std::shared_lock<std::shared_mutex> lock(mutex_);
-      if (buffers_.find(ptr) == buffers_.end()) {
-        return;
-      }
-    }
-    std::unique_lock<std::shared_mutex> lock(mutex_);
-    auto found = buffers_.find(ptr);
-    if (found != buffers_.end()) {
-      bytes_ -= found->second;
-      buffers_.erase(found);
-      count_.fetch_sub(1, std::memory_order_release);
-      generation_.fetch_add(1, std::memory_order_acq_rel);
-    }
-  }
-
-  // Whether `ptr` starts a registered buffer, while all fit (see
-  // kMostPackedWeights).
-  bool cacheable(const void* ptr) noexcept {
-    if (count_.load(std::memory_order_acquire) == 0) {
-      return false;
-    }
-    std::shared_lock<std::shared_mutex> lock(mutex_);
-    return bytes_ <= kMostPackedWeights &&
-           buffers_.find(const_cast<void*>(ptr)) != buffers_.end();
-  }
-
-  std::uint64_t generation() const noexcept {
-    return generation_.load(std::memory_order_acquire);
-  }
-
- private:
-  std::shared_mutex mutex_;
-  std::unordered_map<void*, std::size_t> buffers_;
-  std::size_t bytes_ = 0;
-  std::atomic<std::size_t> count_{0};
-  std::atomic<std::uint64_t> generation_{0};
-};
-
-// Never destroyed, like the allocator (see `keeping_allocator`).
-Weights& weights() {
-  static Weights* registered = new Weights();
-  return *registered;
-}
-
 // `size` rounded up to the next multiple of an eighth of its highest power
 // of two: 1 MiB, 1.125 MiB, …, 2 MiB, 2.25 MiB, …; 0 where that would not
 // fit a `size_t` (such a request is passed through, untracked).
@@ -187,24 +99,7 @@ void* aligned(std::size_t size) {
 
 class KeepingAllocator final : public ctranslate2::Allocator {
  public:
-  void* allocate(std::size_t size, int device_index) override {
-    void* ptr = allocate_buffer(size, device_index);
-    if (loading_weights) {
-      weights().add(ptr, size);
-    }
-    return ptr;
-  }
-
-  void free(void* ptr, int) override {
-    if (ptr == nullptr) {
-      return;
-    }
-    weights().forget(ptr);
-    release_buffer(ptr);
-  }
-
- private:
-  void* allocate_buffer(std::size_t size, int) {
+  void* allocate(std::size_t size, int) override {
     const std::size_t cls = size < kSmallestKept ? 0 : size_class(size);
     if (cls == 0) {
       return aligned(size);
@@ -234,7 +129,10 @@ class KeepingAllocator final : public ctranslate2::Allocator {
     return ptr;
   }
 
-  void release_buffer(void* ptr) noexcept {
+  void free(void* ptr, int) noexcept override {
+    if (ptr == nullptr) {
+      return;
+    }
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto lent = lent_.find(ptr);
@@ -301,16 +199,4 @@ extern "C" std::uint64_t stack_voice_reused_buffers() noexcept {
 
 extern "C" void stack_voice_release_kept_buffers() noexcept {
   keeping_allocator().clear_cache();
-}
-
-extern "C" void stack_voice_loading_weights(bool loading) noexcept {
-  loading_weights = loading;
-}
-
-extern "C" bool stack_voice_is_cacheable_weight(const void* data) noexcept {
-  return weights().cacheable(data);
-}
-
-extern "C" std::uint64_t stack_voice_weights_generation() noexcept {
-  return weights().generation();
 }

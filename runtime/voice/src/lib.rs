@@ -49,9 +49,7 @@ pub mod wav;
 mod fuzz;
 
 #[cfg(feature = "engine")]
-pub use model::{
-    prepacked_weight_uses, reused_buffers, spin_free_waits, weights_generation, SpeechModel,
-};
+pub use model::{reused_buffers, SpeechModel};
 pub use model::{Compute, ModelOptions, Timings, TranscribeOptions, Transcription};
 pub use wav::{Audio, AudioLimits};
 

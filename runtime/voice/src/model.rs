@@ -18,9 +18,7 @@
 //! blocking thread.
 
 #[cfg(feature = "engine")]
-pub use engine::{
-    prepacked_weight_uses, reused_buffers, spin_free_waits, weights_generation, SpeechModel,
-};
+pub use engine::{reused_buffers, SpeechModel};
 use serde::{Deserialize, Serialize};
 
 /// How the weights are computed with.
@@ -48,34 +46,13 @@ impl Compute {
     }
 }
 
-/// How a model is loaded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a model is loaded (by default: a thread per core, int8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ModelOptions {
     /// Threads for one transcription (0: one per available core).
     pub threads: usize,
     /// The compute type.
     pub compute: Compute,
-    /// Whether ruy packs the model's weight matrices once and keeps the
-    /// packed copies instead of packing them at every product, as
-    /// CTranslate2 has it do (see `cpp/ruy_prepacked_weights.cc`). The
-    /// copies cost about the weights' size again in memory, per thread that
-    /// multiplies by them (the model's worker, and OpenMP's threads for the
-    /// convolution of clips longer than one window), for as long as the
-    /// model lives. On by default. Weights are packed every time either way
-    /// while the weights of all models packing once in the process (and
-    /// what their loads kept) come to more than 128 MiB, half of ruy's
-    /// cache.
-    pub pack_weights_once: bool,
-}
-
-impl Default for ModelOptions {
-    fn default() -> Self {
-        ModelOptions {
-            threads: 0,
-            compute: Compute::Int8,
-            pack_weights_once: true,
-        }
-    }
 }
 
 /// How one clip is transcribed.
@@ -142,78 +119,10 @@ impl Transcription {
 #[cfg(feature = "engine")]
 mod engine {
     extern "C" {
-        /// The calls to `cpp/ruy_wait.cc`'s `ruy::Wait` so far.
-        fn stack_voice_ruy_waits() -> u64;
         /// The buffers `cpp/cpu_allocator.cc` has handed out again so far.
         fn stack_voice_reused_buffers() -> u64;
         /// Frees every buffer `cpp/cpu_allocator.cc` keeps for reuse.
         fn stack_voice_release_kept_buffers();
-        /// Whether this thread's allocations are a loading model's weights
-        /// (`cpp/cpu_allocator.cc`).
-        fn stack_voice_loading_weights(loading: bool);
-        /// The products that took a weight packed earlier
-        /// (`cpp/ruy_prepacked_weights.cc`).
-        fn stack_voice_prepacked_weight_uses() -> u64;
-        /// How many registered weight buffers have been freed.
-        fn stack_voice_weights_generation() -> u64;
-    }
-
-    /// How many weight buffers of models packing their weights once have
-    /// been freed in this process (`cpp/cpu_allocator.cc`): each one clears
-    /// ruy's packed copies before the next product, so that a buffer made
-    /// later at the same address is never served an old packing.
-    pub fn weights_generation() -> u64 {
-        // SAFETY: the function takes nothing and only loads an atomic
-        // counter; build.rs compiles and links it with this crate.
-        unsafe { stack_voice_weights_generation() }
-    }
-
-    /// How many matrix products have taken a weight matrix that ruy packed
-    /// earlier (`cpp/ruy_prepacked_weights.cc`) instead of packing it again,
-    /// in this process.
-    ///
-    /// Non-zero after a transcription by a model loaded with
-    /// [`ModelOptions::pack_weights_once`] (whose weights fit, see there)
-    /// exactly when the build linked it in place of ruy's own
-    /// `PreparePackedMatrices` and the weights were registered while the
-    /// model loaded: the speech tests assert that.
-    pub fn prepacked_weight_uses() -> u64 {
-        // SAFETY: the function takes nothing and only loads an atomic
-        // counter; build.rs compiles and links it with this crate.
-        unsafe { stack_voice_prepacked_weight_uses() }
-    }
-
-    /// Marks what this thread allocates as weights to pack once, from when
-    /// it is made until it drops (a load that fails or panics included).
-    struct LoadingWeights;
-
-    impl LoadingWeights {
-        fn start() -> LoadingWeights {
-            // SAFETY: sets a thread-local flag the allocator reads.
-            unsafe { stack_voice_loading_weights(true) };
-            LoadingWeights
-        }
-    }
-
-    impl Drop for LoadingWeights {
-        fn drop(&mut self) {
-            // SAFETY: as in `start`.
-            unsafe { stack_voice_loading_weights(false) };
-        }
-    }
-
-    /// How many times CTranslate2's ruy threads have waited through this
-    /// crate's `ruy::Wait` (`cpp/ruy_wait.cc`, which never spins) in this
-    /// process.
-    ///
-    /// With two threads or more, non-zero after a transcription exactly
-    /// when the build linked it in place of ruy's own, spinning one: the
-    /// speech tests assert that. (With one thread ruy has no worker and
-    /// never waits.)
-    pub fn spin_free_waits() -> u64 {
-        // SAFETY: the function takes nothing and only loads an atomic
-        // counter; build.rs compiles and links it with this crate.
-        unsafe { stack_voice_ruy_waits() }
     }
 
     /// How many tensor buffers CTranslate2 has been handed again from this
@@ -344,13 +253,7 @@ mod engine {
                 ..Config::default()
             };
             let release = ReleaseKeptBuffers;
-            // CTranslate2 loads the weights on this thread, before it
-            // starts its workers (which run every transcription): what
-            // this thread allocates meanwhile and keeps is the weights.
-            let loading = options.pack_weights_once.then(LoadingWeights::start);
-            let engine = Whisper::new(dir, config).map_err(|e| load(format!("{e:#}")));
-            drop(loading);
-            let engine = engine?;
+            let engine = Whisper::new(dir, config).map_err(|e| load(format!("{e:#}")))?;
             release_kept_buffers();
             let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
                 .map_err(|e| load(format!("tokenizer.json: {e}")))?;

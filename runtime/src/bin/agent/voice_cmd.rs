@@ -143,7 +143,6 @@ pub fn with_speech_model(
         stack_runtime::voice::ModelOptions {
             threads: args.speech_threads,
             compute: args.speech_compute.into(),
-            ..Default::default()
         },
     )
     .map_err(|err| anyhow::anyhow!("speech model {}: {err}", dir.display()))?;
@@ -182,7 +181,6 @@ impl Ears {
                     stack_runtime::voice::ModelOptions {
                         threads: args.speech_threads,
                         compute: args.speech_compute.into(),
-                        ..Default::default()
                     },
                 )?);
                 self.model = Some(Arc::clone(&model));
