@@ -17,7 +17,7 @@
 //!
 //! Both run CTranslate2; on x86-64 Linux both do its matrix products and
 //! convolutions in oneDNN (ours links the prebuilt oneDNN 3.2 from PyPI,
-//! see runtime/onednn; faster-whisper's wheel has oneDNN built in and
+//! see ARCHITECTURE.md, "Build"; faster-whisper's wheel has oneDNN built in and
 //! uses it on CPUs other than Intel's, MKL on Intel's).
 //!
 //! ```sh

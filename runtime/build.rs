@@ -1,6 +1,6 @@
 //! Link settings for this package's binaries, tests, benches and examples,
 //! and the shared libraries they load beside them: llama.cpp's, and
-//! oneDNN's (the speech engine's, on x86-64 Linux; see runtime/onednn).
+//! oneDNN's (the speech engine's, on x86-64 Linux; see ARCHITECTURE.md, "Build").
 //!
 //! llama.cpp is linked as shared libraries (`libllama.so.0`,
 //! `libllama-common.so.0`, `libggml.so.0`, `libggml-base.so.0`): ggml's CPU
@@ -17,7 +17,8 @@
 //! `libllama.so.0`'s own dependencies on ggml. (llama-cpp-sys-2 places
 //! links of its own there too, named `lib*.so`, which the binaries do not
 //! ask for.) oneDNN's `libdnnl.so.3` is placed the same way, from the
-//! folder runtime/onednn copied it to (its `DEP_DNNL_LIBRARY_PATH`). The
+//! folder onednn-src names (its `DEP_DNNL_LIBRARY_PATH`: the asset folder
+//! that `scripts/setup` unpacked it into, see `onednn_library`). The
 //! test and bench binaries of the other crates run under cargo, which puts
 //! the build's folders on the library path.
 //!
@@ -98,16 +99,14 @@ fn llama_libraries() -> Vec<PathBuf> {
 }
 
 /// oneDNN's shared library, when the `voice` feature links it (x86-64
-/// Linux): runtime/onednn (`links = "dnnl"`) names the folder it placed
-/// `libdnnl.so.3` in.
+/// Linux): onednn-src (`links = "dnnl"`, its build script overridden by
+/// the .cargo/config.toml that `scripts/setup` writes) names the folder of
+/// the prebuilt `libdnnl.so.3`. Without the override, onednn-src compiles
+/// a static oneDNN, and there is nothing to place.
 fn onednn_library() -> Option<PathBuf> {
     let folder = std::env::var("DEP_DNNL_LIBRARY_PATH").ok()?;
     let library = Path::new(&folder).join("libdnnl.so.3");
-    assert!(
-        library.is_file(),
-        "runtime/onednn named {folder}, which holds no libdnnl.so.3"
-    );
-    Some(library)
+    library.is_file().then_some(library)
 }
 
 /// Whether `name` is the name a binary asks for (`libllama.so.0`): a

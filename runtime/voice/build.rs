@@ -15,7 +15,7 @@
 //! run time that it is the one called.
 //!
 //! CTranslate2's matrix products are oneDNN's on x86-64 Linux (the
-//! prebuilt library, see runtime/onednn) and ruy's elsewhere; nothing here
+//! prebuilt library, see ARCHITECTURE.md, "Build") and ruy's elsewhere; nothing here
 //! depends on which.
 
 fn main() {

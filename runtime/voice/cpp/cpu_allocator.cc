@@ -153,7 +153,6 @@ class KeepingAllocator final : public ctranslate2::Allocator {
     std::free(ptr);
   }
 
- public:
   void clear_cache() noexcept override {
     std::unordered_map<std::size_t, std::vector<void*>> released;
     {
