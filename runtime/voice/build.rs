@@ -15,11 +15,20 @@
 //! run time that it is the one called.
 //!
 //! CTranslate2's matrix products are oneDNN's on x86-64 Linux (the
-//! prebuilt library, see ARCHITECTURE.md, "Build") and ruy's elsewhere; nothing here
-//! depends on which.
+//! prebuilt library, see ARCHITECTURE.md, "Build") and ruy's elsewhere;
+//! the allocator does not depend on which. Where onednn-src names the
+//! prebuilt `libdnnl.so.3` (its `DEP_DNNL_LIBRARY_PATH`, outside the target
+//! folder), it is copied into this build's `OUT_DIR/lib`, a native search
+//! folder inside the target folder, which cargo therefore puts on the
+//! library path of what it runs: this crate's tests and benches, and those
+//! of every crate above it, find it there (the runtime's binaries find the
+//! copy `runtime/build.rs` places beside them).
+
+use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-changed=cpp/cpu_allocator.cc");
+    println!("cargo:rerun-if-env-changed=DEP_DNNL_LIBRARY_PATH");
     if std::env::var_os("CARGO_FEATURE_ENGINE").is_none() {
         return;
     }
@@ -29,4 +38,37 @@ fn main() {
         .file("cpp/cpu_allocator.cc")
         .link_lib_modifier("+whole-archive")
         .compile("stack_voice_ct2_cpu");
+    if let Ok(folder) = std::env::var("DEP_DNNL_LIBRARY_PATH") {
+        let library = Path::new(&folder).join("libdnnl.so.3");
+        // Without scripts/setup's override onednn-src builds a static
+        // oneDNN, and there is nothing to copy.
+        if library.is_file() {
+            println!("cargo:rerun-if-changed={}", library.display());
+            let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("set by cargo")).join("lib");
+            copy_library(&library, &out);
+            println!("cargo:rustc-link-search=native={}", out.display());
+        }
+    }
+}
+
+/// Copies `library` into `folder` by way of a temporary name and a rename,
+/// so that a test starting meanwhile never maps half a library.
+fn copy_library(library: &Path, folder: &Path) {
+    let name = library.file_name().expect("a file name");
+    let partial = folder.join(format!(
+        ".{}.partial-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let copied = std::fs::create_dir_all(folder)
+        .and_then(|()| std::fs::copy(library, &partial))
+        .and_then(|_| std::fs::rename(&partial, folder.join(name)));
+    if let Err(error) = copied {
+        let _ = std::fs::remove_file(&partial);
+        panic!(
+            "copying {} into {}: {error}",
+            library.display(),
+            folder.display()
+        );
+    }
 }

@@ -161,14 +161,15 @@ fn ctranslate2_runs_the_replacement_allocator_and_onednn() {
     )) {
         let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
         // The path is what follows the fifth field (it may hold spaces).
-        let onednn: Vec<&str> = maps
+        let onednn: std::collections::BTreeSet<&str> = maps
             .lines()
             .filter_map(|line| {
                 let mut rest = line;
                 for _ in 0..5 {
                     rest = rest.trim_start().split_once(char::is_whitespace)?.1;
                 }
-                Some(rest.trim())
+                let path = rest.trim();
+                Some(path.strip_suffix(" (deleted)").unwrap_or(path))
             })
             .filter(|path| path.ends_with("/libdnnl.so.3"))
             .collect();
