@@ -28,8 +28,13 @@
 
 use std::path::{Path, PathBuf};
 
+#[path = "build-support/place_library.rs"]
+mod place_library;
+use place_library::place_library;
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=build-support/place_library.rs");
     println!("cargo:rerun-if-env-changed=DEP_LLAMA_BACKENDS_DIR");
     println!("cargo:rerun-if-env-changed=DEP_DNNL_LIBRARY_PATH");
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
@@ -57,9 +62,8 @@ fn main() {
         profile.join("deps"),
         profile.join("examples"),
     ] {
-        std::fs::create_dir_all(&folder).expect("a folder beside the binaries");
         for library in &libraries {
-            let placed = place(library, &folder);
+            let placed = place_library(library, &folder);
             // A copy that goes missing is put back at the next build.
             println!("cargo:rerun-if-changed={}", placed.display());
         }
@@ -117,45 +121,4 @@ fn is_soname(name: &str) -> bool {
         && name.split_once(".so.").is_some_and(|(_, version)| {
             !version.is_empty() && version.bytes().all(|b| b.is_ascii_digit())
         })
-}
-
-/// Copies `library` (through its symlink, to the file) into `folder`, by
-/// way of a temporary name and a rename, so that a binary starting at the
-/// same time never maps half a library; the copy keeps the library's
-/// modification time. Skipped when the copy there is already the same
-/// size with the same time. Returns where it is.
-fn place(library: &Path, folder: &Path) -> PathBuf {
-    let name = library.file_name().expect("a file name");
-    let target = folder.join(name);
-    let source = std::fs::metadata(library).expect("a library to place");
-    let modified = source.modified().expect("a modification time");
-    if let Ok(present) = std::fs::symlink_metadata(&target) {
-        if present.is_file()
-            && present.len() == source.len()
-            && present.modified().ok() == Some(modified)
-        {
-            return target;
-        }
-    }
-    let partial = folder.join(format!(
-        ".{}.partial-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let copied = std::fs::copy(library, &partial).and_then(|_| {
-        std::fs::File::options()
-            .write(true)
-            .open(&partial)?
-            .set_modified(modified)?;
-        std::fs::rename(&partial, &target)
-    });
-    if let Err(err) = copied {
-        let _ = std::fs::remove_file(&partial);
-        panic!(
-            "placing {} in {}: {err}",
-            library.display(),
-            folder.display()
-        );
-    }
-    target
 }

@@ -105,3 +105,39 @@ fn the_crate_graph_is_the_documented_one() {
         "every workspace member has a row in ARCHITECTURE.md"
     );
 }
+
+/// `scripts/setup` fetches what the runtime checks: each asset's line in
+/// its manifest names the file, the package and the sha256 that
+/// `stack_runtime::assets` pins, and it checks oneDNN's library against
+/// the same hash as the speech tests. A pin changed in one place only
+/// fails here, not at a user's first run.
+#[test]
+fn the_setup_script_pins_what_the_runtime_checks() {
+    use stack_runtime::assets::{Asset, ONEDNN_LIBRARY_SHA256};
+    let setup = std::fs::read_to_string(common::repo_root().join("scripts/setup")).expect("setup");
+    let manifest: Vec<Vec<&str>> = setup
+        .lines()
+        .map(str::trim)
+        .filter(|line| {
+            line.starts_with('"') && line.ends_with('"') && line.matches('|').count() == 3
+        })
+        .map(|line| line.trim_matches('"').split('|').collect())
+        .collect();
+    assert_eq!(
+        manifest.len(),
+        Asset::ALL.len(),
+        "setup's manifest: {manifest:?}"
+    );
+    for asset in Asset::ALL {
+        let entry = manifest
+            .iter()
+            .find(|entry| entry[0] == asset.file_name())
+            .unwrap_or_else(|| panic!("setup's manifest has no line for {}", asset.file_name()));
+        assert_eq!(entry[2], asset.package(), "{}", asset.file_name());
+        assert_eq!(entry[3], asset.sha256(), "{}", asset.file_name());
+    }
+    assert!(
+        setup.contains(&format!("onednn_library_sha={ONEDNN_LIBRARY_SHA256}\n")),
+        "setup pins another libdnnl.so.3 than stack_assets::ONEDNN_LIBRARY_SHA256"
+    );
+}

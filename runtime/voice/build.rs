@@ -26,8 +26,13 @@
 
 use std::path::{Path, PathBuf};
 
+#[path = "../build-support/place_library.rs"]
+mod place_library;
+use place_library::place_library;
+
 fn main() {
     println!("cargo:rerun-if-changed=cpp/cpu_allocator.cc");
+    println!("cargo:rerun-if-changed=../build-support/place_library.rs");
     println!("cargo:rerun-if-env-changed=DEP_DNNL_LIBRARY_PATH");
     if std::env::var_os("CARGO_FEATURE_ENGINE").is_none() {
         return;
@@ -45,30 +50,8 @@ fn main() {
         if library.is_file() {
             println!("cargo:rerun-if-changed={}", library.display());
             let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("set by cargo")).join("lib");
-            copy_library(&library, &out);
+            place_library(&library, &out);
             println!("cargo:rustc-link-search=native={}", out.display());
         }
-    }
-}
-
-/// Copies `library` into `folder` by way of a temporary name and a rename,
-/// so that a test starting meanwhile never maps half a library.
-fn copy_library(library: &Path, folder: &Path) {
-    let name = library.file_name().expect("a file name");
-    let partial = folder.join(format!(
-        ".{}.partial-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let copied = std::fs::create_dir_all(folder)
-        .and_then(|()| std::fs::copy(library, &partial))
-        .and_then(|_| std::fs::rename(&partial, folder.join(name)));
-    if let Err(error) = copied {
-        let _ = std::fs::remove_file(&partial);
-        panic!(
-            "copying {} into {}: {error}",
-            library.display(),
-            folder.display()
-        );
     }
 }

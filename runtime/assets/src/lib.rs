@@ -74,6 +74,13 @@ pub enum AssetError {
     },
 }
 
+/// The sha256 of oneDNN's `libdnnl.so.3` (the speech engine's matrix
+/// products on x86-64 Linux) in Intel's `onednn-cpu-gomp==2023.2.0` wheel,
+/// which `scripts/setup` unpacks into the asset folder's `onednn-3.2/lib`
+/// (the layout test checks that the script pins this same hash).
+pub const ONEDNN_LIBRARY_SHA256: &str =
+    "e6376208cf6bacb041c346b504207e3aa1189a13f941c92a4383a55ac27058ae";
+
 impl Asset {
     /// Every asset.
     pub const ALL: [Asset; 7] = [

@@ -115,10 +115,6 @@ fn spoken_commands_at_16_khz_mono_are_transcribed() {
     assert!(wer < 0.25, "WER {:.1}%", wer * 100.0);
 }
 
-/// The sha256 of `libdnnl.so.3` in Intel's `onednn-cpu-gomp==2023.2.0`
-/// wheel, as `scripts/setup` pins it.
-const ONEDNN_SHA256: &str = "e6376208cf6bacb041c346b504207e3aa1189a13f941c92a4383a55ac27058ae";
-
 /// The build's replacement in CTranslate2 (runtime/voice/cpp) is the
 /// allocator that runs: it keeps large buffers, and each decoding step
 /// reuses the last one's. On x86-64 Linux the products are oneDNN's: this
@@ -183,7 +179,7 @@ fn ctranslate2_runs_the_replacement_allocator_and_onednn() {
             let bytes = std::fs::read(path).expect("the mapped oneDNN");
             assert_eq!(
                 stack_assets::sha256_hex(&bytes),
-                ONEDNN_SHA256,
+                stack_assets::ONEDNN_LIBRARY_SHA256,
                 "{path} is not the pinned oneDNN 3.2"
             );
         }
