@@ -114,10 +114,13 @@ fn check_basics(seen: &Value) {
     assert_eq!(status(secret), "denied", "{secret}");
     assert!(!text(secret).contains("do-not-leak"), "{secret}");
 
+    // An unknown tool is a protocol error, as the MCP spec has it.
     let unknown = &seen["unknown"];
-    assert_eq!(status(unknown), "invalid", "{unknown}");
+    assert_eq!(unknown["code"], -32602, "{unknown}");
     assert!(
-        text(unknown).contains("unknown tool `no_such_tool`"),
+        unknown["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unknown tool `no_such_tool`")),
         "{unknown}"
     );
 
@@ -168,6 +171,24 @@ fn an_ask_becomes_an_elicitation_and_remember_stops_the_asking() {
     );
 }
 
+/// The approval form shows the whole call: a command after 5,000 bytes
+/// of padding is in the message the user answers (it was once cut at
+/// 2,000 bytes, so what was approved was a prefix of what would run).
+#[test]
+fn the_approval_form_shows_the_whole_call() {
+    let ws = workspace();
+    let seen = over_stdio("long-elicit", ws.path(), &[]);
+    assert_eq!(status(&seen["declined"]), "denied", "{seen}");
+    let message = seen["message"].as_str().expect("the client was asked");
+    assert!(
+        message.contains("echo hidden-tail > planted.txt"),
+        "the form hid the end of the call: …{}",
+        &message[message.len().saturating_sub(200)..]
+    );
+    assert!(message.contains(&"#".repeat(5000)), "the padding was cut");
+    assert!(!ws.path().join("planted.txt").exists());
+}
+
 #[test]
 fn without_elicitation_an_ask_is_refused_unless_yes() {
     let ws = workspace();
@@ -214,12 +235,26 @@ fn a_session_is_not_cut_off_by_the_per_turn_call_limit() {
 #[test]
 fn a_protected_name_planted_by_a_cancelled_call_is_moved_aside() {
     // With a disk budget (the default policy's), a cancelled call's writes
-    // are never written back: nothing is planted at all.
+    // are never written back: nothing is planted at all. The audit log
+    // shows that the call was admitted and then stopped by the cancel (so
+    // the check is not passed by a call that never ran).
     let ws = workspace();
-    let seen = over_stdio("cancel-plant", ws.path(), &[]);
+    let audit = tempfile::tempdir().expect("tempdir");
+    let audit_log = audit.path().join("audit.jsonl");
+    let seen = over_stdio(
+        "cancel-plant",
+        ws.path(),
+        &["--audit-log", audit_log.to_str().expect("utf8")],
+    );
     assert!(
         !ws.path().join(".envrc").exists(),
         "the planted .envrc survived the cancellation: {seen}"
+    );
+    let records = std::fs::read_to_string(&audit_log).expect("the audit log");
+    assert!(
+        records.contains(r#""approval":"always""#)
+            && records.contains("cancelled by the caller after"),
+        "the call was not admitted and then cancelled: {records}"
     );
     // Without one, the call writes to the workspace directly, and what it
     // planted is moved aside once it is gone.
@@ -738,11 +773,12 @@ memory_mb = 256
         "{seen}"
     );
     // Its stderr went to the log (`agent mcp`'s stderr, which the client
-    // passes on).
+    // passes on), with the key it printed masked.
+    let logged = String::from_utf8_lossy(&output.stderr);
+    assert!(logged.contains("hostile: started"), "{logged}");
     assert!(
-        String::from_utf8_lossy(&output.stderr).contains("hostile: started"),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+        !logged.contains("IOSFODNN7EXAMPLE") && !logged.contains("hostileKeyBody4471"),
+        "the server's stderr reached the log unredacted: {logged}"
     );
     assert_eq!(
         text(&seen["bad_name_with_spaces"]),
@@ -754,6 +790,27 @@ memory_mb = 256
         text(&seen["malformed"]).contains("not a tool result"),
         "{seen}"
     );
+    // A 3 MiB error message reaches the client cut to the session's
+    // budget for a result (16 KiB in the default preset), in the result's
+    // structured content as in its text (the output cap, 1 MiB, holds it
+    // in the audit log and transcripts: see dispatch's unit test).
+    // Requests of its own, sent faster than it reads the answers: the
+    // connection is closed rather than the answers piled up in memory.
+    assert!(
+        text(&seen["ping_flood"]).contains("faster than it read the answers"),
+        "{}",
+        seen["ping_flood"]
+    );
+    let huge = &seen["huge_error"];
+    let error = huge["structured"]["error"].as_str().expect("an error");
+    // (The text's framing and the budget's marker count in those 16 KiB.)
+    assert!(
+        error.len() <= (16 << 10) + 256,
+        "an error of {} bytes",
+        error.len()
+    );
+    assert_eq!(huge["structured"]["truncated"], true, "{}", error.len());
+    assert!(text(huge).len() <= (16 << 10) + 200, "{}", text(huge).len());
     assert_eq!(text(&seen["health"]), "hello notes\n", "{seen}");
 
     // The writer it detached did not outlive the session.
@@ -869,10 +926,21 @@ fn the_agent_loop_calls_an_mcp_server_tool_in_the_sandbox() {
     let policy = time_server_policy(ws.path(), "");
     let home = tempfile::tempdir().expect("tempdir");
     let assets = stack_runtime::assets::asset_dir().expect("asset folder");
+    // A schema-file tool that has the name one of the server's tools would
+    // get: that server tool is skipped with a warning, and the run goes on
+    // (it once failed to start on the duplicate).
+    let tools = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        tools.path().join("taken.json"),
+        r#"{"name": "time__convert_time", "description": "Holds the name.", "parameters": {"type": "object", "properties": {}}, "executor": {"type": "command", "argv": ["true"]}}"#,
+    )
+    .expect("schema file");
     // The real default model, made to call the server's tool (a named tool
     // choice), through the whole loop: validation, policy, the sandboxed
     // server, the result fed back.
     let output = Command::new(common::agent_binary())
+        .arg("--tools")
+        .arg(tools.path())
         .args(["--policy"])
         .arg(&policy)
         .arg("--workspace")
@@ -911,6 +979,11 @@ fn the_agent_loop_calls_an_mcp_server_tool_in_the_sandbox() {
                 String::from_utf8_lossy(&output.stderr)
             )
         });
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("time__convert_time") && stderr.contains("taken"),
+        "no warning of the skipped server tool: {stderr}"
+    );
     // The server answered: a time, or its own complaint about the zone the
     // model chose; either way it ran, sandboxed, and its answer came back.
     let outcome = &call["outcome"];
@@ -1032,7 +1105,37 @@ reason = "no shouting here"
         unset.contains("`NOTES_MCP_TOKEN`, which is not set"),
         "{unset}"
     );
-    assert!(!unset.contains(token) && !wrong.contains(token));
+    // The key never shows: not the wrong one in its refusal, nor the right
+    // one in a successful call's log, even at debug level.
+    assert!(!wrong.contains("not-the-token"), "{wrong}");
+    let debug = Command::new(common::agent_binary())
+        .args([
+            "tool",
+            "run",
+            "notes__add",
+            "--args",
+            r#"{"a": 1, "b": 2}"#,
+            "--policy",
+        ])
+        .arg(&policy)
+        .arg("--workspace")
+        .arg(ws.path())
+        .env("NOTES_MCP_TOKEN", token)
+        .env("AGENT_LOG", "debug")
+        .output()
+        .expect("agent tool run");
+    let logged = String::from_utf8_lossy(&debug.stderr);
+    assert!(debug.status.success(), "{logged}");
+    let ran: Value = serde_json::from_slice(&debug.stdout).unwrap_or(Value::Null);
+    assert_eq!(
+        ran["stdout"].as_str().map(str::trim),
+        Some("3"),
+        "the call did not run: {ran} {logged}"
+    );
+    assert!(
+        !logged.contains(token),
+        "the token reached the log: {logged}"
+    );
 
     // `agent tool list` shows its tools as an MCP server's.
     let listed = Command::new(common::agent_binary())

@@ -385,6 +385,7 @@ fn bad_requests_and_limits_get_clear_errors_and_sessions_stay_usable() {
     let outside = tempdir();
     std::os::unix::fs::symlink(outside.path(), root.path().join("escape")).expect("symlink");
     std::fs::create_dir(root.path().join("inner")).expect("inner");
+    std::fs::create_dir(root.path().join("beside")).expect("beside");
     let state = home.path().join(".cache/stack-runtime/wasm");
     std::fs::create_dir_all(&state).expect("a state folder");
     let home_root = home.path().to_str().expect("utf-8").to_string();
@@ -506,12 +507,31 @@ fn bad_requests_and_limits_get_clear_errors_and_sessions_stay_usable() {
             let (status, body) = call(method, &format!("{base}{route}"), None).await;
             assert_eq!(status, 404, "{route}: {body}");
         }
+        // A path that is not UTF-8, a malformed or unknown query parameter
+        // and a method a route does not take: each a JSON error too.
+        for (method, route, want) in [
+            ("GET", "/v1/sessions/%FF", 400),
+            ("DELETE", "/v1/sessions/nosuch?erase=maybe", 400),
+            ("DELETE", "/v1/sessions/nosuch?what=1", 400),
+            ("PUT", "/v1/sessions", 405),
+            ("POST", "/health", 405),
+        ] {
+            let (status, body) = call(method, &format!("{base}{route}"), None).await;
+            assert_eq!(status, want, "{method} {route}: {body}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty()),
+                "{method} {route}: not a JSON error: {body}"
+            );
+        }
         // Sessions up to the limit, then 429; deleting one frees a place.
         let inner = root.path().join("inner").canonicalize().expect("inner");
         let (status, first) = call("POST", &sessions, Some(json!({"workspace": inner}))).await;
         assert_eq!(status, 201, "{first}");
         assert_eq!(first["workspace"], json!(inner));
-        let (status, second) = call("POST", &sessions, Some(json!({}))).await;
+        let beside = root.path().join("beside").canonicalize().expect("beside");
+        let (status, second) = call("POST", &sessions, Some(json!({"workspace": beside}))).await;
         assert_eq!(status, 201, "{second}");
         let (status, body) = call("POST", &sessions, Some(json!({}))).await;
         assert_eq!(status, 429, "{body}");
@@ -539,7 +559,13 @@ fn bad_requests_and_limits_get_clear_errors_and_sessions_stay_usable() {
         assert_eq!(status, 400, "{body}");
         let (status, _) = call("DELETE", &format!("{base}/v1/sessions/{id}"), None).await;
         assert_eq!(status, 200);
+        // The default workspace (the root) holds the open session's
+        // folder: code run in it could swap that folder for a link to
+        // anywhere, so the two are not open at once.
         let (status, body) = call("POST", &sessions, Some(json!({}))).await;
+        assert_eq!(status, 409, "{body}");
+        assert!(message(&body).contains("one inside the other"), "{body}");
+        let (status, body) = call("POST", &sessions, Some(json!({"workspace": inner}))).await;
         assert_eq!(status, 201, "{body}");
         // The server is still healthy.
         let (status, body) = call("GET", &format!("{base}/v1/sessions"), None).await;
@@ -561,8 +587,16 @@ fn a_full_queue_gets_429_and_the_server_refuses_a_public_address_without_a_token
     tokio().block_on(async move {
         let url = format!("{base}/v1/chat/completions");
         let long = json!({
+            // A reply held by its schema to 12,000 characters or more
+            // runs to its 3,000 tokens (no end of turn before that), which
+            // take this model well over the 10 s the place is waited for
+            // below: only the cancel of a dropped stream frees it in time.
             "messages": [{"role": "user", "content": "Tell a long story about a lighthouse."}],
-            "max_tokens": 200, "temperature": 0, "stream": true,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "long", "schema": {
+                "type": "array", "minItems": 3,
+                "items": {"type": "string", "minLength": 4000},
+            }}},
+            "max_tokens": 3000, "temperature": 0, "stream": true,
         });
         let first = reqwest::Client::new()
             .post(&url)
@@ -877,39 +911,123 @@ fn a_turn_waiting_for_approval_gives_its_place_to_another_session() {
 
 /// SIGTERM mid-turn: the turn is finished (or cancelled) and streamed to
 /// its end, the transcript holds it, and the process exits cleanly.
+/// SIGTERM with a turn still running past the grace period (it waits for
+/// an approval no one gives), and a client that opened a connection and
+/// stalled in its request's head: the turn is cancelled (its stream says
+/// so), the stalled connection does not hold the server up, and the server
+/// exits having saved the session (its transcript and its KV state).
 #[test]
 fn a_stopped_server_ends_running_turns_and_exits_cleanly() {
     let _generating = generating();
     let (home, root) = (tempdir(), tempdir());
-    let mut served = Served::start(home.path(), root.path(), &[]);
+    let mut served = Served::start(home.path(), root.path(), &["--shutdown-grace", "1"]);
     let base = served.base.clone();
     let pid = nix::unistd::Pid::from_raw(served.child.id() as i32);
-    let (id, events) = tokio().block_on(async {
+    let address = base.trim_start_matches("http://").to_string();
+    let (id, events, stalled) = tokio().block_on(async {
         let (status, created) = call(
             "POST",
             &format!("{base}/v1/sessions"),
-            Some(json!({"tool_choice": "none", "temperature": 0, "max_tokens": 64})),
+            Some(json!({"tool_choice": "write_file", "max_steps": 1, "temperature": 0, "max_tokens": 64})),
         )
         .await;
         assert_eq!(status, 201, "{created}");
         let id = created["id"].as_str().expect("id").to_string();
         let (mut response, mut seen) =
-            turn_until(&base, &id, "Tell a story.", "event: token").await;
+            turn_until(&base, &id, "Write hello to a.txt", "event: approval_needed").await;
+        let mut stalled = std::net::TcpStream::connect(&address).expect("connect");
+        std::io::Write::write_all(&mut stalled, b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            .expect("a partial head");
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        while let Some(chunk) = response.chunk().await.expect("chunk") {
-            seen.push_str(&String::from_utf8_lossy(&chunk));
-        }
-        (id, seen)
+        read_to_end(
+            &mut response,
+            &mut seen,
+            Duration::from_secs(30),
+            "the stream ends within 30 s",
+        )
+        .await;
+        (id, seen, stalled)
     });
     assert!(events.contains("event: turn_finished"), "{events}");
-    let status = served.child.wait().expect("exit");
-    assert!(status.success(), "{status:?}");
+    assert!(
+        events.contains("shutting down"),
+        "the turn was not cancelled: {events}"
+    );
+    let stopped = std::time::Instant::now();
+    loop {
+        if let Some(status) = served.child.try_wait().expect("wait") {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(30),
+            "the server did not exit with a stalled connection open"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(stalled);
     let transcript = std::fs::read_to_string(served.transcripts().join(format!("{id}.jsonl")))
         .expect("transcript");
     assert!(
-        transcript.lines().any(|l| l.contains("\"assistant\"")),
-        "the turn's answer is on record: {transcript}"
+        transcript.lines().any(|l| l.contains("\"user\"")),
+        "the turn is on record: {transcript}"
     );
+    assert!(
+        served.transcripts().join(format!("{id}.kv")).is_file(),
+        "the session's KV state was not saved at shutdown"
+    );
+}
+
+/// A client that drops its turn's stream while the turn waits for an
+/// approval cancels the turn then (within the SSE keep-alive's 15 s, whose
+/// write finds the connection gone), not at the next event: the session
+/// takes a new turn (it answered 409 until the approval's time limit).
+#[test]
+fn a_client_that_goes_away_cancels_a_turn_waiting_for_approval() {
+    let _generating = generating();
+    let (home, root) = (tempdir(), tempdir());
+    let served = Served::start(home.path(), root.path(), &[]);
+    let base = served.base.clone();
+    tokio().block_on(async move {
+        let (status, created) = call(
+            "POST",
+            &format!("{base}/v1/sessions"),
+            Some(json!({"tool_choice": "write_file", "max_steps": 1, "temperature": 0, "max_tokens": 64})),
+        )
+        .await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["id"].as_str().expect("id").to_string();
+        let (response, _) =
+            turn_until(&base, &id, "Write hello to a.txt", "event: approval_needed").await;
+        drop(response);
+        let dropped = std::time::Instant::now();
+        let next = loop {
+            let response = reqwest::Client::new()
+                .post(format!("{base}/v1/sessions/{id}/turns"))
+                .bearer_auth(TOKEN)
+                .json(&json!({"message": "Hi"}))
+                .send()
+                .await
+                .expect("turn");
+            if response.status().as_u16() != 409 {
+                break response;
+            }
+            assert!(
+                dropped.elapsed() < Duration::from_secs(40),
+                "the abandoned turn still runs 40 s after its client went away"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(next.status().as_u16(), 200);
+        // This turn asks for approval too; the session is deleted under it.
+        drop(next);
+        let (status, body) = call("DELETE", &format!("{base}/v1/sessions/{id}"), None).await;
+        assert_eq!(status, 200, "{body}");
+        let (status, metrics) = call("GET", &format!("{base}/metrics"), None).await;
+        assert_eq!(status, 200);
+        let text = metrics.as_str().unwrap_or_default();
+        assert!(text.contains("stack_approvals_pending 0"), "{text}");
+    });
 }
 
 fn tempdir() -> tempfile::TempDir {

@@ -22,6 +22,7 @@ from mcp.client.client import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.shared.exceptions import MCPError
 
 
 def result(r: types.CallToolResult) -> dict:
@@ -72,7 +73,10 @@ async def basics(target) -> dict:
             "execute_code", {"language": "python", "code": "print(6 * 7)"}
         )
         secret = await client.call_tool("read_file", {"path": ".env"})
-        unknown = await client.call_tool("no_such_tool", {})
+        try:
+            unknown = {"called": result(await client.call_tool("no_such_tool", {}))}
+        except MCPError as err:
+            unknown = {"code": err.code, "message": err.message}
         bad = await client.call_tool("read_file", {"path": 7})
         write = await client.call_tool(
             "write_file", {"path": "../outside.txt", "content": "x"}
@@ -83,7 +87,7 @@ async def basics(target) -> dict:
             "read": result(read),
             "code": result(code),
             "secret": result(secret),
-            "unknown": result(unknown),
+            "unknown": unknown,
             "bad_arguments": result(bad),
             "write_outside": result(write),
             "asked": approver.asked,
@@ -104,6 +108,21 @@ async def elicit(target) -> dict:
             "remembered": result(remembered),
             "after": result(after),
             "asked": len(approver.asked),
+            "message": approver.asked[0] if approver.asked else None,
+        }
+
+
+async def long_elicit(target) -> dict:
+    """A call whose harmful part comes after kilobytes of padding: the form
+    must show all of it."""
+    approver = Approver([DECLINE])
+    code = "# helper\n" + "#" * 5000 + "\necho hidden-tail > planted.txt\n"
+    async with Client(target, elicitation_callback=approver) as client:
+        declined = await client.call_tool(
+            "execute_code", {"language": "bash", "code": code}
+        )
+        return {
+            "declined": result(declined),
             "message": approver.asked[0] if approver.asked else None,
         }
 
@@ -251,6 +270,8 @@ async def hostile(target) -> dict:
             ("bad_name_with_spaces", {}),
             ("flood", {}),
             ("malformed", {}),
+            ("huge_error", {}),
+            ("ping_flood", {}),
             ("attack", {k: args[k] for k in ("outside", "port", "home", "readable")}),
         ]:
             started = time.monotonic()
@@ -301,6 +322,7 @@ SCENARIOS = {
     "hostile": hostile,
     "basics": basics,
     "elicit": elicit,
+    "long-elicit": long_elicit,
     "no-elicitation": no_elicitation,
     "cancel": cancel,
     "cancel-plant": cancel_plant,

@@ -64,14 +64,7 @@ pub async fn execute(authorized: &AuthorizedCall, ctx: &ToolContext) -> ToolOutc
             Err(outcome) => *outcome,
         },
         Executor::External(tool) => {
-            let mut outcome = tool.call(call.arguments(), ctx).await;
-            for stream in [&mut outcome.stdout, &mut outcome.stderr] {
-                if stream.len() > ctx.max_output_bytes {
-                    *stream = cut_to(std::mem::take(stream), ctx.max_output_bytes);
-                    outcome.truncated = true;
-                }
-            }
-            outcome
+            cap_external(tool.call(call.arguments(), ctx).await, ctx.max_output_bytes)
         }
         Executor::Unbound => ToolOutcome::internal_error(format!(
             "tool `{}` is declared but nothing is bound to run it; give its schema file an \"executor\" or register a host handler for it",
@@ -236,7 +229,56 @@ async fn blocking(work: impl FnOnce() -> ToolOutcome + Send + 'static) -> ToolOu
     }
 }
 
+/// An external tool's outcome held to the call's output cap: stdout and
+/// stderr cut to `max` bytes each (marked truncated), and the error too,
+/// which the far side writes as well (a JSON-RPC error's message), with a
+/// marker saying how much was cut.
+fn cap_external(mut outcome: ToolOutcome, max: usize) -> ToolOutcome {
+    for stream in [&mut outcome.stdout, &mut outcome.stderr] {
+        if stream.len() > max {
+            *stream = cut_to(std::mem::take(stream), max);
+            outcome.truncated = true;
+        }
+    }
+    if let Some(error) = &mut outcome.error {
+        if error.len() > max {
+            let cut = error.len() - error.floor_char_boundary(max);
+            let mut kept = cut_to(std::mem::take(error), max);
+            kept.push_str(&format!(" [... {cut} more bytes cut ...]"));
+            *error = kept;
+        }
+    }
+    outcome
+}
+
 fn cut_to(mut text: String, limit: usize) -> String {
     text.truncate(text.floor_char_boundary(limit));
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that answers with megabytes (as output or as an error
+    /// message) gets the call's output cap on every field it wrote.
+    #[test]
+    fn an_external_tools_output_and_error_are_held_to_the_cap() {
+        let mut outcome = ToolOutcome::failed("é".repeat(3 << 20));
+        outcome.stdout = "o".repeat(5000);
+        outcome.stderr = "short".to_string();
+        let capped = cap_external(outcome, 4096);
+        assert_eq!(capped.stdout.len(), 4096);
+        assert_eq!(capped.stderr, "short");
+        assert!(capped.truncated);
+        let error = capped.error.expect("an error");
+        assert!(error.len() < 4096 + 64, "{}", error.len());
+        assert!(
+            error.starts_with('é') && error.ends_with("more bytes cut ...]"),
+            "{error:.40}"
+        );
+        let small = cap_external(ToolOutcome::failed("refused"), 4096);
+        assert_eq!(small.error.as_deref(), Some("refused"));
+        assert!(!small.truncated);
+    }
 }

@@ -22,7 +22,13 @@
 //!   are validated against that schema and decided by the policy before the
 //!   server sees them. A result is cut to the call's output cap; a response
 //!   the SDK cannot parse, one longer than [`MAX_MESSAGE_BYTES`], or any
-//!   protocol error becomes a failed call with a clear error.
+//!   protocol error becomes a failed call with a clear error. Its stderr
+//!   is logged with the policy's secrets masked, at most
+//!   [`MAX_STDERR_LOGGED`] bytes a start. Requests it sends us wait on
+//!   their answers, which it must read: past [`MAX_UNANSWERED_REQUESTS`]
+//!   unread answers (a server flooding requests while never reading its
+//!   stdin would otherwise grow this process's memory without end) the
+//!   connection is closed and the server started again on the next call.
 //! - **Time.** Each call has a timeout (`timeout_ms`, default 60 s); past
 //!   it, or when the caller abandons the call, the server is sent
 //!   `notifications/cancelled` and the call ends. A server that dies is
@@ -42,22 +48,26 @@
 //! writes, and its network if the policy gives it one), and what an HTTP
 //! server does on its own machine.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, PaginatedRequestParams};
-use rmcp::service::{RoleClient, RunningService, ServiceError};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, ContentBlock, JsonRpcMessage, PaginatedRequestParams,
+    RequestId, ServerNotification,
+};
+use rmcp::service::{RoleClient, RunningService, RxJsonRpcMessage, ServiceError, TxJsonRpcMessage};
 use rmcp::transport::async_rw::AsyncRwTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
-use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::{StreamableHttpClientTransport, Transport};
 use rmcp::ServiceExt;
 use serde_json::Value;
 
 use stack_core::context::ToolContext;
+use stack_core::policy::redact::Redactor;
 use stack_core::policy::{mcp_tool_name, McpEndpoint, McpServerSpec, Policy};
 use stack_core::tools::{Executor, ExternalTool, Registry, ToolOrigin, ToolSpec};
 use stack_sandbox::process::{ProcessPolicy, ProcessSandbox, ServiceHandle};
@@ -157,6 +167,7 @@ impl McpServers {
                 name: name.clone(),
                 spec: spec.clone(),
                 sandbox_policy: policy.mcp_server_sandbox(spec),
+                redactor: policy.redactor().clone(),
                 sandbox: sandbox.clone(),
                 workspace: workspace.to_path_buf(),
                 live: tokio::sync::Mutex::new(None),
@@ -175,7 +186,9 @@ impl McpServers {
                 let registered = mcp_tool_name(name, &original);
                 let refuse = |message: String| AttachError::Tool {
                     server: name.clone(),
-                    tool: original.clone(),
+                    // The server chose it: shown escaped, never as
+                    // terminal controls.
+                    tool: stack_types::text::one_line(&original).into_owned(),
                     message,
                 };
                 if !taken.insert(registered.clone()) || registry.get(&registered).is_some() {
@@ -228,6 +241,9 @@ struct ServerSource {
     name: String,
     spec: McpServerSpec,
     sandbox_policy: ProcessPolicy,
+    /// The policy's secret masking, applied to the server's stderr before
+    /// it is logged.
+    redactor: Redactor,
     /// Where stdio servers run; `None` where there is no process sandbox.
     sandbox: Option<Arc<ProcessSandbox>>,
     workspace: PathBuf,
@@ -241,8 +257,8 @@ struct Live {
     client: RunningService<RoleClient, ()>,
     /// The sandboxed process of a stdio server.
     service: Option<ServiceHandle>,
-    /// Set when the server sent a line over [`MAX_MESSAGE_BYTES`].
-    oversized: Arc<AtomicBool>,
+    /// Why the connection was cut off, if it was.
+    cut_off: Arc<CutOffCell>,
     /// Which start of the server this is: a call that failed on an earlier
     /// one never ends a later one.
     generation: u64,
@@ -256,7 +272,7 @@ impl Live {
     fn ended(&mut self) -> bool {
         self.client.is_closed()
             || self.client.peer().is_transport_closed()
-            || self.oversized.load(Ordering::SeqCst)
+            || self.cut_off.get().is_some()
             || self.service.as_mut().is_some_and(|service| {
                 !matches!(
                     service.ended.try_recv(),
@@ -303,7 +319,10 @@ impl ServerSource {
         match tokio::time::timeout(START_TIMEOUT, listing).await {
             Ok(Ok(Ok(tools))) => Ok(tools),
             Ok(Ok(Err(message))) => Err(self.handshake_error(message)),
-            Ok(Err(err)) => Err(self.handshake_error(format!("listing its tools failed: {err}"))),
+            Ok(Err(err)) => Err(self.handshake_error(format!(
+                "listing its tools failed: {}",
+                stack_types::text::one_line(&err.to_string())
+            ))),
             Err(_) => Err(self.handshake_error(format!(
                 "it did not list its tools within {} s",
                 START_TIMEOUT.as_secs()
@@ -374,7 +393,7 @@ impl ServerSource {
         Ok(Live {
             client,
             service: None,
-            oversized: Arc::new(AtomicBool::new(false)),
+            cut_off: Arc::default(),
             generation: self.starts.fetch_add(1, Ordering::SeqCst) + 1,
             timeouts: 0,
         })
@@ -443,19 +462,22 @@ impl ServerSource {
             .await
             .map_err(|err| start_error(err.to_string()))?;
         let ((stdin, stdout, stderr), service) = service.into_parts();
-        forward_stderr(self.name.clone(), stderr);
-        let oversized = Arc::new(AtomicBool::new(false));
+        forward_stderr(self.name.clone(), self.redactor.clone(), stderr);
+        let cut_off = Arc::<CutOffCell>::default();
         let reader = LineCap {
             inner: stdout,
             since_newline: 0,
-            oversized: Arc::clone(&oversized),
+            cut_off: Arc::clone(&cut_off),
         };
-        let transport = AsyncRwTransport::new_client(reader, stdin);
+        let transport = Bounded::new(
+            AsyncRwTransport::new_client(reader, stdin),
+            Arc::clone(&cut_off),
+        );
         let client = self.handshake(().serve(transport)).await?;
         Ok(Live {
             client,
             service: Some(service),
-            oversized,
+            cut_off,
             generation: self.starts.fetch_add(1, Ordering::SeqCst) + 1,
             timeouts: 0,
         })
@@ -467,7 +489,7 @@ impl ServerSource {
             .spec
             .timeout_ms
             .map_or(DEFAULT_CALL_TIMEOUT, Duration::from_millis);
-        let (peer, generation, oversized) = {
+        let (peer, generation, cut_off) = {
             let mut live = self.live.lock().await;
             if let Err(err) = self.running(&mut live).await {
                 return ToolOutcome::failed(err.to_string());
@@ -476,7 +498,7 @@ impl ServerSource {
                 Some(l) => (
                     l.client.peer().clone(),
                     l.generation,
-                    Arc::clone(&l.oversized),
+                    Arc::clone(&l.cut_off),
                 ),
                 None => {
                     return ToolOutcome::failed(format!(
@@ -503,10 +525,10 @@ impl ServerSource {
             }
             Ok(Err(err)) => {
                 let mut live = self.live.lock().await;
-                let oversized = oversized.load(Ordering::SeqCst);
+                let cut_off = cut_off.get();
                 let same = live.as_ref().is_some_and(|l| l.generation == generation);
                 let closed = matches!(err, ServiceError::TransportClosed)
-                    || oversized
+                    || cut_off.is_some()
                     || (same && live.as_mut().is_some_and(Live::ended));
                 if closed && same {
                     // Whatever is left of it is stopped now; the next call
@@ -515,10 +537,7 @@ impl ServerSource {
                 }
                 let name = &self.name;
                 ToolOutcome::failed(match err {
-                    _ if oversized => format!(
-                        "MCP server `{name}` sent a message over {} MiB, so the connection to it was closed; it will be started again on the next call",
-                        MAX_MESSAGE_BYTES >> 20
-                    ),
+                    _ if cut_off.is_some() => cut_off_message(name, cut_off),
                     _ if closed => format!(
                         "MCP server `{name}` ended during the call; it will be started again on the next call"
                     ),
@@ -535,6 +554,15 @@ impl ServerSource {
             }
             Err(_) => {
                 let mut live = self.live.lock().await;
+                let same = live.as_ref().is_some_and(|l| l.generation == generation);
+                // Cut off while the call waited: that is why it got no
+                // answer, and the connection is gone.
+                if let Some(why) = cut_off.get() {
+                    if same {
+                        *live = None;
+                    }
+                    return ToolOutcome::failed(cut_off_message(&self.name, Some(why)));
+                }
                 let hung = match live.as_mut() {
                     Some(l) if l.generation == generation => {
                         l.timeouts += 1;
@@ -563,13 +591,190 @@ impl ServerSource {
     }
 }
 
+/// The most answers to a server's own requests (pings, sampling, roots,
+/// elicitation: each answered, mostly with an error) that may wait to be
+/// written to it at once. A server that reads its stdin has one or two.
+pub const MAX_UNANSWERED_REQUESTS: usize = 32;
+
+/// Why the runtime closed its connection to a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CutOff {
+    /// It sent a line over [`MAX_MESSAGE_BYTES`].
+    Oversized,
+    /// It left over [`MAX_UNANSWERED_REQUESTS`] answers unread.
+    Flooded,
+}
+
+/// A [`CutOff`] shared between the transport, which sets it, and the
+/// calls, which say why they failed.
+#[derive(Debug, Default)]
+struct CutOffCell(std::sync::atomic::AtomicU8);
+
+impl CutOffCell {
+    fn set(&self, why: CutOff) {
+        let code = match why {
+            CutOff::Oversized => 1,
+            CutOff::Flooded => 2,
+        };
+        let _ = self
+            .0
+            .compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    fn get(&self) -> Option<CutOff> {
+        match self.0.load(Ordering::SeqCst) {
+            1 => Some(CutOff::Oversized),
+            2 => Some(CutOff::Flooded),
+            _ => None,
+        }
+    }
+}
+
+/// The transport to a stdio server, bounding what the server's own
+/// requests can make this process hold. The SDK answers each request the
+/// server sends on a task of its own, and each answer waits to be written
+/// to the server's stdin; a server that floods requests and never reads
+/// would pile up tasks and answers without end. So the requests not yet
+/// answered are kept by id, and past [`MAX_UNANSWERED_REQUESTS`] the
+/// connection is cut off: `receive` ends, and the answers still waiting to
+/// be written are dropped (which frees the pipe's writer for the close),
+/// so the calls fail at once, saying why, and the server is started again
+/// on the next one. (A `notifications/cancelled` only takes off a request
+/// it names that is still unanswered.)
+struct Bounded<T> {
+    inner: T,
+    unanswered: Arc<std::sync::Mutex<HashMap<RequestId, usize>>>,
+    cut_off: Arc<CutOffCell>,
+    /// Cancelled when the connection is cut off.
+    cut: tokio_util::sync::CancellationToken,
+}
+
+impl<T> Bounded<T> {
+    fn new(inner: T, cut_off: Arc<CutOffCell>) -> Self {
+        Bounded {
+            inner,
+            unanswered: Arc::default(),
+            cut_off,
+            cut: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+}
+
+/// Takes one request `id` off `unanswered`, if it is there.
+fn answered(unanswered: &std::sync::Mutex<HashMap<RequestId, usize>>, id: &RequestId) {
+    let mut unanswered = unanswered
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(count) = unanswered.get_mut(id) {
+        *count -= 1;
+        if *count == 0 {
+            unanswered.remove(id);
+        }
+    }
+}
+
+impl<T> Transport<RoleClient> for Bounded<T>
+where
+    T: Transport<RoleClient, Error = std::io::Error>,
+{
+    type Error = std::io::Error;
+
+    fn send(
+        &mut self,
+        item: TxJsonRpcMessage<RoleClient>,
+    ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send + 'static {
+        let answer_to = match &item {
+            JsonRpcMessage::Response(response) => Some(response.id.clone()),
+            JsonRpcMessage::Error(error) => error.id.clone(),
+            _ => None,
+        };
+        let unanswered = Arc::clone(&self.unanswered);
+        let cut = self.cut.clone();
+        let sent = self.inner.send(item);
+        async move {
+            let result = tokio::select! {
+                result = sent => result,
+                () = cut.cancelled() => Err(std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "the connection to the MCP server was cut off",
+                )),
+            };
+            if let Some(id) = answer_to {
+                answered(&unanswered, &id);
+            }
+            result
+        }
+    }
+
+    async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleClient>> {
+        if self.cut.is_cancelled() {
+            return None;
+        }
+        let message = self.inner.receive().await?;
+        match &message {
+            JsonRpcMessage::Request(request) => {
+                let mut unanswered = self
+                    .unanswered
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let waiting: usize = unanswered.values().sum();
+                if waiting >= MAX_UNANSWERED_REQUESTS {
+                    drop(unanswered);
+                    self.cut_off.set(CutOff::Flooded);
+                    self.cut.cancel();
+                    return None;
+                }
+                *unanswered.entry(request.id.clone()).or_default() += 1;
+            }
+            JsonRpcMessage::Notification(notification) => {
+                if let ServerNotification::CancelledNotification(cancelled) =
+                    &notification.notification
+                {
+                    if let Some(id) = &cancelled.params.request_id {
+                        answered(&self.unanswered, id);
+                    }
+                }
+            }
+            _ => {}
+        }
+        Some(message)
+    }
+
+    fn close(&mut self) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
+        let cut = self.cut.is_cancelled();
+        let closing = self.inner.close();
+        async move {
+            // Cut off: a close would wait on the full pipe; the server is
+            // killed with its handle instead.
+            if cut {
+                return Ok(());
+            }
+            closing.await
+        }
+    }
+}
+
+/// Why a call failed when the connection was cut off.
+fn cut_off_message(name: &str, why: Option<CutOff>) -> String {
+    match why {
+        Some(CutOff::Oversized) => format!(
+            "MCP server `{name}` sent a message over {} MiB, so the connection to it was closed; it will be started again on the next call",
+            MAX_MESSAGE_BYTES >> 20
+        ),
+        Some(CutOff::Flooded) => format!(
+            "MCP server `{name}` sent requests faster than it read the answers (over {MAX_UNANSWERED_REQUESTS} unanswered), so the connection to it was closed; it will be started again on the next call"
+        ),
+        None => format!("MCP server `{name}` ended during the call; it will be started again on the next call"),
+    }
+}
+
 /// A server's stdout that ends (with an error) at the first line longer
 /// than [`MAX_MESSAGE_BYTES`]: the connection closes, the call fails and
 /// says why, and no runtime memory goes to a message that size.
 struct LineCap<R> {
     inner: R,
     since_newline: usize,
-    oversized: Arc<AtomicBool>,
+    cut_off: Arc<CutOffCell>,
 }
 
 impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for LineCap<R> {
@@ -585,7 +790,7 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for LineCap<R> {
             for &byte in &buf.filled()[before..] {
                 since = if byte == b'\n' { 0 } else { since + 1 };
                 if since > MAX_MESSAGE_BYTES {
-                    self.oversized.store(true, Ordering::SeqCst);
+                    self.cut_off.set(CutOff::Oversized);
                     return std::task::Poll::Ready(Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         format!("a message over {MAX_MESSAGE_BYTES} bytes"),
@@ -598,18 +803,48 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for LineCap<R> {
     }
 }
 
+/// The most bytes of one server start's stderr that reach the log; past
+/// it, lines are read and dropped (and the log says so once).
+const MAX_STDERR_LOGGED: usize = 256 << 10;
+
 /// The server's stderr into the log, a line at a time: each line cut at
-/// 2000 bytes (the rest of it read and dropped, never buffered), bytes
-/// that are not UTF-8 shown as such; read to the end, so that the server
-/// never blocks on, or is killed by, a full or closed pipe.
-fn forward_stderr(server: String, mut stderr: tokio::net::unix::pipe::Receiver) {
+/// 2000 bytes (the rest of it read and dropped, never buffered), secrets
+/// masked by the policy's redactor (servers get keys through `env`, and
+/// many print their settings), bytes that are not UTF-8 shown as such, at
+/// most [`MAX_STDERR_LOGGED`] bytes in all; read to the end, so that the
+/// server never blocks on, or is killed by, a full or closed pipe.
+fn forward_stderr(
+    server: String,
+    redactor: Redactor,
+    mut stderr: tokio::net::unix::pipe::Receiver,
+) {
     use tokio::io::AsyncReadExt;
     const LINE: usize = 2000;
     tokio::spawn(async move {
         let mut line: Vec<u8> = Vec::new();
         let mut chunk = [0u8; 4096];
-        let say = |line: &[u8]| {
-            let text = String::from_utf8_lossy(line);
+        let mut logged = 0usize;
+        let mut in_private_key = false;
+        let mut say = |line: &[u8]| {
+            if logged >= MAX_STDERR_LOGGED {
+                return;
+            }
+            logged += line.len() + 1;
+            if logged >= MAX_STDERR_LOGGED {
+                tracing::warn!(target: "stack_mcp::server_stderr", server = %server, "the server wrote over {} KiB to stderr; the rest is dropped", MAX_STDERR_LOGGED >> 10);
+                return;
+            }
+            let raw = String::from_utf8_lossy(line);
+            // A PEM private key spans lines, and the redactor sees one at a
+            // time: its body lines are dropped here, up to its END line.
+            if in_private_key {
+                in_private_key = !(raw.contains("-----END") && raw.contains("PRIVATE KEY-----"));
+                return;
+            }
+            if raw.contains("-----BEGIN") && raw.contains("PRIVATE KEY-----") {
+                in_private_key = !raw.contains("-----END");
+            }
+            let text = redactor.redact(&raw);
             tracing::info!(target: "stack_mcp::server_stderr", server = %server, "{}", stack_types::text::one_line(&text));
         };
         loop {

@@ -56,6 +56,7 @@ use stack_core::policy::{
 use stack_core::tools::Registry;
 use stack_types::message::ToolCall;
 use stack_types::outcome::{Status, ToolOutcome};
+use stack_types::text::one_line;
 
 /// The newest protocol revision served (see the module docs for why not
 /// 2026-07-28).
@@ -166,7 +167,13 @@ impl McpSession {
     /// obtained first, without holding the gate, so that one pending
     /// elicitation never holds up this session's other calls; the gate then
     /// decides the call again and, if it asks, gets that answer.
-    async fn run(&self, call: &ToolCall, peer: &Peer<RoleServer>) -> ToolOutcome {
+    /// `admitted` is set to the time the gate admitted the call, if it did.
+    async fn run(
+        &self,
+        call: &ToolCall,
+        peer: &Peer<RoleServer>,
+        admitted: &std::sync::Mutex<Option<std::time::Instant>>,
+    ) -> ToolOutcome {
         let request = approval_request(&*self.gate.lock().await, call);
         let approver: Option<Arc<dyn ApprovalHandler>> = match request {
             None => None,
@@ -187,6 +194,10 @@ impl McpSession {
         match admission {
             Admission::Refused(outcome) => outcome,
             Admission::Run(authorized) => {
+                *admitted
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(std::time::Instant::now());
                 let span = tracing::info_span!("tool_call", session = %self.name, call_id = %call.id, tool = %call.function.name);
                 let outcome = dispatch::execute(&authorized, &self.context)
                     .instrument(span)
@@ -271,22 +282,50 @@ impl ServerHandler for McpSession {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
+        // An unknown tool is a protocol error (the MCP spec's
+        // `-32602`), not a tool's failure: there is no tool to fail.
+        if self
+            .gate
+            .lock()
+            .await
+            .registry()
+            .get(request.name.as_ref())
+            .is_none()
+        {
+            return Err(McpError::invalid_params(
+                format!(
+                    "unknown tool `{}`; tools/list names the tools",
+                    one_line(&request.name)
+                ),
+                None,
+            ));
+        }
         let arguments = Value::Object(request.arguments.unwrap_or_default());
         let call = ToolCall::function(
             format!("mcp-{}", request_id_text(&context)),
             request.name.to_string(),
             arguments.to_string(),
         );
-        let started = std::time::Instant::now();
+        // When the gate admitted the call: a call cancelled before then
+        // (while its approval was asked, or while it waited for the gate)
+        // never ran, and is charged nothing.
+        let admitted = std::sync::Mutex::new(None);
         let outcome = tokio::select! {
-            outcome = self.run(&call, &context.peer) => outcome,
+            outcome = self.run(&call, &context.peer, &admitted) => outcome,
             () = context.ct.cancelled() => {
                 // Dropping `run` stopped the call (see invariant 19).
-                self.gate.lock().await.finish_abandoned(&call, started.elapsed())
+                let admitted = *admitted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match admitted {
+                    Some(at) => self.gate.lock().await.finish_abandoned(&call, at.elapsed()),
+                    None => ToolOutcome::failed("cancelled by the caller before it ran; nothing ran"),
+                }
             }
         };
         let text = self.gate.lock().await.text_for_model(&outcome);
-        Ok(CallToolResponse::Complete(call_result(&outcome, text)))
+        Ok(CallToolResponse::Complete(call_result(
+            &within_text(&outcome, &text),
+            text,
+        )))
     }
 }
 
@@ -298,8 +337,35 @@ fn request_id_text(context: &RequestContext<RoleServer>) -> String {
     }
 }
 
+/// The outcome as far as `text` (what the session's output budget let
+/// through, [`Gate::text_for_model`]) holds it: unchanged when nothing was
+/// cut; otherwise its error, stdout and stderr cut, in that order, to
+/// `text`'s length in all, and marked truncated. So the structured content
+/// of a result never carries more than its text (a client that hands the
+/// model `structuredContent` gets no more than the budget).
+fn within_text(outcome: &ToolOutcome, text: &str) -> ToolOutcome {
+    if text == outcome.to_model_text() {
+        return outcome.clone();
+    }
+    let mut within = outcome.clone();
+    let mut left = text.len();
+    let mut cut = |field: &mut String| {
+        let kept = field.floor_char_boundary(left.min(field.len()));
+        field.truncate(kept);
+        left -= kept;
+    };
+    if let Some(error) = &mut within.error {
+        cut(error);
+    }
+    cut(&mut within.stdout);
+    cut(&mut within.stderr);
+    within.truncated = true;
+    within
+}
+
 /// The MCP result of an outcome: the model's text, the outcome itself as
-/// structured content, and `isError` unless it succeeded.
+/// structured content (see [`within_text`] for an outcome the budget
+/// cut), and `isError` unless it succeeded.
 pub fn call_result(outcome: &ToolOutcome, text: String) -> CallToolResult {
     let mut result = if outcome.status == Status::Ok {
         CallToolResult::success(vec![ContentBlock::text(text)])
@@ -364,19 +430,21 @@ async fn elicit_approval(peer: &Peer<RoleServer>, request: &ApprovalRequest) -> 
     }
 }
 
+/// What the approval form says: why the policy asks, then the whole call
+/// as [`ApprovalRequest::describe`] writes it (every argument, code as its
+/// lines, control and bidi characters escaped). Never a prefix: what is
+/// approved, and with `remember` granted for the session, is what was
+/// shown. (The client sent these arguments itself, so it can show them.)
 fn approval_message(request: &ApprovalRequest) -> String {
-    let mut arguments = request.arguments.to_string();
-    if arguments.len() > 2000 {
-        arguments.truncate(arguments.floor_char_boundary(2000));
-        arguments.push('…');
-    }
     let reason = request
         .reason
         .as_deref()
-        .map_or_else(String::new, |r| format!(" ({r})"));
+        .map_or_else(String::new, |r| format!(" ({})", one_line(r)));
     format!(
-        "The policy asks before running `{}`{reason}; rule {}. Arguments: {arguments}",
-        request.tool, request.rule
+        "The policy asks before running `{}`{reason}; rule {}.\n{}",
+        one_line(&request.tool),
+        one_line(&request.rule),
+        request.describe().join("\n")
     )
 }
 
@@ -390,6 +458,37 @@ mod tests {
     struct Greeting {
         /// Who to greet.
         name: String,
+    }
+
+    /// A result's structured content never carries more than the text the
+    /// budget let through: 1 MiB of output fed as 16 KiB gives at most
+    /// 16 KiB of structured stdout, marked truncated; an uncut result's
+    /// structured content is the whole outcome.
+    #[test]
+    fn structured_content_is_held_to_what_the_budget_fed() {
+        let outcome = ToolOutcome::from_output(&vec![b'x'; 1 << 20], b"warning", false);
+        let mut budget =
+            stack_core::policy::budget::BudgetTracker::new(stack_core::policy::BudgetSettings {
+                result_bytes_to_model: Some(16 << 10),
+                ..Default::default()
+            });
+        let text = budget.feed_to_model(&outcome.to_model_text());
+        let result = call_result(&within_text(&outcome, &text), text.clone());
+        let structured = result.structured_content.expect("structured content");
+        let stdout = structured["stdout"].as_str().expect("stdout");
+        let stderr = structured["stderr"].as_str().expect("stderr");
+        assert!(
+            stdout.len() + stderr.len() <= text.len(),
+            "{}",
+            stdout.len()
+        );
+        assert!(stdout.len() > 8 << 10, "cut too far: {}", stdout.len());
+        assert_eq!(structured["truncated"], true);
+
+        let small = ToolOutcome::from_output(b"42\n", b"", false);
+        let text = budget.feed_to_model(&small.to_model_text());
+        let result = call_result(&within_text(&small, &text), text);
+        assert_eq!(result.structured_content, serde_json::to_value(&small).ok());
     }
 
     /// Every kind of tool the registry holds is served, each with its own

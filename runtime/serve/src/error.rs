@@ -39,6 +39,9 @@ pub enum ApiError {
     /// The model or the runtime failed.
     #[error("{0}")]
     Internal(String),
+    /// The route exists, but not with this method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -56,6 +59,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -67,7 +71,8 @@ impl ApiError {
             ApiError::BadRequest(_)
             | ApiError::TooLarge(_)
             | ApiError::UnsupportedMediaType(_)
-            | ApiError::Conflict(_) => "invalid_request_error",
+            | ApiError::Conflict(_)
+            | ApiError::MethodNotAllowed(_) => "invalid_request_error",
             ApiError::Unauthorized(_) => "authentication_error",
             ApiError::Forbidden(_) => "permission_error",
             ApiError::NotFound(_) => "not_found_error",
@@ -138,5 +143,55 @@ fn from_rejection(rejection: JsonRejection) -> ApiError {
             "send the body as JSON (Content-Type: application/json)".into(),
         ),
         _ => ApiError::BadRequest(text),
+    }
+}
+
+/// A route's path parameters (`{id}`), with axum's rejection (a segment
+/// that is not UTF-8, say) as a JSON error like every other.
+pub struct PathParams<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for PathParams<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(PathParams(value)),
+            Err(rejection) => Err(ApiError::BadRequest(format!(
+                "the request path: {}",
+                rejection.body_text()
+            ))),
+        }
+    }
+}
+
+/// A route's query string, with axum's rejection (an unknown or malformed
+/// parameter) as a JSON error like every other.
+pub struct QueryParams<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for QueryParams<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(QueryParams(value)),
+            Err(rejection) => Err(ApiError::BadRequest(format!(
+                "the query string: {}",
+                rejection.body_text()
+            ))),
+        }
     }
 }

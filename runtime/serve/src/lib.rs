@@ -48,12 +48,19 @@
 //!   ([`stack_core::policy::Policy::within`]), may only name presets or
 //!   inline TOML (never a file on the server), and may not declare MCP
 //!   servers; a session's workspace must lie inside an allowed root
-//!   (checked after resolving links); session ids are checked before they
-//!   name a file.
+//!   (checked after resolving links), and never inside or around another
+//!   open session's (whose sandboxed code could otherwise replace it with
+//!   a link to anywhere before the sandbox next resolves it); session ids
+//!   are checked before they name a file.
 //! - **Resource exhaustion.** Request bodies are capped (`413`); sessions
 //!   are capped (`429`); generation runs under a concurrency limit with a
 //!   bounded queue (`429` past it); each turn has a time limit, after
-//!   which it is cancelled and its tools killed.
+//!   which it is cancelled and its tools killed, also when its client
+//!   stopped reading. Connections are capped and must send a request's
+//!   head in time (see `connections.rs`), and one refused for its token is
+//!   closed; shutdown never waits on a stalled client. (A local process
+//!   that keeps opening connections can still hold the places up to the
+//!   cap, as any server's; it cannot take the process's descriptors.)
 //! - **Malformed input.** Bad JSON, unknown fields, wrong types, unknown
 //!   sessions and invalid ids get a `4xx` with a JSON error that says what
 //!   is wrong; no handler panics on input, and one client's error leaves
@@ -65,6 +72,7 @@
 
 pub mod audio;
 pub mod completions;
+mod connections;
 mod error;
 mod limits;
 pub mod metrics;
@@ -163,9 +171,6 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
-    /// The server failed while running.
-    #[error("the HTTP server failed: {0}")]
-    Serve(std::io::Error),
 }
 
 /// What every handler shares.
@@ -292,13 +297,16 @@ impl Server {
                 }
             })
         };
-        let served = axum::serve(self.listener, router)
-            .with_graceful_shutdown(stopping)
-            .await
-            .map_err(ServeError::Serve);
+        connections::serve(
+            self.listener,
+            router,
+            connections::MAX_CONNECTIONS,
+            stopping,
+        )
+        .await;
         purging.abort();
         state.sessions.close_all().await;
-        served
+        Ok(())
     }
 }
 
@@ -321,12 +329,15 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions/{id}/export", get(sessions::export))
         .route("/v1/sessions/{id}/training", post(sessions::training))
         .route("/metrics", get(metrics::render))
+        // Before the token check's layer, so that it covers these too.
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_bearer,
         ));
     Router::new()
         .route("/health", get(health))
+        .method_not_allowed_fallback(method_not_allowed)
         .merge(protected)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.options.max_body_bytes))
@@ -348,6 +359,15 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 async fn not_found(request: Request) -> Response {
     ApiError::NotFound(format!(
         "no route {} {} (see GET /v1/models, POST /v1/chat/completions, /v1/sessions)",
+        request.method(),
+        request.uri().path()
+    ))
+    .into_response()
+}
+
+async fn method_not_allowed(request: Request) -> Response {
+    ApiError::MethodNotAllowed(format!(
+        "{} is not a method of {}",
         request.method(),
         request.uri().path()
     ))
@@ -382,14 +402,21 @@ async fn require_bearer(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok());
-    match check_bearer(authorization, &state.options.token) {
-        Bearer::Matches => next.run(request).await,
+    let mut refused = match check_bearer(authorization, &state.options.token) {
+        Bearer::Matches => return next.run(request).await,
         Bearer::Wrong => ApiError::Unauthorized("wrong bearer token").into_response(),
         Bearer::Missing => ApiError::Unauthorized(
             "this server needs a bearer token: send Authorization: Bearer <token>",
         )
         .into_response(),
-    }
+    };
+    // A caller without the token keeps no connection open (one of the
+    // `MAX_CONNECTIONS` places) past its refusal.
+    refused.headers_mut().insert(
+        header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    refused
 }
 
 /// Counts responses by status code for `/metrics`.

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
@@ -36,7 +36,7 @@ use stack_agent::{AgentError, Event, SessionConfig, SessionScope, TranscriptErro
 use stack_core::policy::{ApprovalAnswer, ApprovalHandler, ApprovalRequest, Policy};
 use stack_model::{Routing, ToolChoice};
 
-use crate::error::JsonBody;
+use crate::error::{JsonBody, PathParams, QueryParams};
 use crate::{Admission, ApiError, AppState};
 
 /// The open sessions.
@@ -45,6 +45,53 @@ pub(crate) struct SessionTable {
     open: Mutex<HashMap<String, Arc<Served>>>,
     /// Places taken: open sessions plus those being opened.
     taken: AtomicUsize,
+    /// Ids being resumed now: a second resume of one is refused at once,
+    /// before it opens (and could save) the same session's files.
+    resuming: Mutex<std::collections::HashSet<String>>,
+}
+
+/// An id being resumed; taken off [`SessionTable::resuming`] when dropped.
+struct Resuming<'a> {
+    table: &'a SessionTable,
+    id: String,
+}
+
+impl Drop for Resuming<'_> {
+    fn drop(&mut self) {
+        self.table
+            .resuming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// An open session whose workspace holds `workspace`, or lies inside it
+/// (not the same folder): sandboxed code of the outer one could replace
+/// the inner one's folder with a link to anywhere between two of its
+/// calls. The same folder is fine: no code inside a folder can replace
+/// the folder itself.
+fn nested_session<'a>(
+    open: &'a HashMap<String, Arc<Served>>,
+    workspace: &Path,
+) -> Option<(&'a str, &'a Path)> {
+    open.iter()
+        .find(|(_, served)| {
+            served.workspace != workspace
+                && (served.workspace.starts_with(workspace)
+                    || workspace.starts_with(&served.workspace))
+        })
+        .map(|(id, served)| (id.as_str(), served.workspace.as_path()))
+}
+
+fn nested_refusal(workspace: &Path, other: &str, other_workspace: &Path) -> ApiError {
+    ApiError::Conflict(format!(
+        "workspace {} and open session `{other}`'s workspace {} lie one inside the other; \
+         code run in the outer one could replace the inner one's folder, so sessions open \
+         at once get the same folder or folders apart",
+        workspace.display(),
+        other_workspace.display()
+    ))
 }
 
 /// One open session and what the server keeps beside it.
@@ -198,7 +245,13 @@ impl ApprovalHandler for HttpApprover {
                 .unwrap_or_else(|p| p.into_inner())
                 .take()
                 .is_some();
-            let answer = answer.await.unwrap_or(ApprovalAnswer::No);
+            let answer = match answer.await {
+                Ok(answer) => answer,
+                // The reply was dropped: the turn was cancelled (deleted,
+                // timed out, shutting down), and it must end now, not wait
+                // for a place it will not use.
+                Err(_) => return ApprovalAnswer::No,
+            };
             if gave_up {
                 match self.admission.reenter().await {
                     Ok(place) => self.hold(place),
@@ -208,6 +261,18 @@ impl ApprovalHandler for HttpApprover {
             }
             answer
         })
+    }
+}
+
+/// How long a client may leave a cancelled turn's events unread before
+/// the stream is dropped.
+const UNREAD_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Resolves when the client's end of the stream is gone; never without one.
+async fn gone(client: Option<&tokio::sync::mpsc::Sender<SseEvent>>) {
+    match client {
+        Some(sender) => sender.closed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -542,16 +607,28 @@ pub(crate) async fn create(
         )));
     }
     let mut reservation = Reservation { table, kept: false };
-    if let Some(id) = &request.resume {
-        check_id(id)?;
-        if table.lock().contains_key(id) {
-            return Err(ApiError::Conflict(format!(
-                "session `{id}` is already open"
-            )));
+    let _resuming = match &request.resume {
+        Some(id) => {
+            check_id(id)?;
+            let open = table.lock();
+            let mut resuming = table.resuming.lock().unwrap_or_else(|p| p.into_inner());
+            if open.contains_key(id) || !resuming.insert(id.clone()) {
+                return Err(ApiError::Conflict(format!(
+                    "session `{id}` is already open"
+                )));
+            }
+            Some(Resuming {
+                table,
+                id: id.clone(),
+            })
         }
-    }
+        None => None,
+    };
     let policy = client_policy(&request)?;
     let workspace = check_workspace(&state, request.workspace.as_deref()).await?;
+    if let Some((other, other_workspace)) = nested_session(&table.lock(), &workspace) {
+        return Err(nested_refusal(&workspace, other, other_workspace));
+    }
     let config = session_config(&state.options.session_defaults, &request)?;
     let approvals = Arc::new(HttpApprover::new(state.admission.clone()));
     let mut scope = SessionScope::default()
@@ -580,14 +657,25 @@ pub(crate) async fn create(
         created_ms: stack_core::policy::audit::now_ms(),
         running: Mutex::new(None),
     });
-    {
+    // Checked again where the session goes in, under the table's lock: two
+    // sessions opened at once see each other here.
+    let refused = {
         let mut open = table.lock();
         if open.contains_key(&id) {
-            return Err(ApiError::Conflict(format!(
+            Some(ApiError::Conflict(format!(
                 "session `{id}` is already open"
-            )));
+            )))
+        } else if let Some((other, other_workspace)) = nested_session(&open, &workspace) {
+            Some(nested_refusal(&workspace, other, other_workspace))
+        } else {
+            open.insert(id.clone(), Arc::clone(&served));
+            None
         }
-        open.insert(id.clone(), served);
+    };
+    if let Some(refused) = refused {
+        // Refused: this copy writes nothing as it closes.
+        served.session.discard_storage().await;
+        return Err(refused);
     }
     reservation.kept = true;
     let info = state.runtime.backend().info();
@@ -626,7 +714,7 @@ pub(crate) async fn list(State(state): State<Arc<AppState>>) -> Result<Response,
 /// approvals waiting, and counters.
 pub(crate) async fn show(
     State(state): State<Arc<AppState>>,
-    UrlPath(id): UrlPath<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
     let served = state.sessions.get(&id)?;
@@ -672,8 +760,8 @@ pub struct DeleteQuery {
 /// `?erase=true` erases everything stored of it.
 pub(crate) async fn delete(
     State(state): State<Arc<AppState>>,
-    UrlPath(id): UrlPath<String>,
-    axum::extract::Query(query): axum::extract::Query<DeleteQuery>,
+    PathParams(id): PathParams<String>,
+    QueryParams(query): QueryParams<DeleteQuery>,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
     let served = match state.sessions.get(&id) {
@@ -686,15 +774,38 @@ pub(crate) async fn delete(
     // the session stays in the table until it has: a resume of the same id
     // meanwhile is refused as already open, so no two sessions ever write
     // one transcript.
+    if query.erase && state.runtime.store().is_none() {
+        return Err(ApiError::BadRequest(
+            "this server keeps no transcripts; there is nothing to erase".into(),
+        ));
+    }
+    // The session is claimed as busy for good before it leaves the table,
+    // so that no turn starts on it in between (one that got the session
+    // before it was removed would find it busy and get 409).
     served.cancel_turn();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    while served.busy.load(Ordering::SeqCst) && tokio::time::Instant::now() < deadline {
+    while served
+        .busy
+        .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+    {
+        // Another DELETE of it claimed it first.
+        let still_open = state
+            .sessions
+            .lock()
+            .get(&id)
+            .is_some_and(|open| Arc::ptr_eq(open, &served));
+        if !still_open {
+            return Err(ApiError::NotFound(format!("no open session `{id}`")));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::Conflict(format!(
+                "session `{id}`'s turn did not stop within 30 s; try again"
+            )));
+        }
+        // A turn that started after the cancel above is cancelled too.
+        served.cancel_turn();
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    if served.busy.load(Ordering::SeqCst) {
-        return Err(ApiError::Conflict(format!(
-            "session `{id}`'s turn did not stop within 30 s; try again"
-        )));
     }
     if state.sessions.lock().remove(&id).is_some() {
         state.sessions.taken.fetch_sub(1, Ordering::SeqCst);
@@ -742,7 +853,7 @@ async fn erase(state: &AppState, id: &str) -> Result<Response, ApiError> {
 /// `POST /v1/sessions/{id}/approvals/{call_id}`.
 pub(crate) async fn approve(
     State(state): State<Arc<AppState>>,
-    UrlPath((id, call_id)): UrlPath<(String, String)>,
+    PathParams((id, call_id)): PathParams<(String, String)>,
     JsonBody(body): JsonBody<ApprovalBody>,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
@@ -768,7 +879,7 @@ pub(crate) async fn approve(
 /// its use as training data (export refuses it until then).
 pub(crate) async fn training(
     State(state): State<Arc<AppState>>,
-    UrlPath(id): UrlPath<String>,
+    PathParams(id): PathParams<String>,
     JsonBody(body): JsonBody<TrainingBody>,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
@@ -784,7 +895,7 @@ pub(crate) async fn training(
 /// `GET /v1/sessions/{id}/export`: the saved transcript as ChatML lines.
 pub(crate) async fn export(
     State(state): State<Arc<AppState>>,
-    UrlPath(id): UrlPath<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
     let dir = state
@@ -827,7 +938,7 @@ impl Drop for Busy {
 /// `POST /v1/sessions/{id}/turns`: runs a turn, streaming its events.
 pub(crate) async fn turn(
     State(state): State<Arc<AppState>>,
-    UrlPath(id): UrlPath<String>,
+    PathParams(id): PathParams<String>,
     JsonBody(body): JsonBody<TurnRequest>,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
@@ -885,6 +996,10 @@ pub(crate) async fn turn(
         let deadline = tokio::time::sleep(state.options.turn_timeout);
         tokio::pin!(deadline);
         let mut cancelled = false;
+        // The client's stream, until it goes away or stops reading: the
+        // turn then goes on to its end (cancelled) with nobody to tell, so
+        // a client never holds up the turn's limit, a DELETE or shutdown.
+        let mut client = Some(events);
         loop {
             let event = tokio::select! {
                 event = turn.next() => event,
@@ -900,6 +1015,14 @@ pub(crate) async fn turn(
                     cancelled = true;
                     busy.0.cancel_turn();
                     Some(Event::Error { message: "the server is shutting down; the turn was cancelled".into() })
+                }
+                // A client that went away cancels the turn, also while
+                // nothing is being sent (an approval, a long tool run).
+                () = gone(client.as_ref()), if !cancelled => {
+                    cancelled = true;
+                    busy.0.cancel_turn();
+                    client = None;
+                    continue;
                 }
             };
             let Some(event) = event else { break };
@@ -920,22 +1043,44 @@ pub(crate) async fn turn(
                 }
                 _ => {}
             }
-            let data = serde_json::to_value(&event).unwrap_or_default();
-            let name = data
-                .get("event")
-                .and_then(Value::as_str)
-                .unwrap_or("event")
-                .to_string();
             let last = matches!(event, Event::TurnFinished { .. });
-            // A client that went away cancels the turn (dropping it).
-            if events
-                .send(SseEvent::default().event(name).data(data.to_string()))
-                .await
-                .is_err()
-                && !cancelled
-            {
-                cancelled = true;
-                busy.0.cancel_turn();
+            if let Some(sender) = &client {
+                let data = serde_json::to_value(&event).unwrap_or_default();
+                let name = data
+                    .get("event")
+                    .and_then(Value::as_str)
+                    .unwrap_or("event")
+                    .to_string();
+                let sse = SseEvent::default().event(name).data(data.to_string());
+                // A client that stops reading holds the send; the turn's
+                // limit and shutdown still apply, and once the turn is
+                // cancelled the client gets `UNREAD_GRACE` to read on.
+                let delivered = {
+                    let send = sender.send(sse);
+                    tokio::pin!(send);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            sent = &mut send => break sent.is_ok(),
+                            () = &mut deadline, if !cancelled => {
+                                cancelled = true;
+                                busy.0.cancel_turn();
+                            }
+                            () = state.shutdown.cancelled(), if !cancelled => {
+                                cancelled = true;
+                                busy.0.cancel_turn();
+                            }
+                            () = tokio::time::sleep(UNREAD_GRACE), if cancelled => break false,
+                        }
+                    }
+                };
+                if !delivered {
+                    client = None;
+                    if !cancelled {
+                        cancelled = true;
+                        busy.0.cancel_turn();
+                    }
+                }
             }
             if last {
                 break;

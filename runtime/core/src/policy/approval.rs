@@ -6,6 +6,7 @@ use futures::future::BoxFuture;
 
 use serde::Serialize;
 use serde_json::Value;
+use stack_types::text::{for_terminal, one_line};
 
 /// What an approval handler is asked.
 #[derive(Debug, Clone, Serialize)]
@@ -21,6 +22,46 @@ pub struct ApprovalRequest {
     pub rule: String,
     /// Why it asks.
     pub reason: Option<String>,
+}
+
+impl ApprovalRequest {
+    /// The whole call, as a person should read it before allowing it: each
+    /// argument on its own, multi-line strings (code) as the lines they are,
+    /// every control character escaped.
+    pub fn describe(&self) -> Vec<String> {
+        let mut lines = vec![format!("{} wants to run:", one_line(&self.tool))];
+        let arguments = match &self.arguments {
+            Value::Object(map) => map.iter().collect::<Vec<_>>(),
+            _ => Vec::new(),
+        };
+        if arguments.is_empty() {
+            lines.push(format!("  {}", for_terminal(&self.arguments.to_string())));
+        }
+        for (key, value) in arguments {
+            match value {
+                Value::String(text) if text.contains('\n') => {
+                    lines.push(format!("  {}:", one_line(key)));
+                    // Split on `\n` alone: a `\r` is shown (escaped), as
+                    // everything that runs is.
+                    lines.extend(
+                        text.strip_suffix('\n')
+                            .unwrap_or(text)
+                            .split('\n')
+                            .map(|line| format!("  │ {}", for_terminal(line))),
+                    );
+                }
+                Value::String(text) => {
+                    lines.push(format!("  {}: {}", one_line(key), one_line(text)));
+                }
+                other => lines.push(format!(
+                    "  {}: {}",
+                    one_line(key),
+                    one_line(&other.to_string())
+                )),
+            }
+        }
+        lines
+    }
 }
 
 /// The answer to an approval request.

@@ -19,7 +19,7 @@ use stack_runtime::policy::{ApprovalAnswer, ApprovalHandler, ApprovalRequest, Po
 use stack_runtime::text::{for_terminal, one_line};
 
 use crate::model_cmd::{self, ModelArgs};
-use crate::tool_cmd::{default_tool_dir, ToolDirs};
+use crate::tool_cmd::ToolDirs;
 
 /// Flags shared by the REPL and `agent run`.
 #[derive(Debug, Clone, Args)]
@@ -208,18 +208,18 @@ pub fn build_runtime(
         .backend(backend)
         .builtin_tools(dirs.include_default)
         .workspace(workspace.clone());
-    for dir in dirs
-        .include_default
-        .then(default_tool_dir)
-        .flatten()
-        .iter()
-        .chain(dirs.extra.iter())
-    {
-        builder = builder.tool_dir(dir);
+    for dir in dirs.folders() {
+        builder = builder.tool_dir(&dir);
     }
     // The policy's MCP servers, started in the sandbox; their tools live
-    // (and the servers with them) as long as the runtime's registry.
-    let mut mcp_tools = stack_runtime::tools::Registry::new();
+    // (and the servers with them) as long as the runtime's registry. They
+    // are attached beside the tools the runtime will hold (the built-ins,
+    // the schema files), so that a server tool whose name one of those has
+    // is skipped with a warning, as in `agent mcp`, rather than failing
+    // the build.
+    // (The schema files' problems are the runtime's to report, when it
+    // loads them.)
+    let (mut mcp_tools, _) = crate::tool_cmd::load_registry(dirs);
     let _servers = tokio.block_on(crate::mcp_cmd::attach_mcp_servers(
         &mut mcp_tools,
         &policy,
@@ -230,7 +230,9 @@ pub fn build_runtime(
         None,
     ))?;
     for spec in mcp_tools.tools() {
-        builder = builder.tool(spec.clone());
+        if matches!(spec.origin, stack_runtime::tools::ToolOrigin::Mcp { .. }) {
+            builder = builder.tool(spec.clone());
+        }
     }
     if let (Some(folder), Some(dir)) = (
         transcript_subfolder,
@@ -549,46 +551,9 @@ impl ApprovalHandler for TerminalApprover {
 /// Lines of a call shown at once before the approval prompt pages.
 const APPROVAL_PAGE_LINES: usize = 30;
 
-/// The whole call, as a person should read it before allowing it: each
-/// argument on its own, multi-line strings (code) as the lines they are,
-/// every control character escaped.
-fn describe_call(request: &ApprovalRequest) -> Vec<String> {
-    let mut lines = vec![format!("{} wants to run:", one_line(&request.tool))];
-    let arguments = match &request.arguments {
-        serde_json::Value::Object(map) => map.iter().collect::<Vec<_>>(),
-        _ => Vec::new(),
-    };
-    if arguments.is_empty() {
-        lines.push(format!(
-            "  {}",
-            for_terminal(&request.arguments.to_string())
-        ));
-    }
-    for (key, value) in arguments {
-        match value {
-            serde_json::Value::String(text) if text.contains('\n') => {
-                lines.push(format!("  {}:", one_line(key)));
-                lines.extend(
-                    text.lines()
-                        .map(|line| format!("  │ {}", for_terminal(line))),
-                );
-            }
-            serde_json::Value::String(text) => {
-                lines.push(format!("  {}: {}", one_line(key), one_line(text)));
-            }
-            other => lines.push(format!(
-                "  {}: {}",
-                one_line(key),
-                one_line(&other.to_string())
-            )),
-        }
-    }
-    lines
-}
-
 fn ask_terminal(request: &ApprovalRequest) -> ApprovalAnswer {
     let reason = request.reason.as_deref().unwrap_or("the policy asks");
-    let lines = describe_call(request);
+    let lines = request.describe();
     let mut stderr = std::io::stderr();
     // The whole call is shown, a page at a time: what is approved is what
     // was read, never a prefix of it.

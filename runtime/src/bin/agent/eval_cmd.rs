@@ -12,7 +12,7 @@ use stack_runtime::policy::Policy;
 
 use crate::chat::{GroundingArg, RoutingArg};
 use crate::model_cmd::{self, ModelArgs};
-use crate::tool_cmd::{default_tool_dir, ToolDirs};
+use crate::tool_cmd::ToolDirs;
 
 /// Flags of `agent eval`.
 #[derive(Debug, Args)]
@@ -100,13 +100,7 @@ pub fn run(args: EvalArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
     options.sampling.max_tokens = args.max_tokens;
     options.sampling.routing = args.routing.into();
     options.grounding = args.grounding.into();
-    let tool_dirs: Vec<PathBuf> = dirs
-        .include_default
-        .then(default_tool_dir)
-        .flatten()
-        .into_iter()
-        .chain(dirs.extra.iter().cloned())
-        .collect();
+    let tool_dirs: Vec<PathBuf> = dirs.folders();
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

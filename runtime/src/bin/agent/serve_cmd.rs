@@ -51,6 +51,11 @@ pub struct ServeArgs {
     /// Longest a turn may run, in seconds, before it is cancelled.
     #[arg(long, default_value_t = 600)]
     turn_timeout: u64,
+    /// At shutdown (SIGTERM, Ctrl-C), how long running turns get to
+    /// finish, in seconds, before they are cancelled and every session is
+    /// saved.
+    #[arg(long, default_value_t = 10)]
+    shutdown_grace: u64,
     /// Take spoken input: load the speech model (--speech-model, which
     /// implies this, else the default) for `POST /v1/audio/transcriptions`
     /// and turns with `audio`.
@@ -106,6 +111,7 @@ pub fn run(mut args: ServeArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
         max_running: args.max_running,
         max_queue: args.max_queue,
         turn_timeout: Duration::from_secs(args.turn_timeout.max(1)),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace),
         session_defaults,
         ..ServeOptions::new(token.clone(), PathBuf::new())
     };

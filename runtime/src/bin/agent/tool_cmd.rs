@@ -13,6 +13,7 @@ use stack_runtime::gate::Gate;
 use stack_runtime::message::ToolCall;
 use stack_runtime::outcome::ToolOutcome;
 use stack_runtime::policy::{ApprovalAnswer, ApprovalRequest, AuditLog, Policy};
+use stack_runtime::tools::LoadDiagnostic;
 use stack_runtime::tools::Registry;
 use stack_runtime::workspace::Workspace;
 
@@ -98,19 +99,40 @@ pub fn default_tool_dir() -> Option<PathBuf> {
     repo_tools.is_dir().then_some(repo_tools)
 }
 
+/// The tools `dirs` name, each schema file's problems printed as a warning.
 pub fn build_registry(dirs: &ToolDirs) -> Registry {
+    let (registry, diagnostics) = load_registry(dirs);
+    for diagnostic in diagnostics {
+        eprintln!("warning: {diagnostic}");
+    }
+    registry
+}
+
+/// The tools `dirs` name, and the schema files' problems.
+pub fn load_registry(dirs: &ToolDirs) -> (Registry, Vec<LoadDiagnostic>) {
     let mut registry = if dirs.include_default {
         Registry::with_builtins()
     } else {
         Registry::new()
     };
-    let defaults = dirs.include_default.then(default_tool_dir).flatten();
-    for dir in defaults.iter().chain(dirs.extra.iter()) {
-        for diagnostic in registry.load_dir(dir) {
-            eprintln!("warning: {diagnostic}");
-        }
+    let mut diagnostics = Vec::new();
+    for dir in dirs.folders() {
+        diagnostics.extend(registry.load_dir(&dir));
     }
-    registry
+    (registry, diagnostics)
+}
+
+impl ToolDirs {
+    /// The schema-file folders: the shipped one (unless
+    /// `--no-default-tools`), then the `--tools` ones.
+    pub fn folders(&self) -> Vec<PathBuf> {
+        self.include_default
+            .then(default_tool_dir)
+            .flatten()
+            .into_iter()
+            .chain(self.extra.iter().cloned())
+            .collect()
+    }
 }
 
 pub fn run(command: ToolCommand, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
