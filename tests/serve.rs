@@ -154,6 +154,23 @@ async fn turn_until(
     (response, seen)
 }
 
+/// Opens a session whose turn must call `write_file` (which the default
+/// policy asks about) and starts "Write hello to a.txt"; returns the
+/// session's id and the turn's stream, read up to `approval_needed`.
+async fn waiting_for_approval(base: &str) -> (String, reqwest::Response, String) {
+    let (status, created) = call(
+        "POST",
+        &format!("{base}/v1/sessions"),
+        Some(json!({"tool_choice": "write_file", "max_steps": 1, "temperature": 0, "max_tokens": 64})),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().expect("id").to_string();
+    let (response, seen) =
+        turn_until(base, &id, "Write hello to a.txt", "event: approval_needed").await;
+    (id, response, seen)
+}
+
 /// Reads an event stream into `seen` until it holds `needle`.
 async fn read_until(response: &mut reqwest::Response, seen: &mut String, needle: &str) {
     while !seen.contains(needle) {
@@ -797,18 +814,14 @@ fn deleting_a_session_ends_a_turn_waiting_for_approval() {
     let served = Served::start(home.path(), root.path(), &[]);
     let base = served.base.clone();
     tokio().block_on(async move {
-        let (status, created) = call(
-            "POST",
-            &format!("{base}/v1/sessions"),
-            Some(json!({"tool_choice": "write_file", "max_steps": 1, "temperature": 0, "max_tokens": 64})),
-        )
-        .await;
-        assert_eq!(status, 201, "{created}");
-        let id = created["id"].as_str().expect("id").to_string();
-        let (mut response, mut seen) = turn_until(&base, &id, "Write hello to a.txt", "event: approval_needed").await;
+        let (id, mut response, mut seen) = waiting_for_approval(&base).await;
         let (status, shown) = call("GET", &format!("{base}/v1/sessions/{id}"), None).await;
         assert_eq!(status, 200);
-        assert_eq!(shown["pending_approvals"].as_array().map(Vec::len), Some(1), "{shown}");
+        assert_eq!(
+            shown["pending_approvals"].as_array().map(Vec::len),
+            Some(1),
+            "{shown}"
+        );
         let deleting = tokio::spawn({
             let base = base.clone();
             let id = id.clone();
@@ -828,7 +841,10 @@ fn deleting_a_session_ends_a_turn_waiting_for_approval() {
         assert_eq!(status, 200);
         let text = metrics.as_str().unwrap_or_default();
         assert!(text.contains("stack_approvals_pending 0"), "{text}");
-        assert!(!text.contains("stack_sandbox_calls_total{status=\"ok\"}"), "nothing ran: {text}");
+        assert!(
+            !text.contains("stack_sandbox_calls_total{status=\"ok\"}"),
+            "nothing ran: {text}"
+        );
     });
 }
 
@@ -925,16 +941,7 @@ fn a_stopped_server_ends_running_turns_and_exits_cleanly() {
     let pid = nix::unistd::Pid::from_raw(served.child.id() as i32);
     let address = base.trim_start_matches("http://").to_string();
     let (id, events, stalled) = tokio().block_on(async {
-        let (status, created) = call(
-            "POST",
-            &format!("{base}/v1/sessions"),
-            Some(json!({"tool_choice": "write_file", "max_steps": 1, "temperature": 0, "max_tokens": 64})),
-        )
-        .await;
-        assert_eq!(status, 201, "{created}");
-        let id = created["id"].as_str().expect("id").to_string();
-        let (mut response, mut seen) =
-            turn_until(&base, &id, "Write hello to a.txt", "event: approval_needed").await;
+        let (id, mut response, mut seen) = waiting_for_approval(&base).await;
         let mut stalled = std::net::TcpStream::connect(&address).expect("connect");
         std::io::Write::write_all(&mut stalled, b"GET /health HTTP/1.1\r\nHost: x\r\n")
             .expect("a partial head");
@@ -989,16 +996,7 @@ fn a_client_that_goes_away_cancels_a_turn_waiting_for_approval() {
     let served = Served::start(home.path(), root.path(), &[]);
     let base = served.base.clone();
     tokio().block_on(async move {
-        let (status, created) = call(
-            "POST",
-            &format!("{base}/v1/sessions"),
-            Some(json!({"tool_choice": "write_file", "max_steps": 1, "temperature": 0, "max_tokens": 64})),
-        )
-        .await;
-        assert_eq!(status, 201, "{created}");
-        let id = created["id"].as_str().expect("id").to_string();
-        let (response, _) =
-            turn_until(&base, &id, "Write hello to a.txt", "event: approval_needed").await;
+        let (id, response, _) = waiting_for_approval(&base).await;
         drop(response);
         let dropped = std::time::Instant::now();
         let next = loop {
