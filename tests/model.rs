@@ -1045,6 +1045,80 @@ fn a_tool_call_opened_inside_prose_never_kills_the_session() {
     assert!(!after.text.is_empty());
 }
 
+/// The longest text that occurs twice in `text`, the two occurrences
+/// allowed to overlap (`ab ab ab` holds `ab ab` twice).
+fn longest_repeat(text: &str) -> usize {
+    let chars: Vec<char> = text.chars().collect();
+    (1..chars.len())
+        .map(|shift| {
+            // The longest run of positions where the text equals itself
+            // shifted by `shift`.
+            let mut best = 0;
+            let mut run = 0;
+            for i in shift..chars.len() {
+                run = if chars[i] == chars[i - shift] {
+                    run + 1
+                } else {
+                    0
+                };
+                best = best.max(run);
+            }
+            best
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// #15: on AVX-512 kernels the default model's greedy arguments looped to
+/// the token limit (`"path": "mnpu…,mnpu…`), and a call cut off there is
+/// never parsed. The DRY penalty (on by default) pushes a step off what it
+/// has already written; here a pattern the model would otherwise continue
+/// to the limit. (The penalty once reached llama.cpp as off: it takes a
+/// negative length as 0. This test fails that way.)
+#[test]
+fn the_dry_penalty_breaks_a_loop_the_model_would_write_to_the_limit() {
+    let model = model();
+    let mut session = model.session().expect("session");
+    let prompt = model
+        .renderer()
+        .render(
+            &[Message::user(
+                "Continue the pattern: ab ab ab ab ab ab ab ab",
+            )],
+            &[],
+        )
+        .expect("prompt");
+    // Letters and spaces only, so that the step writes the pattern or
+    // leaves it, rather than talking about it.
+    let grammar = "root ::= [a-z ]+";
+    let mut run = |dry_multiplier: f32| {
+        let sampling = SamplingOptions {
+            dry_multiplier,
+            ..greedy(40)
+        };
+        let generation = session
+            .generate(&prompt, Some((grammar, None)), &sampling, &mut |_| true)
+            .expect("generate");
+        (generation.text, generation.stop)
+    };
+    let (looping, stop) = run(0.0);
+    assert_eq!(stop, StopReason::MaxTokens, "{looping:?}");
+    assert!(
+        longest_repeat(&looping) >= 60,
+        "without DRY the model continues the pattern to the limit: {looping:?}"
+    );
+    let default = SamplingOptions::default().dry_multiplier;
+    assert!(default > 0.0, "DRY is on by default");
+    let (broken, _) = run(default);
+    // A repeat of 8 tokens (` ab` is one) would cost 0.8 × 1.75^6, about
+    // 22 nats: the step leaves the pattern well before that (it wrote
+    // `ab ab ab ab ab ab aa ab ab ab ab  abcdef…` here).
+    assert!(
+        longest_repeat(&broken) <= 24,
+        "DRY stops the step repeating itself: {broken:?}"
+    );
+}
+
 /// Regression (#15): a parameter named `title` (or `description`, or
 /// `default`) was stripped from the grammar as if it were the keyword, so
 /// a constrained call could never carry it and always failed validation.

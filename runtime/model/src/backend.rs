@@ -98,6 +98,17 @@ pub struct SamplingOptions {
     pub min_p: f32,
     /// Repetition penalty (1 = off).
     pub repeat_penalty: f32,
+    /// DRY ("don't repeat yourself") penalty (0 = off): a token that
+    /// would extend a sequence this step has already written loses
+    /// `dry_multiplier × 1.75^(n − 2)` from its logit, `n` being the length
+    /// of the repeat it extends (llama.cpp's DRY sampler, with its default
+    /// base, allowed length and sequence breakers: newline, `:`, `"` and
+    /// `*`). Only the step's own tokens count, never the prompt, so quoting
+    /// a file costs nothing. A small model's greedy arguments otherwise
+    /// loop until the token limit (`"path": "mnpu…,mnpu…,mnpu…`), and a
+    /// looping call is never parsed; see [`DEFAULT_DRY_MULTIPLIER`].
+    #[serde(default = "default_dry_multiplier")]
+    pub dry_multiplier: f32,
     /// Random seed.
     pub seed: u32,
     /// Most tokens to generate in one turn.
@@ -149,11 +160,24 @@ impl Default for SamplingOptions {
             top_k: 40,
             min_p: 0.05,
             repeat_penalty: 1.1,
+            dry_multiplier: DEFAULT_DRY_MULTIPLIER,
             seed: 42,
             max_tokens: 512,
             routing: Routing::Auto,
         }
     }
+}
+
+/// The DRY multiplier of [`SamplingOptions::default`] (and of sessions
+/// saved before the option existed).
+pub const DEFAULT_DRY_MULTIPLIER: f32 = 0.8;
+
+/// The largest DRY multiplier the CLI and the HTTP service take: already
+/// at 5 a third token of repeat costs 8.75 nats.
+pub const MAX_DRY_MULTIPLIER: f32 = 5.0;
+
+fn default_dry_multiplier() -> f32 {
+    DEFAULT_DRY_MULTIPLIER
 }
 
 /// Token counters, for tests and benchmarks.

@@ -1599,6 +1599,18 @@ impl ModelSession {
                 0.0,
             ));
         }
+        if options.dry_multiplier > 0.0 {
+            chain.push(LlamaSampler::dry(
+                &self.model.model,
+                options.dry_multiplier,
+                DRY_BASE,
+                DRY_ALLOWED_LENGTH,
+                // The whole step: only its own tokens are accepted. (This
+                // llama.cpp takes a negative length as 0, which is off.)
+                i32::try_from(options.max_tokens.clamp(1, DRY_MOST_TOKENS)).unwrap_or(1),
+                DRY_SEQUENCE_BREAKERS,
+            ));
+        }
         if options.temperature <= 0.0 {
             chain.push(LlamaSampler::greedy());
         } else {
@@ -1613,6 +1625,16 @@ impl ModelSession {
         Ok(LlamaSampler::chain_simple(chain))
     }
 }
+
+/// llama.cpp's defaults for its DRY sampler (`common/common.h`): the
+/// penalty grows by this factor with each token of repeat…
+const DRY_BASE: f32 = 1.75;
+/// …past this many tokens, which repeat freely…
+const DRY_ALLOWED_LENGTH: i32 = 2;
+/// …and a repeat never reaches back across one of these.
+const DRY_SEQUENCE_BREAKERS: [&str; 4] = ["\n", ":", "\"", "*"];
+/// The most recent tokens of a step among which DRY looks for repeats.
+const DRY_MOST_TOKENS: u32 = 8192;
 
 /// How many tokens that break the lazy grammar's trigger are ruled out in
 /// one step before generation stops.

@@ -147,10 +147,15 @@ fn parse_hermes(text: &str, next_id: &mut dyn FnMut() -> String) -> Option<Parse
     while let Some(start) = rest.find(OPEN) {
         content.push_str(&rest[..start]);
         let after = &rest[start + OPEN.len()..];
-        let (body, next) = match after.find(CLOSE) {
-            Some(end) => (&after[..end], &after[end + CLOSE.len()..]),
-            // An unclosed block at the end of the turn (stopped early).
-            None => (after, ""),
+        let (body, next) = match whole_json_before(after, CLOSE) {
+            // The block's JSON read whole first: a string in it may hold
+            // the closing tag itself (code that prints `</tool_call>`).
+            Some(split) => split,
+            None => match after.find(CLOSE) {
+                Some(end) => (&after[..end], &after[end + CLOSE.len()..]),
+                // An unclosed block at the end of the turn (stopped early).
+                None => (after, ""),
+            },
         };
         match serde_json::from_str::<Value>(body.trim())
             .ok()
@@ -172,6 +177,19 @@ fn parse_hermes(text: &str, next_id: &mut dyn FnMut() -> String) -> Option<Parse
         content: non_empty(&content),
         tool_calls: calls,
     })
+}
+
+/// Where `text` opens with one whole JSON value followed by `close` (or
+/// by nothing), that value's text and what follows `close`.
+fn whole_json_before<'a>(text: &'a str, close: &str) -> Option<(&'a str, &'a str)> {
+    let mut values = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+    values.next()?.ok()?;
+    let (body, tail) = text.split_at(values.byte_offset());
+    let tail = tail.trim_start();
+    match tail.strip_prefix(close) {
+        Some(next) => Some((body, next)),
+        None => tail.is_empty().then_some((body, "")),
+    }
 }
 
 fn parse_mistral(text: &str, next_id: &mut dyn FnMut() -> String) -> Option<ParsedTurn> {
@@ -278,6 +296,14 @@ mod tests {
             &[("call_1", "read_file", "{\"path\": \"a\"}")],
         ),
         ("<tool_call>{not json}</tool_call>", Some("<tool_call>{not json}</tool_call>"), &[]),
+        // The closing tag inside a string of the call (real output of the
+        // default model, `agent eval`'s js_sort task) ends neither the
+        // string nor the call.
+        (
+            "<tool_call>\n{\"name\": \"read_file\", \"arguments\": {\n    \"path\" : \"{{1}}</tool_call>\"}\n}\n</tool_call>",
+            None,
+            &[("call_1", "read_file", "{\"path\":\"{{1}}</tool_call>\"}")],
+        ),
         (
             "<tool_call>\n{\"name\": \"read_file\", \"arguments\": {\"path\": \"a\"}}",
             None,

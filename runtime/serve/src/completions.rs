@@ -35,7 +35,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use stack_model::{
     BackendSession, CompletionRequest, Generation, ModelBackend, ModelError, SamplingOptions,
-    StopReason, ToolChoice,
+    StopReason, ToolChoice, MAX_DRY_MULTIPLIER,
 };
 use stack_types::message::{Message, Role, ToolCall};
 
@@ -138,6 +138,9 @@ pub struct ChatRequest {
     /// Repetition penalty (an extension).
     #[serde(default)]
     pub repeat_penalty: Option<f32>,
+    /// DRY penalty multiplier, 0 = off (an extension, as in llama-server).
+    #[serde(default)]
+    pub dry_multiplier: Option<f32>,
     /// Most tokens to generate (older name).
     #[serde(default)]
     pub max_tokens: Option<u32>,
@@ -283,6 +286,14 @@ fn prepare(request: ChatRequest, context: Option<u32>) -> Result<Prepared, ApiEr
     {
         return Err(bad("`repeat_penalty` must be in (0, 2]"));
     }
+    if request
+        .dry_multiplier
+        .is_some_and(|m| !(0.0..=MAX_DRY_MULTIPLIER).contains(&m))
+    {
+        return Err(bad(format!(
+            "`dry_multiplier` must be from 0 (off) to {MAX_DRY_MULTIPLIER}"
+        )));
+    }
     let stop = match request.stop {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(one)) => vec![one],
@@ -304,6 +315,7 @@ fn prepare(request: ChatRequest, context: Option<u32>) -> Result<Prepared, ApiEr
         top_k: request.top_k.unwrap_or(defaults.top_k),
         min_p: request.min_p.unwrap_or(defaults.min_p),
         repeat_penalty: request.repeat_penalty.unwrap_or(defaults.repeat_penalty),
+        dry_multiplier: request.dry_multiplier.unwrap_or(defaults.dry_multiplier),
         // A seed is any integer on the wire; the model takes 32 bits.
         seed: request.seed.map_or(defaults.seed, |seed| seed as u32),
         max_tokens,
@@ -921,6 +933,14 @@ mod tests {
             (
                 json!({"messages": user, "repeat_penalty": 0}),
                 "repeat_penalty",
+            ),
+            (
+                json!({"messages": user, "dry_multiplier": -1}),
+                "`dry_multiplier` must be from 0",
+            ),
+            (
+                json!({"messages": user, "dry_multiplier": 50}),
+                "`dry_multiplier` must be from 0",
             ),
             (
                 json!({"messages": user, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "minItems": 100000000}}}}),

@@ -13,7 +13,7 @@ use stack_runtime::agent::store::SessionStore;
 use stack_runtime::agent::GroundingMode;
 use stack_runtime::agent::{list_sessions, Event, Runtime, Session, SessionConfig, TurnEnd};
 use stack_runtime::model::llama::SamplingOptions;
-use stack_runtime::model::{Routing, ToolChoice};
+use stack_runtime::model::{Routing, ToolChoice, DEFAULT_DRY_MULTIPLIER, MAX_DRY_MULTIPLIER};
 use stack_runtime::outcome::Status;
 use stack_runtime::policy::{ApprovalAnswer, ApprovalHandler, ApprovalRequest, Policy};
 use stack_runtime::text::{for_terminal, one_line};
@@ -48,6 +48,10 @@ pub struct ChatArgs {
     /// Random seed.
     #[arg(long, default_value_t = 42)]
     pub seed: u32,
+    /// DRY penalty on repeating what this step already wrote (0 = off;
+    /// llama.cpp's DRY sampler, in process only).
+    #[arg(long, value_name = "X", default_value_t = DEFAULT_DRY_MULTIPLIER, value_parser = dry_multiplier)]
+    pub dry_multiplier: f32,
     /// Most tokens per model step.
     #[arg(long, default_value_t = 512)]
     pub max_tokens: u32,
@@ -135,6 +139,18 @@ impl From<GroundingArg> for GroundingMode {
             GroundingArg::Workspace => GroundingMode::Workspace,
             GroundingArg::Request => GroundingMode::Request,
         }
+    }
+}
+
+/// Parses `--dry-multiplier`: a finite number from 0 to
+/// [`MAX_DRY_MULTIPLIER`].
+pub fn dry_multiplier(text: &str) -> Result<f32, String> {
+    match text.trim().parse::<f32>() {
+        Ok(value) if (0.0..=MAX_DRY_MULTIPLIER).contains(&value) => Ok(value),
+        Ok(_) => Err(format!(
+            "the DRY multiplier must be from 0 (off) to {MAX_DRY_MULTIPLIER}"
+        )),
+        Err(err) => Err(format!("not a number: {err}")),
     }
 }
 
@@ -269,6 +285,7 @@ pub fn build_runtime(
         sampling: SamplingOptions {
             temperature: args.temperature,
             seed: args.seed,
+            dry_multiplier: args.dry_multiplier,
             max_tokens: args.max_tokens,
             routing: args.routing.into(),
             ..SamplingOptions::default()

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use stack_runtime::eval::{self, bfcl, CaseRecord, Category, EvalOptions, Report};
+use stack_runtime::model::DEFAULT_DRY_MULTIPLIER;
 use stack_runtime::policy::Policy;
 
 use crate::chat::{GroundingArg, RoutingArg};
@@ -48,6 +49,10 @@ pub struct EvalArgs {
     /// Most tokens per model step.
     #[arg(long, default_value_t = 256)]
     max_tokens: u32,
+    /// DRY penalty on repeating what a step already wrote (0 = off; see
+    /// `agent --help`).
+    #[arg(long, value_name = "X", default_value_t = DEFAULT_DRY_MULTIPLIER, value_parser = crate::chat::dry_multiplier)]
+    dry_multiplier: f32,
     /// Most model steps per executable task.
     #[arg(long, default_value_t = 4)]
     max_steps: u32,
@@ -98,6 +103,7 @@ pub fn run(args: EvalArgs, dirs: &ToolDirs) -> anyhow::Result<ExitCode> {
     };
     options.sampling.seed = args.seed;
     options.sampling.max_tokens = args.max_tokens;
+    options.sampling.dry_multiplier = args.dry_multiplier;
     options.sampling.routing = args.routing.into();
     options.grounding = args.grounding.into();
     let tool_dirs: Vec<PathBuf> = dirs.folders();
