@@ -113,6 +113,8 @@ fn main() {
     let greedy = SamplingOptions {
         temperature: 0.0,
         repeat_penalty: 1.0,
+        // Off, as in llama-bench and the bare loop.
+        dry_multiplier: Some(0.0),
         max_tokens: 128,
         ..SamplingOptions::default()
     };

@@ -86,6 +86,8 @@ fn sampling() -> SamplingOptions {
         // Room for a whole constrained call, so both backends do the same
         // work each turn (a call, its result, an answer).
         max_tokens: 128,
+        // Off: llama-server is not sent it (see `SamplingOptions`).
+        dry_multiplier: Some(0.0),
         ..SamplingOptions::default()
     }
 }

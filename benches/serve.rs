@@ -128,6 +128,8 @@ async fn in_process(backend: Arc<dyn ModelBackend>, sessions: usize, round: usiz
                 sampling: SamplingOptions {
                     temperature: 0.0,
                     max_tokens: MAX_TOKENS,
+                    // Off: llama-server, compared with, samples without.
+                    dry_multiplier: Some(0.0),
                     ..SamplingOptions::default()
                 },
                 response_format: None,

@@ -1093,7 +1093,7 @@ fn the_dry_penalty_breaks_a_loop_the_model_would_write_to_the_limit() {
     let grammar = "root ::= [a-z ]+";
     let mut run = |dry_multiplier: f32| {
         let sampling = SamplingOptions {
-            dry_multiplier,
+            dry_multiplier: Some(dry_multiplier),
             ..greedy(40)
         };
         let generation = session
@@ -1107,11 +1107,15 @@ fn the_dry_penalty_breaks_a_loop_the_model_would_write_to_the_limit() {
         longest_repeat(&looping) >= 60,
         "without DRY the model continues the pattern to the limit: {looping:?}"
     );
-    let default = SamplingOptions::default().dry_multiplier;
+    // On by default for this (small) model; off for a larger one.
+    let default = model.dry_multiplier(&SamplingOptions::default());
     assert!(default > 0.0, "DRY is on by default");
-    let (broken, _) = run(default);
+    let (broken, stop) = run(default);
+    // It went on writing, rather than ending or finding nothing allowed.
+    assert_eq!(stop, StopReason::MaxTokens, "{broken:?}");
+    assert!(broken.len() >= 40, "{broken:?}");
     // A repeat of 8 tokens (` ab` is one) would cost 0.8 × 1.75^6, about
-    // 22 nats: the step leaves the pattern well before that (it wrote
+    // 23 nats: the step leaves the pattern well before that (it wrote
     // `ab ab ab ab ab ab aa ab ab ab ab  abcdef…` here).
     assert!(
         longest_repeat(&broken) <= 24,

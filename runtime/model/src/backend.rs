@@ -98,17 +98,24 @@ pub struct SamplingOptions {
     pub min_p: f32,
     /// Repetition penalty (1 = off).
     pub repeat_penalty: f32,
-    /// DRY ("don't repeat yourself") penalty (0 = off): a token that
-    /// would extend a sequence this step has already written loses
-    /// `dry_multiplier × 1.75^(n − 2)` from its logit, `n` being the length
-    /// of the repeat it extends (llama.cpp's DRY sampler, with its default
-    /// base, allowed length and sequence breakers: newline, `:`, `"` and
-    /// `*`). Only the step's own tokens count, never the prompt, so quoting
-    /// a file costs nothing. A small model's greedy arguments otherwise
+    /// DRY ("don't repeat yourself") penalty, 0 = off, `None` = the
+    /// model's default: [`DEFAULT_DRY_MULTIPLIER`] for an in-process model
+    /// of fewer than [`SMALL_MODEL_PARAMETERS`] parameters, off for a
+    /// larger one (as in llama.cpp, whose default is off; code repeats
+    /// itself by nature) and for a served model (its server samples).
+    ///
+    /// A token that would extend a repeat of what this step has already
+    /// written loses `dry_multiplier × 1.75^(n − 2)` from its logit, `n`
+    /// being the length the repeat would reach (llama.cpp's DRY sampler
+    /// with its default base, allowed length and sequence breakers: a
+    /// newline, `:`, `"` and `*`). Only the step's own tokens count, never
+    /// the prompt. Inside JSON arguments a newline is the two characters
+    /// `\n`, which do not break a repeat, but the `"` of an escaped quote
+    /// and the `:` of a URL do. A small model's greedy arguments otherwise
     /// loop until the token limit (`"path": "mnpu…,mnpu…,mnpu…`), and a
-    /// looping call is never parsed; see [`DEFAULT_DRY_MULTIPLIER`].
-    #[serde(default = "default_dry_multiplier")]
-    pub dry_multiplier: f32,
+    /// call cut off there is never parsed.
+    #[serde(default)]
+    pub dry_multiplier: Option<f32>,
     /// Random seed.
     pub seed: u32,
     /// Most tokens to generate in one turn.
@@ -160,7 +167,7 @@ impl Default for SamplingOptions {
             top_k: 40,
             min_p: 0.05,
             repeat_penalty: 1.1,
-            dry_multiplier: DEFAULT_DRY_MULTIPLIER,
+            dry_multiplier: None,
             seed: 42,
             max_tokens: 512,
             routing: Routing::Auto,
@@ -168,17 +175,15 @@ impl Default for SamplingOptions {
     }
 }
 
-/// The DRY multiplier of [`SamplingOptions::default`] (and of sessions
-/// saved before the option existed).
+/// The DRY multiplier a small in-process model samples with unless told
+/// otherwise (see [`SamplingOptions::dry_multiplier`]).
 pub const DEFAULT_DRY_MULTIPLIER: f32 = 0.8;
 
-/// The largest DRY multiplier the CLI and the HTTP service take: already
-/// at 5 a third token of repeat costs 8.75 nats.
-pub const MAX_DRY_MULTIPLIER: f32 = 5.0;
-
-fn default_dry_multiplier() -> f32 {
-    DEFAULT_DRY_MULTIPLIER
-}
+/// The largest DRY multiplier the CLI and the HTTP service take. llama.cpp
+/// caps the penalty's power of the base at the largest finite float, so a
+/// multiplier above 1 could make a long forced repeat (one a grammar
+/// allows alone) an infinite penalty, and the step a dead end.
+pub const MAX_DRY_MULTIPLIER: f32 = 1.0;
 
 /// Token counters, for tests and benchmarks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -23,7 +23,8 @@ use serde_json::Value;
 
 use super::backend::{offered_tools, prompt_tools, tool_name, CallPath};
 pub use super::backend::{
-    Counters, Generation, ModelError, Routing, SamplingOptions, StopReason, SMALL_MODEL_PARAMETERS,
+    Counters, Generation, ModelError, Routing, SamplingOptions, StopReason, DEFAULT_DRY_MULTIPLIER,
+    SMALL_MODEL_PARAMETERS,
 };
 use super::batch::{AsideLease, Engine, Lease, Want, PROMPT_CHUNK};
 use super::call_grammar::{call_grammar, CallCount, CallGrammar, CallTrigger};
@@ -231,6 +232,10 @@ pub struct Model {
     /// The shared context's engine, made with the first session.
     engine: OnceLock<Arc<Engine>>,
     engine_start: std::sync::Mutex<()>,
+    /// DRY samplers made once per multiplier, cloned for each step:
+    /// making one reads every token of the vocabulary once per sequence
+    /// breaker, and a clone copies what that found.
+    dry_prototypes: std::sync::Mutex<Vec<(u32, LlamaSampler)>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -307,7 +312,49 @@ impl Model {
             parallel: options.parallel.max(1),
             engine: OnceLock::new(),
             engine_start: std::sync::Mutex::new(()),
+            dry_prototypes: std::sync::Mutex::new(Vec::new()),
         }))
+    }
+
+    /// The DRY multiplier `options` sample with on this model (see
+    /// [`SamplingOptions::dry_multiplier`]).
+    pub fn dry_multiplier(&self, options: &SamplingOptions) -> f32 {
+        options
+            .dry_multiplier
+            .unwrap_or(if self.info.parameters < SMALL_MODEL_PARAMETERS {
+                DEFAULT_DRY_MULTIPLIER
+            } else {
+                0.0
+            })
+    }
+
+    /// A fresh DRY sampler of `multiplier`, cloned from the one made for
+    /// it first.
+    fn dry_sampler(&self, multiplier: f32) -> LlamaSampler {
+        let mut prototypes = self
+            .dry_prototypes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = multiplier.to_bits();
+        if let Some((_, prototype)) = prototypes.iter().find(|(k, _)| *k == key) {
+            return prototype.clone();
+        }
+        let made = LlamaSampler::dry(
+            &self.model,
+            multiplier,
+            DRY_BASE,
+            DRY_ALLOWED_LENGTH,
+            // All of a step: only its own tokens are accepted, and a
+            // step's repeats are sought among those it has. (This
+            // llama.cpp takes a negative length as 0, which is off.)
+            DRY_MOST_TOKENS,
+            DRY_SEQUENCE_BREAKERS,
+        );
+        if prototypes.len() >= MAX_DRY_PROTOTYPES {
+            prototypes.remove(0);
+        }
+        prototypes.push((key, made.clone()));
+        made
     }
 
     /// Held while a session generates, so sessions sharing the model (and
@@ -1599,17 +1646,9 @@ impl ModelSession {
                 0.0,
             ));
         }
-        if options.dry_multiplier > 0.0 {
-            chain.push(LlamaSampler::dry(
-                &self.model.model,
-                options.dry_multiplier,
-                DRY_BASE,
-                DRY_ALLOWED_LENGTH,
-                // The whole step: only its own tokens are accepted. (This
-                // llama.cpp takes a negative length as 0, which is off.)
-                i32::try_from(options.max_tokens.clamp(1, DRY_MOST_TOKENS)).unwrap_or(1),
-                DRY_SEQUENCE_BREAKERS,
-            ));
+        let dry_multiplier = self.model.dry_multiplier(options);
+        if dry_multiplier > 0.0 {
+            chain.push(self.model.dry_sampler(dry_multiplier));
         }
         if options.temperature <= 0.0 {
             chain.push(LlamaSampler::greedy());
@@ -1634,7 +1673,9 @@ const DRY_ALLOWED_LENGTH: i32 = 2;
 /// …and a repeat never reaches back across one of these.
 const DRY_SEQUENCE_BREAKERS: [&str; 4] = ["\n", ":", "\"", "*"];
 /// The most recent tokens of a step among which DRY looks for repeats.
-const DRY_MOST_TOKENS: u32 = 8192;
+const DRY_MOST_TOKENS: i32 = 8192;
+/// The most DRY multipliers a model keeps a sampler made for.
+const MAX_DRY_PROTOTYPES: usize = 4;
 
 /// How many tokens that break the lazy grammar's trigger are ruled out in
 /// one step before generation stops.

@@ -147,30 +147,36 @@ fn parse_hermes(text: &str, next_id: &mut dyn FnMut() -> String) -> Option<Parse
     while let Some(start) = rest.find(OPEN) {
         content.push_str(&rest[..start]);
         let after = &rest[start + OPEN.len()..];
-        let (body, next) = match whole_json_before(after, CLOSE) {
-            // The block's JSON read whole first: a string in it may hold
-            // the closing tag itself (code that prints `</tool_call>`).
-            Some(split) => split,
-            None => match after.find(CLOSE) {
-                Some(end) => (&after[..end], &after[end + CLOSE.len()..]),
+        // The block's JSON read whole first: a string in it may hold the
+        // closing tag itself (code that prints `</tool_call>`).
+        let block = whole_json_before(after, CLOSE).unwrap_or_else(|| {
+            let (body, next, closed) = match after.find(CLOSE) {
+                Some(end) => (&after[..end], &after[end + CLOSE.len()..], true),
                 // An unclosed block at the end of the turn (stopped early).
-                None => (after, ""),
-            },
-        };
-        match serde_json::from_str::<Value>(body.trim())
-            .ok()
-            .and_then(|v| call_from_object(&v, next_id))
+                None => (after, "", false),
+            };
+            Block {
+                value: serde_json::from_str(body.trim()).ok(),
+                body,
+                next,
+                closed,
+            }
+        });
+        match block
+            .value
+            .as_ref()
+            .and_then(|v| call_from_object(v, next_id))
         {
             Some(call) => calls.push(call),
             None => {
                 content.push_str(OPEN);
-                content.push_str(body);
-                if !next.is_empty() || after.contains(CLOSE) {
+                content.push_str(block.body);
+                if block.closed {
                     content.push_str(CLOSE);
                 }
             }
         }
-        rest = next;
+        rest = block.next;
     }
     content.push_str(rest);
     Some(ParsedTurn {
@@ -179,17 +185,38 @@ fn parse_hermes(text: &str, next_id: &mut dyn FnMut() -> String) -> Option<Parse
     })
 }
 
+/// One `<tool_call>` block, split from what follows it.
+struct Block<'a> {
+    /// The block's JSON, where it is JSON.
+    value: Option<Value>,
+    /// The block's text, up to its closing tag.
+    body: &'a str,
+    /// What follows the block.
+    next: &'a str,
+    /// Whether the block had its closing tag.
+    closed: bool,
+}
+
 /// Where `text` opens with one whole JSON value followed by `close` (or
-/// by nothing), that value's text and what follows `close`.
-fn whole_json_before<'a>(text: &'a str, close: &str) -> Option<(&'a str, &'a str)> {
+/// by nothing), that block.
+fn whole_json_before<'a>(text: &'a str, close: &str) -> Option<Block<'a>> {
     let mut values = serde_json::Deserializer::from_str(text).into_iter::<Value>();
-    values.next()?.ok()?;
-    let (body, tail) = text.split_at(values.byte_offset());
-    let tail = tail.trim_start();
-    match tail.strip_prefix(close) {
-        Some(next) => Some((body, next)),
-        None => tail.is_empty().then_some((body, "")),
-    }
+    let value = values.next()?.ok()?;
+    let after_value = values.byte_offset();
+    let tail = &text[after_value..];
+    let trimmed = tail.trim_start();
+    let body = &text[..after_value + (tail.len() - trimmed.len())];
+    let (next, closed) = match trimmed.strip_prefix(close) {
+        Some(next) => (next, true),
+        None if trimmed.is_empty() => ("", false),
+        None => return None,
+    };
+    Some(Block {
+        value: Some(value),
+        body,
+        next,
+        closed,
+    })
 }
 
 fn parse_mistral(text: &str, next_id: &mut dyn FnMut() -> String) -> Option<ParsedTurn> {
@@ -303,6 +330,18 @@ mod tests {
             "<tool_call>\n{\"name\": \"read_file\", \"arguments\": {\n    \"path\" : \"{{1}}</tool_call>\"}\n}\n</tool_call>",
             None,
             &[("call_1", "read_file", "{\"path\":\"{{1}}</tool_call>\"}")],
+        ),
+        // A block that is JSON but no call stays text as written: its
+        // spacing kept, and no closing tag it never had.
+        (
+            "<tool_call>{\"a\": 1}\n</tool_call> ok",
+            Some("<tool_call>{\"a\": 1}\n</tool_call> ok"),
+            &[],
+        ),
+        (
+            "<tool_call>{\"a\": \"</tool_call>\"}",
+            Some("<tool_call>{\"a\": \"</tool_call>\"}"),
+            &[],
         ),
         (
             "<tool_call>\n{\"name\": \"read_file\", \"arguments\": {\"path\": \"a\"}}",

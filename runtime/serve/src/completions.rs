@@ -138,7 +138,8 @@ pub struct ChatRequest {
     /// Repetition penalty (an extension).
     #[serde(default)]
     pub repeat_penalty: Option<f32>,
-    /// DRY penalty multiplier, 0 = off (an extension, as in llama-server).
+    /// DRY penalty multiplier, 0 = off, at most 1 (an extension, as in
+    /// llama-server; by default 0.8 for a model under 1B parameters).
     #[serde(default)]
     pub dry_multiplier: Option<f32>,
     /// Most tokens to generate (older name).
@@ -315,7 +316,7 @@ fn prepare(request: ChatRequest, context: Option<u32>) -> Result<Prepared, ApiEr
         top_k: request.top_k.unwrap_or(defaults.top_k),
         min_p: request.min_p.unwrap_or(defaults.min_p),
         repeat_penalty: request.repeat_penalty.unwrap_or(defaults.repeat_penalty),
-        dry_multiplier: request.dry_multiplier.unwrap_or(defaults.dry_multiplier),
+        dry_multiplier: request.dry_multiplier.or(defaults.dry_multiplier),
         // A seed is any integer on the wire; the model takes 32 bits.
         seed: request.seed.map_or(defaults.seed, |seed| seed as u32),
         max_tokens,

@@ -13,7 +13,7 @@ use stack_runtime::agent::store::SessionStore;
 use stack_runtime::agent::GroundingMode;
 use stack_runtime::agent::{list_sessions, Event, Runtime, Session, SessionConfig, TurnEnd};
 use stack_runtime::model::llama::SamplingOptions;
-use stack_runtime::model::{Routing, ToolChoice, DEFAULT_DRY_MULTIPLIER, MAX_DRY_MULTIPLIER};
+use stack_runtime::model::{Routing, ToolChoice, MAX_DRY_MULTIPLIER};
 use stack_runtime::outcome::Status;
 use stack_runtime::policy::{ApprovalAnswer, ApprovalHandler, ApprovalRequest, Policy};
 use stack_runtime::text::{for_terminal, one_line};
@@ -48,10 +48,11 @@ pub struct ChatArgs {
     /// Random seed.
     #[arg(long, default_value_t = 42)]
     pub seed: u32,
-    /// DRY penalty on repeating what this step already wrote (0 = off;
-    /// llama.cpp's DRY sampler, in process only).
-    #[arg(long, value_name = "X", default_value_t = DEFAULT_DRY_MULTIPLIER, value_parser = dry_multiplier)]
-    pub dry_multiplier: f32,
+    /// DRY penalty on repeating what a model step already wrote, 0 (off)
+    /// to 1 (llama.cpp's DRY sampler; in process only). Default: 0.8 for a
+    /// model under 1B parameters, such as the default, else off.
+    #[arg(long, value_name = "X", value_parser = dry_multiplier)]
+    pub dry_multiplier: Option<f32>,
     /// Most tokens per model step.
     #[arg(long, default_value_t = 512)]
     pub max_tokens: u32,

@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use stack_runtime::eval::{self, bfcl, CaseRecord, Category, EvalOptions, Report};
-use stack_runtime::model::DEFAULT_DRY_MULTIPLIER;
 use stack_runtime::policy::Policy;
 
 use crate::chat::{GroundingArg, RoutingArg};
@@ -49,10 +48,10 @@ pub struct EvalArgs {
     /// Most tokens per model step.
     #[arg(long, default_value_t = 256)]
     max_tokens: u32,
-    /// DRY penalty on repeating what a step already wrote (0 = off; see
-    /// `agent --help`).
-    #[arg(long, value_name = "X", default_value_t = DEFAULT_DRY_MULTIPLIER, value_parser = crate::chat::dry_multiplier)]
-    dry_multiplier: f32,
+    /// DRY penalty on repeating what a step already wrote, 0 (off) to 1
+    /// (default: 0.8 for a model under 1B parameters, else off).
+    #[arg(long, value_name = "X", value_parser = crate::chat::dry_multiplier)]
+    dry_multiplier: Option<f32>,
     /// Most model steps per executable task.
     #[arg(long, default_value_t = 4)]
     max_steps: u32,
