@@ -106,7 +106,7 @@ pub struct SamplingOptions {
     ///
     /// A token that would extend a repeat of what this step has already
     /// written loses `dry_multiplier × 1.75^(n − 2)` from its logit, `n`
-    /// being the length the repeat would reach (llama.cpp's DRY sampler
+    /// being the length of the repeat it would extend (llama.cpp's DRY sampler
     /// with its default base, allowed length and sequence breakers: a
     /// newline, `:`, `"` and `*`). Only the step's own tokens count, never
     /// the prompt. Inside JSON arguments a newline is the two characters

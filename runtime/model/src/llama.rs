@@ -24,7 +24,7 @@ use serde_json::Value;
 use super::backend::{offered_tools, prompt_tools, tool_name, CallPath};
 pub use super::backend::{
     Counters, Generation, ModelError, Routing, SamplingOptions, StopReason, DEFAULT_DRY_MULTIPLIER,
-    SMALL_MODEL_PARAMETERS,
+    MAX_DRY_MULTIPLIER, SMALL_MODEL_PARAMETERS,
 };
 use super::batch::{AsideLease, Engine, Lease, Want, PROMPT_CHUNK};
 use super::call_grammar::{call_grammar, CallCount, CallGrammar, CallTrigger};
@@ -318,27 +318,36 @@ impl Model {
 
     /// The DRY multiplier `options` sample with on this model (see
     /// [`SamplingOptions::dry_multiplier`]).
+    /// Past [`MAX_DRY_MULTIPLIER`] it is that; not a number, off.
     pub fn dry_multiplier(&self, options: &SamplingOptions) -> f32 {
-        options
-            .dry_multiplier
-            .unwrap_or(if self.info.parameters < SMALL_MODEL_PARAMETERS {
-                DEFAULT_DRY_MULTIPLIER
-            } else {
-                0.0
-            })
+        let multiplier =
+            options
+                .dry_multiplier
+                .unwrap_or(if self.info.parameters < SMALL_MODEL_PARAMETERS {
+                    DEFAULT_DRY_MULTIPLIER
+                } else {
+                    0.0
+                });
+        if multiplier.is_nan() {
+            0.0
+        } else {
+            multiplier.clamp(0.0, MAX_DRY_MULTIPLIER)
+        }
     }
 
     /// A fresh DRY sampler of `multiplier`, cloned from the one made for
     /// it first.
     fn dry_sampler(&self, multiplier: f32) -> LlamaSampler {
-        let mut prototypes = self
-            .dry_prototypes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let prototypes = || {
+            self.dry_prototypes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
         let key = multiplier.to_bits();
-        if let Some((_, prototype)) = prototypes.iter().find(|(k, _)| *k == key) {
+        if let Some((_, prototype)) = prototypes().iter().find(|(k, _)| *k == key) {
             return prototype.clone();
         }
+        // Made without the lock: other sessions' steps go on meanwhile.
         let made = LlamaSampler::dry(
             &self.model,
             multiplier,
@@ -350,10 +359,13 @@ impl Model {
             DRY_MOST_TOKENS,
             DRY_SEQUENCE_BREAKERS,
         );
-        if prototypes.len() >= MAX_DRY_PROTOTYPES {
-            prototypes.remove(0);
+        let mut prototypes = prototypes();
+        if !prototypes.iter().any(|(k, _)| *k == key) {
+            if prototypes.len() >= MAX_DRY_PROTOTYPES {
+                prototypes.remove(0);
+            }
+            prototypes.push((key, made.clone()));
         }
-        prototypes.push((key, made.clone()));
         made
     }
 
