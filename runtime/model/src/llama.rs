@@ -317,8 +317,9 @@ impl Model {
     }
 
     /// The DRY multiplier `options` sample with on this model (see
-    /// [`SamplingOptions::dry_multiplier`]).
-    /// Past [`MAX_DRY_MULTIPLIER`] it is that; not a number, off.
+    /// [`SamplingOptions::dry_multiplier`]): at most
+    /// [`MAX_DRY_MULTIPLIER`], and 0 (off) for anything not above 0,
+    /// not-a-number included.
     pub fn dry_multiplier(&self, options: &SamplingOptions) -> f32 {
         let multiplier =
             options
@@ -328,10 +329,10 @@ impl Model {
                 } else {
                     0.0
                 });
-        if multiplier.is_nan() {
-            0.0
+        if multiplier > 0.0 {
+            multiplier.min(MAX_DRY_MULTIPLIER)
         } else {
-            multiplier.clamp(0.0, MAX_DRY_MULTIPLIER)
+            0.0
         }
     }
 
