@@ -140,8 +140,31 @@ fn check_basics(seen: &Value) {
 #[test]
 fn a_stdio_client_lists_the_tools_and_every_call_goes_through_the_gate() {
     let ws = workspace();
-    let seen = over_stdio("basics", ws.path(), &[]);
+    let audit = tempfile::tempdir().expect("tempdir");
+    let audit_log = audit.path().join("audit.jsonl");
+    let seen = over_stdio(
+        "basics",
+        ws.path(),
+        &["--audit-log", audit_log.to_str().expect("utf8")],
+    );
     check_basics(&seen);
+    // Every call is in the audit log, the call to a tool that does not
+    // exist among them (refused as invalid, as a model's would be).
+    let records: Vec<Value> = std::fs::read_to_string(&audit_log)
+        .expect("the audit log")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("an audit record"))
+        .collect();
+    let unknown: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["tool"] == "no_such_tool")
+        .collect();
+    assert_eq!(unknown.len(), 1, "{records:?}");
+    assert_eq!(unknown[0]["status"], "invalid", "{records:?}");
+    assert!(
+        records.iter().any(|r| r["tool"] == "read_file"),
+        "{records:?}"
+    );
     assert!(
         !ws.path()
             .parent()

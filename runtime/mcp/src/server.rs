@@ -282,30 +282,30 @@ impl ServerHandler for McpSession {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
-        // An unknown tool is a protocol error (the MCP spec's
-        // `-32602`), not a tool's failure: there is no tool to fail.
-        if self
-            .gate
-            .lock()
-            .await
-            .registry()
-            .get(request.name.as_ref())
-            .is_none()
-        {
-            return Err(McpError::invalid_params(
-                format!(
-                    "unknown tool `{}`; tools/list names the tools",
-                    one_line(&request.name)
-                ),
-                None,
-            ));
-        }
         let arguments = Value::Object(request.arguments.unwrap_or_default());
         let call = ToolCall::function(
             format!("mcp-{}", request_id_text(&context)),
             request.name.to_string(),
             arguments.to_string(),
         );
+        // An unknown tool is a protocol error (the MCP spec's
+        // `-32602`), not a tool's failure: there is no tool to fail. The
+        // gate still sees the call, whose validation refuses it and
+        // records it in the audit log, as it does a model's call to a tool
+        // that does not exist: a client probing for tools leaves a trace.
+        {
+            let mut gate = self.gate.lock().await;
+            if gate.registry().get(request.name.as_ref()).is_none() {
+                let _refused = gate.admit(&call).await;
+                return Err(McpError::invalid_params(
+                    format!(
+                        "unknown tool `{}`; tools/list names the tools",
+                        one_line(&request.name)
+                    ),
+                    None,
+                ));
+            }
+        }
         // When the gate admitted the call: a call cancelled before then
         // (while its approval was asked, or while it waited for the gate)
         // never ran, and is charged nothing.
