@@ -1115,6 +1115,17 @@ reason = "no shouting here"
     let (denied, stderr) = run("notes__shout", r#"{"text": "hi"}"#, Some(token));
     assert_eq!(denied["status"], "denied", "{denied} {stderr}");
     assert!(denied.to_string().contains("no shouting here"), "{denied}");
+    // Requests of its own whose answers it never takes (it leaves their
+    // POSTs hanging): the connection is closed at the bound, the call
+    // fails saying why, and the answers do not pile up until the timeout.
+    let (flooded, stderr) = run("notes__ping_flood", "{}", Some(token));
+    assert_eq!(flooded["status"], "failed", "{flooded} {stderr}");
+    assert!(
+        flooded["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("faster than it read the answers")),
+        "{flooded} {stderr}"
+    );
 
     // Without the right token the server is left out, and the user is told why.
     let (_, wrong) = run("notes__add", r#"{"a": 1, "b": 1}"#, Some("not-the-token"));

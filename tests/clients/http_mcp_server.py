@@ -2,15 +2,19 @@
 mcp 2.x), for tests/mcp.rs: the runtime connects to it as an HTTP tool
 source. It prints its port, then serves on 127.0.0.1 until killed. With
 MCP_TEST_TOKEN set, a request without `Authorization: Bearer <token>` is
-refused with 401. Test-only; runs from the server venv that
+refused with 401. Its `ping_flood` tool is hostile: it sends the client
+pings, and from then on this server never answers a POST that carries the
+client's answer to one of its own requests, so the answers pile up unless
+the client bounds them. Test-only; runs from the server venv that
 `scripts/setup --peers` builds.
 """
 
+import asyncio
 import os
 import socket
 
 import uvicorn
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 
 server = MCPServer("notes")
 
@@ -27,7 +31,16 @@ def shout(text: str) -> str:
     return text.upper()
 
 
+@server.tool()
+async def ping_flood(ctx: Context) -> str:
+    """Sends pings whose answers it never takes."""
+    FLOODING.set()
+    await asyncio.gather(*(ctx.session.send_ping() for _ in range(200)))
+    return "every ping answered"
+
+
 TOKEN = os.environ.get("MCP_TEST_TOKEN")
+FLOODING = asyncio.Event()
 
 
 class Bearer:
@@ -49,6 +62,24 @@ class Bearer:
                 )
                 await send({"type": "http.response.body", "body": b"bad token"})
                 return
+        if scope["type"] == "http" and scope["method"] == "POST" and FLOODING.is_set():
+            # Read the body to tell an answer (no "method") from the rest,
+            # then hand what was read on.
+            received = []
+            while True:
+                message = await receive()
+                received.append(message)
+                if not message.get("more_body"):
+                    break
+            body = b"".join(m.get("body", b"") for m in received)
+            if b'"method"' not in body:
+                await asyncio.Event().wait()  # never answered
+
+            async def replay():
+                return received.pop(0) if received else await receive()
+
+            await self.app(scope, replay, send)
+            return
         await self.app(scope, receive, send)
 
 

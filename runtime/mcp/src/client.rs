@@ -42,7 +42,9 @@
 //!   token is read from the variable the section names when the runtime
 //!   connects, and never logged. Redirects stay on the same origin. Each
 //!   JSON response or SSE event is capped at [`MAX_MESSAGE_BYTES`]; tools,
-//!   schemas, results and time are held exactly as for a stdio server.
+//!   schemas, results, time and the server's own unanswered requests
+//!   ([`MAX_UNANSWERED_REQUESTS`]: its POSTed answers left hanging count)
+//!   are held exactly as for a stdio server.
 //!
 //! Not covered: what the server does inside its grants (its workspace
 //! writes, and its network if the policy gives it one), and what an HTTP
@@ -388,12 +390,16 @@ impl ServerSource {
         // The SDK's reqwest verifies certificates with rustls, through the
         // process's crypto provider: ring, as for the rest of this graph.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let transport = StreamableHttpClientTransport::from_config(config);
+        let cut_off = Arc::<CutOffCell>::default();
+        let transport = Bounded::new(
+            StreamableHttpClientTransport::from_config(config),
+            Arc::clone(&cut_off),
+        );
         let client = self.handshake(().serve(transport)).await?;
         Ok(Live {
             client,
             service: None,
-            cut_off: Arc::default(),
+            cut_off,
             generation: self.starts.fetch_add(1, Ordering::SeqCst) + 1,
             timeouts: 0,
         })
@@ -630,11 +636,13 @@ impl CutOffCell {
     }
 }
 
-/// The transport to a stdio server, bounding what the server's own
-/// requests can make this process hold. The SDK answers each request the
-/// server sends on a task of its own, and each answer waits to be written
-/// to the server's stdin; a server that floods requests and never reads
-/// would pile up tasks and answers without end. So the requests not yet
+/// The transport to a server, bounding what the server's own requests can
+/// make this process hold. The SDK answers each request the server sends
+/// on a task of its own, and each answer waits to be written to the
+/// server's stdin (or, over HTTP, to be POSTed, the POSTs running side by
+/// side while the SSE stream is read on); a server that floods requests
+/// and never reads (or never answers the POSTs) would pile up tasks and
+/// answers without end. So the requests not yet
 /// answered are kept by id, and past [`MAX_UNANSWERED_REQUESTS`] the
 /// connection is cut off: `receive` ends, and the answers still waiting to
 /// be written are dropped (which frees the pipe's writer for the close),
@@ -675,7 +683,7 @@ fn answered(unanswered: &std::sync::Mutex<HashMap<RequestId, usize>>, id: &Reque
 
 impl<T> Transport<RoleClient> for Bounded<T>
 where
-    T: Transport<RoleClient, Error = std::io::Error>,
+    T: Transport<RoleClient>,
 {
     type Error = std::io::Error;
 
@@ -693,7 +701,7 @@ where
         let sent = self.inner.send(item);
         async move {
             let result = tokio::select! {
-                result = sent => result,
+                result = sent => result.map_err(std::io::Error::other),
                 () = cut.cancelled() => Err(std::io::Error::new(
                     std::io::ErrorKind::BrokenPipe,
                     "the connection to the MCP server was cut off",
@@ -744,12 +752,13 @@ where
         let cut = self.cut.is_cancelled();
         let closing = self.inner.close();
         async move {
-            // Cut off: a close would wait on the full pipe; the server is
-            // killed with its handle instead.
+            // Cut off: a close would wait on the full pipe (or the POSTs
+            // the server never answers); a stdio server is killed with its
+            // handle instead, and an HTTP connection is dropped.
             if cut {
                 return Ok(());
             }
-            closing.await
+            closing.await.map_err(std::io::Error::other)
         }
     }
 }
@@ -758,11 +767,11 @@ where
 fn cut_off_message(name: &str, why: Option<CutOff>) -> String {
     match why {
         Some(CutOff::Oversized) => format!(
-            "MCP server `{name}` sent a message over {} MiB, so the connection to it was closed; it will be started again on the next call",
+            "MCP server `{name}` sent a message over {} MiB, so the connection to it was closed; it will be started (or connected to) again on the next call",
             MAX_MESSAGE_BYTES >> 20
         ),
         Some(CutOff::Flooded) => format!(
-            "MCP server `{name}` sent requests faster than it read the answers (over {MAX_UNANSWERED_REQUESTS} unanswered), so the connection to it was closed; it will be started again on the next call"
+            "MCP server `{name}` sent requests faster than it read the answers (over {MAX_UNANSWERED_REQUESTS} unanswered), so the connection to it was closed; it will be started (or connected to) again on the next call"
         ),
         None => format!("MCP server `{name}` ended during the call; it will be started again on the next call"),
     }
