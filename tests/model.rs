@@ -8,6 +8,7 @@ mod common;
 use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
+use stack_runtime::grounding::NEW_PATH_PATTERN;
 use stack_runtime::message::{Message, ToolCall};
 use stack_runtime::model::call_grammar::CallCount;
 use stack_runtime::model::llama::format_grammar;
@@ -592,6 +593,61 @@ fn format_fixtures() -> Value {
 /// format's fixture output from its trigger on, it refuses a call to a tool
 /// that is not offered, and the model writes calls under it that parse back
 /// into calls to the offered tools with schema-valid arguments.
+/// `write_file`'s path, grounded in the new-path shape, is one inside the
+/// workspace: llama.cpp's converter reads the pattern (it does not fall
+/// back to any string), and the grammar refuses what leaves the root.
+#[test]
+fn a_new_files_path_is_grounded_inside_the_workspace() {
+    let model = model();
+    let tools = Registry::with_builtins().openai_tools();
+    let mut values = ArgumentValues::none();
+    values.set_pattern("write_file", "path", NEW_PATH_PATTERN);
+    let grammar =
+        format_grammar(ToolFormat::Hermes, &tools, &values, CallCount::One).expect("grammar");
+    let free = format_grammar(
+        ToolFormat::Hermes,
+        &tools,
+        &ArgumentValues::none(),
+        CallCount::One,
+    )
+    .expect("grammar");
+    let call = |path: &str| {
+        let arguments = serde_json::json!({"path": path, "content": "Hello"});
+        format!(
+            "<tool_call>\n{}\n</tool_call>",
+            serde_json::json!({"name": "write_file", "arguments": arguments})
+        )
+    };
+    for path in ["greeting.txt", "docs/intro.md", ".env", "say \"hi\".txt"] {
+        assert!(
+            model
+                .grammar_accepts(&grammar.gbnf, None, &call(path))
+                .expect("grammar loads"),
+            "refused {path:?}"
+        );
+    }
+    for path in [
+        "/greeting.txt",
+        "../up.txt",
+        "a/../b.txt",
+        "./a.txt",
+        "a//b",
+    ] {
+        assert!(
+            model
+                .grammar_accepts(&free.gbnf, None, &call(path))
+                .expect("grammar loads"),
+            "the schema alone admits {path:?}"
+        );
+        assert!(
+            !model
+                .grammar_accepts(&grammar.gbnf, None, &call(path))
+                .expect("grammar loads"),
+            "admitted {path:?}"
+        );
+    }
+}
+
 #[test]
 fn every_call_format_has_a_grammar_that_accepts_its_output() {
     let model = model();

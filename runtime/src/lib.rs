@@ -76,7 +76,7 @@ pub mod config;
 
 pub use stack_agent as agent;
 pub use stack_assets as assets;
-pub use stack_core::{dispatch, gate, policy, tools, workspace};
+pub use stack_core::{dispatch, gate, grounding, policy, tools, workspace};
 pub use stack_egress as egress;
 pub use stack_eval as eval;
 pub use stack_mcp as mcp;

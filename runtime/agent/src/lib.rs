@@ -30,6 +30,7 @@ pub use transcript::{
 use stack_core::dispatch;
 use stack_core::dispatch::ToolContext;
 use stack_core::gate::{Admission, Gate};
+use stack_core::grounding::GroundedValues;
 pub use stack_core::grounding::GroundingMode;
 use stack_core::policy::{
     ApprovalAnswer, ApprovalHandler, ApprovalRequest, AuditLog, Grants, Policy, PolicyError,
@@ -1528,7 +1529,14 @@ async fn argument_values(
     match tokio::task::spawn_blocking(job).await {
         Ok(grounded) => {
             for parameter in grounded {
-                values.set(&parameter.tool, parameter.parameter, parameter.values);
+                match parameter.values {
+                    GroundedValues::OneOf(listed) => {
+                        values.set(&parameter.tool, parameter.parameter, listed);
+                    }
+                    GroundedValues::Matching(pattern) => {
+                        values.set_pattern(&parameter.tool, parameter.parameter, pattern);
+                    }
+                }
             }
         }
         Err(err) => tracing::warn!(%err, "surveying the workspace for grounded arguments failed"),

@@ -9,11 +9,20 @@
 //! paths that exist.
 //!
 //! Only parameters that must name something that already exists are
-//! grounded, so grounding never forbids a call that could have worked:
+//! grounded in values, so grounding never forbids a call that could have
+//! worked:
 //! * `read_file.path`: a file;
 //! * `list_dir.path` and `search_files.path`: a folder, `.` for the root.
 //!
-//! `write_file.path` names what may not exist yet and stays free.
+//! `write_file.path` names what may not exist yet, so it is grounded in a
+//! shape, [`NEW_PATH_PATTERN`]: a path relative to the workspace root, no
+//! part of it `.` or `..`, none empty. The model asked to write
+//! `greeting.txt` otherwise writes `/greeting.txt`, which the workspace
+//! refuses. Every file the tool can write has such a spelling (an absolute
+//! path inside the workspace, or one through `..` that stays inside, names
+//! a file a plain relative path names too), so this forbids spellings,
+//! never files. The one exception: a name holding a control character,
+//! which nobody types either (the survey leaves such names out too).
 //!
 //! The survey is exact or absent:
 //! * a link anywhere in the workspace means no grounding at all: a link
@@ -56,6 +65,43 @@ pub const MAX_SURVEYED: usize = 256;
 /// Longest a survey may take; past it nothing is grounded.
 pub const SURVEY_DEADLINE: Duration = Duration::from_millis(250);
 
+/// One character of a name as JSON writes it: not `/`, and `"` and `\`
+/// escaped; no control characters.
+macro_rules! name_char {
+    () => {
+        r#"(?:[^/"\\\x00-\x1F]|\\["\\])"#
+    };
+}
+
+/// [`name_char!`], and not `.`.
+macro_rules! name_char_but_dot {
+    () => {
+        r#"(?:[^/."\\\x00-\x1F]|\\["\\])"#
+    };
+}
+
+/// One part of a path: a name that is not `.` or `..`.
+macro_rules! path_part {
+    () => {
+        concat!(
+            "(?:",
+            name_char_but_dot!(),
+            name_char!(),
+            "*|\\.",
+            name_char_but_dot!(),
+            name_char!(),
+            "*|\\.\\.",
+            name_char!(),
+            "+)"
+        )
+    };
+}
+
+/// The shape of a path `write_file` may create, as a pattern over the
+/// path's JSON text (see the module docs): one or more parts joined by
+/// `/`, each a name that is not `.` or `..`.
+pub const NEW_PATH_PATTERN: &str = concat!("^", path_part!(), "(?:/", path_part!(), ")*$");
+
 /// Longest request (in bytes) that [`GroundingMode::Request`] copies from:
 /// a longer message is not a short command, and would offer too many
 /// values to narrow anything.
@@ -68,9 +114,10 @@ pub enum GroundedBy {
     File,
     /// An existing folder (`.` is the root).
     Folder,
-    /// In [`GroundingMode::Request`] only: a path that the user's request
-    /// names, or an existing file.
-    RequestedPath,
+    /// A path the tool may create: [`NEW_PATH_PATTERN`]. In
+    /// [`GroundingMode::Request`], where the user's request names paths:
+    /// one of those, or an existing file.
+    NewPath,
     /// In [`GroundingMode::Request`] only: a regular expression matching
     /// words of the user's request literally.
     RequestedPattern,
@@ -86,7 +133,8 @@ pub enum GroundingMode {
     /// Every parameter as its schema has it.
     Off,
     /// Parameters that must name an existing path (exact: never forbids a
-    /// call that could have worked).
+    /// call that could have worked), and `write_file.path` to a path
+    /// inside the workspace ([`NEW_PATH_PATTERN`]).
     #[default]
     Workspace,
     /// Also, for small models, parameters copied from the user's request:
@@ -111,15 +159,25 @@ pub struct PathSurvey {
     pub folders: Option<Vec<String>>,
 }
 
-/// One built-in parameter grounded in the values that exist.
+/// What a grounded parameter may be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroundedValues {
+    /// One of these values.
+    OneOf(Vec<String>),
+    /// Any value whose JSON text this pattern (anchored, in the subset
+    /// llama.cpp's JSON-Schema converter reads) matches.
+    Matching(&'static str),
+}
+
+/// One built-in parameter grounded in the values that can work.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroundedParameter {
     /// The tool's registered name.
     pub tool: String,
     /// The parameter.
     pub parameter: &'static str,
-    /// The values it may take.
-    pub values: Vec<String>,
+    /// What it may be.
+    pub values: GroundedValues,
 }
 
 impl Builtin {
@@ -133,7 +191,7 @@ impl Builtin {
                 ("pattern", GroundedBy::RequestedPattern),
             ],
             Builtin::WriteFile => &[
-                ("path", GroundedBy::RequestedPath),
+                ("path", GroundedBy::NewPath),
                 ("content", GroundedBy::RequestedText),
             ],
             Builtin::ExecuteCode => &[],
@@ -342,7 +400,11 @@ pub fn ground_arguments(
                     .iter()
                     .copied()
                     .filter(|(_, kind)| {
-                        from_request || matches!(kind, GroundedBy::File | GroundedBy::Folder)
+                        from_request
+                            || matches!(
+                                kind,
+                                GroundedBy::File | GroundedBy::Folder | GroundedBy::NewPath
+                            )
                     })
                     .collect();
                 (!parameters.is_empty()).then_some((spec.name.as_str(), parameters))
@@ -369,15 +431,17 @@ pub fn ground_arguments(
         let arguments = json!({ parameter: path });
         policy.decide(tool, &arguments, grants).verdict == Verdict::Deny
     };
+    // The folders a survey may leave out: those no surveyed parameter
+    // could name (a new path is surveyed only for the existing files that
+    // `request` also offers).
     let skip = |folder: &str| {
         grounded_tools.iter().all(|(tool, parameters)| {
             parameters
                 .iter()
-                .filter(|(_, kind)| {
-                    matches!(
-                        kind,
-                        GroundedBy::File | GroundedBy::Folder | GroundedBy::RequestedPath
-                    )
+                .filter(|(_, kind)| match kind {
+                    GroundedBy::File | GroundedBy::Folder => true,
+                    GroundedBy::NewPath => from_request,
+                    GroundedBy::RequestedPattern | GroundedBy::RequestedText => false,
                 })
                 .all(|(parameter, _)| {
                     denied_by_rule(policy, tool, parameter, folder)
@@ -392,10 +456,20 @@ pub fn ground_arguments(
             let candidates: Vec<String> = match kind {
                 GroundedBy::File => survey.files.clone().unwrap_or_default(),
                 GroundedBy::Folder => survey.folders.clone().unwrap_or_default(),
-                GroundedBy::RequestedPath => {
-                    let mut paths = requested_paths(asked.request);
+                GroundedBy::NewPath => {
+                    let mut paths = if from_request {
+                        requested_paths(asked.request)
+                    } else {
+                        Vec::new()
+                    };
                     if paths.is_empty() {
-                        // Nothing named: the model picks its own name.
+                        // Nothing named: the model picks its own name,
+                        // inside the workspace.
+                        grounded.push(GroundedParameter {
+                            tool: tool.to_string(),
+                            parameter,
+                            values: GroundedValues::Matching(NEW_PATH_PATTERN),
+                        });
                         continue;
                     }
                     for file in survey.files.iter().flatten() {
@@ -413,7 +487,7 @@ pub fn ground_arguments(
             };
             let is_path = matches!(
                 kind,
-                GroundedBy::File | GroundedBy::Folder | GroundedBy::RequestedPath
+                GroundedBy::File | GroundedBy::Folder | GroundedBy::NewPath
             );
             let values: Vec<String> = candidates
                 .into_iter()
@@ -423,7 +497,7 @@ pub fn ground_arguments(
                 grounded.push(GroundedParameter {
                     tool: tool.to_string(),
                     parameter,
-                    values,
+                    values: GroundedValues::OneOf(values),
                 });
             }
         }
@@ -434,6 +508,14 @@ pub fn ground_arguments(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The listed values of `grounded`, if it lists them.
+    fn listed(grounded: &GroundedParameter) -> Option<Vec<String>> {
+        match &grounded.values {
+            GroundedValues::OneOf(values) => Some(values.clone()),
+            GroundedValues::Matching(_) => None,
+        }
+    }
 
     fn workspace_with(files: &[&str]) -> (tempfile::TempDir, Workspace) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -543,7 +625,7 @@ mod tests {
             grounded
                 .iter()
                 .find(|g| g.tool == tool)
-                .map(|g| (g.parameter, g.values.clone()))
+                .and_then(|g| Some((g.parameter, listed(g)?)))
         };
         let (parameter, files) = find("read_file").expect("read_file grounded");
         assert_eq!(parameter, "path");
@@ -559,11 +641,16 @@ mod tests {
         );
         assert!(find("search_files").is_some());
         assert!(
-            grounded
-                .iter()
-                .all(|g| g.parameter == "path" && g.tool != "write_file"),
+            grounded.iter().all(|g| g.parameter == "path"),
             "workspace grounding leaves the request alone: {grounded:?}"
         );
+        // A new file's path is kept inside the workspace, whatever the
+        // request says.
+        let write = grounded
+            .iter()
+            .find(|g| g.tool == "write_file")
+            .expect("write_file grounded");
+        assert_eq!(write.values, GroundedValues::Matching(NEW_PATH_PATTERN));
         assert!(find("execute_code").is_none());
     }
 
@@ -631,7 +718,54 @@ reason = "what is inside is readable"
             .iter()
             .find(|g| g.tool == "read_file")
             .expect("read_file grounded");
-        assert_eq!(read.values, ["docs/guide.md", "secrets/plan.txt"]);
+        assert_eq!(
+            listed(read),
+            Some(vec!["docs/guide.md".into(), "secrets/plan.txt".into()])
+        );
+    }
+
+    /// The new-path shape admits every relative spelling of a file inside
+    /// the workspace and none that leaves it or names it twice over: the
+    /// pattern read by the `regex` crate, on the path's JSON text.
+    #[test]
+    fn a_new_path_stays_inside_the_workspace() {
+        let shape = regex::Regex::new(NEW_PATH_PATTERN).expect("the pattern compiles");
+        let json_text = |path: &str| {
+            let quoted = serde_json::to_string(path).expect("json");
+            quoted[1..quoted.len() - 1].to_string()
+        };
+        for path in [
+            "greeting.txt",
+            "docs/intro.md",
+            ".env",
+            "a/.hidden/b",
+            "..notes",
+            "...",
+            "a.",
+            "my file (1).txt",
+            "quote\"d",
+            "back\\slash",
+            "ünïcode/名前.txt",
+        ] {
+            assert!(shape.is_match(&json_text(path)), "refused {path:?}");
+        }
+        for path in [
+            "",
+            "/greeting.txt",
+            "/tmp/todo.md",
+            "..",
+            "../up.txt",
+            "a/../../b",
+            "a/../b",
+            "./a.txt",
+            "a/./b",
+            "a//b",
+            "docs/",
+            "a\nb",
+            "\u{1b}[31m",
+        ] {
+            assert!(!shape.is_match(&json_text(path)), "admitted {path:?}");
+        }
     }
 
     /// Grounding shows the model's server names only where the model may
@@ -686,7 +820,7 @@ reason = "what is inside is readable"
             grounded
                 .iter()
                 .find(|g| g.tool == tool && g.parameter == parameter)
-                .map(|g| g.values.clone())
+                .and_then(listed)
         };
         let grounded = copying("Find FIXME and write the list to todo/fixme.md, or to .env");
         assert_eq!(
@@ -705,9 +839,13 @@ reason = "what is inside is readable"
             texts.contains(&"todo/fixme.md".to_string()),
             "as written: {texts:?}"
         );
-        // A request that names no path leaves the new file's name free.
+        // A request that names no path leaves the new file's name to the
+        // model, inside the workspace.
         let grounded = copying("Write a poem");
         assert_eq!(values(&grounded, "write_file", "path"), None);
+        assert!(grounded.iter().any(|g| g.tool == "write_file"
+            && g.parameter == "path"
+            && g.values == GroundedValues::Matching(NEW_PATH_PATTERN)));
         // Off grounds nothing.
         assert!(ground(&workspace, &policy, GroundingMode::Off, "Read notes.txt").is_empty());
     }

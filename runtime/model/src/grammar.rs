@@ -51,9 +51,21 @@ const MAX_GROUNDED_VALUE_BYTES: usize = 512;
 /// (a call is still checked against the tool's own schema). A parameter
 /// that is not a string in the schema, an empty list, or one longer than
 /// [`MAX_GROUNDED_VALUES`] leaves the parameter as its schema has it.
+///
+/// Where the values cannot be listed (a file that does not exist yet) a
+/// parameter may instead be grounded in a *pattern*: a regular expression,
+/// anchored with `^` and `$`, over the value as JSON writes it inside its
+/// quotes, in the subset llama.cpp's converter reads. It narrows the
+/// grammar of the formats whose arguments are JSON (Hermes, Mistral,
+/// Llama 3 and the others that write `{"name": …, "arguments": {…}}`);
+/// the formats that write a value as bare text leave it free. A pattern
+/// longer than [`MAX_GROUNDED_VALUE_BYTES`] is left out, and listed values
+/// win over a pattern.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ArgumentValues {
     by_tool: BTreeMap<String, BTreeMap<String, Vec<String>>>,
+    #[serde(default)]
+    patterns: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl ArgumentValues {
@@ -76,14 +88,49 @@ impl ArgumentValues {
         self.by_tool.get(tool)?.get(parameter).map(Vec::as_slice)
     }
 
+    /// Grounds `tool`'s top-level string parameter `parameter` in the
+    /// values `pattern` matches (see the type's docs), replacing the
+    /// pattern set before.
+    pub fn set_pattern(&mut self, tool: &str, parameter: &str, pattern: impl Into<String>) {
+        self.patterns
+            .entry(tool.to_string())
+            .or_default()
+            .insert(parameter.to_string(), pattern.into());
+    }
+
+    /// The pattern `tool`'s `parameter` is grounded in, if any.
+    pub fn pattern(&self, tool: &str, parameter: &str) -> Option<&str> {
+        self.patterns.get(tool)?.get(parameter).map(String::as_str)
+    }
+
     /// Whether nothing is grounded.
     pub fn is_empty(&self) -> bool {
         self.by_tool.values().all(BTreeMap::is_empty)
+            && self.patterns.values().all(BTreeMap::is_empty)
     }
 
     /// Narrows `parameters` (a tool's shaped argument schema) to the
     /// grounded values of `tool`.
     fn narrow(&self, tool: &str, parameters: &mut Value) {
+        // Patterns first: listed values, where both are set, replace the
+        // property whole.
+        for (name, pattern) in self.patterns.get(tool).into_iter().flatten() {
+            let Some(Value::Object(property)) = parameters
+                .get_mut("properties")
+                .and_then(|properties| properties.get_mut(name))
+            else {
+                continue;
+            };
+            let constrained = ["enum", "const", "pattern", "format"]
+                .iter()
+                .any(|keyword| property.contains_key(*keyword));
+            if pattern.len() <= MAX_GROUNDED_VALUE_BYTES
+                && property.get("type") == Some(&Value::from("string"))
+                && !constrained
+            {
+                property.insert("pattern".into(), Value::from(pattern.as_str()));
+            }
+        }
         let Some(grounded) = self.by_tool.get(tool) else {
             return;
         };
@@ -308,6 +355,59 @@ mod tests {
                 ["properties"]["path"],
             json!({"type": "string", "minLength": 1})
         );
+    }
+
+    /// A pattern narrows a plain string parameter, keeps its other
+    /// keywords, and leaves alone one with its own `enum`, `pattern` or
+    /// `format`, a nullable one, and one whose values are listed.
+    #[test]
+    fn a_pattern_narrows_plain_string_parameters_only() {
+        let write = json!({"type": "object", "properties": {
+            "path": {"type": "string", "minLength": 1},
+            "listed": {"type": "string"},
+            "own": {"type": "string", "pattern": "^a$"},
+            "date": {"type": "string", "format": "date"},
+            "nullable": {"type": ["string", "null"]},
+            "count": {"type": "integer"}
+        }});
+        let mut grounding = ArgumentValues::none();
+        for parameter in ["path", "listed", "own", "date", "nullable", "count"] {
+            grounding.set_pattern("write_file", parameter, "^[a-z]+$");
+        }
+        grounding.set_pattern("write_file", "missing", "^x$");
+        grounding.set("write_file", "listed", vec!["one".into()]);
+        assert!(!ArgumentValues {
+            patterns: grounding.patterns.clone(),
+            ..ArgumentValues::none()
+        }
+        .is_empty());
+        assert_eq!(grounding.pattern("write_file", "path"), Some("^[a-z]+$"));
+        let schema = call_schema([("write_file", &write)], &grounding);
+        let properties = &schema["properties"]["arguments"]["properties"];
+        assert_eq!(
+            properties["path"],
+            json!({"type": "string", "minLength": 1, "pattern": "^[a-z]+$"})
+        );
+        assert_eq!(
+            properties["listed"],
+            json!({"type": "string", "enum": ["one"]})
+        );
+        assert_eq!(properties["own"]["pattern"], "^a$");
+        assert!(properties["date"].get("pattern").is_none());
+        assert!(properties["nullable"].get("pattern").is_none());
+        assert_eq!(properties["count"], json!({"type": "integer"}));
+        assert!(properties.get("missing").is_none());
+        // Too long a pattern leaves the parameter free.
+        let mut long = ArgumentValues::none();
+        long.set_pattern(
+            "write_file",
+            "path",
+            format!("^{}$", "a".repeat(MAX_GROUNDED_VALUE_BYTES)),
+        );
+        let schema = call_schema([("write_file", &write)], &long);
+        assert!(schema["properties"]["arguments"]["properties"]["path"]
+            .get("pattern")
+            .is_none());
     }
 
     /// Parameters named like schema keywords keep their schemas, and
