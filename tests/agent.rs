@@ -260,6 +260,79 @@ async fn a_grounded_call_names_a_file_that_exists() {
     );
 }
 
+/// A new file's path on the real model: asked to save text to
+/// `greeting.txt`, the default model names `greeting.txt` under grounding,
+/// and the file is written in the workspace. Without it, it names a path
+/// of its own making outside the workspace (measured: `/greeting.txt`),
+/// which the workspace refuses.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grounded_write_names_a_path_inside_the_workspace() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    // `trusted` writes without asking (`default` asks, and no one answers).
+    let runtime = Runtime::builder()
+        .model(model())
+        .policy(Policy::preset("trusted").expect("policy"))
+        .workspace(workspace.path())
+        .transcripts(None)
+        .build()
+        .expect("runtime");
+    let config = |grounding| SessionConfig {
+        tool_choice: ToolChoice::Named("write_file".into()),
+        sampling: greedy(96),
+        max_steps: 1,
+        grounding,
+        ..SessionConfig::default()
+    };
+    let prompt = "Save the text 'hello world' to greeting.txt";
+    let first_call = |events: &[Event]| {
+        let call = proposed_calls(events).into_iter().next().expect("a call");
+        let outcome = outcomes(events).into_iter().next().expect("a result");
+        let arguments: serde_json::Value =
+            serde_json::from_str(&call.function.arguments).expect("JSON arguments");
+        (
+            arguments["path"].as_str().unwrap_or_default().to_string(),
+            outcome,
+        )
+    };
+
+    let mut free = runtime
+        .session(config(GroundingMode::Off))
+        .await
+        .expect("session");
+    let events = collect(&mut free, prompt).await;
+    let (path, outcome) = first_call(&events);
+    assert!(
+        path.starts_with('/'),
+        "the model named a path inside the workspace without grounding ({path}): the test no longer shows what grounding adds"
+    );
+    assert_ne!(
+        outcome.status,
+        stack_runtime::outcome::Status::Ok,
+        "{outcome:?}"
+    );
+    assert!(
+        std::fs::read_dir(workspace.path())
+            .expect("list")
+            .next()
+            .is_none(),
+        "nothing was written"
+    );
+
+    let mut grounded = runtime
+        .session(config(GroundingMode::Workspace))
+        .await
+        .expect("session");
+    let events = collect(&mut grounded, prompt).await;
+    let (path, outcome) = first_call(&events);
+    assert_eq!(path, "greeting.txt", "{events:?}");
+    assert_eq!(
+        outcome.status,
+        stack_runtime::outcome::Status::Ok,
+        "{outcome:?}"
+    );
+    assert!(workspace.path().join("greeting.txt").is_file());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn denials_and_failures_go_back_to_the_model_and_repeats_stop_the_turn() {
     let workspace = tempfile::tempdir().expect("tempdir");

@@ -589,13 +589,10 @@ fn format_fixtures() -> Value {
     serde_json::from_str(&fixture_text("formats/outputs.json")).expect("fixture json")
 }
 
-/// Every call format's grammar, on the real model's tokens: it accepts the
-/// format's fixture output from its trigger on, it refuses a call to a tool
-/// that is not offered, and the model writes calls under it that parse back
-/// into calls to the offered tools with schema-valid arguments.
 /// `write_file`'s path, grounded in the new-path shape, is one inside the
 /// workspace: llama.cpp's converter reads the pattern (it does not fall
-/// back to any string), and the grammar refuses what leaves the root.
+/// back to any string), and the grammar refuses what leaves the root, and
+/// the characters and spellings the shape leaves out.
 #[test]
 fn a_new_files_path_is_grounded_inside_the_workspace() {
     let model = model();
@@ -632,6 +629,9 @@ fn a_new_files_path_is_grounded_inside_the_workspace() {
         "a/../b.txt",
         "./a.txt",
         "a//b",
+        // A C1 control (CSI), which JSON carries unescaped (llama.cpp's
+        // strings already refuse DEL).
+        "a\u{9b}31m.txt",
     ] {
         assert!(
             model
@@ -646,8 +646,30 @@ fn a_new_files_path_is_grounded_inside_the_workspace() {
             "admitted {path:?}"
         );
     }
+    // A spelling JSON allows that the shape leaves out (`\u0041` for
+    // `A`): the plain spelling names the same file. (llama.cpp's strings
+    // already refuse `\/`.)
+    let text = r#"<tool_call>
+{"name": "write_file", "arguments": {"path": "\u0041.txt", "content": "Hello"}}
+</tool_call>"#;
+    assert!(
+        model
+            .grammar_accepts(&free.gbnf, None, text)
+            .expect("grammar loads"),
+        "the schema alone admits {text:?}"
+    );
+    assert!(
+        !model
+            .grammar_accepts(&grammar.gbnf, None, text)
+            .expect("grammar loads"),
+        "admitted {text:?}"
+    );
 }
 
+/// Every call format's grammar, on the real model's tokens: it accepts the
+/// format's fixture output from its trigger on, it refuses a call to a tool
+/// that is not offered, and the model writes calls under it that parse back
+/// into calls to the offered tools with schema-valid arguments.
 #[test]
 fn every_call_format_has_a_grammar_that_accepts_its_output() {
     let model = model();

@@ -3,13 +3,14 @@ mcp 2.x), for tests/mcp.rs: the runtime connects to it as an HTTP tool
 source. It prints its port, then serves on 127.0.0.1 until killed. With
 MCP_TEST_TOKEN set, a request without `Authorization: Bearer <token>` is
 refused with 401. Its `ping_flood` tool is hostile: it sends the client
-pings, and from then on this server never answers a POST that carries the
-client's answer to one of its own requests, so the answers pile up unless
-the client bounds them. Test-only; runs from the server venv that
+pings, and from then on this server never answers a POST of that MCP
+session that carries the client's answer to one of its own requests, so
+the answers pile up unless the client bounds them. Test-only; runs from the server venv that
 `scripts/setup --peers` builds.
 """
 
 import asyncio
+import json
 import os
 import socket
 
@@ -34,13 +35,38 @@ def shout(text: str) -> str:
 @server.tool()
 async def ping_flood(ctx: Context) -> str:
     """Sends pings whose answers it never takes."""
-    FLOODING.set()
     await asyncio.gather(*(ctx.session.send_ping() for _ in range(200)))
     return "every ping answered"
 
 
 TOKEN = os.environ.get("MCP_TEST_TOKEN")
-FLOODING = asyncio.Event()
+# The MCP sessions that called `ping_flood`.
+FLOODED = set()
+
+
+def is_answer(body):
+    """Whether a POST body is a JSON-RPC answer (no method; a result or an
+    error), judged by its top-level keys."""
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(message, dict) and "method" not in message and (
+        "result" in message or "error" in message
+    )
+
+
+def calls_ping_flood(body):
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return False
+    return (
+        isinstance(message, dict)
+        and message.get("method") == "tools/call"
+        and isinstance(message.get("params"), dict)
+        and message["params"].get("name") == "ping_flood"
+    )
 
 
 class Bearer:
@@ -62,9 +88,10 @@ class Bearer:
                 )
                 await send({"type": "http.response.body", "body": b"bad token"})
                 return
-        if scope["type"] == "http" and scope["method"] == "POST" and FLOODING.is_set():
-            # Read the body to tell an answer (no "method") from the rest,
-            # then hand what was read on.
+        if scope["type"] == "http" and scope["method"] == "POST":
+            # Read the body to tell a flooded session's answers from the
+            # rest, then hand what was read on.
+            session = dict(scope["headers"]).get(b"mcp-session-id")
             received = []
             while True:
                 message = await receive()
@@ -72,7 +99,9 @@ class Bearer:
                 if not message.get("more_body"):
                     break
             body = b"".join(m.get("body", b"") for m in received)
-            if b'"method"' not in body:
+            if calls_ping_flood(body):
+                FLOODED.add(session)
+            elif session in FLOODED and is_answer(body):
                 await asyncio.Event().wait()  # never answered
 
             async def replay():

@@ -262,7 +262,12 @@ async fn each_step_grounds_the_path_parameters_in_the_workspace_as_it_is() {
     assert_eq!(values(second, "read_file"), ["notes.txt", "src/new.txt"]);
     assert_eq!(values(first, "list_dir"), [".", "src"]);
     assert_eq!(values(first, "search_files"), [".", "src"]);
+    // A new file's path is held to the workspace by its shape, not listed.
     assert!(first.argument_values.get("write_file", "path").is_none());
+    assert_eq!(
+        first.argument_values.pattern("write_file", "path"),
+        Some(stack_core::grounding::NEW_PATH_PATTERN)
+    );
 
     let (ungrounded, asked) = runtime(vec![answer("Hello.")], workspace.path());
     let session = ungrounded

@@ -21,8 +21,9 @@
 //! refuses. Every file the tool can write has such a spelling (an absolute
 //! path inside the workspace, or one through `..` that stays inside, names
 //! a file a plain relative path names too), so this forbids spellings,
-//! never files. The one exception: a name holding a control character,
-//! which nobody types either (the survey leaves such names out too).
+//! never files. The one exception: a name holding a control character
+//! (C0, DEL or C1), which nobody types either (the survey leaves such
+//! names out too).
 //!
 //! The survey is exact or absent:
 //! * a link anywhere in the workspace means no grounding at all: a link
@@ -66,17 +67,17 @@ pub const MAX_SURVEYED: usize = 256;
 pub const SURVEY_DEADLINE: Duration = Duration::from_millis(250);
 
 /// One character of a name as JSON writes it: not `/`, and `"` and `\`
-/// escaped; no control characters.
+/// escaped; no control characters (C0, DEL or C1).
 macro_rules! name_char {
     () => {
-        r#"(?:[^/"\\\x00-\x1F]|\\["\\])"#
+        r#"(?:[^/"\\\x00-\x1F\x7F-\x9F]|\\["\\])"#
     };
 }
 
 /// [`name_char!`], and not `.`.
 macro_rules! name_char_but_dot {
     () => {
-        r#"(?:[^/."\\\x00-\x1F]|\\["\\])"#
+        r#"(?:[^/."\\\x00-\x1F\x7F-\x9F]|\\["\\])"#
     };
 }
 
@@ -499,6 +500,14 @@ pub fn ground_arguments(
                     parameter,
                     values: GroundedValues::OneOf(values),
                 });
+            } else if kind == GroundedBy::NewPath {
+                // Every path the request named is denied: the shape still
+                // holds.
+                grounded.push(GroundedParameter {
+                    tool: tool.to_string(),
+                    parameter,
+                    values: GroundedValues::Matching(NEW_PATH_PATTERN),
+                });
             }
         }
     }
@@ -763,8 +772,17 @@ reason = "what is inside is readable"
             "docs/",
             "a\nb",
             "\u{1b}[31m",
+            // Controls JSON carries unescaped: DEL, and the C1 CSI.
+            "a\u{7f}b",
+            "a\u{9b}31m",
         ] {
             assert!(!shape.is_match(&json_text(path)), "admitted {path:?}");
+        }
+        // The class itself refuses C0 controls, as a model could write
+        // them raw (JSON forbids it; the grammar's own string rule does
+        // too), and JSON's other escapes: `\u0041`, `\/`.
+        for text in ["a\tb", "a\u{1}b", r"\u0041", r"a\/b"] {
+            assert!(!shape.is_match(text), "admitted {text:?}");
         }
     }
 
@@ -802,6 +820,10 @@ reason = "what is inside is readable"
         );
         assert_eq!(requested_paths("Write hello.py (a script)."), ["hello.py"]);
         assert!(requested_paths("Write a script that prints hello").is_empty());
+        assert_eq!(
+            requested_paths("Write config/.env.local"),
+            ["config/.env.local"]
+        );
         let long = format!("Write {} to out.txt", "word ".repeat(MAX_REQUEST_BYTES / 5));
         assert!(requested_paths(&long).is_empty() && requested_text(&long).is_empty());
         let text = requested_text("Don't skip it: search the code for 'import requests'.");
@@ -839,6 +861,18 @@ reason = "what is inside is readable"
             texts.contains(&"todo/fixme.md".to_string()),
             "as written: {texts:?}"
         );
+        // One whose named paths are all denied, in a workspace of denied
+        // files only, keeps the shape.
+        let (_dir, env_only) = workspace_with(&[".env"]);
+        let grounded = ground(
+            &env_only,
+            &policy,
+            GroundingMode::Request,
+            "Write config/.env.local",
+        );
+        assert!(grounded.iter().any(|g| g.tool == "write_file"
+            && g.parameter == "path"
+            && g.values == GroundedValues::Matching(NEW_PATH_PATTERN)));
         // A request that names no path leaves the new file's name to the
         // model, inside the workspace.
         let grounded = copying("Write a poem");

@@ -773,7 +773,7 @@ fn cut_off_message(name: &str, why: Option<CutOff>) -> String {
         Some(CutOff::Flooded) => format!(
             "MCP server `{name}` sent requests faster than it read the answers (over {MAX_UNANSWERED_REQUESTS} unanswered), so the connection to it was closed; it will be started (or connected to) again on the next call"
         ),
-        None => format!("MCP server `{name}` ended during the call; it will be started again on the next call"),
+        None => format!("MCP server `{name}` ended during the call; it will be started (or connected to) again on the next call"),
     }
 }
 

@@ -283,29 +283,31 @@ impl ServerHandler for McpSession {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let arguments = Value::Object(request.arguments.unwrap_or_default());
-        let call = ToolCall::function(
-            format!("mcp-{}", request_id_text(&context)),
-            request.name.to_string(),
-            arguments.to_string(),
-        );
+        let call_id = format!("mcp-{}", request_id_text(&context));
         // An unknown tool is a protocol error (the MCP spec's
         // `-32602`), not a tool's failure: there is no tool to fail. The
         // gate still sees the call, whose validation refuses it and
         // records it in the audit log, as it does a model's call to a tool
         // that does not exist: a client probing for tools leaves a trace.
+        // The name is the client's, bounded only by the message size, so
+        // it is recorded (and echoed) cut to [`MAX_UNKNOWN_NAME_BYTES`].
         {
             let mut gate = self.gate.lock().await;
             if gate.registry().get(request.name.as_ref()).is_none() {
-                let _refused = gate.admit(&call).await;
+                let name = cut_name(&request.name);
+                let probe = ToolCall::function(call_id, name.clone(), arguments.to_string());
+                let refused = gate.admit(&probe).await;
+                debug_assert!(matches!(refused, Admission::Refused(_)));
                 return Err(McpError::invalid_params(
                     format!(
                         "unknown tool `{}`; tools/list names the tools",
-                        one_line(&request.name)
+                        one_line(&name)
                     ),
                     None,
                 ));
             }
         }
+        let call = ToolCall::function(call_id, request.name.to_string(), arguments.to_string());
         // When the gate admitted the call: a call cancelled before then
         // (while its approval was asked, or while it waited for the gate)
         // never ran, and is charged nothing.
@@ -327,6 +329,19 @@ impl ServerHandler for McpSession {
             text,
         )))
     }
+}
+
+/// Longest unknown tool name recorded in the audit log (and echoed).
+const MAX_UNKNOWN_NAME_BYTES: usize = 256;
+
+/// `name` cut to [`MAX_UNKNOWN_NAME_BYTES`] (at a character boundary),
+/// marked where it was cut.
+fn cut_name(name: &str) -> String {
+    if name.len() <= MAX_UNKNOWN_NAME_BYTES {
+        return name.to_string();
+    }
+    let kept = name.floor_char_boundary(MAX_UNKNOWN_NAME_BYTES);
+    format!("{}… (cut from {} bytes)", &name[..kept], name.len())
 }
 
 fn request_id_text(context: &RequestContext<RoleServer>) -> String {
@@ -452,6 +467,18 @@ fn approval_message(request: &ApprovalRequest) -> String {
 mod tests {
     use super::*;
     use stack_core::workspace::Workspace;
+
+    /// An unknown tool's name is recorded whole up to the bound, and cut
+    /// at a character boundary past it, saying so.
+    #[test]
+    fn an_unknown_tools_name_is_cut_before_it_is_recorded() {
+        assert_eq!(cut_name("no_such_tool"), "no_such_tool");
+        let hostile = "é".repeat(1 << 20);
+        let cut = cut_name(&hostile);
+        assert!(cut.len() <= MAX_UNKNOWN_NAME_BYTES + 64, "{}", cut.len());
+        assert!(cut.starts_with("éé"));
+        assert!(cut.ends_with(&format!("… (cut from {} bytes)", hostile.len())));
+    }
 
     /// A host tool's arguments.
     #[derive(Debug, serde::Deserialize, schemars::JsonSchema)]

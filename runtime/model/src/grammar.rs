@@ -34,8 +34,8 @@ pub const TOOL_CALL_OPEN: &str = "<tool_call>";
 /// is left free (a list that long helps a model no more than the schema).
 pub const MAX_GROUNDED_VALUES: usize = 512;
 
-/// Longest value a grounding may list.
-const MAX_GROUNDED_VALUE_BYTES: usize = 512;
+/// Longest value a grounding may list, and longest pattern it may set.
+pub const MAX_GROUNDED_VALUE_BYTES: usize = 512;
 
 /// Values that a tool's string parameter may take in the call grammar,
 /// besides what its schema says: *grounded arguments*.
@@ -90,7 +90,10 @@ impl ArgumentValues {
 
     /// Grounds `tool`'s top-level string parameter `parameter` in the
     /// values `pattern` matches (see the type's docs), replacing the
-    /// pattern set before.
+    /// pattern set before. The caller vouches for the pattern: llama.cpp's
+    /// converter reads one it does not support (or one not anchored) as
+    /// any string, and refuses one that is not a regular expression, which
+    /// fails the step's grammar for every tool.
     pub fn set_pattern(&mut self, tool: &str, parameter: &str, pattern: impl Into<String>) {
         self.patterns
             .entry(tool.to_string())
