@@ -116,8 +116,8 @@ pub enum GroundedBy {
     /// An existing folder (`.` is the root).
     Folder,
     /// A path the tool may create: [`NEW_PATH_PATTERN`]. In
-    /// [`GroundingMode::Request`], where the user's request names paths:
-    /// one of those, or an existing file.
+    /// [`GroundingMode::Request`], where the user's request names paths
+    /// the policy allows: one of those, or an existing file.
     NewPath,
     /// In [`GroundingMode::Request`] only: a regular expression matching
     /// words of the user's request literally.
@@ -139,7 +139,8 @@ pub enum GroundingMode {
     #[default]
     Workspace,
     /// Also, for small models, parameters copied from the user's request:
-    /// `write_file.path` from the paths it names (or existing files);
+    /// `write_file.path` from the paths it names that the policy allows (or
+    /// existing files; the shape where it names none);
     /// `write_file.content` and `search_files.pattern` (matched literally)
     /// from its words: runs of up to [`MAX_REQUEST_WORDS`] words, and
     /// quoted text. Not exact: a model that would write a file's text or
@@ -458,14 +459,17 @@ pub fn ground_arguments(
                 GroundedBy::File => survey.files.clone().unwrap_or_default(),
                 GroundedBy::Folder => survey.folders.clone().unwrap_or_default(),
                 GroundedBy::NewPath => {
-                    let mut paths = if from_request {
+                    let mut paths: Vec<String> = if from_request {
                         requested_paths(asked.request)
+                            .into_iter()
+                            .filter(|path| !denied(tool, parameter, path))
+                            .collect()
                     } else {
                         Vec::new()
                     };
                     if paths.is_empty() {
-                        // Nothing named: the model picks its own name,
-                        // inside the workspace.
+                        // Nothing named (or all of it denied): the model
+                        // picks its own name, inside the workspace.
                         grounded.push(GroundedParameter {
                             tool: tool.to_string(),
                             parameter,
@@ -499,14 +503,6 @@ pub fn ground_arguments(
                     tool: tool.to_string(),
                     parameter,
                     values: GroundedValues::OneOf(values),
-                });
-            } else if kind == GroundedBy::NewPath {
-                // Every path the request named is denied: the shape still
-                // holds.
-                grounded.push(GroundedParameter {
-                    tool: tool.to_string(),
-                    parameter,
-                    values: GroundedValues::Matching(NEW_PATH_PATTERN),
                 });
             }
         }
@@ -861,15 +857,9 @@ reason = "what is inside is readable"
             texts.contains(&"todo/fixme.md".to_string()),
             "as written: {texts:?}"
         );
-        // One whose named paths are all denied, in a workspace of denied
-        // files only, keeps the shape.
-        let (_dir, env_only) = workspace_with(&[".env"]);
-        let grounded = ground(
-            &env_only,
-            &policy,
-            GroundingMode::Request,
-            "Write config/.env.local",
-        );
+        // One whose named paths are all denied keeps the shape, rather
+        // than offer only the existing files (`notes.txt` here) to write.
+        let grounded = copying("Write config/.env.local");
         assert!(grounded.iter().any(|g| g.tool == "write_file"
             && g.parameter == "path"
             && g.values == GroundedValues::Matching(NEW_PATH_PATTERN)));

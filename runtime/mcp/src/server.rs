@@ -283,19 +283,21 @@ impl ServerHandler for McpSession {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let arguments = Value::Object(request.arguments.unwrap_or_default());
-        let call_id = format!("mcp-{}", request_id_text(&context));
+        // The id is the client's too, and goes into every audit record.
+        let call_id = cut_text(&format!("mcp-{}", request_id_text(&context)));
         // An unknown tool is a protocol error (the MCP spec's
         // `-32602`), not a tool's failure: there is no tool to fail. The
         // gate still sees the call, whose validation refuses it and
         // records it in the audit log, as it does a model's call to a tool
         // that does not exist: a client probing for tools leaves a trace.
         // The name is the client's, bounded only by the message size, so
-        // it is recorded (and echoed) cut to [`MAX_UNKNOWN_NAME_BYTES`].
+        // it is recorded (and echoed) cut to [`MAX_RECORDED_BYTES`]; the
+        // arguments are not recorded (validation fails on the name).
         {
             let mut gate = self.gate.lock().await;
             if gate.registry().get(request.name.as_ref()).is_none() {
-                let name = cut_name(&request.name);
-                let probe = ToolCall::function(call_id, name.clone(), arguments.to_string());
+                let name = cut_text(&request.name);
+                let probe = ToolCall::function(call_id, name.clone(), "{}".to_string());
                 let refused = gate.admit(&probe).await;
                 debug_assert!(matches!(refused, Admission::Refused(_)));
                 return Err(McpError::invalid_params(
@@ -331,17 +333,18 @@ impl ServerHandler for McpSession {
     }
 }
 
-/// Longest unknown tool name recorded in the audit log (and echoed).
-const MAX_UNKNOWN_NAME_BYTES: usize = 256;
+/// Longest client text (a call's id, an unknown tool's name) recorded in
+/// the audit log as it came.
+const MAX_RECORDED_BYTES: usize = 256;
 
-/// `name` cut to [`MAX_UNKNOWN_NAME_BYTES`] (at a character boundary),
-/// marked where it was cut.
-fn cut_name(name: &str) -> String {
-    if name.len() <= MAX_UNKNOWN_NAME_BYTES {
-        return name.to_string();
+/// `text` cut to [`MAX_RECORDED_BYTES`] (at a character boundary), marked
+/// where it was cut.
+fn cut_text(text: &str) -> String {
+    if text.len() <= MAX_RECORDED_BYTES {
+        return text.to_string();
     }
-    let kept = name.floor_char_boundary(MAX_UNKNOWN_NAME_BYTES);
-    format!("{}… (cut from {} bytes)", &name[..kept], name.len())
+    let kept = text.floor_char_boundary(MAX_RECORDED_BYTES);
+    format!("{}… (cut from {} bytes)", &text[..kept], text.len())
 }
 
 fn request_id_text(context: &RequestContext<RoleServer>) -> String {
@@ -468,16 +471,18 @@ mod tests {
     use super::*;
     use stack_core::workspace::Workspace;
 
-    /// An unknown tool's name is recorded whole up to the bound, and cut
-    /// at a character boundary past it, saying so.
+    /// A client's id or unknown tool name is recorded whole up to the
+    /// bound, and cut at a character boundary past it, saying so.
     #[test]
-    fn an_unknown_tools_name_is_cut_before_it_is_recorded() {
-        assert_eq!(cut_name("no_such_tool"), "no_such_tool");
-        let hostile = "é".repeat(1 << 20);
-        let cut = cut_name(&hostile);
-        assert!(cut.len() <= MAX_UNKNOWN_NAME_BYTES + 64, "{}", cut.len());
-        assert!(cut.starts_with("éé"));
-        assert!(cut.ends_with(&format!("… (cut from {} bytes)", hostile.len())));
+    fn client_text_is_cut_before_it_is_recorded() {
+        assert_eq!(cut_text("no_such_tool"), "no_such_tool");
+        // Byte 256 falls inside an `é`: the cut keeps 255 bytes.
+        let hostile = format!("a{}", "é".repeat(1 << 20));
+        let cut = cut_text(&hostile);
+        let (kept, marker) = cut.split_once('…').expect("marked");
+        assert_eq!(kept.len(), MAX_RECORDED_BYTES - 1);
+        assert!(kept.starts_with("aé"));
+        assert_eq!(marker, format!(" (cut from {} bytes)", hostile.len()));
     }
 
     /// A host tool's arguments.
