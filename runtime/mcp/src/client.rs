@@ -701,7 +701,7 @@ where
         let sent = self.inner.send(item);
         async move {
             let result = tokio::select! {
-                result = sent => result.map_err(std::io::Error::other),
+                result = sent => result.map_err(into_io_error),
                 () = cut.cancelled() => Err(std::io::Error::new(
                     std::io::ErrorKind::BrokenPipe,
                     "the connection to the MCP server was cut off",
@@ -758,8 +758,22 @@ where
             if cut {
                 return Ok(());
             }
-            closing.await.map_err(std::io::Error::other)
+            closing.await.map_err(into_io_error)
         }
+    }
+}
+
+/// The inner transport's error as an I/O error: itself where it is one
+/// (a stdio pipe's, whose kind then stays `BrokenPipe` and the like),
+/// wrapped otherwise (the HTTP client's).
+fn into_io_error<E>(error: E) -> std::io::Error
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(error);
+    match boxed.downcast::<std::io::Error>() {
+        Ok(io) => *io,
+        Err(other) => std::io::Error::other(other),
     }
 }
 
@@ -935,5 +949,22 @@ impl ExternalTool for McpTool {
             self.source
                 .call(&self.name, arguments, ctx.max_output_bytes),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stdio pipe's error keeps its kind through the bounded transport;
+    /// another transport's error is wrapped, its text kept.
+    #[test]
+    fn an_io_error_keeps_its_kind_and_another_is_wrapped() {
+        let pipe = into_io_error(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "gone"));
+        assert_eq!(pipe.kind(), std::io::ErrorKind::BrokenPipe);
+        assert_eq!(pipe.to_string(), "gone");
+        let other = into_io_error(std::fmt::Error);
+        assert_eq!(other.kind(), std::io::ErrorKind::Other);
+        assert_eq!(other.to_string(), std::fmt::Error.to_string());
     }
 }

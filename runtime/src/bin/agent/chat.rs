@@ -235,20 +235,22 @@ pub fn build_runtime(
     // is skipped with a warning, as in `agent mcp`, rather than failing
     // the build.
     // (The schema files' problems are the runtime's to report, when it
-    // loads them.)
-    let (mut mcp_tools, _) = crate::tool_cmd::load_registry(dirs);
-    let _servers = tokio.block_on(crate::mcp_cmd::attach_mcp_servers(
-        &mut mcp_tools,
-        &policy,
-        &workspace,
-        stack_runtime::sandbox::process::ProcessSandbox::locate()
-            .ok()
-            .map(Arc::new),
-        None,
-    ))?;
-    for spec in mcp_tools.tools() {
-        if matches!(spec.origin, stack_runtime::tools::ToolOrigin::Mcp { .. }) {
-            builder = builder.tool(spec.clone());
+    // loads them; without MCP servers nothing is loaded here.)
+    if !policy.mcp_servers().is_empty() {
+        let (mut mcp_tools, _) = crate::tool_cmd::load_registry(dirs);
+        let _servers = tokio.block_on(crate::mcp_cmd::attach_mcp_servers(
+            &mut mcp_tools,
+            &policy,
+            &workspace,
+            stack_runtime::sandbox::process::ProcessSandbox::locate()
+                .ok()
+                .map(Arc::new),
+            None,
+        ))?;
+        for spec in mcp_tools.tools() {
+            if matches!(spec.origin, stack_runtime::tools::ToolOrigin::Mcp { .. }) {
+                builder = builder.tool(spec.clone());
+            }
         }
     }
     if let (Some(folder), Some(dir)) = (
