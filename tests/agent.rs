@@ -58,6 +58,29 @@ fn outcomes(events: &[Event]) -> Vec<stack_runtime::outcome::ToolOutcome> {
         .collect()
 }
 
+/// One step that must call `tool`, greedily, with `grounding`.
+fn one_call_to(tool: &str, grounding: GroundingMode) -> SessionConfig {
+    SessionConfig {
+        tool_choice: ToolChoice::Named(tool.into()),
+        sampling: greedy(96),
+        max_steps: 1,
+        grounding,
+        ..SessionConfig::default()
+    }
+}
+
+/// The `path` argument of the first call in `events`, and its outcome.
+fn first_path_and_outcome(events: &[Event]) -> (String, stack_runtime::outcome::ToolOutcome) {
+    let call = proposed_calls(events).into_iter().next().expect("a call");
+    let outcome = outcomes(events).into_iter().next().expect("a result");
+    let arguments: serde_json::Value =
+        serde_json::from_str(&call.function.arguments).expect("JSON arguments");
+    (
+        arguments["path"].as_str().unwrap_or_default().to_string(),
+        outcome,
+    )
+}
+
 async fn collect(session: &mut stack_runtime::agent::Session, text: &str) -> Vec<Event> {
     use futures::StreamExt;
     session.send(text).collect().await
@@ -209,31 +232,14 @@ async fn a_grounded_call_names_a_file_that_exists() {
         .transcripts(None)
         .build()
         .expect("runtime");
-    let config = |grounding| SessionConfig {
-        tool_choice: ToolChoice::Named("read_file".into()),
-        sampling: greedy(96),
-        max_steps: 1,
-        grounding,
-        ..SessionConfig::default()
-    };
-    let first_call = |events: &[Event]| {
-        let call = proposed_calls(events).into_iter().next().expect("a call");
-        let outcome = outcomes(events).into_iter().next().expect("a result");
-        let arguments: serde_json::Value =
-            serde_json::from_str(&call.function.arguments).expect("JSON arguments");
-        (
-            arguments["path"].as_str().unwrap_or_default().to_string(),
-            outcome,
-        )
-    };
     let prompt = "Read todo.md and tell me the first item.";
 
     let mut grounded = runtime
-        .session(config(GroundingMode::Workspace))
+        .session(one_call_to("read_file", GroundingMode::Workspace))
         .await
         .expect("session");
     let events = collect(&mut grounded, prompt).await;
-    let (path, outcome) = first_call(&events);
+    let (path, outcome) = first_path_and_outcome(&events);
     assert_eq!(path, "todo.md", "{events:?}");
     assert_eq!(
         outcome.status,
@@ -243,11 +249,11 @@ async fn a_grounded_call_names_a_file_that_exists() {
     assert!(outcome.stdout.contains("buy milk"), "{outcome:?}");
 
     let mut free = runtime
-        .session(config(GroundingMode::Off))
+        .session(one_call_to("read_file", GroundingMode::Off))
         .await
         .expect("session");
     let events = collect(&mut free, prompt).await;
-    let (path, outcome) = first_call(&events);
+    let (path, outcome) = first_path_and_outcome(&events);
     assert!(!path.is_empty(), "the call names a path: {events:?}");
     assert!(
         !workspace.path().join(&path).is_file(),
@@ -276,31 +282,14 @@ async fn a_grounded_write_names_a_path_inside_the_workspace() {
         .transcripts(None)
         .build()
         .expect("runtime");
-    let config = |grounding| SessionConfig {
-        tool_choice: ToolChoice::Named("write_file".into()),
-        sampling: greedy(96),
-        max_steps: 1,
-        grounding,
-        ..SessionConfig::default()
-    };
     let prompt = "Save the text 'hello world' to greeting.txt";
-    let first_call = |events: &[Event]| {
-        let call = proposed_calls(events).into_iter().next().expect("a call");
-        let outcome = outcomes(events).into_iter().next().expect("a result");
-        let arguments: serde_json::Value =
-            serde_json::from_str(&call.function.arguments).expect("JSON arguments");
-        (
-            arguments["path"].as_str().unwrap_or_default().to_string(),
-            outcome,
-        )
-    };
 
     let mut free = runtime
-        .session(config(GroundingMode::Off))
+        .session(one_call_to("write_file", GroundingMode::Off))
         .await
         .expect("session");
     let events = collect(&mut free, prompt).await;
-    let (path, outcome) = first_call(&events);
+    let (path, outcome) = first_path_and_outcome(&events);
     assert!(
         path.starts_with('/'),
         "the model named a path inside the workspace without grounding ({path}): the test no longer shows what grounding adds"
@@ -319,11 +308,11 @@ async fn a_grounded_write_names_a_path_inside_the_workspace() {
     );
 
     let mut grounded = runtime
-        .session(config(GroundingMode::Workspace))
+        .session(one_call_to("write_file", GroundingMode::Workspace))
         .await
         .expect("session");
     let events = collect(&mut grounded, prompt).await;
-    let (path, outcome) = first_call(&events);
+    let (path, outcome) = first_path_and_outcome(&events);
     assert_eq!(path, "greeting.txt", "{events:?}");
     assert_eq!(
         outcome.status,
