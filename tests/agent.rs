@@ -69,14 +69,17 @@ fn one_call_to(tool: &str, grounding: GroundingMode) -> SessionConfig {
     }
 }
 
-/// The `path` argument of the first call in `events`, and its outcome.
-fn first_path_and_outcome(events: &[Event]) -> (String, stack_runtime::outcome::ToolOutcome) {
+/// The `argument` of the first call in `events`, and its outcome.
+fn first_argument_and_outcome(
+    events: &[Event],
+    argument: &str,
+) -> (String, stack_runtime::outcome::ToolOutcome) {
     let call = proposed_calls(events).into_iter().next().expect("a call");
     let outcome = outcomes(events).into_iter().next().expect("a result");
     let arguments: serde_json::Value =
         serde_json::from_str(&call.function.arguments).expect("JSON arguments");
     (
-        arguments["path"].as_str().unwrap_or_default().to_string(),
+        arguments[argument].as_str().unwrap_or_default().to_string(),
         outcome,
     )
 }
@@ -239,7 +242,7 @@ async fn a_grounded_call_names_a_file_that_exists() {
         .await
         .expect("session");
     let events = collect(&mut grounded, prompt).await;
-    let (path, outcome) = first_path_and_outcome(&events);
+    let (path, outcome) = first_argument_and_outcome(&events, "path");
     assert_eq!(path, "todo.md", "{events:?}");
     assert_eq!(
         outcome.status,
@@ -253,7 +256,7 @@ async fn a_grounded_call_names_a_file_that_exists() {
         .await
         .expect("session");
     let events = collect(&mut free, prompt).await;
-    let (path, outcome) = first_path_and_outcome(&events);
+    let (path, outcome) = first_argument_and_outcome(&events, "path");
     assert!(!path.is_empty(), "the call names a path: {events:?}");
     assert!(
         !workspace.path().join(&path).is_file(),
@@ -289,7 +292,7 @@ async fn a_grounded_write_names_a_path_inside_the_workspace() {
         .await
         .expect("session");
     let events = collect(&mut free, prompt).await;
-    let (path, outcome) = first_path_and_outcome(&events);
+    let (path, outcome) = first_argument_and_outcome(&events, "path");
     assert!(
         path.starts_with('/'),
         "the model named a path inside the workspace without grounding ({path}): the test no longer shows what grounding adds"
@@ -312,7 +315,7 @@ async fn a_grounded_write_names_a_path_inside_the_workspace() {
         .await
         .expect("session");
     let events = collect(&mut grounded, prompt).await;
-    let (path, outcome) = first_path_and_outcome(&events);
+    let (path, outcome) = first_argument_and_outcome(&events, "path");
     assert_eq!(path, "greeting.txt", "{events:?}");
     assert_eq!(
         outcome.status,
@@ -320,6 +323,57 @@ async fn a_grounded_write_names_a_path_inside_the_workspace() {
         "{outcome:?}"
     );
     assert!(workspace.path().join("greeting.txt").is_file());
+}
+
+/// Grounded code never ends open: the default model asked to print a
+/// word writes its string's opening quote bare, which ends the code, and
+/// runs `print(`; with the program shape the quote must be code, and it
+/// runs `print('stack')` (the task's check, like `agent eval`'s, reads
+/// the output without regard to case).
+#[tokio::test(flavor = "multi_thread")]
+async fn grounded_code_does_not_end_where_a_bare_quote_would_end_it() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    // `trusted` runs code without asking.
+    let runtime = Runtime::builder()
+        .model(model())
+        .policy(Policy::preset("trusted").expect("policy"))
+        .workspace(workspace.path())
+        .transcripts(None)
+        .build()
+        .expect("runtime");
+    let prompt = "Run Python code that prints 'stack' in upper case.";
+
+    let mut free = runtime
+        .session(one_call_to("execute_code", GroundingMode::Off))
+        .await
+        .expect("session");
+    let events = collect(&mut free, prompt).await;
+    let (code, outcome) = first_argument_and_outcome(&events, "code");
+    assert!(
+        code.ends_with(['(', '[', '{', ',', '=', ':', '+', ' ']),
+        "the model's code ended closed without grounding ({code:?}): the test no longer shows what grounding adds"
+    );
+    assert_ne!(
+        outcome.status,
+        stack_runtime::outcome::Status::Ok,
+        "{outcome:?}"
+    );
+
+    let mut grounded = runtime
+        .session(one_call_to("execute_code", GroundingMode::Workspace))
+        .await
+        .expect("session");
+    let events = collect(&mut grounded, prompt).await;
+    let (code, outcome) = first_argument_and_outcome(&events, "code");
+    assert_eq!(
+        outcome.status,
+        stack_runtime::outcome::Status::Ok,
+        "{code:?}: {outcome:?}"
+    );
+    assert!(
+        outcome.stdout.to_lowercase().contains("stack"),
+        "{code:?}: {outcome:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,7 +8,7 @@ mod common;
 use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
-use stack_runtime::grounding::NEW_PATH_PATTERN;
+use stack_runtime::grounding::{NEW_PATH_PATTERN, PROGRAM_PATTERN};
 use stack_runtime::message::{Message, ToolCall};
 use stack_runtime::model::call_grammar::CallCount;
 use stack_runtime::model::llama::format_grammar;
@@ -664,6 +664,63 @@ fn a_new_files_path_is_grounded_inside_the_workspace() {
             .expect("grammar loads"),
         "admitted {text:?}"
     );
+}
+
+/// `execute_code`'s code, grounded in the program shape, never ends open:
+/// llama.cpp's converter reads the pattern, and the grammar refuses code
+/// cut short where a bare quote ends it (`print("` is `print(` to JSON),
+/// which the schema alone admits. Code that ends closed passes, whatever
+/// it holds: escaped quotes, single quotes, an open end with a newline
+/// after it.
+#[test]
+fn code_is_grounded_so_it_never_ends_open() {
+    let model = model();
+    let tools = Registry::with_builtins().openai_tools();
+    let mut values = ArgumentValues::none();
+    values.set_pattern("execute_code", "code", PROGRAM_PATTERN);
+    let grammar =
+        format_grammar(ToolFormat::Hermes, &tools, &values, CallCount::One).expect("grammar");
+    let free = format_grammar(
+        ToolFormat::Hermes,
+        &tools,
+        &ArgumentValues::none(),
+        CallCount::One,
+    )
+    .expect("grammar");
+    let call = |code: &str| {
+        let arguments = serde_json::json!({"language": "python", "code": code});
+        format!(
+            "<tool_call>\n{}\n</tool_call>",
+            serde_json::json!({"name": "execute_code", "arguments": arguments})
+        )
+    };
+    for code in [
+        "print('STACK')",
+        "print(\"STACK\")",
+        "print(\n",
+        "print('caf\u{e9}')\n",
+    ] {
+        assert!(
+            model
+                .grammar_accepts(&grammar.gbnf, None, &call(code))
+                .expect("grammar loads"),
+            "refused {code:?}"
+        );
+    }
+    for code in ["print(", "[{ ", "echo ", "x =", "f(a,"] {
+        assert!(
+            model
+                .grammar_accepts(&free.gbnf, None, &call(code))
+                .expect("grammar loads"),
+            "the schema alone admits {code:?}"
+        );
+        assert!(
+            !model
+                .grammar_accepts(&grammar.gbnf, None, &call(code))
+                .expect("grammar loads"),
+            "admitted {code:?}"
+        );
+    }
 }
 
 /// Every call format's grammar, on the real model's tokens: it accepts the

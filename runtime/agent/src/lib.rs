@@ -1516,9 +1516,11 @@ fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
 const _: () = assert!(
     stack_core::grounding::MAX_SURVEYED + 1 + 64 <= stack_model::grammar::MAX_GROUNDED_VALUES
 );
-// The new-path shape fits the grammar's bound on a pattern.
+// The shapes fit the grammar's bound on a pattern.
 const _: () = assert!(
     stack_core::grounding::NEW_PATH_PATTERN.len() <= stack_model::grammar::MAX_GROUNDED_VALUE_BYTES
+        && stack_core::grounding::PROGRAM_PATTERN.len()
+            <= stack_model::grammar::MAX_GROUNDED_VALUE_BYTES
 );
 
 /// Runs a grounding job (see [`Gate::grounding_job`]) on a blocking thread

@@ -268,6 +268,11 @@ async fn each_step_grounds_the_path_parameters_in_the_workspace_as_it_is() {
         first.argument_values.pattern("write_file", "path"),
         Some(stack_core::grounding::NEW_PATH_PATTERN)
     );
+    // So is code.
+    assert_eq!(
+        first.argument_values.pattern("execute_code", "code"),
+        Some(stack_core::grounding::PROGRAM_PATTERN)
+    );
 
     let (ungrounded, asked) = runtime(vec![answer("Hello.")], workspace.path());
     let session = ungrounded

@@ -25,6 +25,12 @@
 //! (C0, DEL or C1), which nobody types either (the survey leaves such
 //! names out too).
 //!
+//! `execute_code.code` is grounded in a shape too, [`PROGRAM_PATTERN`]:
+//! code that does not end open (in `(`, `,`, a space…), which is how a
+//! small model's bare quote cuts its code short. It also forbids
+//! spellings, never programs. Shapes show nothing of the workspace, so
+//! they apply whether or not the policy lets the model list it.
+//!
 //! The survey is exact or absent:
 //! * a link anywhere in the workspace means no grounding at all: a link
 //!   to a folder opens everything below it to the tools (which follow
@@ -103,6 +109,39 @@ macro_rules! path_part {
 /// `/`, each a name that is not `.` or `..`.
 pub const NEW_PATH_PATTERN: &str = concat!("^", path_part!(), "(?:/", path_part!(), ")*$");
 
+/// One character of a JSON string's text as llama.cpp's JSON grammar
+/// writes it, but none of `$but` (inside a character class): a character
+/// that needs no escape (not `"`, `\`, a C0 control or DEL), or an escape.
+macro_rules! json_char_but {
+    ($but:literal) => {
+        concat!(
+            r#"(?:[^"\\\x00-\x1F\x7F"#,
+            $but,
+            r#"]|\\["\\bfnrt]|\\u[0-9a-fA-F]{4})"#
+        )
+    };
+}
+
+/// The shape of `execute_code`'s code, as a pattern over the code's JSON
+/// text: at least one character, and the last not one that leaves a
+/// program open: `(`, `[`, `{`, `,`, `=`, `:`, `+` or a space.
+///
+/// What it stops: a small model writes a string literal's opening quote
+/// bare (`print("`), and JSON reads it as the end of the code, so the
+/// default model ran `print(` when asked to print 'stack' in upper case.
+/// With the code unable to end there, the quote must be written as code
+/// (`\"`, or `'`). Every program has a spelling of this shape (in Python,
+/// JavaScript and bash a program means the same with a newline after it,
+/// and a newline is the escape `\n`, which may end the code), so this
+/// forbids spellings, never programs.
+pub const PROGRAM_PATTERN: &str = concat!(
+    "^",
+    json_char_but!(""),
+    "*",
+    json_char_but!(r"(\[{,=:+ "),
+    "$"
+);
+
 /// Longest request (in bytes) that [`GroundingMode::Request`] copies from:
 /// a longer message is not a short command, and would offer too many
 /// values to narrow anything.
@@ -119,6 +158,8 @@ pub enum GroundedBy {
     /// [`GroundingMode::Request`], where the user's request names paths
     /// the policy allows: one of those, or an existing file.
     NewPath,
+    /// Code to run: [`PROGRAM_PATTERN`].
+    Program,
     /// In [`GroundingMode::Request`] only: a regular expression matching
     /// words of the user's request literally.
     RequestedPattern,
@@ -134,8 +175,9 @@ pub enum GroundingMode {
     /// Every parameter as its schema has it.
     Off,
     /// Parameters that must name an existing path (exact: never forbids a
-    /// call that could have worked), and `write_file.path` to a path
-    /// inside the workspace ([`NEW_PATH_PATTERN`]).
+    /// call that could have worked), `write_file.path` to a path inside
+    /// the workspace ([`NEW_PATH_PATTERN`]), and `execute_code.code` to
+    /// code that does not end open ([`PROGRAM_PATTERN`]).
     #[default]
     Workspace,
     /// Also, for small models, parameters copied from the user's request:
@@ -196,7 +238,7 @@ impl Builtin {
                 ("path", GroundedBy::NewPath),
                 ("content", GroundedBy::RequestedText),
             ],
-            Builtin::ExecuteCode => &[],
+            Builtin::ExecuteCode => &[("code", GroundedBy::Program)],
         }
     }
 }
@@ -405,7 +447,10 @@ pub fn ground_arguments(
                         from_request
                             || matches!(
                                 kind,
-                                GroundedBy::File | GroundedBy::Folder | GroundedBy::NewPath
+                                GroundedBy::File
+                                    | GroundedBy::Folder
+                                    | GroundedBy::NewPath
+                                    | GroundedBy::Program
                             )
                     })
                     .collect();
@@ -414,8 +459,34 @@ pub fn ground_arguments(
             _ => None,
         })
         .collect();
+    // A shape shows nothing of the workspace: it needs neither the survey
+    // nor leave to list the workspace.
+    let shape = |kind: GroundedBy| match kind {
+        GroundedBy::Program => Some(PROGRAM_PATTERN),
+        GroundedBy::NewPath if !from_request => Some(NEW_PATH_PATTERN),
+        _ => None,
+    };
+    let mut grounded = Vec::new();
+    let mut surveyed_tools: Vec<(&str, Vec<(&'static str, GroundedBy)>)> = Vec::new();
+    for (tool, parameters) in grounded_tools {
+        let mut surveyed = Vec::new();
+        for (parameter, kind) in parameters {
+            match shape(kind) {
+                Some(pattern) => grounded.push(GroundedParameter {
+                    tool: tool.to_string(),
+                    parameter,
+                    values: GroundedValues::Matching(pattern),
+                }),
+                None => surveyed.push((parameter, kind)),
+            }
+        }
+        if !surveyed.is_empty() {
+            surveyed_tools.push((tool, surveyed));
+        }
+    }
+    let grounded_tools = surveyed_tools;
     if grounded_tools.is_empty() {
-        return Vec::new();
+        return grounded;
     }
     // Only where the model may list the workspace without asking (see the
     // threat model).
@@ -427,7 +498,7 @@ pub fn ground_arguments(
             .verdict
             == Verdict::Allow;
     if !may_list {
-        return Vec::new();
+        return grounded;
     }
     let denied = |tool: &str, parameter: &str, path: &str| {
         let arguments = json!({ parameter: path });
@@ -443,7 +514,9 @@ pub fn ground_arguments(
                 .filter(|(_, kind)| match kind {
                     GroundedBy::File | GroundedBy::Folder => true,
                     GroundedBy::NewPath => from_request,
-                    GroundedBy::RequestedPattern | GroundedBy::RequestedText => false,
+                    GroundedBy::Program
+                    | GroundedBy::RequestedPattern
+                    | GroundedBy::RequestedText => false,
                 })
                 .all(|(parameter, _)| {
                     denied_by_rule(policy, tool, parameter, folder)
@@ -452,7 +525,6 @@ pub fn ground_arguments(
         })
     };
     let survey = survey_paths(workspace, &skip);
-    let mut grounded = Vec::new();
     for (tool, parameters) in grounded_tools {
         for (parameter, kind) in parameters {
             let candidates: Vec<String> = match kind {
@@ -489,6 +561,8 @@ pub fn ground_arguments(
                     .map(|text| regex::escape(text))
                     .collect(),
                 GroundedBy::RequestedText => requested_text(asked.request),
+                // Shapes were pushed above.
+                GroundedBy::Program => continue,
             };
             let is_path = matches!(
                 kind,
@@ -646,7 +720,9 @@ mod tests {
         );
         assert!(find("search_files").is_some());
         assert!(
-            grounded.iter().all(|g| g.parameter == "path"),
+            grounded
+                .iter()
+                .all(|g| g.parameter == "path" || g.parameter == "code"),
             "workspace grounding leaves the request alone: {grounded:?}"
         );
         // A new file's path is kept inside the workspace, whatever the
@@ -656,7 +732,15 @@ mod tests {
             .find(|g| g.tool == "write_file")
             .expect("write_file grounded");
         assert_eq!(write.values, GroundedValues::Matching(NEW_PATH_PATTERN));
-        assert!(find("execute_code").is_none());
+        // Code is held to a shape, never to values.
+        let code = grounded
+            .iter()
+            .find(|g| g.tool == "execute_code")
+            .expect("execute_code grounded");
+        assert_eq!(
+            (code.parameter, &code.values),
+            ("code", &GroundedValues::Matching(PROGRAM_PATTERN))
+        );
     }
 
     fn policy(text: &str) -> Policy {
@@ -729,6 +813,44 @@ reason = "what is inside is readable"
         );
     }
 
+    /// The program shape admits code that ends closed, and refuses code
+    /// that ends open, as a bare quote leaves it: the pattern read by the
+    /// `regex` crate, on the code's JSON text.
+    #[test]
+    fn code_never_ends_open() {
+        let shape = regex::Regex::new(PROGRAM_PATTERN).expect("the pattern compiles");
+        let json_text = |code: &str| {
+            let quoted = serde_json::to_string(code).expect("json");
+            quoted[1..quoted.len() - 1].to_string()
+        };
+        for code in [
+            "print('STACK')",
+            "print(\"STACK\")",
+            "echo banana",
+            "x",
+            "console.log([3, 1, 2].sort())",
+            "for i in range(3):\n    print(i)",
+            // What ends open, ended with a newline.
+            "print(\n",
+            "echo a=\n",
+            "a\tb\\",
+            "ünïcode → 名前",
+            "\u{1}",
+        ] {
+            assert!(shape.is_match(&json_text(code)), "refused {code:?}");
+        }
+        for code in [
+            "", "print(", "[{ ", "echo ", "f(a,", "x =", "d = {", "a[", "if x:", "1 +",
+        ] {
+            assert!(!shape.is_match(&json_text(code)), "admitted {code:?}");
+        }
+        // Not JSON's text: a bare quote (the string would end there), a
+        // raw control, an escape JSON lacks or left unfinished.
+        for text in [r#"print("x")"#, "a\tb", r"a\/b", r"a\u00", r"a\"] {
+            assert!(!shape.is_match(text), "admitted {text:?}");
+        }
+    }
+
     /// The new-path shape admits every relative spelling of a file inside
     /// the workspace and none that leaves it or names it twice over: the
     /// pattern read by the `regex` crate, on the path's JSON text.
@@ -783,9 +905,10 @@ reason = "what is inside is readable"
     }
 
     /// Grounding shows the model's server names only where the model may
-    /// list the workspace without asking.
+    /// list the workspace without asking; shapes, which show none, apply
+    /// either way.
     #[test]
-    fn no_grounding_where_listing_needs_an_approval() {
+    fn no_names_where_listing_needs_an_approval() {
         let (_dir, workspace) = workspace_with(&["notes.txt"]);
         let strict = Policy::preset("strict").expect("preset");
         assert_ne!(
@@ -795,11 +918,30 @@ reason = "what is inside is readable"
             Verdict::Allow,
             "the strict preset asks before listing"
         );
-        assert!(workspace_grounding(&workspace, &strict).is_empty());
+        let shapes_only = |grounded: Vec<GroundedParameter>| {
+            let mut shapes: Vec<(&str, &str)> = grounded
+                .iter()
+                .map(|g| match g.values {
+                    GroundedValues::Matching(pattern) => (g.tool.as_str(), pattern),
+                    GroundedValues::OneOf(_) => panic!("names listed: {grounded:?}"),
+                })
+                .collect();
+            shapes.sort();
+            assert_eq!(
+                shapes,
+                [
+                    ("execute_code", PROGRAM_PATTERN),
+                    ("write_file", NEW_PATH_PATTERN)
+                ]
+            );
+        };
+        shapes_only(workspace_grounding(&workspace, &strict));
         let asks = policy("[tools.list_dir]\ndecision = \"ask\"\n");
-        assert!(workspace_grounding(&workspace, &asks).is_empty());
+        shapes_only(workspace_grounding(&workspace, &asks));
         let default = Policy::preset("default").expect("preset");
-        assert!(!workspace_grounding(&workspace, &default).is_empty());
+        assert!(workspace_grounding(&workspace, &default)
+            .iter()
+            .any(|g| listed(g).is_some_and(|files| files == ["notes.txt"])));
     }
 
     /// `request` grounding copies from the user's words: the paths it
