@@ -239,7 +239,9 @@ pub struct SessionConfig {
     pub resume: Option<String>,
     /// How far the call grammar narrows the built-in tools' parameters:
     /// by default, the reading tools' paths to the paths that exist in the
-    /// workspace at each step (see [`stack_core::grounding`]).
+    /// workspace at each step, a new file's path to one inside the
+    /// workspace, and code to code that does not end open (see
+    /// [`stack_core::grounding`]).
     pub grounding: GroundingMode,
 }
 

@@ -1,6 +1,7 @@
 //! Grounded arguments: the values that a built-in tool's path parameter
-//! can usefully take, surveyed from the workspace, so the model's call
-//! grammar lets it write only those (the model crate's `ArgumentValues`).
+//! can usefully take, surveyed from the workspace, or the shape that a
+//! new path or code must have, so the model's call grammar lets it write
+//! only those (the model crate's `ArgumentValues`).
 //!
 //! A small model knows which tool to call before it knows where it is: the
 //! default 135M model asked to read `notes.txt` wrote
@@ -48,13 +49,14 @@
 //!
 //! Threat model. The names are the user's, and the model may only write
 //! them, never read them, but a served model's server receives them in the
-//! grammar. So grounding runs only where the policy lets the model list
+//! grammar. So the survey runs only where the policy lets the model list
 //! the workspace without asking (`list_dir` on `.` allowed): it then shows
-//! nothing that a call could not. The survey reads names only, never
+//! nothing that a call could not. (The shapes are constants, and show
+//! nothing.) The survey reads names only, never
 //! contents; it is bounded (at most [`MAX_SURVEYED`] + 1 folders listed,
 //! and the deadline), and it blocks (it lists folders), so async callers
 //! run it on a blocking thread. A workspace that sandboxed code filled
-//! with files costs one bounded survey per step, and grounds nothing.
+//! with files costs one bounded survey per step, and grounds no names.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -123,8 +125,10 @@ macro_rules! json_char_but {
 }
 
 /// The shape of `execute_code`'s code, as a pattern over the code's JSON
-/// text: at least one character, and the last not one that leaves a
-/// program open: `(`, `[`, `{`, `,`, `=`, `:`, `+` or a space.
+/// text: at least one character, and the last, as JSON writes it, not one
+/// that leaves a program open: `(`, `[`, `{`, `,`, `=`, `:`, `+` or a
+/// space. (A bare quote after a prefix, as in `print(f"`, still ends the
+/// code, at `print(f`.)
 ///
 /// What it stops: a small model writes a string literal's opening quote
 /// bare (`print("`), and JSON reads it as the end of the code, so the
@@ -498,6 +502,18 @@ pub fn ground_arguments(
             .verdict
             == Verdict::Allow;
     if !may_list {
+        // No names: in `request` mode a new path keeps its shape.
+        for (tool, parameters) in &grounded_tools {
+            for (parameter, kind) in parameters {
+                if *kind == GroundedBy::NewPath {
+                    grounded.push(GroundedParameter {
+                        tool: tool.to_string(),
+                        parameter,
+                        values: GroundedValues::Matching(NEW_PATH_PATTERN),
+                    });
+                }
+            }
+        }
         return grounded;
     }
     let denied = |tool: &str, parameter: &str, path: &str| {
@@ -561,8 +577,7 @@ pub fn ground_arguments(
                     .map(|text| regex::escape(text))
                     .collect(),
                 GroundedBy::RequestedText => requested_text(asked.request),
-                // Shapes were pushed above.
-                GroundedBy::Program => continue,
+                GroundedBy::Program => unreachable!("a shape, pushed above"),
             };
             let is_path = matches!(
                 kind,
@@ -936,6 +951,14 @@ reason = "what is inside is readable"
             );
         };
         shapes_only(workspace_grounding(&workspace, &strict));
+        // `request` mode too: a path the request names is not offered
+        // (nor is any existing file), and the new path keeps its shape.
+        shapes_only(ground(
+            &workspace,
+            &strict,
+            GroundingMode::Request,
+            "Save 'hi' to notes.txt",
+        ));
         let asks = policy("[tools.list_dir]\ndecision = \"ask\"\n");
         shapes_only(workspace_grounding(&workspace, &asks));
         let default = Policy::preset("default").expect("preset");

@@ -52,8 +52,8 @@ pub const MAX_GROUNDED_VALUE_BYTES: usize = 512;
 /// that is not a string in the schema, an empty list, or one longer than
 /// [`MAX_GROUNDED_VALUES`] leaves the parameter as its schema has it.
 ///
-/// Where the values cannot be listed (a file that does not exist yet) a
-/// parameter may instead be grounded in a *pattern*: a regular expression,
+/// Where the values cannot be listed (a file that does not exist yet, or
+/// code) a parameter may instead be grounded in a *pattern*: a regular expression,
 /// anchored with `^` and `$`, over the value as JSON writes it inside its
 /// quotes, in the subset llama.cpp's converter reads. It narrows the
 /// grammar of the formats whose arguments are JSON (Hermes, Mistral,

@@ -125,7 +125,8 @@ pub enum GroundingArg {
     /// Every parameter as its schema has it.
     Off,
     /// Paths that must exist (read_file, list_dir, search_files) are ones
-    /// that do.
+    /// that do; write_file's path stays inside the workspace, and code
+    /// (execute_code) never ends open, in `(` or `,`.
     Workspace,
     /// Also write_file's path and text, and search_files' pattern, are
     /// copied from the request (for small models: a file's text can then

@@ -20,7 +20,7 @@ pub use files::{ListDirArgs, ReadFileArgs, SearchFilesArgs, WriteFileArgs};
 /// A built-in tool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Builtin {
-    /// `execute_code {code, language}`: runs code in a sandbox.
+    /// `execute_code {language, code}`: runs code in a sandbox.
     ExecuteCode,
     /// `read_file {path, ...}`: reads a text file in the workspace.
     ReadFile,
