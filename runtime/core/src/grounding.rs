@@ -828,16 +828,18 @@ reason = "what is inside is readable"
         );
     }
 
+    /// `text` as JSON writes it inside its quotes: what the shapes match.
+    fn json_text(text: &str) -> String {
+        let quoted = serde_json::to_string(text).expect("json");
+        quoted[1..quoted.len() - 1].to_string()
+    }
+
     /// The program shape admits code that ends closed, and refuses code
     /// that ends open, as a bare quote leaves it: the pattern read by the
     /// `regex` crate, on the code's JSON text.
     #[test]
     fn code_never_ends_open() {
         let shape = regex::Regex::new(PROGRAM_PATTERN).expect("the pattern compiles");
-        let json_text = |code: &str| {
-            let quoted = serde_json::to_string(code).expect("json");
-            quoted[1..quoted.len() - 1].to_string()
-        };
         for code in [
             "print('STACK')",
             "print(\"STACK\")",
@@ -872,10 +874,6 @@ reason = "what is inside is readable"
     #[test]
     fn a_new_path_stays_inside_the_workspace() {
         let shape = regex::Regex::new(NEW_PATH_PATTERN).expect("the pattern compiles");
-        let json_text = |path: &str| {
-            let quoted = serde_json::to_string(path).expect("json");
-            quoted[1..quoted.len() - 1].to_string()
-        };
         for path in [
             "greeting.txt",
             "docs/intro.md",
