@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+mod cell;
 pub mod execution;
 pub mod process;
 #[cfg(feature = "wasi")]

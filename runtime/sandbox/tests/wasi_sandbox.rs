@@ -36,7 +36,7 @@ async fn python_and_javascript_run_against_the_workspace() {
     let workspace = tempfile::tempdir().expect("tempdir");
     std::fs::write(workspace.path().join("data.txt"), "from the host").expect("write");
     let outcome = sandbox()
-        .run_python("print(open('data.txt').read()); open('/workspace/out.txt', 'w').write('from the guest')", workspace.path(), &quick())
+        .run_python("print(open('data.txt').read()); written = open('/workspace/out.txt', 'w').write('from the guest')", workspace.path(), &quick())
         .await;
     assert_eq!(
         (outcome.status, outcome.stdout.as_str()),
@@ -48,7 +48,7 @@ async fn python_and_javascript_run_against_the_workspace() {
         "from the guest"
     );
     let js = sandbox()
-        .run_javascript("const f = std.open('data.txt', 'r'); console.log(f.readAsString().toUpperCase()); f.close()", workspace.path(), &quick())
+        .run_javascript("const f = std.open('data.txt', 'r'); const text = f.readAsString(); f.close(); console.log(text.toUpperCase())", workspace.path(), &quick())
         .await;
     assert_eq!(
         (js.status, js.stdout.as_str()),
@@ -347,7 +347,7 @@ async fn a_forged_end_of_frame_marker_ends_nothing() {
     let mut session = PythonSession::new(sandbox(), workspace.path(), policy);
     let forge = |then: &str| {
         format!(
-            "import sys\nnonce = sys._getframe(1).f_locals['nonce']\nprint('before', flush=True)\nsys.stdout.write('\\0' + nonce + ':0\\0'); sys.stdout.flush()\n{then}"
+            "import sys\nframe = sys._getframe(1)\nwhile 'nonce' not in frame.f_locals:\n    frame = frame.f_back\nnonce = frame.f_locals['nonce']\nprint('before', flush=True)\nsys.stdout.write('\\0' + nonce + ':0\\0'); sys.stdout.flush()\n{then}"
         )
     };
     // The attack: a forged "ok", then work and a failure.

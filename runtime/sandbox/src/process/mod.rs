@@ -399,7 +399,7 @@ impl ProcessSandbox {
     }
 
     /// Runs `code` in `language` (python or bash) with `workspace` as the
-    /// working directory.
+    /// working directory; Python as a notebook cell (see [`crate::cell`]).
     pub async fn run_code(
         &self,
         language: Language,
@@ -407,9 +407,19 @@ impl ProcessSandbox {
         workspace: &Path,
         policy: &ProcessPolicy,
     ) -> Execution {
-        let (program, file) = match language {
-            Language::Python => ("python3", "main.py"),
-            Language::Bash => ("bash", "main.sh"),
+        let (argv, file) = match language {
+            // As a notebook cell (see `crate::cell`); the code file's path
+            // comes last.
+            Language::Python => (
+                vec![
+                    "python3".to_string(),
+                    "-c".into(),
+                    crate::cell::PYTHON_MAIN.into(),
+                    "--file".into(),
+                ],
+                "main.py",
+            ),
+            Language::Bash => (vec!["bash".to_string()], "main.sh"),
             Language::Javascript => {
                 return Execution::internal_error(
                     "javascript runs in the WASI sandbox, not the process sandbox",
@@ -417,7 +427,7 @@ impl ProcessSandbox {
             }
         };
         let request = Request {
-            argv: vec![program.to_string()],
+            argv,
             code: Some((file, code.as_bytes().to_vec())),
             stdin: None,
             env: Vec::new(),

@@ -354,31 +354,34 @@ impl WasiSandbox {
             .collect()
     }
 
-    /// Runs Python `code` in a fresh interpreter.
+    /// Runs Python `code` in a fresh interpreter, as a notebook cell (a
+    /// last bare expression's value printed; see [`crate::cell`]).
     pub async fn run_python(&self, code: &str, workspace: &Path, policy: &WasiPolicy) -> Execution {
         let argv = vec![
             "python".to_string(),
             "-I".into(),
             "-c".into(),
+            crate::cell::PYTHON_MAIN.into(),
+            "--code".into(),
             code.to_string(),
         ];
         self.run_asset(Asset::PythonWasm, argv, None, workspace, policy)
             .await
     }
 
-    /// Runs JavaScript `code` in a fresh QuickJS (with `std` and `os`).
+    /// Runs JavaScript `code` in a fresh QuickJS (with `std` and `os`), a
+    /// script's completion value printed (see [`crate::cell`]).
     pub async fn run_javascript(
         &self,
         code: &str,
         workspace: &Path,
         policy: &WasiPolicy,
     ) -> Execution {
-        let argv = vec![
-            "qjs".to_string(),
-            "--std".into(),
-            "-e".into(),
-            code.to_string(),
-        ];
+        let mut argv = vec!["qjs".to_string(), "--std".into(), "-e".into()];
+        if crate::cell::javascript_is_script(code) {
+            argv.extend([crate::cell::JAVASCRIPT_MAIN.into(), "--".into()]);
+        }
+        argv.push(code.to_string());
         self.run_asset(Asset::QuickjsWasm, argv, None, workspace, policy)
             .await
     }

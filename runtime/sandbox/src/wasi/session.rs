@@ -35,7 +35,8 @@ use crate::execution::{ExecStatus, Execution};
 use crate::process::ProtectedPath;
 use stack_assets::Asset;
 
-const DRIVER: &str = include_str!("driver.py");
+/// The driver, after the cell runner it calls (see `../cell.py`).
+const DRIVER: &str = concat!(include_str!("../cell.py"), include_str!("driver.py"));
 
 /// What the outcome says when an instance had to be reset.
 pub const STATE_LOST: &str =
