@@ -238,10 +238,12 @@ pub struct SessionConfig {
     /// Resume this saved session instead of starting a new one.
     pub resume: Option<String>,
     /// How far the call grammar narrows the built-in tools' parameters:
-    /// by default, the reading tools' paths to the paths that exist in the
-    /// workspace at each step, a new file's path to one inside the
-    /// workspace, and code to code that does not end open (see
-    /// [`stack_core::grounding`]).
+    /// by default ([`GroundingMode::Auto`]), for a large or served model,
+    /// the reading tools' paths to the paths that exist in the workspace
+    /// at each step, a new file's path to one inside the workspace, and
+    /// code to code that does not end open; for a small in-process model,
+    /// also a new file's path and text, and a search's pattern, to words of
+    /// the user's request (see [`stack_core::grounding`]).
     pub grounding: GroundingMode,
 }
 
@@ -254,7 +256,7 @@ impl Default for SessionConfig {
             max_steps: 8,
             max_repeated_failures: 3,
             resume: None,
-            grounding: GroundingMode::Workspace,
+            grounding: GroundingMode::Auto,
         }
     }
 }
@@ -675,6 +677,8 @@ impl Runtime {
         config: SessionConfig,
         scope: SessionScope,
     ) -> Result<Session, AgentError> {
+        let mut config = config;
+        config.grounding = config.grounding.resolved(self.backend.info().is_small());
         let model = Arc::clone(&self.backend).open_session().await?;
         let policy = match scope.policy {
             Some(policy) => Arc::new(policy.within(Arc::clone(&self.policy))),

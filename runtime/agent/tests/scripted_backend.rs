@@ -48,6 +48,7 @@ impl ModelBackend for Scripted {
             name: "scripted".into(),
             detail: "a test script".into(),
             context_length: None,
+            parameters: None,
             capabilities: Capabilities::default(),
         }
     }
@@ -300,8 +301,7 @@ async fn each_step_grounds_the_path_parameters_in_the_workspace_as_it_is() {
         .send("Search for 'buy milk' and save the lines to found.txt")
         .collect()
         .await;
-    let requests = asked.lock().expect("lock");
-    let request = requests.last().expect("asked");
+    let request = asked.lock().expect("lock").last().cloned().expect("asked");
     let paths = request
         .argument_values
         .get("write_file", "path")
@@ -313,6 +313,69 @@ async fn each_step_grounds_the_path_parameters_in_the_workspace_as_it_is() {
         .get("search_files", "pattern")
         .expect("pattern grounded");
     assert_eq!(patterns[0], "buy milk", "{patterns:?}");
+
+    // By default (`auto`), a small in-process model's session grounds as
+    // `request` does, and a model of unknown size's (served) as
+    // `workspace` does.
+    for (parameters, copies) in [(Some(135_000_000), true), (None, false)] {
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let backend = Arc::new(Sized {
+            scripted: Arc::new(Scripted {
+                turns: vec![answer("Hello.")],
+                asked: Arc::clone(&asked),
+            }),
+            parameters,
+        });
+        let runtime = Runtime::builder()
+            .backend(backend)
+            .policy(Policy::preset("default").expect("policy"))
+            .workspace(workspace.path())
+            .transcripts(None)
+            .build()
+            .expect("runtime");
+        let session = runtime
+            .session(SessionConfig::default())
+            .await
+            .expect("session");
+        let _: Vec<Event> = session.send("Save hello to found.txt").collect().await;
+        let request = asked.lock().expect("lock").last().cloned().expect("asked");
+        let paths = request.argument_values.get("write_file", "path");
+        assert_eq!(
+            paths.is_some_and(|paths| paths[0] == "found.txt"),
+            copies,
+            "{parameters:?}: {paths:?}"
+        );
+        assert_eq!(
+            request
+                .argument_values
+                .pattern("write_file", "path")
+                .is_some(),
+            !copies,
+            "{parameters:?}"
+        );
+    }
+}
+
+/// A scripted backend that reports a parameter count, as an in-process
+/// model does.
+struct Sized {
+    scripted: Arc<Scripted>,
+    parameters: Option<u64>,
+}
+
+impl ModelBackend for Sized {
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            parameters: self.parameters,
+            ..self.scripted.info()
+        }
+    }
+
+    fn open_session(
+        self: Arc<Self>,
+    ) -> BoxFuture<'static, Result<Box<dyn BackendSession>, ModelError>> {
+        Arc::clone(&self.scripted).open_session()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

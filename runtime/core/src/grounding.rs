@@ -32,6 +32,12 @@
 //! spellings, never programs. Shapes show nothing of the workspace, so
 //! they apply whether or not the policy lets the model list it.
 //!
+//! That much is [`GroundingMode::Workspace`]. [`GroundingMode::Request`]
+//! also copies a new file's path and text, and a search's pattern, from
+//! the user's words, which forbids what a model might rightly write of its
+//! own; the default, [`GroundingMode::Auto`], keeps it to small in-process
+//! models, which write neither a file's name nor its text as asked.
+//!
 //! The survey is exact or absent:
 //! * a link anywhere in the workspace means no grounding at all: a link
 //!   to a folder opens everything below it to the tools (which follow
@@ -176,22 +182,41 @@ pub enum GroundedBy {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GroundingMode {
+    /// [`GroundingMode::Request`] for a small model (an in-process one of
+    /// under a billion parameters: the default model writes neither a
+    /// file's name nor its text as asked), [`GroundingMode::Workspace`]
+    /// for any other; see [`GroundingMode::resolved`].
+    #[default]
+    Auto,
     /// Every parameter as its schema has it.
     Off,
     /// Parameters that must name an existing path (exact: never forbids a
     /// call that could have worked), `write_file.path` to a path inside
     /// the workspace ([`NEW_PATH_PATTERN`]), and `execute_code.code` to
     /// code that does not end open ([`PROGRAM_PATTERN`]).
-    #[default]
     Workspace,
     /// Also, for small models, parameters copied from the user's request:
     /// `write_file.path` from the paths it names that the policy allows (or
     /// existing files; the shape where it names none);
-    /// `write_file.content` and `search_files.pattern` (matched literally)
-    /// from its words: runs of up to [`MAX_REQUEST_WORDS`] words, and
-    /// quoted text. Not exact: a model that would write a file's text or
+    /// `search_files.pattern` (matched literally) from its words: runs of
+    /// up to [`MAX_REQUEST_WORDS`] words, and quoted text; and
+    /// `write_file.content` from the same, less the runs that hold a path
+    /// the request names ([`requested_content`]). Not exact: a model that would write a file's text or
     /// a regular expression of its own cannot.
     Request,
+}
+
+impl GroundingMode {
+    /// The mode a session runs under: [`GroundingMode::Auto`] made
+    /// [`GroundingMode::Request`] for a small model and
+    /// [`GroundingMode::Workspace`] for any other; the rest as they are.
+    pub fn resolved(self, small_model: bool) -> GroundingMode {
+        match self {
+            GroundingMode::Auto if small_model => GroundingMode::Request,
+            GroundingMode::Auto => GroundingMode::Workspace,
+            mode => mode,
+        }
+    }
 }
 
 /// Longest run of words [`GroundingMode::Request`] offers as a value.
@@ -336,6 +361,38 @@ pub fn requested_text(request: &str) -> Vec<String> {
         }
     }
     values
+}
+
+/// Text a file may be written with, copied from `request`: as
+/// [`requested_text`], less the runs of words that hold a file's name it
+/// gives, since a file's text is not its own name (asked for a file
+/// `todo.md` that lists eggs and bread, the default model wrote `todo.md`
+/// in it). A file's name here is a path [`requested_paths`] finds that
+/// holds a `/` or ends in a suffix with a letter (`todo.md`, `docs/a`),
+/// not a number such as `3.14`. Quoted text is kept whole unless it is
+/// such a name alone (`` `todo.md` ``).
+pub fn requested_content(request: &str) -> Vec<String> {
+    let names: Vec<String> = requested_paths(request)
+        .into_iter()
+        .filter(|path| {
+            path.contains('/')
+                || path
+                    .rsplit_once('.')
+                    .is_some_and(|(_, suffix)| suffix.chars().any(char::is_alphabetic))
+        })
+        .collect();
+    let names_a_file = |text: &str| names.iter().any(|name| name == text);
+    let quoted: Vec<&str> = quoted_spans(request).into_iter().map(str::trim).collect();
+    requested_text(request)
+        .into_iter()
+        .filter(|text| {
+            if quoted.contains(&text.as_str()) {
+                !names_a_file(text)
+            } else {
+                !text.split(' ').any(names_a_file)
+            }
+        })
+        .collect()
 }
 
 /// Lists the workspace's files and folders, breadth first, without
@@ -576,7 +633,7 @@ pub fn ground_arguments(
                     .iter()
                     .map(|text| regex::escape(text))
                     .collect(),
-                GroundedBy::RequestedText => requested_text(asked.request),
+                GroundedBy::RequestedText => requested_content(asked.request),
                 GroundedBy::Program => unreachable!("a shape, pushed above"),
             };
             let is_path = matches!(
@@ -868,6 +925,25 @@ reason = "what is inside is readable"
         }
     }
 
+    /// `auto` grounds as `request` for a small model, as `workspace` for
+    /// any other; the other modes stand as they are.
+    #[test]
+    fn auto_is_request_for_a_small_model_only() {
+        assert_eq!(GroundingMode::Auto.resolved(true), GroundingMode::Request);
+        assert_eq!(
+            GroundingMode::Auto.resolved(false),
+            GroundingMode::Workspace
+        );
+        for mode in [
+            GroundingMode::Off,
+            GroundingMode::Workspace,
+            GroundingMode::Request,
+        ] {
+            assert_eq!(mode.resolved(true), mode);
+            assert_eq!(mode.resolved(false), mode);
+        }
+    }
+
     /// The new-path shape admits every relative spelling of a file inside
     /// the workspace and none that leaves it or names it twice over: the
     /// pattern read by the `regex` crate, on the path's JSON text.
@@ -967,8 +1043,9 @@ reason = "what is inside is readable"
 
     /// `request` grounding copies from the user's words: the paths it
     /// names (never absolute, a URL or one that climbs out) for
-    /// `write_file.path`, and its words and quotes for `write_file.content`
-    /// and (escaped) `search_files.pattern`.
+    /// `write_file.path`, its words and quotes for (escaped)
+    /// `search_files.pattern`, and the same less the runs that name a path
+    /// for `write_file.content`.
     #[test]
     fn request_grounding_copies_paths_and_words_from_the_request() {
         assert_eq!(
@@ -1016,10 +1093,28 @@ reason = "what is inside is readable"
             "matched literally: {patterns:?}"
         );
         let texts = values(&grounded, "write_file", "content").expect("content grounded");
+        assert!(texts.contains(&"Find FIXME".to_string()), "{texts:?}");
         assert!(
-            texts.contains(&"todo/fixme.md".to_string()),
-            "as written: {texts:?}"
+            !texts.iter().any(|text| text.contains("fixme.md")),
+            "a file's text is not its name: {texts:?}"
         );
+        // Unless the request quotes it in other words; a number is not
+        // a file's name.
+        let grounded = copying("Write 'see notes.txt' to readme.txt");
+        let texts = values(&grounded, "write_file", "content").expect("content grounded");
+        assert_eq!(texts[0], "see notes.txt", "{texts:?}");
+        assert!(
+            !texts.iter().any(|text| text.contains("readme.txt")),
+            "{texts:?}"
+        );
+        let texts =
+            requested_content("Create a file `todo.md` that lists eggs, then 3.14 to pi.txt");
+        assert!(
+            !texts.iter().any(|text| text.contains("todo.md")),
+            "{texts:?}"
+        );
+        assert!(texts.contains(&"3.14".to_string()), "{texts:?}");
+        assert!(texts.contains(&"lists eggs".to_string()), "{texts:?}");
         // One whose named paths are all denied keeps the shape, rather
         // than offer only the existing files (`notes.txt` here) to write.
         let grounded = copying("Write config/.env.local");

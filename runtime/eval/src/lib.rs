@@ -97,7 +97,7 @@ impl Default for EvalOptions {
             system_prompt: None,
             max_steps: 4,
             builtin_tools: true,
-            grounding: GroundingMode::Workspace,
+            grounding: GroundingMode::Auto,
         }
     }
 }

@@ -310,8 +310,21 @@ pub struct BackendInfo {
     pub detail: String,
     /// Its context length in tokens, when known.
     pub context_length: Option<u32>,
+    /// Its parameter count, where it runs in process (a served model's is
+    /// not known).
+    pub parameters: Option<u64>,
     /// What it can do.
     pub capabilities: Capabilities,
+}
+
+impl BackendInfo {
+    /// Whether it is an in-process model of fewer than
+    /// [`SMALL_MODEL_PARAMETERS`] parameters, one that needs the help
+    /// small models get (routing, DRY, grounding from the request).
+    pub fn is_small(&self) -> bool {
+        self.parameters
+            .is_some_and(|parameters| parameters < SMALL_MODEL_PARAMETERS)
+    }
 }
 
 /// One request for the next assistant turn.

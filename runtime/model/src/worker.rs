@@ -62,6 +62,7 @@ impl ModelBackend for Model {
                 }
             ),
             context_length: Some(self.context_size()),
+            parameters: Some(info.parameters),
             capabilities: Capabilities {
                 constrained_decoding: true,
                 kv_prefix_reuse: true,

@@ -756,6 +756,7 @@ impl ModelBackend for RemoteModel {
             name: self.model.clone(),
             detail: format!("served by {} at {} ({path})", self.kind.as_str(), self.base),
             context_length: self.context_length,
+            parameters: None,
             capabilities: Capabilities {
                 constrained_decoding: (self.prompted() && cfg!(feature = "llama"))
                     || self.config.strict

@@ -76,8 +76,10 @@ pub struct ChatArgs {
     /// How far the call grammar grounds the built-in tools' arguments:
     /// `workspace` (paths that must exist are ones that do), `request`
     /// (also a new file's path and text, and a search pattern, copied from
-    /// your words; for small models), or `off`.
-    #[arg(long, value_enum, default_value_t = GroundingArg::Workspace)]
+    /// your words; for small models), `auto` (`request` for an in-process
+    /// model under 1B parameters, such as the default, `workspace`
+    /// otherwise), or `off`.
+    #[arg(long, value_enum, default_value_t = GroundingArg::Auto)]
     pub grounding: GroundingArg,
     #[command(flatten)]
     pub voice: crate::voice_cmd::VoiceArgs,
@@ -132,6 +134,9 @@ pub enum GroundingArg {
     /// copied from the request (for small models: a file's text can then
     /// only be words of the request).
     Request,
+    /// `request` for an in-process model under 1B parameters, `workspace`
+    /// otherwise.
+    Auto,
 }
 
 impl From<GroundingArg> for GroundingMode {
@@ -140,6 +145,7 @@ impl From<GroundingArg> for GroundingMode {
             GroundingArg::Off => GroundingMode::Off,
             GroundingArg::Workspace => GroundingMode::Workspace,
             GroundingArg::Request => GroundingMode::Request,
+            GroundingArg::Auto => GroundingMode::Auto,
         }
     }
 }

@@ -60,7 +60,7 @@ pub struct EvalArgs {
     routing: RoutingArg,
     /// How far executable tasks ground the built-in tools' arguments (see
     /// `agent --help`).
-    #[arg(long, value_enum, default_value_t = GroundingArg::Workspace)]
+    #[arg(long, value_enum, default_value_t = GroundingArg::Auto)]
     grounding: GroundingArg,
     /// Write every case's record here, one JSON object per line.
     #[arg(long, value_name = "FILE")]
