@@ -198,10 +198,11 @@ pub enum GroundingMode {
     /// Also, for small models, parameters copied from the user's request:
     /// `write_file.path` from the paths it names that the policy allows (or
     /// existing files; the shape where it names none);
-    /// `search_files.pattern` (matched literally) from its words: runs of
-    /// up to [`MAX_REQUEST_WORDS`] words, and quoted text; and
-    /// `write_file.content` from the same, less the runs that hold a path
-    /// the request names ([`requested_content`]). Not exact: a model that would write a file's text or
+    /// `search_files.pattern` (matched literally) from what it quotes (or
+    /// JSON it holds) where it quotes anything, else from runs of up to
+    /// [`MAX_REQUEST_WORDS`] of its words ([`requested_text`]); and
+    /// `write_file.content` from the same, never a file's name it gives
+    /// ([`requested_content`]). Not exact: a model that would write a file's text or
     /// a regular expression of its own cannot.
     Request,
 }
@@ -337,40 +338,126 @@ fn quoted_spans(text: &str) -> Vec<&str> {
     spans
 }
 
-/// Text copied from `request`: runs of up to [`MAX_REQUEST_WORDS`] words,
-/// and what it quotes ('…', "…" or `…`) whole.
-pub fn requested_text(request: &str) -> Vec<String> {
+/// The JSON objects and arrays `text` holds whole (`{"ok": true}`,
+/// `[1, 2]`): from a `{` or `[` that opens (at the start or after a space
+/// or `(`) to its matching bracket, where that much parses as JSON.
+fn json_spans(text: &str) -> Vec<&str> {
+    let bytes = text.as_bytes();
+    let mut spans = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let opens = matches!(bytes[i], b'{' | b'[')
+            && (i == 0 || bytes[i - 1].is_ascii_whitespace() || bytes[i - 1] == b'(');
+        if opens {
+            let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+            let mut end = None;
+            for (j, &byte) in bytes.iter().enumerate().skip(i) {
+                if in_string {
+                    match byte {
+                        _ if escaped => escaped = false,
+                        b'\\' => escaped = true,
+                        b'"' => in_string = false,
+                        _ => {}
+                    }
+                    continue;
+                }
+                match byte {
+                    b'"' => in_string = true,
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            end = Some(j);
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            // Brackets are ASCII, so both ends are character boundaries.
+            if let Some(end) = end {
+                let span = &text[i..=end];
+                if serde_json::from_str::<serde_json::Value>(span).is_ok() {
+                    spans.push(span);
+                    i = end + 1;
+                    continue;
+                }
+            }
+        }
+        i += 1;
+    }
+    spans
+}
+
+/// What `request` gives literally, each whole: the JSON objects and
+/// arrays it holds, and what it quotes ('…', "…" or `…`) outside them.
+fn literal_spans(request: &str) -> Vec<&str> {
+    let json = json_spans(request);
+    let offset = |span: &str| span.as_ptr() as usize - request.as_ptr() as usize;
+    let inside_json = |quoted: &str| {
+        json.iter().any(|outer| {
+            let (start, at) = (offset(outer), offset(quoted));
+            at >= start && at < start + outer.len()
+        })
+    };
+    let quoted: Vec<&str> = quoted_spans(request)
+        .into_iter()
+        .filter(|span| !inside_json(span))
+        .collect();
+    json.iter().copied().chain(quoted).collect()
+}
+
+/// Text copied from `request`, none of it a value `excluded` refuses:
+/// what it gives literally ([`literal_spans`]) where it gives any, since
+/// quoted text is what a command means ("Which files mention 'tokio'?"
+/// searches for `tokio`, not `mention`); else runs of up to
+/// [`MAX_REQUEST_WORDS`] words, none holding a word `excluded` refuses.
+fn copied_text(request: &str, excluded: &dyn Fn(&str) -> bool) -> Vec<String> {
     if request.len() > MAX_REQUEST_BYTES {
         return Vec::new();
     }
     let mut values: Vec<String> = Vec::new();
     let mut seen = HashSet::new();
-    let mut add = |value: &str| {
+    let mut add = |values: &mut Vec<String>, value: &str| {
         let value = value.trim();
-        if !value.is_empty() && seen.insert(value.to_string()) {
+        if !value.is_empty() && !excluded(value) && seen.insert(value.to_string()) {
             values.push(value.to_string());
         }
     };
-    for quoted in quoted_spans(request) {
-        add(quoted);
+    for literal in literal_spans(request) {
+        add(&mut values, literal);
+    }
+    if !values.is_empty() {
+        return values;
     }
     let words = request_words(request);
     for start in 0..words.len() {
         for end in start + 1..=(start + MAX_REQUEST_WORDS).min(words.len()) {
-            add(&words[start..end].join(" "));
+            let run = &words[start..end];
+            if !run.iter().any(|word| excluded(word)) {
+                add(&mut values, &run.join(" "));
+            }
         }
     }
     values
 }
 
+/// Text copied from `request` (a search's pattern): what it quotes, or the
+/// JSON it holds, where it gives any; else runs of up to
+/// [`MAX_REQUEST_WORDS`] words.
+pub fn requested_text(request: &str) -> Vec<String> {
+    copied_text(request, &|_| false)
+}
+
 /// Text a file may be written with, copied from `request`: as
-/// [`requested_text`], less the runs of words that hold a file's name it
-/// gives, since a file's text is not its own name (asked for a file
-/// `todo.md` that lists eggs and bread, the default model wrote `todo.md`
-/// in it). A file's name here is a path [`requested_paths`] finds that
-/// holds a `/` or ends in a suffix with a letter (`todo.md`, `docs/a`),
-/// not a number such as `3.14`. Quoted text is kept whole unless it is
-/// such a name alone (`` `todo.md` ``).
+/// [`requested_text`], but never a file's name it gives, nor a run of
+/// words that holds one, since a file's text is not its own name (asked
+/// for a file `todo.md` that lists eggs and bread, the default model
+/// wrote `todo.md` in it). A file's name here is a path
+/// [`requested_paths`] finds that holds a `/` or ends in a suffix with a
+/// letter (`todo.md`, `docs/a`), not a number such as `3.14`. Where all
+/// it quotes is such a name (`` `todo.md` ``), the runs of words are
+/// offered instead.
 pub fn requested_content(request: &str) -> Vec<String> {
     let names: Vec<String> = requested_paths(request)
         .into_iter()
@@ -381,18 +468,7 @@ pub fn requested_content(request: &str) -> Vec<String> {
                     .is_some_and(|(_, suffix)| suffix.chars().any(char::is_alphabetic))
         })
         .collect();
-    let names_a_file = |text: &str| names.iter().any(|name| name == text);
-    let quoted: Vec<&str> = quoted_spans(request).into_iter().map(str::trim).collect();
-    requested_text(request)
-        .into_iter()
-        .filter(|text| {
-            if quoted.contains(&text.as_str()) {
-                !names_a_file(text)
-            } else {
-                !text.split(' ').any(names_a_file)
-            }
-        })
-        .collect()
+    copied_text(request, &|text| names.iter().any(|name| name == text))
 }
 
 /// Lists the workspace's files and folders, breadth first, without
@@ -1043,9 +1119,9 @@ reason = "what is inside is readable"
 
     /// `request` grounding copies from the user's words: the paths it
     /// names (never absolute, a URL or one that climbs out) for
-    /// `write_file.path`, its words and quotes for (escaped)
-    /// `search_files.pattern`, and the same less the runs that name a path
-    /// for `write_file.content`.
+    /// `write_file.path`, what it quotes or else runs of its words for
+    /// (escaped) `search_files.pattern`, and the same, never a file's
+    /// name, for `write_file.content`.
     #[test]
     fn request_grounding_copies_paths_and_words_from_the_request() {
         assert_eq!(
@@ -1062,14 +1138,32 @@ reason = "what is inside is readable"
         );
         let long = format!("Write {} to out.txt", "word ".repeat(MAX_REQUEST_BYTES / 5));
         assert!(requested_paths(&long).is_empty() && requested_text(&long).is_empty());
+        // What a request quotes is what it means: offered alone.
         let text = requested_text("Don't skip it: search the code for 'import requests'.");
-        assert_eq!(text[0], "import requests", "{text:?}");
+        assert_eq!(text, ["import requests"]);
+        assert_eq!(
+            requested_text("Which files mention 'tokio' or `serde`?"),
+            ["tokio", "serde"]
+        );
+        // So is JSON it holds, whole, with no quote inside it offered apart.
+        assert_eq!(
+            requested_text(r#"Write the JSON {"ok": true, "n": [1, 2]} to status.json."#),
+            [r#"{"ok": true, "n": [1, 2]}"#]
+        );
+        // Brackets that are not JSON are words.
+        let text = requested_text("Write {not json} to a.txt");
+        assert!(
+            text.contains(&"Write".to_string()) && text.contains(&"{not json}".to_string()),
+            "{text:?}"
+        );
+        // Else runs of words, the apostrophe of "Don't" quoting nothing.
+        let text = requested_text("Don't skip it: search the code for imports.");
         assert!(text.contains(&"search the code".to_string()), "{text:?}");
-        assert!(text.contains(&"requests".to_string()), "{text:?}");
+        assert!(text.contains(&"imports".to_string()), "{text:?}");
         assert!(!text.iter().any(|t| t.starts_with("t skip")), "{text:?}");
         assert!(text
             .iter()
-            .all(|t| t.split(' ').count() <= MAX_REQUEST_WORDS || t == "import requests"));
+            .all(|t| t.split(' ').count() <= MAX_REQUEST_WORDS));
 
         let (_dir, workspace) = workspace_with(&["notes.txt", ".env"]);
         let policy = Policy::preset("default").expect("preset");
@@ -1102,11 +1196,7 @@ reason = "what is inside is readable"
         // a file's name.
         let grounded = copying("Write 'see notes.txt' to readme.txt");
         let texts = values(&grounded, "write_file", "content").expect("content grounded");
-        assert_eq!(texts[0], "see notes.txt", "{texts:?}");
-        assert!(
-            !texts.iter().any(|text| text.contains("readme.txt")),
-            "{texts:?}"
-        );
+        assert_eq!(texts, ["see notes.txt"]);
         let texts =
             requested_content("Create a file `todo.md` that lists eggs, then 3.14 to pi.txt");
         assert!(
