@@ -154,14 +154,23 @@ fn runtime_under(
         turns,
         asked: Arc::clone(&asked),
     });
-    let runtime = Runtime::builder()
+    (runtime_of(backend, workspace, preset), asked)
+}
+
+/// A runtime on `backend` in `workspace` under a policy preset, keeping
+/// no transcripts.
+fn runtime_of(
+    backend: Arc<dyn ModelBackend>,
+    workspace: &std::path::Path,
+    preset: &str,
+) -> Runtime {
+    Runtime::builder()
         .backend(backend)
         .policy(Policy::preset(preset).expect("policy"))
         .workspace(workspace)
         .transcripts(None)
         .build()
-        .expect("runtime");
-    (runtime, asked)
+        .expect("runtime")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -326,14 +335,7 @@ async fn each_step_grounds_the_path_parameters_in_the_workspace_as_it_is() {
             }),
             parameters,
         });
-        let runtime = Runtime::builder()
-            .backend(backend)
-            .policy(Policy::preset("default").expect("policy"))
-            .workspace(workspace.path())
-            .transcripts(None)
-            .build()
-            .expect("runtime");
-        let session = runtime
+        let session = runtime_of(backend, workspace.path(), "default")
             .session(SessionConfig::default())
             .await
             .expect("session");
