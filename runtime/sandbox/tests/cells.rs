@@ -6,10 +6,11 @@
 //! real `python3` in the process sandbox. Without it, each "shown" case
 //! below printed nothing.
 
-use std::path::PathBuf;
+mod common;
 
-use stack_sandbox::process::{ProcessPolicy, ProcessSandbox};
-use stack_sandbox::wasi::{PythonSession, WasiPolicy, WasiSandbox};
+use common::{process_sandbox, wasi_sandbox as wasi};
+use stack_sandbox::process::ProcessPolicy;
+use stack_sandbox::wasi::{PythonSession, WasiPolicy};
 use stack_sandbox::ExecStatus;
 use stack_types::Language;
 
@@ -63,14 +64,6 @@ const JAVASCRIPT_CELLS: &[(&str, &str, ExecStatus)] = &[
     ),
 ];
 
-fn wasi() -> WasiSandbox {
-    let sandbox = WasiSandbox::shared().expect("engine");
-    sandbox
-        .warm_up()
-        .expect("run scripts/setup first: the interpreters are missing");
-    sandbox
-}
-
 fn wasi_policy() -> WasiPolicy {
     WasiPolicy {
         wall_ms: 5000,
@@ -78,14 +71,6 @@ fn wasi_policy() -> WasiPolicy {
         output_bytes: 64 * 1024,
         ..WasiPolicy::default()
     }
-}
-
-/// The sandbox helper cargo built, or the copy `scripts/test-as-user` names.
-fn helper_binary() -> PathBuf {
-    std::env::var_os("STACK_RUNTIME_SANDBOX_HELPER").map_or_else(
-        || PathBuf::from(env!("CARGO_BIN_EXE_stack-sandbox-exec")),
-        PathBuf::from,
-    )
 }
 
 fn check(how: &str, code: &str, want: (&str, ExecStatus), got: &stack_sandbox::Execution) {
@@ -112,7 +97,7 @@ async fn python_shows_a_last_expression_in_every_sandbox() {
     let workspace = tempfile::tempdir().expect("tempdir");
     let sandbox = wasi();
     let mut session = PythonSession::new(sandbox.clone(), workspace.path(), wasi_policy());
-    let process = ProcessSandbox::with_helper(helper_binary());
+    let process = process_sandbox();
     for &(code, stdout, status) in PYTHON_CELLS {
         let want = (stdout, status);
         let one_shot = sandbox

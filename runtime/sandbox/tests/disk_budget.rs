@@ -9,6 +9,8 @@
 //! working. The write back is checked change by change, and against a
 //! call that plants links to steer it outside the workspace.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -19,13 +21,7 @@ use stack_types::{Language, Limit};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn sandbox() -> ProcessSandbox {
-    let helper = std::env::var_os("STACK_RUNTIME_SANDBOX_HELPER").map_or_else(
-        || std::path::PathBuf::from(env!("CARGO_BIN_EXE_stack-sandbox-exec")),
-        std::path::PathBuf::from,
-    );
-    ProcessSandbox::with_helper(helper)
-}
+use common::process_sandbox as sandbox;
 
 fn budget(bytes: u64, files: u64) -> ProcessPolicy {
     ProcessPolicy {

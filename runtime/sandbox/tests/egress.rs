@@ -9,9 +9,10 @@
 //! in the call's egress records with its rule, and no refused request may
 //! reach its server.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,12 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn helper_binary() -> PathBuf {
-    std::env::var_os("STACK_RUNTIME_SANDBOX_HELPER").map_or_else(
-        || PathBuf::from(env!("CARGO_BIN_EXE_stack-sandbox-exec")),
-        PathBuf::from,
-    )
-}
+use common::helper_binary;
 
 /// One of the test's "internet" hosts: answers every request with its
 /// name, `/redirect` with a redirect to `redirect_to`, and remembers each

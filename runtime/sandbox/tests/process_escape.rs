@@ -18,16 +18,7 @@ use stack_types::Language;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The sandbox helper: the one cargo built, or a copy named by
-/// `STACK_RUNTIME_SANDBOX_HELPER` (`scripts/test-as-user` runs this suite as
-/// an unprivileged user from copies, since root's build folder is closed to
-/// other users).
-fn helper_binary() -> PathBuf {
-    std::env::var_os("STACK_RUNTIME_SANDBOX_HELPER").map_or_else(
-        || PathBuf::from(env!("CARGO_BIN_EXE_stack-sandbox-exec")),
-        PathBuf::from,
-    )
-}
+use common::helper_binary;
 
 const SECRET: &str = "TOPSECRET-4c1d";
 

@@ -14,13 +14,7 @@ use stack_types::ScriptRuntime;
 
 /// The process-wide sandbox: compiling python.wasm takes seconds, so every
 /// test shares one engine and its compiled interpreters.
-fn sandbox() -> WasiSandbox {
-    let sandbox = WasiSandbox::shared().expect("engine");
-    sandbox
-        .warm_up()
-        .expect("run scripts/setup first: the interpreters are missing");
-    sandbox
-}
+use common::wasi_sandbox as sandbox;
 
 fn quick() -> WasiPolicy {
     WasiPolicy {

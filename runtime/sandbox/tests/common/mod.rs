@@ -6,6 +6,33 @@ use std::path::PathBuf;
 
 pub use stack_test_support::{attacker, fixture, repo_root};
 
+/// The sandbox helper: the one cargo built, or a copy named by
+/// `STACK_RUNTIME_SANDBOX_HELPER` (`scripts/test-as-user` runs the suites
+/// as an unprivileged user from copies, since root's build folder is
+/// closed to other users).
+pub fn helper_binary() -> PathBuf {
+    std::env::var_os("STACK_RUNTIME_SANDBOX_HELPER").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_stack-sandbox-exec")),
+        PathBuf::from,
+    )
+}
+
+/// A process sandbox that runs code through [`helper_binary`].
+pub fn process_sandbox() -> stack_sandbox::process::ProcessSandbox {
+    stack_sandbox::process::ProcessSandbox::with_helper(helper_binary())
+}
+
+/// The shared WASI sandbox, its interpreters compiled (or an error that
+/// says to fetch them).
+#[cfg(feature = "wasi")]
+pub fn wasi_sandbox() -> stack_sandbox::wasi::WasiSandbox {
+    let sandbox = stack_sandbox::wasi::WasiSandbox::shared().expect("engine");
+    sandbox
+        .warm_up()
+        .expect("run scripts/setup first: the interpreters are missing");
+    sandbox
+}
+
 /// The runtime's own folders inside a workspace, as a home-folder
 /// workspace holds them: a compiled module in the cache (read-only to
 /// sandboxed code) and a transcript in the data folder (hidden). The data
