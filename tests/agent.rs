@@ -84,6 +84,18 @@ fn first_argument_and_outcome(
     )
 }
 
+/// A runtime on the shared model in `workspace` under the policy preset
+/// `preset`, keeping no transcripts.
+fn runtime_in(workspace: &std::path::Path, preset: &str) -> Runtime {
+    Runtime::builder()
+        .model(model())
+        .policy(Policy::preset(preset).expect("policy"))
+        .workspace(workspace)
+        .transcripts(None)
+        .build()
+        .expect("runtime")
+}
+
 async fn collect(session: &mut stack_runtime::agent::Session, text: &str) -> Vec<Event> {
     use futures::StreamExt;
     session.send(text).collect().await
@@ -228,13 +240,7 @@ async fn a_grounded_call_names_a_file_that_exists() {
     std::fs::write(workspace.path().join("notes.txt"), "the meeting moved").expect("write");
     std::fs::create_dir(workspace.path().join("src")).expect("mkdir");
     std::fs::write(workspace.path().join("src/main.py"), "print(1)\n").expect("write");
-    let runtime = Runtime::builder()
-        .model(model())
-        .policy(Policy::preset("default").expect("policy"))
-        .workspace(workspace.path())
-        .transcripts(None)
-        .build()
-        .expect("runtime");
+    let runtime = runtime_in(workspace.path(), "default");
     let prompt = "Read todo.md and tell me the first item.";
 
     let mut grounded = runtime
@@ -278,13 +284,7 @@ async fn a_grounded_call_names_a_file_that_exists() {
 async fn a_grounded_write_names_a_path_inside_the_workspace() {
     let workspace = tempfile::tempdir().expect("tempdir");
     // `trusted` writes without asking (`default` asks, and no one answers).
-    let runtime = Runtime::builder()
-        .model(model())
-        .policy(Policy::preset("trusted").expect("policy"))
-        .workspace(workspace.path())
-        .transcripts(None)
-        .build()
-        .expect("runtime");
+    let runtime = runtime_in(workspace.path(), "trusted");
     let prompt = "Save the text 'hello world' to greeting.txt";
 
     let mut free = runtime
@@ -334,13 +334,7 @@ async fn a_grounded_write_names_a_path_inside_the_workspace() {
 async fn grounded_code_does_not_end_where_a_bare_quote_would_end_it() {
     let workspace = tempfile::tempdir().expect("tempdir");
     // `trusted` runs code without asking.
-    let runtime = Runtime::builder()
-        .model(model())
-        .policy(Policy::preset("trusted").expect("policy"))
-        .workspace(workspace.path())
-        .transcripts(None)
-        .build()
-        .expect("runtime");
+    let runtime = runtime_in(workspace.path(), "trusted");
     let prompt = "Run Python code that prints 'stack' in upper case.";
 
     let mut free = runtime
@@ -376,17 +370,52 @@ async fn grounded_code_does_not_end_where_a_bare_quote_would_end_it() {
     );
 }
 
+/// The decision to call on the real model, with the session defaults
+/// (`auto` routing and grounding): a request that asks for Python as its
+/// means runs Python code in the sandbox, where the model's own evidence
+/// (1.2 nats, under the 5-nat gate) called nothing; a question about the
+/// language calls nothing. (Whether the code is right is the model's:
+/// with the built-in tools alone it writes `17 * 23 = 456`.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_for_python_runs_code_and_a_question_about_it_does_not() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    // `trusted` runs code without asking.
+    let runtime = runtime_in(workspace.path(), "trusted");
+    let config = || SessionConfig {
+        sampling: greedy(96),
+        max_steps: 1,
+        ..SessionConfig::default()
+    };
+
+    let mut asked = runtime.session(config()).await.expect("session");
+    let events = collect(&mut asked, "Compute 17 * 23 with Python.").await;
+    let calls = proposed_calls(&events);
+    assert_eq!(calls.len(), 1, "{events:?}");
+    assert_eq!(calls[0].function.name, "execute_code", "{events:?}");
+    let (language, outcome) = first_argument_and_outcome(&events, "language");
+    let (code, _) = first_argument_and_outcome(&events, "code");
+    assert_eq!(language, "python", "{events:?}");
+    assert!(code.contains("17 * 23"), "{code:?}");
+    // It ran in the sandbox: python3 answered for the code.
+    assert!(outcome.exit_code.is_some(), "{outcome:?}");
+
+    let mut talk = runtime.session(config()).await.expect("session");
+    let events = collect(&mut talk, "Is JavaScript faster than Python?").await;
+    assert!(proposed_calls(&events).is_empty(), "{events:?}");
+    assert!(
+        matches!(
+            events.last(),
+            Some(Event::TurnFinished { reason, .. }) if *reason == TurnEnd::Answered
+        ),
+        "{events:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn denials_and_failures_go_back_to_the_model_and_repeats_stop_the_turn() {
     let workspace = tempfile::tempdir().expect("tempdir");
     // No approver: `ask` means deny. write_file asks under the default policy.
-    let runtime = Runtime::builder()
-        .model(model())
-        .policy(Policy::preset("default").expect("policy"))
-        .workspace(workspace.path())
-        .transcripts(None)
-        .build()
-        .expect("runtime");
+    let runtime = runtime_in(workspace.path(), "default");
     let config = SessionConfig {
         tool_choice: ToolChoice::Named("write_file".into()),
         sampling: greedy(96),
@@ -435,13 +464,7 @@ async fn denials_and_failures_go_back_to_the_model_and_repeats_stop_the_turn() {
 async fn a_turn_stops_when_cancelled_or_dropped_and_the_session_goes_on() {
     use futures::StreamExt;
     let workspace = tempfile::tempdir().expect("tempdir");
-    let runtime = Runtime::builder()
-        .model(model())
-        .policy(Policy::preset("default").expect("policy"))
-        .workspace(workspace.path())
-        .transcripts(None)
-        .build()
-        .expect("runtime");
+    let runtime = runtime_in(workspace.path(), "default");
     let config = SessionConfig {
         tool_choice: ToolChoice::None,
         sampling: greedy(1500),

@@ -32,7 +32,8 @@ pub use super::cpu_backends::CpuBackend;
 use super::formats::ToolFormat;
 use super::grammar::{ArgumentValues, ToolChoice};
 use super::routing::{
-    clip, describe_tool, name_words_in, named_choices_in, RoutingScores, MAX_EVIDENCE_CHARS,
+    clip, describe_tool, instruments_in, name_verbs_in, name_words_in, named_choices_in,
+    RoutingScores, MAX_EVIDENCE_CHARS,
 };
 use super::template::PromptRenderer;
 use super::toolcall::{parse_tool_calls_for, ParsedTurn};
@@ -1113,7 +1114,9 @@ impl ModelSession {
     /// First, whether any tool fits: for each tool, how much likelier the
     /// model finds the user's message after a system message that tells
     /// of that tool than after one that tells of none ([`tool_evidence`]).
-    /// Where no tool has [`ROUTING_EVIDENCE_NATS`], no tool is named.
+    /// Where no tool has [`ROUTING_EVIDENCE_NATS`], counting
+    /// [`INSTRUMENT_NATS`] for one the message asks for as its means ("with
+    /// Python"), no tool is named.
     /// Then which: each tool is also scored by how likely the model finds
     /// a call to it, opened the way the model's own syntax opens one
     /// ([`ToolFormat::name_frame`]: `<tool_call>\n{"name": "NAME"` for
@@ -1128,6 +1131,7 @@ impl ModelSession {
     ///
     /// [`ROUTING_EVIDENCE_NATS`]: crate::routing::ROUTING_EVIDENCE_NATS
     /// [`NAMED_CHOICE_NATS`]: crate::routing::NAMED_CHOICE_NATS
+    /// [`INSTRUMENT_NATS`]: crate::routing::INSTRUMENT_NATS
     ///
     /// [`tool_evidence`]: Self::tool_evidence
     fn route(
@@ -1153,6 +1157,7 @@ impl ModelSession {
         let names: Vec<&str> = offered.iter().filter_map(|t| tool_name(t)).collect();
         let mut scores = RoutingScores {
             named: named_choices_in(query, &offered),
+            instrument: instruments_in(query, &offered),
             evidence,
             ..RoutingScores::default()
         };
@@ -1173,6 +1178,7 @@ impl ModelSession {
                 scores.name.push(score);
             }
             scores.words = name_words_in(query, &names);
+            scores.verbs = name_verbs_in(query, &names);
             scores
                 .choice()
                 .and_then(|i| names.get(i))

@@ -23,16 +23,60 @@ pub const ROUTING_EVIDENCE_NATS: f64 = 5.0;
 /// holds (scaled by how few of the offered names hold it).
 pub const NAME_WORD_NATS: f64 = 2.0;
 
+/// The weight, in nats, of a word of a tool's name that opens a request,
+/// as its verb, on top of [`NAME_WORD_NATS`] and scaled by rarity as
+/// those are (see [`name_verbs_in`]): "Read data.csv and tell me its column
+/// names." holds `read` of `read_file` and `csv` of `csv_json` alike, and
+/// asks to read (the model leaned to `csv_json` by 2 nats).
+pub const VERB_NATS: f64 = 2.0;
+
 /// The weight, in nats, that a message naming one of a tool's enumerated
 /// parameter values adds to that tool in the choice among tools, once the
 /// gate has passed ("Run the bash command date." names `bash` of
 /// `execute_code`'s `language`; the model leaned to `list_dir`). Not at
-/// the gate: whether a tool is wanted at all stays the model's evidence,
-/// since naming a value is not asking for its tool ("Should I learn Python
-/// or JavaScript first?"), and the model cannot tell the two apart here
-/// ("What is Python?" gives `execute_code` more evidence than "Compute 17
-/// * 23 with Python.").
+/// the gate: naming a value is not asking for its tool ("Should I learn
+/// Python or JavaScript first?"). Asking for it as the means of a request
+/// is, and weighs [`INSTRUMENT_NATS`] there.
 pub const NAMED_CHOICE_NATS: f64 = 5.0;
+
+/// The weight, in nats, that a request naming one of a tool's enumerated
+/// values as its means ("Compute 17 * 23 with Python.", see
+/// [`instruments_in`]) adds to that tool's evidence at the gate. The model
+/// cannot tell such a request from talk about the value: it finds "What
+/// is Python?" 4.9 nats likelier beside `execute_code`, "Compute 17 * 23
+/// with Python." 1.2, and "What is 2 to the power of 20? Use Python
+/// code." 1.2 (SmolLM2-135M, the shipped tools). Less than
+/// [`ROUTING_EVIDENCE_NATS`], so the model's own evidence must still lean
+/// to the tool (1 nat): "Explain closures in JavaScript." does not pass.
+pub const INSTRUMENT_NATS: f64 = 4.0;
+
+/// Words that make the value after them (past an article) the means of a
+/// request: "with Python", "in JavaScript", "using bash", "Use Python",
+/// "Run a bash command".
+const INSTRUMENT_BEFORE: &[&str] = &["with", "in", "using", "use", "via", "run", "execute"];
+
+/// Words that make the value before them the means: "a bash command".
+/// Not `code`, `script` or `program`, which name what is made as often as
+/// the means ("Write a Python script hello.py that prints hello." asks for
+/// a file).
+const INSTRUMENT_AFTER: &[&str] = &["command"];
+
+/// Words that open a question rather than a request, unless a request
+/// opener follows ("Can you compute it in Python?").
+const QUESTION_OPENERS: &[&str] = &[
+    "what", "which", "who", "whom", "whose", "when", "where", "why", "how", "is", "are", "was",
+    "were", "do", "does", "did", "should", "shall", "may", "might", "must", "can", "could",
+    "would", "will",
+];
+
+/// Openers that make a sentence a request, though a question in form.
+const POLITE_REQUESTS: &[&[&str]] = &[
+    &["can", "you"],
+    &["could", "you"],
+    &["would", "you"],
+    &["will", "you"],
+    &["please"],
+];
 
 /// The fewest letters an enumerated value needs to count as named: `in`,
 /// `C` or `m` (units) are words of any message.
@@ -68,28 +112,46 @@ pub struct RoutingScores {
     /// Words of the tool's name in the user's message (see
     /// [`name_words_in`]).
     pub words: Vec<f64>,
+    /// Words of the tool's name that open a request in the user's message
+    /// (see [`name_verbs_in`]).
+    pub verbs: Vec<f64>,
     /// Whether the user's message names one of the tool's enumerated
     /// parameter values: 1 or 0 (see [`named_choices_in`]).
     pub named: Vec<f64>,
+    /// Whether the user's message asks for one of the tool's enumerated
+    /// values as its means: 1 or 0 (see [`instruments_in`]).
+    pub instrument: Vec<f64>,
 }
 
 impl RoutingScores {
-    /// Whether any tool has [`ROUTING_EVIDENCE_NATS`] of evidence.
+    /// Whether any tool has [`ROUTING_EVIDENCE_NATS`] of evidence, counting
+    /// [`INSTRUMENT_NATS`] for a tool the request names as its means.
     pub fn some_tool_fits(&self) -> bool {
-        self.evidence.iter().any(|e| *e >= ROUTING_EVIDENCE_NATS)
+        self.evidence.iter().enumerate().any(|(i, evidence)| {
+            evidence + INSTRUMENT_NATS * self.instrument.get(i).copied().unwrap_or(0.0)
+                >= ROUTING_EVIDENCE_NATS
+        })
     }
 
     /// The index of the tool to call: the best sum of the name's
-    /// likelihood, the evidence, the named words and the named values.
-    /// `None` when nothing was scored.
+    /// likelihood, the evidence, the named words, the verbs and the named
+    /// values, among the tools the request asks for as its means where it
+    /// asks for any (the user has chosen: the model gives "Use a bash
+    /// command to count the lines of lines.txt." to `read_file` by 6
+    /// nats over `execute_code`). `None` when nothing was scored.
     pub fn choice(&self) -> Option<usize> {
         let total = |i: usize| {
             self.name.get(i).copied().unwrap_or(f64::NEG_INFINITY)
                 + self.evidence.get(i).copied().unwrap_or(0.0)
                 + NAME_WORD_NATS * self.words.get(i).copied().unwrap_or(0.0)
+                + VERB_NATS * self.verbs.get(i).copied().unwrap_or(0.0)
                 + NAMED_CHOICE_NATS * self.named.get(i).copied().unwrap_or(0.0)
         };
-        (0..self.name.len()).max_by(|a, b| total(*a).total_cmp(&total(*b)))
+        let asked = |i: &usize| self.instrument.get(*i).is_some_and(|a| *a > 0.0);
+        let any_asked = (0..self.name.len()).any(|i| asked(&i));
+        (0..self.name.len())
+            .filter(|i| !any_asked || asked(i))
+            .max_by(|a, b| total(*a).total_cmp(&total(*b)))
     }
 }
 
@@ -156,6 +218,48 @@ pub fn name_words_in(message: &str, names: &[&str]) -> Vec<f64> {
         .collect()
 }
 
+/// For each of `names`, the words of that name that open a request (a
+/// sentence that is not a question, see [`sentence`]) in `message`, past
+/// a `please`: the request's verb ("Search the code for 'import
+/// requests'." opens with `search` of `search_files`). Weighted by rarity
+/// as [`name_words_in`] weighs them; compared lower-cased and stemmed.
+pub fn name_verbs_in(message: &str, names: &[&str]) -> Vec<f64> {
+    let verbs: Vec<String> = sentences(clip(message, MAX_EVIDENCE_CHARS))
+        .into_iter()
+        .filter(|(_, question)| !question)
+        .filter_map(|(words, _)| request_verb(&words))
+        .collect();
+    let named: Vec<Vec<String>> = names.iter().map(|name| words(name)).collect();
+    let count = names.len() as f64;
+    named
+        .iter()
+        .map(|words| {
+            words
+                .iter()
+                .filter(|word| verbs.contains(word))
+                .map(|word| {
+                    let holding = named.iter().filter(|other| other.contains(word)).count();
+                    (count / holding.max(1) as f64).ln()
+                })
+                .sum()
+        })
+        .collect()
+}
+
+/// The first word of a request's `words` past a polite opener ("Can you
+/// read it?", "Please list it"), stemmed.
+fn request_verb(words: &[(String, String)]) -> Option<String> {
+    let skipped = POLITE_REQUESTS
+        .iter()
+        .find(|opener| opens_with(words, opener))
+        .map_or(0, |opener| opener.len());
+    words
+        .iter()
+        .skip(skipped)
+        .find(|(word, _)| word != "please")
+        .map(|(_, stemmed)| stemmed.clone())
+}
+
 /// For each of `tools`, 1 if `message` names one of the values its
 /// parameters enumerate, else 0. A value is named when every one of its
 /// parts is a part of the message: runs of ASCII letters or digits,
@@ -171,22 +275,9 @@ pub fn named_choices_in(message: &str, tools: &[&Value]) -> Vec<f64> {
     tools
         .iter()
         .map(|tool| {
-            let function = tool.get("function").unwrap_or(tool);
-            let mut values = Vec::new();
-            if let Some(parameters) = function.get("parameters") {
-                enumerated_values(parameters, &mut values, 0);
-            }
-            let named = values.iter().any(|value| {
-                let parts = value_parts(value);
-                let letters: usize = value.chars().filter(char::is_ascii_alphabetic).count();
-                letters >= MIN_NAMED_CHOICE_LETTERS
-                    && !parts.is_empty()
-                    && !UNNAMING_VALUES.contains(&value.to_ascii_lowercase().as_str())
-                    && !parts.iter().any(|part| {
-                        part.len() == 1 && part.chars().all(|c| c.is_ascii_alphabetic())
-                    })
-                    && parts.iter().all(|part| said.contains(part))
-            });
+            let named = naming_values(tool)
+                .iter()
+                .any(|parts| parts.iter().all(|part| said.contains(part)));
             if named {
                 1.0
             } else {
@@ -194,6 +285,143 @@ pub fn named_choices_in(message: &str, tools: &[&Value]) -> Vec<f64> {
             }
         })
         .collect()
+}
+
+/// The enumerated values of `tool`'s parameters that a message can name,
+/// each as its parts (see [`value_parts`]): not one of fewer than
+/// [`MIN_NAMED_CHOICE_LETTERS`] letters, with a part of one letter, or
+/// among [`UNNAMING_VALUES`].
+fn naming_values(tool: &Value) -> Vec<Vec<String>> {
+    let function = tool.get("function").unwrap_or(tool);
+    let mut values = Vec::new();
+    if let Some(parameters) = function.get("parameters") {
+        enumerated_values(parameters, &mut values, 0);
+    }
+    values
+        .into_iter()
+        .filter(|value| {
+            let letters = value.chars().filter(char::is_ascii_alphabetic).count();
+            letters >= MIN_NAMED_CHOICE_LETTERS
+                && !UNNAMING_VALUES.contains(&value.to_ascii_lowercase().as_str())
+        })
+        .map(value_parts)
+        .filter(|parts| {
+            !parts.is_empty()
+                && !parts
+                    .iter()
+                    .any(|part| part.len() == 1 && part.chars().all(|c| c.is_ascii_alphabetic()))
+        })
+        .collect()
+}
+
+/// For each of `tools`, 1 if `message` asks for one of the values its
+/// parameters enumerate as the means of a request, else 0: a sentence
+/// that is a request, not a question (see [`sentence`]), names the
+/// value (as [`named_choices_in`] does) right after one of
+/// [`INSTRUMENT_BEFORE`] ("with Python", "using the bash") or right before
+/// one of [`INSTRUMENT_AFTER`] ("a bash command"). "Compute 17 * 23 with
+/// Python." asks for `execute_code`'s `python`; "Is JavaScript faster
+/// than Python?" and "Should I learn Python?" do not. Read up to
+/// [`MAX_EVIDENCE_CHARS`], as the routing step's prompts read it.
+pub fn instruments_in(message: &str, tools: &[&Value]) -> Vec<f64> {
+    let requests: Vec<Vec<(String, String)>> = sentences(clip(message, MAX_EVIDENCE_CHARS))
+        .into_iter()
+        .filter(|(sentence, question)| !question && !sentence.is_empty())
+        .map(|(words, _)| words)
+        .collect();
+    tools
+        .iter()
+        .map(|tool| {
+            let values = naming_values(tool);
+            let asked = requests
+                .iter()
+                .any(|words| values.iter().any(|parts| names_as_means(words, parts)));
+            if asked {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// Whether `parts` run in `words` (each as written, lower-cased, and
+/// stemmed) right after an [`INSTRUMENT_BEFORE`] word, an article
+/// between them allowed, or right before an [`INSTRUMENT_AFTER`] word.
+fn names_as_means(words: &[(String, String)], parts: &[String]) -> bool {
+    if parts.is_empty() || parts.len() > words.len() {
+        return false;
+    }
+    (0..=words.len() - parts.len()).any(|start| {
+        let runs = words[start..start + parts.len()]
+            .iter()
+            .zip(parts)
+            .all(|((_, stemmed), part)| stemmed == part);
+        if !runs {
+            return false;
+        }
+        let word_at = |i: Option<usize>| i.and_then(|i| words.get(i)).map(|(w, _)| w.as_str());
+        let before = start.checked_sub(1);
+        let before = match word_at(before) {
+            Some("a" | "an" | "the") => before.and_then(|i| i.checked_sub(1)),
+            _ => before,
+        };
+        let after = word_at(Some(start + parts.len()));
+        word_at(before).is_some_and(|w| INSTRUMENT_BEFORE.contains(&w))
+            || after.is_some_and(|w| INSTRUMENT_AFTER.contains(&w))
+    })
+}
+
+/// The sentences of `text`, each as its words (runs of ASCII letters or
+/// digits: as written, lower-cased, and as [`value_parts`] has them) and
+/// whether it is a question (see [`sentence`]). A sentence ends at
+/// `.`, `!` or `?` before a space or the end, or at a line break, so
+/// `app.toml` stays in one.
+fn sentences(text: &str) -> Vec<(Vec<(String, String)>, bool)> {
+    let mut found = Vec::new();
+    let mut start = 0;
+    let mut chars = text.char_indices().peekable();
+    while let Some((at, c)) = chars.next() {
+        let next = chars.peek().map(|(_, n)| *n);
+        let ends =
+            c == '\n' || (matches!(c, '.' | '!' | '?') && next.is_none_or(char::is_whitespace));
+        if ends {
+            found.push(sentence(&text[start..at], c == '?'));
+            start = at + c.len_utf8();
+        }
+    }
+    if start < text.len() {
+        found.push(sentence(&text[start..], false));
+    }
+    found
+}
+
+/// Whether `words` (as written, lower-cased) open with `opener`.
+fn opens_with(words: &[(String, String)], opener: &[&str]) -> bool {
+    opener.len() <= words.len() && opener.iter().zip(words).all(|(o, (w, _))| o == w)
+}
+
+/// One sentence's words, and whether it is a question: it ends in `?`
+/// or opens with one of [`QUESTION_OPENERS`], unless it opens with one of
+/// [`POLITE_REQUESTS`].
+fn sentence(text: &str, ends_in_question_mark: bool) -> (Vec<(String, String)>, bool) {
+    let words: Vec<(String, String)> = text
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            let lower = part.to_ascii_lowercase();
+            let stemmed = value_parts(&lower).pop().unwrap_or_default();
+            (lower, stemmed)
+        })
+        .collect();
+    let polite = POLITE_REQUESTS
+        .iter()
+        .any(|opener| opens_with(&words, opener));
+    let asks = ends_in_question_mark
+        || words
+            .first()
+            .is_some_and(|(w, _)| QUESTION_OPENERS.contains(&w.as_str()));
+    (words, asks && !polite)
 }
 
 /// How deep [`enumerated_values`] looks into nested schemas.
@@ -418,6 +646,8 @@ mod tests {
             name: vec![-9.72, -10.05],
             words: vec![0.0, 7f64.ln()],
             named: vec![0.0, 0.0],
+            instrument: vec![0.0, 0.0],
+            verbs: vec![0.0, 0.0],
         };
         assert!(scores.some_tool_fits());
         assert_eq!(scores.choice(), Some(1));
@@ -439,6 +669,8 @@ mod tests {
             name: vec![-9.0, -8.5],
             words: vec![0.0, 0.0],
             named: vec![1.0, 0.0],
+            instrument: vec![0.0, 0.0],
+            verbs: vec![0.0, 0.0],
         };
         assert!(code.some_tool_fits());
         assert_eq!(code.choice(), Some(0));
@@ -454,9 +686,223 @@ mod tests {
         // has the evidence, so no call.
         let talk = RoutingScores {
             evidence: vec![1.09, 1.22],
-            ..code
+            ..code.clone()
         };
         assert!(!talk.some_tool_fits());
+    }
+
+    /// (message, names, the names its verbs name)
+    const VERBS: &[(&str, &[&str], &[&str])] = &[
+        (
+            "Read data.csv and tell me its column names.",
+            &["csv_json", "read_file"],
+            &["read_file"],
+        ),
+        (
+            "Search the code for 'import requests'.",
+            &["search_files", "list_dir"],
+            &["search_files"],
+        ),
+        (
+            "Please list the contents of src. Read it too.",
+            &["list_dir", "read_file", "write_file"],
+            &["list_dir", "read_file"],
+        ),
+        // A word of the name that is not the verb, and a question's verb.
+        (
+            "Convert data.csv and read it",
+            &["csv_json", "read_file"],
+            &[],
+        ),
+        ("Read it? Then list it.", &["read_file", "list_dir"], &[]),
+        (
+            "What is in notes.txt? List it.",
+            &["read_file", "list_dir"],
+            &["list_dir"],
+        ),
+        // A polite request is a request.
+        (
+            "Can you read notes.txt?",
+            &["read_file", "list_dir"],
+            &["read_file"],
+        ),
+        (
+            "Could you please list src",
+            &["read_file", "list_dir"],
+            &["list_dir"],
+        ),
+        // A verb every name holds says nothing.
+        ("Get the time", &["get_time", "get_date"], &[]),
+    ];
+
+    #[test]
+    fn the_verb_of_a_request_names_a_tool() {
+        for (message, names, expected) in VERBS {
+            let verbs = name_verbs_in(message, names);
+            let got: Vec<&str> = names
+                .iter()
+                .zip(&verbs)
+                .filter(|(_, v)| **v > 0.0)
+                .map(|(name, _)| *name)
+                .collect();
+            assert_eq!(got, expected.to_vec(), "{message}: {verbs:?}");
+        }
+        // Measured for "Read data.csv and tell me its column names."
+        // (`csv_json`, `read_file`, of the seven shipped tools): the
+        // model leans to `csv_json`, each name has a word of the message.
+        let scores = RoutingScores {
+            evidence: vec![13.61, 8.25],
+            name: vec![-11.06, -7.70],
+            words: vec![7f64.ln(), 7f64.ln()],
+            named: vec![0.0, 0.0],
+            instrument: vec![0.0, 0.0],
+            verbs: vec![0.0, 7f64.ln()],
+        };
+        assert_eq!(scores.choice(), Some(1));
+        assert_eq!(
+            RoutingScores {
+                verbs: vec![0.0, 0.0],
+                ..scores
+            }
+            .choice(),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn a_value_asked_for_as_the_means_opens_the_gate_with_some_evidence() {
+        // Measured for "Compute 17 * 23 with Python." (`execute_code`,
+        // `unit_convert`): the model finds it 1.22 nats likelier beside
+        // `execute_code`, under the gate; the request asks for `python`.
+        let asked = RoutingScores {
+            evidence: vec![1.22, 2.47],
+            name: vec![-9.0, -8.5],
+            words: vec![0.0, 0.0],
+            named: vec![1.0, 0.0],
+            instrument: vec![1.0, 0.0],
+            verbs: vec![0.0, 0.0],
+        };
+        assert!(asked.some_tool_fits());
+        assert_eq!(asked.choice(), Some(0));
+        // The same words with no means asked for: no call.
+        let named_only = RoutingScores {
+            instrument: vec![0.0, 0.0],
+            ..asked.clone()
+        };
+        assert!(!named_only.some_tool_fits());
+        // The means counts for its own tool only, and the model's own
+        // evidence must still lean to it.
+        let elsewhere = RoutingScores {
+            instrument: vec![0.0, 1.0],
+            evidence: vec![1.22, 0.5],
+            ..asked.clone()
+        };
+        assert!(!elsewhere.some_tool_fits());
+        let against = RoutingScores {
+            evidence: vec![0.9, -1.0],
+            ..asked.clone()
+        };
+        assert!(!against.some_tool_fits());
+        // Asked for as the means, a tool is chosen over one the model
+        // leans to. Measured for "Use a bash command to count the lines of
+        // lines.txt." (`execute_code`, `read_file`).
+        let means = RoutingScores {
+            evidence: vec![9.02, 14.69],
+            name: vec![-14.76, -9.43],
+            words: vec![0.0, 0.0],
+            named: vec![1.0, 0.0],
+            instrument: vec![1.0, 0.0],
+            verbs: vec![0.0, 0.0],
+        };
+        assert_eq!(means.choice(), Some(0));
+        assert_eq!(
+            RoutingScores {
+                instrument: vec![0.0, 0.0],
+                ..means
+            }
+            .choice(),
+            Some(1)
+        );
+    }
+
+    /// (message, the tools that count as asked for as the means among
+    /// `shipped()`)
+    const INSTRUMENTS: &[(&str, &[&str])] = &[
+        // The eval's requests.
+        ("Compute 17 * 23 with Python.", &["execute_code"]),
+        (
+            "Calculate the first 10 Fibonacci numbers in Python.",
+            &["execute_code"],
+        ),
+        (
+            "What is 2 to the power of 20? Use Python code.",
+            &["execute_code"],
+        ),
+        (
+            "Use Python to add up the numbers from 1 to 100.",
+            &["execute_code"],
+        ),
+        (
+            "With JavaScript, print the length of the string 'runtime'.",
+            &["execute_code"],
+        ),
+        (
+            "Use a bash command to count the lines of lines.txt.",
+            &["execute_code"],
+        ),
+        ("Run the bash command date.", &["execute_code"]),
+        (
+            "Run Python code that prints 'stack' in upper case.",
+            &["execute_code"],
+        ),
+        ("write it using the JavaScript", &["execute_code"]),
+        // A polite request, though a question in form.
+        ("Can you compute 12 * 12 in JavaScript?", &["execute_code"]),
+        ("Please, in bash: list the files", &["execute_code"]),
+        // A question, not a request.
+        ("Is JavaScript faster than Python?", &[]),
+        ("What is Python?", &[]),
+        ("Should I learn Python or JavaScript first?", &[]),
+        ("How do I write a loop in Python?", &[]),
+        ("how do I write a loop in Python", &[]),
+        ("Is this in Python? Tell me.", &[]),
+        // Named, not as the means.
+        ("Tell me about Python.", &[]),
+        ("Python is a snake. So is a boa.", &[]),
+        ("The bash party was fun", &[]),
+        // What is made, not the means.
+        ("Write a Python script hello.py that prints hello.", &[]),
+        // A sentence ends before a space, not inside a file name.
+        ("What port does config/app.toml set in bash?", &[]),
+        // Every word of a value, in order; values that name nothing
+        // (`in`, `Plan B`) are no means either.
+        ("Convert it with CSV", &[]),
+        ("Convert it with csv to json", &["csv_json"]),
+        ("Put it in the box, 5 m in m", &[]),
+        ("Do it with plan B", &[]),
+    ];
+
+    #[test]
+    fn a_request_asks_for_a_value_as_its_means() {
+        let tools = shipped();
+        let offered: Vec<&Value> = tools.iter().collect();
+        let names: Vec<&str> = tools.iter().filter_map(|t| tool_name(t)).collect();
+        for (message, expected) in INSTRUMENTS {
+            let asked = instruments_in(message, &offered);
+            let got: Vec<&str> = names
+                .iter()
+                .zip(&asked)
+                .filter(|(_, a)| **a > 0.0)
+                .map(|(name, _)| *name)
+                .collect();
+            assert_eq!(got, expected.to_vec(), "{message}: {asked:?}");
+        }
+        // Read as far as the routing step reads.
+        let far = format!(
+            "{} Compute it with Python.",
+            "x ".repeat(MAX_EVIDENCE_CHARS)
+        );
+        assert_eq!(instruments_in(&far, &offered[..1]), [0.0]);
     }
 
     /// (message, the tools that count as named among `shipped()`)
