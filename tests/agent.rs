@@ -373,11 +373,12 @@ async fn grounded_code_does_not_end_where_a_bare_quote_would_end_it() {
 /// The decision to call on the real model, with the session defaults
 /// (`auto` routing and grounding): a request that asks for Python as its
 /// means runs Python code in the sandbox, where the model's own evidence
-/// (1.2 nats, under the 5-nat gate) called nothing; a question about the
-/// language calls nothing. (Whether the code is right is the model's:
+/// (1.2 nats, under the 5-nat gate) called nothing; a statement that
+/// names a language after `with` calls nothing, and a search that names
+/// one as a modifier searches. (Whether the code is right is the model's:
 /// with the built-in tools alone it writes `17 * 23 = 456`.)
 #[tokio::test(flavor = "multi_thread")]
-async fn a_request_for_python_runs_code_and_a_question_about_it_does_not() {
+async fn a_request_for_python_runs_code_and_other_mentions_do_not() {
     let workspace = tempfile::tempdir().expect("tempdir");
     // `trusted` runs code without asking.
     let runtime = runtime_in(workspace.path(), "trusted");
@@ -399,8 +400,11 @@ async fn a_request_for_python_runs_code_and_a_question_about_it_does_not() {
     // It ran in the sandbox: python3 answered for the code.
     assert!(outcome.exit_code.is_some(), "{outcome:?}");
 
+    // A statement that names a language after `with`: no call (a first
+    // build, which took any sentence without `?` for a request, ran
+    // JavaScript here).
     let mut talk = runtime.session(config()).await.expect("session");
-    let events = collect(&mut talk, "Is JavaScript faster than Python?").await;
+    let events = collect(&mut talk, "I have worked with JavaScript for years.").await;
     assert!(proposed_calls(&events).is_empty(), "{events:?}");
     assert!(
         matches!(
@@ -409,6 +413,16 @@ async fn a_request_for_python_runs_code_and_a_question_about_it_does_not() {
         ),
         "{events:?}"
     );
+
+    // A language that only modifies ("in Python files") leaves the choice
+    // to the model, which searches (the first build ran code here too).
+    let mut search = runtime.session(config()).await.expect("session");
+    let events = collect(&mut search, "Search for TODO in Python files.").await;
+    let called: Vec<String> = proposed_calls(&events)
+        .into_iter()
+        .map(|call| call.function.name)
+        .collect();
+    assert_eq!(called, ["search_files"], "{events:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

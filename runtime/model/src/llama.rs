@@ -1116,14 +1116,16 @@ impl ModelSession {
     /// of that tool than after one that tells of none ([`tool_evidence`]).
     /// Where no tool has [`ROUTING_EVIDENCE_NATS`], counting
     /// [`INSTRUMENT_NATS`] for one the message asks for as its means ("with
-    /// Python"), no tool is named.
+    /// Python", [`instruments_in`]), no tool is named.
     /// Then which: each tool is also scored by how likely the model finds
     /// a call to it, opened the way the model's own syntax opens one
     /// ([`ToolFormat::name_frame`]: `<tool_call>\n{"name": "NAME"` for
-    /// Hermes), by the words of its name the message holds, and by
-    /// [`NAMED_CHOICE_NATS`] where the message names one of its
-    /// enumerated values ("with Python"); [`RoutingScores::choice`] adds
-    /// them. The name prompts
+    /// Hermes), by the words of its name the message holds (more for the
+    /// one that opens a request, its verb), by [`NAMED_CHOICE_NATS`] where
+    /// the message names one of its enumerated values, and by
+    /// [`INSTRUMENT_NATS`] where it asks for one as its means;
+    /// [`RoutingScores::choice`] adds them, among the tools asked for as
+    /// the means where only the means opened the gate. The name prompts
     /// share the conversation with each other and with the step that
     /// follows, so each evaluates only what is its own; the evidence
     /// prompts run aside (see [`ASIDE_SEQ`], and a batched engine's

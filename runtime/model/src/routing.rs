@@ -47,7 +47,7 @@ pub const NAMED_CHOICE_NATS: f64 = 5.0;
 /// with Python." 1.2, and "What is 2 to the power of 20? Use Python
 /// code." 1.2 (SmolLM2-135M, the shipped tools). Less than
 /// [`ROUTING_EVIDENCE_NATS`], so the model's own evidence must still lean
-/// to the tool (1 nat): "Explain closures in JavaScript." does not pass.
+/// to the tool (1 nat).
 pub const INSTRUMENT_NATS: f64 = 4.0;
 
 /// Words that make the value after them (past an article) the means of a
@@ -59,7 +59,42 @@ const INSTRUMENT_BEFORE: &[&str] = &["with", "in", "using", "use", "via", "run",
 /// Not `code`, `script` or `program`, which name what is made as often as
 /// the means ("Write a Python script hello.py that prints hello." asks for
 /// a file).
-const INSTRUMENT_AFTER: &[&str] = &["command"];
+const INSTRUMENT_AFTER: &[&str] = &["command", "commands"];
+
+/// Words that may follow a value named after an [`INSTRUMENT_BEFORE`] word
+/// for it to be the means ("Use Python to add", "Run Python code that");
+/// any other word makes the value a modifier ("Search for TODO in Python
+/// files.", "List the files in the bash directory.").
+const MEANS_FOLLOWERS: &[&str] = &[
+    "to", "that", "and", "for", "so", "then", "please", "instead", "code", "script", "program",
+    "snippet", "command", "commands",
+];
+
+/// Verbs of talk: a request that opens with one asks to be told, not for
+/// a means ("Explain closures in JavaScript.").
+const TALK_VERBS: &[&str] = &[
+    "explain",
+    "tell",
+    "describe",
+    "define",
+    "teach",
+    "compare",
+    "discuss",
+    "recommend",
+    "suggest",
+    "translate",
+    "summarise",
+    "summarize",
+    "say",
+];
+
+/// Words that open a statement, not a request: subjects, negations and
+/// fillers ("I love coding in Python!", "Don't use Python.").
+const NOT_VERBS: &[&str] = &[
+    "i", "im", "ive", "we", "you", "he", "she", "it", "its", "they", "my", "our", "your", "his",
+    "her", "their", "this", "that", "these", "those", "there", "here", "don", "dont", "do",
+    "never", "not", "no", "yes", "thanks", "thank", "the", "a", "an", "so", "and", "but", "if",
+];
 
 /// Words that open a question rather than a request, unless a request
 /// opener follows ("Can you compute it in Python?").
@@ -74,7 +109,6 @@ const POLITE_REQUESTS: &[&[&str]] = &[
     &["can", "you"],
     &["could", "you"],
     &["would", "you"],
-    &["will", "you"],
     &["please"],
 ];
 
@@ -134,11 +168,11 @@ impl RoutingScores {
     }
 
     /// The index of the tool to call: the best sum of the name's
-    /// likelihood, the evidence, the named words, the verbs and the named
-    /// values, among the tools the request asks for as its means where it
-    /// asks for any (the user has chosen: the model gives "Use a bash
-    /// command to count the lines of lines.txt." to `read_file` by 6
-    /// nats over `execute_code`). `None` when nothing was scored.
+    /// likelihood, the evidence (with [`INSTRUMENT_NATS`] for a means asked
+    /// for), the named words, the verbs and the named values. Where no
+    /// tool has the evidence alone, the gate opened only for the tools the
+    /// request asks for as its means, and the choice is among them.
+    /// `None` when nothing was scored.
     pub fn choice(&self) -> Option<usize> {
         let total = |i: usize| {
             self.name.get(i).copied().unwrap_or(f64::NEG_INFINITY)
@@ -148,10 +182,15 @@ impl RoutingScores {
                 + NAMED_CHOICE_NATS * self.named.get(i).copied().unwrap_or(0.0)
         };
         let asked = |i: &usize| self.instrument.get(*i).is_some_and(|a| *a > 0.0);
-        let any_asked = (0..self.name.len()).any(|i| asked(&i));
+        let fits_alone = self.evidence.iter().any(|e| *e >= ROUTING_EVIDENCE_NATS);
         (0..self.name.len())
-            .filter(|i| !any_asked || asked(i))
-            .max_by(|a, b| total(*a).total_cmp(&total(*b)))
+            .filter(|i| fits_alone || asked(i))
+            .max_by(|a, b| {
+                let with_means = |i: usize| {
+                    total(i) + INSTRUMENT_NATS * self.instrument.get(i).copied().unwrap_or(0.0)
+                };
+                with_means(*a).total_cmp(&with_means(*b))
+            })
     }
 }
 
@@ -219,15 +258,15 @@ pub fn name_words_in(message: &str, names: &[&str]) -> Vec<f64> {
 }
 
 /// For each of `names`, the words of that name that open a request (a
-/// sentence that is not a question, see [`sentence`]) in `message`, past
-/// a `please`: the request's verb ("Search the code for 'import
+/// sentence that is not a question, see [`Sentence`]) in `message`, past
+/// its polite openers ("Can you", "Please"): the request's verb ("Search the code for 'import
 /// requests'." opens with `search` of `search_files`). Weighted by rarity
 /// as [`name_words_in`] weighs them; compared lower-cased and stemmed.
 pub fn name_verbs_in(message: &str, names: &[&str]) -> Vec<f64> {
     let verbs: Vec<String> = sentences(clip(message, MAX_EVIDENCE_CHARS))
-        .into_iter()
-        .filter(|(_, question)| !question)
-        .filter_map(|(words, _)| request_verb(&words))
+        .iter()
+        .filter(|sentence| sentence.is_request())
+        .filter_map(|sentence| sentence.verb().map(|verb| verb.stemmed.clone()))
         .collect();
     let named: Vec<Vec<String>> = names.iter().map(|name| words(name)).collect();
     let count = names.len() as f64;
@@ -244,20 +283,6 @@ pub fn name_verbs_in(message: &str, names: &[&str]) -> Vec<f64> {
                 .sum()
         })
         .collect()
-}
-
-/// The first word of a request's `words` past a polite opener ("Can you
-/// read it?", "Please list it"), stemmed.
-fn request_verb(words: &[(String, String)]) -> Option<String> {
-    let skipped = POLITE_REQUESTS
-        .iter()
-        .find(|opener| opens_with(words, opener))
-        .map_or(0, |opener| opener.len());
-    words
-        .iter()
-        .skip(skipped)
-        .find(|(word, _)| word != "please")
-        .map(|(_, stemmed)| stemmed.clone())
 }
 
 /// For each of `tools`, 1 if `message` names one of the values its
@@ -315,27 +340,31 @@ fn naming_values(tool: &Value) -> Vec<Vec<String>> {
 }
 
 /// For each of `tools`, 1 if `message` asks for one of the values its
-/// parameters enumerate as the means of a request, else 0: a sentence
-/// that is a request, not a question (see [`sentence`]), names the
-/// value (as [`named_choices_in`] does) right after one of
-/// [`INSTRUMENT_BEFORE`] ("with Python", "using the bash") or right before
-/// one of [`INSTRUMENT_AFTER`] ("a bash command"). "Compute 17 * 23 with
-/// Python." asks for `execute_code`'s `python`; "Is JavaScript faster
-/// than Python?" and "Should I learn Python?" do not. Read up to
-/// [`MAX_EVIDENCE_CHARS`], as the routing step's prompts read it.
+/// parameters enumerate as the means of a request, else 0: in a sentence
+/// that is a request (see [`Sentence`]), the value stands right after one
+/// of [`INSTRUMENT_BEFORE`] (an article between allowed) and ends its
+/// clause or comes before one of [`MEANS_FOLLOWERS`] ("with Python.",
+/// "Use Python to add", "Run Python code that"), or it stands right
+/// before one of [`INSTRUMENT_AFTER`] ("a bash command"). "Compute 17 * 23
+/// with Python." asks for `execute_code`'s `python`; "Is JavaScript faster
+/// than Python?", "I love coding in Python!", "Explain closures in
+/// JavaScript.", "Search for TODO in Python files." and "Count the lines
+/// in python/app.py." do not. Read up to [`MAX_EVIDENCE_CHARS`], as the
+/// routing step's prompts read it.
 pub fn instruments_in(message: &str, tools: &[&Value]) -> Vec<f64> {
-    let requests: Vec<Vec<(String, String)>> = sentences(clip(message, MAX_EVIDENCE_CHARS))
+    let requests: Vec<Sentence> = sentences(clip(message, MAX_EVIDENCE_CHARS))
         .into_iter()
-        .filter(|(sentence, question)| !question && !sentence.is_empty())
-        .map(|(words, _)| words)
+        .filter(Sentence::asks_for_means)
         .collect();
     tools
         .iter()
         .map(|tool| {
             let values = naming_values(tool);
-            let asked = requests
-                .iter()
-                .any(|words| values.iter().any(|parts| names_as_means(words, parts)));
+            let asked = requests.iter().any(|sentence| {
+                values
+                    .iter()
+                    .any(|parts| names_as_means(&sentence.words, parts))
+            });
             if asked {
                 1.0
             } else {
@@ -345,39 +374,107 @@ pub fn instruments_in(message: &str, tools: &[&Value]) -> Vec<f64> {
         .collect()
 }
 
-/// Whether `parts` run in `words` (each as written, lower-cased, and
-/// stemmed) right after an [`INSTRUMENT_BEFORE`] word, an article
-/// between them allowed, or right before an [`INSTRUMENT_AFTER`] word.
-fn names_as_means(words: &[(String, String)], parts: &[String]) -> bool {
+/// Whether `parts` run in `words` as the means (see [`instruments_in`]).
+fn names_as_means(words: &[Word], parts: &[String]) -> bool {
     if parts.is_empty() || parts.len() > words.len() {
         return false;
     }
     (0..=words.len() - parts.len()).any(|start| {
-        let runs = words[start..start + parts.len()]
+        let end = start + parts.len();
+        let run = &words[start..end];
+        let runs = run
             .iter()
             .zip(parts)
-            .all(|((_, stemmed), part)| stemmed == part);
+            .all(|(word, part)| word.stemmed == *part)
+            // A clause ends at the run's end only.
+            && run[..run.len() - 1].iter().all(|word| !word.clause_ends);
         if !runs {
             return false;
         }
-        let word_at = |i: Option<usize>| i.and_then(|i| words.get(i)).map(|(w, _)| w.as_str());
+        let raw_at = |i: Option<usize>| i.and_then(|i| words.get(i)).map(|w| w.raw.as_str());
         let before = start.checked_sub(1);
-        let before = match word_at(before) {
+        let before = match raw_at(before) {
             Some("a" | "an" | "the") => before.and_then(|i| i.checked_sub(1)),
             _ => before,
         };
-        let after = word_at(Some(start + parts.len()));
-        word_at(before).is_some_and(|w| INSTRUMENT_BEFORE.contains(&w))
-            || after.is_some_and(|w| INSTRUMENT_AFTER.contains(&w))
+        let next = raw_at(Some(end));
+        let ends_there = run.last().is_some_and(|word| word.clause_ends) || next.is_none();
+        let marked = raw_at(before).is_some_and(|w| INSTRUMENT_BEFORE.contains(&w))
+            && (ends_there || next.is_some_and(|w| MEANS_FOLLOWERS.contains(&w)));
+        let before_clause_end = run.last().is_some_and(|word| word.clause_ends);
+        marked || (!before_clause_end && next.is_some_and(|w| INSTRUMENT_AFTER.contains(&w)))
     })
 }
 
-/// The sentences of `text`, each as its words (runs of ASCII letters or
-/// digits: as written, lower-cased, and as [`value_parts`] has them) and
-/// whether it is a question (see [`sentence`]). A sentence ends at
-/// `.`, `!` or `?` before a space or the end, or at a line break, so
-/// `app.toml` stays in one.
-fn sentences(text: &str) -> Vec<(Vec<(String, String)>, bool)> {
+/// A word of a sentence (see [`sentences`]).
+#[derive(Debug, Clone, PartialEq)]
+struct Word {
+    /// As written, lower-cased; a token with `/`, `.`, `_`, `@`, `\` or
+    /// `=` inside (`python/app.py`, `csv_to_json`) is one word.
+    raw: String,
+    /// As [`value_parts`] has it (stemmed where all letters); a token
+    /// kept whole is kept whole here too, so no value's part matches it.
+    stemmed: String,
+    /// Whether a clause ends after it: `,`, `;` or `:` follows, or the
+    /// sentence ends.
+    clause_ends: bool,
+}
+
+/// One sentence of a message.
+#[derive(Debug, Clone, PartialEq)]
+struct Sentence {
+    words: Vec<Word>,
+    /// Whether it holds a `?`.
+    question_mark: bool,
+}
+
+impl Sentence {
+    /// The words past polite openers ([`POLITE_REQUESTS`], repeated:
+    /// "Please, can you list it").
+    fn after_openers(&self) -> &[Word] {
+        let mut rest = self.words.as_slice();
+        while let Some(opener) = POLITE_REQUESTS
+            .iter()
+            .find(|opener| opens_with(rest, opener))
+        {
+            rest = &rest[opener.len()..];
+        }
+        rest
+    }
+
+    /// Whether this is a request, not a question: it opens with a polite
+    /// opener ("Can you compute it in Python?"), or it holds no `?` and
+    /// opens with none of [`QUESTION_OPENERS`].
+    fn is_request(&self) -> bool {
+        let polite = self.after_openers().len() < self.words.len();
+        let asks = self.question_mark
+            || self
+                .words
+                .first()
+                .is_some_and(|w| QUESTION_OPENERS.contains(&w.raw.as_str()));
+        !self.words.is_empty() && (polite || !asks)
+    }
+
+    /// The word that opens the request, past its polite openers: its verb.
+    fn verb(&self) -> Option<&Word> {
+        self.after_openers().first()
+    }
+
+    /// Whether this request can ask for a means: a request whose verb is
+    /// an action, not talk ([`TALK_VERBS`]: "Explain closures in
+    /// JavaScript.") or a statement's subject ([`NOT_VERBS`]: "I love
+    /// coding in Python!").
+    fn asks_for_means(&self) -> bool {
+        self.is_request()
+            && self.verb().is_some_and(|verb| {
+                !TALK_VERBS.contains(&verb.raw.as_str()) && !NOT_VERBS.contains(&verb.raw.as_str())
+            })
+    }
+}
+
+/// The sentences of `text`. A sentence ends at `.`, `!` or `?` before a
+/// space or the end (so `app.toml` stays in one), and at a line break.
+fn sentences(text: &str) -> Vec<Sentence> {
     let mut found = Vec::new();
     let mut start = 0;
     let mut chars = text.char_indices().peekable();
@@ -386,42 +483,75 @@ fn sentences(text: &str) -> Vec<(Vec<(String, String)>, bool)> {
         let ends =
             c == '\n' || (matches!(c, '.' | '!' | '?') && next.is_none_or(char::is_whitespace));
         if ends {
-            found.push(sentence(&text[start..at], c == '?'));
+            found.push(sentence(&text[start..at + c.len_utf8()]));
             start = at + c.len_utf8();
         }
     }
     if start < text.len() {
-        found.push(sentence(&text[start..], false));
+        found.push(sentence(&text[start..]));
     }
+    found.retain(|sentence| !sentence.words.is_empty());
     found
 }
 
-/// Whether `words` (as written, lower-cased) open with `opener`.
-fn opens_with(words: &[(String, String)], opener: &[&str]) -> bool {
-    opener.len() <= words.len() && opener.iter().zip(words).all(|(o, (w, _))| o == w)
+/// Characters that keep a token whole: it is a path, a file or an
+/// identifier, not words.
+const WHOLE_TOKEN_MARKS: &[char] = &['/', '.', '_', '@', '\\', '='];
+
+/// One sentence's words (see [`Word`]).
+fn sentence(text: &str) -> Sentence {
+    let mut words: Vec<Word> = Vec::new();
+    for token in text.split_whitespace() {
+        let core = token.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+        let trailing = &token[token
+            .rfind(|c: char| c.is_ascii_alphanumeric())
+            .map_or(0, |i| i + 1)..];
+        let clause_ends = trailing.contains([',', ';', ':']);
+        if core.is_empty() {
+            // Punctuation alone (" - ", " , ") ends the clause before it.
+            if let Some(last) = words.last_mut() {
+                last.clause_ends |= clause_ends;
+            }
+            continue;
+        }
+        let lower = core.to_ascii_lowercase();
+        let before = words.len();
+        if lower.contains(WHOLE_TOKEN_MARKS) {
+            words.push(Word {
+                raw: lower.clone(),
+                stemmed: lower,
+                clause_ends: false,
+            });
+        } else {
+            for part in lower
+                .split(|c: char| !c.is_ascii_alphanumeric())
+                .filter(|part| !part.is_empty())
+            {
+                words.push(Word {
+                    raw: part.to_string(),
+                    stemmed: value_parts(part).pop().unwrap_or_default(),
+                    clause_ends: false,
+                });
+            }
+        }
+        if words.len() > before {
+            if let Some(last) = words.last_mut() {
+                last.clause_ends = clause_ends;
+            }
+        }
+    }
+    if let Some(last) = words.last_mut() {
+        last.clause_ends = true;
+    }
+    Sentence {
+        question_mark: text.contains('?'),
+        words,
+    }
 }
 
-/// One sentence's words, and whether it is a question: it ends in `?`
-/// or opens with one of [`QUESTION_OPENERS`], unless it opens with one of
-/// [`POLITE_REQUESTS`].
-fn sentence(text: &str, ends_in_question_mark: bool) -> (Vec<(String, String)>, bool) {
-    let words: Vec<(String, String)> = text
-        .split(|c: char| !c.is_ascii_alphanumeric())
-        .filter(|part| !part.is_empty())
-        .map(|part| {
-            let lower = part.to_ascii_lowercase();
-            let stemmed = value_parts(&lower).pop().unwrap_or_default();
-            (lower, stemmed)
-        })
-        .collect();
-    let polite = POLITE_REQUESTS
-        .iter()
-        .any(|opener| opens_with(&words, opener));
-    let asks = ends_in_question_mark
-        || words
-            .first()
-            .is_some_and(|(w, _)| QUESTION_OPENERS.contains(&w.as_str()));
-    (words, asks && !polite)
+/// Whether `words` (as written, lower-cased) open with `opener`.
+fn opens_with(words: &[Word], opener: &[&str]) -> bool {
+    opener.len() <= words.len() && opener.iter().zip(words).all(|(o, w)| *o == w.raw)
 }
 
 /// How deep [`enumerated_values`] looks into nested schemas.
@@ -731,6 +861,11 @@ mod tests {
             &["read_file", "list_dir"],
             &["list_dir"],
         ),
+        (
+            "Please, can you read it",
+            &["read_file", "list_dir"],
+            &["read_file"],
+        ),
         // A verb every name holds says nothing.
         ("Get the time", &["get_time", "get_date"], &[]),
     ];
@@ -803,9 +938,17 @@ mod tests {
             ..asked.clone()
         };
         assert!(!against.some_tool_fits());
-        // Asked for as the means, a tool is chosen over one the model
-        // leans to. Measured for "Use a bash command to count the lines of
-        // lines.txt." (`execute_code`, `read_file`).
+        // Where only the means opened the gate, the choice is among the
+        // tools asked for, however the model leans.
+        let leaning = RoutingScores {
+            name: vec![-12.0, -6.0],
+            ..asked.clone()
+        };
+        assert_eq!(leaning.choice(), Some(0));
+        // Where a tool has the evidence alone, the means weighs in the
+        // choice as at the gate, and the model's leaning can still win.
+        // Measured for "Use a bash command to count the lines of
+        // lines.txt." (`execute_code`, `read_file`): `read_file` by 2 nats.
         let means = RoutingScores {
             evidence: vec![9.02, 14.69],
             name: vec![-14.76, -9.43],
@@ -814,15 +957,45 @@ mod tests {
             instrument: vec![1.0, 0.0],
             verbs: vec![0.0, 0.0],
         };
-        assert_eq!(means.choice(), Some(0));
+        assert_eq!(means.choice(), Some(1));
+        let closer = RoutingScores {
+            evidence: vec![9.02, 10.69],
+            ..means
+        };
+        assert_eq!(closer.choice(), Some(0));
         assert_eq!(
             RoutingScores {
                 instrument: vec![0.0, 0.0],
-                ..means
+                ..closer
             }
             .choice(),
             Some(1)
         );
+    }
+
+    #[test]
+    fn sentences_end_at_a_stop_before_a_space_and_keep_paths_whole() {
+        let found = sentences("What port does config/app.toml set?! Run it, now.\nok");
+        let words: Vec<Vec<&str>> = found
+            .iter()
+            .map(|s| s.words.iter().map(|w| w.raw.as_str()).collect())
+            .collect();
+        assert_eq!(
+            words,
+            [
+                vec!["what", "port", "does", "config/app.toml", "set"],
+                vec!["run", "it", "now"],
+                vec!["ok"],
+            ]
+        );
+        assert_eq!(
+            found.iter().map(|s| s.question_mark).collect::<Vec<_>>(),
+            [true, false, false]
+        );
+        // A clause ends at a comma and at the sentence's end.
+        let ends: Vec<bool> = found[1].words.iter().map(|w| w.clause_ends).collect();
+        assert_eq!(ends, [false, true, true]);
+        assert!(sentences("  ... ").is_empty());
     }
 
     /// (message, the tools that count as asked for as the means among
@@ -851,14 +1024,37 @@ mod tests {
             &["execute_code"],
         ),
         ("Run the bash command date.", &["execute_code"]),
+        ("Compute 12 * 12 in JavaScript.", &["execute_code"]),
+        (
+            "Use JavaScript to reverse the string 'stack'.",
+            &["execute_code"],
+        ),
+        (
+            "Sort the numbers 3, 1, 2 with JavaScript and print them.",
+            &["execute_code"],
+        ),
+        (
+            "Run a bash command that prints the current directory.",
+            &["execute_code"],
+        ),
+        ("Use bash to echo the word banana.", &["execute_code"]),
         (
             "Run Python code that prints 'stack' in upper case.",
             &["execute_code"],
         ),
         ("write it using the JavaScript", &["execute_code"]),
+        ("Run these bash commands", &["execute_code"]),
+        (
+            "Count the lines of config/app.toml with bash",
+            &["execute_code"],
+        ),
         // A polite request, though a question in form.
         ("Can you compute 12 * 12 in JavaScript?", &["execute_code"]),
         ("Please, in bash: list the files", &["execute_code"]),
+        ("Please can you run it with Python", &["execute_code"]),
+        ("Can you tell me what the bash command ls does?", &[]),
+        ("Will you use Python for this?", &[]),
+        ("You use Python?!", &[]),
         // A question, not a request.
         ("Is JavaScript faster than Python?", &[]),
         ("What is Python?", &[]),
@@ -870,16 +1066,24 @@ mod tests {
         ("Tell me about Python.", &[]),
         ("Python is a snake. So is a boa.", &[]),
         ("The bash party was fun", &[]),
+        ("I love coding in Python!", &[]),
+        ("I've worked with JavaScript for years.", &[]),
+        ("Don't use Python. Just tell me 17*23.", &[]),
+        ("Explain closures in JavaScript.", &[]),
+        // A modifier, not the means: a word follows, or it is part of a
+        // path.
+        ("Search for TODO in Python files.", &[]),
+        ("List the files in the bash directory.", &[]),
+        ("Count the lines in python/app.py.", &[]),
+        ("Can you run Python here?", &[]),
         // What is made, not the means.
         ("Write a Python script hello.py that prints hello.", &[]),
-        // A sentence ends before a space, not inside a file name.
-        ("What port does config/app.toml set in bash?", &[]),
         // Every word of a value, in order; values that name nothing
         // (`in`, `Plan B`) are no means either.
         ("Convert it with CSV", &[]),
         ("Convert it with csv to json", &["csv_json"]),
         ("Put it in the box, 5 m in m", &[]),
-        ("Do it with plan B", &[]),
+        ("Compute it with plan B", &[]),
     ];
 
     #[test]
