@@ -239,7 +239,12 @@ pub fn describe_tool(tool: &Value) -> String {
 /// it)`): "Read notes.txt" names `read_file`, and a word every name has
 /// says nothing. Words are compared lower-cased and stemmed (see `stem`).
 pub fn name_words_in(message: &str, names: &[&str]) -> Vec<f64> {
-    let said = words(message);
+    name_words_among(&words(message), names)
+}
+
+/// For each of `names`, its words among `said`, each weighted by how rare
+/// it is among the names (`ln(names / names holding it)`).
+fn name_words_among(said: &[String], names: &[&str]) -> Vec<f64> {
     let named: Vec<Vec<String>> = names.iter().map(|name| words(name)).collect();
     let count = names.len() as f64;
     named
@@ -268,21 +273,7 @@ pub fn name_verbs_in(message: &str, names: &[&str]) -> Vec<f64> {
         .filter(|sentence| sentence.is_request())
         .filter_map(|sentence| sentence.verb().map(|verb| verb.stemmed.clone()))
         .collect();
-    let named: Vec<Vec<String>> = names.iter().map(|name| words(name)).collect();
-    let count = names.len() as f64;
-    named
-        .iter()
-        .map(|words| {
-            words
-                .iter()
-                .filter(|word| verbs.contains(word))
-                .map(|word| {
-                    let holding = named.iter().filter(|other| other.contains(word)).count();
-                    (count / holding.max(1) as f64).ln()
-                })
-                .sum()
-        })
-        .collect()
+    name_words_among(&verbs, names)
 }
 
 /// For each of `tools`, 1 if `message` names one of the values its
@@ -398,11 +389,10 @@ fn names_as_means(words: &[Word], parts: &[String]) -> bool {
             _ => before,
         };
         let next = raw_at(Some(end));
-        let ends_there = run.last().is_some_and(|word| word.clause_ends) || next.is_none();
+        let clause_ends = run.last().is_some_and(|word| word.clause_ends);
         let marked = raw_at(before).is_some_and(|w| INSTRUMENT_BEFORE.contains(&w))
-            && (ends_there || next.is_some_and(|w| MEANS_FOLLOWERS.contains(&w)));
-        let before_clause_end = run.last().is_some_and(|word| word.clause_ends);
-        marked || (!before_clause_end && next.is_some_and(|w| INSTRUMENT_AFTER.contains(&w)))
+            && (clause_ends || next.is_none_or(|w| MEANS_FOLLOWERS.contains(&w)));
+        marked || (!clause_ends && next.is_some_and(|w| INSTRUMENT_AFTER.contains(&w)))
     })
 }
 
