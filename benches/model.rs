@@ -1,7 +1,8 @@
 //! Model throughput through the runtime, as ratios over `llama-bench` and
 //! over a bare `llama-cpp-2` decode loop, on the same model in the same
 //! run, and time to first token at turn 10 of a growing conversation with
-//! and without KV-cache reuse.
+//! and without KV-cache reuse; and the call grammar's sampling cost per
+//! token, checking the picked token first against filtering every token.
 //!
 //! `llama-bench` is the one `scripts/setup --peers` builds natively (`-march=native`)
 //! from the llama.cpp tree in the `llama-cpp-python==0.3.36` sdist; the
@@ -24,7 +25,7 @@ use std::time::Instant;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::sampling::LlamaSampler;
-use stack_model::llama::{backend, Model, ModelOptions, SamplingOptions};
+use stack_model::llama::{backend, GrammarCheck, Model, ModelOptions, SamplingOptions};
 use stack_model::ToolChoice;
 use stack_types::message::Message;
 
@@ -291,5 +292,112 @@ fn main() {
         turn10.counters.prompt_reused,
         without_reuse.as_secs_f64() * 1000.0,
         without_reuse.as_secs_f64() / with_reuse.as_secs_f64(),
+    );
+
+    grammar_cost(&model, rounds);
+}
+
+/// The call grammar's cost per generated token: one call to a
+/// `write_file` tool (a long text asked for), greedy, its grammar asked
+/// about the chain's pick first (the default) and about every token of the
+/// vocabulary, against the same prompt answered without a grammar, in
+/// alternating rounds after a warm-up of each. Sampling time is the
+/// backend's own count ([`stack_model::Generation::sampling_ms`]).
+fn grammar_cost(model: &std::sync::Arc<Model>, rounds: usize) {
+    let tools = vec![serde_json::json!({
+        "type": "function",
+        "function": {
+            "name": "write_file",
+            "description": "Write text to a file in the workspace.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "path": {"type": "string"},
+                    "content": {"type": "string"}
+                },
+                "required": ["path", "content"]
+            }
+        }
+    })];
+    let conversation = vec![Message::user(
+        "Write a long story about a lighthouse keeper to story.txt.",
+    )];
+    let mut session = model.session().expect("session");
+    let mut step = |choice: &ToolChoice, grammar_check: GrammarCheck| {
+        let sampling = SamplingOptions {
+            temperature: 0.0,
+            max_tokens: 128,
+            grammar_check,
+            ..SamplingOptions::default()
+        };
+        let mut ids = || "call".to_string();
+        // From an empty cache each time, so that every arm's logits are
+        // the same numbers (a reused prefix evaluates the last prompt token
+        // alone, a batch's rounding away).
+        session.clear_cache();
+        session
+            .complete(
+                &conversation,
+                &tools,
+                choice,
+                &sampling,
+                None,
+                &mut |_| true,
+                &mut ids,
+            )
+            .expect("step")
+    };
+    let named = ToolChoice::Named("write_file".into());
+    let arms = [
+        (
+            "no grammar, no tools",
+            ToolChoice::None,
+            GrammarCheck::PickedFirst,
+        ),
+        (
+            "grammar, every token",
+            named.clone(),
+            GrammarCheck::EveryToken,
+        ),
+        ("grammar, picked first", named, GrammarCheck::PickedFirst),
+    ];
+    let mut per_token = vec![Vec::new(); arms.len()];
+    let mut speed = vec![Vec::new(); arms.len()];
+    let mut texts = vec![String::new(); arms.len()];
+    for round in 0..=rounds {
+        for (arm, (_, choice, check)) in arms.iter().enumerate() {
+            let generation = step(choice, *check);
+            let tokens = generation.counters.generated.max(1) as f64;
+            if round > 0 {
+                per_token[arm].push(generation.sampling_ms / tokens);
+                speed[arm].push(tokens / (generation.generation_ms / 1000.0));
+            }
+            texts[arm] = generation.text;
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let per_token: Vec<f64> = per_token.into_iter().map(median).collect();
+    let speed: Vec<f64> = speed.into_iter().map(median).collect();
+    println!(
+        "{:<34} {:>18} {:>14} {:>16}",
+        "one call, 128 tokens (medians)", "sampling ms/token", "tokens/s", "/every token"
+    );
+    for (arm, (label, _, _)) in arms.iter().enumerate() {
+        println!(
+            "{label:<34} {:>18.3} {:>14.1} {:>15.3}x",
+            per_token[arm],
+            speed[arm],
+            speed[arm] / speed[1]
+        );
+    }
+    println!(
+        "grammar cost per token: {:.3} ms filtering every token, {:.3} ms checking the pick first ({:.1}x less); the same call written: {}",
+        per_token[1] - per_token[0],
+        per_token[2] - per_token[0],
+        (per_token[1] - per_token[0]) / (per_token[2] - per_token[0]).max(1e-6),
+        if texts[1] == texts[2] { "yes" } else { "NO" }
     );
 }

@@ -150,12 +150,36 @@ async fn a_prompt_leads_to_a_validated_executed_call_whose_result_reaches_the_mo
         "tokens streamed"
     );
     let Some(Event::TurnFinished {
-        steps, counters, ..
+        steps,
+        counters,
+        timings,
+        ..
     }) = events.last()
     else {
         panic!("the turn finished last: {events:?}")
     };
     assert!(*steps >= 1 && counters.generated > 0);
+    // Where the turn's time went: the prompt, the constrained call (its
+    // sampling a part of it) and the tool each took some, and the parts
+    // are parts of the whole.
+    assert!(
+        timings.prompt_ms > 0.0
+            && timings.generation_ms > 0.0
+            && timings.sampling_ms > 0.0
+            && timings.tools_ms > 0.0,
+        "{timings:?}"
+    );
+    assert!(timings.sampling_ms <= timings.generation_ms, "{timings:?}");
+    let parts = timings.grounding_ms
+        + timings.routing_ms
+        + timings.prompt_ms
+        + timings.generation_ms
+        + timings.tools_ms;
+    assert!(parts <= timings.total_ms, "{timings:?}");
+    assert!(
+        (timings.other_ms() - (timings.total_ms - parts)).abs() < 1e-6,
+        "{timings:?}"
+    );
     // The result went back to the model as a tool message answering the call.
     let messages = session.messages().await;
     let tool_message = messages
@@ -399,6 +423,14 @@ async fn a_request_for_python_runs_code_and_other_mentions_do_not() {
     assert!(code.contains("17 * 23"), "{code:?}");
     // It ran in the sandbox: python3 answered for the code.
     assert!(outcome.exit_code.is_some(), "{outcome:?}");
+    // The routing step decided, and its time is its own.
+    let Some(Event::TurnFinished { timings, .. }) = events.last() else {
+        panic!("the turn finished last: {events:?}")
+    };
+    assert!(
+        timings.routing_ms > 0.0 && timings.tools_ms > 0.0,
+        "{timings:?}"
+    );
 
     // A statement that names a language after `with`: no call (a first
     // build, which took any sentence without `?` for a request, ran

@@ -99,6 +99,35 @@ fn bfcl_cases_are_scored_per_category_with_a_per_case_log() {
         let irrelevance = record["category"] == "irrelevance";
         assert_eq!(record["right_tool"].is_null(), irrelevance, "{record}");
     }
+    // No reply repeats a call of its own: the default model wrote
+    // `multiple_0`'s `triangle_properties_get` call twice, word for word,
+    // before repeats were dropped (on both the AVX2 and the AVX-512
+    // kernels).
+    for record in &records {
+        let calls: Vec<(&Value, Value)> = record["calls"]
+            .as_array()
+            .expect("calls")
+            .iter()
+            .map(|call| {
+                let arguments = call["function"]["arguments"].as_str().expect("arguments");
+                let arguments = serde_json::from_str(arguments)
+                    .unwrap_or_else(|_| Value::String(arguments.to_string()));
+                (&call["function"]["name"], arguments)
+            })
+            .collect();
+        for (at, call) in calls.iter().enumerate() {
+            assert!(!calls[..at].contains(call), "a repeated call: {record}");
+        }
+    }
+    let multiple_0 = records
+        .iter()
+        .find(|record| record["id"] == "multiple_0")
+        .expect("multiple_0 ran");
+    assert_eq!(
+        multiple_0["calls"].as_array().map(Vec::len),
+        Some(1),
+        "{multiple_0}"
+    );
 }
 
 /// Executable tasks run through the agent loop, tools in the sandbox, and

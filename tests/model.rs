@@ -13,7 +13,8 @@ use stack_runtime::message::{Message, ToolCall};
 use stack_runtime::model::call_grammar::CallCount;
 use stack_runtime::model::llama::format_grammar;
 use stack_runtime::model::llama::{
-    Model, ModelError, ModelOptions, ModelSession, Routing, SamplingOptions, StopReason,
+    GrammarCheck, Model, ModelError, ModelOptions, ModelSession, Routing, SamplingOptions,
+    StopReason,
 };
 use stack_runtime::model::Generation;
 use stack_runtime::model::{ArgumentValues, PromptRenderer, ToolChoice, ToolFormat};
@@ -1259,6 +1260,107 @@ fn the_dry_penalty_breaks_a_loop_the_model_would_write_to_the_limit() {
         longest_repeat(&broken) <= 24,
         "DRY stops the step repeating itself: {broken:?}"
     );
+}
+
+/// Where the grammar is asked about the chain's pick first
+/// ([`GrammarCheck::PickedFirst`], the default) greedy steps write what
+/// they write where it filters every token first: the same calls to the
+/// built-in tools, and the same text under a grammar that refuses the
+/// model's first choice (letters and spaces only, where the model would
+/// open with a capital). Both report the time spent sampling.
+#[test]
+fn checking_the_picked_token_first_writes_what_filtering_every_token_writes() {
+    let model = model();
+    let tools = Registry::with_builtins().openai_tools();
+    let mut session = model.session().expect("session");
+    let mut run = |conversation: &[Message], choice: &ToolChoice, grammar_check| {
+        let sampling = SamplingOptions {
+            grammar_check,
+            ..greedy(120)
+        };
+        // Each from an empty cache: a prompt's last token evaluated alone,
+        // after a reused prefix, gives logits a batch's rounding away from
+        // the same token evaluated in the whole prompt's batch.
+        session.clear_cache();
+        let generation =
+            complete(&mut session, conversation, &tools, choice, &sampling).expect("generate");
+        assert!(generation.sampling_ms > 0.0, "{grammar_check:?}");
+        assert!(
+            generation.sampling_ms <= generation.generation_ms,
+            "{grammar_check:?}: sampling is part of generating"
+        );
+        generation
+    };
+    let named = TOOL_PROMPTS.iter().filter(|(tool, _)| *tool != "*");
+    for (tool, prompt) in named.step_by(3) {
+        let choice = ToolChoice::Named(tool.to_string());
+        let conversation = [Message::user(*prompt)];
+        let picked_first = run(&conversation, &choice, GrammarCheck::PickedFirst);
+        let every_token = run(&conversation, &choice, GrammarCheck::EveryToken);
+        assert_eq!(picked_first.text, every_token.text, "{prompt}");
+        assert!(
+            picked_first.text.trim_start().starts_with("<tool_call>"),
+            "{prompt}: {picked_first:?}"
+        );
+    }
+
+    // The lazy grammar, waiting for the model to open a call of its own.
+    let free = |grammar_check| SamplingOptions {
+        routing: Routing::Free,
+        grammar_check,
+        ..greedy(60)
+    };
+    let conversation = [Message::user("Read notes.txt please.")];
+    let lazy: Vec<String> = [GrammarCheck::PickedFirst, GrammarCheck::EveryToken]
+        .into_iter()
+        .map(|check| {
+            session.clear_cache();
+            complete(
+                &mut session,
+                &conversation,
+                &tools,
+                &ToolChoice::Auto,
+                &free(check),
+            )
+            .expect("generate")
+            .text
+        })
+        .collect();
+    assert_eq!(lazy[0], lazy[1]);
+
+    let prompt = model
+        .renderer()
+        .render(&[Message::user("Write one sentence about Paris.")], &[])
+        .expect("prompt");
+    let mut write = |grammar: Option<&str>, grammar_check| {
+        let sampling = SamplingOptions {
+            grammar_check,
+            ..greedy(16)
+        };
+        session.clear_cache();
+        session
+            .generate(&prompt, grammar.map(|g| (g, None)), &sampling, &mut |_| {
+                true
+            })
+            .expect("generate")
+            .text
+    };
+    let free = write(None, GrammarCheck::PickedFirst);
+    assert!(
+        free.chars().any(|c| !(c.is_ascii_lowercase() || c == ' ')),
+        "the model's own picks leave the grammar: {free:?}"
+    );
+    let letters = "root ::= [a-z ]+";
+    let picked_first = write(Some(letters), GrammarCheck::PickedFirst);
+    let every_token = write(Some(letters), GrammarCheck::EveryToken);
+    assert!(
+        !picked_first.is_empty()
+            && picked_first
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == ' '),
+        "{picked_first:?}"
+    );
+    assert_eq!(picked_first, every_token);
 }
 
 /// Regression (#15): a parameter named `title` (or `description`, or

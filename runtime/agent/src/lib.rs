@@ -41,8 +41,8 @@ use stack_core::workspace::{Workspace, WorkspaceError};
 use stack_model::llama::Model;
 use stack_model::ToolChoice;
 use stack_model::{
-    ArgumentValues, BackendSession, CallPath, CompletionRequest, Counters, ModelBackend,
-    ModelError, SamplingOptions,
+    ArgumentValues, BackendSession, CallPath, CompletionRequest, Counters, Generation,
+    ModelBackend, ModelError, SamplingOptions,
 };
 use stack_seal::{StateFile, Vault};
 use stack_types::message::{Message, ToolCall};
@@ -171,12 +171,64 @@ pub enum Event {
         steps: u32,
         /// Token counters for this turn.
         counters: Counters,
+        /// Where the turn's time went.
+        timings: TurnTimings,
     },
     /// Something failed; the session is still usable.
     Error {
         /// What.
         message: String,
     },
+}
+
+/// Where a turn's time went, in milliseconds: each step's model work as
+/// its backend reports it ([`Generation`](stack_model::Generation)), the
+/// tools', and the whole. What the parts leave of the whole
+/// ([`TurnTimings::other_ms`]) is the runtime's own: validation, policy,
+/// approvals, transcripts and events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct TurnTimings {
+    /// The whole turn, from when it had the session to its last event.
+    pub total_ms: f64,
+    /// Surveying the workspace for the call grammar's grounded values,
+    /// over the turn's steps.
+    pub grounding_ms: f64,
+    /// The constrained routing steps (in process; see
+    /// [`Routing::Constrained`](stack_model::Routing::Constrained)).
+    pub routing_ms: f64,
+    /// Evaluating the prompts not reused from the KV cache (a served
+    /// model: until its first token came).
+    pub prompt_ms: f64,
+    /// Generating, sampling included.
+    pub generation_ms: f64,
+    /// Of `generation_ms`, picking tokens: the sampler chain and the call
+    /// grammar (in process).
+    pub sampling_ms: f64,
+    /// Running the calls: each step's, from its first call started to its
+    /// last finished (an approval asked between two calls of one step
+    /// counts).
+    pub tools_ms: f64,
+}
+
+impl TurnTimings {
+    /// What the parts leave of the whole: the runtime's own work
+    /// (validation, policy, approvals, transcripts, events).
+    pub fn other_ms(&self) -> f64 {
+        let parts = self.grounding_ms
+            + self.routing_ms
+            + self.prompt_ms
+            + self.generation_ms
+            + self.tools_ms;
+        (self.total_ms - parts).max(0.0)
+    }
+
+    /// Adds what a model step reports.
+    fn add_step(&mut self, generation: &Generation) {
+        self.routing_ms += generation.routing_ms;
+        self.prompt_ms += generation.prompt_ms;
+        self.generation_ms += generation.generation_ms;
+        self.sampling_ms += generation.sampling_ms;
+    }
 }
 
 /// Why a turn ended.
@@ -739,6 +791,7 @@ impl Runtime {
             state_path,
             pending_restore,
             turn_start: 0,
+            turn_timings: TurnTimings::default(),
             cancel: Arc::clone(&cancel),
             kept_audio: None,
         };
@@ -838,6 +891,9 @@ struct SessionState {
     pending_restore: bool,
     /// How many messages there were before the running turn's user message.
     turn_start: usize,
+    /// Where the running turn's time went so far (its total is taken when
+    /// it ends).
+    turn_timings: TurnTimings,
     cancel: Arc<AtomicBool>,
     /// Where spoken turns' audio is kept (`[privacy] keep_audio`).
     kept_audio: Option<voice::AudioFile>,
@@ -1079,6 +1135,7 @@ impl Session {
                 reason: TurnEnd::Error,
                 steps: 0,
                 counters: Counters::default(),
+                timings: TurnTimings::default(),
             });
             return turn;
         };
@@ -1089,6 +1146,7 @@ impl Session {
         );
         handle.spawn(async move {
             let mut state = state.lock_owned().await;
+            let started = std::time::Instant::now();
             // Transcription is cancellable too: a turn cancelled while its
             // audio is transcribed records nothing. The blocking work cannot
             // be stopped midway, so the turn ends when it has: whoever
@@ -1110,6 +1168,7 @@ impl Session {
                             reason: TurnEnd::Cancelled,
                             steps: 0,
                             counters: Counters::default(),
+                            timings: TurnTimings::default(),
                         })
                         .await;
                     return;
@@ -1126,6 +1185,7 @@ impl Session {
                             reason: TurnEnd::Error,
                             steps: 0,
                             counters: Counters::default(),
+                            timings: TurnTimings::default(),
                         })
                         .await;
                     return;
@@ -1161,11 +1221,16 @@ impl Session {
                     (TurnEnd::Error, 0, Counters::default())
                 }
             };
+            let timings = TurnTimings {
+                total_ms: started.elapsed().as_secs_f64() * 1000.0,
+                ..std::mem::take(&mut state.turn_timings)
+            };
             events
                 .emit(Event::TurnFinished {
                     reason,
                     steps,
                     counters,
+                    timings,
                 })
                 .await;
         });
@@ -1189,6 +1254,7 @@ impl SessionState {
             }
         }
         self.turn_start = self.messages.len();
+        self.turn_timings = TurnTimings::default();
         match spoken {
             Some(spoken) => {
                 let kept = match (&self.kept_audio, &spoken.audio) {
@@ -1234,6 +1300,7 @@ impl SessionState {
                 })
             };
             // The workspace as it is now, surveyed on a blocking thread.
+            let surveying = std::time::Instant::now();
             let user_request = self
                 .messages
                 .get(self.turn_start..)
@@ -1253,6 +1320,7 @@ impl SessionState {
                     )
                 });
             let argument_values = argument_values(grounding).await;
+            self.turn_timings.grounding_ms += surveying.elapsed().as_secs_f64() * 1000.0;
             let request = CompletionRequest {
                 messages: self.messages.clone(),
                 tools: tools.clone(),
@@ -1286,6 +1354,7 @@ impl SessionState {
             counters.prompt_evaluated += generation.counters.prompt_evaluated;
             counters.prompt_reused += generation.counters.prompt_reused;
             counters.generated += generation.counters.generated;
+            self.turn_timings.add_step(&generation);
             let calls = generation.turn.tool_calls.clone();
             let message = if calls.is_empty() {
                 Message::assistant(generation.turn.content.clone().unwrap_or_default())
@@ -1306,6 +1375,7 @@ impl SessionState {
             // model wrote the calls) before its `ToolFinished` event, so that
             // what a host saw finish is on record (see `record_finished`).
             let mut outcomes: Vec<Option<ToolOutcome>> = vec![None; calls.len()];
+            let mut tools_started: Option<std::time::Instant> = None;
             let mut recorded = 0;
             let mut running = tokio::task::JoinSet::new();
             let mut task_calls: std::collections::HashMap<tokio::task::Id, usize> =
@@ -1345,6 +1415,7 @@ impl SessionState {
                             .await?;
                     }
                     Admission::Run(authorized) => {
+                        tools_started.get_or_insert_with(std::time::Instant::now);
                         events
                             .emit(Event::ToolStarted {
                                 id: call.id.clone(),
@@ -1392,6 +1463,9 @@ impl SessionState {
                         }
                     }
                 }
+            }
+            if let Some(tools_started) = tools_started {
+                self.turn_timings.tools_ms += tools_started.elapsed().as_secs_f64() * 1000.0;
             }
             for (call, outcome) in calls.iter().zip(outcomes.iter_mut()) {
                 if outcome.is_none() {

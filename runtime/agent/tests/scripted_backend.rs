@@ -91,7 +91,9 @@ impl BackendSession for ScriptedSession {
                 stop: StopReason::EndOfTurn,
                 counters,
                 prompt_ms: 0.0,
+                routing_ms: 0.0,
                 generation_ms: 0.0,
+                sampling_ms: 0.0,
                 call_path: None,
                 server_ms: None,
             })

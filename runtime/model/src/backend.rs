@@ -124,6 +124,33 @@ pub struct SamplingOptions {
     /// tool and which.
     #[serde(default)]
     pub routing: Routing,
+    /// How a step under a grammar asks the grammar (in process).
+    #[serde(default)]
+    pub grammar_check: GrammarCheck,
+}
+
+/// How a grammar-constrained step asks its grammar which token may come
+/// next (in process; a served model's server samples).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrammarCheck {
+    /// The rest of the sampler chain (penalties, DRY, temperature) picks
+    /// a token from the whole vocabulary first, and the grammar is asked
+    /// about that one token; only where it refuses is every token put to
+    /// the grammar and the pick made again, among those it allows
+    /// (llama.cpp's `common_sampler_sample`). Under greedy decoding this
+    /// picks the token [`GrammarCheck::EveryToken`] picks, since the
+    /// grammar only takes tokens away. Sampled, it picks each allowed
+    /// token as often as `EveryToken` does where the chain keeps every
+    /// token (a first pick the grammar allows is taken with its share of
+    /// the whole, the rest with their share of the allowed); top-k, top-p
+    /// and min-p cut the whole vocabulary short on the first pick, not the
+    /// allowed tokens, so with them it differs slightly.
+    #[default]
+    PickedFirst,
+    /// Every token of the vocabulary is put to the grammar at every step,
+    /// before the rest of the chain (49,152 tokens for SmolLM2).
+    EveryToken,
 }
 
 /// How the decision to call a tool is made under `tool_choice: auto`.
@@ -171,6 +198,7 @@ impl Default for SamplingOptions {
             seed: 42,
             max_tokens: 512,
             routing: Routing::Auto,
+            grammar_check: GrammarCheck::PickedFirst,
         }
     }
 }
@@ -253,10 +281,21 @@ pub struct Generation {
     pub stop: StopReason,
     /// This turn's counters.
     pub counters: Counters,
-    /// Milliseconds spent on the prompt.
+    /// Milliseconds spent on the prompt (a served model: until its first
+    /// token came), the conversation's prompt that a routing step
+    /// evaluates for the step to reuse included.
     pub prompt_ms: f64,
+    /// Milliseconds spent on the rest of the constrained routing step (see
+    /// [`Routing::Constrained`]; in process only): its evidence prompts,
+    /// and the tools' names scored after the conversation.
+    pub routing_ms: f64,
     /// Milliseconds spent generating.
     pub generation_ms: f64,
+    /// Of [`Generation::generation_ms`], the milliseconds spent picking
+    /// tokens: the sampler chain and the call grammar (in process only;
+    /// the rest is the model's forward passes, detokenizing and making
+    /// the step's sampler).
+    pub sampling_ms: f64,
     /// How the tool calls came to be (`None` when there are none).
     pub call_path: Option<CallPath>,
     /// Milliseconds a server reports spending on this turn (prompt and
@@ -278,7 +317,9 @@ impl Generation {
             stop: StopReason::EndOfTurn,
             counters: Counters::default(),
             prompt_ms: 0.0,
+            routing_ms: 0.0,
             generation_ms: 0.0,
+            sampling_ms: 0.0,
             call_path: None,
             server_ms: None,
         }

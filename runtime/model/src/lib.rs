@@ -27,8 +27,8 @@ mod worker;
 
 pub use backend::{
     BackendInfo, BackendSession, CallPath, Capabilities, CompletionRequest, Counters, Generation,
-    ModelBackend, ModelError, Routing, SamplingOptions, StopReason, DEFAULT_DRY_MULTIPLIER,
-    MAX_DRY_MULTIPLIER, SMALL_MODEL_PARAMETERS,
+    GrammarCheck, ModelBackend, ModelError, Routing, SamplingOptions, StopReason,
+    DEFAULT_DRY_MULTIPLIER, MAX_DRY_MULTIPLIER, SMALL_MODEL_PARAMETERS,
 };
 pub use formats::ToolFormat;
 pub use grammar::{ArgumentValues, ToolChoice};

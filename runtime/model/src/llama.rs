@@ -23,8 +23,8 @@ use serde_json::Value;
 
 use super::backend::{offered_tools, prompt_tools, tool_name, CallPath};
 pub use super::backend::{
-    Counters, Generation, ModelError, Routing, SamplingOptions, StopReason, DEFAULT_DRY_MULTIPLIER,
-    MAX_DRY_MULTIPLIER, SMALL_MODEL_PARAMETERS,
+    Counters, Generation, GrammarCheck, ModelError, Routing, SamplingOptions, StopReason,
+    DEFAULT_DRY_MULTIPLIER, MAX_DRY_MULTIPLIER, SMALL_MODEL_PARAMETERS,
 };
 use super::batch::{AsideLease, Engine, Lease, Want, PROMPT_CHUNK};
 use super::call_grammar::{call_grammar, CallCount, CallGrammar, CallTrigger};
@@ -36,7 +36,7 @@ use super::routing::{
     RoutingScores, MAX_EVIDENCE_CHARS,
 };
 use super::template::PromptRenderer;
-use super::toolcall::{parse_tool_calls_for, ParsedTurn};
+use super::toolcall::{drop_repeated_calls, parse_tool_calls_for, ParsedTurn};
 use stack_types::message::{Message, Role};
 
 /// How to load a model.
@@ -1079,10 +1079,19 @@ impl ModelSession {
             // what its prompts reused is the same cached prefix counted
             // again, so it is not added.
             generation.counters.prompt_evaluated += routing.counters.prompt_evaluated;
-            generation.prompt_ms += routing.prompt_ms + routing.generation_ms;
+            generation.prompt_ms += routing.prompt_ms;
+            generation.routing_ms = routing.routing_ms;
         }
         if !offered.is_empty() {
             generation.turn = parse_tool_calls_for(&generation.text, &offered, next_id);
+            // Where DRY guards a small model against its own repeats, a
+            // call it writes twice in one reply is such a repeat too.
+            if self.model.dry_multiplier(sampling) > 0.0 {
+                let dropped = drop_repeated_calls(&mut generation.turn.tool_calls);
+                if dropped > 0 {
+                    tracing::debug!(dropped, "dropped calls that repeat one of the same reply");
+                }
+            }
             if !generation.turn.tool_calls.is_empty() {
                 generation.call_path = Some(if grammar.is_some() {
                     CallPath::Grammar
@@ -1172,6 +1181,21 @@ impl ModelSession {
             let (open, close) = self.model.info.tool_format.name_frame();
             let opening = format!("{prompt}{open}");
             let shared = self.model.tokenize(&opening);
+            // The conversation's prompt, which the step that follows
+            // reuses, is the prompt's time, not the routing's. Its last
+            // token is left to the first name's score, which evaluates it
+            // for its logits.
+            if shared.len() + 1 > self.n_ctx() as usize {
+                return Err(ModelError::ContextFull {
+                    needed: shared.len(),
+                    context: self.n_ctx(),
+                });
+            }
+            let prefilling = Instant::now();
+            let counters = self.prefill(&shared[..shared.len().saturating_sub(1).max(1)])?;
+            self.totals.add(counters);
+            spent.counters.add(counters);
+            spent.prompt_ms = prefilling.elapsed().as_secs_f64() * 1000.0;
             for name in &names {
                 let tokens = self.model.tokenize(&format!("{opening}{name}{close}"));
                 let from = common_prefix(&tokens, &shared);
@@ -1187,7 +1211,7 @@ impl ModelSession {
                 .map(|name| name.to_string())
         };
         tracing::debug!(?scores, ?choice, "routing step");
-        spent.prompt_ms = started.elapsed().as_secs_f64() * 1000.0;
+        spent.routing_ms = started.elapsed().as_secs_f64() * 1000.0 - spent.prompt_ms;
         Ok((choice, spent))
     }
 
@@ -1474,6 +1498,7 @@ impl ModelSession {
         let mut text = String::new();
         let mut pending = Vec::new();
         let mut generated = 0u64;
+        let mut sampling_ms = 0.0;
         let mut stop = StopReason::MaxTokens;
         // The lazy grammar's trigger, until a call has opened.
         let mut awaiting = grammar.and_then(|(_, trigger)| trigger);
@@ -1483,7 +1508,10 @@ impl ModelSession {
             }
             // Until the lazy grammar has triggered, a token may complete
             // its trigger.
-            let token = match self.sample_next(&mut sampler, awaiting.map(|t| (t, text.as_str()))) {
+            let picking = Instant::now();
+            let picked = self.sample_next(&mut sampler, awaiting.map(|t| (t, text.as_str())));
+            sampling_ms += picking.elapsed().as_secs_f64() * 1000.0;
+            let token = match picked {
                 Ok(token) => token,
                 Err(SampleFailure::NothingAllowed) => {
                     stop = StopReason::GrammarDeadEnd;
@@ -1524,7 +1552,9 @@ impl ModelSession {
             stop,
             counters: turn_counters,
             prompt_ms,
+            routing_ms: 0.0,
             generation_ms: generating.elapsed().as_secs_f64() * 1000.0,
+            sampling_ms,
             call_path: None,
             server_ms: None,
         })
@@ -1572,8 +1602,9 @@ impl ModelSession {
 
     /// Picks the next token and has the sampler accept it.
     ///
-    /// The token is chosen by applying the sampler chain to the logits
-    /// and accepted separately through the `common` shim, which catches
+    /// The token is chosen by [`StepSampler::pick`] (the chain's pick put
+    /// to the grammar first, see [`GrammarCheck`]) and accepted by the
+    /// grammar separately, through the `common` shim, which catches
     /// llama.cpp's C++ exceptions: `llama_sampler_sample` would let the
     /// grammar's "empty grammar stack" exception unwind into Rust, and that
     /// aborts the process. The exception happens when a token completes a
@@ -1583,49 +1614,38 @@ impl ModelSession {
     /// best is tried.
     fn sample_next(
         &self,
-        sampler: &mut LlamaSampler,
+        sampler: &mut StepSampler,
         awaiting_trigger: Option<(&CallTrigger, &str)>,
     ) -> Result<LlamaToken, SampleFailure> {
         let vocab = self.model.model.vocab();
         let mut ruled_out: Vec<LlamaToken> = Vec::new();
         loop {
-            let mut candidates = LlamaTokenDataArray::from_iter(
-                (0_i32..)
-                    .zip(&self.last_logits)
-                    .map(|(id, logit)| LlamaTokenData::new(LlamaToken::new(id), *logit, 0.0)),
-                false,
-            );
-            for token in &ruled_out {
-                if let Some(data) = usize::try_from(token.0)
-                    .ok()
-                    .and_then(|i| candidates.data.get_mut(i))
-                {
-                    data.set_logit(f32::NEG_INFINITY);
-                }
-            }
-            sampler.apply(&mut candidates);
-            let token = candidates
-                .selected
-                .and_then(|i| candidates.data.get(i))
-                .filter(|data| data.logit().is_finite() && !ruled_out.contains(&data.id()))
-                .map(|data| data.id())
+            let token = sampler
+                .pick(&self.last_logits, &ruled_out)
                 .ok_or(SampleFailure::NothingAllowed)?;
             // Generation ends at an end-of-generation token: accepting it
             // would only let an unfinished grammar abort the process.
             if vocab.is_eog(token) {
                 return Ok(token);
             }
+            let Some(grammar) = sampler.grammar.as_mut() else {
+                sampler.chain.accept(token);
+                return Ok(token);
+            };
             // Only the token that completes the trigger can be refused
             // while the grammar waits: keep a copy to go back to.
             let completes_trigger = awaiting_trigger.is_some_and(|(trigger, text)| {
                 let piece = vocab.token_to_piece(token, true, None);
                 trigger.completed_by(text, &String::from_utf8_lossy(&piece))
             });
-            let before = completes_trigger.then(|| sampler.clone());
-            match (sampler.try_accept(token), before) {
-                (Ok(()), _) => return Ok(token),
+            let before = completes_trigger.then(|| grammar.clone());
+            match (grammar.try_accept(token), before) {
+                (Ok(()), _) => {
+                    sampler.chain.accept(token);
+                    return Ok(token);
+                }
                 (Err(_), Some(before)) if ruled_out.len() < MAX_RULED_OUT => {
-                    *sampler = before;
+                    *grammar = before;
                     ruled_out.push(token);
                 }
                 (Err(_), Some(_)) => return Err(SampleFailure::NothingAllowed),
@@ -1642,10 +1662,10 @@ impl ModelSession {
         &self,
         grammar: Option<(&str, Option<&CallTrigger>)>,
         options: &SamplingOptions,
-    ) -> Result<LlamaSampler, ModelError> {
-        let mut chain = Vec::new();
+    ) -> Result<StepSampler, ModelError> {
+        let mut constrained = None;
         if let Some((grammar, trigger)) = grammar {
-            let constrained = match trigger {
+            let made = match trigger {
                 // Plain patterns, searched for (see `CallTrigger::patterns`).
                 Some(trigger) => LlamaSampler::grammar_lazy_patterns(
                     &self.model.model,
@@ -1656,8 +1676,9 @@ impl ModelSession {
                 ),
                 None => LlamaSampler::grammar(&self.model.model, grammar, "root"),
             };
-            chain.push(constrained.map_err(|e| ModelError::Grammar(e.to_string()))?);
+            constrained = Some(made.map_err(|e| ModelError::Grammar(e.to_string()))?);
         }
+        let mut chain = Vec::new();
         if (options.repeat_penalty - 1.0).abs() > f32::EPSILON {
             chain.push(LlamaSampler::penalties(
                 self.model.model.n_vocab(),
@@ -1682,7 +1703,85 @@ impl ModelSession {
             chain.push(LlamaSampler::temp(options.temperature));
             chain.push(LlamaSampler::dist(options.seed));
         }
-        Ok(LlamaSampler::chain_simple(chain))
+        Ok(StepSampler {
+            grammar: constrained,
+            chain: LlamaSampler::chain_simple(chain),
+            check: options.grammar_check,
+        })
+    }
+}
+
+/// One step's samplers: the call grammar, where there is one, apart from
+/// the rest of the chain (penalties, DRY, then greedy or temperature), so
+/// that the grammar can be asked about one token (see [`GrammarCheck`]).
+struct StepSampler {
+    grammar: Option<LlamaSampler>,
+    chain: LlamaSampler,
+    check: GrammarCheck,
+}
+
+impl StepSampler {
+    /// The token the chain picks from `logits`, among those the grammar
+    /// allows and not `ruled_out`; `None` where none is allowed. Nothing
+    /// is accepted.
+    fn pick(&mut self, logits: &[f32], ruled_out: &[LlamaToken]) -> Option<LlamaToken> {
+        let candidates = || {
+            let mut candidates = LlamaTokenDataArray::from_iter(
+                (0_i32..)
+                    .zip(logits)
+                    .map(|(id, logit)| LlamaTokenData::new(LlamaToken::new(id), *logit, 0.0)),
+                false,
+            );
+            for token in ruled_out {
+                if let Some(data) = usize::try_from(token.0)
+                    .ok()
+                    .and_then(|i| candidates.data.get_mut(i))
+                {
+                    data.set_logit(f32::NEG_INFINITY);
+                }
+            }
+            candidates
+        };
+        let picked = |candidates: &LlamaTokenDataArray| {
+            candidates
+                .selected
+                .and_then(|i| candidates.data.get(i))
+                .filter(|data| data.logit().is_finite() && !ruled_out.contains(&data.id()))
+                .map(LlamaTokenData::id)
+        };
+        match (&mut self.grammar, self.check) {
+            (None, _) => {
+                let mut all = candidates();
+                self.chain.apply(&mut all);
+                picked(&all)
+            }
+            (Some(grammar), GrammarCheck::PickedFirst) => {
+                let mut all = candidates();
+                self.chain.apply(&mut all);
+                if let Some(token) = picked(&all) {
+                    let mut one =
+                        LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, 0.0, 0.0)], false);
+                    grammar.apply(&mut one);
+                    if one
+                        .data
+                        .first()
+                        .is_some_and(|data| data.logit().is_finite())
+                    {
+                        return Some(token);
+                    }
+                }
+                let mut allowed = candidates();
+                grammar.apply(&mut allowed);
+                self.chain.apply(&mut allowed);
+                picked(&allowed)
+            }
+            (Some(grammar), GrammarCheck::EveryToken) => {
+                let mut allowed = candidates();
+                grammar.apply(&mut allowed);
+                self.chain.apply(&mut allowed);
+                picked(&allowed)
+            }
+        }
     }
 }
 

@@ -86,6 +86,32 @@ pub fn parse_tool_calls_for(
     parse_with(text, &lookup, next_id)
 }
 
+/// Drops each call of `calls` that repeats an earlier one exactly: the
+/// same function with the same arguments, compared as JSON values (key
+/// order and spacing aside). Returns how many were dropped.
+///
+/// A small model's greedy decoding writes a call twice, word for word,
+/// where one was asked for (`triangle_properties_get(5, 4, 3)` twice, on
+/// BFCL's `multiple_0`), and DRY cannot see that repeat: its sequence
+/// breakers (`"` and `:`) end every repeat within a few tokens of JSON.
+/// Running both would do the same work twice, or a side effect twice.
+pub fn drop_repeated_calls(calls: &mut Vec<ToolCall>) -> usize {
+    let before = calls.len();
+    let mut seen: Vec<(String, Value)> = Vec::with_capacity(before);
+    calls.retain(|call| {
+        let arguments = serde_json::from_str(&call.function.arguments)
+            .unwrap_or_else(|_| Value::String(call.function.arguments.clone()));
+        let key = (call.function.name.clone(), arguments);
+        if seen.contains(&key) {
+            false
+        } else {
+            seen.push(key);
+            true
+        }
+    });
+    before - calls.len()
+}
+
 fn parse_with(
     text: &str,
     lookup: &ToolLookup<'_>,
@@ -299,6 +325,62 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// A call repeated word for word, or with its keys reordered and
+    /// spaced otherwise, is dropped; a call that differs in its function
+    /// or in any argument value is kept, as is the first of the repeats.
+    #[test]
+    fn a_call_repeated_in_one_turn_is_dropped_and_every_other_is_kept() {
+        /// The calls of a reply, as (name, arguments), and the ids kept.
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case] = &[
+            (&[("f", r#"{"a":1}"#), ("f", r#"{"a":1}"#)], &["call_1"]),
+            (
+                &[
+                    ("f", r#"{"a":1,"b":"x"}"#),
+                    ("f", r#"{ "b" : "x", "a" : 1 }"#),
+                ],
+                &["call_1"],
+            ),
+            (
+                &[("f", r#"{"a":1}"#), ("f", r#"{"a":2}"#)],
+                &["call_1", "call_2"],
+            ),
+            (
+                &[("f", r#"{"a":1}"#), ("g", r#"{"a":1}"#)],
+                &["call_1", "call_2"],
+            ),
+            (
+                &[("f", r#"{"a":1}"#), ("f", r#"{"a":1.0}"#)],
+                &["call_1", "call_2"],
+            ),
+            (&[("f", "not json"), ("f", "not json")], &["call_1"]),
+            (
+                &[
+                    ("f", "{}"),
+                    ("g", "{}"),
+                    ("f", "{}"),
+                    ("g", "{}"),
+                    ("f", "{}"),
+                ],
+                &["call_1", "call_2"],
+            ),
+            (&[], &[]),
+        ];
+        for (given, kept) in cases {
+            let mut calls: Vec<ToolCall> = given
+                .iter()
+                .enumerate()
+                .map(|(at, (name, arguments))| {
+                    ToolCall::function(format!("call_{}", at + 1), *name, *arguments)
+                })
+                .collect();
+            let dropped = drop_repeated_calls(&mut calls);
+            let ids: Vec<&str> = calls.iter().map(|c| c.id.as_str()).collect();
+            assert_eq!(&ids, kept, "{given:?}");
+            assert_eq!(dropped, given.len() - kept.len(), "{given:?}");
+        }
     }
 
     /// An expected call: (id, name, arguments).

@@ -864,7 +864,9 @@ impl RemoteSession {
                 stop: StopReason::Cancelled,
                 counters: Counters::default(),
                 prompt_ms: started.elapsed().as_secs_f64() * 1e3,
+                routing_ms: 0.0,
                 generation_ms: 0.0,
+                sampling_ms: 0.0,
                 call_path: None,
                 server_ms: None,
             });
@@ -1046,7 +1048,9 @@ impl RemoteSession {
             stop,
             counters,
             prompt_ms: (first - started).as_secs_f64() * 1e3,
+            routing_ms: 0.0,
             generation_ms: (finished - first).as_secs_f64() * 1e3,
+            sampling_ms: 0.0,
             call_path,
             server_ms,
         })

@@ -11,7 +11,9 @@ use anyhow::Context;
 use clap::Args;
 use stack_runtime::agent::store::SessionStore;
 use stack_runtime::agent::GroundingMode;
-use stack_runtime::agent::{list_sessions, Event, Runtime, Session, SessionConfig, TurnEnd};
+use stack_runtime::agent::{
+    list_sessions, Event, Runtime, Session, SessionConfig, TurnEnd, TurnTimings,
+};
 use stack_runtime::model::llama::SamplingOptions;
 use stack_runtime::model::{Routing, ToolChoice, MAX_DRY_MULTIPLIER};
 use stack_runtime::outcome::Status;
@@ -529,11 +531,12 @@ impl Printer {
                 reason,
                 steps,
                 counters,
+                timings,
             } => {
                 let _ = writeln!(
                     out,
                     "{}",
-                    self.paint("2", &format!("[{reason}; {steps} step(s); {} prompt tokens evaluated, {} reused, {} generated]", counters.prompt_evaluated, counters.prompt_reused, counters.generated))
+                    self.paint("2", &format!("[{reason}; {steps} step(s); {} prompt tokens evaluated, {} reused, {} generated; {}]", counters.prompt_evaluated, counters.prompt_reused, counters.generated, time_spent(timings)))
                 );
             }
             Event::Error { message } => {
@@ -545,6 +548,39 @@ impl Printer {
             }
         }
         let _ = out.flush();
+    }
+}
+
+/// Where a turn's time went, in seconds: "2.41 s: routing 0.52, prompt
+/// 0.20, generation 1.30 (sampling 0.04), tools 0.31, other 0.08"; parts
+/// that took no time are left out.
+fn time_spent(timings: &TurnTimings) -> String {
+    let seconds = |ms: f64| ms / 1000.0;
+    let mut parts = Vec::new();
+    for (name, ms) in [
+        ("grounding", timings.grounding_ms),
+        ("routing", timings.routing_ms),
+        ("prompt", timings.prompt_ms),
+        ("generation", timings.generation_ms),
+    ] {
+        if ms >= 5.0 {
+            parts.push(format!("{name} {:.2}", seconds(ms)));
+        }
+    }
+    if timings.generation_ms >= 5.0 && timings.sampling_ms > 0.0 {
+        if let Some(generation) = parts.last_mut() {
+            generation.push_str(&format!(" (sampling {:.2})", seconds(timings.sampling_ms)));
+        }
+    }
+    for (name, ms) in [("tools", timings.tools_ms), ("other", timings.other_ms())] {
+        if ms >= 5.0 {
+            parts.push(format!("{name} {:.2}", seconds(ms)));
+        }
+    }
+    if parts.is_empty() {
+        format!("{:.2} s", seconds(timings.total_ms))
+    } else {
+        format!("{:.2} s: {}", seconds(timings.total_ms), parts.join(", "))
     }
 }
 
