@@ -1185,12 +1185,7 @@ impl ModelSession {
             // reuses, is the prompt's time, not the routing's. Its last
             // token is left to the first name's score, which evaluates it
             // for its logits.
-            if shared.len() + 1 > self.n_ctx() as usize {
-                return Err(ModelError::ContextFull {
-                    needed: shared.len(),
-                    context: self.n_ctx(),
-                });
-            }
+            self.check_room(&shared)?;
             let prefilling = Instant::now();
             let counters = self.prefill(&shared[..shared.len().saturating_sub(1).max(1)])?;
             self.totals.add(counters);
@@ -1417,6 +1412,19 @@ impl ModelSession {
         }
     }
 
+    /// Whether the context holds `tokens` and room for one token after
+    /// them; [`ModelError::ContextFull`] where it does not.
+    fn check_room(&self, tokens: &[LlamaToken]) -> Result<(), ModelError> {
+        let context = self.n_ctx();
+        if tokens.len() + 1 > context as usize {
+            return Err(ModelError::ContextFull {
+                needed: tokens.len(),
+                context,
+            });
+        }
+        Ok(())
+    }
+
     /// The log-probability the model gives `tokens[from..]` after
     /// `tokens[..from]`. The KV cache is left holding `tokens`.
     fn score_continuation(
@@ -1425,12 +1433,7 @@ impl ModelSession {
         from: usize,
     ) -> Result<(f64, Counters), ModelError> {
         let from = from.clamp(1, tokens.len());
-        if tokens.len() + 1 > self.n_ctx() as usize {
-            return Err(ModelError::ContextFull {
-                needed: tokens.len(),
-                context: self.n_ctx(),
-            });
-        }
+        self.check_room(tokens)?;
         let counters = self.prefill(&tokens[..from])?;
         self.totals.add(counters);
         let rest = &tokens[from..];
@@ -1483,12 +1486,7 @@ impl ModelSession {
         let started = Instant::now();
         let tokens = self.model.tokenize(prompt);
         let context = self.n_ctx();
-        if tokens.len() + 1 > context as usize {
-            return Err(ModelError::ContextFull {
-                needed: tokens.len(),
-                context,
-            });
-        }
+        self.check_room(&tokens)?;
         let counters = self.prefill(&tokens)?;
         let prompt_ms = started.elapsed().as_secs_f64() * 1000.0;
         let generating = Instant::now();
@@ -1749,39 +1747,35 @@ impl StepSampler {
                 .filter(|data| data.logit().is_finite() && !ruled_out.contains(&data.id()))
                 .map(LlamaTokenData::id)
         };
-        match (&mut self.grammar, self.check) {
-            (None, _) => {
-                let mut all = candidates();
-                self.chain.apply(&mut all);
-                picked(&all)
-            }
-            (Some(grammar), GrammarCheck::PickedFirst) => {
-                let mut all = candidates();
-                self.chain.apply(&mut all);
-                if let Some(token) = picked(&all) {
-                    let mut one =
-                        LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, 0.0, 0.0)], false);
-                    grammar.apply(&mut one);
-                    if one
-                        .data
-                        .first()
-                        .is_some_and(|data| data.logit().is_finite())
-                    {
-                        return Some(token);
-                    }
+        // The chain's pick from every token, where no grammar is asked or
+        // the grammar is asked about that pick first.
+        if self.grammar.is_none() || self.check == GrammarCheck::PickedFirst {
+            let mut all = candidates();
+            self.chain.apply(&mut all);
+            let token = picked(&all);
+            let Some(grammar) = &mut self.grammar else {
+                return token;
+            };
+            if let Some(token) = token {
+                let mut one =
+                    LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, 0.0, 0.0)], false);
+                grammar.apply(&mut one);
+                if one
+                    .data
+                    .first()
+                    .is_some_and(|data| data.logit().is_finite())
+                {
+                    return Some(token);
                 }
-                let mut allowed = candidates();
-                grammar.apply(&mut allowed);
-                self.chain.apply(&mut allowed);
-                picked(&allowed)
-            }
-            (Some(grammar), GrammarCheck::EveryToken) => {
-                let mut allowed = candidates();
-                grammar.apply(&mut allowed);
-                self.chain.apply(&mut allowed);
-                picked(&allowed)
             }
         }
+        // The chain's pick among the tokens the grammar allows.
+        let mut allowed = candidates();
+        if let Some(grammar) = &mut self.grammar {
+            grammar.apply(&mut allowed);
+        }
+        self.chain.apply(&mut allowed);
+        picked(&allowed)
     }
 }
 
