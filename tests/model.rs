@@ -327,6 +327,98 @@ fn required_tool_calls_always_pass_schema_validation() {
     );
 }
 
+/// A completion whose caller gives up while its prompt is evaluated stops
+/// between chunks of the prompt, before any token: a client gone during a
+/// long prompt does not hold the model until it ends. What was evaluated
+/// stays cached for the next completion.
+#[test]
+fn a_cancel_during_a_long_prompt_stops_it_before_the_first_token() {
+    let model = model();
+    let mut session = model.session().expect("session");
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    session.set_cancel(Some(Arc::clone(&cancel)));
+    // About 3,000 tokens: several 512-token chunks, seconds on two cores.
+    let long = vec![Message::user(format!(
+        "{}\nWhat is this text about?",
+        "The lighthouse keeper climbed the stairs and lit the lamp. ".repeat(250)
+    ))];
+    let rendered = model.renderer().render(&long, &[]).expect("render");
+    let prompt_tokens = model
+        .raw()
+        .vocab()
+        .tokenize(
+            rendered.as_bytes(),
+            model.raw().vocab().should_add_bos(),
+            true,
+        )
+        .len() as u64;
+    assert!(prompt_tokens > 2000, "{prompt_tokens}");
+    // Cancelled before it starts: nothing evaluated, nothing generated.
+    let before = complete(&mut session, &long, &[], &ToolChoice::None, &greedy(8)).expect("ok");
+    assert_eq!(before.stop, StopReason::Cancelled);
+    assert_eq!(before.counters.prompt_evaluated, 0, "{:?}", before.counters);
+    assert_eq!(before.counters.generated, 0);
+    assert!(before.text.is_empty());
+    // Cancelled while the prompt is evaluated.
+    cancel.store(false, std::sync::atomic::Ordering::SeqCst);
+    let setter = {
+        let cancel = Arc::clone(&cancel);
+        std::thread::spawn(move || {
+            // Soon enough for a GPU too: 3,000 tokens are six chunks.
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let during = complete(&mut session, &long, &[], &ToolChoice::None, &greedy(8)).expect("ok");
+    setter.join().expect("setter");
+    assert_eq!(during.stop, StopReason::Cancelled);
+    assert_eq!(during.counters.generated, 0);
+    assert!(
+        during.counters.prompt_evaluated < prompt_tokens,
+        "stopped part way: {:?} of {prompt_tokens}",
+        during.counters
+    );
+    // The session goes on, from what was evaluated.
+    cancel.store(false, std::sync::atomic::Ordering::SeqCst);
+    let after = complete(&mut session, &long, &[], &ToolChoice::None, &greedy(8)).expect("ok");
+    assert_ne!(after.stop, StopReason::Cancelled);
+    assert!(after.counters.generated > 0);
+    assert!(
+        after.counters.prompt_reused >= during.counters.prompt_evaluated,
+        "{:?} after {:?}",
+        after.counters,
+        during.counters
+    );
+}
+
+/// OpenAI's frequency and presence penalties reach the sampler: greedy
+/// text that repeats a word is written otherwise under them.
+#[test]
+fn frequency_and_presence_penalties_change_what_a_repeating_answer_writes() {
+    let model = model();
+    let ask = [Message::user("Write the word cat ten times.")];
+    let plain = greedy(24);
+    let penalised = SamplingOptions {
+        frequency_penalty: 1.5,
+        presence_penalty: 1.5,
+        ..greedy(24)
+    };
+    let mut texts = Vec::new();
+    for sampling in [&plain, &penalised, &plain] {
+        let mut session = model.session().expect("session");
+        let generation =
+            complete(&mut session, &ask, &[], &ToolChoice::None, sampling).expect("answer");
+        texts.push(generation.text);
+    }
+    assert_eq!(texts[0], texts[2], "greedy is repeatable");
+    assert!(
+        texts[0].matches("cat").count() >= 3,
+        "the plain answer repeats the word: {:?}",
+        texts[0]
+    );
+    assert_ne!(texts[0], texts[1], "the penalties changed nothing");
+}
+
 #[test]
 fn a_second_turn_evaluates_only_the_new_tokens() {
     let model = model();

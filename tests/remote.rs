@@ -538,4 +538,58 @@ async fn keys_models_and_context_faults_are_specific_errors() {
         "{}",
         shown(&profiled)
     );
+
+    // A key file (`--api-key-file`, `~` being the home folder) that others
+    // may write is refused; one they may read is read, with a warning.
+    let key_file = home.path().join("model.key");
+    std::fs::write(&key_file, "right-key\n").expect("key file");
+    let (cwd, home_dir) = (workspace.path().to_path_buf(), home.path().to_path_buf());
+    let url = server.url();
+    let [writable, readable, private] = tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::PermissionsExt;
+        [0o666, 0o644, 0o600].map(|mode| {
+            std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(mode))
+                .expect("chmod");
+            std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+                .args(["--model-url", &url, "--api-key-file", "~/model.key"])
+                .arg("model")
+                .env("HOME", &home_dir)
+                .env("XDG_CONFIG_HOME", home_dir.join("config"))
+                .current_dir(&cwd)
+                .output()
+                .expect("run agent")
+        })
+    })
+    .await
+    .expect("agent ran");
+    assert!(!writable.status.success(), "{}", shown(&writable));
+    assert!(
+        shown(&writable).contains("chmod 600"),
+        "{}",
+        shown(&writable)
+    );
+    assert!(
+        !shown(&writable).contains("right-key"),
+        "{}",
+        shown(&writable)
+    );
+    assert!(readable.status.success(), "{}", shown(&readable));
+    assert!(
+        shown(&readable).contains("chmod 600"),
+        "{}",
+        shown(&readable)
+    );
+    assert!(private.status.success(), "{}", shown(&private));
+    assert!(
+        !shown(&private).contains("chmod 600"),
+        "{}",
+        shown(&private)
+    );
+    // Flags before the subcommand count as after it: the served model, not
+    // the local GGUF (this home has none).
+    assert!(
+        shown(&private).contains("served by llama-server"),
+        "{}",
+        shown(&private)
+    );
 }

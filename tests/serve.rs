@@ -245,6 +245,17 @@ fn the_openai_client_gets_schema_valid_tool_calls_streaming_and_not() {
         seen["tool_calls"][2]["calls"][0]["name"], "get_weather",
         "auto: {seen}"
     );
+    // The same messages and tools are the same prompt, whichever the
+    // choice: `usage` counts the request's prompt, never the routing
+    // step's own prompts that `auto` ran.
+    let prompt_tokens: Vec<&Value> = (0..3)
+        .map(|i| &seen["tool_calls"][i]["usage"]["prompt_tokens"])
+        .collect();
+    assert!(prompt_tokens[0].as_u64().is_some_and(|n| n > 0), "{seen}");
+    assert!(
+        prompt_tokens.iter().all(|n| *n == prompt_tokens[0]),
+        "prompt tokens per choice: {prompt_tokens:?}"
+    );
     assert_eq!(seen["streamed_tool_calls"]["finish_reason"], "tool_calls");
     calls.extend(
         seen["streamed_tool_calls"]["calls"]
@@ -459,6 +470,14 @@ fn bad_requests_and_limits_get_clear_errors_and_sessions_stay_usable() {
         assert!(!preflight
             .headers()
             .contains_key("access-control-allow-origin"));
+        // The scheme's name is matched in any case, as HTTP's are.
+        let lower = http
+            .get(format!("{base}/v1/models"))
+            .header("authorization", format!("bearer {TOKEN}"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(lower.status().as_u16(), 200);
         // Bad bodies.
         let sessions = format!("{base}/v1/sessions");
         let malformed = http
@@ -505,6 +524,13 @@ fn bad_requests_and_limits_get_clear_errors_and_sessions_stay_usable() {
         assert_eq!(status, 403, "{body}");
         let (status, body) = call("POST", &sessions, Some(json!({"policy": "lenient"}))).await;
         assert_eq!(status, 400, "{body}");
+        // A tool named for every step must be one the server has.
+        let (status, body) = call("POST", &sessions, Some(json!({"tool_choice": "rm_rf"}))).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            message(&body).contains("`rm_rf`") && message(&body).contains("read_file"),
+            "{body}"
+        );
         let (status, body) = call(
             "POST",
             &sessions,
@@ -604,18 +630,19 @@ fn a_full_queue_gets_429_and_the_server_refuses_a_public_address_without_a_token
     tokio().block_on(async move {
         let url = format!("{base}/v1/chat/completions");
         let long = json!({
-            // A reply held by its schema to 12,000 characters or more
+            // A reply held by its schema to 11,400 characters or more
             // runs to its 3,000 tokens (no end of turn before that), which
             // take this model well over the 10 s the place is waited for
             // below: only the cancel of a dropped stream frees it in time.
+            // (llama.cpp takes repetitions up to 2,000: six of 1,900.)
             "messages": [{"role": "user", "content": "Tell a long story about a lighthouse."}],
             "response_format": {"type": "json_schema", "json_schema": {"name": "long", "schema": {
-                "type": "array", "minItems": 3,
-                "items": {"type": "string", "minLength": 4000},
+                "type": "array", "minItems": 6,
+                "items": {"type": "string", "minLength": 1900},
             }}},
             "max_tokens": 3000, "temperature": 0, "stream": true,
         });
-        let first = reqwest::Client::new()
+        let mut first = reqwest::Client::new()
             .post(&url)
             .bearer_auth(TOKEN)
             .json(&long)
@@ -623,6 +650,16 @@ fn a_full_queue_gets_429_and_the_server_refuses_a_public_address_without_a_token
             .await
             .expect("first");
         assert_eq!(first.status().as_u16(), 200);
+        // The model is writing: text arrives, and no error.
+        let mut seen = String::new();
+        let written = |seen: &str| {
+            seen.matches("\"content\":\"").count() > seen.matches("\"content\":\"\"").count()
+        };
+        while !written(&seen) {
+            let chunk = first.chunk().await.expect("a chunk").expect("more");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            assert!(!seen.contains("\"error\""), "{seen}");
+        }
         let (status, body) = call("POST", &url, Some(long.clone())).await;
         assert_eq!(status, 429, "{body}");
         assert!(message(&body).contains("busy"), "{body}");
@@ -643,6 +680,54 @@ fn a_full_queue_gets_429_and_the_server_refuses_a_public_address_without_a_token
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(freed, "the place came back");
+
+        // The same with tools offered: nothing is sent while the model
+        // writes a call (it may yet be text), so only the closed stream
+        // tells that the client went away. Six arguments of 1,900
+        // characters or more run to the 3,000 tokens as above.
+        let long_call = json!({
+            "messages": [{"role": "user", "content": "Write three long stories about a lighthouse."}],
+            "tools": [{"type": "function", "function": {"name": "write_stories", "parameters": {
+                "type": "object", "required": ["stories"], "properties": {"stories": {
+                    "type": "array", "minItems": 6,
+                    "items": {"type": "string", "minLength": 1900},
+                }},
+            }}}],
+            "tool_choice": "required",
+            "max_tokens": 3000, "temperature": 0, "stream": true,
+        });
+        let mut calling = reqwest::Client::new()
+            .post(&url)
+            .bearer_auth(TOKEN)
+            .json(&long_call)
+            .send()
+            .await
+            .expect("a call");
+        assert_eq!(calling.status().as_u16(), 200);
+        // The role chunk comes first; then nothing while the model writes
+        // (a failure would come as an error event at once).
+        let first_chunk = calling.chunk().await.expect("a chunk");
+        assert!(first_chunk.is_some());
+        let quiet = tokio::time::timeout(Duration::from_secs(2), calling.chunk()).await;
+        assert!(quiet.is_err(), "the model is still writing: {quiet:?}");
+        let (status, body) = call("POST", &url, Some(long.clone())).await;
+        assert_eq!(status, 429, "{body}");
+        drop(calling);
+        let mut freed = false;
+        for _ in 0..100 {
+            let (status, _) = call(
+                "POST",
+                &url,
+                Some(json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})),
+            )
+            .await;
+            if status == 200 {
+                freed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(freed, "a call being written stops when its client goes away");
     });
     let output = Command::new(common::agent_binary())
         .args(["serve", "--host", "0.0.0.0", "--port", "0"])

@@ -129,6 +129,7 @@ def scenario_openai(base: str, token: str) -> dict:
             "finish_reason": answer.choices[0].finish_reason,
             "calls": [check_call(c.function.name, c.function.arguments) for c in message.tool_calls or []],
             "ids": [c.id for c in message.tool_calls or []],
+            "usage": answer.usage.model_dump() if answer.usage else None,
         })
     seen["tool_calls"] = calls
 

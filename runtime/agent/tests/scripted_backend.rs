@@ -90,6 +90,7 @@ impl BackendSession for ScriptedSession {
                 turn,
                 stop: StopReason::EndOfTurn,
                 counters,
+                routing_prompt_evaluated: 0,
                 prompt_ms: 0.0,
                 routing_ms: 0.0,
                 generation_ms: 0.0,

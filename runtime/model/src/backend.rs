@@ -19,6 +19,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use serde_json::Value;
 
+use crate::call_grammar::CallCount;
 use crate::grammar::{ArgumentValues, ToolChoice};
 use crate::template::TemplateError;
 use crate::toolcall::ParsedTurn;
@@ -98,6 +99,15 @@ pub struct SamplingOptions {
     pub min_p: f32,
     /// Repetition penalty (1 = off).
     pub repeat_penalty: f32,
+    /// OpenAI's frequency penalty (0 = off, -2 to 2): a token's logit
+    /// loses this much for each time it appeared among the last 64 tokens
+    /// (llama.cpp's penalties sampler, in process).
+    #[serde(default)]
+    pub frequency_penalty: f32,
+    /// OpenAI's presence penalty (0 = off, -2 to 2): a token's logit loses
+    /// this much once it appeared among the last 64 tokens.
+    #[serde(default)]
+    pub presence_penalty: f32,
     /// DRY ("don't repeat yourself") penalty, 0 = off, `None` = the
     /// model's default: [`DEFAULT_DRY_MULTIPLIER`] for an in-process model
     /// of fewer than [`SMALL_MODEL_PARAMETERS`] parameters, off for a
@@ -127,6 +137,12 @@ pub struct SamplingOptions {
     /// How a step under a grammar asks the grammar (in process).
     #[serde(default)]
     pub grammar_check: GrammarCheck,
+    /// How many tool calls one reply may make (OpenAI's
+    /// `parallel_tool_calls`, true by default): under
+    /// [`CallCount::One`] the call grammar closes the reply after its
+    /// first call, and a served model is sent `parallel_tool_calls: false`.
+    #[serde(default)]
+    pub calls_per_reply: CallCount,
 }
 
 /// How a grammar-constrained step asks its grammar which token may come
@@ -194,11 +210,14 @@ impl Default for SamplingOptions {
             top_k: 40,
             min_p: 0.05,
             repeat_penalty: 1.1,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             dry_multiplier: None,
             seed: 42,
             max_tokens: 512,
             routing: Routing::Auto,
             grammar_check: GrammarCheck::PickedFirst,
+            calls_per_reply: CallCount::Many,
         }
     }
 }
@@ -279,8 +298,14 @@ pub struct Generation {
     pub turn: ParsedTurn,
     /// Why it stopped.
     pub stop: StopReason,
-    /// This turn's counters.
+    /// This turn's counters: everything the model evaluated for it, the
+    /// routing step's own prompts included.
     pub counters: Counters,
+    /// Of `counters.prompt_evaluated`, the tokens of the routing step's own
+    /// prompts (its evidence prompts and the names it scored; see
+    /// [`Routing::Constrained`]): work done for the turn that is not its
+    /// prompt, which an OpenAI `usage` leaves out. 0 without that step.
+    pub routing_prompt_evaluated: u64,
     /// Milliseconds spent on the prompt (a served model: until its first
     /// token came), the conversation's prompt that a routing step
     /// evaluates for the step to reuse included.
@@ -316,6 +341,7 @@ impl Generation {
             text: String::new(),
             stop: StopReason::EndOfTurn,
             counters: Counters::default(),
+            routing_prompt_evaluated: 0,
             prompt_ms: 0.0,
             routing_ms: 0.0,
             generation_ms: 0.0,

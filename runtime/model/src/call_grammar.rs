@@ -173,11 +173,13 @@ fn regex_escape(text: &str) -> String {
 }
 
 /// How many calls one reply may make.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CallCount {
     /// Exactly one (`parallel_tool_calls: false`).
     One,
     /// One or more, in the format's own list or sequence.
+    #[default]
     Many,
 }
 

@@ -30,6 +30,7 @@ pub use backend::{
     GrammarCheck, ModelBackend, ModelError, Routing, SamplingOptions, StopReason,
     DEFAULT_DRY_MULTIPLIER, MAX_DRY_MULTIPLIER, SMALL_MODEL_PARAMETERS,
 };
+pub use call_grammar::CallCount;
 pub use formats::ToolFormat;
 pub use grammar::{ArgumentValues, ToolChoice};
 #[cfg(feature = "llama")]

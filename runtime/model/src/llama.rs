@@ -4,6 +4,7 @@
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 
 use stack_seal::StateFile;
@@ -497,6 +498,7 @@ impl Model {
             totals: Counters::default(),
             last_logits: Vec::new(),
             grounding: ArgumentValues::none(),
+            cancel: None,
         })
     }
 
@@ -703,6 +705,23 @@ fn check_gguf(path: &Path) -> Result<(), ModelError> {
     Ok(())
 }
 
+/// What a routing step spent: its own work as a [`Generation`], and the
+/// part of it that evaluated the conversation's prompt (with a call's
+/// opening after it) for the step that follows to reuse.
+struct Routed {
+    step: Generation,
+    conversation: Counters,
+}
+
+impl Default for Routed {
+    fn default() -> Self {
+        Routed {
+            step: Generation::empty(),
+            conversation: Counters::default(),
+        }
+    }
+}
+
 /// One conversation's context: the KV cache holds the tokens of the last
 /// prompt and reply, and each turn evaluates only what comes after the
 /// longest common prefix.
@@ -717,6 +736,9 @@ pub struct ModelSession {
     last_logits: Vec<f32>,
     /// The grounded argument values in force (see [`ArgumentValues`]).
     grounding: ArgumentValues,
+    /// Set by the caller to stop a completion between chunks of its
+    /// prompt, before the first token (see [`ModelSession::set_cancel`]).
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 /// Where a session's KV cache lives.
@@ -764,6 +786,22 @@ impl ModelSession {
     /// the next completions use (none by default).
     pub fn set_argument_values(&mut self, grounding: ArgumentValues) {
         self.grounding = grounding;
+    }
+
+    /// A flag that, once set, stops the next completions while their
+    /// prompt is still being evaluated: between chunks of it, so that a
+    /// client gone during a long prompt (thousands of tokens take a large
+    /// model on a CPU minutes) does not hold the model until it ends.
+    /// What was evaluated stays cached. Once tokens come, `on_token`
+    /// returning `false` stops generation as before.
+    pub fn set_cancel(&mut self, cancel: Option<Arc<AtomicBool>>) {
+        self.cancel = cancel;
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|flag| flag.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     /// Counters over the session's life.
@@ -1020,7 +1058,7 @@ impl ModelSession {
                     Ok(routed) => routed,
                     Err(err) => {
                         tracing::warn!(%err, "the routing step failed; the model decides freely");
-                        (None, Generation::empty())
+                        (None, Routed::default())
                     }
                 };
                 routing = Some(generation);
@@ -1052,7 +1090,7 @@ impl ModelSession {
                     self.model.info.tool_format,
                     &offered,
                     &self.grounding,
-                    CallCount::Many,
+                    sampling.calls_per_reply,
                 )?;
                 Some((gbnf, Some(trigger)))
             }
@@ -1061,7 +1099,7 @@ impl ModelSession {
                     self.model.info.tool_format,
                     &offered,
                     &self.grounding,
-                    CallCount::Many,
+                    sampling.calls_per_reply,
                 )?;
                 Some((grammar.gbnf, None))
             }
@@ -1077,10 +1115,26 @@ impl ModelSession {
         if let Some(routing) = routing {
             // What the routing step evaluated is work done for this turn;
             // what its prompts reused is the same cached prefix counted
-            // again, so it is not added.
-            generation.counters.prompt_evaluated += routing.counters.prompt_evaluated;
-            generation.prompt_ms += routing.prompt_ms;
-            generation.routing_ms = routing.routing_ms;
+            // again, so it is not added. The conversation's prompt that it
+            // evaluated comes to this step as reused: it is this request's
+            // prompt work all the same, not a prefix cached before.
+            // Its prefill also evaluated the opening of a call after the
+            // prompt, which is no part of it: of what this step reused,
+            // only what lies past the prefix cached before the request
+            // (and no more than the prefill evaluated) moves over.
+            let Routed { step, conversation } = routing;
+            let moved = conversation.prompt_evaluated.min(
+                generation
+                    .counters
+                    .prompt_reused
+                    .saturating_sub(conversation.prompt_reused),
+            );
+            generation.counters.prompt_reused -= moved;
+            generation.counters.prompt_evaluated += step.counters.prompt_evaluated;
+            generation.routing_prompt_evaluated =
+                step.routing_prompt_evaluated + (conversation.prompt_evaluated - moved);
+            generation.prompt_ms += step.prompt_ms;
+            generation.routing_ms = step.routing_ms;
         }
         if !offered.is_empty() {
             generation.turn = parse_tool_calls_for(&generation.text, &offered, next_id);
@@ -1150,7 +1204,7 @@ impl ModelSession {
         messages: &[Message],
         prompt: &str,
         offered: &[Value],
-    ) -> Result<(Option<String>, Generation), ModelError> {
+    ) -> Result<(Option<String>, Routed), ModelError> {
         let started = Instant::now();
         let query = messages.last().map(Message::text).unwrap_or_default();
         // Read as far as the evidence prompts read it.
@@ -1161,9 +1215,13 @@ impl ModelSession {
         let evidence = self.tool_evidence(query, &offered);
         self.clear_aside();
         let (evidence, counters) = evidence?;
-        let mut spent = Generation {
-            counters,
-            ..Generation::empty()
+        let mut spent = Routed {
+            step: Generation {
+                counters,
+                routing_prompt_evaluated: counters.prompt_evaluated,
+                ..Generation::empty()
+            },
+            conversation: Counters::default(),
         };
         let names: Vec<&str> = offered.iter().filter_map(|t| tool_name(t)).collect();
         let mut scores = RoutingScores {
@@ -1189,13 +1247,19 @@ impl ModelSession {
             let prefilling = Instant::now();
             let counters = self.prefill(&shared[..shared.len().saturating_sub(1).max(1)])?;
             self.totals.add(counters);
-            spent.counters.add(counters);
-            spent.prompt_ms = prefilling.elapsed().as_secs_f64() * 1000.0;
+            spent.step.counters.add(counters);
+            spent.conversation = counters;
+            spent.step.prompt_ms = prefilling.elapsed().as_secs_f64() * 1000.0;
+            if self.cancelled() {
+                // The step that follows sees the flag and stops too.
+                return Ok((None, spent));
+            }
             for name in &names {
                 let tokens = self.model.tokenize(&format!("{opening}{name}{close}"));
                 let from = common_prefix(&tokens, &shared);
                 let (score, counters) = self.score_continuation(&tokens, from)?;
-                spent.counters.add(counters);
+                spent.step.counters.add(counters);
+                spent.step.routing_prompt_evaluated += counters.prompt_evaluated;
                 scores.name.push(score);
             }
             scores.words = name_words_in(query, &names);
@@ -1206,7 +1270,7 @@ impl ModelSession {
                 .map(|name| name.to_string())
         };
         tracing::debug!(?scores, ?choice, "routing step");
-        spent.routing_ms = started.elapsed().as_secs_f64() * 1000.0 - spent.prompt_ms;
+        spent.step.routing_ms = started.elapsed().as_secs_f64() * 1000.0 - spent.step.prompt_ms;
         Ok((choice, spent))
     }
 
@@ -1234,6 +1298,12 @@ impl ModelSession {
         counters.add(spent);
         let mut evidence = Vec::with_capacity(offered.len());
         for tool in offered {
+            if self.cancelled() {
+                // No tool is weighed once the caller gave up; the step
+                // that follows sees the flag and stops.
+                evidence.push(f64::NEG_INFINITY);
+                continue;
+            }
             let (tokens, from) = self.evidence_prompt(Some(tool), query)?;
             if tokens.len().saturating_sub(1) > self.aside_room() as usize {
                 // A tool told of at such length is not weighed; the others are.
@@ -1489,6 +1559,16 @@ impl ModelSession {
         self.check_room(&tokens)?;
         let counters = self.prefill(&tokens)?;
         let prompt_ms = started.elapsed().as_secs_f64() * 1000.0;
+        if self.cancelled() {
+            // Stopped in the prompt (or just after it): nothing generated.
+            self.totals.add(counters);
+            return Ok(Generation {
+                stop: StopReason::Cancelled,
+                counters,
+                prompt_ms,
+                ..Generation::empty()
+            });
+        }
         let generating = Instant::now();
         let mut sampler = self.sampler(grammar, sampling)?;
         let model = Arc::clone(&self.model);
@@ -1549,6 +1629,7 @@ impl ModelSession {
             text,
             stop,
             counters: turn_counters,
+            routing_prompt_evaluated: 0,
             prompt_ms,
             routing_ms: 0.0,
             generation_ms: generating.elapsed().as_secs_f64() * 1000.0,
@@ -1570,7 +1651,12 @@ impl ModelSession {
         let reuse = self.cached.len();
         let fresh = &tokens[reuse..];
         let batch_size = self.chunk_size();
+        let mut evaluated = 0;
         for (chunk_index, chunk) in fresh.chunks(batch_size).enumerate() {
+            if self.cancelled() {
+                break;
+            }
+            evaluated += chunk.len();
             let last_chunk = (chunk_index + 1) * batch_size >= fresh.len();
             self.eval(
                 chunk,
@@ -1582,7 +1668,7 @@ impl ModelSession {
             )?;
         }
         Ok(Counters {
-            prompt_evaluated: fresh.len() as u64,
+            prompt_evaluated: evaluated as u64,
             prompt_reused: reuse as u64,
             generated: 0,
         })
@@ -1677,13 +1763,16 @@ impl ModelSession {
             constrained = Some(made.map_err(|e| ModelError::Grammar(e.to_string()))?);
         }
         let mut chain = Vec::new();
-        if (options.repeat_penalty - 1.0).abs() > f32::EPSILON {
+        if (options.repeat_penalty - 1.0).abs() > f32::EPSILON
+            || options.frequency_penalty != 0.0
+            || options.presence_penalty != 0.0
+        {
             chain.push(LlamaSampler::penalties(
                 self.model.model.n_vocab(),
                 64,
                 options.repeat_penalty,
-                0.0,
-                0.0,
+                options.frequency_penalty,
+                options.presence_penalty,
             ));
         }
         let dry_multiplier = self.model.dry_multiplier(options);

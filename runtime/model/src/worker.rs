@@ -173,6 +173,7 @@ impl ModelWorker {
                             };
                             let (tokens, cancel) = (job.tokens, job.cancel);
                             session.set_argument_values(job.request.argument_values.clone());
+                            session.set_cancel(Some(Arc::clone(&cancel)));
                             let result = session.complete(
                                 &job.request.messages,
                                 &job.request.tools,

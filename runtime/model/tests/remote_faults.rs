@@ -863,3 +863,82 @@ async fn wait_for(done: impl Fn() -> bool) -> bool {
     }
     done()
 }
+
+/// vLLM and SGLang refuse a request whose prompt fits the context but
+/// leaves less room than `max_tokens` (llama-server would cut the answer
+/// short instead): the request is made again for the room there is, so
+/// the session is not stuck once a conversation nears the context. A
+/// prompt over the context itself is a context error, and a stream that
+/// the server ends with `finish_reason: abort` (SGLang) is a cut answer,
+/// not a finished one; after each the session answers the next request.
+#[tokio::test]
+async fn vllm_context_refusals_and_aborted_answers_are_told_apart() {
+    let too_large = "'max_tokens' or 'max_completion_tokens' is too large: 512. This model's maximum context length is 4096 tokens and your request has 3700 input tokens (512 > 4096 - 3700).";
+    let over = "This model's maximum context length is 4096 tokens. However, your request has 5000 input tokens. Please reduce the length of the input messages.";
+    let cut = Reply::Stream {
+        events: vec![
+            content("A short"),
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}).to_string(),
+            "[DONE]".to_string(),
+        ],
+        pause: Duration::ZERO,
+        end: End::Close,
+    };
+    let aborted = Reply::Stream {
+        events: vec![
+            content("Half an ans"),
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "abort"}]}).to_string(),
+            "[DONE]".to_string(),
+        ],
+        pause: Duration::ZERO,
+        end: End::Close,
+    };
+    let vllm_error = |message: &str| {
+        status(
+            400,
+            json!({"object": "error", "message": message, "type": "BadRequestError", "code": 400}),
+        )
+    };
+    let (script, url) = scripted(
+        vllm_listing(),
+        vec![
+            vllm_error(too_large),
+            cut,
+            vllm_error(over),
+            aborted,
+            answer_saying("whole"),
+        ],
+    )
+    .await;
+    let (_model, mut session) = open(quick(&url)).await;
+    let generation = answered(session.as_mut(), request(Vec::new())).await;
+    assert_eq!(generation.text, "A short");
+    assert_eq!(generation.stop, StopReason::MaxTokens);
+    let posts = script.posts();
+    assert_eq!(posts.len(), 2, "asked once more");
+    assert_eq!(posts[0].body["max_tokens"], 512);
+    assert_eq!(
+        posts[1].body["max_tokens"], 395,
+        "the room the server named"
+    );
+
+    let (result, _) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+    match remote_error(result) {
+        RemoteError::ContextExceeded { message } => assert!(message.contains("5000"), "{message}"),
+        other => panic!("a prompt over the context: {other:?}"),
+    }
+    assert_eq!(
+        script.posts().len(),
+        3,
+        "a prompt over the context is not asked again"
+    );
+
+    let (result, _) = complete(session.as_mut(), request(Vec::new()), Arc::default()).await;
+    match remote_error(result) {
+        RemoteError::Disconnected { reason } => assert!(reason.contains("abort"), "{reason}"),
+        other => panic!("an aborted answer: {other:?}"),
+    }
+    let generation = answered(session.as_mut(), request(Vec::new())).await;
+    assert_eq!(generation.text, "whole");
+    assert_eq!(generation.stop, StopReason::EndOfTurn);
+}

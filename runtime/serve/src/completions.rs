@@ -26,7 +26,6 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use axum::extract::State;
 use axum::response::sse::Event as SseEvent;
@@ -34,8 +33,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use stack_model::{
-    BackendSession, CompletionRequest, Generation, ModelBackend, ModelError, SamplingOptions,
-    StopReason, ToolChoice, MAX_DRY_MULTIPLIER,
+    BackendSession, CallCount, CompletionRequest, Generation, ModelBackend, ModelError,
+    SamplingOptions, StopReason, ToolChoice, MAX_DRY_MULTIPLIER,
 };
 use stack_types::message::{Message, Role, ToolCall};
 
@@ -157,10 +156,10 @@ pub struct ChatRequest {
     /// Up to 4 strings that end the answer.
     #[serde(default)]
     pub stop: Option<Value>,
-    /// Accepted and ignored: penalties of 0 only.
+    /// Presence penalty, -2 to 2 (0 is off).
     #[serde(default)]
     pub presence_penalty: Option<f32>,
-    /// Accepted and ignored: penalties of 0 only.
+    /// Frequency penalty, -2 to 2 (0 is off).
     #[serde(default)]
     pub frequency_penalty: Option<f32>,
     /// Not supported when true.
@@ -199,6 +198,16 @@ struct Prepared {
     streams_text: bool,
 }
 
+/// A seed for a request that names none: different for every request.
+fn fresh_seed() -> u32 {
+    use std::hash::BuildHasher;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    // `RandomState` is keyed randomly per process and per instance.
+    std::collections::hash_map::RandomState::new().hash_one(now) as u32
+}
+
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError::BadRequest(message.into())
 }
@@ -215,10 +224,8 @@ fn prepare(request: ChatRequest, context: Option<u32>) -> Result<Prepared, ApiEr
         ("presence_penalty", request.presence_penalty),
         ("frequency_penalty", request.frequency_penalty),
     ] {
-        if value.is_some_and(|v| v != 0.0) {
-            return Err(bad(format!(
-                "`{name}` is not supported (use `repeat_penalty`); send 0 or leave it out"
-            )));
+        if value.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
+            return Err(bad(format!("`{name}` must be between -2 and 2")));
         }
     }
     if request.messages.is_empty() {
@@ -316,10 +323,19 @@ fn prepare(request: ChatRequest, context: Option<u32>) -> Result<Prepared, ApiEr
         top_k: request.top_k.unwrap_or(defaults.top_k),
         min_p: request.min_p.unwrap_or(defaults.min_p),
         repeat_penalty: request.repeat_penalty.unwrap_or(defaults.repeat_penalty),
+        frequency_penalty: request.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: request.presence_penalty.unwrap_or(0.0),
         dry_multiplier: request.dry_multiplier.or(defaults.dry_multiplier),
         // A seed is any integer on the wire; the model takes 32 bits.
-        seed: request.seed.map_or(defaults.seed, |seed| seed as u32),
+        // Without one each request samples anew, as OpenAI's and
+        // llama-server's do (the library default is fixed, for tests).
+        seed: request.seed.map_or_else(fresh_seed, |seed| seed as u32),
         max_tokens,
+        calls_per_reply: if request.parallel_tool_calls == Some(false) {
+            CallCount::One
+        } else {
+            CallCount::Many
+        },
         ..defaults
     };
     let streams_text = tools.is_empty() || tool_choice == ToolChoice::None;
@@ -454,8 +470,10 @@ fn parse_tool_choice(choice: &Value, names: &[String]) -> Result<ToolChoice, Api
 
 /// The largest repetition bound a client's schema may set: the grammar a
 /// schema becomes spells bounded repetitions out, so a bound of millions
-/// would cost the server memory and minutes to build.
-const MAX_SCHEMA_BOUND: u64 = 4096;
+/// would cost the server memory and minutes to build; llama.cpp's grammar
+/// parser refuses a repetition above 2000 itself, so a larger bound is
+/// refused here, before the request waits for the model.
+const MAX_SCHEMA_BOUND: u64 = 2000;
 
 /// Refuses a schema whose length or count bounds exceed
 /// [`MAX_SCHEMA_BOUND`], or that nests deeper than 32 levels.
@@ -644,7 +662,6 @@ pub(crate) async fn chat_completions(
         );
         let shutdown = state.shutdown.clone();
         tokio::spawn(async move {
-            let started = Instant::now();
             let stopper = {
                 let cancel = Arc::clone(&cancel);
                 tokio::spawn(async move {
@@ -655,11 +672,22 @@ pub(crate) async fn chat_completions(
             let result = session.complete(request, deltas, cancel).await;
             stopper.abort();
             if let Ok(generation) = &result {
+                // The model's own time, not the wait for its thread.
+                let model_ms =
+                    generation.prompt_ms + generation.routing_ms + generation.generation_ms;
                 state
                     .metrics
-                    .count_generation(generation.counters, started.elapsed().as_secs_f64());
+                    .count_generation(generation.counters, model_ms / 1000.0);
             }
-            state.slots.give_back(session);
+            // A context that failed for its own reasons (its thread gone, a
+            // decode that failed) is not given to the next request; one
+            // that refused this request's input still works.
+            match &result {
+                Err(err) if !is_request_fault(err) => {
+                    tracing::warn!(%err, "a model context failed; it is dropped from the pool");
+                }
+                _ => state.slots.give_back(session),
+            }
             state.metrics.count_completion();
             drop(place);
             let _ = done_tx.send(result);
@@ -686,6 +714,11 @@ pub(crate) async fn chat_completions(
             .map_err(|_| ApiError::Internal("the generation task failed".into()))?
             .map_err(model_error)?;
         drop(guard);
+        // Cancelled, and not by a stop string: the server is stopping, and
+        // the answer is cut short rather than finished.
+        if generation.stop == StopReason::Cancelled && !watch.stopped() {
+            return Err(ApiError::ShuttingDown);
+        }
         let finished = finish(&generation, &watch, &prepared);
         let mut message = json!({"role": "assistant", "content": finished.content});
         if !finished.tool_calls.is_empty() {
@@ -725,7 +758,15 @@ pub(crate) async fn chat_completions(
         {
             return;
         }
-        while let Some(piece) = pieces.recv().await {
+        loop {
+            // With tools offered nothing is sent while the model writes,
+            // so a client that goes away is noticed by its closed stream,
+            // not by a failed send: the guard then stops the generation.
+            let piece = tokio::select! {
+                piece = pieces.recv() => piece,
+                () = events.closed() => return,
+            };
+            let Some(piece) = piece else { break };
             let text = watch.push(&piece);
             if watch.stopped() {
                 cancel.store(true, Ordering::SeqCst);
@@ -750,6 +791,12 @@ pub(crate) async fn chat_completions(
             }
             Err(_) => return,
         };
+        if generation.stop == StopReason::Cancelled && !watch.stopped() {
+            let _ = events
+                .send(SseEvent::default().data(ApiError::ShuttingDown.body().to_string()))
+                .await;
+            return;
+        }
         // The end held back in case it began a stop string.
         let tail = watch.finish();
         if prepared.streams_text && !tail.is_empty() {
@@ -798,7 +845,10 @@ pub(crate) async fn chat_completions(
 /// The response's content, calls, finish reason and usage.
 fn finish(generation: &Generation, watch: &StopWatch, prepared: &Prepared) -> Finished {
     let counters = generation.counters;
-    let prompt_tokens = counters.prompt_evaluated + counters.prompt_reused;
+    // The request's prompt: what was evaluated or reused of it, without
+    // the routing step's own prompts.
+    let prompt_tokens = (counters.prompt_evaluated + counters.prompt_reused)
+        .saturating_sub(generation.routing_prompt_evaluated);
     let usage = json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": counters.generated,
@@ -843,15 +893,25 @@ fn finish(generation: &Generation, watch: &StopWatch, prepared: &Prepared) -> Fi
     }
 }
 
-/// A model failure as the client sees it: its own fault (the prompt does
-/// not fit, a schema the grammar cannot take) is a `400`.
+/// Whether a model failure is the request's fault (the prompt does not
+/// fit, a schema the grammar cannot take, messages the template cannot
+/// render), not the model's.
+fn is_request_fault(err: &ModelError) -> bool {
+    matches!(
+        err,
+        ModelError::ContextFull { .. } | ModelError::Grammar(_) | ModelError::Template(_)
+    ) || err.is_context_overflow()
+}
+
+/// A model failure as the client sees it: its own fault is a `400`, with
+/// OpenAI's `context_length_exceeded` code where the prompt does not fit.
 pub(crate) fn model_error(err: ModelError) -> ApiError {
-    match &err {
-        ModelError::ContextFull { .. } | ModelError::Grammar(_) | ModelError::Template(_) => {
-            ApiError::BadRequest(err.to_string())
-        }
-        _ if err.is_context_overflow() => ApiError::BadRequest(err.to_string()),
-        _ => ApiError::Internal(err.to_string()),
+    if matches!(err, ModelError::ContextFull { .. }) || err.is_context_overflow() {
+        ApiError::ContextLength(err.to_string())
+    } else if is_request_fault(&err) {
+        ApiError::BadRequest(err.to_string())
+    } else {
+        ApiError::Internal(err.to_string())
     }
 }
 
@@ -875,6 +935,51 @@ mod tests {
         sent.push_str(&watch.finish());
         assert_eq!(sent, "Hello Entry");
         assert!(!watch.stopped());
+    }
+
+    #[test]
+    fn a_request_without_a_seed_samples_anew_and_one_call_is_asked_for_by_its_flag() {
+        let prepared = |body: Value| {
+            let request: ChatRequest = serde_json::from_value(body).expect("a request");
+            prepare(request, Some(2048))
+                .expect("valid")
+                .request
+                .sampling
+        };
+        let user = json!([{"role": "user", "content": "hi"}]);
+        let seeds: std::collections::HashSet<u32> = (0..4)
+            .map(|_| prepared(json!({"messages": user})).seed)
+            .collect();
+        assert_eq!(seeds.len(), 4, "a fresh seed for each request: {seeds:?}");
+        assert_eq!(prepared(json!({"messages": user, "seed": 7})).seed, 7);
+        let penalised =
+            prepared(json!({"messages": user, "presence_penalty": 0.5, "frequency_penalty": -1.5}));
+        assert_eq!(
+            (penalised.presence_penalty, penalised.frequency_penalty),
+            (0.5, -1.5)
+        );
+        let request: ChatRequest =
+            serde_json::from_value(json!({"messages": user, "presence_penalty": 2.5}))
+                .expect("a request");
+        let refused = prepare(request, Some(2048)).err().expect("out of range");
+        assert!(
+            refused.to_string().contains("between -2 and 2"),
+            "{refused}"
+        );
+        assert_eq!(
+            prepared(json!({"messages": user})).calls_per_reply,
+            CallCount::Many
+        );
+        assert_eq!(
+            prepared(json!({"messages": user, "parallel_tool_calls": false})).calls_per_reply,
+            CallCount::One
+        );
+        let overflow = model_error(ModelError::ContextFull {
+            needed: 5000,
+            context: 4096,
+        });
+        assert_eq!(overflow.status().as_u16(), 400);
+        assert_eq!(overflow.body()["error"]["code"], "context_length_exceeded");
     }
 
     #[test]

@@ -17,6 +17,11 @@ pub enum ApiError {
     /// No token, or the wrong one.
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// The prompt (with `max_tokens`) does not fit the model's context:
+    /// a `400` with OpenAI's code `context_length_exceeded`, which clients
+    /// look for to shorten the conversation.
+    #[error("{0}")]
+    ContextLength(String),
     /// A workspace outside the allowed roots, or a policy a client may not
     /// give.
     #[error("{0}")]
@@ -51,7 +56,7 @@ impl ApiError {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::ContextLength(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -69,6 +74,7 @@ impl ApiError {
     fn kind(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_)
+            | ApiError::ContextLength(_)
             | ApiError::TooLarge(_)
             | ApiError::UnsupportedMediaType(_)
             | ApiError::Conflict(_)
@@ -88,7 +94,10 @@ impl ApiError {
                 "message": self.to_string(),
                 "type": self.kind(),
                 "param": null,
-                "code": self.status().as_u16(),
+                "code": match self {
+                    ApiError::ContextLength(_) => serde_json::json!("context_length_exceeded"),
+                    _ => serde_json::json!(self.status().as_u16()),
+                },
             }
         })
     }

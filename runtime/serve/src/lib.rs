@@ -263,6 +263,9 @@ impl Server {
             async move {
                 shutdown.cancelled().await;
                 state.draining.cancel();
+                // Requests still in line get 503 rather than a place in
+                // the grace period.
+                state.admission.close();
                 tracing::info!("shutting down: finishing running turns");
                 let grace = state.options.shutdown_grace;
                 let deadline = tokio::time::Instant::now() + grace;

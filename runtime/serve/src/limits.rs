@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::ApiError;
 
@@ -19,6 +20,9 @@ pub struct Admission {
     capacity: usize,
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
+    /// Set at shutdown: new requests, and those still in line, are turned
+    /// away; a turn that was admitted before still gets its place back.
+    closed: CancellationToken,
 }
 
 /// A place among the running; dropping it lets the next one in.
@@ -46,11 +50,15 @@ impl Admission {
             capacity: running,
             waiting: Arc::new(AtomicUsize::new(0)),
             max_waiting: waiting,
+            closed: CancellationToken::new(),
         }
     }
 
     /// Waits for a place, or refuses at once when the line is full.
     pub async fn enter(&self) -> Result<Place, ApiError> {
+        if self.closed.is_cancelled() {
+            return Err(ApiError::ShuttingDown);
+        }
         if let Ok(permit) = Arc::clone(&self.running).try_acquire_owned() {
             return Ok(Place { _permit: permit });
         }
@@ -62,10 +70,12 @@ impl Admission {
             )));
         }
         let _waiting = Waiting(Arc::clone(&self.waiting));
-        let permit = Arc::clone(&self.running)
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::ShuttingDown)?;
+        let permit = tokio::select! {
+            permit = Arc::clone(&self.running).acquire_owned() => {
+                permit.map_err(|_| ApiError::ShuttingDown)?
+            }
+            () = self.closed.cancelled() => return Err(ApiError::ShuttingDown),
+        };
         Ok(Place { _permit: permit })
     }
 
@@ -78,6 +88,14 @@ impl Admission {
             .await
             .map_err(|_| ApiError::ShuttingDown)?;
         Ok(Place { _permit: permit })
+    }
+
+    /// Admits no new request: those waiting for a place, and those that
+    /// come later, get [`ApiError::ShuttingDown`]. Places held run on, and
+    /// a turn that gave its place up for an approval still takes one
+    /// again ([`Admission::reenter`]) within the grace period.
+    pub fn close(&self) {
+        self.closed.cancel();
     }
 
     /// Generations running now.
@@ -112,6 +130,31 @@ mod tests {
         drop(first);
         second.await.expect("joined").expect("the waiter got in");
         assert_eq!(admission.waiting(), 0);
+        assert_eq!(admission.running(), 0);
+    }
+
+    #[tokio::test]
+    async fn once_closed_waiters_and_newcomers_are_turned_away() {
+        let admission = Arc::new(Admission::new(1, 4));
+        let running = admission.enter().await.expect("a free place");
+        let waiter = tokio::spawn({
+            let admission = Arc::clone(&admission);
+            async move { admission.enter().await.map(|_| ()) }
+        });
+        while admission.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        admission.close();
+        let waited = waiter.await.expect("joined");
+        assert!(matches!(waited, Err(ApiError::ShuttingDown)), "{waited:?}");
+        drop(running);
+        let later = admission.enter().await;
+        assert!(matches!(later, Err(ApiError::ShuttingDown)), "{later:?}");
+        // A turn that was admitted (and gave its place up for a person's
+        // answer) goes on within the grace period.
+        let again = admission.reenter().await.expect("an admitted turn");
+        assert_eq!(admission.running(), 1);
+        drop(again);
         assert_eq!(admission.running(), 0);
     }
 }

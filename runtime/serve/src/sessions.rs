@@ -302,10 +302,15 @@ impl SessionTable {
     /// have ended or been cancelled).
     pub(crate) async fn close_all(&self) {
         let all: Vec<Arc<Served>> = self.lock().drain().map(|(_, s)| s).collect();
-        for served in all {
+        for served in &all {
             served.session.cancel_token().store(true, Ordering::SeqCst);
+        }
+        // All at once: a save waits for its session's cancelled turn to
+        // end (its tools killed), and one slow session must not take the
+        // others' time.
+        futures::future::join_all(all.iter().map(|served| async move {
             let saved = tokio::time::timeout(
-                std::time::Duration::from_secs(5),
+                std::time::Duration::from_secs(10),
                 served.session.save_state(),
             )
             .await;
@@ -315,7 +320,8 @@ impl SessionTable {
                     "the session's state was not saved at shutdown"
                 );
             }
-        }
+        }))
+        .await;
     }
 }
 
@@ -630,6 +636,14 @@ pub(crate) async fn create(
         return Err(nested_refusal(&workspace, other, other_workspace));
     }
     let config = session_config(&state.options.session_defaults, &request)?;
+    if let ToolChoice::Named(name) = &config.tool_choice {
+        if state.runtime.registry().get(name).is_none() {
+            return Err(ApiError::BadRequest(format!(
+                "`tool_choice` names `{name}`, which is not among this server's tools ({})",
+                state.runtime.registry().names().join(", ")
+            )));
+        }
+    }
     let approvals = Arc::new(HttpApprover::new(state.admission.clone()));
     let mut scope = SessionScope::default()
         .workspace(workspace.clone())
@@ -992,7 +1006,6 @@ pub(crate) async fn turn(
     *served.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(turn.cancellation());
     let (events, receiver) = tokio::sync::mpsc::channel::<SseEvent>(64);
     tokio::spawn(async move {
-        let started = std::time::Instant::now();
         let deadline = tokio::time::sleep(state.options.turn_timeout);
         tokio::pin!(deadline);
         let mut cancelled = false;
@@ -1034,12 +1047,16 @@ pub(crate) async fn turn(
                         .count_tool_call(status.as_str().unwrap_or("unknown"));
                 }
                 Event::TurnFinished {
-                    reason, counters, ..
+                    reason,
+                    counters,
+                    timings,
+                    ..
                 } => {
                     state.metrics.count_turn(reason.as_str());
-                    state
-                        .metrics
-                        .count_generation(*counters, started.elapsed().as_secs_f64());
+                    // The model's own time: not the tools', nor the wait
+                    // for a person's answer, nor a slow reader's.
+                    let model_ms = timings.prompt_ms + timings.routing_ms + timings.generation_ms;
+                    state.metrics.count_generation(*counters, model_ms / 1000.0);
                 }
                 _ => {}
             }

@@ -25,9 +25,17 @@ pub enum Bearer {
 }
 
 /// Checks the value of an `Authorization` header (`None` when absent or
-/// not text) against `expected`, in constant time.
+/// not text) against `expected`, in constant time. The scheme's name is
+/// matched in any case (`Bearer`, `bearer`), as HTTP's authentication
+/// schemes are (RFC 9110, 11.1).
 pub fn check_bearer(authorization: Option<&str>, expected: &str) -> Bearer {
-    match authorization.and_then(|value| value.strip_prefix("Bearer ")) {
+    let presented = authorization.and_then(|value| {
+        let (scheme, token) = value.split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim_start_matches(' '))
+    });
+    match presented {
         None => Bearer::Missing,
         Some(presented) if same_secret(presented.as_bytes(), expected.as_bytes()) => {
             Bearer::Matches
@@ -52,6 +60,19 @@ mod tests {
             Bearer::Missing
         );
         assert_eq!(check_bearer(None, "s3cret"), Bearer::Missing);
+        assert_eq!(
+            check_bearer(Some("bearer s3cret"), "s3cret"),
+            Bearer::Matches
+        );
+        assert_eq!(
+            check_bearer(Some("BEARER  s3cret"), "s3cret"),
+            Bearer::Matches
+        );
+        assert_eq!(check_bearer(Some("bearer x"), "s3cret"), Bearer::Wrong);
+        assert_eq!(
+            check_bearer(Some("Bearers3cret"), "s3cret"),
+            Bearer::Missing
+        );
     }
 
     #[test]

@@ -48,6 +48,7 @@ use crate::backend::{
     offered_tools, prompt_tools, tool_name, BackendInfo, BackendSession, CallPath, Capabilities,
     CompletionRequest, Counters, Generation, ModelBackend, ModelError, StopReason,
 };
+use crate::call_grammar::CallCount;
 use crate::formats::ToolFormat;
 use crate::grammar::ToolChoice;
 use crate::template::PromptRenderer;
@@ -129,7 +130,32 @@ impl ApiKey {
     }
 
     /// The key in file `path` (its first line).
+    ///
+    /// A file that others may write is refused: whoever can write it
+    /// chooses the key, and so the server this runtime's requests go to
+    /// believe they come from. One that others may read is read with a
+    /// warning (container secrets are often mounted 0444 or 0644).
     pub fn from_file(path: &std::path::Path) -> Result<ApiKey, RemoteError> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(meta) = std::fs::metadata(path) {
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o022 != 0 {
+                    return Err(RemoteError::Config(format!(
+                        "the API key file {} may be written by other users (mode {mode:o}); run chmod 600 on it",
+                        path.display()
+                    )));
+                }
+                if mode & 0o044 != 0 {
+                    tracing::warn!(
+                        file = %path.display(),
+                        mode = format!("{mode:o}"),
+                        "the API key file may be read by other users; run chmod 600 on it"
+                    );
+                }
+            }
+        }
         let text = std::fs::read_to_string(path).map_err(|err| {
             RemoteError::Config(format!(
                 "reading the API key file {}: {err}",
@@ -308,7 +334,7 @@ pub enum RemoteError {
         message: String,
     },
     /// The server does not serve the model asked for.
-    #[error("the model server has no model `{model}`; it serves: {}", available.join(", "))]
+    #[error("the model server has no model `{model}`{}", served_list(available))]
     UnknownModel {
         /// The name asked for.
         model: String,
@@ -374,7 +400,7 @@ pub struct RemoteModel {
 impl std::fmt::Debug for RemoteModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteModel")
-            .field("base", &self.base)
+            .field("base", &shown_url(&self.base))
             .field("model", &self.model)
             .field("kind", &self.kind)
             .field("prompted", &self.renderer.is_some())
@@ -393,7 +419,8 @@ impl RemoteModel {
         let base = config.base_url.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(RemoteError::Config(format!(
-                "the model URL must start with http:// or https:// (got {base})"
+                "the model URL must start with http:// or https:// (got {})",
+                shown_url(&base)
             ))
             .into());
         }
@@ -560,7 +587,8 @@ impl RemoteModel {
         let status = response.status();
         if status == reqwest::StatusCode::NOT_FOUND {
             return Err(RemoteError::Config(format!(
-                "{url} does not exist (HTTP 404): is the model URL the API base, such as http://host:port/v1?"
+                "{} does not exist (HTTP 404): is the model URL the API base, such as http://host:port/v1?",
+                shown_url(url)
             )));
         }
         if !status.is_success() {
@@ -575,10 +603,9 @@ impl RemoteModel {
                 &self.model,
             ));
         }
-        response
-            .json::<Value>()
-            .await
-            .map_err(|err| RemoteError::MalformedStream(format!("{url}: {err}")))
+        response.json::<Value>().await.map_err(|err| {
+            RemoteError::MalformedStream(format!("{}: {}", shown_url(url), err.without_url()))
+        })
     }
 
     /// Sends `body` to `url` and returns the streaming response, retrying
@@ -676,12 +703,51 @@ async fn until_cancelled<F: std::future::Future>(
     }
 }
 
+/// A URL as errors, logs and banners show it: without a user name,
+/// password or query string, where credentials may ride along
+/// (`https://user:key@host/v1`, `?api_key=...`).
+pub fn shown_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) => {
+            let had_query = parsed.query().is_some();
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.set_query(None);
+            parsed.set_fragment(None);
+            let mut shown = parsed.to_string();
+            if had_query {
+                shown.push_str("?…");
+            }
+            // `Url` writes a bare host with a `/` path; keep what was given.
+            if !url.ends_with('/') && shown.ends_with('/') && !had_query {
+                shown.pop();
+            }
+            shown
+        }
+        // Not a URL: what follows the last `@`, before any `?` or `#`.
+        Err(_) => {
+            let (prefix, rest) = match url.rfind('@') {
+                Some(at) => ("…@", &url[at + 1..]),
+                None => ("", url),
+            };
+            let cut = rest.find(['?', '#']).unwrap_or(rest.len());
+            let more = if cut < rest.len() { "?…" } else { "" };
+            format!("{prefix}{}{more}", &rest[..cut])
+        }
+    }
+}
+
 fn connect_error(url: &str, err: &reqwest::Error) -> RemoteError {
-    // reqwest's own text names the URL; the chain says why.
+    // reqwest's own text names the URL (with any credentials in it): that
+    // part is shown redacted; the chain says why.
+    let named = err.url().map(|u| (u.to_string(), shown_url(u.as_str())));
     let mut reason = String::new();
     let mut source: Option<&dyn std::error::Error> = Some(err);
     while let Some(cause) = source {
-        let text = cause.to_string();
+        let mut text = cause.to_string();
+        if let Some((full, shown)) = &named {
+            text = text.replace(full.as_str(), shown);
+        }
         if !reason.contains(&text) {
             if !reason.is_empty() {
                 reason.push_str(": ");
@@ -694,7 +760,7 @@ fn connect_error(url: &str, err: &reqwest::Error) -> RemoteError {
         reason.push_str(" (timed out)");
     }
     RemoteError::Connect {
-        url: url.to_string(),
+        url: shown_url(url),
         reason,
     }
 }
@@ -718,15 +784,96 @@ fn http_error(status: u16, body: &str, model: &str) -> RemoteError {
         .and_then(Value::as_str)
         .unwrap_or_default();
     let lower = format!("{kind} {}", message.to_lowercase());
+    // Where the server gives both numbers they decide: a prompt that fits
+    // with too little room for the answer is asked again (see `run`).
+    let over_context = match context_and_prompt(&message) {
+        Some((window, prompt)) => prompt >= window,
+        None => is_context_message(&lower),
+    };
     match status {
         401 | 403 => RemoteError::Unauthorized { status, message },
-        _ if is_context_message(&lower) => RemoteError::ContextExceeded { message },
+        _ if over_context => RemoteError::ContextExceeded { message },
         404 if lower.contains("model") => RemoteError::UnknownModel {
             model: model.to_string(),
             available: Vec::new(),
         },
         _ => RemoteError::Http { status, message },
     }
+}
+
+/// `; it serves: a, b`, or where the list is not known, where to find it.
+fn served_list(available: &[String]) -> String {
+    if available.is_empty() {
+        " (see its /v1/models for the names it serves)".into()
+    } else {
+        format!("; it serves: {}", available.join(", "))
+    }
+}
+
+/// The context window and the prompt's length, where the server's error
+/// says a request asked for more tokens than its context holds: vLLM
+/// (`This model's maximum context length is 4096 tokens and your request
+/// has 3700 input tokens (512 > 4096 - 3700)`, and before 0.10 `However,
+/// you requested 4612 tokens (4100 in the messages, 512 in the
+/// completion)`), SGLang (`... maximum context length of 4096 tokens ...
+/// 4100 tokens from the input messages ...`). These servers refuse a
+/// request whose prompt plus `max_tokens` does not fit, where llama-server
+/// cuts the answer short.
+fn context_and_prompt(message: &str) -> Option<(u64, u64)> {
+    // `128,000` is one number.
+    let mut lower = String::with_capacity(message.len());
+    let mut chars = message.chars().peekable();
+    while let Some(c) = chars.next() {
+        let between_digits = c == ','
+            && lower.ends_with(|p: char| p.is_ascii_digit())
+            && chars.peek().is_some_and(char::is_ascii_digit);
+        if !between_digits {
+            lower.extend(c.to_lowercase());
+        }
+    }
+    let window = ["maximum context length is ", "maximum context length of "]
+        .iter()
+        .find_map(|needle| number_after(&lower, needle))?;
+    let prompt = [
+        " input tokens",
+        " in the messages",
+        " tokens from the input",
+        " prompt tokens",
+    ]
+    .iter()
+    .find_map(|needle| number_before(&lower, needle))?;
+    Some((window, prompt))
+}
+
+/// The number that directly follows `needle` in `text`.
+fn number_after(text: &str, needle: &str) -> Option<u64> {
+    let start = text.find(needle)? + needle.len();
+    let digits: String = text[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// The number that directly precedes `needle` in `text`.
+fn number_before(text: &str, needle: &str) -> Option<u64> {
+    let end = text.find(needle)?;
+    let head = &text[..end];
+    let start = head
+        .char_indices()
+        .rev()
+        .find(|(_, c)| !c.is_ascii_digit())
+        .map_or(0, |(i, c)| i + c.len_utf8());
+    head[start..].parse().ok()
+}
+
+/// The answer's room in the context, where `message` is a server's refusal
+/// of a prompt that fits but not with `max_tokens` more. One token short
+/// of the window: SGLang refuses a request that would fill it exactly.
+fn answer_room(message: &str) -> Option<u64> {
+    context_and_prompt(message)
+        .and_then(|(window, prompt)| window.checked_sub(prompt + 1))
+        .filter(|room| *room > 0)
 }
 
 fn is_context_message(lower: &str) -> bool {
@@ -754,7 +901,11 @@ impl ModelBackend for RemoteModel {
         };
         BackendInfo {
             name: self.model.clone(),
-            detail: format!("served by {} at {} ({path})", self.kind.as_str(), self.base),
+            detail: format!(
+                "served by {} at {} ({path})",
+                self.kind.as_str(),
+                shown_url(&self.base)
+            ),
             context_length: self.context_length,
             parameters: None,
             capabilities: Capabilities {
@@ -833,7 +984,28 @@ impl RemoteSession {
             .and_then(Value::as_str)
             == Some("structural_tag");
         let started = Instant::now();
-        let sent = match model.post_stream(&url, &body, &cancel).await {
+        let mut sent = model.post_stream(&url, &body, &cancel).await;
+        // vLLM and SGLang refuse a prompt that fits but leaves less room
+        // than `max_tokens`: asked again for what room there is, the
+        // answer may be cut short (`length`), as llama-server cuts it.
+        if let Err(RemoteError::Http {
+            status: 400,
+            message,
+        }) = &sent
+        {
+            if let (Some(room), Some(fields)) = (answer_room(message), body.as_object_mut()) {
+                let asked = fields.get("max_tokens").and_then(Value::as_u64);
+                if asked.is_some_and(|asked| room < asked) {
+                    tracing::info!(
+                        room,
+                        "the served context leaves room for {room} tokens of answer; asking for that many"
+                    );
+                    fields.insert("max_tokens".into(), room.into());
+                    sent = model.post_stream(&url, &body, &cancel).await;
+                }
+            }
+        }
+        let sent = match sent {
             // A server that cannot take the tag: the same request without
             // it, and no tag from then on if that one is taken.
             Err(RemoteError::Http { status, message }) if tagged && matches!(status, 400 | 422) => {
@@ -863,6 +1035,7 @@ impl RemoteSession {
                 },
                 stop: StopReason::Cancelled,
                 counters: Counters::default(),
+                routing_prompt_evaluated: 0,
                 prompt_ms: started.elapsed().as_secs_f64() * 1e3,
                 routing_ms: 0.0,
                 generation_ms: 0.0,
@@ -987,6 +1160,13 @@ impl RemoteSession {
             }
         };
         drop(stream);
+        if let Ending::Finished(Finish::Aborted) = ending {
+            // SGLang's `abort`, or `error`: what came is a fragment.
+            return Err(RemoteError::Disconnected {
+                reason: "the server ended the answer with finish_reason `abort` or `error`".into(),
+            }
+            .into());
+        }
         let finished = Instant::now();
         let first = first_token.unwrap_or(finished);
         let counters = turn.usage.or(raw.usage).unwrap_or_default();
@@ -995,6 +1175,8 @@ impl RemoteSession {
             Ending::Cancelled => StopReason::Cancelled,
             Ending::Finished(Finish::Length) => StopReason::MaxTokens,
             Ending::Finished(Finish::Stop) => StopReason::EndOfTurn,
+            // Returned as an error above.
+            Ending::Finished(Finish::Aborted) => StopReason::Cancelled,
         };
         let calls_made = &mut self.calls_made;
         let mut next_id = || {
@@ -1041,12 +1223,19 @@ impl RemoteSession {
                 (turn.content, parsed, path)
             }
         };
+        let mut parsed = parsed;
+        if request.sampling.calls_per_reply == CallCount::One {
+            // A server may ignore `parallel_tool_calls: false` (and the
+            // structural tag allows several): the first call is the reply's.
+            parsed.tool_calls.truncate(1);
+        }
         let call_path = (!parsed.tool_calls.is_empty()).then_some(path);
         Ok(Generation {
             text,
             turn: parsed,
             stop,
             counters,
+            routing_prompt_evaluated: 0,
             prompt_ms: (first - started).as_secs_f64() * 1e3,
             routing_ms: 0.0,
             generation_ms: (finished - first).as_secs_f64() * 1e3,
@@ -1139,6 +1328,8 @@ pub fn completion_body(prompt: &str, sampling: &crate::backend::SamplingOptions)
         "top_k": sampling.top_k,
         "min_p": sampling.min_p,
         "repeat_penalty": sampling.repeat_penalty,
+        "frequency_penalty": sampling.frequency_penalty,
+        "presence_penalty": sampling.presence_penalty,
         "seed": sampling.seed,
     })
 }
@@ -1160,7 +1351,7 @@ fn prompt_body(
             format,
             offered,
             &request.argument_values,
-            crate::call_grammar::CallCount::Many,
+            request.sampling.calls_per_reply,
         )?;
         body["grammar"] = gbnf.into();
         // The format's marker words, where one is a single token, come
@@ -1236,6 +1427,121 @@ impl RawCompletion {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_key_file_is_read_only_when_it_is_the_users_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("key");
+        std::fs::write(&path, "sk-test-1234\nignored second line\n").expect("write");
+        for mode in [0o666, 0o620, 0o602] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let open = ApiKey::from_file(&path).expect_err("a key others can write");
+            assert!(open.to_string().contains("chmod 600"), "{open}");
+            assert!(!open.to_string().contains("sk-test"), "{open}");
+        }
+        // Readable by others (a container's secret): read, with a warning.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).expect("chmod");
+        assert!(ApiKey::from_file(&path).is_ok());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let key = ApiKey::from_file(&path).expect("the user's own key");
+        assert_eq!(key.scrub("auth sk-test-1234 !"), "auth <redacted> !");
+        std::fs::write(&path, "\n").expect("write");
+        let empty = ApiKey::from_file(&path).expect_err("an empty file");
+        assert!(empty.to_string().contains("is empty"), "{empty}");
+    }
+
+    #[test]
+    fn a_context_too_small_for_max_tokens_is_told_from_one_too_small_for_the_prompt() {
+        // As vLLM (0.10 and later, then before) and SGLang word them.
+        let cases = [
+            (
+                "'max_tokens' or 'max_completion_tokens' is too large: 512. This model's maximum context length is 4096 tokens and your request has 3700 input tokens (512 > 4096 - 3700).",
+                Some(395),
+                false,
+            ),
+            (
+                "This model's maximum context length is 4096 tokens. However, you requested 4612 tokens (4100 in the messages, 512 in the completion). Please reduce the length of the messages or completion.",
+                None,
+                true,
+            ),
+            (
+                "Requested token count exceeds the model's maximum context length of 2048 tokens. You requested a total of 2100 tokens: 1900 tokens from the input messages and 200 tokens for the completion.",
+                Some(147),
+                false,
+            ),
+            (
+                "This model's maximum context length is 4096 tokens. However, your request has 5000 input tokens. Please reduce the length of the input messages.",
+                None,
+                true,
+            ),
+            ("the request exceeds the available context size", None, true),
+            ("Invalid value for tool_choice", None, false),
+            // Peer text in any script: no panic, no room.
+            ("maximum context length is 99 tokens…42 input tokens", Some(56), false),
+            (
+                "This model's maximum context length is 128,000 tokens and your request has 127,000 input tokens",
+                Some(999),
+                false,
+            ),
+            ("maximum context length is ∞ tokens, é input tokens", None, true),
+        ];
+        for (message, room, context) in cases {
+            assert_eq!(answer_room(message), room, "{message}");
+            let error = http_error(
+                400,
+                &json!({"error": {"message": message}}).to_string(),
+                "m",
+            );
+            assert_eq!(
+                matches!(error, RemoteError::ContextExceeded { .. }),
+                context,
+                "{message}: {error:?}"
+            );
+        }
+        let unknown = RemoteError::UnknownModel {
+            model: "m".into(),
+            available: Vec::new(),
+        };
+        assert!(!unknown.to_string().contains("serves: "), "{unknown}");
+    }
+
+    #[test]
+    fn urls_are_shown_without_credentials() {
+        for (url, shown) in [
+            ("http://127.0.0.1:8080/v1", "http://127.0.0.1:8080/v1"),
+            (
+                "https://user:sk-secret@models.example/v1",
+                "https://models.example/v1",
+            ),
+            (
+                "https://models.example/v1?api_key=sk-secret",
+                "https://models.example/v1?…",
+            ),
+            ("not a url user:sk-secret@host", "…@host"),
+            ("localhost:8080/v1?key=sk-secret", "localhost:8080/v1?…"),
+        ] {
+            assert_eq!(shown_url(url), shown, "{url}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connect_error_does_not_show_the_urls_credentials() {
+        // Nothing listens on port 1 of loopback.
+        let url = "http://user:sk-secret@127.0.0.1:1/v1/models?key=sk-query";
+        let err = reqwest::Client::new()
+            .get(url)
+            .send()
+            .await
+            .expect_err("nothing listens there");
+        let err = connect_error(url, &err);
+        assert!(matches!(err, RemoteError::Connect { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            !text.contains("sk-secret") && !text.contains("sk-query"),
+            "{text}"
+        );
+        assert!(text.contains("127.0.0.1:1"), "{text}");
+    }
     use super::*;
 
     /// The prompted path's `/completion` body carries the grammar of the

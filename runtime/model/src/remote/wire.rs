@@ -6,6 +6,7 @@ use serde_json::{json, Map, Value};
 
 use super::ServerKind;
 use crate::backend::{CompletionRequest, Counters};
+use crate::call_grammar::CallCount;
 use crate::grammar::ToolChoice;
 use stack_types::message::ToolCall;
 
@@ -32,6 +33,15 @@ pub(crate) fn chat_body(
     body.insert("top_p".into(), json!(sampling.top_p));
     body.insert("seed".into(), json!(sampling.seed));
     body.insert("max_tokens".into(), json!(sampling.max_tokens));
+    // OpenAI's own penalties, where asked for.
+    for (name, value) in [
+        ("frequency_penalty", sampling.frequency_penalty),
+        ("presence_penalty", sampling.presence_penalty),
+    ] {
+        if value != 0.0 {
+            body.insert(name.into(), json!(value));
+        }
+    }
     // Sampling settings outside OpenAI's set, only for servers that take them.
     match kind {
         ServerKind::LlamaServer => {
@@ -80,6 +90,9 @@ pub(crate) fn chat_body(
             ToolChoice::Named(name) => json!({"type": "function", "function": {"name": name}}),
         };
         body.insert("tool_choice".into(), choice);
+        if sampling.calls_per_reply == CallCount::One {
+            body.insert("parallel_tool_calls".into(), false.into());
+        }
     }
     if let Some(schema) = &request.response_format {
         body.insert(
@@ -138,6 +151,9 @@ pub(crate) enum Finish {
     Stop,
     /// `length`: the token budget ran out.
     Length,
+    /// `abort` (SGLang, a request the server dropped) or `error`: the
+    /// answer was cut short by the server, not finished.
+    Aborted,
 }
 
 /// A turn being put back together from its chunks.
@@ -198,18 +214,24 @@ impl Assembler {
         };
         match choice.get("finish_reason").and_then(Value::as_str) {
             Some("length") => self.finish = Some(Finish::Length),
+            Some("abort" | "error") => self.finish = Some(Finish::Aborted),
+            // `stop`, `tool_calls`, `eos_token`, `content_filter` (the
+            // server ended the answer on purpose) and the like.
             Some(_) => self.finish = Some(Finish::Stop),
             None => {}
         }
         let Some(delta) = choice.get("delta") else {
             return Ok(None);
         };
-        // Reasoning is not shown, but it is the model answering.
-        if delta
-            .get("reasoning_content")
-            .and_then(Value::as_str)
-            .is_some_and(|r| !r.is_empty())
-        {
+        // Reasoning is not shown, but it is the model answering
+        // (`reasoning_content` in llama-server and older vLLM, `reasoning`
+        // in vLLM since 0.11 and in Ollama).
+        if ["reasoning_content", "reasoning"].iter().any(|field| {
+            delta
+                .get(*field)
+                .and_then(Value::as_str)
+                .is_some_and(|r| !r.is_empty())
+        }) {
             self.started = true;
         }
         for call in delta
@@ -245,14 +267,45 @@ impl Assembler {
                 self.calls.push(PartialCall::default());
             }
             let partial = &mut self.calls[index];
-            if let Some(id) = call.get("id").and_then(Value::as_str) {
+            let id = call.get("id").and_then(Value::as_str);
+            // A server that repeats the whole name in every delta (with
+            // the call's id, or once arguments have begun) does not make
+            // it longer; a name streamed in pieces is put together.
+            if let Some(name) = call.pointer("/function/name").and_then(Value::as_str) {
+                let repeats_id = id.is_some() && id == partial.id.as_deref();
+                let repeated = !partial.name.is_empty()
+                    && partial.name == name
+                    && (repeats_id || !partial.arguments.is_empty());
+                if !repeated {
+                    partial.name.push_str(name);
+                }
+            }
+            if let Some(id) = id {
                 partial.id = Some(id.to_string());
             }
-            if let Some(name) = call.pointer("/function/name").and_then(Value::as_str) {
-                partial.name.push_str(name);
-            }
-            if let Some(arguments) = call.pointer("/function/arguments").and_then(Value::as_str) {
-                partial.arguments.push_str(arguments);
+            match call.pointer("/function/arguments") {
+                Some(Value::String(arguments)) => partial.arguments.push_str(arguments),
+                // Some servers (Ollama's native API shape, proxies) send
+                // the arguments as a JSON object rather than its text,
+                // whole, and some send it again with every delta.
+                Some(object @ Value::Object(_)) => {
+                    let text = object.to_string();
+                    if partial.arguments.is_empty() {
+                        partial.arguments = text;
+                    } else if partial.arguments != text {
+                        return Err(StreamProblem::Malformed(format!(
+                            "a tool call's arguments as an object after other arguments: {}",
+                            preview(&text)
+                        )));
+                    }
+                }
+                Some(Value::Null) | None => {}
+                Some(other) => {
+                    return Err(StreamProblem::Malformed(format!(
+                        "tool call arguments that are neither text nor an object: {}",
+                        preview(&other.to_string())
+                    )))
+                }
             }
         }
         match delta.get("content").and_then(Value::as_str) {
@@ -396,6 +449,60 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["list_dir", "read_file"]
         );
+    }
+
+    #[test]
+    fn servers_quirks_in_calls_and_finish_reasons_are_read_as_meant() {
+        // Arguments as an object, a name repeated in every delta, and
+        // vLLM's `reasoning` field.
+        let mut turn = Assembler::default();
+        for chunk in [
+            r#"{"choices":[{"delta":{"reasoning":"the user wants a file"}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"c1","function":{"name":"read_file","arguments":{"path":"a.txt"}}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"c1","function":{"name":"read_file","arguments":{"path":"a.txt"}}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":2,"id":"c3","function":{"name":"a"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":2,"function":{"name":"a","arguments":"{}"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":1,"id":"c2","function":{"name":"write_file","arguments":"{\"path\": "}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":1,"function":{"name":"write_file","arguments":"\"b\"}"}}]}}]}"#,
+            r#"{"choices":[{"delta":{},"finish_reason":"tool_calls"}]}"#,
+        ] {
+            turn.take(chunk).expect("valid chunk");
+        }
+        assert!(turn.started, "reasoning counts as the model answering");
+        let calls = turn.calls(&mut || "unused".into());
+        let got: Vec<(&str, &str)> = calls
+            .iter()
+            .map(|c| (c.function.name.as_str(), c.function.arguments.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("read_file", r#"{"path":"a.txt"}"#),
+                ("write_file", r#"{"path": "b"}"#),
+                ("aa", "{}"),
+            ]
+        );
+        assert!(matches!(
+            Assembler::default()
+                .take(r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"f","arguments":7}}]}}]}"#),
+            Err(StreamProblem::Malformed(m)) if m.contains("neither text nor an object")
+        ));
+        // What each finish reason means.
+        for (reason, finish) in [
+            ("stop", Finish::Stop),
+            ("tool_calls", Finish::Stop),
+            ("content_filter", Finish::Stop),
+            ("length", Finish::Length),
+            ("abort", Finish::Aborted),
+            ("error", Finish::Aborted),
+        ] {
+            let mut turn = Assembler::default();
+            turn.take(&format!(
+                r#"{{"choices":[{{"delta":{{}},"finish_reason":"{reason}"}}]}}"#
+            ))
+            .expect("valid chunk");
+            assert_eq!(turn.finish, Some(finish), "{reason}");
+        }
     }
 
     #[test]

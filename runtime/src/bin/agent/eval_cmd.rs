@@ -18,7 +18,7 @@ use crate::tool_cmd::ToolDirs;
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub model: ModelArgs,
     /// A folder of BFCL data (`BFCL_v4_*.json` and `possible_answer/`).
     #[arg(long, value_name = "DIR")]
     bfcl: Option<PathBuf>,

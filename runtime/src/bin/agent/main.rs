@@ -147,11 +147,22 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::Tool(command)) => tool_cmd::run(command, &tool_dirs),
-        Some(Command::Doctor { json, model }) => doctor::run(json, &model, &cli.chat.policy),
-        Some(Command::Model { model, json }) => model_cmd::info(&model, json),
+        // Model flags written before the subcommand count as after it.
+        Some(Command::Doctor { json, model }) => {
+            doctor::run(json, &model.or_outer(&cli.chat.model), &cli.chat.policy)
+        }
+        Some(Command::Model { model, json }) => {
+            model_cmd::info(&model.or_outer(&cli.chat.model), json)
+        }
         Some(Command::Mcp(args)) => mcp_cmd::run(args, &tool_dirs),
-        Some(Command::Serve(args)) => serve_cmd::run(*args, &tool_dirs),
-        Some(Command::Eval(args)) => eval_cmd::run(*args, &tool_dirs),
+        Some(Command::Serve(mut args)) => {
+            args.chat.model = args.chat.model.or_outer(&cli.chat.model);
+            serve_cmd::run(*args, &tool_dirs)
+        }
+        Some(Command::Eval(mut args)) => {
+            args.model = args.model.or_outer(&cli.chat.model);
+            eval_cmd::run(*args, &tool_dirs)
+        }
         Some(Command::Policy(command)) => policy_cmd::run(command, &tool_dirs),
         Some(Command::Run {
             prompt,

@@ -26,7 +26,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub threads: Option<i32>,
     /// Batch size for prompt processing.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
     pub batch_size: u32,
     /// Layers to offload to the GPU (default: all with the `cuda` feature, else 0).
     #[arg(long)]
@@ -73,6 +73,45 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// These flags, with those written before the subcommand where these
+    /// leave one unset: `agent --model-url URL model` reads the URL as
+    /// `agent model --model-url URL` does, rather than ignoring it.
+    /// Which model is one choice: where these flags name one (a GGUF, a
+    /// URL or a profile), nothing of the outer choice is mixed in.
+    pub fn or_outer(self, outer: &ModelArgs) -> ModelArgs {
+        let mut outer = outer.clone();
+        if self.model.is_some() || self.model_url.is_some() || self.profile.is_some() {
+            outer.model = None;
+            outer.model_url = None;
+            outer.profile = None;
+            outer.model_name = None;
+            outer.api_key_env = None;
+            outer.api_key_file = None;
+        }
+        ModelArgs {
+            model: self.model.or(outer.model),
+            ctx_size: self.ctx_size.or(outer.ctx_size),
+            threads: self.threads.or(outer.threads),
+            batch_size: if self.batch_size == DEFAULT_BATCH_SIZE {
+                outer.batch_size
+            } else {
+                self.batch_size
+            },
+            gpu_layers: self.gpu_layers.or(outer.gpu_layers),
+            parallel: self.parallel.or(outer.parallel),
+            chat_template_file: self.chat_template_file.or(outer.chat_template_file),
+            model_url: self.model_url.or(outer.model_url),
+            model_name: self.model_name.or(outer.model_name),
+            api_key_env: self.api_key_env.or(outer.api_key_env),
+            api_key_file: self.api_key_file.or(outer.api_key_file),
+            tool_path: self.tool_path.or(outer.tool_path),
+            strict: self.strict || outer.strict,
+            call_constraint: self.call_constraint.or(outer.call_constraint),
+            profile: self.profile.or(outer.profile),
+            config: self.config.or(outer.config),
+        }
+    }
+
     /// These flags over the chosen profile: a flag wins over the profile.
     fn resolved(&self) -> anyhow::Result<ModelArgs> {
         let (path, missing_ok) = match &self.config {
@@ -140,6 +179,9 @@ impl ModelArgs {
     }
 }
 
+/// The `--batch-size` default.
+const DEFAULT_BATCH_SIZE: u32 = 512;
+
 /// The `--ctx-size` default (a profile's own applies when the flag is unset).
 const DEFAULT_CTX_SIZE: u32 = 4096;
 
@@ -167,7 +209,7 @@ pub fn backend(
     config.strict = args.strict;
     config.api_key = match (&args.api_key_env, &args.api_key_file) {
         (Some(var), _) => Some(ApiKey::from_env(var)?),
-        (None, Some(file)) => Some(ApiKey::from_file(file)?),
+        (None, Some(file)) => Some(ApiKey::from_file(&expand_home(file))?),
         (None, None) => None,
     };
     config.tool_path = match args.tool_path.as_deref() {
@@ -186,7 +228,12 @@ pub fn backend(
     };
     let model = tokio
         .block_on(RemoteModel::connect(config))
-        .with_context(|| format!("connecting to the model server at {url}"))?;
+        .with_context(|| {
+            format!(
+                "connecting to the model server at {}",
+                stack_runtime::model::remote::shown_url(url)
+            )
+        })?;
     Ok(model)
 }
 

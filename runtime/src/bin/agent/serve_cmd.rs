@@ -62,7 +62,7 @@ pub struct ServeArgs {
     #[arg(long)]
     voice: bool,
     #[command(flatten)]
-    chat: ChatArgs,
+    pub chat: ChatArgs,
 }
 
 /// The token and whether the operator gave it.
