@@ -196,6 +196,24 @@ async fn read_to_end(
     }
 }
 
+/// Whether a short completion at `url` gets a place within about 10 s
+/// (each try refused with 429 while none is free).
+async fn place_comes_back(url: &str) -> bool {
+    for _ in 0..100 {
+        let (status, _) = call(
+            "POST",
+            url,
+            Some(json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})),
+        )
+        .await;
+        if status == 200 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 fn message(body: &Value) -> String {
     body["error"]["message"]
         .as_str()
@@ -665,21 +683,7 @@ fn a_full_queue_gets_429_and_the_server_refuses_a_public_address_without_a_token
         assert!(message(&body).contains("busy"), "{body}");
         drop(first);
         // Dropping the stream stops that generation and frees the place.
-        let mut freed = false;
-        for _ in 0..100 {
-            let (status, _) = call(
-                "POST",
-                &url,
-                Some(json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})),
-            )
-            .await;
-            if status == 200 {
-                freed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(freed, "the place came back");
+        assert!(place_comes_back(&url).await, "the place came back");
 
         // The same with tools offered: nothing is sent while the model
         // writes a call (it may yet be text), so only the closed stream
@@ -713,21 +717,10 @@ fn a_full_queue_gets_429_and_the_server_refuses_a_public_address_without_a_token
         let (status, body) = call("POST", &url, Some(long.clone())).await;
         assert_eq!(status, 429, "{body}");
         drop(calling);
-        let mut freed = false;
-        for _ in 0..100 {
-            let (status, _) = call(
-                "POST",
-                &url,
-                Some(json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})),
-            )
-            .await;
-            if status == 200 {
-                freed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(freed, "a call being written stops when its client goes away");
+        assert!(
+            place_comes_back(&url).await,
+            "a call being written stops when its client goes away"
+        );
     });
     let output = Command::new(common::agent_binary())
         .args(["serve", "--host", "0.0.0.0", "--port", "0"])

@@ -875,24 +875,19 @@ async fn wait_for(done: impl Fn() -> bool) -> bool {
 async fn vllm_context_refusals_and_aborted_answers_are_told_apart() {
     let too_large = "'max_tokens' or 'max_completion_tokens' is too large: 512. This model's maximum context length is 4096 tokens and your request has 3700 input tokens (512 > 4096 - 3700).";
     let over = "This model's maximum context length is 4096 tokens. However, your request has 5000 input tokens. Please reduce the length of the input messages.";
-    let cut = Reply::Stream {
+    let ended_by = |text: &str, reason: &str| Reply::Stream {
         events: vec![
-            content("A short"),
-            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}).to_string(),
+            content(text),
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}).to_string(),
             "[DONE]".to_string(),
         ],
         pause: Duration::ZERO,
         end: End::Close,
     };
-    let aborted = Reply::Stream {
-        events: vec![
-            content("Half an ans"),
-            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "abort"}]}).to_string(),
-            "[DONE]".to_string(),
-        ],
-        pause: Duration::ZERO,
-        end: End::Close,
-    };
+    let (cut, aborted) = (
+        ended_by("A short", "length"),
+        ended_by("Half an ans", "abort"),
+    );
     let vllm_error = |message: &str| {
         status(
             400,

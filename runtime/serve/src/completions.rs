@@ -15,7 +15,7 @@
 //! that sends the same conversation again reuses its prefix; it waits for
 //! a place in [`crate::Admission`] first. Tool calls are made under the
 //! runtime's grammar (lazily under `auto`), so their arguments follow the
-//! tools' schemas; `parallel_tool_calls: false` keeps the first.
+//! tools' schemas; `parallel_tool_calls: false` holds the grammar to one call.
 //!
 //! Streaming sends `chat.completion.chunk`s: the role first, text as it
 //! is generated (when no tools are offered; with tools the text is sent
@@ -193,7 +193,6 @@ struct Prepared {
     request: CompletionRequest,
     stream: bool,
     include_usage: bool,
-    parallel_tool_calls: bool,
     stop: Vec<String>,
     streams_text: bool,
 }
@@ -346,7 +345,6 @@ fn prepare(request: ChatRequest, context: Option<u32>) -> Result<Prepared, ApiEr
     Ok(Prepared {
         include_usage: request.stream_options.is_some_and(|o| o.include_usage),
         stream,
-        parallel_tool_calls: request.parallel_tool_calls.unwrap_or(true),
         stop,
         streams_text,
         request: CompletionRequest {
@@ -866,7 +864,7 @@ fn finish(generation: &Generation, watch: &StopWatch, prepared: &Prepared) -> Fi
         };
     }
     let mut tool_calls = generation.turn.tool_calls.clone();
-    if !prepared.parallel_tool_calls {
+    if prepared.request.sampling.calls_per_reply == CallCount::One {
         tool_calls.truncate(1);
     }
     let content = if prepared.streams_text {

@@ -76,6 +76,7 @@ impl ModelArgs {
     /// These flags, with those written before the subcommand where these
     /// leave one unset: `agent --model-url URL model` reads the URL as
     /// `agent model --model-url URL` does, rather than ignoring it.
+    ///
     /// Which model is one choice: where these flags name one (a GGUF, a
     /// URL or a profile), nothing of the outer choice is mixed in.
     pub fn or_outer(self, outer: &ModelArgs) -> ModelArgs {
