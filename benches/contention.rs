@@ -99,7 +99,7 @@ fn child(threads: i32) {
         .expect("render");
     let greedy = SamplingOptions {
         temperature: 0.0,
-        repeat_penalty: 1.0,
+        repeat_penalty: Some(1.0),
         // Off, as in the bare loop it is compared with.
         dry_multiplier: Some(0.0),
         max_tokens: TOKENS,

@@ -113,7 +113,7 @@ fn main() {
     let prompt = model.renderer().render(&conversation, &[]).expect("render");
     let greedy = SamplingOptions {
         temperature: 0.0,
-        repeat_penalty: 1.0,
+        repeat_penalty: Some(1.0),
         // Off, as in llama-bench and the bare loop.
         dry_multiplier: Some(0.0),
         max_tokens: 128,

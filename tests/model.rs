@@ -2004,4 +2004,73 @@ fn batched_sessions_decode_together_and_keep_their_own_prefixes() {
     let short = vec![Message::user("Hi")];
     complete(&mut session, &short, &[], &ToolChoice::None, &greedy(4))
         .expect("a short prompt still works");
+
+    // Every slot busy: four sessions that each hold theirs after a first
+    // token (their callers have not taken it yet), until released.
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let release = Arc::new(AtomicBool::new(false));
+    let holders: Vec<_> = (0..4)
+        .map(|i| {
+            let model = Arc::clone(&batched);
+            let release = Arc::clone(&release);
+            std::thread::spawn(move || {
+                let mut session = model.session().expect("session");
+                let conversation = vec![Message::user(format!("Say a word. ({i})"))];
+                session.complete(
+                    &conversation,
+                    &[],
+                    &ToolChoice::None,
+                    &greedy(8),
+                    None,
+                    &mut |_| {
+                        while !release.load(SeqCst) {
+                            std::thread::sleep(std::time::Duration::from_millis(5));
+                        }
+                        false
+                    },
+                    &mut ids(),
+                )
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while engine.busy_slots() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the holders took no slots"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // A fifth session waits in line; its caller gives up after 300 ms and
+    // gets a cancelled generation at once, nothing evaluated, while the
+    // slots are still held.
+    let gave_up = Arc::new(AtomicBool::new(false));
+    session.set_cancel(Some(Arc::clone(&gave_up)));
+    let setter = {
+        let gave_up = Arc::clone(&gave_up);
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            gave_up.store(true, SeqCst);
+        })
+    };
+    let waited = complete(&mut session, &short, &[], &ToolChoice::None, &greedy(4))
+        .expect("giving up is no error");
+    setter.join().expect("setter");
+    assert_eq!(waited.stop, StopReason::Cancelled);
+    assert_eq!(
+        waited.counters.prompt_evaluated + waited.counters.generated,
+        0
+    );
+    assert_eq!(engine.busy_slots(), 4, "the holders still hold every slot");
+    assert!(holders.iter().all(|holder| !holder.is_finished()));
+    // Released, the holders end and the session that gave up is served.
+    release.store(true, SeqCst);
+    for holder in holders {
+        let held = holder.join().expect("joined").expect("a generation");
+        assert_eq!(held.stop, StopReason::Cancelled);
+    }
+    session.set_cancel(None);
+    let served = complete(&mut session, &short, &[], &ToolChoice::None, &greedy(4))
+        .expect("served once the slots are free");
+    assert!(served.counters.generated > 0);
 }

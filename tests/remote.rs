@@ -592,4 +592,64 @@ async fn keys_models_and_context_faults_are_specific_errors() {
         "{}",
         shown(&private)
     );
+
+    // A CA file (`ca_file` in a profile, `--model-ca-file`) is read before
+    // anything is sent: one that holds no certificate is refused by name
+    // (`~` being the home folder); a real one is taken on top of the
+    // public roots (here over http://, where it goes unused).
+    std::fs::write(home.path().join("not-a-ca.pem"), "hello\n").expect("file");
+    let config = home.path().join("internal.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[profiles.internal]\nurl = \"{}\"\nca_file = \"~/not-a-ca.pem\"\n",
+            server.url()
+        ),
+    )
+    .expect("config");
+    let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("model/tests/tls/ca.pem");
+    let (cwd, home_dir, url) = (
+        workspace.path().to_path_buf(),
+        home.path().to_path_buf(),
+        server.url(),
+    );
+    let [refused, trusted] = tokio::task::spawn_blocking(move || {
+        let agent = |args: Vec<std::ffi::OsString>| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+                .args(args)
+                .arg("model")
+                .env("STACK_TEST_MODEL_KEY", "right-key")
+                .env("HOME", &home_dir)
+                .env("XDG_CONFIG_HOME", home_dir.join("config"))
+                .current_dir(&cwd)
+                .output()
+                .expect("run agent")
+        };
+        [
+            agent(vec![
+                "--config".into(),
+                config.into(),
+                "--profile".into(),
+                "internal".into(),
+            ]),
+            agent(vec![
+                "--model-url".into(),
+                url.into(),
+                "--model-ca-file".into(),
+                ca.into(),
+                "--api-key-env".into(),
+                "STACK_TEST_MODEL_KEY".into(),
+            ]),
+        ]
+    })
+    .await
+    .expect("agent ran");
+    assert!(!refused.status.success(), "{}", shown(&refused));
+    assert!(
+        shown(&refused).contains("holds no PEM certificate")
+            && shown(&refused).contains(&format!("{}/not-a-ca.pem", home.path().display())),
+        "{}",
+        shown(&refused)
+    );
+    assert!(trusted.status.success(), "{}", shown(&trusted));
 }

@@ -304,6 +304,40 @@ fn the_openai_client_gets_schema_valid_tool_calls_streaming_and_not() {
             "{case}: {errors}"
         );
     }
+    // A conversation's next turn, sent after another conversation's,
+    // reuses its own prefix: it takes the context that ran its last turn
+    // (the one most alike), not the one used last.
+    let url = format!("{}/v1/chat/completions", served.base);
+    tokio().block_on(async {
+        let ask = |messages: Value| {
+            let url = url.clone();
+            async move {
+                let (status, body) = call(
+                    "POST",
+                    &url,
+                    Some(json!({"messages": messages, "max_tokens": 8, "temperature": 0})),
+                )
+                .await;
+                assert_eq!(status, 200, "{body}");
+                body
+            }
+        };
+        let sea = json!([{"role": "user", "content": "Name three colours the sea can be at dawn, and why."}]);
+        let first = ask(sea.clone()).await;
+        let sea_prompt = first["usage"]["prompt_tokens"].as_u64().expect("usage");
+        ask(json!([{"role": "user", "content": "Which mountains are the oldest in Europe?"}])).await;
+        let mut next = sea.as_array().cloned().expect("messages");
+        next.push(json!({"role": "assistant", "content": first["choices"][0]["message"]["content"]}));
+        next.push(json!({"role": "user", "content": "And at dusk?"}));
+        let again = ask(Value::Array(next)).await;
+        let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .expect("cached tokens");
+        assert!(
+            cached >= sea_prompt - 1,
+            "{cached} cached of the {sea_prompt} the first turn's prompt had: {again}"
+        );
+    });
 }
 
 #[test]

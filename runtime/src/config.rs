@@ -71,6 +71,9 @@ pub struct ModelProfile {
     pub api_key_env: Option<String>,
     /// A file whose first line is the API key.
     pub api_key_file: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust besides the public roots
+    /// (a server behind an internal CA).
+    pub ca_file: Option<PathBuf>,
     /// How tool calls travel: `auto`, `native` or `prompted`.
     pub tool_path: Option<stack_model::remote::ToolPath>,
     /// Ask for OpenAI `strict` function schemas.

@@ -93,12 +93,19 @@ pub struct SamplingOptions {
     pub temperature: f32,
     /// Nucleus sampling.
     pub top_p: f32,
-    /// Top-k sampling (0 = off).
-    pub top_k: i32,
-    /// Min-p sampling.
-    pub min_p: f32,
-    /// Repetition penalty (1 = off).
-    pub repeat_penalty: f32,
+    /// Top-k sampling (0 = off); `None` is the backend's default:
+    /// [`DEFAULT_TOP_K`] in process and for llama-server, the server's
+    /// own (the model's `generation_config.json`) for vLLM and SGLang.
+    #[serde(default)]
+    pub top_k: Option<i32>,
+    /// Min-p sampling; `None` is the backend's default, as for `top_k`
+    /// ([`DEFAULT_MIN_P`] in process).
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    /// Repetition penalty (1 = off); `None` is the backend's default, as
+    /// for `top_k` ([`DEFAULT_REPEAT_PENALTY`] in process).
+    #[serde(default)]
+    pub repeat_penalty: Option<f32>,
     /// OpenAI's frequency penalty (0 = off, -2 to 2): a token's logit
     /// loses this much for each time it appeared among the last 64 tokens
     /// (llama.cpp's penalties sampler, in process).
@@ -207,9 +214,9 @@ impl Default for SamplingOptions {
         SamplingOptions {
             temperature: 0.7,
             top_p: 0.9,
-            top_k: 40,
-            min_p: 0.05,
-            repeat_penalty: 1.1,
+            top_k: None,
+            min_p: None,
+            repeat_penalty: None,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             dry_multiplier: None,
@@ -219,6 +226,34 @@ impl Default for SamplingOptions {
             grammar_check: GrammarCheck::PickedFirst,
             calls_per_reply: CallCount::Many,
         }
+    }
+}
+
+/// Top-k where none is asked for, in process and for llama-server (as
+/// llama.cpp's own default).
+pub const DEFAULT_TOP_K: i32 = 40;
+/// Min-p where none is asked for, in process and for llama-server (as
+/// llama.cpp's own default).
+pub const DEFAULT_MIN_P: f32 = 0.05;
+/// The repetition penalty where none is asked for, in process and for
+/// llama-server: a small model left at llama.cpp's 1.0 repeats itself.
+pub const DEFAULT_REPEAT_PENALTY: f32 = 1.1;
+
+impl SamplingOptions {
+    /// Top-k as the runtime samples (in process, llama-server).
+    pub fn top_k_or_default(&self) -> i32 {
+        self.top_k.unwrap_or(DEFAULT_TOP_K)
+    }
+
+    /// Min-p as the runtime samples (in process, llama-server).
+    pub fn min_p_or_default(&self) -> f32 {
+        self.min_p.unwrap_or(DEFAULT_MIN_P)
+    }
+
+    /// The repetition penalty as the runtime samples (in process,
+    /// llama-server).
+    pub fn repeat_penalty_or_default(&self) -> f32 {
+        self.repeat_penalty.unwrap_or(DEFAULT_REPEAT_PENALTY)
     }
 }
 
@@ -277,9 +312,11 @@ pub enum CallPath {
     /// Returned by the server as native `tool_calls` under OpenAI `strict`
     /// schemas.
     Strict,
-    /// Returned by the server as native `tool_calls` of a reply generated
-    /// under the structural tag the runtime sent (vLLM, SGLang): a Hermes
-    /// call's arguments held to its tool's schema by the server. (A model
+    /// Generated under the structural tag the runtime sent (vLLM, SGLang):
+    /// a Hermes call's arguments held to its tool's schema by the server,
+    /// returned as native `tool_calls` (or, where the server has no tool
+    /// parser and the tools went in the prompt, parsed from the text by
+    /// the runtime). (A model
     /// that writes calls in another syntax never opens the tag; its calls
     /// are validated like any other.)
     StructuralTag,
@@ -365,6 +402,9 @@ pub struct Capabilities {
     pub native_tool_calls: bool,
     /// A session's state can be saved and restored (resume).
     pub saved_state: bool,
+    /// Sessions share one context (batched slots, or a server's): opening
+    /// one more costs no memory of its own.
+    pub shared_context: bool,
 }
 
 /// What a backend says about itself, for banners, `agent model` and

@@ -53,6 +53,9 @@ pub const PROMPT_CHUNK: usize = 128;
 /// decodes what it has.
 const GATHER: Duration = Duration::from_millis(3);
 
+/// How often a session waiting for a slot looks at its cancel flag.
+const CANCEL_POLL: Duration = Duration::from_millis(20);
+
 /// Which logits an evaluation returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Want {
@@ -245,8 +248,14 @@ impl Engine {
     }
 
     /// Waits for a slot for session `owner` (see the module docs for which
-    /// slot it gets).
-    pub(crate) fn acquire(&self, owner: u64) -> Lease {
+    /// slot it gets); `None` once `cancel` is set first (a caller that
+    /// gave up while every slot was busy leaves the line at once, rather
+    /// than when a slot frees).
+    pub(crate) fn acquire(
+        &self,
+        owner: u64,
+        cancel: Option<&std::sync::atomic::AtomicBool>,
+    ) -> Option<Lease> {
         let mut state = self.lock();
         let ticket = state.next_ticket;
         state.next_ticket += 1;
@@ -277,10 +286,25 @@ impl Engine {
                     };
                     // The next in line may find a slot too.
                     self.freed.notify_all();
-                    return lease;
+                    return Some(lease);
                 }
             }
-            state = self.freed.wait(state).unwrap_or_else(|p| p.into_inner());
+            if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst)) {
+                state.waiting.retain(|waiting| *waiting != ticket);
+                // Whoever was behind may now be first in line.
+                self.freed.notify_all();
+                return None;
+            }
+            state = match cancel {
+                // Woken by a freed slot, or in time to see the flag.
+                Some(_) => {
+                    self.freed
+                        .wait_timeout(state, CANCEL_POLL)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+                None => self.freed.wait(state).unwrap_or_else(|p| p.into_inner()),
+            };
         }
     }
 
@@ -558,35 +582,8 @@ fn run(
             continue;
         }
         in_sequence_order(&mut evals);
-        batch.clear();
-        let mut failed = None;
-        for eval in &evals {
-            let Request::Eval {
-                seq,
-                tokens,
-                start,
-                want,
-                ..
-            } = eval
-            else {
-                continue;
-            };
-            for (i, token) in tokens.iter().enumerate() {
-                let logits = match want {
-                    Want::Nothing => false,
-                    Want::Last => i + 1 == tokens.len(),
-                    Want::All => true,
-                };
-                if let Err(err) = batch.add(*token, (start + i) as i32, &[*seq], logits) {
-                    failed = Some(err.to_string());
-                }
-            }
-        }
         let decoding = Instant::now();
-        let decoded = match failed {
-            Some(err) => Err(err),
-            None => ctx.decode(&mut batch).map_err(|e| e.to_string()),
-        };
+        let decoded = decode_step(&mut ctx, &mut batch, &evals);
         if let Some(engine) = engine.upgrade() {
             use std::sync::atomic::Ordering::Relaxed;
             engine.steps.fetch_add(1, Relaxed);
@@ -595,40 +592,103 @@ fn run(
                 .decode_micros
                 .fetch_add(decoding.elapsed().as_micros() as u64, Relaxed);
         }
-        if decoded.is_err() {
-            // What llama.cpp may have stored of a failed step is dropped, so
-            // each slot holds exactly the tokens its session has on record.
-            for eval in &evals {
-                if let Request::Eval { seq, start, .. } = eval {
-                    let _ = ctx.clear_kv_cache_seq(Some(*seq as u32), Some(*start as u32), None);
-                }
+        if decoded.is_ok() || evals.len() == 1 {
+            answer_step(&ctx, evals, &decoded);
+            continue;
+        }
+        // One session's bad request (a token outside the vocabulary, say)
+        // must not fail the others': the step is decoded again one
+        // session at a time, and only what fails alone fails.
+        tracing::warn!(
+            error = decoded.err().unwrap_or_default(),
+            sessions = evals.len(),
+            "a batched decode step failed; decoding its sessions one at a time"
+        );
+        for eval in evals {
+            let alone = [eval];
+            let decoded = decode_step(&mut ctx, &mut batch, &alone);
+            answer_step(&ctx, alone, &decoded);
+        }
+    }
+}
+
+/// Puts `evals` in `batch` and decodes them in one step. Where it fails,
+/// what llama.cpp may have stored of it is dropped, so each slot holds
+/// exactly the tokens its session has on record.
+fn decode_step(
+    ctx: &mut LlamaContext<'static>,
+    batch: &mut LlamaBatch,
+    evals: &[Request],
+) -> Result<(), String> {
+    batch.clear();
+    let mut failed = None;
+    for eval in evals {
+        let Request::Eval {
+            seq,
+            tokens,
+            start,
+            want,
+            ..
+        } = eval
+        else {
+            continue;
+        };
+        for (i, token) in tokens.iter().enumerate() {
+            let logits = match want {
+                Want::Nothing => false,
+                Want::Last => i + 1 == tokens.len(),
+                Want::All => true,
+            };
+            if let Err(err) = batch.add(*token, (start + i) as i32, &[*seq], logits) {
+                failed = Some(err.to_string());
             }
         }
-        let mut index = 0i32;
+    }
+    let decoded = match failed {
+        Some(err) => Err(err),
+        None => ctx.decode(batch).map_err(|e| e.to_string()),
+    };
+    if decoded.is_err() {
         for eval in evals {
-            let Request::Eval {
-                tokens,
-                want,
-                reply,
-                ..
-            } = eval
-            else {
-                continue;
-            };
-            let first = index;
-            index += tokens.len() as i32;
-            let answer = match &decoded {
-                Err(err) => Err(ModelError::Decode(err.clone())),
-                Ok(()) => Ok(match want {
-                    Want::Nothing => Vec::new(),
-                    Want::Last => vec![ctx.get_logits_ith(index - 1).to_vec()],
-                    Want::All => (first..index)
-                        .map(|i| ctx.get_logits_ith(i).to_vec())
-                        .collect(),
-                }),
-            };
-            let _ = reply.send(answer);
+            if let Request::Eval { seq, start, .. } = eval {
+                let _ = ctx.clear_kv_cache_seq(Some(*seq as u32), Some(*start as u32), None);
+            }
         }
+    }
+    decoded
+}
+
+/// Sends each of a decoded step's evaluations its logits (or the step's
+/// error).
+fn answer_step(
+    ctx: &LlamaContext<'static>,
+    evals: impl IntoIterator<Item = Request>,
+    decoded: &Result<(), String>,
+) {
+    let mut index = 0i32;
+    for eval in evals {
+        let Request::Eval {
+            tokens,
+            want,
+            reply,
+            ..
+        } = eval
+        else {
+            continue;
+        };
+        let first = index;
+        index += tokens.len() as i32;
+        let answer = match decoded {
+            Err(err) => Err(ModelError::Decode(err.clone())),
+            Ok(()) => Ok(match want {
+                Want::Nothing => Vec::new(),
+                Want::Last => vec![ctx.get_logits_ith(index - 1).to_vec()],
+                Want::All => (first..index)
+                    .map(|i| ctx.get_logits_ith(i).to_vec())
+                    .collect(),
+            }),
+        };
+        let _ = reply.send(answer);
     }
 }
 
@@ -655,6 +715,78 @@ fn same_seq(a: &Request, b: &Request) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A step that llama.cpp refuses for one session's request (here a
+    /// token outside the vocabulary) is decoded again one session at a
+    /// time: the bad request fails alone, the other gets its logits, and
+    /// its slot holds what it evaluated. Real model, real llama.cpp.
+    #[test]
+    fn a_bad_request_fails_alone_and_the_others_in_its_step_are_served() {
+        let model = crate::llama::Model::load(crate::llama::ModelOptions {
+            context_size: 256,
+            threads: Some(2),
+            parallel: 2,
+            ..Default::default()
+        })
+        .expect("the default model loads (run scripts/setup first)");
+        // A session starts the engine.
+        let _session = model.session().expect("a session");
+        let engine = Arc::clone(model.engine().expect("a batched model has an engine"));
+        let good = model.tokenize("Hello there");
+        let vocabulary = model.raw().n_vocab();
+        let bad = vec![LlamaToken(vocabulary + 7)];
+        let mut together = false;
+        // The two requests must land in one step: they usually do (both
+        // slots are lent before either is sent, so the engine waits for
+        // both); where they did not, again.
+        for _ in 0..10 {
+            let (steps_before, _) = engine.steps();
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let send = |owner: u64, tokens: Vec<LlamaToken>| {
+                let engine = Arc::clone(&engine);
+                let barrier = Arc::clone(&barrier);
+                std::thread::spawn(move || {
+                    let lease = engine.acquire(owner, None).expect("a slot");
+                    barrier.wait();
+                    let answer = engine.eval(lease.seq, &tokens, 0, Want::Last);
+                    // llama.cpp takes a sequence's next position only
+                    // right after its last: this goes on from what the
+                    // slot holds.
+                    let next = answer
+                        .is_ok()
+                        .then(|| engine.eval(lease.seq, &tokens[..1], tokens.len(), Want::Last));
+                    let kept = engine.truncate(lease.seq, 0);
+                    engine.release(lease);
+                    (answer, next, kept)
+                })
+            };
+            let good_one = send(u64::MAX - 1, good.clone());
+            let bad_one = send(u64::MAX - 2, bad.clone());
+            let (good_answer, next, kept) = good_one.join().expect("joined");
+            let (bad_answer, _, _) = bad_one.join().expect("joined");
+            assert!(kept);
+            assert!(
+                next.is_some_and(|next| next.is_ok()),
+                "the good request's slot holds what it evaluated"
+            );
+            match bad_answer {
+                Err(ModelError::Decode(_)) => {}
+                other => panic!("a token outside the vocabulary: {other:?}"),
+            }
+            let logits = good_answer.expect("the good request is served");
+            assert_eq!(logits.len(), 1);
+            assert_eq!(logits[0].len(), vocabulary as usize);
+            assert!(logits[0].iter().all(|l| l.is_finite()));
+            let (steps_after, _) = engine.steps();
+            // Together: one step for both, and one for the good request's
+            // next token (apart, three).
+            if steps_after - steps_before == 2 {
+                together = true;
+                break;
+            }
+        }
+        assert!(together, "the two requests never shared a step");
+    }
 
     /// A step's evaluations, gathered in order of arrival, go to llama.cpp
     /// in order of sequence. (The replies follow the same list, so each

@@ -28,7 +28,8 @@ mod worker;
 pub use backend::{
     BackendInfo, BackendSession, CallPath, Capabilities, CompletionRequest, Counters, Generation,
     GrammarCheck, ModelBackend, ModelError, Routing, SamplingOptions, StopReason,
-    DEFAULT_DRY_MULTIPLIER, MAX_DRY_MULTIPLIER, SMALL_MODEL_PARAMETERS,
+    DEFAULT_DRY_MULTIPLIER, DEFAULT_MIN_P, DEFAULT_REPEAT_PENALTY, DEFAULT_TOP_K,
+    MAX_DRY_MULTIPLIER, SMALL_MODEL_PARAMETERS,
 };
 pub use call_grammar::CallCount;
 pub use formats::ToolFormat;

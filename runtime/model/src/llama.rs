@@ -586,7 +586,7 @@ impl Model {
         )
     }
 
-    fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
+    pub(crate) fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
         let vocab = self.model.vocab();
         vocab.tokenize(text.as_bytes(), vocab.should_add_bos(), true)
     }
@@ -846,7 +846,9 @@ impl ModelSession {
             }
             Kv::Shared { engine, owner, .. } => {
                 let engine = Arc::clone(engine);
-                let mut lease = engine.acquire(*owner);
+                let Some(mut lease) = engine.acquire(*owner, None) else {
+                    return Err(ModelError::Backend("no slot to load the state into".into()));
+                };
                 let loaded = engine.load(lease.seq, path.clone());
                 lease.cached = loaded.as_ref().map(Vec::clone).unwrap_or_default();
                 engine.release(lease);
@@ -900,9 +902,20 @@ impl ModelSession {
     }
 
     /// Runs `work` holding a slot of the shared context (nothing to take
-    /// with a context of its own).
-    fn in_slot<T>(&mut self, work: impl FnOnce(&mut Self) -> T) -> T {
-        self.begin_generation();
+    /// with a context of its own). A caller that gives up while it waits
+    /// for a slot gets a cancelled generation, nothing evaluated.
+    fn in_slot(
+        &mut self,
+        work: impl FnOnce(&mut Self) -> Result<Generation, ModelError>,
+    ) -> Result<Generation, ModelError> {
+        let waiting = Instant::now();
+        if !self.begin_generation() {
+            return Ok(Generation {
+                stop: StopReason::Cancelled,
+                prompt_ms: waiting.elapsed().as_secs_f64() * 1000.0,
+                ..Generation::empty()
+            });
+        }
         let done = work(self);
         self.end_generation();
         done
@@ -910,7 +923,8 @@ impl ModelSession {
 
     /// Takes a slot of the shared context for one generation (waiting for
     /// one when all are busy); its cached tokens become this session's.
-    fn begin_generation(&mut self) {
+    /// `false` when the session's cancel flag was set while it waited.
+    fn begin_generation(&mut self) -> bool {
         if let Kv::Shared {
             engine,
             lease,
@@ -919,11 +933,14 @@ impl ModelSession {
         } = &mut self.kv
         {
             if lease.is_none() {
-                let mut taken = engine.acquire(*owner);
+                let Some(mut taken) = engine.acquire(*owner, self.cancel.as_deref()) else {
+                    return false;
+                };
                 self.cached = std::mem::take(&mut taken.cached);
                 *lease = Some(taken);
             }
         }
+        true
     }
 
     /// Gives the slot back with what its cache holds.
@@ -1763,14 +1780,15 @@ impl ModelSession {
             constrained = Some(made.map_err(|e| ModelError::Grammar(e.to_string()))?);
         }
         let mut chain = Vec::new();
-        if (options.repeat_penalty - 1.0).abs() > f32::EPSILON
+        let repeat_penalty = options.repeat_penalty_or_default();
+        if (repeat_penalty - 1.0).abs() > f32::EPSILON
             || options.frequency_penalty != 0.0
             || options.presence_penalty != 0.0
         {
             chain.push(LlamaSampler::penalties(
                 self.model.model.n_vocab(),
                 64,
-                options.repeat_penalty,
+                repeat_penalty,
                 options.frequency_penalty,
                 options.presence_penalty,
             ));
@@ -1782,11 +1800,12 @@ impl ModelSession {
         if options.temperature <= 0.0 {
             chain.push(LlamaSampler::greedy());
         } else {
-            if options.top_k > 0 {
-                chain.push(LlamaSampler::top_k(options.top_k));
+            let top_k = options.top_k_or_default();
+            if top_k > 0 {
+                chain.push(LlamaSampler::top_k(top_k));
             }
             chain.push(LlamaSampler::top_p(options.top_p, 1));
-            chain.push(LlamaSampler::min_p(options.min_p, 1));
+            chain.push(LlamaSampler::min_p(options.min_p_or_default(), 1));
             chain.push(LlamaSampler::temp(options.temperature));
             chain.push(LlamaSampler::dist(options.seed));
         }

@@ -68,6 +68,7 @@ impl ModelBackend for Model {
                 kv_prefix_reuse: true,
                 native_tool_calls: false,
                 saved_state: true,
+                shared_context: self.batched(),
             },
         }
     }

@@ -26,8 +26,8 @@ use stack_model::{
     ModelError, SamplingOptions, StopReason, ToolChoice,
 };
 use stack_types::message::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 /// How a scripted server answers one POST.
 #[derive(Debug, Clone)]
@@ -72,6 +72,8 @@ struct Script {
     seen: Mutex<Vec<Seen>>,
     /// Set when a client closed a stream the server was stalling on.
     client_closed: AtomicBool,
+    /// Fixed answers by path (GET or POST), such as Ollama's `/api/show`.
+    routes: Mutex<Vec<(&'static str, Value)>>,
 }
 
 impl Script {
@@ -93,6 +95,7 @@ async fn scripted(models: Value, replies: Vec<Reply>) -> (Arc<Script>, String) {
         replies: Mutex::new(replies.into()),
         seen: Mutex::new(Vec::new()),
         client_closed: AtomicBool::new(false),
+        routes: Mutex::new(Vec::new()),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}/v1", listener.local_addr().expect("addr"));
@@ -105,12 +108,64 @@ async fn scripted(models: Value, replies: Vec<Reply>) -> (Arc<Script>, String) {
     (script, url)
 }
 
+/// The scripted server behind TLS, with the certificate in `tests/tls/`:
+/// `server.pem` (for 127.0.0.1 and localhost, valid 2020 to 2120) signed
+/// by `ca.pem`, a CA made for these tests alone with `openssl ca` (its key
+/// was thrown away). The URL of its API base.
+async fn scripted_tls(models: Value, replies: Vec<Reply>) -> (Arc<Script>, String) {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = tls_dir();
+    let chain = CertificateDer::pem_file_iter(dir.join("server.pem"))
+        .expect("server.pem")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("a certificate");
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).expect("server.key");
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("the server's certificate");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let script = Arc::new(Script {
+        models,
+        replies: Mutex::new(replies.into()),
+        seen: Mutex::new(Vec::new()),
+        client_closed: AtomicBool::new(false),
+        routes: Mutex::new(Vec::new()),
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("https://{}/v1", listener.local_addr().expect("addr"));
+    let serving = Arc::clone(&script);
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let serving = Arc::clone(&serving);
+            tokio::spawn(async move {
+                // A client that does not trust the certificate hangs up
+                // during the handshake.
+                if let Ok(mut tls) = acceptor.accept(socket).await {
+                    answer(&mut tls, serving).await;
+                    let _ = tls.shutdown().await;
+                }
+            });
+        }
+    });
+    (script, url)
+}
+
+fn tls_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tls")
+}
+
 fn generic_listing() -> Value {
     json!({"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "someone"}]})
 }
 
 /// Reads one request off `socket`: its head and its `Content-Length` body.
-async fn read_request(socket: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Seen> {
+async fn read_request(socket: &mut (impl AsyncRead + Unpin), buffer: &mut Vec<u8>) -> Option<Seen> {
     let head_end = loop {
         if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
             break at + 4;
@@ -155,17 +210,31 @@ async fn read_request(socket: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Se
     })
 }
 
-async fn answer(mut socket: TcpStream, script: Arc<Script>) {
+async fn answer(mut socket: impl AsyncRead + AsyncWrite + Unpin, script: Arc<Script>) {
     let mut buffer = Vec::new();
     while let Some(seen) = read_request(&mut socket, &mut buffer).await {
         script.seen.lock().expect("seen").push(seen.clone());
-        let reply = if seen.method == "GET" && seen.path.ends_with("/models") {
+        let route = script
+            .routes
+            .lock()
+            .expect("routes")
+            .iter()
+            .find(|(path, _)| seen.path == *path)
+            .map(|(_, body)| body.clone());
+        let reply = if let Some(body) = route {
+            Reply::Status {
+                code: 200,
+                headers: Vec::new(),
+                body: body.to_string(),
+            }
+        } else if seen.method == "GET" && seen.path.ends_with("/models") {
             Reply::Status {
                 code: 200,
                 headers: Vec::new(),
                 body: script.models.to_string(),
             }
-        } else if seen.method == "GET" {
+        } else if seen.method == "GET" || seen.path.starts_with("/api/") {
+            // Unscripted endpoints (Ollama's own `/api/...` included).
             Reply::Status {
                 code: 404,
                 headers: Vec::new(),
@@ -936,4 +1005,297 @@ async fn vllm_context_refusals_and_aborted_answers_are_told_apart() {
     let generation = answered(session.as_mut(), request(Vec::new())).await;
     assert_eq!(generation.text, "whole");
     assert_eq!(generation.stop, StopReason::EndOfTurn);
+}
+
+#[tokio::test]
+async fn a_server_behind_an_internal_ca_is_trusted_only_with_its_ca_file() {
+    let (script, url) = scripted_tls(generic_listing(), vec![answer_saying("over TLS")]).await;
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    // The public roots alone do not vouch for it: refused, saying how to
+    // trust it, and nothing was asked of it.
+    let refused = RemoteModel::connect(quick(&url))
+        .await
+        .expect_err("an issuer no public root knows");
+    let text = refused.to_string();
+    assert!(
+        text.contains("certificate") && text.contains("--model-ca-file"),
+        "{text}"
+    );
+    assert!(script.seen.lock().expect("seen").is_empty());
+    // With its CA: the listing and an answer, over TLS.
+    let (model, mut session) = open(RemoteConfig {
+        ca_file: Some(tls_dir().join("ca.pem")),
+        ..quick(&url)
+    })
+    .await;
+    assert_eq!(model.model_name(), "m");
+    let generation = answered(session.as_mut(), request(Vec::new())).await;
+    assert_eq!(generation.turn.content.as_deref(), Some("over TLS"));
+    assert_eq!(script.posts().len(), 1);
+    // A CA file that is not one, or is not there: refused, naming it.
+    for (file, says) in [
+        ("server.key", "holds no PEM certificate"),
+        ("missing.pem", "reading the CA file"),
+    ] {
+        let err = RemoteModel::connect(RemoteConfig {
+            ca_file: Some(tls_dir().join(file)),
+            ..quick(&url)
+        })
+        .await
+        .expect_err("no CA");
+        let text = err.to_string();
+        assert!(text.contains(says) && text.contains(file), "{text}");
+    }
+}
+
+/// A Hermes call written as text, as Qwen2.5 writes one where the server
+/// has no tool parser.
+fn text_call() -> Reply {
+    answer_saying("<tool_call>\n{\"name\": \"read_file\", \"arguments\": {\"path\": \"notes.txt\"}}\n</tool_call>")
+}
+
+/// vLLM started without `--enable-auto-tool-choice` refuses `tool_choice:
+/// auto` with a 400 before generating: the tools go in the system message
+/// (as Qwen2.5's template writes them), the call comes back as text under
+/// the structural tag and is parsed, and later turns go that way at once.
+/// `required` still goes natively (vLLM constrains it without a parser).
+#[tokio::test]
+async fn a_vllm_without_a_tool_parser_gets_the_tools_in_the_prompt() {
+    let refusal = status(
+        400,
+        json!({"object": "error", "type": "BadRequestError", "code": 400,
+               "message": "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set"}),
+    );
+    let (script, url) = scripted(
+        vllm_listing(),
+        vec![refusal, text_call(), text_call(), native_call()],
+    )
+    .await;
+    let (model, mut session) = open(quick(&url)).await;
+    assert!(model.info().detail.contains("native tool_calls"));
+    let mut asked = request(vec![read_file_tool()]);
+    asked
+        .messages
+        .insert(0, Message::system("You are a coding agent."));
+    for turn in 0..2 {
+        let generation = answered(session.as_mut(), asked.clone()).await;
+        assert_eq!(
+            generation.turn.tool_calls.len(),
+            1,
+            "turn {turn}: {generation:?}"
+        );
+        let call = &generation.turn.tool_calls[0];
+        assert_eq!(call.function.name, "read_file");
+        assert_eq!(
+            serde_json::from_str::<Value>(&call.function.arguments).expect("JSON"),
+            json!({"path": "notes.txt"})
+        );
+        assert_eq!(generation.call_path, Some(CallPath::StructuralTag));
+    }
+    let posts = script.posts();
+    assert_eq!(posts.len(), 3, "one refusal, then the tools in the prompt");
+    assert_eq!(posts[0].body["tool_choice"], "auto");
+    for later in &posts[1..] {
+        let body = &later.body;
+        assert!(
+            body.get("tools").is_none() && body.get("tool_choice").is_none(),
+            "{body}"
+        );
+        let system = body["messages"][0]["content"]
+            .as_str()
+            .expect("system text");
+        assert!(
+            system.starts_with("You are a coding agent.\n\n# Tools"),
+            "{system}"
+        );
+        assert!(
+            system.contains("<tools>\n{") && system.contains("\"read_file\""),
+            "{system}"
+        );
+        assert_eq!(body["messages"][0]["role"], "system");
+        assert_eq!(body["messages"].as_array().map(Vec::len), Some(2));
+        assert_eq!(body["response_format"]["type"], "structural_tag");
+    }
+    assert_eq!(posts[1].body, posts[2].body, "the same prefix every turn");
+    assert!(
+        model.info().detail.contains("no tool parser"),
+        "{}",
+        model.info().detail
+    );
+    // `required` is constrained by vLLM itself: native, tools and all.
+    let mut required = request(vec![read_file_tool()]);
+    required.tool_choice = ToolChoice::Required;
+    let generation = answered(session.as_mut(), required).await;
+    assert_eq!(generation.call_path, Some(CallPath::Native));
+    let posts = script.posts();
+    assert_eq!(posts[3].body["tool_choice"], "required");
+    assert_eq!(posts[3].body["tools"][0]["function"]["name"], "read_file");
+}
+
+/// An answer saying `text` whose usage reports `prompt_tokens`.
+fn answer_after_prompt_of(text: &str, prompt_tokens: u64) -> Reply {
+    Reply::Stream {
+        events: vec![
+            content(text),
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1}})
+            .to_string(),
+            "[DONE]".to_string(),
+        ],
+        pause: Duration::ZERO,
+        end: End::Close,
+    }
+}
+
+/// Ollama cuts a prompt over its `num_ctx` instead of refusing it: the
+/// start of the conversation (system prompt, tools) is gone without a
+/// word. A conversation that grew past the context and was reported as
+/// fewer prompt tokens is that cut, and an error that says so; a drop
+/// while far from the context (a server counting only what it had not
+/// cached) is not, nor is a new, shorter conversation.
+#[tokio::test]
+async fn a_prompt_the_server_cut_silently_is_a_context_error() {
+    let listing = json!({"object": "list", "data": [
+        {"id": "qwen2.5-coder:32b", "object": "model", "owned_by": "library"}]});
+    let (script, url) = scripted(
+        listing,
+        vec![
+            answer_after_prompt_of("first", 1900),
+            answer_after_prompt_of("second", 120),
+            answer_after_prompt_of("third", 4000),
+            answer_after_prompt_of("cut", 2100),
+            answer_after_prompt_of("fresh", 40),
+        ],
+    )
+    .await;
+    script
+        .routes
+        .lock()
+        .expect("routes")
+        .push(("/api/show", json!({"parameters": "num_ctx 4096"})));
+    let (model, mut session) = open(quick(&url)).await;
+    assert_eq!(model.info().context_length, Some(4096));
+    let mut conversation = request(Vec::new());
+    let turn = |conversation: &mut CompletionRequest, said: &str, next: String| {
+        conversation.messages.push(Message::assistant(said));
+        conversation.messages.push(Message::user(next));
+    };
+    assert_eq!(
+        answered(session.as_mut(), conversation.clone()).await.text,
+        "first"
+    );
+    turn(&mut conversation, "first", "More.".into());
+    assert_eq!(
+        answered(session.as_mut(), conversation.clone()).await.text,
+        "second"
+    );
+    turn(&mut conversation, "second", "word ".repeat(3000));
+    assert_eq!(
+        answered(session.as_mut(), conversation.clone()).await.text,
+        "third"
+    );
+    turn(&mut conversation, "third", "word ".repeat(600));
+    let (result, _) = complete(session.as_mut(), conversation.clone(), Arc::default()).await;
+    match remote_error(result) {
+        RemoteError::ContextExceeded { message } => {
+            assert!(
+                message.contains("2100") && message.contains("4000") && message.contains("4096"),
+                "{message}"
+            );
+            assert!(message.contains("OLLAMA_CONTEXT_LENGTH"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A new conversation (after /reset) is shorter, and that is no cut.
+    assert_eq!(
+        answered(session.as_mut(), request(Vec::new())).await.text,
+        "fresh"
+    );
+}
+
+/// Ollama's context is not in its `/v1/models`: the loaded model's comes
+/// from `/api/ps`, else the `num_ctx` its Modelfile sets from `/api/show`,
+/// else it is unknown (the server's default).
+#[tokio::test]
+async fn ollamas_context_is_read_from_its_own_api() {
+    let listing = json!({"object": "list", "data": [
+        {"id": "qwen2.5-coder:32b", "object": "model", "owned_by": "library"}]});
+    let show = json!({
+        "parameters": "stop                           \"<|im_end|>\"\nnum_ctx                        8192",
+        "model_info": {"general.architecture": "qwen2", "qwen2.context_length": 32768},
+    });
+    let running = json!({"models": [
+        {"name": "other:1b", "model": "other:1b", "context_length": 2048},
+        {"name": "qwen2.5-coder:32b", "model": "qwen2.5-coder:32b", "context_length": 16384}]});
+    for (routes, context) in [
+        (
+            vec![("/api/show", show.clone()), ("/api/ps", running)],
+            Some(16384),
+        ),
+        (
+            vec![("/api/show", show), ("/api/ps", json!({"models": []}))],
+            Some(8192),
+        ),
+        (
+            vec![(
+                "/api/show",
+                json!({"parameters": "stop \"<|im_end|>\"", "model_info": {"qwen2.context_length": 32768}}),
+            )],
+            None,
+        ),
+        (Vec::new(), None),
+    ] {
+        let (script, url) = scripted(listing.clone(), Vec::new()).await;
+        script.routes.lock().expect("routes").extend(routes);
+        let model = RemoteModel::connect(quick(&url)).await.expect("connect");
+        assert_eq!(model.info().context_length, context);
+        // Only the model asked about was asked for.
+        for seen in script.seen.lock().expect("seen").iter() {
+            if seen.path == "/api/show" {
+                assert_eq!(seen.body, json!({"model": "qwen2.5-coder:32b"}));
+            }
+        }
+    }
+}
+
+/// Refusals come in whatever order a server checks them (an older vLLM
+/// refuses the structural tag before it looks at `tool_choice`): each is
+/// mended once, and what was learnt holds for later turns.
+#[tokio::test]
+async fn refusals_are_mended_in_whatever_order_they_come() {
+    let (script, url) = scripted(
+        vllm_listing(),
+        vec![
+            status(
+                400,
+                json!({"object": "error", "message": "Unknown response_format type: structural_tag", "code": 400}),
+            ),
+            status(
+                400,
+                json!({"object": "error", "code": 400,
+                       "message": "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set"}),
+            ),
+            text_call(),
+            text_call(),
+        ],
+    )
+    .await;
+    let (model, mut session) = open(quick(&url)).await;
+    for _ in 0..2 {
+        let generation = answered(session.as_mut(), request(vec![read_file_tool()])).await;
+        assert_eq!(generation.turn.tool_calls.len(), 1, "{generation:?}");
+        assert_eq!(generation.call_path, Some(CallPath::Parsed));
+    }
+    let posts = script.posts();
+    assert_eq!(posts.len(), 4, "two refusals mended, then straight through");
+    assert!(posts[0].body.get("response_format").is_some());
+    assert!(posts[1].body.get("response_format").is_none() && posts[1].body.get("tools").is_some());
+    for later in &posts[2..] {
+        assert!(
+            later.body.get("response_format").is_none() && later.body.get("tools").is_none(),
+            "{}",
+            later.body
+        );
+    }
+    assert!(!model.info().capabilities.constrained_decoding);
 }

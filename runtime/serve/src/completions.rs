@@ -42,10 +42,29 @@ use crate::error::JsonBody;
 use crate::{ApiError, AppState};
 
 /// Idle model sessions for chat completions, reused so that a repeated
-/// conversation prefix is not evaluated again.
+/// conversation prefix is not evaluated again: a request takes the idle
+/// session whose last prompt shares the most with its own (a client
+/// continuing a conversation sends it whole, so the session that ran its
+/// last turn still holds that prefix), as llama-server picks a slot by
+/// prompt similarity (a long system prompt or tool list shared is worth
+/// keeping too). Where none shares anything: with a batched model or a
+/// served one, a new session (the engine lends it the slot idle longest),
+/// so that no other conversation's prefix is thrown away, up to
+/// [`MAX_IDLE`] idle; else (each session a context of its own, its memory
+/// too) the session idle longest.
 pub(crate) struct Slots {
     backend: Arc<dyn ModelBackend>,
-    idle: Mutex<Vec<Box<dyn BackendSession>>>,
+    /// Whether a new session costs no memory of its own.
+    sessions_are_cheap: bool,
+    /// Oldest first.
+    idle: Mutex<Vec<Idle>>,
+}
+
+/// An idle session and the messages of the last request it ran (the
+/// prompt its cache holds).
+struct Idle {
+    session: Box<dyn BackendSession>,
+    served: Vec<Message>,
 }
 
 /// Most idle sessions kept for reuse.
@@ -54,25 +73,67 @@ const MAX_IDLE: usize = 8;
 impl Slots {
     pub(crate) fn new(backend: Arc<dyn ModelBackend>) -> Slots {
         Slots {
+            sessions_are_cheap: backend.info().capabilities.shared_context,
             backend,
             idle: Mutex::new(Vec::new()),
         }
     }
 
-    async fn take(&self) -> Result<Box<dyn BackendSession>, ModelError> {
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    /// A session for a request with `messages`.
+    async fn take(&self, messages: &[Message]) -> Result<Box<dyn BackendSession>, ModelError> {
+        let idle = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let served: Vec<&[Message]> = idle.iter().map(|i| i.served.as_slice()).collect();
+            match most_alike(&served, messages) {
+                Some((index, shared)) if shared > 0 => Some(idle.remove(index)),
+                Some(_) if idle.len() >= MAX_IDLE || !self.sessions_are_cheap => {
+                    Some(idle.remove(0))
+                }
+                _ => None,
+            }
+        };
         match idle {
-            Some(session) => Ok(session),
+            Some(Idle { session, .. }) => Ok(session),
             None => Arc::clone(&self.backend).open_session().await,
         }
     }
 
-    fn give_back(&self, session: Box<dyn BackendSession>) {
+    /// `session` back, having run a request with `messages` (none where
+    /// it was cancelled or failed: what its cache holds is not known).
+    /// Past [`MAX_IDLE`], the one idle longest goes.
+    fn give_back(&self, session: Box<dyn BackendSession>, messages: Vec<Message>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < MAX_IDLE {
-            idle.push(session);
+        if idle.len() >= MAX_IDLE {
+            idle.remove(0);
         }
+        idle.push(Idle {
+            session,
+            served: messages,
+        });
     }
+}
+
+/// Which of the idle sessions (oldest first, each by the messages it last
+/// ran) shares the most with a request of `messages`: the one whose
+/// messages begin the request's with the most text (the latest of
+/// equals), and how much it shares. `None` when there is none.
+fn most_alike(served: &[&[Message]], messages: &[Message]) -> Option<(usize, usize)> {
+    let shared = |last: &[Message]| -> usize {
+        last.iter()
+            .zip(messages)
+            .take_while(|(a, b)| a == b)
+            .map(|(message, _)| {
+                message.content.as_ref().map_or(1, |content| {
+                    serde_json::to_string(content).map_or(1, |s| s.len())
+                })
+            })
+            .sum()
+    };
+    served
+        .iter()
+        .enumerate()
+        .map(|(index, last)| (index, shared(last)))
+        .max_by_key(|(index, score)| (*score, *index))
 }
 
 /// `GET /v1/models`: the one model this server runs.
@@ -141,10 +202,11 @@ pub struct ChatRequest {
     /// llama-server; by default 0.8 for a model under 1B parameters).
     #[serde(default)]
     pub dry_multiplier: Option<f32>,
-    /// Most tokens to generate (older name).
+    /// Most tokens to generate (older name; see `max_completion_tokens`).
     #[serde(default)]
     pub max_tokens: Option<u32>,
-    /// Most tokens to generate.
+    /// Most tokens to generate; unset, until the model ends its turn or
+    /// the context is full.
     #[serde(default)]
     pub max_completion_tokens: Option<u32>,
     /// Random seed.
@@ -259,10 +321,13 @@ fn prepare(request: ChatRequest, context: Option<u32>) -> Result<Prepared, ApiEr
         return Err(bad("`response_format` together with `tools` under `tool_choice: auto` is not supported: send `tool_choice: none` for a JSON answer, or `required` for a call"));
     }
     let defaults = SamplingOptions::default();
+    // Unset: until the model ends its turn or the context is full, as
+    // OpenAI's and llama-server's (`n_predict: -1`); where the context is
+    // not known (some served models), the library's default.
     let max_tokens = request
         .max_completion_tokens
         .or(request.max_tokens)
-        .unwrap_or(defaults.max_tokens);
+        .unwrap_or_else(|| context.unwrap_or(defaults.max_tokens));
     if max_tokens == 0 {
         return Err(bad("`max_tokens` must be at least 1"));
     }
@@ -319,9 +384,9 @@ fn prepare(request: ChatRequest, context: Option<u32>) -> Result<Prepared, ApiEr
     let sampling = SamplingOptions {
         temperature,
         top_p,
-        top_k: request.top_k.unwrap_or(defaults.top_k),
-        min_p: request.min_p.unwrap_or(defaults.min_p),
-        repeat_penalty: request.repeat_penalty.unwrap_or(defaults.repeat_penalty),
+        top_k: request.top_k.or(defaults.top_k),
+        min_p: request.min_p.or(defaults.min_p),
+        repeat_penalty: request.repeat_penalty.or(defaults.repeat_penalty),
         frequency_penalty: request.frequency_penalty.unwrap_or(0.0),
         presence_penalty: request.presence_penalty.unwrap_or(0.0),
         dry_multiplier: request.dry_multiplier.or(defaults.dry_multiplier),
@@ -637,7 +702,7 @@ pub(crate) async fn chat_completions(
     let place = state.admission.enter().await?;
     let mut session = state
         .slots
-        .take()
+        .take(&prepared.request.messages)
         .await
         .map_err(|e| ApiError::Internal(format!("opening a model context: {e}")))?;
     let id = format!(
@@ -658,6 +723,7 @@ pub(crate) async fn chat_completions(
             Arc::clone(&cancel),
             prepared.request.clone(),
         );
+        let request_messages = request.messages.clone();
         let shutdown = state.shutdown.clone();
         tokio::spawn(async move {
             let stopper = {
@@ -684,7 +750,10 @@ pub(crate) async fn chat_completions(
                 Err(err) if !is_request_fault(err) => {
                     tracing::warn!(%err, "a model context failed; it is dropped from the pool");
                 }
-                _ => state.slots.give_back(session),
+                Ok(generation) if generation.stop != StopReason::Cancelled => {
+                    state.slots.give_back(session, request_messages)
+                }
+                _ => state.slots.give_back(session, Vec::new()),
             }
             state.metrics.count_completion();
             drop(place);
@@ -936,6 +1005,32 @@ mod tests {
     }
 
     #[test]
+    fn a_request_takes_the_idle_session_whose_last_prompt_it_continues() {
+        let system = Message::system("You are terse.");
+        let a = vec![system.clone(), Message::user("Tell me about the sea.")];
+        let b = vec![system.clone(), Message::user("Tell me about a mountain.")];
+        let mut a_next = a.clone();
+        a_next.push(Message::assistant("It is wide."));
+        a_next.push(Message::user("And deep?"));
+        let other = vec![Message::user("Hi")];
+        let served: Vec<&[Message]> = vec![&a, &b, &other];
+        // A's next turn continues A: A's session, sharing all of A.
+        let (index, shared) = most_alike(&served, &a_next).expect("some");
+        assert_eq!(index, 0);
+        let (_, only_system) = most_alike(&served, &b[..1]).expect("some");
+        assert!(shared > only_system, "{shared} > {only_system}");
+        // B itself: B's session (the system prompt alone is in A's too).
+        assert_eq!(most_alike(&served, &b).map(|(i, _)| i), Some(1));
+        // Nothing in common: shares nothing (the caller opens a new one).
+        let (_, none) = most_alike(&served, &[Message::user("Bye")]).expect("some");
+        assert_eq!(none, 0);
+        assert_eq!(most_alike(&[], &a), None);
+        // Of equals, the latest.
+        let served: Vec<&[Message]> = vec![&a, &a];
+        assert_eq!(most_alike(&served, &a_next).map(|(i, _)| i), Some(1));
+    }
+
+    #[test]
     fn a_request_without_a_seed_samples_anew_and_one_call_is_asked_for_by_its_flag() {
         let prepared = |body: Value| {
             let request: ChatRequest = serde_json::from_value(body).expect("a request");
@@ -971,6 +1066,28 @@ mod tests {
         assert_eq!(
             prepared(json!({"messages": user, "parallel_tool_calls": false})).calls_per_reply,
             CallCount::One
+        );
+        // Without `max_tokens`: until the context is full (OpenAI,
+        // llama-server), not a fixed 512; where the context is unknown,
+        // the library's default.
+        assert_eq!(prepared(json!({"messages": user})).max_tokens, 2048);
+        assert_eq!(
+            prepared(json!({"messages": user, "max_completion_tokens": 9})).max_tokens,
+            9
+        );
+        let request: ChatRequest =
+            serde_json::from_value(json!({"messages": user})).expect("a request");
+        let unknown = prepare(request, None).expect("valid").request.sampling;
+        assert_eq!(unknown.max_tokens, SamplingOptions::default().max_tokens);
+        // Unset sampling extensions stay unset: the backend's own defaults.
+        let unset = prepared(json!({"messages": user}));
+        assert_eq!(
+            (unset.top_k, unset.min_p, unset.repeat_penalty),
+            (None, None, None)
+        );
+        assert_eq!(
+            prepared(json!({"messages": user, "top_k": 20})).top_k,
+            Some(20)
         );
         let overflow = model_error(ModelError::ContextFull {
             needed: 5000,

@@ -239,6 +239,10 @@ pub struct RemoteConfig {
     /// Whether to ask the server to constrain calls under `tool_choice:
     /// auto` with a structural tag.
     pub call_constraint: CallConstraint,
+    /// A PEM file of CA certificates to trust for `https://` besides the
+    /// public roots: a server behind an internal CA. Nothing else is
+    /// trusted; no check is ever turned off.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Whether the runtime asks a served model's server to constrain calls
@@ -273,8 +277,30 @@ impl RemoteConfig {
             tool_path: ToolPath::Auto,
             strict: false,
             call_constraint: CallConstraint::Auto,
+            ca_file: None,
         }
     }
+}
+
+/// The certificates in the PEM file `path`, refused (naming the file) when
+/// it cannot be read or holds none.
+async fn ca_certificates(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, RemoteError> {
+    let pem = tokio::fs::read(path).await.map_err(|err| {
+        RemoteError::Config(format!("reading the CA file {}: {err}", path.display()))
+    })?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|err| {
+        RemoteError::Config(format!(
+            "the CA file {} is not PEM certificates: {err}",
+            path.display()
+        ))
+    })?;
+    if certificates.is_empty() {
+        return Err(RemoteError::Config(format!(
+            "the CA file {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        )));
+    }
+    Ok(certificates)
 }
 
 /// Whether a key sent to `base` would cross the network unencrypted:
@@ -395,6 +421,10 @@ pub struct RemoteModel {
     /// that the same request without it did not get): it is not sent
     /// again.
     structural_tag_refused: AtomicBool,
+    /// Set once the server refused `tool_choice: auto` for want of a tool
+    /// parser (vLLM without `--enable-auto-tool-choice`): from then on the
+    /// tools go in the system message and calls are parsed from the text.
+    auto_tools_refused: AtomicBool,
 }
 
 impl std::fmt::Debug for RemoteModel {
@@ -439,9 +469,15 @@ impl RemoteModel {
             .strip_suffix("/v1")
             .unwrap_or(base.as_str())
             .to_string();
-        let client = reqwest::Client::builder()
+        let mut client = reqwest::Client::builder()
             .connect_timeout(config.timeouts.connect)
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        if let Some(path) = &config.ca_file {
+            for certificate in ca_certificates(path).await? {
+                client = client.add_root_certificate(certificate);
+            }
+        }
+        let client = client
             .build()
             .map_err(|err| RemoteError::Config(format!("making the HTTP client: {err}")))?;
         let mut model = RemoteModel {
@@ -453,6 +489,7 @@ impl RemoteModel {
             context_length: None,
             renderer: None,
             structural_tag_refused: AtomicBool::new(false),
+            auto_tools_refused: AtomicBool::new(false),
             config,
         };
         let listing = model.get_json(&format!("{}/models", model.base)).await?;
@@ -527,6 +564,9 @@ impl RemoteModel {
                 }
             }
         }
+        if model.kind == ServerKind::Ollama {
+            model.context_length = model.ollama_context().await.or(model.context_length);
+        }
         if model.config.tool_path == ToolPath::Prompted && model.renderer.is_none() {
             return Err(RemoteError::Config(
                 "the prompted tool path needs llama-server (its /props and /completion endpoints)"
@@ -535,6 +575,74 @@ impl RemoteModel {
             .into());
         }
         Ok(Arc::new(model))
+    }
+
+    /// The context Ollama runs the model with, where it says: the loaded
+    /// model's in `/api/ps`, else the `num_ctx` its Modelfile sets (from
+    /// `/api/show`). Ollama's OpenAI endpoint cannot set it per request,
+    /// and a prompt over it is cut from the start without an error (see
+    /// `PromptSeen`), so the banner should show it. `None` where neither
+    /// says: then the server's default (`OLLAMA_CONTEXT_LENGTH`) applies.
+    async fn ollama_context(&self) -> Option<u32> {
+        let number = |v: Option<&Value>| {
+            v.and_then(Value::as_u64)
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| *n > 0)
+        };
+        if let Ok(running) = self.get_json(&format!("{}/api/ps", self.root)).await {
+            let loaded = running
+                .get("models")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .find(|m| {
+                    m.get("name").and_then(Value::as_str) == Some(self.model.as_str())
+                        || m.get("model").and_then(Value::as_str) == Some(self.model.as_str())
+                })
+                .and_then(|m| number(m.get("context_length")));
+            if loaded.is_some() {
+                return loaded;
+            }
+        }
+        let shown = self
+            .authorized(self.client.post(format!("{}/api/show", self.root)))
+            .timeout(self.config.timeouts.connect + self.config.timeouts.idle)
+            .json(&json!({"model": self.model}))
+            .send()
+            .await
+            .ok()
+            .filter(|response| response.status().is_success())?
+            .json::<Value>()
+            .await
+            .ok()?;
+        let num_ctx = shown
+            .get("parameters")
+            .and_then(Value::as_str)
+            .into_iter()
+            .flat_map(str::lines)
+            .find_map(|line| {
+                let mut words = line.split_whitespace();
+                (words.next() == Some("num_ctx"))
+                    .then(|| words.next().and_then(|n| n.parse::<u32>().ok()))
+                    .flatten()
+                    .filter(|n| *n > 0)
+            });
+        if num_ctx.is_none() {
+            let trained = shown
+                .get("model_info")
+                .and_then(Value::as_object)
+                .and_then(|info| {
+                    info.iter()
+                        .find(|(key, _)| key.ends_with(".context_length"))
+                        .and_then(|(_, v)| number(Some(v)))
+                });
+            tracing::info!(
+                model = %self.model,
+                trained = ?trained,
+                "Ollama runs this model with its default context (OLLAMA_CONTEXT_LENGTH), which may be far below what it was trained for; a longer conversation is cut from the start"
+            );
+        }
+        num_ctx
     }
 
     /// The model's name as the server knows it.
@@ -657,8 +765,7 @@ impl RemoteModel {
                         .headers()
                         .get(reqwest::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(|s| Duration::from_secs(s.min(30)));
+                        .and_then(|v| retry_after(v, std::time::SystemTime::now()));
                     let text = tokio::time::timeout(self.config.timeouts.idle, response.text())
                         .await
                         .ok()
@@ -682,6 +789,22 @@ impl RemoteModel {
             attempt += 1;
         }
     }
+}
+
+/// How long a `Retry-After` header asks to wait: seconds, or an HTTP date
+/// (RFC 9110 §10.2.3; a date already past is no wait), at most 30 s so a
+/// turn is not held for minutes. `None` where it is neither, and the
+/// usual backoff applies.
+fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(wait.min(Duration::from_secs(30)))
 }
 
 /// Runs `future` until it ends, or returns `None` once `cancel` is set.
@@ -758,6 +881,11 @@ fn connect_error(url: &str, err: &reqwest::Error) -> RemoteError {
     }
     if err.is_timeout() {
         reason.push_str(" (timed out)");
+    }
+    if reason.contains("certificate") && url.starts_with("https://") {
+        reason.push_str(
+            " (a server behind an internal CA: give its certificate with --model-ca-file or a profile's ca_file)",
+        );
     }
     RemoteError::Connect {
         url: shown_url(url),
@@ -896,6 +1024,8 @@ impl ModelBackend for RemoteModel {
     fn info(&self) -> BackendInfo {
         let path = if self.prompted() {
             "prompted tool calls under the runtime's grammar"
+        } else if self.auto_tools_refused.load(Ordering::SeqCst) {
+            "tools in the prompt: the server has no tool parser"
         } else {
             "native tool_calls"
         };
@@ -918,6 +1048,7 @@ impl ModelBackend for RemoteModel {
                 ),
                 native_tool_calls: !self.prompted(),
                 saved_state: false,
+                shared_context: true,
             },
         }
     }
@@ -930,6 +1061,7 @@ impl ModelBackend for RemoteModel {
                 model: self,
                 totals: Counters::default(),
                 calls_made: 0,
+                last_prompt: None,
             }) as Box<dyn BackendSession>)
         })
     }
@@ -941,6 +1073,32 @@ pub struct RemoteSession {
     model: Arc<RemoteModel>,
     totals: Counters,
     calls_made: u64,
+    /// The last answered request, to tell a prompt the server cut.
+    last_prompt: Option<PromptSeen>,
+}
+
+/// A request as far as telling a cut prompt needs: how many messages it
+/// had, a digest of them with the tools offered, and the prompt tokens
+/// the server reported for it.
+#[derive(Debug, Clone, Copy)]
+struct PromptSeen {
+    messages: usize,
+    digest: u64,
+    tokens: u64,
+}
+
+/// A digest of `messages` under `tools` and how they were sent.
+fn prompt_digest(messages: &[stack_types::message::Message], tools: &[Value], shape: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    shape.hash(&mut hasher);
+    serde_json::to_string(tools)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    serde_json::to_string(messages)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
 }
 
 /// How a turn ended on the wire.
@@ -979,53 +1137,106 @@ impl RemoteSession {
                 ),
             ),
         };
+        // As many tokens as the context holds: where the server stops at
+        // the context's end on its own (vLLM and SGLang would refuse the
+        // whole context as `max_tokens`), its default, the room the prompt
+        // leaves; elsewhere (Ollama shifts its context and may never
+        // stop) the context as the limit.
+        if let Some(context) = model
+            .context_length
+            .filter(|context| request.sampling.max_tokens >= *context)
+        {
+            if let Some(fields) = body.as_object_mut() {
+                match model.kind {
+                    ServerKind::Vllm | ServerKind::Sglang | ServerKind::LlamaServer => {
+                        fields.remove("max_tokens");
+                        if fields.contains_key("n_predict") {
+                            fields.insert("n_predict".into(), (-1).into());
+                        }
+                    }
+                    ServerKind::Ollama | ServerKind::Generic => {
+                        fields.insert("max_tokens".into(), context.into());
+                    }
+                }
+            }
+        }
         let mut tagged = body
             .pointer("/response_format/type")
             .and_then(Value::as_str)
             == Some("structural_tag");
+        let auto_tools = model.renderer.is_none()
+            && body.get("tool_choice").and_then(Value::as_str) == Some("auto");
+        let mut tools_in_prompt = false;
+        if auto_tools && model.auto_tools_refused.load(Ordering::SeqCst) {
+            wire::tools_into_prompt(&mut body, DEFAULT_SYSTEM);
+            tools_in_prompt = true;
+        }
         let started = Instant::now();
         let mut sent = model.post_stream(&url, &body, &cancel).await;
-        // vLLM and SGLang refuse a prompt that fits but leaves less room
-        // than `max_tokens`: asked again for what room there is, the
-        // answer may be cut short (`length`), as llama-server cuts it.
-        if let Err(RemoteError::Http {
-            status: 400,
-            message,
-        }) = &sent
-        {
-            if let (Some(room), Some(fields)) = (answer_room(message), body.as_object_mut()) {
-                let asked = fields.get("max_tokens").and_then(Value::as_u64);
-                if asked.is_some_and(|asked| room < asked) {
-                    tracing::info!(
-                        room,
-                        "the served context leaves room for {room} tokens of answer; asking for that many"
+        // A refusal before anything was generated may be mended and the
+        // request sent again; each mend at most once, in whatever order a
+        // server's checks name them.
+        let mut room_asked = false;
+        let mut tag_dropped: Option<(u16, String)> = None;
+        while let Err(RemoteError::Http { status, message }) = &sent {
+            let (status, message) = (*status, message.clone());
+            if status == 400
+                && auto_tools
+                && !tools_in_prompt
+                && wire::refuses_auto_tool_choice(&message)
+            {
+                // A server without a tool parser (vLLM started without
+                // `--enable-auto-tool-choice`) refuses `tool_choice: auto`:
+                // the tools go in the prompt instead, now and for the rest
+                // of this model's sessions.
+                if !model.auto_tools_refused.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(
+                        %message,
+                        "the model server has no tool parser for tool_choice auto; the tools go in the system prompt and calls are parsed from the text (for native calls start vLLM with --enable-auto-tool-choice --tool-call-parser hermes)"
                     );
-                    fields.insert("max_tokens".into(), room.into());
-                    sent = model.post_stream(&url, &body, &cancel).await;
                 }
-            }
-        }
-        let sent = match sent {
-            // A server that cannot take the tag: the same request without
-            // it, and no tag from then on if that one is taken.
-            Err(RemoteError::Http { status, message }) if tagged && matches!(status, 400 | 422) => {
+                wire::tools_into_prompt(&mut body, DEFAULT_SYSTEM);
+                tools_in_prompt = true;
+            } else if let Some(room) = answer_room(&message)
+                .filter(|_| status == 400 && !room_asked)
+                .filter(|room| {
+                    body.get("max_tokens")
+                        .and_then(Value::as_u64)
+                        .is_some_and(|asked| *room < asked)
+                })
+            {
+                // vLLM and SGLang refuse a prompt that fits but leaves less
+                // room than `max_tokens`: asked again for what room there
+                // is, the answer may be cut short (`length`), as
+                // llama-server cuts it.
+                tracing::info!(
+                    room,
+                    "the served context leaves room for {room} tokens of answer; asking for that many"
+                );
+                body["max_tokens"] = room.into();
+                room_asked = true;
+            } else if tagged && matches!(status, 400 | 422) {
+                // A server that cannot take the tag: the same request
+                // without it, and no tag from then on if that one is taken.
                 if let Some(fields) = body.as_object_mut() {
                     fields.remove("response_format");
                 }
                 tagged = false;
-                let sent = model.post_stream(&url, &body, &cancel).await?;
-                if sent.is_some() {
-                    tracing::warn!(
-                        %status,
-                        %message,
-                        "the model server refused the structural tag for tool calls; calls are validated instead"
-                    );
-                    model.structural_tag_refused.store(true, Ordering::SeqCst);
-                }
-                sent
+                tag_dropped = Some((status, message));
+            } else {
+                break;
             }
-            other => other?,
-        };
+            sent = model.post_stream(&url, &body, &cancel).await;
+        }
+        let sent = sent?;
+        if let (Some((status, message)), Some(_)) = (&tag_dropped, &sent) {
+            tracing::warn!(
+                %status,
+                %message,
+                "the model server refused the structural tag for tool calls; calls are validated instead"
+            );
+            model.structural_tag_refused.store(true, Ordering::SeqCst);
+        }
         let Some(response) = sent else {
             return Ok(Generation {
                 text: String::new(),
@@ -1171,6 +1382,67 @@ impl RemoteSession {
         let first = first_token.unwrap_or(finished);
         let counters = turn.usage.or(raw.usage).unwrap_or_default();
         self.totals.add(counters);
+        // A server that cuts a prompt over its context instead of refusing
+        // it (Ollama, at its `num_ctx`: 2,048 or 4,096 tokens unless
+        // raised) drops the start of the conversation (the system prompt,
+        // the tools) without a word. It shows in the usage: a conversation
+        // that grew reported as fewer prompt tokens than before, and that
+        // can no longer fit. (A drop alone is not enough: some servers
+        // count only the tokens they did not have cached, and templates
+        // may drop an earlier turn's reasoning. vLLM, SGLang and
+        // llama-server refuse a prompt over their context.)
+        let prompt_tokens = counters.prompt_evaluated + counters.prompt_reused;
+        let shape = format!("{:?} {tools_in_prompt} {}", request.tool_choice, url);
+        let seen = PromptSeen {
+            messages: request.messages.len(),
+            digest: prompt_digest(&request.messages, &offered, &shape),
+            tokens: prompt_tokens,
+        };
+        if let Some(before) = self.last_prompt {
+            let extends = before.messages < seen.messages
+                && prompt_digest(&request.messages[..before.messages], &offered, &shape)
+                    == before.digest;
+            let cuts_silently = matches!(model.kind, ServerKind::Ollama | ServerKind::Generic);
+            let fell = extends && prompt_tokens > 0 && prompt_tokens < before.tokens;
+            let context = match model.context_length {
+                _ if !(fell && cuts_silently) => None,
+                Some(context) => Some(context),
+                // Loaded by now, so `/api/ps` knows.
+                None if model.kind == ServerKind::Ollama => model.ollama_context().await,
+                None => None,
+            };
+            // What the new messages add, at six characters a token (about
+            // four in English prose): low, so that only a conversation
+            // that surely outgrew the context counts.
+            let added: usize = request.messages[before.messages.min(request.messages.len())..]
+                .iter()
+                .map(|message| {
+                    message.content.as_ref().map_or(0, |content| {
+                        serde_json::to_string(content).map_or(0, |text| text.len())
+                    })
+                })
+                .sum();
+            let outgrew = context
+                .is_some_and(|context| before.tokens + (added / 6) as u64 >= u64::from(context));
+            if fell && cuts_silently && outgrew {
+                return Err(RemoteError::ContextExceeded {
+                    message: format!(
+                        "the server cut the prompt to {prompt_tokens} tokens, fewer than the {} of the shorter conversation before it, to fit its context of {} tokens, so the model no longer saw its start{}",
+                        before.tokens,
+                        context.unwrap_or_default(),
+                        if model.kind == ServerKind::Ollama {
+                            "; raise Ollama's context (OLLAMA_CONTEXT_LENGTH, or num_ctx in a Modelfile)"
+                        } else {
+                            ""
+                        }
+                    ),
+                }
+                .into());
+            }
+        }
+        if matches!(ending, Ending::Finished(_)) && prompt_tokens > 0 {
+            self.last_prompt = Some(seen);
+        }
         let stop = match ending {
             Ending::Cancelled => StopReason::Cancelled,
             Ending::Finished(Finish::Length) => StopReason::MaxTokens,
@@ -1206,7 +1478,14 @@ impl RemoteSession {
             if native.is_empty() && !names.is_empty() && stop != StopReason::Cancelled {
                 // The server left the call in the text: recover it.
                 let parsed = parse_tool_calls_for(&turn.content, &offered, &mut next_id);
-                (turn.content, parsed, CallPath::Parsed)
+                // With the tools in the prompt the text is where calls
+                // belong, and the structural tag held them to their schemas.
+                let path = if tools_in_prompt && tagged {
+                    CallPath::StructuralTag
+                } else {
+                    CallPath::Parsed
+                };
+                (turn.content, parsed, path)
             } else {
                 let content = turn.content.trim();
                 let parsed = ParsedTurn {
@@ -1325,9 +1604,9 @@ pub fn completion_body(prompt: &str, sampling: &crate::backend::SamplingOptions)
         "n_predict": sampling.max_tokens,
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
-        "top_k": sampling.top_k,
-        "min_p": sampling.min_p,
-        "repeat_penalty": sampling.repeat_penalty,
+        "top_k": sampling.top_k_or_default(),
+        "min_p": sampling.min_p_or_default(),
+        "repeat_penalty": sampling.repeat_penalty_or_default(),
         "frequency_penalty": sampling.frequency_penalty,
         "presence_penalty": sampling.presence_penalty,
         "seed": sampling.seed,
@@ -1427,6 +1706,33 @@ impl RawCompletion {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn retry_after_is_read_as_seconds_or_as_a_date() {
+        use std::time::{Duration, UNIX_EPOCH};
+        // Wed, 21 Oct 2015 07:28:00 GMT
+        let date = UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        let now = date - Duration::from_secs(7);
+        for (header, wait) in [
+            ("5", Some(5)),
+            (" 12 ", Some(12)),
+            ("3600", Some(30)),
+            ("Wed, 21 Oct 2015 07:28:00 GMT", Some(7)),
+            // RFC 850 and asctime forms, which RFC 9110 still accepts.
+            ("Wednesday, 21-Oct-15 07:28:00 GMT", Some(7)),
+            ("Wed Oct 21 07:28:00 2015", Some(7)),
+            ("Tue, 20 Oct 2015 07:28:00 GMT", Some(0)),
+            ("Thu, 22 Oct 2015 07:28:00 GMT", Some(30)),
+            ("soon", None),
+            ("-1", None),
+        ] {
+            assert_eq!(
+                super::retry_after(header, now),
+                wait.map(Duration::from_secs),
+                "{header}"
+            );
+        }
+    }
+
     #[test]
     fn a_key_file_is_read_only_when_it_is_the_users_alone() {
         use std::os::unix::fs::PermissionsExt;

@@ -42,18 +42,34 @@ pub(crate) fn chat_body(
             body.insert(name.into(), json!(value));
         }
     }
-    // Sampling settings outside OpenAI's set, only for servers that take them.
+    // Sampling settings outside OpenAI's set, only for servers that take
+    // them. llama-server samples as the runtime does in process; vLLM and
+    // SGLang get only what was asked for, and otherwise sample as the
+    // model's `generation_config.json` says (Qwen2.5-Coder's top_k 20 and
+    // repetition penalty 1.05, not llama.cpp's 40 and 1.1).
     match kind {
         ServerKind::LlamaServer => {
-            body.insert("top_k".into(), json!(sampling.top_k));
-            body.insert("min_p".into(), json!(sampling.min_p));
-            body.insert("repeat_penalty".into(), json!(sampling.repeat_penalty));
+            body.insert("top_k".into(), json!(sampling.top_k_or_default()));
+            body.insert("min_p".into(), json!(sampling.min_p_or_default()));
+            body.insert(
+                "repeat_penalty".into(),
+                json!(sampling.repeat_penalty_or_default()),
+            );
             body.insert("cache_prompt".into(), true.into());
         }
         ServerKind::Vllm | ServerKind::Sglang => {
-            body.insert("top_k".into(), json!(sampling.top_k));
-            body.insert("min_p".into(), json!(sampling.min_p));
-            body.insert("repetition_penalty".into(), json!(sampling.repeat_penalty));
+            for (name, value) in [
+                ("top_k", sampling.top_k.map(|k| json!(k))),
+                ("min_p", sampling.min_p.map(|p| json!(p))),
+                (
+                    "repetition_penalty",
+                    sampling.repeat_penalty.map(|p| json!(p)),
+                ),
+            ] {
+                if let Some(value) = value {
+                    body.insert(name.into(), value);
+                }
+            }
         }
         ServerKind::Ollama | ServerKind::Generic => {}
     }
@@ -105,6 +121,60 @@ pub(crate) fn chat_body(
         }
     }
     Value::Object(body)
+}
+
+/// Moves a request's `tools` into its system message, in the words
+/// Qwen2.5's template (and the runtime's ChatML tools fallback) uses, and
+/// drops `tool_choice`: for a server that refuses `tool_choice: auto`
+/// because it has no tool parser (vLLM without `--enable-auto-tool-choice`).
+/// The model sees the prompt its own template would have shown it, its
+/// `<tool_call>` text is parsed by the runtime, and the structural tag,
+/// where one is sent, still holds each call to its schema. The system
+/// message is the same from turn to turn, so prefix caching still works.
+pub(crate) fn tools_into_prompt(body: &mut Value, default_system: &str) {
+    let Some(fields) = body.as_object_mut() else {
+        return;
+    };
+    let Some(Value::Array(tools)) = fields.remove("tools") else {
+        return;
+    };
+    fields.remove("tool_choice");
+    fields.remove("parallel_tool_calls");
+    let mut block = String::from(
+        "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>",
+    );
+    for tool in &tools {
+        block.push('\n');
+        block.push_str(&tool.to_string());
+    }
+    block.push_str(
+        "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>",
+    );
+    let Some(Value::Array(messages)) = fields.get_mut("messages") else {
+        return;
+    };
+    let system = messages
+        .first_mut()
+        .filter(|first| first.get("role").and_then(Value::as_str) == Some("system"));
+    match system {
+        Some(first) => match first.get_mut("content") {
+            Some(Value::String(text)) => text.push_str(&block),
+            Some(Value::Array(parts)) => parts.push(json!({"type": "text", "text": block})),
+            _ => first["content"] = format!("{default_system}{block}").into(),
+        },
+        None => messages.insert(
+            0,
+            json!({"role": "system", "content": format!("{default_system}{block}")}),
+        ),
+    }
+}
+
+/// Whether a server's 400 says it cannot take `tool_choice: auto` for
+/// want of a tool parser (vLLM: `"auto" tool choice requires
+/// --enable-auto-tool-choice and --tool-call-parser to be set`).
+pub(crate) fn refuses_auto_tool_choice(message: &str) -> bool {
+    message.contains("--enable-auto-tool-choice")
+        || message.contains("\"auto\" tool choice requires")
 }
 
 /// A structural tag (vLLM and SGLang, xgrammar's form with `structures`
@@ -533,5 +603,44 @@ mod tests {
         let strict = chat_body("m", &request, ServerKind::Generic, true, false);
         assert_eq!(strict["tools"][0]["function"]["strict"], true);
         assert!(strict.get("top_k").is_none());
+    }
+
+    #[test]
+    fn vllm_and_sglang_get_only_the_sampling_settings_asked_for() {
+        use crate::backend::SamplingOptions;
+        let mut request = CompletionRequest {
+            messages: Vec::new(),
+            tools: Vec::new(),
+            tool_choice: ToolChoice::Auto,
+            sampling: SamplingOptions::default(),
+            response_format: None,
+            argument_values: Default::default(),
+        };
+        // Unasked: llama-server samples as in process; vLLM and SGLang as
+        // the model's generation config says (nothing sent).
+        let llama = chat_body("m", &request, ServerKind::LlamaServer, false, false);
+        assert_eq!(llama["top_k"], 40);
+        assert_eq!(llama["repeat_penalty"], json!(1.1f32));
+        assert_eq!(llama["min_p"], json!(0.05f32));
+        for kind in [ServerKind::Vllm, ServerKind::Sglang] {
+            let body = chat_body("m", &request, kind, false, false);
+            for field in ["top_k", "min_p", "repetition_penalty", "repeat_penalty"] {
+                assert!(body.get(field).is_none(), "{kind:?} got {field}: {body}");
+            }
+            assert!(body.get("temperature").is_some());
+        }
+        // Asked for: sent, under each server's name for it.
+        request.sampling.top_k = Some(20);
+        request.sampling.repeat_penalty = Some(1.05);
+        let vllm = chat_body("m", &request, ServerKind::Vllm, false, false);
+        assert_eq!(vllm["top_k"], 20);
+        assert_eq!(vllm["repetition_penalty"], json!(1.05f32));
+        assert!(vllm.get("min_p").is_none() && vllm.get("repeat_penalty").is_none());
+        let llama = chat_body("m", &request, ServerKind::LlamaServer, false, false);
+        assert_eq!(llama["top_k"], 20);
+        assert_eq!(llama["repeat_penalty"], json!(1.05f32));
+        // Ollama and unknown servers: OpenAI's set only.
+        let ollama = chat_body("m", &request, ServerKind::Ollama, false, false);
+        assert!(ollama.get("top_k").is_none() && ollama.get("repetition_penalty").is_none());
     }
 }

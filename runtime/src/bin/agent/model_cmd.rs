@@ -53,6 +53,10 @@ pub struct ModelArgs {
     /// A file whose first line is the served model's API key.
     #[arg(long, value_name = "FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust for a served model over
+    /// https:// besides the public roots (a server behind an internal CA).
+    #[arg(long, value_name = "FILE")]
+    pub model_ca_file: Option<PathBuf>,
     /// How a served model's tool calls travel: auto, native or prompted.
     #[arg(long, value_name = "PATH")]
     pub tool_path: Option<String>,
@@ -88,6 +92,7 @@ impl ModelArgs {
             outer.model_name = None;
             outer.api_key_env = None;
             outer.api_key_file = None;
+            outer.model_ca_file = None;
         }
         ModelArgs {
             model: self.model.or(outer.model),
@@ -105,6 +110,7 @@ impl ModelArgs {
             model_name: self.model_name.or(outer.model_name),
             api_key_env: self.api_key_env.or(outer.api_key_env),
             api_key_file: self.api_key_file.or(outer.api_key_file),
+            model_ca_file: self.model_ca_file.or(outer.model_ca_file),
             tool_path: self.tool_path.or(outer.tool_path),
             strict: self.strict || outer.strict,
             call_constraint: self.call_constraint.or(outer.call_constraint),
@@ -143,6 +149,7 @@ impl ModelArgs {
             model_name,
             api_key_env,
             api_key_file,
+            ca_file,
             tool_path,
             strict,
             call_constraint,
@@ -161,6 +168,7 @@ impl ModelArgs {
             args.api_key_env = api_key_env;
             args.api_key_file = api_key_file;
         }
+        args.model_ca_file = args.model_ca_file.or(ca_file);
         args.tool_path = args.tool_path.or_else(|| {
             tool_path.map(|path| match path {
                 ToolPath::Auto => "auto".to_string(),
@@ -208,6 +216,7 @@ pub fn backend(
     let mut config = RemoteConfig::new(url.clone());
     config.model = args.model_name.clone();
     config.strict = args.strict;
+    config.ca_file = args.model_ca_file.as_deref().map(expand_home);
     config.api_key = match (&args.api_key_env, &args.api_key_file) {
         (Some(var), _) => Some(ApiKey::from_env(var)?),
         (None, Some(file)) => Some(ApiKey::from_file(&expand_home(file))?),
