@@ -55,6 +55,38 @@ fn greedy(max_tokens: u32) -> SamplingOptions {
     }
 }
 
+/// `agent ARGS` run in `cwd` with `home` as its home folder (its config
+/// folder inside it) and `key` in `STACK_TEST_MODEL_KEY`, off the async
+/// runtime's threads.
+async fn agent_in(home: &Path, cwd: &Path, key: &str, args: &[&str]) -> std::process::Output {
+    let (home, cwd) = (home.to_path_buf(), cwd.to_path_buf());
+    let (key, args) = (
+        key.to_string(),
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+    );
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_agent"))
+            .args(args)
+            .env("STACK_TEST_MODEL_KEY", key)
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .current_dir(&cwd)
+            .output()
+            .expect("run agent")
+    })
+    .await
+    .expect("agent ran")
+}
+
+/// What a run of `agent` wrote, stdout then stderr.
+fn shown(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
 async fn collect(session: &Session, text: &str) -> Vec<Event> {
     session.send(text).collect().await
 }
@@ -469,34 +501,24 @@ async fn keys_models_and_context_faults_are_specific_errors() {
     // never shows the key.
     let url = server.url();
     let home = tempfile::tempdir().expect("tempdir");
-    let (cwd, home_dir) = (workspace.path().to_path_buf(), home.path().to_path_buf());
-    let [right, wrong] = tokio::task::spawn_blocking(move || {
-        ["right-key", "wrong-key-31337"].map(|key| {
-            std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
-                .args(["--model-url", &url, "--model-name", &name])
-                .args([
-                    "--api-key-env",
-                    "STACK_TEST_MODEL_KEY",
-                    "--no-default-tools",
-                ])
-                .args(["--max-tokens", "16", "run", "-p", "Say hello.", "--json"])
-                .env("STACK_TEST_MODEL_KEY", key)
-                .env("HOME", &home_dir)
-                .env("XDG_CONFIG_HOME", home_dir.join("config"))
-                .current_dir(&cwd)
-                .output()
-                .expect("run agent")
-        })
-    })
-    .await
-    .expect("agent ran");
-    let shown = |o: &std::process::Output| {
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    };
+    let (home_dir, cwd) = (home.path(), workspace.path());
+    let one_turn = [
+        "--model-url",
+        url.as_str(),
+        "--model-name",
+        name.as_str(),
+        "--api-key-env",
+        "STACK_TEST_MODEL_KEY",
+        "--no-default-tools",
+        "--max-tokens",
+        "16",
+        "run",
+        "-p",
+        "Say hello.",
+        "--json",
+    ];
+    let right = agent_in(home_dir, cwd, "right-key", &one_turn).await;
+    let wrong = agent_in(home_dir, cwd, "wrong-key-31337", &one_turn).await;
     assert!(right.status.success(), "{}", shown(&right));
     assert!(shown(&right).contains("turn_finished"), "{}", shown(&right));
     assert!(!wrong.status.success(), "{}", shown(&wrong));
@@ -517,21 +539,14 @@ async fn keys_models_and_context_faults_are_specific_errors() {
         ),
     )
     .expect("config");
-    let (cwd, home_dir) = (workspace.path().to_path_buf(), home.path().to_path_buf());
-    let profiled = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
-            .arg("model")
-            .arg("--config")
-            .arg(&config)
-            .args(["--profile", "served"])
-            .env("STACK_TEST_MODEL_KEY", "right-key")
-            .env("HOME", &home_dir)
-            .current_dir(&cwd)
-            .output()
-            .expect("run agent")
-    })
-    .await
-    .expect("agent ran");
+    let config = config.to_str().expect("a UTF-8 path");
+    let profiled = agent_in(
+        home_dir,
+        cwd,
+        "right-key",
+        &["model", "--config", config, "--profile", "served"],
+    )
+    .await;
     assert!(profiled.status.success(), "{}", shown(&profiled));
     assert!(
         shown(&profiled).contains("prompted tool calls"),
@@ -543,25 +558,22 @@ async fn keys_models_and_context_faults_are_specific_errors() {
     // may write is refused; one they may read is read, with a warning.
     let key_file = home.path().join("model.key");
     std::fs::write(&key_file, "right-key\n").expect("key file");
-    let (cwd, home_dir) = (workspace.path().to_path_buf(), home.path().to_path_buf());
-    let url = server.url();
-    let [writable, readable, private] = tokio::task::spawn_blocking(move || {
+    let mut runs = Vec::new();
+    for mode in [0o666, 0o644, 0o600] {
         use std::os::unix::fs::PermissionsExt;
-        [0o666, 0o644, 0o600].map(|mode| {
-            std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(mode))
-                .expect("chmod");
-            std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
-                .args(["--model-url", &url, "--api-key-file", "~/model.key"])
-                .arg("model")
-                .env("HOME", &home_dir)
-                .env("XDG_CONFIG_HOME", home_dir.join("config"))
-                .current_dir(&cwd)
-                .output()
-                .expect("run agent")
-        })
-    })
-    .await
-    .expect("agent ran");
+        tokio::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(mode))
+            .await
+            .expect("chmod");
+        let args = [
+            "--model-url",
+            &url,
+            "--api-key-file",
+            "~/model.key",
+            "model",
+        ];
+        runs.push(agent_in(home_dir, cwd, "", &args).await);
+    }
+    let [writable, readable, private] = <[_; 3]>::try_from(runs).expect("three runs");
     assert!(!writable.status.success(), "{}", shown(&writable));
     assert!(
         shown(&writable).contains("chmod 600"),
@@ -607,43 +619,33 @@ async fn keys_models_and_context_faults_are_specific_errors() {
         ),
     )
     .expect("config");
-    let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("model/tests/tls/ca.pem");
-    let (cwd, home_dir, url) = (
-        workspace.path().to_path_buf(),
-        home.path().to_path_buf(),
-        server.url(),
+    let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join("model/tests/tls/ca.pem");
+    let (config, ca) = (
+        config.to_str().expect("a UTF-8 path"),
+        ca.to_str().expect("a UTF-8 path"),
     );
-    let [refused, trusted] = tokio::task::spawn_blocking(move || {
-        let agent = |args: Vec<std::ffi::OsString>| {
-            std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
-                .args(args)
-                .arg("model")
-                .env("STACK_TEST_MODEL_KEY", "right-key")
-                .env("HOME", &home_dir)
-                .env("XDG_CONFIG_HOME", home_dir.join("config"))
-                .current_dir(&cwd)
-                .output()
-                .expect("run agent")
-        };
-        [
-            agent(vec![
-                "--config".into(),
-                config.into(),
-                "--profile".into(),
-                "internal".into(),
-            ]),
-            agent(vec![
-                "--model-url".into(),
-                url.into(),
-                "--model-ca-file".into(),
-                ca.into(),
-                "--api-key-env".into(),
-                "STACK_TEST_MODEL_KEY".into(),
-            ]),
-        ]
-    })
-    .await
-    .expect("agent ran");
+    let refused = agent_in(
+        home_dir,
+        cwd,
+        "right-key",
+        &["--config", config, "--profile", "internal", "model"],
+    )
+    .await;
+    let trusted = agent_in(
+        home_dir,
+        cwd,
+        "right-key",
+        &[
+            "--model-url",
+            &url,
+            "--model-ca-file",
+            ca,
+            "--api-key-env",
+            "STACK_TEST_MODEL_KEY",
+            "model",
+        ],
+    )
+    .await;
     assert!(!refused.status.success(), "{}", shown(&refused));
     assert!(
         shown(&refused).contains("holds no PEM certificate")

@@ -222,6 +222,12 @@ impl TurnTimings {
         (self.total_ms - parts).max(0.0)
     }
 
+    /// The model's own time (prompts, routing, generation): not the
+    /// tools', an approval's or the runtime's.
+    pub fn model_ms(&self) -> f64 {
+        self.prompt_ms + self.routing_ms + self.generation_ms
+    }
+
     /// Adds what a model step reports.
     fn add_step(&mut self, generation: &Generation) {
         self.routing_ms += generation.routing_ms;

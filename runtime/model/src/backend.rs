@@ -368,6 +368,12 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// The model's own time: its prompt, routing and generation (not the
+    /// wait for its thread or a slot).
+    pub fn model_ms(&self) -> f64 {
+        self.prompt_ms + self.routing_ms + self.generation_ms
+    }
+
     /// A generation that produced nothing (a step that was skipped).
     pub fn empty() -> Self {
         Generation {

@@ -737,11 +737,9 @@ pub(crate) async fn chat_completions(
             stopper.abort();
             if let Ok(generation) = &result {
                 // The model's own time, not the wait for its thread.
-                let model_ms =
-                    generation.prompt_ms + generation.routing_ms + generation.generation_ms;
                 state
                     .metrics
-                    .count_generation(generation.counters, model_ms / 1000.0);
+                    .count_generation(generation.counters, generation.model_ms() / 1000.0);
             }
             // A context that failed for its own reasons (its thread gone, a
             // decode that failed) is not given to the next request; one

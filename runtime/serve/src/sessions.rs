@@ -1055,8 +1055,9 @@ pub(crate) async fn turn(
                     state.metrics.count_turn(reason.as_str());
                     // The model's own time: not the tools', nor the wait
                     // for a person's answer, nor a slow reader's.
-                    let model_ms = timings.prompt_ms + timings.routing_ms + timings.generation_ms;
-                    state.metrics.count_generation(*counters, model_ms / 1000.0);
+                    state
+                        .metrics
+                        .count_generation(*counters, timings.model_ms() / 1000.0);
                 }
                 _ => {}
             }
