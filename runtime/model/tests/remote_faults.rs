@@ -77,6 +77,17 @@ struct Script {
 }
 
 impl Script {
+    /// A script that lists `models` and answers POSTs with `replies`.
+    fn new(models: Value, replies: Vec<Reply>) -> Arc<Script> {
+        Arc::new(Script {
+            models,
+            replies: Mutex::new(replies.into()),
+            seen: Mutex::new(Vec::new()),
+            client_closed: AtomicBool::new(false),
+            routes: Mutex::new(Vec::new()),
+        })
+    }
+
     fn posts(&self) -> Vec<Seen> {
         self.seen
             .lock()
@@ -90,13 +101,7 @@ impl Script {
 
 /// A server on a free loopback port; the URL of its API base.
 async fn scripted(models: Value, replies: Vec<Reply>) -> (Arc<Script>, String) {
-    let script = Arc::new(Script {
-        models,
-        replies: Mutex::new(replies.into()),
-        seen: Mutex::new(Vec::new()),
-        client_closed: AtomicBool::new(false),
-        routes: Mutex::new(Vec::new()),
-    });
+    let script = Script::new(models, replies);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}/v1", listener.local_addr().expect("addr"));
     let serving = Arc::clone(&script);
@@ -129,13 +134,7 @@ async fn scripted_tls(models: Value, replies: Vec<Reply>) -> (Arc<Script>, Strin
         .with_single_cert(chain, key)
         .expect("the server's certificate");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let script = Arc::new(Script {
-        models,
-        replies: Mutex::new(replies.into()),
-        seen: Mutex::new(Vec::new()),
-        client_closed: AtomicBool::new(false),
-        routes: Mutex::new(Vec::new()),
-    });
+    let script = Script::new(models, replies);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("https://{}/v1", listener.local_addr().expect("addr"));
     let serving = Arc::clone(&script);

@@ -1392,56 +1392,59 @@ impl RemoteSession {
         // may drop an earlier turn's reasoning. vLLM, SGLang and
         // llama-server refuse a prompt over their context.)
         let prompt_tokens = counters.prompt_evaluated + counters.prompt_reused;
-        let shape = format!("{:?} {tools_in_prompt} {}", request.tool_choice, url);
-        let seen = PromptSeen {
-            messages: request.messages.len(),
-            digest: prompt_digest(&request.messages, &offered, &shape),
-            tokens: prompt_tokens,
-        };
-        if let Some(before) = self.last_prompt {
-            let extends = before.messages < seen.messages
-                && prompt_digest(&request.messages[..before.messages], &offered, &shape)
-                    == before.digest;
-            let cuts_silently = matches!(model.kind, ServerKind::Ollama | ServerKind::Generic);
-            let fell = extends && prompt_tokens > 0 && prompt_tokens < before.tokens;
-            let context = match model.context_length {
-                _ if !(fell && cuts_silently) => None,
-                Some(context) => Some(context),
-                // Loaded by now, so `/api/ps` knows.
-                None if model.kind == ServerKind::Ollama => model.ollama_context().await,
-                None => None,
+        if matches!(model.kind, ServerKind::Ollama | ServerKind::Generic) && prompt_tokens > 0 {
+            let shape = format!("{:?} {tools_in_prompt} {}", request.tool_choice, url);
+            let seen = PromptSeen {
+                messages: request.messages.len(),
+                digest: prompt_digest(&request.messages, &offered, &shape),
+                tokens: prompt_tokens,
             };
-            // What the new messages add, at six characters a token (about
-            // four in English prose): low, so that only a conversation
-            // that surely outgrew the context counts.
-            let added: usize = request.messages[before.messages.min(request.messages.len())..]
-                .iter()
-                .map(|message| {
-                    message.content.as_ref().map_or(0, |content| {
-                        serde_json::to_string(content).map_or(0, |text| text.len())
+            // The conversation before grew into this one, yet was counted
+            // as more tokens.
+            let fell_from = self.last_prompt.filter(|before| {
+                before.messages < seen.messages
+                    && prompt_tokens < before.tokens
+                    && prompt_digest(&request.messages[..before.messages], &offered, &shape)
+                        == before.digest
+            });
+            if let Some(before) = fell_from {
+                let context = match model.context_length {
+                    Some(context) => Some(context),
+                    // Loaded by now, so `/api/ps` knows.
+                    None if model.kind == ServerKind::Ollama => model.ollama_context().await,
+                    None => None,
+                };
+                // What the new messages add, at six characters a token
+                // (about four in English prose): low, so that only a
+                // conversation that surely outgrew the context counts.
+                let added: usize = request.messages[before.messages..]
+                    .iter()
+                    .map(|message| {
+                        message.content.as_ref().map_or(0, |content| {
+                            serde_json::to_string(content).map_or(0, |text| text.len())
+                        })
                     })
-                })
-                .sum();
-            let outgrew = context
-                .is_some_and(|context| before.tokens + (added / 6) as u64 >= u64::from(context));
-            if fell && cuts_silently && outgrew {
-                return Err(RemoteError::ContextExceeded {
-                    message: format!(
-                        "the server cut the prompt to {prompt_tokens} tokens, fewer than the {} of the shorter conversation before it, to fit its context of {} tokens, so the model no longer saw its start{}",
-                        before.tokens,
-                        context.unwrap_or_default(),
-                        if model.kind == ServerKind::Ollama {
-                            "; raise Ollama's context (OLLAMA_CONTEXT_LENGTH, or num_ctx in a Modelfile)"
-                        } else {
-                            ""
-                        }
-                    ),
+                    .sum();
+                if let Some(context) = context
+                    .filter(|context| before.tokens + (added / 6) as u64 >= u64::from(*context))
+                {
+                    return Err(RemoteError::ContextExceeded {
+                        message: format!(
+                            "the server cut the prompt to {prompt_tokens} tokens, fewer than the {} of the shorter conversation before it, to fit its context of {context} tokens, so the model no longer saw its start{}",
+                            before.tokens,
+                            if model.kind == ServerKind::Ollama {
+                                "; raise Ollama's context (OLLAMA_CONTEXT_LENGTH, or num_ctx in a Modelfile)"
+                            } else {
+                                ""
+                            }
+                        ),
+                    }
+                    .into());
                 }
-                .into());
             }
-        }
-        if matches!(ending, Ending::Finished(_)) && prompt_tokens > 0 {
-            self.last_prompt = Some(seen);
+            if matches!(ending, Ending::Finished(_)) {
+                self.last_prompt = Some(seen);
+            }
         }
         let stop = match ending {
             Ending::Cancelled => StopReason::Cancelled,
