@@ -438,10 +438,12 @@ async fn a_request_for_python_runs_code_and_other_mentions_do_not() {
     let mut talk = runtime.session(config()).await.expect("session");
     let events = collect(&mut talk, "I have worked with JavaScript for years.").await;
     assert!(proposed_calls(&events).is_empty(), "{events:?}");
+    // A reply, whole or cut at the 96-token budget; not a call, not an error.
     assert!(
         matches!(
             events.last(),
-            Some(Event::TurnFinished { reason, .. }) if *reason == TurnEnd::Answered
+            Some(Event::TurnFinished { reason, .. })
+                if matches!(reason, TurnEnd::Answered | TurnEnd::TokenLimit)
         ),
         "{events:?}"
     );
@@ -630,4 +632,60 @@ async fn an_encrypted_session_seals_its_kv_cache_and_still_reuses_it() {
         counters.prompt_reused > counters.prompt_evaluated,
         "the resumed session reuses its sealed cache: {counters:?}"
     );
+}
+
+/// A reply that runs into the token limit ends the turn as `token_limit`,
+/// not `answered`: an answer cut short, and a call cut off before its
+/// arguments were whole (not proposed, so nothing runs). The session goes
+/// on: a turn with room to finish is answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reply_cut_at_the_token_limit_says_so() {
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let runtime = runtime_in(workspace.path(), "trusted");
+    let ended = |events: &[Event]| match events.last() {
+        Some(Event::TurnFinished { reason, .. }) => Some(*reason),
+        _ => None,
+    };
+    let mut cut = runtime
+        .session(SessionConfig {
+            sampling: greedy(4),
+            tool_choice: ToolChoice::None,
+            max_steps: 1,
+            ..SessionConfig::default()
+        })
+        .await
+        .expect("session");
+    let events = collect(&mut cut, "Tell me a long story about a dragon.").await;
+    assert_eq!(ended(&events), Some(TurnEnd::TokenLimit), "{events:?}");
+
+    let mut call = runtime
+        .session(SessionConfig {
+            sampling: greedy(6),
+            tool_choice: ToolChoice::Named("execute_code".into()),
+            max_steps: 1,
+            ..SessionConfig::default()
+        })
+        .await
+        .expect("session");
+    let events = collect(&mut call, "Compute 17 * 23 with Python.").await;
+    assert!(proposed_calls(&events).is_empty(), "{events:?}");
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::ToolStarted { .. })),
+        "{events:?}"
+    );
+    assert_eq!(ended(&events), Some(TurnEnd::TokenLimit), "{events:?}");
+
+    let mut roomy = runtime
+        .session(SessionConfig {
+            sampling: greedy(256),
+            tool_choice: ToolChoice::None,
+            max_steps: 1,
+            ..SessionConfig::default()
+        })
+        .await
+        .expect("session");
+    let events = collect(&mut roomy, "Say hello.").await;
+    assert_eq!(ended(&events), Some(TurnEnd::Answered), "{events:?}");
 }

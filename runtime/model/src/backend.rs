@@ -320,6 +320,11 @@ pub enum CallPath {
     /// that writes calls in another syntax never opens the tag; its calls
     /// are validated like any other.)
     StructuralTag,
+    /// A forced call (`required` or a named tool) on a server with no tool
+    /// parser: the tools went in the prompt, the reply was held to the
+    /// call's JSON schema by a `response_format` the runtime sent, and the
+    /// runtime read the call from the text.
+    JsonSchema,
     /// Returned by the server as native `tool_calls`, then validated.
     Native,
     /// Recovered from the text by the runtime's parsers, then validated.

@@ -181,6 +181,10 @@ pub struct ToolLookup<'a> {
     /// for a string that may be null, `string|integer` for a list of
     /// types with a string among them.
     pub param_type: &'a dyn Fn(&str, &str) -> Option<String>,
+    /// The reply stopped at the token limit: a call it never closed may be
+    /// cut short (a value whose end never came), and is dropped rather
+    /// than read as whole.
+    pub cut: bool,
 }
 
 /// A call parsed from native syntax: name and arguments object.
@@ -266,7 +270,9 @@ fn parse_qwen3_xml(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<Na
         // A later call cut off by the token budget (its name, or a value,
         // never closed, with nothing after it) is dropped; the calls
         // before it stand.
-        let cut_off = !calls.is_empty() && !after.contains("</function>");
+        // Under `cut`, the first call too: a reply stopped by the budget
+        // may hold a value whose rest was never written.
+        let cut_off = (tools.cut || !calls.is_empty()) && !after.contains("</function>");
         let Some(name_end) = after.find('>') else {
             if cut_off {
                 rest = "";
@@ -322,6 +328,11 @@ fn parse_qwen3_xml(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<Na
             let value = value.strip_suffix('\n').unwrap_or(value);
             arguments.insert(key.clone(), typed(tools, &name, &key, value));
             params = next_p;
+        }
+        if tools.cut && cut_off {
+            // Every value closed, but not the call: more may have followed.
+            rest = "";
+            break 'calls;
         }
         let next = match params.find("</function>") {
             Some(end) => &params[end + "</function>".len()..],
@@ -495,8 +506,10 @@ fn parse_function_gemma(text: &str, tools: &ToolLookup<'_>) -> Option<(String, V
             // without the end marker), or cut off by the token budget,
             // which leaves the calls before it standing.
             None => {
-                if let Some(last) = call(after) {
-                    calls.push(last);
+                if !tools.cut {
+                    if let Some(last) = call(after) {
+                        calls.push(last);
+                    }
                 }
                 rest = "";
             }
@@ -904,6 +917,65 @@ mod tests {
                 assert_eq!(arguments["city"], "Oslo", "{text:?}");
             }
         }
+    }
+
+    /// A reply that stopped at the token limit inside its only call: read
+    /// as cut (`parse_cut_tool_calls_for`), a call never closed is dropped
+    /// for every syntax, so no call runs with its last value cut short
+    /// (`Oslo` cut to `Os`); the same text at a model's own end of turn is
+    /// read leniently, as before.
+    #[test]
+    fn a_reply_cut_inside_its_only_call_proposes_nothing() {
+        use crate::toolcall::parse_cut_tool_calls_for;
+        let tools = tools();
+        for whole in [
+            "<start_function_call>call:get_weather{city:<escape>Oslo<escape>}<end_function_call>",
+            "<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call>",
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>",
+        ] {
+            let mut n = 0;
+            let mut next_id = || {
+                n += 1;
+                format!("call_{n}")
+            };
+            let whole_turn = parse_cut_tool_calls_for(whole, &tools, &mut next_id);
+            assert_eq!(whole_turn.tool_calls.len(), 1, "a closed call stands: {whole:?}");
+            let cut_at = whole.find("Oslo").expect("Oslo") + 2;
+            for cut in cut_at..whole.len() - 1 {
+                if !whole.is_char_boundary(cut) {
+                    continue;
+                }
+                let text = &whole[..cut];
+                let turn = parse_cut_tool_calls_for(text, &tools, &mut next_id);
+                assert!(
+                    turn.tool_calls.iter().all(|call| {
+                        let arguments: Value =
+                            serde_json::from_str(&call.function.arguments).unwrap_or(Value::Null);
+                        arguments["city"] == "Oslo"
+                    }),
+                    "a cut call was read as whole from {text:?}: {turn:?}"
+                );
+            }
+            // Cut inside the value: nothing, where the lenient reading
+            // (a model that ends its turn without the end marker) of the
+            // XML and FunctionGemma calls takes `Os` as the city.
+            let text = &whole[..cut_at];
+            assert!(
+                parse_cut_tool_calls_for(text, &tools, &mut next_id)
+                    .tool_calls
+                    .is_empty(),
+                "{text:?}"
+            );
+        }
+        let xml_cut = "<tool_call>\n<function=get_weather>\n<parameter=city>\nOs";
+        let mut next_id = || "call_1".to_string();
+        assert_eq!(
+            parse_tool_calls_for(xml_cut, &tools, &mut next_id)
+                .tool_calls
+                .len(),
+            1,
+            "the lenient reading, for a reply that ended on its own"
+        );
     }
 
     /// Text values read back as their declared types, and the XML and

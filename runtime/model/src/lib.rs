@@ -37,7 +37,7 @@ pub use grammar::{ArgumentValues, ToolChoice};
 #[cfg(feature = "llama")]
 pub use routing::{RoutingScores, ROUTING_EVIDENCE_NATS};
 pub use template::{ChatTemplate, PromptRenderer, TemplateError};
-pub use toolcall::{parse_tool_calls, parse_tool_calls_for, ParsedTurn};
+pub use toolcall::{parse_cut_tool_calls_for, parse_tool_calls, parse_tool_calls_for, ParsedTurn};
 
 #[cfg(test)]
 mod fuzz;

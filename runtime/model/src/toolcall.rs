@@ -42,6 +42,7 @@ pub fn parse_tool_calls(
     let lookup = ToolLookup {
         is_tool,
         param_type: &|_, _| None,
+        cut: false,
     };
     parse_with(text, &lookup, next_id)
 }
@@ -51,6 +52,27 @@ pub fn parse_tool_calls(
 pub fn parse_tool_calls_for(
     text: &str,
     tools: &[Value],
+    next_id: &mut dyn FnMut() -> String,
+) -> ParsedTurn {
+    parse_reply_for(text, tools, false, next_id)
+}
+
+/// [`parse_tool_calls_for`] for a reply that stopped at the token limit:
+/// a call it never closed (a Qwen3-Coder XML call or a FunctionGemma call
+/// without its end marker) is dropped, not read as whole with its last
+/// value cut short. JSON calls need whole JSON either way.
+pub fn parse_cut_tool_calls_for(
+    text: &str,
+    tools: &[Value],
+    next_id: &mut dyn FnMut() -> String,
+) -> ParsedTurn {
+    parse_reply_for(text, tools, true, next_id)
+}
+
+fn parse_reply_for(
+    text: &str,
+    tools: &[Value],
+    cut: bool,
     next_id: &mut dyn FnMut() -> String,
 ) -> ParsedTurn {
     let find = |name: &str| {
@@ -82,6 +104,7 @@ pub fn parse_tool_calls_for(
     let lookup = ToolLookup {
         is_tool: &is_tool,
         param_type: &param_type,
+        cut,
     };
     parse_with(text, &lookup, next_id)
 }

@@ -767,6 +767,14 @@ fn read_file_tool() -> Value {
     }})
 }
 
+fn list_dir_tool() -> Value {
+    json!({"type": "function", "function": {
+        "name": "list_dir",
+        "description": "Lists a folder.",
+        "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}
+    }})
+}
+
 fn vllm_listing() -> Value {
     json!({"object": "list", "data": [{"id": "stack-2.9", "object": "model", "owned_by": "vllm", "max_model_len": 32768}]})
 }
@@ -1057,7 +1065,8 @@ fn text_call() -> Reply {
 /// auto` with a 400 before generating: the tools go in the system message
 /// (as Qwen2.5's template writes them), the call comes back as text under
 /// the structural tag and is parsed, and later turns go that way at once.
-/// `required` still goes natively (vLLM constrains it without a parser).
+/// A forced call (`required`) then goes in the prompt too, held to its
+/// schema by a JSON-schema `response_format`.
 #[tokio::test]
 async fn a_vllm_without_a_tool_parser_gets_the_tools_in_the_prompt() {
     let refusal = status(
@@ -1067,7 +1076,7 @@ async fn a_vllm_without_a_tool_parser_gets_the_tools_in_the_prompt() {
     );
     let (script, url) = scripted(
         vllm_listing(),
-        vec![refusal, text_call(), text_call(), native_call()],
+        vec![refusal, text_call(), text_call(), json_call()],
     )
     .await;
     let (model, mut session) = open(quick(&url)).await;
@@ -1121,14 +1130,135 @@ async fn a_vllm_without_a_tool_parser_gets_the_tools_in_the_prompt() {
         "{}",
         model.info().detail
     );
-    // `required` is constrained by vLLM itself: native, tools and all.
-    let mut required = request(vec![read_file_tool()]);
+    // A forced call: in the prompt as well (vLLM 0.32 refuses `required`
+    // without a parser too), under the call's JSON schema.
+    let mut required = asked.clone();
     required.tool_choice = ToolChoice::Required;
     let generation = answered(session.as_mut(), required).await;
-    assert_eq!(generation.call_path, Some(CallPath::Native));
+    assert_eq!(generation.call_path, Some(CallPath::JsonSchema));
+    assert_eq!(generation.turn.tool_calls.len(), 1, "{generation:?}");
     let posts = script.posts();
-    assert_eq!(posts[3].body["tool_choice"], "required");
-    assert_eq!(posts[3].body["tools"][0]["function"]["name"], "read_file");
+    assert_eq!(posts.len(), 4, "learnt: no refusal this time");
+    let body = &posts[3].body;
+    assert!(body.get("tools").is_none() && body.get("tool_choice").is_none());
+    assert_eq!(
+        body["messages"][0], posts[1].body["messages"][0],
+        "the same system message as the auto steps"
+    );
+    assert_eq!(body["response_format"]["type"], "json_schema");
+}
+
+/// A call object written as the whole reply, as a forced call's JSON
+/// schema has it.
+fn json_call() -> Reply {
+    answer_saying("{\"name\": \"read_file\", \"arguments\": {\"path\": \"notes.txt\"}}")
+}
+
+/// vLLM 0.32 without a tool parser refuses a forced call as well
+/// (`tool_choice="required" requires --tool-call-parser to be set`, its
+/// exact words): the tools go in the prompt and a `response_format` holds
+/// the whole reply to one call object of the forced tool's schema, which
+/// the runtime reads back as the call. With a parser, vLLM gets the
+/// forced call natively, its functions `strict` (vLLM 0.32 does not hold a
+/// forced call to its schema otherwise).
+#[tokio::test]
+async fn a_vllm_without_a_tool_parser_holds_a_forced_call_to_its_schema() {
+    let refusal = status(
+        400,
+        json!({"object": "error", "type": "BadRequestError", "code": 400,
+               "message": "tool_choice=function \"read_file\" requires --tool-call-parser to be set"}),
+    );
+    // Later, a schema the server cannot compile.
+    let uncompiled = status(
+        400,
+        json!({"object": "error", "type": "BadRequestError", "code": 400,
+               "message": "xgrammar could not compile the JSON schema"}),
+    );
+    let (script, url) = scripted(
+        vllm_listing(),
+        vec![refusal, json_call(), uncompiled, json_call()],
+    )
+    .await;
+    let (model, mut session) = open(quick(&url)).await;
+    let mut named = request(vec![read_file_tool(), list_dir_tool()]);
+    named.tool_choice = ToolChoice::Named("read_file".into());
+    let generation = answered(session.as_mut(), named.clone()).await;
+    assert_eq!(generation.turn.tool_calls.len(), 1, "{generation:?}");
+    let call = &generation.turn.tool_calls[0];
+    assert_eq!(call.function.name, "read_file");
+    assert_eq!(
+        serde_json::from_str::<Value>(&call.function.arguments).expect("JSON"),
+        json!({"path": "notes.txt"})
+    );
+    assert_eq!(generation.call_path, Some(CallPath::JsonSchema));
+    let posts = script.posts();
+    assert_eq!(posts.len(), 2, "one refusal, then the mended request");
+    // Asked natively first, `strict` so that vLLM holds the call.
+    assert_eq!(
+        posts[0].body["tool_choice"]["function"]["name"],
+        "read_file"
+    );
+    assert_eq!(posts[0].body["tools"][0]["function"]["strict"], true);
+    let body = &posts[1].body;
+    assert!(body.get("tools").is_none() && body.get("tool_choice").is_none());
+    let system = body["messages"][0]["content"].as_str().expect("system");
+    assert!(
+        system.contains("\"read_file\"") && !system.contains("strict"),
+        "the tools as the model's template shows them: {system}"
+    );
+    // Only the named tool, its arguments to its own schema.
+    let schema = &body["response_format"]["json_schema"]["schema"];
+    assert_eq!(body["response_format"]["type"], "json_schema");
+    assert_eq!(schema["properties"]["name"]["enum"], json!(["read_file"]));
+    assert_eq!(
+        schema["properties"]["arguments"]["required"],
+        json!(["path"]),
+        "{schema}"
+    );
+    assert_eq!(schema["required"], json!(["name", "arguments"]));
+    assert!(model.info().detail.contains("no tool parser"));
+
+    // A schema refused (400) is dropped for that request: the call, asked
+    // for in the prompt alone, is read from the text and validated.
+    let generation = answered(session.as_mut(), named).await;
+    assert_eq!(generation.turn.tool_calls.len(), 1, "{generation:?}");
+    assert_eq!(generation.call_path, Some(CallPath::Parsed));
+    let posts = script.posts();
+    assert_eq!(posts.len(), 4, "{posts:?}");
+    assert_eq!(posts[2].body["response_format"]["type"], "json_schema");
+    assert!(posts[3].body.get("response_format").is_none());
+    assert_eq!(posts[3].body["messages"], posts[2].body["messages"]);
+}
+
+/// A named tool that is not among the tools, on a vLLM without a tool
+/// parser: no tools are offered, so none go in the prompt (as in process),
+/// and nothing is parsed as a call.
+#[tokio::test]
+async fn a_named_tool_missing_from_the_tools_puts_none_in_the_prompt() {
+    let refusal = status(
+        400,
+        json!({"object": "error", "type": "BadRequestError", "code": 400,
+               "message": "tool_choice=function \"missing\" requires --tool-call-parser to be set"}),
+    );
+    let (script, url) = scripted(vllm_listing(), vec![refusal, json_call()]).await;
+    let (_model, mut session) = open(quick(&url)).await;
+    let mut named = request(vec![read_file_tool()]);
+    named.tool_choice = ToolChoice::Named("missing".into());
+    let generation = answered(session.as_mut(), named).await;
+    assert!(generation.turn.tool_calls.is_empty(), "{generation:?}");
+    let posts = script.posts();
+    assert_eq!(posts.len(), 2, "{posts:?}");
+    let body = &posts[1].body;
+    assert!(
+        body.get("tools").is_none()
+            && body.get("tool_choice").is_none()
+            && body.get("response_format").is_none(),
+        "{body}"
+    );
+    assert!(
+        !body["messages"].to_string().contains("read_file"),
+        "{body}"
+    );
 }
 
 /// An answer saying `text` whose usage reports `prompt_tokens`.

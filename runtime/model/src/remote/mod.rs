@@ -52,7 +52,22 @@ use crate::call_grammar::CallCount;
 use crate::formats::ToolFormat;
 use crate::grammar::ToolChoice;
 use crate::template::PromptRenderer;
-use crate::toolcall::{parse_tool_calls_for, ParsedTurn};
+use crate::toolcall::{parse_cut_tool_calls_for, parse_tool_calls_for, ParsedTurn};
+
+/// The calls in a reply's text, read as cut short where it stopped at the
+/// token limit (see [`parse_cut_tool_calls_for`]).
+fn parse_reply(
+    text: &str,
+    offered: &[Value],
+    stop: StopReason,
+    next_id: &mut dyn FnMut() -> String,
+) -> ParsedTurn {
+    if stop == StopReason::MaxTokens {
+        parse_cut_tool_calls_for(text, offered, next_id)
+    } else {
+        parse_tool_calls_for(text, offered, next_id)
+    }
+}
 use sse::SseDecoder;
 use wire::{Assembler, Finish, StreamProblem};
 
@@ -421,10 +436,11 @@ pub struct RemoteModel {
     /// that the same request without it did not get): it is not sent
     /// again.
     structural_tag_refused: AtomicBool,
-    /// Set once the server refused `tool_choice: auto` for want of a tool
+    /// Set once the server refused a `tool_choice` for want of a tool
     /// parser (vLLM without `--enable-auto-tool-choice`): from then on the
-    /// tools go in the system message and calls are parsed from the text.
-    auto_tools_refused: AtomicBool,
+    /// tools go in the system message and calls are parsed from the text,
+    /// a forced call held to its schema by a `response_format`.
+    tool_choice_refused: AtomicBool,
 }
 
 impl std::fmt::Debug for RemoteModel {
@@ -489,7 +505,7 @@ impl RemoteModel {
             context_length: None,
             renderer: None,
             structural_tag_refused: AtomicBool::new(false),
-            auto_tools_refused: AtomicBool::new(false),
+            tool_choice_refused: AtomicBool::new(false),
             config,
         };
         let listing = model.get_json(&format!("{}/models", model.base)).await?;
@@ -1024,7 +1040,7 @@ impl ModelBackend for RemoteModel {
     fn info(&self) -> BackendInfo {
         let path = if self.prompted() {
             "prompted tool calls under the runtime's grammar"
-        } else if self.auto_tools_refused.load(Ordering::SeqCst) {
+        } else if self.tool_choice_refused.load(Ordering::SeqCst) {
             "tools in the prompt: the server has no tool parser"
         } else {
             "native tool_calls"
@@ -1164,11 +1180,40 @@ impl RemoteSession {
             .pointer("/response_format/type")
             .and_then(Value::as_str)
             == Some("structural_tag");
-        let auto_tools = model.renderer.is_none()
-            && body.get("tool_choice").and_then(Value::as_str) == Some("auto");
+        // Tools offered with a choice other than `none` (the chat body has
+        // a `tool_choice` only then).
+        let chooses_tools = model.renderer.is_none() && body.get("tool_choice").is_some();
         let mut tools_in_prompt = false;
-        if auto_tools && model.auto_tools_refused.load(Ordering::SeqCst) {
-            wire::tools_into_prompt(&mut body, DEFAULT_SYSTEM);
+        let mut forced_format = false;
+        // The tools into the prompt, for a server with no tool parser; a
+        // forced call held to its schema by a `response_format` instead of
+        // the structural tag.
+        // Returns whether a forced call's schema went with them.
+        let into_prompt = |body: &mut Value, tagged: &mut bool| -> bool {
+            if offered.is_empty() {
+                // A named tool that is not among the tools: none offered,
+                // none shown (as in process).
+                if let Some(fields) = body.as_object_mut() {
+                    for key in ["tools", "tool_choice", "parallel_tool_calls"] {
+                        fields.remove(key);
+                    }
+                }
+                return false;
+            }
+            wire::tools_into_prompt(body, DEFAULT_SYSTEM);
+            match wire::forced_call_format(&request.tools, &request.tool_choice)
+                .filter(|_| request.tool_choice != ToolChoice::Auto)
+            {
+                Some(format) => {
+                    body["response_format"] = format;
+                    *tagged = false;
+                    true
+                }
+                None => false,
+            }
+        };
+        if chooses_tools && model.tool_choice_refused.load(Ordering::SeqCst) {
+            forced_format = into_prompt(&mut body, &mut tagged);
             tools_in_prompt = true;
         }
         let started = Instant::now();
@@ -1181,21 +1226,22 @@ impl RemoteSession {
         while let Err(RemoteError::Http { status, message }) = &sent {
             let (status, message) = (*status, message.clone());
             if status == 400
-                && auto_tools
+                && chooses_tools
                 && !tools_in_prompt
-                && wire::refuses_auto_tool_choice(&message)
+                && wire::refuses_tool_choice(&message)
             {
                 // A server without a tool parser (vLLM started without
-                // `--enable-auto-tool-choice`) refuses `tool_choice: auto`:
-                // the tools go in the prompt instead, now and for the rest
-                // of this model's sessions.
-                if !model.auto_tools_refused.swap(true, Ordering::SeqCst) {
+                // `--enable-auto-tool-choice`) refuses `tool_choice: auto`
+                // (and, from vLLM 0.32, `required` and a named tool): the
+                // tools go in the prompt instead, now and for the rest of
+                // this model's sessions.
+                if !model.tool_choice_refused.swap(true, Ordering::SeqCst) {
                     tracing::warn!(
                         %message,
-                        "the model server has no tool parser for tool_choice auto; the tools go in the system prompt and calls are parsed from the text (for native calls start vLLM with --enable-auto-tool-choice --tool-call-parser hermes)"
+                        "the model server has no tool parser; the tools go in the system prompt and calls are parsed from the text (for native calls start vLLM with --enable-auto-tool-choice --tool-call-parser hermes)"
                     );
                 }
-                wire::tools_into_prompt(&mut body, DEFAULT_SYSTEM);
+                forced_format = into_prompt(&mut body, &mut tagged);
                 tools_in_prompt = true;
             } else if let Some(room) = answer_room(&message)
                 .filter(|_| status == 400 && !room_asked)
@@ -1215,6 +1261,19 @@ impl RemoteSession {
                 );
                 body["max_tokens"] = room.into();
                 room_asked = true;
+            } else if forced_format && matches!(status, 400 | 422) {
+                // A server that cannot take the call's JSON schema (one it
+                // cannot compile): the call is asked for in the prompt
+                // alone and read back from the text, then validated.
+                tracing::warn!(
+                    %status,
+                    %message,
+                    "the model server refused the forced call's JSON schema; the call is parsed from the text and validated"
+                );
+                if let Some(fields) = body.as_object_mut() {
+                    fields.remove("response_format");
+                }
+                forced_format = false;
             } else if tagged && matches!(status, 400 | 422) {
                 // A server that cannot take the tag: the same request
                 // without it, and no tag from then on if that one is taken.
@@ -1461,7 +1520,7 @@ impl RemoteSession {
         let names: Vec<&str> = offered.iter().filter_map(tool_name).collect();
         let server_ms = turn.server_ms.or(raw.server_ms);
         let (text, parsed, path) = if model.renderer.is_some() {
-            let parsed = parse_tool_calls_for(&raw.text, &offered, &mut next_id);
+            let parsed = parse_reply(&raw.text, &offered, stop, &mut next_id);
             let path = if cfg!(feature = "llama") && !names.is_empty() {
                 CallPath::Grammar
             } else {
@@ -1480,11 +1539,14 @@ impl RemoteSession {
             }
             if native.is_empty() && !names.is_empty() && stop != StopReason::Cancelled {
                 // The server left the call in the text: recover it.
-                let parsed = parse_tool_calls_for(&turn.content, &offered, &mut next_id);
+                let parsed = parse_reply(&turn.content, &offered, stop, &mut next_id);
                 // With the tools in the prompt the text is where calls
-                // belong, and the structural tag held them to their schemas.
+                // belong, and the structural tag (or, for a forced call,
+                // the JSON schema) held them to their schemas.
                 let path = if tools_in_prompt && tagged {
                     CallPath::StructuralTag
+                } else if forced_format {
+                    CallPath::JsonSchema
                 } else {
                     CallPath::Parsed
                 };
@@ -1495,9 +1557,15 @@ impl RemoteSession {
                     content: (!content.is_empty()).then(|| content.to_string()),
                     tool_calls: native,
                 };
+                // vLLM holds a forced call to its `strict` schema; under
+                // `auto` only the structural tag does.
+                let forced = matches!(
+                    request.tool_choice,
+                    ToolChoice::Required | ToolChoice::Named(_)
+                );
                 let path = if tagged {
                     CallPath::StructuralTag
-                } else if model.config.strict {
+                } else if model.config.strict || (forced && model.kind == ServerKind::Vllm) {
                     CallPath::Strict
                 } else {
                     CallPath::Native
@@ -1605,13 +1673,13 @@ pub fn completion_body(prompt: &str, sampling: &crate::backend::SamplingOptions)
         "stream": true,
         "cache_prompt": true,
         "n_predict": sampling.max_tokens,
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
+        "temperature": wire::decimal(sampling.temperature),
+        "top_p": wire::decimal(sampling.top_p),
         "top_k": sampling.top_k_or_default(),
-        "min_p": sampling.min_p_or_default(),
-        "repeat_penalty": sampling.repeat_penalty_or_default(),
-        "frequency_penalty": sampling.frequency_penalty,
-        "presence_penalty": sampling.presence_penalty,
+        "min_p": wire::decimal(sampling.min_p_or_default()),
+        "repeat_penalty": wire::decimal(sampling.repeat_penalty_or_default()),
+        "frequency_penalty": wire::decimal(sampling.frequency_penalty),
+        "presence_penalty": wire::decimal(sampling.presence_penalty),
         "seed": sampling.seed,
     })
 }

@@ -29,8 +29,8 @@ pub(crate) fn chat_body(
     body.insert("stream".into(), true.into());
     body.insert("stream_options".into(), json!({"include_usage": true}));
     let sampling = &request.sampling;
-    body.insert("temperature".into(), json!(sampling.temperature));
-    body.insert("top_p".into(), json!(sampling.top_p));
+    body.insert("temperature".into(), decimal(sampling.temperature));
+    body.insert("top_p".into(), decimal(sampling.top_p));
     body.insert("seed".into(), json!(sampling.seed));
     body.insert("max_tokens".into(), json!(sampling.max_tokens));
     // OpenAI's own penalties, where asked for.
@@ -39,7 +39,7 @@ pub(crate) fn chat_body(
         ("presence_penalty", sampling.presence_penalty),
     ] {
         if value != 0.0 {
-            body.insert(name.into(), json!(value));
+            body.insert(name.into(), decimal(value));
         }
     }
     // Sampling settings outside OpenAI's set, only for servers that take
@@ -50,21 +50,18 @@ pub(crate) fn chat_body(
     match kind {
         ServerKind::LlamaServer => {
             body.insert("top_k".into(), json!(sampling.top_k_or_default()));
-            body.insert("min_p".into(), json!(sampling.min_p_or_default()));
+            body.insert("min_p".into(), decimal(sampling.min_p_or_default()));
             body.insert(
                 "repeat_penalty".into(),
-                json!(sampling.repeat_penalty_or_default()),
+                decimal(sampling.repeat_penalty_or_default()),
             );
             body.insert("cache_prompt".into(), true.into());
         }
         ServerKind::Vllm | ServerKind::Sglang => {
             for (name, value) in [
                 ("top_k", sampling.top_k.map(|k| json!(k))),
-                ("min_p", sampling.min_p.map(|p| json!(p))),
-                (
-                    "repetition_penalty",
-                    sampling.repeat_penalty.map(|p| json!(p)),
-                ),
+                ("min_p", sampling.min_p.map(decimal)),
+                ("repetition_penalty", sampling.repeat_penalty.map(decimal)),
             ] {
                 if let Some(value) = value {
                     body.insert(name.into(), value);
@@ -77,6 +74,15 @@ pub(crate) fn chat_body(
         // llama-server reads `tool_choice` as a string only (an object falls
         // back to "auto"): a named tool becomes "required" over that tool.
         let named_as_required = kind == ServerKind::LlamaServer;
+        // vLLM holds a forced call (`required`, a named tool) to its
+        // schema only when the function is `strict`: without it vLLM 0.32
+        // let SmolLM2 write `[1, 2, 3]` as a named call's arguments (tried
+        // on its CPU build, hermes parser). Its chat template shows the
+        // field to the model, so every step is sent `strict`, `auto` ones
+        // too: a forced step and the `auto` step after it share their
+        // prefix in vLLM's cache. (Under `auto`, the Hermes parser does
+        // not act on it; older releases ignore the field.)
+        let strict = strict || kind == ServerKind::Vllm;
         let tools: Vec<Value> = request
             .tools
             .iter()
@@ -144,6 +150,13 @@ pub(crate) fn tools_into_prompt(body: &mut Value, default_system: &str) {
         "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>",
     );
     for tool in &tools {
+        // `strict` is how the request is decoded, not part of the tool: a
+        // forced step and an `auto` one show the model the same text, so
+        // the prompt stays one prefix from step to step.
+        let mut tool = tool.clone();
+        if let Some(function) = tool.get_mut("function").and_then(Value::as_object_mut) {
+            function.remove("strict");
+        }
         block.push('\n');
         block.push_str(&tool.to_string());
     }
@@ -169,12 +182,101 @@ pub(crate) fn tools_into_prompt(body: &mut Value, default_system: &str) {
     }
 }
 
-/// Whether a server's 400 says it cannot take `tool_choice: auto` for
-/// want of a tool parser (vLLM: `"auto" tool choice requires
-/// --enable-auto-tool-choice and --tool-call-parser to be set`).
-pub(crate) fn refuses_auto_tool_choice(message: &str) -> bool {
+/// Whether a server's 400 says it cannot take a `tool_choice` for want of
+/// a tool parser. vLLM started without one refuses `auto` (`"auto" tool
+/// choice requires --enable-auto-tool-choice and --tool-call-parser to be
+/// set`) and, from 0.32, `required` and a named tool too
+/// (`tool_choice="required" requires --tool-call-parser to be set`).
+pub(crate) fn refuses_tool_choice(message: &str) -> bool {
     message.contains("--enable-auto-tool-choice")
         || message.contains("\"auto\" tool choice requires")
+        || message.contains("requires --tool-call-parser")
+}
+
+/// A `response_format` that holds the whole reply to one call object as
+/// Qwen2.5 writes one, `{"name": N, "arguments": {…}}`, its arguments to
+/// that tool's schema: a forced call (`required`, or the named tool) on a
+/// server with no tool parser, which refuses either `tool_choice`. The
+/// tools are in the prompt ([`tools_into_prompt`]); the runtime reads the
+/// call back from the text. `None` when no offered tool qualifies.
+pub(crate) fn forced_call_format(tools: &[Value], choice: &ToolChoice) -> Option<Value> {
+    // Each tool's definitions move to the root, under names of its own,
+    // so that its `$ref`s still resolve once its schema is nested.
+    let mut definitions = Map::new();
+    let calls: Vec<Value> = tools
+        .iter()
+        .filter_map(|tool| {
+            let name = tool.pointer("/function/name")?.as_str()?;
+            if let ToolChoice::Named(wanted) = choice {
+                if wanted != name {
+                    return None;
+                }
+            }
+            let mut arguments = tool
+                .pointer("/function/parameters")
+                .cloned()
+                .unwrap_or_else(|| json!({"type": "object"}));
+            // A dialect marker belongs at a schema's root, not inside one.
+            if let Some(fields) = arguments.as_object_mut() {
+                fields.remove("$schema");
+                for key in ["$defs", "definitions"] {
+                    if let Some(Value::Object(defs)) = fields.remove(key) {
+                        for (def, mut schema) in defs {
+                            rebase_refs(name, &mut schema);
+                            definitions.insert(format!("{name}.{def}"), schema);
+                        }
+                    }
+                }
+            }
+            rebase_refs(name, &mut arguments);
+            Some(json!({
+                "type": "object",
+                "properties": {"name": {"type": "string", "enum": [name]}, "arguments": arguments},
+                "required": ["name", "arguments"],
+                "additionalProperties": false,
+            }))
+        })
+        .collect();
+    let mut schema = match calls.len() {
+        0 => return None,
+        1 => calls.into_iter().next()?,
+        _ => json!({"anyOf": calls}),
+    };
+    if !definitions.is_empty() {
+        schema["$defs"] = Value::Object(definitions);
+    }
+    Some(json!({"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema}}))
+}
+
+/// Points a tool schema's `$ref`s into its own definitions (`#/$defs/X`,
+/// `#/definitions/X`) at their new names under the root, `TOOL.X`.
+fn rebase_refs(tool: &str, schema: &mut Value) {
+    match schema {
+        Value::Object(fields) => {
+            if let Some(Value::String(target)) = fields.get_mut("$ref") {
+                let rest = target
+                    .strip_prefix("#/$defs/")
+                    .or_else(|| target.strip_prefix("#/definitions/"));
+                if let Some(rest) = rest {
+                    *target = format!("#/$defs/{tool}.{rest}");
+                }
+            }
+            fields
+                .values_mut()
+                .for_each(|value| rebase_refs(tool, value));
+        }
+        Value::Array(items) => items.iter_mut().for_each(|value| rebase_refs(tool, value)),
+        _ => {}
+    }
+}
+
+/// A sampling setting as the decimal it was set as: an `f32` widened to
+/// JSON's `f64` as it is would go out as 0.8999999761581421 for 0.9.
+pub(crate) fn decimal(value: f32) -> Value {
+    format!("{value}")
+        .parse::<f64>()
+        .map(Value::from)
+        .unwrap_or_else(|_| json!(value))
 }
 
 /// A structural tag (vLLM and SGLang, xgrammar's form with `structures`
@@ -605,6 +707,123 @@ mod tests {
         assert!(strict.get("top_k").is_none());
     }
 
+    /// vLLM gets its functions `strict` (vLLM 0.32 leaves a forced call
+    /// unconstrained otherwise), on `auto` steps too, since its template
+    /// shows the field and a forced step and the `auto` one after it must
+    /// share their prefix; other servers get the tools as they are.
+    /// Sampling settings go out as the decimals they were set as.
+    #[test]
+    fn a_forced_call_to_vllm_is_strict_and_settings_are_exact_decimals() {
+        let tools = vec![
+            json!({"type": "function", "function": {"name": "list_dir", "parameters": {"type": "object"}}}),
+            json!({"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}),
+        ];
+        let mut request = CompletionRequest {
+            messages: Vec::new(),
+            tools,
+            tool_choice: ToolChoice::Auto,
+            sampling: Default::default(),
+            response_format: None,
+            argument_values: Default::default(),
+        };
+        let strict_of = |body: &Value| -> Vec<Value> {
+            body["tools"]
+                .as_array()
+                .expect("tools")
+                .iter()
+                .map(|tool| tool["function"]["strict"].clone())
+                .collect()
+        };
+        let auto = chat_body("m", &request, ServerKind::Vllm, false, false);
+        assert_eq!(strict_of(&auto), vec![json!(true), json!(true)]);
+        for choice in [ToolChoice::Required, ToolChoice::Named("read_file".into())] {
+            request.tool_choice = choice.clone();
+            let vllm = chat_body("m", &request, ServerKind::Vllm, false, false);
+            assert_eq!(
+                strict_of(&vllm),
+                vec![json!(true), json!(true)],
+                "{choice:?}"
+            );
+            let tools = |body: &Value| body["tools"].to_string();
+            assert_eq!(tools(&vllm), tools(&auto), "one prefix, forced or not");
+            for kind in [ServerKind::Sglang, ServerKind::Generic] {
+                let other = chat_body("m", &request, kind, false, false);
+                assert!(strict_of(&other).iter().all(Value::is_null), "{kind:?}");
+            }
+        }
+        request.sampling.temperature = 0.7;
+        request.sampling.top_p = 0.9;
+        let body = chat_body("m", &request, ServerKind::LlamaServer, false, false);
+        assert_eq!(body["top_p"], json!(0.9));
+        assert_eq!(body["temperature"], json!(0.7));
+        assert!(body.to_string().contains("\"top_p\":0.9,"), "{body}");
+        // In the prompt, a tool reads the same whether or not it went out
+        // `strict`.
+        let mut forced = chat_body("m", &request, ServerKind::Vllm, false, false);
+        request.tool_choice = ToolChoice::Auto;
+        let mut auto = chat_body("m", &request, ServerKind::Vllm, false, false);
+        tools_into_prompt(&mut forced, "s");
+        tools_into_prompt(&mut auto, "s");
+        assert_eq!(forced["messages"], auto["messages"]);
+        assert!(!forced["messages"].to_string().contains("strict"));
+    }
+
+    /// A forced call's JSON schema holds the named tool only, or one of
+    /// all of them under `required`, and a tool's own definitions still
+    /// resolve once its schema is nested: moved to the root under the
+    /// tool's name, its `$ref`s with them (checked by a validator).
+    #[test]
+    fn a_forced_calls_schema_keeps_each_tools_definitions_resolvable() {
+        let tools = vec![
+            json!({"type": "function", "function": {"name": "move", "parameters": {
+                "$schema": "https://json-schema.org/draft/2020-12/schema",
+                "type": "object",
+                "properties": {"to": {"$ref": "#/$defs/Point"}},
+                "required": ["to"],
+                "$defs": {"Point": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}
+            }}}),
+            json!({"type": "function", "function": {"name": "mark", "parameters": {
+                "type": "object",
+                "properties": {"at": {"$ref": "#/definitions/Point"}},
+                "required": ["at"],
+                "definitions": {"Point": {"type": "string"}}
+            }}}),
+        ];
+        let valid = |format: &Value, instance: Value| {
+            let schema = &format["json_schema"]["schema"];
+            jsonschema::validator_for(schema)
+                .unwrap_or_else(|err| panic!("{err}: {schema}"))
+                .is_valid(&instance)
+        };
+        let named = forced_call_format(&tools, &ToolChoice::Named("move".into())).expect("format");
+        assert!(valid(
+            &named,
+            json!({"name": "move", "arguments": {"to": {"x": 1}}})
+        ));
+        assert!(!valid(
+            &named,
+            json!({"name": "move", "arguments": {"to": {"x": "far"}}})
+        ));
+        assert!(!valid(
+            &named,
+            json!({"name": "mark", "arguments": {"at": "here"}})
+        ));
+        let any = forced_call_format(&tools, &ToolChoice::Required).expect("format");
+        assert!(valid(
+            &any,
+            json!({"name": "mark", "arguments": {"at": "here"}})
+        ));
+        assert!(!valid(
+            &any,
+            json!({"name": "mark", "arguments": {"at": {"x": 1}}})
+        ));
+        assert!(valid(
+            &any,
+            json!({"name": "move", "arguments": {"to": {"x": 1}}})
+        ));
+        assert!(forced_call_format(&tools, &ToolChoice::Named("other".into())).is_none());
+    }
+
     #[test]
     fn vllm_and_sglang_get_only_the_sampling_settings_asked_for() {
         use crate::backend::SamplingOptions;
@@ -620,8 +839,8 @@ mod tests {
         // the model's generation config says (nothing sent).
         let llama = chat_body("m", &request, ServerKind::LlamaServer, false, false);
         assert_eq!(llama["top_k"], 40);
-        assert_eq!(llama["repeat_penalty"], json!(1.1f32));
-        assert_eq!(llama["min_p"], json!(0.05f32));
+        assert_eq!(llama["repeat_penalty"], json!(1.1));
+        assert_eq!(llama["min_p"], json!(0.05));
         for kind in [ServerKind::Vllm, ServerKind::Sglang] {
             let body = chat_body("m", &request, kind, false, false);
             for field in ["top_k", "min_p", "repetition_penalty", "repeat_penalty"] {
@@ -634,11 +853,11 @@ mod tests {
         request.sampling.repeat_penalty = Some(1.05);
         let vllm = chat_body("m", &request, ServerKind::Vllm, false, false);
         assert_eq!(vllm["top_k"], 20);
-        assert_eq!(vllm["repetition_penalty"], json!(1.05f32));
+        assert_eq!(vllm["repetition_penalty"], json!(1.05));
         assert!(vllm.get("min_p").is_none() && vllm.get("repeat_penalty").is_none());
         let llama = chat_body("m", &request, ServerKind::LlamaServer, false, false);
         assert_eq!(llama["top_k"], 20);
-        assert_eq!(llama["repeat_penalty"], json!(1.05f32));
+        assert_eq!(llama["repeat_penalty"], json!(1.05));
         // Ollama and unknown servers: OpenAI's set only.
         let ollama = chat_body("m", &request, ServerKind::Ollama, false, false);
         assert!(ollama.get("top_k").is_none() && ollama.get("repetition_penalty").is_none());

@@ -538,6 +538,13 @@ impl Printer {
                     "{}",
                     self.paint("2", &format!("[{reason}; {steps} step(s); {} prompt tokens evaluated, {} reused, {} generated; {}]", counters.prompt_evaluated, counters.prompt_reused, counters.generated, time_spent(timings)))
                 );
+                if *reason == TurnEnd::TokenLimit {
+                    let _ = writeln!(
+                        out,
+                        "{}",
+                        self.paint("33", "the reply was cut off at the token limit (--max-tokens, or the end of the context): raise it to let the model finish")
+                    );
+                }
             }
             Event::Error { message } => {
                 let _ = writeln!(
