@@ -225,6 +225,8 @@ impl Vllm {
         let deadline = Instant::now() + Duration::from_secs(300);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
+                // Reaped: its group id is no longer its own to signal.
+                self.killed = true;
                 panic!("vLLM exited while starting: {status}");
             }
             let healthy = std::net::TcpStream::connect(("127.0.0.1", self.port))

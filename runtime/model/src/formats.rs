@@ -317,7 +317,9 @@ fn parse_qwen3_xml(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<Na
                 ),
                 None => match value_and_rest.rfind("</function>") {
                     Some(end) => (&value_and_rest[..end], &value_and_rest[end..]),
-                    None if cut_off => {
+                    // Under `cut`, whatever `</function>` came before (an
+                    // earlier value may hold one): this value never ended.
+                    None if cut_off || tools.cut => {
                         rest = "";
                         break 'calls;
                     }
@@ -329,7 +331,7 @@ fn parse_qwen3_xml(text: &str, tools: &ToolLookup<'_>) -> Option<(String, Vec<Na
             arguments.insert(key.clone(), typed(tools, &name, &key, value));
             params = next_p;
         }
-        if tools.cut && cut_off {
+        if tools.cut && !params.contains("</function>") && !params.contains("</tool_call>") {
             // Every value closed, but not the call: more may have followed.
             rest = "";
             break 'calls;
@@ -967,6 +969,24 @@ mod tests {
                 "{text:?}"
             );
         }
+        // An earlier value that holds `</function>` does not make a later,
+        // cut one whole; a call closed by `</tool_call>` alone stands.
+        let mut next_id = || "call_1".to_string();
+        let held = "<tool_call>\n<function=get_weather>\n<parameter=note>\nx</function>y\n</parameter>\n<parameter=city>\nOs";
+        assert!(
+            parse_cut_tool_calls_for(held, &tools, &mut next_id)
+                .tool_calls
+                .is_empty(),
+            "{held:?}"
+        );
+        let closed = "<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</tool_call>";
+        assert_eq!(
+            parse_cut_tool_calls_for(closed, &tools, &mut next_id)
+                .tool_calls
+                .len(),
+            1,
+            "{closed:?}"
+        );
         let xml_cut = "<tool_call>\n<function=get_weather>\n<parameter=city>\nOs";
         let mut next_id = || "call_1".to_string();
         assert_eq!(

@@ -1261,7 +1261,10 @@ impl RemoteSession {
                 );
                 body["max_tokens"] = room.into();
                 room_asked = true;
-            } else if forced_format && matches!(status, 400 | 422) {
+            } else if forced_format
+                && matches!(status, 400 | 422)
+                && !is_context_message(&message.to_lowercase())
+            {
                 // A server that cannot take the call's JSON schema (one it
                 // cannot compile): the call is asked for in the prompt
                 // alone and read back from the text, then validated.

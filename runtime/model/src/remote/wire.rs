@@ -216,19 +216,28 @@ pub(crate) fn forced_call_format(tools: &[Value], choice: &ToolChoice) -> Option
                 .pointer("/function/parameters")
                 .cloned()
                 .unwrap_or_else(|| json!({"type": "object"}));
+            // Whether a ref points into the schema itself (not its
+            // definitions).
+            let mut into_itself = false;
             // A dialect marker belongs at a schema's root, not inside one.
             if let Some(fields) = arguments.as_object_mut() {
                 fields.remove("$schema");
                 for key in ["$defs", "definitions"] {
                     if let Some(Value::Object(defs)) = fields.remove(key) {
                         for (def, mut schema) in defs {
-                            rebase_refs(name, &mut schema);
+                            into_itself |= rebase_refs(name, &mut schema);
                             definitions.insert(format!("{name}.{def}"), schema);
                         }
                     }
                 }
             }
-            rebase_refs(name, &mut arguments);
+            into_itself |= rebase_refs(name, &mut arguments);
+            if into_itself {
+                // Refs into the schema itself (`#`, `#/properties/x`, as
+                // zod-to-json-schema writes them) point into a whole copy
+                // of it kept under the root as `TOOL`.
+                definitions.insert(name.to_string(), arguments.clone());
+            }
             Some(json!({
                 "type": "object",
                 "properties": {"name": {"type": "string", "enum": [name]}, "arguments": arguments},
@@ -248,25 +257,40 @@ pub(crate) fn forced_call_format(tools: &[Value], choice: &ToolChoice) -> Option
     Some(json!({"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema}}))
 }
 
-/// Points a tool schema's `$ref`s into its own definitions (`#/$defs/X`,
-/// `#/definitions/X`) at their new names under the root, `TOOL.X`.
-fn rebase_refs(tool: &str, schema: &mut Value) {
+/// Points a tool schema's local `$ref`s where they resolve once the schema
+/// is nested: those into its own definitions (`#/$defs/X`,
+/// `#/definitions/X`) at their new names under the root, `TOOL.X`; any
+/// other (`#`, `#/properties/x`) into a whole copy of the schema kept
+/// under the root as `TOOL`. Returns whether there was such another ref.
+fn rebase_refs(tool: &str, schema: &mut Value) -> bool {
     match schema {
         Value::Object(fields) => {
+            let mut into_itself = false;
             if let Some(Value::String(target)) = fields.get_mut("$ref") {
-                let rest = target
+                let into_definitions = target
                     .strip_prefix("#/$defs/")
                     .or_else(|| target.strip_prefix("#/definitions/"));
-                if let Some(rest) = rest {
+                if let Some(rest) = into_definitions {
                     *target = format!("#/$defs/{tool}.{rest}");
+                } else if let Some(rest) = target.strip_prefix('#') {
+                    *target = format!("#/$defs/{tool}{rest}");
+                    into_itself = true;
                 }
             }
-            fields
-                .values_mut()
-                .for_each(|value| rebase_refs(tool, value));
+            // Every value visited: no short cut past a ref to rewrite.
+            for value in fields.values_mut() {
+                into_itself |= rebase_refs(tool, value);
+            }
+            into_itself
         }
-        Value::Array(items) => items.iter_mut().for_each(|value| rebase_refs(tool, value)),
-        _ => {}
+        Value::Array(items) => {
+            let mut into_itself = false;
+            for value in items {
+                into_itself |= rebase_refs(tool, value);
+            }
+            into_itself
+        }
+        _ => false,
     }
 }
 
@@ -822,6 +846,22 @@ mod tests {
             json!({"name": "move", "arguments": {"to": {"x": 1}}})
         ));
         assert!(forced_call_format(&tools, &ToolChoice::Named("other".into())).is_none());
+        // A ref into the schema itself, as zod-to-json-schema writes one.
+        let zod = vec![
+            json!({"type": "function", "function": {"name": "copy", "parameters": {
+                "type": "object",
+                "properties": {
+                    "from": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
+                    "to": {"$ref": "#/properties/from"}
+                },
+                "required": ["from", "to"]
+            }}}),
+        ];
+        let copy = forced_call_format(&zod, &ToolChoice::Required).expect("format");
+        let call =
+            |to: Value| json!({"name": "copy", "arguments": {"from": {"path": "a"}, "to": to}});
+        assert!(valid(&copy, call(json!({"path": "b"}))));
+        assert!(!valid(&copy, call(json!({"path": 2}))));
     }
 
     #[test]
