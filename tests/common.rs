@@ -85,6 +85,45 @@ pub fn spoken(text: &str) -> Vec<u8> {
     out.stdout
 }
 
+/// The events of a turn of `session` on `text`, with `kill` (the server's
+/// end) called as the first token arrives: a server gone mid-stream.
+pub async fn events_killing_at_first_token(
+    session: &stack_runtime::agent::Session,
+    text: &str,
+    kill: impl FnOnce(),
+) -> Vec<stack_runtime::agent::Event> {
+    use futures::StreamExt;
+    use stack_runtime::agent::Event;
+    let mut kill = Some(kill);
+    let mut turn_events = session.send(text);
+    let mut events = Vec::new();
+    while let Some(event) = turn_events.next().await {
+        let first_token = matches!(event, Event::Token { .. });
+        events.push(event);
+        if first_token {
+            if let Some(kill) = kill.take() {
+                kill();
+            }
+        }
+    }
+    events
+}
+
+/// Whether a server on 127.0.0.1:`port` answers `GET /health` with 200
+/// (llama-server and vLLM both serve it).
+fn healthy(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port))
+        .and_then(|mut stream| {
+            use std::io::{Read, Write};
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            stream.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply)?;
+            Ok(reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"))
+        })
+        .unwrap_or(false)
+}
+
 /// A llama-server child, killed on drop.
 pub struct LlamaServer {
     child: Child,
@@ -123,17 +162,7 @@ impl LlamaServer {
     fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            let healthy = std::net::TcpStream::connect(("127.0.0.1", self.port))
-                .and_then(|mut stream| {
-                    use std::io::{Read, Write};
-                    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    stream.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-                    let mut reply = String::new();
-                    stream.read_to_string(&mut reply)?;
-                    Ok(reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"))
-                })
-                .unwrap_or(false);
-            if healthy {
+            if healthy(self.port) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -229,17 +258,7 @@ impl Vllm {
                 self.killed = true;
                 panic!("vLLM exited while starting: {status}");
             }
-            let healthy = std::net::TcpStream::connect(("127.0.0.1", self.port))
-                .and_then(|mut stream| {
-                    use std::io::{Read, Write};
-                    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    stream.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-                    let mut reply = String::new();
-                    stream.read_to_string(&mut reply)?;
-                    Ok(reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"))
-                })
-                .unwrap_or(false);
-            if healthy {
+            if healthy(self.port) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(500));

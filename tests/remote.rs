@@ -415,17 +415,12 @@ async fn a_server_killed_mid_stream_is_a_clear_error_and_the_session_goes_on() {
         })
         .await
         .expect("session");
-    let mut turn_events = session.send("Write a very long story about a lighthouse keeper.");
-    let mut events = Vec::new();
-    while let Some(event) = turn_events.next().await {
-        let first_token = matches!(event, Event::Token { .. })
-            && !events.iter().any(|e| matches!(e, Event::Token { .. }));
-        events.push(event);
-        if first_token {
-            server.kill();
-        }
-    }
-    drop(turn_events);
+    let events = common::events_killing_at_first_token(
+        &session,
+        "Write a very long story about a lighthouse keeper.",
+        || server.kill(),
+    )
+    .await;
     let errors = errors(&events);
     assert!(
         errors

@@ -97,6 +97,30 @@ fn proposed(events: &[Event]) -> Vec<(String, Value, Option<CallPath>)> {
         .collect()
 }
 
+/// A turn of a fresh session on `runtime` whose first step must call
+/// `execute_code` (greedy, 96 tokens a step, two steps: the call, then the
+/// answer to its result).
+async fn a_named_python_turn(runtime: &Runtime) -> Vec<Event> {
+    let session = runtime
+        .session(SessionConfig {
+            tool_choice: ToolChoice::Named("execute_code".into()),
+            sampling: greedy(96),
+            max_steps: 2,
+            ..SessionConfig::default()
+        })
+        .await
+        .expect("session");
+    collect(&session, "Use Python to print the sum of 2 and 3.").await
+}
+
+/// The turn's counters, from its `TurnFinished`.
+fn counters_of(events: &[Event]) -> Option<stack_runtime::model::Counters> {
+    events.iter().rev().find_map(|e| match e {
+        Event::TurnFinished { counters, .. } => Some(*counters),
+        _ => None,
+    })
+}
+
 /// A named `execute_code` call: proposed by the path given, its arguments
 /// whole and to the tool's schema, run in the sandbox, its result back to
 /// the model, and the turn over without an error.
@@ -196,22 +220,9 @@ async fn vllm_with_its_tool_parser_drives_the_sandboxed_loop() {
         Arc::clone(&model) as Arc<dyn ModelBackend>,
         workspace.path(),
     );
-    let session = runtime
-        .session(SessionConfig {
-            tool_choice: ToolChoice::Named("execute_code".into()),
-            sampling: greedy(96),
-            max_steps: 2,
-            ..SessionConfig::default()
-        })
-        .await
-        .expect("session");
-    let events = collect(&session, "Use Python to print the sum of 2 and 3.").await;
+    let events = a_named_python_turn(&runtime).await;
     assert_a_call_ran(&events, CallPath::Strict);
-    let counters = events.iter().rev().find_map(|e| match e {
-        Event::TurnFinished { counters, .. } => Some(*counters),
-        _ => None,
-    });
-    let counters = counters.expect("counters");
+    let counters = counters_of(&events).expect("counters");
     // The forced step and the `auto` one after it showed the model the
     // same tools (`strict` on both): the second step's prompt came from
     // vLLM's prefix cache, all but its new messages (with `strict` on the
@@ -273,16 +284,7 @@ async fn vllm_without_a_tool_parser_gets_the_tools_in_the_prompt() {
         Arc::clone(&model) as Arc<dyn ModelBackend>,
         workspace.path(),
     );
-    let session = runtime
-        .session(SessionConfig {
-            tool_choice: ToolChoice::Named("execute_code".into()),
-            sampling: greedy(96),
-            max_steps: 2,
-            ..SessionConfig::default()
-        })
-        .await
-        .expect("session");
-    let events = collect(&session, "Use Python to print the sum of 2 and 3.").await;
+    let events = a_named_python_turn(&runtime).await;
     assert_a_call_ran(&events, CallPath::JsonSchema);
     assert!(
         model.info().detail.contains("no tool parser"),
@@ -291,10 +293,7 @@ async fn vllm_without_a_tool_parser_gets_the_tools_in_the_prompt() {
     );
     // The forced step and the `auto` one showed the model the same system
     // message: the second step's prompt came from the prefix cache.
-    let counters = events.iter().rev().find_map(|e| match e {
-        Event::TurnFinished { counters, .. } => Some(*counters),
-        _ => None,
-    });
+    let counters = counters_of(&events);
     assert!(
         counters.is_some_and(|c| c.prompt_reused >= 512),
         "{counters:?}"
@@ -327,17 +326,12 @@ async fn a_vllm_killed_mid_stream_is_a_clear_error_and_the_session_goes_on() {
         })
         .await
         .expect("session");
-    let mut turn_events = session.send("Write a very long story about a lighthouse keeper.");
-    let mut events = Vec::new();
-    while let Some(event) = turn_events.next().await {
-        let first_token = matches!(event, Event::Token { .. })
-            && !events.iter().any(|e| matches!(e, Event::Token { .. }));
-        events.push(event);
-        if first_token {
-            server.kill();
-        }
-    }
-    drop(turn_events);
+    let events = common::events_killing_at_first_token(
+        &session,
+        "Write a very long story about a lighthouse keeper.",
+        || server.kill(),
+    )
+    .await;
     let said = errors(&events);
     assert!(
         said.iter()

@@ -37,9 +37,7 @@ use super::routing::{
     RoutingScores, MAX_EVIDENCE_CHARS,
 };
 use super::template::PromptRenderer;
-use super::toolcall::{
-    drop_repeated_calls, parse_cut_tool_calls_for, parse_tool_calls_for, ParsedTurn,
-};
+use super::toolcall::{drop_repeated_calls, parse_reply, ParsedTurn};
 use stack_types::message::{Message, Role};
 
 /// How to load a model.
@@ -1156,11 +1154,7 @@ impl ModelSession {
             generation.routing_ms = step.routing_ms;
         }
         if !offered.is_empty() {
-            generation.turn = if generation.stop == StopReason::MaxTokens {
-                parse_cut_tool_calls_for(&generation.text, &offered, next_id)
-            } else {
-                parse_tool_calls_for(&generation.text, &offered, next_id)
-            };
+            generation.turn = parse_reply(&generation.text, &offered, generation.stop, next_id);
             // Where DRY guards a small model against its own repeats, a
             // call it writes twice in one reply is such a repeat too.
             if self.model.dry_multiplier(sampling) > 0.0 {

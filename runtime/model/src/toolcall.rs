@@ -69,6 +69,23 @@ pub fn parse_cut_tool_calls_for(
     parse_reply_for(text, tools, true, next_id)
 }
 
+/// The calls in a reply's text, read as cut short where the reply
+/// stopped at the token limit ([`parse_cut_tool_calls_for`]): what both
+/// backends do with a reply's text.
+pub(crate) fn parse_reply(
+    text: &str,
+    tools: &[Value],
+    stop: crate::backend::StopReason,
+    next_id: &mut dyn FnMut() -> String,
+) -> ParsedTurn {
+    parse_reply_for(
+        text,
+        tools,
+        stop == crate::backend::StopReason::MaxTokens,
+        next_id,
+    )
+}
+
 fn parse_reply_for(
     text: &str,
     tools: &[Value],

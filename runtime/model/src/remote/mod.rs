@@ -52,22 +52,7 @@ use crate::call_grammar::CallCount;
 use crate::formats::ToolFormat;
 use crate::grammar::ToolChoice;
 use crate::template::PromptRenderer;
-use crate::toolcall::{parse_cut_tool_calls_for, parse_tool_calls_for, ParsedTurn};
-
-/// The calls in a reply's text, read as cut short where it stopped at the
-/// token limit (see [`parse_cut_tool_calls_for`]).
-fn parse_reply(
-    text: &str,
-    offered: &[Value],
-    stop: StopReason,
-    next_id: &mut dyn FnMut() -> String,
-) -> ParsedTurn {
-    if stop == StopReason::MaxTokens {
-        parse_cut_tool_calls_for(text, offered, next_id)
-    } else {
-        parse_tool_calls_for(text, offered, next_id)
-    }
-}
+use crate::toolcall::{parse_reply, ParsedTurn};
 use sse::SseDecoder;
 use wire::{Assembler, Finish, StreamProblem};
 
